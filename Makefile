@@ -1,0 +1,71 @@
+# dtm: every target bootstraps .venv itself; only python3 and make are needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/dtmpb/v1/*.proto)
+DATA_DIR ?= .dtm-data
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help demo test test-fast lint proto check-proto up down status chaos chaos-soak bench bench-plot certs clean
+
+help:
+	@echo "make demo        run the whole order flow end to end (starts and stops its own servers)"
+	@echo "make test        run the test suite (includes short chaos and simulator runs)"
+	@echo "make lint        ruff + mypy + generated-code drift check"
+	@echo "make proto       regenerate generated/ from protos/"
+	@echo "make up / down   start / stop coordinator and the four services in the background"
+	@echo "make chaos       real-process crash matrix + random SIGKILLs (>= 200 runs)"
+	@echo "make bench       benchmark against same-run baselines (quick mode, ~30 s)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,fast]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+proto: $(STAMP)
+	$(PY) -m dtm.tools.genproto --out generated
+
+check-proto: $(STAMP)
+	$(PY) -m dtm.tools.genproto --check generated
+
+lint: $(STAMP) check-proto
+	$(VENV)/bin/ruff check dtm participants tests bench
+	$(VENV)/bin/ruff format --check dtm participants tests bench
+	$(VENV)/bin/mypy
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(PY) -m dtm.demo
+
+up: $(STAMP)
+	$(PY) -m dtm.cluster up --data-dir $(DATA_DIR)
+
+down: $(STAMP)
+	$(PY) -m dtm.cluster down --data-dir $(DATA_DIR)
+
+status: $(STAMP)
+	$(PY) -m dtm.cluster status --data-dir $(DATA_DIR)
+
+chaos: $(STAMP)
+	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-200}
+
+chaos-soak: $(STAMP)
+	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-2000} --sim-seeds 10000
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+bench-plot: $(STAMP)
+	$(PY) -m bench.plot
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .mypy_cache .ruff_cache

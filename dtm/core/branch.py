@@ -1,0 +1,392 @@
+"""A participant's branch lifecycle: a pure state machine (no I/O, no clock).
+
+A branch is one participant's share of one global transaction, keyed by (transaction id,
+branch index). Every state change of a branch happens in `Branch.handle`, driven by the
+`TRANSITIONS` table. A missing (state, event) pair is a protocol error and changes nothing.
+
+The SDK carries out the returned actions in order. `Persist` records are appended to the log;
+every `Reply` waits until the branch's forced records are durable (persist before you speak), so
+a PREPARED vote or a commit acknowledgement never leaves before its record is on disk.
+
+Rules held here (protocol.md): a participant may abort on its own only before it votes (lease
+on an unvoted branch); once PREPARED it waits for the decision and asks the coordinator when it
+has waited too long (rule 11); a Rollback before its Prepare leaves a tombstone so the late
+Prepare is refused (rule 14); duplicates get the first answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TypeAlias
+
+
+class BranchState(Enum):
+    PREPARING = "preparing"  # business logic running (possibly waiting for locks)
+    PREPARED = "prepared"  # voted PREPARED: in doubt until the decision
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    REFUSED = "refused"  # voted REFUSED: nothing held
+    READ_ONLY = "read_only"  # voted READ_ONLY: nothing held, nothing to do in phase 2
+
+
+DECIDED_STATES = frozenset(
+    {BranchState.COMMITTED, BranchState.ROLLED_BACK, BranchState.REFUSED, BranchState.READ_ONLY}
+)
+
+
+class BranchVote(Enum):
+    PREPARED = "prepared"
+    READ_ONLY = "read_only"
+    REFUSED = "refused"
+    COMMITTED = "committed"  # one-phase
+
+
+class ErrorKind(Enum):
+    NOT_FOUND = "not_found"
+    FAILED_PRECONDITION = "failed_precondition"
+
+
+class BranchProtocolError(Exception):
+    """An event that is not legal in the branch's current state."""
+
+
+# ---- events ----
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareRequested:
+    one_phase: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareVoted:
+    """The service's business logic answered (after any lock waits)."""
+
+    vote: BranchVote
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackRequested:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseExpired:
+    """The branch held its locks past its lease (the SDK's timer fired)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeLearned:
+    """The coordinator answered an inquiry about a prepared branch."""
+
+    commit: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HeuristicForced:
+    """An operator forced a prepared branch whose coordinator is gone for good."""
+
+    commit: bool
+
+
+BranchEvent: TypeAlias = (
+    PrepareRequested
+    | PrepareVoted
+    | CommitRequested
+    | RollbackRequested
+    | LeaseExpired
+    | OutcomeLearned
+    | HeuristicForced
+)
+
+# ---- actions ----
+
+
+class RecordKind(Enum):
+    PREPARED = "prepared"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+
+
+@dataclass(frozen=True, slots=True)
+class RunPrepare:
+    """Run the service's prepare (take locks, validate, tentatively apply)."""
+
+    one_phase: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitPrepare:
+    """A duplicate Prepare while the first is still running: answer with the first's answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelPrepare:
+    """Stop a prepare still waiting for locks; release whatever it holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    kind: RecordKind
+    # Forced records must be durable before the next reply; lazy ones ride the next fsync.
+    forced: bool
+    heuristic: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyCommit:
+    """Make the tentative effects permanent and release the branch's locks."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyRollback:
+    """Undo the tentative effects and release the branch's locks."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyVote:
+    vote: BranchVote
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyAck:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyError:
+    kind: ErrorKind
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class AskCoordinator:
+    """Prepared for too long: ask the coordinator for the outcome (and keep asking)."""
+
+
+BranchAction: TypeAlias = (
+    RunPrepare
+    | AwaitPrepare
+    | CancelPrepare
+    | Persist
+    | ApplyCommit
+    | ApplyRollback
+    | ReplyVote
+    | ReplyAck
+    | ReplyError
+    | AskCoordinator
+)
+
+
+@dataclass(slots=True)
+class Branch:
+    transaction_id: str
+    index: int
+    state: BranchState
+    # The first answer given to Prepare, returned to every duplicate.
+    vote: BranchVote | None = None
+    reason: str = ""
+    one_phase: bool = False
+    heuristic: str = ""
+
+    @classmethod
+    def on_first_message(
+        cls, transaction_id: str, index: int, event: BranchEvent
+    ) -> tuple[Branch | None, list[BranchAction]]:
+        """A message for a branch this participant has never seen (or has forgotten)."""
+        if isinstance(event, PrepareRequested):
+            branch = cls(transaction_id, index, BranchState.PREPARING, one_phase=event.one_phase)
+            return branch, [RunPrepare(event.one_phase)]
+        if isinstance(event, RollbackRequested):
+            # Tombstone: a Prepare arriving later is refused, so no reservation can hang.
+            branch = cls(transaction_id, index, BranchState.ROLLED_BACK)
+            branch.reason = "rolled back before prepare"
+            return branch, [Persist(RecordKind.ROLLED_BACK, forced=False), ReplyAck()]
+        if isinstance(event, CommitRequested):
+            return None, [
+                ReplyError(
+                    ErrorKind.NOT_FOUND,
+                    f"branch {transaction_id}/{index} is unknown here: it was never prepared",
+                )
+            ]
+        raise BranchProtocolError(f"{type(event).__name__} for unknown branch")
+
+    def handle(self, event: BranchEvent) -> list[BranchAction]:
+        handler = TRANSITIONS.get((self.state, type(event)))
+        if handler is None:
+            raise BranchProtocolError(
+                f"branch {self.transaction_id}/{self.index}: {type(event).__name__} is not "
+                f"legal in state {self.state.value}"
+            )
+        return handler(self, event)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.transaction_id, self.index)
+
+
+# ---- handlers ----
+
+
+def _on_vote(branch: Branch, event: PrepareVoted) -> list[BranchAction]:
+    branch.vote = event.vote
+    branch.reason = event.reason
+    if event.vote is BranchVote.PREPARED:
+        if branch.one_phase:
+            # Prepared and committed in one step: one forced record (the commit).
+            branch.state = BranchState.COMMITTED
+            branch.vote = BranchVote.COMMITTED
+            return [
+                Persist(RecordKind.COMMITTED, forced=True),
+                ApplyCommit(),
+                ReplyVote(BranchVote.COMMITTED, ""),
+            ]
+        branch.state = BranchState.PREPARED
+        return [Persist(RecordKind.PREPARED, forced=True), ReplyVote(BranchVote.PREPARED, "")]
+    if event.vote is BranchVote.READ_ONLY:
+        branch.state = BranchState.READ_ONLY
+        return [ApplyRollback(), ReplyVote(BranchVote.READ_ONLY, event.reason)]
+    if event.vote is BranchVote.REFUSED:
+        branch.state = BranchState.REFUSED
+        return [ApplyRollback(), ReplyVote(BranchVote.REFUSED, event.reason)]
+    raise BranchProtocolError("a service votes PREPARED, READ_ONLY or REFUSED")
+
+
+def _on_vote_after_rollback(branch: Branch, event: PrepareVoted) -> list[BranchAction]:
+    # The Rollback overtook the prepare: whatever the prepare took is given back.
+    return [ApplyRollback(), ReplyVote(BranchVote.REFUSED, branch.reason)]
+
+
+def _on_duplicate_prepare_while_running(
+    branch: Branch, event: PrepareRequested
+) -> list[BranchAction]:
+    return [AwaitPrepare()]
+
+
+def _on_duplicate_prepare(branch: Branch, event: PrepareRequested) -> list[BranchAction]:
+    if branch.state is BranchState.ROLLED_BACK:
+        return [ReplyVote(BranchVote.REFUSED, branch.reason or "branch already rolled back")]
+    assert branch.vote is not None
+    return [ReplyVote(branch.vote, branch.reason)]
+
+
+def _commit(branch: Branch, heuristic: str) -> list[BranchAction]:
+    branch.state = BranchState.COMMITTED
+    branch.heuristic = heuristic
+    return [Persist(RecordKind.COMMITTED, forced=True, heuristic=heuristic), ApplyCommit()]
+
+
+def _rollback(branch: Branch, heuristic: str, reason: str) -> list[BranchAction]:
+    branch.state = BranchState.ROLLED_BACK
+    branch.heuristic = heuristic
+    branch.reason = reason
+    # Presumed abort: the rollback record need not be forced (a lost one is re-asked and
+    # answered "aborted"), unless it is a heuristic decision, which must never be forgotten.
+    return [
+        Persist(RecordKind.ROLLED_BACK, forced=bool(heuristic), heuristic=heuristic),
+        ApplyRollback(),
+    ]
+
+
+def _on_commit(branch: Branch, event: CommitRequested) -> list[BranchAction]:
+    return [*_commit(branch, ""), ReplyAck()]
+
+
+def _on_rollback_prepared(branch: Branch, event: RollbackRequested) -> list[BranchAction]:
+    return [*_rollback(branch, "", "rolled back by the coordinator"), ReplyAck()]
+
+
+def _on_rollback_preparing(branch: Branch, event: RollbackRequested) -> list[BranchAction]:
+    branch.state = BranchState.ROLLED_BACK
+    branch.reason = "rolled back while preparing"
+    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=False), ReplyAck()]
+
+
+def _ack(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    return [ReplyAck()]
+
+
+def _already_committed(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    message = f"branch {branch.transaction_id}/{branch.index} is already committed"
+    return [ReplyError(ErrorKind.FAILED_PRECONDITION, message)]
+
+
+def _already_rolled_back(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    message = (
+        f"branch {branch.transaction_id}/{branch.index} is already rolled back "
+        f"({branch.reason or 'no reason recorded'}); it cannot commit"
+    )
+    return [ReplyError(ErrorKind.FAILED_PRECONDITION, message)]
+
+
+def _on_lease_unvoted(branch: Branch, event: LeaseExpired) -> list[BranchAction]:
+    # Allowed only before the vote: reclaim the locks; the late Prepare answer is REFUSED.
+    branch.state = BranchState.ROLLED_BACK
+    branch.reason = "lease expired before the vote"
+    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=False)]
+
+
+def _on_lease_prepared(branch: Branch, event: LeaseExpired) -> list[BranchAction]:
+    return [AskCoordinator()]  # never decide alone (rule 11)
+
+
+def _on_outcome(branch: Branch, event: OutcomeLearned) -> list[BranchAction]:
+    if event.commit:
+        return _commit(branch, "")
+    return _rollback(branch, "", "aborted (learned from the coordinator)")
+
+
+def _on_heuristic(branch: Branch, event: HeuristicForced) -> list[BranchAction]:
+    if event.commit:
+        return _commit(branch, "heuristic commit")
+    return _rollback(branch, "heuristic rollback", "forced by an operator")
+
+
+def _nothing(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    return []
+
+
+BranchHandler: TypeAlias = Callable[[Branch, "BranchEvent"], list[BranchAction]]
+
+B = BranchState
+TRANSITIONS: dict[tuple[BranchState, type], BranchHandler] = {
+    (B.PREPARING, PrepareVoted): _on_vote,  # type: ignore[dict-item]
+    (B.PREPARING, PrepareRequested): _on_duplicate_prepare_while_running,  # type: ignore[dict-item]
+    (B.PREPARING, RollbackRequested): _on_rollback_preparing,  # type: ignore[dict-item]
+    (B.PREPARING, CommitRequested): _already_rolled_back,  # not prepared: cannot commit
+    (B.PREPARING, LeaseExpired): _on_lease_unvoted,  # type: ignore[dict-item]
+    (B.PREPARED, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
+    (B.PREPARED, CommitRequested): _on_commit,  # type: ignore[dict-item]
+    (B.PREPARED, RollbackRequested): _on_rollback_prepared,  # type: ignore[dict-item]
+    (B.PREPARED, LeaseExpired): _on_lease_prepared,  # type: ignore[dict-item]
+    (B.PREPARED, OutcomeLearned): _on_outcome,  # type: ignore[dict-item]
+    (B.PREPARED, HeuristicForced): _on_heuristic,  # type: ignore[dict-item]
+    (B.COMMITTED, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
+    (B.COMMITTED, CommitRequested): _ack,
+    (B.COMMITTED, RollbackRequested): _already_committed,
+    (B.COMMITTED, LeaseExpired): _nothing,
+    (B.COMMITTED, OutcomeLearned): _nothing,
+    (B.ROLLED_BACK, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
+    (B.ROLLED_BACK, PrepareVoted): _on_vote_after_rollback,  # type: ignore[dict-item]
+    (B.ROLLED_BACK, CommitRequested): _already_rolled_back,
+    (B.ROLLED_BACK, RollbackRequested): _ack,
+    (B.ROLLED_BACK, LeaseExpired): _nothing,
+    (B.ROLLED_BACK, OutcomeLearned): _nothing,
+    (B.REFUSED, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
+    (B.REFUSED, RollbackRequested): _ack,
+    (B.REFUSED, CommitRequested): _already_rolled_back,
+    (B.REFUSED, LeaseExpired): _nothing,
+    (B.READ_ONLY, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
+    (B.READ_ONLY, RollbackRequested): _ack,
+    (B.READ_ONLY, CommitRequested): _ack,
+    (B.READ_ONLY, LeaseExpired): _nothing,
+}

@@ -1,0 +1,503 @@
+"""The coordinator's transaction lifecycle: a pure state machine (no I/O, no clock).
+
+Every state change of a global transaction happens in `Transaction.handle`, driven by the
+`TRANSITIONS` table of (state, event type) -> handler. A pair missing from the table is a
+protocol error and changes nothing. Handlers return `Action`s for the I/O layer to carry out in
+order, following the persist-before-you-speak rule: the I/O layer makes `PersistDecision`
+durable and only then feeds back `DecisionDurable`, which is what releases the Commit messages
+and the client's COMMITTED answer.
+
+Presumed abort (R*, Mohan et al. 1986): an abort writes nothing and waits for no
+acknowledgement that matters for correctness; all-read-only transactions write nothing; a
+single participant gets one-phase commit with no coordinator log write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TypeAlias
+
+
+class TxnState(Enum):
+    PREPARING = "preparing"
+    DECIDING = "deciding"  # commit decided, decision record not yet durable
+    COMMITTING = "committing"  # commit durable, phase 2 running
+    COMMITTED = "committed"
+    ABORTED = "aborted"  # presumed abort: rollbacks are sent best-effort, nothing is logged
+    UNKNOWN = "unknown"  # one-phase commit whose answer was lost; being resolved
+
+
+TERMINAL_STATES = frozenset({TxnState.COMMITTED, TxnState.ABORTED})
+
+
+class Vote(Enum):
+    PREPARED = "prepared"
+    READ_ONLY = "read_only"
+    REFUSED = "refused"
+    COMMITTED = "committed"  # one-phase answer
+
+
+class Outcome(Enum):
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    UNKNOWN = "unknown"
+
+
+# Rollbacks are best-effort under presumed abort; past this many failures the participant's
+# inquiry resolves the branch.
+ROLLBACK_ATTEMPTS_MAX = 5
+
+
+class ProtocolError(Exception):
+    """An event that is not legal in the transaction's current state."""
+
+
+# ---- events (inputs) ----
+
+
+@dataclass(frozen=True, slots=True)
+class VoteReceived:
+    branch: int
+    vote: Vote
+    reason: str = ""
+    now_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareFailed:
+    """The Prepare call failed (error, unreachable, deadline): it may or may not have prepared."""
+
+    branch: int
+    reason: str
+    now_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """The global transaction timeout expired (the I/O layer's timer fired)."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionDurable:
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTwoAcked:
+    branch: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseTwoFailed:
+    branch: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class OnePhaseResolved:
+    """A lost one-phase answer was resolved by asking the participant (a Rollback probe)."""
+
+    committed: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeuristicReported:
+    """An operator forced a branch; recorded, shown in status, never silent."""
+
+    branch: int
+    outcome: str
+
+
+Event: TypeAlias = (
+    VoteReceived
+    | PrepareFailed
+    | TimedOut
+    | DecisionDurable
+    | PhaseTwoAcked
+    | PhaseTwoFailed
+    | OnePhaseResolved
+    | HeuristicReported
+)
+
+# ---- actions (outputs) ----
+
+
+@dataclass(frozen=True, slots=True)
+class SendPrepare:
+    branch: int
+    one_phase: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PersistDecision:
+    """Force the commit decision (with the updating branches) to the log."""
+
+    branches: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommit:
+    branch: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendRollback:
+    branch: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPhaseTwo:
+    """Send the branch's phase-2 message again after a backoff chosen by the I/O layer."""
+
+    branch: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeOnePhase:
+    """Ask the single participant what happened to a one-phase commit (by sending Rollback)."""
+
+    branch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PersistEnd:
+    """Lazily log that every updating branch acknowledged the commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The transaction needs nothing more; the I/O layer may forget it."""
+
+
+Action: TypeAlias = (
+    SendPrepare
+    | PersistDecision
+    | SendCommit
+    | SendRollback
+    | RetryPhaseTwo
+    | ProbeOnePhase
+    | Reply
+    | PersistEnd
+    | Finished
+)
+
+
+@dataclass(slots=True)
+class BranchProgress:
+    index: int
+    participant: str
+    vote: Vote | None = None
+    reason: str = ""
+    # True once this branch may hold a prepared state that phase 2 must resolve.
+    needs_phase_two: bool = False
+    acknowledged: bool = False
+    phase_two_attempts: int = 0
+    last_error: str = ""
+    heuristic: str = ""
+
+
+@dataclass(slots=True)
+class Transaction:
+    transaction_id: str
+    branches: list[BranchProgress]
+    created_at_ms: int
+    deadline_ms: int
+    one_phase: bool
+    state: TxnState = TxnState.PREPARING
+    reason: str = ""
+    decided_at_ms: int = 0
+    replied: bool = False
+    history: list[TxnState] = field(default_factory=list)
+
+    # ---- construction ----
+
+    @classmethod
+    def begin(
+        cls,
+        transaction_id: str,
+        participants: Sequence[str],
+        *,
+        now_ms: int,
+        timeout_ms: int,
+        one_phase_capable: bool,
+    ) -> tuple[Transaction, list[Action]]:
+        """Start phase 1. One branch whose participant allows it gets one-phase commit."""
+        assert participants, "an empty transaction is rejected before it reaches the core"
+        one_phase = len(participants) == 1 and one_phase_capable
+        branches = [BranchProgress(i, name) for i, name in enumerate(participants)]
+        txn = cls(transaction_id, branches, now_ms, now_ms + timeout_ms, one_phase)
+        return txn, [SendPrepare(b.index, one_phase) for b in branches]
+
+    @classmethod
+    def recovered_commit(
+        cls, transaction_id: str, branches: Sequence[tuple[int, str]], *, decided_at_ms: int
+    ) -> tuple[Transaction, list[Action]]:
+        """A durable commit decision found on restart without its end record: finish phase 2."""
+        progress = [
+            BranchProgress(i, name, Vote.PREPARED, needs_phase_two=True) for i, name in branches
+        ]
+        txn = cls(transaction_id, progress, decided_at_ms, decided_at_ms, one_phase=False)
+        txn.state = TxnState.COMMITTING
+        txn.decided_at_ms = decided_at_ms
+        txn.replied = True  # whoever asked before the crash was answered, or may ask again
+        return txn, [SendCommit(b.index) for b in progress]
+
+    # ---- the one entry point for every state change ----
+
+    def handle(self, event: Event) -> list[Action]:
+        handler = TRANSITIONS.get((self.state, type(event)))
+        if handler is None:
+            raise ProtocolError(
+                f"transaction {self.transaction_id}: {type(event).__name__} is not legal "
+                f"in state {self.state.value}"
+            )
+        return handler(self, event)
+
+    @property
+    def outcome(self) -> Outcome | None:
+        if self.state in (TxnState.COMMITTING, TxnState.COMMITTED):
+            return Outcome.COMMITTED
+        if self.state is TxnState.ABORTED:
+            return Outcome.ABORTED
+        if self.state is TxnState.UNKNOWN:
+            return Outcome.UNKNOWN
+        return None
+
+    # ---- helpers used by the handlers ----
+
+    def _move(self, state: TxnState) -> None:
+        self.history.append(self.state)
+        self.state = state
+
+    def _reply(self, outcome: Outcome, reason: str) -> list[Action]:
+        if self.replied:
+            return []
+        self.replied = True
+        return [Reply(outcome, reason)]
+
+    def branch(self, index: int) -> BranchProgress:
+        # Positional in a live transaction; a recovered one lists only its updating branches.
+        if 0 <= index < len(self.branches) and self.branches[index].index == index:
+            return self.branches[index]
+        for branch in self.branches:
+            if branch.index == index:
+                return branch
+        raise ProtocolError(f"transaction {self.transaction_id}: no branch {index}")
+
+    def _abort(self, reason: str, now_ms: int) -> list[Action]:
+        """Decide abort (only ever from PREPARING). Rollback every branch that may have prepared.
+
+        Presumed abort: nothing is logged and the transaction is finished at once. Rollbacks are
+        delivered best-effort (a bounded number of tries); a participant that misses them asks
+        the coordinator, which answers ABORTED for any transaction it has no commit record of.
+        """
+        self.reason = reason
+        self.decided_at_ms = now_ms
+        actions: list[Action] = []
+        for branch in self.branches:
+            # A PREPARED vote, a failed call or no answer yet: it may hold a prepared state.
+            if branch.vote in (None, Vote.PREPARED):
+                branch.needs_phase_two = True
+                actions.append(SendRollback(branch.index))
+        self._move(TxnState.ABORTED)
+        return [*actions, *self._reply(Outcome.ABORTED, reason), Finished()]
+
+    def _all_acknowledged(self) -> bool:
+        return all(b.acknowledged for b in self.branches if b.needs_phase_two)
+
+
+# ---- handlers: one per legal (state, event) pair ----
+
+
+def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
+    branch = txn.branch(event.branch)
+    if branch.vote is not None:
+        return []  # a duplicate answer changes nothing
+    branch.vote = event.vote
+    branch.reason = event.reason
+    if txn.one_phase:
+        return _on_one_phase_vote(txn, event)
+    if event.vote is Vote.REFUSED:
+        return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
+    if event.vote is Vote.COMMITTED:
+        raise ProtocolError(f"{branch.participant} answered COMMITTED to a two-phase prepare")
+    if any(b.vote is None for b in txn.branches):
+        return []
+    updating = tuple((b.index, b.participant) for b in txn.branches if b.vote is Vote.PREPARED)
+    if not updating:
+        # Every branch read-only: nothing to log, nothing to send in phase 2 (rule 8).
+        txn._move(TxnState.COMMITTED)
+        return [*txn._reply(Outcome.COMMITTED, "all branches read-only"), Finished()]
+    for b in txn.branches:
+        b.needs_phase_two = b.vote is Vote.PREPARED
+    txn._move(TxnState.DECIDING)
+    return [PersistDecision(updating)]
+
+
+def _on_one_phase_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
+    if event.vote in (Vote.COMMITTED, Vote.READ_ONLY):
+        txn._move(TxnState.COMMITTED)
+        return [*txn._reply(Outcome.COMMITTED, ""), Finished()]
+    if event.vote is Vote.REFUSED:
+        txn._move(TxnState.ABORTED)
+        reason = f"{txn.branches[0].participant} refused: {event.reason}"
+        txn.reason = reason
+        return [*txn._reply(Outcome.ABORTED, reason), Finished()]
+    raise ProtocolError(f"one-phase prepare answered {event.vote.value}")
+
+
+def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
+    branch = txn.branch(event.branch)
+    if branch.vote is not None:
+        return []
+    branch.reason = event.reason
+    if txn.one_phase:
+        # The participant may have committed: never guess (rule 9). Ask it.
+        branch.last_error = event.reason
+        txn.reason = f"one-phase answer lost: {event.reason}"
+        txn._move(TxnState.UNKNOWN)
+        return [ProbeOnePhase(branch.index)]
+    return txn._abort(f"{branch.participant} failed to prepare: {event.reason}", event.now_ms)
+
+
+def _on_timeout(txn: Transaction, event: TimedOut) -> list[Action]:
+    if event.now_ms < txn.deadline_ms:
+        return []
+    if txn.one_phase:
+        return []  # the single Prepare's own deadline reports the failure
+    waiting = [b.participant for b in txn.branches if b.vote is None]
+    return txn._abort(
+        f"transaction timeout: no vote from {', '.join(waiting) or 'nobody'} "
+        f"within {txn.deadline_ms - txn.created_at_ms} ms",
+        event.now_ms,
+    )
+
+
+def _ignore(txn: Transaction, event: Event) -> list[Action]:
+    # Late votes, timers and duplicates after a decision: a decision never changes (rule 4).
+    return []
+
+
+def _on_decision_durable(txn: Transaction, event: DecisionDurable) -> list[Action]:
+    txn.decided_at_ms = event.now_ms
+    txn._move(TxnState.COMMITTING)
+    commits: list[Action] = [SendCommit(b.index) for b in txn.branches if b.needs_phase_two]
+    return [*commits, *txn._reply(Outcome.COMMITTED, "")]
+
+
+def _on_commit_ack(txn: Transaction, event: PhaseTwoAcked) -> list[Action]:
+    branch = txn.branch(event.branch)
+    if not branch.needs_phase_two or branch.acknowledged:
+        return []
+    branch.acknowledged = True
+    branch.last_error = ""
+    if not txn._all_acknowledged():
+        return []
+    txn._move(TxnState.COMMITTED)
+    return [PersistEnd(), Finished()]
+
+
+def _on_commit_failed(txn: Transaction, event: PhaseTwoFailed) -> list[Action]:
+    # A commit decision is never lost: retried until acknowledged, forever (rule 13).
+    branch = txn.branch(event.branch)
+    if not branch.needs_phase_two or branch.acknowledged:
+        return []
+    branch.phase_two_attempts += 1
+    branch.last_error = event.error
+    return [RetryPhaseTwo(branch.index, branch.phase_two_attempts)]
+
+
+def _on_rollback_ack(txn: Transaction, event: PhaseTwoAcked) -> list[Action]:
+    branch = txn.branch(event.branch)
+    branch.acknowledged = True
+    branch.last_error = ""
+    return []
+
+
+def _on_rollback_failed(txn: Transaction, event: PhaseTwoFailed) -> list[Action]:
+    # Best-effort: a few tries, then the participant's own inquiry (presumed abort) takes over.
+    branch = txn.branch(event.branch)
+    if branch.acknowledged:
+        return []
+    branch.phase_two_attempts += 1
+    branch.last_error = event.error
+    if branch.phase_two_attempts >= ROLLBACK_ATTEMPTS_MAX:
+        return []
+    return [RetryPhaseTwo(branch.index, branch.phase_two_attempts)]
+
+
+def _on_one_phase_resolved(txn: Transaction, event: OnePhaseResolved) -> list[Action]:
+    branch = txn.branches[0]
+    branch.acknowledged = True
+    if event.committed:
+        branch.vote = Vote.COMMITTED
+        txn.reason = ""
+        txn._move(TxnState.COMMITTED)
+        return [*txn._reply(Outcome.COMMITTED, ""), Finished()]
+    txn.reason = event.reason or txn.reason
+    txn._move(TxnState.ABORTED)
+    return [*txn._reply(Outcome.ABORTED, txn.reason), Finished()]
+
+
+def _on_one_phase_probe_failed(txn: Transaction, event: PhaseTwoFailed) -> list[Action]:
+    # The probe could not reach the participant either: the client hears UNKNOWN, we keep asking.
+    branch = txn.branches[0]
+    branch.phase_two_attempts += 1
+    branch.last_error = event.error
+    return [
+        *txn._reply(Outcome.UNKNOWN, f"{txn.reason}; outcome not yet known, retry later"),
+        RetryPhaseTwo(0, branch.phase_two_attempts),
+    ]
+
+
+def _on_heuristic(txn: Transaction, event: HeuristicReported) -> list[Action]:
+    txn.branch(event.branch).heuristic = event.outcome
+    return []
+
+
+Handler: TypeAlias = Callable[[Transaction, "Event"], list[Action]]
+
+S = TxnState
+TRANSITIONS: dict[tuple[TxnState, type], Handler] = {
+    (S.PREPARING, VoteReceived): _on_vote,  # type: ignore[dict-item]
+    (S.PREPARING, PrepareFailed): _on_prepare_failed,  # type: ignore[dict-item]
+    (S.PREPARING, TimedOut): _on_timeout,  # type: ignore[dict-item]
+    (S.DECIDING, DecisionDurable): _on_decision_durable,  # type: ignore[dict-item]
+    (S.DECIDING, VoteReceived): _ignore,
+    (S.DECIDING, PrepareFailed): _ignore,
+    (S.DECIDING, TimedOut): _ignore,
+    (S.COMMITTING, PhaseTwoAcked): _on_commit_ack,  # type: ignore[dict-item]
+    (S.COMMITTING, PhaseTwoFailed): _on_commit_failed,  # type: ignore[dict-item]
+    (S.COMMITTING, VoteReceived): _ignore,
+    (S.COMMITTING, PrepareFailed): _ignore,
+    (S.COMMITTING, TimedOut): _ignore,
+    (S.COMMITTING, HeuristicReported): _on_heuristic,  # type: ignore[dict-item]
+    (S.COMMITTED, PhaseTwoAcked): _ignore,
+    (S.COMMITTED, PhaseTwoFailed): _ignore,
+    (S.COMMITTED, VoteReceived): _ignore,
+    (S.COMMITTED, PrepareFailed): _ignore,
+    (S.COMMITTED, TimedOut): _ignore,
+    (S.COMMITTED, HeuristicReported): _on_heuristic,  # type: ignore[dict-item]
+    (S.ABORTED, PhaseTwoAcked): _on_rollback_ack,  # type: ignore[dict-item]
+    (S.ABORTED, PhaseTwoFailed): _on_rollback_failed,  # type: ignore[dict-item]
+    (S.ABORTED, VoteReceived): _ignore,
+    (S.ABORTED, PrepareFailed): _ignore,
+    (S.ABORTED, TimedOut): _ignore,
+    (S.ABORTED, HeuristicReported): _on_heuristic,  # type: ignore[dict-item]
+    (S.UNKNOWN, OnePhaseResolved): _on_one_phase_resolved,  # type: ignore[dict-item]
+    (S.UNKNOWN, PhaseTwoFailed): _on_one_phase_probe_failed,  # type: ignore[dict-item]
+    (S.UNKNOWN, VoteReceived): _ignore,
+    (S.UNKNOWN, TimedOut): _ignore,
+}

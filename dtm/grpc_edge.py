@@ -1,0 +1,74 @@
+"""What every gRPC server of the project shares: limits, health checking, reflection, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from dtm import limits
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", limits.MESSAGE_BYTES_MAX),
+    ("grpc.so_reuseport", 0),
+]
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
+    ("grpc.max_send_message_length", limits.MESSAGE_BYTES_MAX),
+    # Reconnect quickly after a peer restarts (crash recovery), instead of the 1 s+ default.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=SERVER_OPTIONS)
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Standard grpc.health.v1 (every service SERVING) and server reflection."""
+    names = list(service_names)
+    # grpc-stubs predates the aio health servicer; it exists at runtime since grpcio 1.38.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ["", *names]:
+        # The aio servicer's set() is a coroutine; schedule it on the running loop.
+        asyncio.get_running_loop().create_task(health_servicer.set(name, serving))
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Bind to host:port (port 0 picks a free one); a port already in use is a clear error."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise OSError(
+            f"cannot listen on {address}: is the port already in use? ({error})"
+        ) from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: is the port already in use?")
+    return port
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+
+def use_fast_event_loop() -> None:
+    """uvloop when installed (the `fast` extra): a cheaper event loop on the hot path."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

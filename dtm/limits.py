@@ -1,0 +1,48 @@
+"""Every bound of the system in one place (TigerBeetle style: put a limit on everything).
+
+Requests beyond a bound are refused with a precise status; internal queues and loops are
+bounded by these numbers and asserted against them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ---- identifiers ----
+TRANSACTION_ID_LENGTH_MAX = 128
+TRANSACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+PARTICIPANT_NAME_LENGTH_MAX = 64
+PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
+ADDRESS_LENGTH_MAX = 256
+RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
+
+# ---- requests ----
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+BRANCHES_PER_TRANSACTION_MAX = 32
+OPERATION_BYTES_MAX = 64 * 1024
+LINES_PER_OPERATION_MAX = 100
+QUANTITY_MAX = 1_000_000
+AMOUNT_CENTS_MAX = 10**12
+TEXT_FIELD_LENGTH_MAX = 1024
+PARTICIPANTS_MAX = 256
+
+# ---- time ----
+PREPARE_TIMEOUT_MS_DEFAULT = 2_000
+TRANSACTION_TIMEOUT_MS_DEFAULT = 10_000
+TRANSACTION_TIMEOUT_MS_MAX = 600_000
+PHASE_TWO_CALL_TIMEOUT_MS = 2_000
+PHASE_TWO_BACKOFF_MS_MIN = 50
+PHASE_TWO_BACKOFF_MS_MAX = 5_000
+
+# ---- concurrency and memory ----
+TRANSACTIONS_IN_FLIGHT_MAX = 10_000
+FINISHED_TRANSACTIONS_KEPT = 100_000
+BRANCHES_DECIDED_KEPT = 100_000
+LIST_TRANSACTIONS_LIMIT_DEFAULT = 100
+LIST_TRANSACTIONS_LIMIT_MAX = 1_000
+
+# ---- log ----
+LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
+LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
+BATCH_ITEMS_MAX = 1_024
+INQUIRIES_PER_TICK_MAX = 256

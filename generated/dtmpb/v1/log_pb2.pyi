@@ -1,0 +1,120 @@
+from google.protobuf import any_pb2 as _any_pb2
+from dtmpb.v1 import coordinator_pb2 as _coordinator_pb2
+from dtmpb.v1 import participant_pb2 as _participant_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ParticipantRegistered(_message.Message):
+    __slots__ = ("participant",)
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    participant: _coordinator_pb2.ParticipantInfo
+    def __init__(self, participant: _Optional[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]] = ...) -> None: ...
+
+class DecisionBranch(_message.Message):
+    __slots__ = ("branch", "participant")
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    branch: int
+    participant: str
+    def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ...) -> None: ...
+
+class CommitDecided(_message.Message):
+    __slots__ = ("transaction_id", "branches", "decided_at_unix_ms")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branches: _containers.RepeatedCompositeFieldContainer[DecisionBranch]
+    decided_at_unix_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[DecisionBranch, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class TransactionEnded(_message.Message):
+    __slots__ = ("transaction_id",)
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
+
+class HeuristicRecorded(_message.Message):
+    __slots__ = ("transaction_id", "branch", "participant", "outcome")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    participant: str
+    outcome: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+
+class BranchPrepared(_message.Message):
+    __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    operation: _any_pb2.Any
+    prepared_at_unix_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., prepared_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class BranchCommitted(_message.Message):
+    __slots__ = ("transaction_id", "branch", "operation", "heuristic")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    operation: _any_pb2.Any
+    heuristic: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ...) -> None: ...
+
+class BranchRolledBack(_message.Message):
+    __slots__ = ("transaction_id", "branch", "heuristic")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    heuristic: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ...) -> None: ...
+
+class DecidedBranch(_message.Message):
+    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VOTE_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    state: _participant_pb2.BranchState
+    reason: str
+    vote: _coordinator_pb2.Vote
+    heuristic: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ...) -> None: ...
+
+class ParticipantCheckpoint(_message.Message):
+    __slots__ = ("service_state", "prepared", "decided")
+    SERVICE_STATE_FIELD_NUMBER: _ClassVar[int]
+    PREPARED_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_FIELD_NUMBER: _ClassVar[int]
+    service_state: bytes
+    prepared: _containers.RepeatedCompositeFieldContainer[BranchPrepared]
+    decided: _containers.RepeatedCompositeFieldContainer[DecidedBranch]
+    def __init__(self, service_state: _Optional[bytes] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
+
+class CoordinatorCheckpoint(_message.Message):
+    __slots__ = ("participants", "committing")
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTING_FIELD_NUMBER: _ClassVar[int]
+    participants: _containers.RepeatedCompositeFieldContainer[_coordinator_pb2.ParticipantInfo]
+    committing: _containers.RepeatedCompositeFieldContainer[CommitDecided]
+    def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,177 @@
+"""The participant's pure branch core, transition by transition (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtm.core import branch as core
+from dtm.core.branch import (
+    TRANSITIONS,
+    Branch,
+    BranchProtocolError,
+    BranchState,
+    BranchVote,
+    RecordKind,
+)
+
+
+def preparing(one_phase: bool = False) -> Branch:
+    branch, actions = Branch.on_first_message("t1", 0, core.PrepareRequested(one_phase))
+    assert branch is not None
+    assert [core.RunPrepare(one_phase)] == actions
+    return branch
+
+
+def prepared() -> Branch:
+    branch = preparing()
+    branch.handle(core.PrepareVoted(BranchVote.PREPARED))
+    return branch
+
+
+def test_prepare_record_is_forced_before_the_prepared_vote() -> None:
+    branch = preparing()
+    actions = branch.handle(core.PrepareVoted(BranchVote.PREPARED))
+    assert [
+        core.Persist(RecordKind.PREPARED, forced=True),
+        core.ReplyVote(BranchVote.PREPARED, ""),
+    ] == actions
+    assert BranchState.PREPARED == branch.state
+
+
+def test_refusal_releases_and_logs_nothing() -> None:
+    branch = preparing()
+    actions = branch.handle(core.PrepareVoted(BranchVote.REFUSED, "out of stock"))
+    assert [core.ApplyRollback(), core.ReplyVote(BranchVote.REFUSED, "out of stock")] == actions
+    assert BranchState.REFUSED == branch.state
+
+
+def test_read_only_vote_needs_no_record() -> None:
+    branch = preparing()
+    actions = branch.handle(core.PrepareVoted(BranchVote.READ_ONLY))
+    assert not any(isinstance(a, core.Persist) for a in actions)
+    assert BranchState.READ_ONLY == branch.state
+
+
+def test_one_phase_forces_a_single_commit_record() -> None:
+    branch = preparing(one_phase=True)
+    actions = branch.handle(core.PrepareVoted(BranchVote.PREPARED))
+    assert [
+        core.Persist(RecordKind.COMMITTED, forced=True),
+        core.ApplyCommit(),
+        core.ReplyVote(BranchVote.COMMITTED, ""),
+    ] == actions
+
+
+def test_commit_is_forced_and_idempotent() -> None:
+    branch = prepared()
+    actions = branch.handle(core.CommitRequested())
+    assert [
+        core.Persist(RecordKind.COMMITTED, forced=True),
+        core.ApplyCommit(),
+        core.ReplyAck(),
+    ] == actions
+    assert [core.ReplyAck()] == branch.handle(core.CommitRequested())
+
+
+def test_rollback_is_lazy_and_idempotent() -> None:
+    branch = prepared()
+    actions = branch.handle(core.RollbackRequested())
+    assert [
+        core.Persist(RecordKind.ROLLED_BACK, forced=False),
+        core.ApplyRollback(),
+        core.ReplyAck(),
+    ] == actions
+    assert [core.ReplyAck()] == branch.handle(core.RollbackRequested())
+
+
+def test_duplicate_prepare_gets_the_first_answer() -> None:
+    branch = prepared()
+    assert [core.ReplyVote(BranchVote.PREPARED, "")] == branch.handle(core.PrepareRequested(False))
+    running = preparing()
+    assert [core.AwaitPrepare()] == running.handle(core.PrepareRequested(False))
+
+
+def test_rollback_before_prepare_leaves_a_tombstone_that_refuses_the_late_prepare() -> None:
+    branch, actions = Branch.on_first_message("t1", 0, core.RollbackRequested())
+    assert branch is not None
+    assert [core.Persist(RecordKind.ROLLED_BACK, forced=False), core.ReplyAck()] == actions
+    reply = branch.handle(core.PrepareRequested(False))
+    assert 1 == len(reply)
+    assert isinstance(reply[0], core.ReplyVote)
+    assert BranchVote.REFUSED == reply[0].vote
+
+
+def test_rollback_while_preparing_cancels_the_prepare() -> None:
+    branch = preparing()
+    actions = branch.handle(core.RollbackRequested())
+    assert core.CancelPrepare() in actions
+    assert BranchState.ROLLED_BACK == branch.state
+    # If the service had already answered, its effects are undone and the vote is REFUSED.
+    late = branch.handle(core.PrepareVoted(BranchVote.PREPARED))
+    assert core.ApplyRollback() in late
+    assert core.ReplyVote(BranchVote.REFUSED, branch.reason) in late
+
+
+def test_commit_of_unknown_branch_is_not_found() -> None:
+    branch, actions = Branch.on_first_message("t1", 0, core.CommitRequested())
+    assert branch is None
+    assert isinstance(actions[0], core.ReplyError)
+    assert core.ErrorKind.NOT_FOUND == actions[0].kind
+
+
+def test_conflicting_decisions_are_refused() -> None:
+    committed = prepared()
+    committed.handle(core.CommitRequested())
+    (error,) = committed.handle(core.RollbackRequested())
+    assert isinstance(error, core.ReplyError)
+    assert core.ErrorKind.FAILED_PRECONDITION == error.kind
+    rolled = prepared()
+    rolled.handle(core.RollbackRequested())
+    (error,) = rolled.handle(core.CommitRequested())
+    assert isinstance(error, core.ReplyError)
+
+
+def test_lease_before_the_vote_aborts_after_the_vote_only_asks() -> None:
+    unvoted = preparing()
+    actions = unvoted.handle(core.LeaseExpired())
+    assert core.CancelPrepare() in actions
+    assert BranchState.ROLLED_BACK == unvoted.state
+    voted = prepared()
+    assert [core.AskCoordinator()] == voted.handle(core.LeaseExpired())
+    assert BranchState.PREPARED == voted.state  # never decides alone (rule 11)
+
+
+def test_outcome_learned_applies_the_decision() -> None:
+    branch = prepared()
+    actions = branch.handle(core.OutcomeLearned(commit=True))
+    assert core.ApplyCommit() in actions
+    assert BranchState.COMMITTED == branch.state
+
+
+def test_heuristic_is_forced_and_recorded() -> None:
+    branch = prepared()
+    actions = branch.handle(core.HeuristicForced(commit=False))
+    assert (
+        core.Persist(RecordKind.ROLLED_BACK, forced=True, heuristic="heuristic rollback") in actions
+    )
+    assert "heuristic rollback" == branch.heuristic
+
+
+ILLEGAL = [
+    (BranchState.PREPARED, core.PrepareVoted(BranchVote.PREPARED)),
+    (BranchState.COMMITTED, core.HeuristicForced(True)),
+    (BranchState.REFUSED, core.OutcomeLearned(True)),
+    (BranchState.READ_ONLY, core.HeuristicForced(False)),
+    (BranchState.PREPARING, core.OutcomeLearned(True)),
+]
+
+
+@pytest.mark.parametrize(("state", "event"), ILLEGAL)
+def test_illegal_pairs_raise_and_change_nothing(
+    state: BranchState, event: core.BranchEvent
+) -> None:
+    assert (state, type(event)) not in TRANSITIONS
+    branch = Branch("t1", 0, state, BranchVote.PREPARED)
+    with pytest.raises(BranchProtocolError):
+        branch.handle(event)
+    assert state == branch.state

@@ -1,0 +1,240 @@
+"""The coordinator's pure transaction core, transition by transition (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dtm.core import transaction as core
+from dtm.core.transaction import (
+    TRANSITIONS,
+    Outcome,
+    ProtocolError,
+    Transaction,
+    TxnState,
+    Vote,
+)
+
+
+def begin(n: int = 2, one_phase_capable: bool = True) -> tuple[Transaction, list[core.Action]]:
+    return Transaction.begin(
+        "t1",
+        [f"p{i}" for i in range(n)],
+        now_ms=1_000,
+        timeout_ms=5_000,
+        one_phase_capable=one_phase_capable,
+    )
+
+
+def prepared_all(n: int = 2) -> Transaction:
+    txn, _ = begin(n)
+    for i in range(n):
+        txn.handle(core.VoteReceived(i, Vote.PREPARED))
+    return txn
+
+
+def test_begin_sends_prepare_to_every_branch_in_parallel() -> None:
+    txn, actions = begin(3)
+    assert [
+        core.SendPrepare(0, False),
+        core.SendPrepare(1, False),
+        core.SendPrepare(2, False),
+    ] == actions
+    assert TxnState.PREPARING == txn.state
+
+
+def test_commit_is_decided_only_after_every_vote_and_logged_before_commit_messages() -> None:
+    txn, _ = begin(2)
+    assert [] == txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    assert TxnState.PREPARING == txn.state
+    actions = txn.handle(core.VoteReceived(1, Vote.PREPARED))
+    assert [core.PersistDecision(((0, "p0"), (1, "p1")))] == actions
+    assert TxnState.DECIDING == txn.state
+    # No Commit and no reply before the decision is durable (rules 3 and 15).
+    actions = txn.handle(core.DecisionDurable(2_000))
+    assert [
+        core.SendCommit(0),
+        core.SendCommit(1),
+        core.Reply(Outcome.COMMITTED, ""),
+    ] == actions
+    assert TxnState.COMMITTING == txn.state
+
+
+def test_all_acks_end_the_transaction_with_a_lazy_end_record() -> None:
+    txn = prepared_all(2)
+    txn.handle(core.DecisionDurable(2_000))
+    assert [] == txn.handle(core.PhaseTwoAcked(0))
+    assert [core.PersistEnd(), core.Finished()] == txn.handle(core.PhaseTwoAcked(1))
+    assert TxnState.COMMITTED == txn.state
+
+
+def test_commit_failure_is_retried_forever_with_attempts_recorded() -> None:
+    txn = prepared_all(2)
+    txn.handle(core.DecisionDurable(2_000))
+    for attempt in range(1, 30):
+        actions = txn.handle(core.PhaseTwoFailed(1, "unavailable"))
+        assert [core.RetryPhaseTwo(1, attempt)] == actions
+    assert 29 == txn.branches[1].phase_two_attempts
+    assert "unavailable" == txn.branches[1].last_error
+    assert TxnState.COMMITTING == txn.state
+
+
+def test_refusal_aborts_without_logging_and_rolls_back_every_branch_that_may_have_prepared() -> (
+    None
+):
+    txn, _ = begin(3)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    actions = txn.handle(core.VoteReceived(1, Vote.REFUSED, "out of stock"))
+    # Branch 0 voted PREPARED and branch 2 has not answered: both may hold a prepared state.
+    assert [
+        core.SendRollback(0),
+        core.SendRollback(2),
+        core.Reply(Outcome.ABORTED, "p1 refused: out of stock"),
+        core.Finished(),
+    ] == actions
+    assert not any(isinstance(a, core.PersistDecision) for a in actions)
+    assert TxnState.ABORTED == txn.state
+
+
+def test_prepare_failure_aborts_and_rolls_back_the_failed_branch_too() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    actions = txn.handle(core.PrepareFailed(1, "no answer within the 500 ms deadline"))
+    assert core.SendRollback(1) in actions and core.SendRollback(0) in actions
+    assert Outcome.ABORTED == txn.outcome
+
+
+def test_global_timeout_aborts_only_while_undecided() -> None:
+    txn, _ = begin(2)
+    assert [] == txn.handle(core.TimedOut(5_999))  # early timer: nothing
+    actions = txn.handle(core.TimedOut(6_000))
+    assert core.Reply(Outcome.ABORTED, txn.reason) in actions
+    assert "transaction timeout" in txn.reason
+
+    decided = prepared_all(2)
+    assert [] == decided.handle(core.TimedOut(10**9))
+    assert TxnState.DECIDING == decided.state
+
+
+def test_decision_never_changes_late_votes_are_ignored() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.REFUSED, "no"))
+    assert [] == txn.handle(core.VoteReceived(1, Vote.PREPARED))
+    assert [] == txn.handle(core.PrepareFailed(1, "late"))
+    assert TxnState.ABORTED == txn.state
+
+    committing = prepared_all(2)
+    committing.handle(core.DecisionDurable(1))
+    assert [] == committing.handle(core.VoteReceived(0, Vote.REFUSED, "too late"))
+    assert TxnState.COMMITTING == committing.state
+
+
+def test_duplicate_vote_changes_nothing() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    assert [] == txn.handle(core.VoteReceived(0, Vote.REFUSED, "dup"))
+    assert Vote.PREPARED == txn.branches[0].vote
+
+
+def test_all_read_only_commits_without_log_or_phase_two() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.READ_ONLY))
+    actions = txn.handle(core.VoteReceived(1, Vote.READ_ONLY))
+    assert [core.Reply(Outcome.COMMITTED, "all branches read-only"), core.Finished()] == actions
+    assert TxnState.COMMITTED == txn.state
+
+
+def test_read_only_branch_gets_no_phase_two() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.READ_ONLY))
+    assert [core.PersistDecision(((1, "p1"),))] == txn.handle(core.VoteReceived(1, Vote.PREPARED))
+    actions = txn.handle(core.DecisionDurable(5))
+    assert [core.SendCommit(1), core.Reply(Outcome.COMMITTED, "")] == actions
+
+
+def test_single_participant_gets_one_phase_commit_with_no_log() -> None:
+    txn, actions = begin(1)
+    assert [core.SendPrepare(0, True)] == actions
+    actions = txn.handle(core.VoteReceived(0, Vote.COMMITTED))
+    assert [core.Reply(Outcome.COMMITTED, ""), core.Finished()] == actions
+
+
+def test_single_participant_without_the_capability_gets_two_phases() -> None:
+    txn, actions = begin(1, one_phase_capable=False)
+    assert [core.SendPrepare(0, False)] == actions
+    assert [core.PersistDecision(((0, "p0"),))] == txn.handle(core.VoteReceived(0, Vote.PREPARED))
+
+
+def test_one_phase_lost_answer_is_unknown_then_resolved_never_guessed() -> None:
+    txn, _ = begin(1)
+    actions = txn.handle(core.PrepareFailed(0, "deadline"))
+    assert [core.ProbeOnePhase(0)] == actions
+    assert TxnState.UNKNOWN == txn.state
+    # The probe fails too: the client hears UNKNOWN and the probe is retried.
+    actions = txn.handle(core.PhaseTwoFailed(0, "unavailable"))
+    assert isinstance(actions[0], core.Reply) and Outcome.UNKNOWN == actions[0].outcome
+    assert core.RetryPhaseTwo(0, 1) == actions[1]
+    assert [core.Finished()] == txn.handle(core.OnePhaseResolved(committed=True))
+    assert TxnState.COMMITTED == txn.state
+
+
+def test_one_phase_refusal_aborts() -> None:
+    txn, _ = begin(1)
+    actions = txn.handle(core.VoteReceived(0, Vote.REFUSED, "declined"))
+    assert [core.Reply(Outcome.ABORTED, "p0 refused: declined"), core.Finished()] == actions
+
+
+def test_rollback_is_best_effort_and_bounded() -> None:
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    txn.handle(core.VoteReceived(1, Vote.REFUSED, "no"))
+    retries = []
+    for _ in range(20):
+        retries += txn.handle(core.PhaseTwoFailed(0, "down"))
+    assert core.ROLLBACK_ATTEMPTS_MAX - 1 == len(retries)
+    assert [] == txn.handle(core.PhaseTwoAcked(0))
+    assert txn.branches[0].acknowledged
+
+
+def test_recovered_commit_resends_commit_to_every_updating_branch() -> None:
+    txn, actions = Transaction.recovered_commit("t9", [(0, "a"), (2, "c")], decided_at_ms=7)
+    assert [core.SendCommit(0), core.SendCommit(2)] == actions
+    assert TxnState.COMMITTING == txn.state
+    txn.handle(core.PhaseTwoAcked(0))
+    assert [core.PersistEnd(), core.Finished()] == txn.handle(core.PhaseTwoAcked(2))
+
+
+ILLEGAL = [
+    (TxnState.PREPARING, core.DecisionDurable(1)),
+    (TxnState.PREPARING, core.PhaseTwoAcked(0)),
+    (TxnState.PREPARING, core.OnePhaseResolved(True)),
+    (TxnState.DECIDING, core.PhaseTwoAcked(0)),
+    (TxnState.COMMITTING, core.DecisionDurable(1)),
+    (TxnState.COMMITTED, core.DecisionDurable(1)),
+    (TxnState.ABORTED, core.DecisionDurable(1)),
+    (TxnState.ABORTED, core.OnePhaseResolved(True)),
+]
+
+
+@pytest.mark.parametrize(("state", "event"), ILLEGAL)
+def test_illegal_pairs_raise_and_change_nothing(state: TxnState, event: core.Event) -> None:
+    assert (state, type(event)) not in TRANSITIONS
+    txn, _ = begin(2)
+    txn.state = state
+    with pytest.raises(ProtocolError):
+        txn.handle(event)
+    assert state == txn.state
+
+
+def test_unknown_branch_index_is_a_protocol_error() -> None:
+    txn, _ = begin(2)
+    with pytest.raises(ProtocolError):
+        txn.handle(core.VoteReceived(7, Vote.PREPARED))
+
+
+def test_every_table_entry_is_reachable_by_a_known_state() -> None:
+    # The table is the single source of truth for the state diagram: no entry for a state
+    # or event type that does not exist.
+    events = set(core.Event.__args__)  # type: ignore[attr-defined]
+    for state, event_type in TRANSITIONS:
+        assert state in TxnState
+        assert event_type in events
