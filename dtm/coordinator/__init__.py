@@ -1,0 +1,1 @@
+"""The coordinator: the I/O shell around dtm.core.transaction."""

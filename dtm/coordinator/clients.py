@@ -1,0 +1,58 @@
+"""How the coordinator talks to one participant.
+
+`ParticipantClient` is the plain unary contract (Prepare, Commit, Rollback), which any
+participant in any language implements. The engine only sees this interface, so a batching
+client can stand in for it without touching the protocol code.
+"""
+
+from __future__ import annotations
+
+import grpc
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
+from google.protobuf import any_pb2
+
+from dtm import grpc_edge
+from dtm.core.transaction import Vote
+
+PB_TO_VOTE = {
+    coordinator_pb2.VOTE_PREPARED: Vote.PREPARED,
+    coordinator_pb2.VOTE_READ_ONLY: Vote.READ_ONLY,
+    coordinator_pb2.VOTE_REFUSED: Vote.REFUSED,
+    coordinator_pb2.VOTE_COMMITTED: Vote.COMMITTED,
+}
+
+
+class ParticipantClient:
+    def __init__(self, name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS)
+        self.stub = participant_pb2_grpc.ParticipantStub(self.channel)
+
+    async def prepare(
+        self,
+        transaction_id: str,
+        branch: int,
+        operation: any_pb2.Any,
+        one_phase: bool,
+        timeout_s: float,
+    ) -> tuple[Vote, str]:
+        request = participant_pb2.PrepareRequest(
+            transaction_id=transaction_id, branch=branch, operation=operation, one_phase=one_phase
+        )
+        response = await self.stub.Prepare(request, timeout=timeout_s)
+        vote = PB_TO_VOTE.get(response.vote)
+        if vote is None:
+            raise ValueError(f"{self.name} answered Prepare with no vote")
+        return vote, response.reason
+
+    async def commit(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+        request = participant_pb2.CommitRequest(transaction_id=transaction_id, branch=branch)
+        await self.stub.Commit(request, timeout=timeout_s)
+
+    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+        request = participant_pb2.RollbackRequest(transaction_id=transaction_id, branch=branch)
+        await self.stub.Rollback(request, timeout=timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close(None)

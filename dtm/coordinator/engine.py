@@ -1,0 +1,506 @@
+"""The coordinator's engine: runs each transaction's pure core (dtm.core.transaction) against
+the participants (gRPC), the log and the clock.
+
+Every state change goes through `_feed`, which hands an event to the core and carries out the
+actions it returns. All of it runs on one event loop thread: transactions interleave at awaits
+(RPCs, log fsyncs) but never hold a lock, so there is no global serialization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from dtmpb.v1 import coordinator_pb2, log_pb2
+from google.protobuf import any_pb2
+
+from dtm import limits, logs
+from dtm.coordinator.registry import Registry
+from dtm.core import transaction as core
+from dtm.core.transaction import Outcome, Transaction, TxnState
+from dtm.records import RecordType
+from dtm.wal import Log, LogRecord
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class CoordinatorConfig:
+    prepare_timeout_ms: int = limits.PREPARE_TIMEOUT_MS_DEFAULT
+    transaction_timeout_ms: int = limits.TRANSACTION_TIMEOUT_MS_DEFAULT
+    phase_two_timeout_ms: int = limits.PHASE_TWO_CALL_TIMEOUT_MS
+    backoff_ms_min: int = limits.PHASE_TWO_BACKOFF_MS_MIN
+    backoff_ms_max: int = limits.PHASE_TWO_BACKOFF_MS_MAX
+    checkpoint_every_records: int = 20_000
+    finished_kept: int = limits.FINISHED_TRANSACTIONS_KEPT
+    in_flight_max: int = limits.TRANSACTIONS_IN_FLIGHT_MAX
+
+
+class SubmitRejected(Exception):
+    """A Submit refused before anything ran; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Run:
+    """One transaction as the engine drives it: the core plus what only the I/O layer needs."""
+
+    txn: Transaction
+    fingerprint: bytes
+    operations: list[any_pb2.Any]
+    reply: asyncio.Future[None]
+    timer: asyncio.TimerHandle | None = None
+    # Set when a participant said the operation itself is invalid: the client gets
+    # INVALID_ARGUMENT (after the abort), not a plain ABORTED.
+    invalid_argument: str = ""
+    outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
+    finished: bool = False
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+STATE_TO_PB = {
+    TxnState.PREPARING: coordinator_pb2.TRANSACTION_STATE_PREPARING,
+    TxnState.DECIDING: coordinator_pb2.TRANSACTION_STATE_DECIDING,
+    TxnState.COMMITTING: coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+    TxnState.COMMITTED: coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+    TxnState.ABORTED: coordinator_pb2.TRANSACTION_STATE_ABORTED,
+    TxnState.UNKNOWN: coordinator_pb2.TRANSACTION_STATE_UNKNOWN,
+}
+OUTCOME_TO_PB = {
+    Outcome.COMMITTED: coordinator_pb2.OUTCOME_COMMITTED,
+    Outcome.ABORTED: coordinator_pb2.OUTCOME_ABORTED,
+    Outcome.UNKNOWN: coordinator_pb2.OUTCOME_UNKNOWN,
+}
+VOTE_TO_PB = {
+    core.Vote.PREPARED: coordinator_pb2.VOTE_PREPARED,
+    core.Vote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
+    core.Vote.REFUSED: coordinator_pb2.VOTE_REFUSED,
+    core.Vote.COMMITTED: coordinator_pb2.VOTE_COMMITTED,
+}
+
+
+class Counters:
+    """Protocol costs, to check against the presumed-abort table of protocol.md."""
+
+    def __init__(self) -> None:
+        self.requests = 0  # Prepare, Commit, Rollback sent
+        self.replies = 0  # answers the protocol acts on (votes, commit acks)
+        self.rollback_replies = 0  # transport-level answers to Rollback; PA needs none
+        self.forced_writes = 0
+        self.lazy_writes = 0
+        self.committed = 0
+        self.aborted = 0
+        self.unknown = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        log: Log,
+        registry: Registry,
+        config: CoordinatorConfig,
+        clock_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.log = log
+        self.registry = registry
+        self.config = config
+        self.clock_ms = clock_ms
+        self.active: dict[str, Run] = {}
+        self.finished: OrderedDict[str, Run] = OrderedDict()
+        self.counters = Counters()
+        self.records_since_checkpoint = 0
+        self._log = logs.get("coordinator")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ---- public operations ----
+
+    async def submit(
+        self,
+        transaction_id: str,
+        branches: Sequence[tuple[str, any_pb2.Any]],
+        timeout_ms: int,
+        fingerprint: bytes,
+    ) -> Run:
+        """Run (or join) a transaction; returns once the client's answer is known."""
+        transaction_id = transaction_id or uuid.uuid4().hex
+        run = self.active.get(transaction_id) or self.finished.get(transaction_id)
+        if run is not None:
+            if run.fingerprint != fingerprint:
+                raise SubmitRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"transaction id {transaction_id!r} was already used for a different "
+                    "transaction; choose a new id",
+                )
+            await asyncio.shield(run.reply)
+            return run
+        if len(self.active) >= self.config.in_flight_max:
+            raise SubmitRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{len(self.active)} transactions in flight (the limit); retry shortly",
+            )
+        participants = [name for name, _ in branches]
+        one_phase_capable = len(branches) == 1 and self.registry.one_phase(participants[0])
+        now = self.clock_ms()
+        txn, actions = Transaction.begin(
+            transaction_id,
+            participants,
+            now_ms=now,
+            timeout_ms=timeout_ms,
+            one_phase_capable=one_phase_capable,
+        )
+        loop = asyncio.get_running_loop()
+        run = Run(txn, fingerprint, [op for _, op in branches], loop.create_future())
+        self.active[transaction_id] = run
+        run.timer = loop.call_later(timeout_ms / 1000, self._on_timer, run)
+        self._log.info(
+            "transaction started",
+            txn=transaction_id,
+            participants=",".join(participants),
+            one_phase=txn.one_phase,
+            timeout_ms=timeout_ms,
+        )
+        self._execute(run, actions)
+        await asyncio.shield(run.reply)
+        return run
+
+    def lookup(self, transaction_id: str) -> Run | None:
+        return self.active.get(transaction_id) or self.finished.get(transaction_id)
+
+    def query_outcome(self, transaction_id: str) -> int:
+        """For a participant in doubt. No record means aborted (presumed abort)."""
+        run = self.lookup(transaction_id)
+        if run is None:
+            return coordinator_pb2.OUTCOME_ABORTED
+        outcome = run.txn.outcome
+        if outcome is None or outcome is Outcome.UNKNOWN:
+            return coordinator_pb2.OUTCOME_UNSPECIFIED
+        return OUTCOME_TO_PB[outcome]
+
+    def runs(self) -> Iterable[Run]:
+        """Active then finished, newest first."""
+        yield from reversed(list(self.active.values()))
+        yield from reversed(list(self.finished.values()))
+
+    async def retry_phase_two_now(self, transaction_id: str) -> Run | None:
+        run = self.active.get(transaction_id)
+        if run is None or run.txn.state is not TxnState.COMMITTING:
+            return run
+        for branch in run.txn.branches:
+            if branch.needs_phase_two and not branch.acknowledged:
+                self._spawn(run, self._phase_two(run, branch.index, commit=True))
+        return run
+
+    # ---- the one place where events reach the core ----
+
+    def _feed(self, run: Run, event: core.Event) -> None:
+        before = run.txn.state
+        actions = run.txn.handle(event)
+        if run.txn.state is not before:
+            self._log.info(
+                "transaction state",
+                txn=run.txn.transaction_id,
+                state=run.txn.state.value,
+                previous=before.value,
+                reason=run.txn.reason or None,
+            )
+            if before is TxnState.PREPARING and run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
+                run.operations = []  # phase 1 is over: no need to keep the payloads
+        self._execute(run, actions)
+
+    def _execute(self, run: Run, actions: Iterable[core.Action]) -> None:
+        txn = run.txn
+        for action in actions:
+            if isinstance(action, core.SendPrepare):
+                self._spawn(run, self._prepare(run, action.branch, action.one_phase))
+            elif isinstance(action, core.PersistDecision):
+                self._persist_decision(run, action)
+            elif isinstance(action, core.SendCommit):
+                self._spawn(run, self._phase_two(run, action.branch, commit=True))
+            elif isinstance(action, core.SendRollback):
+                self._spawn(run, self._phase_two(run, action.branch, commit=False))
+            elif isinstance(action, core.RetryPhaseTwo):
+                self._spawn(run, self._retry(run, action.branch, action.attempt))
+            elif isinstance(action, core.ProbeOnePhase):
+                self._spawn(run, self._probe(run))
+            elif isinstance(action, core.Reply):
+                run.outcome_pb = OUTCOME_TO_PB[action.outcome]
+                if not run.reply.done():
+                    run.reply.set_result(None)
+            elif isinstance(action, core.PersistEnd):
+                payload = log_pb2.TransactionEnded(transaction_id=txn.transaction_id)
+                self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
+                self.counters.lazy_writes += 1
+            elif isinstance(action, core.Finished):
+                self._finish(run)
+
+    # ---- carrying out actions ----
+
+    def _spawn(self, run: Run, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_timer(self, run: Run) -> None:
+        run.timer = None
+        self._feed(run, core.TimedOut(self.clock_ms()))
+
+    async def _prepare(self, run: Run, index: int, one_phase: bool) -> None:
+        txn = run.txn
+        branch = txn.branch(index)
+        remaining_ms = max(1, txn.deadline_ms - self.clock_ms())
+        timeout_s = min(self.config.prepare_timeout_ms, remaining_ms) / 1000
+        client = self.registry.client(branch.participant)
+        started = time.perf_counter()
+        self.counters.requests += 1
+        try:
+            vote, reason = await client.prepare(
+                txn.transaction_id, index, run.operations[index], one_phase, timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            ms = (time.perf_counter() - started) * 1000
+            reason = _rpc_failure(error, timeout_s)
+            self._log.warning(
+                "prepare failed",
+                txn=txn.transaction_id,
+                participant=branch.participant,
+                branch=index,
+                code=error.code().name,
+                reason=reason,
+                ms=round(ms, 2),
+            )
+            if error.code() is grpc.StatusCode.INVALID_ARGUMENT:
+                run.invalid_argument = f"branch {index} ({branch.participant}): {error.details()}"
+            self._feed(run, core.PrepareFailed(index, reason, self.clock_ms()))
+            return
+        self.counters.replies += 1
+        self._log.debug(
+            "prepare answered",
+            txn=txn.transaction_id,
+            participant=branch.participant,
+            branch=index,
+            vote=vote.value,
+            reason=reason or None,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        self._feed(run, core.VoteReceived(index, vote, reason, self.clock_ms()))
+
+    def _persist_decision(self, run: Run, action: core.PersistDecision) -> None:
+        record = log_pb2.CommitDecided(
+            transaction_id=run.txn.transaction_id,
+            branches=[log_pb2.DecisionBranch(branch=i, participant=p) for i, p in action.branches],
+            decided_at_unix_ms=self.clock_ms(),
+        )
+        lsn = self._append(RecordType.COMMIT_DECIDED, record.SerializeToString())
+        self.counters.forced_writes += 1
+
+        async def when_durable() -> None:
+            await self.log.wait_durable(lsn)
+            self._feed(run, core.DecisionDurable(self.clock_ms()))
+
+        self._spawn(run, when_durable())
+
+    async def _phase_two(self, run: Run, index: int, commit: bool) -> None:
+        txn = run.txn
+        branch = txn.branch(index)
+        client = self.registry.client(branch.participant)
+        timeout_s = self.config.phase_two_timeout_ms / 1000
+        started = time.perf_counter()
+        self.counters.requests += 1
+        try:
+            if commit:
+                await client.commit(txn.transaction_id, index, timeout_s)
+            else:
+                await client.rollback(txn.transaction_id, index, timeout_s)
+        except grpc.aio.AioRpcError as error:
+            reason = _rpc_failure(error, timeout_s)
+            self._log.warning(
+                "commit failed" if commit else "rollback failed",
+                txn=txn.transaction_id,
+                participant=branch.participant,
+                branch=index,
+                code=error.code().name,
+                reason=reason,
+                attempt=branch.phase_two_attempts + 1,
+            )
+            self._feed(run, core.PhaseTwoFailed(index, reason))
+            return
+        if commit:
+            self.counters.replies += 1
+        else:
+            self.counters.rollback_replies += 1
+        self._log.debug(
+            "commit acknowledged" if commit else "rollback acknowledged",
+            txn=txn.transaction_id,
+            participant=branch.participant,
+            branch=index,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+        self._feed(run, core.PhaseTwoAcked(index))
+
+    async def _retry(self, run: Run, index: int, attempt: int) -> None:
+        # Capped exponential backoff with full jitter: a dead participant costs a bounded rate.
+        ceiling = min(
+            self.config.backoff_ms_max, self.config.backoff_ms_min * 2 ** min(attempt, 16)
+        )
+        await asyncio.sleep(random.uniform(self.config.backoff_ms_min, ceiling) / 1000)
+        state = run.txn.state
+        if state is TxnState.UNKNOWN:
+            await self._probe(run)
+        elif state in (TxnState.COMMITTING, TxnState.ABORTED):
+            await self._phase_two(run, index, commit=state is TxnState.COMMITTING)
+
+    async def _probe(self, run: Run) -> None:
+        """Resolve a lost one-phase answer: a Rollback either finds the branch committed
+        (FAILED_PRECONDITION), or rolls it back / leaves a tombstone (so it never commits)."""
+        txn = run.txn
+        branch = txn.branches[0]
+        client = self.registry.client(branch.participant)
+        timeout_s = self.config.phase_two_timeout_ms / 1000
+        self.counters.requests += 1
+        try:
+            await client.rollback(txn.transaction_id, 0, timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
+                self._feed(run, core.OnePhaseResolved(committed=True))
+            else:
+                self._feed(run, core.PhaseTwoFailed(0, _rpc_failure(error, timeout_s)))
+            return
+        self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
+
+    def _append(self, record_type: RecordType, payload: bytes) -> int:
+        self.records_since_checkpoint += 1
+        return self.log.append(record_type, payload)
+
+    def _finish(self, run: Run) -> None:
+        txn = run.txn
+        if run.finished:
+            return
+        run.finished = True
+        outcome = txn.outcome
+        if outcome is Outcome.COMMITTED:
+            self.counters.committed += 1
+        elif outcome is Outcome.ABORTED:
+            self.counters.aborted += 1
+        self.active.pop(txn.transaction_id, None)
+        self.finished[txn.transaction_id] = run
+        while len(self.finished) > self.config.finished_kept:
+            self.finished.popitem(last=False)
+        if run.timer is not None:
+            run.timer.cancel()
+            run.timer = None
+        run.operations = []
+
+    # ---- recovery and checkpoints ----
+
+    def replay(self, records: Iterable[LogRecord]) -> list[log_pb2.CommitDecided]:
+        """Rebuild the registry and the commits still owed phase 2, before serving."""
+        pending: dict[str, log_pb2.CommitDecided] = {}
+        for record in records:
+            kind = RecordType(record.record_type)
+            if kind is RecordType.COORDINATOR_CHECKPOINT:
+                checkpoint = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
+                self.registry.participants.clear()
+                for info in checkpoint.participants:
+                    self.registry.put(info)
+                pending = {c.transaction_id: c for c in checkpoint.committing}
+            elif kind is RecordType.PARTICIPANT_REGISTERED:
+                registered = log_pb2.ParticipantRegistered.FromString(record.payload)
+                self.registry.put(registered.participant)
+            elif kind is RecordType.COMMIT_DECIDED:
+                decided = log_pb2.CommitDecided.FromString(record.payload)
+                pending[decided.transaction_id] = decided
+            elif kind is RecordType.TRANSACTION_ENDED:
+                ended = log_pb2.TransactionEnded.FromString(record.payload)
+                decided_record = pending.pop(ended.transaction_id, None)
+                if decided_record is not None:
+                    self._remember_committed(decided_record)
+        return list(pending.values())
+
+    def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:
+        txn, _ = Transaction.recovered_commit(
+            decided.transaction_id,
+            [(b.branch, b.participant) for b in decided.branches],
+            decided_at_ms=decided.decided_at_unix_ms,
+        )
+        txn.state = TxnState.COMMITTED
+        for branch in txn.branches:
+            branch.acknowledged = True
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[None] = loop.create_future()
+        reply.set_result(None)
+        run = Run(txn, b"", [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED, finished=True)
+        self.finished[txn.transaction_id] = run
+        while len(self.finished) > self.config.finished_kept:
+            self.finished.popitem(last=False)
+
+    def resume(self, pending: Iterable[log_pb2.CommitDecided]) -> int:
+        """Drive every recovered commit decision to completion (phase 2 until acknowledged)."""
+        loop = asyncio.get_running_loop()
+        count = 0
+        for decided in pending:
+            txn, actions = Transaction.recovered_commit(
+                decided.transaction_id,
+                [(b.branch, b.participant) for b in decided.branches],
+                decided_at_ms=decided.decided_at_unix_ms,
+            )
+            reply: asyncio.Future[None] = loop.create_future()
+            reply.set_result(None)
+            run = Run(txn, b"", [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED)
+            self.active[txn.transaction_id] = run
+            self._log.info("recovered commit: resuming phase 2", txn=txn.transaction_id)
+            self._execute(run, actions)
+            count += 1
+        return count
+
+    def checkpoint_record(self) -> bytes:
+        checkpoint = log_pb2.CoordinatorCheckpoint(
+            participants=list(self.registry.participants.values())
+        )
+        for run in self.active.values():
+            txn = run.txn
+            if txn.state in (TxnState.DECIDING, TxnState.COMMITTING):
+                checkpoint.committing.add(
+                    transaction_id=txn.transaction_id,
+                    branches=[
+                        log_pb2.DecisionBranch(branch=b.index, participant=b.participant)
+                        for b in txn.branches
+                        if b.needs_phase_two
+                    ],
+                    decided_at_unix_ms=txn.decided_at_ms,
+                )
+        return checkpoint.SerializeToString()
+
+    async def checkpoint_if_due(self) -> bool:
+        if self.records_since_checkpoint < self.config.checkpoint_every_records:
+            return False
+        self.records_since_checkpoint = 0
+        await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, self.checkpoint_record())])
+        return True
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _rpc_failure(error: grpc.aio.AioRpcError, timeout_s: float) -> str:
+    code = error.code()
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within the {round(timeout_s * 1000)} ms deadline"
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return f"unavailable ({error.details()})"
+    return f"{code.name}: {error.details()}"

@@ -1,0 +1,331 @@
+"""The coordinator's gRPC edge: translates dtm.v1.Coordinator calls to the engine and engine
+errors to precise status codes. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
+
+from dtm import grpc_edge, limits, logs
+from dtm.coordinator.engine import (
+    STATE_TO_PB,
+    VOTE_TO_PB,
+    CoordinatorConfig,
+    Engine,
+    Run,
+    SubmitRejected,
+    wall_ms,
+)
+from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
+from dtm.records import RecordType
+from dtm.wal import GroupCommitLog, WriteAheadLog
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def transaction_pb(run: Run) -> coordinator_pb2.Transaction:
+    txn = run.txn
+    return coordinator_pb2.Transaction(
+        transaction_id=txn.transaction_id,
+        state=STATE_TO_PB[txn.state],
+        reason=txn.reason,
+        created_at_unix_ms=txn.created_at_ms,
+        decided_at_unix_ms=txn.decided_at_ms,
+        timeout_ms=max(0, txn.deadline_ms - txn.created_at_ms),
+        branches=[
+            coordinator_pb2.BranchStatus(
+                branch=b.index,
+                participant=b.participant,
+                vote=VOTE_TO_PB[b.vote] if b.vote else coordinator_pb2.VOTE_UNSPECIFIED,
+                reason=b.reason,
+                acknowledged=b.acknowledged,
+                phase_two_attempts=b.phase_two_attempts,
+                last_error=b.last_error,
+                heuristic=b.heuristic,
+            )
+            for b in txn.branches
+        ],
+    )
+
+
+def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
+    """Identity of a Submit's content, so a reused id with other content is caught."""
+    digest = hashlib.blake2b(digest_size=16)
+    for branch in request.branches:
+        digest.update(branch.SerializeToString(deterministic=True))
+    return digest.digest()
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: CoordinatorServer) -> None:
+        self.coordinator = coordinator
+        self.engine = coordinator.engine
+        self.registry = coordinator.engine.registry
+
+    async def RegisterParticipant(
+        self, request: coordinator_pb2.RegisterParticipantRequest, context: Context
+    ) -> coordinator_pb2.RegisterParticipantResponse:
+        try:
+            validate_registration(request)
+        except RegistrationError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        info = coordinator_pb2.ParticipantInfo(
+            name=request.name,
+            address=request.address,
+            capabilities=request.capabilities,
+            registered_at_unix_ms=wall_ms(),
+        )
+        if not self.registry.is_change(info):
+            return coordinator_pb2.RegisterParticipantResponse(changed=False)
+        try:
+            self.registry.put(info)
+        except RegistrationError as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        record = log_pb2.ParticipantRegistered(participant=info)
+        await self.coordinator.wal.append_durable(
+            RecordType.PARTICIPANT_REGISTERED, record.SerializeToString()
+        )
+        self.coordinator.log.info("participant registered", name=info.name, address=info.address)
+        return coordinator_pb2.RegisterParticipantResponse(changed=True)
+
+    async def ListParticipants(
+        self, request: coordinator_pb2.ListParticipantsRequest, context: Context
+    ) -> coordinator_pb2.ListParticipantsResponse:
+        return coordinator_pb2.ListParticipantsResponse(
+            participants=sorted(self.registry.participants.values(), key=lambda p: p.name)
+        )
+
+    async def Submit(
+        self, request: coordinator_pb2.SubmitRequest, context: Context
+    ) -> coordinator_pb2.SubmitResponse:
+        problem = self._check_submit(request)
+        if problem is not None:
+            await context.abort(*problem)
+        timeout_ms = request.timeout_ms or self.coordinator.config.transaction_timeout_ms
+        try:
+            run = await self.engine.submit(
+                request.transaction_id,
+                [(b.participant, b.operation) for b in request.branches],
+                timeout_ms,
+                _fingerprint(request),
+            )
+        except SubmitRejected as rejected:
+            await context.abort(rejected.code, str(rejected))
+            raise  # unreachable
+        if run.invalid_argument:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{run.invalid_argument}; transaction {run.txn.transaction_id} was aborted and "
+                "nothing was applied",
+            )
+        txn = transaction_pb(run)
+        return coordinator_pb2.SubmitResponse(
+            transaction_id=txn.transaction_id,
+            outcome=run.outcome_pb,
+            reason=txn.reason,
+            branches=txn.branches,
+        )
+
+    def _check_submit(
+        self, request: coordinator_pb2.SubmitRequest
+    ) -> tuple[grpc.StatusCode, str] | None:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if request.transaction_id and not limits.TRANSACTION_ID_PATTERN.fullmatch(
+            request.transaction_id
+        ):
+            return invalid, (
+                f"transaction_id {request.transaction_id[:40]!r} is malformed: use 1..128 "
+                "characters of [A-Za-z0-9._:-], or leave it empty to get one assigned"
+            )
+        if not request.branches:
+            return invalid, "a transaction needs at least one branch"
+        if len(request.branches) > limits.BRANCHES_PER_TRANSACTION_MAX:
+            return invalid, (
+                f"{len(request.branches)} branches; at most "
+                f"{limits.BRANCHES_PER_TRANSACTION_MAX} per transaction"
+            )
+        if request.timeout_ms > limits.TRANSACTION_TIMEOUT_MS_MAX:
+            return invalid, f"timeout_ms is at most {limits.TRANSACTION_TIMEOUT_MS_MAX}"
+        for index, branch in enumerate(request.branches):
+            if branch.participant not in self.registry.participants:
+                known = ", ".join(sorted(self.registry.participants)) or "none yet"
+                return grpc.StatusCode.NOT_FOUND, (
+                    f"branch {index}: participant {branch.participant[:64]!r} is not registered "
+                    f"(registered: {known})"
+                )
+            if not branch.HasField("operation") or not branch.operation.type_url:
+                return invalid, f"branch {index} ({branch.participant}): the operation is missing"
+            if len(branch.operation.value) > limits.OPERATION_BYTES_MAX:
+                return invalid, (
+                    f"branch {index} ({branch.participant}): operation is "
+                    f"{len(branch.operation.value)} bytes, at most {limits.OPERATION_BYTES_MAX}"
+                )
+            type_name = branch.operation.type_url.rsplit("/", 1)[-1]
+            if not self.registry.accepts(branch.participant, type_name):
+                wanted = ", ".join(
+                    self.registry.participants[branch.participant].capabilities.operation_types
+                )
+                return invalid, (
+                    f"branch {index}: participant {branch.participant} takes {wanted}, "
+                    f"not {type_name}"
+                )
+        return None
+
+    async def GetTransaction(
+        self, request: coordinator_pb2.GetTransactionRequest, context: Context
+    ) -> coordinator_pb2.Transaction:
+        run = self.engine.lookup(request.transaction_id)
+        if run is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no transaction {request.transaction_id[:128]!r}: never submitted here, or "
+                f"finished and forgotten (the last {self.coordinator.config.finished_kept} "
+                "finished transactions are kept)",
+            )
+            raise AssertionError("unreachable")
+        return transaction_pb(run)
+
+    async def ListTransactions(
+        self, request: coordinator_pb2.ListTransactionsRequest, context: Context
+    ) -> coordinator_pb2.ListTransactionsResponse:
+        limit = min(
+            request.limit or limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+            limits.LIST_TRANSACTIONS_LIMIT_MAX,
+        )
+        wanted = set(request.states)
+        found: list[coordinator_pb2.Transaction] = []
+        for run in self.engine.runs():
+            if wanted and STATE_TO_PB[run.txn.state] not in wanted:
+                continue
+            found.append(transaction_pb(run))
+            if len(found) >= limit:
+                break
+        return coordinator_pb2.ListTransactionsResponse(transactions=found)
+
+    async def QueryOutcome(
+        self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
+    ) -> coordinator_pb2.QueryOutcomeResponse:
+        outcome = self.engine.query_outcome(request.transaction_id)
+        self.coordinator.log.info(
+            "outcome asked",
+            txn=request.transaction_id,
+            participant=request.participant,
+            outcome=coordinator_pb2.Outcome.Name(outcome),
+        )
+        return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:50050"
+    engine: CoordinatorConfig | None = None
+
+
+class CoordinatorServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.server_config = config
+        self.config = config.engine or CoordinatorConfig()
+        self.log = logs.get("coordinator")
+        wal, records = WriteAheadLog.open(config.data_dir / "coordinator" / "wal")
+        self.wal = GroupCommitLog(wal)
+        self.engine = Engine(self.wal, Registry(), self.config)
+        self._pending = self.engine.replay(records)
+        self.server = grpc_edge.new_server()
+        self.port = 0
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
+            CoordinatorServicer(self), self.server
+        )
+        grpc_edge.add_health_and_reflection(
+            self.server, [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
+        )
+        self.port = grpc_edge.bind(self.server, self.server_config.listen)
+        # Recovery before serving: every commit decision without an end record is resumed.
+        resumed = self.engine.resume(self._pending)
+        self._pending = []
+        await self.server.start()
+        self.log.info(
+            "coordinator serving",
+            port=self.port,
+            participants=len(self.engine.registry.participants),
+            commits_resumed=resumed,
+        )
+        self._housekeeping = asyncio.get_running_loop().create_task(self._checkpoints())
+        return self.port
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if await self.engine.checkpoint_if_due():
+                self.log.info("checkpoint written", active=len(self.engine.active))
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        await self.server.stop(grace_s)
+        await self.engine.close()
+        await self.engine.registry.close()
+        await self.wal.close()
+
+
+def parse_args(argv: list[str] | None) -> ServerConfig:
+    parser = argparse.ArgumentParser(prog="dtm-coordinator", description="The dtm coordinator.")
+    parser.add_argument("--listen", default="127.0.0.1:50050", help="host:port to serve on")
+    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
+    parser.add_argument(
+        "--prepare-timeout-ms",
+        type=int,
+        default=limits.PREPARE_TIMEOUT_MS_DEFAULT,
+        help="deadline of each Prepare call",
+    )
+    parser.add_argument(
+        "--transaction-timeout-ms",
+        type=int,
+        default=limits.TRANSACTION_TIMEOUT_MS_DEFAULT,
+        help="default global timeout of a transaction (Submit.timeout_ms overrides)",
+    )
+    options = parser.parse_args(argv)
+    for name in ("prepare_timeout_ms", "transaction_timeout_ms"):
+        value = getattr(options, name)
+        if not 0 < value <= limits.TRANSACTION_TIMEOUT_MS_MAX:
+            parser.error(
+                f"--{name.replace('_', '-')} must be 1..{limits.TRANSACTION_TIMEOUT_MS_MAX}"
+            )
+    return ServerConfig(
+        data_dir=options.data_dir,
+        listen=options.listen,
+        engine=CoordinatorConfig(
+            prepare_timeout_ms=options.prepare_timeout_ms,
+            transaction_timeout_ms=options.transaction_timeout_ms,
+        ),
+    )
+
+
+async def serve(config: ServerConfig) -> None:
+    coordinator = CoordinatorServer(config)
+    stop = asyncio.Event()
+    grpc_edge.install_stop_signals(stop)
+    await coordinator.start()
+    await stop.wait()
+    await coordinator.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logs.configure("coordinator")
+    config = parse_args(argv)
+    grpc_edge.use_fast_event_loop()
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

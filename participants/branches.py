@@ -1,0 +1,478 @@
+"""The participant's branch engine: runs the pure branch core (dtm.core.branch) against a
+service's business logic, the lock manager and the write-ahead log.
+
+Everything here runs on the event loop thread; the only awaits are lock waits and waiting for
+the log to make a record durable. Persist before you speak: every reply waits until the
+branch's forced records are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from dtm.wal import Log, LogRecord
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError, Message
+
+from dtm import limits
+from dtm.core import branch as core
+from dtm.core.branch import Branch, BranchState, BranchVote
+from dtm.records import RecordType
+from participants.locks import LockManager, LockRefused
+from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
+
+BranchKey = tuple[str, int]
+
+_VOTE_TO_PB = {
+    BranchVote.PREPARED: coordinator_pb2.VOTE_PREPARED,
+    BranchVote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
+    BranchVote.REFUSED: coordinator_pb2.VOTE_REFUSED,
+    BranchVote.COMMITTED: coordinator_pb2.VOTE_COMMITTED,
+}
+_PB_TO_VOTE = {v: k for k, v in _VOTE_TO_PB.items()}
+STATE_TO_PB = {
+    BranchState.PREPARING: participant_pb2.BRANCH_STATE_PREPARING,
+    BranchState.PREPARED: participant_pb2.BRANCH_STATE_PREPARED,
+    BranchState.COMMITTED: participant_pb2.BRANCH_STATE_COMMITTED,
+    BranchState.ROLLED_BACK: participant_pb2.BRANCH_STATE_ROLLED_BACK,
+    BranchState.REFUSED: participant_pb2.BRANCH_STATE_REFUSED,
+    BranchState.READ_ONLY: participant_pb2.BRANCH_STATE_READ_ONLY,
+}
+_PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+
+
+class BranchError(Exception):
+    """A Commit or Rollback that cannot be honoured (unknown branch, already decided otherwise)."""
+
+    def __init__(self, kind: core.ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class RecoveryError(Exception):
+    """The log cannot be replayed through the service (a bug or a corrupted log)."""
+
+
+@dataclass(slots=True)
+class BranchInfo:
+    branch: Branch
+    updated_at_ms: int
+    prepared_at_ms: int = 0
+
+
+def branch_key_text(key: BranchKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+class BranchEngine:
+    def __init__(
+        self,
+        service: Service[Any],
+        log: Log,
+        locks: LockManager,
+        *,
+        clock_ms: Callable[[], int],
+        decided_kept: int = limits.BRANCHES_DECIDED_KEPT,
+    ) -> None:
+        self.service = service
+        self.log = log
+        self.locks = locks
+        self.clock_ms = clock_ms
+        self.decided_kept = decided_kept
+        self.branches: dict[BranchKey, BranchInfo] = {}
+        # Branches not yet decided (PREPARING or PREPARED): what leases and inquiries scan.
+        self.open: dict[BranchKey, BranchInfo] = {}
+        self._decided: OrderedDict[BranchKey, None] = OrderedDict()
+        self._operations: dict[BranchKey, Message] = {}
+        self._applied: set[BranchKey] = set()  # service.prepare returned Prepared
+        self._pending: dict[BranchKey, asyncio.Future[tuple[BranchVote, str]]] = {}
+        self._tasks: dict[BranchKey, asyncio.Task[None]] = {}
+        self._durable_lsn: dict[BranchKey, int] = {}
+        self.forced_writes = 0
+        self.records_since_checkpoint = 0
+
+    # ---- the three protocol calls ----
+
+    async def prepare(
+        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool
+    ) -> tuple[BranchVote, str]:
+        key = (transaction_id, index)
+        info = self.branches.get(key)
+        if info is None:
+            decoded = self.decode_operation(operation)  # InvalidOperation: nothing changed
+            branch, actions = Branch.on_first_message(
+                transaction_id, index, core.PrepareRequested(one_phase)
+            )
+            assert branch is not None
+            self._track(branch)
+            self._operations[key] = decoded
+        else:
+            branch = info.branch
+            actions = branch.handle(core.PrepareRequested(one_phase))
+        reply = self._execute(branch, actions)
+        return await self._vote_reply(branch, reply)
+
+    async def commit(self, transaction_id: str, index: int) -> None:
+        await self._decide(transaction_id, index, core.CommitRequested())
+
+    async def rollback(self, transaction_id: str, index: int) -> None:
+        await self._decide(transaction_id, index, core.RollbackRequested())
+
+    def learn_outcome(self, key: BranchKey, commit: bool) -> None:
+        """The coordinator answered an inquiry about a prepared branch."""
+        info = self.branches.get(key)
+        if info is not None:
+            self._execute(info.branch, info.branch.handle(core.OutcomeLearned(commit)))
+
+    async def force(self, key: BranchKey, commit: bool) -> Branch:
+        """Heuristic outcome an operator asked for; recorded (forced) and never silent."""
+        info = self.branches.get(key)
+        if info is None:
+            raise BranchError(core.ErrorKind.NOT_FOUND, f"no branch {branch_key_text(key)}")
+        if info.branch.state is not BranchState.PREPARED:
+            raise BranchError(
+                core.ErrorKind.FAILED_PRECONDITION,
+                f"branch {branch_key_text(key)} is {info.branch.state.value}, not prepared: "
+                "only an in-doubt branch can be forced",
+            )
+        self._execute(info.branch, info.branch.handle(core.HeuristicForced(commit)))
+        await self._wait_durable(key)
+        return info.branch
+
+    def expire_lease(self, key: BranchKey) -> bool:
+        """The lease of a branch ran out. Returns True when the coordinator must be asked."""
+        info = self.branches.get(key)
+        if info is None:
+            return False
+        actions = info.branch.handle(core.LeaseExpired())
+        self._execute(info.branch, actions)
+        return any(isinstance(a, core.AskCoordinator) for a in actions)
+
+    # ---- queries ----
+
+    def in_doubt(self) -> list[BranchInfo]:
+        return [i for i in self.open.values() if i.branch.state is BranchState.PREPARED]
+
+    def preparing(self) -> list[BranchInfo]:
+        return [i for i in self.open.values() if i.branch.state is BranchState.PREPARING]
+
+    def operation_of(self, key: BranchKey) -> Message | None:
+        return self._operations.get(key)
+
+    # ---- decoding ----
+
+    def decode_operation(self, operation: any_pb2.Any) -> Message:
+        expected = self.service.operation_type.DESCRIPTOR.full_name
+        if not operation.type_url:
+            raise InvalidOperation(
+                f"{self.service.name}: the operation is missing (want {expected})"
+            )
+        actual = operation.type_url.rsplit("/", 1)[-1]
+        if actual != expected:
+            raise InvalidOperation(f"{self.service.name} takes {expected} operations, not {actual}")
+        if len(operation.value) > limits.OPERATION_BYTES_MAX:
+            raise InvalidOperation(
+                f"operation is {len(operation.value)} bytes; the limit is "
+                f"{limits.OPERATION_BYTES_MAX}"
+            )
+        decoded = self.service.operation_type()
+        try:
+            decoded.ParseFromString(operation.value)
+        except DecodeError as error:
+            raise InvalidOperation(f"cannot decode {expected}: {error}") from None
+        self.service.validate(decoded)
+        return decoded
+
+    # ---- running the core's actions ----
+
+    def _track(self, branch: Branch) -> None:
+        info = BranchInfo(branch, self.clock_ms())
+        self.branches[branch.key] = info
+        if branch.state not in core.DECIDED_STATES:
+            self.open[branch.key] = info
+
+    def _execute(
+        self, branch: Branch, actions: Iterable[core.BranchAction]
+    ) -> core.BranchAction | None:
+        """Carry out every action but the reply, synchronously; return the reply (if any)."""
+        key = branch.key
+        reply: core.BranchAction | None = None
+        info = self.branches[key]
+        info.updated_at_ms = self.clock_ms()
+        for action in actions:
+            if isinstance(action, core.RunPrepare):
+                self._start_prepare(branch)
+            elif isinstance(action, core.CancelPrepare):
+                task = self._tasks.pop(key, None)
+                if task is not None:
+                    task.cancel()
+                self._finish(key)
+            elif isinstance(action, core.Persist):
+                self._persist(branch, action)
+            elif isinstance(action, core.ApplyCommit):
+                self.service.commit(branch_key_text(key), self._operations[key])
+                self._finish(key)
+            elif isinstance(action, core.ApplyRollback):
+                if key in self._applied:
+                    self.service.rollback(branch_key_text(key), self._operations[key])
+                self._finish(key)
+            elif isinstance(action, core.AskCoordinator):
+                pass  # the server's inquiry loop asks for every in-doubt branch
+            else:
+                reply = action
+        return reply
+
+    def _persist(self, branch: Branch, action: core.Persist) -> None:
+        key = branch.key
+        info = self.branches[key]
+        record_type: RecordType
+        record: Message
+        if action.kind is core.RecordKind.PREPARED:
+            info.prepared_at_ms = self.clock_ms()
+            record_type = RecordType.BRANCH_PREPARED
+            record = log_pb2.BranchPrepared(
+                transaction_id=key[0],
+                branch=key[1],
+                prepared_at_unix_ms=info.prepared_at_ms,
+            )
+            record.operation.Pack(self._operations[key])
+        elif action.kind is core.RecordKind.COMMITTED:
+            record_type = RecordType.BRANCH_COMMITTED
+            record = log_pb2.BranchCommitted(
+                transaction_id=key[0], branch=key[1], heuristic=action.heuristic
+            )
+            if branch.one_phase:
+                record.operation.Pack(self._operations[key])
+        else:
+            record_type = RecordType.BRANCH_ROLLED_BACK
+            record = log_pb2.BranchRolledBack(
+                transaction_id=key[0], branch=key[1], heuristic=action.heuristic
+            )
+        lsn = self.log.append(record_type, record.SerializeToString())
+        self.records_since_checkpoint += 1
+        if action.forced:
+            self.forced_writes += 1
+            self._durable_lsn[key] = lsn
+
+    def _finish(self, key: BranchKey) -> None:
+        """The branch is decided: drop its operation and locks; remember it (bounded) for dedup."""
+        self._applied.discard(key)
+        self._operations.pop(key, None)
+        self.open.pop(key, None)
+        self.locks.release_all(branch_key_text(key))
+        self._decided[key] = None
+        while len(self._decided) > self.decided_kept:
+            old, _ = self._decided.popitem(last=False)
+            self.branches.pop(old, None)
+            self._durable_lsn.pop(old, None)
+
+    def _start_prepare(self, branch: Branch) -> None:
+        key = branch.key
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[tuple[BranchVote, str]] = loop.create_future()
+        self._pending[key] = result
+        task = loop.create_task(self._run_prepare(branch))
+        self._tasks[key] = task
+
+        def settle(done: asyncio.Task[None]) -> None:
+            self._tasks.pop(key, None)
+            self._pending.pop(key, None)
+            if result.done():
+                return
+            if done.cancelled():
+                result.set_result((BranchVote.REFUSED, branch.reason or "prepare cancelled"))
+            elif (error := done.exception()) is not None:
+                result.set_exception(error)
+
+        task.add_done_callback(settle)
+
+    async def _run_prepare(self, branch: Branch) -> None:
+        key = branch.key
+        owner = branch_key_text(key)
+        operation = self._operations[key]
+        outcome: Prepared | ReadOnly | Refused
+        try:
+            for request in sorted(self.service.locks(operation), key=lambda r: r.resource):
+                await self.locks.acquire(owner, request.resource, request.mode)
+        except LockRefused as refusal:
+            outcome = Refused(refusal.reason)
+        else:
+            outcome = self.service.prepare(owner, operation)
+        # From here to handle() nothing awaits: the state change and the log append are atomic.
+        if isinstance(outcome, Prepared):
+            self._applied.add(key)
+            event = core.PrepareVoted(BranchVote.PREPARED)
+        elif isinstance(outcome, ReadOnly):
+            event = core.PrepareVoted(BranchVote.READ_ONLY)
+        else:
+            event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
+        self._tasks.pop(key, None)  # past the point where a rollback could cancel it
+        reply = self._execute(branch, branch.handle(event))
+        assert isinstance(reply, core.ReplyVote)
+        pending = self._pending.get(key)
+        if pending is not None and not pending.done():
+            pending.set_result((reply.vote, reply.reason))
+
+    async def _vote_reply(
+        self, branch: Branch, reply: core.BranchAction | None
+    ) -> tuple[BranchVote, str]:
+        key = branch.key
+        if isinstance(reply, core.ReplyVote):
+            vote, reason = reply.vote, reply.reason
+        else:
+            # RunPrepare or AwaitPrepare: wait for the (first) prepare's answer.
+            pending = self._pending.get(key)
+            if pending is None:
+                # It finished between the event and now: answer from the recorded vote.
+                assert branch.vote is not None or branch.state is BranchState.ROLLED_BACK
+                vote = branch.vote or BranchVote.REFUSED
+                reason = branch.reason
+            else:
+                vote, reason = await asyncio.shield(pending)
+        await self._wait_durable(key)
+        return vote, reason
+
+    async def _decide(self, transaction_id: str, index: int, event: core.BranchEvent) -> None:
+        key = (transaction_id, index)
+        info = self.branches.get(key)
+        if info is None:
+            branch, actions = Branch.on_first_message(transaction_id, index, event)
+            if branch is not None:
+                self._track(branch)
+                self._finish(key)
+        else:
+            branch = info.branch
+            actions = branch.handle(event)
+        reply = (
+            self._execute(branch, actions)
+            if branch is not None
+            else next(a for a in actions if isinstance(a, core.ReplyError))
+        )
+        if isinstance(reply, core.ReplyError):
+            raise BranchError(reply.kind, reply.message)
+        await self._wait_durable(key)
+
+    async def _wait_durable(self, key: BranchKey) -> None:
+        lsn = self._durable_lsn.get(key)
+        if lsn is not None:
+            await self.log.wait_durable(lsn)
+
+    # ---- recovery and checkpoints ----
+
+    def replay(self, records: Iterable[LogRecord]) -> None:
+        """Rebuild branches, service state and locks from the log, before serving."""
+        for record in records:
+            kind = RecordType(record.record_type)
+            if kind is RecordType.PARTICIPANT_CHECKPOINT:
+                self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
+            elif kind is RecordType.BRANCH_PREPARED:
+                prepared = log_pb2.BranchPrepared.FromString(record.payload)
+                self._replay_prepare(prepared.transaction_id, prepared.branch, prepared.operation)
+                self.branches[
+                    (prepared.transaction_id, prepared.branch)
+                ].prepared_at_ms = prepared.prepared_at_unix_ms
+            elif kind is RecordType.BRANCH_COMMITTED:
+                committed = log_pb2.BranchCommitted.FromString(record.payload)
+                key = (committed.transaction_id, committed.branch)
+                if committed.HasField("operation"):  # one-phase
+                    self._replay_prepare(key[0], key[1], committed.operation, one_phase=True)
+                info = self.branches.get(key)
+                if info is None or info.branch.state is not BranchState.PREPARED:
+                    raise RecoveryError(f"commit record for {branch_key_text(key)} not prepared")
+                info.branch.state = BranchState.COMMITTED
+                info.branch.heuristic = committed.heuristic
+                self.service.commit(branch_key_text(key), self._operations[key])
+                self._finish(key)
+            elif kind is RecordType.BRANCH_ROLLED_BACK:
+                rolled = log_pb2.BranchRolledBack.FromString(record.payload)
+                key = (rolled.transaction_id, rolled.branch)
+                info = self.branches.get(key)
+                if info is None:
+                    tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
+                    tombstone.reason = "rolled back before prepare"
+                    self._track(tombstone)
+                elif info.branch.state is BranchState.PREPARED:
+                    info.branch.state = BranchState.ROLLED_BACK
+                    info.branch.heuristic = rolled.heuristic
+                    self.service.rollback(branch_key_text(key), self._operations[key])
+                self._finish(key)
+            # Coordinator record types never appear in a participant's log.
+
+    def _replay_prepare(
+        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool = False
+    ) -> None:
+        key = (transaction_id, index)
+        decoded = self.service.operation_type()
+        operation.Unpack(decoded)
+        outcome = self.service.prepare(branch_key_text(key), decoded)
+        if not isinstance(outcome, Prepared):
+            raise RecoveryError(
+                f"replaying the prepare of {branch_key_text(key)} gave {outcome!r}: the service "
+                "is not deterministic or the log does not match the state"
+            )
+        branch = Branch(transaction_id, index, BranchState.PREPARED, BranchVote.PREPARED)
+        branch.one_phase = one_phase
+        self._track(branch)
+        self._operations[key] = decoded
+        self._applied.add(key)
+        for request in self.service.locks(decoded):
+            self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+
+    def checkpoint_record(self) -> bytes:
+        """A snapshot of everything the log holds: service state, prepared and decided branches."""
+        checkpoint = log_pb2.ParticipantCheckpoint(service_state=self.service.snapshot())
+        for key, info in self.branches.items():
+            branch = info.branch
+            if branch.state is BranchState.PREPARED:
+                prepared = checkpoint.prepared.add(
+                    transaction_id=key[0],
+                    branch=key[1],
+                    prepared_at_unix_ms=info.prepared_at_ms,
+                )
+                prepared.operation.Pack(self._operations[key])
+            elif branch.state in core.DECIDED_STATES:
+                checkpoint.decided.add(
+                    transaction_id=key[0],
+                    branch=key[1],
+                    state=STATE_TO_PB[branch.state],
+                    reason=branch.reason,
+                    vote=_VOTE_TO_PB[branch.vote] if branch.vote else 0,
+                    heuristic=branch.heuristic,
+                )
+        return checkpoint.SerializeToString()
+
+    def _restore_checkpoint(self, checkpoint: log_pb2.ParticipantCheckpoint) -> None:
+        self.branches.clear()
+        self.open.clear()
+        self._decided.clear()
+        self._operations.clear()
+        self._applied.clear()
+        self.service.restore(checkpoint.service_state)
+        for prepared in checkpoint.prepared:
+            key = (prepared.transaction_id, prepared.branch)
+            decoded = self.service.operation_type()
+            prepared.operation.Unpack(decoded)
+            branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
+            self._track(branch)
+            self.branches[key].prepared_at_ms = prepared.prepared_at_unix_ms
+            self._operations[key] = decoded
+            self._applied.add(key)
+            for request in self.service.locks(decoded):
+                self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+        for decided in checkpoint.decided:
+            key = (decided.transaction_id, decided.branch)
+            branch = Branch(key[0], key[1], _PB_TO_STATE[decided.state])
+            branch.vote = _PB_TO_VOTE.get(decided.vote)
+            branch.reason = decided.reason
+            branch.heuristic = decided.heuristic
+            self._track(branch)
+            self._decided[key] = None
+
+    async def checkpoint(self) -> None:
+        await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, self.checkpoint_record())])
+        self.records_since_checkpoint = 0

@@ -1,0 +1,553 @@
+"""The participant SDK's server: gRPC edge, registration, recovery, leases and inquiries.
+
+A service author calls `run(service, argv)` (or builds a `ParticipantServer`) and gets a gRPC
+server that implements dtm.v1.Participant and dtm.v1.ParticipantAdmin around their business
+logic, plus the service's own read API, health checking and reflection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from dtm.wal import GroupCommitLog, WriteAheadLog
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+
+from dtm import grpc_edge, limits, logs
+from dtm.core import branch as core
+from dtm.core.branch import BranchState, BranchVote
+from participants.branches import (
+    STATE_TO_PB,
+    BranchEngine,
+    BranchError,
+    BranchInfo,
+    branch_key_text,
+)
+from participants.locks import LockManager
+from participants.service import InvalidOperation, Service
+
+VOTE_TO_PB = {
+    BranchVote.PREPARED: coordinator_pb2.VOTE_PREPARED,
+    BranchVote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
+    BranchVote.REFUSED: coordinator_pb2.VOTE_REFUSED,
+    BranchVote.COMMITTED: coordinator_pb2.VOTE_COMMITTED,
+}
+ERROR_TO_CODE = {
+    core.ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    core.ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class ParticipantConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:0"
+    # Address the coordinator should dial; defaults to the bound listen address.
+    advertise: str = ""
+    coordinator: str = ""
+    test_control: bool = False
+    # Lock wait: long enough to ride out a normal commit of the holder (a few ms on loopback),
+    # short enough that a deadlock costs less than a client's patience.
+    lock_wait_ms: int = 500
+    # An unvoted branch holding locks longer than this is aborted and its locks reclaimed.
+    lease_unvoted_ms: int = 5_000
+    # A prepared branch waiting longer than this starts asking the coordinator.
+    in_doubt_after_ms: int = 2_000
+    inquiry_backoff_ms_max: int = 5_000
+    checkpoint_every_records: int = 20_000
+    tick_ms: int = 100
+
+
+class FaultState:
+    def __init__(self) -> None:
+        self.mode = participant_pb2.FAULT_MODE_NONE
+        self.delay_ms = 0
+
+
+def _check_branch_ids(transaction_id: str, branch: int) -> str | None:
+    if not limits.TRANSACTION_ID_PATTERN.fullmatch(transaction_id):
+        return (
+            f"transaction_id {transaction_id[:40]!r} is malformed: 1..128 characters of "
+            "[A-Za-z0-9._:-]"
+        )
+    if branch >= limits.BRANCHES_PER_TRANSACTION_MAX:
+        return f"branch {branch} is out of range (at most {limits.BRANCHES_PER_TRANSACTION_MAX})"
+    return None
+
+
+class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
+    def __init__(self, server: ParticipantServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.log = server.log_
+
+    async def _gate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.server.fault.mode == participant_pb2.FAULT_MODE_DOWN:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
+            )
+
+    async def _prepare_one(
+        self, request: participant_pb2.PrepareRequest
+    ) -> participant_pb2.PrepareResponse:
+        """One prepare; raises ValueError/InvalidOperation for bad input."""
+        problem = _check_branch_ids(request.transaction_id, request.branch)
+        if problem:
+            raise InvalidOperation(problem)
+        fault = self.server.fault
+        if fault.mode == participant_pb2.FAULT_MODE_SLOW:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        if fault.mode == participant_pb2.FAULT_MODE_REFUSE:
+            return participant_pb2.PrepareResponse(
+                vote=coordinator_pb2.VOTE_REFUSED,
+                reason=f"{self.server.service.name} refuses (fault injection)",
+            )
+        started = time.perf_counter()
+        vote, reason = await self.engine.prepare(
+            request.transaction_id, request.branch, request.operation, request.one_phase
+        )
+        self.log.debug(
+            "prepare answered",
+            txn=request.transaction_id,
+            branch=request.branch,
+            vote=vote.value,
+            reason=reason,
+            one_phase=request.one_phase,
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return participant_pb2.PrepareResponse(vote=VOTE_TO_PB[vote], reason=reason)
+
+    async def Prepare(
+        self,
+        request: participant_pb2.PrepareRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.PrepareResponse:
+        await self._gate(context)
+        try:
+            return await self._prepare_one(request)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise  # unreachable: abort raises
+
+    async def _decide_one(self, transaction_id: str, branch: int, commit: bool) -> None:
+        problem = _check_branch_ids(transaction_id, branch)
+        if problem:
+            raise InvalidOperation(problem)
+        if commit:
+            await self.engine.commit(transaction_id, branch)
+        else:
+            await self.engine.rollback(transaction_id, branch)
+        self.log.debug(
+            "commit applied" if commit else "rollback applied", txn=transaction_id, branch=branch
+        )
+
+    async def _decide(
+        self,
+        transaction_id: str,
+        branch: int,
+        commit: bool,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        await self._gate(context)
+        try:
+            await self._decide_one(transaction_id, branch, commit)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except BranchError as error:
+            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+
+    async def Commit(
+        self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.CommitResponse:
+        await self._decide(request.transaction_id, request.branch, True, context)
+        return participant_pb2.CommitResponse()
+
+    async def Rollback(
+        self, request: participant_pb2.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.RollbackResponse:
+        await self._decide(request.transaction_id, request.branch, False, context)
+        return participant_pb2.RollbackResponse()
+
+    async def Recover(
+        self, request: participant_pb2.RecoverRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.RecoverResponse:
+        await self._gate(context)
+        return participant_pb2.RecoverResponse(
+            branches=[
+                participant_pb2.PreparedBranch(
+                    transaction_id=info.branch.transaction_id,
+                    branch=info.branch.index,
+                    prepared_at_unix_ms=info.prepared_at_ms,
+                )
+                for info in self.engine.in_doubt()
+            ]
+        )
+
+    async def PrepareBatch(
+        self,
+        request: participant_pb2.PrepareBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.PrepareBatchResponse:
+        await self._gate(context)
+        if len(request.prepares) > limits.BATCH_ITEMS_MAX:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.prepares)} prepares in one batch; at most {limits.BATCH_ITEMS_MAX}",
+            )
+
+        async def one(item: participant_pb2.PrepareRequest) -> participant_pb2.PrepareResponse:
+            try:
+                return await self._prepare_one(item)
+            except InvalidOperation as error:
+                return participant_pb2.PrepareResponse(
+                    vote=coordinator_pb2.VOTE_REFUSED, reason=f"invalid: {error}"
+                )
+
+        votes = await asyncio.gather(*(one(item) for item in request.prepares))
+        return participant_pb2.PrepareBatchResponse(votes=votes)
+
+    async def DecideBatch(
+        self,
+        request: participant_pb2.DecideBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.DecideBatchResponse:
+        await self._gate(context)
+        if len(request.decisions) > limits.BATCH_ITEMS_MAX:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.decisions)} decisions in one batch; "
+                f"at most {limits.BATCH_ITEMS_MAX}",
+            )
+
+        async def one(item: participant_pb2.Decision) -> participant_pb2.DecisionResult:
+            try:
+                await self._decide_one(item.transaction_id, item.branch, item.commit)
+            except (InvalidOperation, BranchError) as error:
+                return participant_pb2.DecisionResult(ok=False, error=str(error))
+            return participant_pb2.DecisionResult(ok=True)
+
+        results = await asyncio.gather(*(one(item) for item in request.decisions))
+        return participant_pb2.DecideBatchResponse(results=results)
+
+
+def branch_info_pb(info: BranchInfo) -> participant_pb2.BranchInfo:
+    branch = info.branch
+    return participant_pb2.BranchInfo(
+        transaction_id=branch.transaction_id,
+        branch=branch.index,
+        state=STATE_TO_PB[branch.state],
+        reason=branch.reason,
+        updated_at_unix_ms=info.updated_at_ms,
+        heuristic=branch.heuristic,
+    )
+
+
+class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
+    def __init__(self, server: ParticipantServer) -> None:
+        self.server = server
+
+    async def SetFault(
+        self, request: participant_pb2.SetFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.SetFaultResponse:
+        if not self.server.config.test_control:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "fault injection is disabled; start the service with --test-control to allow it",
+            )
+        if request.mode == participant_pb2.FAULT_MODE_SLOW and request.delay_ms == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "FAULT_MODE_SLOW needs delay_ms")
+        self.server.fault.mode = request.mode
+        self.server.fault.delay_ms = request.delay_ms
+        self.server.log_.warning(
+            "fault set",
+            mode=participant_pb2.FaultMode.Name(request.mode),
+            delay_ms=request.delay_ms,
+        )
+        return participant_pb2.SetFaultResponse()
+
+    async def ListBranches(
+        self,
+        request: participant_pb2.ListBranchesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.ListBranchesResponse:
+        wanted = set(request.states)
+        infos = [
+            branch_info_pb(info)
+            for info in self.server.engine.branches.values()
+            if not wanted or STATE_TO_PB[info.branch.state] in wanted
+        ]
+        return participant_pb2.ListBranchesResponse(
+            branches=infos[-limits.LIST_TRANSACTIONS_LIMIT_MAX :]
+        )
+
+    async def ListLocks(
+        self, request: participant_pb2.ListLocksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.ListLocksResponse:
+        return participant_pb2.ListLocksResponse(
+            locks=[
+                participant_pb2.LockInfo(
+                    resource=lock.resource,
+                    mode=lock.mode,
+                    holders=list(lock.holders),
+                    held_since_unix_ms=int(lock.held_since * 1000),
+                    waiters=[f"{owner} ({mode})" for owner, mode, _ in lock.waiters],
+                )
+                for lock in self.server.engine.locks.snapshot()
+            ]
+        )
+
+    async def ForceOutcome(
+        self,
+        request: participant_pb2.ForceOutcomeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.ForceOutcomeResponse:
+        if not request.i_understand_this_is_heuristic:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "forcing a prepared branch is a heuristic decision that may break atomicity; "
+                "set i_understand_this_is_heuristic to confirm",
+            )
+        key = (request.transaction_id, request.branch)
+        try:
+            await self.server.engine.force(key, request.commit)
+        except BranchError as error:
+            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+        self.server.log_.warning(
+            "heuristic outcome forced by an operator",
+            txn=request.transaction_id,
+            branch=request.branch,
+            commit=request.commit,
+        )
+        return participant_pb2.ForceOutcomeResponse(
+            branch=branch_info_pb(self.server.engine.branches[key])
+        )
+
+
+class ParticipantServer:
+    """One participant process: a service's business logic behind the SDK."""
+
+    def __init__(self, service: Service[Any], config: ParticipantConfig) -> None:
+        self.service = service
+        self.config = config
+        self.log_ = logs.get(service.name)
+        self.fault = FaultState()
+        wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
+        self.wal = GroupCommitLog(wal)
+        self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
+        self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
+        self.engine.replay(records)
+        self.server = grpc_edge.new_server()
+        self.port = 0
+        self._background: list[asyncio.Task[None]] = []
+        self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
+        self.registered = asyncio.Event()
+
+    async def start(self) -> int:
+        participant_pb2_grpc.add_ParticipantServicer_to_server(
+            ParticipantServicer(self), self.server
+        )
+        participant_pb2_grpc.add_ParticipantAdminServicer_to_server(
+            AdminServicer(self), self.server
+        )
+        names = [
+            participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
+            participant_pb2.DESCRIPTOR.services_by_name["ParticipantAdmin"].full_name,
+            *self.service.add_read_api(self.server),
+        ]
+        grpc_edge.add_health_and_reflection(self.server, names)
+        self.port = grpc_edge.bind(self.server, self.config.listen)
+        await self.server.start()
+        recovered = len(self.engine.in_doubt())
+        self.log_.info(
+            "participant serving",
+            port=self.port,
+            in_doubt_recovered=recovered,
+            data_dir=str(self.config.data_dir),
+        )
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._housekeeping()))
+        if self.config.coordinator:
+            self._background.append(loop.create_task(self._register()))
+        return self.port
+
+    @property
+    def advertise(self) -> str:
+        if self.config.advertise:
+            return self.config.advertise
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.server.stop(grace_s)
+        await self.wal.close()
+
+    # ---- background work ----
+
+    async def _register(self) -> None:
+        """Register with the coordinator, retrying (capped backoff) until it answers."""
+        request = coordinator_pb2.RegisterParticipantRequest(
+            name=self.service.name,
+            address=self.advertise,
+            capabilities=coordinator_pb2.Capabilities(
+                one_phase=True,
+                batch=True,
+                operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
+            ),
+        )
+        delay = 0.05
+        async with grpc.aio.insecure_channel(
+            self.config.coordinator, options=grpc_edge.CHANNEL_OPTIONS
+        ) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            while True:
+                try:
+                    await stub.RegisterParticipant(request, timeout=2.0)
+                except grpc.aio.AioRpcError as error:
+                    self.log_.warning(
+                        "registration failed; retrying",
+                        coordinator=self.config.coordinator,
+                        code=error.code().name,
+                        detail=error.details(),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self.log_.info(
+                    "registered", coordinator=self.config.coordinator, address=self.advertise
+                )
+                self.registered.set()
+                return
+
+    async def _housekeeping(self) -> None:
+        """Leases on unvoted branches, inquiries for in-doubt ones, and checkpoints."""
+        channel = (
+            grpc.aio.insecure_channel(self.config.coordinator, options=grpc_edge.CHANNEL_OPTIONS)
+            if self.config.coordinator
+            else None
+        )
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel) if channel is not None else None
+        try:
+            while True:
+                await asyncio.sleep(self.config.tick_ms / 1000)
+                now = now_ms()
+                for info in self.engine.preparing():
+                    if now - info.updated_at_ms >= self.config.lease_unvoted_ms:
+                        self.log_.warning(
+                            "lease expired before the vote: branch aborted, locks reclaimed",
+                            txn=info.branch.transaction_id,
+                            branch=info.branch.index,
+                        )
+                        self.engine.expire_lease(info.branch.key)
+                if stub is not None:
+                    await self._ask_about_in_doubt(stub, now)
+                if self.engine.records_since_checkpoint >= self.config.checkpoint_every_records:
+                    await self.engine.checkpoint()
+                    self.log_.info("checkpoint written", in_doubt=len(self.engine.in_doubt()))
+        finally:
+            if channel is not None:
+                await channel.close()
+
+    async def _ask_about_in_doubt(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, now: int
+    ) -> None:
+        due = [
+            info
+            for info in self.engine.in_doubt()
+            if now - info.prepared_at_ms >= self.config.in_doubt_after_ms
+            and self._next_inquiry_ms.get(info.branch.key, (0, 0))[0] <= now
+        ][: limits.INQUIRIES_PER_TICK_MAX]
+        for info in due:
+            key = info.branch.key
+            try:
+                answer = await stub.QueryOutcome(
+                    coordinator_pb2.QueryOutcomeRequest(
+                        transaction_id=key[0], participant=self.service.name
+                    ),
+                    timeout=1.0,
+                )
+            except grpc.aio.AioRpcError as error:
+                self._back_off(key, now, f"{error.code().name}: {error.details()}")
+                continue
+            if answer.outcome == coordinator_pb2.OUTCOME_COMMITTED:
+                self.engine.learn_outcome(key, commit=True)
+            elif answer.outcome == coordinator_pb2.OUTCOME_ABORTED:
+                self.engine.learn_outcome(key, commit=False)
+            else:
+                self._back_off(key, now, "coordinator: still undecided")
+                continue
+            self._next_inquiry_ms.pop(key, None)
+            self.log_.info(
+                "in-doubt branch resolved by inquiry",
+                txn=key[0],
+                branch=key[1],
+                outcome=coordinator_pb2.Outcome.Name(answer.outcome),
+            )
+
+    def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
+        _, attempts = self._next_inquiry_ms.get(key, (0, 0))
+        delay = min(self.config.inquiry_backoff_ms_max, 100 * 2 ** min(attempts, 10))
+        delay = int(delay * random.uniform(0.5, 1.0))  # jitter: no synchronized storms
+        self._next_inquiry_ms[key] = (now + delay, attempts + 1)
+        self.log_.info(
+            "in-doubt branch: outcome unknown, will ask again",
+            txn=key[0],
+            branch=key[1],
+            attempt=attempts + 1,
+            reason=reason,
+        )
+
+
+def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
+    parser = argparse.ArgumentParser(prog=f"dtm-{name}", description=f"The {name} participant.")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve on")
+    parser.add_argument("--advertise", default="", help="address the coordinator dials")
+    parser.add_argument("--coordinator", default="127.0.0.1:50050", help="coordinator address")
+    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
+    parser.add_argument("--test-control", action="store_true", help="allow fault injection RPCs")
+    parser.add_argument("--lock-wait-ms", type=int, default=500)
+    parser.add_argument("--lease-unvoted-ms", type=int, default=5_000)
+    parser.add_argument("--in-doubt-after-ms", type=int, default=2_000)
+    options = parser.parse_args(argv)
+    return ParticipantConfig(
+        data_dir=options.data_dir,
+        listen=options.listen,
+        advertise=options.advertise,
+        coordinator=options.coordinator,
+        test_control=options.test_control,
+        lock_wait_ms=options.lock_wait_ms,
+        lease_unvoted_ms=options.lease_unvoted_ms,
+        in_doubt_after_ms=options.in_doubt_after_ms,
+    )
+
+
+async def serve(service: Service[Any], config: ParticipantConfig) -> None:
+    server = ParticipantServer(service, config)
+    stop = asyncio.Event()
+    grpc_edge.install_stop_signals(stop)
+    await server.start()
+    await stop.wait()
+    await server.stop()
+
+
+def run(service: Service[Any], argv: list[str] | None = None) -> None:
+    """Entry point for a participant process."""
+    logs.configure(service.name)
+    config = parse_args(service.name, argv)
+    grpc_edge.use_fast_event_loop()
+    asyncio.run(serve(service, config))
+
+
+__all__ = ["BranchState", "ParticipantConfig", "ParticipantServer", "branch_key_text", "run"]

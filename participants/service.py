@@ -1,0 +1,81 @@
+"""What a service author writes: business logic for one participant, with no gRPC and no log.
+
+The SDK (participants.server) supplies the rest: the gRPC server, registration with the
+coordinator, idempotency per (transaction, branch), the branch state machine, locks, durable
+branch state and recovery. A service only has to be deterministic: given the same state and the
+same operation, `prepare` gives the same answer, because recovery replays the log through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from participants.locks import LockMode
+
+Operation = TypeVar("Operation", bound=Message)
+
+
+class InvalidOperation(ValueError):
+    """The operation is malformed (negative quantity, missing field...): INVALID_ARGUMENT."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The operation was validated and tentatively applied; it is held until the decision."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOnly:
+    """Nothing to hold and nothing to do in phase 2."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+
+
+PrepareResult = Prepared | ReadOnly | Refused
+
+
+@dataclass(frozen=True, slots=True)
+class LockRequest:
+    resource: str
+    mode: LockMode = LockMode.EXCLUSIVE
+
+
+class Service(Protocol, Generic[Operation]):
+    """Business logic of one participant. `key` is "<transaction id>/<branch>"."""
+
+    #: Registered name, e.g. "inventory".
+    name: str
+    #: The protobuf message this service accepts as its operation, e.g. shop_pb2.ReserveStock.
+    operation_type: type[Operation]
+
+    def validate(self, operation: Operation) -> None:
+        """Raise InvalidOperation for a malformed operation. Must not change state."""
+
+    def locks(self, operation: Operation) -> Sequence[LockRequest]:
+        """Resources to lock before prepare; held until the branch is decided."""
+
+    def prepare(self, key: str, operation: Operation) -> PrepareResult:
+        """Validate against the state and tentatively apply (reserve, hold, stage)."""
+
+    def commit(self, key: str, operation: Operation) -> None:
+        """Make the tentative effects of a Prepared branch permanent. Must not fail."""
+
+    def rollback(self, key: str, operation: Operation) -> None:
+        """Undo the tentative effects of a Prepared branch. Must not fail."""
+
+    def snapshot(self) -> bytes:
+        """The whole state, tentative effects included, for a log checkpoint."""
+
+    def restore(self, state: bytes) -> None:
+        """Replace the state with a snapshot taken by `snapshot`."""
+
+    def add_read_api(self, server: grpc.aio.Server) -> list[str]:
+        """Register the service's own read API; return the full service names added."""
