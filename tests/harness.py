@@ -1,0 +1,217 @@
+"""An in-process cluster for tests: the real coordinator and participant servers, each on an
+ephemeral loopback port, with real gRPC between them and real log files under tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from dtm.coordinator.engine import CoordinatorConfig
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtmpb.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+    shop_pb2,
+    shop_pb2_grpc,
+)
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.service import Service
+from participants.services.catalog import AccountSpec
+from participants.services.inventory import InventoryService
+from participants.services.notification import NotificationService
+from participants.services.orders import OrdersService
+from participants.services.payment import PaymentService
+
+STOCK = {"sku-apple": 50, "sku-pear": 20, "sku-scarce": 3}
+ACCOUNTS = {
+    "acct-alice": AccountSpec(100_000),
+    "acct-bob": AccountSpec(50_000),
+    "acct-poor": AccountSpec(500),
+    "acct-blocked": AccountSpec(100_000, declines=True),
+}
+
+
+def pack(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def order_branches(
+    order_id: str,
+    lines: Sequence[tuple[str, int]],
+    account: str = "acct-alice",
+    amount_cents: int = 1_000,
+) -> list[coordinator_pb2.BranchRequest]:
+    stock_lines = [shop_pb2.StockLine(sku=sku, quantity=q) for sku, q in lines]
+    return [
+        coordinator_pb2.BranchRequest(
+            participant="inventory", operation=pack(shop_pb2.ReserveStock(lines=stock_lines))
+        ),
+        coordinator_pb2.BranchRequest(
+            participant="orders",
+            operation=pack(
+                shop_pb2.CreateOrder(
+                    order_id=order_id,
+                    customer_id="cust-1",
+                    lines=stock_lines,
+                    amount_cents=amount_cents,
+                )
+            ),
+        ),
+        coordinator_pb2.BranchRequest(
+            participant="payment",
+            operation=pack(
+                shop_pb2.ChargePayment(
+                    account_id=account, amount_cents=amount_cents, order_id=order_id
+                )
+            ),
+        ),
+        coordinator_pb2.BranchRequest(
+            participant="notification",
+            operation=pack(
+                shop_pb2.SendNotification(
+                    order_id=order_id, recipient="cust-1@example.test", body="thanks"
+                )
+            ),
+        ),
+    ]
+
+
+class InProcessCluster:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        stock: Mapping[str, int] = STOCK,
+        accounts: Mapping[str, AccountSpec] = ACCOUNTS,
+        prepare_timeout_ms: int = 1_000,
+        transaction_timeout_ms: int = 5_000,
+        extra_services: Sequence[Service[Any]] = (),
+        participant_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.services: list[Service[Any]] = [
+            InventoryService(dict(stock)),
+            OrdersService(),
+            PaymentService(dict(accounts)),
+            NotificationService(),
+            *extra_services,
+        ]
+        self.coordinator_config = ServerConfig(
+            data_dir=data_dir,
+            listen="127.0.0.1:0",
+            engine=CoordinatorConfig(
+                prepare_timeout_ms=prepare_timeout_ms,
+                transaction_timeout_ms=transaction_timeout_ms,
+            ),
+        )
+        self.participant_overrides = dict(participant_overrides or {})
+        self.participants: dict[str, ParticipantServer] = {}
+        self.channels: list[grpc.aio.Channel] = []
+
+    async def __aenter__(self) -> InProcessCluster:
+        self.coordinator = CoordinatorServer(self.coordinator_config)
+        port = await self.coordinator.start()
+        self.coordinator_address = f"127.0.0.1:{port}"
+        for service in self.services:
+            await self.start_participant(service)
+        self.client = coordinator_pb2_grpc.CoordinatorStub(self.channel(self.coordinator_address))
+        return self
+
+    async def start_participant(self, service: Service[Any]) -> ParticipantServer:
+        config = ParticipantConfig(
+            data_dir=self.data_dir,
+            listen="127.0.0.1:0",
+            coordinator=self.coordinator_address,
+            test_control=True,
+            **self.participant_overrides,
+        )
+        server = ParticipantServer(service, config)
+        await server.start()
+        await asyncio.wait_for(server.registered.wait(), 10)
+        self.participants[service.name] = server
+        return server
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(address)
+        self.channels.append(channel)
+        return channel
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.participants[name].port}"
+
+    def participant_stub(self, name: str) -> participant_pb2_grpc.ParticipantStub:
+        return participant_pb2_grpc.ParticipantStub(self.channel(self.address(name)))
+
+    def admin(self, name: str) -> participant_pb2_grpc.ParticipantAdminStub:
+        return participant_pb2_grpc.ParticipantAdminStub(self.channel(self.address(name)))
+
+    async def set_fault(self, name: str, mode: int, delay_ms: int = 0) -> None:
+        await self.admin(name).SetFault(
+            participant_pb2.SetFaultRequest(mode=mode, delay_ms=delay_ms)
+        )
+
+    async def submit(
+        self,
+        branches: Sequence[coordinator_pb2.BranchRequest],
+        transaction_id: str = "",
+        timeout_ms: int = 0,
+    ) -> coordinator_pb2.SubmitResponse:
+        request = coordinator_pb2.SubmitRequest(
+            transaction_id=transaction_id, branches=branches, timeout_ms=timeout_ms
+        )
+        response: coordinator_pb2.SubmitResponse = await self.client.Submit(request, timeout=30)
+        return response
+
+    async def stock(self) -> dict[str, shop_pb2.StockLevel]:
+        stub = shop_pb2_grpc.InventoryStub(self.channel(self.address("inventory")))
+        response = await stub.GetStock(shop_pb2.GetStockRequest())
+        return {level.sku: level for level in response.levels}
+
+    async def accounts(self) -> shop_pb2.ListAccountsResponse:
+        stub = shop_pb2_grpc.PaymentStub(self.channel(self.address("payment")))
+        response: shop_pb2.ListAccountsResponse = await stub.ListAccounts(
+            shop_pb2.ListAccountsRequest()
+        )
+        return response
+
+    async def orders(self) -> dict[str, shop_pb2.Order]:
+        stub = shop_pb2_grpc.OrdersStub(self.channel(self.address("orders")))
+        response = await stub.ListOrders(shop_pb2.ListOrdersRequest())
+        return {order.order_id: order for order in response.orders}
+
+    async def sent(self) -> shop_pb2.ListSentResponse:
+        stub = shop_pb2_grpc.NotificationStub(self.channel(self.address("notification")))
+        response: shop_pb2.ListSentResponse = await stub.ListSent(shop_pb2.ListSentRequest())
+        return response
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+        for server in self.participants.values():
+            await server.stop(0.1)
+        await self.coordinator.stop(0.1)
+
+
+async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> None:
+    """Await until `check()` (async, returns bool) holds; fail with a clear message if not."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition {check.__name__} did not hold within {timeout_s} s")
+        await asyncio.sleep(interval_s)

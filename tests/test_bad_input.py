@@ -1,0 +1,251 @@
+"""Bad input gets a precise status code and a message a person can act on; nothing is left
+half done and no server crashes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtm import limits
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.harness import InProcessCluster, eventually, order_branches, pack
+
+Code = grpc.StatusCode
+
+
+async def expect_status(call: Awaitable[object], code: Code, *fragments: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert code == raised.value.code(), raised.value.details()
+    details = raised.value.details() or ""
+    for fragment in fragments:
+        assert fragment in details
+    return details
+
+
+async def state_fingerprint(cluster: InProcessCluster) -> tuple[object, ...]:
+    stock = await cluster.stock()
+    accounts = await cluster.accounts()
+    orders = await cluster.orders()
+    sent = await cluster.sent()
+    return (
+        sorted((s.sku, s.available, s.reserved, s.sold) for s in stock.values()),
+        sorted((a.account_id, a.balance_cents, a.held_cents) for a in accounts.accounts),
+        sorted((o.order_id, o.state) for o in orders.values()),
+        len(sent.sent),
+        sent.staged,
+    )
+
+
+def submit(cluster: InProcessCluster, **fields: object) -> Awaitable[object]:
+    return cluster.client.Submit(coordinator_pb2.SubmitRequest(**fields), timeout=10)  # type: ignore[arg-type]
+
+
+Case = Callable[[InProcessCluster], Awaitable[str]]
+
+
+async def unknown_participant(cluster: InProcessCluster) -> str:
+    branch = coordinator_pb2.BranchRequest(
+        participant="warehouse", operation=pack(shop_pb2.ReserveStock())
+    )
+    return await expect_status(
+        submit(cluster, branches=[branch]), Code.NOT_FOUND, "warehouse", "not registered"
+    )
+
+
+async def empty_transaction(cluster: InProcessCluster) -> str:
+    return await expect_status(submit(cluster), Code.INVALID_ARGUMENT, "at least one branch")
+
+
+async def malformed_transaction_id(cluster: InProcessCluster) -> str:
+    branches = order_branches("o-bad-id", [("sku-apple", 1)])
+    return await expect_status(
+        submit(cluster, transaction_id="no spaces/or slashes!", branches=branches),
+        Code.INVALID_ARGUMENT,
+        "transaction_id",
+    )
+
+
+async def overlong_transaction_id(cluster: InProcessCluster) -> str:
+    branches = order_branches("o-long-id", [("sku-apple", 1)])
+    return await expect_status(
+        submit(cluster, transaction_id="x" * 129, branches=branches),
+        Code.INVALID_ARGUMENT,
+        "transaction_id",
+    )
+
+
+async def negative_quantity(cluster: InProcessCluster) -> str:
+    return await expect_status(
+        submit(cluster, branches=order_branches("o-neg", [("sku-apple", -3)])),
+        Code.INVALID_ARGUMENT,
+        "quantity",
+        "nothing was applied",
+    )
+
+
+async def negative_amount(cluster: InProcessCluster) -> str:
+    return await expect_status(
+        submit(cluster, branches=order_branches("o-negm", [("sku-apple", 1)], amount_cents=-5)),
+        Code.INVALID_ARGUMENT,
+        "amount",
+    )
+
+
+async def wrong_payload_type(cluster: InProcessCluster) -> str:
+    branch = coordinator_pb2.BranchRequest(
+        participant="inventory",
+        operation=pack(shop_pb2.ChargePayment(account_id="acct-alice", amount_cents=1)),
+    )
+    return await expect_status(
+        submit(cluster, branches=[branch]),
+        Code.INVALID_ARGUMENT,
+        "dtm.v1.ReserveStock",
+        "dtm.v1.ChargePayment",
+    )
+
+
+async def missing_operation(cluster: InProcessCluster) -> str:
+    branch = coordinator_pb2.BranchRequest(participant="inventory")
+    return await expect_status(
+        submit(cluster, branches=[branch]), Code.INVALID_ARGUMENT, "operation is missing"
+    )
+
+
+async def too_many_branches(cluster: InProcessCluster) -> str:
+    branch = order_branches("o-many", [("sku-apple", 1)])[0]
+    count = limits.BRANCHES_PER_TRANSACTION_MAX + 1
+    return await expect_status(
+        submit(cluster, branches=[branch] * count), Code.INVALID_ARGUMENT, "branches"
+    )
+
+
+async def oversized_operation(cluster: InProcessCluster) -> str:
+    body = "x" * (limits.OPERATION_BYTES_MAX + 1)
+    branch = coordinator_pb2.BranchRequest(
+        participant="notification",
+        operation=pack(shop_pb2.SendNotification(order_id="o-big", recipient="a", body=body)),
+    )
+    return await expect_status(
+        submit(cluster, branches=[branch]), Code.INVALID_ARGUMENT, "bytes"
+    )
+
+
+async def oversized_request(cluster: InProcessCluster) -> str:
+    body = "x" * (limits.MESSAGE_BYTES_MAX + 1)
+    branch = coordinator_pb2.BranchRequest(
+        participant="notification",
+        operation=pack(shop_pb2.SendNotification(order_id="o-huge", recipient="a", body=body)),
+    )
+    return await expect_status(submit(cluster, branches=[branch]), Code.RESOURCE_EXHAUSTED)
+
+
+async def too_long_timeout(cluster: InProcessCluster) -> str:
+    return await expect_status(
+        submit(
+            cluster,
+            branches=order_branches("o-t", [("sku-apple", 1)]),
+            timeout_ms=limits.TRANSACTION_TIMEOUT_MS_MAX + 1,
+        ),
+        Code.INVALID_ARGUMENT,
+        "timeout_ms",
+    )
+
+
+async def bad_registration(cluster: InProcessCluster) -> str:
+    request = coordinator_pb2.RegisterParticipantRequest(name="Bad Name", address="x")
+    return await expect_status(
+        cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "name"
+    )
+
+
+async def bad_registration_address(cluster: InProcessCluster) -> str:
+    request = coordinator_pb2.RegisterParticipantRequest(name="ok", address="nohostport")
+    return await expect_status(
+        cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "host:port"
+    )
+
+
+async def unknown_transaction(cluster: InProcessCluster) -> str:
+    return await expect_status(
+        cluster.client.GetTransaction(
+            coordinator_pb2.GetTransactionRequest(transaction_id="never")
+        ),
+        Code.NOT_FOUND,
+        "never",
+    )
+
+
+async def participant_prepare_with_bad_id(cluster: InProcessCluster) -> str:
+    stub = cluster.participant_stub("inventory")
+    request = participant_pb2.PrepareRequest(
+        transaction_id="", branch=0, operation=pack(shop_pb2.ReserveStock())
+    )
+    return await expect_status(stub.Prepare(request), Code.INVALID_ARGUMENT, "transaction_id")
+
+
+async def commit_of_unknown_branch(cluster: InProcessCluster) -> str:
+    stub = cluster.participant_stub("payment")
+    request = participant_pb2.CommitRequest(transaction_id="ghost", branch=0)
+    return await expect_status(stub.Commit(request), Code.NOT_FOUND, "never prepared")
+
+
+async def fault_injection_without_permission(cluster: InProcessCluster) -> str:
+    # The harness enables test control; check the refusal path of a server without it.
+    server = cluster.participants["inventory"]
+    server.config.test_control = False
+    try:
+        return await expect_status(
+            cluster.set_fault("inventory", participant_pb2.FAULT_MODE_DOWN),
+            Code.PERMISSION_DENIED,
+            "--test-control",
+        )
+    finally:
+        server.config.test_control = True
+
+
+CASES: list[Case] = [
+    unknown_participant,
+    empty_transaction,
+    malformed_transaction_id,
+    overlong_transaction_id,
+    negative_quantity,
+    negative_amount,
+    wrong_payload_type,
+    missing_operation,
+    too_many_branches,
+    oversized_operation,
+    oversized_request,
+    too_long_timeout,
+    bad_registration,
+    bad_registration_address,
+    unknown_transaction,
+    participant_prepare_with_bad_id,
+    commit_of_unknown_branch,
+    fault_injection_without_permission,
+]
+
+
+def test_every_bad_input_gets_a_precise_status_and_changes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            before = await state_fingerprint(cluster)
+            for case in CASES:
+                message = await case(cluster)
+                assert message, f"{case.__name__}: empty error message"
+
+
+                # Rollbacks of an aborted transaction land asynchronously: await them.
+                async def unchanged() -> bool:
+                    return before == await state_fingerprint(cluster)
+
+                await eventually(unchanged, timeout_s=5)
+            # Every server is still up and serving after all of it.
+            ok = await cluster.submit(order_branches("o-after", [("sku-apple", 1)]))
+            assert coordinator_pb2.OUTCOME_COMMITTED == ok.outcome
+
+    asyncio.run(scenario())

@@ -1,0 +1,251 @@
+"""Two-phase commit end to end over real gRPC: the coordinator and the four services in-process,
+each on its own loopback port, with real logs on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.harness import InProcessCluster, eventually, order_branches, pack
+
+COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
+ABORTED = coordinator_pb2.OUTCOME_ABORTED
+
+
+async def assert_nothing_held(cluster: InProcessCluster) -> None:
+    """No reservation, hold, pending order or staged message is left behind."""
+
+    async def settled() -> bool:
+        stock = await cluster.stock()
+        accounts = await cluster.accounts()
+        orders = await cluster.orders()
+        sent = await cluster.sent()
+        return (
+            all(level.reserved == 0 for level in stock.values())
+            and all(account.held_cents == 0 for account in accounts.accounts)
+            and all(o.state != shop_pb2.ORDER_STATE_PENDING for o in orders.values())
+            and sent.staged == 0
+        )
+
+    await eventually(settled)
+
+
+def test_happy_path_commits_everywhere(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            response = await cluster.submit(
+                order_branches("o-1", [("sku-apple", 2)], amount_cents=700), "txn-1"
+            )
+            assert COMMITTED == response.outcome, response.reason
+            assert "txn-1" == response.transaction_id
+            await assert_nothing_held(cluster)
+            stock = await cluster.stock()
+            assert 48 == stock["sku-apple"].available
+            assert 2 == stock["sku-apple"].sold
+            orders = await cluster.orders()
+            assert shop_pb2.ORDER_STATE_CONFIRMED == orders["o-1"].state
+            accounts = {a.account_id: a for a in (await cluster.accounts()).accounts}
+            assert 100_000 - 700 == accounts["acct-alice"].balance_cents
+            assert 700 == accounts["acct-alice"].captured_cents
+            sent = await cluster.sent()
+            assert ["o-1"] == [n.order_id for n in sent.sent]
+            status = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="txn-1")
+            )
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+            assert all(b.acknowledged for b in status.branches)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("lines", "account", "amount", "reason"),
+    [
+        ([("sku-scarce", 4)], "acct-alice", 100, "out of stock"),
+        ([("sku-apple", 1)], "acct-blocked", 100, "declined"),
+        ([("sku-apple", 1)], "acct-poor", 900, "insufficient funds"),
+        ([("sku-nope", 1)], "acct-alice", 100, "unknown sku"),
+    ],
+)
+def test_each_refusal_aborts_and_applies_nothing(
+    tmp_path: Path, lines: list[tuple[str, int]], account: str, amount: int, reason: str
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            response = await cluster.submit(
+                order_branches("o-r", lines, account=account, amount_cents=amount)
+            )
+            assert ABORTED == response.outcome
+            assert reason in response.reason
+            await assert_nothing_held(cluster)
+            stock = await cluster.stock()
+            assert all(level.sold == 0 for level in stock.values())
+            assert [] == list((await cluster.accounts()).captures)
+            assert [] == list((await cluster.sent()).sent)
+            assert "o-r" not in {
+                o.order_id
+                for o in (await cluster.orders()).values()
+                if o.state == shop_pb2.ORDER_STATE_CONFIRMED
+            }
+
+    asyncio.run(scenario())
+
+
+def test_duplicate_order_id_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            first = await cluster.submit(order_branches("o-dup", [("sku-apple", 1)]))
+            assert COMMITTED == first.outcome
+            second = await cluster.submit(order_branches("o-dup", [("sku-apple", 1)]))
+            assert ABORTED == second.outcome
+            assert "duplicate order id" in second.reason
+            await assert_nothing_held(cluster)
+            assert 1 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_unavailable_participant_aborts(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_DOWN)
+            response = await cluster.submit(order_branches("o-down", [("sku-apple", 1)]))
+            assert ABORTED == response.outcome
+            assert "notification" in response.reason and "unavailable" in response.reason
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_NONE)
+            await assert_nothing_held(cluster)
+            assert 0 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_prepare_deadline_aborts_and_the_slow_participant_is_rolled_back(tmp_path: Path) -> None:
+    deadline_ms = 300
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, prepare_timeout_ms=deadline_ms) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=1_000)
+            started = time.monotonic()
+            response = await cluster.submit(order_branches("o-slow", [("sku-apple", 1)]))
+            elapsed_ms = (time.monotonic() - started) * 1000
+            assert ABORTED == response.outcome
+            assert "deadline" in response.reason and "payment" in response.reason
+            # It aborts at about the deadline, not when the slow participant finally answers.
+            assert deadline_ms * 0.9 <= elapsed_ms < deadline_ms + 600
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+
+            # When the slow prepare finally runs, the rollback that overtook it refuses it:
+            # nothing stays held.
+            async def payment_branch_rolled_back() -> bool:
+                listing = await cluster.admin("payment").ListBranches(
+                    participant_pb2.ListBranchesRequest()
+                )
+                states = {b.state for b in listing.branches}
+                return states == {participant_pb2.BRANCH_STATE_ROLLED_BACK}
+
+            await eventually(payment_branch_rolled_back)
+            await asyncio.sleep(1.0)  # let the delayed Prepare arrive and be refused
+            await assert_nothing_held(cluster)
+            accounts = {a.account_id: a for a in (await cluster.accounts()).accounts}
+            assert 100_000 == accounts["acct-alice"].balance_cents
+
+    asyncio.run(scenario())
+
+
+def test_retried_submit_with_same_id_returns_same_outcome_and_applies_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            branches = order_branches("o-idem", [("sku-pear", 3)])
+            responses = await asyncio.gather(
+                *(cluster.submit(branches, "txn-idem") for _ in range(5))
+            )
+            assert {COMMITTED} == {r.outcome for r in responses}
+            again = await cluster.submit(branches, "txn-idem")
+            assert COMMITTED == again.outcome
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+            assert 1 == len((await cluster.sent()).sent)
+            # Same id, different content: refused, not silently merged.
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await cluster.submit(order_branches("o-other", [("sku-pear", 1)]), "txn-idem")
+            assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
+
+    asyncio.run(scenario())
+
+
+def test_aborted_submit_retried_stays_aborted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            branches = order_branches("o-x", [("sku-scarce", 10)])
+            first = await cluster.submit(branches, "txn-ab")
+            second = await cluster.submit(branches, "txn-ab")
+            assert ABORTED == first.outcome == second.outcome
+            assert first.reason == second.reason
+
+    asyncio.run(scenario())
+
+
+def test_participant_calls_are_idempotent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            operation = pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=5)]))
+            prepare = participant_pb2.PrepareRequest(transaction_id="t-dup", branch=0, operation=operation)
+            votes = await asyncio.gather(*(inventory.Prepare(prepare) for _ in range(3)))
+            assert {coordinator_pb2.VOTE_PREPARED} == {v.vote for v in votes}
+            assert 5 == (await cluster.stock())["sku-apple"].reserved  # reserved once
+            commit = participant_pb2.CommitRequest(transaction_id="t-dup", branch=0)
+            await inventory.Commit(commit)
+            await inventory.Commit(commit)
+            assert 5 == (await cluster.stock())["sku-apple"].sold  # deducted once
+            again = await inventory.Prepare(prepare)
+            assert coordinator_pb2.VOTE_PREPARED == again.vote  # the first answer
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await inventory.Rollback(participant_pb2.RollbackRequest(transaction_id="t-dup", branch=0))
+            assert grpc.StatusCode.FAILED_PRECONDITION == raised.value.code()
+
+            rollback = participant_pb2.RollbackRequest(transaction_id="t-rb", branch=0)
+            await inventory.Rollback(rollback)
+            await inventory.Rollback(rollback)
+            assert 5 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_rollback_before_prepare_leaves_a_tombstone(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            await inventory.Rollback(participant_pb2.RollbackRequest(transaction_id="t-late", branch=0))
+            operation = pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)]))
+            late = await inventory.Prepare(
+                participant_pb2.PrepareRequest(transaction_id="t-late", branch=0, operation=operation)
+            )
+            assert coordinator_pb2.VOTE_REFUSED == late.vote
+            assert "rolled back" in late.reason
+            assert 0 == (await cluster.stock())["sku-apple"].reserved
+
+    asyncio.run(scenario())
+
+
+def test_single_branch_uses_one_phase_commit(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.coordinator.engine
+            forced_before = engine.counters.forced_writes
+            requests_before = engine.counters.requests
+            branch = order_branches("o-1p", [("sku-apple", 1)])[0]
+            response = await cluster.submit([branch])
+            assert COMMITTED == response.outcome
+            assert coordinator_pb2.VOTE_COMMITTED == response.branches[0].vote
+            assert forced_before == engine.counters.forced_writes  # no coordinator log write
+            assert requests_before + 1 == engine.counters.requests  # one call, no phase 2
+            assert 1 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
