@@ -19,7 +19,7 @@ from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
-from dtm import limits
+from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.records import RecordType
@@ -233,6 +233,7 @@ class BranchEngine:
         record_type: RecordType
         record: Message
         if action.kind is core.RecordKind.PREPARED:
+            crashpoints.hit("participant.before_prepare_record")
             info.prepared_at_ms = self.clock_ms()
             record_type = RecordType.BRANCH_PREPARED
             record = log_pb2.BranchPrepared(
@@ -255,6 +256,8 @@ class BranchEngine:
             )
         lsn = self.log.append(record_type, record.SerializeToString())
         self.records_since_checkpoint += 1
+        if record_type is RecordType.BRANCH_PREPARED:
+            crashpoints.hit("participant.after_prepare_record")
         if action.forced:
             self.forced_writes += 1
             self._durable_lsn[key] = lsn
@@ -335,6 +338,8 @@ class BranchEngine:
             else:
                 vote, reason = await asyncio.shield(pending)
         await self._wait_durable(key)
+        if vote is BranchVote.PREPARED:
+            crashpoints.hit("participant.after_prepare_durable")
         return vote, reason
 
     async def _decide(self, transaction_id: str, index: int, event: core.BranchEvent) -> None:
@@ -356,6 +361,10 @@ class BranchEngine:
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message)
         await self._wait_durable(key)
+        if isinstance(event, core.CommitRequested):
+            crashpoints.hit("participant.after_commit_durable")
+        else:
+            crashpoints.hit("participant.after_rollback_applied")
 
     async def _wait_durable(self, key: BranchKey) -> None:
         lsn = self._durable_lsn.get(key)

@@ -19,7 +19,7 @@ import grpc
 from dtm.wal import GroupCommitLog, WriteAheadLog
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
-from dtm import grpc_edge, limits, logs
+from dtm import crashpoints, grpc_edge, limits, logs
 from dtm.core import branch as core
 from dtm.core.branch import BranchState, BranchVote
 from participants.branches import (
@@ -346,6 +346,7 @@ class ParticipantServer:
         self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
         self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
         self.engine.replay(records)
+        crashpoints.hit("participant.during_recovery")
         self.server = grpc_edge.new_server()
         self.port = 0
         self._background: list[asyncio.Task[None]] = []

@@ -21,7 +21,7 @@ import grpc
 from dtmpb.v1 import coordinator_pb2, log_pb2
 from google.protobuf import any_pb2
 
-from dtm import limits, logs
+from dtm import crashpoints, limits, logs
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, Transaction, TxnState
@@ -215,6 +215,8 @@ class Engine:
                 previous=before.value,
                 reason=run.txn.reason or None,
             )
+            if run.txn.state is TxnState.ABORTED:
+                crashpoints.hit("coordinator.after_abort_decided")
             if before is TxnState.PREPARING and run.timer is not None:
                 run.timer.cancel()
                 run.timer = None
@@ -240,7 +242,12 @@ class Engine:
                 run.outcome_pb = OUTCOME_TO_PB[action.outcome]
                 if not run.reply.done():
                     run.reply.set_result(None)
+                if crashpoints.ARMED == "coordinator.after_client_reply":
+                    # The answer leaves when the Submit handler resumes; die just after.
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(0.02, crashpoints.hit, "coordinator.after_client_reply")
             elif isinstance(action, core.PersistEnd):
+                crashpoints.hit("coordinator.before_end_record")
                 payload = log_pb2.TransactionEnded(transaction_id=txn.transaction_id)
                 self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
                 self.counters.lazy_writes += 1
@@ -287,6 +294,7 @@ class Engine:
             self._feed(run, core.PrepareFailed(index, reason, self.clock_ms()))
             return
         self.counters.replies += 1
+        crashpoints.hit("coordinator.after_vote_received")
         self._log.debug(
             "prepare answered",
             txn=txn.transaction_id,
@@ -299,6 +307,7 @@ class Engine:
         self._feed(run, core.VoteReceived(index, vote, reason, self.clock_ms()))
 
     def _persist_decision(self, run: Run, action: core.PersistDecision) -> None:
+        crashpoints.hit("coordinator.before_decision_write")
         record = log_pb2.CommitDecided(
             transaction_id=run.txn.transaction_id,
             branches=[log_pb2.DecisionBranch(branch=i, participant=p) for i, p in action.branches],
@@ -306,9 +315,11 @@ class Engine:
         )
         lsn = self._append(RecordType.COMMIT_DECIDED, record.SerializeToString())
         self.counters.forced_writes += 1
+        crashpoints.hit("coordinator.after_decision_write")
 
         async def when_durable() -> None:
             await self.log.wait_durable(lsn)
+            crashpoints.hit("coordinator.after_decision_durable")
             self._feed(run, core.DecisionDurable(self.clock_ms()))
 
         self._spawn(run, when_durable())
@@ -340,6 +351,7 @@ class Engine:
             return
         if commit:
             self.counters.replies += 1
+            crashpoints.hit("coordinator.mid_phase_two")
         else:
             self.counters.rollback_replies += 1
         self._log.debug(

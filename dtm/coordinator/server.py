@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
 
-from dtm import grpc_edge, limits, logs
+from dtm import crashpoints, grpc_edge, limits, logs
 from dtm.coordinator.engine import (
     STATE_TO_PB,
     VOTE_TO_PB,
@@ -251,6 +251,7 @@ class CoordinatorServer:
         )
         self.port = grpc_edge.bind(self.server, self.server_config.listen)
         # Recovery before serving: every commit decision without an end record is resumed.
+        crashpoints.hit("coordinator.during_recovery")
         resumed = self.engine.resume(self._pending)
         self._pending = []
         await self.server.start()
