@@ -1,0 +1,657 @@
+"""Run the coordinator and the four order-flow services as separate real processes.
+
+`Cluster` is what tests, the demo, chaos runs and benchmarks use: it starts every process in
+its own process group (so a SIGKILL is a real crash of that process alone), sends its output to
+a log file, and waits until each one answers the standard gRPC health check and the coordinator
+lists all four services at their expected addresses.
+
+Layout under the data directory (the servers keep their logs of record beside it):
+
+    DIR/cluster.json        ports and settings, so `down` and `status` find the processes
+    DIR/pids/NAME.pid       one pidfile per process
+    DIR/logs/NAME.log       each process's stdout and stderr (appended across restarts)
+    DIR/initial.json        the initial stock and accounts, when given
+    DIR/coordinator/, DIR/inventory/, ...   each server's own durable state
+
+CLI (used by `make up`, `make down`, `make status`):
+
+    python -m dtm.cluster up|down|status --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+COORDINATOR = "coordinator"
+SERVICES = ("inventory", "orders", "payment", "notification")
+#: Every process, in start order: the coordinator first, so services register at once.
+PROCESSES = (COORDINATOR, *SERVICES)
+
+MODULES = {
+    COORDINATOR: "dtm.coordinator.server",
+    **{name: f"participants.services.{name}" for name in SERVICES},
+}
+
+START_TIMEOUT_S = 20.0
+STOP_GRACE_S = 5.0
+# Readiness is observed by polling (a process exposes no event a parent could await); short
+# enough to add little to a start, long enough not to spin.
+POLL_INTERVAL_S = 0.05
+HEALTH_CALL_TIMEOUT_S = 0.5
+LOG_TAIL_LINES = 25
+
+
+class ClusterError(RuntimeError):
+    """A process did not start, exited, or did not become ready; the message says which and
+    ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    coordinator: int = 50050
+    inventory: int = 50051
+    orders: int = 50052
+    payment: int = 50053
+    notification: int = 50054
+
+    def of(self, name: str) -> int:
+        port: int = getattr(self, name)
+        return port
+
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> Ports:
+        """Five ports free right now, for tests that must not clash with a running cluster."""
+        return cls(*free_ports(len(PROCESSES), host))
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports the kernel reports free on `host`.
+
+    All sockets stay bound until every port is chosen, so the ports are distinct; another
+    program could still take one before our server binds it, which a server reports clearly.
+    """
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count):
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
+@dataclass
+class _Process:
+    name: str
+    pid: int | None = None
+    # Set when this object started the process (then it can be reaped); None when it was
+    # found through a pidfile, started by another `python -m dtm.cluster up`.
+    popen: subprocess.Popen[bytes] | None = None
+
+
+def _cmdline(pid: int) -> str | None:
+    """The process's command line, or None when /proc cannot tell (not Linux, or gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.replace(b"\0", b" ").decode(errors="replace")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists but belongs to someone else
+    # A zombie still answers signal 0; it is dead for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _is_ours(pid: int, name: str) -> bool:
+    """Guard against pid reuse: a stale pidfile must never make us signal a stranger."""
+    if not _alive(pid):
+        return False
+    cmdline = _cmdline(pid)
+    return cmdline is None or MODULES[name] in cmdline
+
+
+class Cluster:
+    """The coordinator and the four services as real processes on loopback ports.
+
+    Blocking methods (`start`, `stop`, `restart`, `kill`) suit tests and CLIs; the `*_async`
+    variants run them on a worker thread so that an event loop driving load keeps running
+    while a process restarts.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        ports: Ports | None = None,
+        *,
+        initial: Mapping[str, Any] | None = None,
+        test_control: bool = False,
+        prepare_timeout_ms: int | None = None,
+        transaction_timeout_ms: int | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        extra_args: Mapping[str, Sequence[str]] | None = None,
+        host: str = "127.0.0.1",
+        start_timeout_s: float = START_TIMEOUT_S,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.ports = ports or Ports()
+        self.host = host
+        self.initial = dict(initial) if initial is not None else None
+        self.test_control = test_control
+        self.prepare_timeout_ms = prepare_timeout_ms
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.extra_env = dict(extra_env or {})
+        self.extra_args = {name: list(args) for name, args in (extra_args or {}).items()}
+        self.start_timeout_s = start_timeout_s
+        unknown = set(self.extra_args) - set(PROCESSES)
+        if unknown:
+            raise ValueError(f"extra_args for unknown processes: {', '.join(sorted(unknown))}")
+        self._processes = {name: _Process(name) for name in PROCESSES}
+
+    # ---- addresses and paths ----
+
+    def address(self, name: str) -> str:
+        return f"{self.host}:{self.ports.of(self._known(name))}"
+
+    @property
+    def coordinator_address(self) -> str:
+        return self.address(COORDINATOR)
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Every process's address, coordinator first."""
+        return {name: self.address(name) for name in PROCESSES}
+
+    @property
+    def service_addresses(self) -> dict[str, str]:
+        """The four services' addresses (what `dtm.invariants.read_snapshot` takes)."""
+        return {name: self.address(name) for name in SERVICES}
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def pids_dir(self) -> Path:
+        return self.data_dir / "pids"
+
+    def log_path(self, name: str) -> Path:
+        return self.logs_dir / f"{self._known(name)}.log"
+
+    def pid_path(self, name: str) -> Path:
+        return self.pids_dir / f"{self._known(name)}.pid"
+
+    @property
+    def state_path(self) -> Path:
+        return self.data_dir / "cluster.json"
+
+    @property
+    def initial_path(self) -> Path:
+        return self.data_dir / "initial.json"
+
+    def _known(self, name: str) -> str:
+        if name not in self._processes:
+            raise KeyError(f"unknown process {name!r}; known: {', '.join(PROCESSES)}")
+        return name
+
+    # ---- processes ----
+
+    def pid(self, name: str) -> int | None:
+        """The pid of a running process, or None."""
+        process = self._processes[self._known(name)]
+        if process.pid is None or not self._running(process):
+            return None
+        return process.pid
+
+    def running(self, name: str) -> bool:
+        return self.pid(name) is not None
+
+    def _running(self, process: _Process) -> bool:
+        if process.pid is None:
+            return False
+        if process.popen is not None:
+            return process.popen.poll() is None
+        return _is_ours(process.pid, process.name)
+
+    def command(self, name: str) -> list[str]:
+        """The command line that starts `name`."""
+        args = [sys.executable, "-m", MODULES[self._known(name)], "--listen", self.address(name)]
+        args += ["--data-dir", str(self.data_dir)]
+        if name == COORDINATOR:
+            if self.prepare_timeout_ms is not None:
+                args += ["--prepare-timeout-ms", str(self.prepare_timeout_ms)]
+            if self.transaction_timeout_ms is not None:
+                args += ["--transaction-timeout-ms", str(self.transaction_timeout_ms)]
+        else:
+            args += ["--coordinator", self.coordinator_address]
+            if self.test_control:
+                args.append("--test-control")
+            if self.initial is not None:
+                args += ["--initial", str(self.initial_path)]
+        return args + self.extra_args.get(name, [])
+
+    def _spawn(self, name: str) -> None:
+        process = self._processes[name]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.pids_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path(name).open("ab") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
+            log.flush()
+            # A new session: own process group, detached from the terminal, so Ctrl-C in the
+            # terminal does not reach it and a group kill reaches it alone.
+            popen = subprocess.Popen(
+                self.command(name),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        process.pid = popen.pid
+        process.popen = popen
+        self.pid_path(name).write_text(f"{popen.pid}\n")
+
+    def _write_state(self) -> None:
+        state = {
+            "host": self.host,
+            "ports": asdict(self.ports),
+            "test_control": self.test_control,
+            "prepare_timeout_ms": self.prepare_timeout_ms,
+            "transaction_timeout_ms": self.transaction_timeout_ms,
+            "initial": self.initial is not None,
+        }
+        self.state_path.write_text(json.dumps(state, indent=2) + "\n")
+
+    def start(self, names: Sequence[str] | None = None) -> None:
+        """Start every process not already running (or only `names`), then wait until all of
+        them are healthy and the coordinator lists the four services. On failure the processes
+        this call started are stopped and ClusterError says what went wrong."""
+        wanted = [name for name in PROCESSES if names is None or name in names]
+        for name in names or ():
+            self._known(name)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.initial is not None:
+            # The services want both keys, even if a caller only cares about one.
+            document = {"stock": {}, "accounts": {}, **self.initial}
+            self.initial_path.write_text(json.dumps(document, indent=2) + "\n")
+        self._write_state()
+        started: list[str] = []
+        deadline = time.monotonic() + self.start_timeout_s
+        try:
+            if COORDINATOR in wanted and not self.running(COORDINATOR):
+                self._spawn(COORDINATOR)
+                started.append(COORDINATOR)
+                # Services register as soon as they start; with the coordinator already
+                # serving they do so on the first try instead of retrying with backoff.
+                self._wait(deadline, [COORDINATOR], registration=False)
+            for name in wanted:
+                if not self.running(name):
+                    self._spawn(name)
+                    started.append(name)
+            self._wait(deadline, PROCESSES, registration=True)
+        except BaseException:
+            self._stop_processes(started, STOP_GRACE_S)
+            raise
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every process, SIGKILL those still running after `grace_s`."""
+        self._stop_processes(list(PROCESSES), grace_s)
+
+    def _stop_processes(self, names: Sequence[str], grace_s: float) -> None:
+        targets = [self._processes[name] for name in names]
+        for process in targets:
+            self._signal(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in targets:
+            if not self._wait_exit(process, deadline):
+                self._signal(process, signal.SIGKILL)
+                self._wait_exit(process, time.monotonic() + grace_s)
+        for process in targets:
+            self._forget(process)
+
+    def kill(self, name: str) -> int | None:
+        """SIGKILL `name` (a real crash: no shutdown code runs) and wait until it is gone.
+        Returns the pid killed, or None if it was not running."""
+        process = self._processes[self._known(name)]
+        pid = self.pid(name)
+        if pid is None:
+            return None
+        self._signal(process, signal.SIGKILL)
+        if not self._wait_exit(process, time.monotonic() + STOP_GRACE_S):
+            raise ClusterError(f"{name} (pid {pid}) survived SIGKILL for {STOP_GRACE_S} s")
+        self._forget(process)
+        return pid
+
+    def terminate(self, name: str, grace_s: float = STOP_GRACE_S) -> None:
+        """Graceful stop of one process (SIGTERM, then SIGKILL after `grace_s`)."""
+        self._stop_processes([self._known(name)], grace_s)
+
+    def restart(self, name: str, *, kill: bool = False) -> None:
+        """Stop `name` if it runs (SIGKILL when `kill`, else gracefully), start it again on the
+        same port and data, and wait until the whole cluster is ready again."""
+        if kill:
+            self.kill(name)
+        else:
+            self.terminate(name)
+        self._spawn(self._known(name))
+        self.wait_ready(timeout_s=self.start_timeout_s)
+
+    def _signal(self, process: _Process, signum: signal.Signals) -> None:
+        if process.pid is None or not self._running(process):
+            return
+        # The process leads its own group (start_new_session); signalling the group also
+        # reaches anything it spawned.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signum)
+
+    def _wait_exit(self, process: _Process, deadline: float) -> bool:
+        if process.pid is None:
+            return True
+        if process.popen is not None:
+            try:
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False
+            return True
+        # Not our child: it cannot be waited on, only watched.
+        while _is_ours(process.pid, process.name):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_INTERVAL_S)
+        return True
+
+    def _forget(self, process: _Process) -> None:
+        process.pid = None
+        process.popen = None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path(process.name).unlink()
+
+    # ---- readiness ----
+
+    def health(self, name: str, timeout_s: float = HEALTH_CALL_TIMEOUT_S) -> str:
+        """The grpc.health.v1 status of `name` ("SERVING", ...), or "UNREACHABLE (...)"."""
+        # A fresh channel per probe: a reused one would sit in reconnect backoff after the
+        # first refused connection and hide a server that has just come up.
+        with grpc.insecure_channel(self.address(name)) as channel:
+            try:
+                response = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+                )
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                return f"UNREACHABLE ({code.name if code else error})"
+        status: str = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return status
+
+    def registered(self, timeout_s: float = HEALTH_CALL_TIMEOUT_S) -> dict[str, str]:
+        """Participant name -> address, as the coordinator lists them."""
+        with grpc.insecure_channel(self.coordinator_address) as channel:
+            response = coordinator_pb2_grpc.CoordinatorStub(channel).ListParticipants(
+                coordinator_pb2.ListParticipantsRequest(), timeout=timeout_s
+            )
+        return {info.name: info.address for info in response.participants}
+
+    def _not_ready(self, names: Sequence[str], registration: bool) -> tuple[str, str] | None:
+        """(process, what is wrong) for the first process not ready, or None when all are."""
+        # Exits first, for every process: a crash is final and its log says why, whereas
+        # an unhealthy process earlier in the list may only be slow.
+        for name in names:
+            process = self._processes[name]
+            if process.popen is not None and process.popen.poll() is not None:
+                raise ClusterError(
+                    f"{name} (pid {process.pid}) exited with code {process.popen.returncode} "
+                    f"while starting; {self.log_path(name)} ends with:\n{self.log_tail(name)}"
+                )
+            if process.popen is None and process.pid is not None and not self._running(process):
+                raise ClusterError(
+                    f"{name} (pid {process.pid}) is gone; {self.log_path(name)} ends with:\n"
+                    f"{self.log_tail(name)}"
+                )
+        for name in names:
+            if self._processes[name].pid is None:
+                return name, "not started"
+            status = self.health(name)
+            if status != "SERVING":
+                return name, f"health check answers {status}"
+        if not registration:
+            return None
+        try:
+            registered = self.registered()
+        except grpc.RpcError as error:
+            return COORDINATOR, f"ListParticipants failed: {error}"
+        for name in SERVICES:
+            if registered.get(name) != self.address(name):
+                seen = registered.get(name)
+                where = f"registered at {seen}" if seen else "not registered"
+                return name, f"{where} with the coordinator, expected {self.address(name)}"
+        return None
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Block until every process is SERVING and registered; ClusterError otherwise."""
+        self._wait(time.monotonic() + timeout_s, PROCESSES, registration=True)
+
+    def _wait(self, deadline: float, names: Sequence[str], *, registration: bool) -> None:
+        while True:
+            problem = self._not_ready(names, registration)
+            if problem is None:
+                return
+            if time.monotonic() >= deadline:
+                name, what = problem
+                raise ClusterError(
+                    f"{name} not ready in time ({what}); "
+                    f"{self.log_path(name)} ends with:\n{self.log_tail(name)}"
+                )
+            time.sleep(POLL_INTERVAL_S)
+
+    def log_tail(self, name: str, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path(name).read_text(errors="replace")
+        except OSError as error:
+            return f"(no log: {error})"
+        return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+
+    # ---- async variants: the blocking work runs on a worker thread ----
+
+    async def start_async(self) -> None:
+        await asyncio.to_thread(self.start)
+
+    async def stop_async(self, grace_s: float = STOP_GRACE_S) -> None:
+        await asyncio.to_thread(self.stop, grace_s)
+
+    async def restart_async(self, name: str, *, kill: bool = False) -> None:
+        await asyncio.to_thread(lambda: self.restart(name, kill=kill))
+
+    async def kill_async(self, name: str) -> int | None:
+        return await asyncio.to_thread(self.kill, name)
+
+    # ---- context managers ----
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Cluster:
+        await self.start_async()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop_async()
+
+    # ---- attaching to processes started elsewhere ----
+
+    @classmethod
+    def attach(cls, data_dir: Path | str) -> Cluster:
+        """A Cluster for processes started by another `up`, found through DIR/cluster.json and
+        DIR/pids/. Pidfiles of processes that are gone (or whose pid now belongs to another
+        program) are ignored."""
+        directory = Path(data_dir)
+        try:
+            state = json.loads((directory / "cluster.json").read_text())
+        except FileNotFoundError:
+            state = {}
+        cluster = cls(
+            directory,
+            Ports(**state["ports"]) if "ports" in state else None,
+            test_control=bool(state.get("test_control", False)),
+            prepare_timeout_ms=state.get("prepare_timeout_ms"),
+            transaction_timeout_ms=state.get("transaction_timeout_ms"),
+            host=state.get("host", "127.0.0.1"),
+        )
+        if state.get("initial"):
+            # Keep passing the same file on restarts (the services ignore it once they have
+            # a log, but the command line stays the same).
+            cluster.initial = json.loads(cluster.initial_path.read_text())
+        for name, process in cluster._processes.items():
+            try:
+                pid = int(cluster.pid_path(name).read_text().strip())
+            except (FileNotFoundError, ValueError):
+                continue
+            if _is_ours(pid, name):
+                process.pid = pid
+        return cluster
+
+
+# ---- CLI ----
+
+
+def _parse_ports(text: str) -> Ports:
+    values = [int(part) for part in text.split(",")]
+    if len(values) != len(PROCESSES):
+        raise argparse.ArgumentTypeError(
+            f"give {len(PROCESSES)} ports ({', '.join(PROCESSES)}), got {len(values)}"
+        )
+    return Ports(*values)
+
+
+def _print_addresses(cluster: Cluster) -> None:
+    for name in PROCESSES:
+        pid = cluster.pid(name)
+        print(f"  {name:<13} {cluster.address(name):<17} pid {pid}")
+    print(f"  logs: {cluster.logs_dir}")
+
+
+def _up(options: argparse.Namespace) -> int:
+    existing = Cluster.attach(options.data_dir)
+    running = [name for name in PROCESSES if existing.running(name)]
+    if running:
+        cluster = existing
+        if len(running) == len(PROCESSES):
+            print(f"already running (data dir {cluster.data_dir}):")
+            _print_addresses(cluster)
+            return 0
+        print(f"partly running ({', '.join(running)}); starting the others")
+    else:
+        initial = None
+        if options.initial is not None:
+            initial = json.loads(Path(options.initial).read_text())
+        cluster = Cluster(
+            options.data_dir,
+            options.ports,
+            initial=initial,
+            test_control=options.test_control,
+            prepare_timeout_ms=options.prepare_timeout_ms,
+            start_timeout_s=options.timeout,
+        )
+    try:
+        cluster.start()
+    except ClusterError as error:
+        print(f"up failed: {error}", file=sys.stderr)
+        return 1
+    print(f"up (data dir {cluster.data_dir}):")
+    _print_addresses(cluster)
+    return 0
+
+
+def _down(options: argparse.Namespace) -> int:
+    cluster = Cluster.attach(options.data_dir)
+    running = [name for name in PROCESSES if cluster.running(name)]
+    cluster.stop(grace_s=options.grace)
+    print(f"stopped {', '.join(running)}" if running else "nothing was running")
+    return 0
+
+
+def _status(options: argparse.Namespace) -> int:
+    cluster = Cluster.attach(options.data_dir)
+    try:
+        registered = cluster.registered() if cluster.running(COORDINATOR) else {}
+    except grpc.RpcError:
+        registered = {}
+    print(f"{'process':<13} {'address':<17} {'pid':>8}  {'health':<26} registered")
+    healthy = 0
+    for name in PROCESSES:
+        pid = cluster.pid(name)
+        health = cluster.health(name) if pid is not None else "not running"
+        healthy += health == "SERVING"
+        mark = "-" if name == COORDINATOR else ("yes" if name in registered else "no")
+        pid_text = str(pid) if pid is not None else "-"
+        print(f"{name:<13} {cluster.address(name):<17} {pid_text:>8}  {health:<26} {mark}")
+    # Exit status for scripts: 0 only when everything is up.
+    return 0 if healthy == len(PROCESSES) else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dtm.cluster",
+        description="Start, stop or inspect the coordinator and the four services.",
+    )
+    parser.add_argument("command", choices=("up", "down", "status"))
+    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
+    parser.add_argument(
+        "--ports",
+        type=_parse_ports,
+        default=Ports(),
+        help="coordinator,inventory,orders,payment,notification (default 50050..50054)",
+    )
+    parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
+    parser.add_argument("--test-control", action="store_true", help="allow fault injection")
+    parser.add_argument("--prepare-timeout-ms", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start timeout")
+    parser.add_argument("--grace", type=float, default=STOP_GRACE_S, help="SIGTERM grace (s)")
+    options = parser.parse_args(argv)
+    commands = {"up": _up, "down": _down, "status": _status}
+    return commands[options.command](options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

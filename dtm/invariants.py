@@ -1,0 +1,472 @@
+"""The order flow's invariants (design/reliability.md), checked over the four services' state.
+
+`check(snapshot)` is pure: it takes plain data and returns violations, so every rule is
+unit-testable without a server. `read_snapshot` builds that data from the services' read APIs,
+and `check_services` does both. Like Jepsen's bank checker, this looks only at the end state
+that clients can observe; it is meant to run after faults have healed (`settled=True`), or
+mid-run with `settled=False`, where work still in flight (reservations, holds, pending orders,
+staged messages) is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from dtmpb.v1 import shop_pb2, shop_pb2_grpc
+
+from dtm import grpc_edge
+
+PENDING = "PENDING"
+CONFIRMED = "CONFIRMED"
+CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class StockLevel:
+    sku: str
+    available: int
+    reserved: int
+    sold: int
+    received: int
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    balance_cents: int
+    held_cents: int
+    captured_cents: int
+    initial_cents: int
+    declines: bool = False
+
+
+@dataclass(frozen=True)
+class Capture:
+    order_id: str
+    account_id: str
+    amount_cents: int
+    transaction_id: str = ""
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    customer_id: str
+    #: (sku, quantity) pairs.
+    lines: tuple[tuple[str, int], ...]
+    amount_cents: int
+    #: PENDING, CONFIRMED or CANCELLED (anything else is itself a violation).
+    state: str
+    transaction_id: str = ""
+
+
+@dataclass(frozen=True)
+class Notification:
+    order_id: str
+    recipient: str
+    body: str = ""
+    transaction_id: str = ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the four services' read APIs show, as plain data."""
+
+    stock: Sequence[StockLevel] = ()
+    accounts: Sequence[Account] = ()
+    captures: Sequence[Capture] = ()
+    orders: Sequence[Order] = ()
+    sent: Sequence[Notification] = ()
+    #: Notifications prepared but not yet decided.
+    staged: int = 0
+
+    def in_flight(self) -> list[str]:
+        """Work not yet decided; empty once everything has settled."""
+        found: list[str] = []
+        reserved = sum(level.reserved for level in self.stock)
+        if reserved:
+            found.append(f"{reserved} units reserved")
+        held = sum(account.held_cents for account in self.accounts)
+        if held:
+            found.append(f"{held} cents held")
+        pending = sum(order.state == PENDING for order in self.orders)
+        if pending:
+            found.append(f"{pending} orders pending")
+        if self.staged:
+            found.append(f"{self.staged} notifications staged")
+        return found
+
+
+@dataclass
+class Report:
+    violations: list[str]
+    confirmed_orders: int = 0
+    cancelled_orders: int = 0
+    pending_orders: int = 0
+    captured_cents: int = 0
+    units_sold: int = 0
+    notifications_sent: int = 0
+    snapshot: Snapshot = field(default_factory=Snapshot, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def summary(self) -> str:
+        return (
+            f"{self.confirmed_orders} orders confirmed, {self.cancelled_orders} cancelled, "
+            f"{self.pending_orders} pending; {self.units_sold} units sold; "
+            f"{self.captured_cents} cents captured; {self.notifications_sent} notifications sent"
+        )
+
+
+def check(
+    snapshot: Snapshot, *, settled: bool = True, lines_match_inventory: bool = True
+) -> list[str]:
+    """Every violated invariant, one readable line each, naming the entity; [] if all hold.
+
+    settled: every transaction has been decided and every decision delivered, so nothing may
+    stay reserved, held, pending or staged.
+    lines_match_inventory: every order's inventory branch reserved exactly the order's lines
+    (as `dtm.orderflow.order_request` builds them), so units sold per SKU must equal the units of
+    confirmed orders exactly, not merely cover them.
+    """
+    violations: list[str] = []
+    violations += _check_stock(snapshot.stock, settled)
+    violations += _check_money(snapshot.accounts, snapshot.captures, settled)
+    violations += _check_orders(snapshot, settled, lines_match_inventory)
+    violations += _check_notifications(snapshot, settled)
+    return violations
+
+
+def _check_stock(stock: Sequence[StockLevel], settled: bool) -> list[str]:
+    violations: list[str] = []
+    seen: set[str] = set()
+    for level in stock:
+        name = f"stock {level.sku}"
+        if level.sku in seen:
+            violations.append(f"{name}: listed twice")
+        seen.add(level.sku)
+        total = level.available + level.reserved + level.sold
+        if total != level.received:
+            violations.append(
+                f"{name}: available {level.available} + reserved {level.reserved} + sold "
+                f"{level.sold} = {total}, but {level.received} were received "
+                f"({'oversold' if total > level.received else 'units lost'} by "
+                f"{abs(total - level.received)})"
+            )
+        for field_name in ("available", "reserved", "sold"):
+            value = getattr(level, field_name)
+            if value < 0:
+                violations.append(f"{name}: {field_name} is negative ({value})")
+        if settled and level.reserved != 0:
+            violations.append(
+                f"{name}: {level.reserved} units still reserved after everything settled"
+            )
+    return violations
+
+
+def _check_money(
+    accounts: Sequence[Account], captures: Sequence[Capture], settled: bool
+) -> list[str]:
+    violations: list[str] = []
+    captured_by_account: Counter[str] = Counter()
+    for capture in captures:
+        captured_by_account[capture.account_id] += capture.amount_cents
+        if capture.amount_cents <= 0:
+            violations.append(
+                f"capture for order {capture.order_id}: amount {capture.amount_cents} cents "
+                "is not positive"
+            )
+    known = {account.account_id for account in accounts}
+    for account_id in sorted(set(captured_by_account) - known):
+        violations.append(
+            f"account {account_id}: {captured_by_account[account_id]} cents captured from an "
+            "account the payment service does not list"
+        )
+    for account in accounts:
+        name = f"account {account.account_id}"
+        total = account.balance_cents + account.held_cents + account.captured_cents
+        if total != account.initial_cents:
+            violations.append(
+                f"{name}: money not conserved: balance {account.balance_cents} + held "
+                f"{account.held_cents} + captured {account.captured_cents} = {total}, "
+                f"initial {account.initial_cents}"
+            )
+        if account.balance_cents < 0:
+            violations.append(f"{name}: negative balance ({account.balance_cents} cents)")
+        if account.held_cents < 0:
+            violations.append(f"{name}: negative hold ({account.held_cents} cents)")
+        if account.captured_cents != captured_by_account[account.account_id]:
+            violations.append(
+                f"{name}: captured_cents says {account.captured_cents}, but its captures add "
+                f"up to {captured_by_account[account.account_id]}"
+            )
+        if settled and account.held_cents != 0:
+            violations.append(
+                f"{name}: {account.held_cents} cents still held after everything settled"
+            )
+    return violations
+
+
+def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool) -> list[str]:
+    violations: list[str] = []
+    orders: dict[str, Order] = {}
+    for order in snapshot.orders:
+        if order.order_id in orders:
+            violations.append(f"order {order.order_id}: listed twice")
+        orders[order.order_id] = order
+        if order.state not in (PENDING, CONFIRMED, CANCELLED):
+            violations.append(f"order {order.order_id}: unknown state {order.state!r}")
+        if settled and order.state == PENDING:
+            violations.append(
+                f"order {order.order_id}: still PENDING after everything settled "
+                f"(transaction {order.transaction_id or '?'})"
+            )
+
+    captures_by_order: defaultdict[str, list[Capture]] = defaultdict(list)
+    for capture in snapshot.captures:
+        captures_by_order[capture.order_id].append(capture)
+
+    confirmed = [order for order in orders.values() if order.state == CONFIRMED]
+    for order in confirmed:
+        found = captures_by_order.get(order.order_id, [])
+        if not found:
+            violations.append(
+                f"order {order.order_id}: CONFIRMED but no payment was captured for it"
+            )
+        elif len(found) > 1:
+            violations.append(
+                f"order {order.order_id}: CONFIRMED with {len(found)} captures "
+                f"({', '.join(str(c.amount_cents) for c in found)} cents): charged more than once"
+            )
+        elif found[0].amount_cents != order.amount_cents:
+            violations.append(
+                f"order {order.order_id}: CONFIRMED for {order.amount_cents} cents but "
+                f"{found[0].amount_cents} cents were captured"
+            )
+    for order_id, found in sorted(captures_by_order.items()):
+        order_or_none = orders.get(order_id)
+        if order_or_none is None:
+            violations.append(
+                f"capture for order {order_id} ({sum(c.amount_cents for c in found)} cents from "
+                f"{found[0].account_id}): no such order: payment without an order"
+            )
+        elif order_or_none.state != CONFIRMED:
+            violations.append(
+                f"capture for order {order_id} ({sum(c.amount_cents for c in found)} cents): "
+                f"the order is {order_or_none.state}, not CONFIRMED"
+            )
+
+    # Units of confirmed orders must have been sold: each confirmed order reserved its lines
+    # and the commit turned the reservation into a sale.
+    ordered_units: Counter[str] = Counter()
+    for order in confirmed:
+        for sku, quantity in order.lines:
+            ordered_units[sku] += quantity
+    sold = {level.sku: level.sold for level in snapshot.stock}
+    for sku in sorted(set(ordered_units) | set(sold)):
+        ordered = ordered_units[sku]
+        units_sold = sold.get(sku)
+        if units_sold is None:
+            violations.append(
+                f"stock {sku}: confirmed orders contain {ordered} units of it, but inventory "
+                "does not list the SKU"
+            )
+        elif units_sold < ordered:
+            violations.append(
+                f"stock {sku}: confirmed orders contain {ordered} units but only {units_sold} "
+                "were sold"
+            )
+        elif lines_match_inventory and units_sold != ordered:
+            violations.append(
+                f"stock {sku}: {units_sold} units sold but confirmed orders contain {ordered}: "
+                f"{units_sold - ordered} units sold without a confirmed order"
+            )
+    return violations
+
+
+def _check_notifications(snapshot: Snapshot, settled: bool) -> list[str]:
+    violations: list[str] = []
+    states = {order.order_id: order.state for order in snapshot.orders}
+    sent_per_order = Counter(notification.order_id for notification in snapshot.sent)
+    for order_id, count in sorted(sent_per_order.items()):
+        state = states.get(order_id)
+        if state is None:
+            violations.append(
+                f"notification for order {order_id}: sent {count} time(s) for an order that "
+                "does not exist"
+            )
+        elif state != CONFIRMED:
+            violations.append(
+                f"notification for order {order_id}: sent {count} time(s) but the order is "
+                f"{state}, not CONFIRMED"
+            )
+        elif count > 1:
+            violations.append(f"notification for order {order_id}: sent {count} times, not once")
+    for order_id, state in sorted(states.items()):
+        if state == CONFIRMED and sent_per_order[order_id] == 0:
+            violations.append(f"order {order_id}: CONFIRMED but no notification was sent")
+    if settled and snapshot.staged:
+        violations.append(
+            f"notification: {snapshot.staged} message(s) still staged after everything settled"
+        )
+    return violations
+
+
+def report(
+    snapshot: Snapshot, *, settled: bool = True, lines_match_inventory: bool = True
+) -> Report:
+    """`check` plus the summary figures."""
+    return Report(
+        violations=check(snapshot, settled=settled, lines_match_inventory=lines_match_inventory),
+        confirmed_orders=sum(order.state == CONFIRMED for order in snapshot.orders),
+        cancelled_orders=sum(order.state == CANCELLED for order in snapshot.orders),
+        pending_orders=sum(order.state == PENDING for order in snapshot.orders),
+        captured_cents=sum(capture.amount_cents for capture in snapshot.captures),
+        units_sold=sum(level.sold for level in snapshot.stock),
+        notifications_sent=len(snapshot.sent),
+        snapshot=snapshot,
+    )
+
+
+# ---- reading the services ----
+
+#: Service name (inventory, orders, payment, notification) -> "host:port" or an open channel.
+Targets = Mapping[str, str | grpc.aio.Channel]
+SERVICES = ("inventory", "orders", "payment", "notification")
+
+
+def _order_state(state: int) -> str:
+    name: str = shop_pb2.OrderState.Name(state)
+    return name.removeprefix("ORDER_STATE_")
+
+
+async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot:
+    """Read the four services' state concurrently. Raises grpc.aio.AioRpcError if one of them
+    does not answer: an unreadable service is not a consistent one."""
+    missing = [name for name in SERVICES if name not in targets]
+    if missing:
+        raise ValueError(f"no address for {', '.join(missing)}")
+    owned: list[grpc.aio.Channel] = []
+
+    def channel(name: str) -> grpc.aio.Channel:
+        target = targets[name]
+        if isinstance(target, str):
+            opened = grpc.aio.insecure_channel(target, options=grpc_edge.CHANNEL_OPTIONS)
+            owned.append(opened)
+            return opened
+        return target
+
+    try:
+        stock, orders, accounts, sent = await asyncio.gather(
+            shop_pb2_grpc.InventoryStub(channel("inventory")).GetStock(
+                shop_pb2.GetStockRequest(), timeout=timeout_s
+            ),
+            shop_pb2_grpc.OrdersStub(channel("orders")).ListOrders(
+                shop_pb2.ListOrdersRequest(), timeout=timeout_s
+            ),
+            shop_pb2_grpc.PaymentStub(channel("payment")).ListAccounts(
+                shop_pb2.ListAccountsRequest(), timeout=timeout_s
+            ),
+            shop_pb2_grpc.NotificationStub(channel("notification")).ListSent(
+                shop_pb2.ListSentRequest(), timeout=timeout_s
+            ),
+        )
+    finally:
+        await asyncio.gather(*(opened.close(None) for opened in owned))
+    return snapshot_from_pb(stock, orders, accounts, sent)
+
+
+def snapshot_from_pb(
+    stock: shop_pb2.GetStockResponse,
+    orders: shop_pb2.ListOrdersResponse,
+    accounts: shop_pb2.ListAccountsResponse,
+    sent: shop_pb2.ListSentResponse,
+) -> Snapshot:
+    return Snapshot(
+        stock=[
+            StockLevel(
+                sku=level.sku,
+                available=level.available,
+                reserved=level.reserved,
+                sold=level.sold,
+                received=level.received,
+            )
+            for level in stock.levels
+        ],
+        accounts=[
+            Account(
+                account_id=account.account_id,
+                balance_cents=account.balance_cents,
+                held_cents=account.held_cents,
+                captured_cents=account.captured_cents,
+                initial_cents=account.initial_cents,
+                declines=account.declines,
+            )
+            for account in accounts.accounts
+        ],
+        captures=[
+            Capture(
+                order_id=capture.order_id,
+                account_id=capture.account_id,
+                amount_cents=capture.amount_cents,
+                transaction_id=capture.transaction_id,
+            )
+            for capture in accounts.captures
+        ],
+        orders=[
+            Order(
+                order_id=order.order_id,
+                customer_id=order.customer_id,
+                lines=tuple((line.sku, line.quantity) for line in order.lines),
+                amount_cents=order.amount_cents,
+                state=_order_state(order.state),
+                transaction_id=order.transaction_id,
+            )
+            for order in orders.orders
+        ],
+        sent=[
+            Notification(
+                order_id=notification.order_id,
+                recipient=notification.recipient,
+                body=notification.body,
+                transaction_id=notification.transaction_id,
+            )
+            for notification in sent.sent
+        ],
+        staged=sent.staged,
+    )
+
+
+async def wait_until_settled(
+    targets: Targets, *, timeout_s: float = 15.0, poll_s: float = 0.1
+) -> Snapshot:
+    """Poll until nothing is reserved, held, pending or staged, and return that snapshot.
+
+    Settling is driven by the servers (phase-2 retries, participants' inquiries about in-doubt
+    branches), which expose no event to wait on, hence the bounded poll. Raises TimeoutError
+    naming what is still in flight.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snapshot = await read_snapshot(targets)
+        in_flight = snapshot.in_flight()
+        if not in_flight:
+            return snapshot
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"not settled after {timeout_s:g} s: still {', '.join(in_flight)}")
+        await asyncio.sleep(poll_s)
+
+
+async def check_services(
+    targets: Targets, *, settled: bool = True, lines_match_inventory: bool = True
+) -> Report:
+    """Read the services and check every invariant over what they show."""
+    snapshot = await read_snapshot(targets)
+    return report(snapshot, settled=settled, lines_match_inventory=lines_match_inventory)

@@ -1,0 +1,354 @@
+"""Tests for dtm.invariants.check: a consistent end state passes, and every kind of broken one
+is caught with a message that names the broken entity.
+
+Each bad snapshot is the consistent one with one thing changed (and, where one fault would
+trip two rules, the other side adjusted), so each test shows that its rule alone catches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from dtmpb.v1 import shop_pb2
+
+from dtm import invariants
+from dtm.invariants import (
+    CANCELLED,
+    CONFIRMED,
+    PENDING,
+    Account,
+    Capture,
+    Notification,
+    Order,
+    Snapshot,
+    StockLevel,
+    check,
+)
+
+
+def consistent() -> Snapshot:
+    """o-1 and o-2 confirmed (3 units of sku-a, 300 cents), o-3 cancelled (nothing kept)."""
+    return Snapshot(
+        stock=[
+            StockLevel("sku-a", available=7, reserved=0, sold=3, received=10),
+            StockLevel("sku-b", available=5, reserved=0, sold=0, received=5),
+        ],
+        accounts=[
+            Account(
+                "acct-1", balance_cents=800, held_cents=0, captured_cents=200, initial_cents=1000
+            ),
+            Account(
+                "acct-2", balance_cents=400, held_cents=0, captured_cents=100, initial_cents=500
+            ),
+        ],
+        captures=[
+            Capture("o-1", "acct-1", 200, "txn-o-1"),
+            Capture("o-2", "acct-2", 100, "txn-o-2"),
+        ],
+        orders=[
+            Order("o-1", "alice", (("sku-a", 2),), 200, CONFIRMED, "txn-o-1"),
+            Order("o-2", "bob", (("sku-a", 1),), 100, CONFIRMED, "txn-o-2"),
+            Order("o-3", "bob", (("sku-b", 1),), 50, CANCELLED, "txn-o-3"),
+        ],
+        sent=[
+            Notification("o-1", "alice@example.com", "confirmed", "txn-o-1"),
+            Notification("o-2", "bob@example.com", "confirmed", "txn-o-2"),
+        ],
+        staged=0,
+    )
+
+
+def with_stock(snapshot: Snapshot, sku: str, **changes: Any) -> Snapshot:
+    return replace(
+        snapshot,
+        stock=[replace(s, **changes) if s.sku == sku else s for s in snapshot.stock],
+    )
+
+
+def with_account(snapshot: Snapshot, account_id: str, **changes: Any) -> Snapshot:
+    return replace(
+        snapshot,
+        accounts=[
+            replace(a, **changes) if a.account_id == account_id else a for a in snapshot.accounts
+        ],
+    )
+
+
+def assert_caught(violations: list[str], *fragments: str) -> None:
+    """Some violation contains every fragment (the entity named, and what is wrong)."""
+    assert violations, "the broken snapshot passed the check"
+    matching = [v for v in violations if all(f in v for f in fragments)]
+    assert matching, f"no violation mentions {fragments}: {violations}"
+
+
+def test_consistent_snapshot_passes_settled_and_unsettled() -> None:
+    assert check(consistent(), settled=True) == []
+    assert check(consistent(), settled=False) == []
+
+
+def test_report_sums_up_the_end_state() -> None:
+    report = invariants.report(consistent())
+    assert report.ok
+    assert report.confirmed_orders == 2
+    assert report.cancelled_orders == 1
+    assert report.pending_orders == 0
+    assert report.captured_cents == 300
+    assert report.units_sold == 3
+    assert report.notifications_sent == 2
+
+
+# ---- stock ----
+
+
+def test_oversold_stock_is_caught() -> None:
+    # One more unit sold than was ever received (and than any confirmed order asked for).
+    snapshot = with_stock(consistent(), "sku-a", sold=4)
+    violations = check(snapshot)
+    assert_caught(violations, "stock sku-a", "oversold by 1")
+    assert_caught(violations, "stock sku-a", "1 units sold without a confirmed order")
+
+
+def test_lost_units_are_caught() -> None:
+    snapshot = with_stock(consistent(), "sku-b", available=4)
+    assert_caught(check(snapshot), "stock sku-b", "units lost by 1")
+
+
+def test_negative_available_is_caught() -> None:
+    snapshot = with_stock(consistent(), "sku-b", available=-1, reserved=6)
+    violations = check(snapshot, settled=False)
+    assert_caught(violations, "stock sku-b", "available is negative (-1)")
+
+
+def test_confirmed_units_not_sold_are_caught() -> None:
+    # The units went back to available although o-1 and o-2 were confirmed.
+    snapshot = with_stock(consistent(), "sku-a", available=10, sold=0)
+    assert_caught(check(snapshot), "stock sku-a", "confirmed orders contain 3 units", "only 0")
+
+
+def test_sold_units_without_any_order_for_the_sku_are_caught() -> None:
+    snapshot = with_stock(consistent(), "sku-b", available=3, sold=2)
+    assert_caught(check(snapshot), "stock sku-b", "2 units sold without a confirmed order")
+    # Only when every order's inventory branch matches its lines is it a violation.
+    assert check(snapshot, lines_match_inventory=False) == []
+
+
+def test_confirmed_order_for_an_unlisted_sku_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, stock=[s for s in snapshot.stock if s.sku != "sku-a"])
+    assert_caught(check(snapshot), "stock sku-a", "does not list the SKU")
+
+
+# ---- money ----
+
+
+def test_money_not_conserved_is_caught() -> None:
+    snapshot = with_account(consistent(), "acct-1", balance_cents=900)
+    assert_caught(check(snapshot), "account acct-1", "money not conserved", "initial 1000")
+
+
+def test_negative_balance_is_caught() -> None:
+    snapshot = with_account(consistent(), "acct-2", balance_cents=-100, initial_cents=0)
+    assert_caught(check(snapshot), "account acct-2", "negative balance (-100 cents)")
+
+
+def test_captured_total_not_matching_captures_is_caught() -> None:
+    # The account says it paid 300, yet only one capture of 200 exists.
+    snapshot = with_account(consistent(), "acct-1", balance_cents=700, captured_cents=300)
+    assert_caught(check(snapshot), "account acct-1", "captures add up to 200")
+
+
+def test_capture_from_unlisted_account_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(
+        snapshot, captures=[replace(c, account_id="acct-x") for c in snapshot.captures]
+    )
+    assert_caught(check(snapshot), "account acct-x", "does not list")
+
+
+# ---- orders and payments ----
+
+
+def test_confirmed_order_without_capture_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, captures=[c for c in snapshot.captures if c.order_id != "o-2"])
+    # Keep acct-2 itself consistent: the only fault is the missing capture.
+    snapshot = with_account(snapshot, "acct-2", balance_cents=500, captured_cents=0)
+    violations = check(snapshot)
+    assert_caught(violations, "order o-2", "CONFIRMED but no payment was captured")
+    assert all("o-2" in v for v in violations), violations
+
+
+def test_order_charged_twice_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, captures=[*snapshot.captures, Capture("o-1", "acct-1", 200)])
+    snapshot = with_account(snapshot, "acct-1", balance_cents=600, captured_cents=400)
+    violations = check(snapshot)
+    assert_caught(violations, "order o-1", "2 captures", "charged more than once")
+    assert all("o-1" in v for v in violations), violations
+
+
+def test_capture_of_the_wrong_amount_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(
+        snapshot,
+        captures=[
+            replace(c, amount_cents=150) if c.order_id == "o-1" else c for c in snapshot.captures
+        ],
+    )
+    snapshot = with_account(snapshot, "acct-1", balance_cents=850, captured_cents=150)
+    assert_caught(check(snapshot), "order o-1", "CONFIRMED for 200 cents but 150 cents")
+
+
+def test_capture_without_order_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, captures=[*snapshot.captures, Capture("o-9", "acct-2", 100)])
+    snapshot = with_account(snapshot, "acct-2", balance_cents=300, captured_cents=200)
+    violations = check(snapshot)
+    assert_caught(violations, "capture for order o-9", "payment without an order")
+    assert all("o-9" in v for v in violations), violations
+
+
+def test_capture_for_a_cancelled_order_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, captures=[*snapshot.captures, Capture("o-3", "acct-2", 50)])
+    snapshot = with_account(snapshot, "acct-2", balance_cents=350, captured_cents=150)
+    assert_caught(check(snapshot), "capture for order o-3", "CANCELLED, not CONFIRMED")
+
+
+def test_unknown_order_state_and_duplicate_listing_are_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(
+        snapshot,
+        orders=[*snapshot.orders, replace(snapshot.orders[2], state="SHIPPED")],
+    )
+    violations = check(snapshot)
+    assert_caught(violations, "order o-3", "listed twice")
+    assert_caught(violations, "order o-3", "unknown state 'SHIPPED'")
+
+
+# ---- notifications ----
+
+
+def test_notification_for_an_unconfirmed_order_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, sent=[*snapshot.sent, Notification("o-3", "bob@example.com")])
+    violations = check(snapshot)
+    assert_caught(violations, "notification for order o-3", "CANCELLED, not CONFIRMED")
+    assert all("o-3" in v for v in violations), violations
+
+
+def test_notification_for_a_missing_order_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, sent=[*snapshot.sent, Notification("o-7", "eve@example.com")])
+    assert_caught(check(snapshot), "notification for order o-7", "does not exist")
+
+
+def test_duplicate_notification_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, sent=[*snapshot.sent, snapshot.sent[0]])
+    violations = check(snapshot)
+    assert_caught(violations, "notification for order o-1", "sent 2 times")
+    assert all("o-1" in v for v in violations), violations
+
+
+def test_confirmed_order_without_notification_is_caught() -> None:
+    snapshot = consistent()
+    snapshot = replace(snapshot, sent=[n for n in snapshot.sent if n.order_id != "o-2"])
+    assert_caught(check(snapshot), "order o-2", "no notification was sent")
+
+
+# ---- settling ----
+
+
+def in_flight() -> Snapshot:
+    """Consistent, with o-4 prepared everywhere and not yet decided."""
+    snapshot = consistent()
+    snapshot = with_stock(snapshot, "sku-b", available=4, reserved=1)
+    snapshot = with_account(snapshot, "acct-1", balance_cents=750, held_cents=50)
+    return replace(
+        snapshot,
+        orders=[*snapshot.orders, Order("o-4", "alice", (("sku-b", 1),), 50, PENDING, "txn-o-4")],
+        staged=1,
+    )
+
+
+def test_work_in_flight_is_allowed_while_not_settled() -> None:
+    assert check(in_flight(), settled=False) == []
+
+
+def test_pending_leftovers_are_caught_when_settled() -> None:
+    violations = check(in_flight(), settled=True)
+    assert_caught(violations, "stock sku-b", "1 units still reserved")
+    assert_caught(violations, "account acct-1", "50 cents still held")
+    assert_caught(violations, "order o-4", "still PENDING", "txn-o-4")
+    assert_caught(violations, "notification", "1 message(s) still staged")
+    assert len(violations) == 4, violations
+
+
+def test_in_flight_lists_undecided_work() -> None:
+    assert consistent().in_flight() == []
+    assert in_flight().in_flight() == [
+        "1 units reserved",
+        "50 cents held",
+        "1 orders pending",
+        "1 notifications staged",
+    ]
+
+
+# ---- reading the services' answers ----
+
+
+def test_snapshot_from_read_api_answers() -> None:
+    snapshot = invariants.snapshot_from_pb(
+        shop_pb2.GetStockResponse(
+            levels=[shop_pb2.StockLevel(sku="sku-a", available=7, sold=3, received=10)]
+        ),
+        shop_pb2.ListOrdersResponse(
+            orders=[
+                shop_pb2.Order(
+                    order_id="o-1",
+                    customer_id="alice",
+                    lines=[shop_pb2.StockLine(sku="sku-a", quantity=3)],
+                    amount_cents=300,
+                    state=shop_pb2.ORDER_STATE_CONFIRMED,
+                    transaction_id="txn-o-1",
+                )
+            ]
+        ),
+        shop_pb2.ListAccountsResponse(
+            accounts=[
+                shop_pb2.Account(
+                    account_id="acct-1", balance_cents=700, captured_cents=300, initial_cents=1000
+                )
+            ],
+            captures=[shop_pb2.Capture(order_id="o-1", account_id="acct-1", amount_cents=300)],
+        ),
+        shop_pb2.ListSentResponse(
+            sent=[shop_pb2.SentNotification(order_id="o-1", recipient="alice@example.com")],
+            staged=0,
+        ),
+    )
+    assert snapshot.orders[0].lines == (("sku-a", 3),)
+    assert snapshot.orders[0].state == CONFIRMED
+    assert check(snapshot) == []
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        (shop_pb2.ORDER_STATE_PENDING, PENDING),
+        (shop_pb2.ORDER_STATE_CANCELLED, CANCELLED),
+        (shop_pb2.ORDER_STATE_UNSPECIFIED, "UNSPECIFIED"),
+    ],
+)
+def test_order_states_map_to_names(state: shop_pb2.OrderState, expected: str) -> None:
+    response = shop_pb2.ListOrdersResponse(orders=[shop_pb2.Order(order_id="o-1", state=state)])
+    snapshot = invariants.snapshot_from_pb(
+        shop_pb2.GetStockResponse(),
+        response,
+        shop_pb2.ListAccountsResponse(),
+        shop_pb2.ListSentResponse(),
+    )
+    assert expected == snapshot.orders[0].state
