@@ -46,3 +46,5 @@ LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
 INQUIRIES_PER_TICK_MAX = 256
+# The bound on one resource's lock wait queue; a request beyond it is refused at once.
+WAITERS_PER_RESOURCE_MAX = 1_024

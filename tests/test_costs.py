@@ -1,0 +1,131 @@
+"""The presumed-abort cost table of protocol.md, measured by counters on real servers:
+messages between coordinator and participants, and forced log writes, per case."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from dtmpb.v1 import coordinator_pb2, shop_pb2
+from participants.locks import LockMode
+from participants.service import LockRequest, PrepareResult, ReadOnly
+from tests.harness import InProcessCluster, eventually, order_branches, pack
+
+
+class StockCheck:
+    """A read-only participant: it validates but never changes anything (votes READ_ONLY)."""
+
+    operation_type = shop_pb2.GetStockRequest
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def validate(self, operation: shop_pb2.GetStockRequest) -> None:
+        pass
+
+    def locks(self, operation: shop_pb2.GetStockRequest) -> Sequence[LockRequest]:
+        return [LockRequest(f"sku:{sku}", LockMode.SHARED) for sku in operation.skus]
+
+    def prepare(self, key: str, operation: shop_pb2.GetStockRequest) -> PrepareResult:
+        return ReadOnly()
+
+    def commit(self, key: str, operation: shop_pb2.GetStockRequest) -> None:
+        raise AssertionError("a read-only branch gets no phase 2")
+
+    def rollback(self, key: str, operation: shop_pb2.GetStockRequest) -> None:
+        raise AssertionError("a read-only branch gets no phase 2")
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, state: bytes) -> None:
+        pass
+
+    def add_read_api(self, server: grpc.aio.Server) -> list[str]:
+        return []
+
+
+def participant_forced_writes(cluster: InProcessCluster) -> dict[str, int]:
+    return {name: s.engine.forced_writes for name, s in cluster.participants.items()}
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {name: after[name] - before[name] for name in after if after[name] != before[name]}
+
+
+def read_only_branch(name: str) -> coordinator_pb2.BranchRequest:
+    return coordinator_pb2.BranchRequest(
+        participant=name, operation=pack(shop_pb2.GetStockRequest(skus=["sku-apple"]))
+    )
+
+
+def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        extra = [StockCheck("check-a"), StockCheck("check-b")]
+        async with InProcessCluster(tmp_path, extra_services=extra) as cluster:
+            counters = cluster.coordinator.engine.counters
+
+            async def measure(
+                branches: list[coordinator_pb2.BranchRequest], settle_requests: int
+            ) -> tuple[int, int, int, dict[str, int], int]:
+                requests, replies = counters.requests, counters.replies
+                forced = counters.forced_writes
+                participants = participant_forced_writes(cluster)
+                response = await cluster.submit(branches)
+
+                async def all_sent() -> bool:
+                    return counters.requests - requests >= settle_requests
+
+                await eventually(all_sent)
+                await asyncio.sleep(0.05)  # nothing further may arrive
+                return (
+                    counters.requests - requests + counters.replies - replies,
+                    counters.forced_writes - forced,
+                    response.outcome,
+                    delta(participant_forced_writes(cluster), participants),
+                    counters.requests - requests,
+                )
+
+            # commit, N = U = 4: 2N + 2U messages, 1 forced coordinator write, 2 per participant
+            messages, forced, outcome, per_participant, _ = await measure(
+                order_branches("o-c", [("sku-apple", 1)]), settle_requests=8
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == outcome
+            assert 2 * 4 + 2 * 4 == messages
+            assert 1 == forced
+            assert {"inventory": 2, "orders": 2, "payment": 2, "notification": 2} == per_participant
+
+            # abort after a refusal, N = 4, Y = 3: 2N + Y messages (no rollback acks needed),
+            # no coordinator write, 1 forced write per YES voter
+            messages, forced, outcome, per_participant, requests = await measure(
+                order_branches("o-a", [("sku-apple", 1)], account="acct-blocked"),
+                settle_requests=7,
+            )
+            assert coordinator_pb2.OUTCOME_ABORTED == outcome
+            assert 2 * 4 + 3 == messages
+            assert 7 == requests
+            assert 0 == forced
+            assert {"inventory": 1, "orders": 1, "notification": 1} == per_participant
+
+            # all read-only: 2N messages, nothing forced anywhere
+            messages, forced, outcome, per_participant, _ = await measure(
+                [read_only_branch("check-a"), read_only_branch("check-b")], settle_requests=2
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == outcome
+            assert 2 * 2 == messages
+            assert 0 == forced
+            assert {} == per_participant
+
+            # one participant: one-phase commit, 2 messages, no coordinator write, 1 forced
+            messages, forced, outcome, per_participant, _ = await measure(
+                order_branches("o-1", [("sku-apple", 1)])[:1], settle_requests=1
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == outcome
+            assert 2 == messages
+            assert 0 == forced
+            assert {"inventory": 1} == per_participant
+
+    asyncio.run(scenario())

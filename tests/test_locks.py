@@ -1,0 +1,622 @@
+"""Tests for participants.locks: modes, fairness, timeouts, deadlocks, cancellation, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from participants import locks
+from participants.locks import (
+    DeadlockDetected,
+    LockManager,
+    LockMode,
+    LockRefused,
+    LockSnapshot,
+    LockTimeout,
+)
+
+S = LockMode.SHARED
+X = LockMode.EXCLUSIVE
+WAIT_S = 0.05  # the manager's default wait timeout in these tests
+LONG_S = 5.0  # a wait that must never run out in a passing test
+T = TypeVar("T")
+
+
+def run(main: Callable[[], Awaitable[T]], hard_timeout_s: float = 5.0) -> T:
+    """Run one scenario on a fresh loop; a hang fails the test instead of stalling the suite."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(hard_timeout_s):
+            return await main()
+
+    return asyncio.run(bounded())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded, so a broken test fails, not hangs)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def waiting(manager: LockManager, resource: str) -> list[tuple[str, str]]:
+    for lock in manager.snapshot():
+        if lock.resource == resource:
+            return [(owner, mode) for owner, mode, _ in lock.waiters]
+    return []
+
+
+def holders(manager: LockManager, resource: str) -> tuple[str, ...]:
+    for lock in manager.snapshot():
+        if lock.resource == resource:
+            return lock.holders
+    return ()
+
+
+def assert_empty(manager: LockManager) -> None:
+    """Nothing left behind: no lock entries and no owner index entries."""
+    assert manager.snapshot() == []
+    assert manager._resources_of == {}
+
+
+def check_invariants(manager: LockManager, owners: list[str]) -> None:
+    held = {owner: manager.held_by(owner) for owner in owners}
+    for lock in manager.snapshot():
+        assert lock.holders, lock  # waiters never sit behind an empty lock
+        modes = [held[owner][lock.resource] for owner in lock.holders]
+        if X in modes:
+            assert len(lock.holders) == 1, lock
+        assert ("exclusive" if X in modes else "shared") == lock.mode
+        assert len(lock.waiters) <= locks.WAITERS_PER_RESOURCE_MAX
+    for owner, resources in held.items():
+        for resource in resources:
+            assert owner in holders(manager, resource)
+
+
+def test_exclusive_excludes() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        await manager.acquire("a", "sku-1", X)
+        for mode in (S, X):
+            with pytest.raises(LockTimeout):
+                await manager.acquire("b", "sku-1", mode)
+        assert manager.held_by("a") == {"sku-1": X}
+        assert manager.held_by("b") == {}
+        waiter = asyncio.create_task(manager.acquire("b", "sku-1", X, timeout_s=LONG_S))
+        await until(lambda: waiting(manager, "sku-1") == [("b", "exclusive")])
+        assert manager.release_all("a") == ["sku-1"]
+        await waiter
+        assert holders(manager, "sku-1") == ("b",)
+        manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_shared_shares_and_excludes_exclusive() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        await manager.acquire("a", "sku-1", S)
+        await manager.acquire("b", "sku-1", S)
+        assert manager.waits == 0
+        assert holders(manager, "sku-1") == ("a", "b")
+        with pytest.raises(LockTimeout):
+            await manager.acquire("c", "sku-1", X)
+        assert manager.waits == 1
+        manager.release_all("a")
+        manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_fifo_queued_exclusive_not_starved_by_later_shared() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        writer = asyncio.create_task(manager.acquire("w", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        # Compatible with the holder, but queued behind the writer: fairness over throughput.
+        readers = [asyncio.create_task(manager.acquire(name, "sku-1", S)) for name in "bc"]
+        await until(lambda: len(waiting(manager, "sku-1")) == 3)
+        assert waiting(manager, "sku-1") == [("w", "exclusive"), ("b", "shared"), ("c", "shared")]
+        manager.release_all("a")
+        await writer
+        assert holders(manager, "sku-1") == ("w",)
+        assert not any(reader.done() for reader in readers)
+        manager.release_all("w")
+        await asyncio.gather(*readers)
+        assert holders(manager, "sku-1") == ("b", "c")  # woken together
+        manager.release_all("b")
+        manager.release_all("c")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_reentrant_acquire_is_granted_at_once() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        await manager.acquire("a", "acct-1", X)
+        await manager.acquire("b", "acct-2", S)
+        waiter = asyncio.create_task(manager.acquire("c", "acct-1", S, timeout_s=LONG_S))
+        await until(lambda: bool(waiting(manager, "acct-1")))
+        # A weaker or equal mode is already covered, even with someone queued.
+        await manager.acquire("a", "acct-1", X)
+        await manager.acquire("a", "acct-1", S)
+        await manager.acquire("b", "acct-2", S)
+        assert manager.timeouts == 0
+        assert manager.held_by("a") == {"acct-1": X}
+        assert manager.grants == 5
+        assert manager.release_all("a") == ["acct-1"]  # one release, however many acquires
+        await waiter
+        manager.release_all("b")
+        manager.release_all("c")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_upgrade_of_sole_holder_is_immediate() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        await manager.acquire("a", "sku-1", S)
+        await manager.acquire("a", "sku-1", X)
+        assert manager.held_by("a") == {"sku-1": X}
+        assert manager.waits == 0
+        manager.release_all("a")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_upgrade_waits_for_other_readers_and_goes_ahead_of_the_queue() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        await manager.acquire("b", "sku-1", S)
+        writer = asyncio.create_task(manager.acquire("w", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        upgrade = asyncio.create_task(manager.acquire("a", "sku-1", X))
+        await until(lambda: len(waiting(manager, "sku-1")) == 2)
+        assert waiting(manager, "sku-1") == [("a", "exclusive"), ("w", "exclusive")]
+        manager.release_all("b")
+        await upgrade
+        assert manager.held_by("a") == {"sku-1": X}
+        assert not writer.done()
+        manager.release_all("a")
+        await writer
+        manager.release_all("w")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_two_upgraders_deadlock_the_later_one() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        await manager.acquire("b", "sku-1", S)
+        first = asyncio.create_task(manager.acquire("a", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        with pytest.raises(DeadlockDetected) as refused:
+            await manager.acquire("b", "sku-1", X)
+        assert refused.value.reason == "deadlock on sku-1: b -> a -> b"
+        assert manager.deadlocks == 1
+        # The refused upgrader keeps what it held until its branch releases it.
+        assert manager.held_by("b") == {"sku-1": S}
+        assert waiting(manager, "sku-1") == [("a", "exclusive")]
+        manager.release_all("b")
+        await first
+        assert manager.held_by("a") == {"sku-1": X}
+        manager.release_all("a")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_timeout_fails_the_waiter_never_the_holder() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        await manager.acquire("a", "order-1", X)
+        started = time.monotonic()
+        with pytest.raises(LockTimeout) as refused:
+            await manager.acquire("b", "order-1", X)
+        assert WAIT_S * 0.9 <= time.monotonic() - started < WAIT_S + 0.5
+        assert refused.value.reason == "lock timeout on order-1 after 50 ms"
+        assert isinstance(refused.value, LockRefused)
+        with pytest.raises(LockTimeout, match="after 20 ms"):
+            await manager.acquire("b", "order-1", S, timeout_s=0.02)
+        assert manager.timeouts == 2
+        assert manager.held_by("a") == {"order-1": X}
+        assert waiting(manager, "order-1") == []
+        assert manager.held_by("b") == {}
+        manager.release_all("a")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_timed_out_waiter_leaves_no_trace_and_the_one_behind_proceeds() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        writer = asyncio.create_task(manager.acquire("w", "sku-1", X, timeout_s=WAIT_S))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        reader = asyncio.create_task(manager.acquire("r", "sku-1", S))
+        await until(lambda: len(waiting(manager, "sku-1")) == 2)
+        with pytest.raises(LockTimeout):
+            await writer
+        # The reader was queued only behind the writer; with it gone it joins the holder.
+        await reader
+        assert holders(manager, "sku-1") == ("a", "r")
+        assert waiting(manager, "sku-1") == []
+        assert manager.held_by("w") == {}
+        assert "w" not in manager._resources_of
+        manager.release_all("a")
+        manager.release_all("r")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_opposite_order_deadlock_refuses_one_and_the_other_completes() -> None:
+    async def branch(
+        manager: LockManager, owner: str, first: str, second: str, both_hold: asyncio.Barrier
+    ) -> str:
+        try:
+            await manager.acquire(owner, first, X)
+            await both_hold.wait()
+            await manager.acquire(owner, second, X)
+            return "done"
+        except LockRefused as refused:
+            return refused.reason
+        finally:
+            manager.release_all(owner)
+
+    async def main() -> list[str]:
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        both_hold = asyncio.Barrier(2)
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            branch(manager, "a", "acct-1", "acct-2", both_hold),
+            branch(manager, "b", "acct-2", "acct-1", both_hold),
+        )
+        assert time.monotonic() - started < WAIT_S + 0.5
+        assert manager.deadlocks == 1
+        assert manager.timeouts == 0
+        assert_empty(manager)
+        return list(outcomes)
+
+    outcomes = run(main)
+    assert outcomes.count("done") == 1, outcomes
+    (refusal,) = [outcome for outcome in outcomes if outcome != "done"]
+    assert refusal in (
+        "deadlock on acct-1: b -> a -> b",
+        "deadlock on acct-2: a -> b -> a",
+    )
+
+
+def test_three_way_cycle_is_detected() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        for owner, resource in (("a", "r1"), ("b", "r2"), ("c", "r3")):
+            await manager.acquire(owner, resource, X)
+        a_waits = asyncio.create_task(manager.acquire("a", "r2", S))
+        b_waits = asyncio.create_task(manager.acquire("b", "r3", S))
+        await until(lambda: bool(waiting(manager, "r2") and waiting(manager, "r3")))
+        with pytest.raises(DeadlockDetected, match=r"deadlock on r1: c -> a -> b -> c"):
+            await manager.acquire("c", "r1", X)
+        manager.release_all("c")
+        await b_waits
+        manager.release_all("b")
+        await a_waits
+        manager.release_all("a")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_cycle_through_a_queued_waiter_is_detected() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "r1", S)
+        await manager.acquire("c", "r2", X)
+        a_waits = asyncio.create_task(manager.acquire("a", "r2", S))  # a waits on c
+        b_waits = asyncio.create_task(manager.acquire("b", "r1", X))  # b waits on a
+        await until(lambda: bool(waiting(manager, "r1") and waiting(manager, "r2")))
+        # c is compatible with the holder a, but FIFO queues it behind b: c -> b -> a -> c.
+        with pytest.raises(DeadlockDetected, match=r"deadlock on r1: c -> b -> a -> c"):
+            await manager.acquire("c", "r1", S)
+        manager.release_all("c")
+        await a_waits
+        manager.release_all("a")
+        await b_waits
+        manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_shared_waiters_on_one_holder_are_no_deadlock() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "r1", X)
+        await manager.acquire("b", "r2", S)
+        # c waits on a (r1); b then asks r1 shared too: both wait on a, no cycle.
+        c_waits = asyncio.create_task(manager.acquire("c", "r1", S))
+        await until(lambda: bool(waiting(manager, "r1")))
+        b_waits = asyncio.create_task(manager.acquire("b", "r1", S))
+        await until(lambda: len(waiting(manager, "r1")) == 2)
+        # a wants r2 shared, compatible with b's hold: granted, no cycle either.
+        await manager.acquire("a", "r2", S)
+        manager.release_all("a")
+        await asyncio.gather(c_waits, b_waits)
+        assert manager.deadlocks == 0
+        manager.release_all("b")
+        manager.release_all("c")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_cancelled_waiter_is_removed_and_the_queue_moves_on() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        writer = asyncio.create_task(manager.acquire("w", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        reader = asyncio.create_task(manager.acquire("r", "sku-1", S))
+        await until(lambda: len(waiting(manager, "sku-1")) == 2)
+        writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        await reader
+        assert holders(manager, "sku-1") == ("a", "r")
+        assert "w" not in manager._resources_of
+        manager.release_all("a")
+        manager.release_all("r")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_cancel_racing_a_grant_gives_the_lock_back() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        waiter = asyncio.create_task(manager.acquire("b", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        manager.release_all("a")  # grants b ...
+        assert holders(manager, "sku-1") == ("b",)
+        waiter.cancel()  # ... but b's task is cancelled before it runs again
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_cancel_racing_an_upgrade_grant_restores_shared() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", S)
+        await manager.acquire("b", "sku-1", S)
+        upgrade = asyncio.create_task(manager.acquire("a", "sku-1", X))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        manager.release_all("b")
+        upgrade.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await upgrade
+        assert manager.held_by("a") == {"sku-1": S}
+        manager.release_all("a")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_release_all_wakes_waiters_and_fails_own_waits() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        await manager.acquire("a", "sku-2", X)
+        await manager.acquire("z", "sku-3", X)
+        a_waits = asyncio.create_task(manager.acquire("a", "sku-3", S))
+        waiters = [
+            asyncio.create_task(manager.acquire(owner, resource, mode))
+            for owner, resource, mode in (("b", "sku-1", X), ("c", "sku-2", S), ("d", "sku-2", S))
+        ]
+        await until(lambda: sum(len(lock.waiters) for lock in manager.snapshot()) == 4)
+        assert manager.release_all("a") == ["sku-1", "sku-2"]
+        with pytest.raises(LockRefused, match="released while waiting"):
+            await a_waits
+        await asyncio.gather(*waiters)
+        assert manager.held_by("b") == {"sku-1": X}
+        assert holders(manager, "sku-2") == ("c", "d")
+        assert waiting(manager, "sku-3") == []
+        for owner in "bcdz":
+            manager.release_all(owner)
+        assert manager.release_all("nobody") == []
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_acquire_now_retakes_prepared_locks_after_restart() -> None:
+    async def main() -> None:
+        # Before the crash: a held sku-1 exclusively, b and c shared sku-2, all prepared.
+        manager = LockManager(wait_timeout_s=WAIT_S)
+        manager.acquire_now("a", "sku-1", X)
+        manager.acquire_now("b", "sku-2", S)
+        manager.acquire_now("c", "sku-2", S)
+        manager.acquire_now("c", "sku-2", S)  # a recovered branch may list a lock twice
+        assert manager.held_by("a") == {"sku-1": X}
+        assert holders(manager, "sku-2") == ("b", "c")
+        with pytest.raises(LockTimeout):
+            await manager.acquire("new", "sku-1", S)
+        with pytest.raises(AssertionError):
+            manager.acquire_now("d", "sku-2", X)
+        manager.release_all("a")
+        await manager.acquire("new", "sku-1", S)
+        for owner in ("b", "c", "new"):
+            manager.release_all(owner)
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_snapshot_reports_holders_waiters_and_times() -> None:
+    ticks: Iterator[float] = iter(float(tick) for tick in range(100, 200))
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S, clock=lambda: next(ticks))
+        await manager.acquire("a", "sku-2", S)  # held since 100
+        await manager.acquire("b", "sku-2", S)  # 101
+        await manager.acquire("a", "sku-1", X)  # 102
+        writer = asyncio.create_task(manager.acquire("w", "sku-2", X))  # waiting since 103
+        await until(lambda: bool(waiting(manager, "sku-2")))
+        assert [
+            LockSnapshot("sku-1", "exclusive", ("a",), 102.0, ()),
+            LockSnapshot("sku-2", "shared", ("a", "b"), 100.0, (("w", "exclusive", 103.0),)),
+        ] == manager.snapshot()
+        manager.release_all("a")
+        assert [LockSnapshot("sku-2", "shared", ("b",), 101.0, (("w", "exclusive", 103.0),))] == (
+            manager.snapshot()
+        )
+        manager.release_all("b")  # w granted at 104
+        await writer
+        assert [LockSnapshot("sku-2", "exclusive", ("w",), 104.0, ())] == manager.snapshot()
+        manager.release_all("w")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_waiters_per_resource_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(locks, "WAITERS_PER_RESOURCE_MAX", 2)
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        queued = [asyncio.create_task(manager.acquire(owner, "sku-1", S)) for owner in "bc"]
+        await until(lambda: len(waiting(manager, "sku-1")) == 2)
+        with pytest.raises(LockRefused, match="too many waiters on sku-1"):
+            await manager.acquire("d", "sku-1", S)
+        assert manager.held_by("d") == {}
+        manager.release_all("a")
+        await asyncio.gather(*queued)
+        manager.release_all("b")
+        manager.release_all("c")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_owner_cannot_wait_twice_on_one_resource() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        first = asyncio.create_task(manager.acquire("b", "sku-1", S))
+        await until(lambda: bool(waiting(manager, "sku-1")))
+        with pytest.raises(LockRefused, match="b is already waiting on sku-1"):
+            await manager.acquire("b", "sku-1", X)
+        manager.release_all("a")
+        await first
+        manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
+# ---- property: random branches never break exclusion and never hang ----
+
+OWNERS = ["a", "b", "c", "d"]
+step = st.tuples(st.sampled_from(["r1", "r2", "r3"]), st.sampled_from([S, X]))
+branch_plan = st.tuples(
+    st.lists(step, min_size=1, max_size=4),  # the locks the branch takes, in order
+    st.integers(min_value=0, max_value=3),  # loop turns it keeps each lock before the next
+    st.none() | st.integers(min_value=0, max_value=8),  # cancelled after this many turns
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    plans=st.lists(branch_plan, min_size=2, max_size=len(OWNERS)),
+    detection_only=st.booleans(),
+)
+def test_random_branches_keep_exclusion_and_always_finish(
+    plans: list[tuple[list[tuple[str, LockMode]], int, int | None]], detection_only: bool
+) -> None:
+    # With a wait timeout far beyond the run's bound, only deadlock detection can end a
+    # cycle in time: finishing then shows that no cycle went undetected.
+    short_wait_s = 0.01
+    wait_s = 60.0 if detection_only else short_wait_s
+    owners = OWNERS[: len(plans)]
+
+    async def branch(
+        manager: LockManager, owner: str, steps: list[tuple[str, LockMode]], turns: int
+    ) -> str:
+        try:
+            for resource, mode in steps:
+                await manager.acquire(owner, resource, mode)
+                held = manager.held_by(owner)[resource]
+                assert held is X or mode is S
+                check_invariants(manager, owners)
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+            return "done"
+        except LockRefused:
+            return "refused"
+        finally:
+            manager.release_all(owner)
+            check_invariants(manager, owners)
+
+    async def cancel_after(task: asyncio.Task[str], turns: int) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+
+    async def monitor(manager: LockManager) -> None:
+        while True:  # checks the table at every turn of the loop while branches run
+            check_invariants(manager, owners)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=wait_s)
+        watcher = asyncio.create_task(monitor(manager))
+        tasks = [
+            asyncio.create_task(branch(manager, owner, steps, turns))
+            for owner, (steps, turns, _) in zip(owners, plans, strict=True)
+        ]
+        cancellers = [
+            asyncio.create_task(cancel_after(task, cancel))
+            for task, (_, _, cancel) in zip(tasks, plans, strict=True)
+            if cancel is not None
+        ]
+        # Every acquire ends within the short wait timeout (or at once when detection_only),
+        # so a branch ends within steps * timeout; the bound fails the run instead of a hang.
+        longest = max(len(steps) for steps, _, _ in plans)
+        async with asyncio.timeout(longest * short_wait_s + 1.0):
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*cancellers)
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher  # re-raises an invariant the monitor found broken
+        for outcome in outcomes:
+            assert outcome in ("done", "refused") or isinstance(outcome, asyncio.CancelledError), (
+                outcome
+            )
+        refused = outcomes.count("refused")
+        assert manager.timeouts + manager.deadlocks == refused
+        assert_empty(manager)
+
+    run(main, hard_timeout_s=10.0)
