@@ -49,9 +49,10 @@ _PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
 class BranchError(Exception):
     """A Commit or Rollback that cannot be honoured (unknown branch, already decided otherwise)."""
 
-    def __init__(self, kind: core.ErrorKind, message: str) -> None:
+    def __init__(self, kind: core.ErrorKind, message: str, heuristic: str = "") -> None:
         super().__init__(message)
         self.kind = kind
+        self.heuristic = heuristic
 
 
 class RecoveryError(Exception):
@@ -359,7 +360,7 @@ class BranchEngine:
             else next(a for a in actions if isinstance(a, core.ReplyError))
         )
         if isinstance(reply, core.ReplyError):
-            raise BranchError(reply.kind, reply.message)
+            raise BranchError(reply.kind, reply.message, reply.heuristic)
         await self._wait_durable(key)
         if isinstance(event, core.CommitRequested):
             crashpoints.hit("participant.after_commit_durable")

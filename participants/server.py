@@ -41,7 +41,10 @@ VOTE_TO_PB = {
 ERROR_TO_CODE = {
     core.ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     core.ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    core.ErrorKind.HEURISTIC: grpc.StatusCode.FAILED_PRECONDITION,
 }
+# Trailing metadata key that tells the coordinator a branch was forced heuristically.
+HEURISTIC_METADATA_KEY = "dtm-heuristic"
 
 
 def now_ms() -> int:
@@ -159,11 +162,17 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         await self._gate(context)
+        if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
+            )
         try:
             await self._decide_one(transaction_id, branch, commit)
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except BranchError as error:
+            if error.heuristic:
+                context.set_trailing_metadata(((HEURISTIC_METADATA_KEY, error.heuristic),))
             await context.abort(ERROR_TO_CODE[error.kind], str(error))
 
     async def Commit(
@@ -222,6 +231,10 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.DecideBatchResponse:
         await self._gate(context)
+        if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
+            )
         if len(request.decisions) > limits.BATCH_ITEMS_MAX:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -128,6 +128,20 @@ class InProcessCluster:
         self.client = coordinator_pb2_grpc.CoordinatorStub(self.channel(self.coordinator_address))
         return self
 
+    async def restart_coordinator(self, down_s: float = 0.0) -> None:
+        """Stop the coordinator abruptly (no phase 2 finished), then start a new one on the same
+        port and data directory: it knows only what its log says."""
+        port = int(self.coordinator_address.rsplit(":", 1)[1])
+        await self.coordinator.stop(0)
+        await asyncio.sleep(down_s)
+        config = ServerConfig(
+            data_dir=self.coordinator_config.data_dir,
+            listen=f"127.0.0.1:{port}",
+            engine=self.coordinator_config.engine,
+        )
+        self.coordinator = CoordinatorServer(config)
+        await self.coordinator.start()
+
     async def start_participant(self, service: Service[Any]) -> ParticipantServer:
         config = ParticipantConfig(
             data_dir=self.data_dir,

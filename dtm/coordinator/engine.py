@@ -251,6 +251,23 @@ class Engine:
                 payload = log_pb2.TransactionEnded(transaction_id=txn.transaction_id)
                 self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
                 self.counters.lazy_writes += 1
+            elif isinstance(action, core.PersistHeuristic):
+                branch = txn.branch(action.branch)
+                heuristic = log_pb2.HeuristicRecorded(
+                    transaction_id=txn.transaction_id,
+                    branch=action.branch,
+                    participant=branch.participant,
+                    outcome=action.outcome,
+                )
+                self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
+                self.counters.lazy_writes += 1
+                self._log.warning(
+                    "heuristic outcome reported by a participant",
+                    txn=txn.transaction_id,
+                    participant=branch.participant,
+                    branch=action.branch,
+                    outcome=action.outcome,
+                )
             elif isinstance(action, core.Finished):
                 self._finish(run)
 
@@ -337,6 +354,10 @@ class Engine:
             else:
                 await client.rollback(txn.transaction_id, index, timeout_s)
         except grpc.aio.AioRpcError as error:
+            heuristic = _heuristic_of(error)
+            if heuristic:
+                self._feed(run, core.HeuristicReported(index, heuristic))
+                return
             reason = _rpc_failure(error, timeout_s)
             self._log.warning(
                 "commit failed" if commit else "rollback failed",
@@ -507,6 +528,17 @@ class Engine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+HEURISTIC_METADATA_KEY = "dtm-heuristic"
+
+
+def _heuristic_of(error: grpc.aio.AioRpcError) -> str:
+    """The heuristic outcome a participant reports in trailing metadata, if any."""
+    for key, value in error.trailing_metadata() or ():
+        if key == HEURISTIC_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode()
+    return ""
 
 
 def _rpc_failure(error: grpc.aio.AioRpcError, timeout_s: float) -> str:

@@ -46,6 +46,8 @@ class BranchVote(Enum):
 class ErrorKind(Enum):
     NOT_FOUND = "not_found"
     FAILED_PRECONDITION = "failed_precondition"
+    # The branch was forced by an operator and the decision that arrives disagrees with it.
+    HEURISTIC = "heuristic"
 
 
 class BranchProtocolError(Exception):
@@ -166,6 +168,7 @@ class ReplyAck:
 class ReplyError:
     kind: ErrorKind
     message: str
+    heuristic: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,17 +318,25 @@ def _ack(branch: Branch, event: BranchEvent) -> list[BranchAction]:
     return [ReplyAck()]
 
 
-def _already_committed(branch: Branch, event: BranchEvent) -> list[BranchAction]:
-    message = f"branch {branch.transaction_id}/{branch.index} is already committed"
+def _conflict(branch: Branch, message: str) -> list[BranchAction]:
+    if branch.heuristic:
+        # XA's HEURRB/HEURCOM: the coordinator must hear that an operator decided otherwise.
+        return [
+            ReplyError(ErrorKind.HEURISTIC, f"{message} ({branch.heuristic})", branch.heuristic)
+        ]
     return [ReplyError(ErrorKind.FAILED_PRECONDITION, message)]
+
+
+def _already_committed(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    return _conflict(branch, f"branch {branch.transaction_id}/{branch.index} is already committed")
 
 
 def _already_rolled_back(branch: Branch, event: BranchEvent) -> list[BranchAction]:
-    message = (
+    return _conflict(
+        branch,
         f"branch {branch.transaction_id}/{branch.index} is already rolled back "
-        f"({branch.reason or 'no reason recorded'}); it cannot commit"
+        f"({branch.reason or 'no reason recorded'}); it cannot commit",
     )
-    return [ReplyError(ErrorKind.FAILED_PRECONDITION, message)]
 
 
 def _on_lease_unvoted(branch: Branch, event: LeaseExpired) -> list[BranchAction]:

@@ -177,6 +177,14 @@ class PersistEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class PersistHeuristic:
+    """Log (lazily) that a participant reported a heuristic outcome for a branch."""
+
+    branch: int
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The transaction needs nothing more; the I/O layer may forget it."""
 
@@ -190,6 +198,7 @@ Action: TypeAlias = (
     | ProbeOnePhase
     | Reply
     | PersistEnd
+    | PersistHeuristic
     | Finished
 )
 
@@ -463,8 +472,21 @@ def _on_one_phase_probe_failed(txn: Transaction, event: PhaseTwoFailed) -> list[
 
 
 def _on_heuristic(txn: Transaction, event: HeuristicReported) -> list[Action]:
-    txn.branch(event.branch).heuristic = event.outcome
-    return []
+    # An operator forced this branch: phase 2 cannot change it, so stop retrying, and make the
+    # outcome visible in the transaction's status and in the log (rule 17: never silent).
+    branch = txn.branch(event.branch)
+    if branch.heuristic == event.outcome:
+        return []
+    branch.heuristic = event.outcome
+    actions: list[Action] = [PersistHeuristic(branch.index, event.outcome)]
+    if txn.state is TxnState.COMMITTING and not branch.acknowledged:
+        branch.acknowledged = True
+        if txn._all_acknowledged():
+            txn._move(TxnState.COMMITTED)
+            actions += [PersistEnd(), Finished()]
+    else:
+        branch.acknowledged = True
+    return actions
 
 
 Handler: TypeAlias = Callable[[Transaction, "Event"], list[Action]]

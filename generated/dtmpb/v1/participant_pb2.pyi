@@ -15,6 +15,7 @@ class FaultMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAULT_MODE_REFUSE: _ClassVar[FaultMode]
     FAULT_MODE_SLOW: _ClassVar[FaultMode]
     FAULT_MODE_DOWN: _ClassVar[FaultMode]
+    FAULT_MODE_REJECT_DECISIONS: _ClassVar[FaultMode]
 
 class BranchState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +30,7 @@ FAULT_MODE_NONE: FaultMode
 FAULT_MODE_REFUSE: FaultMode
 FAULT_MODE_SLOW: FaultMode
 FAULT_MODE_DOWN: FaultMode
+FAULT_MODE_REJECT_DECISIONS: FaultMode
 BRANCH_STATE_UNSPECIFIED: BranchState
 BRANCH_STATE_PREPARING: BranchState
 BRANCH_STATE_PREPARED: BranchState
