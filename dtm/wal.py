@@ -1,0 +1,1332 @@
+"""Append-only, checksummed write-ahead log of the coordinator and the participant SDK.
+
+On-disk format (all integers little-endian). A log is a directory of segment files named
+``{first_lsn:020d}.wal``. A segment is a sequence of frames, each starting at an 8-byte aligned
+offset (etcd style: the length field is never split across a sector, so it is never torn)::
+
+    offset  size  field
+         0     4  payload_length   bytes of payload, at most LOG_RECORD_BYTES_MAX
+         4     4  crc32c           CRC-32C of bytes [0, 4) + [8, frame_end): every byte of the
+                                   frame except this field, padding included
+         8     8  lsn              log sequence number: 1, 2, 3, ... across all segments
+        16     4  record_type      1..RECORD_TYPE_MAX for callers; 0 is reserved for WAL markers
+        20     n  payload
+      20+n     p  zero padding up to the next multiple of 8
+
+The LSN does the job of SQLite's salts: a frame must carry exactly the LSN that follows its
+predecessor (the first frame of a segment carries the LSN in the file name), so stale or recycled
+bytes never validate. Checkpoints write a new segment that starts with a CHECKPOINT_BEGIN marker,
+then the caller's snapshot records, then a CHECKPOINT_COMPLETE marker; older segments are deleted
+only once that segment and the directory are durable. Markers are record type 0, never returned
+to callers.
+
+Recovery rules (principles.md section 3): a bad frame at the very end of the last segment is a
+torn write and is truncated; a bad frame followed by any valid frame, or bad data in any other
+segment, is corruption and the process refuses to start (`LogCorruptedError`). A failed fsync is
+fatal and is never retried (PostgreSQL's rule after "fsyncgate").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import errno
+import logging
+import os
+import random as random_module
+import re
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn, Protocol
+
+import crc32c
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError
+
+from dtm import records as record_types
+from dtm.limits import LOG_RECORD_BYTES_MAX, LOG_SEGMENT_BYTES_MAX
+
+__all__ = [
+    "CHECKPOINT_RECORDS_MAX",
+    "RECORD_TYPE_MAX",
+    "AppendFile",
+    "BatchSizes",
+    "CrashingFileSystem",
+    "FileSystem",
+    "GroupCommitLog",
+    "Log",
+    "LogCorruptedError",
+    "LogFatalError",
+    "LogRecord",
+    "MemoryLog",
+    "OsFileSystem",
+    "WriteAheadLog",
+    "dump",
+    "exit_on_fatal",
+    "main",
+]
+
+# ---- limits of this module (kept here, not in dtm/limits.py, which this change must not edit) ----
+# Record types live in a u32 field, but callers only need small numbers; a tight bound catches a
+# caller passing a length or an LSN by mistake.
+RECORD_TYPE_MAX = 0xFFFF
+# One checkpoint is the live state of one process: bounded like every other batch.
+CHECKPOINT_RECORDS_MAX = 1_000_000
+# EX_IOERR from sysexits.h: the exit status after a failed fsync.
+FATAL_EXIT_STATUS = 74
+
+_HEADER = struct.Struct("<IIQI")  # payload_length, crc32c, lsn, record_type
+_HEADER_BYTES = _HEADER.size
+_ALIGNMENT = 8
+_MARKER_TYPE = 0
+_MARKER = struct.Struct("<BQI")  # kind, checkpoint begin LSN, number of checkpoint records
+_MARKER_BEGIN = 1
+_MARKER_COMPLETE = 2
+_PAYLOAD_BYTES_MAX = max(LOG_RECORD_BYTES_MAX, _MARKER.size)
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
+
+_logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and records
+# ---------------------------------------------------------------------------------------------
+
+
+class LogCorruptedError(Exception):
+    """The log holds bad data that a crash cannot explain; the process must not start."""
+
+    def __init__(self, path: Path, offset: int, reason: str) -> None:
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        super().__init__(
+            f"write-ahead log corrupted: {path} at byte offset {offset}: {reason}; this is not "
+            "a torn write at the end of the log, so the process refuses to start (restore the "
+            "log or inspect it with `python -m dtm.wal dump`)"
+        )
+
+
+class LogFatalError(Exception):
+    """An fsync (or an undo of a failed write) failed; the log must not be used again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    lsn: int
+    record_type: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSizes:
+    """Group commit effectiveness: how many records each sync made durable."""
+
+    syncs: int
+    records: int
+    largest: int
+
+    @property
+    def mean(self) -> float:
+        return self.records / self.syncs if self.syncs else 0.0
+
+
+def exit_on_fatal(message: str) -> NoReturn:
+    """Default fatal handler: a failed fsync may have dropped dirty pages, so stop right now."""
+    _logger.critical("%s", message)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(FATAL_EXIT_STATUS)
+
+
+# ---------------------------------------------------------------------------------------------
+# File systems
+# ---------------------------------------------------------------------------------------------
+
+
+class AppendFile(Protocol):
+    """An open segment: writes go to its end."""
+
+    def write(self, data: bytes | bytearray) -> None: ...
+    def fsync(self) -> None: ...
+    def truncate(self, size: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileSystem(Protocol):
+    """Every file operation the log performs, so tests and the simulator can crash the disk."""
+
+    def make_dirs(self, directory: Path) -> bool:
+        """Create the directory (and parents); True when it did not exist before."""
+        ...
+
+    def list_dir(self, directory: Path) -> list[str]: ...
+    def read_file(self, path: Path) -> bytes: ...
+    def file_size(self, path: Path) -> int: ...
+
+    def open_append(self, path: Path) -> AppendFile:
+        """Open for appending, creating the file if it does not exist."""
+        ...
+
+    def remove(self, path: Path) -> None: ...
+    def fsync_dir(self, directory: Path) -> None: ...
+
+
+class _OsAppendFile:
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            # os.write on a regular file may write less than asked (e.g. the disk filled up).
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def fsync(self) -> None:
+        # fdatasync flushes the data and the metadata needed to read it back (the file size), which
+        # is all an append-only file needs; it skips mtime. Where it is missing, fall back to fsync.
+        if hasattr(os, "fdatasync"):
+            os.fdatasync(self._fd)
+        else:  # pragma: no cover - macOS
+            os.fsync(self._fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class OsFileSystem:
+    """The real disk."""
+
+    def make_dirs(self, directory: Path) -> bool:
+        if directory.is_dir():
+            return False
+        directory.mkdir(parents=True, exist_ok=True)
+        return True
+
+    def list_dir(self, directory: Path) -> list[str]:
+        return sorted(os.listdir(directory))
+
+    def read_file(self, path: Path) -> bytes:
+        return path.read_bytes()
+
+    def file_size(self, path: Path) -> int:
+        return os.stat(path).st_size
+
+    def open_append(self, path: Path) -> AppendFile:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        return _OsAppendFile(os.open(path, flags, 0o644))
+
+    def remove(self, path: Path) -> None:
+        os.remove(path)
+
+    def fsync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass(eq=False, slots=True)
+class _MemoryFile:
+    """An inode: what a read sees now, and what survives a crash."""
+
+    content: bytearray = field(default_factory=bytearray)
+    durable: bytes = b""
+
+
+class _MemoryAppendFile:
+    __slots__ = ("_epoch", "_file", "_file_system")
+
+    def __init__(self, file_system: CrashingFileSystem, file: _MemoryFile) -> None:
+        self._file_system = file_system
+        self._file = file
+        self._epoch = file_system.crash_count
+
+    def _check(self) -> None:
+        if self._epoch != self._file_system.crash_count:
+            raise OSError(errno.EBADF, "file handle opened before a crash")
+
+    def write(self, data: bytes | bytearray) -> None:
+        with self._file_system.lock:
+            self._check()
+            self._file.content += data
+
+    def fsync(self) -> None:
+        with self._file_system.lock:
+            self._check()
+            self._file_system.consume_fsync_failure()
+            self._file.durable = bytes(self._file.content)
+
+    def truncate(self, size: int) -> None:
+        with self._file_system.lock:
+            self._check()
+            del self._file.content[size:]
+
+    def close(self) -> None:
+        self._epoch = -1
+
+
+class CrashingFileSystem:
+    """An in-memory disk that loses everything not fsynced when `crash()` is called.
+
+    Model (simple, and strict where real file systems are lenient):
+
+    - A file's content survives a crash as of its last fsync. Unsynced writes are lost; with
+      `crash(random)` a random prefix of the unsynced appended bytes survives instead (a torn
+      write), as long as the file was only appended to since its last fsync.
+    - A directory entry (a created or a removed name) survives a crash only once its directory was
+      fsynced afterwards: a created file whose directory was never fsynced disappears, a removed
+      file whose directory was not fsynced after the removal reappears with its durable content.
+      With `crash(random)` each such unsynced entry change survives or not at random.
+    - Directories themselves are durable as soon as they are made (not modelled).
+    - `fail_next_fsync = True` makes the next fsync (of a file or a directory) raise EIO.
+    - Handles opened before a crash raise EBADF afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the group commit thread fsyncs while the loop appends
+        self.fail_next_fsync = False
+        self.crash_count = 0
+        self.fsync_count = 0
+        self._directories: set[Path] = set()
+        self._names: dict[Path, _MemoryFile] = {}
+        self._durable_names: dict[Path, _MemoryFile] = {}
+
+    def consume_fsync_failure(self) -> None:
+        self.fsync_count += 1
+        if self.fail_next_fsync:
+            self.fail_next_fsync = False
+            raise OSError(errno.EIO, "injected fsync failure")
+
+    def crash(self, random: random_module.Random | None = None) -> None:
+        with self.lock:
+            survivors: dict[Path, _MemoryFile] = {}
+            for path in sorted(self._names.keys() | self._durable_names.keys()):
+                durable_file = self._durable_names.get(path)
+                current_file = self._names.get(path)
+                chosen = durable_file
+                if random is not None and durable_file is not current_file:
+                    chosen = random.choice([durable_file, current_file])
+                if chosen is not None:
+                    survivors[path] = chosen
+            for file in {id(file): file for file in survivors.values()}.values():
+                kept = file.durable
+                unsynced = bytes(file.content[len(kept) :])
+                if random is not None and file.content.startswith(kept) and unsynced:
+                    kept += unsynced[: random.randint(0, len(unsynced))]
+                file.content = bytearray(kept)
+                file.durable = kept
+            self._names = survivors
+            self._durable_names = dict(survivors)
+            self.crash_count += 1
+
+    # ---- FileSystem ----
+
+    def make_dirs(self, directory: Path) -> bool:
+        with self.lock:
+            if directory in self._directories:
+                return False
+            self._directories.update([directory, *directory.parents])
+            return True
+
+    def list_dir(self, directory: Path) -> list[str]:
+        with self.lock:
+            if directory not in self._directories:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", str(directory))
+            return sorted(path.name for path in self._names if path.parent == directory)
+
+    def read_file(self, path: Path) -> bytes:
+        with self.lock:
+            return bytes(self._lookup(path).content)
+
+    def file_size(self, path: Path) -> int:
+        with self.lock:
+            return len(self._lookup(path).content)
+
+    def open_append(self, path: Path) -> AppendFile:
+        with self.lock:
+            if path.parent not in self._directories:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+            file = self._names.setdefault(path, _MemoryFile())
+            return _MemoryAppendFile(self, file)
+
+    def remove(self, path: Path) -> None:
+        with self.lock:
+            self._lookup(path)
+            del self._names[path]
+
+    def fsync_dir(self, directory: Path) -> None:
+        with self.lock:
+            self.consume_fsync_failure()
+            for path in [path for path in self._durable_names if path.parent == directory]:
+                del self._durable_names[path]
+            for path, file in self._names.items():
+                if path.parent == directory:
+                    self._durable_names[path] = file
+
+    def _lookup(self, path: Path) -> _MemoryFile:
+        try:
+            return self._names[path]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------------------------
+
+
+def _crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    return int(crc32c.crc32c(data, value))
+
+
+def _frame_crc(view: memoryview, offset: int, end: int) -> int:
+    return _crc(view[offset + 8 : end], _crc(view[offset : offset + 4]))
+
+
+def _aligned(size: int) -> int:
+    return (size + _ALIGNMENT - 1) & ~(_ALIGNMENT - 1)
+
+
+def _segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}.wal"
+
+
+def _encode_frame(lsn: int, record_type: int, payload: bytes) -> bytearray:
+    frame = bytearray(_aligned(_HEADER_BYTES + len(payload)))
+    _HEADER.pack_into(frame, 0, len(payload), 0, lsn, record_type)
+    frame[_HEADER_BYTES : _HEADER_BYTES + len(payload)] = payload
+    view = memoryview(frame)
+    struct.pack_into("<I", frame, 4, _frame_crc(view, 0, len(frame)))
+    # Verify before writing: re-read the frame exactly as recovery will.
+    decoded = _decode_frame(bytes(frame), 0)
+    assert isinstance(decoded, _Frame), decoded
+    assert (decoded.lsn, decoded.record_type, decoded.payload) == (lsn, record_type, payload)
+    return frame
+
+
+def _encode_marker(kind: int, begin_lsn: int, record_count: int) -> bytes:
+    return _MARKER.pack(kind, begin_lsn, record_count)
+
+
+def _decode_marker(payload: bytes) -> tuple[int, int, int] | None:
+    if len(payload) != _MARKER.size:
+        return None
+    kind, begin_lsn, record_count = _MARKER.unpack(payload)
+    if kind not in (_MARKER_BEGIN, _MARKER_COMPLETE):
+        return None
+    return kind, begin_lsn, record_count
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    offset: int
+    end: int
+    lsn: int
+    record_type: int
+    payload: bytes
+
+
+def _decode_frame(data: bytes, offset: int) -> _Frame | str:
+    """The frame at `offset`, or why there is no valid frame there (LSN not checked)."""
+    size = len(data)
+    if offset + _HEADER_BYTES > size:
+        return f"short header: {size - offset} of {_HEADER_BYTES} bytes"
+    payload_length, crc, lsn, record_type = _HEADER.unpack_from(data, offset)
+    if payload_length == 0 and crc == 0 and lsn == 0 and record_type == 0:
+        return "zero-filled header"
+    if payload_length > _PAYLOAD_BYTES_MAX:
+        return f"payload length {payload_length} exceeds the maximum {_PAYLOAD_BYTES_MAX}"
+    end = offset + _aligned(_HEADER_BYTES + payload_length)
+    if end > size:
+        return f"short record: {size - offset} of {end - offset} bytes"
+    actual = _frame_crc(memoryview(data), offset, end)
+    if actual != crc:
+        return f"checksum mismatch: stored {crc:#010x}, computed {actual:#010x}"
+    payload = data[offset + _HEADER_BYTES : offset + _HEADER_BYTES + payload_length]
+    return _Frame(offset, end, lsn, record_type, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """Every valid frame of a segment up to the first bad one."""
+
+    frames: list[_Frame]
+    size: int
+    bad_offset: int | None = None
+    bad_reason: str = ""
+    later_valid_offset: int | None = None  # a valid frame after the bad one: corruption
+
+    @property
+    def valid_end(self) -> int:
+        return self.frames[-1].end if self.frames else 0
+
+
+def _scan(data: bytes, first_lsn: int | None) -> _Scan:
+    """Parse frames in order; `first_lsn` None accepts whatever LSN the first frame carries."""
+    frames: list[_Frame] = []
+    offset = 0
+    expected_lsn = first_lsn
+    while offset < len(data):
+        decoded = _decode_frame(data, offset)
+        if isinstance(decoded, _Frame) and expected_lsn not in (None, decoded.lsn):
+            decoded = f"LSN {decoded.lsn} where {expected_lsn} was expected"
+        if isinstance(decoded, str):
+            return _Scan(frames, len(data), offset, decoded, _find_valid_frame(data, offset + 8))
+        frames.append(decoded)
+        expected_lsn = decoded.lsn + 1
+        offset = decoded.end
+    return _Scan(frames, len(data))
+
+
+def _find_valid_frame(data: bytes, start: int) -> int | None:
+    """First aligned offset from `start` holding a frame whose header and checksum validate.
+
+    Any such frame after a bad one means the bad one is not a torn tail: writes are appends, so a
+    crash can only lose a suffix. Runs only when a bad frame was found, so a linear scan is fine.
+    """
+    for offset in range(start, len(data) - _HEADER_BYTES + 1, _ALIGNMENT):
+        payload_length, _, lsn, _ = _HEADER.unpack_from(data, offset)
+        if lsn == 0 or payload_length > _PAYLOAD_BYTES_MAX:
+            continue  # cheap rejection before the checksum
+        if offset + _aligned(_HEADER_BYTES + payload_length) > len(data):
+            continue
+        if isinstance(_decode_frame(data, offset), _Frame):
+            return offset
+    return None
+
+
+class _Checkpoint(enum.Enum):
+    NONE = "none"  # the segment does not start with a checkpoint
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"  # a crash interrupted writing it
+    MALFORMED = "malformed"  # markers that no crash can produce
+
+
+def _checkpoint_status(scan: _Scan) -> tuple[_Checkpoint, int]:
+    """Whether the segment starts with a checkpoint, and how many records it holds."""
+    if not scan.frames or scan.frames[0].record_type != _MARKER_TYPE:
+        return _Checkpoint.NONE, 0
+    begin = scan.frames[0]
+    marker = _decode_marker(begin.payload)
+    if marker is None or marker != (_MARKER_BEGIN, begin.lsn, marker[2]):
+        return _Checkpoint.MALFORMED, 0
+    record_count = marker[2]
+    body = scan.frames[1 : 1 + record_count]
+    if any(frame.record_type == _MARKER_TYPE for frame in body):
+        return _Checkpoint.MALFORMED, record_count
+    if len(scan.frames) <= 1 + record_count:
+        return _Checkpoint.INCOMPLETE, record_count
+    complete = scan.frames[1 + record_count]
+    if _decode_marker(complete.payload) != (_MARKER_COMPLETE, begin.lsn, record_count):
+        return _Checkpoint.MALFORMED, record_count
+    if complete.record_type != _MARKER_TYPE:
+        return _Checkpoint.MALFORMED, record_count
+    return _Checkpoint.COMPLETE, record_count
+
+
+def _check_record(record_type: int, payload: bytes) -> None:
+    if not 1 <= record_type <= RECORD_TYPE_MAX:
+        raise ValueError(f"record type {record_type} is outside 1..{RECORD_TYPE_MAX}")
+    if len(payload) > LOG_RECORD_BYTES_MAX:
+        raise ValueError(
+            f"record payload of {len(payload)} bytes exceeds LOG_RECORD_BYTES_MAX "
+            f"({LOG_RECORD_BYTES_MAX})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Segment:
+    first_lsn: int
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _SyncTicket:
+    """What one sync covers, captured under the lock before any fsync runs."""
+
+    target_lsn: int
+    fsync_handles: tuple[AppendFile, ...]
+    retired: tuple[AppendFile, ...]  # closed once this sync is done: nobody uses them any more
+    sync_directory: bool
+    obsolete: tuple[_Segment, ...]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.fsync_handles or self.retired or self.sync_directory or self.obsolete)
+
+
+class WriteAheadLog:
+    """One process's log. Not thread-safe: `GroupCommitLog` serialises access with a lock.
+
+    Use `WriteAheadLog.open`; the constructor runs recovery.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        file_system: FileSystem | None = None,
+        segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
+        on_fatal: Callable[[str], None] = exit_on_fatal,
+    ) -> None:
+        if segment_bytes_max < _aligned(_HEADER_BYTES + _MARKER.size):
+            raise ValueError(f"segment_bytes_max {segment_bytes_max} is too small")
+        self._directory = directory
+        self._fs: FileSystem = file_system if file_system is not None else OsFileSystem()
+        self._segment_bytes_max = segment_bytes_max
+        self._on_fatal = on_fatal
+        self._segments: list[_Segment] = []  # live segments, oldest first; the last is current
+        # Segments no longer appended to, whose handles the sync thread may still be using.
+        # Never fsynced again: rotation fsyncs the old segment itself, and a segment replaced by
+        # a checkpoint needs no fsync (the checkpoint covers its records, and until the
+        # checkpoint is durable that segment is the last one, where a torn tail is allowed).
+        self._retired: list[AppendFile] = []
+        self._obsolete: list[_Segment] = []  # replaced by a checkpoint, deleted by the next sync
+        self._directory_sync_pending = False
+        self._next_lsn = 1
+        self._durable_lsn = 0
+        self._fsync_count = 0
+        self._records_appended = 0
+        self._syncs = 0
+        self._records_synced = 0
+        self._largest_batch = 0
+        self._fatal_message: str | None = None
+        self._closed = False
+        self._handle, self._recovered = self._recover()
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        file_system: FileSystem | None = None,
+        segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
+        on_fatal: Callable[[str], None] = exit_on_fatal,
+    ) -> tuple[WriteAheadLog, list[LogRecord]]:
+        """Recover the log in `directory` (created if missing); returns the records to replay."""
+        log = cls(
+            directory,
+            file_system=file_system,
+            segment_bytes_max=segment_bytes_max,
+            on_fatal=on_fatal,
+        )
+        recovered, log._recovered = log._recovered, []
+        return log, recovered
+
+    # ---- properties ----
+
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
+    @property
+    def appended_lsn(self) -> int:
+        return self._next_lsn - 1
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._durable_lsn
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(segment.size for segment in [*self._obsolete, *self._segments])
+
+    @property
+    def segment_paths(self) -> list[Path]:
+        return [segment.path for segment in self._segments]
+
+    @property
+    def fsync_count(self) -> int:
+        """File fsyncs issued (directory fsyncs not counted)."""
+        return self._fsync_count
+
+    @property
+    def records_appended(self) -> int:
+        """Records appended through `append` since open (checkpoint records not counted)."""
+        return self._records_appended
+
+    @property
+    def batch_sizes(self) -> BatchSizes:
+        return BatchSizes(self._syncs, self._records_synced, self._largest_batch)
+
+    # ---- writing ----
+
+    def append(self, record_type: int, payload: bytes) -> int:
+        """Write one record to the OS (not synced); returns its LSN."""
+        self._check_usable()
+        _check_record(record_type, payload)
+        lsn = self._next_lsn
+        frame = _encode_frame(lsn, record_type, payload)
+        current = self._segments[-1]
+        if current.size > 0 and current.size + len(frame) > self._segment_bytes_max:
+            self._rotate()
+        self._write_frame(frame, fatal_on_error=False)
+        self._next_lsn = lsn + 1
+        self._records_appended += 1
+        return lsn
+
+    def sync(self) -> int:
+        """Make every appended record durable; returns the highest durable LSN."""
+        ticket = self._begin_sync()
+        if ticket.has_work:
+            self._perform_sync(ticket)
+            self._complete_sync(ticket)
+        return self._durable_lsn
+
+    def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
+        """Replace the whole log by `records` (the caller's snapshot of live state), durably."""
+        self._begin_checkpoint(records)
+        self.sync()
+
+    def close(self) -> None:
+        """Sync and close. A failed log just closes its files."""
+        if self._closed:
+            return
+        if self._fatal_message is None:
+            self.sync()
+        self._closed = True
+        for handle in self._retired:
+            handle.close()
+        self._retired.clear()
+        self._handle.close()
+
+    # ---- the steps, split so GroupCommitLog can fsync outside its lock ----
+
+    def _begin_sync(self) -> _SyncTicket:
+        """Capture what the next fsync covers (under the caller's lock)."""
+        self._check_usable()
+        target_lsn = self._next_lsn - 1
+        ticket = _SyncTicket(
+            target_lsn=target_lsn,
+            fsync_handles=(self._handle,) if target_lsn > self._durable_lsn else (),
+            retired=tuple(self._retired),
+            sync_directory=self._directory_sync_pending,
+            obsolete=tuple(self._obsolete),
+        )
+        self._directory_sync_pending = False
+        return ticket
+
+    def _perform_sync(self, ticket: _SyncTicket) -> None:
+        """The slow part: may run without the lock while appends continue."""
+        try:
+            for handle in ticket.fsync_handles:
+                handle.fsync()
+            if ticket.sync_directory:
+                self._fs.fsync_dir(self._directory)
+            # Only now is the checkpoint (and its file name) durable: the old segments can go.
+            if ticket.obsolete:
+                for segment in ticket.obsolete:
+                    self._fs.remove(segment.path)
+                self._fs.fsync_dir(self._directory)
+        except OSError as error:
+            self._fatal(f"sync of write-ahead log {self._directory} failed: {error}")
+
+    def _complete_sync(self, ticket: _SyncTicket) -> None:
+        """Publish the result of `_perform_sync` (under the caller's lock)."""
+        batch = ticket.target_lsn - self._durable_lsn
+        if batch > 0:
+            self._syncs += 1
+            self._records_synced += batch
+            self._largest_batch = max(self._largest_batch, batch)
+            self._durable_lsn = ticket.target_lsn
+        self._fsync_count += len(ticket.fsync_handles)
+        for handle in ticket.retired:
+            handle.close()
+        self._retired = [h for h in self._retired if all(h is not t for t in ticket.retired)]
+        self._obsolete = [s for s in self._obsolete if s not in ticket.obsolete]
+
+    def _begin_checkpoint(self, records: Sequence[tuple[int, bytes]]) -> int:
+        """Write a checkpoint segment (not synced); returns the LSN of its complete marker."""
+        self._check_usable()
+        if len(records) > CHECKPOINT_RECORDS_MAX:
+            raise ValueError(
+                f"checkpoint of {len(records)} records exceeds CHECKPOINT_RECORDS_MAX "
+                f"({CHECKPOINT_RECORDS_MAX})"
+            )
+        for record_type, payload in records:
+            _check_record(record_type, payload)
+        current = self._segments[-1]
+        if current.size == 0:
+            # An empty current segment is already named after the next LSN: reuse it.
+            assert current.first_lsn == self._next_lsn
+            self._obsolete.extend(self._segments[:-1])
+        else:
+            path = self._directory / _segment_name(self._next_lsn)
+            handle = self._fs.open_append(path)
+            self._retired.append(self._handle)
+            self._obsolete.extend(self._segments)
+            self._handle = handle
+            self._directory_sync_pending = True
+            current = _Segment(self._next_lsn, path, 0)
+        self._segments = [current]
+        begin_lsn = self._next_lsn
+        frames = [(_MARKER_TYPE, _encode_marker(_MARKER_BEGIN, begin_lsn, len(records)))]
+        frames += records
+        frames.append((_MARKER_TYPE, _encode_marker(_MARKER_COMPLETE, begin_lsn, len(records))))
+        for record_type, payload in frames:
+            # A half-written checkpoint is harmless on disk (recovery drops it) but leaves this
+            # object unable to continue, so a failed write here is fatal.
+            self._write_frame(_encode_frame(self._next_lsn, record_type, payload), True)
+            self._next_lsn += 1
+        return self._next_lsn - 1
+
+    # ---- internals ----
+
+    def _write_frame(self, frame: bytearray, fatal_on_error: bool) -> None:
+        segment = self._segments[-1]
+        try:
+            self._handle.write(frame)
+        except OSError as error:
+            if fatal_on_error:
+                self._fatal(f"write to write-ahead log {segment.path} failed: {error}")
+            # Undo a partial write, or the next record would follow garbage and recovery would
+            # (rightly) call it corruption.
+            try:
+                self._handle.truncate(segment.size)
+            except OSError as truncate_error:
+                self._fatal(
+                    f"write to {segment.path} failed ({error}) and truncating it back to "
+                    f"{segment.size} bytes failed too: {truncate_error}"
+                )
+            raise
+        segment.size += len(frame)
+
+    def _rotate(self) -> None:
+        # fsync the old segment before the new one receives anything: recovery treats bad data
+        # in a non-last segment as corruption, which is only right if that data was durable.
+        # This fsync and the directory fsync run on the appending thread, once per segment.
+        try:
+            self._handle.fsync()
+        except OSError as error:
+            self._fatal(f"fsync of write-ahead log {self._segments[-1].path} failed: {error}")
+        self._fsync_count += 1
+        path = self._directory / _segment_name(self._next_lsn)
+        handle = self._fs.open_append(path)
+        self._retired.append(self._handle)
+        self._handle = handle
+        self._segments.append(_Segment(self._next_lsn, path, 0))
+        try:
+            self._fs.fsync_dir(self._directory)
+        except OSError as error:
+            self._fatal(f"fsync of directory {self._directory} failed: {error}")
+
+    def _check_usable(self) -> None:
+        if self._fatal_message is not None:
+            raise LogFatalError(self._fatal_message)
+        if self._closed:
+            raise ValueError(f"write-ahead log {self._directory} is closed")
+
+    def _fatal(self, message: str) -> NoReturn:
+        self._fatal_message = message
+        self._on_fatal(message)  # by default never returns
+        raise LogFatalError(message)
+
+    def _recover(self) -> tuple[AppendFile, list[LogRecord]]:
+        fs, directory = self._fs, self._directory
+        if fs.make_dirs(directory):
+            fs.fsync_dir(directory.parent)
+        segments: list[_Segment] = []
+        for name in fs.list_dir(directory):
+            match = _SEGMENT_NAME.match(name)
+            if match:
+                segments.append(_Segment(int(match.group(1)), directory / name, 0))
+        segments.sort(key=lambda segment: segment.first_lsn)
+        if not segments:
+            path = directory / _segment_name(1)
+            handle = fs.open_append(path)
+            fs.fsync_dir(directory)
+            self._segments = [_Segment(1, path, 0)]
+            return handle, []
+
+        scans: dict[int, _Scan] = {}
+
+        def scan(segment: _Segment) -> _Scan:
+            if id(segment) not in scans:
+                scans[id(segment)] = _scan(fs.read_file(segment.path), segment.first_lsn)
+            return scans[id(segment)]
+
+        # 1. Replay starts at the newest complete checkpoint; anything older is left over from a
+        #    crash before the checkpoint's deletions, and is removed unread.
+        start = 0
+        for index in reversed(range(len(segments))):
+            if _checkpoint_status(scan(segments[index]))[0] is _Checkpoint.COMPLETE:
+                start = index
+                break
+        if start > 0:
+            for segment in segments[:start]:
+                fs.remove(segment.path)
+            fs.fsync_dir(directory)
+            segments = segments[start:]
+
+        # 2. A trailing segment with no valid record, or with an interrupted checkpoint, holds
+        #    nothing that was ever acknowledged: drop it, and the one before becomes the tail
+        #    (a checkpoint does not fsync the old segment first, so that one may be torn too).
+        dropped = False
+        while len(segments) > 1:
+            last_scan = scan(segments[-1])
+            if last_scan.later_valid_offset is not None:
+                raise LogCorruptedError(
+                    segments[-1].path,
+                    last_scan.bad_offset or 0,
+                    f"{last_scan.bad_reason}, yet a valid record follows at byte offset "
+                    f"{last_scan.later_valid_offset}",
+                )
+            status, _ = _checkpoint_status(last_scan)
+            if last_scan.frames and status is not _Checkpoint.INCOMPLETE:
+                break
+            fs.remove(segments.pop().path)
+            dropped = True
+        if dropped:
+            fs.fsync_dir(directory)
+
+        # 3. Validate every remaining segment strictly, except for a torn tail of the last one.
+        recovered: list[LogRecord] = []
+        expected_lsn = segments[0].first_lsn
+        for index, segment in enumerate(segments):
+            segment_scan = scan(segment)
+            is_last = index == len(segments) - 1
+            if segment.first_lsn != expected_lsn:
+                raise LogCorruptedError(
+                    segment.path,
+                    0,
+                    f"segment starts at LSN {segment.first_lsn} but the previous segment ends "
+                    f"at LSN {expected_lsn - 1}",
+                )
+            if segment_scan.bad_offset is not None:
+                if not is_last:
+                    raise LogCorruptedError(
+                        segment.path,
+                        segment_scan.bad_offset,
+                        f"{segment_scan.bad_reason} in a segment that is not the last one",
+                    )
+                if segment_scan.later_valid_offset is not None:
+                    raise LogCorruptedError(
+                        segment.path,
+                        segment_scan.bad_offset,
+                        f"{segment_scan.bad_reason}, yet a valid record follows at byte offset "
+                        f"{segment_scan.later_valid_offset}",
+                    )
+            status, record_count = _checkpoint_status(segment_scan)
+            marker_indexes: set[int] = set()
+            if status is _Checkpoint.COMPLETE and index == 0:
+                marker_indexes = {0, record_count + 1}
+            elif status is not _Checkpoint.NONE:
+                offset = segment_scan.frames[0].offset
+                raise LogCorruptedError(segment.path, offset, f"checkpoint is {status.value}")
+            for frame_index, frame in enumerate(segment_scan.frames):
+                if frame.record_type == _MARKER_TYPE:
+                    if frame_index not in marker_indexes:
+                        raise LogCorruptedError(
+                            segment.path, frame.offset, "checkpoint marker out of place"
+                        )
+                    continue
+                recovered.append(LogRecord(frame.lsn, frame.record_type, frame.payload))
+            if segment_scan.frames:
+                expected_lsn = segment_scan.frames[-1].lsn + 1
+            if not is_last:
+                segment.size = segment_scan.size
+
+        # 4. Cut the torn tail, and fsync what was read: after a process crash the replayed
+        #    records may still be only in the page cache, and we are about to act on them.
+        last = segments[-1]
+        last_scan = scan(last)
+        handle = fs.open_append(last.path)
+        try:
+            if last_scan.bad_offset is not None:
+                _logger.warning(
+                    "write-ahead log %s: torn write at byte offset %d (%s); truncating %d bytes",
+                    last.path,
+                    last_scan.bad_offset,
+                    last_scan.bad_reason,
+                    last_scan.size - last_scan.bad_offset,
+                )
+                handle.truncate(last_scan.bad_offset)
+            handle.fsync()
+            fs.fsync_dir(directory)
+        except BaseException:
+            handle.close()
+            raise
+        self._fsync_count += 1
+        last.size = last_scan.valid_end
+        self._segments = segments
+        self._next_lsn = expected_lsn
+        self._durable_lsn = expected_lsn - 1
+        return handle, recovered
+
+
+# ---------------------------------------------------------------------------------------------
+# The asyncio side
+# ---------------------------------------------------------------------------------------------
+
+
+class Log(Protocol):
+    """What the coordinator and the participant SDK need from a log.
+
+    Small on purpose, so that a replicated store (e.g. etcd) can back it later.
+    `append` is cheap and synchronous; nothing that depends on a record may leave the process
+    before `wait_durable` of its LSN returns.
+    """
+
+    def append(self, record_type: int, payload: bytes) -> int: ...
+    async def wait_durable(self, lsn: int) -> None: ...
+    async def append_durable(self, record_type: int, payload: bytes) -> int: ...
+    async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None: ...
+    async def close(self) -> None: ...
+    @property
+    def appended_lsn(self) -> int: ...
+    @property
+    def durable_lsn(self) -> int: ...
+    @property
+    def fsync_count(self) -> int: ...
+    @property
+    def records_appended(self) -> int: ...
+    @property
+    def batch_sizes(self) -> BatchSizes: ...
+
+
+class _Generation:
+    """The waiters of one fsync: resolved together by one call_soon_threadsafe."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: list[asyncio.Future[None]] = []
+
+
+def _resolve_waiters(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for waiter in waiters:
+        if not waiter.done():  # a cancelled waiter is done
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
+class GroupCommitLog:
+    """A `WriteAheadLog` for asyncio code: one background thread fsyncs for everyone.
+
+    While an fsync runs, records appended meanwhile wait for the next one, so one fsync covers
+    as many transactions as arrive during the previous one. Only the waiters whose LSN the
+    completed fsync covers are woken (the covered LSN is captured before the fsync starts).
+    Construct it anywhere; it binds to the running loop on the first `wait_durable`.
+    """
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self._wal = wal
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._requested: _Generation | None = None  # waiters for the next fsync
+        self._in_flight: tuple[int, _Generation] | None = None  # (covered LSN, its waiters)
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="dtm-wal-sync", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        file_system: FileSystem | None = None,
+        segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
+        on_fatal: Callable[[str], None] = exit_on_fatal,
+    ) -> tuple[GroupCommitLog, list[LogRecord]]:
+        wal, recovered = WriteAheadLog.open(
+            directory,
+            file_system=file_system,
+            segment_bytes_max=segment_bytes_max,
+            on_fatal=on_fatal,
+        )
+        return cls(wal), recovered
+
+    # ---- properties ----
+
+    @property
+    def wal(self) -> WriteAheadLog:
+        return self._wal
+
+    @property
+    def appended_lsn(self) -> int:
+        return self._wal.appended_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._wal.durable_lsn
+
+    @property
+    def fsync_count(self) -> int:
+        return self._wal.fsync_count
+
+    @property
+    def records_appended(self) -> int:
+        return self._wal.records_appended
+
+    @property
+    def batch_sizes(self) -> BatchSizes:
+        return self._wal.batch_sizes
+
+    # ---- the Log interface ----
+
+    def append(self, record_type: int, payload: bytes) -> int:
+        with self._lock:
+            self._check_open()
+            return self._wal.append(record_type, payload)
+
+    async def wait_durable(self, lsn: int) -> None:
+        if lsn <= self._wal.durable_lsn and self._error is None:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._raise_if_failed()
+            if lsn <= self._wal.durable_lsn:
+                return
+            if lsn > self._wal.appended_lsn:
+                raise ValueError(f"LSN {lsn} was never appended (last is {self.appended_lsn})")
+            if self._loop is None:
+                self._loop = loop
+            assert self._loop is loop, "a GroupCommitLog serves one event loop"
+            if self._in_flight is not None and lsn <= self._in_flight[0]:
+                generation = self._in_flight[1]
+            else:
+                if self._requested is None:
+                    self._requested = _Generation()
+                    self._wake.notify()
+                generation = self._requested
+            generation.waiters.append(waiter)
+        await waiter
+        assert lsn <= self._wal.durable_lsn
+
+    async def append_durable(self, record_type: int, payload: bytes) -> int:
+        lsn = self.append(record_type, payload)
+        await self.wait_durable(lsn)
+        return lsn
+
+    async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
+        # Writing is cheap and happens here, in order with appends; the fsyncs and the deletion of
+        # old segments happen on the sync thread as part of the next sync.
+        with self._lock:
+            self._check_open()
+            complete_lsn = self._wal._begin_checkpoint(records)
+        await self.wait_durable(complete_lsn)
+
+    async def close(self) -> None:
+        """Make everything appended durable, stop the thread and close the files."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._wal.close()
+
+    # ---- the sync thread ----
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            # A fresh exception per caller: re-raising one instance would chain tracebacks.
+            raise LogFatalError(f"write-ahead log failed: {self._error}") from self._error
+
+    def _check_open(self) -> None:
+        self._raise_if_failed()
+        if self._closing:
+            raise ValueError(f"write-ahead log {self._wal.directory} is closed")
+
+    def _run(self) -> None:
+        try:
+            while self._sync_once():
+                pass
+        except BaseException as error:  # anything else is a bug, but waiters must not hang
+            self._fail(error)
+
+    def _sync_once(self) -> bool:
+        """One group fsync; False when closing and nothing is left to sync."""
+        with self._wake:
+            while self._requested is None and not self._closing:
+                self._wake.wait()
+            generation = self._requested or _Generation()
+            self._requested = None
+            ticket = self._wal._begin_sync()
+            if not ticket.has_work and not generation.waiters:
+                return not self._closing
+            self._in_flight = (ticket.target_lsn, generation)
+        self._wal._perform_sync(ticket)  # no lock: appends continue during the fsync
+        with self._lock:
+            self._wal._complete_sync(ticket)
+            self._in_flight = None
+            loop = self._loop
+        if generation.waiters and loop is not None:
+            loop.call_soon_threadsafe(_resolve_waiters, generation.waiters, None)
+        return True
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._error = error
+            generations = [self._requested]
+            if self._in_flight is not None:
+                generations.append(self._in_flight[1])
+            self._requested = None
+            self._in_flight = None
+            loop = self._loop
+        waiters = [w for g in generations if g is not None for w in g.waiters]
+        if waiters and loop is not None:
+            # A closed loop raises RuntimeError: then nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve_waiters, waiters, error)
+
+
+class MemoryLog:
+    """A `Log` without a disk: everything is durable at once. For unit tests of the cores."""
+
+    def __init__(self) -> None:
+        self._records: list[LogRecord] = []
+        self._next_lsn = 1
+        self._records_appended = 0
+        self._closed = False
+
+    @property
+    def records(self) -> list[LogRecord]:
+        """What a restart would replay: the last checkpoint and everything after it."""
+        return list(self._records)
+
+    @property
+    def appended_lsn(self) -> int:
+        return self._next_lsn - 1
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._next_lsn - 1
+
+    @property
+    def fsync_count(self) -> int:
+        return 0
+
+    @property
+    def records_appended(self) -> int:
+        return self._records_appended
+
+    @property
+    def batch_sizes(self) -> BatchSizes:
+        return BatchSizes(0, 0, 0)
+
+    def append(self, record_type: int, payload: bytes) -> int:
+        if self._closed:
+            raise ValueError("memory log is closed")
+        _check_record(record_type, payload)
+        lsn = self._next_lsn
+        self._records.append(LogRecord(lsn, record_type, payload))
+        self._next_lsn += 1
+        self._records_appended += 1
+        return lsn
+
+    async def wait_durable(self, lsn: int) -> None:
+        if lsn > self.appended_lsn:
+            raise ValueError(f"LSN {lsn} was never appended (last is {self.appended_lsn})")
+
+    async def append_durable(self, record_type: int, payload: bytes) -> int:
+        return self.append(record_type, payload)
+
+    async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
+        for record_type, payload in records:
+            _check_record(record_type, payload)
+        self._records = []
+        for record_type, payload in records:
+            self._records.append(LogRecord(self._next_lsn, record_type, payload))
+            self._next_lsn += 1
+
+    async def close(self) -> None:
+        self._closed = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection
+# ---------------------------------------------------------------------------------------------
+
+
+def _describe(record_type: int, payload: bytes) -> str:
+    if record_type == _MARKER_TYPE:
+        marker = _decode_marker(payload)
+        if marker is None:
+            return f"WAL_MARKER malformed payload={payload.hex()}"
+        kind, begin_lsn, record_count = marker
+        name = "CHECKPOINT_BEGIN" if kind == _MARKER_BEGIN else "CHECKPOINT_COMPLETE"
+        return f"{name} begin_lsn={begin_lsn} records={record_count}"
+    try:
+        name, message = record_types.decode(record_type, payload)
+    except DecodeError as error:
+        return f"TYPE_{record_type} undecodable ({error}) payload={payload.hex()}"
+    if message is None:
+        return f"{name} payload={payload.hex()}"
+    return f"{name} {text_format.MessageToString(message, as_one_line=True)}".rstrip()
+
+
+def dump(path: Path) -> Iterator[str]:
+    """One line per record of a log directory or of one segment file; never modifies anything.
+
+    A torn tail or corruption ends the output with a line saying so.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _SEGMENT_NAME.match(p.name))
+    else:
+        files = [path]
+    for index, file in enumerate(files):
+        match = _SEGMENT_NAME.match(file.name)
+        segment_scan = _scan(file.read_bytes(), int(match.group(1)) if match else None)
+        for frame in segment_scan.frames:
+            description = _describe(frame.record_type, frame.payload)
+            yield f"lsn={frame.lsn} {file.name}@{frame.offset} {description}"
+        if segment_scan.bad_offset is None:
+            continue
+        where = f"{file} at byte offset {segment_scan.bad_offset}: {segment_scan.bad_reason}"
+        if segment_scan.later_valid_offset is not None:
+            yield (
+                f"CORRUPTED {where}; a valid record follows at byte offset "
+                f"{segment_scan.later_valid_offset}"
+            )
+        elif index < len(files) - 1:
+            yield f"CORRUPTED {where}; the segment is not the last one"
+        else:
+            lost = segment_scan.size - segment_scan.bad_offset
+            yield f"TORN TAIL {where}; opening the log truncates these {lost} bytes"
+        return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dtm.wal", description="Inspect a dtm write-ahead log."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    dump_parser = commands.add_parser("dump", help="print every record of a log or segment")
+    dump_parser.add_argument("path", type=Path, help="log directory or one .wal segment file")
+    arguments = parser.parse_args(argv)
+    status = 0
+    for line in dump(arguments.path):
+        print(line)
+        if line.startswith("CORRUPTED"):
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,700 @@
+"""Tests of the write-ahead log: format, recovery rules, checkpoints, crashes, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from dtmpb.v1 import log_pb2
+
+from dtm.limits import LOG_RECORD_BYTES_MAX, LOG_SEGMENT_BYTES_MAX
+from dtm.records import RecordType
+from dtm.wal import (
+    AppendFile,
+    BatchSizes,
+    CrashingFileSystem,
+    FileSystem,
+    GroupCommitLog,
+    Log,
+    LogCorruptedError,
+    LogFatalError,
+    LogRecord,
+    MemoryLog,
+    WriteAheadLog,
+    _encode_frame,
+    _encode_marker,
+    dump,
+    main,
+)
+
+ENDED = int(RecordType.TRANSACTION_ENDED)
+CHECKPOINT = int(RecordType.COORDINATOR_CHECKPOINT)
+
+
+def payloads(records: list[LogRecord]) -> list[bytes]:
+    return [record.payload for record in records]
+
+
+def segment_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.wal"))
+
+
+def write_log(
+    directory: Path, items: list[bytes], segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX
+) -> list[int]:
+    """Append and sync `items`; returns the log size after each record (the frame ends)."""
+    log, recovered = WriteAheadLog.open(directory, segment_bytes_max=segment_bytes_max)
+    assert recovered == []
+    ends = []
+    for item in items:
+        log.append(ENDED, item)
+        ends.append(log.size_bytes)
+    log.sync()
+    log.close()
+    return ends
+
+
+def reopen(
+    directory: Path,
+    file_system: FileSystem | None = None,
+    segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
+) -> list[LogRecord]:
+    log, recovered = WriteAheadLog.open(
+        directory, file_system=file_system, segment_bytes_max=segment_bytes_max
+    )
+    log.close()
+    return recovered
+
+
+# ---- format and replay ----
+
+
+def test_round_trip_and_replay_after_reopen(tmp_path: Path) -> None:
+    log, recovered = WriteAheadLog.open(tmp_path / "log")
+    assert recovered == []
+    lsns = [log.append(ENDED, f"t{i}".encode()) for i in range(5)]
+    assert lsns == [1, 2, 3, 4, 5]
+    assert log.durable_lsn == 0
+    assert log.sync() == 5
+    assert (log.appended_lsn, log.durable_lsn, log.records_appended) == (5, 5, 5)
+    log.append(CHECKPOINT, b"")  # an empty payload is a valid record
+    log.close()
+
+    log, recovered = WriteAheadLog.open(tmp_path / "log")
+    expected = [LogRecord(i + 1, ENDED, f"t{i}".encode()) for i in range(5)]
+    assert [*expected, LogRecord(6, CHECKPOINT, b"")] == recovered
+    assert log.append(ENDED, b"t7") == 7  # LSNs continue after a reopen
+    log.close()
+    assert [record.lsn for record in reopen(tmp_path / "log")][-1:] == [7]
+
+
+def test_frames_are_eight_byte_aligned(tmp_path: Path) -> None:
+    ends = write_log(tmp_path, [b"x" * size for size in range(12)])
+    assert all(end % 8 == 0 for end in ends)
+
+
+def test_append_rejects_oversized_payload_and_reserved_types(tmp_path: Path) -> None:
+    log, _ = WriteAheadLog.open(tmp_path)
+    with pytest.raises(ValueError, match="LOG_RECORD_BYTES_MAX"):
+        log.append(ENDED, b"x" * (LOG_RECORD_BYTES_MAX + 1))
+    with pytest.raises(ValueError, match="record type"):
+        log.append(0, b"")  # reserved for the log's own markers
+    with pytest.raises(ValueError, match="record type"):
+        log.checkpoint([(ENDED, b"ok"), (-1, b"")])
+    assert log.appended_lsn == 0
+    log.close()
+
+
+def test_open_creates_missing_directories(tmp_path: Path) -> None:
+    log, recovered = WriteAheadLog.open(tmp_path / "a" / "b" / "log")
+    log.close()
+    assert recovered == []
+    assert [p.name for p in segment_files(tmp_path / "a/b/log")] == ["00000000000000000001.wal"]
+
+
+# ---- torn tails and corruption ----
+
+
+def test_torn_tail_at_every_offset_of_the_last_three_records(tmp_path: Path) -> None:
+    items = [f"record-{i}".encode() * (1 + i % 3) for i in range(6)]
+    original = tmp_path / "original"
+    ends = write_log(original, items)
+    [segment] = segment_files(original)
+    data = segment.read_bytes()
+    assert ends[-1] == len(data)
+
+    for cut in range(ends[-4], len(data)):
+        directory = tmp_path / f"cut{cut}"
+        directory.mkdir()
+        (directory / segment.name).write_bytes(data[:cut])
+        whole = sum(1 for end in ends if end <= cut)
+
+        log, recovered = WriteAheadLog.open(directory)
+        assert items[:whole] == payloads(recovered), cut
+        assert ends[whole - 1] == (directory / segment.name).stat().st_size  # truncated
+        assert whole + 1 == log.append(ENDED, b"after")
+        log.sync()
+        log.close()
+        assert [*items[:whole], b"after"] == payloads(reopen(directory)), cut
+        shutil.rmtree(directory)
+
+
+def test_zeroed_tail_recovers_the_prefix(tmp_path: Path) -> None:
+    items = [f"t{i}".encode() * 4 for i in range(6)]
+    ends = write_log(tmp_path, items)
+    [segment] = segment_files(tmp_path)
+    data = segment.read_bytes()
+
+    # Zeros over the last two records, as if their pages never reached the disk.
+    segment.write_bytes(data[: ends[3]] + bytes(len(data) - ends[3]))
+    assert items[:4] == payloads(reopen(tmp_path))
+
+    # Zeros after the last record, as if the file size grew before its data landed.
+    with segment.open("ab") as file:
+        file.write(bytes(4096))
+    assert items[:4] == payloads(reopen(tmp_path))
+    assert ends[3] == segment.stat().st_size
+
+
+def test_flipped_bit_in_a_middle_record_is_corruption(tmp_path: Path) -> None:
+    items = [f"transaction-{i}".encode() for i in range(5)]
+    ends = write_log(tmp_path, items)
+    [segment] = segment_files(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[ends[1] + 24] ^= 0x10  # inside the payload of the third record
+    segment.write_bytes(bytes(data))
+
+    with pytest.raises(LogCorruptedError) as caught:
+        WriteAheadLog.open(tmp_path)
+    message = str(caught.value)
+    assert segment.name in message
+    assert f"byte offset {ends[1]}" in message
+    assert "refuses to start" in message
+    assert (segment, ends[1]) == (caught.value.path, caught.value.offset)
+    assert bytes(data) == segment.read_bytes()  # nothing was truncated
+
+
+def test_bad_length_field_in_a_middle_record_is_corruption(tmp_path: Path) -> None:
+    ends = write_log(tmp_path, [b"a" * 30 for _ in range(5)])
+    [segment] = segment_files(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[ends[0]] = 0xFF  # the length now runs past the following records
+    segment.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptedError, match=f"byte offset {ends[0]}"):
+        WriteAheadLog.open(tmp_path)
+
+
+def test_bad_tail_of_a_non_last_segment_is_corruption(tmp_path: Path) -> None:
+    write_log(tmp_path, [b"r" * 40 for _ in range(12)], segment_bytes_max=256)
+    first, *_ = segment_files(tmp_path)
+    data = first.read_bytes()
+    first.write_bytes(data[:-8])
+    with pytest.raises(LogCorruptedError, match="not the last one") as caught:
+        WriteAheadLog.open(tmp_path)
+    assert first.name in str(caught.value)
+
+
+# ---- segments and checkpoints ----
+
+
+def test_segments_rotate_by_size(tmp_path: Path) -> None:
+    items = [f"{i:02d}".encode() * 20 for i in range(30)]  # 64-byte frames
+    write_log(tmp_path, items, segment_bytes_max=256)
+    files = segment_files(tmp_path)
+    assert len(files) >= 7
+    assert all(path.stat().st_size <= 256 for path in files)
+    first_lsns = [int(path.stem) for path in files]
+    assert [1 + 4 * index for index in range(len(files))] == first_lsns
+    assert items == payloads(reopen(tmp_path, segment_bytes_max=256))
+
+
+def test_checkpoint_drops_old_segments(tmp_path: Path) -> None:
+    log, _ = WriteAheadLog.open(tmp_path, segment_bytes_max=256)
+    for i in range(40):
+        log.append(ENDED, f"finished-{i}".encode() * 3)
+    assert len(segment_files(tmp_path)) > 3
+    size_before = log.size_bytes
+    log.checkpoint([(CHECKPOINT, b"live-1"), (CHECKPOINT, b"live-2")])
+    assert log.size_bytes < size_before
+    assert [int(path.stem) for path in segment_files(tmp_path)] == [41]
+    log.append(ENDED, b"later")
+    log.close()
+
+    recovered = reopen(tmp_path, segment_bytes_max=256)
+    assert payloads(recovered) == [b"live-1", b"live-2", b"later"]
+    assert [record.lsn for record in recovered] == [42, 43, 45]  # markers used 41 and 44
+
+
+def test_checkpoint_of_a_fresh_log_reuses_its_empty_segment(tmp_path: Path) -> None:
+    log, _ = WriteAheadLog.open(tmp_path)
+    log.checkpoint([])
+    log.close()
+    assert [p.name for p in segment_files(tmp_path)] == ["00000000000000000001.wal"]
+    assert reopen(tmp_path) == []
+
+
+def test_crash_mid_checkpoint_recovers_the_pre_checkpoint_state(tmp_path: Path) -> None:
+    items = [f"t{i}".encode() for i in range(5)]
+    write_log(tmp_path, items)
+    # The crash left a checkpoint segment with its records but without the complete marker.
+    partial = tmp_path / "00000000000000000006.wal"
+    partial.write_bytes(
+        _encode_frame(6, 0, _encode_marker(1, 6, 2)) + _encode_frame(7, CHECKPOINT, b"snapshot")
+    )
+    log, recovered = WriteAheadLog.open(tmp_path)
+    assert items == payloads(recovered)
+    assert not partial.exists()
+    assert log.append(ENDED, b"t5") == 6
+    log.close()
+    assert [*items, b"t5"] == payloads(reopen(tmp_path))
+
+
+def test_crash_after_checkpoint_before_deletion_replays_only_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    log, _ = WriteAheadLog.open(tmp_path / "log", segment_bytes_max=256)
+    for i in range(20):
+        log.append(ENDED, f"t{i}".encode() * 10)
+    log.sync()
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "log", old)
+    log.checkpoint([(CHECKPOINT, b"snapshot")])
+    log.close()
+    for path in segment_files(old):  # as if the crash came before the deletions
+        shutil.copy(path, tmp_path / "log")
+    assert len(segment_files(tmp_path / "log")) > 2
+
+    assert payloads(reopen(tmp_path / "log")) == [b"snapshot"]
+    assert len(segment_files(tmp_path / "log")) == 1
+
+
+# ---- crashes on the in-memory disk ----
+
+
+def test_lost_unsynced_writes_leave_an_acknowledged_prefix(tmp_path: Path) -> None:
+    disk = CrashingFileSystem()
+    log, _ = WriteAheadLog.open(tmp_path, file_system=disk, segment_bytes_max=512)
+    items = [f"record-{i}".encode() for i in range(300)]
+    acknowledged = 0
+    for index, item in enumerate(items):
+        log.append(ENDED, item)
+        if index % 37 == 0:
+            acknowledged = log.sync()
+    assert 0 < acknowledged < len(items)
+    disk.crash()
+
+    log, recovered = WriteAheadLog.open(tmp_path, file_system=disk, segment_bytes_max=512)
+    assert items[:acknowledged] == payloads(recovered)  # strict model: exactly what was synced
+    log.append(ENDED, b"after")
+    log.close()
+    assert [*items[:acknowledged], b"after"] == payloads(
+        reopen(tmp_path, file_system=disk, segment_bytes_max=512)
+    )
+
+
+def test_records_replayed_after_a_process_crash_survive_a_later_power_loss(
+    tmp_path: Path,
+) -> None:
+    disk = CrashingFileSystem()
+    log, _ = WriteAheadLog.open(tmp_path, file_system=disk)
+    log.append(ENDED, b"synced")
+    log.sync()
+    log.append(ENDED, b"only in the page cache")
+    # The process dies (no disk crash): a restart reads, and acts on, the unsynced record...
+    log, recovered = WriteAheadLog.open(tmp_path, file_system=disk)
+    assert [b"synced", b"only in the page cache"] == payloads(recovered)
+    assert 2 == log.durable_lsn
+    disk.crash()  # ...so a power loss afterwards must not take it back.
+    assert [b"synced", b"only in the page cache"] == payloads(reopen(tmp_path, file_system=disk))
+
+
+def replay_state(records: list[LogRecord]) -> list[bytes]:
+    """The application's view: a checkpoint record holds the whole state."""
+    state: list[bytes] = []
+    for record in records:
+        if record.record_type == CHECKPOINT:
+            state = record.payload.split(b",") if record.payload else []
+        else:
+            state.append(record.payload)
+    return state
+
+
+class SimulatedCrash(Exception):
+    """The machine lost power in the middle of a log operation."""
+
+
+class CrashAtOperation(CrashingFileSystem):
+    """Crashes (keeping random unsynced bytes and names) just before its n-th operation.
+
+    Counts every write, fsync, truncate, create, removal and directory fsync, so the crash can
+    land inside a sync or a checkpoint, not just between log calls.
+    """
+
+    def __init__(self, crash_at: int, rng: random.Random) -> None:
+        super().__init__()
+        self.crash_at = crash_at
+        self.rng = rng
+        self.operations = 0
+
+    def tick(self) -> None:
+        self.operations += 1
+        if self.operations == self.crash_at:
+            self.crash(self.rng)
+            raise SimulatedCrash
+
+    def open_append(self, path: Path) -> AppendFile:
+        self.tick()
+        return CountedFile(self, super().open_append(path))
+
+    def remove(self, path: Path) -> None:
+        self.tick()
+        super().remove(path)
+
+    def fsync_dir(self, directory: Path) -> None:
+        self.tick()
+        super().fsync_dir(directory)
+
+
+class CountedFile:
+    def __init__(self, file_system: CrashAtOperation, file: AppendFile) -> None:
+        self._file_system = file_system
+        self._file = file
+
+    def write(self, data: bytes | bytearray) -> None:
+        self._file_system.tick()
+        self._file.write(data)
+
+    def fsync(self) -> None:
+        self._file_system.tick()
+        self._file.fsync()
+
+    def truncate(self, size: int) -> None:
+        self._file_system.tick()
+        self._file.truncate(size)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_crashes_keep_every_acknowledged_record(tmp_path: Path, seed: int) -> None:
+    """Appends, syncs and checkpoints, with a crash at a random file operation (or at the end)."""
+    rng = random.Random(seed)
+    disk = CrashAtOperation(crash_at=rng.randint(2, 150), rng=rng)
+    state: list[bytes] = []
+    acknowledged = 0
+    try:
+        log, _ = WriteAheadLog.open(tmp_path, file_system=disk, segment_bytes_max=300)
+        for step in range(rng.randint(5, 120)):
+            state.append(f"r{step}".encode())
+            log.append(ENDED, state[-1])
+            roll = rng.random()
+            if roll < 0.1:
+                log.sync()
+                acknowledged = len(state)
+            elif roll < 0.15:
+                log._begin_checkpoint([(CHECKPOINT, b",".join(state))])  # not yet synced
+            elif roll < 0.2:
+                log.checkpoint([(CHECKPOINT, b",".join(state))])
+                acknowledged = len(state)
+        disk.crash(rng)
+    except SimulatedCrash:
+        pass
+    disk.crash_at = 0
+
+    log, recovered = WriteAheadLog.open(tmp_path, file_system=disk, segment_bytes_max=300)
+    log.close()
+    recovered_state = replay_state(recovered)
+    assert acknowledged <= len(recovered_state), seed
+    assert state[: len(recovered_state)] == recovered_state, seed
+
+
+def test_torn_segment_followed_by_an_empty_one_recovers(tmp_path: Path) -> None:
+    """A checkpoint's new segment got its name on disk but no data; the old one is torn."""
+    items = [f"t{i}".encode() for i in range(4)]
+    write_log(tmp_path, items)
+    [segment] = segment_files(tmp_path)
+    torn_frame = _encode_frame(5, ENDED, b"never synced")[:-8]
+    with segment.open("ab") as file:
+        file.write(torn_frame)
+    empty = tmp_path / "00000000000000000006.wal"
+    empty.write_bytes(b"")
+
+    assert items == payloads(reopen(tmp_path))
+    assert [segment] == segment_files(tmp_path)
+    empty.write_bytes(bytes(64))  # zeros instead of nothing: the same
+    assert items == payloads(reopen(tmp_path))
+
+
+def test_fsync_failure_is_fatal_and_nothing_becomes_durable(tmp_path: Path) -> None:
+    disk = CrashingFileSystem()
+    fatal_messages: list[str] = []
+    log, _ = WriteAheadLog.open(tmp_path, file_system=disk, on_fatal=fatal_messages.append)
+    log.append(ENDED, b"t1")
+    disk.fail_next_fsync = True
+    with pytest.raises(LogFatalError):
+        log.sync()
+    assert len(fatal_messages) == 1
+    assert "injected fsync failure" in fatal_messages[0]
+    assert log.durable_lsn == 0
+    with pytest.raises(LogFatalError):  # never carried on past
+        log.sync()
+    with pytest.raises(LogFatalError):
+        log.append(ENDED, b"t2")
+    log.close()
+
+
+def test_directory_entries_need_a_directory_fsync(tmp_path: Path) -> None:
+    disk = CrashingFileSystem()
+    disk.make_dirs(tmp_path)
+    created = disk.open_append(tmp_path / "created")
+    created.write(b"data")
+    created.fsync()
+    disk.crash()
+    assert disk.list_dir(tmp_path) == []  # the name never became durable
+
+    kept = disk.open_append(tmp_path / "kept")
+    kept.write(b"durable")
+    kept.fsync()
+    disk.fsync_dir(tmp_path)
+    kept.write(b" lost")
+    disk.remove(tmp_path / "kept")
+    disk.crash()
+    assert disk.read_file(tmp_path / "kept") == b"durable"  # the removal was not durable
+    with pytest.raises(OSError, match="before a crash"):
+        kept.write(b"stale handle")
+
+
+# ---- group commit ----
+
+
+def test_group_commit_shares_fsyncs_between_many_appenders(tmp_path: Path) -> None:
+    async def run() -> None:
+        log, _ = GroupCommitLog.open(tmp_path)
+        fsyncs_at_open = log.fsync_count
+        lsns = await asyncio.gather(
+            *(log.append_durable(ENDED, f"t{i}".encode()) for i in range(500))
+        )
+        assert sorted(lsns) == list(range(1, 501))
+        assert all(lsn <= log.durable_lsn for lsn in lsns)
+        assert log.records_appended == 500
+        fsyncs = log.fsync_count - fsyncs_at_open
+        assert fsyncs < 500 // 10, fsyncs
+        batches = log.batch_sizes
+        assert batches.records == 500
+        assert batches.mean > 10
+        await log.close()
+
+    asyncio.run(run())
+    assert [f"t{i}".encode() for i in range(500)] == payloads(reopen(tmp_path))
+
+
+class GatedFileSystem(CrashingFileSystem):
+    """Every file fsync waits for `gate`, so a test can hold one fsync in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.fsync_started = threading.Event()
+
+    def open_append(self, path: Path) -> AppendFile:
+        return GatedFile(self, super().open_append(path))
+
+
+class GatedFile:
+    def __init__(self, file_system: GatedFileSystem, file: AppendFile) -> None:
+        self._file_system = file_system
+        self._file = file
+
+    def write(self, data: bytes | bytearray) -> None:
+        self._file.write(data)
+
+    def fsync(self) -> None:
+        self._file_system.fsync_started.set()
+        assert self._file_system.gate.wait(timeout=10)
+        self._file.fsync()
+
+    def truncate(self, size: int) -> None:
+        self._file.truncate(size)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def test_records_appended_during_an_fsync_share_the_next_one(tmp_path: Path) -> None:
+    disk = GatedFileSystem()
+    disk.gate.set()  # let recovery through
+
+    async def run() -> None:
+        log, _ = GroupCommitLog.open(tmp_path, file_system=disk)
+        disk.gate.clear()
+        disk.fsync_started.clear()
+        first = asyncio.create_task(log.append_durable(ENDED, b"first"))
+        assert await asyncio.to_thread(disk.fsync_started.wait, 10)  # the fsync is in flight
+        later = [asyncio.create_task(log.append_durable(ENDED, b"x")) for _ in range(100)]
+        await asyncio.sleep(0)  # let the appenders run: none may be acknowledged yet
+        assert not any(task.done() for task in [first, *later])
+        assert log.durable_lsn == 0
+        disk.gate.set()
+        await asyncio.gather(first, *later)
+        assert BatchSizes(syncs=2, records=101, largest=100) == log.batch_sizes
+        await log.close()
+
+    asyncio.run(run())
+
+
+def test_cancelled_waiter_does_not_disturb_the_others(tmp_path: Path) -> None:
+    disk = GatedFileSystem()
+    disk.gate.set()
+
+    async def run() -> None:
+        log, _ = GroupCommitLog.open(tmp_path, file_system=disk)
+        disk.gate.clear()
+        cancelled = asyncio.create_task(log.append_durable(ENDED, b"a"))
+        kept = asyncio.create_task(log.append_durable(ENDED, b"b"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        disk.gate.set()
+        assert await kept == 2
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path, file_system=disk)) == [b"a", b"b"]
+
+
+def test_group_commit_crash_keeps_every_awaited_record(tmp_path: Path) -> None:
+    disk = CrashingFileSystem()
+
+    async def run() -> list[bytes]:
+        log, _ = GroupCommitLog.open(
+            tmp_path, file_system=disk, segment_bytes_max=1024, on_fatal=lambda _: None
+        )
+
+        async def append(index: int) -> bytes | None:
+            item = f"t{index}".encode()
+            if index % 3 == 0:
+                await log.append_durable(ENDED, item)
+                return item
+            log.append(ENDED, item)
+            return None
+
+        awaited = [item for item in await asyncio.gather(*map(append, range(300))) if item]
+        for index in range(300, 350):
+            log.append(ENDED, f"t{index}".encode())  # never awaited
+        disk.crash()
+        with pytest.raises(LogFatalError):  # its handles died with the crash
+            await log.append_durable(ENDED, b"after crash")
+        await log.close()
+        return awaited
+
+    awaited = asyncio.run(run())
+    recovered = payloads(reopen(tmp_path, file_system=disk))
+    assert [f"t{i}".encode() for i in range(len(recovered))] == recovered  # a prefix
+    assert set(awaited) <= set(recovered)
+
+
+def test_group_commit_fsync_failure_is_fatal(tmp_path: Path) -> None:
+    disk = CrashingFileSystem()
+    fatal_messages: list[str] = []
+
+    async def run() -> None:
+        log, _ = GroupCommitLog.open(tmp_path, file_system=disk, on_fatal=fatal_messages.append)
+        disk.fail_next_fsync = True
+        with pytest.raises(LogFatalError):
+            await log.append_durable(ENDED, b"t1")
+        assert log.durable_lsn == 0
+        assert len(fatal_messages) == 1
+        with pytest.raises(LogFatalError):
+            log.append(ENDED, b"t2")
+        with pytest.raises(LogFatalError):
+            await log.wait_durable(1)
+        await log.close()
+
+    asyncio.run(run())
+
+
+def test_group_commit_checkpoint_and_close(tmp_path: Path) -> None:
+    async def run() -> None:
+        log, _ = GroupCommitLog.open(tmp_path, segment_bytes_max=256)
+        await asyncio.gather(*(log.append_durable(ENDED, b"x" * 40) for _ in range(30)))
+        await log.checkpoint([(CHECKPOINT, b"snapshot")])
+        assert len(segment_files(tmp_path)) == 1
+        log.append(ENDED, b"unawaited")  # close makes it durable
+        await log.close()
+        with pytest.raises(ValueError, match="closed"):
+            log.append(ENDED, b"too late")
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path, segment_bytes_max=256)) == [b"snapshot", b"unawaited"]
+
+
+def test_memory_log_implements_the_log_interface() -> None:
+    async def exercise(log: Log) -> None:
+        assert await log.append_durable(ENDED, b"a") == 1
+        lsn = log.append(ENDED, b"b")
+        await log.wait_durable(lsn)
+        assert (log.appended_lsn, log.durable_lsn, log.records_appended) == (2, 2, 2)
+        await log.checkpoint([(CHECKPOINT, b"snapshot")])
+        await log.close()
+
+    memory_log = MemoryLog()
+    asyncio.run(exercise(memory_log))
+    assert [LogRecord(3, CHECKPOINT, b"snapshot")] == memory_log.records
+
+
+# ---- dump ----
+
+
+def test_dump_prints_every_record_and_leaves_a_torn_file_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log, _ = WriteAheadLog.open(tmp_path)
+    decision = log_pb2.CommitDecided(transaction_id="order-17", decided_at_unix_ms=5)
+    log.append(int(RecordType.COMMIT_DECIDED), decision.SerializeToString())
+    log.append(ENDED, log_pb2.TransactionEnded(transaction_id="order-17").SerializeToString())
+    log.checkpoint([(CHECKPOINT, log_pb2.CoordinatorCheckpoint().SerializeToString())])
+    log.append(999, b"\x01\x02")
+    log.close()
+    [segment] = segment_files(tmp_path)
+    with segment.open("ab") as file:
+        file.write(b"\x07" * 13)  # a torn write
+    torn = segment.read_bytes()
+
+    lines = list(dump(tmp_path))
+    assert torn == segment.read_bytes()
+    assert len(lines) == 5
+    assert lines[0].startswith(f"lsn=3 {segment.name}@0 CHECKPOINT_BEGIN")
+    assert "lsn=4" in lines[1] and "COORDINATOR_CHECKPOINT" in lines[1]
+    assert "CHECKPOINT_COMPLETE" in lines[2]
+    assert "lsn=6" in lines[3] and "UNKNOWN_999 payload=0102" in lines[3]
+    assert lines[4].startswith("TORN TAIL") and "13 bytes" in lines[4]
+    assert lines == list(dump(segment))  # one segment file works the same
+
+    assert main(["dump", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    assert torn == segment.read_bytes()
+
+
+def test_dump_decodes_payloads_and_reports_corruption(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ended = log_pb2.TransactionEnded(transaction_id="order-17")
+    ends = write_log(tmp_path, [ended.SerializeToString()] * 3)
+    lines = list(dump(tmp_path))
+    assert len(lines) == 3
+    expected = 'lsn=1 00000000000000000001.wal@0 TRANSACTION_ENDED transaction_id: "order-17"'
+    assert lines[0] == expected
+    [segment] = segment_files(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[ends[0] + 4] ^= 1  # the checksum of the middle record
+    segment.write_bytes(bytes(data))
+    assert main(["dump", str(segment)]) == 1
+    output = capsys.readouterr().out.splitlines()
+    assert len(output) == 2
+    assert output[1].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
