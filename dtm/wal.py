@@ -49,6 +49,7 @@ import crc32c
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from dtm import crashpoints
 from dtm import records as record_types
 from dtm.limits import LOG_RECORD_BYTES_MAX, LOG_SEGMENT_BYTES_MAX
 
@@ -1171,7 +1172,9 @@ class GroupCommitLog:
             if not ticket.has_work and not generation.waiters:
                 return not self._closing
             self._in_flight = (ticket.target_lsn, generation)
+        crashpoints.hit("wal.before_fsync")
         self._wal._perform_sync(ticket)  # no lock: appends continue during the fsync
+        crashpoints.hit("wal.after_fsync")
         with self._lock:
             self._wal._complete_sync(ticket)
             self._in_flight = None
