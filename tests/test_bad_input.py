@@ -130,9 +130,7 @@ async def oversized_operation(cluster: InProcessCluster) -> str:
         participant="notification",
         operation=pack(shop_pb2.SendNotification(order_id="o-big", recipient="a", body=body)),
     )
-    return await expect_status(
-        submit(cluster, branches=[branch]), Code.INVALID_ARGUMENT, "bytes"
-    )
+    return await expect_status(submit(cluster, branches=[branch]), Code.INVALID_ARGUMENT, "bytes")
 
 
 async def oversized_request(cluster: InProcessCluster) -> str:
@@ -237,7 +235,6 @@ def test_every_bad_input_gets_a_precise_status_and_changes_nothing(tmp_path: Pat
             for case in CASES:
                 message = await case(cluster)
                 assert message, f"{case.__name__}: empty error message"
-
 
                 # Rollbacks of an aborted transaction land asynchronously: await them.
                 async def unchanged() -> bool:

@@ -60,7 +60,9 @@ def test_concurrent_orders_with_contention_keep_every_invariant(tmp_path: Path) 
             report = invariants.report(snapshot)
             assert [] == report.violations
             committed = {
-                r.transaction_id for r in responses if r.outcome == coordinator_pb2.OUTCOME_COMMITTED
+                r.transaction_id
+                for r in responses
+                if r.outcome == coordinator_pb2.OUTCOME_COMMITTED
             }
             assert len(committed) == report.confirmed_orders
             hot = next(s for s in snapshot.stock if s.sku == "sku-hot")

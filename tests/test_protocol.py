@@ -195,8 +195,12 @@ def test_participant_calls_are_idempotent(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             inventory = cluster.participant_stub("inventory")
-            operation = pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=5)]))
-            prepare = participant_pb2.PrepareRequest(transaction_id="t-dup", branch=0, operation=operation)
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=5)])
+            )
+            prepare = participant_pb2.PrepareRequest(
+                transaction_id="t-dup", branch=0, operation=operation
+            )
             votes = await asyncio.gather(*(inventory.Prepare(prepare) for _ in range(3)))
             assert {coordinator_pb2.VOTE_PREPARED} == {v.vote for v in votes}
             assert 5 == (await cluster.stock())["sku-apple"].reserved  # reserved once
@@ -207,7 +211,9 @@ def test_participant_calls_are_idempotent(tmp_path: Path) -> None:
             again = await inventory.Prepare(prepare)
             assert coordinator_pb2.VOTE_PREPARED == again.vote  # the first answer
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await inventory.Rollback(participant_pb2.RollbackRequest(transaction_id="t-dup", branch=0))
+                await inventory.Rollback(
+                    participant_pb2.RollbackRequest(transaction_id="t-dup", branch=0)
+                )
             assert grpc.StatusCode.FAILED_PRECONDITION == raised.value.code()
 
             rollback = participant_pb2.RollbackRequest(transaction_id="t-rb", branch=0)
@@ -222,10 +228,16 @@ def test_rollback_before_prepare_leaves_a_tombstone(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
             inventory = cluster.participant_stub("inventory")
-            await inventory.Rollback(participant_pb2.RollbackRequest(transaction_id="t-late", branch=0))
-            operation = pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)]))
+            await inventory.Rollback(
+                participant_pb2.RollbackRequest(transaction_id="t-late", branch=0)
+            )
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            )
             late = await inventory.Prepare(
-                participant_pb2.PrepareRequest(transaction_id="t-late", branch=0, operation=operation)
+                participant_pb2.PrepareRequest(
+                    transaction_id="t-late", branch=0, operation=operation
+                )
             )
             assert coordinator_pb2.VOTE_REFUSED == late.vote
             assert "rolled back" in late.reason

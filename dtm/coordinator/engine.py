@@ -194,7 +194,7 @@ class Engine:
         yield from reversed(list(self.finished.values()))
 
     async def retry_phase_two_now(self, transaction_id: str) -> Run | None:
-        run = self.active.get(transaction_id)
+        run = self.lookup(transaction_id)
         if run is None or run.txn.state is not TxnState.COMMITTING:
             return run
         for branch in run.txn.branches:

@@ -209,6 +209,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 break
         return coordinator_pb2.ListTransactionsResponse(transactions=found)
 
+    async def RetryTransaction(
+        self, request: coordinator_pb2.RetryTransactionRequest, context: Context
+    ) -> coordinator_pb2.Transaction:
+        run = await self.engine.retry_phase_two_now(request.transaction_id)
+        if run is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no transaction {request.transaction_id[:128]!r} is known here",
+            )
+            raise AssertionError("unreachable")
+        self.coordinator.log.info("phase 2 retried by an operator", txn=request.transaction_id)
+        return transaction_pb(run)
+
     async def QueryOutcome(
         self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
     ) -> coordinator_pb2.QueryOutcomeResponse:

@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.FromString,
                 _registered_method=True)
+        self.RetryTransaction = channel.unary_unary(
+                '/dtm.v1.Coordinator/RetryTransaction',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.Transaction.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -105,6 +110,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryTransaction(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +148,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.QueryOutcome,
                     request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.SerializeToString,
+            ),
+            'RetryTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryTransaction,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.Transaction.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +317,33 @@ class Coordinator:
             '/dtm.v1.Coordinator/QueryOutcome',
             dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeRequest.SerializeToString,
             dtmpb_dot_v1_dot_coordinator__pb2.QueryOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/RetryTransaction',
+            dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.Transaction.FromString,
             options,
             channel_credentials,
             insecure,
