@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dtm.wal import Log, LogRecord
-from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
@@ -23,8 +21,17 @@ from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.records import RecordType
+from dtm.wal import Log, LogRecord
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.locks import LockManager, LockRefused
-from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
+from participants.service import (
+    InvalidOperation,
+    LockRequest,
+    Prepared,
+    ReadOnly,
+    Refused,
+    Service,
+)
 
 BranchKey = tuple[str, int]
 
@@ -102,27 +109,55 @@ class BranchEngine:
     async def prepare(
         self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool
     ) -> tuple[BranchVote, str]:
+        answer = self.begin_prepare(transaction_id, index, operation, one_phase)
+        vote, reason = answer if isinstance(answer, tuple) else await answer
+        await self.wait_durable([(transaction_id, index)])
+        if vote is BranchVote.PREPARED:
+            crashpoints.hit("participant.after_prepare_durable")
+        return vote, reason
+
+    def begin_prepare(
+        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool
+    ) -> tuple[BranchVote, str] | Awaitable[tuple[BranchVote, str]]:
+        """Run a Prepare up to its answer. The answer is immediate unless the service needs
+        locks; either way it may leave only after `wait_durable` (persist before you speak).
+        Raises InvalidOperation, changing nothing."""
         key = (transaction_id, index)
         info = self.branches.get(key)
         if info is None:
-            decoded = self.decode_operation(operation)  # InvalidOperation: nothing changed
+            decoded = self.decode_operation(operation)
             branch, actions = Branch.on_first_message(
                 transaction_id, index, core.PrepareRequested(one_phase)
             )
-            assert branch is not None
+            assert branch is not None and [core.RunPrepare(one_phase)] == actions
             self._track(branch)
             self._operations[key] = decoded
-        else:
-            branch = info.branch
-            actions = branch.handle(core.PrepareRequested(one_phase))
-        reply = self._execute(branch, actions)
-        return await self._vote_reply(branch, reply)
+            requests = self.service.locks(decoded)
+            if not requests:
+                # The common case: no lock wait, so no task: the whole prepare is one step.
+                outcome = self.service.prepare(branch_key_text(key), decoded)
+                reply = self._settle_prepare(branch, outcome)
+                return reply.vote, reply.reason
+            self._start_prepare(branch, requests)
+            return asyncio.shield(self._pending[key])
+        branch = info.branch
+        duplicate = self._execute(branch, branch.handle(core.PrepareRequested(one_phase)))
+        if isinstance(duplicate, core.ReplyVote):
+            return duplicate.vote, duplicate.reason
+        pending = self._pending.get(key)
+        if pending is None:
+            return branch.vote or BranchVote.REFUSED, branch.reason
+        return asyncio.shield(pending)
 
     async def commit(self, transaction_id: str, index: int) -> None:
-        await self._decide(transaction_id, index, core.CommitRequested())
+        self.decide_now(transaction_id, index, commit=True)
+        await self.wait_durable([(transaction_id, index)])
+        crashpoints.hit("participant.after_commit_durable")
 
     async def rollback(self, transaction_id: str, index: int) -> None:
-        await self._decide(transaction_id, index, core.RollbackRequested())
+        self.decide_now(transaction_id, index, commit=False)
+        await self.wait_durable([(transaction_id, index)])
+        crashpoints.hit("participant.after_rollback_applied")
 
     def learn_outcome(self, key: BranchKey, commit: bool) -> None:
         """The coordinator answered an inquiry about a prepared branch."""
@@ -142,7 +177,7 @@ class BranchEngine:
                 "only an in-doubt branch can be forced",
             )
         self._execute(info.branch, info.branch.handle(core.HeuristicForced(commit)))
-        await self._wait_durable(key)
+        await self.wait_durable([key])
         return info.branch
 
     def expire_lease(self, key: BranchKey) -> bool:
@@ -181,7 +216,7 @@ class BranchEngine:
                 f"operation is {len(operation.value)} bytes; the limit is "
                 f"{limits.OPERATION_BYTES_MAX}"
             )
-        decoded = self.service.operation_type()
+        decoded: Message = self.service.operation_type()
         try:
             decoded.ParseFromString(operation.value)
         except DecodeError as error:
@@ -206,9 +241,7 @@ class BranchEngine:
         info = self.branches[key]
         info.updated_at_ms = self.clock_ms()
         for action in actions:
-            if isinstance(action, core.RunPrepare):
-                self._start_prepare(branch)
-            elif isinstance(action, core.CancelPrepare):
+            if isinstance(action, core.CancelPrepare):
                 task = self._tasks.pop(key, None)
                 if task is not None:
                     task.cancel()
@@ -275,12 +308,12 @@ class BranchEngine:
             self.branches.pop(old, None)
             self._durable_lsn.pop(old, None)
 
-    def _start_prepare(self, branch: Branch) -> None:
+    def _start_prepare(self, branch: Branch, requests: Sequence[LockRequest]) -> None:
         key = branch.key
         loop = asyncio.get_running_loop()
         result: asyncio.Future[tuple[BranchVote, str]] = loop.create_future()
         self._pending[key] = result
-        task = loop.create_task(self._run_prepare(branch))
+        task = loop.create_task(self._run_prepare(branch, requests))
         self._tasks[key] = task
 
         def settle(done: asyncio.Task[None]) -> None:
@@ -295,81 +328,65 @@ class BranchEngine:
 
         task.add_done_callback(settle)
 
-    async def _run_prepare(self, branch: Branch) -> None:
+    async def _run_prepare(self, branch: Branch, requests: Sequence[LockRequest]) -> None:
         key = branch.key
         owner = branch_key_text(key)
-        operation = self._operations[key]
         outcome: Prepared | ReadOnly | Refused
         try:
-            for request in sorted(self.service.locks(operation), key=lambda r: r.resource):
+            # A fixed order (by resource name) means one branch's own locks never deadlock.
+            for request in sorted(requests, key=lambda r: r.resource):
                 await self.locks.acquire(owner, request.resource, request.mode)
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
-            outcome = self.service.prepare(owner, operation)
-        # From here to handle() nothing awaits: the state change and the log append are atomic.
+            outcome = self.service.prepare(owner, self._operations[key])
+        self._tasks.pop(key, None)  # past the point where a rollback could cancel it
+        reply = self._settle_prepare(branch, outcome)
+        pending = self._pending.get(key)
+        if pending is not None and not pending.done():
+            pending.set_result((reply.vote, reply.reason))
+
+    def _settle_prepare(
+        self, branch: Branch, outcome: Prepared | ReadOnly | Refused
+    ) -> core.ReplyVote:
+        """Feed the service's answer to the core. Nothing awaits between the service's state
+        change and the log append, so the log order is the order of the state changes."""
         if isinstance(outcome, Prepared):
-            self._applied.add(key)
+            self._applied.add(branch.key)
             event = core.PrepareVoted(BranchVote.PREPARED)
         elif isinstance(outcome, ReadOnly):
             event = core.PrepareVoted(BranchVote.READ_ONLY)
         else:
             event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
-        self._tasks.pop(key, None)  # past the point where a rollback could cancel it
         reply = self._execute(branch, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
-        pending = self._pending.get(key)
-        if pending is not None and not pending.done():
-            pending.set_result((reply.vote, reply.reason))
+        return reply
 
-    async def _vote_reply(
-        self, branch: Branch, reply: core.BranchAction | None
-    ) -> tuple[BranchVote, str]:
-        key = branch.key
-        if isinstance(reply, core.ReplyVote):
-            vote, reason = reply.vote, reply.reason
-        else:
-            # RunPrepare or AwaitPrepare: wait for the (first) prepare's answer.
-            pending = self._pending.get(key)
-            if pending is None:
-                # It finished between the event and now: answer from the recorded vote.
-                assert branch.vote is not None or branch.state is BranchState.ROLLED_BACK
-                vote = branch.vote or BranchVote.REFUSED
-                reason = branch.reason
-            else:
-                vote, reason = await asyncio.shield(pending)
-        await self._wait_durable(key)
-        if vote is BranchVote.PREPARED:
-            crashpoints.hit("participant.after_prepare_durable")
-        return vote, reason
-
-    async def _decide(self, transaction_id: str, index: int, event: core.BranchEvent) -> None:
+    def decide_now(self, transaction_id: str, index: int, commit: bool) -> None:
+        """Apply a Commit or Rollback; its answer may leave only after `wait_durable`.
+        Raises BranchError when it cannot be honoured."""
         key = (transaction_id, index)
+        event: core.BranchEvent = core.CommitRequested() if commit else core.RollbackRequested()
         info = self.branches.get(key)
         if info is None:
             branch, actions = Branch.on_first_message(transaction_id, index, event)
-            if branch is not None:
+            if branch is None:
+                reply: core.BranchAction | None = next(
+                    a for a in actions if isinstance(a, core.ReplyError)
+                )
+            else:
                 self._track(branch)
                 self._finish(key)
+                reply = self._execute(branch, actions)
         else:
-            branch = info.branch
-            actions = branch.handle(event)
-        reply = (
-            self._execute(branch, actions)
-            if branch is not None
-            else next(a for a in actions if isinstance(a, core.ReplyError))
-        )
+            reply = self._execute(info.branch, info.branch.handle(event))
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message, reply.heuristic)
-        await self._wait_durable(key)
-        if isinstance(event, core.CommitRequested):
-            crashpoints.hit("participant.after_commit_durable")
-        else:
-            crashpoints.hit("participant.after_rollback_applied")
 
-    async def _wait_durable(self, key: BranchKey) -> None:
-        lsn = self._durable_lsn.get(key)
-        if lsn is not None:
+    async def wait_durable(self, keys: Iterable[BranchKey]) -> None:
+        """Until every forced record of these branches is on disk: one wait for a whole batch."""
+        lsn = max((self._durable_lsn.get(key, 0) for key in keys), default=0)
+        if lsn:
             await self.log.wait_durable(lsn)
 
     # ---- recovery and checkpoints ----

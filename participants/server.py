@@ -11,17 +11,18 @@ import argparse
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from dtm.wal import GroupCommitLog, WriteAheadLog
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 from dtm import crashpoints, grpc_edge, limits, logs
 from dtm.core import branch as core
 from dtm.core.branch import BranchState, BranchVote
+from dtm.wal import GroupCommitLog, WriteAheadLog
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 from participants.branches import (
     STATE_TO_PB,
     BranchEngine,
@@ -214,15 +215,56 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 f"{len(request.prepares)} prepares in one batch; at most {limits.BATCH_ITEMS_MAX}",
             )
 
-        async def one(item: participant_pb2.PrepareRequest) -> participant_pb2.PrepareResponse:
-            try:
-                return await self._prepare_one(item)
-            except InvalidOperation as error:
-                return participant_pb2.PrepareResponse(
-                    vote=coordinator_pb2.VOTE_REFUSED, reason=f"invalid: {error}"
+        fault = self.server.fault
+        if fault.mode == participant_pb2.FAULT_MODE_SLOW:
+            await asyncio.sleep(fault.delay_ms / 1000)
+        # Every item runs up to its answer first; then one durable wait covers the whole batch.
+        answers: list[participant_pb2.PrepareResponse | None] = []
+        waiting: list[tuple[int, Awaitable[tuple[BranchVote, str]]]] = []
+        keys: list[tuple[str, int]] = []
+        for item in request.prepares:
+            problem = _check_branch_ids(item.transaction_id, item.branch)
+            if fault.mode == participant_pb2.FAULT_MODE_REFUSE and not problem:
+                answers.append(
+                    participant_pb2.PrepareResponse(
+                        vote=coordinator_pb2.VOTE_REFUSED,
+                        reason=f"{self.server.service.name} refuses (fault injection)",
+                    )
                 )
-
-        votes = await asyncio.gather(*(one(item) for item in request.prepares))
+                continue
+            try:
+                if problem:
+                    raise InvalidOperation(problem)
+                answer = self.engine.begin_prepare(
+                    item.transaction_id, item.branch, item.operation, item.one_phase
+                )
+            except InvalidOperation as error:
+                answers.append(
+                    participant_pb2.PrepareResponse(
+                        vote=coordinator_pb2.VOTE_REFUSED,
+                        reason=f"invalid: {error}",
+                        invalid_argument=str(error),
+                    )
+                )
+                continue
+            keys.append((item.transaction_id, item.branch))
+            if isinstance(answer, tuple):
+                answers.append(
+                    participant_pb2.PrepareResponse(vote=VOTE_TO_PB[answer[0]], reason=answer[1])
+                )
+            else:
+                waiting.append((len(answers), answer))
+                answers.append(None)
+        for position, pending in waiting:
+            vote, reason = await pending
+            answers[position] = participant_pb2.PrepareResponse(
+                vote=VOTE_TO_PB[vote], reason=reason
+            )
+        await self.engine.wait_durable(keys)
+        votes = [answer for answer in answers if answer is not None]
+        assert len(votes) == len(request.prepares)
+        if any(v.vote == coordinator_pb2.VOTE_PREPARED for v in votes):
+            crashpoints.hit("participant.after_prepare_durable")
         return participant_pb2.PrepareBatchResponse(votes=votes)
 
     async def DecideBatch(
@@ -242,14 +284,31 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 f"at most {limits.BATCH_ITEMS_MAX}",
             )
 
-        async def one(item: participant_pb2.Decision) -> participant_pb2.DecisionResult:
+        results: list[participant_pb2.DecisionResult] = []
+        keys: list[tuple[str, int]] = []
+        for item in request.decisions:
             try:
-                await self._decide_one(item.transaction_id, item.branch, item.commit)
-            except (InvalidOperation, BranchError) as error:
-                return participant_pb2.DecisionResult(ok=False, error=str(error))
-            return participant_pb2.DecisionResult(ok=True)
-
-        results = await asyncio.gather(*(one(item) for item in request.decisions))
+                problem = _check_branch_ids(item.transaction_id, item.branch)
+                if problem:
+                    raise InvalidOperation(problem)
+                self.engine.decide_now(item.transaction_id, item.branch, item.commit)
+            except InvalidOperation as error:
+                results.append(participant_pb2.DecisionResult(ok=False, error=str(error)))
+                continue
+            except BranchError as error:
+                results.append(
+                    participant_pb2.DecisionResult(
+                        ok=False, error=str(error), heuristic=error.heuristic
+                    )
+                )
+                continue
+            keys.append((item.transaction_id, item.branch))
+            results.append(participant_pb2.DecisionResult(ok=True))
+        await self.engine.wait_durable(keys)
+        if any(d.commit for d in request.decisions):
+            crashpoints.hit("participant.after_commit_durable")
+        if not all(d.commit for d in request.decisions):
+            crashpoints.hit("participant.after_rollback_applied")
         return participant_pb2.DecideBatchResponse(results=results)
 
 
@@ -472,7 +531,7 @@ class ParticipantServer:
                     self.log_.info("checkpoint written", in_doubt=len(self.engine.in_doubt()))
         finally:
             if channel is not None:
-                await channel.close()
+                await channel.close(None)
 
     async def _ask_about_in_doubt(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, now: int

@@ -54,10 +54,16 @@ def test_happy_path_commits_everywhere(tmp_path: Path) -> None:
             assert 700 == accounts["acct-alice"].captured_cents
             sent = await cluster.sent()
             assert ["o-1"] == [n.order_id for n in sent.sent]
-            status = await cluster.client.GetTransaction(
-                coordinator_pb2.GetTransactionRequest(transaction_id="txn-1")
-            )
-            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+            request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-1")
+
+            # The client hears COMMITTED once the decision is durable; phase 2 may still be
+            # finishing (rule 15), so the status reaches COMMITTED a moment later.
+            async def ended() -> bool:
+                status = await cluster.client.GetTransaction(request)
+                return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+
+            await eventually(ended)
+            status = await cluster.client.GetTransaction(request)
             assert all(b.acknowledged for b in status.branches)
 
     asyncio.run(scenario())

@@ -22,6 +22,7 @@ from dtmpb.v1 import coordinator_pb2, log_pb2
 from google.protobuf import any_pb2
 
 from dtm import crashpoints, limits, logs
+from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult, rpc_failure
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, Transaction, TxnState
@@ -199,7 +200,7 @@ class Engine:
             return run
         for branch in run.txn.branches:
             if branch.needs_phase_two and not branch.acknowledged:
-                self._spawn(run, self._phase_two(run, branch.index, commit=True))
+                self._phase_two(run, branch.index, commit=True)
         return run
 
     # ---- the one place where events reach the core ----
@@ -227,13 +228,13 @@ class Engine:
         txn = run.txn
         for action in actions:
             if isinstance(action, core.SendPrepare):
-                self._spawn(run, self._prepare(run, action.branch, action.one_phase))
+                self._prepare(run, action.branch, action.one_phase)
             elif isinstance(action, core.PersistDecision):
                 self._persist_decision(run, action)
             elif isinstance(action, core.SendCommit):
-                self._spawn(run, self._phase_two(run, action.branch, commit=True))
+                self._phase_two(run, action.branch, commit=True)
             elif isinstance(action, core.SendRollback):
-                self._spawn(run, self._phase_two(run, action.branch, commit=False))
+                self._phase_two(run, action.branch, commit=False)
             elif isinstance(action, core.RetryPhaseTwo):
                 self._spawn(run, self._retry(run, action.branch, action.attempt))
             elif isinstance(action, core.ProbeOnePhase):
@@ -282,46 +283,56 @@ class Engine:
         run.timer = None
         self._feed(run, core.TimedOut(self.clock_ms()))
 
-    async def _prepare(self, run: Run, index: int, one_phase: bool) -> None:
+    def _prepare(self, run: Run, index: int, one_phase: bool) -> None:
         txn = run.txn
         branch = txn.branch(index)
         remaining_ms = max(1, txn.deadline_ms - self.clock_ms())
         timeout_s = min(self.config.prepare_timeout_ms, remaining_ms) / 1000
-        client = self.registry.client(branch.participant)
         started = time.perf_counter()
         self.counters.requests += 1
-        try:
-            vote, reason = await client.prepare(
-                txn.transaction_id, index, run.operations[index], one_phase, timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            ms = (time.perf_counter() - started) * 1000
-            reason = _rpc_failure(error, timeout_s)
-            self._log.warning(
-                "prepare failed",
+
+        def done(result: PrepareResult) -> None:
+            ms = round((time.perf_counter() - started) * 1000, 2)
+            if result.vote is None:
+                self._log.warning(
+                    "prepare failed",
+                    txn=txn.transaction_id,
+                    participant=branch.participant,
+                    branch=index,
+                    reason=result.reason,
+                    ms=ms,
+                )
+                if result.invalid_argument:
+                    run.invalid_argument = (
+                        f"branch {index} ({branch.participant}): {result.invalid_argument}"
+                    )
+                self._feed(run, core.PrepareFailed(index, result.reason, self.clock_ms()))
+                return
+            self.counters.replies += 1
+            crashpoints.hit("coordinator.after_vote_received")
+            self._log.debug(
+                "prepare answered",
                 txn=txn.transaction_id,
                 participant=branch.participant,
                 branch=index,
-                code=error.code().name,
-                reason=reason,
-                ms=round(ms, 2),
+                vote=result.vote.value,
+                reason=result.reason or None,
+                ms=ms,
             )
-            if error.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                run.invalid_argument = f"branch {index} ({branch.participant}): {error.details()}"
-            self._feed(run, core.PrepareFailed(index, reason, self.clock_ms()))
-            return
-        self.counters.replies += 1
-        crashpoints.hit("coordinator.after_vote_received")
-        self._log.debug(
-            "prepare answered",
-            txn=txn.transaction_id,
-            participant=branch.participant,
-            branch=index,
-            vote=vote.value,
-            reason=reason or None,
-            ms=round((time.perf_counter() - started) * 1000, 2),
+            self._feed(run, core.VoteReceived(index, result.vote, result.reason, self.clock_ms()))
+
+        loop = asyncio.get_running_loop()
+        self.registry.port(branch.participant).prepare(
+            PrepareItem(
+                txn.transaction_id,
+                index,
+                run.operations[index],
+                one_phase,
+                loop.time() + timeout_s,
+                timeout_s,
+                done,
+            )
         )
-        self._feed(run, core.VoteReceived(index, vote, reason, self.clock_ms()))
 
     def _persist_decision(self, run: Run, action: core.PersistDecision) -> None:
         crashpoints.hit("coordinator.before_decision_write")
@@ -341,48 +352,44 @@ class Engine:
 
         self._spawn(run, when_durable())
 
-    async def _phase_two(self, run: Run, index: int, commit: bool) -> None:
+    def _phase_two(self, run: Run, index: int, commit: bool) -> None:
         txn = run.txn
         branch = txn.branch(index)
-        client = self.registry.client(branch.participant)
-        timeout_s = self.config.phase_two_timeout_ms / 1000
         started = time.perf_counter()
         self.counters.requests += 1
-        try:
-            if commit:
-                await client.commit(txn.transaction_id, index, timeout_s)
-            else:
-                await client.rollback(txn.transaction_id, index, timeout_s)
-        except grpc.aio.AioRpcError as error:
-            heuristic = _heuristic_of(error)
-            if heuristic:
-                self._feed(run, core.HeuristicReported(index, heuristic))
+
+        def done(result: DecideResult) -> None:
+            if result.heuristic:
+                self._feed(run, core.HeuristicReported(index, result.heuristic))
                 return
-            reason = _rpc_failure(error, timeout_s)
-            self._log.warning(
-                "commit failed" if commit else "rollback failed",
+            if not result.ok:
+                self._log.warning(
+                    "commit failed" if commit else "rollback failed",
+                    txn=txn.transaction_id,
+                    participant=branch.participant,
+                    branch=index,
+                    reason=result.error,
+                    attempt=branch.phase_two_attempts + 1,
+                )
+                self._feed(run, core.PhaseTwoFailed(index, result.error))
+                return
+            if commit:
+                self.counters.replies += 1
+                crashpoints.hit("coordinator.mid_phase_two")
+            else:
+                self.counters.rollback_replies += 1
+            self._log.debug(
+                "commit acknowledged" if commit else "rollback acknowledged",
                 txn=txn.transaction_id,
                 participant=branch.participant,
                 branch=index,
-                code=error.code().name,
-                reason=reason,
-                attempt=branch.phase_two_attempts + 1,
+                ms=round((time.perf_counter() - started) * 1000, 2),
             )
-            self._feed(run, core.PhaseTwoFailed(index, reason))
-            return
-        if commit:
-            self.counters.replies += 1
-            crashpoints.hit("coordinator.mid_phase_two")
-        else:
-            self.counters.rollback_replies += 1
-        self._log.debug(
-            "commit acknowledged" if commit else "rollback acknowledged",
-            txn=txn.transaction_id,
-            participant=branch.participant,
-            branch=index,
-            ms=round((time.perf_counter() - started) * 1000, 2),
+            self._feed(run, core.PhaseTwoAcked(index))
+
+        self.registry.port(branch.participant).decide(
+            DecideItem(txn.transaction_id, index, commit, done)
         )
-        self._feed(run, core.PhaseTwoAcked(index))
 
     async def _retry(self, run: Run, index: int, attempt: int) -> None:
         # Capped exponential backoff with full jitter: a dead participant costs a bounded rate.
@@ -394,14 +401,14 @@ class Engine:
         if state is TxnState.UNKNOWN:
             await self._probe(run)
         elif state in (TxnState.COMMITTING, TxnState.ABORTED):
-            await self._phase_two(run, index, commit=state is TxnState.COMMITTING)
+            self._phase_two(run, index, commit=state is TxnState.COMMITTING)
 
     async def _probe(self, run: Run) -> None:
         """Resolve a lost one-phase answer: a Rollback either finds the branch committed
         (FAILED_PRECONDITION), or rolls it back / leaves a tombstone (so it never commits)."""
         txn = run.txn
         branch = txn.branches[0]
-        client = self.registry.client(branch.participant)
+        client = self.registry.port(branch.participant).client
         timeout_s = self.config.phase_two_timeout_ms / 1000
         self.counters.requests += 1
         try:
@@ -410,7 +417,7 @@ class Engine:
             if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
                 self._feed(run, core.OnePhaseResolved(committed=True))
             else:
-                self._feed(run, core.PhaseTwoFailed(0, _rpc_failure(error, timeout_s)))
+                self._feed(run, core.PhaseTwoFailed(0, rpc_failure(error, timeout_s)))
             return
         self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
 
@@ -528,23 +535,3 @@ class Engine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-HEURISTIC_METADATA_KEY = "dtm-heuristic"
-
-
-def _heuristic_of(error: grpc.aio.AioRpcError) -> str:
-    """The heuristic outcome a participant reports in trailing metadata, if any."""
-    for key, value in error.trailing_metadata() or ():
-        if key == HEURISTIC_METADATA_KEY:
-            return value if isinstance(value, str) else value.decode()
-    return ""
-
-
-def _rpc_failure(error: grpc.aio.AioRpcError, timeout_s: float) -> str:
-    code = error.code()
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"no answer within the {round(timeout_s * 1000)} ms deadline"
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return f"unavailable ({error.details()})"
-    return f"{code.name}: {error.details()}"

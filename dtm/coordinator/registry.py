@@ -10,6 +10,7 @@ from dtmpb.v1 import coordinator_pb2
 
 from dtm import limits
 from dtm.coordinator.clients import ParticipantClient
+from dtm.coordinator.ports import BatchPolicy, ParticipantPort
 
 
 class RegistrationError(ValueError):
@@ -33,11 +34,12 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, policy: BatchPolicy | None = None) -> None:
         self.participants: dict[str, coordinator_pb2.ParticipantInfo] = {}
-        self._clients: dict[str, ParticipantClient] = {}
-        # Clients for an old address, closed at shutdown (calls in flight may still use them).
-        self._retired: list[ParticipantClient] = []
+        self.policy = policy or BatchPolicy()
+        self._ports: dict[str, ParticipantPort] = {}
+        # Ports for an old address, closed at shutdown (calls in flight may still use them).
+        self._retired: list[ParticipantPort] = []
 
     def is_change(self, info: coordinator_pb2.ParticipantInfo) -> bool:
         known = self.participants.get(info.name)
@@ -52,17 +54,24 @@ class Registry:
             raise RegistrationError(f"at most {limits.PARTICIPANTS_MAX} participants")
         old = self.participants.get(info.name)
         self.participants[info.name] = info
-        if old is not None and old.address != info.address:
-            client = self._clients.pop(info.name, None)
-            if client is not None:
-                self._retired.append(client)
+        if old is not None and (
+            old.address != info.address or old.capabilities != info.capabilities
+        ):
+            port = self._ports.pop(info.name, None)
+            if port is not None:
+                self._retired.append(port)
 
-    def client(self, name: str) -> ParticipantClient:
-        client = self._clients.get(name)
-        if client is None:
-            client = ParticipantClient(name, self.participants[name].address)
-            self._clients[name] = client
-        return client
+    def port(self, name: str) -> ParticipantPort:
+        port = self._ports.get(name)
+        if port is None:
+            info = self.participants[name]
+            client = ParticipantClient(name, info.address)
+            port = ParticipantPort(client, info.capabilities.batch, self.policy)
+            self._ports[name] = port
+        return port
+
+    def ports(self) -> dict[str, ParticipantPort]:
+        return dict(self._ports)
 
     def accepts(self, name: str, type_name: str) -> bool:
         allowed = self.participants[name].capabilities.operation_types
@@ -72,7 +81,8 @@ class Registry:
         return self.participants[name].capabilities.one_phase
 
     async def close(self) -> None:
-        for client in [*self._clients.values(), *self._retired]:
-            await client.close()
-        self._clients.clear()
+        for port in [*self._ports.values(), *self._retired]:
+            await port.close()
+            await port.client.close()
+        self._ports.clear()
         self._retired.clear()

@@ -284,6 +284,16 @@ class CoordinatorServer:
                 self.log.info("checkpoint written", active=len(self.engine.active))
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        counters = self.engine.counters
+        self.log.info(
+            "coordinator stopping",
+            committed=counters.committed,
+            aborted=counters.aborted,
+            **{
+                f"{name}_items_per_call": round(port.items / max(1, port.calls), 1)
+                for name, port in self.engine.registry.ports().items()
+            },
+        )
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         await self.server.stop(grace_s)

@@ -1,0 +1,156 @@
+"""The four order-flow services (inventory, orders, payment, notification), built on the SDK.
+
+Each module holds one `Service` implementation and a `main(argv)` that runs it as its own
+process (`python -m participants.services.inventory [SDK flags] [--initial PATH.json]`).
+
+This package module holds what the four share: field validation (so that every service words
+its INVALID_ARGUMENT errors the same way), the branch-key helper and the snapshot encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from dtm import limits
+from dtmpb.v1 import shop_pb2
+from participants.service import InvalidOperation
+
+#: The servicer context every read API method receives.
+Context = grpc.aio.ServicerContext[Any, Any]
+
+#: Bumped when a service's snapshot layout changes; restore refuses any other version rather
+#: than guess at a layout it does not know.
+SNAPSHOT_FORMAT = 1
+
+
+def transaction_of(key: str) -> str:
+    """The transaction id part of a branch key "<transaction id>/<branch index>"."""
+    transaction_id, separator, _ = key.rpartition("/")
+    # A key without "/" is not something the SDK produces; keep it whole rather than lose it.
+    return transaction_id if separator else key
+
+
+def check_resource_id(field: str, value: str) -> None:
+    """Raise InvalidOperation unless `value` is a well-formed resource id."""
+    if not value:
+        raise InvalidOperation(f"{field} is missing")
+    if not limits.RESOURCE_ID_PATTERN.fullmatch(value):
+        raise InvalidOperation(
+            f"{field} {value[:40]!r} is malformed: use 1..128 characters of [A-Za-z0-9._:@-]"
+        )
+
+
+def check_lines(lines: Iterable[shop_pb2.StockLine]) -> None:
+    """Raise InvalidOperation unless the stock lines are well-formed.
+
+    A SKU may appear only once per operation: a caller that repeats a SKU almost certainly has a
+    bug (a cart that failed to merge), and refusing it keeps one reservation per SKU per branch,
+    which is what the read APIs and the invariants talk about.
+    """
+    seen: set[str] = set()
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        count = number
+        if number > limits.LINES_PER_OPERATION_MAX:
+            raise InvalidOperation(
+                f"too many lines: at most {limits.LINES_PER_OPERATION_MAX} per operation"
+            )
+        check_resource_id(f"line {number}: sku", line.sku)
+        if not 0 < line.quantity <= limits.QUANTITY_MAX:
+            raise InvalidOperation(
+                f"line {number}: quantity of {line.sku} must be between 1 and "
+                f"{limits.QUANTITY_MAX}, got {line.quantity}"
+            )
+        if line.sku in seen:
+            raise InvalidOperation(
+                f"line {number}: sku {line.sku} appears more than once; merge its lines into one"
+            )
+        seen.add(line.sku)
+    if count == 0:
+        raise InvalidOperation("no lines: an operation needs at least one stock line")
+
+
+def check_text(field: str, value: str, *, required: bool) -> None:
+    if required and not value:
+        raise InvalidOperation(f"{field} is missing")
+    if len(value) > limits.TEXT_FIELD_LENGTH_MAX:
+        raise InvalidOperation(
+            f"{field} is {len(value)} characters; the limit is {limits.TEXT_FIELD_LENGTH_MAX}"
+        )
+
+
+def merged_lines(lines: Iterable[shop_pb2.StockLine]) -> dict[str, int]:
+    """SKU -> total quantity, in first-seen order.
+
+    validate() already refuses repeated SKUs; prepare still merges, because recovery replays
+    logged operations through prepare without validate, and a reservation must never be
+    checked line by line against stock that an earlier line of the same operation took.
+    """
+    wanted: dict[str, int] = {}
+    for line in lines:
+        wanted[line.sku] = wanted.get(line.sku, 0) + line.quantity
+    return wanted
+
+
+async def abort_if_too_large(response: Message, context: Context, what: str) -> None:
+    """Fail a read with a clear RESOURCE_EXHAUSTED when its answer exceeds the message limit.
+
+    The list reads of shop.proto have no pagination; past MESSAGE_BYTES_MAX gRPC would fail the
+    call anyway, but with a message that does not say which read or why.
+    """
+    size = response.ByteSize()
+    if size > limits.MESSAGE_BYTES_MAX:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} take {size} bytes, over the {limits.MESSAGE_BYTES_MAX}-byte message limit; "
+            "this read has no pagination yet",
+        )
+
+
+def encode_state(service: str, state: Mapping[str, Any]) -> bytes:
+    """Deterministic snapshot bytes: compact JSON with sorted keys.
+
+    Dict keys are sorted, so two services with the same state give the same bytes however the
+    state was reached; anything whose order matters (orders, captures, the outbox) is a list.
+    """
+    document = {"format": SNAPSHOT_FORMAT, "service": service, **state}
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
+
+
+def decode_state(service: str, data: bytes) -> dict[str, Any]:
+    """Parse snapshot bytes from `encode_state`, refusing another service's or format's."""
+    try:
+        document = json.loads(data.decode("ascii"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{service} snapshot is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{service} snapshot is not a JSON object")
+    if document.get("service") != service:
+        raise ValueError(
+            f"snapshot belongs to service {document.get('service')!r}, not {service!r}"
+        )
+    if document.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(
+            f"{service} snapshot has format {document.get('format')!r}; "
+            f"this build reads format {SNAPSHOT_FORMAT}"
+        )
+    return document
+
+
+__all__ = [
+    "SNAPSHOT_FORMAT",
+    "Context",
+    "abort_if_too_large",
+    "check_lines",
+    "check_resource_id",
+    "check_text",
+    "decode_state",
+    "encode_state",
+    "merged_lines",
+    "transaction_of",
+]

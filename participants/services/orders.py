@@ -1,0 +1,242 @@
+"""The orders participant: CreateOrder. Prepare creates a PENDING order, commit confirms it,
+rollback cancels it.
+
+An order id is taken by a pending or confirmed order. A rolled-back (cancelled) order is
+removed, so its id becomes usable again: the usual cause of a rollback is another participant
+refusing (out of stock, declined card), and the client's natural reaction is to retry with the
+same order id once the problem is fixed. Cancelled orders stay visible in `ListOrders` through a
+bounded record (the latest CANCELLED_KEPT), which is for display only and never refuses anything.
+
+`ListOrders` shows each order id once, as its latest attempt: a cancelled record is dropped when
+its id is used again, so a retry that succeeds shows as CONFIRMED and not also as CANCELLED (the
+invariant checker reads an id listed twice as a violation).
+
+Run: python -m participants.services.orders [SDK flags] [--initial PATH.json (ignored)]
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from dtm import limits
+from dtmpb.v1 import shop_pb2, shop_pb2_grpc
+from participants.service import (
+    InvalidOperation,
+    LockRequest,
+    Prepared,
+    PrepareResult,
+    Refused,
+    Service,
+)
+from participants.services import (
+    Context,
+    abort_if_too_large,
+    check_lines,
+    check_resource_id,
+    decode_state,
+    encode_state,
+    transaction_of,
+)
+from participants.services.catalog import split_initial_arg
+
+# How many cancelled orders ListOrders remembers; the oldest are forgotten first.
+CANCELLED_KEPT = 10_000
+
+PENDING = "PENDING"
+CONFIRMED = "CONFIRMED"
+CANCELLED = "CANCELLED"
+_STATE_TO_PB = {
+    PENDING: shop_pb2.ORDER_STATE_PENDING,
+    CONFIRMED: shop_pb2.ORDER_STATE_CONFIRMED,
+    CANCELLED: shop_pb2.ORDER_STATE_CANCELLED,
+}
+
+
+def lock_resource(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+@dataclass(slots=True)
+class OrderRecord:
+    order_id: str
+    customer_id: str
+    lines: list[tuple[str, int]]
+    amount_cents: int
+    state: str
+    transaction_id: str
+
+    def to_pb(self) -> shop_pb2.Order:
+        return shop_pb2.Order(
+            order_id=self.order_id,
+            customer_id=self.customer_id,
+            lines=[shop_pb2.StockLine(sku=sku, quantity=units) for sku, units in self.lines],
+            amount_cents=self.amount_cents,
+            state=_STATE_TO_PB[self.state],
+            transaction_id=self.transaction_id,
+        )
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.order_id,
+            self.customer_id,
+            [[sku, units] for sku, units in self.lines],
+            self.amount_cents,
+            self.state,
+            self.transaction_id,
+        ]
+
+    @classmethod
+    def from_json(cls, value: list[Any]) -> OrderRecord:
+        order_id, customer_id, lines, amount_cents, state, transaction_id = value
+        if state not in _STATE_TO_PB:
+            raise ValueError(f"orders snapshot: order {order_id!r} has unknown state {state!r}")
+        return cls(
+            order_id=str(order_id),
+            customer_id=str(customer_id),
+            lines=[(str(sku), int(units)) for sku, units in lines],
+            amount_cents=int(amount_cents),
+            state=str(state),
+            transaction_id=str(transaction_id),
+        )
+
+
+class OrdersService(Service[shop_pb2.CreateOrder]):
+    name = "orders"
+    operation_type = shop_pb2.CreateOrder
+
+    def __init__(self, cancelled_kept: int = CANCELLED_KEPT) -> None:
+        # Order id -> the pending or confirmed order holding it, in creation order. This is the
+        # shop's business record, so it grows with the orders; a real system would archive it.
+        self.orders: dict[str, OrderRecord] = {}
+        # Branch key -> order id of the PENDING order that branch created.
+        self.pending: dict[str, str] = {}
+        # Order id -> its latest cancelled attempt, oldest first; display only. Never holds an
+        # id that is also in `orders`.
+        self.cancelled: OrderedDict[str, OrderRecord] = OrderedDict()
+        self.cancelled_kept = cancelled_kept
+
+    # ---- the branch operations ----
+
+    def validate(self, operation: shop_pb2.CreateOrder) -> None:
+        check_resource_id("order_id", operation.order_id)
+        check_resource_id("customer_id", operation.customer_id)
+        if not 0 <= operation.amount_cents <= limits.AMOUNT_CENTS_MAX:
+            raise InvalidOperation(
+                f"amount_cents must be between 0 and {limits.AMOUNT_CENTS_MAX}, "
+                f"got {operation.amount_cents}"
+            )
+        check_lines(operation.lines)
+
+    def locks(self, operation: shop_pb2.CreateOrder) -> Sequence[LockRequest]:
+        # Unlike stock and money, an order id is not a quantity that can be escrowed: two
+        # transactions creating the same id must be ordered. The exclusive lock, held until the
+        # first one's decision, makes the second wait and then see the outcome: refused as a
+        # duplicate if the first committed, free to proceed if it rolled back. Without it the
+        # second would be refused while the first might still roll back, and a client retrying
+        # an order whose first attempt is about to abort would be told "duplicate" spuriously.
+        return [LockRequest(lock_resource(operation.order_id))]
+
+    def prepare(self, key: str, operation: shop_pb2.CreateOrder) -> PrepareResult:
+        if self.pending.get(key) == operation.order_id:
+            # This branch already created it: prepare is idempotent per branch key.
+            return Prepared()
+        if operation.order_id in self.orders:
+            return Refused(f"duplicate order id {operation.order_id}")
+        self.orders[operation.order_id] = OrderRecord(
+            order_id=operation.order_id,
+            customer_id=operation.customer_id,
+            lines=[(line.sku, line.quantity) for line in operation.lines],
+            amount_cents=operation.amount_cents,
+            state=PENDING,
+            transaction_id=transaction_of(key),
+        )
+        self.pending[key] = operation.order_id
+        # The new attempt supersedes a cancelled one in ListOrders (one entry per order id).
+        self.cancelled.pop(operation.order_id, None)
+        return Prepared()
+
+    def commit(self, key: str, operation: shop_pb2.CreateOrder) -> None:
+        # An unknown key created nothing (the SDK only commits prepared branches); commit must
+        # not fail, so there is nothing to do.
+        order_id = self.pending.pop(key, None)
+        if order_id is not None:
+            self.orders[order_id].state = CONFIRMED
+
+    def rollback(self, key: str, operation: shop_pb2.CreateOrder) -> None:
+        order_id = self.pending.pop(key, None)
+        if order_id is not None:
+            order = self.orders.pop(order_id)
+            order.state = CANCELLED
+            self.cancelled[order_id] = order
+            while len(self.cancelled) > self.cancelled_kept:
+                self.cancelled.popitem(last=False)
+
+    # ---- state ----
+
+    def snapshot(self) -> bytes:
+        # Lists, not dicts, for orders: their creation order is what ListOrders shows.
+        return encode_state(
+            self.name,
+            {
+                "orders": [order.to_json() for order in self.orders.values()],
+                "pending": self.pending,
+                "cancelled": [order.to_json() for order in self.cancelled.values()],
+            },
+        )
+
+    def restore(self, state: bytes) -> None:
+        document = decode_state(self.name, state)
+        orders = [OrderRecord.from_json(value) for value in document["orders"]]
+        pending = {str(key): str(order_id) for key, order_id in document["pending"].items()}
+        cancelled = [OrderRecord.from_json(value) for value in document["cancelled"]]
+        by_id = {order.order_id: order for order in orders}
+        for key, order_id in pending.items():
+            if order_id not in by_id or by_id[order_id].state != PENDING:
+                raise ValueError(f"orders snapshot: branch {key} holds no pending {order_id!r}")
+        cancelled_by_id = OrderedDict((order.order_id, order) for order in cancelled)
+        for order_id in cancelled_by_id:
+            if order_id in by_id:
+                raise ValueError(f"orders snapshot: {order_id!r} is both cancelled and live")
+        # Replace only once everything parsed: a bad snapshot leaves the state as it was.
+        self.orders = by_id
+        self.pending = pending
+        self.cancelled = cancelled_by_id
+
+    # ---- reads ----
+
+    def all_orders(self) -> list[shop_pb2.Order]:
+        """Cancelled orders (oldest first), then the pending and confirmed ones by creation."""
+        return [order.to_pb() for order in (*self.cancelled.values(), *self.orders.values())]
+
+    def add_read_api(self, server: grpc.aio.Server) -> list[str]:
+        shop_pb2_grpc.add_OrdersServicer_to_server(OrdersReadApi(self), server)
+        return [shop_pb2.DESCRIPTOR.services_by_name["Orders"].full_name]
+
+
+class OrdersReadApi(shop_pb2_grpc.OrdersServicer):
+    def __init__(self, service: OrdersService) -> None:
+        self.service = service
+
+    async def ListOrders(
+        self, request: shop_pb2.ListOrdersRequest, context: Context
+    ) -> shop_pb2.ListOrdersResponse:
+        response = shop_pb2.ListOrdersResponse(orders=self.service.all_orders())
+        await abort_if_too_large(response, context, "the orders")
+        return response
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Imported here: the business logic above is usable (and unit-tested) without the SDK.
+    from participants.server import run
+
+    _, rest = split_initial_arg(argv)  # accepted for a uniform command line; orders start empty
+    run(OrdersService(), rest)
+
+
+if __name__ == "__main__":
+    main()

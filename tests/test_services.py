@@ -1,0 +1,966 @@
+"""The four order-flow services: business logic called directly, then each one served in-process
+by the SDK and read over a real gRPC channel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import types
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2, shop_pb2_grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dtm import limits
+from participants.locks import LockMode
+from participants.service import InvalidOperation, LockRequest, Prepared, Refused
+from participants.services import SNAPSHOT_FORMAT, transaction_of
+from participants.services.catalog import (
+    DEFAULT_CATALOG,
+    AccountSpec,
+    load_catalog,
+    parse_catalog,
+    split_initial_arg,
+)
+from participants.services.inventory import InventoryService
+from participants.services.notification import NotificationService
+from participants.services.orders import OrdersService
+from participants.services.payment import PaymentService
+
+T = TypeVar("T")
+
+
+def reserve(*lines: tuple[str, int]) -> shop_pb2.ReserveStock:
+    return shop_pb2.ReserveStock(
+        lines=[shop_pb2.StockLine(sku=sku, quantity=units) for sku, units in lines]
+    )
+
+
+def order(
+    order_id: str = "o-1",
+    customer_id: str = "cust-1",
+    lines: tuple[tuple[str, int], ...] = (("sku-apple", 2),),
+    amount_cents: int = 1_000,
+) -> shop_pb2.CreateOrder:
+    return shop_pb2.CreateOrder(
+        order_id=order_id,
+        customer_id=customer_id,
+        lines=[shop_pb2.StockLine(sku=sku, quantity=units) for sku, units in lines],
+        amount_cents=amount_cents,
+    )
+
+
+def charge(
+    account_id: str = "acct-alice", amount: int = 1_000, order_id: str = "o-1"
+) -> shop_pb2.ChargePayment:
+    return shop_pb2.ChargePayment(account_id=account_id, amount_cents=amount, order_id=order_id)
+
+
+def note(
+    order_id: str = "o-1", recipient: str = "alice@example.com", body: str = "hi"
+) -> shop_pb2.SendNotification:
+    return shop_pb2.SendNotification(order_id=order_id, recipient=recipient, body=body)
+
+
+def stock_of(service: InventoryService) -> dict[str, tuple[int, int, int, int]]:
+    return {
+        sku: (item.available, item.reserved, item.sold, item.received)
+        for sku, item in service.items.items()
+    }
+
+
+def assert_stock_conserved(service: InventoryService) -> None:
+    for sku, item in service.items.items():
+        assert item.available >= 0, sku
+        assert item.available + item.reserved + item.sold == item.received, sku
+        assert item.reserved == sum(r.get(sku, 0) for r in service.reservations.values()), sku
+
+
+def assert_money_conserved(service: PaymentService) -> None:
+    for account_id, a in service.accounts.items():
+        assert a.balance_cents >= 0, account_id
+        assert a.balance_cents + a.held_cents + a.captured_cents == a.initial_cents, account_id
+        held = sum(h.amount_cents for h in service.holds.values() if h.account_id == account_id)
+        assert a.held_cents == held, account_id
+        captured = sum(c.amount_cents for c in service.captures if c.account_id == account_id)
+        assert a.captured_cents == captured, account_id
+
+
+# ---- shared helpers ----
+
+
+def test_transaction_of_strips_the_branch_index() -> None:
+    assert transaction_of("txn-1/0") == "txn-1"
+    assert transaction_of("a.b:c/31") == "a.b:c"
+
+
+# ---- catalog ----
+
+
+def test_default_catalog_has_the_documented_accounts_and_skus() -> None:
+    assert DEFAULT_CATALOG.stock["sku-apple"] == 50
+    assert DEFAULT_CATALOG.stock["sku-scarce"] == 3
+    assert DEFAULT_CATALOG.accounts["acct-poor"] == AccountSpec(500)
+    assert DEFAULT_CATALOG.accounts["acct-blocked"].declines
+    assert not DEFAULT_CATALOG.accounts["acct-alice"].declines
+
+
+def test_parse_catalog_accepts_a_valid_document() -> None:
+    catalog = parse_catalog(
+        {
+            "stock": {"sku-x": 5, "sku-y": 0},
+            "accounts": {
+                "acct-x": {"balance_cents": 700},
+                "acct-y": {"balance_cents": 0, "declines": True},
+            },
+        }
+    )
+    assert dict(catalog.stock) == {"sku-x": 5, "sku-y": 0}
+    assert dict(catalog.accounts) == {
+        "acct-x": AccountSpec(700, False),
+        "acct-y": AccountSpec(0, True),
+    }
+
+
+@pytest.mark.parametrize(
+    ("document", "names"),
+    [
+        ([], "must be a JSON object"),
+        ({"stock": {}, "accounts": {}, "extra": 1}, "'extra'"),
+        ({"accounts": {}}, "'stock'"),
+        ({"stock": {}}, "'accounts'"),
+        ({"stock": [], "accounts": {}}, "'stock' must be a JSON object"),
+        ({"stock": {"bad sku": 1}, "accounts": {}}, "'bad sku'"),
+        ({"stock": {"sku-a": -1}, "accounts": {}}, r"stock\['sku-a'\]"),
+        ({"stock": {"sku-a": True}, "accounts": {}}, r"stock\['sku-a'\] must be an integer"),
+        ({"stock": {"sku-a": 1.5}, "accounts": {}}, r"stock\['sku-a'\] must be an integer"),
+        ({"stock": {"sku-a": 10**16}, "accounts": {}}, r"stock\['sku-a'\] must be between"),
+        ({"stock": {}, "accounts": {"acct-a": 5}}, r"accounts\['acct-a'\] must be a JSON"),
+        ({"stock": {}, "accounts": {"acct-a": {}}}, r"accounts\['acct-a'\]: missing"),
+        (
+            {"stock": {}, "accounts": {"acct-a": {"balance_cents": 1, "colour": "red"}}},
+            "'colour'",
+        ),
+        (
+            {"stock": {}, "accounts": {"acct-a": {"balance_cents": -5}}},
+            r"accounts\['acct-a'\]\['balance_cents'\]",
+        ),
+        (
+            {"stock": {}, "accounts": {"acct-a": {"balance_cents": 5, "declines": "no"}}},
+            r"accounts\['acct-a'\]\['declines'\] must be true or false",
+        ),
+        ({"stock": {}, "accounts": {"": {"balance_cents": 1}}}, "accounts key"),
+    ],
+)
+def test_parse_catalog_names_the_bad_key(document: object, names: str) -> None:
+    with pytest.raises(ValueError, match=names):
+        parse_catalog(document)
+
+
+def test_load_catalog_reads_a_file_and_reports_bad_json(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"stock": {"sku-q": 4}, "accounts": {}}))
+    assert dict(load_catalog(good).stock) == {"sku-q": 4}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_catalog(bad)
+
+
+def test_split_initial_arg_keeps_sdk_flags(tmp_path: Path) -> None:
+    catalog, rest = split_initial_arg(["--listen", "127.0.0.1:0", "--data-dir", "/x"])
+    assert catalog is DEFAULT_CATALOG
+    assert rest == ["--listen", "127.0.0.1:0", "--data-dir", "/x"]
+
+    path = tmp_path / "shop.json"
+    path.write_text(json.dumps({"stock": {"sku-q": 4}, "accounts": {}}))
+    catalog, rest = split_initial_arg(["--test-control", "--initial", str(path)])
+    assert dict(catalog.stock) == {"sku-q": 4}
+    assert rest == ["--test-control"]
+
+
+def test_split_initial_arg_turns_a_bad_file_into_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "shop.json"
+    path.write_text(json.dumps({"stock": {"sku-q": -4}, "accounts": {}}))
+    with pytest.raises(SystemExit, match=r"--initial: .*stock\['sku-q'\]"):
+        split_initial_arg(["--initial", str(path)])
+    with pytest.raises(SystemExit, match="--initial: "):
+        split_initial_arg(["--initial", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.parametrize(
+    ("module", "expected_type"),
+    [
+        ("inventory", InventoryService),
+        ("orders", OrdersService),
+        ("payment", PaymentService),
+        ("notification", NotificationService),
+    ],
+)
+def test_main_builds_the_service_and_hands_the_rest_to_the_sdk(
+    module: str, expected_type: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "shop.json"
+    path.write_text(
+        json.dumps({"stock": {"sku-q": 4}, "accounts": {"acct-q": {"balance_cents": 9}}})
+    )
+    calls: list[tuple[Any, list[str] | None]] = []
+    fake = types.ModuleType("participants.server")
+    fake.run = lambda service, argv=None: calls.append((service, argv))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "participants.server", fake)
+    main = __import__(f"participants.services.{module}", fromlist=["main"]).main
+    main(["--initial", str(path), "--listen", "127.0.0.1:0"])
+    [(service, argv)] = calls
+    assert isinstance(service, expected_type)
+    assert argv == ["--listen", "127.0.0.1:0"]
+    if isinstance(service, InventoryService):
+        assert stock_of(service) == {"sku-q": (4, 0, 0, 4)}
+    if isinstance(service, PaymentService):
+        assert list(service.accounts) == ["acct-q"]
+
+
+# ---- inventory ----
+
+
+def test_inventory_prepare_reserves_commit_sells() -> None:
+    inventory = InventoryService({"sku-a": 10, "sku-b": 5})
+    assert inventory.locks(reserve(("sku-a", 1))) == []
+    assert inventory.prepare("t1/0", reserve(("sku-a", 3), ("sku-b", 5))) == Prepared()
+    assert stock_of(inventory) == {"sku-a": (7, 3, 0, 10), "sku-b": (0, 5, 0, 5)}
+    assert_stock_conserved(inventory)
+    inventory.commit("t1/0", reserve(("sku-a", 3), ("sku-b", 5)))
+    assert stock_of(inventory) == {"sku-a": (7, 0, 3, 10), "sku-b": (0, 0, 5, 5)}
+    assert inventory.reservations == {}
+    assert_stock_conserved(inventory)
+
+
+def test_inventory_rollback_releases_the_reservation() -> None:
+    inventory = InventoryService({"sku-a": 10})
+    assert inventory.prepare("t1/0", reserve(("sku-a", 4))) == Prepared()
+    inventory.rollback("t1/0", reserve(("sku-a", 4)))
+    assert stock_of(inventory) == {"sku-a": (10, 0, 0, 10)}
+    assert inventory.reservations == {}
+
+
+def test_inventory_refusals_give_the_reason_and_change_nothing() -> None:
+    inventory = InventoryService({"sku-a": 10, "sku-b": 2})
+    before = inventory.snapshot()
+    assert inventory.prepare("t1/0", reserve(("sku-a", 1), ("sku-zz", 1))) == Refused(
+        "unknown sku sku-zz"
+    )
+    # The first line fits, the second does not: nothing at all is reserved.
+    assert inventory.prepare("t2/0", reserve(("sku-a", 5), ("sku-b", 3))) == Refused(
+        "out of stock: sku sku-b has 2 available, 3 requested"
+    )
+    assert inventory.snapshot() == before
+
+
+def test_inventory_concurrent_reservations_never_oversell() -> None:
+    inventory = InventoryService({"sku-scarce": 3})
+    assert inventory.prepare("t1/0", reserve(("sku-scarce", 2))) == Prepared()
+    # t1 is undecided; its 2 units are not available to t2.
+    assert inventory.prepare("t2/0", reserve(("sku-scarce", 2))) == Refused(
+        "out of stock: sku sku-scarce has 1 available, 2 requested"
+    )
+    assert inventory.prepare("t3/0", reserve(("sku-scarce", 1))) == Prepared()
+    assert stock_of(inventory) == {"sku-scarce": (0, 3, 0, 3)}
+    inventory.rollback("t1/0", reserve(("sku-scarce", 2)))
+    assert inventory.prepare("t2/0", reserve(("sku-scarce", 2))) == Prepared()
+    assert_stock_conserved(inventory)
+
+
+def test_inventory_prepare_is_idempotent_per_branch_and_decisions_of_unknown_keys_are_noops() -> (
+    None
+):
+    inventory = InventoryService({"sku-a": 10})
+    assert inventory.prepare("t1/0", reserve(("sku-a", 4))) == Prepared()
+    assert inventory.prepare("t1/0", reserve(("sku-a", 4))) == Prepared()
+    assert stock_of(inventory) == {"sku-a": (6, 4, 0, 10)}
+    before = inventory.snapshot()
+    inventory.commit("nope/0", reserve(("sku-a", 4)))
+    inventory.rollback("nope/1", reserve(("sku-a", 4)))
+    assert inventory.snapshot() == before
+
+
+def test_inventory_prepare_merges_repeated_skus_it_was_not_asked_to_validate() -> None:
+    # validate refuses repeated SKUs; prepare must still be safe if handed one (log replay does
+    # not validate), checking the total and not each line separately.
+    inventory = InventoryService({"sku-a": 5})
+    assert inventory.prepare("t1/0", reserve(("sku-a", 3), ("sku-a", 3))) == Refused(
+        "out of stock: sku sku-a has 5 available, 6 requested"
+    )
+    assert inventory.prepare("t2/0", reserve(("sku-a", 2), ("sku-a", 3))) == Prepared()
+    assert inventory.reservations == {"t2/0": {"sku-a": 5}}
+
+
+@pytest.mark.parametrize(
+    ("operation", "message"),
+    [
+        (reserve(), "no lines"),
+        (
+            reserve(*[(f"sku-{i}", 1) for i in range(limits.LINES_PER_OPERATION_MAX + 1)]),
+            "too many",
+        ),
+        (reserve(("", 1)), "line 1: sku is missing"),
+        (reserve(("sku a", 1)), "line 1: sku 'sku a' is malformed"),
+        (reserve(("x" * 129, 1)), "malformed"),
+        (reserve(("sku-a", 1), ("sku-b", 0)), "line 2: quantity of sku-b must be between 1 and"),
+        (reserve(("sku-a", -3)), "got -3"),
+        (reserve(("sku-a", limits.QUANTITY_MAX + 1)), "must be between 1 and"),
+        (reserve(("sku-a", 1), ("sku-a", 2)), "line 2: sku sku-a appears more than once"),
+    ],
+)
+def test_inventory_validate_refuses_malformed_operations(
+    operation: shop_pb2.ReserveStock, message: str
+) -> None:
+    with pytest.raises(InvalidOperation, match=message):
+        InventoryService().validate(operation)
+
+
+def test_inventory_validate_accepts_the_bounds() -> None:
+    lines = [(f"sku-{i}", 1) for i in range(limits.LINES_PER_OPERATION_MAX - 1)]
+    InventoryService().validate(reserve(*lines, ("sku-max", limits.QUANTITY_MAX)))
+
+
+def test_inventory_snapshot_round_trip_keeps_reservations() -> None:
+    inventory = InventoryService({"sku-a": 10, "sku-b": 4})
+    inventory.prepare("t1/0", reserve(("sku-a", 3)))
+    inventory.prepare("t2/0", reserve(("sku-a", 1), ("sku-b", 4)))
+    inventory.commit("t2/0", reserve(("sku-a", 1), ("sku-b", 4)))
+    snapshot = inventory.snapshot()
+
+    restored = InventoryService({})
+    restored.restore(snapshot)
+    assert restored.snapshot() == snapshot
+    assert stock_of(restored) == stock_of(inventory)
+    assert restored.reservations == {"t1/0": {"sku-a": 3}}
+    # The tentative reservation survives: its decision still applies after the restart.
+    restored.commit("t1/0", reserve(("sku-a", 3)))
+    assert stock_of(restored)["sku-a"] == (6, 0, 4, 10)
+    assert_stock_conserved(restored)
+
+
+@pytest.mark.parametrize(
+    "service",
+    [InventoryService(), OrdersService(), PaymentService(), NotificationService()],
+    ids=lambda s: s.name,
+)
+def test_restore_refuses_foreign_or_unknown_snapshots(service: Any) -> None:
+    other = NotificationService() if service.name != "notification" else OrdersService()
+    with pytest.raises(ValueError, match="belongs to service"):
+        service.restore(other.snapshot())
+    future = json.loads(service.snapshot())
+    future["format"] = SNAPSHOT_FORMAT + 1
+    with pytest.raises(ValueError, match="format"):
+        service.restore(json.dumps(future).encode())
+    with pytest.raises(ValueError, match="not valid JSON"):
+        service.restore(b"\xff\x00")
+
+
+# ---- orders ----
+
+
+def test_orders_prepare_creates_pending_commit_confirms() -> None:
+    orders = OrdersService()
+    assert orders.prepare("txn-1/0", order()) == Prepared()
+    [pending] = orders.all_orders()
+    assert pending.state == shop_pb2.ORDER_STATE_PENDING
+    assert pending.transaction_id == "txn-1"
+    assert pending.customer_id == "cust-1"
+    assert [(line.sku, line.quantity) for line in pending.lines] == [("sku-apple", 2)]
+    assert pending.amount_cents == 1_000
+    orders.commit("txn-1/0", order())
+    [confirmed] = orders.all_orders()
+    assert confirmed.state == shop_pb2.ORDER_STATE_CONFIRMED
+    assert orders.pending == {}
+
+
+def test_orders_refuse_duplicates_while_pending_and_once_confirmed() -> None:
+    orders = OrdersService()
+    assert orders.prepare("txn-1/0", order()) == Prepared()
+    assert orders.prepare("txn-2/0", order(customer_id="other")) == Refused(
+        "duplicate order id o-1"
+    )
+    orders.commit("txn-1/0", order())
+    assert orders.prepare("txn-3/0", order()) == Refused("duplicate order id o-1")
+    assert [o.transaction_id for o in orders.all_orders()] == ["txn-1"]
+
+
+def test_orders_rollback_frees_the_id_and_keeps_a_cancelled_record() -> None:
+    orders = OrdersService()
+    orders.prepare("txn-1/0", order())
+    orders.rollback("txn-1/0", order())
+    assert orders.orders == {}
+    [cancelled] = orders.all_orders()
+    assert cancelled.state == shop_pb2.ORDER_STATE_CANCELLED
+    assert cancelled.transaction_id == "txn-1"
+    # The retry with the same order id goes through, and is the one ListOrders shows: each
+    # order id appears once, as its latest attempt.
+    assert orders.prepare("txn-2/0", order()) == Prepared()
+    assert [(o.transaction_id, o.state) for o in orders.all_orders()] == [
+        ("txn-2", shop_pb2.ORDER_STATE_PENDING)
+    ]
+    orders.rollback("txn-2/0", order())
+    assert orders.prepare("txn-3/0", order()) == Prepared()
+    orders.commit("txn-3/0", order())
+    assert [(o.transaction_id, o.state) for o in orders.all_orders()] == [
+        ("txn-3", shop_pb2.ORDER_STATE_CONFIRMED)
+    ]
+
+
+def test_orders_cancelled_record_is_bounded() -> None:
+    orders = OrdersService(cancelled_kept=2)
+    for n in range(3):
+        orders.prepare(f"txn-{n}/0", order(order_id=f"o-{n}"))
+        orders.rollback(f"txn-{n}/0", order(order_id=f"o-{n}"))
+    assert [o.order_id for o in orders.all_orders()] == ["o-1", "o-2"]
+
+
+def test_orders_lock_the_order_id_exclusively() -> None:
+    assert OrdersService().locks(order(order_id="o-42")) == [
+        LockRequest("order:o-42", LockMode.EXCLUSIVE)
+    ]
+
+
+def test_orders_prepare_is_idempotent_per_branch() -> None:
+    orders = OrdersService()
+    assert orders.prepare("txn-1/0", order()) == Prepared()
+    assert orders.prepare("txn-1/0", order()) == Prepared()
+    assert len(orders.all_orders()) == 1
+    before = orders.snapshot()
+    orders.commit("nope/0", order())
+    orders.rollback("nope/0", order())
+    assert orders.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("operation", "message"),
+    [
+        (order(order_id=""), "order_id is missing"),
+        (order(order_id="o 1"), "order_id 'o 1' is malformed"),
+        (order(customer_id=""), "customer_id is missing"),
+        (order(customer_id="c/1"), "customer_id 'c/1' is malformed"),
+        (order(amount_cents=-1), "amount_cents must be between 0 and"),
+        (order(amount_cents=limits.AMOUNT_CENTS_MAX + 1), "amount_cents must be between 0 and"),
+        (order(lines=()), "no lines"),
+        (order(lines=(("sku-a", 0),)), "quantity of sku-a"),
+        (order(lines=(("sku-a", 1), ("sku-a", 1))), "appears more than once"),
+    ],
+)
+def test_orders_validate_refuses_malformed_operations(
+    operation: shop_pb2.CreateOrder, message: str
+) -> None:
+    with pytest.raises(InvalidOperation, match=message):
+        OrdersService().validate(operation)
+
+
+def test_orders_validate_accepts_free_orders() -> None:
+    OrdersService().validate(order(amount_cents=0))
+    OrdersService().validate(order(amount_cents=limits.AMOUNT_CENTS_MAX))
+
+
+def test_orders_snapshot_round_trip_keeps_pending_orders_and_their_order() -> None:
+    orders = OrdersService()
+    orders.prepare("txn-b/0", order(order_id="o-b"))
+    orders.prepare("txn-a/0", order(order_id="o-a"))
+    orders.commit("txn-a/0", order(order_id="o-a"))
+    orders.prepare("txn-c/0", order(order_id="o-c"))
+    orders.rollback("txn-c/0", order(order_id="o-c"))
+    snapshot = orders.snapshot()
+
+    restored = OrdersService()
+    restored.restore(snapshot)
+    assert restored.snapshot() == snapshot
+    assert restored.all_orders() == orders.all_orders()
+    assert restored.prepare("txn-x/0", order(order_id="o-b")) == Refused("duplicate order id o-b")
+    restored.commit("txn-b/0", order(order_id="o-b"))
+    assert [(o.order_id, o.state) for o in restored.all_orders()] == [
+        ("o-c", shop_pb2.ORDER_STATE_CANCELLED),
+        ("o-b", shop_pb2.ORDER_STATE_CONFIRMED),
+        ("o-a", shop_pb2.ORDER_STATE_CONFIRMED),
+    ]
+
+
+def test_orders_restore_refuses_a_pending_branch_without_its_order() -> None:
+    document = json.loads(OrdersService().snapshot())
+    document["pending"] = {"txn-1/0": "o-missing"}
+    with pytest.raises(ValueError, match="o-missing"):
+        OrdersService().restore(json.dumps(document).encode())
+
+
+def test_orders_restore_leaves_the_state_alone_when_the_snapshot_is_bad() -> None:
+    orders = OrdersService()
+    orders.prepare("txn-1/0", order())
+    before = orders.snapshot()
+    document = json.loads(before)
+    document["cancelled"] = document["orders"]  # o-1 both live and cancelled
+    with pytest.raises(ValueError, match="both cancelled and live"):
+        orders.restore(json.dumps(document).encode())
+    assert orders.snapshot() == before
+
+
+# ---- payment ----
+
+
+def test_payment_prepare_holds_commit_captures() -> None:
+    payment = PaymentService({"acct-a": AccountSpec(10_000)})
+    assert payment.locks(charge("acct-a")) == []
+    assert payment.prepare("txn-1/1", charge("acct-a", 2_500, "o-7")) == Prepared()
+    a = payment.accounts["acct-a"]
+    assert (a.balance_cents, a.held_cents, a.captured_cents) == (7_500, 2_500, 0)
+    assert_money_conserved(payment)
+    payment.commit("txn-1/1", charge("acct-a", 2_500, "o-7"))
+    assert (a.balance_cents, a.held_cents, a.captured_cents) == (7_500, 0, 2_500)
+    [capture] = payment.listing().captures
+    assert capture == shop_pb2.Capture(
+        order_id="o-7", account_id="acct-a", amount_cents=2_500, transaction_id="txn-1"
+    )
+    assert_money_conserved(payment)
+
+
+def test_payment_rollback_releases_the_hold() -> None:
+    payment = PaymentService({"acct-a": AccountSpec(10_000)})
+    payment.prepare("txn-1/1", charge("acct-a", 2_500))
+    payment.rollback("txn-1/1", charge("acct-a", 2_500))
+    a = payment.accounts["acct-a"]
+    assert (a.balance_cents, a.held_cents, a.captured_cents) == (10_000, 0, 0)
+    assert payment.captures == []
+
+
+def test_payment_refusals_give_the_reason_and_change_nothing() -> None:
+    payment = PaymentService()
+    before = payment.snapshot()
+    assert payment.prepare("t1/0", charge("acct-nobody")) == Refused("unknown account acct-nobody")
+    assert payment.prepare("t2/0", charge("acct-blocked", 1)) == Refused(
+        "payment declined for account acct-blocked"
+    )
+    assert payment.prepare("t3/0", charge("acct-poor", 501)) == Refused(
+        "insufficient funds: account acct-poor has 500 cents available, 501 requested"
+    )
+    assert payment.snapshot() == before
+    assert payment.prepare("t4/0", charge("acct-poor", 500)) == Prepared()
+
+
+def test_payment_holds_isolate_concurrent_charges() -> None:
+    payment = PaymentService({"acct-a": AccountSpec(1_000)})
+    assert payment.prepare("t1/0", charge("acct-a", 600)) == Prepared()
+    assert payment.prepare("t2/0", charge("acct-a", 600)) == Refused(
+        "insufficient funds: account acct-a has 400 cents available, 600 requested"
+    )
+    payment.rollback("t1/0", charge("acct-a", 600))
+    assert payment.prepare("t2/0", charge("acct-a", 600)) == Prepared()
+    assert_money_conserved(payment)
+
+
+def test_payment_prepare_is_idempotent_per_branch() -> None:
+    payment = PaymentService({"acct-a": AccountSpec(1_000)})
+    assert payment.prepare("t1/0", charge("acct-a", 600)) == Prepared()
+    assert payment.prepare("t1/0", charge("acct-a", 600)) == Prepared()
+    assert payment.accounts["acct-a"].held_cents == 600
+    before = payment.snapshot()
+    payment.commit("nope/0", charge("acct-a", 600))
+    payment.rollback("nope/0", charge("acct-a", 600))
+    assert payment.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("operation", "message"),
+    [
+        (charge(account_id=""), "account_id is missing"),
+        (charge(account_id="acct a"), "account_id 'acct a' is malformed"),
+        (charge(amount=0), "amount_cents must be between 1 and"),
+        (charge(amount=-5), "got -5"),
+        (charge(amount=limits.AMOUNT_CENTS_MAX + 1), "amount_cents must be between 1 and"),
+        (charge(order_id=""), "order_id is missing"),
+        (charge(order_id="o#1"), "order_id 'o#1' is malformed"),
+    ],
+)
+def test_payment_validate_refuses_malformed_operations(
+    operation: shop_pb2.ChargePayment, message: str
+) -> None:
+    with pytest.raises(InvalidOperation, match=message):
+        PaymentService().validate(operation)
+
+
+def test_payment_snapshot_round_trip_keeps_holds_and_captures() -> None:
+    payment = PaymentService()
+    payment.prepare("t1/1", charge("acct-alice", 300, "o-1"))
+    payment.prepare("t2/1", charge("acct-bob", 700, "o-2"))
+    payment.commit("t2/1", charge("acct-bob", 700, "o-2"))
+    snapshot = payment.snapshot()
+
+    restored = PaymentService({})
+    restored.restore(snapshot)
+    assert restored.snapshot() == snapshot
+    assert restored.listing() == payment.listing()
+    assert restored.accounts["acct-blocked"].declines
+    restored.commit("t1/1", charge("acct-alice", 300, "o-1"))
+    assert [c.order_id for c in restored.captures] == ["o-2", "o-1"]
+    assert_money_conserved(restored)
+
+
+# ---- notification ----
+
+
+def test_notification_stages_then_sends_on_commit() -> None:
+    notification = NotificationService()
+    assert notification.locks(note()) == []
+    assert notification.prepare("txn-1/3", note(body="your order shipped")) == Prepared()
+    # Staged is not sent: nothing is in the outbox before the decision.
+    assert notification.listing() == shop_pb2.ListSentResponse(staged=1)
+    notification.commit("txn-1/3", note(body="your order shipped"))
+    assert notification.listing() == shop_pb2.ListSentResponse(
+        sent=[
+            shop_pb2.SentNotification(
+                order_id="o-1",
+                recipient="alice@example.com",
+                body="your order shipped",
+                transaction_id="txn-1",
+            )
+        ],
+        staged=0,
+    )
+
+
+def test_notification_rollback_drops_the_message() -> None:
+    notification = NotificationService()
+    notification.prepare("txn-1/3", note())
+    notification.rollback("txn-1/3", note())
+    assert notification.listing() == shop_pb2.ListSentResponse(staged=0)
+
+
+def test_notification_commit_is_exactly_once() -> None:
+    notification = NotificationService()
+    notification.prepare("txn-1/3", note())
+    notification.prepare("txn-1/3", note())
+    notification.commit("txn-1/3", note())
+    notification.commit("txn-1/3", note())
+    notification.commit("unknown/0", note())
+    assert len(notification.outbox) == 1
+
+
+@pytest.mark.parametrize(
+    ("operation", "message"),
+    [
+        (note(order_id=""), "order_id is missing"),
+        (note(order_id="o 1"), "order_id 'o 1' is malformed"),
+        (note(recipient=""), "recipient is missing"),
+        (note(recipient="r" * (limits.TEXT_FIELD_LENGTH_MAX + 1)), "recipient is 1025 characters"),
+        (note(body="b" * (limits.TEXT_FIELD_LENGTH_MAX + 1)), "body is 1025 characters"),
+    ],
+)
+def test_notification_validate_refuses_malformed_operations(
+    operation: shop_pb2.SendNotification, message: str
+) -> None:
+    with pytest.raises(InvalidOperation, match=message):
+        NotificationService().validate(operation)
+
+
+def test_notification_validate_accepts_the_bounds() -> None:
+    NotificationService().validate(note(body=""))
+    NotificationService().validate(
+        note(recipient="r" * limits.TEXT_FIELD_LENGTH_MAX, body="é" * limits.TEXT_FIELD_LENGTH_MAX)
+    )
+
+
+def test_notification_snapshot_round_trip_keeps_staged_messages() -> None:
+    notification = NotificationService()
+    notification.prepare("t1/0", note(order_id="o-1", body="première ✓"))
+    notification.prepare("t2/0", note(order_id="o-2"))
+    notification.commit("t2/0", note(order_id="o-2"))
+    snapshot = notification.snapshot()
+
+    restored = NotificationService()
+    restored.restore(snapshot)
+    assert restored.snapshot() == snapshot
+    assert restored.listing() == notification.listing()
+    restored.commit("t1/0", note(order_id="o-1"))
+    assert [(s.order_id, s.body) for s in restored.outbox] == [
+        ("o-2", "hi"),
+        ("o-1", "première ✓"),
+    ]
+
+
+# ---- invariants and determinism over random histories ----
+
+# One step of a history: (branch number, action, argument index); see `_apply`.
+steps = st.lists(
+    st.tuples(
+        st.integers(0, 7), st.sampled_from(["prepare", "commit", "rollback"]), st.integers(0, 5)
+    ),
+    max_size=60,
+)
+
+SKUS = ["sku-apple", "sku-pear", "sku-scarce", "sku-soldout", "sku-unknown"]
+ACCOUNTS = ["acct-alice", "acct-poor", "acct-blocked", "acct-nobody"]
+
+
+def _operations(choice: int) -> tuple[Message, ...]:
+    """A deterministic operation per service for an argument index."""
+    sku_a, sku_b = SKUS[choice % len(SKUS)], SKUS[(choice + 1) % len(SKUS)]
+    return (
+        reserve((sku_a, 1 + choice), (sku_b, 1)),
+        order(order_id=f"o-{choice % 3}", amount_cents=choice * 100),
+        charge(ACCOUNTS[choice % len(ACCOUNTS)], 100 * (1 + choice**3), f"o-{choice}"),
+        note(order_id=f"o-{choice}", body=f"body {choice}"),
+    )
+
+
+def _services() -> tuple[InventoryService, OrdersService, PaymentService, NotificationService]:
+    return InventoryService(), OrdersService(), PaymentService(), NotificationService()
+
+
+Prepared_ = dict[tuple[int, int], Message]  # (service number, branch) -> its operation
+
+
+def _run(
+    history: list[tuple[int, str, int]],
+    services: tuple[Any, ...],
+    prepared: Prepared_ | None = None,
+) -> Prepared_:
+    """Drive the services the way the SDK does: decisions only for prepared branches.
+
+    Returns the branches left prepared (what the SDK's log would know as in doubt).
+    """
+    prepared = {} if prepared is None else prepared
+    for branch, action, choice in history:
+        for number, (service, operation) in enumerate(
+            zip(services, _operations(choice), strict=True)
+        ):
+            key = f"txn-{branch}/{number}"
+            held = prepared.get((number, branch))
+            if action == "prepare" and held is None:
+                if isinstance(service.prepare(key, operation), Prepared):
+                    prepared[(number, branch)] = operation
+            elif action == "commit" and held is not None:
+                service.commit(key, held)
+                del prepared[(number, branch)]
+            elif action == "rollback" and held is not None:
+                service.rollback(key, held)
+                del prepared[(number, branch)]
+    return prepared
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps)
+def test_random_histories_conserve_stock_and_money(history: list[tuple[int, str, int]]) -> None:
+    inventory, orders, payment, notification = services = _services()
+    prepared = _run(history, services)
+    assert_stock_conserved(inventory)
+    assert_money_conserved(payment)
+    # Tentative state exists exactly for the prepared, undecided branches.
+    tentative: list[Mapping[str, object]] = [
+        inventory.reservations,
+        orders.pending,
+        payment.holds,
+        notification.staged,
+    ]
+    for number, held in enumerate(tentative):
+        assert set(held) == {f"txn-{b}/{n}" for n, b in prepared if n == number}
+    assert all(orders.orders[o].state == "PENDING" for o in orders.pending.values())
+    listed = [o.order_id for o in orders.all_orders()]
+    assert len(listed) == len(set(listed)), "an order id is listed twice"
+    # Every capture and every sent message belongs to a committed branch: never a staged one.
+    assert len(payment.captures) + len(payment.holds) <= len(history)
+    assert len(notification.outbox) + len(notification.staged) <= len(history)
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps, st.integers(0, 60))
+def test_replay_is_deterministic_and_snapshots_resume_identically(
+    history: list[tuple[int, str, int]], cut: int
+) -> None:
+    first = _services()
+    _run(history, first)
+    second = _services()
+    _run(history, second)
+    assert [s.snapshot() for s in first] == [s.snapshot() for s in second]
+
+    # A restart mid-history: snapshot, restore into fresh services, carry on; same end state.
+    # Branches prepared before the cut are decided after it, so tentative state must survive.
+    head: tuple[Any, ...] = _services()
+    in_doubt = _run(history[:cut], head)
+    resumed: tuple[Any, ...] = _services()
+    for old, new in zip(head, resumed, strict=True):
+        new.restore(old.snapshot())
+    _run(history[cut:], resumed, in_doubt)
+    assert [s.snapshot() for s in resumed] == [s.snapshot() for s in first]
+
+
+# ---- each service served in-process by the SDK, read over real gRPC ----
+
+
+def serve(
+    tmp_path: Path,
+    service: Any,
+    scenario: Callable[[grpc.aio.Channel], Awaitable[T]],
+    **config: Any,
+) -> T:
+    # Imported here so that the business-logic tests above run even while the SDK's own
+    # dependencies (the write-ahead log) are unavailable.
+    from participants.server import ParticipantConfig, ParticipantServer
+
+    async def main() -> T:
+        server = ParticipantServer(
+            service, ParticipantConfig(data_dir=tmp_path, listen="127.0.0.1:0", **config)
+        )
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await scenario(channel)
+        finally:
+            await server.stop()
+
+    return asyncio.run(main())
+
+
+def packed(operation: Message) -> any_pb2.Any:
+    value = any_pb2.Any()
+    value.Pack(operation)
+    return value
+
+
+async def prepare(
+    channel: grpc.aio.Channel, transaction_id: str, operation: Message, branch: int = 0
+) -> participant_pb2.PrepareResponse:
+    stub = participant_pb2_grpc.ParticipantStub(channel)
+    response: participant_pb2.PrepareResponse = await stub.Prepare(
+        participant_pb2.PrepareRequest(
+            transaction_id=transaction_id, branch=branch, operation=packed(operation)
+        ),
+        timeout=10,
+    )
+    return response
+
+
+async def decide(channel: grpc.aio.Channel, transaction_id: str, commit: bool) -> None:
+    stub = participant_pb2_grpc.ParticipantStub(channel)
+    if commit:
+        await stub.Commit(participant_pb2.CommitRequest(transaction_id=transaction_id), timeout=10)
+    else:
+        await stub.Rollback(
+            participant_pb2.RollbackRequest(transaction_id=transaction_id), timeout=10
+        )
+
+
+def test_inventory_served_by_the_sdk(tmp_path: Path) -> None:
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.InventoryStub(channel)
+        vote = await prepare(channel, "txn-1", reserve(("sku-apple", 5)))
+        assert vote.vote == coordinator_pb2.VOTE_PREPARED
+        refused = await prepare(channel, "txn-2", reserve(("sku-scarce", 4)))
+        assert refused.vote == coordinator_pb2.VOTE_REFUSED
+        assert refused.reason == "out of stock: sku sku-scarce has 3 available, 4 requested"
+        await decide(channel, "txn-1", commit=True)
+
+        everything = await stub.GetStock(shop_pb2.GetStockRequest(), timeout=10)
+        assert [level.sku for level in everything.levels] == sorted(DEFAULT_CATALOG.stock)
+        some = await stub.GetStock(shop_pb2.GetStockRequest(skus=["sku-apple"]), timeout=10)
+        assert list(some.levels) == [
+            shop_pb2.StockLevel(sku="sku-apple", available=45, reserved=0, sold=5, received=50)
+        ]
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.GetStock(shop_pb2.GetStockRequest(skus=["sku-nope"]), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+        assert raised.value.details() == "unknown sku sku-nope"
+
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await prepare(channel, "txn-3", reserve(("sku-apple", 0)))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    serve(tmp_path, InventoryService(), scenario)
+
+    # Restart on the same data directory with a fresh service: the log rebuilds the state.
+    async def after_restart(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.InventoryStub(channel)
+        some = await stub.GetStock(shop_pb2.GetStockRequest(skus=["sku-apple"]), timeout=10)
+        assert (some.levels[0].available, some.levels[0].sold) == (45, 5)
+
+    serve(tmp_path, InventoryService(), after_restart)
+
+
+def test_orders_served_by_the_sdk_isolates_the_same_order_id(tmp_path: Path) -> None:
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        first = await prepare(channel, "txn-1", order())
+        assert first.vote == coordinator_pb2.VOTE_PREPARED
+        # A second transaction for the same order id waits on the order lock...
+        second = asyncio.ensure_future(prepare(channel, "txn-2", order()))
+        await asyncio.sleep(0.2)
+        assert not second.done()
+        # ...and, once the first rolls back, takes the freed id.
+        await decide(channel, "txn-1", commit=False)
+        assert (await second).vote == coordinator_pb2.VOTE_PREPARED
+        await decide(channel, "txn-2", commit=True)
+        third = await prepare(channel, "txn-3", order())
+        assert third.vote == coordinator_pb2.VOTE_REFUSED
+        assert third.reason == "duplicate order id o-1"
+        assert (await prepare(channel, "txn-4", order(order_id="o-2"))).vote == (
+            coordinator_pb2.VOTE_PREPARED
+        )
+        await decide(channel, "txn-4", commit=False)
+
+        listed = await shop_pb2_grpc.OrdersStub(channel).ListOrders(
+            shop_pb2.ListOrdersRequest(), timeout=10
+        )
+        assert [(o.order_id, o.transaction_id, o.state) for o in listed.orders] == [
+            ("o-2", "txn-4", shop_pb2.ORDER_STATE_CANCELLED),
+            ("o-1", "txn-2", shop_pb2.ORDER_STATE_CONFIRMED),
+        ]
+
+    serve(tmp_path, OrdersService(), scenario, lock_wait_ms=10_000)
+
+
+def test_payment_served_by_the_sdk(tmp_path: Path) -> None:
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        assert (await prepare(channel, "txn-1", charge("acct-bob", 1_500, "o-9"))).vote == (
+            coordinator_pb2.VOTE_PREPARED
+        )
+        declined = await prepare(channel, "txn-2", charge("acct-blocked", 1))
+        assert declined.vote == coordinator_pb2.VOTE_REFUSED
+        assert declined.reason == "payment declined for account acct-blocked"
+        await decide(channel, "txn-1", commit=True)
+        listed = await shop_pb2_grpc.PaymentStub(channel).ListAccounts(
+            shop_pb2.ListAccountsRequest(), timeout=10
+        )
+        bob = next(a for a in listed.accounts if a.account_id == "acct-bob")
+        assert (bob.balance_cents, bob.held_cents, bob.captured_cents, bob.initial_cents) == (
+            48_500,
+            0,
+            1_500,
+            50_000,
+        )
+        assert list(listed.captures) == [
+            shop_pb2.Capture(
+                order_id="o-9", account_id="acct-bob", amount_cents=1_500, transaction_id="txn-1"
+            )
+        ]
+
+    serve(tmp_path, PaymentService(), scenario)
+
+
+def test_notification_served_by_the_sdk(tmp_path: Path) -> None:
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.NotificationStub(channel)
+        assert (await prepare(channel, "txn-1", note(body="sent"))).vote == (
+            coordinator_pb2.VOTE_PREPARED
+        )
+        assert (await prepare(channel, "txn-2", note(body="dropped"))).vote == (
+            coordinator_pb2.VOTE_PREPARED
+        )
+        staged = await stub.ListSent(shop_pb2.ListSentRequest(), timeout=10)
+        assert (list(staged.sent), staged.staged) == ([], 2)
+        await decide(channel, "txn-1", commit=True)
+        await decide(channel, "txn-2", commit=False)
+        listed = await stub.ListSent(shop_pb2.ListSentRequest(), timeout=10)
+        assert [(s.body, s.transaction_id) for s in listed.sent] == [("sent", "txn-1")]
+        assert listed.staged == 0
+
+    serve(tmp_path, NotificationService(), scenario)
