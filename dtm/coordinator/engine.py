@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from dtmpb.v1 import coordinator_pb2, log_pb2
 from google.protobuf import any_pb2
 
 from dtm import crashpoints, limits, logs
@@ -28,6 +27,7 @@ from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, Transaction, TxnState
 from dtm.records import RecordType
 from dtm.wal import Log, LogRecord
+from dtmpb.v1 import coordinator_pb2, log_pb2
 
 
 def wall_ms() -> int:
@@ -165,7 +165,7 @@ class Engine:
         run = Run(txn, fingerprint, [op for _, op in branches], loop.create_future())
         self.active[transaction_id] = run
         run.timer = loop.call_later(timeout_ms / 1000, self._on_timer, run)
-        self._log.info(
+        self._log.debug(
             "transaction started",
             txn=transaction_id,
             participants=",".join(participants),
@@ -209,7 +209,7 @@ class Engine:
         before = run.txn.state
         actions = run.txn.handle(event)
         if run.txn.state is not before:
-            self._log.info(
+            self._log.debug(
                 "transaction state",
                 txn=run.txn.transaction_id,
                 state=run.txn.state.value,
@@ -431,6 +431,17 @@ class Engine:
             return
         run.finished = True
         outcome = txn.outcome
+        # The one INFO line per transaction: its whole story (DEBUG has every step).
+        self._log.info(
+            "transaction finished",
+            txn=txn.transaction_id,
+            outcome=outcome.value if outcome else txn.state.value,
+            reason=txn.reason or None,
+            branches=len(txn.branches),
+            ms=self.clock_ms() - txn.created_at_ms,
+            phase_two_retries=sum(b.phase_two_attempts for b in txn.branches) or None,
+            heuristic=",".join(b.heuristic for b in txn.branches if b.heuristic) or None,
+        )
         if outcome is Outcome.COMMITTED:
             self.counters.committed += 1
         elif outcome is Outcome.ABORTED:
