@@ -340,6 +340,8 @@ def report(
 #: Service name (inventory, orders, payment, notification) -> "host:port" or an open channel.
 Targets = Mapping[str, str | grpc.aio.Channel]
 SERVICES = ("inventory", "orders", "payment", "notification")
+# Bound on the pages of one list read (10,000 items a page: ten million items).
+PAGES_MAX = 1_000
 
 
 def _order_state(state: int) -> str:
@@ -363,20 +365,59 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
             return opened
         return target
 
+    async def orders_pages() -> shop_pb2.ListOrdersResponse:
+        stub = shop_pb2_grpc.OrdersStub(channel("orders"))
+        merged = shop_pb2.ListOrdersResponse()
+        token = ""
+        for _ in range(PAGES_MAX):
+            page = await stub.ListOrders(
+                shop_pb2.ListOrdersRequest(page_token=token), timeout=timeout_s
+            )
+            merged.orders.extend(page.orders)
+            token = page.next_page_token
+            if not token:
+                return merged
+        raise RuntimeError(f"orders: more than {PAGES_MAX} pages")
+
+    async def payment_pages() -> shop_pb2.ListAccountsResponse:
+        stub = shop_pb2_grpc.PaymentStub(channel("payment"))
+        merged = shop_pb2.ListAccountsResponse()
+        token = ""
+        for number in range(PAGES_MAX):
+            page = await stub.ListAccounts(
+                shop_pb2.ListAccountsRequest(page_token=token), timeout=timeout_s
+            )
+            if number == 0:
+                merged.accounts.extend(page.accounts)  # every page repeats the accounts
+            merged.captures.extend(page.captures)
+            token = page.next_page_token
+            if not token:
+                return merged
+        raise RuntimeError(f"payment: more than {PAGES_MAX} pages")
+
+    async def sent_pages() -> shop_pb2.ListSentResponse:
+        stub = shop_pb2_grpc.NotificationStub(channel("notification"))
+        merged = shop_pb2.ListSentResponse()
+        token = ""
+        for _ in range(PAGES_MAX):
+            page = await stub.ListSent(
+                shop_pb2.ListSentRequest(page_token=token), timeout=timeout_s
+            )
+            merged.sent.extend(page.sent)
+            merged.staged = page.staged
+            token = page.next_page_token
+            if not token:
+                return merged
+        raise RuntimeError(f"notification: more than {PAGES_MAX} pages")
+
     try:
         stock, orders, accounts, sent = await asyncio.gather(
             shop_pb2_grpc.InventoryStub(channel("inventory")).GetStock(
                 shop_pb2.GetStockRequest(), timeout=timeout_s
             ),
-            shop_pb2_grpc.OrdersStub(channel("orders")).ListOrders(
-                shop_pb2.ListOrdersRequest(), timeout=timeout_s
-            ),
-            shop_pb2_grpc.PaymentStub(channel("payment")).ListAccounts(
-                shop_pb2.ListAccountsRequest(), timeout=timeout_s
-            ),
-            shop_pb2_grpc.NotificationStub(channel("notification")).ListSent(
-                shop_pb2.ListSentRequest(), timeout=timeout_s
-            ),
+            orders_pages(),
+            payment_pages(),
+            sent_pages(),
         )
     finally:
         await asyncio.gather(*(opened.close(None) for opened in owned))

@@ -964,3 +964,17 @@ def test_notification_served_by_the_sdk(tmp_path: Path) -> None:
         assert listed.staged == 0
 
     serve(tmp_path, NotificationService(), scenario)
+
+
+def test_page_walks_a_list_in_bounded_pages() -> None:
+    from participants.services import PAGE_SIZE_DEFAULT, page
+
+    items = list(range(5))
+    first, token = page(items, 2, "")
+    assert ([0, 1], "2") == (list(first), token)
+    second, token = page(items, 2, token)
+    third, token = page(items, 2, token)
+    assert ([2, 3], [4], "") == (list(second), list(third), token)
+    assert PAGE_SIZE_DEFAULT == len(page(list(range(PAGE_SIZE_DEFAULT + 5)), 10**9, "")[0])
+    with pytest.raises(InvalidOperation):
+        page(items, 2, "not-a-token")

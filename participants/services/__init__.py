@@ -10,8 +10,8 @@ its INVALID_ARGUMENT errors the same way), the branch-key helper and the snapsho
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -95,6 +95,26 @@ def merged_lines(lines: Iterable[shop_pb2.StockLine]) -> dict[str, int]:
     for line in lines:
         wanted[line.sku] = wanted.get(line.sku, 0) + line.quantity
     return wanted
+
+
+PAGE_SIZE_DEFAULT = 10_000
+
+
+T = TypeVar("T")
+
+
+def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
+    """One page of a list read and the token of the next ("" on the last page).
+
+    The token is the offset as text: simple, and consistent while the list does not change.
+    Raises InvalidOperation for a token this server did not hand out.
+    """
+    if page_token and not page_token.isdigit():
+        raise InvalidOperation(f"page_token {page_token[:20]!r} was not issued by this service")
+    start = int(page_token or 0)
+    size = min(page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_DEFAULT)
+    end = start + size
+    return items[start:end], (str(end) if end < len(items) else "")
 
 
 async def abort_if_too_large(response: Message, context: Context, what: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 
 from dtmpb.v1 import shop_pb2, shop_pb2_grpc
-from participants.service import LockRequest, Prepared, PrepareResult, Service
+from participants.service import InvalidOperation, LockRequest, Prepared, PrepareResult, Service
 from participants.services import (
     Context,
     abort_if_too_large,
@@ -27,6 +27,7 @@ from participants.services import (
     check_text,
     decode_state,
     encode_state,
+    page,
     transaction_of,
 )
 from participants.services.catalog import split_initial_arg
@@ -143,7 +144,15 @@ class NotificationReadApi(shop_pb2_grpc.NotificationServicer):
     async def ListSent(
         self, request: shop_pb2.ListSentRequest, context: Context
     ) -> shop_pb2.ListSentResponse:
-        response = self.service.listing()
+        try:
+            chunk, token = page(self.service.outbox, request.page_size, request.page_token)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        response = shop_pb2.ListSentResponse(
+            sent=[sent.to_pb() for sent in chunk],
+            staged=len(self.service.staged),
+            next_page_token=token,
+        )
         await abort_if_too_large(response, context, "the sent notifications")
         return response
 

@@ -40,6 +40,7 @@ from participants.services import (
     check_resource_id,
     decode_state,
     encode_state,
+    page,
     transaction_of,
 )
 from participants.services.catalog import split_initial_arg
@@ -225,7 +226,14 @@ class OrdersReadApi(shop_pb2_grpc.OrdersServicer):
     async def ListOrders(
         self, request: shop_pb2.ListOrdersRequest, context: Context
     ) -> shop_pb2.ListOrdersResponse:
-        response = shop_pb2.ListOrdersResponse(orders=self.service.all_orders())
+        records = [*self.service.cancelled.values(), *self.service.orders.values()]
+        try:
+            chunk, token = page(records, request.page_size, request.page_token)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        response = shop_pb2.ListOrdersResponse(
+            orders=[record.to_pb() for record in chunk], next_page_token=token
+        )
         await abort_if_too_large(response, context, "the orders")
         return response
 

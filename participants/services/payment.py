@@ -33,6 +33,7 @@ from participants.services import (
     check_resource_id,
     decode_state,
     encode_state,
+    page,
     transaction_of,
 )
 from participants.services.catalog import DEFAULT_CATALOG, AccountSpec, split_initial_arg
@@ -236,7 +237,16 @@ class PaymentReadApi(shop_pb2_grpc.PaymentServicer):
     async def ListAccounts(
         self, request: shop_pb2.ListAccountsRequest, context: Context
     ) -> shop_pb2.ListAccountsResponse:
-        response = self.service.listing()
+        accounts = self.service.accounts
+        try:
+            chunk, token = page(self.service.captures, request.page_size, request.page_token)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        response = shop_pb2.ListAccountsResponse(
+            accounts=[accounts[a].to_pb(a) for a in sorted(accounts)],
+            captures=[capture.to_pb() for capture in chunk],
+            next_page_token=token,
+        )
         await abort_if_too_large(response, context, "the accounts and captures")
         return response
 

@@ -52,12 +52,14 @@ class PrepareRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("vote", "reason")
+    __slots__ = ("vote", "reason", "invalid_argument")
     VOTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    INVALID_ARGUMENT_FIELD_NUMBER: _ClassVar[int]
     vote: _coordinator_pb2.Vote
     reason: str
-    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    invalid_argument: str
+    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("transaction_id", "branch")
@@ -112,12 +114,14 @@ class DecideBatchRequest(_message.Message):
     def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
 
 class DecisionResult(_message.Message):
-    __slots__ = ("ok", "error")
+    __slots__ = ("ok", "error", "heuristic")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    heuristic: str
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
 class DecideBatchResponse(_message.Message):
     __slots__ = ("results",)

@@ -87,14 +87,20 @@ class Order(_message.Message):
     def __init__(self, order_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[StockLine, _Mapping]]] = ..., amount_cents: _Optional[int] = ..., state: _Optional[_Union[OrderState, str]] = ..., transaction_id: _Optional[str] = ...) -> None: ...
 
 class ListOrdersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListOrdersResponse(_message.Message):
-    __slots__ = ("orders",)
+    __slots__ = ("orders", "next_page_token")
     ORDERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     orders: _containers.RepeatedCompositeFieldContainer[Order]
-    def __init__(self, orders: _Optional[_Iterable[_Union[Order, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, orders: _Optional[_Iterable[_Union[Order, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ChargePayment(_message.Message):
     __slots__ = ("account_id", "amount_cents", "order_id")
@@ -135,16 +141,22 @@ class Capture(_message.Message):
     def __init__(self, order_id: _Optional[str] = ..., account_id: _Optional[str] = ..., amount_cents: _Optional[int] = ..., transaction_id: _Optional[str] = ...) -> None: ...
 
 class ListAccountsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAccountsResponse(_message.Message):
-    __slots__ = ("accounts", "captures")
+    __slots__ = ("accounts", "captures", "next_page_token")
     ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
     CAPTURES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     accounts: _containers.RepeatedCompositeFieldContainer[Account]
     captures: _containers.RepeatedCompositeFieldContainer[Capture]
-    def __init__(self, accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., captures: _Optional[_Iterable[_Union[Capture, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., captures: _Optional[_Iterable[_Union[Capture, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SendNotification(_message.Message):
     __slots__ = ("order_id", "recipient", "body")
@@ -169,13 +181,19 @@ class SentNotification(_message.Message):
     def __init__(self, order_id: _Optional[str] = ..., recipient: _Optional[str] = ..., body: _Optional[str] = ..., transaction_id: _Optional[str] = ...) -> None: ...
 
 class ListSentRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSentResponse(_message.Message):
-    __slots__ = ("sent", "staged")
+    __slots__ = ("sent", "staged", "next_page_token")
     SENT_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     sent: _containers.RepeatedCompositeFieldContainer[SentNotification]
     staged: int
-    def __init__(self, sent: _Optional[_Iterable[_Union[SentNotification, _Mapping]]] = ..., staged: _Optional[int] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, sent: _Optional[_Iterable[_Union[SentNotification, _Mapping]]] = ..., staged: _Optional[int] = ..., next_page_token: _Optional[str] = ...) -> None: ...
