@@ -98,6 +98,7 @@ class InProcessCluster:
         transaction_timeout_ms: int = 5_000,
         extra_services: Sequence[Service[Any]] = (),
         participant_overrides: Mapping[str, Any] | None = None,
+        coordinator_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.services: list[Service[Any]] = [
@@ -113,6 +114,7 @@ class InProcessCluster:
             engine=CoordinatorConfig(
                 prepare_timeout_ms=prepare_timeout_ms,
                 transaction_timeout_ms=transaction_timeout_ms,
+                **(coordinator_overrides or {}),
             ),
         )
         self.participant_overrides = dict(participant_overrides or {})
@@ -141,6 +143,12 @@ class InProcessCluster:
         )
         self.coordinator = CoordinatorServer(config)
         await self.coordinator.start()
+
+    async def restart_participant(self, name: str, service: Service[Any]) -> ParticipantServer:
+        """Stop a participant and start `service` (a fresh instance: no state in memory) on
+        the same data directory; it rebuilds everything from its log."""
+        await self.participants.pop(name).stop(0)
+        return await self.start_participant(service)
 
     async def start_participant(self, service: Service[Any]) -> ParticipantServer:
         config = ParticipantConfig(

@@ -25,6 +25,7 @@ from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, Prepare
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, Transaction, TxnState
+from dtm.metrics import NO_OBSERVER, EngineObserver
 from dtm.records import RecordType
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
@@ -121,6 +122,7 @@ class Engine:
         self.active: dict[str, Run] = {}
         self.finished: OrderedDict[str, Run] = OrderedDict()
         self.counters = Counters()
+        self.observer: EngineObserver = NO_OBSERVER  # dtm.metrics installs itself here
         self.records_since_checkpoint = 0
         self._log = logs.get("coordinator")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -292,6 +294,8 @@ class Engine:
         self.counters.requests += 1
 
         def done(result: PrepareResult) -> None:
+            ok = result.vote is not None
+            self.observer.call_finished(branch.participant, "Prepare", started, ok)
             ms = round((time.perf_counter() - started) * 1000, 2)
             if result.vote is None:
                 self._log.warning(
@@ -340,6 +344,7 @@ class Engine:
             transaction_id=run.txn.transaction_id,
             branches=[log_pb2.DecisionBranch(branch=i, participant=p) for i, p in action.branches],
             decided_at_unix_ms=self.clock_ms(),
+            fingerprint=run.fingerprint,
         )
         lsn = self._append(RecordType.COMMIT_DECIDED, record.SerializeToString())
         self.counters.forced_writes += 1
@@ -356,9 +361,11 @@ class Engine:
         txn = run.txn
         branch = txn.branch(index)
         started = time.perf_counter()
+        rpc = "Commit" if commit else "Rollback"
         self.counters.requests += 1
 
         def done(result: DecideResult) -> None:
+            self.observer.call_finished(branch.participant, rpc, started, result.ok)
             if result.heuristic:
                 self._feed(run, core.HeuristicReported(index, result.heuristic))
                 return
@@ -397,6 +404,7 @@ class Engine:
             self.config.backoff_ms_max, self.config.backoff_ms_min * 2 ** min(attempt, 16)
         )
         await asyncio.sleep(random.uniform(self.config.backoff_ms_min, ceiling) / 1000)
+        self.observer.phase_two_retry(run.txn.branch(index).participant)
         state = run.txn.state
         if state is TxnState.UNKNOWN:
             await self._probe(run)
@@ -430,6 +438,7 @@ class Engine:
         if run.finished:
             return
         run.finished = True
+        self.observer.transaction_finished(txn, self.clock_ms())
         outcome = txn.outcome
         # The one INFO line per transaction: its whole story (DEBUG has every step).
         self._log.info(
@@ -493,7 +502,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         reply: asyncio.Future[None] = loop.create_future()
         reply.set_result(None)
-        run = Run(txn, b"", [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED, finished=True)
+        run = Run(
+            txn,
+            decided.fingerprint,
+            [],
+            reply,
+            outcome_pb=coordinator_pb2.OUTCOME_COMMITTED,
+            finished=True,
+        )
         self.finished[txn.transaction_id] = run
         while len(self.finished) > self.config.finished_kept:
             self.finished.popitem(last=False)
@@ -510,7 +526,9 @@ class Engine:
             )
             reply: asyncio.Future[None] = loop.create_future()
             reply.set_result(None)
-            run = Run(txn, b"", [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED)
+            run = Run(
+                txn, decided.fingerprint, [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED
+            )
             self.active[txn.transaction_id] = run
             self._log.info("recovered commit: resuming phase 2", txn=txn.transaction_id)
             self._execute(run, actions)
@@ -532,6 +550,7 @@ class Engine:
                         if b.needs_phase_two
                     ],
                     decided_at_unix_ms=txn.decided_at_ms,
+                    fingerprint=run.fingerprint,
                 )
         return checkpoint.SerializeToString()
 

@@ -24,14 +24,16 @@ class DecisionBranch(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ...) -> None: ...
 
 class CommitDecided(_message.Message):
-    __slots__ = ("transaction_id", "branches", "decided_at_unix_ms")
+    __slots__ = ("transaction_id", "branches", "decided_at_unix_ms", "fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branches: _containers.RepeatedCompositeFieldContainer[DecisionBranch]
     decided_at_unix_ms: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[DecisionBranch, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
+    fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[DecisionBranch, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class TransactionEnded(_message.Message):
     __slots__ = ("transaction_id",)
