@@ -1,0 +1,651 @@
+"""The simulated nodes: the two pure protocol cores, wrapped the way the real I/O layers wrap them.
+
+`CoordinatorNode` carries out `Transaction` actions as dtm/coordinator/engine.py does (calls with
+deadlines, a forced decision record before DecisionDurable, a lazy end record, backed-off
+phase-2 retries, presumed-abort answers to inquiries, recovery of commit decisions without an
+end record). `ParticipantNode` carries out `Branch` actions as participants/branches.py and
+participants/server.py do (replies only once the branch's forced records are durable, leases on
+unvoted branches, inquiries for in-doubt ones, replay of the log after a restart, tombstones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, TypeAlias
+
+from dtm.core import branch as bcore
+from dtm.core import transaction as tcore
+from dtm.core.branch import Branch, BranchState, BranchVote, ErrorKind
+from dtm.core.transaction import Outcome, Transaction, TxnState, Vote
+from dtm.sim import messages as msg
+from dtm.sim.disk import Disk
+
+if TYPE_CHECKING:
+    from dtm.sim.world import World
+
+CallKind: TypeAlias = Literal["prepare", "commit", "rollback", "probe"]
+BranchKey: TypeAlias = tuple[str, int]
+
+_VOTES = {
+    BranchVote.PREPARED: Vote.PREPARED,
+    BranchVote.READ_ONLY: Vote.READ_ONLY,
+    BranchVote.REFUSED: Vote.REFUSED,
+    BranchVote.COMMITTED: Vote.COMMITTED,
+}
+_RECORD_KINDS: dict[bcore.RecordKind, msg.BranchRecordKind] = {
+    bcore.RecordKind.PREPARED: "prepared",
+    bcore.RecordKind.COMMITTED: "committed",
+    bcore.RecordKind.ROLLED_BACK: "rolled_back",
+}
+
+
+# ---- the coordinator ----
+
+
+@dataclass(slots=True)
+class CoordinatorRun:
+    txn: Transaction
+    timer_token: int = 0  # 0: no transaction timer armed
+    finished: bool = False
+    # Votes this incarnation actually received, first one per branch: what the checker holds
+    # a commit decision against (never the core's own bookkeeping).
+    votes_received: dict[int, Vote] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    call_id: int
+    transaction_id: str
+    kind: CallKind
+    branch: int
+
+
+class CoordinatorNode:
+    name = "coordinator"
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.alive = True
+        self.incarnation = 0
+        self.disk = _disk(world, self)
+        self.runs: dict[str, CoordinatorRun] = {}
+        self.calls: dict[int, Call] = {}
+
+    # ---- client side ----
+
+    def begin(self, transaction_id: str, participants: list[str], timeout_ms: int) -> None:
+        world = self.world
+        one_phase_capable = len(participants) == 1 and world.participants[participants[0]].one_phase
+        txn, actions = Transaction.begin(
+            transaction_id,
+            participants,
+            now_ms=world.now_ms,
+            timeout_ms=timeout_ms,
+            one_phase_capable=one_phase_capable,
+        )
+        run = CoordinatorRun(txn)
+        self.runs[transaction_id] = run
+        world.checker.began(txn)
+        token = world.next_id()
+        run.timer_token = token
+        world.after(
+            timeout_ms,
+            self,
+            f"coordinator: {transaction_id} timer",
+            lambda: self._timer(run, token),
+        )
+        self._execute(run, actions)
+
+    def _timer(self, run: CoordinatorRun, token: int) -> None:
+        if run.timer_token != token:
+            return
+        run.timer_token = 0
+        self._feed(run, tcore.TimedOut(self.world.now_ms))
+
+    # ---- the one place where events reach the core ----
+
+    def _feed(self, run: CoordinatorRun, event: tcore.Event) -> None:
+        before = run.txn.state
+        try:
+            actions = run.txn.handle(event)
+        except tcore.ProtocolError as error:
+            raise self.world.fail(f"coordinator core: ProtocolError: {error}") from error
+        after = run.txn.state
+        if after is not before:
+            self.world.log(f"  {run.txn.transaction_id}: {before.value} -> {after.value}")
+            if before is TxnState.PREPARING:
+                run.timer_token = 0  # as engine.py: phase 1 is over, the timer is cancelled
+            # The coordinator's status shows the new state: it stands by this outcome now.
+            outcome = run.txn.outcome
+            if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
+                self.world.checker.coordinator_said(
+                    run.txn.transaction_id, outcome is Outcome.COMMITTED, f"moved to {after.value}"
+                )
+        self._execute(run, actions)
+
+    def _execute(self, run: CoordinatorRun, actions: list[tcore.Action]) -> None:
+        world = self.world
+        txn = run.txn
+        checker = world.checker
+        for action in actions:
+            world.log(f"  {txn.transaction_id} action {action}")
+            if isinstance(action, tcore.SendPrepare):
+                remaining = max(1, txn.deadline_ms - world.now_ms)
+                timeout = min(world.timing.prepare_timeout_ms, remaining)
+                self._call(run, "prepare", action.branch, timeout, one_phase=action.one_phase)
+            elif isinstance(action, tcore.PersistDecision):
+                checker.decision_persisted(run, action.branches)
+                record = msg.DecisionRecord(txn.transaction_id, action.branches, world.now_ms)
+                lsn = self.disk.append(record)
+                self.disk.wait_durable(
+                    lsn, lambda: self._feed(run, tcore.DecisionDurable(world.now_ms))
+                )
+            elif isinstance(action, tcore.SendCommit):
+                checker.coordinator_said(
+                    txn.transaction_id, True, f"sent Commit to branch {action.branch}"
+                )
+                self._call(run, "commit", action.branch, world.timing.phase_two_timeout_ms)
+            elif isinstance(action, tcore.SendRollback):
+                checker.coordinator_said(
+                    txn.transaction_id, False, f"sent Rollback to branch {action.branch}"
+                )
+                self._call(run, "rollback", action.branch, world.timing.phase_two_timeout_ms)
+            elif isinstance(action, tcore.RetryPhaseTwo):
+                self._retry_later(run, action.branch, action.attempt)
+            elif isinstance(action, tcore.ProbeOnePhase):
+                self._call(run, "probe", action.branch, world.timing.phase_two_timeout_ms)
+            elif isinstance(action, tcore.Reply):
+                checker.client_answered(run, action.outcome, action.reason)
+            elif isinstance(action, tcore.PersistEnd):
+                self.disk.append(msg.EndRecord(txn.transaction_id))  # lazy: no fsync awaited
+            elif isinstance(action, tcore.Finished):
+                run.finished = True
+                run.timer_token = 0
+        checker.touch(txn.transaction_id)
+
+    # ---- calls: a request, a reply or a deadline, whichever comes first ----
+
+    def _call(
+        self,
+        run: CoordinatorRun,
+        kind: CallKind,
+        branch: int,
+        timeout_ms: int,
+        *,
+        one_phase: bool = False,
+    ) -> None:
+        world = self.world
+        txn = run.txn
+        call_id = world.next_id()
+        self.calls[call_id] = Call(call_id, txn.transaction_id, kind, branch)
+        request: msg.Message
+        if kind == "prepare":
+            request = msg.PrepareRequest(call_id, txn.transaction_id, branch, one_phase)
+        elif kind == "commit":
+            request = msg.CommitRequest(call_id, txn.transaction_id, branch)
+        else:  # a rollback, or the one-phase probe, which is a Rollback too
+            request = msg.RollbackRequest(call_id, txn.transaction_id, branch)
+        participant = txn.branch(branch).participant
+        if world.send(self, participant, request):
+            label = f"coordinator: deadline of call #{call_id}"
+            deadline_ms = timeout_ms
+        else:
+            label = f"coordinator: call #{call_id} refused (UNAVAILABLE)"
+            deadline_ms = world.rng.randint(1, world.timing.connect_refused_ms_max)
+        world.after(deadline_ms, self, label, lambda: self._call_failed(call_id, label))
+
+    def _call_failed(self, call_id: int, reason: str) -> None:
+        call = self.calls.pop(call_id, None)
+        if call is None:
+            return  # answered in time
+        run = self.runs[call.transaction_id]
+        if call.kind == "prepare":
+            self._feed(run, tcore.PrepareFailed(call.branch, reason, self.world.now_ms))
+        else:
+            self._feed(run, tcore.PhaseTwoFailed(call.branch, reason))
+
+    def _answered(self, reply: msg.Reply) -> None:
+        call = self.calls.pop(reply.call, None)
+        if call is None:
+            self.world.log("  late or duplicate reply: the call is over")
+            self.world.cover("coordinator: late or duplicate reply ignored")
+            return
+        run = self.runs[call.transaction_id]
+        world = self.world
+        if call.kind == "prepare":
+            if isinstance(reply, msg.VoteReply):
+                vote = _VOTES[reply.vote]
+                run.votes_received.setdefault(call.branch, vote)
+                self._feed(run, tcore.VoteReceived(call.branch, vote, reply.reason, world.now_ms))
+            else:
+                self._feed(run, tcore.PrepareFailed(call.branch, str(reply), world.now_ms))
+        elif call.kind == "probe":
+            # engine._probe: FAILED_PRECONDITION means "already committed"; an ack means the
+            # Rollback rolled it back or left a tombstone, so it can never commit.
+            world.cover(f"coordinator: one-phase probe answered {reply.__class__.__name__}")
+            if isinstance(reply, msg.AckReply):
+                reason = f"{run.txn.reason}; rolled back"
+                self._feed(run, tcore.OnePhaseResolved(False, reason))
+            elif isinstance(reply, msg.ErrorReply) and reply.kind is ErrorKind.FAILED_PRECONDITION:
+                self._feed(run, tcore.OnePhaseResolved(committed=True))
+            else:
+                self._feed(run, tcore.PhaseTwoFailed(call.branch, str(reply)))
+        elif isinstance(reply, msg.AckReply):
+            self._feed(run, tcore.PhaseTwoAcked(call.branch))
+        else:
+            self._feed(run, tcore.PhaseTwoFailed(call.branch, str(reply)))
+
+    def _retry_later(self, run: CoordinatorRun, branch: int, attempt: int) -> None:
+        # engine._retry: capped exponential backoff with full jitter.
+        world = self.world
+        timing = world.timing
+        ceiling = min(timing.backoff_ms_max, timing.backoff_ms_min * 2 ** min(attempt, 16))
+        delay = world.rng.randint(timing.backoff_ms_min, ceiling)
+
+        def retry() -> None:
+            state = run.txn.state
+            if state is TxnState.UNKNOWN:
+                self._call(run, "probe", branch, timing.phase_two_timeout_ms)
+            elif state in (TxnState.COMMITTING, TxnState.ABORTED):
+                kind: CallKind = "commit" if state is TxnState.COMMITTING else "rollback"
+                self._call(run, kind, branch, timing.phase_two_timeout_ms)
+
+        world.cover(f"coordinator: retry in state {run.txn.state.value}")
+        label = f"coordinator: retry {run.txn.transaction_id}/{branch} (attempt {attempt})"
+        world.after(delay, self, label, retry)
+
+    # ---- the participants' inquiry ----
+
+    def _answer_query(self, source: str, query: msg.OutcomeQuery) -> None:
+        # engine.query_outcome: no record at all means aborted (presumed abort).
+        run = self.runs.get(query.transaction_id)
+        answer: msg.Answer
+        if run is None:
+            answer = "aborted"
+        else:
+            outcome = run.txn.outcome
+            if outcome is None or outcome is Outcome.UNKNOWN:
+                answer = "unspecified"
+            elif outcome is Outcome.COMMITTED:
+                answer = "committed"
+            else:
+                answer = "aborted"
+        self.world.cover(f"coordinator: inquiry answered {answer}")
+        if answer != "unspecified":
+            self.world.checker.coordinator_said(
+                query.transaction_id, answer == "committed", f"answered {source}'s inquiry {answer}"
+            )
+        self.world.send(self, source, msg.OutcomeAnswer(query.call, answer))
+
+    def receive(self, source: str, message: msg.Message) -> None:
+        if isinstance(message, msg.OutcomeQuery):
+            self._answer_query(source, message)
+        elif isinstance(message, msg.VoteReply | msg.AckReply | msg.ErrorReply):
+            self._answered(message)
+        else:
+            raise AssertionError(f"coordinator got {message}")
+
+    # ---- crash and recovery ----
+
+    def crash(self) -> None:
+        lost = self.disk.crash()
+        self.world.log(f"CRASH coordinator: {lost} unsynced record(s) lost")
+        self.alive = False
+        self.incarnation += 1
+        self.runs.clear()
+        self.calls.clear()
+
+    def restart(self) -> None:
+        """engine.replay + engine.resume: commit decisions without an end record are driven to
+        completion; ended ones are remembered as committed; everything else is forgotten."""
+        self.alive = True
+        pending: dict[str, msg.DecisionRecord] = {}
+        ended: dict[str, msg.DecisionRecord] = {}
+        for record in self.disk.records:
+            if isinstance(record, msg.DecisionRecord):
+                pending[record.transaction_id] = record
+            elif isinstance(record, msg.EndRecord):
+                decided = pending.pop(record.transaction_id, None)
+                if decided is not None:
+                    ended[record.transaction_id] = decided
+        self.world.log(f"RESTART coordinator: {len(pending)} commit(s) to resume")
+        if pending:
+            self.world.cover("coordinator: commit resumed after restart")
+        for transaction_id, decided in ended.items():
+            txn, _ = Transaction.recovered_commit(
+                transaction_id, decided.branches, decided_at_ms=decided.decided_at_ms
+            )
+            txn.state = TxnState.COMMITTED
+            for progress in txn.branches:
+                progress.acknowledged = True
+            self.runs[transaction_id] = CoordinatorRun(txn, finished=True)
+        for transaction_id, decided in pending.items():
+            txn, actions = Transaction.recovered_commit(
+                transaction_id, decided.branches, decided_at_ms=decided.decided_at_ms
+            )
+            run = CoordinatorRun(txn)
+            self.runs[transaction_id] = run
+            self.world.checker.coordinator_said(transaction_id, True, "resumed its commit")
+            self._execute(run, actions)
+
+
+# ---- the participants ----
+
+
+@dataclass(slots=True)
+class PrepareWork:
+    """The business logic running for one branch (after any lock waits)."""
+
+    token: int
+    waiters: list[tuple[str, int]] = field(default_factory=list)  # (caller, call id)
+
+
+class ParticipantNode:
+    def __init__(self, world: World, name: str, *, slow: bool, one_phase: bool) -> None:
+        self.world = world
+        self.name = name
+        self.slow = slow
+        self.one_phase = one_phase  # registered as one-phase capable
+        self.alive = True
+        self.incarnation = 0
+        self.disk = _disk(world, self)
+        self.branches: dict[BranchKey, Branch] = {}
+        self.work: dict[BranchKey, PrepareWork] = {}
+        self.forced_lsn: dict[BranchKey, int] = {}
+        self.inquiries: dict[BranchKey, int] = {}  # the call id of the inquiry in flight
+        self.inquiry_attempts: dict[BranchKey, int] = {}
+
+    # ---- requests from the coordinator ----
+
+    def receive(self, source: str, message: msg.Message) -> None:
+        if isinstance(message, msg.PrepareRequest):
+            self._prepare(source, message)
+        elif isinstance(message, msg.CommitRequest | msg.RollbackRequest):
+            self._decide(source, message)
+        elif isinstance(message, msg.OutcomeAnswer):
+            self._learn(message)
+        else:
+            raise AssertionError(f"{self.name} got {message}")
+
+    def _handle(self, branch: Branch, event: bcore.BranchEvent) -> list[bcore.BranchAction]:
+        try:
+            return branch.handle(event)
+        except bcore.BranchProtocolError as error:
+            raise self.world.fail(
+                f"{self.name} branch core: BranchProtocolError: {error}"
+            ) from error
+
+    def _prepare(self, source: str, request: msg.PrepareRequest) -> None:
+        key = (request.transaction_id, request.branch)
+        event = bcore.PrepareRequested(request.one_phase)
+        branch = self.branches.get(key)
+        if branch is None:
+            new, actions = Branch.on_first_message(key[0], key[1], event)
+            assert new is not None
+            branch = new
+            self.branches[key] = branch
+        else:
+            self.world.cover(f"participant: duplicate Prepare on {branch.state.value}")
+            actions = self._handle(branch, event)
+        reply = self._execute(branch, actions)
+        if isinstance(reply, bcore.ReplyVote):
+            self._reply_when_durable(
+                key, source, msg.VoteReply(request.call, reply.vote, reply.reason)
+            )
+        else:
+            # RunPrepare or AwaitPrepare: answered with the (first) prepare's vote.
+            assert reply is None, reply
+            self.work[key].waiters.append((source, request.call))
+
+    def _decide(self, source: str, request: msg.CommitRequest | msg.RollbackRequest) -> None:
+        key = (request.transaction_id, request.branch)
+        event: bcore.BranchEvent = (
+            bcore.CommitRequested()
+            if isinstance(request, msg.CommitRequest)
+            else bcore.RollbackRequested()
+        )
+        branch = self.branches.get(key)
+        if branch is None:
+            try:
+                new, actions = Branch.on_first_message(key[0], key[1], event)
+            except bcore.BranchProtocolError as error:
+                raise self.world.fail(f"{self.name} branch core: {error}") from error
+            if new is None:
+                reply = next(a for a in actions if isinstance(a, bcore.ReplyError))
+                self.world.send(
+                    self, source, msg.ErrorReply(request.call, reply.kind, reply.message)
+                )
+                return
+            branch = new
+            self.branches[key] = branch
+            self.world.cover("participant: tombstone (Rollback before Prepare)")
+            answer = self._execute(branch, actions)
+        else:
+            answer = self._execute(branch, self._handle(branch, event))
+        if isinstance(answer, bcore.ReplyError):
+            error_reply = msg.ErrorReply(request.call, answer.kind, answer.message)
+            if self.world.model.error_reply_waits_for_durability:
+                self._reply_when_durable(key, source, error_reply)
+            else:
+                self.world.send(self, source, error_reply)  # what participants/branches.py does
+        else:
+            assert isinstance(answer, bcore.ReplyAck), answer
+            self._reply_when_durable(key, source, msg.AckReply(request.call))
+
+    def _reply_when_durable(self, key: BranchKey, destination: str, reply: msg.Reply) -> None:
+        """Persist before you speak: a reply waits for the branch's last forced record."""
+
+        def send() -> None:
+            if isinstance(reply, msg.VoteReply):
+                self.world.checker.vote_sent(self, key, reply.vote)
+            self.world.send(self, destination, reply)
+
+        lsn = self.forced_lsn.get(key)
+        if lsn is None:
+            send()
+        else:
+            self.disk.wait_durable(lsn, send)
+
+    # ---- carrying out the core's actions ----
+
+    def _execute(
+        self, branch: Branch, actions: list[bcore.BranchAction]
+    ) -> bcore.BranchAction | None:
+        """Everything but the reply, at once; the reply is returned to the caller."""
+        world = self.world
+        key = branch.key
+        reply: bcore.BranchAction | None = None
+        cancelled: PrepareWork | None = None
+        for action in actions:
+            world.log(f"  {self.name} {key[0]}/{key[1]} action {action}")
+            if isinstance(action, bcore.RunPrepare):
+                self._start_prepare(branch)
+            elif isinstance(action, bcore.AwaitPrepare):
+                pass  # the caller joins the waiters of the prepare already running
+            elif isinstance(action, bcore.CancelPrepare):
+                cancelled = self.work.pop(key, None)
+                world.cover("participant: prepare cancelled")
+            elif isinstance(action, bcore.Persist):
+                record = msg.BranchRecord(
+                    _RECORD_KINDS[action.kind], key[0], key[1], one_phase=branch.one_phase
+                )
+                lsn = self.disk.append(record)
+                if action.forced:
+                    self.forced_lsn[key] = lsn
+            elif isinstance(action, bcore.ApplyCommit):
+                world.checker.branch_committing(self, branch)
+            elif isinstance(action, bcore.ApplyRollback):
+                pass  # the service gives back what the prepare took; the checker reads states
+            elif isinstance(action, bcore.AskCoordinator):
+                self._ask(key)
+            else:
+                reply = action
+        if cancelled is not None:
+            # branches.py settle(): the callers of a cancelled prepare hear REFUSED.
+            for source, call in cancelled.waiters:
+                reason = branch.reason or "prepare cancelled"
+                self._reply_when_durable(
+                    key, source, msg.VoteReply(call, BranchVote.REFUSED, reason)
+                )
+        world.checker.touch(key[0])
+        return reply
+
+    def _start_prepare(self, branch: Branch) -> None:
+        world = self.world
+        key = branch.key
+        token = world.next_id()
+        self.work[key] = PrepareWork(token)
+        limit = (
+            world.timing.slow_prepare_work_ms_max if self.slow else world.timing.prepare_work_ms_max
+        )
+        world.after(
+            world.rng.randint(0, limit),
+            self,
+            f"{self.name}: business logic of {key[0]}/{key[1]} answers",
+            lambda: self._prepared(branch, token),
+        )
+        world.after(
+            world.timing.lease_unvoted_ms,
+            self,
+            f"{self.name}: lease of {key[0]}/{key[1]}",
+            lambda: self._lease(branch, token),
+        )
+
+    def _prepared(self, branch: Branch, token: int) -> None:
+        key = branch.key
+        work = self.work.get(key)
+        if work is None or work.token != token or self.branches.get(key) is not branch:
+            return  # cancelled (rolled back or lease expired) before it answered
+        del self.work[key]
+        vote, reason = self.world.checker.business_vote(key)
+        reply = self._execute(branch, self._handle(branch, bcore.PrepareVoted(vote, reason)))
+        assert isinstance(reply, bcore.ReplyVote), reply
+        for source, call in work.waiters:
+            self._reply_when_durable(key, source, msg.VoteReply(call, reply.vote, reply.reason))
+        if branch.state is BranchState.PREPARED:
+            self._inquire_later(key, self.world.timing.in_doubt_after_ms)
+
+    def _lease(self, branch: Branch, token: int) -> None:
+        key = branch.key
+        work = self.work.get(key)
+        if work is None or work.token != token or branch.state is not BranchState.PREPARING:
+            return
+        self._execute(branch, self._handle(branch, bcore.LeaseExpired()))
+
+    # ---- the in-doubt inquiry (participants/server.py _ask_about_in_doubt) ----
+
+    def _inquire_later(self, key: BranchKey, delay_ms: int) -> None:
+        self.world.after(
+            delay_ms, self, f"{self.name}: {key[0]}/{key[1]} in doubt?", lambda: self._in_doubt(key)
+        )
+
+    def _in_doubt(self, key: BranchKey) -> None:
+        branch = self.branches.get(key)
+        if branch is None or branch.state is not BranchState.PREPARED or key in self.inquiries:
+            return
+        # The lease of a prepared branch ran out: the core says ask, never decide (rule 11).
+        self._execute(branch, self._handle(branch, bcore.LeaseExpired()))
+
+    def _ask(self, key: BranchKey) -> None:
+        world = self.world
+        if key in self.inquiries:
+            return
+        call_id = world.next_id()
+        self.inquiries[key] = call_id
+        if world.send(self, "coordinator", msg.OutcomeQuery(call_id, key[0])):
+            timeout = world.timing.inquiry_timeout_ms
+        else:
+            timeout = world.rng.randint(1, world.timing.connect_refused_ms_max)
+        world.after(
+            timeout,
+            self,
+            f"{self.name}: inquiry #{call_id} deadline",
+            lambda: self._inquiry_failed(key, call_id),
+        )
+
+    def _inquiry_failed(self, key: BranchKey, call_id: int) -> None:
+        if self.inquiries.get(key) != call_id:
+            return
+        del self.inquiries[key]
+        self._back_off(key)
+
+    def _back_off(self, key: BranchKey) -> None:
+        world = self.world
+        timing = world.timing
+        attempts = self.inquiry_attempts.get(key, 0)
+        self.inquiry_attempts[key] = attempts + 1
+        delay = min(
+            timing.inquiry_backoff_ms_max, timing.inquiry_backoff_ms_base * 2 ** min(attempts, 10)
+        )
+        self._inquire_later(key, world.rng.randint(delay // 2, delay))
+
+    def _learn(self, answer: msg.OutcomeAnswer) -> None:
+        key = next((k for k, c in self.inquiries.items() if c == answer.call), None)
+        if key is None:
+            self.world.log("  late or duplicate answer: the inquiry is over")
+            self.world.cover("participant: late or duplicate inquiry answer ignored")
+            return
+        del self.inquiries[key]
+        branch = self.branches.get(key)
+        if answer.outcome == "unspecified" or branch is None:
+            self._back_off(key)
+            return
+        self.inquiry_attempts.pop(key, None)
+        self.world.cover(f"participant: in-doubt branch learned {answer.outcome}")
+        commit = answer.outcome == "committed"
+        self._execute(branch, self._handle(branch, bcore.OutcomeLearned(commit)))
+
+    # ---- crash and recovery ----
+
+    def crash(self) -> None:
+        lost = self.disk.crash()
+        self.world.log(f"CRASH {self.name}: {lost} unsynced record(s) lost")
+        self.alive = False
+        self.incarnation += 1
+        self.branches.clear()
+        self.work.clear()
+        self.forced_lsn.clear()
+        self.inquiries.clear()
+        self.inquiry_attempts.clear()
+
+    def restart(self) -> None:
+        """branches.py replay: prepared, committed and rolled-back branches and tombstones."""
+        self.alive = True
+        for record in self.disk.records:
+            assert isinstance(record, msg.BranchRecord)
+            key = (record.transaction_id, record.branch)
+            branch = self.branches.get(key)
+            if record.kind == "prepared":
+                self.branches[key] = Branch(
+                    key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED
+                )
+            elif record.kind == "committed":
+                if record.one_phase:
+                    branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
+                    branch.one_phase = True
+                    if self.world.model.one_phase_replay_votes_committed:
+                        branch.vote = BranchVote.COMMITTED
+                    self.branches[key] = branch
+                if branch is None or branch.state is not BranchState.PREPARED:
+                    raise self.world.fail(
+                        f"{self.name} recovery: commit record for {key[0]}/{key[1]} not prepared"
+                    )
+                branch.state = BranchState.COMMITTED
+            elif branch is None:
+                tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
+                tombstone.reason = "rolled back before prepare"
+                self.branches[key] = tombstone
+            elif branch.state is BranchState.PREPARED:
+                branch.state = BranchState.ROLLED_BACK
+        in_doubt = [key for key, b in self.branches.items() if b.state is BranchState.PREPARED]
+        self.world.log(
+            f"RESTART {self.name}: {len(self.branches)} branch(es), {len(in_doubt)} in doubt"
+        )
+        if in_doubt:
+            self.world.cover("participant: in-doubt branch replayed")
+        for key in in_doubt:
+            self._inquire_later(key, self.world.timing.in_doubt_after_ms)
+
+
+def _disk(world: World, owner: CoordinatorNode | ParticipantNode) -> Disk:
+    return Disk(world, owner, lambda records: world.checker.durable(owner.name, records))
