@@ -17,6 +17,7 @@ help:
 	@echo "make up / down   start / stop coordinator and the four services in the background"
 	@echo "make chaos       real-process crash matrix + random SIGKILLs (>= 200 runs)"
 	@echo "make bench       benchmark against same-run baselines (quick mode, ~30 s)"
+	@echo "make certs       generate a local test CA and mTLS certificates into certs/"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,11 @@ bench: $(STAMP)
 
 bench-plot: $(STAMP)
 	$(PY) -m bench.plot
+
+# A local test CA and a certificate per identity (development and tests only; certs/ is
+# git-ignored). Then e.g.: python -m dtm.cluster up --tls-dir certs
+certs: $(STAMP)
+	$(PY) -m dtm.tools.certs --out certs
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -37,8 +37,10 @@ from types import TracebackType
 from typing import Any
 
 import grpc
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dtm import security
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 COORDINATOR = "coordinator"
 SERVICES = ("inventory", "orders", "payment", "notification")
@@ -159,6 +161,7 @@ class Cluster:
         extra_args: Mapping[str, Sequence[str]] | None = None,
         host: str = "127.0.0.1",
         start_timeout_s: float = START_TIMEOUT_S,
+        tls_dir: Path | str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.ports = ports or Ports()
@@ -170,6 +173,13 @@ class Cluster:
         self.extra_env = dict(extra_env or {})
         self.extra_args = {name: list(args) for name, args in (extra_args or {}).items()}
         self.start_timeout_s = start_timeout_s
+        # Certificates from `python -m dtm.tools.certs`: every process then speaks mutual TLS
+        # as its own identity, and the probes below call as "operator".
+        self.tls_dir = Path(tls_dir).resolve() if tls_dir is not None else None
+        #: What a client of this cluster (its probes, or a test) dials with.
+        self.client_tls = (
+            security.TlsConfig.for_identity(self.tls_dir, "operator") if self.tls_dir else None
+        )
         unknown = set(self.extra_args) - set(PROCESSES)
         if unknown:
             raise ValueError(f"extra_args for unknown processes: {', '.join(sorted(unknown))}")
@@ -240,8 +250,8 @@ class Cluster:
             return process.popen.poll() is None
         return _is_ours(process.pid, process.name)
 
-    def command(self, name: str) -> list[str]:
-        """The command line that starts `name`."""
+    def command(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
+        """The command line that starts `name` (plus `extra_args` for this start only)."""
         args = [sys.executable, "-m", MODULES[self._known(name)], "--listen", self.address(name)]
         args += ["--data-dir", str(self.data_dir)]
         if name == COORDINATOR:
@@ -255,11 +265,18 @@ class Cluster:
                 args.append("--test-control")
             if self.initial is not None:
                 args += ["--initial", str(self.initial_path)]
-        return args + self.extra_args.get(name, [])
+        if self.tls_dir is not None:
+            args += security.arguments(security.TlsConfig.for_identity(self.tls_dir, name))
+        return args + self.extra_args.get(name, []) + list(extra_args)
 
-    def _spawn(self, name: str) -> None:
+    def _spawn(
+        self,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         process = self._processes[name]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env, **(env or {})}
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.pids_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path(name).open("ab") as log:
@@ -268,7 +285,7 @@ class Cluster:
             # A new session: own process group, detached from the terminal, so Ctrl-C in the
             # terminal does not reach it and a group kill reaches it alone.
             popen = subprocess.Popen(
-                self.command(name),
+                self.command(name, extra_args),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -287,6 +304,7 @@ class Cluster:
             "prepare_timeout_ms": self.prepare_timeout_ms,
             "transaction_timeout_ms": self.transaction_timeout_ms,
             "initial": self.initial is not None,
+            "tls_dir": str(self.tls_dir) if self.tls_dir is not None else None,
         }
         self.state_path.write_text(json.dumps(state, indent=2) + "\n")
 
@@ -354,15 +372,47 @@ class Cluster:
         """Graceful stop of one process (SIGTERM, then SIGKILL after `grace_s`)."""
         self._stop_processes([self._known(name)], grace_s)
 
-    def restart(self, name: str, *, kill: bool = False) -> None:
+    def restart(
+        self,
+        name: str,
+        *,
+        kill: bool = False,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        wait: bool = True,
+    ) -> None:
         """Stop `name` if it runs (SIGKILL when `kill`, else gracefully), start it again on the
-        same port and data, and wait until the whole cluster is ready again."""
+        same port and data, and wait until the whole cluster is ready again.
+
+        `env` and `extra_args` apply to this start only (e.g. env={"DTM_CRASH_AT": ...} to arm
+        a crash point); the next restart without them starts the process plainly again.
+        `wait=False` returns as soon as the process is spawned, for a start that is expected
+        to die (a crash point hit during recovery): see `wait_exit`.
+        """
         if kill:
             self.kill(name)
         else:
             self.terminate(name)
-        self._spawn(self._known(name))
-        self.wait_ready(timeout_s=self.start_timeout_s)
+        self._spawn(self._known(name), env, extra_args)
+        if wait:
+            self.wait_ready(timeout_s=self.start_timeout_s)
+
+    def exit_code(self, name: str) -> int | None:
+        """The exit status of a process this object started and that has exited on its own
+        (negative: killed by that signal), or None while it runs or when it is not ours."""
+        popen = self._processes[self._known(name)].popen
+        return None if popen is None else popen.poll()
+
+    def wait_exit(self, name: str, timeout_s: float) -> int | None:
+        """Block until `name` (started by this object) exits; its exit status, or None if it
+        is still running after `timeout_s` (or was not started by this object)."""
+        popen = self._processes[self._known(name)].popen
+        if popen is None:
+            return None
+        try:
+            return popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _signal(self, process: _Process, signum: signal.Signals) -> None:
         if process.pid is None or not self._running(process):
@@ -400,7 +450,7 @@ class Cluster:
         """The grpc.health.v1 status of `name` ("SERVING", ...), or "UNREACHABLE (...)"."""
         # A fresh channel per probe: a reused one would sit in reconnect backoff after the
         # first refused connection and hide a server that has just come up.
-        with grpc.insecure_channel(self.address(name)) as channel:
+        with security.sync_channel(self.address(name), self.client_tls, name) as channel:
             try:
                 response = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
@@ -413,7 +463,9 @@ class Cluster:
 
     def registered(self, timeout_s: float = HEALTH_CALL_TIMEOUT_S) -> dict[str, str]:
         """Participant name -> address, as the coordinator lists them."""
-        with grpc.insecure_channel(self.coordinator_address) as channel:
+        with security.sync_channel(
+            self.coordinator_address, self.client_tls, COORDINATOR
+        ) as channel:
             response = coordinator_pb2_grpc.CoordinatorStub(channel).ListParticipants(
                 coordinator_pb2.ListParticipantsRequest(), timeout=timeout_s
             )
@@ -486,8 +538,18 @@ class Cluster:
     async def stop_async(self, grace_s: float = STOP_GRACE_S) -> None:
         await asyncio.to_thread(self.stop, grace_s)
 
-    async def restart_async(self, name: str, *, kill: bool = False) -> None:
-        await asyncio.to_thread(lambda: self.restart(name, kill=kill))
+    async def restart_async(
+        self,
+        name: str,
+        *,
+        kill: bool = False,
+        env: Mapping[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        wait: bool = True,
+    ) -> None:
+        await asyncio.to_thread(
+            lambda: self.restart(name, kill=kill, env=env, extra_args=extra_args, wait=wait)
+        )
 
     async def kill_async(self, name: str) -> int | None:
         return await asyncio.to_thread(self.kill, name)
@@ -537,6 +599,7 @@ class Cluster:
             prepare_timeout_ms=state.get("prepare_timeout_ms"),
             transaction_timeout_ms=state.get("transaction_timeout_ms"),
             host=state.get("host", "127.0.0.1"),
+            tls_dir=state.get("tls_dir"),
         )
         if state.get("initial"):
             # Keep passing the same file on restarts (the services ignore it once they have
@@ -592,6 +655,7 @@ def _up(options: argparse.Namespace) -> int:
             test_control=options.test_control,
             prepare_timeout_ms=options.prepare_timeout_ms,
             start_timeout_s=options.timeout,
+            tls_dir=options.tls_dir,
         )
     try:
         cluster.start()
@@ -648,6 +712,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-timeout-ms", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start timeout")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_S, help="SIGTERM grace (s)")
+    parser.add_argument(
+        "--tls-dir", type=Path, default=None, help="mutual TLS with certificates from `make certs`"
+    )
     options = parser.parse_args(argv)
     commands = {"up": _up, "down": _down, "status": _status}
     return commands[options.command](options)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,8 +28,12 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=SERVER_OPTIONS)
+def new_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+) -> grpc.aio.Server:
+    """A server with the project's limits; `interceptors` (authorization, see dtm.security)
+    run on every call, in order."""
+    return grpc.aio.server(interceptors=list(interceptors) or None, options=SERVER_OPTIONS)
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
@@ -46,10 +51,16 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     )
 
 
-def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind to host:port (port 0 picks a free one); a port already in use is a clear error."""
+def bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Bind to host:port (port 0 picks a free one); a port already in use is a clear error.
+    With `credentials` the port speaks TLS only (dtm.security.server_credentials)."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
         raise OSError(
             f"cannot listen on {address}: is the port already in use? ({error})"

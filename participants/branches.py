@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
+from dtm.metrics import BranchCounters
 from dtm.records import RecordType
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
@@ -102,6 +103,7 @@ class BranchEngine:
         self._tasks: dict[BranchKey, asyncio.Task[None]] = {}
         self._durable_lsn: dict[BranchKey, int] = {}
         self.forced_writes = 0
+        self.counters = BranchCounters()  # read by dtm.metrics at scrape time
         self.records_since_checkpoint = 0
 
     # ---- the three protocol calls ----
@@ -150,14 +152,22 @@ class BranchEngine:
         return asyncio.shield(pending)
 
     async def commit(self, transaction_id: str, index: int) -> None:
-        self.decide_now(transaction_id, index, commit=True)
-        await self.wait_durable([(transaction_id, index)])
+        await self._decide(transaction_id, index, commit=True)
         crashpoints.hit("participant.after_commit_durable")
 
     async def rollback(self, transaction_id: str, index: int) -> None:
-        self.decide_now(transaction_id, index, commit=False)
-        await self.wait_durable([(transaction_id, index)])
+        await self._decide(transaction_id, index, commit=False)
         crashpoints.hit("participant.after_rollback_applied")
+
+    async def _decide(self, transaction_id: str, index: int, commit: bool) -> None:
+        key = (transaction_id, index)
+        try:
+            self.decide_now(transaction_id, index, commit)
+        finally:
+            # Errors too ("already committed") speak about records that must be on disk first:
+            # the one-phase probe turns that answer into the client's COMMITTED (simulator,
+            # seed 7877 --sdk-error-replies).
+            await self.wait_durable([key])
 
     def learn_outcome(self, key: BranchKey, commit: bool) -> None:
         """The coordinator answered an inquiry about a prepared branch."""
@@ -249,10 +259,12 @@ class BranchEngine:
             elif isinstance(action, core.Persist):
                 self._persist(branch, action)
             elif isinstance(action, core.ApplyCommit):
+                self.counters.committed += 1
                 self.service.commit(branch_key_text(key), self._operations[key])
                 self._finish(key)
             elif isinstance(action, core.ApplyRollback):
                 if key in self._applied:
+                    self.counters.rolled_back += 1  # work undone, not a refusal's no-op
                     self.service.rollback(branch_key_text(key), self._operations[key])
                 self._finish(key)
             elif isinstance(action, core.AskCoordinator):
@@ -267,6 +279,7 @@ class BranchEngine:
         record_type: RecordType
         record: Message
         if action.kind is core.RecordKind.PREPARED:
+            self.counters.prepared += 1
             crashpoints.hit("participant.before_prepare_record")
             info.prepared_at_ms = self.clock_ms()
             record_type = RecordType.BRANCH_PREPARED
@@ -357,6 +370,7 @@ class BranchEngine:
         elif isinstance(outcome, ReadOnly):
             event = core.PrepareVoted(BranchVote.READ_ONLY)
         else:
+            self.counters.refused += 1
             event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
         reply = self._execute(branch, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
@@ -408,6 +422,8 @@ class BranchEngine:
                 key = (committed.transaction_id, committed.branch)
                 if committed.HasField("operation"):  # one-phase
                     self._replay_prepare(key[0], key[1], committed.operation, one_phase=True)
+                    # Its first answer was COMMITTED: a stale duplicate Prepare must get that.
+                    self.branches[key].branch.vote = BranchVote.COMMITTED
                 info = self.branches.get(key)
                 if info is None or info.branch.state is not BranchState.PREPARED:
                     raise RecoveryError(f"commit record for {branch_key_text(key)} not prepared")

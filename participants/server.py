@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from dtm import crashpoints, grpc_edge, limits, logs
+from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
 from dtm.core import branch as core
 from dtm.core.branch import BranchState, BranchVote
 from dtm.wal import GroupCommitLog, WriteAheadLog
@@ -70,6 +70,12 @@ class ParticipantConfig:
     inquiry_backoff_ms_max: int = 5_000
     checkpoint_every_records: int = 20_000
     tick_ms: int = 100
+    # None: plaintext and no authorization (local development only); see dtm.security.
+    tls: security.TlsConfig | None = None
+    # host:port of the Prometheus endpoint; "" = off (see dtm.metrics).
+    metrics_listen: str = ""
+    # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
+    log_level: str | None = None
 
 
 class FaultState:
@@ -296,6 +302,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 results.append(participant_pb2.DecisionResult(ok=False, error=str(error)))
                 continue
             except BranchError as error:
+                # Its answer waits for the branch's records like any other (see _decide).
+                keys.append((item.transaction_id, item.branch))
                 results.append(
                     participant_pb2.DecisionResult(
                         ok=False, error=str(error), heuristic=error.heuristic
@@ -419,11 +427,14 @@ class ParticipantServer:
         self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
         self.engine.replay(records)
         crashpoints.hit("participant.during_recovery")
-        self.server = grpc_edge.new_server()
+        self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._background: list[asyncio.Task[None]] = []
         self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
         self.registered = asyncio.Event()
+        self.metrics = metrics.for_participant(
+            service.name, self.engine, self.locks, self.wal, config.metrics_listen
+        )
 
     async def start(self) -> int:
         participant_pb2_grpc.add_ParticipantServicer_to_server(
@@ -438,7 +449,10 @@ class ParticipantServer:
             *self.service.add_read_api(self.server),
         ]
         grpc_edge.add_health_and_reflection(self.server, names)
-        self.port = grpc_edge.bind(self.server, self.config.listen)
+        tls = self.config.tls
+        credentials = security.server_credentials(tls) if tls is not None else None
+        self.port = grpc_edge.bind(self.server, self.config.listen, credentials)
+        self.metrics_port = self.metrics.start() if self.metrics is not None else 0
         await self.server.start()
         recovered = len(self.engine.in_doubt())
         self.log_.info(
@@ -446,6 +460,7 @@ class ParticipantServer:
             port=self.port,
             in_doubt_recovered=recovered,
             data_dir=str(self.config.data_dir),
+            security=security.describe(tls),
         )
         loop = asyncio.get_running_loop()
         self._background.append(loop.create_task(self._housekeeping()))
@@ -464,10 +479,18 @@ class ParticipantServer:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.server.stop(grace_s)
         await self.wal.close()
 
     # ---- background work ----
+
+    def _coordinator_channel(self) -> grpc.aio.Channel:
+        # With TLS the server must prove it is the coordinator: registration and inquiries
+        # must not go to whatever process holds the coordinator's port.
+        tls = self.config.tls
+        return security.channel(self.config.coordinator, tls, security.coordinator_identity(tls))
 
     async def _register(self) -> None:
         """Register with the coordinator, retrying (capped backoff) until it answers."""
@@ -481,9 +504,7 @@ class ParticipantServer:
             ),
         )
         delay = 0.05
-        async with grpc.aio.insecure_channel(
-            self.config.coordinator, options=grpc_edge.CHANNEL_OPTIONS
-        ) as channel:
+        async with self._coordinator_channel() as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             while True:
                 try:
@@ -506,11 +527,7 @@ class ParticipantServer:
 
     async def _housekeeping(self) -> None:
         """Leases on unvoted branches, inquiries for in-doubt ones, and checkpoints."""
-        channel = (
-            grpc.aio.insecure_channel(self.config.coordinator, options=grpc_edge.CHANNEL_OPTIONS)
-            if self.config.coordinator
-            else None
-        )
+        channel = self._coordinator_channel() if self.config.coordinator else None
         stub = coordinator_pb2_grpc.CoordinatorStub(channel) if channel is not None else None
         try:
             while True:
@@ -584,25 +601,33 @@ class ParticipantServer:
 
 
 def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
-    parser = argparse.ArgumentParser(prog=f"dtm-{name}", description=f"The {name} participant.")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve on")
-    parser.add_argument("--advertise", default="", help="address the coordinator dials")
-    parser.add_argument("--coordinator", default="127.0.0.1:50050", help="coordinator address")
-    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
-    parser.add_argument("--test-control", action="store_true", help="allow fault injection RPCs")
-    parser.add_argument("--lock-wait-ms", type=int, default=500)
-    parser.add_argument("--lease-unvoted-ms", type=int, default=5_000)
-    parser.add_argument("--in-doubt-after-ms", type=int, default=2_000)
+    parser = argparse.ArgumentParser(
+        prog=f"dtm-{name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
+    )
+    # The flags apply to the service's own section ([inventory]...), else to [participant].
+    # --initial is the service main's (it builds the service before the SDK runs).
+    section = config.participant_section(name)
+    config.add_flags(parser, section, exclude=("initial",))
+    security.add_arguments(parser)
     options = parser.parse_args(argv)
+    try:
+        tls = security.from_options(options)
+        settings = config.from_options(options, section)
+    except ValueError as error:  # config.ConfigError included: it names the key and the value
+        parser.error(str(error))
+    service = settings.service(name)
     return ParticipantConfig(
-        data_dir=options.data_dir,
-        listen=options.listen,
-        advertise=options.advertise,
-        coordinator=options.coordinator,
-        test_control=options.test_control,
-        lock_wait_ms=options.lock_wait_ms,
-        lease_unvoted_ms=options.lease_unvoted_ms,
-        in_doubt_after_ms=options.in_doubt_after_ms,
+        data_dir=service.data_dir,
+        listen=service.listen,
+        advertise=service.advertise,
+        coordinator=service.coordinator,
+        test_control=service.test_control,
+        lock_wait_ms=service.lock_wait_ms,
+        lease_unvoted_ms=service.lease_unvoted_ms,
+        in_doubt_after_ms=service.in_doubt_after_ms,
+        tls=tls,
+        metrics_listen=service.metrics_listen,
+        log_level=settings.log.level,
     )
 
 
@@ -617,10 +642,10 @@ async def serve(service: Service[Any], config: ParticipantConfig) -> None:
 
 def run(service: Service[Any], argv: list[str] | None = None) -> None:
     """Entry point for a participant process."""
-    logs.configure(service.name)
-    config = parse_args(service.name, argv)
+    participant_config = parse_args(service.name, argv)
+    logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()
-    asyncio.run(serve(service, config))
+    asyncio.run(serve(service, participant_config))
 
 
 __all__ = ["BranchState", "ParticipantConfig", "ParticipantServer", "branch_key_text", "run"]

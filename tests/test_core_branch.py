@@ -94,7 +94,8 @@ def test_duplicate_prepare_gets_the_first_answer() -> None:
 def test_rollback_before_prepare_leaves_a_tombstone_that_refuses_the_late_prepare() -> None:
     branch, actions = Branch.on_first_message("t1", 0, core.RollbackRequested())
     assert branch is not None
-    assert [core.Persist(RecordKind.ROLLED_BACK, forced=False), core.ReplyAck()] == actions
+    # Forced: a lost tombstone would let a late one-phase Prepare commit after a crash.
+    assert [core.Persist(RecordKind.ROLLED_BACK, forced=True), core.ReplyAck()] == actions
     reply = branch.handle(core.PrepareRequested(False))
     assert 1 == len(reply)
     assert isinstance(reply[0], core.ReplyVote)

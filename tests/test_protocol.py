@@ -267,3 +267,26 @@ def test_single_branch_uses_one_phase_commit(tmp_path: Path) -> None:
             assert 1 == (await cluster.stock())["sku-apple"].sold
 
     asyncio.run(scenario())
+
+
+def test_one_phase_unknown_is_resolved_and_a_retry_hears_the_real_outcome(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            branch = order_branches("o-unk", [("sku-apple", 1)])[:1]
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_DOWN)
+            first = await cluster.submit(branch, "txn-unk")
+            # Neither the prepare nor the probe got through: the client is told UNKNOWN.
+            assert coordinator_pb2.OUTCOME_UNKNOWN == first.outcome
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+            request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-unk")
+
+            async def resolved() -> bool:
+                status = await cluster.client.GetTransaction(request)
+                return bool(status.state == coordinator_pb2.TRANSACTION_STATE_ABORTED)
+
+            await eventually(resolved)
+            retried = await cluster.submit(branch, "txn-unk")
+            assert ABORTED == retried.outcome
+            assert 0 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())

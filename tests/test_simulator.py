@@ -244,43 +244,6 @@ STALE = FaultConfig(
 )
 
 
-def test_a_lost_lazy_tombstone_lets_a_stale_one_phase_prepare_commit() -> None:
-    """dtm/core/branch.py writes the tombstone of a Rollback-before-Prepare (and of a rollback
-    while preparing) lazily. When a crash loses it and a request sent before the crash still
-    arrives (possible behind a proxy, not over one gRPC connection), a one-phase Prepare
-    commits a branch whose client was told ABORTED by the probe."""
-    aimed = {"faults": STALE, "workload": ONE_PHASE_SLOW, "timing": SHORT_PREPARE}
-    violation = first_violation(range(100), **aimed)
-    assert "decision changed" in violation.message
-    assert_replays(violation, **aimed)
-
-
-def _forced(actions: list[bcore.BranchAction]) -> list[bcore.BranchAction]:
-    return [
-        dataclasses.replace(a, forced=True) if isinstance(a, bcore.Persist) else a for a in actions
-    ]
-
-
-def force_tombstones(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The proposed core fix: force the record of a Rollback-before-Prepare (and of a rollback
-    while preparing), so that the Rollback's acknowledgement waits for it."""
-    first_message = bcore.Branch.on_first_message.__func__  # type: ignore[attr-defined]
-
-    def on_first_message(
-        cls: type[bcore.Branch], transaction_id: str, index: int, event: bcore.BranchEvent
-    ) -> tuple[bcore.Branch | None, list[bcore.BranchAction]]:
-        branch, actions = first_message(cls, transaction_id, index, event)
-        return branch, _forced(actions)
-
-    rollback_preparing = bcore.TRANSITIONS[(BranchState.PREPARING, bcore.RollbackRequested)]
-    monkeypatch.setattr(bcore.Branch, "on_first_message", classmethod(on_first_message))
-    monkeypatch.setitem(
-        bcore.TRANSITIONS,
-        (BranchState.PREPARING, bcore.RollbackRequested),
-        lambda branch, event: _forced(rollback_preparing(branch, event)),
-    )
-
-
 ONE_PHASE_FAST = dataclasses.replace(ONE_PHASE_SLOW, slow=(False,))
 STALE_DUPLICATES = FaultConfig(
     drop_probability=0.0,
@@ -295,26 +258,53 @@ STALE_DUPLICATES = FaultConfig(
 )
 
 
-def test_a_replayed_one_phase_commit_answers_a_stale_prepare_prepared(
+def _lazy(actions: list[bcore.BranchAction]) -> list[bcore.BranchAction]:
+    return [
+        dataclasses.replace(a, forced=False)
+        if isinstance(a, bcore.Persist) and a.kind is bcore.RecordKind.ROLLED_BACK
+        else a
+        for a in actions
+    ]
+
+
+def test_lazy_tombstones_would_let_a_stale_one_phase_prepare_commit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """participants/branches.py replays a one-phase commit record as a branch whose vote is
-    PREPARED. A duplicate of the one-phase Prepare reaching the restarted participant gets
-    PREPARED, which the coordinator core rejects (ProtocolError); in engine.py that exception
-    kills the call's task and leaves the transaction PREPARING for good (a one-phase
-    transaction ignores its timer), with its client never answered."""
-    force_tombstones(monkeypatch)  # keep the other stale-delivery bug out of the way
+    """Regression guard for a bug the simulator found: dtm/core/branch.py once wrote the
+    tombstone of a Rollback-before-Prepare lazily. When a crash lost it and a request sent
+    before the crash still arrived, a one-phase Prepare committed a branch whose client had
+    been told ABORTED. The core now forces it; putting the old behaviour back is caught."""
+    first_message = bcore.Branch.on_first_message.__func__  # type: ignore[attr-defined]
+
+    def on_first_message(
+        cls: type[bcore.Branch], transaction_id: str, index: int, event: bcore.BranchEvent
+    ) -> tuple[bcore.Branch | None, list[bcore.BranchAction]]:
+        branch, actions = first_message(cls, transaction_id, index, event)
+        return branch, _lazy(actions)
+
+    aimed = {"faults": STALE, "workload": ONE_PHASE_SLOW, "timing": SHORT_PREPARE}
+    for seed in range(100):
+        run_seed(seed, **aimed)  # type: ignore[arg-type]  # the fixed core holds
+    monkeypatch.setattr(bcore.Branch, "on_first_message", classmethod(on_first_message))
+    violation = first_violation(range(100), **aimed)
+    assert "decision changed" in violation.message
+
+
+def test_a_replayed_one_phase_commit_voting_prepared_would_be_caught() -> None:
+    """Regression guard: participants/branches.py once replayed a one-phase commit record as a
+    branch whose vote is PREPARED; a duplicate of the one-phase Prepare reaching the restarted
+    participant got PREPARED, which the coordinator core rejects (ProtocolError)."""
     aimed = {"faults": STALE_DUPLICATES, "workload": ONE_PHASE_FAST, "timing": Timing()}
-    violation = first_violation(range(300), **aimed)
+    old_replay = NodeModel(one_phase_replay_votes_committed=False)
+    violation = first_violation(range(300), model=old_replay, **aimed)
     assert "ProtocolError: one-phase prepare answered prepared" in violation.message
-    assert_replays(violation, **aimed)
+    assert_replays(violation, model=old_replay, **aimed)
 
 
-def test_the_proposed_fixes_hold_under_stale_delivery(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_fixes_hold_under_stale_delivery() -> None:
     """Forced tombstones (core) and a replayed one-phase vote of COMMITTED (SDK) together:
     the aimed scenarios and the swarm, with stale delivery, hold every invariant."""
-    force_tombstones(monkeypatch)
-    fixed = NodeModel(one_phase_replay_votes_committed=True)
+    fixed = NodeModel()
     for seed in range(100):
         run_seed(seed, faults=STALE, workload=ONE_PHASE_SLOW, timing=SHORT_PREPARE, model=fixed)
     for seed in range(300):

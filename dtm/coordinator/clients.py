@@ -7,12 +7,11 @@ client can stand in for it without touching the protocol code.
 
 from __future__ import annotations
 
-import grpc
-from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
 from google.protobuf import any_pb2
 
-from dtm import grpc_edge
+from dtm import security
 from dtm.core.transaction import Vote
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
 
 PB_TO_VOTE = {
     coordinator_pb2.VOTE_PREPARED: Vote.PREPARED,
@@ -23,10 +22,11 @@ PB_TO_VOTE = {
 
 
 class ParticipantClient:
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, tls: security.TlsConfig | None = None) -> None:
         self.name = name
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS)
+        # With TLS the participant's certificate must carry its registered name.
+        self.channel = security.channel(address, tls, server_identity=name)
         self.stub = participant_pb2_grpc.ParticipantStub(self.channel)
 
     async def prepare(

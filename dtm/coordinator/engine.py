@@ -14,7 +14,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +24,7 @@ from dtm import crashpoints, limits, logs
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult, rpc_failure
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
-from dtm.core.transaction import Outcome, Transaction, TxnState
+from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, EngineObserver
 from dtm.records import RecordType
 from dtm.wal import Log, LogRecord
@@ -69,7 +69,14 @@ class Run:
     invalid_argument: str = ""
     outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
     finished: bool = False
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def answer(self) -> int:
+        """The outcome to tell a (retried) Submit: the outcome as known now. A one-phase commit
+        first answered UNKNOWN is answered COMMITTED or ABORTED once resolved."""
+        outcome = self.txn.outcome
+        if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
+            return OUTCOME_TO_PB[outcome]
+        return self.outcome_pb
 
 
 STATE_TO_PB = {
@@ -209,7 +216,17 @@ class Engine:
 
     def _feed(self, run: Run, event: core.Event) -> None:
         before = run.txn.state
-        actions = run.txn.handle(event)
+        try:
+            actions = run.txn.handle(event)
+        except ProtocolError as error:
+            # A participant answered something the protocol does not allow (a PREPARED vote to
+            # a one-phase Prepare, say). The core changed nothing; never wedge the transaction
+            # on it: an illegal vote counts as a failed prepare, anything else is dropped.
+            self._log.error("protocol error", txn=run.txn.transaction_id, error=str(error))
+            if isinstance(event, core.VoteReceived) and run.txn.state is TxnState.PREPARING:
+                failed = core.PrepareFailed(event.branch, f"protocol error: {error}", event.now_ms)
+                self._feed(run, failed)
+            return
         if run.txn.state is not before:
             self._log.debug(
                 "transaction state",

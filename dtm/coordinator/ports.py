@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
-from dtmpb.v1 import participant_pb2
 from google.protobuf import any_pb2
 
 from dtm import limits
 from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient
 from dtm.core.transaction import Vote
+from dtmpb.v1 import participant_pb2
 
 HEURISTIC_METADATA_KEY = "dtm-heuristic"
 

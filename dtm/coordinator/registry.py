@@ -6,11 +6,10 @@ the coordinator can still reach every participant of a commit it must finish.
 
 from __future__ import annotations
 
-from dtmpb.v1 import coordinator_pb2
-
-from dtm import limits
+from dtm import limits, security
 from dtm.coordinator.clients import ParticipantClient
 from dtm.coordinator.ports import BatchPolicy, ParticipantPort
+from dtmpb.v1 import coordinator_pb2
 
 
 class RegistrationError(ValueError):
@@ -34,9 +33,12 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
 
 
 class Registry:
-    def __init__(self, policy: BatchPolicy | None = None) -> None:
+    def __init__(
+        self, policy: BatchPolicy | None = None, tls: security.TlsConfig | None = None
+    ) -> None:
         self.participants: dict[str, coordinator_pb2.ParticipantInfo] = {}
         self.policy = policy or BatchPolicy()
+        self.tls = tls
         self._ports: dict[str, ParticipantPort] = {}
         # Ports for an old address, closed at shutdown (calls in flight may still use them).
         self._retired: list[ParticipantPort] = []
@@ -65,7 +67,7 @@ class Registry:
         port = self._ports.get(name)
         if port is None:
             info = self.participants[name]
-            client = ParticipantClient(name, info.address)
+            client = ParticipantClient(name, info.address, self.tls)
             port = ParticipantPort(client, info.capabilities.batch, self.policy)
             self._ports[name] = port
         return port

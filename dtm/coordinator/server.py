@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
 
-from dtm import crashpoints, grpc_edge, limits, logs
+from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
 from dtm.coordinator.engine import (
     STATE_TO_PB,
     VOTE_TO_PB,
@@ -26,6 +25,7 @@ from dtm.coordinator.engine import (
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.records import RecordType
 from dtm.wal import GroupCommitLog, WriteAheadLog
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -76,6 +76,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             validate_registration(request)
         except RegistrationError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # The interceptor let a participant identity in; it may register only its own name,
+        # or one participant could redirect another's branches to itself.
+        if not security.may_register_as(context, self.coordinator.server_config.tls, request.name):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity {security.peer_name(context)!r} may not register participant "
+                f"{request.name!r}: a participant registers under its own certificate's name",
+            )
         info = coordinator_pb2.ParticipantInfo(
             name=request.name,
             address=request.address,
@@ -128,7 +136,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         txn = transaction_pb(run)
         return coordinator_pb2.SubmitResponse(
             transaction_id=txn.transaction_id,
-            outcome=run.outcome_pb,
+            outcome=run.answer(),
             reason=txn.reason,
             branches=txn.branches,
         )
@@ -240,6 +248,12 @@ class ServerConfig:
     data_dir: Path
     listen: str = "127.0.0.1:50050"
     engine: CoordinatorConfig | None = None
+    # None: plaintext and no authorization (local development only); see dtm.security.
+    tls: security.TlsConfig | None = None
+    # host:port of the Prometheus endpoint; "" = off (see dtm.metrics).
+    metrics_listen: str = ""
+    # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
+    log_level: str | None = None
 
 
 class CoordinatorServer:
@@ -249,11 +263,12 @@ class CoordinatorServer:
         self.log = logs.get("coordinator")
         wal, records = WriteAheadLog.open(config.data_dir / "coordinator" / "wal")
         self.wal = GroupCommitLog(wal)
-        self.engine = Engine(self.wal, Registry(), self.config)
+        self.engine = Engine(self.wal, Registry(tls=config.tls), self.config)
         self._pending = self.engine.replay(records)
-        self.server = grpc_edge.new_server()
+        self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        self.metrics = metrics.for_coordinator(self.engine, self.wal, config.metrics_listen)
 
     async def start(self) -> int:
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(
@@ -262,17 +277,21 @@ class CoordinatorServer:
         grpc_edge.add_health_and_reflection(
             self.server, [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
         )
-        self.port = grpc_edge.bind(self.server, self.server_config.listen)
+        tls = self.server_config.tls
+        credentials = security.server_credentials(tls) if tls is not None else None
+        self.port = grpc_edge.bind(self.server, self.server_config.listen, credentials)
         # Recovery before serving: every commit decision without an end record is resumed.
         crashpoints.hit("coordinator.during_recovery")
         resumed = self.engine.resume(self._pending)
         self._pending = []
+        self.metrics_port = self.metrics.start() if self.metrics is not None else 0
         await self.server.start()
         self.log.info(
             "coordinator serving",
             port=self.port,
             participants=len(self.engine.registry.participants),
             commits_resumed=resumed,
+            security=security.describe(tls),
         )
         self._housekeeping = asyncio.get_running_loop().create_task(self._checkpoints())
         return self.port
@@ -296,6 +315,8 @@ class CoordinatorServer:
         )
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self.metrics is not None:
+            await self.metrics.stop()
         await self.server.stop(grace_s)
         await self.engine.close()
         await self.engine.registry.close()
@@ -303,35 +324,29 @@ class CoordinatorServer:
 
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
-    parser = argparse.ArgumentParser(prog="dtm-coordinator", description="The dtm coordinator.")
-    parser.add_argument("--listen", default="127.0.0.1:50050", help="host:port to serve on")
-    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
-    parser.add_argument(
-        "--prepare-timeout-ms",
-        type=int,
-        default=limits.PREPARE_TIMEOUT_MS_DEFAULT,
-        help="deadline of each Prepare call",
+    parser = argparse.ArgumentParser(
+        prog="dtm-coordinator", description=f"The dtm coordinator. {config.PRECEDENCE_HELP}"
     )
-    parser.add_argument(
-        "--transaction-timeout-ms",
-        type=int,
-        default=limits.TRANSACTION_TIMEOUT_MS_DEFAULT,
-        help="default global timeout of a transaction (Submit.timeout_ms overrides)",
-    )
+    # Every [coordinator] key as a flag (--listen, --data-dir, ...), plus --config, --log-level.
+    config.add_flags(parser, config.COORDINATOR)
+    security.add_arguments(parser)
     options = parser.parse_args(argv)
-    for name in ("prepare_timeout_ms", "transaction_timeout_ms"):
-        value = getattr(options, name)
-        if not 0 < value <= limits.TRANSACTION_TIMEOUT_MS_MAX:
-            parser.error(
-                f"--{name.replace('_', '-')} must be 1..{limits.TRANSACTION_TIMEOUT_MS_MAX}"
-            )
+    try:
+        tls = security.from_options(options)
+        settings = config.from_options(options, config.COORDINATOR)
+    except ValueError as error:  # config.ConfigError included: it names the key and the value
+        parser.error(str(error))
+    coordinator = settings.coordinator
     return ServerConfig(
-        data_dir=options.data_dir,
-        listen=options.listen,
+        data_dir=coordinator.data_dir,
+        listen=coordinator.listen,
         engine=CoordinatorConfig(
-            prepare_timeout_ms=options.prepare_timeout_ms,
-            transaction_timeout_ms=options.transaction_timeout_ms,
+            prepare_timeout_ms=coordinator.prepare_timeout_ms,
+            transaction_timeout_ms=coordinator.transaction_timeout_ms,
         ),
+        tls=tls,
+        metrics_listen=coordinator.metrics_listen,
+        log_level=settings.log.level,
     )
 
 
@@ -345,10 +360,10 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logs.configure("coordinator")
-    config = parse_args(argv)
+    server_config = parse_args(argv)
+    logs.configure("coordinator", server_config.log_level)
     grpc_edge.use_fast_event_loop()
-    asyncio.run(serve(config))
+    asyncio.run(serve(server_config))
 
 
 if __name__ == "__main__":

@@ -210,10 +210,12 @@ class Branch:
             branch = cls(transaction_id, index, BranchState.PREPARING, one_phase=event.one_phase)
             return branch, [RunPrepare(event.one_phase)]
         if isinstance(event, RollbackRequested):
-            # Tombstone: a Prepare arriving later is refused, so no reservation can hang.
+            # Tombstone: a Prepare arriving later is refused, so no reservation can hang. Forced:
+            # if it were lost in a crash, a late one-phase Prepare would commit a transaction
+            # the client was told aborted (found by the simulator, seed 454 --stale-delivery).
             branch = cls(transaction_id, index, BranchState.ROLLED_BACK)
             branch.reason = "rolled back before prepare"
-            return branch, [Persist(RecordKind.ROLLED_BACK, forced=False), ReplyAck()]
+            return branch, [Persist(RecordKind.ROLLED_BACK, forced=True), ReplyAck()]
         if isinstance(event, CommitRequested):
             return None, [
                 ReplyError(
@@ -311,7 +313,8 @@ def _on_rollback_prepared(branch: Branch, event: RollbackRequested) -> list[Bran
 def _on_rollback_preparing(branch: Branch, event: RollbackRequested) -> list[BranchAction]:
     branch.state = BranchState.ROLLED_BACK
     branch.reason = "rolled back while preparing"
-    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=False), ReplyAck()]
+    # Forced, like a tombstone: the prepare it cancelled must stay refused after a crash.
+    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=True), ReplyAck()]
 
 
 def _ack(branch: Branch, event: BranchEvent) -> list[BranchAction]:
@@ -343,7 +346,7 @@ def _on_lease_unvoted(branch: Branch, event: LeaseExpired) -> list[BranchAction]
     # Allowed only before the vote: reclaim the locks; the late Prepare answer is REFUSED.
     branch.state = BranchState.ROLLED_BACK
     branch.reason = "lease expired before the vote"
-    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=False)]
+    return [CancelPrepare(), Persist(RecordKind.ROLLED_BACK, forced=True)]
 
 
 def _on_lease_prepared(branch: Branch, event: LeaseExpired) -> list[BranchAction]:

@@ -138,21 +138,19 @@ class FaultConfig:
 
 @dataclass(frozen=True, slots=True)
 class NodeModel:
-    """How faithfully the simulated participant copies participants/branches.py.
+    """How the simulated participant behaves where the SDK once got it wrong.
 
-    `error_reply_waits_for_durability=True` is the documented rule (dtm/core/branch.py: every
-    reply waits until the branch's forced records are durable). False copies what
-    participants/branches.py `_decide` does today: a ReplyError (such as "already committed",
-    which resolves a one-phase probe as COMMITTED) leaves at once, before the commit record it
-    reveals is durable. See the simulator report for the seed that shows why that matters.
+    The defaults copy participants/branches.py as it is; each False reproduces a bug the
+    simulator found (and the tests prove it would be caught again):
+    - error_reply_waits_for_durability=False: a ReplyError (such as "already committed", which
+      resolves a one-phase probe as COMMITTED) left before the record it reveals was durable
+      (seed 7877 with --sdk-error-replies).
+    - one_phase_replay_votes_committed=False: a replayed one-phase commit record answered a
+      stale duplicate Prepare with PREPARED, which the coordinator core rejects.
     """
 
     error_reply_waits_for_durability: bool = True
-    # participants/branches.py replays a one-phase commit record as a branch whose vote is
-    # PREPARED, so a duplicate one-phase Prepare after a restart is answered PREPARED, which the
-    # coordinator core rejects (ProtocolError). True models the fix: the replayed vote is
-    # COMMITTED, the answer the first Prepare got.
-    one_phase_replay_votes_committed: bool = False
+    one_phase_replay_votes_committed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +268,7 @@ class World:
             custom=faults is not None
             or workload is not None
             or timing is not None
-            or self.model.one_phase_replay_votes_committed,
+            or not self.model.one_phase_replay_votes_committed,
             stale_delivery=stale_delivery,
         )
         self.checker: Checker = Checker(self)

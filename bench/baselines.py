@@ -1,0 +1,226 @@
+"""Two baselines measured in the same run as dtm, with the same client harness and concurrency.
+
+(a) Raw unary gRPC echo: one trivial grpc.aio server process; each client call is one unary
+    RPC. The upper limit of any transaction manager here: a transaction costs at least the
+    client's one call.
+(b) Naive two-phase-commit shape: client -> a coordinator process -> N echo "participant"
+    processes; per transaction one unary call per participant per phase (prepare fan-out in
+    parallel, then commit fan-out), nothing logged, nothing batched.
+
+The servers carry raw bytes through gRPC generic handlers (no serializer: gRPC passes bytes
+through untouched), so no .proto is needed. They run the same event loop as the project's
+servers (uvloop when installed), so the comparison is of designs, not of loops.
+
+Server processes:
+    python -m bench.baselines echo --listen HOST:PORT
+    python -m bench.baselines naive --listen HOST:PORT --participant HOST:PORT [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.harness import LoadSpec, channel_of, close_channels, drive, open_channels
+from bench.procs import Processes
+from bench.stats import LatencySummary, Outcome, Tally
+from dtm import grpc_edge
+from dtm.cluster import free_ports
+
+ECHO_SERVICE = "bench.Echo"
+NAIVE_SERVICE = "bench.Naive"
+ECHO = f"/{ECHO_SERVICE}/Echo"
+PREPARE = f"/{ECHO_SERVICE}/Prepare"
+COMMIT = f"/{ECHO_SERVICE}/Commit"
+SUBMIT = f"/{NAIVE_SERVICE}/Submit"
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 20.0
+# (request_serializer, response_deserializer) of a raw-bytes call: None makes gRPC pass the
+# bytes through untouched, cheaper than an identity function called on every message.
+RAW = (None, None)
+# Per call: far above any latency of a healthy run, so only a stuck server trips it.
+CALL_TIMEOUT_S = 10.0
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+# ---- the servers ----
+
+
+async def _echo(request: bytes, context: Context) -> bytes:
+    return request
+
+
+def echo_handler() -> grpc.GenericRpcHandler[bytes, bytes]:
+    """Echo, Prepare and Commit, all identity: a participant that does nothing at all."""
+    # No request_deserializer / response_serializer: gRPC then hands over and sends raw bytes.
+    method = grpc.unary_unary_rpc_method_handler(_echo)
+    return grpc.method_handlers_generic_handler(
+        ECHO_SERVICE, {"Echo": method, "Prepare": method, "Commit": method}
+    )
+
+
+def naive_handler(channels: Sequence[grpc.aio.Channel]) -> grpc.GenericRpcHandler[bytes, bytes]:
+    """Submit: prepare on every participant in parallel, then commit on every one."""
+    prepares = [channel.unary_unary(PREPARE, *RAW) for channel in channels]
+    commits = [channel.unary_unary(COMMIT, *RAW) for channel in channels]
+
+    async def submit(request: bytes, context: Context) -> bytes:
+        await asyncio.gather(*(call(request, timeout=CALL_TIMEOUT_S) for call in prepares))
+        await asyncio.gather(*(call(request, timeout=CALL_TIMEOUT_S) for call in commits))
+        return b"committed"
+
+    return grpc.method_handlers_generic_handler(
+        NAIVE_SERVICE, {"Submit": grpc.unary_unary_rpc_method_handler(submit)}
+    )
+
+
+async def serve(role: str, listen: str, participants: Sequence[str]) -> None:
+    server = grpc_edge.new_server()
+    channels: list[grpc.aio.Channel] = []
+    if role == "echo":
+        server.add_generic_rpc_handlers((echo_handler(),))
+    else:
+        # One channel per participant, as a coordinator keeps one client per participant.
+        channels = [
+            grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS)
+            for address in participants
+        ]
+        server.add_generic_rpc_handlers((naive_handler(channels),))
+    grpc_edge.bind(server, listen)
+    stop = asyncio.Event()
+    grpc_edge.install_stop_signals(stop)
+    await server.start()
+    await stop.wait()
+    await server.stop(grace=1.0)
+    await close_channels(channels)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.baselines", allow_abbrev=False)
+    parser.add_argument("role", choices=("echo", "naive"))
+    parser.add_argument("--listen", required=True, help="host:port")
+    parser.add_argument(
+        "--participant", action="append", default=[], help="naive: a participant's host:port"
+    )
+    options = parser.parse_args(argv)
+    if options.role == "naive" and not options.participant:
+        parser.error("naive needs at least one --participant")
+    grpc_edge.use_fast_event_loop()
+    asyncio.run(serve(options.role, options.listen, options.participant))
+
+
+# ---- the measurements ----
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    name: str
+    participants: int
+    tally: Tally
+
+    @property
+    def per_s(self) -> float:
+        """Successful calls (unary) or transactions (naive) per second in the window."""
+        return self.tally.rate(Outcome.COMMITTED)
+
+    @property
+    def latency(self) -> LatencySummary:
+        return self.tally.latency(Outcome.COMMITTED)
+
+    @property
+    def errors(self) -> int:
+        return self.tally.counts[Outcome.ERROR]
+
+
+async def _wait_ready(target: str, method: str, processes: Processes) -> None:
+    """One call that waits for the server to listen (wait_for_ready), up to START_TIMEOUT_S."""
+    async with grpc.aio.insecure_channel(target, options=grpc_edge.CHANNEL_OPTIONS) as channel:
+        try:
+            await channel.unary_unary(method, *RAW)(
+                b"ready?", timeout=START_TIMEOUT_S, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError:
+            processes.check_alive()  # an exit says more than the deadline
+            raise
+
+
+async def _measure(
+    name: str,
+    target: str,
+    method: str,
+    participants: int,
+    payload: bytes,
+    spec: LoadSpec,
+    processes: Processes,
+    progress: bool,
+) -> BaselineResult:
+    channels = open_channels(target, spec.clients)
+    try:
+        calls = [channel.unary_unary(method, *RAW) for channel in channels]
+        await _wait_ready(target, method, processes)
+
+        async def call(client: int, number: int) -> Outcome:
+            try:
+                await channel_of(calls, client)(payload, timeout=CALL_TIMEOUT_S)
+            except grpc.aio.AioRpcError:
+                return Outcome.ERROR
+            return Outcome.COMMITTED
+
+        tally = await drive(call, spec, label=name, progress=progress)
+    finally:
+        await close_channels(channels)
+    processes.check_alive()
+    return BaselineResult(name=name, participants=participants, tally=tally)
+
+
+async def measure_unary(
+    spec: LoadSpec, payload: bytes, *, log_dir: Path | None = None, progress: bool = True
+) -> BaselineResult:
+    """Baseline (a): the same clients calling one echo server process."""
+    with tempfile.TemporaryDirectory(prefix="dtm-bench-echo-") as scratch:
+        (port,) = free_ports(1, HOST)
+        target = f"{HOST}:{port}"
+        with Processes(log_dir or Path(scratch)) as processes:
+            processes.spawn("echo", ["bench.baselines", "echo", "--listen", target])
+            return await _measure("unary echo", target, ECHO, 0, payload, spec, processes, progress)
+
+
+async def measure_naive(
+    participants: int,
+    spec: LoadSpec,
+    payload: bytes,
+    *,
+    log_dir: Path | None = None,
+    progress: bool = True,
+) -> BaselineResult:
+    """Baseline (b): the same clients calling a naive coordinator over N echo participants."""
+    if participants < 1:
+        raise ValueError(f"participants must be >= 1, got {participants}")
+    with tempfile.TemporaryDirectory(prefix="dtm-bench-naive-") as scratch:
+        coordinator_port, *participant_ports = free_ports(participants + 1, HOST)
+        target = f"{HOST}:{coordinator_port}"
+        with Processes(log_dir or Path(scratch)) as processes:
+            args = ["bench.baselines", "naive", "--listen", target]
+            for index, port in enumerate(participant_ports):
+                address = f"{HOST}:{port}"
+                processes.spawn(f"naive-p{index}", ["bench.baselines", "echo", "--listen", address])
+                args += ["--participant", address]
+            processes.spawn("naive-coordinator", args)
+            # The participants first: the coordinator does not wait for them on each call.
+            for port in participant_ports:
+                await _wait_ready(f"{HOST}:{port}", ECHO, processes)
+            return await _measure(
+                "naive 2PC", target, SUBMIT, participants, payload, spec, processes, progress
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Per-transaction costs (fsyncs, messages) from the servers' own Prometheus counters.
+
+The servers grow a `--metrics-listen HOST:PORT` flag (dtm.metrics). When the installed servers
+have it, the bench gives every process its own loopback port, scrapes every /metrics endpoint
+when the measurement window opens and when it closes, and divides the growth of the counters by
+the transactions completed in between:
+
+    fsyncs_per_txn    sum over all processes of dtm_wal_fsyncs_total
+    messages_per_txn  the coordinator's dtm_protocol_messages_total (requests it sent, replies
+                      it acted on, transport-level Rollback answers), plus the client's Submit
+                      and its reply (2)
+
+When the servers do not have the flag, every figure is None and the report says
+"n/a: hook missing": nothing is estimated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.procs import PROJECT_ROOT
+
+METRICS_FLAG = "--metrics-listen"
+HOOK_MISSING = "n/a: hook missing"
+FSYNCS = "dtm_wal_fsyncs_total"
+MESSAGES = "dtm_protocol_messages_total"
+BATCH_SUM = "dtm_wal_batch_records_sum"
+BATCH_COUNT = "dtm_wal_batch_records_count"
+#: Transport-level protocol overhead the coordinator does not count: the client's own call.
+CLIENT_MESSAGES_PER_TXN = 2
+SCRAPE_TIMEOUT_S = 5.0
+HELP_TIMEOUT_S = 30.0
+# A scrape is a few kB; this bounds what a misbehaving endpoint can make us read.
+SCRAPE_BYTES_MAX = 4 * 1024 * 1024
+
+#: Sample name with labels, e.g. 'dtm_protocol_messages_total{kind="requests"}' -> value.
+Counters = dict[str, float]
+
+
+# Module -> whether it accepts the flag: asked once per bench process (a sweep asks often).
+_SUPPORTED: dict[str, bool] = {}
+
+
+async def flag_supported(modules: list[str]) -> bool:
+    """Whether every one of these server modules accepts --metrics-listen (asked via --help,
+    because passing an unknown flag would make the server exit at start)."""
+
+    async def accepts(module: str) -> bool:
+        if module not in _SUPPORTED:
+            _SUPPORTED[module] = await ask(module)
+        return _SUPPORTED[module]
+
+    async def ask(module: str) -> bool:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            "--help",
+            cwd=PROJECT_ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), HELP_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return False
+        return process.returncode == 0 and METRICS_FLAG.encode() in output
+
+    return all(await asyncio.gather(*(accepts(module) for module in modules)))
+
+
+def parse(text: str) -> Counters:
+    """Every sample of a Prometheus text exposition, keyed by name and sorted labels."""
+    counters: Counters = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            counters[key] = float(sample.value)
+    return counters
+
+
+def total(counters: Counters, name: str) -> float:
+    """The sum of a metric over all its label sets."""
+    return sum(value for key, value in counters.items() if key.split("{", 1)[0] == name)
+
+
+def _fetch(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
+        body: bytes = answer.read(SCRAPE_BYTES_MAX)
+    return body.decode("utf-8", errors="replace")
+
+
+async def scrape(addresses: Mapping[str, str]) -> dict[str, Counters]:
+    """Process name -> its counters, all endpoints at once (urllib on worker threads)."""
+    names = list(addresses)
+    texts = await asyncio.gather(*(asyncio.to_thread(_fetch, addresses[name]) for name in names))
+    return {name: parse(text) for name, text in zip(names, texts, strict=True)}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Every process's counters at one instant, and how many transactions had completed."""
+
+    transactions: float
+    counters: Mapping[str, Counters]
+
+
+@dataclass(frozen=True)
+class Costs:
+    fsyncs_per_txn: float | None = None
+    messages_per_txn: float | None = None
+    #: Process -> its fsyncs per transaction.
+    fsyncs_by_process: Mapping[str, float] | None = None
+    #: Process -> records per group-commit fsync over the window (None: no fsync then).
+    wal_batch_mean: Mapping[str, float | None] | None = None
+    #: Protocol message kind (the coordinator's label) -> messages per transaction.
+    messages_by_kind: Mapping[str, float] | None = None
+    note: str = HOOK_MISSING
+
+
+def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Costs:
+    """Counter growth between two samples, per transaction completed between them."""
+    transactions = last.transactions - first.transactions
+    if transactions <= 0:
+        return Costs(note="no transaction completed between the two scrapes")
+
+    def growth(process: str, name: str) -> float:
+        return total(last.counters[process], name) - total(first.counters[process], name)
+
+    fsyncs = {name: growth(name, FSYNCS) / transactions for name in last.counters}
+    batches: dict[str, float | None] = {}
+    for name in last.counters:
+        synced = growth(name, BATCH_COUNT)
+        batches[name] = round(growth(name, BATCH_SUM) / synced, 2) if synced > 0 else None
+    by_kind: dict[str, float] = {}
+    for key, value in last.counters[coordinator].items():
+        if key.startswith(MESSAGES + "{"):
+            before = first.counters[coordinator].get(key, 0.0)
+            kind = ",".join(re.findall(r'="([^"]*)"', key))  # '...{kind="requests"}' -> requests
+            by_kind[kind] = round((value - before) / transactions, 3)
+    messages = growth(coordinator, MESSAGES) / transactions + CLIENT_MESSAGES_PER_TXN
+    return Costs(
+        fsyncs_per_txn=round(sum(fsyncs.values()), 3),
+        messages_per_txn=round(messages, 3),
+        fsyncs_by_process={name: round(value, 3) for name, value in fsyncs.items()},
+        wal_batch_mean=batches,
+        messages_by_kind=by_kind,
+        note=(
+            f"measured: growth of the servers' /metrics counters over "
+            f"{transactions:,.0f} transactions of the window"
+        ),
+    )

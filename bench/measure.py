@@ -1,0 +1,339 @@
+"""The dtm measurement: the coordinator and the services as deployed, under closed-loop load.
+
+Starts `dtm.cluster.Cluster` (the coordinator and the four services as separate processes on
+loopback, durable logs with real fsyncs) in a fresh data directory, plus extra service
+instances for N > 4; drives the clients; waits until everything settled; checks the invariants
+over the final state; stops everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import checks, hooks
+from bench.checks import ClientView, InvariantResult
+from bench.harness import LoadSpec, channel_of, close_channels, drive, open_channels
+from bench.procs import Processes
+from bench.stats import Outcome, Tally
+from bench.workload import UNITS_PER_ORDER, Participant, Workload, initial_state
+from dtm import invariants
+from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
+from dtm.orderflow import ORDERS
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+HOST = "127.0.0.1"
+EXTRA_START_TIMEOUT_S = 20.0
+POLL_S = 0.1
+# A transaction's own timeout is 10 s by default; a call gets that plus a margin, so a slow
+# decision is counted as slow, not as lost.
+SUBMIT_TIMEOUT_S = 15.0
+SETTLE_TIMEOUT_S = 30.0
+# Refusal reasons kept for the report when orders end otherwise than the workload intended.
+REASONS_KEPT = 5
+
+
+@dataclass
+class DtmResult:
+    participants: list[Participant]
+    tally: Tally
+    invariants: InvariantResult
+    #: Orders that ended otherwise than the workload made them to (e.g. refused by a lock
+    #: timeout although stock and money were plentiful), and the commonest reasons.
+    unexpected: int = 0
+    unexpected_reasons: list[str] = field(default_factory=list)
+    #: fsyncs and messages per transaction, from the servers' counters (when they have them).
+    costs: hooks.Costs = field(default_factory=hooks.Costs)
+    settle_s: float | None = None
+    confirmed_orders: int | None = None
+
+    @property
+    def transactions_total(self) -> int:
+        """Every Submit the clients made over the whole run (warmup and drain included)."""
+        return sum(self.tally.total.values())
+
+
+class _Recorder:
+    """What the clients were told, for the client-view invariants."""
+
+    def __init__(self) -> None:
+        self.committed: list[str] = []
+        self.aborted: list[str] = []
+        self.uncertain = 0
+        self.unexpected = 0
+        self.reasons: Counter[str] = Counter()
+
+    def view(self) -> ClientView:
+        return ClientView(
+            committed=set(self.committed),
+            aborted=set(self.aborted),
+            uncertain=self.uncertain,
+            units_per_order=UNITS_PER_ORDER,
+        )
+
+
+async def measure_dtm(
+    participants: list[Participant],
+    spec: LoadSpec,
+    workload: Workload,
+    *,
+    data_dir: Path | None = None,
+    keep_data: bool = False,
+    progress: bool = True,
+    metrics: bool = True,
+) -> DtmResult:
+    owned = data_dir is None
+    directory = Path(tempfile.mkdtemp(prefix="dtm-bench-")) if data_dir is None else data_dir
+    extras = [participant for participant in participants if participant.extra]
+    missing = f"{hooks.HOOK_MISSING} (the servers have no {hooks.METRICS_FLAG})"
+    if not metrics:
+        missing = "not measured (--no-metrics)"
+    with_metrics = metrics and await hooks.flag_supported(
+        [MODULES[COORDINATOR], MODULES["inventory"]]
+    )
+    # Every port in one call, so that all are distinct: gRPC ports of the cluster and of the
+    # extra instances, then each process's /metrics endpoint (bench/hooks.py) when available.
+    names = [*PROCESSES, *(participant.name for participant in extras)]
+    ports = free_ports(len(names) * (2 if with_metrics else 1), HOST)
+    grpc_ports, metric_ports = ports[: len(names)], ports[len(names) :]
+    extra_addresses = {
+        participant.name: f"{HOST}:{port}"
+        for participant, port in zip(extras, grpc_ports[len(PROCESSES) :], strict=True)
+    }
+    metric_addresses: dict[str, str] = {}
+    if with_metrics:
+        metric_addresses = {
+            name: f"{HOST}:{port}" for name, port in zip(names, metric_ports, strict=True)
+        }
+    cluster = Cluster(
+        directory,
+        Ports(*grpc_ports[: len(PROCESSES)]),
+        initial=initial_state(),
+        extra_args={
+            name: [hooks.METRICS_FLAG, metric_addresses[name]]
+            for name in PROCESSES
+            if name in metric_addresses
+        },
+    )
+    try:
+        with Processes(cluster.logs_dir) as processes:
+            try:
+                await cluster.start_async()
+                await _start_extras(cluster, extras, extra_addresses, processes, metric_addresses)
+                result = await _load_and_check(
+                    cluster,
+                    participants,
+                    extra_addresses,
+                    spec,
+                    workload,
+                    processes,
+                    progress,
+                    metric_addresses,
+                )
+            finally:
+                processes.stop()
+                await cluster.stop_async()
+        if not metric_addresses:
+            result.costs = hooks.Costs(note=missing)
+        return result
+    finally:
+        if owned and not keep_data:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _start_extras(
+    cluster: Cluster,
+    extras: list[Participant],
+    addresses: dict[str, str],
+    processes: Processes,
+    metric_addresses: dict[str, str],
+) -> None:
+    """Start the extra instances; return once each serves and is registered."""
+    for participant in extras:
+        processes.spawn(
+            participant.name,
+            [
+                "bench.instance",
+                *("--kind", participant.kind, "--name", participant.name),
+                *("--listen", addresses[participant.name]),
+                *("--data-dir", str(cluster.data_dir)),
+                *("--coordinator", cluster.coordinator_address),
+                *("--initial", str(cluster.initial_path)),
+                *(
+                    (hooks.METRICS_FLAG, metric_addresses[participant.name])
+                    if participant.name in metric_addresses
+                    else ()
+                ),
+            ],
+        )
+    deadline = time.monotonic() + EXTRA_START_TIMEOUT_S
+    pending = dict(addresses)
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as coordinator:
+        registry = coordinator_pb2_grpc.CoordinatorStub(coordinator)
+        # Bounded by the deadline; readiness is polled because a process exposes no event.
+        while pending:
+            processes.check_alive()
+            response = await registry.ListParticipants(
+                coordinator_pb2.ListParticipantsRequest(), timeout=1.0
+            )
+            registered = {info.name: info.address for info in response.participants}
+            for name, address in list(pending.items()):
+                if registered.get(name) == address and await _serving(address):
+                    del pending[name]
+            if pending and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"extra participants not ready in {EXTRA_START_TIMEOUT_S:g} s: "
+                    f"{', '.join(sorted(pending))}"
+                )
+            if pending:
+                await asyncio.sleep(POLL_S)
+
+
+async def _serving(address: str) -> bool:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            response = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1.0
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+async def _load_and_check(
+    cluster: Cluster,
+    participants: list[Participant],
+    extra_addresses: dict[str, str],
+    spec: LoadSpec,
+    workload: Workload,
+    processes: Processes,
+    progress: bool,
+    metric_addresses: dict[str, str],
+) -> DtmResult:
+    recorder = _Recorder()
+    samples: list[hooks.Sample] = []
+    scrape_errors: list[str] = []
+
+    async def sample_counters(tally: Tally) -> None:
+        """Scrape every process as the window opens and as it closes (same clock as drive)."""
+        for instant in (tally.window_start, tally.window_end):
+            await asyncio.sleep(max(0.0, instant - time.perf_counter()))
+            before = sum(tally.total.values())
+            try:
+                counters = await hooks.scrape(metric_addresses)
+            except (OSError, ValueError) as error:
+                scrape_errors.append(f"scrape failed: {type(error).__name__}: {error}")
+                return
+            # The scrape takes a few ms under load: count the transactions at its midpoint.
+            samples.append(hooks.Sample((before + sum(tally.total.values())) / 2, counters))
+
+    channels = open_channels(cluster.coordinator_address, spec.clients)
+    try:
+        stubs = [coordinator_pb2_grpc.CoordinatorStub(channel) for channel in channels]
+
+        async def call(client: int, number: int) -> Outcome:
+            order = workload.order(client, number)
+            try:
+                response: coordinator_pb2.SubmitResponse = await channel_of(stubs, client).Submit(
+                    order.request, timeout=SUBMIT_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError as error:
+                recorder.uncertain += 1
+                recorder.unexpected += 1
+                recorder.reasons[f"call failed: {error.code().name}"] += 1
+                return Outcome.ERROR
+            if response.outcome == coordinator_pb2.OUTCOME_COMMITTED:
+                recorder.committed.append(order.order_id)
+                outcome = Outcome.COMMITTED
+            elif response.outcome == coordinator_pb2.OUTCOME_ABORTED:
+                recorder.aborted.append(order.order_id)
+                outcome = Outcome.ABORTED
+            else:
+                recorder.uncertain += 1
+                outcome = Outcome.UNKNOWN
+            if (outcome is Outcome.ABORTED) != order.abort_expected or outcome is Outcome.UNKNOWN:
+                recorder.unexpected += 1
+                recorder.reasons[f"{outcome.value}: {response.reason[:120]}"] += 1
+            return outcome
+
+        tally = await drive(
+            call,
+            spec,
+            label=f"dtm N={len(participants)}",
+            progress=progress,
+            companions=[sample_counters] if metric_addresses else [],
+        )
+    finally:
+        await close_channels(channels)
+    processes.check_alive()
+
+    kinds = workload.kinds
+    started = time.monotonic()
+    primary: dict[str, str] = cluster.service_addresses
+    target_sets = [primary] + [
+        {**primary, participant.kind: extra_addresses[participant.name]}
+        for participant in participants
+        if participant.extra
+    ]
+    snapshots, notes = await _final_states(target_sets)
+    note = "; ".join(notes)
+    settle_s = time.monotonic() - started
+    result = checks.check_all(snapshots, recorder.view(), kinds, note)
+    if len(snapshots) < len(target_sets) and not result.violations:
+        # Part of the state went unchecked: "0 violations" would claim more than was checked.
+        result = InvariantResult(None, result.samples, result.scope, note, result.views)
+    confirmed = (
+        sum(order.state == invariants.CONFIRMED for order in snapshots[0].orders)
+        if snapshots and ORDERS in kinds
+        else None
+    )
+    if len(samples) == 2:
+        costs = hooks.costs(samples[0], samples[1])
+    else:
+        costs = hooks.Costs(note="; ".join(scrape_errors) or "not measured: no scrape")
+    return DtmResult(
+        costs=costs,
+        participants=participants,
+        tally=tally,
+        invariants=result,
+        unexpected=recorder.unexpected,
+        unexpected_reasons=[
+            f"{count} x {reason}" for reason, count in recorder.reasons.most_common(REASONS_KEPT)
+        ],
+        settle_s=round(settle_s, 3),
+        confirmed_orders=confirmed,
+    )
+
+
+async def _final_states(
+    target_sets: list[dict[str, str]],
+) -> tuple[list[invariants.Snapshot], list[str]]:
+    """The settled state seen through each set of targets, and notes on what went wrong."""
+    snapshots: list[invariants.Snapshot] = []
+    notes: list[str] = []
+    for targets in target_sets:
+        try:
+            snapshots.append(
+                await invariants.wait_until_settled(targets, timeout_s=SETTLE_TIMEOUT_S)
+            )
+        except TimeoutError as error:
+            # Not settling is itself a finding: check the state as it is, with the `settled`
+            # rules counting whatever is still reserved or pending as a violation.
+            notes.append(str(error))
+            try:
+                snapshots.append(await invariants.read_snapshot(targets))
+            except grpc.aio.AioRpcError as read_error:
+                notes.append(f"unreadable: {read_error.code().name}: {read_error.details()}")
+        except grpc.aio.AioRpcError as error:
+            # E.g. RESOURCE_EXHAUSTED: the read APIs have no pagination, and a long run's lists
+            # can outgrow one message. Then the state is not checked, and the report says so.
+            notes.append(f"final state unreadable: {error.code().name}: {error.details()}")
+    return snapshots, notes

@@ -1,0 +1,355 @@
+"""The results document of a run, its JSON files, and the summary table.
+
+`build_results` turns measurements into one flat JSON-able dict (the keys `REQUIRED_KEYS`
+lists, plus context); `write_results` stores it as bench/results/latest.json and a copy named
+by its UTC timestamp; `format_table` is what a person reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.baselines import BaselineResult
+from bench.measure import DtmResult
+from bench.procs import PROJECT_ROOT
+from bench.stats import Outcome
+
+RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
+# Names of the timestamped copies: at most one per second, with a bounded suffix on collision.
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+SAME_SECOND_COPIES_MAX = 100
+
+#: Every key a results file has, with the types its value may take (None: not measured).
+REQUIRED_KEYS: Mapping[str, tuple[type, ...]] = {
+    "timestamp": (str,),
+    "participants": (int,),
+    "clients": (int,),
+    "duration_s": (float,),
+    "txn_per_s": (float,),
+    "aborted_per_s": (float,),
+    "p50_ms": (float, type(None)),
+    "p95_ms": (float, type(None)),
+    "p99_ms": (float, type(None)),
+    "max_ms": (float, type(None)),
+    "unary_rpc_per_s": (float, type(None)),
+    "unary_p50_ms": (float, type(None)),
+    "naive_txn_per_s": (float, type(None)),
+    "naive_p50_ms": (float, type(None)),
+    "ratio_vs_unary": (float, type(None)),
+    "ratio_vs_naive": (float, type(None)),
+    "fsyncs_per_txn": (float, type(None)),
+    "messages_per_txn": (float, type(None)),
+    "violations": (int, type(None)),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    participants: int
+    clients: int
+    duration_s: float
+    warmup_s: float
+    baseline_duration_s: float
+    baseline_warmup_s: float
+    abort_ratio: float
+    hot_sku: bool
+    mode: str
+
+
+def environment() -> dict[str, Any]:
+    """Where the figures come from: they only compare within one run on one box."""
+    commit = _git("rev-parse", "HEAD")
+    # --no-optional-locks: status must not refresh (write) the index of a tree others use.
+    status = _git("--no-optional-locks", "status", "--porcelain", "--untracked-files=no")
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return {
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status.strip()),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "event_loop": loop,
+        "argv": sys.argv[1:],
+    }
+
+
+def _git(*args: str) -> str | None:
+    # Read-only git commands; no git (or not a checkout) simply leaves the field null.
+    try:
+        completed = subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def _rate(value: float) -> float:
+    return round(value, 1)
+
+
+def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The targets of design/performance.md that this run's configuration can speak to."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, goal: str, value: float | None, met: bool | None) -> None:
+        found[name] = {"goal": goal, "value": value, "met": met}
+
+    at_target_load = results["clients"] == 64 and results["participants"] == 4
+    if at_target_load and not results["abort_ratio"] and not results["hot_sku"]:
+        txn = results["txn_per_s"]
+        add("throughput", ">= 1000 committed txn/s (64 clients, 4 participants)", txn, txn >= 1000)
+        p99 = results["p99_ms"]
+        add(
+            "p99",
+            "<= 100 ms (64 clients, 4 participants)",
+            p99,
+            None if p99 is None else p99 <= 100,
+        )
+    vs_unary = results["ratio_vs_unary"]
+    if vs_unary is not None:
+        add("ratio_vs_unary", ">= 0.4", vs_unary, vs_unary >= 0.4)
+    vs_naive = results["ratio_vs_naive"]
+    if vs_naive is not None:
+        add("ratio_vs_naive", ">= 4", vs_naive, vs_naive >= 4)
+    p50_ratio = results["p50_vs_unary_p50"]
+    if results["clients"] == 1 and p50_ratio is not None:
+        add("p50_one_client", "p50 <= 2.5 x unary p50 (1 client)", p50_ratio, p50_ratio <= 2.5)
+    return found
+
+
+def build_results(
+    config: RunConfig,
+    dtm: DtmResult,
+    unary: BaselineResult | None,
+    naive: BaselineResult | None,
+    *,
+    now: datetime,
+    context: Mapping[str, Any],
+) -> dict[str, Any]:
+    tally = dtm.tally
+    committed = tally.latency(Outcome.COMMITTED)
+    aborted = tally.latency(Outcome.ABORTED)
+    txn_per_s = _rate(tally.rate(Outcome.COMMITTED))
+    unary_per_s = _rate(unary.per_s) if unary is not None else None
+    naive_per_s = _rate(naive.per_s) if naive is not None else None
+    unary_p50 = unary.latency.p50_ms if unary is not None else None
+    transactions = dtm.transactions_total
+    results: dict[str, Any] = {
+        "timestamp": now.astimezone(UTC).isoformat(timespec="seconds"),
+        "mode": config.mode,
+        "participants": config.participants,
+        "participant_names": [participant.name for participant in dtm.participants],
+        "clients": config.clients,
+        "duration_s": round(tally.window_s, 3),
+        "warmup_s": float(config.warmup_s),
+        "abort_ratio": config.abort_ratio,
+        "hot_sku": config.hot_sku,
+        "txn_per_s": txn_per_s,
+        "aborted_per_s": _rate(tally.rate(Outcome.ABORTED)),
+        "unknown_per_s": _rate(tally.rate(Outcome.UNKNOWN)),
+        "errors_per_s": _rate(tally.rate(Outcome.ERROR)),
+        "committed": tally.counts[Outcome.COMMITTED],
+        "aborted": tally.counts[Outcome.ABORTED],
+        "unknown": tally.counts[Outcome.UNKNOWN],
+        "errors": tally.counts[Outcome.ERROR],
+        "transactions_total": transactions,
+        "p50_ms": committed.p50_ms,
+        "p95_ms": committed.p95_ms,
+        "p99_ms": committed.p99_ms,
+        "max_ms": committed.max_ms,
+        "mean_ms": committed.mean_ms,
+        "aborted_p50_ms": aborted.p50_ms,
+        "aborted_p99_ms": aborted.p99_ms,
+        "unexpected_outcomes": dtm.unexpected,
+        "unexpected_reasons": dtm.unexpected_reasons,
+        "fsyncs_per_txn": dtm.costs.fsyncs_per_txn,
+        "messages_per_txn": dtm.costs.messages_per_txn,
+        "server_counters": dtm.costs.note,
+        "fsyncs_per_txn_by_process": dtm.costs.fsyncs_by_process,
+        "wal_batch_mean_by_process": dtm.costs.wal_batch_mean,
+        "coordinator_messages_per_txn_by_kind": dtm.costs.messages_by_kind,
+        "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
+        "unary_rpc_per_s": unary_per_s,
+        "unary_p50_ms": unary_p50,
+        "unary_p95_ms": unary.latency.p95_ms if unary is not None else None,
+        "unary_p99_ms": unary.latency.p99_ms if unary is not None else None,
+        "unary_max_ms": unary.latency.max_ms if unary is not None else None,
+        "unary_errors": unary.errors if unary is not None else None,
+        "naive_txn_per_s": naive_per_s,
+        "naive_p50_ms": naive.latency.p50_ms if naive is not None else None,
+        "naive_p95_ms": naive.latency.p95_ms if naive is not None else None,
+        "naive_p99_ms": naive.latency.p99_ms if naive is not None else None,
+        "naive_max_ms": naive.latency.max_ms if naive is not None else None,
+        "naive_errors": naive.errors if naive is not None else None,
+        "ratio_vs_unary": ratio(txn_per_s, unary_per_s),
+        "ratio_vs_naive": ratio(txn_per_s, naive_per_s),
+        "p50_vs_unary_p50": ratio(committed.p50_ms, unary_p50),
+        "violations": dtm.invariants.violations,
+        "violation_samples": dtm.invariants.samples,
+        "invariants_scope": dtm.invariants.scope,
+        "invariants_note": dtm.invariants.note,
+        "invariants_views": dtm.invariants.views,
+        "confirmed_orders": dtm.confirmed_orders,
+        "settle_s": dtm.settle_s,
+        **context,
+    }
+    results["targets"] = targets(results)
+    return results
+
+
+def write_results(results: Mapping[str, Any], directory: Path = RESULTS_DIR) -> tuple[Path, Path]:
+    """Write latest.json and <UTC timestamp>.json; both paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(results, indent=2, sort_keys=False) + "\n"
+    stamp = datetime.fromisoformat(str(results["timestamp"])).strftime(TIMESTAMP_FORMAT)
+    copy = directory / f"{stamp}.json"
+    for suffix in range(2, SAME_SECOND_COPIES_MAX + 2):
+        if not copy.exists():
+            break
+        copy = directory / f"{stamp}-{suffix}.json"
+    else:
+        raise FileExistsError(f"{SAME_SECOND_COPIES_MAX} results already named {stamp}")
+    latest = directory / "latest.json"
+    for path in (copy, latest):
+        # Write then rename: a reader (bench.plot, CI) never sees half a file.
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(text)
+        partial.replace(path)
+    return latest, copy
+
+
+def _number(value: float | int | None, unit: str = "", digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}{unit}"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    r = results
+    title = (
+        f"dtm benchmark: {r['participants']} participants, {r['clients']} clients, "
+        f"{r['duration_s']:g} s window after {r['warmup_s']:g} s warmup"
+        f"{', abort ratio ' + format(r['abort_ratio'], 'g') if r['abort_ratio'] else ''}"
+        f"{', one hot SKU' if r['hot_sku'] else ''} ({r['mode']} mode)"
+    )
+    rows: list[tuple[str, str, str, str]] = [
+        ("", "dtm", "naive 2PC", "unary echo"),
+        (
+            "throughput (/s)",
+            _number(r["txn_per_s"]),
+            _number(r["naive_txn_per_s"]),
+            _number(r["unary_rpc_per_s"]),
+        ),
+        ("aborted (/s)", _number(r["aborted_per_s"]), "", ""),
+        *(
+            (
+                f"latency {name} (ms)",
+                _number(r[f"{name}_ms"], digits=2),
+                _number(r[f"naive_{name}_ms"], digits=2),
+                _number(r[f"unary_{name}_ms"], digits=2),
+            )
+            for name in ("p50", "p95", "p99", "max")
+        ),
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    lines = [title, ""]
+    for row in rows:
+        lines.append(
+            "  "
+            + row[0].ljust(widths[0])
+            + "".join(
+                "  " + cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
+            )
+        )
+    lines.append("")
+    target_notes = {name: target for name, target in r["targets"].items()}
+
+    def with_target(name: str, text: str) -> str:
+        target = target_notes.get(name)
+        if target is None:
+            return text
+        verdict = "met" if target["met"] else "NOT met"
+        return f"{text}   (target {target['goal']}: {verdict})"
+
+    hook = r["server_counters"] if r["fsyncs_per_txn"] is None else ""
+    by_process = r.get("fsyncs_per_txn_by_process") or {}
+    fsync_detail = ", ".join(f"{name} {value:g}" for name, value in by_process.items())
+    batches = r.get("wal_batch_mean_by_process") or {}
+    batch_detail = ", ".join(
+        f"{name} {value:g}" for name, value in batches.items() if value is not None
+    )
+    by_kind = r.get("coordinator_messages_per_txn_by_kind") or {}
+    message_detail = ", ".join(f"{kind} {value:g}" for kind, value in by_kind.items())
+    facts = [
+        ("ratio_vs_unary", with_target("ratio_vs_unary", _number(r["ratio_vs_unary"], digits=3))),
+        ("ratio_vs_naive", with_target("ratio_vs_naive", _number(r["ratio_vs_naive"], digits=3))),
+        (
+            "fsyncs per txn",
+            hook or f"{_number(r['fsyncs_per_txn'], digits=2)} ({fsync_detail})",
+        ),
+        (
+            "messages per txn",
+            hook
+            or f"{_number(r['messages_per_txn'], digits=2)} (client 2; coordinator "
+            f"{message_detail or 'none'})",
+        ),
+        (
+            "unexpected outcomes",
+            f"{r['unexpected_outcomes']:,}"
+            + (f" ({'; '.join(r['unexpected_reasons'])})" if r["unexpected_reasons"] else ""),
+        ),
+        ("invariants", _invariants_line(r)),
+    ]
+    if batch_detail:
+        facts.append(("records per fsync", batch_detail))
+    for name in ("throughput", "p99", "p50_one_client"):
+        target = target_notes.get(name)
+        if target is not None:
+            verdict = "met" if target["met"] else "NOT met"
+            facts.append(
+                (f"target {name}", f"{target['goal']}: {_number(target['value'])}, {verdict}")
+            )
+    width = max(len(name) for name, _ in facts)
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in facts]
+    return "\n".join(lines)
+
+
+def _invariants_line(r: Mapping[str, Any]) -> str:
+    violations = r["violations"]
+    if violations is None:
+        text = f"NOT CHECKED: {r['invariants_note']}"
+    else:
+        text = f"{violations:,} violations ({r['invariants_scope']})"
+        if r["invariants_views"] > 1:
+            text += f" over {r['invariants_views']} views (the first instances, then each extra)"
+        if r["confirmed_orders"] is not None:
+            text += f"; {r['confirmed_orders']:,} orders confirmed"
+        if r["invariants_note"]:
+            text += f"; {r['invariants_note']}"
+    for sample in r["violation_samples"]:
+        text += f"\n      - {sample}"
+    return text

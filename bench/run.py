@@ -1,0 +1,269 @@
+"""`make bench`: dtm's throughput and latency against two baselines measured in the same run.
+
+    python -m bench.run [--participants N] [--clients C] [--duration S] [--warmup S]
+                        [--abort-ratio R] [--hot-sku] [--quick | --full] [--no-baselines] ...
+
+In order: (a) a raw unary gRPC echo, (b) a naive 2PC shape (client -> coordinator -> N echo
+participants, nothing logged), then dtm itself (the coordinator and N participants as separate
+processes with durable logs); every one driven by the same C closed-loop clients. Then the
+summary table on stdout, bench/results/latest.json and a timestamped copy. Absolute figures
+drift on shared machines: compare the ratios, which come from one run on one box.
+
+Exit status: 0 when the final state passed the invariant check, 1 when it had violations or
+could not be checked, 2 when the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench import report
+from bench.baselines import BaselineResult, measure_naive, measure_unary
+from bench.harness import LoadSpec
+from bench.measure import DtmResult, measure_dtm
+from bench.report import RunConfig
+from bench.workload import Workload, participants_for
+from dtm import grpc_edge, limits
+
+
+@dataclass(frozen=True)
+class Preset:
+    duration_s: float
+    warmup_s: float
+    baseline_duration_s: float
+    baseline_warmup_s: float
+
+
+# quick: ~30 s in all on a 2-core box (about 4 s to start the cluster, 1-2 s per baseline's
+# servers, 1-2 s to settle and check); full: windows long enough for stable p99s.
+PRESETS = {
+    "quick": Preset(duration_s=8.0, warmup_s=2.0, baseline_duration_s=4.0, baseline_warmup_s=1.0),
+    "full": Preset(duration_s=30.0, warmup_s=5.0, baseline_duration_s=15.0, baseline_warmup_s=3.0),
+}
+DURATION_S_MAX = 3_600.0
+T = TypeVar("T")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= DURATION_S_MAX:
+        raise argparse.ArgumentTypeError(f"must be within [0, {DURATION_S_MAX:g}] s, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark dtm against a unary echo and a naive 2PC, in the same run.",
+    )
+    parser.add_argument(
+        "--participants",
+        type=int,
+        default=4,
+        help=f"branches per transaction, 1..{limits.BRANCHES_PER_TRANSACTION_MAX} (default 4: "
+        "inventory, orders, payment, notification; fewer keeps the first N; more adds extra "
+        "instances of the services, inventory-2, orders-2, ...)",
+    )
+    parser.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick", dest="mode", action="store_const", const="quick", help="~30 s (default)"
+    )
+    mode.add_argument(
+        "--full", dest="mode", action="store_const", const="full", help="longer windows"
+    )
+    parser.set_defaults(mode="quick")
+    parser.add_argument("--duration", type=_seconds, help="measured window of dtm, seconds")
+    parser.add_argument("--warmup", type=_seconds, help="seconds before the window opens")
+    parser.add_argument("--baseline-duration", type=_seconds, help="each baseline's window")
+    parser.add_argument("--baseline-warmup", type=_seconds, help="each baseline's warmup")
+    parser.add_argument(
+        "--abort-ratio",
+        type=_fraction,
+        default=0.0,
+        help="fraction of orders made to abort (declining card, or an empty SKU without "
+        "payment); default 0",
+    )
+    parser.add_argument(
+        "--hot-sku", action="store_true", help="every order on one SKU (contention scenario)"
+    )
+    parser.add_argument("--no-baselines", action="store_true", help="measure dtm only")
+    parser.add_argument(
+        "--results-dir", type=Path, default=report.RESULTS_DIR, help="where the JSON goes"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="servers' data (default: a fresh temporary directory)"
+    )
+    parser.add_argument("--keep-data", action="store_true", help="keep the temporary data dir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="do not scrape the servers' /metrics (fsyncs and messages per txn then n/a)",
+    )
+    options = parser.parse_args(argv)
+    if not 1 <= options.participants <= limits.BRANCHES_PER_TRANSACTION_MAX:
+        parser.error(
+            f"--participants must be 1..{limits.BRANCHES_PER_TRANSACTION_MAX}, "
+            f"got {options.participants}"
+        )
+    if not 1 <= options.clients <= limits.TRANSACTIONS_IN_FLIGHT_MAX:
+        parser.error(
+            f"--clients must be 1..{limits.TRANSACTIONS_IN_FLIGHT_MAX}, got {options.clients}"
+        )
+    if (
+        options.data_dir is not None
+        and options.data_dir.exists()
+        and any(options.data_dir.iterdir())
+    ):
+        # Old logs would be recovered into the run and their orders checked with it.
+        parser.error(f"--data-dir {options.data_dir} is not empty")
+    return options
+
+
+def run_config(options: argparse.Namespace) -> RunConfig:
+    preset = PRESETS[options.mode]
+
+    def pick(value: float | None, default: float) -> float:
+        return default if value is None else value
+
+    duration = pick(options.duration, preset.duration_s)
+    baseline_duration = pick(options.baseline_duration, preset.baseline_duration_s)
+    if duration <= 0 or baseline_duration <= 0:
+        raise SystemExit("durations must be > 0 s")
+    return RunConfig(
+        participants=options.participants,
+        clients=options.clients,
+        duration_s=duration,
+        warmup_s=pick(options.warmup, preset.warmup_s),
+        baseline_duration_s=baseline_duration,
+        baseline_warmup_s=pick(options.baseline_warmup, preset.baseline_warmup_s),
+        abort_ratio=options.abort_ratio,
+        hot_sku=options.hot_sku,
+        mode=options.mode,
+    )
+
+
+@dataclass
+class Measurements:
+    dtm: DtmResult
+    unary: BaselineResult | None
+    naive: BaselineResult | None
+
+
+async def measure(
+    config: RunConfig,
+    *,
+    baselines: bool = True,
+    data_dir: Path | None = None,
+    keep_data: bool = False,
+    progress: bool = True,
+    metrics: bool = True,
+) -> Measurements:
+    """The three measurements, one after the other, each with its own processes stopped before
+    the next starts, so they never share the CPU with one another."""
+    participants = participants_for(config.participants)
+    # Run-unique order ids: two runs never collide, even on a kept data directory.
+    workload = Workload(
+        participants,
+        run_id=f"b{uuid.uuid4().hex[:8]}",
+        abort_ratio=config.abort_ratio,
+        hot_sku=config.hot_sku,
+    )
+    baseline_spec = LoadSpec(config.clients, config.baseline_warmup_s, config.baseline_duration_s)
+    # The baselines carry a real order's bytes, so their payloads match dtm's.
+    payload = workload.order(0, 0).request.SerializeToString()
+    unary = naive = None
+    if baselines:
+        unary = await measure_unary(baseline_spec, payload, progress=progress)
+        naive = await measure_naive(config.participants, baseline_spec, payload, progress=progress)
+    dtm = await measure_dtm(
+        participants,
+        LoadSpec(config.clients, config.warmup_s, config.duration_s),
+        workload,
+        data_dir=data_dir,
+        keep_data=keep_data,
+        progress=progress,
+        metrics=metrics,
+    )
+    return Measurements(dtm=dtm, unary=unary, naive=naive)
+
+
+async def until_stopped(work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it on SIGTERM or SIGINT, so that its `finally` blocks stop
+    every server it started (they run in their own sessions: no signal reaches them)."""
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await task
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def results_of(config: RunConfig, measured: Measurements) -> dict[str, Any]:
+    return report.build_results(
+        config,
+        measured.dtm,
+        measured.unary,
+        measured.naive,
+        now=datetime.now(UTC),
+        context=report.environment(),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(argv)
+    config = run_config(options)
+    # The servers run uvloop when it is installed; so do the clients, for the same reason.
+    grpc_edge.use_fast_event_loop()
+    started = time.monotonic()
+    try:
+        measured = asyncio.run(
+            until_stopped(
+                measure(
+                    config,
+                    baselines=not options.no_baselines,
+                    data_dir=options.data_dir,
+                    keep_data=options.keep_data,
+                    progress=not options.no_progress,
+                    metrics=not options.no_metrics,
+                )
+            )
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted; every process the bench started was stopped", file=sys.stderr)
+        return 2
+    except Exception as error:  # the run failed: say why, in one place, and exit 2
+        print(f"bench failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    results = results_of(config, measured)
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    latest, copy = report.write_results(results, options.results_dir)
+    print(report.format_table(results))
+    print(f"\nresults: {latest} (and {copy.name}); wall time {results['wall_s']:g} s")
+    violations = results["violations"]
+    return 0 if violations == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

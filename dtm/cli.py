@@ -1,0 +1,1031 @@
+"""The `dtm` command: run the servers, submit and inspect transactions, operate participants.
+
+    dtm coordinator [FLAGS]            run the coordinator in the foreground
+    dtm service NAME [FLAGS]           run inventory, orders, payment or notification
+    dtm submit FILE.json               submit a transaction described in JSON
+    dtm txn list [FILTERS]             recent transactions
+    dtm txn show ID                    one transaction, branch by branch
+    dtm txn retry ID                   retry phase 2 of a committing transaction now
+    dtm participants                   the registry, with each participant's health
+    dtm locks                          the locks every participant holds, and who waits
+    dtm branches                       every participant's branches
+    dtm force ID BRANCH ...            heuristic commit/rollback of an in-doubt branch
+    dtm log dump PATH                  every record of a write-ahead log
+    dtm crashpoints                    the named crash points (DTM_CRASH_AT)
+    dtm config                         the configuration in effect
+
+Every command that reads prints a table, or JSON with --json. The coordinator's address is
+--coordinator, else [participant] coordinator of the configuration (file, DTM_CONFIG,
+DTM_PARTICIPANT_COORDINATOR), else 127.0.0.1:50050. The calls are plain blocking gRPC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dtm import cli_format as fmt
+from dtm import config, crashpoints, limits, security
+from dtmpb.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+    shop_pb2,
+)
+
+# ---- exit statuses ----
+EXIT_OK = 0
+#: Something failed: the coordinator or a participant unreachable, a call refused, bad input.
+EXIT_ERROR = 1
+#: The command line is wrong (argparse's own status), or a confirmation is missing.
+EXIT_USAGE = 2
+#: The command worked and the answer is "no": a transaction aborted, a participant unhealthy.
+EXIT_NO = 3
+#: The outcome of a submitted transaction is unknown (see Outcome.OUTCOME_UNKNOWN).
+EXIT_UNKNOWN = 4
+
+DEFAULT_TIMEOUT_S = 5.0
+#: A transaction in doubt this long is "stuck" for `txn list --stuck` even without a retry.
+STUCK_AFTER_S_DEFAULT = 30.0
+IN_DOUBT_STATES = (
+    coordinator_pb2.TRANSACTION_STATE_DECIDING,
+    coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+    coordinator_pb2.TRANSACTION_STATE_UNKNOWN,
+)
+STATE_NAMES = {
+    fmt.state_name(value): value
+    for value in (
+        coordinator_pb2.TRANSACTION_STATE_PREPARING,
+        coordinator_pb2.TRANSACTION_STATE_DECIDING,
+        coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+        coordinator_pb2.TRANSACTION_STATE_ABORTING,
+        coordinator_pb2.TRANSACTION_STATE_ABORTED,
+        coordinator_pb2.TRANSACTION_STATE_UNKNOWN,
+    )
+}
+BRANCH_STATE_NAMES = {
+    fmt.branch_state_name(value): value
+    for value in (
+        participant_pb2.BRANCH_STATE_PREPARING,
+        participant_pb2.BRANCH_STATE_PREPARED,
+        participant_pb2.BRANCH_STATE_COMMITTED,
+        participant_pb2.BRANCH_STATE_ROLLED_BACK,
+        participant_pb2.BRANCH_STATE_REFUSED,
+        participant_pb2.BRANCH_STATE_READ_ONLY,
+    )
+}
+SUBMIT_KEYS = ("transaction_id", "timeout_ms", "branches")
+BRANCH_KEYS = ("participant", "type", "operation")
+#: Make sure the operation types are in the default descriptor pool for `submit`.
+_OPERATION_FILES = (shop_pb2.DESCRIPTOR,)
+
+FORCE_WARNING = """\
+refusing to force without --i-understand.
+
+Forcing a branch is a heuristic decision: the participant commits or rolls back its prepared
+branch on its own, without the coordinator. If the coordinator decided the other way, this
+branch now disagrees with the others and the transaction is no longer atomic (stock taken for
+an order that does not exist, money captured for a cancelled order); the coordinator reports
+the branch as heuristic, and someone has to repair the data by hand.
+
+Do it only when the coordinator is gone for good and its decision cannot be learned. When the
+coordinator is running, the participant learns the outcome by itself (it asks), and
+`dtm txn retry ID` pushes phase 2 now. Check `dtm txn show ID` first.
+
+Re-run with --i-understand to force."""
+
+
+class CliError(Exception):
+    """A failure to report in one line (no traceback), with the exit status to use."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Session:
+    """What every command needs: options, addresses, TLS, channels (closed at the end)."""
+
+    options: argparse.Namespace
+    out: TextIO
+    tls: security.TlsConfig | None
+    channels: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _coordinator_address: str | None = None
+    _coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
+
+    @property
+    def json(self) -> bool:
+        return bool(self.options.json)
+
+    @property
+    def timeout(self) -> float:
+        return float(self.options.timeout)
+
+    @property
+    def coordinator_address(self) -> str:
+        if self._coordinator_address is None:
+            self._coordinator_address = self.options.coordinator or _configured_coordinator(
+                self.options.config
+            )
+        return self._coordinator_address
+
+    def channel(self, address: str, identity: str | None) -> grpc.Channel:
+        return self.channels.enter_context(security.sync_channel(address, self.tls, identity))
+
+    @property
+    def coordinator(self) -> coordinator_pb2_grpc.CoordinatorStub:
+        if self._coordinator is None:
+            identity = security.coordinator_identity(self.tls)
+            channel = self.channel(self.coordinator_address, identity)
+            self._coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+        return self._coordinator
+
+    def call_coordinator(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self.coordinator, method)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise rpc_error(error, "the coordinator", self.coordinator_address, self) from None
+
+    def admin(self, name: str, address: str) -> participant_pb2_grpc.ParticipantAdminStub:
+        return participant_pb2_grpc.ParticipantAdminStub(self.channel(address, name))
+
+
+def _configured_coordinator(path: Path | None) -> str:
+    try:
+        return config.load(path).participant.coordinator
+    except config.ConfigError as error:
+        raise CliError(f"{error} (or pass --coordinator HOST:PORT)") from None
+
+
+def rpc_error(error: grpc.RpcError, what: str, address: str, session: Session) -> CliError:
+    """A CliError saying what failed and what to do about it."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        if what == "the coordinator":
+            hint = (
+                "is it running? try `make up` (or `dtm coordinator`), or point --coordinator at it"
+            )
+        else:
+            hint = "is it running? `dtm participants` shows every participant's health"
+        return CliError(f"cannot reach {what} at {address}: {hint} ({details})")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(
+            f"{what} at {address} did not answer within {session.timeout:g} s "
+            "(try a longer --timeout)"
+        )
+    if code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
+        return CliError(
+            f"{what} at {address} refused the call ({details}); with TLS on, use an operator "
+            "certificate (--tls-ca, --tls-cert, --tls-key)"
+        )
+    name = code.name if code is not None else "error"
+    return CliError(f"{what} at {address} answered {name}: {details}")
+
+
+# ---- transactions ----
+
+
+def cmd_submit(session: Session) -> int:
+    request = load_submission(session.options.file, session)
+    timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
+    # Submit answers once the outcome is known, which the transaction timeout bounds.
+    deadline = timeout_ms / 1000 + session.timeout
+    try:
+        response = session.coordinator.Submit(request, timeout=deadline)
+    except grpc.RpcError as error:
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+            problem = CliError(
+                f"{problem}; transaction {request.transaction_id} may still finish: "
+                f"`dtm txn show {request.transaction_id}`"
+            )
+        raise problem from None
+    outcome = fmt.outcome_name(response.outcome)
+    if session.json:
+        fmt.emit_json(
+            {
+                "transaction_id": response.transaction_id,
+                "outcome": outcome,
+                "reason": response.reason,
+                "branches": [fmt.branch_status_dict(b) for b in response.branches],
+            },
+            session.out,
+        )
+    else:
+        print(f"transaction {response.transaction_id}: {outcome.upper()}", file=session.out)
+        if response.reason:
+            print(f"reason: {response.reason}", file=session.out)
+        _branch_status_table(response.branches, session.out)
+    if response.outcome == coordinator_pb2.OUTCOME_COMMITTED:
+        return EXIT_OK
+    return EXIT_UNKNOWN if response.outcome == coordinator_pb2.OUTCOME_UNKNOWN else EXIT_NO
+
+
+def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitRequest:
+    """The SubmitRequest a JSON file describes; CliError names the first thing wrong."""
+    where = "standard input" if str(path) == "-" else str(path)
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"cannot read {where}: {error}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CliError(f"{where}: not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise CliError(f"{where}: expected a JSON object with {', '.join(SUBMIT_KEYS)}")
+    _check_keys(where, document, SUBMIT_KEYS)
+    transaction_id = document.get("transaction_id") or uuid.uuid4().hex
+    timeout_ms = document.get("timeout_ms", 0)
+    if not isinstance(transaction_id, str):
+        raise CliError(f"{where}: transaction_id must be a string")
+    if (
+        isinstance(timeout_ms, bool)
+        or not isinstance(timeout_ms, int)
+        or not 0 <= timeout_ms <= limits.TRANSACTION_TIMEOUT_MS_MAX
+    ):
+        raise CliError(
+            f"{where}: timeout_ms must be an integer 0..{limits.TRANSACTION_TIMEOUT_MS_MAX} "
+            "(0: the coordinator's default)"
+        )
+    branches = document.get("branches")
+    if not isinstance(branches, list) or not branches:
+        raise CliError(f"{where}: branches must be a non-empty list")
+    request = coordinator_pb2.SubmitRequest(transaction_id=transaction_id, timeout_ms=timeout_ms)
+    for index, branch in enumerate(branches):
+        request.branches.append(_branch_request(f"{where}: branch {index}", branch, session))
+    return request
+
+
+def _check_keys(where: str, document: dict[str, Any], known: Sequence[str]) -> None:
+    for key in document:
+        if key not in known:
+            raise CliError(f"{where}: unknown key {key!r} (expected {', '.join(known)})")
+
+
+def _branch_request(where: str, branch: object, session: Session) -> coordinator_pb2.BranchRequest:
+    if not isinstance(branch, dict):
+        raise CliError(f"{where}: expected an object with {', '.join(BRANCH_KEYS)}")
+    _check_keys(where, branch, BRANCH_KEYS)
+    participant, type_name = branch.get("participant"), branch.get("type")
+    if not isinstance(participant, str) or not participant:
+        raise CliError(f"{where}: participant must be a participant's name")
+    if not isinstance(type_name, str) or not type_name:
+        raise CliError(f"{where}: type must be a message name such as dtm.v1.ReserveStock")
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
+    except KeyError:
+        raise CliError(
+            f"{where}: unknown message type {type_name!r}{_operation_types_hint(session)}"
+        ) from None
+    operation = message_factory.GetMessageClass(descriptor)()
+    try:
+        json_format.ParseDict(branch.get("operation", {}), operation)
+    except json_format.ParseError as error:
+        raise CliError(f"{where} ({participant}): not a valid {type_name}: {error}") from None
+    packed = any_pb2.Any()
+    packed.Pack(operation)
+    return coordinator_pb2.BranchRequest(participant=participant, operation=packed)
+
+
+def _operation_types_hint(session: Session) -> str:
+    """'; inventory takes dtm.v1.ReserveStock, ...' from the registry, if it answers."""
+    try:
+        response = session.coordinator.ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
+        )
+    except grpc.RpcError:
+        return ""
+    takes = [
+        f"{p.name} takes {', '.join(p.capabilities.operation_types) or 'any type'}"
+        for p in response.participants
+    ]
+    return f" ({'; '.join(takes)})" if takes else ""
+
+
+def _branch_status_table(branches: Sequence[coordinator_pb2.BranchStatus], out: TextIO) -> None:
+    fmt.table(
+        ["#", "PARTICIPANT", "VOTE", "ACKED", "ATTEMPTS", "REASON", "LAST ERROR", "HEURISTIC"],
+        [
+            [
+                b.branch,
+                b.participant,
+                fmt.vote_name(b.vote) or "-",
+                "yes" if b.acknowledged else "no",
+                b.phase_two_attempts,
+                fmt.clip(b.reason) or "-",
+                fmt.clip(b.last_error) or "-",
+                b.heuristic or "-",
+            ]
+            for b in branches
+        ],
+        out,
+    )
+
+
+def cmd_txn_list(session: Session) -> int:
+    options = session.options
+    states: list[coordinator_pb2.TransactionState] = []
+    if options.in_doubt or options.stuck:
+        states = list(IN_DOUBT_STATES)
+    for text in options.state or ():
+        for name in text.split(","):
+            if name.strip().lower() not in STATE_NAMES:
+                raise CliError(
+                    f"--state {name!r}: expected one of {', '.join(STATE_NAMES)}", EXIT_USAGE
+                )
+            states.append(STATE_NAMES[name.strip().lower()])
+    response = session.call_coordinator(
+        "ListTransactions",
+        coordinator_pb2.ListTransactionsRequest(states=states, limit=options.limit),
+    )
+    now = fmt.now_ms()
+    found = list(response.transactions)
+    if options.stuck:
+        found = [
+            txn
+            for txn in found
+            if any(b.phase_two_attempts > 0 for b in txn.branches)
+            or fmt.age_s(txn.created_at_unix_ms, now) > options.stuck_after
+        ]
+    if session.json:
+        fmt.emit_json([fmt.transaction_dict(txn, now) for txn in found], session.out)
+        return EXIT_OK
+    if not found:
+        print("no transactions" + (" match" if states else ""), file=session.out)
+        return EXIT_OK
+    fmt.table(
+        ["ID", "STATE", "AGE", "BRANCHES", "P2 ATTEMPTS", "LAST ERROR"],
+        [
+            [
+                txn.transaction_id,
+                fmt.state_name(txn.state),
+                fmt.duration(fmt.age_s(txn.created_at_unix_ms, now)),
+                fmt.branches_summary(txn),
+                sum(b.phase_two_attempts for b in txn.branches),
+                fmt.clip(fmt.last_error(txn)) or "-",
+            ]
+            for txn in found
+        ],
+        session.out,
+    )
+    return EXIT_OK
+
+
+def cmd_txn_show(session: Session) -> int:
+    txn = session.call_coordinator(
+        "GetTransaction", coordinator_pb2.GetTransactionRequest(transaction_id=session.options.id)
+    )
+    _print_transaction(txn, session)
+    return EXIT_OK
+
+
+def _print_transaction(txn: coordinator_pb2.Transaction, session: Session) -> None:
+    now = fmt.now_ms()
+    if session.json:
+        fmt.emit_json(fmt.transaction_dict(txn, now), session.out)
+        return
+    decided = "-"
+    if txn.decided_at_unix_ms:
+        decided = f"{txn.decided_at_unix_ms - txn.created_at_unix_ms} ms after the start"
+    fmt.key_values(
+        {
+            "transaction": txn.transaction_id,
+            "state": fmt.state_name(txn.state),
+            "reason": txn.reason or "-",
+            "age": fmt.duration(fmt.age_s(txn.created_at_unix_ms, now)),
+            "decided": decided,
+            "timeout": f"{txn.timeout_ms} ms",
+        },
+        session.out,
+    )
+    print(file=session.out)
+    _branch_status_table(txn.branches, session.out)
+
+
+def cmd_txn_retry(session: Session) -> int:
+    txn = session.call_coordinator(
+        "RetryTransaction",
+        coordinator_pb2.RetryTransactionRequest(transaction_id=session.options.id),
+    )
+    if session.json:
+        fmt.emit_json(fmt.transaction_dict(txn), session.out)
+        return EXIT_OK
+    state = fmt.state_name(txn.state)
+    if txn.state != coordinator_pb2.TRANSACTION_STATE_COMMITTING:
+        print(
+            f"transaction {txn.transaction_id} is {state}: nothing to retry (only the phase 2 "
+            "of a committing transaction is retried)",
+            file=session.out,
+        )
+        return EXIT_OK
+    waiting = [
+        b.participant
+        for b in txn.branches
+        if b.vote == coordinator_pb2.VOTE_PREPARED and not b.acknowledged
+    ]
+    print(
+        f"transaction {txn.transaction_id}: phase 2 sent again to "
+        f"{', '.join(waiting) or 'nobody'}; follow it with `dtm txn show {txn.transaction_id}`",
+        file=session.out,
+    )
+    return EXIT_OK
+
+
+# ---- participants ----
+
+
+def _registry(session: Session) -> list[coordinator_pb2.ParticipantInfo]:
+    response = session.call_coordinator(
+        "ListParticipants", coordinator_pb2.ListParticipantsRequest()
+    )
+    return list(response.participants)
+
+
+def _targets(session: Session) -> list[tuple[str, str]]:
+    """(name, address) of the participants to ask: --address, else the registry (filtered by
+    --participant)."""
+    options = session.options
+    if options.address:
+        return [(options.participant or options.address, options.address)]
+    registry = _registry(session)
+    if options.participant:
+        registry = [p for p in registry if p.name == options.participant]
+        if not registry:
+            raise CliError(
+                f"participant {options.participant!r} is not registered with the coordinator "
+                f"at {session.coordinator_address} (`dtm participants` lists them; --address "
+                "HOST:PORT reaches a participant directly)"
+            )
+    return [(p.name, p.address) for p in registry]
+
+
+def _ask_all(
+    session: Session, call: Callable[[participant_pb2_grpc.ParticipantAdminStub], Any]
+) -> Iterator[tuple[str, Any]]:
+    """Call every target participant at once (futures); yields (name, response) in order.
+    A participant that fails is reported on stderr; the command then exits with EXIT_ERROR."""
+    pending = [
+        (name, address, call(session.admin(name, address))) for name, address in _targets(session)
+    ]
+    for name, address, future in pending:
+        try:
+            yield name, future.result()
+        except grpc.RpcError as error:
+            problem = rpc_error(error, f"participant {name}", address, session)
+            print(f"dtm: {problem}", file=sys.stderr)
+            session.options.failures += 1
+
+
+def cmd_participants(session: Session) -> int:
+    registry = _registry(session)
+    probes = []
+    for info in registry:
+        stub = health_pb2_grpc.HealthStub(session.channel(info.address, info.name))
+        probes.append(
+            stub.Check.future(health_pb2.HealthCheckRequest(service=""), timeout=session.timeout)
+        )
+    rows: list[dict[str, Any]] = []
+    for info, probe in zip(registry, probes, strict=True):
+        try:
+            health = health_pb2.HealthCheckResponse.ServingStatus.Name(probe.result().status)
+        except grpc.RpcError as error:
+            code = error.code().name if isinstance(error, grpc.Call) else "error"
+            health = f"UNREACHABLE ({code})"
+        rows.append(
+            {
+                "name": info.name,
+                "address": info.address,
+                "health": health,
+                "one_phase": info.capabilities.one_phase,
+                "batch": info.capabilities.batch,
+                "operation_types": list(info.capabilities.operation_types),
+                "registered_at_unix_ms": info.registered_at_unix_ms,
+            }
+        )
+    healthy = all(row["health"] == "SERVING" for row in rows)
+    if session.json:
+        fmt.emit_json(rows, session.out)
+    elif not rows:
+        print(
+            f"no participants registered with the coordinator at {session.coordinator_address}",
+            file=session.out,
+        )
+    else:
+        fmt.table(
+            ["NAME", "ADDRESS", "HEALTH", "CAPABILITIES", "OPERATION TYPES", "REGISTERED"],
+            [
+                [
+                    row["name"],
+                    row["address"],
+                    row["health"],
+                    ",".join(c for c in ("one_phase", "batch") if row[c]) or "-",
+                    ", ".join(row["operation_types"]) or "any",
+                    fmt.duration(fmt.age_s(row["registered_at_unix_ms"])) + " ago",
+                ]
+                for row in rows
+            ],
+            session.out,
+        )
+    return EXIT_OK if healthy else EXIT_NO
+
+
+def cmd_locks(session: Session) -> int:
+    found = [
+        (name, lock)
+        for name, response in _ask_all(
+            session,
+            lambda admin: admin.ListLocks.future(
+                participant_pb2.ListLocksRequest(), timeout=session.timeout
+            ),
+        )
+        for lock in response.locks
+    ]
+    if session.json:
+        fmt.emit_json([fmt.lock_dict(name, lock) for name, lock in found], session.out)
+    elif not found:
+        print("no locks held", file=session.out)
+    else:
+        fmt.table(
+            ["PARTICIPANT", "RESOURCE", "MODE", "HOLDERS", "HELD FOR", "WAITERS"],
+            [
+                [
+                    name,
+                    lock.resource,
+                    lock.mode,
+                    ", ".join(lock.holders),
+                    fmt.duration(fmt.age_s(lock.held_since_unix_ms)),
+                    ", ".join(lock.waiters) or "-",
+                ]
+                for name, lock in found
+            ],
+            session.out,
+        )
+    return EXIT_ERROR if session.options.failures else EXIT_OK
+
+
+def cmd_branches(session: Session) -> int:
+    options = session.options
+    states = [participant_pb2.BRANCH_STATE_PREPARED] if options.in_doubt else []
+    for name in options.state or ():
+        if name.lower() not in BRANCH_STATE_NAMES:
+            raise CliError(
+                f"--state {name!r}: expected one of {', '.join(BRANCH_STATE_NAMES)}", EXIT_USAGE
+            )
+        states.append(BRANCH_STATE_NAMES[name.lower()])
+    request = participant_pb2.ListBranchesRequest(states=states)
+    found = [
+        (name, info)
+        for name, response in _ask_all(
+            session, lambda admin: admin.ListBranches.future(request, timeout=session.timeout)
+        )
+        # The participant lists oldest first; keep the newest `limit` of each.
+        for info in list(response.branches)[-options.limit :]
+    ]
+    if session.json:
+        fmt.emit_json([fmt.branch_info_dict(name, info) for name, info in found], session.out)
+    elif not found:
+        print("no branches" + (" match" if states else ""), file=session.out)
+    else:
+        fmt.table(
+            ["PARTICIPANT", "TRANSACTION", "BRANCH", "STATE", "AGE", "REASON", "HEURISTIC"],
+            [
+                [
+                    name,
+                    info.transaction_id,
+                    info.branch,
+                    fmt.branch_state_name(info.state),
+                    fmt.duration(fmt.age_s(info.updated_at_unix_ms)),
+                    fmt.clip(info.reason) or "-",
+                    info.heuristic or "-",
+                ]
+                for name, info in found
+            ],
+            session.out,
+        )
+    return EXIT_ERROR if options.failures else EXIT_OK
+
+
+def cmd_force(session: Session) -> int:
+    options = session.options
+    if not options.i_understand:
+        print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
+        return EXIT_USAGE
+    if not options.participant and not options.address:
+        raise CliError("say which participant: --participant NAME or --address HOST:PORT")
+    _refuse_contradiction(session)
+    try:
+        name, address = _targets(session)[0]
+    except CliError as error:
+        raise CliError(
+            f"{error}; to force without the coordinator, give the participant's --address"
+        ) from None
+    request = participant_pb2.ForceOutcomeRequest(
+        transaction_id=options.id,
+        branch=options.branch,
+        commit=options.commit,
+        i_understand_this_is_heuristic=True,
+    )
+    try:
+        response = session.admin(name, address).ForceOutcome(request, timeout=session.timeout)
+    except grpc.RpcError as error:
+        raise rpc_error(error, f"participant {name}", address, session) from None
+    if session.json:
+        fmt.emit_json(fmt.branch_info_dict(name, response.branch), session.out)
+    else:
+        info = response.branch
+        print(
+            f"{name}: branch {info.transaction_id}/{info.branch} forced to "
+            f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})",
+            file=session.out,
+        )
+    return EXIT_OK
+
+
+def _refuse_contradiction(session: Session) -> None:
+    """Refuse to force against a decision the coordinator knows: that breaks atomicity for
+    certain, and the decision can simply be delivered instead (`dtm txn retry`). A coordinator
+    that does not answer, or does not know the transaction, is no reason to stop."""
+    options = session.options
+    try:
+        txn = session.coordinator.GetTransaction(
+            coordinator_pb2.GetTransactionRequest(transaction_id=options.id),
+            timeout=session.timeout,
+        )
+    except grpc.RpcError:
+        return
+    committed = txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+    )
+    aborted = txn.state == coordinator_pb2.TRANSACTION_STATE_ABORTED
+    if (committed and not options.commit) or (aborted and options.commit):
+        decision = "commit" if committed else "abort"
+        raise CliError(
+            f"the coordinator at {session.coordinator_address} decided {decision} for "
+            f"{options.id}: forcing {'commit' if options.commit else 'rollback'} would break "
+            f"atomicity. Deliver the decision instead: `dtm txn retry {options.id}`"
+        )
+
+
+# ---- local tools ----
+
+
+def cmd_log_dump(session: Session) -> int:
+    from dtm import wal
+
+    path: Path = session.options.path
+    if not path.exists():
+        raise CliError(
+            f"{path} does not exist; a log is a directory DATA_DIR/<process>/wal, e.g. "
+            ".dtm-data/coordinator/wal or .dtm-data/inventory/wal"
+        )
+    if path.is_dir() and not any(p.suffix == ".wal" for p in path.iterdir()):
+        logs = sorted(str(p.parent) for p in path.glob("*/wal/*.wal"))
+        if (path / "wal").is_dir():
+            path = path / "wal"
+        elif logs:
+            unique = sorted(set(logs))
+            raise CliError(f"{path} holds no log segments; it has logs at: {', '.join(unique)}")
+    try:
+        lines = list(wal.dump(path))
+    except OSError as error:
+        raise CliError(f"cannot read {path}: {error}") from None
+    corrupted = any(line.startswith("CORRUPTED") for line in lines)
+    if session.json:
+        fmt.emit_json({"path": str(path), "lines": lines, "corrupted": corrupted}, session.out)
+    else:
+        for line in lines:
+            print(line, file=session.out)
+    return EXIT_ERROR if corrupted else EXIT_OK
+
+
+def cmd_crashpoints(session: Session) -> int:
+    if session.json:
+        fmt.emit_json(dict(crashpoints.POINTS), session.out)
+        return EXIT_OK
+    fmt.table(["CRASH POINT", "WHERE"], list(crashpoints.POINTS.items()), session.out)
+    print(
+        f"\narm one with {crashpoints.ENVIRONMENT_VARIABLE}=<point> (die at its first hit) or "
+        f"{crashpoints.ENVIRONMENT_VARIABLE}=<point>@<n> (at its n-th)",
+        file=session.out,
+    )
+    return EXIT_OK
+
+
+def cmd_config(session: Session) -> int:
+    try:
+        settings = config.load(session.options.config)
+    except config.ConfigError as error:
+        raise CliError(str(error)) from None
+    document = settings.as_dict()
+    if session.json:
+        fmt.emit_json(document, session.out)
+        return EXIT_OK
+    source = settings.source or "none (built-in defaults and DTM_* variables)"
+    print(f"# configuration in effect; file: {source}", file=session.out)
+    for section, values in document.items():
+        print(f"\n[{section}]", file=session.out)
+        for key, value in values.items():
+            print(f"{key} = {json.dumps(value)}", file=session.out)
+    return EXIT_OK
+
+
+def run_server(options: argparse.Namespace, extra: list[str]) -> int:
+    """`dtm coordinator` / `dtm service NAME`: the process's own main, in the foreground."""
+    args = list(extra)
+    if options.config is not None:
+        args = ["--config", str(options.config), *args]
+    if options.command == "coordinator":
+        from dtm.coordinator.server import main as server_main
+    else:
+        if options.name is None:
+            raise CliError(f"which service? one of {', '.join(config.SERVICES)}", EXIT_USAGE)
+        import importlib
+
+        module = importlib.import_module(f"participants.services.{options.name}")
+        server_main = module.main
+    try:
+        server_main(args)
+    except SystemExit as done:  # --help, or a usage error the server's parser reported
+        return done.code if isinstance(done.code, int) else EXIT_ERROR
+    except OSError as error:  # a port in use, an unreadable data directory...
+        raise CliError(str(error)) from None
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+# ---- the command line ----
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dtm",
+        description="Operate dtm: run the servers, submit and inspect transactions, look at\n"
+        "participants' locks and branches. `dtm COMMAND --help` for each command.",
+        epilog="exit status: 0 ok; 1 error (unreachable, refused, bad input); 2 usage;\n"
+        "  3 the answer is no (transaction aborted, participant unhealthy); 4 outcome unknown",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="the coordinator (default: [participant] coordinator of the configuration, "
+        "DTM_PARTICIPANT_COORDINATOR, else 127.0.0.1:50050)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="TOML configuration file (default: $DTM_CONFIG); also passed to "
+        "`dtm coordinator` and `dtm service`",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    # The client side of dtm.security: the certificate to call with (an operator's, since
+    # the admin calls need one). Its --authz-* flags are server policy, so they are not here.
+    tls = parser.add_argument_group("TLS", "mutual TLS, when the servers use it")
+    tls.add_argument("--tls-ca", type=Path, metavar="PATH", help="CA certificate (DTM_TLS_CA)")
+    tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="certificate (DTM_TLS_CERT)")
+    tls.add_argument("--tls-key", type=Path, metavar="PATH", help="private key (DTM_TLS_KEY)")
+    # --json is accepted after the command too; SUPPRESS keeps the global one otherwise.
+    as_json = _Parser(add_help=False)
+    as_json.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    commands.add_parser(
+        "coordinator",
+        add_help=False,
+        help="run the coordinator in the foreground (`dtm coordinator --help` for its flags)",
+    )
+    service = commands.add_parser(
+        "service",
+        add_help=False,
+        help="run one service in the foreground (`dtm service NAME --help` for its flags)",
+    )
+    service.add_argument("name", nargs="?", choices=config.SERVICES, metavar="NAME")
+
+    submit = commands.add_parser(
+        "submit",
+        parents=[as_json],
+        help="submit a transaction described in JSON",
+        description='FILE: {"transaction_id": "...", "timeout_ms": 5000, "branches": '
+        '[{"participant": "inventory", "type": "dtm.v1.ReserveStock", "operation": '
+        '{"lines": [{"sku": "sku-apple", "quantity": 1}]}}]}. transaction_id and timeout_ms '
+        "are optional (an id is generated, so that the transaction can be looked up). "
+        "Exit status 0 committed, 3 aborted, 4 unknown.",
+    )
+    submit.add_argument("file", type=Path, metavar="FILE", help="the JSON file, or - for stdin")
+    submit.set_defaults(handler=cmd_submit)
+
+    txn = commands.add_parser("txn", help="list, show or retry transactions")
+    txn_commands = txn.add_subparsers(dest="txn_command", metavar="COMMAND", required=True)
+    txn_list = txn_commands.add_parser(
+        "list",
+        parents=[as_json],
+        help="recent transactions, newest first",
+        description="In doubt: deciding, committing or unknown (a participant may not know "
+        "the outcome yet). Stuck: in doubt and retried in phase 2, or older than "
+        "--stuck-after.",
+    )
+    which = txn_list.add_mutually_exclusive_group()
+    which.add_argument(
+        "--state",
+        action="append",
+        metavar="STATE",
+        help=f"only these states (repeat or comma-separate): {', '.join(STATE_NAMES)}",
+    )
+    which.add_argument("--in-doubt", action="store_true", help="deciding, committing or unknown")
+    which.add_argument("--stuck", action="store_true", help="in doubt and retried, or old")
+    txn_list.add_argument(
+        "--stuck-after",
+        type=float,
+        default=STUCK_AFTER_S_DEFAULT,
+        metavar="SECONDS",
+        help="age after which an in-doubt transaction is stuck "
+        f"(default {STUCK_AFTER_S_DEFAULT:g})",
+    )
+    txn_list.add_argument(
+        "--limit",
+        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
+        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+        metavar="N",
+        help=f"at most N (default {limits.LIST_TRANSACTIONS_LIMIT_DEFAULT}, "
+        f"at most {limits.LIST_TRANSACTIONS_LIMIT_MAX})",
+    )
+    txn_list.set_defaults(handler=cmd_txn_list)
+    txn_show = txn_commands.add_parser("show", parents=[as_json], help="one transaction")
+    txn_show.add_argument("id", metavar="ID")
+    txn_show.set_defaults(handler=cmd_txn_show)
+    txn_retry = txn_commands.add_parser(
+        "retry",
+        parents=[as_json],
+        help="retry phase 2 of a committing transaction now (skip the backoff)",
+    )
+    txn_retry.add_argument("id", metavar="ID")
+    txn_retry.set_defaults(handler=cmd_txn_retry)
+
+    participants = commands.add_parser(
+        "participants",
+        parents=[as_json],
+        help="the registry, with each participant's health",
+        description="Exit status 3 when a participant is not SERVING.",
+    )
+    participants.set_defaults(handler=cmd_participants)
+
+    target = _Parser(add_help=False)
+    target.add_argument("--participant", metavar="NAME", help="only this participant")
+    target.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="ask the participant at this address directly, without the coordinator",
+    )
+    locks = commands.add_parser(
+        "locks", parents=[as_json, target], help="locks held and waited for, per participant"
+    )
+    locks.set_defaults(handler=cmd_locks)
+    branches = commands.add_parser(
+        "branches", parents=[as_json, target], help="every participant's branches"
+    )
+    branch_filter = branches.add_mutually_exclusive_group()
+    branch_filter.add_argument(
+        "--in-doubt", action="store_true", help="only prepared branches waiting for a decision"
+    )
+    branch_filter.add_argument(
+        "--state",
+        action="append",
+        metavar="STATE",
+        help=f"only these states (repeatable): {', '.join(BRANCH_STATE_NAMES)}",
+    )
+    branches.add_argument(
+        "--limit",
+        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
+        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+        metavar="N",
+        help="the newest N per participant",
+    )
+    branches.set_defaults(handler=cmd_branches)
+
+    force = commands.add_parser(
+        "force",
+        parents=[as_json, target],
+        help="heuristically commit or roll back an in-doubt branch (dangerous)",
+        description=FORCE_WARNING.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    force.add_argument("id", metavar="ID", help="the transaction")
+    force.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
+    decision = force.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--commit", action="store_true", dest="commit", default=None)
+    decision.add_argument("--rollback", action="store_false", dest="commit")
+    force.add_argument(
+        "--i-understand", action="store_true", help="confirm: this may break atomicity"
+    )
+    force.set_defaults(handler=cmd_force)
+
+    log = commands.add_parser("log", help="write-ahead log tools")
+    log_commands = log.add_subparsers(dest="log_command", metavar="COMMAND", required=True)
+    dump = log_commands.add_parser(
+        "dump",
+        parents=[as_json],
+        help="print every record of a log (read-only)",
+        description="Exit status 1 when the log is corrupted.",
+    )
+    dump.add_argument(
+        "path",
+        type=Path,
+        metavar="PATH",
+        help="a log directory (DATA_DIR/<process>/wal) or segment",
+    )
+    dump.set_defaults(handler=cmd_log_dump)
+
+    crash = commands.add_parser("crashpoints", parents=[as_json], help="list the crash points")
+    crash.set_defaults(handler=cmd_crashpoints)
+    show_config = commands.add_parser(
+        "config",
+        parents=[as_json],
+        help="print the configuration in effect (file, DTM_* variables, defaults)",
+    )
+    show_config.set_defaults(handler=cmd_config)
+    return parser
+
+
+def _bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range {minimum}..{maximum}")
+        return value
+
+    return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `dtm` console script. Returns the exit status (see EXIT_*)."""
+    parser = build_parser()
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        options, extra = parser.parse_known_args(arguments)
+    except SystemExit as done:  # --help, or a usage error already printed
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    try:
+        if options.command in ("coordinator", "service"):
+            # Everything after the command is the server's own command line.
+            return run_server(options, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            tls = security.from_options(options)
+        except ValueError as error:
+            raise CliError(str(error), EXIT_USAGE) from None
+        options.failures = 0
+        session = Session(options, sys.stdout, tls)
+        with session.channels:
+            status: int = options.handler(session)
+            return status
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else EXIT_USAGE
+    except CliError as error:
+        print(f"dtm: error: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

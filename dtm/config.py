@@ -1,0 +1,571 @@
+"""One configuration model for every dtm process: the coordinator, the four services, the CLI.
+
+Where a setting comes from, lowest precedence first:
+
+1. the built-in defaults below (``dtm.example.toml`` at the repository root spells them out);
+2. a TOML file: ``--config PATH``, else the path in ``$DTM_CONFIG``; no file is read otherwise
+   (never implicitly from the working directory, so a stray file cannot change a test run);
+3. environment variables ``DTM_<SECTION>_<KEY>``, e.g. ``DTM_COORDINATOR_LISTEN``;
+4. command-line flags: every key has one (``lock_wait_ms`` -> ``--lock-wait-ms``).
+
+Sections: ``[coordinator]``, ``[participant]`` (what the four services share), one section per
+service (``[inventory]``, ``[orders]``, ``[payment]``, ``[notification]``: same keys as
+``[participant]``, overriding it for that service), and ``[log]``. Within each layer a
+service's own section wins over ``[participant]``; across layers the higher layer wins, so
+``DTM_PARTICIPANT_LOCK_WAIT_MS`` beats ``[inventory] lock_wait_ms`` from the file.
+
+Everything is validated when a process starts: an unknown section or key (in the file or in a
+``DTM_<SECTION>_*`` variable) is an error naming it and where it was found, and a value of the
+wrong type or out of range is an error naming the key, the value and what is allowed.
+Relative paths (``data_dir``, ``initial``) are relative to the working directory, as flags are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dtm import limits
+
+#: Environment variable naming the configuration file when --config is not given.
+CONFIG_ENVIRONMENT_VARIABLE = "DTM_CONFIG"
+ENVIRONMENT_PREFIX = "DTM_"
+
+COORDINATOR = "coordinator"
+PARTICIPANT = "participant"
+LOG = "log"
+#: The four order-flow services, each with its own section.
+SERVICES = ("inventory", "orders", "payment", "notification")
+SECTIONS = (COORDINATOR, PARTICIPANT, *SERVICES, LOG)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: The largest value of every *_ms setting: the longest transaction timeout there is.
+MS_MAX = limits.TRANSACTION_TIMEOUT_MS_MAX
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key, where, and why."""
+
+
+# ---- value kinds: how a raw value (TOML, environment text or flag text) becomes a setting ----
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Parses one raw value; returns the setting or raises ValueError saying what is allowed."""
+
+    parse: Callable[[object, bool], object]
+    #: Shown in --help next to the flag.
+    metavar: str
+
+
+def _text(raw: object, what: str) -> str:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected {what}, got {type(raw).__name__}")
+    return raw
+
+
+def _address(raw: object, port_min: int, optional: bool) -> str:
+    allowed = f"host:port with port {port_min}..65535"
+    if optional:
+        allowed += ', or "" to turn it off'
+    text = _text(raw, allowed)
+    if optional and text == "":
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not port_min <= int(port) <= 65535:
+        raise ValueError(f"expected {allowed}")
+    if len(text) > limits.ADDRESS_LENGTH_MAX:
+        raise ValueError(f"expected at most {limits.ADDRESS_LENGTH_MAX} characters")
+    return text
+
+
+def integer(minimum: int, maximum: int) -> Kind:
+    def parse(raw: object, from_text: bool) -> int:
+        allowed = f"an integer between {minimum} and {maximum}"
+        if from_text and isinstance(raw, str):
+            try:
+                raw = int(raw.strip())
+            except ValueError:
+                raise ValueError(f"expected {allowed}") from None
+        # bool is an int in Python; `true` is not a number of milliseconds.
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ValueError(f"expected {allowed}")
+        if not minimum <= raw <= maximum:
+            raise ValueError(f"out of range: allowed {minimum}..{maximum}")
+        return raw
+
+    return Kind(parse, "N")
+
+
+def _boolean(raw: object, from_text: bool) -> bool:
+    if from_text and isinstance(raw, str):
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    if not isinstance(raw, bool):
+        raise ValueError("expected true or false")
+    return raw
+
+
+def _path(raw: object, from_text: bool) -> Path:
+    text = _text(raw, "a path (a string)")
+    if not text:
+        raise ValueError("expected a path, got an empty string")
+    return Path(text)
+
+
+def _optional_path(raw: object, from_text: bool) -> Path | None:
+    text = _text(raw, 'a path (a string), or "" for none')
+    return Path(text) if text else None
+
+
+def _level(raw: object, from_text: bool) -> str:
+    allowed = f"one of {', '.join(LOG_LEVELS)}"
+    text = _text(raw, allowed).strip().upper()
+    if text not in LOG_LEVELS:
+        raise ValueError(f"expected {allowed}")
+    return text
+
+
+ADDRESS = Kind(lambda raw, _: _address(raw, 1, optional=False), "HOST:PORT")
+#: A bind address: port 0 asks the kernel for a free port.
+LISTEN = Kind(lambda raw, _: _address(raw, 0, optional=False), "HOST:PORT")
+OPTIONAL_ADDRESS = Kind(lambda raw, _: _address(raw, 1, optional=True), "HOST:PORT")
+OPTIONAL_LISTEN = Kind(lambda raw, _: _address(raw, 0, optional=True), "HOST:PORT")
+BOOLEAN = Kind(_boolean, "")
+PATH = Kind(_path, "PATH")
+OPTIONAL_PATH = Kind(_optional_path, "PATH")
+LEVEL = Kind(_level, "LEVEL")
+
+
+def about(kind: Kind, help: str) -> dict[str, object]:
+    """A settings field's metadata: how to parse it and the help text of its flag."""
+    return {"kind": kind, "help": help}
+
+
+# ---- the settings of each section ----
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    listen: str = field(
+        default="127.0.0.1:50050", metadata=about(LISTEN, "host:port to serve gRPC on")
+    )
+    data_dir: Path = field(
+        default=Path(".dtm-data"),
+        metadata=about(PATH, "directory of the logs of record (DIR/coordinator/wal)"),
+    )
+    prepare_timeout_ms: int = field(
+        default=limits.PREPARE_TIMEOUT_MS_DEFAULT,
+        metadata=about(integer(1, MS_MAX), "deadline of each Prepare call"),
+    )
+    transaction_timeout_ms: int = field(
+        default=limits.TRANSACTION_TIMEOUT_MS_DEFAULT,
+        metadata=about(
+            integer(1, MS_MAX),
+            "default global timeout of a transaction (Submit.timeout_ms overrides it)",
+        ),
+    )
+    metrics_listen: str = field(
+        default="",
+        metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
+    )
+
+
+@dataclass(frozen=True)
+class ParticipantSettings:
+    listen: str = field(
+        default="127.0.0.1:0", metadata=about(LISTEN, "host:port to serve gRPC on (port 0: any)")
+    )
+    advertise: str = field(
+        default="",
+        metadata=about(
+            OPTIONAL_ADDRESS, 'address the coordinator dials; "" = the bound listen address'
+        ),
+    )
+    coordinator: str = field(
+        default="127.0.0.1:50050",
+        metadata=about(ADDRESS, "the coordinator's address (also `dtm`'s default)"),
+    )
+    data_dir: Path = field(
+        default=Path(".dtm-data"),
+        metadata=about(PATH, "directory of the logs of record (DIR/<service>/wal)"),
+    )
+    lock_wait_ms: int = field(
+        default=500, metadata=about(integer(1, MS_MAX), "longest wait for a lock")
+    )
+    lease_unvoted_ms: int = field(
+        default=5_000,
+        metadata=about(integer(1, MS_MAX), "an unvoted branch holding locks longer is aborted"),
+    )
+    in_doubt_after_ms: int = field(
+        default=2_000,
+        metadata=about(integer(0, MS_MAX), "a prepared branch waiting longer asks the coordinator"),
+    )
+    test_control: bool = field(
+        default=False, metadata=about(BOOLEAN, "allow the fault-injection RPC (tests only)")
+    )
+    metrics_listen: str = field(
+        default="",
+        metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
+    )
+    initial: Path | None = field(
+        default=None,
+        metadata=about(OPTIONAL_PATH, 'initial stock and accounts JSON; "" = the built-in catalog'),
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = field(
+        default="INFO", metadata=about(LEVEL, "log level: DEBUG, INFO, WARNING or ERROR")
+    )
+
+
+#: Defaults that differ per service: the well-known ports of `dtm.cluster` (50051..50054), so
+#: that `dtm service inventory` lands where `make up` would put it.
+SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "inventory": {"listen": "127.0.0.1:50051"},
+    "orders": {"listen": "127.0.0.1:50052"},
+    "payment": {"listen": "127.0.0.1:50053"},
+    "notification": {"listen": "127.0.0.1:50054"},
+}
+
+
+def _service_default(name: str) -> ParticipantSettings:
+    return ParticipantSettings(**SERVICE_DEFAULTS[name])
+
+
+SECTION_TYPES: dict[str, type[Any]] = {
+    COORDINATOR: CoordinatorSettings,
+    PARTICIPANT: ParticipantSettings,
+    **dict.fromkeys(SERVICES, ParticipantSettings),
+    LOG: LogSettings,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; each service's settings are already merged with [participant]."""
+
+    coordinator: CoordinatorSettings = field(default_factory=CoordinatorSettings)
+    #: [participant] alone: what a service that has no section of its own gets.
+    participant: ParticipantSettings = field(default_factory=ParticipantSettings)
+    inventory: ParticipantSettings = field(default_factory=lambda: _service_default("inventory"))
+    orders: ParticipantSettings = field(default_factory=lambda: _service_default("orders"))
+    payment: ParticipantSettings = field(default_factory=lambda: _service_default("payment"))
+    notification: ParticipantSettings = field(
+        default_factory=lambda: _service_default("notification")
+    )
+    log: LogSettings = field(default_factory=LogSettings)
+    #: The file read, if any (not part of equality: two sources can say the same thing).
+    source: Path | None = field(default=None, compare=False)
+
+    def service(self, name: str) -> ParticipantSettings:
+        """A service's settings; a service without a section of its own gets [participant]."""
+        if name in SERVICES:
+            settings: ParticipantSettings = getattr(self, name)
+            return settings
+        return self.participant
+
+    def as_dict(self) -> dict[str, dict[str, object]]:
+        """Section -> key -> value, with the values as a TOML file would spell them."""
+        return {
+            section: {
+                f.name: _spell(getattr(getattr(self, section), f.name))
+                for f in dataclasses.fields(getattr(self, section))
+            }
+            for section in SECTIONS
+        }
+
+
+def _spell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def keys(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTION_TYPES[section])]
+
+
+def _field(section: str, key: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(SECTION_TYPES[section]) if f.name == key)
+
+
+def default_of(section: str, key: str) -> object:
+    if section in SERVICE_DEFAULTS and key in SERVICE_DEFAULTS[section]:
+        return SERVICE_DEFAULTS[section][key]
+    return _field(section, key).default
+
+
+def environment_variable(section: str, key: str) -> str:
+    return f"{ENVIRONMENT_PREFIX}{section.upper()}_{key.upper()}"
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# ---- the three layers ----
+
+Layer = dict[str, dict[str, object]]
+
+
+def _parse(section: str, key: str, raw: object, from_text: bool) -> object:
+    kind: Kind = _field(section, key).metadata["kind"]
+    return kind.parse(raw, from_text)
+
+
+def _read_file(path: Path) -> Layer:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {path} does not exist (given by --config or "
+            f"${CONFIG_ENVIRONMENT_VARIABLE}); see dtm.example.toml for a complete example"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from None
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    layer: Layer = {}
+    for section, table in document.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{path}: unknown section [{section}]{_suggest(section, SECTIONS)} "
+                f"(sections: {', '.join(f'[{s}]' for s in SECTIONS)})"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section!r} must be a section [{section}], not a value")
+        known = keys(section)
+        values: dict[str, object] = {}
+        for key, raw in table.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)} "
+                    f"(known keys: {', '.join(known)})"
+                )
+            try:
+                values[key] = _parse(section, key, raw, from_text=False)
+            except ValueError as problem:
+                raise ConfigError(f"{path}: [{section}] {key} = {raw!r}: {problem}") from None
+        layer[section] = values
+    return layer
+
+
+def _read_environment(environ: Mapping[str, str]) -> Layer:
+    layer: Layer = {}
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENVIRONMENT_PREFIX):
+            continue
+        rest = name[len(ENVIRONMENT_PREFIX) :].lower()
+        # Only DTM_<SECTION>_* is ours to check: DTM_CONFIG, DTM_CRASH_AT... mean other things.
+        section = next((s for s in SECTIONS if rest.startswith(f"{s}_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1 :]
+        known = keys(section)
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = (
+                f"; did you mean {environment_variable(section, hint[0])}?" if hint else ""
+            )
+            raise ConfigError(
+                f"environment variable {name}: [{section}] has no key {key!r}{did_you_mean} "
+                f"(known keys: {', '.join(known)})"
+            )
+        try:
+            layer.setdefault(section, {})[key] = _parse(section, key, raw, from_text=True)
+        except ValueError as problem:
+            raise ConfigError(f"environment variable {name}={raw!r}: {problem}") from None
+    return layer
+
+
+def _read_flags(flags: Mapping[str, Mapping[str, object]]) -> Layer:
+    layer: Layer = {}
+    for section, values in flags.items():
+        known = keys(section)
+        for key, raw in values.items():
+            assert key in known, f"flag for unknown key {section}.{key}"
+            try:
+                layer.setdefault(section, {})[key] = _parse(section, key, raw, from_text=True)
+            except ValueError as problem:
+                raise ConfigError(f"--{key.replace('_', '-')} {raw!r}: {problem}") from None
+    return layer
+
+
+Settings = TypeVar("Settings")
+
+
+def _merge(
+    cls: Callable[..., Settings],
+    base: Mapping[str, Any],
+    layers: Sequence[Layer],
+    chain: Sequence[str],
+) -> Settings:
+    values: dict[str, Any] = dict(base)
+    for layer in layers:
+        for section in chain:
+            values.update(layer.get(section, {}))
+    return cls(**values)
+
+
+def config_path(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read: --config, else $DTM_CONFIG, else none."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return path
+    from_environment = environ.get(CONFIG_ENVIRONMENT_VARIABLE, "")
+    return Path(from_environment) if from_environment else None
+
+
+def load(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, Mapping[str, object]] | None = None,
+) -> Config:
+    """The configuration from defaults, the file, the environment and `flags`, validated.
+
+    `path` is --config (None: $DTM_CONFIG, else no file). `environ` defaults to os.environ.
+    `flags` maps a section to the flags given on the command line (raw text or bool), only
+    those actually given. Raises ConfigError.
+    """
+    environ = os.environ if environ is None else environ
+    source = config_path(path, environ)
+    layers = [
+        _read_file(source) if source is not None else {},
+        _read_environment(environ),
+        _read_flags(flags or {}),
+    ]
+    services = {
+        name: _merge(ParticipantSettings, SERVICE_DEFAULTS[name], layers, [PARTICIPANT, name])
+        for name in SERVICES
+    }
+    return Config(
+        coordinator=_merge(CoordinatorSettings, {}, layers, [COORDINATOR]),
+        participant=_merge(ParticipantSettings, {}, layers, [PARTICIPANT]),
+        log=_merge(LogSettings, {}, layers, [LOG]),
+        source=source,
+        **services,
+    )
+
+
+# ---- command-line flags, generated from the settings so that every key has one ----
+
+PRECEDENCE_HELP = (
+    "Settings come from (lowest precedence first) built-in defaults, the TOML file given by "
+    f"--config or ${CONFIG_ENVIRONMENT_VARIABLE}, environment variables DTM_<SECTION>_<KEY>, "
+    "then these flags. See dtm.example.toml."
+)
+
+
+def _default_text(section: str, key: str) -> str:
+    value = _spell(default_of(section, key))
+    if value == "":
+        return '""'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def add_flags(parser: argparse.ArgumentParser, section: str, exclude: Sequence[str] = ()) -> None:
+    """--config, one flag per key of `section` (none of them with a default: an absent flag
+    leaves the lower layers in charge), and --log-level."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"TOML configuration file (default: ${CONFIG_ENVIRONMENT_VARIABLE}, else none)",
+    )
+    for key in keys(section):
+        if key in exclude:
+            continue
+        meta = _field(section, key).metadata
+        flag = "--" + key.replace("_", "-")
+        help_text = f"{meta['help']} (default: {_default_text(section, key)})"
+        if meta["kind"] is BOOLEAN:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, default=None, metavar=meta["kind"].metavar, help=help_text)
+    parser.add_argument(
+        "--log-level", default=None, metavar="LEVEL", help=_field(LOG, "level").metadata["help"]
+    )
+
+
+def from_options(
+    options: argparse.Namespace, section: str, environ: Mapping[str, str] | None = None
+) -> Config:
+    """The configuration, given a command line parsed by a parser that `add_flags(parser,
+    section)` set up: the flags given there apply to `section`. Raises ConfigError."""
+    flags: dict[str, dict[str, object]] = {
+        section: {
+            key: getattr(options, key)
+            for key in keys(section)
+            if getattr(options, key, None) is not None
+        }
+    }
+    if options.log_level is not None:
+        flags[LOG] = {"level": options.log_level}
+    return load(options.config, environ=environ, flags=flags)
+
+
+def participant_section(name: str) -> str:
+    """The section a service's flags apply to: its own if it has one, else [participant]."""
+    return name if name in SERVICES else PARTICIPANT
+
+
+def with_configured_initial(service: str, argv: Sequence[str] | None) -> list[str]:
+    """`argv` with ``--initial PATH`` in front when the file or the environment names one.
+
+    The services' mains read --initial themselves, before the SDK parses the rest; putting the
+    configured path first keeps an explicit --initial (argparse keeps the last) in charge.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("--config", type=Path, default=None)
+    options, _ = probe.parse_known_args(args)
+    try:
+        initial = load(options.config).service(service).initial
+    except ConfigError as error:
+        raise SystemExit(f"dtm-{service}: error: {error}") from None
+    return args if initial is None else ["--initial", str(initial), *args]
+
+
+__all__ = [
+    "CONFIG_ENVIRONMENT_VARIABLE",
+    "SECTIONS",
+    "SERVICES",
+    "Config",
+    "ConfigError",
+    "CoordinatorSettings",
+    "LogSettings",
+    "ParticipantSettings",
+    "add_flags",
+    "config_path",
+    "default_of",
+    "environment_variable",
+    "from_options",
+    "keys",
+    "load",
+    "participant_section",
+    "with_configured_initial",
+]

@@ -1,0 +1,413 @@
+"""Transport security (TLS, mutual TLS) and authorization by identity, for every component.
+
+Off by default: with no TLS configuration every server listens in plaintext and nobody is
+checked. That insecure mode is for local development and tests only: anyone who can reach a
+port can submit transactions, register a participant, or call a participant's Commit.
+
+With TLS on (a CA, a certificate and a key for this process) every server requires mutual TLS:
+a peer without a certificate signed by the CA fails the handshake, so its call never reaches
+a handler (UNAVAILABLE). Every call that does arrive is authorized by the peer's identity,
+which is its certificate's Common Name (and DNS subject alternative names) as the TLS layer
+verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy:
+
+    dtm.v1.Participant/*            (Prepare, Commit, Rollback,     the coordinator identity
+                                     PrepareBatch, DecideBatch,
+                                     Recover)
+    dtm.v1.ParticipantAdmin/*                                       operators
+    dtm.v1.Coordinator/RegisterParticipant, QueryOutcome           participants
+    dtm.v1.Coordinator/Submit, GetTransaction, ListTransactions,   clients
+        RetryTransaction, ListParticipants
+    grpc.health.v1.Health/*, server reflection                     anyone (with a valid cert)
+    anything else (the services' read APIs)                         clients
+
+Default identities: coordinator "coordinator"; participants "inventory", "orders", "payment",
+"notification"; clients "client" and "operator"; operators "operator". A participant may
+also only register under its own name (checked by the coordinator's RegisterParticipant).
+
+Configuration, flags first, then environment:
+
+    --tls-ca PATH         DTM_TLS_CA      the CA that signed every peer's certificate
+    --tls-cert PATH       DTM_TLS_CERT    this process's certificate (PEM)
+    --tls-key PATH        DTM_TLS_KEY     this process's private key (PEM)
+    --authz-clients A,B   DTM_AUTHZ_CLIENTS       identities allowed to Submit and read
+    --authz-operators A   DTM_AUTHZ_OPERATORS     identities allowed on ParticipantAdmin
+    --authz-participants  DTM_AUTHZ_PARTICIPANTS  identities allowed to register / inquire
+    --authz-coordinator   DTM_AUTHZ_COORDINATOR   the identity allowed to drive participants
+                          DTM_TLS_REQUIRE_CLIENT_CERT=0   server-side TLS only (no mTLS);
+                                                 peers without a certificate then have no
+                                                 identity and reach only the open methods
+
+`python -m dtm.tools.certs --out certs/` (or `make certs`) makes a test CA and certificates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from dtm import grpc_edge
+
+COORDINATOR_IDENTITY = "coordinator"
+PARTICIPANT_IDENTITIES = frozenset({"inventory", "orders", "payment", "notification"})
+CLIENT_IDENTITIES = frozenset({"client", "operator"})
+OPERATOR_IDENTITIES = frozenset({"operator"})
+
+# Methods (or whole services, as "/pkg.Service/") anyone with a valid certificate may call:
+# health checks must work for orchestrators and the cluster's readiness probe alike.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # the runtime classes are not generic
+    Handler = grpc.RpcMethodHandler
+    ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may call what; see the module docstring for the table."""
+
+    coordinator: frozenset[str] = frozenset({COORDINATOR_IDENTITY})
+    participants: frozenset[str] = PARTICIPANT_IDENTITIES
+    clients: frozenset[str] = CLIENT_IDENTITIES
+    operators: frozenset[str] = OPERATOR_IDENTITIES
+
+    def rules(self) -> tuple[dict[str, tuple[str, frozenset[str]]], tuple[str, frozenset[str]]]:
+        """(prefix -> (role, identities), default): a prefix is a full method name
+        ("/pkg.Service/Method") or a whole service ("/pkg.Service/")."""
+        coordinator = ("the coordinator", self.coordinator)
+        participants = ("a participant", self.participants)
+        clients = ("a permitted client", self.clients)
+        operators = ("an operator", self.operators)
+        table = {
+            "/dtm.v1.Participant/": coordinator,
+            "/dtm.v1.ParticipantAdmin/": operators,
+            "/dtm.v1.Coordinator/RegisterParticipant": participants,
+            "/dtm.v1.Coordinator/QueryOutcome": participants,
+            "/dtm.v1.Coordinator/Submit": clients,
+            "/dtm.v1.Coordinator/GetTransaction": clients,
+            "/dtm.v1.Coordinator/ListTransactions": clients,
+            "/dtm.v1.Coordinator/RetryTransaction": clients,
+            "/dtm.v1.Coordinator/ListParticipants": clients,
+        }
+        return table, clients
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """One process's TLS material (PEM files) and the authorization policy it enforces."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+    require_client_cert: bool = True
+    policy: Policy = field(default_factory=Policy)
+
+    @classmethod
+    def for_identity(cls, certs_dir: Path, identity: str, **overrides: Any) -> TlsConfig:
+        """The files `dtm.tools.certs` writes for `identity` under `certs_dir`."""
+        return cls(
+            ca_cert=certs_dir / "ca.pem",
+            cert=certs_dir / f"{identity}.pem",
+            key=certs_dir / f"{identity}-key.pem",
+            **overrides,
+        )
+
+    # Read once per process: channels and probes are made often, the files never change
+    # under a running process (rotation means a restart).
+    @cached_property
+    def ca_pem(self) -> bytes:
+        return self.ca_cert.read_bytes()
+
+    @cached_property
+    def cert_pem(self) -> bytes:
+        return self.cert.read_bytes()
+
+    @cached_property
+    def key_pem(self) -> bytes:
+        return self.key.read_bytes()
+
+
+# ---- configuration from flags and environment ----
+
+_AUTHZ_ROLES = ("clients", "operators", "participants", "coordinator")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --tls-* and --authz-* flags; `from_options` turns them into a TlsConfig."""
+    group = parser.add_argument_group(
+        "security", "TLS and authorization (off unless a CA, certificate and key are given)"
+    )
+    group.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (DTM_TLS_CA)")
+    group.add_argument("--tls-cert", type=Path, default=None, help="certificate (DTM_TLS_CERT)")
+    group.add_argument("--tls-key", type=Path, default=None, help="private key (DTM_TLS_KEY)")
+    for role in _AUTHZ_ROLES:
+        env = f"DTM_AUTHZ_{role.upper()}"
+        group.add_argument(
+            f"--authz-{role}",
+            default=None,
+            metavar="ID[,ID...]",
+            help=f"identities allowed as {role} ({env})",
+        )
+
+
+def _identities(text: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
+
+
+def from_options(
+    options: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> TlsConfig | None:
+    """TLS configuration from the flags of `add_arguments`, falling back to DTM_TLS_* and
+    DTM_AUTHZ_* variables; None (insecure mode) when no TLS file is given at all.
+    ValueError when only some of CA, certificate and key are given, or a file is missing."""
+    env = os.environ if environ is None else environ
+    paths: dict[str, Path] = {}
+    for name in ("ca", "cert", "key"):
+        flag: Path | None = getattr(options, f"tls_{name}", None)
+        value = str(flag) if flag is not None else env.get(f"DTM_TLS_{name.upper()}", "")
+        if value:
+            paths[name] = Path(value)
+    if not paths:
+        return None
+    missing = [f"--tls-{name}" for name in ("ca", "cert", "key") if name not in paths]
+    if missing:
+        raise ValueError(f"TLS needs a CA, a certificate and a key; missing {', '.join(missing)}")
+    for name, path in paths.items():
+        if not path.is_file():
+            raise ValueError(f"--tls-{name}: {path} is not a readable file")
+    roles: dict[str, frozenset[str]] = {}
+    for role in _AUTHZ_ROLES:
+        text = getattr(options, f"authz_{role}", None) or env.get(f"DTM_AUTHZ_{role.upper()}")
+        if text:
+            roles[role] = _identities(text)
+    require = env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1").lower() not in ("0", "false", "no")
+    return TlsConfig(
+        ca_cert=paths["ca"],
+        cert=paths["cert"],
+        key=paths["key"],
+        require_client_cert=require,
+        policy=Policy(**roles),
+    )
+
+
+def arguments(cfg: TlsConfig | None) -> list[str]:
+    """The command-line flags that reproduce `cfg` in a child process."""
+    if cfg is None:
+        return []
+    args = ["--tls-ca", str(cfg.ca_cert), "--tls-cert", str(cfg.cert), "--tls-key", str(cfg.key)]
+    default = Policy()
+    for role in _AUTHZ_ROLES:
+        identities: frozenset[str] = getattr(cfg.policy, role)
+        if identities != getattr(default, role):
+            args += [f"--authz-{role}", ",".join(sorted(identities))]
+    return args
+
+
+# ---- credentials and channels ----
+
+
+def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(cfg.key_pem, cfg.cert_pem)],
+        root_certificates=cfg.ca_pem,
+        require_client_auth=cfg.require_client_cert,
+    )
+
+
+def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=cfg.ca_pem, private_key=cfg.key_pem, certificate_chain=cfg.cert_pem
+    )
+
+
+def _options(server_identity: str | None) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = list(grpc_edge.CHANNEL_OPTIONS)
+    if server_identity:
+        # Verify the server's certificate names this identity (not merely "some certificate
+        # of our CA valid for 127.0.0.1"), so a process that took over a participant's port
+        # cannot pose as it.
+        options.append(("grpc.ssl_target_name_override", server_identity))
+    return options
+
+
+def channel(
+    address: str, cfg: TlsConfig | None, server_identity: str | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to `address`: mutual TLS with `cfg`, plaintext when it is None.
+    `server_identity`, when given, is the identity the server's certificate must carry."""
+    if cfg is None:
+        return grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        address, channel_credentials(cfg), options=_options(server_identity)
+    )
+
+
+def sync_channel(
+    address: str, cfg: TlsConfig | None, server_identity: str | None = None
+) -> grpc.Channel:
+    """`channel`, for blocking callers (the cluster's readiness probes)."""
+    if cfg is None:
+        return grpc.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS)
+    return grpc.secure_channel(address, channel_credentials(cfg), options=_options(server_identity))
+
+
+def coordinator_identity(cfg: TlsConfig | None) -> str | None:
+    """The identity the coordinator's certificate must carry, for `server_identity`; None
+    (any certificate of the CA) when TLS is off or several coordinator identities are allowed."""
+    if cfg is None or len(cfg.policy.coordinator) != 1:
+        return None
+    return next(iter(cfg.policy.coordinator))
+
+
+# ---- identity and authorization ----
+
+
+def peer_identities(context: ServicerContext) -> frozenset[str]:
+    """The identities the verified peer certificate carries: its Common Name and subject
+    alternative names. Empty for a plaintext peer or one that showed no certificate."""
+    auth = context.auth_context()
+    names = [*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name", ())]
+    return frozenset(name.decode(errors="replace") for name in names)
+
+
+def peer_name(context: ServicerContext) -> str:
+    """The peer's Common Name, for messages and logs ("(no certificate)" without one)."""
+    common = list(context.auth_context().get("x509_common_name", ()))
+    return common[0].decode(errors="replace") if common else "(no certificate)"
+
+
+Rule = tuple[str, frozenset[str]] | None  # (role, identities), or None for open methods
+
+
+class AuthorizationInterceptor(ServerInterceptor):
+    """Refuses, with PERMISSION_DENIED, any call whose peer identity the policy does not allow.
+
+    Runs on every call, so the work per call is one dict lookup of the method (rules are
+    resolved once per method and cached, as are the wrapped handlers) and, for a guarded
+    method, one look at the connection's auth context.
+    """
+
+    def __init__(self, policy: Policy) -> None:
+        self._table, self._default = policy.rules()
+        self._rules: dict[str, Rule] = {}
+        # method -> (original handler, guarded handler): the server hands back the same
+        # registered handler for a method every time, so the guard is built once.
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+
+    def rule(self, method: str) -> Rule:
+        rule = self._rules.get(method, ...)
+        if rule is ...:
+            rule = self._resolve(method)
+            self._rules[method] = rule
+        return rule
+
+    def _resolve(self, method: str) -> Rule:
+        if method.startswith(OPEN_SERVICES):
+            return None
+        if method in self._table:
+            return self._table[method]
+        service = method[: method.rfind("/") + 1]
+        return self._table.get(service, self._default)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # unknown method: None, and gRPC answers UNIMPLEMENTED
+        method = handler_call_details.method
+        rule = self.rule(method)
+        if rule is None:
+            return handler
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = _guard(handler, method, rule)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+
+async def _check(context: ServicerContext, method: str, role: str, allowed: frozenset[str]) -> None:
+    if peer_identities(context) & allowed:
+        return
+    await context.abort(
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"identity {peer_name(context)!r} may not call {method}: it requires {role} "
+        f"(identities: {', '.join(sorted(allowed)) or 'none'})",
+    )
+
+
+def _guard(handler: Handler, method: str, rule: tuple[str, frozenset[str]]) -> Handler:
+    """`handler` with the identity check in front of its behaviour, whatever its kind."""
+    role, allowed = rule
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        unary_unary: Any = handler.unary_unary
+
+        async def guarded_unary_unary(request: Any, context: ServicerContext) -> Any:
+            await _check(context, method, role, allowed)
+            return await unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded_unary_unary, deserialize, serialize)
+    if handler.unary_stream is not None:
+        unary_stream: Any = handler.unary_stream
+
+        async def guarded_unary_stream(
+            request: Any, context: ServicerContext
+        ) -> AsyncIterator[Any]:
+            await _check(context, method, role, allowed)
+            async for response in unary_stream(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(guarded_unary_stream, deserialize, serialize)
+    if handler.stream_unary is not None:
+        stream_unary: Any = handler.stream_unary
+
+        async def guarded_stream_unary(requests: Any, context: ServicerContext) -> Any:
+            await _check(context, method, role, allowed)
+            return await stream_unary(requests, context)
+
+        return grpc.stream_unary_rpc_method_handler(guarded_stream_unary, deserialize, serialize)
+    stream_stream: Any = handler.stream_stream
+
+    async def guarded_stream_stream(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
+        await _check(context, method, role, allowed)
+        async for response in stream_stream(requests, context):
+            yield response
+
+    return grpc.stream_stream_rpc_method_handler(guarded_stream_stream, deserialize, serialize)
+
+
+def server_interceptors(cfg: TlsConfig | None) -> Sequence[ServerInterceptor]:
+    """The interceptors a server needs: none in insecure mode (nothing to authorize by)."""
+    return [] if cfg is None else [AuthorizationInterceptor(cfg.policy)]
+
+
+def may_register_as(context: ServicerContext, cfg: TlsConfig | None, name: str) -> bool:
+    """Whether the caller may register participant `name`: its certificate must carry that
+    name, so one participant cannot redirect another's traffic. Always true in insecure mode."""
+    return cfg is None or name in peer_identities(context)
+
+
+def describe(cfg: TlsConfig | None) -> str:
+    """One line for startup logs."""
+    if cfg is None:
+        return "insecure (plaintext, no authorization: local development only)"
+    mode = "mutual TLS" if cfg.require_client_cert else "TLS (client certificates optional)"
+    return f"{mode}, certificate {cfg.cert}"

@@ -1,0 +1,202 @@
+"""Generate a local test CA and one certificate per identity, for TLS and mutual TLS.
+
+    python -m dtm.tools.certs --out certs/          (or: make certs)
+
+Writes, under the output directory:
+
+    ca.pem, ca-key.pem                  the test CA (its key signs every certificate below)
+    IDENTITY.pem, IDENTITY-key.pem      one per identity: coordinator, inventory, orders,
+                                        payment, notification, client, operator
+
+Each certificate's Common Name is its identity, which is what authorization checks
+(`dtm.security`). Its subject alternative names are DNS:IDENTITY (so a caller can demand a
+given peer with `ssl_target_name_override`), DNS:localhost and IP:127.0.0.1 (so hostname
+verification passes on loopback). Keys are EC P-256: generating eight is instant, where RSA
+would make every test run pay seconds. Key files are written 0600.
+
+For local development and tests only: a real deployment takes its certificates from its own
+PKI, and this CA key must never sign anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dtm.limits import PARTICIPANT_NAME_PATTERN as IDENTITY_PATTERN
+
+IDENTITIES = (
+    "coordinator",
+    "inventory",
+    "orders",
+    "payment",
+    "notification",
+    "client",
+    "operator",
+)
+CA_NAME = "dtm local test CA"
+VALID_DAYS = 365
+# Clock skew between the machine that generates and the one that verifies must not make a
+# fresh certificate "not yet valid".
+BACKDATE = datetime.timedelta(hours=1)
+
+
+def ca_path(out: Path) -> Path:
+    return out / "ca.pem"
+
+
+def cert_path(out: Path, identity: str) -> Path:
+    return out / f"{identity}.pem"
+
+
+def key_path(out: Path, identity: str) -> Path:
+    return out / f"{identity}-key.pem"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create the file 0600 from the start: a chmod after writing leaves a window."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "dtm (test)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(CA_NAME))
+        .issuer_name(_name(CA_NAME))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _issue(
+    identity: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    san = x509.SubjectAlternativeName(
+        [
+            x509.DNSName(identity),
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(identity))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(san, critical=False)
+        # Every process is both a server and a client (participants call the coordinator).
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def generate(out: Path, identities: Sequence[str] = IDENTITIES) -> Path:
+    """A fresh CA and one certificate per identity under `out` (created if missing); any
+    files of an earlier run there are replaced. Returns `out`."""
+    for identity in identities:
+        # An identity names files and appears in authorization messages: keep it plain.
+        if not IDENTITY_PATTERN.fullmatch(identity) or identity == "ca":
+            raise ValueError(f"identity {identity!r}: use 1..64 characters of [a-z0-9_-], not 'ca'")
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = _new_ca()
+    _write_private(key_path(out, "ca"), _key_pem(ca_key))
+    ca_path(out).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for identity in identities:
+        key, cert = _issue(identity, ca_key, ca_cert)
+        _write_private(key_path(out, identity), _key_pem(key))
+        cert_path(out, identity).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dtm.tools.certs",
+        description="Generate a local test CA and certificates (development and tests only).",
+    )
+    parser.add_argument("--out", type=Path, default=Path("certs"), help="output directory")
+    parser.add_argument(
+        "--identity",
+        action="append",
+        default=None,
+        help=f"identity to issue a certificate for (repeatable; default: {', '.join(IDENTITIES)})",
+    )
+    options = parser.parse_args(argv)
+    identities = options.identity or list(IDENTITIES)
+    try:
+        out = generate(options.out, identities)
+    except ValueError as error:
+        parser.error(str(error))
+    print(f"test CA and certificates for {', '.join(identities)} written to {out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,478 @@
+"""The benchmark's own code: statistics, counters, results file, invariant wiring, and a tiny
+real run. No assertion here is about speed: figures depend on the box; correctness does not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import checks, hooks, plot, report
+from bench.baselines import BaselineResult, measure_naive, measure_unary
+from bench.checks import ClientView
+from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
+from bench.measure import DtmResult
+from bench.procs import PROJECT_ROOT
+from bench.report import REQUIRED_KEYS, RunConfig
+from bench.stats import LatencySummary, Outcome, Tally, percentile
+from bench.workload import (
+    DECLINING_ACCOUNT,
+    EMPTY_SKU,
+    Workload,
+    aborts,
+    participants_for,
+)
+from dtm.invariants import (
+    CANCELLED,
+    CONFIRMED,
+    Account,
+    Capture,
+    Notification,
+    Order,
+    Snapshot,
+    StockLevel,
+)
+from dtmpb.v1 import shop_pb2
+
+# ---- latency statistics ----
+
+
+def test_percentiles_of_one_to_a_hundred_are_nearest_rank() -> None:
+    values = [float(value) for value in range(1, 101)]
+    assert 1.0 == percentile(values, 0.0)
+    assert 50.0 == percentile(values, 0.50)
+    assert 95.0 == percentile(values, 0.95)
+    assert 99.0 == percentile(values, 0.99)
+    assert 100.0 == percentile(values, 1.0)
+
+
+def test_percentile_rounds_the_rank_up_and_handles_one_sample() -> None:
+    # 10 samples: p95 needs 9.5 of them at or below, so the 10th; p50 exactly the 5th.
+    values = [float(value) for value in range(10, 110, 10)]
+    assert 100.0 == percentile(values, 0.95)
+    assert 50.0 == percentile(values, 0.50)
+    assert 7.0 == percentile([7.0], 0.99)
+    with pytest.raises(ValueError):
+        percentile([], 0.5)
+    with pytest.raises(ValueError):
+        percentile([1.0], 1.5)
+
+
+def test_latency_summary_is_in_milliseconds_and_ignores_order() -> None:
+    seconds = [value / 1000 for value in range(100, 0, -1)]  # 1..100 ms, descending
+    summary = LatencySummary.of(seconds)
+    assert 100 == summary.count
+    assert (50.0, 95.0, 99.0, 100.0) == (
+        summary.p50_ms,
+        summary.p95_ms,
+        summary.p99_ms,
+        summary.max_ms,
+    )
+    assert 50.5 == summary.mean_ms
+    assert LatencySummary(0, None, None, None, None, None) == LatencySummary.of([])
+
+
+# ---- counters ----
+
+
+def test_tally_counts_only_calls_finishing_inside_the_window() -> None:
+    tally = Tally(window_start=10.0, window_end=20.0)
+    tally.record(Outcome.COMMITTED, 9.0, 9.5)  # warmup
+    tally.record(Outcome.COMMITTED, 9.5, 10.5)  # started in warmup, finished inside: counts
+    tally.record(Outcome.ABORTED, 12.0, 12.25)
+    tally.record(Outcome.COMMITTED, 19.0, 20.0)  # the window's end is inside
+    tally.record(Outcome.ERROR, 19.5, 21.0)  # drain
+    assert 2 == tally.counts[Outcome.COMMITTED]
+    assert 1 == tally.counts[Outcome.ABORTED]
+    assert 0 == tally.counts[Outcome.ERROR]
+    assert {Outcome.COMMITTED: 3, Outcome.ABORTED: 1, Outcome.UNKNOWN: 0, Outcome.ERROR: 1} == (
+        tally.total
+    )
+    assert 0.2 == tally.rate(Outcome.COMMITTED)
+    assert 0.1 == tally.rate(Outcome.ABORTED)
+    assert [1.0, 1.0] == tally.latencies[Outcome.COMMITTED]
+    with pytest.raises(ValueError):
+        Tally(window_start=1.0, window_end=1.0)
+
+
+class FakeClock:
+    """Time moves only when a fake call takes its 1/8 s (a binary fraction: exact sums)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_fake_run_gives_exact_counts_and_rates() -> None:
+    clock = FakeClock()
+    numbers: list[int] = []
+
+    async def call(client: int, number: int) -> Outcome:
+        numbers.append(number)
+        clock.now += 0.125
+        return Outcome.ABORTED if number % 3 == 2 else Outcome.COMMITTED
+
+    spec = LoadSpec(clients=1, warmup_s=1.0, duration_s=4.0)
+    tally = asyncio.run(drive(call, spec, clock=clock, progress=False))
+
+    # Calls start at 0, 1/8, ... while the start is before 5.0: 40 calls, numbers 0..39. Those
+    # finishing in [1.0, 5.0] are numbers 7..39: 33 calls, of which 8, 11, ..., 38 abort.
+    assert list(range(40)) == numbers
+    assert 22 == tally.counts[Outcome.COMMITTED]
+    assert 11 == tally.counts[Outcome.ABORTED]
+    assert 4.0 == tally.window_s
+    assert 5.5 == tally.rate(Outcome.COMMITTED)
+    assert 2.75 == tally.rate(Outcome.ABORTED)
+    assert 27 == tally.total[Outcome.COMMITTED]
+    assert 13 == tally.total[Outcome.ABORTED]
+    assert 125.0 == tally.latency(Outcome.COMMITTED, Outcome.ABORTED).p99_ms
+
+
+def test_clients_share_channels_a_few_at_a_time() -> None:
+    per_channel = ["a", "b"]
+    assert "a" == channel_of(per_channel, 0)
+    assert "a" == channel_of(per_channel, CLIENTS_PER_CHANNEL - 1)
+    assert "b" == channel_of(per_channel, CLIENTS_PER_CHANNEL)
+
+
+# ---- workload ----
+
+
+def test_participants_beyond_four_are_renamed_extra_instances() -> None:
+    names = [participant.name for participant in participants_for(9)]
+    assert [
+        "inventory",
+        "orders",
+        "payment",
+        "notification",
+        "inventory-2",
+        "orders-2",
+        "payment-2",
+        "notification-2",
+        "inventory-3",
+    ] == names
+    assert ["inventory", "orders"] == [participant.kind for participant in participants_for(2)]
+    with pytest.raises(ValueError):
+        participants_for(0)
+
+
+def test_abort_ratio_is_exact_over_any_prefix() -> None:
+    for ratio in (0.0, 0.1, 0.25, 0.5, 1.0):
+        for calls in (10, 40, 100):
+            assert int(calls * ratio) == sum(aborts(number, ratio) for number in range(calls))
+
+
+def test_orders_are_made_to_abort_by_payment_or_else_by_inventory() -> None:
+    with_payment = Workload(participants_for(4), run_id="r1", abort_ratio=1.0)
+    order = with_payment.order(client=3, number=0)
+    assert order.abort_expected
+    assert ["inventory", "orders", "payment", "notification"] == [
+        branch.participant for branch in order.request.branches
+    ]
+    charge = shop_pb2.ChargePayment()
+    assert order.request.branches[2].operation.Unpack(charge)
+    assert DECLINING_ACCOUNT == charge.account_id
+    assert "txn-r1-3-0" == order.request.transaction_id
+
+    without_payment = Workload(participants_for(2), run_id="r1", abort_ratio=1.0)
+    reserve = shop_pb2.ReserveStock()
+    assert without_payment.order(0, 0).request.branches[0].operation.Unpack(reserve)
+    assert EMPTY_SKU == reserve.lines[0].sku
+
+
+# ---- invariant wiring ----
+
+
+def consistent_snapshot() -> Snapshot:
+    """o-1 confirmed (1 unit, 100 cents), o-2 cancelled: what a healthy 4-branch run leaves."""
+    return Snapshot(
+        stock=[StockLevel("sku-0", available=9, reserved=0, sold=1, received=10)],
+        accounts=[Account("acct-0", 900, 0, 100, 1000)],
+        captures=[Capture("o-1", "acct-0", 100, "txn-o-1")],
+        orders=[
+            Order("o-1", "c", (("sku-0", 1),), 100, CONFIRMED, "txn-o-1"),
+            Order("o-2", "c", (("sku-0", 1),), 100, CANCELLED, "txn-o-2"),
+        ],
+        sent=[Notification("o-1", "c@bench", "ok", "txn-o-1")],
+    )
+
+
+VIEW = ClientView(committed={"o-1"}, aborted={"o-2"}, uncertain=0, units_per_order=1)
+ALL_KINDS = {"inventory", "orders", "payment", "notification"}
+
+
+def test_a_consistent_state_has_no_violations() -> None:
+    result = checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS)
+    assert 0 == result.violations
+    assert "full" == result.scope
+    assert 1 == result.views
+
+
+def test_an_inconsistent_state_has_violations() -> None:
+    broken = consistent_snapshot()
+    # Charged twice: a second capture for the same order, and money that no longer adds up.
+    broken = Snapshot(
+        stock=broken.stock,
+        accounts=[Account("acct-0", 800, 0, 200, 1000)],
+        captures=[*broken.captures, Capture("o-1", "acct-0", 100, "txn-o-1")],
+        orders=broken.orders,
+        sent=broken.sent,
+    )
+    result = checks.check_all([consistent_snapshot(), broken], VIEW, ALL_KINDS)
+    assert result.violations is not None and result.violations > 0
+    assert 2 == result.views
+    assert any("charged more than once" in line for line in result.samples)
+
+
+def test_the_client_view_catches_a_lost_commit_and_a_reversed_abort() -> None:
+    view = ClientView(committed={"o-1", "o-9"}, aborted={"o-1"}, uncertain=0, units_per_order=1)
+    lines = checks.check_client_view(consistent_snapshot(), view, ALL_KINDS)
+    assert any("o-9" in line and "missing" in line for line in lines)
+    assert any("o-1" in line and "told ABORTED" in line for line in lines)
+    # Two committed orders but one unit sold.
+    assert any(line.startswith("stock:") for line in lines)
+
+
+def test_fewer_branches_drop_only_the_lines_about_absent_kinds() -> None:
+    # Inventory and orders only: confirmed orders have no payment and no notification.
+    two = Snapshot(
+        stock=[StockLevel("sku-0", available=9, reserved=0, sold=1, received=10)],
+        orders=[Order("o-1", "c", (("sku-0", 1),), 100, CONFIRMED, "txn-o-1")],
+    )
+    kinds = {"inventory", "orders"}
+    assert 0 == checks.check_all([two], VIEW, kinds).violations
+    oversold = Snapshot(
+        stock=[StockLevel("sku-0", available=9, reserved=0, sold=2, received=10)],
+        orders=two.orders,
+    )
+    result = checks.check_all([oversold], VIEW, kinds)
+    assert result.violations is not None and result.violations > 0
+    assert "no payment or notification" in result.scope
+
+
+# ---- results document ----
+
+
+def fake_tally(committed: int, aborted: int, window_s: float = 2.0) -> Tally:
+    tally = Tally(window_start=0.0, window_end=window_s)
+    for number in range(committed):
+        tally.record(Outcome.COMMITTED, 0.5, 0.5 + (number + 1) / 1000)
+    for _ in range(aborted):
+        tally.record(Outcome.ABORTED, 0.5, 0.502)
+    return tally
+
+
+def fake_results(*, baselines: bool, snapshot: Snapshot | None = None) -> dict[str, Any]:
+    invariant = checks.check_all([snapshot or consistent_snapshot()], VIEW, ALL_KINDS)
+    dtm = DtmResult(
+        participants=participants_for(4), tally=fake_tally(100, 20), invariants=invariant
+    )
+    unary = BaselineResult("unary echo", 0, fake_tally(1000, 0)) if baselines else None
+    naive = BaselineResult("naive 2PC", 4, fake_tally(50, 0)) if baselines else None
+    config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+    return report.build_results(
+        config, dtm, unary, naive, now=datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC), context={}
+    )
+
+
+def assert_required_keys(results: dict[str, Any]) -> None:
+    for key, types in REQUIRED_KEYS.items():
+        assert key in results, key
+        assert isinstance(results[key], types), (key, results[key])
+        assert not isinstance(results[key], bool), key
+
+
+def test_results_have_every_required_key_with_sane_values() -> None:
+    results = fake_results(baselines=True)
+    assert_required_keys(results)
+    assert 50.0 == results["txn_per_s"]
+    assert 10.0 == results["aborted_per_s"]
+    assert 500.0 == results["unary_rpc_per_s"]
+    assert 25.0 == results["naive_txn_per_s"]
+    assert 0.1 == results["ratio_vs_unary"]
+    assert 2.0 == results["ratio_vs_naive"]
+    assert (50.0, 95.0, 99.0, 100.0) == (
+        results["p50_ms"],
+        results["p95_ms"],
+        results["p99_ms"],
+        results["max_ms"],
+    )
+    assert 0 == results["violations"]
+    # No server exports its counters yet: say so rather than make a figure up.
+    assert results["fsyncs_per_txn"] is None
+    assert results["messages_per_txn"] is None
+    assert results["targets"]["ratio_vs_naive"]["met"] is False
+    assert not results["targets"]["throughput"]["met"]
+    text = report.format_table(results)
+    assert "unary echo" in text and "0 violations" in text
+
+
+def test_results_without_baselines_have_null_ratios() -> None:
+    results = fake_results(baselines=False)
+    assert_required_keys(results)
+    assert results["ratio_vs_unary"] is None
+    assert results["unary_rpc_per_s"] is None
+    assert "n/a" in report.format_table(results)
+
+
+def test_an_inconsistent_final_state_reaches_the_results_as_violations() -> None:
+    broken = Snapshot(
+        stock=[StockLevel("sku-0", available=9, reserved=0, sold=1, received=10)],
+        accounts=[Account("acct-0", 900, 0, 100, 1000)],
+        captures=[],  # confirmed but never charged
+        orders=consistent_snapshot().orders,
+        sent=consistent_snapshot().sent,
+    )
+    results = fake_results(baselines=False, snapshot=broken)
+    assert results["violations"] > 0
+    assert results["violation_samples"]
+    assert "no payment was captured" in report.format_table(results)
+
+
+def test_results_are_written_as_latest_and_a_timestamped_copy(tmp_path: Path) -> None:
+    results = fake_results(baselines=True)
+    latest, copy = report.write_results(results, tmp_path)
+    assert tmp_path / "latest.json" == latest
+    assert "20300102T030405Z.json" == copy.name
+    assert results == json.loads(latest.read_text()) == json.loads(copy.read_text())
+    _, second = report.write_results(results, tmp_path)
+    assert "20300102T030405Z-2.json" == second.name
+    assert [] == list(tmp_path.glob("*.partial"))
+
+
+EXPOSITION = """# HELP dtm_wal_fsyncs_total File fsyncs
+# TYPE dtm_wal_fsyncs_total counter
+dtm_wal_fsyncs_total {fsyncs}
+# TYPE dtm_wal_batch_records summary
+dtm_wal_batch_records_count {fsyncs}
+dtm_wal_batch_records_sum {records}
+# TYPE dtm_protocol_messages_total counter
+dtm_protocol_messages_total{{kind="requests"}} {requests}
+dtm_protocol_messages_total{{kind="replies"}} {requests}
+"""
+
+
+def exposition(fsyncs: int, records: int, requests: int) -> str:
+    return EXPOSITION.format(fsyncs=fsyncs, records=records, requests=requests)
+
+
+def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> None:
+    parsed = hooks.parse(exposition(10, 30, 7))
+    assert 10.0 == hooks.total(parsed, hooks.FSYNCS)
+    assert 14.0 == hooks.total(parsed, hooks.MESSAGES)
+    first = hooks.Sample(
+        transactions=100,
+        counters={
+            "coordinator": hooks.parse(exposition(10, 30, 0)),
+            "inventory": hooks.parse(exposition(5, 5, 0)),
+        },
+    )
+    last = hooks.Sample(
+        transactions=300,
+        counters={
+            "coordinator": hooks.parse(exposition(210, 830, 400)),
+            "inventory": hooks.parse(exposition(105, 405, 0)),
+        },
+    )
+    costs = hooks.costs(first, last)
+    # 200 + 100 fsyncs over 200 transactions; 800 coordinator messages + the client's 2 each.
+    assert 1.5 == costs.fsyncs_per_txn
+    assert {"coordinator": 1.0, "inventory": 0.5} == costs.fsyncs_by_process
+    assert {"coordinator": 4.0, "inventory": 4.0} == costs.wal_batch_mean
+    assert 6.0 == costs.messages_per_txn
+    assert {"replies": 2.0, "requests": 2.0} == costs.messages_by_kind
+    assert hooks.costs(last, last).fsyncs_per_txn is None
+
+
+# ---- plots ----
+
+
+def test_latency_samples_keep_the_extremes_and_stay_small() -> None:
+    tally = fake_tally(5_000, 0, window_s=10.0)
+    sample = plot.latency_sample_ms(tally)
+    assert plot.CDF_POINTS_MAX == len(sample)
+    assert (1.0, 5000.0) == (sample[0], sample[-1])
+    assert sample == sorted(sample)
+
+
+def test_a_sweep_document_is_drawn(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+
+    def point(clients: int, participants: int, txn: float) -> dict[str, Any]:
+        baseline = {"per_s": txn * 3, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}
+        return {
+            "clients": clients,
+            "participants": participants,
+            "txn_per_s": txn,
+            "p50_ms": 10.0,
+            "p99_ms": 20.0,
+            "violations": 0,
+            "latencies_ms": [5.0, 10.0, 20.0],
+            "unary": {**baseline, "latencies_ms": [1.0, 2.0]},
+            "naive": {**baseline, "latencies_ms": [3.0, 4.0]},
+        }
+
+    points = [point(1, 4, 50.0), point(8, 4, 200.0), point(8, 2, 250.0)]
+    document = {
+        "timestamp": "2030-01-02T03:04:05+00:00",
+        "duration_s": 1.0,
+        "participants_sweep_clients": 8,
+        "points": points,
+    }
+    assert 0.8 == plot.scaling(points, 8)
+    written = plot.draw(document, tmp_path)
+    assert 3 == len(written)
+    for path in written:
+        assert path.read_bytes().startswith(b"\x89PNG")
+
+
+# ---- real runs, tiny ----
+
+
+@pytest.mark.slow
+def test_baselines_run_for_real() -> None:
+    spec = LoadSpec(clients=2, warmup_s=0.0, duration_s=0.5)
+
+    async def both() -> tuple[BaselineResult, BaselineResult]:
+        unary = await measure_unary(spec, b"payload", progress=False)
+        naive = await measure_naive(2, spec, b"payload", progress=False)
+        return unary, naive
+
+    unary, naive = asyncio.run(both())
+    for result in (unary, naive):
+        assert result.tally.counts[Outcome.COMMITTED] > 0
+        assert 0 == result.errors
+
+
+@pytest.mark.slow
+def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            *("--clients", "2", "--duration", "1", "--warmup", "0.2"),
+            "--no-baselines",
+            "--no-progress",
+            *("--results-dir", str(tmp_path)),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert 0 == completed.returncode, completed.stdout + completed.stderr
+    results = json.loads((tmp_path / "latest.json").read_text())
+    assert_required_keys(results)
+    assert 0 == results["violations"]
+    assert results["committed"] > 0
+    assert 0 == results["unexpected_outcomes"]
+    assert "0 violations" in completed.stdout

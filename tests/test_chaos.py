@@ -1,0 +1,205 @@
+"""The short chaos run of `make test`: the crash matrix at its key points and a few random
+SIGKILLs under load, over real processes (dtm.chaos), with zero violations allowed; and proof
+that the run checker does report a violation when the services contradict a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtm import chaos, invariants
+from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
+from dtm.cluster import SERVICES
+from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
+from dtm.orderflow import SubmitResult
+from dtmpb.v1 import coordinator_pb2
+
+SEED = 7_000
+KILL_RUNS = 3
+
+#: The points where a crash decides whether a commit survives: around the coordinator's
+#: decision record and its fsync, between the reply and phase 2, in phase 2, in recovery; and
+#: around the participants' prepare record, its fsync, the vote and the commit.
+KEY_COORDINATOR_POINTS = (
+    "coordinator.before_decision_write",
+    "coordinator.after_decision_write",
+    "coordinator.after_decision_durable",
+    "coordinator.after_client_reply",
+    "coordinator.mid_phase_two",
+    "coordinator.during_recovery",
+)
+KEY_PARTICIPANT_POINTS = (
+    "participant.before_prepare_record",
+    "participant.after_prepare_record",
+    "participant.after_prepare_durable",
+    "participant.after_commit_durable",
+)
+
+
+def key_cells() -> list[Cell]:
+    """20 cells: each key coordinator point twice; each key participant point in two
+    services (rotating, so all four services are hit)."""
+    cells = [Cell(point, "coordinator") for point in KEY_COORDINATOR_POINTS for _ in range(2)]
+    services = list(SERVICES)
+    for number, point in enumerate(KEY_PARTICIPANT_POINTS):
+        cells.append(Cell(point, services[(2 * number) % len(services)]))
+        cells.append(Cell(point, services[(2 * number + 1) % len(services)]))
+    return cells
+
+
+def test_key_crash_points_and_random_kills_lose_nothing(tmp_path: Path) -> None:
+    cells = key_cells()
+    assert len(cells) >= 20
+    planned: list[tuple[Cell | None, int]] = [
+        (cell, SEED + number) for number, cell in enumerate(cells)
+    ]
+    planned += [(None, SEED + len(cells) + number) for number in range(KILL_RUNS)]
+
+    async def scenario() -> tuple[list[RunResult], RunResult]:
+        session = Session(tmp_path)
+        results: list[RunResult] = []
+        try:
+            for index, (cell, seed) in enumerate(planned, start=1):
+                result = await session.run(index, cell, seed)
+                print(result.line(len(planned)), flush=True)
+                if result.violations:
+                    chaos.print_violation(result)
+                results.append(result)
+            # The checker can fail: a client record claiming COMMITTED for an order that no
+            # service has, checked against the live services.
+            cluster = await session.ensure_cluster()
+            fabricated = RunResult(index=0, kind="matrix", seed=0)
+            fabricated.records.append(
+                ClientRecord("never-placed", "txn-never-placed", COMMITTED, 100)
+            )
+            await session.check(cluster, fabricated)
+        finally:
+            await session.close()
+        return results, fabricated
+
+    results, fabricated = asyncio.run(scenario())
+
+    violations = [f"{r.replay}: {v}" for r in results for v in r.violations]
+    assert [] == violations
+    matrix_runs = [r for r in results if r.cell is not None]
+    crashed = [r for r in matrix_runs if r.target == "crashed"]
+    # A seeded crash count may exceed what a burst reaches; most runs must really crash.
+    assert len(crashed) >= 0.75 * len(matrix_runs), [r.line(len(results)) for r in matrix_runs]
+    assert {r.cell.point for r in crashed if r.cell} >= set(KEY_COORDINATOR_POINTS)
+    kill_runs = [r for r in results if r.cell is None]
+    assert sum(sum(r.kills.values()) for r in kill_runs) >= 1
+    assert sum(r.committed for r in results) > 0
+    assert sum(r.aborted for r in results) > 0
+
+    assert any("never-placed" in v and "does not have it" in v for v in fabricated.violations), (
+        fabricated.violations
+    )
+
+
+# ---- the checks alone: each one fails when it should ----
+
+
+def settled_state() -> Snapshot:
+    """o-1 confirmed (300 cents), o-2 cancelled."""
+    return Snapshot(
+        stock=[invariants.StockLevel("sku-a", available=7, reserved=0, sold=3, received=10)],
+        accounts=[
+            invariants.Account(
+                "acct-1", balance_cents=700, held_cents=0, captured_cents=300, initial_cents=1000
+            )
+        ],
+        captures=[Capture("o-1", "acct-1", 300, "txn-o-1")],
+        orders=[
+            Order("o-1", "cust", (("sku-a", 3),), 300, CONFIRMED, "txn-o-1"),
+            Order("o-2", "cust", (("sku-a", 1),), 100, CANCELLED, "txn-o-2"),
+        ],
+        sent=[Notification("o-1", "cust@example.com", "confirmed", "txn-o-1")],
+    )
+
+
+def answer(outcome: str, transaction_id: str = "txn") -> SubmitResult:
+    if outcome in (COMMITTED, ABORTED):
+        response = coordinator_pb2.SubmitResponse(
+            transaction_id=transaction_id,
+            outcome=coordinator_pb2.Outcome.Value(f"OUTCOME_{outcome}"),
+        )
+        return SubmitResult(transaction_id, response, grpc.StatusCode.OK, "", 0.0)
+    return SubmitResult(transaction_id, None, grpc.StatusCode[outcome], "refused", 0.0)
+
+
+def test_client_outcomes_that_match_the_services_pass() -> None:
+    records = [
+        ClientRecord("o-1", "txn-o-1", COMMITTED, 300),
+        ClientRecord("o-2", "txn-o-2", ABORTED, 100),
+        ClientRecord("o-3", "txn-o-3", ABORTED, 100),  # never reached the orders service
+        ClientRecord("o-4", "txn-o-4", "UNAVAILABLE", 100),  # may land either way
+    ]
+    assert [] == chaos.check_client_outcomes(records, settled_state())
+    assert [] == chaos.check_ledger({"o-1": True, "o-2": False, "o-9": False}, settled_state())
+
+
+def test_a_commit_the_services_do_not_have_is_a_violation() -> None:
+    record = ClientRecord("ghost", "txn-ghost", COMMITTED, 100)
+    violations = chaos.check_client_outcomes([record], settled_state())
+    assert 1 == len(violations)
+    assert "ghost" in violations[0] and "COMMITTED" in violations[0]
+
+
+def test_a_reversed_commit_or_a_confirmed_abort_is_a_violation() -> None:
+    reversed_commit = ClientRecord("o-2", "txn-o-2", COMMITTED, 100)
+    confirmed_abort = ClientRecord("o-1", "txn-o-1", ABORTED, 300)
+    wrong_amount = ClientRecord("o-1", "txn-o-1", COMMITTED, 999)
+    violations = chaos.check_client_outcomes(
+        [reversed_commit, confirmed_abort, wrong_amount], settled_state()
+    )
+    assert 3 == len(violations), violations
+    assert "CANCELLED" in violations[0]
+    assert "told ABORTED" in violations[1]
+    assert "999" in violations[2]
+
+
+def test_a_later_loss_of_a_known_outcome_is_a_violation() -> None:
+    violations = chaos.check_ledger({"o-1": False, "o-2": True}, settled_state())
+    assert 2 == len(violations), violations
+
+
+@pytest.mark.parametrize(
+    ("order_id", "retry", "expected_violation", "confirmed"),
+    [
+        ("o-1", COMMITTED, "", True),
+        ("o-2", ABORTED, "", False),
+        ("o-9", COMMITTED, "", True),  # left no trace: the retry may run it now
+        ("o-9", ABORTED, "", False),
+        ("o-1", ABORTED, "but the order is CONFIRMED", False),
+        ("o-2", COMMITTED, "but the order was CANCELLED", True),
+        ("o-1", "ALREADY_EXISTS", "not the outcome", None),
+        ("o-1", "UNAVAILABLE", "not the outcome", None),
+    ],
+)
+def test_retry_of_an_unknown_outcome_must_tell_what_happened(
+    order_id: str, retry: str, expected_violation: str, confirmed: bool | None
+) -> None:
+    record = ClientRecord(order_id, f"txn-{order_id}", "DEADLINE_EXCEEDED", 100)
+    violations, learned = chaos.check_retry(record, answer(retry), settled_state())
+    if expected_violation:
+        assert 1 == len(violations) and expected_violation in violations[0], violations
+    else:
+        assert [] == violations
+    assert confirmed == learned
+
+
+def test_the_matrix_covers_every_point_in_every_component_it_applies_to() -> None:
+    cells = chaos.matrix(include_wal=True)
+    assert {cell.point for cell in cells} == set(chaos.crashpoints.POINTS)
+    assert {c.component for c in cells if c.point.startswith("participant.")} == set(SERVICES)
+    points = chaos.crashpoints.POINTS
+    components = {"coordinator": 1, "participant": len(SERVICES), "wal": 1 + len(SERVICES)}
+    assert sum(components[point.split(".")[0]] for point in points) == len(cells)
+    planned = chaos.plan(200, 0, 1, cells)
+    per_cell = {cell: sum(1 for c, _ in planned if c == cell) for cell in cells}
+    assert min(per_cell.values()) >= 4
+    assert len({seed for _, seed in planned}) == 200

@@ -1,0 +1,379 @@
+"""The `dtm` command against an in-process cluster: every command, --json output, and error
+paths that must end with a clear message and a non-zero status, never a traceback.
+
+The CLI makes blocking gRPC calls; run on the event loop's thread they would stop the
+in-process servers from answering, so every call runs on a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtm import cli, config, crashpoints
+from dtmpb.v1 import coordinator_pb2, participant_pb2
+from tests.harness import InProcessCluster, eventually, order_branches
+
+
+@pytest.fixture(autouse=True)
+def no_dtm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own DTM_* variables (a coordinator address, TLS files) must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+
+
+async def dtm(*args: str) -> tuple[int, str, str]:
+    """Run `dtm ARGS...` on a worker thread; (exit status, stdout, stderr).
+
+    Not capsys: the servers' logger keeps the stderr it first saw, and capsys closes its
+    stream at the end of the test. The redirection is process-wide, which is fine: the
+    servers log to the stream they already hold, never to sys.stdout/sys.stderr anew."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = await asyncio.to_thread(cli.main, list(args))
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return status, out.getvalue(), err.getvalue()
+
+
+def order_file(path: Path, transaction_id: str, order_id: str, quantity: int = 1) -> Path:
+    lines = [{"sku": "sku-apple" if quantity < 10 else "sku-scarce", "quantity": quantity}]
+    document = {
+        "transaction_id": transaction_id,
+        "timeout_ms": 5000,
+        "branches": [
+            {
+                "participant": "inventory",
+                "type": "dtm.v1.ReserveStock",
+                "operation": {"lines": lines},
+            },
+            {
+                "participant": "orders",
+                "type": "dtm.v1.CreateOrder",
+                "operation": {
+                    "order_id": order_id,
+                    "customer_id": "cust-1",
+                    "lines": lines,
+                    "amount_cents": 700,
+                },
+            },
+            {
+                "participant": "payment",
+                "type": "dtm.v1.ChargePayment",
+                "operation": {
+                    "account_id": "acct-alice",
+                    "amount_cents": 700,
+                    "order_id": order_id,
+                },
+            },
+        ],
+    }
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_submit_and_inspect_transactions(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+
+            t1 = order_file(tmp_path / "t1.json", "t-1", "o-1")
+            status, out, _ = await dtm(*at, "submit", str(t1))
+            assert cli.EXIT_OK == status, out
+            assert "transaction t-1: COMMITTED" in out
+            assert "inventory" in out and "payment" in out
+
+            scarce = order_file(tmp_path / "t2.json", "t-2", "o-2", quantity=10)
+            status, out, _ = await dtm(*at, "submit", str(scarce), "--json")
+            assert cli.EXIT_NO == status
+            answer = json.loads(out)
+            assert "aborted" == answer["outcome"]
+            assert "t-2" == answer["transaction_id"]
+            assert "inventory refused" in answer["reason"]
+            assert ["refused"] == [b["vote"] for b in answer["branches"] if b["vote"]]
+
+            async def t1_committed() -> bool:
+                _, out, _ = await dtm(*at, "--json", "txn", "show", "t-1")
+                return "committed" == json.loads(out)["state"]
+
+            await eventually(t1_committed)
+
+            status, out, _ = await dtm(*at, "txn", "list")
+            assert cli.EXIT_OK == status
+            header, *rows = out.splitlines()
+            assert header.split()[:3] == ["ID", "STATE", "AGE"]
+            by_id = {row.split()[0]: row for row in rows}
+            assert {"t-1", "t-2"} == set(by_id)
+            assert "3: 3 prepared, 3/3 acked" in by_id["t-1"]
+            assert "aborted" in by_id["t-2"]
+
+            status, out, _ = await dtm(*at, "txn", "list", "--json", "--state", "aborted")
+            assert ["t-2"] == [txn["transaction_id"] for txn in json.loads(out)]
+            status, out, _ = await dtm(*at, "txn", "list", "--in-doubt")
+            assert "no transactions match" in out
+            status, out, _ = await dtm(*at, "txn", "list", "--limit", "1", "--json")
+            assert 1 == len(json.loads(out))
+
+            status, out, _ = await dtm(*at, "txn", "show", "t-1")
+            assert cli.EXIT_OK == status
+            assert "state        committed" in out
+            shown = json.loads((await dtm(*at, "txn", "show", "t-1", "--json"))[1])
+            assert [True, True, True] == [b["acknowledged"] for b in shown["branches"]]
+            assert ["prepared"] * 3 == [b["vote"] for b in shown["branches"]]
+            assert 0 == shown["phase_two_attempts"]
+
+            status, out, _ = await dtm(*at, "txn", "retry", "t-1")
+            assert cli.EXIT_OK == status
+            assert "is committed: nothing to retry" in out
+
+            status, _, err = await dtm(*at, "txn", "show", "no-such-txn")
+            assert cli.EXIT_ERROR == status
+            assert "NOT_FOUND" in err and "no-such-txn" in err
+
+    asyncio.run(scenario())
+
+
+def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+
+            status, out, _ = await dtm(*at, "participants")
+            assert cli.EXIT_OK == status
+            rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+            assert set(config.SERVICES) == set(rows)
+            assert all("SERVING" == row[2] for row in rows.values())
+            status, out, _ = await dtm(*at, "participants", "--json")
+            listed = {p["name"]: p for p in json.loads(out)}
+            assert ["dtm.v1.ReserveStock"] == listed["inventory"]["operation_types"]
+            assert listed["orders"]["one_phase"] and listed["orders"]["batch"]
+
+            status, out, _ = await dtm(*at, "locks")
+            assert (cli.EXIT_OK, "no locks held\n") == (status, out)
+
+            # Orders votes, then rejects the decision: its branch stays prepared, holding the
+            # order id's lock, and the transaction stays committing.
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            response = await cluster.submit(order_branches("o-9", [("sku-apple", 1)]), "t-9")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+
+            async def retried() -> bool:
+                _, out, _ = await dtm(*at, "txn", "list", "--stuck", "--json")
+                return ["t-9"] == [txn["transaction_id"] for txn in json.loads(out)]
+
+            await eventually(retried)
+            status, out, _ = await dtm(*at, "txn", "list", "--in-doubt")
+            assert "t-9" in out and "committing" in out
+            assert "orders: unavailable" in out  # the last error
+
+            status, out, _ = await dtm(*at, "txn", "retry", "t-9")
+            assert cli.EXIT_OK == status
+            assert "phase 2 sent again to orders" in out
+
+            status, out, _ = await dtm(*at, "locks", "--json")
+            assert cli.EXIT_OK == status
+            locks = json.loads(out)
+            assert ["orders"] == [lock["participant"] for lock in locks]
+            assert ["t-9/1"] == locks[0]["holders"]
+            assert "exclusive" == locks[0]["mode"]
+            status, out, _ = await dtm(*at, "locks", "--participant", "orders")
+            assert "t-9/1" in out and "exclusive" in out
+
+            status, out, _ = await dtm(*at, "branches", "--in-doubt", "--json")
+            assert [("orders", "t-9", 1, "prepared")] == [
+                (b["participant"], b["transaction_id"], b["branch"], b["state"])
+                for b in json.loads(out)
+            ]
+            status, out, _ = await dtm(*at, "branches", "--participant", "inventory")
+            assert "t-9" in out and "committed" in out
+            address = cluster.address("orders")
+            status, out, _ = await dtm("branches", "--address", address, "--in-doubt")
+            assert "t-9" in out  # straight to the participant, no coordinator needed
+
+            force = [*at, "force", "t-9", "1", "--participant", "orders"]
+            status, _, err = await dtm(*force, "--commit")
+            assert cli.EXIT_USAGE == status
+            assert "--i-understand" in err and "atomic" in err
+            # The coordinator decided commit: rolling back would break atomicity.
+            status, _, err = await dtm(*force, "--rollback", "--i-understand")
+            assert cli.EXIT_ERROR == status
+            assert "decided commit" in err and "dtm txn retry t-9" in err
+            status, out, _ = await dtm(*force, "--commit", "--i-understand", "--json")
+            assert cli.EXIT_OK == status, out
+            forced = json.loads(out)
+            assert ("committed", "orders") == (forced["state"], forced["participant"])
+            assert forced["heuristic"]
+
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+            status, _, _ = await dtm(*at, "txn", "retry", "t-9")
+
+            async def committed() -> bool:
+                _, out, _ = await dtm(*at, "txn", "show", "t-9", "--json")
+                return "committed" == json.loads(out)["state"]
+
+            await eventually(committed)
+
+    asyncio.run(scenario())
+
+
+def test_unhealthy_participant_is_reported(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.participants["payment"].stop(0)
+            status, out, err = await dtm(*at, "participants")
+            assert cli.EXIT_NO == status
+            row = next(line for line in out.splitlines() if line.startswith("payment"))
+            assert "UNREACHABLE" in row
+            status, _, err = await dtm(*at, "locks")
+            assert cli.EXIT_ERROR == status
+            assert "cannot reach participant payment" in err
+
+    asyncio.run(scenario())
+
+
+def test_submit_file_errors(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            cases: list[tuple[Any, str]] = [
+                ({"branches": [], "priority": 1}, "unknown key 'priority'"),
+                ({"branches": []}, "branches must be a non-empty list"),
+                (
+                    {"branches": [{"participant": "inventory", "type": "dtm.v1.Nope"}]},
+                    "unknown message type 'dtm.v1.Nope' (inventory takes dtm.v1.ReserveStock",
+                ),
+                (
+                    {
+                        "branches": [
+                            {
+                                "participant": "inventory",
+                                "type": "dtm.v1.ReserveStock",
+                                "operation": {"lines": [{"skew": "x"}]},
+                            }
+                        ]
+                    },
+                    "not a valid dtm.v1.ReserveStock",
+                ),
+                (
+                    {
+                        "branches": [
+                            {
+                                "participant": "ghost",
+                                "type": "dtm.v1.ReserveStock",
+                                "operation": {"lines": [{"sku": "sku-apple", "quantity": 1}]},
+                            }
+                        ]
+                    },
+                    "participant 'ghost' is not registered",
+                ),
+                ([1, 2], "expected a JSON object"),
+            ]
+            for document, expected in cases:
+                path = tmp_path / "bad.json"
+                path.write_text(json.dumps(document), encoding="utf-8")
+                status, _, err = await dtm(*at, "submit", str(path))
+                assert cli.EXIT_ERROR == status, document
+                assert expected in err, err
+            (tmp_path / "broken.json").write_text("{", encoding="utf-8")
+            status, _, err = await dtm(*at, "submit", str(tmp_path / "broken.json"))
+            assert (cli.EXIT_ERROR, True) == (status, "not valid JSON" in err)
+            status, _, err = await dtm(*at, "submit", str(tmp_path / "missing.json"))
+            assert (cli.EXIT_ERROR, True) == (status, "cannot read" in err)
+
+    asyncio.run(scenario())
+
+
+def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        data = tmp_path / "data"
+        async with InProcessCluster(data) as cluster:
+            response = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+
+        status, out, _ = await dtm("log", "dump", str(data / "coordinator" / "wal"))
+        assert cli.EXIT_OK == status
+        assert "COMMIT_DECIDED" in out and "t-1" in out
+        status, out, _ = await dtm("log", "dump", str(data / "inventory"), "--json")
+        assert cli.EXIT_OK == status
+        dumped = json.loads(out)
+        assert not dumped["corrupted"]
+        assert any("BRANCH_PREPARED" in line for line in dumped["lines"])
+        status, _, err = await dtm("log", "dump", str(data))
+        assert cli.EXIT_ERROR == status
+        assert str(data / "coordinator" / "wal") in err  # says where the logs are
+        status, _, err = await dtm("log", "dump", str(tmp_path / "nowhere"))
+        assert (cli.EXIT_ERROR, True) == (status, "does not exist" in err)
+
+    asyncio.run(scenario())
+
+    status, out, _ = asyncio.run(dtm("crashpoints", "--json"))
+    assert (cli.EXIT_OK, crashpoints.POINTS) == (status, json.loads(out))
+    status, out, _ = asyncio.run(dtm("crashpoints"))
+    assert "wal.before_fsync" in out and "DTM_CRASH_AT" in out
+
+    status, out, _ = asyncio.run(dtm("--json", "config"))
+    assert (cli.EXIT_OK, config.load(environ={}).as_dict()) == (status, json.loads(out))
+    path = tmp_path / "dtm.toml"
+    path.write_text("[orders]\nlock_wait_ms = 9\n", encoding="utf-8")
+    status, out, _ = asyncio.run(dtm("--config", str(path), "config"))
+    assert str(path) in out and "lock_wait_ms = 9" in out
+    path.write_text("[orders]\nlock_wait = 9\n", encoding="utf-8")
+    status, _, err = asyncio.run(dtm("--config", str(path), "config"))
+    assert (cli.EXIT_ERROR, True) == (status, "unknown key 'lock_wait'" in err)
+
+
+def test_unreachable_coordinator_is_a_clear_error() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    for command in (["txn", "list"], ["participants"], ["locks"], ["txn", "retry", "t-1"]):
+        status, out, err = asyncio.run(dtm("--coordinator", address, *command))
+        assert cli.EXIT_ERROR == status, command
+        assert "" == out
+        assert f"cannot reach the coordinator at {address}: is it running? try `make up`" in err
+
+
+def test_coordinator_address_comes_from_the_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("DTM_PARTICIPANT_COORDINATOR", address)
+    status, _, err = asyncio.run(dtm("txn", "list"))
+    assert cli.EXIT_ERROR == status
+    assert f"cannot reach the coordinator at {address}" in err
+    monkeypatch.setenv("DTM_PARTICIPANT_COORDINATOR", "nonsense")
+    status, _, err = asyncio.run(dtm("txn", "list"))
+    assert cli.EXIT_ERROR == status
+    assert "DTM_PARTICIPANT_COORDINATOR='nonsense'" in err and "--coordinator" in err
+
+
+def test_usage_errors() -> None:
+    assert cli.EXIT_USAGE == asyncio.run(dtm())[0]  # no command
+    status, _, err = asyncio.run(dtm("txn", "list", "--limit", "0"))
+    assert cli.EXIT_USAGE == status
+    assert "out of range 1..1000" in err
+    status, _, err = asyncio.run(dtm("txn", "list", "--state", "done"))
+    assert (cli.EXIT_USAGE, True) == (status, "expected one of preparing" in err)
+    status, _, err = asyncio.run(dtm("force", "t-1", "0", "--i-understand"))
+    assert cli.EXIT_USAGE == status  # neither --commit nor --rollback
+    status, out, _ = asyncio.run(dtm("--help"))
+    assert cli.EXIT_OK == status and "txn" in out and "crashpoints" in out
+    status, out, _ = asyncio.run(dtm("coordinator", "--help"))
+    assert cli.EXIT_OK == status and "--metrics-listen" in out and "--config" in out
+    status, out, _ = asyncio.run(dtm("service", "inventory", "--help"))
+    assert cli.EXIT_OK == status and "--lock-wait-ms" in out and "127.0.0.1:50051" in out
+    status, _, err = asyncio.run(dtm("service"))
+    assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)

@@ -1,0 +1,328 @@
+"""dtm.config: defaults < file < environment < flags, validation with clear errors, the example
+file, and the coordinator's and participants' command lines built on it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dtm import config
+from dtm.config import Config, ConfigError, load
+from dtm.coordinator import server as coordinator_server
+from participants import server as participant_server
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "dtm.example.toml"
+
+
+@pytest.fixture(autouse=True)
+def no_dtm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The developer's own DTM_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---- defaults and the example file ----
+
+
+def test_defaults() -> None:
+    settings = load(environ={})
+    assert Config() == settings
+    assert "127.0.0.1:50050" == settings.coordinator.listen
+    assert Path(".dtm-data") == settings.coordinator.data_dir
+    assert 2_000 == settings.coordinator.prepare_timeout_ms
+    assert "" == settings.coordinator.metrics_listen  # metrics are off by default
+    assert "127.0.0.1:0" == settings.participant.listen
+    # Each service gets the well-known port dtm.cluster gives it.
+    assert "127.0.0.1:50051" == settings.inventory.listen
+    assert "127.0.0.1:50054" == settings.notification.listen
+    assert "127.0.0.1:50050" == settings.payment.coordinator
+    assert settings.orders.initial is None
+    assert "INFO" == settings.log.level
+    assert settings.source is None
+
+
+def test_example_file_equals_the_defaults() -> None:
+    assert load(environ={}) == load(EXAMPLE, environ={})
+
+
+def test_example_file_spells_out_every_key() -> None:
+    document = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    assert list(config.SECTIONS) == list(document)
+    for section in (config.COORDINATOR, config.PARTICIPANT, config.LOG):
+        assert config.keys(section) == list(document[section]), section
+    for service in config.SERVICES:
+        # A service section holds what differs from [participant]: its port.
+        assert config.default_of(service, "listen") == document[service]["listen"]
+
+
+def test_config_file_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path / "dtm.toml", '[coordinator]\nlisten = "127.0.0.1:6000"\n')
+    settings = load(environ={"DTM_CONFIG": str(path)})
+    assert "127.0.0.1:6000" == settings.coordinator.listen
+    assert path == settings.source
+
+
+# ---- precedence ----
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dtm.toml",
+        """
+[coordinator]
+listen = "127.0.0.1:6000"
+prepare_timeout_ms = 100
+transaction_timeout_ms = 200
+data_dir = "from-file"
+
+[log]
+level = "debug"
+""",
+    )
+    environ = {
+        "DTM_COORDINATOR_PREPARE_TIMEOUT_MS": "111",
+        "DTM_COORDINATOR_TRANSACTION_TIMEOUT_MS": "222",
+    }
+    flags = {config.COORDINATOR: {"transaction_timeout_ms": "333"}}
+    settings = load(path, environ=environ, flags=flags).coordinator
+    assert "127.0.0.1:6000" == settings.listen  # file only
+    assert Path("from-file") == settings.data_dir
+    assert 111 == settings.prepare_timeout_ms  # environment over file
+    assert 333 == settings.transaction_timeout_ms  # flag over environment over file
+    assert "DEBUG" == load(path, environ={}).log.level
+
+
+def test_service_sections_override_participant_within_each_layer(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dtm.toml",
+        """
+[participant]
+lock_wait_ms = 100
+lease_unvoted_ms = 1000
+test_control = true
+
+[inventory]
+lock_wait_ms = 200
+listen = "0.0.0.0:7001"
+""",
+    )
+    settings = load(path, environ={})
+    assert 200 == settings.inventory.lock_wait_ms
+    assert 100 == settings.payment.lock_wait_ms
+    assert 100 == settings.participant.lock_wait_ms
+    assert settings.orders.test_control
+    assert "0.0.0.0:7001" == settings.inventory.listen
+    assert "127.0.0.1:50053" == settings.payment.listen  # its own default, untouched
+
+    # Any environment variable beats any file value; within the environment the service wins.
+    environ = {"DTM_PARTICIPANT_LOCK_WAIT_MS": "300", "DTM_PAYMENT_LOCK_WAIT_MS": "400"}
+    settings = load(path, environ=environ)
+    assert 300 == settings.inventory.lock_wait_ms
+    assert 400 == settings.payment.lock_wait_ms
+    assert 1000 == settings.payment.lease_unvoted_ms
+
+    flags = {"inventory": {"lock_wait_ms": "500"}}
+    settings = load(path, environ=environ, flags=flags)
+    assert 500 == settings.inventory.lock_wait_ms
+    assert 400 == settings.payment.lock_wait_ms
+
+
+def test_environment_values_are_parsed_from_text() -> None:
+    environ = {
+        "DTM_ORDERS_TEST_CONTROL": "yes",
+        "DTM_PARTICIPANT_INITIAL": "shop.json",
+        "DTM_COORDINATOR_METRICS_LISTEN": "[::1]:9100",
+        "DTM_LOG_LEVEL": "warning",
+        # Not ours to check: other DTM_ variables mean other things.
+        "DTM_CRASH_AT": "wal.before_fsync",
+        "DTM_TLS_CA": "ca.pem",
+    }
+    settings = load(environ=environ)
+    assert settings.orders.test_control
+    assert not settings.inventory.test_control
+    assert Path("shop.json") == settings.payment.initial
+    assert "[::1]:9100" == settings.coordinator.metrics_listen
+    assert "WARNING" == settings.log.level
+
+
+# ---- errors ----
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path / "dtm.toml", '[coordinator]\nlisten = "127.0.0.1:1"\nlistn = "x"\n')
+    with pytest.raises(ConfigError) as raised:
+        load(path, environ={})
+    message = str(raised.value)
+    assert str(path) in message
+    assert "'listn'" in message
+    assert "[coordinator]" in message
+    assert "did you mean 'listen'" in message
+
+
+def test_unknown_section_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "dtm.toml", "[inventroy]\nlisten = '127.0.0.1:1'\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[inventroy\].*'inventory'"):
+        load(path, environ={})
+
+
+def test_unknown_environment_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"DTM_INVENTORY_LOCK_WAIT: .*DTM_INVENTORY_LOCK_WAIT_MS"):
+        load(environ={"DTM_INVENTORY_LOCK_WAIT": "5"})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[coordinator]\nprepare_timeout_ms = 0\n",
+            r"\[coordinator\] prepare_timeout_ms = 0: out of range: allowed 1\.\.600000",
+        ),
+        (
+            '[coordinator]\nprepare_timeout_ms = "fast"\n',
+            r"prepare_timeout_ms = 'fast': expected an integer between 1 and 600000",
+        ),
+        (
+            "[participant]\nlock_wait_ms = true\n",
+            r"lock_wait_ms = True: expected an integer between 1 and 600000",
+        ),
+        ("[orders]\ntest_control = 1\n", r"\[orders\] test_control = 1: expected true or false"),
+        (
+            '[coordinator]\nlisten = "50050"\n',
+            r"listen = '50050': expected host:port with port 0\.\.65535",
+        ),
+        (
+            '[participant]\ncoordinator = "127.0.0.1:0"\n',
+            r"coordinator = '127.0.0.1:0': expected host:port with port 1\.\.65535",
+        ),
+        ('[log]\nlevel = "loud"\n', r"level = 'loud': expected one of DEBUG, INFO"),
+        ("coordinator = 1\n", r"must be a section \[coordinator\]"),
+        ("[coordinator\n", r"not valid TOML"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path / "dtm.toml", text)
+    with pytest.raises(ConfigError, match=expected) as raised:
+        load(path, environ={})
+    assert str(path) in str(raised.value)
+
+
+def test_bad_environment_and_flag_values() -> None:
+    with pytest.raises(ConfigError, match=r"DTM_PAYMENT_LOCK_WAIT_MS='soon': expected an integer"):
+        load(environ={"DTM_PAYMENT_LOCK_WAIT_MS": "soon"})
+    with pytest.raises(ConfigError, match=r"--lease-unvoted-ms '0': out of range: allowed 1\.\."):
+        load(environ={}, flags={"inventory": {"lease_unvoted_ms": "0"}})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", environ={})
+
+
+# ---- the processes' command lines ----
+
+
+def test_coordinator_keeps_its_flags_and_reads_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path / "dtm.toml",
+        """
+[coordinator]
+listen = "127.0.0.1:6000"
+prepare_timeout_ms = 100
+metrics_listen = "127.0.0.1:9100"
+
+[log]
+level = "ERROR"
+""",
+    )
+    plain = coordinator_server.parse_args([])
+    assert "127.0.0.1:50050" == plain.listen
+    assert Path(".dtm-data") == plain.data_dir
+    assert plain.engine is not None
+    assert 2_000 == plain.engine.prepare_timeout_ms
+    assert "" == plain.metrics_listen
+
+    monkeypatch.setenv("DTM_COORDINATOR_TRANSACTION_TIMEOUT_MS", "4000")
+    parsed = coordinator_server.parse_args(
+        ["--config", str(path), "--data-dir", str(tmp_path), "--prepare-timeout-ms", "150"]
+    )
+    assert "127.0.0.1:6000" == parsed.listen
+    assert tmp_path == parsed.data_dir
+    assert parsed.engine is not None
+    assert 150 == parsed.engine.prepare_timeout_ms
+    assert 4_000 == parsed.engine.transaction_timeout_ms
+    assert "127.0.0.1:9100" == parsed.metrics_listen
+    assert "ERROR" == parsed.log_level
+
+
+def test_coordinator_flag_errors_exit_with_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        coordinator_server.parse_args(["--prepare-timeout-ms", "0"])
+    assert 2 == raised.value.code
+    assert "--prepare-timeout-ms '0': out of range: allowed 1..600000" in capsys.readouterr().err
+
+
+def test_participant_keeps_its_flags_and_reads_its_section(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "dtm.toml",
+        """
+[participant]
+lock_wait_ms = 50
+coordinator = "127.0.0.1:6000"
+
+[payment]
+listen = "127.0.0.1:7003"
+metrics_listen = "127.0.0.1:9103"
+""",
+    )
+    parsed = participant_server.parse_args(
+        "payment",
+        [
+            "--config",
+            str(path),
+            "--test-control",
+            "--advertise",
+            "payments.internal:7003",
+            "--in-doubt-after-ms",
+            "10",
+        ],
+    )
+    assert "127.0.0.1:7003" == parsed.listen
+    assert "payments.internal:7003" == parsed.advertise
+    assert "127.0.0.1:6000" == parsed.coordinator
+    assert parsed.test_control
+    assert 50 == parsed.lock_wait_ms
+    assert 10 == parsed.in_doubt_after_ms
+    assert "127.0.0.1:9103" == parsed.metrics_listen
+
+    # A service without a section of its own (bench instances) reads [participant].
+    other = participant_server.parse_args("inventory-2", ["--config", str(path)])
+    assert "127.0.0.1:0" == other.listen
+    assert "" == other.metrics_listen
+    assert 50 == other.lock_wait_ms
+    assert not participant_server.parse_args("orders", []).test_control
+
+
+def test_configured_initial_is_put_before_the_command_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "dtm.toml", '[inventory]\ninitial = "shop.json"\n')
+    assert ["--initial", "shop.json", "--config", str(path)] == config.with_configured_initial(
+        "inventory", ["--config", str(path)]
+    )
+    # argparse keeps the last --initial: an explicit flag stays in charge.
+    args = ["--config", str(path), "--initial", "mine.json"]
+    assert ["--initial", "shop.json", *args] == config.with_configured_initial("inventory", args)
+    assert ["--config", str(path)] == config.with_configured_initial(
+        "payment", ["--config", str(path)]
+    )

@@ -1,0 +1,263 @@
+"""dtm.metrics: an in-process coordinator and three participants with their /metrics endpoints
+on, real transactions, and scrapes over HTTP showing the metrics move."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from dtm import metrics
+from dtm.coordinator.engine import CoordinatorConfig
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.services.inventory import InventoryService
+from participants.services.orders import OrdersService
+from participants.services.payment import PaymentService
+from tests.harness import ACCOUNTS, STOCK, eventually, order_branches
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of the endpoint: (name, labels) -> value, parsed by prometheus_client."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+class Servers:
+    coordinator: CoordinatorServer
+    client: coordinator_pb2_grpc.CoordinatorStub
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.participants: dict[str, ParticipantServer] = {}
+
+    async def scrape(self, name: str) -> Samples:
+        server = self.participants.get(name) or self.coordinator
+        # urllib blocks; the servers run on this thread's event loop.
+        return await asyncio.to_thread(scrape, server.metrics_port)
+
+    async def submit(self, request: coordinator_pb2.SubmitRequest) -> Any:
+        return await self.client.Submit(request, timeout=30)
+
+
+@asynccontextmanager
+async def servers(data_dir: Path) -> AsyncIterator[Servers]:
+    running = Servers(data_dir)
+    running.coordinator = CoordinatorServer(
+        ServerConfig(
+            data_dir=data_dir,
+            listen="127.0.0.1:0",
+            engine=CoordinatorConfig(prepare_timeout_ms=5_000, transaction_timeout_ms=10_000),
+            metrics_listen="127.0.0.1:0",
+        )
+    )
+    port = await running.coordinator.start()
+    address = f"127.0.0.1:{port}"
+    channel = grpc.aio.insecure_channel(address)
+    running.client = coordinator_pb2_grpc.CoordinatorStub(channel)
+    try:
+        for service in (InventoryService(dict(STOCK)), OrdersService(), PaymentService(ACCOUNTS)):
+            config = ParticipantConfig(
+                data_dir=data_dir,
+                listen="127.0.0.1:0",
+                coordinator=address,
+                test_control=True,
+                metrics_listen="127.0.0.1:0",
+            )
+            server = ParticipantServer(service, config)
+            running.participants[service.name] = server
+            await server.start()
+            await asyncio.wait_for(server.registered.wait(), 10)
+        yield running
+    finally:
+        await channel.close(None)
+        for server in running.participants.values():
+            await server.stop(0.1)
+        await running.coordinator.stop(0.1)
+
+
+def three_branches(order_id: str, sku: str = "sku-apple", quantity: int = 1) -> list[Any]:
+    return order_branches(order_id, [(sku, quantity)])[:3]  # inventory, orders, payment
+
+
+def test_metrics_move_with_transactions(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with servers(tmp_path) as running:
+            before = await running.scrape("coordinator")
+            assert 0 == value(before, "dtm_transactions_total", outcome="committed")
+            assert 3 == value(before, "dtm_participants_registered")
+
+            committed = await running.submit(
+                coordinator_pb2.SubmitRequest(transaction_id="t-1", branches=three_branches("o-1"))
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome, committed.reason
+            # Out of stock: inventory refuses, the transaction aborts.
+            aborted = await running.submit(
+                coordinator_pb2.SubmitRequest(
+                    transaction_id="t-2", branches=three_branches("o-2", "sku-scarce", 10)
+                )
+            )
+            assert coordinator_pb2.OUTCOME_ABORTED == aborted.outcome
+
+            async def both_finished() -> bool:
+                samples = await running.scrape("coordinator")
+                return 1 == value(samples, "dtm_transactions_total", outcome="committed") and 1 == (
+                    value(samples, "dtm_transactions_total", outcome="aborted")
+                )
+
+            await eventually(both_finished)
+            samples = await running.scrape("coordinator")
+            for outcome in ("committed", "aborted"):
+                count = "dtm_decision_latency_seconds_count"
+                assert 1 == value(samples, count, outcome=outcome)
+                assert 1 == value(samples, "dtm_end_to_end_latency_seconds_count", outcome=outcome)
+            assert 0 < value(samples, "dtm_decision_latency_seconds_sum", outcome="committed")
+            prepares = "dtm_participant_call_latency_seconds_count"
+            assert 2 == value(samples, prepares, participant="inventory", rpc="Prepare")
+            assert 1 == value(samples, prepares, participant="orders", rpc="Commit")
+            assert 0 == value(
+                samples,
+                "dtm_participant_call_failures_total",
+                participant="inventory",
+                rpc="Prepare",
+            )
+            assert 0 == value(samples, "dtm_transactions_in_flight")
+            assert 0 == value(samples, "dtm_transactions_in_doubt")
+            assert 1 == value(samples, "dtm_log_writes_total", kind="forced")
+            assert 1 <= value(samples, "dtm_wal_fsyncs_total")
+            assert 1 <= value(samples, "dtm_wal_batch_records_count")
+            assert 1 <= value(samples, "dtm_wal_batch_records_max")
+            assert 0 < value(samples, "dtm_protocol_messages_total", kind="requests")
+            assert "process_cpu_seconds_total" in {name for name, _ in samples}
+
+            inventory = await running.scrape("inventory")
+            assert 1 == value(inventory, "dtm_branches_total", state="prepared")
+            assert 1 == value(inventory, "dtm_branches_total", state="committed")
+            assert 1 == value(inventory, "dtm_branches_total", state="refused")
+            assert 0 == value(inventory, "dtm_branches_in_doubt")
+            assert 1 <= value(inventory, "dtm_wal_fsyncs_total")
+            assert 1 <= value(inventory, "dtm_log_writes_total", kind="forced")
+            for name in ("waits", "timeouts", "deadlocks", "grants"):
+                assert 0 <= value(inventory, f"dtm_lock_{name}_total")
+            orders = await running.scrape("orders")
+            assert 1 <= value(orders, "dtm_lock_grants_total")  # the order id's lock
+
+    asyncio.run(scenario())
+
+
+def test_retries_in_doubt_and_lock_waits_are_counted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with servers(tmp_path) as running:
+            admin = running.participants["payment"]
+            # Payment votes, then rejects the Commit: the transaction stays committing (in
+            # doubt) and phase 2 is retried.
+            admin.fault.mode = participant_pb2.FAULT_MODE_REJECT_DECISIONS
+            response = await running.submit(
+                coordinator_pb2.SubmitRequest(transaction_id="t-1", branches=three_branches("o-1"))
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+
+            async def retried() -> bool:
+                samples = await running.scrape("coordinator")
+                key = ("dtm_phase_two_retries_total", frozenset({("participant", "payment")}))
+                return samples.get(key, 0) >= 1
+
+            await eventually(retried)
+            samples = await running.scrape("coordinator")
+            assert 1 == value(samples, "dtm_transactions_in_doubt")
+            assert 1 == value(samples, "dtm_transactions_in_flight")
+            failures = "dtm_participant_call_failures_total"
+            assert 1 <= value(samples, failures, participant="payment", rpc="Commit")
+            assert 0 == value(samples, "dtm_transactions_total", outcome="committed")
+            payment = await running.scrape("payment")
+            assert 1 == value(payment, "dtm_branches_in_doubt")
+
+            # A second transaction for the same order id waits for the first's order lock.
+            admin.fault.mode = participant_pb2.FAULT_MODE_SLOW
+            admin.fault.delay_ms = 1_000
+            first = asyncio.ensure_future(
+                running.submit(
+                    coordinator_pb2.SubmitRequest(
+                        transaction_id="t-2", branches=three_branches("o-2")
+                    )
+                )
+            )
+            await asyncio.sleep(0.3)  # t-2's orders branch is prepared and holds o-2
+            second = await running.submit(
+                coordinator_pb2.SubmitRequest(transaction_id="t-3", branches=three_branches("o-2"))
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == (await first).outcome
+            assert coordinator_pb2.OUTCOME_ABORTED == second.outcome
+            orders = await running.scrape("orders")
+            assert 1 <= value(orders, "dtm_lock_waits_total")
+
+            admin.fault.mode = participant_pb2.FAULT_MODE_NONE
+
+            async def all_committed() -> bool:
+                samples = await running.scrape("coordinator")
+                return 2 == value(samples, "dtm_transactions_total", outcome="committed")
+
+            await eventually(all_committed)
+            samples = await running.scrape("coordinator")
+            assert 0 == value(samples, "dtm_transactions_in_doubt")
+
+    asyncio.run(scenario())
+
+
+def test_metrics_are_off_by_default(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        server = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+        await server.start()
+        try:
+            assert server.metrics is None
+            assert 0 == server.metrics_port
+            assert metrics.NO_OBSERVER is server.engine.observer
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        first = CoordinatorServer(
+            ServerConfig(
+                data_dir=tmp_path / "a", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"
+            )
+        )
+        await first.start()
+        try:
+            taken = f"127.0.0.1:{first.metrics_port}"
+            second = CoordinatorServer(
+                ServerConfig(data_dir=tmp_path / "b", listen="127.0.0.1:0", metrics_listen=taken)
+            )
+            try:
+                await second.start()
+            except OSError as error:
+                assert f"cannot serve metrics on {taken}" in str(error)
+            else:
+                raise AssertionError("a second endpoint on the same port started")
+            finally:
+                await second.stop(0.1)
+        finally:
+            await first.stop(0.1)
+
+    asyncio.run(scenario())

@@ -1,0 +1,261 @@
+"""1,000 transactions left in doubt by a coordinator crash are all resolved after its restart;
+the time it takes is reported.
+
+Real processes (dtm.cluster). Two ways of leaving prepared branches behind a dead coordinator:
+
+(a) decided commits whose phase 2 could not finish: payment and notification take Prepare but
+    answer UNAVAILABLE to Commit (FAULT_MODE_REJECT_DECISIONS), so every order is decided,
+    durable and answered COMMITTED while those two still hold it prepared; then the coordinator
+    is SIGKILLed. After its restart it finds the decisions without an end record in its log and
+    sends Commit again. (The services' in-doubt inquiries are pushed far out, so that it is the
+    coordinator's own recovery that resolves them.)
+(b) undecided transactions: notification is SLOW, so the coordinator is still collecting votes
+    when it is SIGKILLed while inventory, orders and payment hold their branches prepared. After
+    the restart they ask about them and learn ABORTED (presumed abort: no record).
+
+Each measures the time from the restart (process start included) until no service lists a
+PREPARED branch, prints it to the terminal (even without `pytest -s`), and checks every
+invariant and what the clients were told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from dtm import chaos, invariants
+from dtm.cluster import COORDINATOR, SERVICES, Cluster, Ports
+from dtm.orderflow import OrderClient, SubmitResult, order_request
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
+
+TRANSACTIONS = 1_000
+SUBMIT_CONCURRENCY = 100
+PRICE_CENTS = 150
+INITIAL = {
+    "stock": {"sku-a": 10**12},
+    "accounts": {"acct-1": {"balance_cents": 10**13}},
+}
+START_TIMEOUT_S = 30.0
+#: Bounds on the polls below (the servers expose no event for "prepared" or "resolved").
+PREPARED_TIMEOUT_S = 60.0
+RESOLVE_TIMEOUT_S = 60.0
+POLL_S = 0.05
+
+
+def orders(prefix: str) -> list[tuple[coordinator_pb2.SubmitRequest, chaos.ClientRecord]]:
+    made = []
+    for number in range(TRANSACTIONS):
+        order_id = f"{prefix}-{number}"
+        request = order_request(
+            order_id, "cust", "acct-1", [("sku-a", 1)], PRICE_CENTS, "cust@example.com"
+        )
+        record = chaos.ClientRecord(order_id, request.transaction_id, "", PRICE_CENTS)
+        made.append((request, record))
+    return made
+
+
+async def submit_all(
+    cluster: Cluster,
+    requests: Sequence[coordinator_pb2.SubmitRequest],
+    timeout_s: float,
+    concurrency: int = SUBMIT_CONCURRENCY,
+) -> list[SubmitResult]:
+    limit = asyncio.Semaphore(concurrency)
+    async with OrderClient(cluster.coordinator_address) as client:
+
+        async def one(request: coordinator_pb2.SubmitRequest) -> SubmitResult:
+            async with limit:
+                return await client.submit(request, timeout_s=timeout_s)
+
+        return list(await asyncio.gather(*(one(request) for request in requests)))
+
+
+async def set_fault(cluster: Cluster, name: str, mode: int, delay_ms: int = 0) -> None:
+    async with grpc.aio.insecure_channel(cluster.address(name)) as channel:
+        await participant_pb2_grpc.ParticipantAdminStub(channel).SetFault(
+            participant_pb2.SetFaultRequest(mode=mode, delay_ms=delay_ms), timeout=5.0
+        )
+
+
+async def in_doubt(cluster: Cluster, names: Sequence[str] = SERVICES) -> dict[str, set[str]]:
+    """Service -> transaction ids of the branches it holds prepared (Participant.Recover: the
+    whole list, where ListBranches shows at most 1,000)."""
+    found: dict[str, set[str]] = {}
+    for name in names:
+        async with grpc.aio.insecure_channel(cluster.address(name)) as channel:
+            response: Any = await participant_pb2_grpc.ParticipantStub(channel).Recover(
+                participant_pb2.RecoverRequest(), timeout=10.0
+            )
+        found[name] = {branch.transaction_id for branch in response.branches}
+    return found
+
+
+async def prepared_listed(cluster: Cluster) -> int:
+    """PREPARED branches as ParticipantAdmin.ListBranches shows them, over every service."""
+    total = 0
+    for name in SERVICES:
+        async with grpc.aio.insecure_channel(cluster.address(name)) as channel:
+            response: Any = await participant_pb2_grpc.ParticipantAdminStub(channel).ListBranches(
+                participant_pb2.ListBranchesRequest(states=[participant_pb2.BRANCH_STATE_PREPARED]),
+                timeout=10.0,
+            )
+        total += len(response.branches)
+    return total
+
+
+async def until_resolved(cluster: Cluster, started: float) -> float:
+    """Seconds from `started` until no service lists a PREPARED branch."""
+    deadline = started + RESOLVE_TIMEOUT_S
+    while await prepared_listed(cluster):
+        assert time.perf_counter() < deadline, f"not resolved in {RESOLVE_TIMEOUT_S:g} s"
+        await asyncio.sleep(POLL_S)
+    return time.perf_counter() - started
+
+
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Straight to the terminal, so that `make test` shows the figure without -s."""
+    with capsys.disabled():
+        print(f"\n{line}")
+
+
+@pytest.mark.slow
+def test_1000_decided_commits_in_doubt_are_resumed_after_a_coordinator_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = Cluster(
+        tmp_path,
+        Ports.free(),
+        initial=INITIAL,
+        test_control=True,
+        # Only the coordinator's recovery resolves these: no service asks on its own.
+        extra_args={name: ["--in-doubt-after-ms", "600000"] for name in SERVICES},
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    stuck = ("payment", "notification")
+    made = orders("a")
+
+    async def scenario() -> None:
+        for name in stuck:
+            await set_fault(cluster, name, participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+        results = await submit_all(cluster, [request for request, _ in made], timeout_s=60.0)
+        outcomes = [result.outcome for result in results]
+        assert [chaos.COMMITTED] * TRANSACTIONS == outcomes, set(outcomes)
+        for (_, record), result in zip(made, results, strict=True):
+            record.outcome = result.outcome
+
+        await asyncio.to_thread(cluster.kill, COORDINATOR)
+        for name in stuck:
+            await set_fault(cluster, name, participant_pb2.FAULT_MODE_NONE)
+        doubt = await in_doubt(cluster)
+        transactions = set().union(*doubt.values())
+        branches = sum(len(ids) for ids in doubt.values())
+        expected = {name: TRANSACTIONS if name in stuck else 0 for name in SERVICES}
+        assert expected == {name: len(ids) for name, ids in doubt.items()}
+        assert TRANSACTIONS == len(transactions)
+
+        started = time.perf_counter()
+        await asyncio.to_thread(cluster.restart, COORDINATOR)
+        ready = time.perf_counter() - started
+        resolved = await until_resolved(cluster, started)
+        report(
+            capsys,
+            f"recovery (a) decided commits: {len(transactions)} transactions ({branches} branches) "
+            f"in doubt after the coordinator's SIGKILL; all resolved {resolved:.2f} s after the "
+            f"restart (coordinator ready after {ready:.2f} s, so {resolved - ready:.2f} s of "
+            f"resumed phase 2)",
+        )
+
+        snapshot = await invariants.wait_until_settled(cluster.service_addresses, timeout_s=30.0)
+        assert [] == invariants.report(snapshot).violations
+        records = [record for _, record in made]
+        assert [] == chaos.check_client_outcomes(records, snapshot)
+        assert TRANSACTIONS == sum(o.state == invariants.CONFIRMED for o in snapshot.orders)
+        assert {} == {name: ids for name, ids in (await in_doubt(cluster)).items() if ids}
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+def test_1000_undecided_transactions_in_doubt_are_presumed_aborted_after_a_coordinator_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cluster = Cluster(
+        tmp_path,
+        Ports.free(),
+        initial=INITIAL,
+        test_control=True,
+        # The coordinator waits for the slow votes instead of aborting at its usual deadlines.
+        prepare_timeout_ms=300_000,
+        transaction_timeout_ms=600_000,
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    slow = "notification"
+    holding = tuple(name for name in SERVICES if name != slow)
+    made = orders("b")
+
+    async def scenario() -> None:
+        await set_fault(cluster, slow, participant_pb2.FAULT_MODE_SLOW, delay_ms=600_000)
+
+        async def crash_once_all_prepared() -> None:
+            # Every order prepared at the three others, the coordinator still waiting for the
+            # slow votes: then it dies undecided, and the slow service with its sleeping
+            # prepares (none of them was recorded, so it holds nothing).
+            deadline = time.perf_counter() + PREPARED_TIMEOUT_S
+            while True:
+                doubt = await in_doubt(cluster, holding)
+                if all(len(ids) == TRANSACTIONS for ids in doubt.values()):
+                    break
+                assert time.perf_counter() < deadline, {n: len(i) for n, i in doubt.items()}
+                await asyncio.sleep(POLL_S)
+            await asyncio.to_thread(cluster.kill, COORDINATOR)
+            await asyncio.to_thread(cluster.kill, slow)
+
+        requests = [request for request, _ in made]
+        results, _ = await asyncio.gather(
+            # All at once: each waits for its slow vote until the crash.
+            submit_all(cluster, requests, timeout_s=600.0, concurrency=TRANSACTIONS),
+            crash_once_all_prepared(),
+        )
+        unknown = [r.outcome for r in results if r.outcome not in (chaos.COMMITTED, chaos.ABORTED)]
+        assert TRANSACTIONS == len(unknown), "the clients cannot have learned an outcome"
+        for (_, record), result in zip(made, results, strict=True):
+            record.outcome = result.outcome
+        doubt = await in_doubt(cluster, holding)
+        transactions = set().union(*doubt.values())
+        branches = sum(len(ids) for ids in doubt.values())
+        assert {name: TRANSACTIONS for name in holding} == {n: len(i) for n, i in doubt.items()}
+        assert TRANSACTIONS == len(transactions)
+
+        started = time.perf_counter()
+        await asyncio.to_thread(cluster.start)  # the coordinator, then notification
+        ready = time.perf_counter() - started
+        resolved = await until_resolved(cluster, started)
+        report(
+            capsys,
+            f"recovery (b) undecided: {len(transactions)} transactions ({branches} branches) in "
+            f"doubt after the coordinator's SIGKILL; all resolved (presumed abort, by the "
+            f"services' inquiries) {resolved:.2f} s after the restart (processes ready after "
+            f"{ready:.2f} s)",
+        )
+
+        snapshot = await invariants.wait_until_settled(cluster.service_addresses, timeout_s=30.0)
+        assert [] == invariants.report(snapshot).violations
+        assert 0 == sum(o.state == invariants.CONFIRMED for o in snapshot.orders)
+        assert 0 == len(snapshot.captures) == len(snapshot.sent)
+        assert {} == {name: ids for name, ids in (await in_doubt(cluster)).items() if ids}
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()

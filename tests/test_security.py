@@ -1,0 +1,367 @@
+"""Mutual TLS and authorization by identity: every refusal is proven against real servers.
+
+The coordinator and two participants (inventory, notification) run in-process with mutual TLS,
+each with its own certificate from a test CA made by `dtm.tools.certs`; clients call them with
+certificates of various identities, from that CA, from another CA, or with none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import stat
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dtm import security
+from dtm.coordinator.engine import CoordinatorConfig
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtm.tools import certs
+from dtmpb.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+    shop_pb2,
+    shop_pb2_grpc,
+)
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.services.inventory import InventoryService
+from participants.services.notification import NotificationService
+from tests.harness import pack
+
+Code = grpc.StatusCode
+TIMEOUT_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return certs.generate(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def rogue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another CA, unknown to the servers, issuing certificates with the very same names."""
+    return certs.generate(tmp_path_factory.mktemp("rogue"), ["client", "coordinator"])
+
+
+@dataclass
+class SecureCluster:
+    certs: Path
+    coordinator: CoordinatorServer
+    participants: dict[str, ParticipantServer]
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"127.0.0.1:{self.coordinator.port}"
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.participants[name].port}"
+
+    def tls(self, identity: str) -> security.TlsConfig:
+        return security.TlsConfig.for_identity(self.certs, identity)
+
+
+@asynccontextmanager
+async def secure_cluster(data_dir: Path, certs_dir: Path) -> AsyncIterator[SecureCluster]:
+    coordinator = CoordinatorServer(
+        ServerConfig(
+            data_dir=data_dir,
+            listen="127.0.0.1:0",
+            engine=CoordinatorConfig(prepare_timeout_ms=2_000, transaction_timeout_ms=5_000),
+            tls=security.TlsConfig.for_identity(certs_dir, "coordinator"),
+        )
+    )
+    await coordinator.start()
+    participants: dict[str, ParticipantServer] = {}
+    try:
+        for service in (InventoryService({"sku-apple": 10}), NotificationService()):
+            server = ParticipantServer(
+                service,
+                ParticipantConfig(
+                    data_dir=data_dir,
+                    coordinator=f"127.0.0.1:{coordinator.port}",
+                    tls=security.TlsConfig.for_identity(certs_dir, service.name),
+                ),
+            )
+            participants[service.name] = server
+            await server.start()
+            # Registration itself goes over mutual TLS, as a participant identity.
+            await asyncio.wait_for(server.registered.wait(), TIMEOUT_S)
+        yield SecureCluster(certs_dir, coordinator, participants)
+    finally:
+        for server in participants.values():
+            await server.stop(0.1)
+        await coordinator.stop(0.1)
+
+
+def order(order_id: str) -> list[coordinator_pb2.BranchRequest]:
+    """Two branches, so the transaction runs both phases (Prepare, then Commit)."""
+    return [
+        coordinator_pb2.BranchRequest(
+            participant="inventory",
+            operation=pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            ),
+        ),
+        coordinator_pb2.BranchRequest(
+            participant="notification",
+            operation=pack(
+                shop_pb2.SendNotification(order_id=order_id, recipient="a@example.test", body="hi")
+            ),
+        ),
+    ]
+
+
+async def expect_status(call: Awaitable[object], code: Code, *fragments: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert code == raised.value.code(), raised.value.details()
+    details = raised.value.details() or ""
+    for fragment in fragments:
+        assert fragment in details
+    return details
+
+
+async def sent_count(cluster: SecureCluster) -> int:
+    async with security.channel(cluster.address("notification"), cluster.tls("operator")) as ch:
+        response = await shop_pb2_grpc.NotificationStub(ch).ListSent(
+            shop_pb2.ListSentRequest(), timeout=TIMEOUT_S
+        )
+    return len(response.sent)
+
+
+def test_a_transaction_commits_over_mutual_tls(tmp_path: Path, ca_dir: Path) -> None:
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            address = cluster.coordinator_address
+            async with security.channel(address, cluster.tls("client"), "coordinator") as ch:
+                response = await coordinator_pb2_grpc.CoordinatorStub(ch).Submit(
+                    coordinator_pb2.SubmitRequest(branches=order("o-1")), timeout=TIMEOUT_S
+                )
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response.reason
+            assert 1 == await sent_count(cluster)
+
+    asyncio.run(scenario())
+
+
+def test_a_client_without_a_trusted_certificate_is_refused(
+    tmp_path: Path, ca_dir: Path, rogue_dir: Path
+) -> None:
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            ca = cluster.tls("client").ca_pem
+            rogue = security.TlsConfig.for_identity(rogue_dir, "client")
+            refused = {
+                # TLS that trusts the server but shows no certificate of its own.
+                "no certificate": grpc.ssl_channel_credentials(root_certificates=ca),
+                # A certificate named "client", but signed by a CA the servers do not trust.
+                "untrusted CA": grpc.ssl_channel_credentials(
+                    root_certificates=ca,
+                    private_key=rogue.key_pem,
+                    certificate_chain=rogue.cert_pem,
+                ),
+            }
+            request = coordinator_pb2.SubmitRequest(branches=order("o-refused"))
+            for what, credentials in refused.items():
+                # The handshake fails, so no handler ever sees the call.
+                async with grpc.aio.secure_channel(cluster.coordinator_address, credentials) as ch:
+                    stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+                    with pytest.raises(grpc.aio.AioRpcError) as raised:
+                        await stub.Submit(request, timeout=TIMEOUT_S)
+                    assert Code.UNAVAILABLE == raised.value.code(), (what, raised.value)
+                # Straight to a participant is no different.
+                async with grpc.aio.secure_channel(cluster.address("inventory"), credentials) as ch:
+                    with pytest.raises(grpc.aio.AioRpcError) as raised:
+                        await participant_pb2_grpc.ParticipantStub(ch).Commit(
+                            participant_pb2.CommitRequest(transaction_id="t-1", branch=0),
+                            timeout=TIMEOUT_S,
+                        )
+                    assert Code.UNAVAILABLE == raised.value.code(), (what, raised.value)
+            # Plaintext against a TLS port fails as well.
+            async with grpc.aio.insecure_channel(cluster.coordinator_address) as ch:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await coordinator_pb2_grpc.CoordinatorStub(ch).Submit(
+                        request, timeout=TIMEOUT_S
+                    )
+            # Nothing was applied anywhere, and the coordinator never heard of a transaction.
+            assert 0 == await sent_count(cluster)
+            assert not list(cluster.coordinator.engine.runs())
+
+    asyncio.run(scenario())
+
+
+def test_only_the_coordinator_may_drive_a_participant(tmp_path: Path, ca_dir: Path) -> None:
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            prepare = participant_pb2.PrepareRequest(
+                transaction_id="t-direct",
+                branch=0,
+                operation=order("o-direct")[1].operation,
+            )
+            commit = participant_pb2.CommitRequest(transaction_id="t-direct", branch=0)
+            # A client, an operator and another participant: valid certificates, wrong role.
+            for identity in ("client", "operator", "inventory"):
+                tls = cluster.tls(identity)
+                async with security.channel(cluster.address("notification"), tls) as ch:
+                    stub = participant_pb2_grpc.ParticipantStub(ch)
+                    for method, call in (
+                        ("Prepare", stub.Prepare(prepare, timeout=TIMEOUT_S)),
+                        ("Commit", stub.Commit(commit, timeout=TIMEOUT_S)),
+                        (
+                            "Rollback",
+                            stub.Rollback(
+                                participant_pb2.RollbackRequest(
+                                    transaction_id="t-direct", branch=0
+                                ),
+                                timeout=TIMEOUT_S,
+                            ),
+                        ),
+                        (
+                            "Recover",
+                            stub.Recover(participant_pb2.RecoverRequest(), timeout=TIMEOUT_S),
+                        ),
+                    ):
+                        await expect_status(
+                            call,
+                            Code.PERMISSION_DENIED,
+                            f"identity {identity!r}",
+                            f"/dtm.v1.Participant/{method}",
+                            "coordinator",
+                        )
+            # The refused Prepare never reached the branch engine.
+            assert not cluster.participants["notification"].engine.branches
+            # The coordinator's own certificate is what the participant obeys.
+            coordinator = cluster.tls("coordinator")
+            async with security.channel(cluster.address("notification"), coordinator) as ch:
+                answer = await participant_pb2_grpc.ParticipantStub(ch).Recover(
+                    participant_pb2.RecoverRequest(), timeout=TIMEOUT_S
+                )
+            assert [] == list(answer.branches)
+
+    asyncio.run(scenario())
+
+
+def test_only_participants_may_register_and_only_as_themselves(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            before = dict(cluster.coordinator.engine.registry.participants)
+
+            def hijack(name: str) -> coordinator_pb2.RegisterParticipantRequest:
+                return coordinator_pb2.RegisterParticipantRequest(
+                    name=name, address="127.0.0.1:1", capabilities=coordinator_pb2.Capabilities()
+                )
+
+            for identity in ("client", "operator"):
+                tls = cluster.tls(identity)
+                async with security.channel(cluster.coordinator_address, tls) as ch:
+                    stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+                    await expect_status(
+                        stub.RegisterParticipant(hijack("inventory"), timeout=TIMEOUT_S),
+                        Code.PERMISSION_DENIED,
+                        f"identity {identity!r}",
+                        "RegisterParticipant",
+                        "participant",
+                    )
+                    await expect_status(
+                        stub.QueryOutcome(
+                            coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1"),
+                            timeout=TIMEOUT_S,
+                        ),
+                        Code.PERMISSION_DENIED,
+                        "QueryOutcome",
+                    )
+            # A participant may register, but not under another participant's name.
+            async with security.channel(cluster.coordinator_address, cluster.tls("payment")) as ch:
+                await expect_status(
+                    coordinator_pb2_grpc.CoordinatorStub(ch).RegisterParticipant(
+                        hijack("inventory"), timeout=TIMEOUT_S
+                    ),
+                    Code.PERMISSION_DENIED,
+                    "'payment' may not register participant 'inventory'",
+                )
+            assert before == cluster.coordinator.engine.registry.participants
+
+    asyncio.run(scenario())
+
+
+def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: Path) -> None:
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            address = cluster.address("inventory")
+            async with security.channel(address, cluster.tls("operator")) as ch:
+                await participant_pb2_grpc.ParticipantAdminStub(ch).ListLocks(
+                    participant_pb2.ListLocksRequest(), timeout=TIMEOUT_S
+                )
+            for identity in ("client", "coordinator"):
+                async with security.channel(address, cluster.tls(identity)) as ch:
+                    await expect_status(
+                        participant_pb2_grpc.ParticipantAdminStub(ch).ListLocks(
+                            participant_pb2.ListLocksRequest(), timeout=TIMEOUT_S
+                        ),
+                        Code.PERMISSION_DENIED,
+                        f"identity {identity!r}",
+                        "ListLocks",
+                        "operator",
+                    )
+            # A participant's certificate does not make it a client of the coordinator.
+            tls = cluster.tls("inventory")
+            async with security.channel(cluster.coordinator_address, tls) as ch:
+                await expect_status(
+                    coordinator_pb2_grpc.CoordinatorStub(ch).Submit(
+                        coordinator_pb2.SubmitRequest(branches=order("o-by-participant")),
+                        timeout=TIMEOUT_S,
+                    ),
+                    Code.PERMISSION_DENIED,
+                    "'inventory'",
+                    "Submit",
+                )
+            # Health checks stay open to any verified peer (readiness probes).
+            async with security.channel(address, cluster.tls("inventory")) as ch:
+                health = await health_pb2_grpc.HealthStub(ch).Check(
+                    health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S
+                )
+            assert health_pb2.HealthCheckResponse.SERVING == health.status
+            assert 0 == await sent_count(cluster)
+
+    asyncio.run(scenario())
+
+
+def test_certificates_and_configuration(ca_dir: Path, tmp_path: Path) -> None:
+    for identity in (*certs.IDENTITIES, "ca"):
+        mode = stat.S_IMODE(certs.key_path(ca_dir, identity).stat().st_mode)
+        assert 0o600 == mode, identity
+    with pytest.raises(ValueError, match="identity"):
+        certs.generate(tmp_path / "bad", ["../escape"])
+
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    assert security.from_options(parser.parse_args([]), environ={}) is None
+    with pytest.raises(ValueError, match="--tls-key"):
+        security.from_options(
+            parser.parse_args(["--tls-ca", str(ca_dir / "ca.pem")]),
+            environ={"DTM_TLS_CERT": str(ca_dir / "client.pem")},
+        )
+    environ = {
+        "DTM_TLS_CA": str(ca_dir / "ca.pem"),
+        "DTM_TLS_CERT": str(ca_dir / "client.pem"),
+        "DTM_TLS_KEY": str(ca_dir / "client-key.pem"),
+        "DTM_AUTHZ_CLIENTS": "shop-frontend, operator",
+    }
+    cfg = security.from_options(parser.parse_args(["--authz-operators", "ops"]), environ)
+    assert cfg is not None
+    assert ca_dir / "client.pem" == cfg.cert
+    assert frozenset({"shop-frontend", "operator"}) == cfg.policy.clients
+    assert frozenset({"ops"}) == cfg.policy.operators
+    assert security.PARTICIPANT_IDENTITIES == cfg.policy.participants
+    # A child process given these flags ends up with the same configuration.
+    again = security.from_options(parser.parse_args(security.arguments(cfg)), environ={})
+    assert cfg == again
