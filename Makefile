@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 bench-plot: $(STAMP)
+	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m bench.plot
 
 # A local test CA and a certificate per identity (development and tests only; certs/ is

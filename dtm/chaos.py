@@ -45,6 +45,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +82,7 @@ RETRY_SPACING_S = 0.2
 #: Bound on one run, whatever happens inside it.
 RUN_TIMEOUT_S = 120.0
 #: A cluster is replaced by a fresh one after this many orders, so that reading the services'
-#: full state after each run stays cheap and far below the gRPC message size limit.
+#: full state after each run stays cheap.
 CLUSTER_ORDERS_MAX = 10_000
 
 # Random SIGKILL runs
@@ -419,9 +420,10 @@ class RunResult:
 
 
 class Session:
-    def __init__(self, root: Path, *, verbose: bool = False) -> None:
+    """Runs one after another against one cluster, replaced only when it must be."""
+
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.verbose = verbose
         self.cluster: Cluster | None = None
         self.clusters_started = 0
         #: Order id -> must be CONFIRMED; every order whose outcome is known, for this cluster.
@@ -516,9 +518,13 @@ class Session:
             result.violations.append(f"could not read the services: {error!r}")
         return None
 
-    async def retry(self, cluster: Cluster, record: ClientRecord) -> SubmitResult:
-        assert record.request is not None
-        async with OrderClient(cluster.coordinator_address) as client:
+    async def retry_all(
+        self, cluster: Cluster, records: Sequence[ClientRecord]
+    ) -> list[SubmitResult]:
+        """Submit each record's request again, with the same transaction id, concurrently."""
+
+        async def retry(client: OrderClient, record: ClientRecord) -> SubmitResult:
+            assert record.request is not None
             answer = await client.submit(record.request, timeout_s=SUBMIT_TIMEOUT_S)
             for _ in range(RETRY_ATTEMPTS - 1):
                 if answer.outcome not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
@@ -526,7 +532,12 @@ class Session:
                 # The coordinator exposes no event for "my channel is up": bounded polling.
                 await asyncio.sleep(RETRY_SPACING_S)
                 answer = await client.submit(record.request, timeout_s=SUBMIT_TIMEOUT_S)
-        return answer
+            return answer
+
+        if not records:
+            return []
+        async with OrderClient(cluster.coordinator_address) as client:
+            return list(await asyncio.gather(*(retry(client, record) for record in records)))
 
     async def check(self, cluster: Cluster, result: RunResult) -> None:
         """Settle, check everything, retry the unknown outcomes, settle and check again."""
@@ -540,7 +551,7 @@ class Session:
             if record.known:
                 self.ledger[record.order_id] = record.outcome == COMMITTED
         unknown = [record for record in result.records if not record.known]
-        answers = await asyncio.gather(*(self.retry(cluster, record) for record in unknown))
+        answers = await self.retry_all(cluster, unknown)
         result.mark("retry")
         for record, answer in zip(unknown, answers, strict=True):
             record.retry_outcome = answer.outcome
@@ -659,10 +670,11 @@ class Session:
                     if loop.time() >= deadline:
                         return
                     victim = rng.choices(PROCESSES, NEMESIS_WEIGHTS)[0]
-                    result.violations += self._unexpected_exits(cluster, ())
                     await asyncio.to_thread(cluster.kill, victim)
                     result.kills[victim] += 1
                     await asyncio.sleep(rng.uniform(*NEMESIS_DOWNTIME_S))
+                    # Anything else down now died by itself: say so before restarting it.
+                    result.violations += self._unexpected_exits(cluster, [victim])
                     await self.heal(cluster)
             finally:
                 stop.set()
@@ -690,6 +702,9 @@ class Session:
             result.violations.append(f"the run did not finish within {RUN_TIMEOUT_S:g} s")
         except ClusterError as error:
             result.violations.append(f"the cluster failed: {error}")
+        except Exception as error:  # reported as a failed run, and the next run starts clean
+            detail = "".join(traceback.format_exception(error)[-4:])
+            result.violations.append(f"the run failed: {error!r}\n{detail}")
         result.elapsed_s = time.perf_counter() - started
         if result.violations:
             cluster = self.cluster
@@ -732,6 +747,8 @@ def print_violation(result: RunResult) -> None:
 
 
 def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
+    if not results:
+        return
     print()
     print("summary (crash matrix: point x component)")
     rows: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
@@ -830,7 +847,7 @@ def parse_replay(text: str, cells: Sequence[Cell]) -> tuple[Cell | None, int]:
 async def run_all(
     planned: Sequence[tuple[Cell | None, int]], root: Path, verbose: bool
 ) -> list[RunResult]:
-    session = Session(root, verbose=verbose)
+    session = Session(root)
     results: list[RunResult] = []
     try:
         for index, (cell, seed) in enumerate(planned, start=1):

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 
 from dtm import invariants
 from dtm.cluster import PROCESSES, Cluster, ClusterError, Ports
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
+from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 
 PREPARE_TIMEOUT_MS = 500
 SLOW_DELAY_MS = 1_500

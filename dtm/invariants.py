@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from dtmpb.v1 import shop_pb2, shop_pb2_grpc
 
 from dtm import grpc_edge
+from dtmpb.v1 import shop_pb2, shop_pb2_grpc
 
 PENDING = "PENDING"
 CONFIRMED = "CONFIRMED"

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, shop_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from dtm import grpc_edge, limits
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, shop_pb2
 
 INVENTORY = "inventory"
 ORDERS = "orders"

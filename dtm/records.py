@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from dtmpb.v1 import log_pb2
 from google.protobuf.message import Message
+
+from dtmpb.v1 import log_pb2
 
 
 class RecordType(IntEnum):

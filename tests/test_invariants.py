@@ -11,7 +11,6 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from dtmpb.v1 import shop_pb2
 
 from dtm import invariants
 from dtm.invariants import (
@@ -26,6 +25,7 @@ from dtm.invariants import (
     StockLevel,
     check,
 )
+from dtmpb.v1 import shop_pb2
 
 
 def consistent() -> Snapshot:

@@ -13,13 +13,13 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2, shop_pb2_grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtm import limits
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2, shop_pb2_grpc
 from participants.locks import LockMode
 from participants.service import InvalidOperation, LockRequest, Prepared, Refused
 from participants.services import SNAPSHOT_FORMAT, transaction_of

@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from dtmpb.v1 import log_pb2
 
 from dtm.limits import LOG_RECORD_BYTES_MAX, LOG_SEGMENT_BYTES_MAX
 from dtm.records import RecordType
@@ -30,6 +29,7 @@ from dtm.wal import (
     dump,
     main,
 )
+from dtmpb.v1 import log_pb2
 
 ENDED = int(RecordType.TRANSACTION_ENDED)
 CHECKPOINT = int(RecordType.COORDINATOR_CHECKPOINT)

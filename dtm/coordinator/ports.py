@@ -258,9 +258,10 @@ class ParticipantPort:
 
 def heuristic_of(error: grpc.aio.AioRpcError) -> str:
     """The heuristic outcome a participant reports in trailing metadata, if any."""
-    for key, value in error.trailing_metadata() or ():
+    metadata: Any = error.trailing_metadata() or ()  # grpc-stubs types it too narrowly
+    for key, value in metadata:
         if key == HEURISTIC_METADATA_KEY:
-            return value if isinstance(value, str) else value.decode()
+            return str(value if isinstance(value, str) else value.decode())
     return ""
 
 

@@ -107,7 +107,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.ListParticipantsRequest, context: Context
     ) -> coordinator_pb2.ListParticipantsResponse:
         return coordinator_pb2.ListParticipantsResponse(
-            participants=sorted(self.registry.participants.values(), key=lambda p: p.name)
+            participants=[
+                self.registry.participants[name] for name in sorted(self.registry.participants)
+            ]
         )
 
     async def Submit(
@@ -136,7 +138,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         txn = transaction_pb(run)
         return coordinator_pb2.SubmitResponse(
             transaction_id=txn.transaction_id,
-            outcome=run.answer(),
+            outcome=run.answer(),  # type: ignore[arg-type]  # an Outcome enum value is an int
             reason=txn.reason,
             branches=txn.branches,
         )
@@ -240,7 +242,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             participant=request.participant,
             outcome=coordinator_pb2.Outcome.Name(outcome),
         )
-        return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)
+        return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)  # type: ignore[arg-type]
 
 
 @dataclass
