@@ -124,6 +124,8 @@ class Session:
     out: TextIO
     tls: security.TlsConfig | None
     channels: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    #: Participants that failed to answer a command that asks several (reported on stderr).
+    failures: int = 0
     _coordinator_address: str | None = None
     _coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
 
@@ -160,8 +162,9 @@ class Session:
         except grpc.RpcError as error:
             raise rpc_error(error, "the coordinator", self.coordinator_address, self) from None
 
-    def admin(self, name: str, address: str) -> participant_pb2_grpc.ParticipantAdminStub:
-        return participant_pb2_grpc.ParticipantAdminStub(self.channel(address, name))
+    def admin(self, target: Target) -> participant_pb2_grpc.ParticipantAdminStub:
+        channel = self.channel(target.address, target.identity)
+        return participant_pb2_grpc.ParticipantAdminStub(channel)
 
 
 def _configured_coordinator(path: Path | None) -> str:
@@ -230,7 +233,7 @@ def cmd_submit(session: Session) -> int:
         print(f"transaction {response.transaction_id}: {outcome.upper()}", file=session.out)
         if response.reason:
             print(f"reason: {response.reason}", file=session.out)
-        _branch_status_table(response.branches, session.out)
+        _branch_status_table(response.branches, session.out, phase_two=False)
     if response.outcome == coordinator_pb2.OUTCOME_COMMITTED:
         return EXIT_OK
     return EXIT_UNKNOWN if response.outcome == coordinator_pb2.OUTCOME_UNKNOWN else EXIT_NO
@@ -318,24 +321,27 @@ def _operation_types_hint(session: Session) -> str:
     return f" ({'; '.join(takes)})" if takes else ""
 
 
-def _branch_status_table(branches: Sequence[coordinator_pb2.BranchStatus], out: TextIO) -> None:
-    fmt.table(
-        ["#", "PARTICIPANT", "VOTE", "ACKED", "ATTEMPTS", "REASON", "LAST ERROR", "HEURISTIC"],
-        [
-            [
-                b.branch,
-                b.participant,
-                fmt.vote_name(b.vote) or "-",
+def _branch_status_table(
+    branches: Sequence[coordinator_pb2.BranchStatus], out: TextIO, phase_two: bool = True
+) -> None:
+    """One row per branch; `phase_two` False drops the phase-2 columns (a Submit answers as
+    soon as the decision is durable, before any acknowledgement could arrive)."""
+    headers = ["#", "PARTICIPANT", "VOTE", "REASON"]
+    if phase_two:
+        headers += ["ACKED", "ATTEMPTS", "LAST ERROR", "HEURISTIC"]
+    rows: list[list[object]] = []
+    for b in branches:
+        row: list[object] = [b.branch, b.participant, fmt.vote_name(b.vote) or "-"]
+        row.append(fmt.clip(b.reason) or "-")
+        if phase_two:
+            row += [
                 "yes" if b.acknowledged else "no",
                 b.phase_two_attempts,
-                fmt.clip(b.reason) or "-",
                 fmt.clip(b.last_error) or "-",
                 b.heuristic or "-",
             ]
-            for b in branches
-        ],
-        out,
-    )
+        rows.append(row)
+    fmt.table(headers, rows, out)
 
 
 def cmd_txn_list(session: Session) -> int:
@@ -457,12 +463,23 @@ def _registry(session: Session) -> list[coordinator_pb2.ParticipantInfo]:
     return list(response.participants)
 
 
-def _targets(session: Session) -> list[tuple[str, str]]:
-    """(name, address) of the participants to ask: --address, else the registry (filtered by
-    --participant)."""
+@dataclass(frozen=True)
+class Target:
+    """A participant to call: its name (for messages), address, and the identity its TLS
+    certificate must carry (None: any certificate of the CA, when the name is not known)."""
+
+    name: str
+    address: str
+    identity: str | None
+
+
+def _targets(session: Session) -> list[Target]:
+    """The participants to ask: the one at --address, else the registry's (only
+    --participant's, when given)."""
     options = session.options
     if options.address:
-        return [(options.participant or options.address, options.address)]
+        name = options.participant or options.address
+        return [Target(name, options.address, options.participant)]
     registry = _registry(session)
     if options.participant:
         registry = [p for p in registry if p.name == options.participant]
@@ -472,7 +489,7 @@ def _targets(session: Session) -> list[tuple[str, str]]:
                 f"at {session.coordinator_address} (`dtm participants` lists them; --address "
                 "HOST:PORT reaches a participant directly)"
             )
-    return [(p.name, p.address) for p in registry]
+    return [Target(p.name, p.address, p.name) for p in registry]
 
 
 def _ask_all(
@@ -480,16 +497,14 @@ def _ask_all(
 ) -> Iterator[tuple[str, Any]]:
     """Call every target participant at once (futures); yields (name, response) in order.
     A participant that fails is reported on stderr; the command then exits with EXIT_ERROR."""
-    pending = [
-        (name, address, call(session.admin(name, address))) for name, address in _targets(session)
-    ]
-    for name, address, future in pending:
+    pending = [(target, call(session.admin(target))) for target in _targets(session)]
+    for target, future in pending:
         try:
-            yield name, future.result()
+            yield target.name, future.result()
         except grpc.RpcError as error:
-            problem = rpc_error(error, f"participant {name}", address, session)
-            print(f"dtm: {problem}", file=sys.stderr)
-            session.options.failures += 1
+            problem = rpc_error(error, f"participant {target.name}", target.address, session)
+            print(f"dtm: error: {problem}", file=sys.stderr)
+            session.failures += 1
 
 
 def cmd_participants(session: Session) -> int:
@@ -576,7 +591,7 @@ def cmd_locks(session: Session) -> int:
             ],
             session.out,
         )
-    return EXIT_ERROR if session.options.failures else EXIT_OK
+    return EXIT_ERROR if session.failures else EXIT_OK
 
 
 def cmd_branches(session: Session) -> int:
@@ -618,7 +633,7 @@ def cmd_branches(session: Session) -> int:
             ],
             session.out,
         )
-    return EXIT_ERROR if options.failures else EXIT_OK
+    return EXIT_ERROR if session.failures else EXIT_OK
 
 
 def cmd_force(session: Session) -> int:
@@ -630,7 +645,7 @@ def cmd_force(session: Session) -> int:
         raise CliError("say which participant: --participant NAME or --address HOST:PORT")
     _refuse_contradiction(session)
     try:
-        name, address = _targets(session)[0]
+        target = _targets(session)[0]
     except CliError as error:
         raise CliError(
             f"{error}; to force without the coordinator, give the participant's --address"
@@ -642,11 +657,11 @@ def cmd_force(session: Session) -> int:
         i_understand_this_is_heuristic=True,
     )
     try:
-        response = session.admin(name, address).ForceOutcome(request, timeout=session.timeout)
+        response = session.admin(target).ForceOutcome(request, timeout=session.timeout)
     except grpc.RpcError as error:
-        raise rpc_error(error, f"participant {name}", address, session) from None
+        raise rpc_error(error, f"participant {target.name}", target.address, session) from None
     if session.json:
-        fmt.emit_json(fmt.branch_info_dict(name, response.branch), session.out)
+        fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
     else:
         info = response.branch
         print(
@@ -1013,7 +1028,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls = security.from_options(options)
         except ValueError as error:
             raise CliError(str(error), EXIT_USAGE) from None
-        options.failures = 0
         session = Session(options, sys.stdout, tls)
         with session.channels:
             status: int = options.handler(session)

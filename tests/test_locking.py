@@ -121,7 +121,8 @@ def test_hot_sku_never_oversells(tmp_path: Path) -> None:
             hot = (await cluster.stock())["sku-hot"]
             assert (0, 0, 100) == (hot.available, hot.reserved, hot.sold)
             print(
-                f"hot SKU, in-process: 500 orders decided in {elapsed:.2f} s ({500 / elapsed:.0f}/s)"
+                f"hot SKU, in-process: 500 orders decided in {elapsed:.2f} s "
+                f"({500 / elapsed:.0f}/s)"
             )
 
     asyncio.run(scenario())
