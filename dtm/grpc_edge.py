@@ -76,8 +76,21 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
+# Young-generation GC threshold for server processes. Each transaction allocates thousands
+# of short-lived objects (protobufs, futures, actions) that die young without cycles, so the
+# default 700 runs the collector constantly for nothing; make bench measured about +10-15%
+# throughput at 50,000. Memory stays bounded: objects without cycles are freed by refcount.
+GC_YOUNG_THRESHOLD = 50_000
+
+
 def use_fast_event_loop() -> None:
-    """uvloop when installed (the `fast` extra): a cheaper event loop on the hot path."""
+    """Tune a server process for the hot path: uvloop when installed (the `fast` extra), and a
+    garbage collector that does not scan the long-lived startup objects again and again."""
+    import gc
+
+    gc.freeze()  # everything imported so far lives forever: keep it out of every collection
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
     try:
         import uvloop
     except ImportError:
