@@ -57,10 +57,10 @@ status: $(STAMP)
 	$(PY) -m dtm.cluster status --data-dir $(DATA_DIR)
 
 chaos: $(STAMP)
-	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-200}
+	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-200} --kill-runs $${CHAOS_KILL_RUNS:-100} --sim-seeds $${CHAOS_SIM_SEEDS:-500}
 
 chaos-soak: $(STAMP)
-	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-2000} --sim-seeds 10000
+	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-2000} --kill-runs $${CHAOS_KILL_RUNS:-1000} --sim-seeds 10000
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)

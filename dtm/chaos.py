@@ -28,7 +28,10 @@ After every run, once everything has healed and settled:
 Each run prints one line; a summary table and the totals follow. The last line is always
 `chaos: <runs> runs, <violations> violations`; the exit status is 0 only with no violation.
 A violation prints its seed, its point and the tails of the relevant process logs, and a
-command that replays that run alone.
+command that replays that run alone (same point, count, orders and kill schedule, on a fresh
+cluster; timing on real processes is never exactly the same). Defaults: --kill-runs is
+--runs / 10; --sim-seeds 0 (with M > 0, dtm.sim.run_seed runs seeds S..S+M-1 and its
+violations count in the total).
 
     python -m dtm.chaos --runs N [--seed S] [--kill-runs K] [--sim-seeds M] [--verbose]
     python -m dtm.chaos --replay coordinator.mid_phase_two:coordinator:1017

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dtm import chaos, invariants
+from dtm import chaos, crashpoints, invariants
 from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
 from dtm.cluster import SERVICES
 from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
@@ -125,7 +125,7 @@ def answer(outcome: str, transaction_id: str = "txn") -> SubmitResult:
     if outcome in (COMMITTED, ABORTED):
         response = coordinator_pb2.SubmitResponse(
             transaction_id=transaction_id,
-            outcome=coordinator_pb2.Outcome.Value(f"OUTCOME_{outcome}"),
+            outcome=f"OUTCOME_{outcome}",
         )
         return SubmitResult(transaction_id, response, grpc.StatusCode.OK, "", 0.0)
     return SubmitResult(transaction_id, None, grpc.StatusCode[outcome], "refused", 0.0)
@@ -194,9 +194,9 @@ def test_retry_of_an_unknown_outcome_must_tell_what_happened(
 
 def test_the_matrix_covers_every_point_in_every_component_it_applies_to() -> None:
     cells = chaos.matrix(include_wal=True)
-    assert {cell.point for cell in cells} == set(chaos.crashpoints.POINTS)
+    assert {cell.point for cell in cells} == set(crashpoints.POINTS)
     assert {c.component for c in cells if c.point.startswith("participant.")} == set(SERVICES)
-    points = chaos.crashpoints.POINTS
+    points = crashpoints.POINTS
     components = {"coordinator": 1, "participant": len(SERVICES), "wal": 1 + len(SERVICES)}
     assert sum(components[point.split(".")[0]] for point in points) == len(cells)
     planned = chaos.plan(200, 0, 1, cells)
