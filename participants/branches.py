@@ -99,6 +99,8 @@ class BranchEngine:
         self._decided: OrderedDict[BranchKey, None] = OrderedDict()
         self._operations: dict[BranchKey, Message] = {}
         self._applied: set[BranchKey] = set()  # service.prepare returned Prepared
+        # The operation as it arrived (an Any), for the prepare record; absent after a replay.
+        self._packed: dict[BranchKey, any_pb2.Any] = {}
         self._pending: dict[BranchKey, asyncio.Future[tuple[BranchVote, str]]] = {}
         self._tasks: dict[BranchKey, asyncio.Task[None]] = {}
         self._durable_lsn: dict[BranchKey, int] = {}
@@ -134,6 +136,7 @@ class BranchEngine:
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
             self._track(branch)
             self._operations[key] = decoded
+            self._packed[key] = operation  # logged as received: no second serialization
             requests = self.service.locks(decoded)
             if not requests:
                 # The common case: no lock wait, so no task: the whole prepare is one step.
@@ -273,6 +276,13 @@ class BranchEngine:
                 reply = action
         return reply
 
+    def _packed_operation(self, key: BranchKey) -> any_pb2.Any:
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = any_pb2.Any()
+            packed.Pack(self._operations[key])
+        return packed
+
     def _persist(self, branch: Branch, action: core.Persist) -> None:
         key = branch.key
         info = self.branches[key]
@@ -288,14 +298,14 @@ class BranchEngine:
                 branch=key[1],
                 prepared_at_unix_ms=info.prepared_at_ms,
             )
-            record.operation.Pack(self._operations[key])
+            record.operation.CopyFrom(self._packed_operation(key))
         elif action.kind is core.RecordKind.COMMITTED:
             record_type = RecordType.BRANCH_COMMITTED
             record = log_pb2.BranchCommitted(
                 transaction_id=key[0], branch=key[1], heuristic=action.heuristic
             )
             if branch.one_phase:
-                record.operation.Pack(self._operations[key])
+                record.operation.CopyFrom(self._packed_operation(key))
         else:
             record_type = RecordType.BRANCH_ROLLED_BACK
             record = log_pb2.BranchRolledBack(
@@ -313,6 +323,7 @@ class BranchEngine:
         """The branch is decided: drop its operation and locks; remember it (bounded) for dedup."""
         self._applied.discard(key)
         self._operations.pop(key, None)
+        self._packed.pop(key, None)
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
         self._decided[key] = None
@@ -494,6 +505,7 @@ class BranchEngine:
         self.open.clear()
         self._decided.clear()
         self._operations.clear()
+        self._packed.clear()
         self._applied.clear()
         self.service.restore(checkpoint.service_state)
         for prepared in checkpoint.prepared:
