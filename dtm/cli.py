@@ -174,8 +174,11 @@ def _configured_coordinator(path: Path | None) -> str:
         raise CliError(f"{error} (or pass --coordinator HOST:PORT)") from None
 
 
-def rpc_error(error: grpc.RpcError, what: str, address: str, session: Session) -> CliError:
-    """A CliError saying what failed and what to do about it."""
+def rpc_error(
+    error: grpc.RpcError, what: str, address: str, session: Session, timeout: float | None = None
+) -> CliError:
+    """A CliError saying what failed and what to do about it (`timeout`: the call's deadline,
+    when not --timeout)."""
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     if code is grpc.StatusCode.UNAVAILABLE:
@@ -188,7 +191,7 @@ def rpc_error(error: grpc.RpcError, what: str, address: str, session: Session) -
         return CliError(f"cannot reach {what} at {address}: {hint} ({details})")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return CliError(
-            f"{what} at {address} did not answer within {session.timeout:g} s "
+            f"{what} at {address} did not answer within {timeout or session.timeout:g} s "
             "(try a longer --timeout)"
         )
     if code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
@@ -211,7 +214,8 @@ def cmd_submit(session: Session) -> int:
     try:
         response = session.coordinator.Submit(request, timeout=deadline)
     except grpc.RpcError as error:
-        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        address = session.coordinator_address
+        problem = rpc_error(error, "the coordinator", address, session, deadline)
         if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
             problem = CliError(
                 f"{problem}; transaction {request.transaction_id} may still finish: "
@@ -665,7 +669,7 @@ def cmd_force(session: Session) -> int:
     else:
         info = response.branch
         print(
-            f"{name}: branch {info.transaction_id}/{info.branch} forced to "
+            f"{target.name}: branch {info.transaction_id}/{info.branch} forced to "
             f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})",
             file=session.out,
         )

@@ -24,8 +24,8 @@ Metric names (all ``dtm_``):
 
 coordinator
     dtm_transactions_total{outcome}                       counter   committed | aborted
-    dtm_decision_latency_seconds{outcome}                 histogram begin -> decision
-    dtm_end_to_end_latency_seconds{outcome}               histogram begin -> finished
+    dtm_decision_latency_seconds{outcome}                 histogram begin -> decision (*)
+    dtm_end_to_end_latency_seconds{outcome}               histogram begin -> finished (*)
     dtm_transactions_in_flight                            gauge     not finished yet
     dtm_transactions_in_doubt                             gauge     deciding/committing/unknown
     dtm_phase_two_retries_total{participant}              counter
@@ -34,8 +34,12 @@ coordinator
     dtm_participants_registered                           gauge
     dtm_protocol_messages_total{kind}                     counter   requests | replies | ...
     dtm_log_writes_total{kind}                            counter   forced | lazy
+    (*) from the transaction's own timestamps, which the engine keeps in milliseconds;
+        "finished" is every phase-2 call acknowledged (commit) or the abort decided (presumed
+        abort sends its rollbacks without waiting)
 participant
-    dtm_branches_total{state}                 counter prepared | committed | rolled_back | refused
+    dtm_branches_total{state}                 counter prepared | committed | rolled_back
+                                                      (prepared work undone) | refused
     dtm_branches_open                         gauge   preparing or prepared
     dtm_branches_in_doubt                     gauge   prepared, waiting for the decision
     dtm_lock_waits_total, dtm_lock_timeouts_total, dtm_lock_deadlocks_total,
