@@ -29,6 +29,9 @@ from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 
 PREPARE_TIMEOUT_MS = 500
+# The orders service waits this long for a lock; the contention scenario holds one longer.
+ORDERS_LOCK_WAIT_MS = 200
+LOCK_HOLD_MS = 400
 SLOW_DELAY_MS = 1_500
 BURST_ORDERS = 30
 BURST_STOCK = 5
@@ -323,6 +326,49 @@ class Demo:
             f"{committed} committed, {no_stock} refused for stock, others: {dict(other)}",
         )
 
+    async def lock_timeout(self) -> None:
+        header("7. Two orders claim the same order id: a lock timeout decides")
+        print(
+            "  orders locks each order id from prepare to decision. The first order holds it\n"
+            f"  while notification takes {LOCK_HOLD_MS} ms to prepare; the second waits at most "
+            f"{ORDERS_LOCK_WAIT_MS} ms\n  for it, gives up with a lock timeout, and its "
+            "transaction aborts. No deadlock can hang."
+        )
+        order_id = self.new_order_id()
+        self.scripted_orders.append(order_id)
+        lines = [("sku-apple", 1)]
+        amount = PRICES_CENTS["sku-apple"]
+        await self.set_fault("notification", participant_pb2.FAULT_MODE_SLOW, LOCK_HOLD_MS)
+        try:
+            first = asyncio.ensure_future(
+                self.client.submit(
+                    order_request(order_id, "alice", "acct-alice", lines, amount, "a@example.com")
+                )
+            )
+            await asyncio.sleep(0.05)  # the first order's prepare takes the lock
+            second = await self.client.submit(
+                order_request(
+                    order_id,
+                    "bob",
+                    "acct-bob",
+                    lines,
+                    amount,
+                    "b@example.com",
+                    transaction_id=f"txn-{order_id}-bob",
+                )
+            )
+            first_result = await first
+        finally:
+            await self.set_fault("notification", participant_pb2.FAULT_MODE_NONE)
+        self.show(order_id, "alice", lines, amount, first_result)
+        self.show(order_id, "bob", lines, amount, second)
+        self.expect("the first claim of the order id to commit", first_result.committed)
+        self.expect(
+            "the second claim to abort on a lock timeout",
+            second.aborted and "lock timeout" in second.reason,
+            f"{second.outcome}: {second.reason}",
+        )
+
     # ---- the end state ----
 
     def show_state(self, snapshot: invariants.Snapshot) -> None:
@@ -421,6 +467,7 @@ async def run_demo(cluster: Cluster) -> bool:
             demo.slow_service,
             demo.service_down,
             demo.burst,
+            demo.lock_timeout,
         ):
             await scenario()
 
@@ -469,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         initial=INITIAL,
         test_control=True,
         prepare_timeout_ms=PREPARE_TIMEOUT_MS,
+        extra_args={"orders": ["--lock-wait-ms", str(ORDERS_LOCK_WAIT_MS)]},
     )
     print("dtm demo: a coordinator and four services, each its own process")
     print(f"  data dir: {data_dir}")
