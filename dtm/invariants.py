@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -342,6 +343,9 @@ Targets = Mapping[str, str | grpc.aio.Channel]
 SERVICES = ("inventory", "orders", "payment", "notification")
 # Bound on the pages of one list read (10,000 items a page: ten million items).
 PAGES_MAX = 1_000
+_Page = TypeVar(
+    "_Page", shop_pb2.ListOrdersResponse, shop_pb2.ListAccountsResponse, shop_pb2.ListSentResponse
+)
 
 
 def _order_state(state: int) -> str:
@@ -365,50 +369,50 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
             return opened
         return target
 
-    async def orders_pages() -> shop_pb2.ListOrdersResponse:
-        stub = shop_pb2_grpc.OrdersStub(channel("orders"))
-        merged = shop_pb2.ListOrdersResponse()
-        token = ""
+    async def all_pages(first: _Page, fetch: Callable[[str], Awaitable[_Page]], what: str) -> _Page:
+        """Follow next_page_token, appending each page's items to the first page."""
+        merged = first
+        token = first.next_page_token
         for _ in range(PAGES_MAX):
-            page = await stub.ListOrders(
-                shop_pb2.ListOrdersRequest(page_token=token), timeout=timeout_s
-            )
-            merged.orders.extend(page.orders)
-            token = page.next_page_token
             if not token:
+                merged.next_page_token = ""
                 return merged
-        raise RuntimeError(f"orders: more than {PAGES_MAX} pages")
+            page = await fetch(token)
+            for name in ("orders", "captures", "sent"):
+                if hasattr(page, name):
+                    getattr(merged, name).extend(getattr(page, name))
+            token = page.next_page_token
+        raise RuntimeError(f"{what}: more than {PAGES_MAX} pages")
+
+    orders_stub = shop_pb2_grpc.OrdersStub(channel("orders"))
+    payment_stub = shop_pb2_grpc.PaymentStub(channel("payment"))
+    sent_stub = shop_pb2_grpc.NotificationStub(channel("notification"))
+
+    def list_orders(token: str) -> Awaitable[shop_pb2.ListOrdersResponse]:
+        return orders_stub.ListOrders(  # type: ignore[no-any-return]
+            shop_pb2.ListOrdersRequest(page_token=token), timeout=timeout_s
+        )
+
+    def list_accounts(token: str) -> Awaitable[shop_pb2.ListAccountsResponse]:
+        # Every page repeats the accounts; only the first page's are kept (all_pages does not
+        # extend `accounts`).
+        return payment_stub.ListAccounts(  # type: ignore[no-any-return]
+            shop_pb2.ListAccountsRequest(page_token=token), timeout=timeout_s
+        )
+
+    def list_sent(token: str) -> Awaitable[shop_pb2.ListSentResponse]:
+        return sent_stub.ListSent(  # type: ignore[no-any-return]
+            shop_pb2.ListSentRequest(page_token=token), timeout=timeout_s
+        )
+
+    async def orders_pages() -> shop_pb2.ListOrdersResponse:
+        return await all_pages(await list_orders(""), list_orders, "orders")
 
     async def payment_pages() -> shop_pb2.ListAccountsResponse:
-        stub = shop_pb2_grpc.PaymentStub(channel("payment"))
-        merged = shop_pb2.ListAccountsResponse()
-        token = ""
-        for number in range(PAGES_MAX):
-            page = await stub.ListAccounts(
-                shop_pb2.ListAccountsRequest(page_token=token), timeout=timeout_s
-            )
-            if number == 0:
-                merged.accounts.extend(page.accounts)  # every page repeats the accounts
-            merged.captures.extend(page.captures)
-            token = page.next_page_token
-            if not token:
-                return merged
-        raise RuntimeError(f"payment: more than {PAGES_MAX} pages")
+        return await all_pages(await list_accounts(""), list_accounts, "payment")
 
     async def sent_pages() -> shop_pb2.ListSentResponse:
-        stub = shop_pb2_grpc.NotificationStub(channel("notification"))
-        merged = shop_pb2.ListSentResponse()
-        token = ""
-        for _ in range(PAGES_MAX):
-            page = await stub.ListSent(
-                shop_pb2.ListSentRequest(page_token=token), timeout=timeout_s
-            )
-            merged.sent.extend(page.sent)
-            merged.staged = page.staged
-            token = page.next_page_token
-            if not token:
-                return merged
-        raise RuntimeError(f"notification: more than {PAGES_MAX} pages")
+        return await all_pages(await list_sent(""), list_sent, "notification")
 
     try:
         stock, orders, accounts, sent = await asyncio.gather(

@@ -8,6 +8,9 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
+import participants.services as services
 from dtm import invariants
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from participants.services.catalog import AccountSpec
@@ -17,7 +20,11 @@ ORDERS = 240
 SEED = 20261127
 
 
-def test_concurrent_orders_with_contention_keep_every_invariant(tmp_path: Path) -> None:
+def test_concurrent_orders_with_contention_keep_every_invariant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small pages, so the invariant check below must follow next_page_token to see everything.
+    monkeypatch.setattr(services, "PAGE_SIZE_DEFAULT", 7)
     rng = random.Random(SEED)
     stock = {"sku-hot": 40, "sku-warm": 80, "sku-cold": 1_000}
     accounts = {
