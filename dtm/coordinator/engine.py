@@ -255,9 +255,9 @@ class Engine:
             elif isinstance(action, core.SendRollback):
                 self._phase_two(run, action.branch, commit=False)
             elif isinstance(action, core.RetryPhaseTwo):
-                self._spawn(run, self._retry(run, action.branch, action.attempt))
+                self._spawn(self._retry(run, action.branch, action.attempt))
             elif isinstance(action, core.ProbeOnePhase):
-                self._spawn(run, self._probe(run))
+                self._spawn(self._probe(run))
             elif isinstance(action, core.Reply):
                 run.outcome_pb = OUTCOME_TO_PB[action.outcome]
                 if not run.reply.done():
@@ -293,7 +293,7 @@ class Engine:
 
     # ---- carrying out actions ----
 
-    def _spawn(self, run: Run, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -372,7 +372,7 @@ class Engine:
             crashpoints.hit("coordinator.after_decision_durable")
             self._feed(run, core.DecisionDurable(self.clock_ms()))
 
-        self._spawn(run, when_durable())
+        self._spawn(when_durable())
 
     def _phase_two(self, run: Run, index: int, commit: bool) -> None:
         txn = run.txn
