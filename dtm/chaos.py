@@ -937,7 +937,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(
                 f"simulator: {seeds} seeds, {sim_violations} violations "
-                f"({time.perf_counter() - sim_started:.0f} s; its violations are added to the line below)"
+                f"({time.perf_counter() - sim_started:.0f} s; "
+                "its violations are added to the line below)"
             )
         violations += sim_violations
     if not failed_runs and not options.keep and options.data_dir is None:
