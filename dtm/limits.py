@@ -36,7 +36,9 @@ PHASE_TWO_BACKOFF_MS_MAX = 5_000
 
 # ---- concurrency and memory ----
 TRANSACTIONS_IN_FLIGHT_MAX = 10_000
-FINISHED_TRANSACTIONS_KEPT = 100_000
+# Finished transactions the coordinator remembers (for GetTransaction and retried Submits); a
+# retry of an older one is still never applied twice: the participants remember their branches.
+FINISHED_TRANSACTIONS_KEPT = 20_000
 BRANCHES_DECIDED_KEPT = 100_000
 LIST_TRANSACTIONS_LIMIT_DEFAULT = 100
 LIST_TRANSACTIONS_LIMIT_MAX = 1_000
