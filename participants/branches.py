@@ -121,7 +121,12 @@ class BranchEngine:
         return vote, reason
 
     def begin_prepare(
-        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool
+        self,
+        transaction_id: str,
+        index: int,
+        operation: any_pb2.Any,
+        one_phase: bool,
+        lock_wait_s: float | None = None,
     ) -> tuple[BranchVote, str] | Awaitable[tuple[BranchVote, str]]:
         """Run a Prepare up to its answer. The answer is immediate unless the service needs
         locks; either way it may leave only after `wait_durable` (persist before you speak).
@@ -143,7 +148,7 @@ class BranchEngine:
                 outcome = self.service.prepare(branch_key_text(key), decoded)
                 reply = self._settle_prepare(branch, outcome)
                 return reply.vote, reply.reason
-            self._start_prepare(branch, requests)
+            self._start_prepare(branch, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
         duplicate = self._execute(branch, branch.handle(core.PrepareRequested(one_phase)))
@@ -332,12 +337,14 @@ class BranchEngine:
             self.branches.pop(old, None)
             self._durable_lsn.pop(old, None)
 
-    def _start_prepare(self, branch: Branch, requests: Sequence[LockRequest]) -> None:
+    def _start_prepare(
+        self, branch: Branch, requests: Sequence[LockRequest], lock_wait_s: float | None
+    ) -> None:
         key = branch.key
         loop = asyncio.get_running_loop()
         result: asyncio.Future[tuple[BranchVote, str]] = loop.create_future()
         self._pending[key] = result
-        task = loop.create_task(self._run_prepare(branch, requests))
+        task = loop.create_task(self._run_prepare(branch, requests, lock_wait_s))
         self._tasks[key] = task
 
         def settle(done: asyncio.Task[None]) -> None:
@@ -352,14 +359,16 @@ class BranchEngine:
 
         task.add_done_callback(settle)
 
-    async def _run_prepare(self, branch: Branch, requests: Sequence[LockRequest]) -> None:
+    async def _run_prepare(
+        self, branch: Branch, requests: Sequence[LockRequest], lock_wait_s: float | None
+    ) -> None:
         key = branch.key
         owner = branch_key_text(key)
         outcome: Prepared | ReadOnly | Refused
         try:
             # A fixed order (by resource name) means one branch's own locks never deadlock.
             for request in sorted(requests, key=lambda r: r.resource):
-                await self.locks.acquire(owner, request.resource, request.mode)
+                await self.locks.acquire(owner, request.resource, request.mode, lock_wait_s)
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:

@@ -63,6 +63,12 @@ class ParticipantConfig:
     # Lock wait: long enough to ride out a normal commit of the holder (a few ms on loopback),
     # short enough that a deadlock costs less than a client's patience.
     lock_wait_ms: int = 500
+    # Lock wait of a prepare that arrived in a PrepareBatch. One answer carries the whole
+    # batch, so a long wait for one item would hold every other item's vote back (and an item
+    # waiting for a lock held by an earlier item of the same batch would wait for a decision
+    # that cannot come before the batch is answered). Batched prepares wait this long at most,
+    # then are refused as "lock timeout"; unary prepares wait lock_wait_ms.
+    batch_lock_wait_ms: int = 50
     # An unvoted branch holding locks longer than this is aborted and its locks reclaimed.
     lease_unvoted_ms: int = 5_000
     # A prepared branch waiting longer than this starts asking the coordinator.
@@ -242,7 +248,12 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 if problem:
                     raise InvalidOperation(problem)
                 answer = self.engine.begin_prepare(
-                    item.transaction_id, item.branch, item.operation, item.one_phase
+                    item.transaction_id,
+                    item.branch,
+                    item.operation,
+                    item.one_phase,
+                    min(self.server.config.batch_lock_wait_ms, self.server.config.lock_wait_ms)
+                    / 1000,
                 )
             except InvalidOperation as error:
                 answers.append(

@@ -53,8 +53,11 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
     name = "inventory"
     operation_type = shop_pb2.ReserveStock
 
-    def __init__(self, stock: Mapping[str, int] | None = None) -> None:
+    def __init__(self, stock: Mapping[str, int] | None = None, *, lock_skus: bool = False) -> None:
         initial = DEFAULT_CATALOG.stock if stock is None else stock
+        # The alternative to escrow, kept only to measure the two against each other
+        # (tests/test_locking.py): an exclusive lock per SKU held from prepare to decision.
+        self.lock_skus = lock_skus
         self.items: dict[str, StockItem] = {
             sku: StockItem(available=units, reserved=0, sold=0, received=units)
             for sku, units in initial.items()
@@ -73,7 +76,9 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
         # single event-loop thread, so no other branch can see or take those units, `available`
         # never goes negative, and commit/rollback only touch this branch's own reservation.
         # Holding a per-SKU lock until the decision would serialize every order for a popular
-        # SKU behind a full two-phase round trip for no extra safety.
+        # SKU behind a full two-phase round trip for no extra safety (measured: see lock_skus).
+        if self.lock_skus:
+            return [LockRequest(f"sku:{line.sku}") for line in operation.lines]
         return []
 
     def prepare(self, key: str, operation: shop_pb2.ReserveStock) -> PrepareResult:
