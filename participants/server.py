@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,26 +215,22 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             ]
         )
 
-    async def PrepareBatch(
-        self,
-        request: participant_pb2.PrepareBatchRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> participant_pb2.PrepareBatchResponse:
-        await self._gate(context)
-        if len(request.prepares) > limits.BATCH_ITEMS_MAX:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.prepares)} prepares in one batch; at most {limits.BATCH_ITEMS_MAX}",
-            )
+    def _check_batch(self, count: int, what: str) -> str | None:
+        if count > limits.BATCH_ITEMS_MAX:
+            return f"{count} {what} in one batch; at most {limits.BATCH_ITEMS_MAX}"
+        return None
 
+    async def _prepare_items(
+        self, items: Sequence[participant_pb2.PrepareRequest]
+    ) -> tuple[list[participant_pb2.PrepareResponse], list[tuple[str, int]]]:
+        """Run every prepare up to its answer; the caller waits once for the records of all
+        the returned keys to be durable before answering (persist before you speak)."""
         fault = self.server.fault
-        if fault.mode == participant_pb2.FAULT_MODE_SLOW:
-            await asyncio.sleep(fault.delay_ms / 1000)
-        # Every item runs up to its answer first; then one durable wait covers the whole batch.
+        lock_wait_ms = min(self.server.config.batch_lock_wait_ms, self.server.config.lock_wait_ms)
         answers: list[participant_pb2.PrepareResponse | None] = []
         waiting: list[tuple[int, Awaitable[tuple[BranchVote, str]]]] = []
         keys: list[tuple[str, int]] = []
-        for item in request.prepares:
+        for item in items:
             problem = _check_branch_ids(item.transaction_id, item.branch)
             if fault.mode == participant_pb2.FAULT_MODE_REFUSE and not problem:
                 answers.append(
@@ -252,8 +248,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                     item.branch,
                     item.operation,
                     item.one_phase,
-                    min(self.server.config.batch_lock_wait_ms, self.server.config.lock_wait_ms)
-                    / 1000,
+                    lock_wait_ms / 1000,
                 )
             except InvalidOperation as error:
                 answers.append(
@@ -277,33 +272,20 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             answers[position] = participant_pb2.PrepareResponse(
                 vote=VOTE_TO_PB[vote], reason=reason
             )
-        await self.engine.wait_durable(keys)
         votes = [answer for answer in answers if answer is not None]
-        assert len(votes) == len(request.prepares)
-        if any(v.vote == coordinator_pb2.VOTE_PREPARED for v in votes):
-            crashpoints.hit("participant.after_prepare_durable")
-        return participant_pb2.PrepareBatchResponse(votes=votes)
+        assert len(votes) == len(items)
+        return votes, keys
 
-    async def DecideBatch(
-        self,
-        request: participant_pb2.DecideBatchRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> participant_pb2.DecideBatchResponse:
-        await self._gate(context)
+    def _apply_decisions(
+        self, items: Sequence[participant_pb2.Decision]
+    ) -> tuple[list[participant_pb2.DecisionResult], list[tuple[str, int]]]:
+        """Apply every decision; the caller waits once for the returned keys' records."""
         if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
-            )
-        if len(request.decisions) > limits.BATCH_ITEMS_MAX:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(request.decisions)} decisions in one batch; "
-                f"at most {limits.BATCH_ITEMS_MAX}",
-            )
-
+            error = "participant rejects decisions (fault injection)"
+            return [participant_pb2.DecisionResult(ok=False, error=error) for _ in items], []
         results: list[participant_pb2.DecisionResult] = []
         keys: list[tuple[str, int]] = []
-        for item in request.decisions:
+        for item in items:
             try:
                 problem = _check_branch_ids(item.transaction_id, item.branch)
                 if problem:
@@ -323,12 +305,71 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 continue
             keys.append((item.transaction_id, item.branch))
             results.append(participant_pb2.DecisionResult(ok=True))
-        await self.engine.wait_durable(keys)
-        if any(d.commit for d in request.decisions):
+        return results, keys
+
+    def _after_durable(
+        self,
+        votes: Sequence[participant_pb2.PrepareResponse],
+        decisions: Sequence[participant_pb2.Decision],
+    ) -> None:
+        if any(v.vote == coordinator_pb2.VOTE_PREPARED for v in votes):
+            crashpoints.hit("participant.after_prepare_durable")
+        if any(d.commit for d in decisions):
             crashpoints.hit("participant.after_commit_durable")
-        if not all(d.commit for d in request.decisions):
+        if not all(d.commit for d in decisions):
             crashpoints.hit("participant.after_rollback_applied")
+
+    async def PrepareBatch(
+        self,
+        request: participant_pb2.PrepareBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.PrepareBatchResponse:
+        await self._gate(context)
+        problem = self._check_batch(len(request.prepares), "prepares")
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.server.fault.mode == participant_pb2.FAULT_MODE_SLOW:
+            await asyncio.sleep(self.server.fault.delay_ms / 1000)
+        votes, keys = await self._prepare_items(request.prepares)
+        await self.engine.wait_durable(keys)
+        self._after_durable(votes, ())
+        return participant_pb2.PrepareBatchResponse(votes=votes)
+
+    async def DecideBatch(
+        self,
+        request: participant_pb2.DecideBatchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.DecideBatchResponse:
+        await self._gate(context)
+        if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
+            )
+        problem = self._check_batch(len(request.decisions), "decisions")
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        results, keys = self._apply_decisions(request.decisions)
+        await self.engine.wait_durable(keys)
+        self._after_durable((), request.decisions)
         return participant_pb2.DecideBatchResponse(results=results)
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.ExchangeResponse:
+        await self._gate(context)
+        problem = self._check_batch(len(request.prepares) + len(request.decisions), "items")
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        # Decisions first: they release locks and reservations the prepares may need.
+        results, decided = self._apply_decisions(request.decisions)
+        if request.prepares and self.server.fault.mode == participant_pb2.FAULT_MODE_SLOW:
+            await asyncio.sleep(self.server.fault.delay_ms / 1000)
+        votes, prepared = await self._prepare_items(request.prepares)
+        await self.engine.wait_durable([*decided, *prepared])
+        self._after_durable(votes, request.decisions)
+        return participant_pb2.ExchangeResponse(votes=votes, results=results)
 
 
 def branch_info_pb(info: BranchInfo) -> participant_pb2.BranchInfo:

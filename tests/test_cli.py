@@ -180,7 +180,7 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             await eventually(retried)
             status, out, _ = await dtm(*at, "txn", "list", "--in-doubt")
             assert "t-9" in out and "committing" in out
-            assert "orders: unavailable" in out  # the last error
+            assert "orders: participant rejects decisions" in out  # the last error
 
             status, out, _ = await dtm(*at, "txn", "retry", "t-9")
             assert cli.EXIT_OK == status

@@ -2,11 +2,11 @@
 `batch` capability, plain unary calls otherwise (any participant in any language).
 
 Per-call overhead dominates Python gRPC (performance.md: ~0.4 ms of CPU per unary call, while
-one call carrying 32 items moves thirty times more). So each participant gets two batchers,
-one for prepares and one for decisions: items queue while the participant's calls are in
-flight and leave together as one PrepareBatch / DecideBatch when a call slot frees. No timer
-is involved by default, so a lone transaction pays no extra latency; under load, batches grow
-by themselves because calls take longer.
+one call carrying 32 items moves thirty times more). So each participant gets one queue for
+prepares and decisions alike: items queue while the participant's calls are in flight and
+leave together as one Exchange call when a call slot frees. No timer is involved by default,
+so a lone transaction pays no extra latency; under load, batches grow by themselves because
+calls take longer.
 """
 
 from __future__ import annotations
@@ -134,26 +134,28 @@ class ParticipantPort:
         self.client = client
         self.batch = batch and policy.enabled
         self._tasks: set[asyncio.Task[None]] = set()
-        self._prepares: Batcher[PrepareItem] = Batcher(self._send_prepares, policy, self._tasks)
-        self._decisions: Batcher[DecideItem] = Batcher(self._send_decisions, policy, self._tasks)
+        # One queue for prepares and decisions alike: they leave together in one Exchange.
+        self._batcher: Batcher[PrepareItem | DecideItem] = Batcher(
+            self._send_exchange, policy, self._tasks
+        )
 
     @property
     def calls(self) -> int:
-        return self._prepares.calls + self._decisions.calls
+        return self._batcher.calls
 
     @property
     def items(self) -> int:
-        return self._prepares.items + self._decisions.items
+        return self._batcher.items
 
     def prepare(self, item: PrepareItem) -> None:
         if self.batch:
-            self._prepares.add(item)
+            self._batcher.add(item)
         else:
             self._spawn(self._unary_prepare(item))
 
     def decide(self, item: DecideItem) -> None:
         if self.batch:
-            self._decisions.add(item)
+            self._batcher.add(item)
         else:
             self._spawn(self._unary_decide(item))
 
@@ -191,12 +193,22 @@ class ParticipantPort:
 
     # ---- batched ----
 
-    async def _send_prepares(self, batch: list[PrepareItem]) -> None:
+    async def _send_exchange(self, batch: list[PrepareItem | DecideItem]) -> None:
+        prepares = [item for item in batch if isinstance(item, PrepareItem)]
+        decisions = [item for item in batch if isinstance(item, DecideItem)]
         loop = asyncio.get_running_loop()
-        # One deadline for the call: the earliest of its items'. An item failed by it early is
-        # aborted, which is always safe.
-        timeout_s = max(0.001, min(item.deadline for item in batch) - loop.time())
-        request = participant_pb2.PrepareBatchRequest(
+        # One deadline for the call: the earliest prepare's (an item failed by it early is
+        # aborted, which is always safe; a decision failed by it is retried).
+        timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
+        if prepares:
+            timeout_s = max(0.001, min(item.deadline for item in prepares) - loop.time())
+        request = participant_pb2.ExchangeRequest(
+            decisions=[
+                participant_pb2.Decision(
+                    transaction_id=item.transaction_id, branch=item.branch, commit=item.commit
+                )
+                for item in decisions
+            ],
             prepares=[
                 participant_pb2.PrepareRequest(
                     transaction_id=item.transaction_id,
@@ -204,51 +216,31 @@ class ParticipantPort:
                     operation=item.operation,
                     one_phase=item.one_phase,
                 )
-                for item in batch
-            ]
+                for item in prepares
+            ],
         )
         try:
-            response = await self.client.stub.PrepareBatch(request, timeout=timeout_s)
+            response = await self.client.stub.Exchange(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            reason = rpc_failure(error, timeout_s)
-            for item in batch:
-                item.done(PrepareResult(None, reason))
+            self._fail(prepares, decisions, rpc_failure(error, timeout_s))
             return
-        if len(response.votes) != len(batch):
-            reason = f"{self.client.name} answered {len(response.votes)} votes for {len(batch)}"
-            for item in batch:
-                item.done(PrepareResult(None, reason))
+        if len(response.votes) != len(prepares) or len(response.results) != len(decisions):
+            self._fail(prepares, decisions, f"{self.client.name} answered a malformed Exchange")
             return
-        for item, answer in zip(batch, response.votes, strict=True):
+        for decision, result in zip(decisions, response.results, strict=True):
+            decision.done(DecideResult(result.ok, result.error, result.heuristic))
+        for prepare, answer in zip(prepares, response.votes, strict=True):
             if answer.invalid_argument:
-                item.done(PrepareResult(None, answer.invalid_argument, answer.invalid_argument))
+                prepare.done(PrepareResult(None, answer.invalid_argument, answer.invalid_argument))
             else:
-                item.done(PrepareResult(PB_TO_VOTE.get(answer.vote), answer.reason))
+                prepare.done(PrepareResult(PB_TO_VOTE.get(answer.vote), answer.reason))
 
-    async def _send_decisions(self, batch: list[DecideItem]) -> None:
-        timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
-        request = participant_pb2.DecideBatchRequest(
-            decisions=[
-                participant_pb2.Decision(
-                    transaction_id=item.transaction_id, branch=item.branch, commit=item.commit
-                )
-                for item in batch
-            ]
-        )
-        try:
-            response = await self.client.stub.DecideBatch(request, timeout=timeout_s)
-        except grpc.aio.AioRpcError as error:
-            reason = rpc_failure(error, timeout_s)
-            for item in batch:
-                item.done(DecideResult(False, reason))
-            return
-        if len(response.results) != len(batch):
-            reason = f"{self.client.name} answered {len(response.results)} results for {len(batch)}"
-            for item in batch:
-                item.done(DecideResult(False, reason))
-            return
-        for item, result in zip(batch, response.results, strict=True):
-            item.done(DecideResult(result.ok, result.error, result.heuristic))
+    @staticmethod
+    def _fail(prepares: list[PrepareItem], decisions: list[DecideItem], reason: str) -> None:
+        for decision in decisions:
+            decision.done(DecideResult(False, reason))
+        for prepare in prepares:
+            prepare.done(PrepareResult(None, reason))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -129,6 +129,22 @@ class DecideBatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[DecisionResult]
     def __init__(self, results: _Optional[_Iterable[_Union[DecisionResult, _Mapping]]] = ...) -> None: ...
 
+class ExchangeRequest(_message.Message):
+    __slots__ = ("decisions", "prepares")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PREPARES_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    prepares: _containers.RepeatedCompositeFieldContainer[PrepareRequest]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., prepares: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ...) -> None: ...
+
+class ExchangeResponse(_message.Message):
+    __slots__ = ("votes", "results")
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    votes: _containers.RepeatedCompositeFieldContainer[PrepareResponse]
+    results: _containers.RepeatedCompositeFieldContainer[DecisionResult]
+    def __init__(self, votes: _Optional[_Iterable[_Union[PrepareResponse, _Mapping]]] = ..., results: _Optional[_Iterable[_Union[DecisionResult, _Mapping]]] = ...) -> None: ...
+
 class RecoverRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,11 @@ class ParticipantStub:
                 request_serializer=dtmpb_dot_v1_dot_participant__pb2.DecideBatchRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_participant__pb2.DecideBatchResponse.FromString,
                 _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/dtm.v1.Participant/Exchange',
+                request_serializer=dtmpb_dot_v1_dot_participant__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_participant__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantServicer:
@@ -106,6 +111,12 @@ class ParticipantServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exchange(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +149,11 @@ def add_ParticipantServicer_to_server(servicer, server):
                     servicer.DecideBatch,
                     request_deserializer=dtmpb_dot_v1_dot_participant__pb2.DecideBatchRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_participant__pb2.DecideBatchResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=dtmpb_dot_v1_dot_participant__pb2.ExchangeRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_participant__pb2.ExchangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +318,33 @@ class Participant:
             '/dtm.v1.Participant/DecideBatch',
             dtmpb_dot_v1_dot_participant__pb2.DecideBatchRequest.SerializeToString,
             dtmpb_dot_v1_dot_participant__pb2.DecideBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Participant/Exchange',
+            dtmpb_dot_v1_dot_participant__pb2.ExchangeRequest.SerializeToString,
+            dtmpb_dot_v1_dot_participant__pb2.ExchangeResponse.FromString,
             options,
             channel_credentials,
             insecure,
