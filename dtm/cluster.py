@@ -648,6 +648,16 @@ def _up(options: argparse.Namespace) -> int:
         initial = None
         if options.initial is not None:
             initial = json.loads(Path(options.initial).read_text())
+        metrics: dict[str, list[str]] = {}
+        if options.metrics_ports != "off":
+            ports = [int(port) for port in options.metrics_ports.split(",")]
+            if len(ports) != len(PROCESSES):
+                print(f"--metrics-ports needs {len(PROCESSES)} ports or 'off'", file=sys.stderr)
+                return 2
+            metrics = {
+                name: ["--metrics-listen", f"127.0.0.1:{port}"]
+                for name, port in zip(PROCESSES, ports, strict=True)
+            }
         cluster = Cluster(
             options.data_dir,
             options.ports,
@@ -656,6 +666,7 @@ def _up(options: argparse.Namespace) -> int:
             prepare_timeout_ms=options.prepare_timeout_ms,
             start_timeout_s=options.timeout,
             tls_dir=options.tls_dir,
+            extra_args=metrics,
         )
     try:
         cluster.start()
@@ -709,6 +720,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
     parser.add_argument("--test-control", action="store_true", help="allow fault injection")
+    parser.add_argument(
+        "--metrics-ports",
+        default="9100,9101,9102,9103,9104",
+        help="Prometheus /metrics ports of coordinator,inventory,orders,payment,notification "
+        "(up only; 'off' for none)",
+    )
     parser.add_argument("--prepare-timeout-ms", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start timeout")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_S, help="SIGTERM grace (s)")
