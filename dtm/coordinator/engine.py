@@ -111,7 +111,6 @@ class Counters:
         self.lazy_writes = 0
         self.committed = 0
         self.aborted = 0
-        self.unknown = 0
 
 
 class Engine:
