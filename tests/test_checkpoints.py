@@ -12,7 +12,7 @@ from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
-from tests.harness import ACCOUNTS, InProcessCluster, order_branches
+from tests.harness import ACCOUNTS, InProcessCluster, eventually, order_branches
 
 ORDERS = 240
 
@@ -45,7 +45,15 @@ def test_logs_stay_bounded_and_restart_recovers_everything(tmp_path: Path) -> No
                     )
                 )
                 assert all(r.outcome == coordinator_pb2.OUTCOME_COMMITTED for r in responses)
-                await asyncio.sleep(0.6)  # let both housekeeping loops take their checkpoints
+
+                async def checkpointed() -> bool:
+                    # Each housekeeping loop has taken the checkpoint this wave made due.
+                    engines = [cluster.coordinator.engine] + [
+                        server.engine for server in cluster.participants.values()
+                    ]
+                    return all(engine.records_since_checkpoint < 40 for engine in engines)
+
+                await eventually(checkpointed)
                 replayed.append(records_in_logs(tmp_path))
             # Bounded: each log holds its last checkpoint plus the records since, not every
             # record ever written (each wave writes ~60-120 records per process).
