@@ -27,10 +27,12 @@ from dtm import invariants
 from dtm.cluster import PROCESSES, Cluster, ClusterError, Ports
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
+from participants.server import ParticipantConfig
 
 PREPARE_TIMEOUT_MS = 500
-# The orders service waits this long for a lock; the contention scenario holds one longer.
-ORDERS_LOCK_WAIT_MS = 200
+# How long a prepare that arrives in a batched call waits for a lock (the SDK's default
+# batch_lock_wait_ms); the contention scenario holds the lock much longer.
+BATCHED_LOCK_WAIT_MS = ParticipantConfig.batch_lock_wait_ms
 LOCK_HOLD_MS = 400
 SLOW_DELAY_MS = 1_500
 BURST_ORDERS = 30
@@ -330,9 +332,9 @@ class Demo:
         header("7. Two orders claim the same order id: a lock timeout decides")
         print(
             "  orders locks each order id from prepare to decision. The first order holds it\n"
-            f"  while notification takes {LOCK_HOLD_MS} ms to prepare; the second waits at most "
-            f"{ORDERS_LOCK_WAIT_MS} ms\n  for it, gives up with a lock timeout, and its "
-            "transaction aborts. No deadlock can hang."
+            f"  while notification takes {LOCK_HOLD_MS} ms to prepare. The second arrives in a\n"
+            f"  batched call, so it waits at most {BATCHED_LOCK_WAIT_MS} ms for the lock, gives up "
+            "with a lock\n  timeout, and its transaction aborts. No deadlock can hang."
         )
         order_id = self.new_order_id()
         self.scripted_orders.append(order_id)
@@ -516,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
         initial=INITIAL,
         test_control=True,
         prepare_timeout_ms=PREPARE_TIMEOUT_MS,
-        extra_args={"orders": ["--lock-wait-ms", str(ORDERS_LOCK_WAIT_MS)]},
     )
     print("dtm demo: a coordinator and four services, each its own process")
     print(f"  data dir: {data_dir}")
