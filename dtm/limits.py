@@ -9,9 +9,7 @@ from __future__ import annotations
 import re
 
 # ---- identifiers ----
-TRANSACTION_ID_LENGTH_MAX = 128
 TRANSACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-PARTICIPANT_NAME_LENGTH_MAX = 64
 PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
 ADDRESS_LENGTH_MAX = 256
 RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")

@@ -215,9 +215,6 @@ class BranchEngine:
     def preparing(self) -> list[BranchInfo]:
         return [i for i in self.open.values() if i.branch.state is BranchState.PREPARING]
 
-    def operation_of(self, key: BranchKey) -> Message | None:
-        return self._operations.get(key)
-
     # ---- decoding ----
 
     def decode_operation(self, operation: any_pb2.Any) -> Message:
