@@ -273,7 +273,7 @@ class CoordinatorMetrics(EngineObserver):
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         outcome = txn.outcome
-        if outcome is None or not txn.history or txn.history[0] is not TxnState.PREPARING:
+        if outcome is None or txn.recovered:
             # Recovered after a restart: it did not start in this process, so its latency
             # would count the downtime.
             return

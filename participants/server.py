@@ -605,38 +605,46 @@ class ParticipantServer:
     async def _ask_about_in_doubt(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, now: int
     ) -> None:
+        # Forget the backoff of branches decided meanwhile (by a Commit or Rollback).
+        for key in [k for k in self._next_inquiry_ms if k not in self.engine.open]:
+            del self._next_inquiry_ms[key]
         due = [
-            info
+            info.branch.key
             for info in self.engine.in_doubt()
             if now - info.prepared_at_ms >= self.config.in_doubt_after_ms
             and self._next_inquiry_ms.get(info.branch.key, (0, 0))[0] <= now
         ][: limits.INQUIRIES_PER_TICK_MAX]
-        for info in due:
-            key = info.branch.key
-            try:
-                answer = await stub.QueryOutcome(
-                    coordinator_pb2.QueryOutcomeRequest(
-                        transaction_id=key[0], participant=self.service.name
-                    ),
-                    timeout=1.0,
-                )
-            except grpc.aio.AioRpcError as error:
-                self._back_off(key, now, f"{error.code().name}: {error.details()}")
-                continue
-            if answer.outcome == coordinator_pb2.OUTCOME_COMMITTED:
-                self.engine.learn_outcome(key, commit=True)
-            elif answer.outcome == coordinator_pb2.OUTCOME_ABORTED:
-                self.engine.learn_outcome(key, commit=False)
-            else:
-                self._back_off(key, now, "coordinator: still undecided")
-                continue
-            self._next_inquiry_ms.pop(key, None)
-            self.log_.info(
-                "in-doubt branch resolved by inquiry",
-                txn=key[0],
-                branch=key[1],
-                outcome=coordinator_pb2.Outcome.Name(answer.outcome),
+        # Concurrently: with the coordinator down, one-by-one timeouts would stall this loop
+        # (and the leases it also enforces) for minutes.
+        await asyncio.gather(*(self._ask(stub, key, now) for key in due))
+
+    async def _ask(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
+    ) -> None:
+        try:
+            answer = await stub.QueryOutcome(
+                coordinator_pb2.QueryOutcomeRequest(
+                    transaction_id=key[0], participant=self.service.name
+                ),
+                timeout=1.0,
             )
+        except grpc.aio.AioRpcError as error:
+            self._back_off(key, now, f"{error.code().name}: {error.details()}")
+            return
+        if answer.outcome == coordinator_pb2.OUTCOME_COMMITTED:
+            self.engine.learn_outcome(key, commit=True)
+        elif answer.outcome == coordinator_pb2.OUTCOME_ABORTED:
+            self.engine.learn_outcome(key, commit=False)
+        else:
+            self._back_off(key, now, "coordinator: still undecided")
+            return
+        self._next_inquiry_ms.pop(key, None)
+        self.log_.info(
+            "in-doubt branch resolved by inquiry",
+            txn=key[0],
+            branch=key[1],
+            outcome=coordinator_pb2.Outcome.Name(answer.outcome),
+        )
 
     def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
         _, attempts = self._next_inquiry_ms.get(key, (0, 0))

@@ -15,7 +15,7 @@ single participant gets one-phase commit with no coordinator log write.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import TypeAlias
 
@@ -228,7 +228,8 @@ class Transaction:
     reason: str = ""
     decided_at_ms: int = 0
     replied: bool = False
-    history: list[TxnState] = field(default_factory=list)
+    # Rebuilt from the log after a restart (it did not start in this process).
+    recovered: bool = False
 
     # ---- construction ----
 
@@ -261,6 +262,7 @@ class Transaction:
         txn.state = TxnState.COMMITTING
         txn.decided_at_ms = decided_at_ms
         txn.replied = True  # whoever asked before the crash was answered, or may ask again
+        txn.recovered = True
         return txn, [SendCommit(b.index) for b in progress]
 
     # ---- the one entry point for every state change ----
@@ -287,7 +289,6 @@ class Transaction:
     # ---- helpers used by the handlers ----
 
     def _move(self, state: TxnState) -> None:
-        self.history.append(self.state)
         self.state = state
 
     def _reply(self, outcome: Outcome, reason: str) -> list[Action]:
