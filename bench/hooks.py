@@ -9,6 +9,8 @@ the transactions completed in between:
     messages_per_txn  the coordinator's dtm_protocol_messages_total (requests it sent, replies
                       it acted on, transport-level Rollback answers), plus the client's Submit
                       and its reply (2)
+    cpu_ms_per_txn    process_cpu_seconds_total (user + system) of every server, plus the
+                      load generator's own CPU time over the same window (a Sample carries it)
 
 When the servers do not have the flag, every figure is None and the report says
 "n/a: hook missing": nothing is estimated.
@@ -33,6 +35,9 @@ FSYNCS = "dtm_wal_fsyncs_total"
 MESSAGES = "dtm_protocol_messages_total"
 BATCH_SUM = "dtm_wal_batch_records_sum"
 BATCH_COUNT = "dtm_wal_batch_records_count"
+CPU_SECONDS = "process_cpu_seconds_total"
+#: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
+LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
 CLIENT_MESSAGES_PER_TXN = 2
 SCRAPE_TIMEOUT_S = 5.0
@@ -113,6 +118,8 @@ class Sample:
 
     transactions: float
     counters: Mapping[str, Counters]
+    #: CPU seconds the load generator itself had used (time.process_time()) at that instant.
+    load_cpu_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +132,16 @@ class Costs:
     wal_batch_mean: Mapping[str, float | None] | None = None
     #: Protocol message kind (the coordinator's label) -> messages per transaction.
     messages_by_kind: Mapping[str, float] | None = None
+    #: Process -> milliseconds of CPU (user + system) per transaction; the total is where the
+    #: two cores go, the figure every optimization is judged by.
+    cpu_ms_by_process: Mapping[str, float] | None = None
     note: str = HOOK_MISSING
+
+    @property
+    def cpu_ms_per_txn(self) -> float | None:
+        if self.cpu_ms_by_process is None:
+            return None
+        return round(sum(self.cpu_ms_by_process.values()), 3)
 
 
 def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Costs:
@@ -149,12 +165,20 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
             kind = ",".join(re.findall(r'="([^"]*)"', key))  # '...{kind="requests"}' -> requests
             by_kind[kind] = round((value - before) / transactions, 3)
     messages = growth(coordinator, MESSAGES) / transactions + CLIENT_MESSAGES_PER_TXN
+    cpu: dict[str, float] = {
+        name: round(growth(name, CPU_SECONDS) * 1000 / transactions, 3)
+        for name in last.counters
+        if CPU_SECONDS in last.counters[name]
+    }
+    if first.load_cpu_s is not None and last.load_cpu_s is not None:
+        cpu[LOAD_GENERATOR] = round((last.load_cpu_s - first.load_cpu_s) * 1000 / transactions, 3)
     return Costs(
         fsyncs_per_txn=round(sum(fsyncs.values()), 3),
         messages_per_txn=round(messages, 3),
         fsyncs_by_process={name: round(value, 3) for name, value in fsyncs.items()},
         wal_batch_mean=batches,
         messages_by_kind=by_kind,
+        cpu_ms_by_process=cpu or None,
         note=(
             f"measured: growth of the servers' /metrics counters over "
             f"{transactions:,.0f} transactions of the window"

@@ -233,7 +233,11 @@ async def _load_and_check(
                 scrape_errors.append(f"scrape failed: {type(error).__name__}: {error}")
                 return
             # The scrape takes a few ms under load: count the transactions at its midpoint.
-            samples.append(hooks.Sample((before + sum(tally.total.values())) / 2, counters))
+            samples.append(
+                hooks.Sample(
+                    (before + sum(tally.total.values())) / 2, counters, time.process_time()
+                )
+            )
 
     channels = open_channels(cluster.coordinator_address, spec.clients)
     try:

@@ -190,6 +190,8 @@ def build_results(
         "fsyncs_per_txn_by_process": dtm.costs.fsyncs_by_process,
         "wal_batch_mean_by_process": dtm.costs.wal_batch_mean,
         "coordinator_messages_per_txn_by_kind": dtm.costs.messages_by_kind,
+        "cpu_ms_per_txn": dtm.costs.cpu_ms_per_txn,
+        "cpu_ms_per_txn_by_process": dtm.costs.cpu_ms_by_process,
         "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
         "unary_rpc_per_s": unary_per_s,
         "unary_p50_ms": unary_p50,
@@ -326,6 +328,12 @@ def format_table(results: Mapping[str, Any]) -> str:
     ]
     if batch_detail:
         facts.append(("records per fsync", batch_detail))
+    cpu = r.get("cpu_ms_per_txn_by_process") or {}
+    if cpu:
+        cpu_detail = ", ".join(f"{name} {value:g}" for name, value in cpu.items())
+        facts.append(
+            ("cpu ms per txn", f"{_number(r.get('cpu_ms_per_txn'), digits=3)} ({cpu_detail})")
+        )
     for name in ("throughput", "p99", "p50_one_client"):
         target = target_notes.get(name)
         if target is not None:

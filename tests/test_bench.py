@@ -357,11 +357,13 @@ dtm_wal_batch_records_sum {records}
 # TYPE dtm_protocol_messages_total counter
 dtm_protocol_messages_total{{kind="requests"}} {requests}
 dtm_protocol_messages_total{{kind="replies"}} {requests}
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total {cpu}
 """
 
 
-def exposition(fsyncs: int, records: int, requests: int) -> str:
-    return EXPOSITION.format(fsyncs=fsyncs, records=records, requests=requests)
+def exposition(fsyncs: int, records: int, requests: int, cpu: float = 0.0) -> str:
+    return EXPOSITION.format(fsyncs=fsyncs, records=records, requests=requests, cpu=cpu)
 
 
 def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> None:
@@ -371,16 +373,18 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     first = hooks.Sample(
         transactions=100,
         counters={
-            "coordinator": hooks.parse(exposition(10, 30, 0)),
-            "inventory": hooks.parse(exposition(5, 5, 0)),
+            "coordinator": hooks.parse(exposition(10, 30, 0, cpu=1.0)),
+            "inventory": hooks.parse(exposition(5, 5, 0, cpu=2.0)),
         },
+        load_cpu_s=10.0,
     )
     last = hooks.Sample(
         transactions=300,
         counters={
-            "coordinator": hooks.parse(exposition(210, 830, 400)),
-            "inventory": hooks.parse(exposition(105, 405, 0)),
+            "coordinator": hooks.parse(exposition(210, 830, 400, cpu=1.3)),
+            "inventory": hooks.parse(exposition(105, 405, 0, cpu=2.1)),
         },
+        load_cpu_s=10.05,
     )
     costs = hooks.costs(first, last)
     # 200 + 100 fsyncs over 200 transactions; 800 coordinator messages + the client's 2 each.
@@ -389,6 +393,11 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     assert {"coordinator": 4.0, "inventory": 4.0} == costs.wal_batch_mean
     assert 6.0 == costs.messages_per_txn
     assert {"replies": 2.0, "requests": 2.0} == costs.messages_by_kind
+    # 0.3 s, 0.1 s and 0.05 s of CPU over 200 transactions.
+    assert {"coordinator": 1.5, "inventory": 0.5, hooks.LOAD_GENERATOR: 0.25} == (
+        costs.cpu_ms_by_process
+    )
+    assert 2.25 == costs.cpu_ms_per_txn
     assert hooks.costs(last, last).fsyncs_per_txn is None
 
 
