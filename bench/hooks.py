@@ -36,6 +36,8 @@ MESSAGES = "dtm_protocol_messages_total"
 BATCH_SUM = "dtm_wal_batch_records_sum"
 BATCH_COUNT = "dtm_wal_batch_records_count"
 CPU_SECONDS = "process_cpu_seconds_total"
+BATCH_CALLS = "dtm_participant_batch_calls_total"
+BATCH_ITEMS = "dtm_participant_batch_items_total"
 #: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
 LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
@@ -135,6 +137,8 @@ class Costs:
     #: Process -> milliseconds of CPU (user + system) per transaction; the total is where the
     #: two cores go, the figure every optimization is judged by.
     cpu_ms_by_process: Mapping[str, float] | None = None
+    #: Items (prepares and decisions) per batched call the coordinator sent, over the window.
+    items_per_call: float | None = None
     note: str = HOOK_MISSING
 
     @property
@@ -170,6 +174,8 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         for name in last.counters
         if CPU_SECONDS in last.counters[name]
     }
+    calls = growth(coordinator, BATCH_CALLS)
+    items_per_call = round(growth(coordinator, BATCH_ITEMS) / calls, 2) if calls > 0 else None
     if first.load_cpu_s is not None and last.load_cpu_s is not None:
         cpu[LOAD_GENERATOR] = round((last.load_cpu_s - first.load_cpu_s) * 1000 / transactions, 3)
     return Costs(
@@ -179,6 +185,7 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         wal_batch_mean=batches,
         messages_by_kind=by_kind,
         cpu_ms_by_process=cpu or None,
+        items_per_call=items_per_call,
         note=(
             f"measured: growth of the servers' /metrics counters over "
             f"{transactions:,.0f} transactions of the window"

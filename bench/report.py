@@ -192,6 +192,7 @@ def build_results(
         "coordinator_messages_per_txn_by_kind": dtm.costs.messages_by_kind,
         "cpu_ms_per_txn": dtm.costs.cpu_ms_per_txn,
         "cpu_ms_per_txn_by_process": dtm.costs.cpu_ms_by_process,
+        "batch_items_per_call": dtm.costs.items_per_call,
         "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
         "unary_rpc_per_s": unary_per_s,
         "unary_p50_ms": unary_p50,
@@ -328,6 +329,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     ]
     if batch_detail:
         facts.append(("records per fsync", batch_detail))
+    if r.get("batch_items_per_call") is not None:
+        facts.append(("items per batched call", _number(r["batch_items_per_call"], digits=2)))
     cpu = r.get("cpu_ms_per_txn_by_process") or {}
     if cpu:
         cpu_detail = ", ".join(f"{name} {value:g}" for name, value in cpu.items())

@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 _configured = False
+_level = logging.INFO
 
 
 def _render(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> str:
@@ -40,7 +41,7 @@ def _render(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> s
 
 def configure(component: str, level: str | None = None) -> None:
     """Configure once per process; DTM_LOG_LEVEL overrides the default INFO."""
-    global _configured
+    global _configured, _level
     name = (level or os.environ.get("DTM_LOG_LEVEL", "INFO")).upper()
     numeric = logging.getLevelNamesMapping().get(name)
     if numeric is None:
@@ -52,7 +53,14 @@ def configure(component: str, level: str | None = None) -> None:
         cache_logger_on_first_use=True,
     )
     _configured = True
+    _level = numeric
     get(component)
+
+
+def debug_enabled() -> bool:
+    """Whether DEBUG lines are written: hot paths test this once instead of building the
+    arguments of a line that would be dropped."""
+    return _level <= logging.DEBUG
 
 
 def get(component: str, **context: Any) -> Any:

@@ -325,6 +325,22 @@ class CoordinatorMetrics(EngineObserver):
         writes.add_metric(["forced"], counters.forced_writes)
         writes.add_metric(["lazy"], counters.lazy_writes)
         yield writes
+        ports = self.engine.registry.ports()
+        calls = CounterMetricFamily(
+            "dtm_participant_batch_calls",
+            "Batched calls (Exchange) sent to each participant",
+            labels=["participant"],
+        )
+        items = CounterMetricFamily(
+            "dtm_participant_batch_items",
+            "Prepares and decisions those batched calls carried",
+            labels=["participant"],
+        )
+        for name, port in sorted(ports.items()):
+            calls.add_metric([name], port.calls)
+            items.add_metric([name], port.items)
+        yield calls
+        yield items
         yield from _wal_metrics(self.wal)
 
 

@@ -74,6 +74,10 @@ class BranchInfo:
     prepared_at_ms: int = 0
 
 
+def _by_resource(request: LockRequest) -> str:
+    return request.resource
+
+
 def branch_key_text(key: BranchKey) -> str:
     return f"{key[0]}/{key[1]}"
 
@@ -142,12 +146,15 @@ class BranchEngine:
             self._track(branch)
             self._operations[key] = decoded
             self._packed[key] = operation  # logged as received: no second serialization
-            requests = self.service.locks(decoded)
-            if not requests:
+            requests = sorted(self.service.locks(decoded), key=_by_resource)
+            owner = branch_key_text(key)
+            if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
-                outcome = self.service.prepare(branch_key_text(key), decoded)
+                outcome = self.service.prepare(owner, decoded)
                 reply = self._settle_prepare(branch, outcome)
                 return reply.vote, reply.reason
+            # Some lock is taken: wait in a task (the locks already granted stay held, and
+            # acquiring them again there is a no-op).
             self._start_prepare(branch, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
@@ -253,30 +260,46 @@ class BranchEngine:
         """Carry out every action but the reply, synchronously; return the reply (if any)."""
         key = branch.key
         reply: core.BranchAction | None = None
-        info = self.branches[key]
-        info.updated_at_ms = self.clock_ms()
+        self.branches[key].updated_at_ms = self.clock_ms()
         for action in actions:
-            if isinstance(action, core.CancelPrepare):
-                task = self._tasks.pop(key, None)
-                if task is not None:
-                    task.cancel()
-                self._finish(key)
-            elif isinstance(action, core.Persist):
-                self._persist(branch, action)
-            elif isinstance(action, core.ApplyCommit):
-                self.counters.committed += 1
-                self.service.commit(branch_key_text(key), self._operations[key])
-                self._finish(key)
-            elif isinstance(action, core.ApplyRollback):
-                if key in self._applied:
-                    self.counters.rolled_back += 1  # work undone, not a refusal's no-op
-                    self.service.rollback(branch_key_text(key), self._operations[key])
-                self._finish(key)
-            elif isinstance(action, core.AskCoordinator):
-                pass  # the server's inquiry loop asks for every in-doubt branch
+            effect = self._effects.get(type(action))
+            if effect is None:
+                reply = action  # ReplyVote, ReplyAck or ReplyError: the caller's to send
             else:
-                reply = action
+                effect(self, branch, action)
         return reply
+
+    def _cancel_prepare(self, branch: Branch, action: core.CancelPrepare) -> None:
+        task = self._tasks.pop(branch.key, None)
+        if task is not None:
+            task.cancel()
+        self._finish(branch.key)
+
+    def _apply_commit(self, branch: Branch, action: core.ApplyCommit) -> None:
+        key = branch.key
+        self.counters.committed += 1
+        self.service.commit(branch_key_text(key), self._operations[key])
+        self._finish(key)
+
+    def _apply_rollback(self, branch: Branch, action: core.ApplyRollback) -> None:
+        key = branch.key
+        if key in self._applied:
+            self.counters.rolled_back += 1  # work undone, not a refusal's no-op
+            self.service.rollback(branch_key_text(key), self._operations[key])
+        self._finish(key)
+
+    def _ask_coordinator(self, branch: Branch, action: core.AskCoordinator) -> None:
+        pass  # the server's inquiry loop asks for every in-doubt branch
+
+    # The side effect of each action type (a table, not a chain of isinstance tests: this runs
+    # for every action of every branch). Reply actions have none: _execute returns them.
+    _effects: dict[type, Callable[[BranchEngine, Branch, Any], None]] = {
+        core.CancelPrepare: _cancel_prepare,
+        core.Persist: lambda engine, branch, action: engine._persist(branch, action),
+        core.ApplyCommit: _apply_commit,
+        core.ApplyRollback: _apply_rollback,
+        core.AskCoordinator: _ask_coordinator,
+    }
 
     def _packed_operation(self, key: BranchKey) -> any_pb2.Any:
         packed = self._packed.get(key)
@@ -364,7 +387,7 @@ class BranchEngine:
         outcome: Prepared | ReadOnly | Refused
         try:
             # A fixed order (by resource name) means one branch's own locks never deadlock.
-            for request in sorted(requests, key=lambda r: r.resource):
+            for request in requests:
                 await self.locks.acquire(owner, request.resource, request.mode, lock_wait_s)
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)

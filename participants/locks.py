@@ -124,21 +124,11 @@ class LockManager:
         Raises LockTimeout, DeadlockDetected or LockRefused (queue full, owner already waiting
         on this resource, or released while waiting); on cancellation re-raises CancelledError.
         """
-        assert owner and resource, (owner, resource)
-        lock = self._locks.setdefault(resource, _Lock())
+        if self.try_acquire(owner, resource, mode):
+            return
+        lock = self._locks[resource]
         hold = lock.holders.get(owner)
-        if hold is not None and _covers(hold.mode, mode):
-            self.grants += 1
-            return
         previous = None if hold is None else hold.mode
-        # An upgrade goes ahead of the queue: the queue may be waiting on the upgrader itself.
-        if not self._conflicting_holders(lock, owner, mode) and (
-            previous is not None or not lock.waiters
-        ):
-            self._grant(resource, lock, owner, mode)
-            self.grants += 1
-            return
-
         if any(waiter.owner == owner and waiter.live for waiter in lock.waiters):
             raise LockRefused(f"{owner} is already waiting on {resource}")
         if len(lock.waiters) >= WAITERS_PER_RESOURCE_MAX:
@@ -175,6 +165,24 @@ class LockManager:
             self._abandon(resource, waiter)
             raise
         self.grants += 1
+
+    def try_acquire(self, owner: str, resource: str, mode: LockMode) -> bool:
+        """Take `resource` if that needs no wait (the common case: no task, no future);
+        False, changing nothing, when `acquire` would have to queue."""
+        assert owner and resource, (owner, resource)
+        lock = self._locks.setdefault(resource, _Lock())
+        hold = lock.holders.get(owner)
+        if hold is not None and _covers(hold.mode, mode):
+            self.grants += 1
+            return True
+        # An upgrade goes ahead of the queue: the queue may be waiting on the upgrader itself.
+        if not self._conflicting_holders(lock, owner, mode) and (
+            hold is not None or not lock.waiters
+        ):
+            self._grant(resource, lock, owner, mode)
+            self.grants += 1
+            return True
+        return False
 
     def acquire_now(self, owner: str, resource: str, mode: LockMode) -> None:
         """Re-take a lock of a branch recovered as prepared after a restart, without waiting."""

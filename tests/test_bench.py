@@ -357,6 +357,10 @@ dtm_wal_batch_records_sum {records}
 # TYPE dtm_protocol_messages_total counter
 dtm_protocol_messages_total{{kind="requests"}} {requests}
 dtm_protocol_messages_total{{kind="replies"}} {requests}
+# TYPE dtm_participant_batch_calls_total counter
+dtm_participant_batch_calls_total{{participant="inventory"}} {requests}
+# TYPE dtm_participant_batch_items_total counter
+dtm_participant_batch_items_total{{participant="inventory"}} {fsyncs}
 # TYPE process_cpu_seconds_total counter
 process_cpu_seconds_total {cpu}
 """
@@ -398,6 +402,7 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
         costs.cpu_ms_by_process
     )
     assert 2.25 == costs.cpu_ms_per_txn
+    assert 0.5 == costs.items_per_call  # 200 items in 400 calls (the coordinator's counters)
     assert hooks.costs(last, last).fsyncs_per_txn is None
 
 

@@ -4,6 +4,7 @@ and every pair missing from a table is refused without changing anything."""
 from __future__ import annotations
 
 import itertools
+import typing
 
 import pytest
 
@@ -210,3 +211,27 @@ def test_every_illegal_branch_pair_is_refused(state: BranchState, event_type: ty
     with pytest.raises(BranchProtocolError):
         branch.handle(BRANCH_EVENTS[event_type])
     assert before == (branch.state, branch.vote, branch.reason, branch.heuristic)
+
+
+# ---- the I/O layers' action tables ----
+
+
+def test_the_coordinator_engine_carries_out_every_action_the_core_can_return() -> None:
+    from dtm.coordinator.engine import Engine
+
+    assert set(typing.get_args(tcore.Action)) == set(Engine._effects)
+
+
+def test_the_branch_engine_has_an_effect_for_every_action_but_the_replies() -> None:
+    from participants.branches import BranchEngine
+
+    replies = {
+        bcore.RunPrepare,
+        bcore.AwaitPrepare,
+        bcore.ReplyVote,
+        bcore.ReplyAck,
+        bcore.ReplyError,
+    }
+    actions = set(typing.get_args(bcore.BranchAction))
+    assert actions - replies == set(BranchEngine._effects)
+    assert replies <= actions

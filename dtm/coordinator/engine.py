@@ -131,6 +131,7 @@ class Engine:
         self.observer: EngineObserver = NO_OBSERVER  # dtm.metrics installs itself here
         self.records_since_checkpoint = 0
         self._log = logs.get("coordinator")
+        self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- public operations ----
@@ -173,13 +174,14 @@ class Engine:
         run = Run(txn, fingerprint, [op for _, op in branches], loop.create_future())
         self.active[transaction_id] = run
         run.timer = loop.call_later(timeout_ms / 1000, self._on_timer, run)
-        self._log.debug(
-            "transaction started",
-            txn=transaction_id,
-            participants=",".join(participants),
-            one_phase=txn.one_phase,
-            timeout_ms=timeout_ms,
-        )
+        if self._debug:
+            self._log.debug(
+                "transaction started",
+                txn=transaction_id,
+                participants=",".join(participants),
+                one_phase=txn.one_phase,
+                timeout_ms=timeout_ms,
+            )
         self._execute(run, actions)
         await asyncio.shield(run.reply)
         return run
@@ -227,13 +229,14 @@ class Engine:
                 self._feed(run, failed)
             return
         if run.txn.state is not before:
-            self._log.debug(
-                "transaction state",
-                txn=run.txn.transaction_id,
-                state=run.txn.state.value,
-                previous=before.value,
-                reason=run.txn.reason or None,
-            )
+            if self._debug:
+                self._log.debug(
+                    "transaction state",
+                    txn=run.txn.transaction_id,
+                    state=run.txn.state.value,
+                    previous=before.value,
+                    reason=run.txn.reason or None,
+                )
             if run.txn.state is TxnState.ABORTED:
                 crashpoints.hit("coordinator.after_abort_decided")
             if before is TxnState.PREPARING and run.timer is not None:
@@ -243,52 +246,76 @@ class Engine:
         self._execute(run, actions)
 
     def _execute(self, run: Run, actions: Iterable[core.Action]) -> None:
-        txn = run.txn
+        effects = self._effects
         for action in actions:
-            if isinstance(action, core.SendPrepare):
-                self._prepare(run, action.branch, action.one_phase)
-            elif isinstance(action, core.PersistDecision):
-                self._persist_decision(run, action)
-            elif isinstance(action, core.SendCommit):
-                self._phase_two(run, action.branch, commit=True)
-            elif isinstance(action, core.SendRollback):
-                self._phase_two(run, action.branch, commit=False)
-            elif isinstance(action, core.RetryPhaseTwo):
-                self._spawn(self._retry(run, action.branch, action.attempt))
-            elif isinstance(action, core.ProbeOnePhase):
-                self._spawn(self._probe(run))
-            elif isinstance(action, core.Reply):
-                run.outcome_pb = OUTCOME_TO_PB[action.outcome]
-                if not run.reply.done():
-                    run.reply.set_result(None)
-                if crashpoints.ARMED == "coordinator.after_client_reply":
-                    # The answer leaves when the Submit handler resumes; die just after.
-                    loop = asyncio.get_running_loop()
-                    loop.call_later(0.02, crashpoints.hit, "coordinator.after_client_reply")
-            elif isinstance(action, core.PersistEnd):
-                crashpoints.hit("coordinator.before_end_record")
-                payload = log_pb2.TransactionEnded(transaction_id=txn.transaction_id)
-                self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
-                self.counters.lazy_writes += 1
-            elif isinstance(action, core.PersistHeuristic):
-                branch = txn.branch(action.branch)
-                heuristic = log_pb2.HeuristicRecorded(
-                    transaction_id=txn.transaction_id,
-                    branch=action.branch,
-                    participant=branch.participant,
-                    outcome=action.outcome,
-                )
-                self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
-                self.counters.lazy_writes += 1
-                self._log.warning(
-                    "heuristic outcome reported by a participant",
-                    txn=txn.transaction_id,
-                    participant=branch.participant,
-                    branch=action.branch,
-                    outcome=action.outcome,
-                )
-            elif isinstance(action, core.Finished):
-                self._finish(run)
+            effects[type(action)](self, run, action)
+
+    def _send_prepare(self, run: Run, action: core.SendPrepare) -> None:
+        self._prepare(run, action.branch, action.one_phase)
+
+    def _send_commit(self, run: Run, action: core.SendCommit) -> None:
+        self._phase_two(run, action.branch, commit=True)
+
+    def _send_rollback(self, run: Run, action: core.SendRollback) -> None:
+        self._phase_two(run, action.branch, commit=False)
+
+    def _retry_phase_two(self, run: Run, action: core.RetryPhaseTwo) -> None:
+        self._spawn(self._retry(run, action.branch, action.attempt))
+
+    def _probe_one_phase(self, run: Run, action: core.ProbeOnePhase) -> None:
+        self._spawn(self._probe(run))
+
+    def _reply(self, run: Run, action: core.Reply) -> None:
+        run.outcome_pb = OUTCOME_TO_PB[action.outcome]
+        if not run.reply.done():
+            run.reply.set_result(None)
+        if crashpoints.ARMED == "coordinator.after_client_reply":
+            # The answer leaves when the Submit handler resumes; die just after.
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, crashpoints.hit, "coordinator.after_client_reply")
+
+    def _persist_end(self, run: Run, action: core.PersistEnd) -> None:
+        crashpoints.hit("coordinator.before_end_record")
+        payload = log_pb2.TransactionEnded(transaction_id=run.txn.transaction_id)
+        self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
+        self.counters.lazy_writes += 1
+
+    def _persist_heuristic(self, run: Run, action: core.PersistHeuristic) -> None:
+        txn = run.txn
+        branch = txn.branch(action.branch)
+        heuristic = log_pb2.HeuristicRecorded(
+            transaction_id=txn.transaction_id,
+            branch=action.branch,
+            participant=branch.participant,
+            outcome=action.outcome,
+        )
+        self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
+        self.counters.lazy_writes += 1
+        self._log.warning(
+            "heuristic outcome reported by a participant",
+            txn=txn.transaction_id,
+            participant=branch.participant,
+            branch=action.branch,
+            outcome=action.outcome,
+        )
+
+    def _finished(self, run: Run, action: core.Finished) -> None:
+        self._finish(run)
+
+    # How each action the core returns is carried out: one entry per action type (a table, not
+    # a chain of isinstance tests; it runs for every action of every transaction).
+    _effects: dict[type, Callable[[Engine, Run, Any], None]] = {
+        core.SendPrepare: _send_prepare,
+        core.PersistDecision: lambda engine, run, action: engine._persist_decision(run, action),
+        core.SendCommit: _send_commit,
+        core.SendRollback: _send_rollback,
+        core.RetryPhaseTwo: _retry_phase_two,
+        core.ProbeOnePhase: _probe_one_phase,
+        core.Reply: _reply,
+        core.PersistEnd: _persist_end,
+        core.PersistHeuristic: _persist_heuristic,
+        core.Finished: _finished,
+    }
 
     # ---- carrying out actions ----
 
@@ -312,7 +339,6 @@ class Engine:
         def done(result: PrepareResult) -> None:
             ok = result.vote is not None
             self.observer.call_finished(branch.participant, "Prepare", started, ok)
-            ms = round((time.perf_counter() - started) * 1000, 2)
             if result.vote is None:
                 self._log.warning(
                     "prepare failed",
@@ -320,7 +346,7 @@ class Engine:
                     participant=branch.participant,
                     branch=index,
                     reason=result.reason,
-                    ms=ms,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
                 )
                 if result.invalid_argument:
                     run.invalid_argument = (
@@ -330,15 +356,16 @@ class Engine:
                 return
             self.counters.replies += 1
             crashpoints.hit("coordinator.after_vote_received")
-            self._log.debug(
-                "prepare answered",
-                txn=txn.transaction_id,
-                participant=branch.participant,
-                branch=index,
-                vote=result.vote.value,
-                reason=result.reason or None,
-                ms=ms,
-            )
+            if self._debug:
+                self._log.debug(
+                    "prepare answered",
+                    txn=txn.transaction_id,
+                    participant=branch.participant,
+                    branch=index,
+                    vote=result.vote.value,
+                    reason=result.reason or None,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                )
             self._feed(run, core.VoteReceived(index, result.vote, result.reason, self.clock_ms()))
 
         loop = asyncio.get_running_loop()
@@ -401,13 +428,14 @@ class Engine:
                 crashpoints.hit("coordinator.mid_phase_two")
             else:
                 self.counters.rollback_replies += 1
-            self._log.debug(
-                "commit acknowledged" if commit else "rollback acknowledged",
-                txn=txn.transaction_id,
-                participant=branch.participant,
-                branch=index,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-            )
+            if self._debug:
+                self._log.debug(
+                    "commit acknowledged" if commit else "rollback acknowledged",
+                    txn=txn.transaction_id,
+                    participant=branch.participant,
+                    branch=index,
+                    ms=round((time.perf_counter() - started) * 1000, 2),
+                )
             self._feed(run, core.PhaseTwoAcked(index))
 
         self.registry.port(branch.participant).decide(

@@ -39,20 +39,24 @@ def transaction_pb(run: Run) -> coordinator_pb2.Transaction:
         created_at_unix_ms=txn.created_at_ms,
         decided_at_unix_ms=txn.decided_at_ms,
         timeout_ms=max(0, txn.deadline_ms - txn.created_at_ms),
-        branches=[
-            coordinator_pb2.BranchStatus(
-                branch=b.index,
-                participant=b.participant,
-                vote=VOTE_TO_PB[b.vote] if b.vote else coordinator_pb2.VOTE_UNSPECIFIED,
-                reason=b.reason,
-                acknowledged=b.acknowledged,
-                phase_two_attempts=b.phase_two_attempts,
-                last_error=b.last_error,
-                heuristic=b.heuristic,
-            )
-            for b in txn.branches
-        ],
+        branches=branch_statuses(run),
     )
+
+
+def branch_statuses(run: Run) -> list[coordinator_pb2.BranchStatus]:
+    return [
+        coordinator_pb2.BranchStatus(
+            branch=b.index,
+            participant=b.participant,
+            vote=VOTE_TO_PB[b.vote] if b.vote else coordinator_pb2.VOTE_UNSPECIFIED,
+            reason=b.reason,
+            acknowledged=b.acknowledged,
+            phase_two_attempts=b.phase_two_attempts,
+            last_error=b.last_error,
+            heuristic=b.heuristic,
+        )
+        for b in run.txn.branches
+    ]
 
 
 def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
@@ -135,12 +139,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 f"{run.invalid_argument}; transaction {run.txn.transaction_id} was aborted and "
                 "nothing was applied",
             )
-        txn = transaction_pb(run)
         return coordinator_pb2.SubmitResponse(
-            transaction_id=txn.transaction_id,
+            transaction_id=run.txn.transaction_id,
             outcome=run.answer(),  # type: ignore[arg-type]  # an Outcome enum value is an int
-            reason=txn.reason,
-            branches=txn.branches,
+            reason=run.txn.reason,
+            branches=branch_statuses(run),
         )
 
     def _check_submit(
