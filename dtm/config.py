@@ -147,6 +147,23 @@ BOOLEAN = Kind(_boolean, "")
 PATH = Kind(_path, "PATH")
 OPTIONAL_PATH = Kind(_optional_path, "PATH")
 LEVEL = Kind(_level, "LEVEL")
+#: How a process makes its log durable (dtm.wal): on its event loop, or on a sync thread.
+WAL_SYNC_MODES = ("loop", "thread")
+
+
+def _wal_sync(raw: object, from_text: bool) -> str:
+    allowed = f"one of {', '.join(WAL_SYNC_MODES)}"
+    text = _text(raw, allowed).strip().lower()
+    if text not in WAL_SYNC_MODES:
+        raise ValueError(f"expected {allowed}")
+    return text
+
+
+WAL_SYNC = Kind(_wal_sync, "MODE")
+_WAL_SYNC_HELP = (
+    "how the log is fsynced: loop (on the event loop, once per loop iteration: least CPU) or "
+    "thread (a sync thread: the loop never stalls on a slow disk)"
+)
 
 
 def about(kind: Kind, help: str) -> dict[str, object]:
@@ -175,6 +192,14 @@ class CoordinatorSettings:
         metadata=about(
             integer(1, MS_MAX),
             "default global timeout of a transaction (Submit.timeout_ms overrides it)",
+        ),
+    )
+    wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
+    batch_linger_ms: int = field(
+        default=10,
+        metadata=about(
+            integer(0, 1_000),
+            "under load, how long a batched call to a participant waits for more items (0: none)",
         ),
     )
     metrics_listen: str = field(
@@ -213,6 +238,7 @@ class ParticipantSettings:
         default=2_000,
         metadata=about(integer(0, MS_MAX), "a prepared branch waiting longer asks the coordinator"),
     )
+    wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
     test_control: bool = field(
         default=False, metadata=about(BOOLEAN, "allow the fault-injection RPC (tests only)")
     )

@@ -1208,6 +1208,158 @@ class GroupCommitLog:
                 loop.call_soon_threadsafe(_resolve_waiters, waiters, error)
 
 
+class LoopCommitLog:
+    """A `WriteAheadLog` for asyncio code that fsyncs on the event loop's own thread.
+
+    Group commit per loop iteration, the shape of Redis's `appendfsync always`: a waiter
+    registers a future, and one flush callback (scheduled with call_soon, so it runs after
+    everything already ready) makes every record appended so far durable with one fsync and
+    wakes every waiter. While that fsync runs, new requests queue in the sockets; their records
+    form the next group.
+
+    Why not a sync thread (`GroupCommitLog`): each hand-off to and from a thread costs two
+    context switches and a GIL transfer, and on the 2-core box of docs/performance that cost
+    more CPU than the fsync itself: a participant alone spent 1.68 ms of CPU per batched call
+    with the thread and 0.97 ms inline. The price is that the loop stalls for the length of
+    an fsync (about 0.2-1 ms on an SSD); with a slow disk choose the thread (`[log] sync`).
+    """
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        self._wal = wal
+        self._waiters: list[asyncio.Future[None]] = []
+        self._scheduled = False
+        self._error: BaseException | None = None
+        self._closing = False
+
+    @classmethod
+    def open(
+        cls,
+        directory: Path,
+        *,
+        file_system: FileSystem | None = None,
+        segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
+        on_fatal: Callable[[str], None] = exit_on_fatal,
+    ) -> tuple[LoopCommitLog, list[LogRecord]]:
+        wal, recovered = WriteAheadLog.open(
+            directory,
+            file_system=file_system,
+            segment_bytes_max=segment_bytes_max,
+            on_fatal=on_fatal,
+        )
+        return cls(wal), recovered
+
+    # ---- properties ----
+
+    @property
+    def wal(self) -> WriteAheadLog:
+        return self._wal
+
+    @property
+    def appended_lsn(self) -> int:
+        return self._wal.appended_lsn
+
+    @property
+    def durable_lsn(self) -> int:
+        return self._wal.durable_lsn
+
+    @property
+    def fsync_count(self) -> int:
+        return self._wal.fsync_count
+
+    @property
+    def records_appended(self) -> int:
+        return self._wal.records_appended
+
+    @property
+    def batch_sizes(self) -> BatchSizes:
+        return self._wal.batch_sizes
+
+    # ---- the Log interface ----
+
+    def append(self, record_type: int, payload: bytes) -> int:
+        self._check_open()
+        return self._wal.append(record_type, payload)
+
+    async def wait_durable(self, lsn: int) -> None:
+        self._raise_if_failed()
+        if lsn <= self._wal.durable_lsn:
+            return
+        if lsn > self._wal.appended_lsn:
+            raise ValueError(f"LSN {lsn} was never appended (last is {self.appended_lsn})")
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        await waiter
+
+    async def append_durable(self, record_type: int, payload: bytes) -> int:
+        lsn = self.append(record_type, payload)
+        await self.wait_durable(lsn)
+        return lsn
+
+    async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
+        self._check_open()
+        complete_lsn = self._wal._begin_checkpoint(records)
+        await self.wait_durable(complete_lsn)
+
+    async def close(self) -> None:
+        """Make everything appended durable and close the files."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._error is None:
+            self._sync()
+        _resolve_waiters(self._waiters, self._error)
+        self._waiters = []
+        self._wal.close()
+
+    # ---- the flush ----
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        waiters, self._waiters = self._waiters, []
+        if self._error is None:
+            self._sync()
+        # Every waiter registered after appending: this one fsync covered all of them.
+        _resolve_waiters(waiters, None if self._error is None else self._fatal_error())
+
+    def _sync(self) -> None:
+        try:
+            ticket = self._wal._begin_sync()
+            crashpoints.hit("wal.before_fsync")
+            self._wal._perform_sync(ticket)
+            crashpoints.hit("wal.after_fsync")
+            self._wal._complete_sync(ticket)
+        except Exception as error:  # LogFatalError when on_fatal returns; anything else: a bug
+            self._error = error
+
+    def _fatal_error(self) -> LogFatalError:
+        # A fresh exception per caller: re-raising one instance would chain tracebacks.
+        error = LogFatalError(f"write-ahead log failed: {self._error}")
+        error.__cause__ = self._error
+        return error
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._fatal_error()
+
+    def _check_open(self) -> None:
+        self._raise_if_failed()
+        if self._closing:
+            raise ValueError(f"write-ahead log {self._wal.directory} is closed")
+
+
+def async_log(wal: WriteAheadLog, sync: str = "loop") -> LoopCommitLog | GroupCommitLog:
+    """The asyncio face of `wal` for a sync mode of dtm.config.WAL_SYNC_MODES."""
+    if sync == "loop":
+        return LoopCommitLog(wal)
+    if sync == "thread":
+        return GroupCommitLog(wal)
+    raise ValueError(f"unknown log sync mode {sync!r}: use loop or thread")
+
+
 class MemoryLog:
     """A `Log` without a disk: everything is durable at once. For unit tests of the cores."""
 

@@ -21,7 +21,7 @@ import grpc
 from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
 from dtm.core import branch as core
 from dtm.core.branch import BranchState, BranchVote
-from dtm.wal import GroupCommitLog, WriteAheadLog
+from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 from participants.branches import (
     STATE_TO_PB,
@@ -82,6 +82,8 @@ class ParticipantConfig:
     metrics_listen: str = ""
     # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
     log_level: str | None = None
+    # "loop" or "thread": see dtm.wal.LoopCommitLog.
+    wal_sync: str = "loop"
 
 
 class FaultState:
@@ -474,7 +476,7 @@ class ParticipantServer:
         self.log_ = logs.get(service.name)
         self.fault = FaultState()
         wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
-        self.wal = GroupCommitLog(wal)
+        self.wal = async_log(wal, config.wal_sync)
         self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
         self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
         self.engine.replay(records)
@@ -688,6 +690,7 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         tls=tls,
         metrics_listen=service.metrics_listen,
         log_level=settings.log.level,
+        wal_sync=service.wal_sync,
     )
 
 

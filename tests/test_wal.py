@@ -22,6 +22,7 @@ from dtm.wal import (
     LogCorruptedError,
     LogFatalError,
     LogRecord,
+    LoopCommitLog,
     MemoryLog,
     WriteAheadLog,
     _encode_frame,
@@ -471,10 +472,16 @@ def test_directory_entries_need_a_directory_fsync(tmp_path: Path) -> None:
 
 # ---- group commit ----
 
+LogType = type[GroupCommitLog] | type[LoopCommitLog]
+ASYNC_LOGS = [GroupCommitLog, LoopCommitLog]
 
-def test_group_commit_shares_fsyncs_between_many_appenders(tmp_path: Path) -> None:
+
+@pytest.mark.parametrize("log_class", ASYNC_LOGS)
+def test_group_commit_shares_fsyncs_between_many_appenders(
+    tmp_path: Path, log_class: LogType
+) -> None:
     async def run() -> None:
-        log, _ = GroupCommitLog.open(tmp_path)
+        log, _ = log_class.open(tmp_path)
         fsyncs_at_open = log.fsync_count
         lsns = await asyncio.gather(
             *(log.append_durable(ENDED, f"t{i}".encode()) for i in range(500))
@@ -568,11 +575,12 @@ def test_cancelled_waiter_does_not_disturb_the_others(tmp_path: Path) -> None:
     assert payloads(reopen(tmp_path, file_system=disk)) == [b"a", b"b"]
 
 
-def test_group_commit_crash_keeps_every_awaited_record(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_class", ASYNC_LOGS)
+def test_group_commit_crash_keeps_every_awaited_record(tmp_path: Path, log_class: LogType) -> None:
     disk = CrashingFileSystem()
 
     async def run() -> list[bytes]:
-        log, _ = GroupCommitLog.open(
+        log, _ = log_class.open(
             tmp_path, file_system=disk, segment_bytes_max=1024, on_fatal=lambda _: None
         )
 
@@ -599,12 +607,13 @@ def test_group_commit_crash_keeps_every_awaited_record(tmp_path: Path) -> None:
     assert set(awaited) <= set(recovered)
 
 
-def test_group_commit_fsync_failure_is_fatal(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_class", ASYNC_LOGS)
+def test_group_commit_fsync_failure_is_fatal(tmp_path: Path, log_class: LogType) -> None:
     disk = CrashingFileSystem()
     fatal_messages: list[str] = []
 
     async def run() -> None:
-        log, _ = GroupCommitLog.open(tmp_path, file_system=disk, on_fatal=fatal_messages.append)
+        log, _ = log_class.open(tmp_path, file_system=disk, on_fatal=fatal_messages.append)
         disk.fail_next_fsync = True
         with pytest.raises(LogFatalError):
             await log.append_durable(ENDED, b"t1")
@@ -619,9 +628,10 @@ def test_group_commit_fsync_failure_is_fatal(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_group_commit_checkpoint_and_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_class", ASYNC_LOGS)
+def test_group_commit_checkpoint_and_close(tmp_path: Path, log_class: LogType) -> None:
     async def run() -> None:
-        log, _ = GroupCommitLog.open(tmp_path, segment_bytes_max=256)
+        log, _ = log_class.open(tmp_path, segment_bytes_max=256)
         await asyncio.gather(*(log.append_durable(ENDED, b"x" * 40) for _ in range(30)))
         await log.checkpoint([(CHECKPOINT, b"snapshot")])
         assert len(segment_files(tmp_path)) == 1
@@ -632,6 +642,42 @@ def test_group_commit_checkpoint_and_close(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert payloads(reopen(tmp_path, segment_bytes_max=256)) == [b"snapshot", b"unawaited"]
+
+
+def test_loop_commit_covers_every_appender_of_a_loop_iteration_with_one_fsync(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(tmp_path)
+        fsyncs_at_open = log.fsync_count
+        first = [asyncio.create_task(log.append_durable(ENDED, b"a")) for _ in range(50)]
+        await asyncio.sleep(0)  # all 50 appended and waiting; the flush runs next
+        assert log.durable_lsn == 0 and not any(task.done() for task in first)
+        await asyncio.gather(*first)
+        assert 1 == log.fsync_count - fsyncs_at_open
+        assert BatchSizes(syncs=1, records=50, largest=50) == log.batch_sizes
+        # Appended but never awaited: made durable by the next flush, or by close.
+        log.append(ENDED, b"lazy")
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"a"] * 50 + [b"lazy"]
+
+
+def test_loop_commit_cancelled_waiter_does_not_disturb_the_others(tmp_path: Path) -> None:
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(tmp_path)
+        cancelled = asyncio.create_task(log.append_durable(ENDED, b"a"))
+        kept = asyncio.create_task(log.append_durable(ENDED, b"b"))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        assert await kept == 2
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"a", b"b"]
 
 
 def test_memory_log_implements_the_log_interface() -> None:

@@ -22,9 +22,10 @@ from dtm.coordinator.engine import (
     SubmitRejected,
     wall_ms,
 )
+from dtm.coordinator.ports import LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.records import RecordType
-from dtm.wal import GroupCommitLog, WriteAheadLog
+from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -259,6 +260,10 @@ class ServerConfig:
     metrics_listen: str = ""
     # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
     log_level: str | None = None
+    # "loop" or "thread": see dtm.wal.LoopCommitLog.
+    wal_sync: str = "loop"
+    # See dtm.coordinator.ports.BatchPolicy.
+    batch_linger_ms: float = LINGER_MS_DEFAULT
 
 
 class CoordinatorServer:
@@ -267,8 +272,9 @@ class CoordinatorServer:
         self.config = config.engine or CoordinatorConfig()
         self.log = logs.get("coordinator")
         wal, records = WriteAheadLog.open(config.data_dir / "coordinator" / "wal")
-        self.wal = GroupCommitLog(wal)
-        self.engine = Engine(self.wal, Registry(tls=config.tls), self.config)
+        self.wal = async_log(wal, config.wal_sync)
+        policy = BatchPolicy(linger_ms=config.batch_linger_ms)
+        self.engine = Engine(self.wal, Registry(policy, tls=config.tls), self.config)
         self._pending = self.engine.replay(records)
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
@@ -352,6 +358,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         tls=tls,
         metrics_listen=coordinator.metrics_listen,
         log_level=settings.log.level,
+        wal_sync=coordinator.wal_sync,
+        batch_linger_ms=coordinator.batch_linger_ms,
     )
 
 

@@ -1,0 +1,112 @@
+"""The coordinator's per-participant batcher (dtm.coordinator.ports.Batcher), with a fake send
+whose calls the test completes by hand, on a real event loop."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dtm.coordinator.ports import Batcher, BatchPolicy
+
+
+class FakeCalls:
+    """Records each call's batch; a call returns when the test resolves its future."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.pending: list[asyncio.Future[None]] = []
+
+    async def send(self, batch: list[str]) -> None:
+        self.batches.append(batch)
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        await future
+
+    def finish_all(self) -> None:
+        for future in self.pending:
+            if not future.done():
+                future.set_result(None)
+
+
+def batcher(calls: FakeCalls, **policy: float) -> Batcher[str]:
+    tasks: set[asyncio.Task[None]] = set()
+    return Batcher(
+        calls.send, BatchPolicy(**policy), tasks, urgent=lambda item: item.startswith("prepare")
+    )
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_items_queued_during_a_call_leave_together_in_the_next() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0)
+        queue.add("prepare 1")
+        await settle()
+        for index in range(2, 6):
+            queue.add(f"prepare {index}")
+        await settle()
+        assert [["prepare 1"]] == calls.batches  # one call in flight at most
+        calls.finish_all()
+        await settle()
+        assert [["prepare 1"], [f"prepare {i}" for i in range(2, 6)]] == calls.batches
+        assert (2, 5) == (queue.calls, queue.items)
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_linger_only_after_a_big_batch() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=50, linger_after_items=3)
+        queue.add("prepare 1")
+        await settle()
+        queue.add("prepare 2")
+        calls.finish_all()  # a batch of one returned: no sign of load, no wait
+        await settle()
+        assert 2 == len(calls.batches)
+        for index in range(3, 6):
+            queue.add(f"prepare {index}")
+        calls.finish_all()
+        await settle()
+        assert 3 == len(calls.batches)  # [3, 4, 5]: a batch of three is load
+        queue.add("prepare 6")
+        calls.finish_all()
+        await settle()
+        assert 3 == len(calls.batches)  # lingering for more
+        queue.add("prepare 7")
+        await asyncio.sleep(0.08)
+        assert ["prepare 6", "prepare 7"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_a_prepare_does_not_queue_behind_a_call_of_decisions_only() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0)
+        queue.add("decide 1")
+        await settle()
+        queue.add("decide 2")
+        await settle()
+        assert [["decide 1"]] == calls.batches  # decisions wait for the call slot
+        queue.add("prepare 3")
+        await settle()
+        # A second call, taking everything queued: a client waits for that prepare.
+        assert [["decide 1"], ["decide 2", "prepare 3"]] == calls.batches
+        queue.add("prepare 4")
+        await settle()
+        assert 2 == len(calls.batches)  # a prepare is in flight: no third call
+        calls.finish_all()
+        await settle()
+        assert ["prepare 4"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
