@@ -74,6 +74,33 @@ class BranchInfo:
     prepared_at_ms: int = 0
 
 
+def _decided_entry(branch: Branch) -> bytes:
+    """A decided branch as a checkpoint's encoded `decided` entry (see checkpoint_record):
+    the field's key (3, length-delimited), the length, the DecidedBranch message."""
+    entry = log_pb2.DecidedBranch(
+        transaction_id=branch.transaction_id,
+        branch=branch.index,
+        state=STATE_TO_PB[branch.state],
+        reason=branch.reason,
+        vote=_VOTE_TO_PB[branch.vote] if branch.vote else None,
+        heuristic=branch.heuristic,
+    ).SerializeToString()
+    return _DECIDED_KEY + _varint(len(entry)) + entry
+
+
+# ParticipantCheckpoint.decided is field 3, wire type 2 (length-delimited): (3 << 3) | 2.
+_DECIDED_KEY = bytes([(3 << 3) | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def _by_resource(request: LockRequest) -> str:
     return request.resource
 
@@ -100,7 +127,10 @@ class BranchEngine:
         self.branches: dict[BranchKey, BranchInfo] = {}
         # Branches not yet decided (PREPARING or PREPARED): what leases and inquiries scan.
         self.open: dict[BranchKey, BranchInfo] = {}
-        self._decided: OrderedDict[BranchKey, None] = OrderedDict()
+        # Decided branches kept for duplicate answers, oldest first, each with its checkpoint
+        # entry already encoded: a checkpoint then joins bytes instead of building up to
+        # BRANCHES_DECIDED_KEPT messages (measured: 274 ms for 100,000, the loop stalled).
+        self._decided: OrderedDict[BranchKey, bytes] = OrderedDict()
         self._operations: dict[BranchKey, Message] = {}
         self._applied: set[BranchKey] = set()  # service.prepare returned Prepared
         # The operation as it arrived (an Any), for the prepare record; absent after a replay.
@@ -351,7 +381,7 @@ class BranchEngine:
         self._packed.pop(key, None)
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
-        self._decided[key] = None
+        self._decided[key] = _decided_entry(self.branches[key].branch)
         while len(self._decided) > self.decided_kept:
             old, _ = self._decided.popitem(last=False)
             self.branches.pop(old, None)
@@ -507,27 +537,20 @@ class BranchEngine:
             self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
 
     def checkpoint_record(self) -> bytes:
-        """A snapshot of everything the log holds: service state, prepared and decided branches."""
+        """A snapshot of everything the log holds: service state, prepared and decided branches.
+
+        Serialized protobuf messages concatenate: the decided branches' entries, encoded once
+        each when decided, are appended to the rest as bytes (repeated fields merge)."""
         checkpoint = log_pb2.ParticipantCheckpoint(service_state=self.service.snapshot())
-        for key, info in self.branches.items():
-            branch = info.branch
-            if branch.state is BranchState.PREPARED:
+        for key, info in self.open.items():
+            if info.branch.state is BranchState.PREPARED:
                 prepared = checkpoint.prepared.add(
                     transaction_id=key[0],
                     branch=key[1],
                     prepared_at_unix_ms=info.prepared_at_ms,
                 )
                 prepared.operation.Pack(self._operations[key])
-            elif branch.state in core.DECIDED_STATES:
-                checkpoint.decided.add(
-                    transaction_id=key[0],
-                    branch=key[1],
-                    state=STATE_TO_PB[branch.state],
-                    reason=branch.reason,
-                    vote=_VOTE_TO_PB[branch.vote] if branch.vote else 0,
-                    heuristic=branch.heuristic,
-                )
-        return checkpoint.SerializeToString()
+        return checkpoint.SerializeToString() + b"".join(self._decided.values())
 
     def _restore_checkpoint(self, checkpoint: log_pb2.ParticipantCheckpoint) -> None:
         self.branches.clear()
@@ -555,7 +578,7 @@ class BranchEngine:
             branch.reason = decided.reason
             branch.heuristic = decided.heuristic
             self._track(branch)
-            self._decided[key] = None
+            self._decided[key] = _decided_entry(branch)
 
     async def checkpoint(self) -> None:
         await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, self.checkpoint_record())])

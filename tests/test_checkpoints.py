@@ -94,3 +94,22 @@ def test_logs_stay_bounded_and_restart_recovers_everything(tmp_path: Path) -> No
             assert ORDERS == invariants.report(final).confirmed_orders
 
     asyncio.run(scenario())
+
+
+def test_a_decided_entry_encodes_as_the_checkpoint_field_would() -> None:
+    from dtm.core.branch import Branch, BranchState, BranchVote
+    from dtmpb.v1 import log_pb2
+    from participants.branches import _decided_entry
+
+    branch = Branch("t-1", 2, BranchState.REFUSED, BranchVote.REFUSED)
+    branch.reason = "out of stock: " + "x" * 300  # a length that needs a two-byte varint
+    decoded = log_pb2.ParticipantCheckpoint.FromString(_decided_entry(branch) * 2)
+    assert 2 == len(decoded.decided)
+    assert ("t-1", 2, branch.reason) == (
+        decoded.decided[0].transaction_id,
+        decoded.decided[0].branch,
+        decoded.decided[0].reason,
+    )
+    assert log_pb2.ParticipantCheckpoint(decided=[decoded.decided[0]]).SerializeToString() == (
+        _decided_entry(branch)
+    )

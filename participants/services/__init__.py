@@ -10,8 +10,8 @@ its INVALID_ARGUMENT errors the same way), the branch-key helper and the snapsho
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -132,14 +132,56 @@ async def abort_if_too_large(response: Message, context: Context, what: str) -> 
         )
 
 
-def encode_state(service: str, state: Mapping[str, Any]) -> bytes:
+def json_text(value: Any) -> str:
+    """`value` as encode_state writes it: compact JSON with sorted keys, ASCII only."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def encode_state(
+    service: str, state: Mapping[str, Any], texts: Mapping[str, str] | None = None
+) -> bytes:
     """Deterministic snapshot bytes: compact JSON with sorted keys.
 
     Dict keys are sorted, so two services with the same state give the same bytes however the
     state was reached; anything whose order matters (orders, captures, the outbox) is a list.
+    `texts` holds values already encoded with json_text (see EncodedRows): the bytes are the
+    same as if they had been given, decoded, in `state`.
     """
     document = {"format": SNAPSHOT_FORMAT, "service": service, **state}
-    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode("ascii")
+    if not texts:
+        return json_text(document).encode("ascii")
+    parts = {key: json_text(value) for key, value in document.items()}
+    parts.update(texts)
+    return ("{" + ",".join(f"{json_text(key)}:{parts[key]}" for key in sorted(parts)) + "}").encode(
+        "ascii"
+    )
+
+
+Row = TypeVar("Row")
+
+
+class EncodedRows(Generic[Row]):
+    """The JSON text of an append-only list of immutable rows, each row encoded once.
+
+    A checkpoint snapshots a service's whole state; for a table that only grows (the outbox,
+    the ledger of captures) re-encoding every row each time stalls the event loop for longer
+    and longer (orders: 1.5 s at 100,000 orders). This keeps the text of the rows encoded so
+    far and encodes only those appended since. A new list object (after a restore) starts
+    over.
+    """
+
+    def __init__(self, encode: Callable[[Row], Any]) -> None:
+        self._encode = encode
+        self._rows: Sequence[Row] | None = None
+        self._texts: list[str] = []
+
+    def text(self, rows: Sequence[Row]) -> str:
+        if rows is not self._rows or len(rows) < len(self._texts):
+            self._rows = rows
+            self._texts = []
+        encode = self._encode
+        self._texts.extend(json_text(encode(row)) for row in rows[len(self._texts) :])
+        return "[" + ",".join(self._texts) + "]"
 
 
 def decode_state(service: str, data: bytes) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from dtmpb.v1 import shop_pb2, shop_pb2_grpc
 from participants.service import InvalidOperation, LockRequest, Prepared, PrepareResult, Service
 from participants.services import (
     Context,
+    EncodedRows,
     abort_if_too_large,
     check_resource_id,
     check_text,
@@ -65,6 +66,9 @@ class NotificationService(Service[shop_pb2.SendNotification]):
         self.staged: dict[str, StagedMessage] = {}
         # Sent messages, in commit order.
         self.outbox: list[Sent] = []
+        self._outbox_text = EncodedRows[Sent](
+            lambda s: [s.order_id, s.recipient, s.body, s.transaction_id]
+        )
 
     # ---- the branch operations ----
 
@@ -104,11 +108,9 @@ class NotificationService(Service[shop_pb2.SendNotification]):
                 "staged": {
                     key: [m.order_id, m.recipient, m.body] for key, m in self.staged.items()
                 },
-                # A list: the outbox's order is the commit order.
-                "outbox": [
-                    [s.order_id, s.recipient, s.body, s.transaction_id] for s in self.outbox
-                ],
             },
+            # A list: the outbox's order is the commit order. Encoded row by row, once.
+            {"outbox": self._outbox_text.text(self.outbox)},
         )
 
     def restore(self, state: bytes) -> None:

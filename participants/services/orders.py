@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -40,6 +40,7 @@ from participants.services import (
     check_resource_id,
     decode_state,
     encode_state,
+    json_text,
     page,
     transaction_of,
 )
@@ -70,6 +71,17 @@ class OrderRecord:
     amount_cents: int
     state: str
     transaction_id: str
+    # The snapshot text of a CONFIRMED order, which never changes again: encoded once, so a
+    # checkpoint of 100,000 orders is a join, not 100,000 encodings (1.5 s, the loop stalled).
+    confirmed_text: str = field(default="", compare=False)
+
+    def json_text(self) -> str:
+        if self.confirmed_text:
+            return self.confirmed_text
+        text = json_text(self.to_json())
+        if self.state == CONFIRMED:
+            self.confirmed_text = text
+        return text
 
     def to_pb(self) -> shop_pb2.Order:
         return shop_pb2.Order(
@@ -181,13 +193,14 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
 
     def snapshot(self) -> bytes:
         # Lists, not dicts, for orders: their creation order is what ListOrders shows.
+        orders = "[" + ",".join(order.json_text() for order in self.orders.values()) + "]"
         return encode_state(
             self.name,
             {
-                "orders": [order.to_json() for order in self.orders.values()],
                 "pending": self.pending,
                 "cancelled": [order.to_json() for order in self.cancelled.values()],
             },
+            {"orders": orders},
         )
 
     def restore(self, state: bytes) -> None:

@@ -29,6 +29,7 @@ from participants.service import (
 )
 from participants.services import (
     Context,
+    EncodedRows,
     abort_if_too_large,
     check_resource_id,
     decode_state,
@@ -102,6 +103,9 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
         # Every capture, in commit order. This is the ledger, the durable output of the
         # service, so it is kept whole; a real system would ship it to accounting and truncate.
         self.captures: list[Capture] = []
+        self._captures_text = EncodedRows[Capture](
+            lambda c: [c.order_id, c.account_id, c.amount_cents, c.transaction_id]
+        )
 
     # ---- the branch operations ----
 
@@ -184,12 +188,9 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
                 "holds": {
                     key: [h.account_id, h.amount_cents, h.order_id] for key, h in self.holds.items()
                 },
-                # A list: the ledger's order is the commit order.
-                "captures": [
-                    [c.order_id, c.account_id, c.amount_cents, c.transaction_id]
-                    for c in self.captures
-                ],
             },
+            # A list: the ledger's order is the commit order. Encoded row by row, once.
+            {"captures": self._captures_text.text(self.captures)},
         )
 
     def restore(self, state: bytes) -> None:
