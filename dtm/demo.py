@@ -41,6 +41,11 @@ BURST_SKU = "sku-burst"
 # Settling waits on the servers' own recovery: a late prepare (the slow scenario) is resolved
 # when the participant asks the coordinator, after its in-doubt delay of about 2 s.
 SETTLE_TIMEOUT_S = 15.0
+# Before a scenario slows a service down: the previous scenario's last calls (a prepare of an
+# order already aborted elsewhere, say) may still be on their way to it. Slowed down, such a
+# call would hold the service's one batched call slot for the whole delay, and the scenario's
+# own prepare would queue behind it. A moment of quiet lets them land first.
+QUIET_BEFORE_FAULT_S = 0.3
 # After a participant restarts, the coordinator's channel to it may still be in reconnect
 # backoff (at most 1 s): a few fresh orders, spaced out, show when the path works again.
 RECONNECT_ATTEMPTS = 8
@@ -169,6 +174,8 @@ class Demo:
     async def set_fault(
         self, service: str, mode: participant_pb2.FaultMode, delay_ms: int = 0
     ) -> None:
+        if mode == participant_pb2.FAULT_MODE_SLOW:
+            await asyncio.sleep(QUIET_BEFORE_FAULT_S)
         async with grpc.aio.insecure_channel(self.cluster.address(service)) as channel:
             await participant_pb2_grpc.ParticipantAdminStub(channel).SetFault(
                 participant_pb2.SetFaultRequest(mode=mode, delay_ms=delay_ms), timeout=2.0
