@@ -110,3 +110,19 @@ def test_a_prepare_does_not_queue_behind_a_call_of_decisions_only() -> None:
         await settle()
 
     asyncio.run(run())
+
+
+def test_a_closed_batcher_sends_nothing_more_even_from_a_pending_linger() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=20, linger_after_items=1)
+        queue.add("prepare 1")
+        await settle()
+        queue.add("prepare 2")
+        calls.finish_all()  # the linger timer for "prepare 2" is now pending
+        await settle()
+        queue.close()
+        await asyncio.sleep(0.05)
+        assert [["prepare 1"]] == calls.batches
+
+    asyncio.run(run())

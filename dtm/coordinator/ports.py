@@ -107,9 +107,14 @@ class Batcher(Generic[Item]):
         self._in_flight_urgent = 0  # calls in flight carrying at least one urgent item
         self._queued_urgent = 0
         self._scheduled = False
+        self._closed = False
         self._tasks = tasks
         self.calls = 0
         self.items = 0
+
+    def close(self) -> None:
+        """Send nothing more: a flush still scheduled (a linger timer) finds it closed."""
+        self._closed = True
 
     def add(self, item: Item) -> None:
         self._queue.append(item)
@@ -130,6 +135,8 @@ class Batcher(Generic[Item]):
 
     def _flush(self) -> None:
         self._scheduled = False
+        if self._closed:
+            return
         loop = asyncio.get_running_loop()
         while self._queue and self._may_send():
             count = min(len(self._queue), self._policy.items_max)
@@ -278,6 +285,7 @@ class ParticipantPort:
             prepare.done(PrepareResult(None, reason))
 
     async def close(self) -> None:
+        self._batcher.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
