@@ -43,7 +43,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, Self
 
 import crc32c
 from google.protobuf import text_format
@@ -1032,26 +1032,11 @@ def _resolve_waiters(waiters: list[asyncio.Future[None]], error: BaseException |
                 waiter.set_exception(error)
 
 
-class GroupCommitLog:
-    """A `WriteAheadLog` for asyncio code: one background thread fsyncs for everyone.
-
-    While an fsync runs, records appended meanwhile wait for the next one, so one fsync covers
-    as many transactions as arrive during the previous one. Only the waiters whose LSN the
-    completed fsync covers are woken (the covered LSN is captured before the fsync starts).
-    Construct it anywhere; it binds to the running loop on the first `wait_durable`.
-    """
+class _AsyncLog:
+    """What both asyncio faces of a `WriteAheadLog` share: opening, counters, append_durable."""
 
     def __init__(self, wal: WriteAheadLog) -> None:
         self._wal = wal
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._requested: _Generation | None = None  # waiters for the next fsync
-        self._in_flight: tuple[int, _Generation] | None = None  # (covered LSN, its waiters)
-        self._error: BaseException | None = None
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="dtm-wal-sync", daemon=True)
-        self._thread.start()
 
     @classmethod
     def open(
@@ -1061,7 +1046,7 @@ class GroupCommitLog:
         file_system: FileSystem | None = None,
         segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
         on_fatal: Callable[[str], None] = exit_on_fatal,
-    ) -> tuple[GroupCommitLog, list[LogRecord]]:
+    ) -> tuple[Self, list[LogRecord]]:
         wal, recovered = WriteAheadLog.open(
             directory,
             file_system=file_system,
@@ -1069,8 +1054,6 @@ class GroupCommitLog:
             on_fatal=on_fatal,
         )
         return cls(wal), recovered
-
-    # ---- properties ----
 
     @property
     def wal(self) -> WriteAheadLog:
@@ -1095,6 +1078,39 @@ class GroupCommitLog:
     @property
     def batch_sizes(self) -> BatchSizes:
         return self._wal.batch_sizes
+
+    def append(self, record_type: int, payload: bytes) -> int:
+        raise NotImplementedError
+
+    async def wait_durable(self, lsn: int) -> None:
+        raise NotImplementedError
+
+    async def append_durable(self, record_type: int, payload: bytes) -> int:
+        lsn = self.append(record_type, payload)
+        await self.wait_durable(lsn)
+        return lsn
+
+
+class GroupCommitLog(_AsyncLog):
+    """A `WriteAheadLog` for asyncio code: one background thread fsyncs for everyone.
+
+    While an fsync runs, records appended meanwhile wait for the next one, so one fsync covers
+    as many transactions as arrive during the previous one. Only the waiters whose LSN the
+    completed fsync covers are woken (the covered LSN is captured before the fsync starts).
+    Construct it anywhere; it binds to the running loop on the first `wait_durable`.
+    """
+
+    def __init__(self, wal: WriteAheadLog) -> None:
+        super().__init__(wal)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._requested: _Generation | None = None  # waiters for the next fsync
+        self._in_flight: tuple[int, _Generation] | None = None  # (covered LSN, its waiters)
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="dtm-wal-sync", daemon=True)
+        self._thread.start()
 
     # ---- the Log interface ----
 
@@ -1127,11 +1143,6 @@ class GroupCommitLog:
             generation.waiters.append(waiter)
         await waiter
         assert lsn <= self._wal.durable_lsn
-
-    async def append_durable(self, record_type: int, payload: bytes) -> int:
-        lsn = self.append(record_type, payload)
-        await self.wait_durable(lsn)
-        return lsn
 
     async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
         # Writing is cheap and happens here, in order with appends; the fsyncs and the deletion of
@@ -1208,7 +1219,7 @@ class GroupCommitLog:
                 loop.call_soon_threadsafe(_resolve_waiters, waiters, error)
 
 
-class LoopCommitLog:
+class LoopCommitLog(_AsyncLog):
     """A `WriteAheadLog` for asyncio code that fsyncs on the event loop's own thread.
 
     Group commit per loop iteration, the shape of Redis's `appendfsync always`: a waiter
@@ -1225,54 +1236,11 @@ class LoopCommitLog:
     """
 
     def __init__(self, wal: WriteAheadLog) -> None:
-        self._wal = wal
+        super().__init__(wal)
         self._waiters: list[asyncio.Future[None]] = []
         self._scheduled = False
         self._error: BaseException | None = None
         self._closing = False
-
-    @classmethod
-    def open(
-        cls,
-        directory: Path,
-        *,
-        file_system: FileSystem | None = None,
-        segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
-        on_fatal: Callable[[str], None] = exit_on_fatal,
-    ) -> tuple[LoopCommitLog, list[LogRecord]]:
-        wal, recovered = WriteAheadLog.open(
-            directory,
-            file_system=file_system,
-            segment_bytes_max=segment_bytes_max,
-            on_fatal=on_fatal,
-        )
-        return cls(wal), recovered
-
-    # ---- properties ----
-
-    @property
-    def wal(self) -> WriteAheadLog:
-        return self._wal
-
-    @property
-    def appended_lsn(self) -> int:
-        return self._wal.appended_lsn
-
-    @property
-    def durable_lsn(self) -> int:
-        return self._wal.durable_lsn
-
-    @property
-    def fsync_count(self) -> int:
-        return self._wal.fsync_count
-
-    @property
-    def records_appended(self) -> int:
-        return self._wal.records_appended
-
-    @property
-    def batch_sizes(self) -> BatchSizes:
-        return self._wal.batch_sizes
 
     # ---- the Log interface ----
 
@@ -1293,11 +1261,6 @@ class LoopCommitLog:
             self._scheduled = True
             loop.call_soon(self._flush)
         await waiter
-
-    async def append_durable(self, record_type: int, payload: bytes) -> int:
-        lsn = self.append(record_type, payload)
-        await self.wait_durable(lsn)
-        return lsn
 
     async def checkpoint(self, records: Sequence[tuple[int, bytes]]) -> None:
         self._check_open()
