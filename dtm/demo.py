@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,11 +41,12 @@ BURST_SKU = "sku-burst"
 # Settling waits on the servers' own recovery: a late prepare (the slow scenario) is resolved
 # when the participant asks the coordinator, after its in-doubt delay of about 2 s.
 SETTLE_TIMEOUT_S = 15.0
-# Before a scenario slows a service down: the previous scenario's last calls (a prepare of an
-# order already aborted elsewhere, say) may still be on their way to it. Slowed down, such a
-# call would hold the service's one batched call slot for the whole delay, and the scenario's
-# own prepare would queue behind it. A moment of quiet lets them land first.
-QUIET_BEFORE_FAULT_S = 0.3
+DECIDED_BRANCH_STATES = [
+    participant_pb2.BRANCH_STATE_COMMITTED,
+    participant_pb2.BRANCH_STATE_ROLLED_BACK,
+    participant_pb2.BRANCH_STATE_REFUSED,
+    participant_pb2.BRANCH_STATE_READ_ONLY,
+]
 # After a participant restarts, the coordinator's channel to it may still be in reconnect
 # backoff (at most 1 s): a few fresh orders, spaced out, show when the path works again.
 RECONNECT_ATTEMPTS = 8
@@ -174,12 +175,36 @@ class Demo:
     async def set_fault(
         self, service: str, mode: participant_pb2.FaultMode, delay_ms: int = 0
     ) -> None:
-        if mode == participant_pb2.FAULT_MODE_SLOW:
-            await asyncio.sleep(QUIET_BEFORE_FAULT_S)
         async with grpc.aio.insecure_channel(self.cluster.address(service)) as channel:
             await participant_pb2_grpc.ParticipantAdminStub(channel).SetFault(
                 participant_pb2.SetFaultRequest(mode=mode, delay_ms=delay_ms), timeout=2.0
             )
+
+    async def wait_until_decided(self, transaction_ids: Collection[str]) -> None:
+        """Until every service has decided its branch of each of these transactions.
+
+        An order refused by one service still has prepares on their way to the others. Once a
+        service has decided the branch, the call that carried the prepare has been handled
+        there (a Rollback never overtakes its Prepare: same batched call, or a later one). A
+        scenario that slows a service down must start after this: slowed, such a late call
+        would hold that service's one batched call slot for the whole delay, and the
+        scenario's own prepare would queue behind it (seen once on a fresh clone).
+        """
+        wanted = set(transaction_ids)
+        deadline = time.monotonic() + SETTLE_TIMEOUT_S
+        for service in invariants.SERVICES:
+            async with grpc.aio.insecure_channel(self.cluster.address(service)) as channel:
+                admin = participant_pb2_grpc.ParticipantAdminStub(channel)
+                # Bounded by the deadline; a service exposes no event for "decided".
+                while True:
+                    listed = await admin.ListBranches(
+                        participant_pb2.ListBranchesRequest(states=DECIDED_BRANCH_STATES),
+                        timeout=2,
+                    )
+                    missing = wanted - {b.transaction_id for b in listed.branches}
+                    if not missing or time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.02)
 
     async def payment_branch_state(self, transaction_id: str) -> str:
         """The state payment records for the transaction's branch, once it is decided there.
@@ -329,6 +354,7 @@ class Demo:
         for what, count in other.most_common():
             print(f"  {count:>3} {wrap(what, 6)}")
         print(f"  all {BURST_ORDERS} decided in {elapsed * 1000:.0f} ms")
+        await self.wait_until_decided([request.transaction_id for request in requests])
         self.expect(
             f"exactly {BURST_STOCK} burst orders to commit and the rest to be refused for stock",
             committed == BURST_STOCK and no_stock == BURST_ORDERS - BURST_STOCK,

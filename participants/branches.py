@@ -292,7 +292,7 @@ class BranchEngine:
         reply: core.BranchAction | None = None
         self.branches[key].updated_at_ms = self.clock_ms()
         for action in actions:
-            effect = self._effects.get(type(action))
+            effect = self._effects.get(type(action))  # the table at the end of the class
             if effect is None:
                 reply = action  # ReplyVote, ReplyAck or ReplyError: the caller's to send
             else:
@@ -320,16 +320,6 @@ class BranchEngine:
 
     def _ask_coordinator(self, branch: Branch, action: core.AskCoordinator) -> None:
         pass  # the server's inquiry loop asks for every in-doubt branch
-
-    # The side effect of each action type (a table, not a chain of isinstance tests: this runs
-    # for every action of every branch). Reply actions have none: _execute returns them.
-    _effects: dict[type, Callable[[BranchEngine, Branch, Any], None]] = {
-        core.CancelPrepare: _cancel_prepare,
-        core.Persist: lambda engine, branch, action: engine._persist(branch, action),
-        core.ApplyCommit: _apply_commit,
-        core.ApplyRollback: _apply_rollback,
-        core.AskCoordinator: _ask_coordinator,
-    }
 
     def _packed_operation(self, key: BranchKey) -> any_pb2.Any:
         packed = self._packed.get(key)
@@ -583,3 +573,13 @@ class BranchEngine:
     async def checkpoint(self) -> None:
         await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, self.checkpoint_record())])
         self.records_since_checkpoint = 0
+
+    # The side effect of each action type (a table, not a chain of isinstance tests: this runs
+    # for every action of every branch). Reply actions have none: _execute returns them.
+    _effects: dict[type, Callable[[BranchEngine, Branch, Any], None]] = {
+        core.CancelPrepare: _cancel_prepare,
+        core.Persist: _persist,
+        core.ApplyCommit: _apply_commit,
+        core.ApplyRollback: _apply_rollback,
+        core.AskCoordinator: _ask_coordinator,
+    }

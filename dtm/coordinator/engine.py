@@ -246,7 +246,7 @@ class Engine:
         self._execute(run, actions)
 
     def _execute(self, run: Run, actions: Iterable[core.Action]) -> None:
-        effects = self._effects
+        effects = self._effects  # the table at the end of the class
         for action in actions:
             effects[type(action)](self, run, action)
 
@@ -301,21 +301,6 @@ class Engine:
 
     def _finished(self, run: Run, action: core.Finished) -> None:
         self._finish(run)
-
-    # How each action the core returns is carried out: one entry per action type (a table, not
-    # a chain of isinstance tests; it runs for every action of every transaction).
-    _effects: dict[type, Callable[[Engine, Run, Any], None]] = {
-        core.SendPrepare: _send_prepare,
-        core.PersistDecision: lambda engine, run, action: engine._persist_decision(run, action),
-        core.SendCommit: _send_commit,
-        core.SendRollback: _send_rollback,
-        core.RetryPhaseTwo: _retry_phase_two,
-        core.ProbeOnePhase: _probe_one_phase,
-        core.Reply: _reply,
-        core.PersistEnd: _persist_end,
-        core.PersistHeuristic: _persist_heuristic,
-        core.Finished: _finished,
-    }
 
     # ---- carrying out actions ----
 
@@ -609,3 +594,18 @@ class Engine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # How each action the core returns is carried out: one entry per action type (a table, not
+    # a chain of isinstance tests; it runs for every action of every transaction).
+    _effects: dict[type, Callable[[Engine, Run, Any], None]] = {
+        core.SendPrepare: _send_prepare,
+        core.PersistDecision: _persist_decision,
+        core.SendCommit: _send_commit,
+        core.SendRollback: _send_rollback,
+        core.RetryPhaseTwo: _retry_phase_two,
+        core.ProbeOnePhase: _probe_one_phase,
+        core.Reply: _reply,
+        core.PersistEnd: _persist_end,
+        core.PersistHeuristic: _persist_heuristic,
+        core.Finished: _finished,
+    }
