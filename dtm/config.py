@@ -202,6 +202,13 @@ class CoordinatorSettings:
             "under load, how long a batched call to a participant waits for more items (0: none)",
         ),
     )
+    batch_decision_linger_ms: int = field(
+        default=5,
+        metadata=about(
+            integer(0, 1_000),
+            "how long decisions wait for a prepare to share a participant's call (0: none)",
+        ),
+    )
     metrics_listen: str = field(
         default="",
         metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),

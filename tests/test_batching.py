@@ -90,7 +90,7 @@ def test_linger_only_after_a_big_batch() -> None:
 def test_a_prepare_does_not_queue_behind_a_call_of_decisions_only() -> None:
     async def run() -> None:
         calls = FakeCalls()
-        queue = batcher(calls, linger_ms=0)
+        queue = batcher(calls, linger_ms=0, decision_linger_ms=0)
         queue.add("decide 1")
         await settle()
         queue.add("decide 2")
@@ -124,5 +124,68 @@ def test_a_closed_batcher_sends_nothing_more_even_from_a_pending_linger() -> Non
         queue.close()
         await asyncio.sleep(0.05)
         assert [["prepare 1"]] == calls.batches
+
+    asyncio.run(run())
+
+
+def test_decisions_wait_for_a_prepare_to_ride_with() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0, decision_linger_ms=1_000)
+        queue.add("decide 1")
+        queue.add("decide 2")
+        await settle()
+        assert [] == calls.batches  # no client waits for them: they linger
+        queue.add("prepare 3")
+        await settle()
+        # The prepare cut the wait short and took them along, in one call.
+        assert [["decide 1", "decide 2", "prepare 3"]] == calls.batches
+        calls.finish_all()
+        await settle()
+        queue.add("decide 3")
+        calls.finish_all()
+        await settle()
+        assert 1 == len(calls.batches)  # a lone decision lingers after a call returns too
+        queue.add("prepare 4")
+        await settle()
+        assert ["decide 3", "prepare 4"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_decisions_leave_alone_when_no_prepare_comes() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0, decision_linger_ms=20)
+        queue.add("decide 1")
+        await settle()
+        assert [] == calls.batches
+        await asyncio.sleep(0.06)  # bounded: the wait ends by itself
+        assert [["decide 1"]] == calls.batches
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_a_prepare_does_not_cut_short_a_linger_under_load() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=50, linger_after_items=2, decision_linger_ms=50)
+        queue.add("prepare 1")
+        queue.add("prepare 2")
+        await settle()
+        queue.add("decide 1")
+        calls.finish_all()  # a batch of two returned: load, so the next call lingers
+        await settle()
+        queue.add("prepare 3")
+        await settle()
+        assert 1 == len(calls.batches)  # the linger holds: this is how batches grow
+        await asyncio.sleep(0.1)
+        assert ["decide 1", "prepare 3"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
 
     asyncio.run(run())

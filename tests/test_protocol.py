@@ -175,6 +175,7 @@ def test_retried_submit_with_same_id_returns_same_outcome_and_applies_once(
             assert {COMMITTED} == {r.outcome for r in responses}
             again = await cluster.submit(branches, "txn-idem")
             assert COMMITTED == again.outcome
+            await assert_nothing_held(cluster)  # phase 2 runs after the answer (rule 15)
             assert 3 == (await cluster.stock())["sku-pear"].sold
             assert 1 == len((await cluster.sent()).sent)
             # Same id, different content: refused, not silently merged.

@@ -34,7 +34,7 @@ from dtmpb.v1 import (
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
-from tests.harness import pack
+from tests.harness import eventually, pack
 
 Code = grpc.StatusCode
 TIMEOUT_S = 5.0
@@ -146,7 +146,11 @@ def test_a_transaction_commits_over_mutual_tls(tmp_path: Path, ca_dir: Path) -> 
                     coordinator_pb2.SubmitRequest(branches=order("o-1")), timeout=TIMEOUT_S
                 )
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response.reason
-            assert 1 == await sent_count(cluster)
+
+            async def sent() -> bool:  # phase 2 runs after the answer (rule 15)
+                return 1 == await sent_count(cluster)
+
+            await eventually(sent)
 
     asyncio.run(scenario())
 

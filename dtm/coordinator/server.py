@@ -22,7 +22,7 @@ from dtm.coordinator.engine import (
     SubmitRejected,
     wall_ms,
 )
-from dtm.coordinator.ports import LINGER_MS_DEFAULT, BatchPolicy
+from dtm.coordinator.ports import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.records import RecordType
 from dtm.wal import WriteAheadLog, async_log
@@ -264,6 +264,7 @@ class ServerConfig:
     wal_sync: str = "loop"
     # See dtm.coordinator.ports.BatchPolicy.
     batch_linger_ms: float = LINGER_MS_DEFAULT
+    batch_decision_linger_ms: float = DECISION_LINGER_MS_DEFAULT
 
 
 class CoordinatorServer:
@@ -273,7 +274,9 @@ class CoordinatorServer:
         self.log = logs.get("coordinator")
         wal, records = WriteAheadLog.open(config.data_dir / "coordinator" / "wal")
         self.wal = async_log(wal, config.wal_sync)
-        policy = BatchPolicy(linger_ms=config.batch_linger_ms)
+        policy = BatchPolicy(
+            linger_ms=config.batch_linger_ms, decision_linger_ms=config.batch_decision_linger_ms
+        )
         self.engine = Engine(self.wal, Registry(policy, tls=config.tls), self.config)
         self._pending = self.engine.replay(records)
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
@@ -360,6 +363,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         log_level=settings.log.level,
         wal_sync=coordinator.wal_sync,
         batch_linger_ms=coordinator.batch_linger_ms,
+        batch_decision_linger_ms=coordinator.batch_decision_linger_ms,
     )
 
 
