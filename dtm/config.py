@@ -237,6 +237,13 @@ class ParticipantSettings:
     lock_wait_ms: int = field(
         default=500, metadata=about(integer(1, MS_MAX), "longest wait for a lock")
     )
+    batch_lock_wait_ms: int = field(
+        default=50,
+        metadata=about(
+            integer(1, MS_MAX),
+            "longest wait for a lock by a prepare in a batched call (at most lock_wait_ms)",
+        ),
+    )
     lease_unvoted_ms: int = field(
         default=5_000,
         metadata=about(integer(1, MS_MAX), "an unvoted branch holding locks longer is aborted"),

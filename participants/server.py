@@ -685,6 +685,7 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         coordinator=service.coordinator,
         test_control=service.test_control,
         lock_wait_ms=service.lock_wait_ms,
+        batch_lock_wait_ms=service.batch_lock_wait_ms,
         lease_unvoted_ms=service.lease_unvoted_ms,
         in_doubt_after_ms=service.in_doubt_after_ms,
         tls=tls,

@@ -242,6 +242,7 @@ def test_coordinator_keeps_its_flags_and_reads_the_file(
 listen = "127.0.0.1:6000"
 prepare_timeout_ms = 100
 metrics_listen = "127.0.0.1:9100"
+batch_decision_linger_ms = 0
 
 [log]
 level = "ERROR"
@@ -253,6 +254,7 @@ level = "ERROR"
     assert plain.engine is not None
     assert 2_000 == plain.engine.prepare_timeout_ms
     assert "" == plain.metrics_listen
+    assert 5 == plain.batch_decision_linger_ms
 
     monkeypatch.setenv("DTM_COORDINATOR_TRANSACTION_TIMEOUT_MS", "4000")
     parsed = coordinator_server.parse_args(
@@ -264,6 +266,7 @@ level = "ERROR"
     assert 150 == parsed.engine.prepare_timeout_ms
     assert 4_000 == parsed.engine.transaction_timeout_ms
     assert "127.0.0.1:9100" == parsed.metrics_listen
+    assert 0 == parsed.batch_decision_linger_ms  # 0: decisions leave at once
     assert "ERROR" == parsed.log_level
 
 
@@ -280,6 +283,7 @@ def test_participant_keeps_its_flags_and_reads_its_section(tmp_path: Path) -> No
         """
 [participant]
 lock_wait_ms = 50
+batch_lock_wait_ms = 20
 coordinator = "127.0.0.1:6000"
 
 [payment]
@@ -304,6 +308,7 @@ metrics_listen = "127.0.0.1:9103"
     assert "127.0.0.1:6000" == parsed.coordinator
     assert parsed.test_control
     assert 50 == parsed.lock_wait_ms
+    assert 20 == parsed.batch_lock_wait_ms
     assert 10 == parsed.in_doubt_after_ms
     assert "127.0.0.1:9103" == parsed.metrics_listen
 
@@ -312,6 +317,13 @@ metrics_listen = "127.0.0.1:9103"
     assert "127.0.0.1:0" == other.listen
     assert "" == other.metrics_listen
     assert 50 == other.lock_wait_ms
+    assert (
+        5
+        == participant_server.parse_args(
+            "inventory-2", ["--config", str(path), "--batch-lock-wait-ms", "5"]
+        ).batch_lock_wait_ms
+    )
+    assert 50 == participant_server.parse_args("orders", []).batch_lock_wait_ms
     assert not participant_server.parse_args("orders", []).test_control
 
 
