@@ -186,10 +186,11 @@ class Batcher(Generic[Item]):
             self._in_flight -= 1
             self._in_flight_urgent -= urgent
             if self._queue and not self._scheduled and self._may_send():
-                if len(batch) >= self._policy.linger_after_items:
-                    self._schedule(self._policy.linger_ms, False)
+                policy = self._policy
+                if policy.linger_ms > 0 and len(batch) >= policy.linger_after_items:
+                    self._schedule(policy.linger_ms, False)
                 elif self._queued_urgent == 0:
-                    self._schedule(self._policy.decision_linger_ms, True)
+                    self._schedule(policy.decision_linger_ms, True)
                 else:
                     self._schedule(0, False)
 
