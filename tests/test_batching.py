@@ -189,3 +189,22 @@ def test_a_prepare_does_not_cut_short_a_linger_under_load() -> None:
         await settle()
 
     asyncio.run(run())
+
+
+def test_decisions_linger_after_any_batch_when_the_load_linger_is_off() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0, linger_after_items=1, decision_linger_ms=1_000)
+        queue.add("prepare 1")
+        await settle()
+        queue.add("decide 1")
+        calls.finish_all()  # a "big" batch returned, but there is no load linger to apply
+        await settle()
+        assert 1 == len(calls.batches)  # the decision waits for a prepare
+        queue.add("prepare 2")
+        await settle()
+        assert ["decide 1", "prepare 2"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
