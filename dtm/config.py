@@ -130,12 +130,17 @@ def _optional_path(raw: object, from_text: bool) -> Path | None:
     return Path(text) if text else None
 
 
-def _level(raw: object, from_text: bool) -> str:
-    allowed = f"one of {', '.join(LOG_LEVELS)}"
-    text = _text(raw, allowed).strip().upper()
-    if text not in LOG_LEVELS:
-        raise ValueError(f"expected {allowed}")
-    return text
+def choice(values: Sequence[str], metavar: str, normalize: Callable[[str], str]) -> Kind:
+    """One of `values`, compared after `normalize` (str.upper, str.lower: case is free)."""
+    allowed = f"one of {', '.join(values)}"
+
+    def parse(raw: object, from_text: bool) -> str:
+        text = normalize(_text(raw, allowed).strip())
+        if text not in values:
+            raise ValueError(f"expected {allowed}")
+        return text
+
+    return Kind(parse, metavar)
 
 
 ADDRESS = Kind(lambda raw, _: _address(raw, 1, optional=False), "HOST:PORT")
@@ -146,20 +151,10 @@ OPTIONAL_LISTEN = Kind(lambda raw, _: _address(raw, 0, optional=True), "HOST:POR
 BOOLEAN = Kind(_boolean, "")
 PATH = Kind(_path, "PATH")
 OPTIONAL_PATH = Kind(_optional_path, "PATH")
-LEVEL = Kind(_level, "LEVEL")
+LEVEL = choice(LOG_LEVELS, "LEVEL", str.upper)
 #: How a process makes its log durable (dtm.wal): on its event loop, or on a sync thread.
 WAL_SYNC_MODES = ("loop", "thread")
-
-
-def _wal_sync(raw: object, from_text: bool) -> str:
-    allowed = f"one of {', '.join(WAL_SYNC_MODES)}"
-    text = _text(raw, allowed).strip().lower()
-    if text not in WAL_SYNC_MODES:
-        raise ValueError(f"expected {allowed}")
-    return text
-
-
-WAL_SYNC = Kind(_wal_sync, "MODE")
+WAL_SYNC = choice(WAL_SYNC_MODES, "MODE", str.lower)
 _WAL_SYNC_HELP = (
     "how the log is fsynced: loop (on the event loop, once per loop iteration: least CPU) or "
     "thread (a sync thread: the loop never stalls on a slow disk)"

@@ -204,6 +204,10 @@ def test_unknown_environment_key_is_an_error() -> None:
             r"coordinator = '127.0.0.1:0': expected host:port with port 1\.\.65535",
         ),
         ('[log]\nlevel = "loud"\n', r"level = 'loud': expected one of DEBUG, INFO"),
+        (
+            '[coordinator]\nwal_sync = "never"\n',
+            r"wal_sync = 'never': expected one of loop, thread",
+        ),
         ("coordinator = 1\n", r"must be a section \[coordinator\]"),
         ("[coordinator\n", r"not valid TOML"),
     ],
