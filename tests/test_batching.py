@@ -208,3 +208,27 @@ def test_decisions_linger_after_any_batch_when_the_load_linger_is_off() -> None:
         await settle()
 
     asyncio.run(run())
+
+
+def test_hurry_ends_every_linger_now_and_later() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=1_000, linger_after_items=2, decision_linger_ms=1_000)
+        queue.add("decide 1")
+        await settle()
+        assert [] == calls.batches  # lingering for a prepare
+        queue.hurry()  # a graceful stop: phase 2 now, not calls saved
+        await settle()
+        assert [["decide 1"]] == calls.batches
+        queue.add("prepare 2")
+        queue.add("prepare 3")
+        calls.finish_all()
+        await settle()
+        queue.add("decide 2")
+        calls.finish_all()  # a batch of two returned: under load this would linger a second
+        await settle()
+        assert ["decide 2"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, pack
 
@@ -289,5 +290,34 @@ def test_one_phase_unknown_is_resolved_and_a_retry_hears_the_real_outcome(tmp_pa
             retried = await cluster.submit(branch, "txn-unk")
             assert ABORTED == retried.outcome
             assert 0 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_a_graceful_stop_finishes_phase_two_before_it_exits(tmp_path: Path) -> None:
+    """Stopping the coordinator (SIGTERM, or stop() here) first lets phase 2 finish, lingering
+    decisions included, so that no participant is left in doubt and the next start has no
+    commit to resume."""
+
+    async def scenario() -> None:
+        cluster = InProcessCluster(tmp_path)
+        # Commits wait this long for a prepare to ride with: far longer than the test runs.
+        cluster.coordinator_config.batch_decision_linger_ms = 60_000
+        async with cluster:
+            response = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "txn-1")
+            assert COMMITTED == response.outcome, response.reason
+            participants = cluster.participants.values()
+            assert all(p.engine.in_doubt() for p in participants)  # the commits linger
+            await cluster.coordinator.stop(5.0)
+            assert not any(p.engine.in_doubt() for p in participants)
+            orders = await cluster.orders()
+            assert shop_pb2.ORDER_STATE_CONFIRMED == orders["o-1"].state
+            # Its log says the transaction ended: a restart has nothing to resume.
+            restarted = CoordinatorServer(
+                ServerConfig(data_dir=cluster.coordinator_config.data_dir, listen="127.0.0.1:0")
+            )
+            cluster.coordinator = restarted  # stopped by the cluster at the end
+            await restarted.start()
+            assert {} == restarted.engine.active
 
     asyncio.run(scenario())

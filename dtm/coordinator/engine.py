@@ -9,6 +9,7 @@ actions it returns. All of it runs on one event loop thread: transactions interl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
@@ -133,6 +134,7 @@ class Engine:
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._drained: asyncio.Event | None = None  # set while drain() waits
 
     # ---- public operations ----
 
@@ -485,6 +487,8 @@ class Engine:
         elif outcome is Outcome.ABORTED:
             self.counters.aborted += 1
         self.active.pop(txn.transaction_id, None)
+        if not self.active and self._drained is not None:
+            self._drained.set()
         self.finished[txn.transaction_id] = run
         while len(self.finished) > self.config.finished_kept:
             self.finished.popitem(last=False)
@@ -589,6 +593,17 @@ class Engine:
         self.records_since_checkpoint = 0
         await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, self.checkpoint_record())])
         return True
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for every transaction in flight to finish, phase 2 included,
+        so that a graceful stop leaves participants nothing in doubt. Returns how many are
+        left: recovery finishes those at the next start, as after a crash."""
+        if self.active and timeout_s > 0:
+            self._drained = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+            self._drained = None
+        return len(self.active)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -117,8 +117,10 @@ class Batcher(Generic[Item]):
         self._in_flight_urgent = 0  # calls in flight carrying at least one urgent item
         self._queued_urgent = 0
         self._scheduled = False
-        self._decision_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # a linger's, while one runs
+        self._timer_for_decisions = False  # that linger is decisions waiting for a prepare
         self._closed = False
+        self._hurried = False
         self._tasks = tasks
         self.calls = 0
         self.items = 0
@@ -126,6 +128,13 @@ class Batcher(Generic[Item]):
     def close(self) -> None:
         """Send nothing more: a flush still scheduled (a linger timer) finds it closed."""
         self._closed = True
+
+    def hurry(self) -> None:
+        """Stop lingering, from now on: what is queued leaves as soon as a call may carry it.
+        For a graceful shutdown, which wants phase 2 done rather than calls saved."""
+        self._hurried = True
+        if self._timer is not None:
+            self._cut_short()
 
     def add(self, item: Item) -> None:
         self._queue.append(item)
@@ -137,19 +146,24 @@ class Batcher(Generic[Item]):
             # At once (call_soon: everything queued in this loop iteration leaves together),
             # unless only decisions are queued: they wait a little for a prepare to ride with.
             self._schedule(0 if urgent else self._policy.decision_linger_ms, not urgent)
-        elif urgent and self._decision_timer is not None:
-            self._decision_timer.cancel()
-            self._schedule(0, False)
+        elif urgent and self._timer is not None and self._timer_for_decisions:
+            # Only a wait for decisions is cut short by a prepare; a linger under load is not.
+            self._cut_short()
 
     def _schedule(self, delay_ms: float, decisions_only: bool) -> None:
         self._scheduled = True
         loop = asyncio.get_running_loop()
-        if delay_ms <= 0:
+        if delay_ms <= 0 or self._hurried:
             loop.call_soon(self._flush)
             return
-        handle = loop.call_later(delay_ms / 1000, self._flush)
-        # Only a wait for decisions is cut short by a prepare; a linger under load is not.
-        self._decision_timer = handle if decisions_only else None
+        self._timer = loop.call_later(delay_ms / 1000, self._flush)
+        self._timer_for_decisions = decisions_only
+
+    def _cut_short(self) -> None:
+        assert self._timer is not None
+        self._timer.cancel()
+        self._timer = None
+        self._schedule(0, False)
 
     def _may_send(self) -> bool:
         if self._in_flight < self._policy.in_flight_max:
@@ -162,7 +176,7 @@ class Batcher(Generic[Item]):
 
     def _flush(self) -> None:
         self._scheduled = False
-        self._decision_timer = None
+        self._timer = None
         if self._closed:
             return
         loop = asyncio.get_running_loop()
@@ -312,6 +326,9 @@ class ParticipantPort:
             decision.done(DecideResult(False, reason))
         for prepare in prepares:
             prepare.done(PrepareResult(None, reason))
+
+    def hurry(self) -> None:
+        self._batcher.hurry()
 
     async def close(self) -> None:
         self._batcher.close()

@@ -82,6 +82,11 @@ class Registry:
     def one_phase(self, name: str) -> bool:
         return self.participants[name].capabilities.one_phase
 
+    def hurry(self) -> None:
+        """No more lingering in any batched call: see Batcher.hurry."""
+        for port in self._ports.values():
+            port.hurry()
+
     async def close(self) -> None:
         for port in [*self._ports.values(), *self._retired]:
             await port.close()

@@ -317,21 +317,31 @@ class CoordinatorServer:
                 self.log.info("checkpoint written", active=len(self.engine.active))
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        """Stop gracefully within `grace_s`: refuse new calls, let the Submits in flight finish,
+        then let phase 2 of every transaction finish, so that participants are left with
+        nothing in doubt. What is still in flight at the end is left to recovery, as after a
+        crash: its log has every commit decision."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        self.engine.registry.hurry()
+        await self.server.stop(grace_s)
+        left = await self.engine.drain(grace_s - (loop.time() - started))
         counters = self.engine.counters
-        self.log.info(
+        # WARNING when something is left: participants stay in doubt until the next start.
+        (self.log.warning if left else self.log.info)(
             "coordinator stopping",
             committed=counters.committed,
             aborted=counters.aborted,
+            left_to_recovery=left,
             **{
                 f"{name}_items_per_call": round(port.items / max(1, port.calls), 1)
                 for name, port in self.engine.registry.ports().items()
             },
         )
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
         if self.metrics is not None:
             await self.metrics.stop()
-        await self.server.stop(grace_s)
         await self.engine.close()
         await self.engine.registry.close()
         await self.wal.close()
