@@ -166,6 +166,15 @@ def about(kind: Kind, help: str) -> dict[str, object]:
     return {"kind": kind, "help": help}
 
 
+#: This process's mutual-TLS files, in [coordinator] and [participant] (and each service's
+#: section, since each process has its own certificate). Their flags are dtm.security's
+#: --tls-ca, --tls-cert and --tls-key, which also read DTM_TLS_CA, DTM_TLS_CERT, DTM_TLS_KEY.
+TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
+_TLS_CA = about(OPTIONAL_PATH, 'the CA of every peer\'s certificate (PEM); "" = plaintext')
+_TLS_CERT = about(OPTIONAL_PATH, 'this process\'s certificate (PEM); "" = plaintext')
+_TLS_KEY = about(OPTIONAL_PATH, 'this process\'s private key (PEM); "" = plaintext')
+
+
 # ---- the settings of each section ----
 
 
@@ -204,6 +213,9 @@ class CoordinatorSettings:
             "how long decisions wait for a prepare to share a participant's call (0: none)",
         ),
     )
+    tls_ca: Path | None = field(default=None, metadata=_TLS_CA)
+    tls_cert: Path | None = field(default=None, metadata=_TLS_CERT)
+    tls_key: Path | None = field(default=None, metadata=_TLS_KEY)
     metrics_listen: str = field(
         default="",
         metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
@@ -251,6 +263,9 @@ class ParticipantSettings:
     test_control: bool = field(
         default=False, metadata=about(BOOLEAN, "allow the fault-injection RPC (tests only)")
     )
+    tls_ca: Path | None = field(default=None, metadata=_TLS_CA)
+    tls_cert: Path | None = field(default=None, metadata=_TLS_CERT)
+    tls_key: Path | None = field(default=None, metadata=_TLS_KEY)
     metrics_listen: str = field(
         default="",
         metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
@@ -530,7 +545,7 @@ def add_flags(parser: argparse.ArgumentParser, section: str, exclude: Sequence[s
         help=f"TOML configuration file (default: ${CONFIG_ENVIRONMENT_VARIABLE}, else none)",
     )
     for key in keys(section):
-        if key in exclude:
+        if key in exclude or key in TLS_KEYS:  # dtm.security's flags
             continue
         meta = _field(section, key).metadata
         flag = "--" + key.replace("_", "-")
@@ -555,12 +570,18 @@ def from_options(
         section: {
             key: getattr(options, key)
             for key in keys(section)
-            if getattr(options, key, None) is not None
+            # The TLS flags are dtm.security's, which weighs them against DTM_TLS_*.
+            if key not in TLS_KEYS and getattr(options, key, None) is not None
         }
     }
     if options.log_level is not None:
         flags[LOG] = {"level": options.log_level}
     return load(options.config, environ=environ, flags=flags)
+
+
+def tls_files(settings: CoordinatorSettings | ParticipantSettings) -> dict[str, Path | None]:
+    """What dtm.security.from_options takes as the configured CA, certificate and key."""
+    return {"ca": settings.tls_ca, "cert": settings.tls_cert, "key": settings.tls_key}
 
 
 def participant_section(name: str) -> str:
@@ -589,6 +610,7 @@ __all__ = [
     "CONFIG_ENVIRONMENT_VARIABLE",
     "SECTIONS",
     "SERVICES",
+    "TLS_KEYS",
     "Config",
     "ConfigError",
     "CoordinatorSettings",
@@ -602,5 +624,6 @@ __all__ = [
     "keys",
     "load",
     "participant_section",
+    "tls_files",
     "with_configured_initial",
 ]

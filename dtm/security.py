@@ -24,7 +24,8 @@ Default identities: coordinator "coordinator"; participants "inventory", "orders
 "notification"; clients "client" and "operator"; operators "operator". A participant may
 also only register under its own name (checked by the coordinator's RegisterParticipant).
 
-Configuration, flags first, then environment:
+Configuration, flags first, then environment, then the configuration file's (or its
+DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's own section:
 
     --tls-ca PATH         DTM_TLS_CA      the CA that signed every peer's certificate
     --tls-cert PATH       DTM_TLS_CERT    this process's certificate (PEM)
@@ -169,23 +170,32 @@ def _identities(text: str) -> frozenset[str]:
 
 
 def from_options(
-    options: argparse.Namespace, environ: Mapping[str, str] | None = None
+    options: argparse.Namespace,
+    environ: Mapping[str, str] | None = None,
+    configured: Mapping[str, Path | None] | None = None,
 ) -> TlsConfig | None:
     """TLS configuration from the flags of `add_arguments`, falling back to DTM_TLS_* and
-    DTM_AUTHZ_* variables; None (insecure mode) when no TLS file is given at all.
-    ValueError when only some of CA, certificate and key are given, or a file is missing."""
+    DTM_AUTHZ_* variables, then to `configured` (a server's tls_ca, tls_cert and tls_key from
+    the configuration file or DTM_<SECTION>_TLS_*: see `dtm.config.tls_files`); None
+    (insecure mode) when no TLS file is given anywhere. ValueError when only some of CA,
+    certificate and key are given, or a file is missing."""
     env = os.environ if environ is None else environ
+    configured = configured or {}
     paths: dict[str, Path] = {}
     for name in ("ca", "cert", "key"):
         flag: Path | None = getattr(options, f"tls_{name}", None)
         value = str(flag) if flag is not None else env.get(f"DTM_TLS_{name.upper()}", "")
-        if value:
-            paths[name] = Path(value)
+        path = Path(value) if value else configured.get(name)
+        if path is not None:
+            paths[name] = path
     if not paths:
         return None
     missing = [f"--tls-{name}" for name in ("ca", "cert", "key") if name not in paths]
     if missing:
-        raise ValueError(f"TLS needs a CA, a certificate and a key; missing {', '.join(missing)}")
+        raise ValueError(
+            f"TLS needs a CA, a certificate and a key; missing {', '.join(missing)} "
+            "(or DTM_TLS_*, or tls_ca, tls_cert, tls_key in the configuration file)"
+        )
     for name, path in paths.items():
         if not path.is_file():
             raise ValueError(f"--tls-{name}: {path} is not a readable file")

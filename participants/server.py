@@ -673,8 +673,8 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     security.add_arguments(parser)
     options = parser.parse_args(argv)
     try:
-        tls = security.from_options(options)
         settings = config.from_options(options, section)
+        tls = security.from_options(options, configured=config.tls_files(settings.service(name)))
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     service = settings.service(name)

@@ -20,8 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtm import security
+from dtm.cluster import SERVICES, Cluster, Ports
 from dtm.coordinator.engine import CoordinatorConfig
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtm.orderflow import OrderClient, order_request
 from dtm.tools import certs
 from dtmpb.v1 import (
     coordinator_pb2,
@@ -369,3 +371,69 @@ def test_certificates_and_configuration(ca_dir: Path, tmp_path: Path) -> None:
     # A child process given these flags ends up with the same configuration.
     again = security.from_options(parser.parse_args(security.arguments(cfg)), environ={})
     assert cfg == again
+
+
+def test_tls_files_from_the_configuration_file(ca_dir: Path) -> None:
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    configured = {
+        "ca": ca_dir / "ca.pem",
+        "cert": ca_dir / "inventory.pem",
+        "key": ca_dir / "inventory-key.pem",
+    }
+    cfg = security.from_options(parser.parse_args([]), environ={}, configured=configured)
+    assert cfg is not None
+    assert (ca_dir / "ca.pem", ca_dir / "inventory.pem") == (cfg.ca_cert, cfg.cert)
+    # DTM_TLS_* and the flags are more specific than the file: they win.
+    environ = {"DTM_TLS_CERT": str(ca_dir / "orders.pem")}
+    flags = parser.parse_args(["--tls-key", str(ca_dir / "orders-key.pem")])
+    cfg = security.from_options(flags, environ=environ, configured=configured)
+    assert cfg is not None
+    assert (ca_dir / "orders.pem", ca_dir / "orders-key.pem") == (cfg.cert, cfg.key)
+    with pytest.raises(ValueError, match="missing --tls-cert, --tls-key .*tls_cert"):
+        security.from_options(parser.parse_args([]), environ={}, configured={"ca": ca_dir})
+    unset = {"ca": None, "cert": None, "key": None}  # "" in the file
+    assert security.from_options(parser.parse_args([]), environ={}, configured=unset) is None
+
+
+def test_a_cluster_speaks_mutual_tls_from_its_configuration_file_alone(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    """Five real processes given nothing but DTM_CONFIG: no --tls-* flag, no DTM_TLS_*. Each
+    finds its own certificate in its own section; a client with a trusted certificate places
+    an order, one without is refused."""
+    lines = [
+        f'[coordinator]\ntls_ca = "{ca_dir / "ca.pem"}"',
+        f'tls_cert = "{ca_dir / "coordinator.pem"}"\ntls_key = "{ca_dir / "coordinator-key.pem"}"',
+        f'[participant]\ntls_ca = "{ca_dir / "ca.pem"}"',
+    ]
+    for name in SERVICES:
+        lines.append(
+            f'[{name}]\ntls_cert = "{ca_dir / f"{name}.pem"}"\n'
+            f'tls_key = "{ca_dir / f"{name}-key.pem"}"'
+        )
+    path = tmp_path / "dtm.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    environ = {name: "" for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY")}
+    cluster = Cluster(
+        tmp_path / "data", Ports.free(), extra_env={"DTM_CONFIG": str(path), **environ}
+    )
+    # The cluster's own readiness probes need a certificate too (as `--tls-dir` would give).
+    cluster.client_tls = security.TlsConfig.for_identity(ca_dir, "operator")
+    client_tls = security.TlsConfig.for_identity(ca_dir, "client")
+
+    async def scenario() -> None:
+        request = order_request("o-1", "cust", "acct-alice", [("sku-apple", 1)], 100, "c@x.test")
+        address = cluster.coordinator_address
+        async with security.channel(address, client_tls, security.COORDINATOR_IDENTITY) as chan:
+            result = await OrderClient(chan).submit(request)
+        assert "COMMITTED" == result.outcome, result.reason
+        async with OrderClient(address) as plaintext:
+            refused = await plaintext.submit(request, timeout_s=TIMEOUT_S)
+        assert Code.UNAVAILABLE == refused.code
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()

@@ -356,8 +356,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     security.add_arguments(parser)
     options = parser.parse_args(argv)
     try:
-        tls = security.from_options(options)
         settings = config.from_options(options, config.COORDINATOR)
+        tls = security.from_options(options, configured=config.tls_files(settings.coordinator))
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     coordinator = settings.coordinator
