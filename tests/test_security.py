@@ -390,7 +390,7 @@ def test_tls_files_from_the_configuration_file(ca_dir: Path) -> None:
     cfg = security.from_options(flags, environ=environ, configured=configured)
     assert cfg is not None
     assert (ca_dir / "orders.pem", ca_dir / "orders-key.pem") == (cfg.cert, cfg.key)
-    with pytest.raises(ValueError, match="missing --tls-cert, --tls-key .*tls_cert"):
+    with pytest.raises(ValueError, match=r"missing --tls-cert, --tls-key .*tls_cert"):
         security.from_options(parser.parse_args([]), environ={}, configured={"ca": ca_dir})
     unset = {"ca": None, "cert": None, "key": None}  # "" in the file
     assert security.from_options(parser.parse_args([]), environ={}, configured=unset) is None
