@@ -42,6 +42,7 @@ class Registry:
         self._ports: dict[str, ParticipantPort] = {}
         # Ports for an old address, closed at shutdown (calls in flight may still use them).
         self._retired: list[ParticipantPort] = []
+        self._hurried = False
 
     def is_change(self, info: coordinator_pb2.ParticipantInfo) -> bool:
         known = self.participants.get(info.name)
@@ -69,6 +70,8 @@ class Registry:
             info = self.participants[name]
             client = ParticipantClient(name, info.address, self.tls)
             port = ParticipantPort(client, info.capabilities.batch, self.policy)
+            if self._hurried:
+                port.hurry()
             self._ports[name] = port
         return port
 
@@ -83,7 +86,9 @@ class Registry:
         return self.participants[name].capabilities.one_phase
 
     def hurry(self) -> None:
-        """No more lingering in any batched call: see Batcher.hurry."""
+        """No more lingering in any batched call, nor in those of ports made from now on:
+        see Batcher.hurry."""
+        self._hurried = True
         for port in self._ports.values():
             port.hurry()
 
