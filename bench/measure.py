@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import checks, hooks
+from bench import checks, footprint, hooks
 from bench.checks import ClientView, InvariantResult
 from bench.harness import LoadSpec, channel_of, close_channels, drive, open_channels
 from bench.procs import Processes
@@ -54,6 +54,8 @@ class DtmResult:
     costs: hooks.Costs = field(default_factory=hooks.Costs)
     settle_s: float | None = None
     confirmed_orders: int | None = None
+    #: The coordinator's memory and log size, sampled during the run.
+    footprint: list[footprint.Sample] = field(default_factory=list)
 
     @property
     def transactions_total(self) -> int:
@@ -220,6 +222,13 @@ async def _load_and_check(
 ) -> DtmResult:
     recorder = _Recorder()
     samples: list[hooks.Sample] = []
+    footprints: list[footprint.Sample] = []
+    sample_footprint = footprint.sampler(
+        lambda: cluster.pid(COORDINATOR),
+        cluster.data_dir / COORDINATOR / "wal",
+        footprints,
+        footprint.interval_s(spec.warmup_s, spec.duration_s),
+    )
     scrape_errors: list[str] = []
 
     async def sample_counters(tally: Tally) -> None:
@@ -273,7 +282,7 @@ async def _load_and_check(
             spec,
             label=f"dtm N={len(participants)}",
             progress=progress,
-            companions=[sample_counters] if metric_addresses else [],
+            companions=[sample_footprint, *([sample_counters] if metric_addresses else [])],
         )
     finally:
         await close_channels(channels)
@@ -314,6 +323,7 @@ async def _load_and_check(
         ],
         settle_s=round(settle_s, 3),
         confirmed_orders=confirmed,
+        footprint=footprints,
     )
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import footprint
 from bench.baselines import BaselineResult
 from bench.measure import DtmResult
 from bench.procs import PROJECT_ROOT
@@ -216,6 +217,7 @@ def build_results(
         "invariants_views": dtm.invariants.views,
         "confirmed_orders": dtm.confirmed_orders,
         "settle_s": dtm.settle_s,
+        **footprint.summary(dtm.footprint),
         **context,
     }
     results["targets"] = targets(results)
@@ -337,6 +339,8 @@ def format_table(results: Mapping[str, Any]) -> str:
         facts.append(
             ("cpu ms per txn", f"{_number(r.get('cpu_ms_per_txn'), digits=3)} ({cpu_detail})")
         )
+    if r.get("coordinator_rss_mb_last") is not None:
+        facts.append(("coordinator footprint", _footprint_line(r)))
     for name in ("throughput", "p99", "p50_one_client"):
         target = target_notes.get(name)
         if target is not None:
@@ -347,6 +351,17 @@ def format_table(results: Mapping[str, Any]) -> str:
     width = max(len(name) for name, _ in facts)
     lines += [f"  {name.ljust(width)}  {value}" for name, value in facts]
     return "\n".join(lines)
+
+
+def _footprint_line(r: Mapping[str, Any]) -> str:
+    return (
+        f"RSS {_number(r['coordinator_rss_mb_first'])} MB at the first sample, "
+        f"{_number(r['coordinator_rss_mb_middle'])} at half the transactions, "
+        f"{_number(r['coordinator_rss_mb_last'])} at the end (max "
+        f"{_number(r['coordinator_rss_mb_max'])}); log {_number(r['coordinator_log_mb_last'])} MB "
+        f"at the end (max {_number(r['coordinator_log_mb_max'])}); over "
+        f"{_number(r['footprint_transactions'])} transactions"
+    )
 
 
 def _invariants_line(r: Mapping[str, Any]) -> str:

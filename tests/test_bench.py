@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import checks, hooks, plot, report
+from bench import checks, footprint, hooks, plot, report
 from bench.baselines import BaselineResult, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
@@ -270,10 +272,18 @@ def fake_tally(committed: int, aborted: int, window_s: float = 2.0) -> Tally:
     return tally
 
 
-def fake_results(*, baselines: bool, snapshot: Snapshot | None = None) -> dict[str, Any]:
+def fake_results(
+    *,
+    baselines: bool,
+    snapshot: Snapshot | None = None,
+    samples: list[footprint.Sample] | None = None,
+) -> dict[str, Any]:
     invariant = checks.check_all([snapshot or consistent_snapshot()], VIEW, ALL_KINDS)
     dtm = DtmResult(
-        participants=participants_for(4), tally=fake_tally(100, 20), invariants=invariant
+        participants=participants_for(4),
+        tally=fake_tally(100, 20),
+        invariants=invariant,
+        footprint=samples or [],
     )
     unary = BaselineResult("unary echo", 0, fake_tally(1000, 0)) if baselines else None
     naive = BaselineResult("naive 2PC", 4, fake_tally(50, 0)) if baselines else None
@@ -490,3 +500,62 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(tmp_path: Pat
     assert results["committed"] > 0
     assert 0 == results["unexpected_outcomes"]
     assert "0 violations" in completed.stdout
+
+
+# ---- the coordinator's footprint (make bench-soak) ----
+
+
+def test_footprint_reads_memory_and_log_size_from_outside_the_process(tmp_path: Path) -> None:
+    assert (footprint.rss_bytes(os.getpid()) or 0) > 1_000_000  # this Python: some MB
+    assert footprint.rss_bytes(2**22 + 7) is None  # above pid_max's default: no such process
+    (tmp_path / "wal" / "old").mkdir(parents=True)
+    (tmp_path / "wal" / "00000001.seg").write_bytes(b"x" * 1_000)
+    (tmp_path / "wal" / "old" / "00000000.seg").write_bytes(b"y" * 234)
+    assert 1_234 == footprint.directory_bytes(tmp_path / "wal")
+    assert 0 == footprint.directory_bytes(tmp_path / "missing")
+
+
+def test_footprint_samples_until_the_window_closes(tmp_path: Path) -> None:
+    async def run() -> list[footprint.Sample]:
+        start = time.perf_counter()
+        tally = Tally(window_start=start + 0.05, window_end=start + 0.25)
+        samples: list[footprint.Sample] = []
+        sample = footprint.sampler(os.getpid, tmp_path, samples, every_s=0.05)
+        tally.record(Outcome.COMMITTED, start, start)
+        await sample(tally)
+        return samples
+
+    samples = asyncio.run(run())
+    assert 4 <= len(samples) <= 8  # one every 50 ms over 250 ms, plus the closing one
+    assert samples[0].at_s < 0 <= samples[-1].at_s  # from the warmup to the window's end
+    assert all(sample.transactions == 1 and sample.rss_bytes for sample in samples)
+
+
+def test_footprint_summary_measures_growth_over_the_second_half() -> None:
+    samples = [
+        footprint.Sample(at_s=t, transactions=n, rss_bytes=rss, log_bytes=log)
+        for t, n, rss, log in [
+            (0.0, 0, 50_000_000, 0),
+            (1.0, 40_000, 90_000_000, 1_700_000),
+            (2.0, 55_000, 94_000_000, 300_000),  # nearest to half of 100,000
+            (3.0, 100_000, 95_000_000, 900_000),
+        ]
+    ]
+    summary = footprint.summary(samples)
+    assert (50.0, 94.0, 95.0, 95.0) == (
+        summary["coordinator_rss_mb_first"],
+        summary["coordinator_rss_mb_middle"],
+        summary["coordinator_rss_mb_last"],
+        summary["coordinator_rss_mb_max"],
+    )
+    assert 1.0 == summary["coordinator_rss_growth_mb_second_half"]
+    assert (0.9, 1.7, 0.6) == (
+        summary["coordinator_log_mb_last"],
+        summary["coordinator_log_mb_max"],
+        summary["coordinator_log_growth_mb_second_half"],
+    )
+    assert 4 == len(summary["footprint_samples"])
+    assert {"footprint_samples": []} == footprint.summary([])
+    text = report.format_table(fake_results(baselines=False, samples=samples))
+    assert "RSS 50.0 MB at the first sample, 94.0 at half" in text
+    assert "coordinator footprint" not in report.format_table(fake_results(baselines=False))
