@@ -340,8 +340,11 @@ class Cluster:
             raise
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM every process, SIGKILL those still running after `grace_s`."""
-        self._stop_processes(list(PROCESSES), grace_s)
+        """SIGTERM every process, SIGKILL those still running after `grace_s`. The coordinator
+        goes first, and alone: its graceful stop finishes phase 2, which needs the services
+        still up."""
+        self._stop_processes([COORDINATOR], grace_s)
+        self._stop_processes(list(SERVICES), grace_s)
 
     def _stop_processes(self, names: Sequence[str], grace_s: float) -> None:
         targets = [self._processes[name] for name in names]

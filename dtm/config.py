@@ -17,7 +17,8 @@ service's own section wins over ``[participant]``; across layers the higher laye
 Everything is validated when a process starts: an unknown section or key (in the file or in a
 ``DTM_<SECTION>_*`` variable) is an error naming it and where it was found, and a value of the
 wrong type or out of range is an error naming the key, the value and what is allowed.
-Relative paths (``data_dir``, ``initial``) are relative to the working directory, as flags are.
+Relative paths (``data_dir``, ``initial``, ``tls_*``) are relative to the working directory,
+as flags are.
 """
 
 from __future__ import annotations

@@ -194,7 +194,8 @@ def from_options(
     if missing:
         raise ValueError(
             f"TLS needs a CA, a certificate and a key; missing {', '.join(missing)} "
-            "(or DTM_TLS_*, or tls_ca, tls_cert, tls_key in the configuration file)"
+            "(or DTM_TLS_*, or, for a server, tls_ca, tls_cert, tls_key in its section of the "
+            "configuration file)"
         )
     for name, path in paths.items():
         if not path.is_file():

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from dtm.coordinator.ports import Batcher, BatchPolicy
+from dtm.coordinator.ports import Batcher, BatchPolicy, DecideItem, DecideResult
+from dtm.coordinator.registry import Registry
+from dtmpb.v1 import coordinator_pb2
 
 
 class FakeCalls:
@@ -230,5 +232,45 @@ def test_hurry_ends_every_linger_now_and_later() -> None:
         assert ["decide 2"] == calls.batches[-1]
         calls.finish_all()
         await settle()
+
+    asyncio.run(run())
+
+
+def test_a_hurried_registry_hurries_the_ports_it_makes_later_and_the_retired_ones() -> None:
+    """A graceful stop hurries every port: those in use, those retired by a re-registration
+    (calls in flight may still use them), and one made for a participant's first call during
+    the stop. Each port here sends its decision at once instead of lingering for a minute."""
+
+    async def run() -> None:
+        registry = Registry(BatchPolicy(linger_ms=0, decision_linger_ms=60_000))
+
+        def register(name: str, port: int) -> None:
+            registry.put(
+                coordinator_pb2.ParticipantInfo(
+                    name=name,
+                    address=f"127.0.0.1:{port}",  # nobody listens: the call fails at once
+                    capabilities=coordinator_pb2.Capabilities(batch=True),
+                )
+            )
+
+        register("old", 9)
+        retired = registry.port("old")
+        register("old", 10)  # a new address: the port for the old one is retired
+        register("later", 9)
+        answered: list[DecideResult] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_done(result: DecideResult) -> None:
+            answered.append(result)
+            if len(answered) == 2:
+                done.set_result(None)
+
+        retired.decide(DecideItem("txn-1", 0, True, on_done))
+        await settle()
+        registry.hurry()
+        registry.port("later").decide(DecideItem("txn-2", 0, True, on_done))
+        await asyncio.wait_for(done, 10)  # the linger alone would take a minute
+        assert [False, False] == [result.ok for result in answered]  # sent, and unanswered
+        await registry.close()
 
     asyncio.run(run())

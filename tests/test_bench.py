@@ -526,7 +526,8 @@ def test_footprint_samples_until_the_window_closes(tmp_path: Path) -> None:
         return samples
 
     samples = asyncio.run(run())
-    assert 4 <= len(samples) <= 8  # one every 50 ms over 250 ms, plus the closing one
+    # One every 50 ms over 250 ms, plus the closing one; fewer when sleeps overshoot.
+    assert 2 <= len(samples) <= 8
     assert samples[0].at_s < 0 <= samples[-1].at_s  # from the warmup to the window's end
     assert all(sample.transactions == 1 and sample.rss_bytes for sample in samples)
 

@@ -288,7 +288,8 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
     async def scenario() -> None:
         results = await submit_all(cluster, [request for request, _ in made], timeout_s=30.0)
         assert {chaos.COMMITTED} == {result.outcome for result in results}
-        assert any((await in_doubt(cluster)).values())  # the last commits linger
+        # The last commits linger (one service asked, quickly: the linger lasts 1 s).
+        assert any((await in_doubt(cluster, ["inventory"])).values())
         pid = cluster.pid(COORDINATOR)
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
@@ -301,3 +302,24 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+def test_stopping_a_cluster_stops_the_coordinator_first(tmp_path: Path) -> None:
+    """`make down` (Cluster.stop): the services stay up until the coordinator has finished
+    phase 2, so its last, lingering commits reach them and nothing is left to recovery."""
+    cluster = Cluster(
+        tmp_path,
+        Ports.free(),
+        initial=INITIAL,
+        extra_args={COORDINATOR: ["--batch-decision-linger-ms", "1000"]},
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    made = orders("d")[:50]
+    cluster.start()
+    try:
+        results = asyncio.run(submit_all(cluster, [request for request, _ in made], timeout_s=30.0))
+        assert {chaos.COMMITTED} == {result.outcome for result in results}
+    finally:
+        cluster.stop()
+    last = cluster.log_path(COORDINATOR).read_text().splitlines()[-1]
+    assert "coordinator stopping" in last and "left_to_recovery=0" in last, last

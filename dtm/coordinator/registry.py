@@ -89,7 +89,7 @@ class Registry:
         """No more lingering in any batched call, nor in those of ports made from now on:
         see Batcher.hurry."""
         self._hurried = True
-        for port in self._ports.values():
+        for port in [*self._ports.values(), *self._retired]:
             port.hurry()
 
     async def close(self) -> None:

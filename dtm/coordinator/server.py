@@ -282,6 +282,7 @@ class CoordinatorServer:
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        self._stopped = False
         self.metrics = metrics.for_coordinator(self.engine, self.wal, config.metrics_listen)
 
     async def start(self) -> int:
@@ -321,11 +322,15 @@ class CoordinatorServer:
         then let phase 2 of every transaction finish, so that participants are left with
         nothing in doubt. What is still in flight at the end is left to recovery, as after a
         crash: its log has every commit decision."""
+        if self._stopped:
+            return
+        self._stopped = True
         loop = asyncio.get_running_loop()
         started = loop.time()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        self.engine.registry.hurry()
+        if grace_s > 0:  # 0 is an abrupt stop (tests use it as a crash): no last calls
+            self.engine.registry.hurry()
         await self.server.stop(grace_s)
         left = await self.engine.drain(grace_s - (loop.time() - started))
         counters = self.engine.counters
