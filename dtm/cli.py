@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -758,6 +759,15 @@ def cmd_config(session: Session) -> int:
         return EXIT_OK
     source = settings.source or "none (built-in defaults and DTM_* variables)"
     print(f"# configuration in effect; file: {source}", file=session.out)
+    overriding = [
+        name for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY") if os.environ.get(name)
+    ]
+    if overriding:
+        # dtm.security reads these after the file: they win over every section's tls_* below.
+        print(
+            f"# {', '.join(overriding)} set: overrides tls_* of every process started here",
+            file=session.out,
+        )
     for section, values in document.items():
         print(f"\n[{section}]", file=session.out)
         for key, value in values.items():

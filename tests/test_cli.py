@@ -339,6 +339,22 @@ def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
     assert (cli.EXIT_ERROR, True) == (status, "unknown key 'lock_wait'" in err)
 
 
+def test_config_says_when_dtm_tls_variables_override_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("CA", "CERT", "KEY"):
+        monkeypatch.delenv(f"DTM_TLS_{name}", raising=False)
+    status, out, _ = asyncio.run(dtm("config"))
+    assert (cli.EXIT_OK, False) == (status, "overrides tls_*" in out)
+    for name in ("ca", "cert", "key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text("not read by `dtm config`\n", encoding="utf-8")
+        monkeypatch.setenv(f"DTM_TLS_{name.upper()}", str(path))
+    status, out, _ = asyncio.run(dtm("config"))
+    assert cli.EXIT_OK == status
+    assert "DTM_TLS_CA, DTM_TLS_CERT, DTM_TLS_KEY set: overrides tls_*" in out
+
+
 def test_unreachable_coordinator_is_a_clear_error() -> None:
     address = f"127.0.0.1:{free_port()}"
     for command in (["txn", "list"], ["participants"], ["locks"], ["txn", "retry", "t-1"]):
