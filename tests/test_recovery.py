@@ -270,24 +270,33 @@ def test_1000_undecided_transactions_in_doubt_are_presumed_aborted_after_a_coord
         cluster.stop()
 
 
+def lingering_cluster(directory: Path) -> Cluster:
+    """A cluster whose coordinator holds the last commits back for a second (the most
+    allowed), waiting for a prepare to ride with: only a stop that finishes phase 2 itself
+    sends them before that."""
+    return Cluster(
+        directory,
+        Ports.free(),
+        initial=INITIAL,
+        extra_args={COORDINATOR: ["--batch-decision-linger-ms", "1000"]},
+        start_timeout_s=START_TIMEOUT_S,
+    )
+
+
+async def commit_orders(cluster: Cluster, prefix: str, count: int = 50) -> None:
+    requests = [request for request, _ in orders(prefix)[:count]]
+    results = await submit_all(cluster, requests, timeout_s=30.0)
+    assert {chaos.COMMITTED} == {result.outcome for result in results}
+
+
 def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
     """A graceful stop (SIGTERM, as `make down` or an orchestrator sends it) finishes phase 2
     before the coordinator exits, lingering commits included: unlike after a SIGKILL, the
     services hold nothing prepared while it is down."""
-    cluster = Cluster(
-        tmp_path,
-        Ports.free(),
-        initial=INITIAL,
-        # The last commits wait a second (the most allowed) for a prepare to ride with, and
-        # the stop comes sooner.
-        extra_args={COORDINATOR: ["--batch-decision-linger-ms", "1000"]},
-        start_timeout_s=START_TIMEOUT_S,
-    )
-    made = orders("t")[:50]
+    cluster = lingering_cluster(tmp_path)
 
     async def scenario() -> None:
-        results = await submit_all(cluster, [request for request, _ in made], timeout_s=30.0)
-        assert {chaos.COMMITTED} == {result.outcome for result in results}
+        await commit_orders(cluster, "t")
         # The last commits linger (one service asked, quickly: the linger lasts 1 s).
         assert any((await in_doubt(cluster, ["inventory"])).values())
         pid = cluster.pid(COORDINATOR)
@@ -307,18 +316,10 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
 def test_stopping_a_cluster_stops_the_coordinator_first(tmp_path: Path) -> None:
     """`make down` (Cluster.stop): the services stay up until the coordinator has finished
     phase 2, so its last, lingering commits reach them and nothing is left to recovery."""
-    cluster = Cluster(
-        tmp_path,
-        Ports.free(),
-        initial=INITIAL,
-        extra_args={COORDINATOR: ["--batch-decision-linger-ms", "1000"]},
-        start_timeout_s=START_TIMEOUT_S,
-    )
-    made = orders("d")[:50]
+    cluster = lingering_cluster(tmp_path)
     cluster.start()
     try:
-        results = asyncio.run(submit_all(cluster, [request for request, _ in made], timeout_s=30.0))
-        assert {chaos.COMMITTED} == {result.outcome for result in results}
+        asyncio.run(commit_orders(cluster, "d"))
     finally:
         cluster.stop()
     last = cluster.log_path(COORDINATOR).read_text().splitlines()[-1]
