@@ -487,7 +487,7 @@ class Engine:
         elif outcome is Outcome.ABORTED:
             self.counters.aborted += 1
         self.active.pop(txn.transaction_id, None)
-        if not self.active and self._drained is not None:
+        if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()
         self.finished[txn.transaction_id] = run
         while len(self.finished) > self.config.finished_kept:
