@@ -157,7 +157,8 @@ def run_config(options: argparse.Namespace) -> RunConfig:
         baseline_warmup_s=pick(options.baseline_warmup, preset.baseline_warmup_s),
         abort_ratio=options.abort_ratio,
         hot_sku=options.hot_sku,
-        mode=options.mode,
+        # A preset's name no longer describes the run once its windows are overridden.
+        mode=options.mode if options.duration is None and options.warmup is None else "custom",
     )
 
 

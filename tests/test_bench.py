@@ -500,6 +500,12 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(tmp_path: Pat
     assert results["committed"] > 0
     assert 0 == results["unexpected_outcomes"]
     assert "0 violations" in completed.stdout
+    assert "custom" == results["mode"]  # its windows are not the quick preset's
+    # The coordinator was sampled from outside while the load ran, to the window's end.
+    assert results["coordinator_rss_mb_last"] > 10
+    assert len(results["footprint_samples"]) >= 2
+    assert results["footprint_samples"][-1]["at_s"] >= 1.0
+    assert "coordinator footprint" in completed.stdout
 
 
 # ---- the coordinator's footprint (make bench-soak) ----
