@@ -187,6 +187,44 @@ def test_retried_submit_with_same_id_returns_same_outcome_and_applies_once(
     asyncio.run(scenario())
 
 
+def test_a_retry_older_than_the_coordinators_memory_is_still_applied_once(
+    tmp_path: Path,
+) -> None:
+    """The coordinator remembers a bounded number of finished transactions (finished_kept).
+    A Submit retried after it forgot runs again under the same id, and the participants, which
+    remember their decided branches far longer, answer it from what they recorded: the first
+    outcome again, nothing applied twice."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            kept = order_branches("o-kept", [("sku-pear", 3)], amount_cents=300)
+            refused = order_branches(
+                "o-poor", [("sku-pear", 1)], account="acct-poor", amount_cents=900
+            )
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            assert ABORTED == (await cluster.submit(refused, "txn-poor")).outcome
+            for number in range(3):  # newer transactions push both out of its memory
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=100)
+                assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+            forgotten = coordinator_pb2.GetTransactionRequest(transaction_id="txn-kept")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await cluster.client.GetTransaction(forgotten)
+            assert grpc.StatusCode.NOT_FOUND == raised.value.code()
+
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            assert ABORTED == (await cluster.submit(refused, "txn-poor")).outcome
+            await assert_nothing_held(cluster)
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+            accounts = {a.account_id: a for a in (await cluster.accounts()).accounts}
+            assert 600 == accounts["acct-alice"].captured_cents  # 300 + 3 x 100, once each
+            assert 0 == accounts["acct-poor"].captured_cents
+            assert 4 == len((await cluster.sent()).sent)
+
+    asyncio.run(scenario())
+
+
 def test_aborted_submit_retried_stays_aborted(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
