@@ -43,6 +43,10 @@ LIST_TRANSACTIONS_LIMIT_MAX = 1_000
 
 # ---- log ----
 LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
+# A participant checkpoint is written in records of at most this size: a service's state and
+# the window of decided branches together grow past one record's limit (orders, at about
+# 70,000 orders).
+CHECKPOINT_PART_BYTES = 4 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
 INQUIRIES_PER_TICK_MAX = 256

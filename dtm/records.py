@@ -40,6 +40,27 @@ PAYLOADS: dict[RecordType, type[Message]] = {
 }
 
 
+def joined(pieces: list[bytes], size: int) -> list[bytes]:
+    """`pieces` (whole serialized fields of one message type) joined in order into as few
+    payloads of at most `size` bytes as they allow; a piece larger than `size` stands alone.
+
+    A checkpoint is one message that may outgrow a log record (LOG_RECORD_BYTES_MAX): written
+    as several records cut between fields, merged in order on replay, it is the whole, since
+    serialized protobuf messages concatenate (repeated fields append)."""
+    payloads: list[bytes] = []
+    # Bounded by len(pieces): every step takes at least one piece.
+    start = 0
+    while start < len(pieces):
+        count = len(pieces) - start
+        payload = b"".join(pieces[start : start + count])
+        while len(payload) > size and count > 1:  # halve until it fits: a few joins at most
+            count //= 2
+            payload = b"".join(pieces[start : start + count])
+        payloads.append(payload)
+        start += count
+    return payloads
+
+
 def decode(record_type: int, payload: bytes) -> tuple[str, Message | None]:
     """Name and parsed payload of a record; (name, None) for a type this build does not know."""
     try:

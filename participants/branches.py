@@ -21,7 +21,7 @@ from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters
-from dtm.records import RecordType
+from dtm.records import RecordType, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.locks import LockManager, LockRefused
@@ -75,7 +75,7 @@ class BranchInfo:
 
 
 def _decided_entry(branch: Branch) -> bytes:
-    """A decided branch as a checkpoint's encoded `decided` entry (see checkpoint_record):
+    """A decided branch as a checkpoint's encoded `decided` entry (see checkpoint_records):
     the field's key (3, length-delimited), the length, the DecidedBranch message."""
     entry = log_pb2.DecidedBranch(
         transaction_id=branch.transaction_id,
@@ -88,6 +88,10 @@ def _decided_entry(branch: Branch) -> bytes:
     return _DECIDED_KEY + _varint(len(entry)) + entry
 
 
+# A length-delimited field's tag and length: 1 byte of tag (field numbers < 16), at most 10 of
+# varint.
+_FIELD_HEADER_BYTES_MAX = 11
+
 # ParticipantCheckpoint.decided is field 3, wire type 2 (length-delimited): (3 << 3) | 2.
 _DECIDED_KEY = bytes([(3 << 3) | 2])
 
@@ -99,6 +103,12 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def _packed(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
 
 
 def _by_resource(request: LockRequest) -> str:
@@ -118,12 +128,15 @@ class BranchEngine:
         *,
         clock_ms: Callable[[], int],
         decided_kept: int = limits.BRANCHES_DECIDED_KEPT,
+        checkpoint_part_bytes: int = limits.CHECKPOINT_PART_BYTES,
     ) -> None:
+        assert 0 < checkpoint_part_bytes <= limits.LOG_RECORD_BYTES_MAX // 2
         self.service = service
         self.log = log
         self.locks = locks
         self.clock_ms = clock_ms
         self.decided_kept = decided_kept
+        self.checkpoint_part_bytes = checkpoint_part_bytes
         self.branches: dict[BranchKey, BranchInfo] = {}
         # Branches not yet decided (PREPARING or PREPARED): what leases and inquiries scan.
         self.open: dict[BranchKey, BranchInfo] = {}
@@ -467,11 +480,19 @@ class BranchEngine:
 
     def replay(self, records: Iterable[LogRecord]) -> None:
         """Rebuild branches, service state and locks from the log, before serving."""
+        # A checkpoint is the run of PARTICIPANT_CHECKPOINT records the log starts with (it
+        # keeps only the newest complete one): merged, they are the whole.
+        checkpoint: log_pb2.ParticipantCheckpoint | None = None
         for record in records:
             kind = RecordType(record.record_type)
             if kind is RecordType.PARTICIPANT_CHECKPOINT:
-                self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
-            elif kind is RecordType.BRANCH_PREPARED:
+                checkpoint = checkpoint or log_pb2.ParticipantCheckpoint()
+                checkpoint.MergeFromString(record.payload)
+                continue
+            if checkpoint is not None:
+                self._restore_checkpoint(checkpoint)
+                checkpoint = None
+            if kind is RecordType.BRANCH_PREPARED:
                 prepared = log_pb2.BranchPrepared.FromString(record.payload)
                 self._replay_prepare(prepared.transaction_id, prepared.branch, prepared.operation)
                 self.branches[
@@ -505,6 +526,8 @@ class BranchEngine:
                     self.service.rollback(branch_key_text(key), self._operations[key])
                 self._finish(key)
             # Coordinator record types never appear in a participant's log.
+        if checkpoint is not None:  # a log that holds nothing but its checkpoint
+            self._restore_checkpoint(checkpoint)
 
     def _replay_prepare(
         self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool = False
@@ -526,21 +549,38 @@ class BranchEngine:
         for request in self.service.locks(decoded):
             self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
 
-    def checkpoint_record(self) -> bytes:
-        """A snapshot of everything the log holds: service state, prepared and decided branches.
+    def checkpoint_records(self) -> list[bytes]:
+        """A snapshot of everything the log holds (service state, prepared and decided
+        branches), as the payloads of the checkpoint's records: each one a ParticipantCheckpoint
+        of at most `checkpoint_part_bytes`, all of them merged the whole (see log.proto).
 
-        Serialized protobuf messages concatenate: the decided branches' entries, encoded once
-        each when decided, are appended to the rest as bytes (repeated fields merge)."""
-        checkpoint = log_pb2.ParticipantCheckpoint(service_state=self.service.snapshot())
-        for key, info in self.open.items():
-            if info.branch.state is BranchState.PREPARED:
-                prepared = checkpoint.prepared.add(
-                    transaction_id=key[0],
-                    branch=key[1],
-                    prepared_at_unix_ms=info.prepared_at_ms,
-                )
-                prepared.operation.Pack(self._operations[key])
-        return checkpoint.SerializeToString() + b"".join(self._decided.values())
+        Serialized protobuf messages concatenate, so the decided branches' entries, encoded
+        once each when decided, are joined as bytes; and the records are cut between fields,
+        never inside one, except for the service's state, which has parts of its own."""
+        size = self.checkpoint_part_bytes
+        state = self.service.snapshot()
+        part = size - _FIELD_HEADER_BYTES_MAX  # so that a part's record fits in `size`
+        records = [
+            log_pb2.ParticipantCheckpoint(
+                service_state=[state[start : start + part]]
+            ).SerializeToString()
+            for start in range(0, max(1, len(state)), part)
+        ]
+        prepared = [
+            log_pb2.ParticipantCheckpoint(
+                prepared=[
+                    log_pb2.BranchPrepared(
+                        transaction_id=key[0],
+                        branch=key[1],
+                        prepared_at_unix_ms=info.prepared_at_ms,
+                        operation=_packed(self._operations[key]),
+                    )
+                ]
+            ).SerializeToString()
+            for key, info in self.open.items()
+            if info.branch.state is BranchState.PREPARED
+        ]
+        return records + joined(prepared, size) + joined(list(self._decided.values()), size)
 
     def _restore_checkpoint(self, checkpoint: log_pb2.ParticipantCheckpoint) -> None:
         self.branches.clear()
@@ -549,7 +589,7 @@ class BranchEngine:
         self._operations.clear()
         self._packed.clear()
         self._applied.clear()
-        self.service.restore(checkpoint.service_state)
+        self.service.restore(b"".join(checkpoint.service_state))
         for prepared in checkpoint.prepared:
             key = (prepared.transaction_id, prepared.branch)
             decoded = self.service.operation_type()
@@ -571,7 +611,8 @@ class BranchEngine:
             self._decided[key] = _decided_entry(branch)
 
     async def checkpoint(self) -> None:
-        await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, self.checkpoint_record())])
+        records = self.checkpoint_records()
+        await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, r) for r in records])
         self.records_since_checkpoint = 0
 
     # The side effect of each action type (a table, not a chain of isinstance tests: this runs

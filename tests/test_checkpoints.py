@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from dtm import invariants
-from dtm.wal import dump
-from dtmpb.v1 import coordinator_pb2
+import pytest
+from google.protobuf import any_pb2
+
+from dtm import invariants, limits
+from dtm.wal import WriteAheadLog, async_log, dump
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from participants.branches import BranchEngine
+from participants.locks import LockManager
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
@@ -113,3 +118,143 @@ def test_a_decided_entry_encodes_as_the_checkpoint_field_would() -> None:
     assert log_pb2.ParticipantCheckpoint(decided=[decoded.decided[0]]).SerializeToString() == (
         _decided_entry(branch)
     )
+
+
+# ---- checkpoints larger than one log record ----
+
+PAD = b"#" * (9 * 1024 * 1024)  # more than LOG_RECORD_BYTES_MAX on its own
+
+
+class PaddedOrders(OrdersService):
+    """The orders service with a state too large for one log record, as the real one's
+    becomes at about 70,000 orders (it then stopped checkpointing, silently)."""
+
+    def snapshot(self) -> bytes:
+        return PAD + super().snapshot()
+
+    def restore(self, state: bytes) -> None:
+        assert state.startswith(PAD)
+        super().restore(state[len(PAD) :])
+
+
+def order_operation(order_id: str) -> any_pb2.Any:
+    operation = any_pb2.Any()
+    line = shop_pb2.StockLine(sku="sku-apple", quantity=1)
+    operation.Pack(
+        shop_pb2.CreateOrder(order_id=order_id, customer_id="c", lines=[line], amount_cents=5)
+    )
+    return operation
+
+
+async def engine_on(directory: Path, service: OrdersService, part_bytes: int) -> BranchEngine:
+    wal, records = WriteAheadLog.open(directory)
+    engine = BranchEngine(
+        service,
+        async_log(wal, "loop"),
+        LockManager(wait_timeout_s=0.5),
+        clock_ms=lambda: 0,
+        checkpoint_part_bytes=part_bytes,
+    )
+    engine.replay(records)
+    return engine
+
+
+def test_a_checkpoint_larger_than_a_log_record_is_written_in_parts_and_replayed(
+    tmp_path: Path,
+) -> None:
+    async def scenario(service: OrdersService, part_bytes: int) -> None:
+        directory = tmp_path / type(service).__name__ / str(part_bytes)
+        engine = await engine_on(directory, service, part_bytes)
+        for number in range(120):
+            transaction = f"t-{number}"
+            engine.begin_prepare(transaction, 1, order_operation(f"o-{number}"), False, 0.1)
+            if number % 10:  # every tenth stays prepared, in doubt
+                engine.decide_now(transaction, 1, commit=number % 3 != 0)
+        await engine.wait_durable([(f"t-{n}", 1) for n in range(120)])
+        before = (service.snapshot(), sorted(i.branch.key for i in engine.in_doubt()))
+        await engine.checkpoint()
+        await engine.log.close()
+        wal, records = WriteAheadLog.open(directory)  # the checkpoint, and nothing else
+        wal.close()
+        assert len(records) > 3  # the state, prepared and decided branches, each in parts
+        assert all(len(record.payload) <= part_bytes for record in records)
+
+        again = PaddedOrders() if isinstance(service, PaddedOrders) else OrdersService()
+        restored = await engine_on(directory, again, part_bytes)
+        assert before == (again.snapshot(), sorted(i.branch.key for i in restored.in_doubt()))
+        assert 108 == len(restored.branches) - len(restored.in_doubt())  # the decided ones
+        # The decided branches came back too: a duplicate Commit is answered, not refused.
+        restored.decide_now("t-1", 1, commit=True)
+        await restored.log.close()
+
+    # Small parts: many records. The real sizes: a state past LOG_RECORD_BYTES_MAX.
+    asyncio.run(scenario(OrdersService(), 300))
+    asyncio.run(scenario(PaddedOrders(), limits.CHECKPOINT_PART_BYTES))
+
+
+def test_a_coordinator_checkpoint_in_parts_resumes_every_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits owed phase 2 pile up in the checkpoint while a participant is down; cut into
+    records (tiny ones here), a restart still finds every one of them."""
+    monkeypatch.setattr(limits, "CHECKPOINT_PART_BYTES", 200)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            for number in range(10):
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=5)
+                response = await cluster.submit(branches, f"t-{number}")
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            engine = cluster.coordinator.engine
+            engine.records_since_checkpoint = engine.config.checkpoint_every_records
+            assert await engine.checkpoint_if_due()
+            lines = list(dump(tmp_path / "coordinator" / "wal"))
+            assert sum("COORDINATOR_CHECKPOINT" in line for line in lines) > 3
+
+            await cluster.restart_coordinator()
+            assert 10 == len(cluster.coordinator.engine.active)  # all resumed
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+
+            async def finished() -> bool:
+                return not cluster.coordinator.engine.active
+
+            await eventually(finished)
+            orders = await cluster.orders()
+            assert 10 == sum(o.state == shop_pb2.ORDER_STATE_CONFIRMED for o in orders.values())
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_checkpoint_is_logged_and_housekeeping_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, an exception in a checkpoint ended a participant's housekeeping for good, with
+    no word in the log: no more checkpoints, leases or inquiries."""
+    attempts: list[str] = []
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, participant_overrides={"checkpoint_every_records": 10, "tick_ms": 20}
+        ) as cluster:
+            engine = cluster.participants["orders"].engine
+            real = engine.checkpoint
+
+            async def first_fails() -> None:
+                attempts.append("failed" if not attempts else "written")
+                if len(attempts) == 1:
+                    raise RuntimeError("injected")
+                await real()
+
+            monkeypatch.setattr(engine, "checkpoint", first_fails)
+            for number in range(30):
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=5)
+                await cluster.submit(branches, f"t-{number}")
+
+            async def written() -> bool:
+                return "written" in attempts
+
+            await eventually(written)
+
+    asyncio.run(scenario())
+    assert ["failed", "written"] == attempts[:2]

@@ -27,7 +27,7 @@ from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, EngineObserver
-from dtm.records import RecordType
+from dtm.records import RecordType, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
@@ -502,14 +502,19 @@ class Engine:
     def replay(self, records: Iterable[LogRecord]) -> list[log_pb2.CommitDecided]:
         """Rebuild the registry and the commits still owed phase 2, before serving."""
         pending: dict[str, log_pb2.CommitDecided] = {}
+        in_checkpoint = False  # the previous record was part of a checkpoint
         for record in records:
             kind = RecordType(record.record_type)
             if kind is RecordType.COORDINATOR_CHECKPOINT:
-                checkpoint = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
-                self.registry.participants.clear()
-                for info in checkpoint.participants:
+                # A checkpoint is a run of records (see checkpoint_records); its first one
+                # replaces everything before it, the others add to it.
+                part = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
+                if not in_checkpoint:
+                    self.registry.participants.clear()
+                    pending = {}
+                for info in part.participants:
                     self.registry.put(info)
-                pending = {c.transaction_id: c for c in checkpoint.committing}
+                pending.update((c.transaction_id, c) for c in part.committing)
             elif kind is RecordType.PARTICIPANT_REGISTERED:
                 registered = log_pb2.ParticipantRegistered.FromString(record.payload)
                 self.registry.put(registered.participant)
@@ -521,6 +526,7 @@ class Engine:
                 decided_record = pending.pop(ended.transaction_id, None)
                 if decided_record is not None:
                     self._remember_committed(decided_record)
+            in_checkpoint = kind is RecordType.COORDINATOR_CHECKPOINT
         return list(pending.values())
 
     def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:
@@ -568,30 +574,40 @@ class Engine:
             count += 1
         return count
 
-    def checkpoint_record(self) -> bytes:
-        checkpoint = log_pb2.CoordinatorCheckpoint(
+    def checkpoint_records(self) -> list[bytes]:
+        """The registry and every commit still owed phase 2, as the payloads of a checkpoint's
+        records: the registry first, then the commits, cut into records that fit the log (a
+        participant down for long, under load, can leave 10,000 commits of 32 branches each,
+        about 25 MB). Merged in order on replay they are one CoordinatorCheckpoint."""
+        registry = log_pb2.CoordinatorCheckpoint(
             participants=list(self.registry.participants.values())
-        )
-        for run in self.active.values():
-            txn = run.txn
-            if txn.state in (TxnState.DECIDING, TxnState.COMMITTING):
-                checkpoint.committing.add(
-                    transaction_id=txn.transaction_id,
-                    branches=[
-                        log_pb2.DecisionBranch(branch=b.index, participant=b.participant)
-                        for b in txn.branches
-                        if b.needs_phase_two
-                    ],
-                    decided_at_unix_ms=txn.decided_at_ms,
-                    fingerprint=run.fingerprint,
-                )
-        return checkpoint.SerializeToString()
+        ).SerializeToString()
+        committing = [
+            log_pb2.CoordinatorCheckpoint(
+                committing=[
+                    log_pb2.CommitDecided(
+                        transaction_id=run.txn.transaction_id,
+                        branches=[
+                            log_pb2.DecisionBranch(branch=b.index, participant=b.participant)
+                            for b in run.txn.branches
+                            if b.needs_phase_two
+                        ],
+                        decided_at_unix_ms=run.txn.decided_at_ms,
+                        fingerprint=run.fingerprint,
+                    )
+                ]
+            ).SerializeToString()
+            for run in self.active.values()
+            if run.txn.state in (TxnState.DECIDING, TxnState.COMMITTING)
+        ]
+        return [registry, *joined(committing, limits.CHECKPOINT_PART_BYTES)]
 
     async def checkpoint_if_due(self) -> bool:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:
             return False
         self.records_since_checkpoint = 0
-        await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, self.checkpoint_record())])
+        records = self.checkpoint_records()
+        await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, r) for r in records])
         return True
 
     async def drain(self, timeout_s: float) -> int:

@@ -108,10 +108,10 @@ class ParticipantCheckpoint(_message.Message):
     SERVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     DECIDED_FIELD_NUMBER: _ClassVar[int]
-    service_state: bytes
+    service_state: _containers.RepeatedScalarFieldContainer[bytes]
     prepared: _containers.RepeatedCompositeFieldContainer[BranchPrepared]
     decided: _containers.RepeatedCompositeFieldContainer[DecidedBranch]
-    def __init__(self, service_state: _Optional[bytes] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
+    def __init__(self, service_state: _Optional[_Iterable[bytes]] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
 
 class CoordinatorCheckpoint(_message.Message):
     __slots__ = ("participants", "committing")
