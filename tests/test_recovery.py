@@ -270,6 +270,9 @@ def test_1000_undecided_transactions_in_doubt_are_presumed_aborted_after_a_coord
         cluster.stop()
 
 
+LINGER_ATTEMPTS = 5
+
+
 def lingering_cluster(directory: Path) -> Cluster:
     """A cluster whose coordinator holds the last commits back for a second (the most
     allowed), waiting for a prepare to ride with: only a stop that finishes phase 2 itself
@@ -296,9 +299,14 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
     cluster = lingering_cluster(tmp_path)
 
     async def scenario() -> None:
-        await commit_orders(cluster, "t")
-        # The last commits linger (one service asked, quickly: the linger lasts 1 s).
-        assert any((await in_doubt(cluster, ["inventory"])).values())
+        # Until the last commits are seen lingering (one service asked, quickly: the linger
+        # lasts 1 s, which a busy machine can overrun between the answers and the look).
+        for attempt in range(LINGER_ATTEMPTS):
+            await commit_orders(cluster, f"t{attempt}")
+            if any((await in_doubt(cluster, ["inventory"])).values()):
+                break
+        else:
+            raise AssertionError(f"no commit seen lingering in {LINGER_ATTEMPTS} attempts")
         pid = cluster.pid(COORDINATOR)
         assert pid is not None
         os.kill(pid, signal.SIGTERM)
