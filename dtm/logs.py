@@ -7,12 +7,14 @@ matters on the hot path of a transaction (per-RPC lines are DEBUG).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -32,11 +34,28 @@ def _render(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> s
     transaction = event.pop("txn", None)
     if transaction is not None:
         head += f" txn={transaction}"
-    return head + "".join(
+    # An exception to show with its traceback (a bug, on an error path): the one place where
+    # an event takes more than one line.
+    error = event.pop("exc_info", None)
+    line = head + "".join(
         f" {key}={value!r}" if isinstance(value, str) and " " in value else f" {key}={value}"
         for key, value in event.items()
         if value is not None
     )
+    if isinstance(error, BaseException):
+        line += "\n" + "".join(traceback.format_exception(error)).rstrip()
+    return line
+
+
+class _Stderr:
+    """Whatever sys.stderr is when a line is written, not when logging was configured: a
+    process (or a test's capture) that replaces it later still gets the lines."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def configure(component: str, level: str | None = None) -> None:
@@ -49,7 +68,7 @@ def configure(component: str, level: str | None = None) -> None:
     structlog.configure(
         processors=[_render],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
     _configured = True
@@ -61,6 +80,20 @@ def debug_enabled() -> bool:
     """Whether DEBUG lines are written: hot paths test this once instead of building the
     arguments of a line that would be dropped."""
     return _level <= logging.DEBUG
+
+
+def report_failure(task: asyncio.Task[Any], component: str, what: str) -> None:
+    """For the done-callback of background work nobody awaits: its exception, if any, goes to
+    the log with its traceback. Otherwise asyncio mentions it only when the task is collected,
+    and outside these logs: a bug would pass unseen. (Cheap when there is none: it runs for
+    every such task.)"""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        get(component).error(
+            f"{what} failed", error=f"{type(error).__name__}: {error}", exc_info=error
+        )
 
 
 def get(component: str, **context: Any) -> Any:

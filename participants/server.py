@@ -584,24 +584,36 @@ class ParticipantServer:
         channel = self._coordinator_channel() if self.config.coordinator else None
         stub = coordinator_pb2_grpc.CoordinatorStub(channel) if channel is not None else None
         try:
-            while True:
+            while True:  # until stop() cancels it
                 await asyncio.sleep(self.config.tick_ms / 1000)
-                now = now_ms()
-                for info in self.engine.preparing():
-                    if now - info.updated_at_ms >= self.config.lease_unvoted_ms:
-                        self.log_.warning(
-                            "lease expired before the vote: branch aborted, locks reclaimed",
-                            txn=info.branch.transaction_id,
-                            branch=info.branch.index,
-                        )
-                        self.engine.expire_lease(info.branch.key)
-                if stub is not None:
-                    await self._ask_about_in_doubt(stub, now)
-                if self.engine.records_since_checkpoint >= self.config.checkpoint_every_records:
-                    await self._checkpoint()
+                try:
+                    await self._housekeeping_tick(stub)
+                except Exception as error:  # a bug: say so loudly, and keep the loop alive
+                    # A housekeeping loop that dies takes leases, inquiries and checkpoints
+                    # with it, and nothing else would notice (a checkpoint bug did just that).
+                    self.log_.error(
+                        "housekeeping failed; it goes on at the next tick",
+                        error=f"{type(error).__name__}: {error}",
+                        exc_info=error,
+                    )
         finally:
             if channel is not None:
                 await channel.close(None)
+
+    async def _housekeeping_tick(self, stub: coordinator_pb2_grpc.CoordinatorStub | None) -> None:
+        now = now_ms()
+        for info in self.engine.preparing():
+            if now - info.updated_at_ms >= self.config.lease_unvoted_ms:
+                self.log_.warning(
+                    "lease expired before the vote: branch aborted, locks reclaimed",
+                    txn=info.branch.transaction_id,
+                    branch=info.branch.index,
+                )
+                self.engine.expire_lease(info.branch.key)
+        if stub is not None:
+            await self._ask_about_in_doubt(stub, now)
+        if self.engine.records_since_checkpoint >= self.config.checkpoint_every_records:
+            await self._checkpoint()
 
     async def _checkpoint(self) -> None:
         started = time.perf_counter()

@@ -309,7 +309,11 @@ class Engine:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        logs.report_failure(task, "coordinator", "background work")
 
     def _on_timer(self, run: Run) -> None:
         run.timer = None
