@@ -6,11 +6,17 @@ recovery code and `dtm log dump` agree on what every record means.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Iterator
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from dtmpb.v1 import log_pb2
+
+if TYPE_CHECKING:  # dtm.wal imports this module
+    from dtm.wal import LogRecord
 
 
 class RecordType(IntEnum):
@@ -59,6 +65,28 @@ def joined(pieces: list[bytes], size: int) -> list[bytes]:
         payloads.append(payload)
         start += count
     return payloads
+
+
+def coalesced(records: Iterable[LogRecord], record_type: int) -> Iterator[LogRecord]:
+    """`records`, each run of `record_type` ones (a checkpoint written in parts by `joined`)
+    given as one record whose payload is theirs end to end: parsed, the whole message."""
+    run: list[LogRecord] = []
+    for record in records:
+        if record.record_type == record_type:
+            run.append(record)
+            continue
+        if run:
+            yield _one(run)
+            run = []
+        yield record
+    if run:
+        yield _one(run)
+
+
+def _one(run: list[LogRecord]) -> LogRecord:
+    if len(run) == 1:
+        return run[0]
+    return dataclasses.replace(run[0], payload=b"".join(r.payload for r in run))
 
 
 def decode(record_type: int, payload: bytes) -> tuple[str, Message | None]:

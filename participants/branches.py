@@ -21,7 +21,7 @@ from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters
-from dtm.records import RecordType, joined
+from dtm.records import RecordType, coalesced, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.locks import LockManager, LockRefused
@@ -480,19 +480,11 @@ class BranchEngine:
 
     def replay(self, records: Iterable[LogRecord]) -> None:
         """Rebuild branches, service state and locks from the log, before serving."""
-        # A checkpoint is the run of PARTICIPANT_CHECKPOINT records the log starts with (it
-        # keeps only the newest complete one): merged, they are the whole.
-        checkpoint: log_pb2.ParticipantCheckpoint | None = None
-        for record in records:
+        for record in coalesced(records, RecordType.PARTICIPANT_CHECKPOINT):
             kind = RecordType(record.record_type)
             if kind is RecordType.PARTICIPANT_CHECKPOINT:
-                checkpoint = checkpoint or log_pb2.ParticipantCheckpoint()
-                checkpoint.MergeFromString(record.payload)
-                continue
-            if checkpoint is not None:
-                self._restore_checkpoint(checkpoint)
-                checkpoint = None
-            if kind is RecordType.BRANCH_PREPARED:
+                self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
+            elif kind is RecordType.BRANCH_PREPARED:
                 prepared = log_pb2.BranchPrepared.FromString(record.payload)
                 self._replay_prepare(prepared.transaction_id, prepared.branch, prepared.operation)
                 self.branches[
@@ -526,8 +518,6 @@ class BranchEngine:
                     self.service.rollback(branch_key_text(key), self._operations[key])
                 self._finish(key)
             # Coordinator record types never appear in a participant's log.
-        if checkpoint is not None:  # a log that holds nothing but its checkpoint
-            self._restore_checkpoint(checkpoint)
 
     def _replay_prepare(
         self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool = False

@@ -258,3 +258,18 @@ def test_a_failed_checkpoint_is_logged_and_housekeeping_goes_on(
 
     asyncio.run(scenario())
     assert ["failed", "written"] == attempts[:2]
+
+
+def test_checkpoint_parts_are_joined_in_order_and_coalesced_back() -> None:
+    from dtm.records import coalesced, joined
+    from dtm.wal import LogRecord
+
+    pieces = [b"a" * 3, b"b" * 4, b"c" * 9, b"d", b"e" * 2]
+    payloads = joined(pieces, 5)
+    assert b"".join(payloads) == b"".join(pieces)  # nothing lost, nothing reordered
+    assert all(len(p) <= 5 for p in payloads if p != b"c" * 9)  # too large: stands alone
+    assert [] == joined([], 5)
+    records = [LogRecord(n, 7, p) for n, p in enumerate(payloads, 1)]
+    records.append(LogRecord(len(records) + 1, 8, b"after"))
+    merged = list(coalesced(records, 7))
+    assert [(7, b"".join(pieces)), (8, b"after")] == [(r.record_type, r.payload) for r in merged]

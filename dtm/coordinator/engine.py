@@ -27,7 +27,7 @@ from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, EngineObserver
-from dtm.records import RecordType, joined
+from dtm.records import RecordType, coalesced, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
@@ -506,19 +506,14 @@ class Engine:
     def replay(self, records: Iterable[LogRecord]) -> list[log_pb2.CommitDecided]:
         """Rebuild the registry and the commits still owed phase 2, before serving."""
         pending: dict[str, log_pb2.CommitDecided] = {}
-        in_checkpoint = False  # the previous record was part of a checkpoint
-        for record in records:
+        for record in coalesced(records, RecordType.COORDINATOR_CHECKPOINT):
             kind = RecordType(record.record_type)
             if kind is RecordType.COORDINATOR_CHECKPOINT:
-                # A checkpoint is a run of records (see checkpoint_records); its first one
-                # replaces everything before it, the others add to it.
-                part = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
-                if not in_checkpoint:
-                    self.registry.participants.clear()
-                    pending = {}
-                for info in part.participants:
+                checkpoint = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
+                self.registry.participants.clear()
+                for info in checkpoint.participants:
                     self.registry.put(info)
-                pending.update((c.transaction_id, c) for c in part.committing)
+                pending = {c.transaction_id: c for c in checkpoint.committing}
             elif kind is RecordType.PARTICIPANT_REGISTERED:
                 registered = log_pb2.ParticipantRegistered.FromString(record.payload)
                 self.registry.put(registered.participant)
@@ -530,7 +525,6 @@ class Engine:
                 decided_record = pending.pop(ended.transaction_id, None)
                 if decided_record is not None:
                     self._remember_committed(decided_record)
-            in_checkpoint = kind is RecordType.COORDINATOR_CHECKPOINT
         return list(pending.values())
 
     def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:
