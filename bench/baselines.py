@@ -6,6 +6,8 @@
 (b) Naive two-phase-commit shape: client -> a coordinator process -> N echo "participant"
     processes; per transaction one unary call per participant per phase (prepare fan-out in
     parallel, then commit fan-out), nothing logged, nothing batched.
+(c) The disk's forced write: fdatasync of a 100-byte append, as the logs do it. With (a) it
+    gives the floor of a durable 2PC with one client in flight (bench.report).
 
 The servers carry raw bytes through gRPC generic handlers (no serializer: gRPC passes bytes
 through untouched), so no .proto is needed. They run the same event loop as the project's
@@ -20,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ import grpc
 
 from bench.harness import LoadSpec, channel_of, close_channels, drive, open_channels
 from bench.procs import Processes
-from bench.stats import LatencySummary, Outcome, Tally
+from bench.stats import LatencySummary, Outcome, Tally, percentile
 from dtm import grpc_edge
 from dtm.cluster import free_ports
 
@@ -47,6 +51,10 @@ START_TIMEOUT_S = 20.0
 RAW = (None, None)
 # Per call: far above any latency of a healthy run, so only a stuck server trips it.
 CALL_TIMEOUT_S = 10.0
+#: Forced writes timed by fsync_p50_ms: about 0.1 s on the build machine.
+FSYNC_SAMPLES = 300
+#: The size of a typical decision or prepare record with its frame.
+FSYNC_APPEND_BYTES = 100
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -138,6 +146,28 @@ class BaselineResult:
     @property
     def errors(self) -> int:
         return self.tally.counts[Outcome.ERROR]
+
+
+def fsync_p50_ms(directory: Path | None = None, samples: int = FSYNC_SAMPLES) -> float:
+    """Median time of one forced append (write of FSYNC_APPEND_BYTES, then fdatasync, as
+    dtm.wal does it) to a scratch file under `directory` (the system's temporary directory
+    when None), in milliseconds. Run alone, before the servers start."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    record = b"x" * FSYNC_APPEND_BYTES
+    sync = getattr(os, "fdatasync", os.fsync)
+    timings: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="dtm-bench-fsync-", dir=directory) as scratch:
+        fd = os.open(Path(scratch) / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for _ in range(samples):
+                started = time.perf_counter()
+                os.write(fd, record)
+                sync(fd)
+                timings.append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    return round(percentile(sorted(timings), 0.5) * 1000, 3)
 
 
 async def _wait_ready(target: str, method: str, processes: Processes) -> None:

@@ -11,6 +11,8 @@ the transactions completed in between:
                       and its reply (2)
     cpu_ms_per_txn    process_cpu_seconds_total (user + system) of every server, plus the
                       load generator's own CPU time over the same window (a Sample carries it)
+    submit_handling   the mean of the coordinator's dtm_submit_handling_seconds over the
+                      window: the server's share of a client's latency
 
 When the servers do not have the flag, every figure is None and the report says
 "n/a: hook missing": nothing is estimated.
@@ -38,6 +40,8 @@ BATCH_COUNT = "dtm_wal_batch_records_count"
 CPU_SECONDS = "process_cpu_seconds_total"
 BATCH_CALLS = "dtm_participant_batch_calls_total"
 BATCH_ITEMS = "dtm_participant_batch_items_total"
+HANDLING_SUM = "dtm_submit_handling_seconds_sum"
+HANDLING_COUNT = "dtm_submit_handling_seconds_count"
 #: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
 LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
@@ -139,6 +143,8 @@ class Costs:
     cpu_ms_by_process: Mapping[str, float] | None = None
     #: Items (prepares and decisions) per batched call the coordinator sent, over the window.
     items_per_call: float | None = None
+    #: Mean time in the coordinator's Submit handler, over the Submits answered in the window.
+    submit_handling_ms_mean: float | None = None
     note: str = HOOK_MISSING
 
     @property
@@ -176,6 +182,10 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
     }
     calls = growth(coordinator, BATCH_CALLS)
     items_per_call = round(growth(coordinator, BATCH_ITEMS) / calls, 2) if calls > 0 else None
+    handled = growth(coordinator, HANDLING_COUNT)
+    handling_ms = (
+        round(growth(coordinator, HANDLING_SUM) * 1000 / handled, 2) if handled > 0 else None
+    )
     if first.load_cpu_s is not None and last.load_cpu_s is not None:
         cpu[LOAD_GENERATOR] = round((last.load_cpu_s - first.load_cpu_s) * 1000 / transactions, 3)
     return Costs(
@@ -186,6 +196,7 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         messages_by_kind=by_kind,
         cpu_ms_by_process=cpu or None,
         items_per_call=items_per_call,
+        submit_handling_ms_mean=handling_ms,
         note=(
             f"measured: growth of the servers' /metrics counters over "
             f"{transactions:,.0f} transactions of the window"

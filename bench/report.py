@@ -20,6 +20,7 @@ from typing import Any
 
 from bench import footprint
 from bench.baselines import BaselineResult
+from bench.hooks import LOAD_GENERATOR
 from bench.measure import DtmResult
 from bench.procs import PROJECT_ROOT
 from bench.stats import Outcome
@@ -140,6 +141,36 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
+def cpu_vs_load_generator(cpu_ms: Mapping[str, float] | None) -> dict[str, float] | None:
+    """Each server's CPU per transaction divided by the load generator's, in the same run.
+
+    The load generator does the same work for every transaction in every run, so the ratio
+    cancels the machine's speed, which drifts between runs on a shared box by more than most
+    changes of the code move throughput. A change that makes a server cheaper shows here."""
+    if not cpu_ms:
+        return None
+    load = cpu_ms.get(LOAD_GENERATOR)
+    if not load:
+        return None
+    return {name: round(ms / load, 2) for name, ms in cpu_ms.items() if name != LOAD_GENERATOR}
+
+
+def one_client_floor(
+    clients: int, unary_p50_ms: float | None, fsync_p50_ms: float | None
+) -> dict[str, float | None]:
+    """What a durable two-phase commit cannot beat with one client in flight, from this run's
+    baselines: two round trips (the client's call, then the prepare fan-out) and two forced
+    writes (the participant's prepare record before its vote, the coordinator's decision
+    before its answer), one after the other. Phase 2 is off the client's path."""
+    if clients != 1 or unary_p50_ms is None or fsync_p50_ms is None:
+        return {"one_client_floor_ms": None, "one_client_floor_vs_unary_p50": None}
+    floor = round(2 * unary_p50_ms + 2 * fsync_p50_ms, 3)
+    return {
+        "one_client_floor_ms": floor,
+        "one_client_floor_vs_unary_p50": ratio(floor, unary_p50_ms),
+    }
+
+
 def build_results(
     config: RunConfig,
     dtm: DtmResult,
@@ -148,10 +179,13 @@ def build_results(
     *,
     now: datetime,
     context: Mapping[str, Any],
+    fsync_p50_ms: float | None = None,
 ) -> dict[str, Any]:
     tally = dtm.tally
     committed = tally.latency(Outcome.COMMITTED)
     aborted = tally.latency(Outcome.ABORTED)
+    answered = tally.latency(Outcome.COMMITTED, Outcome.ABORTED)
+    handling = dtm.costs.submit_handling_ms_mean
     txn_per_s = _rate(tally.rate(Outcome.COMMITTED))
     unary_per_s = _rate(unary.per_s) if unary is not None else None
     naive_per_s = _rate(naive.per_s) if naive is not None else None
@@ -181,6 +215,13 @@ def build_results(
         "p99_ms": committed.p99_ms,
         "max_ms": committed.max_ms,
         "mean_ms": committed.mean_ms,
+        "answered_mean_ms": answered.mean_ms,
+        "submit_handling_ms_mean": handling,
+        "before_handler_ms_mean": (
+            round(answered.mean_ms - handling, 2)
+            if answered.mean_ms is not None and handling is not None
+            else None
+        ),
         "aborted_p50_ms": aborted.p50_ms,
         "aborted_p99_ms": aborted.p99_ms,
         "unexpected_outcomes": dtm.unexpected,
@@ -193,6 +234,7 @@ def build_results(
         "coordinator_messages_per_txn_by_kind": dtm.costs.messages_by_kind,
         "cpu_ms_per_txn": dtm.costs.cpu_ms_per_txn,
         "cpu_ms_per_txn_by_process": dtm.costs.cpu_ms_by_process,
+        "cpu_vs_load_generator": cpu_vs_load_generator(dtm.costs.cpu_ms_by_process),
         "batch_items_per_call": dtm.costs.items_per_call,
         "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
         "unary_rpc_per_s": unary_per_s,
@@ -210,6 +252,8 @@ def build_results(
         "ratio_vs_unary": ratio(txn_per_s, unary_per_s),
         "ratio_vs_naive": ratio(txn_per_s, naive_per_s),
         "p50_vs_unary_p50": ratio(committed.p50_ms, unary_p50),
+        "fsync_p50_ms": fsync_p50_ms,
+        **one_client_floor(config.clients, unary_p50, fsync_p50_ms),
         "violations": dtm.invariants.violations,
         "violation_samples": dtm.invariants.samples,
         "invariants_scope": dtm.invariants.scope,
@@ -339,6 +383,25 @@ def format_table(results: Mapping[str, Any]) -> str:
         facts.append(
             ("cpu ms per txn", f"{_number(r.get('cpu_ms_per_txn'), digits=3)} ({cpu_detail})")
         )
+    relative = r.get("cpu_vs_load_generator") or {}
+    if relative:
+        facts.append(
+            (
+                "cpu vs load generator",
+                ", ".join(f"{name} {value:g}" for name, value in relative.items())
+                + " (each process's CPU per txn / the load generator's: cancels machine speed)",
+            )
+        )
+    if r.get("before_handler_ms_mean") is not None:
+        facts.append(
+            (
+                "latency split",
+                f"mean {_number(r['answered_mean_ms'], ' ms', 2)} at the client = "
+                f"{_number(r['submit_handling_ms_mean'], digits=2)} in the coordinator's Submit "
+                f"handler + {_number(r['before_handler_ms_mean'], digits=2)} before it "
+                "(transport, and gRPC's queue of calls the coordinator has not taken yet)",
+            )
+        )
     if r.get("coordinator_rss_mb_last") is not None:
         facts.append(("coordinator footprint", _footprint_line(r)))
     for name in ("throughput", "p99", "p50_one_client"):
@@ -348,6 +411,16 @@ def format_table(results: Mapping[str, Any]) -> str:
             facts.append(
                 (f"target {name}", f"{target['goal']}: {_number(target['value'])}, {verdict}")
             )
+    if r.get("one_client_floor_ms") is not None:
+        facts.append(
+            (
+                "one-client floor",
+                f"2 x unary p50 + 2 x fsync p50 ({_number(r['fsync_p50_ms'], digits=3)} ms) = "
+                f"{_number(r['one_client_floor_ms'], ' ms', 2)} = "
+                f"{_number(r['one_client_floor_vs_unary_p50'], digits=2)} x unary p50: two round "
+                "trips and two forced writes, in sequence, before a durable commit is answered",
+            )
+        )
     width = max(len(name) for name, _ in facts)
     lines += [f"  {name.ljust(width)}  {value}" for name, value in facts]
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bench import report
-from bench.baselines import BaselineResult, measure_naive, measure_unary
+from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.harness import LoadSpec
 from bench.measure import DtmResult, measure_dtm
 from bench.report import RunConfig
@@ -167,6 +167,7 @@ class Measurements:
     dtm: DtmResult
     unary: BaselineResult | None
     naive: BaselineResult | None
+    fsync_p50_ms: float | None = None
 
 
 async def measure(
@@ -192,7 +193,11 @@ async def measure(
     # The baselines carry a real order's bytes, so their payloads match dtm's.
     payload = workload.order(0, 0).request.SerializeToString()
     unary = naive = None
+    fsync_ms = None
     if baselines:
+        # On the file system of the servers' logs (the default data dir is a temporary one).
+        scratch = data_dir.parent if data_dir is not None and data_dir.parent.is_dir() else None
+        fsync_ms = await asyncio.to_thread(fsync_p50_ms, scratch)
         unary = await measure_unary(baseline_spec, payload, progress=progress)
         naive = await measure_naive(config.participants, baseline_spec, payload, progress=progress)
     dtm = await measure_dtm(
@@ -204,7 +209,7 @@ async def measure(
         progress=progress,
         metrics=metrics,
     )
-    return Measurements(dtm=dtm, unary=unary, naive=naive)
+    return Measurements(dtm=dtm, unary=unary, naive=naive, fsync_p50_ms=fsync_ms)
 
 
 async def until_stopped(work: Awaitable[T]) -> T:
@@ -227,6 +232,7 @@ def results_of(config: RunConfig, measured: Measurements) -> dict[str, Any]:
         measured.dtm,
         measured.unary,
         measured.naive,
+        fsync_p50_ms=measured.fsync_p50_ms,
         now=datetime.now(UTC),
         context=report.environment(),
     )

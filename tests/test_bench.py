@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bench import checks, footprint, hooks, plot, report
-from bench.baselines import BaselineResult, measure_naive, measure_unary
+from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
 from bench.measure import DtmResult
@@ -347,6 +347,53 @@ def test_an_inconsistent_final_state_reaches_the_results_as_violations() -> None
     assert "no payment was captured" in report.format_table(results)
 
 
+def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() -> None:
+    costs = hooks.Costs(
+        cpu_ms_by_process={"coordinator": 0.75, "orders": 0.125, hooks.LOAD_GENERATOR: 0.25},
+        submit_handling_ms_mean=20.0,
+    )
+    dtm = DtmResult(
+        participants=participants_for(4),
+        tally=fake_tally(100, 20),
+        invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        costs=costs,
+    )
+    config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+    results = report.build_results(
+        config, dtm, None, None, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+    )
+    assert {"coordinator": 3.0, "orders": 0.5} == results["cpu_vs_load_generator"]
+    # fake_tally: committed calls took 1..100 ms (mean 50.5), the 20 aborted ones 2 ms.
+    assert (100 * 50.5 + 20 * 2) / 120 == pytest.approx(results["answered_mean_ms"], abs=0.01)
+    assert results["answered_mean_ms"] - 20.0 == pytest.approx(
+        results["before_handler_ms_mean"], abs=0.01
+    )
+    text = report.format_table(results)
+    assert "coordinator 3, orders 0.5" in text
+    assert "20.00 in the coordinator's Submit handler" in text
+    # Without the servers' counters there is nothing to split or relate: no figure is made up.
+    bare = fake_results(baselines=False)
+    assert bare["before_handler_ms_mean"] is None and bare["cpu_vs_load_generator"] is None
+    assert "latency split" not in report.format_table(bare)
+
+
+def test_the_one_client_floor_is_two_round_trips_and_two_forced_writes() -> None:
+    assert {"one_client_floor_ms": 2.2, "one_client_floor_vs_unary_p50": 2.75} == (
+        report.one_client_floor(1, 0.8, 0.3)
+    )
+    # Only one client in flight has this floor; without both baselines there is none.
+    for clients, unary_p50, fsync in ((64, 0.8, 0.3), (1, None, 0.3), (1, 0.8, None)):
+        floor = report.one_client_floor(clients, unary_p50, fsync)
+        assert {"one_client_floor_ms": None, "one_client_floor_vs_unary_p50": None} == floor
+
+
+def test_the_fsync_baseline_times_real_forced_appends(tmp_path: Path) -> None:
+    assert fsync_p50_ms(tmp_path, samples=5) > 0
+    assert [] == list(tmp_path.iterdir())  # its scratch file is gone
+    with pytest.raises(ValueError, match="samples"):
+        fsync_p50_ms(tmp_path, samples=0)
+
+
 def test_results_are_written_as_latest_and_a_timestamped_copy(tmp_path: Path) -> None:
     results = fake_results(baselines=True)
     latest, copy = report.write_results(results, tmp_path)
@@ -373,6 +420,9 @@ dtm_participant_batch_calls_total{{participant="inventory"}} {requests}
 dtm_participant_batch_items_total{{participant="inventory"}} {fsyncs}
 # TYPE process_cpu_seconds_total counter
 process_cpu_seconds_total {cpu}
+# TYPE dtm_submit_handling_seconds histogram
+dtm_submit_handling_seconds_count {requests}
+dtm_submit_handling_seconds_sum {cpu}
 """
 
 
@@ -413,6 +463,8 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     )
     assert 2.25 == costs.cpu_ms_per_txn
     assert 0.5 == costs.items_per_call  # 200 items in 400 calls (the coordinator's counters)
+    # The coordinator answered 400 Submits in the window, in 0.3 s of handler time in all.
+    assert 0.75 == costs.submit_handling_ms_mean
     assert hooks.costs(last, last).fsyncs_per_txn is None
 
 

@@ -116,6 +116,13 @@ def test_metrics_move_with_transactions(tmp_path: Path) -> None:
                 )
             )
             assert coordinator_pb2.OUTCOME_ABORTED == aborted.outcome
+            # A Submit refused before it starts is handled time too (the handler's `finally`).
+            try:
+                await running.submit(coordinator_pb2.SubmitRequest(transaction_id="t-3"))
+            except grpc.aio.AioRpcError as error:
+                assert grpc.StatusCode.INVALID_ARGUMENT == error.code()
+            else:
+                raise AssertionError("a Submit without branches was accepted")
 
             async def both_finished() -> bool:
                 samples = await running.scrape("coordinator")
@@ -130,6 +137,8 @@ def test_metrics_move_with_transactions(tmp_path: Path) -> None:
                 assert 1 == value(samples, count, outcome=outcome)
                 assert 1 == value(samples, "dtm_end_to_end_latency_seconds_count", outcome=outcome)
             assert 0 < value(samples, "dtm_decision_latency_seconds_sum", outcome="committed")
+            assert 3 == value(samples, "dtm_submit_handling_seconds_count")
+            assert 0 < value(samples, "dtm_submit_handling_seconds_sum")
             prepares = "dtm_participant_call_latency_seconds_count"
             assert 2 == value(samples, prepares, participant="inventory", rpc="Prepare")
             assert 1 == value(samples, prepares, participant="orders", rpc="Commit")

@@ -121,6 +121,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Submit(
         self, request: coordinator_pb2.SubmitRequest, context: Context
     ) -> coordinator_pb2.SubmitResponse:
+        started = time.perf_counter()
+        try:
+            return await self._submit(request, context)
+        finally:
+            self.engine.observer.submit_handled(started)
+
+    async def _submit(
+        self, request: coordinator_pb2.SubmitRequest, context: Context
+    ) -> coordinator_pb2.SubmitResponse:
         problem = self._check_submit(request)
         if problem is not None:
             await context.abort(*problem)
