@@ -63,6 +63,11 @@ class BranchError(Exception):
         self.heuristic = heuristic
 
 
+class IdReused(Exception):
+    """A Prepare for a branch this participant knows as part of another transaction: the client
+    used one transaction id for two transactions (see PrepareRequest.transaction_fingerprint)."""
+
+
 class RecoveryError(Exception):
     """The log cannot be replayed through the service (a bug or a corrupted log)."""
 
@@ -72,9 +77,11 @@ class BranchInfo:
     branch: Branch
     updated_at_ms: int
     prepared_at_ms: int = 0
+    # The coordinator's digest of the whole transaction this branch belongs to; b"" unknown.
+    fingerprint: bytes = b""
 
 
-def _decided_entry(branch: Branch) -> bytes:
+def _decided_entry(branch: Branch, fingerprint: bytes) -> bytes:
     """A decided branch as a checkpoint's encoded `decided` entry (see checkpoint_records):
     the field's key (3, length-delimited), the length, the DecidedBranch message."""
     entry = log_pb2.DecidedBranch(
@@ -84,6 +91,7 @@ def _decided_entry(branch: Branch) -> bytes:
         reason=branch.reason,
         vote=_VOTE_TO_PB[branch.vote] if branch.vote else None,
         heuristic=branch.heuristic,
+        transaction_fingerprint=fingerprint,
     ).SerializeToString()
     return _DECIDED_KEY + _varint(len(entry)) + entry
 
@@ -158,9 +166,16 @@ class BranchEngine:
     # ---- the three protocol calls ----
 
     async def prepare(
-        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool
+        self,
+        transaction_id: str,
+        index: int,
+        operation: any_pb2.Any,
+        one_phase: bool,
+        fingerprint: bytes = b"",
     ) -> tuple[BranchVote, str]:
-        answer = self.begin_prepare(transaction_id, index, operation, one_phase)
+        answer = self.begin_prepare(
+            transaction_id, index, operation, one_phase, fingerprint=fingerprint
+        )
         vote, reason = answer if isinstance(answer, tuple) else await answer
         await self.wait_durable([(transaction_id, index)])
         if vote is BranchVote.PREPARED:
@@ -174,12 +189,20 @@ class BranchEngine:
         operation: any_pb2.Any,
         one_phase: bool,
         lock_wait_s: float | None = None,
+        fingerprint: bytes = b"",
     ) -> tuple[BranchVote, str] | Awaitable[tuple[BranchVote, str]]:
         """Run a Prepare up to its answer. The answer is immediate unless the service needs
         locks; either way it may leave only after `wait_durable` (persist before you speak).
-        Raises InvalidOperation, changing nothing."""
+        Raises InvalidOperation or IdReused, changing nothing."""
         key = (transaction_id, index)
         info = self.branches.get(key)
+        if info is not None and fingerprint and info.fingerprint not in (b"", fingerprint):
+            # Answering from this branch's record would tell the client that its new content
+            # was applied (or refused) when only the old one was.
+            raise IdReused(
+                f"transaction id {transaction_id!r} was already used for a different "
+                f"transaction: branch {index} is {info.branch.state.value} here"
+            )
         if info is None:
             decoded = self.decode_operation(operation)
             branch, actions = Branch.on_first_message(
@@ -187,6 +210,7 @@ class BranchEngine:
             )
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
             self._track(branch)
+            self.branches[key].fingerprint = fingerprint
             self._operations[key] = decoded
             self._packed[key] = operation  # logged as received: no second serialization
             requests = sorted(self.service.locks(decoded), key=_by_resource)
@@ -355,6 +379,7 @@ class BranchEngine:
                 transaction_id=key[0],
                 branch=key[1],
                 prepared_at_unix_ms=info.prepared_at_ms,
+                transaction_fingerprint=info.fingerprint,
             )
             record.operation.CopyFrom(self._packed_operation(key))
         elif action.kind is core.RecordKind.COMMITTED:
@@ -364,6 +389,7 @@ class BranchEngine:
             )
             if branch.one_phase:
                 record.operation.CopyFrom(self._packed_operation(key))
+                record.transaction_fingerprint = info.fingerprint
         else:
             record_type = RecordType.BRANCH_ROLLED_BACK
             record = log_pb2.BranchRolledBack(
@@ -384,7 +410,8 @@ class BranchEngine:
         self._packed.pop(key, None)
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
-        self._decided[key] = _decided_entry(self.branches[key].branch)
+        info = self.branches[key]
+        self._decided[key] = _decided_entry(info.branch, info.fingerprint)
         while len(self._decided) > self.decided_kept:
             old, _ = self._decided.popitem(last=False)
             self.branches.pop(old, None)
@@ -486,7 +513,12 @@ class BranchEngine:
                 self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
             elif kind is RecordType.BRANCH_PREPARED:
                 prepared = log_pb2.BranchPrepared.FromString(record.payload)
-                self._replay_prepare(prepared.transaction_id, prepared.branch, prepared.operation)
+                self._replay_prepare(
+                    prepared.transaction_id,
+                    prepared.branch,
+                    prepared.operation,
+                    fingerprint=prepared.transaction_fingerprint,
+                )
                 self.branches[
                     (prepared.transaction_id, prepared.branch)
                 ].prepared_at_ms = prepared.prepared_at_unix_ms
@@ -494,7 +526,13 @@ class BranchEngine:
                 committed = log_pb2.BranchCommitted.FromString(record.payload)
                 key = (committed.transaction_id, committed.branch)
                 if committed.HasField("operation"):  # one-phase
-                    self._replay_prepare(key[0], key[1], committed.operation, one_phase=True)
+                    self._replay_prepare(
+                        key[0],
+                        key[1],
+                        committed.operation,
+                        one_phase=True,
+                        fingerprint=committed.transaction_fingerprint,
+                    )
                     # Its first answer was COMMITTED: a stale duplicate Prepare must get that.
                     self.branches[key].branch.vote = BranchVote.COMMITTED
                 info = self.branches.get(key)
@@ -520,7 +558,12 @@ class BranchEngine:
             # Coordinator record types never appear in a participant's log.
 
     def _replay_prepare(
-        self, transaction_id: str, index: int, operation: any_pb2.Any, one_phase: bool = False
+        self,
+        transaction_id: str,
+        index: int,
+        operation: any_pb2.Any,
+        one_phase: bool = False,
+        fingerprint: bytes = b"",
     ) -> None:
         key = (transaction_id, index)
         decoded = self.service.operation_type()
@@ -534,6 +577,7 @@ class BranchEngine:
         branch = Branch(transaction_id, index, BranchState.PREPARED, BranchVote.PREPARED)
         branch.one_phase = one_phase
         self._track(branch)
+        self.branches[key].fingerprint = fingerprint
         self._operations[key] = decoded
         self._applied.add(key)
         for request in self.service.locks(decoded):
@@ -564,6 +608,7 @@ class BranchEngine:
                         branch=key[1],
                         prepared_at_unix_ms=info.prepared_at_ms,
                         operation=_packed(self._operations[key]),
+                        transaction_fingerprint=info.fingerprint,
                     )
                 ]
             ).SerializeToString()
@@ -587,6 +632,7 @@ class BranchEngine:
             branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
             self._track(branch)
             self.branches[key].prepared_at_ms = prepared.prepared_at_unix_ms
+            self.branches[key].fingerprint = prepared.transaction_fingerprint
             self._operations[key] = decoded
             self._applied.add(key)
             for request in self.service.locks(decoded):
@@ -598,7 +644,8 @@ class BranchEngine:
             branch.reason = decided.reason
             branch.heuristic = decided.heuristic
             self._track(branch)
-            self._decided[key] = _decided_entry(branch)
+            self.branches[key].fingerprint = decided.transaction_fingerprint
+            self._decided[key] = _decided_entry(branch, decided.transaction_fingerprint)
 
     async def checkpoint(self) -> None:
         records = self.checkpoint_records()

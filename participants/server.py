@@ -28,6 +28,7 @@ from participants.branches import (
     BranchEngine,
     BranchError,
     BranchInfo,
+    IdReused,
     branch_key_text,
 )
 from participants.locks import LockManager
@@ -92,6 +93,21 @@ class FaultState:
         self.delay_ms = 0
 
 
+def _check_prepare(item: participant_pb2.PrepareRequest) -> str | None:
+    if len(item.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+        return (
+            f"transaction_fingerprint is {len(item.transaction_fingerprint)} bytes; at most "
+            f"{limits.TRANSACTION_FINGERPRINT_BYTES_MAX}"
+        )
+    return _check_branch_ids(item.transaction_id, item.branch)
+
+
+def _id_reused(error: IdReused) -> participant_pb2.PrepareResponse:
+    return participant_pb2.PrepareResponse(
+        vote=coordinator_pb2.VOTE_REFUSED, reason=str(error), id_reused=str(error)
+    )
+
+
 def _check_branch_ids(transaction_id: str, branch: int) -> str | None:
     if not limits.TRANSACTION_ID_PATTERN.fullmatch(transaction_id):
         return (
@@ -119,7 +135,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: participant_pb2.PrepareRequest
     ) -> participant_pb2.PrepareResponse:
         """One prepare; raises ValueError/InvalidOperation for bad input."""
-        problem = _check_branch_ids(request.transaction_id, request.branch)
+        problem = _check_prepare(request)
         if problem:
             raise InvalidOperation(problem)
         fault = self.server.fault
@@ -131,9 +147,16 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 reason=f"{self.server.service.name} refuses (fault injection)",
             )
         started = time.perf_counter()
-        vote, reason = await self.engine.prepare(
-            request.transaction_id, request.branch, request.operation, request.one_phase
-        )
+        try:
+            vote, reason = await self.engine.prepare(
+                request.transaction_id,
+                request.branch,
+                request.operation,
+                request.one_phase,
+                request.transaction_fingerprint,
+            )
+        except IdReused as error:
+            return _id_reused(error)
         self.log.debug(
             "prepare answered",
             txn=request.transaction_id,
@@ -233,7 +256,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         waiting: list[tuple[int, Awaitable[tuple[BranchVote, str]]]] = []
         keys: list[tuple[str, int]] = []
         for item in items:
-            problem = _check_branch_ids(item.transaction_id, item.branch)
+            problem = _check_prepare(item)
             if fault.mode == participant_pb2.FAULT_MODE_REFUSE and not problem:
                 answers.append(
                     participant_pb2.PrepareResponse(
@@ -251,7 +274,11 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                     item.operation,
                     item.one_phase,
                     lock_wait_ms / 1000,
+                    item.transaction_fingerprint,
                 )
+            except IdReused as error:
+                answers.append(_id_reused(error))
+                continue
             except InvalidOperation as error:
                 answers.append(
                     participant_pb2.PrepareResponse(

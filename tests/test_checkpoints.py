@@ -108,15 +108,17 @@ def test_a_decided_entry_encodes_as_the_checkpoint_field_would() -> None:
 
     branch = Branch("t-1", 2, BranchState.REFUSED, BranchVote.REFUSED)
     branch.reason = "out of stock: " + "x" * 300  # a length that needs a two-byte varint
-    decoded = log_pb2.ParticipantCheckpoint.FromString(_decided_entry(branch) * 2)
+    entry = _decided_entry(branch, b"F" * 16)
+    decoded = log_pb2.ParticipantCheckpoint.FromString(entry * 2)
     assert 2 == len(decoded.decided)
-    assert ("t-1", 2, branch.reason) == (
+    assert ("t-1", 2, branch.reason, b"F" * 16) == (
         decoded.decided[0].transaction_id,
         decoded.decided[0].branch,
         decoded.decided[0].reason,
+        decoded.decided[0].transaction_fingerprint,
     )
     assert log_pb2.ParticipantCheckpoint(decided=[decoded.decided[0]]).SerializeToString() == (
-        _decided_entry(branch)
+        entry
     )
 
 

@@ -4,6 +4,7 @@ each on its own loopback port, with real logs on disk."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import pytest
 
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from tests.harness import InProcessCluster, eventually, order_branches, pack
+from participants.services.orders import OrdersService
+from participants.services.payment import PaymentService
+from tests.harness import ACCOUNTS, InProcessCluster, eventually, order_branches, pack
 
 COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
 ABORTED = coordinator_pb2.OUTCOME_ABORTED
@@ -221,6 +224,105 @@ def test_a_retry_older_than_the_coordinators_memory_is_still_applied_once(
             assert 600 == accounts["acct-alice"].captured_cents  # 300 + 3 x 100, once each
             assert 0 == accounts["acct-poor"].captured_cents
             assert 4 == len((await cluster.sent()).sent)
+
+    asyncio.run(scenario())
+
+
+def test_a_reused_id_beyond_the_coordinators_memory_is_refused_and_nothing_applied(
+    tmp_path: Path,
+) -> None:
+    """A participant keeps, with each branch, the fingerprint of the transaction it belongs to.
+    Before, a Submit with other content under an id the coordinator had forgotten was answered
+    from the participants' records: COMMITTED, and its own content never applied. Now every
+    participant that remembers the id refuses it, also after a restart, and the client hears
+    ALREADY_EXISTS; the same content is still answered from the records."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            newer = iter(range(100))
+
+            async def forget() -> None:
+                """Newer transactions push txn-kept out of the coordinator's memory."""
+                for number in itertools.islice(newer, 3):
+                    branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+                    assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+
+            kept = order_branches("o-kept", [("sku-pear", 3)], amount_cents=300)
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            await forget()
+            other = order_branches("o-other", [("sku-pear", 5)], amount_cents=500)
+            # Two branches as before and two new ones: answering the first two from their
+            # records would have left the abort's Rollback to a committed branch.
+            mixed = [*kept[:2], *other[2:]]
+
+            async def refused(branches: list[coordinator_pb2.BranchRequest]) -> None:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await cluster.submit(branches, "txn-kept")
+                assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
+                details = raised.value.details() or ""
+                assert "'txn-kept' was already used for a different transaction" in details
+                assert "nothing was applied: choose a new transaction id" in details
+
+            await refused(other)
+            await forget()
+            await refused(mixed)
+            await forget()
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            await forget()
+            # From the log alone (orders) and from a checkpoint (payment), after a restart.
+            await cluster.participants["payment"].engine.checkpoint()
+            await cluster.restart_participant("orders", OrdersService())
+            await cluster.restart_participant("payment", PaymentService(dict(ACCOUNTS)))
+            await refused(other)
+
+            async def settled() -> bool:
+                return not cluster.coordinator.engine.active  # no phase 2 left to retry
+
+            await eventually(settled)
+            await assert_nothing_held(cluster)
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+            accounts = {a.account_id: a for a in (await cluster.accounts()).accounts}
+            assert 312 == accounts["acct-alice"].captured_cents  # 300 + 12 x 1, once each
+            assert "o-other" not in await cluster.orders()
+            assert 13 == len((await cluster.sent()).sent)
+
+    asyncio.run(scenario())
+
+
+def test_a_participant_checks_the_fingerprint_of_a_repeated_prepare(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=2)])
+            )
+
+            def prepare(fingerprint: bytes) -> participant_pb2.PrepareRequest:
+                return participant_pb2.PrepareRequest(
+                    transaction_id="t-fp",
+                    branch=0,
+                    operation=operation,
+                    transaction_fingerprint=fingerprint,
+                )
+
+            first = await inventory.Prepare(prepare(b"A" * 16))
+            assert (coordinator_pb2.VOTE_PREPARED, "") == (first.vote, first.id_reused)
+            other = await inventory.Prepare(prepare(b"B" * 16))
+            assert coordinator_pb2.VOTE_REFUSED == other.vote
+            assert "branch 0 is prepared here" in other.id_reused
+            # The same fingerprint, or none (a coordinator that does not send it): the record.
+            for fingerprint in (b"A" * 16, b""):
+                again = await inventory.Prepare(prepare(fingerprint))
+                assert (coordinator_pb2.VOTE_PREPARED, "") == (again.vote, again.id_reused)
+            assert 2 == (await cluster.stock())["sku-apple"].reserved  # reserved once
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await inventory.Prepare(prepare(b"C" * 65))
+            assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+            assert "transaction_fingerprint is 65 bytes; at most 64" in (
+                raised.value.details() or ""
+            )
 
     asyncio.run(scenario())
 

@@ -36,15 +36,21 @@ class ParticipantClient:
         operation: any_pb2.Any,
         one_phase: bool,
         timeout_s: float,
-    ) -> tuple[Vote, str]:
+        fingerprint: bytes = b"",
+    ) -> tuple[Vote, str, str]:
+        """The vote, its reason, and `id_reused` (see PrepareResponse)."""
         request = participant_pb2.PrepareRequest(
-            transaction_id=transaction_id, branch=branch, operation=operation, one_phase=one_phase
+            transaction_id=transaction_id,
+            branch=branch,
+            operation=operation,
+            one_phase=one_phase,
+            transaction_fingerprint=fingerprint,
         )
         response = await self.stub.Prepare(request, timeout=timeout_s)
         vote = PB_TO_VOTE.get(response.vote)
         if vote is None:
             raise ValueError(f"{self.name} answered Prepare with no vote")
-        return vote, response.reason
+        return vote, response.reason, response.id_reused
 
     async def commit(self, transaction_id: str, branch: int, timeout_s: float) -> None:
         request = participant_pb2.CommitRequest(transaction_id=transaction_id, branch=branch)

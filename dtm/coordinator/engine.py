@@ -68,6 +68,8 @@ class Run:
     # Set when a participant said the operation itself is invalid: the client gets
     # INVALID_ARGUMENT (after the abort), not a plain ABORTED.
     invalid_argument: str = ""
+    # Set when a participant knows this id as another transaction's: ALREADY_EXISTS.
+    id_reused: str = ""
     outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
     finished: bool = False
 
@@ -346,6 +348,8 @@ class Engine:
                 self._feed(run, core.PrepareFailed(index, result.reason, self.clock_ms()))
                 return
             self.counters.replies += 1
+            if result.id_reused:
+                run.id_reused = f"{branch.participant} reports that {result.id_reused}"
             crashpoints.hit("coordinator.after_vote_received")
             if self._debug:
                 self._log.debug(
@@ -369,6 +373,7 @@ class Engine:
                 loop.time() + timeout_s,
                 timeout_s,
                 done,
+                run.fingerprint,
             )
         )
 

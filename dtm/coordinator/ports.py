@@ -34,6 +34,8 @@ class PrepareResult:
     vote: Vote | None  # None: the call failed; the branch may or may not have prepared
     reason: str
     invalid_argument: str = ""
+    # The participant refused: this (transaction, branch) belongs to another transaction.
+    id_reused: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class PrepareItem:
     deadline: float  # loop time
     timeout_s: float
     done: Callable[[PrepareResult], None]
+    fingerprint: bytes = b""  # the transaction's (PrepareRequest.transaction_fingerprint)
 
 
 @dataclass(slots=True)
@@ -260,8 +263,13 @@ class ParticipantPort:
 
     async def _unary_prepare(self, item: PrepareItem) -> None:
         try:
-            vote, reason = await self.client.prepare(
-                item.transaction_id, item.branch, item.operation, item.one_phase, item.timeout_s
+            vote, reason, id_reused = await self.client.prepare(
+                item.transaction_id,
+                item.branch,
+                item.operation,
+                item.one_phase,
+                item.timeout_s,
+                item.fingerprint,
             )
         except grpc.aio.AioRpcError as error:
             invalid = (
@@ -273,7 +281,7 @@ class ParticipantPort:
             _internal_error(self.client.name, "Prepare", error)
             item.done(PrepareResult(None, f"internal error: {type(error).__name__}: {error}"))
             return
-        item.done(PrepareResult(vote, reason))
+        item.done(PrepareResult(vote, reason, id_reused=id_reused))
 
     async def _unary_decide(self, item: DecideItem) -> None:
         timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
@@ -321,7 +329,8 @@ class ParticipantPort:
             if answer.invalid_argument:
                 prepare.done(PrepareResult(None, answer.invalid_argument, answer.invalid_argument))
             else:
-                prepare.done(PrepareResult(PB_TO_VOTE.get(answer.vote), answer.reason))
+                vote = PB_TO_VOTE.get(answer.vote)
+                prepare.done(PrepareResult(vote, answer.reason, id_reused=answer.id_reused))
 
     @staticmethod
     def _fail(prepares: list[PrepareItem], decisions: list[DecideItem], reason: str) -> None:
@@ -357,6 +366,7 @@ def _exchange_request(
             transaction_id=prepare.transaction_id,
             branch=prepare.branch,
             one_phase=prepare.one_phase,
+            transaction_fingerprint=prepare.fingerprint,
         )
         added.operation.CopyFrom(prepare.operation)
     return request

@@ -144,6 +144,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except SubmitRejected as rejected:
             await context.abort(rejected.code, str(rejected))
             raise  # unreachable
+        if run.id_reused:
+            # Beyond the coordinator's own memory (finished_kept): a participant remembered.
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"{run.id_reused}; this attempt was aborted and nothing was applied: choose a "
+                "new transaction id",
+            )
         if run.invalid_argument:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,

@@ -54,28 +54,32 @@ class HeuristicRecorded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class BranchPrepared(_message.Message):
-    __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms")
+    __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     PREPARED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     operation: _any_pb2.Any
     prepared_at_unix_ms: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., prepared_at_unix_ms: _Optional[int] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., prepared_at_unix_ms: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchCommitted(_message.Message):
-    __slots__ = ("transaction_id", "branch", "operation", "heuristic")
+    __slots__ = ("transaction_id", "branch", "operation", "heuristic", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     operation: _any_pb2.Any
     heuristic: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchRolledBack(_message.Message):
     __slots__ = ("transaction_id", "branch", "heuristic")
@@ -88,20 +92,22 @@ class BranchRolledBack(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
 class DecidedBranch(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     VOTE_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: _participant_pb2.BranchState
     reason: str
     vote: _coordinator_pb2.Vote
     heuristic: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ParticipantCheckpoint(_message.Message):
     __slots__ = ("service_state", "prepared", "decided")

@@ -40,26 +40,30 @@ BRANCH_STATE_REFUSED: BranchState
 BRANCH_STATE_READ_ONLY: BranchState
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "operation", "one_phase")
+    __slots__ = ("transaction_id", "branch", "operation", "one_phase", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     operation: _any_pb2.Any
     one_phase: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("vote", "reason", "invalid_argument")
+    __slots__ = ("vote", "reason", "invalid_argument", "id_reused")
     VOTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INVALID_ARGUMENT_FIELD_NUMBER: _ClassVar[int]
+    ID_REUSED_FIELD_NUMBER: _ClassVar[int]
     vote: _coordinator_pb2.Vote
     reason: str
     invalid_argument: str
-    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ...) -> None: ...
+    id_reused: str
+    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ..., id_reused: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("transaction_id", "branch")
