@@ -348,7 +348,7 @@ class Engine:
                 self._feed(run, core.PrepareFailed(index, result.reason, self.clock_ms()))
                 return
             self.counters.replies += 1
-            if result.id_reused:
+            if result.id_reused and result.vote is core.Vote.REFUSED:  # the only vote it goes with
                 run.id_reused = f"{branch.participant} reports that {result.id_reused}"
             crashpoints.hit("coordinator.after_vote_received")
             if self._debug:
