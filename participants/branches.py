@@ -209,8 +209,7 @@ class BranchEngine:
                 transaction_id, index, core.PrepareRequested(one_phase)
             )
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
-            self._track(branch)
-            self.branches[key].fingerprint = fingerprint
+            self._track(branch, fingerprint)
             self._operations[key] = decoded
             self._packed[key] = operation  # logged as received: no second serialization
             requests = sorted(self.service.locks(decoded), key=_by_resource)
@@ -315,8 +314,8 @@ class BranchEngine:
 
     # ---- running the core's actions ----
 
-    def _track(self, branch: Branch) -> None:
-        info = BranchInfo(branch, self.clock_ms())
+    def _track(self, branch: Branch, fingerprint: bytes = b"") -> None:
+        info = BranchInfo(branch, self.clock_ms(), fingerprint=fingerprint)
         self.branches[branch.key] = info
         if branch.state not in core.DECIDED_STATES:
             self.open[branch.key] = info
@@ -576,8 +575,7 @@ class BranchEngine:
             )
         branch = Branch(transaction_id, index, BranchState.PREPARED, BranchVote.PREPARED)
         branch.one_phase = one_phase
-        self._track(branch)
-        self.branches[key].fingerprint = fingerprint
+        self._track(branch, fingerprint)
         self._operations[key] = decoded
         self._applied.add(key)
         for request in self.service.locks(decoded):
@@ -630,9 +628,8 @@ class BranchEngine:
             decoded = self.service.operation_type()
             prepared.operation.Unpack(decoded)
             branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
-            self._track(branch)
+            self._track(branch, prepared.transaction_fingerprint)
             self.branches[key].prepared_at_ms = prepared.prepared_at_unix_ms
-            self.branches[key].fingerprint = prepared.transaction_fingerprint
             self._operations[key] = decoded
             self._applied.add(key)
             for request in self.service.locks(decoded):
@@ -643,8 +640,7 @@ class BranchEngine:
             branch.vote = _PB_TO_VOTE.get(decided.vote)
             branch.reason = decided.reason
             branch.heuristic = decided.heuristic
-            self._track(branch)
-            self.branches[key].fingerprint = decided.transaction_fingerprint
+            self._track(branch, decided.transaction_fingerprint)
             self._decided[key] = _decided_entry(branch, decided.transaction_fingerprint)
 
     async def checkpoint(self) -> None:
