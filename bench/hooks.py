@@ -13,6 +13,8 @@ the transactions completed in between:
                       load generator's own CPU time over the same window (a Sample carries it)
     submit_handling   the mean of the coordinator's dtm_submit_handling_seconds over the
                       window: the server's share of a client's latency
+    checkpoints       per process, dtm_checkpoint_seconds' growth (how many, how long in all)
+                      and dtm_checkpoint_seconds_max (the longest since the process started)
 
 When the servers do not have the flag, every figure is None and the report says
 "n/a: hook missing": nothing is estimated.
@@ -42,6 +44,9 @@ BATCH_CALLS = "dtm_participant_batch_calls_total"
 BATCH_ITEMS = "dtm_participant_batch_items_total"
 HANDLING_SUM = "dtm_submit_handling_seconds_sum"
 HANDLING_COUNT = "dtm_submit_handling_seconds_count"
+CHECKPOINT_COUNT = "dtm_checkpoint_seconds_count"
+CHECKPOINT_SUM = "dtm_checkpoint_seconds_sum"
+CHECKPOINT_MAX = "dtm_checkpoint_seconds_max"
 #: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
 LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
@@ -145,6 +150,9 @@ class Costs:
     items_per_call: float | None = None
     #: Mean time in the coordinator's Submit handler, over the Submits answered in the window.
     submit_handling_ms_mean: float | None = None
+    #: Process -> its checkpoints in the window: count, ms_total, and ms_longest (the longest
+    #: since the process started). Only processes that wrote one.
+    checkpoints: Mapping[str, Mapping[str, float]] | None = None
     note: str = HOOK_MISSING
 
     @property
@@ -186,6 +194,15 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
     handling_ms = (
         round(growth(coordinator, HANDLING_SUM) * 1000 / handled, 2) if handled > 0 else None
     )
+    checkpoints = {
+        name: {
+            "count": growth(name, CHECKPOINT_COUNT),
+            "ms_total": round(growth(name, CHECKPOINT_SUM) * 1000, 1),
+            "ms_longest": round(total(last.counters[name], CHECKPOINT_MAX) * 1000, 1),
+        }
+        for name in last.counters
+        if growth(name, CHECKPOINT_COUNT) > 0
+    }
     if first.load_cpu_s is not None and last.load_cpu_s is not None:
         cpu[LOAD_GENERATOR] = round((last.load_cpu_s - first.load_cpu_s) * 1000 / transactions, 3)
     return Costs(
@@ -197,6 +214,7 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         cpu_ms_by_process=cpu or None,
         items_per_call=items_per_call,
         submit_handling_ms_mean=handling_ms,
+        checkpoints=checkpoints,
         note=(
             f"measured: growth of the servers' /metrics counters over "
             f"{transactions:,.0f} transactions of the window"

@@ -236,6 +236,7 @@ def build_results(
         "cpu_ms_per_txn_by_process": dtm.costs.cpu_ms_by_process,
         "cpu_vs_load_generator": cpu_vs_load_generator(dtm.costs.cpu_ms_by_process),
         "batch_items_per_call": dtm.costs.items_per_call,
+        "checkpoints_by_process": dtm.costs.checkpoints,
         "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
         "unary_rpc_per_s": unary_per_s,
         "unary_p50_ms": unary_p50,
@@ -400,6 +401,19 @@ def format_table(results: Mapping[str, Any]) -> str:
                 f"{_number(r['submit_handling_ms_mean'], digits=2)} in the coordinator's Submit "
                 f"handler + {_number(r['before_handler_ms_mean'], digits=2)} before it "
                 "(transport, and gRPC's queue of calls the coordinator has not taken yet)",
+            )
+        )
+    checkpoints = r.get("checkpoints_by_process") or {}
+    if checkpoints:
+        facts.append(
+            (
+                "checkpoints",
+                ", ".join(
+                    f"{name} {c['count']:g} ({c['ms_total']:,.0f} ms in all, the longest "
+                    f"{c['ms_longest']:,.0f})"
+                    for name, c in checkpoints.items()
+                )
+                + " (each stalls its process)",
             )
         )
     if r.get("coordinator_rss_mb_last") is not None:

@@ -142,6 +142,23 @@ NO_OBSERVER = EngineObserver()
 
 
 @dataclass(slots=True)
+class CheckpointStats:
+    """Checkpoints an engine wrote, timed from the start of their building to their fsync: the
+    event loop does not serve calls while one is built and written, so this is a stall."""
+
+    count: int = 0
+    seconds: float = 0.0
+    longest_s: float = 0.0
+    last_bytes: int = 0
+
+    def record(self, seconds: float, size: int) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.longest_s = max(self.longest_s, seconds)
+        self.last_bytes = size
+
+
+@dataclass(slots=True)
 class BranchCounters:
     """Branch events of a participant, counted by the branch engine, read at scrape time."""
 
@@ -167,6 +184,24 @@ def _new_registry() -> CollectorRegistry:
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
     return registry
+
+
+def _checkpoint_metrics(stats: CheckpointStats) -> Iterator[Metric]:
+    from prometheus_client.metrics_core import GaugeMetricFamily, SummaryMetricFamily
+
+    yield SummaryMetricFamily(
+        "dtm_checkpoint_seconds",
+        "Checkpoints written, and the time from building each to its fsync (the event loop "
+        "stalls for it)",
+        count_value=stats.count,
+        sum_value=stats.seconds,
+    )
+    yield GaugeMetricFamily(
+        "dtm_checkpoint_seconds_max", "The longest checkpoint so far", value=stats.longest_s
+    )
+    yield GaugeMetricFamily(
+        "dtm_checkpoint_bytes", "The size of the last checkpoint written", value=stats.last_bytes
+    )
 
 
 def _wal_metrics(wal: Log) -> Iterator[Metric]:
@@ -356,6 +391,7 @@ class CoordinatorMetrics(EngineObserver):
             items.add_metric([name], port.items)
         yield calls
         yield items
+        yield from _checkpoint_metrics(self.engine.checkpoints)
         yield from _wal_metrics(self.wal)
 
 
@@ -411,6 +447,7 @@ class ParticipantMetrics:
         )
         writes.add_metric(["forced"], self.engine.forced_writes)
         yield writes
+        yield from _checkpoint_metrics(self.engine.checkpoints)
         yield from _wal_metrics(self.wal)
 
 
@@ -474,6 +511,7 @@ __all__ = [
     "IN_DOUBT_STATES",
     "NO_OBSERVER",
     "BranchCounters",
+    "CheckpointStats",
     "CoordinatorMetrics",
     "EngineObserver",
     "MetricsEndpoint",

@@ -9,6 +9,7 @@ branch's forced records are durable.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 from dtm import crashpoints, limits
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
-from dtm.metrics import BranchCounters
+from dtm.metrics import BranchCounters, CheckpointStats
 from dtm.records import RecordType, coalesced, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
@@ -161,6 +162,7 @@ class BranchEngine:
         self._durable_lsn: dict[BranchKey, int] = {}
         self.forced_writes = 0
         self.counters = BranchCounters()  # read by dtm.metrics at scrape time
+        self.checkpoints = CheckpointStats()  # likewise
         self.records_since_checkpoint = 0
 
     # ---- the three protocol calls ----
@@ -644,9 +646,11 @@ class BranchEngine:
             self._decided[key] = _decided_entry(branch, decided.transaction_fingerprint)
 
     async def checkpoint(self) -> None:
+        started = time.perf_counter()
         records = self.checkpoint_records()
         await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, r) for r in records])
         self.records_since_checkpoint = 0
+        self.checkpoints.record(time.perf_counter() - started, sum(map(len, records)))
 
     # The side effect of each action type (a table, not a chain of isinstance tests: this runs
     # for every action of every branch). Reply actions have none: _execute returns them.

@@ -351,6 +351,7 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     costs = hooks.Costs(
         cpu_ms_by_process={"coordinator": 0.75, "orders": 0.125, hooks.LOAD_GENERATOR: 0.25},
         submit_handling_ms_mean=20.0,
+        checkpoints={"orders": {"count": 3, "ms_total": 1234.5, "ms_longest": 600.0}},
     )
     dtm = DtmResult(
         participants=participants_for(4),
@@ -371,6 +372,7 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     text = report.format_table(results)
     assert "coordinator 3, orders 0.5" in text
     assert "20.00 in the coordinator's Submit handler" in text
+    assert "orders 3 (1,234 ms in all, the longest 600) (each stalls its process)" in text
     # Without the servers' counters there is nothing to split or relate: no figure is made up.
     bare = fake_results(baselines=False)
     assert bare["before_handler_ms_mean"] is None and bare["cpu_vs_load_generator"] is None
@@ -423,11 +425,31 @@ process_cpu_seconds_total {cpu}
 # TYPE dtm_submit_handling_seconds histogram
 dtm_submit_handling_seconds_count {requests}
 dtm_submit_handling_seconds_sum {cpu}
+# TYPE dtm_checkpoint_seconds summary
+dtm_checkpoint_seconds_count {checkpoints}
+dtm_checkpoint_seconds_sum {checkpoint_s}
+# TYPE dtm_checkpoint_seconds_max gauge
+dtm_checkpoint_seconds_max {checkpoint_max_s}
 """
 
 
-def exposition(fsyncs: int, records: int, requests: int, cpu: float = 0.0) -> str:
-    return EXPOSITION.format(fsyncs=fsyncs, records=records, requests=requests, cpu=cpu)
+def exposition(
+    fsyncs: int,
+    records: int,
+    requests: int,
+    cpu: float = 0.0,
+    checkpoints: tuple[int, float, float] = (0, 0.0, 0.0),
+) -> str:
+    count, seconds, longest = checkpoints
+    return EXPOSITION.format(
+        fsyncs=fsyncs,
+        records=records,
+        requests=requests,
+        cpu=cpu,
+        checkpoints=count,
+        checkpoint_s=seconds,
+        checkpoint_max_s=longest,
+    )
 
 
 def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> None:
@@ -445,7 +467,9 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     last = hooks.Sample(
         transactions=300,
         counters={
-            "coordinator": hooks.parse(exposition(210, 830, 400, cpu=1.3)),
+            "coordinator": hooks.parse(
+                exposition(210, 830, 400, cpu=1.3, checkpoints=(2, 0.25, 0.2))
+            ),
             "inventory": hooks.parse(exposition(105, 405, 0, cpu=2.1)),
         },
         load_cpu_s=10.05,
@@ -465,6 +489,10 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     assert 0.5 == costs.items_per_call  # 200 items in 400 calls (the coordinator's counters)
     # The coordinator answered 400 Submits in the window, in 0.3 s of handler time in all.
     assert 0.75 == costs.submit_handling_ms_mean
+    # Two checkpoints in the window, and none at the inventory (left out, not reported as 0).
+    assert {"coordinator": {"count": 2.0, "ms_total": 250.0, "ms_longest": 200.0}} == (
+        costs.checkpoints
+    )
     assert hooks.costs(last, last).fsyncs_per_txn is None
 
 

@@ -228,6 +228,29 @@ def test_a_coordinator_checkpoint_in_parts_resumes_every_commit(
     asyncio.run(scenario())
 
 
+def test_checkpoints_are_counted_timed_and_exported(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    from dtm.metrics import ParticipantMetrics
+
+    async def scenario() -> None:
+        engine = await engine_on(tmp_path, OrdersService(), part_bytes=1 << 20)
+        assert 0 == engine.checkpoints.count
+        await engine.checkpoint()
+        await engine.checkpoint()
+        stats = engine.checkpoints
+        assert 2 == stats.count
+        assert 0 < stats.longest_s <= stats.seconds
+        assert sum(map(len, engine.checkpoint_records())) == stats.last_bytes
+        metrics = ParticipantMetrics(engine, engine.locks, engine.log)
+        text = generate_latest(metrics.registry).decode()
+        assert "dtm_checkpoint_seconds_count 2.0" in text
+        assert f"dtm_checkpoint_bytes {float(stats.last_bytes)}" in text
+        await engine.log.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_failed_checkpoint_is_logged_and_housekeeping_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

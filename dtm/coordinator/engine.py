@@ -26,7 +26,7 @@ from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, Prepare
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
-from dtm.metrics import NO_OBSERVER, EngineObserver
+from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
 from dtm.records import RecordType, coalesced, joined
 from dtm.wal import Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
@@ -133,6 +133,7 @@ class Engine:
         self.counters = Counters()
         self.observer: EngineObserver = NO_OBSERVER  # dtm.metrics installs itself here
         self.records_since_checkpoint = 0
+        self.checkpoints = CheckpointStats()
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -609,8 +610,10 @@ class Engine:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:
             return False
         self.records_since_checkpoint = 0
+        started = time.perf_counter()
         records = self.checkpoint_records()
         await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, r) for r in records])
+        self.checkpoints.record(time.perf_counter() - started, sum(map(len, records)))
         return True
 
     async def drain(self, timeout_s: float) -> int:
