@@ -149,13 +149,20 @@ class CheckpointStats:
     count: int = 0
     seconds: float = 0.0
     longest_s: float = 0.0
+    last_s: float = 0.0
     last_bytes: int = 0
 
     def record(self, seconds: float, size: int) -> None:
         self.count += 1
         self.seconds += seconds
         self.longest_s = max(self.longest_s, seconds)
+        self.last_s = seconds
         self.last_bytes = size
+
+    @property
+    def last_ms(self) -> float:
+        """The last checkpoint's duration, as the "checkpoint written" log lines give it."""
+        return round(self.last_s * 1000, 1)
 
 
 @dataclass(slots=True)

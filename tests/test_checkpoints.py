@@ -241,6 +241,8 @@ def test_checkpoints_are_counted_timed_and_exported(tmp_path: Path) -> None:
         stats = engine.checkpoints
         assert 2 == stats.count
         assert 0 < stats.longest_s <= stats.seconds
+        assert 0 < stats.last_s <= stats.longest_s
+        assert round(stats.last_s * 1000, 1) == stats.last_ms
         assert sum(map(len, engine.checkpoint_records())) == stats.last_bytes
         metrics = ParticipantMetrics(engine, engine.locks, engine.log)
         text = generate_latest(metrics.registry).decode()
