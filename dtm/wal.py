@@ -422,7 +422,9 @@ def _encode_frame(lsn: int, record_type: int, payload: bytes) -> bytearray:
     if (
         (stored_length, stored_lsn, stored_type) != (length, lsn, record_type)
         or stored_crc != _crc(view[8:], _crc(view[:4]))
-        or view[_HEADER_BYTES : _HEADER_BYTES + length] != payload
+        # startswith compares in place (memcmp); comparing a memoryview slice goes item by
+        # item, 3 ms per MB: most of a large checkpoint's framing.
+        or not frame.startswith(payload, _HEADER_BYTES)
     ):
         raise AssertionError(f"frame of LSN {lsn} does not read back as written")
     return frame

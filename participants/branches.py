@@ -94,7 +94,13 @@ def _decided_entry(branch: Branch, fingerprint: bytes) -> bytes:
         heuristic=branch.heuristic,
         transaction_fingerprint=fingerprint,
     ).SerializeToString()
-    return _DECIDED_KEY + _varint(len(entry)) + entry
+    return _field(_DECIDED_KEY, entry)
+
+
+def _field(key: bytes, value: bytes | memoryview) -> bytes:
+    """A length-delimited field encoded by hand: its key, its length, its bytes (one copy:
+    a multi-megabyte service state is not sliced and then serialized again)."""
+    return b"".join((key, _varint(len(value)), value))
 
 
 # A length-delimited field's tag and length: 1 byte of tag (field numbers < 16), at most 10 of
@@ -103,6 +109,8 @@ _FIELD_HEADER_BYTES_MAX = 11
 
 # ParticipantCheckpoint.decided is field 3, wire type 2 (length-delimited): (3 << 3) | 2.
 _DECIDED_KEY = bytes([(3 << 3) | 2])
+# ParticipantCheckpoint.service_state: field 1, length-delimited.
+_SERVICE_STATE_KEY = bytes([(1 << 3) | 2])
 
 
 def _varint(value: int) -> bytes:
@@ -594,10 +602,9 @@ class BranchEngine:
         size = self.checkpoint_part_bytes
         state = self.service.snapshot()
         part = size - _FIELD_HEADER_BYTES_MAX  # so that a part's record fits in `size`
+        view = memoryview(state)
         records = [
-            log_pb2.ParticipantCheckpoint(
-                service_state=[state[start : start + part]]
-            ).SerializeToString()
+            _field(_SERVICE_STATE_KEY, view[start : start + part])
             for start in range(0, max(1, len(state)), part)
         ]
         prepared = [
