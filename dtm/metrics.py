@@ -134,6 +134,9 @@ class EngineObserver:
     def submit_handled(self, started: float) -> None:
         """A Submit handler returned or failed; `started` is a perf_counter() at its start."""
 
+    def heuristic_recorded(self, participant: str, outcome: str) -> None:
+        """A branch's heuristic outcome was recorded (forced, contradicted, or unknown)."""
+
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         """The transaction is finished (committed and acknowledged, or aborted)."""
 
@@ -247,6 +250,7 @@ class CoordinatorMetrics(EngineObserver):
         "_calls",
         "_decision",
         "_end_to_end",
+        "_heuristics",
         "_retries",
         "_submit_handling",
         "engine",
@@ -288,6 +292,14 @@ class CoordinatorMetrics(EngineObserver):
             ["participant"],
             registry=self.registry,
         )
+        # Each one is a branch whose outcome may differ from the decision: worth an alert.
+        self._heuristics = Counter(
+            "dtm_heuristic_outcomes",
+            "Heuristic outcomes recorded: a branch forced by an operator, contradicted by the "
+            "participant's record, or unknown to it (heuristic commit, rollback or hazard)",
+            ["participant", "outcome"],
+            registry=self.registry,
+        )
         self._call_latency = Histogram(
             "dtm_participant_call_latency_seconds",
             "Time from sending a call to a participant to its answer (batching included)",
@@ -327,6 +339,9 @@ class CoordinatorMetrics(EngineObserver):
 
     def submit_handled(self, started: float) -> None:
         self._submit_handling.observe(time.perf_counter() - started)
+
+    def heuristic_recorded(self, participant: str, outcome: str) -> None:
+        self._heuristics.labels(participant, outcome).inc()
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         outcome = txn.outcome

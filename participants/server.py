@@ -45,6 +45,7 @@ ERROR_TO_CODE = {
     core.ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     core.ErrorKind.HEURISTIC: grpc.StatusCode.FAILED_PRECONDITION,
 }
+_INVALID_ARGUMENT_CODE = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # Trailing metadata key that tells the coordinator a branch was forced heuristically.
 HEURISTIC_METADATA_KEY = "dtm-heuristic"
 
@@ -321,14 +322,21 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                     raise InvalidOperation(problem)
                 self.engine.decide_now(item.transaction_id, item.branch, item.commit)
             except InvalidOperation as error:
-                results.append(participant_pb2.DecisionResult(ok=False, error=str(error)))
+                results.append(
+                    participant_pb2.DecisionResult(
+                        ok=False, error=str(error), code=_INVALID_ARGUMENT_CODE
+                    )
+                )
                 continue
             except BranchError as error:
                 # Its answer waits for the branch's records like any other (see _decide).
                 keys.append((item.transaction_id, item.branch))
                 results.append(
                     participant_pb2.DecisionResult(
-                        ok=False, error=str(error), heuristic=error.heuristic
+                        ok=False,
+                        error=str(error),
+                        heuristic=error.heuristic,
+                        code=ERROR_TO_CODE[error.kind].value[0],
                     )
                 )
                 continue

@@ -293,15 +293,19 @@ class Engine:
             branch=action.branch,
             participant=branch.participant,
             outcome=action.outcome,
+            detail=action.detail,
         )
         self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
         self.counters.lazy_writes += 1
+        self.observer.heuristic_recorded(branch.participant, action.outcome)
         self._log.warning(
-            "heuristic outcome reported by a participant",
+            "heuristic outcome reported by a participant: phase 2 of this branch stops",
             txn=txn.transaction_id,
             participant=branch.participant,
             branch=action.branch,
             outcome=action.outcome,
+            decision=txn.state.value,
+            detail=action.detail,
         )
 
     def _finished(self, run: Run, action: core.Finished) -> None:
@@ -407,7 +411,7 @@ class Engine:
         def done(result: DecideResult) -> None:
             self.observer.call_finished(branch.participant, rpc, started, result.ok)
             if result.heuristic:
-                self._feed(run, core.HeuristicReported(index, result.heuristic))
+                self._feed(run, core.HeuristicReported(index, result.heuristic, result.error))
                 return
             if not result.ok:
                 self._log.warning(

@@ -23,6 +23,7 @@ from google.protobuf import any_pb2
 
 from dtm import limits, logs
 from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtm.core.transaction import Vote
 from dtmpb.v1 import participant_pb2
 
@@ -291,7 +292,8 @@ class ParticipantPort:
             else:
                 await self.client.rollback(item.transaction_id, item.branch, timeout_s)
         except grpc.aio.AioRpcError as error:
-            item.done(DecideResult(False, rpc_failure(error, timeout_s), heuristic_of(error)))
+            heuristic = reported_heuristic(item.commit, error.code(), heuristic_of(error))
+            item.done(DecideResult(False, rpc_failure(error, timeout_s), heuristic))
             return
         except Exception as error:  # a bug: fail the item (phase 2 retries it), say why
             _internal_error(self.client.name, "Commit" if item.commit else "Rollback", error)
@@ -324,7 +326,11 @@ class ParticipantPort:
             self._fail(prepares, decisions, f"{self.client.name} answered a malformed Exchange")
             return
         for decision, result in zip(decisions, response.results, strict=True):
-            decision.done(DecideResult(result.ok, result.error, result.heuristic))
+            heuristic = result.heuristic
+            if not result.ok:
+                code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+                heuristic = reported_heuristic(decision.commit, code, heuristic)
+            decision.done(DecideResult(result.ok, result.error, heuristic))
         for prepare, answer in zip(prepares, response.votes, strict=True):
             if answer.invalid_argument:
                 prepare.done(PrepareResult(None, answer.invalid_argument, answer.invalid_argument))
@@ -387,6 +393,30 @@ def heuristic_of(error: grpc.aio.AioRpcError) -> str:
     for key, value in metadata:
         if key == HEURISTIC_METADATA_KEY:
             return str(value if isinstance(value, str) else value.decode())
+    return ""
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def reported_heuristic(commit: bool, code: grpc.StatusCode, forced: str) -> str:
+    """The heuristic outcome a failed Commit or Rollback reports, or "" for a failure worth
+    retrying.
+
+    A participant answers FAILED_PRECONDITION when its own record of the branch contradicts
+    the decision: rolled back when told to commit, committed when told to roll back. That is
+    XA's heuristic rollback or commit: no retry can change it, so phase 2 records it and stops
+    (rule 17: recorded, shown in status, never silent) instead of retrying forever. A Commit
+    answered NOT_FOUND finds a branch that voted PREPARED unknown: a participant keeps every
+    prepared branch until decided, so it was decided and forgotten since, or its log was lost;
+    the outcome there is unknown (XA's heuristic hazard). An operator's forced outcome, which
+    the participant names, comes first."""
+    if forced:
+        return forced
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return HEURISTIC_ROLLBACK if commit else HEURISTIC_COMMIT
+    if code is grpc.StatusCode.NOT_FOUND and commit:
+        return HEURISTIC_HAZARD
     return ""
 
 

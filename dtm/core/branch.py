@@ -43,6 +43,14 @@ class BranchVote(Enum):
     COMMITTED = "committed"  # one-phase
 
 
+# Heuristic outcomes (XA's HEURCOM, HEURRB, HEURHAZ): a branch that did not follow the
+# decision, or whose outcome is unknown. Forced by an operator here (HeuristicForced); the
+# coordinator also records them from a participant's contradicting answer (dtm.coordinator.ports).
+HEURISTIC_COMMIT = "heuristic commit"
+HEURISTIC_ROLLBACK = "heuristic rollback"
+HEURISTIC_HAZARD = "heuristic hazard"
+
+
 class ErrorKind(Enum):
     NOT_FOUND = "not_found"
     FAILED_PRECONDITION = "failed_precondition"
@@ -361,8 +369,8 @@ def _on_outcome(branch: Branch, event: OutcomeLearned) -> list[BranchAction]:
 
 def _on_heuristic(branch: Branch, event: HeuristicForced) -> list[BranchAction]:
     if event.commit:
-        return _commit(branch, "heuristic commit")
-    return _rollback(branch, "heuristic rollback", "forced by an operator")
+        return _commit(branch, HEURISTIC_COMMIT)
+    return _rollback(branch, HEURISTIC_ROLLBACK, "forced by an operator")
 
 
 def _nothing(branch: Branch, event: BranchEvent) -> list[BranchAction]:

@@ -107,10 +107,13 @@ class OnePhaseResolved:
 
 @dataclass(frozen=True, slots=True)
 class HeuristicReported:
-    """An operator forced a branch; recorded, shown in status, never silent."""
+    """A branch's outcome is not the decision's, or is unknown: an operator forced it, or the
+    participant's own record contradicts phase 2. Recorded, shown in status, never silent;
+    phase 2 of that branch stops, since no retry can change it."""
 
     branch: int
     outcome: str
+    detail: str = ""  # what the participant answered
 
 
 Event: TypeAlias = (
@@ -182,6 +185,7 @@ class PersistHeuristic:
 
     branch: int
     outcome: str
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,13 +477,15 @@ def _on_one_phase_probe_failed(txn: Transaction, event: PhaseTwoFailed) -> list[
 
 
 def _on_heuristic(txn: Transaction, event: HeuristicReported) -> list[Action]:
-    # An operator forced this branch: phase 2 cannot change it, so stop retrying, and make the
-    # outcome visible in the transaction's status and in the log (rule 17: never silent).
+    # Phase 2 cannot change this branch (forced by an operator, or contradicted by the
+    # participant's record): stop retrying, and make the outcome visible in the transaction's
+    # status and in the log (rule 17: never silent).
     branch = txn.branch(event.branch)
     if branch.heuristic == event.outcome:
         return []
     branch.heuristic = event.outcome
-    actions: list[Action] = [PersistHeuristic(branch.index, event.outcome)]
+    branch.last_error = event.detail or branch.last_error
+    actions: list[Action] = [PersistHeuristic(branch.index, event.outcome, event.detail)]
     if txn.state is TxnState.COMMITTING and not branch.acknowledged:
         branch.acknowledged = True
         if txn._all_acknowledged():

@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 CallKind: TypeAlias = Literal["prepare", "commit", "rollback", "probe"]
 BranchKey: TypeAlias = tuple[str, int]
 
+
+def _reported_heuristic(commit: bool, reply: msg.Reply) -> str:
+    """dtm.coordinator.ports.reported_heuristic, on the simulator's error kinds."""
+    if not isinstance(reply, msg.ErrorReply):
+        return ""
+    if reply.kind is ErrorKind.FAILED_PRECONDITION or reply.kind is ErrorKind.HEURISTIC:
+        return bcore.HEURISTIC_ROLLBACK if commit else bcore.HEURISTIC_COMMIT
+    if reply.kind is ErrorKind.NOT_FOUND and commit:
+        return bcore.HEURISTIC_HAZARD
+    return ""
+
+
 _VOTES = {
     BranchVote.PREPARED: Vote.PREPARED,
     BranchVote.READ_ONLY: Vote.READ_ONLY,
@@ -156,6 +168,13 @@ class CoordinatorNode:
                 self._call(run, "probe", action.branch, world.timing.phase_two_timeout_ms)
             elif isinstance(action, tcore.Reply):
                 checker.client_answered(run, action.outcome, action.reason)
+            elif isinstance(action, tcore.PersistHeuristic):
+                # No operator forces anything here: a branch that contradicts the decision is
+                # an atomicity bug, whatever the checker would find later.
+                raise world.fail(
+                    f"atomicity: {txn.transaction_id}/{action.branch} reported "
+                    f"{action.outcome} ({action.detail}) against the {txn.state.value} decision"
+                )
             elif isinstance(action, tcore.PersistEnd):
                 self.disk.append(msg.EndRecord(txn.transaction_id))  # lazy: no fsync awaited
             elif isinstance(action, tcore.Finished):
@@ -232,6 +251,9 @@ class CoordinatorNode:
                 self._feed(run, tcore.PhaseTwoFailed(call.branch, str(reply)))
         elif isinstance(reply, msg.AckReply):
             self._feed(run, tcore.PhaseTwoAcked(call.branch))
+        elif heuristic := _reported_heuristic(call.kind == "commit", reply):
+            # ports.reported_heuristic: a contradicting answer is recorded, not retried.
+            self._feed(run, tcore.HeuristicReported(call.branch, heuristic, str(reply)))
         else:
             self._feed(run, tcore.PhaseTwoFailed(call.branch, str(reply)))
 

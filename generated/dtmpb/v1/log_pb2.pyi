@@ -42,16 +42,18 @@ class TransactionEnded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicRecorded(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
     outcome: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class BranchPrepared(_message.Message):
     __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms", "transaction_fingerprint")

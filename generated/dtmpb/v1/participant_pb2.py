@@ -26,17 +26,17 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from dtmpb.v1 import coordinator_pb2 as dtmpb_dot_v1_dot_coordinator__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64tmpb/v1/participant.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\x1a\x1a\x64tmpb/v1/coordinator.proto\"\x95\x01\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\tone_phase\x18\x04 \x01(\x08\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\"j\n\x0fPrepareResponse\x12\x1a\n\x04vote\x18\x01 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10invalid_argument\x18\x03 \x01(\t\x12\x11\n\tid_reused\x18\x04 \x01(\t\"7\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x10\n\x0e\x43ommitResponse\"9\n\x0fRollbackRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x12\n\x10RollbackResponse\"?\n\x13PrepareBatchRequest\x12(\n\x08prepares\x18\x01 \x03(\x0b\x32\x16.dtm.v1.PrepareRequest\">\n\x14PrepareBatchResponse\x12&\n\x05votes\x18\x01 \x03(\x0b\x32\x17.dtm.v1.PrepareResponse\"B\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\"9\n\x12\x44\x65\x63ideBatchRequest\x12#\n\tdecisions\x18\x01 \x03(\x0b\x32\x10.dtm.v1.Decision\">\n\x0e\x44\x65\x63isionResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\theuristic\x18\x03 \x01(\t\">\n\x13\x44\x65\x63ideBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.dtm.v1.DecisionResult\"`\n\x0f\x45xchangeRequest\x12#\n\tdecisions\x18\x01 \x03(\x0b\x32\x10.dtm.v1.Decision\x12(\n\x08prepares\x18\x02 \x03(\x0b\x32\x16.dtm.v1.PrepareRequest\"c\n\x10\x45xchangeResponse\x12&\n\x05votes\x18\x01 \x03(\x0b\x32\x17.dtm.v1.PrepareResponse\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.dtm.v1.DecisionResult\"\x10\n\x0eRecoverRequest\"U\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x1b\n\x13prepared_at_unix_ms\x18\x03 \x01(\x03\";\n\x0fRecoverResponse\x12(\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x16.dtm.v1.PreparedBranch\"D\n\x0fSetFaultRequest\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.dtm.v1.FaultMode\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\"\x12\n\x10SetFaultResponse\"\x97\x01\n\nBranchInfo\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dtm.v1.BranchState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12updated_at_unix_ms\x18\x05 \x01(\x03\x12\x11\n\theuristic\x18\x06 \x01(\t\":\n\x13ListBranchesRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.dtm.v1.BranchState\"<\n\x14ListBranchesResponse\x12$\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x12.dtm.v1.BranchInfo\"h\n\x08LockInfo\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x03(\t\x12\x1a\n\x12held_since_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07waiters\x18\x05 \x03(\t\"\x12\n\x10ListLocksRequest\"4\n\x11ListLocksResponse\x12\x1f\n\x05locks\x18\x01 \x03(\x0b\x32\x10.dtm.v1.LockInfo\"u\n\x13\x46orceOutcomeRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\x12&\n\x1ei_understand_this_is_heuristic\x18\x04 \x01(\x08\":\n\x14\x46orceOutcomeResponse\x12\"\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x12.dtm.v1.BranchInfo*\x82\x01\n\tFaultMode\x12\x13\n\x0f\x46\x41ULT_MODE_NONE\x10\x00\x12\x15\n\x11\x46\x41ULT_MODE_REFUSE\x10\x01\x12\x13\n\x0f\x46\x41ULT_MODE_SLOW\x10\x02\x12\x13\n\x0f\x46\x41ULT_MODE_DOWN\x10\x03\x12\x1f\n\x1b\x46\x41ULT_MODE_REJECT_DECISIONS\x10\x04*\xd2\x01\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42RANCH_STATE_PREPARING\x10\x01\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x02\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x03\x12\x1c\n\x18\x42RANCH_STATE_ROLLED_BACK\x10\x04\x12\x18\n\x14\x42RANCH_STATE_REFUSED\x10\x05\x12\x1a\n\x16\x42RANCH_STATE_READ_ONLY\x10\x06\x32\xcf\x03\n\x0bParticipant\x12:\n\x07Prepare\x12\x16.dtm.v1.PrepareRequest\x1a\x17.dtm.v1.PrepareResponse\x12\x37\n\x06\x43ommit\x12\x15.dtm.v1.CommitRequest\x1a\x16.dtm.v1.CommitResponse\x12=\n\x08Rollback\x12\x17.dtm.v1.RollbackRequest\x1a\x18.dtm.v1.RollbackResponse\x12:\n\x07Recover\x12\x16.dtm.v1.RecoverRequest\x1a\x17.dtm.v1.RecoverResponse\x12I\n\x0cPrepareBatch\x12\x1b.dtm.v1.PrepareBatchRequest\x1a\x1c.dtm.v1.PrepareBatchResponse\x12\x46\n\x0b\x44\x65\x63ideBatch\x12\x1a.dtm.v1.DecideBatchRequest\x1a\x1b.dtm.v1.DecideBatchResponse\x12=\n\x08\x45xchange\x12\x17.dtm.v1.ExchangeRequest\x1a\x18.dtm.v1.ExchangeResponse2\xa9\x02\n\x10ParticipantAdmin\x12=\n\x08SetFault\x12\x17.dtm.v1.SetFaultRequest\x1a\x18.dtm.v1.SetFaultResponse\x12I\n\x0cListBranches\x12\x1b.dtm.v1.ListBranchesRequest\x1a\x1c.dtm.v1.ListBranchesResponse\x12@\n\tListLocks\x12\x18.dtm.v1.ListLocksRequest\x1a\x19.dtm.v1.ListLocksResponse\x12I\n\x0c\x46orceOutcome\x12\x1b.dtm.v1.ForceOutcomeRequest\x1a\x1c.dtm.v1.ForceOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64tmpb/v1/participant.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\x1a\x1a\x64tmpb/v1/coordinator.proto\"\x95\x01\n\x0ePrepareRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\tone_phase\x18\x04 \x01(\x08\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\"j\n\x0fPrepareResponse\x12\x1a\n\x04vote\x18\x01 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10invalid_argument\x18\x03 \x01(\t\x12\x11\n\tid_reused\x18\x04 \x01(\t\"7\n\rCommitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x10\n\x0e\x43ommitResponse\"9\n\x0fRollbackRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x12\n\x10RollbackResponse\"?\n\x13PrepareBatchRequest\x12(\n\x08prepares\x18\x01 \x03(\x0b\x32\x16.dtm.v1.PrepareRequest\">\n\x14PrepareBatchResponse\x12&\n\x05votes\x18\x01 \x03(\x0b\x32\x17.dtm.v1.PrepareResponse\"B\n\x08\x44\x65\x63ision\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\"9\n\x12\x44\x65\x63ideBatchRequest\x12#\n\tdecisions\x18\x01 \x03(\x0b\x32\x10.dtm.v1.Decision\"L\n\x0e\x44\x65\x63isionResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x11\n\theuristic\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\">\n\x13\x44\x65\x63ideBatchResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.dtm.v1.DecisionResult\"`\n\x0f\x45xchangeRequest\x12#\n\tdecisions\x18\x01 \x03(\x0b\x32\x10.dtm.v1.Decision\x12(\n\x08prepares\x18\x02 \x03(\x0b\x32\x16.dtm.v1.PrepareRequest\"c\n\x10\x45xchangeResponse\x12&\n\x05votes\x18\x01 \x03(\x0b\x32\x17.dtm.v1.PrepareResponse\x12\'\n\x07results\x18\x02 \x03(\x0b\x32\x16.dtm.v1.DecisionResult\"\x10\n\x0eRecoverRequest\"U\n\x0ePreparedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x1b\n\x13prepared_at_unix_ms\x18\x03 \x01(\x03\";\n\x0fRecoverResponse\x12(\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x16.dtm.v1.PreparedBranch\"D\n\x0fSetFaultRequest\x12\x1f\n\x04mode\x18\x01 \x01(\x0e\x32\x11.dtm.v1.FaultMode\x12\x10\n\x08\x64\x65lay_ms\x18\x02 \x01(\r\"\x12\n\x10SetFaultResponse\"\x97\x01\n\nBranchInfo\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dtm.v1.BranchState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x12updated_at_unix_ms\x18\x05 \x01(\x03\x12\x11\n\theuristic\x18\x06 \x01(\t\":\n\x13ListBranchesRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.dtm.v1.BranchState\"<\n\x14ListBranchesResponse\x12$\n\x08\x62ranches\x18\x01 \x03(\x0b\x32\x12.dtm.v1.BranchInfo\"h\n\x08LockInfo\x12\x10\n\x08resource\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0f\n\x07holders\x18\x03 \x03(\t\x12\x1a\n\x12held_since_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07waiters\x18\x05 \x03(\t\"\x12\n\x10ListLocksRequest\"4\n\x11ListLocksResponse\x12\x1f\n\x05locks\x18\x01 \x03(\x0b\x32\x10.dtm.v1.LockInfo\"u\n\x13\x46orceOutcomeRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\x12&\n\x1ei_understand_this_is_heuristic\x18\x04 \x01(\x08\":\n\x14\x46orceOutcomeResponse\x12\"\n\x06\x62ranch\x18\x01 \x01(\x0b\x32\x12.dtm.v1.BranchInfo*\x82\x01\n\tFaultMode\x12\x13\n\x0f\x46\x41ULT_MODE_NONE\x10\x00\x12\x15\n\x11\x46\x41ULT_MODE_REFUSE\x10\x01\x12\x13\n\x0f\x46\x41ULT_MODE_SLOW\x10\x02\x12\x13\n\x0f\x46\x41ULT_MODE_DOWN\x10\x03\x12\x1f\n\x1b\x46\x41ULT_MODE_REJECT_DECISIONS\x10\x04*\xd2\x01\n\x0b\x42ranchState\x12\x1c\n\x18\x42RANCH_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42RANCH_STATE_PREPARING\x10\x01\x12\x19\n\x15\x42RANCH_STATE_PREPARED\x10\x02\x12\x1a\n\x16\x42RANCH_STATE_COMMITTED\x10\x03\x12\x1c\n\x18\x42RANCH_STATE_ROLLED_BACK\x10\x04\x12\x18\n\x14\x42RANCH_STATE_REFUSED\x10\x05\x12\x1a\n\x16\x42RANCH_STATE_READ_ONLY\x10\x06\x32\xcf\x03\n\x0bParticipant\x12:\n\x07Prepare\x12\x16.dtm.v1.PrepareRequest\x1a\x17.dtm.v1.PrepareResponse\x12\x37\n\x06\x43ommit\x12\x15.dtm.v1.CommitRequest\x1a\x16.dtm.v1.CommitResponse\x12=\n\x08Rollback\x12\x17.dtm.v1.RollbackRequest\x1a\x18.dtm.v1.RollbackResponse\x12:\n\x07Recover\x12\x16.dtm.v1.RecoverRequest\x1a\x17.dtm.v1.RecoverResponse\x12I\n\x0cPrepareBatch\x12\x1b.dtm.v1.PrepareBatchRequest\x1a\x1c.dtm.v1.PrepareBatchResponse\x12\x46\n\x0b\x44\x65\x63ideBatch\x12\x1a.dtm.v1.DecideBatchRequest\x1a\x1b.dtm.v1.DecideBatchResponse\x12=\n\x08\x45xchange\x12\x17.dtm.v1.ExchangeRequest\x1a\x18.dtm.v1.ExchangeResponse2\xa9\x02\n\x10ParticipantAdmin\x12=\n\x08SetFault\x12\x17.dtm.v1.SetFaultRequest\x1a\x18.dtm.v1.SetFaultResponse\x12I\n\x0cListBranches\x12\x1b.dtm.v1.ListBranchesRequest\x1a\x1c.dtm.v1.ListBranchesResponse\x12@\n\tListLocks\x12\x18.dtm.v1.ListLocksRequest\x1a\x19.dtm.v1.ListLocksResponse\x12I\n\x0c\x46orceOutcome\x12\x1b.dtm.v1.ForceOutcomeRequest\x1a\x1c.dtm.v1.ForceOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtmpb.v1.participant_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAULTMODE']._serialized_start=1982
-  _globals['_FAULTMODE']._serialized_end=2112
-  _globals['_BRANCHSTATE']._serialized_start=2115
-  _globals['_BRANCHSTATE']._serialized_end=2325
+  _globals['_FAULTMODE']._serialized_start=1996
+  _globals['_FAULTMODE']._serialized_end=2126
+  _globals['_BRANCHSTATE']._serialized_start=2129
+  _globals['_BRANCHSTATE']._serialized_end=2339
   _globals['_PREPAREREQUEST']._serialized_start=94
   _globals['_PREPAREREQUEST']._serialized_end=243
   _globals['_PREPARERESPONSE']._serialized_start=245
@@ -58,41 +58,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECIDEBATCHREQUEST']._serialized_start=704
   _globals['_DECIDEBATCHREQUEST']._serialized_end=761
   _globals['_DECISIONRESULT']._serialized_start=763
-  _globals['_DECISIONRESULT']._serialized_end=825
-  _globals['_DECIDEBATCHRESPONSE']._serialized_start=827
-  _globals['_DECIDEBATCHRESPONSE']._serialized_end=889
-  _globals['_EXCHANGEREQUEST']._serialized_start=891
-  _globals['_EXCHANGEREQUEST']._serialized_end=987
-  _globals['_EXCHANGERESPONSE']._serialized_start=989
-  _globals['_EXCHANGERESPONSE']._serialized_end=1088
-  _globals['_RECOVERREQUEST']._serialized_start=1090
-  _globals['_RECOVERREQUEST']._serialized_end=1106
-  _globals['_PREPAREDBRANCH']._serialized_start=1108
-  _globals['_PREPAREDBRANCH']._serialized_end=1193
-  _globals['_RECOVERRESPONSE']._serialized_start=1195
-  _globals['_RECOVERRESPONSE']._serialized_end=1254
-  _globals['_SETFAULTREQUEST']._serialized_start=1256
-  _globals['_SETFAULTREQUEST']._serialized_end=1324
-  _globals['_SETFAULTRESPONSE']._serialized_start=1326
-  _globals['_SETFAULTRESPONSE']._serialized_end=1344
-  _globals['_BRANCHINFO']._serialized_start=1347
-  _globals['_BRANCHINFO']._serialized_end=1498
-  _globals['_LISTBRANCHESREQUEST']._serialized_start=1500
-  _globals['_LISTBRANCHESREQUEST']._serialized_end=1558
-  _globals['_LISTBRANCHESRESPONSE']._serialized_start=1560
-  _globals['_LISTBRANCHESRESPONSE']._serialized_end=1620
-  _globals['_LOCKINFO']._serialized_start=1622
-  _globals['_LOCKINFO']._serialized_end=1726
-  _globals['_LISTLOCKSREQUEST']._serialized_start=1728
-  _globals['_LISTLOCKSREQUEST']._serialized_end=1746
-  _globals['_LISTLOCKSRESPONSE']._serialized_start=1748
-  _globals['_LISTLOCKSRESPONSE']._serialized_end=1800
-  _globals['_FORCEOUTCOMEREQUEST']._serialized_start=1802
-  _globals['_FORCEOUTCOMEREQUEST']._serialized_end=1919
-  _globals['_FORCEOUTCOMERESPONSE']._serialized_start=1921
-  _globals['_FORCEOUTCOMERESPONSE']._serialized_end=1979
-  _globals['_PARTICIPANT']._serialized_start=2328
-  _globals['_PARTICIPANT']._serialized_end=2791
-  _globals['_PARTICIPANTADMIN']._serialized_start=2794
-  _globals['_PARTICIPANTADMIN']._serialized_end=3091
+  _globals['_DECISIONRESULT']._serialized_end=839
+  _globals['_DECIDEBATCHRESPONSE']._serialized_start=841
+  _globals['_DECIDEBATCHRESPONSE']._serialized_end=903
+  _globals['_EXCHANGEREQUEST']._serialized_start=905
+  _globals['_EXCHANGEREQUEST']._serialized_end=1001
+  _globals['_EXCHANGERESPONSE']._serialized_start=1003
+  _globals['_EXCHANGERESPONSE']._serialized_end=1102
+  _globals['_RECOVERREQUEST']._serialized_start=1104
+  _globals['_RECOVERREQUEST']._serialized_end=1120
+  _globals['_PREPAREDBRANCH']._serialized_start=1122
+  _globals['_PREPAREDBRANCH']._serialized_end=1207
+  _globals['_RECOVERRESPONSE']._serialized_start=1209
+  _globals['_RECOVERRESPONSE']._serialized_end=1268
+  _globals['_SETFAULTREQUEST']._serialized_start=1270
+  _globals['_SETFAULTREQUEST']._serialized_end=1338
+  _globals['_SETFAULTRESPONSE']._serialized_start=1340
+  _globals['_SETFAULTRESPONSE']._serialized_end=1358
+  _globals['_BRANCHINFO']._serialized_start=1361
+  _globals['_BRANCHINFO']._serialized_end=1512
+  _globals['_LISTBRANCHESREQUEST']._serialized_start=1514
+  _globals['_LISTBRANCHESREQUEST']._serialized_end=1572
+  _globals['_LISTBRANCHESRESPONSE']._serialized_start=1574
+  _globals['_LISTBRANCHESRESPONSE']._serialized_end=1634
+  _globals['_LOCKINFO']._serialized_start=1636
+  _globals['_LOCKINFO']._serialized_end=1740
+  _globals['_LISTLOCKSREQUEST']._serialized_start=1742
+  _globals['_LISTLOCKSREQUEST']._serialized_end=1760
+  _globals['_LISTLOCKSRESPONSE']._serialized_start=1762
+  _globals['_LISTLOCKSRESPONSE']._serialized_end=1814
+  _globals['_FORCEOUTCOMEREQUEST']._serialized_start=1816
+  _globals['_FORCEOUTCOMEREQUEST']._serialized_end=1933
+  _globals['_FORCEOUTCOMERESPONSE']._serialized_start=1935
+  _globals['_FORCEOUTCOMERESPONSE']._serialized_end=1993
+  _globals['_PARTICIPANT']._serialized_start=2342
+  _globals['_PARTICIPANT']._serialized_end=2805
+  _globals['_PARTICIPANTADMIN']._serialized_start=2808
+  _globals['_PARTICIPANTADMIN']._serialized_end=3105
 # @@protoc_insertion_point(module_scope)

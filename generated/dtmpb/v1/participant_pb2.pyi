@@ -118,14 +118,16 @@ class DecideBatchRequest(_message.Message):
     def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
 
 class DecisionResult(_message.Message):
-    __slots__ = ("ok", "error", "heuristic")
+    __slots__ = ("ok", "error", "heuristic", "code")
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     error: str
     heuristic: str
-    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., heuristic: _Optional[str] = ...) -> None: ...
+    code: int
+    def __init__(self, ok: _Optional[bool] = ..., error: _Optional[str] = ..., heuristic: _Optional[str] = ..., code: _Optional[int] = ...) -> None: ...
 
 class DecideBatchResponse(_message.Message):
     __slots__ = ("results",)
