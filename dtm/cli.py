@@ -10,6 +10,8 @@
     dtm locks                          the locks every participant holds, and who waits
     dtm branches                       every participant's branches
     dtm force ID BRANCH ...            heuristic commit/rollback of an in-doubt branch
+    dtm heuristics                     heuristic outcomes the coordinator keeps
+    dtm heuristics forget ID BRANCH    stop reporting one, once it is reconciled
     dtm log dump PATH                  every record of a write-ahead log
     dtm crashpoints                    the named crash points (DTM_CRASH_AT)
     dtm config                         the configuration in effect
@@ -453,6 +455,60 @@ def cmd_txn_retry(session: Session) -> int:
     print(
         f"transaction {txn.transaction_id}: phase 2 sent again to "
         f"{', '.join(waiting) or 'nobody'}; follow it with `dtm txn show {txn.transaction_id}`",
+        file=session.out,
+    )
+    return EXIT_OK
+
+
+# ---- heuristic outcomes ----
+
+
+def cmd_heuristics(session: Session) -> int:
+    response = session.call_coordinator(
+        "ListHeuristics", coordinator_pb2.ListHeuristicsRequest(limit=session.options.limit)
+    )
+    found = list(response.heuristics)
+    if session.json:
+        fmt.emit_json([fmt.heuristic_dict(h) for h in found], session.out)
+        return EXIT_OK
+    if not found:
+        print("no heuristic outcomes: every branch followed its decision", file=session.out)
+        return EXIT_OK
+    now = fmt.now_ms()
+    fmt.table(
+        ["TRANSACTION", "BRANCH", "PARTICIPANT", "OUTCOME", "DECISION", "AGE", "DETAIL"],
+        [
+            [
+                h.transaction_id,
+                h.branch,
+                h.participant,
+                h.outcome,
+                fmt.outcome_name(h.decision),
+                fmt.duration(fmt.age_s(h.recorded_at_unix_ms, now)),
+                fmt.clip(h.detail) or "-",
+            ]
+            for h in found
+        ],
+        session.out,
+    )
+    if response.total > len(found):
+        print(f"({len(found)} of {response.total}: --limit for more)", file=session.out)
+    return EXIT_OK
+
+
+def cmd_heuristics_forget(session: Session) -> int:
+    options = session.options
+    response = session.call_coordinator(
+        "ForgetHeuristic",
+        coordinator_pb2.ForgetHeuristicRequest(transaction_id=options.id, branch=options.branch),
+    )
+    if session.json:
+        fmt.emit_json(fmt.heuristic_dict(response.forgotten), session.out)
+        return EXIT_OK
+    forgotten = response.forgotten
+    print(
+        f"forgot the {forgotten.outcome} of {forgotten.transaction_id}/{forgotten.branch} "
+        f"at {forgotten.participant}",
         file=session.out,
     )
     return EXIT_OK
@@ -983,6 +1039,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--i-understand", action="store_true", help="confirm: this may break atomicity"
     )
     force.set_defaults(handler=cmd_force)
+
+    heuristics = commands.add_parser(
+        "heuristics",
+        parents=[as_json],
+        help="heuristic outcomes the coordinator keeps (branches that did not follow the "
+        "decision), until forgotten",
+    )
+    heuristics.add_argument(
+        "--limit",
+        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
+        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+        metavar="N",
+        help="the oldest N",
+    )
+    heuristics.set_defaults(handler=cmd_heuristics)
+    heuristics_commands = heuristics.add_subparsers(
+        dest="heuristics_command", metavar="COMMAND", required=False
+    )
+    forget = heuristics_commands.add_parser(
+        "forget",
+        parents=[as_json],
+        help="stop reporting a heuristic outcome once it is reconciled (durable)",
+    )
+    forget.add_argument("id", metavar="ID", help="the transaction")
+    forget.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
+    forget.set_defaults(handler=cmd_heuristics_forget)
 
     log = commands.add_parser("log", help="write-ahead log tools")
     log_commands = log.add_subparsers(dest="log_command", metavar="COMMAND", required=True)

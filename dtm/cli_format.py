@@ -103,6 +103,18 @@ def branch_status_dict(branch: coordinator_pb2.BranchStatus) -> dict[str, Any]:
     }
 
 
+def heuristic_dict(heuristic: coordinator_pb2.HeuristicOutcome) -> dict[str, Any]:
+    return {
+        "transaction_id": heuristic.transaction_id,
+        "branch": heuristic.branch,
+        "participant": heuristic.participant,
+        "outcome": heuristic.outcome,
+        "decision": outcome_name(heuristic.decision),
+        "detail": heuristic.detail,
+        "recorded_at_unix_ms": heuristic.recorded_at_unix_ms,
+    }
+
+
 def transaction_dict(txn: coordinator_pb2.Transaction, now: int | None = None) -> dict[str, Any]:
     return {
         "transaction_id": txn.transaction_id,

@@ -41,6 +41,10 @@ TRANSACTIONS_IN_FLIGHT_MAX = 10_000
 # retry of an older one is still never applied twice: the participants remember their branches.
 FINISHED_TRANSACTIONS_KEPT = 20_000
 BRANCHES_DECIDED_KEPT = 100_000
+# Heuristic outcomes the coordinator keeps until an operator forgets them. Beyond, the oldest
+# is dropped with an ERROR line (its WARNING line and log record stay the trace): a bound on
+# memory and on the checkpoint, far above what an operator would let pile up.
+HEURISTICS_KEPT_MAX = 10_000
 LIST_TRANSACTIONS_LIMIT_DEFAULT = 100
 LIST_TRANSACTIONS_LIMIT_MAX = 1_000
 
@@ -55,3 +59,15 @@ BATCH_ITEMS_MAX = 1_024
 INQUIRIES_PER_TICK_MAX = 256
 # The bound on one resource's lock wait queue; a request beyond it is refused at once.
 WAITERS_PER_RESOURCE_MAX = 1_024
+
+
+def branch_ids_problem(transaction_id: str, branch: int) -> str | None:
+    """What is wrong with a (transaction id, branch) pair a caller sent, or None."""
+    if not TRANSACTION_ID_PATTERN.fullmatch(transaction_id):
+        return (
+            f"transaction_id {transaction_id[:40]!r} is malformed: 1..128 characters of "
+            "[A-Za-z0-9._:-]"
+        )
+    if branch >= BRANCHES_PER_TRANSACTION_MAX:
+        return f"branch {branch} is out of range (at most {BRANCHES_PER_TRANSACTION_MAX})"
+    return None

@@ -26,6 +26,7 @@ class RecordType(IntEnum):
     TRANSACTION_ENDED = 3
     HEURISTIC_RECORDED = 4
     COORDINATOR_CHECKPOINT = 5
+    HEURISTIC_FORGOTTEN = 6
     # participant
     BRANCH_PREPARED = 16
     BRANCH_COMMITTED = 17
@@ -39,6 +40,7 @@ PAYLOADS: dict[RecordType, type[Message]] = {
     RecordType.TRANSACTION_ENDED: log_pb2.TransactionEnded,
     RecordType.HEURISTIC_RECORDED: log_pb2.HeuristicRecorded,
     RecordType.COORDINATOR_CHECKPOINT: log_pb2.CoordinatorCheckpoint,
+    RecordType.HEURISTIC_FORGOTTEN: log_pb2.HeuristicForgotten,
     RecordType.BRANCH_PREPARED: log_pb2.BranchPrepared,
     RecordType.BRANCH_COMMITTED: log_pb2.BranchCommitted,
     RecordType.BRANCH_ROLLED_BACK: log_pb2.BranchRolledBack,

@@ -16,7 +16,8 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
     dtm.v1.ParticipantAdmin/*                                       operators
     dtm.v1.Coordinator/RegisterParticipant, QueryOutcome           participants
     dtm.v1.Coordinator/Submit, GetTransaction, ListTransactions,   clients
-        RetryTransaction, ListParticipants
+        RetryTransaction, ListParticipants, ListHeuristics
+    dtm.v1.Coordinator/ForgetHeuristic                             operators
     grpc.health.v1.Health/*, server reflection                     anyone (with a valid cert)
     anything else (the services' read APIs)                         clients
 
@@ -103,6 +104,8 @@ class Policy:
             "/dtm.v1.Coordinator/ListTransactions": clients,
             "/dtm.v1.Coordinator/RetryTransaction": clients,
             "/dtm.v1.Coordinator/ListParticipants": clients,
+            "/dtm.v1.Coordinator/ListHeuristics": clients,
+            "/dtm.v1.Coordinator/ForgetHeuristic": operators,
         }
         return table, clients
 

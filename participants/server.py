@@ -100,24 +100,13 @@ def _check_prepare(item: participant_pb2.PrepareRequest) -> str | None:
             f"transaction_fingerprint is {len(item.transaction_fingerprint)} bytes; at most "
             f"{limits.TRANSACTION_FINGERPRINT_BYTES_MAX}"
         )
-    return _check_branch_ids(item.transaction_id, item.branch)
+    return limits.branch_ids_problem(item.transaction_id, item.branch)
 
 
 def _id_reused(error: IdReused) -> participant_pb2.PrepareResponse:
     return participant_pb2.PrepareResponse(
         vote=coordinator_pb2.VOTE_REFUSED, reason=str(error), id_reused=str(error)
     )
-
-
-def _check_branch_ids(transaction_id: str, branch: int) -> str | None:
-    if not limits.TRANSACTION_ID_PATTERN.fullmatch(transaction_id):
-        return (
-            f"transaction_id {transaction_id[:40]!r} is malformed: 1..128 characters of "
-            "[A-Za-z0-9._:-]"
-        )
-    if branch >= limits.BRANCHES_PER_TRANSACTION_MAX:
-        return f"branch {branch} is out of range (at most {limits.BRANCHES_PER_TRANSACTION_MAX})"
-    return None
 
 
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
@@ -182,7 +171,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             raise  # unreachable: abort raises
 
     async def _decide_one(self, transaction_id: str, branch: int, commit: bool) -> None:
-        problem = _check_branch_ids(transaction_id, branch)
+        problem = limits.branch_ids_problem(transaction_id, branch)
         if problem:
             raise InvalidOperation(problem)
         if commit:
@@ -317,7 +306,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         keys: list[tuple[str, int]] = []
         for item in items:
             try:
-                problem = _check_branch_ids(item.transaction_id, item.branch)
+                problem = limits.branch_ids_problem(item.transaction_id, item.branch)
                 if problem:
                     raise InvalidOperation(problem)
                 self.engine.decide_now(item.transaction_id, item.branch, item.commit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,12 +15,14 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import grpc_edge
+from dtm import cli, grpc_edge
+from dtm.coordinator.heuristics import HeuristicTable
 from dtm.coordinator.ports import BatchPolicy, DecideItem, DecideResult, ParticipantPort
 from dtm.coordinator.ports import reported_heuristic as heuristic
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
-from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, pack
+from tests.test_cli import dtm
 
 Code = grpc.StatusCode
 
@@ -225,3 +228,151 @@ def test_the_coordinator_reads_a_batched_contradiction_as_a_heuristic() -> None:
     answered = asyncio.run(scenario())
     assert [HEURISTIC_ROLLBACK, "", ""] == [result.heuristic for result in answered]
     assert [False, False, True] == [result.ok for result in answered]
+
+
+def test_the_table_keeps_the_newest_within_its_bound() -> None:
+    table = HeuristicTable(kept_max=2)
+
+    def record(transaction_id: str, outcome: str = HEURISTIC_COMMIT) -> log_pb2.HeuristicRecorded:
+        return log_pb2.HeuristicRecorded(transaction_id=transaction_id, branch=1, outcome=outcome)
+
+    assert [] == table.keep(record("t-1"))
+    assert [] == table.keep(record("t-2"))
+    # A newer record for a kept branch replaces it, and counts as the newest.
+    assert [] == table.keep(record("t-1", HEURISTIC_HAZARD))
+    dropped = table.keep(record("t-3"))
+    assert ["t-2"] == [d.transaction_id for d in dropped]
+    assert [("t-1", HEURISTIC_HAZARD), ("t-3", HEURISTIC_COMMIT)] == [
+        (r.transaction_id, r.outcome) for r in table
+    ]
+    assert table.forget(("t-1", 1)) is not None
+    assert table.forget(("t-1", 1)) is None
+    assert 1 == len(table)
+
+
+def test_heuristic_outcomes_are_kept_across_restarts_and_checkpoints_until_forgotten(
+    tmp_path: Path,
+) -> None:
+    """What `dtm heuristics` lists outlives the transaction's status, a restart replaying the
+    log, and a checkpoint that deleted the record; forgetting is durable too."""
+
+    async def listed(cluster: InProcessCluster) -> list[coordinator_pb2.HeuristicOutcome]:
+        response = await cluster.client.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
+        assert len(response.heuristics) == response.total
+        return list(response.heuristics)
+
+    def same(heuristic: coordinator_pb2.HeuristicOutcome) -> tuple[Any, ...]:
+        return (
+            heuristic.transaction_id,
+            heuristic.branch,
+            heuristic.participant,
+            heuristic.outcome,
+            heuristic.decision,
+            heuristic.detail,
+        )
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
+            server = await _with_scripted(cluster, scripted)
+            try:
+                branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
+                response = await cluster.submit(branches, "txn-k")
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+
+                async def recorded() -> bool:
+                    return bool(await listed(cluster))
+
+                await eventually(recorded)
+                [kept] = await listed(cluster)
+                assert ("txn-k", 4, "scripted") == (
+                    kept.transaction_id,
+                    kept.branch,
+                    kept.participant,
+                )
+                assert HEURISTIC_ROLLBACK == kept.outcome
+                assert coordinator_pb2.OUTCOME_COMMITTED == kept.decision
+                assert "scripted: Commit answered FAILED_PRECONDITION" in kept.detail
+                assert kept.recorded_at_unix_ms > 0
+
+                # Stopped abruptly, the coordinator may not have made the lazy end record
+                # durable: then it resumes the commit and hears the same contradiction again,
+                # which replaces the entry (same branch, a later time).
+                await cluster.restart_coordinator()  # replays HeuristicRecorded
+                assert [same(kept)] == [same(h) for h in await listed(cluster)]
+                get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-k")
+
+                async def finished() -> bool:
+                    status = await cluster.client.GetTransaction(get)
+                    return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+
+                await eventually(finished)
+                [kept] = await listed(cluster)
+                engine = cluster.coordinator.engine
+                engine.records_since_checkpoint = engine.config.checkpoint_every_records
+                assert await engine.checkpoint_if_due()
+                await cluster.restart_coordinator()  # the record is gone: the checkpoint has it
+                assert [kept] == await listed(cluster)
+
+                forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="txn-k", branch=4)
+                forgotten = await cluster.client.ForgetHeuristic(forget)
+                assert kept == forgotten.forgotten
+                assert [] == await listed(cluster)
+                await cluster.restart_coordinator()  # replays HeuristicForgotten
+                assert [] == await listed(cluster)
+
+                with pytest.raises(grpc.aio.AioRpcError) as again:
+                    await cluster.client.ForgetHeuristic(forget)
+                assert Code.NOT_FOUND == again.value.code()
+                assert "already forgotten" in (again.value.details() or "")
+                bad = coordinator_pb2.ForgetHeuristicRequest(transaction_id="bad id!", branch=4)
+                with pytest.raises(grpc.aio.AioRpcError) as malformed:
+                    await cluster.client.ForgetHeuristic(bad)
+                assert Code.INVALID_ARGUMENT == malformed.value.code()
+                assert "malformed" in (malformed.value.details() or "")
+            finally:
+                await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            scripted = ScriptedParticipant(rollback=Code.FAILED_PRECONDITION)
+            server = await _with_scripted(cluster, scripted)
+            try:
+                at = ["--coordinator", cluster.coordinator_address]
+                status, out, _ = await dtm(*at, "heuristics")
+                assert (cli.EXIT_OK, True) == (status, "no heuristic outcomes" in out)
+
+                declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
+                response = await cluster.submit([*declined, _scripted_branch()], "txn-d")
+                assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+
+                async def listed() -> bool:
+                    _, out, _ = await dtm(*at, "heuristics")
+                    return "txn-d" in out
+
+                await eventually(listed)
+                status, out, _ = await dtm(*at, "heuristics")
+                assert cli.EXIT_OK == status
+                assert "heuristic commit" in out and "aborted" in out and "scripted" in out
+                status, out, _ = await dtm(*at, "heuristics", "--json")
+                [entry] = json.loads(out)
+                assert ("txn-d", 4, "aborted") == (
+                    entry["transaction_id"],
+                    entry["branch"],
+                    entry["decision"],
+                )
+
+                status, out, _ = await dtm(*at, "heuristics", "forget", "txn-d", "4")
+                assert cli.EXIT_OK == status
+                assert "forgot the heuristic commit of txn-d/4 at scripted" in out
+                status, out, err = await dtm(*at, "heuristics", "forget", "txn-d", "4")
+                assert cli.EXIT_OK != status
+                assert "already forgotten" in out + err
+            finally:
+                await server.stop(0)
+
+    asyncio.run(scenario())

@@ -330,6 +330,29 @@ def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: P
                     "'inventory'",
                     "Submit",
                 )
+            # Forgetting a heuristic outcome is the operators' alone; listing them is a read.
+            forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="t-none", branch=0)
+            async with security.channel(cluster.coordinator_address, cluster.tls("client")) as ch:
+                stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+                await expect_status(
+                    stub.ForgetHeuristic(forget, timeout=TIMEOUT_S),
+                    Code.PERMISSION_DENIED,
+                    "'client'",
+                    "ForgetHeuristic",
+                    "operator",
+                )
+                listed = await stub.ListHeuristics(
+                    coordinator_pb2.ListHeuristicsRequest(), timeout=TIMEOUT_S
+                )
+                assert 0 == listed.total
+            async with security.channel(cluster.coordinator_address, cluster.tls("operator")) as ch:
+                await expect_status(  # allowed, and nothing to forget
+                    coordinator_pb2_grpc.CoordinatorStub(ch).ForgetHeuristic(
+                        forget, timeout=TIMEOUT_S
+                    ),
+                    Code.NOT_FOUND,
+                    "t-none/0",
+                )
             # Health checks stay open to any verified peer (readiness probes).
             async with security.channel(address, cluster.tls("inventory")) as ch:
                 health = await health_pb2_grpc.HealthStub(ch).Check(

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import any_pb2
 
 from dtm import crashpoints, limits, logs
+from dtm.coordinator.heuristics import HeuristicTable, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult, rpc_failure
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
@@ -134,6 +135,8 @@ class Engine:
         self.observer: EngineObserver = NO_OBSERVER  # dtm.metrics installs itself here
         self.records_since_checkpoint = 0
         self.checkpoints = CheckpointStats()
+        # Kept until an operator forgets them: replayed and checkpointed (see heuristics.py).
+        self.heuristics = HeuristicTable()
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -294,9 +297,15 @@ class Engine:
             participant=branch.participant,
             outcome=action.outcome,
             detail=action.detail,
+            recorded_at_unix_ms=wall_ms(),
+            committed=txn.state in (TxnState.COMMITTING, TxnState.COMMITTED),
         )
-        self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
-        self.counters.lazy_writes += 1
+        # Flushed at once, though nobody waits for it: after a crash, a commit's Commit is
+        # sent again (and contradicted again), but an abort's Rollback never is.
+        lsn = self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
+        self.counters.forced_writes += 1
+        self._spawn(self.log.wait_durable(lsn))
+        self._keep_heuristic(heuristic)
         self.observer.heuristic_recorded(branch.participant, action.outcome)
         self._log.warning(
             "heuristic outcome reported by a participant: phase 2 of this branch stops",
@@ -307,6 +316,39 @@ class Engine:
             decision=txn.state.value,
             detail=action.detail,
         )
+
+    def _keep_heuristic(self, heuristic: log_pb2.HeuristicRecorded) -> None:
+        for dropped in self.heuristics.keep(heuristic):
+            self._log.error(
+                "too many heuristic outcomes kept: the oldest is no longer listed; forget "
+                "the ones reconciled (dtm heuristics forget)",
+                kept_max=self.heuristics.kept_max,
+                txn=dropped.transaction_id,
+                branch=dropped.branch,
+                participant=dropped.participant,
+                outcome=dropped.outcome,
+            )
+
+    async def forget_heuristic(
+        self, transaction_id: str, branch: int
+    ) -> log_pb2.HeuristicRecorded | None:
+        """An operator reconciled a heuristic outcome: stop listing it, durably (the answer
+        waits for the record). None when none is kept for that branch."""
+        forgotten = self.heuristics.forget((transaction_id, branch))
+        if forgotten is None:
+            return None
+        record = log_pb2.HeuristicForgotten(transaction_id=transaction_id, branch=branch)
+        lsn = self._append(RecordType.HEURISTIC_FORGOTTEN, record.SerializeToString())
+        self.counters.forced_writes += 1
+        await self.log.wait_durable(lsn)
+        self._log.info(
+            "heuristic outcome forgotten by an operator",
+            txn=transaction_id,
+            branch=branch,
+            participant=forgotten.participant,
+            outcome=forgotten.outcome,
+        )
+        return forgotten
 
     def _finished(self, run: Run, action: core.Finished) -> None:
         self._finish(run)
@@ -524,6 +566,9 @@ class Engine:
                 for info in checkpoint.participants:
                     self.registry.put(info)
                 pending = {c.transaction_id: c for c in checkpoint.committing}
+                self.heuristics.clear()
+                for heuristic in checkpoint.heuristics:
+                    self._keep_heuristic(heuristic)
             elif kind is RecordType.PARTICIPANT_REGISTERED:
                 registered = log_pb2.ParticipantRegistered.FromString(record.payload)
                 self.registry.put(registered.participant)
@@ -535,6 +580,11 @@ class Engine:
                 decided_record = pending.pop(ended.transaction_id, None)
                 if decided_record is not None:
                     self._remember_committed(decided_record)
+            elif kind is RecordType.HEURISTIC_RECORDED:
+                self._keep_heuristic(log_pb2.HeuristicRecorded.FromString(record.payload))
+            elif kind is RecordType.HEURISTIC_FORGOTTEN:
+                forgotten = log_pb2.HeuristicForgotten.FromString(record.payload)
+                self.heuristics.forget(key_of(forgotten))
         return list(pending.values())
 
     def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:
@@ -583,8 +633,9 @@ class Engine:
         return count
 
     def checkpoint_records(self) -> list[bytes]:
-        """The registry and every commit still owed phase 2, as the payloads of a checkpoint's
-        records: the registry first, then the commits, cut into records that fit the log (a
+        """The registry, every commit still owed phase 2 and the heuristic outcomes kept, as
+        the payloads of a checkpoint's records: the registry first, then the commits and the
+        heuristics, cut into records that fit the log (a
         participant down for long, under load, can leave 10,000 commits of 32 branches each,
         about 25 MB). Merged in order on replay they are one CoordinatorCheckpoint."""
         registry = log_pb2.CoordinatorCheckpoint(
@@ -608,7 +659,11 @@ class Engine:
             for run in self.active.values()
             if run.txn.state in (TxnState.DECIDING, TxnState.COMMITTING)
         ]
-        return [registry, *joined(committing, limits.CHECKPOINT_PART_BYTES)]
+        heuristics = [
+            log_pb2.CoordinatorCheckpoint(heuristics=[heuristic]).SerializeToString()
+            for heuristic in self.heuristics
+        ]
+        return [registry, *joined(committing + heuristics, limits.CHECKPOINT_PART_BYTES)]
 
     async def checkpoint_if_due(self) -> bool:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:

@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dtm.coordinator.engine import (
     SubmitRejected,
     wall_ms,
 )
+from dtm.coordinator.heuristics import heuristic_pb
 from dtm.coordinator.ports import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.records import RecordType
@@ -252,6 +254,34 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             raise AssertionError("unreachable")
         self.coordinator.log.info("phase 2 retried by an operator", txn=request.transaction_id)
         return transaction_pb(run)
+
+    async def ListHeuristics(
+        self, request: coordinator_pb2.ListHeuristicsRequest, context: Context
+    ) -> coordinator_pb2.ListHeuristicsResponse:
+        limit = min(
+            request.limit or limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+            limits.LIST_TRANSACTIONS_LIMIT_MAX,
+        )
+        kept = self.engine.heuristics
+        return coordinator_pb2.ListHeuristicsResponse(
+            heuristics=[heuristic_pb(record) for record in islice(kept, limit)], total=len(kept)
+        )
+
+    async def ForgetHeuristic(
+        self, request: coordinator_pb2.ForgetHeuristicRequest, context: Context
+    ) -> coordinator_pb2.ForgetHeuristicResponse:
+        problem = limits.branch_ids_problem(request.transaction_id, request.branch)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        forgotten = await self.engine.forget_heuristic(request.transaction_id, request.branch)
+        if forgotten is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no heuristic outcome is kept for {request.transaction_id}/{request.branch}: "
+                "never recorded, or already forgotten (list them with ListHeuristics)",
+            )
+            raise AssertionError("unreachable")
+        return coordinator_pb2.ForgetHeuristicResponse(forgotten=heuristic_pb(forgotten))
 
     async def QueryOutcome(
         self, request: coordinator_pb2.QueryOutcomeRequest, context: Context

@@ -206,3 +206,49 @@ class RetryTransactionRequest(_message.Message):
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
+
+class HeuristicOutcome(_message.Message):
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "decision", "detail", "recorded_at_unix_ms")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    participant: str
+    outcome: str
+    decision: Outcome
+    detail: str
+    recorded_at_unix_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListHeuristicsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListHeuristicsResponse(_message.Message):
+    __slots__ = ("heuristics", "total")
+    HEURISTICS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    heuristics: _containers.RepeatedCompositeFieldContainer[HeuristicOutcome]
+    total: int
+    def __init__(self, heuristics: _Optional[_Iterable[_Union[HeuristicOutcome, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class ForgetHeuristicRequest(_message.Message):
+    __slots__ = ("transaction_id", "branch")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+
+class ForgetHeuristicResponse(_message.Message):
+    __slots__ = ("forgotten",)
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    forgotten: HeuristicOutcome
+    def __init__(self, forgotten: _Optional[_Union[HeuristicOutcome, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class CoordinatorStub:
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.Transaction.FromString,
                 _registered_method=True)
+        self.ListHeuristics = channel.unary_unary(
+                '/dtm.v1.Coordinator/ListHeuristics',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsResponse.FromString,
+                _registered_method=True)
+        self.ForgetHeuristic = channel.unary_unary(
+                '/dtm.v1.Coordinator/ForgetHeuristic',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -116,6 +126,18 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListHeuristics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForgetHeuristic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +175,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.RetryTransaction,
                     request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.Transaction.SerializeToString,
+            ),
+            'ListHeuristics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeuristics,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsResponse.SerializeToString,
+            ),
+            'ForgetHeuristic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetHeuristic,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +376,60 @@ class Coordinator:
             '/dtm.v1.Coordinator/RetryTransaction',
             dtmpb_dot_v1_dot_coordinator__pb2.RetryTransactionRequest.SerializeToString,
             dtmpb_dot_v1_dot_coordinator__pb2.Transaction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeuristics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/ListHeuristics',
+            dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.ListHeuristicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetHeuristic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/ForgetHeuristic',
+            dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.FromString,
             options,
             channel_credentials,
             insecure,

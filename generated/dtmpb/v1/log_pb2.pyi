@@ -42,18 +42,30 @@ class TransactionEnded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicRecorded(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
     outcome: str
     detail: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    recorded_at_unix_ms: int
+    committed: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+
+class HeuristicForgotten(_message.Message):
+    __slots__ = ("transaction_id", "branch")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class BranchPrepared(_message.Message):
     __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms", "transaction_fingerprint")
@@ -122,9 +134,11 @@ class ParticipantCheckpoint(_message.Message):
     def __init__(self, service_state: _Optional[_Iterable[bytes]] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
 
 class CoordinatorCheckpoint(_message.Message):
-    __slots__ = ("participants", "committing")
+    __slots__ = ("participants", "committing", "heuristics")
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     COMMITTING_FIELD_NUMBER: _ClassVar[int]
+    HEURISTICS_FIELD_NUMBER: _ClassVar[int]
     participants: _containers.RepeatedCompositeFieldContainer[_coordinator_pb2.ParticipantInfo]
     committing: _containers.RepeatedCompositeFieldContainer[CommitDecided]
-    def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ...) -> None: ...
+    heuristics: _containers.RepeatedCompositeFieldContainer[HeuristicRecorded]
+    def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ..., heuristics: _Optional[_Iterable[_Union[HeuristicRecorded, _Mapping]]] = ...) -> None: ...

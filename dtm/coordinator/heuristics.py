@@ -1,0 +1,74 @@
+"""The heuristic outcomes the coordinator keeps until an operator forgets them.
+
+A heuristic outcome is a branch that did not follow the decision, or whose outcome is unknown
+(dtm.coordinator.ports.reported_heuristic). XA keeps them until they are forgotten, and so
+does this table: it is rebuilt from the log (HeuristicRecorded, HeuristicForgotten) and from
+checkpoints, so it outlives the transaction's own status (the coordinator forgets finished
+transactions after FINISHED_TRANSACTIONS_KEPT newer ones) and restarts. No I/O here: the
+engine logs, this keeps.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from dtm import limits
+from dtmpb.v1 import coordinator_pb2, log_pb2
+
+Key = tuple[str, int]  # (transaction id, branch)
+
+
+def key_of(record: log_pb2.HeuristicRecorded | log_pb2.HeuristicForgotten) -> Key:
+    return (record.transaction_id, record.branch)
+
+
+class HeuristicTable:
+    """Oldest first, at most `kept_max`: beyond, `keep` returns the oldest it dropped."""
+
+    def __init__(self, kept_max: int = limits.HEURISTICS_KEPT_MAX) -> None:
+        assert kept_max > 0
+        self.kept_max = kept_max
+        self._kept: OrderedDict[Key, log_pb2.HeuristicRecorded] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __iter__(self) -> Iterator[log_pb2.HeuristicRecorded]:
+        return iter(self._kept.values())
+
+    def keep(self, record: log_pb2.HeuristicRecorded) -> list[log_pb2.HeuristicRecorded]:
+        """Keep `record` (a newer one for the same branch replaces it); returns what the bound
+        pushed out, oldest first."""
+        key = key_of(record)
+        self._kept.pop(key, None)
+        self._kept[key] = record
+        dropped: list[log_pb2.HeuristicRecorded] = []
+        while len(self._kept) > self.kept_max:  # bounded: one iteration per insertion
+            dropped.append(self._kept.popitem(last=False)[1])
+        return dropped
+
+    def forget(self, key: Key) -> log_pb2.HeuristicRecorded | None:
+        return self._kept.pop(key, None)
+
+    def get(self, key: Key) -> log_pb2.HeuristicRecorded | None:
+        return self._kept.get(key)
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
+def heuristic_pb(record: log_pb2.HeuristicRecorded) -> coordinator_pb2.HeuristicOutcome:
+    """The public view of a kept record."""
+    decision = (
+        coordinator_pb2.OUTCOME_COMMITTED if record.committed else coordinator_pb2.OUTCOME_ABORTED
+    )
+    return coordinator_pb2.HeuristicOutcome(
+        transaction_id=record.transaction_id,
+        branch=record.branch,
+        participant=record.participant,
+        outcome=record.outcome,
+        decision=decision,
+        detail=record.detail,
+        recorded_at_unix_ms=record.recorded_at_unix_ms,
+    )
