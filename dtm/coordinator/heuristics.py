@@ -51,9 +51,6 @@ class HeuristicTable:
     def forget(self, key: Key) -> log_pb2.HeuristicRecorded | None:
         return self._kept.pop(key, None)
 
-    def get(self, key: Key) -> log_pb2.HeuristicRecorded | None:
-        return self._kept.get(key)
-
     def clear(self) -> None:
         self._kept.clear()
 
