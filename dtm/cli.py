@@ -865,6 +865,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_limit(parser: argparse.ArgumentParser, help: str) -> None:
+    """--limit N of a list command, within what the servers' list calls accept."""
+    parser.add_argument(
+        "--limit",
+        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
+        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
+        metavar="N",
+        help=help,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dtm",
@@ -962,12 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="age after which an in-doubt transaction is stuck "
         f"(default {STUCK_AFTER_S_DEFAULT:g})",
     )
-    txn_list.add_argument(
-        "--limit",
-        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
-        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
-        metavar="N",
-        help=f"at most N (default {limits.LIST_TRANSACTIONS_LIMIT_DEFAULT}, "
+    _add_limit(
+        txn_list,
+        f"at most N (default {limits.LIST_TRANSACTIONS_LIMIT_DEFAULT}, "
         f"at most {limits.LIST_TRANSACTIONS_LIMIT_MAX})",
     )
     txn_list.set_defaults(handler=cmd_txn_list)
@@ -1014,13 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STATE",
         help=f"only these states (repeatable): {', '.join(BRANCH_STATE_NAMES)}",
     )
-    branches.add_argument(
-        "--limit",
-        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
-        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
-        metavar="N",
-        help="the newest N per participant",
-    )
+    _add_limit(branches, "the newest N per participant")
     branches.set_defaults(handler=cmd_branches)
 
     force = commands.add_parser(
@@ -1046,13 +1048,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="heuristic outcomes the coordinator keeps (branches that did not follow the "
         "decision), until forgotten",
     )
-    heuristics.add_argument(
-        "--limit",
-        type=_bounded_int(1, limits.LIST_TRANSACTIONS_LIMIT_MAX),
-        default=limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
-        metavar="N",
-        help="the oldest N",
-    )
+    _add_limit(heuristics, "the oldest N")
     heuristics.set_defaults(handler=cmd_heuristics)
     heuristics_commands = heuristics.add_subparsers(
         dest="heuristics_command", metavar="COMMAND", required=False
