@@ -125,12 +125,12 @@ class Session:
 
     options: argparse.Namespace
     out: TextIO
-    tls: security.TlsConfig | None
     channels: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     #: Participants that failed to answer a command that asks several (reported on stderr).
     failures: int = 0
     _coordinator_address: str | None = None
     _coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
+    _tls: tuple[security.TlsConfig | None] | None = None  # (the answer,) once known
 
     @property
     def json(self) -> bool:
@@ -148,14 +148,22 @@ class Session:
             )
         return self._coordinator_address
 
+    @property
+    def tls(self) -> security.TlsConfig | None:
+        """From the flags, else DTM_TLS_*, else [cli] of the configuration file. Worked out
+        at the first call to a server: a command that calls none never reads the file."""
+        if self._tls is None:
+            self._tls = (_tls_of(self.options),)
+        return self._tls[0]
+
     def channel(self, address: str, identity: str | None) -> grpc.Channel:
         return self.channels.enter_context(security.sync_channel(address, self.tls, identity))
 
     @property
     def coordinator(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._coordinator is None:
-            identity = security.coordinator_identity(self.tls)
-            channel = self.channel(self.coordinator_address, identity)
+            address = self.coordinator_address
+            channel = self.channel(address, security.coordinator_identity(self.tls))
             self._coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
         return self._coordinator
 
@@ -175,6 +183,25 @@ def _configured_coordinator(path: Path | None) -> str:
         return config.load(path).participant.coordinator
     except config.ConfigError as error:
         raise CliError(f"{error} (or pass --coordinator HOST:PORT)") from None
+
+
+def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
+    """The flags' TLS files, else DTM_TLS_*'s, else those of [cli] in the configuration file
+    (read only when the flags and the environment leave one out)."""
+    given = [
+        getattr(options, f"tls_{name}", None) or os.environ.get(f"DTM_TLS_{name.upper()}")
+        for name in ("ca", "cert", "key")
+    ]
+    configured: dict[str, Path | None] = {}
+    if not all(given):
+        try:
+            configured = config.tls_files(config.load(options.config).cli)
+        except config.ConfigError as error:
+            raise CliError(f"{error} (or pass --tls-ca, --tls-cert and --tls-key)") from None
+    try:
+        return security.from_options(options, configured=configured)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
 
 
 def rpc_error(
@@ -200,7 +227,8 @@ def rpc_error(
     if code is grpc.StatusCode.PERMISSION_DENIED or code is grpc.StatusCode.UNAUTHENTICATED:
         return CliError(
             f"{what} at {address} refused the call ({details}); with TLS on, use an operator "
-            "certificate (--tls-ca, --tls-cert, --tls-key)"
+            "certificate (--tls-ca, --tls-cert, --tls-key, or tls_* in [cli] of the "
+            "configuration file)"
         )
     name = code.name if code is not None else "error"
     return CliError(f"{what} at {address} answered {name}: {details}")
@@ -1116,11 +1144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_server(options, extra)
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        try:
-            tls = security.from_options(options)
-        except ValueError as error:
-            raise CliError(str(error), EXIT_USAGE) from None
-        session = Session(options, sys.stdout, tls)
+        session = Session(options, sys.stdout)
         with session.channels:
             status: int = options.handler(session)
             return status

@@ -10,7 +10,9 @@ Where a setting comes from, lowest precedence first:
 
 Sections: ``[coordinator]``, ``[participant]`` (what the four services share), one section per
 service (``[inventory]``, ``[orders]``, ``[payment]``, ``[notification]``: same keys as
-``[participant]``, overriding it for that service), and ``[log]``. Within each layer a
+``[participant]``, overriding it for that service), ``[log]``, and ``[cli]`` (the `dtm`
+command's own certificate, so that an operator's shell needs no DTM_TLS_* variable, which
+would also be read by every server started from it). Within each layer a
 service's own section wins over ``[participant]``; across layers the higher layer wins, so
 ``DTM_PARTICIPANT_LOCK_WAIT_MS`` beats ``[inventory] lock_wait_ms`` from the file.
 
@@ -43,9 +45,10 @@ ENVIRONMENT_PREFIX = "DTM_"
 COORDINATOR = "coordinator"
 PARTICIPANT = "participant"
 LOG = "log"
+CLI = "cli"
 #: The four order-flow services, each with its own section.
 SERVICES = ("inventory", "orders", "payment", "notification")
-SECTIONS = (COORDINATOR, PARTICIPANT, *SERVICES, LOG)
+SECTIONS = (COORDINATOR, PARTICIPANT, *SERVICES, LOG, CLI)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: The largest value of every *_ms setting: the longest transaction timeout there is.
@@ -284,6 +287,21 @@ class LogSettings:
     )
 
 
+@dataclass(frozen=True)
+class CliSettings:
+    """The `dtm` command's mutual-TLS files (an operator's or a client's certificate)."""
+
+    tls_ca: Path | None = field(default=None, metadata=_TLS_CA)
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=about(OPTIONAL_PATH, 'the dtm command\'s certificate (PEM); "" = plaintext'),
+    )
+    tls_key: Path | None = field(
+        default=None,
+        metadata=about(OPTIONAL_PATH, 'the dtm command\'s private key (PEM); "" = plaintext'),
+    )
+
+
 #: Defaults that differ per service: the well-known ports of `dtm.cluster` (50051..50054), so
 #: that `dtm service inventory` lands where `make up` would put it.
 SERVICE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -303,6 +321,7 @@ SECTION_TYPES: dict[str, type[Any]] = {
     PARTICIPANT: ParticipantSettings,
     **dict.fromkeys(SERVICES, ParticipantSettings),
     LOG: LogSettings,
+    CLI: CliSettings,
 }
 
 
@@ -320,6 +339,7 @@ class Config:
         default_factory=lambda: _service_default("notification")
     )
     log: LogSettings = field(default_factory=LogSettings)
+    cli: CliSettings = field(default_factory=CliSettings)
     #: The file read, if any (not part of equality: two sources can say the same thing).
     source: Path | None = field(default=None, compare=False)
 
@@ -514,6 +534,7 @@ def load(
         coordinator=_merge(CoordinatorSettings, {}, layers, [COORDINATOR]),
         participant=_merge(ParticipantSettings, {}, layers, [PARTICIPANT]),
         log=_merge(LogSettings, {}, layers, [LOG]),
+        cli=_merge(CliSettings, {}, layers, [CLI]),
         source=source,
         **services,
     )
@@ -580,7 +601,9 @@ def from_options(
     return load(options.config, environ=environ, flags=flags)
 
 
-def tls_files(settings: CoordinatorSettings | ParticipantSettings) -> dict[str, Path | None]:
+def tls_files(
+    settings: CoordinatorSettings | ParticipantSettings | CliSettings,
+) -> dict[str, Path | None]:
     """What dtm.security.from_options takes as the configured CA, certificate and key."""
     return {"ca": settings.tls_ca, "cert": settings.tls_cert, "key": settings.tls_key}
 
@@ -612,6 +635,7 @@ __all__ = [
     "SECTIONS",
     "SERVICES",
     "TLS_KEYS",
+    "CliSettings",
     "Config",
     "ConfigError",
     "CoordinatorSettings",

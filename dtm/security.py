@@ -26,7 +26,8 @@ Default identities: coordinator "coordinator"; participants "inventory", "orders
 also only register under its own name (checked by the coordinator's RegisterParticipant).
 
 Configuration, flags first, then environment, then the configuration file's (or its
-DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's own section:
+DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's own section
+([cli] for the dtm command):
 
     --tls-ca PATH         DTM_TLS_CA      the CA that signed every peer's certificate
     --tls-cert PATH       DTM_TLS_CERT    this process's certificate (PEM)
@@ -197,8 +198,8 @@ def from_options(
     if missing:
         raise ValueError(
             f"TLS needs a CA, a certificate and a key; missing {', '.join(missing)} "
-            "(or DTM_TLS_*, or, for a server, tls_ca, tls_cert, tls_key in its section of the "
-            "configuration file)"
+            "(or DTM_TLS_*, or tls_ca, tls_cert, tls_key in the configuration file: in the "
+            "server's own section, or in [cli] for the dtm command)"
         )
     for name, path in paths.items():
         if not path.is_file():

@@ -460,3 +460,39 @@ def test_a_cluster_speaks_mutual_tls_from_its_configuration_file_alone(
         asyncio.run(scenario())
     finally:
         cluster.stop()
+
+
+def test_the_dtm_command_takes_its_certificate_from_cli_in_the_configuration_file(
+    tmp_path: Path, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's certificate in [cli] of the file: no DTM_TLS_* in the shell, where every
+    server started from it would read them too."""
+    from tests.test_cli import dtm
+
+    for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY", "DTM_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            status, _, err = await dtm(*at, "--timeout", "2", "heuristics")
+            assert status != 0 and "cannot reach the coordinator" in err  # plaintext: no
+            settings = tmp_path / "dtm.toml"
+            settings.write_text(
+                "[cli]\n"
+                f'tls_ca = "{ca_dir / "ca.pem"}"\n'
+                f'tls_cert = "{ca_dir / "operator.pem"}"\n'
+                f'tls_key = "{ca_dir / "operator-key.pem"}"\n',
+                encoding="utf-8",
+            )
+            status, out, err = await dtm(*at, "--config", str(settings), "heuristics")
+            assert (0, "no heuristic outcomes") == (status, out.split(":")[0]), err
+            # A flag still wins over the file: a client certificate may not forget.
+            flags = ["--tls-cert", str(ca_dir / "client.pem")]
+            flags += ["--tls-key", str(ca_dir / "client-key.pem")]
+            forget = ["heuristics", "forget", "t-1", "0"]
+            status, _, err = await dtm(*at, "--config", str(settings), *flags, *forget)
+            assert status != 0
+            assert "identity 'client' may not call /dtm.v1.Coordinator/ForgetHeuristic" in err
+
+    asyncio.run(scenario())
