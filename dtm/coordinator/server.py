@@ -63,6 +63,13 @@ def branch_statuses(run: Run) -> list[coordinator_pb2.BranchStatus]:
     ]
 
 
+def _list_limit(requested: int) -> int:
+    """How many a list call answers: 0 asks for the default; more than the cap gets the cap."""
+    return min(
+        requested or limits.LIST_TRANSACTIONS_LIMIT_DEFAULT, limits.LIST_TRANSACTIONS_LIMIT_MAX
+    )
+
+
 def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
     """Identity of a Submit's content, so a reused id with other content is caught."""
     digest = hashlib.blake2b(digest_size=16)
@@ -228,10 +235,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListTransactions(
         self, request: coordinator_pb2.ListTransactionsRequest, context: Context
     ) -> coordinator_pb2.ListTransactionsResponse:
-        limit = min(
-            request.limit or limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
-            limits.LIST_TRANSACTIONS_LIMIT_MAX,
-        )
+        limit = _list_limit(request.limit)
         wanted = set(request.states)
         found: list[coordinator_pb2.Transaction] = []
         for run in self.engine.runs():
@@ -258,10 +262,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListHeuristics(
         self, request: coordinator_pb2.ListHeuristicsRequest, context: Context
     ) -> coordinator_pb2.ListHeuristicsResponse:
-        limit = min(
-            request.limit or limits.LIST_TRANSACTIONS_LIMIT_DEFAULT,
-            limits.LIST_TRANSACTIONS_LIMIT_MAX,
-        )
+        limit = _list_limit(request.limit)
         kept = self.engine.heuristics
         return coordinator_pb2.ListHeuristicsResponse(
             heuristics=[heuristic_pb(record) for record in islice(kept, limit)], total=len(kept)
