@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -69,17 +71,29 @@ class ScriptedParticipant(participant_pb2_grpc.ParticipantServicer):
         return participant_pb2.RollbackResponse()
 
 
-async def _with_scripted(
-    cluster: InProcessCluster, scripted: ScriptedParticipant
-) -> grpc.aio.Server:
-    server = grpc.aio.server()
-    participant_pb2_grpc.add_ParticipantServicer_to_server(scripted, server)
-    port = grpc_edge.bind(server, "127.0.0.1:0")
-    await server.start()
-    await cluster.client.RegisterParticipant(
-        coordinator_pb2.RegisterParticipantRequest(name="scripted", address=f"127.0.0.1:{port}")
+@asynccontextmanager
+async def scripted_cluster(
+    tmp_path: Path, scripted: ScriptedParticipant
+) -> AsyncIterator[InProcessCluster]:
+    """The in-process cluster (metrics on, for the heuristics counter) with `scripted`
+    registered beside the four services as "scripted"."""
+    cluster = InProcessCluster(tmp_path)
+    cluster.coordinator_config = dataclasses.replace(
+        cluster.coordinator_config, metrics_listen="127.0.0.1:0"
     )
-    return server
+    async with cluster:
+        server = grpc.aio.server()
+        participant_pb2_grpc.add_ParticipantServicer_to_server(scripted, server)
+        port = grpc_edge.bind(server, "127.0.0.1:0")
+        await server.start()
+        try:
+            address = f"127.0.0.1:{port}"
+            await cluster.client.RegisterParticipant(
+                coordinator_pb2.RegisterParticipantRequest(name="scripted", address=address)
+            )
+            yield cluster
+        finally:
+            await server.stop(0)
 
 
 def _scripted_branch() -> coordinator_pb2.BranchRequest:
@@ -104,13 +118,8 @@ def test_a_commit_the_participant_contradicts_is_recorded_once_not_retried(
     tmp_path: Path, answer: Code, outcome: str
 ) -> None:
     async def scenario() -> None:
-        cluster = InProcessCluster(tmp_path)
-        cluster.coordinator_config = dataclasses.replace(
-            cluster.coordinator_config, metrics_listen="127.0.0.1:0"
-        )
-        async with cluster:
-            scripted = ScriptedParticipant(commit=answer)
-            server = await _with_scripted(cluster, scripted)
+        scripted = ScriptedParticipant(commit=answer)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
             branches = [*order_branches("o-c", [("sku-apple", 1)]), _scripted_branch()]
             response = await cluster.submit(branches, "txn-c")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
@@ -133,7 +142,6 @@ def test_a_commit_the_participant_contradicts_is_recorded_once_not_retried(
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
             orders = await cluster.orders()
             assert shop_pb2.ORDER_STATE_CONFIRMED == orders["o-c"].state
-            await server.stop(0)
 
     asyncio.run(scenario())
 
@@ -142,13 +150,8 @@ def test_a_rollback_the_participant_contradicts_is_recorded_once_not_retried(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        cluster = InProcessCluster(tmp_path)
-        cluster.coordinator_config = dataclasses.replace(
-            cluster.coordinator_config, metrics_listen="127.0.0.1:0"
-        )
-        async with cluster:
-            scripted = ScriptedParticipant(rollback=Code.FAILED_PRECONDITION)
-            server = await _with_scripted(cluster, scripted)
+        scripted = ScriptedParticipant(rollback=Code.FAILED_PRECONDITION)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
             # The blocked account declines: the transaction aborts after the scripted vote.
             declined = order_branches("o-r", [("sku-apple", 1)], account="acct-blocked")
             response = await cluster.submit([*declined, _scripted_branch()], "txn-r")
@@ -166,7 +169,6 @@ def test_a_rollback_the_participant_contradicts_is_recorded_once_not_retried(
             assert 1 == scripted.calls["Rollback"]
             orders = await cluster.orders()
             assert shop_pb2.ORDER_STATE_CANCELLED == orders["o-r"].state
-            await server.stop(0)
 
     asyncio.run(scenario())
 
@@ -272,107 +274,99 @@ def test_heuristic_outcomes_are_kept_across_restarts_and_checkpoints_until_forgo
         )
 
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path) as cluster:
-            scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
-            server = await _with_scripted(cluster, scripted)
-            try:
-                branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
-                response = await cluster.submit(branches, "txn-k")
-                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+        scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
+            branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
+            response = await cluster.submit(branches, "txn-k")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
 
-                async def recorded() -> bool:
-                    return bool(await listed(cluster))
+            async def recorded() -> bool:
+                return bool(await listed(cluster))
 
-                await eventually(recorded)
-                [kept] = await listed(cluster)
-                assert ("txn-k", 4, "scripted") == (
-                    kept.transaction_id,
-                    kept.branch,
-                    kept.participant,
-                )
-                assert HEURISTIC_ROLLBACK == kept.outcome
-                assert coordinator_pb2.OUTCOME_COMMITTED == kept.decision
-                assert "scripted: Commit answered FAILED_PRECONDITION" in kept.detail
-                assert kept.recorded_at_unix_ms > 0
+            await eventually(recorded)
+            [kept] = await listed(cluster)
+            assert ("txn-k", 4, "scripted") == (
+                kept.transaction_id,
+                kept.branch,
+                kept.participant,
+            )
+            assert HEURISTIC_ROLLBACK == kept.outcome
+            assert coordinator_pb2.OUTCOME_COMMITTED == kept.decision
+            assert "scripted: Commit answered FAILED_PRECONDITION" in kept.detail
+            assert kept.recorded_at_unix_ms > 0
 
-                # Stopped abruptly, the coordinator may not have made the lazy end record
-                # durable: then it resumes the commit and hears the same contradiction again,
-                # which replaces the entry (same branch, a later time).
-                await cluster.restart_coordinator()  # replays HeuristicRecorded
-                assert [same(kept)] == [same(h) for h in await listed(cluster)]
-                get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-k")
+            # Stopped abruptly, the coordinator may not have made the lazy end record
+            # durable: then it resumes the commit and hears the same contradiction again,
+            # which replaces the entry (same branch, a later time).
+            await cluster.restart_coordinator()  # replays HeuristicRecorded
+            assert [same(kept)] == [same(h) for h in await listed(cluster)]
+            get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-k")
 
-                async def finished() -> bool:
-                    status = await cluster.client.GetTransaction(get)
-                    return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+            async def finished() -> bool:
+                status = await cluster.client.GetTransaction(get)
+                return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
 
-                await eventually(finished)
-                [kept] = await listed(cluster)
-                engine = cluster.coordinator.engine
-                engine.records_since_checkpoint = engine.config.checkpoint_every_records
-                assert await engine.checkpoint_if_due()
-                await cluster.restart_coordinator()  # the record is gone: the checkpoint has it
-                assert [kept] == await listed(cluster)
+            await eventually(finished)
+            [kept] = await listed(cluster)
+            engine = cluster.coordinator.engine
+            engine.records_since_checkpoint = engine.config.checkpoint_every_records
+            assert await engine.checkpoint_if_due()
+            await cluster.restart_coordinator()  # the record is gone: the checkpoint has it
+            assert [kept] == await listed(cluster)
 
-                forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="txn-k", branch=4)
-                forgotten = await cluster.client.ForgetHeuristic(forget)
-                assert kept == forgotten.forgotten
-                assert [] == await listed(cluster)
-                await cluster.restart_coordinator()  # replays HeuristicForgotten
-                assert [] == await listed(cluster)
+            forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="txn-k", branch=4)
+            forgotten = await cluster.client.ForgetHeuristic(forget)
+            assert kept == forgotten.forgotten
+            assert [] == await listed(cluster)
+            await cluster.restart_coordinator()  # replays HeuristicForgotten
+            assert [] == await listed(cluster)
 
-                with pytest.raises(grpc.aio.AioRpcError) as again:
-                    await cluster.client.ForgetHeuristic(forget)
-                assert Code.NOT_FOUND == again.value.code()
-                assert "already forgotten" in (again.value.details() or "")
-                bad = coordinator_pb2.ForgetHeuristicRequest(transaction_id="bad id!", branch=4)
-                with pytest.raises(grpc.aio.AioRpcError) as malformed:
-                    await cluster.client.ForgetHeuristic(bad)
-                assert Code.INVALID_ARGUMENT == malformed.value.code()
-                assert "malformed" in (malformed.value.details() or "")
-            finally:
-                await server.stop(0)
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await cluster.client.ForgetHeuristic(forget)
+            assert Code.NOT_FOUND == again.value.code()
+            assert "already forgotten" in (again.value.details() or "")
+            bad = coordinator_pb2.ForgetHeuristicRequest(transaction_id="bad id!", branch=4)
+            with pytest.raises(grpc.aio.AioRpcError) as malformed:
+                await cluster.client.ForgetHeuristic(bad)
+            assert Code.INVALID_ARGUMENT == malformed.value.code()
+            assert "malformed" in (malformed.value.details() or "")
 
     asyncio.run(scenario())
 
 
 def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path) as cluster:
-            scripted = ScriptedParticipant(rollback=Code.FAILED_PRECONDITION)
-            server = await _with_scripted(cluster, scripted)
-            try:
-                at = ["--coordinator", cluster.coordinator_address]
-                status, out, _ = await dtm(*at, "heuristics")
-                assert (cli.EXIT_OK, True) == (status, "no heuristic outcomes" in out)
+        scripted = ScriptedParticipant(rollback=Code.FAILED_PRECONDITION)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            status, out, _ = await dtm(*at, "heuristics")
+            assert (cli.EXIT_OK, True) == (status, "no heuristic outcomes" in out)
 
-                declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
-                response = await cluster.submit([*declined, _scripted_branch()], "txn-d")
-                assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+            declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
+            response = await cluster.submit([*declined, _scripted_branch()], "txn-d")
+            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
 
-                async def listed() -> bool:
-                    _, out, _ = await dtm(*at, "heuristics")
-                    return "txn-d" in out
+            async def listed() -> bool:
+                _, out, _ = await dtm(*at, "heuristics")
+                return "txn-d" in out
 
-                await eventually(listed)
-                status, out, _ = await dtm(*at, "heuristics")
-                assert cli.EXIT_OK == status
-                assert "heuristic commit" in out and "aborted" in out and "scripted" in out
-                status, out, _ = await dtm(*at, "heuristics", "--json")
-                [entry] = json.loads(out)
-                assert ("txn-d", 4, "aborted") == (
-                    entry["transaction_id"],
-                    entry["branch"],
-                    entry["decision"],
-                )
+            await eventually(listed)
+            status, out, _ = await dtm(*at, "heuristics")
+            assert cli.EXIT_OK == status
+            assert "heuristic commit" in out and "aborted" in out and "scripted" in out
+            status, out, _ = await dtm(*at, "heuristics", "--json")
+            [entry] = json.loads(out)
+            assert ("txn-d", 4, "aborted") == (
+                entry["transaction_id"],
+                entry["branch"],
+                entry["decision"],
+            )
 
-                status, out, _ = await dtm(*at, "heuristics", "forget", "txn-d", "4")
-                assert cli.EXIT_OK == status
-                assert "forgot the heuristic commit of txn-d/4 at scripted" in out
-                status, out, err = await dtm(*at, "heuristics", "forget", "txn-d", "4")
-                assert cli.EXIT_OK != status
-                assert "already forgotten" in out + err
-            finally:
-                await server.stop(0)
+            status, out, _ = await dtm(*at, "heuristics", "forget", "txn-d", "4")
+            assert cli.EXIT_OK == status
+            assert "forgot the heuristic commit of txn-d/4 at scripted" in out
+            status, out, err = await dtm(*at, "heuristics", "forget", "txn-d", "4")
+            assert cli.EXIT_OK != status
+            assert "already forgotten" in out + err
 
     asyncio.run(scenario())
