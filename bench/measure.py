@@ -27,7 +27,7 @@ from bench.stats import Outcome, Tally
 from bench.workload import UNITS_PER_ORDER, Participant, Workload, initial_state
 from dtm import invariants
 from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
-from dtm.orderflow import ORDERS
+from dtm.orderflow import ORDERS, OrderClient
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 HOST = "127.0.0.1"
@@ -56,6 +56,8 @@ class DtmResult:
     confirmed_orders: int | None = None
     #: The coordinator's memory and log size, sampled during the run.
     footprint: list[footprint.Sample] = field(default_factory=list)
+    #: With --submit-batch: (SubmitBatch calls, transactions they carried) over the run.
+    submit_batches: tuple[int, int] | None = None
 
     @property
     def transactions_total(self) -> int:
@@ -91,7 +93,10 @@ async def measure_dtm(
     keep_data: bool = False,
     progress: bool = True,
     metrics: bool = True,
+    submit_batch: int = 0,
 ) -> DtmResult:
+    """`submit_batch` > 0: the clients' transactions travel in SubmitBatch calls, at most that
+    many in flight per channel (OrderClient's batch_in_flight); 0: one Submit each."""
     owned = data_dir is None
     directory = Path(tempfile.mkdtemp(prefix="dtm-bench-")) if data_dir is None else data_dir
     extras = [participant for participant in participants if participant.extra]
@@ -139,6 +144,7 @@ async def measure_dtm(
                     processes,
                     progress,
                     metric_addresses,
+                    submit_batch,
                 )
             finally:
                 processes.stop()
@@ -219,6 +225,7 @@ async def _load_and_check(
     processes: Processes,
     progress: bool,
     metric_addresses: dict[str, str],
+    submit_batch: int,
 ) -> DtmResult:
     recorder = _Recorder()
     samples: list[hooks.Sample] = []
@@ -251,18 +258,35 @@ async def _load_and_check(
     channels = open_channels(cluster.coordinator_address, spec.clients)
     try:
         stubs = [coordinator_pb2_grpc.CoordinatorStub(channel) for channel in channels]
+        # --submit-batch: one batching client per channel, shared by its clients.
+        batching = (
+            [OrderClient(channel, batch_in_flight=submit_batch) for channel in channels]
+            if submit_batch
+            else []
+        )
+
+        def failed(code: grpc.StatusCode) -> Outcome:
+            recorder.uncertain += 1
+            recorder.unexpected += 1
+            recorder.reasons[f"call failed: {code.name}"] += 1
+            return Outcome.ERROR
 
         async def call(client: int, number: int) -> Outcome:
             order = workload.order(client, number)
-            try:
-                response: coordinator_pb2.SubmitResponse = await channel_of(stubs, client).Submit(
-                    order.request, timeout=SUBMIT_TIMEOUT_S
+            if batching:
+                result = await channel_of(batching, client).submit(
+                    order.request, timeout_s=SUBMIT_TIMEOUT_S
                 )
-            except grpc.aio.AioRpcError as error:
-                recorder.uncertain += 1
-                recorder.unexpected += 1
-                recorder.reasons[f"call failed: {error.code().name}"] += 1
-                return Outcome.ERROR
+                if result.response is None:
+                    return failed(result.code)
+                response = result.response
+            else:
+                try:
+                    response = await channel_of(stubs, client).Submit(
+                        order.request, timeout=SUBMIT_TIMEOUT_S
+                    )
+                except grpc.aio.AioRpcError as error:
+                    return failed(error.code())
             if response.outcome == coordinator_pb2.OUTCOME_COMMITTED:
                 recorder.committed.append(order.order_id)
                 outcome = Outcome.COMMITTED
@@ -284,7 +308,11 @@ async def _load_and_check(
             progress=progress,
             companions=[sample_footprint, *([sample_counters] if metric_addresses else [])],
         )
+        calls = sum(client.batches[0] for client in batching)
+        carried = sum(client.batches[1] for client in batching)
     finally:
+        for order_client in batching:
+            await order_client.close()
         await close_channels(channels)
     processes.check_alive()
 
@@ -324,6 +352,7 @@ async def _load_and_check(
         settle_s=round(settle_s, 3),
         confirmed_orders=confirmed,
         footprint=footprints,
+        submit_batches=(calls, carried) if batching else None,
     )
 
 

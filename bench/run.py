@@ -51,6 +51,7 @@ PRESETS = {
     "full": Preset(duration_s=30.0, warmup_s=5.0, baseline_duration_s=15.0, baseline_warmup_s=3.0),
 }
 DURATION_S_MAX = 3_600.0
+SUBMIT_BATCH_IN_FLIGHT_MAX = 64
 T = TypeVar("T")
 
 
@@ -104,6 +105,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--hot-sku", action="store_true", help="every order on one SKU (contention scenario)"
     )
+    parser.add_argument(
+        "--submit-batch",
+        type=int,
+        default=0,
+        metavar="K",
+        help="clients submit through SubmitBatch (a gateway's shape: the clients of a channel "
+        "share its calls), at most K calls in flight per channel; default 0: one Submit per "
+        "transaction, the shape the targets and the baselines describe",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="measure dtm only")
     parser.add_argument(
         "--results-dir", type=Path, default=report.RESULTS_DIR, help="where the JSON goes"
@@ -127,6 +137,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 1 <= options.clients <= limits.TRANSACTIONS_IN_FLIGHT_MAX:
         parser.error(
             f"--clients must be 1..{limits.TRANSACTIONS_IN_FLIGHT_MAX}, got {options.clients}"
+        )
+    if not 0 <= options.submit_batch <= SUBMIT_BATCH_IN_FLIGHT_MAX:
+        parser.error(
+            f"--submit-batch must be 0..{SUBMIT_BATCH_IN_FLIGHT_MAX}, got {options.submit_batch}"
         )
     if (
         options.data_dir is not None
@@ -157,6 +171,7 @@ def run_config(options: argparse.Namespace) -> RunConfig:
         baseline_warmup_s=pick(options.baseline_warmup, preset.baseline_warmup_s),
         abort_ratio=options.abort_ratio,
         hot_sku=options.hot_sku,
+        submit_batch=options.submit_batch,
         # A preset's name no longer describes the run once its windows are overridden.
         mode=options.mode if options.duration is None and options.warmup is None else "custom",
     )
@@ -208,6 +223,7 @@ async def measure(
         keep_data=keep_data,
         progress=progress,
         metrics=metrics,
+        submit_batch=config.submit_batch,
     )
     return Measurements(dtm=dtm, unary=unary, naive=naive, fsync_p50_ms=fsync_ms)
 

@@ -9,11 +9,13 @@ loopback ports (`dtm.cluster.Cluster`, reused from run to run while it stays hea
   five when dtm/wal.py calls them) x seeds. A run restarts its target with DTM_CRASH_AT armed
   at a seeded count ("<point>@<n>", so the crash hits a different transaction each time),
   submits a seeded burst of concurrent orders (some commit; some abort: out of stock, declined
-  card, insufficient funds), waits for the target to die with status 86, restarts it plainly
-  and lets everything settle. Points hit while a process recovers (*.during_recovery) are
-  reached by SIGKILLing the target mid-burst and restarting it armed.
+  card, insufficient funds; odd seeds send them in SubmitBatch calls, even seeds one by one),
+  waits for the target to die with status 86, restarts it plainly and lets everything settle.
+  Points hit while a process recovers (*.during_recovery) are reached by SIGKILLing the target
+  mid-burst and restarting it armed.
 * Random SIGKILLs under load: several clients submit orders back to back for a few seconds
-  while a seeded nemesis SIGKILLs the coordinator or a service at random times and restarts it.
+  while a seeded nemesis SIGKILLs the coordinator or a service at random times and restarts it
+  (odd seeds: the clients share one client that sends SubmitBatch calls).
 
 After every run, once everything has healed and settled:
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import random
 import shutil
@@ -77,6 +80,8 @@ ORDERS_PER_BURST = 10
 #: Orders of a burst start at seeded offsets within this window, so a crash finds
 #: transactions at different steps.
 BURST_SPREAD_S = 0.15
+# Calls in flight of a burst's batching client (odd seeds): see burst().
+BATCH_IN_FLIGHT = 2
 #: How long a process armed with a *.during_recovery point may take to reach it.
 RECOVERY_CRASH_TIMEOUT_S = 20.0
 #: A retry answered UNAVAILABLE (a channel still reconnecting) is tried again, spaced out.
@@ -484,7 +489,12 @@ class Session:
             request, amount, _ = make_order(rng, order_id)
             planned.append((rng.uniform(0.0, BURST_SPREAD_S), order_id, request, amount))
         self.orders_on_cluster += len(planned)
-        async with OrderClient(cluster.coordinator_address) as client:
+        # Odd seeds send their orders in SubmitBatch calls, even seeds one Submit each: both
+        # paths meet every crash point, and a replay (same seed) takes the same one.
+        batch_in_flight = BATCH_IN_FLIGHT if result.seed % 2 else 0
+        async with OrderClient(
+            cluster.coordinator_address, batch_in_flight=batch_in_flight
+        ) as client:
 
             async def one(
                 delay: float, order_id: str, request: coordinator_pb2.SubmitRequest, amount: int
@@ -648,9 +658,13 @@ class Session:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
+        # Odd seeds: every client's orders travel in the SubmitBatch calls of one shared client.
+        shared = OrderClient(cluster.coordinator_address, batch_in_flight=BATCH_IN_FLIGHT)
+
         async def client(number: int) -> None:
             client_rng = random.Random(f"chaos:kill:{seed}:client:{number}")
-            async with OrderClient(cluster.coordinator_address) as orders:
+            own = None if seed % 2 else OrderClient(cluster.coordinator_address)
+            async with contextlib.nullcontext(shared) if own is None else own as orders:
                 for count in range(ORDERS_PER_CLIENT_MAX):
                     if stop.is_set():
                         return
@@ -682,7 +696,8 @@ class Session:
             finally:
                 stop.set()
 
-        await asyncio.gather(nemesis(), *(client(number) for number in range(LOAD_CLIENTS)))
+        async with shared:
+            await asyncio.gather(nemesis(), *(client(number) for number in range(LOAD_CLIENTS)))
         result.mark("load and kills")
         result.violations += self._unexpected_exits(cluster, ())
         await self.heal(cluster)

@@ -27,6 +27,9 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# A google.rpc.Code value, as a batched answer carries one per item -> its grpc.StatusCode.
+STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
 
 def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),

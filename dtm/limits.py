@@ -18,6 +18,9 @@ RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 BRANCHES_PER_TRANSACTION_MAX = 32
 OPERATION_BYTES_MAX = 64 * 1024
+# Transactions in one SubmitBatch call. Its answer must fit MESSAGE_BYTES_MAX too: 256 answers
+# of 32 branches leave each branch's status about 500 bytes.
+SUBMIT_BATCH_MAX = 256
 # A transaction's fingerprint, as a participant receives it in a Prepare and keeps it with the
 # branch (the coordinator sends 16 bytes); bounded because 100,000 decided branches keep theirs.
 TRANSACTION_FINGERPRINT_BYTES_MAX = 64

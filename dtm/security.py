@@ -15,8 +15,9 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
                                      Recover)
     dtm.v1.ParticipantAdmin/*                                       operators
     dtm.v1.Coordinator/RegisterParticipant, QueryOutcome           participants
-    dtm.v1.Coordinator/Submit, GetTransaction, ListTransactions,   clients
-        RetryTransaction, ListParticipants, ListHeuristics
+    dtm.v1.Coordinator/Submit, SubmitBatch, GetTransaction,        clients
+        ListTransactions, RetryTransaction, ListParticipants,
+        ListHeuristics
     dtm.v1.Coordinator/ForgetHeuristic                             operators
     grpc.health.v1.Health/*, server reflection                     anyone (with a valid cert)
     anything else (the services' read APIs)                         clients
@@ -101,6 +102,7 @@ class Policy:
             "/dtm.v1.Coordinator/RegisterParticipant": participants,
             "/dtm.v1.Coordinator/QueryOutcome": participants,
             "/dtm.v1.Coordinator/Submit": clients,
+            "/dtm.v1.Coordinator/SubmitBatch": clients,
             "/dtm.v1.Coordinator/GetTransaction": clients,
             "/dtm.v1.Coordinator/ListTransactions": clients,
             "/dtm.v1.Coordinator/RetryTransaction": clients,

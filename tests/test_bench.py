@@ -379,6 +379,33 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     assert "latency split" not in report.format_table(bare)
 
 
+def test_batched_submits_share_the_client_messages_and_are_not_judged_by_the_targets() -> None:
+    dtm = DtmResult(
+        participants=participants_for(4),
+        tally=fake_tally(2000, 0),
+        invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        # 8 coordinator messages per transaction, and the client's 2 per call.
+        costs=hooks.Costs(messages_per_txn=8 + hooks.CLIENT_MESSAGES_PER_TXN),
+        submit_batches=(250, 2000),
+    )
+    config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick", submit_batch=2)
+    unary = BaselineResult("unary echo", 0, fake_tally(1000, 0))
+    results = report.build_results(
+        config, dtm, unary, None, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+    )
+    assert 2 == results["submit_batch"]
+    assert 8.0 == results["submit_batch_items_per_call"]
+    assert 0.25 == results["client_messages_per_txn"]
+    assert 8.25 == results["messages_per_txn"]
+    # Each figure is reported, but the targets describe one client call per transaction.
+    assert results["txn_per_s"] == results["targets"]["throughput"]["value"]
+    assert {"throughput", "p99", "ratio_vs_unary"} == set(results["targets"])
+    assert {None} == {target["met"] for target in results["targets"].values()}
+    text = report.format_table(results)
+    assert "8.00 transactions per call" in text
+    assert "not judged" in text and "NOT met" not in text
+
+
 def test_the_one_client_floor_is_two_round_trips_and_two_forced_writes() -> None:
     assert {"one_client_floor_ms": 2.2, "one_client_floor_vs_unary_p50": 2.75} == (
         report.one_client_floor(1, 0.8, 0.3)
@@ -557,13 +584,17 @@ def test_baselines_run_for_real() -> None:
 
 
 @pytest.mark.slow
-def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("submit_batch", [0, 2])
+def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(
+    tmp_path: Path, submit_batch: int
+) -> None:
     completed = subprocess.run(
         [
             sys.executable,
             "-m",
             "bench.run",
-            *("--clients", "2", "--duration", "1", "--warmup", "0.2"),
+            *("--clients", "4", "--duration", "1", "--warmup", "0.2"),
+            *("--submit-batch", str(submit_batch)),
             "--no-baselines",
             "--no-progress",
             *("--results-dir", str(tmp_path)),
@@ -586,6 +617,10 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(tmp_path: Pat
     assert len(results["footprint_samples"]) >= 2
     assert results["footprint_samples"][-1]["at_s"] >= 1.0
     assert "coordinator footprint" in completed.stdout
+    assert submit_batch == results["submit_batch"]
+    if submit_batch:  # the clients' calls carried their transactions, each counted once
+        assert 1 <= results["submit_batch_items_per_call"] <= 4
+        assert "submit batching" in completed.stdout
 
 
 # ---- the coordinator's footprint (make bench-soak) ----

@@ -112,8 +112,10 @@ class Batcher(Generic[Item]):
         policy: BatchPolicy,
         tasks: set[asyncio.Task[None]],
         urgent: Callable[[Item], bool] = lambda item: False,
+        component: str = "coordinator",
     ) -> None:
         self._send = send
+        self._component = component
         self._policy = policy
         self._urgent = urgent
         self._queue: deque[Item] = deque()
@@ -129,9 +131,14 @@ class Batcher(Generic[Item]):
         self.calls = 0
         self.items = 0
 
-    def close(self) -> None:
-        """Send nothing more: a flush still scheduled (a linger timer) finds it closed."""
+    def close(self) -> list[Item]:
+        """Send nothing more: a flush still scheduled (a linger timer) finds it closed. The
+        items still queued, never sent, are handed back."""
         self._closed = True
+        unsent = list(self._queue)
+        self._queue.clear()
+        self._queued_urgent = 0
+        return unsent
 
     def hurry(self) -> None:
         """Stop lingering, from now on: what is queued leaves as soon as a call may carry it.
@@ -199,7 +206,7 @@ class Batcher(Generic[Item]):
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        logs.report_failure(task, "coordinator", "a batched call")
+        logs.report_failure(task, self._component, "a batched call")
 
     async def _run(self, batch: list[Item], urgent: bool) -> None:
         try:

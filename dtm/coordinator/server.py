@@ -70,6 +70,10 @@ def _list_limit(requested: int) -> int:
     )
 
 
+def _refused(code: grpc.StatusCode, message: str) -> coordinator_pb2.SubmitResult:
+    return coordinator_pb2.SubmitResult(code=code.value[0], message=message)
+
+
 def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
     """Identity of a Submit's content, so a reused id with other content is caught."""
     digest = hashlib.blake2b(digest_size=16)
@@ -130,18 +134,40 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Submit(
         self, request: coordinator_pb2.SubmitRequest, context: Context
     ) -> coordinator_pb2.SubmitResponse:
+        result = await self._submit(request)
+        if result.code:
+            await context.abort(grpc_edge.STATUS_OF_CODE[result.code], result.message)
+        return result.response
+
+    async def SubmitBatch(
+        self, request: coordinator_pb2.SubmitBatchRequest, context: Context
+    ) -> coordinator_pb2.SubmitBatchResponse:
+        count = len(request.transactions)
+        if not 1 <= count <= limits.SUBMIT_BATCH_MAX:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{count} transactions; a SubmitBatch carries 1..{limits.SUBMIT_BATCH_MAX} "
+                "(nothing was run)",
+            )
+        # Each one runs as its own Submit would, concurrently: one slow transaction does not
+        # hold the others back from their participants, only from this call's answer.
+        results = await asyncio.gather(*map(self._submit, request.transactions))
+        return coordinator_pb2.SubmitBatchResponse(results=results)
+
+    async def _submit(self, request: coordinator_pb2.SubmitRequest) -> coordinator_pb2.SubmitResult:
+        """Run one transaction; its answer as a value (Submit turns a failure into a status)."""
         started = time.perf_counter()
         try:
-            return await self._submit(request, context)
+            return await self._run_submit(request)
         finally:
             self.engine.observer.submit_handled(started)
 
-    async def _submit(
-        self, request: coordinator_pb2.SubmitRequest, context: Context
-    ) -> coordinator_pb2.SubmitResponse:
+    async def _run_submit(
+        self, request: coordinator_pb2.SubmitRequest
+    ) -> coordinator_pb2.SubmitResult:
         problem = self._check_submit(request)
         if problem is not None:
-            await context.abort(*problem)
+            return _refused(*problem)
         timeout_ms = request.timeout_ms or self.coordinator.config.transaction_timeout_ms
         try:
             run = await self.engine.submit(
@@ -151,26 +177,27 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 _fingerprint(request),
             )
         except SubmitRejected as rejected:
-            await context.abort(rejected.code, str(rejected))
-            raise  # unreachable
+            return _refused(rejected.code, str(rejected))
         if run.id_reused:
             # Beyond the coordinator's own memory (finished_kept): a participant remembered.
-            await context.abort(
+            return _refused(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{run.id_reused}; this attempt was aborted and nothing was applied: choose a "
                 "new transaction id",
             )
         if run.invalid_argument:
-            await context.abort(
+            return _refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{run.invalid_argument}; transaction {run.txn.transaction_id} was aborted and "
                 "nothing was applied",
             )
-        return coordinator_pb2.SubmitResponse(
-            transaction_id=run.txn.transaction_id,
-            outcome=run.answer(),  # type: ignore[arg-type]  # an Outcome enum value is an int
-            reason=run.txn.reason,
-            branches=branch_statuses(run),
+        return coordinator_pb2.SubmitResult(
+            response=coordinator_pb2.SubmitResponse(
+                transaction_id=run.txn.transaction_id,
+                outcome=run.answer(),  # type: ignore[arg-type]  # an Outcome enum value is an int
+                reason=run.txn.reason,
+                branches=branch_statuses(run),
+            )
         )
 
     def _check_submit(

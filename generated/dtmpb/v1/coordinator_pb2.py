@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64tmpb/v1/coordinator.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\"I\n\x0c\x43\x61pabilities\x12\x11\n\tone_phase\x18\x01 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x08\x12\x17\n\x0foperation_types\x18\x03 \x03(\t\"g\n\x1aRegisterParticipantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x14.dtm.v1.Capabilities\".\n\x1bRegisterParticipantResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"\x19\n\x17ListParticipantsRequest\"{\n\x0fParticipantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x14.dtm.v1.Capabilities\x12\x1d\n\x15registered_at_unix_ms\x18\x04 \x01(\x03\"I\n\x18ListParticipantsResponse\x12-\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x17.dtm.v1.ParticipantInfo\"M\n\rBranchRequest\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\toperation\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\"d\n\rSubmitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x15.dtm.v1.BranchRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\x82\x01\n\x0eSubmitResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12 \n\x07outcome\x18\x02 \x01(\x0e\x32\x0f.dtm.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x08\x62ranches\x18\x04 \x03(\x0b\x32\x14.dtm.v1.BranchStatus\"\xb8\x01\n\x0c\x42ranchStatus\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x1a\n\x04vote\x18\x03 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63knowledged\x18\x05 \x01(\x08\x12\x1a\n\x12phase_two_attempts\x18\x06 \x01(\r\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x11\n\theuristic\x18\x08 \x01(\t\"\xd2\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.dtm.v1.TransactionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x05 \x01(\x03\x12&\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x14.dtm.v1.BranchStatus\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\"/\n\x15GetTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"R\n\x17ListTransactionsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.dtm.v1.TransactionState\x12\r\n\x05limit\x18\x02 \x01(\r\"E\n\x18ListTransactionsResponse\x12)\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x13.dtm.v1.Transaction\"B\n\x13QueryOutcomeRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\"8\n\x14QueryOutcomeResponse\x12 \n\x07outcome\x18\x01 \x01(\x0e\x32\x0f.dtm.v1.Outcome\"1\n\x17RetryTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xb0\x01\n\x10HeuristicOutcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12!\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0e\x32\x0f.dtm.v1.Outcome\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x1b\n\x13recorded_at_unix_ms\x18\x07 \x01(\x03\"&\n\x15ListHeuristicsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"U\n\x16ListHeuristicsResponse\x12,\n\nheuristics\x18\x01 \x03(\x0b\x32\x18.dtm.v1.HeuristicOutcome\x12\r\n\x05total\x18\x02 \x01(\r\"@\n\x16\x46orgetHeuristicRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"F\n\x17\x46orgetHeuristicResponse\x12+\n\tforgotten\x18\x01 \x01(\x0b\x32\x18.dtm.v1.HeuristicOutcome*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x03*\x97\x02\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x01\x12\x1e\n\x1aTRANSACTION_STATE_DECIDING\x10\x02\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x06\x12\x1d\n\x19TRANSACTION_STATE_UNKNOWN\x10\x07*i\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x11\n\rVOTE_PREPARED\x10\x01\x12\x12\n\x0eVOTE_READ_ONLY\x10\x02\x12\x10\n\x0cVOTE_REFUSED\x10\x03\x12\x12\n\x0eVOTE_COMMITTED\x10\x04\x32\xd4\x05\n\x0b\x43oordinator\x12^\n\x13RegisterParticipant\x12\".dtm.v1.RegisterParticipantRequest\x1a#.dtm.v1.RegisterParticipantResponse\x12U\n\x10ListParticipants\x12\x1f.dtm.v1.ListParticipantsRequest\x1a .dtm.v1.ListParticipantsResponse\x12\x37\n\x06Submit\x12\x15.dtm.v1.SubmitRequest\x1a\x16.dtm.v1.SubmitResponse\x12\x44\n\x0eGetTransaction\x12\x1d.dtm.v1.GetTransactionRequest\x1a\x13.dtm.v1.Transaction\x12U\n\x10ListTransactions\x12\x1f.dtm.v1.ListTransactionsRequest\x1a .dtm.v1.ListTransactionsResponse\x12I\n\x0cQueryOutcome\x12\x1b.dtm.v1.QueryOutcomeRequest\x1a\x1c.dtm.v1.QueryOutcomeResponse\x12H\n\x10RetryTransaction\x12\x1f.dtm.v1.RetryTransactionRequest\x1a\x13.dtm.v1.Transaction\x12O\n\x0eListHeuristics\x12\x1d.dtm.v1.ListHeuristicsRequest\x1a\x1e.dtm.v1.ListHeuristicsResponse\x12R\n\x0f\x46orgetHeuristic\x12\x1e.dtm.v1.ForgetHeuristicRequest\x1a\x1f.dtm.v1.ForgetHeuristicResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64tmpb/v1/coordinator.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\"I\n\x0c\x43\x61pabilities\x12\x11\n\tone_phase\x18\x01 \x01(\x08\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x08\x12\x17\n\x0foperation_types\x18\x03 \x03(\t\"g\n\x1aRegisterParticipantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x14.dtm.v1.Capabilities\".\n\x1bRegisterParticipantResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x01(\x08\"\x19\n\x17ListParticipantsRequest\"{\n\x0fParticipantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12*\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32\x14.dtm.v1.Capabilities\x12\x1d\n\x15registered_at_unix_ms\x18\x04 \x01(\x03\"I\n\x18ListParticipantsResponse\x12-\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x17.dtm.v1.ParticipantInfo\"M\n\rBranchRequest\x12\x13\n\x0bparticipant\x18\x01 \x01(\t\x12\'\n\toperation\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\"d\n\rSubmitRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x15.dtm.v1.BranchRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\x82\x01\n\x0eSubmitResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12 \n\x07outcome\x18\x02 \x01(\x0e\x32\x0f.dtm.v1.Outcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x08\x62ranches\x18\x04 \x03(\x0b\x32\x14.dtm.v1.BranchStatus\"A\n\x12SubmitBatchRequest\x12+\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x15.dtm.v1.SubmitRequest\"W\n\x0cSubmitResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12(\n\x08response\x18\x02 \x01(\x0b\x32\x16.dtm.v1.SubmitResponse\x12\x0f\n\x07message\x18\x03 \x01(\t\"<\n\x13SubmitBatchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.dtm.v1.SubmitResult\"\xb8\x01\n\x0c\x42ranchStatus\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x1a\n\x04vote\x18\x03 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x14\n\x0c\x61\x63knowledged\x18\x05 \x01(\x08\x12\x1a\n\x12phase_two_attempts\x18\x06 \x01(\r\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12\x11\n\theuristic\x18\x08 \x01(\t\"\xd2\x01\n\x0bTransaction\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.dtm.v1.TransactionState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x04 \x01(\x03\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x05 \x01(\x03\x12&\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x14.dtm.v1.BranchStatus\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\"/\n\x15GetTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"R\n\x17ListTransactionsRequest\x12(\n\x06states\x18\x01 \x03(\x0e\x32\x18.dtm.v1.TransactionState\x12\r\n\x05limit\x18\x02 \x01(\r\"E\n\x18ListTransactionsResponse\x12)\n\x0ctransactions\x18\x01 \x03(\x0b\x32\x13.dtm.v1.Transaction\"B\n\x13QueryOutcomeRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\"8\n\x14QueryOutcomeResponse\x12 \n\x07outcome\x18\x01 \x01(\x0e\x32\x0f.dtm.v1.Outcome\"1\n\x17RetryTransactionRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xb0\x01\n\x10HeuristicOutcome\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12!\n\x08\x64\x65\x63ision\x18\x05 \x01(\x0e\x32\x0f.dtm.v1.Outcome\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x12\x1b\n\x13recorded_at_unix_ms\x18\x07 \x01(\x03\"&\n\x15ListHeuristicsRequest\x12\r\n\x05limit\x18\x01 \x01(\r\"U\n\x16ListHeuristicsResponse\x12,\n\nheuristics\x18\x01 \x03(\x0b\x32\x18.dtm.v1.HeuristicOutcome\x12\r\n\x05total\x18\x02 \x01(\r\"@\n\x16\x46orgetHeuristicRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"F\n\x17\x46orgetHeuristicResponse\x12+\n\tforgotten\x18\x01 \x01(\x0b\x32\x18.dtm.v1.HeuristicOutcome*c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_COMMITTED\x10\x01\x12\x13\n\x0fOUTCOME_ABORTED\x10\x02\x12\x13\n\x0fOUTCOME_UNKNOWN\x10\x03*\x97\x02\n\x10TransactionState\x12!\n\x1dTRANSACTION_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_STATE_PREPARING\x10\x01\x12\x1e\n\x1aTRANSACTION_STATE_DECIDING\x10\x02\x12 \n\x1cTRANSACTION_STATE_COMMITTING\x10\x03\x12\x1f\n\x1bTRANSACTION_STATE_COMMITTED\x10\x04\x12\x1e\n\x1aTRANSACTION_STATE_ABORTING\x10\x05\x12\x1d\n\x19TRANSACTION_STATE_ABORTED\x10\x06\x12\x1d\n\x19TRANSACTION_STATE_UNKNOWN\x10\x07*i\n\x04Vote\x12\x14\n\x10VOTE_UNSPECIFIED\x10\x00\x12\x11\n\rVOTE_PREPARED\x10\x01\x12\x12\n\x0eVOTE_READ_ONLY\x10\x02\x12\x10\n\x0cVOTE_REFUSED\x10\x03\x12\x12\n\x0eVOTE_COMMITTED\x10\x04\x32\x9c\x06\n\x0b\x43oordinator\x12^\n\x13RegisterParticipant\x12\".dtm.v1.RegisterParticipantRequest\x1a#.dtm.v1.RegisterParticipantResponse\x12U\n\x10ListParticipants\x12\x1f.dtm.v1.ListParticipantsRequest\x1a .dtm.v1.ListParticipantsResponse\x12\x37\n\x06Submit\x12\x15.dtm.v1.SubmitRequest\x1a\x16.dtm.v1.SubmitResponse\x12\x46\n\x0bSubmitBatch\x12\x1a.dtm.v1.SubmitBatchRequest\x1a\x1b.dtm.v1.SubmitBatchResponse\x12\x44\n\x0eGetTransaction\x12\x1d.dtm.v1.GetTransactionRequest\x1a\x13.dtm.v1.Transaction\x12U\n\x10ListTransactions\x12\x1f.dtm.v1.ListTransactionsRequest\x1a .dtm.v1.ListTransactionsResponse\x12I\n\x0cQueryOutcome\x12\x1b.dtm.v1.QueryOutcomeRequest\x1a\x1c.dtm.v1.QueryOutcomeResponse\x12H\n\x10RetryTransaction\x12\x1f.dtm.v1.RetryTransactionRequest\x1a\x13.dtm.v1.Transaction\x12O\n\x0eListHeuristics\x12\x1d.dtm.v1.ListHeuristicsRequest\x1a\x1e.dtm.v1.ListHeuristicsResponse\x12R\n\x0f\x46orgetHeuristic\x12\x1e.dtm.v1.ForgetHeuristicRequest\x1a\x1f.dtm.v1.ForgetHeuristicResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtmpb.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=2059
-  _globals['_OUTCOME']._serialized_end=2158
-  _globals['_TRANSACTIONSTATE']._serialized_start=2161
-  _globals['_TRANSACTIONSTATE']._serialized_end=2440
-  _globals['_VOTE']._serialized_start=2442
-  _globals['_VOTE']._serialized_end=2547
+  _globals['_OUTCOME']._serialized_start=2277
+  _globals['_OUTCOME']._serialized_end=2376
+  _globals['_TRANSACTIONSTATE']._serialized_start=2379
+  _globals['_TRANSACTIONSTATE']._serialized_end=2658
+  _globals['_VOTE']._serialized_start=2660
+  _globals['_VOTE']._serialized_end=2765
   _globals['_CAPABILITIES']._serialized_start=65
   _globals['_CAPABILITIES']._serialized_end=138
   _globals['_REGISTERPARTICIPANTREQUEST']._serialized_start=140
@@ -56,32 +56,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST']._serialized_end=699
   _globals['_SUBMITRESPONSE']._serialized_start=702
   _globals['_SUBMITRESPONSE']._serialized_end=832
-  _globals['_BRANCHSTATUS']._serialized_start=835
-  _globals['_BRANCHSTATUS']._serialized_end=1019
-  _globals['_TRANSACTION']._serialized_start=1022
-  _globals['_TRANSACTION']._serialized_end=1232
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1234
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1281
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1283
-  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1365
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1367
-  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1436
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=1438
-  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=1504
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=1506
-  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=1562
-  _globals['_RETRYTRANSACTIONREQUEST']._serialized_start=1564
-  _globals['_RETRYTRANSACTIONREQUEST']._serialized_end=1613
-  _globals['_HEURISTICOUTCOME']._serialized_start=1616
-  _globals['_HEURISTICOUTCOME']._serialized_end=1792
-  _globals['_LISTHEURISTICSREQUEST']._serialized_start=1794
-  _globals['_LISTHEURISTICSREQUEST']._serialized_end=1832
-  _globals['_LISTHEURISTICSRESPONSE']._serialized_start=1834
-  _globals['_LISTHEURISTICSRESPONSE']._serialized_end=1919
-  _globals['_FORGETHEURISTICREQUEST']._serialized_start=1921
-  _globals['_FORGETHEURISTICREQUEST']._serialized_end=1985
-  _globals['_FORGETHEURISTICRESPONSE']._serialized_start=1987
-  _globals['_FORGETHEURISTICRESPONSE']._serialized_end=2057
-  _globals['_COORDINATOR']._serialized_start=2550
-  _globals['_COORDINATOR']._serialized_end=3274
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=834
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=899
+  _globals['_SUBMITRESULT']._serialized_start=901
+  _globals['_SUBMITRESULT']._serialized_end=988
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=990
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=1050
+  _globals['_BRANCHSTATUS']._serialized_start=1053
+  _globals['_BRANCHSTATUS']._serialized_end=1237
+  _globals['_TRANSACTION']._serialized_start=1240
+  _globals['_TRANSACTION']._serialized_end=1450
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1452
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1499
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_start=1501
+  _globals['_LISTTRANSACTIONSREQUEST']._serialized_end=1583
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_start=1585
+  _globals['_LISTTRANSACTIONSRESPONSE']._serialized_end=1654
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_start=1656
+  _globals['_QUERYOUTCOMEREQUEST']._serialized_end=1722
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_start=1724
+  _globals['_QUERYOUTCOMERESPONSE']._serialized_end=1780
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_start=1782
+  _globals['_RETRYTRANSACTIONREQUEST']._serialized_end=1831
+  _globals['_HEURISTICOUTCOME']._serialized_start=1834
+  _globals['_HEURISTICOUTCOME']._serialized_end=2010
+  _globals['_LISTHEURISTICSREQUEST']._serialized_start=2012
+  _globals['_LISTHEURISTICSREQUEST']._serialized_end=2050
+  _globals['_LISTHEURISTICSRESPONSE']._serialized_start=2052
+  _globals['_LISTHEURISTICSRESPONSE']._serialized_end=2137
+  _globals['_FORGETHEURISTICREQUEST']._serialized_start=2139
+  _globals['_FORGETHEURISTICREQUEST']._serialized_end=2203
+  _globals['_FORGETHEURISTICRESPONSE']._serialized_start=2205
+  _globals['_FORGETHEURISTICRESPONSE']._serialized_end=2275
+  _globals['_COORDINATOR']._serialized_start=2768
+  _globals['_COORDINATOR']._serialized_end=3564
 # @@protoc_insertion_point(module_scope)

@@ -129,6 +129,28 @@ class SubmitResponse(_message.Message):
     branches: _containers.RepeatedCompositeFieldContainer[BranchStatus]
     def __init__(self, transaction_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., reason: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[BranchStatus, _Mapping]]] = ...) -> None: ...
 
+class SubmitBatchRequest(_message.Message):
+    __slots__ = ("transactions",)
+    TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
+    transactions: _containers.RepeatedCompositeFieldContainer[SubmitRequest]
+    def __init__(self, transactions: _Optional[_Iterable[_Union[SubmitRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitResult(_message.Message):
+    __slots__ = ("code", "response", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    response: SubmitResponse
+    message: str
+    def __init__(self, code: _Optional[int] = ..., response: _Optional[_Union[SubmitResponse, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SubmitBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
+
 class BranchStatus(_message.Message):
     __slots__ = ("branch", "participant", "vote", "reason", "acknowledged", "phase_two_attempts", "last_error", "heuristic")
     BRANCH_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class CoordinatorStub:
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitBatch = channel.unary_unary(
+                '/dtm.v1.Coordinator/SubmitBatch',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.FromString,
+                _registered_method=True)
         self.GetTransaction = channel.unary_unary(
                 '/dtm.v1.Coordinator/GetTransaction',
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.GetTransactionRequest.SerializeToString,
@@ -97,6 +102,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitBatch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +166,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitBatch,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.SerializeToString,
             ),
             'GetTransaction': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransaction,
@@ -268,6 +284,33 @@ class Coordinator:
             '/dtm.v1.Coordinator/Submit',
             dtmpb_dot_v1_dot_coordinator__pb2.SubmitRequest.SerializeToString,
             dtmpb_dot_v1_dot_coordinator__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/SubmitBatch',
+            dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.SubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,184 @@
+"""SubmitBatch: many independent transactions in one call, each answered as its own Submit would
+be; and OrderClient's batching, which sends concurrent submits together."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtm import limits
+from dtm.orderflow import OrderClient, SubmitResult
+from dtmpb.v1 import coordinator_pb2, shop_pb2
+from tests.harness import InProcessCluster, order_branches, pack
+
+Code = grpc.StatusCode
+
+
+def order(order_id: str, sku: str = "sku-apple", **fields: object) -> coordinator_pb2.SubmitRequest:
+    return coordinator_pb2.SubmitRequest(
+        transaction_id=f"txn-{order_id}",
+        branches=order_branches(order_id, [(sku, 1)]),
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def unknown_participant(order_id: str) -> coordinator_pb2.SubmitRequest:
+    branch = coordinator_pb2.BranchRequest(
+        participant="warehouse", operation=pack(shop_pb2.ReserveStock())
+    )
+    return coordinator_pb2.SubmitRequest(transaction_id=f"txn-{order_id}", branches=[branch])
+
+
+async def unary_answer(
+    cluster: InProcessCluster, request: coordinator_pb2.SubmitRequest
+) -> tuple[int, str]:
+    """(code, status message) of the unary Submit of `request`: what a batch must repeat."""
+    try:
+        await cluster.client.Submit(request, timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error.code().value[0], error.details() or ""
+    return 0, ""
+
+
+def test_each_transaction_of_a_batch_is_answered_as_its_own_submit_would_be(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, stock={"sku-apple": 10, "sku-pear": 0}) as cluster:
+            refused = [
+                unknown_participant("o-nowhere"),
+                coordinator_pb2.SubmitRequest(transaction_id="bad id!", branches=[]),
+                coordinator_pb2.SubmitRequest(transaction_id="txn-empty"),
+                order("o-too-long", timeout_ms=limits.TRANSACTION_TIMEOUT_MS_MAX + 1),
+            ]
+            batch = [order("o-1"), order("o-2"), order("o-pear", sku="sku-pear"), *refused]
+            # The same transaction twice in one call: it runs once, both get its outcome.
+            batch.append(order("o-1"))
+            response = await cluster.client.SubmitBatch(
+                coordinator_pb2.SubmitBatchRequest(transactions=batch), timeout=30
+            )
+            results = list(response.results)
+            assert len(batch) == len(results)
+            first, second, pear, *bad, again = results
+            for result, order_id in ((first, "o-1"), (second, "o-2"), (again, "o-1")):
+                assert 0 == result.code, result.message
+                assert f"txn-{order_id}" == result.response.transaction_id
+                assert coordinator_pb2.OUTCOME_COMMITTED == result.response.outcome
+            assert 0 == pear.code
+            assert coordinator_pb2.OUTCOME_ABORTED == pear.response.outcome
+            assert "sku-pear" in pear.response.reason
+            # Bad input: the code and message the unary Submit gives, with nothing run.
+            codes = [Code.NOT_FOUND, *[Code.INVALID_ARGUMENT] * 3]
+            for request, result, code in zip(refused, bad, codes, strict=True):
+                assert code.value[0] == result.code, result.message
+                assert not result.HasField("response")
+                assert (result.code, result.message) == await unary_answer(cluster, request)
+            stock = await cluster.stock()
+            assert (8, 2) == (
+                stock["sku-apple"].available,
+                stock["sku-apple"].reserved,
+            )  # o-1 once, o-2 once
+            assert {"o-1", "o-2"} == {
+                order_id
+                for order_id, placed in (await cluster.orders()).items()
+                if placed.state == shop_pb2.ORDER_STATE_CONFIRMED
+            }
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("count", [0, limits.SUBMIT_BATCH_MAX + 1])
+def test_a_batch_outside_its_bounds_is_refused_whole_and_runs_nothing(
+    tmp_path: Path, count: int
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            batch = [order(f"o-{index}") for index in range(count)]
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await cluster.client.SubmitBatch(
+                    coordinator_pb2.SubmitBatchRequest(transactions=batch), timeout=30
+                )
+            assert Code.INVALID_ARGUMENT == raised.value.code()
+            assert f"1..{limits.SUBMIT_BATCH_MAX}" in (raised.value.details() or "")
+            assert "nothing was run" in (raised.value.details() or "")
+            assert not await cluster.orders()
+            assert not cluster.coordinator.engine.counters.committed
+
+    asyncio.run(scenario())
+
+
+def test_a_batching_client_sends_concurrent_submits_in_one_call(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            client = OrderClient(cluster.coordinator_address, batch_in_flight=1)
+            async with client:
+                requests = [order(f"o-{index}") for index in range(20)]
+                requests.append(unknown_participant("o-nowhere"))
+                results = await asyncio.gather(*map(client.submit, requests))
+                # Submitted in one event-loop iteration: they left together.
+                assert (1, 21) == client.batches
+            *committed, refused = results
+            assert all(result.committed for result in committed), [r.reason for r in results]
+            assert [f"txn-o-{index}" for index in range(20)] == [
+                result.transaction_id for result in committed
+            ]
+            assert Code.NOT_FOUND == refused.code
+            assert refused.response is None
+            assert (Code.NOT_FOUND.value[0], refused.message) == await unary_answer(
+                cluster, requests[-1]
+            )
+            assert 20 == (await cluster.stock())["sku-apple"].reserved
+
+    asyncio.run(scenario())
+
+
+def test_submits_queue_behind_the_calls_in_flight_and_leave_together(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
+                first = asyncio.ensure_future(client.submit(order("o-first")))
+                await asyncio.sleep(0.001)  # its call is in flight now
+                later = [asyncio.ensure_future(client.submit(order(f"o-{i}"))) for i in range(5)]
+                results: list[SubmitResult] = await asyncio.gather(first, *later)
+                assert (2, 6) == client.batches
+            assert all(result.committed for result in results)
+
+    asyncio.run(scenario())
+
+
+def test_closing_a_batching_client_answers_what_it_never_sent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            client = OrderClient(cluster.coordinator_address, batch_in_flight=1)
+            first = asyncio.ensure_future(client.submit(order("o-sent")))
+            await asyncio.sleep(0.001)  # in flight
+            queued = asyncio.ensure_future(client.submit(order("o-never")))
+            await asyncio.sleep(0)  # queued behind it
+            await client.close()  # waits for the call in flight, answers the queued one
+            assert (await first).committed
+            never = await queued
+            assert Code.CANCELLED == never.code
+            assert "o-never" not in await cluster.orders()
+
+    asyncio.run(scenario())
+
+
+def test_a_batching_client_reports_a_failed_call_for_every_transaction_in_it() -> None:
+    async def scenario() -> None:
+        # Nothing listens there: the call fails, and each transaction gets its status.
+        async with OrderClient("127.0.0.1:1", batch_in_flight=2) as client:
+            results = await asyncio.gather(
+                *(client.submit(order(f"o-{index}"), timeout_s=2) for index in range(3))
+            )
+        assert {Code.UNAVAILABLE} == {result.code for result in results}
+        assert ["txn-o-0", "txn-o-1", "txn-o-2"] == [r.transaction_id for r in results]
+
+    asyncio.run(scenario())
+
+
+def test_a_negative_number_of_calls_in_flight_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch_in_flight"):
+        OrderClient("127.0.0.1:1", batch_in_flight=-1)
