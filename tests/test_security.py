@@ -330,6 +330,15 @@ def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: P
                     "'inventory'",
                     "Submit",
                 )
+                batch = coordinator_pb2.SubmitBatchRequest(
+                    transactions=[coordinator_pb2.SubmitRequest(branches=order("o-by-batch"))]
+                )
+                await expect_status(
+                    coordinator_pb2_grpc.CoordinatorStub(ch).SubmitBatch(batch, timeout=TIMEOUT_S),
+                    Code.PERMISSION_DENIED,
+                    "'inventory'",
+                    "SubmitBatch",
+                )
             # Forgetting a heuristic outcome is the operators' alone; listing them is a read.
             forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="t-none", branch=0)
             async with security.channel(cluster.coordinator_address, cluster.tls("client")) as ch:
