@@ -12,7 +12,7 @@ import pytest
 from dtm import limits
 from dtm.orderflow import OrderClient, SubmitResult
 from dtmpb.v1 import coordinator_pb2, shop_pb2
-from tests.harness import InProcessCluster, order_branches, pack
+from tests.harness import InProcessCluster, eventually, order_branches, pack
 
 Code = grpc.StatusCode
 
@@ -76,16 +76,18 @@ def test_each_transaction_of_a_batch_is_answered_as_its_own_submit_would_be(
                 assert code.value[0] == result.code, result.message
                 assert not result.HasField("response")
                 assert (result.code, result.message) == await unary_answer(cluster, request)
-            stock = await cluster.stock()
-            assert (8, 2) == (
-                stock["sku-apple"].available,
-                stock["sku-apple"].reserved,
-            )  # o-1 once, o-2 once
-            assert {"o-1", "o-2"} == {
-                order_id
-                for order_id, placed in (await cluster.orders()).items()
-                if placed.state == shop_pb2.ORDER_STATE_CONFIRMED
-            }
+
+            # Phase 2 reaches the services after the answer: wait for it.
+            async def applied_once() -> bool:
+                apple = (await cluster.stock())["sku-apple"]
+                confirmed = {
+                    order_id
+                    for order_id, placed in (await cluster.orders()).items()
+                    if placed.state == shop_pb2.ORDER_STATE_CONFIRMED
+                }
+                return (apple.available, apple.sold, confirmed) == (8, 2, {"o-1", "o-2"})
+
+            await eventually(applied_once)
 
     asyncio.run(scenario())
 
@@ -130,7 +132,11 @@ def test_a_batching_client_sends_concurrent_submits_in_one_call(tmp_path: Path) 
             assert (Code.NOT_FOUND.value[0], refused.message) == await unary_answer(
                 cluster, requests[-1]
             )
-            assert 20 == (await cluster.stock())["sku-apple"].reserved
+
+            async def all_sold() -> bool:
+                return 20 == (await cluster.stock())["sku-apple"].sold
+
+            await eventually(all_sold)
 
     asyncio.run(scenario())
 

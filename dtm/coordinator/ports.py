@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf import any_pb2
 
-from dtm import limits, logs
+from dtm import grpc_edge, limits, logs
 from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtm.core.transaction import Vote
@@ -335,7 +335,7 @@ class ParticipantPort:
         for decision, result in zip(decisions, response.results, strict=True):
             heuristic = result.heuristic
             if not result.ok:
-                code = _CODES.get(result.code, grpc.StatusCode.UNKNOWN)
+                code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
                 heuristic = reported_heuristic(decision.commit, code, heuristic)
             decision.done(DecideResult(result.ok, result.error, heuristic))
         for prepare, answer in zip(prepares, response.votes, strict=True):
@@ -401,9 +401,6 @@ def heuristic_of(error: grpc.aio.AioRpcError) -> str:
         if key == HEURISTIC_METADATA_KEY:
             return str(value if isinstance(value, str) else value.decode())
     return ""
-
-
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def reported_heuristic(commit: bool, code: grpc.StatusCode, forced: str) -> str:
