@@ -84,7 +84,8 @@ BURST_SPREAD_S = 0.15
 BATCH_IN_FLIGHT = 2
 #: How long a process armed with a *.during_recovery point may take to reach it.
 RECOVERY_CRASH_TIMEOUT_S = 20.0
-#: A retry answered UNAVAILABLE (a channel still reconnecting) is tried again, spaced out.
+#: A retry whose outcome is still open (UNAVAILABLE: a channel still reconnecting) is tried
+#: again, spaced out (OrderClient.submit_until_known).
 RETRY_ATTEMPTS = 5
 RETRY_SPACING_S = 0.2
 #: Bound on one run, whatever happens inside it.
@@ -538,14 +539,12 @@ class Session:
 
         async def retry(client: OrderClient, record: ClientRecord) -> SubmitResult:
             assert record.request is not None
-            answer = await client.submit(record.request, timeout_s=SUBMIT_TIMEOUT_S)
-            for _ in range(RETRY_ATTEMPTS - 1):
-                if answer.outcome not in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                    break
-                # The coordinator exposes no event for "my channel is up": bounded polling.
-                await asyncio.sleep(RETRY_SPACING_S)
-                answer = await client.submit(record.request, timeout_s=SUBMIT_TIMEOUT_S)
-            return answer
+            return await client.submit_until_known(
+                record.request,
+                attempts=RETRY_ATTEMPTS,
+                timeout_s=SUBMIT_TIMEOUT_S,
+                backoff_s=(RETRY_SPACING_S, RETRY_SPACING_S),
+            )
 
         if not records:
             return []

@@ -8,7 +8,10 @@ into a `google.protobuf.Any`; the coordinator commits all four or none.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -27,6 +30,20 @@ PAYMENT = "payment"
 NOTIFICATION = "notification"
 #: The participants of an order, in branch order.
 ORDER_PARTICIPANTS = (INVENTORY, ORDERS, PAYMENT, NOTIFICATION)
+
+#: Failures of a Submit call that leave the outcome open (the coordinator was down, slow, or
+#: at its limit of transactions in flight): the same Submit again may learn it. Every other
+#: failure is an answer (bad input, permission) that no retry changes.
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+RETRY_ATTEMPTS_DEFAULT = 8
+#: First and largest wait between two Submits of submit_until_known, seconds.
+RETRY_BACKOFF_S = (0.05, 2.0)
 
 #: (sku, quantity) pairs or ready-made StockLine messages.
 Lines = Iterable[tuple[str, int]] | Iterable[shop_pb2.StockLine]
@@ -116,6 +133,13 @@ class SubmitResult:
     code: grpc.StatusCode
     message: str
     elapsed_s: float
+    #: Submits made for this answer (OrderClient.submit_until_known may make several).
+    attempts: int = 1
+
+    @property
+    def known(self) -> bool:
+        """COMMITTED or ABORTED: the client knows what happened."""
+        return self.committed or self.aborted
 
     @property
     def outcome(self) -> str:
@@ -224,6 +248,39 @@ class OrderClient:
             elapsed_s=time.perf_counter() - started,
         )
 
+    async def submit_until_known(
+        self,
+        request: coordinator_pb2.SubmitRequest,
+        *,
+        attempts: int = RETRY_ATTEMPTS_DEFAULT,
+        timeout_s: float | None = None,
+        backoff_s: tuple[float, float] = RETRY_BACKOFF_S,
+    ) -> SubmitResult:
+        """Submit, and submit again with the same transaction id while the outcome is open: the
+        call failed in a way that leaves it unknown (RETRYABLE_CODES), or the coordinator
+        answered UNKNOWN (a one-phase commit it is still resolving). At most `attempts` Submits,
+        with capped exponential backoff and jitter between them. Any other answer is final:
+        bad input is not retried. The last answer is returned, known or not.
+
+        Safe because a Submit with an id the coordinator has seen never executes twice. A
+        request without an id gets one here (`txn-` and a random hex): retried without one,
+        each Submit would be a new transaction."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        if not request.transaction_id:
+            named = coordinator_pb2.SubmitRequest()
+            named.CopyFrom(request)
+            named.transaction_id = f"txn-{uuid.uuid4().hex}"
+            request = named
+        delay_s, delay_max_s = backoff_s
+        for attempt in range(1, attempts + 1):
+            result = await self.submit(request, timeout_s=timeout_s)
+            if attempt == attempts or not _still_open(result):
+                return dataclasses.replace(result, attempts=attempt)
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no lockstep
+            delay_s = min(delay_s * 2, delay_max_s)
+        raise AssertionError("unreachable: the last attempt returns")
+
     async def _send_batch(self, batch: list[_Pending]) -> None:
         # Queued time counts against each transaction's own timeout: the call gets what the
         # most patient of them has left.
@@ -289,6 +346,13 @@ class OrderClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _still_open(result: SubmitResult) -> bool:
+    """Whether the same Submit again may learn more than `result` says."""
+    if result.response is None:
+        return result.code in RETRYABLE_CODES
+    return result.response.outcome == coordinator_pb2.OUTCOME_UNKNOWN
 
 
 def _failed(
