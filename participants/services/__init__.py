@@ -168,6 +168,10 @@ class EncodedRows(Generic[Row]):
     and longer (orders: 1.5 s at 100,000 orders). This keeps the text of the rows encoded so
     far and encodes only those appended since. A new list object (after a restore) starts
     over.
+
+    A service calls `catch_up` as it appends (at commit), so that a row is encoded when it is
+    made, not at the next checkpoint: 10,000 rows encoded at once stalled the event loop for
+    42-52 ms (measured on the build machine, idle), and every transaction in flight with it.
     """
 
     def __init__(self, encode: Callable[[Row], Any]) -> None:
@@ -175,12 +179,16 @@ class EncodedRows(Generic[Row]):
         self._rows: Sequence[Row] | None = None
         self._texts: list[str] = []
 
-    def text(self, rows: Sequence[Row]) -> str:
+    def catch_up(self, rows: Sequence[Row]) -> None:
+        """Encode the rows appended since the last call (all of them for a new list)."""
         if rows is not self._rows or len(rows) < len(self._texts):
             self._rows = rows
             self._texts = []
         encode = self._encode
         self._texts.extend(json_text(encode(row)) for row in rows[len(self._texts) :])
+
+    def text(self, rows: Sequence[Row]) -> str:
+        self.catch_up(rows)
         return "[" + ",".join(self._texts) + "]"
 
 

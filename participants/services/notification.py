@@ -95,6 +95,7 @@ class NotificationService(Service[shop_pb2.SendNotification]):
             self.outbox.append(
                 Sent(message.order_id, message.recipient, message.body, transaction_of(key))
             )
+            self._outbox_text.catch_up(self.outbox)  # encoded now, not in a checkpoint's stall
 
     def rollback(self, key: str, operation: shop_pb2.SendNotification) -> None:
         self.staged.pop(key, None)
@@ -126,6 +127,7 @@ class NotificationService(Service[shop_pb2.SendNotification]):
         # Replace only once everything parsed: a bad snapshot leaves the state as it was.
         self.staged = staged
         self.outbox = outbox
+        self._outbox_text.catch_up(outbox)  # at start, not at the first commit
 
     # ---- reads ----
 

@@ -160,6 +160,7 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
         self.captures.append(
             Capture(hold.order_id, hold.account_id, hold.amount_cents, transaction_of(key))
         )
+        self._captures_text.catch_up(self.captures)  # encoded now, not in a checkpoint's stall
 
     def rollback(self, key: str, operation: shop_pb2.ChargePayment) -> None:
         hold = self.holds.pop(key, None)
@@ -217,6 +218,7 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
         self.accounts = accounts
         self.holds = holds
         self.captures = captures
+        self._captures_text.catch_up(captures)  # at start, not at the first commit
 
     # ---- reads ----
 
