@@ -324,7 +324,9 @@ class Demo:
         header(f"6. A burst: {BURST_ORDERS} buyers, {BURST_STOCK} units of {BURST_SKU}")
         print(
             f"  {BURST_ORDERS} orders of 1 unit arrive at once. Reservations are atomic, so "
-            f"exactly\n  {BURST_STOCK} can commit and the rest are refused; none oversells."
+            f"exactly\n  {BURST_STOCK} can commit and the rest are refused; none oversells. "
+            "They come through\n  a gateway, which sends what arrives together in one "
+            "SubmitBatch call: each order\n  still commits or aborts on its own."
         )
         requests = []
         for i in range(BURST_ORDERS):
@@ -340,7 +342,9 @@ class Demo:
                 )
             )
         started = time.perf_counter()
-        results = await asyncio.gather(*(self.client.submit(r) for r in requests))
+        async with OrderClient(self.cluster.coordinator_address, batch_in_flight=1) as gateway:
+            results = await asyncio.gather(*(gateway.submit(r) for r in requests))
+            calls, carried = gateway.batches
         elapsed = time.perf_counter() - started
         committed = sum(result.committed for result in results)
         no_stock = sum(result.aborted and "out of stock" in result.reason for result in results)
@@ -353,12 +357,20 @@ class Demo:
         print(f"  {no_stock:>3} aborted: out of stock")
         for what, count in other.most_common():
             print(f"  {count:>3} {wrap(what, 6)}")
-        print(f"  all {BURST_ORDERS} decided in {elapsed * 1000:.0f} ms")
+        print(
+            f"  all {BURST_ORDERS} decided in {elapsed * 1000:.0f} ms, sent in {calls} "
+            f"SubmitBatch call{'s' if calls != 1 else ''}"
+        )
         await self.wait_until_decided([request.transaction_id for request in requests])
         self.expect(
             f"exactly {BURST_STOCK} burst orders to commit and the rest to be refused for stock",
             committed == BURST_STOCK and no_stock == BURST_ORDERS - BURST_STOCK,
             f"{committed} committed, {no_stock} refused for stock, others: {dict(other)}",
+        )
+        self.expect(
+            f"the {BURST_ORDERS} burst orders to travel together, each with its own answer",
+            (calls, carried) == (1, BURST_ORDERS) and len(results) == BURST_ORDERS,
+            f"{carried} orders in {calls} SubmitBatch calls",
         )
 
     async def lock_timeout(self) -> None:
