@@ -282,6 +282,26 @@ class OrderClient:
         raise AssertionError("unreachable: the last attempt returns")
 
     async def _send_batch(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self._call_batch(batch)
+        except Exception as error:  # not a gRPC status (a closed channel...): still an answer
+            message = f"SubmitBatch failed in the client: {type(error).__name__}: {error}"
+            results = [
+                _failed(p.request, grpc.StatusCode.UNKNOWN, message, p.started) for p in batch
+            ]
+        except BaseException:  # cancelled: whoever waits gets an answer, not a hang
+            message = "the SubmitBatch call carrying it was cancelled"
+            for pending in batch:
+                _settle(
+                    pending,
+                    _failed(pending.request, grpc.StatusCode.CANCELLED, message, pending.started),
+                )
+            raise
+        for pending, result in zip(batch, results, strict=True):
+            _settle(pending, result)
+
+    async def _call_batch(self, batch: list[_Pending]) -> list[SubmitResult]:
+        """One SubmitBatch call; each transaction's answer, as its own Submit would give it."""
         # Queued time counts against each transaction's own timeout: the call gets what the
         # most patient of them has left.
         now = time.perf_counter()
@@ -294,35 +314,27 @@ class OrderClient:
                 request, timeout=max(0.0, timeout_s)
             )
         except grpc.aio.AioRpcError as error:
-            for pending in batch:
-                _settle(
-                    pending,
-                    _failed(pending.request, error.code(), error.details() or "", pending.started),
-                )
-            return
+            details = error.details() or ""
+            return [_failed(p.request, error.code(), details, p.started) for p in batch]
         if len(response.results) != len(batch):  # a broken server; never guess which is which
             message = f"{len(response.results)} answers to {len(batch)} transactions"
-            for pending in batch:
-                _settle(
-                    pending,
-                    _failed(pending.request, grpc.StatusCode.INTERNAL, message, pending.started),
-                )
-            return
+            return [_failed(p.request, grpc.StatusCode.INTERNAL, message, p.started) for p in batch]
+        results = []
         for pending, result in zip(batch, response.results, strict=True):
             if result.code:
                 code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
-                _settle(pending, _failed(pending.request, code, result.message, pending.started))
+                results.append(_failed(pending.request, code, result.message, pending.started))
                 continue
-            _settle(
-                pending,
+            results.append(
                 SubmitResult(
                     transaction_id=result.response.transaction_id,
                     response=result.response,
                     code=grpc.StatusCode.OK,
                     message="",
                     elapsed_s=time.perf_counter() - pending.started,
-                ),
+                )
             )
+        return results
 
     async def close(self) -> None:
         if self._batcher is not None:

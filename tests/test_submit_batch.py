@@ -188,3 +188,16 @@ def test_a_batching_client_reports_a_failed_call_for_every_transaction_in_it() -
 def test_a_negative_number_of_calls_in_flight_is_refused() -> None:
     with pytest.raises(ValueError, match="batch_in_flight"):
         OrderClient("127.0.0.1:1", batch_in_flight=-1)
+
+
+def test_a_batch_that_fails_outside_grpc_still_answers_each_transaction() -> None:
+    async def scenario() -> None:
+        channel = grpc.aio.insecure_channel("127.0.0.1:1")
+        await channel.close()  # the caller's channel, closed under the client
+        client = OrderClient(channel, batch_in_flight=1)
+        result = await asyncio.wait_for(client.submit(order("o-1")), timeout=5)
+        assert grpc.StatusCode.UNKNOWN == result.code
+        assert "SubmitBatch failed in the client" in result.message
+        await client.close()
+
+    asyncio.run(scenario())
