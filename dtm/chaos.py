@@ -658,12 +658,17 @@ class Session:
         loop = asyncio.get_running_loop()
 
         # Odd seeds: every client's orders travel in the SubmitBatch calls of one shared client.
-        shared = OrderClient(cluster.coordinator_address, batch_in_flight=BATCH_IN_FLIGHT)
+        shared = (
+            OrderClient(cluster.coordinator_address, batch_in_flight=BATCH_IN_FLIGHT)
+            if seed % 2
+            else None
+        )
 
         async def client(number: int) -> None:
             client_rng = random.Random(f"chaos:kill:{seed}:client:{number}")
-            own = None if seed % 2 else OrderClient(cluster.coordinator_address)
-            async with contextlib.nullcontext(shared) if own is None else own as orders:
+            orders_client = shared or OrderClient(cluster.coordinator_address)
+            # The shared client is closed once, after every client is done.
+            async with contextlib.nullcontext(orders_client) if shared else orders_client as orders:
                 for count in range(ORDERS_PER_CLIENT_MAX):
                     if stop.is_set():
                         return
@@ -695,7 +700,7 @@ class Session:
             finally:
                 stop.set()
 
-        async with shared:
+        async with contextlib.nullcontext() if shared is None else shared:
             await asyncio.gather(nemesis(), *(client(number) for number in range(LOAD_CLIENTS)))
         result.mark("load and kills")
         result.violations += self._unexpected_exits(cluster, ())

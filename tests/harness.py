@@ -130,11 +130,16 @@ class InProcessCluster:
         self.client = coordinator_pb2_grpc.CoordinatorStub(self.channel(self.coordinator_address))
         return self
 
-    async def restart_coordinator(self, down_s: float = 0.0) -> None:
+    async def restart_coordinator(
+        self, down_s: float = 0.0, down: asyncio.Event | None = None
+    ) -> None:
         """Stop the coordinator abruptly (no phase 2 finished), then start a new one on the same
-        port and data directory: it knows only what its log says."""
+        port and data directory: it knows only what its log says. `down` is set once it is
+        stopped, for a test that acts while it is."""
         port = int(self.coordinator_address.rsplit(":", 1)[1])
         await self.coordinator.stop(0)
+        if down is not None:
+            down.set()
         await asyncio.sleep(down_s)
         config = ServerConfig(
             data_dir=self.coordinator_config.data_dir,

@@ -23,8 +23,9 @@ def test_a_submit_while_the_coordinator_is_down_is_retried_until_it_lands_once(
             request = coordinator_pb2.SubmitRequest(
                 branches=order_branches("o-retried", [("sku-apple", 1)])
             )
-            restart = asyncio.ensure_future(cluster.restart_coordinator(down_s=0.6))
-            await asyncio.sleep(0.1)  # the coordinator is down now
+            down = asyncio.Event()
+            restart = asyncio.ensure_future(cluster.restart_coordinator(down_s=0.6, down=down))
+            await down.wait()
             async with OrderClient(cluster.coordinator_address) as client:
                 result = await client.submit_until_known(request, timeout_s=2)
             await restart

@@ -10,8 +10,9 @@ import grpc
 import pytest
 
 from dtm import limits
+from dtm.coordinator.server import fitted
 from dtm.orderflow import OrderClient, SubmitResult
-from dtmpb.v1 import coordinator_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, pack
 
 Code = grpc.StatusCode
@@ -144,10 +145,17 @@ def test_a_batching_client_sends_concurrent_submits_in_one_call(tmp_path: Path) 
 def test_submits_queue_behind_the_calls_in_flight_and_leave_together(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
+            # A slow payment holds the first call in flight long enough to look.
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
                 first = asyncio.ensure_future(client.submit(order("o-first")))
-                await asyncio.sleep(0.001)  # its call is in flight now
+                await asyncio.sleep(0.05)  # its call is in flight now
                 later = [asyncio.ensure_future(client.submit(order(f"o-{i}"))) for i in range(5)]
+                await asyncio.sleep(0.1)
+                # One call in flight at most: the five wait, unsent, for the first to return.
+                assert (1, 1) == client.batches
+                assert not any(submit.done() for submit in (first, *later))
+                await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
                 results: list[SubmitResult] = await asyncio.gather(first, *later)
                 assert (2, 6) == client.batches
             assert all(result.committed for result in results)
@@ -201,3 +209,61 @@ def test_a_batch_that_fails_outside_grpc_still_answers_each_transaction() -> Non
         await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_closed_batching_client_answers_at_once_and_sends_nothing() -> None:
+    async def scenario() -> None:
+        client = OrderClient("127.0.0.1:1", batch_in_flight=1)
+        await client.close()
+        result = await asyncio.wait_for(client.submit(order("o-late")), timeout=5)
+        assert grpc.StatusCode.CANCELLED == result.code
+        assert (0, 0) == client.batches
+
+    asyncio.run(scenario())
+
+
+def test_each_batched_submit_keeps_its_own_deadline(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=800)
+            async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
+                patient, hasty = await asyncio.gather(
+                    client.submit(order("o-patient"), timeout_s=10),
+                    client.submit(order("o-hasty"), timeout_s=0.3),
+                )
+            # Both travelled in one call, which lasted as long as the patient one allowed.
+            assert patient.committed, patient.reason
+            assert grpc.StatusCode.DEADLINE_EXCEEDED == hasty.code
+            assert hasty.elapsed_s < 0.8
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_too_large_for_one_message_keeps_every_outcome() -> None:
+    long_reason = "x" * 2_000
+    results = [
+        coordinator_pb2.SubmitResult(
+            response=coordinator_pb2.SubmitResponse(
+                transaction_id=f"txn-{index}",
+                outcome=coordinator_pb2.OUTCOME_ABORTED,
+                reason=long_reason,
+                branches=[
+                    coordinator_pb2.BranchStatus(branch=b, reason=long_reason, last_error="e")
+                    for b in range(limits.BRANCHES_PER_TRANSACTION_MAX)
+                ],
+            )
+        )
+        for index in range(limits.SUBMIT_BATCH_MAX)
+    ]
+    results.append(coordinator_pb2.SubmitResult(code=3, message=long_reason))
+    big = coordinator_pb2.SubmitBatchResponse(results=results)
+    assert big.ByteSize() > limits.MESSAGE_BYTES_MAX
+    answer = fitted(big)
+    assert answer.ByteSize() < limits.MESSAGE_BYTES_MAX
+    assert [r.response.outcome for r in answer.results[:-1]] == [
+        coordinator_pb2.OUTCOME_ABORTED
+    ] * limits.SUBMIT_BATCH_MAX
+    assert answer.results[0].response.reason.startswith("xxx")
+    assert (3, False) == (answer.results[-1].code, answer.results[-1].HasField("response"))
+    small = coordinator_pb2.SubmitBatchResponse(results=results[:2])
+    assert small == fitted(coordinator_pb2.SubmitBatchResponse(results=results[:2]))

@@ -70,6 +70,31 @@ def _list_limit(requested: int) -> int:
     )
 
 
+# Room kept in a SubmitBatch answer for gRPC's own framing.
+_ANSWER_SLACK_BYTES = 64 * 1024
+# What fitted() leaves of each text in an answer that would not fit otherwise.
+_TEXT_KEPT_IN_A_CROWDED_ANSWER = 64
+
+
+def fitted(response: coordinator_pb2.SubmitBatchResponse) -> coordinator_pb2.SubmitBatchResponse:
+    """The answer, within MESSAGE_BYTES_MAX. Reasons come from participants, unbounded, and
+    256 transactions of 32 branches each could outgrow one message: the call would then fail
+    after every transaction had run, and a retry would fail the same way. So in that rare case
+    every reason and error is cut short; every outcome and code is kept."""
+    if response.ByteSize() <= limits.MESSAGE_BYTES_MAX - _ANSWER_SLACK_BYTES:
+        return response
+    kept = _TEXT_KEPT_IN_A_CROWDED_ANSWER
+    for result in response.results:
+        result.message = result.message[:kept]
+        if not result.HasField("response"):
+            continue
+        result.response.reason = result.response.reason[:kept]
+        for status in result.response.branches:
+            status.reason = status.reason[:kept]
+            status.last_error = status.last_error[:kept]
+    return response
+
+
 def _refused(code: grpc.StatusCode, message: str) -> coordinator_pb2.SubmitResult:
     return coordinator_pb2.SubmitResult(code=code.value[0], message=message)
 
@@ -151,8 +176,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         # Each one runs as its own Submit would, concurrently: one slow transaction does not
         # hold the others back from their participants, only from this call's answer.
-        results = await asyncio.gather(*map(self._submit, request.transactions))
-        return coordinator_pb2.SubmitBatchResponse(results=results)
+        answers = await asyncio.gather(
+            *map(self._submit, request.transactions), return_exceptions=True
+        )
+        results = []
+        for transaction, answer in zip(request.transactions, answers, strict=True):
+            if isinstance(answer, Exception):  # a bug: this one fails alone, the rest answer
+                self.coordinator.log.error(
+                    "submit failed inside the coordinator",
+                    txn=transaction.transaction_id,
+                    error=f"{type(answer).__name__}: {answer}",
+                    exc_info=answer,
+                )
+                answer = _refused(grpc.StatusCode.INTERNAL, f"internal error: {answer}")
+            elif isinstance(answer, BaseException):
+                raise answer
+            results.append(answer)
+        return fitted(coordinator_pb2.SubmitBatchResponse(results=results))
 
     async def _submit(self, request: coordinator_pb2.SubmitRequest) -> coordinator_pb2.SubmitResult:
         """Run one transaction; its answer as a value (Submit turns a failure into a status)."""
