@@ -4,6 +4,7 @@ be; and OrderClient's batching, which sends concurrent submits together."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -24,6 +25,15 @@ def order(order_id: str, sku: str = "sku-apple", **fields: object) -> coordinato
         branches=order_branches(order_id, [(sku, 1)]),
         **fields,  # type: ignore[arg-type]
     )
+
+
+def in_flight(client: OrderClient) -> Callable[[], Awaitable[bool]]:
+    """For eventually(): the client's first SubmitBatch call has left."""
+
+    async def first_call_sent() -> bool:
+        return client.batches[0] >= 1
+
+    return first_call_sent
 
 
 def unknown_participant(order_id: str) -> coordinator_pb2.SubmitRequest:
@@ -149,7 +159,7 @@ def test_submits_queue_behind_the_calls_in_flight_and_leave_together(tmp_path: P
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
                 first = asyncio.ensure_future(client.submit(order("o-first")))
-                await asyncio.sleep(0.05)  # its call is in flight now
+                await eventually(in_flight(client))
                 later = [asyncio.ensure_future(client.submit(order(f"o-{i}"))) for i in range(5)]
                 await asyncio.sleep(0.1)
                 # One call in flight at most: the five wait, unsent, for the first to return.
@@ -168,7 +178,7 @@ def test_closing_a_batching_client_answers_what_it_never_sent(tmp_path: Path) ->
         async with InProcessCluster(tmp_path) as cluster:
             client = OrderClient(cluster.coordinator_address, batch_in_flight=1)
             first = asyncio.ensure_future(client.submit(order("o-sent")))
-            await asyncio.sleep(0.001)  # in flight
+            await eventually(in_flight(client))
             queued = asyncio.ensure_future(client.submit(order("o-never")))
             await asyncio.sleep(0)  # queued behind it
             await client.close()  # waits for the call in flight, answers the queued one
