@@ -80,7 +80,7 @@ ORDERS_PER_BURST = 10
 #: Orders of a burst start at seeded offsets within this window, so a crash finds
 #: transactions at different steps.
 BURST_SPREAD_S = 0.15
-# Calls in flight of a burst's batching client (odd seeds): see burst().
+# Calls in flight of the batching client odd seeds use (see batch_in_flight_of).
 BATCH_IN_FLIGHT = 2
 #: How long a process armed with a *.during_recovery point may take to reach it.
 RECOVERY_CRASH_TIMEOUT_S = 20.0
@@ -244,6 +244,12 @@ def make_order(rng: random.Random, order_id: str) -> tuple[coordinator_pb2.Submi
         order_id, customer, account, lines, amount, f"{customer}@example.com", timeout_ms=0
     )
     return request, amount, kind
+
+
+def batch_in_flight_of(seed: int) -> int:
+    """Odd seeds send their orders in SubmitBatch calls, even seeds one Submit each: both paths
+    meet every crash point, and a replay (same seed) takes the same one."""
+    return BATCH_IN_FLIGHT if seed % 2 else 0
 
 
 def record_of(
@@ -490,11 +496,8 @@ class Session:
             request, amount, _ = make_order(rng, order_id)
             planned.append((rng.uniform(0.0, BURST_SPREAD_S), order_id, request, amount))
         self.orders_on_cluster += len(planned)
-        # Odd seeds send their orders in SubmitBatch calls, even seeds one Submit each: both
-        # paths meet every crash point, and a replay (same seed) takes the same one.
-        batch_in_flight = BATCH_IN_FLIGHT if result.seed % 2 else 0
         async with OrderClient(
-            cluster.coordinator_address, batch_in_flight=batch_in_flight
+            cluster.coordinator_address, batch_in_flight=batch_in_flight_of(result.seed)
         ) as client:
 
             async def one(
@@ -657,18 +660,20 @@ class Session:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
-        # Odd seeds: every client's orders travel in the SubmitBatch calls of one shared client.
-        shared = (
-            OrderClient(cluster.coordinator_address, batch_in_flight=BATCH_IN_FLIGHT)
-            if seed % 2
-            else None
-        )
+        # Batching (odd seeds): every client's orders travel in one shared client's calls.
+        # Unused otherwise, it costs nothing: a gRPC channel connects at its first call.
+        batching = batch_in_flight_of(seed)
+        shared = OrderClient(cluster.coordinator_address, batch_in_flight=batching)
 
         async def client(number: int) -> None:
             client_rng = random.Random(f"chaos:kill:{seed}:client:{number}")
-            orders_client = shared or OrderClient(cluster.coordinator_address)
-            # The shared client is closed once, after every client is done.
-            async with contextlib.nullcontext(orders_client) if shared else orders_client as orders:
+            async with contextlib.AsyncExitStack() as stack:
+                # Not batching: a client (and a channel) of its own, as before.
+                orders = shared
+                if not batching:
+                    orders = await stack.enter_async_context(
+                        OrderClient(cluster.coordinator_address)
+                    )
                 for count in range(ORDERS_PER_CLIENT_MAX):
                     if stop.is_set():
                         return
@@ -700,7 +705,7 @@ class Session:
             finally:
                 stop.set()
 
-        async with contextlib.nullcontext() if shared is None else shared:
+        async with shared:
             await asyncio.gather(nemesis(), *(client(number) for number in range(LOAD_CLIENTS)))
         result.mark("load and kills")
         result.violations += self._unexpected_exits(cluster, ())
