@@ -13,8 +13,10 @@ the transactions completed in between:
                       load generator's own CPU time over the same window (a Sample carries it)
     submit_handling   the mean of the coordinator's dtm_submit_handling_seconds over the
                       window: the server's share of a client's latency
-    checkpoints       per process, dtm_checkpoint_seconds' growth (how many, how long in all)
-                      and dtm_checkpoint_seconds_max (the longest since the process started)
+    checkpoints       per process, dtm_checkpoint_seconds' growth (how many, how long in all),
+                      dtm_checkpoint_seconds_max (the longest since the process started) and
+                      dtm_checkpoint_building_seconds_max (the longest building of a snapshot,
+                      which holds the event loop; the log writes it on a thread)
 
 When the servers do not have the flag, every figure is None and the report says
 "n/a: hook missing": nothing is estimated.
@@ -47,6 +49,7 @@ HANDLING_COUNT = "dtm_submit_handling_seconds_count"
 CHECKPOINT_COUNT = "dtm_checkpoint_seconds_count"
 CHECKPOINT_SUM = "dtm_checkpoint_seconds_sum"
 CHECKPOINT_MAX = "dtm_checkpoint_seconds_max"
+CHECKPOINT_BUILDING_MAX = "dtm_checkpoint_building_seconds_max"
 #: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
 LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
@@ -150,8 +153,9 @@ class Costs:
     items_per_call: float | None = None
     #: Mean time in the coordinator's Submit handler, over the Submits answered in the window.
     submit_handling_ms_mean: float | None = None
-    #: Process -> its checkpoints in the window: count, ms_total, and ms_longest (the longest
-    #: since the process started). Only processes that wrote one.
+    #: Process -> its checkpoints in the window: count, ms_total, ms_longest (the longest
+    #: since the process started) and ms_longest_building (its event loop's longest stall for
+    #: one). Only processes that wrote one.
     checkpoints: Mapping[str, Mapping[str, float]] | None = None
     note: str = HOOK_MISSING
 
@@ -199,6 +203,9 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
             "count": growth(name, CHECKPOINT_COUNT),
             "ms_total": round(growth(name, CHECKPOINT_SUM) * 1000, 1),
             "ms_longest": round(total(last.counters[name], CHECKPOINT_MAX) * 1000, 1),
+            "ms_longest_building": round(
+                total(last.counters[name], CHECKPOINT_BUILDING_MAX) * 1000, 1
+            ),
         }
         for name in last.counters
         if growth(name, CHECKPOINT_COUNT) > 0

@@ -448,10 +448,11 @@ def format_table(results: Mapping[str, Any]) -> str:
                 "checkpoints",
                 ", ".join(
                     f"{name} {c['count']:g} ({c['ms_total']:,.0f} ms in all, the longest "
-                    f"{c['ms_longest']:,.0f})"
+                    f"{c['ms_longest']:,.0f}, its loop held {c.get('ms_longest_building', 0):,.0f})"
                     for name, c in checkpoints.items()
                 )
-                + " (each stalls its process)",
+                + " (building the snapshot holds the process's event loop; the log writes and"
+                " fsyncs it on a thread, and only records waiting to be durable wait for that)",
             )
         )
     if r.get("coordinator_rss_mb_last") is not None:

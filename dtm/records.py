@@ -7,8 +7,10 @@ recovery code and `dtm log dump` agree on what every record means.
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from enum import IntEnum
+from itertools import accumulate
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
@@ -48,29 +50,31 @@ PAYLOADS: dict[RecordType, type[Message]] = {
 }
 
 
-def joined(pieces: list[bytes], size: int) -> list[bytes]:
-    """`pieces` (whole serialized fields of one message type) joined in order into as few
-    payloads of at most `size` bytes as they allow; a piece larger than `size` stands alone.
+def in_parts(pieces: list[bytes], size: int) -> list[list[bytes]]:
+    """`pieces` (whole serialized fields of one message type) cut, in order, into as few runs
+    of at most `size` bytes as they allow; a piece larger than `size` stands alone. Each run
+    is one checkpoint record's payload, joined by the log (`dtm.wal.CheckpointPayload`) on
+    the thread that writes it, not on the event loop.
 
     A checkpoint is one message that may outgrow a log record (LOG_RECORD_BYTES_MAX): written
     as several records cut between fields, merged in order on replay, it is the whole, since
     serialized protobuf messages concatenate (repeated fields append)."""
-    payloads: list[bytes] = []
-    # Bounded by len(pieces): every step takes at least one piece.
+    # Cut where the running total of the pieces' sizes passes `size` (found by bisection):
+    # slicing a list copies references, not the 10 MB window of decided branches.
+    ends = list(accumulate(map(len, pieces)))
+    parts: list[list[bytes]] = []
     start = 0
+    # Bounded by len(pieces): every step takes at least one piece.
     while start < len(pieces):
-        count = len(pieces) - start
-        payload = b"".join(pieces[start : start + count])
-        while len(payload) > size and count > 1:  # halve until it fits: a few joins at most
-            count //= 2
-            payload = b"".join(pieces[start : start + count])
-        payloads.append(payload)
-        start += count
-    return payloads
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, bisect_right(ends, base + size, lo=start))
+        parts.append(pieces[start:stop])
+        start = stop
+    return parts
 
 
 def coalesced(records: Iterable[LogRecord], record_type: int) -> Iterator[LogRecord]:
-    """`records`, each run of `record_type` ones (a checkpoint written in parts by `joined`)
+    """`records`, each run of `record_type` ones (a checkpoint written in parts by `in_parts`)
     given as one record whose payload is theirs end to end: parsed, the whole message."""
     run: list[LogRecord] = []
     for record in records:

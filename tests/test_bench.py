@@ -351,7 +351,14 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     costs = hooks.Costs(
         cpu_ms_by_process={"coordinator": 0.75, "orders": 0.125, hooks.LOAD_GENERATOR: 0.25},
         submit_handling_ms_mean=20.0,
-        checkpoints={"orders": {"count": 3, "ms_total": 1234.5, "ms_longest": 600.0}},
+        checkpoints={
+            "orders": {
+                "count": 3,
+                "ms_total": 1234.5,
+                "ms_longest": 600.0,
+                "ms_longest_building": 42.0,
+            }
+        },
     )
     dtm = DtmResult(
         participants=participants_for(4),
@@ -372,7 +379,7 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     text = report.format_table(results)
     assert "coordinator 3, orders 0.5" in text
     assert "20.00 in the coordinator's Submit handler" in text
-    assert "orders 3 (1,234 ms in all, the longest 600) (each stalls its process)" in text
+    assert "orders 3 (1,234 ms in all, the longest 600, its loop held 42) (building" in text
     # Without the servers' counters there is nothing to split or relate: no figure is made up.
     bare = fake_results(baselines=False)
     assert bare["before_handler_ms_mean"] is None and bare["cpu_vs_load_generator"] is None
@@ -457,6 +464,8 @@ dtm_checkpoint_seconds_count {checkpoints}
 dtm_checkpoint_seconds_sum {checkpoint_s}
 # TYPE dtm_checkpoint_seconds_max gauge
 dtm_checkpoint_seconds_max {checkpoint_max_s}
+# TYPE dtm_checkpoint_building_seconds_max gauge
+dtm_checkpoint_building_seconds_max {checkpoint_building_max_s}
 """
 
 
@@ -465,9 +474,9 @@ def exposition(
     records: int,
     requests: int,
     cpu: float = 0.0,
-    checkpoints: tuple[int, float, float] = (0, 0.0, 0.0),
+    checkpoints: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0),
 ) -> str:
-    count, seconds, longest = checkpoints
+    count, seconds, longest, building = checkpoints
     return EXPOSITION.format(
         fsyncs=fsyncs,
         records=records,
@@ -476,6 +485,7 @@ def exposition(
         checkpoints=count,
         checkpoint_s=seconds,
         checkpoint_max_s=longest,
+        checkpoint_building_max_s=building,
     )
 
 
@@ -495,7 +505,7 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
         transactions=300,
         counters={
             "coordinator": hooks.parse(
-                exposition(210, 830, 400, cpu=1.3, checkpoints=(2, 0.25, 0.2))
+                exposition(210, 830, 400, cpu=1.3, checkpoints=(2, 0.25, 0.2, 0.03))
             ),
             "inventory": hooks.parse(exposition(105, 405, 0, cpu=2.1)),
         },
@@ -517,9 +527,14 @@ def test_server_counters_are_parsed_and_divided_by_the_window_transactions() -> 
     # The coordinator answered 400 Submits in the window, in 0.3 s of handler time in all.
     assert 0.75 == costs.submit_handling_ms_mean
     # Two checkpoints in the window, and none at the inventory (left out, not reported as 0).
-    assert {"coordinator": {"count": 2.0, "ms_total": 250.0, "ms_longest": 200.0}} == (
-        costs.checkpoints
-    )
+    assert {
+        "coordinator": {
+            "count": 2.0,
+            "ms_total": 250.0,
+            "ms_longest": 200.0,
+            "ms_longest_building": 30.0,
+        }
+    } == (costs.checkpoints)
     assert hooks.costs(last, last).fsyncs_per_txn is None
 
 

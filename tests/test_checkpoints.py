@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from dtm import invariants, limits
-from dtm.wal import WriteAheadLog, async_log, dump
+from dtm.wal import WriteAheadLog, async_log, dump, payload_size
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine
 from participants.locks import LockManager
@@ -243,7 +243,7 @@ def test_checkpoints_are_counted_timed_and_exported(tmp_path: Path) -> None:
         assert 0 < stats.longest_s <= stats.seconds
         assert 0 < stats.last_s <= stats.longest_s
         assert round(stats.last_s * 1000, 1) == stats.last_ms
-        assert sum(map(len, engine.checkpoint_records())) == stats.last_bytes
+        assert sum(map(payload_size, engine.checkpoint_records())) == stats.last_bytes
         metrics = ParticipantMetrics(engine, engine.locks, engine.log)
         text = generate_latest(metrics.registry).decode()
         assert "dtm_checkpoint_seconds_count 2.0" in text
@@ -287,15 +287,18 @@ def test_a_failed_checkpoint_is_logged_and_housekeeping_goes_on(
     assert ["failed", "written"] == attempts[:2]
 
 
-def test_checkpoint_parts_are_joined_in_order_and_coalesced_back() -> None:
-    from dtm.records import coalesced, joined
+def test_checkpoint_parts_are_cut_in_order_and_coalesced_back() -> None:
+    from dtm.records import coalesced, in_parts
     from dtm.wal import LogRecord
 
     pieces = [b"a" * 3, b"b" * 4, b"c" * 9, b"d", b"e" * 2]
-    payloads = joined(pieces, 5)
+    parts = in_parts(pieces, 5)
+    payloads = [b"".join(part) for part in parts]
     assert b"".join(payloads) == b"".join(pieces)  # nothing lost, nothing reordered
-    assert all(len(p) <= 5 for p in payloads if p != b"c" * 9)  # too large: stands alone
-    assert [] == joined([], 5)
+    # As few as the order allows: greedy, and a piece too large stands alone.
+    assert [[b"aaa"], [b"bbbb"], [b"c" * 9], [b"d", b"ee"]] == parts
+    assert [[b"a", b"b", b"c"]] == in_parts([b"a", b"b", b"c"], 3)  # exactly full
+    assert [] == in_parts([], 5)
     records = [LogRecord(n, 7, p) for n, p in enumerate(payloads, 1)]
     records.append(LogRecord(len(records) + 1, 8, b"after"))
     merged = list(coalesced(records, 7))

@@ -24,6 +24,7 @@ from dtm.wal import (
     LogRecord,
     LoopCommitLog,
     MemoryLog,
+    OsFileSystem,
     WriteAheadLog,
     _encode_frame,
     _encode_marker,
@@ -678,6 +679,107 @@ def test_loop_commit_cancelled_waiter_does_not_disturb_the_others(tmp_path: Path
 
     asyncio.run(run())
     assert payloads(reopen(tmp_path)) == [b"a", b"b"]
+
+
+class _OffThreadGate:
+    """Append files whose writes from any thread but the main one (the checkpoint writer)
+    announce themselves, then wait for the test, or fail, as it chooses."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+
+    def file_system(self) -> FileSystem:
+        gate, os_fs = self, OsFileSystem()
+
+        class Gated:
+            def __init__(self, handle: AppendFile) -> None:
+                self._handle = handle
+
+            def write(self, data: bytes | bytearray) -> None:
+                if threading.current_thread() is not threading.main_thread():
+                    gate.entered.set()
+                    gate.release.wait(10)
+                    if gate.fail:
+                        raise OSError(28, "No space left on device")
+                self._handle.write(data)
+
+            def fsync(self) -> None:
+                self._handle.fsync()
+
+            def truncate(self, size: int) -> None:
+                self._handle.truncate(size)
+
+            def close(self) -> None:
+                self._handle.close()
+
+        class GatedFileSystem(OsFileSystem):
+            def open_append(self, path: Path) -> AppendFile:
+                return Gated(os_fs.open_append(path))
+
+        return GatedFileSystem()
+
+
+def test_loop_commit_writes_a_checkpoint_off_the_loop_and_appends_go_on(tmp_path: Path) -> None:
+    gate = _OffThreadGate()
+
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(tmp_path, file_system=gate.file_system())
+        before = log.append(ENDED, b"before")
+        checkpoint = asyncio.create_task(log.checkpoint([(CHECKPOINT, [b"snap", b"shot"])]))
+        # The writer thread is inside its write and the loop is free: this returns.
+        await asyncio.to_thread(gate.entered.wait, 10)
+        assert gate.entered.is_set()
+        after = log.append(ENDED, b"after")  # held in memory, behind the checkpoint
+        assert after == before + 4  # begin marker, the snapshot, complete marker
+        waiting = asyncio.create_task(log.wait_durable(before))
+        await asyncio.sleep(0.05)
+        # Nothing syncs while the checkpoint is being written: "before" waits for it.
+        assert not waiting.done() and log.durable_lsn < before
+        with pytest.raises(ValueError, match="already being written"):
+            await log.checkpoint([(CHECKPOINT, b"another")])
+        # A process crash now: the new segment holds no complete checkpoint and is dropped;
+        # the old one replays ("after" was never on file, and nobody was told it was durable).
+        crashed = tmp_path.parent / "crashed"
+        shutil.copytree(tmp_path, crashed)
+        assert payloads(reopen(crashed)) == [b"before"]
+        gate.release.set()
+        await checkpoint
+        await waiting
+        await log.wait_durable(after)
+        assert log.durable_lsn == after
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"snapshot", b"after"]
+    assert len(segment_files(tmp_path)) == 1
+
+
+def test_loop_commit_checkpoint_write_failure_is_fatal_for_every_waiter(tmp_path: Path) -> None:
+    gate = _OffThreadGate(fail=True)
+    fatal_messages: list[str] = []
+
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(
+            tmp_path, file_system=gate.file_system(), on_fatal=fatal_messages.append
+        )
+        before = log.append(ENDED, b"before")
+        checkpoint = asyncio.create_task(log.checkpoint([(CHECKPOINT, b"snapshot")]))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        waiting = asyncio.create_task(log.wait_durable(before))
+        await asyncio.sleep(0)
+        gate.release.set()
+        for task in (checkpoint, waiting):
+            with pytest.raises(LogFatalError):
+                await task
+        with pytest.raises(LogFatalError):
+            log.append(ENDED, b"too late")
+        await log.close()
+
+    asyncio.run(run())
+    assert len(fatal_messages) == 1 and "No space left on device" in fatal_messages[0]
+    assert payloads(reopen(tmp_path)) == [b"before"]  # the half-written checkpoint is dropped
 
 
 def test_memory_log_implements_the_log_interface() -> None:

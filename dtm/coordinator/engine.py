@@ -28,8 +28,8 @@ from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
-from dtm.records import RecordType, coalesced, joined
-from dtm.wal import Log, LogRecord
+from dtm.records import RecordType, coalesced, in_parts
+from dtm.wal import CheckpointPayload, Log, LogRecord, payload_size
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
 
@@ -632,7 +632,7 @@ class Engine:
             count += 1
         return count
 
-    def checkpoint_records(self) -> list[bytes]:
+    def checkpoint_records(self) -> list[CheckpointPayload]:
         """The registry, every commit still owed phase 2 and the heuristic outcomes kept, as
         the payloads of a checkpoint's records: the registry first, then the commits and the
         heuristics, cut into records that fit the log (a
@@ -663,7 +663,7 @@ class Engine:
             log_pb2.CoordinatorCheckpoint(heuristics=[heuristic]).SerializeToString()
             for heuristic in self.heuristics
         ]
-        return [registry, *joined(committing + heuristics, limits.CHECKPOINT_PART_BYTES)]
+        return [registry, *in_parts(committing + heuristics, limits.CHECKPOINT_PART_BYTES)]
 
     async def checkpoint_if_due(self) -> bool:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:
@@ -671,8 +671,11 @@ class Engine:
         self.records_since_checkpoint = 0
         started = time.perf_counter()
         records = self.checkpoint_records()
+        built = time.perf_counter()
         await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, r) for r in records])
-        self.checkpoints.record(time.perf_counter() - started, sum(map(len, records)))
+        self.checkpoints.record(
+            time.perf_counter() - started, sum(map(payload_size, records)), built - started
+        )
         return True
 
     async def drain(self, timeout_s: float) -> int:

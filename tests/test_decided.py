@@ -1,0 +1,94 @@
+"""The participant's window of decided branches: bounded, oldest out first, and the bytes a
+checkpoint writes for it always the entries' own, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from dtm.wal import MemoryLog
+from participants import decided
+from participants.branches import BranchEngine
+from participants.decided import DecidedWindow
+from participants.locks import LockManager
+from participants.services.inventory import InventoryService
+
+
+def key(n: int) -> tuple[str, int]:
+    return (f"txn-{n}", 1)
+
+
+def test_window_keeps_the_most_recent_in_order_across_chunks() -> None:
+    window = DecidedWindow(kept=2 * decided.CHUNK + 5)
+    evicted: list[tuple[str, int]] = []
+    total = 5 * decided.CHUNK + 3
+    for n in range(total):
+        evicted += window.put(key(n), f"<{n}>".encode())
+    assert len(window) == 2 * decided.CHUNK + 5
+    assert evicted == [key(n) for n in range(total - len(window))]
+    expected = b"".join(f"<{n}>".encode() for n in range(total - len(window), total))
+    assert b"".join(window.pieces(1 << 20)) == expected
+    # Chunks larger than a record give their entries one by one.
+    small = window.pieces(10)
+    assert b"".join(small) == expected and max(map(len, small)) <= 10
+
+
+def test_window_re_encodes_an_entry_in_place_even_in_a_joined_chunk() -> None:
+    window = DecidedWindow(kept=10 * decided.CHUNK)
+    for n in range(3 * decided.CHUNK):
+        window.put(key(n), b"a")
+    before = window.pieces(1 << 20)  # every chunk joined and cached
+    assert [] == window.put(key(5), b"B")  # already there: no growth, no eviction
+    assert len(window) == 3 * decided.CHUNK
+    after = b"".join(window.pieces(1 << 20))
+    assert after == b"a" * 5 + b"B" + b"a" * (3 * decided.CHUNK - 6)
+    assert before[1:] == window.pieces(1 << 20)[1:]  # the untouched chunks' cached bytes are reused
+
+
+def test_window_matches_an_ordered_dict_under_random_use() -> None:
+    rng = random.Random(7)
+    kept = 3 * decided.CHUNK // 2
+    window = DecidedWindow(kept)
+    model: dict[tuple[str, int], bytes] = {}
+    for step in range(8 * decided.CHUNK):
+        k = key(rng.randrange(step + 1))
+        entry = f"{step};".encode()
+        evicted = window.put(k, entry)
+        if k in model:
+            model[k] = entry  # keeps its place
+        else:
+            model[k] = entry
+            while len(model) > kept:
+                oldest = next(iter(model))
+                del model[oldest]
+                assert oldest == evicted.pop(0)
+        assert evicted == []
+        if step % 97 == 0:
+            assert b"".join(window.pieces(1 << 20)) == b"".join(model.values())
+    assert len(window) == len(model)
+
+
+def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_the_rest() -> None:
+    def engine() -> BranchEngine:
+        return BranchEngine(
+            InventoryService(),
+            MemoryLog(),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: 0,
+            decided_kept=3,
+        )
+
+    first = engine()
+    for n in range(5):
+        first.decide_now(f"txn-{n}", 1, commit=False)  # unknown: a tombstone, decided
+    assert [k for k in first.branches] == [key(2), key(3), key(4)]
+
+    async def checkpoint() -> None:
+        await first.checkpoint()
+
+    asyncio.run(checkpoint())
+    assert isinstance(first.log, MemoryLog)
+    second = engine()
+    second.replay(first.log.records)
+    assert [k for k in second.branches] == [key(2), key(3), key(4)]
+    assert all(info.branch.state.value == "rolled_back" for info in second.branches.values())
