@@ -66,6 +66,10 @@ from dtmpb.v1 import coordinator_pb2
 
 #: Services ask the coordinator about a prepared branch after this long (default 2,000 ms).
 IN_DOUBT_AFTER_MS = 300
+# Checkpoints every 200 records instead of 20,000, in every process: a run of the matrix then
+# meets one every few runs and a random-kill run several, so kills land before, during and
+# after checkpoint writes (the segment is written on a worker thread while records are held).
+CHECKPOINT_EVERY_RECORDS = 200
 PREPARE_TIMEOUT_MS = 1_000
 TRANSACTION_TIMEOUT_MS = 3_000
 #: A client waits this long for Submit (the transaction's timeout plus a margin).
@@ -449,7 +453,8 @@ class Session:
 
     def _new_cluster(self) -> Cluster:
         self.clusters_started += 1
-        participant_args = ["--in-doubt-after-ms", str(IN_DOUBT_AFTER_MS)]
+        checkpoints = ["--checkpoint-every-records", str(CHECKPOINT_EVERY_RECORDS)]
+        participant_args = ["--in-doubt-after-ms", str(IN_DOUBT_AFTER_MS), *checkpoints]
         return Cluster(
             self.root / f"cluster-{self.clusters_started}",
             Ports.free(),
@@ -457,7 +462,7 @@ class Session:
             test_control=True,
             prepare_timeout_ms=PREPARE_TIMEOUT_MS,
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-            extra_args={name: participant_args for name in SERVICES},
+            extra_args={COORDINATOR: checkpoints, **{name: participant_args for name in SERVICES}},
         )
 
     async def ensure_cluster(self) -> Cluster:
@@ -820,6 +825,16 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     )
 
 
+def checkpoints_written(root: Path) -> Counter[str]:
+    """Per process, the "checkpoint written" lines in the logs of every cluster of the session
+    (the logs are appended across restarts, so crashed processes' checkpoints count too)."""
+    written: Counter[str] = Counter()
+    for log in sorted(root.glob("cluster-*/logs/*.log")):
+        with log.open("rb") as lines:
+            written[log.stem] += sum(b"checkpoint written" in line for line in lines)
+    return written
+
+
 def run_simulator(seeds: int, base_seed: int) -> tuple[int, int, str]:
     """(seeds run, violations, note) from the deterministic simulator, if it is there."""
     try:
@@ -947,6 +962,12 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run_all(planned, root, options.verbose))
     elapsed = time.perf_counter() - started
     print_summary(results, elapsed)
+    written = checkpoints_written(root)
+    print(
+        f"  checkpoints written: {sum(written.values())} ("
+        + ", ".join(f"{n} {name}" for name, n in sorted(written.items()))
+        + f"; one every {CHECKPOINT_EVERY_RECORDS} records, so kills meet them)"
+    )
     violations = sum(len(result.violations) for result in results)
     failed_runs = [result for result in results if result.violations]
     if failed_runs:

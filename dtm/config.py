@@ -177,6 +177,12 @@ TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
 _TLS_CA = about(OPTIONAL_PATH, 'the CA of every peer\'s certificate (PEM); "" = plaintext')
 _TLS_CERT = about(OPTIONAL_PATH, 'this process\'s certificate (PEM); "" = plaintext')
 _TLS_KEY = about(OPTIONAL_PATH, 'this process\'s private key (PEM); "" = plaintext')
+# Large enough that a checkpoint's cost is spread over many transactions, small enough that the
+# log (and replay after a crash) stays short; chaos sets it low so that kills meet checkpoints.
+_CHECKPOINT_EVERY_RECORDS = about(
+    integer(100, 100_000_000),
+    "write a checkpoint (and drop older log segments) after this many records since the last",
+)
 
 
 # ---- the settings of each section ----
@@ -203,6 +209,7 @@ class CoordinatorSettings:
         ),
     )
     wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
+    checkpoint_every_records: int = field(default=20_000, metadata=_CHECKPOINT_EVERY_RECORDS)
     batch_linger_ms: int = field(
         default=10,
         metadata=about(
@@ -264,6 +271,7 @@ class ParticipantSettings:
         metadata=about(integer(0, MS_MAX), "a prepared branch waiting longer asks the coordinator"),
     )
     wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
+    checkpoint_every_records: int = field(default=20_000, metadata=_CHECKPOINT_EVERY_RECORDS)
     test_control: bool = field(
         default=False, metadata=about(BOOLEAN, "allow the fault-injection RPC (tests only)")
     )

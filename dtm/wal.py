@@ -1361,7 +1361,15 @@ class LoopCommitLog(_AsyncLog):
     async def checkpoint(self, records: Sequence[tuple[int, CheckpointPayload]]) -> None:
         self._check_open()
         job = self._wal._start_checkpoint(records)  # raises if one is being written already
-        writing = asyncio.get_running_loop().run_in_executor(None, self._wal._write_checkpoint, job)
+        try:
+            writing = asyncio.get_running_loop().run_in_executor(
+                None, self._wal._write_checkpoint, job
+            )
+        except RuntimeError:  # the loop's executor is shut down (the loop is closing)
+            self._wal._write_checkpoint(job)
+            self._checkpoint_written(job)
+            await self.wait_durable(job.complete_lsn)
+            return
         self._writing = writing
         # Registered before anyone awaits `writing`, so it runs first: by the time this caller
         # (or close) resumes, the held records are on file and the log is whole again.

@@ -748,6 +748,7 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         metrics_listen=service.metrics_listen,
         log_level=settings.log.level,
         wal_sync=service.wal_sync,
+        checkpoint_every_records=service.checkpoint_every_records,
     )
 
 

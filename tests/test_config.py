@@ -342,3 +342,30 @@ def test_configured_initial_is_put_before_the_command_line(tmp_path: Path) -> No
     assert ["--config", str(path)] == config.with_configured_initial(
         "payment", ["--config", str(path)]
     )
+
+
+def test_checkpoint_interval_reaches_both_engines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path / "dtm.toml",
+        "[coordinator]\ncheckpoint_every_records = 300\n"
+        "[participant]\ncheckpoint_every_records = 400\n",
+    )
+    coordinator = coordinator_server.parse_args(["--config", str(path)])
+    assert coordinator.engine is not None
+    assert 300 == coordinator.engine.checkpoint_every_records
+    assert 20_000 == coordinator_server.parse_args([]).engine.checkpoint_every_records  # type: ignore[union-attr]
+    assert (
+        400
+        == participant_server.parse_args("orders", ["--config", str(path)]).checkpoint_every_records
+    )
+    assert (
+        250
+        == participant_server.parse_args(
+            "orders", ["--checkpoint-every-records", "250"]
+        ).checkpoint_every_records
+    )
+    with pytest.raises(SystemExit):
+        participant_server.parse_args("orders", ["--checkpoint-every-records", "5"])
+    assert "allowed 100..100000000" in capsys.readouterr().err

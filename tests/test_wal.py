@@ -782,6 +782,21 @@ def test_loop_commit_checkpoint_write_failure_is_fatal_for_every_waiter(tmp_path
     assert payloads(reopen(tmp_path)) == [b"before"]  # the half-written checkpoint is dropped
 
 
+def test_loop_commit_checkpoint_is_written_inline_once_the_executor_is_shut_down(
+    tmp_path: Path,
+) -> None:
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(tmp_path)
+        log.append(ENDED, b"before")
+        await asyncio.get_running_loop().shutdown_default_executor()
+        await log.checkpoint([(CHECKPOINT, [b"snap", b"shot"])])
+        await log.append_durable(ENDED, b"after")  # the log is whole again
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"snapshot", b"after"]
+
+
 def test_memory_log_implements_the_log_interface() -> None:
     async def exercise(log: Log) -> None:
         assert await log.append_durable(ENDED, b"a") == 1
