@@ -448,11 +448,13 @@ def format_table(results: Mapping[str, Any]) -> str:
                 "checkpoints",
                 ", ".join(
                     f"{name} {c['count']:g} ({c['ms_total']:,.0f} ms in all, the longest "
-                    f"{c['ms_longest']:,.0f}, its loop held {c.get('ms_longest_building', 0):,.0f})"
+                    f"{c['ms_longest']:,.0f}, building held its loop "
+                    f"{c.get('ms_longest_building', 0):,.0f})"
                     for name, c in checkpoints.items()
                 )
                 + " (building the snapshot holds the process's event loop; the log writes and"
-                " fsyncs it on a thread, and only records waiting to be durable wait for that)",
+                " fsyncs it on a thread, and only records waiting to be durable wait for that,"
+                " with wal_sync = loop)",
             )
         )
     if r.get("coordinator_rss_mb_last") is not None:

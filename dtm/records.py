@@ -53,8 +53,8 @@ PAYLOADS: dict[RecordType, type[Message]] = {
 def in_parts(pieces: list[bytes], size: int) -> list[list[bytes]]:
     """`pieces` (whole serialized fields of one message type) cut, in order, into as few runs
     of at most `size` bytes as they allow; a piece larger than `size` stands alone. Each run
-    is one checkpoint record's payload, joined by the log (`dtm.wal.CheckpointPayload`) on
-    the thread that writes it, not on the event loop.
+    is one checkpoint record's payload, joined by the log (`dtm.wal.CheckpointPayload`) where
+    it writes it: on its own thread with `LoopCommitLog`, under its lock with `GroupCommitLog`.
 
     A checkpoint is one message that may outgrow a log record (LOG_RECORD_BYTES_MAX): written
     as several records cut between fields, merged in order on replay, it is the whole, since

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import errno
@@ -44,7 +45,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, Protocol, Self
+from typing import NoReturn, Protocol, Self, TypeAlias
 
 import crc32c
 from google.protobuf import text_format
@@ -565,16 +566,22 @@ def _check_record(record_type: int, size: int) -> None:
 # A checkpoint record's payload: its bytes, or the pieces they are the concatenation of. The log
 # joins pieces where it writes the record: on a worker thread for `LoopCommitLog`, so that a
 # 10 MB window of decided branches is not copied on the event loop (see `in_parts`).
-CheckpointPayload = bytes | list[bytes]
+CheckpointPayload: TypeAlias = bytes | list[bytes]
 
 
 def payload_size(payload: CheckpointPayload) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
+    """The payload's length; raises TypeError for a piece that is not bytes (here, on the
+    caller's thread, rather than when the log joins it on its own)."""
+    if not isinstance(payload, list):
+        return len(payload)
+    if not all(type(piece) is bytes for piece in payload):
+        raise TypeError("a checkpoint record's pieces must all be bytes")
+    return sum(map(len, payload))
 
 
 def _joined(payload: CheckpointPayload) -> bytes:
     # bytes.join drops the GIL while it copies more than a megabyte.
-    return payload if isinstance(payload, bytes) else b"".join(payload)
+    return b"".join(payload) if isinstance(payload, list) else payload
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,6 +606,7 @@ class _CheckpointWrite:
     begin_lsn: int
     records: list[tuple[int, CheckpointPayload]]
     written: int = 0  # bytes
+    synced: bool = False  # fsynced by the writer (LoopCommitLog's thread)
     error: BaseException | None = None
 
     @property
@@ -770,8 +778,10 @@ class WriteAheadLog:
         """Capture what the next fsync covers (under the caller's lock)."""
         self._check_usable()
         # The LSNs reserved by a checkpoint being written, and the records held after it, are
-        # not on file yet: `LoopCommitLog` never syncs until `_finish_checkpoint`.
-        assert self._held is None, "sync while a checkpoint segment is being written"
+        # not on file yet: `LoopCommitLog` never syncs until `_finish_checkpoint`. Not an
+        # assert: `python -O` must not turn this into records called durable that are not.
+        if self._held is not None:
+            raise RuntimeError(f"sync of {self._directory} while a checkpoint is being written")
         target_lsn = self._next_lsn - 1
         ticket = _SyncTicket(
             target_lsn=target_lsn,
@@ -816,10 +826,13 @@ class WriteAheadLog:
         """Write a checkpoint segment here and now (not synced); returns the LSN of its
         complete marker."""
         job = self._start_checkpoint(records)
-        self._write_checkpoint(job)
+        self._write_checkpoint(job, fsync=False)  # the next sync covers it, appends included
         if job.error is not None and not isinstance(job.error, OSError):
+            # Not the disk's doing (a bug, or a test's simulated crash): the segments are
+            # switched and the file half-written, so this object must not be used again.
             self._held = None
-            raise job.error  # not the disk's doing (a test's simulated crash): the caller's
+            self._fatal_message = f"checkpoint of {self._directory} failed: {job.error!r}"
+            raise job.error
         self._finish_checkpoint(job)
         return job.complete_lsn
 
@@ -864,15 +877,21 @@ class WriteAheadLog:
         return _CheckpointWrite(self._handle, current.path, begin_lsn, frames)
 
     @staticmethod
-    def _write_checkpoint(job: _CheckpointWrite) -> None:
-        """Join, frame and write the checkpoint's records. Touches nothing but `job` (its file
-        is written by nobody else until `_finish_checkpoint`), so any thread may run it."""
+    def _write_checkpoint(job: _CheckpointWrite, fsync: bool) -> None:
+        """Join, frame and write the checkpoint's records, and fsync them if asked. Touches
+        nothing but `job` (its file is written by nobody else until `_finish_checkpoint`), so
+        any thread may run it."""
         try:
             for lsn, (record_type, payload) in enumerate(job.records, job.begin_lsn):
                 frame = _encode_frame(lsn, record_type, _joined(payload))
                 job.handle.write(frame)
                 job.written += len(frame)
-        except Exception as error:  # reported on the log's own thread (_finish_checkpoint)
+            if fsync:
+                # The bulk of the segment is made durable here, off the loop; the loop's next
+                # fsync then covers only the records held behind it.
+                job.handle.fsync()
+                job.synced = True
+        except BaseException as error:  # reported on the log's own thread (_finish_checkpoint)
             job.error = error
 
     def _finish_checkpoint(self, job: _CheckpointWrite) -> None:
@@ -885,6 +904,7 @@ class WriteAheadLog:
         segment = self._segments[-1]
         assert segment.path == job.path and segment.size == 0
         segment.size = job.written
+        self._fsync_count += job.synced
         if held:
             self._write_frame(held, fatal_on_error=True)
 
@@ -1322,12 +1342,13 @@ class LoopCommitLog(_AsyncLog):
     with the thread and 0.97 ms inline. The price is that the loop stalls for the length of
     an fsync (about 0.2-1 ms on an SSD); with a slow disk choose the thread (`[log] sync`).
 
-    A checkpoint's segment, though, is joined, framed and written on a worker thread (the
-    loop's default executor): a participant's is about 10 MB, and building it on the loop
-    stalled every transaction in flight for 300-550 ms under load. Meanwhile the loop goes on
-    serving; records appended meanwhile are held in memory and written after the checkpoint,
-    and no fsync runs until it is on file (`_checkpoint_written`), so waiters wait for the
-    checkpoint's write but the loop does not.
+    A checkpoint's segment, though, is joined, framed, written and fsynced on a worker thread
+    of its own: a participant's is about 10 MB, and building it on the loop stalled every
+    transaction in flight for 300-550 ms under load. Meanwhile the loop goes on serving;
+    records appended meanwhile are held in memory and written after the checkpoint, and no
+    fsync runs until it is on file (`_checkpoint_written`): waiters for durability wait for the
+    checkpoint, the loop does not. The loop's next fsync covers the held records, the
+    directory and the deletion of the old segments.
     """
 
     def __init__(self, wal: WriteAheadLog) -> None:
@@ -1337,6 +1358,10 @@ class LoopCommitLog(_AsyncLog):
         self._error: BaseException | None = None
         self._closing = False
         self._writing: asyncio.Future[None] | None = None  # a checkpoint's segment, off the loop
+        # Its own thread, not the loop's default executor: work queued there (to_thread) must
+        # not delay a checkpoint that every durability wait is waiting for.
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed: asyncio.Future[None] | None = None
 
     # ---- the Log interface ----
 
@@ -1361,31 +1386,33 @@ class LoopCommitLog(_AsyncLog):
     async def checkpoint(self, records: Sequence[tuple[int, CheckpointPayload]]) -> None:
         self._check_open()
         job = self._wal._start_checkpoint(records)  # raises if one is being written already
-        try:
-            writing = asyncio.get_running_loop().run_in_executor(
-                None, self._wal._write_checkpoint, job
-            )
-        except RuntimeError:  # the loop's executor is shut down (the loop is closing)
-            self._wal._write_checkpoint(job)
-            self._checkpoint_written(job)
-            await self.wait_durable(job.complete_lsn)
-            return
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, "dtm-wal-checkpoint")
+        writing = asyncio.get_running_loop().run_in_executor(
+            self._writer, self._wal._write_checkpoint, job, True
+        )
         self._writing = writing
         # Registered before anyone awaits `writing`, so it runs first: by the time this caller
         # (or close) resumes, the held records are on file and the log is whole again.
-        writing.add_done_callback(lambda _: self._checkpoint_written(job))
+        writing.add_done_callback(lambda done: self._checkpoint_written(job, done))
         # Shielded: a cancelled caller must not leave the log half-switched; the write goes on
         # and `_checkpoint_written` completes it.
         await asyncio.shield(writing)
         await self.wait_durable(job.complete_lsn)
 
     async def close(self) -> None:
-        """Make everything appended durable and close the files."""
-        if self._closing:
-            return
+        """Make everything appended durable and close the files. A caller cancelled meanwhile
+        leaves the closing to run to its end; every call waits for that end."""
         self._closing = True
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closed)
+
+    async def _close(self) -> None:
         if self._writing is not None:
             await asyncio.shield(self._writing)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)  # idle: the write above is done
         if self._error is None:
             self._sync()
         _resolve_waiters(self._waiters, self._error)
@@ -1394,8 +1421,11 @@ class LoopCommitLog(_AsyncLog):
 
     # ---- the flush ----
 
-    def _checkpoint_written(self, job: _CheckpointWrite) -> None:
+    def _checkpoint_written(self, job: _CheckpointWrite, done: asyncio.Future[None]) -> None:
         self._writing = None
+        if job.error is None and (done.cancelled() or done.exception() is not None):
+            # Never ran, or failed outside `_write_checkpoint`: not a checkpoint on file.
+            job.error = RuntimeError("checkpoint write did not run to its end")
         try:
             self._wal._finish_checkpoint(job)
         except Exception as error:  # LogFatalError when on_fatal returns: every waiter gets it
@@ -1408,6 +1438,8 @@ class LoopCommitLog(_AsyncLog):
         self._scheduled = False
         if self._writing is not None:
             return  # the waiters stay; _checkpoint_written schedules the flush that covers them
+        if self._closed is not None and self._closed.done():
+            return  # close made everything durable and answered every waiter
         waiters, self._waiters = self._waiters, []
         if self._error is None:
             self._sync()

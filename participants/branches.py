@@ -420,7 +420,11 @@ class BranchEngine:
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
         info = self.branches[key]
-        for old in self._decided.put(key, _decided_entry(info.branch, info.fingerprint)):
+        self._remember_decided(key, _decided_entry(info.branch, info.fingerprint))
+
+    def _remember_decided(self, key: BranchKey, entry: bytes) -> None:
+        """Keep a decided branch for duplicate answers; forget those it pushes out."""
+        for old in self._decided.put(key, entry):
             self.branches.pop(old, None)
             self._durable_lsn.pop(old, None)
 
@@ -654,10 +658,7 @@ class BranchEngine:
             branch.reason = decided.reason
             branch.heuristic = decided.heuristic
             self._track(branch, decided.transaction_fingerprint)
-            for old in self._decided.put(
-                key, _decided_entry(branch, decided.transaction_fingerprint)
-            ):
-                self.branches.pop(old, None)
+            self._remember_decided(key, _decided_entry(branch, decided.transaction_fingerprint))
 
     async def checkpoint(self) -> None:
         started = time.perf_counter()

@@ -1,13 +1,14 @@
 """The window of recently decided branches a participant keeps for duplicate answers, with the
 bytes every checkpoint writes for them.
 
-A checkpoint writes the whole window (`BRANCHES_DECIDED_KEPT`, 100,000 entries, about 7-10 MB)
-every 10,000 transactions, and it copies the window on the event loop, which serves nothing
-meanwhile. Kept in one OrderedDict, that copy took 21-26 ms on an idle machine (listing the
-values alone 14 ms) and held the loop 136-258 ms under `make bench-soak` load. Here the entries
-live in chunks of `CHUNK` branches; a chunk's entries are joined once and the bytes reused until
-the chunk changes, so a checkpoint takes about a hundred cached pieces and the log joins them
-off the loop.
+Every checkpoint (each `checkpoint_every_records` records) writes the whole window
+(`BRANCHES_DECIDED_KEPT`, 100,000 entries, about 7-10 MB), and what it takes from the window it
+takes on the event loop, which serves nothing meanwhile. When the window was one OrderedDict,
+copying it took 21-26 ms on an idle machine (listing the values alone 14 ms) and held the loop
+136-258 ms under `make bench-soak` load. Here the entries live in chunks of `CHUNK` branches; a
+chunk's entries are joined once and the bytes reused until the chunk changes, so a checkpoint
+takes about a hundred cached pieces, which the log joins where it writes them (off the loop
+with wal_sync = "loop").
 """
 
 from __future__ import annotations

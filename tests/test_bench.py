@@ -379,7 +379,7 @@ def test_results_split_the_latency_and_relate_every_cpu_to_the_load_generator() 
     text = report.format_table(results)
     assert "coordinator 3, orders 0.5" in text
     assert "20.00 in the coordinator's Submit handler" in text
-    assert "orders 3 (1,234 ms in all, the longest 600, its loop held 42) (building" in text
+    assert "orders 3 (1,234 ms in all, the longest 600, building held its loop 42)" in text
     # Without the servers' counters there is nothing to split or relate: no figure is made up.
     bare = fake_results(baselines=False)
     assert bare["before_handler_ms_mean"] is None and bare["cpu_vs_load_generator"] is None

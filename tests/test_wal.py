@@ -682,13 +682,17 @@ def test_loop_commit_cancelled_waiter_does_not_disturb_the_others(tmp_path: Path
 
 
 class _OffThreadGate:
-    """Append files whose writes from any thread but the main one (the checkpoint writer)
-    announce themselves, then wait for the test, or fail, as it chooses."""
+    """Append files whose writes from any thread but the main one (the checkpoint writer) pass
+    until the `at`-th, which announces itself, then waits for the test, or fails, as it
+    chooses. Every fsync notes the thread it ran on."""
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, at: int = 1, fail: bool = False) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.at = at
         self.fail = fail
+        self.writes_off_main = 0
+        self.fsync_threads: list[str] = []
 
     def file_system(self) -> FileSystem:
         gate, os_fs = self, OsFileSystem()
@@ -699,13 +703,16 @@ class _OffThreadGate:
 
             def write(self, data: bytes | bytearray) -> None:
                 if threading.current_thread() is not threading.main_thread():
-                    gate.entered.set()
-                    gate.release.wait(10)
-                    if gate.fail:
-                        raise OSError(28, "No space left on device")
+                    gate.writes_off_main += 1
+                    if gate.writes_off_main == gate.at:
+                        gate.entered.set()
+                        gate.release.wait(10)
+                        if gate.fail:
+                            raise OSError(28, "No space left on device")
                 self._handle.write(data)
 
             def fsync(self) -> None:
+                gate.fsync_threads.append(threading.current_thread().name)
                 self._handle.fsync()
 
             def truncate(self, size: int) -> None:
@@ -722,7 +729,7 @@ class _OffThreadGate:
 
 
 def test_loop_commit_writes_a_checkpoint_off_the_loop_and_appends_go_on(tmp_path: Path) -> None:
-    gate = _OffThreadGate()
+    gate = _OffThreadGate(at=2)  # the begin marker is on file, the snapshot not yet
 
     async def run() -> None:
         log, _ = LoopCommitLog.open(tmp_path, file_system=gate.file_system())
@@ -739,10 +746,11 @@ def test_loop_commit_writes_a_checkpoint_off_the_loop_and_appends_go_on(tmp_path
         assert not waiting.done() and log.durable_lsn < before
         with pytest.raises(ValueError, match="already being written"):
             await log.checkpoint([(CHECKPOINT, b"another")])
-        # A process crash now: the new segment holds no complete checkpoint and is dropped;
-        # the old one replays ("after" was never on file, and nobody was told it was durable).
+        # A process crash now: the new segment holds half a checkpoint and is dropped; the
+        # old one replays ("after" was never on file, and nobody was told it was durable).
         crashed = tmp_path.parent / "crashed"
         shutil.copytree(tmp_path, crashed)
+        assert [p.stat().st_size > 0 for p in segment_files(crashed)] == [True, True]
         assert payloads(reopen(crashed)) == [b"before"]
         gate.release.set()
         await checkpoint
@@ -754,6 +762,9 @@ def test_loop_commit_writes_a_checkpoint_off_the_loop_and_appends_go_on(tmp_path
     asyncio.run(run())
     assert payloads(reopen(tmp_path)) == [b"snapshot", b"after"]
     assert len(segment_files(tmp_path)) == 1
+    # The checkpoint's bulk was fsynced by its writer; the loop's fsync covered "after".
+    assert gate.fsync_threads[0].startswith("dtm-wal-checkpoint")
+    assert "MainThread" in gate.fsync_threads[1:]
 
 
 def test_loop_commit_checkpoint_write_failure_is_fatal_for_every_waiter(tmp_path: Path) -> None:
@@ -782,19 +793,38 @@ def test_loop_commit_checkpoint_write_failure_is_fatal_for_every_waiter(tmp_path
     assert payloads(reopen(tmp_path)) == [b"before"]  # the half-written checkpoint is dropped
 
 
-def test_loop_commit_checkpoint_is_written_inline_once_the_executor_is_shut_down(
-    tmp_path: Path,
-) -> None:
+def test_loop_commit_close_cancelled_during_a_checkpoint_still_closes(tmp_path: Path) -> None:
+    gate = _OffThreadGate()
+
+    async def run() -> None:
+        log, _ = LoopCommitLog.open(tmp_path, file_system=gate.file_system())
+        log.append(ENDED, b"before")
+        checkpoint = asyncio.create_task(log.checkpoint([(CHECKPOINT, b"snapshot")]))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        log.append(ENDED, b"held")
+        first = asyncio.create_task(log.close())
+        await asyncio.sleep(0.01)
+        first.cancel()  # the caller gives up; the closing goes on
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        gate.release.set()
+        await log.close()  # waits for that same closing
+        await checkpoint
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"snapshot", b"held"]
+
+
+def test_checkpoint_pieces_must_be_bytes(tmp_path: Path) -> None:
     async def run() -> None:
         log, _ = LoopCommitLog.open(tmp_path)
-        log.append(ENDED, b"before")
-        await asyncio.get_running_loop().shutdown_default_executor()
-        await log.checkpoint([(CHECKPOINT, [b"snap", b"shot"])])
-        await log.append_durable(ENDED, b"after")  # the log is whole again
+        with pytest.raises(TypeError, match="must all be bytes"):
+            await log.checkpoint([(CHECKPOINT, [b"ok", "text"])])  # type: ignore[list-item]
+        await log.append_durable(ENDED, b"still usable")
         await log.close()
 
     asyncio.run(run())
-    assert payloads(reopen(tmp_path)) == [b"snapshot", b"after"]
+    assert payloads(reopen(tmp_path)) == [b"still usable"]
 
 
 def test_memory_log_implements_the_log_interface() -> None:
