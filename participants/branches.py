@@ -152,7 +152,6 @@ class BranchEngine:
         self.log = log
         self.locks = locks
         self.clock_ms = clock_ms
-        self.decided_kept = decided_kept
         self.checkpoint_part_bytes = checkpoint_part_bytes
         self.branches: dict[BranchKey, BranchInfo] = {}
         # Branches not yet decided (PREPARING or PREPARED): what leases and inquiries scan.

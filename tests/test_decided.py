@@ -71,13 +71,13 @@ def test_window_matches_an_ordered_dict_under_random_use() -> None:
 
 
 def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_the_rest() -> None:
-    def engine() -> BranchEngine:
+    def engine(kept: int = 3) -> BranchEngine:
         return BranchEngine(
             InventoryService(),
             MemoryLog(),
             LockManager(wait_timeout_s=0.5),
             clock_ms=lambda: 0,
-            decided_kept=3,
+            decided_kept=kept,
         )
 
     first = engine()
@@ -95,7 +95,6 @@ def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_th
     assert [k for k in second.branches] == [key(2), key(3), key(4)]
     assert all(info.branch.state.value == "rolled_back" for info in second.branches.values())
     # Restored into a smaller window (the setting changed): the oldest go, the newest stay.
-    third = engine()
-    third._decided = DecidedWindow(kept=2)
+    third = engine(kept=2)
     third.replay(first.log.records)
     assert [k for k in third.branches] == [key(3), key(4)]
