@@ -51,6 +51,10 @@ both
     dtm_wal_batch_records                     summary records per group-commit fsync
                                                       (_count: fsyncs of batches, _sum: records)
     dtm_wal_batch_records_max                 gauge   the largest batch so far
+    dtm_checkpoint_seconds                    summary checkpoints, building to fsync
+    dtm_checkpoint_seconds_max                gauge   the longest so far
+    dtm_checkpoint_building_seconds(_max)     summary building the snapshot on the event loop
+    dtm_checkpoint_bytes                      gauge   the last checkpoint's size
     process_*, python_*                       the standard process and runtime collectors
 """
 
@@ -64,6 +68,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from dtm import logs
 from dtm.core.transaction import Transaction, TxnState
+from dtm.wal import CheckpointPayload, payload_size
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -158,6 +163,17 @@ class CheckpointStats:
     last_bytes: int = 0
     building_seconds: float = 0.0
     longest_building_s: float = 0.0
+
+    async def write(
+        self, log: Log, record_type: int, build: Callable[[], list[CheckpointPayload]]
+    ) -> None:
+        """Build a checkpoint's records (on the event loop), have `log` write them, and record
+        how long both took and how long the building alone did."""
+        started = time.perf_counter()
+        records = build()
+        built = time.perf_counter()
+        await log.checkpoint([(record_type, payload) for payload in records])
+        self.record(time.perf_counter() - started, sum(map(payload_size, records)), built - started)
 
     def record(self, seconds: float, size: int, building_s: float) -> None:
         self.count += 1

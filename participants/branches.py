@@ -9,7 +9,6 @@ branch's forced records are durable.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters, CheckpointStats
 from dtm.records import RecordType, coalesced, in_parts
-from dtm.wal import CheckpointPayload, Log, LogRecord, payload_size
+from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.decided import DecidedWindow
 from participants.locks import LockManager, LockRefused
@@ -660,14 +659,10 @@ class BranchEngine:
             self._remember_decided(key, _decided_entry(branch, decided.transaction_fingerprint))
 
     async def checkpoint(self) -> None:
-        started = time.perf_counter()
-        records = self.checkpoint_records()
-        built = time.perf_counter()
-        await self.log.checkpoint([(RecordType.PARTICIPANT_CHECKPOINT, r) for r in records])
-        self.records_since_checkpoint = 0
-        self.checkpoints.record(
-            time.perf_counter() - started, sum(map(payload_size, records)), built - started
+        await self.checkpoints.write(
+            self.log, RecordType.PARTICIPANT_CHECKPOINT, self.checkpoint_records
         )
+        self.records_since_checkpoint = 0
 
     # The side effect of each action type (a table, not a chain of isinstance tests: this runs
     # for every action of every branch). Reply actions have none: _execute returns them.

@@ -29,7 +29,7 @@ from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
 from dtm.records import RecordType, coalesced, in_parts
-from dtm.wal import CheckpointPayload, Log, LogRecord, payload_size
+from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
 
@@ -669,12 +669,8 @@ class Engine:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:
             return False
         self.records_since_checkpoint = 0
-        started = time.perf_counter()
-        records = self.checkpoint_records()
-        built = time.perf_counter()
-        await self.log.checkpoint([(RecordType.COORDINATOR_CHECKPOINT, r) for r in records])
-        self.checkpoints.record(
-            time.perf_counter() - started, sum(map(payload_size, records)), built - started
+        await self.checkpoints.write(
+            self.log, RecordType.COORDINATOR_CHECKPOINT, self.checkpoint_records
         )
         return True
 
