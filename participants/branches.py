@@ -102,6 +102,21 @@ def _field(key: bytes, value: bytes | memoryview) -> bytes:
     return b"".join((key, _varint(len(value)), value))
 
 
+def _state_pieces(service: Service[Any], size: int) -> list[bytes]:
+    """The service's snapshot as pieces of at most `size` bytes (a larger piece is cut: one
+    copy of it; the services of this repository hand over pieces smaller than that)."""
+    state = service.snapshot()
+    pieces = [state] if isinstance(state, bytes) else list(state)
+    if not all(type(piece) is bytes for piece in pieces):
+        raise TypeError(
+            f"{service.name}: snapshot() must return bytes or a list of bytes, "
+            f"got {type(state).__name__}"
+        )
+    if all(len(piece) <= size for piece in pieces):
+        return pieces
+    return [piece[start : start + size] for piece in pieces for start in range(0, len(piece), size)]
+
+
 # A length-delimited field's tag and length: 1 byte of tag (field numbers < 16), at most 10 of
 # varint.
 _FIELD_HEADER_BYTES_MAX = 11
@@ -600,13 +615,11 @@ class BranchEngine:
         once each when decided, are joined as bytes; and the records are cut between fields,
         never inside one, except for the service's state, which has parts of its own."""
         size = self.checkpoint_part_bytes
-        state = self.service.snapshot()
         part = size - _FIELD_HEADER_BYTES_MAX  # so that a part's record fits in `size`
-        view = memoryview(state)
         records: list[CheckpointPayload] = [
-            _field(_SERVICE_STATE_KEY, view[start : start + part])
-            for start in range(0, max(1, len(state)), part)
-        ]
+            [_SERVICE_STATE_KEY, _varint(sum(map(len, run))), *run]
+            for run in in_parts(_state_pieces(self.service, part), part)
+        ] or [_field(_SERVICE_STATE_KEY, b"")]
         prepared = [
             log_pb2.ParticipantCheckpoint(
                 prepared=[

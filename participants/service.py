@@ -42,6 +42,15 @@ class Refused:
 PrepareResult = Prepared | ReadOnly | Refused
 
 
+#: What `Service.snapshot` returns: the state's bytes, or pieces of them in order.
+StatePieces = bytes | list[bytes]
+
+
+def state_bytes(state: StatePieces) -> bytes:
+    """The bytes a snapshot's pieces make: what `Service.restore` is given."""
+    return state if isinstance(state, bytes) else b"".join(state)
+
+
 @dataclass(frozen=True, slots=True)
 class LockRequest:
     resource: str
@@ -71,8 +80,10 @@ class Service(Protocol, Generic[Operation]):
     def rollback(self, key: str, operation: Operation) -> None:
         """Undo the tentative effects of a Prepared branch. Must not fail."""
 
-    def snapshot(self) -> bytes:
-        """The whole state, tentative effects included, for a log checkpoint."""
+    def snapshot(self) -> StatePieces:
+        """The whole state, tentative effects included, for a log checkpoint: bytes, or a list
+        of pieces whose concatenation is those bytes (handed to the log as they are, so that a
+        large state is not copied on the event loop). `restore` gets the concatenation."""
 
     def restore(self, state: bytes) -> None:
         """Replace the state with a snapshot taken by `snapshot`."""

@@ -10,9 +10,10 @@ from google.protobuf import any_pb2
 
 from dtm import invariants, limits
 from dtm.wal import WriteAheadLog, async_log, dump, payload_size
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine
 from participants.locks import LockManager
+from participants.service import state_bytes
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
@@ -131,8 +132,8 @@ class PaddedOrders(OrdersService):
     """The orders service with a state too large for one log record, as the real one's
     becomes at about 70,000 orders (it then stopped checkpointing, silently)."""
 
-    def snapshot(self) -> bytes:
-        return PAD + super().snapshot()
+    def snapshot(self) -> list[bytes]:
+        return [PAD, *super().snapshot()]  # a piece larger than a record: the SDK cuts it
 
     def restore(self, state: bytes) -> None:
         assert state.startswith(PAD)
@@ -173,7 +174,7 @@ def test_a_checkpoint_larger_than_a_log_record_is_written_in_parts_and_replayed(
             if number % 10:  # every tenth stays prepared, in doubt
                 engine.decide_now(transaction, 1, commit=number % 3 != 0)
         await engine.wait_durable([(f"t-{n}", 1) for n in range(120)])
-        before = (service.snapshot(), sorted(i.branch.key for i in engine.in_doubt()))
+        before = (state_bytes(service.snapshot()), sorted(i.branch.key for i in engine.in_doubt()))
         await engine.checkpoint()
         await engine.log.close()
         wal, records = WriteAheadLog.open(directory)  # the checkpoint, and nothing else
@@ -183,7 +184,10 @@ def test_a_checkpoint_larger_than_a_log_record_is_written_in_parts_and_replayed(
 
         again = PaddedOrders() if isinstance(service, PaddedOrders) else OrdersService()
         restored = await engine_on(directory, again, part_bytes)
-        assert before == (again.snapshot(), sorted(i.branch.key for i in restored.in_doubt()))
+        assert before == (
+            state_bytes(again.snapshot()),
+            sorted(i.branch.key for i in restored.in_doubt()),
+        )
         assert 108 == len(restored.branches) - len(restored.in_doubt())  # the decided ones
         # The decided branches came back too: a duplicate Commit is answered, not refused.
         restored.decide_now("t-1", 1, commit=True)
@@ -303,3 +307,42 @@ def test_checkpoint_parts_are_cut_in_order_and_coalesced_back() -> None:
     records.append(LogRecord(len(records) + 1, 8, b"after"))
     merged = list(coalesced(records, 7))
     assert [(7, b"".join(pieces)), (8, b"after")] == [(r.record_type, r.payload) for r in merged]
+
+
+def test_a_services_snapshot_pieces_reach_the_log_uncopied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's records hold the service's cached chunks themselves: nothing of a large
+    state is joined or sliced on the event loop. A snapshot that is neither bytes nor a list of
+    bytes is refused before anything is written."""
+    monkeypatch.setattr("participants.services.CHUNK_ROWS", 4)
+
+    async def scenario() -> None:
+        service = NotificationService()
+        engine = await engine_on(tmp_path / "log", service, limits.CHECKPOINT_PART_BYTES)
+        for number in range(30):
+            note = shop_pb2.SendNotification(order_id=f"o-{number}", recipient="a@x", body="hi")
+            operation = any_pb2.Any()
+            operation.Pack(note)
+            engine.begin_prepare(f"t-{number}", 1, operation, False, 0.1)
+            engine.decide_now(f"t-{number}", 1, commit=True)
+        pieces = service.snapshot()
+        records = engine.checkpoint_records()
+        chunks = service._outbox_text._chunks
+        assert 7 == len(chunks)  # 28 of the 30 rows, 4 to a chunk
+        handed = [piece for record in records if isinstance(record, list) for piece in record]
+        assert all(any(chunk is piece for piece in handed) for chunk in chunks)
+        # What the log will write is the state's bytes in one field.
+        state = log_pb2.ParticipantCheckpoint.FromString(
+            b"".join(
+                record if isinstance(record, bytes) else b"".join(record) for record in records
+            )
+        ).service_state
+        assert state_bytes(pieces) == b"".join(state)
+
+        monkeypatch.setattr(service, "snapshot", lambda: [b"{", "not bytes"])
+        with pytest.raises(TypeError, match="snapshot\\(\\) must return bytes or a list of bytes"):
+            engine.checkpoint_records()
+        await engine.log.close()
+
+    asyncio.run(scenario())

@@ -4,7 +4,9 @@ by the SDK and read over a real gRPC channel."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import random
 import sys
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -21,12 +23,14 @@ from hypothesis import strategies as st
 from dtm import limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2, shop_pb2_grpc
 from participants.locks import LockMode
-from participants.service import InvalidOperation, LockRequest, Prepared, Refused
+from participants.service import InvalidOperation, LockRequest, Prepared, Refused, state_bytes
 from participants.services import (
     SNAPSHOT_FORMAT,
     EncodedRows,
+    SettledRows,
     encode_state,
     json_text,
+    state_pieces,
     transaction_of,
 )
 from participants.services.catalog import (
@@ -258,7 +262,7 @@ def test_inventory_rollback_releases_the_reservation() -> None:
 
 def test_inventory_refusals_give_the_reason_and_change_nothing() -> None:
     inventory = InventoryService({"sku-a": 10, "sku-b": 2})
-    before = inventory.snapshot()
+    before = state_bytes(inventory.snapshot())
     assert inventory.prepare("t1/0", reserve(("sku-a", 1), ("sku-zz", 1))) == Refused(
         "unknown sku sku-zz"
     )
@@ -266,7 +270,7 @@ def test_inventory_refusals_give_the_reason_and_change_nothing() -> None:
     assert inventory.prepare("t2/0", reserve(("sku-a", 5), ("sku-b", 3))) == Refused(
         "out of stock: sku sku-b has 2 available, 3 requested"
     )
-    assert inventory.snapshot() == before
+    assert state_bytes(inventory.snapshot()) == before
 
 
 def test_inventory_concurrent_reservations_never_oversell() -> None:
@@ -290,10 +294,10 @@ def test_inventory_prepare_is_idempotent_per_branch_and_decisions_of_unknown_key
     assert inventory.prepare("t1/0", reserve(("sku-a", 4))) == Prepared()
     assert inventory.prepare("t1/0", reserve(("sku-a", 4))) == Prepared()
     assert stock_of(inventory) == {"sku-a": (6, 4, 0, 10)}
-    before = inventory.snapshot()
+    before = state_bytes(inventory.snapshot())
     inventory.commit("nope/0", reserve(("sku-a", 4)))
     inventory.rollback("nope/1", reserve(("sku-a", 4)))
-    assert inventory.snapshot() == before
+    assert state_bytes(inventory.snapshot()) == before
 
 
 def test_inventory_prepare_merges_repeated_skus_it_was_not_asked_to_validate() -> None:
@@ -341,11 +345,11 @@ def test_inventory_snapshot_round_trip_keeps_reservations() -> None:
     inventory.prepare("t1/0", reserve(("sku-a", 3)))
     inventory.prepare("t2/0", reserve(("sku-a", 1), ("sku-b", 4)))
     inventory.commit("t2/0", reserve(("sku-a", 1), ("sku-b", 4)))
-    snapshot = inventory.snapshot()
+    snapshot = state_bytes(inventory.snapshot())
 
     restored = InventoryService({})
     restored.restore(snapshot)
-    assert restored.snapshot() == snapshot
+    assert state_bytes(restored.snapshot()) == snapshot
     assert stock_of(restored) == stock_of(inventory)
     assert restored.reservations == {"t1/0": {"sku-a": 3}}
     # The tentative reservation survives: its decision still applies after the restart.
@@ -362,8 +366,8 @@ def test_inventory_snapshot_round_trip_keeps_reservations() -> None:
 def test_restore_refuses_foreign_or_unknown_snapshots(service: Any) -> None:
     other = NotificationService() if service.name != "notification" else OrdersService()
     with pytest.raises(ValueError, match="belongs to service"):
-        service.restore(other.snapshot())
-    future = json.loads(service.snapshot())
+        service.restore(state_bytes(other.snapshot()))
+    future = json.loads(state_bytes(service.snapshot()))
     future["format"] = SNAPSHOT_FORMAT + 1
     with pytest.raises(ValueError, match="format"):
         service.restore(json.dumps(future).encode())
@@ -441,10 +445,10 @@ def test_orders_prepare_is_idempotent_per_branch() -> None:
     assert orders.prepare("txn-1/0", order()) == Prepared()
     assert orders.prepare("txn-1/0", order()) == Prepared()
     assert len(orders.all_orders()) == 1
-    before = orders.snapshot()
+    before = state_bytes(orders.snapshot())
     orders.commit("nope/0", order())
     orders.rollback("nope/0", order())
-    assert orders.snapshot() == before
+    assert state_bytes(orders.snapshot()) == before
 
 
 @pytest.mark.parametrize(
@@ -480,11 +484,11 @@ def test_orders_snapshot_round_trip_keeps_pending_orders_and_their_order() -> No
     orders.commit("txn-a/0", order(order_id="o-a"))
     orders.prepare("txn-c/0", order(order_id="o-c"))
     orders.rollback("txn-c/0", order(order_id="o-c"))
-    snapshot = orders.snapshot()
+    snapshot = state_bytes(orders.snapshot())
 
     restored = OrdersService()
     restored.restore(snapshot)
-    assert restored.snapshot() == snapshot
+    assert state_bytes(restored.snapshot()) == snapshot
     assert restored.all_orders() == orders.all_orders()
     assert restored.prepare("txn-x/0", order(order_id="o-b")) == Refused("duplicate order id o-b")
     restored.commit("txn-b/0", order(order_id="o-b"))
@@ -496,7 +500,7 @@ def test_orders_snapshot_round_trip_keeps_pending_orders_and_their_order() -> No
 
 
 def test_orders_restore_refuses_a_pending_branch_without_its_order() -> None:
-    document = json.loads(OrdersService().snapshot())
+    document = json.loads(state_bytes(OrdersService().snapshot()))
     document["pending"] = {"txn-1/0": "o-missing"}
     with pytest.raises(ValueError, match="o-missing"):
         OrdersService().restore(json.dumps(document).encode())
@@ -505,12 +509,12 @@ def test_orders_restore_refuses_a_pending_branch_without_its_order() -> None:
 def test_orders_restore_leaves_the_state_alone_when_the_snapshot_is_bad() -> None:
     orders = OrdersService()
     orders.prepare("txn-1/0", order())
-    before = orders.snapshot()
+    before = state_bytes(orders.snapshot())
     document = json.loads(before)
     document["cancelled"] = document["orders"]  # o-1 both live and cancelled
     with pytest.raises(ValueError, match="both cancelled and live"):
         orders.restore(json.dumps(document).encode())
-    assert orders.snapshot() == before
+    assert state_bytes(orders.snapshot()) == before
 
 
 # ---- payment ----
@@ -543,7 +547,7 @@ def test_payment_rollback_releases_the_hold() -> None:
 
 def test_payment_refusals_give_the_reason_and_change_nothing() -> None:
     payment = PaymentService()
-    before = payment.snapshot()
+    before = state_bytes(payment.snapshot())
     assert payment.prepare("t1/0", charge("acct-nobody")) == Refused("unknown account acct-nobody")
     assert payment.prepare("t2/0", charge("acct-blocked", 1)) == Refused(
         "payment declined for account acct-blocked"
@@ -551,7 +555,7 @@ def test_payment_refusals_give_the_reason_and_change_nothing() -> None:
     assert payment.prepare("t3/0", charge("acct-poor", 501)) == Refused(
         "insufficient funds: account acct-poor has 500 cents available, 501 requested"
     )
-    assert payment.snapshot() == before
+    assert state_bytes(payment.snapshot()) == before
     assert payment.prepare("t4/0", charge("acct-poor", 500)) == Prepared()
 
 
@@ -571,10 +575,10 @@ def test_payment_prepare_is_idempotent_per_branch() -> None:
     assert payment.prepare("t1/0", charge("acct-a", 600)) == Prepared()
     assert payment.prepare("t1/0", charge("acct-a", 600)) == Prepared()
     assert payment.accounts["acct-a"].held_cents == 600
-    before = payment.snapshot()
+    before = state_bytes(payment.snapshot())
     payment.commit("nope/0", charge("acct-a", 600))
     payment.rollback("nope/0", charge("acct-a", 600))
-    assert payment.snapshot() == before
+    assert state_bytes(payment.snapshot()) == before
 
 
 @pytest.mark.parametrize(
@@ -601,11 +605,11 @@ def test_payment_snapshot_round_trip_keeps_holds_and_captures() -> None:
     payment.prepare("t1/1", charge("acct-alice", 300, "o-1"))
     payment.prepare("t2/1", charge("acct-bob", 700, "o-2"))
     payment.commit("t2/1", charge("acct-bob", 700, "o-2"))
-    snapshot = payment.snapshot()
+    snapshot = state_bytes(payment.snapshot())
 
     restored = PaymentService({})
     restored.restore(snapshot)
-    assert restored.snapshot() == snapshot
+    assert state_bytes(restored.snapshot()) == snapshot
     assert restored.listing() == payment.listing()
     assert restored.accounts["acct-blocked"].declines
     restored.commit("t1/1", charge("acct-alice", 300, "o-1"))
@@ -682,11 +686,11 @@ def test_notification_snapshot_round_trip_keeps_staged_messages() -> None:
     notification.prepare("t1/0", note(order_id="o-1", body="première ✓"))
     notification.prepare("t2/0", note(order_id="o-2"))
     notification.commit("t2/0", note(order_id="o-2"))
-    snapshot = notification.snapshot()
+    snapshot = state_bytes(notification.snapshot())
 
     restored = NotificationService()
     restored.restore(snapshot)
-    assert restored.snapshot() == snapshot
+    assert state_bytes(restored.snapshot()) == snapshot
     assert restored.listing() == notification.listing()
     restored.commit("t1/0", note(order_id="o-1"))
     assert [(s.order_id, s.body) for s in restored.outbox] == [
@@ -788,7 +792,7 @@ def test_replay_is_deterministic_and_snapshots_resume_identically(
     _run(history, first)
     second = _services()
     _run(history, second)
-    assert [s.snapshot() for s in first] == [s.snapshot() for s in second]
+    assert [state_bytes(s.snapshot()) for s in first] == [state_bytes(s.snapshot()) for s in second]
 
     # A restart mid-history: snapshot, restore into fresh services, carry on; same end state.
     # Branches prepared before the cut are decided after it, so tentative state must survive.
@@ -796,9 +800,11 @@ def test_replay_is_deterministic_and_snapshots_resume_identically(
     in_doubt = _run(history[:cut], head)
     resumed: tuple[Any, ...] = _services()
     for old, new in zip(head, resumed, strict=True):
-        new.restore(old.snapshot())
+        new.restore(state_bytes(old.snapshot()))
     _run(history[cut:], resumed, in_doubt)
-    assert [s.snapshot() for s in resumed] == [s.snapshot() for s in first]
+    assert [state_bytes(s.snapshot()) for s in resumed] == [
+        state_bytes(s.snapshot()) for s in first
+    ]
 
 
 # ---- each service served in-process by the SDK, read over real gRPC ----
@@ -989,14 +995,18 @@ def test_page_walks_a_list_in_bounded_pages() -> None:
 # ---- snapshots of growing tables: rows encoded once ----
 
 
-def test_encoded_texts_give_the_same_snapshot_bytes_as_plain_values() -> None:
+def test_state_pieces_give_the_bytes_of_plain_values() -> None:
     state = {"b": {"z": 1, "a": [1, "x"]}, "rows": [[1, "é"], [2, "b"]]}
     plain = encode_state("svc", state)
-    assert plain == encode_state("svc", {"b": state["b"]}, {"rows": json_text(state["rows"])})
+    rows = [b"[", json_text([1, "é"]).encode(), b",", json_text([2, "b"]).encode(), b"]"]
+    assert plain == b"".join(state_pieces("svc", {"b": state["b"]}, {"rows": rows}))
     assert json.loads(plain)["rows"] == [[1, "é"], [2, "b"]]
 
 
-def test_encoded_rows_encode_only_what_was_appended_and_restart_on_a_new_list() -> None:
+def test_encoded_rows_encode_only_what_was_appended_and_restart_on_a_new_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("participants.services.CHUNK_ROWS", 2)
     encoded: list[int] = []
 
     def encode(row: int) -> list[int]:
@@ -1004,13 +1014,58 @@ def test_encoded_rows_encode_only_what_was_appended_and_restart_on_a_new_list() 
         return [row]
 
     rows = EncodedRows[int](encode)
-    table = [1, 2]
-    assert "[[1],[2]]" == rows.text(table)
-    table.append(3)
-    assert "[[1],[2],[3]]" == rows.text(table)
-    assert [1, 2, 3] == encoded  # 1 and 2 were not encoded again
-    assert "[[7]]" == rows.text([7])  # another list (a restore): from scratch
-    assert "[]" == rows.text([])
+    table = [1]
+    assert b"[[1]]" == b"".join(rows.pieces(table))
+    table += [2, 3]
+    first = rows.pieces(table)
+    assert b"[[1],[2],[3]]" == b"".join(first)
+    table += [4, 5]
+    second = rows.pieces(table)
+    assert b"[[1],[2],[3],[4],[5]]" == b"".join(second)
+    assert [1, 2, 3, 4, 5] == encoded  # none encoded twice
+    assert first[1] is second[1]  # the full chunk [1],[2]: joined once, handed over as is
+    assert b"[[7]]" == b"".join(rows.pieces([7]))  # another list (a restore): from scratch
+    assert b"[]" == b"".join(rows.pieces([]))
+
+
+@dataclasses.dataclass
+class _Row:
+    number: int
+    settled: bool = False
+
+
+def test_settled_rows_match_a_fresh_encoding_and_cache_only_settled_prefixes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random growth, settling and removal of unsettled rows, against encoding the whole
+    table again each time; a cached chunk is reused, never rebuilt."""
+    monkeypatch.setattr("participants.services.CHUNK_ROWS", 3)
+    generator = random.Random(5)
+
+    def text(row: _Row) -> str:
+        return json_text([row.number, row.settled])
+
+    for _ in range(30):
+        table: dict[int, _Row] = {}
+        rows = SettledRows[_Row](text, lambda row: row.settled)
+        for number in range(60):
+            table[number] = _Row(number)
+            unsettled = [row for row in table.values() if not row.settled]
+            for row in generator.sample(unsettled, generator.randint(0, len(unsettled))):
+                if generator.random() < 0.2:
+                    del table[row.number]  # only an unsettled row may go
+                else:
+                    row.settled = True
+            cached = list(rows._chunks)
+            pieces = rows.pieces(table, table.values())
+            expected = json_text([[row.number, row.settled] for row in table.values()])
+            # Had a chunk been cached with a row that later changed or went, this would differ.
+            assert expected.encode() == b"".join(pieces)
+            assert cached == rows._chunks[: len(cached)]
+            assert all(old is new for old, new in zip(cached, rows._chunks, strict=False))
+            assert all(any(chunk is piece for piece in pieces) for chunk in rows._chunks)
+        # Another table (a restore) starts over.
+        assert b"[]" == b"".join(rows.pieces({}, []))
 
 
 def test_growing_tables_encode_a_row_at_commit_so_a_checkpoint_only_joins(
@@ -1037,16 +1092,23 @@ def test_growing_tables_encode_a_row_at_commit_so_a_checkpoint_only_joins(
     for module in ("participants.services", "participants.services.orders"):
         monkeypatch.setattr(f"{module}.json_text", counting)
     for service in (orders, payment, notification):
-        service.snapshot()
+        state_bytes(service.snapshot())
     # Only the small parts (the document's keys and its maps of open branches, accounts...)
     # were encoded: none of the 15 committed rows, which are lists of 4 or 6 values.
     rows = [value for value in encoded if isinstance(value, list) and len(value) in (4, 6)]
     assert [] == rows, rows
 
 
-def test_growing_tables_snapshot_the_same_after_more_rows_and_after_a_restore() -> None:
+def test_growing_tables_snapshot_the_same_after_more_rows_and_after_a_restore(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("participants.services.CHUNK_ROWS", 2)  # many cached chunks
     orders, payment, notification = OrdersService(), PaymentService(), NotificationService()
-    for index in range(3):
+    for index in range(9):
+        if index == 2:  # a pending order among settled ones: nothing after it is cached
+            orders.prepare("held/0", order(order_id="o-held"))
+        if index == 6:
+            orders.commit("held/0", order(order_id="o-held"))
         key = f"txn-{index}/0"
         orders.prepare(key, order(order_id=f"o-{index}"))
         orders.commit(key, order(order_id=f"o-{index}"))
@@ -1059,9 +1121,12 @@ def test_growing_tables_snapshot_the_same_after_more_rows_and_after_a_restore() 
         notification.prepare(key, note)
         notification.commit(key, note)
         for service in (orders, payment, notification):
-            snapshot = service.snapshot()  # rows cached by now, one more each round
+            snapshot = state_bytes(service.snapshot())  # rows cached by now, one more each round
             fresh = type(service)()
             fresh.restore(snapshot)
-            assert fresh.snapshot() == snapshot
-            # The cached text says what re-encoding everything would say.
-            assert json.loads(snapshot) == json.loads(fresh.snapshot())
+            assert state_bytes(fresh.snapshot()) == snapshot
+            # The cached text says what re-encoding everything would say, byte for byte.
+            assert json_text(json.loads(snapshot)).encode() == snapshot
+        assert json.loads(state_bytes(orders.snapshot()))["orders"] == [
+            order.to_json() for order in orders.orders.values()
+        ]

@@ -10,8 +10,9 @@ its INVALID_ARGUMENT errors the same way), the branch-key helper and the snapsho
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -137,37 +138,74 @@ def json_text(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def encode_state(
-    service: str, state: Mapping[str, Any], texts: Mapping[str, str] | None = None
-) -> bytes:
+def encode_state(service: str, state: Mapping[str, Any]) -> bytes:
     """Deterministic snapshot bytes: compact JSON with sorted keys.
 
     Dict keys are sorted, so two services with the same state give the same bytes however the
     state was reached; anything whose order matters (orders, captures, the outbox) is a list.
-    `texts` holds values already encoded with json_text (see EncodedRows): the bytes are the
-    same as if they had been given, decoded, in `state`.
+    """
+    return b"".join(state_pieces(service, state, {}))
+
+
+def state_pieces(
+    service: str, state: Mapping[str, Any], arrays: Mapping[str, list[bytes]]
+) -> list[bytes]:
+    """The bytes of `encode_state(service, state + arrays)`, as pieces to concatenate.
+
+    `arrays` holds each growing table's JSON array already cut into pieces (see EncodedRows
+    and SettledRows): the pieces are handed to the log as they are, and joined on the log's
+    own thread, so a checkpoint of a large state does not copy it on the event loop.
     """
     document = {"format": SNAPSHOT_FORMAT, "service": service, **state}
-    if not texts:
-        return json_text(document).encode("ascii")
-    parts = {key: json_text(value) for key, value in document.items()}
-    parts.update(texts)
-    return ("{" + ",".join(f"{json_text(key)}:{parts[key]}" for key in sorted(parts)) + "}").encode(
-        "ascii"
-    )
+    parts = {key: [json_text(value).encode("ascii")] for key, value in document.items()}
+    parts.update(arrays)
+    pieces = [b"{"]
+    for index, key in enumerate(sorted(parts)):
+        pieces.append(f"{',' if index else ''}{json_text(key)}:".encode("ascii"))
+        pieces.extend(parts[key])
+    pieces.append(b"}")
+    return pieces
 
 
 Row = TypeVar("Row")
+_Row_co = TypeVar("_Row_co", covariant=True)
+
+
+class TableRows(Protocol[_Row_co]):
+    """A table's rows in order, as a list or a dict's values view gives them."""
+
+    def __len__(self) -> int: ...
+
+    def __reversed__(self) -> Iterator[_Row_co]: ...
+
+
+#: Rows per cached chunk of a table's JSON text: small enough that joining the open chunk is
+#: cheap, large enough that a table of 100,000 rows is about a hundred pieces.
+CHUNK_ROWS = 1024
+
+
+def _array(chunks: list[bytes], open_texts: list[str]) -> list[bytes]:
+    """A JSON array's pieces: `[`, the cached chunks and the open texts, comma-separated, `]`."""
+    items = [*chunks, ",".join(open_texts).encode("ascii")] if open_texts else chunks
+    pieces = [b"["]
+    for index, item in enumerate(items):
+        if index:
+            pieces.append(b",")
+        pieces.append(item)
+    pieces.append(b"]")
+    return pieces
 
 
 class EncodedRows(Generic[Row]):
-    """The JSON text of an append-only list of immutable rows, each row encoded once.
+    """The JSON text of an append-only list of immutable rows, each row encoded once, and each
+    chunk of CHUNK_ROWS rows joined once.
 
     A checkpoint snapshots a service's whole state; for a table that only grows (the outbox,
     the ledger of captures) re-encoding every row each time stalls the event loop for longer
-    and longer (orders: 1.5 s at 100,000 orders). This keeps the text of the rows encoded so
-    far and encodes only those appended since. A new list object (after a restore) starts
-    over.
+    and longer (orders: 1.5 s at 100,000 orders), and so does joining them (70-170 ms at
+    150,000 rows: copies of a 10-20 MB text). This keeps the bytes of every full chunk and the
+    texts of the rows since, so a snapshot is a list of cached pieces. A new list object (after
+    a restore) starts over.
 
     A service calls `catch_up` as it appends (at commit), so that a row is encoded when it is
     made, not at the next checkpoint: 10,000 rows encoded at once stalled the event loop for
@@ -177,19 +215,74 @@ class EncodedRows(Generic[Row]):
     def __init__(self, encode: Callable[[Row], Any]) -> None:
         self._encode = encode
         self._rows: Sequence[Row] | None = None
-        self._texts: list[str] = []
+        self._chunks: list[bytes] = []
+        self._open: list[str] = []  # texts of the rows after the last full chunk
 
     def catch_up(self, rows: Sequence[Row]) -> None:
         """Encode the rows appended since the last call (all of them for a new list)."""
-        if rows is not self._rows or len(rows) < len(self._texts):
+        seen = len(self._chunks) * CHUNK_ROWS + len(self._open)
+        if rows is not self._rows or len(rows) < seen:
             self._rows = rows
-            self._texts = []
+            self._chunks = []
+            self._open = []
+            seen = 0
         encode = self._encode
-        self._texts.extend(json_text(encode(row)) for row in rows[len(self._texts) :])
+        # Bounded by the rows appended since the last call.
+        for row in rows[seen:]:
+            self._open.append(json_text(encode(row)))
+            if len(self._open) == CHUNK_ROWS:
+                self._chunks.append(",".join(self._open).encode("ascii"))
+                self._open = []
 
-    def text(self, rows: Sequence[Row]) -> str:
+    def pieces(self, rows: Sequence[Row]) -> list[bytes]:
+        """The JSON array of `rows`, as pieces to concatenate."""
         self.catch_up(rows)
-        return "[" + ",".join(self._texts) + "]"
+        return _array(self._chunks, self._open)
+
+
+class SettledRows(Generic[Row]):
+    """The JSON text of a table whose rows settle in order, each chunk of CHUNK_ROWS settled
+    rows joined once.
+
+    For a table that grows at its end but whose recent rows may still change or go (the
+    orders: a pending order is confirmed or removed). A row is settled when its text will
+    never change again and it will never be removed; a chunk is cached once its rows, and every
+    row before them, are settled. The rows after the cached chunks are read again at every
+    snapshot: a few thousand at most, unless a branch stays in doubt for long, which only
+    delays caching. `row_text` should cache the text of a settled row (see OrderRecord).
+    """
+
+    def __init__(self, row_text: Callable[[Row], str], settled: Callable[[Row], bool]) -> None:
+        self._row_text = row_text
+        self._settled = settled
+        self._table: object = None
+        self._chunks: list[bytes] = []
+
+    def pieces(self, table: object, rows: TableRows[Row]) -> list[bytes]:
+        """The JSON array of `rows`, the rows of `table` in order, as pieces to concatenate.
+
+        Another `table` object (after a restore) starts over, as does a table shorter than the
+        rows cached, which a table whose settled rows stay cannot be."""
+        cached = len(self._chunks) * CHUNK_ROWS
+        if table is not self._table or len(rows) < cached:
+            self._table = table
+            self._chunks = []
+            cached = 0
+        # The rows after the cached ones, read from the end: rows are added only there and the
+        # cached ones never go, so this is O(new rows), where skipping the cached ones from the
+        # start took 4 ms at 135,000 orders.
+        fresh = list(islice(reversed(rows), len(rows) - cached))
+        fresh.reverse()
+        row_text, settled = self._row_text, self._settled
+        texts: list[str] = []
+        caching = True  # until the first unsettled row: what follows it may still change
+        for row in fresh:  # bounded by the table's length
+            texts.append(row_text(row))
+            caching = caching and settled(row)
+            if caching and len(texts) == CHUNK_ROWS:
+                self._chunks.append(",".join(texts).encode("ascii"))
+                texts = []
+        return _array(self._chunks, texts)
 
 
 def decode_state(service: str, data: bytes) -> dict[str, Any]:
@@ -213,8 +306,11 @@ def decode_state(service: str, data: bytes) -> dict[str, Any]:
 
 
 __all__ = [
+    "CHUNK_ROWS",
     "SNAPSHOT_FORMAT",
     "Context",
+    "EncodedRows",
+    "SettledRows",
     "abort_if_too_large",
     "check_lines",
     "check_resource_id",
@@ -222,5 +318,6 @@ __all__ = [
     "decode_state",
     "encode_state",
     "merged_lines",
+    "state_pieces",
     "transaction_of",
 ]

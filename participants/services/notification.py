@@ -27,8 +27,8 @@ from participants.services import (
     check_resource_id,
     check_text,
     decode_state,
-    encode_state,
     page,
+    state_pieces,
     transaction_of,
 )
 from participants.services.catalog import split_initial_arg
@@ -102,8 +102,8 @@ class NotificationService(Service[shop_pb2.SendNotification]):
 
     # ---- state ----
 
-    def snapshot(self) -> bytes:
-        return encode_state(
+    def snapshot(self) -> list[bytes]:
+        return state_pieces(
             self.name,
             {
                 "staged": {
@@ -111,7 +111,7 @@ class NotificationService(Service[shop_pb2.SendNotification]):
                 },
             },
             # A list: the outbox's order is the commit order. Encoded row by row, once.
-            {"outbox": self._outbox_text.text(self.outbox)},
+            {"outbox": self._outbox_text.pieces(self.outbox)},
         )
 
     def restore(self, state: bytes) -> None:

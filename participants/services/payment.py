@@ -33,8 +33,8 @@ from participants.services import (
     abort_if_too_large,
     check_resource_id,
     decode_state,
-    encode_state,
     page,
+    state_pieces,
     transaction_of,
 )
 from participants.services.catalog import DEFAULT_CATALOG, AccountSpec, split_initial_arg
@@ -172,8 +172,8 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
 
     # ---- state ----
 
-    def snapshot(self) -> bytes:
-        return encode_state(
+    def snapshot(self) -> list[bytes]:
+        return state_pieces(
             self.name,
             {
                 "accounts": {
@@ -191,7 +191,7 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
                 },
             },
             # A list: the ledger's order is the commit order. Encoded row by row, once.
-            {"captures": self._captures_text.text(self.captures)},
+            {"captures": self._captures_text.pieces(self.captures)},
         )
 
     def restore(self, state: bytes) -> None:
