@@ -17,6 +17,9 @@ the transactions completed in between:
                       dtm_checkpoint_seconds_max (the longest since the process started) and
                       dtm_checkpoint_building_seconds_max (the longest building of a snapshot,
                       which holds the event loop; the log writes it on a thread)
+    gc_pauses         per process, dtm_gc_pause_seconds' growth (garbage collections in the
+                      window, how long in all) and the longest since the process started,
+                      any generation: a collection holds the event loop too
 
 When the servers do not have the flag, every figure is None and the report says
 "n/a: hook missing": nothing is estimated.
@@ -50,6 +53,9 @@ CHECKPOINT_COUNT = "dtm_checkpoint_seconds_count"
 CHECKPOINT_SUM = "dtm_checkpoint_seconds_sum"
 CHECKPOINT_MAX = "dtm_checkpoint_seconds_max"
 CHECKPOINT_BUILDING_MAX = "dtm_checkpoint_building_seconds_max"
+GC_PAUSE_COUNT = "dtm_gc_pause_seconds_count"
+GC_PAUSE_SUM = "dtm_gc_pause_seconds_sum"
+GC_PAUSE_MAX = "dtm_gc_pause_seconds_max"
 #: The name under which the bench's own process (the clients) appears in cpu_ms_by_process.
 LOAD_GENERATOR = "load generator"
 #: Transport-level protocol overhead the coordinator does not count: the client's own call.
@@ -113,6 +119,13 @@ def total(counters: Counters, name: str) -> float:
     return sum(value for key, value in counters.items() if key.split("{", 1)[0] == name)
 
 
+def largest(counters: Counters, name: str) -> float:
+    """The largest value of a metric over its label sets (0 when it has none)."""
+    return max(
+        (value for key, value in counters.items() if key.split("{", 1)[0] == name), default=0.0
+    )
+
+
 def _fetch(address: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=SCRAPE_TIMEOUT_S) as answer:
         body: bytes = answer.read(SCRAPE_BYTES_MAX)
@@ -157,6 +170,9 @@ class Costs:
     #: since the process started) and ms_longest_building (its event loop's longest stall for
     #: one). Only processes that wrote one.
     checkpoints: Mapping[str, Mapping[str, float]] | None = None
+    #: Process -> its garbage collections in the window: count, ms_total, and ms_longest (the
+    #: longest since the process started, any generation). Only processes that export them.
+    gc_pauses: Mapping[str, Mapping[str, float]] | None = None
     note: str = HOOK_MISSING
 
     @property
@@ -210,6 +226,15 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         for name in last.counters
         if growth(name, CHECKPOINT_COUNT) > 0
     }
+    gc_pauses = {
+        name: {
+            "count": growth(name, GC_PAUSE_COUNT),
+            "ms_total": round(growth(name, GC_PAUSE_SUM) * 1000, 1),
+            "ms_longest": round(largest(last.counters[name], GC_PAUSE_MAX) * 1000, 1),
+        }
+        for name in last.counters
+        if any(key.startswith(GC_PAUSE_COUNT) for key in last.counters[name])
+    }
     if first.load_cpu_s is not None and last.load_cpu_s is not None:
         cpu[LOAD_GENERATOR] = round((last.load_cpu_s - first.load_cpu_s) * 1000 / transactions, 3)
     return Costs(
@@ -222,6 +247,7 @@ def costs(first: Sample, last: Sample, coordinator: str = "coordinator") -> Cost
         items_per_call=items_per_call,
         submit_handling_ms_mean=handling_ms,
         checkpoints=checkpoints,
+        gc_pauses=gc_pauses or None,
         note=(
             f"measured: growth of the servers' /metrics counters over "
             f"{transactions:,.0f} transactions of the window"

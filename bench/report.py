@@ -245,6 +245,7 @@ def build_results(
         "cpu_vs_load_generator": cpu_vs_load_generator(dtm.costs.cpu_ms_by_process),
         "batch_items_per_call": dtm.costs.items_per_call,
         "checkpoints_by_process": dtm.costs.checkpoints,
+        "gc_pauses_by_process": dtm.costs.gc_pauses,
         "baseline_duration_s": (round(unary.tally.window_s, 3) if unary is not None else None),
         "unary_rpc_per_s": unary_per_s,
         "unary_p50_ms": unary_p50,
@@ -455,6 +456,19 @@ def format_table(results: Mapping[str, Any]) -> str:
                 + " (building the snapshot holds the process's event loop; the log writes and"
                 " fsyncs it on a thread, and only records waiting to be durable wait for that,"
                 " with wal_sync = loop)",
+            )
+        )
+    gc_pauses = r.get("gc_pauses_by_process") or {}
+    if gc_pauses:
+        facts.append(
+            (
+                "gc pauses",
+                ", ".join(
+                    f"{name} {g['count']:g} ({g['ms_total']:,.0f} ms in all, the longest "
+                    f"{g['ms_longest']:,.0f})"
+                    for name, g in gc_pauses.items()
+                )
+                + " (garbage collections; each holds the process's event loop)",
             )
         )
     if r.get("coordinator_rss_mb_last") is not None:

@@ -4,6 +4,7 @@ on, real transactions, and scrapes over HTTP showing the metrics move."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -168,6 +169,15 @@ def test_metrics_move_with_transactions(tmp_path: Path) -> None:
                 assert 0 <= value(inventory, f"dtm_lock_{name}_total")
             orders = await running.scrape("orders")
             assert 1 <= value(orders, "dtm_lock_grants_total")  # the order id's lock
+
+            # Garbage collections are timed, by generation: a full one forced here shows.
+            full = value(samples, "dtm_gc_pause_seconds_count", generation="2")
+            gc.collect()
+            after = await running.scrape("inventory")  # one process: every endpoint sees it
+            assert full + 1 <= value(after, "dtm_gc_pause_seconds_count", generation="2")
+            assert 0 < value(after, "dtm_gc_pause_seconds_sum", generation="2")
+            longest = value(after, "dtm_gc_pause_seconds_max", generation="2")
+            assert 0 < longest <= value(after, "dtm_gc_pause_seconds_sum", generation="2")
 
     asyncio.run(scenario())
 
