@@ -198,7 +198,7 @@ def test_a_client_without_a_trusted_certificate_is_refused(
                     )
             # Nothing was applied anywhere, and the coordinator never heard of a transaction.
             assert 0 == await sent_count(cluster)
-            assert not list(cluster.coordinator.engine.runs())
+            assert not list(cluster.coordinator.engine.views())
 
     asyncio.run(scenario())
 

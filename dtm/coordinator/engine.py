@@ -13,8 +13,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +21,7 @@ import grpc
 from google.protobuf import any_pb2
 
 from dtm import crashpoints, limits, logs
+from dtm.coordinator.finished import FinishedWindow, Head, Record, TransactionView, pack, unpack
 from dtm.coordinator.heuristics import HeuristicTable, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult, rpc_failure
 from dtm.coordinator.registry import Registry
@@ -82,6 +82,41 @@ class Run:
             return OUTCOME_TO_PB[outcome]
         return self.outcome_pb
 
+    def record(self) -> Record:
+        """The transaction as clients and operators see it, in the form the finished window
+        keeps (a flat tuple of atoms: see dtm.coordinator.finished)."""
+        txn = self.txn
+        unspecified = coordinator_pb2.VOTE_UNSPECIFIED
+        head: Head = (
+            txn.transaction_id,
+            STATE_TO_PB[txn.state],
+            self.answer(),
+            txn.reason,
+            txn.created_at_ms,
+            txn.decided_at_ms,
+            max(0, txn.deadline_ms - txn.created_at_ms),
+            self.fingerprint,
+            self.invalid_argument,
+            self.id_reused,
+        )
+        rows = [
+            (
+                b.index,
+                b.participant,
+                VOTE_TO_PB[b.vote] if b.vote else unspecified,
+                b.reason,
+                b.acknowledged,
+                b.phase_two_attempts,
+                b.last_error,
+                b.heuristic,
+            )
+            for b in txn.branches
+        ]
+        return pack(head, rows)
+
+    def view(self) -> TransactionView:
+        return unpack(self.record())
+
 
 STATE_TO_PB = {
     TxnState.PREPARING: coordinator_pb2.TRANSACTION_STATE_PREPARING,
@@ -96,6 +131,7 @@ OUTCOME_TO_PB = {
     Outcome.ABORTED: coordinator_pb2.OUTCOME_ABORTED,
     Outcome.UNKNOWN: coordinator_pb2.OUTCOME_UNKNOWN,
 }
+TERMINAL_ANSWERS = frozenset({coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED})
 VOTE_TO_PB = {
     core.Vote.PREPARED: coordinator_pb2.VOTE_PREPARED,
     core.Vote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
@@ -130,7 +166,7 @@ class Engine:
         self.config = config
         self.clock_ms = clock_ms
         self.active: dict[str, Run] = {}
-        self.finished: OrderedDict[str, Run] = OrderedDict()
+        self.finished = FinishedWindow(config.finished_kept)
         self.counters = Counters()
         self.observer: EngineObserver = NO_OBSERVER  # dtm.metrics installs itself here
         self.records_since_checkpoint = 0
@@ -150,19 +186,25 @@ class Engine:
         branches: Sequence[tuple[str, any_pb2.Any]],
         timeout_ms: int,
         fingerprint: bytes,
-    ) -> Run:
+    ) -> TransactionView:
         """Run (or join) a transaction; returns once the client's answer is known."""
         transaction_id = transaction_id or uuid.uuid4().hex
-        run = self.active.get(transaction_id) or self.finished.get(transaction_id)
+        run = self.active.get(transaction_id)
+        known = run.fingerprint if run is not None else None
+        finished = self.finished.get(transaction_id) if run is None else None
+        if finished is not None:
+            known = finished.fingerprint
+        if known is not None and known != fingerprint:
+            raise SubmitRejected(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"transaction id {transaction_id!r} was already used for a different "
+                "transaction; choose a new id",
+            )
+        if finished is not None:
+            return finished
         if run is not None:
-            if run.fingerprint != fingerprint:
-                raise SubmitRejected(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"transaction id {transaction_id!r} was already used for a different "
-                    "transaction; choose a new id",
-                )
             await asyncio.shield(run.reply)
-            return run
+            return run.view()
         if len(self.active) >= self.config.in_flight_max:
             raise SubmitRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -192,39 +234,50 @@ class Engine:
             )
         self._execute(run, actions)
         await asyncio.shield(run.reply)
-        return run
+        return run.view()
 
-    def lookup(self, transaction_id: str) -> Run | None:
-        return self.active.get(transaction_id) or self.finished.get(transaction_id)
+    def lookup(self, transaction_id: str) -> TransactionView | None:
+        run = self.active.get(transaction_id)
+        return run.view() if run is not None else self.finished.get(transaction_id)
 
     def query_outcome(self, transaction_id: str) -> int:
         """For a participant in doubt. No record means aborted (presumed abort)."""
-        run = self.lookup(transaction_id)
-        if run is None:
+        run = self.active.get(transaction_id)
+        if run is not None:
+            outcome = run.txn.outcome
+            if outcome is None or outcome is Outcome.UNKNOWN:
+                return coordinator_pb2.OUTCOME_UNSPECIFIED
+            return OUTCOME_TO_PB[outcome]
+        finished = self.finished.get(transaction_id)
+        if finished is None:
             return coordinator_pb2.OUTCOME_ABORTED
-        outcome = run.txn.outcome
-        if outcome is None or outcome is Outcome.UNKNOWN:
-            return coordinator_pb2.OUTCOME_UNSPECIFIED
-        return OUTCOME_TO_PB[outcome]
+        if finished.answer in TERMINAL_ANSWERS:
+            return finished.answer
+        return coordinator_pb2.OUTCOME_UNSPECIFIED
 
-    def runs(self) -> Iterable[Run]:
-        """Active then finished, newest first."""
-        yield from reversed(list(self.active.values()))
-        yield from reversed(list(self.finished.values()))
+    def views(self, states: Collection[int] = ()) -> Iterator[TransactionView]:
+        """Active then finished, newest first; only those in `states` (TransactionState
+        values) if any are given. Consume without awaiting: the window is read in place."""
+        for run in reversed(list(self.active.values())):
+            if not states or STATE_TO_PB[run.txn.state] in states:
+                yield run.view()
+        yield from self.finished.newest_first(states)
 
-    async def retry_phase_two_now(self, transaction_id: str) -> Run | None:
-        run = self.lookup(transaction_id)
-        if run is None or run.txn.state is not TxnState.COMMITTING:
-            return run
-        for branch in run.txn.branches:
-            if branch.needs_phase_two and not branch.acknowledged:
-                self._phase_two(run, branch.index, commit=True)
-        return run
+    async def retry_phase_two_now(self, transaction_id: str) -> TransactionView | None:
+        run = self.active.get(transaction_id)
+        if run is None:
+            return self.finished.get(transaction_id)
+        if run.txn.state is TxnState.COMMITTING:
+            for branch in run.txn.branches:
+                if branch.needs_phase_two and not branch.acknowledged:
+                    self._phase_two(run, branch.index, commit=True)
+        return run.view()
 
     # ---- the one place where events reach the core ----
 
     def _feed(self, run: Run, event: core.Event) -> None:
         before = run.txn.state
+        finished_before = run.finished
         try:
             actions = run.txn.handle(event)
         except ProtocolError as error:
@@ -252,6 +305,9 @@ class Engine:
                 run.timer = None
                 run.operations = []  # phase 1 is over: no need to keep the payloads
         self._execute(run, actions)
+        if finished_before:
+            # A rollback acknowledged or a heuristic reported after the transaction finished.
+            self.finished.update(run.record())
 
     def _execute(self, run: Run, actions: Iterable[core.Action]) -> None:
         effects = self._effects  # the table at the end of the class
@@ -545,9 +601,7 @@ class Engine:
         self.active.pop(txn.transaction_id, None)
         if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()
-        self.finished[txn.transaction_id] = run
-        while len(self.finished) > self.config.finished_kept:
-            self.finished.popitem(last=False)
+        self.finished.put(run.record())
         if run.timer is not None:
             run.timer.cancel()
             run.timer = None
@@ -588,28 +642,22 @@ class Engine:
         return list(pending.values())
 
     def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:
-        txn, _ = Transaction.recovered_commit(
+        at_ms = decided.decided_at_unix_ms  # the decision is all the log keeps of its times
+        head: Head = (
             decided.transaction_id,
-            [(b.branch, b.participant) for b in decided.branches],
-            decided_at_ms=decided.decided_at_unix_ms,
-        )
-        txn.state = TxnState.COMMITTED
-        for branch in txn.branches:
-            branch.acknowledged = True
-        loop = asyncio.get_running_loop()
-        reply: asyncio.Future[None] = loop.create_future()
-        reply.set_result(None)
-        run = Run(
-            txn,
+            coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+            coordinator_pb2.OUTCOME_COMMITTED,
+            "",
+            at_ms,
+            at_ms,
+            0,
             decided.fingerprint,
-            [],
-            reply,
-            outcome_pb=coordinator_pb2.OUTCOME_COMMITTED,
-            finished=True,
+            "",
+            "",
         )
-        self.finished[txn.transaction_id] = run
-        while len(self.finished) > self.config.finished_kept:
-            self.finished.popitem(last=False)
+        prepared = coordinator_pb2.VOTE_PREPARED
+        rows = [(b.branch, b.participant, prepared, "", True, 0, "", "") for b in decided.branches]
+        self.finished.put(pack(head, rows))
 
     def resume(self, pending: Iterable[log_pb2.CommitDecided]) -> int:
         """Drive every recovered commit decision to completion (phase 2 until acknowledged)."""

@@ -15,15 +15,8 @@ from typing import Any
 import grpc
 
 from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
-from dtm.coordinator.engine import (
-    STATE_TO_PB,
-    VOTE_TO_PB,
-    CoordinatorConfig,
-    Engine,
-    Run,
-    SubmitRejected,
-    wall_ms,
-)
+from dtm.coordinator.engine import CoordinatorConfig, Engine, SubmitRejected, wall_ms
+from dtm.coordinator.finished import TransactionView
 from dtm.coordinator.heuristics import heuristic_pb
 from dtm.coordinator.ports import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
@@ -34,32 +27,31 @@ from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def transaction_pb(run: Run) -> coordinator_pb2.Transaction:
-    txn = run.txn
+def transaction_pb(view: TransactionView) -> coordinator_pb2.Transaction:
     return coordinator_pb2.Transaction(
-        transaction_id=txn.transaction_id,
-        state=STATE_TO_PB[txn.state],
-        reason=txn.reason,
-        created_at_unix_ms=txn.created_at_ms,
-        decided_at_unix_ms=txn.decided_at_ms,
-        timeout_ms=max(0, txn.deadline_ms - txn.created_at_ms),
-        branches=branch_statuses(run),
+        transaction_id=view.transaction_id,
+        state=view.state,  # type: ignore[arg-type]  # a TransactionState value is an int
+        reason=view.reason,
+        created_at_unix_ms=view.created_at_ms,
+        decided_at_unix_ms=view.decided_at_ms,
+        timeout_ms=view.timeout_ms,
+        branches=branch_statuses(view),
     )
 
 
-def branch_statuses(run: Run) -> list[coordinator_pb2.BranchStatus]:
+def branch_statuses(view: TransactionView) -> list[coordinator_pb2.BranchStatus]:
     return [
         coordinator_pb2.BranchStatus(
-            branch=b.index,
+            branch=b.branch,
             participant=b.participant,
-            vote=VOTE_TO_PB[b.vote] if b.vote else coordinator_pb2.VOTE_UNSPECIFIED,
+            vote=b.vote,  # type: ignore[arg-type]  # a Vote value is an int
             reason=b.reason,
             acknowledged=b.acknowledged,
             phase_two_attempts=b.phase_two_attempts,
             last_error=b.last_error,
             heuristic=b.heuristic,
         )
-        for b in run.txn.branches
+        for b in view.branches
     ]
 
 
@@ -210,7 +202,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return _refused(*problem)
         timeout_ms = request.timeout_ms or self.coordinator.config.transaction_timeout_ms
         try:
-            run = await self.engine.submit(
+            view = await self.engine.submit(
                 request.transaction_id,
                 [(b.participant, b.operation) for b in request.branches],
                 timeout_ms,
@@ -218,25 +210,25 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         except SubmitRejected as rejected:
             return _refused(rejected.code, str(rejected))
-        if run.id_reused:
+        if view.id_reused:
             # Beyond the coordinator's own memory (finished_kept): a participant remembered.
             return _refused(
                 grpc.StatusCode.ALREADY_EXISTS,
-                f"{run.id_reused}; this attempt was aborted and nothing was applied: choose a "
+                f"{view.id_reused}; this attempt was aborted and nothing was applied: choose a "
                 "new transaction id",
             )
-        if run.invalid_argument:
+        if view.invalid_argument:
             return _refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{run.invalid_argument}; transaction {run.txn.transaction_id} was aborted and "
+                f"{view.invalid_argument}; transaction {view.transaction_id} was aborted and "
                 "nothing was applied",
             )
         return coordinator_pb2.SubmitResult(
             response=coordinator_pb2.SubmitResponse(
-                transaction_id=run.txn.transaction_id,
-                outcome=run.answer(),  # type: ignore[arg-type]  # an Outcome enum value is an int
-                reason=run.txn.reason,
-                branches=branch_statuses(run),
+                transaction_id=view.transaction_id,
+                outcome=view.answer,  # type: ignore[arg-type]  # an Outcome value is an int
+                reason=view.reason,
+                branches=branch_statuses(view),
             )
         )
 
@@ -288,8 +280,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetTransaction(
         self, request: coordinator_pb2.GetTransactionRequest, context: Context
     ) -> coordinator_pb2.Transaction:
-        run = self.engine.lookup(request.transaction_id)
-        if run is None:
+        view = self.engine.lookup(request.transaction_id)
+        if view is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no transaction {request.transaction_id[:128]!r}: never submitted here, or "
@@ -297,18 +289,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 "finished transactions are kept)",
             )
             raise AssertionError("unreachable")
-        return transaction_pb(run)
+        return transaction_pb(view)
 
     async def ListTransactions(
         self, request: coordinator_pb2.ListTransactionsRequest, context: Context
     ) -> coordinator_pb2.ListTransactionsResponse:
         limit = _list_limit(request.limit)
-        wanted = set(request.states)
         found: list[coordinator_pb2.Transaction] = []
-        for run in self.engine.runs():
-            if wanted and STATE_TO_PB[run.txn.state] not in wanted:
-                continue
-            found.append(transaction_pb(run))
+        for view in self.engine.views(set(request.states)):
+            found.append(transaction_pb(view))
             if len(found) >= limit:
                 break
         return coordinator_pb2.ListTransactionsResponse(transactions=found)
@@ -316,15 +305,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def RetryTransaction(
         self, request: coordinator_pb2.RetryTransactionRequest, context: Context
     ) -> coordinator_pb2.Transaction:
-        run = await self.engine.retry_phase_two_now(request.transaction_id)
-        if run is None:
+        view = await self.engine.retry_phase_two_now(request.transaction_id)
+        if view is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no transaction {request.transaction_id[:128]!r} is known here",
             )
             raise AssertionError("unreachable")
         self.coordinator.log.info("phase 2 retried by an operator", txn=request.transaction_id)
-        return transaction_pb(run)
+        return transaction_pb(view)
 
     async def ListHeuristics(
         self, request: coordinator_pb2.ListHeuristicsRequest, context: Context
