@@ -79,11 +79,18 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(signum, stop.set)
 
 
-# Young-generation GC threshold for server processes. Each transaction allocates thousands
-# of short-lived objects (protobufs, futures, actions) that die young without cycles, so the
-# default 700 runs the collector constantly for nothing; make bench measured about +10-15%
-# throughput at 50,000. Memory stays bounded: objects without cycles are freed by refcount.
-GC_YOUNG_THRESHOLD = 50_000
+# Young-generation GC threshold for server processes. The default 700 runs the collector
+# constantly: a transaction allocates thousands of short-lived objects, and a burst of them
+# alive at once crosses 700 (make bench measured about +10-15% throughput away from it). A
+# large threshold has the opposite cost: each collection traverses every object that arrived
+# since the last one, on the event loop, and under load about five per incoming call are
+# gRPC's cyclic garbage. Measured on 2026-11-29 in 120-second runs under `make bench` load
+# (docs/architecture.md, section 12): at 50,000 the longest collections were 114-132 ms in
+# the coordinator and 260-310 ms in the worst participant; at 10,000, 16-22 ms and 51-64, with
+# p99 139-146 ms against 163-199; 5,000 spent nearly twice the coordinator's collection time
+# of 10,000 for the same p99. Memory stays bounded either way: objects without cycles are
+# freed by reference counting.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 def use_fast_event_loop() -> None:
