@@ -140,6 +140,16 @@ VOTE_TO_PB = {
 }
 
 
+def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
+    """A retried Submit must carry the transaction its id was first used for."""
+    if known != fingerprint:
+        raise SubmitRejected(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"transaction id {transaction_id!r} was already used for a different "
+            "transaction; choose a new id",
+        )
+
+
 class Counters:
     """Protocol costs, to check against the presumed-abort table of protocol.md."""
 
@@ -190,21 +200,14 @@ class Engine:
         """Run (or join) a transaction; returns once the client's answer is known."""
         transaction_id = transaction_id or uuid.uuid4().hex
         run = self.active.get(transaction_id)
-        known = run.fingerprint if run is not None else None
-        finished = self.finished.get(transaction_id) if run is None else None
-        if finished is not None:
-            known = finished.fingerprint
-        if known is not None and known != fingerprint:
-            raise SubmitRejected(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"transaction id {transaction_id!r} was already used for a different "
-                "transaction; choose a new id",
-            )
-        if finished is not None:
-            return finished
-        if run is not None:
+        if run is not None:  # a retry while it runs: join it
+            _same_transaction(transaction_id, run.fingerprint, fingerprint)
             await asyncio.shield(run.reply)
             return run.view()
+        finished = self.finished.get(transaction_id)
+        if finished is not None:  # a retry after it finished: its answer again
+            _same_transaction(transaction_id, finished.fingerprint, fingerprint)
+            return finished
         if len(self.active) >= self.config.in_flight_max:
             raise SubmitRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

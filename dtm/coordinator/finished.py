@@ -8,8 +8,9 @@ about twenty objects the garbage collector tracks). Why it matters: under load t
 evicts one transaction for each it admits, so CPython's young-generation counter
 (allocations minus deallocations) stays flat while every object admitted since the last
 collection waits in the young generation, and the next collection traverses all of them, on
-the event loop. With 20,000 `Run`s kept, `make bench-soak` measured collections of the
-coordinator growing to 180 ms every 15 s and a 300 ms one in the middle generation. A tuple
+the event loop. With 20,000 `Run`s kept, a 120-second run under `make bench-soak` load
+measured the coordinator's young collections growing to 179 ms, one every 15 s, and one of
+the middle generation taking 299 ms. A tuple
 holding only atoms is untracked at the first collection it meets, and then costs nothing.
 """
 
