@@ -16,7 +16,7 @@ from typing import Any
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
-from dtm import crashpoints, limits
+from dtm import crashpoints, limits, logs
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters, CheckpointStats
@@ -159,6 +159,7 @@ class BranchEngine:
         *,
         clock_ms: Callable[[], int],
         decided_kept: int = limits.BRANCHES_DECIDED_KEPT,
+        forced_kept: int = limits.HEURISTICS_KEPT_MAX,
         checkpoint_part_bytes: int = limits.CHECKPOINT_PART_BYTES,
     ) -> None:
         assert 0 < checkpoint_part_bytes <= limits.LOG_RECORD_BYTES_MAX // 2
@@ -174,6 +175,15 @@ class BranchEngine:
         # entry already encoded: a checkpoint then takes cached bytes instead of building up to
         # BRANCHES_DECIDED_KEPT messages (measured: 274 ms for 100,000, the loop stalled).
         self._decided = DecidedWindow(decided_kept)
+        # Branches forced by an operator that their coordinator has not yet sent a decision
+        # for, oldest first (rule 17: a heuristic outcome is never silent). The window alone
+        # would forget one after `decided_kept` later decisions, and a Rollback arriving after
+        # that would be acknowledged as a tombstone, hiding a forced commit. So they outlive the
+        # window, bounded by `forced_kept` (beyond, the oldest goes, with an ERROR line).
+        self._forced_unreported: dict[BranchKey, None] = {}
+        # Those of them the window has pushed out: their checkpoint entries.
+        self._forced_beyond: dict[BranchKey, bytes] = {}
+        self._forced_kept = forced_kept
         self._operations: dict[BranchKey, Message] = {}
         self._applied: set[BranchKey] = set()  # service.prepare returned Prepared
         # The operation as it arrived (an Any), for the prepare record; absent after a replay.
@@ -433,13 +443,47 @@ class BranchEngine:
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
         info = self.branches[key]
+        if info.branch.heuristic:
+            self._keep_forced(key)
         self._remember_decided(key, _decided_entry(info.branch, info.fingerprint))
 
     def _remember_decided(self, key: BranchKey, entry: bytes) -> None:
-        """Keep a decided branch for duplicate answers; forget those it pushes out."""
+        """Keep a decided branch for duplicate answers; forget those it pushes out, except
+        forced branches whose coordinator has not spoken yet."""
         for old in self._decided.put(key, entry):
-            self.branches.pop(old, None)
-            self._durable_lsn.pop(old, None)
+            if old in self._forced_unreported:
+                info = self.branches[old]
+                self._forced_beyond[old] = _decided_entry(info.branch, info.fingerprint)
+                continue
+            self._forget(old)
+
+    def _forget(self, key: BranchKey) -> None:
+        self.branches.pop(key, None)
+        self._durable_lsn.pop(key, None)
+
+    def _keep_forced(self, key: BranchKey) -> None:
+        """A forced branch: kept until its coordinator sends a decision for it."""
+        self._forced_unreported[key] = None
+        # Bounded: one iteration per insertion.
+        while len(self._forced_unreported) > self._forced_kept:
+            oldest = next(iter(self._forced_unreported))
+            del self._forced_unreported[oldest]
+            if self._forced_beyond.pop(oldest, None) is not None:
+                self._forget(oldest)
+            logs.get(self.service.name).error(
+                "too many forced branches not yet decided by their coordinator: the oldest "
+                "is no longer kept past the window of decided branches",
+                branch=branch_key_text(oldest),
+                kept_max=self._forced_kept,
+            )
+
+    def _forced_reported(self, key: BranchKey) -> None:
+        """The coordinator sent its decision for a forced branch, and hears the heuristic in
+        the answer: from now on the branch is kept as long as any decided one."""
+        del self._forced_unreported[key]
+        entry = self._forced_beyond.pop(key, None)
+        if entry is not None:  # back into the window, as the newest, for a retried decision
+            self._remember_decided(key, entry)
 
     def _start_prepare(
         self, branch: Branch, requests: Sequence[LockRequest], lock_wait_s: float | None
@@ -518,6 +562,8 @@ class BranchEngine:
                 reply = self._execute(branch, actions)
         else:
             reply = self._execute(info.branch, info.branch.handle(event))
+            if key in self._forced_unreported:
+                self._forced_reported(key)
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message, reply.heuristic)
 
@@ -640,13 +686,16 @@ class BranchEngine:
         return [
             *records,
             *in_parts(prepared, size),
-            *in_parts(self._decided.pieces(size), size),
+            # Forced branches kept past the window first: they are older than its entries.
+            *in_parts([*self._forced_beyond.values(), *self._decided.pieces(size)], size),
         ]
 
     def _restore_checkpoint(self, checkpoint: log_pb2.ParticipantCheckpoint) -> None:
         self.branches.clear()
         self.open.clear()
         self._decided.clear()
+        self._forced_unreported.clear()
+        self._forced_beyond.clear()
         self._operations.clear()
         self._packed.clear()
         self._applied.clear()
@@ -669,6 +718,9 @@ class BranchEngine:
             branch.reason = decided.reason
             branch.heuristic = decided.heuristic
             self._track(branch, decided.transaction_fingerprint)
+            if branch.heuristic:
+                # Whether its coordinator already spoke is not logged: kept, to be safe.
+                self._keep_forced(key)
             self._remember_decided(key, _decided_entry(branch, decided.transaction_fingerprint))
 
     async def checkpoint(self) -> None:

@@ -6,9 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+from google.protobuf import any_pb2
+
+from dtm.core.branch import BranchVote, ErrorKind
 from dtm.wal import MemoryLog
+from dtmpb.v1 import shop_pb2
 from participants import decided
-from participants.branches import BranchEngine
+from participants.branches import BranchEngine, BranchError
 from participants.decided import DecidedWindow
 from participants.locks import LockManager
 from participants.services.inventory import InventoryService
@@ -98,3 +103,82 @@ def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_th
     third = engine(kept=2)
     third.replay(first.log.records)
     assert [k for k in third.branches] == [key(3), key(4)]
+
+
+def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> None:
+    """Rule 17: a Rollback arriving after the window forgot a forced commit would otherwise be
+    acknowledged as a tombstone, and the heuristic outcome would go unreported."""
+
+    def engine(kept: int = 3) -> BranchEngine:
+        return BranchEngine(
+            InventoryService(),
+            MemoryLog(),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: 0,
+            decided_kept=kept,
+        )
+
+    def operation() -> any_pb2.Any:
+        packed = any_pb2.Any()
+        packed.Pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)]))
+        return packed
+
+    async def scenario() -> None:
+        first = engine()
+        assert first.begin_prepare("forced", 1, operation(), False) == (BranchVote.PREPARED, "")
+        await first.force(("forced", 1), commit=True)
+        for n in range(10):  # ten later decisions: the window (3) is long past it
+            first.decide_now(f"txn-{n}", 1, commit=False)
+        assert ("forced", 1) in first.branches and ("txn-0", 1) not in first.branches
+
+        # It survives a checkpoint and a restart, still unreported.
+        await first.checkpoint()
+        assert isinstance(first.log, MemoryLog)
+        second = engine()
+        second.replay(first.log.records)
+        assert ("forced", 1) in second.branches
+        for n in range(10, 20):
+            second.decide_now(f"txn-{n}", 1, commit=False)
+
+        # The coordinator's Rollback hears the heuristic, not a tombstone's acknowledgement.
+        with pytest.raises(BranchError) as error:
+            second.decide_now("forced", 1, commit=False)
+        assert error.value.kind is ErrorKind.HEURISTIC
+        # Reported: from now on it is kept like any decided branch, and a retry still finds it.
+        with pytest.raises(BranchError):
+            second.decide_now("forced", 1, commit=False)
+        for n in range(20, 23):
+            second.decide_now(f"txn-{n}", 1, commit=False)
+        assert ("forced", 1) not in second.branches
+
+    asyncio.run(scenario())
+
+
+def test_forced_branches_past_the_window_are_bounded() -> None:
+    engine = BranchEngine(
+        InventoryService(),
+        MemoryLog(),
+        LockManager(wait_timeout_s=0.5),
+        clock_ms=lambda: 0,
+        decided_kept=2,
+        forced_kept=3,
+    )
+
+    async def scenario() -> None:
+        for n in range(6):
+            packed = any_pb2.Any()
+            packed.Pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            )
+            engine.begin_prepare(f"forced-{n}", 1, packed, False)
+            await engine.force((f"forced-{n}", 1), commit=n % 2 == 0)
+        for n in range(5):
+            engine.decide_now(f"txn-{n}", 1, commit=False)
+
+    asyncio.run(scenario())
+    # The three newest forced ones outlive the window of 2; the rest went with it.
+    assert sorted(k for k in engine.branches if k[0].startswith("forced")) == [
+        ("forced-3", 1),
+        ("forced-4", 1),
+        ("forced-5", 1),
+    ]
