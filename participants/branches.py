@@ -9,7 +9,8 @@ branch's forced records are durable.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +82,11 @@ class BranchInfo:
     fingerprint: bytes = b""
 
 
-def _decided_entry(branch: Branch, fingerprint: bytes) -> bytes:
+def _decided_entry(info: BranchInfo) -> bytes:
     """A decided branch as a checkpoint's encoded `decided` entry (see checkpoint_records):
-    the field's key (3, length-delimited), the length, the DecidedBranch message."""
+    the field's key (3, length-delimited), the length, the DecidedBranch message. It is also
+    all the engine keeps of the branch (`_decided_info` reads it back)."""
+    branch = info.branch
     entry = log_pb2.DecidedBranch(
         transaction_id=branch.transaction_id,
         branch=branch.index,
@@ -91,9 +94,26 @@ def _decided_entry(branch: Branch, fingerprint: bytes) -> bytes:
         reason=branch.reason,
         vote=_VOTE_TO_PB[branch.vote] if branch.vote else None,
         heuristic=branch.heuristic,
-        transaction_fingerprint=fingerprint,
+        transaction_fingerprint=info.fingerprint,
+        decided_at_unix_ms=info.updated_at_ms,
     ).SerializeToString()
     return _field(_DECIDED_KEY, entry)
+
+
+def _decided_info(entry: bytes) -> BranchInfo:
+    """A decided branch as the engine's handlers take it, read back from its entry: a fresh
+    object each time, and none of them is ever changed (a decided branch only answers)."""
+    start = 1  # past the field's key: then a varint, whose last byte has no high bit
+    while entry[start] & 0x80:
+        start += 1
+    decided = log_pb2.DecidedBranch.FromString(entry[start + 1 :])
+    branch = Branch(decided.transaction_id, decided.branch, _PB_TO_STATE[decided.state])
+    branch.vote = _PB_TO_VOTE.get(decided.vote)
+    branch.reason = decided.reason
+    branch.heuristic = decided.heuristic
+    return BranchInfo(
+        branch, decided.decided_at_unix_ms, fingerprint=decided.transaction_fingerprint
+    )
 
 
 def _field(key: bytes, value: bytes | memoryview) -> bytes:
@@ -168,12 +188,14 @@ class BranchEngine:
         self.locks = locks
         self.clock_ms = clock_ms
         self.checkpoint_part_bytes = checkpoint_part_bytes
-        self.branches: dict[BranchKey, BranchInfo] = {}
-        # Branches not yet decided (PREPARING or PREPARED): what leases and inquiries scan.
+        # Where a branch's state lives. Not yet decided (PREPARING or PREPARED): in `open`, as
+        # a live BranchInfo, which leases and inquiries scan. Decided: in `_decided`, as its
+        # encoded checkpoint entry only, read back (`_decided_info`) for a duplicate answer.
+        # `branch(key)` looks in both; `branches` is a read-only view of both.
         self.open: dict[BranchKey, BranchInfo] = {}
-        # Decided branches kept for duplicate answers, oldest first, each with its checkpoint
-        # entry already encoded: a checkpoint then takes cached bytes instead of building up to
-        # BRANCHES_DECIDED_KEPT messages (measured: 274 ms for 100,000, the loop stalled).
+        # Decided branches kept for duplicate answers, oldest first. A checkpoint takes their
+        # cached bytes instead of building up to BRANCHES_DECIDED_KEPT messages (measured:
+        # 274 ms for 100,000, the loop stalled).
         self._decided = DecidedWindow(decided_kept)
         # Branches forced by an operator that their coordinator has not yet sent a decision
         # for, oldest first (rule 17: a heuristic outcome is never silent). The window alone
@@ -228,7 +250,7 @@ class BranchEngine:
         locks; either way it may leave only after `wait_durable` (persist before you speak).
         Raises InvalidOperation or IdReused, changing nothing."""
         key = (transaction_id, index)
-        info = self.branches.get(key)
+        info = self.branch(key)
         if info is not None and fingerprint and info.fingerprint not in (b"", fingerprint):
             # Answering from this branch's record would tell the client that its new content
             # was applied (or refused) when only the old one was.
@@ -242,7 +264,7 @@ class BranchEngine:
                 transaction_id, index, core.PrepareRequested(one_phase)
             )
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
-            self._track(branch, fingerprint)
+            info = self._track(branch, fingerprint)
             self._operations[key] = decoded
             self._packed[key] = operation  # logged as received: no second serialization
             requests = sorted(self.service.locks(decoded), key=_by_resource)
@@ -250,14 +272,14 @@ class BranchEngine:
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
                 outcome = self.service.prepare(owner, decoded)
-                reply = self._settle_prepare(branch, outcome)
+                reply = self._settle_prepare(info, outcome)
                 return reply.vote, reply.reason
             # Some lock is taken: wait in a task (the locks already granted stay held, and
             # acquiring them again there is a no-op).
-            self._start_prepare(branch, requests, lock_wait_s)
+            self._start_prepare(info, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
-        duplicate = self._execute(branch, branch.handle(core.PrepareRequested(one_phase)))
+        duplicate = self._execute(info, branch.handle(core.PrepareRequested(one_phase)))
         if isinstance(duplicate, core.ReplyVote):
             return duplicate.vote, duplicate.reason
         pending = self._pending.get(key)
@@ -285,13 +307,13 @@ class BranchEngine:
 
     def learn_outcome(self, key: BranchKey, commit: bool) -> None:
         """The coordinator answered an inquiry about a prepared branch."""
-        info = self.branches.get(key)
+        info = self.open.get(key)  # decided meanwhile: nothing left to learn
         if info is not None:
-            self._execute(info.branch, info.branch.handle(core.OutcomeLearned(commit)))
+            self._execute(info, info.branch.handle(core.OutcomeLearned(commit)))
 
-    async def force(self, key: BranchKey, commit: bool) -> Branch:
+    async def force(self, key: BranchKey, commit: bool) -> BranchInfo:
         """Heuristic outcome an operator asked for; recorded (forced) and never silent."""
-        info = self.branches.get(key)
+        info = self.branch(key)
         if info is None:
             raise BranchError(core.ErrorKind.NOT_FOUND, f"no branch {branch_key_text(key)}")
         if info.branch.state is not BranchState.PREPARED:
@@ -300,20 +322,57 @@ class BranchEngine:
                 f"branch {branch_key_text(key)} is {info.branch.state.value}, not prepared: "
                 "only an in-doubt branch can be forced",
             )
-        self._execute(info.branch, info.branch.handle(core.HeuristicForced(commit)))
+        self._execute(info, info.branch.handle(core.HeuristicForced(commit)))
         await self.wait_durable([key])
-        return info.branch
+        return info
 
     def expire_lease(self, key: BranchKey) -> bool:
         """The lease of a branch ran out. Returns True when the coordinator must be asked."""
-        info = self.branches.get(key)
+        info = self.open.get(key)  # a decided branch has no lease
         if info is None:
             return False
         actions = info.branch.handle(core.LeaseExpired())
-        self._execute(info.branch, actions)
+        self._execute(info, actions)
         return any(isinstance(a, core.AskCoordinator) for a in actions)
 
     # ---- queries ----
+
+    def branch(self, key: BranchKey) -> BranchInfo | None:
+        """The branch as this participant knows it: live while open, read back once decided
+        (a copy: changing it changes nothing)."""
+        info = self.open.get(key)
+        if info is not None:
+            return info
+        entry = self._decided.get(key)
+        if entry is None:
+            entry = self._forced_beyond.get(key)
+        return None if entry is None else _decided_info(entry)
+
+    @property
+    def branches(self) -> Mapping[BranchKey, BranchInfo]:
+        """Every branch this participant knows, read-only: forced branches kept past the
+        window, then the window (oldest decided first), then the open ones."""
+        return _BranchesView(self)
+
+    def listed(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
+        """The newest `limit` branches in one of `states` (every state if empty), in the
+        order of `branches`. Reads back only the decided entries it needs, newest first."""
+        wanted = states or set(BranchState)
+        newest: list[BranchInfo] = [
+            info for info in reversed(self.open.values()) if info.branch.state in wanted
+        ][:limit]
+        if wanted & core.DECIDED_STATES:
+            decided = itertools.chain(
+                self._decided.newest_first(), reversed(self._forced_beyond.items())
+            )
+            for _, entry in decided:  # bounded by the window and `forced_kept`
+                if len(newest) >= limit:
+                    break
+                info = _decided_info(entry)
+                if info.branch.state in wanted:
+                    newest.append(info)
+        newest.reverse()
+        return newest
 
     def in_doubt(self) -> list[BranchInfo]:
         return [i for i in self.open.values() if i.branch.state is BranchState.PREPARED]
@@ -347,47 +406,47 @@ class BranchEngine:
 
     # ---- running the core's actions ----
 
-    def _track(self, branch: Branch, fingerprint: bytes = b"") -> None:
+    def _track(self, branch: Branch, fingerprint: bytes = b"") -> BranchInfo:
+        """A new branch; open unless it starts decided (a tombstone, which `_finish` keeps)."""
         info = BranchInfo(branch, self.clock_ms(), fingerprint=fingerprint)
-        self.branches[branch.key] = info
         if branch.state not in core.DECIDED_STATES:
             self.open[branch.key] = info
+        return info
 
     def _execute(
-        self, branch: Branch, actions: Iterable[core.BranchAction]
+        self, info: BranchInfo, actions: Iterable[core.BranchAction]
     ) -> core.BranchAction | None:
         """Carry out every action but the reply, synchronously; return the reply (if any)."""
-        key = branch.key
         reply: core.BranchAction | None = None
-        self.branches[key].updated_at_ms = self.clock_ms()
+        info.updated_at_ms = self.clock_ms()
         for action in actions:
             effect = self._effects.get(type(action))  # the table at the end of the class
             if effect is None:
                 reply = action  # ReplyVote, ReplyAck or ReplyError: the caller's to send
             else:
-                effect(self, branch, action)
+                effect(self, info, action)
         return reply
 
-    def _cancel_prepare(self, branch: Branch, action: core.CancelPrepare) -> None:
-        task = self._tasks.pop(branch.key, None)
+    def _cancel_prepare(self, info: BranchInfo, action: core.CancelPrepare) -> None:
+        task = self._tasks.pop(info.branch.key, None)
         if task is not None:
             task.cancel()
-        self._finish(branch.key)
+        self._finish(info)
 
-    def _apply_commit(self, branch: Branch, action: core.ApplyCommit) -> None:
-        key = branch.key
+    def _apply_commit(self, info: BranchInfo, action: core.ApplyCommit) -> None:
+        key = info.branch.key
         self.counters.committed += 1
         self.service.commit(branch_key_text(key), self._operations[key])
-        self._finish(key)
+        self._finish(info)
 
-    def _apply_rollback(self, branch: Branch, action: core.ApplyRollback) -> None:
-        key = branch.key
+    def _apply_rollback(self, info: BranchInfo, action: core.ApplyRollback) -> None:
+        key = info.branch.key
         if key in self._applied:
             self.counters.rolled_back += 1  # work undone, not a refusal's no-op
             self.service.rollback(branch_key_text(key), self._operations[key])
-        self._finish(key)
+        self._finish(info)
 
-    def _ask_coordinator(self, branch: Branch, action: core.AskCoordinator) -> None:
+    def _ask_coordinator(self, info: BranchInfo, action: core.AskCoordinator) -> None:
         pass  # the server's inquiry loop asks for every in-doubt branch
 
     def _packed_operation(self, key: BranchKey) -> any_pb2.Any:
@@ -397,9 +456,9 @@ class BranchEngine:
             packed.Pack(self._operations[key])
         return packed
 
-    def _persist(self, branch: Branch, action: core.Persist) -> None:
+    def _persist(self, info: BranchInfo, action: core.Persist) -> None:
+        branch = info.branch
         key = branch.key
-        info = self.branches[key]
         record_type: RecordType
         record: Message
         if action.kind is core.RecordKind.PREPARED:
@@ -435,31 +494,28 @@ class BranchEngine:
             self.forced_writes += 1
             self._durable_lsn[key] = lsn
 
-    def _finish(self, key: BranchKey) -> None:
-        """The branch is decided: drop its operation and locks; remember it (bounded) for dedup."""
+    def _finish(self, info: BranchInfo) -> None:
+        """The branch is decided: drop its operation and locks; remember it (bounded) for dedup,
+        as its entry only. The actions after this one in the same step (a Persist after a
+        CancelPrepare) still have `info`; nothing reads it after the step."""
+        key = info.branch.key
         self._applied.discard(key)
         self._operations.pop(key, None)
         self._packed.pop(key, None)
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
-        info = self.branches[key]
         if info.branch.heuristic:
             self._keep_forced(key)
-        self._remember_decided(key, _decided_entry(info.branch, info.fingerprint))
+        self._remember_decided(key, _decided_entry(info))
 
     def _remember_decided(self, key: BranchKey, entry: bytes) -> None:
         """Keep a decided branch for duplicate answers; forget those it pushes out, except
         forced branches whose coordinator has not spoken yet."""
-        for old in self._decided.put(key, entry):
+        for old, old_entry in self._decided.put(key, entry):
             if old in self._forced_unreported:
-                info = self.branches[old]
-                self._forced_beyond[old] = _decided_entry(info.branch, info.fingerprint)
+                self._forced_beyond[old] = old_entry
                 continue
-            self._forget(old)
-
-    def _forget(self, key: BranchKey) -> None:
-        self.branches.pop(key, None)
-        self._durable_lsn.pop(key, None)
+            self._durable_lsn.pop(old, None)
 
     def _keep_forced(self, key: BranchKey) -> None:
         """A forced branch: kept until its coordinator sends a decision for it."""
@@ -469,7 +525,7 @@ class BranchEngine:
             oldest = next(iter(self._forced_unreported))
             del self._forced_unreported[oldest]
             if self._forced_beyond.pop(oldest, None) is not None:
-                self._forget(oldest)
+                self._durable_lsn.pop(oldest, None)
             logs.get(self.service.name).error(
                 "too many forced branches not yet decided by their coordinator: the oldest "
                 "is no longer kept past the window of decided branches",
@@ -486,13 +542,14 @@ class BranchEngine:
             self._remember_decided(key, entry)
 
     def _start_prepare(
-        self, branch: Branch, requests: Sequence[LockRequest], lock_wait_s: float | None
+        self, info: BranchInfo, requests: Sequence[LockRequest], lock_wait_s: float | None
     ) -> None:
+        branch = info.branch
         key = branch.key
         loop = asyncio.get_running_loop()
         result: asyncio.Future[tuple[BranchVote, str]] = loop.create_future()
         self._pending[key] = result
-        task = loop.create_task(self._run_prepare(branch, requests, lock_wait_s))
+        task = loop.create_task(self._run_prepare(info, requests, lock_wait_s))
         self._tasks[key] = task
 
         def settle(done: asyncio.Task[None]) -> None:
@@ -508,9 +565,9 @@ class BranchEngine:
         task.add_done_callback(settle)
 
     async def _run_prepare(
-        self, branch: Branch, requests: Sequence[LockRequest], lock_wait_s: float | None
+        self, info: BranchInfo, requests: Sequence[LockRequest], lock_wait_s: float | None
     ) -> None:
-        key = branch.key
+        key = info.branch.key
         owner = branch_key_text(key)
         outcome: Prepared | ReadOnly | Refused
         try:
@@ -522,16 +579,17 @@ class BranchEngine:
         else:
             outcome = self.service.prepare(owner, self._operations[key])
         self._tasks.pop(key, None)  # past the point where a rollback could cancel it
-        reply = self._settle_prepare(branch, outcome)
+        reply = self._settle_prepare(info, outcome)
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
 
     def _settle_prepare(
-        self, branch: Branch, outcome: Prepared | ReadOnly | Refused
+        self, info: BranchInfo, outcome: Prepared | ReadOnly | Refused
     ) -> core.ReplyVote:
         """Feed the service's answer to the core. Nothing awaits between the service's state
         change and the log append, so the log order is the order of the state changes."""
+        branch = info.branch
         if isinstance(outcome, Prepared):
             self._applied.add(branch.key)
             event = core.PrepareVoted(BranchVote.PREPARED)
@@ -540,7 +598,7 @@ class BranchEngine:
         else:
             self.counters.refused += 1
             event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
-        reply = self._execute(branch, branch.handle(event))
+        reply = self._execute(info, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
         return reply
 
@@ -549,7 +607,7 @@ class BranchEngine:
         Raises BranchError when it cannot be honoured."""
         key = (transaction_id, index)
         event: core.BranchEvent = core.CommitRequested() if commit else core.RollbackRequested()
-        info = self.branches.get(key)
+        info = self.branch(key)
         if info is None:
             branch, actions = Branch.on_first_message(transaction_id, index, event)
             if branch is None:
@@ -557,11 +615,11 @@ class BranchEngine:
                     a for a in actions if isinstance(a, core.ReplyError)
                 )
             else:
-                self._track(branch)
-                self._finish(key)
-                reply = self._execute(branch, actions)
+                tombstone = self._track(branch)
+                self._finish(tombstone)
+                reply = self._execute(tombstone, actions)
         else:
-            reply = self._execute(info.branch, info.branch.handle(event))
+            reply = self._execute(info, info.branch.handle(event))
             if key in self._forced_unreported:
                 self._forced_reported(key)
         if isinstance(reply, core.ReplyError):
@@ -588,15 +646,12 @@ class BranchEngine:
                     prepared.branch,
                     prepared.operation,
                     fingerprint=prepared.transaction_fingerprint,
-                )
-                self.branches[
-                    (prepared.transaction_id, prepared.branch)
-                ].prepared_at_ms = prepared.prepared_at_unix_ms
+                ).prepared_at_ms = prepared.prepared_at_unix_ms
             elif kind is RecordType.BRANCH_COMMITTED:
                 committed = log_pb2.BranchCommitted.FromString(record.payload)
                 key = (committed.transaction_id, committed.branch)
                 if committed.HasField("operation"):  # one-phase
-                    self._replay_prepare(
+                    one_phase = self._replay_prepare(
                         key[0],
                         key[1],
                         committed.operation,
@@ -604,27 +659,27 @@ class BranchEngine:
                         fingerprint=committed.transaction_fingerprint,
                     )
                     # Its first answer was COMMITTED: a stale duplicate Prepare must get that.
-                    self.branches[key].branch.vote = BranchVote.COMMITTED
-                info = self.branches.get(key)
-                if info is None or info.branch.state is not BranchState.PREPARED:
+                    one_phase.branch.vote = BranchVote.COMMITTED
+                prepared_info = self.open.get(key)
+                if prepared_info is None or prepared_info.branch.state is not BranchState.PREPARED:
                     raise RecoveryError(f"commit record for {branch_key_text(key)} not prepared")
-                info.branch.state = BranchState.COMMITTED
-                info.branch.heuristic = committed.heuristic
+                prepared_info.branch.state = BranchState.COMMITTED
+                prepared_info.branch.heuristic = committed.heuristic
                 self.service.commit(branch_key_text(key), self._operations[key])
-                self._finish(key)
+                self._finish(prepared_info)
             elif kind is RecordType.BRANCH_ROLLED_BACK:
                 rolled = log_pb2.BranchRolledBack.FromString(record.payload)
                 key = (rolled.transaction_id, rolled.branch)
-                info = self.branches.get(key)
-                if info is None:
+                known = self.branch(key)
+                if known is None:
                     tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
                     tombstone.reason = "rolled back before prepare"
-                    self._track(tombstone)
-                elif info.branch.state is BranchState.PREPARED:
-                    info.branch.state = BranchState.ROLLED_BACK
-                    info.branch.heuristic = rolled.heuristic
+                    known = self._track(tombstone)
+                elif known.branch.state is BranchState.PREPARED:
+                    known.branch.state = BranchState.ROLLED_BACK
+                    known.branch.heuristic = rolled.heuristic
                     self.service.rollback(branch_key_text(key), self._operations[key])
-                self._finish(key)
+                self._finish(known)
             # Coordinator record types never appear in a participant's log.
 
     def _replay_prepare(
@@ -634,7 +689,7 @@ class BranchEngine:
         operation: any_pb2.Any,
         one_phase: bool = False,
         fingerprint: bytes = b"",
-    ) -> None:
+    ) -> BranchInfo:
         key = (transaction_id, index)
         decoded = self.service.operation_type()
         operation.Unpack(decoded)
@@ -646,11 +701,12 @@ class BranchEngine:
             )
         branch = Branch(transaction_id, index, BranchState.PREPARED, BranchVote.PREPARED)
         branch.one_phase = one_phase
-        self._track(branch, fingerprint)
+        info = self._track(branch, fingerprint)
         self._operations[key] = decoded
         self._applied.add(key)
         for request in self.service.locks(decoded):
             self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+        return info
 
     def checkpoint_records(self) -> list[CheckpointPayload]:
         """A snapshot of everything the log holds (service state, prepared and decided
@@ -691,7 +747,6 @@ class BranchEngine:
         ]
 
     def _restore_checkpoint(self, checkpoint: log_pb2.ParticipantCheckpoint) -> None:
-        self.branches.clear()
         self.open.clear()
         self._decided.clear()
         self._forced_unreported.clear()
@@ -705,23 +760,21 @@ class BranchEngine:
             decoded = self.service.operation_type()
             prepared.operation.Unpack(decoded)
             branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
-            self._track(branch, prepared.transaction_fingerprint)
-            self.branches[key].prepared_at_ms = prepared.prepared_at_unix_ms
+            info = self._track(branch, prepared.transaction_fingerprint)
+            info.prepared_at_ms = prepared.prepared_at_unix_ms
             self._operations[key] = decoded
             self._applied.add(key)
             for request in self.service.locks(decoded):
                 self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+        restored_at_ms = self.clock_ms()
         for decided in checkpoint.decided:
             key = (decided.transaction_id, decided.branch)
-            branch = Branch(key[0], key[1], _PB_TO_STATE[decided.state])
-            branch.vote = _PB_TO_VOTE.get(decided.vote)
-            branch.reason = decided.reason
-            branch.heuristic = decided.heuristic
-            self._track(branch, decided.transaction_fingerprint)
-            if branch.heuristic:
+            if decided.heuristic:
                 # Whether its coordinator already spoke is not logged: kept, to be safe.
                 self._keep_forced(key)
-            self._remember_decided(key, _decided_entry(branch, decided.transaction_fingerprint))
+            if not decided.decided_at_unix_ms:  # a checkpoint from before the field
+                decided.decided_at_unix_ms = restored_at_ms
+            self._remember_decided(key, _field(_DECIDED_KEY, decided.SerializeToString()))
 
     async def checkpoint(self) -> None:
         await self.checkpoints.write(
@@ -731,10 +784,32 @@ class BranchEngine:
 
     # The side effect of each action type (a table, not a chain of isinstance tests: this runs
     # for every action of every branch). Reply actions have none: _execute returns them.
-    _effects: dict[type, Callable[[BranchEngine, Branch, Any], None]] = {
+    _effects: dict[type, Callable[[BranchEngine, BranchInfo, Any], None]] = {
         core.CancelPrepare: _cancel_prepare,
         core.Persist: _persist,
         core.ApplyCommit: _apply_commit,
         core.ApplyRollback: _apply_rollback,
         core.AskCoordinator: _ask_coordinator,
     }
+
+
+class _BranchesView(Mapping[BranchKey, BranchInfo]):
+    """`BranchEngine.branches`: every branch the engine knows, decided ones read back on
+    access. For tests and small listings; the admin API uses `BranchEngine.listed`."""
+
+    def __init__(self, engine: BranchEngine) -> None:
+        self._engine = engine
+
+    def __getitem__(self, key: BranchKey) -> BranchInfo:
+        info = self._engine.branch(key)
+        if info is None:
+            raise KeyError(key)
+        return info
+
+    def __iter__(self) -> Iterator[BranchKey]:
+        engine = self._engine
+        return itertools.chain(engine._forced_beyond, engine._decided, engine.open)
+
+    def __len__(self) -> int:
+        engine = self._engine
+        return len(engine._forced_beyond) + len(engine._decided) + len(engine.open)

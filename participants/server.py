@@ -438,15 +438,11 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ListBranchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ListBranchesResponse:
-        wanted = set(request.states)
-        infos = [
-            branch_info_pb(info)
-            for info in self.server.engine.branches.values()
-            if not wanted or STATE_TO_PB[info.branch.state] in wanted
-        ]
-        return participant_pb2.ListBranchesResponse(
-            branches=infos[-limits.LIST_TRANSACTIONS_LIMIT_MAX :]
-        )
+        wanted = {state for state in BranchState if STATE_TO_PB[state] in request.states}
+        if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
+            return participant_pb2.ListBranchesResponse()
+        infos = self.server.engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
+        return participant_pb2.ListBranchesResponse(branches=[branch_info_pb(i) for i in infos])
 
     async def ListLocks(
         self, request: participant_pb2.ListLocksRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -477,7 +473,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             )
         key = (request.transaction_id, request.branch)
         try:
-            await self.server.engine.force(key, request.commit)
+            forced = await self.server.engine.force(key, request.commit)
         except BranchError as error:
             await context.abort(ERROR_TO_CODE[error.kind], str(error))
         self.server.log_.warning(
@@ -486,9 +482,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             branch=request.branch,
             commit=request.commit,
         )
-        return participant_pb2.ForceOutcomeResponse(
-            branch=branch_info_pb(self.server.engine.branches[key])
-        )
+        return participant_pb2.ForceOutcomeResponse(branch=branch_info_pb(forced))
 
 
 class ParticipantServer:

@@ -102,25 +102,41 @@ def test_logs_stay_bounded_and_restart_recovers_everything(tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
-def test_a_decided_entry_encodes_as_the_checkpoint_field_would() -> None:
+def test_a_decided_entry_encodes_as_the_checkpoint_field_would_and_reads_back() -> None:
     from dtm.core.branch import Branch, BranchState, BranchVote
     from dtmpb.v1 import log_pb2
-    from participants.branches import _decided_entry
+    from participants.branches import BranchInfo, _decided_entry, _decided_info
 
-    branch = Branch("t-1", 2, BranchState.REFUSED, BranchVote.REFUSED)
-    branch.reason = "out of stock: " + "x" * 300  # a length that needs a two-byte varint
-    entry = _decided_entry(branch, b"F" * 16)
-    decoded = log_pb2.ParticipantCheckpoint.FromString(entry * 2)
-    assert 2 == len(decoded.decided)
-    assert ("t-1", 2, branch.reason, b"F" * 16) == (
-        decoded.decided[0].transaction_id,
-        decoded.decided[0].branch,
-        decoded.decided[0].reason,
-        decoded.decided[0].transaction_fingerprint,
-    )
-    assert log_pb2.ParticipantCheckpoint(decided=[decoded.decided[0]]).SerializeToString() == (
-        entry
-    )
+    for reason in ("", "out of stock", "out of stock: " + "x" * 300):  # 1- and 2-byte lengths
+        branch = Branch("t-1", 2, BranchState.REFUSED, BranchVote.REFUSED)
+        branch.reason = reason
+        heuristic = Branch("t-2", 1, BranchState.COMMITTED, BranchVote.PREPARED)
+        heuristic.heuristic = "heuristic commit"
+        for info in (
+            BranchInfo(branch, 1_764_000_000_123, fingerprint=b"F" * 16),
+            BranchInfo(heuristic, 7),
+        ):
+            entry = _decided_entry(info)
+            decoded = log_pb2.ParticipantCheckpoint.FromString(entry * 2)
+            assert 2 == len(decoded.decided)
+            assert (
+                info.branch.transaction_id,
+                info.branch.index,
+                info.branch.reason,
+                info.fingerprint,
+                info.updated_at_ms,
+            ) == (
+                decoded.decided[0].transaction_id,
+                decoded.decided[0].branch,
+                decoded.decided[0].reason,
+                decoded.decided[0].transaction_fingerprint,
+                decoded.decided[0].decided_at_unix_ms,
+            )
+            assert entry == (
+                log_pb2.ParticipantCheckpoint(decided=[decoded.decided[0]]).SerializeToString()
+            )
+            # All the engine keeps of a decided branch: read back whole.
+            assert _decided_info(entry) == info
 
 
 # ---- checkpoints larger than one log record ----

@@ -4,16 +4,17 @@ checkpoint writes for it always the entries' own, in order."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 
 import pytest
 from google.protobuf import any_pb2
 
-from dtm.core.branch import BranchVote, ErrorKind
+from dtm.core.branch import Branch, BranchState, BranchVote, ErrorKind
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
 from participants import decided
-from participants.branches import BranchEngine, BranchError
+from participants.branches import BranchEngine, BranchError, BranchInfo
 from participants.decided import DecidedWindow
 from participants.locks import LockManager
 from participants.services.inventory import InventoryService
@@ -30,7 +31,10 @@ def test_window_keeps_the_most_recent_in_order_across_chunks() -> None:
     for n in range(total):
         evicted += window.put(key(n), f"<{n}>".encode())
     assert len(window) == 2 * decided.CHUNK + 5
-    assert evicted == [key(n) for n in range(total - len(window))]
+    assert evicted == [(key(n), f"<{n}>".encode()) for n in range(total - len(window))]
+    assert list(window) == [key(n) for n in range(total - len(window), total)]
+    assert [k for k, _ in window.newest_first()] == list(reversed(list(window)))
+    assert window.get(key(total - 1)) == f"<{total - 1}>".encode() and window.get(key(0)) is None
     expected = b"".join(f"<{n}>".encode() for n in range(total - len(window), total))
     assert b"".join(window.pieces(1 << 20)) == expected
     # Chunks larger than a record give their entries one by one.
@@ -67,8 +71,7 @@ def test_window_matches_an_ordered_dict_under_random_use() -> None:
             model[k] = entry
             while len(model) > kept:
                 oldest = next(iter(model))
-                del model[oldest]
-                assert oldest == evicted.pop(0)
+                assert (oldest, model.pop(oldest)) == evicted.pop(0)
         assert evicted == []
         if step % 97 == 0:
             assert b"".join(window.pieces(1 << 20)) == b"".join(model.values())
@@ -182,3 +185,56 @@ def test_forced_branches_past_the_window_are_bounded() -> None:
         ("forced-4", 1),
         ("forced-5", 1),
     ]
+
+
+def test_decided_branches_are_kept_as_bytes_not_objects_and_listed_newest_last() -> None:
+    """A decided branch is its checkpoint entry only: 100,000 of them as objects kept the
+    participants' middle-generation collections busy. Read back, it answers as before."""
+    clock = [1_000]
+    engine = BranchEngine(
+        InventoryService(),
+        MemoryLog(),
+        LockManager(wait_timeout_s=0.5),
+        clock_ms=lambda: clock[0],
+        decided_kept=50,
+    )
+
+    def operation(quantity: int) -> any_pb2.Any:
+        packed = any_pb2.Any()
+        line = shop_pb2.StockLine(sku="sku-apple", quantity=quantity)
+        packed.Pack(shop_pb2.ReserveStock(lines=[line]))
+        return packed
+
+    gc.collect()
+    objects_before = sum(type(o) in (Branch, BranchInfo) for o in gc.get_objects())
+    for n in range(40):
+        clock[0] += 1
+        vote = engine.begin_prepare(f"txn-{n}", 1, operation(1 if n % 4 else 1_000_000), False)
+        if vote == (BranchVote.PREPARED, ""):
+            engine.decide_now(f"txn-{n}", 1, commit=n % 3 != 0)
+    engine.begin_prepare("open", 1, operation(1), False)  # stays prepared
+    gc.collect()
+    objects_after = sum(type(o) in (Branch, BranchInfo) for o in gc.get_objects())
+    assert objects_after - objects_before == 2  # the open branch's, and nothing else
+
+    assert len(engine.branches) == 41
+    listed = engine.listed(set(), 5)
+    assert [i.branch.key for i in listed] == [*[key(n) for n in range(36, 40)], ("open", 1)]
+    refused = engine.listed({BranchState.REFUSED}, 100)
+    assert [i.branch.key for i in refused] == [key(n) for n in range(0, 40, 4)]
+    assert all(i.branch.reason.startswith("out of stock") for i in refused)
+    committed = engine.branch(key(1))
+    assert committed is not None and committed.branch.state is BranchState.COMMITTED
+    assert committed.updated_at_ms == 1_002  # when it was decided
+
+    # Read back, a decided branch answers every duplicate as it did when it was decided.
+    clock[0] += 1000
+    assert engine.begin_prepare("txn-4", 1, operation(1_000_000), False)[0] is BranchVote.REFUSED
+    rolled_back = (BranchVote.REFUSED, "rolled back by the coordinator")
+    assert engine.begin_prepare("txn-3", 1, operation(1), False) == rolled_back
+    engine.decide_now("txn-1", 1, commit=True)  # a duplicate Commit: acknowledged
+    with pytest.raises(BranchError) as error:
+        engine.decide_now("txn-1", 1, commit=False)
+    assert error.value.kind is ErrorKind.FAILED_PRECONDITION
+    again = engine.branch(key(1))
+    assert again is not None and again.updated_at_ms == 1_002  # answering changed nothing
