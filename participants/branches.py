@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +191,7 @@ class BranchEngine:
         # Where a branch's state lives. Not yet decided (PREPARING or PREPARED): in `open`, as
         # a live BranchInfo, which leases and inquiries scan. Decided: in `_decided`, as its
         # encoded checkpoint entry only, read back (`_decided_info`) for a duplicate answer.
-        # `branch(key)` looks in both; `branches` is a read-only view of both.
+        # `branch(key)` looks in both, `listed` lists both.
         self.open: dict[BranchKey, BranchInfo] = {}
         # Decided branches kept for duplicate answers, oldest first. A checkpoint takes their
         # cached bytes instead of building up to BRANCHES_DECIDED_KEPT messages (measured:
@@ -348,15 +348,10 @@ class BranchEngine:
             entry = self._forced_beyond.get(key)
         return None if entry is None else _decided_info(entry)
 
-    @property
-    def branches(self) -> Mapping[BranchKey, BranchInfo]:
-        """Every branch this participant knows, read-only: forced branches kept past the
-        window, then the window (oldest decided first), then the open ones."""
-        return _BranchesView(self)
-
     def listed(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
-        """The newest `limit` branches in one of `states` (every state if empty), in the
-        order of `branches`. Reads back only the decided entries it needs, newest first."""
+        """The newest `limit` branches in one of `states` (every state if empty), oldest
+        first: forced branches kept past the window, then the window (in decision order),
+        then the open ones. Reads back only the decided entries it returns."""
         wanted = states or set(BranchState)
         newest: list[BranchInfo] = [
             info for info in reversed(self.open.values()) if info.branch.state in wanted
@@ -791,25 +786,3 @@ class BranchEngine:
         core.ApplyRollback: _apply_rollback,
         core.AskCoordinator: _ask_coordinator,
     }
-
-
-class _BranchesView(Mapping[BranchKey, BranchInfo]):
-    """`BranchEngine.branches`: every branch the engine knows, decided ones read back on
-    access. For tests and small listings; the admin API uses `BranchEngine.listed`."""
-
-    def __init__(self, engine: BranchEngine) -> None:
-        self._engine = engine
-
-    def __getitem__(self, key: BranchKey) -> BranchInfo:
-        info = self._engine.branch(key)
-        if info is None:
-            raise KeyError(key)
-        return info
-
-    def __iter__(self) -> Iterator[BranchKey]:
-        engine = self._engine
-        return itertools.chain(engine._forced_beyond, engine._decided, engine.open)
-
-    def __len__(self) -> int:
-        engine = self._engine
-        return len(engine._forced_beyond) + len(engine._decided) + len(engine.open)

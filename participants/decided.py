@@ -53,14 +53,6 @@ class DecidedWindow:
     def __len__(self) -> int:
         return len(self._where)
 
-    def __contains__(self, key: BranchKey) -> bool:
-        return key in self._where
-
-    def __iter__(self) -> Iterator[BranchKey]:
-        """The keys, oldest first."""
-        for chunk in self._chunks:
-            yield from chunk.entries
-
     def newest_first(self) -> Iterator[tuple[BranchKey, bytes]]:
         for chunk in reversed(self._chunks):
             for key in reversed(chunk.entries):

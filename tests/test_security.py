@@ -242,7 +242,7 @@ def test_only_the_coordinator_may_drive_a_participant(tmp_path: Path, ca_dir: Pa
                             "coordinator",
                         )
             # The refused Prepare never reached the branch engine.
-            assert not cluster.participants["notification"].engine.branches
+            assert not cluster.participants["notification"].engine.listed(set(), 1)
             # The coordinator's own certificate is what the participant obeys.
             coordinator = cluster.tls("coordinator")
             async with security.channel(cluster.address("notification"), coordinator) as ch:
