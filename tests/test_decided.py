@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+from collections.abc import Callable
 
 import pytest
 from google.protobuf import any_pb2
@@ -22,6 +23,27 @@ from participants.services.inventory import InventoryService
 
 def key(n: int) -> tuple[str, int]:
     return (f"txn-{n}", 1)
+
+
+def engine_with(
+    kept: int = 3, forced_kept: int = 10, clock_ms: Callable[[], int] = lambda: 0
+) -> BranchEngine:
+    return BranchEngine(
+        InventoryService(),
+        MemoryLog(),
+        LockManager(wait_timeout_s=0.5),
+        clock_ms=clock_ms,
+        decided_kept=kept,
+        forced_kept=forced_kept,
+    )
+
+
+def reserve(quantity: int = 1) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(
+        shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=quantity)])
+    )
+    return packed
 
 
 def known(engine: BranchEngine) -> list[tuple[str, int]]:
@@ -84,16 +106,7 @@ def test_window_matches_an_ordered_dict_under_random_use() -> None:
 
 
 def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_the_rest() -> None:
-    def engine(kept: int = 3) -> BranchEngine:
-        return BranchEngine(
-            InventoryService(),
-            MemoryLog(),
-            LockManager(wait_timeout_s=0.5),
-            clock_ms=lambda: 0,
-            decided_kept=kept,
-        )
-
-    first = engine()
+    first = engine_with()
     for n in range(5):
         first.decide_now(f"txn-{n}", 1, commit=False)  # unknown: a tombstone, decided
     assert known(first) == [key(2), key(3), key(4)]
@@ -103,12 +116,12 @@ def test_engine_forgets_the_oldest_decided_branches_and_a_checkpoint_restores_th
 
     asyncio.run(checkpoint())
     assert isinstance(first.log, MemoryLog)
-    second = engine()
+    second = engine_with()
     second.replay(first.log.records)
     assert known(second) == [key(2), key(3), key(4)]
     assert all(info.branch.state.value == "rolled_back" for info in second.listed(set(), 10))
     # Restored into a smaller window (the setting changed): the oldest go, the newest stay.
-    third = engine(kept=2)
+    third = engine_with(kept=2)
     third.replay(first.log.records)
     assert known(third) == [key(3), key(4)]
 
@@ -117,23 +130,9 @@ def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> 
     """Rule 17: a Rollback arriving after the window forgot a forced commit would otherwise be
     acknowledged as a tombstone, and the heuristic outcome would go unreported."""
 
-    def engine(kept: int = 3) -> BranchEngine:
-        return BranchEngine(
-            InventoryService(),
-            MemoryLog(),
-            LockManager(wait_timeout_s=0.5),
-            clock_ms=lambda: 0,
-            decided_kept=kept,
-        )
-
-    def operation() -> any_pb2.Any:
-        packed = any_pb2.Any()
-        packed.Pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)]))
-        return packed
-
     async def scenario() -> None:
-        first = engine()
-        assert first.begin_prepare("forced", 1, operation(), False) == (BranchVote.PREPARED, "")
+        first = engine_with()
+        assert first.begin_prepare("forced", 1, reserve(), False) == (BranchVote.PREPARED, "")
         await first.force(("forced", 1), commit=True)
         for n in range(10):  # ten later decisions: the window (3) is long past it
             first.decide_now(f"txn-{n}", 1, commit=False)
@@ -142,7 +141,7 @@ def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> 
         # It survives a checkpoint and a restart, still unreported.
         await first.checkpoint()
         assert isinstance(first.log, MemoryLog)
-        second = engine()
+        second = engine_with()
         second.replay(first.log.records)
         assert second.branch(("forced", 1))
         for n in range(10, 20):
@@ -163,22 +162,11 @@ def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> 
 
 
 def test_forced_branches_past_the_window_are_bounded() -> None:
-    engine = BranchEngine(
-        InventoryService(),
-        MemoryLog(),
-        LockManager(wait_timeout_s=0.5),
-        clock_ms=lambda: 0,
-        decided_kept=2,
-        forced_kept=3,
-    )
+    engine = engine_with(kept=2, forced_kept=3)
 
     async def scenario() -> None:
         for n in range(6):
-            packed = any_pb2.Any()
-            packed.Pack(
-                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
-            )
-            engine.begin_prepare(f"forced-{n}", 1, packed, False)
+            engine.begin_prepare(f"forced-{n}", 1, reserve(), False)
             await engine.force((f"forced-{n}", 1), commit=n % 2 == 0)
         for n in range(5):
             engine.decide_now(f"txn-{n}", 1, commit=False)
@@ -196,28 +184,16 @@ def test_decided_branches_are_kept_as_bytes_not_objects_and_listed_newest_last()
     """A decided branch is its checkpoint entry only: 100,000 of them as objects kept the
     participants' middle-generation collections busy. Read back, it answers as before."""
     clock = [1_000]
-    engine = BranchEngine(
-        InventoryService(),
-        MemoryLog(),
-        LockManager(wait_timeout_s=0.5),
-        clock_ms=lambda: clock[0],
-        decided_kept=50,
-    )
-
-    def operation(quantity: int) -> any_pb2.Any:
-        packed = any_pb2.Any()
-        line = shop_pb2.StockLine(sku="sku-apple", quantity=quantity)
-        packed.Pack(shop_pb2.ReserveStock(lines=[line]))
-        return packed
+    engine = engine_with(kept=50, clock_ms=lambda: clock[0])
 
     gc.collect()
     objects_before = sum(type(o) in (Branch, BranchInfo) for o in gc.get_objects())
     for n in range(40):
         clock[0] += 1
-        vote = engine.begin_prepare(f"txn-{n}", 1, operation(1 if n % 4 else 1_000_000), False)
+        vote = engine.begin_prepare(f"txn-{n}", 1, reserve(1 if n % 4 else 1_000_000), False)
         if vote == (BranchVote.PREPARED, ""):
             engine.decide_now(f"txn-{n}", 1, commit=n % 3 != 0)
-    engine.begin_prepare("open", 1, operation(1), False)  # stays prepared
+    engine.begin_prepare("open", 1, reserve(), False)  # stays prepared
     gc.collect()
     objects_after = sum(type(o) in (Branch, BranchInfo) for o in gc.get_objects())
     assert objects_after - objects_before == 2  # the open branch's, and nothing else
@@ -234,9 +210,9 @@ def test_decided_branches_are_kept_as_bytes_not_objects_and_listed_newest_last()
 
     # Read back, a decided branch answers every duplicate as it did when it was decided.
     clock[0] += 1000
-    assert engine.begin_prepare("txn-4", 1, operation(1_000_000), False)[0] is BranchVote.REFUSED
+    assert engine.begin_prepare("txn-4", 1, reserve(1_000_000), False)[0] is BranchVote.REFUSED
     rolled_back = (BranchVote.REFUSED, "rolled back by the coordinator")
-    assert engine.begin_prepare("txn-3", 1, operation(1), False) == rolled_back
+    assert engine.begin_prepare("txn-3", 1, reserve(), False) == rolled_back
     engine.decide_now("txn-1", 1, commit=True)  # a duplicate Commit: acknowledged
     with pytest.raises(BranchError) as error:
         engine.decide_now("txn-1", 1, commit=False)
