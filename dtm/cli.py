@@ -9,6 +9,7 @@
     dtm participants                   the registry, with each participant's health
     dtm locks                          the locks every participant holds, and who waits
     dtm branches                       every participant's branches
+    dtm branches forget ID BRANCH ...  stop keeping a forced branch for its coordinator
     dtm force ID BRANCH ...            heuristic commit/rollback of an in-doubt branch
     dtm heuristics                     heuristic outcomes the coordinator keeps
     dtm heuristics forget ID BRANCH    stop reporting one, once it is reconciled
@@ -716,7 +717,7 @@ def cmd_branches(session: Session) -> int:
                     fmt.branch_state_name(info.state),
                     fmt.duration(fmt.age_s(info.updated_at_unix_ms)),
                     fmt.clip(info.reason) or "-",
-                    info.heuristic or "-",
+                    fmt.branch_heuristic(info),
                 ]
                 for name, info in found
             ],
@@ -730,15 +731,8 @@ def cmd_force(session: Session) -> int:
     if not options.i_understand:
         print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
         return EXIT_USAGE
-    if not options.participant and not options.address:
-        raise CliError("say which participant: --participant NAME or --address HOST:PORT")
     _refuse_contradiction(session)
-    try:
-        target = _targets(session)[0]
-    except CliError as error:
-        raise CliError(
-            f"{error}; to force without the coordinator, give the participant's --address"
-        ) from None
+    target = _one_target(session)
     request = participant_pb2.ForceOutcomeRequest(
         transaction_id=options.id,
         branch=options.branch,
@@ -759,6 +753,43 @@ def cmd_force(session: Session) -> int:
             file=session.out,
         )
     return EXIT_OK
+
+
+def cmd_branches_forget(session: Session) -> int:
+    options = session.options
+    target = _one_target(session)
+    request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
+    try:
+        response = session.admin(target).ForgetBranch(request, timeout=session.timeout)
+    except grpc.RpcError as error:
+        raise rpc_error(error, f"participant {target.name}", target.address, session) from None
+    if session.json:
+        fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
+    else:
+        info = response.branch
+        print(
+            f"{target.name}: forgot forced branch {info.transaction_id}/{info.branch} "
+            f"({fmt.branch_state_name(info.state)}, heuristic: {info.heuristic}); it is no "
+            "longer kept for its coordinator",
+            file=session.out,
+        )
+    return EXIT_OK
+
+
+def _one_target(session: Session) -> Target:
+    """The one participant a command acts on: --participant (through the registry) or
+    --address."""
+    options = session.options
+    if not options.participant and not options.address:
+        raise CliError(
+            "say which participant: --participant NAME or --address HOST:PORT", EXIT_USAGE
+        )
+    try:
+        return _targets(session)[0]
+    except CliError as error:
+        raise CliError(
+            f"{error}; without the coordinator, give the participant's --address"
+        ) from None
 
 
 def _refuse_contradiction(session: Session) -> None:
@@ -1052,6 +1083,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_limit(branches, "the newest N per participant")
     branches.set_defaults(handler=cmd_branches)
+    branches_commands = branches.add_subparsers(
+        dest="branches_command", metavar="COMMAND", required=False
+    )
+    forget_branch = branches_commands.add_parser(
+        "forget",
+        parents=[as_json, target],
+        help="stop keeping a forced branch for its coordinator, once reconciled (durable)",
+        description="A forced branch is kept until its coordinator sends a decision for it. "
+        "A coordinator that never logged the transaction, or lost its log, never will: once "
+        "you have reconciled the branch, forget it here.",
+    )
+    forget_branch.add_argument("id", metavar="ID", help="the transaction")
+    forget_branch.add_argument(
+        "branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index"
+    )
+    forget_branch.set_defaults(handler=cmd_branches_forget)
 
     force = commands.add_parser(
         "force",

@@ -138,7 +138,20 @@ def branch_info_dict(participant: str, info: participant_pb2.BranchInfo) -> dict
         "reason": info.reason,
         "updated_at_unix_ms": info.updated_at_unix_ms,
         "heuristic": info.heuristic,
+        "awaiting_coordinator": info.awaiting_coordinator,
+        "forgotten": info.forgotten,
     }
+
+
+def branch_heuristic(info: participant_pb2.BranchInfo) -> str:
+    """A forced outcome, and whether the branch is kept for its coordinator."""
+    if not info.heuristic:
+        return "-"
+    if info.awaiting_coordinator:
+        return f"{info.heuristic} (awaiting coordinator)"
+    if info.forgotten:
+        return f"{info.heuristic} (forgotten)"
+    return info.heuristic
 
 
 def lock_dict(participant: str, lock: participant_pb2.LockInfo) -> dict[str, Any]:

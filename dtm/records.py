@@ -34,6 +34,7 @@ class RecordType(IntEnum):
     BRANCH_COMMITTED = 17
     BRANCH_ROLLED_BACK = 18
     PARTICIPANT_CHECKPOINT = 19
+    BRANCH_FORGOTTEN = 20
 
 
 PAYLOADS: dict[RecordType, type[Message]] = {
@@ -47,6 +48,7 @@ PAYLOADS: dict[RecordType, type[Message]] = {
     RecordType.BRANCH_COMMITTED: log_pb2.BranchCommitted,
     RecordType.BRANCH_ROLLED_BACK: log_pb2.BranchRolledBack,
     RecordType.PARTICIPANT_CHECKPOINT: log_pb2.ParticipantCheckpoint,
+    RecordType.BRANCH_FORGOTTEN: log_pb2.BranchForgotten,
 }
 
 

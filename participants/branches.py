@@ -80,6 +80,8 @@ class BranchInfo:
     prepared_at_ms: int = 0
     # The coordinator's digest of the whole transaction this branch belongs to; b"" unknown.
     fingerprint: bytes = b""
+    # A forced branch an operator forgot (`BranchEngine.forget`).
+    forgotten: bool = False
 
 
 def _decided_entry(info: BranchInfo) -> bytes:
@@ -96,6 +98,7 @@ def _decided_entry(info: BranchInfo) -> bytes:
         heuristic=branch.heuristic,
         transaction_fingerprint=info.fingerprint,
         decided_at_unix_ms=info.updated_at_ms,
+        forgotten=info.forgotten,
     ).SerializeToString()
     return _field(_DECIDED_KEY, entry)
 
@@ -112,7 +115,10 @@ def _decided_info(entry: bytes) -> BranchInfo:
     branch.reason = decided.reason
     branch.heuristic = decided.heuristic
     return BranchInfo(
-        branch, decided.decided_at_unix_ms, fingerprint=decided.transaction_fingerprint
+        branch,
+        decided.decided_at_unix_ms,
+        fingerprint=decided.transaction_fingerprint,
+        forgotten=decided.forgotten,
     )
 
 
@@ -326,6 +332,38 @@ class BranchEngine:
         await self.wait_durable([key])
         return info
 
+    async def forget(self, key: BranchKey) -> BranchInfo:
+        """An operator has reconciled a forced branch: stop keeping it for its coordinator
+        (the participant's xa_forget). Durable. For a coordinator that will never send a
+        decision: one that never logged the transaction (presumed abort), or lost its log."""
+        text = branch_key_text(key)
+        info = self.branch(key)
+        if info is None:
+            raise BranchError(
+                core.ErrorKind.NOT_FOUND,
+                f"no branch {text}: never known here, or no longer kept (ListBranches)",
+            )
+        if key in self.open:
+            raise BranchError(
+                core.ErrorKind.FAILED_PRECONDITION,
+                f"branch {text} is {info.branch.state.value}, not decided: only a forced branch "
+                "can be forgotten (an in-doubt one is decided by its coordinator, or forced)",
+            )
+        if not info.branch.heuristic:
+            raise BranchError(
+                core.ErrorKind.FAILED_PRECONDITION,
+                f"branch {text} is {info.branch.state.value} as its coordinator decided, not "
+                "forced: it leaves the window of decided branches on its own",
+            )
+        if not info.forgotten:
+            record = log_pb2.BranchForgotten(transaction_id=key[0], branch=key[1])
+            lsn = self.log.append(RecordType.BRANCH_FORGOTTEN, record.SerializeToString())
+            self.records_since_checkpoint += 1
+            self._durable_lsn[key] = lsn
+            self._forget_forced(key, info)
+        await self.wait_durable([key])  # a repeated forget too: the first may still be syncing
+        return info
+
     def expire_lease(self, key: BranchKey) -> bool:
         """The lease of a branch ran out. Returns True when the coordinator must be asked."""
         info = self.open.get(key)  # a decided branch has no lease
@@ -368,6 +406,10 @@ class BranchEngine:
                     newest.append(info)
         newest.reverse()
         return newest
+
+    def awaiting_coordinator(self, key: BranchKey) -> bool:
+        """A forced branch kept until its coordinator sends a decision for it."""
+        return key in self._forced_unreported
 
     def in_doubt(self) -> list[BranchInfo]:
         return [i for i in self.open.values() if i.branch.state is BranchState.PREPARED]
@@ -536,6 +578,15 @@ class BranchEngine:
         if entry is not None:  # back into the window, as the newest, for a retried decision
             self._remember_decided(key, entry)
 
+    def _forget_forced(self, key: BranchKey, info: BranchInfo) -> None:
+        """Kept from now on as long as any decided branch: in the window (back into it, as the
+        newest, when it was kept past it), so that a late decision still hears the heuristic
+        outcome and a repeated forget answers the same."""
+        info.forgotten = True
+        self._forced_unreported.pop(key, None)
+        self._forced_beyond.pop(key, None)
+        self._remember_decided(key, _decided_entry(info))
+
     def _start_prepare(
         self, info: BranchInfo, requests: Sequence[LockRequest], lock_wait_s: float | None
     ) -> None:
@@ -675,6 +726,13 @@ class BranchEngine:
                     known.branch.heuristic = rolled.heuristic
                     self.service.rollback(branch_key_text(key), self._operations[key])
                 self._finish(known)
+            elif kind is RecordType.BRANCH_FORGOTTEN:
+                forgotten = log_pb2.BranchForgotten.FromString(record.payload)
+                key = (forgotten.transaction_id, forgotten.branch)
+                info = self.branch(key)
+                # Absent when the bound on forced branches pushed it out before the forget.
+                if info is not None and key not in self.open:
+                    self._forget_forced(key, info)
             # Coordinator record types never appear in a participant's log.
 
     def _replay_prepare(
@@ -764,7 +822,7 @@ class BranchEngine:
         restored_at_ms = self.clock_ms()
         for decided in checkpoint.decided:
             key = (decided.transaction_id, decided.branch)
-            if decided.heuristic:
+            if decided.heuristic and not decided.forgotten:
                 # Whether its coordinator already spoke is not logged: kept, to be safe.
                 self._keep_forced(key)
             if not decided.decided_at_unix_ms:  # a checkpoint from before the field

@@ -398,7 +398,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         return participant_pb2.ExchangeResponse(votes=votes, results=results)
 
 
-def branch_info_pb(info: BranchInfo) -> participant_pb2.BranchInfo:
+def branch_info_pb(info: BranchInfo, engine: BranchEngine) -> participant_pb2.BranchInfo:
     branch = info.branch
     return participant_pb2.BranchInfo(
         transaction_id=branch.transaction_id,
@@ -407,6 +407,8 @@ def branch_info_pb(info: BranchInfo) -> participant_pb2.BranchInfo:
         reason=branch.reason,
         updated_at_unix_ms=info.updated_at_ms,
         heuristic=branch.heuristic,
+        awaiting_coordinator=engine.awaiting_coordinator(branch.key),
+        forgotten=info.forgotten,
     )
 
 
@@ -441,8 +443,11 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         wanted = {state for state in BranchState if STATE_TO_PB[state] in request.states}
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()
-        infos = self.server.engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
-        return participant_pb2.ListBranchesResponse(branches=[branch_info_pb(i) for i in infos])
+        engine = self.server.engine
+        infos = engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
+        return participant_pb2.ListBranchesResponse(
+            branches=[branch_info_pb(info, engine) for info in infos]
+        )
 
     async def ListLocks(
         self, request: participant_pb2.ListLocksRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -482,7 +487,31 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             branch=request.branch,
             commit=request.commit,
         )
-        return participant_pb2.ForceOutcomeResponse(branch=branch_info_pb(forced))
+        return participant_pb2.ForceOutcomeResponse(
+            branch=branch_info_pb(forced, self.server.engine)
+        )
+
+    async def ForgetBranch(
+        self,
+        request: participant_pb2.ForgetBranchRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> participant_pb2.ForgetBranchResponse:
+        problem = limits.branch_ids_problem(request.transaction_id, request.branch)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            forgotten = await self.server.engine.forget((request.transaction_id, request.branch))
+        except BranchError as error:
+            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+        self.server.log_.warning(
+            "forced branch forgotten by an operator",
+            txn=request.transaction_id,
+            branch=request.branch,
+            heuristic=forgotten.branch.heuristic,
+        )
+        return participant_pb2.ForgetBranchResponse(
+            branch=branch_info_pb(forgotten, self.server.engine)
+        )
 
 
 class ParticipantServer:

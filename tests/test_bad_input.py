@@ -192,6 +192,20 @@ async def commit_of_unknown_branch(cluster: InProcessCluster) -> str:
     return await expect_status(stub.Commit(request), Code.NOT_FOUND, "never prepared")
 
 
+async def forget_of_a_bad_branch_id(cluster: InProcessCluster) -> str:
+    request = participant_pb2.ForgetBranchRequest(transaction_id="bad id", branch=0)
+    return await expect_status(
+        cluster.admin("inventory").ForgetBranch(request), Code.INVALID_ARGUMENT, "transaction_id"
+    )
+
+
+async def forget_of_an_unknown_branch(cluster: InProcessCluster) -> str:
+    request = participant_pb2.ForgetBranchRequest(transaction_id="ghost", branch=0)
+    return await expect_status(
+        cluster.admin("inventory").ForgetBranch(request), Code.NOT_FOUND, "no branch ghost/0"
+    )
+
+
 async def fault_injection_without_permission(cluster: InProcessCluster) -> str:
     # The harness enables test control; check the refusal path of a server without it.
     server = cluster.participants["inventory"]
@@ -224,6 +238,8 @@ CASES: list[Case] = [
     unknown_transaction,
     participant_prepare_with_bad_id,
     commit_of_unknown_branch,
+    forget_of_a_bad_branch_id,
+    forget_of_an_unknown_branch,
     fault_injection_without_permission,
 ]
 

@@ -218,7 +218,24 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert cli.EXIT_OK == status, out
             forced = json.loads(out)
             assert ("committed", "orders") == (forced["state"], forced["participant"])
-            assert forced["heuristic"]
+            assert forced["heuristic"] and forced["awaiting_coordinator"]
+            status, out, _ = await dtm(*at, "branches", "--participant", "orders")
+            assert "heuristic commit (awaiting coordinator)" in out
+
+            # Once reconciled, an operator stops it being kept for its coordinator.
+            forget = [*at, "branches", "forget", "t-9", "1"]
+            status, _, err = await dtm(*forget)
+            assert cli.EXIT_USAGE == status and "--participant NAME or --address" in err
+            status, _, err = await dtm(*forget[:-1], "0", "--participant", "inventory")
+            assert cli.EXIT_ERROR == status and "not forced" in err
+            status, out, _ = await dtm(*forget, "--participant", "orders", "--json")
+            assert cli.EXIT_OK == status, out
+            forgotten = json.loads(out)
+            assert forgotten["forgotten"] and not forgotten["awaiting_coordinator"]
+            status, out, _ = await dtm(*forget, "--participant", "orders")
+            assert cli.EXIT_OK == status and "forgot forced branch t-9/1" in out
+            status, out, _ = await dtm(*at, "branches", "--participant", "orders")
+            assert "heuristic commit (forgotten)" in out
 
             await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
             status, _, _ = await dtm(*at, "txn", "retry", "t-9")

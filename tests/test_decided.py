@@ -161,6 +161,62 @@ def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> 
     asyncio.run(scenario())
 
 
+def test_an_operator_forgets_a_forced_branch_durably() -> None:
+    """A coordinator that never logged the transaction never sends a decision: once reconciled,
+    the operator forgets the forced branch, and it then leaves with the window, across
+    restarts from the log alone and from a checkpoint."""
+
+    async def scenario() -> None:
+        first = engine_with()
+        assert isinstance(first.log, MemoryLog)
+        forced = ("forced", 1)
+        first.begin_prepare("forced", 1, reserve(), False)
+        first.begin_prepare("open", 1, reserve(), False)
+        first.decide_now("plain", 1, commit=False)
+        for unfit, kind in [
+            (("ghost", 1), ErrorKind.NOT_FOUND),
+            (("open", 1), ErrorKind.FAILED_PRECONDITION),  # in doubt
+            (forced, ErrorKind.FAILED_PRECONDITION),  # in doubt too, not yet forced
+            (("plain", 1), ErrorKind.FAILED_PRECONDITION),  # decided by its coordinator
+        ]:
+            records = len(first.log.records)
+            with pytest.raises(BranchError) as refused:
+                await first.forget(unfit)
+            assert (kind, records) == (refused.value.kind, len(first.log.records))
+        await first.force(forced, commit=True)
+        for n in range(10):
+            first.decide_now(f"txn-{n}", 1, commit=False)
+        assert first.awaiting_coordinator(forced) and forced not in known(first)[-3:]
+
+        info = await first.forget(forced)
+        assert info.forgotten and info.branch.heuristic == "heuristic commit"
+        assert not first.awaiting_coordinator(forced)
+        assert known(first)[-2:] == [forced, ("open", 1)]  # back in the window, the newest
+        records = len(first.log.records)
+        again = await first.forget(forced)  # answers the same, writes nothing more
+        assert again.forgotten and len(first.log.records) == records
+        # A late decision still hears the heuristic outcome while the window keeps it.
+        with pytest.raises(BranchError) as late:
+            first.decide_now("forced", 1, commit=False)
+        assert late.value.kind is ErrorKind.HEURISTIC
+
+        # Restarted from the log alone (no checkpoint yet), then from a checkpoint.
+        from_log = engine_with()
+        from_log.replay(first.log.records)
+        await first.checkpoint()
+        from_checkpoint = engine_with()
+        from_checkpoint.replay(first.log.records)
+        for restarted in (from_log, from_checkpoint):
+            kept = restarted.branch(forced)
+            assert kept is not None and kept.forgotten
+            assert not restarted.awaiting_coordinator(forced)
+            for n in range(10, 13):
+                restarted.decide_now(f"txn-{n}", 1, commit=False)
+            assert restarted.branch(forced) is None  # gone with the window
+
+    asyncio.run(scenario())
+
+
 def test_forced_branches_past_the_window_are_bounded() -> None:
     engine = engine_with(kept=2, forced_kept=3)
 

@@ -105,8 +105,16 @@ class BranchRolledBack(_message.Message):
     heuristic: str
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
+class BranchForgotten(_message.Message):
+    __slots__ = ("transaction_id", "branch")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+
 class DecidedBranch(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +123,7 @@ class DecidedBranch(_message.Message):
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: _participant_pb2.BranchState
@@ -123,7 +132,8 @@ class DecidedBranch(_message.Message):
     heuristic: str
     transaction_fingerprint: bytes
     decided_at_unix_ms: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
+    forgotten: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ...) -> None: ...
 
 class ParticipantCheckpoint(_message.Message):
     __slots__ = ("service_state", "prepared", "decided")

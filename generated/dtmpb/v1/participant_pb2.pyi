@@ -184,20 +184,24 @@ class SetFaultResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BranchInfo(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "updated_at_unix_ms", "heuristic")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "updated_at_unix_ms", "heuristic", "awaiting_coordinator", "forgotten")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: BranchState
     reason: str
     updated_at_unix_ms: int
     heuristic: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ...) -> None: ...
+    awaiting_coordinator: bool
+    forgotten: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ...) -> None: ...
 
 class ListBranchesRequest(_message.Message):
     __slots__ = ("states",)
@@ -248,6 +252,20 @@ class ForceOutcomeRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., i_understand_this_is_heuristic: _Optional[bool] = ...) -> None: ...
 
 class ForceOutcomeResponse(_message.Message):
+    __slots__ = ("branch",)
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    branch: BranchInfo
+    def __init__(self, branch: _Optional[_Union[BranchInfo, _Mapping]] = ...) -> None: ...
+
+class ForgetBranchRequest(_message.Message):
+    __slots__ = ("transaction_id", "branch")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+
+class ForgetBranchResponse(_message.Message):
     __slots__ = ("branch",)
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     branch: BranchInfo

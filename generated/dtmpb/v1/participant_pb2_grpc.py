@@ -385,6 +385,11 @@ class ParticipantAdminStub:
                 request_serializer=dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeResponse.FromString,
                 _registered_method=True)
+        self.ForgetBranch = channel.unary_unary(
+                '/dtm.v1.ParticipantAdmin/ForgetBranch',
+                request_serializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantAdminServicer:
@@ -415,6 +420,14 @@ class ParticipantAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetBranch(self, request, context):
+        """NOT_FOUND for a branch this participant does not know (any more), FAILED_PRECONDITION for
+        one that is not forced. Forgetting a forgotten branch answers it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -437,6 +450,11 @@ def add_ParticipantAdminServicer_to_server(servicer, server):
                     servicer.ForceOutcome,
                     request_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeResponse.SerializeToString,
+            ),
+            'ForgetBranch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetBranch,
+                    request_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -547,6 +565,33 @@ class ParticipantAdmin:
             '/dtm.v1.ParticipantAdmin/ForceOutcome',
             dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeRequest.SerializeToString,
             dtmpb_dot_v1_dot_participant__pb2.ForceOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetBranch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.ParticipantAdmin/ForgetBranch',
+            dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.SerializeToString,
+            dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.FromString,
             options,
             channel_credentials,
             insecure,
