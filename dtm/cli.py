@@ -7,6 +7,7 @@
     dtm txn show ID                    one transaction, branch by branch
     dtm txn retry ID                   retry phase 2 of a committing transaction now
     dtm participants                   the registry, with each participant's health
+    dtm participants remove NAME       unregister a decommissioned participant
     dtm locks                          the locks every participant holds, and who waits
     dtm branches                       every participant's branches
     dtm branches forget ID BRANCH ...  stop keeping a forced branch for its coordinator
@@ -597,6 +598,19 @@ def _ask_all(
             session.failures += 1
 
 
+def cmd_participants_remove(session: Session) -> int:
+    response = session.call_coordinator(
+        "UnregisterParticipant",
+        coordinator_pb2.UnregisterParticipantRequest(name=session.options.name),
+    )
+    removed = response.participant
+    if session.json:
+        fmt.emit_json({"name": removed.name, "address": removed.address}, session.out)
+    else:
+        print(f"unregistered {removed.name} (was at {removed.address})", file=session.out)
+    return EXIT_OK
+
+
 def cmd_participants(session: Session) -> int:
     registry = _registry(session)
     probes = []
@@ -1056,6 +1070,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit status 3 when a participant is not SERVING.",
     )
     participants.set_defaults(handler=cmd_participants)
+    participants_commands = participants.add_subparsers(
+        dest="participants_command", metavar="COMMAND", required=False
+    )
+    remove = participants_commands.add_parser(
+        "remove",
+        parents=[as_json],
+        help="unregister a decommissioned participant (durable; stop it first)",
+        description="Refused while a transaction not yet finished has a branch there. A "
+        "participant registers again when it starts, so stop the service first.",
+    )
+    remove.add_argument("name", metavar="NAME", help="the participant")
+    remove.set_defaults(handler=cmd_participants_remove)
 
     target = _Parser(add_help=False)
     target.add_argument("--participant", metavar="NAME", help="only this participant")

@@ -29,6 +29,7 @@ class RecordType(IntEnum):
     HEURISTIC_RECORDED = 4
     COORDINATOR_CHECKPOINT = 5
     HEURISTIC_FORGOTTEN = 6
+    PARTICIPANT_UNREGISTERED = 7
     # participant
     BRANCH_PREPARED = 16
     BRANCH_COMMITTED = 17
@@ -44,6 +45,7 @@ PAYLOADS: dict[RecordType, type[Message]] = {
     RecordType.HEURISTIC_RECORDED: log_pb2.HeuristicRecorded,
     RecordType.COORDINATOR_CHECKPOINT: log_pb2.CoordinatorCheckpoint,
     RecordType.HEURISTIC_FORGOTTEN: log_pb2.HeuristicForgotten,
+    RecordType.PARTICIPANT_UNREGISTERED: log_pb2.ParticipantUnregistered,
     RecordType.BRANCH_PREPARED: log_pb2.BranchPrepared,
     RecordType.BRANCH_COMMITTED: log_pb2.BranchCommitted,
     RecordType.BRANCH_ROLLED_BACK: log_pb2.BranchRolledBack,

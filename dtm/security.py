@@ -18,7 +18,7 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
     dtm.v1.Coordinator/Submit, SubmitBatch, GetTransaction,        clients
         ListTransactions, RetryTransaction, ListParticipants,
         ListHeuristics
-    dtm.v1.Coordinator/ForgetHeuristic                             operators
+    dtm.v1.Coordinator/ForgetHeuristic, UnregisterParticipant      operators
     grpc.health.v1.Health/*, server reflection                     anyone (with a valid cert)
     anything else (the services' read APIs)                         clients
 
@@ -109,6 +109,7 @@ class Policy:
             "/dtm.v1.Coordinator/ListParticipants": clients,
             "/dtm.v1.Coordinator/ListHeuristics": clients,
             "/dtm.v1.Coordinator/ForgetHeuristic": operators,
+            "/dtm.v1.Coordinator/UnregisterParticipant": operators,
         }
         return table, clients
 

@@ -49,12 +49,16 @@ class CoordinatorConfig:
     in_flight_max: int = limits.TRANSACTIONS_IN_FLIGHT_MAX
 
 
-class SubmitRejected(Exception):
-    """A Submit refused before anything ran; carries the gRPC status to answer with."""
+class Refused(Exception):
+    """A request refused before it changed anything; carries the gRPC status to answer with."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class SubmitRejected(Refused):
+    """A Submit refused before anything ran."""
 
 
 @dataclass
@@ -388,6 +392,40 @@ class Engine:
                 outcome=dropped.outcome,
             )
 
+    async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
+        """An operator decommissions a participant: remove it from the registry, durably (the
+        answer waits for the record). Refused while a transaction in flight, or still owed
+        phase 2, has a branch there: the coordinator could no longer finish it."""
+        if name not in self.registry.participants:
+            known = ", ".join(sorted(self.registry.participants)) or "none"
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"participant {name!r} is not registered (registered: {known})",
+            )
+        # Bounded by TRANSACTIONS_IN_FLIGHT_MAX; an operator's call, not the hot path.
+        using = [
+            txn_id
+            for txn_id, run in self.active.items()
+            if any(branch.participant == name for branch in run.txn.branches)
+        ]
+        if using:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"participant {name!r} has branches in {len(using)} transaction(s) not yet "
+                f"finished, e.g. {', '.join(using[:3])}: the coordinator must finish them first "
+                "(dtm txn list --stuck; dtm txn retry ID once it is reachable)",
+            )
+        # Removed before the record is written: from now on no Submit can name it. (The
+        # check above and this removal run in one step of the loop, so no Submit between.)
+        info = self.registry.remove(name)
+        assert info is not None
+        record = log_pb2.ParticipantUnregistered(name=name)
+        lsn = self._append(RecordType.PARTICIPANT_UNREGISTERED, record.SerializeToString())
+        self.counters.forced_writes += 1
+        await self.log.wait_durable(lsn)
+        self._log.warning("participant unregistered by an operator", name=name)
+        return info
+
     async def forget_heuristic(
         self, transaction_id: str, branch: int
     ) -> log_pb2.HeuristicRecorded | None:
@@ -540,6 +578,12 @@ class Engine:
                 )
             self._feed(run, core.PhaseTwoAcked(index))
 
+        if branch.participant not in self.registry.participants:
+            # Unregistered by an operator once this transaction had ended (it refuses while
+            # any unfinished one has a branch there): a late rollback. Presumed abort lets the
+            # participant, if it ever asks, learn the outcome from QueryOutcome.
+            assert not commit
+            return
         self.registry.port(branch.participant).decide(
             DecideItem(txn.transaction_id, index, commit, done)
         )
@@ -629,6 +673,9 @@ class Engine:
             elif kind is RecordType.PARTICIPANT_REGISTERED:
                 registered = log_pb2.ParticipantRegistered.FromString(record.payload)
                 self.registry.put(registered.participant)
+            elif kind is RecordType.PARTICIPANT_UNREGISTERED:
+                unregistered = log_pb2.ParticipantUnregistered.FromString(record.payload)
+                self.registry.remove(unregistered.name)
             elif kind is RecordType.COMMIT_DECIDED:
                 decided = log_pb2.CommitDecided.FromString(record.payload)
                 pending[decided.transaction_id] = decided

@@ -258,6 +258,17 @@ class ParticipantPort:
         else:
             self._spawn(self._unary_decide(item))
 
+    async def drain(self, timeout_s: float) -> None:
+        """Send what is queued at once (no linger), and wait up to `timeout_s` for every
+        call in flight, for a port about to be closed."""
+        self.hurry()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        await asyncio.sleep(0)  # the flush that hurry scheduled starts its calls' tasks
+        # Bounded by the deadline; a call that ends may start the next of a queue.
+        while self._tasks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)

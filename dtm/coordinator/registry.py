@@ -6,21 +6,34 @@ the coordinator can still reach every participant of a commit it must finish.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from dtm import limits, security
 from dtm.coordinator.clients import ParticipantClient
 from dtm.coordinator.ports import BatchPolicy, ParticipantPort
 from dtmpb.v1 import coordinator_pb2
+
+# How long a retired port (an old address, or an unregistered participant) may take to send
+# what it still carries before it is closed: longer than any call's deadline.
+RETIRED_PORT_GRACE_S = 60.0
 
 
 class RegistrationError(ValueError):
     """A registration that is malformed: INVALID_ARGUMENT."""
 
 
+def name_problem(name: str) -> str | None:
+    """What is wrong with a participant's name, or None."""
+    if not limits.PARTICIPANT_NAME_PATTERN.fullmatch(name):
+        return f"participant name {name[:80]!r} is malformed: 1..64 characters of [a-z0-9_-]"
+    return None
+
+
 def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -> None:
-    if not limits.PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
-        raise RegistrationError(
-            f"participant name {request.name[:80]!r} is malformed: 1..64 characters of [a-z0-9_-]"
-        )
+    problem = name_problem(request.name)
+    if problem:
+        raise RegistrationError(problem)
     address = request.address
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -40,8 +53,11 @@ class Registry:
         self.policy = policy or BatchPolicy()
         self.tls = tls
         self._ports: dict[str, ParticipantPort] = {}
-        # Ports for an old address, closed at shutdown (calls in flight may still use them).
+        # Ports for an old address or an unregistered participant: closed once idle (calls in
+        # flight may still use them), so that a participant that changes address at every
+        # restart does not leave a channel open each time.
         self._retired: list[ParticipantPort] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self._hurried = False
 
     def is_change(self, info: coordinator_pb2.ParticipantInfo) -> bool:
@@ -62,7 +78,37 @@ class Registry:
         ):
             port = self._ports.pop(info.name, None)
             if port is not None:
-                self._retired.append(port)
+                self._retire(port)
+
+    def remove(self, name: str) -> coordinator_pb2.ParticipantInfo | None:
+        """Forget a participant (an operator unregistered it). Its port is retired, not
+        closed: what it still carries (the rollbacks of transactions already ended) goes out."""
+        info = self.participants.pop(name, None)
+        port = self._ports.pop(name, None)
+        if port is not None:
+            self._retire(port)
+        return info
+
+    @property
+    def retired(self) -> int:
+        """Retired ports not yet closed."""
+        return len(self._retired)
+
+    def _retire(self, port: ParticipantPort) -> None:
+        self._retired.append(port)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving (a replay): closed at shutdown
+            return
+        task = loop.create_task(self._close_when_drained(port))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_when_drained(self, port: ParticipantPort) -> None:
+        await port.drain(RETIRED_PORT_GRACE_S)
+        await port.close()
+        await port.client.close()
+        self._retired.remove(port)  # after: a close() cancelling this one closes it again
 
     def port(self, name: str) -> ParticipantPort:
         port = self._ports.get(name)
@@ -93,6 +139,10 @@ class Registry:
             port.hurry()
 
     async def close(self) -> None:
+        for task in list(self._closing):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for port in [*self._ports.values(), *self._retired]:
             await port.close()
             await port.client.close()

@@ -15,11 +15,16 @@ from typing import Any
 import grpc
 
 from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
-from dtm.coordinator.engine import CoordinatorConfig, Engine, SubmitRejected, wall_ms
+from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected, wall_ms
 from dtm.coordinator.finished import TransactionView
 from dtm.coordinator.heuristics import heuristic_pb
 from dtm.coordinator.ports import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
-from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
+from dtm.coordinator.registry import (
+    RegistrationError,
+    Registry,
+    name_problem,
+    validate_registration,
+)
 from dtm.records import RecordType
 from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
@@ -138,6 +143,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         )
         self.coordinator.log.info("participant registered", name=info.name, address=info.address)
         return coordinator_pb2.RegisterParticipantResponse(changed=True)
+
+    async def UnregisterParticipant(
+        self, request: coordinator_pb2.UnregisterParticipantRequest, context: Context
+    ) -> coordinator_pb2.UnregisterParticipantResponse:
+        problem = name_problem(request.name)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            info = await self.engine.unregister(request.name)
+        except Refused as refused:
+            await context.abort(refused.code, str(refused))
+        return coordinator_pb2.UnregisterParticipantResponse(participant=info)
 
     async def ListParticipants(
         self, request: coordinator_pb2.ListParticipantsRequest, context: Context

@@ -77,6 +77,18 @@ class RegisterParticipantResponse(_message.Message):
     changed: bool
     def __init__(self, changed: _Optional[bool] = ...) -> None: ...
 
+class UnregisterParticipantRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class UnregisterParticipantResponse(_message.Message):
+    __slots__ = ("participant",)
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    participant: ParticipantInfo
+    def __init__(self, participant: _Optional[_Union[ParticipantInfo, _Mapping]] = ...) -> None: ...
+
 class ListParticipantsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsResponse.FromString,
                 _registered_method=True)
+        self.UnregisterParticipant = channel.unary_unary(
+                '/dtm.v1.Coordinator/UnregisterParticipant',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantResponse.FromString,
+                _registered_method=True)
         self.Submit = channel.unary_unary(
                 '/dtm.v1.Coordinator/Submit',
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.SubmitRequest.SerializeToString,
@@ -96,6 +101,12 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListParticipants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterParticipant(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +172,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ListParticipants,
                     request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsResponse.SerializeToString,
+            ),
+            'UnregisterParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterParticipant,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantResponse.SerializeToString,
             ),
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
@@ -257,6 +273,33 @@ class Coordinator:
             '/dtm.v1.Coordinator/ListParticipants',
             dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsRequest.SerializeToString,
             dtmpb_dot_v1_dot_coordinator__pb2.ListParticipantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/UnregisterParticipant',
+            dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.UnregisterParticipantResponse.FromString,
             options,
             channel_credentials,
             insecure,

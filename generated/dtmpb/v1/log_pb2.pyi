@@ -15,6 +15,12 @@ class ParticipantRegistered(_message.Message):
     participant: _coordinator_pb2.ParticipantInfo
     def __init__(self, participant: _Optional[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]] = ...) -> None: ...
 
+class ParticipantUnregistered(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
 class DecisionBranch(_message.Message):
     __slots__ = ("branch", "participant")
     BRANCH_FIELD_NUMBER: _ClassVar[int]
