@@ -258,16 +258,16 @@ class ParticipantPort:
         else:
             self._spawn(self._unary_decide(item))
 
-    async def drain(self, timeout_s: float) -> None:
-        """Send what is queued at once (no linger), and wait up to `timeout_s` for every
-        call in flight, for a port about to be closed."""
+    async def drain(self) -> None:
+        """Send what is queued at once (no linger) and wait until every call has ended, for a
+        port about to be closed: closing it sooner would drop queued decisions unanswered, and
+        a commit whose answer never comes is never retried."""
         self.hurry()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         await asyncio.sleep(0)  # the flush that hurry scheduled starts its calls' tasks
-        # Bounded by the deadline; a call that ends may start the next of a queue.
-        while self._tasks and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(set(self._tasks), timeout=left)
+        # Bounded: every call has a deadline, and each round ends at least one call; a call
+        # that ends may start the next of the queue, which holds at most the items in flight.
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -14,10 +14,6 @@ from dtm.coordinator.clients import ParticipantClient
 from dtm.coordinator.ports import BatchPolicy, ParticipantPort
 from dtmpb.v1 import coordinator_pb2
 
-# How long a retired port (an old address, or an unregistered participant) may take to send
-# what it still carries before it is closed: longer than any call's deadline.
-RETIRED_PORT_GRACE_S = 60.0
-
 
 class RegistrationError(ValueError):
     """A registration that is malformed: INVALID_ARGUMENT."""
@@ -105,7 +101,7 @@ class Registry:
         task.add_done_callback(self._closing.discard)
 
     async def _close_when_drained(self, port: ParticipantPort) -> None:
-        await port.drain(RETIRED_PORT_GRACE_S)
+        await port.drain()
         await port.close()
         await port.client.close()
         self._retired.remove(port)  # after: a close() cancelling this one closes it again
