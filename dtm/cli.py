@@ -1083,11 +1083,17 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", metavar="NAME", help="the participant")
     remove.set_defaults(handler=cmd_participants_remove)
 
+    # SUPPRESS, as for --json: a subcommand's copy (`branches forget`) must not reset what
+    # was given before it (`dtm branches --participant orders forget ...`).
+    parser.set_defaults(participant=None, address=None)
     target = _Parser(add_help=False)
-    target.add_argument("--participant", metavar="NAME", help="only this participant")
+    target.add_argument(
+        "--participant", metavar="NAME", default=argparse.SUPPRESS, help="only this participant"
+    )
     target.add_argument(
         "--address",
         metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
         help="ask the participant at this address directly, without the coordinator",
     )
     locks = commands.add_parser(

@@ -232,7 +232,9 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert cli.EXIT_OK == status, out
             forgotten = json.loads(out)
             assert forgotten["forgotten"] and not forgotten["awaiting_coordinator"]
-            status, out, _ = await dtm(*forget, "--participant", "orders")
+            # The target may also come before the subcommand.
+            before = [*at, "branches", "--participant", "orders", "forget", "t-9", "1"]
+            status, out, _ = await dtm(*before)
             assert cli.EXIT_OK == status and "forgot forced branch t-9/1" in out
             status, out, _ = await dtm(*at, "branches", "--participant", "orders")
             assert "heuristic commit (forgotten)" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,8 @@ import grpc
 import pytest
 
 from dtm import cli, logs
-from dtmpb.v1 import coordinator_pb2, participant_pb2
-from tests.harness import InProcessCluster, eventually, order_branches
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.harness import InProcessCluster, eventually, order_branches, pack
 from tests.test_cli import dtm
 
 
@@ -75,7 +76,10 @@ def test_an_operator_unregisters_a_participant_once_nothing_is_owed_to_it(
             status, _, err = await dtm(*at, "participants", "remove", "orders")
             assert cli.EXIT_ERROR == status and "'orders' is not registered" in err
 
-            # A Submit that names it is refused as for any unknown participant.
+            # A retry of a transaction that ran there still gets its outcome; a new Submit
+            # that names it is refused as for any unknown participant.
+            again = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == again.outcome
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await cluster.submit(order_branches("o-2", [("sku-apple", 1)]), "t-2")
             assert grpc.StatusCode.NOT_FOUND == unknown.value.code()
@@ -96,25 +100,97 @@ def test_an_operator_unregisters_a_participant_once_nothing_is_owed_to_it(
     asyncio.run(scenario())
 
 
+def test_a_probe_in_flight_on_a_retired_port_still_resolves_its_transaction(
+    tmp_path: Path,
+) -> None:
+    """A one-phase commit's answer is lost, and the Rollback that probes it hangs on a dead
+    address when the participant comes back at a new one. The old port waits for the probe
+    before it closes its channel; the transaction is resolved, never left UNKNOWN."""
+
+    async def scenario() -> None:
+        black_hole = socket.socket()  # accepts connections, never speaks HTTP/2
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(64)
+        try:
+            async with InProcessCluster(tmp_path) as cluster:
+                register = cluster.client.RegisterParticipant
+                capabilities = coordinator_pb2.Capabilities(one_phase=True, batch=True)
+                dead = f"127.0.0.1:{black_hole.getsockname()[1]}"
+                await register(
+                    coordinator_pb2.RegisterParticipantRequest(
+                        name="inventory", address=dead, capabilities=capabilities
+                    )
+                )
+                lines = [shop_pb2.StockLine(sku="sku-apple", quantity=1)]
+                branch = coordinator_pb2.BranchRequest(
+                    participant="inventory", operation=pack(shop_pb2.ReserveStock(lines=lines))
+                )
+                await cluster.submit([branch], "t-1p", timeout_ms=300)
+                get = coordinator_pb2.GetTransactionRequest(transaction_id="t-1p")
+
+                async def probing() -> bool:
+                    txn = await cluster.client.GetTransaction(get)
+                    return txn.state == coordinator_pb2.TRANSACTION_STATE_UNKNOWN
+
+                await eventually(probing)
+                engine = cluster.coordinator.engine
+                registry = engine.registry
+                sent = engine.counters.requests
+
+                async def probe_in_flight() -> bool:  # it hangs for its 2 s deadline
+                    return engine.counters.requests > sent
+
+                await eventually(probe_in_flight)
+                port = cluster.address("inventory").rsplit(":", 1)[1]
+                await register(
+                    coordinator_pb2.RegisterParticipantRequest(
+                        name="inventory", address=f"localhost:{port}", capabilities=capabilities
+                    )
+                )
+                assert 1 == registry.retired  # the old port, waiting for its probe
+
+                async def resolved() -> bool:
+                    txn = await cluster.client.GetTransaction(get)
+                    return txn.state == coordinator_pb2.TRANSACTION_STATE_ABORTED
+
+                await eventually(resolved)
+                assert 0 == registry.retired
+        finally:
+            black_hole.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_port_for_an_old_address_is_closed_once_idle(tmp_path: Path) -> None:
     """A participant that comes back at a new address (a new pod at each restart) leaves its
-    old port behind: it is closed, not kept open until the coordinator stops."""
+    old port behind: its channel is closed, not kept open until the coordinator stops, and
+    the transactions after it run through the new one."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
+            registry = cluster.coordinator.engine.registry
+            old_channels = []
             for n in range(3):
                 response = await cluster.submit(
                     order_branches(f"o-{n}", [("sku-apple", 1)]), f"t-{n}"
                 )
                 assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+                old_channels.append(registry.ports()["inventory"].client.channel)
                 service = type(cluster.participants["inventory"].service)()
                 await cluster.restart_participant("inventory", service)
-            registry = cluster.coordinator.engine.registry
+            response = await cluster.submit(order_branches("o-3", [("sku-apple", 1)]), "t-3")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            assert len({id(channel) for channel in old_channels}) == 3
 
             async def closed() -> bool:
-                return registry.retired == 0
+                return registry.retired == 0 and all(
+                    channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN
+                    for channel in old_channels
+                )
 
             await eventually(closed)
+            current = registry.ports()["inventory"].client.channel
+            assert current.get_state() is not grpc.ChannelConnectivity.SHUTDOWN
 
     asyncio.run(scenario())
 

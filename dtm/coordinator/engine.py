@@ -23,7 +23,7 @@ from google.protobuf import any_pb2
 from dtm import crashpoints, limits, logs
 from dtm.coordinator.finished import FinishedWindow, Head, Record, TransactionView, pack, unpack
 from dtm.coordinator.heuristics import HeuristicTable, key_of
-from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult, rpc_failure
+from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
@@ -334,7 +334,7 @@ class Engine:
         self._spawn(self._retry(run, action.branch, action.attempt))
 
     def _probe_one_phase(self, run: Run, action: core.ProbeOnePhase) -> None:
-        self._spawn(self._probe(run))
+        self._probe(run)
 
     def _reply(self, run: Run, action: core.Reply) -> None:
         run.outcome_pb = OUTCOME_TO_PB[action.outcome]
@@ -391,6 +391,10 @@ class Engine:
                 participant=dropped.participant,
                 outcome=dropped.outcome,
             )
+
+    def knows(self, transaction_id: str) -> bool:
+        """In flight, or finished and still remembered."""
+        return transaction_id in self.active or transaction_id in self.finished
 
     async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
         """An operator decommissions a participant: remove it from the registry, durably (the
@@ -597,27 +601,28 @@ class Engine:
         self.observer.phase_two_retry(run.txn.branch(index).participant)
         state = run.txn.state
         if state is TxnState.UNKNOWN:
-            await self._probe(run)
+            self._probe(run)
         elif state in (TxnState.COMMITTING, TxnState.ABORTED):
             self._phase_two(run, index, commit=state is TxnState.COMMITTING)
 
-    async def _probe(self, run: Run) -> None:
+    def _probe(self, run: Run) -> None:
         """Resolve a lost one-phase answer: a Rollback either finds the branch committed
-        (FAILED_PRECONDITION), or rolls it back / leaves a tombstone (so it never commits)."""
+        (FAILED_PRECONDITION), or rolls it back / leaves a tombstone (so it never commits).
+        Sent through the participant's port, so that a port retired meanwhile (a new address)
+        waits for it before closing its channel."""
         txn = run.txn
-        branch = txn.branches[0]
-        client = self.registry.port(branch.participant).client
         timeout_s = self.config.phase_two_timeout_ms / 1000
         self.counters.requests += 1
-        try:
-            await client.rollback(txn.transaction_id, 0, timeout_s)
-        except grpc.aio.AioRpcError as error:
-            if error.code() is grpc.StatusCode.FAILED_PRECONDITION:
+
+        def done(code: grpc.StatusCode | None, failure: str) -> None:
+            if code is None:
+                self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
+            elif code is grpc.StatusCode.FAILED_PRECONDITION:
                 self._feed(run, core.OnePhaseResolved(committed=True))
             else:
-                self._feed(run, core.PhaseTwoFailed(0, rpc_failure(error, timeout_s)))
-            return
-        self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
+                self._feed(run, core.PhaseTwoFailed(0, failure))
+
+        self.registry.port(txn.branches[0].participant).probe(txn.transaction_id, timeout_s, done)
 
     def _append(self, record_type: RecordType, payload: bytes) -> int:
         self.records_since_checkpoint += 1

@@ -97,6 +97,9 @@ class FinishedWindow:
     def __len__(self) -> int:
         return len(self._records)
 
+    def __contains__(self, transaction_id: str) -> bool:
+        return transaction_id in self._records
+
     def put(self, record: Record) -> None:
         """Remember a finished transaction (the newest), forgetting the oldest beyond `kept`."""
         self._records[record[0]] = record

@@ -258,6 +258,34 @@ class ParticipantPort:
         else:
             self._spawn(self._unary_decide(item))
 
+    def probe(
+        self,
+        transaction_id: str,
+        timeout_s: float,
+        done: Callable[[grpc.StatusCode | None, str], None],
+    ) -> None:
+        """A Rollback of branch 0, alone and at once (never batched: its answer is the
+        outcome of a one-phase commit whose answer was lost). `done` gets None when it rolled
+        back, else the status and a failure to report."""
+        self._spawn(self._probe(transaction_id, timeout_s, done))
+
+    async def _probe(
+        self,
+        transaction_id: str,
+        timeout_s: float,
+        done: Callable[[grpc.StatusCode | None, str], None],
+    ) -> None:
+        try:
+            await self.client.rollback(transaction_id, 0, timeout_s)
+        except grpc.aio.AioRpcError as error:
+            done(error.code(), rpc_failure(error, timeout_s))
+            return
+        except Exception as error:  # a bug: fail the probe (it is retried), say why
+            _internal_error(self.client.name, "Rollback", error)
+            done(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            return
+        done(None, "")
+
     async def drain(self) -> None:
         """Send what is queued at once (no linger) and wait until every call has ended, for a
         port about to be closed: closing it sooner would drop queued decisions unanswered, and

@@ -269,8 +269,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         if request.timeout_ms > limits.TRANSACTION_TIMEOUT_MS_MAX:
             return invalid, f"timeout_ms is at most {limits.TRANSACTION_TIMEOUT_MS_MAX}"
+        # A retry of a transaction the engine knows is answered from what it knows, whatever
+        # the registry says now (a participant unregistered or changed since).
+        retried = bool(request.transaction_id) and self.engine.knows(request.transaction_id)
         for index, branch in enumerate(request.branches):
-            if branch.participant not in self.registry.participants:
+            if not retried and branch.participant not in self.registry.participants:
                 known = ", ".join(sorted(self.registry.participants)) or "none yet"
                 return grpc.StatusCode.NOT_FOUND, (
                     f"branch {index}: participant {branch.participant[:64]!r} is not registered "
@@ -284,7 +287,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     f"{len(branch.operation.value)} bytes, at most {limits.OPERATION_BYTES_MAX}"
                 )
             type_name = branch.operation.type_url.rsplit("/", 1)[-1]
-            if not self.registry.accepts(branch.participant, type_name):
+            if not retried and not self.registry.accepts(branch.participant, type_name):
                 wanted = ", ".join(
                     self.registry.participants[branch.participant].capabilities.operation_types
                 )
