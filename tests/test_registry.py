@@ -137,7 +137,7 @@ def test_a_probe_in_flight_on_a_retired_port_still_resolves_its_transaction(
                 registry = engine.registry
                 sent = engine.counters.requests
 
-                async def probe_in_flight() -> bool:  # it hangs for its 2 s deadline
+                async def probe_in_flight() -> bool:  # a probe sent from now on hangs for 2 s
                     return engine.counters.requests > sent
 
                 await eventually(probe_in_flight)

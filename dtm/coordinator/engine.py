@@ -190,6 +190,7 @@ class Engine:
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False  # close() ran: nothing new is spawned
         self._drained: asyncio.Event | None = None  # set while drain() waits
 
     # ---- public operations ----
@@ -457,6 +458,9 @@ class Engine:
     # ---- carrying out actions ----
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            work.close()  # stopping: recovery finishes it at the next start
+            return
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -789,6 +793,9 @@ class Engine:
         return len(self.active)
 
     async def close(self) -> None:
+        # From now on nothing new starts: a call that ends while the tasks below are being
+        # cancelled would otherwise spawn a retry that reopens a port after the registry closed.
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
