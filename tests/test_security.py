@@ -341,6 +341,7 @@ def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: P
                 )
             # Forgetting a heuristic outcome is the operators' alone; listing them is a read.
             forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="t-none", branch=0)
+            unregister = coordinator_pb2.UnregisterParticipantRequest(name="ghost")
             async with security.channel(cluster.coordinator_address, cluster.tls("client")) as ch:
                 stub = coordinator_pb2_grpc.CoordinatorStub(ch)
                 # A client may submit a batch: allowed, and answered per transaction.
@@ -362,13 +363,25 @@ def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: P
                     coordinator_pb2.ListHeuristicsRequest(), timeout=TIMEOUT_S
                 )
                 assert 0 == listed.total
+                # So is unregistering a participant.
+                await expect_status(
+                    stub.UnregisterParticipant(unregister, timeout=TIMEOUT_S),
+                    Code.PERMISSION_DENIED,
+                    "'client'",
+                    "UnregisterParticipant",
+                    "operator",
+                )
             async with security.channel(cluster.coordinator_address, cluster.tls("operator")) as ch:
+                operator = coordinator_pb2_grpc.CoordinatorStub(ch)
                 await expect_status(  # allowed, and nothing to forget
-                    coordinator_pb2_grpc.CoordinatorStub(ch).ForgetHeuristic(
-                        forget, timeout=TIMEOUT_S
-                    ),
+                    operator.ForgetHeuristic(forget, timeout=TIMEOUT_S),
                     Code.NOT_FOUND,
                     "t-none/0",
+                )
+                await expect_status(  # allowed, and no such participant
+                    operator.UnregisterParticipant(unregister, timeout=TIMEOUT_S),
+                    Code.NOT_FOUND,
+                    "'ghost' is not registered",
                 )
             # Health checks stay open to any verified peer (readiness probes).
             async with security.channel(address, cluster.tls("inventory")) as ch:
