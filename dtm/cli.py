@@ -707,7 +707,9 @@ def cmd_branches(session: Session) -> int:
                 f"--state {name!r}: expected one of {', '.join(BRANCH_STATE_NAMES)}", EXIT_USAGE
             )
         states.append(BRANCH_STATE_NAMES[name.lower()])
-    request = participant_pb2.ListBranchesRequest(states=states)
+    request = participant_pb2.ListBranchesRequest(
+        states=states, awaiting_coordinator=options.awaiting
+    )
     found = [
         (name, info)
         for name, response in _ask_all(
@@ -719,7 +721,7 @@ def cmd_branches(session: Session) -> int:
     if session.json:
         fmt.emit_json([fmt.branch_info_dict(name, info) for name, info in found], session.out)
     elif not found:
-        print("no branches" + (" match" if states else ""), file=session.out)
+        print("no branches" + (" match" if states or options.awaiting else ""), file=session.out)
     else:
         fmt.table(
             ["PARTICIPANT", "TRANSACTION", "BRANCH", "STATE", "AGE", "REASON", "HEURISTIC"],
@@ -1106,6 +1108,11 @@ def build_parser() -> argparse.ArgumentParser:
     branch_filter = branches.add_mutually_exclusive_group()
     branch_filter.add_argument(
         "--in-doubt", action="store_true", help="only prepared branches waiting for a decision"
+    )
+    branch_filter.add_argument(
+        "--awaiting",
+        action="store_true",
+        help="only forced branches kept until their coordinator decides them (to forget)",
     )
     branch_filter.add_argument(
         "--state",

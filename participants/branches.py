@@ -411,6 +411,19 @@ class BranchEngine:
         """A forced branch kept until its coordinator sends a decision for it."""
         return key in self._forced_unreported
 
+    def awaiting(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
+        """The newest `limit` forced branches kept for their coordinator, in one of
+        `states` (any if empty), oldest first."""
+        newest: list[BranchInfo] = []
+        for key in reversed(self._forced_unreported):  # bounded by `forced_kept`
+            if len(newest) >= limit:
+                break
+            info = self.branch(key)  # in the window, or kept past it
+            if info is not None and (not states or info.branch.state in states):
+                newest.append(info)
+        newest.reverse()
+        return newest
+
     def in_doubt(self) -> list[BranchInfo]:
         return [i for i in self.open.values() if i.branch.state is BranchState.PREPARED]
 

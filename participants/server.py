@@ -444,7 +444,10 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()
         engine = self.server.engine
-        infos = engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
+        if request.awaiting_coordinator:
+            infos = engine.awaiting(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
+        else:
+            infos = engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
         return participant_pb2.ListBranchesResponse(
             branches=[branch_info_pb(info, engine) for info in infos]
         )

@@ -221,6 +221,10 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert forced["heuristic"] and forced["awaiting_coordinator"]
             status, out, _ = await dtm(*at, "branches", "--participant", "orders")
             assert "heuristic commit (awaiting coordinator)" in out
+            status, out, _ = await dtm(*at, "branches", "--awaiting", "--json")
+            assert [("orders", "t-9")] == [
+                (b["participant"], b["transaction_id"]) for b in json.loads(out)
+            ]
 
             # Once reconciled, an operator stops it being kept for its coordinator.
             forget = [*at, "branches", "forget", "t-9", "1"]
@@ -238,6 +242,8 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert cli.EXIT_OK == status and "forgot forced branch t-9/1" in out
             status, out, _ = await dtm(*at, "branches", "--participant", "orders")
             assert "heuristic commit (forgotten)" in out
+            status, out, _ = await dtm(*at, "branches", "--awaiting")
+            assert (cli.EXIT_OK, "no branches match\n") == (status, out)
 
             await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
             status, _, _ = await dtm(*at, "txn", "retry", "t-9")

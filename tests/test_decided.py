@@ -187,10 +187,13 @@ def test_an_operator_forgets_a_forced_branch_durably() -> None:
         for n in range(10):
             first.decide_now(f"txn-{n}", 1, commit=False)
         assert first.awaiting_coordinator(forced) and forced not in known(first)[-3:]
+        # Listed apart: the newest-first listing of everything would reach it last.
+        assert [forced] == [info.branch.key for info in first.awaiting(set(), 10)]
+        assert [] == first.awaiting({BranchState.ROLLED_BACK}, 10)
 
         info = await first.forget(forced)
         assert info.forgotten and info.branch.heuristic == "heuristic commit"
-        assert not first.awaiting_coordinator(forced)
+        assert not first.awaiting_coordinator(forced) and not first.awaiting(set(), 10)
         assert known(first)[-2:] == [forced, ("open", 1)]  # back in the window, the newest
         records = len(first.log.records)
         again = await first.forget(forced)  # answers the same, writes nothing more

@@ -204,10 +204,12 @@ class BranchInfo(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ...) -> None: ...
 
 class ListBranchesRequest(_message.Message):
-    __slots__ = ("states",)
+    __slots__ = ("states", "awaiting_coordinator")
     STATES_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[BranchState]
-    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ...) -> None: ...
+    awaiting_coordinator: bool
+    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ...) -> None: ...
 
 class ListBranchesResponse(_message.Message):
     __slots__ = ("branches",)
