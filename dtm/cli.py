@@ -483,7 +483,7 @@ def cmd_txn_retry(session: Session) -> int:
         if b.vote == coordinator_pb2.VOTE_PREPARED and not b.acknowledged
     ]
     print(
-        f"transaction {txn.transaction_id}: phase 2 sent again to "
+        f"transaction {txn.transaction_id}: phase 2 retried now for "
         f"{', '.join(waiting) or 'nobody'}; follow it with `dtm txn show {txn.transaction_id}`",
         file=session.out,
     )

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 import asyncio
 
-from dtm.coordinator.ports import Batcher, BatchPolicy, DecideItem, DecideResult
+import pytest
+from google.protobuf import any_pb2
+
+from dtm.coordinator.ports import (
+    Batcher,
+    BatchPolicy,
+    DecideItem,
+    DecideResult,
+    ParticipantPort,
+    PrepareItem,
+    PrepareResult,
+)
 from dtm.coordinator.registry import Registry
-from dtmpb.v1 import coordinator_pb2
+from dtm.core.transaction import Vote
+from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 
 class FakeCalls:
@@ -272,5 +284,54 @@ def test_a_hurried_registry_hurries_the_ports_it_makes_later_and_the_retired_one
         await asyncio.wait_for(done, 10)  # the linger alone would take a minute
         assert [False, False] == [result.ok for result in answered]  # sent, and unanswered
         await registry.close()
+
+    asyncio.run(run())
+
+
+class FakeExchange:
+    """A participant client whose Exchange votes PREPARED on every prepare, and records each
+    call's prepares and deadline."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], float]] = []
+        self.stub = self
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        self.calls.append(([p.transaction_id for p in request.prepares], timeout))
+        prepared = participant_pb2.PrepareResponse(vote=coordinator_pb2.VOTE_PREPARED)
+        return participant_pb2.ExchangeResponse(
+            votes=[prepared for _ in request.prepares],
+            results=[participant_pb2.DecisionResult(ok=True) for _ in request.decisions],
+        )
+
+
+def test_a_prepare_out_of_time_fails_unsent_and_does_not_cut_its_batch_short() -> None:
+    """The call's deadline is its earliest prepare's: a prepare that ran out of time while it
+    waited would give the whole batch a deadline of a millisecond or less."""
+
+    async def run() -> None:
+        client = FakeExchange()
+        port = ParticipantPort(client, True, BatchPolicy(linger_ms=0))  # type: ignore[arg-type]
+        results: dict[str, PrepareResult] = {}
+        now = asyncio.get_running_loop().time()
+        for name, left_s in [("t-late", 0.002), ("t-ok", 1.0)]:
+
+            def done(result: PrepareResult, name: str = name) -> None:
+                results[name] = result
+
+            item = PrepareItem(name, 0, any_pb2.Any(), False, now + left_s, left_s, done)
+            port.prepare(item)
+        await settle()
+        assert [(["t-ok"], pytest.approx(1.0, abs=0.1))] == client.calls
+        assert results["t-ok"].vote is Vote.PREPARED
+        assert results["t-late"].vote is None
+        assert "deadline passed before its batched call left" in results["t-late"].reason
+        await port.close()
 
     asyncio.run(run())

@@ -184,7 +184,7 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
 
             status, out, _ = await dtm(*at, "txn", "retry", "t-9")
             assert cli.EXIT_OK == status
-            assert "phase 2 sent again to orders" in out
+            assert "phase 2 retried now for orders" in out
 
             status, out, _ = await dtm(*at, "locks", "--json")
             assert cli.EXIT_OK == status

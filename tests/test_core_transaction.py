@@ -225,6 +225,27 @@ def test_illegal_pairs_raise_and_change_nothing(state: TxnState, event: core.Eve
     assert state == txn.state
 
 
+def test_an_illegal_vote_changes_nothing_so_a_failed_prepare_still_counts() -> None:
+    # A PREPARED vote to a one-phase prepare: the engine feeds PrepareFailed after the
+    # ProtocolError, which must then lead to the probe, not be ignored as "already voted".
+    one, _ = begin(1)
+    assert one.one_phase
+    with pytest.raises(ProtocolError):
+        one.handle(core.VoteReceived(0, Vote.PREPARED))
+    assert (TxnState.PREPARING, None) == (one.state, one.branches[0].vote)
+    assert [core.ProbeOnePhase(0)] == one.handle(core.PrepareFailed(0, "protocol error"))
+    assert TxnState.UNKNOWN == one.state
+    # COMMITTED to a two-phase prepare: the failed prepare aborts, and that branch, which
+    # may hold something, gets a Rollback.
+    two, _ = begin(2)
+    with pytest.raises(ProtocolError):
+        two.handle(core.VoteReceived(1, Vote.COMMITTED))
+    assert two.branches[1].vote is None
+    actions = two.handle(core.PrepareFailed(1, "protocol error"))
+    assert TxnState.ABORTED == two.state
+    assert core.SendRollback(1) in actions
+
+
 def test_unknown_branch_index_is_a_protocol_error() -> None:
     txn, _ = begin(2)
     with pytest.raises(ProtocolError):

@@ -297,7 +297,7 @@ def test_a_replayed_one_phase_commit_voting_prepared_would_be_caught() -> None:
     aimed = {"faults": STALE_DUPLICATES, "workload": ONE_PHASE_FAST, "timing": Timing()}
     old_replay = NodeModel(one_phase_replay_votes_committed=False)
     violation = first_violation(range(300), model=old_replay, **aimed)
-    assert "ProtocolError: one-phase prepare answered prepared" in violation.message
+    assert "ProtocolError: p0 answered PREPARED to a one-phase prepare" in violation.message
     assert_replays(violation, model=old_replay, **aimed)
 
 

@@ -77,6 +77,9 @@ class Run:
     id_reused: str = ""
     outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
     finished: bool = False
+    # Phase-2 retries waiting out their backoff, by branch (made on first use: most
+    # transactions never retry). At most one per branch: see retry_phase_two_now.
+    retrying: dict[int, asyncio.Task[None]] | None = None
 
     def answer(self) -> int:
         """The outcome to tell a (retried) Submit: the outcome as known now. A one-phase commit
@@ -275,10 +278,14 @@ class Engine:
         run = self.active.get(transaction_id)
         if run is None:
             return self.finished.get(transaction_id)
-        if run.txn.state is TxnState.COMMITTING:
-            for branch in run.txn.branches:
-                if branch.needs_phase_two and not branch.acknowledged:
-                    self._phase_two(run, branch.index, commit=True)
+        if run.txn.state is TxnState.COMMITTING and run.retrying:
+            # A branch waiting out its backoff is sent now, in place of that wait: sent in
+            # addition, each call's failure would start one more retry loop against the
+            # participant. Any other unacknowledged branch has its Commit in flight.
+            for index, waiting in list(run.retrying.items()):
+                del run.retrying[index]
+                waiting.cancel()
+                self._phase_two(run, index, commit=True)
         return run.view()
 
     # ---- the one place where events reach the core ----
@@ -332,7 +339,11 @@ class Engine:
         self._phase_two(run, action.branch, commit=False)
 
     def _retry_phase_two(self, run: Run, action: core.RetryPhaseTwo) -> None:
-        self._spawn(self._retry(run, action.branch, action.attempt))
+        task = self._spawn(self._retry(run, action.branch, action.attempt))
+        if task is not None:
+            if run.retrying is None:
+                run.retrying = {}
+            run.retrying[action.branch] = task
 
     def _probe_one_phase(self, run: Run, action: core.ProbeOnePhase) -> None:
         self._probe(run)
@@ -457,13 +468,14 @@ class Engine:
 
     # ---- carrying out actions ----
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._closed:
             work.close()  # stopping: recovery finishes it at the next start
-            return
+            return None
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -602,6 +614,8 @@ class Engine:
             self.config.backoff_ms_max, self.config.backoff_ms_min * 2 ** min(attempt, 16)
         )
         await asyncio.sleep(random.uniform(self.config.backoff_ms_min, ceiling) / 1000)
+        if run.retrying is not None:
+            run.retrying.pop(index, None)
         self.observer.phase_two_retry(run.txn.branch(index).participant)
         state = run.txn.state
         if state is TxnState.UNKNOWN:

@@ -66,6 +66,11 @@ class DecideItem:
     done: Callable[[DecideResult], None]
 
 
+# A prepare with less time than this left when its batch leaves fails at once, unsent: the
+# call's deadline is its earliest prepare's, so sending it would give every item of the
+# batch (other transactions' prepares, and decisions) a deadline too short to be answered.
+PREPARE_SEND_MARGIN_S = 0.010
+
 LINGER_MS_DEFAULT = 10.0
 DECISION_LINGER_MS_DEFAULT = 5.0
 
@@ -352,12 +357,16 @@ class ParticipantPort:
     async def _send_exchange(self, batch: list[PrepareItem | DecideItem]) -> None:
         prepares = [item for item in batch if isinstance(item, PrepareItem)]
         decisions = [item for item in batch if isinstance(item, DecideItem)]
-        loop = asyncio.get_running_loop()
         # One deadline for the call: the earliest prepare's (an item failed by it early is
         # aborted, which is always safe; a decision failed by it is retried).
         timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
         if prepares:
-            timeout_s = max(0.001, min(item.deadline for item in prepares) - loop.time())
+            now = asyncio.get_running_loop().time()
+            prepares = self._drop_late(prepares, now)
+            if prepares:
+                timeout_s = min(item.deadline for item in prepares) - now
+            elif not decisions:
+                return
         try:
             request = _exchange_request(prepares, decisions)
             response = await self.client.stub.Exchange(request, timeout=timeout_s)
@@ -383,6 +392,16 @@ class ParticipantPort:
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
                 prepare.done(PrepareResult(vote, answer.reason, id_reused=answer.id_reused))
+
+    def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
+        """The prepares with time left to be answered. The others ran out of it waiting for
+        their call (under load): failed here, which aborts their transactions as the deadline
+        would have, instead of cutting the call's deadline short for every other item."""
+        if min(item.deadline for item in prepares) - now >= PREPARE_SEND_MARGIN_S:
+            return prepares  # the usual case: one pass over the batch
+        late = [item for item in prepares if item.deadline - now < PREPARE_SEND_MARGIN_S]
+        self._fail(late, [], "its prepare deadline passed before its batched call left")
+        return [item for item in prepares if item.deadline - now >= PREPARE_SEND_MARGIN_S]
 
     @staticmethod
     def _fail(prepares: list[PrepareItem], decisions: list[DecideItem], reason: str) -> None:

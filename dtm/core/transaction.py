@@ -339,14 +339,19 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
     branch = txn.branch(event.branch)
     if branch.vote is not None:
         return []  # a duplicate answer changes nothing
+    # An illegal vote changes nothing (the engine then counts it as a failed prepare): a
+    # vote stored first would make that failure a no-op, and leave the transaction waiting
+    # for an answer it already has (a one-phase one forever: it has no timeout).
+    if txn.one_phase and event.vote is Vote.PREPARED:
+        raise ProtocolError(f"{branch.participant} answered PREPARED to a one-phase prepare")
+    if not txn.one_phase and event.vote is Vote.COMMITTED:
+        raise ProtocolError(f"{branch.participant} answered COMMITTED to a two-phase prepare")
     branch.vote = event.vote
     branch.reason = event.reason
     if txn.one_phase:
         return _on_one_phase_vote(txn, event)
     if event.vote is Vote.REFUSED:
         return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
-    if event.vote is Vote.COMMITTED:
-        raise ProtocolError(f"{branch.participant} answered COMMITTED to a two-phase prepare")
     if any(b.vote is None for b in txn.branches):
         return []
     updating = tuple((b.index, b.participant) for b in txn.branches if b.vote is Vote.PREPARED)
@@ -369,7 +374,7 @@ def _on_one_phase_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
         reason = f"{txn.branches[0].participant} refused: {event.reason}"
         txn.reason = reason
         return [*txn._reply(Outcome.ABORTED, reason), Finished()]
-    raise ProtocolError(f"one-phase prepare answered {event.vote.value}")
+    raise AssertionError(f"one-phase vote {event.vote.value} passed _on_vote's check")
 
 
 def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:

@@ -1,0 +1,54 @@
+"""Phase 2 against a participant that does not answer: one retry loop per branch, whatever an
+operator does (rule 13: a dead participant costs a bounded rate of calls)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from dtm.coordinator.engine import Engine
+from dtmpb.v1 import coordinator_pb2, participant_pb2
+from tests.harness import InProcessCluster, eventually, order_branches
+
+
+def retry_loops(engine: Engine) -> int:
+    return sum(task.get_coro().__qualname__ == "Engine._retry" for task in engine._tasks)
+
+
+def test_an_operator_retry_replaces_the_backoff_and_never_adds_a_retry_loop(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 3_000, "backoff_ms_max": 6_000}  # the wait dominates
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            response = await cluster.submit(order_branches("o-r", [("sku-apple", 1)]), "t-r")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            get = coordinator_pb2.GetTransactionRequest(transaction_id="t-r")
+            retry = coordinator_pb2.RetryTransactionRequest(transaction_id="t-r")
+
+            async def attempts() -> int:
+                return (await cluster.client.GetTransaction(get)).branches[1].phase_two_attempts
+
+            for expected in range(1, 5):
+                if expected > 1:  # an operator's retry, while the last one waits its backoff
+                    await cluster.client.RetryTransaction(retry)
+
+                async def failed_again(count: int = expected) -> bool:
+                    return await attempts() == count
+
+                await eventually(failed_again)
+                assert 1 == retry_loops(engine), f"after {expected - 1} operator retries"
+
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+            await cluster.client.RetryTransaction(retry)
+
+            async def committed() -> bool:
+                txn = await cluster.client.GetTransaction(get)
+                return txn.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED
+
+            await eventually(committed)
+            assert 0 == retry_loops(engine)
+
+    asyncio.run(scenario())
