@@ -277,7 +277,7 @@ class BranchEngine:
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
-                outcome = self.service.prepare(owner, decoded)
+                outcome = self._service_prepare(owner, decoded)
                 reply = self._settle_prepare(info, outcome)
                 return reply.vote, reply.reason
             # Some lock is taken: wait in a task (the locks already granted stay held, and
@@ -592,9 +592,9 @@ class BranchEngine:
             self._remember_decided(key, entry)
 
     def _forget_forced(self, key: BranchKey, info: BranchInfo) -> None:
-        """Kept from now on as long as any decided branch: in the window (back into it, as the
-        newest, when it was kept past it), so that a late decision still hears the heuristic
-        outcome and a repeated forget answers the same."""
+        """Kept from now on as long as any decided branch: its entry re-encoded in place in the
+        window, or put back into it as the newest when it was kept past it, so that a late
+        decision still hears the heuristic outcome and a repeated forget answers the same."""
         info.forgotten = True
         self._forced_unreported.pop(key, None)
         self._forced_beyond.pop(key, None)
@@ -636,12 +636,27 @@ class BranchEngine:
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
-            outcome = self.service.prepare(owner, self._operations[key])
+            outcome = self._service_prepare(owner, self._operations[key])
         self._tasks.pop(key, None)  # past the point where a rollback could cancel it
         reply = self._settle_prepare(info, outcome)
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
+
+    def _service_prepare(self, owner: str, operation: Message) -> Prepared | ReadOnly | Refused:
+        """The service's prepare; an exception from it (a bug in the service) refuses the
+        branch, which releases its locks, instead of leaving it PREPARING with them until its
+        lease runs out and failing every other item of its batched call."""
+        try:
+            return self.service.prepare(owner, operation)
+        except Exception as error:
+            logs.get(self.service.name).error(
+                "the service's prepare raised: branch refused",
+                branch=owner,
+                error=f"{type(error).__name__}: {error}",
+                exc_info=error,
+            )
+            return Refused(f"{self.service.name} failed to prepare: {type(error).__name__}")
 
     def _settle_prepare(
         self, info: BranchInfo, outcome: Prepared | ReadOnly | Refused
@@ -659,6 +674,13 @@ class BranchEngine:
             event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
         reply = self._execute(info, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
+        if reply.vote is not BranchVote.PREPARED:
+            # No record of its own to wait for, but the answer may rest on effects whose
+            # records are not durable yet ("duplicate order id" after another branch's
+            # commit was appended): it waits for everything appended so far (persist before
+            # you speak). The same fsync, with group commit.
+            key = branch.key
+            self._durable_lsn[key] = max(self._durable_lsn.get(key, 0), self.log.appended_lsn)
         return reply
 
     def decide_now(self, transaction_id: str, index: int, commit: bool) -> None:

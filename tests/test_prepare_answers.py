@@ -1,0 +1,89 @@
+"""What a participant's prepare answer rests on: a service that raises refuses its branch and
+keeps nothing, and a refusal waits for the records of the effects it was based on."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from dtm.core.branch import BranchState, BranchVote
+from dtm.wal import MemoryLog
+from dtmpb.v1 import shop_pb2
+from participants.branches import BranchEngine
+from participants.locks import LockManager
+from participants.service import Prepared, ReadOnly, Refused, Service
+from participants.services.inventory import InventoryService
+from participants.services.orders import OrdersService
+
+
+class WaitsRecorded(MemoryLog):
+    """Durable at once, like MemoryLog, but says which LSNs callers waited for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[int] = []
+
+    async def wait_durable(self, lsn: int) -> None:
+        self.waited.append(lsn)
+        await super().wait_durable(lsn)
+
+
+def engine(service: Service[Any], log: MemoryLog | None = None) -> BranchEngine:
+    return BranchEngine(
+        service, log or MemoryLog(), LockManager(wait_timeout_s=0.5), clock_ms=lambda: 0
+    )
+
+
+def packed(message: Message) -> any_pb2.Any:
+    value = any_pb2.Any()
+    value.Pack(message)
+    return value
+
+
+class Broken(InventoryService):
+    def prepare(
+        self, owner: str, operation: shop_pb2.ReserveStock
+    ) -> Prepared | ReadOnly | Refused:
+        raise RuntimeError("bug in the service")
+
+
+def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock() -> None:
+    broken = engine(Broken())
+    reserve = shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+    answer = broken.begin_prepare("t-1", 0, packed(reserve), False)
+    assert isinstance(answer, tuple)
+    vote, reason = answer
+    assert BranchVote.REFUSED is vote
+    assert "inventory failed to prepare: RuntimeError" == reason
+    info = broken.branch(("t-1", 0))
+    assert info is not None and BranchState.REFUSED is info.branch.state
+    assert [] == broken.locks.snapshot() and not broken.open
+
+
+def test_a_refusal_waits_for_the_commit_it_rests_on() -> None:
+    """A one-phase commit of order o-1 is appended; a second order o-1 is refused as a
+    duplicate. If the refusal left before the commit's record were durable, a crash could
+    lose the commit and leave the refusal resting on an order that never existed."""
+
+    async def scenario() -> None:
+        log = WaitsRecorded()
+        orders = engine(OrdersService(), log)
+        order = shop_pb2.CreateOrder(
+            order_id="o-1",
+            customer_id="c",
+            lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)],
+            amount_cents=100,
+        )
+        first = orders.begin_prepare("t-1", 1, packed(order), True)
+        assert isinstance(first, tuple) and BranchVote.COMMITTED is first[0]
+        committed_at = log.appended_lsn
+        second = orders.begin_prepare("t-2", 1, packed(order), False)
+        assert isinstance(second, tuple) and BranchVote.REFUSED is second[0]
+        assert "o-1" in second[1]
+        await orders.wait_durable([("t-2", 1)])  # what the server does before answering
+        assert log.waited and log.waited[-1] >= committed_at
+
+    asyncio.run(scenario())
