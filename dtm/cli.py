@@ -748,47 +748,52 @@ def cmd_force(session: Session) -> int:
         print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
         return EXIT_USAGE
     _refuse_contradiction(session)
-    target = _one_target(session)
     request = participant_pb2.ForceOutcomeRequest(
         transaction_id=options.id,
         branch=options.branch,
         commit=options.commit,
         i_understand_this_is_heuristic=True,
     )
-    try:
-        response = session.admin(target).ForceOutcome(request, timeout=session.timeout)
-    except grpc.RpcError as error:
-        raise rpc_error(error, f"participant {target.name}", target.address, session) from None
-    if session.json:
-        fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
-    else:
-        info = response.branch
-        print(
-            f"{target.name}: branch {info.transaction_id}/{info.branch} forced to "
-            f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})",
-            file=session.out,
-        )
-    return EXIT_OK
+    return _act_on_branch(
+        session,
+        lambda admin, timeout: admin.ForceOutcome(request, timeout=timeout),
+        lambda name, info: (
+            f"{name}: branch {info.transaction_id}/{info.branch} forced to "
+            f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})"
+        ),
+    )
 
 
 def cmd_branches_forget(session: Session) -> int:
     options = session.options
-    target = _one_target(session)
     request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
+    return _act_on_branch(
+        session,
+        lambda admin, timeout: admin.ForgetBranch(request, timeout=timeout),
+        lambda name, info: (
+            f"{name}: forgot forced branch {info.transaction_id}/{info.branch} "
+            f"({fmt.branch_state_name(info.state)}, heuristic: {info.heuristic}); it is no "
+            "longer kept for its coordinator"
+        ),
+    )
+
+
+def _act_on_branch(
+    session: Session,
+    call: Callable[[participant_pb2_grpc.ParticipantAdminStub, float], Any],
+    done: Callable[[str, participant_pb2.BranchInfo], str],
+) -> int:
+    """One admin call about one branch of the participant the options name; prints the
+    branch it answers with (JSON, or the line `done` makes of it)."""
+    target = _one_target(session)
     try:
-        response = session.admin(target).ForgetBranch(request, timeout=session.timeout)
+        response = call(session.admin(target), session.timeout)
     except grpc.RpcError as error:
         raise rpc_error(error, f"participant {target.name}", target.address, session) from None
     if session.json:
         fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
     else:
-        info = response.branch
-        print(
-            f"{target.name}: forgot forced branch {info.transaction_id}/{info.branch} "
-            f"({fmt.branch_state_name(info.state)}, heuristic: {info.heuristic}); it is no "
-            "longer kept for its coordinator",
-            file=session.out,
-        )
+        print(done(target.name, response.branch), file=session.out)
     return EXIT_OK
 
 
