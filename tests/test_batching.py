@@ -335,3 +335,37 @@ def test_a_prepare_out_of_time_fails_unsent_and_does_not_cut_its_batch_short() -
         await port.close()
 
     asyncio.run(run())
+
+
+class FakeDecisions(FakeExchange):
+    """Also a plain unary participant: records each Commit's and Rollback's deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unary: list[tuple[str, float]] = []
+
+    async def commit(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+        self.unary.append(("commit", timeout_s))
+
+    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+        self.unary.append(("rollback", timeout_s))
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_a_decision_call_has_the_configured_phase_two_deadline(batch: bool) -> None:
+    async def run() -> None:
+        client = FakeDecisions()
+        policy = BatchPolicy(decision_linger_ms=0, phase_two_timeout_ms=250)
+        port = ParticipantPort(client, batch, policy)  # type: ignore[arg-type]
+        answered: list[DecideResult] = []
+        port.decide(DecideItem("t-1", 0, True, answered.append))
+        port.decide(DecideItem("t-2", 0, False, answered.append))
+        await settle()
+        assert [True, True] == [result.ok for result in answered]
+        if batch:
+            assert [([], 0.25)] == client.calls
+        else:
+            assert [("commit", 0.25), ("rollback", 0.25)] == client.unary
+        await port.close()
+
+    asyncio.run(run())

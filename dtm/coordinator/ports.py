@@ -97,6 +97,9 @@ class BatchPolicy:
     # 5 ms halved the CPU per transaction and took p50 from 8.3 to 5.8 ms (see
     # docs/architecture.md, "Decisions ride with the next prepare").
     decision_linger_ms: float = DECISION_LINGER_MS_DEFAULT
+    # The deadline of a Commit or Rollback, and of an Exchange that carries only decisions:
+    # the engine's phase_two_timeout_ms (CoordinatorConfig), which its probes use too.
+    phase_two_timeout_ms: int = limits.PHASE_TWO_CALL_TIMEOUT_MS
 
 
 Item = TypeVar("Item")
@@ -237,6 +240,7 @@ class ParticipantPort:
     def __init__(self, client: ParticipantClient, batch: bool, policy: BatchPolicy) -> None:
         self.client = client
         self.batch = batch and policy.enabled
+        self._phase_two_timeout_s = policy.phase_two_timeout_ms / 1000
         self._tasks: set[asyncio.Task[None]] = set()
         # One queue for prepares and decisions alike: they leave together in one Exchange.
         self._batcher: Batcher[PrepareItem | DecideItem] = Batcher(
@@ -336,7 +340,7 @@ class ParticipantPort:
         item.done(PrepareResult(vote, reason, id_reused=id_reused))
 
     async def _unary_decide(self, item: DecideItem) -> None:
-        timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
+        timeout_s = self._phase_two_timeout_s
         try:
             if item.commit:
                 await self.client.commit(item.transaction_id, item.branch, timeout_s)
@@ -359,7 +363,7 @@ class ParticipantPort:
         decisions = [item for item in batch if isinstance(item, DecideItem)]
         # One deadline for the call: the earliest prepare's (an item failed by it early is
         # aborted, which is always safe; a decision failed by it is retried).
-        timeout_s = limits.PHASE_TWO_CALL_TIMEOUT_MS / 1000
+        timeout_s = self._phase_two_timeout_s
         if prepares:
             now = asyncio.get_running_loop().time()
             prepares = self._drop_late(prepares, now)

@@ -399,7 +399,9 @@ class CoordinatorServer:
         wal, records = WriteAheadLog.open(config.data_dir / "coordinator" / "wal")
         self.wal = async_log(wal, config.wal_sync)
         policy = BatchPolicy(
-            linger_ms=config.batch_linger_ms, decision_linger_ms=config.batch_decision_linger_ms
+            linger_ms=config.batch_linger_ms,
+            decision_linger_ms=config.batch_decision_linger_ms,
+            phase_two_timeout_ms=self.config.phase_two_timeout_ms,
         )
         self.engine = Engine(self.wal, Registry(policy, tls=config.tls), self.config)
         self._pending = self.engine.replay(records)
