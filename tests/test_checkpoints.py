@@ -363,3 +363,34 @@ def test_a_services_snapshot_pieces_reach_the_log_uncopied(
         await engine.log.close()
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_taken_while_a_commit_is_deciding_keeps_its_decision_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the commit record's append and its fsync the transaction is DECIDING; a
+    checkpoint then must carry a real decision time (a restart shows it, and ages it)."""
+    from dtm import crashpoints
+
+    taken: list[log_pb2.CommitDecided] = []
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.coordinator.engine
+            real_hit = crashpoints.hit
+
+            def hit(name: str) -> None:
+                if name == "coordinator.after_decision_write" and not taken:
+                    for part in engine.checkpoint_records()[1:]:
+                        payload = part if isinstance(part, bytes) else b"".join(part)
+                        taken.extend(log_pb2.CoordinatorCheckpoint.FromString(payload).committing)
+                real_hit(name)
+
+            monkeypatch.setattr(crashpoints, "hit", hit)
+            started_ms = engine.clock_ms()
+            response = await cluster.submit(order_branches("o-d", [("sku-apple", 1)]), "t-d")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            assert ["t-d"] == [decided.transaction_id for decided in taken]
+            assert started_ms <= taken[0].decided_at_unix_ms <= engine.clock_ms()
+
+    asyncio.run(scenario())

@@ -772,7 +772,9 @@ class Engine:
                             for b in run.txn.branches
                             if b.needs_phase_two
                         ],
-                        decided_at_unix_ms=run.txn.decided_at_ms,
+                        # DECIDING: its record is not durable yet, so the core has no time
+                        # for the decision; now is at most one fsync later than the record's.
+                        decided_at_unix_ms=run.txn.decided_at_ms or self.clock_ms(),
                         fingerprint=run.fingerprint,
                     )
                 ]
