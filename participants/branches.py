@@ -311,11 +311,14 @@ class BranchEngine:
             # seed 7877 --sdk-error-replies).
             await self.wait_durable([key])
 
-    def learn_outcome(self, key: BranchKey, commit: bool) -> None:
-        """The coordinator answered an inquiry about a prepared branch."""
-        info = self.open.get(key)  # decided meanwhile: nothing left to learn
-        if info is not None:
-            self._execute(info, info.branch.handle(core.OutcomeLearned(commit)))
+    def learn_outcome(self, key: BranchKey, commit: bool) -> bool:
+        """The coordinator answered an inquiry about a prepared branch. False: the branch
+        was decided meanwhile (a Commit or Rollback came first), nothing left to learn."""
+        info = self.open.get(key)
+        if info is None:
+            return False
+        self._execute(info, info.branch.handle(core.OutcomeLearned(commit)))
+        return True
 
     async def force(self, key: BranchKey, commit: bool) -> BranchInfo:
         """Heuristic outcome an operator asked for; recorded (forced) and never silent."""

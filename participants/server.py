@@ -716,20 +716,28 @@ class ParticipantServer:
         except grpc.aio.AioRpcError as error:
             self._back_off(key, now, f"{error.code().name}: {error.details()}")
             return
-        if answer.outcome == coordinator_pb2.OUTCOME_COMMITTED:
-            self.engine.learn_outcome(key, commit=True)
-        elif answer.outcome == coordinator_pb2.OUTCOME_ABORTED:
-            self.engine.learn_outcome(key, commit=False)
-        else:
+        if answer.outcome not in (
+            coordinator_pb2.OUTCOME_COMMITTED,
+            coordinator_pb2.OUTCOME_ABORTED,
+        ):
             self._back_off(key, now, "coordinator: still undecided")
             return
         self._next_inquiry_ms.pop(key, None)
-        self.log_.info(
-            "in-doubt branch resolved by inquiry",
-            txn=key[0],
-            branch=key[1],
-            outcome=coordinator_pb2.Outcome.Name(answer.outcome),
+        resolved = self.engine.learn_outcome(
+            key, commit=answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
         )
+        outcome = coordinator_pb2.Outcome.Name(answer.outcome)
+        if resolved:
+            self.log_.info(
+                "in-doubt branch resolved by inquiry", txn=key[0], branch=key[1], outcome=outcome
+            )
+        else:  # its Commit or Rollback came while the inquiry was in flight
+            self.log_.debug(
+                "inquiry answered; the branch was decided meanwhile",
+                txn=key[0],
+                branch=key[1],
+                outcome=outcome,
+            )
 
     def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
         _, attempts = self._next_inquiry_ms.get(key, (0, 0))

@@ -278,3 +278,14 @@ def test_decided_branches_are_kept_as_bytes_not_objects_and_listed_newest_last()
     assert error.value.kind is ErrorKind.FAILED_PRECONDITION
     again = engine.branch(key(1))
     assert again is not None and again.updated_at_ms == 1_002  # answering changed nothing
+
+
+def test_an_inquiry_answer_resolves_only_a_branch_still_in_doubt() -> None:
+    engine = engine_with()
+    assert engine.begin_prepare("t-q", 1, reserve(), False) == (BranchVote.PREPARED, "")
+    assert engine.learn_outcome(("t-q", 1), commit=True)
+    info = engine.branch(("t-q", 1))
+    assert info is not None and info.branch.state is BranchState.COMMITTED
+    # A second answer (or one after the Commit itself) finds it decided: nothing to learn.
+    assert not engine.learn_outcome(("t-q", 1), commit=True)
+    assert not engine.learn_outcome(("t-never", 1), commit=False)
