@@ -285,7 +285,11 @@ class BranchEngine:
             self._start_prepare(info, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
+        updated_at_ms = info.updated_at_ms
         duplicate = self._execute(info, branch.handle(core.PrepareRequested(one_phase)))
+        # A duplicate changes nothing, so it must not renew a PREPARING branch's lease (the
+        # time since its last change): a caller repeating a Prepare would keep its locks.
+        info.updated_at_ms = updated_at_ms
         if isinstance(duplicate, core.ReplyVote):
             return duplicate.vote, duplicate.reason
         pending = self._pending.get(key)

@@ -289,3 +289,27 @@ def test_an_inquiry_answer_resolves_only_a_branch_still_in_doubt() -> None:
     # A second answer (or one after the Commit itself) finds it decided: nothing to learn.
     assert not engine.learn_outcome(("t-q", 1), commit=True)
     assert not engine.learn_outcome(("t-never", 1), commit=False)
+
+
+def test_a_duplicate_prepare_does_not_renew_the_lease_of_a_branch_waiting_for_locks() -> None:
+    async def scenario() -> None:
+        clock = [1_000]
+        engine = BranchEngine(
+            InventoryService(lock_skus=True),  # the waiter waits for the holder's SKU lock
+            MemoryLog(),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: clock[0],
+        )
+        assert engine.begin_prepare("t-holder", 1, reserve(), False) == (BranchVote.PREPARED, "")
+        waiting = engine.begin_prepare("t-waiter", 1, reserve(), False, lock_wait_s=5)
+        assert [("t-waiter", 1)] == [info.branch.key for info in engine.preparing()]
+        clock[0] = 4_000
+        again = engine.begin_prepare("t-waiter", 1, reserve(), False, lock_wait_s=5)
+        info = engine.branch(("t-waiter", 1))
+        assert info is not None and 1_000 == info.updated_at_ms  # the lease still counts from 1,000
+        engine.expire_lease(("t-waiter", 1))  # it ran out: the branch is refused
+        for pending in (waiting, again):
+            assert not isinstance(pending, tuple)
+            assert (await pending)[0] is BranchVote.REFUSED
+
+    asyncio.run(scenario())
