@@ -24,7 +24,8 @@ does not stall the event loop; records appended meanwhile follow it in the same 
 Recovery rules (principles.md section 3): a bad frame at the very end of the last segment is a
 torn write and is truncated; a bad frame followed by any valid frame, or bad data in any other
 segment, is corruption and the process refuses to start (`LogCorruptedError`). A failed fsync is
-fatal and is never retried (PostgreSQL's rule after "fsyncgate").
+fatal and is never retried (PostgreSQL's rule after "fsyncgate"); so is a failed write, whose
+caller has already acted on the record in memory.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class LogCorruptedError(Exception):
 
 
 class LogFatalError(Exception):
-    """An fsync (or an undo of a failed write) failed; the log must not be used again."""
+    """A write or an fsync failed; the log must not be used again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +169,9 @@ class AppendFile(Protocol):
 class FileSystem(Protocol):
     """Every file operation the log performs, so tests and the simulator can crash the disk."""
 
-    def make_dirs(self, directory: Path) -> bool:
-        """Create the directory (and parents); True when it did not exist before."""
+    def make_dirs(self, directory: Path) -> list[Path]:
+        """Create the directory and its missing parents; returns those it created, outermost
+        first."""
         ...
 
     def list_dir(self, directory: Path) -> list[str]: ...
@@ -215,11 +217,10 @@ class _OsAppendFile:
 class OsFileSystem:
     """The real disk."""
 
-    def make_dirs(self, directory: Path) -> bool:
-        if directory.is_dir():
-            return False
+    def make_dirs(self, directory: Path) -> list[Path]:
+        missing = [level for level in (directory, *directory.parents) if not level.is_dir()]
         directory.mkdir(parents=True, exist_ok=True)
-        return True
+        return missing[::-1]
 
     def list_dir(self, directory: Path) -> list[str]:
         return sorted(os.listdir(directory))
@@ -341,12 +342,11 @@ class CrashingFileSystem:
 
     # ---- FileSystem ----
 
-    def make_dirs(self, directory: Path) -> bool:
+    def make_dirs(self, directory: Path) -> list[Path]:
         with self.lock:
-            if directory in self._directories:
-                return False
-            self._directories.update([directory, *directory.parents])
-            return True
+            missing = [d for d in (directory, *directory.parents) if d not in self._directories]
+            self._directories.update(missing)
+            return missing[::-1]
 
     def list_dir(self, directory: Path) -> list[str]:
         with self.lock:
@@ -742,7 +742,7 @@ class WriteAheadLog:
             current = self._segments[-1]
             if current.size > 0 and current.size + len(frame) > self._segment_bytes_max:
                 self._rotate()
-            self._write_frame(frame, fatal_on_error=False)
+            self._write_frame(frame)
         self._next_lsn = lsn + 1
         self._records_appended += 1
         return lsn
@@ -906,27 +906,20 @@ class WriteAheadLog:
         segment.size = job.written
         self._fsync_count += job.synced
         if held:
-            self._write_frame(held, fatal_on_error=True)
+            self._write_frame(held)
 
     # ---- internals ----
 
-    def _write_frame(self, frame: bytearray, fatal_on_error: bool) -> None:
+    def _write_frame(self, frame: bytearray) -> None:
         segment = self._segments[-1]
         try:
             self._handle.write(frame)
         except OSError as error:
-            if fatal_on_error:
-                self._fatal(f"write to write-ahead log {segment.path} failed: {error}")
-            # Undo a partial write, or the next record would follow garbage and recovery would
-            # (rightly) call it corruption.
-            try:
-                self._handle.truncate(segment.size)
-            except OSError as truncate_error:
-                self._fatal(
-                    f"write to {segment.path} failed ({error}) and truncating it back to "
-                    f"{segment.size} bytes failed too: {truncate_error}"
-                )
-            raise
+            # Fatal, as PostgreSQL PANICs on a failed WAL write: the caller has already changed
+            # its state in memory (a branch COMMITTED, a transaction DECIDING) on the strength
+            # of this record, and cannot take that back. Restarting replays the log, which is
+            # the truth; a torn frame at its tail is cut off then.
+            self._fatal(f"write to write-ahead log {segment.path} failed: {error}")
         segment.size += len(frame)
 
     def _rotate(self) -> None:
@@ -961,8 +954,8 @@ class WriteAheadLog:
 
     def _recover(self) -> tuple[AppendFile, list[LogRecord]]:
         fs, directory = self._fs, self._directory
-        if fs.make_dirs(directory):
-            fs.fsync_dir(directory.parent)
+        for created in fs.make_dirs(directory):
+            fs.fsync_dir(created.parent)  # a new directory's name is durable only then
         segments: list[_Segment] = []
         for name in fs.list_dir(directory):
             match = _SEGMENT_NAME.match(name)
@@ -991,6 +984,15 @@ class WriteAheadLog:
                 start = index
                 break
         if start > 0:
+            # The checkpoint may be complete only in the page cache (the process died before
+            # its fsync): make it durable before deleting the segments it replaces, or a power
+            # loss in between would leave neither.
+            kept = fs.open_append(segments[start].path)
+            try:
+                kept.fsync()
+            finally:
+                kept.close()
+            self._fsync_count += 1
             for segment in segments[:start]:
                 fs.remove(segment.path)
             fs.fsync_dir(directory)
@@ -1016,6 +1018,17 @@ class WriteAheadLog:
             dropped = True
         if dropped:
             fs.fsync_dir(directory)
+        # The only segment starting with an interrupted checkpoint: one that reused the empty
+        # segment of a new log. Nothing acknowledged precedes it (older segments are deleted
+        # only once a checkpoint is durable) or follows it (appends wait behind a checkpoint),
+        # so the log is empty and the whole segment is a torn tail, cut below.
+        only = scan(segments[0])
+        if (
+            len(segments) == 1
+            and only.later_valid_offset is None
+            and _checkpoint_status(only)[0] is _Checkpoint.INCOMPLETE
+        ):
+            scans[id(segments[0])] = _Scan([], only.size, 0, "an interrupted checkpoint")
 
         # 3. Validate every remaining segment strictly, except for a torn tail of the last one.
         recovered: list[LogRecord] = []

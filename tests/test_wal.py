@@ -891,3 +891,116 @@ def test_dump_decodes_payloads_and_reports_corruption(
     output = capsys.readouterr().out.splitlines()
     assert len(output) == 2
     assert output[1].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
+
+
+def test_a_failed_append_write_is_fatal_and_a_restart_cuts_the_torn_frame(tmp_path: Path) -> None:
+    """The caller changed its state in memory for the record (a branch COMMITTED, a commit
+    DECIDING) before appending it, and cannot take that back: the process must stop, and a
+    restart replays the log, the truth. Raising and going on served a COMMITTED branch whose
+    commit was never on file."""
+
+    class HalfWrite:
+        def __init__(self, handle: AppendFile) -> None:
+            self._handle = handle
+
+        def write(self, data: bytes | bytearray) -> None:
+            if b"doomed" in data:
+                self._handle.write(bytes(data[: len(data) // 2]))  # torn, then the disk is full
+                raise OSError(28, "No space left on device")
+            self._handle.write(data)
+
+        def fsync(self) -> None:
+            self._handle.fsync()
+
+        def truncate(self, size: int) -> None:
+            self._handle.truncate(size)
+
+        def close(self) -> None:
+            self._handle.close()
+
+    class FullDisk(OsFileSystem):
+        def open_append(self, path: Path) -> AppendFile:
+            return HalfWrite(super().open_append(path))
+
+    fatal_messages: list[str] = []
+    log, _ = WriteAheadLog.open(tmp_path, file_system=FullDisk(), on_fatal=fatal_messages.append)
+    log.append(ENDED, b"kept")
+    log.sync()
+    with pytest.raises(LogFatalError, match="No space left on device"):
+        log.append(ENDED, b"doomed")
+    assert 1 == len(fatal_messages)
+    with pytest.raises(LogFatalError):
+        log.append(ENDED, b"after")  # nothing more on the strength of a log that failed
+    log.close()
+    assert [b"kept"] == payloads(reopen(tmp_path))
+
+
+def test_new_parent_directories_are_fsynced_each_in_its_parent(tmp_path: Path) -> None:
+    synced: list[Path] = []
+
+    class Recording(OsFileSystem):
+        def fsync_dir(self, directory: Path) -> None:
+            synced.append(directory)
+            super().fsync_dir(directory)
+
+    data = tmp_path / "data"
+    log, _ = WriteAheadLog.open(data / "coordinator" / "wal", file_system=Recording())
+    log.close()
+    # data/ in tmp_path, coordinator/ in data/, wal/ in coordinator/; then wal/'s first segment.
+    for parent in (tmp_path, data, data / "coordinator", data / "coordinator" / "wal"):
+        assert parent in synced
+
+
+class PowerLoss(Exception):
+    pass
+
+
+def test_recovery_makes_a_checkpoint_durable_before_deleting_what_it_replaces(
+    tmp_path: Path,
+) -> None:
+    """A process killed after writing a checkpoint but before its fsync: the restart finds it
+    complete in the page cache, and deletes the older segments. A power loss right then must
+    not leave neither."""
+
+    class PowerFailsAfterRemove(CrashingFileSystem):
+        armed = False
+        removed = False
+
+        def remove(self, path: Path) -> None:
+            super().remove(path)
+            self.removed = True
+
+        def open_append(self, path: Path) -> AppendFile:
+            if self.armed and self.removed:
+                self.crash()  # only what was fsynced, with names in fsynced directories
+                raise PowerLoss
+            return super().open_append(path)
+
+    disk = PowerFailsAfterRemove()
+    log, _ = WriteAheadLog.open(tmp_path, file_system=disk)
+    for n in range(3):
+        log.append(ENDED, f"acknowledged-{n}".encode())
+    log.sync()
+    log._begin_checkpoint([(CHECKPOINT, b"snapshot of 0..2")])  # then SIGKILL: never synced
+    disk.armed = True
+    with pytest.raises(PowerLoss):
+        WriteAheadLog.open(tmp_path, file_system=disk)
+    disk.armed = False
+    assert [b"snapshot of 0..2"] == payloads(reopen(tmp_path, disk))
+
+
+def test_an_interrupted_checkpoint_in_the_only_segment_is_a_torn_tail(tmp_path: Path) -> None:
+    """A checkpoint of a new log reuses its empty segment; torn anywhere, the log is empty
+    (it was refused as corrupt)."""
+    for seed in range(50):
+        disk = CrashingFileSystem()
+        directory = tmp_path / str(seed)
+        log, _ = WriteAheadLog.open(directory, file_system=disk)
+        log._begin_checkpoint([(CHECKPOINT, b"a" * 100), (CHECKPOINT, b"b" * 100)])
+        disk.crash(random.Random(seed))  # a random prefix of the unsynced bytes survives
+        assert [] == reopen(directory, disk)
+        log, _ = WriteAheadLog.open(directory, file_system=disk)  # and it takes appends
+        log.append(ENDED, b"next")
+        log.sync()
+        log.close()
+        assert [b"next"] == payloads(reopen(directory, disk))
