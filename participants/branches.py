@@ -723,11 +723,15 @@ class BranchEngine:
 
     def replay(self, records: Iterable[LogRecord]) -> None:
         """Rebuild branches, service state and locks from the log, before serving."""
+        since_checkpoint = 0
         for record in coalesced(records, RecordType.PARTICIPANT_CHECKPOINT):
             kind = RecordType(record.record_type)
             if kind is RecordType.PARTICIPANT_CHECKPOINT:
                 self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
-            elif kind is RecordType.BRANCH_PREPARED:
+                since_checkpoint = 0
+                continue
+            since_checkpoint += 1
+            if kind is RecordType.BRANCH_PREPARED:
                 prepared = log_pb2.BranchPrepared.FromString(record.payload)
                 self._replay_prepare(
                     prepared.transaction_id,
@@ -776,6 +780,9 @@ class BranchEngine:
                 if info is not None and key not in self.open:
                     self._forget_forced(key, info)
             # Coordinator record types never appear in a participant's log.
+        # Counted on from here: a process restarted more often than it appends the records
+        # that make a checkpoint due would otherwise never take one, and its log would grow.
+        self.records_since_checkpoint = since_checkpoint
 
     def _replay_prepare(
         self,

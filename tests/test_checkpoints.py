@@ -394,3 +394,45 @@ def test_a_checkpoint_taken_while_a_commit_is_deciding_keeps_its_decision_time(
             assert started_ms <= taken[0].decided_at_unix_ms <= engine.clock_ms()
 
     asyncio.run(scenario())
+
+
+def test_a_restart_counts_the_records_since_the_last_checkpoint_toward_the_next(
+    tmp_path: Path,
+) -> None:
+    """Or a process restarted before it appends `checkpoint_every_records` never checkpoints,
+    and its log (and its replay) grows with every restart."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            for n in range(3):
+                response = await cluster.submit(order_branches(f"o-{n}", [("sku-apple", 1)]))
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            engines = {"coordinator": cluster.coordinator.engine} | {
+                name: server.engine for name, server in cluster.participants.items()
+            }
+
+            async def phase_two_logged() -> bool:
+                return not cluster.coordinator.engine.active
+
+            await eventually(phase_two_logged)
+            before = {name: engine.records_since_checkpoint for name, engine in engines.items()}
+            # Registrations (4), commit decisions and end records (3 + 3).
+            assert before["coordinator"] == 10
+            assert all(count > 0 for count in before.values()), before
+            await cluster.restart_coordinator()
+            after = {"coordinator": cluster.coordinator.engine.records_since_checkpoint}
+            fresh = {
+                "inventory": InventoryService(),
+                "orders": OrdersService(),
+                "payment": PaymentService(dict(ACCOUNTS)),
+                "notification": NotificationService(),
+            }
+            for name, service in fresh.items():
+                after[name] = (
+                    await cluster.restart_participant(name, service)
+                ).engine.records_since_checkpoint
+            assert before == after
+            # A participant back at a new address is a change: its registration is counted.
+            assert 10 + 4 == cluster.coordinator.engine.records_since_checkpoint
+
+    asyncio.run(scenario())

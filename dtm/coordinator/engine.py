@@ -408,6 +408,16 @@ class Engine:
         """In flight, or finished and still remembered."""
         return transaction_id in self.active or transaction_id in self.finished
 
+    async def register(self, info: coordinator_pb2.ParticipantInfo) -> None:
+        """A participant (re-)registers with a change (a new address, new capabilities): into
+        the registry, durably. Raises RegistrationError (the registry is full), changing
+        nothing."""
+        self.registry.put(info)
+        record = log_pb2.ParticipantRegistered(participant=info)
+        lsn = self._append(RecordType.PARTICIPANT_REGISTERED, record.SerializeToString())
+        self.counters.forced_writes += 1
+        await self.log.wait_durable(lsn)
+
     async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
         """An operator decommissions a participant: remove it from the registry, durably (the
         answer waits for the record). Refused while a transaction in flight, or still owed
@@ -682,6 +692,7 @@ class Engine:
     def replay(self, records: Iterable[LogRecord]) -> list[log_pb2.CommitDecided]:
         """Rebuild the registry and the commits still owed phase 2, before serving."""
         pending: dict[str, log_pb2.CommitDecided] = {}
+        since_checkpoint = 0
         for record in coalesced(records, RecordType.COORDINATOR_CHECKPOINT):
             kind = RecordType(record.record_type)
             if kind is RecordType.COORDINATOR_CHECKPOINT:
@@ -693,7 +704,10 @@ class Engine:
                 self.heuristics.clear()
                 for heuristic in checkpoint.heuristics:
                     self._keep_heuristic(heuristic)
-            elif kind is RecordType.PARTICIPANT_REGISTERED:
+                since_checkpoint = 0
+                continue
+            since_checkpoint += 1
+            if kind is RecordType.PARTICIPANT_REGISTERED:
                 registered = log_pb2.ParticipantRegistered.FromString(record.payload)
                 self.registry.put(registered.participant)
             elif kind is RecordType.PARTICIPANT_UNREGISTERED:
@@ -712,6 +726,9 @@ class Engine:
             elif kind is RecordType.HEURISTIC_FORGOTTEN:
                 forgotten = log_pb2.HeuristicForgotten.FromString(record.payload)
                 self.heuristics.forget(key_of(forgotten))
+        # Counted on from here: a process restarted more often than it appends the records
+        # that make a checkpoint due would otherwise never take one, and its log would grow.
+        self.records_since_checkpoint = since_checkpoint
         return list(pending.values())
 
     def _remember_committed(self, decided: log_pb2.CommitDecided) -> None:

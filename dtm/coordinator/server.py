@@ -25,9 +25,8 @@ from dtm.coordinator.registry import (
     name_problem,
     validate_registration,
 )
-from dtm.records import RecordType
 from dtm.wal import WriteAheadLog, async_log
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -134,13 +133,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if not self.registry.is_change(info):
             return coordinator_pb2.RegisterParticipantResponse(changed=False)
         try:
-            self.registry.put(info)
+            await self.coordinator.engine.register(info)
         except RegistrationError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        record = log_pb2.ParticipantRegistered(participant=info)
-        await self.coordinator.wal.append_durable(
-            RecordType.PARTICIPANT_REGISTERED, record.SerializeToString()
-        )
         self.coordinator.log.info("participant registered", name=info.name, address=info.address)
         return coordinator_pb2.RegisterParticipantResponse(changed=True)
 
