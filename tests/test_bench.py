@@ -234,6 +234,18 @@ def test_an_inconsistent_state_has_violations() -> None:
     assert any("charged more than once" in line for line in result.samples)
 
 
+def test_a_violation_every_view_shares_is_counted_once() -> None:
+    """With N > 4 each extra instance gets a view, and the other services are the same
+    processes in every one: their violations must not count once per view."""
+    shared = "capture for order o-2 (10 cents): the order is CANCELLED, not CONFIRMED"
+    only_second = "inventory-2: sku-apple sold 3 units but 2 confirmed"
+    result = checks.combine([[shared], [shared, only_second]], ALL_KINDS)
+    assert 2 == result.violations
+    assert [shared, only_second] == result.samples
+    twice_in_one_view = checks.combine([[shared, shared], [shared]], ALL_KINDS)
+    assert 2 == twice_in_one_view.violations
+
+
 def test_the_client_view_catches_a_lost_commit_and_a_reversed_abort() -> None:
     view = ClientView(committed={"o-1", "o-9"}, aborted={"o-1"}, uncertain=0, units_per_order=1)
     lines = checks.check_client_view(consistent_snapshot(), view, ALL_KINDS)
