@@ -932,7 +932,10 @@ class WriteAheadLog:
             self._fatal(f"fsync of write-ahead log {self._segments[-1].path} failed: {error}")
         self._fsync_count += 1
         path = self._directory / _segment_name(self._next_lsn)
-        handle = self._fs.open_append(path)
+        try:
+            handle = self._fs.open_append(path)
+        except OSError as error:  # as a failed write: the appending caller has acted already
+            self._fatal(f"creating write-ahead log segment {path} failed: {error}")
         self._retired.append(self._handle)
         self._handle = handle
         self._segments.append(_Segment(self._next_lsn, path, 0))

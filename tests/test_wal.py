@@ -1004,3 +1004,25 @@ def test_an_interrupted_checkpoint_in_the_only_segment_is_a_torn_tail(tmp_path: 
         log.sync()
         log.close()
         assert [b"next"] == payloads(reopen(directory, disk))
+
+
+def test_a_segment_that_cannot_be_created_at_rotation_is_fatal(tmp_path: Path) -> None:
+    opened: list[Path] = []
+
+    class NoMoreFiles(OsFileSystem):
+        def open_append(self, path: Path) -> AppendFile:
+            opened.append(path)
+            if len(opened) > 1:
+                raise OSError(24, "Too many open files")
+            return super().open_append(path)
+
+    fatal_messages: list[str] = []
+    log, _ = WriteAheadLog.open(
+        tmp_path, file_system=NoMoreFiles(), segment_bytes_max=256, on_fatal=fatal_messages.append
+    )
+    log.append(ENDED, b"x" * 200)
+    with pytest.raises(LogFatalError, match="Too many open files"):
+        log.append(ENDED, b"y" * 200)  # needs a new segment
+    assert 1 == len(fatal_messages)
+    log.close()
+    assert [b"x" * 200] == payloads(reopen(tmp_path))
