@@ -490,6 +490,16 @@ class _Scan:
     def valid_end(self) -> int:
         return self.frames[-1].end if self.frames else 0
 
+    @property
+    def corruption(self) -> str:
+        """Why the bad frame is corruption, not a torn tail (`later_valid_offset` is set)."""
+        if self.later_valid_offset == self.bad_offset:
+            return self.bad_reason  # the bad frame is itself whole
+        return (
+            f"{self.bad_reason}, yet a valid record follows at byte offset "
+            f"{self.later_valid_offset}"
+        )
+
 
 def _scan(data: bytes, first_lsn: int | None) -> _Scan:
     """Parse frames in order; `first_lsn` None accepts whatever LSN the first frame carries."""
@@ -499,7 +509,10 @@ def _scan(data: bytes, first_lsn: int | None) -> _Scan:
     while offset < len(data):
         decoded = _decode_frame(data, offset)
         if isinstance(decoded, _Frame) and expected_lsn not in (None, decoded.lsn):
-            decoded = f"LSN {decoded.lsn} where {expected_lsn} was expected"
+            # A whole frame (its checksum holds) out of sequence: no crash writes one, so it
+            # is corruption even at the very end, never a torn tail to cut.
+            reason = f"a whole record with LSN {decoded.lsn} where {expected_lsn} was expected"
+            return _Scan(frames, len(data), offset, reason, offset)
         if isinstance(decoded, str):
             return _Scan(frames, len(data), offset, decoded, _find_valid_frame(data, offset + 8))
         frames.append(decoded)
@@ -1009,10 +1022,7 @@ class WriteAheadLog:
             last_scan = scan(segments[-1])
             if last_scan.later_valid_offset is not None:
                 raise LogCorruptedError(
-                    segments[-1].path,
-                    last_scan.bad_offset or 0,
-                    f"{last_scan.bad_reason}, yet a valid record follows at byte offset "
-                    f"{last_scan.later_valid_offset}",
+                    segments[-1].path, last_scan.bad_offset or 0, last_scan.corruption
                 )
             status, _ = _checkpoint_status(last_scan)
             if last_scan.frames and status is not _Checkpoint.INCOMPLETE:
@@ -1055,10 +1065,7 @@ class WriteAheadLog:
                     )
                 if segment_scan.later_valid_offset is not None:
                     raise LogCorruptedError(
-                        segment.path,
-                        segment_scan.bad_offset,
-                        f"{segment_scan.bad_reason}, yet a valid record follows at byte offset "
-                        f"{segment_scan.later_valid_offset}",
+                        segment.path, segment_scan.bad_offset, segment_scan.corruption
                     )
             status, record_count = _checkpoint_status(segment_scan)
             marker_indexes: set[int] = set()

@@ -1026,3 +1026,18 @@ def test_a_segment_that_cannot_be_created_at_rotation_is_fatal(tmp_path: Path) -
     assert 1 == len(fatal_messages)
     log.close()
     assert [b"x" * 200] == payloads(reopen(tmp_path))
+
+
+def test_a_whole_record_out_of_sequence_at_the_tail_is_corruption_not_a_torn_write(
+    tmp_path: Path,
+) -> None:
+    """Its checksum holds, so no crash wrote it: cutting it as a torn tail would hide a bug or
+    a disk that returns another file's blocks."""
+    write_log(tmp_path, [b"a", b"b", b"c"])
+    [segment] = segment_files(tmp_path)
+    with segment.open("ab") as file:
+        file.write(_encode_frame(9, ENDED, b"stray"))
+    size = segment.stat().st_size
+    with pytest.raises(LogCorruptedError, match="whole record with LSN 9 where 4 was expected"):
+        WriteAheadLog.open(tmp_path)
+    assert size == segment.stat().st_size  # nothing cut
