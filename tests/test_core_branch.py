@@ -84,11 +84,18 @@ def test_rollback_is_lazy_and_idempotent() -> None:
     assert [core.ReplyAck()] == branch.handle(core.RollbackRequested())
 
 
-def test_duplicate_prepare_gets_the_first_answer() -> None:
-    branch = prepared()
-    assert [core.ReplyVote(BranchVote.PREPARED, "")] == branch.handle(core.PrepareRequested(False))
+def test_duplicate_prepare_while_running_gets_the_first_answer() -> None:
     running = preparing()
     assert [core.AwaitPrepare()] == running.handle(core.PrepareRequested(False))
+
+
+def test_a_prepare_for_a_prepared_branch_is_refused_and_changes_nothing() -> None:
+    """It comes from a later attempt, after the coordinator forgot the first (presumed
+    abort): that attempt's ABORTED may be on its way here, so its vote cannot be reused."""
+    branch = prepared()
+    reply = branch.handle(core.PrepareRequested(False))
+    assert [core.ReplyVote(BranchVote.REFUSED, core.EARLIER_ATTEMPT)] == reply
+    assert BranchState.PREPARED == branch.state and BranchVote.PREPARED == branch.vote
 
 
 def test_rollback_before_prepare_leaves_a_tombstone_that_refuses_the_late_prepare() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -312,10 +313,12 @@ def test_a_participant_checks_the_fingerprint_of_a_repeated_prepare(tmp_path: Pa
             other = await inventory.Prepare(prepare(b"B" * 16))
             assert coordinator_pb2.VOTE_REFUSED == other.vote
             assert "branch 0 is prepared here" in other.id_reused
-            # The same fingerprint, or none (a coordinator that does not send it): the record.
+            # The same fingerprint, or none (a coordinator that does not send it): not a reused
+            # id, but a later attempt of the same transaction, which cannot use the vote.
             for fingerprint in (b"A" * 16, b""):
                 again = await inventory.Prepare(prepare(fingerprint))
-                assert (coordinator_pb2.VOTE_PREPARED, "") == (again.vote, again.id_reused)
+                assert (coordinator_pb2.VOTE_REFUSED, "") == (again.vote, again.id_reused)
+                assert "earlier attempt" in again.reason
             assert 2 == (await cluster.stock())["sku-apple"].reserved  # reserved once
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await inventory.Prepare(prepare(b"C" * 65))
@@ -323,6 +326,86 @@ def test_a_participant_checks_the_fingerprint_of_a_repeated_prepare(tmp_path: Pa
             assert "transaction_fingerprint is 65 bytes; at most 64" in (
                 raised.value.details() or ""
             )
+
+    asyncio.run(scenario())
+
+
+def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted(
+    tmp_path: Path,
+) -> None:
+    """The coordinator crashes before deciding T, with inventory PREPARED. Restarted, it
+    answers inventory's inquiry ABORTED (no record), and that answer is slow to arrive. The
+    client retries T under the same id: the coordinator knows nothing of T and runs it again.
+    Inventory's PREPARED vote must not be reused, or the retry commits while the ABORTED
+    answer on its way rolls inventory back (found by a bug hunt)."""
+    txn = "txn-rerun"
+
+    def branches() -> list[coordinator_pb2.BranchRequest]:
+        return [
+            coordinator_pb2.BranchRequest(
+                participant="inventory",
+                operation=pack(
+                    shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+                ),
+            ),
+            coordinator_pb2.BranchRequest(
+                participant="payment",
+                operation=pack(
+                    shop_pb2.ChargePayment(account_id="acct-alice", amount_cents=7, order_id="o-r")
+                ),
+            ),
+        ]
+
+    async def states(cluster: InProcessCluster, name: str) -> list[str]:
+        listed = await cluster.admin(name).ListBranches(participant_pb2.ListBranchesRequest())
+        return [
+            participant_pb2.BranchState.Name(b.state)
+            for b in listed.branches
+            if b.transaction_id == txn
+        ]
+
+    async def scenario() -> None:
+        overrides = {"in_doubt_after_ms": 300, "tick_ms": 20}
+        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+            inventory = cluster.participants["inventory"]
+            answered, deliver = asyncio.Event(), asyncio.Event()
+            real_ask = inventory._ask
+
+            async def slow_answer(stub: Any, key: tuple[str, int], now: int) -> None:
+                class Network:
+                    async def QueryOutcome(self, request: Any, timeout: float) -> Any:  # noqa: ASYNC109 (the stub's signature)
+                        answer = await stub.QueryOutcome(request, timeout=timeout)
+                        if answer.outcome == coordinator_pb2.OUTCOME_ABORTED:
+                            answered.set()
+                            await deliver.wait()
+                        return answer
+
+                await real_ask(Network(), key, now)
+
+            inventory._ask = slow_answer  # type: ignore[method-assign]
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, 3_000)
+            first = asyncio.ensure_future(cluster.submit(branches(), txn))
+
+            async def inventory_prepared() -> bool:
+                return ["BRANCH_STATE_PREPARED"] == await states(cluster, "inventory")
+
+            await eventually(inventory_prepared)
+            await cluster.restart_coordinator()  # nothing decided: presumed abort
+            with pytest.raises(grpc.aio.AioRpcError):
+                await first
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+            await asyncio.wait_for(answered.wait(), 10)  # ABORTED, on its way
+
+            retry = await cluster.submit(branches(), txn)
+            assert coordinator_pb2.OUTCOME_ABORTED == retry.outcome
+            assert "earlier attempt" in retry.reason
+            deliver.set()
+
+            async def settled() -> bool:
+                return ["BRANCH_STATE_ROLLED_BACK"] == await states(cluster, "inventory")
+
+            await eventually(settled)
+            assert "BRANCH_STATE_COMMITTED" not in await states(cluster, "payment")
 
     asyncio.run(scenario())
 
@@ -350,7 +433,11 @@ def test_participant_calls_are_idempotent(tmp_path: Path) -> None:
                 transaction_id="t-dup", branch=0, operation=operation
             )
             votes = await asyncio.gather(*(inventory.Prepare(prepare) for _ in range(3)))
-            assert {coordinator_pb2.VOTE_PREPARED} == {v.vote for v in votes}
+            # The first prepares; the others, as from a later attempt, are refused (see
+            # dtm.core.branch.EARLIER_ATTEMPT); the coordinator would count the first only.
+            assert [coordinator_pb2.VOTE_PREPARED] + [coordinator_pb2.VOTE_REFUSED] * 2 == sorted(
+                (v.vote for v in votes), key=lambda vote: vote != coordinator_pb2.VOTE_PREPARED
+            )
             assert 5 == (await cluster.stock())["sku-apple"].reserved  # reserved once
             commit = participant_pb2.CommitRequest(transaction_id="t-dup", branch=0)
             await inventory.Commit(commit)

@@ -285,9 +285,26 @@ def _on_duplicate_prepare_while_running(
     return [AwaitPrepare()]
 
 
+# A coordinator sends each Prepare once per attempt of a transaction, and a retried Submit
+# joins the attempt it still runs. So a Prepare for a branch already PREPARED comes from a
+# later attempt, started because the coordinator forgot the earlier one (it crashed before
+# deciding: presumed abort). That earlier attempt may already be answered ABORTED, to this
+# participant's inquiry among others, and the answer may still be on its way here: voting
+# PREPARED again would let the new attempt commit on a branch about to be rolled back.
+# Refused, the new attempt aborts (the outcome the first one has), and the branch waits for
+# its own resolution. Nothing changes here, so a network duplicate of the first Prepare is
+# harmless too: the coordinator counts only the first answer (rule 4).
+EARLIER_ATTEMPT = (
+    "this branch was prepared by an earlier attempt of the transaction, whose outcome is "
+    "not known here yet (presumed abort); a new attempt cannot use its vote"
+)
+
+
 def _on_duplicate_prepare(branch: Branch, event: PrepareRequested) -> list[BranchAction]:
     if branch.state is BranchState.ROLLED_BACK:
         return [ReplyVote(BranchVote.REFUSED, branch.reason or "branch already rolled back")]
+    if branch.state is BranchState.PREPARED:
+        return [ReplyVote(BranchVote.REFUSED, EARLIER_ATTEMPT)]
     assert branch.vote is not None
     return [ReplyVote(branch.vote, branch.reason)]
 
