@@ -84,11 +84,11 @@ def _address(raw: object, port_min: int, optional: bool) -> str:
     text = _text(raw, allowed)
     if optional and text == "":
         return text
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not port_min <= int(port) <= 65535:
-        raise ValueError(f"expected {allowed}")
     if len(text) > limits.ADDRESS_LENGTH_MAX:
         raise ValueError(f"expected at most {limits.ADDRESS_LENGTH_MAX} characters")
+    port = limits.address_port(text)
+    if port is None or not port_min <= port <= 65535:
+        raise ValueError(f"expected {allowed}")
     return text
 
 

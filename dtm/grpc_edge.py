@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,28 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 # A google.rpc.Code value, as a batched answer carries one per item -> its grpc.StatusCode.
 STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+# A status message travels as metadata, which gRPC caps (8 KB soft, 16 KB hard, after
+# percent-encoding: up to 12 bytes per character). Past it the call fails with
+# RESOURCE_EXHAUSTED "metadata size exceeds", and the caller never sees the real error.
+STATUS_DETAILS_CHARS_MAX = 600
+
+
+def status_details(message: str) -> str:
+    """`message`, cut to what a status can carry: an error that echoes what a caller sent (a
+    100,000-character type URL) must still arrive as itself."""
+    if len(message) <= STATUS_DETAILS_CHARS_MAX:
+        return message
+    cut = len(message) - STATUS_DETAILS_CHARS_MAX
+    return f"{message[:STATUS_DETAILS_CHARS_MAX]}... ({cut} more characters)"
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode, message: str
+) -> NoReturn:
+    """End the call with `code` and `message` (cut to fit: see STATUS_DETAILS_CHARS_MAX)."""
+    await context.abort(code, status_details(message))
+    raise AssertionError("unreachable: abort raises")
 
 
 def new_server(

@@ -12,6 +12,9 @@ import re
 TRANSACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
 ADDRESS_LENGTH_MAX = 256
+# host:port as gRPC dials it: a host without whitespace or control characters (a name, an IPv4
+# address, or [an IPv6 one]) and an ASCII port ("²".isdigit() is true, int("²") fails).
+ADDRESS_PATTERN = re.compile(r"([^\s:\x00-\x1f\x7f]+|\[[0-9A-Fa-f:.%]+\]):([0-9]{1,5})")
 RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 
 # ---- requests ----
@@ -29,6 +32,9 @@ QUANTITY_MAX = 1_000_000
 AMOUNT_CENTS_MAX = 10**12
 TEXT_FIELD_LENGTH_MAX = 1024
 PARTICIPANTS_MAX = 256
+# Operation types one participant declares: the whole registry (PARTICIPANTS_MAX of them) is one
+# checkpoint record, so 256 x 16 names of TEXT_FIELD_LENGTH_MAX stay well within a record.
+OPERATION_TYPES_MAX = 16
 
 # ---- time ----
 PREPARE_TIMEOUT_MS_DEFAULT = 2_000
@@ -64,13 +70,32 @@ INQUIRIES_PER_TICK_MAX = 256
 WAITERS_PER_RESOURCE_MAX = 1_024
 
 
-def branch_ids_problem(transaction_id: str, branch: int) -> str | None:
-    """What is wrong with a (transaction id, branch) pair a caller sent, or None."""
+def address_port(address: str) -> int | None:
+    """The port of a well-formed host:port address, else None."""
+    if len(address) > ADDRESS_LENGTH_MAX:
+        return None
+    match = ADDRESS_PATTERN.fullmatch(address)
+    return int(match.group(2)) if match else None
+
+
+def transaction_id_problem(transaction_id: str) -> str | None:
+    """What is wrong with a transaction id a caller sent, or None."""
     if not TRANSACTION_ID_PATTERN.fullmatch(transaction_id):
         return (
             f"transaction_id {transaction_id[:40]!r} is malformed: 1..128 characters of "
             "[A-Za-z0-9._:-]"
         )
+    return None
+
+
+def branch_ids_problem(transaction_id: str, branch: int) -> str | None:
+    """What is wrong with a (transaction id, branch) pair a caller sent, or None."""
+    problem = transaction_id_problem(transaction_id)
+    if problem:
+        return problem
     if branch >= BRANCHES_PER_TRANSACTION_MAX:
-        return f"branch {branch} is out of range (at most {BRANCHES_PER_TRANSACTION_MAX})"
+        return (
+            f"branch {branch} is out of range: branches are numbered 0.."
+            f"{BRANCHES_PER_TRANSACTION_MAX - 1}"
+        )
     return None

@@ -33,18 +33,25 @@ def _render(logger: Any, method_name: str, event: MutableMapping[str, Any]) -> s
     )
     transaction = event.pop("txn", None)
     if transaction is not None:
-        head += f" txn={transaction}"
+        head += f" txn={_value(transaction)}"
     # An exception to show with its traceback (a bug, on an error path): the one place where
     # an event takes more than one line.
     error = event.pop("exc_info", None)
     line = head + "".join(
-        f" {key}={value!r}" if isinstance(value, str) and " " in value else f" {key}={value}"
-        for key, value in event.items()
-        if value is not None
+        f" {key}={_value(value)}" for key, value in event.items() if value is not None
     )
     if isinstance(error, BaseException):
         line += "\n" + "".join(traceback.format_exception(error)).rstrip()
     return line
+
+
+def _value(value: object) -> str:
+    """A value as one greppable token. Text with a space, or with a newline or another control
+    character, is quoted and escaped (repr): a value from a caller (an id, a name) must not be
+    able to end the line and forge the next."""
+    if isinstance(value, str) and (" " in value or not value.isprintable()):
+        return repr(value)
+    return str(value)
 
 
 class _Stderr:

@@ -364,7 +364,8 @@ class AuthorizationInterceptor(ServerInterceptor):
 async def _check(context: ServicerContext, method: str, role: str, allowed: frozenset[str]) -> None:
     if peer_identities(context) & allowed:
         return
-    await context.abort(
+    await grpc_edge.abort(
+        context,
         grpc.StatusCode.PERMISSION_DENIED,
         f"identity {peer_name(context)!r} may not call {method}: it requires {role} "
         f"(identities: {', '.join(sorted(allowed)) or 'none'})",

@@ -447,7 +447,9 @@ class BranchEngine:
             )
         actual = operation.type_url.rsplit("/", 1)[-1]
         if actual != expected:
-            raise InvalidOperation(f"{self.service.name} takes {expected} operations, not {actual}")
+            raise InvalidOperation(
+                f"{self.service.name} takes {expected} operations, not {actual[:80]!r}"
+            )
         if len(operation.value) > limits.OPERATION_BYTES_MAX:
             raise InvalidOperation(
                 f"operation is {len(operation.value)} bytes; the limit is "

@@ -117,8 +117,8 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
 
     async def _gate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self.server.fault.mode == participant_pb2.FAULT_MODE_DOWN:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
+            await grpc_edge.abort(
+                context, grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
             )
 
     async def _prepare_one(
@@ -167,7 +167,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         try:
             return await self._prepare_one(request)
         except InvalidOperation as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise  # unreachable: abort raises
 
     async def _decide_one(self, transaction_id: str, branch: int, commit: bool) -> None:
@@ -191,17 +191,19 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> None:
         await self._gate(context)
         if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "participant rejects decisions (fault injection)",
             )
         try:
             await self._decide_one(transaction_id, branch, commit)
         except InvalidOperation as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except BranchError as error:
             if error.heuristic:
                 context.set_trailing_metadata(((HEURISTIC_METADATA_KEY, error.heuristic),))
-            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+            await grpc_edge.abort(context, ERROR_TO_CODE[error.kind], str(error))
 
     async def Commit(
         self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -353,7 +355,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         await self._gate(context)
         problem = self._check_batch(len(request.prepares), "prepares")
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         if self.server.fault.mode == participant_pb2.FAULT_MODE_SLOW:
             await asyncio.sleep(self.server.fault.delay_ms / 1000)
         votes, keys = await self._prepare_items(request.prepares)
@@ -368,12 +370,14 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     ) -> participant_pb2.DecideBatchResponse:
         await self._gate(context)
         if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "participant rejects decisions (fault injection)"
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "participant rejects decisions (fault injection)",
             )
         problem = self._check_batch(len(request.decisions), "decisions")
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         results, keys = self._apply_decisions(request.decisions)
         await self.engine.wait_durable(keys)
         self._after_durable((), request.decisions)
@@ -387,7 +391,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         await self._gate(context)
         problem = self._check_batch(len(request.prepares) + len(request.decisions), "items")
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         # Decisions first: they release locks and reservations the prepares may need.
         results, decided = self._apply_decisions(request.decisions)
         if request.prepares and self.server.fault.mode == participant_pb2.FAULT_MODE_SLOW:
@@ -420,12 +424,22 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         self, request: participant_pb2.SetFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.SetFaultResponse:
         if not self.server.config.test_control:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "fault injection is disabled; start the service with --test-control to allow it",
             )
+        if request.mode not in participant_pb2.FaultMode.values():
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown fault mode {request.mode}; known: "
+                + ", ".join(participant_pb2.FaultMode.keys()),
+            )
         if request.mode == participant_pb2.FAULT_MODE_SLOW and request.delay_ms == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "FAULT_MODE_SLOW needs delay_ms")
+            await grpc_edge.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "FAULT_MODE_SLOW needs delay_ms"
+            )
         self.server.fault.mode = request.mode
         self.server.fault.delay_ms = request.delay_ms
         self.server.log_.warning(
@@ -440,6 +454,14 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ListBranchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ListBranchesResponse:
+        unknown = set(request.states) - set(participant_pb2.BranchState.values())
+        if unknown:
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown branch state(s) {sorted(unknown)}; known: "
+                + ", ".join(participant_pb2.BranchState.keys()),
+            )
         wanted = {state for state in BranchState if STATE_TO_PB[state] in request.states}
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()
@@ -474,16 +496,20 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ForceOutcomeResponse:
         if not request.i_understand_this_is_heuristic:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "forcing a prepared branch is a heuristic decision that may break atomicity; "
                 "set i_understand_this_is_heuristic to confirm",
             )
+        problem = limits.branch_ids_problem(request.transaction_id, request.branch)
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         key = (request.transaction_id, request.branch)
         try:
             forced = await self.server.engine.force(key, request.commit)
         except BranchError as error:
-            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+            await grpc_edge.abort(context, ERROR_TO_CODE[error.kind], str(error))
         self.server.log_.warning(
             "heuristic outcome forced by an operator",
             txn=request.transaction_id,
@@ -501,11 +527,11 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
     ) -> participant_pb2.ForgetBranchResponse:
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             forgotten = await self.server.engine.forget((request.transaction_id, request.branch))
         except BranchError as error:
-            await context.abort(ERROR_TO_CODE[error.kind], str(error))
+            await grpc_edge.abort(context, ERROR_TO_CODE[error.kind], str(error))
         self.server.log_.warning(
             "forced branch forgotten by an operator",
             txn=request.transaction_id,

@@ -220,7 +220,121 @@ async def fault_injection_without_permission(cluster: InProcessCluster) -> str:
         server.config.test_control = True
 
 
+async def long_type_url_echoed_in_the_error(cluster: InProcessCluster) -> str:
+    # The message echoes it: uncut, the status would overflow gRPC's metadata limit and the
+    # caller would get RESOURCE_EXHAUSTED "metadata size exceeds" instead.
+    branch = coordinator_pb2.BranchRequest(participant="inventory")
+    branch.operation.type_url = "x/" + "A" * 100_000
+    branch.operation.value = b""
+    details = await expect_status(
+        submit(cluster, branches=[branch]), Code.INVALID_ARGUMENT, "takes", "not 'AAAA"
+    )
+    assert len(details) < 1_000
+    return details
+
+
+async def long_type_url_at_a_participant(cluster: InProcessCluster) -> str:
+    request = participant_pb2.PrepareRequest(transaction_id="t-long-url", branch=0)
+    request.operation.type_url = "x/" + "B" * 100_000
+    return await expect_status(
+        cluster.participant_stub("inventory").Prepare(request), Code.INVALID_ARGUMENT, "takes"
+    )
+
+
+async def query_outcome_with_a_malformed_id(cluster: InProcessCluster) -> str:
+    # Presumed abort would answer ABORTED for it, and the id would go into the log line.
+    forged = "x\n2026-11-29T00:00:00.000Z ERROR   coordinator: commit decision lost txn=t-42"
+    for transaction_id in ("", forged):
+        request = coordinator_pb2.QueryOutcomeRequest(transaction_id=transaction_id)
+        await expect_status(
+            cluster.client.QueryOutcome(request), Code.INVALID_ARGUMENT, "transaction_id"
+        )
+    request = coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1", participant="Bad Name")
+    return await expect_status(
+        cluster.client.QueryOutcome(request), Code.INVALID_ARGUMENT, "participant name"
+    )
+
+
+async def get_and_retry_with_a_malformed_id(cluster: InProcessCluster) -> str:
+    await expect_status(
+        cluster.client.GetTransaction(coordinator_pb2.GetTransactionRequest(transaction_id="a b")),
+        Code.INVALID_ARGUMENT,
+        "transaction_id",
+    )
+    return await expect_status(
+        cluster.client.RetryTransaction(coordinator_pb2.RetryTransactionRequest(transaction_id="")),
+        Code.INVALID_ARGUMENT,
+        "transaction_id",
+    )
+
+
+async def listing_an_unknown_state(cluster: InProcessCluster) -> str:
+    await expect_status(
+        cluster.client.ListTransactions(coordinator_pb2.ListTransactionsRequest(states=[99])),
+        Code.INVALID_ARGUMENT,
+        "unknown transaction state",
+    )
+    return await expect_status(
+        cluster.admin("orders").ListBranches(participant_pb2.ListBranchesRequest(states=[99])),
+        Code.INVALID_ARGUMENT,
+        "unknown branch state",
+    )
+
+
+async def registration_with_too_many_operation_types(cluster: InProcessCluster) -> str:
+    # The whole registry is one checkpoint record: unbounded, it made every checkpoint fail.
+    request = coordinator_pb2.RegisterParticipantRequest(
+        name="greedy",
+        address="127.0.0.1:9",
+        capabilities=coordinator_pb2.Capabilities(
+            operation_types=[f"t{n}" for n in range(limits.OPERATION_TYPES_MAX + 1)]
+        ),
+    )
+    return await expect_status(
+        cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "operation types"
+    )
+
+
+async def registration_with_a_non_ascii_port(cluster: InProcessCluster) -> str:
+    for address in ("x:\u00b2", "x:\u0663", "a\nb c:80"):  # "²".isdigit() is True
+        request = coordinator_pb2.RegisterParticipantRequest(name="odd", address=address)
+        await expect_status(
+            cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "host:port"
+        )
+    listed = await cluster.client.ListParticipants(coordinator_pb2.ListParticipantsRequest())
+    assert "odd" not in [p.name for p in listed.participants]
+    return "host:port"
+
+
+async def fault_mode_unknown(cluster: InProcessCluster) -> str:
+    server = cluster.participants["payment"]
+    before = server.fault.mode
+    details = await expect_status(
+        cluster.set_fault("payment", 99), Code.INVALID_ARGUMENT, "unknown fault mode"
+    )
+    assert before == server.fault.mode
+    return details
+
+
+async def force_of_a_bad_branch_id(cluster: InProcessCluster) -> str:
+    request = participant_pb2.ForceOutcomeRequest(
+        transaction_id="bad id", branch=99, i_understand_this_is_heuristic=True
+    )
+    return await expect_status(
+        cluster.admin("inventory").ForceOutcome(request), Code.INVALID_ARGUMENT, "transaction_id"
+    )
+
+
 CASES: list[Case] = [
+    long_type_url_echoed_in_the_error,
+    long_type_url_at_a_participant,
+    query_outcome_with_a_malformed_id,
+    get_and_retry_with_a_malformed_id,
+    listing_an_unknown_state,
+    registration_with_too_many_operation_types,
+    registration_with_a_non_ascii_port,
+    fault_mode_unknown,
+    force_of_a_bad_branch_id,
     unknown_participant,
     empty_transaction,
     malformed_transaction_id,
@@ -262,3 +376,15 @@ def test_every_bad_input_gets_a_precise_status_and_changes_nothing(tmp_path: Pat
             assert coordinator_pb2.OUTCOME_COMMITTED == ok.outcome
 
     asyncio.run(scenario())
+
+
+def test_a_status_message_is_cut_to_what_grpc_metadata_carries() -> None:
+    from dtm import grpc_edge
+
+    short = "participant 'x' is not registered"
+    assert short == grpc_edge.status_details(short)
+    long = "é" * 50_000  # up to 12 bytes per character once percent-encoded
+    cut = grpc_edge.status_details(long)
+    assert cut.startswith("é" * grpc_edge.STATUS_DETAILS_CHARS_MAX)
+    assert cut.endswith(f"... ({50_000 - grpc_edge.STATUS_DETAILS_CHARS_MAX} more characters)")
+    assert len(cut.encode()) * 3 < 8 * 1024  # gRPC's soft limit on metadata

@@ -31,12 +31,19 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
     if problem:
         raise RegistrationError(problem)
     address = request.address
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RegistrationError(f"address {address[:80]!r} is not host:port")
     if len(address) > limits.ADDRESS_LENGTH_MAX:
         raise RegistrationError(f"address is longer than {limits.ADDRESS_LENGTH_MAX} characters")
-    for name in request.capabilities.operation_types:
+    port = limits.address_port(address)
+    if port is None or not 0 < port < 65536:
+        raise RegistrationError(
+            f"address {address[:80]!r} is not host:port (a port of 1..65535, no spaces)"
+        )
+    types = request.capabilities.operation_types
+    if len(types) > limits.OPERATION_TYPES_MAX:
+        raise RegistrationError(
+            f"{len(types)} operation types; at most {limits.OPERATION_TYPES_MAX} per participant"
+        )
+    for name in types:
         if not 0 < len(name) <= limits.TEXT_FIELD_LENGTH_MAX:
             raise RegistrationError("operation type names must be 1..1024 characters")
 

@@ -91,8 +91,16 @@ def fitted(response: coordinator_pb2.SubmitBatchResponse) -> coordinator_pb2.Sub
     return response
 
 
+async def _check_transaction_id(context: Context, transaction_id: str) -> None:
+    problem = limits.transaction_id_problem(transaction_id)
+    if problem:
+        await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+
 def _refused(code: grpc.StatusCode, message: str) -> coordinator_pb2.SubmitResult:
-    return coordinator_pb2.SubmitResult(code=code.value[0], message=message)
+    return coordinator_pb2.SubmitResult(
+        code=code.value[0], message=grpc_edge.status_details(message)
+    )
 
 
 def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
@@ -115,11 +123,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             validate_registration(request)
         except RegistrationError as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         # The interceptor let a participant identity in; it may register only its own name,
         # or one participant could redirect another's branches to itself.
         if not security.may_register_as(context, self.coordinator.server_config.tls, request.name):
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"identity {security.peer_name(context)!r} may not register participant "
                 f"{request.name!r}: a participant registers under its own certificate's name",
@@ -135,7 +144,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             await self.coordinator.engine.register(info)
         except RegistrationError as error:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            await grpc_edge.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         self.coordinator.log.info("participant registered", name=info.name, address=info.address)
         return coordinator_pb2.RegisterParticipantResponse(changed=True)
 
@@ -144,11 +153,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.UnregisterParticipantResponse:
         problem = name_problem(request.name)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             info = await self.engine.unregister(request.name)
         except Refused as refused:
-            await context.abort(refused.code, str(refused))
+            await grpc_edge.abort(context, refused.code, str(refused))
         return coordinator_pb2.UnregisterParticipantResponse(participant=info)
 
     async def ListParticipants(
@@ -165,7 +174,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.SubmitResponse:
         result = await self._submit(request)
         if result.code:
-            await context.abort(grpc_edge.STATUS_OF_CODE[result.code], result.message)
+            await grpc_edge.abort(context, grpc_edge.STATUS_OF_CODE[result.code], result.message)
         return result.response
 
     async def SubmitBatch(
@@ -173,7 +182,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.SubmitBatchResponse:
         count = len(request.transactions)
         if not 1 <= count <= limits.SUBMIT_BATCH_MAX:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{count} transactions; a SubmitBatch carries 1..{limits.SUBMIT_BATCH_MAX} "
                 "(nothing was run)",
@@ -275,10 +285,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     f"(registered: {known})"
                 )
             if not branch.HasField("operation") or not branch.operation.type_url:
-                return invalid, f"branch {index} ({branch.participant}): the operation is missing"
+                return (
+                    invalid,
+                    f"branch {index} ({branch.participant[:64]!r}): the operation is missing",
+                )
             if len(branch.operation.value) > limits.OPERATION_BYTES_MAX:
                 return invalid, (
-                    f"branch {index} ({branch.participant}): operation is "
+                    f"branch {index} ({branch.participant[:64]!r}): operation is "
                     f"{len(branch.operation.value)} bytes, at most {limits.OPERATION_BYTES_MAX}"
                 )
             type_name = branch.operation.type_url.rsplit("/", 1)[-1]
@@ -288,16 +301,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 )
                 return invalid, (
                     f"branch {index}: participant {branch.participant} takes {wanted}, "
-                    f"not {type_name}"
+                    f"not {type_name[:80]!r}"
                 )
         return None
 
     async def GetTransaction(
         self, request: coordinator_pb2.GetTransactionRequest, context: Context
     ) -> coordinator_pb2.Transaction:
+        await _check_transaction_id(context, request.transaction_id)
         view = self.engine.lookup(request.transaction_id)
         if view is None:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no transaction {request.transaction_id[:128]!r}: never submitted here, or "
                 f"finished and forgotten (the last {self.coordinator.config.finished_kept} "
@@ -309,6 +324,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListTransactions(
         self, request: coordinator_pb2.ListTransactionsRequest, context: Context
     ) -> coordinator_pb2.ListTransactionsResponse:
+        unknown = set(request.states) - set(coordinator_pb2.TransactionState.values())
+        if unknown:
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown transaction state(s) {sorted(unknown)}; known: "
+                + ", ".join(coordinator_pb2.TransactionState.keys()),
+            )
         limit = _list_limit(request.limit)
         found: list[coordinator_pb2.Transaction] = []
         for view in self.engine.views(set(request.states)):
@@ -320,9 +343,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def RetryTransaction(
         self, request: coordinator_pb2.RetryTransactionRequest, context: Context
     ) -> coordinator_pb2.Transaction:
+        await _check_transaction_id(context, request.transaction_id)
         view = await self.engine.retry_phase_two_now(request.transaction_id)
         if view is None:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no transaction {request.transaction_id[:128]!r} is known here",
             )
@@ -344,10 +369,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.ForgetHeuristicResponse:
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         forgotten = await self.engine.forget_heuristic(request.transaction_id, request.branch)
         if forgotten is None:
-            await context.abort(
+            await grpc_edge.abort(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no heuristic outcome is kept for {request.transaction_id}/{request.branch}: "
                 "never recorded, or already forgotten (list them with ListHeuristics)",
@@ -358,6 +384,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def QueryOutcome(
         self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
     ) -> coordinator_pb2.QueryOutcomeResponse:
+        # Checked first: presumed abort answers ABORTED for any id it has no record of, and
+        # the id and the name go into the log line.
+        await _check_transaction_id(context, request.transaction_id)
+        if request.participant:
+            problem = name_problem(request.participant)
+            if problem:
+                await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         outcome = self.engine.query_outcome(request.transaction_id)
         self.coordinator.log.info(
             "outcome asked",
