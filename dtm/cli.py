@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import uuid
@@ -287,13 +288,17 @@ def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitReque
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise CliError(f"{where}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise CliError(f"{where}: nested too deeply to be a transaction") from None
     if not isinstance(document, dict):
         raise CliError(f"{where}: expected a JSON object with {', '.join(SUBMIT_KEYS)}")
     _check_keys(where, document, SUBMIT_KEYS)
-    transaction_id = document.get("transaction_id") or uuid.uuid4().hex
+    # Absent or "": one is made up. Present, it is the caller's retry key: never replaced.
+    transaction_id = document.get("transaction_id", "")
     timeout_ms = document.get("timeout_ms", 0)
     if not isinstance(transaction_id, str):
         raise CliError(f"{where}: transaction_id must be a string")
+    transaction_id = transaction_id or uuid.uuid4().hex
     if (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
@@ -334,13 +339,29 @@ def _branch_request(where: str, branch: object, session: Session) -> coordinator
             f"{where}: unknown message type {type_name!r}{_operation_types_hint(session)}"
         ) from None
     operation = message_factory.GetMessageClass(descriptor)()
+    fields = branch.get("operation", {})
+    if not isinstance(fields, dict):
+        raise CliError(
+            f"{where} ({participant}): operation must be an object of {type_name}'s fields"
+        )
     try:
-        json_format.ParseDict(branch.get("operation", {}), operation)
+        json_format.ParseDict(fields, operation)
     except json_format.ParseError as error:
         raise CliError(f"{where} ({participant}): not a valid {type_name}: {error}") from None
     packed = any_pb2.Any()
     packed.Pack(operation)
     return coordinator_pb2.BranchRequest(participant=participant, operation=packed)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type): inf, nan, 0 or -1 is an error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive, finite number of seconds")
+    return value
 
 
 def _operation_types_hint(session: Session) -> str:
@@ -983,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g})",
@@ -1047,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--stuck", action="store_true", help="in doubt and retried, or old")
     txn_list.add_argument(
         "--stuck-after",
-        type=float,
+        type=_seconds,
         default=STUCK_AFTER_S_DEFAULT,
         metavar="SECONDS",
         help="age after which an in-doubt transaction is stuck "

@@ -126,12 +126,18 @@ def _path(raw: object, from_text: bool) -> Path:
     text = _text(raw, "a path (a string)")
     if not text:
         raise ValueError("expected a path, got an empty string")
-    return Path(text)
+    return _checked_path(text)
 
 
 def _optional_path(raw: object, from_text: bool) -> Path | None:
     text = _text(raw, 'a path (a string), or "" for none')
-    return Path(text) if text else None
+    return _checked_path(text) if text else None
+
+
+def _checked_path(text: str) -> Path:
+    if "\0" in text:  # no file system takes it; os calls would raise ValueError much later
+        raise ValueError("expected a path, got one with a NUL character")
+    return Path(text)
 
 
 def choice(values: Sequence[str], metavar: str, normalize: Callable[[str], str]) -> Kind:

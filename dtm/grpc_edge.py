@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
@@ -87,12 +88,22 @@ def bind(
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
-        raise OSError(
-            f"cannot listen on {address}: is the port already in use? ({error})"
-        ) from None
+        raise OSError(f"cannot listen on {address}: {_why_not_bound(address)} ({error})") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}: is the port already in use?")
+        raise OSError(f"cannot listen on {address}: {_why_not_bound(address)}")
     return port
+
+
+def _why_not_bound(address: str) -> str:
+    """gRPC says only that binding failed: tell a port in use from a host that is not this
+    machine's (or not an address at all)."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError as error:
+        return f"{host!r} is not an address of this machine ({error.strerror or error})"
+    return "is the port already in use?"
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

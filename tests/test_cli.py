@@ -309,6 +309,21 @@ def test_submit_file_errors(tmp_path: Path) -> None:
                     "participant 'ghost' is not registered",
                 ),
                 ([1, 2], "expected a JSON object"),
+                (
+                    {
+                        "branches": [
+                            {
+                                "participant": "inventory",
+                                "type": "dtm.v1.ReserveStock",
+                                "operation": None,
+                            }
+                        ]
+                    },
+                    "operation must be an object of dtm.v1.ReserveStock's fields",
+                ),
+                # A present id is the caller's retry key: never replaced by a made-up one.
+                ({"transaction_id": False, "branches": []}, "transaction_id must be a string"),
+                ({"transaction_id": 0, "branches": []}, "transaction_id must be a string"),
             ]
             for document, expected in cases:
                 path = tmp_path / "bad.json"
@@ -319,6 +334,9 @@ def test_submit_file_errors(tmp_path: Path) -> None:
             (tmp_path / "broken.json").write_text("{", encoding="utf-8")
             status, _, err = await dtm(*at, "submit", str(tmp_path / "broken.json"))
             assert (cli.EXIT_ERROR, True) == (status, "not valid JSON" in err)
+            (tmp_path / "deep.json").write_text("[" * 100_000, encoding="utf-8")
+            status, _, err = await dtm(*at, "submit", str(tmp_path / "deep.json"))
+            assert (cli.EXIT_ERROR, True) == (status, "nested too deeply" in err)
             status, _, err = await dtm(*at, "submit", str(tmp_path / "missing.json"))
             assert (cli.EXIT_ERROR, True) == (status, "cannot read" in err)
 
@@ -412,6 +430,11 @@ def test_usage_errors() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "expected one of preparing" in err)
     status, _, err = asyncio.run(dtm("force", "t-1", "0", "--i-understand"))
     assert cli.EXIT_USAGE == status  # neither --commit nor --rollback
+    for bad in ("inf", "nan", "0", "-1", "soon"):
+        status, _, err = asyncio.run(dtm("--timeout", bad, "txn", "list"))
+        assert (cli.EXIT_USAGE, True) == (status, "--timeout" in err), (bad, err)
+    status, _, err = asyncio.run(dtm("txn", "list", "--stuck", "--stuck-after", "nan"))
+    assert (cli.EXIT_USAGE, True) == (status, "positive, finite" in err)
     status, out, _ = asyncio.run(dtm("--help"))
     assert cli.EXIT_OK == status and "txn" in out and "crashpoints" in out
     status, out, _ = asyncio.run(dtm("coordinator", "--help"))

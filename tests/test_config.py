@@ -208,6 +208,14 @@ def test_unknown_environment_key_is_an_error() -> None:
             '[coordinator]\nwal_sync = "never"\n',
             r"wal_sync = 'never': expected one of loop, thread",
         ),
+        (
+            '[coordinator]\nlisten = "127.0.0.1:\u00b2"\n',  # "²".isdigit() is True
+            r"expected host:port with port 0\.\.65535",
+        ),
+        (
+            '[coordinator]\ndata_dir = "a\\u0000b"\n',
+            r"data_dir = .*: expected a path, got one with a NUL",
+        ),
         ("coordinator = 1\n", r"must be a section \[coordinator\]"),
         ("[coordinator\n", r"not valid TOML"),
     ],
