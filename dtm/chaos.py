@@ -825,6 +825,26 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     )
 
 
+#: A cell run this often without one crash is a crash point that no longer fires (a call to
+#: `crashpoints.hit` removed, or never reached): a test that did not run, so a failure.
+NEVER_REACHED_RUNS = 2
+
+
+def never_reached(results: Sequence[RunResult]) -> list[str]:
+    """The crash-matrix cells that ran NEVER_REACHED_RUNS times or more and never crashed."""
+    runs: Counter[str] = Counter()
+    crashed: Counter[str] = Counter()
+    for result in results:
+        if result.cell is not None:
+            runs[str(result.cell)] += 1
+            crashed[str(result.cell)] += result.target == "crashed"
+    return [
+        f"{cell}: {count} runs and not one crash (its crash point is never reached)"
+        for cell, count in runs.items()
+        if count >= NEVER_REACHED_RUNS and crashed[cell] == 0
+    ]
+
+
 def checkpoints_written(root: Path) -> Counter[str]:
     """Per process, the "checkpoint written" lines in the logs of every cluster of the session
     (the logs are appended across restarts, so crashed processes' checkpoints count too)."""
@@ -969,6 +989,10 @@ def main(argv: list[str] | None = None) -> int:
         + f"; one every {CHECKPOINT_EVERY_RECORDS} records, so kills meet them)"
     )
     violations = sum(len(result.violations) for result in results)
+    unreached = never_reached(results)
+    for line in unreached:
+        print(f"  NOT TESTED: {line}")
+    violations += len(unreached)
     failed_runs = [result for result in results if result.violations]
     if failed_runs:
         print(f"  runs with violations ({len(failed_runs)}), each replays alone:")

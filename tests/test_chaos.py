@@ -203,3 +203,19 @@ def test_the_matrix_covers_every_point_in_every_component_it_applies_to() -> Non
     per_cell = {cell: sum(1 for c, _ in planned if c == cell) for cell in cells}
     assert min(per_cell.values()) >= 4
     assert len({seed for _, seed in planned}) == 200
+
+
+def test_a_cell_that_never_crashes_is_a_failure_not_a_pass() -> None:
+    cells = chaos.matrix()
+    reached, unreached = cells[0], cells[1]
+    results = []
+    for seed, (cell, target) in enumerate(
+        [(reached, "crashed"), (reached, "not reached"), (unreached, "not reached")] * 2
+    ):
+        result = RunResult(index=seed, kind="matrix", seed=seed, cell=cell)
+        result.target = target
+        results.append(result)
+    assert [f"{unreached}: 2 runs and not one crash (its crash point is never reached)"] == (
+        chaos.never_reached(results)
+    )
+    assert [] == chaos.never_reached(results[:3])  # one run of the unreached cell: too few
