@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtm import crashpoints, invariants
+from dtm import crashpoints, invariants, wal
 from dtm.cluster import COORDINATOR, PROCESSES, SERVICES, Cluster, ClusterError, Ports
 from dtm.orderflow import OrderClient, SubmitResult, order_request
 from dtmpb.v1 import coordinator_pb2
@@ -370,6 +370,9 @@ class RunResult:
     seed: int
     cell: Cell | None = None
     crash_at: str = ""
+    #: The crash point also dropped the target's unsynced log writes, as a power loss would
+    #: (dtm.wal.LOSE_UNSYNCED_VARIABLE): odd seeds.
+    loses_unsynced: bool = False
     #: "crashed" (status 86), "not reached", or what else happened to the target.
     target: str = ""
     kills: Counter[str] = field(default_factory=Counter)
@@ -418,7 +421,10 @@ class RunResult:
         head = f"[{self.index:>{width}}/{total}]"
         if self.cell is not None:
             what = f"{self.crash_at:<40} {self.cell.component:<12} seed {self.seed:<6}"
-            what += f" {self.target:<11}"
+            target = self.target
+            if self.loses_unsynced and target == "crashed":
+                target += ", unsynced writes lost"
+            what += f" {target:<11}"
         else:
             kills = ", ".join(f"{n} {name}" for name, n in sorted(self.kills.items()))
             what = f"{'random SIGKILL under load':<40} {'-':<12} seed {self.seed:<6}"
@@ -617,6 +623,9 @@ class Session:
         count = crash_count(cell.point, ok, ORDERS_PER_BURST - ok, rng)
         result.crash_at = f"{cell.point}@{count}"
         armed = {crashpoints.ENVIRONMENT_VARIABLE: result.crash_at}
+        result.loses_unsynced = seed % 2 == 1
+        if result.loses_unsynced:
+            armed[wal.LOSE_UNSYNCED_VARIABLE] = "1"
         if cell.during_recovery:
             # Something to recover: SIGKILL the target mid-burst, then restart it armed.
             kill_after = rng.uniform(0.0, BURST_SPREAD_S + 0.1)
@@ -806,6 +815,8 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     print(f"  {headers[0]:<{width}} " + " ".join(f"{h:>10}" for h in headers[1:]))
     for key, row in rows.items():
         print(f"  {key:<{width}} " + " ".join(f"{value:>10}" for value in row[:6]))
+    cut = sum(r.loses_unsynced and r.target == "crashed" for r in results)
+    print(f"  crashes that also lost their unsynced log writes (as a power loss): {cut}")
     kill_runs = [r for r in results if r.cell is None]
     if kill_runs:
         kills: Counter[str] = Counter()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 CRASH_EXIT_STATUS = 86
 ENVIRONMENT_VARIABLE = "DTM_CRASH_AT"
@@ -55,6 +56,15 @@ ARMED: str | None = _armed[0] if _armed else None
 _remaining = _armed[1] if _armed else 0
 
 
+_before_exit: list[Callable[[], None]] = []
+
+
+def before_exit(hook: Callable[[], None]) -> None:
+    """Run `hook` when a crash point fires, just before the exit (a test mode: see
+    dtm.wal.LOSE_UNSYNCED_VARIABLE)."""
+    _before_exit.append(hook)
+
+
 def hit(name: str) -> None:
     """Die here if this point is armed (and its count is reached)."""
     if name != ARMED:
@@ -69,6 +79,8 @@ def _die(name: str) -> None:
     if _remaining > 0:
         return
     os.write(2, f"crash point {name} hit: exiting abruptly\n".encode())
+    for hook in _before_exit:
+        hook()
     os._exit(CRASH_EXIT_STATUS)
 
 

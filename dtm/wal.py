@@ -43,6 +43,7 @@ import re
 import struct
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -636,10 +637,61 @@ class _SyncTicket:
     retired: tuple[AppendFile, ...]  # closed once this sync is done: nobody uses them any more
     sync_directory: bool
     obsolete: tuple[_Segment, ...]
+    end: tuple[int, int]  # (first LSN, size) of the current segment: durable once synced
 
     @property
     def has_work(self) -> bool:
         return bool(self.fsync_handles or self.retired or self.sync_directory or self.obsolete)
+
+
+# ---- test mode: a crash point loses what was not fsynced ----
+#
+# A process crash keeps every write in the page cache; only a power loss drops the unsynced
+# ones. To test "persist before you speak" against that too, `dtm chaos` arms some crash points
+# with LOSE_UNSYNCED_VARIABLE set: before the process exits there, each open log writes a
+# marker naming its durable end, and the next open cuts everything after it, as a power loss
+# would. (The cut waits for the restart, so a write racing the exit cannot survive it.)
+LOSE_UNSYNCED_VARIABLE = "DTM_CRASH_LOSES_UNSYNCED"
+_UNSYNCED_MARKER = "unsynced-cut"
+_losing_unsynced = bool(os.environ.get(LOSE_UNSYNCED_VARIABLE))
+_open_logs: weakref.WeakSet[WriteAheadLog] = weakref.WeakSet()
+
+
+def _cut_unsynced_at_crash() -> None:
+    for log in _open_logs:
+        if log._closed:
+            continue
+        first_lsn, size = log._durable_end
+        (log._directory / _UNSYNCED_MARKER).write_text(f"{first_lsn} {size}\n")
+
+
+def _apply_unsynced_cut(fs: FileSystem, directory: Path) -> None:
+    """Cut the log back to the durable end a crash point recorded (the test mode above)."""
+    if _UNSYNCED_MARKER not in fs.list_dir(directory):
+        return
+    marker = directory / _UNSYNCED_MARKER
+    first_lsn, size = (int(part) for part in fs.read_file(marker).split())
+    for name in fs.list_dir(directory):
+        match = _SEGMENT_NAME.match(name)
+        if match and int(match.group(1)) >= first_lsn:
+            keep = size if int(match.group(1)) == first_lsn else 0
+            path = directory / name
+            if fs.file_size(path) > keep:
+                _logger.warning(
+                    "%s: cutting the unsynced writes after byte %d (test mode)", path, keep
+                )
+                handle = fs.open_append(path)
+                try:
+                    handle.truncate(keep)
+                    handle.fsync()
+                finally:
+                    handle.close()
+    fs.remove(marker)
+    fs.fsync_dir(directory)
+
+
+if _losing_unsynced:
+    crashpoints.before_exit(_cut_unsynced_at_crash)
 
 
 class WriteAheadLog:
@@ -683,7 +735,14 @@ class WriteAheadLog:
         self._largest_batch = 0
         self._fatal_message: str | None = None
         self._closed = False
+        # (first LSN, size) of the segment holding the durable tail: all before it is on disk.
+        # Only for the test mode that loses unsynced writes at a crash point (see
+        # `_cut_unsynced_at_crash`); one lock, as the sync thread and the appender both move it.
+        self._durable_end = (0, 0)
+        self._durable_end_lock = threading.Lock()
         self._handle, self._recovered = self._recover()
+        if _losing_unsynced:
+            _open_logs.add(self)
 
     @classmethod
     def open(
@@ -802,6 +861,7 @@ class WriteAheadLog:
             retired=tuple(self._retired),
             sync_directory=self._directory_sync_pending,
             obsolete=tuple(self._obsolete),
+            end=(self._segments[-1].first_lsn, self._segments[-1].size),
         )
         self._directory_sync_pending = False
         return ticket
@@ -813,6 +873,7 @@ class WriteAheadLog:
                 handle.fsync()
             if ticket.sync_directory:
                 self._fs.fsync_dir(self._directory)
+            self._advance_durable_end(ticket.end)  # before the deletions below
             # Only now is the checkpoint (and its file name) durable: the old segments can go.
             if ticket.obsolete:
                 for segment in ticket.obsolete:
@@ -956,6 +1017,11 @@ class WriteAheadLog:
             self._fs.fsync_dir(self._directory)
         except OSError as error:
             self._fatal(f"fsync of directory {self._directory} failed: {error}")
+        self._advance_durable_end((self._next_lsn, 0))  # the old segment is whole on disk
+
+    def _advance_durable_end(self, end: tuple[int, int]) -> None:
+        with self._durable_end_lock:
+            self._durable_end = max(self._durable_end, end)
 
     def _check_usable(self) -> None:
         if self._fatal_message is not None:
@@ -972,6 +1038,7 @@ class WriteAheadLog:
         fs, directory = self._fs, self._directory
         for created in fs.make_dirs(directory):
             fs.fsync_dir(created.parent)  # a new directory's name is durable only then
+        _apply_unsynced_cut(fs, directory)
         segments: list[_Segment] = []
         for name in fs.list_dir(directory):
             match = _SEGMENT_NAME.match(name)
@@ -983,6 +1050,7 @@ class WriteAheadLog:
             handle = fs.open_append(path)
             fs.fsync_dir(directory)
             self._segments = [_Segment(1, path, 0)]
+            self._durable_end = (1, 0)
             return handle, []
 
         scans: dict[int, _Scan] = {}
@@ -1112,6 +1180,7 @@ class WriteAheadLog:
         self._segments = segments
         self._next_lsn = expected_lsn
         self._durable_lsn = expected_lsn - 1
+        self._durable_end = (last.first_lsn, last.size)
         return handle, recovered
 
 

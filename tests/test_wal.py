@@ -6,6 +6,7 @@ import asyncio
 import random
 import shutil
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -1041,3 +1042,31 @@ def test_a_whole_record_out_of_sequence_at_the_tail_is_corruption_not_a_torn_wri
     with pytest.raises(LogCorruptedError, match="whole record with LSN 9 where 4 was expected"):
         WriteAheadLog.open(tmp_path)
     assert size == segment.stat().st_size  # nothing cut
+
+
+def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dtm chaos arms crash points with wal.LOSE_UNSYNCED_VARIABLE: at the crash each open log
+    notes its durable end, and the restart cuts what follows, as a power loss would."""
+    import dtm.wal as wal_module
+
+    open_logs: weakref.WeakSet[WriteAheadLog] = weakref.WeakSet()
+    monkeypatch.setattr(wal_module, "_open_logs", open_logs)
+    log, _ = WriteAheadLog.open(tmp_path, segment_bytes_max=256)
+    open_logs.add(log)
+    log.append(ENDED, b"a" * 150)
+    log.sync()
+    log.append(ENDED, b"b" * 150)  # rotates: the first segment is fsynced whole, b is not
+    log.append(ENDED, b"c" * 150)  # rotates again: b is now on disk, c is not
+    wal_module._cut_unsynced_at_crash()  # the crash point fires here
+    assert [b"a" * 150, b"b" * 150] == payloads(reopen(tmp_path))
+    assert not (tmp_path / "unsynced-cut").exists()  # applied once
+
+    log2, _ = WriteAheadLog.open(tmp_path)
+    open_logs.add(log2)
+    log2.append(ENDED, b"d")
+    log2.sync()
+    log2.append(ENDED, b"e")
+    wal_module._cut_unsynced_at_crash()
+    assert [b"a" * 150, b"b" * 150, b"d"] == payloads(reopen(tmp_path))
