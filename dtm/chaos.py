@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtm import crashpoints, invariants, wal
+from dtm import config, crashpoints, invariants, wal
 from dtm.cluster import COORDINATOR, PROCESSES, SERVICES, Cluster, ClusterError, Ports
 from dtm.orderflow import OrderClient, SubmitResult, order_request
 from dtmpb.v1 import coordinator_pb2
@@ -373,6 +373,8 @@ class RunResult:
     #: The crash point also dropped the target's unsynced log writes, as a power loss would
     #: (dtm.wal.LOSE_UNSYNCED_VARIABLE): odd seeds.
     loses_unsynced: bool = False
+    #: The target's group commit while armed (dtm.wal.async_log): "loop", or "thread".
+    wal_sync: str = "loop"
     #: "crashed" (status 86), "not reached", or what else happened to the target.
     target: str = ""
     kills: Counter[str] = field(default_factory=Counter)
@@ -423,7 +425,7 @@ class RunResult:
             what = f"{self.crash_at:<40} {self.cell.component:<12} seed {self.seed:<6}"
             target = self.target
             if self.loses_unsynced and target == "crashed":
-                target += ", unsynced writes lost"
+                target += f", unsynced writes lost (wal_sync {self.wal_sync})"
             what += f" {target:<11}"
         else:
             kills = ", ".join(f"{n} {name}" for name, n in sorted(self.kills.items()))
@@ -626,6 +628,13 @@ class Session:
         result.loses_unsynced = seed % 2 == 1
         if result.loses_unsynced:
             armed[wal.LOSE_UNSYNCED_VARIABLE] = "1"
+        if seed % 4 == 1:
+            # Half of those with the other group commit, whose fsync runs on its own thread
+            # while the loop goes on: what a reply sent too early needs to escape before the
+            # power goes (with "loop", the fsync holds the loop that would send it).
+            section = "coordinator" if target == COORDINATOR else "participant"
+            armed[config.environment_variable(section, "wal_sync")] = "thread"
+            result.wal_sync = "thread"
         if cell.during_recovery:
             # Something to recover: SIGKILL the target mid-burst, then restart it armed.
             kill_after = rng.uniform(0.0, BURST_SPREAD_S + 0.1)

@@ -56,11 +56,11 @@ ARMED: str | None = _armed[0] if _armed else None
 _remaining = _armed[1] if _armed else 0
 
 
-_before_exit: list[Callable[[], None]] = []
+_before_exit: list[Callable[[str], None]] = []
 
 
-def before_exit(hook: Callable[[], None]) -> None:
-    """Run `hook` when a crash point fires, just before the exit (a test mode: see
+def before_exit(hook: Callable[[str], None]) -> None:
+    """Run `hook(point)` when a crash point fires, just before the exit (a test mode: see
     dtm.wal.LOSE_UNSYNCED_VARIABLE)."""
     _before_exit.append(hook)
 
@@ -80,7 +80,7 @@ def _die(name: str) -> None:
         return
     os.write(2, f"crash point {name} hit: exiting abruptly\n".encode())
     for hook in _before_exit:
-        hook()
+        hook(name)
     os._exit(CRASH_EXIT_STATUS)
 
 

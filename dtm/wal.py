@@ -43,6 +43,7 @@ import re
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -657,7 +658,14 @@ _losing_unsynced = bool(os.environ.get(LOSE_UNSYNCED_VARIABLE))
 _open_logs: weakref.WeakSet[WriteAheadLog] = weakref.WeakSet()
 
 
-def _cut_unsynced_at_crash() -> None:
+#: At wal.before_fsync the test mode first stalls this long, as a slow disk would: whatever the
+#: process queued before the fsync began (replies on gRPC's own threads) leaves meanwhile.
+SLOW_FSYNC_S = 0.03
+
+
+def _cut_unsynced_at_crash(point: str = "") -> None:
+    if point == "wal.before_fsync":
+        time.sleep(SLOW_FSYNC_S)
     for log in _open_logs:
         if log._closed:
             continue
