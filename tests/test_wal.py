@@ -1062,6 +1062,7 @@ def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
     wal_module._cut_unsynced_at_crash()  # the crash point fires here
     assert [b"a" * 150, b"b" * 150] == payloads(reopen(tmp_path))
     assert not (tmp_path / "unsynced-cut").exists()  # applied once
+    log.close()  # (the process that crashed)
 
     log2, _ = WriteAheadLog.open(tmp_path)
     open_logs.add(log2)
