@@ -57,10 +57,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
 from dtm import config, crashpoints, invariants, wal
 from dtm.cluster import COORDINATOR, PROCESSES, SERVICES, Cluster, ClusterError, Ports
 from dtm.orderflow import OrderClient, SubmitResult, order_request
-from dtmpb.v1 import coordinator_pb2
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 # ---- settings: small timeouts, so that a run takes one or two seconds ----
 
@@ -345,6 +347,53 @@ def check_retry(
     return [], outcome == COMMITTED
 
 
+def check_branch_outcomes(
+    transaction_ids: Iterable[str], states: Mapping[str, Mapping[str, int]]
+) -> list[str]:
+    """Atomicity per transaction, from the branches themselves: no transaction committed in
+    one service and rolled back in another. (The state invariants compare totals per SKU, so
+    two splits of the same size on one SKU would cancel out there.) `states` is service ->
+    transaction id -> its branch's BranchState."""
+    committed, rolled_back = (
+        participant_pb2.BRANCH_STATE_COMMITTED,
+        participant_pb2.BRANCH_STATE_ROLLED_BACK,
+    )
+    violations = []
+    for transaction_id in transaction_ids:
+        by_service = {
+            name: seen[transaction_id] for name, seen in states.items() if transaction_id in seen
+        }
+        if committed in by_service.values() and rolled_back in by_service.values():
+            split = ", ".join(
+                f"{name} {participant_pb2.BranchState.Name(state)}"
+                for name, state in sorted(by_service.items())
+            )
+            violations.append(f"transaction {transaction_id} split across the services: {split}")
+    return violations
+
+
+async def read_branch_states(cluster: Cluster) -> dict[str, dict[str, int]]:
+    """Each service's newest branches (LIST_TRANSACTIONS_LIMIT_MAX: a run's are among them)."""
+    states: dict[str, dict[str, int]] = {}
+    for name, address in cluster.service_addresses.items():
+        async with grpc.aio.insecure_channel(address) as channel:
+            admin = participant_pb2_grpc.ParticipantAdminStub(channel)
+            listed = await admin.ListBranches(participant_pb2.ListBranchesRequest(), timeout=10)
+        states[name] = {branch.transaction_id: branch.state for branch in listed.branches}
+    return states
+
+
+async def read_heuristics(cluster: Cluster) -> list[str]:
+    """Heuristic outcomes the coordinator holds: chaos forces nothing, so any is a split."""
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        listed = await stub.ListHeuristics(coordinator_pb2.ListHeuristicsRequest(), timeout=10)
+    return [
+        f"heuristic outcome at {h.participant} for {h.transaction_id}: {h.outcome}"
+        for h in listed.heuristics
+    ]
+
+
 def check_ledger(ledger: Mapping[str, bool], snapshot: invariants.Snapshot) -> list[str]:
     """Every order whose outcome a client learned is still in that state: durable, never
     reversed, in every later run too."""
@@ -598,6 +647,15 @@ class Session:
                 f"after the retries: {v}" for v in invariants.report(snapshot).violations
             ]
         result.violations += check_ledger(self.ledger, snapshot)
+        try:
+            states = await read_branch_states(cluster)
+            result.violations += await read_heuristics(cluster)
+        except grpc.aio.AioRpcError as error:
+            result.violations.append(f"could not list the branches: {error.code().name}")
+            return
+        result.violations += check_branch_outcomes(
+            (record.transaction_id for record in result.records), states
+        )
 
     async def arm(self, cluster: Cluster, target: str, env: Mapping[str, str]) -> int | None:
         """Restart `target` with `env`; None once it is ready, or its exit status if it died

@@ -77,6 +77,10 @@ def test_key_crash_points_and_random_kills_lose_nothing(tmp_path: Path) -> None:
                 ClientRecord("never-placed", "txn-never-placed", COMMITTED, 100)
             )
             await session.check(cluster, fabricated)
+            # The per-transaction check reads the branches of the runs' transactions.
+            states = await chaos.read_branch_states(cluster)
+            last = {record.transaction_id for record in results[-1].records}
+            assert all(last & set(seen) for seen in states.values()), sorted(last)[:3]
         finally:
             await session.close()
         return results, fabricated
@@ -219,3 +223,23 @@ def test_a_cell_that_never_crashes_is_a_failure_not_a_pass() -> None:
         chaos.never_reached(results)
     )
     assert [] == chaos.never_reached(results[:3])  # one run of the unreached cell: too few
+
+
+def test_a_transaction_split_across_services_is_a_violation() -> None:
+    """Two splits of the same size on one SKU cancel out in the per-SKU totals; the branches
+    themselves do not."""
+    from dtmpb.v1 import participant_pb2
+
+    committed = participant_pb2.BRANCH_STATE_COMMITTED
+    rolled_back = participant_pb2.BRANCH_STATE_ROLLED_BACK
+    states = {
+        "inventory": {"t-1": rolled_back, "t-2": committed, "t-3": committed},
+        "orders": {"t-1": committed, "t-2": rolled_back, "t-3": committed},
+        "payment": {"t-1": committed, "t-3": participant_pb2.BRANCH_STATE_READ_ONLY},
+    }
+    assert [
+        "transaction t-1 split across the services: inventory BRANCH_STATE_ROLLED_BACK, "
+        "orders BRANCH_STATE_COMMITTED, payment BRANCH_STATE_COMMITTED",
+        "transaction t-2 split across the services: inventory BRANCH_STATE_COMMITTED, "
+        "orders BRANCH_STATE_ROLLED_BACK",
+    ] == chaos.check_branch_outcomes(["t-1", "t-2", "t-3", "t-never"], states)
