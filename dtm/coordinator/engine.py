@@ -254,14 +254,10 @@ class Engine:
     def query_outcome(self, transaction_id: str) -> int:
         """For a participant in doubt. No record means aborted (presumed abort)."""
         run = self.active.get(transaction_id)
-        if run is not None:
-            outcome = run.txn.outcome
-            if outcome is None or outcome is Outcome.UNKNOWN:
-                return coordinator_pb2.OUTCOME_UNSPECIFIED
-            return OUTCOME_TO_PB[outcome]
-        finished = self.finished.get(transaction_id)
-        if finished is None:
-            return coordinator_pb2.OUTCOME_ABORTED
+        finished = None if run is not None else self.finished.get(transaction_id)
+        if finished is None:  # running, or no record at all
+            answer = core.inquiry_answer(run.txn if run is not None else None)
+            return coordinator_pb2.OUTCOME_UNSPECIFIED if answer is None else OUTCOME_TO_PB[answer]
         if finished.answer in TERMINAL_ANSWERS:
             return finished.answer
         return coordinator_pb2.OUTCOME_UNSPECIFIED

@@ -45,6 +45,17 @@ class Outcome(Enum):
     UNKNOWN = "unknown"
 
 
+def inquiry_answer(txn: Transaction | None) -> Outcome | None:
+    """What the coordinator tells a participant in doubt about `txn` (None: it has no record
+    of it), or None while it is undecided (the participant asks again later). Presumed abort:
+    no record means ABORTED (rule 6). The engine answers with it, and so does the simulator's
+    model of the engine, so the rule is tested where it is used."""
+    if txn is None:
+        return Outcome.ABORTED
+    outcome = txn.outcome
+    return None if outcome is Outcome.UNKNOWN else outcome
+
+
 # Rollbacks are best-effort under presumed abort; past this many failures the participant's
 # inquiry resolves the branch.
 ROLLBACK_ATTEMPTS_MAX = 5

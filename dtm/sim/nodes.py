@@ -281,17 +281,10 @@ class CoordinatorNode:
     def _answer_query(self, source: str, query: msg.OutcomeQuery) -> None:
         # engine.query_outcome: no record at all means aborted (presumed abort).
         run = self.runs.get(query.transaction_id)
-        answer: msg.Answer
-        if run is None:
-            answer = "aborted"
-        else:
-            outcome = run.txn.outcome
-            if outcome is None or outcome is Outcome.UNKNOWN:
-                answer = "unspecified"
-            elif outcome is Outcome.COMMITTED:
-                answer = "committed"
-            else:
-                answer = "aborted"
+        outcome = tcore.inquiry_answer(run.txn if run is not None else None)
+        answer: msg.Answer = "unspecified"
+        if outcome is not None:
+            answer = "committed" if outcome is Outcome.COMMITTED else "aborted"
         self.world.cover(f"coordinator: inquiry answered {answer}")
         if answer != "unspecified":
             self.world.checker.coordinator_said(
