@@ -318,7 +318,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 f"finished and forgotten (the last {self.coordinator.config.finished_kept} "
                 "finished transactions are kept)",
             )
-            raise AssertionError("unreachable")
         return transaction_pb(view)
 
     async def ListTransactions(
@@ -351,7 +350,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no transaction {request.transaction_id[:128]!r} is known here",
             )
-            raise AssertionError("unreachable")
         self.coordinator.log.info("phase 2 retried by an operator", txn=request.transaction_id)
         return transaction_pb(view)
 
@@ -378,7 +376,6 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 f"no heuristic outcome is kept for {request.transaction_id}/{request.branch}: "
                 "never recorded, or already forgotten (list them with ListHeuristics)",
             )
-            raise AssertionError("unreachable")
         return coordinator_pb2.ForgetHeuristicResponse(forgotten=heuristic_pb(forgotten))
 
     async def QueryOutcome(
