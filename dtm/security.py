@@ -37,9 +37,10 @@ DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's ow
     --authz-operators A   DTM_AUTHZ_OPERATORS     identities allowed on ParticipantAdmin
     --authz-participants  DTM_AUTHZ_PARTICIPANTS  identities allowed to register / inquire
     --authz-coordinator   DTM_AUTHZ_COORDINATOR   the identity allowed to drive participants
-                          DTM_TLS_REQUIRE_CLIENT_CERT=0   server-side TLS only (no mTLS);
-                                                 peers without a certificate then have no
-                                                 identity and reach only the open methods
+
+Every server requires a client certificate: Python's gRPC cannot ask for one without requiring
+it, so a "certificates optional" mode would give no peer an identity (DTM_TLS_REQUIRE_CLIENT_CERT
+=0 is refused).
 
 `python -m dtm.tools.certs --out certs/` (or `make certs`) makes a test CA and certificates.
 """
@@ -121,7 +122,6 @@ class TlsConfig:
     ca_cert: Path
     cert: Path
     key: Path
-    require_client_cert: bool = True
     policy: Policy = field(default_factory=Policy)
 
     @classmethod
@@ -212,13 +212,17 @@ def from_options(
         text = getattr(options, f"authz_{role}", None) or env.get(f"DTM_AUTHZ_{role.upper()}")
         if text:
             roles[role] = _identities(text)
-    require = env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1").lower() not in ("0", "false", "no")
+    if env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1").lower() in ("0", "false", "no"):
+        # It used to turn client certificates off: then the server never asks for one, no
+        # peer has an identity, and every guarded method refuses every caller.
+        raise ValueError(
+            "DTM_TLS_REQUIRE_CLIENT_CERT=0 is not supported: Python's gRPC cannot ask for a "
+            "client certificate without requiring it, so no caller would have an identity "
+            "and every guarded method would refuse it; unset it (mutual TLS), or run without "
+            "--tls-* (plaintext, local development only)"
+        )
     return TlsConfig(
-        ca_cert=paths["ca"],
-        cert=paths["cert"],
-        key=paths["key"],
-        require_client_cert=require,
-        policy=Policy(**roles),
+        ca_cert=paths["ca"], cert=paths["cert"], key=paths["key"], policy=Policy(**roles)
     )
 
 
@@ -242,7 +246,7 @@ def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(cfg.key_pem, cfg.cert_pem)],
         root_certificates=cfg.ca_pem,
-        require_client_auth=cfg.require_client_cert,
+        require_client_auth=True,
     )
 
 
@@ -428,5 +432,4 @@ def describe(cfg: TlsConfig | None) -> str:
     """One line for startup logs."""
     if cfg is None:
         return "insecure (plaintext, no authorization: local development only)"
-    mode = "mutual TLS" if cfg.require_client_cert else "TLS (client certificates optional)"
-    return f"{mode}, certificate {cfg.cert}"
+    return f"mutual TLS, certificate {cfg.cert}"

@@ -429,6 +429,11 @@ def test_certificates_and_configuration(ca_dir: Path, tmp_path: Path) -> None:
     # A child process given these flags ends up with the same configuration.
     again = security.from_options(parser.parse_args(security.arguments(cfg)), environ={})
     assert cfg == again
+    # "Client certificates optional" would give no peer an identity: refused, not half-on.
+    with pytest.raises(ValueError, match="DTM_TLS_REQUIRE_CLIENT_CERT=0 is not supported"):
+        security.from_options(
+            parser.parse_args([]), {**environ, "DTM_TLS_REQUIRE_CLIENT_CERT": "0"}
+        )
 
 
 def test_tls_files_from_the_configuration_file(ca_dir: Path) -> None:
