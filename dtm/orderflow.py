@@ -37,6 +37,9 @@ ORDER_PARTICIPANTS = (INVENTORY, ORDERS, PAYMENT, NOTIFICATION)
 #: limit of transactions in flight nothing ran; a message over the size limit stays so).
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 RETRY_ATTEMPTS_DEFAULT = 8
+#: A transaction larger than this is sent in its own Submit, not batched: SUBMIT_BATCH_MAX of
+#: them (with a few bytes of framing each) then always fit one message (MESSAGE_BYTES_MAX).
+BATCHED_REQUEST_BYTES_MAX = limits.MESSAGE_BYTES_MAX // limits.SUBMIT_BATCH_MAX - 64
 #: First and largest wait between two Submits of submit_until_known, seconds.
 RETRY_BACKOFF_S = (0.05, 2.0)
 
@@ -229,7 +232,7 @@ class OrderClient:
             timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
             timeout_s = timeout_ms / 1000 + 5.0
         started = time.perf_counter()
-        if self._batcher is not None:
+        if self._batcher is not None and request.ByteSize() <= BATCHED_REQUEST_BYTES_MAX:
             return await self._submit_batched(request, timeout_s, started)
         try:
             response: coordinator_pb2.SubmitResponse = await self.stub.Submit(
