@@ -31,6 +31,9 @@ LINES_PER_OPERATION_MAX = 100
 QUANTITY_MAX = 1_000_000
 AMOUNT_CENTS_MAX = 10**12
 TEXT_FIELD_LENGTH_MAX = 1024
+# What the coordinator keeps of a participant's reason or error: answered to the client for each
+# of up to 32 branches, within MESSAGE_BYTES_MAX.
+REASON_CHARS_MAX = 1024
 PARTICIPANTS_MAX = 256
 # Operation types one participant declares: the whole registry (PARTICIPANTS_MAX of them) is one
 # checkpoint record, so 256 x 16 names of TEXT_FIELD_LENGTH_MAX stay well within a record.

@@ -4,19 +4,22 @@ keeps nothing, and a refusal waits for the records of the effects it was based o
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from dtm import limits
 from dtm.core.branch import BranchState, BranchVote
 from dtm.wal import MemoryLog
-from dtmpb.v1 import shop_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine
 from participants.locks import LockManager
 from participants.service import Prepared, ReadOnly, Refused, Service
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
+from tests.test_heuristics import ScriptedParticipant, _scripted_branch, scripted_cluster
 
 
 class WaitsRecorded(MemoryLog):
@@ -85,5 +88,29 @@ def test_a_refusal_waits_for_the_commit_it_rests_on() -> None:
         assert "o-1" in second[1]
         await orders.wait_durable([("t-2", 1)])  # what the server does before answering
         assert log.waited and log.waited[-1] >= committed_at
+
+    asyncio.run(scenario())
+
+
+def test_a_participant_s_long_reasons_are_cut_so_the_answer_fits(tmp_path: Path) -> None:
+    """A participant in another language votes PREPARED with a 200 KB reason on 32 branches:
+    kept whole, the transaction committed but its Submit answer (6.4 MB) could not be sent,
+    and the client heard a final RESOURCE_EXHAUSTED."""
+
+    class Chatty(ScriptedParticipant):
+        async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:
+            return participant_pb2.PrepareResponse(
+                vote=coordinator_pb2.VOTE_PREPARED, reason="r" * 200_000
+            )
+
+    async def scenario() -> None:
+        chatty = Chatty()
+        async with scripted_cluster(tmp_path, chatty) as cluster:
+            branches = [_scripted_branch() for _ in range(32)]
+            response = await cluster.submit(branches, "t-chatty")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            reason = response.branches[0].reason
+            assert reason.startswith("r" * limits.REASON_CHARS_MAX)
+            assert reason.endswith(f"({200_000 - limits.REASON_CHARS_MAX} more characters)")
 
     asyncio.run(scenario())

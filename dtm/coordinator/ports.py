@@ -331,13 +331,13 @@ class ParticipantPort:
             invalid = (
                 error.details() or "" if error.code() is grpc.StatusCode.INVALID_ARGUMENT else ""
             )
-            item.done(PrepareResult(None, rpc_failure(error, item.timeout_s), invalid))
+            item.done(PrepareResult(None, rpc_failure(error, item.timeout_s), _said(invalid)))
             return
         except Exception as error:  # a bug: fail the item (so the transaction aborts), say why
             _internal_error(self.client.name, "Prepare", error)
             item.done(PrepareResult(None, f"internal error: {type(error).__name__}: {error}"))
             return
-        item.done(PrepareResult(vote, reason, id_reused=id_reused))
+        item.done(PrepareResult(vote, _said(reason), id_reused=_said(id_reused)))
 
     async def _unary_decide(self, item: DecideItem) -> None:
         timeout_s = self._phase_two_timeout_s
@@ -389,13 +389,15 @@ class ParticipantPort:
             if not result.ok:
                 code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
                 heuristic = reported_heuristic(decision.commit, code, heuristic)
-            decision.done(DecideResult(result.ok, result.error, heuristic))
+            decision.done(DecideResult(result.ok, _said(result.error), _said(heuristic)))
         for prepare, answer in zip(prepares, response.votes, strict=True):
             if answer.invalid_argument:
-                prepare.done(PrepareResult(None, answer.invalid_argument, answer.invalid_argument))
+                invalid = _said(answer.invalid_argument)
+                prepare.done(PrepareResult(None, invalid, invalid))
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
-                prepare.done(PrepareResult(vote, answer.reason, id_reused=answer.id_reused))
+                reason = _said(answer.reason)
+                prepare.done(PrepareResult(vote, reason, id_reused=_said(answer.id_reused)))
 
     def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
         """The prepares with time left to be answered. The others ran out of it waiting for
@@ -486,10 +488,20 @@ def reported_heuristic(commit: bool, code: grpc.StatusCode, forced: str) -> str:
     return ""
 
 
+def _said(text: str) -> str:
+    """What a participant said (a reason, an error), cut to REASON_CHARS_MAX: it is kept with
+    the transaction and answered to its client, whose answer must fit one message (32 branches
+    of a 200 KB reason did not, and a committed transaction was reported RESOURCE_EXHAUSTED)."""
+    if len(text) <= limits.REASON_CHARS_MAX:
+        return text
+    cut = len(text) - limits.REASON_CHARS_MAX
+    return f"{text[: limits.REASON_CHARS_MAX]}... ({cut} more characters)"
+
+
 def rpc_failure(error: grpc.aio.AioRpcError, timeout_s: float) -> str:
     code = error.code()
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"no answer within the {round(timeout_s * 1000)} ms deadline"
     if code is grpc.StatusCode.UNAVAILABLE:
-        return f"unavailable ({error.details()})"
-    return f"{code.name}: {error.details()}"
+        return _said(f"unavailable ({error.details()})")
+    return _said(f"{code.name}: {error.details()}")
