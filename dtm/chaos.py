@@ -189,6 +189,15 @@ def matrix(include_wal: bool | None = None) -> list[Cell]:
     return cells
 
 
+def run_modes(cell: Cell, seed: int) -> tuple[bool, bool]:
+    """(lose the unsynced writes, and group commit on its own thread) for a crash-matrix run:
+    half the runs lose them, and half of those use wal_sync = thread. Drawn per (cell, seed),
+    not from the seed's parity, which with an even number of cells gives each cell one mode."""
+    modes = random.Random(f"chaos-modes:{cell}:{seed}")
+    loses = modes.random() < 0.5
+    return loses, loses and modes.random() < 0.5
+
+
 def crash_count(point: str, ok_orders: int, aborting_orders: int, rng: random.Random) -> int:
     """The n of "<point>@<n>": a seeded count that a burst's orders are likely to reach, so
     that the crash hits the first, a middle or a late transaction of the burst."""
@@ -420,7 +429,7 @@ class RunResult:
     cell: Cell | None = None
     crash_at: str = ""
     #: The crash point also dropped the target's unsynced log writes, as a power loss would
-    #: (dtm.wal.LOSE_UNSYNCED_VARIABLE): odd seeds.
+    #: (dtm.wal.LOSE_UNSYNCED_VARIABLE): half the runs, drawn per (cell, seed).
     loses_unsynced: bool = False
     #: The target's group commit while armed (dtm.wal.async_log): "loop", or "thread".
     wal_sync: str = "loop"
@@ -504,6 +513,8 @@ class Session:
         self.clusters_started = 0
         #: Order id -> must be CONFIRMED; every order whose outcome is known, for this cluster.
         self.ledger: dict[str, bool] = {}
+        #: Heuristic outcomes already reported as violations, for this cluster.
+        self.heuristics_reported: set[str] = set()
         self.orders_on_cluster = 0
 
     # ---- the cluster ----
@@ -530,6 +541,7 @@ class Session:
             await asyncio.to_thread(cluster.start)
             self.cluster = cluster
             self.ledger = {}
+            self.heuristics_reported = set()
             self.orders_on_cluster = 0
         return self.cluster
 
@@ -649,7 +661,11 @@ class Session:
         result.violations += check_ledger(self.ledger, snapshot)
         try:
             states = await read_branch_states(cluster)
-            result.violations += await read_heuristics(cluster)
+            # The coordinator keeps a heuristic until an operator forgets it: report it once,
+            # in the run that made it, not in every later run on this cluster.
+            heuristics = await read_heuristics(cluster)
+            result.violations += [h for h in heuristics if h not in self.heuristics_reported]
+            self.heuristics_reported.update(heuristics)
         except grpc.aio.AioRpcError as error:
             result.violations.append(f"could not list the branches: {error.code().name}")
             return
@@ -683,10 +699,10 @@ class Session:
         count = crash_count(cell.point, ok, ORDERS_PER_BURST - ok, rng)
         result.crash_at = f"{cell.point}@{count}"
         armed = {crashpoints.ENVIRONMENT_VARIABLE: result.crash_at}
-        result.loses_unsynced = seed % 2 == 1
+        result.loses_unsynced, thread = run_modes(cell, seed)
         if result.loses_unsynced:
             armed[wal.LOSE_UNSYNCED_VARIABLE] = "1"
-        if seed % 4 == 1:
+        if thread:
             # Half of those with the other group commit, whose fsync runs on its own thread
             # while the loop goes on: what a reply sent too early needs to escape before the
             # power goes (with "loop", the fsync holds the loop that would send it).

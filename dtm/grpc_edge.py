@@ -99,9 +99,12 @@ def _why_not_bound(address: str) -> str:
     machine's (or not an address at all)."""
     host = address.rpartition(":")[0].strip("[]")
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.bind((host, 0))
-    except OSError as error:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host or None, 0, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as error:  # socket.gaierror included: not a name at all
         return f"{host!r} is not an address of this machine ({error.strerror or error})"
     return "is the port already in use?"
 

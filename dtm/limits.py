@@ -12,9 +12,9 @@ import re
 TRANSACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
 ADDRESS_LENGTH_MAX = 256
-# host:port as gRPC dials it: a host without whitespace or control characters (a name, an IPv4
-# address, or [an IPv6 one]) and an ASCII port ("²".isdigit() is true, int("²") fails).
-ADDRESS_PATTERN = re.compile(r"([^\s:\x00-\x1f\x7f]+|\[[0-9A-Fa-f:.%]+\]):([0-9]{1,5})")
+# The port of a host:port address (or of a gRPC target such as dns:///name:port or
+# [fe80::1%eth0]:port): ASCII digits ("²".isdigit() is true, int("²") fails).
+PORT_PATTERN = re.compile(r"[0-9]{1,5}")
 RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 
 # ---- requests ----
@@ -74,11 +74,12 @@ WAITERS_PER_RESOURCE_MAX = 1_024
 
 
 def address_port(address: str) -> int | None:
-    """The port of a well-formed host:port address, else None."""
-    if len(address) > ADDRESS_LENGTH_MAX:
+    """The port of a well-formed host:port address (no whitespace or control character
+    anywhere), else None."""
+    if len(address) > ADDRESS_LENGTH_MAX or not address.isprintable() or " " in address:
         return None
-    match = ADDRESS_PATTERN.fullmatch(address)
-    return int(match.group(2)) if match else None
+    host, _, port = address.rpartition(":")
+    return int(port) if host and PORT_PATTERN.fullmatch(port) else None
 
 
 def transaction_id_problem(transaction_id: str) -> str | None:

@@ -654,7 +654,7 @@ class _SyncTicket:
 # would. (The cut waits for the restart, so a write racing the exit cannot survive it.)
 LOSE_UNSYNCED_VARIABLE = "DTM_CRASH_LOSES_UNSYNCED"
 _UNSYNCED_MARKER = "unsynced-cut"
-_losing_unsynced = bool(os.environ.get(LOSE_UNSYNCED_VARIABLE))
+_losing_unsynced = os.environ.get(LOSE_UNSYNCED_VARIABLE) == "1"
 _open_logs: weakref.WeakSet[WriteAheadLog] = weakref.WeakSet()
 
 
@@ -678,7 +678,15 @@ def _apply_unsynced_cut(fs: FileSystem, directory: Path) -> None:
     if _UNSYNCED_MARKER not in fs.list_dir(directory):
         return
     marker = directory / _UNSYNCED_MARKER
-    first_lsn, size = (int(part) for part in fs.read_file(marker).split())
+    parts = fs.read_file(marker).split()
+    if len(parts) != 2 or not all(part.isdigit() for part in parts):
+        raise LogCorruptedError(marker, 0, "malformed unsynced-cut marker (a chaos test file)")
+    first_lsn, size = int(parts[0]), int(parts[1])
+    _logger.warning(
+        "%s: a crash point in test mode (%s) lost the writes not fsynced: cutting them",
+        directory,
+        LOSE_UNSYNCED_VARIABLE,
+    )
     for name in fs.list_dir(directory):
         match = _SEGMENT_NAME.match(name)
         if match and int(match.group(1)) >= first_lsn:

@@ -243,3 +243,12 @@ def test_a_transaction_split_across_services_is_a_violation() -> None:
         "transaction t-2 split across the services: inventory BRANCH_STATE_COMMITTED, "
         "orders BRANCH_STATE_ROLLED_BACK",
     ] == chaos.check_branch_outcomes(["t-1", "t-2", "t-3", "t-never"], states)
+
+
+def test_every_cell_gets_every_crash_mode_whatever_the_number_of_cells() -> None:
+    cells = [c for c in chaos.matrix() if "inventory" in str(c)]  # an even number of them
+    assert len(cells) % 2 == 0
+    planned = chaos.plan(200, 0, 1, cells)
+    for cell in cells:
+        modes = {chaos.run_modes(c, seed) for c, seed in planned if c == cell}
+        assert {(False, False), (True, False), (True, True)} == modes, cell

@@ -377,3 +377,9 @@ def test_checkpoint_interval_reaches_both_engines(
     with pytest.raises(SystemExit):
         participant_server.parse_args("orders", ["--checkpoint-every-records", "5"])
     assert "allowed 100..100000000" in capsys.readouterr().err
+
+
+def test_grpc_target_forms_are_addresses() -> None:
+    for target in ("dns:///coordinator:50050", "ipv4:10.0.0.1:50050", "[fe80::1%eth0]:50050"):
+        loaded = load(environ={"DTM_PARTICIPANT_COORDINATOR": target})
+        assert target == loaded.participant.coordinator

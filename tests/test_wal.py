@@ -1071,3 +1071,12 @@ def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
     log2.append(ENDED, b"e")
     wal_module._cut_unsynced_at_crash()
     assert [b"a" * 150, b"b" * 150, b"d"] == payloads(reopen(tmp_path))
+
+
+def test_a_malformed_unsynced_cut_marker_is_refused_not_guessed(tmp_path: Path) -> None:
+    write_log(tmp_path, [b"a"])
+    (tmp_path / "unsynced-cut").write_text("not numbers\n")
+    with pytest.raises(LogCorruptedError, match="malformed unsynced-cut marker"):
+        WriteAheadLog.open(tmp_path)
+    (tmp_path / "unsynced-cut").unlink()
+    assert [b"a"] == payloads(reopen(tmp_path))  # nothing was cut
