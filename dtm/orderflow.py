@@ -173,6 +173,7 @@ class _Pending:
     timeout_s: float
     started: float
     answer: asyncio.Future[SubmitResult]
+    sent: bool = False
 
 
 class OrderClient:
@@ -204,6 +205,8 @@ class OrderClient:
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self._batcher: Batcher[_Pending] | None = None
+        self._batch_calls = 0
+        self._batch_items = 0
         if batch_in_flight:
             policy = BatchPolicy(
                 in_flight_max=batch_in_flight,
@@ -219,9 +222,7 @@ class OrderClient:
     @property
     def batches(self) -> tuple[int, int]:
         """(SubmitBatch calls made, transactions they carried); (0, 0) when not batching."""
-        if self._batcher is None:
-            return 0, 0
-        return self._batcher.calls, self._batcher.items
+        return self._batch_calls, self._batch_items
 
     async def submit(
         self, request: coordinator_pb2.SubmitRequest, *, timeout_s: float | None = None
@@ -250,12 +251,19 @@ class OrderClient:
             message = "the client is closed: nothing was sent"
             return _failed(request, grpc.StatusCode.CANCELLED, message, started)
         answer: asyncio.Future[SubmitResult] = asyncio.get_running_loop().create_future()
-        self._batcher.add(_Pending(request, timeout_s, started, answer))
+        pending = _Pending(request, timeout_s, started, answer)
+        self._batcher.add(pending)
         try:
             # Its own deadline, whatever its neighbours' (the call waits for the longest).
             return await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
-            message = f"no answer within {timeout_s:g} s; the transaction may have run"
+            if pending.sent:
+                message = f"no answer within {timeout_s:g} s; the transaction may have run"
+            else:  # and never will be: _send_batch skips an answered submit
+                message = (
+                    f"not sent: {timeout_s:g} s passed while it queued behind the SubmitBatch "
+                    "calls in flight; nothing ran"
+                )
             return _failed(request, grpc.StatusCode.DEADLINE_EXCEEDED, message, started)
 
     async def submit_until_known(
@@ -299,6 +307,10 @@ class OrderClient:
         batch = [pending for pending in batch if not pending.answer.done()]
         if not batch:
             return
+        self._batch_calls += 1
+        self._batch_items += len(batch)
+        for pending in batch:
+            pending.sent = True
         try:
             results = await self._call_batch(batch)
         except Exception as error:  # not a gRPC status (a closed channel...): still an answer

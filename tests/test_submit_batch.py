@@ -303,3 +303,20 @@ def test_an_answer_too_large_for_one_message_keeps_every_outcome() -> None:
     assert (3, False) == (answer.results[-1].code, answer.results[-1].HasField("response"))
     small = coordinator_pb2.SubmitBatchResponse(results=results[:2])
     assert small == fitted(coordinator_pb2.SubmitBatchResponse(results=results[:2]))
+
+
+def test_a_submit_that_gives_up_while_queued_is_neither_sent_nor_counted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=500)
+            async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
+                slow = asyncio.ensure_future(client.submit(order("o-slow")))
+                await eventually(in_flight(client))
+                hasty = await client.submit(order("o-hasty"), timeout_s=0.1)  # queued behind
+                assert (await slow).committed
+                assert (1, 1) == client.batches  # the one call that was made
+            assert grpc.StatusCode.DEADLINE_EXCEEDED == hasty.code
+            assert "not sent" in hasty.message and "nothing ran" in hasty.message
+            assert "o-hasty" not in await cluster.orders()
+
+    asyncio.run(scenario())
