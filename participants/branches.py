@@ -99,6 +99,7 @@ def _decided_entry(info: BranchInfo) -> bytes:
         transaction_fingerprint=info.fingerprint,
         decided_at_unix_ms=info.updated_at_ms,
         forgotten=info.forgotten,
+        one_phase=branch.one_phase,
     ).SerializeToString()
     return _field(_DECIDED_KEY, entry)
 
@@ -110,7 +111,12 @@ def _decided_info(entry: bytes) -> BranchInfo:
     while entry[start] & 0x80:
         start += 1
     decided = log_pb2.DecidedBranch.FromString(entry[start + 1 :])
-    branch = Branch(decided.transaction_id, decided.branch, _PB_TO_STATE[decided.state])
+    branch = Branch(
+        decided.transaction_id,
+        decided.branch,
+        _PB_TO_STATE[decided.state],
+        one_phase=decided.one_phase,
+    )
     branch.vote = _PB_TO_VOTE.get(decided.vote)
     branch.reason = decided.reason
     branch.heuristic = decided.heuristic

@@ -7,14 +7,15 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from dtm import limits
-from dtm.core.branch import BranchState, BranchVote
+from dtm.core.branch import BranchState, BranchVote, ErrorKind
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from participants.branches import BranchEngine
+from participants.branches import BranchEngine, BranchError
 from participants.locks import LockManager
 from participants.service import Prepared, ReadOnly, Refused, Service
 from participants.services.inventory import InventoryService
@@ -114,3 +115,26 @@ def test_a_participant_s_long_reasons_are_cut_so_the_answer_fits(tmp_path: Path)
             assert reason.endswith(f"({200_000 - limits.REASON_CHARS_MAX} more characters)")
 
     asyncio.run(scenario())
+
+
+class Idle(InventoryService):
+    """Votes READ_ONLY: nothing to change here."""
+
+    def prepare(
+        self, owner: str, operation: shop_pb2.ReserveStock
+    ) -> Prepared | ReadOnly | Refused:
+        return ReadOnly()
+
+
+def test_a_one_phase_read_only_branch_tells_a_probe_it_completed() -> None:
+    """Its transaction committed (rule 8). The coordinator probes a lost one-phase answer
+    with a Rollback; an acknowledgement would make it report ABORTED."""
+    idle = engine(Idle())
+    reserve = packed(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)]))
+    assert (BranchVote.READ_ONLY, "") == idle.begin_prepare("t-one", 0, reserve, True)
+    assert (BranchVote.READ_ONLY, "") == idle.begin_prepare("t-two", 0, reserve, False)
+    with pytest.raises(BranchError) as raised:
+        idle.decide_now("t-one", 0, commit=False)
+    assert ErrorKind.FAILED_PRECONDITION is raised.value.kind
+    assert "already completed (read-only, in one phase)" in str(raised.value)
+    idle.decide_now("t-two", 0, commit=False)  # two-phase: an abort's Rollback is acknowledged

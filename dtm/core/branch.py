@@ -355,6 +355,19 @@ def _conflict(branch: Branch, message: str) -> list[BranchAction]:
     return [ReplyError(ErrorKind.FAILED_PRECONDITION, message)]
 
 
+def _on_rollback_read_only(branch: Branch, event: RollbackRequested) -> list[BranchAction]:
+    if branch.one_phase:
+        # A one-phase read-only branch is its transaction's whole outcome, and that outcome is
+        # committed (rule 8). A Rollback here is the coordinator probing a lost answer:
+        # acknowledging it would report the transaction ABORTED.
+        return _conflict(
+            branch,
+            f"branch {branch.transaction_id}/{branch.index} already completed (read-only, "
+            "in one phase): nothing to roll back",
+        )
+    return [ReplyAck()]
+
+
 def _already_committed(branch: Branch, event: BranchEvent) -> list[BranchAction]:
     return _conflict(branch, f"branch {branch.transaction_id}/{branch.index} is already committed")
 
@@ -425,7 +438,7 @@ TRANSITIONS: dict[tuple[BranchState, type], BranchHandler] = {
     (B.REFUSED, CommitRequested): _already_rolled_back,
     (B.REFUSED, LeaseExpired): _nothing,
     (B.READ_ONLY, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
-    (B.READ_ONLY, RollbackRequested): _ack,
+    (B.READ_ONLY, RollbackRequested): _on_rollback_read_only,  # type: ignore[dict-item]
     (B.READ_ONLY, CommitRequested): _ack,
     (B.READ_ONLY, LeaseExpired): _nothing,
 }

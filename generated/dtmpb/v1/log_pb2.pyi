@@ -120,7 +120,7 @@ class BranchForgotten(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class DecidedBranch(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten", "one_phase")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class DecidedBranch(_message.Message):
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: _participant_pb2.BranchState
@@ -139,7 +140,8 @@ class DecidedBranch(_message.Message):
     transaction_fingerprint: bytes
     decided_at_unix_ms: int
     forgotten: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ...) -> None: ...
+    one_phase: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ..., one_phase: _Optional[bool] = ...) -> None: ...
 
 class ParticipantCheckpoint(_message.Message):
     __slots__ = ("service_state", "prepared", "decided")
