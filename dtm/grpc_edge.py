@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -44,6 +45,15 @@ def status_details(message: str) -> str:
         return message
     cut = len(message) - STATUS_DETAILS_CHARS_MAX
     return f"{message[:STATUS_DETAILS_CHARS_MAX]}... ({cut} more characters)"
+
+
+def enum_problem(values: Iterable[int], enum: EnumTypeWrapper, what: str) -> str | None:
+    """What is wrong with `values` of a repeated enum field (numbers its type does not
+    define: a newer client, or garbage), or None."""
+    unknown = set(values) - set(enum.values())
+    if not unknown:
+        return None
+    return f"unknown {what} {sorted(unknown)}; known: {', '.join(enum.keys())}"
 
 
 async def abort(

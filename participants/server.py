@@ -429,13 +429,9 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 "fault injection is disabled; start the service with --test-control to allow it",
             )
-        if request.mode not in participant_pb2.FaultMode.values():
-            await grpc_edge.abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown fault mode {request.mode}; known: "
-                + ", ".join(participant_pb2.FaultMode.keys()),
-            )
+        problem = grpc_edge.enum_problem([request.mode], participant_pb2.FaultMode, "fault mode")
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.mode == participant_pb2.FAULT_MODE_SLOW and request.delay_ms == 0:
             await grpc_edge.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "FAULT_MODE_SLOW needs delay_ms"
@@ -454,14 +450,11 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ListBranchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ListBranchesResponse:
-        unknown = set(request.states) - set(participant_pb2.BranchState.values())
-        if unknown:
-            await grpc_edge.abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown branch state(s) {sorted(unknown)}; known: "
-                + ", ".join(participant_pb2.BranchState.keys()),
-            )
+        problem = grpc_edge.enum_problem(
+            request.states, participant_pb2.BranchState, "branch state(s)"
+        )
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         wanted = {state for state in BranchState if STATE_TO_PB[state] in request.states}
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()

@@ -323,14 +323,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListTransactions(
         self, request: coordinator_pb2.ListTransactionsRequest, context: Context
     ) -> coordinator_pb2.ListTransactionsResponse:
-        unknown = set(request.states) - set(coordinator_pb2.TransactionState.values())
-        if unknown:
-            await grpc_edge.abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown transaction state(s) {sorted(unknown)}; known: "
-                + ", ".join(coordinator_pb2.TransactionState.keys()),
-            )
+        problem = grpc_edge.enum_problem(
+            request.states, coordinator_pb2.TransactionState, "transaction state(s)"
+        )
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         limit = _list_limit(request.limit)
         found: list[coordinator_pb2.Transaction] = []
         for view in self.engine.views(set(request.states)):
