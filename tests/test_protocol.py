@@ -340,6 +340,22 @@ def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted
     answer on its way rolls inventory back (found by a bug hunt)."""
     txn = "txn-rerun"
 
+    def branches() -> list[coordinator_pb2.BranchRequest]:
+        return [
+            coordinator_pb2.BranchRequest(
+                participant="inventory",
+                operation=pack(
+                    shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+                ),
+            ),
+            coordinator_pb2.BranchRequest(
+                participant="payment",
+                operation=pack(
+                    shop_pb2.ChargePayment(account_id="acct-alice", amount_cents=7, order_id="o-r")
+                ),
+            ),
+        ]
+
     async def states(cluster: InProcessCluster, name: str) -> list[str]:
         listed = await cluster.admin(name).ListBranches(participant_pb2.ListBranchesRequest())
         return [
@@ -350,7 +366,12 @@ def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted
 
     async def scenario() -> None:
         overrides = {"in_doubt_after_ms": 300, "tick_ms": 20}
-        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+        # The first attempt must still be undecided when the coordinator goes down, however
+        # loaded the machine: a prepare timeout far beyond the time that takes. (Two branches
+        # only: a third that resolves its own inquiry would refuse the retry by itself.)
+        async with InProcessCluster(
+            tmp_path, prepare_timeout_ms=10_000, participant_overrides=overrides
+        ) as cluster:
             inventory = cluster.participants["inventory"]
             answered, deliver = asyncio.Event(), asyncio.Event()
             real_ask = inventory._ask
@@ -367,10 +388,8 @@ def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted
                 await real_ask(Network(), key, now)
 
             inventory._ask = slow_answer  # type: ignore[method-assign]
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, 3_000)
-            first = asyncio.ensure_future(
-                cluster.submit(order_branches("o-rerun", [("sku-apple", 1)]), txn)
-            )
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, 12_000)
+            first = asyncio.ensure_future(cluster.submit(branches(), txn))
 
             async def inventory_prepared() -> bool:
                 return ["BRANCH_STATE_PREPARED"] == await states(cluster, "inventory")
@@ -382,7 +401,7 @@ def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
             await asyncio.wait_for(answered.wait(), 10)  # ABORTED, on its way
 
-            retry = await cluster.submit(order_branches("o-rerun", [("sku-apple", 1)]), txn)
+            retry = await cluster.submit(branches(), txn)
             assert coordinator_pb2.OUTCOME_ABORTED == retry.outcome
             assert "earlier attempt" in retry.reason
             deliver.set()
