@@ -67,6 +67,12 @@ def test_500_seeds_hold_every_invariant() -> None:
         "coordinator: one-phase probe answered ErrorReply",
         "coordinator: retry in state committing",
         "participant: duplicate Prepare on prepared",
+        "client: submitted again because its answer was lost",
+        "client: submitted again because its deadline passed",
+        "client: submitted again because the coordinator went down",
+        "coordinator: a Submit again joined the running attempt",
+        "coordinator: a Submit again was answered from the finished run",
+        "coordinator: a forgotten transaction runs again",
         "participant: duplicate Prepare on rolled_back",
         "participant: in-doubt branch learned committed",
         "participant: in-doubt branch replayed",
@@ -299,6 +305,63 @@ def test_a_replayed_one_phase_commit_voting_prepared_would_be_caught() -> None:
     violation = first_violation(range(300), model=old_replay, **aimed)
     assert "ProtocolError: p0 answered PREPARED to a one-phase prepare" in violation.message
     assert_replays(violation, model=old_replay, **aimed)
+
+
+# ---- clients that submit again under the same id ----
+
+# The coordinator crashes right after it sends (before deciding), comes back fast, and the
+# in-doubt participant asks at once: a presumed-abort answer is then often on its way while a
+# client, cut off by the crash, submits the transaction again.
+CRASH_BEFORE_DECIDING = FaultConfig(
+    drop_probability=0.0,
+    duplicate_probability=0.0,
+    latency_ms_max=40,
+    stall_probability=0.0,
+    crash_probability=0.0,
+    crash_after_send_probability=0.2,
+    crashes_max=6,
+    downtime_ms_max=30,
+    answer_loss_probability=0.0,
+    impatient_probability=0.0,
+)
+TWO_PHASE_PAIR = Workload(
+    participants=2,
+    transactions=8,
+    arrival_window_ms=300,
+    refuse_probability=0.0,
+    read_only_probability=0.0,
+    slow=(False, False),
+    one_phase_capable=(False, False),
+)
+ASK_AT_ONCE = Timing(in_doubt_after_ms=20)
+
+
+def _vote_again(branch: bcore.Branch, event: bcore.PrepareRequested) -> list[object]:
+    """The bug of f999b32: a PREPARED branch answers a new attempt's Prepare with its vote."""
+    assert branch.vote is not None
+    return [bcore.ReplyVote(branch.vote, branch.reason)]
+
+
+def test_resubmits_catch_a_new_attempt_that_reuses_an_earlier_vote(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A forgotten transaction submitted again runs again; if a branch PREPARED by the first
+    attempt voted PREPARED again, the new attempt commits while the presumed-abort answer to
+    the branch's inquiry rolls it back. Only a client that submits again can reach this."""
+    aimed = {"faults": CRASH_BEFORE_DECIDING, "workload": TWO_PHASE_PAIR, "timing": ASK_AT_ONCE}
+    for seed in range(200):  # the real core holds, with the same aim
+        run_seed(seed, **aimed)  # type: ignore[arg-type]
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.PREPARED, bcore.PrepareRequested), _vote_again
+    )
+    violation = first_violation(range(200), **aimed)
+    assert "decision changed" in violation.message, violation.message
+    assert "rolled back" in violation.message
+    assert_replays(violation, **aimed)
+    # Without the second submits, the same seeds cannot see it.
+    submit_once = {**aimed, "workload": dataclasses.replace(TWO_PHASE_PAIR, resubmits_max=0)}
+    for seed in range(200):
+        run_seed(seed, **submit_once)  # type: ignore[arg-type]
 
 
 def test_the_fixes_hold_under_stale_delivery() -> None:

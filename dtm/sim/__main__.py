@@ -93,6 +93,7 @@ def _add(totals: dict[str, int], result: RunResult) -> None:
         "aborted",
         "unknown",
         "unanswered",
+        "resubmits",
         "crashes",
         "drops",
         "duplicates",

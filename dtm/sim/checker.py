@@ -25,6 +25,15 @@ Invariants (protocol.md rules in brackets):
 After healing: nothing left in doubt or preparing, every coordinator transaction terminal, and
 every updating branch agrees with what the client and the coordinator said [11, 12, 13].
 
+A client that got no answer submits again under the same id [14]. Joining a running attempt or
+answering a finished one again must agree with it; a transaction the coordinator forgot in a
+restart (no commit on record: presumed abort) is run again as a new attempt. What the earlier
+attempt's coordinator said lived only in its memory and in its messages, so the decisions are
+held per attempt, while every branch (and so every message the earlier attempt sent, delivered
+late or not) is held to one outcome across all attempts: that is where a new attempt reusing an
+earlier one's vote shows. Running again a transaction whose commit decision is durable is a
+violation of its own: recovery must resume it.
+
 "After every step" is exact but cheap: a step marks the transactions it touched (a branch
 event, a record made durable, a vote, a decision; a crash or restart marks all), and only those
 are re-checked, since no other transaction's facts can have changed.
@@ -53,7 +62,8 @@ class TxnFacts:
     began: bool = False
     branches: tuple[tuple[int, str], ...] = ()
     one_phase: bool = False
-    answer: Outcome | None = None
+    answer: Outcome | None = None  # what the client received (it stops asking then)
+    attempts: int = 0
     decision_requested: bool = False
     said_commit: str = ""  # first evidence that the coordinator decided commit
     said_abort: str = ""
@@ -84,10 +94,25 @@ class Checker:
         self.txns[transaction_id] = TxnFacts(transaction_id)
 
     def began(self, txn: Transaction) -> None:
-        facts = self.txns[txn.transaction_id]
-        assert not facts.began, "a transaction is begun once (clients do not resubmit)"
+        t = txn.transaction_id
+        facts = self.txns[t]
+        branches = tuple((b.index, b.participant) for b in txn.branches)
+        facts.attempts += 1
+        if facts.began:
+            assert facts.branches == branches, "a client submits the same transaction again"
+            if t in self.decisions_durable:
+                raise self.world.fail(
+                    f"recovery: {t} runs again, but its commit decision is durable "
+                    f"({facts.said_commit or 'decided'}): the restarted coordinator forgot it"
+                )
+            self.world.cover("coordinator: a forgotten transaction runs again")
+            self.world.log(f"  {t}: attempt {facts.attempts}; the earlier one was forgotten")
+            # What the forgotten attempt's coordinator said, it said from memory now lost.
+            facts.said_commit = facts.said_abort = ""
+            facts.decision_requested = False
+            # The votes stay: they are the branches' own (a duplicate Prepare answers with one).
         facts.began = True
-        facts.branches = tuple((b.index, b.participant) for b in txn.branches)
+        facts.branches = branches
         facts.one_phase = txn.one_phase
 
     def business_vote(self, key: tuple[str, int]) -> tuple[BranchVote, str]:
@@ -152,15 +177,14 @@ class Checker:
             )
 
     def client_answered(self, run: CoordinatorRun, outcome: Outcome, reason: str) -> None:
+        """The coordinator's Reply for this run (to every client call waiting on it)."""
         txn = run.txn
-        facts = self.txns[txn.transaction_id]
-        if facts.answer is not None:
+        if run.answer is not None:
             raise self.world.fail(
-                f"client of {txn.transaction_id} answered twice: {facts.answer.value}, "
+                f"{txn.transaction_id}: the coordinator replied twice: {run.answer.value}, "
                 f"then {outcome.value}"
             )
-        facts.answer = outcome
-        self.world.log(f"  client of {txn.transaction_id} told {outcome.value} ({reason})")
+        facts = self.txns[txn.transaction_id]
         if outcome is Outcome.COMMITTED:
             if not txn.one_phase and not facts.decision_requested:
                 # The all-read-only path: every branch must have said READ_ONLY (rule 8).
@@ -170,9 +194,17 @@ class Checker:
                         f"client of {txn.transaction_id} told COMMITTED without a decision "
                         f"record, but the votes were {[v.value if v else None for v in votes]}"
                     )
-            self.coordinator_said(txn.transaction_id, True, "told the client COMMITTED")
+            self.coordinator_said(txn.transaction_id, True, "answered the client COMMITTED")
         elif outcome is Outcome.ABORTED:
-            self.coordinator_said(txn.transaction_id, False, "told the client ABORTED")
+            self.coordinator_said(txn.transaction_id, False, "answered the client ABORTED")
+
+    def client_told(self, transaction_id: str, outcome: Outcome, reason: str) -> None:
+        """An answer reached the client: it will not ask again."""
+        facts = self.txns[transaction_id]
+        assert facts.answer is None, "a client stops at its first answer"
+        facts.answer = outcome
+        self.world.log(f"  client of {transaction_id} told {outcome.value} ({reason})")
+        self._dirty[transaction_id] = None
 
     def vote_sent(self, node: ParticipantNode, key: tuple[str, int], vote: BranchVote) -> None:
         facts = self.txns[key[0]]
@@ -345,6 +377,7 @@ class Checker:
             steps=world.step,
             heal_steps=world.heal_steps,
             sim_ms=world.now_ms,
+            resubmits=world.resubmits,
             coverage=tuple(sorted(world.coverage.items())),
         )
 

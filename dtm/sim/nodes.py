@@ -62,6 +62,16 @@ class CoordinatorRun:
     # Votes this incarnation actually received, first one per branch: what the checker holds
     # a commit decision against (never the core's own bookkeeping).
     votes_received: dict[int, Vote] = field(default_factory=dict)
+    answer: Outcome | None = None  # what the Reply told the client, once it did
+
+    def answer_now(self) -> Outcome:
+        """engine.Run.answer: what a Submit joining after the Reply is told, the outcome as
+        known now (a one-phase UNKNOWN is answered COMMITTED or ABORTED once resolved)."""
+        outcome = self.txn.outcome
+        if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
+            return outcome
+        assert self.answer is not None
+        return self.answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +92,28 @@ class CoordinatorNode:
         self.disk = _disk(world, self)
         self.runs: dict[str, CoordinatorRun] = {}
         self.calls: dict[int, Call] = {}
+        # The client calls waiting for a Reply, by transaction: this incarnation's connections.
+        self.waiting: dict[str, list[int]] = {}
 
     # ---- client side ----
+
+    def submit(
+        self, transaction_id: str, participants: list[str], timeout_ms: int, call: int
+    ) -> None:
+        """engine.submit: a Submit joins the attempt still running, a finished one is answered
+        again, and a transaction with no run (never seen, or forgotten in a restart before its
+        commit was decided: presumed abort) is begun."""
+        run = self.runs.get(transaction_id)
+        if run is None:
+            self.waiting[transaction_id] = [call]
+            self.begin(transaction_id, participants, timeout_ms)
+        elif run.answer is None:
+            self.world.cover("coordinator: a Submit again joined the running attempt")
+            self.waiting.setdefault(transaction_id, []).append(call)
+        else:
+            self.world.cover("coordinator: a Submit again was answered from the finished run")
+            outcome = run.answer_now()
+            self.world.answer_client(transaction_id, call, outcome, "answered again")
 
     def begin(self, transaction_id: str, participants: list[str], timeout_ms: int) -> None:
         world = self.world
@@ -168,6 +198,9 @@ class CoordinatorNode:
                 self._call(run, "probe", action.branch, world.timing.phase_two_timeout_ms)
             elif isinstance(action, tcore.Reply):
                 checker.client_answered(run, action.outcome, action.reason)
+                run.answer = action.outcome
+                for call in self.waiting.pop(txn.transaction_id, []):
+                    world.answer_client(txn.transaction_id, call, action.outcome, action.reason)
             elif isinstance(action, tcore.PersistHeuristic):
                 # No operator forces anything here: a branch that contradicts the decision is
                 # an atomicity bug, whatever the checker would find later.
@@ -309,6 +342,10 @@ class CoordinatorNode:
         self.incarnation += 1
         self.runs.clear()
         self.calls.clear()
+        waiting, self.waiting = self.waiting, {}
+        for transaction_id, calls in waiting.items():
+            for call in calls:
+                self.world.client_cut_off(transaction_id, call)
 
     def restart(self) -> None:
         """engine.replay + engine.resume: commit decisions without an end record are driven to
@@ -333,12 +370,13 @@ class CoordinatorNode:
             txn.state = TxnState.COMMITTED
             for progress in txn.branches:
                 progress.acknowledged = True
-            self.runs[transaction_id] = CoordinatorRun(txn, finished=True)
+            self.runs[transaction_id] = CoordinatorRun(txn, finished=True, answer=Outcome.COMMITTED)
         for transaction_id, decided in pending.items():
             txn, actions = Transaction.recovered_commit(
                 transaction_id, decided.branches, decided_at_ms=decided.decided_at_ms
             )
-            run = CoordinatorRun(txn)
+            # engine.resume: a Submit again is answered COMMITTED at once.
+            run = CoordinatorRun(txn, answer=Outcome.COMMITTED)
             self.runs[transaction_id] = run
             self.world.checker.coordinator_said(transaction_id, True, "resumed its commit")
             self._execute(run, actions)

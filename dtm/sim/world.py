@@ -6,6 +6,10 @@ VOPR, FoundationDB's simulator). A run has two phases:
 
 1. Faults: clients submit transactions while the network drops, duplicates, delays and reorders
    messages and nodes crash (losing their memory and their unsynced log tail) and restart.
+   A client that gets no answer (the coordinator went down, the answer was lost, its own
+   deadline passed) submits again under the same transaction id, as the client SDK does: the
+   coordinator joins the attempt it still runs, answers a finished one again, or, if a restart
+   made it forget the transaction (presumed abort), runs it again.
 2. Heal: faults stop, every node is restarted, and the run goes on until nothing is left to do.
 
 The invariants (dtm.sim.checker) are checked after every step of both phases; liveness and the
@@ -22,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from dtm.core.transaction import Outcome
 from dtm.sim import messages as msg
 from dtm.sim.checker import Checker
 from dtm.sim.nodes import CoordinatorNode, ParticipantNode
@@ -35,6 +40,7 @@ PARTICIPANTS_MAX = 4
 TRANSACTIONS_MAX = 8
 BRANCHES_PER_TRANSACTION_MAX = 4
 CLIENT_RETRY_MS = 40  # a client whose Submit found the coordinator down tries again this late
+CLIENT_RESUBMITS_MAX = 3  # a client's submits again after an unanswered call, by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +111,12 @@ class FaultConfig:
     # connection dies with the process. True: a request sent before a crash may still reach the
     # restarted node (a proxy, or a transport that retries), which is a harsher network.
     stale_delivery: bool = False
+    # The coordinator's answer to a client is lost on its way (the connection broke after the
+    # reply left): the client, told nothing, submits again under the same id.
+    answer_loss_probability: float = 0.02
+    # A client's own deadline passes while its transaction still runs: it gives up on that
+    # call (whose answer it will never see) and submits again.
+    impatient_probability: float = 0.05
 
     @classmethod
     def calm(cls) -> FaultConfig:
@@ -115,6 +127,8 @@ class FaultConfig:
             crash_probability=0.0,
             crashes_max=0,
             unsynced_survival_probability=0.0,
+            answer_loss_probability=0.0,
+            impatient_probability=0.0,
         )
 
     @classmethod
@@ -133,6 +147,8 @@ class FaultConfig:
             unsynced_survival_probability=rng.choice((0.0, 0.5, 0.9)),
             fsync_ms_max=rng.choice((2, 12, 40)),
             stale_delivery=stale_delivery,
+            answer_loss_probability=rng.choice((0.0, 0.05, 0.3)),
+            impatient_probability=rng.choice((0.0, 0.1, 0.4)),
         )
 
 
@@ -162,6 +178,8 @@ class Workload:
     read_only_probability: float
     slow: tuple[bool, ...]
     one_phase_capable: tuple[bool, ...]
+    # How often a client that got no answer submits again (0: once, as before clients did).
+    resubmits_max: int = CLIENT_RESUBMITS_MAX
 
     @classmethod
     def random(cls, rng: random.Random) -> Workload:
@@ -184,7 +202,7 @@ class RunResult:
     committed: int
     aborted: int
     unknown: int  # the client was told UNKNOWN (a lost one-phase answer)
-    unanswered: int  # the coordinator crashed before answering the client
+    unanswered: int  # the client got no answer, after every submit it was allowed
     crashes: int
     drops: int
     duplicates: int
@@ -192,6 +210,7 @@ class RunResult:
     steps: int
     heal_steps: int
     sim_ms: int
+    resubmits: int = 0  # Submits again under the same id by clients that got no answer
     # How often each interesting protocol path ran: evidence that the seeds reach them.
     coverage: tuple[tuple[str, int], ...] = ()
 
@@ -210,6 +229,18 @@ class InvariantViolation(Exception):
     def report(self) -> str:
         tail = "\n".join(f"    {line}" for line in self.trace_tail)
         return f"{self}\n  last {len(self.trace_tail)} trace lines:\n{tail}"
+
+
+@dataclass(slots=True)
+class Client:
+    """The client of one transaction: one Submit call at a time, each a new `call` number."""
+
+    transaction_id: str
+    participants: list[str]
+    timeout_ms: int
+    call: int = 0  # its current call; an answer to an earlier one is never seen
+    resubmits: int = 0
+    answered: bool = False  # it got an answer and stops (UNKNOWN too: it asks no more)
 
 
 class Node(Protocol):
@@ -259,6 +290,8 @@ class World:
         self._sequence = 0
         self._ids = 0
         self.crashes = 0
+        self.resubmits = 0
+        self.clients: dict[str, Client] = {}
         self.drops = 0
         self.duplicates = 0
         self.messages = 0
@@ -399,7 +432,11 @@ class World:
 
     # ---- running ----
 
-    def _submit(self, transaction_id: str, participants: list[str], timeout_ms: int) -> None:
+    def _submit(self, transaction_id: str) -> None:
+        client = self.clients[transaction_id]
+        if client.answered:
+            return
+        client.call += 1
         if not self.coordinator.alive:
             # Nothing started: the client's connection was refused; it tries again later.
             self.log(f"client: submit {transaction_id} refused, coordinator down")
@@ -407,10 +444,59 @@ class World:
                 CLIENT_RETRY_MS,
                 None,
                 f"client submits {transaction_id} again",
-                lambda: self._submit(transaction_id, participants, timeout_ms),
+                functools.partial(self._submit, transaction_id),
             )
             return
-        self.coordinator.begin(transaction_id, participants, timeout_ms)
+        if self.faulty and self.rng.random() < self.faults.impatient_probability:
+            give_up_at = self.rng.randint(1, client.timeout_ms)
+            self.after(
+                give_up_at,
+                None,
+                f"client of {transaction_id}: deadline of call {client.call}",
+                functools.partial(self._deadline, transaction_id, client.call),
+            )
+        self.coordinator.submit(
+            transaction_id, client.participants, client.timeout_ms, call=client.call
+        )
+
+    def _deadline(self, transaction_id: str, call: int) -> None:
+        client = self.clients[transaction_id]
+        if not client.answered and client.call == call:
+            self._resubmit(client, "its deadline passed")
+
+    def _resubmit(self, client: Client, why: str) -> None:
+        if client.resubmits >= self.workload.resubmits_max:
+            self.log(f"client of {client.transaction_id}: {why}; gives up (no answer)")
+            return
+        client.resubmits += 1
+        self.resubmits += 1
+        self.cover(f"client: submitted again because {why}")
+        client.call += 1  # the abandoned call's answer, should it come, is not seen
+        self.after(
+            self.rng.randint(1, CLIENT_RETRY_MS),
+            None,
+            f"client submits {client.transaction_id} again ({why})",
+            functools.partial(self._submit, client.transaction_id),
+        )
+
+    def answer_client(self, transaction_id: str, call: int, outcome: Outcome, reason: str) -> None:
+        """The coordinator answers call `call` of this transaction's client."""
+        client = self.clients[transaction_id]
+        if client.answered or client.call != call:
+            self.log(f"  answer to {transaction_id}'s abandoned call {call} not seen")
+            return
+        if self.faulty and self.rng.random() < self.faults.answer_loss_probability:
+            self.log(f"  answer to {transaction_id}'s call {call} lost on its way")
+            self._resubmit(client, "its answer was lost")
+            return
+        client.answered = True
+        self.checker.client_told(transaction_id, outcome, reason)
+
+    def client_cut_off(self, transaction_id: str, call: int) -> None:
+        """The coordinator went down while this call waited: gRPC's UNAVAILABLE."""
+        client = self.clients[transaction_id]
+        if not client.answered and client.call == call:
+            self._resubmit(client, "the coordinator went down")
 
     def _plan_clients(self) -> None:
         names = list(self.participants)
@@ -429,11 +515,12 @@ class World:
             )
             at = self.rng.randint(0, self.workload.arrival_window_ms)
             self.checker.planned(transaction_id)
+            self.clients[transaction_id] = Client(transaction_id, chosen, timeout_ms)
             self.after(
                 at,
                 None,
                 f"client submits {transaction_id} to {','.join(chosen)}",
-                functools.partial(self._submit, transaction_id, chosen, timeout_ms),
+                functools.partial(self._submit, transaction_id),
             )
 
     def _step(self) -> None:
