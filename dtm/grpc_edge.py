@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -14,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dtm import limits
+from dtm.wal import LogCorruptedError
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
@@ -137,6 +139,16 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 # of 10,000 for the same p99. Memory stays bounded either way: objects without cycles are
 # freed by reference counting.
 GC_YOUNG_THRESHOLD = 10_000
+
+
+def run_server(serve: Coroutine[Any, Any, None]) -> None:
+    """Run a server process's main coroutine. A failure to start that names its cause (a port
+    in use, a data directory held by another process, a corrupted log) ends the process with
+    that one line on stderr and exit status 1, not a traceback."""
+    try:
+        asyncio.run(serve)
+    except (OSError, LogCorruptedError) as error:
+        sys.exit(f"error: {error}")
 
 
 def use_fast_event_loop() -> None:

@@ -36,6 +36,7 @@ import concurrent.futures
 import contextlib
 import enum
 import errno
+import fcntl
 import logging
 import os
 import random as random_module
@@ -126,6 +127,17 @@ class LogFatalError(Exception):
     """A write or an fsync failed; the log must not be used again."""
 
 
+class LogInUseError(OSError):
+    """Another process holds the log directory: two writers would corrupt it (each recovers,
+    truncates and deletes segments the other is writing)."""
+
+
+# Held (flock) by the process that has the log open, for as long as it is open; it names the
+# holder's pid. The kernel drops the lock when the process dies, however it dies, so a
+# crashed process never leaves a stale lock behind (unlike a pid file checked by name).
+LOCK_FILE_NAME = "LOCK"
+
+
 @dataclass(frozen=True, slots=True)
 class LogRecord:
     lsn: int
@@ -187,6 +199,37 @@ class FileSystem(Protocol):
     def remove(self, path: Path) -> None: ...
     def fsync_dir(self, directory: Path) -> None: ...
 
+    def lock_dir(self, directory: Path) -> DirectoryLock:
+        """Take the directory for this log alone, or raise LogInUseError."""
+        ...
+
+
+class DirectoryLock(Protocol):
+    def release(self) -> None: ...
+
+
+class _OsDirectoryLock:
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the flock
+            self._fd = None
+
+
+class _MemoryDirectoryLock:
+    __slots__ = ("_directory", "_file_system")
+
+    def __init__(self, file_system: CrashingFileSystem, directory: Path) -> None:
+        self._file_system = file_system
+        self._directory = directory
+
+    def release(self) -> None:
+        self._file_system.locked.discard(self._directory)
+
 
 class _OsAppendFile:
     __slots__ = ("_fd",)
@@ -246,6 +289,26 @@ class OsFileSystem:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def lock_dir(self, directory: Path) -> DirectoryLock:
+        path = directory / LOCK_FILE_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise LogInUseError(
+                f"the log directory {directory} is in use by another process (pid {holder}); "
+                "one process per data directory: stop that process, or give this one its "
+                "own --data-dir",
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return _OsDirectoryLock(fd)
 
 
 @dataclass(eq=False, slots=True)
@@ -313,6 +376,13 @@ class CrashingFileSystem:
         self._directories: set[Path] = set()
         self._names: dict[Path, _MemoryFile] = {}
         self._durable_names: dict[Path, _MemoryFile] = {}
+        self.locked: set[Path] = set()  # log directories held by an open log
+
+    def process_died(self) -> None:
+        """The process that had logs open here died, the machine did not: the kernel dropped
+        its locks, and everything it wrote is still in the page cache."""
+        with self.lock:
+            self.locked.clear()
 
     def consume_fsync_failure(self) -> None:
         self.fsync_count += 1
@@ -340,6 +410,7 @@ class CrashingFileSystem:
                 file.durable = kept
             self._names = survivors
             self._durable_names = dict(survivors)
+            self.locked.clear()  # the crashed process held them
             self.crash_count += 1
 
     # ---- FileSystem ----
@@ -384,6 +455,13 @@ class CrashingFileSystem:
             for path, file in self._names.items():
                 if path.parent == directory:
                     self._durable_names[path] = file
+
+    def lock_dir(self, directory: Path) -> DirectoryLock:
+        with self.lock:
+            if directory in self.locked:
+                raise LogInUseError(f"the log directory {directory} is in use")
+            self.locked.add(directory)
+            return _MemoryDirectoryLock(self, directory)
 
     def _lookup(self, path: Path) -> _MemoryFile:
         try:
@@ -756,6 +834,7 @@ class WriteAheadLog:
         # `_cut_unsynced_at_crash`); one lock, as the sync thread and the appender both move it.
         self._durable_end = (0, 0)
         self._durable_end_lock = threading.Lock()
+        self._directory_lock: DirectoryLock | None = None
         self._handle, self._recovered = self._recover()
         if _losing_unsynced:
             _open_logs.add(self)
@@ -859,6 +938,8 @@ class WriteAheadLog:
             handle.close()
         self._retired.clear()
         self._handle.close()
+        if self._directory_lock is not None:
+            self._directory_lock.release()
 
     # ---- the steps, split so GroupCommitLog can fsync outside its lock ----
 
@@ -1054,6 +1135,17 @@ class WriteAheadLog:
         fs, directory = self._fs, self._directory
         for created in fs.make_dirs(directory):
             fs.fsync_dir(created.parent)  # a new directory's name is durable only then
+        # Before recovery touches anything: a second process recovering a live log would cut
+        # and delete what the first one is writing.
+        self._directory_lock = fs.lock_dir(directory)
+        try:
+            return self._recover_segments()
+        except BaseException:
+            self._directory_lock.release()
+            raise
+
+    def _recover_segments(self) -> tuple[AppendFile, list[LogRecord]]:
+        fs, directory = self._fs, self._directory
         _apply_unsynced_cut(fs, directory)
         segments: list[_Segment] = []
         for name in fs.list_dir(directory):

@@ -820,7 +820,7 @@ def run(service: Service[Any], argv: list[str] | None = None) -> None:
     participant_config = parse_args(service.name, argv)
     logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()
-    asyncio.run(serve(service, participant_config))
+    grpc_edge.run_server(serve(service, participant_config))
 
 
 __all__ = ["BranchState", "ParticipantConfig", "ParticipantServer", "branch_key_text", "run"]

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -332,3 +334,44 @@ def test_stopping_a_cluster_stops_the_coordinator_first(tmp_path: Path) -> None:
         cluster.stop()
     last = cluster.log_path(COORDINATOR).read_text().splitlines()[-1]
     assert "coordinator stopping" in last and "left_to_recovery=0" in last, last
+
+
+def test_a_second_process_on_a_live_data_directory_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Two processes on one log would each recover it, cutting and deleting what the other
+    writes. The second start is refused, naming the holder, before it touches the log; the
+    first keeps committing, and its log replays whole after a restart."""
+    cluster = Cluster(tmp_path, Ports.free(), initial=INITIAL, start_timeout_s=START_TIMEOUT_S)
+    cluster.start()
+    try:
+        asyncio.run(commit_orders(cluster, "a", count=10))
+        for module, name in (
+            ("dtm.coordinator.server", COORDINATOR),
+            *((f"participants.services.{service}", service) for service in SERVICES[:1]),
+        ):
+            second = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    module,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    str(tmp_path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert 1 == second.returncode, second.stderr
+            assert "Traceback" not in second.stderr, second.stderr
+            assert f"is in use by another process (pid {cluster.pid(name)})" in second.stderr
+        asyncio.run(commit_orders(cluster, "b", count=10))
+        cluster.restart(COORDINATOR, kill=True)  # SIGKILL, start again: replays every record
+        asyncio.run(commit_orders(cluster, "c", count=10))
+        requests = [request for request, _ in orders("a")[:10]]
+        again = asyncio.run(submit_all(cluster, requests, timeout_s=30.0))
+        assert {chaos.COMMITTED} == {result.outcome for result in again}  # remembered
+    finally:
+        cluster.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import shutil
 import threading
@@ -22,6 +23,7 @@ from dtm.wal import (
     Log,
     LogCorruptedError,
     LogFatalError,
+    LogInUseError,
     LogRecord,
     LoopCommitLog,
     MemoryLog,
@@ -59,6 +61,13 @@ def write_log(
     log.sync()
     log.close()
     return ends
+
+
+def process_dies(log: WriteAheadLog) -> None:
+    """What the kernel does for a killed process that held `log` open: drop its lock on the
+    directory (the process's files and page cache stay as they are)."""
+    assert log._directory_lock is not None
+    log._directory_lock.release()
 
 
 def reopen(
@@ -308,6 +317,7 @@ def test_records_replayed_after_a_process_crash_survive_a_later_power_loss(
     log.sync()
     log.append(ENDED, b"only in the page cache")
     # The process dies (no disk crash): a restart reads, and acts on, the unsynced record...
+    disk.process_died()
     log, recovered = WriteAheadLog.open(tmp_path, file_system=disk)
     assert [b"synced", b"only in the page cache"] == payloads(recovered)
     assert 2 == log.durable_lsn
@@ -983,6 +993,7 @@ def test_recovery_makes_a_checkpoint_durable_before_deleting_what_it_replaces(
         log.append(ENDED, f"acknowledged-{n}".encode())
     log.sync()
     log._begin_checkpoint([(CHECKPOINT, b"snapshot of 0..2")])  # then SIGKILL: never synced
+    disk.process_died()
     disk.armed = True
     with pytest.raises(PowerLoss):
         WriteAheadLog.open(tmp_path, file_system=disk)
@@ -1060,6 +1071,7 @@ def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
     log.append(ENDED, b"b" * 150)  # rotates: the first segment is fsynced whole, b is not
     log.append(ENDED, b"c" * 150)  # rotates again: b is now on disk, c is not
     wal_module._cut_unsynced_at_crash()  # the crash point fires here
+    process_dies(log)
     assert [b"a" * 150, b"b" * 150] == payloads(reopen(tmp_path))
     assert not (tmp_path / "unsynced-cut").exists()  # applied once
     log.close()  # (the process that crashed)
@@ -1070,6 +1082,7 @@ def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
     log2.sync()
     log2.append(ENDED, b"e")
     wal_module._cut_unsynced_at_crash()
+    process_dies(log2)
     assert [b"a" * 150, b"b" * 150, b"d"] == payloads(reopen(tmp_path))
 
 
@@ -1080,3 +1093,21 @@ def test_a_malformed_unsynced_cut_marker_is_refused_not_guessed(tmp_path: Path) 
         WriteAheadLog.open(tmp_path)
     (tmp_path / "unsynced-cut").unlink()
     assert [b"a"] == payloads(reopen(tmp_path))  # nothing was cut
+
+
+def test_a_second_open_of_a_live_log_is_refused_before_it_touches_anything(
+    tmp_path: Path,
+) -> None:
+    """One writer per log directory (flock on LOCK): a second recovery would truncate and
+    delete what the first is writing, a checkpoint segment in the middle of being written
+    included."""
+    log, _ = WriteAheadLog.open(tmp_path)
+    log.append(ENDED, b"kept")
+    log.sync()
+    log._begin_checkpoint([(CHECKPOINT, b"snapshot")])  # a new segment, not yet finished
+    segments = sorted(path.name for path in tmp_path.iterdir())
+    with pytest.raises(LogInUseError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+        WriteAheadLog.open(tmp_path)
+    assert segments == sorted(path.name for path in tmp_path.iterdir())  # nothing deleted
+    log.close()
+    assert [b"snapshot"] == payloads(reopen(tmp_path))  # the lock went with the close

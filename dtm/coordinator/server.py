@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     server_config = parse_args(argv)
     logs.configure("coordinator", server_config.log_level)
     grpc_edge.use_fast_event_loop()
-    asyncio.run(serve(server_config))
+    grpc_edge.run_server(serve(server_config))
 
 
 if __name__ == "__main__":
