@@ -438,3 +438,29 @@ def test_a_restart_counts_the_records_since_the_last_checkpoint_toward_the_next(
             assert 10 + moved == cluster.coordinator.engine.records_since_checkpoint
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_lists_only_the_branches_still_owed_a_commit(tmp_path: Path) -> None:
+    """A commit waiting on one branch: the others acknowledged, and after a restart need no
+    Commit again (a participant that has since dropped its branch would report a hazard)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            response = await cluster.submit(order_branches("o-w", [("sku-apple", 1)]), "t-w")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            engine = cluster.coordinator.engine
+
+            async def only_payment_left() -> bool:
+                txn = engine.active["t-w"].txn
+                return [b.participant for b in txn.branches if not b.acknowledged] == ["payment"]
+
+            await eventually(only_payment_left)
+            committing = []
+            for part in engine.checkpoint_records()[1:]:
+                payload = part if isinstance(part, bytes) else b"".join(part)
+                committing += log_pb2.CoordinatorCheckpoint.FromString(payload).committing
+            [decided] = committing
+            assert ["payment"] == [b.participant for b in decided.branches]
+
+    asyncio.run(scenario())

@@ -370,3 +370,66 @@ def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) ->
             assert "already forgotten" in out + err
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["log replay", "checkpoint"])
+def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
+    tmp_path: Path, checkpoint: bool
+) -> None:
+    """Phase 2 stops for a branch once its heuristic outcome is recorded. A restart while the
+    commit still waits for another branch must not send that branch Commit again: it would be
+    contradicted and recorded again, bringing back what the operator forgot (found by a bug
+    hunt, with and without a checkpoint between)."""
+
+    async def listed(cluster: InProcessCluster) -> list[tuple[str, int]]:
+        response = await cluster.client.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
+        return [(h.transaction_id, h.branch) for h in response.heuristics]
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 20, "backoff_ms_max": 200}
+        if checkpoint:
+            overrides["checkpoint_every_records"] = 1
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            for name in ("inventory", "payment"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 1)])[::2]  # inventory, payment
+            response = await cluster.submit(branches, "t1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            force = participant_pb2.ForceOutcomeRequest(
+                transaction_id="t1", branch=0, commit=False, i_understand_this_is_heuristic=True
+            )
+            await cluster.admin("inventory").ForceOutcome(force)
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+
+            async def recorded() -> bool:
+                return [("t1", 0)] == await listed(cluster)
+
+            await eventually(recorded)
+            forget = coordinator_pb2.ForgetHeuristicRequest(transaction_id="t1", branch=0)
+            await cluster.client.ForgetHeuristic(forget)
+            engine = cluster.coordinator.engine
+            if checkpoint:
+
+                async def checkpointed() -> bool:
+                    return engine.checkpoints.count > 0
+
+                await eventually(checkpointed)
+            await cluster.restart_coordinator()  # payment still owes its acknowledgement
+            status = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="t1")
+            )
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTING == status.state
+            await asyncio.sleep(0.5)  # several phase-2 retries to payment meanwhile
+            assert [] == await listed(cluster)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+
+            async def committed() -> bool:
+                status = await cluster.client.GetTransaction(
+                    coordinator_pb2.GetTransactionRequest(transaction_id="t1")
+                )
+                return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+
+            await eventually(committed)
+            assert [] == await listed(cluster)
+
+    asyncio.run(scenario())

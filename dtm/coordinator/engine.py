@@ -147,6 +147,34 @@ VOTE_TO_PB = {
 }
 
 
+def _owed_commit(txn: Transaction) -> list[core.BranchProgress]:
+    """The branches a checkpoint lists for a commit in phase 2: those still owed a Commit. An
+    acknowledged one needs none, and one with a heuristic outcome must not get one again:
+    after a restart it would be contradicted and recorded again, one an operator forgot
+    included, and a participant that has since dropped the branch would report a hazard.
+    If none is left (not a state phase 2 stops in: the last one ends the transaction),
+    every updating branch, so the commit is still resumed and then ended."""
+    updating = [b for b in txn.branches if b.needs_phase_two]
+    return [b for b in updating if not b.acknowledged and not b.heuristic] or updating
+
+
+def _stop_phase_two(
+    pending: dict[str, log_pb2.CommitDecided], heuristic: log_pb2.HeuristicRecorded
+) -> bool:
+    """Replay: phase 2 of a branch stopped when its heuristic outcome was recorded, so a
+    resumed commit does not send it Commit again (see _owed_commit). True when that leaves
+    the commit no branch to send to: it is over, as if its end record had been read."""
+    decided = pending.get(heuristic.transaction_id)
+    if decided is None or not heuristic.committed:
+        return False
+    left = [b for b in decided.branches if b.branch != heuristic.branch]
+    if not left:
+        return True
+    del decided.branches[:]
+    decided.branches.extend(left)
+    return False
+
+
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
     """A retried Submit must carry the transaction its id was first used for."""
     if known != fingerprint:
@@ -718,7 +746,10 @@ class Engine:
                 if decided_record is not None:
                     self._remember_committed(decided_record)
             elif kind is RecordType.HEURISTIC_RECORDED:
-                self._keep_heuristic(log_pb2.HeuristicRecorded.FromString(record.payload))
+                heuristic = log_pb2.HeuristicRecorded.FromString(record.payload)
+                self._keep_heuristic(heuristic)
+                if _stop_phase_two(pending, heuristic):  # no branch is owed a Commit now
+                    self._remember_committed(pending.pop(heuristic.transaction_id))
             elif kind is RecordType.HEURISTIC_FORGOTTEN:
                 forgotten = log_pb2.HeuristicForgotten.FromString(record.payload)
                 self.heuristics.forget(key_of(forgotten))
@@ -782,8 +813,7 @@ class Engine:
                         transaction_id=run.txn.transaction_id,
                         branches=[
                             log_pb2.DecisionBranch(branch=b.index, participant=b.participant)
-                            for b in run.txn.branches
-                            if b.needs_phase_two
+                            for b in _owed_commit(run.txn)
                         ],
                         # DECIDING: its record is not durable yet, so the core has no time
                         # for the decision; now is at most one fsync later than the record's.
