@@ -54,6 +54,26 @@ PAYLOADS: dict[RecordType, type[Message]] = {
 }
 
 
+def field_key(number: int) -> bytes:
+    """The key of a length-delimited protobuf field (a message, bytes or a string)."""
+    return varint((number << 3) | 2)
+
+
+def encoded_field(key: bytes, value: bytes | memoryview) -> bytes:
+    """A length-delimited field encoded by hand: its key, its length, its bytes. A message
+    holding only this field parses as that message; pieces like it concatenate into one."""
+    return b"".join((key, varint(len(value)), value))
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def in_parts(pieces: list[bytes], size: int) -> list[list[bytes]]:
     """`pieces` (whole serialized fields of one message type) cut, in order, into as few runs
     of at most `size` bytes as they allow; a piece larger than `size` stands alone. Each run

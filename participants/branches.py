@@ -21,7 +21,7 @@ from dtm import crashpoints, limits, logs
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters, CheckpointStats
-from dtm.records import RecordType, coalesced, in_parts
+from dtm.records import RecordType, coalesced, encoded_field, field_key, in_parts, varint
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.decided import DecidedWindow
@@ -101,7 +101,7 @@ def _decided_entry(info: BranchInfo) -> bytes:
         forgotten=info.forgotten,
         one_phase=branch.one_phase,
     ).SerializeToString()
-    return _field(_DECIDED_KEY, entry)
+    return encoded_field(_DECIDED_KEY, entry)
 
 
 def _decided_info(entry: bytes) -> BranchInfo:
@@ -128,12 +128,6 @@ def _decided_info(entry: bytes) -> BranchInfo:
     )
 
 
-def _field(key: bytes, value: bytes | memoryview) -> bytes:
-    """A length-delimited field encoded by hand: its key, its length, its bytes (one copy:
-    a multi-megabyte service state is not sliced and then serialized again)."""
-    return b"".join((key, _varint(len(value)), value))
-
-
 def _state_pieces(service: Service[Any], size: int) -> list[bytes]:
     """The service's snapshot as pieces of at most `size` bytes (a larger piece is cut: one
     copy of it; the services of this repository hand over pieces smaller than that)."""
@@ -153,19 +147,10 @@ def _state_pieces(service: Service[Any], size: int) -> list[bytes]:
 # varint.
 _FIELD_HEADER_BYTES_MAX = 11
 
-# ParticipantCheckpoint.decided is field 3, wire type 2 (length-delimited): (3 << 3) | 2.
-_DECIDED_KEY = bytes([(3 << 3) | 2])
+# ParticipantCheckpoint.decided: field 3, length-delimited.
+_DECIDED_KEY = field_key(3)
 # ParticipantCheckpoint.service_state: field 1, length-delimited.
-_SERVICE_STATE_KEY = bytes([(1 << 3) | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_SERVICE_STATE_KEY = field_key(1)
 
 
 def _packed(message: Message) -> any_pb2.Any:
@@ -829,9 +814,9 @@ class BranchEngine:
         size = self.checkpoint_part_bytes
         part = size - _FIELD_HEADER_BYTES_MAX  # so that a part's record fits in `size`
         records: list[CheckpointPayload] = [
-            [_SERVICE_STATE_KEY, _varint(sum(map(len, run))), *run]
+            [_SERVICE_STATE_KEY, varint(sum(map(len, run))), *run]
             for run in in_parts(_state_pieces(self.service, part), part)
-        ] or [_field(_SERVICE_STATE_KEY, b"")]
+        ] or [encoded_field(_SERVICE_STATE_KEY, b"")]
         prepared = [
             log_pb2.ParticipantCheckpoint(
                 prepared=[
@@ -884,7 +869,7 @@ class BranchEngine:
                 self._keep_forced(key)
             if not decided.decided_at_unix_ms:  # a checkpoint from before the field
                 decided.decided_at_unix_ms = restored_at_ms
-            self._remember_decided(key, _field(_DECIDED_KEY, decided.SerializeToString()))
+            self._remember_decided(key, encoded_field(_DECIDED_KEY, decided.SerializeToString()))
 
     async def checkpoint(self) -> None:
         await self.checkpoints.write(

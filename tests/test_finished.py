@@ -18,7 +18,8 @@ ABORTED = coordinator_pb2.TRANSACTION_STATE_ABORTED
 
 def record(transaction_id: str, state: int = COMMITTED, acknowledged: bool = True) -> Record:
     branch = (0, "inventory", coordinator_pb2.VOTE_PREPARED, "", acknowledged, 0, "", "")
-    return pack((transaction_id, state, 1, "", 10, 11, 5_000, b"fp", "", ""), [branch])
+    decision = b"decision-" + transaction_id.encode() if state == COMMITTED else b""
+    return pack((transaction_id, state, 1, "", 10, 11, 5_000, b"fp", "", "", decision), [branch])
 
 
 def test_the_window_keeps_the_newest_and_lists_them_newest_first() -> None:
@@ -33,6 +34,8 @@ def test_the_window_keeps_the_newest_and_lists_them_newest_first() -> None:
     assert view is not None
     assert (COMMITTED, b"fp", 5_000) == (view.state, view.fingerprint, view.timeout_ms)
     assert "inventory" == view.branches[0].participant
+    # What a checkpoint keeps: the commits' decision records, oldest first.
+    assert [b"decision-t2", b"decision-t4"] == list(window.decisions())
 
 
 def test_an_update_replaces_in_place_and_never_brings_back_a_forgotten_one() -> None:

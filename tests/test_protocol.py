@@ -229,6 +229,43 @@ def test_a_retry_older_than_the_coordinators_memory_is_still_applied_once(
     asyncio.run(scenario())
 
 
+def test_a_checkpoint_and_a_restart_forget_no_commit_the_window_still_holds(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint used to keep only the commits still in phase 2, so a restart forgot every
+    commit before it, and a client's retry ran the transaction again. With a participant down
+    at that moment, the new attempt aborted: the client was told ABORTED for an order that
+    had committed, and every other branch's Rollback came back as a heuristic (found by a bug
+    hunt). The checkpoint now keeps the window's commits, so the retry is answered from it."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"checkpoint_every_records": 6}
+        ) as cluster:
+            branches = order_branches("o-1", [("sku-apple", 1)])
+            assert COMMITTED == (await cluster.submit(branches, "t1")).outcome
+            engine = cluster.coordinator.engine
+
+            async def checkpointed_after_it_ended() -> bool:
+                return not engine.active and engine.checkpoints.count > 0
+
+            await eventually(checkpointed_after_it_ended)
+            for number in range(3):  # more checkpoints: each must carry it on
+                newer = order_branches(f"o-n{number}", [("sku-pear", 1)])
+                assert COMMITTED == (await cluster.submit(newer, f"t-n{number}")).outcome
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_DOWN)
+            await cluster.restart_coordinator()
+            assert COMMITTED == (await cluster.submit(branches, "t1")).outcome
+            listed = await cluster.client.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
+            assert [] == list(listed.heuristics)
+            status = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="t1")
+            )
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+
+    asyncio.run(scenario())
+
+
 def test_a_reused_id_beyond_the_coordinators_memory_is_refused_and_nothing_applied(
     tmp_path: Path,
 ) -> None:

@@ -28,7 +28,7 @@ from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
 from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
 from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
-from dtm.records import RecordType, coalesced, in_parts
+from dtm.records import RecordType, coalesced, encoded_field, field_key, in_parts
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
@@ -76,6 +76,7 @@ class Run:
     # Set when a participant knows this id as another transaction's: ALREADY_EXISTS.
     id_reused: str = ""
     outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
+    decision: bytes = b""  # the CommitDecided record, once written
     finished: bool = False
     # Phase-2 retries waiting out their backoff, by branch (made on first use: most
     # transactions never retry). At most one per branch: see retry_phase_two_now.
@@ -105,6 +106,7 @@ class Run:
             self.fingerprint,
             self.invalid_argument,
             self.id_reused,
+            self.decision,
         )
         rows = [
             (
@@ -145,6 +147,9 @@ VOTE_TO_PB = {
     core.Vote.REFUSED: coordinator_pb2.VOTE_REFUSED,
     core.Vote.COMMITTED: coordinator_pb2.VOTE_COMMITTED,
 }
+
+
+_ENDED_KEY = field_key(4)  # CoordinatorCheckpoint.ended
 
 
 def _owed_commit(txn: Transaction) -> list[core.BranchProgress]:
@@ -583,7 +588,8 @@ class Engine:
             decided_at_unix_ms=self.clock_ms(),
             fingerprint=run.fingerprint,
         )
-        lsn = self._append(RecordType.COMMIT_DECIDED, record.SerializeToString())
+        run.decision = record.SerializeToString()
+        lsn = self._append(RecordType.COMMIT_DECIDED, run.decision)
         self.counters.forced_writes += 1
         crashpoints.hit("coordinator.after_decision_write")
 
@@ -725,6 +731,9 @@ class Engine:
                 for info in checkpoint.participants:
                     self.registry.put(info)
                 pending = {c.transaction_id: c for c in checkpoint.committing}
+                self.finished.clear()
+                for commit in checkpoint.ended:
+                    self._remember_committed(commit)
                 self.heuristics.clear()
                 for heuristic in checkpoint.heuristics:
                     self._keep_heuristic(heuristic)
@@ -771,6 +780,7 @@ class Engine:
             decided.fingerprint,
             "",
             "",
+            decided.SerializeToString(),
         )
         prepared = coordinator_pb2.VOTE_PREPARED
         rows = [(b.branch, b.participant, prepared, "", True, 0, "", "") for b in decided.branches]
@@ -789,7 +799,12 @@ class Engine:
             reply: asyncio.Future[None] = loop.create_future()
             reply.set_result(None)
             run = Run(
-                txn, decided.fingerprint, [], reply, outcome_pb=coordinator_pb2.OUTCOME_COMMITTED
+                txn,
+                decided.fingerprint,
+                [],
+                reply,
+                outcome_pb=coordinator_pb2.OUTCOME_COMMITTED,
+                decision=decided.SerializeToString(),
             )
             self.active[txn.transaction_id] = run
             self._log.info("recovered commit: resuming phase 2", txn=txn.transaction_id)
@@ -829,7 +844,13 @@ class Engine:
             log_pb2.CoordinatorCheckpoint(heuristics=[heuristic]).SerializeToString()
             for heuristic in self.heuristics
         ]
-        return [registry, *in_parts(committing + heuristics, limits.CHECKPOINT_PART_BYTES)]
+        # Without them a restart would forget every commit older than the checkpoint, and
+        # a client retrying one would run it again: while a participant is down, that attempt
+        # aborts, and the client is told ABORTED for an order that committed (found by a bug
+        # hunt). Each is the record as written, framed as a field: no message is built here.
+        ended = [encoded_field(_ENDED_KEY, decision) for decision in self.finished.decisions()]
+        pieces = committing + heuristics + ended
+        return [registry, *in_parts(pieces, limits.CHECKPOINT_PART_BYTES)]
 
     async def checkpoint_if_due(self) -> bool:
         if self.records_since_checkpoint < self.config.checkpoint_every_records:

@@ -154,11 +154,13 @@ class ParticipantCheckpoint(_message.Message):
     def __init__(self, service_state: _Optional[_Iterable[bytes]] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
 
 class CoordinatorCheckpoint(_message.Message):
-    __slots__ = ("participants", "committing", "heuristics")
+    __slots__ = ("participants", "committing", "heuristics", "ended")
     PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     COMMITTING_FIELD_NUMBER: _ClassVar[int]
     HEURISTICS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
     participants: _containers.RepeatedCompositeFieldContainer[_coordinator_pb2.ParticipantInfo]
     committing: _containers.RepeatedCompositeFieldContainer[CommitDecided]
     heuristics: _containers.RepeatedCompositeFieldContainer[HeuristicRecorded]
-    def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ..., heuristics: _Optional[_Iterable[_Union[HeuristicRecorded, _Mapping]]] = ...) -> None: ...
+    ended: _containers.RepeatedCompositeFieldContainer[CommitDecided]
+    def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ..., heuristics: _Optional[_Iterable[_Union[HeuristicRecorded, _Mapping]]] = ..., ended: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ...) -> None: ...
