@@ -534,7 +534,11 @@ class BranchEngine:
         else:
             record_type = RecordType.BRANCH_ROLLED_BACK
             record = log_pb2.BranchRolledBack(
-                transaction_id=key[0], branch=key[1], heuristic=action.heuristic
+                transaction_id=key[0],
+                branch=key[1],
+                heuristic=action.heuristic,
+                reason=branch.reason,
+                transaction_fingerprint=info.fingerprint,
             )
         lsn = self.log.append(record_type, record.SerializeToString())
         self.records_since_checkpoint += 1
@@ -758,11 +762,13 @@ class BranchEngine:
                 known = self.branch(key)
                 if known is None:
                     tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
-                    tombstone.reason = "rolled back before prepare"
-                    known = self._track(tombstone)
+                    # A log written before the record kept a reason: a tombstone's.
+                    tombstone.reason = rolled.reason or "rolled back before prepare"
+                    known = self._track(tombstone, rolled.transaction_fingerprint)
                 elif known.branch.state is BranchState.PREPARED:
                     known.branch.state = BranchState.ROLLED_BACK
                     known.branch.heuristic = rolled.heuristic
+                    known.branch.reason = rolled.reason or known.branch.reason
                     self.service.rollback(branch_key_text(key), self._operations[key])
                 self._finish(known)
             elif kind is RecordType.BRANCH_FORGOTTEN:

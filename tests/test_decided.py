@@ -313,3 +313,49 @@ def test_a_duplicate_prepare_does_not_renew_the_lease_of_a_branch_waiting_for_lo
             assert (await pending)[0] is BranchVote.REFUSED
 
     asyncio.run(scenario())
+
+
+def test_a_branch_rolled_back_while_preparing_answers_the_same_after_a_restart() -> None:
+    """Its rollback record keeps the reason and the transaction's fingerprint, as memory did:
+    before, a restart made it a plain tombstone, so a Prepare of other content under the same
+    id was refused as ABORTED instead of ALREADY_EXISTS (found by a bug hunt)."""
+    from dtmpb.v1 import shop_pb2 as shop
+    from participants.branches import IdReused
+    from participants.services.orders import OrdersService
+
+    def order(order_id: str) -> any_pb2.Any:
+        packed = any_pb2.Any()
+        line = shop.StockLine(sku="s", quantity=1)
+        packed.Pack(shop.CreateOrder(order_id=order_id, customer_id="c", lines=[line]))
+        return packed
+
+    def engine(log: MemoryLog) -> BranchEngine:
+        return BranchEngine(
+            OrdersService(), log, LockManager(wait_timeout_s=10), clock_ms=lambda: 0
+        )
+
+    async def answers(branches: BranchEngine) -> tuple[str, str]:
+        try:
+            await branches.prepare("T", 0, order("Z"), False, b"fp-other")
+        except IdReused:
+            reused = "id reused"
+        else:
+            reused = "not refused as reused"
+        vote, reason = await branches.prepare("T", 0, order("X"), False, b"fp-t")
+        return reused, f"{vote.value}: {reason}"
+
+    async def scenario() -> None:
+        log = MemoryLog()
+        live = engine(log)
+        await live.prepare("A", 0, order("X"), False, b"fp-a")  # holds the order's lock
+        waiting = asyncio.ensure_future(live.prepare("T", 0, order("X"), False, b"fp-t"))
+        await asyncio.sleep(0.01)
+        await live.rollback("T", 0)  # the coordinator aborts T while it waits for the lock
+        await waiting
+        before = await answers(live)
+        assert "id reused" == before[0]
+        restarted = engine(MemoryLog())
+        restarted.replay(log.records)
+        assert before == await answers(restarted)
+
+    asyncio.run(scenario())

@@ -102,14 +102,18 @@ class BranchCommitted(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchRolledBack(_message.Message):
-    __slots__ = ("transaction_id", "branch", "heuristic")
+    __slots__ = ("transaction_id", "branch", "heuristic", "reason", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     heuristic: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ...) -> None: ...
+    reason: str
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ..., reason: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchForgotten(_message.Message):
     __slots__ = ("transaction_id", "branch")
