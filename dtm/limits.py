@@ -68,6 +68,9 @@ LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
 CHECKPOINT_PART_BYTES = 4 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
+# The coordinator's Exchange to one participant: the message limit, less room for the framing
+# its estimate of each item's size leaves out (a few bytes per item, 1,024 items at most).
+EXCHANGE_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024
 INQUIRIES_PER_TICK_MAX = 256
 # The bound on one resource's lock wait queue; a request beyond it is refused at once.
 WAITERS_PER_RESOURCE_MAX = 1_024

@@ -4,6 +4,8 @@ whose calls the test completes by hand, on a real event loop."""
 from __future__ import annotations
 
 import asyncio
+import time
+from pathlib import Path
 
 import pytest
 from google.protobuf import any_pb2
@@ -19,7 +21,8 @@ from dtm.coordinator.ports import (
 )
 from dtm.coordinator.registry import Registry
 from dtm.core.transaction import Vote
-from dtmpb.v1 import coordinator_pb2, participant_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.harness import InProcessCluster, pack
 
 
 class FakeCalls:
@@ -112,8 +115,8 @@ def test_a_prepare_does_not_queue_behind_a_call_of_decisions_only() -> None:
         assert [["decide 1"]] == calls.batches  # decisions wait for the call slot
         queue.add("prepare 3")
         await settle()
-        # A second call, taking everything queued: a client waits for that prepare.
-        assert [["decide 1"], ["decide 2", "prepare 3"]] == calls.batches
+        # A second call, taking everything queued, the prepare first: a client waits for it.
+        assert [["decide 1"], ["prepare 3", "decide 2"]] == calls.batches
         queue.add("prepare 4")
         await settle()
         assert 2 == len(calls.batches)  # a prepare is in flight: no third call
@@ -369,3 +372,132 @@ def test_a_decision_call_has_the_configured_phase_two_deadline(batch: bool) -> N
         await port.close()
 
     asyncio.run(run())
+
+
+# ---- found by a bug hunt: batches that failed items they should not have ----
+
+
+def test_a_batch_closes_before_its_size_passes_the_limit() -> None:
+    """Counting items only, 100 prepares of 60 KB each queued behind a slow call left in one
+    Exchange of 6 MB, over the 4 MiB message limit: the channel refused it and every one of
+    them aborted. A batch now also closes on its estimated size; a larger item leaves alone."""
+
+    async def run() -> None:
+        calls = FakeCalls()
+        tasks: set[asyncio.Task[None]] = set()
+        policy = BatchPolicy(linger_ms=0, decision_linger_ms=0, bytes_max=100)
+        queue: Batcher[str] = Batcher(calls.send, policy, tasks, size=lambda item: len(item) * 10)
+        queue.add("first")
+        await settle()
+        for item in ("aaaa", "bbbb", "cc", "dddddddddddd", "e"):  # 40, 40, 20, 120, 10 bytes
+            queue.add(item)
+        for _ in range(4):
+            calls.finish_all()
+            await settle()
+        assert [["first"], ["aaaa", "bbbb", "cc"], ["dddddddddddd"], ["e"]] == calls.batches
+
+    asyncio.run(run())
+
+
+def test_the_call_beyond_the_limit_carries_the_prepare_it_was_opened_for() -> None:
+    """That extra call exists so a prepare never waits behind decisions; it took the queue's
+    front, decisions only, and left the prepare behind."""
+
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0, decision_linger_ms=0, items_max=2)
+        queue.add("decide 1")
+        await settle()
+        for index in range(2, 5):
+            queue.add(f"decide {index}")
+        queue.add("prepare 5")
+        await settle()
+        assert [["decide 1"], ["prepare 5", "decide 2"]] == calls.batches
+        for _ in range(3):
+            calls.finish_all()
+            await settle()
+        assert [["decide 3", "decide 4"]] == calls.batches[2:]
+
+    asyncio.run(run())
+
+
+def _notify_and_order(order_id: str) -> list[coordinator_pb2.BranchRequest]:
+    notify = shop_pb2.SendNotification(order_id=order_id, recipient="a@b.test", body="x")
+    order = shop_pb2.CreateOrder(
+        order_id=order_id,
+        customer_id="c",
+        amount_cents=1,
+        lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)],
+    )
+    return [
+        coordinator_pb2.BranchRequest(participant="notification", operation=pack(notify)),
+        coordinator_pb2.BranchRequest(participant="orders", operation=pack(order)),
+    ]
+
+
+def test_a_neighbour_with_a_short_deadline_does_not_abort_a_patient_transaction(
+    tmp_path: Path,
+) -> None:
+    """A call's deadline was its earliest prepare's: a transaction with 5 s left, batched with
+    one that had 100 ms, was aborted after 100 ms. Now the call waits for the most patient
+    item, and each prepare still fails at its own deadline."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_SLOW, delay_ms=150)
+            both = coordinator_pb2.SubmitBatchRequest(
+                transactions=[
+                    coordinator_pb2.SubmitRequest(
+                        transaction_id="t-long", branches=_notify_and_order("o-l"), timeout_ms=5_000
+                    ),
+                    coordinator_pb2.SubmitRequest(
+                        transaction_id="t-short", branches=_notify_and_order("o-s"), timeout_ms=100
+                    ),
+                ]
+            )
+            started = time.perf_counter()
+            answers = (await cluster.client.SubmitBatch(both, timeout=30)).results
+            patient, hurried = (answer.response for answer in answers)
+            assert coordinator_pb2.OUTCOME_COMMITTED == patient.outcome, patient.reason
+            assert coordinator_pb2.OUTCOME_ABORTED == hurried.outcome
+            assert "100 ms" in hurried.reason, hurried.reason
+            assert time.perf_counter() - started < 5  # not held to the patient one's deadline
+
+    asyncio.run(scenario())
+
+
+def test_a_prepare_fails_at_its_own_deadline_inside_a_slower_call() -> None:
+    """The call waits for its latest deadline; the earlier ones fail on time, once, and the
+    answer that comes later is not given to them again."""
+    from dtm.coordinator.ports import _Expiry
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        answers: dict[str, list[PrepareResult]] = {"early": [], "later": [], "last": []}
+
+        def item(name: str, in_s: float) -> PrepareItem:
+            return PrepareItem(
+                name, 0, any_pb2.Any(), False, loop.time() + in_s, in_s, answers[name].append
+            )
+
+        expiry = _Expiry.start(loop, [item("last", 0.3), item("early", 0.02), item("later", 0.05)])
+        await asyncio.sleep(0.03)
+        assert (1, 0) == (len(answers["early"]), len(answers["later"]))
+        assert "no answer within the 20 ms deadline" == answers["early"][0].reason
+        await asyncio.sleep(0.04)
+        assert 1 == len(answers["later"]) and [] == answers["last"]  # the call's own deadline
+        expiry.stop()
+        assert 2 == len(expiry.failed)
+
+    asyncio.run(run())
+
+
+def test_the_size_estimate_covers_what_an_item_adds_to_an_exchange() -> None:
+    from dtm.coordinator.ports import _exchange_request, _item_bytes
+
+    operation = pack(shop_pb2.SendNotification(order_id="o", recipient="r", body="x" * 60_000))
+    prepare = PrepareItem("t" * 64, 31, operation, True, 0.0, 1.0, lambda result: None, b"f" * 32)
+    decision = DecideItem("t" * 64, 31, True, lambda result: None)
+    for many in (1, 1_024):
+        assert _exchange_request([prepare] * many, []).ByteSize() <= many * _item_bytes(prepare)
+        assert _exchange_request([], [decision] * many).ByteSize() <= many * _item_bytes(decision)

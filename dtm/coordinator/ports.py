@@ -66,9 +66,8 @@ class DecideItem:
     done: Callable[[DecideResult], None]
 
 
-# A prepare with less time than this left when its batch leaves fails at once, unsent: the
-# call's deadline is its earliest prepare's, so sending it would give every item of the
-# batch (other transactions' prepares, and decisions) a deadline too short to be answered.
+# A prepare with less time than this left when its batch leaves fails at once, unsent: it
+# could not be answered in time anyway.
 PREPARE_SEND_MARGIN_S = 0.010
 
 LINGER_MS_DEFAULT = 10.0
@@ -83,6 +82,9 @@ class BatchPolicy:
     # 10 ms linger below, 640-708 with 1 against 516-533 with 2.
     in_flight_max: int = 1
     items_max: int = limits.BATCH_ITEMS_MAX
+    # A batch also closes before its estimated size passes this: the channel refuses a larger
+    # message, and every item of it would fail (an item larger alone still leaves alone).
+    bytes_max: int = limits.EXCHANGE_BYTES_MAX
     # Under load, wait this long after a call returns before sending the next one, so that the
     # batch grows: a participant's fixed cost per call (about 1 ms of CPU) then spreads over
     # more transactions. make bench (64 clients) measured, by linger: 0 ms 509 txn/s and 11
@@ -121,11 +123,13 @@ class Batcher(Generic[Item]):
         tasks: set[asyncio.Task[None]],
         urgent: Callable[[Item], bool] = lambda item: False,
         component: str = "coordinator",
+        size: Callable[[Item], int] = lambda item: 0,
     ) -> None:
         self._send = send
         self._component = component
         self._policy = policy
         self._urgent = urgent
+        self._size = size
         self._queue: deque[Item] = deque()
         self._in_flight = 0
         self._in_flight_urgent = 0  # calls in flight carrying at least one urgent item
@@ -200,8 +204,8 @@ class Batcher(Generic[Item]):
             return
         loop = asyncio.get_running_loop()
         while self._queue and self._may_send():
-            count = min(len(self._queue), self._policy.items_max)
-            batch = [self._queue.popleft() for _ in range(count)]
+            batch = self._take(extra_slot=self._in_flight >= self._policy.in_flight_max)
+            count = len(batch)
             urgent = sum(map(self._urgent, batch))
             self._queued_urgent -= urgent
             self._in_flight += 1
@@ -211,6 +215,28 @@ class Batcher(Generic[Item]):
             task = loop.create_task(self._run(batch, urgent > 0))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+
+    def _take(self, extra_slot: bool) -> list[Item]:
+        """The next batch, from the front of the queue: at most `items_max` items and
+        `bytes_max` bytes (the first item is always taken). The call slot beyond the limit
+        exists for the urgent items, so a batch sent on it takes them first: decisions queued
+        ahead of them would otherwise fill it and leave them waiting behind a full call."""
+        if extra_slot:
+            queued = list(self._queue)  # at most one such flush per call in flight
+            self._queue = deque(
+                [item for item in queued if self._urgent(item)]
+                + [item for item in queued if not self._urgent(item)]
+            )
+        queue, policy = self._queue, self._policy
+        batch = [queue.popleft()]
+        size = self._size(batch[0])
+        # Bounded by items_max.
+        while queue and len(batch) < policy.items_max:
+            size += self._size(queue[0])
+            if size > policy.bytes_max:
+                break
+            batch.append(queue.popleft())
+        return batch
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -236,6 +262,21 @@ def _is_prepare(item: PrepareItem | DecideItem) -> bool:
     return isinstance(item, PrepareItem)
 
 
+def _item_bytes(item: PrepareItem | DecideItem) -> int:
+    """About what an item adds to an ExchangeRequest (its strings and bytes, and a generous
+    allowance for tags and lengths): cheaper than serializing it to measure."""
+    if isinstance(item, PrepareItem):
+        operation = item.operation
+        return (
+            len(operation.value)
+            + len(operation.type_url)
+            + len(item.transaction_id)
+            + len(item.fingerprint)
+            + 32
+        )
+    return len(item.transaction_id) + 16
+
+
 class ParticipantPort:
     def __init__(self, client: ParticipantClient, batch: bool, policy: BatchPolicy) -> None:
         self.client = client
@@ -244,7 +285,7 @@ class ParticipantPort:
         self._tasks: set[asyncio.Task[None]] = set()
         # One queue for prepares and decisions alike: they leave together in one Exchange.
         self._batcher: Batcher[PrepareItem | DecideItem] = Batcher(
-            self._send_exchange, policy, self._tasks, _is_prepare
+            self._send_exchange, policy, self._tasks, _is_prepare, size=_item_bytes
         )
 
     @property
@@ -361,28 +402,37 @@ class ParticipantPort:
     async def _send_exchange(self, batch: list[PrepareItem | DecideItem]) -> None:
         prepares = [item for item in batch if isinstance(item, PrepareItem)]
         decisions = [item for item in batch if isinstance(item, DecideItem)]
-        # One deadline for the call: the earliest prepare's (an item failed by it early is
-        # aborted, which is always safe; a decision failed by it is retried).
-        timeout_s = self._phase_two_timeout_s
+        # One deadline for the call, the most patient item's: the earliest one's would fail
+        # every other item with it, aborting transactions with seconds left (found by a bug
+        # hunt). Each prepare still fails at its own deadline (`_Expiry`).
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        timeout_s = self._phase_two_timeout_s if decisions else 0.0
+        expiry: _Expiry | None = None
         if prepares:
-            now = asyncio.get_running_loop().time()
             prepares = self._drop_late(prepares, now)
             if prepares:
-                timeout_s = min(item.deadline for item in prepares) - now
+                timeout_s = max(timeout_s, max(item.deadline for item in prepares) - now)
+                expiry = _Expiry.start(loop, prepares)
             elif not decisions:
                 return
         try:
             request = _exchange_request(prepares, decisions)
             response = await self.client.stub.Exchange(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            self._fail(prepares, decisions, rpc_failure(error, timeout_s))
+            self._fail(_unexpired(prepares, expiry), decisions, rpc_failure(error, timeout_s))
             return
         except Exception as error:  # a bug: answer every item, or phase 2 would wait forever
             _internal_error(self.client.name, "Exchange", error)
-            self._fail(prepares, decisions, f"internal error: {type(error).__name__}: {error}")
+            reason = f"internal error: {type(error).__name__}: {error}"
+            self._fail(_unexpired(prepares, expiry), decisions, reason)
             return
+        finally:
+            if expiry is not None:
+                expiry.stop()
         if len(response.votes) != len(prepares) or len(response.results) != len(decisions):
-            self._fail(prepares, decisions, f"{self.client.name} answered a malformed Exchange")
+            reason = f"{self.client.name} answered a malformed Exchange"
+            self._fail(_unexpired(prepares, expiry), decisions, reason)
             return
         for decision, result in zip(decisions, response.results, strict=True):
             heuristic = result.heuristic
@@ -390,7 +440,10 @@ class ParticipantPort:
                 code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
                 heuristic = reported_heuristic(decision.commit, code, heuristic)
             decision.done(DecideResult(result.ok, _said(result.error), _said(heuristic)))
+        expired = expiry.failed if expiry is not None else ()
         for prepare, answer in zip(prepares, response.votes, strict=True):
+            if expired and id(prepare) in expired:
+                continue  # failed at its own deadline: its transaction has moved on
             if answer.invalid_argument:
                 invalid = _said(answer.invalid_argument)
                 prepare.done(PrepareResult(None, invalid, invalid))
@@ -401,8 +454,8 @@ class ParticipantPort:
 
     def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
         """The prepares with time left to be answered. The others ran out of it waiting for
-        their call (under load): failed here, which aborts their transactions as the deadline
-        would have, instead of cutting the call's deadline short for every other item."""
+        their call (under load): failed here, unsent, which aborts their transactions as the
+        deadline would have, without costing the participant their forced writes."""
         if min(item.deadline for item in prepares) - now >= PREPARE_SEND_MARGIN_S:
             return prepares  # the usual case: one pass over the batch
         late = [item for item in prepares if item.deadline - now < PREPARE_SEND_MARGIN_S]
@@ -424,6 +477,51 @@ class ParticipantPort:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _Expiry:
+    """Fails each prepare of a call at its own deadline, while the call waits for the most
+    patient one: one timer per call, moved from deadline to deadline (a batch's prepares
+    usually share one, give or take the time it gathered, and the call ends first)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pending: list[PrepareItem]) -> None:
+        self._loop = loop
+        self._pending = pending  # by deadline, the latest last: the call's own covers it
+        self.failed: set[int] = set()  # ids of the prepares failed here
+        self._timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def start(cls, loop: asyncio.AbstractEventLoop, prepares: list[PrepareItem]) -> _Expiry:
+        ordered = sorted(prepares, key=lambda item: item.deadline)
+        expiry = cls(loop, ordered[:-1])
+        expiry._arm()
+        return expiry
+
+    def _arm(self) -> None:
+        if self._pending:
+            self._timer = self._loop.call_at(self._pending[0].deadline, self._expire)
+
+    def _expire(self) -> None:
+        now = self._loop.time()
+        # Bounded by the batch: each round fails at least the earliest.
+        while self._pending and self._pending[0].deadline <= now:
+            item = self._pending.pop(0)
+            self.failed.add(id(item))
+            late = f"no answer within the {round(item.timeout_s * 1000)} ms deadline"
+            item.done(PrepareResult(None, late))
+        self._arm()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._pending = []
+
+
+def _unexpired(prepares: list[PrepareItem], expiry: _Expiry | None) -> list[PrepareItem]:
+    if expiry is None or not expiry.failed:
+        return prepares
+    return [item for item in prepares if id(item) not in expiry.failed]
 
 
 def _exchange_request(
