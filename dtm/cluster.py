@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -108,13 +109,13 @@ class _Process:
     popen: subprocess.Popen[bytes] | None = None
 
 
-def _cmdline(pid: int) -> str | None:
-    """The process's command line, or None when /proc cannot tell (not Linux, or gone)."""
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's arguments, or None when /proc cannot tell (not Linux, or gone)."""
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return None
-    return raw.replace(b"\0", b" ").decode(errors="replace")
+    return raw.decode(errors="replace").split("\0")
 
 
 def _alive(pid: int) -> bool:
@@ -132,12 +133,24 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def _is_ours(pid: int, name: str) -> bool:
-    """Guard against pid reuse: a stale pidfile must never make us signal a stranger."""
+def _is_ours(pid: int, name: str, data_dir: Path) -> bool:
+    """Whether `pid` is process `name` of the cluster in `data_dir` (resolved).
+
+    Guards against pid reuse (a stale pidfile must never make us signal a stranger) and
+    against a copied data dir, whose pidfiles name the original's processes: the module alone
+    would match those, so the `--data-dir` they were started with must be this one too. That
+    pair identifies a process: its log's lock lets one process per data dir run."""
     if not _alive(pid):
         return False
-    cmdline = _cmdline(pid)
-    return cmdline is None or MODULES[name] in cmdline
+    args = _cmdline(pid)
+    if args is None:
+        return True
+    return MODULES[name] in args and _has_option(args, "--data-dir", str(data_dir))
+
+
+def _has_option(args: Sequence[str], flag: str, value: str) -> bool:
+    """Whether `flag value` appears, as two arguments, in `args` (as `command` builds it)."""
+    return (flag, value) in itertools.pairwise(args)
 
 
 class Cluster:
@@ -248,7 +261,7 @@ class Cluster:
             return False
         if process.popen is not None:
             return process.popen.poll() is None
-        return _is_ours(process.pid, process.name)
+        return _is_ours(process.pid, process.name, self.data_dir)
 
     def command(self, name: str, extra_args: Sequence[str] = ()) -> list[str]:
         """The command line that starts `name` (plus `extra_args` for this start only)."""
@@ -435,7 +448,7 @@ class Cluster:
                 return False
             return True
         # Not our child: it cannot be waited on, only watched.
-        while _is_ours(process.pid, process.name):
+        while _is_ours(process.pid, process.name, self.data_dir):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(POLL_INTERVAL_S)
@@ -613,7 +626,7 @@ class Cluster:
                 pid = int(cluster.pid_path(name).read_text().strip())
             except (FileNotFoundError, ValueError):
                 continue
-            if _is_ours(pid, name):
+            if _is_ours(pid, name, cluster.data_dir):
                 process.pid = pid
         return cluster
 

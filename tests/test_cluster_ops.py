@@ -1,0 +1,60 @@
+"""The operator commands of `python -m dtm.cluster` (up, down, status) on real processes.
+
+Most tests stand in for the servers with sleeping processes whose command line looks like one
+`Cluster.command` builds: what `down` and `status` decide from is the pidfiles and
+/proc/PID/cmdline, and a sleeper makes those exact without the seconds a real start takes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dtm import cluster
+from dtm.cluster import COORDINATOR, MODULES, Cluster
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/cmdline").exists(), reason="needs /proc to tell whose a process is"
+)
+
+
+@contextlib.contextmanager
+def sleeper(name: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that passes for `name` of the cluster in `data_dir`, with its pidfile;
+    killed at the end whatever the test did to it."""
+    data_dir = data_dir.resolve()
+    command = [sys.executable, "-c", "import time; time.sleep(60)", MODULES[name]]
+    command += ["--listen", "127.0.0.1:1", "--data-dir", str(data_dir)]
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        (data_dir / "pids").mkdir(parents=True, exist_ok=True)
+        (data_dir / "pids" / f"{name}.pid").write_text(f"{process.pid}\n")
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def test_down_of_a_copied_data_dir_leaves_the_original_cluster_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live, copy = tmp_path / "live", tmp_path / "copy"
+    with sleeper(COORDINATOR, live) as process:
+        shutil.copytree(live, copy)  # e.g. a backup taken while it runs: same pidfiles
+        assert not Cluster.attach(copy).running(COORDINATOR)
+        assert 0 == cluster.main(["down", "--data-dir", str(copy), "--grace", "1"])
+        assert "nothing was running" in capsys.readouterr().out
+        assert process.poll() is None, "`down --data-dir COPY` stopped another data dir's process"
+
+        assert Cluster.attach(live).running(COORDINATOR)
+        assert 0 == cluster.main(["down", "--data-dir", str(live), "--grace", "1"])
+        assert "stopped coordinator" in capsys.readouterr().out
+        assert process.wait(timeout=5) == -signal.SIGTERM
