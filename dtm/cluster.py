@@ -318,6 +318,9 @@ class Cluster:
             "transaction_timeout_ms": self.transaction_timeout_ms,
             "initial": self.initial is not None,
             "tls_dir": str(self.tls_dir) if self.tls_dir is not None else None,
+            # A later `up` that restarts a dead process must start it as it was started
+            # (e.g. with its --metrics-listen), so they are part of the state.
+            "extra_args": self.extra_args,
         }
         self.state_path.write_text(json.dumps(state, indent=2) + "\n")
 
@@ -616,6 +619,7 @@ class Cluster:
             transaction_timeout_ms=state.get("transaction_timeout_ms"),
             host=state.get("host", "127.0.0.1"),
             tls_dir=state.get("tls_dir"),
+            extra_args=state.get("extra_args"),
         )
         if state.get("initial"):
             # Keep passing the same file on restarts (the services ignore it once they have
@@ -655,6 +659,7 @@ def _up(options: argparse.Namespace) -> int:
     running = [name for name in PROCESSES if existing.running(name)]
     if running:
         cluster = existing
+        cluster.start_timeout_s = options.timeout
         if len(running) == len(PROCESSES):
             print(f"already running (data dir {cluster.data_dir}):")
             _print_addresses(cluster)

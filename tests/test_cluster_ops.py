@@ -12,13 +12,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dtm import cluster
-from dtm.cluster import COORDINATOR, MODULES, Cluster
+from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="needs /proc to tell whose a process is"
@@ -58,3 +59,39 @@ def test_down_of_a_copied_data_dir_leaves_the_original_cluster_alone(
         assert 0 == cluster.main(["down", "--data-dir", str(live), "--grace", "1"])
         assert "stopped coordinator" in capsys.readouterr().out
         assert process.wait(timeout=5) == -signal.SIGTERM
+
+
+def up(data_dir: Path, *extra: str) -> int:
+    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+    return cluster.main(["up", "--data-dir", str(data_dir), "--ports", ports, *extra])
+
+
+def test_attach_restores_the_extra_arguments_of_each_process(tmp_path: Path) -> None:
+    extra = {"orders": ["--metrics-listen", "127.0.0.1:9999"], COORDINATOR: ["--x"]}
+    Cluster(tmp_path, Ports.free(), extra_args=extra)._write_state()
+    attached = Cluster.attach(tmp_path)
+    assert attached.command("orders")[-2:] == ["--metrics-listen", "127.0.0.1:9999"]
+    assert attached.command(COORDINATOR)[-1] == "--x"
+    assert "--metrics-listen" not in attached.command("payment")
+
+
+def scrape(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            return int(answer.status)
+    except OSError:
+        return 0
+
+
+def test_a_service_restarted_by_a_second_up_keeps_its_metrics(tmp_path: Path) -> None:
+    metrics = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+    orders_metrics = int(metrics.split(",")[PROCESSES.index("orders")])
+    try:
+        assert 0 == up(tmp_path, "--metrics-ports", metrics)
+        assert 200 == scrape(orders_metrics)
+        killed = Cluster.attach(tmp_path).kill("orders")
+        assert killed is not None and 0 == scrape(orders_metrics)
+        assert 0 == cluster.main(["up", "--data-dir", str(tmp_path)])  # starts orders again
+        assert 200 == scrape(orders_metrics), "orders came back without its /metrics endpoint"
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
