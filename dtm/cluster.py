@@ -67,6 +67,10 @@ class ClusterError(RuntimeError):
     ends with the tail of its log."""
 
 
+class ClusterStateError(ClusterError):
+    """DIR/cluster.json exists but cannot be read or does not describe a cluster."""
+
+
 @dataclass(frozen=True)
 class Ports:
     coordinator: int = 50050
@@ -322,7 +326,7 @@ class Cluster:
             # (e.g. with its --metrics-listen), so they are part of the state.
             "extra_args": self.extra_args,
         }
-        self.state_path.write_text(json.dumps(state, indent=2) + "\n")
+        _write_atomically(self.state_path, json.dumps(state, indent=2) + "\n")
 
     def start(self, names: Sequence[str] | None = None) -> None:
         """Start every process not already running (or only `names`), then wait until all of
@@ -335,7 +339,7 @@ class Cluster:
         if self.initial is not None:
             # The services want both keys, even if a caller only cares about one.
             document = {"stock": {}, "accounts": {}, **self.initial}
-            self.initial_path.write_text(json.dumps(document, indent=2) + "\n")
+            _write_atomically(self.initial_path, json.dumps(document, indent=2) + "\n")
         self._write_state()
         started: list[str] = []
         deadline = time.monotonic() + self.start_timeout_s
@@ -460,7 +464,7 @@ class Cluster:
     def _forget(self, process: _Process) -> None:
         process.pid = None
         process.popen = None
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.pid_path(process.name).unlink()
 
     # ---- readiness ----
@@ -605,46 +609,118 @@ class Cluster:
     def attach(cls, data_dir: Path | str) -> Cluster:
         """A Cluster for processes started by another `up`, found through DIR/cluster.json and
         DIR/pids/. Pidfiles of processes that are gone (or whose pid now belongs to another
-        program) are ignored."""
+        program) are ignored. ClusterStateError when cluster.json is unreadable."""
         directory = Path(data_dir)
+        path = directory / "cluster.json"
+        state = _read_state(path)
         try:
-            state = json.loads((directory / "cluster.json").read_text())
-        except FileNotFoundError:
-            state = {}
-        cluster = cls(
-            directory,
-            Ports(**state["ports"]) if "ports" in state else None,
-            test_control=bool(state.get("test_control", False)),
-            prepare_timeout_ms=state.get("prepare_timeout_ms"),
-            transaction_timeout_ms=state.get("transaction_timeout_ms"),
-            host=state.get("host", "127.0.0.1"),
-            tls_dir=state.get("tls_dir"),
-            extra_args=state.get("extra_args"),
-        )
+            cluster = cls(
+                directory,
+                Ports(**state["ports"]) if "ports" in state else None,
+                test_control=bool(state.get("test_control", False)),
+                prepare_timeout_ms=state.get("prepare_timeout_ms"),
+                transaction_timeout_ms=state.get("transaction_timeout_ms"),
+                host=state.get("host", "127.0.0.1"),
+                tls_dir=state.get("tls_dir"),
+                extra_args=state.get("extra_args"),
+            )
+        except (TypeError, ValueError, AttributeError) as error:
+            raise ClusterStateError(f"{path} does not describe a cluster: {error}") from None
         if state.get("initial"):
             # Keep passing the same file on restarts (the services ignore it once they have
             # a log, but the command line stays the same).
-            cluster.initial = json.loads(cluster.initial_path.read_text())
-        for name, process in cluster._processes.items():
             try:
-                pid = int(cluster.pid_path(name).read_text().strip())
-            except (FileNotFoundError, ValueError):
-                continue
-            if _is_ours(pid, name, cluster.data_dir):
-                process.pid = pid
+                cluster.initial = _read_initial(cluster.initial_path)
+            except ClusterError as error:
+                raise ClusterStateError(str(error)) from None
+        cluster.adopt_pidfiles()
         return cluster
+
+    def adopt_pidfiles(self) -> None:
+        """Take the processes DIR/pids/ names that are still ours as this cluster's (what
+        `down` falls back to when cluster.json is unreadable)."""
+        for name, process in self._processes.items():
+            try:
+                pid = int(self.pid_path(name).read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if _is_ours(pid, name, self.data_dir):
+                process.pid = pid
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` whole: a reader, or the next `down` after a crash mid-write, finds the
+    old file or the new one, never one cut short."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with temporary.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    # The rename is durable once the directory is synced.
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """cluster.json as saved by `up`; {} when there is none."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except (OSError, ValueError) as error:
+        raise ClusterStateError(f"cannot read {path}: {error}") from None
+    try:
+        state = json.loads(text)
+    except ValueError as error:
+        raise ClusterStateError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise ClusterStateError(f"{path} does not describe a cluster: not a JSON object")
+    return state
+
+
+def _read_initial(path: Path) -> dict[str, Any]:
+    """An initial stock/accounts document (--initial, or the copy in the data dir)."""
+    try:
+        document = json.loads(path.read_text())
+    except OSError as error:
+        raise ClusterError(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise ClusterError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(document, dict):
+        raise ClusterError(f'{path} must be a JSON object: {{"stock": ..., "accounts": ...}}')
+    return document
 
 
 # ---- CLI ----
 
 
-def _parse_ports(text: str) -> Ports:
-    values = [int(part) for part in text.split(",")]
-    if len(values) != len(PROCESSES):
+def _port_list(text: str) -> list[int]:
+    """Five comma-separated ports, in PROCESSES order; argparse reports what is wrong."""
+    parts = text.split(",")
+    if len(parts) != len(PROCESSES):
         raise argparse.ArgumentTypeError(
-            f"give {len(PROCESSES)} ports ({', '.join(PROCESSES)}), got {len(values)}"
+            f"give {len(PROCESSES)} ports ({', '.join(PROCESSES)}), got {len(parts)}"
         )
-    return Ports(*values)
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: ports are numbers 1..65535") from None
+    if not all(0 < value < 65536 for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: ports are numbers 1..65535")
+    return values
+
+
+def _parse_ports(text: str) -> Ports:
+    return Ports(*_port_list(text))
+
+
+def _parse_metrics_ports(text: str) -> list[int] | None:
+    """None for 'off' (no /metrics endpoints), else the five ports."""
+    return None if text == "off" else _port_list(text)
 
 
 def _print_addresses(cluster: Cluster) -> None:
@@ -654,44 +730,32 @@ def _print_addresses(cluster: Cluster) -> None:
     print(f"  logs: {cluster.logs_dir}")
 
 
+def _from_pidfiles(data_dir: Path) -> Cluster:
+    """The processes DIR/pids/ names, for when cluster.json cannot say more (their ports and
+    settings are then unknown)."""
+    cluster = Cluster(data_dir)
+    cluster.adopt_pidfiles()
+    return cluster
+
+
+def _running(cluster: Cluster) -> list[str]:
+    return [name for name in PROCESSES if cluster.running(name)]
+
+
 def _up(options: argparse.Namespace) -> int:
-    existing = Cluster.attach(options.data_dir)
-    running = [name for name in PROCESSES if existing.running(name)]
-    if running:
-        cluster = existing
-        cluster.start_timeout_s = options.timeout
-        if len(running) == len(PROCESSES):
-            print(f"already running (data dir {cluster.data_dir}):")
-            _print_addresses(cluster)
-            return 0
-        print(f"partly running ({', '.join(running)}); starting the others")
-    else:
-        initial = None
-        if options.initial is not None:
-            initial = json.loads(Path(options.initial).read_text())
-        metrics: dict[str, list[str]] = {}
-        if options.metrics_ports != "off":
-            ports = [int(port) for port in options.metrics_ports.split(",")]
-            if len(ports) != len(PROCESSES):
-                print(f"--metrics-ports needs {len(PROCESSES)} ports or 'off'", file=sys.stderr)
-                return 2
-            metrics = {
-                name: ["--metrics-listen", f"127.0.0.1:{port}"]
-                for name, port in zip(PROCESSES, ports, strict=True)
-            }
-        cluster = Cluster(
-            options.data_dir,
-            options.ports,
-            initial=initial,
-            test_control=options.test_control,
-            prepare_timeout_ms=options.prepare_timeout_ms,
-            start_timeout_s=options.timeout,
-            tls_dir=options.tls_dir,
-            extra_args=metrics,
-        )
     try:
+        # Up front, so that a data dir that cannot be one (a file, a path through a file)
+        # is named as such rather than failing later on one of the files inside it.
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"up failed: cannot use {options.data_dir} as the data dir: {error}", file=sys.stderr)
+        return 1
+    try:
+        cluster = _cluster_to_start(options)
+        if cluster is None:
+            return 0
         cluster.start()
-    except ClusterError as error:
+    except (ClusterError, OSError) as error:
         print(f"up failed: {error}", file=sys.stderr)
         return 1
     print(f"up (data dir {cluster.data_dir}):")
@@ -699,16 +763,68 @@ def _up(options: argparse.Namespace) -> int:
     return 0
 
 
+def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
+    """The processes already running, with the settings they were started with, else a new
+    cluster from the options; None when everything already runs."""
+    try:
+        existing = Cluster.attach(options.data_dir)
+    except ClusterStateError as error:
+        if _running(_from_pidfiles(options.data_dir)):
+            raise ClusterError(f"{error}; stop its processes with `down` first") from None
+        # Nothing runs: the new cluster's settings replace the unreadable ones.
+        existing = Cluster(options.data_dir)
+    running = _running(existing)
+    if len(running) == len(PROCESSES):
+        print(f"already running (data dir {existing.data_dir}):")
+        _print_addresses(existing)
+        return None
+    if running:
+        print(f"partly running ({', '.join(running)}); starting the others")
+        existing.start_timeout_s = options.timeout
+        return existing
+    metrics = options.metrics_ports or []
+    return Cluster(
+        options.data_dir,
+        options.ports,
+        initial=_read_initial(options.initial) if options.initial is not None else None,
+        test_control=options.test_control,
+        prepare_timeout_ms=options.prepare_timeout_ms,
+        start_timeout_s=options.timeout,
+        tls_dir=options.tls_dir,
+        extra_args={
+            name: ["--metrics-listen", f"127.0.0.1:{port}"]
+            for name, port in zip(PROCESSES, metrics, strict=False)
+        },
+    )
+
+
 def _down(options: argparse.Namespace) -> int:
-    cluster = Cluster.attach(options.data_dir)
-    running = [name for name in PROCESSES if cluster.running(name)]
+    try:
+        cluster = Cluster.attach(options.data_dir)
+    except ClusterStateError as error:
+        # Stopping must not depend on that file: the pidfiles name the processes, and each
+        # one's command line confirms it before it is signalled.
+        print(f"down: {error}; stopping the processes its pidfiles name", file=sys.stderr)
+        cluster = _from_pidfiles(options.data_dir)
+    running = _running(cluster)
     cluster.stop(grace_s=options.grace)
     print(f"stopped {', '.join(running)}" if running else "nothing was running")
     return 0
 
 
 def _status(options: argparse.Namespace) -> int:
-    cluster = Cluster.attach(options.data_dir)
+    try:
+        cluster = Cluster.attach(options.data_dir)
+    except ClusterStateError as error:
+        fallback = _from_pidfiles(options.data_dir)
+        pids = [f"{name} (pid {fallback.pid(name)})" for name in _running(fallback)]
+        print(f"status: {error}", file=sys.stderr)
+        print(
+            f"status: running, by their pidfiles: {', '.join(pids) or 'none'}"
+            + ("; `down` stops them" if pids else ""),
+            file=sys.stderr,
+        )
+        return 1
     try:
         registered = cluster.registered() if cluster.running(COORDINATOR) else {}
     except grpc.RpcError:
@@ -743,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-control", action="store_true", help="allow fault injection")
     parser.add_argument(
         "--metrics-ports",
+        type=_parse_metrics_ports,
         default="9100,9101,9102,9103,9104",
         help="Prometheus /metrics ports of coordinator,inventory,orders,payment,notification "
         "(up only; 'off' for none)",

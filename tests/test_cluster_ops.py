@@ -95,3 +95,71 @@ def test_a_service_restarted_by_a_second_up_keeps_its_metrics(tmp_path: Path) ->
         assert 200 == scrape(orders_metrics), "orders came back without its /metrics endpoint"
     finally:
         cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """`python -m dtm.cluster ARGS` in this process: (exit status, stdout, stderr)."""
+    try:
+        status = cluster.main(list(args))
+    except SystemExit as done:  # argparse's usage errors
+        status = done.code if isinstance(done.code, int) else -1
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_up_reports_bad_input_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "bad.json").write_text("{bad\n")
+    (tmp_path / "list.json").write_text("[1]\n")
+    (tmp_path / "file").write_text("not a directory\n")
+    data = ["--data-dir", str(tmp_path / "data")]
+    cases = [
+        ([*data, "--metrics-ports", "abc"], 2, "--metrics-ports: give 5 ports"),
+        ([*data, "--metrics-ports", "1,2,3,4,x"], 2, "ports are numbers 1..65535"),
+        ([*data, "--ports", "1,2,3,4,70000"], 2, "ports are numbers 1..65535"),
+        ([*data, "--initial", str(tmp_path / "none.json")], 1, "No such file or directory"),
+        ([*data, "--initial", str(tmp_path / "bad.json")], 1, "bad.json is not valid JSON"),
+        ([*data, "--initial", str(tmp_path / "list.json")], 1, "must be a JSON object"),
+        (["--data-dir", str(tmp_path / "file" / "x")], 1, "as the data dir: [Errno 20]"),
+        (["--data-dir", str(tmp_path / "file")], 1, "as the data dir: [Errno 17]"),
+    ]
+    for args, expected, message in cases:
+        status, out, err = run(capsys, "up", *args)
+        assert (expected, "", True) == (status, out, message in err), (args, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "data" / "pids").exists()  # nothing was started
+
+
+def test_down_and_status_survive_a_cut_short_cluster_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sleeper(COORDINATOR, tmp_path) as coordinator, sleeper("orders", tmp_path) as orders:
+        (tmp_path / "cluster.json").write_text('{"host": "127.0.0.1", "po')
+        status, out, err = run(capsys, "status", "--data-dir", str(tmp_path))
+        assert (1, "") == (status, out)
+        assert "cluster.json is not valid JSON" in err
+        assert f"coordinator (pid {coordinator.pid}), orders (pid {orders.pid})" in err
+        status, _, err = run(capsys, "up", "--data-dir", str(tmp_path))
+        assert (1, True) == (status, "stop its processes with `down` first" in err)
+
+        status, out, err = run(capsys, "down", "--data-dir", str(tmp_path), "--grace", "1")
+        assert (0, "stopped coordinator, orders\n") == (status, out)
+        assert "stopping the processes its pidfiles name" in err
+        assert (-signal.SIGTERM, -signal.SIGTERM) == (coordinator.wait(5), orders.wait(5))
+
+
+def test_cluster_json_is_replaced_whole_or_not_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    Cluster(tmp_path, Ports(coordinator=1))._write_state()
+    before = (tmp_path / "cluster.json").read_text()
+
+    def crash(source: object, target: object) -> None:
+        raise OSError("the machine went down before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="before the rename"):
+        Cluster(tmp_path, Ports(coordinator=2))._write_state()
+    assert before == (tmp_path / "cluster.json").read_text()
+    assert 1 == Cluster.attach(tmp_path).ports.coordinator
