@@ -619,6 +619,12 @@ def _ask_all(
             session.failures += 1
 
 
+def _nobody_answered(session: Session, answers: Sequence[tuple[str, Any]]) -> bool:
+    """Whether every participant asked failed (each is already reported on stderr): then the
+    command prints nothing, since "no locks held" or [] would claim what nobody said."""
+    return session.failures > 0 and not answers
+
+
 def cmd_participants_remove(session: Session) -> int:
     response = session.call_coordinator(
         "UnregisterParticipant",
@@ -686,16 +692,17 @@ def cmd_participants(session: Session) -> int:
 
 
 def cmd_locks(session: Session) -> int:
-    found = [
-        (name, lock)
-        for name, response in _ask_all(
+    answers = list(
+        _ask_all(
             session,
             lambda admin: admin.ListLocks.future(
                 participant_pb2.ListLocksRequest(), timeout=session.timeout
             ),
         )
-        for lock in response.locks
-    ]
+    )
+    if _nobody_answered(session, answers):
+        return EXIT_ERROR
+    found = [(name, lock) for name, response in answers for lock in response.locks]
     if session.json:
         fmt.emit_json([fmt.lock_dict(name, lock) for name, lock in found], session.out)
     elif not found:
@@ -731,11 +738,14 @@ def cmd_branches(session: Session) -> int:
     request = participant_pb2.ListBranchesRequest(
         states=states, awaiting_coordinator=options.awaiting
     )
+    answers = list(
+        _ask_all(session, lambda admin: admin.ListBranches.future(request, timeout=session.timeout))
+    )
+    if _nobody_answered(session, answers):
+        return EXIT_ERROR
     found = [
         (name, info)
-        for name, response in _ask_all(
-            session, lambda admin: admin.ListBranches.future(request, timeout=session.timeout)
-        )
+        for name, response in answers
         # The participant lists oldest first; keep the newest `limit` of each.
         for info in list(response.branches)[-options.limit :]
     ]

@@ -443,3 +443,12 @@ def test_usage_errors() -> None:
     assert cli.EXIT_OK == status and "--lock-wait-ms" in out and "127.0.0.1:50051" in out
     status, _, err = asyncio.run(dtm("service"))
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
+
+
+def test_locks_and_branches_print_nothing_when_no_participant_answers() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    for command in (["locks"], ["branches"], ["branches", "--in-doubt"]):
+        for output in ([], ["--json"]):
+            status, out, err = asyncio.run(dtm(*command, "--address", address, *output))
+            assert (cli.EXIT_ERROR, "") == (status, out), (command, output, out)
+            assert f"participant {address}" in err and "cannot reach" in err, err
