@@ -364,6 +364,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _address(text: str) -> str:
+    """A HOST:PORT given on the command line (argparse type). An empty one is an error: read
+    as "not given", it would quietly send the commands to the default address instead."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; expected HOST:PORT")
+    return text
+
+
 def _operation_types_hint(session: Session) -> str:
     """'; inventory takes dtm.v1.ReserveStock, ...' from the registry, if it answers."""
     try:
@@ -998,6 +1006,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--coordinator",
+        type=_address,
         metavar="HOST:PORT",
         default=None,
         help="the coordinator (default: [participant] coordinator of the configuration, "
@@ -1130,6 +1139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument(
         "--address",
+        type=_address,
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="ask the participant at this address directly, without the coordinator",

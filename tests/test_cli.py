@@ -452,3 +452,12 @@ def test_locks_and_branches_print_nothing_when_no_participant_answers() -> None:
             status, out, err = asyncio.run(dtm(*command, "--address", address, *output))
             assert (cli.EXIT_ERROR, "") == (status, out), (command, output, out)
             assert f"participant {address}" in err and "cannot reach" in err, err
+
+
+def test_an_empty_address_is_a_usage_error() -> None:
+    for args in (["--coordinator", "", "txn", "list"], ["--coordinator=", "participants"]):
+        status, out, err = asyncio.run(dtm(*args))
+        assert (cli.EXIT_USAGE, "") == (status, out), args
+        assert "--coordinator: empty; expected HOST:PORT" in err, err
+    status, _, err = asyncio.run(dtm("locks", "--address", " "))
+    assert (cli.EXIT_USAGE, True) == (status, "--address: empty" in err), err
