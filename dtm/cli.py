@@ -890,13 +890,19 @@ def cmd_log_dump(session: Session) -> int:
             f"{path} does not exist; a log is a directory DATA_DIR/<process>/wal, e.g. "
             ".dtm-data/coordinator/wal or .dtm-data/inventory/wal"
         )
-    if path.is_dir() and not any(p.suffix == ".wal" for p in path.iterdir()):
+    if path.is_dir() and not _has_segments(path):
         logs = sorted(str(p.parent) for p in path.glob("*/wal/*.wal"))
         if (path / "wal").is_dir():
             path = path / "wal"
         elif logs:
             unique = sorted(set(logs))
             raise CliError(f"{path} holds no log segments; it has logs at: {', '.join(unique)}")
+        # Printing nothing would read as "an empty log": say that there is none here.
+        if not _has_segments(path):
+            raise CliError(
+                f"{path} holds no log segments (*.wal files); a log is a directory "
+                "DATA_DIR/<process>/wal, e.g. .dtm-data/coordinator/wal"
+            )
     try:
         lines = list(wal.dump(path))
     except OSError as error:
@@ -908,6 +914,10 @@ def cmd_log_dump(session: Session) -> int:
         for line in lines:
             print(line, file=session.out)
     return EXIT_ERROR if corrupted else EXIT_OK
+
+
+def _has_segments(directory: Path) -> bool:
+    return any(p.suffix == ".wal" for p in directory.iterdir())
 
 
 def cmd_crashpoints(session: Session) -> int:

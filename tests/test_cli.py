@@ -461,3 +461,12 @@ def test_an_empty_address_is_a_usage_error() -> None:
         assert "--coordinator: empty; expected HOST:PORT" in err, err
     status, _, err = asyncio.run(dtm("locks", "--address", " "))
     assert (cli.EXIT_USAGE, True) == (status, "--address: empty" in err), err
+
+
+def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "data" / "orders" / "wal").mkdir(parents=True)
+    for path in (tmp_path / "empty", tmp_path / "data" / "orders"):
+        status, out, err = asyncio.run(dtm("log", "dump", str(path)))
+        assert (cli.EXIT_ERROR, "") == (status, out), path
+        assert "holds no log segments (*.wal files)" in err and str(path) in err, err
