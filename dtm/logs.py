@@ -65,6 +65,51 @@ class _Stderr:
         sys.stderr.flush()
 
 
+class _StandardHandler(logging.Handler):
+    """Renders what is logged through the standard library (dtm.wal's torn-tail and fatal
+    fsync lines, asyncio's errors) as the structlog lines are, to the same stream: without
+    it they came out bare through Python's last-resort handler, with no time, level or
+    component, and `grep WARNING` missed them."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+            event: dict[str, Any] = {
+                "component": self.component,
+                # One event, one line, even when a message carries a newline.
+                "event": message if message.isprintable() else repr(message),
+                "logger": record.name,
+            }
+            if record.exc_info is not None and record.exc_info[1] is not None:
+                event["exc_info"] = record.exc_info[1]
+            _Stderr().write(_render(None, record.levelname, event) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_standard_handler: _StandardHandler | None = None
+
+
+def _configure_standard_logging(component: str, level: int) -> None:
+    """Route the standard library's records through _StandardHandler (once: a second
+    configure replaces the handler rather than adding one)."""
+    global _standard_handler
+    root = logging.getLogger()
+    if _standard_handler is not None:
+        root.removeHandler(_standard_handler)
+    _standard_handler = _StandardHandler(component)
+    root.addHandler(_standard_handler)
+    # Our own modules follow DTM_LOG_LEVEL; other libraries keep the root's WARNING.
+    logging.getLogger("dtm").setLevel(level)
+
+
 def configure(component: str, level: str | None = None) -> None:
     """Configure once per process; DTM_LOG_LEVEL overrides the default INFO."""
     global _configured, _level
@@ -78,6 +123,7 @@ def configure(component: str, level: str | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=True,
     )
+    _configure_standard_logging(component, numeric)
     _configured = True
     _level = numeric
     get(component)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
+import pytest
+
 from dtm import logs
 
 
@@ -23,3 +28,23 @@ def test_plain_values_stay_bare_and_spaced_ones_are_quoted() -> None:
     assert line.endswith(
         "coordinator: transaction finished txn=t-1 outcome=committed reason='out of stock'"
     )
+
+
+def test_standard_library_records_get_the_same_line_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("inventory", "INFO")
+    logs.configure("inventory", "INFO")  # again: still one line per record
+    wal_logger = logging.getLogger("dtm.wal")
+    wal_logger.warning("write-ahead log %s: torn write at byte offset %d", "/d/wal/1.wal", 96)
+    wal_logger.info("recovered")
+    wal_logger.debug("not at INFO")
+    lines = capsys.readouterr().err.splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert 2 == len(lines), lines
+    assert re.fullmatch(
+        stamp + r" WARNING inventory: write-ahead log /d/wal/1\.wal: torn write at byte "
+        r"offset 96 logger=dtm\.wal",
+        lines[0],
+    ), lines[0]
+    assert re.fullmatch(stamp + r" INFO    inventory: recovered logger=dtm\.wal", lines[1])
