@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -60,6 +61,13 @@ STOP_GRACE_S = 5.0
 POLL_INTERVAL_S = 0.05
 HEALTH_CALL_TIMEOUT_S = 0.5
 LOG_TAIL_LINES = 25
+#: free_ports picks from [PORT_FLOOR, start of the ephemeral range): above the well-known
+#: ports and the usual fixed ones (the default /metrics ports 9100..9104 among them).
+PORT_FLOOR = 10000
+EPHEMERAL_RANGE_PATH = "/proc/sys/net/ipv4/ip_local_port_range"
+# Its own generator: a test that seeds the module-level one must not make two runs pick
+# the same ports.
+_random = random.SystemRandom()
 
 
 class ClusterError(RuntimeError):
@@ -90,18 +98,45 @@ class Ports:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports the kernel reports free on `host`.
+    """`count` distinct ports free on `host` now, below the kernel's ephemeral range.
 
-    All sockets stay bound until every port is chosen, so the ports are distinct; another
-    program could still take one before our server binds it, which a server reports clearly.
+    Not the kernel's choice (bind to port 0): that comes from the ephemeral range, and once
+    the probe lets it go, the kernel may give it to any outgoing connection as its source
+    port (the services dialling the coordinator, each readiness probe's fresh channel) before
+    our server binds it; the demo failed so about one run in two. Below the range, only a
+    program that binds that very port can take it. All sockets stay bound until every port
+    is chosen, so the ports are distinct.
     """
+    low, _ = _ephemeral_range()
+    below = range(PORT_FLOOR, low)
+    # Enough tries that ports in use do not matter, without building the whole range.
+    candidates = _random.sample(below, min(len(below), max(64, 8 * count)))
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
-        for _ in range(count):
+        for port in candidates:
+            if len(ports) == count:
+                break
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue  # in use (or not ours to bind): the next one
+            ports.append(port)
+        # A range that leaves no room below it (an unusual sysctl): the kernel's choice.
+        while len(ports) < count:
             probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             probe.bind((host, 0))
             ports.append(probe.getsockname()[1])
         return ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out on its own (Linux's sysctl; its default elsewhere)."""
+    try:
+        low, high = Path(EPHEMERAL_RANGE_PATH).read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 @dataclass

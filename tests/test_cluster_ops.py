@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -97,6 +98,15 @@ def test_a_service_restarted_by_a_second_up_keeps_its_metrics(tmp_path: Path) ->
         cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
 
 
+def can_bind(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """`python -m dtm.cluster ARGS` in this process: (exit status, stdout, stderr)."""
     try:
@@ -163,3 +173,29 @@ def test_cluster_json_is_replaced_whole_or_not_at_all(
         Cluster(tmp_path, Ports(coordinator=2))._write_state()
     assert before == (tmp_path / "cluster.json").read_text()
     assert 1 == Cluster.attach(tmp_path).ports.coordinator
+
+
+def test_free_ports_come_from_below_the_ephemeral_range() -> None:
+    # The ports the kernel gives outgoing connections, any of which could take a port
+    # between its probe and its server's bind.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(20):
+        ports = free_ports(len(PROCESSES))
+        assert len(set(ports)) == len(PROCESSES)
+        assert all(1024 <= port < low for port in ports), (ports, low)
+
+
+def test_free_ports_skip_a_port_in_use_and_fall_back_to_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        taken.listen()
+        # Room for two ports below the range, one of them in use: one is chosen there, the
+        # kernel picks the other two.
+        monkeypatch.setattr(cluster, "PORT_FLOOR", port - 1)
+        monkeypatch.setattr(cluster, "_ephemeral_range", lambda: (port + 1, 60999))
+        ports = free_ports(3)
+    assert port - 1 == ports[0] or not can_bind(port - 1)
+    assert port not in ports and len(set(ports)) == 3
