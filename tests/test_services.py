@@ -992,6 +992,50 @@ def test_page_walks_a_list_in_bounded_pages() -> None:
         page(items, 2, "not-a-token")
 
 
+# Each paginated read: its service, and a call of it with a given page_token.
+PAGED_READS: dict[str, tuple[Callable[[], Any], Callable[[grpc.aio.Channel, str], Any]]] = {
+    "ListOrders": (
+        OrdersService,
+        lambda channel, token: shop_pb2_grpc.OrdersStub(channel).ListOrders(
+            shop_pb2.ListOrdersRequest(page_token=token), timeout=10
+        ),
+    ),
+    "ListAccounts": (
+        PaymentService,
+        lambda channel, token: shop_pb2_grpc.PaymentStub(channel).ListAccounts(
+            shop_pb2.ListAccountsRequest(page_token=token), timeout=10
+        ),
+    ),
+    "ListSent": (
+        NotificationService,
+        lambda channel, token: shop_pb2_grpc.NotificationStub(channel).ListSent(
+            shop_pb2.ListSentRequest(page_token=token), timeout=10
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("read_name", sorted(PAGED_READS))
+def test_a_page_token_that_is_not_an_ascii_offset_is_invalid_argument(
+    tmp_path: Path, read_name: str
+) -> None:
+    # "²".isdigit() is true but int("²") fails, and int() refuses more than 4,300 digits: both
+    # failed the read with UNKNOWN (found by a bug hunt).
+    make_service, read = PAGED_READS[read_name]
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        for token in ("\u00b2", "9" * 5_000, "not-a-token"):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await read(channel, token)
+            details = raised.value.details() or ""
+            assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code(), details
+            assert "was not issued by this service" in details
+            assert "next_page_token" in details
+            assert len(details) < 200
+
+    serve(tmp_path, make_service(), scenario)
+
+
 # ---- snapshots of growing tables: rows encoded once ----
 
 

@@ -10,6 +10,7 @@ its INVALID_ARGUMENT errors the same way), the branch-key helper and the snapsho
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Any, Generic, Protocol, TypeVar
@@ -100,6 +101,11 @@ def merged_lines(lines: Iterable[shop_pb2.StockLine]) -> dict[str, int]:
 
 PAGE_SIZE_DEFAULT = 10_000
 
+# A page token as page() hands it out: an offset in ASCII digits ("²".isdigit() is true and
+# int("²") fails; int() refuses more than 4,300 digits). 18 digits is far past any list's
+# length and keeps int() trivially cheap.
+PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}")
+
 
 T = TypeVar("T")
 
@@ -110,8 +116,11 @@ def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[
     The token is the offset as text: simple, and consistent while the list does not change.
     Raises InvalidOperation for a token this server did not hand out.
     """
-    if page_token and not page_token.isdigit():
-        raise InvalidOperation(f"page_token {page_token[:20]!r} was not issued by this service")
+    if page_token and not PAGE_TOKEN_PATTERN.fullmatch(page_token):
+        raise InvalidOperation(
+            f"page_token {page_token[:20]!r} was not issued by this service: pass the "
+            "next_page_token of the previous answer, or none for the first page"
+        )
     start = int(page_token or 0)
     size = min(page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_DEFAULT)
     end = start + size
