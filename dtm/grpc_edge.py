@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import signal
 import socket
 import sys
-from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -70,8 +72,153 @@ def new_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
 ) -> grpc.aio.Server:
     """A server with the project's limits; `interceptors` (authorization, see dtm.security)
-    run on every call, in order."""
-    return grpc.aio.server(interceptors=list(interceptors) or None, options=SERVER_OPTIONS)
+    run on every call, in order, then the refusal of undecodable requests."""
+    # Last, so that a caller who may not call a method is told so before anything about its
+    # request: the interceptors before it wrap the handler it returns, deserializer included.
+    chain = [*interceptors, UndecodableRequestInterceptor()]
+    return grpc.aio.server(interceptors=chain, options=SERVER_OPTIONS)
+
+
+# The stubs make these generic; at run time they are plain classes.
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    ServerInterceptor = grpc.aio.ServerInterceptor
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class UndecodableRequestInterceptor(ServerInterceptor):
+    """Refuses a request its method cannot decode (a string field holding invalid UTF-8, or
+    bytes that are not the message at all) with INVALID_ARGUMENT naming the message.
+
+    gRPC decodes a request before any servicer code runs, and answers a decoding failure
+    with UNKNOWN "Unexpected <class 'DecodeError'>" and a logged traceback. Here each
+    handler's deserializer hands back an _Undecodable instead of raising, and its behaviour
+    refuses one before running.
+    """
+
+    def __init__(self) -> None:
+        # method -> (handler, the same handler refusing undecodable requests). gRPC looks a
+        # handler up anew for every call; the wrapped one is built once per method. Only
+        # methods that exist get an entry, so this is bounded by the services registered.
+        self._tolerant: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # unknown method: gRPC answers UNIMPLEMENTED
+        method = handler_call_details.method
+        cached = self._tolerant.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        tolerant = _tolerant(handler)
+        self._tolerant[method] = (handler, tolerant)
+        return tolerant
+
+
+class _Undecodable:
+    """What a tolerant deserializer returns for bytes it cannot decode: why, in words."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+async def _refuse(request: _Undecodable, context: Context) -> NoReturn:
+    await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+
+
+def _tolerant(handler: Handler) -> Handler:
+    """`handler`, refusing a request it cannot decode instead of failing with UNKNOWN.
+
+    A handler without a deserializer (raw bytes), one that is not gRPC's own named tuple, or
+    one with a synchronous behaviour (which gRPC runs on a thread) is returned as it is."""
+    deserialize = handler.request_deserializer
+    replace = getattr(handler, "_replace", None)
+    if deserialize is None or replace is None:
+        return handler
+    kind = ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+    wrap = _with_checked_requests if handler.request_streaming else _with_checked_request
+    behavior = wrap(getattr(handler, kind))
+    if behavior is None:
+        return handler
+    tolerant: Handler = replace(
+        request_deserializer=_tolerant_deserializer(deserialize), **{kind: behavior}
+    )
+    return tolerant
+
+
+def _tolerant_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # A generated handler's deserializer is the request class's FromString.
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "message")
+    # The upb decoder starts its message with this; the status names the type once.
+    said_already = f"Error parsing message with type '{name}': "
+
+    def tolerant_deserialize(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            why = str(error).removeprefix(said_already)
+            return _Undecodable(f"the request is not a valid {name}: {why}")
+
+    return tolerant_deserialize
+
+
+def _with_checked_request(behavior: Any) -> Any:
+    """A unary-request behaviour that first refuses an _Undecodable request, or None."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def checked_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            if type(request) is _Undecodable:
+                await _refuse(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return checked_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def checked(request: Any, context: Context) -> Any:
+            if type(request) is _Undecodable:
+                await _refuse(request, context)
+            return await behavior(request, context)
+
+        return checked
+    return None
+
+
+def _with_checked_requests(behavior: Any) -> Any:
+    """A streaming-request behaviour whose requests are checked as they are read, or None."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def checked_stream(requests: Any, context: Context) -> AsyncIterator[Any]:
+            async for response in behavior(_checked(requests, context), context):
+                yield response
+
+        return checked_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def checked(requests: Any, context: Context) -> Any:
+            return await behavior(_checked(requests, context), context)
+
+        return checked
+    return None
+
+
+async def _checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+    async for request in requests:
+        if type(request) is _Undecodable:
+            await _refuse(request, context)
+        yield request
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
