@@ -1036,6 +1036,33 @@ def test_a_page_token_that_is_not_an_ascii_offset_is_invalid_argument(
     serve(tmp_path, make_service(), scenario)
 
 
+def test_a_page_over_the_message_limit_asks_for_a_smaller_page_size(tmp_path: Path) -> None:
+    # 400 orders of 100 lines with 128-character SKUs: about 5.4 MB at the default page size.
+    # The refusal said "this read has no pagination yet" (found by a bug hunt).
+    service = OrdersService()
+    lines = tuple((f"{n:03d}" + "s" * 125, 1) for n in range(limits.LINES_PER_OPERATION_MAX))
+    for n in range(400):
+        operation = order(order_id=f"o-{n}", lines=lines)
+        service.validate(operation)
+        service.prepare(f"t-{n}/0", operation)
+        service.commit(f"t-{n}/0", operation)
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.OrdersStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.ListOrders(shop_pb2.ListOrdersRequest(), timeout=10)
+        details = raised.value.details() or ""
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED == raised.value.code(), details
+        assert "the orders take" in details
+        assert "smaller page_size" in details
+        assert "no pagination" not in details
+        # What it says works: pages of 200 orders fit.
+        first = await stub.ListOrders(shop_pb2.ListOrdersRequest(page_size=200), timeout=10)
+        assert (200, "200") == (len(first.orders), first.next_page_token)
+
+    serve(tmp_path, service, scenario)
+
+
 # ---- snapshots of growing tables: rows encoded once ----
 
 

@@ -130,16 +130,25 @@ def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[
 async def abort_if_too_large(response: Message, context: Context, what: str) -> None:
     """Fail a read with a clear RESOURCE_EXHAUSTED when its answer exceeds the message limit.
 
-    The list reads of shop.proto have no pagination; past MESSAGE_BYTES_MAX gRPC would fail the
-    call anyway, but with a message that does not say which read or why.
+    Past MESSAGE_BYTES_MAX gRPC would fail the call anyway, but with a message that does not
+    say which read, why, or what to do instead.
     """
     size = response.ByteSize()
-    if size > limits.MESSAGE_BYTES_MAX:
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{what} take {size} bytes, over the {limits.MESSAGE_BYTES_MAX}-byte message limit; "
-            "this read has no pagination yet",
+    if size <= limits.MESSAGE_BYTES_MAX:
+        return
+    # A paginated read (its answer has a next_page_token) fits when asked for less at a time;
+    # the default page of 10,000 items does not fit when the items are large.
+    if "next_page_token" in response.DESCRIPTOR.fields_by_name:
+        remedy = (
+            f"pass a smaller page_size (0 means {PAGE_SIZE_DEFAULT}) and follow next_page_token"
         )
+    else:
+        remedy = "this read has no pagination yet"
+    await context.abort(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{what} take {size} bytes, over the {limits.MESSAGE_BYTES_MAX}-byte message limit; "
+        f"{remedy}",
+    )
 
 
 def json_text(value: Any) -> str:
