@@ -33,7 +33,9 @@ PREPARE_TIMEOUT_MS = 500
 # How long a prepare that arrives in a batched call waits for a lock (the SDK's default
 # batch_lock_wait_ms); the contention scenario holds the lock much longer.
 BATCHED_LOCK_WAIT_MS = ParticipantConfig.batch_lock_wait_ms
-LOCK_HOLD_MS = 400
+# Well above the batched lock wait (the second claim must time out) and well below the
+# prepare timeout (the first must not: at 400 ms a loaded machine overran the 500 ms).
+LOCK_HOLD_MS = 200
 SLOW_DELAY_MS = 1_500
 BURST_ORDERS = 30
 BURST_STOCK = 5
