@@ -68,6 +68,12 @@ LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
 CHECKPOINT_PART_BYTES = 4 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
+# Decisions waiting for one participant (queued, or in their calls). Commits are bounded by
+# the transactions in flight, which wait for them; Rollbacks are not (an aborted transaction
+# is over at once), so a participant that hangs while aborts go on would grow the queue
+# without end. Beyond it a decision fails at once and is retried later like a failed call
+# (a Rollback gives up after a few: presumed abort, the participant's inquiry resolves it).
+DECISIONS_WAITING_MAX = 16 * BATCH_ITEMS_MAX
 # The coordinator's Exchange to one participant: the message limit, less room for the framing
 # its estimate of each item's size leaves out (a few bytes per item, 1,024 items at most).
 EXCHANGE_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024

@@ -315,8 +315,8 @@ class FakeExchange:
 
 
 def test_a_prepare_out_of_time_fails_unsent_and_does_not_cut_its_batch_short() -> None:
-    """The call's deadline is its earliest prepare's: a prepare that ran out of time while it
-    waited would give the whole batch a deadline of a millisecond or less."""
+    """A prepare that ran out of time while it waited fails at once, unsent: no answer could
+    come in time, and the participant would spend a forced write on it."""
 
     async def run() -> None:
         client = FakeExchange()
@@ -501,3 +501,45 @@ def test_the_size_estimate_covers_what_an_item_adds_to_an_exchange() -> None:
     for many in (1, 1_024):
         assert _exchange_request([prepare] * many, []).ByteSize() <= many * _item_bytes(prepare)
         assert _exchange_request([], [decision] * many).ByteSize() <= many * _item_bytes(decision)
+
+
+class HungParticipant(FakeDecisions):
+    """Takes calls and never answers them (until they are cancelled)."""
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("batch", [True, False])
+def test_decisions_waiting_for_a_hung_participant_are_bounded(
+    batch: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollbacks of aborted transactions are not held back by the transactions in flight: with
+    a participant that hangs while aborts go on, they queued (or spawned calls) without end.
+    Beyond the bound a decision fails at once, to be retried later (found by a bug hunt)."""
+    from dtm import limits
+
+    monkeypatch.setattr(limits, "DECISIONS_WAITING_MAX", 5)
+
+    async def run() -> None:
+        policy = BatchPolicy(decision_linger_ms=0, items_max=2)
+        port = ParticipantPort(HungParticipant(), batch, policy)  # type: ignore[arg-type]
+        answered: list[DecideResult] = []
+        for number in range(12):
+            port.decide(DecideItem(f"t-{number}", 0, False, answered.append))
+            await settle()
+        waiting = port._batcher.queued if batch else len(port._tasks)
+        assert waiting <= 5
+        assert answered and not any(result.ok for result in answered)
+        assert "decisions already wait for fake; retried later" in answered[0].error
+        await port.close()
+
+    asyncio.run(run())

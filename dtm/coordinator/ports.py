@@ -143,6 +143,10 @@ class Batcher(Generic[Item]):
         self.calls = 0
         self.items = 0
 
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def close(self) -> list[Item]:
         """Send nothing more: a flush still scheduled (a linger timer) finds it closed. The
         items still queued, never sent, are handed back."""
@@ -303,7 +307,14 @@ class ParticipantPort:
             self._spawn(self._unary_prepare(item))
 
     def decide(self, item: DecideItem) -> None:
-        if self.batch:
+        waiting = self._batcher.queued if self.batch else len(self._tasks)
+        if waiting >= limits.DECISIONS_WAITING_MAX:
+            failed = DecideResult(
+                False, f"{waiting} decisions already wait for {self.client.name}; retried later"
+            )
+            # Not from inside the engine's own step that asked for the call.
+            asyncio.get_running_loop().call_soon(item.done, failed)
+        elif self.batch:
             self._batcher.add(item)
         else:
             self._spawn(self._unary_decide(item))
