@@ -240,3 +240,37 @@ def test_a_late_rollback_to_an_unregistered_participant_is_dropped(
         assert [] == failures
 
     asyncio.run(scenario())
+
+
+def test_a_registration_that_changes_nothing_is_answered_once_the_first_is_durable(
+    tmp_path: Path,
+) -> None:
+    """A participant retrying its registration while the first one waits for its fsync was
+    told at once that nothing changed; a crash before that fsync then lost a registration the
+    participant believed made (persist before you speak; found by a bug hunt)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            log = cluster.coordinator.engine.log
+            real_wait = log.wait_durable
+            fsync_done = asyncio.Event()
+
+            async def slow_fsync(lsn: int) -> None:
+                await fsync_done.wait()
+                await real_wait(lsn)
+
+            log.wait_durable = slow_fsync  # type: ignore[method-assign]
+            request = coordinator_pb2.RegisterParticipantRequest(
+                name="inventory-2",
+                address=cluster.address("inventory"),
+                capabilities=coordinator_pb2.Capabilities(batch=True),
+            )
+            first = asyncio.ensure_future(cluster.client.RegisterParticipant(request))
+            await asyncio.sleep(0.2)
+            again = asyncio.ensure_future(cluster.client.RegisterParticipant(request))
+            await asyncio.sleep(0.2)
+            assert not first.done() and not again.done()
+            fsync_done.set()
+            assert (await first).changed and not (await again).changed
+
+    asyncio.run(scenario())

@@ -226,6 +226,9 @@ class Engine:
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The LSN of each registration made by this process (bounded by the registry's
+        # bound): see registration_durable. Replayed ones are durable already.
+        self._registration_lsn: dict[str, int] = {}
         self._closed = False  # close() ran: nothing new is spawned
         self._drained: asyncio.Event | None = None  # set while drain() waits
 
@@ -445,7 +448,17 @@ class Engine:
         record = log_pb2.ParticipantRegistered(participant=info)
         lsn = self._append(RecordType.PARTICIPANT_REGISTERED, record.SerializeToString())
         self.counters.forced_writes += 1
+        self._registration_lsn[info.name] = lsn
         await self.log.wait_durable(lsn)
+
+    async def registration_durable(self, name: str) -> None:
+        """Until the record of `name`'s registration as it stands is on disk. A registration
+        that changes nothing is answered only then, as the first one is: a retry of it, made
+        while that first one waited for its fsync, used to be told at once, and a crash
+        before the fsync then lost a registration its participant believed made."""
+        lsn = self._registration_lsn.get(name, 0)
+        if lsn:
+            await self.log.wait_durable(lsn)
 
     async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
         """An operator decommissions a participant: remove it from the registry, durably (the
@@ -474,6 +487,7 @@ class Engine:
         # check above and this removal run in one step of the loop, so no Submit between.)
         info = self.registry.remove(name)
         assert info is not None
+        self._registration_lsn.pop(name, None)
         record = log_pb2.ParticipantUnregistered(name=name)
         lsn = self._append(RecordType.PARTICIPANT_UNREGISTERED, record.SerializeToString())
         self.counters.forced_writes += 1

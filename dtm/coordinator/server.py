@@ -140,6 +140,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             registered_at_unix_ms=wall_ms(),
         )
         if not self.registry.is_change(info):
+            await self.coordinator.engine.registration_durable(info.name)
             return coordinator_pb2.RegisterParticipantResponse(changed=False)
         try:
             await self.coordinator.engine.register(info)
