@@ -21,6 +21,9 @@ RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 BRANCHES_PER_TRANSACTION_MAX = 32
 OPERATION_BYTES_MAX = 64 * 1024
+# An operation's type URL ("type.googleapis.com/dtmpb.shop.v1.ReserveStock"): ASCII, and far
+# longer than any real one. Unbounded, it made an operation as large as the whole request.
+TYPE_URL_CHARS_MAX = 512
 # Transactions in one SubmitBatch call. Its answer must fit MESSAGE_BYTES_MAX too: 256 answers
 # of 32 branches leave each branch's status about 500 bytes.
 SUBMIT_BATCH_MAX = 256
@@ -68,7 +71,8 @@ LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
 CHECKPOINT_PART_BYTES = 4 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
-# Decisions waiting for one participant (queued, or in their calls). Commits are bounded by
+# Decisions waiting for one participant: the items queued for it (a batched participant;
+# prepares count too), or the calls in flight to it (a unary one). Commits are bounded by
 # the transactions in flight, which wait for them; Rollbacks are not (an aborted transaction
 # is over at once), so a participant that hangs while aborts go on would grow the queue
 # without end. Beyond it a decision fails at once and is retried later like a failed call

@@ -440,9 +440,10 @@ def test_a_restart_counts_the_records_since_the_last_checkpoint_toward_the_next(
     asyncio.run(scenario())
 
 
-def test_a_checkpoint_lists_only_the_branches_still_owed_a_commit(tmp_path: Path) -> None:
-    """A commit waiting on one branch: the others acknowledged, and after a restart need no
-    Commit again (a participant that has since dropped its branch would report a hazard)."""
+def test_a_checkpoint_marks_the_branches_no_longer_owed_a_commit(tmp_path: Path) -> None:
+    """A commit waiting on one branch: the others acknowledged. After a restart from the
+    checkpoint they get no Commit again (a participant that has since dropped its branch
+    would report a hazard), and the status still shows them."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
@@ -461,6 +462,16 @@ def test_a_checkpoint_lists_only_the_branches_still_owed_a_commit(tmp_path: Path
                 payload = part if isinstance(part, bytes) else b"".join(part)
                 committing += log_pb2.CoordinatorCheckpoint.FromString(payload).committing
             [decided] = committing
-            assert ["payment"] == [b.participant for b in decided.branches]
+            owed = [b.participant for b in decided.branches if not b.acknowledged]
+            assert ["payment"] == owed and 4 == len(decided.branches)
+            engine.records_since_checkpoint = engine.config.checkpoint_every_records
+            assert await engine.checkpoint_if_due()
+            await cluster.restart_coordinator()
+            resumed = cluster.coordinator.engine.active["t-w"].txn
+            assert ["payment"] == [b.participant for b in resumed.branches if not b.acknowledged]
+            status = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="t-w")
+            )
+            assert 4 == len(status.branches)
 
     asyncio.run(scenario())

@@ -419,6 +419,10 @@ def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
                 coordinator_pb2.GetTransactionRequest(transaction_id="t1")
             )
             assert coordinator_pb2.TRANSACTION_STATE_COMMITTING == status.state
+            # Still shown with its outcome (a review found it dropped from the status).
+            assert [(0, "heuristic rollback"), (1, "")] == [
+                (b.branch, b.heuristic) for b in status.branches
+            ]
             await asyncio.sleep(0.5)  # several phase-2 retries to payment meanwhile
             assert [] == await listed(cluster)
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)

@@ -152,32 +152,22 @@ VOTE_TO_PB = {
 _ENDED_KEY = field_key(4)  # CoordinatorCheckpoint.ended
 
 
-def _owed_commit(txn: Transaction) -> list[core.BranchProgress]:
-    """The branches a checkpoint lists for a commit in phase 2: those still owed a Commit. An
-    acknowledged one needs none, and one with a heuristic outcome must not get one again:
-    after a restart it would be contradicted and recorded again, one an operator forgot
-    included, and a participant that has since dropped the branch would report a hazard.
-    If none is left (not a state phase 2 stops in: the last one ends the transaction),
-    every updating branch, so the commit is still resumed and then ended."""
-    updating = [b for b in txn.branches if b.needs_phase_two]
-    return [b for b in updating if not b.acknowledged and not b.heuristic] or updating
-
-
 def _stop_phase_two(
     pending: dict[str, log_pb2.CommitDecided], heuristic: log_pb2.HeuristicRecorded
 ) -> bool:
-    """Replay: phase 2 of a branch stopped when its heuristic outcome was recorded, so a
-    resumed commit does not send it Commit again (see _owed_commit). True when that leaves
-    the commit no branch to send to: it is over, as if its end record had been read."""
+    """Replay: phase 2 of a branch stopped when its heuristic outcome was recorded. Marked in
+    the commit to resume, so that it is not sent Commit again after a restart (it would be
+    contradicted and recorded again, bringing back a heuristic an operator forgot) and is
+    still shown with its outcome. True when no branch is owed a Commit any more: the commit
+    is over, as if its end record had been read."""
     decided = pending.get(heuristic.transaction_id)
     if decided is None or not heuristic.committed:
         return False
-    left = [b for b in decided.branches if b.branch != heuristic.branch]
-    if not left:
-        return True
-    del decided.branches[:]
-    decided.branches.extend(left)
-    return False
+    for branch in decided.branches:
+        if branch.branch == heuristic.branch:
+            branch.acknowledged = True
+            branch.heuristic = heuristic.outcome
+    return all(branch.acknowledged for branch in decided.branches)
 
 
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
@@ -797,7 +787,10 @@ class Engine:
             decided.SerializeToString(),
         )
         prepared = coordinator_pb2.VOTE_PREPARED
-        rows = [(b.branch, b.participant, prepared, "", True, 0, "", "") for b in decided.branches]
+        rows = [
+            (b.branch, b.participant, prepared, "", True, 0, "", b.heuristic)
+            for b in decided.branches
+        ]
         self.finished.put(pack(head, rows))
 
     def resume(self, pending: Iterable[log_pb2.CommitDecided]) -> int:
@@ -810,6 +803,18 @@ class Engine:
                 [(b.branch, b.participant) for b in decided.branches],
                 decided_at_ms=decided.decided_at_unix_ms,
             )
+            for progress, recorded in zip(txn.branches, decided.branches, strict=True):
+                progress.acknowledged = recorded.acknowledged
+                progress.heuristic = recorded.heuristic
+            if txn._all_acknowledged():  # nothing owed: over (replay ends these itself)
+                self._remember_committed(decided)
+                continue
+            actions = [
+                action
+                for action in actions
+                if not isinstance(action, core.SendCommit)
+                or not txn.branch(action.branch).acknowledged
+            ]
             reply: asyncio.Future[None] = loop.create_future()
             reply.set_result(None)
             run = Run(
@@ -840,9 +845,17 @@ class Engine:
                 committing=[
                     log_pb2.CommitDecided(
                         transaction_id=run.txn.transaction_id,
+                        # Each with where its phase 2 stands: a restart sends no Commit to
+                        # one acknowledged or stopped by a heuristic outcome.
                         branches=[
-                            log_pb2.DecisionBranch(branch=b.index, participant=b.participant)
-                            for b in _owed_commit(run.txn)
+                            log_pb2.DecisionBranch(
+                                branch=b.index,
+                                participant=b.participant,
+                                acknowledged=b.acknowledged,
+                                heuristic=b.heuristic,
+                            )
+                            for b in run.txn.branches
+                            if b.needs_phase_two
                         ],
                         # DECIDING: its record is not durable yet, so the core has no time
                         # for the decision; now is at most one fsync later than the record's.

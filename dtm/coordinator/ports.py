@@ -267,17 +267,11 @@ def _is_prepare(item: PrepareItem | DecideItem) -> bool:
 
 
 def _item_bytes(item: PrepareItem | DecideItem) -> int:
-    """About what an item adds to an ExchangeRequest (its strings and bytes, and a generous
-    allowance for tags and lengths): cheaper than serializing it to measure."""
+    """At least what an item adds to an ExchangeRequest: its operation's exact size (a type
+    URL may hold multi-byte characters: counting characters let a batch pass the limit), its
+    id's length (ASCII, limits.TRANSACTION_ID_PATTERN), and an allowance for tags and lengths."""
     if isinstance(item, PrepareItem):
-        operation = item.operation
-        return (
-            len(operation.value)
-            + len(operation.type_url)
-            + len(item.transaction_id)
-            + len(item.fingerprint)
-            + 32
-        )
+        return item.operation.ByteSize() + len(item.transaction_id) + len(item.fingerprint) + 32
     return len(item.transaction_id) + 16
 
 
@@ -495,9 +489,15 @@ class _Expiry:
     patient one: one timer per call, moved from deadline to deadline (a batch's prepares
     usually share one, give or take the time it gathered, and the call ends first)."""
 
+    # uvloop rounds a timer to the millisecond and its clock ticks by milliseconds: a timer
+    # may fire just before a deadline that falls between ticks, and re-armed for the rest
+    # (under a millisecond, which runs at once) it would spin until the clock ticks.
+    TOLERANCE_S = 0.001
+
     def __init__(self, loop: asyncio.AbstractEventLoop, pending: list[PrepareItem]) -> None:
         self._loop = loop
         self._pending = pending  # by deadline, the latest last: the call's own covers it
+        self._next = 0  # the first of _pending not failed yet
         self.failed: set[int] = set()  # ids of the prepares failed here
         self._timer: asyncio.TimerHandle | None = None
 
@@ -509,14 +509,16 @@ class _Expiry:
         return expiry
 
     def _arm(self) -> None:
-        if self._pending:
-            self._timer = self._loop.call_at(self._pending[0].deadline, self._expire)
+        if self._next < len(self._pending):
+            self._timer = self._loop.call_at(self._pending[self._next].deadline, self._expire)
 
     def _expire(self) -> None:
-        now = self._loop.time()
-        # Bounded by the batch: each round fails at least the earliest.
-        while self._pending and self._pending[0].deadline <= now:
-            item = self._pending.pop(0)
+        due = self._loop.time() + self.TOLERANCE_S
+        pending = self._pending
+        # Bounded by the batch: each item is failed at most once.
+        while self._next < len(pending) and pending[self._next].deadline <= due:
+            item = pending[self._next]
+            self._next += 1
             self.failed.add(id(item))
             late = f"no answer within the {round(item.timeout_s * 1000)} ms deadline"
             item.done(PrepareResult(None, late))
@@ -526,7 +528,7 @@ class _Expiry:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._pending = []
+        self._next = len(self._pending)
 
 
 def _unexpired(prepares: list[PrepareItem], expiry: _Expiry | None) -> list[PrepareItem]:

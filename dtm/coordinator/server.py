@@ -290,6 +290,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     invalid,
                     f"branch {index} ({branch.participant[:64]!r}): the operation is missing",
                 )
+            type_url = branch.operation.type_url
+            if len(type_url) > limits.TYPE_URL_CHARS_MAX or not type_url.isascii():
+                return invalid, (
+                    f"branch {index} ({branch.participant[:64]!r}): the operation's type URL "
+                    f"must be ASCII, at most {limits.TYPE_URL_CHARS_MAX} characters "
+                    f"(got {len(type_url)}: {type_url[:60]!r}...)"
+                )
             if len(branch.operation.value) > limits.OPERATION_BYTES_MAX:
                 return invalid, (
                     f"branch {index} ({branch.participant[:64]!r}): operation is "

@@ -22,12 +22,16 @@ class ParticipantUnregistered(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DecisionBranch(_message.Message):
-    __slots__ = ("branch", "participant")
+    __slots__ = ("branch", "participant", "acknowledged", "heuristic")
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     branch: int
     participant: str
-    def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ...) -> None: ...
+    acknowledged: bool
+    heuristic: str
+    def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
 class CommitDecided(_message.Message):
     __slots__ = ("transaction_id", "branches", "decided_at_unix_ms", "fingerprint")
