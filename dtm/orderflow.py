@@ -21,7 +21,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from dtm import grpc_edge, limits
-from dtm.coordinator.ports import Batcher, BatchPolicy
+from dtm.batcher import Batcher, BatchPolicy
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, shop_pb2
 
 INVENTORY = "inventory"

@@ -1,5 +1,5 @@
-"""The coordinator's per-participant batcher (dtm.coordinator.ports.Batcher), with a fake send
-whose calls the test completes by hand, on a real event loop."""
+"""The batcher (dtm.batcher.Batcher) and the coordinator's per-participant port that uses it,
+with a fake send whose calls the test completes by hand, on a real event loop."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
+from dtm.batcher import Batcher, BatchPolicy
 from dtm.coordinator.ports import (
-    Batcher,
-    BatchPolicy,
     DecideItem,
     DecideResult,
     ParticipantPort,

@@ -18,8 +18,9 @@ import grpc
 import pytest
 
 from dtm import cli, grpc_edge
+from dtm.batcher import BatchPolicy
 from dtm.coordinator.heuristics import HeuristicTable
-from dtm.coordinator.ports import BatchPolicy, DecideItem, DecideResult, ParticipantPort
+from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort
 from dtm.coordinator.ports import reported_heuristic as heuristic
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc, shop_pb2

@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 
 from dtm import limits, security
+from dtm.batcher import BatchPolicy
 from dtm.coordinator.clients import ParticipantClient
-from dtm.coordinator.ports import BatchPolicy, ParticipantPort
+from dtm.coordinator.ports import ParticipantPort
 from dtmpb.v1 import coordinator_pb2
 
 

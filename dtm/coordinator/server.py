@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 
 from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
+from dtm.batcher import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected, wall_ms
 from dtm.coordinator.finished import TransactionView
 from dtm.coordinator.heuristics import heuristic_pb
-from dtm.coordinator.ports import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.registry import (
     RegistrationError,
     Registry,
@@ -416,7 +416,7 @@ class ServerConfig:
     log_level: str | None = None
     # "loop" or "thread": see dtm.wal.LoopCommitLog.
     wal_sync: str = "loop"
-    # See dtm.coordinator.ports.BatchPolicy.
+    # See dtm.batcher.BatchPolicy.
     batch_linger_ms: float = LINGER_MS_DEFAULT
     batch_decision_linger_ms: float = DECISION_LINGER_MS_DEFAULT
 
