@@ -7,8 +7,8 @@ import inspect
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
@@ -288,14 +288,36 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def run_server(serve: Coroutine[Any, Any, None]) -> None:
-    """Run a server process's main coroutine. A failure to start that names its cause (a port
-    in use, a data directory held by another process, a corrupted log) ends the process with
-    that one line on stderr and exit status 1, not a traceback."""
+class Server(Protocol):
+    async def start(self) -> object: ...  # (the port it bound, say)
+    async def stop(self) -> None: ...
+
+
+def run_server(build: Callable[[], Server]) -> None:
+    """Build, start and serve a server process until SIGTERM or Ctrl-C, then stop it. A
+    failure to start that names its cause (a port in use, a data directory held by another
+    process, a corrupted log) ends the process with that one line on stderr and exit status
+    1; a failure after it started keeps its traceback."""
+
+    async def serve() -> None:
+        try:
+            server = build()  # opens (and recovers) its log
+            await server.start()  # binds its port
+        except (OSError, LogCorruptedError) as error:
+            raise _CannotStart(f"error: {error}") from error
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await stop.wait()
+        await server.stop()
+
     try:
-        asyncio.run(serve)
-    except (OSError, LogCorruptedError) as error:
-        sys.exit(f"error: {error}")
+        asyncio.run(serve())
+    except _CannotStart as cannot:
+        sys.exit(str(cannot))
+
+
+class _CannotStart(Exception):
+    pass
 
 
 def use_fast_event_loop() -> None:

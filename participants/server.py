@@ -806,21 +806,12 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     )
 
 
-async def serve(service: Service[Any], config: ParticipantConfig) -> None:
-    server = ParticipantServer(service, config)
-    stop = asyncio.Event()
-    grpc_edge.install_stop_signals(stop)
-    await server.start()
-    await stop.wait()
-    await server.stop()
-
-
 def run(service: Service[Any], argv: list[str] | None = None) -> None:
     """Entry point for a participant process."""
     participant_config = parse_args(service.name, argv)
     logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()
-    grpc_edge.run_server(serve(service, participant_config))
+    grpc_edge.run_server(lambda: ParticipantServer(service, participant_config))
 
 
 __all__ = ["BranchState", "ParticipantConfig", "ParticipantServer", "branch_key_text", "run"]

@@ -554,20 +554,11 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     )
 
 
-async def serve(config: ServerConfig) -> None:
-    coordinator = CoordinatorServer(config)
-    stop = asyncio.Event()
-    grpc_edge.install_stop_signals(stop)
-    await coordinator.start()
-    await stop.wait()
-    await coordinator.stop()
-
-
 def main(argv: list[str] | None = None) -> None:
     server_config = parse_args(argv)
     logs.configure("coordinator", server_config.log_level)
     grpc_edge.use_fast_event_loop()
-    grpc_edge.run_server(serve(server_config))
+    grpc_edge.run_server(lambda: CoordinatorServer(server_config))
 
 
 if __name__ == "__main__":
