@@ -148,6 +148,45 @@ class _Process:
     popen: subprocess.Popen[bytes] | None = None
 
 
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the sockets listening on `port` (IPv4 and IPv6), or None when /proc
+    cannot tell."""
+    inodes: set[str] = set()
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:  # bounded by the machine's sockets
+            fields = line.split()
+            listens = len(fields) > 9 and fields[3] == _TCP_LISTEN
+            if listens and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if found else None
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds open."""
+    inodes: set[str] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in names:  # bounded by the process's open files
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
 def _cmdline(pid: int) -> list[str] | None:
     """The process's arguments, or None when /proc cannot tell (not Linux, or gone)."""
     try:
@@ -548,6 +587,8 @@ class Cluster:
         for name in names:
             if self._processes[name].pid is None:
                 return name, "not started"
+            if not self._served(name):
+                return name, "its log does not say it serves yet"
             status = self.health(name)
             if status != "SERVING":
                 return name, f"health check answers {status}"
@@ -563,6 +604,21 @@ class Cluster:
                 where = f"registered at {seen}" if seen else "not registered"
                 return name, f"{where} with the coordinator, expected {self.address(name)}"
         return None
+
+    def _served(self, name: str) -> bool:
+        """Whether a process this object started listens on its own port yet. Its port
+        answering health checks is not enough: another server on that port answers them too,
+        while ours has not even tried to bind (found by a bug hunt: `up` on the ports of a
+        running cluster reported it ready, and its services registered with that cluster's
+        coordinator). A process found through its pidfile, or where /proc cannot tell, is
+        left to the health check."""
+        process = self._processes[name]
+        if process.popen is None or process.pid is None:
+            return True
+        listening = _listening_inodes(self.ports.of(name))
+        if listening is None:
+            return True
+        return bool(listening & _socket_inodes(process.pid))
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Block until every process is SERVING and registered; ClusterError otherwise."""

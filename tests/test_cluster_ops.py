@@ -199,3 +199,24 @@ def test_free_ports_skip_a_port_in_use_and_fall_back_to_the_kernel(
         ports = free_ports(3)
     assert port - 1 == ports[0] or not can_bind(port - 1)
     assert port not in ports and len(set(ports)) == 3
+
+
+def test_up_on_the_port_of_a_running_coordinator_fails_and_registers_nothing_there(
+    tmp_path: Path,
+) -> None:
+    """Health checks on the coordinator's port were answered by the coordinator already
+    there, so `up` went on before its own had even tried to bind: its services registered
+    with the other cluster's coordinator, taking over its names, and `up` could report
+    ready. A process started by `up` is ready only once it listens on its port itself."""
+    running = Cluster(tmp_path / "a", Ports.free())
+    running.start()
+    try:
+        before = running.registered()
+        mine = free_ports(len(PROCESSES))
+        clashing = Ports(running.ports.coordinator, *mine[1:])
+        second = Cluster(tmp_path / "b", clashing, start_timeout_s=20.0)
+        with pytest.raises(cluster.ClusterError, match="coordinator"):
+            second.start()
+        assert before == running.registered()  # nobody took over its services' names
+    finally:
+        running.stop()
