@@ -864,6 +864,18 @@ def _refuse_contradiction(session: Session) -> None:
         )
     except grpc.RpcError:
         return
+    if txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_PREPARING,
+        coordinator_pb2.TRANSACTION_STATE_DECIDING,
+    ):
+        # It is deciding now, within the transaction's timeout: whichever way a force went,
+        # the decision could contradict it a moment later.
+        state = coordinator_pb2.TransactionState.Name(txn.state).removeprefix("TRANSACTION_STATE_")
+        raise CliError(
+            f"the coordinator at {session.coordinator_address} is still deciding {options.id} "
+            f"({state.lower()}): forcing now could contradict its decision. Wait for it "
+            f"(`dtm txn show {options.id}`); it comes within the transaction's timeout"
+        )
     committed = txn.state in (
         coordinator_pb2.TRANSACTION_STATE_COMMITTING,
         coordinator_pb2.TRANSACTION_STATE_COMMITTED,

@@ -257,6 +257,32 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_force_is_refused_while_the_coordinator_is_still_deciding(tmp_path: Path) -> None:
+    """A branch prepared while its coordinator still collects votes (or writes its decision):
+    a forced outcome would race the decision, which comes within the transaction's timeout
+    (found by a bug hunt: only a decision already made was refused)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, prepare_timeout_ms=10_000) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=2_000)
+            order = order_branches("o-d", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-d", timeout_ms=10_000))
+
+            async def orders_prepared() -> bool:
+                _, out, _ = await dtm(*at, "branches", "--participant", "orders", "--json")
+                return any(b["transaction_id"] == "t-d" for b in json.loads(out or "[]"))
+
+            await eventually(orders_prepared)
+            force = [*at, "force", "t-d", "1", "--participant", "orders", "--i-understand"]
+            status, _, err = await dtm(*force, "--rollback")
+            assert cli.EXIT_ERROR == status, err
+            assert "still deciding t-d (preparing)" in err
+            assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
+
+    asyncio.run(scenario())
+
+
 def test_unhealthy_participant_is_reported(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path / "data") as cluster:
