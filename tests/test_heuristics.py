@@ -424,7 +424,14 @@ def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
             assert [(0, "heuristic rollback"), (1, "")] == [
                 (b.branch, b.heuristic) for b in status.branches
             ]
-            await asyncio.sleep(0.5)  # several phase-2 retries to payment meanwhile
+
+            async def payment_retried() -> bool:  # resume's Commits went out, and again
+                status = await cluster.client.GetTransaction(
+                    coordinator_pb2.GetTransactionRequest(transaction_id="t1")
+                )
+                return status.branches[1].phase_two_attempts >= 2
+
+            await eventually(payment_retried)
             assert [] == await listed(cluster)
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
 

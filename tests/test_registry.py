@@ -254,8 +254,10 @@ def test_a_registration_that_changes_nothing_is_answered_once_the_first_is_durab
             log = cluster.coordinator.engine.log
             real_wait = log.wait_durable
             fsync_done = asyncio.Event()
+            fsync_started = asyncio.Event()
 
             async def slow_fsync(lsn: int) -> None:
+                fsync_started.set()
                 await fsync_done.wait()
                 await real_wait(lsn)
 
@@ -266,9 +268,9 @@ def test_a_registration_that_changes_nothing_is_answered_once_the_first_is_durab
                 capabilities=coordinator_pb2.Capabilities(batch=True),
             )
             first = asyncio.ensure_future(cluster.client.RegisterParticipant(request))
-            await asyncio.sleep(0.2)
+            await fsync_started.wait()  # the first registration is written, not yet durable
             again = asyncio.ensure_future(cluster.client.RegisterParticipant(request))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # time to be answered, which it must not be yet
             assert not first.done() and not again.done()
             fsync_done.set()
             assert (await first).changed and not (await again).changed
