@@ -266,6 +266,66 @@ def test_a_checkpoint_and_a_restart_forget_no_commit_the_window_still_holds(
     asyncio.run(scenario())
 
 
+def test_a_refused_reuse_of_a_forgotten_id_does_not_hide_the_transaction_it_belongs_to(
+    tmp_path: Path,
+) -> None:
+    """Before, the attempt the participants refused as a reuse was kept under the id: the
+    owner's retry of the committed order, its content unchanged, was then told ALREADY_EXISTS
+    ("choose a new id", which applies the order twice) and its status read ABORTED. Now the
+    refused attempt is not kept, and a retry that arrives while it runs waits for it."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            kept = order_branches("o-kept", [("sku-pear", 3)], amount_cents=300)
+            other = order_branches("o-other", [("sku-pear", 5)], amount_cents=500)
+
+            async def forget(first: int) -> None:
+                for number in range(first, first + 3):
+                    branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+                    assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+
+            async def reused() -> None:
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await cluster.submit(other, "txn-kept")
+                assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
+
+            async def committed() -> bool:
+                """Its status reads committed (phase 2 may still be on its way)."""
+                request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-kept")
+                state = (await cluster.client.GetTransaction(request)).state
+                return state in (
+                    coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+                    coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+                )
+
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            await forget(0)
+            await reused()
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            assert await committed()
+
+            # The owner's retry arrives while the reused attempt still waits for its votes.
+            await forget(10)
+            for name in ("inventory", "orders", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
+            attempt = asyncio.create_task(reused())
+
+            async def running() -> bool:
+                return "txn-kept" in cluster.coordinator.engine.active
+
+            await eventually(running)
+            assert COMMITTED == (await cluster.submit(kept, "txn-kept")).outcome
+            await attempt
+            assert await committed()
+            orders = await cluster.orders()
+            assert "o-kept" in orders and "o-other" not in orders
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+
+    asyncio.run(scenario())
+
+
 def test_a_reused_id_beyond_the_coordinators_memory_is_refused_and_nothing_applied(
     tmp_path: Path,
 ) -> None:

@@ -141,6 +141,8 @@ OUTCOME_TO_PB = {
     Outcome.UNKNOWN: coordinator_pb2.OUTCOME_UNKNOWN,
 }
 TERMINAL_ANSWERS = frozenset({coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED})
+#: Attempts under one id a Submit waits out before its own runs (each refused as a reuse).
+SUBMIT_WAITS_MAX = 4
 VOTE_TO_PB = {
     core.Vote.PREPARED: coordinator_pb2.VOTE_PREPARED,
     core.Vote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
@@ -233,11 +235,24 @@ class Engine:
     ) -> TransactionView:
         """Run (or join) a transaction; returns once the client's answer is known."""
         transaction_id = transaction_id or uuid.uuid4().hex
-        run = self.active.get(transaction_id)
-        if run is not None:  # a retry while it runs: join it
-            _same_transaction(transaction_id, run.fingerprint, fingerprint)
+        for _ in range(SUBMIT_WAITS_MAX):
+            run = self.active.get(transaction_id)
+            if run is None:
+                break
+            if run.fingerprint == fingerprint:  # a retry while it runs: join it
+                await asyncio.shield(run.reply)
+                return run.view()
+            # Other content under this id is running. Whose id it is, the participants say:
+            # if they refuse that attempt as a reuse (perhaps of this very transaction, which
+            # the coordinator forgot), it is not kept and this one runs after it.
             await asyncio.shield(run.reply)
-            return run.view()
+            if not run.id_reused:
+                _same_transaction(transaction_id, run.fingerprint, fingerprint)
+        else:
+            raise SubmitRejected(
+                grpc.StatusCode.UNAVAILABLE,
+                f"transaction id {transaction_id!r} is busy with other attempts; retry shortly",
+            )
         finished = self.finished.get(transaction_id)
         if finished is not None:  # a retry after it finished: its answer again
             _same_transaction(transaction_id, finished.fingerprint, fingerprint)
@@ -715,7 +730,10 @@ class Engine:
         self.active.pop(txn.transaction_id, None)
         if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()
-        self.finished.put(run.record())
+        if not run.id_reused:
+            # An attempt the participants refused as a reuse of the id is not kept: under its
+            # id the coordinator would then refuse the transaction the id belongs to.
+            self.finished.put(run.record())
         if run.timer is not None:
             run.timer.cancel()
             run.timer = None
