@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import random
 import time
 import uuid
@@ -32,10 +33,14 @@ NOTIFICATION = "notification"
 ORDER_PARTICIPANTS = (INVENTORY, ORDERS, PAYMENT, NOTIFICATION)
 
 #: Failures of a Submit call that leave the outcome open (the coordinator was down or slow):
-#: the same Submit again may learn it. Every other failure is an answer that the same call
-#: again does not change: bad input, permission, or RESOURCE_EXHAUSTED (at the coordinator's
-#: limit of transactions in flight nothing ran; a message over the size limit stays so).
+#: the same Submit again may learn it. RESOURCE_EXHAUSTED of a request within the message
+#: size limit is the coordinator's limit of transactions in flight: nothing ran, and the same
+#: Submit a moment later runs (see _still_open). Every other failure is an answer that the
+#: same call again does not change: bad input, permission, a message over the size limit.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A request this large always fits the coordinator's message limit (with the call's framing),
+#: so its RESOURCE_EXHAUSTED can only be the limit of transactions in flight.
+REQUEST_BYTES_SURE_TO_FIT = limits.MESSAGE_BYTES_MAX - 1024
 RETRY_ATTEMPTS_DEFAULT = 8
 #: A transaction larger than this is sent in its own Submit, not batched: SUBMIT_BATCH_MAX of
 #: them (with a few bytes of framing each) then always fit one message (MESSAGE_BYTES_MAX).
@@ -49,8 +54,15 @@ Lines = Iterable[tuple[str, int]] | Iterable[shop_pb2.StockLine]
 
 def transaction_id_for(order_id: str) -> str:
     """The default transaction id of an order: deterministic, so that a client retrying an
-    order whose outcome it did not learn reuses the id and can never apply it twice."""
-    return f"txn-{order_id}"
+    order whose outcome it did not learn reuses the id and can never apply it twice.
+
+    `txn-` and the order id when that is a valid transaction id. An order id may hold what a
+    transaction id may not ("@", or 125 characters and more): then `txn-` and a digest of it,
+    still deterministic (and 128 bits, so two order ids never meet in one)."""
+    readable = f"txn-{order_id}"
+    if limits.TRANSACTION_ID_PATTERN.fullmatch(readable):
+        return readable
+    return "txn-" + hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
 
 
 def stock_lines(lines: Lines) -> list[shop_pb2.StockLine]:
@@ -233,6 +245,9 @@ class OrderClient:
             timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
             timeout_s = timeout_ms / 1000 + 5.0
         started = time.perf_counter()
+        if self._closed:
+            message = "the client is closed: nothing was sent"
+            return _failed(request, grpc.StatusCode.CANCELLED, message, started)
         if self._batcher is not None and request.ByteSize() <= BATCHED_REQUEST_BYTES_MAX:
             return await self._submit_batched(request, timeout_s, started)
         try:
@@ -247,9 +262,6 @@ class OrderClient:
         self, request: coordinator_pb2.SubmitRequest, timeout_s: float, started: float
     ) -> SubmitResult:
         assert self._batcher is not None
-        if self._closed:
-            message = "the client is closed: nothing was sent"
-            return _failed(request, grpc.StatusCode.CANCELLED, message, started)
         answer: asyncio.Future[SubmitResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(request, timeout_s, started, answer)
         self._batcher.add(pending)
@@ -275,8 +287,9 @@ class OrderClient:
         backoff_s: tuple[float, float] = RETRY_BACKOFF_S,
     ) -> SubmitResult:
         """Submit, and submit again with the same transaction id while the outcome is open: the
-        call failed in a way that leaves it unknown (RETRYABLE_CODES), or the coordinator
-        answered UNKNOWN (a one-phase commit it is still resolving). At most `attempts` Submits,
+        call failed in a way that leaves it unknown (RETRYABLE_CODES), the coordinator was at
+        its limit of transactions in flight (nothing ran), or it answered UNKNOWN (a one-phase
+        commit it is still resolving). At most `attempts` Submits,
         with capped exponential backoff and jitter between them. Any other answer is final:
         bad input is not retried. The last answer is returned, known or not.
 
@@ -295,7 +308,7 @@ class OrderClient:
         delay_s, delay_max_s = backoff_s
         for attempt in range(1, attempts + 1):
             result = await self.submit(request, timeout_s=timeout_s)
-            if attempt == attempts or not _still_open(result):
+            if attempt == attempts or not _still_open(result, request):
                 return dataclasses.replace(result, attempts=attempt)
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no lockstep
             delay_s = min(delay_s * 2, delay_max_s)
@@ -382,9 +395,11 @@ class OrderClient:
         await self.close()
 
 
-def _still_open(result: SubmitResult) -> bool:
+def _still_open(result: SubmitResult, request: coordinator_pb2.SubmitRequest) -> bool:
     """Whether the same Submit again may learn more than `result` says."""
     if result.response is None:
+        if result.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # at the limit of in flight
+            return request.ByteSize() <= REQUEST_BYTES_SURE_TO_FIT
         return result.code in RETRYABLE_CODES
     return result.response.outcome == coordinator_pb2.OUTCOME_UNKNOWN
 

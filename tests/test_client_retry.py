@@ -9,8 +9,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dtm.orderflow import OrderClient
-from dtmpb.v1 import coordinator_pb2
+from dtm import limits
+from dtm.orderflow import (
+    BATCHED_REQUEST_BYTES_MAX,
+    OrderClient,
+    order_request,
+    transaction_id_for,
+)
+from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
 
 
@@ -77,3 +83,69 @@ def test_retries_are_bounded_and_return_the_last_answer() -> None:
             await client.submit_until_known(coordinator_pb2.SubmitRequest(), attempts=0)
 
     asyncio.run(scenario())
+
+
+def test_the_coordinators_limit_of_transactions_in_flight_is_waited_out(tmp_path: Path) -> None:
+    """At that limit nothing ran and the answer is "retry shortly": before, the SDK took its
+    RESOURCE_EXHAUSTED as final, and the second of two concurrent orders failed at once."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"in_flight_max": 1}
+        ) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=100)
+            async with OrderClient(cluster.coordinator_address) as client:
+                results = await asyncio.gather(
+                    *(
+                        client.submit_until_known(
+                            coordinator_pb2.SubmitRequest(
+                                transaction_id=f"txn-o-{n}",
+                                branches=order_branches(f"o-{n}", [("sku-apple", 1)]),
+                            ),
+                            backoff_s=(0.05, 0.1),
+                        )
+                        for n in range(2)
+                    )
+                )
+            assert [True, True] == [result.committed for result in results]
+            assert sum(result.attempts for result in results) > 2  # one was told to wait
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_client_answers_cancelled_on_every_path() -> None:
+    """Before, only a batching client's small requests got CANCELLED: the unary path (and a
+    batching client's large requests) raised the channel's UsageError."""
+
+    async def scenario() -> None:
+        small = coordinator_pb2.SubmitRequest(transaction_id="txn-small")
+        large = coordinator_pb2.SubmitRequest(
+            transaction_id="txn-large",
+            branches=order_branches("o-large", [(f"sku-{n:05}", 1) for n in range(100)]),
+        )
+        large.branches[1].operation.value = b"x" * (BATCHED_REQUEST_BYTES_MAX + 1)
+        for batch_in_flight in (0, 1):
+            client = OrderClient("127.0.0.1:1", batch_in_flight=batch_in_flight)
+            await client.close()
+            for request in (small, large):
+                result = await client.submit(request)
+                assert grpc.StatusCode.CANCELLED == result.code, (batch_in_flight, request)
+                assert "closed" in result.message
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("order_id", "readable"),
+    [("o-1", True), ("alice@shop-1", False), ("p" * 124, True), ("p" * 125, False)],
+)
+def test_an_orders_default_transaction_id_is_always_valid_and_deterministic(
+    order_id: str, readable: bool
+) -> None:
+    """An order id may hold "@" and 128 characters; `txn-` and such an id was refused as a
+    malformed transaction id the caller never set."""
+    request = order_request(order_id, "alice", "acct-alice", [("sku-apple", 1)], 100, "alice")
+    assert limits.TRANSACTION_ID_PATTERN.fullmatch(request.transaction_id)
+    assert (request.transaction_id == f"txn-{order_id}") is readable
+    assert request.transaction_id == transaction_id_for(order_id)
+    assert transaction_id_for(order_id) != transaction_id_for(order_id + "x")
