@@ -159,6 +159,12 @@ def _packed(message: Message) -> any_pb2.Any:
     return packed
 
 
+#: Actions that leave a branch as it was: answers, and waiting for or asking about its outcome.
+_CHANGING_NOTHING = frozenset(
+    {core.ReplyVote, core.ReplyAck, core.ReplyError, core.AwaitPrepare, core.AskCoordinator}
+)
+
+
 def _by_resource(request: LockRequest) -> str:
     return request.resource
 
@@ -276,11 +282,7 @@ class BranchEngine:
             self._start_prepare(info, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
-        updated_at_ms = info.updated_at_ms
         duplicate = self._execute(info, branch.handle(core.PrepareRequested(one_phase)))
-        # A duplicate changes nothing, so it must not renew a PREPARING branch's lease (the
-        # time since its last change): a caller repeating a Prepare would keep its locks.
-        info.updated_at_ms = updated_at_ms
         if isinstance(duplicate, core.ReplyVote):
             return duplicate.vote, duplicate.reason
         pending = self._pending.get(key)
@@ -468,7 +470,12 @@ class BranchEngine:
     ) -> core.BranchAction | None:
         """Carry out every action but the reply, synchronously; return the reply (if any)."""
         reply: core.BranchAction | None = None
-        info.updated_at_ms = self.clock_ms()
+        actions = tuple(actions)
+        if not all(type(action) in _CHANGING_NOTHING for action in actions):
+            # A change: the branch's time moves (its lease runs from here). An event answered
+            # with a reply alone changed nothing (a repeated Prepare, a Commit on a branch not
+            # prepared yet), and renewing the lease then would let a caller keep its locks.
+            info.updated_at_ms = self.clock_ms()
         for action in actions:
             effect = self._effects.get(type(action))  # the table at the end of the class
             if effect is None:

@@ -38,11 +38,31 @@ def test_prepare_record_is_forced_before_the_prepared_vote() -> None:
     assert BranchState.PREPARED == branch.state
 
 
-def test_refusal_releases_and_logs_nothing() -> None:
-    branch = preparing()
+@pytest.mark.parametrize("one_phase", [False, True])
+def test_a_refusal_releases_and_is_recorded_forced_only_in_one_phase(one_phase: bool) -> None:
+    """Recorded, so that a restarted participant answers the same Prepare the same way (before,
+    it ran it anew, and a one-phase order refused for want of stock committed once stock came
+    back). Forced in one phase, where the refusal is the transaction's abort; lazy otherwise,
+    which keeps the cost table's "abort after a refusal" free of writes at the refuser."""
+    branch = preparing(one_phase)
     actions = branch.handle(core.PrepareVoted(BranchVote.REFUSED, "out of stock"))
-    assert [core.ApplyRollback(), core.ReplyVote(BranchVote.REFUSED, "out of stock")] == actions
+    assert [
+        core.ApplyRollback(),
+        core.Persist(RecordKind.ROLLED_BACK, forced=one_phase),
+        core.ReplyVote(BranchVote.REFUSED, "out of stock"),
+    ] == actions
     assert BranchState.REFUSED == branch.state
+
+
+def test_a_commit_before_the_vote_is_refused_as_not_prepared_and_changes_nothing() -> None:
+    """Before, the answer said the branch was "already rolled back" while it still prepared,
+    and the coordinator reads that as a heuristic rollback."""
+    branch = preparing()
+    (error,) = branch.handle(core.CommitRequested())
+    assert isinstance(error, core.ReplyError)
+    assert core.ErrorKind.FAILED_PRECONDITION == error.kind
+    assert "still preparing" in error.message and "rolled back" not in error.message
+    assert BranchState.PREPARING == branch.state
 
 
 def test_read_only_vote_needs_no_record() -> None:

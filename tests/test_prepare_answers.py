@@ -138,3 +138,61 @@ def test_a_one_phase_read_only_branch_tells_a_probe_it_completed() -> None:
     assert ErrorKind.FAILED_PRECONDITION is raised.value.kind
     assert "already completed (read-only, in one phase)" in str(raised.value)
     idle.decide_now("t-two", 0, commit=False)  # two-phase: an abort's Rollback is acknowledged
+
+
+def test_a_refused_one_phase_prepare_is_refused_again_after_a_restart() -> None:
+    """Before, a refusal left no record: after a restart the same Prepare (a stale duplicate,
+    or the client's retry) ran anew and, the stock being back, committed an order the client
+    had been told was aborted."""
+
+    async def scenario() -> None:
+        log = MemoryLog()
+        inventory = engine(InventoryService({"sku-a": 1}), log)
+        reserve = packed(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-a", quantity=1)]))
+        assert BranchVote.PREPARED is (await inventory.prepare("t-1", 0, reserve, False))[0]
+        refused = await inventory.prepare("t-2", 0, reserve, True)
+        assert BranchVote.REFUSED is refused[0] and "out of stock" in refused[1]
+        await inventory.rollback("t-1", 0)  # the unit is back
+
+        restarted = engine(InventoryService({"sku-a": 1}), log)
+        restarted.replay(log.records)
+        again = await restarted.prepare("t-2", 0, reserve, True)
+        assert (BranchVote.REFUSED, refused[1]) == again
+        service = restarted.service
+        assert isinstance(service, InventoryService) and 0 == service.items["sku-a"].sold
+
+    asyncio.run(scenario())
+
+
+def test_a_commit_on_a_branch_still_preparing_changes_nothing() -> None:
+    """Before, it was answered "already rolled back" (a heuristic rollback to the coordinator)
+    and it renewed the branch's lease: repeated, it kept the branch's locks held."""
+
+    async def scenario() -> None:
+        now = [0]
+        orders = BranchEngine(
+            OrdersService(), MemoryLog(), LockManager(wait_timeout_s=5), clock_ms=lambda: now[0]
+        )
+        order = packed(
+            shop_pb2.CreateOrder(
+                order_id="o-1",
+                customer_id="c",
+                lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)],
+                amount_cents=100,
+            )
+        )
+        assert BranchVote.PREPARED is (await orders.prepare("holder", 1, order, False))[0]
+        waiting = asyncio.ensure_future(orders.prepare("waiter", 1, order, False))
+        await asyncio.sleep(0)  # it waits for the order id's lock
+        now[0] = 1_000
+        with pytest.raises(BranchError) as raised:
+            await orders.commit("waiter", 1)
+        assert ErrorKind.FAILED_PRECONDITION is raised.value.kind
+        assert "still preparing" in str(raised.value)
+        info = orders.branch(("waiter", 1))
+        assert info is not None and BranchState.PREPARING is info.branch.state
+        assert 0 == info.updated_at_ms  # the lease still runs from its start
+        await orders.rollback("holder", 1)
+        assert BranchVote.PREPARED is (await waiting)[0]
+
+    asyncio.run(scenario())

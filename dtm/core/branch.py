@@ -270,7 +270,16 @@ def _on_vote(branch: Branch, event: PrepareVoted) -> list[BranchAction]:
         return [ApplyRollback(), ReplyVote(BranchVote.READ_ONLY, event.reason)]
     if event.vote is BranchVote.REFUSED:
         branch.state = BranchState.REFUSED
-        return [ApplyRollback(), ReplyVote(BranchVote.REFUSED, event.reason)]
+        # Recorded, so that after a restart the same Prepare gets the same answer instead of
+        # running anew (and perhaps committing, stock having come back meanwhile). Forced for
+        # a one-phase branch: its refusal is its transaction's abort, told to the client with
+        # this answer. Lazy otherwise: presumed abort makes the coordinator's answer ABORTED
+        # whatever this participant remembers, and the cost table has no write for a refusal.
+        return [
+            ApplyRollback(),
+            Persist(RecordKind.ROLLED_BACK, forced=branch.one_phase),
+            ReplyVote(BranchVote.REFUSED, event.reason),
+        ]
     raise BranchProtocolError("a service votes PREPARED, READ_ONLY or REFUSED")
 
 
@@ -380,6 +389,17 @@ def _already_rolled_back(branch: Branch, event: BranchEvent) -> list[BranchActio
     )
 
 
+def _not_prepared_yet(branch: Branch, event: BranchEvent) -> list[BranchAction]:
+    # Only a coordinator that broke rule 2 sends this; the prepare goes on, unchanged.
+    return [
+        ReplyError(
+            ErrorKind.FAILED_PRECONDITION,
+            f"branch {branch.transaction_id}/{branch.index} is still preparing (it has not "
+            "voted); it cannot commit",
+        )
+    ]
+
+
 def _on_lease_unvoted(branch: Branch, event: LeaseExpired) -> list[BranchAction]:
     # Allowed only before the vote: reclaim the locks; the late Prepare answer is REFUSED.
     branch.state = BranchState.ROLLED_BACK
@@ -414,7 +434,7 @@ TRANSITIONS: dict[tuple[BranchState, type], BranchHandler] = {
     (B.PREPARING, PrepareVoted): _on_vote,  # type: ignore[dict-item]
     (B.PREPARING, PrepareRequested): _on_duplicate_prepare_while_running,  # type: ignore[dict-item]
     (B.PREPARING, RollbackRequested): _on_rollback_preparing,  # type: ignore[dict-item]
-    (B.PREPARING, CommitRequested): _already_rolled_back,  # not prepared: cannot commit
+    (B.PREPARING, CommitRequested): _not_prepared_yet,
     (B.PREPARING, LeaseExpired): _on_lease_unvoted,  # type: ignore[dict-item]
     (B.PREPARED, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
     (B.PREPARED, CommitRequested): _on_commit,  # type: ignore[dict-item]
