@@ -4,12 +4,13 @@ a seed replays exactly, and the two I/O-layer bugs it found stay reproducible.""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
 from dtm.core import branch as bcore
 from dtm.core import transaction as tcore
-from dtm.core.branch import BranchState
+from dtm.core.branch import BranchState, BranchVote
 from dtm.core.transaction import Transaction, TxnState
 from dtm.sim import FaultConfig, InvariantViolation, NodeModel, RunResult, run_seed
 from dtm.sim.__main__ import main
@@ -362,6 +363,35 @@ def test_resubmits_catch_a_new_attempt_that_reuses_an_earlier_vote(
     submit_once = {**aimed, "workload": dataclasses.replace(TWO_PHASE_PAIR, resubmits_max=0)}
     for seed in range(200):
         run_seed(seed, **submit_once)  # type: ignore[arg-type]
+
+
+def _refuse_unrecorded(branch: bcore.Branch, event: bcore.PrepareVoted) -> list[Any]:
+    """The core before refusals were recorded: a refusal left nothing in the log."""
+    actions = _ON_VOTE(branch, event)
+    if event.vote is BranchVote.REFUSED:
+        return [action for action in actions if not isinstance(action, bcore.Persist)]
+    return actions
+
+
+_ON_VOTE = bcore.TRANSITIONS[(BranchState.PREPARING, bcore.PrepareVoted)]
+REFUSING_ONE_PHASE = dataclasses.replace(ONE_PHASE_FAST, refuse_probability=0.5)
+
+
+def test_a_refused_one_phase_branch_stays_refused_across_a_restart(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refusal rests on the service's state (the simulated service may prepare a branch it
+    forgot). Unrecorded, a stale duplicate of a refused one-phase Prepare reaching the
+    restarted participant committed an order the client had been told was aborted."""
+    aimed = {"faults": STALE_DUPLICATES, "workload": REFUSING_ONE_PHASE, "timing": Timing()}
+    for seed in range(300):
+        run_seed(seed, **aimed)  # type: ignore[arg-type]
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.PREPARING, bcore.PrepareVoted), _refuse_unrecorded
+    )
+    violation = first_violation(range(300), **aimed)
+    assert "ABORTED" in violation.message and "committed" in violation.message, violation.message
+    assert_replays(violation, **aimed)
 
 
 def test_the_fixes_hold_under_stale_delivery() -> None:

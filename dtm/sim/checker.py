@@ -116,7 +116,14 @@ class Checker:
         facts.one_phase = txn.one_phase
 
     def business_vote(self, key: tuple[str, int]) -> tuple[BranchVote, str]:
-        """The service's answer: deterministic per branch, as services must be (service.py)."""
+        """The service's answer: deterministic per branch, as services must be (service.py),
+        except a refusal. It rests on the service's state (no stock left), which may have
+        changed by the time a participant that forgot the branch runs its prepare again: a
+        restarted node gets here a second time only if nothing of the branch survived."""
+        known = self.business.get(key)
+        if known is not None and known[0] is BranchVote.REFUSED and self.world.rng.random() < 0.5:
+            self.world.cover("participant: a refused branch, forgotten, prepares again")
+            self.business[key] = (BranchVote.PREPARED, "")
         if key not in self.business:
             workload = self.world.workload
             draw = self.world.rng.random()
