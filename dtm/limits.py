@@ -65,6 +65,11 @@ LIST_TRANSACTIONS_LIMIT_MAX = 1_000
 
 # ---- log ----
 LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024
+# Record types live in a u32 field, but callers only need small numbers; a tight bound catches a
+# caller passing a length or an LSN by mistake.
+RECORD_TYPE_MAX = 0xFFFF
+# One checkpoint is the live state of one process: bounded like every other batch.
+CHECKPOINT_RECORDS_MAX = 1_000_000
 # A participant checkpoint is written in records of at most this size: a service's state and
 # the window of decided branches together grow past one record's limit (orders, at about
 # 70,000 orders).

@@ -57,7 +57,12 @@ from google.protobuf.message import DecodeError
 
 from dtm import crashpoints
 from dtm import records as record_types
-from dtm.limits import LOG_RECORD_BYTES_MAX, LOG_SEGMENT_BYTES_MAX
+from dtm.limits import (
+    CHECKPOINT_RECORDS_MAX,
+    LOG_RECORD_BYTES_MAX,
+    LOG_SEGMENT_BYTES_MAX,
+    RECORD_TYPE_MAX,
+)
 
 __all__ = [
     "CHECKPOINT_RECORDS_MAX",
@@ -81,12 +86,6 @@ __all__ = [
     "payload_size",
 ]
 
-# ---- limits of this module (kept here, not in dtm/limits.py, which this change must not edit) ----
-# Record types live in a u32 field, but callers only need small numbers; a tight bound catches a
-# caller passing a length or an LSN by mistake.
-RECORD_TYPE_MAX = 0xFFFF
-# One checkpoint is the live state of one process: bounded like every other batch.
-CHECKPOINT_RECORDS_MAX = 1_000_000
 # EX_IOERR from sysexits.h: the exit status after a failed fsync.
 FATAL_EXIT_STATUS = 74
 
