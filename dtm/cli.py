@@ -855,15 +855,37 @@ def _one_target(session: Session) -> Target:
 def _refuse_contradiction(session: Session) -> None:
     """Refuse to force against a decision the coordinator knows: that breaks atomicity for
     certain, and the decision can simply be delivered instead (`dtm txn retry`). A coordinator
-    that does not answer, or does not know the transaction, is no reason to stop."""
+    with no record of the transaction decided abort (presumed abort: it answers ABORTED to the
+    participants' QueryOutcome), so a forced commit is refused then, unless --coordinator-lost
+    says its log is gone. Only a coordinator that cannot be reached (UNAVAILABLE, or no answer
+    within --timeout) lets the force go on unchecked: that is the case forcing is for. Any
+    other failure to ask (PERMISSION_DENIED, say) refuses: the check must not fail open."""
     options = session.options
     try:
         txn = session.coordinator.GetTransaction(
             coordinator_pb2.GetTransactionRequest(transaction_id=options.id),
             timeout=session.timeout,
         )
-    except grpc.RpcError:
-        return
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return
+        if code is grpc.StatusCode.NOT_FOUND:
+            if options.commit and not options.coordinator_lost:
+                raise CliError(
+                    f"the coordinator at {session.coordinator_address} has no record of "
+                    f"{options.id}: under presumed abort that means it aborted (its "
+                    "participants are told ABORTED), so forcing commit would break atomicity. "
+                    "Force --rollback instead; only if that coordinator lost its log (or never "
+                    "ran this transaction) and the transaction may have committed, re-run with "
+                    "--coordinator-lost"
+                ) from None
+            return
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        raise CliError(
+            f"{problem}; refusing to force {options.id} without knowing the coordinator's "
+            "decision (a coordinator that cannot be reached at all does not stop a force)"
+        ) from None
     if txn.state in (
         coordinator_pb2.TRANSACTION_STATE_PREPARING,
         coordinator_pb2.TRANSACTION_STATE_DECIDING,
@@ -1221,6 +1243,12 @@ def build_parser() -> argparse.ArgumentParser:
     decision.add_argument("--rollback", action="store_false", dest="commit")
     force.add_argument(
         "--i-understand", action="store_true", help="confirm: this may break atomicity"
+    )
+    force.add_argument(
+        "--coordinator-lost",
+        action="store_true",
+        help="the coordinator lost its log: force --commit even though it has no record of "
+        "the transaction (which otherwise means it aborted, by presumed abort)",
     )
     force.set_defaults(handler=cmd_force)
 

@@ -14,13 +14,14 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
                                      PrepareBatch, DecideBatch,
                                      Recover)
     dtm.v1.ParticipantAdmin/*                                       operators
-    dtm.v1.Coordinator/RegisterParticipant, QueryOutcome           participants
-    dtm.v1.Coordinator/Submit, SubmitBatch, GetTransaction,        clients
-        ListTransactions, RetryTransaction, ListParticipants,
-        ListHeuristics
+    dtm.v1.Coordinator/RegisterParticipant                         participants
+    dtm.v1.Coordinator/QueryOutcome                                participants, operators
+    dtm.v1.Coordinator/Submit, SubmitBatch                         clients
+    dtm.v1.Coordinator/GetTransaction, ListTransactions,           clients, operators
+        RetryTransaction, ListParticipants, ListHeuristics
     dtm.v1.Coordinator/ForgetHeuristic, UnregisterParticipant      operators
     grpc.health.v1.Health/*, server reflection                     anyone (with a valid cert)
-    anything else (the services' read APIs)                         clients
+    anything else (the services' read APIs)                         clients, operators
 
 Default identities: coordinator "coordinator"; participants "inventory", "orders", "payment",
 "notification"; clients "client" and "operator"; operators "operator". A participant may
@@ -97,22 +98,27 @@ class Policy:
         participants = ("a participant", self.participants)
         clients = ("a permitted client", self.clients)
         operators = ("an operator", self.operators)
+        # Operators read everything a client reads (and ask outcomes as participants do):
+        # `dtm force` checks the coordinator's decision with an operator certificate, and a
+        # narrowed --authz-clients must not make that check fail.
+        reads = ("a permitted client or an operator", self.clients | self.operators)
+        inquiries = ("a participant or an operator", self.participants | self.operators)
         table = {
             "/dtm.v1.Participant/": coordinator,
             "/dtm.v1.ParticipantAdmin/": operators,
             "/dtm.v1.Coordinator/RegisterParticipant": participants,
-            "/dtm.v1.Coordinator/QueryOutcome": participants,
+            "/dtm.v1.Coordinator/QueryOutcome": inquiries,
             "/dtm.v1.Coordinator/Submit": clients,
             "/dtm.v1.Coordinator/SubmitBatch": clients,
-            "/dtm.v1.Coordinator/GetTransaction": clients,
-            "/dtm.v1.Coordinator/ListTransactions": clients,
-            "/dtm.v1.Coordinator/RetryTransaction": clients,
-            "/dtm.v1.Coordinator/ListParticipants": clients,
-            "/dtm.v1.Coordinator/ListHeuristics": clients,
+            "/dtm.v1.Coordinator/GetTransaction": reads,
+            "/dtm.v1.Coordinator/ListTransactions": reads,
+            "/dtm.v1.Coordinator/RetryTransaction": reads,
+            "/dtm.v1.Coordinator/ListParticipants": reads,
+            "/dtm.v1.Coordinator/ListHeuristics": reads,
             "/dtm.v1.Coordinator/ForgetHeuristic": operators,
             "/dtm.v1.Coordinator/UnregisterParticipant": operators,
         }
-        return table, clients
+        return table, reads
 
 
 @dataclass(frozen=True)

@@ -283,6 +283,55 @@ def test_force_is_refused_while_the_coordinator_is_still_deciding(tmp_path: Path
     asyncio.run(scenario())
 
 
+def test_force_commit_is_refused_when_the_coordinator_has_no_record(tmp_path: Path) -> None:
+    """A coordinator that crashed before deciding has no record of the transaction: presumed
+    abort, and it answers ABORTED to the participants' QueryOutcome. A forced commit would
+    contradict that (found by a bug hunt: GetTransaction's NOT_FOUND let the force through);
+    a forced rollback agrees with it, and --coordinator-lost is the explicit way past."""
+
+    async def scenario() -> None:
+        overrides = {"in_doubt_after_ms": 600_000}  # the branches must not resolve themselves
+        async with InProcessCluster(
+            tmp_path, prepare_timeout_ms=10_000, participant_overrides=overrides
+        ) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=3_000)
+            order = order_branches("o-n", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-n", timeout_ms=10_000))
+
+            async def prepared() -> bool:
+                _, out, _ = await dtm(*at, "branches", "--in-doubt", "--json")
+                found = {b["participant"] for b in json.loads(out or "[]")}
+                return {"inventory", "orders"} <= found
+
+            await eventually(prepared)
+            await cluster.restart_coordinator()  # before any decision: presumed abort
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+            status, _, err = await dtm(*at, "txn", "show", "t-n")
+            assert cli.EXIT_ERROR == status and "NOT_FOUND" in err
+
+            force = [*at, "force", "t-n", "1", "--participant", "orders", "--i-understand"]
+            status, _, err = await dtm(*force, "--commit")
+            assert cli.EXIT_ERROR == status, err
+            assert "has no record of t-n" in err and "presumed abort" in err
+            assert "--coordinator-lost" in err
+            status, out, _ = await dtm(*at, "branches", "--participant", "orders", "--json")
+            assert ["prepared"] == [b["state"] for b in json.loads(out) if b["branch"] == 1]
+            # Rolling back agrees with presumed abort.
+            status, out, err = await dtm(*force, "--rollback", "--json")
+            assert cli.EXIT_OK == status, err
+            assert "rolled_back" == json.loads(out)["state"]
+            # An operator who knows the coordinator lost its log may still force a commit.
+            lost = [*at, "force", "t-n", "0", "--participant", "inventory", "--i-understand"]
+            status, out, err = await dtm(*lost, "--commit", "--coordinator-lost", "--json")
+            assert cli.EXIT_OK == status, err
+            assert "committed" == json.loads(out)["state"]
+
+    asyncio.run(scenario())
+
+
 def test_unhealthy_participant_is_reported(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path / "data") as cluster:

@@ -71,13 +71,20 @@ class SecureCluster:
 
 
 @asynccontextmanager
-async def secure_cluster(data_dir: Path, certs_dir: Path) -> AsyncIterator[SecureCluster]:
+async def secure_cluster(
+    data_dir: Path,
+    certs_dir: Path,
+    coordinator_policy: security.Policy | None = None,
+    test_control: bool = False,
+    in_doubt_after_ms: int = 2_000,
+) -> AsyncIterator[SecureCluster]:
+    policy = coordinator_policy or security.Policy()
     coordinator = CoordinatorServer(
         ServerConfig(
             data_dir=data_dir,
             listen="127.0.0.1:0",
             engine=CoordinatorConfig(prepare_timeout_ms=2_000, transaction_timeout_ms=5_000),
-            tls=security.TlsConfig.for_identity(certs_dir, "coordinator"),
+            tls=security.TlsConfig.for_identity(certs_dir, "coordinator", policy=policy),
         )
     )
     await coordinator.start()
@@ -90,6 +97,8 @@ async def secure_cluster(data_dir: Path, certs_dir: Path) -> AsyncIterator[Secur
                     data_dir=data_dir,
                     coordinator=f"127.0.0.1:{coordinator.port}",
                     tls=security.TlsConfig.for_identity(certs_dir, service.name),
+                    test_control=test_control,
+                    in_doubt_after_ms=in_doubt_after_ms,
                 ),
             )
             participants[service.name] = server
@@ -277,14 +286,15 @@ def test_only_participants_may_register_and_only_as_themselves(
                         "RegisterParticipant",
                         "participant",
                     )
-                    await expect_status(
-                        stub.QueryOutcome(
-                            coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1"),
-                            timeout=TIMEOUT_S,
-                        ),
-                        Code.PERMISSION_DENIED,
-                        "QueryOutcome",
+                    inquiry = stub.QueryOutcome(
+                        coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1"),
+                        timeout=TIMEOUT_S,
                     )
+                    if identity == "operator":  # operators may ask, to check before forcing
+                        answer = await inquiry
+                        assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome
+                        continue
+                    await expect_status(inquiry, Code.PERMISSION_DENIED, "QueryOutcome")
             # A participant may register, but not under another participant's name.
             async with security.channel(cluster.coordinator_address, cluster.tls("payment")) as ch:
                 await expect_status(
@@ -536,3 +546,60 @@ def test_the_dtm_command_takes_its_certificate_from_cli_in_the_configuration_fil
             assert "identity 'client' may not call /dtm.v1.Coordinator/ForgetHeuristic" in err
 
     asyncio.run(scenario())
+
+
+def test_dtm_force_checks_the_decision_with_an_operator_certificate(
+    tmp_path: Path, ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --authz-clients narrowed to "client", the operator may still read the
+    coordinator (GetTransaction, QueryOutcome), so `dtm force` sees the commit decision and
+    refuses a rollback. Where the coordinator does refuse the operator's read, the force is
+    refused too: the check fails closed (found by a bug hunt: PERMISSION_DENIED was swallowed
+    and the force contradicted the decision)."""
+    from tests.test_cli import dtm
+
+    for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY", "DTM_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    flags = ["--tls-ca", str(ca_dir / "ca.pem"), "--tls-cert", str(ca_dir / "operator.pem")]
+    flags += ["--tls-key", str(ca_dir / "operator-key.pem")]
+
+    async def scenario(policy: security.Policy, refusal: str) -> None:
+        async with secure_cluster(
+            tmp_path / refusal[:8], ca_dir, policy, test_control=True, in_doubt_after_ms=600_000
+        ) as cluster:
+            async with security.channel(
+                cluster.address("notification"), cluster.tls("operator")
+            ) as ch:
+                await participant_pb2_grpc.ParticipantAdminStub(ch).SetFault(
+                    participant_pb2.SetFaultRequest(
+                        mode=participant_pb2.FAULT_MODE_REJECT_DECISIONS
+                    )
+                )
+            address = cluster.coordinator_address
+            async with security.channel(address, cluster.tls("client"), "coordinator") as ch:
+                response = await coordinator_pb2_grpc.CoordinatorStub(ch).Submit(
+                    coordinator_pb2.SubmitRequest(transaction_id="t-1", branches=order("o-1")),
+                    timeout=TIMEOUT_S,
+                )
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            at = ["--coordinator", address, *flags]
+            target = ["--address", cluster.address("notification")]
+            status, _, err = await dtm(
+                *at, "force", "t-1", "1", *target, "--rollback", "--i-understand"
+            )
+            assert 1 == status, err
+            assert refusal in err
+            async with security.channel(
+                cluster.address("notification"), cluster.tls("operator")
+            ) as ch:
+                branches = await participant_pb2_grpc.ParticipantAdminStub(ch).ListBranches(
+                    participant_pb2.ListBranchesRequest(), timeout=TIMEOUT_S
+                )
+            states = [b.state for b in branches.branches if b.transaction_id == "t-1"]
+            assert [participant_pb2.BRANCH_STATE_PREPARED] == states
+
+    narrowed = security.Policy(clients=frozenset({"client"}))
+    asyncio.run(scenario(narrowed, "decided commit for t-1"))
+    # The coordinator's operators are someone else: it refuses the operator's read.
+    elsewhere = security.Policy(clients=frozenset({"client"}), operators=frozenset({"root"}))
+    asyncio.run(scenario(elsewhere, "refusing to force t-1 without knowing"))
