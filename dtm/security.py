@@ -25,7 +25,8 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
 
 Default identities: coordinator "coordinator"; participants "inventory", "orders", "payment",
 "notification"; clients "client" and "operator"; operators "operator". A participant may
-also only register under its own name (checked by the coordinator's RegisterParticipant).
+also only register under its own name: its certificate's Common Name, which must be one of
+the participant identities (checked by the coordinator's RegisterParticipant).
 
 Configuration, flags first, then environment, then the configuration file's (or its
 DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's own section
@@ -429,9 +430,15 @@ def server_interceptors(cfg: TlsConfig | None) -> Sequence[ServerInterceptor]:
 
 
 def may_register_as(context: ServicerContext, cfg: TlsConfig | None, name: str) -> bool:
-    """Whether the caller may register participant `name`: its certificate must carry that
-    name, so one participant cannot redirect another's traffic. Always true in insecure mode."""
-    return cfg is None or name in peer_identities(context)
+    """Whether the caller may register participant `name`: it must be its certificate's
+    Common Name and one of the policy's participant identities, so one participant cannot
+    redirect another's traffic, nor register under another name its certificate happens to
+    carry (every certificate of `dtm.tools.certs` has DNS:localhost). Always true in
+    insecure mode."""
+    if cfg is None:
+        return True
+    common = context.auth_context().get("x509_common_name", ())
+    return name in cfg.policy.participants and [name.encode()] == list(common)
 
 
 def describe(cfg: TlsConfig | None) -> str:

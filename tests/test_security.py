@@ -304,6 +304,18 @@ def test_only_participants_may_register_and_only_as_themselves(
                     Code.PERMISSION_DENIED,
                     "'payment' may not register participant 'inventory'",
                 )
+            # Nor under another name its certificate carries: every test certificate has
+            # DNS:localhost (found by a bug hunt: "localhost" was registered).
+            async with security.channel(
+                cluster.coordinator_address, cluster.tls("inventory")
+            ) as ch:
+                stub = coordinator_pb2_grpc.CoordinatorStub(ch)
+                for name in ("localhost",):
+                    await expect_status(
+                        stub.RegisterParticipant(hijack(name), timeout=TIMEOUT_S),
+                        Code.PERMISSION_DENIED,
+                        f"'inventory' may not register participant {name!r}",
+                    )
             assert before == cluster.coordinator.engine.registry.participants
 
     asyncio.run(scenario())

@@ -131,7 +131,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"identity {security.peer_name(context)!r} may not register participant "
-                f"{request.name!r}: a participant registers under its own certificate's name",
+                f"{request.name!r}: a participant registers under its own certificate's Common "
+                "Name, which must be a participant identity (--authz-participants)",
             )
         info = coordinator_pb2.ParticipantInfo(
             name=request.name,
