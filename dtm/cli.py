@@ -203,6 +203,8 @@ def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
             raise CliError(f"{error} (or pass --tls-ca, --tls-cert and --tls-key)") from None
     try:
         return security.from_options(options, configured=configured)
+    except security.TlsMaterialError as error:
+        raise CliError(str(error)) from None
     except ValueError as error:
         raise CliError(str(error), EXIT_USAGE) from None
 

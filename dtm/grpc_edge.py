@@ -247,15 +247,19 @@ def bind(
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as error:
-        raise OSError(f"cannot listen on {address}: {_why_not_bound(address)} ({error})") from None
+        why = _why_not_bound(address, credentials is not None)
+        raise OSError(f"cannot listen on {address}: {why} ({error})") from None
     if port == 0:
-        raise OSError(f"cannot listen on {address}: {_why_not_bound(address)}")
+        raise OSError(
+            f"cannot listen on {address}: {_why_not_bound(address, credentials is not None)}"
+        )
     return port
 
 
-def _why_not_bound(address: str) -> str:
+def _why_not_bound(address: str, tls: bool = False) -> str:
     """gRPC says only that binding failed: tell a port in use from a host that is not this
-    machine's (or not an address at all)."""
+    machine's (or not an address at all), and, with TLS, from credentials gRPC rejected (a
+    key that is not the certificate's, say)."""
     host = address.rpartition(":")[0].strip("[]")
     try:
         family, kind, proto, _, where = socket.getaddrinfo(
@@ -265,6 +269,11 @@ def _why_not_bound(address: str) -> str:
             probe.bind(where)
     except OSError as error:  # socket.gaierror included: not a name at all
         return f"{host!r} is not an address of this machine ({error.strerror or error})"
+    if tls:
+        return (
+            "is the port already in use? Or gRPC rejected the TLS credentials (CA, "
+            "certificate and key must be PEM, the key the certificate's)"
+        )
     return "is the port already in use?"
 
 

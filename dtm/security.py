@@ -58,6 +58,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from dtm import grpc_edge
 
@@ -192,7 +195,8 @@ def from_options(
     DTM_AUTHZ_* variables, then to `configured` (a server's tls_ca, tls_cert and tls_key from
     the configuration file or DTM_<SECTION>_TLS_*: see `dtm.config.tls_files`); None
     (insecure mode) when no TLS file is given anywhere. ValueError when only some of CA,
-    certificate and key are given, or a file is missing."""
+    certificate and key are given, or a file is missing; TlsMaterialError (a ValueError) when
+    the files cannot work together (see `check_material`)."""
     env = os.environ if environ is None else environ
     configured = configured or {}
     paths: dict[str, Path] = {}
@@ -214,6 +218,7 @@ def from_options(
     for name, path in paths.items():
         if not path.is_file():
             raise ValueError(f"--tls-{name}: {path} is not a readable file")
+    check_material(paths["ca"], paths["cert"], paths["key"])
     roles: dict[str, frozenset[str]] = {}
     for role in _AUTHZ_ROLES:
         text = getattr(options, f"authz_{role}", None) or env.get(f"DTM_AUTHZ_{role.upper()}")
@@ -231,6 +236,66 @@ def from_options(
     return TlsConfig(
         ca_cert=paths["ca"], cert=paths["cert"], key=paths["key"], policy=Policy(**roles)
     )
+
+
+class TlsMaterialError(ValueError):
+    """A CA, certificate or key that cannot work: gRPC would only say it cannot listen."""
+
+
+def check_material(ca: Path, cert: Path, key: Path) -> None:
+    """TlsMaterialError, naming the file and the problem, unless `ca` holds PEM certificates,
+    `cert` a PEM certificate (its chain may follow) signed by one of them, and `key` the
+    unencrypted PEM private key of that certificate. gRPC checks none of this where it can be
+    reported: a bad file makes binding fail, which reads as a port in use."""
+
+    def read(flag: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise TlsMaterialError(f"{flag}: cannot read {path}: {error.strerror}") from None
+
+    def certificates(flag: str, path: Path, what: str) -> list[x509.Certificate]:
+        data = read(flag, path)
+        try:
+            return x509.load_pem_x509_certificates(data)
+        except ValueError:
+            hint = " (it is a private key: --tls-cert and --tls-key swapped?)"
+            raise TlsMaterialError(
+                f"{flag}: {path} holds no PEM {what}{hint if b'PRIVATE KEY' in data else ''}"
+            ) from None
+
+    authorities = certificates("--tls-ca", ca, "CA certificate")
+    chain = certificates("--tls-cert", cert, "certificate")
+    data = read("--tls-key", key)
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise TlsMaterialError(f"--tls-key: {key} is encrypted; give an unencrypted key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        hint = " (it is a certificate: --tls-cert and --tls-key swapped?)"
+        raise TlsMaterialError(
+            f"--tls-key: {key} holds no PEM private key{hint if b'CERTIFICATE' in data else ''}"
+        ) from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise TlsMaterialError(f"--tls-key: {key} is not the private key of {cert}")
+    # The leaf, or the last certificate of its chain, must be issued by one of the CAs.
+    if not any(
+        _issued_by(issued, authority)
+        for issued in (chain[0], chain[-1])
+        for authority in authorities
+    ):
+        raise TlsMaterialError(
+            f"--tls-cert: {cert} is not signed by the CA in {ca} (a certificate of another CA?)"
+        )
+
+
+def _issued_by(cert: x509.Certificate, authority: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(authority)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def arguments(cfg: TlsConfig | None) -> list[str]:

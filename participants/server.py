@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
@@ -785,6 +786,9 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     try:
         settings = config.from_options(options, section)
         tls = security.from_options(options, configured=config.tls_files(settings.service(name)))
+    except security.TlsMaterialError as error:  # not a usage error: one line, status 1
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     service = settings.service(name)

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import re
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -615,3 +619,63 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
     # The coordinator's operators are someone else: it refuses the operator's read.
     elsewhere = security.Policy(clients=frozenset({"client"}), operators=frozenset({"root"}))
     asyncio.run(scenario(elsewhere, "refusing to force t-1 without knowing"))
+
+
+def test_tls_material_that_cannot_work_is_named_at_start(
+    tmp_path: Path, ca_dir: Path, rogue_dir: Path
+) -> None:
+    """A key that is not the certificate's, a junk CA, swapped files, a certificate of
+    another CA: each is one line naming the file, before anything listens (found by a bug
+    hunt: gRPC's failure to bind read "is the port already in use?")."""
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n", encoding="utf-8")
+
+    def load(ca: Path, cert: Path, key: Path) -> None:
+        flags = ["--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(key)]
+        security.from_options(parser.parse_args(flags), environ={})
+
+    ca, cert, key = ca_dir / "ca.pem", ca_dir / "inventory.pem", ca_dir / "inventory-key.pem"
+    load(ca, cert, key)  # the good set
+    cases = [
+        ((ca, cert, ca_dir / "orders-key.pem"), "is not the private key of"),
+        ((junk, cert, key), "--tls-ca: " + str(junk) + " holds no PEM CA certificate"),
+        ((ca, key, cert), "--tls-cert:"),
+        ((ca, key, cert), "swapped"),
+        ((ca, cert, junk), "--tls-key: " + str(junk) + " holds no PEM private key"),
+        ((ca, rogue_dir / "client.pem", rogue_dir / "client-key.pem"), "is not signed by the CA"),
+    ]
+    for files, message in cases:
+        with pytest.raises(security.TlsMaterialError, match=re.escape(message)):
+            load(*files)
+
+    # A real coordinator process: one line, exit status 1, no "port already in use".
+    flags = ["--tls-ca", str(ca), "--tls-cert", str(cert)]
+    flags += ["--tls-key", str(ca_dir / "orders-key.pem")]
+    flags += ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(
+        [sys.executable, "-m", "dtm.coordinator.server", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+    )
+    assert 1 == done.returncode, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert 1 == len(lines), done.stderr
+    assert "is not the private key of" in lines[0] and "in use" not in lines[0]
+
+
+def test_a_failure_to_bind_with_tls_mentions_the_credentials() -> None:
+    """Credentials gRPC rejects only when it binds (material not checked by from_options)."""
+    from dtm import grpc_edge
+
+    async def scenario() -> None:
+        server = grpc.aio.server()
+        bad = grpc.ssl_server_credentials([(b"junk key", b"junk certificate")])
+        with pytest.raises(OSError, match="TLS credentials"):
+            grpc_edge.bind(server, "127.0.0.1:0", bad)
+        await server.stop(None)
+
+    asyncio.run(scenario())

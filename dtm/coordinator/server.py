@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import sys
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -535,6 +536,9 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     try:
         settings = config.from_options(options, config.COORDINATOR)
         tls = security.from_options(options, configured=config.tls_files(settings.coordinator))
+    except security.TlsMaterialError as error:  # not a usage error: one line, status 1
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     coordinator = settings.coordinator
