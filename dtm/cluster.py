@@ -16,6 +16,10 @@ Layout under the data directory (the servers keep their logs of record beside it
 CLI (used by `make up`, `make down`, `make status`):
 
     python -m dtm.cluster up|down|status --data-dir DIR
+
+`up` on a cluster that runs (wholly or partly) keeps its settings: it starts the processes
+that are down as they were started, and it is refused when a flag given asks for another
+setting than cluster.json records (--tls-dir on a plaintext cluster, say): `down` first.
 """
 
 from __future__ import annotations
@@ -809,9 +813,12 @@ def _parse_ports(text: str) -> Ports:
     return Ports(*_port_list(text))
 
 
-def _parse_metrics_ports(text: str) -> list[int] | None:
-    """None for 'off' (no /metrics endpoints), else the five ports."""
-    return None if text == "off" else _port_list(text)
+DEFAULT_METRICS_PORTS = "9100,9101,9102,9103,9104"
+
+
+def _parse_metrics_ports(text: str) -> list[int]:
+    """[] for 'off' (no /metrics endpoints), else the five ports."""
+    return [] if text == "off" else _port_list(text)
 
 
 def _print_addresses(cluster: Cluster) -> None:
@@ -856,7 +863,8 @@ def _up(options: argparse.Namespace) -> int:
 
 def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
     """The processes already running, with the settings they were started with, else a new
-    cluster from the options; None when everything already runs."""
+    cluster from the options; None when everything already runs. ClusterError when some run
+    and the options ask for other settings than theirs (a flag not given asks for nothing)."""
     try:
         existing = Cluster.attach(options.data_dir)
     except ClusterStateError as error:
@@ -864,7 +872,19 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
             raise ClusterError(f"{error}; stop its processes with `down` first") from None
         # Nothing runs: the new cluster's settings replace the unreadable ones.
         existing = Cluster(options.data_dir)
+    requested = _requested_settings(options)
     running = _running(existing)
+    if running:
+        differences = [
+            f"{name} {_setting_text(_settings_of(existing)[name])} -> {_setting_text(value)}"
+            for name, value in requested.items()
+            if value != _settings_of(existing)[name]
+        ]
+        if differences:
+            raise ClusterError(
+                f"running with different settings ({'; '.join(differences)}): run `down` "
+                "first, then `up` with the new ones"
+            )
     if len(running) == len(PROCESSES):
         print(f"already running (data dir {existing.data_dir}):")
         _print_addresses(existing)
@@ -873,20 +893,74 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         print(f"partly running ({', '.join(running)}); starting the others")
         existing.start_timeout_s = options.timeout
         return existing
-    metrics = options.metrics_ports or []
+    metrics = options.metrics_ports
+    if metrics is None:
+        metrics = _parse_metrics_ports(DEFAULT_METRICS_PORTS)
     return Cluster(
         options.data_dir,
-        options.ports,
-        initial=_read_initial(options.initial) if options.initial is not None else None,
-        test_control=options.test_control,
+        options.ports or Ports(),
+        initial=requested.get("initial"),
+        test_control=bool(options.test_control),
         prepare_timeout_ms=options.prepare_timeout_ms,
         start_timeout_s=options.timeout,
         tls_dir=options.tls_dir,
-        extra_args={
-            name: ["--metrics-listen", f"127.0.0.1:{port}"]
-            for name, port in zip(PROCESSES, metrics, strict=False)
-        },
+        extra_args=_metrics_args(metrics),
     )
+
+
+def _metrics_args(ports: Sequence[int]) -> dict[str, list[str]]:
+    return {
+        name: ["--metrics-listen", f"127.0.0.1:{port}"]
+        for name, port in zip(PROCESSES, ports, strict=False)
+    }
+
+
+def _requested_settings(options: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags of `up` ask for, only those given (a flag left out keeps what
+    a running cluster has), as `_settings_of` shows them."""
+    requested: dict[str, Any] = {}
+    if options.ports is not None:
+        requested["ports"] = options.ports
+    if options.initial is not None:
+        requested["initial"] = _read_initial(options.initial)
+    if options.test_control is not None:
+        requested["test_control"] = options.test_control
+    if options.prepare_timeout_ms is not None:
+        requested["prepare_timeout_ms"] = options.prepare_timeout_ms
+    if options.tls_dir is not None:
+        requested["tls_dir"] = options.tls_dir.resolve()
+    if options.metrics_ports is not None:
+        requested["metrics"] = _metrics_args(options.metrics_ports)
+    return requested
+
+
+def _settings_of(cluster: Cluster) -> dict[str, Any]:
+    """What cluster.json records of a cluster, by the names `_requested_settings` uses."""
+    return {
+        "ports": cluster.ports,
+        "initial": cluster.initial,
+        "test_control": cluster.test_control,
+        "prepare_timeout_ms": cluster.prepare_timeout_ms,
+        "tls_dir": cluster.tls_dir,
+        "metrics": {
+            name: args
+            for name, args in cluster.extra_args.items()
+            if args[:1] == ["--metrics-listen"]
+        },
+    }
+
+
+def _setting_text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, Ports):
+        return ",".join(str(port) for port in asdict(value).values())
+    if isinstance(value, dict) and all(isinstance(args, list) for args in value.values()):
+        ports = [args[-1].rsplit(":", 1)[-1] for args in value.values()]
+        return ",".join(ports) or "off"
+    if isinstance(value, dict):
+        return "(a document)"
+    return str(value)
 
 
 def _down(options: argparse.Namespace) -> int:
@@ -940,20 +1014,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
+    # `up` on a running cluster compares the flags given with its settings: a flag left out
+    # is None here, and a new cluster takes the default then.
     parser.add_argument(
         "--ports",
         type=_parse_ports,
-        default=Ports(),
+        default=None,
         help="coordinator,inventory,orders,payment,notification (default 50050..50054)",
     )
     parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
-    parser.add_argument("--test-control", action="store_true", help="allow fault injection")
+    parser.add_argument(
+        "--test-control", action="store_true", default=None, help="allow fault injection"
+    )
     parser.add_argument(
         "--metrics-ports",
         type=_parse_metrics_ports,
-        default="9100,9101,9102,9103,9104",
+        default=None,
         help="Prometheus /metrics ports of coordinator,inventory,orders,payment,notification "
-        "(up only; 'off' for none)",
+        f"(up only; default {DEFAULT_METRICS_PORTS}; 'off' for none)",
     )
     parser.add_argument("--prepare-timeout-ms", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start timeout")

@@ -220,3 +220,38 @@ def test_up_on_the_port_of_a_running_coordinator_fails_and_registers_nothing_the
         assert before == running.registered()  # nobody took over its services' names
     finally:
         running.stop()
+
+
+def test_up_on_a_running_cluster_with_other_settings_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`up --tls-dir certs` on a running plaintext cluster said "already running" and left
+    it plaintext (found by a bug hunt); with a process down, it restarted that one with the
+    old settings. Now it is refused, naming the difference; flags left out, or equal to the
+    running cluster's, still mean "already running" or "start the others"."""
+    data = tmp_path / "data"
+    ports = Ports.free()
+    data.mkdir()
+    Cluster(data, ports)._write_state()
+    port_list = ",".join(str(ports.of(name)) for name in PROCESSES)
+    with contextlib.ExitStack() as stack:
+        sleepers = {name: stack.enter_context(sleeper(name, data)) for name in PROCESSES}
+        at = ["up", "--data-dir", str(data)]
+        status, out, err = run(capsys, *at, "--tls-dir", str(tmp_path / "certs"))
+        assert 1 == status, out
+        assert "running with different settings (tls_dir none ->" in err
+        assert "run `down` first" in err and "already running" not in out
+        status, out, err = run(capsys, *at, "--test-control", "--metrics-ports", "off")
+        assert 1 == status and "test_control False -> True" in err
+        assert "metrics" not in err  # none recorded, none asked for
+        status, out, _ = run(capsys, *at, "--ports", port_list)
+        assert (0, True) == (status, "already running" in out)
+        status, out, _ = run(capsys, *at)
+        assert (0, True) == (status, "already running" in out)
+        # A process down: the others' settings still decide, and nothing is started.
+        sleepers["orders"].kill()
+        sleepers["orders"].wait()
+        status, out, err = run(capsys, *at, "--tls-dir", str(tmp_path / "certs"))
+        assert 1 == status and "running with different settings" in err
+        assert "partly running" not in out
+        assert not Cluster.attach(data).running("orders")
