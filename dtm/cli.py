@@ -202,7 +202,7 @@ def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
         except config.ConfigError as error:
             raise CliError(f"{error} (or pass --tls-ca, --tls-cert and --tls-key)") from None
     try:
-        return security.from_options(options, configured=configured)
+        return security.from_options(options, configured=configured, enforcing=False)
     except security.TlsMaterialError as error:
         raise CliError(str(error)) from None
     except ValueError as error:

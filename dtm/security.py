@@ -40,6 +40,9 @@ DTM_<SECTION>_TLS_* variables') tls_ca, tls_cert and tls_key of the process's ow
     --authz-participants  DTM_AUTHZ_PARTICIPANTS  identities allowed to register / inquire
     --authz-coordinator   DTM_AUTHZ_COORDINATOR   the identity allowed to drive participants
 
+The --authz-* settings need TLS: a server given one without TLS refuses to start (it would
+authorize nobody).
+
 Every server requires a client certificate: Python's gRPC cannot ask for one without requiring
 it, so a "certificates optional" mode would give no peer an identity (DTM_TLS_REQUIRE_CLIENT_CERT
 =0 is refused).
@@ -190,13 +193,17 @@ def from_options(
     options: argparse.Namespace,
     environ: Mapping[str, str] | None = None,
     configured: Mapping[str, Path | None] | None = None,
+    *,
+    enforcing: bool = True,
 ) -> TlsConfig | None:
     """TLS configuration from the flags of `add_arguments`, falling back to DTM_TLS_* and
     DTM_AUTHZ_* variables, then to `configured` (a server's tls_ca, tls_cert and tls_key from
     the configuration file or DTM_<SECTION>_TLS_*: see `dtm.config.tls_files`); None
     (insecure mode) when no TLS file is given anywhere. ValueError when only some of CA,
-    certificate and key are given, or a file is missing; TlsMaterialError (a ValueError) when
-    the files cannot work together (see `check_material`)."""
+    certificate and key are given, or a file is missing, or (for a server, `enforcing`) an
+    authorization policy is given without TLS, where nothing would enforce it;
+    TlsMaterialError (a ValueError) when the files cannot work together (see
+    `check_material`)."""
     env = os.environ if environ is None else environ
     configured = configured or {}
     paths: dict[str, Path] = {}
@@ -207,6 +214,20 @@ def from_options(
         if path is not None:
             paths[name] = path
     if not paths:
+        given = [
+            f"--authz-{role}"
+            if getattr(options, f"authz_{role}", None)
+            else f"DTM_AUTHZ_{role.upper()}"
+            for role in _AUTHZ_ROLES
+            if getattr(options, f"authz_{role}", None) or env.get(f"DTM_AUTHZ_{role.upper()}")
+        ]
+        if given and enforcing:
+            raise ValueError(
+                f"{', '.join(given)} given without TLS: authorization needs mutual TLS (the "
+                "identities come from the peers' certificates), and a plaintext server "
+                "authorizes nobody; give --tls-ca, --tls-cert and --tls-key (or DTM_TLS_*, or "
+                "tls_* in the configuration file), or drop the authorization settings"
+            )
         return None
     missing = [f"--tls-{name}" for name in ("ca", "cert", "key") if name not in paths]
     if missing:

@@ -679,3 +679,26 @@ def test_a_failure_to_bind_with_tls_mentions_the_credentials() -> None:
         await server.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_authorization_settings_without_tls_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--authz-* or DTM_AUTHZ_* without TLS were silently ignored (found by a bug hunt): the
+    server ran plaintext, authorizing nobody, while its operator believed in a policy."""
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    with pytest.raises(ValueError, match="--authz-clients given without TLS"):
+        security.from_options(parser.parse_args(["--authz-clients", "shop"]), environ={})
+    environ = {"DTM_AUTHZ_OPERATORS": "root"}
+    with pytest.raises(ValueError, match="DTM_AUTHZ_OPERATORS given without TLS"):
+        security.from_options(parser.parse_args([]), environ=environ)
+    # The dtm command enforces nothing: it may share a server's shell.
+    assert security.from_options(parser.parse_args([]), environ, enforcing=False) is None
+    # A server's command line: a usage error naming the flag.
+    from dtm.coordinator.server import parse_args
+
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--data-dir", str(tmp_path), "--authz-participants", "inventory"])
+    assert 2 == done.value.code
+    assert "--authz-participants given without TLS" in capsys.readouterr().err
