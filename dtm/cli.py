@@ -163,10 +163,25 @@ class Session:
         return self.channels.enter_context(security.sync_channel(address, self.tls, identity))
 
     @property
+    def coordinator_identity(self) -> str | None:
+        """With TLS, the identity the coordinator's certificate must carry: from
+        --coordinator-identity, else coordinator_identity of [cli] (or
+        DTM_CLI_COORDINATOR_IDENTITY), else DTM_AUTHZ_COORDINATOR, else "coordinator"."""
+        if self.tls is None:
+            return None
+        identity: str = self.options.coordinator_identity or ""
+        if not identity:
+            try:
+                identity = config.load(self.options.config).cli.coordinator_identity
+            except config.ConfigError as error:
+                raise CliError(f"{error} (or pass --coordinator-identity NAME)") from None
+        return identity or security.coordinator_identity(self.tls)
+
+    @property
     def coordinator(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._coordinator is None:
             address = self.coordinator_address
-            channel = self.channel(address, security.coordinator_identity(self.tls))
+            channel = self.channel(address, self.coordinator_identity)
             self._coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
         return self._coordinator
 
@@ -216,6 +231,9 @@ def rpc_error(
     when not --timeout)."""
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
+    tls_hint = _tls_hint(details or "", what, session)
+    if tls_hint is not None:
+        return CliError(f"cannot reach {what} at {address}: {tls_hint} ({details})")
     if code is grpc.StatusCode.UNAVAILABLE:
         if what == "the coordinator":
             hint = (
@@ -237,6 +255,33 @@ def rpc_error(
         )
     name = code.name if code is not None else "error"
     return CliError(f"{what} at {address} answered {name}: {details}")
+
+
+def _tls_hint(details: str, what: str, session: Session) -> str | None:
+    """What to check when a call failed in the TLS handshake (gRPC reports it as a failure
+    to connect, which otherwise reads as a server that is not running); None otherwise."""
+    lowered = details.lower()
+    files = "--tls-ca, --tls-cert, --tls-key, or tls_* in [cli] of the configuration file"
+    if "hostname verification" in lowered or "peer name" in lowered:
+        if what == "the coordinator":
+            expected = session.coordinator_identity
+            return (
+                f"its certificate does not carry the identity {expected!r}: name the one it "
+                "carries with --coordinator-identity (or coordinator_identity in [cli])"
+            )
+        return f"its certificate does not carry the identity of {what}"
+    if "wrong_version_number" in lowered:
+        return f"TLS handshake failed: it does not seem to speak TLS (plaintext?); check {files}"
+    if "certificate_verify_failed" in lowered:
+        return (
+            "TLS handshake failed: its certificate is not signed by the CA given (or the "
+            f"server refused ours); check {files}"
+        )
+    if "handshake failed" in lowered or "ssl_error" in lowered:
+        return f"TLS handshake failed; check {files}"
+    if session.tls is None and "socket closed" in lowered:
+        return f"it closed the connection: does it require TLS? Give {files}"
+    return None
 
 
 # ---- transactions ----
@@ -861,7 +906,8 @@ def _refuse_contradiction(session: Session) -> None:
     participants' QueryOutcome), so a forced commit is refused then, unless --coordinator-lost
     says its log is gone. Only a coordinator that cannot be reached (UNAVAILABLE, or no answer
     within --timeout) lets the force go on unchecked: that is the case forcing is for. Any
-    other failure to ask (PERMISSION_DENIED, say) refuses: the check must not fail open."""
+    other failure to ask (PERMISSION_DENIED, a failed TLS handshake) refuses: the check must
+    not fail open."""
     options = session.options
     try:
         txn = session.coordinator.GetTransaction(
@@ -870,7 +916,10 @@ def _refuse_contradiction(session: Session) -> None:
         )
     except grpc.RpcError as error:
         code = error.code() if isinstance(error, grpc.Call) else None
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+        unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
+        if code in unreachable and _tls_hint(details, "the coordinator", session) is None:
             return
         if code is grpc.StatusCode.NOT_FOUND:
             if options.commit and not options.coordinator_lost:
@@ -1080,6 +1129,12 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-ca", type=Path, metavar="PATH", help="CA certificate (DTM_TLS_CA)")
     tls.add_argument("--tls-cert", type=Path, metavar="PATH", help="certificate (DTM_TLS_CERT)")
     tls.add_argument("--tls-key", type=Path, metavar="PATH", help="private key (DTM_TLS_KEY)")
+    tls.add_argument(
+        "--coordinator-identity",
+        metavar="NAME",
+        help="the name the coordinator's certificate must carry (default: coordinator_identity "
+        'in [cli], DTM_CLI_COORDINATOR_IDENTITY, DTM_AUTHZ_COORDINATOR, else "coordinator")',
+    )
     # --json is accepted after the command too; SUPPRESS keeps the global one otherwise.
     as_json = _Parser(add_help=False)
     as_json.add_argument(

@@ -159,6 +159,17 @@ LISTEN = Kind(lambda raw, _: _address(raw, 0, optional=False), "HOST:PORT")
 OPTIONAL_ADDRESS = Kind(lambda raw, _: _address(raw, 1, optional=True), "HOST:PORT")
 OPTIONAL_LISTEN = Kind(lambda raw, _: _address(raw, 0, optional=True), "HOST:PORT")
 BOOLEAN = Kind(_boolean, "")
+
+
+def _identity(raw: object, from_text: bool) -> str:
+    text = _text(raw, 'an identity (a certificate\'s name), or "" for the default').strip()
+    if len(text) > 253 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError("expected a certificate name: at most 253 characters, no spaces")
+    return text
+
+
+#: A TLS identity (a certificate's Common Name or DNS name); "" for the default.
+IDENTITY = Kind(_identity, "NAME")
 PATH = Kind(_path, "PATH")
 OPTIONAL_PATH = Kind(_optional_path, "PATH")
 LEVEL = choice(LOG_LEVELS, "LEVEL", str.upper)
@@ -303,7 +314,8 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class CliSettings:
-    """The `dtm` command's mutual-TLS files (an operator's or a client's certificate)."""
+    """The `dtm` command's mutual-TLS files (an operator's or a client's certificate), and the
+    coordinator's identity it expects."""
 
     tls_ca: Path | None = field(default=None, metadata=_TLS_CA)
     tls_cert: Path | None = field(
@@ -313,6 +325,14 @@ class CliSettings:
     tls_key: Path | None = field(
         default=None,
         metadata=about(OPTIONAL_PATH, 'the dtm command\'s private key (PEM); "" = plaintext'),
+    )
+    coordinator_identity: str = field(
+        default="",
+        metadata=about(
+            IDENTITY,
+            "the identity the coordinator's certificate must carry, with TLS (its Common Name "
+            'or a DNS name); "" = DTM_AUTHZ_COORDINATOR, else "coordinator"',
+        ),
     )
 
 

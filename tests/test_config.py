@@ -383,3 +383,13 @@ def test_grpc_target_forms_are_addresses() -> None:
     for target in ("dns:///coordinator:50050", "ipv4:10.0.0.1:50050", "[fe80::1%eth0]:50050"):
         loaded = load(environ={"DTM_PARTICIPANT_COORDINATOR": target})
         assert target == loaded.participant.coordinator
+
+
+def test_the_cli_section_names_the_coordinators_identity() -> None:
+    """[cli] coordinator_identity (or DTM_CLI_COORDINATOR_IDENTITY): the name the dtm command
+    expects in the coordinator's certificate; a name with spaces is refused."""
+    environ = {"DTM_CLI_COORDINATOR_IDENTITY": "coord-b.example.test"}
+    assert "coord-b.example.test" == load(environ=environ).cli.coordinator_identity
+    assert "" == load(environ={}).cli.coordinator_identity
+    with pytest.raises(ConfigError, match=r"DTM_CLI_COORDINATOR_IDENTITY.*no spaces"):
+        load(environ={"DTM_CLI_COORDINATOR_IDENTITY": "two words"})

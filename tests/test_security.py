@@ -702,3 +702,63 @@ def test_authorization_settings_without_tls_are_refused(
         parse_args(["--data-dir", str(tmp_path), "--authz-participants", "inventory"])
     assert 2 == done.value.code
     assert "--authz-participants given without TLS" in capsys.readouterr().err
+
+
+def test_the_dtm_command_names_the_coordinators_identity_and_explains_tls_failures(
+    tmp_path: Path, rogue_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator whose certificate is not "coordinator": --coordinator-identity, or
+    coordinator_identity in [cli], names it (only an undocumented DTM_AUTHZ_COORDINATOR did).
+    A failed handshake is explained as TLS, not as "is it running?" (both found by a bug
+    hunt)."""
+    from tests.test_cli import dtm
+
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+    certs_dir = certs.generate(tmp_path / "certs", [*certs.IDENTITIES, "coord-b"])
+
+    async def scenario() -> None:
+        server = CoordinatorServer(
+            ServerConfig(
+                data_dir=tmp_path / "data",
+                listen="127.0.0.1:0",
+                tls=security.TlsConfig.for_identity(certs_dir, "coord-b"),
+            )
+        )
+        await server.start()
+        try:
+            at = ["--coordinator", f"127.0.0.1:{server.port}", "--timeout", "3"]
+            flags = ["--tls-ca", str(certs_dir / "ca.pem")]
+            flags += ["--tls-cert", str(certs_dir / "operator.pem")]
+            flags += ["--tls-key", str(certs_dir / "operator-key.pem")]
+            status, _, err = await dtm(*at, *flags, "txn", "list")
+            assert 1 == status
+            assert "does not carry the identity 'coordinator'" in err, err
+            assert "--coordinator-identity" in err and "is it running" not in err
+            status, out, err = await dtm(
+                *at, *flags, "--coordinator-identity", "coord-b", "txn", "list"
+            )
+            assert (0, "no transactions\n") == (status, out), err
+            settings = tmp_path / "dtm.toml"
+            settings.write_text('[cli]\ncoordinator_identity = "coord-b"\n', encoding="utf-8")
+            status, out, err = await dtm(*at, *flags, "--config", str(settings), "txn", "list")
+            assert (0, "no transactions\n") == (status, out), err
+            # A certificate of another CA, and no certificate at all.
+            rogue = ["--tls-ca", str(rogue_dir / "ca.pem")]
+            rogue += ["--tls-cert", str(rogue_dir / "client.pem")]
+            rogue += ["--tls-key", str(rogue_dir / "client-key.pem")]
+            status, _, err = await dtm(
+                *at, *rogue, "--coordinator-identity", "coord-b", "txn", "list"
+            )
+            assert 1 == status and "TLS handshake failed" in err, err
+            status, _, err = await dtm(*at, "txn", "list")
+            assert 1 == status and "does it require TLS?" in err, err
+            # dtm force does not take a failed handshake for an unreachable coordinator.
+            force = ["force", "t-1", "0", "--address", "127.0.0.1:1", "--rollback"]
+            status, _, err = await dtm(*at, *flags, *force, "--i-understand")
+            assert 1 == status and "refusing to force t-1" in err, err
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
