@@ -762,3 +762,42 @@ def test_the_dtm_command_names_the_coordinators_identity_and_explains_tls_failur
             await server.stop(0.1)
 
     asyncio.run(scenario())
+
+
+def test_certs_for_one_more_identity_keep_the_ca_of_their_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m dtm.tools.certs --out DIR --identity X` into a directory in use made a new
+    CA, orphaning every other certificate there (found by a bug hunt). It now signs with the
+    CA already there; --new-ca replaces it on purpose; a bad --out is a usage error."""
+    from cryptography import x509
+
+    out = tmp_path / "certs"
+    certs.main(["--out", str(out), "--identity", "inventory"])
+    ca_before = (out / "ca.pem").read_bytes()
+    certs.main(["--out", str(out), "--identity", "shop"])
+    assert ca_before == (out / "ca.pem").read_bytes()
+    assert "signed by the test CA already in" in capsys.readouterr().out
+    ca = x509.load_pem_x509_certificate(ca_before)
+    for identity in ("inventory", "shop"):
+        issued = x509.load_pem_x509_certificate((out / f"{identity}.pem").read_bytes())
+        issued.verify_directly_issued_by(ca)  # raises if not
+        security.check_material(
+            out / "ca.pem", out / f"{identity}.pem", out / f"{identity}-key.pem"
+        )
+    certs.main(["--out", str(out), "--identity", "shop", "--new-ca"])
+    assert "a new test CA" in capsys.readouterr().out
+    assert ca_before != (out / "ca.pem").read_bytes()
+    # Half a CA is refused rather than silently replaced.
+    (out / "ca-key.pem").unlink()
+    with pytest.raises(SystemExit) as done:
+        certs.main(["--out", str(out), "--identity", "shop"])
+    assert 2 == done.value.code
+    err = capsys.readouterr().err
+    assert "ca-key.pem is not" in err and "--new-ca" in err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as done:
+        certs.main(["--out", str(blocker / "certs")])
+    err = capsys.readouterr().err
+    assert 2 == done.value.code and "cannot write to" in err and "Traceback" not in err

@@ -14,6 +14,9 @@ given peer with `ssl_target_name_override`), DNS:localhost and IP:127.0.0.1 (so 
 verification passes on loopback). Keys are EC P-256: generating eight is instant, where RSA
 would make every test run pay seconds. Key files are written 0600.
 
+A CA already in the output directory signs the new certificates (--new-ca replaces it,
+orphaning what it signed), so one more identity can be added to a directory in use.
+
 For local development and tests only: a real deployment takes its certificates from its own
 PKI, and this CA key must never sign anything else.
 """
@@ -159,17 +162,23 @@ def _issue(
     return key, cert
 
 
-def generate(out: Path, identities: Sequence[str] = IDENTITIES) -> Path:
-    """A fresh CA and one certificate per identity under `out` (created if missing); any
-    files of an earlier run there are replaced. Returns `out`."""
+def generate(out: Path, identities: Sequence[str] = IDENTITIES, *, new_ca: bool = False) -> Path:
+    """One certificate per identity under `out` (created if missing), signed by the CA already
+    there (ca.pem and ca-key.pem), else by a new one; `new_ca` makes a new one anyway, which
+    orphans every certificate the old one signed. Files of those identities are replaced.
+    Returns `out`. ValueError for a bad identity, or a CA there that cannot be used."""
     for identity in identities:
         # An identity names files and appears in authorization messages: keep it plain.
         if not IDENTITY_PATTERN.fullmatch(identity) or identity == "ca":
             raise ValueError(f"identity {identity!r}: use 1..64 characters of [a-z0-9_-], not 'ca'")
     out.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _new_ca()
-    _write_private(key_path(out, "ca"), _key_pem(ca_key))
-    ca_path(out).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    existing = None if new_ca else _existing_ca(out)
+    if existing is None:
+        ca_key, ca_cert = _new_ca()
+        _write_private(key_path(out, "ca"), _key_pem(ca_key))
+        ca_path(out).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    else:
+        ca_key, ca_cert = existing
     for identity in identities:
         key, cert = _issue(identity, ca_key, ca_cert)
         _write_private(key_path(out, identity), _key_pem(key))
@@ -177,10 +186,35 @@ def generate(out: Path, identities: Sequence[str] = IDENTITIES) -> Path:
     return out
 
 
+def _existing_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+    """The CA `generate` wrote in `out` before, or None when there is none. ValueError when
+    only half of it is there, or it is not one this tool can sign with."""
+    cert_file, key_file = ca_path(out), key_path(out, "ca")
+    if not cert_file.exists() and not key_file.exists():
+        return None
+    again = "; pass --new-ca to make a new CA (the certificates the old one signed stop working)"
+    if not (cert_file.is_file() and key_file.is_file()):
+        present, absent = (cert_file, key_file) if cert_file.exists() else (key_file, cert_file)
+        raise ValueError(f"{present} is there but {absent} is not{again}")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"the CA in {out} cannot be read ({error}){again}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_file} is not an EC key as this tool makes{again}")
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+        raise ValueError(f"{key_file} is not the key of {cert_file}{again}")
+    return key, cert
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dtm.tools.certs",
-        description="Generate a local test CA and certificates (development and tests only).",
+        description="Generate a local test CA and certificates (development and tests only). "
+        "A CA already in the output directory (ca.pem, ca-key.pem) signs the new certificates, "
+        "so the others there keep working.",
     )
     parser.add_argument("--out", type=Path, default=Path("certs"), help="output directory")
     parser.add_argument(
@@ -189,13 +223,23 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help=f"identity to issue a certificate for (repeatable; default: {', '.join(IDENTITIES)})",
     )
+    parser.add_argument(
+        "--new-ca",
+        action="store_true",
+        help="replace the CA in the output directory with a new one (the certificates the old "
+        "one signed, there or elsewhere, stop working)",
+    )
     options = parser.parse_args(argv)
     identities = options.identity or list(IDENTITIES)
+    reused = not options.new_ca and ca_path(options.out).exists()
     try:
-        out = generate(options.out, identities)
+        out = generate(options.out, identities, new_ca=options.new_ca)
     except ValueError as error:
         parser.error(str(error))
-    print(f"test CA and certificates for {', '.join(identities)} written to {out}/")
+    except OSError as error:
+        parser.error(f"cannot write to {options.out}: {error.strerror or error}")
+    signer = f"the test CA already in {out}" if reused else "a new test CA"
+    print(f"certificates for {', '.join(identities)} signed by {signer}, written to {out}/")
 
 
 if __name__ == "__main__":
