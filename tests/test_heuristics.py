@@ -20,7 +20,7 @@ import pytest
 from dtm import cli, grpc_edge
 from dtm.batcher import BatchPolicy
 from dtm.coordinator.heuristics import HeuristicTable
-from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort
+from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, PrepareItem
 from dtm.coordinator.ports import reported_heuristic as heuristic
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
@@ -33,6 +33,9 @@ Code = grpc.StatusCode
 def test_which_phase_two_answers_are_heuristic_outcomes() -> None:
     # An operator's forced outcome, named by the participant, comes first.
     assert "heuristic rollback" == heuristic(True, Code.FAILED_PRECONDITION, "heuristic rollback")
+    # Any other name a participant gives is an outcome not known here: a hazard. Before, each
+    # distinct text became a new label value of dtm_heuristic_outcomes_total, without bound.
+    assert HEURISTIC_HAZARD == heuristic(True, Code.FAILED_PRECONDITION, "outcome-t-1")
     # The branch's own record contradicts the decision.
     assert HEURISTIC_ROLLBACK == heuristic(True, Code.FAILED_PRECONDITION, "")
     assert HEURISTIC_COMMIT == heuristic(False, Code.FAILED_PRECONDITION, "")
@@ -216,6 +219,9 @@ def test_the_coordinator_reads_a_batched_contradiction_as_a_heuristic() -> None:
             ),
             participant_pb2.DecisionResult(ok=False, error="unreachable"),  # no code: retried
             participant_pb2.DecisionResult(ok=True),
+            participant_pb2.DecisionResult(
+                ok=False, code=Code.FAILED_PRECONDITION.value[0], heuristic="outcome-t-3"
+            ),
         ]
 
         async def exchange(request: Any, **options: Any) -> participant_pb2.ExchangeResponse:
@@ -225,12 +231,46 @@ def test_the_coordinator_reads_a_batched_contradiction_as_a_heuristic() -> None:
         port = ParticipantPort(client, batch=True, policy=BatchPolicy())
         answered: list[DecideResult] = []
         done = answered.append
-        await port._send_exchange([DecideItem(f"t-{n}", 0, True, done) for n in range(3)])
+        await port._send_exchange([DecideItem(f"t-{n}", 0, True, done) for n in range(4)])
         return answered
 
     answered = asyncio.run(scenario())
-    assert [HEURISTIC_ROLLBACK, "", ""] == [result.heuristic for result in answered]
-    assert [False, False, True] == [result.ok for result in answered]
+    assert [HEURISTIC_ROLLBACK, "", "", HEURISTIC_HAZARD] == [r.heuristic for r in answered]
+    assert [False, False, True, False] == [result.ok for result in answered]
+
+
+def test_each_prepare_of_a_call_past_its_deadline_is_told_its_own_timeout() -> None:
+    """The call's deadline is its most patient prepare's. Before, every prepare it carried was
+    told "no answer within the N ms deadline" with that call's time left, not its own."""
+
+    async def scenario() -> list[str]:
+        async def exchange(request: Any, **options: Any) -> participant_pb2.ExchangeResponse:
+            empty = grpc.aio.Metadata()
+            raise grpc.aio.AioRpcError(Code.DEADLINE_EXCEEDED, empty, empty, "deadline")
+
+        client: Any = SimpleNamespace(name="p", stub=SimpleNamespace(Exchange=exchange))
+        port = ParticipantPort(client, batch=True, policy=BatchPolicy())
+        reasons: list[str] = []
+        now = asyncio.get_running_loop().time()
+        items = [
+            PrepareItem(
+                f"t-{n}",
+                0,
+                pack(shop_pb2.GetStockRequest()),
+                False,
+                now + timeout,
+                timeout,
+                lambda result: reasons.append(result.reason),
+            )
+            for n, timeout in enumerate((5.0, 0.5))
+        ]
+        await port._send_exchange(list(items))
+        return reasons
+
+    assert [
+        "no answer within the 5000 ms deadline",
+        "no answer within the 500 ms deadline",
+    ] == asyncio.run(scenario())
 
 
 def test_the_table_keeps_the_newest_within_its_bound() -> None:

@@ -23,7 +23,12 @@ from google.protobuf import any_pb2
 from dtm import grpc_edge, limits, logs
 from dtm.batcher import Batcher, BatchPolicy
 from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient
-from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
+from dtm.core.branch import (
+    HEURISTIC_COMMIT,
+    HEURISTIC_HAZARD,
+    HEURISTIC_OUTCOMES,
+    HEURISTIC_ROLLBACK,
+)
 from dtm.core.transaction import Vote
 from dtmpb.v1 import participant_pb2
 
@@ -234,7 +239,14 @@ class ParticipantPort:
             request = _exchange_request(prepares, decisions)
             response = await self.client.stub.Exchange(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            self._fail(_unexpired(prepares, expiry), decisions, rpc_failure(error, timeout_s))
+            unexpired = _unexpired(prepares, expiry)
+            if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                # The call's deadline is its most patient prepare's: each prepare is told its
+                # own timeout, the one it ran into (not the time left when the call left).
+                for prepare in unexpired:
+                    prepare.done(PrepareResult(None, rpc_failure(error, prepare.timeout_s)))
+                unexpired = []
+            self._fail(unexpired, decisions, rpc_failure(error, timeout_s))
             return
         except Exception as error:  # a bug: answer every item, or phase 2 would wait forever
             _internal_error(self.client.name, "Exchange", error)
@@ -253,7 +265,7 @@ class ParticipantPort:
             if not result.ok:
                 code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
                 heuristic = reported_heuristic(decision.commit, code, heuristic)
-            decision.done(DecideResult(result.ok, _said(result.error), _said(heuristic)))
+            decision.done(DecideResult(result.ok, _said(result.error), named_heuristic(heuristic)))
         expired = expiry.failed if expiry is not None else ()
         for prepare, answer in zip(prepares, response.votes, strict=True):
             if expired and id(prepare) in expired:
@@ -400,12 +412,21 @@ def reported_heuristic(commit: bool, code: grpc.StatusCode, forced: str) -> str:
     the outcome there is unknown (XA's heuristic hazard). An operator's forced outcome, which
     the participant names, comes first."""
     if forced:
-        return forced
+        return named_heuristic(forced)
     if code is grpc.StatusCode.FAILED_PRECONDITION:
         return HEURISTIC_ROLLBACK if commit else HEURISTIC_COMMIT
     if code is grpc.StatusCode.NOT_FOUND and commit:
         return HEURISTIC_HAZARD
     return ""
+
+
+def named_heuristic(reported: str) -> str:
+    """A participant's heuristic outcome as one of the three names (XA's): it labels a metric
+    and is logged, so free text from a participant would grow both without bound. Anything
+    else says the outcome there is not what it should be, and unknown: a hazard."""
+    if not reported or reported in HEURISTIC_OUTCOMES:
+        return reported
+    return HEURISTIC_HAZARD
 
 
 def _said(text: str) -> str:

@@ -49,6 +49,7 @@ class BranchVote(Enum):
 HEURISTIC_COMMIT = "heuristic commit"
 HEURISTIC_ROLLBACK = "heuristic rollback"
 HEURISTIC_HAZARD = "heuristic hazard"
+HEURISTIC_OUTCOMES = frozenset({HEURISTIC_COMMIT, HEURISTIC_ROLLBACK, HEURISTIC_HAZARD})
 
 
 class ErrorKind(Enum):
