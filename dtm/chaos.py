@@ -598,6 +598,24 @@ class Session:
         """Start every process that is not running; wait until all are ready."""
         await asyncio.to_thread(cluster.start)
 
+    async def nemesis_kill(self, cluster: Cluster, result: RunResult, victim: str) -> bool:
+        """SIGKILL `victim` on the nemesis's behalf; True if it was running and is now killed.
+
+        A process already down at this point died on its own: it is reported (and started
+        again) first, so that the kill neither hides its death nor is counted for it. Only a
+        kill that found the victim running (`Cluster.kill` returned its pid) is counted; if the
+        victim died on its own in between, the caller must not exempt it from
+        `_unexpected_exits`."""
+        found = self._unexpected_exits(cluster, ())
+        if found:
+            result.violations += found
+            await self.heal(cluster)
+        pid = await asyncio.to_thread(cluster.kill, victim)
+        if pid is None:
+            return False
+        result.kills[victim] += 1
+        return True
+
     async def settle(self, cluster: Cluster, result: RunResult) -> invariants.Snapshot | None:
         try:
             return await invariants.wait_until_settled(
@@ -715,8 +733,10 @@ class Session:
 
             async def kill_later() -> None:
                 await asyncio.sleep(kill_after)
-                await asyncio.to_thread(cluster.kill, target)
-                result.kills[target] += 1
+                if not await self.nemesis_kill(cluster, result, target):
+                    # It died on its own after the check: say so before restarting it armed.
+                    others = [name for name in PROCESSES if name != target]
+                    result.violations += self._unexpected_exits(cluster, others)
 
             killer = asyncio.create_task(kill_later())
             result.records += await self.burst(cluster, result, rng, 0)
@@ -793,11 +813,11 @@ class Session:
                     if loop.time() >= deadline:
                         return
                     victim = rng.choices(PROCESSES, NEMESIS_WEIGHTS)[0]
-                    await asyncio.to_thread(cluster.kill, victim)
-                    result.kills[victim] += 1
+                    killed = await self.nemesis_kill(cluster, result, victim)
                     await asyncio.sleep(rng.uniform(*NEMESIS_DOWNTIME_S))
-                    # Anything else down now died by itself: say so before restarting it.
-                    result.violations += self._unexpected_exits(cluster, [victim])
+                    # Anything else down now died by itself (the victim too, if the kill
+                    # found it gone): say so before restarting it.
+                    result.violations += self._unexpected_exits(cluster, [victim] if killed else [])
                     await self.heal(cluster)
             finally:
                 stop.set()

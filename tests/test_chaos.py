@@ -6,6 +6,7 @@ that the run checker does report a violation when the services contradict a clie
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import grpc
@@ -252,3 +253,108 @@ def test_every_cell_gets_every_crash_mode_whatever_the_number_of_cells() -> None
     for cell in cells:
         modes = {chaos.run_modes(c, seed) for c, seed in planned if c == cell}
         assert {(False, False), (True, False), (True, True)} == modes, cell
+
+
+# ---- the nemesis: a process that died on its own is reported, not counted as a kill ----
+
+
+class DeadOnItsOwnCluster:
+    """A stand-in for Cluster in which `dead` has already died on its own (status 1)."""
+
+    coordinator_address = "127.0.0.1:1"
+    service_addresses: dict[str, str] = {}
+
+    def __init__(self, dead: str) -> None:
+        self.up = {name: True for name in chaos.PROCESSES}
+        self.codes: dict[str, int | None] = {name: None for name in chaos.PROCESSES}
+        self.up[dead], self.codes[dead] = False, 1
+        self.killed: list[str] = []
+
+    def kill(self, name: str) -> int | None:
+        if not self.up[name]:
+            return None  # as Cluster.kill does for a process that is not running
+        self.up[name], self.codes[name] = False, -9
+        self.killed.append(name)
+        return 4242
+
+    def running(self, name: str) -> bool:
+        return self.up[name]
+
+    def exit_code(self, name: str) -> int | None:
+        return self.codes[name]
+
+    def start(self) -> None:
+        for name in chaos.PROCESSES:
+            if not self.up[name]:
+                self.up[name], self.codes[name] = True, None
+
+    def restart(self, name: str, **_: object) -> None:
+        self.up[name], self.codes[name] = True, None
+
+    def wait_exit(self, name: str, timeout_s: float) -> int | None:
+        # The armed restart reaches its crash point at once.
+        self.up[name], self.codes[name] = False, chaos.CRASH_EXIT_STATUS
+        return chaos.CRASH_EXIT_STATUS
+
+
+class CommittingClient:
+    """A stand-in for OrderClient: every order commits."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def __aenter__(self) -> CommittingClient:
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        pass
+
+    async def submit(
+        self, request: coordinator_pb2.SubmitRequest, timeout_s: float | None = None
+    ) -> SubmitResult:
+        await asyncio.sleep(0)
+        response = coordinator_pb2.SubmitResponse(
+            transaction_id=request.transaction_id, outcome=coordinator_pb2.OUTCOME_COMMITTED
+        )
+        return SubmitResult(request.transaction_id, response, grpc.StatusCode.OK, "", 0.0)
+
+
+def fake_session(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dead: str) -> Session:
+    async def no_check(self: Session, cluster: object, result: RunResult) -> None:
+        pass
+
+    monkeypatch.setattr(chaos, "OrderClient", CommittingClient)
+    monkeypatch.setattr(Session, "check", no_check)
+    session = Session(tmp_path)
+    session.cluster = DeadOnItsOwnCluster(dead)  # type: ignore[assignment]
+    return session
+
+
+def test_a_kill_run_reports_a_process_that_died_on_its_own_and_counts_only_real_kills(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def first_victim(seed: int) -> str:
+        rng = random.Random(f"chaos:kill:{seed}")  # as kill_run draws it
+        rng.uniform(*chaos.NEMESIS_INTERVAL_S)
+        return rng.choices(chaos.PROCESSES, chaos.NEMESIS_WEIGHTS)[0]
+
+    # A seed whose nemesis first picks the process that is already dead.
+    seed = next(seed for seed in range(0, 1000, 2) if first_victim(seed) == "payment")
+    session = fake_session(monkeypatch, tmp_path, "payment")
+    result = asyncio.run(session.kill_run(1, seed))
+    cluster = session.cluster
+    assert isinstance(cluster, DeadOnItsOwnCluster)
+    assert any(v.startswith("payment exited on its own with status 1") for v in result.violations)
+    assert result.kills == chaos.Counter(cluster.killed)
+
+
+def test_a_recovery_cell_reports_a_target_that_died_on_its_own_before_the_kill(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    session = fake_session(monkeypatch, tmp_path, "payment")
+    cell = Cell("participant.during_recovery", "payment")
+    result = asyncio.run(session.matrix_run(1, cell, SEED))
+    cluster = session.cluster
+    assert isinstance(cluster, DeadOnItsOwnCluster)
+    assert any(v.startswith("payment exited on its own with status 1") for v in result.violations)
+    assert result.kills == chaos.Counter(cluster.killed)
