@@ -82,9 +82,10 @@ async def drive(
     """Run `spec.clients` closed-loop clients for warmup + duration; the tally of their calls.
 
     No call starts after the window closes; the calls in flight then are awaited (each call
-    bounds itself with its own gRPC deadline) and counted outside the window. `companions` run
-    beside the clients with the live tally (e.g. to scrape server counters as the window opens
-    and closes), and are awaited too.
+    bounds itself with its own gRPC deadline) and counted outside the window, except in the
+    tally's `open_at_close` and `all_calls` latencies (they lasted at least until the close).
+    `companions` run beside the clients with the live tally (e.g. to scrape server counters as
+    the window opens and closes), and are awaited too.
     """
     start = clock()
     tally = Tally(

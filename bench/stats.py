@@ -78,6 +78,12 @@ class Tally:
     were in flight when the window opened nor waits for those still in flight when it closes.
     Calls outside the window (warmup, drain) are still counted in `total`, because servers'
     cumulative counters (fsyncs, messages) cover them too.
+
+    The calls still in flight when the window closes are the slow ones a closed-loop run
+    hides from its finished-in-window latencies (a call may wait for its deadline, 15 s, far
+    past the window): `open_at_close` keeps how long each had been running at the close (it
+    lasted at least that long), `open_at_close_took` how long it took in the end, and
+    `all_calls` counts them with every answer in the window, whatever its outcome.
     """
 
     window_start: float
@@ -88,6 +94,10 @@ class Tally:
     latencies: dict[Outcome, list[float]] = field(
         default_factory=lambda: {outcome: [] for outcome in Outcome}
     )
+    #: Seconds each call in flight at the window's close had run by then (any outcome).
+    open_at_close: list[float] = field(default_factory=list)
+    #: Seconds those same calls took in the end (they are awaited after the close).
+    open_at_close_took: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.window_end <= self.window_start:
@@ -105,6 +115,9 @@ class Tally:
         if self.in_window(finished):
             self.counts[outcome] += 1
             self.latencies[outcome].append(finished - started)
+        elif started < self.window_end < finished:
+            self.open_at_close.append(self.window_end - started)
+            self.open_at_close_took.append(finished - started)
 
     def rate(self, outcome: Outcome) -> float:
         """Calls per second with this outcome, inside the window."""
@@ -113,5 +126,14 @@ class Tally:
     def latency(self, *outcomes: Outcome) -> LatencySummary:
         samples: list[float] = []
         for outcome in outcomes:
+            samples += self.latencies[outcome]
+        return LatencySummary.of(samples)
+
+    def all_calls(self) -> LatencySummary:
+        """Every call the window saw: each one answered inside it, whatever its outcome
+        (unknown and failed calls too), and each one still in flight when it closed, counted
+        as lasting until the close (a lower bound of its latency)."""
+        samples: list[float] = list(self.open_at_close)
+        for outcome in Outcome:
             samples += self.latencies[outcome]
         return LatencySummary.of(samples)

@@ -103,6 +103,22 @@ def test_tally_counts_only_calls_finishing_inside_the_window() -> None:
         Tally(window_start=1.0, window_end=1.0)
 
 
+def test_the_calls_in_flight_at_the_close_and_every_outcome_reach_the_all_calls_latency() -> None:
+    tally = Tally(window_start=10.0, window_end=20.0)
+    tally.record(Outcome.COMMITTED, 12.0, 12.5)
+    tally.record(Outcome.ERROR, 11.0, 14.0)  # a failed call: not in the committed figures
+    tally.record(Outcome.UNKNOWN, 15.0, 17.0)
+    tally.record(Outcome.COMMITTED, 18.0, 33.0)  # in flight at the close: 2 s by then
+    tally.record(Outcome.COMMITTED, 5.0, 25.0)  # in flight over the whole window: 15 s by then
+    tally.record(Outcome.COMMITTED, 20.5, 21.0)  # drain only: not seen by the window
+    assert [2.0, 15.0] == tally.open_at_close
+    assert [15.0, 20.0] == tally.open_at_close_took
+    assert 500.0 == tally.latency(Outcome.COMMITTED).max_ms
+    every = tally.all_calls()
+    assert 5 == every.count
+    assert (2000.0, 15000.0) == (every.p50_ms, every.max_ms)
+
+
 class FakeClock:
     """Time moves only when a fake call takes its 1/8 s (a binary fraction: exact sums)."""
 
@@ -425,6 +441,91 @@ def test_batched_submits_share_the_client_messages_and_are_not_judged_by_the_tar
     text = report.format_table(results)
     assert "8.00 transactions per call" in text
     assert "not judged" in text and "NOT met" not in text
+
+
+def test_a_call_still_in_flight_when_the_window_closes_is_counted_until_then() -> None:
+    clock = FakeClock()
+
+    async def call(client: int, number: int) -> Outcome:
+        # Call 10 hangs until its deadline, 15 s, long after the 4 s window.
+        clock.now += 15.0 if number == 10 else 0.125
+        return Outcome.ERROR if number == 10 else Outcome.COMMITTED
+
+    spec = LoadSpec(clients=1, warmup_s=1.0, duration_s=4.0)
+    tally = asyncio.run(drive(call, spec, clock=clock, progress=False))
+    # Call 10 started at 1.25 s: 3.75 s old when the window closed at 5 s, done at 16.25 s.
+    assert [3.75] == tally.open_at_close
+    assert [15.0] == tally.open_at_close_took
+    assert 125.0 == tally.latency(Outcome.COMMITTED).max_ms
+    assert 3750.0 == tally.all_calls().max_ms
+
+
+def tally_with_troubles() -> Tally:
+    """2 s window: 1,000 commits at 20 ms, 30 unknown after 10 s, 20 failed after 3 s, and
+    one call in flight at the close (15 s in the end)."""
+    tally = Tally(window_start=0.0, window_end=2.0)
+    for _ in range(1000):
+        tally.record(Outcome.COMMITTED, 0.5, 0.52)
+    for _ in range(30):
+        tally.record(Outcome.UNKNOWN, -9.0, 1.0)
+    for _ in range(20):
+        tally.record(Outcome.ERROR, -1.0, 2.0)
+    tally.record(Outcome.COMMITTED, 1.5, 16.5)
+    return tally
+
+
+def test_unknown_failed_and_unfinished_calls_reach_the_results_and_void_the_targets() -> None:
+    dtm = DtmResult(
+        participants=participants_for(4),
+        tally=tally_with_troubles(),
+        invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        unexpected=50,
+    )
+    config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+    unary = BaselineResult("unary echo", 0, fake_tally(1000, 0))
+    results = report.build_results(
+        config, dtm, unary, None, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+    )
+    assert_required_keys(results)
+    # The committed figures keep their meaning...
+    assert (500.0, 20.0, 20.0) == (results["txn_per_s"], results["p99_ms"], results["max_ms"])
+    # ...and the rest of the window is reported beside them.
+    assert (10000.0, 10000.0) == (results["any_outcome_p99_ms"], results["any_outcome_max_ms"])
+    assert 1051 == results["all_calls"]
+    assert 1 == results["in_flight_at_close"]
+    assert 15000.0 == results["in_flight_at_close_took_max_ms"]
+    assert 10000.0 == results["all_calls_max_ms"]
+    # 500 txn/s and 20 ms would meet nothing here anyway, but none of it is judged.
+    assert {"throughput", "p99", "ratio_vs_unary"} == set(results["targets"])
+    for target in results["targets"].values():
+        assert target["met"] is None
+        assert "30 unknown outcomes in the window" in target["note"]
+        assert "20 failed calls in the window" in target["note"]
+    text = report.format_table(results)
+    assert "all calls max (ms)" in text and "10,000.00" in text
+    assert "1 still in flight when it closed" in text
+    assert "NOT met" not in text and "not judged: 20 failed calls" in text
+
+
+def test_the_p99_target_counts_the_calls_left_in_flight() -> None:
+    tally = Tally(window_start=0.0, window_end=1.0)
+    for _ in range(2000):
+        tally.record(Outcome.COMMITTED, 0.5, 0.52)
+    for _ in range(64):  # every client stuck at the close
+        tally.record(Outcome.COMMITTED, 0.2, 9.0)
+    dtm = DtmResult(
+        participants=participants_for(4),
+        tally=tally,
+        invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+    )
+    config = RunConfig(4, 64, 1.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+    results = report.build_results(
+        config, dtm, None, None, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+    )
+    assert 20.0 == results["p99_ms"]
+    assert 800.0 == results["all_calls_p99_ms"]
+    assert results["targets"]["throughput"]["met"] is True
+    assert results["targets"]["p99"]["met"] is False
 
 
 def test_the_one_client_floor_is_two_round_trips_and_two_forced_writes() -> None:
