@@ -125,8 +125,25 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             # The targets and the baselines describe one client call per transaction.
             found[name].update(met=None, note="not judged: the clients batched their Submits")
 
-    at_target_load = results["clients"] == 64 and results["participants"] == 4
-    if at_target_load and not results["abort_ratio"] and not results["hot_sku"]:
+    # design/performance.md states every target for 4 participants, every log durable, and
+    # the workload's own orders (none made to abort, no hot SKU); the throughput, p99 and
+    # ratio targets at 64 clients, the p50 one at one client.
+    standard = (
+        results["participants"] == 4 and not results["abort_ratio"] and not results["hot_sku"]
+    )
+    at_target_load = standard and results["clients"] == 64
+    elsewhere = (
+        "not judged: the target is for 4 participants, {}, no orders made to abort, no hot SKU"
+    )
+
+    def add_where(
+        name: str, goal: str, value: float, met: bool, judged: bool, clients: str
+    ) -> None:
+        add(name, goal, value, met if judged else None)
+        if not judged and not batched:
+            found[name]["note"] = elsewhere.format(clients)
+
+    if at_target_load:
         txn = results["txn_per_s"]
         add("throughput", ">= 1000 committed txn/s (64 clients, 4 participants)", txn, txn >= 1000)
         p99 = results["p99_ms"]
@@ -140,13 +157,22 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         )
     vs_unary = results["ratio_vs_unary"]
     if vs_unary is not None:
-        add("ratio_vs_unary", ">= 0.4", vs_unary, vs_unary >= 0.4)
+        add_where(
+            "ratio_vs_unary", ">= 0.4", vs_unary, vs_unary >= 0.4, at_target_load, "64 clients"
+        )
     vs_naive = results["ratio_vs_naive"]
     if vs_naive is not None:
-        add("ratio_vs_naive", ">= 4", vs_naive, vs_naive >= 4)
+        add_where("ratio_vs_naive", ">= 4", vs_naive, vs_naive >= 4, at_target_load, "64 clients")
     p50_ratio = results["p50_vs_unary_p50"]
     if results["clients"] == 1 and p50_ratio is not None:
-        add("p50_one_client", "p50 <= 2.5 x unary p50 (1 client)", p50_ratio, p50_ratio <= 2.5)
+        add_where(
+            "p50_one_client",
+            "p50 <= 2.5 x unary p50 (1 client, 4 participants)",
+            p50_ratio,
+            p50_ratio <= 2.5,
+            standard,
+            "one client",
+        )
     # Errors, unknown outcomes and unexpected aborts are calls the committed figures leave
     # out: a run that had them cannot claim its throughput or its latency met a target.
     troubles = [

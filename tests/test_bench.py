@@ -528,6 +528,45 @@ def test_the_p99_target_counts_the_calls_left_in_flight() -> None:
     assert results["targets"]["p99"]["met"] is False
 
 
+def test_the_ratio_and_one_client_targets_are_judged_only_where_they_are_stated() -> None:
+    def results_for(participants: int, clients: int, abort_ratio: float, hot: bool) -> Any:
+        dtm = DtmResult(
+            participants=participants_for(participants),
+            tally=fake_tally(1000, 0),
+            invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        )
+        unary = BaselineResult("unary echo", 0, fake_tally(2000, 0))
+        naive = BaselineResult("naive 2PC", participants, fake_tally(200, 0))
+        config = RunConfig(participants, clients, 2.0, 1.0, 2.0, 1.0, abort_ratio, hot, "quick")
+        return report.build_results(
+            config, dtm, unary, naive, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+        )
+
+    # 0.5 x unary, 5 x naive: met, where the targets are stated.
+    judged = results_for(4, 64, 0.0, False)["targets"]
+    assert (True, True) == (judged["ratio_vs_unary"]["met"], judged["ratio_vs_naive"]["met"])
+    assert "p50_one_client" not in judged
+    assert judged["throughput"]["met"] is False
+    assert results_for(4, 1, 0.0, False)["targets"]["p50_one_client"]["met"] is True
+    # Anywhere else, each figure is reported but not judged.
+    for participants, clients, abort_ratio, hot in (
+        (1, 1, 0.5, True),
+        (1, 64, 0.0, False),
+        (8, 1, 0.0, False),
+        (4, 1, 0.5, False),
+        (4, 64, 0.0, True),
+        (4, 16, 0.0, False),
+    ):
+        found = results_for(participants, clients, abort_ratio, hot)["targets"]
+        names = {"ratio_vs_unary", "ratio_vs_naive"} | (
+            {"p50_one_client"} if clients == 1 else set()
+        )
+        assert names == set(found), (participants, clients, abort_ratio, hot)
+        for name in names:
+            assert found[name]["met"] is None, (participants, clients, abort_ratio, hot, name)
+            assert found[name]["note"].startswith("not judged: the target is for 4 participants")
+
+
 def test_the_one_client_floor_is_two_round_trips_and_two_forced_writes() -> None:
     assert {"one_client_floor_ms": 2.2, "one_client_floor_vs_unary_p50": 2.75} == (
         report.one_client_floor(1, 0.8, 0.3)
