@@ -5,7 +5,10 @@ unit-testable without a server. `read_snapshot` builds that data from the servic
 and `check_services` does both. Like Jepsen's bank checker, this looks only at the end state
 that clients can observe; it is meant to run after faults have healed (`settled=True`), or
 mid-run with `settled=False`, where work still in flight (reservations, holds, pending orders,
-staged messages) is allowed.
+staged messages) is allowed, and so is a commit halfway through phase 2, which reaches the
+services in any order: a PENDING order already charged or notified, a CONFIRMED order whose
+hold, reservation or staged message is still there (as long as what is held, reserved or
+staged covers it: the snapshot does not tie them to orders).
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ def check(
     """Every violated invariant, one readable line each, naming the entity; [] if all hold.
 
     settled: every transaction has been decided and every decision delivered, so nothing may
-    stay reserved, held, pending or staged.
+    stay reserved, held, pending or staged. Not settled, a commit may also be halfway through
+    phase 2 (see the module's docstring).
     lines_match_inventory: every order's inventory branch reserved exactly the order's lines
     (as `dtm.orderflow.order_request` builds them), so units sold per SKU must equal the units of
     confirmed orders exactly, not merely cover them.
@@ -234,22 +238,38 @@ def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool
     for capture in snapshot.captures:
         captures_by_order[capture.order_id].append(capture)
 
+    # Mid-run, phase 2 reaches the services in any order: payment may have captured (and
+    # notification sent) for an order still PENDING at the orders service, and the orders
+    # service may have confirmed an order whose hold, reservation or staged message is still
+    # there. The snapshot does not tie holds or reservations to orders, so what is still held
+    # or reserved must cover what a confirmed order has not yet been charged or sold.
+    def committing(order: Order) -> bool:
+        return order.state == CONFIRMED or (not settled and order.state == PENDING)
+
     confirmed = [order for order in orders.values() if order.state == CONFIRMED]
-    for order in confirmed:
+    uncaptured: list[Order] = []
+    for order in orders.values():
         found = captures_by_order.get(order.order_id, [])
-        if not found:
-            violations.append(
-                f"order {order.order_id}: CONFIRMED but no payment was captured for it"
-            )
+        if order.state == CONFIRMED and not found:
+            uncaptured.append(order)
+        elif not committing(order) or not found:
+            continue
         elif len(found) > 1:
             violations.append(
-                f"order {order.order_id}: CONFIRMED with {len(found)} captures "
+                f"order {order.order_id}: {order.state} with {len(found)} captures "
                 f"({', '.join(str(c.amount_cents) for c in found)} cents): charged more than once"
             )
         elif found[0].amount_cents != order.amount_cents:
             violations.append(
-                f"order {order.order_id}: CONFIRMED for {order.amount_cents} cents but "
+                f"order {order.order_id}: {order.state} for {order.amount_cents} cents but "
                 f"{found[0].amount_cents} cents were captured"
+            )
+    held = sum(max(account.held_cents, 0) for account in snapshot.accounts)
+    if settled or sum(order.amount_cents for order in uncaptured) > held:
+        for order in uncaptured:
+            violations.append(
+                f"order {order.order_id}: CONFIRMED but no payment was captured for it"
+                + ("" if settled else f" (nor can the {held} cents still held cover it)")
             )
     for order_id, found in sorted(captures_by_order.items()):
         order_or_none = orders.get(order_id)
@@ -258,36 +278,46 @@ def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool
                 f"capture for order {order_id} ({sum(c.amount_cents for c in found)} cents from "
                 f"{found[0].account_id}): no such order: payment without an order"
             )
-        elif order_or_none.state != CONFIRMED:
+        elif not committing(order_or_none):
             violations.append(
                 f"capture for order {order_id} ({sum(c.amount_cents for c in found)} cents): "
                 f"the order is {order_or_none.state}, not CONFIRMED"
             )
 
     # Units of confirmed orders must have been sold: each confirmed order reserved its lines
-    # and the commit turned the reservation into a sale.
+    # and the commit turned the reservation into a sale. Mid-run, a confirmed order's units
+    # may still be reserved, and a pending order's already sold.
     ordered_units: Counter[str] = Counter()
     for order in confirmed:
         for sku, quantity in order.lines:
             ordered_units[sku] += quantity
+    pending_units: Counter[str] = Counter()
+    for order in orders.values():
+        if order.state == PENDING:
+            for sku, quantity in order.lines:
+                pending_units[sku] += quantity
     sold = {level.sku: level.sold for level in snapshot.stock}
+    reserved = {level.sku: level.reserved for level in snapshot.stock}
     for sku in sorted(set(ordered_units) | set(sold)):
         ordered = ordered_units[sku]
         units_sold = sold.get(sku)
+        unsold_allowed = 0 if settled else max(reserved.get(sku, 0), 0)
+        oversold_allowed = 0 if settled else pending_units[sku]
         if units_sold is None:
             violations.append(
                 f"stock {sku}: confirmed orders contain {ordered} units of it, but inventory "
                 "does not list the SKU"
             )
-        elif units_sold < ordered:
+        elif units_sold + unsold_allowed < ordered:
             violations.append(
                 f"stock {sku}: confirmed orders contain {ordered} units but only {units_sold} "
-                "were sold"
+                "were sold" + ("" if settled else f" (and {unsold_allowed} are still reserved)")
             )
-        elif lines_match_inventory and units_sold != ordered:
+        elif lines_match_inventory and units_sold > ordered + oversold_allowed:
             violations.append(
                 f"stock {sku}: {units_sold} units sold but confirmed orders contain {ordered}: "
                 f"{units_sold - ordered} units sold without a confirmed order"
+                + ("" if settled else f" (pending orders contain {oversold_allowed})")
             )
     return violations
 
@@ -303,16 +333,27 @@ def _check_notifications(snapshot: Snapshot, settled: bool) -> list[str]:
                 f"notification for order {order_id}: sent {count} time(s) for an order that "
                 "does not exist"
             )
-        elif state != CONFIRMED:
+        elif state != CONFIRMED and (settled or state != PENDING):
+            # Mid-run, notification may have sent the message of an order still PENDING at
+            # the orders service (phase 2 reaches the services in any order).
             violations.append(
                 f"notification for order {order_id}: sent {count} time(s) but the order is "
                 f"{state}, not CONFIRMED"
             )
         elif count > 1:
             violations.append(f"notification for order {order_id}: sent {count} times, not once")
-    for order_id, state in sorted(states.items()):
-        if state == CONFIRMED and sent_per_order[order_id] == 0:
-            violations.append(f"order {order_id}: CONFIRMED but no notification was sent")
+    unsent = [
+        order_id
+        for order_id, state in sorted(states.items())
+        if state == CONFIRMED and sent_per_order[order_id] == 0
+    ]
+    # Mid-run, a confirmed order's message may still be staged: the staged ones must cover them.
+    if settled or len(unsent) > snapshot.staged:
+        for order_id in unsent:
+            violations.append(
+                f"order {order_id}: CONFIRMED but no notification was sent"
+                + ("" if settled else f" (nor can the {snapshot.staged} staged cover it)")
+            )
     if settled and snapshot.staged:
         violations.append(
             f"notification: {snapshot.staged} message(s) still staged after everything settled"

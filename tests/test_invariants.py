@@ -287,6 +287,88 @@ def test_pending_leftovers_are_caught_when_settled() -> None:
     assert len(violations) == 4, violations
 
 
+def committed_at_payment_and_notification_first() -> Snapshot:
+    """o-4 committed: payment captured and notification sent, orders and inventory not yet."""
+    snapshot = with_stock(consistent(), "sku-b", available=4, reserved=1)
+    snapshot = with_account(snapshot, "acct-1", balance_cents=750, captured_cents=250)
+    return replace(
+        snapshot,
+        captures=[*snapshot.captures, Capture("o-4", "acct-1", 50, "txn-o-4")],
+        orders=[*snapshot.orders, Order("o-4", "alice", (("sku-b", 1),), 50, PENDING, "txn-o-4")],
+        sent=[*snapshot.sent, Notification("o-4", "alice@example.com", "", "txn-o-4")],
+    )
+
+
+def committed_at_orders_and_inventory_first() -> Snapshot:
+    """o-4 committed: confirmed at orders, sold at inventory; payment and notification not yet."""
+    snapshot = with_stock(consistent(), "sku-b", available=4, sold=1)
+    snapshot = with_account(snapshot, "acct-1", balance_cents=750, held_cents=50)
+    return replace(
+        snapshot,
+        orders=[*snapshot.orders, Order("o-4", "alice", (("sku-b", 1),), 50, CONFIRMED, "txn-o-4")],
+        staged=1,
+    )
+
+
+def committed_at_orders_first() -> Snapshot:
+    """o-4 committed: confirmed at orders only; its reservation, hold and message wait."""
+    snapshot = with_stock(consistent(), "sku-b", available=4, reserved=1)
+    snapshot = with_account(snapshot, "acct-1", balance_cents=750, held_cents=50)
+    return replace(
+        snapshot,
+        orders=[*snapshot.orders, Order("o-4", "alice", (("sku-b", 1),), 50, CONFIRMED, "txn-o-4")],
+        staged=1,
+    )
+
+
+def committed_at_inventory_first() -> Snapshot:
+    """o-4 committed: sold at inventory only; the order is still PENDING."""
+    return replace(in_flight(), stock=with_stock(in_flight(), "sku-b", reserved=0, sold=1).stock)
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        committed_at_payment_and_notification_first(),
+        committed_at_orders_and_inventory_first(),
+        committed_at_orders_first(),
+        committed_at_inventory_first(),
+    ],
+    ids=["payment-first", "orders-and-inventory-first", "orders-first", "inventory-first"],
+)
+def test_a_commit_halfway_through_phase_two_is_allowed_while_not_settled(
+    snapshot: Snapshot,
+) -> None:
+    assert check(snapshot, settled=False) == []
+    assert check(snapshot, settled=True) != []
+
+
+def test_mid_run_a_commit_must_still_be_covered_by_what_is_held_reserved_or_staged() -> None:
+    # Confirmed at orders, but nothing held, reserved or staged is left to become it.
+    snapshot = committed_at_orders_first()
+    snapshot = with_stock(snapshot, "sku-b", available=5, reserved=0)
+    snapshot = with_account(snapshot, "acct-1", balance_cents=800, held_cents=0)
+    violations = check(replace(snapshot, staged=0), settled=False)
+    assert_caught(violations, "order o-4", "no payment was captured")
+    assert_caught(violations, "stock sku-b", "only 0 were sold")
+    assert_caught(violations, "order o-4", "no notification was sent")
+    # A pending order charged twice, or a cancelled one charged at all, is never in progress.
+    twice = committed_at_payment_and_notification_first()
+    twice = with_account(twice, "acct-1", balance_cents=700, captured_cents=300)
+    twice = replace(twice, captures=[*twice.captures, Capture("o-4", "acct-1", 50, "txn-o-4")])
+    assert_caught(check(twice, settled=False), "order o-4", "charged more than once")
+    cancelled = committed_at_payment_and_notification_first()
+    cancelled = replace(
+        cancelled,
+        orders=[
+            replace(o, state=CANCELLED) if o.order_id == "o-4" else o for o in cancelled.orders
+        ],
+    )
+    violations = check(cancelled, settled=False)
+    assert_caught(violations, "capture for order o-4", "CANCELLED, not CONFIRMED")
+    assert_caught(violations, "notification for order o-4", "CANCELLED, not CONFIRMED")
+
+
 def test_in_flight_lists_undecided_work() -> None:
     assert consistent().in_flight() == []
     assert in_flight().in_flight() == [
