@@ -39,11 +39,16 @@ def scope(kinds: Set[str]) -> str:
     return f"full, except that orders need no {' or '.join(absent)} (not in the transaction)"
 
 
-def check_state(snapshot: Snapshot, kinds: Set[str]) -> list[str]:
-    """dtm.invariants.check of a settled state, for orders made of branches of `kinds`."""
+def check_state(
+    snapshot: Snapshot, kinds: Set[str], initial: invariants.InitialState | None = None
+) -> list[str]:
+    """dtm.invariants.check of a settled state, for orders made of branches of `kinds`, against
+    the run's initial stock and accounts when given."""
     # Units sold must equal the confirmed orders' lines exactly only when orders take part;
     # otherwise there are no orders to compare with, and sales are checked by `check_client_view`.
-    found = invariants.check(snapshot, settled=True, lines_match_inventory=ORDERS in kinds)
+    found = invariants.check(
+        snapshot, settled=True, lines_match_inventory=ORDERS in kinds, initial=initial
+    )
     suffixes = tuple(suffix for kind, suffix in ABSENT_KIND_SUFFIXES.items() if kind not in kinds)
     return [line for line in found if not (suffixes and line.endswith(suffixes))]
 
@@ -117,12 +122,18 @@ def combine(per_snapshot: list[list[str]], kinds: Set[str], note: str = "") -> I
 
 
 def check_all(
-    snapshots: list[Snapshot], view: ClientView, kinds: Set[str], note: str = ""
+    snapshots: list[Snapshot],
+    view: ClientView,
+    kinds: Set[str],
+    note: str = "",
+    initial: invariants.InitialState | None = None,
 ) -> InvariantResult:
-    """Every check over every snapshot (the first instances' state, then one per extra)."""
+    """Every check over every snapshot (the first instances' state, then one per extra), each
+    against the run's initial stock and accounts when given (extra instances start from the
+    same)."""
     return combine(
         [
-            check_state(snapshot, kinds) + check_client_view(snapshot, view, kinds)
+            check_state(snapshot, kinds, initial) + check_client_view(snapshot, view, kinds)
             for snapshot in snapshots
         ],
         kinds,

@@ -327,7 +327,9 @@ async def _load_and_check(
     snapshots, notes = await _final_states(target_sets)
     note = "; ".join(notes)
     settle_s = time.monotonic() - started
-    result = checks.check_all(snapshots, recorder.view(), kinds, note)
+    # Extra instances start from the same initial document as the first ones.
+    initial = None if cluster.initial is None else invariants.InitialState.of(cluster.initial)
+    result = checks.check_all(snapshots, recorder.view(), kinds, note, initial)
     if len(snapshots) < len(target_sets) and not result.violations:
         # Part of the state went unchecked: "0 violations" would claim more than was checked.
         result = InvariantResult(None, result.samples, result.scope, note, result.views)

@@ -137,6 +137,8 @@ INITIAL = {
         "acct-blocked": {"balance_cents": 10**9, "declines": True},
     },
 }
+#: The same, for the invariants: what every SKU and account must still be there with.
+INITIAL_STATE = invariants.InitialState.of(INITIAL)
 #: What a generated order is, and how often (percent); only "ok" orders can commit for sure.
 ORDER_KINDS = ("ok", "rare", "no-stock", "declined", "poor")
 ORDER_KIND_WEIGHTS = (60, 5, 10, 15, 10)
@@ -652,7 +654,7 @@ class Session:
         result.mark("settle")
         if snapshot is None:
             return
-        result.violations += invariants.report(snapshot).violations
+        result.violations += invariants.report(snapshot, initial=INITIAL_STATE).violations
         result.violations += check_client_outcomes(result.records, snapshot)
         for record in result.records:
             if record.known:
@@ -674,7 +676,8 @@ class Session:
             if snapshot is None:
                 return
             result.violations += [
-                f"after the retries: {v}" for v in invariants.report(snapshot).violations
+                f"after the retries: {v}"
+                for v in invariants.report(snapshot, initial=INITIAL_STATE).violations
             ]
         result.violations += check_ledger(self.ledger, snapshot)
         try:

@@ -539,7 +539,9 @@ async def run_demo(cluster: Cluster) -> bool:
                 f"{time.perf_counter() - started:.1f} s,\n  once the slow prepare's delay ran out)"
             )
         demo.show_state(snapshot)
-        report = invariants.report(snapshot, settled=True)
+        report = invariants.report(
+            snapshot, settled=True, initial=invariants.InitialState.of(INITIAL)
+        )
         demo.show_invariants(report)
 
     failed = [e for e in demo.expectations if not e.held]

@@ -1,9 +1,11 @@
 """The order flow's invariants (design/reliability.md), checked over the four services' state.
 
 `check(snapshot)` is pure: it takes plain data and returns violations, so every rule is
-unit-testable without a server. `read_snapshot` builds that data from the services' read APIs,
-and `check_services` does both. Like Jepsen's bank checker, this looks only at the end state
-that clients can observe; it is meant to run after faults have healed (`settled=True`), or
+unit-testable without a server. Given the shop's `InitialState` (the bench, chaos and the demo
+know it), it also checks that every SKU and account is still there with what it started with,
+and that the total money is unchanged. `read_snapshot` builds that data from the services'
+read APIs, and `check_services` does both. Like Jepsen's bank checker, this looks only at the
+end state that clients can observe; it is meant to run after faults have healed (`settled=True`), or
 mid-run with `settled=False`, where work still in flight (reservations, holds, pending orders,
 staged messages) is allowed, and so is a commit halfway through phase 2, which reaches the
 services in any order: a PENDING order already charged or notified, a CONFIRMED order whose
@@ -18,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -106,6 +108,36 @@ class Snapshot:
         return found
 
 
+@dataclass(frozen=True)
+class InitialState:
+    """What the shop started with: units per SKU, and per account its balance and whether it
+    declines every charge. With it, `check` also compares the sets of SKUs and accounts, each
+    one's starting figures and the total money against it: a SKU or an account that vanished
+    (with its units or its money) leaves nothing else to catch it."""
+
+    #: SKU -> units it started with (there is no restock operation).
+    stock: Mapping[str, int]
+    #: Account -> cents it started with (there is no deposit operation).
+    accounts: Mapping[str, int]
+    #: Accounts that decline every charge.
+    declining: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, document: Mapping[str, Any]) -> InitialState:
+        """From an `initial=` document of `dtm.cluster.Cluster` (the services' --initial file):
+        {"stock": {sku: units}, "accounts": {id: {"balance_cents": n, "declines": bool}}}."""
+        accounts: Mapping[str, Mapping[str, Any]] = document.get("accounts", {})
+        return cls(
+            stock={sku: int(units) for sku, units in document.get("stock", {}).items()},
+            accounts={
+                account_id: int(spec["balance_cents"]) for account_id, spec in accounts.items()
+            },
+            declining=frozenset(
+                account_id for account_id, spec in accounts.items() if spec.get("declines")
+            ),
+        )
+
+
 @dataclass
 class Report:
     violations: list[str]
@@ -130,7 +162,11 @@ class Report:
 
 
 def check(
-    snapshot: Snapshot, *, settled: bool = True, lines_match_inventory: bool = True
+    snapshot: Snapshot,
+    *,
+    settled: bool = True,
+    lines_match_inventory: bool = True,
+    initial: InitialState | None = None,
 ) -> list[str]:
     """Every violated invariant, one readable line each, naming the entity; [] if all hold.
 
@@ -140,10 +176,14 @@ def check(
     lines_match_inventory: every order's inventory branch reserved exactly the order's lines
     (as `dtm.orderflow.order_request` builds them), so units sold per SKU must equal the units of
     confirmed orders exactly, not merely cover them.
+    initial: what the shop started with, when the caller knows it (see `InitialState`).
     """
     violations: list[str] = []
     violations += _check_stock(snapshot.stock, settled)
     violations += _check_money(snapshot.accounts, snapshot.captures, settled)
+    violations += _check_declines(snapshot.accounts, snapshot.captures, initial)
+    if initial is not None:
+        violations += _check_initial(snapshot, initial)
     violations += _check_orders(snapshot, settled, lines_match_inventory)
     violations += _check_notifications(snapshot, settled)
     return violations
@@ -188,7 +228,11 @@ def _check_money(
                 f"capture for order {capture.order_id}: amount {capture.amount_cents} cents "
                 "is not positive"
             )
-    known = {account.account_id for account in accounts}
+    known: set[str] = set()
+    for account in accounts:
+        if account.account_id in known:
+            violations.append(f"account {account.account_id}: listed twice")
+        known.add(account.account_id)
     for account_id in sorted(set(captured_by_account) - known):
         violations.append(
             f"account {account_id}: {captured_by_account[account_id]} cents captured from an "
@@ -216,6 +260,78 @@ def _check_money(
             violations.append(
                 f"{name}: {account.held_cents} cents still held after everything settled"
             )
+    return violations
+
+
+def _other_transaction(effect: str, order: str) -> bool:
+    """An order's capture or message was made by another transaction than the order's own
+    (only the branches of one transaction make an order, its payment and its message)."""
+    return bool(effect and order and effect != order)
+
+
+def _check_declines(
+    accounts: Sequence[Account], captures: Sequence[Capture], initial: InitialState | None
+) -> list[str]:
+    """A declining account (a blocked card) refuses every charge: nothing may be held on it
+    or captured from it, ever."""
+    violations: list[str] = []
+    declining = {account.account_id for account in accounts if account.declines}
+    if initial is not None:
+        declining |= initial.declining
+    for account in accounts:
+        if account.account_id in declining and account.held_cents:
+            violations.append(
+                f"account {account.account_id}: declines every charge, yet "
+                f"{account.held_cents} cents are held on it"
+            )
+    for capture in captures:
+        if capture.account_id in declining:
+            violations.append(
+                f"capture for order {capture.order_id} ({capture.amount_cents} cents): account "
+                f"{capture.account_id} declines every charge"
+            )
+    return violations
+
+
+def _check_initial(snapshot: Snapshot, initial: InitialState) -> list[str]:
+    """The SKUs and accounts the shop started with are all there, with their starting figures,
+    and no other; the money in all accounts is what it started with."""
+    violations: list[str] = []
+    received = {level.sku: level.received for level in snapshot.stock}
+    for sku in sorted(set(initial.stock) - set(received)):
+        violations.append(
+            f"stock {sku}: started with {initial.stock[sku]} units, but inventory does not list "
+            "the SKU any more"
+        )
+    for sku in sorted(set(received) - set(initial.stock)):
+        violations.append(f"stock {sku}: listed by inventory, but the shop never had it")
+    for sku in sorted(set(received) & set(initial.stock)):
+        if received[sku] != initial.stock[sku]:
+            violations.append(
+                f"stock {sku}: {received[sku]} units received, but it started with "
+                f"{initial.stock[sku]} (there is no restock)"
+            )
+    listed = {account.account_id: account for account in snapshot.accounts}
+    for account_id in sorted(set(initial.accounts) - set(listed)):
+        violations.append(
+            f"account {account_id}: started with {initial.accounts[account_id]} cents, but "
+            "payment does not list the account any more"
+        )
+    for account_id in sorted(set(listed) - set(initial.accounts)):
+        violations.append(f"account {account_id}: listed by payment, but the shop never had it")
+    for account_id in sorted(set(listed) & set(initial.accounts)):
+        if listed[account_id].initial_cents != initial.accounts[account_id]:
+            violations.append(
+                f"account {account_id}: initial_cents says {listed[account_id].initial_cents}, "
+                f"but it started with {initial.accounts[account_id]}"
+            )
+    total = sum(a.balance_cents + a.held_cents + a.captured_cents for a in snapshot.accounts)
+    started = sum(initial.accounts.values())
+    if total != started:
+        violations.append(
+            f"money: balances + held + captured of every account add up to {total} cents, but "
+            f"the accounts started with {started} (there is no deposit)"
+        )
     return violations
 
 
@@ -263,6 +379,11 @@ def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool
             violations.append(
                 f"order {order.order_id}: {order.state} for {order.amount_cents} cents but "
                 f"{found[0].amount_cents} cents were captured"
+            )
+        elif _other_transaction(found[0].transaction_id, order.transaction_id):
+            violations.append(
+                f"order {order.order_id}: captured by transaction {found[0].transaction_id}, "
+                f"but the order is transaction {order.transaction_id}"
             )
     held = sum(max(account.held_cents, 0) for account in snapshot.accounts)
     if settled or sum(order.amount_cents for order in uncaptured) > held:
@@ -325,6 +446,7 @@ def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool
 def _check_notifications(snapshot: Snapshot, settled: bool) -> list[str]:
     violations: list[str] = []
     states = {order.order_id: order.state for order in snapshot.orders}
+    orders = {order.order_id: order for order in snapshot.orders}
     sent_per_order = Counter(notification.order_id for notification in snapshot.sent)
     for order_id, count in sorted(sent_per_order.items()):
         state = states.get(order_id)
@@ -342,6 +464,16 @@ def _check_notifications(snapshot: Snapshot, settled: bool) -> list[str]:
             )
         elif count > 1:
             violations.append(f"notification for order {order_id}: sent {count} times, not once")
+    for notification in snapshot.sent:
+        order = orders.get(notification.order_id)
+        if order is not None and _other_transaction(
+            notification.transaction_id, order.transaction_id
+        ):
+            violations.append(
+                f"notification for order {order.order_id}: sent by transaction "
+                f"{notification.transaction_id}, but the order is transaction "
+                f"{order.transaction_id}"
+            )
     unsent = [
         order_id
         for order_id, state in sorted(states.items())
@@ -362,11 +494,20 @@ def _check_notifications(snapshot: Snapshot, settled: bool) -> list[str]:
 
 
 def report(
-    snapshot: Snapshot, *, settled: bool = True, lines_match_inventory: bool = True
+    snapshot: Snapshot,
+    *,
+    settled: bool = True,
+    lines_match_inventory: bool = True,
+    initial: InitialState | None = None,
 ) -> Report:
     """`check` plus the summary figures."""
     return Report(
-        violations=check(snapshot, settled=settled, lines_match_inventory=lines_match_inventory),
+        violations=check(
+            snapshot,
+            settled=settled,
+            lines_match_inventory=lines_match_inventory,
+            initial=initial,
+        ),
         confirmed_orders=sum(order.state == CONFIRMED for order in snapshot.orders),
         cancelled_orders=sum(order.state == CANCELLED for order in snapshot.orders),
         pending_orders=sum(order.state == PENDING for order in snapshot.orders),
@@ -551,8 +692,14 @@ async def wait_until_settled(
 
 
 async def check_services(
-    targets: Targets, *, settled: bool = True, lines_match_inventory: bool = True
+    targets: Targets,
+    *,
+    settled: bool = True,
+    lines_match_inventory: bool = True,
+    initial: InitialState | None = None,
 ) -> Report:
     """Read the services and check every invariant over what they show."""
     snapshot = await read_snapshot(targets)
-    return report(snapshot, settled=settled, lines_match_inventory=lines_match_inventory)
+    return report(
+        snapshot, settled=settled, lines_match_inventory=lines_match_inventory, initial=initial
+    )

@@ -28,6 +28,7 @@ from bench.workload import (
     EMPTY_SKU,
     Workload,
     aborts,
+    initial_state,
     participants_for,
 )
 from dtm.invariants import (
@@ -35,6 +36,7 @@ from dtm.invariants import (
     CONFIRMED,
     Account,
     Capture,
+    InitialState,
     Notification,
     Order,
     Snapshot,
@@ -248,6 +250,18 @@ def test_an_inconsistent_state_has_violations() -> None:
     assert result.violations is not None and result.violations > 0
     assert 2 == result.views
     assert any("charged more than once" in line for line in result.samples)
+
+
+def test_the_state_is_checked_against_the_initial_stock_and_accounts() -> None:
+    initial = InitialState.of(
+        {"stock": {"sku-0": 10, "sku-1": 10}, "accounts": {"acct-0": {"balance_cents": 1000}}}
+    )
+    assert 0 == checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS).violations
+    result = checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS, initial=initial)
+    assert 1 == result.violations
+    assert "stock sku-1: started with 10 units" in result.samples[0]
+    # The bench's own initial state is what its services list: the workload's SKUs and accounts.
+    assert InitialState.of(initial_state()).declining == {DECLINING_ACCOUNT}
 
 
 def test_a_violation_every_view_shares_is_counted_once() -> None:

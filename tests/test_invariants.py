@@ -19,6 +19,7 @@ from dtm.invariants import (
     PENDING,
     Account,
     Capture,
+    InitialState,
     Notification,
     Order,
     Snapshot,
@@ -257,6 +258,94 @@ def test_confirmed_order_without_notification_is_caught() -> None:
     snapshot = consistent()
     snapshot = replace(snapshot, sent=[n for n in snapshot.sent if n.order_id != "o-2"])
     assert_caught(check(snapshot), "order o-2", "no notification was sent")
+
+
+# ---- against the initial state, and declining accounts ----
+
+#: What consistent() started with.
+INITIAL = InitialState(stock={"sku-a": 10, "sku-b": 5}, accounts={"acct-1": 1000, "acct-2": 500})
+
+
+def test_initial_state_reads_a_cluster_document() -> None:
+    document = {
+        "stock": {"sku-a": 10, "sku-b": 5},
+        "accounts": {
+            "acct-1": {"balance_cents": 1000},
+            "acct-2": {"balance_cents": 500, "declines": True},
+        },
+    }
+    assert InitialState(
+        stock={"sku-a": 10, "sku-b": 5},
+        accounts={"acct-1": 1000, "acct-2": 500},
+        declining=frozenset({"acct-2"}),
+    ) == InitialState.of(document)
+    assert check(consistent(), initial=INITIAL) == []
+    assert check(consistent(), initial=INITIAL, settled=False) == []
+
+
+def test_a_vanished_account_and_its_money_are_caught() -> None:
+    # acct-2 (500 cents, charged 100 for o-2) gone with its capture, o-2 and its message.
+    base = consistent()
+    snapshot = replace(
+        base,
+        stock=[replace(base.stock[0], available=8, sold=2), base.stock[1]],
+        accounts=base.accounts[:1],
+        captures=base.captures[:1],
+        orders=[base.orders[0], base.orders[2]],
+        sent=base.sent[:1],
+    )
+    assert check(snapshot) == []  # nothing else can see it
+    violations = check(snapshot, initial=INITIAL)
+    assert_caught(violations, "account acct-2", "started with 500 cents", "does not list")
+    assert_caught(violations, "money", "add up to 1000 cents", "started with 1500")
+    assert len(violations) == 2, violations
+
+
+def test_a_vanished_sku_is_caught() -> None:
+    snapshot = replace(consistent(), stock=consistent().stock[:1])
+    assert check(snapshot) == []
+    assert_caught(check(snapshot, initial=INITIAL), "stock sku-b", "started with 5 units")
+
+
+def test_accounts_and_skus_the_shop_never_had_or_other_starting_figures_are_caught() -> None:
+    extra = replace(
+        consistent(),
+        stock=[*consistent().stock, StockLevel("sku-z", 1, 0, 0, 1)],
+        accounts=[*consistent().accounts, Account("acct-9", 70, 0, 0, 70)],
+    )
+    violations = check(extra, initial=INITIAL)
+    assert_caught(violations, "stock sku-z", "never had it")
+    assert_caught(violations, "account acct-9", "never had it")
+    assert_caught(violations, "money", "1570 cents", "started with 1500")
+    # Starting figures rewritten along with the state: each side balances, the start does not.
+    moved = with_stock(consistent(), "sku-b", available=6, received=6)
+    moved = with_account(moved, "acct-2", balance_cents=500, initial_cents=600)
+    violations = check(moved, initial=INITIAL)
+    assert_caught(violations, "stock sku-b", "6 units received", "started with 5")
+    assert_caught(violations, "account acct-2", "initial_cents says 600", "started with 500")
+
+
+def test_an_account_listed_twice_is_caught() -> None:
+    snapshot = replace(consistent(), accounts=[*consistent().accounts, consistent().accounts[1]])
+    assert_caught(check(snapshot), "account acct-2", "listed twice")
+
+
+def test_a_hold_or_capture_on_a_declining_account_is_caught() -> None:
+    declining = with_account(consistent(), "acct-2", declines=True)
+    assert_caught(check(declining), "capture for order o-2", "account acct-2 declines every charge")
+    held = with_account(in_flight(), "acct-1", declines=True)
+    assert_caught(check(held, settled=False), "account acct-1", "declines every charge", "50")
+    # The initial state says so even if the service forgot it.
+    initial = replace(INITIAL, declining=frozenset({"acct-2"}))
+    assert_caught(check(consistent(), initial=initial), "account acct-2 declines every charge")
+
+
+def test_a_capture_or_message_made_by_another_transaction_is_caught() -> None:
+    base = consistent()
+    foreign = replace(base, captures=[replace(base.captures[0], transaction_id="txn-x")])
+    assert_caught(check(foreign), "order o-1", "captured by transaction txn-x", "txn-o-1")
+    foreign = replace(base, sent=[replace(base.sent[0], transaction_id="txn-x"), base.sent[1]])
+    assert_caught(check(foreign), "notification for order o-1", "transaction txn-x")
 
 
 # ---- settling ----
