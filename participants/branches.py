@@ -274,7 +274,7 @@ class BranchEngine:
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
-                outcome = self._service_prepare(owner, decoded)
+                outcome = self._service_prepare(key, decoded)
                 reply = self._settle_prepare(info, outcome)
                 return reply.vote, reply.reason
             # Some lock is taken: wait in a task (the locks already granted stay held, and
@@ -590,7 +590,8 @@ class BranchEngine:
             logs.get(self.service.name).error(
                 "too many forced branches not yet decided by their coordinator: the oldest "
                 "is no longer kept past the window of decided branches",
-                branch=branch_key_text(oldest),
+                txn=oldest[0],
+                branch=oldest[1],
                 kept_max=self._forced_kept,
             )
 
@@ -647,23 +648,24 @@ class BranchEngine:
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
-            outcome = self._service_prepare(owner, self._operations[key])
+            outcome = self._service_prepare(key, self._operations[key])
         self._tasks.pop(key, None)  # past the point where a rollback could cancel it
         reply = self._settle_prepare(info, outcome)
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
 
-    def _service_prepare(self, owner: str, operation: Message) -> Prepared | ReadOnly | Refused:
+    def _service_prepare(self, key: BranchKey, operation: Message) -> Prepared | ReadOnly | Refused:
         """The service's prepare; an exception from it (a bug in the service) refuses the
         branch, which releases its locks, instead of leaving it PREPARING with them until its
         lease runs out and failing every other item of its batched call."""
         try:
-            return self.service.prepare(owner, operation)
+            return self.service.prepare(branch_key_text(key), operation)
         except Exception as error:
             logs.get(self.service.name).error(
                 "the service's prepare raised: branch refused",
-                branch=owner,
+                txn=key[0],
+                branch=key[1],
                 error=f"{type(error).__name__}: {error}",
                 exc_info=error,
             )

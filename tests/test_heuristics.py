@@ -23,6 +23,7 @@ from dtm.coordinator.heuristics import HeuristicTable
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, PrepareItem
 from dtm.coordinator.ports import reported_heuristic as heuristic
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
+from dtm.core.transaction import ROLLBACK_ATTEMPTS_MAX
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, pack
 from tests.test_cli import dtm
@@ -77,11 +78,14 @@ class ScriptedParticipant(participant_pb2_grpc.ParticipantServicer):
 
 @asynccontextmanager
 async def scripted_cluster(
-    tmp_path: Path, scripted: ScriptedParticipant
+    tmp_path: Path,
+    scripted: ScriptedParticipant,
+    capabilities: coordinator_pb2.Capabilities | None = None,
+    prepare_timeout_ms: int = 1_000,
 ) -> AsyncIterator[InProcessCluster]:
     """The in-process cluster (metrics on, for the heuristics counter) with `scripted`
     registered beside the four services as "scripted"."""
-    cluster = InProcessCluster(tmp_path)
+    cluster = InProcessCluster(tmp_path, prepare_timeout_ms=prepare_timeout_ms)
     cluster.coordinator_config = dataclasses.replace(
         cluster.coordinator_config, metrics_listen="127.0.0.1:0"
     )
@@ -93,7 +97,9 @@ async def scripted_cluster(
         try:
             address = f"127.0.0.1:{port}"
             await cluster.client.RegisterParticipant(
-                coordinator_pb2.RegisterParticipantRequest(name="scripted", address=address)
+                coordinator_pb2.RegisterParticipantRequest(
+                    name="scripted", address=address, capabilities=capabilities
+                )
             )
             yield cluster
         finally:
@@ -173,6 +179,74 @@ def test_a_rollback_the_participant_contradicts_is_recorded_once_not_retried(
             assert 1 == scripted.calls["Rollback"]
             orders = await cluster.orders()
             assert shop_pb2.ORDER_STATE_CANCELLED == orders["o-r"].state
+
+    asyncio.run(scenario())
+
+
+def _calls_failed(cluster: InProcessCluster, rpc: str) -> float:
+    registry = cluster.coordinator.engine.observer.registry  # type: ignore[attr-defined]
+    value = registry.get_sample_value(
+        "dtm_participant_call_failures_total", {"participant": "scripted", "rpc": rpc}
+    )
+    return float(value or 0)
+
+
+def test_a_rollback_given_up_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Presumed abort tries a Rollback a few times, then leaves it to the participant's
+    inquiry. Before, the last failure read like any other: nothing said it was the last."""
+
+    async def scenario() -> None:
+        scripted = ScriptedParticipant(rollback=Code.UNAVAILABLE)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
+            declined = order_branches("o-r", [("sku-apple", 1)], account="acct-blocked")
+            response = await cluster.submit([*declined, _scripted_branch()], "txn-r")
+            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+
+            async def given_up() -> bool:
+                return ROLLBACK_ATTEMPTS_MAX == scripted.calls["Rollback"]
+
+            await eventually(given_up)
+            await asyncio.sleep(0.3)  # the last failure's line is written after its answer
+        lines = [line for line in capsys.readouterr().err.splitlines() if "txn=txn-r" in line]
+        failed = [line for line in lines if "rollback failed" in line]
+        assert ROLLBACK_ATTEMPTS_MAX == len(failed), failed
+        assert "given up: the participant learns the abort by asking" in failed[-1]
+        assert not any("given up" in line for line in failed[:-1])
+
+    asyncio.run(scenario())
+
+
+class SlowOnePhase(ScriptedParticipant):
+    """Answers a Prepare too late (a lost one-phase answer), and no Rollback (the probe)."""
+
+    async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:
+        await asyncio.sleep(1.0)
+        return await super().Prepare(request, context)
+
+
+def test_a_failed_one_phase_probe_is_logged_and_counted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, while the client held UNKNOWN, the probes that failed left no line and no
+    count (dtm_participant_call_failures_total stayed at 0)."""
+
+    async def scenario() -> None:
+        scripted = SlowOnePhase(rollback=Code.UNAVAILABLE)
+        one_phase = coordinator_pb2.Capabilities(one_phase=True)
+        async with scripted_cluster(tmp_path, scripted, one_phase, 200) as cluster:
+            response = await cluster.submit([_scripted_branch()], "txn-1p")
+            assert coordinator_pb2.OUTCOME_UNKNOWN == response.outcome
+
+            async def probed_twice() -> bool:
+                return _calls_failed(cluster, "Rollback") >= 2
+
+            await eventually(probed_twice)
+        probes = [
+            line
+            for line in capsys.readouterr().err.splitlines()
+            if "one-phase outcome still unknown: probe failed txn=txn-1p" in line
+        ]
+        assert len(probes) >= 2 and "participant=scripted" in probes[0]
 
     asyncio.run(scenario())
 

@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from dtm import limits
+from dtm import limits, logs
 from dtm.core.branch import BranchState, BranchVote, ErrorKind
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
@@ -54,7 +54,10 @@ class Broken(InventoryService):
         raise RuntimeError("bug in the service")
 
 
-def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock() -> None:
+def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    logs.configure("inventory", "INFO")
     broken = engine(Broken())
     reserve = shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
     answer = broken.begin_prepare("t-1", 0, packed(reserve), False)
@@ -65,6 +68,10 @@ def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock() -> None:
     info = broken.branch(("t-1", 0))
     assert info is not None and BranchState.REFUSED is info.branch.state
     assert [] == broken.locks.snapshot() and not broken.open
+    # The ERROR line carries txn= like every line about a transaction (before: branch=t-1/0).
+    assert (
+        "the service's prepare raised: branch refused txn=t-1 branch=0" in capsys.readouterr().err
+    )
 
 
 def test_a_refusal_waits_for_the_commit_it_rests_on() -> None:

@@ -26,7 +26,13 @@ from dtm.coordinator.heuristics import HeuristicTable, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
-from dtm.core.transaction import Outcome, ProtocolError, Transaction, TxnState
+from dtm.core.transaction import (
+    ROLLBACK_ATTEMPTS_MAX,
+    Outcome,
+    ProtocolError,
+    Transaction,
+    TxnState,
+)
 from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
 from dtm.records import RecordType, coalesced, encoded_field, field_key, in_parts
 from dtm.wal import CheckpointPayload, Log, LogRecord
@@ -632,13 +638,20 @@ class Engine:
                 self._feed(run, core.HeuristicReported(index, result.heuristic, result.error))
                 return
             if not result.ok:
+                attempt = branch.phase_two_attempts + 1
+                if commit:
+                    event = "commit failed"
+                elif attempt >= ROLLBACK_ATTEMPTS_MAX:  # the core gives up (presumed abort)
+                    event = "rollback failed; given up: the participant learns the abort by asking"
+                else:
+                    event = "rollback failed"
                 self._log.warning(
-                    "commit failed" if commit else "rollback failed",
+                    event,
                     txn=txn.transaction_id,
                     participant=branch.participant,
                     branch=index,
                     reason=result.error,
-                    attempt=branch.phase_two_attempts + 1,
+                    attempt=attempt,
                 )
                 self._feed(run, core.PhaseTwoFailed(index, result.error))
                 return
@@ -688,18 +701,29 @@ class Engine:
         Sent through the participant's port, so that a port retired meanwhile (a new address)
         waits for it before closing its channel."""
         txn = run.txn
+        participant = txn.branches[0].participant
         timeout_s = self.config.phase_two_timeout_ms / 1000
         self.counters.requests += 1
+        started = time.perf_counter()
 
         def done(code: grpc.StatusCode | None, failure: str) -> None:
+            answered = code is None or code is grpc.StatusCode.FAILED_PRECONDITION
+            self.observer.call_finished(participant, "Rollback", started, answered)
             if code is None:
                 self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
             elif code is grpc.StatusCode.FAILED_PRECONDITION:
                 self._feed(run, core.OnePhaseResolved(committed=True))
             else:
+                self._log.warning(
+                    "one-phase outcome still unknown: probe failed",
+                    txn=txn.transaction_id,
+                    participant=participant,
+                    reason=failure,
+                    attempt=txn.branches[0].phase_two_attempts + 1,
+                )
                 self._feed(run, core.PhaseTwoFailed(0, failure))
 
-        self.registry.port(txn.branches[0].participant).probe(txn.transaction_id, timeout_s, done)
+        self.registry.port(participant).probe(txn.transaction_id, timeout_s, done)
 
     def _append(self, record_type: RecordType, payload: bytes) -> int:
         self.records_since_checkpoint += 1
