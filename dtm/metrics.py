@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from dtm import logs
+from dtm.core.branch import HEURISTIC_OUTCOMES
 from dtm.core.transaction import Transaction, TxnState
 from dtm.wal import CheckpointPayload, payload_size
 
@@ -143,6 +144,9 @@ class EngineObserver:
 
     def heuristic_recorded(self, participant: str, outcome: str) -> None:
         """A branch's heuristic outcome was recorded (forced, contradicted, or unknown)."""
+
+    def participant_registered(self, participant: str) -> None:
+        """A participant joined the registry (registered, or replayed from the log)."""
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         """The transaction is finished (committed and acknowledged, or aborted)."""
@@ -419,6 +423,8 @@ class CoordinatorMetrics(EngineObserver):
         # Registered as a custom collector too: `collect` runs on every scrape.
         self.registry.register(self)
         engine.observer = self
+        for participant in engine.registry.participants:  # replayed from the log
+            self.participant_registered(participant)
 
     # ---- EngineObserver ----
 
@@ -442,6 +448,13 @@ class CoordinatorMetrics(EngineObserver):
 
     def heuristic_recorded(self, participant: str, outcome: str) -> None:
         self._heuristics.labels(participant, outcome).inc()
+
+    def participant_registered(self, participant: str) -> None:
+        # Each series exists at 0 from the start: a counter that first appears at 1 has no
+        # increase() to alert on, so the first heuristic of a participant would go unseen.
+        self._retries.labels(participant)
+        for outcome in HEURISTIC_OUTCOMES:
+            self._heuristics.labels(participant, outcome)
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         outcome = txn.outcome

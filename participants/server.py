@@ -336,6 +336,37 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             results.append(participant_pb2.DecisionResult(ok=True))
         return results, keys
 
+    def _trace(
+        self,
+        prepares: Sequence[participant_pb2.PrepareRequest],
+        votes: Sequence[participant_pb2.PrepareResponse],
+        decisions: Sequence[participant_pb2.Decision],
+        results: Sequence[participant_pb2.DecisionResult],
+    ) -> None:
+        """A batched call's DEBUG lines, one per item as on the unary path, so that
+        `grep txn=<id>` finds each branch's vote and decision here too."""
+        if not logs.debug_enabled():
+            return
+        for prepare, answer in zip(prepares, votes, strict=True):
+            self.log.debug(
+                "prepare answered",
+                txn=prepare.transaction_id,
+                branch=prepare.branch,
+                vote=coordinator_pb2.Vote.Name(answer.vote).removeprefix("VOTE_").lower(),
+                reason=answer.reason or None,
+                one_phase=prepare.one_phase,
+                batched=True,
+            )
+        for decision, result in zip(decisions, results, strict=True):
+            verb = "commit" if decision.commit else "rollback"
+            self.log.debug(
+                f"{verb} applied" if result.ok else f"{verb} refused",
+                txn=decision.transaction_id,
+                branch=decision.branch,
+                error=result.error or None,
+                batched=True,
+            )
+
     def _after_durable(
         self,
         votes: Sequence[participant_pb2.PrepareResponse],
@@ -361,6 +392,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await asyncio.sleep(self.server.fault.delay_ms / 1000)
         votes, keys = await self._prepare_items(request.prepares)
         await self.engine.wait_durable(keys)
+        self._trace(request.prepares, votes, (), ())
         self._after_durable(votes, ())
         return participant_pb2.PrepareBatchResponse(votes=votes)
 
@@ -381,6 +413,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         results, keys = self._apply_decisions(request.decisions)
         await self.engine.wait_durable(keys)
+        self._trace((), (), request.decisions, results)
         self._after_durable((), request.decisions)
         return participant_pb2.DecideBatchResponse(results=results)
 
@@ -399,6 +432,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await asyncio.sleep(self.server.fault.delay_ms / 1000)
         votes, prepared = await self._prepare_items(request.prepares)
         await self.engine.wait_durable([*decided, *prepared])
+        self._trace(request.prepares, votes, request.decisions, results)
         self._after_durable(votes, request.decisions)
         return participant_pb2.ExchangeResponse(votes=votes, results=results)
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from pathlib import Path
 
 import pytest
 
 from dtm import logs
+from dtmpb.v1 import coordinator_pb2
+from tests.harness import InProcessCluster, eventually, order_branches
+
+COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
+ABORTED = coordinator_pb2.OUTCOME_ABORTED
 
 
 def render(**event: object) -> str:
@@ -48,3 +55,40 @@ def test_standard_library_records_get_the_same_line_format(
         lines[0],
     ), lines[0]
     assert re.fullmatch(stamp + r" INFO    inventory: recovered logger=dtm\.wal", lines[1])
+
+
+def test_a_transaction_is_traced_into_every_participant_on_the_batched_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At DEBUG, each participant says what it voted and applied for each branch. Before, the
+    lines existed on the unary path only: the coordinator's batched calls (every service's)
+    left the participants' logs silent about every transaction."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            committed = order_branches("o-t", [("sku-apple", 1)])
+            assert COMMITTED == (await cluster.submit(committed, "txn-traced")).outcome
+            declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
+            assert ABORTED == (await cluster.submit(declined, "txn-declined")).outcome
+
+            async def settled() -> bool:
+                return not cluster.coordinator.engine.active
+
+            await eventually(settled)
+            await asyncio.sleep(0.2)  # the last rollbacks' answers
+
+    logs.configure("coordinator", "DEBUG")
+    try:
+        asyncio.run(scenario())
+    finally:
+        logs.configure("coordinator", "INFO")
+    lines = capsys.readouterr().err.splitlines()
+    for service, branch in (("inventory", 0), ("orders", 1), ("payment", 2), ("notification", 3)):
+        traced = [line for line in lines if f"{service}: " in line and "txn=txn-traced" in line]
+        assert any(
+            f"prepare answered txn=txn-traced branch={branch} vote=prepared" in line
+            for line in traced
+        ), (service, traced)
+        assert any("commit applied txn=txn-traced" in line for line in traced), (service, traced)
+    payment = [line for line in lines if "payment: " in line and "txn=txn-declined" in line]
+    assert any("vote=refused" in line for line in payment), payment

@@ -105,6 +105,14 @@ def test_metrics_move_with_transactions(tmp_path: Path) -> None:
             before = await running.scrape("coordinator")
             assert 0 == value(before, "dtm_transactions_total", outcome="committed")
             assert 3 == value(before, "dtm_participants_registered")
+            # Labelled counters exist at 0 for every participant before their first event:
+            # one that first appears at 1 gives increase() nothing, and an alert on the
+            # first heuristic of a participant would miss it.
+            for participant in ("inventory", "orders", "payment"):
+                assert 0 == value(before, "dtm_phase_two_retries_total", participant=participant)
+                for outcome in ("heuristic commit", "heuristic rollback", "heuristic hazard"):
+                    heuristics = "dtm_heuristic_outcomes_total"
+                    assert 0 == value(before, heuristics, participant=participant, outcome=outcome)
 
             committed = await running.submit(
                 coordinator_pb2.SubmitRequest(transaction_id="t-1", branches=three_branches("o-1"))

@@ -456,6 +456,7 @@ class Engine:
         the registry, durably. Raises RegistrationError (the registry is full), changing
         nothing."""
         self.registry.put(info)
+        self.observer.participant_registered(info.name)
         record = log_pb2.ParticipantRegistered(participant=info)
         lsn = self._append(RecordType.PARTICIPANT_REGISTERED, record.SerializeToString())
         self.counters.forced_writes += 1
