@@ -533,7 +533,10 @@ class BranchEngine:
         elif action.kind is core.RecordKind.COMMITTED:
             record_type = RecordType.BRANCH_COMMITTED
             record = log_pb2.BranchCommitted(
-                transaction_id=key[0], branch=key[1], heuristic=action.heuristic
+                transaction_id=key[0],
+                branch=key[1],
+                heuristic=action.heuristic,
+                decided_at_unix_ms=info.updated_at_ms,
             )
             if branch.one_phase:
                 record.operation.CopyFrom(self._packed_operation(key))
@@ -546,6 +549,7 @@ class BranchEngine:
                 heuristic=action.heuristic,
                 reason=branch.reason,
                 transaction_fingerprint=info.fingerprint,
+                decided_at_unix_ms=info.updated_at_ms,
             )
         lsn = self.log.append(record_type, record.SerializeToString())
         self.records_since_checkpoint += 1
@@ -763,6 +767,8 @@ class BranchEngine:
                     raise RecoveryError(f"commit record for {branch_key_text(key)} not prepared")
                 prepared_info.branch.state = BranchState.COMMITTED
                 prepared_info.branch.heuristic = committed.heuristic
+                # The decision's time, not the replay's (0 in a log older than the field).
+                prepared_info.updated_at_ms = committed.decided_at_unix_ms or self.clock_ms()
                 self.service.commit(branch_key_text(key), self._operations[key])
                 self._finish(prepared_info)
             elif kind is RecordType.BRANCH_ROLLED_BACK:
@@ -779,6 +785,8 @@ class BranchEngine:
                     known.branch.heuristic = rolled.heuristic
                     known.branch.reason = rolled.reason or known.branch.reason
                     self.service.rollback(branch_key_text(key), self._operations[key])
+                if rolled.decided_at_unix_ms:
+                    known.updated_at_ms = rolled.decided_at_unix_ms
                 self._finish(known)
             elif kind is RecordType.BRANCH_FORGOTTEN:
                 forgotten = log_pb2.BranchForgotten.FromString(record.payload)

@@ -359,3 +359,31 @@ def test_a_branch_rolled_back_while_preparing_answers_the_same_after_a_restart()
         assert before == await answers(restarted)
 
     asyncio.run(scenario())
+
+
+def test_a_branch_replayed_from_the_log_keeps_the_time_it_was_decided() -> None:
+    """Before, the records carried no time: after a restart, ListBranches showed each decided
+    branch as decided at the restart (only a checkpoint kept the time)."""
+
+    async def scenario() -> None:
+        now = [1_000]
+        first = engine_with(kept=10, clock_ms=lambda: now[0])
+        assert BranchVote.PREPARED is (await first.prepare(*key(1), reserve(), False))[0]
+        assert BranchVote.PREPARED is (await first.prepare(*key(2), reserve(), False))[0]
+        now[0] = 2_000
+        await first.commit(*key(1))
+        await first.rollback(*key(2))
+        await first.rollback(*key(3))  # never prepared: a tombstone
+        assert BranchVote.COMMITTED is (await first.prepare(*key(4), reserve(), True))[0]
+        log = first.log
+        assert isinstance(log, MemoryLog)
+
+        now[0] = 9_000
+        restarted = engine_with(kept=10, clock_ms=lambda: now[0])
+        restarted.log = log
+        restarted.replay(log.records)
+        for n in (1, 2, 3, 4):
+            info = restarted.branch(key(n))
+            assert info is not None and 2_000 == info.updated_at_ms, (n, info)
+
+    asyncio.run(scenario())

@@ -92,32 +92,36 @@ class BranchPrepared(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., prepared_at_unix_ms: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchCommitted(_message.Message):
-    __slots__ = ("transaction_id", "branch", "operation", "heuristic", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "branch", "operation", "heuristic", "transaction_fingerprint", "decided_at_unix_ms")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     operation: _any_pb2.Any
     heuristic: str
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    decided_at_unix_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class BranchRolledBack(_message.Message):
-    __slots__ = ("transaction_id", "branch", "heuristic", "reason", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "branch", "heuristic", "reason", "transaction_fingerprint", "decided_at_unix_ms")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     heuristic: str
     reason: str
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ..., reason: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    decided_at_unix_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ..., reason: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class BranchForgotten(_message.Message):
     __slots__ = ("transaction_id", "branch")
