@@ -63,6 +63,7 @@ both
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -608,13 +609,15 @@ class MetricsEndpoint:
         try:
             server, _ = start_http_server(int(port), host, registry=self.registry)
         except OSError as error:
+            hint = "is the port already in use? " if error.errno == errno.EADDRINUSE else ""
             raise OSError(
-                f"cannot serve metrics on {self.listen}: {error.strerror or error}; is the port "
-                'already in use? Choose another metrics_listen ("" turns metrics off)'
+                f"cannot serve metrics on {self.listen}: {error.strerror or error}; {hint}"
+                'Choose another metrics_listen ("" turns metrics off)'
             ) from None
         self._server = server
         self.port = int(server.server_address[1])
-        logs.get(self.component).info("metrics serving", address=f"{host}:{self.port}")
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as in a URL
+        logs.get(self.component).info("metrics serving", address=f"{shown}:{self.port}")
         return self.port
 
     async def stop(self) -> None:

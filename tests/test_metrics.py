@@ -281,10 +281,26 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
                 await second.start()
             except OSError as error:
                 assert f"cannot serve metrics on {taken}" in str(error)
+                assert "is the port already in use?" in str(error)
             else:
                 raise AssertionError("a second endpoint on the same port started")
             finally:
                 await second.stop(0.1)
+            # An address this machine does not have (TEST-NET-1) is not a port in use.
+            foreign = CoordinatorServer(
+                ServerConfig(
+                    data_dir=tmp_path / "c", listen="127.0.0.1:0", metrics_listen="192.0.2.1:0"
+                )
+            )
+            try:
+                await foreign.start()
+            except OSError as error:
+                assert "cannot serve metrics on 192.0.2.1:0" in str(error)
+                assert "already in use" not in str(error), str(error)
+            else:
+                raise AssertionError("an endpoint on a foreign address started")
+            finally:
+                await foreign.stop(0.1)
         finally:
             await first.stop(0.1)
 
