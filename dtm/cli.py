@@ -132,6 +132,7 @@ class Session:
     #: Participants that failed to answer a command that asks several (reported on stderr).
     failures: int = 0
     _coordinator_address: str | None = None
+    _coordinator_channel: grpc.Channel | None = None
     _coordinator: coordinator_pb2_grpc.CoordinatorStub | None = None
     _tls: tuple[security.TlsConfig | None] | None = None  # (the answer,) once known
 
@@ -178,11 +179,16 @@ class Session:
         return identity or security.coordinator_identity(self.tls)
 
     @property
+    def coordinator_channel(self) -> grpc.Channel:
+        if self._coordinator_channel is None:
+            address = self.coordinator_address
+            self._coordinator_channel = self.channel(address, self.coordinator_identity)
+        return self._coordinator_channel
+
+    @property
     def coordinator(self) -> coordinator_pb2_grpc.CoordinatorStub:
         if self._coordinator is None:
-            address = self.coordinator_address
-            channel = self.channel(address, self.coordinator_identity)
-            self._coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+            self._coordinator = coordinator_pb2_grpc.CoordinatorStub(self.coordinator_channel)
         return self._coordinator
 
     def call_coordinator(self, method: str, request: Any, timeout: float | None = None) -> Any:
@@ -289,20 +295,24 @@ def _tls_hint(details: str, what: str, session: Session) -> str | None:
 
 def cmd_submit(session: Session) -> int:
     request = load_submission(session.options.file, session)
+    # No id in the file: one is made up here (`txn-` and a random hex, as
+    # OrderClient.submit_until_known does), so that it can be named, looked up and retried.
+    generated = not request.transaction_id
+    if generated:
+        request.transaction_id = f"txn-{uuid.uuid4().hex}"
     timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
     # Submit answers once the outcome is known, which the transaction timeout bounds.
     deadline = timeout_ms / 1000 + session.timeout
+    address = session.coordinator_address
+    _check_coordinator_reachable(session, request.transaction_id)
     try:
         response = session.coordinator.Submit(request, timeout=deadline)
     except grpc.RpcError as error:
-        address = session.coordinator_address
-        problem = rpc_error(error, "the coordinator", address, session, deadline)
-        if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-            problem = CliError(
-                f"{problem}; transaction {request.transaction_id} may still finish: "
-                f"`dtm txn show {request.transaction_id}`"
-            )
-        raise problem from None
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if code in SUBMIT_UNKNOWN_CODES:
+            problem = _unknown_submit(error, request, generated, deadline)
+            raise CliError(problem, EXIT_UNKNOWN) from None
+        raise rpc_error(error, "the coordinator", address, session, deadline) from None
     outcome = fmt.outcome_name(response.outcome)
     if session.json:
         fmt.emit_json(
@@ -324,6 +334,52 @@ def cmd_submit(session: Session) -> int:
     return EXIT_UNKNOWN if response.outcome == coordinator_pb2.OUTCOME_UNKNOWN else EXIT_NO
 
 
+#: A Submit that failed with one of these may have reached the coordinator, and committed.
+SUBMIT_UNKNOWN_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+def _check_coordinator_reachable(session: Session, transaction_id: str) -> None:
+    """Raise the usual "cannot reach the coordinator" CliError (exit 1) when a health check
+    cannot reach it: then the Submit is not sent at all, and its failure is certain. (gRPC
+    does not say whether a failed call got through; once the coordinator answered, a Submit
+    that fails to connect may have been sent, and is reported as unknown.) Any answer
+    (NOT_SERVING, UNIMPLEMENTED, PERMISSION_DENIED...) means it can be reached."""
+    health = health_pb2_grpc.HealthStub(session.coordinator_channel)
+    try:
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=session.timeout)
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            address = session.coordinator_address
+            problem = rpc_error(error, "the coordinator", address, session)
+            raise CliError(f"{problem}; transaction {transaction_id} was not sent") from None
+
+
+def _unknown_submit(
+    error: grpc.RpcError, request: coordinator_pb2.SubmitRequest, generated: bool, deadline: float
+) -> str:
+    """What to say when a Submit's outcome is unknown: the transaction, and how to learn it."""
+    code = error.code() if isinstance(error, grpc.Call) else None
+    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        failure = f"no answer within {deadline:g} s"
+    else:
+        failure = f"{code.name if code is not None else 'error'}: {details}"
+    txn_id = request.transaction_id
+    retry = "submit the same file again (same transaction_id)"
+    if generated:
+        retry = f'submit again with "transaction_id": "{txn_id}" added to the file'
+    return (
+        f"outcome unknown: transaction {txn_id} may have reached the coordinator and may "
+        f"still commit ({failure}). Look it up with `dtm txn show {txn_id}`, or {retry}: a Submit "
+        "with a transaction_id already run is never run twice"
+    )
+
+
 def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitRequest:
     """The SubmitRequest a JSON file describes; CliError names the first thing wrong."""
     where = "standard input" if str(path) == "-" else str(path)
@@ -340,12 +396,12 @@ def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitReque
     if not isinstance(document, dict):
         raise CliError(f"{where}: expected a JSON object with {', '.join(SUBMIT_KEYS)}")
     _check_keys(where, document, SUBMIT_KEYS)
-    # Absent or "": one is made up. Present, it is the caller's retry key: never replaced.
+    # Absent or "": left empty, cmd_submit makes one up. Present, it is the caller's retry
+    # key: never replaced.
     transaction_id = document.get("transaction_id", "")
     timeout_ms = document.get("timeout_ms", 0)
     if not isinstance(transaction_id, str):
         raise CliError(f"{where}: transaction_id must be a string")
-    transaction_id = transaction_id or uuid.uuid4().hex
     if (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
@@ -1162,7 +1218,11 @@ def build_parser() -> argparse.ArgumentParser:
         '[{"participant": "inventory", "type": "dtm.v1.ReserveStock", "operation": '
         '{"lines": [{"sku": "sku-apple", "quantity": 1}]}}]}. transaction_id and timeout_ms '
         "are optional (an id is generated, so that the transaction can be looked up). "
-        "Exit status 0 committed, 3 aborted, 4 unknown.",
+        "Exit status 0 committed, 3 aborted, 4 unknown: the answer was lost (the coordinator "
+        "went away, or no answer within the transaction's timeout and --timeout) and the "
+        "transaction, named with its id, may still commit; `dtm txn show ID` or submit again "
+        "with the same transaction_id. 1 when the coordinator cannot be reached: nothing was "
+        "sent.",
     )
     submit.add_argument("file", type=Path, metavar="FILE", help="the JSON file, or - for stdin")
     submit.set_defaults(handler=cmd_submit)

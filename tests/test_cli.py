@@ -12,13 +12,17 @@ import io
 import json
 import os
 import socket
+import tempfile
+import time
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from dtm import cli, config, crashpoints
-from dtmpb.v1 import coordinator_pb2, participant_pb2
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
 
 
@@ -545,3 +549,101 @@ def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
         status, out, err = asyncio.run(dtm("log", "dump", str(path)))
         assert (cli.EXIT_ERROR, "") == (status, out), path
         assert "holds no log segments (*.wal files)" in err and str(path) in err, err
+
+
+def _order_without_id(path: Path) -> Path:
+    document = json.loads(order_file(path, "", "o-1").read_text(encoding="utf-8"))
+    del document["transaction_id"]
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+def _named_transaction(err: str) -> str:
+    return err.split("transaction ", 1)[1].split()[0]
+
+
+def test_submit_cut_off_by_a_coordinator_crash_is_unknown_and_names_the_id(
+    tmp_path: Path,
+) -> None:
+    """The coordinator dies while the Submit waits for a vote: the transaction may commit
+    (its participants prepared), so exit 4, naming the id made up for it, to look up or
+    retry with."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=2000)
+            path = _order_without_id(tmp_path / "t.json")
+            submitting = asyncio.create_task(dtm(*at, "submit", str(path)))
+            await asyncio.sleep(0.5)  # the Submit waits for inventory's vote
+            await cluster.restart_coordinator()
+            status, out, err = await submitting
+            assert (cli.EXIT_UNKNOWN, "") == (status, out), err
+            assert "outcome unknown: transaction txn-" in err, err
+            named = _named_transaction(err)
+            assert f"`dtm txn show {named}`" in err, err
+            assert f'"transaction_id": "{named}" added to the file' in err, err
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+
+            # The id named is the one the participants prepared under.
+            status, out, _ = await dtm(*at, "--json", "branches", "--participant", "orders")
+            assert named in [branch["transaction_id"] for branch in json.loads(out)]
+
+    asyncio.run(scenario())
+
+
+class _LostSubmits(coordinator_pb2_grpc.CoordinatorServicer):
+    """A coordinator whose Submit fails the way a lost answer does."""
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.UNAVAILABLE
+        self.received: list[str] = []
+
+    def Submit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.received.append(request.transaction_id)
+        if self.code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            time.sleep(1.0)  # past the caller's deadline
+            context.abort(grpc.StatusCode.INTERNAL, "too late")
+        context.abort(self.code, "lost")
+
+
+def test_submit_whose_answer_is_lost_is_unknown() -> None:
+    """UNAVAILABLE, CANCELLED or no answer by the deadline, once the Submit was sent: exit 4
+    with the file's own id, never the plain failure of exit 1."""
+    servicer = _LostSubmits()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            path = order_file(Path(directory) / "t.json", "t-lost", "o-1")
+            document = json.loads(path.read_text(encoding="utf-8"))
+            document["timeout_ms"] = 100
+            path.write_text(json.dumps(document), encoding="utf-8")
+            at = ["--coordinator", f"127.0.0.1:{port}", "--timeout", "0.3"]
+            for code in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ):
+                servicer.code = code
+                status, out, err = asyncio.run(dtm(*at, "submit", str(path)))
+                assert (cli.EXIT_UNKNOWN, "") == (status, out), (code, err)
+                assert "outcome unknown: transaction t-lost may have reached" in err, err
+                assert "`dtm txn show t-lost`" in err and "submit the same file again" in err
+            assert ["t-lost"] * 3 == servicer.received
+    finally:
+        server.stop(0)
+
+
+def test_submit_to_nothing_listening_is_not_sent() -> None:
+    """Nothing listens: the CLI's connection check fails, so the Submit is never sent and the
+    failure is certain: exit 1, "is it running?"."""
+    address = f"127.0.0.1:{free_port()}"
+    with tempfile.TemporaryDirectory() as directory:
+        path = _order_without_id(Path(directory) / "t.json")
+        status, out, err = asyncio.run(dtm("--coordinator", address, "submit", str(path)))
+    assert (cli.EXIT_ERROR, "") == (status, out), err
+    assert f"cannot reach the coordinator at {address}: is it running?" in err, err
+    assert "transaction txn-" in err and "was not sent" in err, err
