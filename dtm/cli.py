@@ -679,10 +679,34 @@ def cmd_heuristics_forget(session: Session) -> int:
 # ---- participants ----
 
 
-def _registry(session: Session) -> list[coordinator_pb2.ParticipantInfo]:
-    response = session.call_coordinator(
-        "ListParticipants", coordinator_pb2.ListParticipantsRequest()
-    )
+#: Added when the coordinator cannot be reached to look a participant up in its registry.
+WITHOUT_COORDINATOR_HINT = (
+    "without the coordinator, give the participant's --address HOST:PORT to ask it directly"
+)
+
+
+def _registry(
+    session: Session, unreachable_hint: str = ""
+) -> list[coordinator_pb2.ParticipantInfo]:
+    """The coordinator's registry; `unreachable_hint` is added to the error when the
+    coordinator cannot be reached (not when it refuses, or fails the TLS handshake)."""
+    try:
+        response = session.coordinator.ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
+        if (
+            unreachable_hint
+            and unreachable
+            and _tls_hint(details, "the coordinator", session) is None
+        ):
+            problem = CliError(f"{problem}; {unreachable_hint}", problem.status)
+        raise problem from None
     return list(response.participants)
 
 
@@ -703,7 +727,7 @@ def _targets(session: Session) -> list[Target]:
     if options.address:
         name = options.participant or options.address
         return [Target(name, options.address, options.participant)]
-    registry = _registry(session)
+    registry = _registry(session, WITHOUT_COORDINATOR_HINT)
     if options.participant:
         registry = [p for p in registry if p.name == options.participant]
         if not registry:
@@ -947,12 +971,7 @@ def _one_target(session: Session) -> Target:
         raise CliError(
             "say which participant: --participant NAME or --address HOST:PORT", EXIT_USAGE
         )
-    try:
-        return _targets(session)[0]
-    except CliError as error:
-        raise CliError(
-            f"{error}; without the coordinator, give the participant's --address"
-        ) from None
+    return _targets(session)[0]
 
 
 def _refuse_contradiction(session: Session) -> None:

@@ -486,6 +486,28 @@ def test_unreachable_coordinator_is_a_clear_error() -> None:
         assert f"cannot reach the coordinator at {address}: is it running? try `make up`" in err
 
 
+def test_participant_lookups_without_the_coordinator_point_at_address() -> None:
+    """With the coordinator gone (when `dtm branches --in-doubt` and `dtm force` matter most),
+    a command that looks participants up in its registry says how to do without it."""
+    address = f"127.0.0.1:{free_port()}"
+    at = ["--coordinator", address]
+    hint = "without the coordinator, give the participant's --address HOST:PORT"
+    for command in (
+        ["locks"],
+        ["branches", "--in-doubt"],
+        ["branches", "--participant", "payment"],
+        ["branches", "forget", "t-1", "0", "--participant", "payment"],
+        ["force", "t-1", "0", "--participant", "payment", "--rollback", "--i-understand"],
+    ):
+        status, out, err = asyncio.run(dtm(*at, *command))
+        assert (cli.EXIT_ERROR, "") == (status, out), command
+        assert f"cannot reach the coordinator at {address}" in err, (command, err)
+        assert hint in err and err.count("--address") == 1, (command, err)
+    # Commands about the coordinator itself have no participant to ask instead.
+    status, _, err = asyncio.run(dtm(*at, "txn", "list"))
+    assert (cli.EXIT_ERROR, False) == (status, "--address" in err), err
+
+
 def test_coordinator_address_comes_from_the_configuration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
