@@ -3,8 +3,10 @@
 Starts the coordinator and the four services as real processes in a fresh temporary data
 directory, places a scripted mix of orders (plain commits, no stock, a declined card, a slow
 service, a crashed service, a burst on a scarce SKU), prints what happened and why, shows
-the services' final state, checks every invariant of design/reliability.md, and stops
-everything. Exits 0 only if every invariant and every scripted expectation held.
+the services' final state, checks the order flow's invariants (stock and money conserved,
+nothing oversold or overdrawn, one capture and one notification per confirmed order, nothing
+left reserved or held: `dtm/invariants.py`), and stops everything. Exits 0 only if every
+invariant and every scripted expectation held.
 
     python -m dtm.demo [--data-dir DIR]
 """
@@ -488,7 +490,7 @@ class Demo:
         table(["recipient", "sent"], rows)
 
     def show_invariants(self, report: invariants.Report) -> None:
-        header("Invariants (design/reliability.md)")
+        header("Invariants of the order flow (stock, money, orders, notifications)")
         print(f"  {wrap(report.summary(), 2)}")
         if report.ok:
             print("  all hold: stock and money conserved, nothing oversold or overdrawn,")
