@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sdk-error-replies",
         action="store_true",
-        help="answer errors before durability, as participants/branches.py does today",
+        help="reproduce a fixed SDK bug: answer errors (such as 'already committed') before the "
+        "record they reveal is durable, as participants/branches.py once did",
     )
     options = parser.parse_args(argv)
     model = NodeModel(error_reply_waits_for_durability=not options.sdk_error_replies)
