@@ -812,9 +812,19 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         prog=f"dtm-{name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
     )
     # The flags apply to the service's own section ([inventory]...), else to [participant].
-    # --initial is the service main's (it builds the service before the SDK runs).
+    # --initial is the service main's: it takes it out of the command line (split_initial_arg)
+    # and builds the service before the SDK runs. Declared here only so --help shows it.
     section = config.participant_section(name)
     config.add_flags(parser, section, exclude=("initial",))
+    parser.add_argument(
+        "--initial",
+        metavar="PATH",
+        default=None,
+        help="initial stock (inventory) or accounts (payment) as JSON, see "
+        "participants/services/catalog.py; read only while the service's log is empty, and "
+        "accepted but ignored by orders and notification (default: initial of the "
+        'configuration, else "": the built-in catalog)',
+    )
     security.add_arguments(parser)
     options = parser.parse_args(argv)
     try:

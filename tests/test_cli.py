@@ -542,6 +542,7 @@ def test_usage_errors() -> None:
     assert cli.EXIT_OK == status and "--metrics-listen" in out and "--config" in out
     status, out, _ = asyncio.run(dtm("service", "inventory", "--help"))
     assert cli.EXIT_OK == status and "--lock-wait-ms" in out and "127.0.0.1:50051" in out
+    assert "--initial PATH" in out and "accounts (payment) as JSON" in " ".join(out.split())
     status, _, err = asyncio.run(dtm("service"))
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
 
