@@ -422,6 +422,16 @@ def test_submit_file_errors(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_the_sample_order_is_a_valid_submission() -> None:
+    """examples/order.json, which README points at, parses as the order it shows."""
+    path = Path(__file__).parent.parent / "examples" / "order.json"
+    session = cli.Session(cli.build_parser().parse_args(["submit", str(path)]), io.StringIO())
+    request = cli.load_submission(path, session)
+    assert "txn-example-1" == request.transaction_id
+    names = ["inventory", "orders", "payment", "notification"]
+    assert names == [branch.participant for branch in request.branches]
+
+
 def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
     async def scenario() -> None:
         data = tmp_path / "data"
