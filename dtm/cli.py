@@ -61,6 +61,9 @@ EXIT_USAGE = 2
 EXIT_NO = 3
 #: The outcome of a submitted transaction is unknown (see Outcome.OUTCOME_UNKNOWN).
 EXIT_UNKNOWN = 4
+#: Standard output was closed by its reader (`dtm config | head -1`): 128 + SIGPIPE, as a
+#: command killed by the signal reports it.
+EXIT_BROKEN_PIPE = 141
 
 DEFAULT_TIMEOUT_S = 5.0
 #: A transaction in doubt this long is "stuck" for `txn list --stuck` even without a retry.
@@ -1465,7 +1468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         session = Session(options, sys.stdout)
         with session.channels:
             status: int = options.handler(session)
-            return status
+        # Flushed here, so that a reader gone away is caught below rather than at exit.
+        session.out.flush()
+        return status
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else EXIT_USAGE
     except CliError as error:
@@ -1473,6 +1481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error.status
     except KeyboardInterrupt:
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    """After a BrokenPipeError: point standard output at /dev/null, so that Python's flush at
+    exit does not fail again ("Exception ignored ... BrokenPipeError"). The standard recipe
+    (see the signal module's documentation on SIGPIPE)."""
+    with contextlib.suppress(OSError, ValueError):  # no file descriptor: a test's StringIO
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

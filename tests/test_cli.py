@@ -12,6 +12,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent import futures
@@ -680,3 +682,24 @@ def test_submit_to_nothing_listening_is_not_sent() -> None:
     assert (cli.EXIT_ERROR, "") == (status, out), err
     assert f"cannot reach the coordinator at {address}: is it running?" in err, err
     assert "transaction txn-" in err and "was not sent" in err, err
+
+
+@pytest.mark.parametrize("command", [["config"], ["crashpoints"], ["--json", "config"]])
+def test_a_closed_pipe_ends_quietly(command: list[str]) -> None:
+    """`dtm config | head -1`: the reader goes away; dtm stops with 141 (as if killed by
+    SIGPIPE), without a BrokenPipeError traceback or an "Exception ignored" at exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "dtm.cli", *command],
+            cwd=Path(__file__).parent.parent,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("DTM_")},
+        )
+    finally:
+        os.close(write_end)
+    assert (cli.EXIT_BROKEN_PIPE, "") == (completed.returncode, completed.stderr)
