@@ -663,10 +663,21 @@ def cmd_heuristics(session: Session) -> int:
 
 def cmd_heuristics_forget(session: Session) -> int:
     options = session.options
-    response = session.call_coordinator(
-        "ForgetHeuristic",
-        coordinator_pb2.ForgetHeuristicRequest(transaction_id=options.id, branch=options.branch),
+    request = coordinator_pb2.ForgetHeuristicRequest(
+        transaction_id=options.id, branch=options.branch
     )
+    try:
+        response = session.coordinator.ForgetHeuristic(request, timeout=session.timeout)
+    except grpc.RpcError as error:
+        address = session.coordinator_address
+        if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND:
+            # Its own message names the API call (ListHeuristics); here, the command.
+            raise CliError(
+                f"the coordinator at {address} keeps no heuristic outcome for "
+                f"{options.id}/{options.branch}: never recorded, or already forgotten "
+                "(`dtm heuristics` lists them)"
+            ) from None
+        raise rpc_error(error, "the coordinator", address, session) from None
     if session.json:
         fmt.emit_json(fmt.heuristic_dict(response.forgotten), session.out)
         return EXIT_OK

@@ -434,6 +434,18 @@ def test_the_sample_order_is_a_valid_submission() -> None:
     assert names == [branch.participant for branch in request.branches]
 
 
+def test_forgetting_an_unknown_heuristic_points_at_the_command(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            status, out, err = await dtm(*at, "heuristics", "forget", "t-none", "0")
+            assert (cli.EXIT_ERROR, "") == (status, out)
+            assert "no heuristic outcome for t-none/0: never recorded, or already" in err, err
+            assert "(`dtm heuristics` lists them)" in err and "ListHeuristics" not in err, err
+
+    asyncio.run(scenario())
+
+
 def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
     async def scenario() -> None:
         data = tmp_path / "data"
