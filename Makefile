@@ -12,12 +12,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:
 	@echo "make demo        run the whole order flow end to end (starts and stops its own servers)"
 	@echo "make test        run the test suite (includes short chaos and simulator runs)"
+	@echo "make test-fast   the test suite without the slow real-process tests"
 	@echo "make lint        ruff + mypy + generated-code drift check"
 	@echo "make proto       regenerate generated/ from protos/"
 	@echo "make up / down   start / stop coordinator and the four services in the background"
+	@echo "make status      each process of the cluster (make up): pid, health, registered"
 	@echo "make chaos       real-process crash matrix + random SIGKILLs (>= 200 runs)"
+	@echo "make chaos-soak  the same, ten times longer (2000 runs, 10,000 simulator seeds)"
 	@echo "make bench       benchmark against same-run baselines (quick mode, ~30 s)"
 	@echo "make bench-soak  3-minute run: coordinator memory and log size over 100,000+ transactions"
+	@echo "make bench-plot  a small sweep over clients and participants, drawn to bench/results/"
 	@echo "make certs       generate a local test CA and mTLS certificates into certs/"
 
 $(STAMP): pyproject.toml
