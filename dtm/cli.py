@@ -1185,7 +1185,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Operate dtm: run the servers, submit and inspect transactions, look at\n"
         "participants' locks and branches. `dtm COMMAND --help` for each command.",
         epilog="exit status: 0 ok; 1 error (unreachable, refused, bad input); 2 usage;\n"
-        "  3 the answer is no (transaction aborted, participant unhealthy); 4 outcome unknown",
+        "  3 the answer is no (transaction aborted, participant unhealthy); 4 outcome unknown;\n"
+        "  141 the output's reader went away (`dtm config | head -1`)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
