@@ -1,4 +1,5 @@
-"""Every bound of the system in one place (TigerBeetle style: put a limit on everything).
+"""The bounds of the system (TigerBeetle style: put a limit on everything), all but the few kept
+next to the one piece of code they bound (README names them).
 
 Requests beyond a bound are refused with a precise status; internal queues and loops are
 bounded by these numbers and asserted against them.

@@ -381,7 +381,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no heuristic outcome is kept for {request.transaction_id}/{request.branch}: "
-                "never recorded, or already forgotten (list them with ListHeuristics)",
+                "never recorded, or already forgotten (list them with ListHeuristics: "
+                "`dtm heuristics`)",
             )
         return coordinator_pb2.ForgetHeuristicResponse(forgotten=heuristic_pb(forgotten))
 

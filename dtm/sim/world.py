@@ -160,7 +160,7 @@ class NodeModel:
     simulator found (and the tests prove it would be caught again):
     - error_reply_waits_for_durability=False: a ReplyError (such as "already committed", which
       resolves a one-phase probe as COMMITTED) left before the record it reveals was durable
-      (seed 7877 with --sdk-error-replies).
+      (found at seed 7877 with --sdk-error-replies, on the simulator of that time).
     - one_phase_replay_votes_committed=False: a replayed one-phase commit record answered a
       stale duplicate Prepare with PREPARED, which the coordinator core rejects.
     """
