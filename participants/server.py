@@ -760,10 +760,15 @@ class ParticipantServer:
     async def _ask(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
     ) -> None:
+        info = self.engine.open.get(key)
         try:
             answer = await stub.QueryOutcome(
                 coordinator_pb2.QueryOutcomeRequest(
-                    transaction_id=key[0], participant=self.service.name
+                    transaction_id=key[0],
+                    participant=self.service.name,
+                    # So that a branch of an attempt that reused the id is not answered with
+                    # the outcome of the transaction the id belongs to.
+                    transaction_fingerprint=info.fingerprint if info is not None else b"",
                 ),
                 timeout=1.0,
             )

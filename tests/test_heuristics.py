@@ -202,13 +202,16 @@ def test_a_rollback_given_up_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
             response = await cluster.submit([*declined, _scripted_branch()], "txn-r")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
 
-            async def given_up() -> bool:
-                return ROLLBACK_ATTEMPTS_MAX == scripted.calls["Rollback"]
+            written: list[str] = []
+
+            async def given_up() -> bool:  # the last failure's line follows its answer
+                written.append(capsys.readouterr().err)
+                return "rollback failed; given up" in "".join(written)
 
             await eventually(given_up)
-            await asyncio.sleep(0.3)  # the last failure's line is written after its answer
-        lines = [line for line in capsys.readouterr().err.splitlines() if "txn=txn-r" in line]
+        lines = [line for line in "".join(written).splitlines() if "txn=txn-r" in line]
         failed = [line for line in lines if "rollback failed" in line]
+        assert ROLLBACK_ATTEMPTS_MAX == scripted.calls["Rollback"]
         assert ROLLBACK_ATTEMPTS_MAX == len(failed), failed
         assert "given up: the participant learns the abort by asking" in failed[-1]
         assert not any("given up" in line for line in failed[:-1])

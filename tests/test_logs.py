@@ -75,7 +75,6 @@ def test_a_transaction_is_traced_into_every_participant_on_the_batched_path(
                 return not cluster.coordinator.engine.active
 
             await eventually(settled)
-            await asyncio.sleep(0.2)  # the last rollbacks' answers
 
     logs.configure("coordinator", "DEBUG")
     try:

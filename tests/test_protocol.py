@@ -326,6 +326,104 @@ def test_a_refused_reuse_of_a_forgotten_id_does_not_hide_the_transaction_it_belo
     asyncio.run(scenario())
 
 
+def test_a_branch_of_a_refused_reuse_never_takes_the_outcome_of_the_ids_transaction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reuse of a forgotten id that one participant refuses and another prepares, whose
+    Rollbacks do not get through: its in-doubt branch asks the coordinator later, once the
+    owner's retry of the transaction the id belongs to has committed. Before, the answer was
+    COMMITTED, and payment charged 500 cents for an order that does not exist; and the reuse's
+    late rollback failures replaced the committed transaction's record in the window."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2},
+            participant_overrides={"in_doubt_after_ms": 3_000, "inquiry_backoff_ms_max": 300},
+        ) as cluster:
+            engine = cluster.coordinator.engine
+            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+            for number in range(3):  # push txn-x out of the coordinator's memory
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+                assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+
+            async def idle() -> bool:
+                return not engine.active
+
+            await eventually(idle)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:  # inventory: a reuse
+                await cluster.submit([other[0], other[2]], "txn-x")
+            assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
+            written: list[str] = []
+
+            async def rollbacks_given_up() -> bool:
+                written.append(capsys.readouterr().err)
+                return "rollback failed; given up" in "".join(written)
+
+            await eventually(rollbacks_given_up)
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+            payment = cluster.participants["payment"].engine
+
+            async def resolved() -> bool:  # by its inquiry, once in doubt for 3 s
+                return not payment.in_doubt()
+
+            await eventually(resolved)
+            accounts = await cluster.accounts()
+            assert [] == [c.order_id for c in accounts.captures if c.transaction_id == "txn-x"]
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+            request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-x")
+            status = await cluster.client.GetTransaction(request)
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_reuses_late_rollback_failures_leave_the_ids_transaction_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The refused reuse's Rollbacks keep failing after the owner's retry has committed.
+    Before, each late failure wrote the reuse's record over the committed transaction's in
+    the window: its status read ABORTED and the owner's next retry got ALREADY_EXISTS."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            engine = cluster.coordinator.engine
+            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+            for number in range(3):
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+                assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+
+            async def idle() -> bool:
+                return not engine.active
+
+            await eventually(idle)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await cluster.submit([other[0], other[2]], "txn-x")
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+            written: list[str] = []
+
+            async def rollbacks_given_up() -> bool:
+                written.append(capsys.readouterr().err)
+                return "rollback failed; given up" in "".join(written)
+
+            await eventually(rollbacks_given_up)
+            request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-x")
+            status = await cluster.client.GetTransaction(request)
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+
+    asyncio.run(scenario())
+
+
 def test_a_reused_id_beyond_the_coordinators_memory_is_refused_and_nothing_applied(
     tmp_path: Path,
 ) -> None:

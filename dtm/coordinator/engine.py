@@ -298,10 +298,17 @@ class Engine:
         run = self.active.get(transaction_id)
         return run.view() if run is not None else self.finished.get(transaction_id)
 
-    def query_outcome(self, transaction_id: str) -> int:
-        """For a participant in doubt. No record means aborted (presumed abort)."""
+    def query_outcome(self, transaction_id: str, fingerprint: bytes = b"") -> int:
+        """For a participant in doubt. No record means aborted (presumed abort), and so does a
+        record of other content under the id: the asking branch was prepared for an attempt
+        that reused the id, which the participants refused and which is over (a branch of a
+        commit is never left in doubt by a record the coordinator still keeps or forgot), and
+        must not take the outcome of the transaction the id belongs to."""
         run = self.active.get(transaction_id)
         finished = None if run is not None else self.finished.get(transaction_id)
+        on_record = run.fingerprint if run is not None else finished and finished.fingerprint
+        if fingerprint and on_record and on_record != fingerprint:
+            return coordinator_pb2.OUTCOME_ABORTED
         if finished is None:  # running, or no record at all
             answer = core.inquiry_answer(run.txn if run is not None else None)
             return coordinator_pb2.OUTCOME_UNSPECIFIED if answer is None else OUTCOME_TO_PB[answer]
@@ -363,8 +370,10 @@ class Engine:
                 run.timer = None
                 run.operations = []  # phase 1 is over: no need to keep the payloads
         self._execute(run, actions)
-        if finished_before:
-            # A rollback acknowledged or a heuristic reported after the transaction finished.
+        if finished_before and not run.id_reused:
+            # A rollback acknowledged or a heuristic reported after the transaction finished
+            # (a refused reuse is not in the window: its record would replace the one of the
+            # transaction the id belongs to).
             self.finished.update(run.record())
 
     def _execute(self, run: Run, actions: Iterable[core.Action]) -> None:

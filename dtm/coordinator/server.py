@@ -396,7 +396,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             problem = name_problem(request.participant)
             if problem:
                 await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        outcome = self.engine.query_outcome(request.transaction_id)
+        if len(request.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"transaction_fingerprint is {len(request.transaction_fingerprint)} bytes; at "
+                f"most {limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
+            )
+        outcome = self.engine.query_outcome(request.transaction_id, request.transaction_fingerprint)
         self.coordinator.log.info(
             "outcome asked",
             txn=request.transaction_id,
