@@ -415,8 +415,7 @@ class Cluster:
             self._known(name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.initial is not None:
-            # The services want both keys, even if a caller only cares about one.
-            document = {"stock": {}, "accounts": {}, **self.initial}
+            document = _initial_document(self.initial)
             _write_atomically(self.initial_path, json.dumps(document, indent=2) + "\n")
         self._write_state()
         started: list[str] = []
@@ -922,7 +921,7 @@ def _requested_settings(options: argparse.Namespace) -> dict[str, Any]:
     if options.ports is not None:
         requested["ports"] = options.ports
     if options.initial is not None:
-        requested["initial"] = _read_initial(options.initial)
+        requested["initial"] = _initial_document(_read_initial(options.initial))
     if options.test_control is not None:
         requested["test_control"] = options.test_control
     if options.prepare_timeout_ms is not None:
@@ -938,7 +937,7 @@ def _settings_of(cluster: Cluster) -> dict[str, Any]:
     """What cluster.json records of a cluster, by the names `_requested_settings` uses."""
     return {
         "ports": cluster.ports,
-        "initial": cluster.initial,
+        "initial": None if cluster.initial is None else _initial_document(cluster.initial),
         "test_control": cluster.test_control,
         "prepare_timeout_ms": cluster.prepare_timeout_ms,
         "tls_dir": cluster.tls_dir,
@@ -950,6 +949,12 @@ def _settings_of(cluster: Cluster) -> dict[str, Any]:
     }
 
 
+def _initial_document(initial: dict[str, Any]) -> dict[str, Any]:
+    """An initial state as the services read it: both keys, even if a caller gave one (and
+    so as `up` compares it with a running cluster's: the same file twice is no change)."""
+    return {"stock": {}, "accounts": {}, **initial}
+
+
 def _setting_text(value: Any) -> str:
     if value is None:
         return "none"
@@ -959,7 +964,8 @@ def _setting_text(value: Any) -> str:
         ports = [args[-1].rsplit(":", 1)[-1] for args in value.values()]
         return ",".join(ports) or "off"
     if isinstance(value, dict):
-        return "(a document)"
+        stock, accounts = value.get("stock", {}), value.get("accounts", {})
+        return f"(a document: {len(stock)} SKUs, {len(accounts)} accounts)"
     return str(value)
 
 

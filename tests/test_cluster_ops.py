@@ -7,6 +7,7 @@ Most tests stand in for the servers with sleeping processes whose command line l
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -248,6 +249,15 @@ def test_up_on_a_running_cluster_with_other_settings_is_refused(
         assert (0, True) == (status, "already running" in out)
         status, out, _ = run(capsys, *at)
         assert (0, True) == (status, "already running" in out)
+        # The same initial file again is no change, though it names only the stock.
+        initial = tmp_path / "initial.json"
+        initial.write_text(json.dumps({"stock": {"sku-apple": 5}}))
+        Cluster(data, ports, initial={"stock": {"sku-apple": 5}})._write_state()
+        # What `up` wrote for the services: both keys.
+        services = {"stock": {"sku-apple": 5}, "accounts": {}}
+        (data / "initial.json").write_text(json.dumps(services))
+        status, out, err = run(capsys, *at, "--initial", str(initial))
+        assert (0, True) == (status, "already running" in out), err
         # A process down: the others' settings still decide, and nothing is started.
         sleepers["orders"].kill()
         sleepers["orders"].wait()
