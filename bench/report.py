@@ -155,6 +155,9 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             p99,
             None if p99 is None else p99 <= 100 and (all_p99 is None or all_p99 <= 100),
         )
+        if p99 is not None and p99 <= 100 and all_p99 is not None and all_p99 > 100:
+            # The row shows the committed p99: say which figure missed.
+            found["p99"]["note"] = f"NOT met: the p99 of all calls is {all_p99:,.1f} ms"
     vs_unary = results["ratio_vs_unary"]
     if vs_unary is not None:
         add_where(
@@ -370,7 +373,7 @@ def write_results(results: Mapping[str, Any], directory: Path = RESULTS_DIR) -> 
 
 def _verdict(target: Mapping[str, Any]) -> str:
     met = target["met"]
-    if met is None and target.get("note"):
+    if target.get("note") and met is not True:
         return str(target["note"])
     return {True: "met", False: "NOT met", None: "not judged"}[met]
 

@@ -540,6 +540,8 @@ def test_the_p99_target_counts_the_calls_left_in_flight() -> None:
     assert 800.0 == results["all_calls_p99_ms"]
     assert results["targets"]["throughput"]["met"] is True
     assert results["targets"]["p99"]["met"] is False
+    # The row shows the committed p99 (20 ms): the verdict names the figure that missed.
+    assert "NOT met: the p99 of all calls is 800.0 ms" in report.format_table(results)
 
 
 def test_the_ratio_and_one_client_targets_are_judged_only_where_they_are_stated() -> None:
