@@ -424,6 +424,56 @@ def test_a_refused_reuses_late_rollback_failures_leave_the_ids_transaction_alone
     asyncio.run(scenario())
 
 
+def test_a_new_attempt_waits_for_the_rollbacks_of_an_earlier_one_no_longer_kept(
+    tmp_path: Path,
+) -> None:
+    """An aborted transaction leaves the window while its Rollbacks still wait to be retried
+    (presumed abort answers the client first), and the client's retry runs it afresh. Before,
+    the earlier attempt's retried Rollback rolled back the new attempt's prepared branch: the
+    client was told COMMITTED, heuristics were recorded, nothing was charged. Now the retry
+    waits for those Rollbacks; the tombstones they leave refuse it: ABORTED, as the first."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={
+                "finished_kept": 2,
+                "backoff_ms_min": 300,
+                "backoff_ms_max": 400,
+            },
+        ) as cluster:
+            order = order_branches("o-t", [("sku-pear", 2)], amount_cents=200)
+            branches = [order[1], order[2]]  # orders, payment
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_DOWN)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_DOWN)
+            first = await cluster.submit(branches, "txn-t")
+            assert coordinator_pb2.OUTCOME_ABORTED == first.outcome
+            for number in range(3):  # newer ones push it out of the window
+                newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+                assert COMMITTED == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_SLOW, delay_ms=600)
+            retried = await cluster.submit(branches, "txn-t")
+            assert coordinator_pb2.OUTCOME_ABORTED == retried.outcome, retried.reason
+            assert "rolled back before prepare" in retried.reason
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+
+            async def settled() -> bool:
+                return not cluster.coordinator.engine.active
+
+            await eventually(settled)
+            heuristics = await cluster.client.ListHeuristics(
+                coordinator_pb2.ListHeuristicsRequest()
+            )
+            assert [] == list(heuristics.heuristics)
+            accounts = await cluster.accounts()
+            assert [] == [c for c in accounts.captures if c.transaction_id == "txn-t"]
+            order_t = (await cluster.orders()).get("o-t")
+            assert order_t is None or shop_pb2.ORDER_STATE_CONFIRMED != order_t.state
+
+    asyncio.run(scenario())
+
+
 def test_a_reused_id_beyond_the_coordinators_memory_is_refused_and_nothing_applied(
     tmp_path: Path,
 ) -> None:

@@ -87,6 +87,11 @@ class Run:
     # Phase-2 retries waiting out their backoff, by branch (made on first use: most
     # transactions never retry). At most one per branch: see retry_phase_two_now.
     retrying: dict[int, asyncio.Task[None]] | None = None
+    # Commits and Rollbacks in flight or waiting to be retried. An aborted attempt finishes at
+    # once (presumed abort) while its Rollbacks go on: a new attempt under the id waits for
+    # them (`settled`), or one of them would roll back the new attempt's prepared branch.
+    decisions_open: int = 0
+    settled: asyncio.Future[None] | None = None
 
     def answer(self) -> int:
         """The outcome to tell a (retried) Submit: the outcome as known now. A one-phase commit
@@ -147,8 +152,9 @@ OUTCOME_TO_PB = {
     Outcome.UNKNOWN: coordinator_pb2.OUTCOME_UNKNOWN,
 }
 TERMINAL_ANSWERS = frozenset({coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED})
-#: Attempts under one id a Submit waits out before its own runs (each refused as a reuse).
-SUBMIT_WAITS_MAX = 4
+#: Waits of a Submit for earlier attempts under its id (one running, then its Rollbacks)
+#: before its own attempt runs.
+SUBMIT_WAITS_MAX = 8
 VOTE_TO_PB = {
     core.Vote.PREPARED: coordinator_pb2.VOTE_PREPARED,
     core.Vote.READ_ONLY: coordinator_pb2.VOTE_READ_ONLY,
@@ -228,6 +234,9 @@ class Engine:
         # bound): see registration_durable. Replayed ones are durable already.
         self._registration_lsn: dict[str, int] = {}
         self._closed = False  # close() ran: nothing new is spawned
+        # Finished attempts whose Rollbacks are still in flight or waiting to be retried, by
+        # id (see Run.decisions_open). Bounded by the abort rate times a Rollback's few tries.
+        self._settling: dict[str, Run] = {}
         self._drained: asyncio.Event | None = None  # set while drain() waits
 
     # ---- public operations ----
@@ -243,26 +252,33 @@ class Engine:
         transaction_id = transaction_id or uuid.uuid4().hex
         for _ in range(SUBMIT_WAITS_MAX):
             run = self.active.get(transaction_id)
-            if run is None:
-                break
-            if run.fingerprint == fingerprint:  # a retry while it runs: join it
+            if run is not None:
+                if run.fingerprint == fingerprint:  # a retry while it runs: join it
+                    await asyncio.shield(run.reply)
+                    return run.view()
+                # Other content under this id is running. Whose id it is, the participants
+                # say: if they refuse that attempt as a reuse (perhaps of this very
+                # transaction, which the coordinator forgot), it is not kept, and this one runs
+                # after it.
                 await asyncio.shield(run.reply)
-                return run.view()
-            # Other content under this id is running. Whose id it is, the participants say:
-            # if they refuse that attempt as a reuse (perhaps of this very transaction, which
-            # the coordinator forgot), it is not kept and this one runs after it.
-            await asyncio.shield(run.reply)
-            if not run.id_reused:
-                _same_transaction(transaction_id, run.fingerprint, fingerprint)
+                if not run.id_reused:
+                    _same_transaction(transaction_id, run.fingerprint, fingerprint)
+                continue
+            finished = self.finished.get(transaction_id)
+            if finished is not None:  # a retry after it finished: its answer again
+                _same_transaction(transaction_id, finished.fingerprint, fingerprint)
+                return finished
+            earlier = self._settling.get(transaction_id)
+            if earlier is None or earlier.settled is None:
+                break
+            # An attempt under this id that is no longer kept (a refused reuse, or pushed out
+            # of the window) still has Rollbacks on their way: wait for them to end.
+            await asyncio.shield(earlier.settled)
         else:
             raise SubmitRejected(
                 grpc.StatusCode.UNAVAILABLE,
                 f"transaction id {transaction_id!r} is busy with other attempts; retry shortly",
             )
-        finished = self.finished.get(transaction_id)
-        if finished is not None:  # a retry after it finished: its answer again
-            _same_transaction(transaction_id, finished.fingerprint, fingerprint)
-            return finished
         if len(self.active) >= self.config.in_flight_max:
             raise SubmitRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -396,6 +412,17 @@ class Engine:
             if run.retrying is None:
                 run.retrying = {}
             run.retrying[action.branch] = task
+            # Open until the task ends, even cancelled before it ran (it then runs no code).
+            run.decisions_open += 1
+            task.add_done_callback(lambda _: self._decision_closed(run))
+
+    def _decision_closed(self, run: Run) -> None:
+        run.decisions_open -= 1
+        if run.decisions_open == 0 and run.finished:
+            if self._settling.get(run.txn.transaction_id) is run:
+                del self._settling[run.txn.transaction_id]
+            if run.settled is not None and not run.settled.done():
+                run.settled.set_result(None)
 
     def _probe_one_phase(self, run: Run, action: core.ProbeOnePhase) -> None:
         self._probe(run)
@@ -643,6 +670,12 @@ class Engine:
         self.counters.requests += 1
 
         def done(result: DecideResult) -> None:
+            try:
+                answered(result)
+            finally:  # after the answer's events: a retry they start keeps it open
+                self._decision_closed(run)
+
+        def answered(result: DecideResult) -> None:
             self.observer.call_finished(branch.participant, rpc, started, result.ok)
             if result.heuristic:
                 self._feed(run, core.HeuristicReported(index, result.heuristic, result.error))
@@ -686,6 +719,7 @@ class Engine:
             # participant, if it ever asks, learn the outcome from QueryOutcome.
             assert not commit
             return
+        run.decisions_open += 1
         self.registry.port(branch.participant).decide(
             DecideItem(txn.transaction_id, index, commit, done)
         )
@@ -768,6 +802,11 @@ class Engine:
             # An attempt the participants refused as a reuse of the id is not kept: under its
             # id the coordinator would then refuse the transaction the id belongs to.
             self.finished.put(run.record())
+        if run.decisions_open:
+            # Its Rollbacks go on (presumed abort answers the client first): a later attempt
+            # under this id waits for them once this record is gone from the window.
+            run.settled = asyncio.get_running_loop().create_future()
+            self._settling[txn.transaction_id] = run
         if run.timer is not None:
             run.timer.cancel()
             run.timer = None
