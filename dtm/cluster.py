@@ -960,12 +960,15 @@ def _setting_text(value: Any) -> str:
         return "none"
     if isinstance(value, Ports):
         return ",".join(str(port) for port in asdict(value).values())
+    if isinstance(value, dict) and ("stock" in value or "accounts" in value):
+        counts = [
+            str(len(part)) if isinstance(part, (dict, list)) else "?"
+            for part in (value.get("stock"), value.get("accounts"))
+        ]
+        return f"(a document: {counts[0]} SKUs, {counts[1]} accounts)"
     if isinstance(value, dict) and all(isinstance(args, list) for args in value.values()):
-        ports = [args[-1].rsplit(":", 1)[-1] for args in value.values()]
+        ports = [str(args[-1]).rsplit(":", 1)[-1] for args in value.values() if args]
         return ",".join(ports) or "off"
-    if isinstance(value, dict):
-        stock, accounts = value.get("stock", {}), value.get("accounts", {})
-        return f"(a document: {len(stock)} SKUs, {len(accounts)} accounts)"
     return str(value)
 
 

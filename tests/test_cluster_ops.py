@@ -265,3 +265,10 @@ def test_up_on_a_running_cluster_with_other_settings_is_refused(
         assert 1 == status and "running with different settings" in err
         assert "partly running" not in out
         assert not Cluster.attach(data).running("orders")
+
+
+def test_a_malformed_initial_document_is_described_not_a_traceback() -> None:
+    """`up` names what differs from the running cluster's settings; a malformed --initial
+    document made that description raise (TypeError, IndexError) instead (a review's find)."""
+    for document in ({"stock": None}, {"stock": 5}, {"stock": [], "accounts": []}):
+        assert cluster._setting_text(document).startswith("(a document: "), document

@@ -802,9 +802,10 @@ class Engine:
             # An attempt the participants refused as a reuse of the id is not kept: under its
             # id the coordinator would then refuse the transaction the id belongs to.
             self.finished.put(run.record())
-        if run.decisions_open:
+        if run.decisions_open and outcome is Outcome.ABORTED:
             # Its Rollbacks go on (presumed abort answers the client first): a later attempt
-            # under this id waits for them once this record is gone from the window.
+            # under this id waits for them once this record is gone from the window. (A
+            # commit finishes on its last acknowledgement, the one call still counted.)
             run.settled = asyncio.get_running_loop().create_future()
             self._settling[txn.transaction_id] = run
         if run.timer is not None:
