@@ -61,9 +61,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 
 from dtm import grpc_edge
 
@@ -82,6 +79,8 @@ OPEN_SERVICES = (
 
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 if TYPE_CHECKING:
+    from cryptography import x509
+
     Handler = grpc.RpcMethodHandler[Any, Any]
     ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # the runtime classes are not generic
@@ -268,6 +267,10 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
     `cert` a PEM certificate (its chain may follow) signed by one of them, and `key` the
     unencrypted PEM private key of that certificate. gRPC checks none of this where it can be
     reported: a bad file makes binding fail, which reads as a port in use."""
+    # Imported here, for TLS only: cryptography's bindings add about 8 MB to every process.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
 
     def read(flag: str, path: Path) -> bytes:
         try:
@@ -312,6 +315,8 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
 
 
 def _issued_by(cert: x509.Certificate, authority: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(authority)
     except (ValueError, TypeError, InvalidSignature):
