@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -293,18 +293,29 @@ def _check_declines(
     return violations
 
 
+def _missing_or_new(
+    kind: str, noun: str, unit: str, service: str, started: Mapping[str, int], now: Iterable[str]
+) -> list[str]:
+    """What the shop started with and `service` no longer lists, and what it lists that the
+    shop never had."""
+    listed = set(now)
+    missing = [
+        f"{kind} {key}: started with {started[key]} {unit}, but {service} does not list the "
+        f"{noun} any more"
+        for key in sorted(set(started) - listed)
+    ]
+    new = [
+        f"{kind} {key}: listed by {service}, but the shop never had it"
+        for key in sorted(listed - set(started))
+    ]
+    return missing + new
+
+
 def _check_initial(snapshot: Snapshot, initial: InitialState) -> list[str]:
     """The SKUs and accounts the shop started with are all there, with their starting figures,
     and no other; the money in all accounts is what it started with."""
-    violations: list[str] = []
     received = {level.sku: level.received for level in snapshot.stock}
-    for sku in sorted(set(initial.stock) - set(received)):
-        violations.append(
-            f"stock {sku}: started with {initial.stock[sku]} units, but inventory does not list "
-            "the SKU any more"
-        )
-    for sku in sorted(set(received) - set(initial.stock)):
-        violations.append(f"stock {sku}: listed by inventory, but the shop never had it")
+    violations = _missing_or_new("stock", "SKU", "units", "inventory", initial.stock, received)
     for sku in sorted(set(received) & set(initial.stock)):
         if received[sku] != initial.stock[sku]:
             violations.append(
@@ -312,13 +323,9 @@ def _check_initial(snapshot: Snapshot, initial: InitialState) -> list[str]:
                 f"{initial.stock[sku]} (there is no restock)"
             )
     listed = {account.account_id: account for account in snapshot.accounts}
-    for account_id in sorted(set(initial.accounts) - set(listed)):
-        violations.append(
-            f"account {account_id}: started with {initial.accounts[account_id]} cents, but "
-            "payment does not list the account any more"
-        )
-    for account_id in sorted(set(listed) - set(initial.accounts)):
-        violations.append(f"account {account_id}: listed by payment, but the shop never had it")
+    violations += _missing_or_new(
+        "account", "account", "cents", "payment", initial.accounts, listed
+    )
     for account_id in sorted(set(listed) & set(initial.accounts)):
         if listed[account_id].initial_cents != initial.accounts[account_id]:
             violations.append(

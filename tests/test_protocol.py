@@ -326,6 +326,41 @@ def test_a_refused_reuse_of_a_forgotten_id_does_not_hide_the_transaction_it_belo
     asyncio.run(scenario())
 
 
+async def _a_refused_reuse_whose_rollbacks_fail(
+    cluster: InProcessCluster,
+) -> list[coordinator_pb2.BranchRequest]:
+    """The owner's one-branch transaction txn-x commits and is forgotten; then other content
+    under txn-x, which inventory refuses as a reuse and payment prepares, and payment rejects
+    every Rollback. Returns the owner's branches."""
+    owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+    assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
+    for number in range(3):  # push txn-x out of the coordinator's memory
+        branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+        assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
+
+    async def idle() -> bool:
+        return not cluster.coordinator.engine.active
+
+    await eventually(idle)
+    await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+    other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:  # inventory: a reuse
+        await cluster.submit([other[0], other[2]], "txn-x")
+    assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
+    return owner
+
+
+async def _rollbacks_given_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """Until the coordinator's log says it gave up a Rollback."""
+    written: list[str] = []
+
+    async def given_up() -> bool:
+        written.append(capsys.readouterr().err)
+        return "rollback failed; given up" in "".join(written)
+
+    await eventually(given_up)
+
+
 def test_a_branch_of_a_refused_reuse_never_takes_the_outcome_of_the_ids_transaction(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -341,29 +376,8 @@ def test_a_branch_of_a_refused_reuse_never_takes_the_outcome_of_the_ids_transact
             coordinator_overrides={"finished_kept": 2},
             participant_overrides={"in_doubt_after_ms": 3_000, "inquiry_backoff_ms_max": 300},
         ) as cluster:
-            engine = cluster.coordinator.engine
-            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
-            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
-            for number in range(3):  # push txn-x out of the coordinator's memory
-                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
-                assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
-
-            async def idle() -> bool:
-                return not engine.active
-
-            await eventually(idle)
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
-            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
-            with pytest.raises(grpc.aio.AioRpcError) as raised:  # inventory: a reuse
-                await cluster.submit([other[0], other[2]], "txn-x")
-            assert grpc.StatusCode.ALREADY_EXISTS == raised.value.code()
-            written: list[str] = []
-
-            async def rollbacks_given_up() -> bool:
-                written.append(capsys.readouterr().err)
-                return "rollback failed; given up" in "".join(written)
-
-            await eventually(rollbacks_given_up)
+            owner = await _a_refused_reuse_whose_rollbacks_fail(cluster)
+            await _rollbacks_given_up(capsys)
             assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
             payment = cluster.participants["payment"].engine
@@ -385,37 +399,19 @@ def test_a_branch_of_a_refused_reuse_never_takes_the_outcome_of_the_ids_transact
 def test_a_refused_reuses_late_rollback_failures_leave_the_ids_transaction_alone(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The refused reuse's Rollbacks keep failing after the owner's retry has committed.
-    Before, each late failure wrote the reuse's record over the committed transaction's in
-    the window: its status read ABORTED and the owner's next retry got ALREADY_EXISTS."""
+    """The owner retries while the refused reuse's Rollbacks still fail. Before, the retry
+    committed at once and each later failure wrote the reuse's record over the committed
+    transaction's in the window: its status read ABORTED and the owner's next retry got
+    ALREADY_EXISTS. Two things now hold it: the retry waits for those Rollbacks to end
+    (Engine._settling), and a refused reuse's phase-2 answers never touch the window."""
 
     async def scenario() -> None:
         async with InProcessCluster(
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
-            engine = cluster.coordinator.engine
-            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+            owner = await _a_refused_reuse_whose_rollbacks_fail(cluster)
             assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
-            for number in range(3):
-                branches = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
-                assert COMMITTED == (await cluster.submit(branches, f"txn-{number}")).outcome
-
-            async def idle() -> bool:
-                return not engine.active
-
-            await eventually(idle)
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
-            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
-            with pytest.raises(grpc.aio.AioRpcError):
-                await cluster.submit([other[0], other[2]], "txn-x")
-            assert COMMITTED == (await cluster.submit(owner, "txn-x")).outcome
-            written: list[str] = []
-
-            async def rollbacks_given_up() -> bool:
-                written.append(capsys.readouterr().err)
-                return "rollback failed; given up" in "".join(written)
-
-            await eventually(rollbacks_given_up)
+            await _rollbacks_given_up(capsys)
             request = coordinator_pb2.GetTransactionRequest(transaction_id="txn-x")
             status = await cluster.client.GetTransaction(request)
             assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
