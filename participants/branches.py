@@ -274,7 +274,7 @@ class BranchEngine:
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
-                outcome = self._service_prepare(key, decoded)
+                outcome = self._service_prepare(key, owner, decoded)
                 reply = self._settle_prepare(info, outcome)
                 return reply.vote, reply.reason
             # Some lock is taken: wait in a task (the locks already granted stay held, and
@@ -652,19 +652,21 @@ class BranchEngine:
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
-            outcome = self._service_prepare(key, self._operations[key])
+            outcome = self._service_prepare(key, owner, self._operations[key])
         self._tasks.pop(key, None)  # past the point where a rollback could cancel it
         reply = self._settle_prepare(info, outcome)
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
 
-    def _service_prepare(self, key: BranchKey, operation: Message) -> Prepared | ReadOnly | Refused:
+    def _service_prepare(
+        self, key: BranchKey, owner: str, operation: Message
+    ) -> Prepared | ReadOnly | Refused:
         """The service's prepare; an exception from it (a bug in the service) refuses the
         branch, which releases its locks, instead of leaving it PREPARING with them until its
         lease runs out and failing every other item of its batched call."""
         try:
-            return self.service.prepare(branch_key_text(key), operation)
+            return self.service.prepare(owner, operation)  # owner is branch_key_text(key)
         except Exception as error:
             logs.get(self.service.name).error(
                 "the service's prepare raised: branch refused",
