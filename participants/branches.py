@@ -290,18 +290,20 @@ class BranchEngine:
             return branch.vote or BranchVote.REFUSED, branch.reason
         return asyncio.shield(pending)
 
-    async def commit(self, transaction_id: str, index: int) -> None:
-        await self._decide(transaction_id, index, commit=True)
+    async def commit(self, transaction_id: str, index: int, fingerprint: bytes = b"") -> None:
+        await self._decide(transaction_id, index, True, fingerprint)
         crashpoints.hit("participant.after_commit_durable")
 
-    async def rollback(self, transaction_id: str, index: int) -> None:
-        await self._decide(transaction_id, index, commit=False)
+    async def rollback(self, transaction_id: str, index: int, fingerprint: bytes = b"") -> None:
+        await self._decide(transaction_id, index, False, fingerprint)
         crashpoints.hit("participant.after_rollback_applied")
 
-    async def _decide(self, transaction_id: str, index: int, commit: bool) -> None:
+    async def _decide(
+        self, transaction_id: str, index: int, commit: bool, fingerprint: bytes
+    ) -> None:
         key = (transaction_id, index)
         try:
-            self.decide_now(transaction_id, index, commit)
+            self.decide_now(transaction_id, index, commit, fingerprint)
         finally:
             # Errors too ("already committed") speak about records that must be on disk first:
             # the one-phase probe turns that answer into the client's COMMITTED (simulator,
@@ -702,12 +704,17 @@ class BranchEngine:
             self._durable_lsn[key] = max(self._durable_lsn.get(key, 0), self.log.appended_lsn)
         return reply
 
-    def decide_now(self, transaction_id: str, index: int, commit: bool) -> None:
+    def decide_now(
+        self, transaction_id: str, index: int, commit: bool, fingerprint: bytes = b""
+    ) -> None:
         """Apply a Commit or Rollback; its answer may leave only after `wait_durable`.
         Raises BranchError when it cannot be honoured."""
         key = (transaction_id, index)
         event: core.BranchEvent = core.CommitRequested() if commit else core.RollbackRequested()
         info = self.branch(key)
+        if info is not None and fingerprint and info.fingerprint not in (b"", fingerprint):
+            self._another_transactions(info, commit)
+            return
         if info is None:
             branch, actions = Branch.on_first_message(transaction_id, index, event)
             if branch is None:
@@ -724,6 +731,29 @@ class BranchEngine:
                 self._forced_reported(key)
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message, reply.heuristic)
+
+    def _another_transactions(self, info: BranchInfo, commit: bool) -> None:
+        """A decision for a transaction that reused the id of the one this branch belongs to
+        (PrepareRequest.transaction_fingerprint). Its Prepare never ran here: it was refused
+        as a reuse, or never arrived before the reuse aborted. So a Rollback has nothing to
+        undo, and is acknowledged with this branch left alone: answered from this branch's
+        record, a committed one, it would have been reported a heuristic commit, and to the
+        one-phase probe, a commit of the reuse's content that never ran. A Commit cannot be
+        honoured: the reuse has no vote here (only a coordinator breaking rule 2 sends one)."""
+        branch = info.branch
+        text = branch_key_text((branch.transaction_id, branch.index))
+        if commit:
+            raise BranchError(
+                core.ErrorKind.FAILED_PRECONDITION,
+                f"branch {text} belongs to a different transaction here (the transaction id "
+                f"was reused) and is {branch.state.value}: it never prepared for this one",
+            )
+        logs.get(self.service.name).info(
+            "rollback for another transaction under this id: nothing of it here",
+            txn=branch.transaction_id,
+            branch=branch.index,
+            state=branch.state.value,
+        )
 
     async def wait_durable(self, keys: Iterable[BranchKey]) -> None:
         """Until every forced record of these branches is on disk: one wait for a whole batch."""

@@ -95,13 +95,18 @@ class FaultState:
         self.delay_ms = 0
 
 
-def _check_prepare(item: participant_pb2.PrepareRequest) -> str | None:
-    if len(item.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+def _check_ids(transaction_id: str, branch: int, fingerprint: bytes) -> str | None:
+    """What is wrong with the ids any Prepare, Commit or Rollback carries, or None."""
+    if len(fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
         return (
-            f"transaction_fingerprint is {len(item.transaction_fingerprint)} bytes; at most "
+            f"transaction_fingerprint is {len(fingerprint)} bytes; at most "
             f"{limits.TRANSACTION_FINGERPRINT_BYTES_MAX}"
         )
-    return limits.branch_ids_problem(item.transaction_id, item.branch)
+    return limits.branch_ids_problem(transaction_id, branch)
+
+
+def _check_prepare(item: participant_pb2.PrepareRequest) -> str | None:
+    return _check_ids(item.transaction_id, item.branch, item.transaction_fingerprint)
 
 
 def _id_reused(error: IdReused) -> participant_pb2.PrepareResponse:
@@ -171,14 +176,16 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise  # unreachable: abort raises
 
-    async def _decide_one(self, transaction_id: str, branch: int, commit: bool) -> None:
-        problem = limits.branch_ids_problem(transaction_id, branch)
+    async def _decide_one(
+        self, transaction_id: str, branch: int, commit: bool, fingerprint: bytes
+    ) -> None:
+        problem = _check_ids(transaction_id, branch, fingerprint)
         if problem:
             raise InvalidOperation(problem)
         if commit:
-            await self.engine.commit(transaction_id, branch)
+            await self.engine.commit(transaction_id, branch, fingerprint)
         else:
-            await self.engine.rollback(transaction_id, branch)
+            await self.engine.rollback(transaction_id, branch, fingerprint)
         self.log.debug(
             "commit applied" if commit else "rollback applied", txn=transaction_id, branch=branch
         )
@@ -188,6 +195,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         transaction_id: str,
         branch: int,
         commit: bool,
+        fingerprint: bytes,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> None:
         await self._gate(context)
@@ -198,7 +206,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 "participant rejects decisions (fault injection)",
             )
         try:
-            await self._decide_one(transaction_id, branch, commit)
+            await self._decide_one(transaction_id, branch, commit, fingerprint)
         except InvalidOperation as error:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except BranchError as error:
@@ -209,13 +217,17 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     async def Commit(
         self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.CommitResponse:
-        await self._decide(request.transaction_id, request.branch, True, context)
+        await self._decide(
+            request.transaction_id, request.branch, True, request.transaction_fingerprint, context
+        )
         return participant_pb2.CommitResponse()
 
     async def Rollback(
         self, request: participant_pb2.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.RollbackResponse:
-        await self._decide(request.transaction_id, request.branch, False, context)
+        await self._decide(
+            request.transaction_id, request.branch, False, request.transaction_fingerprint, context
+        )
         return participant_pb2.RollbackResponse()
 
     async def Recover(
@@ -309,10 +321,12 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         keys: list[tuple[str, int]] = []
         for item in items:
             try:
-                problem = limits.branch_ids_problem(item.transaction_id, item.branch)
+                problem = _check_ids(item.transaction_id, item.branch, item.transaction_fingerprint)
                 if problem:
                     raise InvalidOperation(problem)
-                self.engine.decide_now(item.transaction_id, item.branch, item.commit)
+                self.engine.decide_now(
+                    item.transaction_id, item.branch, item.commit, item.transaction_fingerprint
+                )
             except InvalidOperation as error:
                 results.append(
                     participant_pb2.DecisionResult(

@@ -346,10 +346,14 @@ class FakeDecisions(FakeExchange):
         super().__init__()
         self.unary: list[tuple[str, float]] = []
 
-    async def commit(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+    async def commit(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
         self.unary.append(("commit", timeout_s))
 
-    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+    async def rollback(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
         self.unary.append(("rollback", timeout_s))
 
 
@@ -556,7 +560,9 @@ class HungParticipant(FakeDecisions):
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
+    async def rollback(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
         await asyncio.Event().wait()
 
 

@@ -571,6 +571,140 @@ def test_a_participant_checks_the_fingerprint_of_a_repeated_prepare(tmp_path: Pa
     asyncio.run(scenario())
 
 
+def test_a_decision_carrying_another_fingerprint_leaves_the_branch_alone(tmp_path: Path) -> None:
+    """A Commit or Rollback carries its transaction's fingerprint. One for another
+    transaction under the id (a reuse) changes nothing: a Rollback is acknowledged (that
+    transaction never prepared here), a Commit is refused; unary and batched alike."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=2)])
+            )
+            first = await inventory.Prepare(
+                participant_pb2.PrepareRequest(
+                    transaction_id="t-fp",
+                    branch=0,
+                    operation=operation,
+                    one_phase=True,
+                    transaction_fingerprint=b"A" * 16,
+                )
+            )
+            assert coordinator_pb2.VOTE_COMMITTED == first.vote
+            other = {"transaction_id": "t-fp", "branch": 0, "transaction_fingerprint": b"B" * 16}
+            await inventory.Rollback(participant_pb2.RollbackRequest(**other))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await inventory.Commit(participant_pb2.CommitRequest(**other))
+            assert grpc.StatusCode.FAILED_PRECONDITION == raised.value.code()
+            assert "belongs to a different transaction here" in (raised.value.details() or "")
+            decisions = [participant_pb2.Decision(commit=c, **other) for c in (False, True)]
+            exchange = await inventory.Exchange(
+                participant_pb2.ExchangeRequest(decisions=decisions)
+            )
+            code = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            assert [(True, 0), (False, code)] == [(r.ok, r.code) for r in exchange.results]
+            # Its own transaction's Rollback, or one that does not say, hears the commit.
+            for fingerprint in (b"A" * 16, b""):
+                request = participant_pb2.RollbackRequest(
+                    transaction_id="t-fp", branch=0, transaction_fingerprint=fingerprint
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await inventory.Rollback(request)
+                assert grpc.StatusCode.FAILED_PRECONDITION == raised.value.code()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await inventory.Rollback(
+                    participant_pb2.RollbackRequest(
+                        transaction_id="t-fp", branch=0, transaction_fingerprint=b"C" * 65
+                    )
+                )
+            assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code()
+            assert "transaction_fingerprint is 65 bytes" in (raised.value.details() or "")
+            level = (await cluster.stock())["sku-apple"]
+            assert (2, 0) == (level.sold, level.reserved)
+            listed = await cluster.admin("inventory").ListBranches(
+                participant_pb2.ListBranchesRequest()
+            )
+            states = [b.state for b in listed.branches if b.transaction_id == "t-fp"]
+            assert [participant_pb2.BRANCH_STATE_COMMITTED] == states
+
+    asyncio.run(scenario())
+
+
+async def _commit_then_forget(
+    cluster: InProcessCluster, branches: list[coordinator_pb2.BranchRequest], txn: str
+) -> None:
+    """Commit `branches` as `txn`, then push it out of the coordinator's memory
+    (finished_kept 2) and wait until nothing is left running."""
+    assert COMMITTED == (await cluster.submit(branches, txn)).outcome
+    for number in range(3):
+        newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+        assert COMMITTED == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
+
+    async def idle() -> bool:
+        return not cluster.coordinator.engine.active
+
+    await eventually(idle)
+
+
+def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path: Path) -> None:
+    """A reuse of a forgotten id aborts before the participant that remembers the id could
+    refuse it (down). Before, that participant answered the reuse's Rollback from the id's
+    committed branch, and the coordinator recorded a heuristic commit that never happened."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
+        ) as cluster:
+            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+            await _commit_then_forget(cluster, owner, "txn-x")
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_DOWN)
+            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
+            reuse = await cluster.submit([other[0], other[2]], "txn-x")
+            assert coordinator_pb2.OUTCOME_ABORTED == reuse.outcome
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+            engine = cluster.coordinator.engine
+
+            async def settled() -> bool:  # its Rollbacks acknowledged
+                return not engine.active and not engine._settling
+
+            await eventually(settled)
+            heuristics = await cluster.client.ListHeuristics(
+                coordinator_pb2.ListHeuristicsRequest()
+            )
+            assert [] == list(heuristics.heuristics)
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+            accounts = await cluster.accounts()
+            assert [] == [c for c in accounts.captures if c.transaction_id == "txn-x"]
+
+    asyncio.run(scenario())
+
+
+def test_a_lost_one_phase_answer_of_a_reuse_is_not_resolved_from_the_ids_branch(
+    tmp_path: Path,
+) -> None:
+    """A one-phase reuse of a forgotten id whose answer does not come in time: the probe's
+    Rollback asks the participant, which holds the id's committed branch. Before, that
+    answer resolved the reuse COMMITTED, its own content never run."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
+            await _commit_then_forget(cluster, owner, "txn-x")
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=1_500)
+            other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
+            reuse = await cluster.submit(other[:1], "txn-x")
+            assert coordinator_pb2.OUTCOME_ABORTED == reuse.outcome, reuse.reason
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+            await asyncio.sleep(1.6)  # the slow prepare is answered: refused as a reuse
+            assert 3 == (await cluster.stock())["sku-pear"].sold
+
+    asyncio.run(scenario())
+
+
 def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted(
     tmp_path: Path,
 ) -> None:

@@ -52,12 +52,20 @@ class ParticipantClient:
             raise ValueError(f"{self.name} answered Prepare with no vote")
         return vote, response.reason, response.id_reused
 
-    async def commit(self, transaction_id: str, branch: int, timeout_s: float) -> None:
-        request = participant_pb2.CommitRequest(transaction_id=transaction_id, branch=branch)
+    async def commit(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
+        request = participant_pb2.CommitRequest(
+            transaction_id=transaction_id, branch=branch, transaction_fingerprint=fingerprint
+        )
         await self.stub.Commit(request, timeout=timeout_s)
 
-    async def rollback(self, transaction_id: str, branch: int, timeout_s: float) -> None:
-        request = participant_pb2.RollbackRequest(transaction_id=transaction_id, branch=branch)
+    async def rollback(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
+        request = participant_pb2.RollbackRequest(
+            transaction_id=transaction_id, branch=branch, transaction_fingerprint=fingerprint
+        )
         await self.stub.Rollback(request, timeout=timeout_s)
 
     async def close(self) -> None:

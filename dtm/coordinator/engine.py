@@ -721,7 +721,7 @@ class Engine:
             return
         run.decisions_open += 1
         self.registry.port(branch.participant).decide(
-            DecideItem(txn.transaction_id, index, commit, done)
+            DecideItem(txn.transaction_id, index, commit, done, run.fingerprint)
         )
 
     async def _retry(self, run: Run, index: int, attempt: int) -> None:
@@ -767,7 +767,7 @@ class Engine:
                 )
                 self._feed(run, core.PhaseTwoFailed(0, failure))
 
-        self.registry.port(participant).probe(txn.transaction_id, timeout_s, done)
+        self.registry.port(participant).probe(txn.transaction_id, run.fingerprint, timeout_s, done)
 
     def _append(self, record_type: RecordType, payload: bytes) -> int:
         self.records_since_checkpoint += 1

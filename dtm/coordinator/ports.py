@@ -69,6 +69,7 @@ class DecideItem:
     branch: int
     commit: bool
     done: Callable[[DecideResult], None]
+    fingerprint: bytes = b""  # the transaction's, as in its prepares
 
 
 # A prepare with less time than this left when its batch leaves fails at once, unsent: it
@@ -86,7 +87,7 @@ def _item_bytes(item: PrepareItem | DecideItem) -> int:
     id's length (ASCII, limits.TRANSACTION_ID_PATTERN), and an allowance for tags and lengths."""
     if isinstance(item, PrepareItem):
         return item.operation.ByteSize() + len(item.transaction_id) + len(item.fingerprint) + 32
-    return len(item.transaction_id) + 16
+    return len(item.transaction_id) + len(item.fingerprint) + 16
 
 
 class ParticipantPort:
@@ -130,22 +131,24 @@ class ParticipantPort:
     def probe(
         self,
         transaction_id: str,
+        fingerprint: bytes,
         timeout_s: float,
         done: Callable[[grpc.StatusCode | None, str], None],
     ) -> None:
         """A Rollback of branch 0, alone and at once (never batched: its answer is the
         outcome of a one-phase commit whose answer was lost). `done` gets None when it rolled
         back, else the status and a failure to report."""
-        self._spawn(self._probe(transaction_id, timeout_s, done))
+        self._spawn(self._probe(transaction_id, fingerprint, timeout_s, done))
 
     async def _probe(
         self,
         transaction_id: str,
+        fingerprint: bytes,
         timeout_s: float,
         done: Callable[[grpc.StatusCode | None, str], None],
     ) -> None:
         try:
-            await self.client.rollback(transaction_id, 0, timeout_s)
+            await self.client.rollback(transaction_id, 0, timeout_s, fingerprint)
         except grpc.aio.AioRpcError as error:
             done(error.code(), rpc_failure(error, timeout_s))
             return
@@ -203,9 +206,13 @@ class ParticipantPort:
         timeout_s = self._phase_two_timeout_s
         try:
             if item.commit:
-                await self.client.commit(item.transaction_id, item.branch, timeout_s)
+                await self.client.commit(
+                    item.transaction_id, item.branch, timeout_s, item.fingerprint
+                )
             else:
-                await self.client.rollback(item.transaction_id, item.branch, timeout_s)
+                await self.client.rollback(
+                    item.transaction_id, item.branch, timeout_s, item.fingerprint
+                )
         except grpc.aio.AioRpcError as error:
             heuristic = reported_heuristic(item.commit, error.code(), heuristic_of(error))
             item.done(DecideResult(False, rpc_failure(error, timeout_s), heuristic))
@@ -367,7 +374,10 @@ def _exchange_request(
     add_decision = request.decisions.add
     for decision in decisions:
         add_decision(
-            transaction_id=decision.transaction_id, branch=decision.branch, commit=decision.commit
+            transaction_id=decision.transaction_id,
+            branch=decision.branch,
+            commit=decision.commit,
+            transaction_fingerprint=decision.fingerprint,
         )
     add_prepare = request.prepares.add
     for prepare in prepares:

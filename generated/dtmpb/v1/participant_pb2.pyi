@@ -66,24 +66,28 @@ class PrepareResponse(_message.Message):
     def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ..., id_reused: _Optional[str] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
     __slots__ = ()
@@ -102,14 +106,16 @@ class PrepareBatchResponse(_message.Message):
     def __init__(self, votes: _Optional[_Iterable[_Union[PrepareResponse, _Mapping]]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("transaction_id", "branch", "commit")
+    __slots__ = ("transaction_id", "branch", "commit", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     commit: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
     __slots__ = ("decisions",)
