@@ -403,8 +403,8 @@ def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitReque
     # key: never replaced.
     transaction_id = document.get("transaction_id", "")
     timeout_ms = document.get("timeout_ms", 0)
-    if not isinstance(transaction_id, str):
-        raise CliError(f"{where}: transaction_id must be a string")
+    if not isinstance(transaction_id, str) or not _encodable(transaction_id):
+        raise CliError(f"{where}: transaction_id must be a string of valid Unicode")
     if (
         isinstance(timeout_ms, bool)
         or not isinstance(timeout_ms, int)
@@ -423,6 +423,14 @@ def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitReque
     return request
 
 
+def _encodable(text: str) -> bool:
+    try:
+        _utf8(text)
+    except argparse.ArgumentTypeError:
+        return False
+    return True
+
+
 def _check_keys(where: str, document: dict[str, Any], known: Sequence[str]) -> None:
     for key in document:
         if key not in known:
@@ -434,9 +442,9 @@ def _branch_request(where: str, branch: object, session: Session) -> coordinator
         raise CliError(f"{where}: expected an object with {', '.join(BRANCH_KEYS)}")
     _check_keys(where, branch, BRANCH_KEYS)
     participant, type_name = branch.get("participant"), branch.get("type")
-    if not isinstance(participant, str) or not participant:
+    if not isinstance(participant, str) or not participant or not _encodable(participant):
         raise CliError(f"{where}: participant must be a participant's name")
-    if not isinstance(type_name, str) or not type_name:
+    if not isinstance(type_name, str) or not type_name or not _encodable(type_name):
         raise CliError(f"{where}: type must be a message name such as dtm.v1.ReserveStock")
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
@@ -475,7 +483,31 @@ def _address(text: str) -> str:
     as "not given", it would quietly send the commands to the default address instead."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; expected HOST:PORT")
+    _utf8(text)
+    port = text.rpartition(":")[2]
+    if port.isascii() and port.isdigit() and not 0 < int(port[:8]) <= 65535:
+        # gRPC would dial the port modulo 65536: another server, or another process.
+        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1..65535")
     return text
+
+
+def _utf8(text: str) -> str:
+    """Text from argv or a JSON file that protobuf can carry (argv's undecodable bytes and a
+    JSON "\\ud800" are lone surrogates); argparse type, and a check."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+def _call_seconds(text: str) -> float:
+    """--timeout: _seconds, at most a day (far larger ones overflow gRPC's deadline clock and
+    every call fails at once with DEADLINE_EXCEEDED)."""
+    value = _seconds(text)
+    if value > 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most 86400 seconds (a day)")
+    return value
 
 
 def _operation_types_hint(session: Session) -> str:
@@ -1208,7 +1240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_call_seconds,
         default=DEFAULT_TIMEOUT_S,
         metavar="SECONDS",
         help=f"deadline of each call (default {DEFAULT_TIMEOUT_S:g})",
@@ -1295,14 +1327,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     txn_list.set_defaults(handler=cmd_txn_list)
     txn_show = txn_commands.add_parser("show", parents=[as_json], help="one transaction")
-    txn_show.add_argument("id", metavar="ID")
+    txn_show.add_argument("id", type=_utf8, metavar="ID")
     txn_show.set_defaults(handler=cmd_txn_show)
     txn_retry = txn_commands.add_parser(
         "retry",
         parents=[as_json],
         help="retry phase 2 of a committing transaction now (skip the backoff)",
     )
-    txn_retry.add_argument("id", metavar="ID")
+    txn_retry.add_argument("id", type=_utf8, metavar="ID")
     txn_retry.set_defaults(handler=cmd_txn_retry)
 
     participants = commands.add_parser(
@@ -1322,7 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Refused while a transaction not yet finished has a branch there. A "
         "participant registers again when it starts, so stop the service first.",
     )
-    remove.add_argument("name", metavar="NAME", help="the participant")
+    remove.add_argument("name", type=_utf8, metavar="NAME", help="the participant")
     remove.set_defaults(handler=cmd_participants_remove)
 
     # SUPPRESS, as for --json: a subcommand's copy (`branches forget`) must not reset what
@@ -1374,7 +1406,7 @@ def build_parser() -> argparse.ArgumentParser:
         "A coordinator that never logged the transaction, or lost its log, never will: once "
         "you have reconciled the branch, forget it here.",
     )
-    forget_branch.add_argument("id", metavar="ID", help="the transaction")
+    forget_branch.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     forget_branch.add_argument(
         "branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index"
     )
@@ -1387,7 +1419,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=FORCE_WARNING.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    force.add_argument("id", metavar="ID", help="the transaction")
+    force.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     force.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
     decision = force.add_mutually_exclusive_group(required=True)
     decision.add_argument("--commit", action="store_true", dest="commit", default=None)
@@ -1419,7 +1451,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[as_json],
         help="stop reporting a heuristic outcome once it is reconciled (durable)",
     )
-    forget.add_argument("id", metavar="ID", help="the transaction")
+    forget.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     forget.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
     forget.set_defaults(handler=cmd_heuristics_forget)
 

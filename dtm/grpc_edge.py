@@ -267,8 +267,9 @@ def _why_not_bound(address: str, tls: bool = False) -> str:
         )[0]
         with socket.socket(family, kind, proto) as probe:
             probe.bind(where)
-    except OSError as error:  # socket.gaierror included: not a name at all
-        return f"{host!r} is not an address of this machine ({error.strerror or error})"
+    except (OSError, UnicodeError) as error:  # gaierror: not a name; UnicodeError: not IDNA
+        why = getattr(error, "strerror", None) or error
+        return f"{host!r} is not an address of this machine ({why})"
     if tls:
         return (
             "is the port already in use? Or gRPC rejected the TLS credentials (CA, "

@@ -608,10 +608,12 @@ class MetricsEndpoint:
         host = host.strip("[]")  # an IPv6 literal comes bracketed in host:port
         try:
             server, _ = start_http_server(int(port), host, registry=self.registry)
-        except OSError as error:
-            hint = "is the port already in use? " if error.errno == errno.EADDRINUSE else ""
+        except (OSError, UnicodeError) as error:  # UnicodeError: a host IDNA refuses
+            in_use = getattr(error, "errno", None) == errno.EADDRINUSE
+            hint = "is the port already in use? " if in_use else ""
             raise OSError(
-                f"cannot serve metrics on {self.listen}: {error.strerror or error}; {hint}"
+                f"cannot serve metrics on {self.listen}: "
+                f"{getattr(error, 'strerror', None) or error}; {hint}"
                 'Choose another metrics_listen ("" turns metrics off)'
             ) from None
         self._server = server

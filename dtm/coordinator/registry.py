@@ -47,6 +47,12 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
     for name in types:
         if not 0 < len(name) <= limits.TEXT_FIELD_LENGTH_MAX:
             raise RegistrationError("operation type names must be 1..1024 characters")
+        if "/" in name or " " in name or not name.isprintable():
+            # Submit compares the name after a type URL's last "/": this could never match.
+            raise RegistrationError(
+                f"operation type {name[:80]!r} is not a message name: give the fully-qualified "
+                "name (e.g. dtm.v1.ReserveStock), not a type URL; no spaces"
+            )
 
 
 class Registry:

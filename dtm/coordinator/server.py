@@ -20,6 +20,7 @@ from dtm.batcher import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPoli
 from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected, wall_ms
 from dtm.coordinator.finished import TransactionView
 from dtm.coordinator.heuristics import heuristic_pb
+from dtm.coordinator.ports import PREPARE_SEND_MARGIN_S
 from dtm.coordinator.registry import (
     RegistrationError,
     Registry,
@@ -277,6 +278,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         if request.timeout_ms > limits.TRANSACTION_TIMEOUT_MS_MAX:
             return invalid, f"timeout_ms is at most {limits.TRANSACTION_TIMEOUT_MS_MAX}"
+        floor_ms = round(PREPARE_SEND_MARGIN_S * 1000)
+        if 0 < request.timeout_ms <= floor_ms:
+            # A prepare with less than PREPARE_SEND_MARGIN_S left is never sent.
+            return invalid, (
+                f"timeout_ms {request.timeout_ms} is too short to send a prepare: more than "
+                f"{floor_ms}, or 0 for the default"
+            )
         # A retry of a transaction the engine knows is answered from what it knows, whatever
         # the registry says now (a participant unregistered or changed since).
         retried = bool(request.transaction_id) and self.engine.knows(request.transaction_id)

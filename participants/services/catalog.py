@@ -140,6 +140,8 @@ def load_catalog(path: Path) -> Catalog:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be an initial state") from None
     return parse_catalog(document, str(path))
 
 
