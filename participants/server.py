@@ -598,6 +598,11 @@ class ParticipantServer:
         self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
         self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
         self.engine.replay(records)
+        # A new log starts with a checkpoint of the initial state (stock, accounts): until the
+        # first periodic one, replay started from whatever initial state this process was
+        # given, so a restart with another --initial file (or another DEFAULT_CATALOG)
+        # rewrote committed stock and balances, or failed to replay a prepare at all.
+        self._fresh_log = not records
         crashpoints.hit("participant.during_recovery")
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
@@ -625,6 +630,9 @@ class ParticipantServer:
         credentials = security.server_credentials(tls) if tls is not None else None
         self.port = grpc_edge.bind(self.server, self.config.listen, credentials)
         self.metrics_port = self.metrics.start() if self.metrics is not None else 0
+        if self._fresh_log:
+            await self.engine.checkpoint()
+            self._fresh_log = False
         await self.server.start()
         recovered = len(self.engine.in_doubt())
         self.log_.info(

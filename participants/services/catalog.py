@@ -6,10 +6,12 @@ Used by inventory (stock) and payment (accounts). Without `--initial`, a service
     {"stock": {"sku-apple": 50},
      "accounts": {"acct-alice": {"balance_cents": 100000, "declines": false}}}
 
-The initial state is only read when a service's log is empty: once it has a log, recovery
-rebuilds the state from the log's checkpoint and records, which already include it. Starting a
-service on an existing data directory with a different file is therefore harmless but useless,
-so keep the file and the data directory together.
+The initial state is only read when a service's log is empty, and the SDK checkpoints it at
+once (`ParticipantServer.start`): once it has a log, recovery rebuilds the state from the
+log's checkpoint and records, which already include it. Starting a service on an existing data
+directory with a different file is therefore harmless but useless, so keep the file and the
+data directory together. (A log created before that first checkpoint existed, 2026-11-29, still
+replays on top of the file given, until its first periodic checkpoint.)
 """
 
 from __future__ import annotations
