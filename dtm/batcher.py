@@ -94,6 +94,9 @@ class Batcher(Generic[Item]):
     def queued(self) -> int:
         return len(self._queue)
 
+    def queued_items(self) -> list[Item]:
+        return list(self._queue)
+
     def close(self) -> list[Item]:
         """Send nothing more: a flush still scheduled (a linger timer) finds it closed. The
         items still queued, never sent, are handed back."""
@@ -102,6 +105,15 @@ class Batcher(Generic[Item]):
         self._queue.clear()
         self._queued_urgent = 0
         return unsent
+
+    def take_out(self, chosen: Callable[[Item], bool]) -> list[Item]:
+        """Remove the queued items `chosen` picks (never sent) and hand them back. O(queue):
+        for the rare item that ran out of time waiting for a call slot."""
+        taken = [item for item in self._queue if chosen(item)]
+        if taken:
+            self._queue = deque(item for item in self._queue if not chosen(item))
+            self._queued_urgent -= sum(map(self._urgent, taken))
+        return taken
 
     def hurry(self) -> None:
         """Stop lingering, from now on: what is queued leaves as soon as a call may carry it.

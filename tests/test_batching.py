@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import any_pb2
 
@@ -484,7 +486,8 @@ def test_a_prepare_fails_at_its_own_deadline_inside_a_slower_call() -> None:
                 name, 0, any_pb2.Any(), False, loop.time() + in_s, in_s, answers[name].append
             )
 
-        expiry = _Expiry.start(loop, [item("last", 2.0), item("early", 0.02), item("later", 0.3)])
+        prepares = [item("last", 2.0), item("early", 0.02), item("later", 0.3)]
+        expiry = _Expiry.start(loop, prepares, loop.time() + 2.0)
         await asyncio.sleep(0.15)
         assert (1, 0) == (len(answers["early"]), len(answers["later"]))
         assert "no answer within the 20 ms deadline" == answers["early"][0].reason
@@ -519,7 +522,7 @@ def test_a_deadline_between_clock_ticks_does_not_spin_the_loop() -> None:
             PrepareItem(f"t{n}", 0, any_pb2.Any(), False, loop.time() + s, s, answers.append)
             for n, s in enumerate((0.0004, 0.0104, 0.0304, 0.5))
         ]
-        expiry = _Expiry.start(loop, items)
+        expiry = _Expiry.start(loop, items, items[-1].deadline)
         await asyncio.sleep(0.1)
         expiry.stop()
         assert 3 == len(answers)
@@ -591,3 +594,116 @@ def test_decisions_waiting_for_a_hung_participant_are_bounded(
         await port.close()
 
     asyncio.run(run())
+
+
+class HungExchange:
+    """A participant that never answers an Exchange: each call ends at its deadline."""
+
+    name = "hung"
+
+    def __init__(self) -> None:
+        self.stub = self
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        await asyncio.sleep(timeout)
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata()
+        )
+
+
+def test_a_prepare_riding_with_decisions_fails_at_its_own_deadline() -> None:
+    """A call that carries decisions lasts at least the phase-2 timeout (2 s). Its prepares'
+    timer left the latest out, as if the call's deadline were that prepare's own: a prepare
+    with 200 ms to live, riding with a lingering Commit, was answered after 2 s (a bug hunt)."""
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        policy = BatchPolicy(phase_two_timeout_ms=2_000)
+        port = ParticipantPort(HungExchange(), True, policy)  # type: ignore[arg-type]
+        answered: list[float] = []
+        started = loop.time()
+        port.decide(DecideItem("t-prev", 0, True, lambda result: None))  # it lingers
+        port.prepare(
+            PrepareItem(
+                "t-next",
+                0,
+                any_pb2.Any(),
+                True,
+                started + 0.2,
+                0.2,
+                lambda result: answered.append(loop.time() - started),
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert 1 == len(answered) and answered[0] < 0.4, answered
+        await port.close()
+
+    asyncio.run(run())
+
+
+def test_a_one_phase_prepare_queued_behind_a_slow_call_fails_at_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """A prepare waiting for its participant's call slot was only checked when its batch left,
+    after the call in flight (up to its latest prepare's deadline), and a one-phase transaction
+    has no timer of its own: a Submit of 300 ms was answered after 3.9 s (a bug hunt)."""
+
+    async def scenario() -> None:
+        cluster = InProcessCluster(
+            tmp_path, prepare_timeout_ms=8_000, transaction_timeout_ms=10_000
+        )
+        async with cluster:
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_SLOW, 2_000)
+            slow = asyncio.create_task(
+                cluster.submit(_notify_and_order("o-1"), "t-slow", timeout_ms=6_000)
+            )
+            await asyncio.sleep(0.1)  # its prepare is in notification's call now
+            started = time.perf_counter()
+            lone = await cluster.submit(_notify_and_order("o-2")[:1], "t-lone", timeout_ms=300)
+            took = time.perf_counter() - started
+            assert coordinator_pb2.OUTCOME_COMMITTED != lone.outcome
+            assert took < 1.2, (took, lone.reason)
+            assert "deadline passed before its batched call left" in lone.reason
+            await slow
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("early_ms", [0, 2])
+def test_a_transaction_timer_that_fires_early_still_ends_it_on_time(
+    tmp_path: Path, early_ms: int
+) -> None:
+    """uvloop rounds timers to milliseconds, so the transaction's timer may fire just before
+    the deadline by the clock the core reads (1 in 200-400 did). The core ignored it and
+    nothing armed it again: a transaction whose votes did not come never ended (a bug hunt).
+    Here a prepare vanishes on its way, so the timer is the only bound."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, transaction_timeout_ms=10_000) as cluster:
+            engine = cluster.coordinator.engine
+            fire, clock = engine._on_timer, engine.clock_ms
+
+            def fired_early(run: Any) -> None:
+                engine.clock_ms = lambda: clock() - early_ms
+                try:
+                    fire(run)
+                finally:
+                    engine.clock_ms = clock
+
+            engine._on_timer = fired_early  # type: ignore[method-assign]
+            port = engine.registry.port("notification")
+            port.prepare = lambda item: None  # type: ignore[method-assign]
+            started = time.perf_counter()
+            short = await asyncio.wait_for(
+                cluster.submit(_notify_and_order("o-2"), "t-short", timeout_ms=300), 3
+            )
+            took = time.perf_counter() - started
+            assert coordinator_pb2.OUTCOME_ABORTED == short.outcome
+            assert "transaction timeout" in short.reason
+            assert took < 1.2, (took, short.reason)
+
+    asyncio.run(scenario())

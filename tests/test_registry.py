@@ -276,3 +276,43 @@ def test_a_registration_that_changes_nothing_is_answered_once_the_first_is_durab
             assert (await first).changed and not (await again).changed
 
     asyncio.run(scenario())
+
+
+def test_a_submit_that_waited_for_an_attempt_under_its_id_checks_its_participants(
+    tmp_path: Path,
+) -> None:
+    """The server skips its registry checks for an id the engine knows, but the Submit may
+    then run a fresh attempt: here it waits for a running reuse of the id, which notification
+    refuses and which is not kept. Before, its unknown participant was a KeyError (UNKNOWN to
+    the client); now NOT_FOUND, as for any Submit (a bug hunt)."""
+
+    def note(body: str, participant: str = "notification") -> list[coordinator_pb2.BranchRequest]:
+        notify = shop_pb2.SendNotification(order_id="o-1", recipient="a@b.test", body=body)
+        return [coordinator_pb2.BranchRequest(participant=participant, operation=pack(notify))]
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 1}
+        ) as cluster:
+            engine = cluster.coordinator.engine
+            first = await cluster.submit(note("one"), "t-x")
+            assert coordinator_pb2.OUTCOME_COMMITTED == first.outcome
+            await cluster.submit(note("two"), "t-y")  # pushes t-x out of the window
+            assert not engine.knows("t-x")
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_SLOW, 300)
+            reuse = asyncio.create_task(cluster.submit(note("other"), "t-x"))
+
+            async def running() -> bool:
+                return engine.knows("t-x")
+
+            await eventually(running)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await cluster.submit(note("third", participant="nope"), "t-x")
+            assert grpc.StatusCode.NOT_FOUND == raised.value.code()
+            assert "participant 'nope' is not registered" in (raised.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await reuse
+            assert grpc.StatusCode.ALREADY_EXISTS == refused.value.code()
+            assert "t-x" not in engine.active
+
+    asyncio.run(scenario())

@@ -100,6 +100,12 @@ class ParticipantPort:
         self._batcher: Batcher[PrepareItem | DecideItem] = Batcher(
             self._send_exchange, policy, self._tasks, _is_prepare, size=_item_bytes
         )
+        # One timer for the prepares still queued (their call slot is taken): at the earliest
+        # time one of them can no longer be sent. A call can last up to its latest prepare's
+        # deadline, and a one-phase transaction has no timer of its own, so a prepare queued
+        # behind a slow call waited for it (a Submit of 300 ms answered after 3.9 s).
+        self._queued_timer: asyncio.TimerHandle | None = None
+        self._queued_timer_at = 0.0
 
     @property
     def calls(self) -> int:
@@ -111,9 +117,38 @@ class ParticipantPort:
 
     def prepare(self, item: PrepareItem) -> None:
         if self.batch:
-            self._batcher.add(item)
+            self._batcher.add(item)  # still queued here: a flush runs in a later step
+            expires = item.deadline - PREPARE_SEND_MARGIN_S
+            if self._queued_timer is None or expires < self._queued_timer_at:
+                self._arm_queued_timer(expires)
         else:
             self._spawn(self._unary_prepare(item))
+
+    def _arm_queued_timer(self, when: float) -> None:
+        if self._queued_timer is not None:
+            self._queued_timer.cancel()
+        self._queued_timer = asyncio.get_running_loop().call_at(when, self._expire_queued)
+        self._queued_timer_at = when
+
+    def _expire_queued(self) -> None:
+        """Fail the queued prepares that can no longer be sent in time (as `_drop_late` does
+        when their call leaves), and wait for the next one to come due."""
+        self._queued_timer = None
+        now = asyncio.get_running_loop().time() + _Expiry.TOLERANCE_S
+        late = self._batcher.take_out(
+            lambda item: (
+                isinstance(item, PrepareItem) and item.deadline - now < PREPARE_SEND_MARGIN_S
+            )
+        )
+        prepares = [item for item in late if isinstance(item, PrepareItem)]
+        self._fail(prepares, [], "its prepare deadline passed before its batched call left")
+        due = [
+            item.deadline - PREPARE_SEND_MARGIN_S
+            for item in self._batcher.queued_items()
+            if isinstance(item, PrepareItem)
+        ]
+        if due:
+            self._arm_queued_timer(min(due))
 
     def decide(self, item: DecideItem) -> None:
         waiting = self._batcher.queued if self.batch else len(self._tasks)
@@ -239,7 +274,7 @@ class ParticipantPort:
             prepares = self._drop_late(prepares, now)
             if prepares:
                 timeout_s = max(timeout_s, max(item.deadline for item in prepares) - now)
-                expiry = _Expiry.start(loop, prepares)
+                expiry = _Expiry.start(loop, prepares, now + timeout_s)
             elif not decisions:
                 return
         try:
@@ -307,6 +342,9 @@ class ParticipantPort:
 
     async def close(self) -> None:
         self._batcher.close()
+        if self._queued_timer is not None:
+            self._queued_timer.cancel()
+            self._queued_timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -324,15 +362,22 @@ class _Expiry:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pending: list[PrepareItem]) -> None:
         self._loop = loop
-        self._pending = pending  # by deadline, the latest last: the call's own covers it
+        self._pending = pending  # by deadline; those the call's own deadline covers left out
         self._next = 0  # the first of _pending not failed yet
         self.failed: set[int] = set()  # ids of the prepares failed here
         self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
-    def start(cls, loop: asyncio.AbstractEventLoop, prepares: list[PrepareItem]) -> _Expiry:
+    def start(
+        cls, loop: asyncio.AbstractEventLoop, prepares: list[PrepareItem], call_deadline: float
+    ) -> _Expiry:
         ordered = sorted(prepares, key=lambda item: item.deadline)
-        expiry = cls(loop, ordered[:-1])
+        # The latest prepare is left to the call's own deadline only when that deadline is its
+        # own: a call that carries decisions lasts at least the phase-2 timeout, and a prepare
+        # riding with a lingering Commit (the usual case at low load) waited 2 s for 200 ms.
+        if ordered[-1].deadline + cls.TOLERANCE_S >= call_deadline:
+            ordered.pop()
+        expiry = cls(loop, ordered)
         expiry._arm()
         return expiry
 
