@@ -1213,6 +1213,7 @@ class WriteAheadLog:
         only = scan(segments[0])
         if (
             len(segments) == 1
+            and segments[0].first_lsn == 1
             and only.later_valid_offset is None
             and _checkpoint_status(only)[0] is _Checkpoint.INCOMPLETE
         ):
@@ -1790,6 +1791,23 @@ def dump(path: Path) -> Iterator[str]:
             )
         elif index < len(files) - 1:
             yield f"CORRUPTED {where}; the segment is not the last one"
+        elif _checkpoint_status(segment_scan)[0] is _Checkpoint.INCOMPLETE:
+            # What WriteAheadLog.open does with a last segment holding an interrupted checkpoint.
+            if index > 0:
+                yield (
+                    f"TORN TAIL {where}; opening the log drops this segment (an interrupted "
+                    "checkpoint)"
+                )
+            elif match and int(match.group(1)) == 1:
+                yield (
+                    f"TORN TAIL {where}; opening the log empties this segment (the interrupted "
+                    "first checkpoint of a new log)"
+                )
+            else:
+                yield (
+                    f"CORRUPTED {where}; opening the log refuses it (a checkpoint that is the "
+                    "whole log was durable, so it cannot be torn)"
+                )
         else:
             lost = segment_scan.size - segment_scan.bad_offset
             yield f"TORN TAIL {where}; opening the log truncates these {lost} bytes"

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from dtm import invariants, limits
-from dtm.wal import WriteAheadLog, async_log, dump, payload_size
+from dtm.wal import LogCorruptedError, WriteAheadLog, async_log, dump, payload_size
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine
 from participants.locks import LockManager
@@ -479,3 +479,41 @@ def test_a_checkpoint_marks_the_branches_no_longer_owed_a_commit(tmp_path: Path)
             assert 4 == len(status.branches)
 
     asyncio.run(scenario())
+
+
+def test_a_corrupted_checkpoint_that_is_the_whole_log_is_refused_not_cut(tmp_path: Path) -> None:
+    """An idle process's log holds only its last checkpoint. One flipped bit in its end marker
+    made recovery take it for the interrupted first checkpoint of a new log, a torn tail: the
+    segment was cut to nothing and the participant started empty, its in-doubt and decided
+    branches gone, with a WARNING only (a bug hunt). Only segment 1 can be that."""
+
+    def engine_on(directory: Path) -> BranchEngine:
+        wal, records = WriteAheadLog.open(directory)
+        engine = BranchEngine(
+            OrdersService(),
+            async_log(wal, "loop"),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: 0,
+        )
+        engine.replay(records)
+        return engine
+
+    async def before() -> None:
+        engine = engine_on(tmp_path)
+        for number in range(10):
+            await engine.prepare(f"t{number}", 0, order_operation(f"o-{number}"), False)
+            if number % 2:
+                await engine.commit(f"t{number}", 0)
+        await engine.checkpoint()  # durable: the older segment is deleted
+        await engine.log.close()
+
+    asyncio.run(before())
+    [segment] = sorted(tmp_path.glob("*.wal"))
+    assert "00000000000000000001.wal" != segment.name
+    data = bytearray(segment.read_bytes())
+    data[-40 + 24] ^= 0x01  # a bit of the last frame: the checkpoint's end marker
+    segment.write_bytes(bytes(data))
+    assert "opening the log refuses it" in list(dump(tmp_path))[-1]
+    with pytest.raises(LogCorruptedError) as raised:
+        engine_on(tmp_path)
+    assert segment.name in str(raised.value)

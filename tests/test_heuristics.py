@@ -562,3 +562,39 @@ def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
             assert [] == await listed(cluster)
 
     asyncio.run(scenario())
+
+
+def test_a_checkpoint_keeps_the_heuristic_of_a_finished_commit(tmp_path: Path) -> None:
+    """A checkpoint wrote a finished commit's decision record as first logged, with no
+    heuristic and nothing acknowledged: after a checkpoint and a restart, GetTransaction and
+    a retried Submit showed no heuristic where they had shown one (a replay of the log alone
+    kept it). Found by a bug hunt."""
+
+    async def scenario() -> None:
+        scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
+        async with scripted_cluster(tmp_path, scripted) as cluster:
+            branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
+            response = await cluster.submit(branches, "txn-k")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-k")
+
+            async def finished() -> bool:
+                status = await cluster.client.GetTransaction(get)
+                return bool(status.state == coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+
+            await eventually(finished)
+            assert (
+                HEURISTIC_ROLLBACK
+                == (await cluster.client.GetTransaction(get)).branches[4].heuristic
+            )
+            engine = cluster.coordinator.engine
+            await engine.log.wait_durable(engine.log.appended_lsn)  # the end record too
+            engine.records_since_checkpoint = engine.config.checkpoint_every_records
+            assert await engine.checkpoint_if_due()
+            await cluster.restart_coordinator()  # from the checkpoint
+            after = (await cluster.client.GetTransaction(get)).branches[4]
+            assert HEURISTIC_ROLLBACK == after.heuristic
+            again = await cluster.submit(branches, "txn-k")
+            assert HEURISTIC_ROLLBACK == again.branches[4].heuristic
+
+    asyncio.run(scenario())

@@ -468,6 +468,11 @@ class Engine:
         # sent again (and contradicted again), but an abort's Rollback never is.
         lsn = self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
         self.counters.forced_writes += 1
+        if heuristic.committed and run.decision:
+            # As replay marks it (_stop_phase_two): the decision a checkpoint keeps says so.
+            decided = log_pb2.CommitDecided.FromString(run.decision)
+            _stop_phase_two({txn.transaction_id: decided}, heuristic)
+            run.decision = decided.SerializeToString()
         self._spawn(self.log.wait_durable(lsn))
         self._keep_heuristic(heuristic)
         self.observer.heuristic_recorded(branch.participant, action.outcome)
