@@ -458,7 +458,7 @@ class CoordinatorMetrics(EngineObserver):
             self._heuristics.labels(participant, outcome)
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
-        outcome = txn.outcome
+        outcome = txn.answer
         if outcome is None or txn.recovered:
             # Recovered after a restart: it did not start in this process, so its latency
             # would count the downtime.

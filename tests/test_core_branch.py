@@ -176,6 +176,25 @@ def test_outcome_learned_applies_the_decision() -> None:
     assert BranchState.COMMITTED == branch.state
 
 
+def test_a_prepare_for_a_committed_branch_says_an_earlier_attempt_committed_it() -> None:
+    """It comes from a later attempt, after the coordinator forgot the committed one: PREPARED
+    let that attempt abort on a failure elsewhere and tell its client ABORTED. A branch an
+    operator forced, whose decision nobody knows, still answers its vote."""
+    branch = prepared()
+    branch.handle(core.CommitRequested())
+    reply = branch.handle(core.PrepareRequested(False))
+    assert [core.ReplyVote(BranchVote.COMMITTED, core.COMMITTED_EARLIER)] == reply
+    assert (BranchState.COMMITTED, BranchVote.PREPARED) == (branch.state, branch.vote)
+    forced = prepared()
+    forced.handle(core.HeuristicForced(commit=True))
+    assert [core.ReplyVote(BranchVote.PREPARED, "")] == forced.handle(core.PrepareRequested(False))
+    one_phase = preparing(one_phase=True)
+    one_phase.handle(core.PrepareVoted(BranchVote.PREPARED))
+    assert [core.ReplyVote(BranchVote.COMMITTED, "")] == one_phase.handle(
+        core.PrepareRequested(True)
+    )
+
+
 def test_heuristic_is_forced_and_recorded() -> None:
     branch = prepared()
     actions = branch.handle(core.HeuristicForced(commit=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtm.core import transaction as core
+from dtm.core.branch import HEURISTIC_COMMIT
 from dtm.core.transaction import (
     TRANSITIONS,
     Outcome,
@@ -120,12 +121,83 @@ def test_decision_never_changes_late_votes_are_ignored() -> None:
     txn.handle(core.VoteReceived(0, Vote.REFUSED, "no"))
     assert [] == txn.handle(core.VoteReceived(1, Vote.PREPARED))
     assert [] == txn.handle(core.PrepareFailed(1, "late"))
-    assert TxnState.ABORTED == txn.state
+    assert [] == txn.handle(core.VoteReceived(1, Vote.COMMITTED))
+    assert (TxnState.ABORTED, Outcome.ABORTED) == (txn.state, txn.answer)
 
     committing = prepared_all(2)
     committing.handle(core.DecisionDurable(1))
     assert [] == committing.handle(core.VoteReceived(0, Vote.REFUSED, "too late"))
     assert TxnState.COMMITTING == committing.state
+
+
+def test_a_branch_committed_by_an_earlier_attempt_makes_the_answer_committed() -> None:
+    """A late retry of a transaction the coordinator forgot: a participant answers that its
+    branch is committed already. The client is told COMMITTED; this attempt decides abort, so
+    what it prepared (a participant that forgot the commit ran its branch again) rolls back,
+    and an inquiry about it hears ABORTED."""
+    txn, _ = begin(3)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    actions = txn.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
+    assert "committed by an earlier attempt" in txn.reason
+    assert [
+        core.SendRollback(0),  # prepared by this attempt: again, by a participant that forgot
+        core.SendRollback(2),  # still out
+        core.Reply(Outcome.COMMITTED, txn.reason),
+        core.Finished(),
+    ] == actions
+    assert (TxnState.ABORTED, Outcome.ABORTED, Outcome.COMMITTED) == (
+        txn.state,
+        txn.outcome,
+        txn.answer,
+    )
+    assert Outcome.ABORTED == core.inquiry_answer(txn)
+
+
+def test_an_abort_on_a_failed_prepare_answers_once_no_prepare_is_out_or_at_the_deadline() -> None:
+    """A participant that is down fails at once: the answer waits for the others' votes,
+    which may show an earlier attempt's commit (a refusal cannot: a participant that
+    remembers one answers COMMITTED), but never past the deadline."""
+    failed, _ = begin(2)
+    assert [core.SendRollback(0), core.SendRollback(1)] == failed.handle(
+        core.PrepareFailed(0, "unavailable")
+    )
+    answered = failed.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
+    assert [core.Reply(Outcome.COMMITTED, failed.reason), core.Finished()] == answered
+
+    plain, _ = begin(2)
+    plain.handle(core.PrepareFailed(0, "unavailable"))
+    answered = plain.handle(core.VoteReceived(1, Vote.PREPARED))
+    assert [core.Reply(Outcome.ABORTED, plain.reason), core.Finished()] == answered
+
+    slow, _ = begin(2)
+    slow.handle(core.PrepareFailed(0, "unavailable"))
+    assert [] == slow.handle(core.TimedOut(5_999))
+    reason = "p0 failed to prepare: unavailable"
+    assert [core.Reply(Outcome.ABORTED, reason), core.Finished()] == slow.handle(
+        core.TimedOut(6_000)
+    )
+
+
+def test_a_rollback_answered_already_committed_after_an_earlier_commit_is_no_heuristic() -> None:
+    """Once a participant said an earlier attempt committed the transaction, a Rollback its
+    branch's record contradicts (a participant down at prepare time, which remembers) is that
+    commit (before, recorded as a heuristic commit). Without that vote, or forced by an
+    operator, it is recorded, as before: only a vote says an earlier attempt committed."""
+    txn, _ = begin(2)
+    txn.handle(core.PrepareFailed(0, "unavailable"))
+    txn.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
+    contradicted = core.HeuristicReported(0, HEURISTIC_COMMIT, "branch t1/0 is already committed")
+    assert [] == txn.handle(contradicted)
+    assert (True, "") == (txn.branches[0].acknowledged, txn.branches[0].heuristic)
+    forced = core.HeuristicReported(0, HEURISTIC_COMMIT, "forced", forced=True)
+    assert [core.PersistHeuristic(0, HEURISTIC_COMMIT, "forced")] == txn.handle(forced)
+
+    plain, _ = begin(2)
+    plain.handle(core.PrepareFailed(0, "unavailable"))
+    plain.handle(core.PrepareFailed(1, "unavailable"))
+    recorded = plain.handle(contradicted)
+    assert [core.PersistHeuristic(0, HEURISTIC_COMMIT, contradicted.detail)] == recorded
+    assert Outcome.ABORTED == plain.answer
 
 
 def test_duplicate_vote_changes_nothing() -> None:
@@ -235,15 +307,6 @@ def test_an_illegal_vote_changes_nothing_so_a_failed_prepare_still_counts() -> N
     assert (TxnState.PREPARING, None) == (one.state, one.branches[0].vote)
     assert [core.ProbeOnePhase(0)] == one.handle(core.PrepareFailed(0, "protocol error"))
     assert TxnState.UNKNOWN == one.state
-    # COMMITTED to a two-phase prepare: the failed prepare aborts, and that branch, which
-    # may hold something, gets a Rollback.
-    two, _ = begin(2)
-    with pytest.raises(ProtocolError):
-        two.handle(core.VoteReceived(1, Vote.COMMITTED))
-    assert two.branches[1].vote is None
-    actions = two.handle(core.PrepareFailed(1, "protocol error"))
-    assert TxnState.ABORTED == two.state
-    assert core.SendRollback(1) in actions
 
 
 def test_unknown_branch_index_is_a_protocol_error() -> None:

@@ -19,7 +19,8 @@ ABORTED = coordinator_pb2.TRANSACTION_STATE_ABORTED
 def record(transaction_id: str, state: int = COMMITTED, acknowledged: bool = True) -> Record:
     branch = (0, "inventory", coordinator_pb2.VOTE_PREPARED, "", acknowledged, 0, "", "")
     decision = b"decision-" + transaction_id.encode() if state == COMMITTED else b""
-    return pack((transaction_id, state, 1, "", 10, 11, 5_000, b"fp", "", "", decision), [branch])
+    head = (transaction_id, state, 1, "", 10, 11, 5_000, b"fp", "", "", decision, "")
+    return pack(head, [branch])
 
 
 def test_the_window_keeps_the_newest_and_lists_them_newest_first() -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from participants.decided import DecidedWindow
 from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
 from tests.harness import ACCOUNTS, InProcessCluster, eventually, order_branches, pack
@@ -636,15 +637,17 @@ async def _commit_then_forget(
 ) -> None:
     """Commit `branches` as `txn`, then push it out of the coordinator's memory
     (finished_kept 2) and wait until nothing is left running."""
-    assert COMMITTED == (await cluster.submit(branches, txn)).outcome
-    for number in range(3):
-        newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
-        assert COMMITTED == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
 
     async def idle() -> bool:
         return not cluster.coordinator.engine.active
 
+    assert COMMITTED == (await cluster.submit(branches, txn)).outcome
+    await eventually(idle)  # finished (phase 2 over), so that newer ones finish after it
+    for number in range(3):
+        newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+        assert COMMITTED == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
     await eventually(idle)
+    assert not cluster.coordinator.engine.knows(txn)
 
 
 def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path: Path) -> None:
@@ -701,6 +704,79 @@ def test_a_lost_one_phase_answer_of_a_reuse_is_not_resolved_from_the_ids_branch(
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
             await asyncio.sleep(1.6)  # the slow prepare is answered: refused as a reuse
             assert 3 == (await cluster.stock())["sku-pear"].sold
+
+    asyncio.run(scenario())
+
+
+def test_a_late_retry_with_a_participant_down_is_answered_committed(tmp_path: Path) -> None:
+    """The coordinator has forgotten a committed order (20,000 newer transactions; 2 here)
+    and its client retries while payment is down. Before, the retry aborted: the client was
+    told ABORTED for an order placed and paid, and each Rollback to a committed branch was
+    recorded as a heuristic commit. Now the participants that remember answer that their
+    branches are committed already: COMMITTED, nothing applied twice, no heuristic."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
+        ) as cluster:
+            order = order_branches("o-late", [("sku-pear", 2)], amount_cents=200)
+            await _commit_then_forget(cluster, order, "txn-late")
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_DOWN)
+            retried = await cluster.submit(order, "txn-late")
+            assert COMMITTED == retried.outcome, retried.reason
+            assert "committed by an earlier attempt" in retried.reason
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+            engine = cluster.coordinator.engine
+
+            async def settled() -> bool:  # payment's Rollback got through
+                return not engine.active and not engine._settling
+
+            await eventually(settled)
+            heuristics = await cluster.client.ListHeuristics(
+                coordinator_pb2.ListHeuristicsRequest()
+            )
+            assert [] == list(heuristics.heuristics)
+            assert COMMITTED == (await cluster.submit(order, "txn-late")).outcome
+            assert 2 == (await cluster.stock())["sku-pear"].sold
+            accounts = await cluster.accounts()
+            assert 1 == len([c for c in accounts.captures if c.transaction_id == "txn-late"])
+            sent = (await cluster.sent()).sent
+            assert 1 == len([m for m in sent if m.order_id == "o-late"])
+            await assert_nothing_held(cluster)
+
+    asyncio.run(scenario())
+
+
+def test_a_late_retry_rolls_back_a_branch_a_participant_forgot_and_ran_again(
+    tmp_path: Path,
+) -> None:
+    """The same late retry with every participant up, but inventory no longer remembers its
+    branch (it keeps its last 100,000 decided ones; none here): it runs the branch again.
+    Before, the retry committed, and the stock was taken twice. Now the others' answer
+    (committed already) makes the retry roll back what it prepared: taken once."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            order = order_branches("o-again", [("sku-pear", 2)], amount_cents=200)
+            inventory = cluster.participants["inventory"].engine
+            inventory._decided = DecidedWindow(0)  # forgets each branch once decided
+            await _commit_then_forget(cluster, order, "txn-again")
+            retried = await cluster.submit(order, "txn-again")
+            assert COMMITTED == retried.outcome, retried.reason
+            engine = cluster.coordinator.engine
+
+            async def settled() -> bool:
+                return not engine.active and not engine._settling
+
+            await eventually(settled)
+            level = (await cluster.stock())["sku-pear"]
+            assert (2, 0) == (level.sold, level.reserved)
+            accounts = await cluster.accounts()
+            assert 1 == len([c for c in accounts.captures if c.transaction_id == "txn-again"])
+            await assert_nothing_held(cluster)
 
     asyncio.run(scenario())
 
@@ -824,7 +900,8 @@ def test_participant_calls_are_idempotent(tmp_path: Path) -> None:
             await inventory.Commit(commit)
             assert 5 == (await cluster.stock())["sku-apple"].sold  # deducted once
             again = await inventory.Prepare(prepare)
-            assert coordinator_pb2.VOTE_PREPARED == again.vote  # the first answer
+            # Committed now: a later attempt hears that an earlier one committed it.
+            assert coordinator_pb2.VOTE_COMMITTED == again.vote
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await inventory.Rollback(
                     participant_pb2.RollbackRequest(transaction_id="t-dup", branch=0)

@@ -297,12 +297,20 @@ def test_lazy_tombstones_would_let_a_stale_one_phase_prepare_commit(
     assert "decision changed" in violation.message
 
 
-def test_a_replayed_one_phase_commit_voting_prepared_would_be_caught() -> None:
+def test_a_replayed_one_phase_commit_voting_prepared_would_be_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Regression guard: participants/branches.py once replayed a one-phase commit record as a
     branch whose vote is PREPARED; a duplicate of the one-phase Prepare reaching the restarted
-    participant got PREPARED, which the coordinator core rejects (ProtocolError)."""
+    participant got PREPARED, which the coordinator core rejects (ProtocolError). A committed
+    branch now answers a repeated Prepare COMMITTED whatever its vote (an earlier attempt
+    committed it), which covers that bug a second time: the guard puts back the answer of
+    that time, the branch's vote, to show that the simulator still sees it."""
     aimed = {"faults": STALE_DUPLICATES, "workload": ONE_PHASE_FAST, "timing": Timing()}
     old_replay = NodeModel(one_phase_replay_votes_committed=False)
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.COMMITTED, bcore.PrepareRequested), _vote_again
+    )
     violation = first_violation(range(300), model=old_replay, **aimed)
     assert "ProtocolError: p0 answered PREPARED to a one-phase prepare" in violation.message
     assert_replays(violation, model=old_replay, **aimed)

@@ -96,7 +96,7 @@ class Run:
     def answer(self) -> int:
         """The outcome to tell a (retried) Submit: the outcome as known now. A one-phase commit
         first answered UNKNOWN is answered COMMITTED or ABORTED once resolved."""
-        outcome = self.txn.outcome
+        outcome = self.txn.answer
         if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
             return OUTCOME_TO_PB[outcome]
         return self.outcome_pb
@@ -108,7 +108,11 @@ class Run:
         unspecified = coordinator_pb2.VOTE_UNSPECIFIED
         head: Head = (
             txn.transaction_id,
-            STATE_TO_PB[txn.state],
+            # What the transaction is: committed, also when an earlier attempt committed it
+            # (this attempt's own abort is what query_outcome answers).
+            coordinator_pb2.TRANSACTION_STATE_COMMITTED
+            if txn.committed_earlier
+            else STATE_TO_PB[txn.state],
             self.answer(),
             txn.reason,
             txn.created_at_ms,
@@ -118,6 +122,7 @@ class Run:
             self.invalid_argument,
             self.id_reused,
             self.decision,
+            txn.committed_earlier,
         )
         rows = [
             (
@@ -338,6 +343,10 @@ class Engine:
         if finished is None:  # running, or no record at all
             answer = core.inquiry_answer(run.txn if run is not None else None)
             return coordinator_pb2.OUTCOME_UNSPECIFIED if answer is None else OUTCOME_TO_PB[answer]
+        if finished.committed_earlier:
+            # This attempt's own outcome: it decided abort, and a branch of it in doubt is one
+            # a participant that had forgotten the earlier commit prepared again.
+            return coordinator_pb2.OUTCOME_ABORTED
         if finished.answer in TERMINAL_ANSWERS:
             return finished.answer
         return coordinator_pb2.OUTCOME_UNSPECIFIED
@@ -391,10 +400,13 @@ class Engine:
                 )
             if run.txn.state is TxnState.ABORTED:
                 crashpoints.hit("coordinator.after_abort_decided")
-            if before is TxnState.PREPARING and run.timer is not None:
-                run.timer.cancel()
-                run.timer = None
+            if before is TxnState.PREPARING:
                 run.operations = []  # phase 1 is over: no need to keep the payloads
+                # The timer stays while an aborted transaction's answer waits for a Prepare
+                # still out: the deadline bounds that wait.
+                if run.timer is not None and not run.txn.answer_pending:
+                    run.timer.cancel()
+                    run.timer = None
         self._execute(run, actions)
         if finished_before and not run.id_reused:
             # A rollback acknowledged or a heuristic reported after the transaction finished
@@ -701,7 +713,10 @@ class Engine:
         def answered(result: DecideResult) -> None:
             self.observer.call_finished(branch.participant, rpc, started, result.ok)
             if result.heuristic:
-                self._feed(run, core.HeuristicReported(index, result.heuristic, result.error))
+                reported = core.HeuristicReported(
+                    index, result.heuristic, result.error, forced=result.forced
+                )
+                self._feed(run, reported)
                 return
             if not result.ok:
                 attempt = branch.phase_two_attempts + 1
@@ -802,7 +817,7 @@ class Engine:
             return
         run.finished = True
         self.observer.transaction_finished(txn, self.clock_ms())
-        outcome = txn.outcome
+        outcome = txn.answer
         # The one INFO line per transaction: its whole story (DEBUG has every step).
         self._log.info(
             "transaction finished",
@@ -825,7 +840,7 @@ class Engine:
             # An attempt the participants refused as a reuse of the id is not kept: under its
             # id the coordinator would then refuse the transaction the id belongs to.
             self.finished.put(run.record())
-        if run.decisions_open and outcome is Outcome.ABORTED:
+        if run.decisions_open and txn.state is TxnState.ABORTED:
             # Its Rollbacks go on (presumed abort answers the client first): a later attempt
             # under this id waits for them once this record is gone from the window. (A
             # commit finishes on its last acknowledgement, the one call still counted.)
@@ -900,6 +915,7 @@ class Engine:
             "",
             "",
             decided.SerializeToString(),
+            "",
         )
         prepared = coordinator_pb2.VOTE_PREPARED
         rows = [

@@ -37,8 +37,9 @@ class BranchView(NamedTuple):
 
 
 #: A TransactionView's fields but its branches: transaction id, state, answer, reason,
-#: created at, decided at, timeout, fingerprint, invalid argument, id reused, decision.
-Head = tuple[str, int, int, str, int, int, int, bytes, str, str, bytes]
+#: created at, decided at, timeout, fingerprint, invalid argument, id reused, decision,
+#: committed earlier.
+Head = tuple[str, int, int, str, int, int, int, bytes, str, str, bytes, str]
 
 
 class TransactionView(NamedTuple):
@@ -62,6 +63,10 @@ class TransactionView(NamedTuple):
     #: checkpoint keeps of it, about 150 bytes, copied as is (building 20,000 messages there
     #: would hold the event loop for about 180 ms).
     decision: bytes
+    #: Set (to the participant that showed it) when this attempt found its transaction
+    #: committed by an earlier one (Transaction.committed_earlier): the state reads
+    #: committed, while this attempt itself decided abort, which an inquiry hears.
+    committed_earlier: str
     branches: tuple[BranchView, ...]
 
 

@@ -49,6 +49,7 @@ class DecideResult:
     ok: bool
     error: str = ""
     heuristic: str = ""
+    forced: bool = False  # the heuristic is the participant's (an operator's), not inferred
 
 
 @dataclass(slots=True)
@@ -249,8 +250,9 @@ class ParticipantPort:
                     item.transaction_id, item.branch, timeout_s, item.fingerprint
                 )
         except grpc.aio.AioRpcError as error:
-            heuristic = reported_heuristic(item.commit, error.code(), heuristic_of(error))
-            item.done(DecideResult(False, rpc_failure(error, timeout_s), heuristic))
+            forced = heuristic_of(error)
+            heuristic = reported_heuristic(item.commit, error.code(), forced)
+            item.done(DecideResult(False, rpc_failure(error, timeout_s), heuristic, bool(forced)))
             return
         except Exception as error:  # a bug: fail the item (phase 2 retries it), say why
             _internal_error(self.client.name, "Commit" if item.commit else "Rollback", error)
@@ -303,11 +305,12 @@ class ParticipantPort:
             self._fail(_unexpired(prepares, expiry), decisions, reason)
             return
         for decision, result in zip(decisions, response.results, strict=True):
-            heuristic = result.heuristic
+            heuristic = forced = result.heuristic
             if not result.ok:
                 code = grpc_edge.STATUS_OF_CODE.get(result.code, grpc.StatusCode.UNKNOWN)
                 heuristic = reported_heuristic(decision.commit, code, heuristic)
-            decision.done(DecideResult(result.ok, _said(result.error), named_heuristic(heuristic)))
+            said = _said(result.error)
+            decision.done(DecideResult(result.ok, said, named_heuristic(heuristic), bool(forced)))
         expired = expiry.failed if expiry is not None else ()
         for prepare, answer in zip(prepares, response.votes, strict=True):
             if expired and id(prepare) in expired:

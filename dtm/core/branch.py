@@ -40,7 +40,7 @@ class BranchVote(Enum):
     PREPARED = "prepared"
     READ_ONLY = "read_only"
     REFUSED = "refused"
-    COMMITTED = "committed"  # one-phase
+    COMMITTED = "committed"  # one-phase, or a repeated Prepare of a committed branch
 
 
 # Heuristic outcomes (XA's HEURCOM, HEURRB, HEURHAZ): a branch that did not follow the
@@ -310,11 +310,25 @@ EARLIER_ATTEMPT = (
 )
 
 
+# A Prepare for a branch already COMMITTED comes from a later attempt too: the coordinator
+# committed the transaction and then forgot it (its window of finished transactions is
+# bounded), and the client retried. Voting PREPARED again would let that attempt abort on a
+# failure elsewhere and tell its client ABORTED, a committed branch's Rollback answered as a
+# heuristic commit. COMMITTED tells the coordinator the transaction is committed already.
+COMMITTED_EARLIER = "committed by an earlier attempt of the transaction"
+
+
 def _on_duplicate_prepare(branch: Branch, event: PrepareRequested) -> list[BranchAction]:
     if branch.state is BranchState.ROLLED_BACK:
         return [ReplyVote(BranchVote.REFUSED, branch.reason or "branch already rolled back")]
     if branch.state is BranchState.PREPARED:
         return [ReplyVote(BranchVote.REFUSED, EARLIER_ATTEMPT)]
+    if (
+        branch.state is BranchState.COMMITTED
+        and branch.vote is BranchVote.PREPARED
+        and not branch.heuristic  # forced by an operator: no decision is known
+    ):
+        return [ReplyVote(BranchVote.COMMITTED, COMMITTED_EARLIER)]
     assert branch.vote is not None
     return [ReplyVote(branch.vote, branch.reason)]
 

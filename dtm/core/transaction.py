@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TypeAlias
 
+from dtm.core.branch import HEURISTIC_COMMIT
+
 
 class TxnState(Enum):
     PREPARING = "preparing"
@@ -125,6 +127,10 @@ class HeuristicReported:
     branch: int
     outcome: str
     detail: str = ""  # what the participant answered
+    # Named by the participant (an operator forced the branch), not inferred from its record
+    # contradicting the decision: a Rollback answered "already committed" in an attempt that
+    # found its transaction committed earlier is that commit (`Transaction.committed_earlier`).
+    forced: bool = False
 
 
 Event: TypeAlias = (
@@ -230,6 +236,7 @@ class BranchProgress:
     phase_two_attempts: int = 0
     last_error: str = ""
     heuristic: str = ""
+    prepare_failed: bool = False  # its Prepare call failed: no vote will come
 
 
 @dataclass(slots=True)
@@ -245,6 +252,15 @@ class Transaction:
     replied: bool = False
     # Rebuilt from the log after a restart (it did not start in this process).
     recovered: bool = False
+    # A participant holds a branch of this transaction committed by its own record: an
+    # earlier attempt under this id and content committed it, and the coordinator has since
+    # forgotten that attempt (a late retry). The transaction is committed, and the client is
+    # told so; this attempt itself commits nothing and rolls back what it prepared (a
+    # participant that forgot the earlier commit prepared its branch again). The participant.
+    committed_earlier: str = ""
+    # Aborted on a failed Prepare while another was still out: the client's answer waits for
+    # it (or the deadline), since a late vote may show that an earlier attempt committed.
+    answer_pending: bool = False
 
     # ---- construction ----
 
@@ -293,6 +309,7 @@ class Transaction:
 
     @property
     def outcome(self) -> Outcome | None:
+        """This attempt's outcome: what its branches are told (phase 2, inquiries)."""
         if self.state in (TxnState.COMMITTING, TxnState.COMMITTED):
             return Outcome.COMMITTED
         if self.state is TxnState.ABORTED:
@@ -300,6 +317,14 @@ class Transaction:
         if self.state is TxnState.UNKNOWN:
             return Outcome.UNKNOWN
         return None
+
+    @property
+    def answer(self) -> Outcome | None:
+        """The transaction's outcome, as its client is told: this attempt's, unless an
+        earlier attempt committed it."""
+        if self.committed_earlier and self.state is TxnState.ABORTED:
+            return Outcome.COMMITTED
+        return self.outcome
 
     # ---- helpers used by the handlers ----
 
@@ -321,12 +346,17 @@ class Transaction:
                 return branch
         raise ProtocolError(f"transaction {self.transaction_id}: no branch {index}")
 
-    def _abort(self, reason: str, now_ms: int) -> list[Action]:
+    def _abort(self, reason: str, now_ms: int, *, failed: bool = False) -> list[Action]:
         """Decide abort (only ever from PREPARING). Rollback every branch that may have prepared.
 
-        Presumed abort: nothing is logged and the transaction is finished at once. Rollbacks are
-        delivered best-effort (a bounded number of tries); a participant that misses them asks
-        the coordinator, which answers ABORTED for any transaction it has no commit record of.
+        Presumed abort: nothing is logged. Rollbacks are delivered best-effort (a bounded number
+        of tries); a participant that misses them asks the coordinator, which answers ABORTED
+        for any transaction it has no commit record of. The client is answered, and the
+        transaction finished, at once, except after a failed Prepare (a participant down or
+        unreachable): then once no Prepare is out any more, or at the deadline, since a late
+        vote may show that an earlier attempt committed the transaction (a late retry, with a
+        participant down, was told ABORTED). A refusal does not wait: a participant that
+        remembers an earlier commit answers COMMITTED, not REFUSED.
         """
         self.reason = reason
         self.decided_at_ms = now_ms
@@ -337,7 +367,27 @@ class Transaction:
                 branch.needs_phase_two = True
                 actions.append(SendRollback(branch.index))
         self._move(TxnState.ABORTED)
-        return [*actions, *self._reply(Outcome.ABORTED, reason), Finished()]
+        if not failed or self.committed_earlier or not self._prepares_out():
+            return [*actions, *self._answer_abort()]
+        self.answer_pending = True
+        return actions
+
+    def _prepares_out(self) -> bool:
+        return any(b.vote is None and not b.prepare_failed for b in self.branches)
+
+    def _answer_abort(self) -> list[Action]:
+        self.answer_pending = False
+        answer = Outcome.COMMITTED if self.committed_earlier else Outcome.ABORTED
+        return [*self._reply(answer, self.reason), Finished()]
+
+    def _found_committed(self, branch: BranchProgress) -> None:
+        """`branch`'s participant holds it committed: see `committed_earlier`."""
+        if not self.committed_earlier:
+            self.committed_earlier = branch.participant
+            self.reason = (
+                f"committed by an earlier attempt of this transaction ({branch.participant} "
+                "holds its branch committed); this attempt rolled back what it prepared"
+            )
 
     def _all_acknowledged(self) -> bool:
         return all(b.acknowledged for b in self.branches if b.needs_phase_two)
@@ -355,12 +405,15 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
     # for an answer it already has (a one-phase one forever: it has no timeout).
     if txn.one_phase and event.vote is Vote.PREPARED:
         raise ProtocolError(f"{branch.participant} answered PREPARED to a one-phase prepare")
-    if not txn.one_phase and event.vote is Vote.COMMITTED:
-        raise ProtocolError(f"{branch.participant} answered COMMITTED to a two-phase prepare")
     branch.vote = event.vote
     branch.reason = event.reason
     if txn.one_phase:
         return _on_one_phase_vote(txn, event)
+    if event.vote is Vote.COMMITTED:
+        # Already committed, by an earlier attempt (a participant answers a repeated Prepare
+        # of a committed branch so): this attempt must not decide anything of its own.
+        txn._found_committed(branch)
+        return txn._abort(txn.reason, event.now_ms)
     if event.vote is Vote.REFUSED:
         return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
     if any(b.vote is None for b in txn.branches):
@@ -393,13 +446,16 @@ def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
     if branch.vote is not None:
         return []
     branch.reason = event.reason
+    branch.prepare_failed = True
     if txn.one_phase:
         # The participant may have committed: never guess (rule 9). Ask it.
         branch.last_error = event.reason
         txn.reason = f"one-phase answer lost: {event.reason}"
         txn._move(TxnState.UNKNOWN)
         return [ProbeOnePhase(branch.index)]
-    return txn._abort(f"{branch.participant} failed to prepare: {event.reason}", event.now_ms)
+    return txn._abort(
+        f"{branch.participant} failed to prepare: {event.reason}", event.now_ms, failed=True
+    )
 
 
 def _on_timeout(txn: Transaction, event: TimedOut) -> list[Action]:
@@ -447,6 +503,54 @@ def _on_commit_failed(txn: Transaction, event: PhaseTwoFailed) -> list[Action]:
     branch.phase_two_attempts += 1
     branch.last_error = event.error
     return [RetryPhaseTwo(branch.index, branch.phase_two_attempts)]
+
+
+def _on_vote_after_abort(txn: Transaction, event: VoteReceived) -> list[Action]:
+    # The decision stands (rule 4: its Rollback already went to this branch). What the vote
+    # tells is whether the client's answer, if it still waits, is that of an earlier attempt.
+    branch = txn.branch(event.branch)
+    if branch.vote is not None or branch.prepare_failed or txn.one_phase:
+        return []
+    branch.vote = event.vote
+    branch.reason = event.reason
+    if event.vote is Vote.COMMITTED:
+        txn._found_committed(branch)
+    return _answer_when_no_prepare_is_out(txn)
+
+
+def _on_prepare_failed_after_abort(txn: Transaction, event: PrepareFailed) -> list[Action]:
+    branch = txn.branch(event.branch)
+    if branch.vote is not None or branch.prepare_failed:
+        return []
+    branch.prepare_failed = True
+    branch.reason = event.reason
+    return _answer_when_no_prepare_is_out(txn)
+
+
+def _on_timeout_after_abort(txn: Transaction, event: TimedOut) -> list[Action]:
+    if not txn.answer_pending or event.now_ms < txn.deadline_ms:
+        return []
+    return txn._answer_abort()  # a Prepare still out: the deadline bounds the wait for it
+
+
+def _answer_when_no_prepare_is_out(txn: Transaction) -> list[Action]:
+    if txn.answer_pending and (txn.committed_earlier or not txn._prepares_out()):
+        return txn._answer_abort()
+    return []
+
+
+def _on_heuristic_after_abort(txn: Transaction, event: HeuristicReported) -> list[Action]:
+    if event.outcome != HEURISTIC_COMMIT or event.forced or not txn.committed_earlier:
+        return _on_heuristic(txn, event)
+    # A Rollback answered "already committed" by the branch's own record, in an attempt a
+    # participant said an earlier one committed: that commit, not a heuristic outcome (a
+    # participant that was down when this attempt prepared, and remembers). Without that
+    # vote, the same answer stays a heuristic commit: a participant may not name a heuristic
+    # it was forced to, and only its vote says that an earlier attempt committed.
+    branch = txn.branch(event.branch)
+    branch.acknowledged = True
+    branch.last_error = ""
+    return []
 
 
 def _on_rollback_ack(txn: Transaction, event: PhaseTwoAcked) -> list[Action]:
@@ -537,10 +641,10 @@ TRANSITIONS: dict[tuple[TxnState, type], Handler] = {
     (S.COMMITTED, HeuristicReported): _on_heuristic,  # type: ignore[dict-item]
     (S.ABORTED, PhaseTwoAcked): _on_rollback_ack,  # type: ignore[dict-item]
     (S.ABORTED, PhaseTwoFailed): _on_rollback_failed,  # type: ignore[dict-item]
-    (S.ABORTED, VoteReceived): _ignore,
-    (S.ABORTED, PrepareFailed): _ignore,
-    (S.ABORTED, TimedOut): _ignore,
-    (S.ABORTED, HeuristicReported): _on_heuristic,  # type: ignore[dict-item]
+    (S.ABORTED, VoteReceived): _on_vote_after_abort,  # type: ignore[dict-item]
+    (S.ABORTED, PrepareFailed): _on_prepare_failed_after_abort,  # type: ignore[dict-item]
+    (S.ABORTED, TimedOut): _on_timeout_after_abort,  # type: ignore[dict-item]
+    (S.ABORTED, HeuristicReported): _on_heuristic_after_abort,  # type: ignore[dict-item]
     (S.UNKNOWN, OnePhaseResolved): _on_one_phase_resolved,  # type: ignore[dict-item]
     (S.UNKNOWN, PhaseTwoFailed): _on_one_phase_probe_failed,  # type: ignore[dict-item]
     (S.UNKNOWN, VoteReceived): _ignore,
