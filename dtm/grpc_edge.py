@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from dtm import limits
+from dtm.records import ReplayError
 from dtm.wal import LogCorruptedError
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
@@ -306,14 +307,15 @@ class Server(Protocol):
 def run_server(build: Callable[[], Server]) -> None:
     """Build, start and serve a server process until SIGTERM or Ctrl-C, then stop it. A
     failure to start that names its cause (a port in use, a data directory held by another
-    process, a corrupted log) ends the process with that one line on stderr and exit status
-    1; a failure after it started keeps its traceback."""
+    process, a corrupted log or one whose records this build cannot replay) ends the process
+    with that one line on stderr and exit status 1; a failure after it started keeps its
+    traceback."""
 
     async def serve() -> None:
         try:
             server = build()  # opens (and recovers) its log
             await server.start()  # binds its port
-        except (OSError, LogCorruptedError) as error:
+        except (OSError, LogCorruptedError, ReplayError) as error:
             raise _CannotStart(f"error: {error}") from error
         stop = asyncio.Event()
         install_stop_signals(stop)

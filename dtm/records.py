@@ -11,6 +11,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from enum import IntEnum
 from itertools import accumulate
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
@@ -36,6 +37,30 @@ class RecordType(IntEnum):
     BRANCH_ROLLED_BACK = 18
     PARTICIPANT_CHECKPOINT = 19
     BRANCH_FORGOTTEN = 20
+
+
+class ReplayError(Exception):
+    """An intact record (its checksum holds) that replay cannot apply: a type from a newer
+    version (after a downgrade), a payload that does not parse, a record its predecessors do
+    not explain, a snapshot the service does not read. The process must not start: it would
+    serve a state that is not its log's."""
+
+    def __init__(self, log: Path | None, lsn: int, record_type: int, reason: str) -> None:
+        self.log = log
+        self.lsn = lsn
+        self.record_type = record_type
+        try:
+            kind = RecordType(record_type).name
+        except ValueError:
+            kind = f"type {record_type}"
+            reason = "a record type this version does not know (written by a newer one?)"
+        self.reason = reason
+        where = "write-ahead log" if log is None else f"write-ahead log {log}"
+        dump = "python -m dtm.wal dump" if log is None else f"python -m dtm.wal dump {log}"
+        super().__init__(
+            f"cannot replay the {where}: record at LSN {lsn} ({kind}): {reason}; the process "
+            f"refuses to start (inspect the log with `{dump}`)"
+        )
 
 
 PAYLOADS: dict[RecordType, type[Message]] = {

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import any_pb2
@@ -21,7 +22,15 @@ from dtm import crashpoints, limits, logs
 from dtm.core import branch as core
 from dtm.core.branch import Branch, BranchState, BranchVote
 from dtm.metrics import BranchCounters, CheckpointStats
-from dtm.records import RecordType, coalesced, encoded_field, field_key, in_parts, varint
+from dtm.records import (
+    RecordType,
+    ReplayError,
+    coalesced,
+    encoded_field,
+    field_key,
+    in_parts,
+    varint,
+)
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.decided import DecidedWindow
@@ -70,7 +79,8 @@ class IdReused(Exception):
 
 
 class RecoveryError(Exception):
-    """The log cannot be replayed through the service (a bug or a corrupted log)."""
+    """The log cannot be replayed through the service (a bug or a corrupted log); `replay`
+    raises it as a ReplayError naming the record."""
 
 
 @dataclass(slots=True)
@@ -763,71 +773,85 @@ class BranchEngine:
 
     # ---- recovery and checkpoints ----
 
-    def replay(self, records: Iterable[LogRecord]) -> None:
-        """Rebuild branches, service state and locks from the log, before serving."""
+    def replay(self, records: Iterable[LogRecord], log_directory: Path | None = None) -> None:
+        """Rebuild branches, service state and locks from the log, before serving. A record
+        it cannot apply raises ReplayError, naming `log_directory`, its LSN and its type."""
         since_checkpoint = 0
         for record in coalesced(records, RecordType.PARTICIPANT_CHECKPOINT):
-            kind = RecordType(record.record_type)
-            if kind is RecordType.PARTICIPANT_CHECKPOINT:
-                self._restore_checkpoint(log_pb2.ParticipantCheckpoint.FromString(record.payload))
-                since_checkpoint = 0
-                continue
-            since_checkpoint += 1
-            if kind is RecordType.BRANCH_PREPARED:
-                prepared = log_pb2.BranchPrepared.FromString(record.payload)
-                self._replay_prepare(
-                    prepared.transaction_id,
-                    prepared.branch,
-                    prepared.operation,
-                    fingerprint=prepared.transaction_fingerprint,
-                ).prepared_at_ms = prepared.prepared_at_unix_ms
-            elif kind is RecordType.BRANCH_COMMITTED:
-                committed = log_pb2.BranchCommitted.FromString(record.payload)
-                key = (committed.transaction_id, committed.branch)
-                if committed.HasField("operation"):  # one-phase
-                    one_phase = self._replay_prepare(
-                        key[0],
-                        key[1],
-                        committed.operation,
-                        one_phase=True,
-                        fingerprint=committed.transaction_fingerprint,
+            try:
+                kind = RecordType(record.record_type)
+                if kind is RecordType.PARTICIPANT_CHECKPOINT:
+                    self._restore_checkpoint(
+                        log_pb2.ParticipantCheckpoint.FromString(record.payload)
                     )
-                    # Its first answer was COMMITTED: a stale duplicate Prepare must get that.
-                    one_phase.branch.vote = BranchVote.COMMITTED
-                prepared_info = self.open.get(key)
-                if prepared_info is None or prepared_info.branch.state is not BranchState.PREPARED:
-                    raise RecoveryError(f"commit record for {branch_key_text(key)} not prepared")
-                prepared_info.branch.state = BranchState.COMMITTED
-                prepared_info.branch.heuristic = committed.heuristic
-                # The decision's time, not the replay's (0 in a log older than the field).
-                prepared_info.updated_at_ms = committed.decided_at_unix_ms or self.clock_ms()
-                self.service.commit(branch_key_text(key), self._operations[key])
-                self._finish(prepared_info)
-            elif kind is RecordType.BRANCH_ROLLED_BACK:
-                rolled = log_pb2.BranchRolledBack.FromString(record.payload)
-                key = (rolled.transaction_id, rolled.branch)
-                known = self.branch(key)
-                if known is None:
-                    tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
-                    # A log written before the record kept a reason: a tombstone's.
-                    tombstone.reason = rolled.reason or "rolled back before prepare"
-                    known = self._track(tombstone, rolled.transaction_fingerprint)
-                elif known.branch.state is BranchState.PREPARED:
-                    known.branch.state = BranchState.ROLLED_BACK
-                    known.branch.heuristic = rolled.heuristic
-                    known.branch.reason = rolled.reason or known.branch.reason
-                    self.service.rollback(branch_key_text(key), self._operations[key])
-                if rolled.decided_at_unix_ms:
-                    known.updated_at_ms = rolled.decided_at_unix_ms
-                self._finish(known)
-            elif kind is RecordType.BRANCH_FORGOTTEN:
-                forgotten = log_pb2.BranchForgotten.FromString(record.payload)
-                key = (forgotten.transaction_id, forgotten.branch)
-                info = self.branch(key)
-                # Absent when the bound on forced branches pushed it out before the forget.
-                if info is not None and key not in self.open:
-                    self._forget_forced(key, info)
-            # Coordinator record types never appear in a participant's log.
+                    since_checkpoint = 0
+                    continue
+                since_checkpoint += 1
+                if kind is RecordType.BRANCH_PREPARED:
+                    prepared = log_pb2.BranchPrepared.FromString(record.payload)
+                    self._replay_prepare(
+                        prepared.transaction_id,
+                        prepared.branch,
+                        prepared.operation,
+                        fingerprint=prepared.transaction_fingerprint,
+                    ).prepared_at_ms = prepared.prepared_at_unix_ms
+                elif kind is RecordType.BRANCH_COMMITTED:
+                    committed = log_pb2.BranchCommitted.FromString(record.payload)
+                    key = (committed.transaction_id, committed.branch)
+                    if committed.HasField("operation"):  # one-phase
+                        one_phase = self._replay_prepare(
+                            key[0],
+                            key[1],
+                            committed.operation,
+                            one_phase=True,
+                            fingerprint=committed.transaction_fingerprint,
+                        )
+                        # Its first answer was COMMITTED: a stale duplicate Prepare must get that.
+                        one_phase.branch.vote = BranchVote.COMMITTED
+                    prepared_info = self.open.get(key)
+                    if (
+                        prepared_info is None
+                        or prepared_info.branch.state is not BranchState.PREPARED
+                    ):
+                        raise RecoveryError(
+                            f"commit record for {branch_key_text(key)} not prepared"
+                        )
+                    prepared_info.branch.state = BranchState.COMMITTED
+                    prepared_info.branch.heuristic = committed.heuristic
+                    # The decision's time, not the replay's (0 in a log older than the field).
+                    prepared_info.updated_at_ms = committed.decided_at_unix_ms or self.clock_ms()
+                    self.service.commit(branch_key_text(key), self._operations[key])
+                    self._finish(prepared_info)
+                elif kind is RecordType.BRANCH_ROLLED_BACK:
+                    rolled = log_pb2.BranchRolledBack.FromString(record.payload)
+                    key = (rolled.transaction_id, rolled.branch)
+                    known = self.branch(key)
+                    if known is None:
+                        tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
+                        # A log written before the record kept a reason: a tombstone's.
+                        tombstone.reason = rolled.reason or "rolled back before prepare"
+                        known = self._track(tombstone, rolled.transaction_fingerprint)
+                    elif known.branch.state is BranchState.PREPARED:
+                        known.branch.state = BranchState.ROLLED_BACK
+                        known.branch.heuristic = rolled.heuristic
+                        known.branch.reason = rolled.reason or known.branch.reason
+                        self.service.rollback(branch_key_text(key), self._operations[key])
+                    if rolled.decided_at_unix_ms:
+                        known.updated_at_ms = rolled.decided_at_unix_ms
+                    self._finish(known)
+                elif kind is RecordType.BRANCH_FORGOTTEN:
+                    forgotten = log_pb2.BranchForgotten.FromString(record.payload)
+                    key = (forgotten.transaction_id, forgotten.branch)
+                    info = self.branch(key)
+                    # Absent when the bound on forced branches pushed it out before the forget.
+                    if info is not None and key not in self.open:
+                        self._forget_forced(key, info)
+                # Coordinator record types never appear in a participant's log.
+            # ValueError: RecordType(n), or a snapshot the service's restore refuses.
+            except (ValueError, DecodeError, RecoveryError) as error:
+                raise ReplayError(
+                    log_directory, record.lsn, record.record_type, str(error)
+                ) from error
         # Counted on from here: a process restarted more often than it appends the records
         # that make a checkpoint due would otherwise never take one, and its log would grow.
         self.records_since_checkpoint = since_checkpoint

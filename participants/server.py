@@ -597,7 +597,7 @@ class ParticipantServer:
         self.wal = async_log(wal, config.wal_sync)
         self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
         self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
-        self.engine.replay(records)
+        self.engine.replay(records, wal.directory)
         # A new log starts with a checkpoint of the initial state (stock, accounts): until the
         # first periodic one, replay started from whatever initial state this process was
         # given, so a restart with another --initial file (or another DEFAULT_CATALOG)

@@ -86,7 +86,9 @@ class Service(Protocol, Generic[Operation]):
         large state is not copied on the event loop). `restore` gets the concatenation."""
 
     def restore(self, state: bytes) -> None:
-        """Replace the state with a snapshot taken by `snapshot`."""
+        """Replace the state with a snapshot taken by `snapshot`. Raise ValueError for bytes
+        that are not one of this service's snapshots: the process then refuses to start,
+        naming the log record, instead of serving some other state."""
 
     def add_read_api(self, server: grpc.aio.Server) -> list[str]:
         """Register the service's own read API; return the full service names added."""

@@ -36,7 +36,10 @@ import pytest
 from dtm import chaos, invariants
 from dtm.cluster import COORDINATOR, SERVICES, Cluster, Ports
 from dtm.orderflow import OrderClient, SubmitResult, order_request
-from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
+from dtm.records import RecordType
+from dtm.wal import WriteAheadLog
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc
+from participants.services.payment import PaymentService
 
 TRANSACTIONS = 1_000
 SUBMIT_CONCURRENCY = 100
@@ -375,3 +378,76 @@ def test_a_second_process_on_a_live_data_directory_is_refused_and_changes_nothin
         assert {chaos.COMMITTED} == {result.outcome for result in again}  # remembered
     finally:
         cluster.stop()
+
+
+def log_holding(directory: Path, record_type: int, payload: bytes) -> None:
+    log, _ = WriteAheadLog.open(directory)
+    log.append(record_type, payload)
+    log.sync()
+    log.close()
+
+
+# A log the WAL layer accepts (every checksum holds) that the replay cannot apply:
+# case -> (the server's module, its log's directory name, the one record's type and payload).
+UNREPLAYABLE = {
+    "participant: a record type of a newer build": (
+        "participants.services.orders",
+        "orders",
+        21,
+        b"",
+        "type 21",
+    ),
+    "participant: a commit without its prepare": (
+        "participants.services.orders",
+        "orders",
+        RecordType.BRANCH_COMMITTED,
+        log_pb2.BranchCommitted(transaction_id="t", branch=0).SerializeToString(),
+        "BRANCH_COMMITTED",
+    ),
+    "participant: another service's snapshot": (
+        "participants.services.orders",
+        "orders",
+        RecordType.PARTICIPANT_CHECKPOINT,
+        log_pb2.ParticipantCheckpoint(
+            service_state=PaymentService().snapshot()
+        ).SerializeToString(),
+        "PARTICIPANT_CHECKPOINT",
+    ),
+    "coordinator: a record type of a newer build": (
+        "dtm.coordinator.server",
+        COORDINATOR,
+        8,
+        b"",
+        "type 8",
+    ),
+    "coordinator: a payload that does not parse": (
+        "dtm.coordinator.server",
+        COORDINATOR,
+        RecordType.COMMIT_DECIDED,
+        b"\xff\xff\xff",
+        "COMMIT_DECIDED",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREPLAYABLE))
+def test_a_log_the_replay_cannot_apply_stops_the_start_with_one_line(
+    tmp_path: Path, case: str
+) -> None:
+    """An intact record that replay cannot apply (a type from a newer version, after a
+    downgrade; a payload that does not parse; a commit without its prepare; a snapshot the
+    service refuses) refuses the start as a corrupted log does: one line naming the log, the
+    record's LSN and its type, exit status 1. Before, each ended the process with a 30-line
+    traceback (ValueError, DecodeError, RecoveryError) naming neither the log nor the LSN."""
+    module, name, record_type, payload, kind = UNREPLAYABLE[case]
+    wal = tmp_path / name / "wal"
+    log_holding(wal, record_type, payload)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 1 == done.returncode, done.stderr
+    assert 1 == len(done.stderr.strip().splitlines()), done.stderr
+    assert f"cannot replay the write-ahead log {wal}: record at LSN 1 ({kind}): " in done.stderr

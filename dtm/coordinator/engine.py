@@ -15,10 +15,12 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 
 from dtm import crashpoints, limits, logs
 from dtm.coordinator.finished import FinishedWindow, Head, Record, TransactionView, pack, unpack
@@ -34,7 +36,14 @@ from dtm.core.transaction import (
     TxnState,
 )
 from dtm.metrics import NO_OBSERVER, CheckpointStats, EngineObserver
-from dtm.records import RecordType, coalesced, encoded_field, field_key, in_parts
+from dtm.records import (
+    RecordType,
+    ReplayError,
+    coalesced,
+    encoded_field,
+    field_key,
+    in_parts,
+)
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
@@ -853,49 +862,57 @@ class Engine:
 
     # ---- recovery and checkpoints ----
 
-    def replay(self, records: Iterable[LogRecord]) -> list[log_pb2.CommitDecided]:
-        """Rebuild the registry and the commits still owed phase 2, before serving."""
+    def replay(
+        self, records: Iterable[LogRecord], log_directory: Path | None = None
+    ) -> list[log_pb2.CommitDecided]:
+        """Rebuild the registry and the commits still owed phase 2, before serving. A record
+        it cannot apply raises ReplayError, naming `log_directory`, its LSN and its type."""
         pending: dict[str, log_pb2.CommitDecided] = {}
         since_checkpoint = 0
         for record in coalesced(records, RecordType.COORDINATOR_CHECKPOINT):
-            kind = RecordType(record.record_type)
-            if kind is RecordType.COORDINATOR_CHECKPOINT:
-                checkpoint = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
-                self.registry.participants.clear()
-                for info in checkpoint.participants:
-                    self.registry.put(info)
-                pending = {c.transaction_id: c for c in checkpoint.committing}
-                self.finished.clear()
-                for commit in checkpoint.ended:
-                    self._remember_committed(commit)
-                self.heuristics.clear()
-                for heuristic in checkpoint.heuristics:
+            try:
+                kind = RecordType(record.record_type)
+                if kind is RecordType.COORDINATOR_CHECKPOINT:
+                    checkpoint = log_pb2.CoordinatorCheckpoint.FromString(record.payload)
+                    self.registry.participants.clear()
+                    for info in checkpoint.participants:
+                        self.registry.put(info)
+                    pending = {c.transaction_id: c for c in checkpoint.committing}
+                    self.finished.clear()
+                    for commit in checkpoint.ended:
+                        self._remember_committed(commit)
+                    self.heuristics.clear()
+                    for heuristic in checkpoint.heuristics:
+                        self._keep_heuristic(heuristic)
+                    since_checkpoint = 0
+                    continue
+                since_checkpoint += 1
+                if kind is RecordType.PARTICIPANT_REGISTERED:
+                    registered = log_pb2.ParticipantRegistered.FromString(record.payload)
+                    self.registry.put(registered.participant)
+                elif kind is RecordType.PARTICIPANT_UNREGISTERED:
+                    unregistered = log_pb2.ParticipantUnregistered.FromString(record.payload)
+                    self.registry.remove(unregistered.name)
+                elif kind is RecordType.COMMIT_DECIDED:
+                    decided = log_pb2.CommitDecided.FromString(record.payload)
+                    pending[decided.transaction_id] = decided
+                elif kind is RecordType.TRANSACTION_ENDED:
+                    ended = log_pb2.TransactionEnded.FromString(record.payload)
+                    decided_record = pending.pop(ended.transaction_id, None)
+                    if decided_record is not None:
+                        self._remember_committed(decided_record)
+                elif kind is RecordType.HEURISTIC_RECORDED:
+                    heuristic = log_pb2.HeuristicRecorded.FromString(record.payload)
                     self._keep_heuristic(heuristic)
-                since_checkpoint = 0
-                continue
-            since_checkpoint += 1
-            if kind is RecordType.PARTICIPANT_REGISTERED:
-                registered = log_pb2.ParticipantRegistered.FromString(record.payload)
-                self.registry.put(registered.participant)
-            elif kind is RecordType.PARTICIPANT_UNREGISTERED:
-                unregistered = log_pb2.ParticipantUnregistered.FromString(record.payload)
-                self.registry.remove(unregistered.name)
-            elif kind is RecordType.COMMIT_DECIDED:
-                decided = log_pb2.CommitDecided.FromString(record.payload)
-                pending[decided.transaction_id] = decided
-            elif kind is RecordType.TRANSACTION_ENDED:
-                ended = log_pb2.TransactionEnded.FromString(record.payload)
-                decided_record = pending.pop(ended.transaction_id, None)
-                if decided_record is not None:
-                    self._remember_committed(decided_record)
-            elif kind is RecordType.HEURISTIC_RECORDED:
-                heuristic = log_pb2.HeuristicRecorded.FromString(record.payload)
-                self._keep_heuristic(heuristic)
-                if _stop_phase_two(pending, heuristic):  # no branch is owed a Commit now
-                    self._remember_committed(pending.pop(heuristic.transaction_id))
-            elif kind is RecordType.HEURISTIC_FORGOTTEN:
-                forgotten = log_pb2.HeuristicForgotten.FromString(record.payload)
-                self.heuristics.forget(key_of(forgotten))
+                    if _stop_phase_two(pending, heuristic):  # no branch is owed a Commit now
+                        self._remember_committed(pending.pop(heuristic.transaction_id))
+                elif kind is RecordType.HEURISTIC_FORGOTTEN:
+                    forgotten = log_pb2.HeuristicForgotten.FromString(record.payload)
+                    self.heuristics.forget(key_of(forgotten))
+            except (ValueError, DecodeError) as error:  # RecordType(n) among them
+                raise ReplayError(
+                    log_directory, record.lsn, record.record_type, str(error)
+                ) from error
         # Counted on from here: a process restarted more often than it appends the records
         # that make a checkpoint due would otherwise never take one, and its log would grow.
         self.records_since_checkpoint = since_checkpoint

@@ -452,7 +452,7 @@ class CoordinatorServer:
             phase_two_timeout_ms=self.config.phase_two_timeout_ms,
         )
         self.engine = Engine(self.wal, Registry(policy, tls=config.tls), self.config)
-        self._pending = self.engine.replay(records)
+        self._pending = self.engine.replay(records, wal.directory)
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None
