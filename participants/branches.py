@@ -562,6 +562,8 @@ class BranchEngine:
                 reason=branch.reason,
                 transaction_fingerprint=info.fingerprint,
                 decided_at_unix_ms=info.updated_at_ms,
+                refused=branch.state is BranchState.REFUSED,
+                one_phase=branch.one_phase,
             )
         lsn = self.log.append(record_type, record.SerializeToString())
         self.records_since_checkpoint += 1
@@ -826,8 +828,20 @@ class BranchEngine:
                     rolled = log_pb2.BranchRolledBack.FromString(record.payload)
                     key = (rolled.transaction_id, rolled.branch)
                     known = self.branch(key)
-                    if known is None:
-                        tombstone = Branch(key[0], key[1], BranchState.ROLLED_BACK)
+                    if known is None and rolled.refused:  # by its own prepare, as it voted
+                        refused = Branch(
+                            key[0],
+                            key[1],
+                            BranchState.REFUSED,
+                            BranchVote.REFUSED,
+                            rolled.reason,
+                            rolled.one_phase,
+                        )
+                        known = self._track(refused, rolled.transaction_fingerprint)
+                    elif known is None:
+                        tombstone = Branch(
+                            key[0], key[1], BranchState.ROLLED_BACK, one_phase=rolled.one_phase
+                        )
                         # A log written before the record kept a reason: a tombstone's.
                         tombstone.reason = rolled.reason or "rolled back before prepare"
                         known = self._track(tombstone, rolled.transaction_fingerprint)

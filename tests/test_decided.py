@@ -12,8 +12,8 @@ import pytest
 from google.protobuf import any_pb2
 
 from dtm.core.branch import Branch, BranchState, BranchVote, ErrorKind
-from dtm.wal import MemoryLog
-from dtmpb.v1 import shop_pb2
+from dtm.wal import LogRecord, MemoryLog
+from dtmpb.v1 import log_pb2, shop_pb2
 from participants import decided
 from participants.branches import BranchEngine, BranchError, BranchInfo
 from participants.decided import DecidedWindow
@@ -385,5 +385,102 @@ def test_a_branch_replayed_from_the_log_keeps_the_time_it_was_decided() -> None:
         for n in (1, 2, 3, 4):
             info = restarted.branch(key(n))
             assert info is not None and 2_000 == info.updated_at_ms, (n, info)
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_branch_reads_the_same_live_after_a_replay_and_after_a_checkpoint() -> None:
+    """A refused Prepare is logged as a BranchRolledBack, which did not say it was a refusal:
+    replayed from the log, the branch read ROLLED_BACK, with no vote and one_phase False,
+    while live and after a checkpoint it read REFUSED (ListBranches and `dtm branches`
+    showed one or the other depending on whether a checkpoint ran before the restart).
+    Every answer was and is the same; a record written before the fields still replays as
+    the rolled-back branch it was read as."""
+
+    def seen(engine: BranchEngine, n: int) -> tuple[object, ...]:
+        info = engine.branch(key(n))
+        assert info is not None
+        branch = info.branch
+        return (branch.state, branch.vote, branch.reason, branch.one_phase, info.updated_at_ms)
+
+    async def answers(engine: BranchEngine, n: int) -> tuple[object, ...]:
+        duplicate = await engine.prepare(*key(n), reserve(10**6), n == 2)
+        with pytest.raises(BranchError) as commit:
+            engine.decide_now(*key(n), commit=True)
+        engine.decide_now(*key(n), commit=False)  # acknowledged
+        return duplicate, commit.value.kind, str(commit.value)
+
+    async def scenario() -> None:
+        first = engine_with(kept=10, clock_ms=lambda: 1_000)
+        for n, one_phase in ((1, False), (2, True)):  # its record lazy, then forced
+            assert (
+                BranchVote.REFUSED is (await first.prepare(*key(n), reserve(10**6), one_phase))[0]
+            )
+        live = {n: seen(first, n) for n in (1, 2)}
+        assert (BranchState.REFUSED, BranchVote.REFUSED) == live[1][:2] and live[2][3]
+        records = first.log.records
+        assert isinstance(first.log, MemoryLog)
+
+        from_log = engine_with(kept=10, clock_ms=lambda: 9_000)
+        from_log.replay(records)
+        await first.checkpoint()
+        from_checkpoint = engine_with(kept=10, clock_ms=lambda: 9_000)
+        from_checkpoint.replay(first.log.records)
+        for restarted in (from_log, from_checkpoint):
+            assert live == {n: seen(restarted, n) for n in (1, 2)}
+
+        older = log_pb2.BranchRolledBack.FromString(records[0].payload)
+        assert older.refused and not older.one_phase
+        older.ClearField("refused")
+        from_older = engine_with(kept=10, clock_ms=lambda: 9_000)
+        from_older.replay([LogRecord(1, records[0].record_type, older.SerializeToString())])
+        rolled_back = (BranchState.ROLLED_BACK, None, *live[1][2:])
+        assert rolled_back == seen(from_older, 1)
+        assert await answers(first, 1) == await answers(from_older, 1)
+        for n in (1, 2):
+            assert await answers(first, n) == await answers(from_log, n)
+
+    asyncio.run(scenario())
+
+
+def test_a_one_phase_branch_rolled_back_while_preparing_stays_one_phase_after_a_replay() -> None:
+    """Its tombstone read one_phase True live and after a checkpoint, False when replayed
+    from the log: the rollback record did not carry it."""
+    from participants.services.orders import OrdersService
+
+    def order() -> any_pb2.Any:
+        packed = any_pb2.Any()
+        line = shop_pb2.StockLine(sku="s", quantity=1)
+        packed.Pack(shop_pb2.CreateOrder(order_id="X", customer_id="c", lines=[line]))
+        return packed
+
+    def engine(log: MemoryLog) -> BranchEngine:
+        return BranchEngine(
+            OrdersService(), log, LockManager(wait_timeout_s=10), clock_ms=lambda: 0
+        )
+
+    def seen(branches: BranchEngine) -> tuple[object, ...]:
+        info = branches.branch(("T", 0))
+        assert info is not None
+        branch = info.branch
+        return (branch.state, branch.vote, branch.reason, branch.one_phase)
+
+    async def scenario() -> None:
+        log = MemoryLog()
+        live = engine(log)
+        await live.prepare("A", 0, order(), False)  # holds the order's lock
+        waiting = asyncio.ensure_future(live.prepare("T", 0, order(), True))
+        await asyncio.sleep(0)  # T runs up to its lock wait
+        assert BranchState.PREPARING is seen(live)[0]
+        await live.rollback("T", 0)
+        assert BranchVote.REFUSED is (await waiting)[0]
+        tombstone = (BranchState.ROLLED_BACK, None, "rolled back while preparing", True)
+        assert tombstone == seen(live)
+        from_log = engine(MemoryLog())
+        from_log.replay(log.records)
+        await live.checkpoint()
+        from_checkpoint = engine(MemoryLog())
+        from_checkpoint.replay(log.records)
+        assert [tombstone, tombstone] == [seen(from_log), seen(from_checkpoint)]
 
     asyncio.run(scenario())

@@ -108,20 +108,24 @@ class BranchCommitted(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class BranchRolledBack(_message.Message):
-    __slots__ = ("transaction_id", "branch", "heuristic", "reason", "transaction_fingerprint", "decided_at_unix_ms")
+    __slots__ = ("transaction_id", "branch", "heuristic", "reason", "transaction_fingerprint", "decided_at_unix_ms", "refused", "one_phase")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     heuristic: str
     reason: str
     transaction_fingerprint: bytes
     decided_at_unix_ms: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ..., reason: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ...) -> None: ...
+    refused: bool
+    one_phase: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., heuristic: _Optional[str] = ..., reason: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., refused: _Optional[bool] = ..., one_phase: _Optional[bool] = ...) -> None: ...
 
 class BranchForgotten(_message.Message):
     __slots__ = ("transaction_id", "branch")
