@@ -485,7 +485,8 @@ def _address(text: str) -> str:
         raise argparse.ArgumentTypeError("empty; expected HOST:PORT")
     _utf8(text)
     port = text.rpartition(":")[2]
-    if port.isascii() and port.isdigit() and not 0 < int(port[:8]) <= 65535:
+    digits = port.lstrip("0")
+    if port.isascii() and port.isdigit() and not (0 < len(digits) <= 5 and int(digits) <= 65535):
         # gRPC would dial the port modulo 65536: another server, or another process.
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1..65535")
     return text

@@ -109,6 +109,14 @@ def _check_prepare(item: participant_pb2.PrepareRequest) -> str | None:
     return _check_ids(item.transaction_id, item.branch, item.transaction_fingerprint)
 
 
+def _vote_pb(vote: BranchVote, reason: str, one_phase: bool) -> participant_pb2.PrepareResponse:
+    if vote is BranchVote.COMMITTED and not one_phase:  # committed by an earlier attempt
+        return participant_pb2.PrepareResponse(
+            vote=coordinator_pb2.VOTE_COMMITTED, reason=reason, committed_earlier=True
+        )
+    return participant_pb2.PrepareResponse(vote=VOTE_TO_PB[vote], reason=reason)
+
+
 def _id_reused(error: IdReused) -> participant_pb2.PrepareResponse:
     return participant_pb2.PrepareResponse(
         vote=coordinator_pb2.VOTE_REFUSED, reason=str(error), id_reused=str(error)
@@ -162,7 +170,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             one_phase=request.one_phase,
             ms=round((time.perf_counter() - started) * 1000, 3),
         )
-        return participant_pb2.PrepareResponse(vote=VOTE_TO_PB[vote], reason=reason)
+        return _vote_pb(vote, reason, request.one_phase)
 
     async def Prepare(
         self,
@@ -295,17 +303,13 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
                 continue
             keys.append((item.transaction_id, item.branch))
             if isinstance(answer, tuple):
-                answers.append(
-                    participant_pb2.PrepareResponse(vote=VOTE_TO_PB[answer[0]], reason=answer[1])
-                )
+                answers.append(_vote_pb(answer[0], answer[1], item.one_phase))
             else:
                 waiting.append((len(answers), answer))
                 answers.append(None)
         for position, pending in waiting:
             vote, reason = await pending
-            answers[position] = participant_pb2.PrepareResponse(
-                vote=VOTE_TO_PB[vote], reason=reason
-            )
+            answers[position] = _vote_pb(vote, reason, items[position].one_phase)
         votes = [answer for answer in answers if answer is not None]
         assert len(votes) == len(items)
         return votes, keys

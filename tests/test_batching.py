@@ -707,3 +707,38 @@ def test_a_transaction_timer_that_fires_early_still_ends_it_on_time(
             assert took < 1.2, (took, short.reason)
 
     asyncio.run(scenario())
+
+
+def test_an_abort_answer_waiting_for_a_prepare_ends_at_the_deadline_however_early_the_timer(
+    tmp_path: Path,
+) -> None:
+    """An abort's answer that waits for a Prepare still out is bounded by the transaction's
+    timer, which must be armed again when it fires early in ABORTED too (a review found the
+    Submit never answered)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, transaction_timeout_ms=10_000) as cluster:
+            engine = cluster.coordinator.engine
+            fire, clock = engine._on_timer, engine.clock_ms
+
+            def fired_early(run: Any) -> None:
+                engine.clock_ms = lambda: clock() - 2
+                try:
+                    fire(run)
+                finally:
+                    engine.clock_ms = clock
+
+            engine._on_timer = fired_early  # type: ignore[method-assign]
+            # notification's prepare vanishes on its way (the timer is the only bound), and
+            # orders is down: its prepare fails at once, and the abort's answer waits.
+            engine.registry.port("notification").prepare = lambda item: None  # type: ignore[method-assign]
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_DOWN)
+            started = time.perf_counter()
+            answer = await asyncio.wait_for(
+                cluster.submit(_notify_and_order("o-9"), "t-pending", timeout_ms=300), 3
+            )
+            took = time.perf_counter() - started
+            assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome
+            assert took < 1.2, (took, answer.reason)
+
+    asyncio.run(scenario())

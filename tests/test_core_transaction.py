@@ -86,14 +86,12 @@ def test_refusal_aborts_without_logging_and_rolls_back_every_branch_that_may_hav
     txn.handle(core.VoteReceived(0, Vote.PREPARED))
     actions = txn.handle(core.VoteReceived(1, Vote.REFUSED, "out of stock"))
     # Branch 0 voted PREPARED and branch 2 has not answered: both may hold a prepared state.
-    assert [
-        core.SendRollback(0),
-        core.SendRollback(2),
-        core.Reply(Outcome.ABORTED, "p1 refused: out of stock"),
-        core.Finished(),
-    ] == actions
-    assert not any(isinstance(a, core.PersistDecision) for a in actions)
+    assert [core.SendRollback(0), core.SendRollback(2)] == actions
     assert TxnState.ABORTED == txn.state
+    # The client's answer waits for branch 2's vote: it could say an earlier attempt committed.
+    late = txn.handle(core.VoteReceived(2, Vote.PREPARED))
+    assert [core.Reply(Outcome.ABORTED, "p1 refused: out of stock"), core.Finished()] == late
+    assert not any(isinstance(a, core.PersistDecision) for a in [*actions, *late])
 
 
 def test_prepare_failure_aborts_and_rolls_back_the_failed_branch_too() -> None:
@@ -119,7 +117,8 @@ def test_global_timeout_aborts_only_while_undecided() -> None:
 def test_decision_never_changes_late_votes_are_ignored() -> None:
     txn, _ = begin(2)
     txn.handle(core.VoteReceived(0, Vote.REFUSED, "no"))
-    assert [] == txn.handle(core.VoteReceived(1, Vote.PREPARED))
+    answered = txn.handle(core.VoteReceived(1, Vote.PREPARED))  # the last vote out
+    assert [core.Reply(Outcome.ABORTED, "p0 refused: no"), core.Finished()] == answered
     assert [] == txn.handle(core.PrepareFailed(1, "late"))
     assert [] == txn.handle(core.VoteReceived(1, Vote.COMMITTED))
     assert (TxnState.ABORTED, Outcome.ABORTED) == (txn.state, txn.answer)
@@ -137,7 +136,8 @@ def test_a_branch_committed_by_an_earlier_attempt_makes_the_answer_committed() -
     and an inquiry about it hears ABORTED."""
     txn, _ = begin(3)
     txn.handle(core.VoteReceived(0, Vote.PREPARED))
-    actions = txn.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
+    earlier = core.VoteReceived(1, Vote.COMMITTED, "committed earlier", earlier=True)
+    actions = txn.handle(earlier)
     assert "committed by an earlier attempt" in txn.reason
     assert [
         core.SendRollback(0),  # prepared by this attempt: again, by a participant that forgot
@@ -153,16 +153,28 @@ def test_a_branch_committed_by_an_earlier_attempt_makes_the_answer_committed() -
     assert Outcome.ABORTED == core.inquiry_answer(txn)
 
 
-def test_an_abort_on_a_failed_prepare_answers_once_no_prepare_is_out_or_at_the_deadline() -> None:
-    """A participant that is down fails at once: the answer waits for the others' votes,
-    which may show an earlier attempt's commit (a refusal cannot: a participant that
-    remembers one answers COMMITTED), but never past the deadline."""
-    failed, _ = begin(2)
-    assert [core.SendRollback(0), core.SendRollback(1)] == failed.handle(
-        core.PrepareFailed(0, "unavailable")
-    )
-    answered = failed.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
-    assert [core.Reply(Outcome.COMMITTED, failed.reason), core.Finished()] == answered
+def test_committed_to_a_two_phase_prepare_must_say_an_earlier_attempt_committed() -> None:
+    """A participant that commits on a two-phase Prepare on its own is not taken for an
+    earlier commit: its client would be told COMMITTED while the other branches roll back."""
+    txn, _ = begin(2)
+    with pytest.raises(ProtocolError):
+        txn.handle(core.VoteReceived(1, Vote.COMMITTED))
+    assert txn.branches[1].vote is None
+    actions = txn.handle(core.PrepareFailed(1, "protocol error"))  # what the engine feeds
+    assert TxnState.ABORTED == txn.state and core.SendRollback(1) in actions
+
+
+def test_an_abort_answers_once_no_prepare_is_out_or_at_the_deadline() -> None:
+    """A participant down fails at once, one that forgot the earlier commit refuses (its
+    stock went to it): the answer waits for the others' votes, which may say an earlier
+    attempt committed the transaction, but never past the deadline."""
+    for first in (core.PrepareFailed(0, "unavailable"), core.VoteReceived(0, Vote.REFUSED, "x")):
+        txn, _ = begin(2)
+        assert [core.SendRollback(1)] == [
+            a for a in txn.handle(first) if not isinstance(a, core.SendRollback) or a.branch
+        ]
+        answered = txn.handle(core.VoteReceived(1, Vote.COMMITTED, "earlier", earlier=True))
+        assert [core.Reply(Outcome.COMMITTED, txn.reason), core.Finished()] == answered
 
     plain, _ = begin(2)
     plain.handle(core.PrepareFailed(0, "unavailable"))
@@ -178,26 +190,45 @@ def test_an_abort_on_a_failed_prepare_answers_once_no_prepare_is_out_or_at_the_d
     )
 
 
-def test_a_rollback_answered_already_committed_after_an_earlier_commit_is_no_heuristic() -> None:
-    """Once a participant said an earlier attempt committed the transaction, a Rollback its
-    branch's record contradicts (a participant down at prepare time, which remembers) is that
-    commit (before, recorded as a heuristic commit). Without that vote, or forced by an
-    operator, it is recorded, as before: only a vote says an earlier attempt committed."""
+@pytest.mark.parametrize("how", ["deadline", "timeout"])
+def test_an_answer_given_never_changes_when_a_committed_vote_comes_later(how: str) -> None:
+    """The answer is the one a retried Submit and the status give afterwards too (rules 4,
+    14): a COMMITTED vote after the client was told ABORTED changes nothing (a review found
+    that it turned the status and every later answer to COMMITTED)."""
+    txn, _ = begin(3)
+    if how == "deadline":
+        txn.handle(core.PrepareFailed(0, "unavailable"))
+    else:
+        txn.handle(core.VoteReceived(0, Vote.PREPARED))
+    told = txn.handle(core.TimedOut(6_000))
+    assert any(isinstance(a, core.Reply) and a.outcome is Outcome.ABORTED for a in told)
+    txn.handle(core.VoteReceived(1, Vote.COMMITTED, "earlier", 6_001, earlier=True))
+    assert (Outcome.ABORTED, "") == (txn.answer, txn.committed_earlier)
+
+
+def test_a_rollback_answered_already_committed_in_an_earlier_commit_is_no_heuristic() -> None:
+    """An abort sends its Rollbacks at once, also to branches whose Prepare is out, so a
+    participant that remembers the commit may answer the Rollback "already committed"
+    before its COMMITTED vote comes (unary calls; or in one Exchange, whose decisions are
+    answered first). Held while the answer waits: that earlier commit if the vote comes
+    (before, recorded as a heuristic commit), a heuristic commit if not. Forced by an
+    operator, it is recorded at once."""
+    contradicted = core.HeuristicReported(1, HEURISTIC_COMMIT, "branch t1/1 is already committed")
     txn, _ = begin(2)
     txn.handle(core.PrepareFailed(0, "unavailable"))
-    txn.handle(core.VoteReceived(1, Vote.COMMITTED, "committed earlier"))
-    contradicted = core.HeuristicReported(0, HEURISTIC_COMMIT, "branch t1/0 is already committed")
     assert [] == txn.handle(contradicted)
-    assert (True, "") == (txn.branches[0].acknowledged, txn.branches[0].heuristic)
+    answered = txn.handle(core.VoteReceived(1, Vote.COMMITTED, "earlier", earlier=True))
+    assert [core.Reply(Outcome.COMMITTED, txn.reason), core.Finished()] == answered
+    assert (True, "") == (txn.branches[1].acknowledged, txn.branches[1].heuristic)
     forced = core.HeuristicReported(0, HEURISTIC_COMMIT, "forced", forced=True)
     assert [core.PersistHeuristic(0, HEURISTIC_COMMIT, "forced")] == txn.handle(forced)
 
     plain, _ = begin(2)
     plain.handle(core.PrepareFailed(0, "unavailable"))
-    plain.handle(core.PrepareFailed(1, "unavailable"))
-    recorded = plain.handle(contradicted)
-    assert [core.PersistHeuristic(0, HEURISTIC_COMMIT, contradicted.detail)] == recorded
-    assert Outcome.ABORTED == plain.answer
+    assert [] == plain.handle(contradicted)
+    answered = plain.handle(core.PrepareFailed(1, "unavailable"))
+    persisted = core.PersistHeuristic(1, HEURISTIC_COMMIT, contradicted.detail)
+    assert [core.Reply(Outcome.ABORTED, plain.reason), persisted, core.Finished()] == answered
 
 
 def test_duplicate_vote_changes_nothing() -> None:

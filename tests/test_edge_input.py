@@ -228,3 +228,21 @@ def test_registration_refuses_an_operation_type_that_can_never_match(tmp_path: P
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [("h:65535", False), ("h:0000000080", False), ("h:000065536", True), ("h:0", True)],
+)
+def test_cli_port_bounds_ignore_leading_zeros(address: str, refused: bool) -> None:
+    """A review found 000065536 accepted (gRPC dials it modulo 65536) and 0000000080
+    refused: the first eight characters were read as the port."""
+    import argparse
+
+    from dtm.cli import _address
+
+    if refused:
+        with pytest.raises(argparse.ArgumentTypeError):
+            _address(address)
+    else:
+        assert address == _address(address)

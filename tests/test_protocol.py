@@ -781,6 +781,68 @@ def test_a_late_retry_rolls_back_a_branch_a_participant_forgot_and_ran_again(
     asyncio.run(scenario())
 
 
+def test_a_late_retry_refused_by_a_participant_that_forgot_is_answered_committed(
+    tmp_path: Path,
+) -> None:
+    """Inventory no longer remembers its branch and refuses the retry: the earlier attempt
+    took the last stock. The others, slower, remember the commit. Before, the refusal was
+    answered at once, ABORTED; and the first review of this change found the status and a
+    second retry then turned COMMITTED. The answer now waits for the votes still out."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
+            inventory = cluster.participants["inventory"].engine
+            inventory._decided = DecidedWindow(0)  # forgets each branch once decided
+            await _commit_then_forget(cluster, order, "txn-scarce")
+            for name in ("orders", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
+            first = await cluster.submit(order, "txn-scarce")
+            assert COMMITTED == first.outcome, first.reason
+            for name in ("orders", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_NONE)
+            again = await cluster.submit(order, "txn-scarce")
+            assert (COMMITTED, first.reason) == (again.outcome, again.reason)
+            status = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="txn-scarce")
+            )
+            assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
+
+    asyncio.run(scenario())
+
+
+def test_a_late_retry_over_unary_calls_records_no_false_heuristic(tmp_path: Path) -> None:
+    """The same late retry over unary calls (a participant without the batch capability):
+    the abort's Rollbacks go at once, also to branches whose Prepare is still out, and a
+    participant that remembers the commit answers "already committed" before its vote comes.
+    A review found each such answer recorded as a heuristic commit; now it is held until the
+    vote says it is the earlier commit."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
+        ) as cluster:
+            order = order_branches("o-unary", [("sku-pear", 2)], amount_cents=200)
+            await _commit_then_forget(cluster, order, "txn-unary")
+            engine = cluster.coordinator.engine
+            for name in ("inventory", "orders", "payment", "notification"):
+                engine.registry.port(name).batch = False  # as for a participant not batching
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_DOWN)
+            for name in ("orders", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
+            retried = await cluster.submit(order, "txn-unary")
+            assert COMMITTED == retried.outcome, retried.reason
+            heuristics = await cluster.client.ListHeuristics(
+                coordinator_pb2.ListHeuristicsRequest()
+            )
+            assert [] == list(heuristics.heuristics)
+
+    asyncio.run(scenario())
+
+
 def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted(
     tmp_path: Path,
 ) -> None:

@@ -37,8 +37,8 @@ class ParticipantClient:
         one_phase: bool,
         timeout_s: float,
         fingerprint: bytes = b"",
-    ) -> tuple[Vote, str, str]:
-        """The vote, its reason, and `id_reused` (see PrepareResponse)."""
+    ) -> tuple[Vote, str, str, bool]:
+        """The vote, its reason, `id_reused` and `committed_earlier` (see PrepareResponse)."""
         request = participant_pb2.PrepareRequest(
             transaction_id=transaction_id,
             branch=branch,
@@ -50,7 +50,7 @@ class ParticipantClient:
         vote = PB_TO_VOTE.get(response.vote)
         if vote is None:
             raise ValueError(f"{self.name} answered Prepare with no vote")
-        return vote, response.reason, response.id_reused
+        return vote, response.reason, response.id_reused, response.committed_earlier
 
     async def commit(
         self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""

@@ -117,11 +117,7 @@ class Run:
         unspecified = coordinator_pb2.VOTE_UNSPECIFIED
         head: Head = (
             txn.transaction_id,
-            # What the transaction is: committed, also when an earlier attempt committed it
-            # (this attempt's own abort is what query_outcome answers).
-            coordinator_pb2.TRANSACTION_STATE_COMMITTED
-            if txn.committed_earlier
-            else STATE_TO_PB[txn.state],
+            _state_pb(txn),
             self.answer(),
             txn.reason,
             txn.created_at_ms,
@@ -196,6 +192,17 @@ def _stop_phase_two(
             branch.acknowledged = True
             branch.heuristic = heuristic.outcome
     return all(branch.acknowledged for branch in decided.branches)
+
+
+def _state_pb(txn: Transaction) -> int:
+    """What the transaction is, as clients and operators see it: ABORTING while an abort's
+    answer waits for a Prepare still out, COMMITTED when an earlier attempt committed it
+    (this attempt's own abort is what query_outcome answers), else its core state."""
+    if txn.answer_pending:
+        return coordinator_pb2.TRANSACTION_STATE_ABORTING
+    if txn.committed_earlier:
+        return coordinator_pb2.TRANSACTION_STATE_COMMITTED
+    return STATE_TO_PB[txn.state]
 
 
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
@@ -364,7 +371,7 @@ class Engine:
         """Active then finished, newest first; only those in `states` (TransactionState
         values) if any are given. Consume without awaiting: the window is read in place."""
         for run in reversed(list(self.active.values())):
-            if not states or STATE_TO_PB[run.txn.state] in states:
+            if not states or _state_pb(run.txn) in states:
                 yield run.view()
         yield from self.finished.newest_first(states)
 
@@ -394,7 +401,10 @@ class Engine:
             # a one-phase Prepare, say). The core changed nothing; never wedge the transaction
             # on it: an illegal vote counts as a failed prepare, anything else is dropped.
             self._log.error("protocol error", txn=run.txn.transaction_id, error=str(error))
-            if isinstance(event, core.VoteReceived) and run.txn.state is TxnState.PREPARING:
+            aborted_waiting = run.txn.state is TxnState.ABORTED and run.txn.answer_pending
+            if isinstance(event, core.VoteReceived) and (
+                run.txn.state is TxnState.PREPARING or aborted_waiting
+            ):
                 failed = core.PrepareFailed(event.branch, f"protocol error: {error}", event.now_ms)
                 self._feed(run, failed)
             return
@@ -623,7 +633,7 @@ class Engine:
         now = self.clock_ms()
         self._feed(run, core.TimedOut(now))
         txn = run.txn
-        if txn.state is TxnState.PREPARING and now < txn.deadline_ms:
+        if (txn.state is TxnState.PREPARING or txn.answer_pending) and now < txn.deadline_ms:
             # Fired before the deadline by the clock the core reads: the timer runs on the
             # loop's clock, which uvloop rounds to milliseconds (1 in 200-400 fired early), and
             # the core then ignored it; nothing else ended the transaction. Again, for the rest.
@@ -670,7 +680,10 @@ class Engine:
                     reason=result.reason or None,
                     ms=round((time.perf_counter() - started) * 1000, 2),
                 )
-            self._feed(run, core.VoteReceived(index, result.vote, result.reason, self.clock_ms()))
+            vote = core.VoteReceived(
+                index, result.vote, result.reason, self.clock_ms(), earlier=result.earlier
+            )
+            self._feed(run, vote)
 
         loop = asyncio.get_running_loop()
         self.registry.port(branch.participant).prepare(

@@ -42,6 +42,8 @@ class PrepareResult:
     invalid_argument: str = ""
     # The participant refused: this (transaction, branch) belongs to another transaction.
     id_reused: str = ""
+    # With COMMITTED to a two-phase Prepare: an earlier attempt committed the branch.
+    earlier: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +220,7 @@ class ParticipantPort:
 
     async def _unary_prepare(self, item: PrepareItem) -> None:
         try:
-            vote, reason, id_reused = await self.client.prepare(
+            vote, reason, id_reused, earlier = await self.client.prepare(
                 item.transaction_id,
                 item.branch,
                 item.operation,
@@ -236,7 +238,7 @@ class ParticipantPort:
             _internal_error(self.client.name, "Prepare", error)
             item.done(PrepareResult(None, f"internal error: {type(error).__name__}: {error}"))
             return
-        item.done(PrepareResult(vote, _said(reason), id_reused=_said(id_reused)))
+        item.done(PrepareResult(vote, _said(reason), id_reused=_said(id_reused), earlier=earlier))
 
     async def _unary_decide(self, item: DecideItem) -> None:
         timeout_s = self._phase_two_timeout_s
@@ -321,7 +323,9 @@ class ParticipantPort:
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
                 reason = _said(answer.reason)
-                prepare.done(PrepareResult(vote, reason, id_reused=_said(answer.id_reused)))
+                reused = _said(answer.id_reused)
+                earlier = answer.committed_earlier
+                prepare.done(PrepareResult(vote, reason, id_reused=reused, earlier=earlier))
 
     def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
         """The prepares with time left to be answered. The others ran out of it waiting for

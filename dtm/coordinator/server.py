@@ -236,14 +236,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         except SubmitRejected as rejected:
             return _refused(rejected.code, str(rejected))
-        if view.id_reused:
+        committed = view.answer == coordinator_pb2.OUTCOME_COMMITTED  # (an earlier attempt)
+        if view.id_reused and not committed:
             # Beyond the coordinator's own memory (finished_kept): a participant remembered.
             return _refused(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{view.id_reused}; this attempt was aborted and nothing was applied: choose a "
                 "new transaction id",
             )
-        if view.invalid_argument:
+        if view.invalid_argument and not committed:
             return _refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{view.invalid_argument}; transaction {view.transaction_id} was aborted and "

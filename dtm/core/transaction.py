@@ -76,6 +76,9 @@ class VoteReceived:
     vote: Vote
     reason: str = ""
     now_ms: int = 0
+    # With COMMITTED to a two-phase Prepare: the participant says an earlier attempt committed
+    # the branch (PrepareResponse.committed_earlier). Without it, COMMITTED there is illegal.
+    earlier: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,9 +261,13 @@ class Transaction:
     # told so; this attempt itself commits nothing and rolls back what it prepared (a
     # participant that forgot the earlier commit prepared its branch again). The participant.
     committed_earlier: str = ""
-    # Aborted on a failed Prepare while another was still out: the client's answer waits for
-    # it (or the deadline), since a late vote may show that an earlier attempt committed.
+    # Aborted while some Prepare was still out: the client's answer waits for it (or the
+    # deadline), since a late vote may show that an earlier attempt committed.
     answer_pending: bool = False
+    # Rollbacks answered "already committed" (not forced) while the answer waits: the earlier
+    # commit if a COMMITTED vote comes, else heuristic commits; settled with the answer. At
+    # most one per branch (a contradicted branch's phase 2 stops).
+    held_heuristics: list[HeuristicReported] | None = None
 
     # ---- construction ----
 
@@ -346,17 +353,16 @@ class Transaction:
                 return branch
         raise ProtocolError(f"transaction {self.transaction_id}: no branch {index}")
 
-    def _abort(self, reason: str, now_ms: int, *, failed: bool = False) -> list[Action]:
+    def _abort(self, reason: str, now_ms: int, *, timed_out: bool = False) -> list[Action]:
         """Decide abort (only ever from PREPARING). Rollback every branch that may have prepared.
 
         Presumed abort: nothing is logged. Rollbacks are delivered best-effort (a bounded number
         of tries); a participant that misses them asks the coordinator, which answers ABORTED
         for any transaction it has no commit record of. The client is answered, and the
-        transaction finished, at once, except after a failed Prepare (a participant down or
-        unreachable): then once no Prepare is out any more, or at the deadline, since a late
-        vote may show that an earlier attempt committed the transaction (a late retry, with a
-        participant down, was told ABORTED). A refusal does not wait: a participant that
-        remembers an earlier commit answers COMMITTED, not REFUSED.
+        transaction finished, once no Prepare is out any more (at once at the deadline): a vote
+        still out may show that an earlier attempt committed the transaction. A late retry
+        was told ABORTED when a participant was down, or when one that had forgotten the
+        commit refused (out of stock: the earlier attempt took it), before the others' votes.
         """
         self.reason = reason
         self.decided_at_ms = now_ms
@@ -367,7 +373,7 @@ class Transaction:
                 branch.needs_phase_two = True
                 actions.append(SendRollback(branch.index))
         self._move(TxnState.ABORTED)
-        if not failed or self.committed_earlier or not self._prepares_out():
+        if timed_out or self.committed_earlier or not self._prepares_out():
             return [*actions, *self._answer_abort()]
         self.answer_pending = True
         return actions
@@ -378,11 +384,17 @@ class Transaction:
     def _answer_abort(self) -> list[Action]:
         self.answer_pending = False
         answer = Outcome.COMMITTED if self.committed_earlier else Outcome.ABORTED
-        return [*self._reply(answer, self.reason), Finished()]
+        held, self.held_heuristics = self.held_heuristics or [], None
+        settled: list[Action] = []
+        for report in held:
+            settled += _on_heuristic_after_abort(self, report)
+        return [*self._reply(answer, self.reason), *settled, Finished()]
 
     def _found_committed(self, branch: BranchProgress) -> None:
-        """`branch`'s participant holds it committed: see `committed_earlier`."""
-        if not self.committed_earlier:
+        """`branch`'s participant holds it committed: see `committed_earlier`. Only until the
+        client is answered: an answer once given never changes (a retried Submit and the
+        status say the same)."""
+        if not self.committed_earlier and not self.replied:
             self.committed_earlier = branch.participant
             self.reason = (
                 f"committed by an earlier attempt of this transaction ({branch.participant} "
@@ -405,6 +417,7 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
     # for an answer it already has (a one-phase one forever: it has no timeout).
     if txn.one_phase and event.vote is Vote.PREPARED:
         raise ProtocolError(f"{branch.participant} answered PREPARED to a one-phase prepare")
+    _check_committed_earlier(txn, branch, event)
     branch.vote = event.vote
     branch.reason = event.reason
     if txn.one_phase:
@@ -416,6 +429,7 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
         return txn._abort(txn.reason, event.now_ms)
     if event.vote is Vote.REFUSED:
         return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
+
     if any(b.vote is None for b in txn.branches):
         return []
     updating = tuple((b.index, b.participant) for b in txn.branches if b.vote is Vote.PREPARED)
@@ -453,9 +467,7 @@ def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
         txn.reason = f"one-phase answer lost: {event.reason}"
         txn._move(TxnState.UNKNOWN)
         return [ProbeOnePhase(branch.index)]
-    return txn._abort(
-        f"{branch.participant} failed to prepare: {event.reason}", event.now_ms, failed=True
-    )
+    return txn._abort(f"{branch.participant} failed to prepare: {event.reason}", event.now_ms)
 
 
 def _on_timeout(txn: Transaction, event: TimedOut) -> list[Action]:
@@ -468,6 +480,7 @@ def _on_timeout(txn: Transaction, event: TimedOut) -> list[Action]:
         f"transaction timeout: no vote from {', '.join(waiting) or 'nobody'} "
         f"within {txn.deadline_ms - txn.created_at_ms} ms",
         event.now_ms,
+        timed_out=True,
     )
 
 
@@ -505,12 +518,23 @@ def _on_commit_failed(txn: Transaction, event: PhaseTwoFailed) -> list[Action]:
     return [RetryPhaseTwo(branch.index, branch.phase_two_attempts)]
 
 
+def _check_committed_earlier(txn: Transaction, branch: BranchProgress, event: VoteReceived) -> None:
+    if not txn.one_phase and event.vote is Vote.COMMITTED and not event.earlier:
+        # A participant that committed on a two-phase Prepare on its own: taken for an earlier
+        # attempt's commit, it would have the client told COMMITTED while the others roll back.
+        raise ProtocolError(
+            f"{branch.participant} answered COMMITTED to a two-phase prepare without saying "
+            "an earlier attempt committed it"
+        )
+
+
 def _on_vote_after_abort(txn: Transaction, event: VoteReceived) -> list[Action]:
     # The decision stands (rule 4: its Rollback already went to this branch). What the vote
     # tells is whether the client's answer, if it still waits, is that of an earlier attempt.
     branch = txn.branch(event.branch)
     if branch.vote is not None or branch.prepare_failed or txn.one_phase:
         return []
+    _check_committed_earlier(txn, branch, event)
     branch.vote = event.vote
     branch.reason = event.reason
     if event.vote is Vote.COMMITTED:
@@ -540,6 +564,11 @@ def _answer_when_no_prepare_is_out(txn: Transaction) -> list[Action]:
 
 
 def _on_heuristic_after_abort(txn: Transaction, event: HeuristicReported) -> list[Action]:
+    if event.outcome == HEURISTIC_COMMIT and not event.forced and txn.answer_pending:
+        # Its Rollback overtook its Prepare (a unary call, or decisions applied first in an
+        # Exchange): the COMMITTED vote that says whether this is an earlier commit may follow.
+        txn.held_heuristics = [*(txn.held_heuristics or []), event]
+        return []
     if event.outcome != HEURISTIC_COMMIT or event.forced or not txn.committed_earlier:
         return _on_heuristic(txn, event)
     # A Rollback answered "already committed" by the branch's own record, in an attempt a

@@ -268,7 +268,13 @@ class CoordinatorNode:
             if isinstance(reply, msg.VoteReply):
                 vote = _VOTES[reply.vote]
                 run.votes_received.setdefault(call.branch, vote)
-                self._feed(run, tcore.VoteReceived(call.branch, vote, reply.reason, world.now_ms))
+                # (PrepareResponse.committed_earlier: our participants answer COMMITTED to a
+                # two-phase Prepare only for a branch an earlier attempt committed)
+                earlier = vote is tcore.Vote.COMMITTED
+                received = tcore.VoteReceived(
+                    call.branch, vote, reply.reason, world.now_ms, earlier
+                )
+                self._feed(run, received)
             else:
                 self._feed(run, tcore.PrepareFailed(call.branch, str(reply), world.now_ms))
         elif call.kind == "probe":

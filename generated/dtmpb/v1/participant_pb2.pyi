@@ -54,16 +54,18 @@ class PrepareRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
-    __slots__ = ("vote", "reason", "invalid_argument", "id_reused")
+    __slots__ = ("vote", "reason", "invalid_argument", "id_reused", "committed_earlier")
     VOTE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     INVALID_ARGUMENT_FIELD_NUMBER: _ClassVar[int]
     ID_REUSED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_EARLIER_FIELD_NUMBER: _ClassVar[int]
     vote: _coordinator_pb2.Vote
     reason: str
     invalid_argument: str
     id_reused: str
-    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ..., id_reused: _Optional[str] = ...) -> None: ...
+    committed_earlier: bool
+    def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ..., id_reused: _Optional[str] = ..., committed_earlier: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
