@@ -11,6 +11,7 @@ seed. The invariants are checked after every step; a failure names its seed and 
 from dtm.sim.world import (
     FaultConfig,
     InvariantViolation,
+    Memory,
     NodeModel,
     RunResult,
     Timing,
@@ -21,6 +22,7 @@ from dtm.sim.world import (
 __all__ = [
     "FaultConfig",
     "InvariantViolation",
+    "Memory",
     "NodeModel",
     "RunResult",
     "Timing",

@@ -10,6 +10,8 @@ unvoted branches, inquiries for in-doubt ones, replay of the log after a restart
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
@@ -63,11 +65,17 @@ class CoordinatorRun:
     # a commit decision against (never the core's own bookkeeping).
     votes_received: dict[int, Vote] = field(default_factory=dict)
     answer: Outcome | None = None  # what the Reply told the client, once it did
+    attempt: int = 0  # which attempt of its transaction this is (the checker's count)
+    # engine.Run.decisions_open: Commits and Rollbacks in flight or waiting to be retried. A
+    # forgotten aborted attempt's Rollbacks go on; a new attempt waits for them to end.
+    decisions_open: int = 0
+    settle_waiters: list[Callable[[], None]] = field(default_factory=list)
 
     def answer_now(self) -> Outcome:
         """engine.Run.answer: what a Submit joining after the Reply is told, the outcome as
-        known now (a one-phase UNKNOWN is answered COMMITTED or ABORTED once resolved)."""
-        outcome = self.txn.outcome
+        known now (a one-phase UNKNOWN is answered COMMITTED or ABORTED once resolved; an
+        attempt that found its transaction committed by an earlier one, COMMITTED)."""
+        outcome = self.txn.answer
         if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
             return outcome
         assert self.answer is not None
@@ -77,7 +85,7 @@ class CoordinatorRun:
 @dataclass(frozen=True, slots=True)
 class Call:
     call_id: int
-    transaction_id: str
+    run: CoordinatorRun  # the attempt that made it (its id may run a later attempt by now)
     kind: CallKind
     branch: int
 
@@ -90,10 +98,17 @@ class CoordinatorNode:
         self.alive = True
         self.incarnation = 0
         self.disk = _disk(world, self)
+        # Running attempts and the finished ones kept (all of them, unless memory is bounded).
         self.runs: dict[str, CoordinatorRun] = {}
         self.calls: dict[int, Call] = {}
         # The client calls waiting for a Reply, by transaction: this incarnation's connections.
         self.waiting: dict[str, list[int]] = {}
+        # engine.FinishedWindow's order (oldest first), and engine._settling: forgotten aborted
+        # attempts whose Rollbacks go on. Used only when memory.finished_kept is set.
+        self.finished: dict[str, None] = {}
+        self.settling: dict[str, CoordinatorRun] = {}
+        self.settle_waiting: dict[str, list[int]] = {}  # client calls waiting for those
+        self.forgotten: dict[str, None] = {}  # what the window forgot (and no attempt since)
 
     # ---- client side ----
 
@@ -104,6 +119,16 @@ class CoordinatorNode:
         again, and a transaction with no run (never seen, or forgotten in a restart before its
         commit was decided: presumed abort) is begun."""
         run = self.runs.get(transaction_id)
+        earlier = self.settling.get(transaction_id)
+        if run is None and earlier is not None:
+            # engine.submit: an attempt no longer kept still has Rollbacks on their way (one
+            # would roll back the new attempt's prepared branch): wait for them to end.
+            self.world.cover("coordinator: a Submit waited for a forgotten attempt's Rollbacks")
+            self.settle_waiting.setdefault(transaction_id, []).append(call)
+            earlier.settle_waiters.append(
+                functools.partial(self._settled, transaction_id, participants, timeout_ms, call)
+            )
+            return
         if run is None:
             self.waiting[transaction_id] = [call]
             self.begin(transaction_id, participants, timeout_ms)
@@ -114,6 +139,55 @@ class CoordinatorNode:
             self.world.cover("coordinator: a Submit again was answered from the finished run")
             outcome = run.answer_now()
             self.world.answer_client(transaction_id, call, outcome, "answered again")
+
+    def _settled(
+        self, transaction_id: str, participants: list[str], timeout_ms: int, call: int
+    ) -> None:
+        calls = self.settle_waiting.get(transaction_id, [])
+        if call in calls:
+            calls.remove(call)
+            if not calls:
+                del self.settle_waiting[transaction_id]
+            self.submit(transaction_id, participants, timeout_ms, call)
+
+    def _keep_finished(self, run: CoordinatorRun) -> None:
+        """engine._finish: the finished attempt joins the window of finished transactions,
+        which forgets its oldest beyond `finished_kept`: a Submit again runs a new attempt, an
+        inquiry hears ABORTED (no record: presumed abort)."""
+        kept = self.world.memory.finished_kept
+        if kept is None:
+            return
+        transaction_id = run.txn.transaction_id
+        if run.decisions_open and run.txn.state is TxnState.ABORTED:
+            self.settling[transaction_id] = run
+        self.finished[transaction_id] = None
+        while len(self.finished) > kept:
+            oldest = next(iter(self.finished))
+            del self.finished[oldest]
+            forgotten = self.runs.pop(oldest)
+            self.forgotten[oldest] = None
+            self.world.log(
+                f"  coordinator forgets {oldest} ({_outcome_of(forgotten)}): {kept} newer finished"
+            )
+            outcome = _outcome_of(forgotten)
+            self.world.cover(f"coordinator: forgot a finished transaction ({outcome})")
+
+    def _decision_opened(self, run: CoordinatorRun) -> None:
+        run.decisions_open += 1
+
+    def _decision_closed(self, run: CoordinatorRun) -> None:
+        """engine._decision_closed: a finished attempt's last Commit or Rollback ended."""
+        run.decisions_open -= 1
+        assert run.decisions_open >= 0
+        if run.decisions_open or not run.finished:
+            return
+        transaction_id = run.txn.transaction_id
+        if self.settling.get(transaction_id) is run:
+            del self.settling[transaction_id]
+        waiters, run.settle_waiters = run.settle_waiters, []
+        for waiter in waiters:
+            label = f"coordinator: {transaction_id}'s forgotten attempt settled: Submit again"
+            self.world.after(0, self, label, waiter)
 
     def begin(self, transaction_id: str, participants: list[str], timeout_ms: int) -> None:
         world = self.world
@@ -127,7 +201,9 @@ class CoordinatorNode:
         )
         run = CoordinatorRun(txn)
         self.runs[transaction_id] = run
+        self.forgotten.pop(transaction_id, None)
         world.checker.began(txn)
+        run.attempt = world.checker.txns[transaction_id].attempts
         token = world.next_id()
         run.timer_token = token
         world.after(
@@ -203,16 +279,15 @@ class CoordinatorNode:
                     world.answer_client(txn.transaction_id, call, action.outcome, action.reason)
             elif isinstance(action, tcore.PersistHeuristic):
                 # No operator forces anything here: a branch that contradicts the decision is
-                # an atomicity bug, whatever the checker would find later.
-                raise world.fail(
-                    f"atomicity: {txn.transaction_id}/{action.branch} reported "
-                    f"{action.outcome} ({action.detail}) against the {txn.state.value} decision"
-                )
+                # an atomicity bug, whatever the checker would find later (but for the limits
+                # of a late retry, which the checker counts).
+                checker.heuristic_reported(run, action.branch, action.outcome, action.detail)
             elif isinstance(action, tcore.PersistEnd):
                 self.disk.append(msg.EndRecord(txn.transaction_id))  # lazy: no fsync awaited
             elif isinstance(action, tcore.Finished):
                 run.finished = True
                 run.timer_token = 0
+                self._keep_finished(run)
         checker.touch(txn.transaction_id)
 
     # ---- calls: a request, a reply or a deadline, whichever comes first ----
@@ -229,7 +304,9 @@ class CoordinatorNode:
         world = self.world
         txn = run.txn
         call_id = world.next_id()
-        self.calls[call_id] = Call(call_id, txn.transaction_id, kind, branch)
+        self.calls[call_id] = Call(call_id, run, kind, branch)
+        if kind == "commit" or kind == "rollback":
+            self._decision_opened(run)
         request: msg.Message
         if kind == "prepare":
             request = msg.PrepareRequest(call_id, txn.transaction_id, branch, one_phase)
@@ -250,11 +327,13 @@ class CoordinatorNode:
         call = self.calls.pop(call_id, None)
         if call is None:
             return  # answered in time
-        run = self.runs[call.transaction_id]
+        run = call.run
         if call.kind == "prepare":
             self._feed(run, tcore.PrepareFailed(call.branch, reason, self.world.now_ms))
         else:
             self._feed(run, tcore.PhaseTwoFailed(call.branch, reason))
+            if call.kind != "probe":
+                self._decision_closed(run)
 
     def _answered(self, reply: msg.Reply) -> None:
         call = self.calls.pop(reply.call, None)
@@ -262,8 +341,12 @@ class CoordinatorNode:
             self.world.log("  late or duplicate reply: the call is over")
             self.world.cover("coordinator: late or duplicate reply ignored")
             return
-        run = self.runs[call.transaction_id]
+        run = call.run
         world = self.world
+        if call.kind == "commit" or call.kind == "rollback":
+            self._decided(run, call, reply)
+            self._decision_closed(run)
+            return
         if call.kind == "prepare":
             if isinstance(reply, msg.VoteReply):
                 vote = _VOTES[reply.vote]
@@ -288,7 +371,9 @@ class CoordinatorNode:
                 self._feed(run, tcore.OnePhaseResolved(committed=True))
             else:
                 self._feed(run, tcore.PhaseTwoFailed(call.branch, str(reply)))
-        elif isinstance(reply, msg.AckReply):
+
+    def _decided(self, run: CoordinatorRun, call: Call, reply: msg.Reply) -> None:
+        if isinstance(reply, msg.AckReply):
             self._feed(run, tcore.PhaseTwoAcked(call.branch))
         elif heuristic := _reported_heuristic(call.kind == "commit", reply):
             # ports.reported_heuristic: a contradicting answer is recorded, not retried.
@@ -303,6 +388,11 @@ class CoordinatorNode:
         ceiling = min(timing.backoff_ms_max, timing.backoff_ms_min * 2 ** min(attempt, 16))
         delay = world.rng.randint(timing.backoff_ms_min, ceiling)
 
+        state = run.txn.state
+        deciding = state in (TxnState.COMMITTING, TxnState.ABORTED)
+        if deciding:
+            self._decision_opened(run)  # engine: open until the retry task ends
+
         def retry() -> None:
             state = run.txn.state
             if state is TxnState.UNKNOWN:
@@ -310,6 +400,8 @@ class CoordinatorNode:
             elif state in (TxnState.COMMITTING, TxnState.ABORTED):
                 kind: CallKind = "commit" if state is TxnState.COMMITTING else "rollback"
                 self._call(run, kind, branch, timing.phase_two_timeout_ms)
+            if deciding:
+                self._decision_closed(run)
 
         world.cover(f"coordinator: retry in state {run.txn.state.value}")
         label = f"coordinator: retry {run.txn.transaction_id}/{branch} (attempt {attempt})"
@@ -325,7 +417,12 @@ class CoordinatorNode:
         if outcome is not None:
             answer = "committed" if outcome is Outcome.COMMITTED else "aborted"
         self.world.cover(f"coordinator: inquiry answered {answer}")
-        if answer != "unspecified":
+        if run is None and query.transaction_id in self.forgotten:
+            # Presumed abort about what the window forgot: a finished transaction, so no branch
+            # of it is left in doubt by it (a commit finishes on its last acknowledgement). Not
+            # a decision of any attempt; what the answer does to a branch is checked there.
+            self.world.cover("coordinator: inquiry about a forgotten transaction")
+        elif answer != "unspecified":
             self.world.checker.coordinator_said(
                 query.transaction_id, answer == "committed", f"answered {source}'s inquiry {answer}"
             )
@@ -348,6 +445,12 @@ class CoordinatorNode:
         self.incarnation += 1
         self.runs.clear()
         self.calls.clear()
+        self.finished.clear()
+        self.settling.clear()
+        self.forgotten.clear()
+        for transaction_id, calls in self.settle_waiting.items():
+            self.waiting.setdefault(transaction_id, []).extend(calls)
+        self.settle_waiting.clear()
         waiting, self.waiting = self.waiting, {}
         for transaction_id, calls in waiting.items():
             for call in calls:
@@ -376,7 +479,11 @@ class CoordinatorNode:
             txn.state = TxnState.COMMITTED
             for progress in txn.branches:
                 progress.acknowledged = True
-            self.runs[transaction_id] = CoordinatorRun(txn, finished=True, answer=Outcome.COMMITTED)
+            run = CoordinatorRun(txn, finished=True, answer=Outcome.COMMITTED)
+            self.runs[transaction_id] = run
+            # engine.replay: the window again, in the order they ended (its checkpoints keep
+            # it across restarts; the simulator's log replays the ended commits only).
+            self._keep_finished(run)
         for transaction_id, decided in pending.items():
             txn, actions = Transaction.recovered_commit(
                 transaction_id, decided.branches, decided_at_ms=decided.decided_at_ms
@@ -384,6 +491,8 @@ class CoordinatorNode:
             # engine.resume: a Submit again is answered COMMITTED at once.
             run = CoordinatorRun(txn, answer=Outcome.COMMITTED)
             self.runs[transaction_id] = run
+            self.forgotten.pop(transaction_id, None)
+            run.attempt = self.world.checker.resumed(transaction_id)
             self.world.checker.coordinator_said(transaction_id, True, "resumed its commit")
             self._execute(run, actions)
 
@@ -413,6 +522,15 @@ class ParticipantNode:
         self.forced_lsn: dict[BranchKey, int] = {}
         self.inquiries: dict[BranchKey, int] = {}  # the call id of the inquiry in flight
         self.inquiry_attempts: dict[BranchKey, int] = {}
+        # participants/decided.py, when memory.decided_kept is set: the decided branches kept,
+        # oldest first. One beyond the window is forgotten once its records are durable, as
+        # a checkpoint then drops them from the log: `forgotten_upto` (durable, as that
+        # checkpoint is) hides them from a replay.
+        self.decided: dict[BranchKey, None] = {}
+        self.last_lsn: dict[BranchKey, int] = {}
+        self.forgotten_upto: dict[BranchKey, int] = {}
+        self._trim_waiting = False
+        self._replies_pending: dict[BranchKey, int] = {}  # replies waiting for durability
 
     # ---- requests from the coordinator ----
 
@@ -438,11 +556,15 @@ class ParticipantNode:
         key = (request.transaction_id, request.branch)
         event = bcore.PrepareRequested(request.one_phase)
         branch = self.branches.get(key)
+        self.world.checker.prepare_delivered(
+            key, request.call, branch.state if branch is not None else None
+        )
         if branch is None:
             new, actions = Branch.on_first_message(key[0], key[1], event)
             assert new is not None
             branch = new
             self.branches[key] = branch
+            self.world.checker.branch_created(key)
         else:
             self.world.cover(f"participant: duplicate Prepare on {branch.state.value}")
             actions = self._handle(branch, event)
@@ -477,6 +599,7 @@ class ParticipantNode:
                 return
             branch = new
             self.branches[key] = branch
+            self.world.checker.branch_created(key)
             self.world.cover("participant: tombstone (Rollback before Prepare)")
             answer = self._execute(branch, actions)
         else:
@@ -495,10 +618,14 @@ class ParticipantNode:
         """Persist before you speak: a reply waits for the branch's last forced record."""
 
         def send() -> None:
+            self._replies_pending[key] -= 1
+            if not self._replies_pending[key]:
+                del self._replies_pending[key]
             if isinstance(reply, msg.VoteReply):
                 self.world.checker.vote_sent(self, key, reply.vote)
             self.world.send(self, destination, reply)
 
+        self._replies_pending[key] = self._replies_pending.get(key, 0) + 1
         lsn = self.forced_lsn.get(key)
         if lsn is None:
             send()
@@ -529,6 +656,7 @@ class ParticipantNode:
                     _RECORD_KINDS[action.kind], key[0], key[1], one_phase=branch.one_phase
                 )
                 lsn = self.disk.append(record)
+                self.last_lsn[key] = lsn
                 if action.forced:
                     self.forced_lsn[key] = lsn
             elif isinstance(action, bcore.ApplyCommit):
@@ -547,7 +675,54 @@ class ParticipantNode:
                     key, source, msg.VoteReply(call, BranchVote.REFUSED, reason)
                 )
         world.checker.touch(key[0])
+        if (
+            world.memory.decided_kept is not None
+            and branch.state in bcore.DECIDED_STATES
+            and key not in self.decided
+            and self.branches.get(key) is branch
+        ):
+            self.decided[key] = None
+            self._trim()
         return reply
+
+    # ---- the window of decided branches (participants/decided.py) ----
+
+    def _trim(self) -> None:
+        kept = self.world.memory.decided_kept
+        assert kept is not None
+        # Bounded: each pass forgets one branch, or waits and stops.
+        while len(self.decided) > kept:
+            oldest = next(iter(self.decided))
+            lsn = self.last_lsn.get(oldest, 0)
+            if self._trim_waiting:
+                return
+            if lsn > self.disk.durable:
+                self._trim_waiting = True
+                self.disk.wait_durable(lsn, self._trim_resume)
+                return
+            if oldest in self._replies_pending:
+                # Its answer leaves in this step (its record just became durable): after it.
+                self._trim_waiting = True
+                label = f"{self.name}: forget decided branches"
+                self.world.after(0, self, label, self._trim_resume)
+                return
+            self._forget(oldest)
+
+    def _trim_resume(self) -> None:
+        self._trim_waiting = False
+        self._trim()
+
+    def _forget(self, key: BranchKey) -> None:
+        self.world.checker.branch_forgotten(self, key)
+        del self.decided[key]
+        del self.branches[key]
+        self.forced_lsn.pop(key, None)
+        self.work.pop(key, None)
+        self.inquiries.pop(key, None)
+        self.inquiry_attempts.pop(key, None)
+        lsn = self.last_lsn.pop(key, 0)
+        if lsn:
+            self.forgotten_upto[key] = lsn
 
     def _start_prepare(self, branch: Branch) -> None:
         world = self.world
@@ -666,13 +841,21 @@ class ParticipantNode:
         self.forced_lsn.clear()
         self.inquiries.clear()
         self.inquiry_attempts.clear()
+        self.decided.clear()
+        self.last_lsn.clear()
+        self._trim_waiting = False
+        self._replies_pending.clear()
 
     def restart(self) -> None:
-        """branches.py replay: prepared, committed and rolled-back branches and tombstones."""
+        """branches.py replay: prepared, committed and rolled-back branches and tombstones
+        (but those a window of decided branches forgot), and that window again."""
         self.alive = True
-        for record in self.disk.records:
+        for lsn, record in enumerate(self.disk.records, 1):
             assert isinstance(record, msg.BranchRecord)
             key = (record.transaction_id, record.branch)
+            if lsn <= self.forgotten_upto.get(key, 0):
+                continue
+            self.last_lsn[key] = lsn
             branch = self.branches.get(key)
             if record.kind == "prepared":
                 self.branches[key] = Branch(
@@ -696,6 +879,13 @@ class ParticipantNode:
                 self.branches[key] = tombstone
             elif branch.state is BranchState.PREPARED:
                 branch.state = BranchState.ROLLED_BACK
+            self.decided.pop(key, None)
+            if self.branches[key].state in bcore.DECIDED_STATES:
+                self.decided[key] = None  # in the order they were decided
+        if self.world.memory.decided_kept is None:
+            self.decided.clear()
+        else:
+            self._trim()  # all replayed records are durable: at once
         in_doubt = [key for key, b in self.branches.items() if b.state is BranchState.PREPARED]
         self.world.log(
             f"RESTART {self.name}: {len(self.branches)} branch(es), {len(in_doubt)} in doubt"
@@ -704,6 +894,11 @@ class ParticipantNode:
             self.world.cover("participant: in-doubt branch replayed")
         for key in in_doubt:
             self._inquire_later(key, self.world.timing.in_doubt_after_ms)
+
+
+def _outcome_of(run: CoordinatorRun) -> str:
+    answer = run.txn.answer
+    return answer.value if answer is not None else run.txn.state.value
 
 
 def _disk(world: World, owner: CoordinatorNode | ParticipantNode) -> Disk:

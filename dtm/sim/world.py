@@ -170,6 +170,31 @@ class NodeModel:
 
 
 @dataclass(frozen=True, slots=True)
+class Memory:
+    """How much the nodes remember of what is over. None: everything (the default, as with
+    `finished_kept` and the participants' window far larger than any run's transactions).
+
+    A number models the real bounds: the coordinator keeps its last `finished_kept` finished
+    transactions (dtm/coordinator/finished.py, 20,000 by default) and forgets older ones in the
+    order they finished: a Submit again then runs a new attempt, and an inquiry hears ABORTED
+    (presumed abort). A participant keeps its last `decided_kept` decided branches
+    (participants/decided.py, 100,000): an older one is gone, as if a checkpoint had dropped it
+    from the log, and a late Prepare runs the branch again. Forgetting is what makes a late
+    retry meet its earlier attempt's commit (Transaction.committed_earlier).
+    """
+
+    finished_kept: int | None = None
+    decided_kept: int | None = None
+
+    @classmethod
+    def forgetful(cls, rng: random.Random) -> Memory:
+        return cls(
+            finished_kept=rng.choice((0, 1, 2, 4)),
+            decided_kept=rng.choice((None, 1, 2, 4, 8)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Workload:
     participants: int
     transactions: int
@@ -213,6 +238,9 @@ class RunResult:
     resubmits: int = 0  # Submits again under the same id by clients that got no answer
     # How often each interesting protocol path ran: evidence that the seeds reach them.
     coverage: tuple[tuple[str, int], ...] = ()
+    # How often an outcome README documents as a limit (a late retry no participant
+    # remembers) happened: accepted by the checker, never silently.
+    limits: tuple[tuple[str, int], ...] = ()
 
 
 class InvariantViolation(Exception):
@@ -273,6 +301,8 @@ class World:
         stale_delivery: bool = False,
         workload: Workload | None = None,
         timing: Timing | None = None,
+        memory: Memory | None = None,
+        forgetful: bool = False,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -280,6 +310,9 @@ class World:
         self.model = model or NodeModel()
         self.timing = timing or Timing.random(self.rng)
         self.workload = workload or Workload.random(self.rng)
+        # Drawn last, so a forgetful seed has the faults, timing and workload of the same seed
+        # without forgetting.
+        self.memory = memory or (Memory.forgetful(self.rng) if forgetful else Memory())
         self.now_ms = 0
         self.step = 0
         self.heal_steps = 0
@@ -297,12 +330,15 @@ class World:
         self.messages = 0
         self._crash_next: CoordinatorNode | ParticipantNode | None = None
         self.coverage: dict[str, int] = {}
+        self.limits: dict[str, int] = {}
         self.replay = self._replay_hint(
             custom=faults is not None
             or workload is not None
             or timing is not None
+            or memory is not None
             or not self.model.one_phase_replay_votes_committed,
             stale_delivery=stale_delivery,
+            forgetful=forgetful,
         )
         self.checker: Checker = Checker(self)
         self.coordinator = CoordinatorNode(self)
@@ -316,12 +352,17 @@ class World:
             self.coordinator.name: self.coordinator,
             **self.participants,
         }
-        self.log(f"world: seed {seed}; {self.workload}; {self.timing}; {self.faults}; {self.model}")
+        described = f"{self.workload}; {self.timing}; {self.faults}; {self.model}"
+        if self.memory != Memory():
+            described += f"; {self.memory}"
+        self.log(f"world: seed {seed}; {described}")
 
-    def _replay_hint(self, *, custom: bool, stale_delivery: bool) -> str:
+    def _replay_hint(self, *, custom: bool, stale_delivery: bool, forgetful: bool) -> str:
         if custom:  # the command line draws everything from the seed; this run did not
             return f"run_seed({self.seed}, trace=print) with this run's other arguments"
         flags = " --stale-delivery" if stale_delivery else ""
+        if forgetful:
+            flags += " --forgetful"
         if not self.model.error_reply_waits_for_durability:
             flags += " --sdk-error-replies"
         return f"python -m dtm.sim --seed {self.seed} --trace{flags}"
@@ -353,6 +394,11 @@ class World:
 
     def cover(self, path: str) -> None:
         self.coverage[path] = self.coverage.get(path, 0) + 1
+
+    def limit(self, what: str, where: str) -> None:
+        """A documented limit was reached: not a violation, but counted and traced."""
+        self.log(f"  LIMIT (documented): {what}: {where}")
+        self.limits[what] = self.limits.get(what, 0) + 1
 
     # ---- the network ----
 
@@ -573,11 +619,15 @@ def run_seed(
     trace: Callable[[str], None] | None = None,
     workload: Workload | None = None,
     timing: Timing | None = None,
+    memory: Memory | None = None,
+    forgetful: bool = False,
 ) -> RunResult:
     """Run one seeded world to quiescence; raise InvariantViolation on the first violation.
 
     `faults`, `workload` and `timing` left None are drawn from the seed (swarm testing);
     `stale_delivery` applies to a drawn fault mix only. Pass them to aim a run at a scenario.
+    `forgetful` draws a `Memory` from the seed (small windows of what is over); `memory` sets
+    one; neither: the nodes forget nothing they keep across restarts.
     """
     world = World(
         seed,
@@ -587,5 +637,7 @@ def run_seed(
         stale_delivery=stale_delivery,
         workload=workload,
         timing=timing,
+        memory=memory,
+        forgetful=forgetful,
     )
     return world.run(steps_max)
