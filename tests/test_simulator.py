@@ -12,7 +12,7 @@ from dtm.core import branch as bcore
 from dtm.core import transaction as tcore
 from dtm.core.branch import BranchState, BranchVote
 from dtm.core.transaction import Transaction, TxnState
-from dtm.sim import FaultConfig, InvariantViolation, NodeModel, RunResult, run_seed
+from dtm.sim import FaultConfig, InvariantViolation, Memory, NodeModel, RunResult, run_seed
 from dtm.sim.__main__ import main
 from dtm.sim.checker import Checker
 from dtm.sim.world import Timing, Workload
@@ -414,6 +414,95 @@ def test_the_fixes_hold_under_stale_delivery() -> None:
         )
     for seed in range(200):
         run_seed(seed, stale_delivery=True, model=fixed)
+
+
+# ---- late retries: the coordinator and the participants forget what is over ----
+
+
+def test_forgetful_seeds_hold_every_invariant_and_count_the_documented_limits() -> None:
+    """Small windows of finished transactions (and, in some seeds, of decided branches): late
+    retries run new attempts, meet their earlier attempt's commit, and are told COMMITTED."""
+    failures: list[str] = []
+    results: list[RunResult] = []
+    for seed in range(300):
+        try:
+            results.append(run_seed(seed, forgetful=True))
+        except InvariantViolation as violation:
+            failures.append(violation.report())
+    assert [] == failures
+    covered = {path for r in results for path, _ in r.coverage}
+    for path in (
+        "coordinator: forgot a finished transaction (committed)",
+        "coordinator: forgot a finished transaction (aborted)",
+        "coordinator: a forgotten commit is submitted again",
+        "coordinator: answered COMMITTED for an earlier attempt",
+        "coordinator: a Submit waited for a forgotten attempt's Rollbacks",
+        "coordinator: inquiry about a forgotten transaction",
+        "participant: duplicate Prepare on committed",
+        "participant: forgot a decided branch (committed)",
+        "participant: forgot a decided branch (rolled_back)",
+    ):
+        assert path in covered, path
+    # What README documents as limits of a late retry happens, and is counted, not hidden.
+    limits = {what for r in results for what, _ in r.limits}
+    assert any("applied the branch again" in what for what in limits), limits
+    assert any("resolved ABORTED" in what for what in limits), limits
+
+
+# Answers are often lost, so clients submit again; the coordinator forgets every transaction
+# as soon as it finishes, so each Submit again runs a new attempt; participants crash, so a
+# retry often finds one of them down.
+LATE_RETRIES = FaultConfig(
+    drop_probability=0.0,
+    duplicate_probability=0.0,
+    latency_ms_max=10,
+    stall_probability=0.0,
+    crash_probability=0.02,
+    crash_after_send_probability=0.0,
+    crashes_max=6,
+    downtime_ms_max=300,
+    answer_loss_probability=0.5,
+    impatient_probability=0.0,
+)
+FORGET_AT_ONCE = Memory(finished_kept=0)
+
+
+def test_late_retries_catch_a_committed_branch_voting_prepared_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer before 56c8be8: a participant holding its branch committed answered a late
+    retry's Prepare with the branch's vote, PREPARED. With another participant down, the
+    retry aborted and its client was told ABORTED for a committed transaction (or its
+    Rollback met the commit, a false heuristic). The real code passes the same seeds."""
+    aimed = {
+        "faults": LATE_RETRIES,
+        "workload": TWO_PHASE_PAIR,
+        "timing": Timing(),
+        "memory": FORGET_AT_ONCE,
+    }
+    late_commits = 0
+    for seed in range(200):
+        result = run_seed(seed, **aimed)  # type: ignore[arg-type]
+        late_commits += dict(result.coverage).get(
+            "coordinator: answered COMMITTED for an earlier attempt", 0
+        )
+    assert late_commits > 50
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.COMMITTED, bcore.PrepareRequested), _vote_again
+    )
+    violation = first_violation(range(200), **aimed)
+    assert "ABORTED" in violation.message or "heuristic commit" in violation.message
+    assert "committed" in violation.message, violation.message
+    assert_replays(violation, **aimed)
+
+
+def test_the_command_line_runs_forgetful_seeds_and_prints_the_limits(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert 0 == main(["--seeds", "40", "--forgetful"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "sim: 40 seeds, 0 violations" == lines[-1]
+    assert any(line.startswith("sim: documented limits: ") for line in lines)
 
 
 # ---- the command line ----
