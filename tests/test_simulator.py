@@ -424,7 +424,7 @@ def test_forgetful_seeds_hold_every_invariant_and_count_the_documented_limits() 
     retries run new attempts, meet their earlier attempt's commit, and are told COMMITTED."""
     failures: list[str] = []
     results: list[RunResult] = []
-    for seed in range(300):
+    for seed in range(2_000):  # every path below is reached by seed 1,697 (about 6 s)
         try:
             results.append(run_seed(seed, forgetful=True))
         except InvariantViolation as violation:
@@ -486,7 +486,7 @@ def test_late_retries_catch_a_committed_branch_voting_prepared_again(
         late_commits += dict(result.coverage).get(
             "coordinator: answered COMMITTED for an earlier attempt", 0
         )
-    assert late_commits > 50
+    assert late_commits > 30  # 47 (a commit is forgotten once its end record is on disk)
     monkeypatch.setitem(
         bcore.TRANSITIONS, (BranchState.COMMITTED, bcore.PrepareRequested), _vote_again
     )
