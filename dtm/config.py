@@ -227,6 +227,14 @@ class CoordinatorSettings:
     )
     wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
     checkpoint_every_records: int = field(default=20_000, metadata=_CHECKPOINT_EVERY_RECORDS)
+    finished_kept: int = field(
+        default=limits.FINISHED_TRANSACTIONS_KEPT,
+        metadata=about(
+            integer(1, limits.FINISHED_TRANSACTIONS_KEPT),
+            "finished transactions remembered, each answering a retried Submit (an older "
+            "retry runs again, answered from the participants' records)",
+        ),
+    )
     batch_linger_ms: int = field(
         default=10,
         metadata=about(

@@ -379,6 +379,21 @@ def test_checkpoint_interval_reaches_both_engines(
     assert "allowed 100..100000000" in capsys.readouterr().err
 
 
+def test_the_coordinators_window_of_finished_transactions_reaches_its_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lowered for tests (`make chaos` retries orders the coordinator has forgotten); never
+    raised past the built-in bound."""
+    path = write(tmp_path / "dtm.toml", "[coordinator]\nfinished_kept = 30\n")
+    assert 30 == coordinator_server.parse_args(["--config", str(path)]).engine.finished_kept  # type: ignore[union-attr]
+    assert 7 == coordinator_server.parse_args(["--finished-kept", "7"]).engine.finished_kept  # type: ignore[union-attr]
+    assert 20_000 == coordinator_server.parse_args([]).engine.finished_kept  # type: ignore[union-attr]
+    for bad in ("0", "20001"):
+        with pytest.raises(SystemExit):
+            coordinator_server.parse_args(["--finished-kept", bad])
+        assert "allowed 1..20000" in capsys.readouterr().err
+
+
 def test_grpc_target_forms_are_addresses() -> None:
     for target in ("dns:///coordinator:50050", "ipv4:10.0.0.1:50050", "[fe80::1%eth0]:50050"):
         loaded = load(environ={"DTM_PARTICIPANT_COORDINATOR": target})

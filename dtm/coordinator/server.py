@@ -566,6 +566,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
             prepare_timeout_ms=coordinator.prepare_timeout_ms,
             transaction_timeout_ms=coordinator.transaction_timeout_ms,
             checkpoint_every_records=coordinator.checkpoint_every_records,
+            finished_kept=coordinator.finished_kept,
         ),
         tls=tls,
         metrics_listen=coordinator.metrics_listen,
