@@ -468,6 +468,19 @@ class Cluster:
         self._forget(process)
         return pid
 
+    def pause(self, name: str) -> int | None:
+        """SIGSTOP `name`: it holds every call, answering none, until `resume` (a process that
+        hangs). Returns its pid, or None if it was not running."""
+        process = self._processes[self._known(name)]
+        pid = self.pid(name)
+        if pid is not None:
+            self._signal(process, signal.SIGSTOP)
+        return pid
+
+    def resume(self, name: str) -> None:
+        """SIGCONT `name` after `pause`."""
+        self._signal(self._processes[self._known(name)], signal.SIGCONT)
+
     def terminate(self, name: str, grace_s: float = STOP_GRACE_S) -> None:
         """Graceful stop of one process (SIGTERM, then SIGKILL after `grace_s`)."""
         self._stop_processes([self._known(name)], grace_s)
