@@ -62,7 +62,8 @@ status: $(STAMP)
 	$(PY) -m dtm.cluster status --data-dir $(DATA_DIR)
 
 chaos: $(STAMP)
-	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-200} --kill-runs $${CHAOS_KILL_RUNS:-100} --sim-seeds $${CHAOS_SIM_SEEDS:-500}
+	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-200} --kill-runs $${CHAOS_KILL_RUNS:-100} --sim-seeds $${CHAOS_SIM_SEEDS:-500} \
+		$${CHAOS_LATE_RUNS:+--late-runs $$CHAOS_LATE_RUNS}
 
 chaos-soak: $(STAMP)
 	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-2000} --kill-runs $${CHAOS_KILL_RUNS:-1000} --sim-seeds 10000

@@ -1,7 +1,7 @@
 """`make chaos`: kill real processes at every named crash point, and at random, and check that
 nothing a client was told is ever lost, and that the order flow stays consistent.
 
-Two kinds of runs, both against the coordinator and the four services as real processes on
+Three kinds of runs, all against the coordinator and the four services as real processes on
 loopback ports (`dtm.cluster.Cluster`, reused from run to run while it stays healthy):
 
 * The crash matrix: every crash point of `dtm.crashpoints` x every component it applies to
@@ -16,6 +16,13 @@ loopback ports (`dtm.cluster.Cluster`, reused from run to run while it stays hea
 * Random SIGKILLs under load: several clients submit orders back to back for a few seconds
   while a seeded nemesis SIGKILLs the coordinator or a service at random times and restarts it
   (odd seeds: the clients share one client that sends SubmitBatch calls).
+* Late retries (after the random-kill runs, on a cluster of their own whose coordinator
+  remembers only its last LATE_FINISHED_KEPT finished transactions, `finished_kept`): a
+  random-kill run, checked as one; then a few more orders push every order of the run out of
+  the coordinator's memory, and EVERY order of the run is submitted again (same transaction
+  id, same content) while a seeded nemesis SIGKILLs, SIGSTOPs or fault-injects one process
+  (FAULT_MODE_DOWN) during the first part of that wave. The coordinator no longer knows any of
+  them: the participants' records answer (`check_late_retry`).
 
 After every run, once everything has healed and settled:
 
@@ -27,17 +34,32 @@ After every run, once everything has healed and settled:
   submitted again with the same transaction id: the answer must be COMMITTED or ABORTED and
   match what the services show, and after that retry has settled nothing is applied twice.
 
+After a late-retry wave, in addition (once it has settled, and the coordinator has had
+LATE_DRAIN_S to deliver its last Rollbacks):
+
+* an order the client learned COMMITTED is answered COMMITTED (an answer that leaves the
+  outcome open, UNAVAILABLE say, is retried until it is COMMITTED or ABORTED), never ABORTED;
+* an order the client learned ABORTED never becomes CONFIRMED, with one exception, the known
+  limit of README "Failure semantics" (a client retries very late): where no participant kept
+  a record of the abort (a prepare that reached none of them, a lazy record lost), the retry
+  runs afresh and may commit. Such reruns are counted apart, not as violations, and only when
+  no service showed a rolled-back or refused branch of the transaction before the wave;
+* every invariant still holds, every confirmed order has one capture and one notification,
+  a branch decided before the wave is still in that state, and the coordinator recorded no
+  heuristic outcome (a retry's Rollback to a committed branch was once recorded as one).
+
 Each run prints one line; a summary table and the totals follow. The last line is always
 `chaos: <runs> runs, <violations> violations`; the exit status is 0 only with no violation.
 A violation prints its seed, its point and the tails of the relevant process logs, and a
 command that replays that run alone (same point, count, orders and kill schedule, on a fresh
 cluster; timing on real processes is never exactly the same). Defaults: --kill-runs is
---runs / 10; --sim-seeds 0 (with M > 0, dtm.sim.run_seed runs seeds S..S+M-1 and its
-violations count in the total).
+--runs / 10; --late-runs is --kill-runs / LATE_RUNS_PER_KILL_RUNS; --sim-seeds 0 (with
+M > 0, dtm.sim.run_seed runs seeds S..S+M-1 and its violations count in the total).
 
-    python -m dtm.chaos --runs N [--seed S] [--kill-runs K] [--sim-seeds M] [--verbose]
+    python -m dtm.chaos --runs N [--seed S] [--kill-runs K] [--late-runs L] [--sim-seeds M]
     python -m dtm.chaos --replay coordinator.mid_phase_two:coordinator:1017
     python -m dtm.chaos --replay kill:2003
+    python -m dtm.chaos --replay late:2103
 """
 
 from __future__ import annotations
@@ -45,6 +67,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import random
 import shutil
@@ -61,6 +84,7 @@ import grpc
 
 from dtm import config, crashpoints, invariants, wal
 from dtm.cluster import COORDINATOR, PROCESSES, SERVICES, Cluster, ClusterError, Ports
+from dtm.limits import LIST_TRANSACTIONS_LIMIT_MAX
 from dtm.orderflow import OrderClient, SubmitResult, order_request
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
@@ -110,6 +134,41 @@ NEMESIS_INTERVAL_S = (0.2, 0.7)
 NEMESIS_DOWNTIME_S = (0.0, 0.3)
 #: Relative chance of each process being the nemesis's victim, in PROCESSES order.
 NEMESIS_WEIGHTS = (4.0, 1.5, 1.5, 1.5, 1.5)
+
+# Late-retry runs
+#: The coordinator of the late-retry cluster remembers only this many finished transactions
+#: (`finished_kept`, 20,000 by default): a few more orders push a run's out of its memory.
+LATE_FINISHED_KEPT = 8
+#: The load before the wave (LOAD_S in a random-kill run): fewer orders, as many kinds of end.
+LATE_LOAD_S = 1.5
+#: Rounds of those orders at most (each LATE_FINISHED_KEPT + 2 orders, concurrent).
+LATE_PUSH_ROUNDS_MAX = 5
+#: The wave: every order of the run again, each started at a seeded offset within this.
+LATE_WAVE_SPREAD_S = 1.5
+#: The wave's nemesis acts during this first part of it, then the rest runs unharmed.
+LATE_NEMESIS_S = 1.0
+#: What it does to its one victim each time, and how often (relative): SIGKILL (restarted
+#: after the fault's duration), SIGSTOP (then SIGCONT: a participant that hangs), or a
+#: participant's fault injection FAULT_MODE_DOWN (every call answered UNAVAILABLE).
+LATE_FAULTS = ("kill", "stop", "down")
+LATE_FAULT_WEIGHTS = (4.0, 3.0, 3.0)
+#: Relative chance of each process being the wave's victim, in PROCESSES order (the
+#: coordinator is only ever SIGKILLed).
+LATE_VICTIM_WEIGHTS = (1.0, 2.0, 2.0, 2.0, 2.0)
+LATE_FAULT_S = (0.2, 0.6)
+LATE_FAULT_GAP_S = (0.05, 0.3)
+#: A late retry whose outcome is still open is submitted again, up to this many times, with
+#: this backoff: enough to outlast the nemesis and the restarts it causes.
+LATE_RETRY_ATTEMPTS = 25
+LATE_RETRY_BACKOFF_S = (0.1, 0.5)
+#: Heuristic outcomes are read this long after the wave's processes were healed: the time a
+#: Rollback still being retried needs to reach its branch (a heuristic commit was recorded
+#: when it did). Its retries back off from 50 ms; five at most.
+LATE_DRAIN_S = 1.0
+#: Default --late-runs: one late-retry run per this many random-kill runs.
+LATE_RUNS_PER_KILL_RUNS = 10
+#: The plan's marker of a late-retry run (None marks a random-kill run).
+LATE = "late"
 
 LOG_TAIL_LINES = 30
 #: A run slower than this prints where its time went.
@@ -235,6 +294,10 @@ class ClientRecord:
     request: coordinator_pb2.SubmitRequest | None = field(default=None, repr=False)
     #: What a retry after recovery answered (unknown outcomes only).
     retry_outcome: str = ""
+    #: Late-retry runs: what the retry after the coordinator forgot the order answered, and
+    #: what that was (LATE_COMMITTED, LATE_ABORTED or LATE_RERUN; "" without an outcome).
+    late_outcome: str = ""
+    late_kind: str = ""
 
     @property
     def known(self) -> bool:
@@ -394,6 +457,43 @@ async def read_branch_states(cluster: Cluster) -> dict[str, dict[str, int]]:
     return states
 
 
+def branches_of(transaction_id: str, states: Mapping[str, Mapping[str, int]]) -> str:
+    """ "inventory COMMITTED, orders -, ...": each service's branch of the transaction."""
+    return ", ".join(
+        f"{name} "
+        + (
+            participant_pb2.BranchState.Name(seen[transaction_id]).removeprefix("BRANCH_STATE_")
+            if transaction_id in seen
+            else "-"
+        )
+        for name, seen in sorted(states.items())
+    )
+
+
+#: The states of a transaction the coordinator has finished (TransactionState).
+FINISHED_STATES = frozenset(
+    {coordinator_pb2.TRANSACTION_STATE_COMMITTED, coordinator_pb2.TRANSACTION_STATE_ABORTED}
+)
+
+
+async def remembered_transactions(cluster: Cluster) -> dict[str, int]:
+    """The transactions the coordinator knows, with their TransactionState: in flight, and
+    its window of finished ones (at most LIST_TRANSACTIONS_LIMIT_MAX)."""
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        listed = await stub.ListTransactions(
+            coordinator_pb2.ListTransactionsRequest(limit=LIST_TRANSACTIONS_LIMIT_MAX), timeout=10
+        )
+    return {transaction.transaction_id: transaction.state for transaction in listed.transactions}
+
+
+async def set_fault(cluster: Cluster, name: str, mode: int) -> None:
+    """A service's fault injection (its --test-control allows it)."""
+    async with grpc.aio.insecure_channel(cluster.service_addresses[name]) as channel:
+        admin = participant_pb2_grpc.ParticipantAdminStub(channel)
+        await admin.SetFault(participant_pb2.SetFaultRequest(mode=mode), timeout=10)  # type: ignore[arg-type]
+
+
 async def read_heuristics(cluster: Cluster) -> list[str]:
     """Heuristic outcomes the coordinator holds: chaos forces nothing, so any is a split."""
     async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
@@ -420,13 +520,131 @@ def check_ledger(ledger: Mapping[str, bool], snapshot: invariants.Snapshot) -> l
     return violations
 
 
+# ---- late retries: the checks of the wave (pure as well) ----
+
+#: Branch states that are a participant's record of the transaction's abort: a retry it
+#: takes part in is refused.
+ABORT_RECORD_STATES = frozenset(
+    {participant_pb2.BRANCH_STATE_ROLLED_BACK, participant_pb2.BRANCH_STATE_REFUSED}
+)
+#: Branch states a retry must leave as they are: the participant answers from its record.
+DECIDED_STATES = ABORT_RECORD_STATES | {participant_pb2.BRANCH_STATE_COMMITTED}
+#: What a late retry found (ClientRecord.late_kind).
+LATE_COMMITTED = "committed"
+LATE_ABORTED = "aborted"
+#: An order learned ABORTED whose late retry ran afresh and committed, no participant having
+#: kept a record of the abort: the known limit (README "Failure semantics"), not a violation.
+LATE_RERUN = "rerun"
+
+
+def learned_outcome(record: ClientRecord) -> str:
+    """COMMITTED or ABORTED as its client learned it (the first answer, else the retry after
+    recovery), or "" if it never learned one."""
+    for outcome in (record.outcome, record.retry_outcome):
+        if outcome in (COMMITTED, ABORTED):
+            return outcome
+    return ""
+
+
+def abort_records(transaction_id: str, states: Mapping[str, Mapping[str, int]]) -> list[str]:
+    """The services holding a record of the transaction's abort ("payment
+    BRANCH_STATE_REFUSED", ...): `states` is service -> transaction id -> BranchState."""
+    return [
+        f"{name} {participant_pb2.BranchState.Name(seen[transaction_id])}"
+        for name, seen in sorted(states.items())
+        if seen.get(transaction_id) in ABORT_RECORD_STATES
+    ]
+
+
+def check_late_retry(
+    record: ClientRecord, retry: SubmitResult, aborts_recorded: Sequence[str]
+) -> tuple[list[str], str]:
+    """A retry of `record`'s order (same transaction id, same content) after the coordinator
+    forgot it, against what its client learned and the services' branches before the wave
+    (`aborts_recorded`: see `abort_records`). Returns the violations and the retry's kind
+    (LATE_COMMITTED, LATE_ABORTED, LATE_RERUN; "" when it told no outcome).
+
+    Learned COMMITTED: the retry must answer COMMITTED (the participants hold the branches
+    committed, and say so), whichever process is down. Learned ABORTED: ABORTED, or COMMITTED
+    only where no participant kept a record of the abort (the known limit: a rerun). Whatever
+    was learned, a retry that a participant's record of an abort would refuse cannot commit.
+    """
+    learned = learned_outcome(record)
+    where = (
+        f"order {record.order_id} ({record.transaction_id}), learned {learned or 'no outcome'}, "
+        "retried after the coordinator forgot it"
+    )
+    outcome = retry.outcome
+    if outcome not in (COMMITTED, ABORTED):
+        detail = f": {retry.reason}" if retry.reason else ""
+        return [
+            f"{where}: the late retry answered {outcome}{detail} (after {retry.attempts} "
+            "Submits), not the outcome"
+        ], ""
+    if outcome == ABORTED:
+        if learned == COMMITTED:
+            return [f"{where}: the late retry answered ABORTED ({retry.reason})"], LATE_ABORTED
+        return [], LATE_ABORTED
+    if aborts_recorded:
+        return [
+            f"{where}: the late retry answered COMMITTED, but {', '.join(aborts_recorded)} "
+            "held a record of its abort"
+        ], LATE_RERUN if learned == ABORTED else LATE_COMMITTED
+    return [], LATE_RERUN if learned == ABORTED else LATE_COMMITTED
+
+
+def check_branches_kept(
+    transaction_ids: Iterable[str],
+    before: Mapping[str, Mapping[str, int]],
+    after: Mapping[str, Mapping[str, int]],
+) -> list[str]:
+    """A branch decided before the late retries (committed, rolled back or refused) is in the
+    same state after them: a participant answers a retry from its record, and changes
+    nothing. `before` and `after` are service -> transaction id -> BranchState."""
+    violations = []
+    for transaction_id in transaction_ids:
+        for name, seen in sorted(before.items()):
+            state = seen.get(transaction_id)
+            if state not in DECIDED_STATES:
+                continue
+            now = after.get(name, {}).get(transaction_id)
+            if now != state:
+                shown = "absent" if now is None else participant_pb2.BranchState.Name(now)
+                violations.append(
+                    f"transaction {transaction_id}: {name} held its branch "
+                    f"{participant_pb2.BranchState.Name(state)} before the late retries, "
+                    f"{shown} after them"
+                )
+    return violations
+
+
+def check_after_late_retries(
+    records: Iterable[ClientRecord], snapshot: invariants.Snapshot
+) -> list[str]:
+    """The settled services after the wave, against the outcome each order has now: learned
+    COMMITTED, or rerun by its late retry (known limit), it is CONFIRMED with one capture of
+    its amount and one notification; learned ABORTED and not rerun, it is not CONFIRMED. An
+    order that never learned an outcome is held to its late retry's answer."""
+    expected = []
+    for record in records:
+        outcome = learned_outcome(record) or record.late_outcome
+        if record.late_kind == LATE_RERUN:
+            outcome = COMMITTED
+        if outcome in (COMMITTED, ABORTED):
+            expected.append(dataclasses.replace(record, outcome=outcome))
+    return [
+        f"after the late retries: {violation}"
+        for violation in check_client_outcomes(expected, snapshot)
+    ]
+
+
 # ---- one run's result ----
 
 
 @dataclass
 class RunResult:
     index: int
-    kind: str  # "matrix" or "kill"
+    kind: str  # "matrix", "kill" or "late"
     seed: int
     cell: Cell | None = None
     crash_at: str = ""
@@ -439,6 +657,14 @@ class RunResult:
     target: str = ""
     kills: Counter[str] = field(default_factory=Counter)
     records: list[ClientRecord] = field(default_factory=list)
+    #: Late-retry runs: the orders that pushed the run's out of the coordinator's memory
+    #: (checked, not retried), the wave's faults ("stop payment": 2), and how many late
+    #: retries were under way while a fault was on.
+    pushers: list[ClientRecord] = field(default_factory=list)
+    late_faults: Counter[str] = field(default_factory=Counter)
+    late_during_faults: int = 0
+    #: The known-limit reruns (LATE_RERUN), each with what the services showed of it.
+    reruns: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     #: Process name -> tail of its log, kept when the run has violations.
     logs: dict[str, str] = field(default_factory=dict)
@@ -473,10 +699,15 @@ class RunResult:
         return Counter(r.retry_outcome for r in self.records if r.retry_outcome)
 
     @property
+    def late(self) -> Counter[str]:
+        """Late retries by what they found (LATE_COMMITTED...; "" when told no outcome)."""
+        return Counter(r.late_kind for r in self.records if r.late_outcome)
+
+    @property
     def replay(self) -> str:
         if self.cell is not None:
             return f"python -m dtm.chaos --replay {self.cell}:{self.seed}"
-        return f"python -m dtm.chaos --replay kill:{self.seed}"
+        return f"python -m dtm.chaos --replay {self.kind}:{self.seed}"
 
     def line(self, total: int) -> str:
         width = len(str(total))
@@ -489,7 +720,8 @@ class RunResult:
             what += f" {target:<11}"
         else:
             kills = ", ".join(f"{n} {name}" for name, n in sorted(self.kills.items()))
-            what = f"{'random SIGKILL under load':<40} {'-':<12} seed {self.seed:<6}"
+            title = "late retries after kills" if self.kind == LATE else "random SIGKILL under load"
+            what = f"{title:<40} {'-':<12} seed {self.seed:<6}"
             what += f" kills: {kills or 'none'};"
         retried = self.retried
         retry = ""
@@ -499,6 +731,15 @@ class RunResult:
             f"orders {len(self.records)}: {self.committed} committed, {self.aborted} aborted, "
             f"{self.unknown} unknown{retry}"
         )
+        late = self.late
+        if late:
+            faults = ", ".join(f"{n} {f}" for f, n in sorted(self.late_faults.items()))
+            orders += (
+                f"; late retries {sum(late.values())}: {late[LATE_COMMITTED]} committed, "
+                f"{late[LATE_ABORTED]} aborted, {late[LATE_RERUN]} reruns (known limit)"
+                + (f", {late['']} without an outcome" if late[""] else "")
+                + f", {self.late_during_faults} during faults ({faults or 'none'})"
+            )
         result = "ok" if not self.violations else f"VIOLATIONS: {len(self.violations)}"
         return f"{head} {what} {orders}  {self.elapsed_s:.1f} s  {result}"
 
@@ -512,6 +753,8 @@ class Session:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cluster: Cluster | None = None
+        #: Whether `cluster` is the late-retry runs' (its coordinator's memory is small).
+        self.cluster_late = False
         self.clusters_started = 0
         #: Order id -> must be CONFIRMED; every order whose outcome is known, for this cluster.
         self.ledger: dict[str, bool] = {}
@@ -521,10 +764,14 @@ class Session:
 
     # ---- the cluster ----
 
-    def _new_cluster(self) -> Cluster:
+    def _new_cluster(self, late: bool = False) -> Cluster:
         self.clusters_started += 1
         checkpoints = ["--checkpoint-every-records", str(CHECKPOINT_EVERY_RECORDS)]
         participant_args = ["--in-doubt-after-ms", str(IN_DOUBT_AFTER_MS), *checkpoints]
+        coordinator_args = list(checkpoints)
+        if late:
+            # Every start of it, restarts included: its checkpoints keep the same window.
+            coordinator_args += ["--finished-kept", str(LATE_FINISHED_KEPT)]
         return Cluster(
             self.root / f"cluster-{self.clusters_started}",
             Ports.free(),
@@ -532,16 +779,23 @@ class Session:
             test_control=True,
             prepare_timeout_ms=PREPARE_TIMEOUT_MS,
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
-            extra_args={COORDINATOR: checkpoints, **{name: participant_args for name in SERVICES}},
+            extra_args={
+                COORDINATOR: coordinator_args,
+                **{name: participant_args for name in SERVICES},
+            },
         )
 
-    async def ensure_cluster(self) -> Cluster:
+    async def ensure_cluster(self, late: bool = False) -> Cluster:
+        """The cluster for a run: the late-retry runs have their own (see _new_cluster)."""
         if self.cluster is not None and self.orders_on_cluster >= CLUSTER_ORDERS_MAX:
             await self.drop_cluster()
+        if self.cluster is not None and self.cluster_late != late:
+            await self.drop_cluster()
         if self.cluster is None:
-            cluster = self._new_cluster()
+            cluster = self._new_cluster(late)
             await asyncio.to_thread(cluster.start)
             self.cluster = cluster
+            self.cluster_late = late
             self.ledger = {}
             self.heuristics_reported = set()
             self.orders_on_cluster = 0
@@ -775,8 +1029,19 @@ class Session:
 
     async def kill_run(self, index: int, seed: int) -> RunResult:
         result = RunResult(index=index, kind="kill", seed=seed)
-        rng = random.Random(f"chaos:kill:{seed}")
         cluster = await self.ensure_cluster()
+        await self.load_under_kills(cluster, result, f"chaos:kill:{seed}")
+        await self.check(cluster, result)
+        return result
+
+    async def load_under_kills(
+        self, cluster: Cluster, result: RunResult, name: str, load_s: float = LOAD_S
+    ) -> None:
+        """LOAD_CLIENTS clients submit orders back to back for `load_s` while a nemesis
+        SIGKILLs processes at random and restarts them; then every process is healed. `name`
+        seeds it all (each client too)."""
+        rng = random.Random(name)
+        seed = result.seed
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -786,7 +1051,7 @@ class Session:
         shared = OrderClient(cluster.coordinator_address, batch_in_flight=batching)
 
         async def client(number: int) -> None:
-            client_rng = random.Random(f"chaos:kill:{seed}:client:{number}")
+            client_rng = random.Random(f"{name}:client:{number}")
             async with contextlib.AsyncExitStack() as stack:
                 # Not batching: a client (and a channel) of its own, as before.
                 orders = shared
@@ -809,7 +1074,7 @@ class Session:
                         await asyncio.sleep(CLIENT_ERROR_PAUSE_S)
 
         async def nemesis() -> None:
-            deadline = loop.time() + LOAD_S
+            deadline = loop.time() + load_s
             try:
                 while True:
                     await asyncio.sleep(rng.uniform(*NEMESIS_INTERVAL_S))
@@ -831,19 +1096,255 @@ class Session:
         result.violations += self._unexpected_exits(cluster, ())
         await self.heal(cluster)
         result.mark("heal")
+
+    # ---- late retries ----
+
+    async def late_run(self, index: int, seed: int) -> RunResult:
+        """A random-kill run on the late-retry cluster, checked as one; then every order of it
+        again once the coordinator has forgotten them all, under a nemesis (see the module's
+        docstring)."""
+        result = RunResult(index=index, kind=LATE, seed=seed)
+        cluster = await self.ensure_cluster(late=True)
+        await self.load_under_kills(cluster, result, f"chaos:late:{seed}", LATE_LOAD_S)
         await self.check(cluster, result)
+        if result.violations:
+            return result  # the wave would only bury what is wrong already
+        await self.push_out(cluster, result, random.Random(f"chaos:late:{seed}:push"))
+        result.mark("push out of memory")
+        if result.violations:
+            return result
+        before = await read_branch_states(cluster)
+        await self.late_wave(cluster, result, before, random.Random(f"chaos:late:{seed}:wave"))
+        result.mark("late wave")
+        healed = time.perf_counter()
+        await self.check_late(cluster, result, before, healed)
         return result
 
-    async def run(self, index: int, cell: Cell | None, seed: int) -> RunResult:
+    async def push_out(self, cluster: Cluster, result: RunResult, rng: random.Random) -> None:
+        """Orders after the run's, until the coordinator remembers none of the run's
+        transactions: it keeps its last LATE_FINISHED_KEPT finished ones, and those not
+        finished yet (a commit whose phase 2 is still being retried, its participant having
+        learned the outcome by its own inquiry) are waited for. The orders are checked with
+        the wave, not retried."""
+        run_ids = {record.transaction_id for record in result.records}
+        deadline = time.perf_counter() + SETTLE_TIMEOUT_S
+        rounds = 0
+        async with OrderClient(cluster.coordinator_address) as client:
+            while True:
+                remembered = {
+                    transaction_id: state
+                    for transaction_id, state in (await remembered_transactions(cluster)).items()
+                    if transaction_id in run_ids
+                }
+                if not remembered:
+                    return
+                if rounds >= LATE_PUSH_ROUNDS_MAX or time.perf_counter() > deadline:
+                    break
+                if not FINISHED_STATES & set(remembered.values()):
+                    await asyncio.sleep(SETTLE_POLL_S)
+                    continue
+                rounds += 1
+                first = len(result.pushers)
+                planned = []
+                for number in range(first, first + LATE_FINISHED_KEPT + 2):
+                    order_id = f"r{result.index}-s{result.seed}-push-{number}"
+                    request, amount, _ = make_order(rng, order_id)
+                    planned.append((order_id, request, amount))
+                self.orders_on_cluster += len(planned)
+                answers = await asyncio.gather(
+                    *(client.submit(item[1], timeout_s=SUBMIT_TIMEOUT_S) for item in planned)
+                )
+                result.pushers += [
+                    record_of(order_id, request, amount, answer)
+                    for (order_id, request, amount), answer in zip(planned, answers, strict=True)
+                ]
+                await asyncio.sleep(SETTLE_POLL_S)  # their last acknowledgements finish them
+        example, state = sorted(remembered.items())[0]
+        result.violations.append(
+            f"the coordinator (finished_kept {LATE_FINISHED_KEPT}) still remembers "
+            f"{len(remembered)} of the run's transactions after {len(result.pushers)} newer "
+            f"orders, e.g. {example} ({coordinator_pb2.TransactionState.Name(state)})"
+        )
+
+    async def late_wave(
+        self,
+        cluster: Cluster,
+        result: RunResult,
+        before: Mapping[str, Mapping[str, int]],
+        rng: random.Random,
+    ) -> None:
+        """Every order of the run again, same transaction id and content, each at a seeded
+        offset within LATE_WAVE_SPREAD_S and retried until its outcome is known, while the
+        nemesis harms one process for LATE_NEMESIS_S; then everything is healed and each
+        answer checked (`check_late_retry`)."""
+        # The nemesis's draws first: they do not depend on how many orders the load made.
+        victim = rng.choices(PROCESSES, LATE_VICTIM_WEIGHTS)[0]
+        nemesis_rng = random.Random(rng.random())
+        records = [record for record in result.records if record.request is not None]
+        offsets = [rng.uniform(0.0, LATE_WAVE_SPREAD_S) for _ in records]
+        loop = asyncio.get_running_loop()
+        faults: list[tuple[float, float]] = []  # (on, off), loop time
+
+        async with OrderClient(
+            cluster.coordinator_address, batch_in_flight=batch_in_flight_of(result.seed)
+        ) as client:
+
+            async def one(offset: float, record: ClientRecord) -> tuple[SubmitResult, float, float]:
+                assert record.request is not None
+                await asyncio.sleep(offset)
+                started = loop.time()
+                answer = await client.submit_until_known(
+                    record.request,
+                    attempts=LATE_RETRY_ATTEMPTS,
+                    timeout_s=SUBMIT_TIMEOUT_S,
+                    backoff_s=LATE_RETRY_BACKOFF_S,
+                )
+                return answer, started, loop.time()
+
+            nemesis = asyncio.create_task(
+                self.late_nemesis(cluster, result, victim, nemesis_rng, faults)
+            )
+            try:
+                answers = await asyncio.gather(
+                    *(one(offset, record) for offset, record in zip(offsets, records, strict=True))
+                )
+            except BaseException:
+                nemesis.cancel()  # it undoes its fault on the way out
+                raise
+            finally:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await nemesis
+        result.violations += self._unexpected_exits(cluster, ())
+        await self.heal(cluster)
+        for record, (answer, started, ended) in zip(records, answers, strict=True):
+            record.late_outcome = answer.outcome
+            found, record.late_kind = check_late_retry(
+                record, answer, abort_records(record.transaction_id, before)
+            )
+            result.violations += found
+            result.late_during_faults += any(on < ended and started < off for on, off in faults)
+
+    async def late_nemesis(
+        self,
+        cluster: Cluster,
+        result: RunResult,
+        victim: str,
+        rng: random.Random,
+        faults: list[tuple[float, float]],
+    ) -> None:
+        """For LATE_NEMESIS_S from now, one fault after another on `victim` (LATE_FAULTS),
+        each for a seeded time; every fault is undone before this returns, cancelled or not.
+        Appends each fault's (on, off) loop times to `faults`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LATE_NEMESIS_S
+        await asyncio.sleep(rng.uniform(*LATE_FAULT_GAP_S))
+        while loop.time() < deadline:
+            fault = "kill"
+            if victim != COORDINATOR:
+                fault = rng.choices(LATE_FAULTS, LATE_FAULT_WEIGHTS)[0]
+            duration = rng.uniform(*LATE_FAULT_S)
+            on = loop.time()
+            if await self.fault_on(cluster, result, victim, fault):
+                result.late_faults[f"{fault} {victim}"] += 1
+                try:
+                    await asyncio.sleep(duration)
+                finally:
+                    await self.fault_off(cluster, result, victim, fault)
+                faults.append((on, loop.time()))
+            await asyncio.sleep(rng.uniform(*LATE_FAULT_GAP_S))
+
+    async def fault_on(self, cluster: Cluster, result: RunResult, victim: str, fault: str) -> bool:
+        """Start `fault` on `victim`; whether it took (a process found down is reported, as
+        one that died on its own, and healed instead)."""
+        found = self._unexpected_exits(cluster, ())
+        if found:
+            result.violations += found
+            await self.heal(cluster)
+            return False
+        if fault == "kill":
+            return await asyncio.to_thread(cluster.kill, victim) is not None
+        if fault == "stop":
+            return cluster.pause(victim) is not None
+        await set_fault(cluster, victim, participant_pb2.FAULT_MODE_DOWN)
+        return True
+
+    async def fault_off(self, cluster: Cluster, result: RunResult, victim: str, fault: str) -> None:
+        if fault == "stop":
+            cluster.resume(victim)
+        elif fault == "down":
+            await set_fault(cluster, victim, participant_pb2.FAULT_MODE_NONE)
+        result.violations += self._unexpected_exits(cluster, [victim] if fault == "kill" else [])
+        await self.heal(cluster)
+
+    async def check_late(
+        self,
+        cluster: Cluster,
+        result: RunResult,
+        before: Mapping[str, Mapping[str, int]],
+        healed: float,
+    ) -> None:
+        """After the wave: settle, then every check of the module's docstring."""
+        snapshot = await self.settle(cluster, result)
+        result.mark("settle after the wave")
+        if snapshot is None:
+            return
+        result.violations += [
+            f"after the late retries: {v}"
+            for v in invariants.report(snapshot, initial=INITIAL_STATE).violations
+        ]
+        result.violations += check_after_late_retries(result.records, snapshot)
+        result.violations += check_client_outcomes(result.pushers, snapshot)
+        for record in result.records:
+            if record.late_kind == LATE_RERUN:
+                self.ledger[record.order_id] = True
+            elif not learned_outcome(record) and record.late_outcome in (COMMITTED, ABORTED):
+                self.ledger[record.order_id] = record.late_outcome == COMMITTED
+        for record in result.pushers:
+            if record.known:
+                self.ledger[record.order_id] = record.outcome == COMMITTED
+        result.violations += check_ledger(self.ledger, snapshot)
+        # A Rollback still on its way may yet be answered "already committed" (recorded as a
+        # heuristic commit before 56c8be8): give the last ones time to arrive.
+        await asyncio.sleep(max(0.0, LATE_DRAIN_S - (time.perf_counter() - healed)))
+        try:
+            after = await read_branch_states(cluster)
+            heuristics = await read_heuristics(cluster)
+        except grpc.aio.AioRpcError as error:
+            result.violations.append(f"could not list the branches: {error.code().name}")
+            return
+        result.violations += [
+            f"made by the late retries: {h}"
+            for h in heuristics
+            if h not in self.heuristics_reported
+        ]
+        self.heuristics_reported.update(heuristics)
+        transaction_ids = [record.transaction_id for record in result.records]
+        result.violations += check_branch_outcomes(transaction_ids, after)
+        result.violations += check_branches_kept(transaction_ids, before, after)
+        for record in result.records:
+            if record.late_kind == LATE_RERUN:
+                result.reruns.append(
+                    f"order {record.order_id} ({record.transaction_id}) learned ABORTED "
+                    f"({record.reason[:80]}); its branches before the wave: "
+                    f"{branches_of(record.transaction_id, before)}; the late retry committed it"
+                )
+        result.mark("check after the wave")
+
+    async def run(self, index: int, cell: Cell | str | None, seed: int) -> RunResult:
         """One run, bounded in time; on a violation, keep the logs and drop the cluster so the
         next run starts clean."""
         started = time.perf_counter()
-        result = RunResult(index=index, kind="matrix" if cell else "kill", seed=seed, cell=cell)
+        if isinstance(cell, Cell):
+            result = RunResult(index=index, kind="matrix", seed=seed, cell=cell)
+        else:
+            result = RunResult(index=index, kind=LATE if cell == LATE else "kill", seed=seed)
         try:
-            if cell is None:
-                work = self.kill_run(index, seed)
-            else:
+            if isinstance(cell, Cell):
                 work = self.matrix_run(index, cell, seed)
+            elif cell == LATE:
+                work = self.late_run(index, seed)
+            else:
+                work = self.kill_run(index, seed)
             result = await asyncio.wait_for(work, RUN_TIMEOUT_S)
         except TimeoutError:
             result.violations.append(f"the run did not finish within {RUN_TIMEOUT_S:g} s")
@@ -857,7 +1358,9 @@ class Session:
             cluster = self.cluster
             if cluster is not None:
                 # The target's log and the coordinator's; every log when something is stuck.
-                names = {COORDINATOR, *(result.kills if cell is None else [cell.component])}
+                targets = result.kills if result.cell is None else [result.cell.component]
+                names = {COORDINATOR, *targets}
+                names |= {fault.split()[-1] for fault in result.late_faults}
                 if any("settle" in v or "exited" in v for v in result.violations):
                     names = set(PROCESSES)
                 result.logs = {
@@ -875,6 +1378,8 @@ class Session:
 
 def print_violation(result: RunResult) -> None:
     what = f"point {result.crash_at} in {result.cell.component}" if result.cell else "kill run"
+    if result.kind == LATE:
+        what = "late-retry run"
     print(f"  !! run {result.index}: {what}, seed {result.seed}")
     for violation in result.violations:
         print(f"     VIOLATION {violation}")
@@ -884,6 +1389,7 @@ def print_violation(result: RunResult) -> None:
             print(
                 f"     order {record.order_id}: first answered {record.outcome} "
                 f"({record.reason[:100]}); retry answered {record.retry_outcome or '-'}"
+                + (f"; late retry answered {record.late_outcome}" if record.late_outcome else "")
             )
     for name, tail in result.logs.items():
         print(f"     --- {name}: last lines of its log ---")
@@ -901,6 +1407,8 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     rows: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
     for result in results:
         key = str(result.cell) if result.cell else "random SIGKILL under load"
+        if result.kind == LATE:
+            key = "late retries after kills"
         row = rows[key]
         row[0] += 1
         row[1] += int(result.target == "crashed") if result.cell else sum(result.kills.values())
@@ -923,6 +1431,23 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
         print(f"  {key:<{width}} " + " ".join(f"{value:>10}" for value in row[:6]))
     cut = sum(r.loses_unsynced and r.target == "crashed" for r in results)
     print(f"  crashes that also lost their unsynced log writes (as a power loss): {cut}")
+    late_runs = [r for r in results if r.kind == LATE]
+    if late_runs:
+        late: Counter[str] = Counter()
+        faults: Counter[str] = Counter()
+        for result in late_runs:
+            late.update(result.late)
+            faults.update(result.late_faults)
+        print(
+            f"  late retries (every order again once the coordinator forgot it, "
+            f"finished_kept {LATE_FINISHED_KEPT}): {sum(late.values())}: "
+            f"{late[LATE_COMMITTED]} answered COMMITTED, {late[LATE_ABORTED]} ABORTED, "
+            f"{late[LATE_RERUN]} aborted orders rerun and committed (the known limit), "
+            f"{late['']} without an outcome; "
+            f"{sum(r.late_during_faults for r in late_runs)} under way during a fault ("
+            + ", ".join(f"{n} {fault}" for fault, n in sorted(faults.items()))
+            + ")"
+        )
     kill_runs = [r for r in results if r.cell is None]
     if kill_runs:
         kills: Counter[str] = Counter()
@@ -994,25 +1519,33 @@ def run_simulator(seeds: int, base_seed: int) -> tuple[int, int, str]:
 # ---- the command ----
 
 
+#: A planned run: its cell (a crash-matrix run), None (a random-kill run) or LATE, and its seed.
+Planned = tuple[Cell | str | None, int]
+
+
 def plan(
-    runs: int, kill_runs: int, seed: int, cells: Sequence[Cell]
-) -> list[tuple[Cell | None, int]]:
+    runs: int, kill_runs: int, seed: int, cells: Sequence[Cell], late_runs: int = 0
+) -> list[Planned]:
     """The runs in order: matrix runs round-robin over the cells (run i has seed + i), then
-    the random-kill runs."""
-    planned: list[tuple[Cell | None, int]] = []
+    the random-kill runs, then the late-retry runs (on a cluster of their own)."""
+    planned: list[Planned] = []
     for number in range(runs):
         planned.append((cells[number % len(cells)], seed + number))
     for number in range(kill_runs):
         planned.append((None, seed + runs + number))
+    for number in range(late_runs):
+        planned.append((LATE, seed + runs + kill_runs + number))
     return planned
 
 
-def parse_replay(text: str, cells: Sequence[Cell]) -> tuple[Cell | None, int]:
+def parse_replay(text: str, cells: Sequence[Cell]) -> Planned:
     head, _, seed_text = text.rpartition(":")
     if not seed_text.isdigit():
         raise argparse.ArgumentTypeError(f"--replay {text!r}: end with :SEED")
     if head == "kill":
         return None, int(seed_text)
+    if head == LATE:
+        return LATE, int(seed_text)
     point, _, component = head.partition(":")
     cell = Cell(point, component)
     if cell not in matrix(include_wal=True):
@@ -1023,9 +1556,7 @@ def parse_replay(text: str, cells: Sequence[Cell]) -> tuple[Cell | None, int]:
     return cell, int(seed_text)
 
 
-async def run_all(
-    planned: Sequence[tuple[Cell | None, int]], root: Path, verbose: bool
-) -> list[RunResult]:
+async def run_all(planned: Sequence[Planned], root: Path, verbose: bool) -> list[RunResult]:
     session = Session(root)
     results: list[RunResult] = []
     try:
@@ -1038,7 +1569,11 @@ async def run_all(
             if verbose:
                 for record in result.records:
                     retry = f" -> retry {record.retry_outcome}" if record.retry_outcome else ""
+                    if record.late_outcome:
+                        retry += f" -> late retry {record.late_outcome}"
                     print(f"      {record.order_id}: {record.outcome}{retry} {record.reason[:90]}")
+            for rerun in result.reruns:
+                print(f"      known limit, not a violation: {rerun}")
             if result.violations:
                 print_violation(result)
     finally:
@@ -1049,7 +1584,9 @@ async def run_all(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dtm.chaos",
-        description="Crash matrix and random SIGKILLs over real processes, with every check.",
+        description=(
+            "Crash matrix, random SIGKILLs and late retries over real processes, with every check."
+        ),
     )
     parser.add_argument("--runs", type=int, default=200, help="crash-matrix runs (default 200)")
     parser.add_argument("--seed", type=int, default=1, help="run i uses seed S + i")
@@ -1059,11 +1596,20 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="random-SIGKILL-under-load runs, after the matrix (default: runs / 10)",
     )
+    parser.add_argument(
+        "--late-runs",
+        type=int,
+        default=None,
+        help="late-retry runs, after the random-kill runs (default: kill runs / "
+        f"{LATE_RUNS_PER_KILL_RUNS})",
+    )
     parser.add_argument("--sim-seeds", type=int, default=0, help="also run the simulator")
     parser.add_argument(
         "--only", action="append", default=[], help="only cells whose point:component contains it"
     )
-    parser.add_argument("--replay", default=None, help="POINT:COMPONENT:SEED or kill:SEED")
+    parser.add_argument(
+        "--replay", default=None, help="POINT:COMPONENT:SEED, kill:SEED or late:SEED"
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs")
     parser.add_argument("--verbose", action="store_true", help="print every order")
@@ -1082,9 +1628,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(error))
     else:
         kill_runs = options.runs // 10 if options.kill_runs is None else options.kill_runs
-        if options.runs < 0 or kill_runs < 0:
-            parser.error("--runs and --kill-runs must be >= 0")
-        planned = plan(options.runs if cells else 0, kill_runs, options.seed, cells)
+        late_runs = options.late_runs
+        if late_runs is None:
+            late_runs = kill_runs // LATE_RUNS_PER_KILL_RUNS
+        if options.runs < 0 or kill_runs < 0 or late_runs < 0:
+            parser.error("--runs, --kill-runs and --late-runs must be >= 0")
+        planned = plan(options.runs if cells else 0, kill_runs, options.seed, cells, late_runs)
 
     root = options.data_dir or Path(tempfile.mkdtemp(prefix="dtm-chaos-"))
     root.mkdir(parents=True, exist_ok=True)

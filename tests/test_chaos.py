@@ -17,7 +17,7 @@ from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
 from dtm.cluster import SERVICES
 from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
 from dtm.orderflow import SubmitResult
-from dtmpb.v1 import coordinator_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 SEED = 7_000
 KILL_RUNS = 3
@@ -195,6 +195,163 @@ def test_retry_of_an_unknown_outcome_must_tell_what_happened(
     else:
         assert [] == violations
     assert confirmed == learned
+
+
+# ---- late retries: each check of the wave fails when it should ----
+
+ROLLED_BACK = participant_pb2.BRANCH_STATE_ROLLED_BACK
+REFUSED = participant_pb2.BRANCH_STATE_REFUSED
+BRANCH_COMMITTED = participant_pb2.BRANCH_STATE_COMMITTED
+
+
+def learned(outcome: str, retry_outcome: str = "", order_id: str = "o-1") -> ClientRecord:
+    return ClientRecord(order_id, f"txn-{order_id}", outcome, 300, retry_outcome=retry_outcome)
+
+
+def test_what_a_client_learned_is_its_first_answer_or_its_retry_after_recovery() -> None:
+    assert COMMITTED == chaos.learned_outcome(learned(COMMITTED))
+    assert ABORTED == chaos.learned_outcome(learned("UNAVAILABLE", ABORTED))
+    assert "" == chaos.learned_outcome(learned("DEADLINE_EXCEEDED", "UNAVAILABLE"))
+
+
+@pytest.mark.parametrize(
+    ("first", "retry", "aborts_recorded", "expected_violation", "kind"),
+    [
+        (COMMITTED, COMMITTED, [], "", chaos.LATE_COMMITTED),
+        (ABORTED, ABORTED, ["payment BRANCH_STATE_REFUSED"], "", chaos.LATE_ABORTED),
+        (ABORTED, ABORTED, [], "", chaos.LATE_ABORTED),
+        # The known limit: no participant kept a record of the abort, the retry ran afresh.
+        (ABORTED, COMMITTED, [], "", chaos.LATE_RERUN),
+        ("UNAVAILABLE", COMMITTED, [], "", chaos.LATE_COMMITTED),
+        ("UNAVAILABLE", ABORTED, [], "", chaos.LATE_ABORTED),
+        # What 56c8be8 fixed: a committed order's late retry told ABORTED (a participant down).
+        (COMMITTED, ABORTED, [], "learned COMMITTED, retried after", chaos.LATE_ABORTED),
+        # A participant that remembers the abort refuses the retry: it cannot commit.
+        (
+            ABORTED,
+            COMMITTED,
+            ["orders BRANCH_STATE_ROLLED_BACK"],
+            "but orders BRANCH_STATE_ROLLED_BACK held a record of its abort",
+            chaos.LATE_RERUN,
+        ),
+        (
+            "UNAVAILABLE",
+            COMMITTED,
+            ["payment BRANCH_STATE_REFUSED"],
+            "held a record of its abort",
+            chaos.LATE_COMMITTED,
+        ),
+        (COMMITTED, "UNAVAILABLE", [], "answered UNAVAILABLE: refused (after 1 Submits)", ""),
+        (ABORTED, "ALREADY_EXISTS", [], "not the outcome", ""),
+    ],
+)
+def test_a_late_retry_must_answer_what_the_client_learned(
+    first: str, retry: str, aborts_recorded: list[str], expected_violation: str, kind: str
+) -> None:
+    record = learned(first)
+    violations, found = chaos.check_late_retry(record, answer(retry), aborts_recorded)
+    if expected_violation:
+        assert 1 == len(violations) and expected_violation in violations[0], violations
+    else:
+        assert [] == violations
+    assert kind == found
+
+
+def test_the_records_of_an_abort_are_rolled_back_or_refused_branches() -> None:
+    states = {
+        "inventory": {"t-1": ROLLED_BACK, "t-2": BRANCH_COMMITTED},
+        "orders": {"t-1": BRANCH_COMMITTED},
+        "payment": {"t-1": REFUSED, "t-3": participant_pb2.BRANCH_STATE_PREPARED},
+    }
+    assert ["inventory BRANCH_STATE_ROLLED_BACK", "payment BRANCH_STATE_REFUSED"] == (
+        chaos.abort_records("t-1", states)
+    )
+    assert [] == chaos.abort_records("t-2", states)
+    assert [] == chaos.abort_records("t-3", states)
+    assert [] == chaos.abort_records("t-never", states)
+    assert "inventory COMMITTED, orders -, payment -" == chaos.branches_of("t-2", states)
+
+
+def test_a_branch_decided_before_the_late_retries_must_stay_as_it_was() -> None:
+    before = {
+        "inventory": {"t-1": BRANCH_COMMITTED, "t-2": ROLLED_BACK, "t-3": REFUSED},
+        "payment": {"t-1": BRANCH_COMMITTED},
+    }
+    kept = {
+        "inventory": {"t-1": BRANCH_COMMITTED, "t-2": ROLLED_BACK, "t-3": REFUSED, "t-4": 3},
+        "payment": {"t-1": BRANCH_COMMITTED, "t-2": BRANCH_COMMITTED},  # new there: allowed
+    }
+    assert [] == chaos.check_branches_kept(["t-1", "t-2", "t-3", "t-4"], before, kept)
+    changed = {
+        "inventory": {"t-1": ROLLED_BACK, "t-2": BRANCH_COMMITTED},
+        "payment": {"t-1": BRANCH_COMMITTED},
+    }
+    assert [
+        "transaction t-1: inventory held its branch BRANCH_STATE_COMMITTED before the late "
+        "retries, BRANCH_STATE_ROLLED_BACK after them",
+        "transaction t-2: inventory held its branch BRANCH_STATE_ROLLED_BACK before the late "
+        "retries, BRANCH_STATE_COMMITTED after them",
+        "transaction t-3: inventory held its branch BRANCH_STATE_REFUSED before the late "
+        "retries, absent after them",
+    ] == chaos.check_branches_kept(["t-1", "t-2", "t-3"], before, changed)
+
+
+def late(record: ClientRecord, outcome: str, kind: str) -> ClientRecord:
+    record.late_outcome, record.late_kind = outcome, kind
+    return record
+
+
+def test_after_the_late_retries_each_order_shows_the_outcome_it_has_now() -> None:
+    """settled_state: o-1 confirmed (one capture of 300 cents, one notification), o-2
+    cancelled. A rerun (known limit) must now be confirmed, once; an abort not rerun must not
+    be confirmed."""
+    state = settled_state()
+    fine = [
+        late(learned(COMMITTED), COMMITTED, chaos.LATE_COMMITTED),
+        late(learned(ABORTED, order_id="o-2"), ABORTED, chaos.LATE_ABORTED),
+        late(learned(ABORTED), COMMITTED, chaos.LATE_RERUN),  # rerun: now CONFIRMED, once
+        late(learned("UNAVAILABLE", order_id="o-9"), ABORTED, chaos.LATE_ABORTED),
+    ]
+    assert [] == chaos.check_after_late_retries(fine, state)
+    wrong = [
+        late(learned(ABORTED), ABORTED, chaos.LATE_ABORTED),  # o-1 is CONFIRMED
+        late(learned(ABORTED, order_id="o-2"), COMMITTED, chaos.LATE_RERUN),  # not confirmed
+        late(learned("UNAVAILABLE", order_id="o-9"), COMMITTED, chaos.LATE_COMMITTED),
+    ]
+    violations = chaos.check_after_late_retries(wrong, state)
+    assert 3 == len(violations), violations
+    assert all(v.startswith("after the late retries: order o-") for v in violations)
+    assert "o-1 (txn-o-1) told ABORTED" in violations[0]
+    assert "o-2 (txn-o-2) told COMMITTED: the order is CANCELLED" in violations[1]
+    assert "o-9 (txn-o-9) told COMMITTED: the orders service does not have it" in violations[2]
+    twice = Snapshot(
+        stock=state.stock,
+        accounts=state.accounts,
+        captures=[*state.captures, Capture("o-1", "acct-1", 300, "txn-o-1")],
+        orders=state.orders,
+        sent=[*state.sent, *state.sent],
+    )
+    rerun = [late(learned(ABORTED), COMMITTED, chaos.LATE_RERUN)]
+    violations = chaos.check_after_late_retries(rerun, twice)
+    assert 2 == len(violations), violations
+    assert "expected exactly one of 300" in violations[0]
+    assert "2 notifications sent" in violations[1]
+
+
+def test_late_retry_runs_come_last_and_replay_alone() -> None:
+    cells = chaos.matrix()
+    planned = chaos.plan(3, 2, 10, cells, late_runs=2)
+    assert [
+        (cells[0], 10),
+        (cells[1], 11),
+        (cells[2], 12),
+        (None, 13),
+        (None, 14),
+        (chaos.LATE, 15),
+        (chaos.LATE, 16),
+    ] == planned
+    assert (chaos.LATE, 15) == chaos.parse_replay("late:15", cells)
+    assert "python -m dtm.chaos --replay late:15" == RunResult(0, chaos.LATE, 15).replay
 
 
 def test_the_matrix_covers_every_point_in_every_component_it_applies_to() -> None:
