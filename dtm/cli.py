@@ -1071,11 +1071,18 @@ def _refuse_contradiction(session: Session) -> None:
             f"({state.lower()}): forcing now could contradict its decision. Wait for it "
             f"(`dtm txn show {options.id}`); it comes within the transaction's timeout"
         )
-    committed = txn.state in (
+    # This attempt's own decision, which its branches are told: a transaction committed by an
+    # earlier attempt reads COMMITTED, but this attempt decided abort (a branch of it in doubt
+    # is one a participant that forgot the earlier commit prepared again); ABORTING has
+    # decided abort, only its client's answer waits.
+    committed = not txn.committed_earlier and txn.state in (
         coordinator_pb2.TRANSACTION_STATE_COMMITTING,
         coordinator_pb2.TRANSACTION_STATE_COMMITTED,
     )
-    aborted = txn.state == coordinator_pb2.TRANSACTION_STATE_ABORTED
+    aborted = bool(txn.committed_earlier) or txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_ABORTING,
+        coordinator_pb2.TRANSACTION_STATE_ABORTED,
+    )
     if (committed and not options.commit) or (aborted and options.commit):
         decision = "commit" if committed else "abort"
         raise CliError(

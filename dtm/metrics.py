@@ -35,8 +35,9 @@ coordinator
     dtm_protocol_messages_total{kind}                     counter   requests | replies | ...
     dtm_log_writes_total{kind}                            counter   forced | lazy
     (*) from the transaction's own timestamps, which the engine keeps in milliseconds;
-        "finished" is every phase-2 call acknowledged (commit) or the abort decided (presumed
-        abort sends its rollbacks without waiting)
+        "finished" is every phase-2 call acknowledged (commit) or the abort answered (presumed
+        abort sends its rollbacks without waiting; the answer waits for a Prepare still out, at
+        most until the deadline)
 participant
     dtm_branches_total{state}                 counter prepared | committed | rolled_back
                                                       (prepared work undone) | refused

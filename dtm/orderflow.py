@@ -294,7 +294,8 @@ class OrderClient:
         bad input is not retried. The last answer is returned, known or not.
 
         Safe because a Submit with an id the coordinator or its participants remember (the
-        last 20,000 finished transactions there, 100,000 decided branches here) never executes
+        last `finished_kept`, 20,000 by default, finished transactions there; 100,000 decided
+        branches here) never executes
         twice; retries come seconds apart, far inside that. A request without an id gets one
         here (`txn-` and a random hex): retried without one, each Submit would be a new
         transaction."""

@@ -242,3 +242,24 @@ async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition {check.__name__} did not hold within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+async def commit_then_forget(
+    cluster: InProcessCluster, branches: list[coordinator_pb2.BranchRequest], txn: str
+) -> None:
+    """Commit `branches` as `txn`, then push it out of the coordinator's memory
+    (finished_kept 2) and wait until nothing is left running."""
+
+    async def idle() -> bool:
+        return not cluster.coordinator.engine.active
+
+    assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, txn)).outcome
+    await eventually(idle)  # finished (phase 2 over), so that newer ones finish after it
+    for number in range(3):
+        newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
+        assert (
+            coordinator_pb2.OUTCOME_COMMITTED
+            == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
+        )
+    await eventually(idle)
+    assert not cluster.coordinator.engine.knows(txn)

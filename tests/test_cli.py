@@ -25,7 +25,8 @@ import pytest
 
 from dtm import cli, config, crashpoints
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
-from tests.harness import InProcessCluster, eventually, order_branches
+from participants.decided import DecidedWindow
+from tests.harness import InProcessCluster, commit_then_forget, eventually, order_branches
 
 
 @pytest.fixture(autouse=True)
@@ -715,3 +716,114 @@ def test_a_closed_pipe_ends_quietly(command: list[str]) -> None:
     finally:
         os.close(write_end)
     assert (cli.EXIT_BROKEN_PIPE, "") == (completed.returncode, completed.stderr)
+
+
+# ---- operators and late retries (a bug hunt of what consumes the late-retry semantics) ----
+
+
+async def _late_retry_with_inventory_in_doubt(cluster: InProcessCluster) -> list[str]:
+    """A late retry of a committed order that inventory had forgotten: it prepares its branch
+    again and misses the Rollback, so that branch is in doubt. The coordinator's decision for
+    this attempt is abort, though its status reads COMMITTED (committed by an earlier one).
+    Returns the `dtm force` arguments for inventory's branch."""
+    order = order_branches("o-again", [("sku-pear", 2)], amount_cents=200)
+    cluster.participants["inventory"].engine._decided = DecidedWindow(0)  # forgets each one
+    await commit_then_forget(cluster, order, "txn-again")
+    await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+    retried = await cluster.submit(order, "txn-again")
+    assert coordinator_pb2.OUTCOME_COMMITTED == retried.outcome, retried.reason
+    engine = cluster.coordinator.engine
+
+    async def settled() -> bool:
+        return not engine.active and not engine._settling
+
+    await eventually(settled)
+    await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+    assert coordinator_pb2.OUTCOME_ABORTED == engine.query_outcome("txn-again")
+    at = ["--coordinator", cluster.coordinator_address]
+    return [*at, "force", "txn-again", "0", "--participant", "inventory", "--i-understand"]
+
+
+@pytest.mark.parametrize("commit", [True, False])
+def test_force_follows_a_late_retrys_own_abort_not_its_earlier_commit(
+    tmp_path: Path, commit: bool
+) -> None:
+    """GetTransaction read COMMITTED and `dtm force` took it for the decision: `--commit`
+    went through (the stock taken twice) and `--rollback`, the coordinator's own answer to
+    that branch, was refused. `Transaction.committed_earlier` now tells the two apart."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 10, "backoff_ms_max": 20},
+            participant_overrides={"in_doubt_after_ms": 600_000},  # it must not resolve itself
+        ) as cluster:
+            force = await _late_retry_with_inventory_in_doubt(cluster)
+            status, out, err = await dtm(*force, "--commit" if commit else "--rollback")
+            if commit:
+                assert cli.EXIT_ERROR == status, out
+                assert "decided abort" in err
+            else:
+                assert cli.EXIT_OK == status, err
+            assert 2 == (await cluster.stock())["sku-pear"].sold  # taken once
+
+    asyncio.run(scenario())
+
+
+def test_an_aborting_transaction_refuses_a_forced_commit_and_explains_an_unregister(
+    tmp_path: Path,
+) -> None:
+    """ABORTING: the abort is decided (Rollbacks sent), the client's answer waits for a
+    Prepare still out. `dtm force --commit` went through (the check knew no ABORTING), and
+    an unregister refused for it pointed at `txn list --stuck`, which does not show it."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            prepare_timeout_ms=10_000,
+            participant_overrides={"in_doubt_after_ms": 600_000},
+        ) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=2_000)
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REFUSE)
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            order = order_branches("o-ab", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-ab", timeout_ms=10_000))
+
+            async def aborting() -> bool:
+                _, out, _ = await dtm(*at, "txn", "show", "t-ab", "--json")
+                return bool(out) and json.loads(out)["state"] == "aborting"
+
+            await eventually(aborting)
+            force = [*at, "force", "t-ab", "0", "--participant", "inventory", "--i-understand"]
+            status, out, err = await dtm(*force, "--commit")
+            assert cli.EXIT_ERROR == status, out
+            status, _, err = await dtm(*at, "participants", "remove", "notification")
+            assert cli.EXIT_OK != status and "--state aborting" in err, err
+            assert coordinator_pb2.OUTCOME_ABORTED == (await running).outcome
+
+    asyncio.run(scenario())
+
+
+def test_a_graceful_stop_answers_an_abort_that_waits_for_a_prepare(tmp_path: Path) -> None:
+    """Its client got UNAVAILABLE, the run was counted as left to recovery (nothing of it is
+    in the log), and its timer fired on the stopped engine seconds later (a bug hunt)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, prepare_timeout_ms=10_000) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=3_000)
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REFUSE)
+            order = order_branches("o-stop", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-stop", timeout_ms=10_000))
+            engine = cluster.coordinator.engine
+
+            async def aborting() -> bool:
+                run = engine.active.get("t-stop")
+                return run is not None and run.txn.answer_pending
+
+            await eventually(aborting)
+            await cluster.coordinator.stop(0.2)
+            assert coordinator_pb2.OUTCOME_ABORTED == (await running).outcome
+            assert {} == engine.active
+
+    asyncio.run(scenario())

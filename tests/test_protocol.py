@@ -17,7 +17,14 @@ from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.decided import DecidedWindow
 from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
-from tests.harness import ACCOUNTS, InProcessCluster, eventually, order_branches, pack
+from tests.harness import (
+    ACCOUNTS,
+    InProcessCluster,
+    commit_then_forget,
+    eventually,
+    order_branches,
+    pack,
+)
 
 COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
 ABORTED = coordinator_pb2.OUTCOME_ABORTED
@@ -632,24 +639,6 @@ def test_a_decision_carrying_another_fingerprint_leaves_the_branch_alone(tmp_pat
     asyncio.run(scenario())
 
 
-async def _commit_then_forget(
-    cluster: InProcessCluster, branches: list[coordinator_pb2.BranchRequest], txn: str
-) -> None:
-    """Commit `branches` as `txn`, then push it out of the coordinator's memory
-    (finished_kept 2) and wait until nothing is left running."""
-
-    async def idle() -> bool:
-        return not cluster.coordinator.engine.active
-
-    assert COMMITTED == (await cluster.submit(branches, txn)).outcome
-    await eventually(idle)  # finished (phase 2 over), so that newer ones finish after it
-    for number in range(3):
-        newer = order_branches(f"o-{number}", [("sku-apple", 1)], amount_cents=1)
-        assert COMMITTED == (await cluster.submit(newer[:1], f"txn-{number}")).outcome
-    await eventually(idle)
-    assert not cluster.coordinator.engine.knows(txn)
-
-
 def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path: Path) -> None:
     """A reuse of a forgotten id aborts before the participant that remembers the id could
     refuse it (down). Before, that participant answered the reuse's Rollback from the id's
@@ -661,7 +650,7 @@ def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path:
             coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
         ) as cluster:
             owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
-            await _commit_then_forget(cluster, owner, "txn-x")
+            await commit_then_forget(cluster, owner, "txn-x")
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_DOWN)
             other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
             reuse = await cluster.submit([other[0], other[2]], "txn-x")
@@ -696,7 +685,7 @@ def test_a_lost_one_phase_answer_of_a_reuse_is_not_resolved_from_the_ids_branch(
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
             owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
-            await _commit_then_forget(cluster, owner, "txn-x")
+            await commit_then_forget(cluster, owner, "txn-x")
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=1_500)
             other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
             reuse = await cluster.submit(other[:1], "txn-x")
@@ -721,7 +710,7 @@ def test_a_late_retry_with_a_participant_down_is_answered_committed(tmp_path: Pa
             coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
         ) as cluster:
             order = order_branches("o-late", [("sku-pear", 2)], amount_cents=200)
-            await _commit_then_forget(cluster, order, "txn-late")
+            await commit_then_forget(cluster, order, "txn-late")
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_DOWN)
             retried = await cluster.submit(order, "txn-late")
             assert COMMITTED == retried.outcome, retried.reason
@@ -763,7 +752,7 @@ def test_a_late_retry_rolls_back_a_branch_a_participant_forgot_and_ran_again(
             order = order_branches("o-again", [("sku-pear", 2)], amount_cents=200)
             inventory = cluster.participants["inventory"].engine
             inventory._decided = DecidedWindow(0)  # forgets each branch once decided
-            await _commit_then_forget(cluster, order, "txn-again")
+            await commit_then_forget(cluster, order, "txn-again")
             retried = await cluster.submit(order, "txn-again")
             assert COMMITTED == retried.outcome, retried.reason
             engine = cluster.coordinator.engine
@@ -796,7 +785,7 @@ def test_a_late_retry_refused_by_a_participant_that_forgot_is_answered_committed
             order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
             inventory = cluster.participants["inventory"].engine
             inventory._decided = DecidedWindow(0)  # forgets each branch once decided
-            await _commit_then_forget(cluster, order, "txn-scarce")
+            await commit_then_forget(cluster, order, "txn-scarce")
             for name in ("orders", "payment", "notification"):
                 await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             first = await cluster.submit(order, "txn-scarce")
@@ -826,7 +815,7 @@ def test_a_late_retry_over_unary_calls_records_no_false_heuristic(tmp_path: Path
             coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 50, "backoff_ms_max": 100},
         ) as cluster:
             order = order_branches("o-unary", [("sku-pear", 2)], amount_cents=200)
-            await _commit_then_forget(cluster, order, "txn-unary")
+            await commit_then_forget(cluster, order, "txn-unary")
             engine = cluster.coordinator.engine
             for name in ("inventory", "orders", "payment", "notification"):
                 engine.registry.port(name).batch = False  # as for a participant not batching

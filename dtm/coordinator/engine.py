@@ -258,6 +258,7 @@ class Engine:
         # Finished attempts whose Rollbacks are still in flight or waiting to be retried, by
         # id (see Run.decisions_open). Bounded by the abort rate times a Rollback's few tries.
         self._settling: dict[str, Run] = {}
+        self._stop_waiting = False  # see stop_waiting
         self._drained: asyncio.Event | None = None  # set while drain() waits
 
     # ---- public operations ----
@@ -427,6 +428,8 @@ class Engine:
                     run.timer.cancel()
                     run.timer = None
         self._execute(run, actions)
+        if self._stop_waiting:
+            self._answer_now(run)
         if finished_before and not run.id_reused:
             # A rollback acknowledged or a heuristic reported after the transaction finished
             # (a refused reuse is not in the window: its record would replace the one of the
@@ -571,11 +574,18 @@ class Engine:
             if any(branch.participant == name for branch in run.txn.branches)
         ]
         if using:
+            if all(self.active[txn_id].txn.answer_pending for txn_id in using):
+                hint = (
+                    "aborted, each waits for a Prepare still out, at most until its deadline: "
+                    "retry shortly (dtm txn list --state aborting)"
+                )
+            else:
+                hint = "dtm txn list --stuck; dtm txn retry ID once it is reachable"
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"participant {name!r} has branches in {len(using)} transaction(s) not yet "
                 f"finished, e.g. {', '.join(using[:3])}: the coordinator must finish them first "
-                "(dtm txn list --stuck; dtm txn retry ID once it is reachable)",
+                f"({hint})",
             )
         # Removed before the record is written: from now on no Submit can name it. (The
         # check above and this removal run in one step of the loop, so no Submit between.)
@@ -1060,10 +1070,27 @@ class Engine:
             self._drained = None
         return len(self.active)
 
+    def stop_waiting(self) -> None:
+        """Stopping: an aborted transaction whose answer waits for a Prepare still out (a vote
+        that may say an earlier attempt committed it) is answered ABORTED now, as at its
+        deadline, and so is every one that comes to wait from now on. Nothing of it is in the
+        log to recover, and the server's grace would end its call unanswered."""
+        self._stop_waiting = True
+        for run in list(self.active.values()):
+            self._answer_now(run)
+
+    def _answer_now(self, run: Run) -> None:
+        if run.txn.answer_pending:
+            self._feed(run, core.TimedOut(max(self.clock_ms(), run.txn.deadline_ms)))
+
     async def close(self) -> None:
         # From now on nothing new starts: a call that ends while the tasks below are being
         # cancelled would otherwise spawn a retry that reopens a port after the registry closed.
         self._closed = True
+        for run in self.active.values():
+            if run.timer is not None:  # (a stopped engine takes no more timeouts)
+                run.timer.cancel()
+                run.timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

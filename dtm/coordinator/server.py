@@ -42,6 +42,7 @@ def transaction_pb(view: TransactionView) -> coordinator_pb2.Transaction:
         decided_at_unix_ms=view.decided_at_ms,
         timeout_ms=view.timeout_ms,
         branches=branch_statuses(view),
+        committed_earlier=view.committed_earlier,
     )
 
 
@@ -521,6 +522,7 @@ class CoordinatorServer:
             self._housekeeping.cancel()
         if grace_s > 0:  # 0 is an abrupt stop (tests use it as a crash): no last calls
             self.engine.registry.hurry()
+            self.engine.stop_waiting()
         await self.server.stop(grace_s)
         left = await self.engine.drain(grace_s - (loop.time() - started))
         counters = self.engine.counters
