@@ -827,3 +827,37 @@ def test_a_graceful_stop_answers_an_abort_that_waits_for_a_prepare(tmp_path: Pat
             assert {} == engine.active
 
     asyncio.run(scenario())
+
+
+def test_a_graceful_stop_does_not_answer_aborted_a_late_retry_whose_commit_vote_comes_in_grace(
+    tmp_path: Path,
+) -> None:
+    """Late retry: inventory forgot the commit and refuses (the earlier attempt took the last
+    stock); the others remember it, slowly (400 ms). A graceful stop with 3 s of grace comes
+    while the answer waits: the COMMITTED-earlier vote arrives well within the grace, but
+    stop_waiting answered ABORTED at once, for a transaction that is committed (a review).
+    The waiting aborts are answered as the grace runs out."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, coordinator_overrides={"finished_kept": 2}
+        ) as cluster:
+            order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
+            inventory = cluster.participants["inventory"].engine
+            inventory._decided = DecidedWindow(0)
+            await commit_then_forget(cluster, order, "txn-scarce")
+            for name in ("orders", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=400)
+            engine = cluster.coordinator.engine
+            running = asyncio.ensure_future(cluster.submit(order, "txn-scarce"))
+
+            async def aborting() -> bool:
+                run = engine.active.get("txn-scarce")
+                return run is not None and run.txn.answer_pending
+
+            await eventually(aborting, interval_s=0.005)
+            await cluster.coordinator.stop(3.0)
+            answer = await running
+            assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
+
+    asyncio.run(scenario())

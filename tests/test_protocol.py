@@ -832,6 +832,54 @@ def test_a_late_retry_over_unary_calls_records_no_false_heuristic(tmp_path: Path
     asyncio.run(scenario())
 
 
+def test_a_late_retry_answered_committed_is_kept_though_a_participant_refused_it_as_a_reuse(
+    tmp_path: Path,
+) -> None:
+    """orders forgot the commit of T (content c1) and then saw another content c2 under T's id
+    (a reuse the others refused). A late retry of c1: orders refuses it as a reuse at once,
+    the others, slower, say COMMITTED (earlier): the client is told COMMITTED. But the run,
+    carrying id_reused, is left out of the finished window (_finish), so a retried Submit runs
+    yet another attempt; with the remembering participants down, it is answered ALREADY_EXISTS
+    (aborted), not COMMITTED: the answer changed (rule 14; a review)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 10, "backoff_ms_max": 20},
+        ) as cluster:
+            engine = cluster.coordinator.engine
+            orders = cluster.participants["orders"].engine
+            c1 = order_branches("o-c1", [("sku-pear", 2)], amount_cents=200)
+            orders._decided = DecidedWindow(0)  # forgets c1 once decided
+            await commit_then_forget(cluster, c1, "txn-r")
+            orders._decided = DecidedWindow(1000)  # remembers from now on
+            c2 = order_branches("o-c2", [("sku-apple", 1)], amount_cents=7)
+            try:
+                await cluster.submit(c2, "txn-r")
+            except grpc.aio.AioRpcError as error:
+                assert grpc.StatusCode.ALREADY_EXISTS == error.code(), error
+
+            async def settled() -> bool:
+                return not engine.active and not engine._settling
+
+            await eventually(settled)
+            for name in ("inventory", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
+            late = await cluster.submit(c1, "txn-r")
+            assert COMMITTED == late.outcome, late.reason
+            await eventually(settled)
+            for name in ("inventory", "payment", "notification"):
+                await cluster.set_fault(name, participant_pb2.FAULT_MODE_DOWN)
+            try:
+                again = await cluster.submit(c1, "txn-r")
+                outcome = coordinator_pb2.Outcome.Name(again.outcome)
+            except grpc.aio.AioRpcError as error:
+                outcome = f"{error.code()}: {error.details()}"
+            assert "OUTCOME_COMMITTED" == outcome
+
+    asyncio.run(scenario())
+
+
 def test_a_rerun_after_presumed_abort_cannot_commit_on_a_branch_answered_aborted(
     tmp_path: Path,
 ) -> None:

@@ -102,6 +102,15 @@ class Run:
     decisions_open: int = 0
     settled: asyncio.Future[None] | None = None
 
+    @property
+    def kept(self) -> bool:
+        """Whether the finished window keeps it. An attempt the participants refused as a reuse
+        of the id is not kept: under its id the coordinator would then refuse the transaction
+        the id belongs to. Unless another participant said an earlier attempt committed it:
+        then this is that transaction (a participant that forgot it had seen another content
+        under the id since), and its COMMITTED answer must stay the answer."""
+        return not self.id_reused or bool(self.txn.committed_earlier)
+
     def answer(self) -> int:
         """The outcome to tell a (retried) Submit: the outcome as known now. A one-phase commit
         first answered UNKNOWN is answered COMMITTED or ABORTED once resolved."""
@@ -283,7 +292,7 @@ class Engine:
                 # transaction, which the coordinator forgot), it is not kept, and this one runs
                 # after it.
                 await asyncio.shield(run.reply)
-                if not run.id_reused:
+                if run.kept:
                     _same_transaction(transaction_id, run.fingerprint, fingerprint)
                 continue
             finished = self.finished.get(transaction_id)
@@ -430,7 +439,7 @@ class Engine:
         self._execute(run, actions)
         if self._stop_waiting:
             self._answer_now(run)
-        if finished_before and not run.id_reused:
+        if finished_before and run.kept:
             # A rollback acknowledged or a heuristic reported after the transaction finished
             # (a refused reuse is not in the window: its record would replace the one of the
             # transaction the id belongs to).
@@ -868,9 +877,7 @@ class Engine:
         self.active.pop(txn.transaction_id, None)
         if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()
-        if not run.id_reused:
-            # An attempt the participants refused as a reuse of the id is not kept: under its
-            # id the coordinator would then refuse the transaction the id belongs to.
+        if run.kept:
             self.finished.put(run.record())
         if run.decisions_open and txn.state is TxnState.ABORTED:
             # Its Rollbacks go on (presumed abort answers the client first): a later attempt

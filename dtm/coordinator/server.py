@@ -520,11 +520,17 @@ class CoordinatorServer:
         started = loop.time()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        answer_waiting: asyncio.TimerHandle | None = None
         if grace_s > 0:  # 0 is an abrupt stop (tests use it as a crash): no last calls
             self.engine.registry.hurry()
-            self.engine.stop_waiting()
+            # Aborts still waiting for a Prepare are answered as the grace runs out, not at
+            # once: the vote still out may say an earlier attempt committed the transaction.
+            answer_at = max(0.0, grace_s - min(0.2, grace_s / 2))
+            answer_waiting = loop.call_later(answer_at, self.engine.stop_waiting)
         await self.server.stop(grace_s)
         left = await self.engine.drain(grace_s - (loop.time() - started))
+        if answer_waiting is not None:
+            answer_waiting.cancel()
         counters = self.engine.counters
         # WARNING when something is left: participants stay in doubt until the next start.
         (self.log.warning if left else self.log.info)(
