@@ -502,10 +502,13 @@ def test_group_commit_shares_fsyncs_between_many_appenders(
         assert all(lsn <= log.durable_lsn for lsn in lsns)
         assert log.records_appended == 500
         fsyncs = log.fsync_count - fsyncs_at_open
-        assert fsyncs < 500 // 10, fsyncs
+        # Shared, not one each (500): how many share one depends on scheduling for the thread
+        # log, and on a loaded machine its groups shrink (59 fsyncs seen, 51 in another run,
+        # against about 10 idle), so the bound says sharing, not a ratio.
+        assert fsyncs < 500 // 4, fsyncs
         batches = log.batch_sizes
         assert batches.records == 500
-        assert batches.mean > 10
+        assert batches.mean > 4
         await log.close()
 
     asyncio.run(run())
