@@ -263,3 +263,14 @@ async def commit_then_forget(
         )
     await eventually(idle)
     assert not cluster.coordinator.engine.knows(txn)
+
+
+async def settled(cluster: InProcessCluster) -> None:
+    """Until the coordinator has nothing running and no aborted attempt whose Rollbacks are
+    still on their way (Engine._settling)."""
+    engine = cluster.coordinator.engine
+
+    async def quiet() -> bool:
+        return not engine.active and not engine._settling
+
+    await eventually(quiet)

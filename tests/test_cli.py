@@ -26,7 +26,13 @@ import pytest
 from dtm import cli, config, crashpoints
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from participants.decided import DecidedWindow
-from tests.harness import InProcessCluster, commit_then_forget, eventually, order_branches
+from tests.harness import (
+    InProcessCluster,
+    commit_then_forget,
+    eventually,
+    order_branches,
+    settled,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -734,10 +740,7 @@ async def _late_retry_with_inventory_in_doubt(cluster: InProcessCluster) -> list
     assert coordinator_pb2.OUTCOME_COMMITTED == retried.outcome, retried.reason
     engine = cluster.coordinator.engine
 
-    async def settled() -> bool:
-        return not engine.active and not engine._settling
-
-    await eventually(settled)
+    await settled(cluster)
     await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
     assert coordinator_pb2.OUTCOME_ABORTED == engine.query_outcome("txn-again")
     at = ["--coordinator", cluster.coordinator_address]

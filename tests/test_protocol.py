@@ -24,6 +24,7 @@ from tests.harness import (
     eventually,
     order_branches,
     pack,
+    settled,
 )
 
 COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
@@ -656,12 +657,8 @@ def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path:
             reuse = await cluster.submit([other[0], other[2]], "txn-x")
             assert coordinator_pb2.OUTCOME_ABORTED == reuse.outcome
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
-            engine = cluster.coordinator.engine
 
-            async def settled() -> bool:  # its Rollbacks acknowledged
-                return not engine.active and not engine._settling
-
-            await eventually(settled)
+            await settled(cluster)  # its Rollbacks acknowledged
             heuristics = await cluster.client.ListHeuristics(
                 coordinator_pb2.ListHeuristicsRequest()
             )
@@ -716,12 +713,8 @@ def test_a_late_retry_with_a_participant_down_is_answered_committed(tmp_path: Pa
             assert COMMITTED == retried.outcome, retried.reason
             assert "committed by an earlier attempt" in retried.reason
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
-            engine = cluster.coordinator.engine
 
-            async def settled() -> bool:  # payment's Rollback got through
-                return not engine.active and not engine._settling
-
-            await eventually(settled)
+            await settled(cluster)  # payment's Rollback got through
             heuristics = await cluster.client.ListHeuristics(
                 coordinator_pb2.ListHeuristicsRequest()
             )
@@ -755,12 +748,8 @@ def test_a_late_retry_rolls_back_a_branch_a_participant_forgot_and_ran_again(
             await commit_then_forget(cluster, order, "txn-again")
             retried = await cluster.submit(order, "txn-again")
             assert COMMITTED == retried.outcome, retried.reason
-            engine = cluster.coordinator.engine
 
-            async def settled() -> bool:
-                return not engine.active and not engine._settling
-
-            await eventually(settled)
+            await settled(cluster)
             level = (await cluster.stock())["sku-pear"]
             assert (2, 0) == (level.sold, level.reserved)
             accounts = await cluster.accounts()
@@ -847,7 +836,6 @@ def test_a_late_retry_answered_committed_is_kept_though_a_participant_refused_it
             tmp_path,
             coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 10, "backoff_ms_max": 20},
         ) as cluster:
-            engine = cluster.coordinator.engine
             orders = cluster.participants["orders"].engine
             c1 = order_branches("o-c1", [("sku-pear", 2)], amount_cents=200)
             orders._decided = DecidedWindow(0)  # forgets c1 once decided
@@ -859,15 +847,12 @@ def test_a_late_retry_answered_committed_is_kept_though_a_participant_refused_it
             except grpc.aio.AioRpcError as error:
                 assert grpc.StatusCode.ALREADY_EXISTS == error.code(), error
 
-            async def settled() -> bool:
-                return not engine.active and not engine._settling
-
-            await eventually(settled)
+            await settled(cluster)
             for name in ("inventory", "payment", "notification"):
                 await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             late = await cluster.submit(c1, "txn-r")
             assert COMMITTED == late.outcome, late.reason
-            await eventually(settled)
+            await settled(cluster)
             for name in ("inventory", "payment", "notification"):
                 await cluster.set_fault(name, participant_pb2.FAULT_MODE_DOWN)
             try:
