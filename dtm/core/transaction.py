@@ -429,7 +429,6 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
         return txn._abort(txn.reason, event.now_ms)
     if event.vote is Vote.REFUSED:
         return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
-
     if any(b.vote is None for b in txn.branches):
         return []
     updating = tuple((b.index, b.participant) for b in txn.branches if b.vote is Vote.PREPARED)
