@@ -23,6 +23,7 @@ from dtmpb.v1 import (
     shop_pb2,
     shop_pb2_grpc,
 )
+from participants.decided import DecidedWindow
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.service import Service
 from participants.services.catalog import AccountSpec
@@ -245,10 +246,16 @@ async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.
 
 
 async def commit_then_forget(
-    cluster: InProcessCluster, branches: list[coordinator_pb2.BranchRequest], txn: str
+    cluster: InProcessCluster,
+    branches: list[coordinator_pb2.BranchRequest],
+    txn: str,
+    forgetting: Sequence[str] = (),
 ) -> None:
     """Commit `branches` as `txn`, then push it out of the coordinator's memory
-    (finished_kept 2) and wait until nothing is left running."""
+    (finished_kept 2) and wait until nothing is left running: a Submit of it now is a late
+    retry. The `forgetting` participants keep no decided branch (as beyond their 100,000)."""
+    for name in forgetting:
+        cluster.participants[name].engine._decided = DecidedWindow(0)
 
     async def idle() -> bool:
         return not cluster.coordinator.engine.active

@@ -25,7 +25,6 @@ import pytest
 
 from dtm import cli, config, crashpoints
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
-from participants.decided import DecidedWindow
 from tests.harness import (
     InProcessCluster,
     commit_then_forget,
@@ -733,8 +732,7 @@ async def _late_retry_with_inventory_in_doubt(cluster: InProcessCluster) -> list
     this attempt is abort, though its status reads COMMITTED (committed by an earlier one).
     Returns the `dtm force` arguments for inventory's branch."""
     order = order_branches("o-again", [("sku-pear", 2)], amount_cents=200)
-    cluster.participants["inventory"].engine._decided = DecidedWindow(0)  # forgets each one
-    await commit_then_forget(cluster, order, "txn-again")
+    await commit_then_forget(cluster, order, "txn-again", forgetting=["inventory"])
     await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
     retried = await cluster.submit(order, "txn-again")
     assert coordinator_pb2.OUTCOME_COMMITTED == retried.outcome, retried.reason
@@ -846,9 +844,7 @@ def test_a_graceful_stop_does_not_answer_aborted_a_late_retry_whose_commit_vote_
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
             order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
-            inventory = cluster.participants["inventory"].engine
-            inventory._decided = DecidedWindow(0)
-            await commit_then_forget(cluster, order, "txn-scarce")
+            await commit_then_forget(cluster, order, "txn-scarce", forgetting=["inventory"])
             for name in ("orders", "payment", "notification"):
                 await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=400)
             engine = cluster.coordinator.engine

@@ -743,12 +743,9 @@ def test_a_late_retry_rolls_back_a_branch_a_participant_forgot_and_ran_again(
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
             order = order_branches("o-again", [("sku-pear", 2)], amount_cents=200)
-            inventory = cluster.participants["inventory"].engine
-            inventory._decided = DecidedWindow(0)  # forgets each branch once decided
-            await commit_then_forget(cluster, order, "txn-again")
+            await commit_then_forget(cluster, order, "txn-again", forgetting=["inventory"])
             retried = await cluster.submit(order, "txn-again")
             assert COMMITTED == retried.outcome, retried.reason
-
             await settled(cluster)
             level = (await cluster.stock())["sku-pear"]
             assert (2, 0) == (level.sold, level.reserved)
@@ -772,9 +769,7 @@ def test_a_late_retry_refused_by_a_participant_that_forgot_is_answered_committed
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
             order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
-            inventory = cluster.participants["inventory"].engine
-            inventory._decided = DecidedWindow(0)  # forgets each branch once decided
-            await commit_then_forget(cluster, order, "txn-scarce")
+            await commit_then_forget(cluster, order, "txn-scarce", forgetting=["inventory"])
             for name in ("orders", "payment", "notification"):
                 await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             first = await cluster.submit(order, "txn-scarce")
