@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/dtmpb/v1/*.proto)
 DATA_DIR ?= .dtm-data
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint proto check-proto up down status chaos chaos-soak bench bench-soak bench-plot certs clean
+.PHONY: help demo test test-fast lint proto check-proto up down status chaos chaos-soak chaos-fault-soak bench bench-soak bench-plot certs clean
 
 help:
 	@echo "make demo        run the whole order flow end to end (starts and stops its own servers)"
@@ -19,6 +19,7 @@ help:
 	@echo "make status      each process of the cluster (make up): pid, health, registered"
 	@echo "make chaos       real-process crash matrix + random SIGKILLs (>= 200 runs)"
 	@echo "make chaos-soak  the same, ten times longer (2000 runs, 10,000 simulator seeds)"
+	@echo "make chaos-fault-soak  one 180 s run under load, a SIGKILL every 10 s (SOAK_S=...)"
 	@echo "make bench       benchmark against same-run baselines (quick mode, ~30 s)"
 	@echo "make bench-soak  3-minute run: coordinator memory and log size over 100,000+ transactions"
 	@echo "make bench-plot  a small sweep over clients and participants, drawn to bench/results/"
@@ -67,6 +68,10 @@ chaos: $(STAMP)
 
 chaos-soak: $(STAMP)
 	$(PY) -m dtm.chaos --runs $${CHAOS_RUNS:-2000} --kill-runs $${CHAOS_KILL_RUNS:-1000} --sim-seeds 10000
+
+# One long run under load with a SIGKILL every 10 s (design/reliability.md's fault soak).
+chaos-fault-soak: $(STAMP)
+	$(PY) -m dtm.chaos --runs 0 --kill-runs 0 --late-runs 0 --soak $${SOAK_S:-180}
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -135,6 +135,13 @@ NEMESIS_DOWNTIME_S = (0.0, 0.3)
 #: Relative chance of each process being the nemesis's victim, in PROCESSES order.
 NEMESIS_WEIGHTS = (4.0, 1.5, 1.5, 1.5, 1.5)
 
+# The fault soak (`--soak SECONDS`, `make chaos-fault-soak`): one long random-kill run, more
+# clients, a SIGKILL every SOAK_FAULT_EVERY_S (design/reliability.md: "soak: concurrent
+# clients with a fault every 10 s"), with the latency of every Submit reported.
+SOAK = "soak"
+SOAK_FAULT_EVERY_S = 10.0
+SOAK_CLIENTS = 8
+
 # Late-retry runs
 #: The coordinator of the late-retry cluster remembers only this many finished transactions
 #: (`finished_kept`, 20,000 by default): a few more orders push a run's out of its memory.
@@ -169,6 +176,10 @@ LATE_DRAIN_S = 1.0
 LATE_RUNS_PER_KILL_RUNS = 10
 #: The plan's marker of a late-retry run (None marks a random-kill run).
 LATE = "late"
+_TITLES = {
+    LATE: "late retries after kills",
+    SOAK: f"fault soak: a SIGKILL every {SOAK_FAULT_EVERY_S:g} s",
+}
 
 LOG_TAIL_LINES = 30
 #: A run slower than this prints where its time went.
@@ -644,7 +655,7 @@ def check_after_late_retries(
 @dataclass
 class RunResult:
     index: int
-    kind: str  # "matrix", "kill" or "late"
+    kind: str  # "matrix", "kill", "late" or "soak"
     seed: int
     cell: Cell | None = None
     crash_at: str = ""
@@ -666,6 +677,9 @@ class RunResult:
     #: The known-limit reruns (LATE_RERUN), each with what the services showed of it.
     reruns: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    #: Fault soaks: how long, and each Submit's latency at its client, ms (any outcome).
+    soak_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
     #: Process name -> tail of its log, kept when the run has violations.
     logs: dict[str, str] = field(default_factory=dict)
     data_dir: str = ""
@@ -707,6 +721,11 @@ class RunResult:
     def replay(self) -> str:
         if self.cell is not None:
             return f"python -m dtm.chaos --replay {self.cell}:{self.seed}"
+        if self.kind == SOAK:
+            return (
+                "python -m dtm.chaos --runs 0 --kill-runs 0 --late-runs 0 "
+                f"--soak {self.soak_s:g} --seed {self.seed}"
+            )
         return f"python -m dtm.chaos --replay {self.kind}:{self.seed}"
 
     def line(self, total: int) -> str:
@@ -720,7 +739,7 @@ class RunResult:
             what += f" {target:<11}"
         else:
             kills = ", ".join(f"{n} {name}" for name, n in sorted(self.kills.items()))
-            title = "late retries after kills" if self.kind == LATE else "random SIGKILL under load"
+            title = _TITLES.get(self.kind, "random SIGKILL under load")
             what = f"{title:<40} {'-':<12} seed {self.seed:<6}"
             what += f" kills: {kills or 'none'};"
         retried = self.retried
@@ -740,8 +759,24 @@ class RunResult:
                 + (f", {late['']} without an outcome" if late[""] else "")
                 + f", {self.late_during_faults} during faults ({faults or 'none'})"
             )
+        if self.kind == SOAK and self.latencies_ms:
+            orders += f"; {latency_summary(self.latencies_ms)}"
         result = "ok" if not self.violations else f"VIOLATIONS: {len(self.violations)}"
         return f"{head} {what} {orders}  {self.elapsed_s:.1f} s  {result}"
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> str:
+    """p50, p99 and max of every Submit at its client, whatever its outcome (a Submit that
+    meets a killed process waits for it, so the tail is the faults')."""
+    ordered = sorted(latencies_ms)
+
+    def at(fraction: float) -> float:
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+    return (
+        f"latency of {len(ordered)} Submits: p50 {at(0.5):.1f} ms, p99 {at(0.99):.1f} ms, "
+        f"max {ordered[-1]:.1f} ms"
+    )
 
 
 # ---- the session: one cluster reused across runs ----
@@ -752,6 +787,7 @@ class Session:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.soak_s = 0.0  # the fault soak's length (`--soak`)
         self.cluster: Cluster | None = None
         #: Whether `cluster` is the late-retry runs' (its coordinator's memory is small).
         self.cluster_late = False
@@ -1034,8 +1070,31 @@ class Session:
         await self.check(cluster, result)
         return result
 
+    async def soak_run(self, index: int, seed: int, seconds: float) -> RunResult:
+        result = RunResult(index=index, kind=SOAK, seed=seed, soak_s=seconds)
+        cluster = await self.ensure_cluster()
+        await self.load_under_kills(
+            cluster,
+            result,
+            f"chaos:soak:{seed}",
+            seconds,
+            every_s=(SOAK_FAULT_EVERY_S, SOAK_FAULT_EVERY_S),
+            clients=SOAK_CLIENTS,
+            orders_max=1_000_000,  # bounded by `seconds`
+        )
+        await self.check(cluster, result)
+        return result
+
     async def load_under_kills(
-        self, cluster: Cluster, result: RunResult, name: str, load_s: float = LOAD_S
+        self,
+        cluster: Cluster,
+        result: RunResult,
+        name: str,
+        load_s: float = LOAD_S,
+        *,
+        every_s: tuple[float, float] = NEMESIS_INTERVAL_S,
+        clients: int = LOAD_CLIENTS,
+        orders_max: int = ORDERS_PER_CLIENT_MAX,
     ) -> None:
         """LOAD_CLIENTS clients submit orders back to back for `load_s` while a nemesis
         SIGKILLs processes at random and restarts them; then every process is healed. `name`
@@ -1059,13 +1118,15 @@ class Session:
                     orders = await stack.enter_async_context(
                         OrderClient(cluster.coordinator_address)
                     )
-                for count in range(ORDERS_PER_CLIENT_MAX):
+                for count in range(orders_max):
                     if stop.is_set():
                         return
-                    order_id = self._next_order_id(result, number * ORDERS_PER_CLIENT_MAX + count)
+                    order_id = self._next_order_id(result, number * orders_max + count)
                     request, amount, _ = make_order(client_rng, order_id)
                     self.orders_on_cluster += 1
+                    sent = time.perf_counter()
                     answer = await orders.submit(request, timeout_s=SUBMIT_TIMEOUT_S)
+                    result.latencies_ms.append((time.perf_counter() - sent) * 1000)
                     record = record_of(order_id, request, amount, answer)
                     result.records.append(record)
                     if record.outcome != COMMITTED:
@@ -1077,7 +1138,7 @@ class Session:
             deadline = loop.time() + load_s
             try:
                 while True:
-                    await asyncio.sleep(rng.uniform(*NEMESIS_INTERVAL_S))
+                    await asyncio.sleep(rng.uniform(*every_s))
                     if loop.time() >= deadline:
                         return
                     victim = rng.choices(PROCESSES, NEMESIS_WEIGHTS)[0]
@@ -1091,7 +1152,7 @@ class Session:
                 stop.set()
 
         async with shared:
-            await asyncio.gather(nemesis(), *(client(number) for number in range(LOAD_CLIENTS)))
+            await asyncio.gather(nemesis(), *(client(number) for number in range(clients)))
         result.mark("load and kills")
         result.violations += self._unexpected_exits(cluster, ())
         await self.heal(cluster)
@@ -1337,17 +1398,22 @@ class Session:
         if isinstance(cell, Cell):
             result = RunResult(index=index, kind="matrix", seed=seed, cell=cell)
         else:
-            result = RunResult(index=index, kind=LATE if cell == LATE else "kill", seed=seed)
+            kind = cell if cell in (LATE, SOAK) else "kill"
+            result = RunResult(index=index, kind=str(kind), seed=seed)
+        timeout_s = RUN_TIMEOUT_S
         try:
             if isinstance(cell, Cell):
                 work = self.matrix_run(index, cell, seed)
             elif cell == LATE:
                 work = self.late_run(index, seed)
+            elif cell == SOAK:
+                work = self.soak_run(index, seed, self.soak_s)
+                timeout_s += self.soak_s
             else:
                 work = self.kill_run(index, seed)
-            result = await asyncio.wait_for(work, RUN_TIMEOUT_S)
+            result = await asyncio.wait_for(work, timeout_s)
         except TimeoutError:
-            result.violations.append(f"the run did not finish within {RUN_TIMEOUT_S:g} s")
+            result.violations.append(f"the run did not finish within {timeout_s:g} s")
         except ClusterError as error:
             result.violations.append(f"the cluster failed: {error}")
         except Exception as error:  # reported as a failed run, and the next run starts clean
@@ -1406,9 +1472,11 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     print("summary (crash matrix: point x component)")
     rows: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
     for result in results:
-        key = str(result.cell) if result.cell else "random SIGKILL under load"
-        if result.kind == LATE:
-            key = "late retries after kills"
+        key = (
+            str(result.cell)
+            if result.cell
+            else _TITLES.get(result.kind, "random SIGKILL under load")
+        )
         row = rows[key]
         row[0] += 1
         row[1] += int(result.target == "crashed") if result.cell else sum(result.kills.values())
@@ -1524,10 +1592,16 @@ Planned = tuple[Cell | str | None, int]
 
 
 def plan(
-    runs: int, kill_runs: int, seed: int, cells: Sequence[Cell], late_runs: int = 0
+    runs: int,
+    kill_runs: int,
+    seed: int,
+    cells: Sequence[Cell],
+    late_runs: int = 0,
+    soaks: int = 0,
 ) -> list[Planned]:
     """The runs in order: matrix runs round-robin over the cells (run i has seed + i), then
-    the random-kill runs, then the late-retry runs (on a cluster of their own)."""
+    the random-kill runs, then the late-retry runs (on a cluster of their own), then the
+    fault soak."""
     planned: list[Planned] = []
     for number in range(runs):
         planned.append((cells[number % len(cells)], seed + number))
@@ -1535,6 +1609,8 @@ def plan(
         planned.append((None, seed + runs + number))
     for number in range(late_runs):
         planned.append((LATE, seed + runs + kill_runs + number))
+    for number in range(soaks):
+        planned.append((SOAK, seed + runs + kill_runs + late_runs + number))
     return planned
 
 
@@ -1556,8 +1632,11 @@ def parse_replay(text: str, cells: Sequence[Cell]) -> Planned:
     return cell, int(seed_text)
 
 
-async def run_all(planned: Sequence[Planned], root: Path, verbose: bool) -> list[RunResult]:
+async def run_all(
+    planned: Sequence[Planned], root: Path, verbose: bool, soak_s: float = 0.0
+) -> list[RunResult]:
     session = Session(root)
+    session.soak_s = soak_s
     results: list[RunResult] = []
     try:
         for index, (cell, seed) in enumerate(planned, start=1):
@@ -1603,6 +1682,14 @@ def main(argv: list[str] | None = None) -> int:
         help="late-retry runs, after the random-kill runs (default: kill runs / "
         f"{LATE_RUNS_PER_KILL_RUNS})",
     )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"then one fault soak this long: {SOAK_CLIENTS} clients, a SIGKILL every "
+        f"{SOAK_FAULT_EVERY_S:g} s, every check after it, Submit latencies reported",
+    )
     parser.add_argument("--sim-seeds", type=int, default=0, help="also run the simulator")
     parser.add_argument(
         "--only", action="append", default=[], help="only cells whose point:component contains it"
@@ -1631,9 +1718,11 @@ def main(argv: list[str] | None = None) -> int:
         late_runs = options.late_runs
         if late_runs is None:
             late_runs = kill_runs // LATE_RUNS_PER_KILL_RUNS
-        if options.runs < 0 or kill_runs < 0 or late_runs < 0:
-            parser.error("--runs, --kill-runs and --late-runs must be >= 0")
-        planned = plan(options.runs if cells else 0, kill_runs, options.seed, cells, late_runs)
+        if options.runs < 0 or kill_runs < 0 or late_runs < 0 or options.soak < 0:
+            parser.error("--runs, --kill-runs, --late-runs and --soak must be >= 0")
+        soaks = 1 if options.soak > 0 else 0
+        runs = options.runs if cells else 0
+        planned = plan(runs, kill_runs, options.seed, cells, late_runs, soaks)
 
     root = options.data_dir or Path(tempfile.mkdtemp(prefix="dtm-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -1645,7 +1734,7 @@ def main(argv: list[str] | None = None) -> int:
     if not include_wal:
         print("  (wal.* crash points are not wired into dtm/wal.py yet: left out of the matrix)")
     started = time.perf_counter()
-    results = asyncio.run(run_all(planned, root, options.verbose))
+    results = asyncio.run(run_all(planned, root, options.verbose, options.soak))
     elapsed = time.perf_counter() - started
     print_summary(results, elapsed)
     written = checkpoints_written(root)

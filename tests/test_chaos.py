@@ -354,6 +354,22 @@ def test_late_retry_runs_come_last_and_replay_alone() -> None:
     assert "python -m dtm.chaos --replay late:15" == RunResult(0, chaos.LATE, 15).replay
 
 
+def test_the_fault_soak_comes_last_reports_latencies_and_says_how_to_run_it_again() -> None:
+    cells = chaos.matrix()
+    planned = chaos.plan(1, 1, 10, cells, late_runs=1, soaks=1)
+    assert [(cells[0], 10), (None, 11), (chaos.LATE, 12), (chaos.SOAK, 13)] == planned
+    soak = RunResult(0, chaos.SOAK, 13, soak_s=180)
+    assert (
+        "python -m dtm.chaos --runs 0 --kill-runs 0 --late-runs 0 --soak 180 --seed 13"
+        == soak.replay
+    )
+    soak.latencies_ms = [float(n) for n in range(1, 201)]  # 1..200 ms
+    summary = chaos.latency_summary(soak.latencies_ms)
+    assert "200 Submits: p50 101.0 ms, p99 199.0 ms, max 200.0 ms" in summary
+    assert summary in soak.line(1)
+    assert "fault soak: a SIGKILL every 10 s" in soak.line(1)
+
+
 def test_the_matrix_covers_every_point_in_every_component_it_applies_to() -> None:
     cells = chaos.matrix(include_wal=True)
     assert {cell.point for cell in cells} == set(crashpoints.POINTS)
