@@ -281,3 +281,17 @@ async def settled(cluster: InProcessCluster) -> None:
         return not engine.active and not engine._settling
 
     await eventually(quiet)
+
+
+async def late_retry_of_the_last_stock(
+    cluster: InProcessCluster, slow_ms: int
+) -> list[coordinator_pb2.BranchRequest]:
+    """An order that took the last stock, committed and forgotten by the coordinator
+    (finished_kept 2) and by inventory, whose retry will be refused there (out of stock);
+    the other three remember it and answer after `slow_ms`. Returns the order: its Submit
+    as txn-scarce is a late retry."""
+    order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
+    await commit_then_forget(cluster, order, "txn-scarce", forgetting=["inventory"])
+    for name in ("orders", "payment", "notification"):
+        await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=slow_ms)
+    return order

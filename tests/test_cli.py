@@ -29,6 +29,7 @@ from tests.harness import (
     InProcessCluster,
     commit_then_forget,
     eventually,
+    late_retry_of_the_last_stock,
     order_branches,
     settled,
 )
@@ -843,10 +844,7 @@ def test_a_graceful_stop_does_not_answer_aborted_a_late_retry_whose_commit_vote_
         async with InProcessCluster(
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
-            order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
-            await commit_then_forget(cluster, order, "txn-scarce", forgetting=["inventory"])
-            for name in ("orders", "payment", "notification"):
-                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=400)
+            order = await late_retry_of_the_last_stock(cluster, slow_ms=400)
             engine = cluster.coordinator.engine
             running = asyncio.ensure_future(cluster.submit(order, "txn-scarce"))
 

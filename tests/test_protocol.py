@@ -22,6 +22,7 @@ from tests.harness import (
     InProcessCluster,
     commit_then_forget,
     eventually,
+    late_retry_of_the_last_stock,
     order_branches,
     pack,
     settled,
@@ -768,10 +769,7 @@ def test_a_late_retry_refused_by_a_participant_that_forgot_is_answered_committed
         async with InProcessCluster(
             tmp_path, coordinator_overrides={"finished_kept": 2}
         ) as cluster:
-            order = order_branches("o-scarce", [("sku-scarce", 2)], amount_cents=200)
-            await commit_then_forget(cluster, order, "txn-scarce", forgetting=["inventory"])
-            for name in ("orders", "payment", "notification"):
-                await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
+            order = await late_retry_of_the_last_stock(cluster, slow_ms=300)
             first = await cluster.submit(order, "txn-scarce")
             assert COMMITTED == first.outcome, first.reason
             for name in ("orders", "payment", "notification"):
