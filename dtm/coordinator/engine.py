@@ -92,6 +92,7 @@ class Run:
     id_reused: str = ""
     outcome_pb: int = coordinator_pb2.OUTCOME_UNSPECIFIED
     decision: bytes = b""  # the CommitDecided record, once written
+    end_lsn: int = 0  # the TransactionEnded record's, once written (lazily)
     finished: bool = False
     # Phase-2 retries waiting out their backoff, by branch (made on first use: most
     # transactions never retry). At most one per branch: see retry_phase_two_now.
@@ -268,6 +269,9 @@ class Engine:
         # id (see Run.decisions_open). Bounded by the abort rate times a Rollback's few tries.
         self._settling: dict[str, Run] = {}
         self._stop_waiting = False  # see stop_waiting
+        # Has the log sync the end records of the commits the finished window may not forget
+        # yet, then trims it (see _keep_finished). One at a time.
+        self._ends_syncing: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None  # set while drain() waits
 
     # ---- public operations ----
@@ -492,7 +496,9 @@ class Engine:
     def _persist_end(self, run: Run, action: core.PersistEnd) -> None:
         crashpoints.hit("coordinator.before_end_record")
         payload = log_pb2.TransactionEnded(transaction_id=run.txn.transaction_id)
-        self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
+        # Nobody waits for it: it rides the next fsync. The finished window keeps the commit
+        # until then (_keep_finished).
+        run.end_lsn = self._append(RecordType.TRANSACTION_ENDED, payload.SerializeToString())
         self.counters.lazy_writes += 1
 
     def _persist_heuristic(self, run: Run, action: core.PersistHeuristic) -> None:
@@ -878,7 +884,7 @@ class Engine:
         if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()
         if run.kept:
-            self.finished.put(run.record())
+            self._keep_finished(run)
         if run.decisions_open and txn.state is TxnState.ABORTED:
             # Its Rollbacks go on (presumed abort answers the client first): a later attempt
             # under this id waits for them once this record is gone from the window. (A
@@ -889,6 +895,26 @@ class Engine:
             run.timer.cancel()
             run.timer = None
         run.operations = []
+
+    def _keep_finished(self, run: Run) -> None:
+        """Into the finished window, which forgets its oldest beyond `finished_kept`, but not a
+        commit whose end record is not yet durable: forgotten, then lost in a crash, the commit
+        would be resumed from its decision record, while a late retry of its id, no longer
+        remembered, may have run afresh meanwhile (prepared again, perhaps rolled back: the
+        resumed Commit then meets it). The next fsync makes it durable: with the default
+        window of 20,000, one is made long before the commit is the oldest, but with a small
+        window, or after a stream of aborts and one-phase commits (nothing forced), the window
+        is held and asks for that fsync. No fsync is added while the window is not held."""
+        waiting_for = self.finished.put(run.record(), run.end_lsn, self.log.durable_lsn)
+        if waiting_for and (self._ends_syncing is None or self._ends_syncing.done()):
+            self._ends_syncing = self._spawn(self._trim_once_durable(waiting_for))
+
+    async def _trim_once_durable(self, lsn: int) -> None:
+        # Bounded: each round waits for one fsync, and only an end record appended after the
+        # one before it started can hold the window again.
+        while lsn:
+            await self.log.wait_durable(lsn)
+            lsn = self.finished.trim(self.log.durable_lsn)
 
     # ---- recovery and checkpoints ----
 

@@ -97,12 +97,19 @@ def unpack(record: Record) -> TransactionView:
 
 
 class FinishedWindow:
-    """The last `kept` finished transactions, oldest first."""
+    """The last `kept` finished transactions, oldest first; more only while the oldest is a
+    commit whose end record is not durable yet (see `trim`)."""
 
     def __init__(self, kept: int) -> None:
         assert kept >= 0
         self._kept = kept
         self._records: OrderedDict[str, Record] = OrderedDict()
+        # The LSN of each kept commit's TransactionEnded record not known to be durable yet,
+        # oldest first: the commits ended since the last sync the window saw. Not forgotten
+        # before that record is on disk: forgotten first and then lost in a crash, the commit
+        # is resumed from its decision record, while a late retry of its id, which no longer
+        # found it here, may have run afresh meanwhile (the simulator's seed 3389).
+        self._ending: OrderedDict[str, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._records)
@@ -110,12 +117,36 @@ class FinishedWindow:
     def __contains__(self, transaction_id: str) -> bool:
         return transaction_id in self._records
 
-    def put(self, record: Record) -> None:
-        """Remember a finished transaction (the newest), forgetting the oldest beyond `kept`."""
+    def put(self, record: Record, end_lsn: int = 0, durable_lsn: int = 0) -> int:
+        """Remember a finished transaction (the newest), a commit with the LSN of its lazy end
+        record (`end_lsn`), and forget the oldest beyond `kept` as `trim` does, whose answer
+        this is."""
         self._records[record[0]] = record
-        # Bounded: one entry was added, each step removes one.
-        while len(self._records) > self._kept:
-            self._records.popitem(last=False)
+        if end_lsn > durable_lsn:
+            self._ending[record[0]] = end_lsn
+        return self.trim(durable_lsn)
+
+    def trim(self, durable_lsn: int) -> int:
+        """Forget the oldest transactions beyond `kept`, but not a commit whose end record is
+        beyond `durable_lsn` (the log's), nor anything newer. Returns that end record's LSN
+        (0 when the window is down to `kept`): the caller has the log sync it, then trims
+        again. So the window exceeds `kept` by at most the transactions that finish while
+        that one sync is asked for and made."""
+        ending = self._ending
+        # Bounded: each step forgets one. End records are appended in the order commits
+        # finish, so the ones now durable are at the front.
+        while ending and ending[next(iter(ending))] <= durable_lsn:
+            ending.popitem(last=False)
+        records = self._records
+        while len(records) > self._kept:
+            oldest = next(iter(records))
+            end_lsn = ending.get(oldest, 0)
+            if end_lsn > durable_lsn:
+                return end_lsn
+            records.popitem(last=False)
+            if end_lsn:
+                del ending[oldest]
+        return 0
 
     def update(self, record: Record) -> None:
         """Replace what is kept of a transaction that changed after it finished (a rollback
@@ -125,6 +156,7 @@ class FinishedWindow:
 
     def clear(self) -> None:
         self._records.clear()
+        self._ending.clear()
 
     def decisions(self) -> Iterator[bytes]:
         """The CommitDecided record of every kept commit, oldest first."""

@@ -165,10 +165,11 @@ class CoordinatorNode:
         while len(self.finished) > kept:
             oldest = next(iter(self.finished))
             if self.runs[oldest].end_lsn > self.disk.durable:
-                # Not before its end record is on disk: the real window (20,000) outlasts the
-                # next fsync. Forgotten first and then lost in a crash, the commit was resumed
-                # from its decision record, and its Commit met a branch a participant had
-                # forgotten and a late retry had rolled back: a false heuristic (seed 3389).
+                # Not before its end record is on disk, as FinishedWindow.trim holds it
+                # (the engine also asks for that fsync; the model waits for the next one).
+                # Forgotten first and then lost in a crash, the commit was resumed from its
+                # decision record, and its Commit met a branch a participant had forgotten
+                # and a late retry had rolled back: a false heuristic (seed 3389).
                 break
             del self.finished[oldest]
             forgotten = self.runs.pop(oldest)
