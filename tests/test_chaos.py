@@ -189,7 +189,9 @@ def test_retry_of_an_unknown_outcome_must_tell_what_happened(
     order_id: str, retry: str, expected_violation: str, confirmed: bool | None
 ) -> None:
     record = ClientRecord(order_id, f"txn-{order_id}", "DEADLINE_EXCEEDED", 100)
-    violations, learned = chaos.check_retry(record, answer(retry), settled_state())
+    violations, learned = chaos.check_retry(
+        record, answer(retry), chaos.orders_by_id(settled_state())
+    )
     if expected_violation:
         assert 1 == len(violations) and expected_violation in violations[0], violations
     else:
