@@ -256,6 +256,18 @@ class OrderClient:
             )
         except grpc.aio.AioRpcError as error:
             return _failed(request, error.code(), error.details() or "", started)
+        except asyncio.CancelledError:
+            # close() cancels the channel's calls, and grpc.aio raises CancelledError in the
+            # caller's task, which nobody cancelled: answer, as the batched path does. A caller
+            # whose own task is being cancelled gets its cancellation.
+            task = asyncio.current_task()
+            if not self._closed or (task is not None and task.cancelling()):
+                raise
+            message = (
+                "the client was closed while the call was in flight; the transaction may have "
+                "run: submit it again with the same id to learn its outcome"
+            )
+            return _failed(request, grpc.StatusCode.CANCELLED, message, started)
         return _answered(response, started)
 
     async def _submit_batched(

@@ -135,6 +135,34 @@ def test_a_closed_client_answers_cancelled_on_every_path() -> None:
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("method", ["submit", "submit_until_known"])
+def test_closing_the_client_under_a_unary_submit_answers_cancelled_not_an_exception(
+    tmp_path: Path, method: str
+) -> None:
+    """Closing the channel cancels its calls, and grpc.aio then raises CancelledError in the
+    caller's task, which nobody cancelled: the caller lost the answer as an exception (in a
+    gather, its own cancellation) while the transaction committed (a bug hunt)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=500)
+            client = OrderClient(cluster.coordinator_address)  # unary
+            request = coordinator_pb2.SubmitRequest(
+                transaction_id="txn-o-1",
+                branches=order_branches("o-1", [("sku-apple", 1)], amount_cents=1),
+            )
+            caller = asyncio.ensure_future(getattr(client, method)(request))
+            await asyncio.sleep(0.2)  # in flight
+            await client.close()
+            result = await caller
+            assert grpc.StatusCode.CANCELLED == result.code
+            assert "may have run" in result.message
+            async with OrderClient(cluster.coordinator_address) as again:  # and it did
+                assert (await again.submit_until_known(request)).committed
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize(
     ("order_id", "readable"),
     [("o-1", True), ("alice@shop-1", False), ("p" * 124, True), ("p" * 125, False)],
