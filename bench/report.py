@@ -177,16 +177,21 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             "one client",
         )
     # Errors, unknown outcomes and unexpected aborts are calls the committed figures leave
-    # out: a run that had them cannot claim its throughput or its latency met a target.
+    # out: a run that had them cannot claim its throughput or its latency met a target. Nor
+    # can a run whose final state broke the invariants, or was never checked: its figures
+    # may be of transactions that did not do what they claimed.
     troubles = [
         f"{results[key]:,} {what}"
         for key, what in (
             ("errors", "failed calls in the window"),
             ("unknown", "unknown outcomes in the window"),
             ("unexpected_outcomes", "unexpected outcomes in the run"),
+            ("violations", "invariant violations"),
         )
         if results.get(key)
     ]
+    if results["violations"] is None:
+        troubles.append("final state not checked")
     if troubles and not batched:
         for target in found.values():
             target.update(met=None, note="not judged: " + ", ".join(troubles))

@@ -521,6 +521,50 @@ def test_unknown_failed_and_unfinished_calls_reach_the_results_and_void_the_targ
     assert "NOT met" not in text and "not judged: 20 failed calls" in text
 
 
+def test_a_final_state_with_violations_or_never_checked_voids_the_targets() -> None:
+    """1,200 txn/s at 20 ms, 0.6 x unary, 6 x naive: every target met, unless the final state
+    broke the invariants or could not be read."""
+    tally = Tally(window_start=0.0, window_end=2.0)
+    for _ in range(2400):
+        tally.record(Outcome.COMMITTED, 0.5, 0.52)
+    lost = Snapshot(
+        stock=consistent_snapshot().stock,
+        accounts=consistent_snapshot().accounts,
+        captures=consistent_snapshot().captures,
+        # The client was told o-1 COMMITTED; the order is CANCELLED.
+        orders=[
+            Order("o-1", "c", (("sku-0", 1),), 100, CANCELLED, "txn-o-1"),
+            consistent_snapshot().orders[1],
+        ],
+        sent=consistent_snapshot().sent,
+    )
+    unchecked = checks.InvariantResult(None, [], "full", "final state unreadable: UNAVAILABLE")
+    cases = (
+        (checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS), None),
+        (checks.check_all([lost], VIEW, ALL_KINDS), "invariant violations"),
+        (unchecked, "final state not checked"),
+    )
+    for invariant, trouble in cases:
+        dtm = DtmResult(participants=participants_for(4), tally=tally, invariants=invariant)
+        unary = BaselineResult("unary echo", 0, fake_tally(4000, 0))
+        naive = BaselineResult("naive 2PC", 4, fake_tally(400, 0))
+        config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+        results = report.build_results(
+            config, dtm, unary, naive, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+        )
+        found = results["targets"]
+        assert {"throughput", "p99", "ratio_vs_unary", "ratio_vs_naive"} == set(found)
+        if trouble is None:
+            assert {True} == {target["met"] for target in found.values()}
+            continue
+        for target in found.values():
+            assert target["met"] is None
+            assert trouble in target["note"]
+        text = report.format_table(results)
+        assert " met" not in text.replace("NOT met", "")
+        assert "not judged: " in text and trouble in text
+
+
 def test_the_p99_target_counts_the_calls_left_in_flight() -> None:
     tally = Tally(window_start=0.0, window_end=1.0)
     for _ in range(2000):
