@@ -145,7 +145,19 @@ class BaselineResult:
 
     @property
     def errors(self) -> int:
+        """Calls that failed in the window."""
         return self.tally.counts[Outcome.ERROR]
+
+    @property
+    def in_flight_at_close(self) -> int:
+        """Calls in flight when the window closed (in a closed loop, about one per client)."""
+        return len(self.tally.open_at_close)
+
+    @property
+    def failed_after_close(self) -> int:
+        """Of those, the calls that failed in the end: stuck past the window (until their
+        deadline, say), they cost the window a client's calls but not one of its errors."""
+        return self.tally.open_at_close_ended(Outcome.ERROR)
 
 
 def fsync_p50_ms(directory: Path | None = None, samples: int = FSYNC_SAMPLES) -> float:

@@ -192,9 +192,29 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     ]
     if results["violations"] is None:
         troubles.append("final state not checked")
-    if troubles and not batched:
-        for target in found.values():
-            target.update(met=None, note="not judged: " + ", ".join(troubles))
+    # A baseline's failed calls are missing from its rate (and its latencies), so the ratio to
+    # it comes out larger than it is: its failures void the verdicts measured against it.
+    # Calls in flight at its close are normal in a closed loop (one per client, about), but
+    # one that failed in the end was stuck past the window, where its error count misses it.
+    baseline_troubles = {
+        prefix: [
+            f"{results[key]:,} {what}"
+            for key, what in (
+                (f"{prefix}_errors", f"failed calls in the {name} baseline's window"),
+                (
+                    f"{prefix}_failed_after_close",
+                    f"calls of the {name} baseline stuck past its window (failed after it)",
+                ),
+            )
+            if results.get(key)
+        ]
+        for prefix, name in (("unary", "unary echo"), ("naive", "naive 2PC"))
+    }
+    against = {"ratio_vs_unary": "unary", "ratio_vs_naive": "naive", "p50_one_client": "unary"}
+    for name, target in found.items():
+        reasons = troubles + (baseline_troubles[against[name]] if name in against else [])
+        if reasons and not batched:
+            target.update(met=None, note="not judged: " + ", ".join(reasons))
     return found
 
 
@@ -318,12 +338,16 @@ def build_results(
         "unary_p99_ms": unary.latency.p99_ms if unary is not None else None,
         "unary_max_ms": unary.latency.max_ms if unary is not None else None,
         "unary_errors": unary.errors if unary is not None else None,
+        "unary_in_flight_at_close": unary.in_flight_at_close if unary is not None else None,
+        "unary_failed_after_close": unary.failed_after_close if unary is not None else None,
         "naive_txn_per_s": naive_per_s,
         "naive_p50_ms": naive.latency.p50_ms if naive is not None else None,
         "naive_p95_ms": naive.latency.p95_ms if naive is not None else None,
         "naive_p99_ms": naive.latency.p99_ms if naive is not None else None,
         "naive_max_ms": naive.latency.max_ms if naive is not None else None,
         "naive_errors": naive.errors if naive is not None else None,
+        "naive_in_flight_at_close": naive.in_flight_at_close if naive is not None else None,
+        "naive_failed_after_close": naive.failed_after_close if naive is not None else None,
         "ratio_vs_unary": ratio(txn_per_s, unary_per_s),
         "ratio_vs_naive": ratio(txn_per_s, naive_per_s),
         "p50_vs_unary_p50": ratio(committed.p50_ms, unary_p50),
@@ -408,6 +432,20 @@ def format_table(results: Mapping[str, Any]) -> str:
             _number(r["unary_rpc_per_s"]),
         ),
         ("aborted (/s)", _number(r["aborted_per_s"]), "", ""),
+        # Calls that failed in the window: left out of every other row.
+        (
+            "failed calls",
+            _number(r["errors"]),
+            _number(r.get("naive_errors")),
+            _number(r.get("unary_errors")),
+        ),
+        # In a closed loop, about one per client; those that failed in the end were stuck.
+        (
+            "in flight at close",
+            _number(r["in_flight_at_close"]),
+            _open_at_close(r, "naive"),
+            _open_at_close(r, "unary"),
+        ),
         *(
             (
                 f"latency {name} (ms)",
@@ -569,6 +607,13 @@ def format_table(results: Mapping[str, Any]) -> str:
     width = max(len(name) for name, _ in facts)
     lines += [f"  {name.ljust(width)}  {value}" for name, value in facts]
     return "\n".join(lines)
+
+
+def _open_at_close(r: Mapping[str, Any], prefix: str) -> str:
+    """A baseline's calls in flight at its close, and how many of them failed after it."""
+    text = _number(r.get(f"{prefix}_in_flight_at_close"))
+    failed = r.get(f"{prefix}_failed_after_close")
+    return f"{text} ({failed:,} failed)" if failed else text
 
 
 def _latency_scope(r: Mapping[str, Any]) -> str:

@@ -82,8 +82,10 @@ class Tally:
     The calls still in flight when the window closes are the slow ones a closed-loop run
     hides from its finished-in-window latencies (a call may wait for its deadline, 15 s, far
     past the window): `open_at_close` keeps how long each had been running at the close (it
-    lasted at least that long), `open_at_close_took` how long it took in the end, and
-    `all_calls` counts them with every answer in the window, whatever its outcome.
+    lasted at least that long), `open_at_close_took` how long it took in the end,
+    `open_at_close_outcomes` what it ended with (a call stuck until its deadline fails after
+    the window, where the window's error count never sees it), and `all_calls` counts them
+    with every answer in the window, whatever its outcome.
     """
 
     window_start: float
@@ -98,6 +100,8 @@ class Tally:
     open_at_close: list[float] = field(default_factory=list)
     #: Seconds those same calls took in the end (they are awaited after the close).
     open_at_close_took: list[float] = field(default_factory=list)
+    #: What those same calls ended with.
+    open_at_close_outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.window_end <= self.window_start:
@@ -118,6 +122,11 @@ class Tally:
         elif started < self.window_end < finished:
             self.open_at_close.append(self.window_end - started)
             self.open_at_close_took.append(finished - started)
+            self.open_at_close_outcomes.append(outcome)
+
+    def open_at_close_ended(self, outcome: Outcome) -> int:
+        """How many of the calls in flight at the window's close ended with `outcome`."""
+        return self.open_at_close_outcomes.count(outcome)
 
     def rate(self, outcome: Outcome) -> float:
         """Calls per second with this outcome, inside the window."""

@@ -627,6 +627,95 @@ def test_the_ratio_and_one_client_targets_are_judged_only_where_they_are_stated(
             assert found[name]["note"].startswith("not judged: the target is for 4 participants")
 
 
+def baseline_tally(ok: int, failed: int = 0, stuck: int = 0, open_ok: int = 0) -> Tally:
+    """2 s window: `ok` calls at 10 ms and `failed` failed ones in it; `stuck` calls from 0.2 s
+    until their deadline (10.2 s, failed) and `open_ok` calls answered 5 ms after the close."""
+    tally = Tally(window_start=0.0, window_end=2.0)
+    for _ in range(ok):
+        tally.record(Outcome.COMMITTED, 0.5, 0.51)
+    for _ in range(failed):
+        tally.record(Outcome.ERROR, 0.5, 0.6)
+    for _ in range(stuck):
+        tally.record(Outcome.ERROR, 0.2, 10.2)
+    for _ in range(open_ok):
+        tally.record(Outcome.COMMITTED, 1.999, 2.004)
+    return tally
+
+
+def test_a_baseline_with_failed_or_stuck_calls_voids_the_verdicts_against_it() -> None:
+    """A baseline's rate counts its successes only: failed calls, in its window or stuck past
+    it, make dtm's ratio to it look better than it is."""
+
+    def results_for(clients: int, unary: Tally, naive: Tally) -> dict[str, Any]:
+        dtm = DtmResult(
+            participants=participants_for(4),
+            tally=fake_tally(1000, 0),
+            invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        )
+        config = RunConfig(4, clients, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick")
+        return report.build_results(
+            config,
+            dtm,
+            BaselineResult("unary echo", 0, unary),
+            BaselineResult("naive 2PC", 4, naive),
+            now=datetime(2030, 1, 2, tzinfo=UTC),
+            context={},
+        )
+
+    def met(results: dict[str, Any]) -> dict[str, bool | None]:
+        return {name: target["met"] for name, target in results["targets"].items()}
+
+    # 0.5 x unary and 5 x naive, each with a call per client open at the close (the closed
+    # loop's normal state) that succeeded: judged.
+    healthy = results_for(64, baseline_tally(2000, open_ok=64), baseline_tally(200, open_ok=64))
+    assert (64, 0, 64, 0) == (
+        healthy["unary_in_flight_at_close"],
+        healthy["unary_failed_after_close"],
+        healthy["naive_in_flight_at_close"],
+        healthy["naive_failed_after_close"],
+    )
+    assert {"ratio_vs_unary": True, "ratio_vs_naive": True} == {
+        name: verdict for name, verdict in met(healthy).items() if name.startswith("ratio")
+    }
+    # The echo failed 6,000 calls in its window: the ratio to it is void, the other judged.
+    unary_failed = results_for(64, baseline_tally(2000, failed=6000), baseline_tally(200))
+    assert 6000 == unary_failed["unary_errors"]
+    assert (None, True) == (
+        met(unary_failed)["ratio_vs_unary"],
+        met(unary_failed)["ratio_vs_naive"],
+    )
+    note = unary_failed["targets"]["ratio_vs_unary"]["note"]
+    assert "6,000 failed calls in the unary echo baseline's window" in note
+    assert met(unary_failed)["throughput"] is False  # dtm's own figures are still judged
+    # 48 of the naive baseline's clients stuck from 0.2 s until their deadline, after the
+    # window: no error in it, but the ratio to it is void.
+    naive_stuck = results_for(64, baseline_tally(2000), baseline_tally(200, stuck=48))
+    assert (0, 48, 48) == (
+        naive_stuck["naive_errors"],
+        naive_stuck["naive_in_flight_at_close"],
+        naive_stuck["naive_failed_after_close"],
+    )
+    assert (True, None) == (
+        met(naive_stuck)["ratio_vs_unary"],
+        met(naive_stuck)["ratio_vs_naive"],
+    )
+    note = naive_stuck["targets"]["ratio_vs_naive"]["note"]
+    assert "48 calls of the naive 2PC baseline stuck past its window" in note
+    # With one client, the p50 target is measured against the echo's p50.
+    one = results_for(1, baseline_tally(2000, stuck=1), baseline_tally(200))
+    assert met(one)["p50_one_client"] is None
+    # (Without the stuck call it is judged: dtm's 500 ms p50 misses it.)
+    assert met(results_for(1, baseline_tally(2000), baseline_tally(200)))["p50_one_client"] is False
+    # The table shows each column's failed calls and those left in flight at the close.
+    text = report.format_table(naive_stuck)
+    assert any(
+        line.split() == ["in", "flight", "at", "close", "0", "48", "(48", "failed)", "0"]
+        for line in text.splitlines()
+    ), text
+    failed_row = report.format_table(unary_failed).splitlines()
+    assert any(line.split() == ["failed", "calls", "0", "0", "6,000"] for line in failed_row)
+
+
 def test_the_one_client_floor_is_two_round_trips_and_two_forced_writes() -> None:
     assert {"one_client_floor_ms": 2.2, "one_client_floor_vs_unary_p50": 2.75} == (
         report.one_client_floor(1, 0.8, 0.3)
