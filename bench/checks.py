@@ -10,18 +10,20 @@ exactly the path a real run takes:
 - The clients' view (durability and atomicity as clients saw them): every order a client was
   told COMMITTED is CONFIRMED, none told ABORTED is, and the units sold match the committed
   orders (allowing for calls whose outcome the client never learned).
-- For N > 4, the same checks again with each extra instance in place of its kind's first one.
+- For N > 4, the same checks again with each extra instance in place of its kind's first one;
+  a line about that kind's state is then about the extra instance, and is named after it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Set
+from collections.abc import Collection, Sequence, Set
 from dataclasses import dataclass
 
+from bench.workload import Participant
 from dtm import invariants
 from dtm.invariants import CONFIRMED, Snapshot
-from dtm.orderflow import NOTIFICATION, ORDERS, PAYMENT
+from dtm.orderflow import INVENTORY, NOTIFICATION, ORDER_PARTICIPANTS, ORDERS, PAYMENT
 
 # Lines of dtm.invariants.check that only say that a kind of branch was absent from the orders.
 ABSENT_KIND_SUFFIXES = {
@@ -30,6 +32,22 @@ ABSENT_KIND_SUFFIXES = {
 }
 # Listing every violation of a badly broken run would bury the table; the count is exact.
 SAMPLES_KEPT = 10
+# Whose state a violation line is about: the kind of service its subject (the words before its
+# first colon) belongs to...
+SUBJECT_KINDS = (
+    ("stock", INVENTORY),
+    ("account", PAYMENT),
+    ("money", PAYMENT),
+    ("capture", PAYMENT),
+    ("notification", NOTIFICATION),
+    ("order", ORDERS),
+)
+# ...and the kinds its text after the colon compares the subject with.
+REFERENCE_KINDS = (
+    (("the order ", "orders contain", "no such order", "an order that"), ORDERS),
+    (("payment", "captur", "charged"), PAYMENT),
+    (("notification",), NOTIFICATION),
+)
 
 
 def scope(kinds: Set[str]) -> str:
@@ -103,14 +121,42 @@ class InvariantResult:
     views: int = 0
 
 
-def combine(per_snapshot: list[list[str]], kinds: Set[str], note: str = "") -> InvariantResult:
-    """The views' violations, each counted once: the views share every service but the one
-    whose extra instance they swap in (and the clients' view), so a violation there shows in
-    every view. A line repeated within one view is as many violations (the maximum over the
-    views is kept)."""
+def concerns(line: str) -> frozenset[str]:
+    """The kinds of service whose state a violation line (of `check_state` or
+    `check_client_view`) is about; every kind for a line of a shape it does not know, so that
+    a new wording is counted in every view rather than merged away."""
+    subject, _, rest = line.partition(":")
+    kinds = {kind for prefix, kind in SUBJECT_KINDS if subject.startswith(prefix)}
+    if not kinds:
+        return frozenset(ORDER_PARTICIPANTS)
+    kinds |= {kind for words, kind in REFERENCE_KINDS if any(word in rest for word in words)}
+    return frozenset(kinds)
+
+
+def _named(line: str, extra: Participant | None) -> str:
+    if extra is not None and extra.kind in concerns(line):
+        return f"[{extra.name}] {line}"
+    return line
+
+
+def combine(
+    per_snapshot: list[list[str]],
+    kinds: Set[str],
+    note: str = "",
+    swapped: Sequence[Participant | None] = (),
+) -> InvariantResult:
+    """The views' violations, each counted once. `swapped[i]` is the extra instance view i
+    has in place of its kind's first one (None, or past the end: the first instances'). The
+    views share every service but the one whose extra instance they swap in (and the
+    clients' view), so a violation of a shared service shows in every view with the same
+    text: it is counted once. A line about the swapped-in kind is about the extra instance,
+    and the lines never name the instance: each is named after it ("[inventory-2] stock
+    sku-0: ..."), so that the same defect in two instances counts twice. A line repeated
+    within one view is as many violations (the maximum over the views is kept)."""
     counted: Counter[str] = Counter()
-    for lines in per_snapshot:
-        counted |= Counter(lines)
+    for index, lines in enumerate(per_snapshot):
+        extra = swapped[index] if index < len(swapped) else None
+        counted |= Counter(_named(line, extra) for line in lines)
     everything = list(counted.elements())
     return InvariantResult(
         violations=len(everything),
@@ -127,10 +173,11 @@ def check_all(
     kinds: Set[str],
     note: str = "",
     initial: invariants.InitialState | None = None,
+    swapped: Sequence[Participant | None] = (),
 ) -> InvariantResult:
-    """Every check over every snapshot (the first instances' state, then one per extra), each
-    against the run's initial stock and accounts when given (extra instances start from the
-    same)."""
+    """Every check over every snapshot (the first instances' state, then one per extra: see
+    `combine` for `swapped`), each against the run's initial stock and accounts when given
+    (extra instances start from the same)."""
     return combine(
         [
             check_state(snapshot, kinds, initial) + check_client_view(snapshot, view, kinds)
@@ -138,4 +185,5 @@ def check_all(
         ],
         kinds,
         note,
+        swapped,
     )

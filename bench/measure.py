@@ -319,23 +319,32 @@ async def _load_and_check(
     kinds = workload.kinds
     started = time.monotonic()
     primary: dict[str, str] = cluster.service_addresses
-    target_sets = [primary] + [
-        {**primary, participant.kind: extra_addresses[participant.name]}
+    # The first instances' view, then one per extra instance in place of its kind's first.
+    views: list[tuple[Participant | None, dict[str, str]]] = [(None, primary)] + [
+        (participant, {**primary, participant.kind: extra_addresses[participant.name]})
         for participant in participants
         if participant.extra
     ]
-    snapshots, notes = await _final_states(target_sets)
+    read, notes = await _final_states(views)
     note = "; ".join(notes)
     settle_s = time.monotonic() - started
     # Extra instances start from the same initial document as the first ones.
     initial = None if cluster.initial is None else invariants.InitialState.of(cluster.initial)
-    result = checks.check_all(snapshots, recorder.view(), kinds, note, initial)
-    if len(snapshots) < len(target_sets) and not result.violations:
+    result = checks.check_all(
+        [snapshot for _, snapshot in read],
+        recorder.view(),
+        kinds,
+        note,
+        initial,
+        swapped=[extra for extra, _ in read],
+    )
+    if len(read) < len(views) and not result.violations:
         # Part of the state went unchecked: "0 violations" would claim more than was checked.
         result = InvariantResult(None, result.samples, result.scope, note, result.views)
+    first = [snapshot for extra, snapshot in read if extra is None]
     confirmed = (
-        sum(order.state == invariants.CONFIRMED for order in snapshots[0].orders)
-        if snapshots and ORDERS in kinds
+        sum(order.state == invariants.CONFIRMED for order in first[0].orders)
+        if first and ORDERS in kinds
         else None
     )
     if len(samples) == 2:
@@ -359,22 +368,23 @@ async def _load_and_check(
 
 
 async def _final_states(
-    target_sets: list[dict[str, str]],
-) -> tuple[list[invariants.Snapshot], list[str]]:
-    """The settled state seen through each set of targets, and notes on what went wrong."""
-    snapshots: list[invariants.Snapshot] = []
+    views: list[tuple[Participant | None, dict[str, str]]],
+) -> tuple[list[tuple[Participant | None, invariants.Snapshot]], list[str]]:
+    """The settled state seen through each view's targets, with the view's extra instance (a
+    view that could not be read is left out), and notes on what went wrong."""
+    snapshots: list[tuple[Participant | None, invariants.Snapshot]] = []
     notes: list[str] = []
-    for targets in target_sets:
+    for extra, targets in views:
         try:
             snapshots.append(
-                await invariants.wait_until_settled(targets, timeout_s=SETTLE_TIMEOUT_S)
+                (extra, await invariants.wait_until_settled(targets, timeout_s=SETTLE_TIMEOUT_S))
             )
         except TimeoutError as error:
             # Not settling is itself a finding: check the state as it is, with the `settled`
             # rules counting whatever is still reserved or pending as a violation.
             notes.append(str(error))
             try:
-                snapshots.append(await invariants.read_snapshot(targets))
+                snapshots.append((extra, await invariants.read_snapshot(targets)))
             except grpc.aio.AioRpcError as read_error:
                 notes.append(f"unreadable: {read_error.code().name}: {read_error.details()}")
         except grpc.aio.AioRpcError as error:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -267,13 +268,49 @@ def test_the_state_is_checked_against_the_initial_stock_and_accounts() -> None:
 def test_a_violation_every_view_shares_is_counted_once() -> None:
     """With N > 4 each extra instance gets a view, and the other services are the same
     processes in every one: their violations must not count once per view."""
-    shared = "capture for order o-2 (10 cents): the order is CANCELLED, not CONFIRMED"
-    only_second = "inventory-2: sku-apple sold 3 units but 2 confirmed"
-    result = checks.combine([[shared], [shared, only_second]], ALL_KINDS)
-    assert 2 == result.violations
-    assert [shared, only_second] == result.samples
+    inventory_2 = participants_for(5)[4]  # in place of inventory in the second view
+    base = consistent_snapshot()
+    # Payment captured the cancelled order o-2: payment and orders are in both views.
+    charged = replace(
+        base,
+        accounts=[Account("acct-0", 800, 0, 200, 1000)],
+        captures=[*base.captures, Capture("o-2", "acct-0", 100, "txn-o-2")],
+    )
+    alone = checks.check_all([charged], VIEW, ALL_KINDS)
+    assert ["capture for order o-2 (100 cents): the order is CANCELLED, not CONFIRMED"] == (
+        alone.samples
+    )
+    both = checks.check_all([charged, charged], VIEW, ALL_KINDS, swapped=[None, inventory_2])
+    assert (1, alone.samples, 2) == (both.violations, both.samples, both.views)
+    (shared,) = alone.samples
     twice_in_one_view = checks.combine([[shared, shared], [shared]], ALL_KINDS)
     assert 2 == twice_in_one_view.violations
+
+
+def test_the_same_violation_in_two_instances_of_a_kind_counts_once_each() -> None:
+    """The lines never name the instance: inventory and inventory-2 overselling alike give the
+    same text, and are two violations."""
+    inventory_2 = participants_for(5)[4]
+    views = [None, inventory_2]
+    base = consistent_snapshot()
+    # A unit sold without a confirmed order (and more units sold than the clients were told).
+    oversold = replace(
+        base, stock=[StockLevel("sku-0", available=8, reserved=0, sold=2, received=10)]
+    )
+    first = checks.check_all([oversold, base], VIEW, ALL_KINDS, swapped=views)
+    assert 2 == first.violations
+    assert all(line.startswith("stock") for line in first.samples)
+    second = checks.check_all([base, oversold], VIEW, ALL_KINDS, swapped=views)
+    assert [f"[inventory-2] {line}" for line in first.samples] == second.samples
+    both = checks.check_all([oversold, oversold], VIEW, ALL_KINDS, swapped=views)
+    assert 4 == both.violations
+    assert first.samples + second.samples == both.samples
+    # A line about the other services' state, in inventory-2's view: theirs, not inventory-2's.
+    assert {"orders", "payment"} == checks.concerns(
+        "capture for order o-2 (100 cents): the order is CANCELLED, not CONFIRMED"
+    )
+    # A line of a shape the bench does not know is counted in every view, never merged away.
+    assert 2 == checks.combine([["a new kind of line"]] * 2, ALL_KINDS, swapped=views).violations
 
 
 def test_the_client_view_catches_a_lost_commit_and_a_reversed_abort() -> None:
