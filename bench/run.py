@@ -10,7 +10,8 @@ summary table on stdout, bench/results/latest.json and a timestamped copy. Absol
 drift on shared machines: compare the ratios, which come from one run on one box.
 
 Exit status: 0 when the final state passed the invariant check, 1 when it had violations or
-could not be checked, 2 when the run itself failed.
+could not be checked, 2 when the run itself failed or an option was wrong (checked before
+anything runs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable
@@ -51,6 +53,8 @@ PRESETS = {
     "full": Preset(duration_s=30.0, warmup_s=5.0, baseline_duration_s=15.0, baseline_warmup_s=3.0),
 }
 DURATION_S_MAX = 3_600.0
+PARTICIPANTS_MAX = limits.BRANCHES_PER_TRANSACTION_MAX
+CLIENTS_MAX = limits.TRANSACTIONS_IN_FLIGHT_MAX
 SUBMIT_BATCH_IN_FLIGHT_MAX = 64
 T = TypeVar("T")
 
@@ -62,11 +66,41 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """An argparse type: a warmup, 0..DURATION_S_MAX seconds (no NaN, no infinity)."""
     value = float(text)
     if not 0.0 <= value <= DURATION_S_MAX:
         raise argparse.ArgumentTypeError(f"must be within [0, {DURATION_S_MAX:g}] s, got {value}")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a measured window, more than 0 and at most DURATION_S_MAX seconds."""
+    value = seconds(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be > 0 s, got {value}")
+    return value
+
+
+def count_problem(name: str, value: int, most: int) -> str | None:
+    """What is wrong with `value` as a count of `name` (1..most), or None."""
+    return None if 1 <= value <= most else f"{name} must be 1..{most}, got {value}"
+
+
+def directory_problem(path: Path, *, empty: bool = False) -> str | None:
+    """What keeps `path` from being a directory the bench writes into (created when missing;
+    `empty`: it must hold nothing yet), or None. Checked before the run, not after it."""
+    try:
+        if path.exists() and not path.is_dir():
+            return f"{path} is not a directory"
+        if empty and path.is_dir() and any(path.iterdir()):
+            return f"{path} is not empty"
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dtm-bench-check-"):
+            pass
+    except OSError as error:
+        return f"cannot write in {path}: {error.strerror or error}"
+    return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,10 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--full", dest="mode", action="store_const", const="full", help="longer windows"
     )
     parser.set_defaults(mode="quick")
-    parser.add_argument("--duration", type=_seconds, help="measured window of dtm, seconds")
-    parser.add_argument("--warmup", type=_seconds, help="seconds before the window opens")
-    parser.add_argument("--baseline-duration", type=_seconds, help="each baseline's window")
-    parser.add_argument("--baseline-warmup", type=_seconds, help="each baseline's warmup")
+    parser.add_argument("--duration", type=positive_seconds, help="measured window of dtm, seconds")
+    parser.add_argument("--warmup", type=seconds, help="seconds before the window opens")
+    parser.add_argument("--baseline-duration", type=positive_seconds, help="each baseline's window")
+    parser.add_argument("--baseline-warmup", type=seconds, help="each baseline's warmup")
     parser.add_argument(
         "--abort-ratio",
         type=_fraction,
@@ -129,26 +163,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="do not scrape the servers' /metrics (fsyncs and messages per txn then n/a)",
     )
     options = parser.parse_args(argv)
-    if not 1 <= options.participants <= limits.BRANCHES_PER_TRANSACTION_MAX:
-        parser.error(
-            f"--participants must be 1..{limits.BRANCHES_PER_TRANSACTION_MAX}, "
-            f"got {options.participants}"
-        )
-    if not 1 <= options.clients <= limits.TRANSACTIONS_IN_FLIGHT_MAX:
-        parser.error(
-            f"--clients must be 1..{limits.TRANSACTIONS_IN_FLIGHT_MAX}, got {options.clients}"
-        )
+    for problem in (
+        count_problem("--participants", options.participants, PARTICIPANTS_MAX),
+        count_problem("--clients", options.clients, CLIENTS_MAX),
+    ):
+        if problem:
+            parser.error(problem)
     if not 0 <= options.submit_batch <= SUBMIT_BATCH_IN_FLIGHT_MAX:
         parser.error(
             f"--submit-batch must be 0..{SUBMIT_BATCH_IN_FLIGHT_MAX}, got {options.submit_batch}"
         )
-    if (
-        options.data_dir is not None
-        and options.data_dir.exists()
-        and any(options.data_dir.iterdir())
-    ):
-        # Old logs would be recovered into the run and their orders checked with it.
-        parser.error(f"--data-dir {options.data_dir} is not empty")
+    # Both before anything runs: a bad directory would otherwise fail the run after the
+    # baselines (--data-dir), or after all of it, losing its results (--results-dir).
+    if options.data_dir is not None:
+        # Empty: old logs would be recovered into the run and their orders checked with it.
+        problem = directory_problem(options.data_dir, empty=True)
+        if problem:
+            parser.error(f"--data-dir: {problem}")
+    problem = directory_problem(options.results_dir)
+    if problem:
+        parser.error(f"--results-dir: {problem}")
     return options
 
 
@@ -158,16 +192,13 @@ def run_config(options: argparse.Namespace) -> RunConfig:
     def pick(value: float | None, default: float) -> float:
         return default if value is None else value
 
-    duration = pick(options.duration, preset.duration_s)
-    baseline_duration = pick(options.baseline_duration, preset.baseline_duration_s)
-    if duration <= 0 or baseline_duration <= 0:
-        raise SystemExit("durations must be > 0 s")
     return RunConfig(
         participants=options.participants,
         clients=options.clients,
-        duration_s=duration,
+        # parse_args rejects a window of 0 s (and the presets have none).
+        duration_s=pick(options.duration, preset.duration_s),
         warmup_s=pick(options.warmup, preset.warmup_s),
-        baseline_duration_s=baseline_duration,
+        baseline_duration_s=pick(options.baseline_duration, preset.baseline_duration_s),
         baseline_warmup_s=pick(options.baseline_warmup, preset.baseline_warmup_s),
         abort_ratio=options.abort_ratio,
         hot_sku=options.hot_sku,
@@ -281,8 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = results_of(config, measured)
     results["wall_s"] = round(time.monotonic() - started, 1)
-    latest, copy = report.write_results(results, options.results_dir)
+    # The table first: should the disk fail the JSON now, the run is still on the screen.
     print(report.format_table(results))
+    try:
+        latest, copy = report.write_results(results, options.results_dir)
+    except OSError as error:
+        print(
+            f"bench: could not write the results to {options.results_dir}: {error}", file=sys.stderr
+        )
+        return 2
     print(f"\nresults: {latest} (and {copy.name}); wall time {results['wall_s']:g} s")
     violations = results["violations"]
     return 0 if violations == 0 else 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bench import checks, footprint, hooks, plot, report
+from bench import checks, footprint, hooks, plot, report, run
 from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
@@ -779,6 +779,51 @@ def test_results_are_written_as_latest_and_a_timestamped_copy(tmp_path: Path) ->
     _, second = report.write_results(results, tmp_path)
     assert "20300102T030405Z-2.json" == second.name
     assert [] == list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--duration", "0"], "argument --duration: must be > 0 s"),
+        # Consistently, whether the baselines run or not.
+        (["--baseline-duration", "0", "--no-baselines"], "--baseline-duration: must be > 0 s"),
+        (["--baseline-duration", "0"], "--baseline-duration: must be > 0 s"),
+        (["--duration", "inf"], "--duration: must be within"),
+        (["--data-dir", "{file}"], "--data-dir: {file} is not a directory"),
+        (["--data-dir", "{file}/data"], "--data-dir: cannot write in {file}/data"),
+        (["--results-dir", "{file}"], "--results-dir: {file} is not a directory"),
+        (["--results-dir", "{file}/results"], "--results-dir: cannot write in {file}/results"),
+    ],
+)
+def test_a_bad_option_of_the_bench_exits_2_before_anything_runs(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    """Exit status 1 means violations; an option error is argparse's 2, with a message, and
+    comes before the run (a results directory found unwritable after it loses the run)."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+
+    async def measure(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("measured despite a bad option")
+
+    monkeypatch.setattr(run, "measure", measure)
+    argv = [arg.format(file=file) for arg in argv]
+    results = [] if "--results-dir" in argv else ["--results-dir", str(tmp_path / "results")]
+    with pytest.raises(SystemExit) as exited:
+        run.main([*argv, *results, "--no-progress"])
+    assert 2 == exited.value.code
+    assert message.format(file=file) in capsys.readouterr().err
+
+
+def test_the_results_directory_is_made_before_the_run(tmp_path: Path) -> None:
+    options = run.parse_args(["--results-dir", str(tmp_path / "new" / "results")])
+    assert [] == list(options.results_dir.iterdir())  # made, and the probe is gone
+    options = run.parse_args(["--results-dir", str(tmp_path), "--data-dir", str(tmp_path / "d")])
+    assert [] == list(options.data_dir.iterdir())
 
 
 EXPOSITION = """# HELP dtm_wal_fsyncs_total File fsyncs
