@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -46,10 +47,11 @@ class LoadSpec:
     def __post_init__(self) -> None:
         if self.clients < 1:
             raise ValueError(f"clients must be >= 1, got {self.clients}")
-        if self.warmup_s < 0:
-            raise ValueError(f"warmup must be >= 0 s, got {self.warmup_s}")
-        if self.duration_s <= 0:
-            raise ValueError(f"duration must be > 0 s, got {self.duration_s}")
+        # Finite too: a NaN or infinite window never closes, and `drive` would never return.
+        if not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise ValueError(f"warmup must be >= 0 s and finite, got {self.warmup_s}")
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"duration must be > 0 s and finite, got {self.duration_s}")
 
 
 def open_channels(target: str, clients: int) -> list[grpc.aio.Channel]:

@@ -18,6 +18,7 @@ import importlib
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,15 @@ from bench import report
 from bench.baselines import BaselineResult, measure_naive, measure_unary
 from bench.harness import LoadSpec
 from bench.measure import measure_dtm
-from bench.run import until_stopped
+from bench.run import (
+    CLIENTS_MAX,
+    PARTICIPANTS_MAX,
+    count_problem,
+    directory_problem,
+    positive_seconds,
+    seconds,
+    until_stopped,
+)
 from bench.stats import Outcome, Tally
 from bench.workload import Workload, participants_for
 from dtm import grpc_edge
@@ -42,15 +51,21 @@ PARTICIPANTS_SWEEP_CLIENTS = 64
 EXIT_NO_MATPLOTLIB = 3
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = sorted({int(part) for part in text.split(",") if part.strip()})
-    except ValueError:
-        message = f"not a comma-separated list of integers: {text}"
-        raise argparse.ArgumentTypeError(message) from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"give positive integers, got {text}")
-    return values
+def _counts(most: int) -> Callable[[str], list[int]]:
+    """An argparse type: a comma-separated list of counts, each 1..most (bench.run's limits:
+    a point out of them would crash after minutes of sweeping)."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = sorted({int(part) for part in text.split(",") if part.strip()})
+        except ValueError:
+            message = f"not a comma-separated list of integers: {text}"
+            raise argparse.ArgumentTypeError(message) from None
+        if not values or values[0] < 1 or values[-1] > most:
+            raise argparse.ArgumentTypeError(f"give integers 1..{most}, got {text}")
+        return values
+
+    return parse
 
 
 def latency_sample_ms(tally: Tally) -> list[float]:
@@ -238,27 +253,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.plot", description="Sweep clients and participants; draw PNGs."
     )
-    parser.add_argument("--clients", type=_int_list, default=[1, 8, 32, 64])
-    parser.add_argument("--participants", type=_int_list, default=[2, 4, 8])
+    parser.add_argument("--clients", type=_counts(CLIENTS_MAX), default=[1, 8, 32, 64])
+    parser.add_argument("--participants", type=_counts(PARTICIPANTS_MAX), default=[2, 4, 8])
     parser.add_argument(
         "--participants-clients",
         type=int,
         default=PARTICIPANTS_SWEEP_CLIENTS,
         help="clients of the participants sweep",
     )
-    parser.add_argument("--duration", type=float, default=DURATION_S)
-    parser.add_argument("--warmup", type=float, default=WARMUP_S)
+    parser.add_argument("--duration", type=positive_seconds, default=DURATION_S)
+    parser.add_argument("--warmup", type=seconds, default=WARMUP_S)
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     parser.add_argument("--from-json", type=Path, help="redraw a sweep.json without running")
     options = parser.parse_args(argv)
+    # Every option before any point is measured: a sweep takes minutes.
+    problem = count_problem("--participants-clients", options.participants_clients, CLIENTS_MAX)
+    if problem:
+        parser.error(problem)
     directory: Path = options.results_dir
-    directory.mkdir(parents=True, exist_ok=True)
+    problem = directory_problem(directory)
+    if problem:
+        parser.error(f"--results-dir: {problem}")
+    if options.from_json is not None and not options.from_json.is_file():
+        parser.error(f"--from-json: no such file: {options.from_json}")
     if options.from_json is not None:
         document = json.loads(options.from_json.read_text())
     else:
-        if options.duration <= 0 or options.warmup < 0:
-            parser.error("--duration must be > 0 and --warmup >= 0")
         grpc_edge.use_fast_event_loop()
         try:
             points = asyncio.run(

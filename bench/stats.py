@@ -104,6 +104,8 @@ class Tally:
     open_at_close_outcomes: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.window_start) and math.isfinite(self.window_end)):
+            raise ValueError("the measurement window must have finite bounds")
         if self.window_end <= self.window_start:
             raise ValueError("the measurement window must have a positive length")
 

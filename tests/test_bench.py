@@ -990,6 +990,58 @@ def test_a_sweep_document_is_drawn(tmp_path: Path) -> None:
         assert path.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # A participants count out of range used to crash after the whole clients sweep.
+        (["--participants", "2,4,99"], "argument --participants: give integers 1..32"),
+        (["--clients", "1,20000"], "argument --clients: give integers 1..10000"),
+        (["--participants-clients", "0"], "--participants-clients must be 1..10000"),
+        (["--participants-clients", "10001"], "--participants-clients must be 1..10000"),
+        (["--duration", "nan"], "argument --duration: must be within"),
+        (["--duration", "inf"], "argument --duration: must be within"),
+        (["--duration", "0"], "argument --duration: must be > 0 s"),
+        (["--warmup", "nan"], "argument --warmup: must be within"),
+        (["--results-dir", "{file}"], "--results-dir: {file} is not a directory"),
+        (["--from-json", "{file}.missing"], "--from-json: no such file"),
+    ],
+)
+def test_a_bad_option_of_the_sweep_exits_2_before_any_point_is_measured(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    file = tmp_path / "a-file"
+    file.write_text("")
+
+    async def measure(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("measured despite a bad option")
+
+    for name in ("measure_unary", "measure_naive", "measure_dtm"):
+        monkeypatch.setattr(plot, name, measure)
+    argv = [arg.format(file=file) for arg in argv]
+    results = [] if "--results-dir" in argv else ["--results-dir", str(tmp_path / "results")]
+    with pytest.raises(SystemExit) as exited:
+        plot.main([*argv, *results])
+    assert 2 == exited.value.code
+    assert message.format(file=file) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_window_that_would_never_close_is_refused(bad: float) -> None:
+    """drive() closes its window at warmup + duration: with NaN or infinity, never."""
+    with pytest.raises(ValueError, match="finite"):
+        LoadSpec(clients=1, warmup_s=0.0, duration_s=bad)
+    with pytest.raises(ValueError, match="finite"):
+        LoadSpec(clients=1, warmup_s=bad, duration_s=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        Tally(window_start=0.0, window_end=bad)
+    with pytest.raises(ValueError, match="finite"):
+        Tally(window_start=bad, window_end=1.0)
+
+
 # ---- real runs, tiny ----
 
 
