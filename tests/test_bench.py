@@ -32,6 +32,7 @@ from bench.workload import (
     initial_state,
     participants_for,
 )
+from dtm.cluster import PROCESSES
 from dtm.invariants import (
     CANCELLED,
     CONFIRMED,
@@ -1095,6 +1096,25 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(
     assert results["footprint_samples"][-1]["at_s"] >= 1.0
     assert "coordinator footprint" in completed.stdout
     assert submit_batch == results["submit_batch"]
+    # The servers' counters were scraped as the window opened and as it closed: every process
+    # forced its log in the window (a prepare record at each service, a decision at the
+    # coordinator)...
+    assert results["fsyncs_per_txn"] is not None, results["server_counters"]
+    assert results["fsyncs_per_txn"] > 0
+    by_process = results["fsyncs_per_txn_by_process"]
+    assert set(PROCESSES) == set(by_process), by_process
+    assert all(fsyncs > 0 for fsyncs in by_process.values()), by_process
+    # ...and the coordinator sent each participant a Prepare and a Commit per transaction,
+    # each answered (batched calls carry them, but each counts as a message), besides the
+    # client's own messages: 2 + 4 N unbatched. Not exactly: the transactions in flight at
+    # each scrape are counted at its midpoint.
+    branches = results["participants"]
+    client_messages = results.get("client_messages_per_txn", hooks.CLIENT_MESSAGES_PER_TXN)
+    by_kind = results["coordinator_messages_per_txn_by_kind"]
+    assert by_kind["requests"] == pytest.approx(2 * branches, rel=0.25), by_kind
+    assert by_kind["replies"] == pytest.approx(2 * branches, rel=0.25), by_kind
+    assert results["messages_per_txn"] >= 2 * branches + client_messages
+    assert results["messages_per_txn"] == pytest.approx(client_messages + 4 * branches, rel=0.25)
     if submit_batch:  # the clients' calls carried their transactions, each counted once
         assert 1 <= results["submit_batch_items_per_call"] <= 4
         assert "submit batching" in completed.stdout
