@@ -5,13 +5,16 @@
     client's one call.
 (b) Naive two-phase-commit shape: client -> a coordinator process -> N echo "participant"
     processes; per transaction one unary call per participant per phase (prepare fan-out in
-    parallel, then commit fan-out), nothing logged, nothing batched.
+    parallel, then commit fan-out), nothing logged, nothing batched. As dtm's coordinator
+    does, it reads the client's SubmitRequest, sends each participant only its own branch
+    (a dtm PrepareRequest) and then only the transaction's id (a dtm CommitRequest).
 (c) The disk's forced write: fdatasync of a 100-byte append, as the logs do it. With (a) it
     gives the floor of a durable 2PC with one client in flight (bench.report).
 
 The servers carry raw bytes through gRPC generic handlers (no serializer: gRPC passes bytes
-through untouched), so no .proto is needed. They run the same event loop as the project's
-servers (uvloop when installed), so the comparison is of designs, not of loops.
+through untouched); only the naive coordinator decodes and encodes messages, dtm's own, as
+dtm's coordinator must. They run the same event loop as the project's servers (uvloop when
+installed), so the comparison is of designs, not of loops.
 
 Server processes:
     python -m bench.baselines echo --listen HOST:PORT
@@ -37,6 +40,7 @@ from bench.procs import Processes
 from bench.stats import LatencySummary, Outcome, Tally, percentile
 from dtm import grpc_edge
 from dtm.cluster import free_ports
+from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 ECHO_SERVICE = "bench.Echo"
 NAIVE_SERVICE = "bench.Naive"
@@ -76,13 +80,44 @@ def echo_handler() -> grpc.GenericRpcHandler[bytes, bytes]:
 
 
 def naive_handler(channels: Sequence[grpc.aio.Channel]) -> grpc.GenericRpcHandler[bytes, bytes]:
-    """Submit: prepare on every participant in parallel, then commit on every one."""
+    """Submit (a SubmitRequest with a branch per participant, in the participants' order):
+    prepare each participant's own branch on it, all in parallel, then commit the transaction
+    on every one, all in parallel."""
     prepares = [channel.unary_unary(PREPARE, *RAW) for channel in channels]
     commits = [channel.unary_unary(COMMIT, *RAW) for channel in channels]
 
     async def submit(request: bytes, context: Context) -> bytes:
-        await asyncio.gather(*(call(request, timeout=CALL_TIMEOUT_S) for call in prepares))
-        await asyncio.gather(*(call(request, timeout=CALL_TIMEOUT_S) for call in commits))
+        submitted = coordinator_pb2.SubmitRequest.FromString(request)
+        if len(submitted.branches) != len(channels):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(submitted.branches)} branches for {len(channels)} participants",
+            )
+        transaction = submitted.transaction_id
+        await asyncio.gather(
+            *(
+                call(
+                    participant_pb2.PrepareRequest(
+                        transaction_id=transaction, branch=index, operation=branch.operation
+                    ).SerializeToString(),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                for index, (call, branch) in enumerate(
+                    zip(prepares, submitted.branches, strict=True)
+                )
+            )
+        )
+        await asyncio.gather(
+            *(
+                call(
+                    participant_pb2.CommitRequest(
+                        transaction_id=transaction, branch=index
+                    ).SerializeToString(),
+                    timeout=CALL_TIMEOUT_S,
+                )
+                for index, call in enumerate(commits)
+            )
+        )
         return b"committed"
 
     return grpc.method_handlers_generic_handler(
@@ -182,12 +217,15 @@ def fsync_p50_ms(directory: Path | None = None, samples: int = FSYNC_SAMPLES) ->
     return round(percentile(sorted(timings), 0.5) * 1000, 3)
 
 
-async def _wait_ready(target: str, method: str, processes: Processes) -> None:
-    """One call that waits for the server to listen (wait_for_ready), up to START_TIMEOUT_S."""
+async def _wait_ready(
+    target: str, method: str, processes: Processes, probe: bytes = b"ready?"
+) -> None:
+    """One call (of `probe`) that waits for the server to listen (wait_for_ready), up to
+    START_TIMEOUT_S."""
     async with grpc.aio.insecure_channel(target, options=grpc_edge.CHANNEL_OPTIONS) as channel:
         try:
             await channel.unary_unary(method, *RAW)(
-                b"ready?", timeout=START_TIMEOUT_S, wait_for_ready=True
+                probe, timeout=START_TIMEOUT_S, wait_for_ready=True
             )
         except grpc.aio.AioRpcError:
             processes.check_alive()  # an exit says more than the deadline
@@ -207,7 +245,8 @@ async def _measure(
     channels = open_channels(target, spec.clients)
     try:
         calls = [channel.unary_unary(method, *RAW) for channel in channels]
-        await _wait_ready(target, method, processes)
+        # The payload itself: the naive coordinator reads it (a transaction).
+        await _wait_ready(target, method, processes, payload)
 
         async def call(client: int, number: int) -> Outcome:
             try:

@@ -12,11 +12,12 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from bench import checks, footprint, hooks, plot, report, run
+from bench import baselines, checks, footprint, hooks, plot, report, run
 from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
@@ -44,7 +45,7 @@ from dtm.invariants import (
     Snapshot,
     StockLevel,
 )
-from dtmpb.v1 import shop_pb2
+from dtmpb.v1 import participant_pb2, shop_pb2
 
 # ---- latency statistics ----
 
@@ -1043,6 +1044,50 @@ def test_a_window_that_would_never_close_is_refused(bad: float) -> None:
         Tally(window_start=bad, window_end=1.0)
 
 
+class RecordingChannel:
+    """A participant's channel to the naive coordinator that records its calls, in `log`."""
+
+    def __init__(self, log: list[tuple[int, str, bytes]], index: int) -> None:
+        self.log = log
+        self.index = index
+
+    def unary_unary(self, method: str, *raw: Any) -> Any:
+        async def call(request: bytes, **options: Any) -> bytes:
+            self.log.append((self.index, method, request))
+            return request
+
+        return call
+
+
+def test_the_naive_coordinator_sends_each_participant_its_branch_then_only_the_id() -> None:
+    """dtm's coordinator sends each participant its own branch, then a decision naming the
+    transaction: the naive baseline does the same, one unary call per participant per phase
+    (not the client's whole N-branch request to each, twice)."""
+    request = Workload(participants_for(4), run_id="r1").order(0, 0).request
+    log: list[tuple[int, str, bytes]] = []
+    handler = baselines.naive_handler([RecordingChannel(log, index) for index in range(4)])
+    submit = handler.service(SimpleNamespace(method=baselines.SUBMIT)).unary_unary
+    assert b"committed" == asyncio.run(submit(request.SerializeToString(), None))
+    # Every prepare, then every commit.
+    assert [baselines.PREPARE] * 4 + [baselines.COMMIT] * 4 == [method for _, method, _ in log]
+    prepares = {index: sent for index, method, sent in log if method == baselines.PREPARE}
+    commits = {index: sent for index, method, sent in log if method == baselines.COMMIT}
+    for index, branch in enumerate(request.branches):
+        prepare = participant_pb2.PrepareRequest.FromString(prepares[index])
+        assert (request.transaction_id, index, branch.operation) == (
+            prepare.transaction_id,
+            prepare.branch,
+            prepare.operation,
+        )
+        assert len(prepares[index]) < len(request.SerializeToString()) / 2
+        assert (
+            participant_pb2.CommitRequest(
+                transaction_id=request.transaction_id, branch=index
+            ).SerializeToString()
+            == commits[index]
+        )
+
+
 # ---- real runs, tiny ----
 
 
@@ -1050,9 +1095,12 @@ def test_a_window_that_would_never_close_is_refused(bad: float) -> None:
 def test_baselines_run_for_real() -> None:
     spec = LoadSpec(clients=2, warmup_s=0.0, duration_s=0.5)
 
+    # The naive coordinator reads the transaction it is given, as dtm's does.
+    payload = Workload(participants_for(2), run_id="r1").order(0, 0).request.SerializeToString()
+
     async def both() -> tuple[BaselineResult, BaselineResult]:
-        unary = await measure_unary(spec, b"payload", progress=False)
-        naive = await measure_naive(2, spec, b"payload", progress=False)
+        unary = await measure_unary(spec, payload, progress=False)
+        naive = await measure_naive(2, spec, payload, progress=False)
         return unary, naive
 
     unary, naive = asyncio.run(both())
