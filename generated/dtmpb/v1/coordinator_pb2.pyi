@@ -62,14 +62,16 @@ class Capabilities(_message.Message):
     def __init__(self, one_phase: _Optional[bool] = ..., batch: _Optional[bool] = ..., operation_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterParticipantRequest(_message.Message):
-    __slots__ = ("name", "address", "capabilities")
+    __slots__ = ("name", "address", "capabilities", "incarnation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capabilities: Capabilities
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class RegisterParticipantResponse(_message.Message):
     __slots__ = ("changed",)
@@ -94,16 +96,18 @@ class ListParticipantsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ParticipantInfo(_message.Message):
-    __slots__ = ("name", "address", "capabilities", "registered_at_unix_ms")
+    __slots__ = ("name", "address", "capabilities", "registered_at_unix_ms", "incarnation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capabilities: Capabilities
     registered_at_unix_ms: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., registered_at_unix_ms: _Optional[int] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., registered_at_unix_ms: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ListParticipantsResponse(_message.Message):
     __slots__ = ("participants",)

@@ -160,14 +160,16 @@ class DecidedBranch(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ..., one_phase: _Optional[bool] = ...) -> None: ...
 
 class ParticipantCheckpoint(_message.Message):
-    __slots__ = ("service_state", "prepared", "decided")
+    __slots__ = ("service_state", "prepared", "decided", "incarnation")
     SERVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     PREPARED_FIELD_NUMBER: _ClassVar[int]
     DECIDED_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     service_state: _containers.RepeatedScalarFieldContainer[bytes]
     prepared: _containers.RepeatedCompositeFieldContainer[BranchPrepared]
     decided: _containers.RepeatedCompositeFieldContainer[DecidedBranch]
-    def __init__(self, service_state: _Optional[_Iterable[bytes]] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, service_state: _Optional[_Iterable[bytes]] = ..., prepared: _Optional[_Iterable[_Union[BranchPrepared, _Mapping]]] = ..., decided: _Optional[_Iterable[_Union[DecidedBranch, _Mapping]]] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class CoordinatorCheckpoint(_message.Message):
     __slots__ = ("participants", "committing", "heuristics", "ended")

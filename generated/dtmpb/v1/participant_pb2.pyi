@@ -40,18 +40,22 @@ BRANCH_STATE_REFUSED: BranchState
 BRANCH_STATE_READ_ONLY: BranchState
 
 class PrepareRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "operation", "one_phase", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "branch", "operation", "one_phase", "transaction_fingerprint", "participant", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     operation: _any_pb2.Any
     one_phase: bool
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., operation: _Optional[_Union[_any_pb2.Any, _Mapping]] = ..., one_phase: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrepareResponse(_message.Message):
     __slots__ = ("vote", "reason", "invalid_argument", "id_reused", "committed_earlier")
@@ -68,38 +72,50 @@ class PrepareResponse(_message.Message):
     def __init__(self, vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., reason: _Optional[str] = ..., invalid_argument: _Optional[str] = ..., id_reused: _Optional[str] = ..., committed_earlier: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint", "participant", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class RollbackRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint", "participant", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class RollbackResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class PrepareBatchRequest(_message.Message):
-    __slots__ = ("prepares",)
+    __slots__ = ("prepares", "participant", "incarnation")
     PREPARES_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     prepares: _containers.RepeatedCompositeFieldContainer[PrepareRequest]
-    def __init__(self, prepares: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, prepares: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class PrepareBatchResponse(_message.Message):
     __slots__ = ("votes",)
@@ -120,10 +136,14 @@ class Decision(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class DecideBatchRequest(_message.Message):
-    __slots__ = ("decisions",)
+    __slots__ = ("decisions", "participant", "incarnation")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     decisions: _containers.RepeatedCompositeFieldContainer[Decision]
-    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class DecisionResult(_message.Message):
     __slots__ = ("ok", "error", "heuristic", "code")
@@ -144,12 +164,16 @@ class DecideBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[DecisionResult, _Mapping]]] = ...) -> None: ...
 
 class ExchangeRequest(_message.Message):
-    __slots__ = ("decisions", "prepares")
+    __slots__ = ("decisions", "prepares", "participant", "incarnation")
     DECISIONS_FIELD_NUMBER: _ClassVar[int]
     PREPARES_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     decisions: _containers.RepeatedCompositeFieldContainer[Decision]
     prepares: _containers.RepeatedCompositeFieldContainer[PrepareRequest]
-    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., prepares: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., prepares: _Optional[_Iterable[_Union[PrepareRequest, _Mapping]]] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ExchangeResponse(_message.Message):
     __slots__ = ("votes", "results")
