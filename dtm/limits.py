@@ -12,6 +12,9 @@ import re
 # ---- identifiers ----
 TRANSACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
+# A participant's incarnation (RegisterParticipantRequest.incarnation): the SDK makes 16 hex
+# characters; another implementation may choose its own, within this.
+INCARNATION_PATTERN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 ADDRESS_LENGTH_MAX = 256
 # The port of a host:port address (or of a gRPC target such as dns:///name:port or
 # [fe80::1%eth0]:port): ASCII digits ("²".isdigit() is true, int("²") fails).
@@ -99,6 +102,20 @@ def address_port(address: str) -> int | None:
         return None
     host, _, port = address.rpartition(":")
     return int(port) if host and PORT_PATTERN.fullmatch(port) else None
+
+
+def participant_name_problem(name: str) -> str | None:
+    """What is wrong with a participant's name, or None."""
+    if not PARTICIPANT_NAME_PATTERN.fullmatch(name):
+        return f"participant name {name[:80]!r} is malformed: 1..64 characters of [a-z0-9_-]"
+    return None
+
+
+def incarnation_problem(incarnation: str) -> str | None:
+    """What is wrong with a participant's incarnation, or None (empty: not given)."""
+    if incarnation and not INCARNATION_PATTERN.fullmatch(incarnation):
+        return f"incarnation {incarnation[:80]!r} is malformed: 1..64 characters of [A-Za-z0-9_-]"
+    return None
 
 
 def transaction_id_problem(transaction_id: str) -> str | None:

@@ -161,6 +161,8 @@ _FIELD_HEADER_BYTES_MAX = 11
 _DECIDED_KEY = field_key(3)
 # ParticipantCheckpoint.service_state: field 1, length-delimited.
 _SERVICE_STATE_KEY = field_key(1)
+# ParticipantCheckpoint.incarnation: field 4, length-delimited.
+_INCARNATION_KEY = field_key(4)
 
 
 def _packed(message: Message) -> any_pb2.Any:
@@ -230,6 +232,9 @@ class BranchEngine:
         self.counters = BranchCounters()  # read by dtm.metrics at scrape time
         self.checkpoints = CheckpointStats()  # likewise
         self.records_since_checkpoint = 0
+        # The participant's incarnation (RegisterParticipantRequest.incarnation): created with
+        # the log by the server, restored from every checkpoint, written in each. "" until then.
+        self.incarnation = ""
 
     # ---- the three protocol calls ----
 
@@ -927,7 +932,9 @@ class BranchEngine:
         ]
         # Each run of pieces is joined by the log, where it writes the record (off the loop):
         # the list copies below are the consistent snapshot, cheap references to bytes.
+        identity = [encoded_field(_INCARNATION_KEY, self.incarnation.encode())]
         return [
+            *(identity if self.incarnation else ()),
             *records,
             *in_parts(prepared, size),
             # Forced branches kept past the window first: they are older than its entries.
@@ -942,6 +949,7 @@ class BranchEngine:
         self._operations.clear()
         self._packed.clear()
         self._applied.clear()
+        self.incarnation = checkpoint.incarnation or self.incarnation
         self.service.restore(b"".join(checkpoint.service_state))
         for prepared in checkpoint.prepared:
             key = (prepared.transaction_id, prepared.branch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Sequence
@@ -49,6 +50,9 @@ ERROR_TO_CODE = {
 _INVALID_ARGUMENT_CODE = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # Trailing metadata key that tells the coordinator a branch was forced heuristically.
 HEURISTIC_METADATA_KEY = "dtm-heuristic"
+# Trailing metadata key of a call refused because it was meant for another participant (another
+# name, or another incarnation of this one): the coordinator reads it as "not reached".
+MISDIRECTED_METADATA_KEY = "dtm-misdirected"
 
 
 def now_ms() -> int:
@@ -123,17 +127,57 @@ def _id_reused(error: IdReused) -> participant_pb2.PrepareResponse:
     )
 
 
+def misdirected(
+    name: str, incarnation: str, participant: str, wanted_incarnation: str
+) -> str | None:
+    """Why a call addressed to (`participant`, `wanted_incarnation`) is not for this participant
+    (`name`, `incarnation`), or None. Empty fields are not checked (an older coordinator, or a
+    caller that does not know)."""
+    if participant and participant != name:
+        return (
+            f"this is participant {name!r}, not {participant[:80]!r}: the coordinator's registry "
+            f"is stale (another participant now listens at {participant[:80]!r}'s registered "
+            "address); nothing was changed"
+        )
+    if wanted_incarnation and incarnation and wanted_incarnation != incarnation:
+        return (
+            f"this is participant {name!r} incarnation {incarnation!r}, not incarnation "
+            f"{wanted_incarnation[:80]!r}: another process registered under this name, or this "
+            "one's log was replaced; nothing was changed"
+        )
+    return None
+
+
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def __init__(self, server: ParticipantServer) -> None:
         self.server = server
         self.engine = server.engine
         self.log = server.log_
 
-    async def _gate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _gate(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        participant: str = "",
+        incarnation: str = "",
+        items: Sequence[participant_pb2.PrepareRequest] = (),
+    ) -> None:
+        """Refuse a call this process must not answer: down (fault injection), or addressed to
+        another participant (before any branch is touched)."""
         if self.server.fault.mode == participant_pb2.FAULT_MODE_DOWN:
             await grpc_edge.abort(
                 context, grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
             )
+        name, mine = self.server.service.name, self.engine.incarnation
+        problem = misdirected(name, mine, participant, incarnation)
+        for item in items:  # a batch's prepares may carry their own (the coordinator's do not)
+            if problem is not None:
+                break
+            if item.participant or item.incarnation:
+                problem = misdirected(name, mine, item.participant, item.incarnation)
+        if problem is not None:
+            self.log.warning("call for another participant refused", reason=problem)
+            context.set_trailing_metadata(((MISDIRECTED_METADATA_KEY, name),))
+            await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
 
     async def _prepare_one(
         self, request: participant_pb2.PrepareRequest
@@ -177,7 +221,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         request: participant_pb2.PrepareRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.PrepareResponse:
-        await self._gate(context)
+        await self._gate(context, request.participant, request.incarnation)
         try:
             return await self._prepare_one(request)
         except InvalidOperation as error:
@@ -205,8 +249,10 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         commit: bool,
         fingerprint: bytes,
         context: grpc.aio.ServicerContext[Any, Any],
+        participant: str,
+        incarnation: str,
     ) -> None:
-        await self._gate(context)
+        await self._gate(context, participant, incarnation)
         if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
             await grpc_edge.abort(
                 context,
@@ -226,7 +272,13 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: participant_pb2.CommitRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.CommitResponse:
         await self._decide(
-            request.transaction_id, request.branch, True, request.transaction_fingerprint, context
+            request.transaction_id,
+            request.branch,
+            True,
+            request.transaction_fingerprint,
+            context,
+            request.participant,
+            request.incarnation,
         )
         return participant_pb2.CommitResponse()
 
@@ -234,7 +286,13 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         self, request: participant_pb2.RollbackRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.RollbackResponse:
         await self._decide(
-            request.transaction_id, request.branch, False, request.transaction_fingerprint, context
+            request.transaction_id,
+            request.branch,
+            False,
+            request.transaction_fingerprint,
+            context,
+            request.participant,
+            request.incarnation,
         )
         return participant_pb2.RollbackResponse()
 
@@ -402,7 +460,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         request: participant_pb2.PrepareBatchRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.PrepareBatchResponse:
-        await self._gate(context)
+        await self._gate(context, request.participant, request.incarnation, request.prepares)
         problem = self._check_batch(len(request.prepares), "prepares")
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -419,7 +477,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         request: participant_pb2.DecideBatchRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.DecideBatchResponse:
-        await self._gate(context)
+        await self._gate(context, request.participant, request.incarnation)
         if self.server.fault.mode == participant_pb2.FAULT_MODE_REJECT_DECISIONS:
             await grpc_edge.abort(
                 context,
@@ -440,7 +498,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         request: participant_pb2.ExchangeRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ExchangeResponse:
-        await self._gate(context)
+        await self._gate(context, request.participant, request.incarnation, request.prepares)
         problem = self._check_batch(len(request.prepares) + len(request.decisions), "items")
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -606,7 +664,11 @@ class ParticipantServer:
         # first periodic one, replay started from whatever initial state this process was
         # given, so a restart with another --initial file (or another DEFAULT_CATALOG)
         # rewrote committed stock and balances, or failed to replay a prepare at all.
-        self._fresh_log = not records
+        # That checkpoint also makes the incarnation durable, created here with the log (or
+        # for a log written before incarnations: its checkpoint did not carry one).
+        self._fresh_log = not records or not self.engine.incarnation
+        if not self.engine.incarnation:
+            self.engine.incarnation = secrets.token_hex(8)
         crashpoints.hit("participant.during_recovery")
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
@@ -642,6 +704,7 @@ class ParticipantServer:
         self.log_.info(
             "participant serving",
             port=self.port,
+            incarnation=self.engine.incarnation,
             in_doubt_recovered=recovered,
             data_dir=str(self.config.data_dir),
             security=security.describe(tls),
@@ -681,6 +744,7 @@ class ParticipantServer:
         request = coordinator_pb2.RegisterParticipantRequest(
             name=self.service.name,
             address=self.advertise,
+            incarnation=self.engine.incarnation,
             capabilities=coordinator_pb2.Capabilities(
                 one_phase=True,
                 batch=True,

@@ -297,6 +297,7 @@ class FakeExchange:
     call's prepares and deadline."""
 
     name = "fake"
+    incarnation = ""
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], float]] = []
@@ -600,6 +601,7 @@ class HungExchange:
     """A participant that never answers an Exchange: each call ends at its deadline."""
 
     name = "hung"
+    incarnation = ""
 
     def __init__(self) -> None:
         self.stub = self

@@ -304,7 +304,9 @@ def test_the_coordinator_reads_a_batched_contradiction_as_a_heuristic() -> None:
         async def exchange(request: Any, **options: Any) -> participant_pb2.ExchangeResponse:
             return participant_pb2.ExchangeResponse(results=results)
 
-        client: Any = SimpleNamespace(name="p", stub=SimpleNamespace(Exchange=exchange))
+        client: Any = SimpleNamespace(
+            name="p", incarnation="", stub=SimpleNamespace(Exchange=exchange)
+        )
         port = ParticipantPort(client, batch=True, policy=BatchPolicy())
         answered: list[DecideResult] = []
         done = answered.append
@@ -325,7 +327,9 @@ def test_each_prepare_of_a_call_past_its_deadline_is_told_its_own_timeout() -> N
             empty = grpc.aio.Metadata()
             raise grpc.aio.AioRpcError(Code.DEADLINE_EXCEEDED, empty, empty, "deadline")
 
-        client: Any = SimpleNamespace(name="p", stub=SimpleNamespace(Exchange=exchange))
+        client: Any = SimpleNamespace(
+            name="p", incarnation="", stub=SimpleNamespace(Exchange=exchange)
+        )
         port = ParticipantPort(client, batch=True, policy=BatchPolicy())
         reasons: list[str] = []
         now = asyncio.get_running_loop().time()

@@ -22,9 +22,18 @@ PB_TO_VOTE = {
 
 
 class ParticipantClient:
-    def __init__(self, name: str, address: str, tls: security.TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        tls: security.TlsConfig | None = None,
+        incarnation: str = "",
+    ) -> None:
         self.name = name
         self.address = address
+        # Sent in every request with the name, so that whatever answers at `address` can tell
+        # a call that is not for it (participant.proto, PrepareRequest.participant).
+        self.incarnation = incarnation
         # With TLS the participant's certificate must carry its registered name.
         self.channel = security.channel(address, tls, server_identity=name)
         self.stub = participant_pb2_grpc.ParticipantStub(self.channel)
@@ -45,6 +54,8 @@ class ParticipantClient:
             operation=operation,
             one_phase=one_phase,
             transaction_fingerprint=fingerprint,
+            participant=self.name,
+            incarnation=self.incarnation,
         )
         response = await self.stub.Prepare(request, timeout=timeout_s)
         vote = PB_TO_VOTE.get(response.vote)
@@ -56,7 +67,11 @@ class ParticipantClient:
         self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
     ) -> None:
         request = participant_pb2.CommitRequest(
-            transaction_id=transaction_id, branch=branch, transaction_fingerprint=fingerprint
+            transaction_id=transaction_id,
+            branch=branch,
+            transaction_fingerprint=fingerprint,
+            participant=self.name,
+            incarnation=self.incarnation,
         )
         await self.stub.Commit(request, timeout=timeout_s)
 
@@ -64,7 +79,11 @@ class ParticipantClient:
         self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
     ) -> None:
         request = participant_pb2.RollbackRequest(
-            transaction_id=transaction_id, branch=branch, transaction_fingerprint=fingerprint
+            transaction_id=transaction_id,
+            branch=branch,
+            transaction_fingerprint=fingerprint,
+            participant=self.name,
+            incarnation=self.incarnation,
         )
         await self.stub.Rollback(request, timeout=timeout_s)
 

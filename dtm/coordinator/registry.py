@@ -20,15 +20,12 @@ class RegistrationError(ValueError):
     """A registration that is malformed: INVALID_ARGUMENT."""
 
 
-def name_problem(name: str) -> str | None:
-    """What is wrong with a participant's name, or None."""
-    if not limits.PARTICIPANT_NAME_PATTERN.fullmatch(name):
-        return f"participant name {name[:80]!r} is malformed: 1..64 characters of [a-z0-9_-]"
-    return None
+# What is wrong with a participant's name, or None (the SDK checks its own with it too).
+name_problem = limits.participant_name_problem
 
 
 def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -> None:
-    problem = name_problem(request.name)
+    problem = name_problem(request.name) or limits.incarnation_problem(request.incarnation)
     if problem:
         raise RegistrationError(problem)
     address = request.address
@@ -76,6 +73,7 @@ class Registry:
             known is None
             or known.address != info.address
             or known.capabilities != info.capabilities
+            or known.incarnation != info.incarnation
         )
 
     def put(self, info: coordinator_pb2.ParticipantInfo) -> None:
@@ -84,7 +82,9 @@ class Registry:
         old = self.participants.get(info.name)
         self.participants[info.name] = info
         if old is not None and (
-            old.address != info.address or old.capabilities != info.capabilities
+            old.address != info.address
+            or old.capabilities != info.capabilities
+            or old.incarnation != info.incarnation
         ):
             port = self._ports.pop(info.name, None)
             if port is not None:
@@ -124,7 +124,7 @@ class Registry:
         port = self._ports.get(name)
         if port is None:
             info = self.participants[name]
-            client = ParticipantClient(name, info.address, self.tls)
+            client = ParticipantClient(name, info.address, self.tls, info.incarnation)
             port = ParticipantPort(client, info.capabilities.batch, self.policy)
             if self._hurried:
                 port.hurry()

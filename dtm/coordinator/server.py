@@ -142,6 +142,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             address=request.address,
             capabilities=request.capabilities,
             registered_at_unix_ms=wall_ms(),
+            incarnation=request.incarnation,
         )
         if not self.registry.is_change(info):
             await self.coordinator.engine.registration_durable(info.name)
@@ -150,7 +151,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await self.coordinator.engine.register(info)
         except RegistrationError as error:
             await grpc_edge.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-        self.coordinator.log.info("participant registered", name=info.name, address=info.address)
+        self.coordinator.log.info(
+            "participant registered",
+            name=info.name,
+            address=info.address,
+            incarnation=info.incarnation or None,
+        )
         return coordinator_pb2.RegisterParticipantResponse(changed=True)
 
     async def UnregisterParticipant(

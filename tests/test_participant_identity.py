@@ -1,0 +1,244 @@
+"""Who answers at a registered address: every call the coordinator sends names the participant
+and incarnation it means to reach, and a participant that is not that one refuses it before
+touching any branch; a second process under a registered name may not take it over while it is
+owed answers; a registration refused for good stops the participant.
+
+Adapted from a bug hunt's reproductions: another participant restarted on a registered one's old
+(ephemeral) port was sent its Commit (a false heuristic hazard) and its Prepares (INVALID_ARGUMENT
+for valid orders); a second inventory under the same name silently took over the first's
+registration; a participant with a malformed name retried its registration forever."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from dtm import limits
+from dtm.batcher import BatchPolicy
+from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
+from dtm.core.branch import HEURISTIC_ROLLBACK, BranchState
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from participants.server import MISDIRECTED_METADATA_KEY, ParticipantConfig, ParticipantServer
+from participants.services.inventory import InventoryService
+from participants.services.orders import OrdersService
+from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("DTM_")},
+    "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'generated'}",
+}
+
+
+def _misdirected(error: grpc.aio.AioRpcError) -> bool:
+    metadata: Any = error.trailing_metadata() or ()
+    return error.code() is grpc.StatusCode.FAILED_PRECONDITION and any(
+        key == MISDIRECTED_METADATA_KEY for key, _ in metadata
+    )
+
+
+# ---- A: another participant at a registered participant's old address ----
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["exchange", "unary"])
+def test_a_participant_restarted_on_another_ones_old_address_is_not_taken_for_it(
+    tmp_path: Path, batch: bool
+) -> None:
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            if not batch:  # the plain unary contract (ports are made at their first call)
+                assert not engine.registry.ports()
+                engine.registry.policy = BatchPolicy(enabled=False)
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 2)], amount_cents=1)
+            first = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == first.outcome
+            inventory_port = cluster.participants["inventory"].port
+            await cluster.participants.pop("inventory").stop(0)  # down, owed t-1's Commit
+            await cluster.participants.pop("orders").stop(0)  # restarts on inventory's port
+            orders = ParticipantServer(
+                OrdersService(),
+                ParticipantConfig(
+                    data_dir=tmp_path,
+                    listen=f"127.0.0.1:{inventory_port}",
+                    coordinator=cluster.coordinator_address,
+                    test_control=True,
+                ),
+            )
+            await orders.start()
+            await asyncio.wait_for(orders.registered.wait(), 10)
+            cluster.participants["orders"] = orders
+            # Commit retries of t-1's inventory branch now reach orders: refused as misdirected,
+            # retried, never a heuristic outcome (it was a hazard: Commit answered NOT_FOUND).
+            await asyncio.sleep(1.0)
+            assert [] == list(engine.heuristics)
+            assert "t-1" in engine.active
+            # A new order's inventory Prepare reaches orders too: the transaction aborts as
+            # "not reached", not as an invalid argument (it was INVALID_ARGUMENT to the client).
+            branches = order_branches("o-2", [("sku-apple", 1)], amount_cents=1)
+            second = await cluster.submit(branches, "t-2")
+            assert coordinator_pb2.OUTCOME_ABORTED == second.outcome
+            assert "not reached" in second.reason, second.reason
+            assert "this is participant 'orders', not 'inventory'" in second.reason
+            # Inventory comes back (same log, same incarnation) on a new port: t-1 commits.
+            await cluster.start_participant(InventoryService(dict(STOCK)))
+
+            async def sold() -> bool:
+                return (await cluster.stock())["sku-apple"].sold == 2
+
+            await eventually(sold, 15)
+
+            async def over() -> bool:
+                return "t-1" not in engine.active
+
+            await eventually(over, 15)
+            assert [] == list(engine.heuristics)
+
+    asyncio.run(scenario())
+
+
+def test_the_incarnation_survives_restarts_of_either_side(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.coordinator.engine
+            incarnation = cluster.participants["inventory"].engine.incarnation
+            assert limits.INCARNATION_PATTERN.fullmatch(incarnation)
+            assert incarnation == engine.registry.participants["inventory"].incarnation
+            # Same log: same incarnation, also after a checkpoint trimmed the log's start.
+            restarted = await cluster.restart_participant(
+                "inventory", InventoryService(dict(STOCK))
+            )
+            assert incarnation == restarted.engine.incarnation
+            await restarted.engine.checkpoint()
+            restarted = await cluster.restart_participant(
+                "inventory", InventoryService(dict(STOCK))
+            )
+            assert incarnation == restarted.engine.incarnation
+            # The coordinator's registry keeps it across its restart (log and checkpoint).
+            await cluster.restart_coordinator()
+            replayed = cluster.coordinator.engine.registry.participants["inventory"]
+            assert incarnation == replayed.incarnation
+            assert await cluster.coordinator.engine.checkpoint_if_due() in (True, False)
+
+    asyncio.run(scenario())
+
+
+# ---- 1: the SDK refuses a call for another participant before touching any branch ----
+
+
+def test_a_call_for_another_participant_or_incarnation_changes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            server = cluster.participants["inventory"]
+            mine = server.engine.incarnation
+            stub = cluster.participant_stub("inventory")
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            )
+            ids = {"transaction_id": "t-1", "branch": 0}
+            # Prepared by a call without the fields (an older coordinator), and with the right
+            # ones: both accepted.
+            vote = await stub.Prepare(participant_pb2.PrepareRequest(**ids, operation=operation))
+            assert coordinator_pb2.VOTE_PREPARED == vote.vote
+            right = {"participant": "inventory", "incarnation": mine}
+            vote = await stub.Prepare(
+                participant_pb2.PrepareRequest(
+                    transaction_id="t-0", branch=0, operation=operation, **right
+                )
+            )
+            assert coordinator_pb2.VOTE_PREPARED == vote.vote
+            wrong_name = {"participant": "orders", "incarnation": mine}
+            wrong_incarnation = {"participant": "inventory", "incarnation": "0123456789abcdef"}
+            other = {"transaction_id": "t-2", "branch": 0}
+            for wrong in (wrong_name, wrong_incarnation):
+                calls = [
+                    stub.Prepare(
+                        participant_pb2.PrepareRequest(**other, operation=operation, **wrong)
+                    ),
+                    stub.Commit(participant_pb2.CommitRequest(**ids, **wrong)),
+                    stub.Rollback(participant_pb2.RollbackRequest(**ids, **wrong)),
+                    stub.Exchange(
+                        participant_pb2.ExchangeRequest(
+                            decisions=[participant_pb2.Decision(**ids, commit=True)],
+                            prepares=[participant_pb2.PrepareRequest(**other, operation=operation)],
+                            **wrong,
+                        )
+                    ),
+                    stub.PrepareBatch(
+                        participant_pb2.PrepareBatchRequest(
+                            prepares=[participant_pb2.PrepareRequest(**other, operation=operation)],
+                            **wrong,
+                        )
+                    ),
+                    stub.PrepareBatch(  # on an item: the whole call is refused
+                        participant_pb2.PrepareBatchRequest(
+                            prepares=[
+                                participant_pb2.PrepareRequest(
+                                    **other, operation=operation, **wrong
+                                )
+                            ],
+                        )
+                    ),
+                    stub.DecideBatch(
+                        participant_pb2.DecideBatchRequest(
+                            decisions=[participant_pb2.Decision(**ids, commit=False)], **wrong
+                        )
+                    ),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert _misdirected(refused.value), refused.value
+                    details = refused.value.details() or ""
+                    assert "this is participant 'inventory'" in details
+                    assert ("'orders'" if wrong is wrong_name else mine) in details
+                    assert "nothing was changed" in details
+                info = server.engine.branch(("t-1", 0))
+                assert info is not None and BranchState.PREPARED is info.branch.state
+                assert server.engine.branch(("t-2", 0)) is None
+            # An old-style Commit (no fields) still commits.
+            await stub.Commit(participant_pb2.CommitRequest(**ids))
+            info = server.engine.branch(("t-1", 0))
+            assert info is not None and BranchState.COMMITTED is info.branch.state
+            await stub.Commit(participant_pb2.CommitRequest(transaction_id="t-0", **right))
+            assert 2 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_the_coordinator_reads_a_misdirected_refusal_as_not_reached() -> None:
+    misdirected_metadata = grpc.aio.Metadata((MISDIRECTED_METADATA_KEY, "orders"))
+    empty = grpc.aio.Metadata()
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    misdirected = grpc.aio.AioRpcError(code, empty, misdirected_metadata, "this is 'orders'")
+    contradiction = grpc.aio.AioRpcError(code, empty, empty, "rolled back")
+    assert grpc.StatusCode.UNAVAILABLE is call_code(misdirected)
+    assert grpc.StatusCode.FAILED_PRECONDITION is call_code(contradiction)
+
+    class Refusing:
+        name = "inventory"
+        incarnation = "abc"
+
+        def __init__(self, error: grpc.aio.AioRpcError) -> None:
+            self.error = error
+
+        async def commit(self, *args: Any) -> None:
+            raise self.error
+
+    async def scenario(error: grpc.aio.AioRpcError) -> DecideResult:
+        port = ParticipantPort(Refusing(error), False, BatchPolicy())  # type: ignore[arg-type]
+        answered: list[DecideResult] = []
+        port.decide(DecideItem("t-1", 0, True, answered.append))
+        await port.drain()
+        return answered[0]
+
+    result = asyncio.run(scenario(misdirected))
+    assert not result.ok and "" == result.heuristic and "not reached" in result.error
+    assert HEURISTIC_ROLLBACK == asyncio.run(scenario(contradiction)).heuristic
