@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
@@ -304,12 +304,21 @@ class Server(Protocol):
     async def stop(self) -> None: ...
 
 
+@runtime_checkable
+class Failing(Protocol):
+    """A server that may learn, once serving, that it must not go on (a participant whose
+    registration the coordinator refused for good): `failed` is set, `failure` says why."""
+
+    failed: asyncio.Event
+    failure: str
+
+
 def run_server(build: Callable[[], Server]) -> None:
     """Build, start and serve a server process until SIGTERM or Ctrl-C, then stop it. A
     failure to start that names its cause (a port in use, a data directory held by another
-    process, a corrupted log or one whose records this build cannot replay) ends the process
-    with that one line on stderr and exit status 1; a failure after it started keeps its
-    traceback."""
+    process, a corrupted log or one whose records this build cannot replay), or a server that
+    reports it failed (`Failing`), ends the process with that one line on stderr and exit
+    status 1; a failure after it started keeps its traceback."""
 
     async def serve() -> None:
         try:
@@ -319,8 +328,15 @@ def run_server(build: Callable[[], Server]) -> None:
             raise _CannotStart(f"error: {error}") from error
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait())]
+        if isinstance(server, Failing):
+            waits.append(asyncio.ensure_future(server.failed.wait()))
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
         await server.stop()
+        if isinstance(server, Failing) and server.failed.is_set():
+            raise _CannotStart(f"error: {server.failure}")
 
     try:
         asyncio.run(serve())

@@ -53,6 +53,14 @@ HEURISTIC_METADATA_KEY = "dtm-heuristic"
 # Trailing metadata key of a call refused because it was meant for another participant (another
 # name, or another incarnation of this one): the coordinator reads it as "not reached".
 MISDIRECTED_METADATA_KEY = "dtm-misdirected"
+# RegisterParticipant answers that no retry can change: the process stops (exit status 1).
+REGISTRATION_FATAL = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
 
 
 def now_ms() -> int:
@@ -651,6 +659,11 @@ class ParticipantServer:
     """One participant process: a service's business logic behind the SDK."""
 
     def __init__(self, service: Service[Any], config: ParticipantConfig) -> None:
+        # The coordinator's own check: a name it would refuse could never register (and it
+        # names the data directory).
+        problem = limits.participant_name_problem(service.name)
+        if problem:
+            raise ValueError(f"service {type(service).__name__}: {problem}")
         self.service = service
         self.config = config
         self.log_ = logs.get(service.name)
@@ -675,6 +688,10 @@ class ParticipantServer:
         self._background: list[asyncio.Task[None]] = []
         self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
         self.registered = asyncio.Event()
+        # Set when the coordinator refused the registration for good (REGISTRATION_FATAL):
+        # `failure` says why; run() then stops the process with exit status 1.
+        self.failed = asyncio.Event()
+        self.failure = ""
         self.metrics = metrics.for_participant(
             service.name, self.engine, self.locks, self.wal, config.metrics_listen
         )
@@ -740,7 +757,8 @@ class ParticipantServer:
         return security.channel(self.config.coordinator, tls, security.coordinator_identity(tls))
 
     async def _register(self) -> None:
-        """Register with the coordinator, retrying (capped backoff) until it answers."""
+        """Register with the coordinator, retrying (capped backoff) until it answers; a refusal
+        no retry can change (REGISTRATION_FATAL) sets `failed` instead."""
         request = coordinator_pb2.RegisterParticipantRequest(
             name=self.service.name,
             address=self.advertise,
@@ -758,6 +776,21 @@ class ParticipantServer:
                 try:
                     await stub.RegisterParticipant(request, timeout=2.0)
                 except grpc.aio.AioRpcError as error:
+                    if error.code() in REGISTRATION_FATAL:
+                        self.failure = (
+                            f"the coordinator at {self.config.coordinator} refused to register "
+                            f"participant {self.service.name!r}: {error.code().name}: "
+                            f"{error.details()}"
+                        )
+                        self.log_.error(
+                            "registration refused; stopping",
+                            coordinator=self.config.coordinator,
+                            code=error.code().name,
+                            detail=error.details(),
+                        )
+                        self.failed.set()
+                        return
+                    # RESOURCE_EXHAUSTED (the registry is full) included: a slot may free up.
                     self.log_.warning(
                         "registration failed; retrying",
                         coordinator=self.config.coordinator,
@@ -950,7 +983,11 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
 
 
 def run(service: Service[Any], argv: list[str] | None = None) -> None:
-    """Entry point for a participant process."""
+    """Entry point for a participant process. Exits with status 1 when it cannot start, or
+    when the coordinator refuses its registration for good."""
+    problem = limits.participant_name_problem(service.name)
+    if problem:
+        sys.exit(f"dtm-{service.name}: error: {problem}")
     participant_config = parse_args(service.name, argv)
     logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()

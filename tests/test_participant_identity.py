@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from dtm.core.branch import HEURISTIC_ROLLBACK, BranchState
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.server import MISDIRECTED_METADATA_KEY, ParticipantConfig, ParticipantServer
 from participants.services.inventory import InventoryService
+from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
 from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
 
@@ -242,3 +245,86 @@ def test_the_coordinator_reads_a_misdirected_refusal_as_not_reached() -> None:
     result = asyncio.run(scenario(misdirected))
     assert not result.ok and "" == result.heuristic and "not reached" in result.error
     assert HEURISTIC_ROLLBACK == asyncio.run(scenario(contradiction)).heuristic
+
+
+# ---- C: a participant that can never register ----
+
+
+def test_a_malformed_participant_name_is_refused_at_construction(tmp_path: Path) -> None:
+    class Loyalty(NotificationService):
+        name = "Loyalty"  # the coordinator's names are [a-z0-9_-]
+
+    with pytest.raises(ValueError, match="participant name 'Loyalty' is malformed"):
+        ParticipantServer(Loyalty(), ParticipantConfig(data_dir=tmp_path))
+    assert not (tmp_path / "Loyalty").exists()
+
+
+def test_a_registration_refused_for_good_stops_the_participant(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            server = ParticipantServer(
+                NotificationService(),
+                ParticipantConfig(
+                    data_dir=tmp_path / "other",
+                    listen="127.0.0.1:0",
+                    advertise="127.0.0.1:0",  # the coordinator refuses it: INVALID_ARGUMENT
+                    coordinator=cluster.coordinator_address,
+                ),
+            )
+            await server.start()
+            try:
+                await asyncio.wait_for(server.failed.wait(), 10)
+                assert "INVALID_ARGUMENT" in server.failure
+                assert not server.registered.is_set()
+            finally:
+                await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_full_registry_is_retried_until_a_slot_frees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            monkeypatch.setattr(limits, "PARTICIPANTS_MAX", 4)  # the cluster's four
+            server = ParticipantServer(
+                _Loyalty(),
+                ParticipantConfig(
+                    data_dir=tmp_path, listen="127.0.0.1:0", coordinator=cluster.coordinator_address
+                ),
+            )
+            await server.start()
+            try:
+                await asyncio.sleep(1.0)
+                assert not server.failed.is_set() and not server.registered.is_set()
+                await cluster.client.UnregisterParticipant(
+                    coordinator_pb2.UnregisterParticipantRequest(name="notification")
+                )
+                await asyncio.wait_for(server.registered.wait(), 10)
+            finally:
+                await server.stop(0)
+
+    asyncio.run(scenario())
+
+
+class _Loyalty(NotificationService):
+    name = "loyalty"
+
+
+@pytest.mark.slow
+def test_a_participant_process_with_a_malformed_name_exits_with_status_1(tmp_path: Path) -> None:
+    script = (
+        "from participants.server import run\n"
+        "from participants.services.notification import NotificationService\n"
+        "class Loyalty(NotificationService):\n"
+        "    name = 'Loyalty'\n"
+        f"run(Loyalty(), ['--listen=127.0.0.1:0', '--data-dir={tmp_path}'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, env=ENV, cwd=ROOT, timeout=60
+    )
+    err = done.stderr.decode(errors="replace")
+    assert 1 == done.returncode, err
+    assert "participant name 'Loyalty' is malformed" in err and "Traceback" not in err
+    assert not (tmp_path / "Loyalty").exists()
