@@ -133,6 +133,111 @@ def test_the_incarnation_survives_restarts_of_either_side(tmp_path: Path) -> Non
     asyncio.run(scenario())
 
 
+# ---- B: a second process under a registered name ----
+
+
+def test_a_second_process_under_a_registered_name_is_refused_while_it_is_owed(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "a") as cluster:
+            engine = cluster.coordinator.engine
+            first = cluster.participants["inventory"]
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-scarce", 3)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome
+            # A second inventory process (its own data directory: another incarnation).
+            second = ParticipantServer(
+                InventoryService(dict(STOCK)),
+                ParticipantConfig(
+                    data_dir=tmp_path / "b",
+                    listen="127.0.0.1:0",
+                    coordinator=cluster.coordinator_address,
+                    test_control=True,
+                ),
+            )
+            assert second.engine.incarnation != first.engine.incarnation
+            await second.start()
+            try:
+                await asyncio.wait_for(second.failed.wait(), 10)
+                assert not second.registered.is_set()
+                assert "FAILED_PRECONDITION" in second.failure
+                assert "t-1" in second.failure and "incarnation" in second.failure
+                registered = engine.registry.participants["inventory"]
+                assert cluster.address("inventory") == registered.address
+                assert first.engine.incarnation == registered.incarnation
+                # The Commit owed to the first goes to the first, once it takes decisions.
+                await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+
+                async def over() -> bool:
+                    return not engine.active
+
+                await eventually(over, 15)
+                assert [] == list(engine.heuristics)
+                assert 3 == (await cluster.stock())["sku-scarce"].sold
+                # The scarce stock is sold out: no second process sells it again.
+                branches = order_branches("o-2", [("sku-scarce", 3)], amount_cents=1)
+                again = await cluster.submit(branches, "t-2")
+                assert coordinator_pb2.OUTCOME_ABORTED == again.outcome
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_another_incarnation_replaces_a_registration_once_nothing_is_owed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "a") as cluster:
+            engine = cluster.coordinator.engine
+            first = cluster.participants["inventory"]
+            old_address = cluster.address("inventory")
+            second = ParticipantServer(
+                InventoryService(dict(STOCK)),
+                ParticipantConfig(
+                    data_dir=tmp_path / "b",
+                    listen="127.0.0.1:0",
+                    coordinator=cluster.coordinator_address,
+                ),
+            )
+            await second.start()
+            try:
+                await asyncio.wait_for(second.registered.wait(), 10)
+                registered = engine.registry.participants["inventory"]
+                assert second.engine.incarnation == registered.incarnation
+                assert f"127.0.0.1:{second.port}" == registered.address
+                err = capsys.readouterr().err
+                replaced = [line for line in err.splitlines() if "replaced" in line]
+                assert any(
+                    f"incarnation {first.engine.incarnation} at {old_address}" in line
+                    and second.engine.incarnation in line
+                    for line in replaced
+                ), replaced
+                # The first process, still up, refuses a call meant for the second.
+                stub = cluster.participant_stub("inventory")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Rollback(
+                        participant_pb2.RollbackRequest(
+                            transaction_id="t-x",
+                            participant="inventory",
+                            incarnation=second.engine.incarnation,
+                        )
+                    )
+                assert _misdirected(refused.value)
+                branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=1)
+                done = await cluster.submit(branches, "t-1")
+                assert coordinator_pb2.OUTCOME_COMMITTED == done.outcome
+                assert first.engine.branch(("t-1", 0)) is None
+                info = second.engine.branch(("t-1", 0))
+                assert info is not None
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
 # ---- 1: the SDK refuses a call for another participant before touching any branch ----
 
 
@@ -328,3 +433,37 @@ def test_a_participant_process_with_a_malformed_name_exits_with_status_1(tmp_pat
     assert 1 == done.returncode, err
     assert "participant name 'Loyalty' is malformed" in err and "Traceback" not in err
     assert not (tmp_path / "Loyalty").exists()
+
+
+@pytest.mark.slow
+def test_a_second_participant_process_under_an_owed_name_exits_with_status_1(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome  # notification owed
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "participants.services.notification",
+                "--listen=127.0.0.1:0",
+                f"--coordinator={cluster.coordinator_address}",
+                f"--data-dir={tmp_path / 'process'}",  # its own log: another incarnation
+                env=ENV,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(process.communicate(), 60)
+            text = (err + out).decode(errors="replace")
+            assert 1 == process.returncode, text
+            assert "registration refused; stopping" in text
+            assert "error: the coordinator at" in text and "FAILED_PRECONDITION" in text
+            assert "t-1" in text
+            registered = cluster.coordinator.engine.registry.participants["notification"]
+            assert cluster.address("notification") == registered.address
+
+    asyncio.run(scenario())

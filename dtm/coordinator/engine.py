@@ -552,10 +552,34 @@ class Engine:
         return transaction_id in self.active or transaction_id in self.finished
 
     async def register(self, info: coordinator_pb2.ParticipantInfo) -> None:
-        """A participant (re-)registers with a change (a new address, new capabilities): into
-        the registry, durably. Raises RegistrationError (the registry is full), changing
-        nothing."""
+        """A participant (re-)registers with a change (a new address, new capabilities, a new
+        incarnation): into the registry, durably. Raises RegistrationError (the registry is
+        full), or Refused (another incarnation while transactions not yet finished have
+        branches under the name), changing nothing."""
+        known = self.registry.participants.get(info.name)
+        replaced = (
+            known is not None
+            and bool(known.incarnation)
+            and bool(info.incarnation)
+            and known.incarnation != info.incarnation
+        )
+        if replaced:
+            assert known is not None
+            self._refuse_if_busy(
+                info.name,
+                f"participant {info.name!r} is registered as incarnation {known.incarnation!r} "
+                f"at {known.address}; incarnation {info.incarnation!r} at {info.address} is "
+                "another process (or one whose log was lost) and may not replace it while the "
+                "first is owed an answer: ",
+            )
         self.registry.put(info)
+        if replaced:
+            assert known is not None
+            self._log.warning(
+                f"participant {info.name} replaced: incarnation {known.incarnation} at "
+                f"{known.address} → {info.incarnation} at {info.address}",
+                name=info.name,
+            )
         self.observer.participant_registered(info.name)
         record = log_pb2.ParticipantRegistered(participant=info)
         lsn = self._append(RecordType.PARTICIPANT_REGISTERED, record.SerializeToString())
@@ -572,17 +596,12 @@ class Engine:
         if lsn:
             await self.log.wait_durable(lsn)
 
-    async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
-        """An operator decommissions a participant: remove it from the registry, durably (the
-        answer waits for the record). Refused while a transaction in flight, or still owed
-        phase 2, has a branch there: the coordinator could no longer finish it."""
-        if name not in self.registry.participants:
-            known = ", ".join(sorted(self.registry.participants)) or "none"
-            raise Refused(
-                grpc.StatusCode.NOT_FOUND,
-                f"participant {name!r} is not registered (registered: {known})",
-            )
-        # Bounded by TRANSACTIONS_IN_FLIGHT_MAX; an operator's call, not the hot path.
+    def _refuse_if_busy(self, name: str, why: str = "") -> None:
+        """Raise Refused (FAILED_PRECONDITION) while a transaction in flight, or still owed
+        phase 2, has a branch at `name`: the coordinator must reach that participant to finish
+        it. `why` goes before the reason."""
+        # Bounded by TRANSACTIONS_IN_FLIGHT_MAX; an operator's or a registration's call, not
+        # the hot path.
         using = [
             txn_id
             for txn_id, run in self.active.items()
@@ -598,10 +617,22 @@ class Engine:
                 hint = "dtm txn list --stuck; dtm txn retry ID once it is reachable"
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"participant {name!r} has branches in {len(using)} transaction(s) not yet "
+                f"{why}participant {name!r} has branches in {len(using)} transaction(s) not yet "
                 f"finished, e.g. {', '.join(using[:3])}: the coordinator must finish them first "
                 f"({hint})",
             )
+
+    async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
+        """An operator decommissions a participant: remove it from the registry, durably (the
+        answer waits for the record). Refused while a transaction in flight, or still owed
+        phase 2, has a branch there: the coordinator could no longer finish it."""
+        if name not in self.registry.participants:
+            known = ", ".join(sorted(self.registry.participants)) or "none"
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"participant {name!r} is not registered (registered: {known})",
+            )
+        self._refuse_if_busy(name)
         # Removed before the record is written: from now on no Submit can name it. (The
         # check above and this removal run in one step of the loop, so no Submit between.)
         info = self.registry.remove(name)

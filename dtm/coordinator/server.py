@@ -151,6 +151,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await self.coordinator.engine.register(info)
         except RegistrationError as error:
             await grpc_edge.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        except Refused as refused:  # another incarnation while the name is owed answers
+            self.coordinator.log.warning(
+                "registration refused", name=info.name, address=info.address, reason=str(refused)
+            )
+            await grpc_edge.abort(context, refused.code, str(refused))
         self.coordinator.log.info(
             "participant registered",
             name=info.name,
