@@ -93,6 +93,16 @@ class _Waiter:
         return not self.future.done()
 
 
+@dataclass(frozen=True, slots=True)
+class _Holders:
+    """A node of the wait-for graph standing for every holder of `resource` (_queue_edges)."""
+
+    resource: str
+
+
+_Node = str | _Holders
+
+
 @dataclass(slots=True)
 class _Lock:
     holders: dict[str, _Hold] = field(default_factory=dict)
@@ -319,43 +329,135 @@ class LockManager:
             if holder != owner and not _compatible(hold.mode, mode)
         ]
 
-    def _waits_for(self, owner: str) -> set[str]:
-        """Owners that must move before one of `owner`'s waits can be granted."""
-        blockers: set[str] = set()
+    def _waited_on(self, owner: str) -> bool:
+        """Whether another live waiter waits for `owner`: queued behind one of its holds, or
+        behind its own queued request, in a mode that conflicts. A cycle through `owner` needs
+        one, so a fresh branch at the back of a queue, that nobody waits for, needs no search."""
         for resource in self._resources_of.get(owner, ()):
             lock = self._locks[resource]
-            for position, waiter in enumerate(lock.waiters):
+            hold = lock.holders.get(owner)
+            if hold is not None:
+                # One pass looks for both: a request conflicting with the hold, and one behind
+                # the owner's own request (an upgrade) conflicting with that.
+                mine: _Waiter | None = None
+                for waiter in lock.waiters:
+                    self.search_steps += 1
+                    if not waiter.live:
+                        continue
+                    if waiter.owner == owner:
+                        mine = waiter
+                    elif not _compatible(hold.mode, waiter.mode) or (
+                        mine is not None and not _compatible(mine.mode, waiter.mode)
+                    ):
+                        return True
+                continue
+            # Not held: the owner is queued here, usually at the back, so look from there.
+            behind: list[_Waiter] = []
+            for waiter in reversed(lock.waiters):
                 self.search_steps += 1
-                if waiter.owner != owner or not waiter.live:
+                if not waiter.live:
                     continue
-                self.search_steps += len(lock.holders) + position
-                blockers.update(self._conflicting_holders(lock, owner, waiter.mode))
-                # FIFO: a conflicting waiter ahead is granted first, so this one waits on it too.
-                blockers.update(
-                    ahead.owner
-                    for ahead in lock.waiters[:position]
-                    if ahead.owner != owner
-                    and ahead.live
-                    and not _compatible(ahead.mode, waiter.mode)
-                )
-        return blockers
+                if waiter.owner == owner:
+                    if any(not _compatible(waiter.mode, other.mode) for other in behind):
+                        return True
+                    break
+                behind.append(waiter)
+        return False
+
+    def _queue_edges(self, resource: str) -> dict[str, list[_Node]]:
+        """Each live waiter's edges on `resource`: whom its owner waits for there.
+
+        Not every edge of the wait-for graph, but the same owners reached through them, so
+        the same cycles, in one pass over the queue (the whole graph has ~n^2/2 edges for a
+        queue of n exclusive requests). A waiter waits for the holders its mode conflicts
+        with, and (FIFO) for every conflicting live waiter ahead of it. Of those:
+        - a shared request gets an edge to the nearest exclusive request ahead only: that one
+          reaches every request ahead of it, and so every exclusive one;
+        - an exclusive request gets edges to the shared requests between it and the nearest
+          exclusive request ahead, and to that one;
+        - the holders: all of them for an exclusive request, which when there are several
+          and it is not an upgrade goes through one node standing for them (`_Holders`), so
+          that n such requests behind h shared holders add n + h edges, not n * h.
+        """
+        lock = self._locks[resource]
+        holders = list(lock.holders)
+        exclusive_holders = [
+            holder for holder, hold in lock.holders.items() if hold.mode is LockMode.EXCLUSIVE
+        ]
+        self.search_steps += len(holders)
+        edges: dict[str, list[_Node]] = {}
+        nearest_exclusive: str | None = None  # owner of the nearest exclusive request so far
+        shared_since: list[str] = []  # owners of the shared requests queued behind that one
+        for waiter in lock.waiters:
+            self.search_steps += 1
+            if not waiter.live:
+                continue
+            owner = waiter.owner
+            blockers: list[_Node]
+            if waiter.mode is LockMode.SHARED:
+                blockers = [holder for holder in exclusive_holders if holder != owner]
+                shared_since.append(owner)
+            else:
+                if owner in lock.holders or len(holders) <= 1:  # an upgrade, or one holder
+                    blockers = [holder for holder in holders if holder != owner]
+                else:
+                    blockers = [_Holders(resource)]
+                blockers += (ahead for ahead in shared_since if ahead != owner)
+                shared_since = []
+            if nearest_exclusive is not None and nearest_exclusive != owner:
+                blockers.append(nearest_exclusive)
+            if waiter.mode is LockMode.EXCLUSIVE:
+                nearest_exclusive = owner
+            self.search_steps += len(blockers)
+            edges[owner] = blockers
+        return edges
 
     def _find_cycle(self, owner: str) -> list[str] | None:
         """A path owner -> ... -> owner in the wait-for graph, or None.
 
-        Depth-first; each owner is expanded at most once, so the search is bounded by the
-        number of owners waiting. Sorted expansion keeps the reported cycle deterministic.
+        Depth-first from `owner`, each node expanded once, each queue read once
+        (`_queue_edges`): linear in the queues and holders it reaches. An expanded node with an
+        edge back to `owner` ends it, so the cycle reported is a short one. Sorted expansion
+        keeps it deterministic.
         """
-        stack = [[owner, blocker] for blocker in sorted(self._waits_for(owner), reverse=True)]
-        expanded: set[str] = set()
+        if not self._waited_on(owner):
+            return None
+        queues: dict[str, dict[str, list[_Node]]] = {}
+
+        def edges(node: _Node) -> list[_Node]:
+            if isinstance(node, _Holders):
+                blockers: list[_Node] = [*sorted(self._locks[node.resource].holders)]
+                self.search_steps += len(blockers)
+                return blockers
+            owners: set[str] = set()
+            groups: set[_Holders] = set()
+            for resource in self._resources_of.get(node, ()):
+                queue = queues.get(resource)
+                if queue is None:
+                    queue = queues[resource] = self._queue_edges(resource)
+                for blocker in queue.get(node, ()):
+                    if isinstance(blocker, _Holders):
+                        groups.add(blocker)
+                    else:
+                        owners.add(blocker)
+            return [*sorted(owners), *sorted(groups, key=lambda group: group.resource)]
+
+        parents: dict[_Node, _Node | None] = {}
+        stack: list[tuple[_Node, _Node | None]] = [(owner, None)]
         while stack:
-            path = stack.pop()
-            last = path[-1]
-            if last == owner:
-                return path
-            if last in expanded:
+            node, parent = stack.pop()
+            if node in parents:
                 continue
-            expanded.add(last)
-            self.search_steps += 1
-            stack.extend([*path, nxt] for nxt in sorted(self._waits_for(last), reverse=True))
+            parents[node] = parent
+            blockers = edges(node)
+            if owner in blockers:
+                cycle = [owner]
+                step: _Node | None = node
+                while step is not None:
+                    if not isinstance(step, _Holders):
+                        cycle.append(step)
+                    step = parents[step]
+                cycle.reverse()
+                return cycle
+            stack.extend((nxt, node) for nxt in reversed(blockers) if nxt not in parents)
         return None

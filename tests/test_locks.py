@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -535,6 +536,185 @@ def test_owner_cannot_wait_twice_on_one_resource() -> None:
         assert_empty(manager)
 
     run(main)
+
+
+# ---- the deadlock search's cost: counted (search_steps), never timed ----
+
+HOT_QUEUE = 500
+HOT_WAIT_S = 600.0  # the old search took minutes to queue them: no wait may end before
+
+
+async def queue_on(
+    manager: LockManager, resource: str, owners: list[str]
+) -> list[asyncio.Task[None]]:
+    """Queue one exclusive request per owner on `resource`, in order; returns their tasks."""
+    tasks = []
+    for owner in owners:
+        tasks.append(asyncio.create_task(manager.acquire(owner, resource, X)))
+        await asyncio.sleep(0)  # runs that acquire up to its wait: queued in this order
+    await until(lambda: len(waiting(manager, resource)) == len(owners))
+    return tasks
+
+
+async def release_everything(manager: LockManager, tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for owner in list(manager._resources_of):
+        manager.release_all(owner)
+    assert_empty(manager)
+
+
+def test_queuing_many_waiters_on_one_resource_costs_linear_search_work() -> None:
+    # Each queued request runs the deadlock search. It used to expand every waiter ahead and
+    # each of those every waiter ahead of it: ~n^2 steps per request, n^3 for the queue, and 200
+    # waiters froze the event loop for 1.8 s. A fresh branch nobody waits for needs no search.
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=HOT_WAIT_S)
+        await manager.acquire("holder", "order-1", X)
+        tasks = await queue_on(manager, "order-1", [f"w{k:03}" for k in range(HOT_QUEUE)])
+        assert manager.search_steps < 10 * HOT_QUEUE, manager.search_steps
+        assert manager.deadlocks == 0
+        await release_everything(manager, tasks)
+
+    run(main, hard_timeout_s=600.0)
+
+
+def test_a_search_through_a_long_queue_is_linear_in_it() -> None:
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=HOT_WAIT_S)
+        await manager.acquire("holder", "order-1", X)
+        await manager.acquire("last", "sku-2", X)
+        await manager.acquire("z", "sku-3", X)
+        y_waits = asyncio.create_task(manager.acquire("y", "sku-3", X))  # y waits for z
+        owners = [f"w{k:03}" for k in range(HOT_QUEUE - 1)] + ["last"]
+        tasks = await queue_on(manager, "order-1", owners)
+        # z waits for last, which waits for everyone queued ahead of it and the holder: the
+        # search walks the whole queue and finds no way back to z.
+        before = manager.search_steps
+        z_waits = asyncio.create_task(manager.acquire("z", "sku-2", X))
+        await until(lambda: bool(waiting(manager, "sku-2")))
+        assert manager.search_steps - before < 10 * HOT_QUEUE, manager.search_steps - before
+        # And the holder asking for sku-2 closes a cycle, reported by its shortest way back.
+        with pytest.raises(
+            DeadlockDetected, match=r"^deadlock on sku-2: holder -> last -> holder$"
+        ):
+            await manager.acquire("holder", "sku-2", X)
+        await release_everything(manager, [*tasks, y_waits, z_waits])
+
+    run(main, hard_timeout_s=600.0)
+
+
+# ---- property: the deadlock search answers as a search of the whole wait-for graph ----
+
+
+def whole_graph_waits_for(manager: LockManager, owner: str) -> set[str]:
+    """Every edge out of `owner`: each conflicting holder, and each conflicting live waiter
+    ahead of its own (FIFO). The search used to build exactly this, ~n^2/2 edges per queue."""
+    blockers: set[str] = set()
+    for resource in manager._resources_of.get(owner, ()):
+        lock = manager._locks[resource]
+        for position, waiter in enumerate(lock.waiters):
+            if waiter.owner != owner or not waiter.live:
+                continue
+            blockers.update(
+                holder
+                for holder, hold in lock.holders.items()
+                if holder != owner and not locks._compatible(hold.mode, waiter.mode)
+            )
+            blockers.update(
+                ahead.owner
+                for ahead in lock.waiters[:position]
+                if ahead.owner != owner
+                and ahead.live
+                and not locks._compatible(ahead.mode, waiter.mode)
+            )
+    return blockers
+
+
+def whole_graph_has_cycle_through(manager: LockManager, owner: str) -> bool:
+    seen: set[str] = set()
+    todo = list(whole_graph_waits_for(manager, owner))
+    while todo:
+        node = todo.pop()
+        if node == owner:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(whole_graph_waits_for(manager, node))
+    return False
+
+
+@st.composite
+def lock_tables(
+    draw: st.DrawFn,
+) -> dict[str, tuple[dict[str, LockMode], list[tuple[str, LockMode, bool]]]]:
+    """Random lock tables of up to 6 owners and 4 resources, as `acquire` leaves them: holders
+    compatible; upgrades (exclusive requests of shared holders) ahead of the other requests;
+    at most one live request per owner and resource; dead (timed out, cancelled) requests
+    still queued anywhere."""
+    owners = "abcdef"
+    tables = {}
+    for resource in ("r1", "r2", "r3", "r4"):
+        kind = draw(st.sampled_from(["none", "shared", "exclusive"]))
+        holders: dict[str, LockMode] = {}
+        if kind == "exclusive":
+            holders[draw(st.sampled_from(owners))] = X
+        elif kind == "shared":
+            holders = dict.fromkeys(
+                draw(st.lists(st.sampled_from(owners), min_size=1, unique=True)), S
+            )
+        queue: list[tuple[str, LockMode, bool]] = []
+        live: set[str] = set()
+        if kind == "shared":
+            for owner in draw(st.lists(st.sampled_from(sorted(holders)), unique=True)):
+                alive = draw(st.booleans())
+                queue.append((owner, X, alive))
+                if alive:
+                    live.add(owner)
+        others = [owner for owner in owners if owner not in holders]
+        if others:
+            requests = st.tuples(st.sampled_from(others), st.sampled_from([S, X]), st.booleans())
+            for owner, mode, alive in draw(st.lists(requests, max_size=8)):
+                alive = alive and owner not in live
+                queue.append((owner, mode, alive))
+                if alive:
+                    live.add(owner)
+        tables[resource] = (holders, queue)
+    return tables
+
+
+@settings(max_examples=500, deadline=None)
+@given(table=lock_tables())
+def test_deadlock_search_agrees_with_a_search_of_the_whole_graph(
+    table: dict[str, tuple[dict[str, LockMode], list[tuple[str, LockMode, bool]]]],
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        for resource, (holders, queue) in table.items():
+            lock = locks._Lock()
+            for owner, mode in holders.items():
+                lock.holders[owner] = locks._Hold(mode, 0.0)
+                manager._resources_of.setdefault(owner, set()).add(resource)
+            for owner, mode, alive in queue:
+                hold = holders.get(owner)
+                waiter = locks._Waiter(owner, mode, hold, 0.0, loop.create_future())
+                if not alive:
+                    waiter.future.cancel()
+                lock.waiters.append(waiter)
+                manager._resources_of.setdefault(owner, set()).add(resource)
+            if lock.holders or lock.waiters:
+                manager._locks[resource] = lock
+        for owner in sorted(manager._resources_of):
+            cycle = manager._find_cycle(owner)
+            assert (cycle is not None) == whole_graph_has_cycle_through(manager, owner), owner
+            if cycle is not None:  # a real cycle of the whole graph, from owner back to it
+                assert cycle[0] == cycle[-1] == owner, cycle
+                for here, there in itertools.pairwise(cycle):
+                    assert there in whole_graph_waits_for(manager, here), (cycle, here, there)
+    finally:
+        loop.close()
 
 
 # ---- property: random branches never break exclusion and never hang ----
