@@ -801,7 +801,8 @@ class BranchEngine:
                         prepared.branch,
                         prepared.operation,
                         fingerprint=prepared.transaction_fingerprint,
-                    ).prepared_at_ms = prepared.prepared_at_unix_ms
+                        prepared_at_ms=prepared.prepared_at_unix_ms,
+                    )
                 elif kind is RecordType.BRANCH_COMMITTED:
                     committed = log_pb2.BranchCommitted.FromString(record.payload)
                     key = (committed.transaction_id, committed.branch)
@@ -882,6 +883,7 @@ class BranchEngine:
         operation: any_pb2.Any,
         one_phase: bool = False,
         fingerprint: bytes = b"",
+        prepared_at_ms: int = 0,
     ) -> BranchInfo:
         key = (transaction_id, index)
         decoded = self.service.operation_type()
@@ -895,11 +897,21 @@ class BranchEngine:
         branch = Branch(transaction_id, index, BranchState.PREPARED, BranchVote.PREPARED)
         branch.one_phase = one_phase
         info = self._track(branch, fingerprint)
+        info.prepared_at_ms = prepared_at_ms
         self._operations[key] = decoded
         self._applied.add(key)
-        for request in self.service.locks(decoded):
-            self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+        self._retake_locks(key, decoded, prepared_at_ms)
         return info
+
+    def _retake_locks(self, key: BranchKey, operation: Any, prepared_at_ms: int) -> None:
+        """Re-take the locks of a branch recovered as prepared, as held since its prepare (not
+        since the restart: ListLocks' held_since). They were taken just before its record was
+        written, so this is later by the prepare's own time. 0: none logged (one-phase)."""
+        age_ms = max(0, self.clock_ms() - prepared_at_ms) if prepared_at_ms else 0
+        for request in self.service.locks(operation):
+            self.locks.acquire_now(
+                branch_key_text(key), request.resource, request.mode, held_for_s=age_ms / 1000
+            )
 
     def checkpoint_records(self) -> list[CheckpointPayload]:
         """A snapshot of everything the log holds (service state, prepared and decided
@@ -960,8 +972,7 @@ class BranchEngine:
             info.prepared_at_ms = prepared.prepared_at_unix_ms
             self._operations[key] = decoded
             self._applied.add(key)
-            for request in self.service.locks(decoded):
-                self.locks.acquire_now(branch_key_text(key), request.resource, request.mode)
+            self._retake_locks(key, decoded, prepared.prepared_at_unix_ms)
         restored_at_ms = self.clock_ms()
         for decided in checkpoint.decided:
             key = (decided.transaction_id, decided.branch)

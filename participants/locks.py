@@ -197,8 +197,12 @@ class LockManager:
             return True
         return False
 
-    def acquire_now(self, owner: str, resource: str, mode: LockMode) -> None:
-        """Re-take a lock of a branch recovered as prepared after a restart, without waiting."""
+    def acquire_now(
+        self, owner: str, resource: str, mode: LockMode, held_for_s: float = 0.0
+    ) -> None:
+        """Re-take a lock of a branch recovered as prepared after a restart, without waiting,
+        as held since `held_for_s` ago (its prepare's age: the caller's clock need not be this
+        manager's, a monotonic one by default whose zero moves with each process)."""
         assert owner and resource, (owner, resource)
         lock = self._locks.setdefault(resource, _Lock())
         conflicting = self._conflicting_holders(lock, owner, mode)
@@ -207,7 +211,7 @@ class LockManager:
         assert not conflicting, f"{owner} re-takes {resource} held by {conflicting}"
         hold = lock.holders.get(owner)
         if hold is None or not _covers(hold.mode, mode):
-            self._grant(resource, lock, owner, mode)
+            self._grant(resource, lock, owner, mode, self._clock() - held_for_s)
         self.grants += 1
 
     def release_all(self, owner: str) -> list[str]:
@@ -257,10 +261,12 @@ class LockManager:
 
     # ---- the table's mutations ----
 
-    def _grant(self, resource: str, lock: _Lock, owner: str, mode: LockMode) -> None:
+    def _grant(
+        self, resource: str, lock: _Lock, owner: str, mode: LockMode, since: float | None = None
+    ) -> None:
         hold = lock.holders.get(owner)
         if hold is None:
-            lock.holders[owner] = _Hold(mode, self._clock())
+            lock.holders[owner] = _Hold(mode, self._clock() if since is None else since)
             self._resources_of.setdefault(owner, set()).add(resource)
         else:
             hold.mode = mode  # an upgrade keeps the original "held since"

@@ -10,10 +10,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import pytest
+from google.protobuf import any_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dtm.core.branch import BranchVote
+from dtm.wal import MemoryLog
+from dtmpb.v1 import shop_pb2
 from participants import locks
+from participants.branches import BranchEngine
 from participants.locks import (
     DeadlockDetected,
     LockManager,
@@ -22,6 +27,7 @@ from participants.locks import (
     LockSnapshot,
     LockTimeout,
 )
+from participants.services.orders import OrdersService
 
 S = LockMode.SHARED
 X = LockMode.EXCLUSIVE
@@ -471,6 +477,41 @@ def test_acquire_now_retakes_prepared_locks_after_restart() -> None:
         for owner in ("b", "c", "new"):
             manager.release_all(owner)
         assert_empty(manager)
+
+    run(main)
+
+
+def test_a_recovered_prepared_branch_holds_its_locks_since_its_prepare() -> None:
+    """After a restart, a prepared branch's locks are held since its prepare as logged, not
+    since the restart (ListLocks' held_since, `dtm locks`' "held for"), whether replayed from
+    its record or restored from a checkpoint, on a lock clock that restarted too."""
+    lock_clock = [50.0]  # monotonic: its zero moves with each process
+    unix_ms = [1_000]
+
+    def engine(log: MemoryLog) -> BranchEngine:
+        manager = LockManager(wait_timeout_s=LONG_S, clock=lambda: lock_clock[0])
+        return BranchEngine(OrdersService(), log, manager, clock_ms=lambda: unix_ms[0])
+
+    def held_since(branches: BranchEngine) -> list[tuple[str, float]]:
+        return [(lock.resource, lock.held_since) for lock in branches.locks.snapshot()]
+
+    async def main() -> None:
+        order = any_pb2.Any()
+        line = shop_pb2.StockLine(sku="sku-1", quantity=1)
+        order.Pack(shop_pb2.CreateOrder(order_id="X", customer_id="c", lines=[line]))
+        first = engine(MemoryLog())
+        assert (BranchVote.PREPARED, "") == await first.prepare("T", 0, order, False)
+        assert [("order:X", 50.0)] == held_since(first)
+        # Restarted 8 s later (unix time), its lock clock now reading 100.0.
+        lock_clock[0], unix_ms[0] = 100.0, 9_000
+        assert isinstance(first.log, MemoryLog)
+        replayed = engine(MemoryLog())
+        replayed.replay(first.log.records)
+        assert [("order:X", 92.0)] == held_since(replayed)
+        await first.checkpoint()
+        restored = engine(MemoryLog())
+        restored.replay(first.log.records)
+        assert [("order:X", 92.0)] == held_since(restored)
 
     run(main)
 
