@@ -670,7 +670,13 @@ def cmd_heuristics(session: Session) -> int:
         fmt.emit_json([fmt.heuristic_dict(h) for h in found], session.out)
         return EXIT_OK
     if not found:
-        print("no heuristic outcomes: every branch followed its decision", file=session.out)
+        # Not "every branch followed its decision": a branch forced while the coordinator had
+        # no record of its transaction (presumed abort) is never reported to it.
+        print(
+            "no heuristic outcomes known to the coordinator; forced branches not yet "
+            "reconciled are listed by `dtm branches --awaiting`",
+            file=session.out,
+        )
         return EXIT_OK
     now = fmt.now_ms()
     fmt.table(

@@ -43,6 +43,14 @@ participant
                                                       (prepared work undone) | refused
     dtm_branches_open                         gauge   preparing or prepared
     dtm_branches_in_doubt                     gauge   prepared, waiting for the decision
+    dtm_forced_branches_awaiting              gauge   forced by an operator, not yet
+                                                      reconciled with their coordinator
+    dtm_forced_outcomes_total{result}         counter agreed | contradicted: forced branches
+                                                      reconciled (their coordinator's decision
+                                                      came, or its answer to an inquiry), by
+                                                      whether it matched the forced outcome;
+                                                      contradicted by an inquiry's answer, the
+                                                      coordinator may never list it
     dtm_lock_waits_total, dtm_lock_timeouts_total, dtm_lock_deadlocks_total,
     dtm_lock_grants_total                     counters of the lock manager
     dtm_log_writes_total{kind="forced"}       counter
@@ -206,6 +214,10 @@ class BranchCounters:
     committed: int = 0
     rolled_back: int = 0
     refused: int = 0
+    # Forced branches reconciled with their coordinator (its decision arrived, or it answered
+    # an inquiry about them): its outcome agreed with the forced one, or contradicted it.
+    forced_agreed: int = 0
+    forced_contradicted: int = 0
 
 
 class GcPauses:
@@ -571,6 +583,22 @@ class ParticipantMetrics:
             "Prepared branches waiting for the decision",
             value=sum(1 for i in open_branches if i.branch.state is BranchState.PREPARED),
         )
+        yield GaugeMetricFamily(
+            "dtm_forced_branches_awaiting",
+            "Branches forced by an operator whose coordinator has neither sent its decision "
+            "nor answered an inquiry about them yet",
+            value=self.engine.forced_awaiting_count,
+        )
+        forced = CounterMetricFamily(
+            "dtm_forced_outcomes",
+            "Forced branches reconciled with their coordinator (its decision arrived, or it "
+            "answered an inquiry), by whether its outcome agreed with the forced one or "
+            "contradicted it (a heuristic outcome)",
+            labels=["result"],
+        )
+        forced.add_metric(["agreed"], counters.forced_agreed)
+        forced.add_metric(["contradicted"], counters.forced_contradicted)
+        yield forced
         locks = self.locks
         for name, value, text in (
             ("dtm_lock_waits", locks.waits, "Lock requests that had to wait"),

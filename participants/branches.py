@@ -216,8 +216,10 @@ class BranchEngine:
         # for, oldest first (rule 17: a heuristic outcome is never silent). The window alone
         # would forget one after `decided_kept` later decisions, and a Rollback arriving after
         # that would be acknowledged as a tombstone, hiding a forced commit. So they outlive the
-        # window, bounded by `forced_kept` (beyond, the oldest goes, with an ERROR line).
-        self._forced_unreported: dict[BranchKey, None] = {}
+        # window, bounded by `forced_kept` (beyond, the oldest goes, with an ERROR line). Each
+        # with the time it was forced (its decision's), from which the server's inquiry loop
+        # waits `in_doubt_after_ms` before it asks the coordinator about it itself.
+        self._forced_unreported: dict[BranchKey, int] = {}
         # Those of them the window has pushed out: their checkpoint entries.
         self._forced_beyond: dict[BranchKey, bytes] = {}
         self._forced_kept = forced_kept
@@ -428,6 +430,29 @@ class BranchEngine:
         """A forced branch kept until its coordinator sends a decision for it."""
         return key in self._forced_unreported
 
+    def forced_awaiting(self) -> list[tuple[BranchKey, int]]:
+        """Every forced branch kept for its coordinator, with the time it was forced, oldest
+        first (the inquiry loop asks the coordinator about them: `reconcile_forced`)."""
+        return list(self._forced_unreported.items())
+
+    @property
+    def forced_awaiting_count(self) -> int:
+        return len(self._forced_unreported)
+
+    def reconcile_forced(self, key: BranchKey, commit: bool) -> BranchInfo | None:
+        """The coordinator answered an inquiry about a forced branch still awaiting it: its
+        outcome is `commit` (true committed, false aborted). The branch stops awaiting, as when
+        the coordinator's own Commit or Rollback arrives (`decide_now`, the same path),
+        whether the answer agrees with the forced outcome or contradicts it (a heuristic
+        outcome: the caller says so). Returns the branch, or None when it no longer awaits
+        (its decision came, or an operator forgot it, while the inquiry was in flight)."""
+        if key not in self._forced_unreported:
+            return None
+        info = self.branch(key)
+        assert info is not None  # kept in the window or past it while it awaits
+        self._forced_reported(key, commit == (info.branch.state is BranchState.COMMITTED))
+        return info
+
     def awaiting(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
         """The newest `limit` forced branches kept for their coordinator, in one of
         `states` (any if empty), oldest first."""
@@ -589,7 +614,7 @@ class BranchEngine:
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
         if info.branch.heuristic:
-            self._keep_forced(key)
+            self._keep_forced(key, info.updated_at_ms)
         self._remember_decided(key, _decided_entry(info))
 
     def _remember_decided(self, key: BranchKey, entry: bytes) -> None:
@@ -601,9 +626,10 @@ class BranchEngine:
                 continue
             self._durable_lsn.pop(old, None)
 
-    def _keep_forced(self, key: BranchKey) -> None:
-        """A forced branch: kept until its coordinator sends a decision for it."""
-        self._forced_unreported[key] = None
+    def _keep_forced(self, key: BranchKey, forced_at_ms: int) -> None:
+        """A forced branch: kept until its coordinator sends a decision for it, or answers
+        an inquiry about it (`reconcile_forced`)."""
+        self._forced_unreported[key] = forced_at_ms
         # Bounded: one iteration per insertion.
         while len(self._forced_unreported) > self._forced_kept:
             oldest = next(iter(self._forced_unreported))
@@ -618,10 +644,16 @@ class BranchEngine:
                 kept_max=self._forced_kept,
             )
 
-    def _forced_reported(self, key: BranchKey) -> None:
+    def _forced_reported(self, key: BranchKey, agreed: bool) -> None:
         """The coordinator sent its decision for a forced branch, and hears the heuristic in
-        the answer: from now on the branch is kept as long as any decided one."""
+        the answer (or answered an inquiry about it: `reconcile_forced`): from now on the
+        branch is kept as long as any decided one. Counted by whether the coordinator's
+        outcome agreed with the forced one."""
         del self._forced_unreported[key]
+        if agreed:
+            self.counters.forced_agreed += 1
+        else:
+            self.counters.forced_contradicted += 1
         entry = self._forced_beyond.pop(key, None)
         if entry is not None:  # back into the window, as the newest, for a retried decision
             self._remember_decided(key, entry)
@@ -745,7 +777,7 @@ class BranchEngine:
         else:
             reply = self._execute(info, info.branch.handle(event))
             if key in self._forced_unreported:
-                self._forced_reported(key)
+                self._forced_reported(key, commit == (info.branch.state is BranchState.COMMITTED))
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message, reply.heuristic)
 
@@ -976,11 +1008,12 @@ class BranchEngine:
         restored_at_ms = self.clock_ms()
         for decided in checkpoint.decided:
             key = (decided.transaction_id, decided.branch)
-            if decided.heuristic and not decided.forgotten:
-                # Whether its coordinator already spoke is not logged: kept, to be safe.
-                self._keep_forced(key)
             if not decided.decided_at_unix_ms:  # a checkpoint from before the field
                 decided.decided_at_unix_ms = restored_at_ms
+            if decided.heuristic and not decided.forgotten:
+                # Whether its coordinator already spoke is not logged: kept, to be safe (and
+                # asked about again by the inquiry loop).
+                self._keep_forced(key, decided.decided_at_unix_ms)
             self._remember_decided(key, encoded_field(_DECIDED_KEY, decided.SerializeToString()))
 
     async def checkpoint(self) -> None:

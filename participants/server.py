@@ -867,15 +867,36 @@ class ParticipantServer:
     async def _ask_about_in_doubt(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, now: int
     ) -> None:
-        # Forget the backoff of branches decided meanwhile (by a Commit or Rollback).
-        for key in [k for k in self._next_inquiry_ms if k not in self.engine.open]:
+        """Ask the coordinator about every in-doubt branch, and every forced branch still
+        awaiting its coordinator, due for it: `in_doubt_after_ms` after its prepare (after
+        its forcing), then with a backoff while the answer stays unknown. A forced branch is
+        asked too because a coordinator that has no record of its transaction (presumed
+        abort) never sends a decision: without asking, a forced commit that contradicts it
+        would never be reported (`_reconcile_forced`)."""
+        engine = self.engine
+        # Forget the backoff of branches decided meanwhile (by a Commit or Rollback), and of
+        # forced ones no longer awaiting (decided by their coordinator, or forgotten).
+        for key in [
+            k
+            for k in self._next_inquiry_ms
+            if k not in engine.open and not engine.awaiting_coordinator(k)
+        ]:
             del self._next_inquiry_ms[key]
+        after = self.config.in_doubt_after_ms
         due = [
             info.branch.key
-            for info in self.engine.in_doubt()
-            if now - info.prepared_at_ms >= self.config.in_doubt_after_ms
+            for info in engine.in_doubt()
+            if now - info.prepared_at_ms >= after
             and self._next_inquiry_ms.get(info.branch.key, (0, 0))[0] <= now
         ][: limits.INQUIRIES_PER_TICK_MAX]
+        if len(due) < limits.INQUIRIES_PER_TICK_MAX:
+            due += [
+                key
+                for key, forced_at_ms in engine.forced_awaiting()
+                if now - forced_at_ms >= after and self._next_inquiry_ms.get(key, (0, 0))[0] <= now
+            ][: limits.INQUIRIES_PER_TICK_MAX - len(due)]
+        if not due:
+            return
         # Concurrently: with the coordinator down, one-by-one timeouts would stall this loop
         # (and the leases it also enforces) for minutes.
         await asyncio.gather(*(self._ask(stub, key, now) for key in due))
@@ -884,6 +905,8 @@ class ParticipantServer:
         self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
     ) -> None:
         info = self.engine.open.get(key)
+        if info is None and self.engine.awaiting_coordinator(key):
+            info = self.engine.branch(key)  # forced, awaiting its coordinator
         try:
             answer = await stub.QueryOutcome(
                 coordinator_pb2.QueryOutcomeRequest(
@@ -905,10 +928,12 @@ class ParticipantServer:
             self._back_off(key, now, "coordinator: still undecided")
             return
         self._next_inquiry_ms.pop(key, None)
-        resolved = self.engine.learn_outcome(
-            key, commit=answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
-        )
+        commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
+        if key not in self.engine.open and self.engine.awaiting_coordinator(key):
+            self._reconcile_forced(key, commit)
+            return
         outcome = coordinator_pb2.Outcome.Name(answer.outcome)
+        resolved = self.engine.learn_outcome(key, commit=commit)
         if resolved:
             self.log_.info(
                 "in-doubt branch resolved by inquiry", txn=key[0], branch=key[1], outcome=outcome
@@ -920,6 +945,35 @@ class ParticipantServer:
                 branch=key[1],
                 outcome=outcome,
             )
+
+    def _reconcile_forced(self, key: tuple[str, int], commit: bool) -> None:
+        """The coordinator's outcome for a forced branch: it stops awaiting, as when its
+        decision arrives; a contradiction is a heuristic outcome, and said so (rule 17)."""
+        info = self.engine.reconcile_forced(key, commit)
+        if info is None:  # decided by its coordinator, or forgotten, meanwhile
+            return
+        forced = info.branch.state.value  # committed or rolled_back
+        decided = "committed" if commit else "aborted"
+        if (info.branch.state is BranchState.COMMITTED) == commit:
+            self.log_.info(
+                "forced branch reconciled: its coordinator's outcome is the same",
+                txn=key[0],
+                branch=key[1],
+                forced=forced,
+                decided=decided,
+            )
+            return
+        # A coordinator with no record of the transaction (presumed abort) sends no decision,
+        # so this line and dtm_forced_outcomes_total are where the contradiction shows.
+        self.log_.warning(
+            "forced branch contradicts its coordinator's outcome: a heuristic outcome, "
+            "to be reconciled by hand",
+            txn=key[0],
+            branch=key[1],
+            forced=forced,
+            decided=decided,
+            heuristic=info.branch.heuristic,
+        )
 
     def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
         _, attempts = self._next_inquiry_ms.get(key, (0, 0))

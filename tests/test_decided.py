@@ -161,6 +161,45 @@ def test_a_forced_branch_outlives_the_window_until_its_coordinator_decides() -> 
     asyncio.run(scenario())
 
 
+def test_a_forced_branch_is_reconciled_by_its_coordinators_answer() -> None:
+    """The inquiry loop asks the coordinator about forced branches too (one with no record of
+    the transaction never sends a decision): its answer ends the wait as the decision would,
+    kept past the window or not, counted by whether it agreed with the forced outcome; the
+    coordinator's own decision is counted the same way."""
+
+    async def scenario() -> None:
+        forced_at = iter(range(100, 10_000, 100))
+        engine = engine_with(clock_ms=lambda: next(forced_at))
+        keys = [("commit-agreed", 1), ("commit-contradicted", 1), ("rollback-decided", 1)]
+        for (txn, index), commit in zip(keys, (True, True, False), strict=True):
+            engine.begin_prepare(txn, index, reserve(), False)
+            await engine.force((txn, index), commit=commit)
+        for n in range(10):  # the window (3) pushes the first ones past it
+            engine.decide_now(f"txn-{n}", 1, commit=False)
+        assert [k for k, _ in engine.forced_awaiting()] == keys
+        assert all(at > 0 for _, at in engine.forced_awaiting())  # when forced: asked after
+        assert 3 == engine.forced_awaiting_count
+
+        agreed = engine.reconcile_forced(keys[0], commit=True)
+        assert agreed is not None and agreed.branch.heuristic == "heuristic commit"
+        contradicted = engine.reconcile_forced(keys[1], commit=False)
+        assert contradicted is not None and contradicted.branch.state is BranchState.COMMITTED
+        assert engine.reconcile_forced(keys[1], commit=False) is None  # no longer awaiting
+        # The coordinator's own Rollback, the same way: agreed.
+        engine.decide_now(*keys[2], commit=False)
+        assert (2, 1) == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+        assert not engine.forced_awaiting() and 0 == engine.forced_awaiting_count
+        for reconciled in keys:
+            assert not engine.awaiting_coordinator(reconciled)
+        # Back in the window as the newest: a late decision still hears the heuristic.
+        with pytest.raises(BranchError) as late:
+            engine.decide_now(*keys[1], commit=False)
+        assert late.value.kind is ErrorKind.HEURISTIC
+        assert (2, 1) == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+
+    asyncio.run(scenario())
+
+
 def test_an_operator_forgets_a_forced_branch_durably() -> None:
     """A coordinator that never logged the transaction never sends a decision: once reconciled,
     the operator forgets the forced branch, and it then leaves with the window, across

@@ -463,6 +463,8 @@ def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) ->
             at = ["--coordinator", cluster.coordinator_address]
             status, out, _ = await dtm(*at, "heuristics")
             assert (cli.EXIT_OK, True) == (status, "no heuristic outcomes" in out)
+            # Not "every branch followed its decision": the coordinator cannot know that.
+            assert "known to the coordinator" in out and "dtm branches --awaiting" in out
 
             declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
             response = await cluster.submit([*declined, _scripted_branch()], "txn-d")

@@ -1,0 +1,115 @@
+"""A participant's inquiries (QueryOutcome): a forced branch is reconciled with its coordinator
+even when the coordinator never sends a decision."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dtm import logs
+from dtmpb.v1 import participant_pb2, shop_pb2
+from participants.server import now_ms
+from tests.harness import InProcessCluster, pack
+
+# The branches must not be asked about by the housekeeping loop itself: the tests ask, at a
+# time of their choosing, through `_ask_about_in_doubt`.
+NEVER_MS = 600_000
+
+
+def reserve(quantity: int = 1) -> Any:
+    return pack(
+        shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=quantity)])
+    )
+
+
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator with no record of a transaction (it crashed before deciding: presumed
+    abort) sends no decision. Before, a branch forced to commit meanwhile stopped asking, and
+    its contradiction was reported nowhere: no line, no count, `dtm heuristics` empty."""
+    logs.configure("inventory", "INFO")
+
+    async def scenario() -> None:
+        overrides = {"in_doubt_after_ms": NEVER_MS, "metrics_listen": "127.0.0.1:0"}
+        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            admin = cluster.admin("inventory")
+            for txn, commit in (("t-fc", True), ("t-fr", False)):  # unknown to the coordinator
+                await inventory.Prepare(
+                    participant_pb2.PrepareRequest(
+                        transaction_id=txn, branch=0, operation=reserve()
+                    )
+                )
+                await admin.ForceOutcome(
+                    participant_pb2.ForceOutcomeRequest(
+                        transaction_id=txn,
+                        branch=0,
+                        commit=commit,
+                        i_understand_this_is_heuristic=True,
+                    )
+                )
+            server = cluster.participants["inventory"]
+            assert server.metrics is not None
+
+            async def samples() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+                return await asyncio.to_thread(scrape, server.metrics_port)
+
+            def forced(result: str) -> float:
+                return found[("dtm_forced_outcomes_total", frozenset({("result", result)}))]
+
+            found = await samples()
+            assert 2 == found[("dtm_forced_branches_awaiting", frozenset())]
+            assert 0 == forced("agreed") == forced("contradicted")
+            awaiting = participant_pb2.ListBranchesRequest(awaiting_coordinator=True)
+            assert 2 == len((await admin.ListBranches(awaiting)).branches)
+
+            capsys.readouterr()
+            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+
+            # Both stop awaiting, as when the coordinator's decision arrives.
+            assert [] == list((await admin.ListBranches(awaiting)).branches)
+            listed = await admin.ListBranches(participant_pb2.ListBranchesRequest())
+            shown = {b.transaction_id: b for b in listed.branches}
+            assert "heuristic commit" == shown["t-fc"].heuristic
+            assert participant_pb2.BRANCH_STATE_COMMITTED == shown["t-fc"].state
+            assert not shown["t-fc"].awaiting_coordinator
+            assert "heuristic rollback" == shown["t-fr"].heuristic
+            found = await samples()
+            assert 0 == found[("dtm_forced_branches_awaiting", frozenset())]
+            assert (1, 1) == (forced("agreed"), forced("contradicted"))
+            lines = capsys.readouterr().err.splitlines()
+            [warning] = [line for line in lines if "WARNING" in line]
+            assert "forced branch contradicts its coordinator's outcome" in warning
+            assert "txn=t-fc branch=0 forced=committed decided=aborted" in warning
+            assert any("forced branch reconciled" in line and "txn=t-fr" in line for line in lines)
+
+            # Asked about no more; a late Rollback still hears the heuristic outcome.
+            await server._ask_about_in_doubt(cluster.client, now_ms() + 2 * NEVER_MS)
+            found = await samples()
+            assert (1, 1) == (forced("agreed"), forced("contradicted"))
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await inventory.Rollback(
+                    participant_pb2.RollbackRequest(transaction_id="t-fc", branch=0)
+                )
+            assert ("dtm-heuristic", "heuristic commit") in tuple(
+                late.value.trailing_metadata() or ()
+            )
+
+    asyncio.run(scenario())
