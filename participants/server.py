@@ -687,6 +687,11 @@ class ParticipantServer:
         self.port = 0
         self._background: list[asyncio.Task[None]] = []
         self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
+        # The INFO summary of outcomes still unknown (_summarize_unknown): when it was last
+        # written, the inquiries made since, and the last reason one stayed unknown.
+        self._summary_at_ms = 0
+        self._asked_since_summary = 0
+        self._last_unknown_reason = ""
         self.registered = asyncio.Event()
         # Set when the coordinator refused the registration for good (REGISTRATION_FATAL):
         # `failure` says why; run() then stops the process with exit status 1.
@@ -900,6 +905,32 @@ class ParticipantServer:
         # Concurrently: with the coordinator down, one-by-one timeouts would stall this loop
         # (and the leases it also enforces) for minutes.
         await asyncio.gather(*(self._ask(stub, key, now) for key in due))
+        self._asked_since_summary += len(due)
+        self._summarize_unknown(now)
+
+    def _summarize_unknown(self, now: int) -> None:
+        """One INFO line for the branches whose outcome is still unknown, at most once per
+        `inquiry_backoff_ms_max` (the longest a branch waits between two inquiries, so about
+        one line per round of them), instead of one per branch per attempt (a coordinator
+        down with 30 branches in doubt wrote 250 lines in 20 s). The per-branch lines are
+        DEBUG."""
+        unknown = self._next_inquiry_ms
+        if not unknown or now - self._summary_at_ms < self.config.inquiry_backoff_ms_max:
+            return
+        oldest = next(iter(unknown))  # the first still unknown: kept in its place since
+        in_doubt = sum(1 for key in unknown if key in self.engine.open)
+        self.log_.info(
+            "outcome of branches still unknown: will ask the coordinator again",
+            txn=oldest[0],  # the oldest's, so that grep txn= finds the line
+            branch=oldest[1],
+            attempts=unknown[oldest][1],
+            in_doubt=in_doubt,
+            forced=len(unknown) - in_doubt,
+            asked=self._asked_since_summary,
+            reason=self._last_unknown_reason,
+        )
+        self._summary_at_ms = now
+        self._asked_since_summary = 0
 
     async def _ask(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
@@ -980,11 +1011,13 @@ class ParticipantServer:
         delay = min(self.config.inquiry_backoff_ms_max, 100 * 2 ** min(attempts, 10))
         delay = int(delay * random.uniform(0.5, 1.0))  # jitter: no synchronized storms
         self._next_inquiry_ms[key] = (now + delay, attempts + 1)
-        self.log_.info(
-            "in-doubt branch: outcome unknown, will ask again",
+        self._last_unknown_reason = reason
+        self.log_.debug(
+            "branch outcome unknown, will ask again",
             txn=key[0],
             branch=key[1],
             attempt=attempts + 1,
+            forced=key not in self.engine.open,
             reason=reason,
         )
 

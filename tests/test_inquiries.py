@@ -1,5 +1,6 @@
 """A participant's inquiries (QueryOutcome): a forced branch is reconciled with its coordinator
-even when the coordinator never sends a decision."""
+even when the coordinator never sends a decision, and a coordinator that stays unreachable
+costs one summary line per round, not one line per branch per attempt."""
 
 from __future__ import annotations
 
@@ -111,5 +112,58 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
             assert ("dtm-heuristic", "heuristic commit") in tuple(
                 late.value.trailing_metadata() or ()
             )
+
+    asyncio.run(scenario())
+
+
+class Unreachable:
+    """A coordinator stub whose every QueryOutcome fails, as with the coordinator down."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def QueryOutcome(self, request: Any, timeout: float) -> Any:  # noqa: ASYNC109 (the stub's signature)
+        self.asked += 1
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "connection refused",
+        )
+
+
+def test_an_unreachable_coordinator_costs_one_summary_line_per_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, each participant wrote one INFO line per in-doubt branch per attempt (30
+    branches: 250 lines in 20 s). Now one INFO line per round, naming the oldest and how many
+    are unknown; the per-branch lines are DEBUG."""
+    logs.configure("inventory", "INFO")
+
+    async def scenario() -> None:
+        overrides = {"in_doubt_after_ms": NEVER_MS, "inquiry_backoff_ms_max": 5_000}
+        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+            inventory = cluster.participant_stub("inventory")
+            for n in range(30):
+                await inventory.Prepare(
+                    participant_pb2.PrepareRequest(
+                        transaction_id=f"t-{n:02}", branch=0, operation=reserve()
+                    )
+                )
+            server = cluster.participants["inventory"]
+            coordinator = Unreachable()
+            capsys.readouterr()
+            start = now_ms() + NEVER_MS
+            for tick in range(200):  # 20 s of 100 ms ticks
+                await server._ask_about_in_doubt(coordinator, start + tick * 100)  # type: ignore[arg-type]
+            lines = capsys.readouterr().err.splitlines()
+
+            assert coordinator.asked > 150  # the inquiries themselves go on as before
+            assert not [line for line in lines if "outcome unknown" in line]  # per branch: DEBUG
+            summaries = [line for line in lines if "still unknown" in line]
+            assert 4 <= len(summaries) <= 5, summaries  # one per 5 s round
+            assert all(line.split()[1] == "INFO" for line in summaries)
+            assert "txn=t-00 branch=0" in summaries[0] and "in_doubt=30 forced=0" in summaries[0]
+            assert "UNAVAILABLE" in summaries[0]
 
     asyncio.run(scenario())
