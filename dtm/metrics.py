@@ -41,6 +41,7 @@ coordinator
 participant
     dtm_branches_total{state}                 counter prepared | committed | rolled_back
                                                       (prepared work undone) | refused
+                                                      (an invalid operation included)
     dtm_branches_open                         gauge   preparing or prepared
     dtm_branches_in_doubt                     gauge   prepared, waiting for the decision
     dtm_forced_branches_awaiting              gauge   forced by an operator, not yet

@@ -279,7 +279,13 @@ class BranchEngine:
                 f"transaction: branch {index} is {info.branch.state.value} here"
             )
         if info is None:
-            decoded = self.decode_operation(operation)
+            try:
+                decoded = self.decode_operation(operation)
+            except InvalidOperation:
+                # Answered as a refusal (VOTE_REFUSED with invalid_argument in a batch,
+                # INVALID_ARGUMENT alone): counted as one, though no branch is kept.
+                self.counters.refused += 1
+                raise
             branch, actions = Branch.on_first_message(
                 transaction_id, index, core.PrepareRequested(one_phase)
             )

@@ -17,7 +17,7 @@ from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine, BranchError
 from participants.locks import LockManager
-from participants.service import Prepared, ReadOnly, Refused, Service
+from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.test_heuristics import ScriptedParticipant, _scripted_branch, scripted_cluster
@@ -72,6 +72,23 @@ def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock(
     assert (
         "the service's prepare raised: branch refused txn=t-1 branch=0" in capsys.readouterr().err
     )
+
+
+def test_a_prepare_of_an_invalid_operation_is_counted_as_refused() -> None:
+    """The answer is a refusal (VOTE_REFUSED with invalid_argument in a batch), but before
+    dtm_branches_total{state="refused"} missed it: only the engine's own refusals counted."""
+    inventory = engine(InventoryService())
+    zero = shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=0)])
+    for transaction_id, operation in [
+        ("t-0", packed(zero)),  # the service's validate refuses it
+        ("t-1", packed(shop_pb2.ChargePayment(account_id="acct-alice"))),  # another type
+        ("t-2", any_pb2.Any()),  # none at all
+    ]:
+        with pytest.raises(InvalidOperation):
+            inventory.begin_prepare(transaction_id, 0, operation, False)
+    assert 3 == inventory.counters.refused
+    assert (0, 0) == (inventory.counters.prepared, inventory.counters.rolled_back)
+    assert not inventory.open and inventory.branch(("t-0", 0)) is None  # nothing kept
 
 
 def test_a_refusal_waits_for_the_commit_it_rests_on() -> None:
