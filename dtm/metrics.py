@@ -159,6 +159,9 @@ class EngineObserver:
     def participant_registered(self, participant: str) -> None:
         """A participant joined the registry (registered, or replayed from the log)."""
 
+    def participant_unregistered(self, participant: str) -> None:
+        """An operator removed a participant from the registry."""
+
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         """The transaction is finished (committed and acknowledged, or aborted)."""
 
@@ -446,6 +449,10 @@ class CoordinatorMetrics(EngineObserver):
     def call_finished(self, participant: str, rpc: str, started: float, ok: bool) -> None:
         children = self._calls.get((participant, rpc))
         if children is None:
+            if participant not in self.engine.registry.participants:
+                # A call of a participant unregistered meanwhile (a Rollback its retired port
+                # still carried): its series are gone, and are not made again.
+                return
             children = (
                 self._call_latency.labels(participant, rpc),
                 self._call_failures.labels(participant, rpc),
@@ -456,7 +463,8 @@ class CoordinatorMetrics(EngineObserver):
             children[1].inc()
 
     def phase_two_retry(self, participant: str) -> None:
-        self._retries.labels(participant).inc()
+        if participant in self.engine.registry.participants:  # else unregistered meanwhile
+            self._retries.labels(participant).inc()
 
     def submit_handled(self, started: float) -> None:
         self._submit_handling.observe(time.perf_counter() - started)
@@ -470,6 +478,18 @@ class CoordinatorMetrics(EngineObserver):
         self._retries.labels(participant)
         for outcome in HEURISTIC_OUTCOMES:
             self._heuristics.labels(participant, outcome)
+
+    def participant_unregistered(self, participant: str) -> None:
+        # Its labelled series go with it: otherwise every name ever registered keeps its own
+        # series (and memory) for the life of the process (50 register/unregister cycles
+        # under new names left 400). Registered again, it starts again at 0.
+        self._retries.remove(participant)
+        for outcome in HEURISTIC_OUTCOMES:
+            self._heuristics.remove(participant, outcome)
+        for key in [key for key in self._calls if key[0] == participant]:
+            del self._calls[key]
+            self._call_latency.remove(*key)
+            self._call_failures.remove(*key)
 
     def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
         outcome = txn.answer

@@ -638,6 +638,7 @@ class Engine:
         info = self.registry.remove(name)
         assert info is not None
         self._registration_lsn.pop(name, None)
+        self.observer.participant_unregistered(name)
         record = log_pb2.ParticipantUnregistered(name=name)
         lsn = self._append(RecordType.PARTICIPANT_UNREGISTERED, record.SerializeToString())
         self.counters.forced_writes += 1
