@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import grpc
 import pytest
 from google.protobuf import any_pb2
 
@@ -517,3 +518,75 @@ def test_a_corrupted_checkpoint_that_is_the_whole_log_is_refused_not_cut(tmp_pat
     with pytest.raises(LogCorruptedError) as raised:
         engine_on(tmp_path)
     assert segment.name in str(raised.value)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["log replay", "checkpoint"])
+def test_a_restart_shows_when_a_commit_began_and_its_timeout(
+    tmp_path: Path, checkpoint: bool
+) -> None:
+    """The decision record kept only its own time: after a restart a commit, over or still
+    owed phase 2, read as begun when it was decided, with timeout 0 (a bug hunt,
+    s7_restart_views). CommitDecided carries both now (fields 5 and 6)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            ended = order_branches("o-e", [("sku-apple", 1)])
+            assert (
+                coordinator_pb2.OUTCOME_COMMITTED
+                == (await cluster.submit(ended, "t-ended", timeout_ms=7_000)).outcome
+            )
+            engine = cluster.coordinator.engine
+
+            async def ended() -> bool:  # its end record is made durable by the next decision's
+                return "t-ended" not in engine.active
+
+            await eventually(ended)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            owed = order_branches("o-o", [("sku-apple", 1)])
+            assert (
+                coordinator_pb2.OUTCOME_COMMITTED
+                == (await cluster.submit(owed, "t-owed", timeout_ms=8_000)).outcome
+            )
+
+            async def shown() -> dict[str, tuple[int, int]]:
+                # (The decision's time may move by a millisecond: a live transaction shows
+                # when its record became durable, the record holds when it was written.)
+                views = {}
+                for txn in ("t-ended", "t-owed"):
+                    view = await cluster.client.GetTransaction(
+                        coordinator_pb2.GetTransactionRequest(transaction_id=txn)
+                    )
+                    views[txn] = (view.created_at_unix_ms, view.timeout_ms)
+                return views
+
+            before = await shown()
+            assert (7_000, 8_000) == (before["t-ended"][1], before["t-owed"][1])
+            if checkpoint:
+                engine.records_since_checkpoint = engine.config.checkpoint_every_records
+                assert await engine.checkpoint_if_due()
+            await cluster.restart_coordinator()
+            assert ["t-owed"] == list(cluster.coordinator.engine.active)  # resumed
+            assert before == await shown()
+
+            # A decision written before the fields: begun when decided, timeout 0, as before.
+            restarted = cluster.coordinator.engine
+            restarted._remember_committed(
+                log_pb2.CommitDecided(transaction_id="t-old", decided_at_unix_ms=5)
+            )
+            old = restarted.lookup("t-old")
+            assert old is not None and (5, 5, 0) == (
+                old.created_at_ms,
+                old.decided_at_ms,
+                old.timeout_ms,
+            )
+            # An abort is not logged: not found after a restart, and the answer says so.
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await cluster.client.GetTransaction(
+                    coordinator_pb2.GetTransactionRequest(transaction_id="t-aborted")
+                )
+            assert grpc.StatusCode.NOT_FOUND == missing.value.code()
+            assert "aborted before the coordinator's last restart" in (
+                missing.value.details() or ""
+            )
+
+    asyncio.run(scenario())

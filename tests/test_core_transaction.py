@@ -306,6 +306,16 @@ def test_recovered_commit_resends_commit_to_every_updating_branch() -> None:
     assert [core.PersistEnd(), core.Finished()] == txn.handle(core.PhaseTwoAcked(2))
 
 
+def test_recovered_commit_keeps_when_it_began_and_its_timeout() -> None:
+    txn, _ = Transaction.recovered_commit(
+        "t9", [(0, "a")], decided_at_ms=1_500, created_at_ms=1_000, timeout_ms=5_000
+    )
+    assert (1_000, 1_500, 6_000) == (txn.created_at_ms, txn.decided_at_ms, txn.deadline_ms)
+    # A decision record written before those fields: begun when decided, no timeout.
+    old, _ = Transaction.recovered_commit("t9", [(0, "a")], decided_at_ms=1_500)
+    assert (1_500, 1_500, 1_500) == (old.created_at_ms, old.decided_at_ms, old.deadline_ms)
+
+
 ILLEGAL = [
     (TxnState.PREPARING, core.DecisionDurable(1)),
     (TxnState.PREPARING, core.PhaseTwoAcked(0)),

@@ -758,11 +758,15 @@ class Engine:
 
     def _persist_decision(self, run: Run, action: core.PersistDecision) -> None:
         crashpoints.hit("coordinator.before_decision_write")
+        txn = run.txn
         record = log_pb2.CommitDecided(
-            transaction_id=run.txn.transaction_id,
+            transaction_id=txn.transaction_id,
             branches=[log_pb2.DecisionBranch(branch=i, participant=p) for i, p in action.branches],
             decided_at_unix_ms=self.clock_ms(),
             fingerprint=run.fingerprint,
+            # What a restart shows of it (_remember_committed, resume).
+            created_at_unix_ms=txn.created_at_ms,
+            timeout_ms=max(0, txn.deadline_ms - txn.created_at_ms),
         )
         run.decision = record.SerializeToString()
         lsn = self._append(RecordType.COMMIT_DECIDED, run.decision)
@@ -1013,9 +1017,10 @@ class Engine:
             coordinator_pb2.TRANSACTION_STATE_COMMITTED,
             coordinator_pb2.OUTCOME_COMMITTED,
             "",
+            # A record older than the field: begun when decided, as far as anyone can tell.
+            decided.created_at_unix_ms or at_ms,
             at_ms,
-            at_ms,
-            0,
+            decided.timeout_ms,
             decided.fingerprint,
             "",
             "",
@@ -1038,6 +1043,8 @@ class Engine:
                 decided.transaction_id,
                 [(b.branch, b.participant) for b in decided.branches],
                 decided_at_ms=decided.decided_at_unix_ms,
+                created_at_ms=decided.created_at_unix_ms,
+                timeout_ms=decided.timeout_ms,
             )
             for progress, recorded in zip(txn.branches, decided.branches, strict=True):
                 progress.acknowledged = recorded.acknowledged
@@ -1097,6 +1104,8 @@ class Engine:
                         # for the decision; now is at most one fsync later than the record's.
                         decided_at_unix_ms=run.txn.decided_at_ms or self.clock_ms(),
                         fingerprint=run.fingerprint,
+                        created_at_unix_ms=run.txn.created_at_ms,
+                        timeout_ms=max(0, run.txn.deadline_ms - run.txn.created_at_ms),
                     )
                 ]
             ).SerializeToString()

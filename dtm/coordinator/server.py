@@ -345,9 +345,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await grpc_edge.abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no transaction {request.transaction_id[:128]!r}: never submitted here, or "
+                f"no transaction {request.transaction_id[:128]!r}: never submitted here, "
                 f"finished and forgotten (the last {self.coordinator.config.finished_kept} "
-                "finished transactions are kept)",
+                "finished transactions are kept), or aborted before the coordinator's last "
+                "restart (aborts are not logged: presumed abort)",
             )
         return transaction_pb(view)
 

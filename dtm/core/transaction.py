@@ -290,13 +290,22 @@ class Transaction:
 
     @classmethod
     def recovered_commit(
-        cls, transaction_id: str, branches: Sequence[tuple[int, str]], *, decided_at_ms: int
+        cls,
+        transaction_id: str,
+        branches: Sequence[tuple[int, str]],
+        *,
+        decided_at_ms: int,
+        created_at_ms: int = 0,
+        timeout_ms: int = 0,
     ) -> tuple[Transaction, list[Action]]:
-        """A durable commit decision found on restart without its end record: finish phase 2."""
+        """A durable commit decision found on restart without its end record: finish phase 2.
+        `created_at_ms` and `timeout_ms` are the decision record's (0 in a record older than
+        them: then it reads as begun when decided, with no timeout)."""
         progress = [
             BranchProgress(i, name, Vote.PREPARED, needs_phase_two=True) for i, name in branches
         ]
-        txn = cls(transaction_id, progress, decided_at_ms, decided_at_ms, one_phase=False)
+        created = created_at_ms or decided_at_ms
+        txn = cls(transaction_id, progress, created, created + timeout_ms, one_phase=False)
         txn.state = TxnState.COMMITTING
         txn.decided_at_ms = decided_at_ms
         txn.replied = True  # whoever asked before the crash was answered, or may ask again

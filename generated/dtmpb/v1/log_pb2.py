@@ -27,7 +27,7 @@ from dtmpb.v1 import coordinator_pb2 as dtmpb_dot_v1_dot_coordinator__pb2
 from dtmpb.v1 import participant_pb2 as dtmpb_dot_v1_dot_participant__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64tmpb/v1/log.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\x1a\x1a\x64tmpb/v1/coordinator.proto\x1a\x1a\x64tmpb/v1/participant.proto\"E\n\x15ParticipantRegistered\x12,\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x17.dtm.v1.ParticipantInfo\"\'\n\x17ParticipantUnregistered\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x0e\x44\x65\x63isionBranch\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63knowledged\x18\x03 \x01(\x08\x12\x11\n\theuristic\x18\x04 \x01(\t\"\x82\x01\n\rCommitDecided\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12(\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x16.dtm.v1.DecisionBranch\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\"*\n\x10TransactionEnded\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xa1\x01\n\x11HeuristicRecorded\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x1b\n\x13recorded_at_unix_ms\x18\x06 \x01(\x03\x12\x11\n\tcommitted\x18\x07 \x01(\x08\"<\n\x12HeuristicForgotten\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x9f\x01\n\x0e\x42ranchPrepared\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x1b\n\x13prepared_at_unix_ms\x18\x04 \x01(\x03\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\"\xb2\x01\n\x0f\x42ranchCommitted\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\theuristic\x18\x04 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x06 \x01(\x03\"\xbe\x01\n\x10\x42ranchRolledBack\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x11\n\theuristic\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x06 \x01(\x03\x12\x0f\n\x07refused\x18\x07 \x01(\x08\x12\x11\n\tone_phase\x18\x08 \x01(\x08\"9\n\x0f\x42ranchForgotten\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\xfd\x01\n\rDecidedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dtm.v1.BranchState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x04vote\x18\x05 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x11\n\theuristic\x18\x06 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x07 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x08 \x01(\x03\x12\x11\n\tforgotten\x18\t \x01(\x08\x12\x11\n\tone_phase\x18\n \x01(\x08\"\x95\x01\n\x15ParticipantCheckpoint\x12\x15\n\rservice_state\x18\x01 \x03(\x0c\x12(\n\x08prepared\x18\x02 \x03(\x0b\x32\x16.dtm.v1.BranchPrepared\x12&\n\x07\x64\x65\x63ided\x18\x03 \x03(\x0b\x32\x15.dtm.v1.DecidedBranch\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"\xc6\x01\n\x15\x43oordinatorCheckpoint\x12-\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x17.dtm.v1.ParticipantInfo\x12)\n\ncommitting\x18\x02 \x03(\x0b\x32\x15.dtm.v1.CommitDecided\x12-\n\nheuristics\x18\x03 \x03(\x0b\x32\x19.dtm.v1.HeuristicRecorded\x12$\n\x05\x65nded\x18\x04 \x03(\x0b\x32\x15.dtm.v1.CommitDecidedb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64tmpb/v1/log.proto\x12\x06\x64tm.v1\x1a\x19google/protobuf/any.proto\x1a\x1a\x64tmpb/v1/coordinator.proto\x1a\x1a\x64tmpb/v1/participant.proto\"E\n\x15ParticipantRegistered\x12,\n\x0bparticipant\x18\x01 \x01(\x0b\x32\x17.dtm.v1.ParticipantInfo\"\'\n\x17ParticipantUnregistered\x12\x0c\n\x04name\x18\x01 \x01(\t\"^\n\x0e\x44\x65\x63isionBranch\x12\x0e\n\x06\x62ranch\x18\x01 \x01(\r\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12\x14\n\x0c\x61\x63knowledged\x18\x03 \x01(\x08\x12\x11\n\theuristic\x18\x04 \x01(\t\"\xb2\x01\n\rCommitDecided\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12(\n\x08\x62ranches\x18\x02 \x03(\x0b\x32\x16.dtm.v1.DecisionBranch\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x03 \x01(\x03\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\x0c\x12\x1a\n\x12\x63reated_at_unix_ms\x18\x05 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x06 \x01(\r\"*\n\x10TransactionEnded\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\"\xa1\x01\n\x11HeuristicRecorded\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x13\n\x0bparticipant\x18\x03 \x01(\t\x12\x0f\n\x07outcome\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x1b\n\x13recorded_at_unix_ms\x18\x06 \x01(\x03\x12\x11\n\tcommitted\x18\x07 \x01(\x08\"<\n\x12HeuristicForgotten\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\x9f\x01\n\x0e\x42ranchPrepared\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x1b\n\x13prepared_at_unix_ms\x18\x04 \x01(\x03\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\"\xb2\x01\n\x0f\x42ranchCommitted\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\'\n\toperation\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x11\n\theuristic\x18\x04 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x06 \x01(\x03\"\xbe\x01\n\x10\x42ranchRolledBack\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\x11\n\theuristic\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x05 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x06 \x01(\x03\x12\x0f\n\x07refused\x18\x07 \x01(\x08\x12\x11\n\tone_phase\x18\x08 \x01(\x08\"9\n\x0f\x42ranchForgotten\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\"\xfd\x01\n\rDecidedBranch\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62ranch\x18\x02 \x01(\r\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.dtm.v1.BranchState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1a\n\x04vote\x18\x05 \x01(\x0e\x32\x0c.dtm.v1.Vote\x12\x11\n\theuristic\x18\x06 \x01(\t\x12\x1f\n\x17transaction_fingerprint\x18\x07 \x01(\x0c\x12\x1a\n\x12\x64\x65\x63ided_at_unix_ms\x18\x08 \x01(\x03\x12\x11\n\tforgotten\x18\t \x01(\x08\x12\x11\n\tone_phase\x18\n \x01(\x08\"\x95\x01\n\x15ParticipantCheckpoint\x12\x15\n\rservice_state\x18\x01 \x03(\x0c\x12(\n\x08prepared\x18\x02 \x03(\x0b\x32\x16.dtm.v1.BranchPrepared\x12&\n\x07\x64\x65\x63ided\x18\x03 \x03(\x0b\x32\x15.dtm.v1.DecidedBranch\x12\x13\n\x0bincarnation\x18\x04 \x01(\t\"\xc6\x01\n\x15\x43oordinatorCheckpoint\x12-\n\x0cparticipants\x18\x01 \x03(\x0b\x32\x17.dtm.v1.ParticipantInfo\x12)\n\ncommitting\x18\x02 \x03(\x0b\x32\x15.dtm.v1.CommitDecided\x12-\n\nheuristics\x18\x03 \x03(\x0b\x32\x19.dtm.v1.HeuristicRecorded\x12$\n\x05\x65nded\x18\x04 \x03(\x0b\x32\x15.dtm.v1.CommitDecidedb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,25 +41,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECISIONBRANCH']._serialized_start=225
   _globals['_DECISIONBRANCH']._serialized_end=319
   _globals['_COMMITDECIDED']._serialized_start=322
-  _globals['_COMMITDECIDED']._serialized_end=452
-  _globals['_TRANSACTIONENDED']._serialized_start=454
-  _globals['_TRANSACTIONENDED']._serialized_end=496
-  _globals['_HEURISTICRECORDED']._serialized_start=499
-  _globals['_HEURISTICRECORDED']._serialized_end=660
-  _globals['_HEURISTICFORGOTTEN']._serialized_start=662
-  _globals['_HEURISTICFORGOTTEN']._serialized_end=722
-  _globals['_BRANCHPREPARED']._serialized_start=725
-  _globals['_BRANCHPREPARED']._serialized_end=884
-  _globals['_BRANCHCOMMITTED']._serialized_start=887
-  _globals['_BRANCHCOMMITTED']._serialized_end=1065
-  _globals['_BRANCHROLLEDBACK']._serialized_start=1068
-  _globals['_BRANCHROLLEDBACK']._serialized_end=1258
-  _globals['_BRANCHFORGOTTEN']._serialized_start=1260
-  _globals['_BRANCHFORGOTTEN']._serialized_end=1317
-  _globals['_DECIDEDBRANCH']._serialized_start=1320
-  _globals['_DECIDEDBRANCH']._serialized_end=1573
-  _globals['_PARTICIPANTCHECKPOINT']._serialized_start=1576
-  _globals['_PARTICIPANTCHECKPOINT']._serialized_end=1725
-  _globals['_COORDINATORCHECKPOINT']._serialized_start=1728
-  _globals['_COORDINATORCHECKPOINT']._serialized_end=1926
+  _globals['_COMMITDECIDED']._serialized_end=500
+  _globals['_TRANSACTIONENDED']._serialized_start=502
+  _globals['_TRANSACTIONENDED']._serialized_end=544
+  _globals['_HEURISTICRECORDED']._serialized_start=547
+  _globals['_HEURISTICRECORDED']._serialized_end=708
+  _globals['_HEURISTICFORGOTTEN']._serialized_start=710
+  _globals['_HEURISTICFORGOTTEN']._serialized_end=770
+  _globals['_BRANCHPREPARED']._serialized_start=773
+  _globals['_BRANCHPREPARED']._serialized_end=932
+  _globals['_BRANCHCOMMITTED']._serialized_start=935
+  _globals['_BRANCHCOMMITTED']._serialized_end=1113
+  _globals['_BRANCHROLLEDBACK']._serialized_start=1116
+  _globals['_BRANCHROLLEDBACK']._serialized_end=1306
+  _globals['_BRANCHFORGOTTEN']._serialized_start=1308
+  _globals['_BRANCHFORGOTTEN']._serialized_end=1365
+  _globals['_DECIDEDBRANCH']._serialized_start=1368
+  _globals['_DECIDEDBRANCH']._serialized_end=1621
+  _globals['_PARTICIPANTCHECKPOINT']._serialized_start=1624
+  _globals['_PARTICIPANTCHECKPOINT']._serialized_end=1773
+  _globals['_COORDINATORCHECKPOINT']._serialized_start=1776
+  _globals['_COORDINATORCHECKPOINT']._serialized_end=1974
 # @@protoc_insertion_point(module_scope)

@@ -34,16 +34,20 @@ class DecisionBranch(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
 class CommitDecided(_message.Message):
-    __slots__ = ("transaction_id", "branches", "decided_at_unix_ms", "fingerprint")
+    __slots__ = ("transaction_id", "branches", "decided_at_unix_ms", "fingerprint", "created_at_unix_ms", "timeout_ms")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branches: _containers.RepeatedCompositeFieldContainer[DecisionBranch]
     decided_at_unix_ms: int
     fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[DecisionBranch, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ..., fingerprint: _Optional[bytes] = ...) -> None: ...
+    created_at_unix_ms: int
+    timeout_ms: int
+    def __init__(self, transaction_id: _Optional[str] = ..., branches: _Optional[_Iterable[_Union[DecisionBranch, _Mapping]]] = ..., decided_at_unix_ms: _Optional[int] = ..., fingerprint: _Optional[bytes] = ..., created_at_unix_ms: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class TransactionEnded(_message.Message):
     __slots__ = ("transaction_id",)
