@@ -552,7 +552,7 @@ def test_the_dtm_command_takes_its_certificate_from_cli_in_the_configuration_fil
                 encoding="utf-8",
             )
             status, out, err = await dtm(*at, "--config", str(settings), "heuristics")
-            assert (0, "no heuristic outcomes") == (status, out.split(":")[0]), err
+            assert (0, True) == (status, out.startswith("no heuristic outcomes")), err
             # A flag still wins over the file: a client certificate may not forget.
             flags = ["--tls-cert", str(ca_dir / "client.pem")]
             flags += ["--tls-key", str(ca_dir / "client-key.pem")]
