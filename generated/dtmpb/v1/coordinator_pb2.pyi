@@ -62,16 +62,18 @@ class Capabilities(_message.Message):
     def __init__(self, one_phase: _Optional[bool] = ..., batch: _Optional[bool] = ..., operation_types: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterParticipantRequest(_message.Message):
-    __slots__ = ("name", "address", "capabilities", "incarnation")
+    __slots__ = ("name", "address", "capabilities", "incarnation", "replace")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     capabilities: Capabilities
     incarnation: str
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    replace: bool
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., incarnation: _Optional[str] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class RegisterParticipantResponse(_message.Message):
     __slots__ = ("changed",)
