@@ -15,6 +15,9 @@ PARTICIPANT_NAME_PATTERN = re.compile(r"[a-z0-9_\-]{1,64}")
 # A participant's incarnation (RegisterParticipantRequest.incarnation): the SDK makes 16 hex
 # characters; another implementation may choose its own, within this.
 INCARNATION_PATTERN = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+# The participant SDK's flag that sets RegisterParticipantRequest.replace for one start: the
+# coordinator names it when it refuses another incarnation under an owed name.
+REPLACE_REGISTRATION_FLAG = "--replace-registration"
 ADDRESS_LENGTH_MAX = 256
 # The port of a host:port address (or of a gRPC target such as dns:///name:port or
 # [fe80::1%eth0]:port): ASCII digits ("²".isdigit() is true, int("²") fails).

@@ -23,8 +23,8 @@ import pytest
 from dtm import limits
 from dtm.batcher import BatchPolicy
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
-from dtm.core.branch import HEURISTIC_ROLLBACK, BranchState
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtm.core.branch import HEURISTIC_HAZARD, HEURISTIC_ROLLBACK, BranchState
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, shop_pb2
 from participants.server import MISDIRECTED_METADATA_KEY, ParticipantConfig, ParticipantServer
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
@@ -164,6 +164,9 @@ def test_a_second_process_under_a_registered_name_is_refused_while_it_is_owed(
                 assert not second.registered.is_set()
                 assert "FAILED_PRECONDITION" in second.failure
                 assert "t-1" in second.failure and "incarnation" in second.failure
+                # It names the operator's way out, should the first's log be lost.
+                assert "if this participant's log was lost, start it with" in second.failure
+                assert "--replace-registration" in second.failure
                 registered = engine.registry.participants["inventory"]
                 assert cluster.address("inventory") == registered.address
                 assert first.engine.incarnation == registered.incarnation
@@ -232,6 +235,87 @@ def test_another_incarnation_replaces_a_registration_once_nothing_is_owed(
                 assert first.engine.branch(("t-1", 0)) is None
                 info = second.engine.branch(("t-1", 0))
                 assert info is not None
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_replacement_registration_takes_an_owed_name_and_its_commits_become_hazards(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator's override for a participant whose log was lost: RegisterParticipant with
+    replace=true is accepted while the name is owed, and the owed Commit, which the replacement
+    cannot know, is recorded as a heuristic hazard instead of waiting forever."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path / "a", coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            first = cluster.participants["inventory"]
+            old_incarnation, old_address = first.engine.incarnation, cluster.address("inventory")
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 2)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome
+            await cluster.participants.pop("inventory").stop(0)  # its log is lost with it
+            # The replacement: an empty data directory, so another incarnation. It registers
+            # by hand here (no coordinator configured), once as usual, once with replace.
+            second = ParticipantServer(
+                InventoryService(dict(STOCK)),
+                ParticipantConfig(data_dir=tmp_path / "b", listen="127.0.0.1:0"),
+            )
+            await second.start()
+            try:
+                new_address = f"127.0.0.1:{second.port}"
+                request = coordinator_pb2.RegisterParticipantRequest(
+                    name="inventory",
+                    address=new_address,
+                    incarnation=second.engine.incarnation,
+                    capabilities=coordinator_pb2.Capabilities(one_phase=True, batch=True),
+                )
+                stub = coordinator_pb2_grpc.CoordinatorStub(
+                    cluster.channel(cluster.coordinator_address)
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.RegisterParticipant(request)
+                assert grpc.StatusCode.FAILED_PRECONDITION is refused.value.code()
+                details = refused.value.details() or ""
+                assert "t-1" in details and "--replace-registration" in details, details
+                assert old_incarnation == engine.registry.participants["inventory"].incarnation
+
+                request.replace = True
+                answer = await stub.RegisterParticipant(request)
+                assert answer.changed
+                registered = engine.registry.participants["inventory"]
+                assert (second.engine.incarnation, new_address) == (
+                    registered.incarnation,
+                    registered.address,
+                )
+                err = capsys.readouterr().err
+                warned = [line for line in err.splitlines() if "replaced while owed" in line]
+                assert 1 == len(warned), err
+                assert "WARNING" in warned[0] and "--replace-registration" in warned[0]
+                assert f"incarnation {old_incarnation} at {old_address}" in warned[0]
+                assert f"{second.engine.incarnation} at {new_address}" in warned[0]
+                assert "1 transaction(s) not yet finished" in warned[0] and "t-1" in warned[0]
+                assert "heuristic hazard" in warned[0]
+
+                # The owed Commit goes to the replacement: NOT_FOUND, a heuristic hazard.
+                async def over() -> bool:
+                    return "t-1" not in engine.active
+
+                await eventually(over, 15)
+                hazards = [
+                    (h.transaction_id, h.participant, h.outcome, h.committed)
+                    for h in engine.heuristics
+                ]
+                assert [("t-1", "inventory", HEURISTIC_HAZARD, True)] == hazards
+                assert second.engine.branch(("t-1", 0)) is None
+                # The replacement takes new transactions.
+                branches = order_branches("o-2", [("sku-apple", 1)], amount_cents=1)
+                done = await cluster.submit(branches, "t-2")
+                assert coordinator_pb2.OUTCOME_COMMITTED == done.outcome
             finally:
                 await second.stop(0)
 

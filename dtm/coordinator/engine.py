@@ -551,11 +551,13 @@ class Engine:
         """In flight, or finished and still remembered."""
         return transaction_id in self.active or transaction_id in self.finished
 
-    async def register(self, info: coordinator_pb2.ParticipantInfo) -> None:
+    async def register(self, info: coordinator_pb2.ParticipantInfo, replace: bool = False) -> None:
         """A participant (re-)registers with a change (a new address, new capabilities, a new
         incarnation): into the registry, durably. Raises RegistrationError (the registry is
         full), or Refused (another incarnation while transactions not yet finished have
-        branches under the name), changing nothing."""
+        branches under the name), changing nothing. `replace` (an operator's override for a
+        participant that lost its log) accepts another incarnation even then: the decisions
+        owed go to it, and each Commit among them becomes a heuristic hazard."""
         known = self.registry.participants.get(info.name)
         replaced = (
             known is not None
@@ -563,17 +565,36 @@ class Engine:
             and bool(info.incarnation)
             and known.incarnation != info.incarnation
         )
+        owed: list[str] = []
         if replaced:
             assert known is not None
-            self._refuse_if_busy(
-                info.name,
-                f"participant {info.name!r} is registered as incarnation {known.incarnation!r} "
-                f"at {known.address}; incarnation {info.incarnation!r} at {info.address} is "
-                "another process (or one whose log was lost) and may not replace it while the "
-                "first is owed an answer: ",
-            )
+            owed = self._owed(info.name)
+            if not replace:
+                self._refuse_if_busy(
+                    info.name,
+                    f"participant {info.name!r} is registered as incarnation "
+                    f"{known.incarnation!r} at {known.address}; incarnation "
+                    f"{info.incarnation!r} at {info.address} is another process (or one whose "
+                    "log was lost) and may not replace it while the first is owed an answer: ",
+                    "; if this participant's log was lost, start it with "
+                    f"{limits.REPLACE_REGISTRATION_FLAG} (the owed commit decisions become "
+                    "heuristic hazards)",
+                )
         self.registry.put(info)
-        if replaced:
+        if replaced and owed:
+            assert known is not None
+            self._log.warning(
+                f"participant {info.name} replaced while owed, by an operator's override "
+                f"({limits.REPLACE_REGISTRATION_FLAG}): incarnation {known.incarnation} at "
+                f"{known.address} → {info.incarnation} at {info.address}; {len(owed)} "
+                f"transaction(s) not yet finished have branches at it, e.g. "
+                f"{', '.join(owed[:3])}: their decisions now go to the replacement, which does "
+                "not know their branches: each Commit among them will be recorded as a "
+                "heuristic hazard for an operator to reconcile (dtm heuristics)",
+                name=info.name,
+                owed=len(owed),
+            )
+        elif replaced:
             assert known is not None
             self._log.warning(
                 f"participant {info.name} replaced: incarnation {known.incarnation} at "
@@ -596,17 +617,21 @@ class Engine:
         if lsn:
             await self.log.wait_durable(lsn)
 
-    def _refuse_if_busy(self, name: str, why: str = "") -> None:
-        """Raise Refused (FAILED_PRECONDITION) while a transaction in flight, or still owed
-        phase 2, has a branch at `name`: the coordinator must reach that participant to finish
-        it. `why` goes before the reason."""
+    def _owed(self, name: str) -> list[str]:
+        """The transactions in flight, or still owed phase 2, with a branch at `name`."""
         # Bounded by TRANSACTIONS_IN_FLIGHT_MAX; an operator's or a registration's call, not
         # the hot path.
-        using = [
+        return [
             txn_id
             for txn_id, run in self.active.items()
             if any(branch.participant == name for branch in run.txn.branches)
         ]
+
+    def _refuse_if_busy(self, name: str, why: str = "", then: str = "") -> None:
+        """Raise Refused (FAILED_PRECONDITION) while a transaction in flight, or still owed
+        phase 2, has a branch at `name`: the coordinator must reach that participant to finish
+        it. `why` goes before the reason, `then` after it."""
+        using = self._owed(name)
         if using:
             if all(self.active[txn_id].txn.answer_pending for txn_id in using):
                 hint = (
@@ -619,7 +644,7 @@ class Engine:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{why}participant {name!r} has branches in {len(using)} transaction(s) not yet "
                 f"finished, e.g. {', '.join(using[:3])}: the coordinator must finish them first "
-                f"({hint})",
+                f"({hint}){then}",
             )
 
     async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:

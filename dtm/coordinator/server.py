@@ -148,7 +148,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await self.coordinator.engine.registration_durable(info.name)
             return coordinator_pb2.RegisterParticipantResponse(changed=False)
         try:
-            await self.coordinator.engine.register(info)
+            await self.coordinator.engine.register(info, replace=request.replace)
         except RegistrationError as error:
             await grpc_edge.abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         except Refused as refused:  # another incarnation while the name is owed answers
@@ -161,6 +161,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             name=info.name,
             address=info.address,
             incarnation=info.incarnation or None,
+            replace=request.replace or None,
         )
         return coordinator_pb2.RegisterParticipantResponse(changed=True)
 
