@@ -99,6 +99,12 @@ class ParticipantConfig:
     log_level: str | None = None
     # "loop" or "thread": see dtm.wal.LoopCommitLog.
     wal_sync: str = "loop"
+    # An operator's override for this start only (--replace-registration; deliberately not a
+    # configuration key, which would outlive the start): register with
+    # RegisterParticipantRequest.replace, taking the name even while the coordinator owes the
+    # registered incarnation decisions. For a participant whose log was lost: each owed Commit
+    # then becomes a heuristic hazard.
+    replace_registration: bool = False
 
 
 class FaultState:
@@ -768,12 +774,20 @@ class ParticipantServer:
             name=self.service.name,
             address=self.advertise,
             incarnation=self.engine.incarnation,
+            replace=self.config.replace_registration,
             capabilities=coordinator_pb2.Capabilities(
                 one_phase=True,
                 batch=True,
                 operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
             ),
         )
+        if request.replace:
+            self.log_.warning(
+                f"{limits.REPLACE_REGISTRATION_FLAG}: registering as a replacement; if the "
+                "coordinator owes another incarnation of this participant decisions, this one "
+                "takes them, and each owed Commit becomes a heuristic hazard",
+                incarnation=self.engine.incarnation,
+            )
         delay = 0.05
         async with self._coordinator_channel() as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -1040,6 +1054,17 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         "accepted but ignored by orders and notification (default: initial of the "
         'configuration, else "": the built-in catalog)',
     )
+    # Not a configuration key: a setting in a file or the environment would outlive the start
+    # it is meant for, and turn off the guard against a second process under the name.
+    parser.add_argument(
+        limits.REPLACE_REGISTRATION_FLAG,
+        action="store_true",
+        help="for this start only: this process replaces the registered participant of this "
+        "name, whose log was lost; the coordinator lets it register even while it owes the "
+        "lost one decisions, and each owed commit becomes a heuristic hazard for an operator "
+        "to reconcile (dtm heuristics). Never for a participant whose log is intact, nor as "
+        "a default",
+    )
     security.add_arguments(parser)
     options = parser.parse_args(argv)
     try:
@@ -1066,6 +1091,7 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         log_level=settings.log.level,
         wal_sync=service.wal_sync,
         checkpoint_every_records=service.checkpoint_every_records,
+        replace_registration=options.replace_registration,
     )
 
 

@@ -339,6 +339,20 @@ metrics_listen = "127.0.0.1:9103"
     assert not participant_server.parse_args("orders", []).test_control
 
 
+def test_replace_registration_is_a_flag_for_one_start_not_a_setting(tmp_path: Path) -> None:
+    """--replace-registration (RegisterParticipantRequest.replace) is on only when given: a key
+    in the file or the environment would outlive the start it is meant for."""
+    assert not participant_server.parse_args("inventory", []).replace_registration
+    parsed = participant_server.parse_args("inventory", ["--replace-registration"])
+    assert parsed.replace_registration
+    assert not participant_server.parse_args("inventory-2", []).replace_registration
+    with pytest.raises(ConfigError, match="replace_registration"):
+        load(environ={"DTM_PARTICIPANT_REPLACE_REGISTRATION": "true"})
+    path = write(tmp_path / "dtm.toml", "[inventory]\nreplace_registration = true\n")
+    with pytest.raises(ConfigError, match="replace_registration"):
+        load(path, environ={})
+
+
 def test_configured_initial_is_put_before_the_command_line(tmp_path: Path) -> None:
     path = write(tmp_path / "dtm.toml", '[inventory]\ninitial = "shop.json"\n')
     assert ["--initial", "shop.json", "--config", str(path)] == config.with_configured_initial(

@@ -547,7 +547,71 @@ def test_a_second_participant_process_under_an_owed_name_exits_with_status_1(
             assert "registration refused; stopping" in text
             assert "error: the coordinator at" in text and "FAILED_PRECONDITION" in text
             assert "t-1" in text
+            # Both the ERROR line and the exit line name the operator's way out.
+            for line in text.splitlines():
+                if "registration refused; stopping" in line or "error: the coordinator" in line:
+                    assert "start it with --replace-registration" in line, line
             registered = cluster.coordinator.engine.registry.participants["notification"]
             assert cluster.address("notification") == registered.address
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_a_participant_process_started_with_replace_registration_takes_an_owed_name(
+    tmp_path: Path,
+) -> None:
+    """The lost-log case end to end: notification is owed t-1's Commit and its process is gone
+    with its log; a new process on an empty data directory, started with
+    --replace-registration, registers (without the flag it exits 1, as above) and the owed
+    Commit becomes a heuristic hazard."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome  # notification owed
+            lost = cluster.participants.pop("notification")
+            old_incarnation = lost.engine.incarnation
+            await lost.stop(0)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "participants.services.notification",
+                "--listen=127.0.0.1:0",
+                f"--coordinator={cluster.coordinator_address}",
+                f"--data-dir={tmp_path / 'process'}",  # an empty log: another incarnation
+                "--replace-registration",
+                env=ENV,
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+
+                async def replaced() -> bool:
+                    registered = engine.registry.participants["notification"]
+                    return registered.incarnation != old_incarnation
+
+                await eventually(replaced, 30)
+
+                async def over() -> bool:
+                    return "t-1" not in engine.active
+
+                await eventually(over, 15)
+                hazards = [(h.transaction_id, h.participant, h.outcome) for h in engine.heuristics]
+                assert [("t-1", "notification", HEURISTIC_HAZARD)] == hazards
+                assert process.returncode is None  # still serving
+            finally:
+                if process.returncode is None:
+                    process.terminate()
+                out, err = await asyncio.wait_for(process.communicate(), 60)
+            text = (err + out).decode(errors="replace")
+            assert "registration refused" not in text, text
+            assert "--replace-registration: registering as a replacement" in text, text
+            assert "registered" in text
 
     asyncio.run(scenario())
