@@ -6,7 +6,7 @@
     dtm txn list [FILTERS]             recent transactions
     dtm txn show ID                    one transaction, branch by branch
     dtm txn retry ID                   retry phase 2 of a committing transaction now
-    dtm participants                   the registry, with each participant's health
+    dtm participants                   the registry, with each participant's health and incarnation
     dtm participants remove NAME       unregister a decommissioned participant
     dtm locks                          the locks every participant holds, and who waits
     dtm branches                       every participant's branches
@@ -846,6 +846,10 @@ def cmd_participants(session: Session) -> int:
                 "name": info.name,
                 "address": info.address,
                 "health": health,
+                # The id the participant keeps with its log: another one under the same name
+                # is another process, or one whose log was lost ("": a participant from
+                # before incarnations).
+                "incarnation": info.incarnation,
                 "one_phase": info.capabilities.one_phase,
                 "batch": info.capabilities.batch,
                 "operation_types": list(info.capabilities.operation_types),
@@ -862,12 +866,21 @@ def cmd_participants(session: Session) -> int:
         )
     else:
         fmt.table(
-            ["NAME", "ADDRESS", "HEALTH", "CAPABILITIES", "OPERATION TYPES", "REGISTERED"],
+            [
+                "NAME",
+                "ADDRESS",
+                "HEALTH",
+                "INCARNATION",
+                "CAPABILITIES",
+                "OPERATION TYPES",
+                "REGISTERED",
+            ],
             [
                 [
                     row["name"],
                     row["address"],
                     row["health"],
+                    row["incarnation"] or "-",
                     ",".join(c for c in ("one_phase", "batch") if row[c]) or "-",
                     ", ".join(row["operation_types"]) or "any",
                     fmt.duration(fmt.age_s(row["registered_at_unix_ms"])) + " ago",
@@ -1354,7 +1367,7 @@ def build_parser() -> argparse.ArgumentParser:
     participants = commands.add_parser(
         "participants",
         parents=[as_json],
-        help="the registry, with each participant's health",
+        help="the registry, with each participant's health and incarnation",
         description="Exit status 3 when a participant is not SERVING.",
     )
     participants.set_defaults(handler=cmd_participants)

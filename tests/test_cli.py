@@ -169,13 +169,20 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
 
             status, out, _ = await dtm(*at, "participants")
             assert cli.EXIT_OK == status
+            assert "INCARNATION" == out.splitlines()[0].split()[3]
             rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
             assert set(config.SERVICES) == set(rows)
             assert all("SERVING" == row[2] for row in rows.values())
+            # Each participant's incarnation, the id it keeps with its log.
+            incarnations = {
+                name: server.engine.incarnation for name, server in cluster.participants.items()
+            }
+            assert incarnations == {name: row[3] for name, row in rows.items()}
             status, out, _ = await dtm(*at, "participants", "--json")
             listed = {p["name"]: p for p in json.loads(out)}
             assert ["dtm.v1.ReserveStock"] == listed["inventory"]["operation_types"]
             assert listed["orders"]["one_phase"] and listed["orders"]["batch"]
+            assert incarnations == {name: p["incarnation"] for name, p in listed.items()}
 
             status, out, _ = await dtm(*at, "locks")
             assert (cli.EXIT_OK, "no locks held\n") == (status, out)
