@@ -1210,7 +1210,13 @@ def run_server(options: argparse.Namespace, extra: list[str]) -> int:
     try:
         server_main(args)
     except SystemExit as done:  # --help, or a usage error the server's parser reported
-        return done.code if isinstance(done.code, int) else EXIT_ERROR
+        if isinstance(done.code, int):
+            return done.code
+        if isinstance(done.code, str):
+            # SystemExit("message") (a bad --config or --initial): Python would print it at
+            # exit; caught here, it is printed here, or the process ends without a word.
+            print(done.code, file=sys.stderr)
+        return EXIT_ERROR
     except OSError as error:  # a port in use, an unreadable data directory...
         raise CliError(str(error)) from None
     except KeyboardInterrupt:

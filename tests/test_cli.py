@@ -585,6 +585,25 @@ def test_usage_errors() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
 
 
+def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
+    """The services end with SystemExit("message") for a bad --config or --initial; dtm
+    caught it and returned 1 without printing anything."""
+    negative = tmp_path / "neg.toml"
+    negative.write_text("[inventory]\nlock_wait_ms = -1\n", encoding="utf-8")
+    broken = tmp_path / "initial.json"
+    broken.write_text("{bad", encoding="utf-8")
+    common = ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")]
+    cases = [
+        (["--config", str(negative), "service", "inventory"], "lock_wait_ms = -1"),
+        (["--config", str(tmp_path / "none.toml"), "service", "inventory"], "none.toml"),
+        (["service", "inventory", "--initial", str(broken)], "--initial"),
+    ]
+    for args, expected in cases:
+        status, out, err = asyncio.run(dtm(*args, *common))
+        assert (cli.EXIT_ERROR, "") == (status, out), args
+        assert expected in err and 1 == len(err.strip().splitlines()), (args, err)
+
+
 def test_locks_and_branches_print_nothing_when_no_participant_answers() -> None:
     address = f"127.0.0.1:{free_port()}"
     for command in (["locks"], ["branches"], ["branches", "--in-doubt"]):
