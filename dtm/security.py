@@ -53,6 +53,7 @@ it, so a "certificates optional" mode would give no peer an identity (DTM_TLS_RE
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,13 +305,43 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
     if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
         raise TlsMaterialError(f"--tls-key: {key} is not the private key of {cert}")
     # The leaf, or the last certificate of its chain, must be issued by one of the CAs.
-    if not any(
-        _issued_by(issued, authority)
-        for issued in (chain[0], chain[-1])
+    issuers = [
+        authority
         for authority in authorities
-    ):
+        if any(_issued_by(issued, authority) for issued in (chain[0], chain[-1]))
+    ]
+    if not issuers:
         raise TlsMaterialError(
             f"--tls-cert: {cert} is not signed by the CA in {ca} (a certificate of another CA?)"
+        )
+    # Dates: gRPC checks them only in the handshake, where an expired certificate reads as
+    # "Socket closed" on one side and "certificate verify failed" on the other.
+    now = datetime.datetime.now(datetime.UTC)
+    for position, issued in enumerate(chain):
+        _check_dates("--tls-cert", cert if position == 0 else f"{cert} (its chain)", issued, now)
+    if not any(_valid_at(authority, now) for authority in issuers):
+        _check_dates("--tls-ca", ca, issuers[0], now)
+
+
+def _valid_at(certificate: x509.Certificate, now: datetime.datetime) -> bool:
+    return certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc
+
+
+def _check_dates(
+    flag: str, path: Path | str, certificate: x509.Certificate, now: datetime.datetime
+) -> None:
+    """TlsMaterialError, one line naming the file and the date, unless `certificate` is valid
+    at `now`."""
+    if certificate.not_valid_after_utc <= now:
+        when = certificate.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
+        raise TlsMaterialError(
+            f"{flag} {path} expired on {when}; renew it (test certificates: "
+            "python -m dtm.tools.certs --out DIR, with --new-ca if its CA expired too)"
+        )
+    if now < certificate.not_valid_before_utc:
+        when = certificate.not_valid_before_utc.strftime("%Y-%m-%d %H:%M UTC")
+        raise TlsMaterialError(
+            f"{flag} {path} is not valid before {when} (is this machine's clock right?)"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import os
 import re
 import stat
@@ -801,3 +802,95 @@ def test_certs_for_one_more_identity_keep_the_ca_of_their_directory(
         certs.main(["--out", str(blocker / "certs")])
     err = capsys.readouterr().err
     assert 2 == done.value.code and "cannot write to" in err and "Traceback" not in err
+
+
+def test_expired_certificates_are_refused_where_they_are_made_and_where_they_are_used(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing read a certificate's dates (found by a bug hunt): `python -m dtm.tools.certs`
+    signed new certificates with a CA expired for a month, exit 0, and a process started with
+    an expired certificate or CA served, every handshake then failing as "Socket closed" or
+    "certificate verify failed"."""
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    out = tmp_path / "certs"
+    certs.generate(out, ["inventory"], now=now - 400 * day)
+
+    # The tool: an expired CA is refused, naming --new-ca; --new-ca makes certificates that work.
+    with pytest.raises(SystemExit) as done:
+        certs.main(["--out", str(out), "--identity", "orders"])
+    err = capsys.readouterr().err
+    assert 2 == done.value.code and "expired on" in err and "--new-ca" in err, err
+    assert not (out / "orders.pem").exists()
+
+    def load(directory: Path, identity: str) -> None:
+        cert, key = directory / f"{identity}.pem", directory / f"{identity}-key.pem"
+        security.check_material(directory / "ca.pem", cert, key)
+
+    # A process: an expired certificate (of an expired CA).
+    with pytest.raises(security.TlsMaterialError, match=r"--tls-cert \S*inventory.pem expired on"):
+        load(out, "inventory")
+    certs.main(["--out", str(out), "--identity", "orders", "--new-ca"])
+    capsys.readouterr()
+    load(out, "orders")
+    # An expired certificate of a valid CA; one not valid yet; a valid one of an expired CA.
+    ended = now - 35 * day
+    signed_by(out, "orders", now - 400 * day, ended)
+    with pytest.raises(
+        security.TlsMaterialError, match="orders.pem expired on " + f"{ended:%Y-%m-%d}"
+    ):
+        load(out, "orders")
+    signed_by(out, "orders", now + 2 * day, now + 300 * day)
+    with pytest.raises(security.TlsMaterialError, match=r"orders\.pem is not valid before"):
+        load(out, "orders")
+    old = tmp_path / "old"
+    certs.generate(old, ["client"], now=now - 400 * day)
+    signed_by(old, "client", now - day, now + day)
+    with pytest.raises(security.TlsMaterialError, match=r"--tls-ca \S*ca.pem expired on"):
+        load(old, "client")
+
+
+def signed_by(
+    directory: Path, identity: str, since: datetime.datetime, until: datetime.datetime
+) -> None:
+    """Rewrite IDENTITY.pem in `directory`, signed by its CA, valid from `since` to `until`
+    (dates the certs tool would not write)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    key = serialization.load_pem_private_key((directory / f"{identity}-key.pem").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, identity)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(since)
+        .not_valid_after(until)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / f"{identity}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def test_the_certs_tool_never_signs_past_its_cas_expiry_and_warns_near_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate is valid VALID_DAYS or until its CA expires, whichever comes first; a CA
+    about to expire is reused with a warning."""
+    from cryptography import x509
+
+    now = datetime.datetime.now(datetime.UTC)
+    out = tmp_path / "certs"
+    certs.generate(out, ["inventory"], now=now - datetime.timedelta(days=350))
+    certs.main(["--out", str(out), "--identity", "orders"])
+    captured = capsys.readouterr()
+    ca = x509.load_pem_x509_certificate((out / "ca.pem").read_bytes())
+    orders = x509.load_pem_x509_certificate((out / "orders.pem").read_bytes())
+    assert ca.not_valid_after_utc == orders.not_valid_after_utc
+    assert "valid until " + ca.not_valid_after_utc.strftime("%Y-%m-%d") in captured.out
+    assert "warning: the test CA" in captured.err and "--new-ca" in captured.err

@@ -15,7 +15,11 @@ verification passes on loopback). Keys are EC P-256: generating eight is instant
 would make every test run pay seconds. Key files are written 0600.
 
 A CA already in the output directory signs the new certificates (--new-ca replaces it,
-orphaning what it signed), so one more identity can be added to a directory in use.
+orphaning what it signed), so one more identity can be added to a directory in use. A CA
+that has expired (or is not valid yet) is refused, naming --new-ca: certificates it signed
+would fail every handshake. A certificate never outlives the CA that signs it: each is
+valid VALID_DAYS, or until the CA expires if that comes first, and the tool warns (stderr)
+when the CA it reuses expires within CA_EXPIRY_WARNING.
 
 For local development and tests only: a real deployment takes its certificates from its own
 PKI, and this CA key must never sign anything else.
@@ -28,6 +32,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,6 +57,8 @@ VALID_DAYS = 365
 # Clock skew between the machine that generates and the one that verifies must not make a
 # fresh certificate "not yet valid".
 BACKDATE = datetime.timedelta(hours=1)
+# A reused CA this close to its expiry gets a warning: what it signs expires with it.
+CA_EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
 def ca_path(out: Path) -> Path:
@@ -92,9 +99,16 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _day(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _new_ca(now: datetime.datetime) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(CA_NAME))
@@ -125,10 +139,14 @@ def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _issue(
-    identity: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+    identity: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    now: datetime.datetime,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
+    # Not past the CA's own expiry: a chain is only valid while every certificate in it is.
+    expires = min(now + datetime.timedelta(days=VALID_DAYS), ca_cert.not_valid_after_utc)
     san = x509.SubjectAlternativeName(
         [
             x509.DNSName(identity),
@@ -143,7 +161,7 @@ def _issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .not_valid_after(expires)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(san, critical=False)
         # Every process is both a server and a client (participants call the coordinator).
@@ -162,33 +180,44 @@ def _issue(
     return key, cert
 
 
-def generate(out: Path, identities: Sequence[str] = IDENTITIES, *, new_ca: bool = False) -> Path:
+def generate(
+    out: Path,
+    identities: Sequence[str] = IDENTITIES,
+    *,
+    new_ca: bool = False,
+    now: datetime.datetime | None = None,
+) -> Path:
     """One certificate per identity under `out` (created if missing), signed by the CA already
     there (ca.pem and ca-key.pem), else by a new one; `new_ca` makes a new one anyway, which
     orphans every certificate the old one signed. Files of those identities are replaced.
-    Returns `out`. ValueError for a bad identity, or a CA there that cannot be used."""
+    Returns `out`. ValueError for a bad identity, or a CA there that cannot be used (half
+    there, unreadable, expired or not valid yet). `now` (tests) is the time they are made at."""
+    now = _now() if now is None else now
     for identity in identities:
         # An identity names files and appears in authorization messages: keep it plain.
         if not IDENTITY_PATTERN.fullmatch(identity) or identity == "ca":
             raise ValueError(f"identity {identity!r}: use 1..64 characters of [a-z0-9_-], not 'ca'")
     out.mkdir(parents=True, exist_ok=True)
-    existing = None if new_ca else _existing_ca(out)
+    existing = None if new_ca else _existing_ca(out, now)
     if existing is None:
-        ca_key, ca_cert = _new_ca()
+        ca_key, ca_cert = _new_ca(now)
         _write_private(key_path(out, "ca"), _key_pem(ca_key))
         ca_path(out).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     else:
         ca_key, ca_cert = existing
     for identity in identities:
-        key, cert = _issue(identity, ca_key, ca_cert)
+        key, cert = _issue(identity, ca_key, ca_cert, now)
         _write_private(key_path(out, identity), _key_pem(key))
         cert_path(out, identity).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return out
 
 
-def _existing_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
+def _existing_ca(
+    out: Path, now: datetime.datetime
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None:
     """The CA `generate` wrote in `out` before, or None when there is none. ValueError when
-    only half of it is there, or it is not one this tool can sign with."""
+    only half of it is there, it is not one this tool can sign with, or it is not valid at
+    `now` (what it signed would fail every handshake)."""
     cert_file, key_file = ca_path(out), key_path(out, "ca")
     if not cert_file.exists() and not key_file.exists():
         return None
@@ -206,7 +235,21 @@ def _existing_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificat
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
         raise ValueError(f"{key_file} is not the key of {cert_file}{again}")
+    if cert.not_valid_after_utc <= now:
+        raise ValueError(
+            f"the test CA {cert_file} expired on {_day(cert.not_valid_after_utc)}{again}"
+        )
+    if now < cert.not_valid_before_utc:
+        raise ValueError(
+            f"the test CA {cert_file} is not valid before {_day(cert.not_valid_before_utc)} "
+            f"(is this machine's clock right?){again}"
+        )
     return key, cert
+
+
+def ca_expiry(out: Path) -> datetime.datetime:
+    """When the CA in `out` (as `generate` left it) expires."""
+    return x509.load_pem_x509_certificate(ca_path(out).read_bytes()).not_valid_after_utc
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m dtm.tools.certs",
         description="Generate a local test CA and certificates (development and tests only). "
         "A CA already in the output directory (ca.pem, ca-key.pem) signs the new certificates, "
-        "so the others there keep working.",
+        "so the others there keep working; an expired one is refused (use --new-ca), and no "
+        "certificate is valid past its CA's expiry.",
     )
     parser.add_argument("--out", type=Path, default=Path("certs"), help="output directory")
     parser.add_argument(
@@ -239,7 +283,18 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:
         parser.error(f"cannot write to {options.out}: {error.strerror or error}")
     signer = f"the test CA already in {out}" if reused else "a new test CA"
-    print(f"certificates for {', '.join(identities)} signed by {signer}, written to {out}/")
+    expires = ca_expiry(out)
+    until = min(_now() + datetime.timedelta(days=VALID_DAYS), expires)
+    print(
+        f"certificates for {', '.join(identities)} signed by {signer}, written to {out}/ "
+        f"(valid until {_day(until)})"
+    )
+    if reused and expires - _now() < CA_EXPIRY_WARNING:
+        print(
+            f"warning: the test CA in {out} expires on {_day(expires)}, and these certificates "
+            "with it; --new-ca makes a new CA (then regenerate every certificate it signed)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":
