@@ -281,6 +281,18 @@ def _tls_hint(details: str, what: str, session: Session) -> str | None:
         return f"its certificate does not carry the identity of {what}"
     if "wrong_version_number" in lowered:
         return f"TLS handshake failed: it does not seem to speak TLS (plaintext?); check {files}"
+    if "expired" in lowered:
+        # OpenSSL's "certificate has expired" (ours, or the CA's, or the server's): not a
+        # wrong CA, and nothing the other flags can fix.
+        return (
+            f"TLS handshake failed: a certificate has expired (the one of {what}, or its CA; "
+            f"ours are checked at start); renew it"
+        )
+    if "not yet valid" in lowered:
+        return (
+            f"TLS handshake failed: a certificate is not valid yet (the one of {what}, or "
+            "its CA): is either machine's clock wrong?"
+        )
     if "certificate_verify_failed" in lowered:
         return (
             "TLS handshake failed: its certificate is not signed by the CA given (or the "

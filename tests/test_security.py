@@ -894,3 +894,47 @@ def test_the_certs_tool_never_signs_past_its_cas_expiry_and_warns_near_it(
     assert ca.not_valid_after_utc == orders.not_valid_after_utc
     assert "valid until " + ca.not_valid_after_utc.strftime("%Y-%m-%d") in captured.out
     assert "warning: the test CA" in captured.err and "--new-ca" in captured.err
+
+
+def test_the_dtm_command_says_when_the_coordinators_certificate_has_expired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coordinator whose certificate expired while it ran: the dtm command said "its
+    certificate is not signed by the CA given", sending the operator after the wrong file
+    (found by a bug hunt)."""
+    from tests.test_cli import dtm
+
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+    certs_dir = certs.generate(tmp_path / "certs")
+    now = datetime.datetime.now(datetime.UTC)
+    signed_by(
+        certs_dir,
+        "coordinator",
+        now - datetime.timedelta(days=400),
+        now - datetime.timedelta(days=35),
+    )
+
+    async def scenario() -> None:
+        # Not through from_options, which now refuses the file: as if it expired while serving.
+        server = CoordinatorServer(
+            ServerConfig(
+                data_dir=tmp_path / "data",
+                listen="127.0.0.1:0",
+                tls=security.TlsConfig.for_identity(certs_dir, "coordinator"),
+            )
+        )
+        await server.start()
+        try:
+            flags = ["--coordinator", f"127.0.0.1:{server.port}", "--timeout", "3"]
+            flags += ["--tls-ca", str(certs_dir / "ca.pem")]
+            flags += ["--tls-cert", str(certs_dir / "operator.pem")]
+            flags += ["--tls-key", str(certs_dir / "operator-key.pem")]
+            status, _, err = await dtm(*flags, "txn", "list")
+            assert 1 == status and "has expired" in err, err
+            assert "not signed by the CA" not in err, err
+        finally:
+            await server.stop(0.1)
+
+    asyncio.run(scenario())
