@@ -1152,6 +1152,9 @@ def cmd_log_dump(session: Session) -> int:
         lines = list(wal.dump(path))
     except OSError as error:
         raise CliError(f"cannot read {path}: {error}") from None
+    if lines and lines[-1].startswith("NOT A LOG"):
+        # /etc/services, or garbage named like a segment: one line, not a "torn tail".
+        raise CliError(lines[-1].removeprefix("NOT A LOG "))
     corrupted = any(line.startswith("CORRUPTED") for line in lines)
     if session.json:
         fmt.emit_json({"path": str(path), "lines": lines, "corrupted": corrupted}, session.out)

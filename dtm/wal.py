@@ -1766,10 +1766,32 @@ def _describe(record_type: int, payload: bytes) -> str:
     return f"{name} {text_format.MessageToString(message, as_one_line=True)}".rstrip()
 
 
+def _not_a_header(data: bytes, first_lsn: int | None) -> str | None:
+    """Why the first bytes of a segment cannot be the header of its first record, even torn;
+    None when they can (a torn first write: too short, zero-filled, or a header that looks right
+    with a short or mismatching record after it). A header is never split across a sector, so
+    a crash leaves it whole or absent, never with another length, LSN or type."""
+    if len(data) < _HEADER_BYTES:
+        return None
+    payload_length, _, lsn, record_type = _HEADER.unpack_from(data, 0)
+    if payload_length == 0 and lsn == 0 and record_type == 0:
+        return None
+    if payload_length > _PAYLOAD_BYTES_MAX:
+        return f"payload length {payload_length} exceeds the maximum {_PAYLOAD_BYTES_MAX}"
+    if lsn == 0 or (first_lsn is not None and lsn != first_lsn):
+        expected = f"{first_lsn}, as its name says" if first_lsn is not None else "at least 1"
+        return f"LSN {lsn} where {expected}"
+    if record_type > RECORD_TYPE_MAX:
+        return f"record type {record_type} exceeds {RECORD_TYPE_MAX}"
+    return None
+
+
 def dump(path: Path) -> Iterator[str]:
     """One line per record of a log directory or of one segment file; never modifies anything.
 
-    A torn tail or corruption ends the output with a line saying so.
+    A torn tail or corruption ends the output with a line saying so; so does a file whose first
+    bytes cannot be a record header, even a torn one ("NOT A LOG": /etc/services, or garbage
+    named like a segment), rather than reading as a log whose every byte is a torn tail.
     """
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if _SEGMENT_NAME.match(p.name))
@@ -1777,7 +1799,17 @@ def dump(path: Path) -> Iterator[str]:
         files = [path]
     for index, file in enumerate(files):
         match = _SEGMENT_NAME.match(file.name)
-        segment_scan = _scan(file.read_bytes(), int(match.group(1)) if match else None)
+        data = file.read_bytes()
+        segment_scan = _scan(data, int(match.group(1)) if match else None)
+        if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
+            reason = _not_a_header(data, int(match.group(1)) if match else None)
+            if reason is not None:
+                # Opening the log would cut such a last segment to nothing, as a torn write.
+                yield (
+                    f"NOT A LOG {file}: not a dtm write-ahead log segment (its first bytes are "
+                    f"no record header: {reason})"
+                )
+                return
         for frame in segment_scan.frames:
             description = _describe(frame.record_type, frame.payload)
             yield f"lsn={frame.lsn} {file.name}@{frame.offset} {description}"
@@ -1825,7 +1857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for line in dump(arguments.path):
         print(line)
-        if line.startswith("CORRUPTED"):
+        if line.startswith(("CORRUPTED", "NOT A LOG")):
             status = 1
     return status
 

@@ -631,6 +631,20 @@ def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
         assert "holds no log segments (*.wal files)" in err and str(path) in err, err
 
 
+def test_log_dump_of_a_file_that_is_no_log_is_an_error(tmp_path: Path) -> None:
+    """It printed "TORN TAIL ... at byte offset 0 ... truncates these N bytes", exit 0."""
+    text = tmp_path / "services"
+    text.write_bytes(b"# Network services, Internet style\n" * 20)
+    (tmp_path / "wal").mkdir()
+    (tmp_path / "wal" / "00000000000000000001.wal").write_bytes(text.read_bytes())
+    for path in (text, tmp_path / "wal"):
+        for output in ([], ["--json"]):
+            status, out, err = asyncio.run(dtm("log", "dump", str(path), *output))
+            assert (cli.EXIT_ERROR, "") == (status, out), (path, output)
+            assert "not a dtm write-ahead log" in err and "TORN" not in err, err
+            assert 1 == len(err.strip().splitlines()), err
+
+
 def _order_without_id(path: Path) -> Path:
     document = json.loads(order_file(path, "", "o-1").read_text(encoding="utf-8"))
     del document["transaction_id"]

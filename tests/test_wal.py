@@ -907,6 +907,45 @@ def test_dump_decodes_payloads_and_reports_corruption(
     assert output[1].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
 
 
+def test_dump_of_a_file_that_is_no_log_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A text file, or garbage named like a segment, was reported as a log whose every byte
+    is a torn tail, exit 0 (found by a bug hunt). A torn first write of a real log (its
+    header whole, its record short) is still a torn tail; an empty segment is an empty log."""
+    text = tmp_path / "services"
+    text.write_bytes(b"# Network services, Internet style\n" * 20)
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    garbage = wal_dir / "00000000000000000001.wal"
+    garbage.write_bytes(text.read_bytes())
+    for path in (text, wal_dir, garbage):
+        [line] = list(dump(path))
+        assert line.startswith("NOT A LOG ") and "not a dtm write-ahead log" in line, line
+        assert main(["dump", str(path)]) == 1
+    capsys.readouterr()
+    # A lone header claiming another LSN than the segment's name: not one a crash leaves.
+    other = tmp_path / "other"
+    write_log(other, [b"a"])
+    [segment] = segment_files(other)
+    data = bytearray(segment.read_bytes())
+    data[8] = 9  # the LSN field: 9, in the segment of LSN 1 (and the checksum fails)
+    segment.write_bytes(bytes(data))
+    [line] = list(dump(segment))
+    assert line.startswith("NOT A LOG ") and "LSN 9 where 1" in line, line
+
+    torn = tmp_path / "torn"
+    write_log(torn, [b"x" * 100])
+    [segment] = segment_files(torn)
+    segment.write_bytes(segment.read_bytes()[:40])  # the header, and part of the record
+    [line] = list(dump(torn))
+    assert line.startswith("TORN TAIL") and "at byte offset 0" in line, line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "00000000000000000001.wal").write_bytes(b"")
+    assert [] == list(dump(empty)) and main(["dump", str(empty)]) == 0
+
+
 def test_a_failed_append_write_is_fatal_and_a_restart_cuts_the_torn_frame(tmp_path: Path) -> None:
     """The caller changed its state in memory for the record (a branch COMMITTED, a commit
     DECIDING) before appending it, and cannot take that back: the process must stop, and a
