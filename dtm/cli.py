@@ -262,6 +262,13 @@ def rpc_error(
             "certificate (--tls-ca, --tls-cert, --tls-key, or tls_* in [cli] of the "
             "configuration file)"
         )
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        # Another server at that port (a participant's, most likely): "Method not found!".
+        if what == "the coordinator":
+            hint = "is that address a dtm coordinator? (it does not serve the Coordinator service)"
+        else:
+            hint = "is that address a dtm participant? (it does not serve this method)"
+        return CliError(f"{what} at {address} answered UNIMPLEMENTED: {details}; {hint}")
     name = code.name if code is not None else "error"
     return CliError(f"{what} at {address} answered {name}: {details}")
 

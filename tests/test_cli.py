@@ -645,6 +645,28 @@ def test_log_dump_of_a_file_that_is_no_log_is_an_error(tmp_path: Path) -> None:
             assert 1 == len(err.strip().splitlines()), err
 
 
+def test_a_coordinator_address_that_is_another_server_is_named_as_such() -> None:
+    """--coordinator at a participant's port answered "UNIMPLEMENTED: Method not found!",
+    with no hint at the address (found by a bug hunt)."""
+
+    async def scenario() -> None:
+        server = grpc.aio.server()  # serves nothing, as a participant serves no Coordinator
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            at = ["--coordinator", f"127.0.0.1:{port}"]
+            for command in (["txn", "list"], ["participants"]):
+                status, out, err = await dtm(*at, *command)
+                assert (cli.EXIT_ERROR, "") == (status, out), command
+                assert "is that address a dtm coordinator?" in err, err
+            status, _, err = await dtm("locks", "--address", f"127.0.0.1:{port}")
+            assert cli.EXIT_ERROR == status and "is that address a dtm participant?" in err, err
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def _order_without_id(path: Path) -> Path:
     document = json.loads(order_file(path, "", "o-1").read_text(encoding="utf-8"))
     del document["transaction_id"]
