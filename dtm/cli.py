@@ -842,7 +842,29 @@ def cmd_participants_remove(session: Session) -> int:
         fmt.emit_json({"name": removed.name, "address": removed.address}, session.out)
     else:
         print(f"unregistered {removed.name} (was at {removed.address})", file=session.out)
+    if _serving(session, removed.address, removed.name):
+        # Done all the same (the coordinator's registry is what the command changes), but
+        # not for good: a participant registers at every start.
+        print(
+            f"dtm: warning: {removed.name} at {removed.address} is still running (health "
+            "SERVING): it gets no new transactions, and registers again at its next start; "
+            "stop the service to decommission it",
+            file=sys.stderr,
+        )
     return EXIT_OK
+
+
+def _serving(session: Session, address: str, identity: str) -> bool:
+    """Whether the server at `address` answers its health check SERVING (briefly: a stopped
+    one refuses the connection at once)."""
+    stub = health_pb2_grpc.HealthStub(session.channel(address, identity))
+    try:
+        answer = stub.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=min(session.timeout, 2.0)
+        )
+    except grpc.RpcError:
+        return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def cmd_participants(session: Session) -> int:
@@ -1407,7 +1429,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[as_json],
         help="unregister a decommissioned participant (durable; stop it first)",
         description="Refused while a transaction not yet finished has a branch there. A "
-        "participant registers again when it starts, so stop the service first.",
+        "participant registers again when it starts, so stop the service first: removing one "
+        "that still answers its health check SERVING is done, with a warning.",
     )
     remove.add_argument("name", type=_utf8, metavar="NAME", help="the participant")
     remove.set_defaults(handler=cmd_participants_remove)

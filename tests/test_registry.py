@@ -23,6 +23,25 @@ def names(response: coordinator_pb2.ListParticipantsResponse) -> list[str]:
     return [p.name for p in response.participants]
 
 
+def test_removing_a_participant_that_still_runs_warns_that_it_will_come_back(
+    tmp_path: Path,
+) -> None:
+    """`dtm participants remove` of a running participant succeeded without a word, though
+    it registers again at its next start (found by a bug hunt)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            status, out, err = await dtm(*at, "participants", "remove", "notification")
+            assert cli.EXIT_OK == status and "unregistered notification" in out, err
+            # (The in-process coordinator logs to the same stderr.)
+            [warning] = [line for line in err.splitlines() if line.startswith("dtm: warning")]
+            assert "notification at" in warning and "still running" in warning, err
+            assert "registers again at its next start" in warning
+
+    asyncio.run(scenario())
+
+
 def test_an_operator_unregisters_a_participant_once_nothing_is_owed_to_it(
     tmp_path: Path,
 ) -> None:
@@ -64,9 +83,10 @@ def test_an_operator_unregisters_a_participant_once_nothing_is_owed_to_it(
             await eventually(finished)
             # Decommissioned: stopped first (it would register again when it starts).
             await cluster.participants.pop("orders").stop(0)
-            status, out, _ = await dtm(*at, "participants", "remove", "orders", "--json")
+            status, out, err = await dtm(*at, "participants", "remove", "orders", "--json")
             assert cli.EXIT_OK == status, out
             assert "orders" == json.loads(out)["name"]
+            assert "dtm: warning" not in err  # stopped: nothing to warn about
             registry = cluster.coordinator.engine.registry
 
             async def port_closed() -> bool:
