@@ -8,6 +8,7 @@ lists all four services at their expected addresses.
 Layout under the data directory (the servers keep their logs of record beside it):
 
     DIR/cluster.json        ports and settings, so `down` and `status` find the processes
+    DIR/cluster.lock        held (flock) by `up`, `down` and the demo while they run
     DIR/pids/NAME.pid       one pidfile per process
     DIR/logs/NAME.log       each process's stdout and stderr (appended across restarts)
     DIR/initial.json        the initial stock and accounts, when given
@@ -20,6 +21,11 @@ CLI (used by `make up`, `make down`, `make status`):
 `up` on a cluster that runs (wholly or partly) keeps its settings: it starts the processes
 that are down as they were started, and it is refused when a flag given asks for another
 setting than cluster.json records (--tls-dir on a plaintext cluster, say): `down` first.
+
+`up`, `down` and the demo hold an exclusive lock on DIR/cluster.lock while they run: a second
+one on the same data dir fails at once ("another dtm.cluster command is running on DIR")
+instead of starting or stopping processes under the first one's feet. `status` only reads,
+and takes no lock (it must not make an `up` fail).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -36,7 +43,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
@@ -81,6 +88,38 @@ class ClusterError(RuntimeError):
 
 class ClusterStateError(ClusterError):
     """DIR/cluster.json exists but cannot be read or does not describe a cluster."""
+
+
+class ClusterBusyError(ClusterError):
+    """Another `up`, `down` or demo holds DIR/cluster.lock."""
+
+
+LOCK_NAME = "cluster.lock"
+
+
+@contextlib.contextmanager
+def locked(data_dir: Path | str) -> Iterator[None]:
+    """Hold DIR/cluster.lock (an exclusive flock) for the block; ClusterBusyError at once when
+    another process holds it. The data dir must exist.
+
+    Two `up`s at once on one data dir left the cluster broken and out of reach of `down`
+    (found by a bug hunt): one adopted the coordinator the other had just started, the other
+    failed and stopped everything it had started, pidfiles included. The lock goes with its
+    open file, so a process killed while holding it (even by SIGKILL) releases it, and the
+    servers never inherit it (Python opens files non-inheritable)."""
+    path = Path(data_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClusterBusyError(
+                f"another dtm.cluster command is running on {Path(data_dir).resolve()} "
+                "(`up`, `down` or a demo); try again once it is done"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -371,6 +410,16 @@ class Cluster:
         extra_args: Sequence[str] = (),
     ) -> None:
         process = self._processes[name]
+        # Never start a second one over a live one: its pidfile would be overwritten and the
+        # first left out of reach of `down` (a demo started on the data dir of a running
+        # cluster did that).
+        other = self._pidfile_pid(name)
+        if other is not None and other != process.pid and _is_ours(other, name, self.data_dir):
+            raise ClusterError(
+                f"{name} already runs in {self.data_dir} as pid {other} (its pidfile "
+                f"{self.pid_path(name)}); stop it with `python -m dtm.cluster down "
+                f"--data-dir {self.data_dir}` first"
+            )
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env, **(env or {})}
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.pids_dir.mkdir(parents=True, exist_ok=True)
@@ -552,10 +601,25 @@ class Cluster:
         return True
 
     def _forget(self, process: _Process) -> None:
-        process.pid = None
-        process.popen = None
+        """Drop `process` and its pidfile, unless the pidfile names another live process of
+        ours (then it is not this object's to delete: another `up` wrote it)."""
+        pid, process.pid, process.popen = process.pid, None, None
+        written = self._pidfile_pid(process.name)
+        if (
+            written is not None
+            and written != pid
+            and _is_ours(written, process.name, self.data_dir)
+        ):
+            return
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             self.pid_path(process.name).unlink()
+
+    def _pidfile_pid(self, name: str) -> int | None:
+        """The pid DIR/pids/NAME.pid names, or None (no file, unreadable, not a number)."""
+        try:
+            return int(self.pid_path(name).read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     # ---- readiness ----
 
@@ -747,11 +811,8 @@ class Cluster:
         """Take the processes DIR/pids/ names that are still ours as this cluster's (what
         `down` falls back to when cluster.json is unreadable)."""
         for name, process in self._processes.items():
-            try:
-                pid = int(self.pid_path(name).read_text().strip())
-            except (OSError, ValueError):
-                continue
-            if _is_ours(pid, name, self.data_dir):
+            pid = self._pidfile_pid(name)
+            if pid is not None and _is_ours(pid, name, self.data_dir):
                 process.pid = pid
 
 
@@ -861,10 +922,13 @@ def _up(options: argparse.Namespace) -> int:
         print(f"up failed: cannot use {options.data_dir} as the data dir: {error}", file=sys.stderr)
         return 1
     try:
-        cluster = _cluster_to_start(options)
-        if cluster is None:
-            return 0
-        cluster.start()
+        with locked(options.data_dir):
+            cluster = _cluster_to_start(options)
+            if cluster is None:
+                return 0
+            cluster.start()
+    except BrokenPipeError:
+        raise  # our standard output, not the cluster: main handles it
     except (ClusterError, OSError) as error:
         print(f"up failed: {error}", file=sys.stderr)
         return 1
@@ -986,6 +1050,20 @@ def _setting_text(value: Any) -> str:
 
 
 def _down(options: argparse.Namespace) -> int:
+    if not options.data_dir.is_dir():
+        print("nothing was running")  # and no data dir to lock
+        return 0
+    try:
+        with locked(options.data_dir):
+            return _stop_all(options)
+    except BrokenPipeError:
+        raise
+    except (ClusterBusyError, OSError) as error:
+        print(f"down failed: {error}", file=sys.stderr)
+        return 1
+
+
+def _stop_all(options: argparse.Namespace) -> int:
     try:
         cluster = Cluster.attach(options.data_dir)
     except ClusterStateError as error:

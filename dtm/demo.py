@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from dtm import invariants
-from dtm.cluster import PROCESSES, Cluster, ClusterError, Ports
+from dtm.cluster import PROCESSES, Cluster, ClusterBusyError, ClusterError, Ports, locked
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 from participants.server import ParticipantConfig
@@ -563,6 +563,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temp dir")
     options = parser.parse_args(argv)
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="dtm-demo-"))
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"demo: cannot use {data_dir} as the data dir: {error}", file=sys.stderr)
+        return 2
+    try:
+        # The lock `python -m dtm.cluster up` and `down` take: neither can act on this data
+        # dir while the demo runs its servers there, nor the demo while they do.
+        with locked(data_dir):
+            running = _running_there(data_dir)
+            if running:
+                print(
+                    f"demo: {data_dir} holds a running cluster ({', '.join(running)}); "
+                    f"stop it with `python -m dtm.cluster down --data-dir {data_dir}`, or give "
+                    "the demo another --data-dir",
+                    file=sys.stderr,
+                )
+                return 2
+            return _run(data_dir)
+    except ClusterBusyError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 2
+
+
+def _running_there(data_dir: Path) -> list[str]:
+    """The processes of a cluster in `data_dir` that run now ("coordinator (pid N)", ...), as
+    its pidfiles name them."""
+    found = Cluster(data_dir)
+    found.adopt_pidfiles()
+    return [f"{name} (pid {found.pid(name)})" for name in PROCESSES if found.running(name)]
+
+
+def _run(data_dir: Path) -> int:
     cluster = Cluster(
         data_dir,
         Ports.free(),

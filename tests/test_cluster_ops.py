@@ -272,3 +272,100 @@ def test_a_malformed_initial_document_is_described_not_a_traceback() -> None:
     document made that description raise (TypeError, IndexError) instead (a review's find)."""
     for document in ({"stock": None}, {"stock": 5}, {"stock": [], "accounts": []}):
         assert cluster._setting_text(document).startswith("(a document: "), document
+
+
+@contextlib.contextmanager
+def held_lock(data_dir: Path) -> Iterator[None]:
+    """DIR/cluster.lock held as another `up`, `down` or demo holds it."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "cluster.lock").open("w") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield
+
+
+def processes_of(data_dir: Path) -> list[int]:
+    """The pids of every process started with `--data-dir DATA_DIR` (by /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if cluster._has_option(args, "--data-dir", str(data_dir.resolve())):
+            found.append(int(entry))
+    return found
+
+
+def test_up_and_down_fail_at_once_while_another_command_holds_the_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `up`s at once on one data dir left the cluster broken and out of reach of `down`
+    (found by a bug hunt). `up` and `down` now hold DIR/cluster.lock; a second one fails."""
+    try:
+        with sleeper(COORDINATOR, tmp_path) as process, held_lock(tmp_path):
+            status, out, err = run(capsys, "down", "--data-dir", str(tmp_path), "--grace", "1")
+            assert 1 == status and "another dtm.cluster command is running on" in err
+            assert process.poll() is None and (tmp_path / "pids" / "coordinator.pid").exists()
+            process.kill()
+            process.wait()
+            ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+            at = ["--data-dir", str(tmp_path), "--ports", ports, "--metrics-ports", "off"]
+            status, out, err = run(capsys, "up", *at)
+            assert (1, "") == (status, out)
+            assert f"another dtm.cluster command is running on {tmp_path.resolve()}" in err
+            assert [] == processes_of(tmp_path)
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
+
+
+def test_two_ups_at_once_leave_one_cluster_that_down_stops(tmp_path: Path) -> None:
+    """The race itself, as the bug hunt ran it: two `python -m dtm.cluster up` at once."""
+    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+    command = [sys.executable, "-m", "dtm.cluster", "up", "--data-dir", str(tmp_path)]
+    command += ["--ports", ports, "--metrics-ports", "off"]
+    try:
+        ups = [
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
+        ]
+        results = [(up.wait(60), up.communicate()[1].decode()) for up in ups]
+        assert 0 in [status for status, _ in results], results
+        for status, err in results:
+            assert status == 0 or "another dtm.cluster command is running" in err, results
+        assert 0 == cluster.main(["status", "--data-dir", str(tmp_path)])
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
+        left = processes_of(tmp_path)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert [] == left, "`down` left processes of the data dir running"
+
+
+def test_a_start_over_a_live_process_of_the_data_dir_is_refused(tmp_path: Path) -> None:
+    """`_spawn` overwrote pidfiles blindly: a demo on the data dir of a running cluster
+    started a second coordinator there and took the first one's pidfile."""
+    with sleeper(COORDINATOR, tmp_path) as process:
+        second = Cluster(tmp_path, Ports.free())
+        try:
+            with pytest.raises(cluster.ClusterError, match=f"already runs .* as pid {process.pid}"):
+                second.start()
+        finally:
+            second.stop(grace_s=2)
+        assert process.poll() is None
+        assert f"{process.pid}\n" == (tmp_path / "pids" / "coordinator.pid").read_text()
+
+
+def test_stopping_leaves_a_pidfile_that_names_another_live_process(tmp_path: Path) -> None:
+    """A failed `up` stopped what it had started and deleted every pidfile, the other `up`'s
+    among them. A pidfile goes only when it names the process stopped, or none that runs."""
+    with sleeper("orders", tmp_path) as process:
+        Cluster(tmp_path).terminate("orders", grace_s=1)  # this object never saw it
+        assert process.poll() is None
+        assert f"{process.pid}\n" == (tmp_path / "pids" / "orders.pid").read_text()
+    (tmp_path / "pids" / "payment.pid").write_text(f"{process.pid}\n")  # it is gone now
+    Cluster(tmp_path).terminate("payment", grace_s=1)
+    assert not (tmp_path / "pids" / "payment.pid").exists()

@@ -1,0 +1,56 @@
+"""`python -m dtm.demo` as an operator runs it: its data dir, its lock, its signals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtm import demo
+from dtm.cluster import COORDINATOR
+from tests.test_cluster_ops import held_lock, processes_of, sleeper
+
+
+def run_demo(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = demo.main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_the_demo_refuses_the_data_dir_of_a_running_cluster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo on the data dir `up` serves took over its pidfiles, failed, and its stop left
+    the cluster running and out of reach of `down` (found by a bug hunt)."""
+    with sleeper(COORDINATOR, tmp_path) as process:
+        status, _, err = run_demo(capsys, "--data-dir", str(tmp_path))
+        assert [process.pid] == processes_of(tmp_path), "the demo left servers running"
+        assert 2 == status, err
+        assert f"holds a running cluster (coordinator (pid {process.pid}))" in err
+        assert "dtm.cluster down --data-dir" in err and "Traceback" not in err
+        assert process.poll() is None
+        assert f"{process.pid}\n" == (tmp_path / "pids" / "coordinator.pid").read_text()
+
+
+def test_the_demo_waits_for_no_one_holding_its_data_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with held_lock(tmp_path):
+        status, out, err = run_demo(capsys, "--data-dir", str(tmp_path))
+    assert (2, "") == (status, out)
+    assert "another dtm.cluster command is running on" in err
+    assert not (tmp_path / "pids").exists()
+
+
+def test_a_data_dir_that_cannot_be_one_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("not a directory\n")
+    for data_dir, errno in (
+        (tmp_path / "file", "[Errno 17]"),
+        (tmp_path / "file" / "x", "[Errno 20]"),
+    ):
+        status, out, err = run_demo(capsys, "--data-dir", str(data_dir))
+        assert (2, "") == (status, out)
+        assert f"demo: cannot use {data_dir} as the data dir: {errno}" in err
+        assert 1 == len(err.strip().splitlines())
