@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -562,6 +565,69 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dtm.demo", description=__doc__)
     parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temp dir")
     options = parser.parse_args(argv)
+    # SIGTERM (`timeout`, CI, `kill`) or SIGHUP (a closed terminal) killed the demo by their
+    # default action, skipping the `finally` that stops its servers, and those run in their
+    # own sessions: all five were left running, fault injection on (found by a bug hunt).
+    # Now they end the demo as an exception does, the servers stopped first.
+    with _signals_exit():
+        try:
+            return _main(options)
+        except _Signalled as stopped:
+            print(f"demo: stopped by {stopped.name}; its servers are stopped", file=sys.stderr)
+            return stopped.status
+        except KeyboardInterrupt:
+            print("\ndemo: interrupted; its servers are stopped", file=sys.stderr)
+            return 130
+
+
+class _Signalled(SystemExit):
+    """A SIGTERM or SIGHUP, raised where the demo was so that its `finally` runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.status = 128 + signum
+        self.name = signal.Signals(signum).name
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise _Signalled in the block (only the main thread can set
+    handlers: elsewhere, the block runs with the handlers it has)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_signalled) for signum in _ENDING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP ignored in the block: a second one must not cut short the
+    stop of the servers the first one asked for."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signums = (signal.SIGINT, *_ENDING_SIGNALS)
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(options: argparse.Namespace) -> int:
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="dtm-demo-"))
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -617,7 +683,8 @@ def _run(data_dir: Path) -> int:
         print(f"\ncluster failed: {error}", file=sys.stderr)
         return 1
     finally:
-        cluster.stop()
+        with _signals_ignored():
+            cluster.stop()
     print(f"  {'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.1f} s; logs kept in")
     print(f"  {cluster.logs_dir}")
     return 0 if ok else 1

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +59,39 @@ def test_a_data_dir_that_cannot_be_one_is_a_one_line_error(
         assert (2, "") == (status, out)
         assert f"demo: cannot use {data_dir} as the data dir: {errno}" in err
         assert 1 == len(err.strip().splitlines())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_demo_ended_by_a_signal_stops_its_servers(tmp_path: Path, signum: int) -> None:
+    """SIGTERM (`timeout`, CI) or SIGHUP (a closed terminal) killed the demo without its
+    `finally`, leaving all five servers running with fault injection on; Ctrl-C ended in a
+    KeyboardInterrupt traceback (found by a bug hunt). Each now stops the servers and ends
+    with one line."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "dtm.demo", "--data-dir", str(tmp_path)]
+    demo_process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True
+    )
+    try:
+        assert demo_process.stdout is not None
+        for line in demo_process.stdout:  # until the servers run
+            if "all healthy and registered" in line:
+                break
+        else:
+            pytest.fail(f"the demo did not start: {demo_process.communicate()}")
+        servers = [pid for pid in processes_of(tmp_path) if pid != demo_process.pid]
+        assert len(servers) == 5
+        demo_process.send_signal(signum)
+        _, err = demo_process.communicate(timeout=60)
+    finally:
+        if demo_process.poll() is None:
+            demo_process.kill()
+            demo_process.wait()
+        left = processes_of(tmp_path)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert [] == left, "servers left running"
+    assert 128 + signum == demo_process.returncode, err
+    assert "Traceback" not in err
+    assert "its servers are stopped" in err.strip().splitlines()[-1]
