@@ -53,6 +53,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtm import security
+
+# `dtm --timeout`'s validator: a positive, finite number of seconds (nan or inf made a
+# deadline that is never reached, 0 or -1 one that is always past).
+from dtm.cli import _seconds as _positive_seconds
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 COORDINATOR = "coordinator"
@@ -1134,8 +1138,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(up only; default {DEFAULT_METRICS_PORTS}; 'off' for none)",
     )
     parser.add_argument("--prepare-timeout-ms", type=int, default=None)
-    parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start timeout")
-    parser.add_argument("--grace", type=float, default=STOP_GRACE_S, help="SIGTERM grace (s)")
+    parser.add_argument(
+        "--timeout", type=_positive_seconds, default=START_TIMEOUT_S, help="start timeout (s)"
+    )
+    parser.add_argument(
+        "--grace", type=_positive_seconds, default=STOP_GRACE_S, help="SIGTERM grace (s)"
+    )
     parser.add_argument(
         "--tls-dir", type=Path, default=None, help="mutual TLS with certificates from `make certs`"
     )

@@ -369,3 +369,24 @@ def test_stopping_leaves_a_pidfile_that_names_another_live_process(tmp_path: Pat
     (tmp_path / "pids" / "payment.pid").write_text(f"{process.pid}\n")  # it is gone now
     Cluster(tmp_path).terminate("payment", grace_s=1)
     assert not (tmp_path / "pids" / "payment.pid").exists()
+
+
+def test_timeout_and_grace_are_positive_finite_seconds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--grace nan` was accepted and `down` never reached its deadline (it hung ~10 min on
+    a process that ignored SIGTERM); `--timeout -1` failed with "not ready in time" (found
+    by a bug hunt). They are now usage errors, as `dtm --timeout` makes them."""
+    data = ["--data-dir", str(tmp_path / "data"), "--metrics-ports", "off"]
+    data += ["--ports", ",".join(str(port) for port in free_ports(len(PROCESSES)))]
+    try:
+        for command, flag in (("up", "--timeout"), ("down", "--grace"), ("up", "--grace")):
+            for value in ("nan", "inf", "-inf", "0", "-1", "abc"):
+                status, out, err = run(capsys, command, *data, f"{flag}={value}")
+                assert (2, "") == (status, out), (command, flag, value, err)
+                assert f"argument {flag}: '{value}'" in err, err
+        assert not (tmp_path / "data").exists()  # nothing was started, nothing locked
+        status, _, err = run(capsys, "down", *data, "--grace", "0.5")
+        assert 0 == status, err
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path / "data"), "--grace", "2"])
