@@ -966,6 +966,25 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
                 "first, then `up` with the new ones"
             )
     if len(running) == len(PROCESSES):
+        # Running is not enough: a service another process took the name of, or one an
+        # operator removed, gets no orders (`up` said "already running" while every order
+        # failed NOT_FOUND: a bug hunt's find). A service registers when it starts, so `up`
+        # waits as it does for one it starts, and fails saying what is wrong.
+        problem = existing._not_ready(PROCESSES, registration=True)
+        if problem is not None:
+            name, what = problem
+            print(
+                f"all five run, but {name} is not ready ({what}); "
+                f"waiting up to {options.timeout:g} s",
+                file=sys.stderr,
+            )
+            try:
+                existing.wait_ready(timeout_s=options.timeout)
+            except ClusterError as error:
+                raise ClusterError(
+                    f"{error}\n(a service registers with the coordinator when it starts: "
+                    "`down` then `up` starts them all again)"
+                ) from None
         print(f"already running (data dir {existing.data_dir}):")
         _print_addresses(existing)
         return None
@@ -1099,16 +1118,27 @@ def _status(options: argparse.Namespace) -> int:
     except grpc.RpcError:
         registered = {}
     print(f"{'process':<13} {'address':<17} {'pid':>8}  {'health':<26} registered")
-    healthy = 0
+    ready = 0
     for name in PROCESSES:
         pid = cluster.pid(name)
         health = cluster.health(name) if pid is not None else "not running"
-        healthy += health == "SERVING"
-        mark = "-" if name == COORDINATOR else ("yes" if name in registered else "no")
+        # Registered at its own address, as `up` waits for: the name alone said "yes" while
+        # another process had it, and every order for it went there.
+        seen = registered.get(name)
+        if name == COORDINATOR:
+            mark, registered_here = "-", True
+        elif seen is None:
+            mark, registered_here = "no", False
+        elif seen == cluster.address(name):
+            mark, registered_here = "yes", True
+        else:
+            mark, registered_here = f"no (another at {seen})", False
+        ready += health == "SERVING" and registered_here
         pid_text = str(pid) if pid is not None else "-"
         print(f"{name:<13} {cluster.address(name):<17} {pid_text:>8}  {health:<26} {mark}")
-    # Exit status for scripts: 0 only when everything is up.
-    return 0 if healthy == len(PROCESSES) else 3
+    # Exit status for scripts: 0 only when everything is up, each service registered at
+    # its own address.
+    return 0 if ready == len(PROCESSES) else 3
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from dtm import cluster
@@ -224,7 +225,7 @@ def test_up_on_the_port_of_a_running_coordinator_fails_and_registers_nothing_the
 
 
 def test_up_on_a_running_cluster_with_other_settings_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`up --tls-dir certs` on a running plaintext cluster said "already running" and left
     it plaintext (found by a bug hunt); with a process down, it restarted that one with the
@@ -234,6 +235,8 @@ def test_up_on_a_running_cluster_with_other_settings_is_refused(
     ports = Ports.free()
     data.mkdir()
     Cluster(data, ports)._write_state()
+    # Sleepers serve nothing: take them as ready, as real servers would be.
+    monkeypatch.setattr(Cluster, "_not_ready", lambda *_, **__: None)
     port_list = ",".join(str(ports.of(name)) for name in PROCESSES)
     with contextlib.ExitStack() as stack:
         sleepers = {name: stack.enter_context(sleeper(name, data)) for name in PROCESSES}
@@ -390,3 +393,42 @@ def test_timeout_and_grace_are_positive_finite_seconds(
         assert 0 == status, err
     finally:
         cluster.main(["down", "--data-dir", str(tmp_path / "data"), "--grace", "2"])
+
+
+def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` said "registered yes" and exited 0 while another process held a service's
+    name (or after `dtm participants remove`), and `up` said "already running" while every
+    order failed NOT_FOUND (found by a bug hunt)."""
+    from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    data = ["--data-dir", str(tmp_path)]
+    try:
+        assert 0 == up(tmp_path, "--metrics-ports", "off")
+        status, out, _ = run(capsys, "status", *data)
+        assert 0 == status and out.count(" yes\n") == 4, out
+        running = Cluster.attach(tmp_path)
+        with grpc.insecure_channel(running.coordinator_address) as channel:
+            coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+            request = coordinator_pb2.RegisterParticipantRequest(
+                name="payment", address="127.0.0.1:1", incarnation="impostor"
+            )
+            coordinator.RegisterParticipant(request, timeout=5)
+            status, out, _ = run(capsys, "status", *data)
+            assert 3 == status, out
+            assert "no (another at 127.0.0.1:1)" in out.splitlines()[4], out
+            status, out, err = run(capsys, "up", *data, "--timeout", "0.5")
+            assert (1, "") == (status, out), err
+            assert "payment not ready in time (registered at 127.0.0.1:1" in err, err
+
+            coordinator.UnregisterParticipant(
+                coordinator_pb2.UnregisterParticipantRequest(name="payment"), timeout=5
+            )
+            status, out, _ = run(capsys, "status", *data)
+            assert 3 == status and out.splitlines()[4].endswith(" no"), out
+            status, out, err = run(capsys, "up", *data, "--timeout", "0.5")
+            assert (1, "") == (status, out), err
+            assert "payment not ready in time (not registered" in err, err
+    finally:
+        cluster.main(["down", *data, "--grace", "2"])
