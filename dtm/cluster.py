@@ -893,6 +893,15 @@ def _parse_ports(text: str) -> Ports:
 DEFAULT_METRICS_PORTS = "9100,9101,9102,9103,9104"
 
 
+#: `--tls-dir off`: plaintext, even where cluster.json records a TLS dir (`./off` names a
+#: directory called off).
+TLS_OFF = "off"
+
+
+def _parse_tls_dir(text: str) -> Path | str:
+    return TLS_OFF if text == TLS_OFF else Path(text)
+
+
 def _parse_metrics_ports(text: str) -> list[int]:
     """[] for 'off' (no /metrics endpoints), else the five ports."""
     return [] if text == "off" else _port_list(text)
@@ -945,13 +954,15 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
     """The processes already running, with the settings they were started with, else a new
     cluster from the options; None when everything already runs. ClusterError when some run
     and the options ask for other settings than theirs (a flag not given asks for nothing)."""
+    recorded = (options.data_dir / "cluster.json").exists()
     try:
         existing = Cluster.attach(options.data_dir)
     except ClusterStateError as error:
         if _running(_from_pidfiles(options.data_dir)):
             raise ClusterError(f"{error}; stop its processes with `down` first") from None
         # Nothing runs: the new cluster's settings replace the unreadable ones.
-        existing = Cluster(options.data_dir)
+        print(f"up: {error}; starting with the settings the flags give", file=sys.stderr)
+        existing, recorded = Cluster(options.data_dir), False
     requested = _requested_settings(options)
     running = _running(existing)
     if running:
@@ -992,9 +1003,13 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         print(f"partly running ({', '.join(running)}); starting the others")
         existing.start_timeout_s = options.timeout
         return existing
+    if recorded:
+        return _restart_recorded(existing, requested, options.timeout)
     metrics = options.metrics_ports
     if metrics is None:
         metrics = _parse_metrics_ports(DEFAULT_METRICS_PORTS)
+    tls_dir = requested.get("tls_dir")
+    _check_tls_dir(tls_dir, "--tls-dir")
     return Cluster(
         options.data_dir,
         options.ports or Ports(),
@@ -1002,9 +1017,64 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         test_control=bool(options.test_control),
         prepare_timeout_ms=options.prepare_timeout_ms,
         start_timeout_s=options.timeout,
-        tls_dir=options.tls_dir,
+        tls_dir=tls_dir,
         extra_args=_metrics_args(metrics),
     )
+
+
+def _restart_recorded(stopped: Cluster, requested: dict[str, Any], timeout: float) -> Cluster:
+    """The cluster cluster.json records, none of it running, to start again: its settings,
+    but those the flags give. `down` then `up` without --tls-dir brought a TLS cluster back
+    in plaintext, on the default ports (found by a bug hunt): a flag left out asked for the
+    defaults, not for what the cluster was."""
+    recorded = _settings_of(stopped)
+    reused = {name: value for name, value in recorded.items() if name not in requested}
+    settings = {**recorded, **requested}
+    if reused:
+        described = "; ".join(f"{name} {_setting_text(value)}" for name, value in reused.items())
+        print(f"settings from {stopped.state_path} (flags override them):\n  {described}")
+    if recorded["tls_dir"] is not None and settings["tls_dir"] is None:
+        print(
+            f"WARNING: --tls-dir off: this cluster ran with mutual TLS ({recorded['tls_dir']}); "
+            "it now starts in PLAINTEXT, with no authorization: anyone who can reach its "
+            "ports can submit and administer",
+            file=sys.stderr,
+        )
+    source = "--tls-dir" if "tls_dir" in requested else f"tls_dir of {stopped.state_path}"
+    _check_tls_dir(settings["tls_dir"], source)
+    extra_args = stopped.extra_args
+    if "metrics" in requested:
+        others = {
+            name: args for name, args in extra_args.items() if args[:1] != ["--metrics-listen"]
+        }
+        extra_args = {**others, **requested["metrics"]}
+    return Cluster(
+        stopped.data_dir,
+        settings["ports"],
+        initial=settings["initial"],
+        test_control=bool(settings["test_control"]),
+        prepare_timeout_ms=settings["prepare_timeout_ms"],
+        transaction_timeout_ms=stopped.transaction_timeout_ms,
+        host=stopped.host,
+        start_timeout_s=timeout,
+        tls_dir=settings["tls_dir"],
+        extra_args=extra_args,
+    )
+
+
+def _check_tls_dir(tls_dir: Path | None, source: str) -> None:
+    """ClusterError unless `tls_dir` (when TLS is on) holds the CA and the operator's files,
+    what every start needs first: a moved directory failed with a traceback or a server's
+    error instead."""
+    if tls_dir is None:
+        return
+    config = security.TlsConfig.for_identity(tls_dir, "operator")
+    for path in (config.ca_cert, config.cert, config.key):
+        if not path.is_file():
+            raise ClusterError(
+                f"{path} is missing ({source} is {tls_dir}): give --tls-dir with the "
+                "certificates of `python -m dtm.tools.certs`, or --tls-dir off for plaintext"
+            )
 
 
 def _metrics_args(ports: Sequence[int]) -> dict[str, list[str]]:
@@ -1026,8 +1096,10 @@ def _requested_settings(options: argparse.Namespace) -> dict[str, Any]:
         requested["test_control"] = options.test_control
     if options.prepare_timeout_ms is not None:
         requested["prepare_timeout_ms"] = options.prepare_timeout_ms
-    if options.tls_dir is not None:
-        requested["tls_dir"] = options.tls_dir.resolve()
+    if options.tls_dir == TLS_OFF:
+        requested["tls_dir"] = None
+    elif options.tls_dir is not None:
+        requested["tls_dir"] = Path(options.tls_dir).resolve()
     if options.metrics_ports is not None:
         requested["metrics"] = _metrics_args(options.metrics_ports)
     return requested
@@ -1154,18 +1226,23 @@ def main(argv: list[str] | None = None) -> int:
         "--ports",
         type=_parse_ports,
         default=None,
-        help="coordinator,inventory,orders,payment,notification (default 50050..50054)",
+        help="coordinator,inventory,orders,payment,notification (default: as cluster.json "
+        "records, else 50050..50054)",
     )
     parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
     parser.add_argument(
-        "--test-control", action="store_true", default=None, help="allow fault injection"
+        "--test-control",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="allow fault injection (default: as cluster.json records, else off)",
     )
     parser.add_argument(
         "--metrics-ports",
         type=_parse_metrics_ports,
         default=None,
         help="Prometheus /metrics ports of coordinator,inventory,orders,payment,notification "
-        f"(up only; default {DEFAULT_METRICS_PORTS}; 'off' for none)",
+        f"(up only; default: as cluster.json records, else {DEFAULT_METRICS_PORTS}; "
+        "'off' for none)",
     )
     parser.add_argument("--prepare-timeout-ms", type=int, default=None)
     parser.add_argument(
@@ -1175,7 +1252,11 @@ def main(argv: list[str] | None = None) -> int:
         "--grace", type=_positive_seconds, default=STOP_GRACE_S, help="SIGTERM grace (s)"
     )
     parser.add_argument(
-        "--tls-dir", type=Path, default=None, help="mutual TLS with certificates from `make certs`"
+        "--tls-dir",
+        type=_parse_tls_dir,
+        default=None,
+        help="mutual TLS with certificates from `make certs`; 'off' for plaintext (default: "
+        "as cluster.json records, else plaintext)",
     )
     options = parser.parse_args(argv)
     commands = {"up": _up, "down": _down, "status": _status}

@@ -432,3 +432,57 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
             assert "payment not ready in time (not registered" in err, err
     finally:
         cluster.main(["down", *data, "--grace", "2"])
+
+
+def test_up_after_down_starts_the_cluster_cluster_json_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`down` then `up` without --tls-dir brought a TLS cluster back in plaintext, on the
+    default ports, without a word (found by a bug hunt). A stopped cluster now starts again
+    with what cluster.json records, but what the flags give, and says so."""
+    started: list[Cluster] = []
+    monkeypatch.setattr(Cluster, "start", lambda self: started.append(self))
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "operator.pem", "operator-key.pem"):
+        (certs / name).write_text("not checked here\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    ports = Ports.free()
+    metrics = {"orders": ["--metrics-listen", "127.0.0.1:9999"]}
+    Cluster(data, ports, test_control=True, tls_dir=certs, extra_args=metrics)._write_state()
+    at = ["up", "--data-dir", str(data)]
+
+    status, out, err = run(capsys, *at)
+    assert 0 == status, err
+    assert (ports, certs.resolve(), True, metrics) == (
+        started[-1].ports,
+        started[-1].tls_dir,
+        started[-1].test_control,
+        started[-1].extra_args,
+    )
+    assert f"settings from {data.resolve() / 'cluster.json'} (flags override them):\n  " in out
+    assert f"tls_dir {certs.resolve()}" in out and "test_control True" in out
+
+    other = Ports.free()
+    other_text = ",".join(str(other.of(name)) for name in PROCESSES)
+    status, out, err = run(capsys, *at, "--ports", other_text, "--no-test-control")
+    assert (0, other, certs.resolve(), False) == (
+        status,
+        started[-1].ports,
+        started[-1].tls_dir,
+        started[-1].test_control,
+    )
+    assert "ports" not in out.split("(flags override them):\n")[1].splitlines()[0]
+
+    status, out, err = run(capsys, *at, "--tls-dir", "off")
+    assert (0, None) == (status, started[-1].tls_dir)
+    assert "WARNING: --tls-dir off: this cluster ran with mutual TLS" in err
+    assert "PLAINTEXT" in err
+
+    (certs / "ca.pem").unlink()  # the certificates moved
+    count = len(started)
+    status, out, err = run(capsys, *at)
+    assert (1, count) == (status, len(started))
+    assert f"{certs.resolve() / 'ca.pem'} is missing (tls_dir of " in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
