@@ -54,8 +54,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtm import security
 
-# `dtm --timeout`'s validator: a positive, finite number of seconds (nan or inf made a
-# deadline that is never reached, 0 or -1 one that is always past).
+# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
+# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
+# standard output closed by its reader (`status | head -1`).
+from dtm.cli import EXIT_BROKEN_PIPE, _stdout_to_devnull
 from dtm.cli import _seconds as _positive_seconds
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -1066,15 +1068,22 @@ def _check_tls_dir(tls_dir: Path | None, source: str) -> None:
     """ClusterError unless `tls_dir` (when TLS is on) holds the CA and the operator's files,
     what every start needs first: a moved directory failed with a traceback or a server's
     error instead."""
+    missing = _missing_tls_file(tls_dir)
+    if missing is not None:
+        raise ClusterError(
+            f"{missing} is missing ({source} is {tls_dir}): give --tls-dir with the "
+            "certificates of `python -m dtm.tools.certs`, or --tls-dir off for plaintext"
+        )
+
+
+def _missing_tls_file(tls_dir: Path | None) -> Path | None:
+    """The first of the files the probes (as "operator") need that `tls_dir` lacks."""
     if tls_dir is None:
-        return
+        return None
     config = security.TlsConfig.for_identity(tls_dir, "operator")
-    for path in (config.ca_cert, config.cert, config.key):
-        if not path.is_file():
-            raise ClusterError(
-                f"{path} is missing ({source} is {tls_dir}): give --tls-dir with the "
-                "certificates of `python -m dtm.tools.certs`, or --tls-dir off for plaintext"
-            )
+    return next(
+        (path for path in (config.ca_cert, config.cert, config.key) if not path.is_file()), None
+    )
 
 
 def _metrics_args(ports: Sequence[int]) -> dict[str, list[str]]:
@@ -1185,6 +1194,28 @@ def _status(options: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    # The probes call as "operator" with the recorded TLS files: a moved directory made
+    # them fail with a traceback (found by a bug hunt).
+    missing = _missing_tls_file(cluster.tls_dir)
+    if missing is not None:
+        pids = [f"{name} (pid {cluster.pid(name)})" for name in _running(cluster)]
+        print(
+            f"status: cannot probe the cluster: {missing} is missing (the tls_dir "
+            f"{cluster.state_path} records); running, by their pidfiles: "
+            f"{', '.join(pids) or 'none'}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        return _print_status(cluster)
+    except BrokenPipeError:
+        raise
+    except OSError as error:  # e.g. a TLS file that cannot be read
+        print(f"status: cannot probe the cluster: {error}", file=sys.stderr)
+        return 1
+
+
+def _print_status(cluster: Cluster) -> int:
     try:
         registered = cluster.registered() if cluster.running(COORDINATOR) else {}
     except grpc.RpcError:
@@ -1260,7 +1291,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     commands = {"up": _up, "down": _down, "status": _status}
-    return commands[options.command](options)
+    try:
+        status = commands[options.command](options)
+        # Flushed here, so that a reader gone away is caught below rather than at exit.
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `status | head -1`: exit quietly, as `dtm` does (and as a shell reports a
+        # process that SIGPIPE ended), not with a traceback or "up failed".
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    return status
 
 
 if __name__ == "__main__":

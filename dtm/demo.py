@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 
 from dtm import invariants
+from dtm.cli import EXIT_BROKEN_PIPE, _stdout_to_devnull
 from dtm.cluster import PROCESSES, Cluster, ClusterBusyError, ClusterError, Ports, locked
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
@@ -571,13 +572,18 @@ def main(argv: list[str] | None = None) -> int:
     # Now they end the demo as an exception does, the servers stopped first.
     with _signals_exit():
         try:
-            return _main(options)
+            status = _main(options)
+            sys.stdout.flush()  # a reader gone away is caught below, not at exit
+            return status
         except _Signalled as stopped:
             print(f"demo: stopped by {stopped.name}; its servers are stopped", file=sys.stderr)
             return stopped.status
         except KeyboardInterrupt:
             print("\ndemo: interrupted; its servers are stopped", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # `python -m dtm.demo | head`: the servers are stopped
+            _stdout_to_devnull()
+            return EXIT_BROKEN_PIPE
 
 
 class _Signalled(SystemExit):

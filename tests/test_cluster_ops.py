@@ -486,3 +486,50 @@ def test_up_after_down_starts_the_cluster_cluster_json_records(
     assert (1, count) == (status, len(started))
     assert f"{certs.resolve() / 'ca.pem'} is missing (tls_dir of " in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_status_with_the_recorded_tls_dir_moved_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The probes' TLS files were read where cluster.json said: once moved, `status` ended
+    in a FileNotFoundError traceback (found by a bug hunt)."""
+    Cluster(tmp_path, Ports.free(), tls_dir=tmp_path / "moved")._write_state()
+    with sleeper(COORDINATOR, tmp_path) as process:
+        status, out, err = run(capsys, "status", "--data-dir", str(tmp_path))
+    assert (1, "") == (status, out)
+    assert f"{tmp_path.resolve() / 'moved' / 'ca.pem'} is missing" in err
+    assert f"coordinator (pid {process.pid})" in err and len(err.splitlines()) == 1
+
+
+class ClosedPipe:
+    """A standard output whose reader went away (`status | head -1`)."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        raise OSError("no file descriptor here")
+
+
+def test_a_reader_gone_away_ends_the_command_quietly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status | head -1` ended in a BrokenPipeError traceback, and `up | head -1` said "up
+    failed: Broken pipe" with exit 1 (found by a bug hunt). Now they exit as `dtm` does:
+    141, nothing on stderr."""
+    with sleeper(COORDINATOR, tmp_path):
+        data = ["--data-dir", str(tmp_path)]
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        status, _, err = run(capsys, "status", *data)
+        assert (141, "") == (status, err)
+        status, _, err = run(capsys, "down", *data, "--grace", "1")
+        assert (141, "") == (status, err)
+    monkeypatch.setattr(Cluster, "_not_ready", lambda *_, **__: None)
+    with contextlib.ExitStack() as stack:
+        for name in PROCESSES:
+            stack.enter_context(sleeper(name, tmp_path))
+        status, _, err = run(capsys, "up", *data)  # "already running"
+        assert (141, "") == (status, err)
