@@ -21,6 +21,10 @@ CLI (used by `make up`, `make down`, `make status`):
 `up` on a cluster that runs (wholly or partly) keeps its settings: it starts the processes
 that are down as they were started, and it is refused when a flag given asks for another
 setting than cluster.json records (--tls-dir on a plaintext cluster, say): `down` first.
+When all five run, it checks that they are ready (each service registered at its own
+address) and fails saying what is not. `up` on a stopped cluster that cluster.json records
+starts it again with those settings, but those the flags give (`--tls-dir off` for
+plaintext), and prints the ones it reused.
 
 `up`, `down` and the demo hold an exclusive lock on DIR/cluster.lock while they run: a second
 one on the same data dir fails at once ("another dtm.cluster command is running on DIR")
