@@ -150,8 +150,8 @@ def misdirected(
     if participant and participant != name:
         return (
             f"this is participant {name!r}, not {participant[:80]!r}: the coordinator's registry "
-            f"is stale (another participant now listens at {participant[:80]!r}'s registered "
-            "address); nothing was changed"
+            f"is stale (another participant now listens at the address registered for "
+            f"{participant[:80]!r}); nothing was changed"
         )
     if wanted_incarnation and incarnation and wanted_incarnation != incarnation:
         return (
