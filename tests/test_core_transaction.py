@@ -280,6 +280,21 @@ def test_one_phase_lost_answer_is_unknown_then_resolved_never_guessed() -> None:
     assert TxnState.COMMITTED == txn.state
 
 
+def test_one_phase_prepare_not_reached_aborts_at_once_and_probes_nothing() -> None:
+    # Refused by the wrong participant before any branch was touched: nothing ran, so the
+    # outcome is known (it was UNKNOWN, probed forever while the wrong participant answered).
+    txn, _ = begin(1)
+    reason = "not reached: the wrong participant answered (this is participant 'q', not 'p0')"
+    actions = txn.handle(core.PrepareFailed(0, reason, 2_000, not_reached=True))
+    assert [core.Reply(Outcome.ABORTED, reason), core.Finished()] == actions
+    assert (TxnState.ABORTED, reason, 2_000) == (txn.state, txn.reason, txn.decided_at_ms)
+    # Two-phase: aborted as any failed prepare is, with a Rollback to every branch.
+    two, _ = begin(2)
+    actions = two.handle(core.PrepareFailed(0, reason, 2_000, not_reached=True))
+    assert TxnState.ABORTED == two.state
+    assert [core.SendRollback(0), core.SendRollback(1)] == actions
+
+
 def test_one_phase_refusal_aborts() -> None:
     txn, _ = begin(1)
     actions = txn.handle(core.VoteReceived(0, Vote.REFUSED, "declined"))

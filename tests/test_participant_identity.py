@@ -107,6 +107,59 @@ def test_a_participant_restarted_on_another_ones_old_address_is_not_taken_for_it
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["exchange", "unary"])
+def test_a_one_phase_prepare_refused_as_misdirected_aborts_at_once(
+    tmp_path: Path, batch: bool
+) -> None:
+    """A one-phase Prepare the wrong participant refused (before touching any branch) ran
+    nowhere: the transaction is ABORTED at once, not UNKNOWN, probed and owed (it was: the
+    client was told "one-phase answer lost", and the name stayed owed, which refused the right
+    participant's new incarnation)."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            if not batch:
+                engine.registry.policy = BatchPolicy(enabled=False)
+            inventory_port = cluster.participants["inventory"].port
+            await cluster.participants.pop("inventory").stop(0)
+            await cluster.participants.pop("orders").stop(0)  # restarts on inventory's port
+            orders = ParticipantServer(
+                OrdersService(),
+                ParticipantConfig(
+                    data_dir=tmp_path,
+                    listen=f"127.0.0.1:{inventory_port}",
+                    coordinator=cluster.coordinator_address,
+                    test_control=True,
+                ),
+            )
+            await orders.start()
+            await asyncio.wait_for(orders.registered.wait(), 10)
+            cluster.participants["orders"] = orders
+            assert engine.registry.participants["inventory"].capabilities.one_phase
+            branch = coordinator_pb2.BranchRequest(
+                participant="inventory",
+                operation=pack(
+                    shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+                ),
+            )
+            answer = await cluster.submit([branch], "t-1")
+            assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome, answer.reason
+            assert answer.reason.startswith("not reached: the wrong participant answered")
+            assert "one-phase answer lost" not in answer.reason
+            assert "this is participant 'orders', not 'inventory'" in answer.reason
+            assert "the address registered for 'inventory'" in answer.reason
+            assert "t-1" not in engine.active  # not probed, not owed
+            view = engine.lookup("t-1")
+            assert view is not None
+            assert coordinator_pb2.TRANSACTION_STATE_ABORTED == view.state
+            assert 0 == view.branches[0].phase_two_attempts
+            assert [] == list(engine.heuristics)
+
+    asyncio.run(scenario())
+
+
 def test_the_incarnation_survives_restarts_of_either_side(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:

@@ -746,7 +746,10 @@ class Engine:
                     run.invalid_argument = (
                         f"branch {index} ({branch.participant}): {result.invalid_argument}"
                     )
-                self._feed(run, core.PrepareFailed(index, result.reason, self.clock_ms()))
+                failed = core.PrepareFailed(
+                    index, result.reason, self.clock_ms(), not_reached=result.not_reached
+                )
+                self._feed(run, failed)
                 return
             self.counters.replies += 1
             if result.id_reused and result.vote is core.Vote.REFUSED:  # the only vote it goes with

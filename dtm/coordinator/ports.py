@@ -47,6 +47,9 @@ class PrepareResult:
     id_reused: str = ""
     # With COMMITTED to a two-phase Prepare: an earlier attempt committed the branch.
     earlier: bool = False
+    # With vote None: the call was refused as meant for another participant (`misdirected`),
+    # before any branch was touched: it did not run (core.PrepareFailed.not_reached).
+    not_reached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +238,8 @@ class ParticipantPort:
             invalid = (
                 error.details() or "" if error.code() is grpc.StatusCode.INVALID_ARGUMENT else ""
             )
-            item.done(PrepareResult(None, rpc_failure(error, item.timeout_s), _said(invalid)))
+            reason = rpc_failure(error, item.timeout_s)
+            item.done(PrepareResult(None, reason, _said(invalid), not_reached=misdirected(error)))
             return
         except Exception as error:  # a bug: fail the item (so the transaction aborts), say why
             _internal_error(self.client.name, "Prepare", error)
@@ -297,7 +301,8 @@ class ParticipantPort:
                 for prepare in unexpired:
                     prepare.done(PrepareResult(None, rpc_failure(error, prepare.timeout_s)))
                 unexpired = []
-            self._fail(unexpired, decisions, rpc_failure(error, timeout_s))
+            reason = rpc_failure(error, timeout_s)
+            self._fail(unexpired, decisions, reason, not_reached=misdirected(error))
             return
         except Exception as error:  # a bug: answer every item, or phase 2 would wait forever
             _internal_error(self.client.name, "Exchange", error)
@@ -343,11 +348,16 @@ class ParticipantPort:
         return [item for item in prepares if item.deadline - now >= PREPARE_SEND_MARGIN_S]
 
     @staticmethod
-    def _fail(prepares: list[PrepareItem], decisions: list[DecideItem], reason: str) -> None:
+    def _fail(
+        prepares: list[PrepareItem],
+        decisions: list[DecideItem],
+        reason: str,
+        not_reached: bool = False,
+    ) -> None:
         for decision in decisions:
             decision.done(DecideResult(False, reason))
         for prepare in prepares:
-            prepare.done(PrepareResult(None, reason))
+            prepare.done(PrepareResult(None, reason, not_reached=not_reached))
 
     def hurry(self) -> None:
         self._batcher.hurry()

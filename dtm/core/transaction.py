@@ -83,11 +83,16 @@ class VoteReceived:
 
 @dataclass(frozen=True, slots=True)
 class PrepareFailed:
-    """The Prepare call failed (error, unreachable, deadline): it may or may not have prepared."""
+    """The Prepare call failed (error, unreachable, deadline): it may or may not have prepared,
+    unless `not_reached`."""
 
     branch: int
     reason: str
     now_ms: int = 0
+    # Definitely not run: whatever answered refused the call as meant for another participant
+    # before touching any branch (participant.proto, PrepareRequest.participant). A one-phase
+    # transaction then aborts at once: its Prepare is sent once, so nothing can have committed.
+    not_reached: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +474,13 @@ def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
         return []
     branch.reason = event.reason
     branch.prepare_failed = True
+    if txn.one_phase and event.not_reached:
+        # Refused before any branch was touched, and never sent again: nothing committed, and
+        # nothing is left to roll back or to ask about.
+        txn.reason = event.reason
+        txn.decided_at_ms = event.now_ms
+        txn._move(TxnState.ABORTED)
+        return [*txn._reply(Outcome.ABORTED, txn.reason), Finished()]
     if txn.one_phase:
         # The participant may have committed: never guess (rule 9). Ask it.
         branch.last_error = event.reason
