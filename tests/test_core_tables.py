@@ -79,6 +79,7 @@ TXN_EXPECTED: dict[tuple[TxnState, type], TxnState] = {
     (T.ABORTED, tcore.HeuristicReported): T.ABORTED,
     (T.UNKNOWN, tcore.OnePhaseResolved): T.COMMITTED,
     (T.UNKNOWN, tcore.PhaseTwoFailed): T.UNKNOWN,
+    (T.UNKNOWN, tcore.HeuristicReported): T.UNKNOWN,  # finished so: the outcome is unknown
     (T.UNKNOWN, tcore.VoteReceived): T.UNKNOWN,
     (T.UNKNOWN, tcore.TimedOut): T.UNKNOWN,
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtm.core import transaction as core
-from dtm.core.branch import HEURISTIC_COMMIT
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD
 from dtm.core.transaction import (
     TRANSITIONS,
     Outcome,
@@ -293,6 +293,28 @@ def test_one_phase_prepare_not_reached_aborts_at_once_and_probes_nothing() -> No
     actions = two.handle(core.PrepareFailed(0, reason, 2_000, not_reached=True))
     assert TxnState.ABORTED == two.state
     assert [core.SendRollback(0), core.SendRollback(1)] == actions
+
+
+def test_one_phase_outcome_that_cannot_be_learned_finishes_unknown_with_a_hazard() -> None:
+    # The engine found the participant's log replaced: no probe can tell what the lost log did.
+    txn, _ = begin(1)
+    txn.handle(core.PrepareFailed(0, "deadline"))
+    detail = "participant p0's log was replaced: the outcome is unknown"
+    actions = txn.handle(core.HeuristicReported(0, HEURISTIC_HAZARD, detail))
+    reason = f"one-phase answer lost: deadline; {detail}"
+    assert [
+        core.PersistHeuristic(0, HEURISTIC_HAZARD, detail),
+        core.Reply(Outcome.UNKNOWN, reason),
+        core.Finished(),
+    ] == actions
+    assert (TxnState.UNKNOWN, Outcome.UNKNOWN, reason) == (txn.state, txn.answer, txn.reason)
+    assert (HEURISTIC_HAZARD, True) == (txn.branches[0].heuristic, txn.branches[0].acknowledged)
+    # Already told UNKNOWN (a failed probe): no second answer, the hazard still recorded.
+    told, _ = begin(1)
+    told.handle(core.PrepareFailed(0, "deadline"))
+    told.handle(core.PhaseTwoFailed(0, "unavailable"))
+    actions = told.handle(core.HeuristicReported(0, HEURISTIC_HAZARD, detail))
+    assert [core.PersistHeuristic(0, HEURISTIC_HAZARD, detail), core.Finished()] == actions
 
 
 def test_one_phase_refusal_aborts() -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from dtm import limits
 from dtm.batcher import BatchPolicy
+from dtm.coordinator import clients
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
 from dtm.core.branch import HEURISTIC_HAZARD, HEURISTIC_ROLLBACK, BranchState
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, shop_pb2
@@ -369,6 +370,102 @@ def test_a_replacement_registration_takes_an_owed_name_and_its_commits_become_ha
                 branches = order_branches("o-2", [("sku-apple", 1)], amount_cents=1)
                 done = await cluster.submit(branches, "t-2")
                 assert coordinator_pb2.OUTCOME_COMMITTED == done.outcome
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_replacement_leaves_an_unknown_one_phase_commit_unknown_with_a_hazard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A one-phase commit whose answer was lost is UNKNOWN, probed with a Rollback; its
+    participant's log is then lost and a replacement registers with replace. Only the lost log
+    knew the outcome: the replacement's answer to the probe (it never saw the branch: a
+    tombstone, "rolled back") must not settle it. It was settled ABORTED, with no hazard,
+    though the lost log had committed it."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path / "a", coordinator_overrides=overrides) as cluster:
+            engine = cluster.coordinator.engine
+            engine.registry.policy = BatchPolicy(enabled=False)  # unary: easy to intercept
+            first = cluster.participants["inventory"]
+            old_incarnation = first.engine.incarnation
+            real_prepare = clients.ParticipantClient.prepare
+
+            async def lossy_prepare(self: Any, txn: str, *args: Any, **kwargs: Any) -> Any:
+                result = await real_prepare(self, txn, *args, **kwargs)
+                if txn == "t-1":
+                    # The answer is lost, and the participant goes dark (probes fail).
+                    first.fault.mode = participant_pb2.FAULT_MODE_DOWN
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        "answer lost (test)",
+                    )
+                return result
+
+            monkeypatch.setattr(clients.ParticipantClient, "prepare", lossy_prepare)
+            branch = coordinator_pb2.BranchRequest(
+                participant="inventory",
+                operation=pack(
+                    shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=2)])
+                ),
+            )
+            answer = await cluster.submit([branch], "t-1")
+            assert coordinator_pb2.OUTCOME_UNKNOWN == answer.outcome, answer.reason
+            info = first.engine.branch(("t-1", 0))
+            assert info is not None and BranchState.COMMITTED is info.branch.state
+            await cluster.participants.pop("inventory").stop(0)  # its log is lost with it
+
+            second = ParticipantServer(
+                InventoryService(dict(STOCK)),
+                ParticipantConfig(data_dir=tmp_path / "b", listen="127.0.0.1:0"),
+            )
+            await second.start()
+            try:
+                request = coordinator_pb2.RegisterParticipantRequest(
+                    name="inventory",
+                    address=f"127.0.0.1:{second.port}",
+                    incarnation=second.engine.incarnation,
+                    capabilities=coordinator_pb2.Capabilities(one_phase=True, batch=True),
+                    replace=True,
+                )
+                stub = coordinator_pb2_grpc.CoordinatorStub(
+                    cluster.channel(cluster.coordinator_address)
+                )
+                await stub.RegisterParticipant(request)
+
+                async def over() -> bool:
+                    return "t-1" not in engine.active
+
+                await eventually(over, 15)
+                view = engine.lookup("t-1")
+                assert view is not None
+                assert coordinator_pb2.TRANSACTION_STATE_UNKNOWN == view.state
+                assert coordinator_pb2.OUTCOME_UNKNOWN == view.answer
+                assert "log was replaced" in view.reason, view.reason
+                assert f"incarnation {old_incarnation}" in view.reason
+                assert "outcome is unknown" in view.reason
+                hazards = [
+                    (h.transaction_id, h.participant, h.outcome, h.committed, h.one_phase_unknown)
+                    for h in engine.heuristics
+                ]
+                assert [("t-1", "inventory", HEURISTIC_HAZARD, False, True)] == hazards
+                listed = await stub.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
+                assert [coordinator_pb2.OUTCOME_UNKNOWN] == [h.decision for h in listed.heuristics]
+                # No probe went to the replacement (it would have left a tombstone).
+                assert second.engine.branch(("t-1", 0)) is None
+                # A retried Submit hears the same: unknown.
+                again = await cluster.submit([branch], "t-1")
+                assert coordinator_pb2.OUTCOME_UNKNOWN == again.outcome
+                err = capsys.readouterr().err
+                warned = [line for line in err.splitlines() if "replaced while owed" in line]
+                assert 1 == len(warned), err
+                assert "1 of them one-phase commit(s) whose outcome is unknown" in warned[0]
+                assert "e.g. t-1: only the lost log knew it" in warned[0]
             finally:
                 await second.stop(0)
 

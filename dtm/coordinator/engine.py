@@ -28,6 +28,7 @@ from dtm.coordinator.heuristics import HeuristicTable, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
+from dtm.core.branch import HEURISTIC_HAZARD
 from dtm.core.transaction import (
     ROLLBACK_ATTEMPTS_MAX,
     Outcome,
@@ -102,6 +103,9 @@ class Run:
     # them (`settled`), or one of them would roll back the new attempt's prepared branch.
     decisions_open: int = 0
     settled: asyncio.Future[None] | None = None
+    # The incarnation a one-phase Prepare was sent to (its port's): only that incarnation's
+    # answer to the probe tells the outcome (see _probe). Empty: not known (not checked).
+    one_phase_incarnation: str = ""
 
     @property
     def kept(self) -> bool:
@@ -512,6 +516,7 @@ class Engine:
             detail=action.detail,
             recorded_at_unix_ms=wall_ms(),
             committed=txn.state in (TxnState.COMMITTING, TxnState.COMMITTED),
+            one_phase_unknown=txn.state is TxnState.UNKNOWN,
         )
         # Flushed at once, though nobody waits for it: after a crash, a commit's Commit is
         # sent again (and contradicted again), but an abort's Rollback never is.
@@ -526,7 +531,9 @@ class Engine:
         self._keep_heuristic(heuristic)
         self.observer.heuristic_recorded(branch.participant, action.outcome)
         self._log.warning(
-            "heuristic outcome reported by a participant: phase 2 of this branch stops",
+            "one-phase outcome cannot be learned: recorded as a heuristic outcome"
+            if txn.state is TxnState.UNKNOWN
+            else "heuristic outcome reported by a participant: phase 2 of this branch stops",
             txn=txn.transaction_id,
             participant=branch.participant,
             branch=action.branch,
@@ -583,6 +590,14 @@ class Engine:
         self.registry.put(info)
         if replaced and owed:
             assert known is not None
+            unknown = [t for t in owed if self.active[t].txn.state is TxnState.UNKNOWN]
+            one_phase = (
+                f"; {len(unknown)} of them one-phase commit(s) whose outcome is unknown (their "
+                f"answer was lost), e.g. {', '.join(unknown[:3])}: only the lost log knew "
+                "it, so each will be recorded as a heuristic hazard and stay UNKNOWN"
+                if unknown
+                else ""
+            )
             self._log.warning(
                 f"participant {info.name} replaced while owed, by an operator's override "
                 f"({limits.REPLACE_REGISTRATION_FLAG}): incarnation {known.incarnation} at "
@@ -590,9 +605,10 @@ class Engine:
                 f"transaction(s) not yet finished have branches at it, e.g. "
                 f"{', '.join(owed[:3])}: their decisions now go to the replacement, which does "
                 "not know their branches: each Commit among them will be recorded as a "
-                "heuristic hazard for an operator to reconcile (dtm heuristics)",
+                f"heuristic hazard for an operator to reconcile (dtm heuristics){one_phase}",
                 name=info.name,
                 owed=len(owed),
+                unknown=len(unknown) or None,
             )
         elif replaced:
             assert known is not None
@@ -771,7 +787,10 @@ class Engine:
             self._feed(run, vote)
 
         loop = asyncio.get_running_loop()
-        self.registry.port(branch.participant).prepare(
+        port = self.registry.port(branch.participant)
+        if one_phase:
+            run.one_phase_incarnation = port.client.incarnation
+        port.prepare(
             PrepareItem(
                 txn.transaction_id,
                 index,
@@ -895,6 +914,24 @@ class Engine:
         waits for it before closing its channel."""
         txn = run.txn
         participant = txn.branches[0].participant
+        port = self.registry.port(participant)
+        prepared_at, now_at = run.one_phase_incarnation, port.client.incarnation
+        if prepared_at and now_at and prepared_at != now_at:
+            # Another incarnation took the name since the Prepare went out (an operator's
+            # --replace-registration: the log that ran it is lost). Its answer would tell
+            # nothing of that log's: a Rollback would find no branch, leave a tombstone and be
+            # read as "rolled back", though the lost log may have committed it. Unknown for
+            # good: a heuristic hazard, and the client's answer stays UNKNOWN. (A port's
+            # incarnation never changes: a new registration makes a new port, so a probe sent
+            # before the replacement was answered by the Prepare's incarnation or refused.)
+            detail = (
+                f"participant {participant}'s log was replaced (incarnation {prepared_at}, "
+                f"which ran the one-phase Prepare, → {now_at}, by "
+                f"{limits.REPLACE_REGISTRATION_FLAG}) before the outcome was learned: the "
+                "outcome is unknown, recorded as a heuristic hazard to reconcile by hand"
+            )
+            self._feed(run, core.HeuristicReported(0, HEURISTIC_HAZARD, detail))
+            return
         timeout_s = self.config.phase_two_timeout_ms / 1000
         self.counters.requests += 1
         started = time.perf_counter()
@@ -916,7 +953,7 @@ class Engine:
                 )
                 self._feed(run, core.PhaseTwoFailed(0, failure))
 
-        self.registry.port(participant).probe(txn.transaction_id, run.fingerprint, timeout_s, done)
+        port.probe(txn.transaction_id, run.fingerprint, timeout_s, done)
 
     def _append(self, record_type: RecordType, payload: bytes) -> int:
         self.records_since_checkpoint += 1

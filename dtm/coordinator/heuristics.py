@@ -57,9 +57,12 @@ class HeuristicTable:
 
 def heuristic_pb(record: log_pb2.HeuristicRecorded) -> coordinator_pb2.HeuristicOutcome:
     """The public view of a kept record."""
-    decision = (
-        coordinator_pb2.OUTCOME_COMMITTED if record.committed else coordinator_pb2.OUTCOME_ABORTED
-    )
+    if record.one_phase_unknown:
+        decision = coordinator_pb2.OUTCOME_UNKNOWN
+    elif record.committed:
+        decision = coordinator_pb2.OUTCOME_COMMITTED
+    else:
+        decision = coordinator_pb2.OUTCOME_ABORTED
     return coordinator_pb2.HeuristicOutcome(
         transaction_id=record.transaction_id,
         branch=record.branch,

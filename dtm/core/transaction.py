@@ -28,7 +28,10 @@ class TxnState(Enum):
     COMMITTING = "committing"  # commit durable, phase 2 running
     COMMITTED = "committed"
     ABORTED = "aborted"  # presumed abort: rollbacks are sent best-effort, nothing is logged
-    UNKNOWN = "unknown"  # one-phase commit whose answer was lost; being resolved
+    # One-phase commit whose answer was lost; being resolved. A transaction also finishes in
+    # it when the outcome can no longer be learned (a heuristic hazard: see
+    # _on_one_phase_unlearnable).
+    UNKNOWN = "unknown"
 
 
 TERMINAL_STATES = frozenset({TxnState.COMMITTED, TxnState.ABORTED})
@@ -130,7 +133,8 @@ class OnePhaseResolved:
 class HeuristicReported:
     """A branch's outcome is not the decision's, or is unknown: an operator forced it, or the
     participant's own record contradicts phase 2. Recorded, shown in status, never silent;
-    phase 2 of that branch stops, since no retry can change it."""
+    phase 2 of that branch stops, since no retry can change it. In UNKNOWN: the one-phase
+    outcome can no longer be learned (the engine found the participant's log replaced)."""
 
     branch: int
     outcome: str
@@ -645,6 +649,25 @@ def _on_one_phase_probe_failed(txn: Transaction, event: PhaseTwoFailed) -> list[
     ]
 
 
+def _on_one_phase_unlearnable(txn: Transaction, event: HeuristicReported) -> list[Action]:
+    # The participant that ran the one-phase Prepare can no longer be asked: its log was
+    # replaced (another incarnation took its name, by an operator's override), and the
+    # replacement's answer to the probe would say nothing about what the lost log did. The
+    # outcome stays unknown for good: recorded (a heuristic hazard, for an operator to
+    # reconcile), the client's answer stays UNKNOWN, and nothing more is asked.
+    branch = txn.branch(event.branch)
+    branch.heuristic = event.outcome
+    branch.acknowledged = True
+    branch.last_error = event.detail or branch.last_error
+    if event.detail:
+        txn.reason = f"{txn.reason}; {event.detail}"
+    return [
+        PersistHeuristic(branch.index, event.outcome, event.detail),
+        *txn._reply(Outcome.UNKNOWN, txn.reason),
+        Finished(),
+    ]
+
+
 def _on_heuristic(txn: Transaction, event: HeuristicReported) -> list[Action]:
     # Phase 2 cannot change this branch (forced by an operator, or contradicted by the
     # participant's record): stop retrying, and make the outcome visible in the transaction's
@@ -696,6 +719,7 @@ TRANSITIONS: dict[tuple[TxnState, type], Handler] = {
     (S.ABORTED, HeuristicReported): _on_heuristic_after_abort,  # type: ignore[dict-item]
     (S.UNKNOWN, OnePhaseResolved): _on_one_phase_resolved,  # type: ignore[dict-item]
     (S.UNKNOWN, PhaseTwoFailed): _on_one_phase_probe_failed,  # type: ignore[dict-item]
+    (S.UNKNOWN, HeuristicReported): _on_one_phase_unlearnable,  # type: ignore[dict-item]
     (S.UNKNOWN, VoteReceived): _ignore,
     (S.UNKNOWN, TimedOut): _ignore,
 }

@@ -56,7 +56,7 @@ class TransactionEnded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicRecorded(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed", "one_phase_unknown")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class HeuristicRecorded(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ONE_PHASE_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
@@ -71,7 +72,8 @@ class HeuristicRecorded(_message.Message):
     detail: str
     recorded_at_unix_ms: int
     committed: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+    one_phase_unknown: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ..., one_phase_unknown: _Optional[bool] = ...) -> None: ...
 
 class HeuristicForgotten(_message.Message):
     __slots__ = ("transaction_id", "branch")
