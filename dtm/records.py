@@ -37,6 +37,7 @@ class RecordType(IntEnum):
     BRANCH_ROLLED_BACK = 18
     PARTICIPANT_CHECKPOINT = 19
     BRANCH_FORGOTTEN = 20
+    BRANCH_RECONCILED = 21
 
 
 class ReplayError(Exception):
@@ -76,6 +77,7 @@ PAYLOADS: dict[RecordType, type[Message]] = {
     RecordType.BRANCH_ROLLED_BACK: log_pb2.BranchRolledBack,
     RecordType.PARTICIPANT_CHECKPOINT: log_pb2.ParticipantCheckpoint,
     RecordType.BRANCH_FORGOTTEN: log_pb2.BranchForgotten,
+    RecordType.BRANCH_RECONCILED: log_pb2.BranchReconciled,
 }
 
 

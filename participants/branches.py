@@ -92,6 +92,8 @@ class BranchInfo:
     fingerprint: bytes = b""
     # A forced branch an operator forgot (`BranchEngine.forget`).
     forgotten: bool = False
+    # A forced branch that learned its coordinator's outcome (a BranchReconciled record).
+    reconciled: bool = False
 
 
 def _decided_entry(info: BranchInfo) -> bytes:
@@ -110,6 +112,7 @@ def _decided_entry(info: BranchInfo) -> bytes:
         decided_at_unix_ms=info.updated_at_ms,
         forgotten=info.forgotten,
         one_phase=branch.one_phase,
+        reconciled=info.reconciled,
     ).SerializeToString()
     return encoded_field(_DECIDED_KEY, entry)
 
@@ -135,6 +138,7 @@ def _decided_info(entry: bytes) -> BranchInfo:
         decided.decided_at_unix_ms,
         fingerprint=decided.transaction_fingerprint,
         forgotten=decided.forgotten,
+        reconciled=decided.reconciled,
     )
 
 
@@ -218,7 +222,9 @@ class BranchEngine:
         # that would be acknowledged as a tombstone, hiding a forced commit. So they outlive the
         # window, bounded by `forced_kept` (beyond, the oldest goes, with an ERROR line). Each
         # with the time it was forced (its decision's), from which the server's inquiry loop
-        # waits `in_doubt_after_ms` before it asks the coordinator about it itself.
+        # waits `in_doubt_after_ms` before it asks the coordinator about it itself. Once the
+        # coordinator has spoken, a BranchReconciled record says so: replay and checkpoints
+        # keep it off this list (`_forced_reported`).
         self._forced_unreported: dict[BranchKey, int] = {}
         # Those of them the window has pushed out: their checkpoint entries.
         self._forced_beyond: dict[BranchKey, bytes] = {}
@@ -451,12 +457,20 @@ class BranchEngine:
         the coordinator's own Commit or Rollback arrives (`decide_now`, the same path),
         whether the answer agrees with the forced outcome or contradicts it (a heuristic
         outcome: the caller says so). Returns the branch, or None when it no longer awaits
-        (its decision came, or an operator forgot it, while the inquiry was in flight)."""
+        (its decision came, or an operator forgot it, while the inquiry was in flight).
+
+        Its BranchReconciled record is lazy: the coordinator is not waiting on it (it learns
+        nothing from this inquiry). Lost in a crash before the next fsync, the branch is
+        awaiting again after the restart and asked again, and the answer is the same: an
+        abort stays an abort (presumed or logged), and a commit is forgotten by its
+        coordinator only once this branch has answered its Commit (acknowledged it, or told
+        it the heuristic), an answer that waits for this record too (`_durable_lsn`, set
+        below). The cost of the loss is the one line and count repeated."""
         if key not in self._forced_unreported:
             return None
         info = self.branch(key)
         assert info is not None  # kept in the window or past it while it awaits
-        self._forced_reported(key, commit == (info.branch.state is BranchState.COMMITTED))
+        self._forced_reported(key, commit, info)
         return info
 
     def awaiting(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
@@ -650,19 +664,35 @@ class BranchEngine:
                 kept_max=self._forced_kept,
             )
 
-    def _forced_reported(self, key: BranchKey, agreed: bool) -> None:
-        """The coordinator sent its decision for a forced branch, and hears the heuristic in
-        the answer (or answered an inquiry about it: `reconcile_forced`): from now on the
-        branch is kept as long as any decided one. Counted by whether the coordinator's
-        outcome agreed with the forced one."""
+    def _forced_reported(self, key: BranchKey, commit: bool, info: BranchInfo) -> None:
+        """The coordinator sent its decision (`commit`) for a forced branch, and hears the
+        heuristic in the answer (or answered an inquiry about it: `reconcile_forced`): from
+        now on the branch is kept as long as any decided one. Counted by whether the
+        coordinator's outcome agreed with the forced one, and logged (BranchReconciled), so
+        that a restart neither asks about it again (a coordinator that has forgotten the
+        transaction meanwhile would answer ABORTED, presumed abort: the wrong verdict) nor
+        counts it again. Every later answer about the branch waits for the record
+        (`_durable_lsn`)."""
         del self._forced_unreported[key]
-        if agreed:
+        if commit == (info.branch.state is BranchState.COMMITTED):
             self.counters.forced_agreed += 1
         else:
             self.counters.forced_contradicted += 1
-        entry = self._forced_beyond.pop(key, None)
-        if entry is not None:  # back into the window, as the newest, for a retried decision
-            self._remember_decided(key, entry)
+        record = log_pb2.BranchReconciled(transaction_id=key[0], branch=key[1], committed=commit)
+        lsn = self.log.append(RecordType.BRANCH_RECONCILED, record.SerializeToString())
+        self.records_since_checkpoint += 1
+        self._durable_lsn[key] = lsn
+        self._mark_reconciled(key)
+
+    def _mark_reconciled(self, key: BranchKey) -> None:
+        """A forced branch no longer awaiting its coordinator, which has spoken: its entry
+        says so (for the checkpoints), re-encoded in place in the window, or put back into it
+        as the newest when it was kept past it (for a retried decision)."""
+        entry = self._forced_beyond.pop(key, None) or self._decided.get(key)
+        assert entry is not None  # kept in the window or past it while it awaited
+        info = _decided_info(entry)
+        info.reconciled = True
+        self._remember_decided(key, _decided_entry(info))
 
     def _forget_forced(self, key: BranchKey, info: BranchInfo) -> None:
         """Kept from now on as long as any decided branch: its entry re-encoded in place in the
@@ -783,7 +813,13 @@ class BranchEngine:
         else:
             reply = self._execute(info, info.branch.handle(event))
             if key in self._forced_unreported:
-                self._forced_reported(key, commit == (info.branch.state is BranchState.COMMITTED))
+                # Forced: its coordinator forgets a commit once every branch acknowledged it,
+                # and a restart that lost this record would then ask about the forgotten
+                # commit and hear ABORTED. The answer (`_decide`, `DecideBatch`) waits for it.
+                # Forced heuristic branches are an operator's rare doing: the one fsync
+                # costs nothing measurable.
+                self._forced_reported(key, commit, info)
+                self.forced_writes += 1
         if isinstance(reply, core.ReplyError):
             raise BranchError(reply.kind, reply.message, reply.heuristic)
 
@@ -904,6 +940,13 @@ class BranchEngine:
                     # Absent when the bound on forced branches pushed it out before the forget.
                     if info is not None and key not in self.open:
                         self._forget_forced(key, info)
+                elif kind is RecordType.BRANCH_RECONCILED:
+                    reconciled = log_pb2.BranchReconciled.FromString(record.payload)
+                    key = (reconciled.transaction_id, reconciled.branch)
+                    # Absent when the bound on forced branches pushed it out before, or an
+                    # operator forgot it first. Not counted, not logged: that was done once.
+                    if self._forced_unreported.pop(key, None) is not None:
+                        self._mark_reconciled(key)
                 # Coordinator record types never appear in a participant's log.
             # ValueError: RecordType(n), or a snapshot the service's restore refuses.
             except (ValueError, DecodeError, RecoveryError) as error:
@@ -1016,9 +1059,10 @@ class BranchEngine:
             key = (decided.transaction_id, decided.branch)
             if not decided.decided_at_unix_ms:  # a checkpoint from before the field
                 decided.decided_at_unix_ms = restored_at_ms
-            if decided.heuristic and not decided.forgotten:
-                # Whether its coordinator already spoke is not logged: kept, to be safe (and
-                # asked about again by the inquiry loop).
+            if decided.heuristic and not decided.forgotten and not decided.reconciled:
+                # Its coordinator has not spoken yet (BranchReconciled): kept, and asked about
+                # by the inquiry loop. A checkpoint written before `reconciled` existed keeps
+                # every forced branch not forgotten, and they are asked about again.
                 self._keep_forced(key, decided.decided_at_unix_ms)
             self._remember_decided(key, encoded_field(_DECIDED_KEY, decided.SerializeToString()))
 

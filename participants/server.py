@@ -993,7 +993,9 @@ class ParticipantServer:
 
     def _reconcile_forced(self, key: tuple[str, int], commit: bool) -> None:
         """The coordinator's outcome for a forced branch: it stops awaiting, as when its
-        decision arrives; a contradiction is a heuristic outcome, and said so (rule 17)."""
+        decision arrives; a contradiction is a heuristic outcome, and said so (rule 17). The
+        engine logs it (BranchReconciled, lazily: see `BranchEngine.reconcile_forced`), so
+        that this line and the count are not repeated after a restart."""
         info = self.engine.reconcile_forced(key, commit)
         if info is None:  # decided by its coordinator, or forgotten, meanwhile
             return

@@ -12,6 +12,7 @@ import pytest
 from google.protobuf import any_pb2
 
 from dtm.core.branch import Branch, BranchState, BranchVote, ErrorKind
+from dtm.records import RecordType
 from dtm.wal import LogRecord, MemoryLog
 from dtmpb.v1 import log_pb2, shop_pb2
 from participants import decided
@@ -196,6 +197,146 @@ def test_a_forced_branch_is_reconciled_by_its_coordinators_answer() -> None:
             engine.decide_now(*keys[1], commit=False)
         assert late.value.kind is ErrorKind.HEURISTIC
         assert (2, 1) == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+
+    asyncio.run(scenario())
+
+
+class SyncedOnWait(MemoryLog):
+    """A MemoryLog whose records are durable only once a wait_durable syncs them (every one
+    appended so far, as one fsync does): what a crash keeps is `durable()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.synced = 0
+
+    @property
+    def durable_lsn(self) -> int:
+        return self.synced
+
+    async def wait_durable(self, lsn: int) -> None:
+        await super().wait_durable(lsn)
+        if lsn > self.synced:  # as the real log: no fsync for what is durable already
+            self.synced = self.appended_lsn
+
+    def durable(self) -> list[LogRecord]:
+        return [record for record in self.records if record.lsn <= self.synced]
+
+
+def reconciled_lsns(log: MemoryLog) -> list[int]:
+    return [r.lsn for r in log.records if r.record_type == RecordType.BRANCH_RECONCILED]
+
+
+def test_a_forced_branch_is_reconciled_durably_before_the_coordinators_decision_is_answered() -> (
+    None
+):
+    """The coordinator forgets a commit once every branch acknowledged it. Had the forced
+    branch's acknowledgement left before the record that it was reconciled was durable, a
+    crash would bring it back awaiting, asking about a commit its coordinator no longer knows,
+    and hearing ABORTED (presumed abort): a wrong verdict. So when the decision's call returns
+    (the unary one, and the batch's decide_now + wait_durable), the record is on disk, and a
+    restart from what a crash keeps does not await the coordinator or count anything again."""
+
+    async def scenario() -> None:
+        log = SyncedOnWait()
+        engine = BranchEngine(
+            InventoryService(), log, LockManager(wait_timeout_s=0.5), clock_ms=lambda: 0
+        )
+        keys = [("agreed", 1), ("contradicted", 1), ("batched", 1)]
+        for txn, index in keys:
+            engine.begin_prepare(txn, index, reserve(), False)
+            await engine.force((txn, index), commit=True)
+        await engine.commit(*keys[0])  # agrees: acknowledged
+        assert log.durable_lsn >= reconciled_lsns(log)[0]
+        with pytest.raises(BranchError) as heuristic:  # contradicts: the heuristic answer
+            await engine.rollback(*keys[1])
+        assert heuristic.value.kind is ErrorKind.HEURISTIC
+        assert log.durable_lsn >= reconciled_lsns(log)[1]
+        engine.decide_now(*keys[2], commit=True)  # DecideBatch's way
+        await engine.wait_durable([keys[2]])
+        assert log.durable_lsn >= reconciled_lsns(log)[2]
+        assert (2, 1) == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+
+        crashed = BranchEngine(
+            InventoryService(), MemoryLog(), LockManager(wait_timeout_s=0.5), clock_ms=lambda: 0
+        )
+        crashed.replay(log.durable())
+        assert not crashed.forced_awaiting()
+        assert (0, 0) == (crashed.counters.forced_agreed, crashed.counters.forced_contradicted)
+        with pytest.raises(BranchError) as late:  # a retried decision hears the same
+            crashed.decide_now(*keys[1], commit=False)
+        assert late.value.kind is ErrorKind.HEURISTIC
+        assert (0, 0) == (crashed.counters.forced_agreed, crashed.counters.forced_contradicted)
+
+    asyncio.run(scenario())
+
+
+def test_an_inquirys_reconciliation_is_lazy_but_written_before_any_later_answer() -> None:
+    """The coordinator does not wait on an inquiry's answer, so its record is not forced: a
+    crash that loses it costs one more inquiry with the same answer. But a later Commit of the
+    branch (whose acknowledgement lets the coordinator forget the commit) waits for it."""
+
+    async def scenario() -> None:
+        log = SyncedOnWait()
+        engine = BranchEngine(
+            InventoryService(), log, LockManager(wait_timeout_s=0.5), clock_ms=lambda: 0
+        )
+        forced = ("forced", 1)
+        engine.begin_prepare(*forced, reserve(), False)
+        await engine.force(forced, commit=True)
+        synced = log.durable_lsn
+        writes = engine.forced_writes
+        assert engine.reconcile_forced(forced, commit=True) is not None
+        [lsn] = reconciled_lsns(log)
+        assert (synced, writes) == (log.durable_lsn, engine.forced_writes)  # lazy
+        await engine.commit(*forced)  # the coordinator's Commit, after the inquiry
+        assert log.durable_lsn >= lsn
+        assert (1, 0) == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+
+    asyncio.run(scenario())
+
+
+def test_a_reconciled_forced_branch_is_not_awaiting_after_a_replay_or_a_checkpoint() -> None:
+    """Reconciled forced branches, in the window or kept past it, stay reconciled across a
+    restart from the log alone and from a checkpoint: not awaiting, not asked about, not
+    counted again; the unreconciled one still awaits. A log from before the BranchReconciled
+    record (none in it) brings every forced branch back awaiting, to be asked again."""
+
+    async def scenario() -> None:
+        first = engine_with(kept=4)
+        keys = [("by-inquiry", 1), ("by-decision", 1), ("unreconciled", 1)]
+        for txn, index in keys:
+            first.begin_prepare(txn, index, reserve(), False)
+            await first.force((txn, index), commit=True)
+        for n in range(5):  # pushes the forced ones past the window (4)
+            first.decide_now(f"txn-{n}", 1, commit=False)
+        assert first.reconcile_forced(keys[0], commit=False) is not None  # contradicted
+        first.decide_now("txn-5", 1, commit=False)
+        first.decide_now(*keys[1], commit=True)  # agreed
+        # Both back in the window, each the newest when reconciled; the other past it still.
+        assert known(first) == [keys[2], ("txn-4", 1), keys[0], ("txn-5", 1), keys[1]]
+        assert [keys[2]] == [k for k, _ in first.forced_awaiting()]
+        assert isinstance(first.log, MemoryLog)
+
+        from_log = engine_with(kept=4)
+        from_log.replay(first.log.records)
+        old_log = engine_with(kept=4)
+        old_log.replay(
+            [r for r in first.log.records if r.record_type != RecordType.BRANCH_RECONCILED]
+        )
+        await first.checkpoint()
+        from_checkpoint = engine_with(kept=4)
+        from_checkpoint.replay(first.log.records)
+        for restarted in (from_log, from_checkpoint):
+            assert [keys[2]] == [k for k, _ in restarted.forced_awaiting()]
+            assert (0, 0) == (
+                restarted.counters.forced_agreed,
+                restarted.counters.forced_contradicted,
+            )
+            for reconciled in keys[:2]:
+                info = restarted.branch(reconciled)
+                assert info is not None and info.reconciled and info.branch.heuristic
+                assert restarted.reconcile_forced(reconciled, commit=True) is None
+        assert sorted(keys) == sorted(k for k, _ in old_log.forced_awaiting())
 
     asyncio.run(scenario())
 

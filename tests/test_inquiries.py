@@ -14,9 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dtm import logs
-from dtmpb.v1 import participant_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.server import now_ms
-from tests.harness import InProcessCluster, pack
+from participants.services.inventory import InventoryService
+from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
 
 # The branches must not be asked about by the housekeeping loop itself: the tests ask, at a
 # time of their choosing, through `_ask_about_in_doubt`.
@@ -112,6 +113,117 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
             assert ("dtm-heuristic", "heuristic commit") in tuple(
                 late.value.trailing_metadata() or ()
             )
+
+    asyncio.run(scenario())
+
+
+async def idle(cluster: InProcessCluster) -> None:
+    async def quiet() -> bool:
+        return not cluster.coordinator.engine.active
+
+    await eventually(quiet)
+
+
+async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
+    """The coordinator commits t1 while inventory rejects its Commit; an operator forces
+    inventory's branch (`commit`: agreeing, or a heuristic rollback)."""
+    await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+    branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
+    assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
+    await cluster.admin("inventory").ForceOutcome(
+        participant_pb2.ForceOutcomeRequest(
+            transaction_id="t1", branch=0, commit=commit, i_understand_this_is_heuristic=True
+        )
+    )
+
+
+def forced_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "inventory:" in line and "forced" in line]
+
+
+@pytest.mark.parametrize("commit", [True, False], ids=["agreeing", "contradicting"])
+def test_a_forced_branch_reconciled_by_its_commit_is_not_asked_about_after_a_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], commit: bool
+) -> None:
+    """The coordinator's Commit reaches a forced branch, which is reconciled; the coordinator
+    then forgets t1 (its window of finished transactions). Before, a restart put the branch
+    back among those awaiting the coordinator, asked about t1, heard ABORTED (presumed abort:
+    no record) and reported the agreeing forced commit as a contradiction, the contradicting
+    forced rollback as agreement. Now the reconciliation is logged: nothing is asked, said or
+    counted again."""
+    logs.configure("inventory", "INFO")
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            participant_overrides={"in_doubt_after_ms": NEVER_MS},
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 20, "backoff_ms_max": 100},
+        ) as cluster:
+            await forced_after_commit(cluster, commit)
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+            await idle(cluster)  # the coordinator's Commit reached the forced branch
+            engine = cluster.participants["inventory"].engine
+            assert not engine.awaiting_coordinator(("t1", 0))
+            expected = (1, 0) if commit else (0, 1)
+            assert expected == (engine.counters.forced_agreed, engine.counters.forced_contradicted)
+            for number in range(3):  # the coordinator forgets t1 (finished_kept 2)
+                newer = order_branches(f"o-n{number}", [("sku-apple", 1)], amount_cents=1)
+                await cluster.submit(newer[:1], f"tn{number}")
+            await idle(cluster)
+            assert not cluster.coordinator.engine.knows("t1")
+
+            server = await cluster.restart_participant("inventory", InventoryService(dict(STOCK)))
+            assert [] == server.engine.forced_awaiting()
+            capsys.readouterr()
+            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+            assert [] == forced_lines(capsys.readouterr().err)
+            counters = server.engine.counters
+            assert (0, 0) == (counters.forced_agreed, counters.forced_contradicted)
+            kept = server.engine.branch(("t1", 0))
+            assert kept is not None and kept.branch.heuristic and kept.reconciled
+
+    asyncio.run(scenario())
+
+
+def test_a_contradiction_found_by_inquiry_is_not_counted_again_after_restarts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An inquiry finds a forced rollback of a committed transaction: one WARNING, one count.
+    Before, every restart (from the log, or from a checkpoint) put the branch back awaiting,
+    asked again, warned and counted again."""
+    logs.configure("inventory", "INFO")
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            participant_overrides={"in_doubt_after_ms": NEVER_MS},
+            coordinator_overrides={"backoff_ms_min": 20, "backoff_ms_max": 100},
+        ) as cluster:
+            await forced_after_commit(cluster, commit=False)
+            server = cluster.participants["inventory"]
+            capsys.readouterr()
+            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+            [warning] = forced_lines(capsys.readouterr().err)
+            assert "contradicts" in warning and "txn=t1" in warning
+            assert 1 == server.engine.counters.forced_contradicted
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+            await idle(cluster)  # its Commit came after: answered with the heuristic
+            heuristics = await cluster.client.ListHeuristics(
+                coordinator_pb2.ListHeuristicsRequest()
+            )
+            assert [("t1", 0)] == [(h.transaction_id, h.branch) for h in heuristics.heuristics]
+            for restart in ("from the log", "from a checkpoint"):
+                if restart == "from a checkpoint":
+                    await server.engine.checkpoint()
+                server = await cluster.restart_participant(
+                    "inventory", InventoryService(dict(STOCK))
+                )
+                assert [] == server.engine.forced_awaiting(), restart
+                capsys.readouterr()
+                await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+                assert [] == forced_lines(capsys.readouterr().err), restart
+                counters = server.engine.counters
+                assert (0, 0) == (counters.forced_agreed, counters.forced_contradicted), restart
 
     asyncio.run(scenario())
 

@@ -141,8 +141,18 @@ class BranchForgotten(_message.Message):
     branch: int
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
 
+class BranchReconciled(_message.Message):
+    __slots__ = ("transaction_id", "branch", "committed")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    committed: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+
 class DecidedBranch(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten", "one_phase")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten", "one_phase", "reconciled")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +163,7 @@ class DecidedBranch(_message.Message):
     DECIDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_FIELD_NUMBER: _ClassVar[int]
+    RECONCILED_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: _participant_pb2.BranchState
@@ -163,7 +174,8 @@ class DecidedBranch(_message.Message):
     decided_at_unix_ms: int
     forgotten: bool
     one_phase: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ..., one_phase: _Optional[bool] = ...) -> None: ...
+    reconciled: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[_participant_pb2.BranchState, str]] = ..., reason: _Optional[str] = ..., vote: _Optional[_Union[_coordinator_pb2.Vote, str]] = ..., heuristic: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., decided_at_unix_ms: _Optional[int] = ..., forgotten: _Optional[bool] = ..., one_phase: _Optional[bool] = ..., reconciled: _Optional[bool] = ...) -> None: ...
 
 class ParticipantCheckpoint(_message.Message):
     __slots__ = ("service_state", "prepared", "decided", "incarnation")
