@@ -533,3 +533,65 @@ def test_a_reader_gone_away_ends_the_command_quietly(
             stack.enter_context(sleeper(name, tmp_path))
         status, _, err = run(capsys, "up", *data)  # "already running"
         assert (141, "") == (status, err)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"test_control": "false"}, '"test_control" must be true or false, not "false"'),
+        ({"initial": 1}, '"initial" must be true or false, not 1'),
+        ({"host": 7}, '"host" must be a non-empty string, not 7'),
+        ({"prepare_timeout_ms": "100"}, '"prepare_timeout_ms" must be null or a number'),
+        ({"transaction_timeout_ms": 0}, '"transaction_timeout_ms" must be null or a number'),
+        ({"tls_dir": ["x"]}, '"tls_dir" must be null (plaintext) or a directory'),
+        ({"extra_args": {"inventory": "--x"}}, '"extra_args"."inventory" must be a list of'),
+        ({"extra_args": {"inventory": [1]}}, '"extra_args"."inventory" must be a list of'),
+        ({"extra_args": {"nope": []}}, '"extra_args" key "nope" must be one of coordinator'),
+        ({"extra_args": []}, '"extra_args" must be an object of process names, not []'),
+        ({"tls-dir": "/x"}, 'unknown key "tls-dir"'),
+        ({"ports": [1, 2, 3, 4, 5]}, '"ports" must be an object with coordinator'),
+        ({"ports": None}, '"ports" must be an object with coordinator'),
+        ({"ports": {"coordinator": 0}}, '"ports"."coordinator" must be a number 1..65535, not 0'),
+        ({"ports": {"orders": 99999}}, '"ports"."orders" must be a number 1..65535, not 99999'),
+        ({"ports": {"payment": "abc"}}, '"ports"."payment" must be a number 1..65535, not "abc"'),
+        ({"ports": {"payment": True}}, '"ports"."payment" must be a number 1..65535, not true'),
+        ({"ports": {"notification": None}}, '"ports"."notification" must be recorded'),
+        ({"ports": {"notifcation": 1}}, '"ports" key "notifcation" must be one of'),
+        ({"drop": "ports"}, '"ports" must be recorded'),
+    ],
+)
+def test_attach_checks_each_recorded_setting_and_names_the_key(
+    tmp_path: Path, edit: dict[str, object], message: str
+) -> None:
+    """`"test_control": "false"` turned fault injection on (bool("false")), extra_args
+    "--x" became three arguments, and ports 0, 99999 or "abc" reached the servers, a
+    missing one its default (found by a bug hunt)."""
+    Cluster(tmp_path, Ports.free())._write_state()
+    path = tmp_path / "cluster.json"
+    state = json.loads(path.read_text())
+    edit = dict(edit)
+    if "drop" in edit:
+        del state[str(edit.pop("drop"))]
+    elif isinstance(edit.get("ports"), dict):
+        ports = {**state["ports"], **edit.pop("ports")}  # type: ignore[dict-item]
+        state["ports"] = {name: port for name, port in ports.items() if port is not None}
+    state.update(edit)
+    path.write_text(json.dumps(state))
+    with pytest.raises(cluster.ClusterStateError) as raised:
+        Cluster.attach(tmp_path)
+    assert f"{path} does not describe a cluster: " in str(raised.value)
+    assert message in str(raised.value)
+
+
+def test_attach_takes_a_cluster_json_of_an_older_version(tmp_path: Path) -> None:
+    """Files written before TLS and extra arguments lack those keys: their defaults."""
+    ports = Ports.free()
+    state = {"host": "127.0.0.1", "ports": {name: ports.of(name) for name in PROCESSES}}
+    (tmp_path / "cluster.json").write_text(json.dumps({**state, "test_control": True}))
+    attached = Cluster.attach(tmp_path)
+    assert (ports, None, {}, True) == (
+        attached.ports,
+        attached.tls_dir,
+        attached.extra_args,
+        attached.test_control,
+    )
