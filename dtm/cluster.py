@@ -1057,14 +1057,25 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
     """The processes already running, with the settings they were started with, else a new
     cluster from the options; None when everything already runs. ClusterError when some run
     and the options ask for other settings than theirs (a flag not given asks for nothing)."""
-    recorded = (options.data_dir / "cluster.json").exists()
+    state_path = options.data_dir / "cluster.json"
+    recorded = state_path.exists()
     try:
         existing = Cluster.attach(options.data_dir)
     except ClusterStateError as error:
         if _running(_from_pidfiles(options.data_dir)):
             raise ClusterError(f"{error}; stop its processes with `down` first") from None
-        # Nothing runs: the new cluster's settings replace the unreadable ones.
-        print(f"up: {error}; starting with the settings the flags give", file=sys.stderr)
+        # Nothing runs. The flags' defaults must not stand in for what the file records: a
+        # TLS cluster whose initial.json went missing, or with a typo in cluster.json,
+        # came back in PLAINTEXT on the default ports, and cluster.json was rewritten so
+        # (found by a bug hunt). Only flags that give every setting replace it.
+        missing = [flag for flag, given in _replacing_flags(options) if not given]
+        if missing:
+            raise ClusterError(
+                f"{error}\nnothing was started: fix {state_path}; or replace what it records "
+                f"by giving every setting by flag (missing: {', '.join(missing)}); or "
+                "remove it to start from the flags and their defaults"
+            ) from None
+        print(f"up: {error}; replacing it with the settings the flags give", file=sys.stderr)
         existing, recorded = Cluster(options.data_dir), False
     requested = _requested_settings(options)
     running = _running(existing)
@@ -1123,6 +1134,17 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         tls_dir=tls_dir,
         extra_args=_metrics_args(metrics),
     )
+
+
+def _replacing_flags(options: argparse.Namespace) -> list[tuple[str, bool]]:
+    """The flags that, all given, replace an unreadable cluster.json (each a setting whose
+    default would otherwise stand in for what it records), and whether each was given."""
+    return [
+        ("--ports", options.ports is not None),
+        ("--tls-dir DIR|off", options.tls_dir is not None),
+        ("--[no-]test-control", options.test_control is not None),
+        ("--metrics-ports PORTS|off", options.metrics_ports is not None),
+    ]
 
 
 def _restart_recorded(stopped: Cluster, requested: dict[str, Any], timeout: float) -> Cluster:

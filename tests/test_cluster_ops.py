@@ -535,6 +535,51 @@ def test_a_reader_gone_away_ends_the_command_quietly(
         assert (141, "") == (status, err)
 
 
+def test_up_refuses_a_cluster_json_it_cannot_use_rather_than_starting_from_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TLS cluster whose initial.json went missing (or with a typo in cluster.json) came
+    back in PLAINTEXT on the default ports, and cluster.json was rewritten without its
+    tls_dir, with one line on stderr (found by a bug hunt). `up` now refuses, names the
+    problem and how to go on; only flags that give every setting replace the file."""
+    started: list[Cluster] = []
+    monkeypatch.setattr(Cluster, "start", lambda self: started.append(self))
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for name in ("ca.pem", "operator.pem", "operator-key.pem"):
+        (certs / name).write_text("not checked here\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    ports = Ports.free()
+    recorded = Cluster(data, ports, initial={"stock": {}}, tls_dir=certs)
+    recorded._write_state()
+    state_text = (data / "cluster.json").read_text()
+    at = ["up", "--data-dir", str(data)]
+
+    status, out, err = run(capsys, *at, "--metrics-ports", "off")  # initial.json is gone
+    assert (1, "", []) == (status, out, started)
+    assert '"initial": true), but cannot read' in err and "initial.json" in err
+    assert "nothing was started" in err and "remove it to start from the flags" in err
+    assert "(missing: --ports, --tls-dir DIR|off, --[no-]test-control)" in err
+    assert state_text == (data / "cluster.json").read_text(), "cluster.json was rewritten"
+
+    state = json.loads(state_text)
+    state["initial"] = False
+    for edit in ({"tls-dir": None}, {"extra_args": {"inventroy": []}}, {"ports": [1, 2]}):
+        (data / "cluster.json").write_text(json.dumps({**state, **edit}))
+        status, out, err = run(capsys, *at)
+        assert (1, "", []) == (status, out, started), edit
+        assert "does not describe a cluster" in err and "nothing was started" in err, err
+
+    # Every setting by flag: the unreadable file is replaced, and says so.
+    other = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+    flags = ["--ports", other, "--tls-dir", str(certs), "--no-test-control"]
+    status, out, err = run(capsys, *at, *flags, "--metrics-ports", "off")
+    assert (0, 1) == (status, len(started)), err
+    assert (certs.resolve(), {}) == (started[0].tls_dir, started[0].extra_args)
+    assert "replacing it with the settings the flags give" in err
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
