@@ -1181,15 +1181,27 @@ def cmd_log_dump(session: Session) -> int:
         lines = list(wal.dump(path))
     except OSError as error:
         raise CliError(f"cannot read {path}: {error}") from None
+    not_a_log = None
     if lines and lines[-1].startswith("NOT A LOG"):
-        # /etc/services, or garbage named like a segment: one line, not a "torn tail".
-        raise CliError(lines[-1].removeprefix("NOT A LOG "))
-    corrupted = any(line.startswith("CORRUPTED") for line in lines)
+        # /etc/services, or garbage named like a segment: an error, not a "torn tail". The
+        # records of the segments before it are printed first (they were hidden).
+        not_a_log = lines.pop().removeprefix("NOT A LOG ")
+        if not lines:
+            raise CliError(not_a_log)
+    corrupted = not_a_log is not None or any(line.startswith("CORRUPTED") for line in lines)
     if session.json:
-        fmt.emit_json({"path": str(path), "lines": lines, "corrupted": corrupted}, session.out)
+        document: dict[str, Any] = {"path": str(path), "lines": lines, "corrupted": corrupted}
+        if not_a_log is not None:
+            document["not_a_log"] = not_a_log
+        fmt.emit_json(document, session.out)
+    elif not lines:
+        # Printing nothing read as a failure to look (a zero-byte file, or a new log).
+        print(f"{path}: empty, no records", file=session.out)
     else:
         for line in lines:
             print(line, file=session.out)
+    if not_a_log is not None:
+        raise CliError(not_a_log)
     return EXIT_ERROR if corrupted else EXIT_OK
 
 

@@ -1791,7 +1791,9 @@ def dump(path: Path) -> Iterator[str]:
 
     A torn tail or corruption ends the output with a line saying so; so does a file whose first
     bytes cannot be a record header, even a torn one ("NOT A LOG": /etc/services, or garbage
-    named like a segment), rather than reading as a log whose every byte is a torn tail.
+    named like a segment), rather than reading as a log whose every byte is a torn tail. In a
+    directory that line names the segment ("segment N of M is not a log segment"), after the
+    records of the segments before it.
     """
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if _SEGMENT_NAME.match(p.name))
@@ -1805,10 +1807,14 @@ def dump(path: Path) -> Iterator[str]:
             reason = _not_a_header(data, int(match.group(1)) if match else None)
             if reason is not None:
                 # Opening the log would cut such a last segment to nothing, as a torn write.
-                yield (
-                    f"NOT A LOG {file}: not a dtm write-ahead log segment (its first bytes are "
-                    f"no record header: {reason})"
+                # In a directory, the verdict is this segment's, not the whole log's: the
+                # records of the segments before it are above.
+                what = (
+                    f"segment {index + 1} of {len(files)} is not a log segment"
+                    if path.is_dir()
+                    else "not a dtm write-ahead log segment"
                 )
+                yield f"NOT A LOG {file}: {what} (its first bytes are no record header: {reason})"
                 return
         for frame in segment_scan.frames:
             description = _describe(frame.record_type, frame.payload)

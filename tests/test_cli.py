@@ -637,12 +637,41 @@ def test_log_dump_of_a_file_that_is_no_log_is_an_error(tmp_path: Path) -> None:
     text.write_bytes(b"# Network services, Internet style\n" * 20)
     (tmp_path / "wal").mkdir()
     (tmp_path / "wal" / "00000000000000000001.wal").write_bytes(text.read_bytes())
-    for path in (text, tmp_path / "wal"):
+    for path, verdict in [
+        (text, "not a dtm write-ahead log segment"),
+        (tmp_path / "wal", "segment 1 of 1 is not a log segment"),
+    ]:
         for output in ([], ["--json"]):
             status, out, err = asyncio.run(dtm("log", "dump", str(path), *output))
             assert (cli.EXIT_ERROR, "") == (status, out), (path, output)
-            assert "not a dtm write-ahead log" in err and "TORN" not in err, err
+            assert verdict in err and "TORN" not in err, err
             assert 1 == len(err.strip().splitlines()), err
+
+
+def test_log_dump_prints_the_records_before_a_segment_that_is_no_log(tmp_path: Path) -> None:
+    """Every valid record of a directory was hidden behind one error line when its last
+    segment was not a log; an empty file printed nothing, exit 0 (found by a bug hunt)."""
+    from dtm.wal import WriteAheadLog
+
+    log, _ = WriteAheadLog.open(tmp_path / "wal")
+    log.append(1, b"")
+    log.sync()
+    log.close()
+    garbage = tmp_path / "wal" / "00000000000000000002.wal"
+    garbage.write_bytes(b"# not a log\n" * 20)
+    status, out, err = asyncio.run(dtm("log", "dump", str(tmp_path / "wal")))
+    assert (cli.EXIT_ERROR, 1) == (status, len(out.splitlines())), (out, err)
+    assert out.startswith("lsn=1 00000000000000000001.wal@0 "), out
+    assert f"{garbage}: segment 2 of 2 is not a log segment" in err, err
+    status, out, err = asyncio.run(dtm("log", "dump", str(tmp_path / "wal"), "--json"))
+    dumped = json.loads(out)
+    assert (cli.EXIT_ERROR, 1, True) == (status, len(dumped["lines"]), dumped["corrupted"])
+    assert "segment 2 of 2 is not a log segment" in dumped["not_a_log"] and garbage.name in err
+
+    empty = tmp_path / "empty.wal"
+    empty.write_bytes(b"")
+    status, out, err = asyncio.run(dtm("log", "dump", str(empty)))
+    assert (cli.EXIT_OK, f"{empty}: empty, no records\n", "") == (status, out, err)
 
 
 def test_a_coordinator_address_that_is_another_server_is_named_as_such() -> None:

@@ -919,9 +919,13 @@ def test_dump_of_a_file_that_is_no_log_says_so(
     wal_dir.mkdir()
     garbage = wal_dir / "00000000000000000001.wal"
     garbage.write_bytes(text.read_bytes())
-    for path in (text, wal_dir, garbage):
+    for path, verdict in [
+        (text, "not a dtm write-ahead log segment"),
+        (wal_dir, "segment 1 of 1 is not a log segment"),
+        (garbage, "not a dtm write-ahead log segment"),
+    ]:
         [line] = list(dump(path))
-        assert line.startswith("NOT A LOG ") and "not a dtm write-ahead log" in line, line
+        assert line.startswith(f"NOT A LOG {garbage if path == wal_dir else path}: {verdict}")
         assert main(["dump", str(path)]) == 1
     capsys.readouterr()
     # A lone header claiming another LSN than the segment's name: not one a crash leaves.
@@ -944,6 +948,22 @@ def test_dump_of_a_file_that_is_no_log_says_so(
     empty.mkdir()
     (empty / "00000000000000000001.wal").write_bytes(b"")
     assert [] == list(dump(empty)) and main(["dump", str(empty)]) == 0
+
+
+def test_dump_names_the_segment_that_is_no_log_after_the_records_before_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory whose last segment was garbage was reported as a whole "not a dtm
+    write-ahead log segment" (found by a bug hunt): the verdict is that segment's."""
+    write_log(tmp_path, [b"a", b"b"])
+    (tmp_path / "00000000000000000003.wal").write_bytes(b"# not a log\n" * 20)
+    lines = list(dump(tmp_path))
+    assert [line.split()[0] for line in lines[:2]] == ["lsn=1", "lsn=2"]
+    assert lines[2].startswith(
+        f"NOT A LOG {tmp_path / '00000000000000000003.wal'}: segment 2 of 2 is not a log segment"
+    ), lines
+    assert 3 == len(lines) and main(["dump", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_a_failed_append_write_is_fatal_and_a_restart_cuts_the_torn_frame(tmp_path: Path) -> None:
