@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,11 +74,17 @@ def seconds(text: str) -> float:
     return value
 
 
+#: The shortest measured window. Any positive number passed once, but the window's bounds are
+#: float sums of a clock reading (`start + warmup + duration`): 1e-13 s added nothing to it,
+#: the window was empty and the run failed after it had started (found by a bug hunt).
+WINDOW_S_MIN = 0.001
+
+
 def positive_seconds(text: str) -> float:
-    """An argparse type: a measured window, more than 0 and at most DURATION_S_MAX seconds."""
+    """An argparse type: a measured window, WINDOW_S_MIN..DURATION_S_MAX seconds."""
     value = seconds(text)
-    if value <= 0.0:
-        raise argparse.ArgumentTypeError(f"must be > 0 s, got {value}")
+    if value < WINDOW_S_MIN:
+        raise argparse.ArgumentTypeError(f"must be at least {WINDOW_S_MIN:g} s, got {value:g}")
     return value
 
 
@@ -90,17 +96,74 @@ def count_problem(name: str, value: int, most: int) -> str | None:
 def directory_problem(path: Path, *, empty: bool = False) -> str | None:
     """What keeps `path` from being a directory the bench writes into (created when missing;
     `empty`: it must hold nothing yet), or None. Checked before the run, not after it."""
+    return directories_problem([("", path, empty)])
+
+
+def directories_problem(directories: Sequence[tuple[str, Path, bool]]) -> str | None:
+    """What keeps one of `directories` ((flag, path, empty) each) from being a directory the
+    bench writes into, as "FLAG: problem" (the flag empty: no prefix), or None. All are
+    checked before any is created: --data-dir was made before --results-dir was found
+    unusable (found by a bug hunt); the directories made here are removed again when a later
+    one cannot be made."""
+    for flag, path, empty in directories:
+        problem = _directory_problem_now(path, empty)
+        if problem:
+            return f"{flag}: {problem}" if flag else problem
+    made: list[tuple[Path, Path]] = []
+    for flag, path, _ in directories:
+        top = _first_missing(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if top is not None:
+                made.append((top, path))
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".dtm-bench-check-"):
+                pass
+        except OSError as error:
+            for top_made, deepest in reversed(made):
+                _remove_empty(top_made, deepest)
+            problem = f"cannot write in {path}: {error.strerror or error}"
+            return f"{flag}: {problem}" if flag else problem
+    return None
+
+
+def _directory_problem_now(path: Path, empty: bool) -> str | None:
+    """What is wrong with `path` as it is now, creating nothing."""
     try:
         if path.exists() and not path.is_dir():
             return f"{path} is not a directory"
         if empty and path.is_dir() and any(path.iterdir()):
             return f"{path} is not empty"
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".dtm-bench-check-"):
-            pass
+        existing = path.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"cannot write in {path}: {existing} is not a directory"
     except OSError as error:
         return f"cannot write in {path}: {error.strerror or error}"
     return None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The topmost directory of `path` that does not exist yet (what mkdir makes), or None."""
+    missing = None
+    for candidate in [path.absolute(), *path.absolute().parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def _remove_empty(top: Path, deepest: Path) -> None:
+    """Remove the (empty) directories from `deepest` up to `top`, which this check made."""
+    current = deepest.absolute()
+    while True:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current == top or current == current.parent:
+            return
+        current = current.parent
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,14 +238,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     # Both before anything runs: a bad directory would otherwise fail the run after the
     # baselines (--data-dir), or after all of it, losing its results (--results-dir).
+    # --data-dir must be empty: old logs would be recovered into the run and their orders
+    # checked with it.
+    directories = [("--results-dir", options.results_dir, False)]
     if options.data_dir is not None:
-        # Empty: old logs would be recovered into the run and their orders checked with it.
-        problem = directory_problem(options.data_dir, empty=True)
-        if problem:
-            parser.error(f"--data-dir: {problem}")
-    problem = directory_problem(options.results_dir)
+        directories.insert(0, ("--data-dir", options.data_dir, True))
+    problem = directories_problem(directories)
     if problem:
-        parser.error(f"--results-dir: {problem}")
+        parser.error(problem)
     return options
 
 

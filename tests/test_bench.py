@@ -786,10 +786,12 @@ def test_results_are_written_as_latest_and_a_timestamped_copy(tmp_path: Path) ->
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--duration", "0"], "argument --duration: must be > 0 s"),
+        (["--duration", "0"], "argument --duration: must be at least 0.001 s, got 0"),
+        # A window the clock cannot tell from none: it passed, then the run failed.
+        (["--duration", "1e-13"], "argument --duration: must be at least 0.001 s, got 1e-13"),
         # Consistently, whether the baselines run or not.
-        (["--baseline-duration", "0", "--no-baselines"], "--baseline-duration: must be > 0 s"),
-        (["--baseline-duration", "0"], "--baseline-duration: must be > 0 s"),
+        (["--baseline-duration", "0", "--no-baselines"], "--baseline-duration: must be at least"),
+        (["--baseline-duration", "1e-9"], "--baseline-duration: must be at least 0.001 s"),
         (["--duration", "inf"], "--duration: must be within"),
         (["--data-dir", "{file}"], "--data-dir: {file} is not a directory"),
         (["--data-dir", "{file}/data"], "--data-dir: cannot write in {file}/data"),
@@ -826,6 +828,23 @@ def test_the_results_directory_is_made_before_the_run(tmp_path: Path) -> None:
     assert [] == list(options.results_dir.iterdir())  # made, and the probe is gone
     options = run.parse_args(["--results-dir", str(tmp_path), "--data-dir", str(tmp_path / "d")])
     assert [] == list(options.data_dir.iterdir())
+
+
+def test_no_directory_is_made_when_another_is_unusable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--data-dir was created before --results-dir was found unusable (found by a bug
+    hunt): both are checked, then made."""
+    file = tmp_path / "a-file"
+    file.write_text("")
+    for results in (file, file / "results"):
+        with pytest.raises(SystemExit):
+            run.parse_args(
+                ["--data-dir", str(tmp_path / "new" / "d"), "--results-dir", str(results)]
+            )
+        assert "--results-dir: " in capsys.readouterr().err
+        assert not (tmp_path / "new").exists(), results
+    assert 0.0 == run.parse_args(["--warmup", "0", "--results-dir", str(tmp_path / "r")]).warmup
 
 
 EXPOSITION = """# HELP dtm_wal_fsyncs_total File fsyncs
@@ -1002,7 +1021,8 @@ def test_a_sweep_document_is_drawn(tmp_path: Path) -> None:
         (["--participants-clients", "10001"], "--participants-clients must be 1..10000"),
         (["--duration", "nan"], "argument --duration: must be within"),
         (["--duration", "inf"], "argument --duration: must be within"),
-        (["--duration", "0"], "argument --duration: must be > 0 s"),
+        (["--duration", "0"], "argument --duration: must be at least 0.001 s"),
+        (["--duration", "1e-13"], "argument --duration: must be at least 0.001 s"),
         (["--warmup", "nan"], "argument --warmup: must be within"),
         (["--results-dir", "{file}"], "--results-dir: {file} is not a directory"),
         (["--from-json", "{file}.missing"], "--from-json: no such file"),
