@@ -162,6 +162,19 @@ def misdirected(
     return None
 
 
+def addressing_problem(participant: str, incarnation: str) -> str | None:
+    """What is wrong with the form of the participant and incarnation a call names, or None
+    (empty: not given). The coordinator only sends registered ones, which were checked when
+    they registered: a malformed one is a bad request from some other caller, not a stale
+    registry, and is answered as such (bounded, escaped: the caller's text, not ours)."""
+    problem = (participant and limits.participant_name_problem(participant)) or (
+        limits.incarnation_problem(incarnation)
+    )
+    if not problem:
+        return None
+    return problem.encode("ascii", "backslashreplace").decode("ascii")
+
+
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def __init__(self, server: ParticipantServer) -> None:
         self.server = server
@@ -175,12 +188,23 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         incarnation: str = "",
         items: Sequence[participant_pb2.PrepareRequest] = (),
     ) -> None:
-        """Refuse a call this process must not answer: down (fault injection), or addressed to
-        another participant (before any branch is touched)."""
+        """Refuse a call this process must not answer: down (fault injection), addressed in a
+        malformed way (INVALID_ARGUMENT), or addressed to another participant (before any
+        branch is touched)."""
         if self.server.fault.mode == participant_pb2.FAULT_MODE_DOWN:
             await grpc_edge.abort(
                 context, grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
             )
+        # The fields' form first: a malformed name ("Inventory", "inventory ", control
+        # characters, megabytes) was answered as misdirected, blaming a stale registry, with
+        # the dtm-misdirected metadata the coordinator acts on (found by a bug hunt).
+        malformed = addressing_problem(participant, incarnation)
+        for item in items:
+            if malformed is not None:
+                break
+            malformed = addressing_problem(item.participant, item.incarnation)
+        if malformed is not None:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
         name, mine = self.server.service.name, self.engine.incarnation
         problem = misdirected(name, mine, participant, incarnation)
         for item in items:  # a batch's prepares may carry their own (the coordinator's do not)

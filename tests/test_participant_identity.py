@@ -555,6 +555,73 @@ def test_a_call_for_another_participant_or_incarnation_changes_nothing(tmp_path:
     asyncio.run(scenario())
 
 
+def test_a_malformed_participant_or_incarnation_is_an_invalid_argument_not_misdirected(
+    tmp_path: Path,
+) -> None:
+    """A name in upper case, with a trailing space, control characters or megabytes was
+    refused as misdirected (FAILED_PRECONDITION, dtm-misdirected, "the coordinator's registry
+    is stale"), which the coordinator reads as "not reached" (found by a bug hunt). The
+    coordinator sends only registered, checked names: a malformed one is a bad request."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            server = cluster.participants["inventory"]
+            mine = server.engine.incarnation
+            stub = cluster.participant_stub("inventory")
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            )
+            ids = {"transaction_id": "t-1", "branch": 0}
+            malformed: list[dict[str, str]] = [
+                {"participant": "Inventory"},
+                {"participant": "inventory "},
+                {"participant": "inv\u00e9ntory", "incarnation": mine},
+                {"participant": "inv\nentory\x1b[31m"},
+                {"participant": "x" * 3_000_000},
+                {"incarnation": "ab\r\ncd"},
+                {"incarnation": "y" * 3_000_000},
+                {"participant": "inventory", "incarnation": "a" * 65},
+            ]
+            for fields in malformed:
+                prepare = participant_pb2.PrepareRequest(**ids, operation=operation)
+                calls = [
+                    stub.Prepare(
+                        participant_pb2.PrepareRequest(**ids, operation=operation, **fields)
+                    ),
+                    stub.Commit(participant_pb2.CommitRequest(**ids, **fields)),
+                    stub.Rollback(participant_pb2.RollbackRequest(**ids, **fields)),
+                    stub.Exchange(participant_pb2.ExchangeRequest(prepares=[prepare], **fields)),
+                    stub.PrepareBatch(
+                        participant_pb2.PrepareBatchRequest(prepares=[prepare], **fields)
+                    ),
+                    stub.PrepareBatch(  # on an item
+                        participant_pb2.PrepareBatchRequest(
+                            prepares=[
+                                participant_pb2.PrepareRequest(**ids, operation=operation, **fields)
+                            ]
+                        )
+                    ),
+                    stub.DecideBatch(
+                        participant_pb2.DecideBatchRequest(
+                            decisions=[participant_pb2.Decision(**ids, commit=True)], **fields
+                        )
+                    ),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    error = refused.value
+                    assert grpc.StatusCode.INVALID_ARGUMENT is error.code(), (fields, error)
+                    metadata: Any = error.trailing_metadata() or ()
+                    assert all(key != MISDIRECTED_METADATA_KEY for key, _ in metadata)
+                    details = error.details() or ""
+                    assert "is malformed" in details and "stale" not in details, details
+                    assert len(details) < 300 and details.isascii() and details.isprintable()
+            assert server.engine.branch(("t-1", 0)) is None
+
+    asyncio.run(scenario())
+
+
 def test_the_coordinator_reads_a_misdirected_refusal_as_not_reached() -> None:
     misdirected_metadata = grpc.aio.Metadata((MISDIRECTED_METADATA_KEY, "orders"))
     empty = grpc.aio.Metadata()
