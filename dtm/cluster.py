@@ -106,6 +106,10 @@ class ClusterBusyError(ClusterError):
     """Another `up`, `down` or demo holds DIR/cluster.lock."""
 
 
+class ClusterLockError(ClusterError):
+    """DIR/cluster.lock cannot be opened or locked (a directory, a dangling symlink...)."""
+
+
 LOCK_NAME = "cluster.lock"
 
 
@@ -120,7 +124,10 @@ def locked(data_dir: Path | str) -> Iterator[None]:
     open file, so a process killed while holding it (even by SIGKILL) releases it, and the
     servers never inherit it (Python opens files non-inheritable)."""
     path = Path(data_dir) / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        raise _lock_error(path, error) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -129,9 +136,27 @@ def locked(data_dir: Path | str) -> Iterator[None]:
                 f"another dtm.cluster command is running on {Path(data_dir).resolve()} "
                 "(`up`, `down` or a demo); try again once it is done"
             ) from None
+        except OSError as error:
+            raise _lock_error(path, error) from None
         yield
     finally:
         os.close(fd)
+
+
+def _lock_error(path: Path, error: OSError) -> ClusterLockError:
+    """One line naming the lock file, what is wrong with it and what to do: the raw OSError
+    ("[Errno 21] Is a directory") said neither (found by a bug hunt)."""
+    if path.is_symlink() and not path.exists():
+        what = f"a dangling symlink to {os.readlink(path)} ({error.strerror or error})"
+    elif path.is_dir():
+        what = "a directory"
+    else:
+        what = error.strerror or str(error)
+    return ClusterLockError(
+        f"cannot use the lock file {path.absolute()}: {what}; it holds nothing but the lock: "
+        "remove it (or fix it) and try again. Until then `up`, `down` and the demo cannot act "
+        "on this data dir (`down` cannot stop the processes running there)"
+    )
 
 
 @dataclass(frozen=True)
@@ -1285,7 +1310,7 @@ def _down(options: argparse.Namespace) -> int:
             return _stop_all(options)
     except BrokenPipeError:
         raise
-    except (ClusterBusyError, OSError) as error:
+    except (ClusterError, OSError) as error:
         print(f"down failed: {error}", file=sys.stderr)
         return 1
 

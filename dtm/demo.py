@@ -30,7 +30,15 @@ import grpc
 
 from dtm import invariants
 from dtm.cli import EXIT_BROKEN_PIPE, _stdout_to_devnull
-from dtm.cluster import PROCESSES, Cluster, ClusterBusyError, ClusterError, Ports, locked
+from dtm.cluster import (
+    PROCESSES,
+    Cluster,
+    ClusterBusyError,
+    ClusterError,
+    ClusterLockError,
+    Ports,
+    locked,
+)
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 from participants.server import ParticipantConfig
@@ -654,7 +662,7 @@ def _main(options: argparse.Namespace) -> int:
                 )
                 return 2
             return _run(data_dir)
-    except ClusterBusyError as error:
+    except (ClusterBusyError, ClusterLockError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 2
 

@@ -640,3 +640,30 @@ def test_attach_takes_a_cluster_json_of_an_older_version(tmp_path: Path) -> None
         attached.extra_args,
         attached.test_control,
     )
+
+
+def test_a_lock_file_that_cannot_be_one_is_named_with_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cluster.lock as a directory or a dangling symlink failed `up` and `down` with the raw
+    OSError ("[Errno 21] Is a directory", "[Errno 2] ..."), naming neither the file nor a way
+    out (found by a bug hunt)."""
+    lock = tmp_path / "cluster.lock"
+    for make, what in [
+        (lambda: lock.mkdir(), "a directory"),
+        (lambda: lock.symlink_to(tmp_path / "gone" / "lock"), "a dangling symlink to"),
+    ]:
+        make()
+        for command in ("up", "down"):
+            status, out, err = run(capsys, command, "--data-dir", str(tmp_path))
+            assert (1, "") == (status, out), err
+            assert f"cannot use the lock file {lock}: {what}" in err, err
+            assert "remove it (or fix it)" in err and "`down` cannot stop" in err, err
+            assert "Errno" not in err and 1 == len(err.splitlines()), err
+        with pytest.raises(cluster.ClusterLockError), cluster.locked(tmp_path):
+            pass
+        if lock.is_symlink():
+            lock.unlink()
+        else:
+            lock.rmdir()
+    assert not (tmp_path / "pids").exists()
