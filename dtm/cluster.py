@@ -24,7 +24,9 @@ setting than cluster.json records (--tls-dir on a plaintext cluster, say): `down
 When all five run, it checks that they are ready (each service registered at its own
 address) and fails saying what is not. `up` on a stopped cluster that cluster.json records
 starts it again with those settings, but those the flags give (`--tls-dir off` for
-plaintext), and prints the ones it reused.
+plaintext), and prints the ones it reused. A cluster.json it cannot use (unreadable, a key
+it never holds, a value of the wrong type or range, a recorded initial.json gone) fails `up`
+and starts nothing, unless the flags give every setting: never the defaults in its place.
 
 `up`, `down` and the demo hold an exclusive lock on DIR/cluster.lock while they run: a second
 one on the same data dir fails at once ("another dtm.cluster command is running on DIR")
