@@ -42,7 +42,7 @@ from participants.services.catalog import (
 )
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
-from participants.services.orders import OrdersService
+from participants.services.orders import OrdersReadApi, OrdersService
 from participants.services.payment import PaymentService
 
 T = TypeVar("T")
@@ -440,6 +440,39 @@ def test_orders_lock_the_order_id_exclusively() -> None:
     ]
 
 
+def test_orders_pages_read_each_order_once_while_orders_are_cancelled_between_them() -> None:
+    """A page token was an offset into cancelled + live orders: a cancellation between two
+    pages moved its order from the live list to the cancelled one, every row before it in the
+    live list shifted by one, and rows were read twice (a fault soak's check saw ten orders
+    "listed twice"). Now the token is the last place read, and a place never changes."""
+
+    async def read(service: OrdersService, token: str) -> shop_pb2.ListOrdersResponse:
+        request = shop_pb2.ListOrdersRequest(page_size=3, page_token=token)
+        return await OrdersReadApi(service).ListOrders(request, None)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        orders = OrdersService()
+        for n in range(6):
+            orders.prepare(f"txn-{n}/0", order(order_id=f"o-{n}"))
+        first = await read(orders, "")
+        orders.rollback("txn-4/0", order(order_id="o-4"))  # between the two pages
+        orders.rollback("txn-1/0", order(order_id="o-1"))  # an order already read
+        rest = await read(orders, first.next_page_token)
+        read_ids = [o.order_id for o in (*first.orders, *rest.orders)]
+        assert read_ids == [f"o-{n}" for n in range(6)]
+        assert rest.orders[1].state == shop_pb2.ORDER_STATE_CANCELLED
+        # A snapshot keeps the places: the same token reads the same rest after a restart.
+        restored = OrdersService()
+        restored.restore(state_bytes(orders.snapshot()))
+        again = await read(restored, first.next_page_token)
+        assert [o.order_id for o in again.orders] == ["o-3", "o-4", "o-5"]
+        # A new order goes after every restored one.
+        restored.prepare("txn-9/0", order(order_id="o-9"))
+        assert [o.order_id for o in restored.all_orders()][-1] == "o-9"
+
+    asyncio.run(scenario())
+
+
 def test_orders_prepare_is_idempotent_per_branch() -> None:
     orders = OrdersService()
     assert orders.prepare("txn-1/0", order()) == Prepared()
@@ -492,10 +525,11 @@ def test_orders_snapshot_round_trip_keeps_pending_orders_and_their_order() -> No
     assert restored.all_orders() == orders.all_orders()
     assert restored.prepare("txn-x/0", order(order_id="o-b")) == Refused("duplicate order id o-b")
     restored.commit("txn-b/0", order(order_id="o-b"))
+    # By creation, each order at its place (kept in the snapshot), cancelled or not.
     assert [(o.order_id, o.state) for o in restored.all_orders()] == [
-        ("o-c", shop_pb2.ORDER_STATE_CANCELLED),
         ("o-b", shop_pb2.ORDER_STATE_CONFIRMED),
         ("o-a", shop_pb2.ORDER_STATE_CONFIRMED),
+        ("o-c", shop_pb2.ORDER_STATE_CANCELLED),
     ]
 
 
@@ -923,8 +957,8 @@ def test_orders_served_by_the_sdk_isolates_the_same_order_id(tmp_path: Path) -> 
             shop_pb2.ListOrdersRequest(), timeout=10
         )
         assert [(o.order_id, o.transaction_id, o.state) for o in listed.orders] == [
-            ("o-2", "txn-4", shop_pb2.ORDER_STATE_CANCELLED),
             ("o-1", "txn-2", shop_pb2.ORDER_STATE_CONFIRMED),
+            ("o-2", "txn-4", shop_pb2.ORDER_STATE_CANCELLED),
         ]
 
     serve(tmp_path, OrdersService(), scenario, lock_wait_ms=10_000)

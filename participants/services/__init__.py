@@ -110,19 +110,25 @@ PAGE_TOKEN_PATTERN = re.compile(r"[0-9]{1,18}")
 T = TypeVar("T")
 
 
-def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
-    """One page of a list read and the token of the next ("" on the last page).
-
-    The token is the offset as text: simple, and consistent while the list does not change.
-    Raises InvalidOperation for a token this server did not hand out.
-    """
+def page_window(page_size: int, page_token: str) -> tuple[int, int]:
+    """The number a page token holds (0 for none) and the page's size. Raises
+    InvalidOperation for a token this server did not hand out."""
     if page_token and not PAGE_TOKEN_PATTERN.fullmatch(page_token):
         raise InvalidOperation(
             f"page_token {page_token[:20]!r} was not issued by this service: pass the "
             "next_page_token of the previous answer, or none for the first page"
         )
-    start = int(page_token or 0)
-    size = min(page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_DEFAULT)
+    return int(page_token or 0), min(page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_DEFAULT)
+
+
+def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
+    """One page of a list read and the token of the next ("" on the last page).
+
+    The token is the offset as text: simple, and consistent while the list only grows at its
+    end (captures, sent messages); a list whose rows move needs its own token (ListOrders).
+    Raises InvalidOperation for a token this server did not hand out.
+    """
+    start, size = page_window(page_size, page_token)
     end = start + size
     return items[start:end], (str(end) if end < len(items) else "")
 

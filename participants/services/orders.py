@@ -16,8 +16,10 @@ Run: python -m participants.services.orders [SDK flags] [--initial PATH.json (ig
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +43,7 @@ from participants.services import (
     check_resource_id,
     decode_state,
     json_text,
-    page,
+    page_window,
     state_pieces,
     transaction_of,
 )
@@ -77,6 +79,11 @@ class OrderRecord:
     # chunks, not 100,000 encodings (1.5 s, the loop stalled), and the 10,000 orders since the
     # last one cost it nothing either.
     final_text: str = field(default="", compare=False)
+    # Its place in ListOrders: given when the attempt is created, never changed (a cancelled
+    # order keeps it), and kept in snapshots, so a page token (the last place read) means the
+    # same while orders change between pages and across a restart. 0: not given yet (a
+    # snapshot from before places; restore gives them).
+    place: int = field(default=0, compare=False)
 
     @property
     def settled(self) -> bool:
@@ -109,11 +116,13 @@ class OrderRecord:
             self.amount_cents,
             self.state,
             self.transaction_id,
+            self.place,
         ]
 
     @classmethod
     def from_json(cls, value: list[Any]) -> OrderRecord:
-        order_id, customer_id, lines, amount_cents, state, transaction_id = value
+        # Six fields in a snapshot from before places.
+        order_id, customer_id, lines, amount_cents, state, transaction_id, *place = value
         if state not in _STATE_TO_PB:
             raise ValueError(f"orders snapshot: order {order_id!r} has unknown state {state!r}")
         return cls(
@@ -123,6 +132,7 @@ class OrderRecord:
             amount_cents=int(amount_cents),
             state=str(state),
             transaction_id=str(transaction_id),
+            place=int(place[0]) if place else 0,
         )
 
 
@@ -143,6 +153,10 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
         self._orders_text = SettledRows[OrderRecord](
             OrderRecord.json_text, lambda order: order.settled
         )
+        # The next OrderRecord.place. ListOrders pages by place, not by offset: a cancellation
+        # moves its order from `orders` to `cancelled`, so with offsets the rows behind it
+        # shifted by one between two pages, and a chaos check read ten orders twice.
+        self._places = itertools.count(1)
 
     # ---- the branch operations ----
 
@@ -178,6 +192,7 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
             amount_cents=operation.amount_cents,
             state=PENDING,
             transaction_id=transaction_of(key),
+            place=next(self._places),
         )
         self.pending[key] = operation.order_id
         # The new attempt supersedes a cancelled one in ListOrders (one entry per order id).
@@ -238,6 +253,11 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
         self.orders = by_id
         self.pending = pending
         self.cancelled = cancelled_by_id
+        last = max((order.place for order in (*orders, *cancelled)), default=0)
+        self._places = itertools.count(last + 1)
+        for order in (*cancelled, *orders):  # a snapshot from before places: as it listed them
+            if not order.place:
+                order.place = next(self._places)
         # Encoded and cached now, at start, not in the first checkpoint's stall.
         self._orders_text.pieces(self.orders, self.orders.values())
         for order in cancelled:
@@ -245,9 +265,24 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
 
     # ---- reads ----
 
+    def listed_after(self, place: int) -> Iterator[OrderRecord]:
+        """Every order (its latest attempt: pending, confirmed or cancelled) placed after
+        `place` (0: all), in the order of their places: creation, a retried order at its
+        retry's."""
+
+        def placed(order: OrderRecord) -> int:
+            return order.place
+
+        cancelled = sorted(
+            (order for order in self.cancelled.values() if order.place > place), key=placed
+        )
+        # `orders` holds increasing places (creation order): skip the read ones, merge lazily.
+        live = itertools.dropwhile(lambda order: order.place <= place, self.orders.values())
+        return heapq.merge(cancelled, live, key=placed)
+
     def all_orders(self) -> list[shop_pb2.Order]:
-        """Cancelled orders (oldest first), then the pending and confirmed ones by creation."""
-        return [order.to_pb() for order in (*self.cancelled.values(), *self.orders.values())]
+        """Every order, in the order ListOrders shows them (see `listed_after`)."""
+        return [order.to_pb() for order in self.listed_after(0)]
 
     def add_read_api(self, server: grpc.aio.Server) -> list[str]:
         shop_pb2_grpc.add_OrdersServicer_to_server(OrdersReadApi(self), server)
@@ -261,11 +296,15 @@ class OrdersReadApi(shop_pb2_grpc.OrdersServicer):
     async def ListOrders(
         self, request: shop_pb2.ListOrdersRequest, context: Context
     ) -> shop_pb2.ListOrdersResponse:
-        records = [*self.service.cancelled.values(), *self.service.orders.values()]
+        # The token is the last place read (see OrdersService._place), not an offset: pages
+        # stay consistent while orders are created and cancelled between them.
         try:
-            chunk, token = page(records, request.page_size, request.page_token)
+            after, size = page_window(request.page_size, request.page_token)
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        chunk = list(itertools.islice(self.service.listed_after(after), size + 1))
+        token = str(chunk[size - 1].place) if len(chunk) > size else ""
+        chunk = chunk[:size]
         response = shop_pb2.ListOrdersResponse(
             orders=[record.to_pb() for record in chunk], next_page_token=token
         )
