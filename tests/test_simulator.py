@@ -176,6 +176,18 @@ def test_catches_a_vote_sent_before_its_record_is_durable(monkeypatch: pytest.Mo
     assert_replays(violation)
 
 
+def test_catches_a_duplicate_commit_applied_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A committed branch that commits again on a duplicate Commit (instead of acking it)
+    applies its effect twice in one life: caught where it applies, not only across lives."""
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.COMMITTED, bcore.CommitRequested), bcore._on_commit
+    )
+    violation = first_violation(range(50))
+    assert "applied twice" in violation.message
+    assert "same life" in violation.message
+    assert_replays(violation)
+
+
 def test_end_to_end_invariants_alone_catch_a_broken_participant(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -160,6 +160,9 @@ class Checker:
         self.decisions_durable: dict[str, tuple[tuple[int, str], ...]] = {}
         self.seq = 0  # orders the observations that need a when
         self.business: dict[tuple[str, int], tuple[BranchVote, str]] = {}
+        # (branch, life) whose commit was applied, as long as it is real: an apply whose commit
+        # record a crash lost is as if it never was (the replay holds the branch PREPARED).
+        self.applied: set[tuple[tuple[str, int], int]] = set()
         self._dirty: dict[str, None] = {}  # a dict, not a set: iteration order is the seed's
 
     # ---- observations ----
@@ -457,9 +460,25 @@ class Checker:
                 f"{key[0]}/{key[1]} before its record was durable"
             )
 
+    def participant_crashed(self, node: ParticipantNode) -> None:
+        """`node` lost its memory: a commit applied without a durable record never was."""
+        self.applied = {
+            (key, life)
+            for key, life in self.applied
+            if "committed" in self.branch_durable.get(key, [])
+            or dict(self.txns[key[0]].branches).get(key[1]) != node.name
+        }
+
     def branch_committing(self, node: ParticipantNode, branch: Branch) -> None:
         facts = self.txns[branch.transaction_id]
         lives = self.lives.get(branch.key)
+        life = (branch.key, len(lives.past) if lives is not None else 0)
+        if life in self.applied:
+            raise self.world.fail(
+                f"applied twice: {node.name} commits {branch.transaction_id}/{branch.index} "
+                "again in the same life of the branch (a duplicate Commit applied again)"
+            )
+        self.applied.add(life)
         if lives is not None and any(life.committed for life in lives.past):
             # A second committed life: the branch's effect applied again. In one phase the
             # Prepare that began this life is the commit, and it found nothing remembered.

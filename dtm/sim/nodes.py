@@ -843,6 +843,7 @@ class ParticipantNode:
     def crash(self) -> None:
         lost = self.disk.crash()
         self.world.log(f"CRASH {self.name}: {lost} unsynced record(s) lost")
+        self.world.checker.participant_crashed(self)
         self.alive = False
         self.incarnation += 1
         self.branches.clear()
