@@ -188,6 +188,26 @@ def test_catches_a_duplicate_commit_applied_again(monkeypatch: pytest.MonkeyPatc
     assert_replays(violation)
 
 
+def _lazy_commit_record(branch: bcore.Branch, event: bcore.CommitRequested) -> list[object]:
+    """A broken participant: acknowledges a Commit without waiting for its commit record."""
+    actions = bcore._on_commit(branch, event)
+    return [
+        dataclasses.replace(a, forced=False) if isinstance(a, bcore.Persist) else a for a in actions
+    ]
+
+
+def test_catches_a_commit_acknowledged_before_its_record_is_durable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(
+        bcore.TRANSITIONS, (BranchState.PREPARED, bcore.CommitRequested), _lazy_commit_record
+    )
+    violation = first_violation(range(50))
+    assert "acknowledged the Commit" in violation.message
+    assert "before its commit record was durable" in violation.message
+    assert_replays(violation)
+
+
 def test_end_to_end_invariants_alone_catch_a_broken_participant(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

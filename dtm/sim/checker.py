@@ -19,7 +19,7 @@ Invariants (protocol.md rules in brackets):
     participant commits only if every branch sent such a vote and the coordinator said commit
     [2, 3, 8];
   persist before you speak: a PREPARED (or one-phase COMMITTED) vote leaves only once its
-    record is durable [10];
+    record is durable [10], a Commit's acknowledgement only once the commit record is [12];
   durability: once the coordinator stands by a commit, its decision record is durable (or, for
     one phase, the participant's commit record is), so no crash can lose it [3, 9].
 After healing: nothing left in doubt or preparing, every coordinator transaction terminal, and
@@ -458,6 +458,16 @@ class Checker:
             raise self.world.fail(
                 f"persist before you speak: {node.name} voted {vote.value} for "
                 f"{key[0]}/{key[1]} before its record was durable"
+            )
+
+    def commit_ack_sent(self, node: ParticipantNode, key: tuple[str, int]) -> None:
+        """Rule 12 counts on it: the coordinator ends a commit on its acknowledgements, so a
+        branch acknowledges a Commit only once its commit record is durable (a Rollback's
+        record may be lazy: presumed abort answers a lost one)."""
+        if "committed" not in self.branch_durable.get(key, []):
+            raise self.world.fail(
+                f"persist before you speak: {node.name} acknowledged the Commit of "
+                f"{key[0]}/{key[1]} before its commit record was durable"
             )
 
     def participant_crashed(self, node: ParticipantNode) -> None:

@@ -621,9 +621,12 @@ class ParticipantNode:
                 self.world.send(self, source, error_reply)  # what participants/branches.py does
         else:
             assert isinstance(answer, bcore.ReplyAck), answer
-            self._reply_when_durable(key, source, msg.AckReply(request.call))
+            commit = isinstance(request, msg.CommitRequest)
+            self._reply_when_durable(key, source, msg.AckReply(request.call), commit_ack=commit)
 
-    def _reply_when_durable(self, key: BranchKey, destination: str, reply: msg.Reply) -> None:
+    def _reply_when_durable(
+        self, key: BranchKey, destination: str, reply: msg.Reply, *, commit_ack: bool = False
+    ) -> None:
         """Persist before you speak: a reply waits for the branch's last forced record."""
 
         def send() -> None:
@@ -632,6 +635,8 @@ class ParticipantNode:
                 del self._replies_pending[key]
             if isinstance(reply, msg.VoteReply):
                 self.world.checker.vote_sent(self, key, reply.vote)
+            if commit_ack:
+                self.world.checker.commit_ack_sent(self, key)
             self.world.send(self, destination, reply)
 
         self._replies_pending[key] = self._replies_pending.get(key, 0) + 1
