@@ -208,6 +208,21 @@ def test_catches_a_commit_acknowledged_before_its_record_is_durable(
     assert_replays(violation)
 
 
+def test_catches_an_end_record_written_on_the_first_commit_ack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A coordinator that ends a commit (end record, Finished) on its first acknowledgement
+    instead of all of them."""
+    monkeypatch.setattr(
+        Transaction,
+        "_all_acknowledged",
+        lambda txn: any(b.acknowledged for b in txn.branches if b.needs_phase_two),
+    )
+    violation = first_violation(range(50))
+    assert "end record too early" in violation.message
+    assert_replays(violation)
+
+
 def test_end_to_end_invariants_alone_catch_a_broken_participant(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -21,7 +21,9 @@ Invariants (protocol.md rules in brackets):
   persist before you speak: a PREPARED (or one-phase COMMITTED) vote leaves only once its
     record is durable [10], a Commit's acknowledgement only once the commit record is [12];
   durability: once the coordinator stands by a commit, its decision record is durable (or, for
-    one phase, the participant's commit record is), so no crash can lose it [3, 9].
+    one phase, the participant's commit record is), so no crash can lose it [3, 9]; its end
+    record is written only once every branch the decision lists holds a durable commit
+    record (or a recorded heuristic outcome) [12].
 After healing: nothing left in doubt or preparing, every coordinator transaction terminal, and
 every updating branch agrees with what the client and the coordinator said [11, 12, 13].
 
@@ -163,6 +165,7 @@ class Checker:
         # (branch, life) whose commit was applied, as long as it is real: an apply whose commit
         # record a crash lost is as if it never was (the replay holds the branch PREPARED).
         self.applied: set[tuple[tuple[str, int], int]] = set()
+        self.heuristics: set[tuple[str, int]] = set()  # branches the coordinator recorded
         self._dirty: dict[str, None] = {}  # a dict, not a set: iteration order is the seed's
 
     # ---- observations ----
@@ -355,6 +358,26 @@ class Checker:
                 f"{prepared} voted PREPARED"
             )
 
+    def end_persisted(self, run: CoordinatorRun) -> None:
+        """Rule 12: the end record (which lets a restart, and the window, forget the commit)
+        is written once every branch the decision lists holds a durable commit record, or
+        has a heuristic outcome on record."""
+        txn = run.txn
+        t = txn.transaction_id
+        listed = self.decisions_durable.get(t)
+        if listed is None:
+            listed = tuple((b.index, b.participant) for b in txn.branches if b.needs_phase_two)
+        unfinished = [
+            f"branch {index} ({participant})"
+            for index, participant in listed
+            if not self._ever_committed(t, index) and (t, index) not in self.heuristics
+        ]
+        if unfinished:
+            raise self.world.fail(
+                f"end record too early: the coordinator ends {t}, but {unfinished} hold no "
+                "durable commit record (nor a recorded heuristic outcome)"
+            )
+
     def client_answered(self, run: CoordinatorRun, outcome: Outcome, reason: str) -> None:
         """The coordinator's Reply for this run (to every client call waiting on it)."""
         txn = run.txn
@@ -412,6 +435,7 @@ class Checker:
         and a Commit retried after its participant forgot the committed branch."""
         txn = run.txn
         t = txn.transaction_id
+        self.heuristics.add((t, index))
         facts = self.txns[t]
         participant = txn.branch(index).participant
         view = self._view(facts, index, participant)

@@ -291,6 +291,7 @@ class CoordinatorNode:
                 # of a late retry, which the checker counts).
                 checker.heuristic_reported(run, action.branch, action.outcome, action.detail)
             elif isinstance(action, tcore.PersistEnd):
+                checker.end_persisted(run)
                 # lazy: no fsync awaited
                 run.end_lsn = self.disk.append(msg.EndRecord(txn.transaction_id))
             elif isinstance(action, tcore.Finished):
