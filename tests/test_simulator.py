@@ -223,6 +223,39 @@ def test_catches_an_end_record_written_on_the_first_commit_ack(
     assert_replays(violation)
 
 
+def _rollback_keeping_the_reservation(
+    branch: bcore.Branch, event: bcore.RollbackRequested
+) -> list[object]:
+    """A broken participant: rolls back a prepared branch without giving back what it took."""
+    actions = bcore._on_rollback_prepared(branch, event)
+    return [a for a in actions if not isinstance(a, bcore.ApplyRollback)]
+
+
+def _rollback_leaving_the_prepare_running(
+    branch: bcore.Branch, event: bcore.RollbackRequested
+) -> list[object]:
+    """A broken participant: a Rollback while preparing does not cancel the prepare."""
+    actions = bcore._on_rollback_preparing(branch, event)
+    return [a for a in actions if not isinstance(a, bcore.CancelPrepare)]
+
+
+@pytest.mark.parametrize(
+    ("state", "handler", "held"),
+    [
+        (BranchState.PREPARED, _rollback_keeping_the_reservation, "locks and reservation"),
+        (BranchState.PREPARING, _rollback_leaving_the_prepare_running, "locks"),
+    ],
+)
+def test_catches_a_rolled_back_branch_that_still_holds_what_it_took(
+    monkeypatch: pytest.MonkeyPatch, state: BranchState, handler: Any, held: str
+) -> None:
+    monkeypatch.setitem(bcore.TRANSITIONS, (state, bcore.RollbackRequested), handler)
+    violation = first_violation(range(50))
+    assert "released: p" in violation.message
+    assert f"holds {held} of" in violation.message
+    assert_replays(violation)
+
+
 def test_end_to_end_invariants_alone_catch_a_broken_participant(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

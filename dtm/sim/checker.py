@@ -494,6 +494,21 @@ class Checker:
                 f"{key[0]}/{key[1]} before its commit record was durable"
             )
 
+    def branch_holds(self, node: ParticipantNode, branch: Branch) -> None:
+        """After each step of a branch: a decided branch holds nothing (its commit or rollback
+        released the service's reservation and the locks, or its prepare was cancelled)."""
+        key = branch.key
+        held = [
+            what
+            for what, keys in (("locks", node.locked), ("reservation", node.reserved))
+            if key in keys
+        ]
+        if held and branch.state in bcore.DECIDED_STATES:
+            raise self.world.fail(
+                f"released: {node.name} holds {' and '.join(held)} of {key[0]}/{key[1]}, "
+                f"which is {branch.state.value}"
+            )
+
     def participant_crashed(self, node: ParticipantNode) -> None:
         """`node` lost its memory: a commit applied without a durable record never was."""
         self.applied = {
@@ -747,6 +762,14 @@ class Checker:
                         f"liveness: {node.name} still has {t}/{index} {branch.state.value} "
                         "after healing"
                     )
+        for node in world.participants.values():
+            # Nothing is left preparing or prepared (above), so nothing may be held.
+            for key in sorted(node.locked | node.reserved):
+                holder = node.branches.get(key)
+                raise fail(
+                    f"released: {node.name} still holds what {key[0]}/{key[1]} took after "
+                    f"healing ({_state(holder.state if holder is not None else None)})"
+                )
         for facts in self.txns.values():
             if not facts.began:
                 raise fail(f"liveness: {facts.transaction_id} was never started")

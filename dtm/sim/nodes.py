@@ -541,6 +541,11 @@ class ParticipantNode:
         self.forgotten_upto: dict[BranchKey, int] = {}
         self._trim_waiting = False
         self._replies_pending: dict[BranchKey, int] = {}  # replies waiting for durability
+        # What each branch holds (participants/branches.py): its locks from the prepare's start
+        # until CancelPrepare, ApplyCommit or ApplyRollback; its reservation (`_applied`: the
+        # service prepared it) from a PREPARED answer until ApplyCommit or ApplyRollback.
+        self.locked: set[BranchKey] = set()
+        self.reserved: set[BranchKey] = set()
 
     # ---- requests from the coordinator ----
 
@@ -660,11 +665,13 @@ class ParticipantNode:
         for action in actions:
             world.log(f"  {self.name} {key[0]}/{key[1]} action {action}")
             if isinstance(action, bcore.RunPrepare):
+                self.locked.add(key)
                 self._start_prepare(branch)
             elif isinstance(action, bcore.AwaitPrepare):
                 pass  # the caller joins the waiters of the prepare already running
             elif isinstance(action, bcore.CancelPrepare):
                 cancelled = self.work.pop(key, None)
+                self.locked.discard(key)
                 world.cover("participant: prepare cancelled")
             elif isinstance(action, bcore.Persist):
                 record = msg.BranchRecord(
@@ -676,8 +683,17 @@ class ParticipantNode:
                     self.forced_lsn[key] = lsn
             elif isinstance(action, bcore.ApplyCommit):
                 world.checker.branch_committing(self, branch)
+                if key not in self.reserved:
+                    raise world.fail(
+                        f"{self.name} commits {key[0]}/{key[1]}, which holds no reservation"
+                    )
+                self.reserved.discard(key)
+                self.locked.discard(key)
             elif isinstance(action, bcore.ApplyRollback):
-                pass  # the service gives back what the prepare took; the checker reads states
+                # The service gives back what the prepare took (nothing after a refusal or a
+                # read-only answer) and the locks go.
+                self.reserved.discard(key)
+                self.locked.discard(key)
             elif isinstance(action, bcore.AskCoordinator):
                 self._ask(key)
             else:
@@ -689,6 +705,7 @@ class ParticipantNode:
                 self._reply_when_durable(
                     key, source, msg.VoteReply(call, BranchVote.REFUSED, reason)
                 )
+        world.checker.branch_holds(self, branch)
         world.checker.touch(key[0])
         if (
             world.memory.decided_kept is not None
@@ -767,6 +784,8 @@ class ParticipantNode:
             return  # cancelled (rolled back or lease expired) before it answered
         del self.work[key]
         vote, reason = self.world.checker.business_vote(key)
+        if vote is BranchVote.PREPARED:
+            self.reserved.add(key)  # the service prepared it: its effects are tentative now
         reply = self._execute(branch, self._handle(branch, bcore.PrepareVoted(vote, reason)))
         assert isinstance(reply, bcore.ReplyVote), reply
         for source, call in work.waiters:
@@ -861,6 +880,8 @@ class ParticipantNode:
         self.last_lsn.clear()
         self._trim_waiting = False
         self._replies_pending.clear()
+        self.locked.clear()
+        self.reserved.clear()
 
     def restart(self) -> None:
         """branches.py replay: prepared, committed and rolled-back branches and tombstones
@@ -903,6 +924,8 @@ class ParticipantNode:
         else:
             self._trim()  # all replayed records are durable: at once
         in_doubt = [key for key, b in self.branches.items() if b.state is BranchState.PREPARED]
+        self.locked.update(in_doubt)  # branches.py replay: the service's state and the locks
+        self.reserved.update(in_doubt)
         self.world.log(
             f"RESTART {self.name}: {len(self.branches)} branch(es), {len(in_doubt)} in doubt"
         )
