@@ -23,7 +23,11 @@ Invariants (protocol.md rules in brackets):
   durability: once the coordinator stands by a commit, its decision record is durable (or, for
     one phase, the participant's commit record is), so no crash can lose it [3, 9]; its end
     record is written only once every branch the decision lists holds a durable commit
-    record (or a recorded heuristic outcome) [12].
+    record (or a recorded heuristic outcome) [12];
+  applied once: a branch's commit is applied once per life (an apply whose commit record a
+    crash lost never was) [14];
+  released: a decided branch holds neither its locks nor its reservation after its step, and
+    nothing is held after healing (the participant model's `locked` and `reserved`).
 After healing: nothing left in doubt or preparing, every coordinator transaction terminal, and
 every updating branch agrees with what the client and the coordinator said [11, 12, 13].
 
