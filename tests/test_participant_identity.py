@@ -49,6 +49,26 @@ def _misdirected(error: grpc.aio.AioRpcError) -> bool:
 # ---- A: another participant at a registered participant's old address ----
 
 
+async def orders_on_inventorys_port(cluster: InProcessCluster, tmp_path: Path) -> None:
+    """The bug hunt's scenario: inventory stops, and orders restarts on inventory's old port,
+    the address the coordinator's registry still holds for inventory."""
+    inventory_port = cluster.participants["inventory"].port
+    await cluster.participants.pop("inventory").stop(0)
+    await cluster.participants.pop("orders").stop(0)
+    orders = ParticipantServer(
+        OrdersService(),
+        ParticipantConfig(
+            data_dir=tmp_path,
+            listen=f"127.0.0.1:{inventory_port}",
+            coordinator=cluster.coordinator_address,
+            test_control=True,
+        ),
+    )
+    await orders.start()
+    await asyncio.wait_for(orders.registered.wait(), 10)
+    cluster.participants["orders"] = orders
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["exchange", "unary"])
 def test_a_participant_restarted_on_another_ones_old_address_is_not_taken_for_it(
     tmp_path: Path, batch: bool
@@ -64,21 +84,8 @@ def test_a_participant_restarted_on_another_ones_old_address_is_not_taken_for_it
             branches = order_branches("o-1", [("sku-apple", 2)], amount_cents=1)
             first = await cluster.submit(branches, "t-1")
             assert coordinator_pb2.OUTCOME_COMMITTED == first.outcome
-            inventory_port = cluster.participants["inventory"].port
-            await cluster.participants.pop("inventory").stop(0)  # down, owed t-1's Commit
-            await cluster.participants.pop("orders").stop(0)  # restarts on inventory's port
-            orders = ParticipantServer(
-                OrdersService(),
-                ParticipantConfig(
-                    data_dir=tmp_path,
-                    listen=f"127.0.0.1:{inventory_port}",
-                    coordinator=cluster.coordinator_address,
-                    test_control=True,
-                ),
-            )
-            await orders.start()
-            await asyncio.wait_for(orders.registered.wait(), 10)
-            cluster.participants["orders"] = orders
+            # Inventory down (owed t-1's Commit), orders on its old port.
+            await orders_on_inventorys_port(cluster, tmp_path)
             # Commit retries of t-1's inventory branch now reach orders: refused as misdirected,
             # retried, never a heuristic outcome (it was a hazard: Commit answered NOT_FOUND).
             await asyncio.sleep(1.0)
@@ -123,21 +130,7 @@ def test_a_one_phase_prepare_refused_as_misdirected_aborts_at_once(
             engine = cluster.coordinator.engine
             if not batch:
                 engine.registry.policy = BatchPolicy(enabled=False)
-            inventory_port = cluster.participants["inventory"].port
-            await cluster.participants.pop("inventory").stop(0)
-            await cluster.participants.pop("orders").stop(0)  # restarts on inventory's port
-            orders = ParticipantServer(
-                OrdersService(),
-                ParticipantConfig(
-                    data_dir=tmp_path,
-                    listen=f"127.0.0.1:{inventory_port}",
-                    coordinator=cluster.coordinator_address,
-                    test_control=True,
-                ),
-            )
-            await orders.start()
-            await asyncio.wait_for(orders.registered.wait(), 10)
-            cluster.participants["orders"] = orders
+            await orders_on_inventorys_port(cluster, tmp_path)
             assert engine.registry.participants["inventory"].capabilities.one_phase
             branch = coordinator_pb2.BranchRequest(
                 participant="inventory",
