@@ -941,6 +941,20 @@ class Session:
             result.violations.append(f"could not read the services: {error!r}")
         return None
 
+    async def settle_and_report(
+        self, cluster: Cluster, result: RunResult, when: str
+    ) -> invariants.Snapshot | None:
+        """Settle again after more orders ran (`when`: "after the retries"...) and hold the
+        state to the invariants, each violation named with `when`; None if it never settled."""
+        snapshot = await self.settle(cluster, result)
+        result.mark(f"settle {when}")
+        if snapshot is not None:
+            result.violations += [
+                f"{when}: {v}"
+                for v in invariants.report(snapshot, initial=INITIAL_STATE).violations
+            ]
+        return snapshot
+
     async def retry_all(
         self, cluster: Cluster, records: Sequence[ClientRecord]
     ) -> list[SubmitResult]:
@@ -984,14 +998,9 @@ class Session:
         if unknown:
             # A retry may have run a transaction that never ran before: let it settle too, and
             # see that nothing was applied twice.
-            snapshot = await self.settle(cluster, result)
-            result.mark("settle again")
+            snapshot = await self.settle_and_report(cluster, result, "after the retries")
             if snapshot is None:
                 return
-            result.violations += [
-                f"after the retries: {v}"
-                for v in invariants.report(snapshot, initial=INITIAL_STATE).violations
-            ]
         result.violations += check_ledger(self.ledger, snapshot)
         try:
             states = await read_branch_states(cluster)
@@ -1368,14 +1377,9 @@ class Session:
         healed: float,
     ) -> None:
         """After the wave: settle, then every check of the module's docstring."""
-        snapshot = await self.settle(cluster, result)
-        result.mark("settle after the wave")
+        snapshot = await self.settle_and_report(cluster, result, "after the late retries")
         if snapshot is None:
             return
-        result.violations += [
-            f"after the late retries: {v}"
-            for v in invariants.report(snapshot, initial=INITIAL_STATE).violations
-        ]
         result.violations += check_after_late_retries(result.records, snapshot)
         result.violations += check_client_outcomes(result.pushers, snapshot)
         for record in result.records:

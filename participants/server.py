@@ -195,23 +195,23 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await grpc_edge.abort(
                 context, grpc.StatusCode.UNAVAILABLE, "participant is down (fault injection)"
             )
+        # The call's address, and those a batch's prepares carry of their own (the
+        # coordinator's do not: the loop costs an attribute check per item).
+        addresses = [(participant, incarnation)]
+        addresses += (
+            (i.participant, i.incarnation) for i in items if i.participant or i.incarnation
+        )
         # The fields' form first: a malformed name ("Inventory", "inventory ", control
         # characters, megabytes) was answered as misdirected, blaming a stale registry, with
         # the dtm-misdirected metadata the coordinator acts on (found by a bug hunt).
-        malformed = addressing_problem(participant, incarnation)
-        for item in items:
+        for who, which in addresses:
+            malformed = addressing_problem(who, which)
             if malformed is not None:
-                break
-            malformed = addressing_problem(item.participant, item.incarnation)
-        if malformed is not None:
-            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
+                await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
         name, mine = self.server.service.name, self.engine.incarnation
-        problem = misdirected(name, mine, participant, incarnation)
-        for item in items:  # a batch's prepares may carry their own (the coordinator's do not)
-            if problem is not None:
-                break
-            if item.participant or item.incarnation:
-                problem = misdirected(name, mine, item.participant, item.incarnation)
+        problem = next(
+            (p for who, which in addresses if (p := misdirected(name, mine, who, which))), None
+        )
         if problem is not None:
             self.log.warning("call for another participant refused", reason=problem)
             context.set_trailing_metadata(((MISDIRECTED_METADATA_KEY, name),))

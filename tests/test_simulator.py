@@ -4,6 +4,7 @@ a seed replays exactly, and the two I/O-layer bugs it found stay reproducible.""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -137,12 +138,20 @@ def _commit_on_lease_expiry(branch: bcore.Branch, event: bcore.LeaseExpired) -> 
     return list(bcore._commit(branch, ""))
 
 
-def _lazy_prepare_record(branch: bcore.Branch, event: bcore.PrepareVoted) -> list[object]:
-    """A broken participant: votes without waiting for its prepare (or 1PC commit) record."""
-    actions = bcore._on_vote(branch, event)
-    return [
-        dataclasses.replace(a, forced=False) if isinstance(a, bcore.Persist) else a for a in actions
-    ]
+def _lazily(handler: Callable[[bcore.Branch, Any], list[object]]) -> Callable[..., list[object]]:
+    """A broken participant: `handler`'s answer without waiting for the record it writes."""
+
+    def lazy(branch: bcore.Branch, event: object) -> list[object]:
+        return [
+            dataclasses.replace(a, forced=False) if isinstance(a, bcore.Persist) else a
+            for a in handler(branch, event)
+        ]
+
+    return lazy
+
+
+# Votes without waiting for its prepare (or 1PC commit) record.
+_lazy_prepare_record = _lazily(bcore._on_vote)
 
 
 def test_catches_a_coordinator_that_commits_on_the_first_vote(
@@ -188,12 +197,8 @@ def test_catches_a_duplicate_commit_applied_again(monkeypatch: pytest.MonkeyPatc
     assert_replays(violation)
 
 
-def _lazy_commit_record(branch: bcore.Branch, event: bcore.CommitRequested) -> list[object]:
-    """A broken participant: acknowledges a Commit without waiting for its commit record."""
-    actions = bcore._on_commit(branch, event)
-    return [
-        dataclasses.replace(a, forced=False) if isinstance(a, bcore.Persist) else a for a in actions
-    ]
+# Acknowledges a Commit without waiting for its commit record.
+_lazy_commit_record = _lazily(bcore._on_commit)
 
 
 def test_catches_a_commit_acknowledged_before_its_record_is_durable(
