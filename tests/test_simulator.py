@@ -79,6 +79,7 @@ def test_500_seeds_hold_every_invariant() -> None:
         "participant: in-doubt branch learned committed",
         "participant: in-doubt branch replayed",
         "participant: tombstone (Rollback before Prepare)",
+        "participant: a vote after its prepare was cancelled",
     ):
         assert path in covered
 
@@ -244,17 +245,41 @@ def _rollback_leaving_the_prepare_running(
     return [a for a in actions if not isinstance(a, bcore.CancelPrepare)]
 
 
+def _late_vote_keeping_the_reservation(
+    branch: bcore.Branch, event: bcore.PrepareVoted
+) -> list[object]:
+    """A broken participant: the vote of a prepare that a Rollback overtook (cancelled after
+    its business logic ran) does not give back what that prepare took."""
+    actions = bcore._on_vote_after_rollback(branch, event)
+    return [a for a in actions if not isinstance(a, bcore.ApplyRollback)]
+
+
 @pytest.mark.parametrize(
-    ("state", "handler", "held"),
+    ("transition", "handler", "held"),
     [
-        (BranchState.PREPARED, _rollback_keeping_the_reservation, "locks and reservation"),
-        (BranchState.PREPARING, _rollback_leaving_the_prepare_running, "locks"),
+        (
+            (BranchState.PREPARED, bcore.RollbackRequested),
+            _rollback_keeping_the_reservation,
+            "locks and reservation",
+        ),
+        (
+            (BranchState.PREPARING, bcore.RollbackRequested),
+            _rollback_leaving_the_prepare_running,
+            "locks",
+        ),
+        # Reached only by a prepare that runs on past its cancel
+        # (FaultConfig.prepare_past_cancel_probability).
+        (
+            (BranchState.ROLLED_BACK, bcore.PrepareVoted),
+            _late_vote_keeping_the_reservation,
+            "reservation",
+        ),
     ],
 )
 def test_catches_a_rolled_back_branch_that_still_holds_what_it_took(
-    monkeypatch: pytest.MonkeyPatch, state: BranchState, handler: Any, held: str
+    monkeypatch: pytest.MonkeyPatch, transition: tuple[BranchState, type], handler: Any, held: str
 ) -> None:
-    monkeypatch.setitem(bcore.TRANSITIONS, (state, bcore.RollbackRequested), handler)
+    monkeypatch.setitem(bcore.TRANSITIONS, transition, handler)
     violation = first_violation(range(50))
     assert "released: p" in violation.message
     assert f"holds {held} of" in violation.message

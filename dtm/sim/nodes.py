@@ -529,6 +529,9 @@ class ParticipantNode:
         self.disk = _disk(world, self)
         self.branches: dict[BranchKey, Branch] = {}
         self.work: dict[BranchKey, PrepareWork] = {}
+        # The tokens of cancelled prepares whose business logic ran on past the cancel
+        # (FaultConfig.prepare_past_cancel_probability): their votes still come.
+        self.past_cancel: set[int] = set()
         self.forced_lsn: dict[BranchKey, int] = {}
         self.inquiries: dict[BranchKey, int] = {}  # the call id of the inquiry in flight
         self.inquiry_attempts: dict[BranchKey, int] = {}
@@ -673,6 +676,12 @@ class ParticipantNode:
                 cancelled = self.work.pop(key, None)
                 self.locked.discard(key)
                 world.cover("participant: prepare cancelled")
+                if (
+                    cancelled is not None
+                    and world.rng.random() < world.faults.prepare_past_cancel_probability
+                ):
+                    world.log(f"  {self.name} {key[0]}/{key[1]}: its prepare runs on")
+                    self.past_cancel.add(cancelled.token)
             elif isinstance(action, bcore.Persist):
                 record = msg.BranchRecord(
                     _RECORD_KINDS[action.kind], key[0], key[1], one_phase=branch.one_phase
@@ -780,15 +789,27 @@ class ParticipantNode:
     def _prepared(self, branch: Branch, token: int) -> None:
         key = branch.key
         work = self.work.get(key)
-        if work is None or work.token != token or self.branches.get(key) is not branch:
+        current = self.branches.get(key) is branch
+        if work is not None and work.token == token and current:
+            del self.work[key]
+            waiters = work.waiters
+        elif token in self.past_cancel:
+            # Cancelled (rolled back or lease expired) after its business logic ran: the
+            # vote comes all the same, to a branch that is no longer preparing. Its callers
+            # heard REFUSED at the cancel. A branch forgotten meanwhile is not this one.
+            self.past_cancel.discard(token)
+            if not current:
+                return
+            self.world.cover("participant: a vote after its prepare was cancelled")
+            waiters = []
+        else:
             return  # cancelled (rolled back or lease expired) before it answered
-        del self.work[key]
         vote, reason = self.world.checker.business_vote(key)
         if vote is BranchVote.PREPARED:
             self.reserved.add(key)  # the service prepared it: its effects are tentative now
         reply = self._execute(branch, self._handle(branch, bcore.PrepareVoted(vote, reason)))
         assert isinstance(reply, bcore.ReplyVote), reply
-        for source, call in work.waiters:
+        for source, call in waiters:
             self._reply_when_durable(key, source, msg.VoteReply(call, reply.vote, reply.reason))
         if branch.state is BranchState.PREPARED:
             self._inquire_later(key, self.world.timing.in_doubt_after_ms)
@@ -873,6 +894,7 @@ class ParticipantNode:
         self.incarnation += 1
         self.branches.clear()
         self.work.clear()
+        self.past_cancel.clear()
         self.forced_lsn.clear()
         self.inquiries.clear()
         self.inquiry_attempts.clear()

@@ -117,6 +117,13 @@ class FaultConfig:
     # A client's own deadline passes while its transaction still runs: it gives up on that
     # call (whose answer it will never see) and submits again.
     impatient_probability: float = 0.05
+    # A Rollback (or the lease) cancels a prepare whose business logic has already run, or
+    # runs where a cancel cannot reach it (a service's prepare in a thread or another
+    # process): its vote still reaches the branch, rolled back by then, and the branch core
+    # must give back what that prepare took (branch.py _on_vote_after_rollback).
+    # participants/branches.py cancels its prepare before the service runs it, so it never
+    # sees such a vote; the core must not depend on that.
+    prepare_past_cancel_probability: float = 0.5
 
     @classmethod
     def calm(cls) -> FaultConfig:
@@ -129,6 +136,7 @@ class FaultConfig:
             unsynced_survival_probability=0.0,
             answer_loss_probability=0.0,
             impatient_probability=0.0,
+            prepare_past_cancel_probability=0.0,
         )
 
     @classmethod
