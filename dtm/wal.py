@@ -23,9 +23,11 @@ does not stall the event loop; records appended meanwhile follow it in the same 
 
 Recovery rules (principles.md section 3): a bad frame at the very end of the last segment is a
 torn write and is truncated; a bad frame followed by any valid frame, or bad data in any other
-segment, is corruption and the process refuses to start (`LogCorruptedError`). A failed fsync is
-fatal and is never retried (PostgreSQL's rule after "fsyncgate"); so is a failed write, whose
-caller has already acted on the record in memory.
+segment, is corruption and the process refuses to start (`LogCorruptedError`). So is a segment
+with no valid record whose bytes cannot be a torn first write (`_not_a_segment_start`): it is
+no log segment, and cutting it would leave an empty log. A failed fsync is fatal and is never
+retried (PostgreSQL's rule after "fsyncgate"); so is a failed write, whose caller has already
+acted on the record in memory.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ _MARKER_BEGIN = 1
 _MARKER_COMPLETE = 2
 _PAYLOAD_BYTES_MAX = max(LOG_RECORD_BYTES_MAX, _MARKER.size)
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
+# The LSN field of a header: its bytes, and its encoding.
+_LSN_START, _LSN_END = 8, 16
+_LSN = struct.Struct("<Q")
 
 _logger = logging.getLogger(__name__)
 
@@ -120,6 +125,14 @@ class LogCorruptedError(Exception):
             "a torn write at the end of the log, so the process refuses to start (restore the "
             "log or inspect it with `python -m dtm.wal dump`)"
         )
+
+
+def _not_a_log_segment(why: str) -> str:
+    return (
+        f"not a log segment: no record starts at byte 0, not even a torn one ({why}): a "
+        "file that does not belong to the log (move it out of the directory), or a segment "
+        "whose start was overwritten; nothing was cut"
+    )
 
 
 class LogFatalError(Exception):
@@ -1164,7 +1177,15 @@ class WriteAheadLog:
 
         def scan(segment: _Segment) -> _Scan:
             if id(segment) not in scans:
-                scans[id(segment)] = _scan(fs.read_file(segment.path), segment.first_lsn)
+                data = fs.read_file(segment.path)
+                segment_scan = _scan(data, segment.first_lsn)
+                if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
+                    # No valid record at all: a torn first write (cut or dropped below), or
+                    # no log segment, which must never be cut to nothing.
+                    why = _not_a_segment_start(data, segment.first_lsn)
+                    if why is not None:
+                        raise LogCorruptedError(segment.path, 0, _not_a_log_segment(why))
+                scans[id(segment)] = segment_scan
             return scans[id(segment)]
 
         # 1. Replay starts at the newest complete checkpoint; anything older is left over from a
@@ -1766,23 +1787,45 @@ def _describe(record_type: int, payload: bytes) -> str:
     return f"{name} {text_format.MessageToString(message, as_one_line=True)}".rstrip()
 
 
-def _not_a_header(data: bytes, first_lsn: int | None) -> str | None:
-    """Why the first bytes of a segment cannot be the header of its first record, even torn;
-    None when they can (a torn first write: too short, zero-filled, or a header that looks right
-    with a short or mismatching record after it). A header is never split across a sector, so
-    a crash leaves it whole or absent, never with another length, LSN or type."""
-    if len(data) < _HEADER_BYTES:
-        return None
-    payload_length, _, lsn, record_type = _HEADER.unpack_from(data, 0)
-    if payload_length == 0 and lsn == 0 and record_type == 0:
-        return None
+def _not_a_header_start(header: bytes, first_lsn: int | None) -> str | None:
+    """Why `header` (a record header, or its first bytes) cannot begin the first record of
+    the segment of LSN `first_lsn` (None: any LSN); None when it can. A field cut short
+    reads as its least possible value."""
+    payload_length, _, lsn, record_type = _HEADER.unpack(header.ljust(_HEADER_BYTES, b"\0"))
     if payload_length > _PAYLOAD_BYTES_MAX:
         return f"payload length {payload_length} exceeds the maximum {_PAYLOAD_BYTES_MAX}"
-    if lsn == 0 or (first_lsn is not None and lsn != first_lsn):
+    lsn_bytes = header[_LSN_START:_LSN_END]
+    if len(lsn_bytes) == _LSN.size and (lsn == 0 or first_lsn not in (None, lsn)):
         expected = f"{first_lsn}, as its name says" if first_lsn is not None else "at least 1"
         return f"LSN {lsn} where {expected}"
+    if first_lsn is not None and lsn_bytes != _LSN.pack(first_lsn)[: len(lsn_bytes)]:
+        return f"LSN field starting {lsn_bytes.hex()}, not LSN {first_lsn} as its name says"
     if record_type > RECORD_TYPE_MAX:
         return f"record type {record_type} exceeds {RECORD_TYPE_MAX}"
+    return None
+
+
+def _not_a_segment_start(data: bytes, first_lsn: int | None) -> str | None:
+    """Why the bytes of a segment whose first record is bad, with no valid record after it,
+    cannot be a torn first write of that segment; None when they can.
+
+    A crash leaves a prefix of what was written, then zeros where the file grew but its data
+    did not land. So the header's bytes up to its last non-zero one must begin the header of
+    the segment's first record (the LSN in its name), and only zeros may follow them, or
+    follow the end of the record that the whole header (zeros included) announces. Anything
+    else is no log segment, or one whose start was overwritten: cutting it would empty it."""
+    header = data[:_HEADER_BYTES]
+    landed = header.rstrip(b"\0")  # the zeros after it may be bytes that never landed
+    why = _not_a_header_start(landed, first_lsn)
+    if why is not None:
+        return why
+    record_end = len(landed)
+    if landed and len(header) == _HEADER_BYTES and _not_a_header_start(header, first_lsn) is None:
+        record_end = _aligned(_HEADER_BYTES + _HEADER.unpack(header)[0])
+    rest = data[record_end:].lstrip(b"\0")
+    if rest:
+        where = "its first record would end" if landed else "a zero-filled header"
+        return f"bytes at byte offset {len(data) - len(rest)}, after where {where}"
     return None
 
 
@@ -1804,17 +1847,17 @@ def dump(path: Path) -> Iterator[str]:
         data = file.read_bytes()
         segment_scan = _scan(data, int(match.group(1)) if match else None)
         if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
-            reason = _not_a_header(data, int(match.group(1)) if match else None)
+            reason = _not_a_segment_start(data, int(match.group(1)) if match else None)
             if reason is not None:
-                # Opening the log would cut such a last segment to nothing, as a torn write.
-                # In a directory, the verdict is this segment's, not the whole log's: the
-                # records of the segments before it are above.
+                # Opening the log refuses it too (WriteAheadLog._recover_segments). In a
+                # directory, the verdict is this segment's, not the whole log's: the records
+                # of the segments before it are above.
                 what = (
                     f"segment {index + 1} of {len(files)} is not a log segment"
                     if path.is_dir()
                     else "not a dtm write-ahead log segment"
                 )
-                yield f"NOT A LOG {file}: {what} (its first bytes are no record header: {reason})"
+                yield f"NOT A LOG {file}: {what} (no record starts at byte 0: {reason})"
                 return
         for frame in segment_scan.frames:
             description = _describe(frame.record_type, frame.payload)

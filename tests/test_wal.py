@@ -1173,3 +1173,90 @@ def test_a_second_open_of_a_live_log_is_refused_before_it_touches_anything(
     assert segments == sorted(path.name for path in tmp_path.iterdir())  # nothing deleted
     log.close()
     assert [b"snapshot"] == payloads(reopen(tmp_path))  # the lock went with the close
+
+
+# ---- a segment with no valid record: a torn first write, or no log at all ----
+
+
+def first_checkpoint_bytes(directory: Path) -> bytes:
+    """What the first write of a new log puts in its segment: a checkpoint (begin marker, two
+    records, complete marker), read back from a log that wrote it whole."""
+    log, _ = WriteAheadLog.open(directory)
+    log.checkpoint([(CHECKPOINT, b"a" * 100), (CHECKPOINT, b"b" * 100)])
+    log.close()
+    [segment] = segment_files(directory)
+    return segment.read_bytes()
+
+
+def test_a_torn_first_write_of_a_new_log_opens_it_empty(tmp_path: Path) -> None:
+    """Whatever a crash leaves of the first write (a prefix of it, zeros where its pages did
+    not land, or zeros after it as the file grew first), the log opens empty and takes
+    appends. Guards the refusal below against taking a torn write for garbage."""
+    written = first_checkpoint_bytes(tmp_path / "whole")
+    first_frame_end = 40  # the begin marker's frame: a torn write leaves part of it
+    assert b"" != written[:first_frame_end].strip(b"\0")
+    directory = tmp_path / "torn"
+    segment = directory / "00000000000000000001.wal"
+    for cut in range(first_frame_end):
+        for tail in (b"", bytes(len(written) - cut), bytes(4096)):
+            directory.mkdir()
+            segment.write_bytes(written[:cut] + tail)
+            log, recovered = WriteAheadLog.open(directory)
+            assert ([], 0) == (recovered, segment.stat().st_size), (cut, len(tail))
+            assert 1 == log.append(ENDED, b"first")
+            log.sync()
+            log.close()
+            assert [b"first"] == payloads(reopen(directory))
+            shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        # A text file named like a segment: its "length" is far beyond any record's.
+        (b"# Network services, Internet style\n" * 20, "payload length"),
+        # A header-sized run of bytes with a plausible length but an LSN other than the name's.
+        (_encode_frame(7, ENDED, b"x" * 64)[:30], "LSN 7 where 1"),
+        # Shorter than a header, and already not the start of LSN 1.
+        (bytes([4, 0, 0, 0, 1, 2, 3, 4, 0x33, 0x44]), "LSN"),
+        # A zero-filled header (a write that never landed), yet data after it: no crash
+        # leaves zeros and then bytes.
+        (bytes(40) + b"written after nothing", "after"),
+        # The first record's header is right and its record short, but the bytes go on past
+        # where that record would end: the record was overwritten, not torn.
+        (_encode_frame(1, ENDED, b"x" * 12)[:-4] + b"\xff" * 4 + b"garbage" * 10, "after"),
+    ],
+    ids=["text", "another-lsn", "short", "zeros-then-bytes", "bytes-after-the-record"],
+)
+def test_a_segment_that_is_no_log_from_byte_zero_is_refused_not_emptied(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    """A file named like the only segment whose first bytes cannot begin any record (not
+    even torn) was taken for a torn first write and cut to nothing: the process started with
+    an empty log, forgetting everything. It is refused, named, and left as it was."""
+    segment = tmp_path / "00000000000000000001.wal"
+    segment.write_bytes(content)
+    with pytest.raises(LogCorruptedError) as caught:
+        WriteAheadLog.open(tmp_path)
+    assert (segment, 0) == (caught.value.path, caught.value.offset)
+    message = str(caught.value)
+    assert str(segment) in message and "byte offset 0" in message
+    assert reason in message and "not a log segment" in message
+    assert content == segment.read_bytes()  # nothing cut
+    [line] = list(dump(tmp_path))  # what `dtm log dump` says of it
+    assert line.startswith(f"NOT A LOG {segment}") and reason in line, line
+
+
+def test_a_last_segment_that_is_no_log_is_refused_not_deleted(tmp_path: Path) -> None:
+    """A garbage file named like the segment after a real log's last one was dropped as a
+    torn, empty segment (deleted); a log whose later segment's start was overwritten, the
+    same. Both are refused, and the file stays."""
+    write_log(tmp_path, [b"a", b"b"])
+    stray = tmp_path / "00000000000000000003.wal"
+    stray.write_bytes(b"# not a log\n" * 20)
+    with pytest.raises(LogCorruptedError, match="not a log segment") as caught:
+        WriteAheadLog.open(tmp_path)
+    assert (stray, 0) == (caught.value.path, caught.value.offset)
+    assert stray.exists() and 2 == len(segment_files(tmp_path))
+    stray.write_bytes(bytes(64))  # zeros: a rotation's first write that never landed
+    assert [b"a", b"b"] == payloads(reopen(tmp_path))
