@@ -701,6 +701,18 @@ class _Segment:
     size: int
 
 
+def _scan_segment(fs: FileSystem, segment: _Segment) -> _Scan:
+    """Read and scan a segment; raises LogCorruptedError for one with no valid record that
+    cannot be a torn first write: no log segment, which must never be cut or deleted."""
+    data = fs.read_file(segment.path)
+    segment_scan = _scan(data, segment.first_lsn)
+    if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
+        why = _not_a_segment_start(data, segment.first_lsn)
+        if why is not None:
+            raise LogCorruptedError(segment.path, 0, _not_a_log_segment(why))
+    return segment_scan
+
+
 @dataclass(eq=False, slots=True)
 class _CheckpointWrite:
     """A checkpoint segment being written: its file, its records (markers included) with the
@@ -1177,15 +1189,7 @@ class WriteAheadLog:
 
         def scan(segment: _Segment) -> _Scan:
             if id(segment) not in scans:
-                data = fs.read_file(segment.path)
-                segment_scan = _scan(data, segment.first_lsn)
-                if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
-                    # No valid record at all: a torn first write (cut or dropped below), or
-                    # no log segment, which must never be cut to nothing.
-                    why = _not_a_segment_start(data, segment.first_lsn)
-                    if why is not None:
-                        raise LogCorruptedError(segment.path, 0, _not_a_log_segment(why))
-                scans[id(segment)] = segment_scan
+                scans[id(segment)] = _scan_segment(fs, segment)
             return scans[id(segment)]
 
         # 1. Replay starts at the newest complete checkpoint; anything older is left over from a
@@ -1196,6 +1200,8 @@ class WriteAheadLog:
                 start = index
                 break
         if start > 0:
+            for segment in segments[:start]:
+                _scan_segment(fs, segment)  # one that is no log segment is never deleted
             # The checkpoint may be complete only in the page cache (the process died before
             # its fsync): make it durable before deleting the segments it replaces, or a power
             # loss in between would leave neither.

@@ -1260,3 +1260,18 @@ def test_a_last_segment_that_is_no_log_is_refused_not_deleted(tmp_path: Path) ->
     assert stray.exists() and 2 == len(segment_files(tmp_path))
     stray.write_bytes(bytes(64))  # zeros: a rotation's first write that never landed
     assert [b"a", b"b"] == payloads(reopen(tmp_path))
+
+
+def test_a_stray_file_named_like_an_older_segment_is_refused_not_deleted(tmp_path: Path) -> None:
+    """Segments older than the newest complete checkpoint are deleted (a crash came before
+    the checkpoint's deletions); a file named like one that is no log segment was deleted
+    with them, unread. It is refused, and stays."""
+    log, _ = WriteAheadLog.open(tmp_path)
+    log.checkpoint([(CHECKPOINT, b"snapshot")])
+    log.close()
+    stray = tmp_path / "00000000000000000000.wal"
+    stray.write_bytes(b"# kept by someone, not a log\n" * 10)
+    with pytest.raises(LogCorruptedError, match="not a log segment") as caught:
+        WriteAheadLog.open(tmp_path)
+    assert (stray, 0) == (caught.value.path, caught.value.offset)
+    assert stray.exists()
