@@ -121,6 +121,19 @@ def incarnation_problem(incarnation: str) -> str | None:
     return None
 
 
+def addressing_problem(participant: str, incarnation: str) -> str | None:
+    """What is wrong with the form of the participant and incarnation a call names, or None
+    (empty: not given): a Participant call the coordinator sends, a participant's inquiry. Only
+    registered ones are valid, and they were checked when they registered: a malformed one is a
+    bad request, and is answered as such (bounded, escaped: the caller's text, not ours)."""
+    problem = (participant and participant_name_problem(participant)) or (
+        incarnation_problem(incarnation)
+    )
+    if not problem:
+        return None
+    return problem.encode("ascii", "backslashreplace").decode("ascii")
+
+
 def transaction_id_problem(transaction_id: str) -> str | None:
     """What is wrong with a transaction id a caller sent, or None."""
     if not TRANSACTION_ID_PATTERN.fullmatch(transaction_id):

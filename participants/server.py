@@ -162,19 +162,6 @@ def misdirected(
     return None
 
 
-def addressing_problem(participant: str, incarnation: str) -> str | None:
-    """What is wrong with the form of the participant and incarnation a call names, or None
-    (empty: not given). The coordinator only sends registered ones, which were checked when
-    they registered: a malformed one is a bad request from some other caller, not a stale
-    registry, and is answered as such (bounded, escaped: the caller's text, not ours)."""
-    problem = (participant and limits.participant_name_problem(participant)) or (
-        limits.incarnation_problem(incarnation)
-    )
-    if not problem:
-        return None
-    return problem.encode("ascii", "backslashreplace").decode("ascii")
-
-
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def __init__(self, server: ParticipantServer) -> None:
         self.server = server
@@ -205,7 +192,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         # characters, megabytes) was answered as misdirected, blaming a stale registry, with
         # the dtm-misdirected metadata the coordinator acts on (found by a bug hunt).
         for who, which in addresses:
-            malformed = addressing_problem(who, which)
+            malformed = limits.addressing_problem(who, which)
             if malformed is not None:
                 await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
         name, mine = self.server.service.name, self.engine.incarnation
