@@ -825,3 +825,104 @@ def test_a_participant_process_started_with_replace_registration_takes_an_owed_n
             assert "registered" in text
 
     asyncio.run(scenario())
+
+
+# ---- E: a replaced incarnation that still runs asks about its branches in doubt ----
+
+
+async def replace_inventory(
+    cluster: InProcessCluster, data_dir: Path, **config: Any
+) -> ParticipantServer:
+    """Another inventory, on its own (empty) log, takes the name with the operator's override
+    while the first still runs: the misuse the README warns about."""
+    second = ParticipantServer(
+        InventoryService(dict(STOCK)),
+        ParticipantConfig(
+            data_dir=data_dir,
+            listen="127.0.0.1:0",
+            coordinator=cluster.coordinator_address,
+            replace_registration=True,
+            **config,
+        ),
+    )
+    await second.start()
+    await asyncio.wait_for(second.registered.wait(), 10)
+    registered = cluster.coordinator.engine.registry.participants["inventory"]
+    assert second.engine.incarnation == registered.incarnation
+    return second
+
+
+def test_an_inquiry_from_a_replaced_incarnation_is_refused_before_any_outcome(
+    tmp_path: Path,
+) -> None:
+    """Who may learn an outcome: the registered incarnation, and anyone who names none (an
+    operator before forcing, a participant in another language or from before the field).
+    A replaced incarnation hears FAILED_PRECONDITION, whatever the transaction, even one the
+    coordinator has no record of (presumed abort would have told it ABORTED)."""
+
+    async def scenario() -> None:
+        asks_later = {"in_doubt_after_ms": 600_000}  # only this test's inquiries
+        async with InProcessCluster(tmp_path / "a", participant_overrides=asks_later) as cluster:
+            old = cluster.participants["inventory"].engine.incarnation
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome
+            second = await replace_inventory(cluster, tmp_path / "b")
+            try:
+                new, address = second.engine.incarnation, f"127.0.0.1:{second.port}"
+                for txn in ("t-1", "t-never"):
+                    request = coordinator_pb2.QueryOutcomeRequest(
+                        transaction_id=txn, participant="inventory", incarnation=old
+                    )
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await cluster.client.QueryOutcome(request)
+                    error = refused.value
+                    assert grpc.StatusCode.FAILED_PRECONDITION is error.code(), error
+                    details = error.details() or ""
+                    assert f"incarnation {old!r} was replaced" in details, details
+                    assert f"incarnation {new!r} at {address}" in details, details
+                    assert "since 20" in details and "must stop" in details, details
+                    metadata: Any = error.trailing_metadata() or ()
+                    assert [new] == [v for k, v in metadata if k == "dtm-replaced"]
+                answered = [
+                    {"participant": "inventory", "incarnation": new},  # the registered one
+                    {},  # no fields: as before
+                    {"participant": "inventory"},
+                    {"incarnation": old},  # no name: nothing to compare with
+                    {"participant": "loyalty", "incarnation": old},  # not registered
+                ]
+                for fields in answered:
+                    request = coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1", **fields)
+                    answer = await cluster.client.QueryOutcome(request)
+                    assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, fields
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_an_inquiry_naming_a_malformed_incarnation_is_an_invalid_argument(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            mine = cluster.participants["inventory"].engine.incarnation
+            malformed: list[dict[str, str]] = [
+                {"participant": "inventory", "incarnation": "a" * 65},
+                {"participant": "inventory", "incarnation": "ab\r\ncd"},
+                {"participant": "inventory", "incarnation": "inc\u00e9"},
+                {"incarnation": "y" * 100_000},
+                {"participant": "Inventory", "incarnation": mine},
+            ]
+            for fields in malformed:
+                request = coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1", **fields)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await cluster.client.QueryOutcome(request)
+                error = refused.value
+                assert grpc.StatusCode.INVALID_ARGUMENT is error.code(), (fields, error)
+                details = error.details() or ""
+                assert "is malformed" in details, details
+                assert len(details) < 300 and details.isascii() and details.isprintable()
+
+    asyncio.run(scenario())

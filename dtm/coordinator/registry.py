@@ -76,6 +76,16 @@ class Registry:
             or known.incarnation != info.incarnation
         )
 
+    def replacing(self, name: str, incarnation: str) -> coordinator_pb2.ParticipantInfo | None:
+        """The registration under `name` when it is of another incarnation than `incarnation`
+        (the asker was replaced: its decisions are owed to that one), or None: the asker is the
+        registered incarnation, or cannot be told from it (an empty incarnation on either side,
+        as everywhere else; or `name` not registered, so owed nothing)."""
+        info = self.participants.get(name)
+        if info is None or not incarnation or info.incarnation in ("", incarnation):
+            return None
+        return info
+
     def put(self, info: coordinator_pb2.ParticipantInfo) -> None:
         if len(self.participants) >= limits.PARTICIPANTS_MAX and info.name not in self.participants:
             raise RegistrationError(f"at most {limits.PARTICIPANTS_MAX} participants")

@@ -31,6 +31,9 @@ from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# Trailing metadata of an inquiry refused because the asker's incarnation was replaced: the
+# registered incarnation. The participant SDK stops on it (participants/server.py).
+REPLACED_METADATA_KEY = "dtm-replaced"
 
 
 def transaction_pb(view: TransactionView) -> coordinator_pb2.Transaction:
@@ -415,10 +418,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         # Checked first: presumed abort answers ABORTED for any id it has no record of, and
         # the id and the name go into the log line.
         await _check_transaction_id(context, request.transaction_id)
-        if request.participant:
-            problem = name_problem(request.participant)
-            if problem:
-                await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        problem = limits.addressing_problem(request.participant, request.incarnation)
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         if len(request.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
             await grpc_edge.abort(
                 context,
@@ -426,14 +428,48 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 f"transaction_fingerprint is {len(request.transaction_fingerprint)} bytes; at "
                 f"most {limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
             )
+        await self._refuse_if_replaced(request, context)
         outcome = self.engine.query_outcome(request.transaction_id, request.transaction_fingerprint)
         self.coordinator.log.info(
             "outcome asked",
             txn=request.transaction_id,
             participant=request.participant,
+            incarnation=request.incarnation or None,
             outcome=coordinator_pb2.Outcome.Name(outcome),
         )
         return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)  # type: ignore[arg-type]
+
+    async def _refuse_if_replaced(
+        self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
+    ) -> None:
+        """Refuse an inquiry from an incarnation the registry no longer holds, before any
+        outcome is looked up: a replaced process that still runs would otherwise apply the
+        decisions now owed to its replacement (which hears of branches it does not know, and
+        reports them as heuristic hazards), both acting on one decision."""
+        registered = self.registry.replacing(request.participant, request.incarnation)
+        if registered is None:
+            return
+        since = time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(registered.registered_at_unix_ms / 1000)
+        )
+        message = (
+            f"participant {request.participant!r} incarnation {request.incarnation!r} was "
+            f"replaced: incarnation {registered.incarnation!r} at {registered.address} is "
+            f"registered under this name (since {since}) and is owed every decision there. "
+            "This process must stop: it may learn no outcome, and must apply none. Its "
+            "prepared branches stay in doubt in its log: reconcile them by hand with the "
+            "coordinator's outcomes (dtm txn show ID) and the heuristic hazards recorded at the "
+            "replacement (dtm heuristics)"
+        )
+        self.coordinator.log.warning(
+            "inquiry from a replaced incarnation refused",
+            txn=request.transaction_id,
+            participant=request.participant,
+            incarnation=request.incarnation,
+            registered_incarnation=registered.incarnation,
+        )
+        context.set_trailing_metadata(((REPLACED_METADATA_KEY, registered.incarnation),))
+        await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
 @dataclass

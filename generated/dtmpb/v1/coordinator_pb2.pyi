@@ -230,14 +230,16 @@ class ListTransactionsResponse(_message.Message):
     def __init__(self, transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ...) -> None: ...
 
 class QueryOutcomeRequest(_message.Message):
-    __slots__ = ("transaction_id", "participant", "transaction_fingerprint")
+    __slots__ = ("transaction_id", "participant", "transaction_fingerprint", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     participant: str
     transaction_fingerprint: bytes
-    def __init__(self, transaction_id: _Optional[str] = ..., participant: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., participant: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class QueryOutcomeResponse(_message.Message):
     __slots__ = ("outcome",)
