@@ -307,7 +307,8 @@ class Server(Protocol):
 @runtime_checkable
 class Failing(Protocol):
     """A server that may learn, once serving, that it must not go on (a participant whose
-    registration the coordinator refused for good): `failed` is set, `failure` says why."""
+    registration the coordinator refused for good, or that another incarnation replaced):
+    `failed` is set, `failure` says why."""
 
     failed: asyncio.Event
     failure: str

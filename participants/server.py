@@ -53,6 +53,9 @@ HEURISTIC_METADATA_KEY = "dtm-heuristic"
 # Trailing metadata key of a call refused because it was meant for another participant (another
 # name, or another incarnation of this one): the coordinator reads it as "not reached".
 MISDIRECTED_METADATA_KEY = "dtm-misdirected"
+# Trailing metadata of an inquiry the coordinator refused because another incarnation of this
+# participant is registered now (its value): this process was replaced, and stops.
+REPLACED_METADATA_KEY = "dtm-replaced"
 # RegisterParticipant answers that no retry can change: the process stops (exit status 1).
 REGISTRATION_FATAL = frozenset(
     {
@@ -160,6 +163,15 @@ def misdirected(
             "one's log was replaced; nothing was changed"
         )
     return None
+
+
+def _replacement(error: grpc.aio.AioRpcError) -> str | None:
+    """The incarnation registered instead of this one, when `error` is the coordinator's
+    refusal of an inquiry from a replaced incarnation, else None."""
+    if error.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    metadata: Any = error.trailing_metadata() or ()
+    return next((str(value) for key, value in metadata if key == REPLACED_METADATA_KEY), None)
 
 
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
@@ -710,8 +722,9 @@ class ParticipantServer:
         self._asked_since_summary = 0
         self._last_unknown_reason = ""
         self.registered = asyncio.Event()
-        # Set when the coordinator refused the registration for good (REGISTRATION_FATAL):
-        # `failure` says why; run() then stops the process with exit status 1.
+        # Set when the coordinator refused the registration for good (REGISTRATION_FATAL), or
+        # an inquiry because another incarnation replaced this one (`_replaced`): `failure`
+        # says why; run() then stops the process with exit status 1.
         self.failed = asyncio.Event()
         self.failure = ""
         self.metrics = metrics.for_participant(
@@ -903,6 +916,8 @@ class ParticipantServer:
         asked too because a coordinator that has no record of its transaction (presumed
         abort) never sends a decision: without asking, a forced commit that contradicts it
         would never be reported (`_reconcile_forced`)."""
+        if self.failed.is_set():  # stopping: replaced, or refused for good; ask nothing more
+            return
         engine = self.engine
         # Forget the backoff of branches decided meanwhile (by a Commit or Rollback), and of
         # forced ones no longer awaiting (decided by their coordinator, or forgotten).
@@ -968,6 +983,8 @@ class ParticipantServer:
                 coordinator_pb2.QueryOutcomeRequest(
                     transaction_id=key[0],
                     participant=self.service.name,
+                    # So that a replaced process that still runs learns nothing.
+                    incarnation=self.engine.incarnation,
                     # So that a branch of an attempt that reused the id is not answered with
                     # the outcome of the transaction the id belongs to.
                     transaction_fingerprint=info.fingerprint if info is not None else b"",
@@ -975,6 +992,10 @@ class ParticipantServer:
                 timeout=1.0,
             )
         except grpc.aio.AioRpcError as error:
+            replacement = _replacement(error)
+            if replacement is not None:
+                self._replaced(replacement, error.details() or "")
+            # The branch stays in doubt either way: a refusal is no outcome to guess from.
             self._back_off(key, now, f"{error.code().name}: {error.details()}")
             return
         if answer.outcome not in (
@@ -1001,6 +1022,33 @@ class ParticipantServer:
                 branch=key[1],
                 outcome=outcome,
             )
+
+    def _replaced(self, registered_incarnation: str, detail: str) -> None:
+        """The coordinator refused an inquiry: another incarnation holds this name. Once this
+        process's own registration was accepted, that can only be a later registration that
+        replaced it (--replace-registration, or a second process while nothing was owed), so
+        it stops, as on a registration refused for good: it will never hear a decision again,
+        its locks would only block its data, and serving on would hide the misuse. Its prepared
+        branches stay in doubt in its log, never guessed. Before its registration is answered
+        (a restart on its own log while another incarnation is registered), that registration
+        decides: refused, the process stops there; accepted, the next inquiry is answered."""
+        if not self.registered.is_set() or self.failed.is_set():  # the latter: log it once
+            return
+        self.failure = (  # worded as the registration's refusal for good
+            f"the coordinator at {self.config.coordinator} refused the inquiries of participant "
+            f"{self.service.name!r} incarnation {self.engine.incarnation!r}: "
+            f"FAILED_PRECONDITION: {detail}"
+        )
+        self.log_.error(
+            "replaced by another incarnation: the coordinator refuses to tell this one any "
+            "outcome; stopping, with branches in doubt",
+            incarnation=self.engine.incarnation,
+            registered_incarnation=registered_incarnation[:80],
+            in_doubt=len(self.engine.in_doubt()),
+            coordinator=self.config.coordinator,
+            detail=detail,
+        )
+        self.failed.set()
 
     def _reconcile_forced(self, key: tuple[str, int], commit: bool) -> None:
         """The coordinator's outcome for a forced branch: it stops awaiting, as when its

@@ -926,3 +926,76 @@ def test_an_inquiry_naming_a_malformed_incarnation_is_an_invalid_argument(
                 assert len(details) < 300 and details.isascii() and details.isprintable()
 
     asyncio.run(scenario())
+
+
+def test_a_replaced_process_learns_no_outcome_by_inquiry_and_stops(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Known gap: QueryOutcome named no incarnation, so after an operator replaced inventory
+    while its first process still ran, that process learned t-1's outcome by inquiry and
+    applied the Commit now owed to the replacement (which records it as a heuristic hazard):
+    two incarnations acting on one decision. Now the coordinator refuses the old incarnation's
+    inquiry, and the SDK, refused, keeps its branches in doubt, logs one ERROR naming both
+    incarnations and stops, as when its registration is refused for good."""
+
+    async def scenario() -> None:
+        # No inquiry before the replacement: the first process asks once allowed to, below.
+        asks_later = {"in_doubt_after_ms": 600_000}
+        async with InProcessCluster(tmp_path / "a", participant_overrides=asks_later) as cluster:
+            first = cluster.participants["inventory"]
+            old = first.engine.incarnation
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            for n in (1, 2):  # two branches in doubt: two refusals in one round, one ERROR
+                branches = order_branches(f"o-{n}", [("sku-apple", 1)], amount_cents=1)
+                committed = await cluster.submit(branches, f"t-{n}")
+                assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome
+            second = await replace_inventory(cluster, tmp_path / "b", **asks_later)
+            try:
+                new = second.engine.incarnation
+                capsys.readouterr()
+                first.config.in_doubt_after_ms = 0  # the old process asks now
+                await asyncio.wait_for(first.failed.wait(), 15)
+                for key in (("t-1", 0), ("t-2", 0)):
+                    info = first.engine.open.get(key)
+                    assert info is not None and BranchState.PREPARED is info.branch.state, key
+                assert repr(old) in first.failure and repr(new) in first.failure, first.failure
+                assert "must stop" in first.failure, first.failure
+                err = capsys.readouterr().err
+                errors = [line for line in err.splitlines() if "replaced by another" in line]
+                assert 1 == len(errors), err
+                assert "ERROR" in errors[0] and "stopping" in errors[0], errors[0]
+                assert f"incarnation={old}" in errors[0], errors[0]
+                assert f"registered_incarnation={new}" in errors[0], errors[0]
+                refused = [line for line in err.splitlines() if "replaced incarnation" in line]
+                assert refused and all("WARNING" in line for line in refused), err
+            finally:
+                await second.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_replacement_refusal_stops_a_participant_only_once_it_was_registered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before its own registration is answered (a restart on its own log while another
+    incarnation is registered, owed nothing), the registration decides, not a refusal of an
+    inquiry that raced ahead of it; once registered, a refusal means a later registration
+    replaced it: one ERROR, however many inquiries were refused."""
+
+    async def scenario() -> None:
+        server = ParticipantServer(InventoryService(dict(STOCK)), ParticipantConfig(tmp_path))
+        await server.start()  # no coordinator: nothing registers or asks on its own
+        try:
+            server._replaced("b" * 16, "replaced")
+            assert not server.failed.is_set()
+            server.registered.set()
+            server._replaced("b" * 16, "replaced")
+            server._replaced("b" * 16, "replaced")
+            assert server.failed.is_set()
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if "replaced by another" in line]
+            assert 1 == len(errors), err
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
