@@ -449,14 +449,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         registered = self.registry.replacing(request.participant, request.incarnation)
         if registered is None:
             return
-        since = time.strftime(
-            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(registered.registered_at_unix_ms / 1000)
+        registered_at_s = registered.registered_at_unix_ms / 1000
+        since = (  # 0: not recorded (this build stamps every registration it takes)
+            f" since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(registered_at_s))}"
+            if registered_at_s > 0
+            else ""
         )
         message = (
             f"participant {request.participant!r} incarnation {request.incarnation!r} was "
             f"replaced: incarnation {registered.incarnation!r} at {registered.address} is "
-            f"registered under this name (since {since}) and is owed every decision there. "
-            "This process must stop: it may learn no outcome, and must apply none. Its "
+            f"registered under this name{since}, and every decision about its branches goes to "
+            "it. This process must stop: it may learn no outcome, and must apply none. Its "
             "prepared branches stay in doubt in its log: reconcile them by hand with the "
             "coordinator's outcomes (dtm txn show ID) and the heuristic hazards recorded at the "
             "replacement (dtm heuristics)"
