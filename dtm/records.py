@@ -7,13 +7,16 @@ recovery code and `dtm log dump` agree on what every record means.
 from __future__ import annotations
 
 import dataclasses
+import io
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from enum import IntEnum
 from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from google.protobuf import text_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from dtmpb.v1 import log_pb2
@@ -155,3 +158,42 @@ def decode(record_type: int, payload: bytes) -> tuple[str, Message | None]:
     message = PAYLOADS[kind]()
     message.ParseFromString(payload)
     return kind.name, message
+
+
+def record_text(message: Message) -> str:
+    """A record's payload as one line of protobuf text format (`dtm log dump`), with every
+    field shown, at its default too, but for empty texts. Text format leaves a proto3 field at
+    its default out, and those are the ones that say which branch a record is about (branch 0,
+    the first of every transaction) and which outcome it holds (`committed: false`): a
+    BranchReconciled of branch 0 whose coordinator decided abort read `transaction_id: "t"`."""
+    out = io.StringIO()
+    _print_fields(message, out)
+    return out.getvalue().rstrip()
+
+
+_TEXTS = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES)
+
+
+def _print_fields(message: Message, out: io.StringIO) -> None:
+    # (The stubs type a descriptor's fields as the pure-Python or the upb class.)
+    for field in cast("list[FieldDescriptor]", message.DESCRIPTOR.fields):
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            for item in value:
+                _print_value(field, item, out)
+        elif field.message_type is not None or field.has_presence:  # a message, a oneof
+            if message.HasField(field.name):
+                _print_value(field, value, out)
+        elif value or field.type not in _TEXTS:  # an empty text reads the same either way
+            _print_value(field, value, out)
+
+
+def _print_value(field: FieldDescriptor, value: object, out: io.StringIO) -> None:
+    if field.message_type is None or field.message_type.full_name == "google.protobuf.Any":
+        # An Any's own printing shows what it packs.
+        text_format.PrintField(field, value, out, as_one_line=True)
+        return
+    out.write(f"{field.name} {{ ")
+    assert isinstance(value, Message)
+    _print_fields(value, out)
+    out.write("} ")

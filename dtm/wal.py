@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import NoReturn, Protocol, Self, TypeAlias
 
 import crc32c
-from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
 from dtm import crashpoints
@@ -1790,7 +1789,7 @@ def _describe(record_type: int, payload: bytes) -> str:
         return f"TYPE_{record_type} undecodable ({error}) payload={payload.hex()}"
     if message is None:
         return f"{name} payload={payload.hex()}"
-    return f"{name} {text_format.MessageToString(message, as_one_line=True)}".rstrip()
+    return f"{name} {record_types.record_text(message)}".rstrip()
 
 
 def _not_a_header_start(header: bytes, first_lsn: int | None) -> str | None:

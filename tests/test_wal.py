@@ -907,6 +907,44 @@ def test_dump_decodes_payloads_and_reports_corruption(
     assert output[1].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
 
 
+def test_dump_shows_the_fields_that_say_which_branch_and_which_outcome(tmp_path: Path) -> None:
+    """proto3 leaves a field at its default out of text format: a record about branch 0 (the
+    first of every transaction) named no branch, and a BranchReconciled or HeuristicRecorded
+    whose coordinator decided abort (committed false) said nothing of the outcome."""
+    log, _ = WriteAheadLog.open(tmp_path)
+    records = [
+        (
+            RecordType.BRANCH_RECONCILED,
+            log_pb2.BranchReconciled(transaction_id="t-1", branch=0, committed=False),
+        ),
+        (
+            RecordType.HEURISTIC_RECORDED,
+            log_pb2.HeuristicRecorded(
+                transaction_id="t-1", branch=0, participant="inventory", outcome="commit"
+            ),
+        ),
+        (
+            RecordType.COMMIT_DECIDED,
+            log_pb2.CommitDecided(
+                transaction_id="t-2",
+                branches=[log_pb2.DecisionBranch(branch=0, participant="inventory")],
+            ),
+        ),
+    ]
+    for record_type, message in records:
+        log.append(int(record_type), message.SerializeToString())
+    log.close()
+
+    reconciled, heuristic, decided = (line.split(" ", 2)[2] for line in dump(tmp_path))
+    assert 'BRANCH_RECONCILED transaction_id: "t-1" branch: 0 committed: false' == reconciled
+    assert "branch: 0" in heuristic and "committed: false" in heuristic, heuristic
+    assert "one_phase_unknown: false" in heuristic
+    assert 'detail: ""' not in heuristic  # an empty text reads the same shown or not
+    assert 'branches { branch: 0 participant: "inventory"' in decided, decided
+    # An old record without the newer fields says so: their zero is printed.
+    assert "created_at_unix_ms: 0 timeout_ms: 0" in decided
+
+
 def test_dump_of_a_file_that_is_no_log_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
