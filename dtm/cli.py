@@ -1497,9 +1497,7 @@ def build_parser() -> argparse.ArgumentParser:
         "you have reconciled the branch, forget it here.",
     )
     forget_branch.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
-    forget_branch.add_argument(
-        "branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index"
-    )
+    forget_branch.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     forget_branch.set_defaults(handler=cmd_branches_forget)
 
     force = commands.add_parser(
@@ -1510,7 +1508,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     force.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
-    force.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
+    force.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     decision = force.add_mutually_exclusive_group(required=True)
     decision.add_argument("--commit", action="store_true", dest="commit", default=None)
     decision.add_argument("--rollback", action="store_false", dest="commit")
@@ -1542,7 +1540,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop reporting a heuristic outcome once it is reconciled (durable)",
     )
     forget.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
-    forget.add_argument("branch", type=_bounded_int(0, 1 << 31), metavar="BRANCH", help="its index")
+    forget.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     forget.set_defaults(handler=cmd_heuristics_forget)
 
     log = commands.add_parser("log", help="write-ahead log tools")
@@ -1583,6 +1581,11 @@ def _bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+#: A branch's index within its transaction: a usage error beyond the last one there can be,
+#: before anything is asked (the coordinator's answer to it would be about something else).
+_branch_index = _bounded_int(0, limits.BRANCHES_PER_TRANSACTION_MAX - 1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -585,6 +585,23 @@ def test_usage_errors() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
 
 
+def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call() -> None:
+    """Branches are numbered 0..31. `dtm force T 40 --commit` asked the coordinator first and
+    answered with presumed abort ("no record of T ... forcing commit would break atomicity"),
+    exit 1; the forget commands asked a server to learn the number was wrong."""
+    nothing_listening = ["--coordinator", f"127.0.0.1:{free_port()}"]
+    target = ["--address", f"127.0.0.1:{free_port()}"]
+    for command in (
+        ["force", "t-1", "32", "--commit", "--i-understand", *target],
+        ["force", "t-1", "40", "--rollback", "--i-understand", *target],
+        ["branches", "forget", "t-1", "32", *target],
+        ["heuristics", "forget", "t-1", "32"],
+    ):
+        status, out, err = asyncio.run(dtm(*nothing_listening, *command))
+        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
+        assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
+
+
 def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
     """The services end with SystemExit("message") for a bad --config or --initial; dtm
     caught it and returned 1 without printing anything."""
