@@ -633,17 +633,21 @@ def _print_transaction(txn: coordinator_pb2.Transaction, session: Session) -> No
     decided = "-"
     if txn.decided_at_unix_ms:
         decided = f"{txn.decided_at_unix_ms - txn.created_at_unix_ms} ms after the start"
-    fmt.key_values(
-        {
-            "transaction": txn.transaction_id,
-            "state": fmt.state_name(txn.state),
-            "reason": txn.reason or "-",
-            "age": fmt.duration(fmt.age_s(txn.created_at_unix_ms, now)),
-            "decided": decided,
-            "timeout": f"{txn.timeout_ms} ms",
-        },
-        session.out,
-    )
+    pairs = {
+        "transaction": txn.transaction_id,
+        "state": fmt.state_name(txn.state),
+        "reason": txn.reason or "-",
+        "age": fmt.duration(fmt.age_s(txn.created_at_unix_ms, now)),
+        "decided": decided,
+        "timeout": f"{txn.timeout_ms} ms",
+    }
+    if txn.committed_earlier:
+        # What its branches are told is this attempt's abort, not the state's "committed".
+        pairs["committed"] = (
+            f"by an earlier attempt ({txn.committed_earlier}); this attempt decided abort, "
+            "which its own branches are told"
+        )
+    fmt.key_values(pairs, session.out)
     print(file=session.out)
     _branch_status_table(txn.branches, session.out)
 

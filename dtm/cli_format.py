@@ -124,6 +124,9 @@ def transaction_dict(txn: coordinator_pb2.Transaction, now: int | None = None) -
         "decided_at_unix_ms": txn.decided_at_unix_ms,
         "age_s": round(age_s(txn.created_at_unix_ms, now), 3),
         "timeout_ms": txn.timeout_ms,
+        # The participant that showed an earlier attempt committed it ("" otherwise): the
+        # state reads committed, while this attempt decided abort (its branches are told so).
+        "committed_earlier": txn.committed_earlier,
         "phase_two_attempts": sum(b.phase_two_attempts for b in txn.branches),
         "branches": [branch_status_dict(b) for b in txn.branches],
     }

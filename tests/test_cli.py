@@ -880,6 +880,39 @@ def test_force_follows_a_late_retrys_own_abort_not_its_earlier_commit(
     asyncio.run(scenario())
 
 
+def test_txn_show_and_list_say_that_an_earlier_attempt_committed_it(tmp_path: Path) -> None:
+    """A late retry: its status reads COMMITTED (an earlier attempt committed the transaction)
+    while this attempt decided abort, which its branches are told (inventory's, in doubt, is
+    rolled back). `Transaction.committed_earlier` says so; `dtm txn show` and `txn list`, in
+    JSON and in text, left it out: "committed" was all an operator or a script saw."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            coordinator_overrides={"finished_kept": 2, "backoff_ms_min": 10, "backoff_ms_max": 20},
+            participant_overrides={"in_doubt_after_ms": 600_000},
+        ) as cluster:
+            await _late_retry_with_inventory_in_doubt(cluster)
+            at = ["--coordinator", cluster.coordinator_address]
+            status, out, err = await dtm(*at, "txn", "show", "txn-again", "--json")
+            assert cli.EXIT_OK == status, err
+            shown = json.loads(out)
+            assert "committed" == shown["state"]
+            showed_it = shown["committed_earlier"]
+            assert showed_it in ("orders", "payment", "notification"), shown
+            status, out, _ = await dtm(*at, "txn", "list", "--json")
+            [listed] = [t for t in json.loads(out) if t["transaction_id"] == "txn-again"]
+            assert showed_it == listed["committed_earlier"]
+            status, out, _ = await dtm(*at, "txn", "show", "txn-again")
+            assert f"by an earlier attempt ({showed_it}); this attempt decided abort" in out, out
+            # An ordinary commit says nothing of it.
+            status, out, _ = await dtm(*at, "txn", "list", "--json")
+            others = [t for t in json.loads(out) if t["transaction_id"] != "txn-again"]
+            assert others and all("" == t["committed_earlier"] for t in others), others
+
+    asyncio.run(scenario())
+
+
 def test_an_aborting_transaction_refuses_a_forced_commit_and_explains_an_unregister(
     tmp_path: Path,
 ) -> None:
