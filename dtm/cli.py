@@ -842,10 +842,19 @@ def cmd_participants_remove(session: Session) -> int:
         coordinator_pb2.UnregisterParticipantRequest(name=session.options.name),
     )
     removed = response.participant
+    # The incarnation says which process's registration went (another may have registered
+    # under the name since `dtm participants` was read), as `dtm participants` names it.
     if session.json:
-        fmt.emit_json({"name": removed.name, "address": removed.address}, session.out)
+        fmt.emit_json(
+            {"name": removed.name, "address": removed.address, "incarnation": removed.incarnation},
+            session.out,
+        )
     else:
-        print(f"unregistered {removed.name} (was at {removed.address})", file=session.out)
+        incarnation = f" incarnation {removed.incarnation}" if removed.incarnation else ""
+        print(
+            f"unregistered {removed.name}{incarnation} (was at {removed.address})",
+            file=session.out,
+        )
     if _serving(session, removed.address, removed.name):
         # Done all the same (the coordinator's registry is what the command changes), but
         # not for good: a participant registers at every start.

@@ -34,6 +34,8 @@ def test_removing_a_participant_that_still_runs_warns_that_it_will_come_back(
             at = ["--coordinator", cluster.coordinator_address]
             status, out, err = await dtm(*at, "participants", "remove", "notification")
             assert cli.EXIT_OK == status and "unregistered notification" in out, err
+            incarnation = cluster.participants["notification"].engine.incarnation
+            assert f"incarnation {incarnation}" in out, out
             # (The in-process coordinator logs to the same stderr.)
             [warning] = [line for line in err.splitlines() if line.startswith("dtm: warning")]
             assert "notification at" in warning and "still running" in warning, err
@@ -82,10 +84,14 @@ def test_an_operator_unregisters_a_participant_once_nothing_is_owed_to_it(
 
             await eventually(finished)
             # Decommissioned: stopped first (it would register again when it starts).
-            await cluster.participants.pop("orders").stop(0)
+            stopped = cluster.participants.pop("orders")
+            await stopped.stop(0)
             status, out, err = await dtm(*at, "participants", "remove", "orders", "--json")
             assert cli.EXIT_OK == status, out
-            assert "orders" == json.loads(out)["name"]
+            removed = json.loads(out)
+            assert "orders" == removed["name"]
+            # Which process was removed, as `dtm participants --json` names it.
+            assert stopped.engine.incarnation == removed["incarnation"], removed
             assert "dtm: warning" not in err  # stopped: nothing to warn about
             registry = cluster.coordinator.engine.registry
 
