@@ -794,6 +794,16 @@ class Target:
     name: str
     address: str
     identity: str | None
+    # The incarnation the registry holds for it ("": not known, not checked).
+    incarnation: str = ""
+
+    def addressed(self, request: Any) -> Any:
+        """`request` (an admin call's) naming the participant and incarnation meant, so that
+        another one now at the address refuses it (a stale registry) instead of answering,
+        or being forced, under this name. None of it when only an address was given."""
+        request.participant = self.identity or ""
+        request.incarnation = self.incarnation
+        return request
 
 
 def _targets(session: Session) -> list[Target]:
@@ -812,15 +822,15 @@ def _targets(session: Session) -> list[Target]:
                 f"at {session.coordinator_address} (`dtm participants` lists them; --address "
                 "HOST:PORT reaches a participant directly)"
             )
-    return [Target(p.name, p.address, p.name) for p in registry]
+    return [Target(p.name, p.address, p.name, p.incarnation) for p in registry]
 
 
 def _ask_all(
-    session: Session, call: Callable[[participant_pb2_grpc.ParticipantAdminStub], Any]
+    session: Session, call: Callable[[participant_pb2_grpc.ParticipantAdminStub, Target], Any]
 ) -> Iterator[tuple[str, Any]]:
     """Call every target participant at once (futures); yields (name, response) in order.
     A participant that fails is reported on stderr; the command then exits with EXIT_ERROR."""
-    pending = [(target, call(session.admin(target))) for target in _targets(session)]
+    pending = [(target, call(session.admin(target), target)) for target in _targets(session)]
     for target, future in pending:
         try:
             yield target.name, future.result()
@@ -950,8 +960,8 @@ def cmd_locks(session: Session) -> int:
     answers = list(
         _ask_all(
             session,
-            lambda admin: admin.ListLocks.future(
-                participant_pb2.ListLocksRequest(), timeout=session.timeout
+            lambda admin, target: admin.ListLocks.future(
+                target.addressed(participant_pb2.ListLocksRequest()), timeout=session.timeout
             ),
         )
     )
@@ -990,11 +1000,18 @@ def cmd_branches(session: Session) -> int:
                 f"--state {name!r}: expected one of {', '.join(BRANCH_STATE_NAMES)}", EXIT_USAGE
             )
         states.append(BRANCH_STATE_NAMES[name.lower()])
-    request = participant_pb2.ListBranchesRequest(
-        states=states, awaiting_coordinator=options.awaiting
-    )
     answers = list(
-        _ask_all(session, lambda admin: admin.ListBranches.future(request, timeout=session.timeout))
+        _ask_all(
+            session,
+            lambda admin, target: admin.ListBranches.future(
+                target.addressed(
+                    participant_pb2.ListBranchesRequest(
+                        states=states, awaiting_coordinator=options.awaiting
+                    )
+                ),
+                timeout=session.timeout,
+            ),
+        )
     )
     if _nobody_answered(session, answers):
         return EXIT_ERROR
@@ -1042,7 +1059,9 @@ def cmd_force(session: Session) -> int:
     )
     return _act_on_branch(
         session,
-        lambda admin, timeout: admin.ForceOutcome(request, timeout=timeout),
+        lambda admin, target: admin.ForceOutcome(
+            target.addressed(request), timeout=session.timeout
+        ),
         lambda name, info: (
             f"{name}: branch {info.transaction_id}/{info.branch} forced to "
             f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})"
@@ -1055,7 +1074,9 @@ def cmd_branches_forget(session: Session) -> int:
     request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
     return _act_on_branch(
         session,
-        lambda admin, timeout: admin.ForgetBranch(request, timeout=timeout),
+        lambda admin, target: admin.ForgetBranch(
+            target.addressed(request), timeout=session.timeout
+        ),
         lambda name, info: (
             f"{name}: forgot forced branch {info.transaction_id}/{info.branch} "
             f"({fmt.branch_state_name(info.state)}, heuristic: {info.heuristic}); it is no "
@@ -1066,14 +1087,14 @@ def cmd_branches_forget(session: Session) -> int:
 
 def _act_on_branch(
     session: Session,
-    call: Callable[[participant_pb2_grpc.ParticipantAdminStub, float], Any],
+    call: Callable[[participant_pb2_grpc.ParticipantAdminStub, Target], Any],
     done: Callable[[str, participant_pb2.BranchInfo], str],
 ) -> int:
     """One admin call about one branch of the participant the options name; prints the
     branch it answers with (JSON, or the line `done` makes of it)."""
     target = _one_target(session)
     try:
-        response = call(session.admin(target), session.timeout)
+        response = call(session.admin(target), target)
     except grpc.RpcError as error:
         raise rpc_error(error, f"participant {target.name}", target.address, session) from None
     if session.json:

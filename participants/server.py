@@ -174,6 +174,31 @@ def _replacement(error: grpc.aio.AioRpcError) -> str | None:
     return next((str(value) for key, value in metadata if key == REPLACED_METADATA_KEY), None)
 
 
+async def refuse_misdirected(
+    server: ParticipantServer,
+    context: grpc.aio.ServicerContext[Any, Any],
+    addresses: Sequence[tuple[str, str]],
+) -> None:
+    """Refuse a call whose (participant, incarnation) addresses are malformed
+    (INVALID_ARGUMENT) or name another participant or incarnation (FAILED_PRECONDITION, with
+    the dtm-misdirected metadata), before it reads or changes anything."""
+    # The fields' form first: a malformed name ("Inventory", "inventory ", control
+    # characters, megabytes) was answered as misdirected, blaming a stale registry, with
+    # the dtm-misdirected metadata the coordinator acts on (found by a bug hunt).
+    for who, which in addresses:
+        malformed = limits.addressing_problem(who, which)
+        if malformed is not None:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
+    name, mine = server.service.name, server.engine.incarnation
+    problem = next(
+        (p for who, which in addresses if (p := misdirected(name, mine, who, which))), None
+    )
+    if problem is not None:
+        server.log_.warning("call for another participant refused", reason=problem)
+        context.set_trailing_metadata(((MISDIRECTED_METADATA_KEY, name),))
+        await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
+
+
 class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
     def __init__(self, server: ParticipantServer) -> None:
         self.server = server
@@ -200,21 +225,7 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
         addresses += (
             (i.participant, i.incarnation) for i in items if i.participant or i.incarnation
         )
-        # The fields' form first: a malformed name ("Inventory", "inventory ", control
-        # characters, megabytes) was answered as misdirected, blaming a stale registry, with
-        # the dtm-misdirected metadata the coordinator acts on (found by a bug hunt).
-        for who, which in addresses:
-            malformed = limits.addressing_problem(who, which)
-            if malformed is not None:
-                await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, malformed)
-        name, mine = self.server.service.name, self.engine.incarnation
-        problem = next(
-            (p for who, which in addresses if (p := misdirected(name, mine, who, which))), None
-        )
-        if problem is not None:
-            self.log.warning("call for another participant refused", reason=problem)
-            context.set_trailing_metadata(((MISDIRECTED_METADATA_KEY, name),))
-            await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, problem)
+        await refuse_misdirected(self.server, context, addresses)
 
     async def _prepare_one(
         self, request: participant_pb2.PrepareRequest
@@ -568,6 +579,14 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
     def __init__(self, server: ParticipantServer) -> None:
         self.server = server
 
+    async def _gate(
+        self, context: grpc.aio.ServicerContext[Any, Any], participant: str, incarnation: str
+    ) -> None:
+        """An operator's call for another participant or incarnation (a stale registry: the
+        address now serves another one) is refused before anything is read or changed: its
+        branches and locks would be listed, or a branch of it forced, under the wrong name."""
+        await refuse_misdirected(self.server, context, [(participant, incarnation)])
+
     async def SetFault(
         self, request: participant_pb2.SetFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.SetFaultResponse:
@@ -598,6 +617,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ListBranchesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ListBranchesResponse:
+        await self._gate(context, request.participant, request.incarnation)
         problem = grpc_edge.enum_problem(
             request.states, participant_pb2.BranchState, "branch state(s)"
         )
@@ -618,6 +638,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
     async def ListLocks(
         self, request: participant_pb2.ListLocksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.ListLocksResponse:
+        await self._gate(context, request.participant, request.incarnation)
         return participant_pb2.ListLocksResponse(
             locks=[
                 participant_pb2.LockInfo(
@@ -636,6 +657,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ForceOutcomeRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ForceOutcomeResponse:
+        await self._gate(context, request.participant, request.incarnation)
         if not request.i_understand_this_is_heuristic:
             await grpc_edge.abort(
                 context,
@@ -666,6 +688,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         request: participant_pb2.ForgetBranchRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> participant_pb2.ForgetBranchResponse:
+        await self._gate(context, request.participant, request.incarnation)
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)

@@ -11,6 +11,7 @@ registration; a participant with a malformed name retried its registration forev
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import limits
+from dtm import cli, limits
 from dtm.batcher import BatchPolicy
 from dtm.coordinator import clients
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
@@ -31,6 +32,7 @@ from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
 from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
+from tests.test_cli import dtm
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
@@ -544,6 +546,93 @@ def test_a_call_for_another_participant_or_incarnation_changes_nothing(tmp_path:
             assert info is not None and BranchState.COMMITTED is info.branch.state
             await stub.Commit(participant_pb2.CommitRequest(transaction_id="t-0", **right))
             assert 2 == (await cluster.stock())["sku-apple"].sold
+
+    asyncio.run(scenario())
+
+
+def test_an_admin_call_for_another_participant_or_incarnation_reads_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """The operator's calls (ListBranches, ListLocks, ForceOutcome, ForgetBranch) had no
+    address: whatever listened at a registered address answered them, or was forced, under
+    the name the operator asked for."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            server = cluster.participants["inventory"]
+            mine = server.engine.incarnation
+            operation = pack(
+                shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+            )
+            ids = {"transaction_id": "t-1", "branch": 0}
+            vote = await cluster.participant_stub("inventory").Prepare(
+                participant_pb2.PrepareRequest(**ids, operation=operation)
+            )
+            assert coordinator_pb2.VOTE_PREPARED == vote.vote
+            admin = cluster.admin("inventory")
+            force = {**ids, "commit": True, "i_understand_this_is_heuristic": True}
+            for wrong in (
+                {"participant": "orders", "incarnation": mine},
+                {"participant": "inventory", "incarnation": "0123456789abcdef"},
+            ):
+                calls = [
+                    admin.ListBranches(participant_pb2.ListBranchesRequest(**wrong)),
+                    admin.ListLocks(participant_pb2.ListLocksRequest(**wrong)),
+                    admin.ForceOutcome(participant_pb2.ForceOutcomeRequest(**force, **wrong)),
+                    admin.ForgetBranch(participant_pb2.ForgetBranchRequest(**ids, **wrong)),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await call
+                    assert _misdirected(refused.value), refused.value
+                    assert "this is participant 'inventory'" in (refused.value.details() or "")
+                info = server.engine.branch(("t-1", 0))
+                assert info is not None and BranchState.PREPARED is info.branch.state
+            # Addressed right, or not addressed (an older caller): answered.
+            right = {"participant": "inventory", "incarnation": mine}
+            for address in (right, {}):
+                listed = await admin.ListBranches(participant_pb2.ListBranchesRequest(**address))
+                assert ["t-1"] == [b.transaction_id for b in listed.branches]
+            forced = await admin.ForceOutcome(participant_pb2.ForceOutcomeRequest(**force, **right))
+            assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
+
+    asyncio.run(scenario())
+
+
+def test_dtm_does_not_take_another_participant_at_a_registered_address_for_it(
+    tmp_path: Path,
+) -> None:
+    """Orders restarted on inventory's old port, the registry still holding it for inventory:
+    `dtm branches --participant inventory` listed orders' branches as inventory's (its t-1
+    branch 1, in doubt), `dtm locks` its locks, and `dtm force ... --participant inventory`
+    went to orders."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 50, "backoff_ms_max": 200}
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-apple", 2)], amount_cents=1)
+            assert (
+                coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t-1")).outcome
+            )
+            await orders_on_inventorys_port(cluster, tmp_path)
+            at = ["--coordinator", cluster.coordinator_address, "--json"]
+            for command in (
+                ["branches", "--participant", "inventory"],
+                ["locks", "--participant", "inventory"],
+                ["force", "t-1", "1", "--participant", "inventory", "--commit", "--i-understand"],
+                ["branches", "forget", "t-1", "1", "--participant", "inventory"],
+            ):
+                status, out, err = await dtm(*at, *command)
+                assert (cli.EXIT_ERROR, "") == (status, out), (command, out)
+                assert "participant inventory at" in err, (command, err)
+                assert "this is participant 'orders', not 'inventory'" in err, (command, err)
+            # Orders' branch was neither forced nor forgotten; asked as itself, it answers.
+            status, out, err = await dtm(*at, "branches", "--participant", "orders")
+            assert cli.EXIT_OK == status, err
+            # (Prepared, or committed by the coordinator's phase 2 meanwhile: never forced.)
+            [branch] = [b for b in json.loads(out) if b["transaction_id"] == "t-1"]
+            assert (1, "", False) == (branch["branch"], branch["heuristic"], branch["forgotten"])
 
     asyncio.run(scenario())
 

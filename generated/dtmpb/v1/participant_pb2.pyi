@@ -236,12 +236,16 @@ class BranchInfo(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ...) -> None: ...
 
 class ListBranchesRequest(_message.Message):
-    __slots__ = ("states", "awaiting_coordinator")
+    __slots__ = ("states", "awaiting_coordinator", "participant", "incarnation")
     STATES_FIELD_NUMBER: _ClassVar[int]
     AWAITING_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[BranchState]
     awaiting_coordinator: bool
-    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ListBranchesResponse(_message.Message):
     __slots__ = ("branches",)
@@ -264,8 +268,12 @@ class LockInfo(_message.Message):
     def __init__(self, resource: _Optional[str] = ..., mode: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., held_since_unix_ms: _Optional[int] = ..., waiters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListLocksRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("participant", "incarnation")
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    participant: str
+    incarnation: str
+    def __init__(self, participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ListLocksResponse(_message.Message):
     __slots__ = ("locks",)
@@ -274,16 +282,20 @@ class ListLocksResponse(_message.Message):
     def __init__(self, locks: _Optional[_Iterable[_Union[LockInfo, _Mapping]]] = ...) -> None: ...
 
 class ForceOutcomeRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "commit", "i_understand_this_is_heuristic")
+    __slots__ = ("transaction_id", "branch", "commit", "i_understand_this_is_heuristic", "participant", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     I_UNDERSTAND_THIS_IS_HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     commit: bool
     i_understand_this_is_heuristic: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., i_understand_this_is_heuristic: _Optional[bool] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., i_understand_this_is_heuristic: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ForceOutcomeResponse(_message.Message):
     __slots__ = ("branch",)
@@ -292,12 +304,16 @@ class ForceOutcomeResponse(_message.Message):
     def __init__(self, branch: _Optional[_Union[BranchInfo, _Mapping]] = ...) -> None: ...
 
 class ForgetBranchRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch")
+    __slots__ = ("transaction_id", "branch", "participant", "incarnation")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+    participant: str
+    incarnation: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ForgetBranchResponse(_message.Message):
     __slots__ = ("branch",)
