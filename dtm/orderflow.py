@@ -145,6 +145,10 @@ class SubmitResult:
     elapsed_s: float
     #: Submits made for this answer (OrderClient.submit_until_known may make several).
     attempts: int = 1
+    #: False when this Submit never left the client (closed, or its time ran out while it
+    #: queued): it ran nothing. True when it may have reached the coordinator (for
+    #: submit_until_known's answer: when any of its Submits may have).
+    sent: bool = True
 
     @property
     def known(self) -> bool:
@@ -247,7 +251,7 @@ class OrderClient:
         started = time.perf_counter()
         if self._closed:
             message = "the client is closed: nothing was sent"
-            return _failed(request, grpc.StatusCode.CANCELLED, message, started)
+            return _failed(request, grpc.StatusCode.CANCELLED, message, started, sent=False)
         if self._batcher is not None and request.ByteSize() <= BATCHED_REQUEST_BYTES_MAX:
             return await self._submit_batched(request, timeout_s, started)
         try:
@@ -288,7 +292,13 @@ class OrderClient:
                     f"not sent: {timeout_s:g} s passed while it queued behind the SubmitBatch "
                     "calls in flight; nothing ran"
                 )
-            return _failed(request, grpc.StatusCode.DEADLINE_EXCEEDED, message, started)
+            return _failed(
+                request,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                message,
+                started,
+                sent=pending.sent,
+            )
 
     async def submit_until_known(
         self,
@@ -319,8 +329,12 @@ class OrderClient:
             named.transaction_id = f"txn-{uuid.uuid4().hex}"
             request = named
         delay_s, delay_max_s = backoff_s
+        sent_before = False
         for attempt in range(1, attempts + 1):
             result = await self.submit(request, timeout_s=timeout_s)
+            if sent_before and not result.sent:
+                result = _after_one_sent(result)
+            sent_before = sent_before or result.sent
             if attempt == attempts or not _still_open(result, request):
                 return dataclasses.replace(result, attempts=attempt)
             await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))  # jitter: no lockstep
@@ -388,10 +402,10 @@ class OrderClient:
         if self._batcher is not None:
             for pending in self._batcher.close():
                 message = "the client was closed before this transaction was sent"
-                _settle(
-                    pending,
-                    _failed(pending.request, grpc.StatusCode.CANCELLED, message, pending.started),
+                failed = _failed(
+                    pending.request, grpc.StatusCode.CANCELLED, message, pending.started, sent=False
                 )
+                _settle(pending, failed)
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._owns_channel:
             await self._channel.close(None)
@@ -424,9 +438,27 @@ def _answered(response: coordinator_pb2.SubmitResponse, started: float) -> Submi
 
 
 def _failed(
-    request: coordinator_pb2.SubmitRequest, code: grpc.StatusCode, message: str, started: float
+    request: coordinator_pb2.SubmitRequest,
+    code: grpc.StatusCode,
+    message: str,
+    started: float,
+    *,
+    sent: bool = True,
 ) -> SubmitResult:
-    return SubmitResult(request.transaction_id, None, code, message, time.perf_counter() - started)
+    elapsed_s = time.perf_counter() - started
+    return SubmitResult(request.transaction_id, None, code, message, elapsed_s, sent=sent)
+
+
+def _after_one_sent(unsent: SubmitResult) -> SubmitResult:
+    """The answer of a retry that never left, after an attempt that did: "nothing ran" is
+    true of this attempt only, and the transaction's outcome is unknown."""
+    return dataclasses.replace(
+        unsent,
+        sent=True,
+        message=f"this attempt was not sent ({unsent.message}); an earlier attempt under this "
+        "id was sent and may have run: the outcome is unknown (submit again with the same id "
+        "to learn it)",
+    )
 
 
 def _settle(pending: _Pending, result: SubmitResult) -> None:

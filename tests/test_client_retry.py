@@ -135,6 +135,54 @@ def test_a_closed_client_answers_cancelled_on_every_path() -> None:
     asyncio.run(scenario())
 
 
+class _HangingCoordinator:
+    """A stub whose SubmitBatch calls never answer until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def SubmitBatch(
+        self, request: coordinator_pb2.SubmitBatchRequest, **call_options: object
+    ) -> coordinator_pb2.SubmitBatchResponse:
+        self.calls += 1
+        await self.release.wait()
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "late"
+        )
+
+
+def test_a_retry_that_never_left_does_not_say_nothing_ran_after_one_that_did() -> None:
+    """The first Submit was sent and got no answer (it may have run); the retry queued behind
+    that call still in flight and gave up unsent. submit_until_known returned the retry's
+    answer as the last: "not sent: ... nothing ran", of a transaction that may have run."""
+
+    async def scenario() -> None:
+        client = OrderClient("127.0.0.1:1", batch_in_flight=1)
+        coordinator = _HangingCoordinator()
+        client.stub = coordinator  # type: ignore[assignment]
+        request = coordinator_pb2.SubmitRequest(transaction_id="txn-o-1")
+        try:
+            result = await client.submit_until_known(
+                request, attempts=2, timeout_s=0.05, backoff_s=(0.001, 0.001)
+            )
+        finally:
+            coordinator.release.set()
+            await client.close()
+        assert 1 == coordinator.calls  # the retry never left
+        assert (grpc.StatusCode.DEADLINE_EXCEEDED, 2) == (result.code, result.attempts)
+        assert not result.known
+        assert "an earlier attempt under this id was sent and may have run" in result.message
+        assert "outcome is unknown" in result.message, result.message
+        # Alone, an unsent attempt still says nothing ran.
+        client = OrderClient("127.0.0.1:1", batch_in_flight=1)
+        await client.close()
+        alone = await client.submit_until_known(request, attempts=2)
+        assert "nothing was sent" in alone.message and "earlier" not in alone.message
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("method", ["submit", "submit_until_known"])
 def test_closing_the_client_under_a_unary_submit_answers_cancelled_not_an_exception(
     tmp_path: Path, method: str
