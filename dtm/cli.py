@@ -691,6 +691,13 @@ def cmd_heuristics(session: Session) -> int:
     found = list(response.heuristics)
     if session.json:
         fmt.emit_json([fmt.heuristic_dict(h) for h in found], session.out)
+        if response.total > len(found):
+            # The list is the JSON contract; that it is cut goes where the table says it.
+            print(
+                f"dtm: note: {len(found)} of {response.total} heuristic outcomes listed: "
+                "--limit for more",
+                file=sys.stderr,
+            )
         return EXIT_OK
     if not found:
         # Not "every branch followed its decision": a branch forced while the coordinator had

@@ -496,6 +496,29 @@ def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+def test_heuristics_json_cut_by_the_limit_says_so(tmp_path: Path) -> None:
+    """The table says "(1 of 3: --limit for more)"; --json printed the first one alone, and a
+    script reconciling every heuristic outcome from it never learned of the others."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            for number in range(3):
+                cluster.coordinator.engine.heuristics.keep(
+                    log_pb2.HeuristicRecorded(
+                        transaction_id=f"txn-{number}", branch=0, participant="inventory"
+                    )
+                )
+            at = ["--coordinator", cluster.coordinator_address]
+            status, out, err = await dtm(*at, "heuristics", "--json", "--limit", "1")
+            assert cli.EXIT_OK == status, err
+            assert ["txn-0"] == [entry["transaction_id"] for entry in json.loads(out)]
+            assert "1 of 3 heuristic outcomes" in err and "--limit" in err, err
+            status, out, err = await dtm(*at, "heuristics", "--json")
+            assert 3 == len(json.loads(out)) and "of 3" not in err
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("checkpoint", [False, True], ids=["log replay", "checkpoint"])
 def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
     tmp_path: Path, checkpoint: bool
