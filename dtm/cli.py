@@ -1028,6 +1028,8 @@ def cmd_branches(session: Session) -> int:
         # The participant lists oldest first; keep the newest `limit` of each.
         for info in list(response.branches)[-options.limit :]
     ]
+    for name, response in answers:
+        _note_cut(name, len(response.branches), options.limit)
     if session.json:
         fmt.emit_json([fmt.branch_info_dict(name, info) for name, info in found], session.out)
     elif not found:
@@ -1050,6 +1052,20 @@ def cmd_branches(session: Session) -> int:
             session.out,
         )
     return EXIT_ERROR if session.failures else EXIT_OK
+
+
+def _note_cut(name: str, listed: int, limit: int) -> None:
+    """Say on stderr that --limit left some of a participant's branches out (the forced ones
+    awaiting reconciliation among them, with --awaiting), as `dtm heuristics` does."""
+    if listed <= limit:
+        return
+    # A participant answers at most LIST_TRANSACTIONS_LIMIT_MAX: there may be more.
+    more = " or more" if listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX else ""
+    print(
+        f"dtm: note: {name}: the newest {limit} of {listed}{more} branches listed: --limit for "
+        "more",
+        file=sys.stderr,
+    )
 
 
 def cmd_force(session: Session) -> int:

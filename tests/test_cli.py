@@ -602,6 +602,28 @@ def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call() 
         assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
 
 
+def test_branches_cut_by_the_limit_says_so(tmp_path: Path) -> None:
+    """`dtm branches --limit N` (100 by default) kept each participant's newest N without a
+    word: an operator reconciling the forced branches of `--awaiting` never learned of the
+    rest."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            for number in range(3):
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)])
+                await cluster.submit(branches, f"t-{number}")
+            at = ["--coordinator", cluster.coordinator_address, "--json"]
+            command = ["branches", "--participant", "inventory"]
+            status, out, err = await dtm(*at, *command, "--limit", "1")
+            assert cli.EXIT_OK == status, err
+            assert ["t-2"] == [branch["transaction_id"] for branch in json.loads(out)]
+            assert "inventory: the newest 1 of 3 branches listed: --limit" in err, err
+            status, out, err = await dtm(*at, *command)
+            assert 3 == len(json.loads(out)) and "newest" not in err, err
+
+    asyncio.run(scenario())
+
+
 def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
     """The services end with SystemExit("message") for a bad --config or --initial; dtm
     caught it and returned 1 without printing anything."""
