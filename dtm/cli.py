@@ -900,18 +900,31 @@ def _serving(session: Session, address: str, identity: str) -> bool:
 def cmd_participants(session: Session) -> int:
     registry = _registry(session)
     probes = []
+    identities = []
     for info in registry:
         stub = health_pb2_grpc.HealthStub(session.channel(info.address, info.name))
         probes.append(
             stub.Check.future(health_pb2.HealthCheckRequest(service=""), timeout=session.timeout)
         )
+        # Health says a server answers at the address, not which: ask it, as the registered
+        # participant and incarnation, for something it refuses to another's caller.
+        target = Target(info.name, info.address, info.name, info.incarnation)
+        identities.append(
+            session.admin(target).ListLocks.future(
+                target.addressed(participant_pb2.ListLocksRequest()), timeout=session.timeout
+            )
+        )
     rows: list[dict[str, Any]] = []
-    for info, probe in zip(registry, probes, strict=True):
+    for info, probe, identity in zip(registry, probes, identities, strict=True):
         try:
             health = health_pb2.HealthCheckResponse.ServingStatus.Name(probe.result().status)
         except grpc.RpcError as error:
             code = error.code().name if isinstance(error, grpc.Call) else "error"
             health = f"UNREACHABLE ({code})"
+        other = _another_process(identity)
+        if other is not None and health == "SERVING":
+            health = "ANOTHER PROCESS"
+            print(f"dtm: warning: {info.name} at {info.address}: {other}", file=sys.stderr)
         rows.append(
             {
                 "name": info.name,
@@ -961,6 +974,23 @@ def cmd_participants(session: Session) -> int:
             session.out,
         )
     return EXIT_OK if healthy else EXIT_NO
+
+
+def _another_process(identity: Any) -> str | None:
+    """The refusal of a call addressed to a registered participant by whatever answers at its
+    address, when that is another participant or incarnation (a stale registry); else None
+    (answered, or failed otherwise: a participant without the admin service, say)."""
+    from dtm.coordinator.ports import MISDIRECTED_METADATA_KEY  # only here: a heavy import
+
+    try:
+        identity.result()
+    except grpc.RpcError as error:
+        if not isinstance(error, grpc.Call):
+            return None
+        metadata = error.trailing_metadata() or ()
+        if any(key == MISDIRECTED_METADATA_KEY for key, _ in metadata):
+            return error.details() or "another participant answers there"
+    return None
 
 
 def cmd_locks(session: Session) -> int:

@@ -627,6 +627,13 @@ def test_dtm_does_not_take_another_participant_at_a_registered_address_for_it(
                 assert (cli.EXIT_ERROR, "") == (status, out), (command, out)
                 assert "participant inventory at" in err, (command, err)
                 assert "this is participant 'orders', not 'inventory'" in err, (command, err)
+            # `dtm participants` does not call what answers at inventory's address inventory.
+            status, out, err = await dtm(*at, "participants")
+            assert cli.EXIT_NO == status, (out, err)
+            health = {row["name"]: row["health"] for row in json.loads(out)}
+            assert "ANOTHER PROCESS" == health["inventory"], health
+            assert "SERVING" == health["orders"], health
+            assert "this is participant 'orders', not 'inventory'" in err, err
             # Orders' branch was neither forced nor forgotten; asked as itself, it answers.
             status, out, err = await dtm(*at, "branches", "--participant", "orders")
             assert cli.EXIT_OK == status, err
