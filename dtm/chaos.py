@@ -6,7 +6,7 @@ loopback ports (`dtm.cluster.Cluster`, reused from run to run while it stays hea
 
 * The crash matrix: every crash point of `dtm.crashpoints` x every component it applies to
   (coordinator.* in the coordinator, participant.* in each of the four services, wal.* in all
-  five when dtm/wal.py calls them) x seeds. A run restarts its target with DTM_CRASH_AT armed
+  five when dtm/wal/ calls them) x seeds. A run restarts its target with DTM_CRASH_AT armed
   at a seeded count ("<point>@<n>", so the crash hits a different transaction each time),
   submits a seeded burst of concurrent orders (some commit; some abort: out of stock, declined
   card, insufficient funds; odd seeds send them in SubmitBatch calls, even seeds one by one),
@@ -237,9 +237,11 @@ class Cell:
 
 
 def wal_points_wired() -> bool:
-    """Whether dtm/wal.py calls its crash points (they are listed before they are wired)."""
+    """Whether the log (the dtm.wal package) calls its crash points (they are listed before
+    they are wired)."""
     wal = importlib.import_module("dtm.wal")
-    source = Path(wal.__file__ or "").read_text() if wal.__file__ else ""
+    package = Path(wal.__file__).parent if wal.__file__ else None
+    source = "".join(path.read_text() for path in sorted(package.glob("*.py"))) if package else ""
     return all(f'"{name}"' in source for name in crashpoints.POINTS if name.startswith("wal."))
 
 
@@ -1759,7 +1761,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cells of {len(points)} crash points; data in {root}"
     )
     if not include_wal:
-        print("  (wal.* crash points are not wired into dtm/wal.py yet: left out of the matrix)")
+        print("  (wal.* crash points are not wired into dtm/wal/ yet: left out of the matrix)")
     started = time.perf_counter()
     results = asyncio.run(run_all(planned, root, options.verbose, options.soak))
     elapsed = time.perf_counter() - started

@@ -29,11 +29,10 @@ from dtm.wal import (
     MemoryLog,
     OsFileSystem,
     WriteAheadLog,
-    _encode_frame,
-    _encode_marker,
     dump,
     main,
 )
+from dtm.wal.frames import _encode_frame, _encode_marker
 from dtmpb.v1 import log_pb2
 
 ENDED = int(RecordType.TRANSACTION_ENDED)
@@ -1160,7 +1159,7 @@ def test_the_lose_unsynced_test_mode_cuts_what_was_not_fsynced(
 ) -> None:
     """dtm chaos arms crash points with wal.LOSE_UNSYNCED_VARIABLE: at the crash each open log
     notes its durable end, and the restart cuts what follows, as a power loss would."""
-    import dtm.wal as wal_module
+    import dtm.wal.log as wal_module
 
     open_logs: weakref.WeakSet[WriteAheadLog] = weakref.WeakSet()
     monkeypatch.setattr(wal_module, "_open_logs", open_logs)

@@ -1,0 +1,122 @@
+"""Reading a log without changing it: `python -m dtm.wal dump`.
+
+Part of the write-ahead log: see `dtm.wal` for the format and the recovery rules."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from google.protobuf.message import DecodeError
+
+from dtm import records as record_types
+from dtm.wal.frames import (
+    _MARKER_BEGIN,
+    _MARKER_TYPE,
+    _SEGMENT_NAME,
+    _Checkpoint,
+    _checkpoint_status,
+    _decode_marker,
+    _not_a_segment_start,
+    _scan,
+)
+
+
+def _describe(record_type: int, payload: bytes) -> str:
+    if record_type == _MARKER_TYPE:
+        marker = _decode_marker(payload)
+        if marker is None:
+            return f"WAL_MARKER malformed payload={payload.hex()}"
+        kind, begin_lsn, record_count = marker
+        name = "CHECKPOINT_BEGIN" if kind == _MARKER_BEGIN else "CHECKPOINT_COMPLETE"
+        return f"{name} begin_lsn={begin_lsn} records={record_count}"
+    try:
+        name, message = record_types.decode(record_type, payload)
+    except DecodeError as error:
+        return f"TYPE_{record_type} undecodable ({error}) payload={payload.hex()}"
+    if message is None:
+        return f"{name} payload={payload.hex()}"
+    return f"{name} {record_types.record_text(message)}".rstrip()
+
+
+def dump(path: Path) -> Iterator[str]:
+    """One line per record of a log directory or of one segment file; never modifies anything.
+
+    A torn tail or corruption ends the output with a line saying so; so does a file whose first
+    bytes cannot be a record header, even a torn one ("NOT A LOG": /etc/services, or garbage
+    named like a segment), rather than reading as a log whose every byte is a torn tail. In a
+    directory that line names the segment ("segment N of M is not a log segment"), after the
+    records of the segments before it.
+    """
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if _SEGMENT_NAME.match(p.name))
+    else:
+        files = [path]
+    for index, file in enumerate(files):
+        match = _SEGMENT_NAME.match(file.name)
+        data = file.read_bytes()
+        segment_scan = _scan(data, int(match.group(1)) if match else None)
+        if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
+            reason = _not_a_segment_start(data, int(match.group(1)) if match else None)
+            if reason is not None:
+                # Opening the log refuses it too (WriteAheadLog._recover_segments). In a
+                # directory, the verdict is this segment's, not the whole log's: the records
+                # of the segments before it are above.
+                what = (
+                    f"segment {index + 1} of {len(files)} is not a log segment"
+                    if path.is_dir()
+                    else "not a dtm write-ahead log segment"
+                )
+                yield f"NOT A LOG {file}: {what} (no record starts at byte 0: {reason})"
+                return
+        for frame in segment_scan.frames:
+            description = _describe(frame.record_type, frame.payload)
+            yield f"lsn={frame.lsn} {file.name}@{frame.offset} {description}"
+        if segment_scan.bad_offset is None:
+            continue
+        where = f"{file} at byte offset {segment_scan.bad_offset}: {segment_scan.bad_reason}"
+        if segment_scan.later_valid_offset is not None:
+            yield (
+                f"CORRUPTED {where}; a valid record follows at byte offset "
+                f"{segment_scan.later_valid_offset}"
+            )
+        elif index < len(files) - 1:
+            yield f"CORRUPTED {where}; the segment is not the last one"
+        elif _checkpoint_status(segment_scan)[0] is _Checkpoint.INCOMPLETE:
+            # What WriteAheadLog.open does with a last segment holding an interrupted checkpoint.
+            if index > 0:
+                yield (
+                    f"TORN TAIL {where}; opening the log drops this segment (an interrupted "
+                    "checkpoint)"
+                )
+            elif match and int(match.group(1)) == 1:
+                yield (
+                    f"TORN TAIL {where}; opening the log empties this segment (the interrupted "
+                    "first checkpoint of a new log)"
+                )
+            else:
+                yield (
+                    f"CORRUPTED {where}; opening the log refuses it (a checkpoint that is the "
+                    "whole log was durable, so it cannot be torn)"
+                )
+        else:
+            lost = segment_scan.size - segment_scan.bad_offset
+            yield f"TORN TAIL {where}; opening the log truncates these {lost} bytes"
+        return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dtm.wal", description="Inspect a dtm write-ahead log."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    dump_parser = commands.add_parser("dump", help="print every record of a log or segment")
+    dump_parser.add_argument("path", type=Path, help="log directory or one .wal segment file")
+    arguments = parser.parse_args(argv)
+    status = 0
+    for line in dump(arguments.path):
+        print(line)
+        if line.startswith(("CORRUPTED", "NOT A LOG")):
+            status = 1
+    return status

@@ -1,0 +1,276 @@
+"""The on-disk format: frames, checkpoint markers, and the scan of a segment's bytes.
+
+Part of the write-ahead log: see `dtm.wal` for the format and the recovery rules."""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import crc32c
+
+from dtm.limits import (
+    LOG_RECORD_BYTES_MAX,
+    RECORD_TYPE_MAX,
+)
+
+_HEADER = struct.Struct("<IIQI")  # payload_length, crc32c, lsn, record_type
+_HEADER_BYTES = _HEADER.size
+_CRC = struct.Struct("<I")
+_ALIGNMENT = 8
+_MARKER_TYPE = 0
+_MARKER = struct.Struct("<BQI")  # kind, checkpoint begin LSN, number of checkpoint records
+_MARKER_BEGIN = 1
+_MARKER_COMPLETE = 2
+_PAYLOAD_BYTES_MAX = max(LOG_RECORD_BYTES_MAX, _MARKER.size)
+_SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
+# The LSN field of a header: its bytes, and its encoding.
+_LSN_START, _LSN_END = 8, 16
+_LSN = struct.Struct("<Q")
+
+
+def _crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    return int(crc32c.crc32c(data, value))
+
+
+def _frame_crc(view: memoryview, offset: int, end: int) -> int:
+    return _crc(view[offset + 8 : end], _crc(view[offset : offset + 4]))
+
+
+def _aligned(size: int) -> int:
+    return (size + _ALIGNMENT - 1) & ~(_ALIGNMENT - 1)
+
+
+def _segment_name(first_lsn: int) -> str:
+    return f"{first_lsn:020d}.wal"
+
+
+def _encode_frame(lsn: int, record_type: int, payload: bytes) -> bytearray:
+    length = len(payload)
+    frame = bytearray(_aligned(_HEADER_BYTES + length))
+    _HEADER.pack_into(frame, 0, length, 0, lsn, record_type)
+    frame[_HEADER_BYTES : _HEADER_BYTES + length] = payload
+    view = memoryview(frame)
+    crc = _crc(view[8:], _crc(view[:4]))
+    _CRC.pack_into(frame, 4, crc)
+    # Verify before writing, as recovery will read it: the header fields, the payload in place
+    # and the checksum over the very bytes about to be written. (Inline rather than through
+    # _decode_frame: this runs for every record on the hot path.)
+    stored_length, stored_crc, stored_lsn, stored_type = _HEADER.unpack_from(frame)
+    if (
+        (stored_length, stored_lsn, stored_type) != (length, lsn, record_type)
+        or stored_crc != _crc(view[8:], _crc(view[:4]))
+        # startswith compares in place (memcmp); comparing a memoryview slice goes item by
+        # item, 3 ms per MB: most of a large checkpoint's framing.
+        or not frame.startswith(payload, _HEADER_BYTES)
+    ):
+        raise AssertionError(f"frame of LSN {lsn} does not read back as written")
+    return frame
+
+
+def _encode_marker(kind: int, begin_lsn: int, record_count: int) -> bytes:
+    return _MARKER.pack(kind, begin_lsn, record_count)
+
+
+def _decode_marker(payload: bytes) -> tuple[int, int, int] | None:
+    if len(payload) != _MARKER.size:
+        return None
+    kind, begin_lsn, record_count = _MARKER.unpack(payload)
+    if kind not in (_MARKER_BEGIN, _MARKER_COMPLETE):
+        return None
+    return kind, begin_lsn, record_count
+
+
+@dataclass(frozen=True, slots=True)
+class _Frame:
+    offset: int
+    end: int
+    lsn: int
+    record_type: int
+    payload: bytes
+
+
+def _decode_frame(data: bytes, offset: int) -> _Frame | str:
+    """The frame at `offset`, or why there is no valid frame there (LSN not checked)."""
+    size = len(data)
+    if offset + _HEADER_BYTES > size:
+        return f"short header: {size - offset} of {_HEADER_BYTES} bytes"
+    payload_length, crc, lsn, record_type = _HEADER.unpack_from(data, offset)
+    if payload_length == 0 and crc == 0 and lsn == 0 and record_type == 0:
+        return "zero-filled header"
+    if payload_length > _PAYLOAD_BYTES_MAX:
+        return f"payload length {payload_length} exceeds the maximum {_PAYLOAD_BYTES_MAX}"
+    end = offset + _aligned(_HEADER_BYTES + payload_length)
+    if end > size:
+        return f"short record: {size - offset} of {end - offset} bytes"
+    actual = _frame_crc(memoryview(data), offset, end)
+    if actual != crc:
+        return f"checksum mismatch: stored {crc:#010x}, computed {actual:#010x}"
+    payload = data[offset + _HEADER_BYTES : offset + _HEADER_BYTES + payload_length]
+    return _Frame(offset, end, lsn, record_type, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """Every valid frame of a segment up to the first bad one."""
+
+    frames: list[_Frame]
+    size: int
+    bad_offset: int | None = None
+    bad_reason: str = ""
+    later_valid_offset: int | None = None  # a valid frame after the bad one: corruption
+
+    @property
+    def valid_end(self) -> int:
+        return self.frames[-1].end if self.frames else 0
+
+    @property
+    def corruption(self) -> str:
+        """Why the bad frame is corruption, not a torn tail (`later_valid_offset` is set)."""
+        if self.later_valid_offset == self.bad_offset:
+            return self.bad_reason  # the bad frame is itself whole
+        return (
+            f"{self.bad_reason}, yet a valid record follows at byte offset "
+            f"{self.later_valid_offset}"
+        )
+
+
+def _scan(data: bytes, first_lsn: int | None) -> _Scan:
+    """Parse frames in order; `first_lsn` None accepts whatever LSN the first frame carries."""
+    frames: list[_Frame] = []
+    offset = 0
+    expected_lsn = first_lsn
+    while offset < len(data):
+        decoded = _decode_frame(data, offset)
+        if isinstance(decoded, _Frame) and expected_lsn not in (None, decoded.lsn):
+            # A whole frame (its checksum holds) out of sequence: no crash writes one, so it
+            # is corruption even at the very end, never a torn tail to cut.
+            reason = f"a whole record with LSN {decoded.lsn} where {expected_lsn} was expected"
+            return _Scan(frames, len(data), offset, reason, offset)
+        if isinstance(decoded, str):
+            return _Scan(frames, len(data), offset, decoded, _find_valid_frame(data, offset + 8))
+        frames.append(decoded)
+        expected_lsn = decoded.lsn + 1
+        offset = decoded.end
+    return _Scan(frames, len(data))
+
+
+def _find_valid_frame(data: bytes, start: int) -> int | None:
+    """First aligned offset from `start` holding a frame whose header and checksum validate.
+
+    Any such frame after a bad one means the bad one is not a torn tail: writes are appends, so a
+    crash can only lose a suffix. Runs only when a bad frame was found, so a linear scan is fine.
+    """
+    for offset in range(start, len(data) - _HEADER_BYTES + 1, _ALIGNMENT):
+        payload_length, _, lsn, _ = _HEADER.unpack_from(data, offset)
+        if lsn == 0 or payload_length > _PAYLOAD_BYTES_MAX:
+            continue  # cheap rejection before the checksum
+        if offset + _aligned(_HEADER_BYTES + payload_length) > len(data):
+            continue
+        if isinstance(_decode_frame(data, offset), _Frame):
+            return offset
+    return None
+
+
+class _Checkpoint(enum.Enum):
+    NONE = "none"  # the segment does not start with a checkpoint
+    COMPLETE = "complete"
+    INCOMPLETE = "incomplete"  # a crash interrupted writing it
+    MALFORMED = "malformed"  # markers that no crash can produce
+
+
+def _checkpoint_status(scan: _Scan) -> tuple[_Checkpoint, int]:
+    """Whether the segment starts with a checkpoint, and how many records it holds."""
+    if not scan.frames or scan.frames[0].record_type != _MARKER_TYPE:
+        return _Checkpoint.NONE, 0
+    begin = scan.frames[0]
+    marker = _decode_marker(begin.payload)
+    if marker is None or marker != (_MARKER_BEGIN, begin.lsn, marker[2]):
+        return _Checkpoint.MALFORMED, 0
+    record_count = marker[2]
+    body = scan.frames[1 : 1 + record_count]
+    if any(frame.record_type == _MARKER_TYPE for frame in body):
+        return _Checkpoint.MALFORMED, record_count
+    if len(scan.frames) <= 1 + record_count:
+        return _Checkpoint.INCOMPLETE, record_count
+    complete = scan.frames[1 + record_count]
+    if _decode_marker(complete.payload) != (_MARKER_COMPLETE, begin.lsn, record_count):
+        return _Checkpoint.MALFORMED, record_count
+    if complete.record_type != _MARKER_TYPE:
+        return _Checkpoint.MALFORMED, record_count
+    return _Checkpoint.COMPLETE, record_count
+
+
+def _check_record(record_type: int, size: int) -> None:
+    if not 1 <= record_type <= RECORD_TYPE_MAX:
+        raise ValueError(f"record type {record_type} is outside 1..{RECORD_TYPE_MAX}")
+    if size > LOG_RECORD_BYTES_MAX:
+        raise ValueError(
+            f"record payload of {size} bytes exceeds LOG_RECORD_BYTES_MAX ({LOG_RECORD_BYTES_MAX})"
+        )
+
+
+# A checkpoint record's payload: its bytes, or the pieces they are the concatenation of. The log
+# joins pieces where it writes the record: on a worker thread for `LoopCommitLog`, so that a
+# 10 MB window of decided branches is not copied on the event loop (see `in_parts`).
+CheckpointPayload: TypeAlias = bytes | list[bytes]
+
+
+def payload_size(payload: CheckpointPayload) -> int:
+    """The payload's length; raises TypeError for a piece that is not bytes (here, on the
+    caller's thread, rather than when the log joins it on its own)."""
+    if not isinstance(payload, list):
+        return len(payload)
+    if not all(type(piece) is bytes for piece in payload):
+        raise TypeError("a checkpoint record's pieces must all be bytes")
+    return sum(map(len, payload))
+
+
+def _joined(payload: CheckpointPayload) -> bytes:
+    # bytes.join drops the GIL while it copies more than a megabyte.
+    return b"".join(payload) if isinstance(payload, list) else payload
+
+
+def _not_a_header_start(header: bytes, first_lsn: int | None) -> str | None:
+    """Why `header` (a record header, or its first bytes) cannot begin the first record of
+    the segment of LSN `first_lsn` (None: any LSN); None when it can. A field cut short
+    reads as its least possible value."""
+    payload_length, _, lsn, record_type = _HEADER.unpack(header.ljust(_HEADER_BYTES, b"\0"))
+    if payload_length > _PAYLOAD_BYTES_MAX:
+        return f"payload length {payload_length} exceeds the maximum {_PAYLOAD_BYTES_MAX}"
+    lsn_bytes = header[_LSN_START:_LSN_END]
+    if len(lsn_bytes) == _LSN.size and (lsn == 0 or first_lsn not in (None, lsn)):
+        expected = f"{first_lsn}, as its name says" if first_lsn is not None else "at least 1"
+        return f"LSN {lsn} where {expected}"
+    if first_lsn is not None and lsn_bytes != _LSN.pack(first_lsn)[: len(lsn_bytes)]:
+        return f"LSN field starting {lsn_bytes.hex()}, not LSN {first_lsn} as its name says"
+    if record_type > RECORD_TYPE_MAX:
+        return f"record type {record_type} exceeds {RECORD_TYPE_MAX}"
+    return None
+
+
+def _not_a_segment_start(data: bytes, first_lsn: int | None) -> str | None:
+    """Why the bytes of a segment whose first record is bad, with no valid record after it,
+    cannot be a torn first write of that segment; None when they can.
+
+    A crash leaves a prefix of what was written, then zeros where the file grew but its data
+    did not land. So the header's bytes up to its last non-zero one must begin the header of
+    the segment's first record (the LSN in its name), and only zeros may follow them, or
+    follow the end of the record that the whole header (zeros included) announces. Anything
+    else is no log segment, or one whose start was overwritten: cutting it would empty it."""
+    header = data[:_HEADER_BYTES]
+    landed = header.rstrip(b"\0")  # the zeros after it may be bytes that never landed
+    why = _not_a_header_start(landed, first_lsn)
+    if why is not None:
+        return why
+    record_end = len(landed)
+    if landed and len(header) == _HEADER_BYTES and _not_a_header_start(header, first_lsn) is None:
+        record_end = _aligned(_HEADER_BYTES + _HEADER.unpack(header)[0])
+    rest = data[record_end:].lstrip(b"\0")
+    if rest:
+        where = "its first record would end" if landed else "a zero-filled header"
+        return f"bytes at byte offset {len(data) - len(rest)}, after where {where}"
+    return None
