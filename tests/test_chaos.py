@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -14,7 +15,8 @@ import pytest
 
 from dtm import chaos, crashpoints, invariants
 from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
-from dtm.cluster import SERVICES
+from dtm.chaos import session as chaos_session
+from dtm.cluster import PROCESSES, SERVICES
 from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
 from dtm.orderflow import SubmitResult
 from dtmpb.v1 import coordinator_pb2, participant_pb2
@@ -440,8 +442,8 @@ class DeadOnItsOwnCluster:
     service_addresses: dict[str, str] = {}
 
     def __init__(self, dead: str) -> None:
-        self.up = {name: True for name in chaos.PROCESSES}
-        self.codes: dict[str, int | None] = {name: None for name in chaos.PROCESSES}
+        self.up = {name: True for name in PROCESSES}
+        self.codes: dict[str, int | None] = {name: None for name in PROCESSES}
         self.up[dead], self.codes[dead] = False, 1
         self.killed: list[str] = []
 
@@ -459,7 +461,7 @@ class DeadOnItsOwnCluster:
         return self.codes[name]
 
     def start(self) -> None:
-        for name in chaos.PROCESSES:
+        for name in PROCESSES:
             if not self.up[name]:
                 self.up[name], self.codes[name] = True, None
 
@@ -498,7 +500,7 @@ def fake_session(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dead: str) -> 
     async def no_check(self: Session, cluster: object, result: RunResult) -> None:
         pass
 
-    monkeypatch.setattr(chaos, "OrderClient", CommittingClient)
+    monkeypatch.setattr(chaos_session, "OrderClient", CommittingClient)
     monkeypatch.setattr(Session, "check", no_check)
     session = Session(tmp_path)
     session.cluster = DeadOnItsOwnCluster(dead)  # type: ignore[assignment]
@@ -511,7 +513,7 @@ def test_a_kill_run_reports_a_process_that_died_on_its_own_and_counts_only_real_
     def first_victim(seed: int) -> str:
         rng = random.Random(f"chaos:kill:{seed}")  # as kill_run draws it
         rng.uniform(*chaos.NEMESIS_INTERVAL_S)
-        return rng.choices(chaos.PROCESSES, chaos.NEMESIS_WEIGHTS)[0]
+        return rng.choices(PROCESSES, chaos.NEMESIS_WEIGHTS)[0]
 
     # A seed whose nemesis first picks the process that is already dead.
     seed = next(seed for seed in range(0, 1000, 2) if first_victim(seed) == "payment")
@@ -520,7 +522,7 @@ def test_a_kill_run_reports_a_process_that_died_on_its_own_and_counts_only_real_
     cluster = session.cluster
     assert isinstance(cluster, DeadOnItsOwnCluster)
     assert any(v.startswith("payment exited on its own with status 1") for v in result.violations)
-    assert result.kills == chaos.Counter(cluster.killed)
+    assert result.kills == Counter(cluster.killed)
 
 
 def test_a_recovery_cell_reports_a_target_that_died_on_its_own_before_the_kill(
@@ -532,4 +534,4 @@ def test_a_recovery_cell_reports_a_target_that_died_on_its_own_before_the_kill(
     cluster = session.cluster
     assert isinstance(cluster, DeadOnItsOwnCluster)
     assert any(v.startswith("payment exited on its own with status 1") for v in result.violations)
-    assert result.kills == chaos.Counter(cluster.killed)
+    assert result.kills == Counter(cluster.killed)
