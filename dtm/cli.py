@@ -700,17 +700,27 @@ def cmd_heuristics(session: Session) -> int:
             )
         return EXIT_OK
     if not found:
-        # Not "every branch followed its decision": a branch forced while the coordinator had
-        # no record of its transaction (presumed abort) is never reported to it.
+        # Not "every branch followed its decision": a forced branch reaches this list once its
+        # Commit or Rollback, or its participant's report after an inquiry, reached the
+        # coordinator; until then its participant keeps it awaiting.
         print(
             "no heuristic outcomes known to the coordinator; forced branches not yet "
-            "reconciled are listed by `dtm branches --awaiting`",
+            "reconciled with it are listed by `dtm branches --awaiting`",
             file=session.out,
         )
         return EXIT_OK
     now = fmt.now_ms()
     fmt.table(
-        ["TRANSACTION", "BRANCH", "PARTICIPANT", "OUTCOME", "DECISION", "AGE", "DETAIL"],
+        [
+            "TRANSACTION",
+            "BRANCH",
+            "PARTICIPANT",
+            "OUTCOME",
+            "DECISION",
+            "FOUND BY",
+            "AGE",
+            "DETAIL",
+        ],
         [
             [
                 h.transaction_id,
@@ -718,6 +728,7 @@ def cmd_heuristics(session: Session) -> int:
                 h.participant,
                 h.outcome,
                 fmt.outcome_name(h.decision),
+                fmt.found_by(h),
                 fmt.duration(fmt.age_s(h.recorded_at_unix_ms, now)),
                 fmt.clip(h.detail) or "-",
             ]

@@ -112,7 +112,14 @@ def heuristic_dict(heuristic: coordinator_pb2.HeuristicOutcome) -> dict[str, Any
         "decision": outcome_name(heuristic.decision),
         "detail": heuristic.detail,
         "recorded_at_unix_ms": heuristic.recorded_at_unix_ms,
+        "found_by_inquiry": heuristic.found_by_inquiry,
     }
+
+
+def found_by(heuristic: coordinator_pb2.HeuristicOutcome) -> str:
+    """How the coordinator learned of a heuristic outcome: its participant's report after an
+    inquiry, or phase 2 (a Commit, a Rollback or the one-phase probe answered with it)."""
+    return "inquiry" if heuristic.found_by_inquiry else "phase 2"
 
 
 def transaction_dict(txn: coordinator_pb2.Transaction, now: int | None = None) -> dict[str, Any]:

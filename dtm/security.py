@@ -16,6 +16,7 @@ verified it; a call the policy does not allow gets PERMISSION_DENIED. The policy
     dtm.v1.ParticipantAdmin/*                                       operators
     dtm.v1.Coordinator/RegisterParticipant                         participants
     dtm.v1.Coordinator/QueryOutcome                                participants, operators
+    dtm.v1.Coordinator/ReportHeuristic                             participants (their own)
     dtm.v1.Coordinator/Submit, SubmitBatch                         clients
     dtm.v1.Coordinator/GetTransaction, ListTransactions,           clients, operators
         RetryTransaction, ListParticipants, ListHeuristics
@@ -115,6 +116,8 @@ class Policy:
             "/dtm.v1.ParticipantAdmin/": operators,
             "/dtm.v1.Coordinator/RegisterParticipant": participants,
             "/dtm.v1.Coordinator/QueryOutcome": inquiries,
+            # Each only under its own name: checked by the handler (may_register_as).
+            "/dtm.v1.Coordinator/ReportHeuristic": participants,
             "/dtm.v1.Coordinator/Submit": clients,
             "/dtm.v1.Coordinator/SubmitBatch": clients,
             "/dtm.v1.Coordinator/GetTransaction": reads,

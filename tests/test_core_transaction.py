@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtm.core import transaction as core
-from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtm.core.transaction import (
     TRANSITIONS,
     Outcome,
@@ -229,6 +229,27 @@ def test_a_rollback_answered_already_committed_in_an_earlier_commit_is_no_heuris
     answered = plain.handle(core.PrepareFailed(1, "unavailable"))
     persisted = core.PersistHeuristic(1, HEURISTIC_COMMIT, contradicted.detail)
     assert [core.Reply(Outcome.ABORTED, plain.reason), persisted, core.Finished()] == answered
+
+
+def test_a_heuristic_reported_after_an_inquiry_stops_phase_two_and_is_recorded_once() -> None:
+    """A participant reports a forced rollback it found by inquiry (Coordinator.
+    ReportHeuristic) while the commit is still in phase 2: recorded as found by inquiry, the
+    branch's phase 2 is over, and its Commit answered later with the same heuristic records
+    nothing more."""
+    txn = prepared_all(2)
+    txn.handle(core.DecisionDurable(2_000))
+    txn.handle(core.PhaseTwoAcked(1))
+    report = core.HeuristicReported(
+        0, HEURISTIC_ROLLBACK, "forced", forced=True, found_by_inquiry=True
+    )
+    assert [
+        core.PersistHeuristic(0, HEURISTIC_ROLLBACK, "forced", found_by_inquiry=True),
+        core.PersistEnd(),
+        core.Finished(),
+    ] == txn.handle(report)
+    assert TxnState.COMMITTED is txn.state
+    heard = core.HeuristicReported(0, HEURISTIC_ROLLBACK, "Commit answered", forced=True)
+    assert [] == txn.handle(heard)
 
 
 def test_duplicate_vote_changes_nothing() -> None:

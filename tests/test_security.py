@@ -326,6 +326,56 @@ def test_only_participants_may_register_and_only_as_themselves(
     asyncio.run(scenario())
 
 
+def test_only_a_participant_may_report_a_heuristic_and_only_its_own(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    """ReportHeuristic records what the coordinator lists as heuristic damage: a client or an
+    operator may not report, nor a participant for another (the certificate names it)."""
+
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir) as cluster:
+            report = coordinator_pb2.ReportHeuristicRequest(
+                transaction_id="t-none",
+                branch=0,
+                participant="inventory",
+                forced=coordinator_pb2.OUTCOME_COMMITTED,
+                decision=coordinator_pb2.OUTCOME_ABORTED,
+            )
+            for identity in ("client", "operator"):
+                async with security.channel(
+                    cluster.coordinator_address, cluster.tls(identity)
+                ) as ch:
+                    await expect_status(
+                        coordinator_pb2_grpc.CoordinatorStub(ch).ReportHeuristic(
+                            report, timeout=TIMEOUT_S
+                        ),
+                        Code.PERMISSION_DENIED,
+                        f"identity {identity!r}",
+                        "ReportHeuristic",
+                    )
+            async with security.channel(cluster.coordinator_address, cluster.tls("payment")) as ch:
+                await expect_status(
+                    coordinator_pb2_grpc.CoordinatorStub(ch).ReportHeuristic(
+                        report, timeout=TIMEOUT_S
+                    ),
+                    Code.PERMISSION_DENIED,
+                    "'payment' may not report the heuristic outcomes of participant 'inventory'",
+                )
+            assert 0 == len(cluster.coordinator.engine.heuristics)
+            async with security.channel(
+                cluster.coordinator_address, cluster.tls("inventory")
+            ) as ch:
+                kept = await coordinator_pb2_grpc.CoordinatorStub(ch).ReportHeuristic(
+                    report, timeout=TIMEOUT_S
+                )
+            assert ("t-none", "inventory") == (
+                kept.heuristic.transaction_id,
+                kept.heuristic.participant,
+            )
+
+    asyncio.run(scenario())
+
+
 def test_admin_is_for_operators_and_submit_for_clients(tmp_path: Path, ca_dir: Path) -> None:
     async def scenario() -> None:
         async with secure_cluster(tmp_path, ca_dir) as cluster:

@@ -28,7 +28,7 @@ from dtm.coordinator.heuristics import HeuristicTable, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core import transaction as core
-from dtm.core.branch import HEURISTIC_HAZARD
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtm.core.transaction import (
     ROLLBACK_ATTEMPTS_MAX,
     Outcome,
@@ -517,19 +517,14 @@ class Engine:
             recorded_at_unix_ms=wall_ms(),
             committed=txn.state in (TxnState.COMMITTING, TxnState.COMMITTED),
             one_phase_unknown=txn.state is TxnState.UNKNOWN,
+            found_by_inquiry=action.found_by_inquiry,
         )
-        # Flushed at once, though nobody waits for it: after a crash, a commit's Commit is
-        # sent again (and contradicted again), but an abort's Rollback never is.
-        lsn = self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
-        self.counters.forced_writes += 1
         if heuristic.committed and run.decision:
             # As replay marks it (_stop_phase_two): the decision a checkpoint keeps says so.
             decided = log_pb2.CommitDecided.FromString(run.decision)
             _stop_phase_two({txn.transaction_id: decided}, heuristic)
             run.decision = decided.SerializeToString()
-        self._spawn(self.log.wait_durable(lsn))
-        self._keep_heuristic(heuristic)
-        self.observer.heuristic_recorded(branch.participant, action.outcome)
+        self._write_heuristic(heuristic)
         self._log.warning(
             "one-phase outcome cannot be learned: recorded as a heuristic outcome"
             if txn.state is TxnState.UNKNOWN
@@ -540,7 +535,18 @@ class Engine:
             outcome=action.outcome,
             decision=txn.state.value,
             detail=action.detail,
+            found_by_inquiry=action.found_by_inquiry or None,
         )
+
+    def _write_heuristic(self, heuristic: log_pb2.HeuristicRecorded) -> None:
+        """Log a heuristic outcome, keep it and count it."""
+        # Flushed at once, though nobody waits for it: after a crash, a commit's Commit is
+        # sent again (and contradicted again), but an abort's Rollback never is.
+        lsn = self._append(RecordType.HEURISTIC_RECORDED, heuristic.SerializeToString())
+        self.counters.forced_writes += 1
+        self._spawn(self.log.wait_durable(lsn))
+        self._keep_heuristic(heuristic)
+        self.observer.heuristic_recorded(heuristic.participant, heuristic.outcome)
 
     def _keep_heuristic(self, heuristic: log_pb2.HeuristicRecorded) -> None:
         for dropped in self.heuristics.keep(heuristic):
@@ -707,6 +713,123 @@ class Engine:
             outcome=forgotten.outcome,
         )
         return forgotten
+
+    async def report_heuristic(
+        self,
+        transaction_id: str,
+        branch: int,
+        participant: str,
+        forced_commit: bool,
+        fingerprint: bytes = b"",
+        detail: str = "",
+    ) -> log_pb2.HeuristicRecorded:
+        """A participant asked about a branch an operator forced (`forced_commit`) and heard
+        the other outcome (Coordinator.ReportHeuristic): record it as phase 2 would have, had
+        its Commit or Rollback reached the branch. Durable before it returns what is kept.
+        Idempotent: a branch whose heuristic outcome was recorded already (by phase 2, or an
+        earlier report) writes nothing. Raises Refused when this coordinator's outcome is not
+        the other one (any more), or the branch is another participant's."""
+        decided = (
+            coordinator_pb2.OUTCOME_ABORTED if forced_commit else coordinator_pb2.OUTCOME_COMMITTED
+        )
+        outcome = HEURISTIC_COMMIT if forced_commit else HEURISTIC_ROLLBACK
+        answer = self.query_outcome(transaction_id, fingerprint)
+        text = f"{transaction_id}/{branch}"
+        if answer != decided:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the coordinator's outcome of transaction {transaction_id} is "
+                f"{coordinator_pb2.Outcome.Name(answer)}, not "
+                f"{coordinator_pb2.Outcome.Name(decided)}: a forced "
+                f"{'commit' if forced_commit else 'rollback'} of branch {text} does not "
+                "contradict it (now); ask again (QueryOutcome)",
+            )
+        kept = self.heuristics.get((transaction_id, branch))
+        if kept is None:
+            kept = self._record_reported(
+                transaction_id, branch, participant, outcome, fingerprint, detail
+            )
+        if kept.participant != participant:  # kept for the branch of another attempt
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the heuristic outcome kept for branch {text} is participant "
+                f"{kept.participant!r}'s, not {participant!r}'s: nothing recorded",
+            )
+        # Persist before you speak: the record, or the one phase 2 wrote (flushed, not awaited).
+        await self.log.wait_durable(self.log.appended_lsn)
+        return kept
+
+    def _record_reported(
+        self,
+        transaction_id: str,
+        branch: int,
+        participant: str,
+        outcome: str,
+        fingerprint: bytes,
+        detail: str,
+    ) -> log_pb2.HeuristicRecorded:
+        """Record a reported heuristic outcome that no kept one covers (report_heuristic).
+        Through the transaction's core while the coordinator still runs it (or its
+        Rollbacks), so that phase 2 of the branch stops and a later answer from it is not
+        recorded again; else directly, with the outcome the coordinator answered (presumed
+        abort included). Returns what stands for the branch, unrecorded when its heuristic
+        was recorded once already and an operator forgot it since. Raises Refused when the
+        transaction the report is about has no such branch at `participant`."""
+        reported = log_pb2.HeuristicRecorded(
+            transaction_id=transaction_id,
+            branch=branch,
+            participant=participant,
+            outcome=outcome,
+            detail=detail,
+            recorded_at_unix_ms=wall_ms(),
+            committed=outcome == HEURISTIC_ROLLBACK,
+            found_by_inquiry=True,
+        )
+        run = self.active.get(transaction_id) or self._settling.get(transaction_id)
+        view = None
+        if run is None or (fingerprint and run.fingerprint != fingerprint):
+            run = None  # none, or another attempt under the id: the report's is over
+            view = self.finished.get(transaction_id)
+            if view is not None and fingerprint and view.fingerprint != fingerprint:
+                view = None
+        known = (
+            [(b.participant, b.heuristic) for b in run.txn.branches]
+            if run is not None
+            else [(b.participant, b.heuristic) for b in view.branches]
+            if view is not None
+            else None  # no record of the transaction (presumed abort): nothing to check
+        )
+        if known is not None:
+            owner, heuristic = known[branch] if branch < len(known) else ("", "")
+            if owner != participant:
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"transaction {transaction_id} has no branch {branch} at participant "
+                    f"{participant!r} "
+                    + (f"(it is {owner!r}'s)" if owner else f"(it has {len(known)} branches)")
+                    + ": nothing recorded",
+                )
+            if heuristic == outcome:  # recorded once already, and an operator forgot it
+                return reported
+        if run is not None:
+            self._feed(
+                run,
+                core.HeuristicReported(branch, outcome, detail, forced=True, found_by_inquiry=True),
+            )
+            return self.heuristics.get((transaction_id, branch)) or reported
+        self._write_heuristic(reported)
+        if view is not None:  # finished and still remembered: its status shows it too
+            self.finished.mark_heuristic(transaction_id, branch, outcome)
+        self._log.warning(
+            "heuristic outcome found by a participant's inquiry: recorded",
+            txn=transaction_id,
+            participant=participant,
+            branch=branch,
+            outcome=outcome,
+            decision="committed" if reported.committed else "aborted",
+            detail=detail,
+        )
+        return reported
 
     def _finished(self, run: Run, action: core.Finished) -> None:
         self._finish(run)

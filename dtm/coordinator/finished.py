@@ -79,6 +79,8 @@ _HEAD_FIELDS = len(TransactionView._fields) - 1
 _BRANCH_FIELDS = len(BranchView._fields)
 _STATE = TransactionView._fields.index("state")
 _DECISION = TransactionView._fields.index("decision")
+_ACKNOWLEDGED = BranchView._fields.index("acknowledged")
+_HEURISTIC = BranchView._fields.index("heuristic")
 
 
 def pack(head: Head, branches: Iterable[BranchRow]) -> Record:
@@ -153,6 +155,19 @@ class FinishedWindow:
         acknowledged, a heuristic reported), in place; nothing if it was forgotten."""
         if record[0] in self._records:
             self._records[record[0]] = record
+
+    def mark_heuristic(self, transaction_id: str, branch: int, outcome: str) -> None:
+        """Show a heuristic outcome reported after the transaction finished (a participant's
+        inquiry found it) in the branch's status, as phase 2 would have (acknowledged: no
+        decision is owed to it); nothing if the transaction was forgotten."""
+        record = self._records.get(transaction_id)
+        at = _HEAD_FIELDS + branch * _BRANCH_FIELDS
+        if record is None or at >= len(record):
+            return
+        row = list(record[at : at + _BRANCH_FIELDS])
+        row[_ACKNOWLEDGED] = True
+        row[_HEURISTIC] = outcome
+        self._records[transaction_id] = (*record[:at], *row, *record[at + _BRANCH_FIELDS :])
 
     def clear(self) -> None:
         self._records.clear()

@@ -48,6 +48,9 @@ class HeuristicTable:
             dropped.append(self._kept.popitem(last=False)[1])
         return dropped
 
+    def get(self, key: Key) -> log_pb2.HeuristicRecorded | None:
+        return self._kept.get(key)
+
     def forget(self, key: Key) -> log_pb2.HeuristicRecorded | None:
         return self._kept.pop(key, None)
 
@@ -71,4 +74,5 @@ def heuristic_pb(record: log_pb2.HeuristicRecorded) -> coordinator_pb2.Heuristic
         decision=decision,
         detail=record.detail,
         recorded_at_unix_ms=record.recorded_at_unix_ms,
+        found_by_inquiry=record.found_by_inquiry,
     )

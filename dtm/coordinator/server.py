@@ -103,6 +103,48 @@ async def _check_transaction_id(context: Context, transaction_id: str) -> None:
         await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
 
 
+async def _check_asker(
+    context: Context,
+    request: coordinator_pb2.QueryOutcomeRequest | coordinator_pb2.ReportHeuristicRequest,
+) -> None:
+    """The participant, incarnation and fingerprint a participant's inquiry or report
+    carries: INVALID_ARGUMENT when malformed."""
+    problem = limits.addressing_problem(request.participant, request.incarnation)
+    if problem:
+        await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+    if len(request.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+        await grpc_edge.abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"transaction_fingerprint is {len(request.transaction_fingerprint)} bytes; at "
+            f"most {limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
+        )
+
+
+_DECIDED = (coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED)
+
+
+def _report_problem(request: coordinator_pb2.ReportHeuristicRequest) -> str | None:
+    """What is wrong with the form of a ReportHeuristic, its ids aside, or None."""
+    if not request.participant:
+        return "participant is required: the name of the participant holding the forced branch"
+    if request.forced not in _DECIDED or request.decision not in _DECIDED:
+        return (
+            f"forced is {request.forced} and decision {request.decision}: each must be "
+            f"OUTCOME_COMMITTED ({coordinator_pb2.OUTCOME_COMMITTED}) or OUTCOME_ABORTED "
+            f"({coordinator_pb2.OUTCOME_ABORTED})"
+        )
+    if request.forced == request.decision:
+        name = coordinator_pb2.Outcome.Name(request.forced)
+        return (
+            f"forced and decision are both {name}: the forced outcome agrees with the "
+            "coordinator's, which is no heuristic outcome; nothing to report"
+        )
+    if len(request.detail) > limits.REASON_CHARS_MAX:
+        return f"detail is {len(request.detail)} characters; at most {limits.REASON_CHARS_MAX}"
+    return None
+
+
 def _refused(code: grpc.StatusCode, message: str) -> coordinator_pb2.SubmitResult:
     return coordinator_pb2.SubmitResult(
         code=code.value[0], message=grpc_edge.status_details(message)
@@ -412,22 +454,54 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         return coordinator_pb2.ForgetHeuristicResponse(forgotten=heuristic_pb(forgotten))
 
+    async def ReportHeuristic(
+        self, request: coordinator_pb2.ReportHeuristicRequest, context: Context
+    ) -> coordinator_pb2.ReportHeuristicResponse:
+        problem = limits.branch_ids_problem(request.transaction_id, request.branch) or (
+            _report_problem(request)
+        )
+        if problem:
+            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await _check_asker(context, request)
+        # As RegisterParticipant: a participant identity reports only its own branches.
+        if not security.may_register_as(
+            context, self.coordinator.server_config.tls, request.participant
+        ):
+            await grpc_edge.abort(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity {security.peer_name(context)!r} may not report the heuristic "
+                f"outcomes of participant {request.participant!r}: only its own (its "
+                "certificate's Common Name)",
+            )
+        await self._refuse_if_replaced(request, context, "heuristic report")
+        try:
+            kept = await self.engine.report_heuristic(
+                request.transaction_id,
+                request.branch,
+                request.participant,
+                forced_commit=request.forced == coordinator_pb2.OUTCOME_COMMITTED,
+                fingerprint=request.transaction_fingerprint,
+                detail=request.detail,
+            )
+        except Refused as refused:
+            self.coordinator.log.warning(
+                "heuristic report refused",
+                txn=request.transaction_id,
+                branch=request.branch,
+                participant=request.participant,
+                reason=str(refused),
+            )
+            await grpc_edge.abort(context, refused.code, str(refused))
+        return coordinator_pb2.ReportHeuristicResponse(heuristic=heuristic_pb(kept))
+
     async def QueryOutcome(
         self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
     ) -> coordinator_pb2.QueryOutcomeResponse:
         # Checked first: presumed abort answers ABORTED for any id it has no record of, and
         # the id and the name go into the log line.
         await _check_transaction_id(context, request.transaction_id)
-        problem = limits.addressing_problem(request.participant, request.incarnation)
-        if problem:
-            await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if len(request.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
-            await grpc_edge.abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"transaction_fingerprint is {len(request.transaction_fingerprint)} bytes; at "
-                f"most {limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
-            )
+        await _check_asker(context, request)
         await self._refuse_if_replaced(request, context)
         outcome = self.engine.query_outcome(request.transaction_id, request.transaction_fingerprint)
         self.coordinator.log.info(
@@ -440,12 +514,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)  # type: ignore[arg-type]
 
     async def _refuse_if_replaced(
-        self, request: coordinator_pb2.QueryOutcomeRequest, context: Context
+        self,
+        request: coordinator_pb2.QueryOutcomeRequest | coordinator_pb2.ReportHeuristicRequest,
+        context: Context,
+        what: str = "inquiry",
     ) -> None:
-        """Refuse an inquiry from an incarnation the registry no longer holds, before any
-        outcome is looked up: a replaced process that still runs would otherwise apply the
-        decisions now owed to its replacement (which hears of branches it does not know, and
-        reports them as heuristic hazards), both acting on one decision."""
+        """Refuse an inquiry (or a report: `what`) from an incarnation the registry no longer
+        holds, before any outcome is looked up: a replaced process that still runs would
+        otherwise apply the decisions now owed to its replacement (which hears of branches it
+        does not know, and reports them as heuristic hazards), both acting on one decision."""
         registered = self.registry.replacing(request.participant, request.incarnation)
         if registered is None:
             return
@@ -465,7 +542,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             "replacement (dtm heuristics)"
         )
         self.coordinator.log.warning(
-            "inquiry from a replaced incarnation refused",
+            f"{what} from a replaced incarnation refused",
             txn=request.transaction_id,
             participant=request.participant,
             incarnation=request.incarnation,

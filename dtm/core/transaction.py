@@ -143,6 +143,9 @@ class HeuristicReported:
     # contradicting the decision: a Rollback answered "already committed" in an attempt that
     # found its transaction committed earlier is that commit (`Transaction.committed_earlier`).
     forced: bool = False
+    # Reported by the participant after an inquiry (Coordinator.ReportHeuristic), not heard
+    # in phase 2: the record says so.
+    found_by_inquiry: bool = False
 
 
 Event: TypeAlias = (
@@ -215,6 +218,7 @@ class PersistHeuristic:
     branch: int
     outcome: str
     detail: str = ""
+    found_by_inquiry: bool = False  # as in HeuristicReported
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,7 +681,9 @@ def _on_heuristic(txn: Transaction, event: HeuristicReported) -> list[Action]:
         return []
     branch.heuristic = event.outcome
     branch.last_error = event.detail or branch.last_error
-    actions: list[Action] = [PersistHeuristic(branch.index, event.outcome, event.detail)]
+    actions: list[Action] = [
+        PersistHeuristic(branch.index, event.outcome, event.detail, event.found_by_inquiry)
+    ]
     if txn.state is TxnState.COMMITTING and not branch.acknowledged:
         branch.acknowledged = True
         if txn._all_acknowledged():

@@ -254,7 +254,7 @@ class RetryTransactionRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicOutcome(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "decision", "detail", "recorded_at_unix_ms")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "decision", "detail", "recorded_at_unix_ms", "found_by_inquiry")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,7 @@ class HeuristicOutcome(_message.Message):
     DECISION_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_INQUIRY_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
@@ -269,7 +270,8 @@ class HeuristicOutcome(_message.Message):
     decision: Outcome
     detail: str
     recorded_at_unix_ms: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ...) -> None: ...
+    found_by_inquiry: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., found_by_inquiry: _Optional[bool] = ...) -> None: ...
 
 class ListHeuristicsRequest(_message.Message):
     __slots__ = ("limit",)
@@ -298,3 +300,29 @@ class ForgetHeuristicResponse(_message.Message):
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
     forgotten: HeuristicOutcome
     def __init__(self, forgotten: _Optional[_Union[HeuristicOutcome, _Mapping]] = ...) -> None: ...
+
+class ReportHeuristicRequest(_message.Message):
+    __slots__ = ("transaction_id", "branch", "participant", "incarnation", "transaction_fingerprint", "forced", "decision", "detail")
+    TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    transaction_id: str
+    branch: int
+    participant: str
+    incarnation: str
+    transaction_fingerprint: bytes
+    forced: Outcome
+    decision: Outcome
+    detail: str
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., forced: _Optional[_Union[Outcome, str]] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class ReportHeuristicResponse(_message.Message):
+    __slots__ = ("heuristic",)
+    HEURISTIC_FIELD_NUMBER: _ClassVar[int]
+    heuristic: HeuristicOutcome
+    def __init__(self, heuristic: _Optional[_Union[HeuristicOutcome, _Mapping]] = ...) -> None: ...

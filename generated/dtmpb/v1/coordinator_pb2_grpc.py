@@ -89,6 +89,11 @@ class CoordinatorStub:
                 request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.FromString,
                 _registered_method=True)
+        self.ReportHeuristic = channel.unary_unary(
+                '/dtm.v1.Coordinator/ReportHeuristic',
+                request_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -160,6 +165,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportHeuristic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +228,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ForgetHeuristic,
                     request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.SerializeToString,
+            ),
+            'ReportHeuristic': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportHeuristic,
+                    request_deserializer=dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +532,33 @@ class Coordinator:
             '/dtm.v1.Coordinator/ForgetHeuristic',
             dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicRequest.SerializeToString,
             dtmpb_dot_v1_dot_coordinator__pb2.ForgetHeuristicResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportHeuristic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.Coordinator/ReportHeuristic',
+            dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicRequest.SerializeToString,
+            dtmpb_dot_v1_dot_coordinator__pb2.ReportHeuristicResponse.FromString,
             options,
             channel_credentials,
             insecure,

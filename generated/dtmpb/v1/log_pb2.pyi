@@ -56,7 +56,7 @@ class TransactionEnded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicRecorded(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed", "one_phase_unknown")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed", "one_phase_unknown", "found_by_inquiry")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,7 @@ class HeuristicRecorded(_message.Message):
     RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_INQUIRY_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
@@ -73,7 +74,8 @@ class HeuristicRecorded(_message.Message):
     recorded_at_unix_ms: int
     committed: bool
     one_phase_unknown: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ..., one_phase_unknown: _Optional[bool] = ...) -> None: ...
+    found_by_inquiry: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ..., one_phase_unknown: _Optional[bool] = ..., found_by_inquiry: _Optional[bool] = ...) -> None: ...
 
 class HeuristicForgotten(_message.Message):
     __slots__ = ("transaction_id", "branch")
@@ -142,14 +144,16 @@ class BranchForgotten(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
 
 class BranchReconciled(_message.Message):
-    __slots__ = ("transaction_id", "branch", "committed")
+    __slots__ = ("transaction_id", "branch", "committed", "reported")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     committed: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., committed: _Optional[bool] = ...) -> None: ...
+    reported: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., committed: _Optional[bool] = ..., reported: _Optional[bool] = ...) -> None: ...
 
 class DecidedBranch(_message.Message):
     __slots__ = ("transaction_id", "branch", "state", "reason", "vote", "heuristic", "transaction_fingerprint", "decided_at_unix_ms", "forgotten", "one_phase", "reconciled")
