@@ -451,7 +451,9 @@ class BranchEngine:
     def forced_awaiting_count(self) -> int:
         return len(self._forced_unreported)
 
-    def reconcile_forced(self, key: BranchKey, commit: bool) -> BranchInfo | None:
+    def reconcile_forced(
+        self, key: BranchKey, commit: bool, reported: bool = False
+    ) -> BranchInfo | None:
         """The coordinator answered an inquiry about a forced branch still awaiting it: its
         outcome is `commit` (true committed, false aborted). The branch stops awaiting, as when
         the coordinator's own Commit or Rollback arrives (`decide_now`, the same path),
@@ -465,12 +467,16 @@ class BranchEngine:
         abort stays an abort (presumed or logged), and a commit is forgotten by its
         coordinator only once this branch has answered its Commit (acknowledged it, or told
         it the heuristic), an answer that waits for this record too (`_durable_lsn`, set
-        below). The cost of the loss is the one line and count repeated."""
+        below). The cost of the loss is the one line and count repeated.
+
+        `reported`: the answer contradicted the forced outcome, and the coordinator has
+        acknowledged the report of it (ReportHeuristic). The record says so; the caller waits
+        for it (`wait_durable`), so that a restart does not report it again."""
         if key not in self._forced_unreported:
             return None
         info = self.branch(key)
         assert info is not None  # kept in the window or past it while it awaits
-        self._forced_reported(key, commit, info)
+        self._forced_reported(key, commit, info, reported)
         return info
 
     def awaiting(self, states: set[BranchState], limit: int) -> list[BranchInfo]:
@@ -664,7 +670,9 @@ class BranchEngine:
                 kept_max=self._forced_kept,
             )
 
-    def _forced_reported(self, key: BranchKey, commit: bool, info: BranchInfo) -> None:
+    def _forced_reported(
+        self, key: BranchKey, commit: bool, info: BranchInfo, reported: bool = False
+    ) -> None:
         """The coordinator sent its decision (`commit`) for a forced branch, and hears the
         heuristic in the answer (or answered an inquiry about it: `reconcile_forced`): from
         now on the branch is kept as long as any decided one. Counted by whether the
@@ -678,7 +686,9 @@ class BranchEngine:
             self.counters.forced_agreed += 1
         else:
             self.counters.forced_contradicted += 1
-        record = log_pb2.BranchReconciled(transaction_id=key[0], branch=key[1], committed=commit)
+        record = log_pb2.BranchReconciled(
+            transaction_id=key[0], branch=key[1], committed=commit, reported=reported
+        )
         lsn = self.log.append(RecordType.BRANCH_RECONCILED, record.SerializeToString())
         self.records_since_checkpoint += 1
         self._durable_lsn[key] = lsn

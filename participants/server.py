@@ -1027,11 +1027,11 @@ class ParticipantServer:
         ):
             self._back_off(key, now, "coordinator: still undecided")
             return
-        self._next_inquiry_ms.pop(key, None)
         commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
         if key not in self.engine.open and self.engine.awaiting_coordinator(key):
-            self._reconcile_forced(key, commit)
+            await self._reconcile_forced(stub, key, commit, now)
             return
+        self._next_inquiry_ms.pop(key, None)
         outcome = coordinator_pb2.Outcome.Name(answer.outcome)
         resolved = self.engine.learn_outcome(key, commit=commit)
         if resolved:
@@ -1073,17 +1073,38 @@ class ParticipantServer:
         )
         self.failed.set()
 
-    def _reconcile_forced(self, key: tuple[str, int], commit: bool) -> None:
+    async def _reconcile_forced(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        key: tuple[str, int],
+        commit: bool,
+        now: int,
+    ) -> None:
         """The coordinator's outcome for a forced branch: it stops awaiting, as when its
         decision arrives; a contradiction is a heuristic outcome, and said so (rule 17). The
-        engine logs it (BranchReconciled, lazily: see `BranchEngine.reconcile_forced`), so
-        that this line and the count are not repeated after a restart."""
-        info = self.engine.reconcile_forced(key, commit)
-        if info is None:  # decided by its coordinator, or forgotten, meanwhile
+        coordinator has not heard of it (its Commit or Rollback would have reconciled the
+        branch), so it is first reported to it (`_report`), and the branch awaits until the
+        coordinator has recorded it: reported again after a failure, and after a restart. The
+        engine logs the reconciliation (BranchReconciled, lazily, but forced once reported:
+        see `BranchEngine.reconcile_forced`), so that this line, the count and the report
+        are not repeated after a restart."""
+        info = self.engine.branch(key)
+        if info is None or not self.engine.awaiting_coordinator(key):
+            return  # decided by its coordinator, or forgotten, meanwhile
+        forced_commit = info.branch.state is BranchState.COMMITTED
+        reported = False
+        if forced_commit != commit:
+            acknowledged = await self._report(stub, key, info, commit, now)
+            if acknowledged is None:  # asked and reported again after a backoff
+                return
+            reported = acknowledged
+        self._next_inquiry_ms.pop(key, None)
+        info = self.engine.reconcile_forced(key, commit, reported=reported)
+        if info is None:  # decided by its coordinator, or forgotten, while reporting
             return
         forced = info.branch.state.value  # committed or rolled_back
         decided = "committed" if commit else "aborted"
-        if (info.branch.state is BranchState.COMMITTED) == commit:
+        if forced_commit == commit:
             self.log_.info(
                 "forced branch reconciled: its coordinator's outcome is the same",
                 txn=key[0],
@@ -1092,17 +1113,65 @@ class ParticipantServer:
                 decided=decided,
             )
             return
-        # A coordinator with no record of the transaction (presumed abort) sends no decision,
-        # so this line and dtm_forced_outcomes_total are where the contradiction shows.
+        if reported:
+            await self.engine.wait_durable([key])  # reported once: not again after a restart
         self.log_.warning(
             "forced branch contradicts its coordinator's outcome: a heuristic outcome, "
-            "to be reconciled by hand",
+            "to be reconciled by hand"
+            + (
+                " (recorded by the coordinator: dtm heuristics)"
+                if reported
+                else " (the coordinator takes no reports: only this line and "
+                "dtm_forced_outcomes_total show it)"
+            ),
             txn=key[0],
             branch=key[1],
             forced=forced,
             decided=decided,
             heuristic=info.branch.heuristic,
         )
+
+    async def _report(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        key: tuple[str, int],
+        info: BranchInfo,
+        commit: bool,
+        now: int,
+    ) -> bool | None:
+        """Report to the coordinator that a forced branch contradicts its outcome (`commit`),
+        which it answered to an inquiry: it records it (ReportHeuristic), since neither a
+        Commit nor a Rollback of its own reached the branch. True once it has recorded it;
+        False when it cannot take reports (a coordinator from before the call); None when
+        it did not answer, or refused, for now: backed off, so asked and reported again."""
+        forced_commit = info.branch.state is BranchState.COMMITTED
+        decision = coordinator_pb2.OUTCOME_COMMITTED if commit else coordinator_pb2.OUTCOME_ABORTED
+        request = coordinator_pb2.ReportHeuristicRequest(
+            transaction_id=key[0],
+            branch=key[1],
+            participant=self.service.name,
+            incarnation=self.engine.incarnation,
+            transaction_fingerprint=info.fingerprint,
+            forced=coordinator_pb2.OUTCOME_COMMITTED
+            if forced_commit
+            else coordinator_pb2.OUTCOME_ABORTED,
+            decision=decision,
+            detail=(
+                f"{info.branch.heuristic}, forced by an operator here; the coordinator "
+                f"answered {coordinator_pb2.Outcome.Name(decision)} to an inquiry"
+            ),
+        )
+        try:
+            await stub.ReportHeuristic(request, timeout=1.0)
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            replacement = _replacement(error)
+            if replacement is not None:
+                self._replaced(replacement, error.details() or "")
+            self._back_off(key, now, f"report: {error.code().name}: {error.details()}")
+            return None
+        return True
 
     def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
         _, attempts = self._next_inquiry_ms.get(key, (0, 0))

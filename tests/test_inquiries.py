@@ -97,7 +97,7 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
             assert 0 == found[("dtm_forced_branches_awaiting", frozenset())]
             assert (1, 1) == (forced("agreed"), forced("contradicted"))
             lines = capsys.readouterr().err.splitlines()
-            [warning] = [line for line in lines if "WARNING" in line]
+            [warning] = [line for line in lines if "WARNING" in line and "inventory:" in line]
             assert "forced branch contradicts its coordinator's outcome" in warning
             assert "txn=t-fc branch=0 forced=committed decided=aborted" in warning
             assert any("forced branch reconciled" in line and "txn=t-fr" in line for line in lines)
