@@ -20,7 +20,7 @@ from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from participants.server import ParticipantServer, now_ms
 from participants.services.inventory import InventoryService
-from tests.harness import STOCK, InProcessCluster, eventually
+from tests.harness import STOCK, InProcessCluster, eventually, order_branches
 from tests.test_cli import dtm
 from tests.test_inquiries import NEVER_MS, forced_after_commit, forced_lines, reserve
 
@@ -210,6 +210,50 @@ def test_a_commit_that_cannot_reach_a_forced_rollback_ends_on_its_report(
             assert coordinator_pb2.TRANSACTION_STATE_COMMITTED == status.state
             assert HEURISTIC_ROLLBACK == status.branches[0].heuristic
             assert [] == server.engine.forced_awaiting()
+
+    asyncio.run(scenario())
+
+
+def test_a_forced_commit_of_an_abort_whose_rollbacks_were_given_up_shows_in_its_status(
+    tmp_path: Path,
+) -> None:
+    """The coordinator aborted t-a (payment declined) while inventory rejected decisions: its
+    Rollbacks to inventory were given up (ROLLBACK_ATTEMPTS_MAX), and an operator then forced
+    inventory's prepared branch to commit. Its inquiry hears ABORTED; the report is recorded,
+    and the finished transaction's status shows the branch's heuristic too."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            participant_overrides=ASKS_LATER,
+            coordinator_overrides={"backoff_ms_min": 5, "backoff_ms_max": 20},
+        ) as cluster:
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            declined = order_branches("o-a", [("sku-apple", 1)], account="acct-blocked")
+            assert (
+                coordinator_pb2.OUTCOME_ABORTED == (await cluster.submit(declined, "t-a")).outcome
+            )
+            engine = cluster.coordinator.engine
+
+            async def given_up() -> bool:
+                return "t-a" not in engine.active and "t-a" not in engine._settling
+
+            await eventually(given_up)
+            await cluster.admin("inventory").ForceOutcome(
+                participant_pb2.ForceOutcomeRequest(
+                    transaction_id="t-a", branch=0, commit=True, i_understand_this_is_heuristic=True
+                )
+            )
+            get = coordinator_pb2.GetTransactionRequest(transaction_id="t-a")
+            assert "" == (await cluster.client.GetTransaction(get)).branches[0].heuristic
+            await ask(cluster.participants["inventory"], cluster)
+
+            [kept] = await listed(cluster)
+            assert ("t-a", 0, HEURISTIC_COMMIT) == (kept.transaction_id, kept.branch, kept.outcome)
+            assert (coordinator_pb2.OUTCOME_ABORTED, True) == (kept.decision, kept.found_by_inquiry)
+            status = await cluster.client.GetTransaction(get)
+            assert coordinator_pb2.TRANSACTION_STATE_ABORTED == status.state
+            assert HEURISTIC_COMMIT == status.branches[0].heuristic
 
     asyncio.run(scenario())
 
