@@ -58,7 +58,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dtm import limits, security
+from dtm import config, limits, security
 
 # From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
 # nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
@@ -79,6 +79,9 @@ MODULES = {
 
 START_TIMEOUT_S = 20.0
 STOP_GRACE_S = 5.0
+#: The longest --timeout and --grace: far above any start or stop, and a bound on how long a
+#: command may wait (1e300 s was accepted: finite, but an `up` that never ends).
+WAIT_S_MAX = 3_600.0
 # Readiness is observed by polling (a process exposes no event a parent could await); short
 # enough to add little to a start, long enough not to spin.
 POLL_INTERVAL_S = 0.05
@@ -1013,7 +1016,42 @@ def _port_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: ports are numbers 1..65535") from None
     if not all(0 < value < 65536 for value in values):
         raise argparse.ArgumentTypeError(f"{text!r}: ports are numbers 1..65535")
+    # One port for two processes: all but the first to bind failed to start.
+    twice = next((port for index, port in enumerate(values) if port in values[:index]), None)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {twice} is given twice; each process needs a port of its own"
+        )
     return values
+
+
+def _port_in_both(options: argparse.Namespace) -> int | None:
+    """A port both --ports and --metrics-ports give (a process's /metrics endpoint could not
+    bind it), or None."""
+    grpc_ports = asdict(options.ports).values() if options.ports is not None else ()
+    return next((port for port in options.metrics_ports or () if port in grpc_ports), None)
+
+
+def _prepare_timeout_ms(text: str) -> int:
+    """--prepare-timeout-ms (argparse type): what the coordinator's own flag takes. Any
+    integer was recorded in cluster.json, and the coordinator refused it at its start: that
+    `up` failed, and every later one refused the data dir for what it recorded."""
+    try:
+        value = config.integer(1, MS_MAX).parse(text, True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {error} (milliseconds each Prepare may take)"
+        ) from None
+    assert isinstance(value, int)  # what integer() parses to
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    """--timeout and --grace (argparse type): positive, finite, at most WAIT_S_MAX."""
+    value = _positive_seconds(text)
+    if value > WAIT_S_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {WAIT_S_MAX:g} s")
+    return value
 
 
 def _parse_ports(text: str) -> Ports:
@@ -1425,12 +1463,24 @@ def main(argv: list[str] | None = None) -> int:
         f"(up only; default: as cluster.json records, else {DEFAULT_METRICS_PORTS}; "
         "'off' for none)",
     )
-    parser.add_argument("--prepare-timeout-ms", type=int, default=None)
     parser.add_argument(
-        "--timeout", type=_positive_seconds, default=START_TIMEOUT_S, help="start timeout (s)"
+        "--prepare-timeout-ms",
+        type=_prepare_timeout_ms,
+        default=None,
+        help=f"the coordinator's deadline of each Prepare, 1..{MS_MAX} (default: as "
+        f"cluster.json records, else the coordinator's {limits.PREPARE_TIMEOUT_MS_DEFAULT})",
     )
     parser.add_argument(
-        "--grace", type=_positive_seconds, default=STOP_GRACE_S, help="SIGTERM grace (s)"
+        "--timeout",
+        type=_wait_seconds,
+        default=START_TIMEOUT_S,
+        help=f"start timeout (s, at most {WAIT_S_MAX:g})",
+    )
+    parser.add_argument(
+        "--grace",
+        type=_wait_seconds,
+        default=STOP_GRACE_S,
+        help=f"SIGTERM grace (s, at most {WAIT_S_MAX:g})",
     )
     parser.add_argument(
         "--tls-dir",
@@ -1440,6 +1490,9 @@ def main(argv: list[str] | None = None) -> int:
         "as cluster.json records, else plaintext)",
     )
     options = parser.parse_args(argv)
+    shared = _port_in_both(options)
+    if shared is not None:  # before anything is written: the start would fail
+        parser.error(f"argument --metrics-ports: {shared} is also in --ports")
     commands = {"up": _up, "down": _down, "status": _status}
     try:
         status = commands[options.command](options)

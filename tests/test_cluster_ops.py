@@ -405,6 +405,74 @@ def test_timeout_and_grace_are_positive_finite_seconds(
         cluster.main(["down", "--data-dir", str(tmp_path / "data"), "--grace", "2"])
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        # Each of these was written to cluster.json: the coordinator refused it at its start,
+        # and every later `up` refused the data dir for what it recorded.
+        ("--prepare-timeout-ms", "0", "'0': out of range: allowed 1..600000"),
+        ("--prepare-timeout-ms", "-5", "'-5': out of range: allowed 1..600000"),
+        ("--prepare-timeout-ms", "600001", "'600001': out of range: allowed 1..600000"),
+        ("--prepare-timeout-ms", "2.5", "'2.5': expected an integer between 1 and 600000"),
+        # Five processes on one port: all but one failed to bind.
+        (
+            "--ports",
+            "20000,20001,20000,20003,20004",
+            "'20000,20001,20000,20003,20004': 20000 is given twice",
+        ),
+        (
+            "--metrics-ports",
+            "9100,9100,9102,9103,9104",
+            "'9100,9100,9102,9103,9104': 9100 is given twice",
+        ),
+        # Finite, but an `up` that waits until then never ends.
+        ("--timeout", "1e300", "'1e300': at most 3600 s"),
+        ("--grace", "3601", "'3601': at most 3600 s"),
+    ],
+)
+def test_numeric_options_out_of_range_are_usage_errors_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, message: str
+) -> None:
+    data_dir = tmp_path / "data"
+    # Free ports and no /metrics, so that an `up` that took the value starts nothing another
+    # cluster of this machine uses.
+    others = {
+        "--ports": ",".join(str(port) for port in free_ports(len(PROCESSES))),
+        "--metrics-ports": "off",
+    }
+    args = [f"{name}={text}" for name, text in others.items() if name != flag]
+    try:
+        for command in ("up", "down", "status"):
+            status, out, err = run(
+                capsys, command, "--data-dir", str(data_dir), *args, f"{flag}={value}"
+            )
+            assert (2, "") == (status, out), (command, err)
+            assert f"argument {flag}: {message}" in err, err
+            assert "Traceback" not in err
+        assert not data_dir.exists()
+    finally:
+        cluster.main(["down", "--data-dir", str(data_dir), "--grace", "2"])
+
+
+def test_the_grpc_and_metrics_ports_given_must_differ(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    ports = free_ports(len(PROCESSES) + 4)
+    given = ["--ports", ",".join(str(port) for port in ports[:5])]
+    given += [
+        "--metrics-ports",
+        ",".join(str(port) for port in [*ports[5:7], ports[2], *ports[7:]]),
+    ]
+    try:
+        status, out, err = run(capsys, "up", "--data-dir", str(data_dir), *given)
+        assert (2, "") == (status, out), err
+        assert f"--metrics-ports: {ports[2]} is also in --ports" in err, err
+        assert not data_dir.exists()
+    finally:
+        cluster.main(["down", "--data-dir", str(data_dir), "--grace", "2"])
+
+
 def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
