@@ -5,7 +5,9 @@ clients and against participants, each next to the baselines measured at the sam
                          [--warmup S] [--no-baselines] [--results-dir DIR]
     python -m bench.plot --from-json bench/results/sweep.json     # redraw, no run
 
-Writes DIR/sweep.json (every point, with a sample of its latencies), then DIR/latency.png,
+Writes DIR/sweep.json (every point as the results document bench.run writes for a run of that
+point alone: each baseline's failed and stuck calls, dtm's unknown and unfinished ones, the
+targets and their verdicts; with a sample of its latencies), then DIR/latency.png,
 DIR/throughput_clients.png and DIR/throughput_participants.png. Drawing needs matplotlib
 (not a project dependency); without it the sweep is still written and the exit status is 3.
 """
@@ -24,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.baselines import BaselineResult, measure_naive, measure_unary
+from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.harness import LoadSpec
 from bench.measure import measure_dtm
+from bench.report import RunConfig
 from bench.run import (
     CLIENTS_MAX,
     PARTICIPANTS_MAX,
@@ -78,6 +81,8 @@ def latency_sample_ms(tally: Tally) -> list[float]:
 
 
 def _baseline_point(result: BaselineResult | None) -> dict[str, Any] | None:
+    """What the drawing reads of a baseline (its rate and latencies; the results document
+    of the point has every figure of it)."""
     if result is None:
         return None
     latency = result.latency
@@ -86,13 +91,24 @@ def _baseline_point(result: BaselineResult | None) -> dict[str, Any] | None:
         "p50_ms": latency.p50_ms,
         "p99_ms": latency.p99_ms,
         "errors": result.errors,
+        "in_flight_at_close": result.in_flight_at_close,
+        "failed_after_close": result.failed_after_close,
         "latencies_ms": latency_sample_ms(result.tally),
     }
 
 
 async def measure_point(
-    clients: int, participants: int, spec_times: tuple[float, float], *, unary: bool, naive: bool
+    clients: int,
+    participants: int,
+    spec_times: tuple[float, float],
+    *,
+    unary: bool,
+    naive: bool,
+    fsync_ms: float | None = None,
 ) -> dict[str, Any]:
+    """One point: the results document bench.run writes for a run of this point alone
+    (every figure its verdicts read: failed, unknown and unfinished calls, each baseline's
+    failed and stuck calls, the targets with their verdicts), plus latency samples."""
     warmup_s, duration_s = spec_times
     spec = LoadSpec(clients, warmup_s, duration_s)
     members = participants_for(participants)
@@ -101,17 +117,28 @@ async def measure_point(
     unary_result = await measure_unary(spec, payload) if unary else None
     naive_result = await measure_naive(participants, spec, payload) if naive else None
     dtm = await measure_dtm(members, spec, workload)
-    committed = dtm.tally.latency(Outcome.COMMITTED)
+    config = RunConfig(
+        participants=participants,
+        clients=clients,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        baseline_duration_s=duration_s,
+        baseline_warmup_s=warmup_s,
+        abort_ratio=0.0,
+        hot_sku=False,
+        mode="sweep",
+    )
+    results = report.build_results(
+        config,
+        dtm,
+        unary_result,
+        naive_result,
+        fsync_p50_ms=fsync_ms,
+        now=datetime.now(UTC),
+        context={},  # the sweep's, once for every point
+    )
     return {
-        "clients": clients,
-        "participants": participants,
-        "txn_per_s": round(dtm.tally.rate(Outcome.COMMITTED), 1),
-        "p50_ms": committed.p50_ms,
-        "p95_ms": committed.p95_ms,
-        "p99_ms": committed.p99_ms,
-        "max_ms": committed.max_ms,
-        "errors": dtm.tally.counts[Outcome.ERROR],
-        "violations": dtm.invariants.violations,
+        **results,
         "latencies_ms": latency_sample_ms(dtm.tally),
         "unary": _baseline_point(unary_result),
         "naive": _baseline_point(naive_result),
@@ -127,10 +154,16 @@ async def sweep(
 ) -> list[dict[str, Any]]:
     """Clients sweep at 4 participants, then participants sweep at `participants_clients`
     clients; a point both sweeps share is measured once."""
+    # As bench.run does, alone before any server starts: the one-client floor needs it.
+    fsync_ms = await asyncio.to_thread(fsync_p50_ms) if baselines else None
     points: list[dict[str, Any]] = []
     done: set[tuple[int, int]] = set()
     for count in clients:
-        points.append(await measure_point(count, 4, times, unary=baselines, naive=baselines))
+        points.append(
+            await measure_point(
+                count, 4, times, unary=baselines, naive=baselines, fsync_ms=fsync_ms
+            )
+        )
         done.add((count, 4))
     for count in participants:
         if (participants_clients, count) in done:
@@ -140,6 +173,35 @@ async def sweep(
             await measure_point(participants_clients, count, times, unary=False, naive=baselines)
         )
     return points
+
+
+def troubles(point: dict[str, Any]) -> str:
+    """The calls a point's figures leave out, as its verdicts read them ("" for none, and
+    for a point of a sweep.json written before they were recorded)."""
+    parts = []
+    dtm = [
+        f"{point[key]:,} {what}"
+        for key, what in (
+            ("errors", "failed"),
+            ("unknown", "unknown"),
+            ("unexpected_outcomes", "unexpected"),
+        )
+        if point.get(key)
+    ]
+    if dtm:
+        parts.append("dtm: " + ", ".join(dtm))
+    for prefix, name in (("naive", "naive 2PC"), ("unary", "echo")):
+        baseline = [
+            f"{point[key]:,} {what}"
+            for key, what in (
+                (f"{prefix}_errors", "failed"),
+                (f"{prefix}_failed_after_close", "stuck past its window"),
+            )
+            if point.get(key)
+        ]
+        if baseline:
+            parts.append(f"{name}: " + ", ".join(baseline))
+    return "; ".join(parts)
 
 
 def scaling(points: list[dict[str, Any]], clients: int) -> float | None:
@@ -309,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     for point in document["points"]:
         unary = point["unary"]["per_s"] if point["unary"] else None
         naive = point["naive"]["per_s"] if point["naive"] else None
+        left_out = troubles(point)
         print(
             f"clients {point['clients']:>4}  participants {point['participants']:>2}  "
             f"txn/s {point['txn_per_s']:>8,.1f}  p50 {point['p50_ms']} ms  p99 {point['p99_ms']} ms"
             f"  naive {naive}  echo {unary}  violations {point['violations']}"
+            + (f"  (left out: {left_out})" if left_out else "")
         )
     ratio = document["scaling_most_vs_fewest_participants"]
     print(f"throughput at the most participants / at the fewest: {ratio}")

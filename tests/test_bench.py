@@ -1011,6 +1011,89 @@ def test_a_sweep_document_is_drawn(tmp_path: Path) -> None:
         assert path.read_bytes().startswith(b"\x89PNG")
 
 
+def test_each_sweep_point_records_what_its_verdicts_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sweep.json kept each baseline's rate, p50, p99 and errors, but not its calls stuck
+    past its window, nor dtm's unknown outcomes or the calls its window left open: a point
+    whose ratio to the naive baseline latest.json would void read as judged."""
+    measured: list[tuple[str, int, int]] = []
+
+    async def unary(spec: LoadSpec, payload: bytes) -> BaselineResult:
+        measured.append(("unary", spec.clients, 0))
+        return BaselineResult("unary echo", 0, baseline_tally(2000, open_ok=spec.clients))
+
+    async def naive(participants: int, spec: LoadSpec, payload: bytes) -> BaselineResult:
+        measured.append(("naive", spec.clients, participants))
+        # 48 of its clients stuck from 0.2 s until their deadline, past the window.
+        return BaselineResult("naive 2PC", participants, baseline_tally(200, stuck=48))
+
+    async def dtm(members: list[Any], spec: LoadSpec, workload: Workload) -> DtmResult:
+        measured.append(("dtm", spec.clients, len(members)))
+        return DtmResult(
+            participants=members,
+            tally=tally_with_troubles(),
+            invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        )
+
+    monkeypatch.setattr(plot, "measure_unary", unary)
+    monkeypatch.setattr(plot, "measure_naive", naive)
+    monkeypatch.setattr(plot, "measure_dtm", dtm)
+    monkeypatch.setattr(plot, "fsync_p50_ms", lambda: 0.25)
+    monkeypatch.setattr(plot, "draw", lambda document, directory: [])
+    monkeypatch.setattr(plot.grpc_edge, "use_fast_event_loop", lambda: None)
+    argv = ["--clients", "1,64", "--participants", "2,4", "--participants-clients", "64"]
+    argv += ["--duration", "2", "--warmup", "0", "--results-dir", str(tmp_path)]
+    assert 0 == plot.main(argv)
+    # (64, 4) is in both sweeps: measured once.
+    assert [
+        ("unary", 1, 0),
+        ("naive", 1, 4),
+        ("dtm", 1, 4),
+        ("unary", 64, 0),
+        ("naive", 64, 4),
+        ("dtm", 64, 4),
+        ("naive", 64, 2),
+        ("dtm", 64, 2),
+    ] == measured
+    document = json.loads((tmp_path / "sweep.json").read_text())
+    points = {(point["clients"], point["participants"]): point for point in document["points"]}
+    target_load = points[(64, 4)]
+    # Every key of a results file, as bench.run writes it for this point alone.
+    assert_required_keys(target_load)
+    assert (0, 48, 48, 0, 64) == (
+        target_load["naive_errors"],
+        target_load["naive_in_flight_at_close"],
+        target_load["naive_failed_after_close"],
+        target_load["unary_failed_after_close"],
+        target_load["unary_in_flight_at_close"],
+    )
+    assert (30, 20, 1, 10000.0) == (
+        target_load["unknown"],
+        target_load["errors"],
+        target_load["in_flight_at_close"],
+        target_load["all_calls_p99_ms"],
+    )
+    # The verdicts are those of latest.json: void where the point's own calls say so.
+    ratio = target_load["targets"]["ratio_vs_naive"]
+    assert ratio["met"] is None
+    assert "48 calls of the naive 2PC baseline stuck past its window" in ratio["note"]
+    assert "30 unknown outcomes in the window" in target_load["targets"]["throughput"]["note"]
+    one_client = points[(1, 4)]
+    assert 0.25 == one_client["fsync_p50_ms"]
+    assert one_client["one_client_floor_ms"] is not None
+    assert "p50_one_client" in one_client["targets"]
+    # The echo is measured in the clients sweep only; the drawing's inputs are still there.
+    assert points[(64, 2)]["unary"] is None and points[(64, 2)]["unary_rpc_per_s"] is None
+    naive_point = target_load["naive"]
+    assert (48, 48) == (naive_point["in_flight_at_close"], naive_point["failed_after_close"])
+    assert naive_point["latencies_ms"] and target_load["latencies_ms"]
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "clients   64  participants  4" in line)
+    assert "naive 2PC: 48 stuck past its window" in line, line
+    assert "dtm: 20 failed, 30 unknown" in line, line
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
