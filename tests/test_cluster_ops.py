@@ -473,6 +473,44 @@ def test_the_grpc_and_metrics_ports_given_must_differ(
         cluster.main(["down", "--data-dir", str(data_dir), "--grace", "2"])
 
 
+def test_up_fails_at_once_naming_a_service_that_exits_while_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service that exits while starting (here: inventory refuses the initial stock) fails
+    `up` as soon as it is seen gone: by name, with its exit status and the end of its log,
+    not with "not ready in time" after --timeout; the processes it started are stopped."""
+    initial = tmp_path / "initial.json"
+    initial.write_text(json.dumps({"stock": {"sku-1": -5}}))
+    data_dir = tmp_path / "data"
+    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
+    try:
+        status, _, err = run(
+            capsys,
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--ports",
+            ports,
+            "--metrics-ports",
+            "off",
+            "--initial",
+            str(initial),
+            "--timeout",
+            "120",
+        )
+        assert 1 == status, err
+        first = err.splitlines()[0]
+        assert first.startswith("up failed: inventory (pid "), err
+        assert first.endswith(
+            f"exited with code 1 while starting; {data_dir.resolve()}/logs/inventory.log ends with:"
+        ), err
+        assert "stock['sku-1'] must be between 0 and" in err
+        assert "not ready in time" not in err
+        assert [] == processes_of(data_dir)
+    finally:
+        cluster.main(["down", "--data-dir", str(data_dir), "--grace", "2"])
+
+
 def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
