@@ -22,9 +22,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
@@ -610,35 +611,75 @@ def _raise_signalled(signum: int, frame: object) -> None:
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
+_Handler = Callable[[int, Any], None] | int | signal.Handlers
+
+
 @contextlib.contextmanager
-def _signals_exit() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise _Signalled in the block (only the main thread can set
-    handlers: elsewhere, the block runs with the handlers it has)."""
+def _signals_handled(signums: Sequence[int], handler: _Handler) -> Iterator[None]:
+    """`handler` for `signums` in the block, the previous handlers after it (only the main
+    thread can set handlers: elsewhere, the block runs with the handlers it has)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.signal(signum, _raise_signalled) for signum in _ENDING_SIGNALS}
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
+def _signals_exit() -> contextlib.AbstractContextManager[None]:
+    """SIGTERM and SIGHUP raise _Signalled in the block."""
+    return _signals_handled(_ENDING_SIGNALS, _raise_signalled)
+
+
+def _signals_ignored() -> contextlib.AbstractContextManager[None]:
     """Ctrl-C, SIGTERM and SIGHUP ignored in the block: a second one must not cut short the
     stop of the servers the first one asked for."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signums = (signal.SIGINT, *_ENDING_SIGNALS)
-    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return _signals_handled((signal.SIGINT, *_ENDING_SIGNALS), signal.SIG_IGN)
+
+
+T = TypeVar("T")
+
+
+def _run_until_signalled(work: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(work), where SIGTERM, SIGHUP or Ctrl-C cancels `work` at its next await;
+    once it has unwound, _Signalled (KeyboardInterrupt for Ctrl-C) is raised. _Signalled
+    raised by the handler wherever the main thread was, inside grpc's C code (an aio channel
+    being made), killed the demo with SIGSEGV instead: no `finally` ran, and the five servers
+    were left running. Ctrl-C is ours too: asyncio.run then leaves it alone (its own handling
+    ended once in a CancelledError traceback here, the Ctrl-C arriving as it started)."""
+    received: list[int] = []
+    running: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[T]]] = []
+
+    def cancel(signum: int, frame: object) -> None:
+        # Nothing is raised here: the task is cancelled, and the loop woken to see it.
+        received.append(signum)
+        for loop, task in running:
+            task.cancel()
+            loop.call_soon_threadsafe(lambda: None)
+
+    async def main() -> tuple[T] | None:
+        task = asyncio.ensure_future(work)
+        running.append((asyncio.get_running_loop(), task))
+        if received:  # a signal came before the task was there to cancel
+            task.cancel()
+        try:
+            return (await task,)
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            return None
+
+    with _signals_handled((signal.SIGINT, *_ENDING_SIGNALS), cancel):
+        outcome = asyncio.run(main())
+    if received:
+        if received[0] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise _Signalled(received[0])
+    assert outcome is not None  # only a signal ends main() without one
+    return outcome[0]
 
 
 def _main(options: argparse.Namespace) -> int:
@@ -692,7 +733,7 @@ def _run(data_dir: Path) -> int:
         addresses = ", ".join(f"{name} {cluster.address(name)}" for name in PROCESSES)
         print(f"  {wrap(addresses, 2)}")
         print(f"  all healthy and registered in {time.perf_counter() - started:.1f} s")
-        ok = asyncio.run(run_demo(cluster))
+        ok = _run_until_signalled(run_demo(cluster))
     except ClusterError as error:
         print(f"\ncluster failed: {error}", file=sys.stderr)
         return 1

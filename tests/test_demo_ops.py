@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -59,6 +60,35 @@ def test_a_data_dir_that_cannot_be_one_is_a_one_line_error(
         assert (2, "") == (status, out)
         assert f"demo: cannot use {data_dir} as the data dir: {errno}" in err
         assert 1 == len(err.strip().splitlines())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ends_the_orders_at_an_await_not_inside_whatever_code_runs(signum: int) -> None:
+    """SIGTERM raised _Signalled wherever the main thread was: inside grpc's C code (an
+    aio channel being made), the demo died of SIGSEGV instead, no `finally` ran, and its
+    five servers were left running (2 of 12 SIGTERMs here). The orders now end at their
+    next await, by cancellation, and _Signalled (KeyboardInterrupt for Ctrl-C) is raised
+    once they have unwound."""
+    steps: list[int] = []
+
+    async def orders() -> None:
+        signal.raise_signal(signum)
+        for step in range(1000):  # where the handler used to raise
+            steps.append(step)
+        await asyncio.sleep(60)
+        steps.append(-1)
+
+    ending = KeyboardInterrupt if signum == signal.SIGINT else demo._Signalled
+    with demo._signals_exit():
+        with pytest.raises(ending) as stopped:
+            demo._run_until_signalled(orders())
+        # The handlers of the rest of the demo are back.
+        assert demo._raise_signalled is signal.getsignal(signal.SIGTERM)
+        assert signal.default_int_handler is signal.getsignal(signal.SIGINT)
+    if signum != signal.SIGINT:
+        assert isinstance(stopped.value, demo._Signalled)
+        assert 128 + signum == stopped.value.status
+    assert list(range(1000)) == steps
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
