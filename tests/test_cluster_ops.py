@@ -305,12 +305,28 @@ def processes_of(data_dir: Path) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            args = Path(f"/proc/{entry}/cmdline").read_bytes().decode().split("\0")
+            # Any program's arguments: not necessarily UTF-8.
+            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
+            args = raw.decode(errors="surrogateescape").split("\0")
         except OSError:
             continue
         if cluster._has_option(args, "--data-dir", str(data_dir.resolve())):
             found.append(int(entry))
     return found
+
+
+def test_processes_of_reads_past_a_command_line_that_is_not_utf_8(tmp_path: Path) -> None:
+    """Another program's arguments need not be UTF-8: processes_of failed with
+    UnicodeDecodeError, and so did the demo's signal test it ends with, while a process of
+    the machine had a \\xff in its command line (seen once here)."""
+    command = [sys.executable.encode(), b"-c", b"import time; time.sleep(60)", b"\xff"]
+    stranger = subprocess.Popen(command, start_new_session=True)
+    try:
+        with sleeper(COORDINATOR, tmp_path) as process:
+            assert [process.pid] == processes_of(tmp_path)
+    finally:
+        stranger.kill()
+        stranger.wait()
 
 
 def test_up_and_down_fail_at_once_while_another_command_holds_the_data_dir(
