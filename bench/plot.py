@@ -175,35 +175,6 @@ async def sweep(
     return points
 
 
-def troubles(point: dict[str, Any]) -> str:
-    """The calls a point's figures leave out, as its verdicts read them ("" for none, and
-    for a point of a sweep.json written before they were recorded)."""
-    parts = []
-    dtm = [
-        f"{point[key]:,} {what}"
-        for key, what in (
-            ("errors", "failed"),
-            ("unknown", "unknown"),
-            ("unexpected_outcomes", "unexpected"),
-        )
-        if point.get(key)
-    ]
-    if dtm:
-        parts.append("dtm: " + ", ".join(dtm))
-    for prefix, name in (("naive", "naive 2PC"), ("unary", "echo")):
-        baseline = [
-            f"{point[key]:,} {what}"
-            for key, what in (
-                (f"{prefix}_errors", "failed"),
-                (f"{prefix}_failed_after_close", "stuck past its window"),
-            )
-            if point.get(key)
-        ]
-        if baseline:
-            parts.append(f"{name}: " + ", ".join(baseline))
-    return "; ".join(parts)
-
-
 def scaling(points: list[dict[str, Any]], clients: int) -> float | None:
     """Throughput at the most participants over that at the fewest, at `clients` clients
     (the target: 8 participants keep >= 0.6 x the throughput of 2)."""
@@ -371,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     for point in document["points"]:
         unary = point["unary"]["per_s"] if point["unary"] else None
         naive = point["naive"]["per_s"] if point["naive"] else None
-        left_out = troubles(point)
+        # What voids the point's verdicts, as latest.json's notes say it.
+        own, baselines = report.troubles(point)
+        troubles = ", ".join(own + baselines["naive"] + baselines["unary"])
         print(
             f"clients {point['clients']:>4}  participants {point['participants']:>2}  "
             f"txn/s {point['txn_per_s']:>8,.1f}  p50 {point['p50_ms']} ms  p99 {point['p99_ms']} ms"
             f"  naive {naive}  echo {unary}  violations {point['violations']}"
-            + (f"  (left out: {left_out})" if left_out else "")
+            + (f"  (troubles: {troubles})" if troubles else "")
         )
     ratio = document["scaling_most_vs_fewest_participants"]
     print(f"throughput at the most participants / at the fewest: {ratio}")

@@ -176,11 +176,23 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             standard,
             "one client",
         )
+    own, baselines = troubles(results)
+    against = {"ratio_vs_unary": "unary", "ratio_vs_naive": "naive", "p50_one_client": "unary"}
+    for name, target in found.items():
+        reasons = own + (baselines[against[name]] if name in against else [])
+        if reasons and not batched:
+            target.update(met=None, note="not judged: " + ", ".join(reasons))
+    return found
+
+
+def troubles(results: Mapping[str, Any]) -> tuple[list[str], dict[str, list[str]]]:
+    """What voids a run's verdicts: its own troubles, and each baseline's (by prefix, "unary"
+    and "naive"), each as "N what". Keys a results document lacks count as none."""
     # Errors, unknown outcomes and unexpected aborts are calls the committed figures leave
     # out: a run that had them cannot claim its throughput or its latency met a target. Nor
     # can a run whose final state broke the invariants, or was never checked: its figures
     # may be of transactions that did not do what they claimed.
-    troubles = [
+    own = [
         f"{results[key]:,} {what}"
         for key, what in (
             ("errors", "failed calls in the window"),
@@ -190,13 +202,13 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         )
         if results.get(key)
     ]
-    if results["violations"] is None:
-        troubles.append("final state not checked")
+    if "violations" in results and results["violations"] is None:
+        own.append("final state not checked")
     # A baseline's failed calls are missing from its rate (and its latencies), so the ratio to
     # it comes out larger than it is: its failures void the verdicts measured against it.
     # Calls in flight at its close are normal in a closed loop (one per client, about), but
     # one that failed in the end was stuck past the window, where its error count misses it.
-    baseline_troubles = {
+    baselines = {
         prefix: [
             f"{results[key]:,} {what}"
             for key, what in (
@@ -210,12 +222,7 @@ def targets(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         ]
         for prefix, name in (("unary", "unary echo"), ("naive", "naive 2PC"))
     }
-    against = {"ratio_vs_unary": "unary", "ratio_vs_naive": "naive", "p50_one_client": "unary"}
-    for name, target in found.items():
-        reasons = troubles + (baseline_troubles[against[name]] if name in against else [])
-        if reasons and not batched:
-            target.update(met=None, note="not judged: " + ", ".join(reasons))
-    return found
+    return own, baselines
 
 
 def cpu_vs_load_generator(cpu_ms: Mapping[str, float] | None) -> dict[str, float] | None:

@@ -1090,8 +1090,8 @@ def test_each_sweep_point_records_what_its_verdicts_need(
     assert naive_point["latencies_ms"] and target_load["latencies_ms"]
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if "clients   64  participants  4" in line)
-    assert "naive 2PC: 48 stuck past its window" in line, line
-    assert "dtm: 20 failed, 30 unknown" in line, line
+    assert "48 calls of the naive 2PC baseline stuck past its window" in line, line
+    assert "20 failed calls in the window, 30 unknown outcomes in the window" in line, line
 
 
 @pytest.mark.parametrize(
