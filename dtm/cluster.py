@@ -1468,7 +1468,8 @@ def main(argv: list[str] | None = None) -> int:
         type=_prepare_timeout_ms,
         default=None,
         help=f"the coordinator's deadline of each Prepare, 1..{MS_MAX} (default: as "
-        f"cluster.json records, else the coordinator's {limits.PREPARE_TIMEOUT_MS_DEFAULT})",
+        "cluster.json records, else the coordinator's own setting, "
+        f"{limits.PREPARE_TIMEOUT_MS_DEFAULT} unless configured)",
     )
     parser.add_argument(
         "--timeout",
