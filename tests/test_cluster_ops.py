@@ -24,6 +24,7 @@ import pytest
 
 from dtm import cluster
 from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
+from dtm.cluster import ports as cluster_ports
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="needs /proc to tell whose a process is"
@@ -207,8 +208,8 @@ def test_free_ports_skip_a_port_in_use_and_fall_back_to_the_kernel(
         taken.listen()
         # Room for two ports below the range, one of them in use: one is chosen there, the
         # kernel picks the other two.
-        monkeypatch.setattr(cluster, "PORT_FLOOR", port - 1)
-        monkeypatch.setattr(cluster, "_ephemeral_range", lambda: (port + 1, 60999))
+        monkeypatch.setattr(cluster_ports, "PORT_FLOOR", port - 1)
+        monkeypatch.setattr(cluster_ports, "_ephemeral_range", lambda: (port + 1, 60999))
         ports = free_ports(3)
     assert port - 1 == ports[0] or not can_bind(port - 1)
     assert port not in ports and len(set(ports)) == 3

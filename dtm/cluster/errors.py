@@ -1,0 +1,26 @@
+"""What goes wrong with a cluster, as exceptions.
+
+Part of `dtm.cluster`: see its docstring."""
+
+from __future__ import annotations
+
+# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
+# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
+# standard output closed by its reader (`status | head -1`).
+
+
+class ClusterError(RuntimeError):
+    """A process did not start, exited, or did not become ready; the message says which and
+    ends with the tail of its log."""
+
+
+class ClusterStateError(ClusterError):
+    """DIR/cluster.json exists but cannot be read or does not describe a cluster."""
+
+
+class ClusterBusyError(ClusterError):
+    """Another `up`, `down` or demo holds DIR/cluster.lock."""
+
+
+class ClusterLockError(ClusterError):
+    """DIR/cluster.lock cannot be opened or locked (a directory, a dangling symlink...)."""

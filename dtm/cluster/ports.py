@@ -1,0 +1,80 @@
+"""The ports of a cluster, and free ones to start it on.
+
+Part of `dtm.cluster`: see its docstring."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
+# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
+# standard output closed by its reader (`status | head -1`).
+from dtm.cluster.settings import (
+    EPHEMERAL_RANGE_PATH,
+    PORT_FLOOR,
+    PROCESSES,
+    _random,
+)
+
+
+@dataclass(frozen=True)
+class Ports:
+    coordinator: int = 50050
+    inventory: int = 50051
+    orders: int = 50052
+    payment: int = 50053
+    notification: int = 50054
+
+    def of(self, name: str) -> int:
+        port: int = getattr(self, name)
+        return port
+
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> Ports:
+        """Five ports free right now, for tests that must not clash with a running cluster."""
+        return cls(*free_ports(len(PROCESSES), host))
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free on `host` now, below the kernel's ephemeral range.
+
+    Not the kernel's choice (bind to port 0): that comes from the ephemeral range, and once
+    the probe lets it go, the kernel may give it to any outgoing connection as its source
+    port (the services dialling the coordinator, each readiness probe's fresh channel) before
+    our server binds it; the demo failed so about one run in two. Below the range, only a
+    program that binds that very port can take it. All sockets stay bound until every port
+    is chosen, so the ports are distinct.
+    """
+    low, _ = _ephemeral_range()
+    below = range(PORT_FLOOR, low)
+    # Enough tries that ports in use do not matter, without building the whole range.
+    candidates = _random.sample(below, min(len(below), max(64, 8 * count)))
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for port in candidates:
+            if len(ports) == count:
+                break
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue  # in use (or not ours to bind): the next one
+            ports.append(port)
+        # A range that leaves no room below it (an unusual sysctl): the kernel's choice.
+        while len(ports) < count:
+            probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            probe.bind((host, 0))
+            ports.append(probe.getsockname()[1])
+        return ports
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out on its own (Linux's sysctl; its default elsewhere)."""
+    try:
+        low, high = Path(EPHEMERAL_RANGE_PATH).read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999

@@ -1,0 +1,111 @@
+"""What /proc says about a process: alive, ours (its command line), listening on a port.
+
+Part of `dtm.cluster`: see its docstring."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
+# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
+# standard output closed by its reader (`status | head -1`).
+from dtm.cluster.settings import (
+    MODULES,
+)
+
+
+@dataclass
+class _Process:
+    name: str
+    pid: int | None = None
+    # Set when this object started the process (then it can be reaped); None when it was
+    # found through a pidfile, started by another `python -m dtm.cluster up`.
+    popen: subprocess.Popen[bytes] | None = None
+
+
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """The inodes of the sockets listening on `port` (IPv4 and IPv6), or None when /proc
+    cannot tell."""
+    inodes: set[str] = set()
+    found = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        found = True
+        for line in lines:  # bounded by the machine's sockets
+            fields = line.split()
+            listens = len(fields) > 9 and fields[3] == _TCP_LISTEN
+            if listens and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes if found else None
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds open."""
+    inodes: set[str] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for fd in names:  # bounded by the process's open files
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    """The process's arguments, or None when /proc cannot tell (not Linux, or gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.decode(errors="replace").split("\0")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists but belongs to someone else
+    # A zombie still answers signal 0; it is dead for our purposes.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _is_ours(pid: int, name: str, data_dir: Path) -> bool:
+    """Whether `pid` is process `name` of the cluster in `data_dir` (resolved).
+
+    Guards against pid reuse (a stale pidfile must never make us signal a stranger) and
+    against a copied data dir, whose pidfiles name the original's processes: the module alone
+    would match those, so the `--data-dir` they were started with must be this one too. That
+    pair identifies a process: its log's lock lets one process per data dir run."""
+    if not _alive(pid):
+        return False
+    args = _cmdline(pid)
+    if args is None:
+        return True
+    return MODULES[name] in args and _has_option(args, "--data-dir", str(data_dir))
+
+
+def _has_option(args: Sequence[str], flag: str, value: str) -> bool:
+    """Whether `flag value` appears, as two arguments, in `args` (as `command` builds it)."""
+    return (flag, value) in itertools.pairwise(args)
