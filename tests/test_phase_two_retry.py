@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
-from dtm.coordinator.engine import Engine
+import grpc
+import pytest
+
+from dtm.coordinator.engine import Engine, slots_held
+from dtm.core.transaction import TxnState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
 
@@ -52,3 +57,37 @@ def test_an_operator_retry_replaces_the_backoff_and_never_adds_a_retry_loop(
             assert 0 == retry_loops(engine)
 
     asyncio.run(scenario())
+
+
+def test_the_limit_of_transactions_in_flight_names_the_participant_that_holds_it(
+    tmp_path: Path,
+) -> None:
+    """A committed transaction keeps its slot until its Commits are acknowledged, so one
+    participant that stops acknowledging fills every slot, and Submits that do not even touch
+    it are refused. The refusal said "retry shortly", which could not help: it names the
+    participant now (found by a bug hunt), and still says "retry shortly" under mere load."""
+
+    async def scenario() -> None:
+        overrides = {"in_flight_max": 2, "backoff_ms_min": 3_000, "backoff_ms_max": 6_000}
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            for number in range(2):
+                order = order_branches(f"o-{number}", [("sku-apple", 1)])
+                response = await cluster.submit(order, f"t-{number}")
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            notification_only = order_branches("o-n", [("sku-apple", 1)])[3:]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await cluster.submit(notification_only, "t-n")
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED == refused.value.code()
+            details = refused.value.details() or ""
+            assert details.startswith("2 transactions in flight (the limit); 2 of them"), details
+            assert "2 for participant 'payment'" in details, details
+            assert "participant rejects decisions" in details, details  # its last error
+            assert "retry shortly" not in details, details
+
+    asyncio.run(scenario())
+
+
+def test_the_limit_of_transactions_in_flight_under_load_says_retry_shortly() -> None:
+    runs = [SimpleNamespace(txn=SimpleNamespace(state=TxnState.PREPARING, branches=[]))] * 3
+    assert "retry shortly" == slots_held(runs)  # type: ignore[arg-type]

@@ -189,6 +189,44 @@ VOTE_TO_PB = {
 
 _ENDED_KEY = field_key(4)  # CoordinatorCheckpoint.ended
 
+#: How long the count of what holds the slots at the limit of transactions in flight is
+#: reused for the next refusals (Engine._in_flight_refusal).
+SLOTS_RECOUNT_MS = 1_000
+#: Committed transactions owed phase 2 that make the limit the participants' doing, not the
+#: load's: at least this share of the slots.
+_OWED_SHARE_TO_NAME = 0.5
+
+
+def slots_held(runs: Collection[Run]) -> str:
+    """What the transactions in flight are waiting for, as the end of the refusal at the
+    limit: "retry shortly" when they are running (the load will pass), else the participant
+    whose missing acknowledgements hold most of them, which retrying cannot help with."""
+    owed: dict[str, int] = {}
+    last_error: dict[str, str] = {}
+    holding = 0  # committed (or one-phase, outcome unknown): the client has its answer
+    # Bounded by the limit of transactions in flight, and made at most once per
+    # SLOTS_RECOUNT_MS.
+    for run in runs:
+        if run.txn.state not in (TxnState.COMMITTING, TxnState.UNKNOWN):
+            continue
+        holding += 1
+        for branch in run.txn.branches:
+            if branch.needs_phase_two and not branch.acknowledged:
+                owed[branch.participant] = owed.get(branch.participant, 0) + 1
+                last_error[branch.participant] = branch.last_error or last_error.get(
+                    branch.participant, ""
+                )
+    if not owed or holding < _OWED_SHARE_TO_NAME * max(1, len(runs)):
+        return "retry shortly"
+    name = max(owed, key=owed.__getitem__)
+    error = last_error[name][:200] or "none yet"
+    return (
+        f"{holding} of them are decided and wait only for phase 2, {owed[name]} for "
+        f"participant {name!r} (last error: {error}): they keep their slots until it "
+        "acknowledges, so retrying helps only once it is reachable again (dtm txn list "
+        "--stuck; dtm txn retry ID)"
+    )
+
 
 def _stop_phase_two(
     pending: dict[str, log_pb2.CommitDecided], heuristic: log_pb2.HeuristicRecorded
@@ -277,6 +315,9 @@ class Engine:
         # yet, then trims it (see _keep_finished). One at a time.
         self._ends_syncing: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None  # set while drain() waits
+        # What holds the slots at the limit of transactions in flight, and when it was counted
+        # (see _in_flight_refusal).
+        self._slots_held: tuple[int, str] = (0, "")
 
     # ---- public operations ----
 
@@ -319,10 +360,7 @@ class Engine:
                 f"transaction id {transaction_id!r} is busy with other attempts; retry shortly",
             )
         if len(self.active) >= self.config.in_flight_max:
-            raise SubmitRejected(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{len(self.active)} transactions in flight (the limit); retry shortly",
-            )
+            raise self._in_flight_refusal()
         participants = [name for name, _ in branches]
         for index, name in enumerate(participants):
             # Checked again here: the server skips its checks for an id the engine knows, and
@@ -358,6 +396,23 @@ class Engine:
         self._execute(run, actions)
         await asyncio.shield(run.reply)
         return run.view()
+
+    def _in_flight_refusal(self) -> SubmitRejected:
+        """The refusal at the limit of transactions in flight, saying what holds the slots. A
+        committed transaction keeps its slot until every branch acknowledged its Commit, so a
+        participant that stops acknowledging fills them all, and "retry shortly" then sent
+        operators and clients after a wait that could not help (found by a bug hunt). The
+        count is a scan of the transactions in flight, made at most once per
+        SLOTS_RECOUNT_MS: under overload, refusals come by thousands a second."""
+        now = self.clock_ms()
+        counted_at, held = self._slots_held
+        if not held or now - counted_at >= SLOTS_RECOUNT_MS:
+            held = slots_held(self.active.values())
+            self._slots_held = (now, held)
+        return SubmitRejected(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{len(self.active)} transactions in flight (the limit); {held}",
+        )
 
     def lookup(self, transaction_id: str) -> TransactionView | None:
         run = self.active.get(transaction_id)
