@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -86,34 +86,47 @@ class Batcher(Generic[Item]):
         self._timer_for_decisions = False  # that linger is decisions waiting for a prepare
         self._closed = False
         self._hurried = False
+        # Ids of queued items dropped (`drop`): still in the queue until it is compacted.
+        self._dropped: set[int] = set()
         self._tasks = tasks
         self.calls = 0
         self.items = 0
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) - len(self._dropped)
 
     def queued_items(self) -> list[Item]:
+        self._compact()
         return list(self._queue)
 
     def close(self) -> list[Item]:
         """Send nothing more: a flush still scheduled (a linger timer) finds it closed. The
         items still queued, never sent, are handed back."""
         self._closed = True
-        unsent = list(self._queue)
+        unsent = self.queued_items()
         self._queue.clear()
         self._queued_urgent = 0
         return unsent
 
-    def take_out(self, chosen: Callable[[Item], bool]) -> list[Item]:
-        """Remove the queued items `chosen` picks (never sent) and hand them back. O(queue):
-        for the rare item that ran out of time waiting for a call slot."""
-        taken = [item for item in self._queue if chosen(item)]
-        if taken:
-            self._queue = deque(item for item in self._queue if not chosen(item))
-            self._queued_urgent -= sum(map(self._urgent, taken))
-        return taken
+    def drop(self, items: Sequence[Item]) -> None:
+        """Remove these items (by identity), all still queued (never sent), for good: for the
+        items that ran out of time waiting for a call slot. Amortized O(1) each: they stay in
+        the queue, uncounted, until the next batch leaves or they are half of it. Taking them
+        out one expiry at a time cost O(queue) each, and behind a participant that hangs, with
+        its queue full of decisions, prepares expire by the hundred a second."""
+        dropped = self._dropped
+        dropped.update(map(id, items))
+        self._queued_urgent -= sum(map(self._urgent, items))
+        if 2 * len(dropped) > len(self._queue):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Take the dropped items out of the queue (O(queue), once per batch sent at most)."""
+        dropped = self._dropped
+        if dropped:
+            self._queue = deque(item for item in self._queue if id(item) not in dropped)
+            dropped.clear()  # none of them is referenced here now: their ids may be reused
 
     def hurry(self) -> None:
         """Stop lingering, from now on: what is queued leaves as soon as a call may carry it.
@@ -166,6 +179,8 @@ class Batcher(Generic[Item]):
         if self._closed:
             return
         loop = asyncio.get_running_loop()
+        if self._dropped:  # none of them may leave in a batch
+            self._compact()
         while self._queue and self._may_send():
             batch = self._take(extra_slot=self._in_flight >= self._policy.in_flight_max)
             count = len(batch)

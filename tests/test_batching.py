@@ -14,6 +14,7 @@ from google.protobuf import any_pb2
 
 from dtm.batcher import Batcher, BatchPolicy
 from dtm.coordinator.ports import (
+    PREPARE_SEND_MARGIN_S,
     DecideItem,
     DecideResult,
     ParticipantPort,
@@ -124,6 +125,29 @@ def test_a_prepare_does_not_queue_behind_a_call_of_decisions_only() -> None:
         calls.finish_all()
         await settle()
         assert ["prepare 4"] == calls.batches[-1]
+        calls.finish_all()
+        await settle()
+
+    asyncio.run(run())
+
+
+def test_a_dropped_item_never_leaves_and_no_longer_opens_the_urgent_slot() -> None:
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, linger_ms=0, decision_linger_ms=0)
+        queue.add("decision 0")
+        await settle()  # a call of decisions only is in flight
+        prepare = "prepare 2"
+        queue.add("decision 1")
+        queue.add(prepare)  # would take the slot beyond the limit ...
+        queue.drop([prepare])  # ... but is dropped before its flush runs
+        assert 1 == queue.queued
+        await settle()
+        assert [["decision 0"]] == calls.batches
+        calls.finish_all()
+        await settle()
+        assert [["decision 0"], ["decision 1"]] == calls.batches
+        assert [] == queue.close()
         calls.finish_all()
         await settle()
 
@@ -592,6 +616,52 @@ def test_decisions_waiting_for_a_hung_participant_are_bounded(
         assert waiting <= 5
         assert answered and not any(result.ok for result in answered)
         assert "decisions already wait for fake; retried later" in answered[0].error
+        await port.close()
+
+    asyncio.run(run())
+
+
+def test_prepares_expiring_behind_a_hung_participant_do_not_each_scan_its_queue() -> None:
+    """Behind a participant that hangs, queued prepares come due one after another, each
+    alone, while up to DECISIONS_WAITING_MAX decisions wait with them. Each expiry scanned the
+    whole queue (twice): at a few hundred prepares a second that took most of the event loop
+    and failed prepares late (found by a bug hunt). The queue is scanned once per call now,
+    and each expiry costs O(log queue): counted here, never timed."""
+    backlog, prepares = 2_000, 100
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        port = ParticipantPort(HungParticipant(), True, BatchPolicy(decision_linger_ms=0))  # type: ignore[arg-type]
+        port.prepare(PrepareItem("t-hung", 0, any_pb2.Any(), False, loop.time() + 60, 60, print))
+        await settle()  # its call hangs: everything after it queues
+        for number in range(backlog):
+            port.decide(DecideItem(f"t-{number}", 0, False, lambda result: None))
+        scanned = 0
+        queued_items = port._batcher.queued_items
+
+        def counted() -> list[PrepareItem | DecideItem]:
+            nonlocal scanned
+            items = queued_items()
+            scanned += len(items)
+            return items
+
+        port._batcher.queued_items = counted  # type: ignore[method-assign]
+        reasons: list[str] = []
+        all_failed = asyncio.Event()
+
+        def failed(result: PrepareResult) -> None:
+            reasons.append(result.reason)
+            if len(reasons) == prepares:
+                all_failed.set()
+
+        first_due = loop.time() + 0.05 + PREPARE_SEND_MARGIN_S
+        for number in range(prepares):  # each comes due alone, 2 ms after the one before
+            deadline = first_due + number * 0.002
+            port.prepare(PrepareItem(f"t-p{number}", 0, any_pb2.Any(), False, deadline, 1, failed))
+        await all_failed.wait()
+        assert ["its prepare deadline passed before its batched call left"] * prepares == reasons
+        assert backlog == port._batcher.queued  # the decisions still wait, the prepares left
+        assert scanned <= 2 * (backlog + prepares)  # was about `prepares` times that
         await port.close()
 
     asyncio.run(run())

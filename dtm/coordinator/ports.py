@@ -13,6 +13,8 @@ no client waits for, wait `decision_linger_ms` for the next prepare to ride with
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +88,11 @@ class DecideItem:
 PREPARE_SEND_MARGIN_S = 0.010
 
 
+def _due(item: PrepareItem) -> float:
+    """When a queued prepare can no longer be sent in time (loop time)."""
+    return item.deadline - PREPARE_SEND_MARGIN_S
+
+
 def _is_prepare(item: PrepareItem | DecideItem) -> bool:
     return isinstance(item, PrepareItem)
 
@@ -114,7 +121,15 @@ class ParticipantPort:
         # deadline, and a one-phase transaction has no timer of its own, so a prepare queued
         # behind a slow call waited for it (a Submit of 300 ms answered after 3.9 s).
         self._queued_timer: asyncio.TimerHandle | None = None
-        self._queued_timer_at = 0.0
+        self._queued_timer_at = math.inf  # inf: no timer
+        # The queued prepares by the time they come due (`_due`), as the last scan of the
+        # queue found them, a heap; valid until the next batch leaves (the batcher's `calls`
+        # then differs from `_scanned_at_calls`). The prepares queued since then come due at
+        # `_unscanned_due` at the earliest. So while a participant hangs, each expiry costs
+        # O(log queue), and the queue is scanned once per call (see _expire_queued).
+        self._expiring: list[tuple[float, int, PrepareItem]] = []
+        self._scanned_at_calls = -1
+        self._unscanned_due = math.inf
 
     @property
     def calls(self) -> int:
@@ -127,9 +142,11 @@ class ParticipantPort:
     def prepare(self, item: PrepareItem) -> None:
         if self.batch:
             self._batcher.add(item)  # still queued here: a flush runs in a later step
-            expires = item.deadline - PREPARE_SEND_MARGIN_S
-            if self._queued_timer is None or expires < self._queued_timer_at:
-                self._arm_queued_timer(expires)
+            due = item.deadline - PREPARE_SEND_MARGIN_S  # _due(item), without the call
+            if due < self._unscanned_due:  # (the first since a scan, or one out of order)
+                self._unscanned_due = due
+                if due < self._queued_timer_at:
+                    self._arm_queued_timer(due)
         else:
             self._spawn(self._unary_prepare(item))
 
@@ -141,23 +158,38 @@ class ParticipantPort:
 
     def _expire_queued(self) -> None:
         """Fail the queued prepares that can no longer be sent in time (as `_drop_late` does
-        when their call leaves), and wait for the next one to come due."""
+        when their call leaves), and wait for the next one to come due. Behind a participant
+        that hangs they come due one after another, each alone: this scanned the whole queue
+        (up to DECISIONS_WAITING_MAX decisions) for each, and at a few hundred prepares a
+        second the scans took most of the event loop (found by a bug hunt)."""
         self._queued_timer = None
+        self._queued_timer_at = math.inf
         now = asyncio.get_running_loop().time() + _Expiry.TOLERANCE_S
-        late = self._batcher.take_out(
-            lambda item: (
-                isinstance(item, PrepareItem) and item.deadline - now < PREPARE_SEND_MARGIN_S
-            )
-        )
-        prepares = [item for item in late if isinstance(item, PrepareItem)]
-        self._fail(prepares, [], "its prepare deadline passed before its batched call left")
-        due = [
-            item.deadline - PREPARE_SEND_MARGIN_S
-            for item in self._batcher.queued_items()
+        if self._scanned_at_calls != self._batcher.calls or self._unscanned_due < now:
+            self._scan_queued()
+        expiring = self._expiring
+        late: list[PrepareItem] = []
+        # Bounded by the queue: each item leaves the heap once.
+        while expiring and expiring[0][0] < now:
+            late.append(heapq.heappop(expiring)[2])
+        if late:
+            self._batcher.drop(late)
+            self._fail(late, [], "its prepare deadline passed before its batched call left")
+        following = min(expiring[0][0] if expiring else math.inf, self._unscanned_due)
+        if following < math.inf:
+            self._arm_queued_timer(following)
+
+    def _scan_queued(self) -> None:
+        """The heap of the queued prepares by due time, afresh: O(queue), at most once per call
+        sent, or per prepare queued out of order (one that comes due before the earlier ones)."""
+        self._expiring = [
+            (_due(item), order, item)
+            for order, item in enumerate(self._batcher.queued_items())
             if isinstance(item, PrepareItem)
         ]
-        if due:
-            self._arm_queued_timer(min(due))
+        heapq.heapify(self._expiring)
+        self._scanned_at_calls = self._batcher.calls
+        self._unscanned_due = math.inf
 
     def decide(self, item: DecideItem) -> None:
         waiting = self._batcher.queued if self.batch else len(self._tasks)
@@ -367,6 +399,8 @@ class ParticipantPort:
         if self._queued_timer is not None:
             self._queued_timer.cancel()
             self._queued_timer = None
+            self._queued_timer_at = math.inf
+        self._expiring = []
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
