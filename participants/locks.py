@@ -145,7 +145,11 @@ class LockManager:
         if any(waiter.owner == owner and waiter.live for waiter in lock.waiters):
             raise LockRefused(f"{owner} is already waiting on {resource}")
         if len(lock.waiters) >= WAITERS_PER_RESOURCE_MAX:
-            raise LockRefused(f"too many waiters on {resource}")
+            raise LockRefused(
+                f"too many waiters on {resource}: {len(lock.waiters)} requests already wait "
+                f"for it (the limit), so this one was refused without waiting; a hot key: "
+                "retry later, or spread the load over more keys"
+            )
         waiter = _Waiter(
             owner, mode, previous, self._clock(), asyncio.get_running_loop().create_future()
         )

@@ -551,8 +551,14 @@ def test_waiters_per_resource_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         await manager.acquire("a", "sku-1", X)
         queued = [asyncio.create_task(manager.acquire(owner, "sku-1", S)) for owner in "bc"]
         await until(lambda: len(waiting(manager, "sku-1")) == 2)
-        with pytest.raises(LockRefused, match="too many waiters on sku-1"):
+        with pytest.raises(LockRefused) as refused:
             await manager.acquire("d", "sku-1", S)
+        # What a client reads as the abort's reason: the limit, and what to do about it.
+        assert (
+            "too many waiters on sku-1: 2 requests already wait for it (the limit), so this "
+            "one was refused without waiting; a hot key: retry later, or spread the load over "
+            "more keys"
+        ) == refused.value.reason
         assert manager.held_by("d") == {}
         manager.release_all("a")
         await asyncio.gather(*queued)
