@@ -91,3 +91,36 @@ def test_the_limit_of_transactions_in_flight_names_the_participant_that_holds_it
 def test_the_limit_of_transactions_in_flight_under_load_says_retry_shortly() -> None:
     runs = [SimpleNamespace(txn=SimpleNamespace(state=TxnState.PREPARING, branches=[]))] * 3
     assert "retry shortly" == slots_held(runs)  # type: ignore[arg-type]
+
+
+def test_a_commit_retried_against_a_participant_that_is_down_warns_ever_less_often(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Commit is retried for as long as its participant does not answer. Each failure was a
+    WARNING line, about 0.4 a second per branch owed, forever: 4,000 lines a second with
+    10,000 commits owed (found by a bug hunt). Attempts 1, 2, 4, 8... are WARNINGs now."""
+
+    async def scenario() -> None:
+        overrides = {"backoff_ms_min": 1, "backoff_ms_max": 2}  # attempts follow quickly
+        async with InProcessCluster(tmp_path, coordinator_overrides=overrides) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            response = await cluster.submit(order_branches("o-w", [("sku-apple", 1)]), "t-w")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            get = coordinator_pb2.GetTransactionRequest(transaction_id="t-w")
+
+            async def failed_ten_times() -> bool:
+                transaction = await cluster.client.GetTransaction(get)
+                return transaction.branches[2].phase_two_attempts >= 10
+
+            await eventually(failed_ten_times)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+
+        warned = [
+            int(line.rsplit("attempt=", 1)[1].split()[0])
+            for line in capsys.readouterr().err.splitlines()
+            if "WARNING coordinator: commit failed txn=t-w participant=payment" in line
+        ]
+        assert [1, 2, 4, 8] == warned[:4], warned
+        assert all(attempt & (attempt - 1) == 0 for attempt in warned), warned
+
+    asyncio.run(scenario())
