@@ -59,6 +59,10 @@ PHASE_TWO_BACKOFF_MS_MAX = 5_000
 
 # ---- concurrency and memory ----
 TRANSACTIONS_IN_FLIGHT_MAX = 10_000
+# Submits that wait for a transaction under their id to answer (a retry joining it, or another
+# attempt waiting for it to end): not counted as transactions in flight, and each holds its
+# call and its request (up to MESSAGE_BYTES_MAX) until then.
+SUBMITS_WAITING_PER_TRANSACTION_MAX = 64
 # Finished transactions the coordinator remembers (for GetTransaction and retried Submits); a
 # retry of an older one is still never applied twice: the participants remember their branches.
 FINISHED_TRANSACTIONS_KEPT = 20_000

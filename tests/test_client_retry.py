@@ -225,3 +225,43 @@ def test_an_orders_default_transaction_id_is_always_valid_and_deterministic(
     assert (request.transaction_id == f"txn-{order_id}") is readable
     assert request.transaction_id == transaction_id_for(order_id)
     assert transaction_id_for(order_id) != transaction_id_for(order_id + "x")
+
+
+def test_submits_waiting_for_one_transaction_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retries of a transaction that is still running join it and wait for its answer. They
+    are not transactions in flight, and nothing bounded them: a client could hold any number
+    of calls, each with its request, on one transaction (found by a bug hunt)."""
+    monkeypatch.setattr(limits, "SUBMITS_WAITING_PER_TRANSACTION_MAX", 2)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.coordinator.engine
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=600)
+            order = order_branches("o-j", [("sku-apple", 1)])
+            first = asyncio.create_task(cluster.submit(order, "t-j"))
+
+            async def running() -> bool:
+                return "t-j" in engine.active
+
+            await eventually(running)
+            run = engine.active["t-j"]
+            joined = [asyncio.create_task(cluster.submit(order, "t-j")) for _ in range(2)]
+
+            async def both_wait() -> bool:
+                return run.waiting == 2
+
+            await eventually(both_wait)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await cluster.submit(order, "t-j")
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED == refused.value.code()
+            assert (refused.value.details() or "").startswith(
+                "2 Submits under transaction id 't-j' already wait for it (the limit): nothing "
+                "was run for this one"
+            ), refused.value.details()
+            answers = await asyncio.gather(first, *joined)
+            assert 1 == len({answer.outcome for answer in answers})  # one transaction's answer
+            assert 0 == run.waiting
+
+    asyncio.run(scenario())

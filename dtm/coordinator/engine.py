@@ -103,6 +103,9 @@ class Run:
     # them (`settled`), or one of them would roll back the new attempt's prepared branch.
     decisions_open: int = 0
     settled: asyncio.Future[None] | None = None
+    # Other Submits under its id waiting for it (_wait_on): at most
+    # SUBMITS_WAITING_PER_TRANSACTION_MAX.
+    waiting: int = 0
     # The incarnation a one-phase Prepare was sent to (its port's): only that incarnation's
     # answer to the probe tells the outcome (see _probe). Empty: not known (not checked).
     one_phase_incarnation: str = ""
@@ -334,13 +337,13 @@ class Engine:
             run = self.active.get(transaction_id)
             if run is not None:
                 if run.fingerprint == fingerprint:  # a retry while it runs: join it
-                    await asyncio.shield(run.reply)
+                    await self._wait_on(run, run.reply)
                     return run.view()
                 # Other content under this id is running. Whose id it is, the participants
                 # say: if they refuse that attempt as a reuse (perhaps of this very
                 # transaction, which the coordinator forgot), it is not kept, and this one runs
                 # after it.
-                await asyncio.shield(run.reply)
+                await self._wait_on(run, run.reply)
                 if run.kept:
                     _same_transaction(transaction_id, run.fingerprint, fingerprint)
                 continue
@@ -353,7 +356,7 @@ class Engine:
                 break
             # An attempt under this id that is no longer kept (a refused reuse, or pushed out
             # of the window) still has Rollbacks on their way: wait for them to end.
-            await asyncio.shield(earlier.settled)
+            await self._wait_on(earlier, earlier.settled)
         else:
             raise SubmitRejected(
                 grpc.StatusCode.UNAVAILABLE,
@@ -396,6 +399,24 @@ class Engine:
         self._execute(run, actions)
         await asyncio.shield(run.reply)
         return run.view()
+
+    async def _wait_on(self, run: Run, until: asyncio.Future[None]) -> None:
+        """Wait, as another Submit under `run`'s id, for `until` (its answer, or the end of its
+        Rollbacks). Such Submits are not transactions in flight, and nothing bounded them: a
+        client could hold any number of calls, each with its request, on one transaction
+        (found by a bug hunt). Raises SubmitRejected (RESOURCE_EXHAUSTED) beyond the bound."""
+        if run.waiting >= limits.SUBMITS_WAITING_PER_TRANSACTION_MAX:
+            raise SubmitRejected(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{run.waiting} Submits under transaction id {run.txn.transaction_id!r} already "
+                "wait for it (the limit): nothing was run for this one; ask its outcome with "
+                "GetTransaction, or submit it again once one of them is answered",
+            )
+        run.waiting += 1
+        try:
+            await asyncio.shield(until)
+        finally:
+            run.waiting -= 1
 
     def _in_flight_refusal(self) -> SubmitRejected:
         """The refusal at the limit of transactions in flight, saying what holds the slots. A
