@@ -210,21 +210,25 @@ def slots_held(runs: Collection[Run]) -> str:
     # Bounded by the limit of transactions in flight, and made at most once per
     # SLOTS_RECOUNT_MS.
     for run in runs:
-        if run.txn.state not in (TxnState.COMMITTING, TxnState.UNKNOWN):
+        txn = run.txn
+        if txn.state is TxnState.COMMITTING:
+            owing = [b for b in txn.branches if b.needs_phase_two and not b.acknowledged]
+        elif txn.state is TxnState.UNKNOWN:  # a lost one-phase answer, probed until learned
+            owing = txn.branches[:1]
+        else:
             continue
         holding += 1
-        for branch in run.txn.branches:
-            if branch.needs_phase_two and not branch.acknowledged:
-                owed[branch.participant] = owed.get(branch.participant, 0) + 1
-                last_error[branch.participant] = branch.last_error or last_error.get(
-                    branch.participant, ""
-                )
+        for branch in owing:
+            owed[branch.participant] = owed.get(branch.participant, 0) + 1
+            last_error[branch.participant] = branch.last_error or last_error.get(
+                branch.participant, ""
+            )
     if not owed or holding < _OWED_SHARE_TO_NAME * max(1, len(runs)):
         return "retry shortly"
     name = max(owed, key=owed.__getitem__)
     error = last_error[name][:200] or "none yet"
     return (
-        f"{holding} of them are decided and wait only for phase 2, {owed[name]} for "
+        f"{holding} of them have their answer and wait only for phase 2, {owed[name]} for "
         f"participant {name!r} (last error: {error}): they keep their slots until it "
         "acknowledges, so retrying helps only once it is reachable again (dtm txn list "
         "--stuck; dtm txn retry ID)"
