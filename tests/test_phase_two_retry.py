@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from dtm.coordinator.engine import Engine, slots_held
-from dtm.core.transaction import TxnState
+from dtm.core.transaction import PrepareFailed, Transaction, TxnState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
 
@@ -89,8 +89,24 @@ def test_the_limit_of_transactions_in_flight_names_the_participant_that_holds_it
 
 
 def test_the_limit_of_transactions_in_flight_under_load_says_retry_shortly() -> None:
-    runs = [SimpleNamespace(txn=SimpleNamespace(state=TxnState.PREPARING, branches=[]))] * 3
-    assert "retry shortly" == slots_held(runs)  # type: ignore[arg-type]
+    txn, _ = Transaction.begin(
+        "t-1", ["payment"], now_ms=0, timeout_ms=1_000, one_phase_capable=False
+    )
+    assert "retry shortly" == slots_held([SimpleNamespace(txn=txn)])  # type: ignore[list-item]
+
+
+def test_the_limit_of_transactions_in_flight_names_the_participant_of_lost_one_phase_answers() -> (
+    None
+):
+    """A one-phase transaction whose answer was lost holds its slot while its participant is
+    probed; its branch is not one that needs phase 2, and was not counted as owed."""
+    txn, _ = Transaction.begin(
+        "t-1p", ["payment"], now_ms=0, timeout_ms=1_000, one_phase_capable=True
+    )
+    txn.handle(PrepareFailed(0, "unavailable (down)", 5))
+    assert TxnState.UNKNOWN is txn.state
+    held = slots_held([SimpleNamespace(txn=txn)])  # type: ignore[list-item]
+    assert "1 for participant 'payment' (last error: unavailable (down))" in held, held
 
 
 def test_a_commit_retried_against_a_participant_that_is_down_warns_ever_less_often(
