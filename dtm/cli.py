@@ -1559,6 +1559,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="ask the participant at this address directly, without the coordinator",
     )
+    # `force` and `branches forget` act on one branch: the flag names where it is, and one of
+    # the two is required (cmd_force says so), so "only this participant" would mislead.
+    holder = _Parser(add_help=False)
+    holder.add_argument(
+        "--participant",
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="the participant holding the branch, found through the coordinator "
+        "(this or --address is required)",
+    )
+    holder.add_argument(
+        "--address",
+        type=_address,
+        metavar="HOST:PORT",
+        default=argparse.SUPPRESS,
+        help="the participant holding the branch, reached at this address directly (not "
+        "looked up in the coordinator's registry)",
+    )
     locks = commands.add_parser(
         "locks", parents=[as_json, target], help="locks held and waited for, per participant"
     )
@@ -1588,7 +1606,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget_branch = branches_commands.add_parser(
         "forget",
-        parents=[as_json, target],
+        parents=[as_json, holder],
         help="stop keeping a forced branch for its coordinator, once reconciled (durable)",
         description="A forced branch is kept until its coordinator sends a decision for it. "
         "A coordinator that never logged the transaction, or lost its log, never will: once "
@@ -1600,7 +1618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     force = commands.add_parser(
         "force",
-        parents=[as_json, target],
+        parents=[as_json, holder],
         help="heuristically commit or roll back an in-doubt branch (dangerous)",
         description=FORCE_WARNING.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1608,8 +1626,12 @@ def build_parser() -> argparse.ArgumentParser:
     force.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     force.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     decision = force.add_mutually_exclusive_group(required=True)
-    decision.add_argument("--commit", action="store_true", dest="commit", default=None)
-    decision.add_argument("--rollback", action="store_false", dest="commit")
+    decision.add_argument(
+        "--commit", action="store_true", dest="commit", default=None, help="commit the branch"
+    )
+    decision.add_argument(
+        "--rollback", action="store_false", dest="commit", help="roll the branch back"
+    )
     force.add_argument(
         "--i-understand", action="store_true", help="confirm: this may break atomicity"
     )

@@ -26,11 +26,17 @@ coordinator
     dtm_transactions_total{outcome}                       counter   committed | aborted
     dtm_decision_latency_seconds{outcome}                 histogram begin -> decision (*)
     dtm_end_to_end_latency_seconds{outcome}               histogram begin -> finished (*)
+    dtm_submit_handling_seconds                           histogram Submit handler, start
+                                                                    to answer
     dtm_transactions_in_flight                            gauge     not finished yet
     dtm_transactions_in_doubt                             gauge     deciding/committing/unknown
     dtm_phase_two_retries_total{participant}              counter
+    dtm_heuristic_outcomes_total{participant,outcome}     counter   heuristic commit | rollback
+                                                                    | hazard: alert on any
     dtm_participant_call_latency_seconds{participant,rpc} histogram Prepare | Commit | Rollback
     dtm_participant_call_failures_total{participant,rpc}  counter
+    dtm_participant_batch_calls_total{participant}        counter   Exchange calls sent
+    dtm_participant_batch_items_total{participant}        counter   items they carried
     dtm_participants_registered                           gauge
     dtm_protocol_messages_total{kind}                     counter   requests | replies | ...
     dtm_log_writes_total{kind}                            counter   forced | lazy

@@ -178,13 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (DTM_TLS_CA)")
     group.add_argument("--tls-cert", type=Path, default=None, help="certificate (DTM_TLS_CERT)")
     group.add_argument("--tls-key", type=Path, default=None, help="private key (DTM_TLS_KEY)")
+    defaults = Policy()
     for role in _AUTHZ_ROLES:
         env = f"DTM_AUTHZ_{role.upper()}"
+        # The defaults are worth showing: "operator" is a client too unless narrowed.
+        default = ",".join(sorted(getattr(defaults, role)))
         group.add_argument(
             f"--authz-{role}",
             default=None,
             metavar="ID[,ID...]",
-            help=f"identities allowed as {role} ({env})",
+            help=f"identities allowed as {role} ({env}; default: {default})",
         )
 
 

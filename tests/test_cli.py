@@ -624,6 +624,34 @@ def test_branches_cut_by_the_limit_says_so(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_force_and_forget_help_name_the_branch_holder() -> None:
+    """`force` and `branches forget` act on one branch at one participant: their help said
+    "--participant NAME  only this participant" (the listing commands' filter), and gave
+    --commit and --rollback no help at all."""
+    for command in (["force"], ["branches", "forget"]):
+        status, out, _ = asyncio.run(dtm(*command, "--help"))
+        text = " ".join(out.split())
+        assert cli.EXIT_OK == status
+        assert "only this participant" not in text, command
+        assert "the participant holding the branch" in text and "is required" in text, command
+    _, out, _ = asyncio.run(dtm("force", "--help"))
+    text = " ".join(out.split())
+    assert "--commit commit the branch" in text and "--rollback roll the branch back" in text
+    _, out, _ = asyncio.run(dtm("locks", "--help"))
+    assert "only this participant" in out  # a filter there, as before
+
+
+def test_server_help_gives_the_authorization_defaults() -> None:
+    """--authz-clients did not say that its default admits "operator" as a client too (so an
+    operator certificate may Submit unless the list is narrowed)."""
+    for command in (["coordinator"], ["service", "payment"]):
+        _, out, _ = asyncio.run(dtm(*command, "--help"))
+        text = " ".join(out.split())
+        assert "(DTM_AUTHZ_CLIENTS; default: client,operator)" in text, command
+        assert "(DTM_AUTHZ_OPERATORS; default: operator)" in text, command
+        assert "(DTM_AUTHZ_COORDINATOR; default: coordinator)" in text, command
+
+
 def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
     """The services end with SystemExit("message") for a bad --config or --initial; dtm
     caught it and returned 1 without printing anything."""
