@@ -1246,8 +1246,21 @@ def _refuse_contradiction(session: Session) -> None:
         raise CliError(
             f"the coordinator at {session.coordinator_address} decided {decision} for "
             f"{options.id}: forcing {'commit' if options.commit else 'rollback'} would break "
-            f"atomicity. Deliver the decision instead: `dtm txn retry {options.id}`"
+            f"atomicity. {_deliver_instead(txn)}"
         )
+
+
+def _deliver_instead(txn: coordinator_pb2.Transaction) -> str:
+    """What to do instead of forcing against a known decision. `dtm txn retry` pushes only the
+    Commits of a committing transaction: suggested for any other state, it answered "nothing to
+    retry"."""
+    if txn.state == coordinator_pb2.TRANSACTION_STATE_COMMITTING and not txn.committed_earlier:
+        return f"Deliver the decision instead: `dtm txn retry {txn.transaction_id}`"
+    return (
+        "The participant learns it without you: a branch prepared longer than its "
+        "in_doubt_after_ms asks the coordinator (`dtm txn show "
+        f"{txn.transaction_id}` shows the decision)"
+    )
 
 
 # ---- local tools ----

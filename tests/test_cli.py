@@ -277,6 +277,28 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_force_against_an_abort_does_not_suggest_txn_retry(tmp_path: Path) -> None:
+    """Forcing commit against a decided abort is refused; the refusal told the operator to
+    "deliver the decision instead: `dtm txn retry ID`", which retries only a committing
+    transaction's Commits and answers "nothing to retry" for an abort."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
+            response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
+            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+            force = [*at, "force", "t-a", "1", "--participant", "orders", "--i-understand"]
+            status, _, err = await dtm(*force, "--commit")
+            assert cli.EXIT_ERROR == status, err
+            assert "decided abort for t-a" in err
+            assert "txn retry" not in err and "asks the coordinator" in err, err
+            status, out, _ = await dtm(*at, "txn", "retry", "t-a")
+            assert "nothing to retry" in out  # what the old suggestion led to
+
+    asyncio.run(scenario())
+
+
 def test_force_is_refused_while_the_coordinator_is_still_deciding(tmp_path: Path) -> None:
     """A branch prepared while its coordinator still collects votes (or writes its decision):
     a forced outcome would race the decision, which comes within the transaction's timeout
