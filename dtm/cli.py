@@ -326,6 +326,7 @@ def cmd_submit(session: Session) -> int:
     # Submit answers once the outcome is known, which the transaction timeout bounds.
     deadline = timeout_ms / 1000 + session.timeout
     address = session.coordinator_address
+    _check_size(request)
     _check_coordinator_reachable(session, request.transaction_id)
     try:
         response = session.coordinator.Submit(request, timeout=deadline)
@@ -354,6 +355,19 @@ def cmd_submit(session: Session) -> int:
     if response.outcome == coordinator_pb2.OUTCOME_COMMITTED:
         return EXIT_OK
     return EXIT_UNKNOWN if response.outcome == coordinator_pb2.OUTCOME_UNKNOWN else EXIT_NO
+
+
+def _check_size(request: coordinator_pb2.SubmitRequest) -> None:
+    """Refuse a request over gRPC's message limit here: the channel refuses to send it with
+    RESOURCE_EXHAUSTED, which read as the coordinator's answer ("the coordinator at ...
+    answered RESOURCE_EXHAUSTED: CLIENT: Sent message larger than max")."""
+    size = request.ByteSize()
+    if size > limits.MESSAGE_BYTES_MAX:
+        raise CliError(
+            f"transaction {request.transaction_id} is {size:,} bytes, over the "
+            f"{limits.MESSAGE_BYTES_MAX:,}-byte message limit (and each operation may be at "
+            f"most {limits.OPERATION_BYTES_MAX:,} bytes): nothing was sent"
+        )
 
 
 #: A Submit that failed with one of these may have reached the coordinator, and committed.

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import cli, config, crashpoints
+from dtm import cli, config, crashpoints, limits
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from tests.harness import (
     InProcessCluster,
@@ -456,6 +456,27 @@ def test_submit_file_errors(tmp_path: Path) -> None:
             assert (cli.EXIT_ERROR, True) == (status, "nested too deeply" in err)
             status, _, err = await dtm(*at, "submit", str(tmp_path / "missing.json"))
             assert (cli.EXIT_ERROR, True) == (status, "cannot read" in err)
+
+    asyncio.run(scenario())
+
+
+def test_submit_over_the_message_limit_is_not_blamed_on_the_coordinator(tmp_path: Path) -> None:
+    """gRPC's channel refuses to send a request over 4 MiB; dtm reported that as "the
+    coordinator at ... answered RESOURCE_EXHAUSTED: CLIENT: Sent message larger than max"."""
+    body = "x" * (limits.MESSAGE_BYTES_MAX + 1)
+    operation = {"order_id": "o-big", "recipient": "a@example.com", "body": body}
+    branch = {"participant": "notification", "type": "dtm.v1.SendNotification"}
+    document = {"transaction_id": "t-big", "branches": [{**branch, "operation": operation}]}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            status, _, err = await dtm(*at, "submit", str(path))
+            assert cli.EXIT_ERROR == status, err
+            assert "answered" not in err and "nothing was sent" in err, err
+            assert "t-big is 4,194,4" in err and "4,194,304-byte message limit" in err, err
 
     asyncio.run(scenario())
 
