@@ -594,9 +594,13 @@ def cmd_txn_list(session: Session) -> int:
                     f"--state {name!r}: expected one of {', '.join(STATE_NAMES)}", EXIT_USAGE
                 )
             states.append(STATE_NAMES[name.strip().lower()])
+    # Stuck is decided here, after the listing: asked for only --limit in-doubt transactions,
+    # the newest (still on their first try) hid an older stuck one. So ask for all the
+    # coordinator lists, and cut to --limit after the filter.
+    asked = limits.LIST_TRANSACTIONS_LIMIT_MAX if options.stuck else options.limit
     response = session.call_coordinator(
         "ListTransactions",
-        coordinator_pb2.ListTransactionsRequest(states=states, limit=options.limit),
+        coordinator_pb2.ListTransactionsRequest(states=states, limit=asked),
     )
     now = fmt.now_ms()
     found = list(response.transactions)
@@ -606,7 +610,7 @@ def cmd_txn_list(session: Session) -> int:
             for txn in found
             if any(b.phase_two_attempts > 0 for b in txn.branches)
             or fmt.age_s(txn.created_at_unix_ms, now) > options.stuck_after
-        ]
+        ][: options.limit]
     if session.json:
         fmt.emit_json([fmt.transaction_dict(txn, now) for txn in found], session.out)
         return EXIT_OK
@@ -1515,7 +1519,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="recent transactions, newest first",
         description="In doubt: deciding, committing or unknown (a participant may not know "
         "the outcome yet). Stuck: in doubt and retried in phase 2, or older than "
-        "--stuck-after.",
+        f"--stuck-after (looked for among the {limits.LIST_TRANSACTIONS_LIMIT_MAX:,} newest in "
+        "doubt).",
     )
     which = txn_list.add_mutually_exclusive_group()
     which.add_argument(

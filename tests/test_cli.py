@@ -892,6 +892,48 @@ def test_submit_whose_answer_is_lost_is_unknown() -> None:
         server.stop(0)
 
 
+class _ManyInDoubt(coordinator_pb2_grpc.CoordinatorServicer):
+    """A coordinator with 5 fresh in-doubt transactions, newest first, then a stuck one."""
+
+    def ListTransactions(self, request: Any, context: grpc.ServicerContext) -> Any:
+        now_ms = int(time.time() * 1000)
+        fresh = [
+            coordinator_pb2.Transaction(
+                transaction_id=f"t-new-{i}",
+                state=coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+                created_at_unix_ms=now_ms,
+                branches=[coordinator_pb2.BranchStatus(participant="orders")],
+            )
+            for i in range(5)
+        ]
+        stuck = coordinator_pb2.Transaction(
+            transaction_id="t-stuck",
+            state=coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+            created_at_unix_ms=now_ms,
+            branches=[coordinator_pb2.BranchStatus(participant="orders", phase_two_attempts=7)],
+        )
+        listed = [*fresh, stuck][: request.limit or 100]
+        return coordinator_pb2.ListTransactionsResponse(transactions=listed)
+
+
+def test_txn_list_stuck_finds_one_behind_newer_in_doubt_ones() -> None:
+    """--stuck filtered after the coordinator had cut the list to --limit in-doubt
+    transactions: with that many newer ones on their first try, a stuck one was missed."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_ManyInDoubt(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        at = ["--coordinator", f"127.0.0.1:{port}"]
+        status, out, err = asyncio.run(dtm(*at, "txn", "list", "--stuck", "--limit", "3", "--json"))
+        assert cli.EXIT_OK == status, err
+        assert ["t-stuck"] == [txn["transaction_id"] for txn in json.loads(out)]
+        status, out, _ = asyncio.run(dtm(*at, "txn", "list", "--in-doubt", "--limit", "3"))
+        assert "t-new-2" in out and "t-new-3" not in out  # --limit still bounds the rest
+    finally:
+        server.stop(0)
+
+
 def test_submit_to_nothing_listening_is_not_sent() -> None:
     """Nothing listens: the CLI's connection check fails, so the Submit is never sent and the
     failure is certain: exit 1, "is it running?"."""
