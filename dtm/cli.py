@@ -841,6 +841,12 @@ class Target:
         request.incarnation = self.incarnation
         return request
 
+    @property
+    def what(self) -> str:
+        """The participant in a message that goes on "at ADDRESS": reached by --address alone
+        its name is that address, and "participant 127.0.0.1:1 at 127.0.0.1:1" said it twice."""
+        return "the participant" if self.name == self.address else f"participant {self.name}"
+
 
 def _targets(session: Session) -> list[Target]:
     """The participants to ask: the one at --address, else the registry's (only
@@ -871,7 +877,7 @@ def _ask_all(
         try:
             yield target.name, future.result()
         except grpc.RpcError as error:
-            problem = rpc_error(error, f"participant {target.name}", target.address, session)
+            problem = rpc_error(error, target.what, target.address, session)
             print(f"dtm: error: {problem}", file=sys.stderr)
             session.failures += 1
 
@@ -1178,7 +1184,7 @@ def _act_on_branch(
     try:
         response = call(session.admin(target), target)
     except grpc.RpcError as error:
-        raise rpc_error(error, f"participant {target.name}", target.address, session) from None
+        raise rpc_error(error, target.what, target.address, session) from None
     if session.json:
         fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
     else:

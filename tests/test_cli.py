@@ -720,7 +720,7 @@ def test_locks_and_branches_print_nothing_when_no_participant_answers() -> None:
         for output in ([], ["--json"]):
             status, out, err = asyncio.run(dtm(*command, "--address", address, *output))
             assert (cli.EXIT_ERROR, "") == (status, out), (command, output, out)
-            assert f"participant {address}" in err and "cannot reach" in err, err
+            assert f"cannot reach the participant at {address}" in err, err
 
 
 def test_an_empty_address_is_a_usage_error() -> None:
@@ -930,6 +930,22 @@ def test_txn_list_stuck_finds_one_behind_newer_in_doubt_ones() -> None:
         assert ["t-stuck"] == [txn["transaction_id"] for txn in json.loads(out)]
         status, out, _ = asyncio.run(dtm(*at, "txn", "list", "--in-doubt", "--limit", "3"))
         assert "t-new-2" in out and "t-new-3" not in out  # --limit still bounds the rest
+    finally:
+        server.stop(0)
+
+
+def test_a_participant_reached_by_address_is_named_once() -> None:
+    """Reached by --address alone, a participant's name is its address: errors said
+    "participant 127.0.0.1:P at 127.0.0.1:P answered ..."."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    coordinator_pb2_grpc.add_CoordinatorServicer_to_server(_ManyInDoubt(), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        status, _, err = asyncio.run(dtm("locks", "--address", address))
+        assert cli.EXIT_ERROR == status, err
+        assert f"the participant at {address} answered UNIMPLEMENTED" in err, err
+        assert f"participant {address}" not in err, err
     finally:
         server.stop(0)
 
