@@ -470,3 +470,27 @@ def test_a_status_message_is_cut_to_what_grpc_metadata_carries() -> None:
     assert cut.startswith("é" * grpc_edge.STATUS_DETAILS_CHARS_MAX)
     assert cut.endswith(f"... ({50_000 - grpc_edge.STATUS_DETAILS_CHARS_MAX} more characters)")
     assert len(cut.encode()) * 3 < 8 * 1024  # gRPC's soft limit on metadata
+
+
+def test_an_invalid_one_phase_operation_aborts_at_once_without_a_lost_answer(
+    tmp_path: Path,
+) -> None:
+    """A one-phase Prepare whose operation the participant finds invalid (an item answered
+    invalid_argument in a batched call: the SDK refuses it before any branch exists) was read
+    as a lost answer: the transaction went UNKNOWN, its reason "one-phase answer lost", and a
+    Rollback probe was sent to learn what had run (a review of the README). Nothing ran."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            branch = order_branches("o-neg1", [("sku-apple", -1)])[0]  # inventory's alone
+            await expect_status(
+                submit(cluster, branches=[branch], transaction_id="t-neg1"),
+                Code.INVALID_ARGUMENT,
+                "quantity",
+            )
+            view = cluster.coordinator.engine.lookup("t-neg1")
+            assert view is not None
+            assert coordinator_pb2.TRANSACTION_STATE_ABORTED == view.state, view
+            assert "answer lost" not in view.reason and "quantity" in view.reason, view.reason
+
+    asyncio.run(scenario())

@@ -49,8 +49,9 @@ class PrepareResult:
     id_reused: str = ""
     # With COMMITTED to a two-phase Prepare: an earlier attempt committed the branch.
     earlier: bool = False
-    # With vote None: the call was refused as meant for another participant (`misdirected`),
-    # before any branch was touched: it did not run (core.PrepareFailed.not_reached).
+    # With vote None: the call was refused before any branch was touched, as meant for
+    # another participant (`misdirected`) or, in a batch, as an invalid operation: it did not
+    # run (core.PrepareFailed.not_reached).
     not_reached: bool = False
 
 
@@ -361,7 +362,11 @@ class ParticipantPort:
                 continue  # failed at its own deadline: its transaction has moved on
             if answer.invalid_argument:
                 invalid = _said(answer.invalid_argument)
-                prepare.done(PrepareResult(None, invalid, invalid))
+                # Only a batching participant (the SDK) answers an item so, and it does
+                # before any branch exists: nothing ran. A one-phase transaction then aborts
+                # at once, with no probe of an "answer lost" (the unary INVALID_ARGUMENT of
+                # another participant still gets one: that contract does not say so).
+                prepare.done(PrepareResult(None, invalid, invalid, not_reached=True))
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
                 reason = _said(answer.reason)

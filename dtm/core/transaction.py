@@ -92,9 +92,10 @@ class PrepareFailed:
     branch: int
     reason: str
     now_ms: int = 0
-    # Definitely not run: whatever answered refused the call as meant for another participant
-    # before touching any branch (participant.proto, PrepareRequest.participant). A one-phase
-    # transaction then aborts at once: its Prepare is sent once, so nothing can have committed.
+    # Definitely not run: whatever answered refused the call before touching any branch, as
+    # meant for another participant (participant.proto, PrepareRequest.participant) or, in a
+    # batch, as an invalid operation. A one-phase transaction then aborts at once: its Prepare
+    # is sent once, so nothing can have committed.
     not_reached: bool = False
 
 
