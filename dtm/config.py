@@ -668,7 +668,7 @@ def with_configured_initial(service: str, argv: Sequence[str] | None) -> list[st
     try:
         initial = load(options.config).service(service).initial
     except ConfigError as error:
-        raise SystemExit(f"dtm-{service}: error: {error}") from None
+        raise SystemExit(f"dtm service {service}: error: {error}") from None
     return args if initial is None else ["--initial", str(initial), *args]
 
 

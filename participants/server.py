@@ -1191,7 +1191,7 @@ class ParticipantServer:
 
 def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     parser = argparse.ArgumentParser(
-        prog=f"dtm-{name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
+        prog=f"dtm service {name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
     )
     # The flags apply to the service's own section ([inventory]...), else to [participant].
     # --initial is the service main's: it takes it out of the command line (split_initial_arg)
@@ -1253,7 +1253,7 @@ def run(service: Service[Any], argv: list[str] | None = None) -> None:
     when the coordinator refuses its registration for good."""
     problem = limits.participant_name_problem(service.name)
     if problem:
-        sys.exit(f"dtm-{service.name}: error: {problem}")
+        sys.exit(f"dtm service {service.name}: error: {problem}")
     participant_config = parse_args(service.name, argv)
     logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()

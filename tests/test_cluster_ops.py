@@ -566,6 +566,14 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
             status, out, err = run(capsys, "up", *data, "--timeout", "0.5")
             assert (1, "") == (status, out), err
             assert "payment not ready in time (not registered" in err, err
+
+            # The coordinator down: no service can be told registered or not ("registered
+            # no" for every one of them sent an operator after four registrations).
+            Cluster.attach(tmp_path).kill(COORDINATOR)
+            status, out, _ = run(capsys, "status", *data)
+            services = out.splitlines()[2:]
+            assert 3 == status and 4 == len(services), out
+            assert all(line.endswith(" unknown (coordinator down)") for line in services), out
     finally:
         cluster.main(["down", *data, "--grace", "2"])
 

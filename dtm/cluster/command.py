@@ -442,10 +442,12 @@ def _status(options: argparse.Namespace) -> int:
 
 
 def _print_status(cluster: Cluster) -> int:
+    # None: the coordinator cannot say (not running, or not answering), so neither can this.
+    registered: dict[str, str] | None
     try:
-        registered = cluster.registered() if cluster.running(COORDINATOR) else {}
+        registered = cluster.registered() if cluster.running(COORDINATOR) else None
     except grpc.RpcError:
-        registered = {}
+        registered = None
     print(f"{'process':<13} {'address':<17} {'pid':>8}  {'health':<26} registered")
     ready = 0
     for name in PROCESSES:
@@ -453,9 +455,11 @@ def _print_status(cluster: Cluster) -> int:
         health = cluster.health(name) if pid is not None else "not running"
         # Registered at its own address, as `up` waits for: the name alone said "yes" while
         # another process had it, and every order for it went there.
-        seen = registered.get(name)
+        seen = registered.get(name) if registered is not None else None
         if name == COORDINATOR:
             mark, registered_here = "-", True
+        elif registered is None:
+            mark, registered_here = "unknown (coordinator down)", False
         elif seen is None:
             mark, registered_here = "no", False
         elif seen == cluster.address(name):
@@ -475,8 +479,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dtm.cluster",
         description="Start, stop or inspect the coordinator and the four services.",
     )
-    parser.add_argument("command", choices=("up", "down", "status"))
-    parser.add_argument("--data-dir", type=Path, default=Path(".dtm-data"))
+    parser.add_argument(
+        "command",
+        choices=("up", "down", "status"),
+        help="up: start what is not running and wait until every service is registered; "
+        "down: stop every process (SIGTERM, then SIGKILL after --grace); status: each "
+        "process's pid, health and registration (exit 0 only when all are ready, else 3)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".dtm-data"),
+        help="where cluster.json, pidfiles, logs and each server's log of record live "
+        "(default: .dtm-data)",
+    )
     # `up` on a running cluster compares the flags given with its settings: a flag left out
     # is None here, and a new cluster takes the default then.
     parser.add_argument(
@@ -513,13 +529,15 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout",
         type=_wait_seconds,
         default=START_TIMEOUT_S,
-        help=f"start timeout (s, at most {WAIT_S_MAX:g})",
+        help=f"how long up waits for every process to be ready (s, default {START_TIMEOUT_S:g}, "
+        f"at most {WAIT_S_MAX:g})",
     )
     parser.add_argument(
         "--grace",
         type=_wait_seconds,
         default=STOP_GRACE_S,
-        help=f"SIGTERM grace (s, at most {WAIT_S_MAX:g})",
+        help=f"how long down waits after SIGTERM before SIGKILL (s, default {STOP_GRACE_S:g}, "
+        f"at most {WAIT_S_MAX:g})",
     )
     parser.add_argument(
         "--tls-dir",

@@ -681,7 +681,7 @@ class CoordinatorServer:
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
     parser = argparse.ArgumentParser(
-        prog="dtm-coordinator", description=f"The dtm coordinator. {config.PRECEDENCE_HELP}"
+        prog="dtm coordinator", description=f"The dtm coordinator. {config.PRECEDENCE_HELP}"
     )
     # Every [coordinator] key as a flag (--listen, --data-dir, ...), plus --config, --log-level.
     config.add_flags(parser, config.COORDINATOR)
