@@ -286,18 +286,48 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.plot", description="Sweep clients and participants; draw PNGs."
     )
-    parser.add_argument("--clients", type=_counts(CLIENTS_MAX), default=[1, 8, 32, 64])
-    parser.add_argument("--participants", type=_counts(PARTICIPANTS_MAX), default=[2, 4, 8])
+    parser.add_argument(
+        "--clients",
+        type=_counts(CLIENTS_MAX),
+        default=[1, 8, 32, 64],
+        help="client counts of the clients sweep, comma-separated (default: 1,8,32,64; "
+        "4 participants)",
+    )
+    parser.add_argument(
+        "--participants",
+        type=_counts(PARTICIPANTS_MAX),
+        default=[2, 4, 8],
+        help="participant counts of the participants sweep, comma-separated (default: 2,4,8)",
+    )
     parser.add_argument(
         "--participants-clients",
         type=int,
         default=PARTICIPANTS_SWEEP_CLIENTS,
-        help="clients of the participants sweep",
+        help=f"clients of the participants sweep (default: {PARTICIPANTS_SWEEP_CLIENTS})",
     )
-    parser.add_argument("--duration", type=positive_seconds, default=DURATION_S)
-    parser.add_argument("--warmup", type=seconds, default=WARMUP_S)
-    parser.add_argument("--no-baselines", action="store_true")
-    parser.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
+    parser.add_argument(
+        "--duration",
+        type=positive_seconds,
+        default=DURATION_S,
+        help=f"measured window of each point, seconds (default: {DURATION_S:g})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=seconds,
+        default=WARMUP_S,
+        help=f"seconds before each point's window opens (default: {WARMUP_S:g})",
+    )
+    parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="measure dtm only at each point (no unary echo or naive 2PC)",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=report.RESULTS_DIR,
+        help=f"where sweep.json and the PNGs go (default: {report.RESULTS_DIR})",
+    )
     parser.add_argument("--from-json", type=Path, help="redraw a sweep.json without running")
     options = parser.parse_args(argv)
     # Every option before any point is measured: a sweep takes minutes.
