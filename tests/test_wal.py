@@ -935,7 +935,10 @@ def test_dump_shows_the_fields_that_say_which_branch_and_which_outcome(tmp_path:
     log.close()
 
     reconciled, heuristic, decided = (line.split(" ", 2)[2] for line in dump(tmp_path))
-    assert 'BRANCH_RECONCILED transaction_id: "t-1" branch: 0 committed: false' == reconciled
+    assert reconciled.startswith(
+        'BRANCH_RECONCILED transaction_id: "t-1" branch: 0 committed: false'
+    ), reconciled
+    assert "reported: false" in reconciled  # a field at its default is shown too
     assert "branch: 0" in heuristic and "committed: false" in heuristic, heuristic
     assert "one_phase_unknown: false" in heuristic
     assert 'detail: ""' not in heuristic  # an empty text reads the same shown or not
