@@ -438,6 +438,20 @@ class BranchEngine:
         newest.reverse()
         return newest
 
+    def of_transaction(self, transaction_id: str, states: set[BranchState]) -> list[BranchInfo]:
+        """The branches of one transaction this participant keeps, in one of `states` (every
+        state if empty), by index: one lookup per index a transaction can have, however old
+        the branch (in the window of decided branches, or forced and kept past it)."""
+        found = [
+            self.branch((transaction_id, index))
+            for index in range(limits.BRANCHES_PER_TRANSACTION_MAX)
+        ]
+        return [
+            info
+            for info in found
+            if info is not None and (not states or info.branch.state in states)
+        ]
+
     def awaiting_coordinator(self, key: BranchKey) -> bool:
         """A forced branch kept until its coordinator sends a decision for it."""
         return key in self._forced_unreported

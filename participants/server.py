@@ -627,7 +627,16 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()
         engine = self.server.engine
-        if request.awaiting_coordinator:
+        if request.transaction_id:
+            # One transaction's branches (`dtm trace`): looked up by key, so that one older
+            # than the newest listed is found too.
+            problem = limits.transaction_id_problem(request.transaction_id)
+            if problem:
+                await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            infos = engine.of_transaction(request.transaction_id, wanted)
+            if request.awaiting_coordinator:
+                infos = [i for i in infos if engine.awaiting_coordinator(i.branch.key)]
+        elif request.awaiting_coordinator:
             infos = engine.awaiting(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
         else:
             infos = engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
