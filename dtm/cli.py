@@ -11,6 +11,7 @@
     dtm locks                          the locks every participant holds, and who waits
     dtm branches                       every participant's branches
     dtm branches forget ID BRANCH ...  stop keeping a forced branch for its coordinator
+    dtm trace ID                       one transaction across every process and its logs
     dtm force ID BRANCH ...            heuristic commit/rollback of an in-doubt branch
     dtm heuristics                     heuristic outcomes the coordinator keeps
     dtm heuristics forget ID BRANCH    stop reporting one, once it is reconciled
@@ -1653,6 +1654,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget_branch.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     forget_branch.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     forget_branch.set_defaults(handler=cmd_branches_forget)
+
+    # In its own module, which reads the processes' log files as well as asking them.
+    from dtm import trace
+
+    trace.register(commands, as_json, target)
 
     force = commands.add_parser(
         "force",

@@ -61,6 +61,7 @@ from dtm.cluster.runner import (
 )
 from dtm.cluster.settings import (
     COORDINATOR,
+    DATA_DIR_DEFAULT,
     MODULES,
     PROCESSES,
     SERVICES,
@@ -68,6 +69,7 @@ from dtm.cluster.settings import (
 
 __all__ = [
     "COORDINATOR",
+    "DATA_DIR_DEFAULT",
     "MODULES",
     "PROCESSES",
     "SERVICES",

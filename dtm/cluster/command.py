@@ -35,6 +35,7 @@ from dtm.cluster.runner import (
 )
 from dtm.cluster.settings import (
     COORDINATOR,
+    DATA_DIR_DEFAULT,
     MS_MAX,
     PROCESSES,
     START_TIMEOUT_S,
@@ -489,9 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(".dtm-data"),
+        default=DATA_DIR_DEFAULT,
         help="where cluster.json, pidfiles, logs and each server's log of record live "
-        "(default: .dtm-data)",
+        f"(default: {DATA_DIR_DEFAULT})",
     )
     # `up` on a running cluster compares the flags given with its settings: a flag left out
     # is None here, and a new cluster takes the default then.

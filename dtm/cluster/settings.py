@@ -5,6 +5,7 @@ Part of `dtm.cluster`: see its docstring."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 from dtm import limits
 
@@ -22,6 +23,9 @@ MODULES = {
     **{name: f"participants.services.{name}" for name in SERVICES},
 }
 
+#: Where `make up` (and `up` without --data-dir) keeps the cluster; `dtm trace` reads its
+#: logs there by default.
+DATA_DIR_DEFAULT = Path(".dtm-data")
 START_TIMEOUT_S = 20.0
 STOP_GRACE_S = 5.0
 #: The longest --timeout and --grace: far above any start or stop, and a bound on how long a
