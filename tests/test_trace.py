@@ -296,3 +296,11 @@ def test_a_malformed_id_is_a_usage_error_before_any_call(transaction_id: str) ->
     assert (cli.EXIT_USAGE, "") == (status, out)
     assert "transaction_id" in err and "is malformed: 1..128 characters of" in err
     assert "cannot reach" not in err
+
+
+def test_a_log_path_that_does_not_exist_is_a_usage_error_before_any_call(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.log"
+    args = ["--coordinator", "127.0.0.1:1", "trace", "t-1", "--logs", str(missing)]
+    status, out, err = asyncio.run(dtm(*args))
+    assert (cli.EXIT_USAGE, "") == (status, out)
+    assert f"{missing}: no such file or directory" in err and "cannot reach" not in err
