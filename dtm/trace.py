@@ -119,7 +119,7 @@ class ParticipantView:
 class LogLine:
     process: str
     line: str
-    stamp: str  # of the line, else of the last line before it that had one
+    stamp: str  # of the line, else of the last line of its file found before it
 
 
 @dataclass
@@ -269,16 +269,19 @@ def _read_logs(files: list[tuple[str, Path]] | str, transaction_id: str, limit: 
     needle = f"txn={transaction_id}"
     lines: list[LogLine] = []
     for process, path in files:
+        found: list[LogLine] = []
         try:
-            found = list(_matching(path, process, needle, pattern))
+            for line in _matching(path, process, needle, pattern):
+                # Each file is written in time order: the first `limit` of the merge are
+                # among the first `limit` of each, and only those are kept.
+                if len(found) < limit:
+                    found.append(line)
+                view.matched += 1
         except OSError as error:
             view.errors.append(f"log {path} ({error.strerror or error})")
             continue
         view.files.append((process, path))
-        view.matched += len(found)
-        # Each file is written in time order: the first `limit` of the merge are among the
-        # first `limit` of each.
-        lines += found[:limit]
+        lines += found
     # Stable: lines of the same millisecond keep the order of the files, then of each file.
     lines.sort(key=lambda entry: entry.stamp)
     view.lines = lines[:limit]
@@ -286,14 +289,18 @@ def _read_logs(files: list[tuple[str, Path]] | str, transaction_id: str, limit: 
 
 
 def _matching(path: Path, process: str, needle: str, pattern: re.Pattern[str]) -> Iterator[LogLine]:
+    """The lines of one log that name the transaction, in file order. A line without a time
+    of its own (not written by dtm.logs) takes the last one seen, so that it stays in place.
+    Only lines holding `needle` are looked at closer: a log is mostly other transactions'."""
     stamp = ""
     with path.open(encoding="utf-8", errors="replace") as log:
         for raw in log:
+            if needle not in raw:
+                continue
             line = raw.rstrip("\n")
-            begins = _STAMP.match(line)
-            if begins:
-                stamp = begins.group()
-            if needle in line and pattern.search(line):
+            if pattern.search(line):
+                begins = _STAMP.match(line)
+                stamp = begins.group() if begins else stamp
                 yield LogLine(process, line, stamp)
 
 
