@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from dtm import cli, cluster, limits
-from dtm import cli_format as fmt
+from dtm.cli import tables as fmt
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 #: Log lines shown by default, and at most: a transaction whose phase 2 is retried for long

@@ -1,0 +1,108 @@
+"""Commands on heuristic outcomes: heuristics, heuristics forget.
+
+Part of `dtm.cli`: see its docstring."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from dtm.cli import tables as fmt
+from dtm.cli.session import (
+    EXIT_OK,
+    CliError,
+    Session,
+    rpc_error,
+)
+from dtmpb.v1 import (
+    coordinator_pb2,
+)
+
+# ---- heuristic outcomes ----
+
+
+def cmd_heuristics(session: Session) -> int:
+    response = session.call_coordinator(
+        "ListHeuristics", coordinator_pb2.ListHeuristicsRequest(limit=session.options.limit)
+    )
+    found = list(response.heuristics)
+    if session.json:
+        fmt.emit_json([fmt.heuristic_dict(h) for h in found], session.out)
+        if response.total > len(found):
+            # The list is the JSON contract; that it is cut goes where the table says it.
+            print(
+                f"dtm: note: {len(found)} of {response.total} heuristic outcomes listed: "
+                "--limit for more",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+    if not found:
+        # Not "every branch followed its decision": a forced branch reaches this list once its
+        # Commit or Rollback, or its participant's report after an inquiry, reached the
+        # coordinator; until then its participant keeps it awaiting.
+        print(
+            "no heuristic outcomes known to the coordinator; forced branches not yet "
+            "reconciled with it are listed by `dtm branches --awaiting`",
+            file=session.out,
+        )
+        return EXIT_OK
+    now = fmt.now_ms()
+    fmt.table(
+        [
+            "TRANSACTION",
+            "BRANCH",
+            "PARTICIPANT",
+            "OUTCOME",
+            "DECISION",
+            "FOUND BY",
+            "AGE",
+            "DETAIL",
+        ],
+        [
+            [
+                h.transaction_id,
+                h.branch,
+                h.participant,
+                h.outcome,
+                fmt.outcome_name(h.decision),
+                fmt.found_by(h),
+                fmt.duration(fmt.age_s(h.recorded_at_unix_ms, now)),
+                fmt.clip(h.detail) or "-",
+            ]
+            for h in found
+        ],
+        session.out,
+    )
+    if response.total > len(found):
+        print(f"({len(found)} of {response.total}: --limit for more)", file=session.out)
+    return EXIT_OK
+
+
+def cmd_heuristics_forget(session: Session) -> int:
+    options = session.options
+    request = coordinator_pb2.ForgetHeuristicRequest(
+        transaction_id=options.id, branch=options.branch
+    )
+    try:
+        response = session.coordinator.ForgetHeuristic(request, timeout=session.timeout)
+    except grpc.RpcError as error:
+        address = session.coordinator_address
+        if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND:
+            # Its own message names the API call (ListHeuristics); here, the command.
+            raise CliError(
+                f"the coordinator at {address} keeps no heuristic outcome for "
+                f"{options.id}/{options.branch}: never recorded, or already forgotten "
+                "(`dtm heuristics` lists them)"
+            ) from None
+        raise rpc_error(error, "the coordinator", address, session) from None
+    if session.json:
+        fmt.emit_json(fmt.heuristic_dict(response.forgotten), session.out)
+        return EXIT_OK
+    forgotten = response.forgotten
+    print(
+        f"forgot the {forgotten.outcome} of {forgotten.transaction_id}/{forgotten.branch} "
+        f"at {forgotten.participant}",
+        file=session.out,
+    )
+    return EXIT_OK

@@ -1,0 +1,505 @@
+"""Commands on participants: participants (and remove), locks, branches (and forget), force.
+
+Part of `dtm.cli`: see its docstring."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dtm import limits
+from dtm.cli import tables as fmt
+from dtm.cli.session import (
+    BRANCH_STATE_NAMES,
+    EXIT_ERROR,
+    EXIT_NO,
+    EXIT_OK,
+    EXIT_USAGE,
+    FORCE_WARNING,
+    CliError,
+    Session,
+    Target,
+    _tls_hint,
+    rpc_error,
+)
+from dtmpb.v1 import (
+    coordinator_pb2,
+    participant_pb2,
+    participant_pb2_grpc,
+)
+
+# ---- participants ----
+
+
+#: Added when the coordinator cannot be reached to look a participant up in its registry.
+WITHOUT_COORDINATOR_HINT = (
+    "without the coordinator, give the participant's --address HOST:PORT to ask it directly"
+)
+
+
+def _registry(
+    session: Session, unreachable_hint: str = ""
+) -> list[coordinator_pb2.ParticipantInfo]:
+    """The coordinator's registry; `unreachable_hint` is added to the error when the
+    coordinator cannot be reached (not when it refuses, or fails the TLS handshake)."""
+    try:
+        response = session.coordinator.ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
+        if (
+            unreachable_hint
+            and unreachable
+            and _tls_hint(details, "the coordinator", session) is None
+        ):
+            problem = CliError(f"{problem}; {unreachable_hint}", problem.status)
+        raise problem from None
+    return list(response.participants)
+
+
+def _targets(session: Session) -> list[Target]:
+    """The participants to ask: the one at --address, else the registry's (only
+    --participant's, when given)."""
+    options = session.options
+    if options.address:
+        name = options.participant or options.address
+        return [Target(name, options.address, options.participant)]
+    registry = _registry(session, WITHOUT_COORDINATOR_HINT)
+    if options.participant:
+        registry = [p for p in registry if p.name == options.participant]
+        if not registry:
+            raise CliError(
+                f"participant {options.participant!r} is not registered with the coordinator "
+                f"at {session.coordinator_address} (`dtm participants` lists them; --address "
+                "HOST:PORT reaches a participant directly)"
+            )
+    return [Target(p.name, p.address, p.name, p.incarnation) for p in registry]
+
+
+def _ask_all(
+    session: Session, call: Callable[[participant_pb2_grpc.ParticipantAdminStub, Target], Any]
+) -> Iterator[tuple[str, Any]]:
+    """Call every target participant at once (futures); yields (name, response) in order.
+    A participant that fails is reported on stderr; the command then exits with EXIT_ERROR."""
+    pending = [(target, call(session.admin(target), target)) for target in _targets(session)]
+    for target, future in pending:
+        try:
+            yield target.name, future.result()
+        except grpc.RpcError as error:
+            problem = rpc_error(error, target.what, target.address, session)
+            print(f"dtm: error: {problem}", file=sys.stderr)
+            session.failures += 1
+
+
+def _nobody_answered(session: Session, answers: Sequence[tuple[str, Any]]) -> bool:
+    """Whether every participant asked failed (each is already reported on stderr): then the
+    command prints nothing, since "no locks held" or [] would claim what nobody said."""
+    return session.failures > 0 and not answers
+
+
+def cmd_participants_remove(session: Session) -> int:
+    response = session.call_coordinator(
+        "UnregisterParticipant",
+        coordinator_pb2.UnregisterParticipantRequest(name=session.options.name),
+    )
+    removed = response.participant
+    # The incarnation says which process's registration went (another may have registered
+    # under the name since `dtm participants` was read), as `dtm participants` names it.
+    if session.json:
+        fmt.emit_json(
+            {"name": removed.name, "address": removed.address, "incarnation": removed.incarnation},
+            session.out,
+        )
+    else:
+        incarnation = f" incarnation {removed.incarnation}" if removed.incarnation else ""
+        print(
+            f"unregistered {removed.name}{incarnation} (was at {removed.address})",
+            file=session.out,
+        )
+    if _serving(session, removed.address, removed.name):
+        # Done all the same (the coordinator's registry is what the command changes), but
+        # not for good: a participant registers at every start.
+        print(
+            f"dtm: warning: {removed.name} at {removed.address} is still running (health "
+            "SERVING): it gets no new transactions, and registers again at its next start; "
+            "stop the service to decommission it",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def _serving(session: Session, address: str, identity: str) -> bool:
+    """Whether the server at `address` answers its health check SERVING (briefly: a stopped
+    one refuses the connection at once)."""
+    stub = health_pb2_grpc.HealthStub(session.channel(address, identity))
+    try:
+        answer = stub.Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=min(session.timeout, 2.0)
+        )
+    except grpc.RpcError:
+        return False
+    return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def cmd_participants(session: Session) -> int:
+    registry = _registry(session)
+    probes = []
+    identities = []
+    for info in registry:
+        stub = health_pb2_grpc.HealthStub(session.channel(info.address, info.name))
+        probes.append(
+            stub.Check.future(health_pb2.HealthCheckRequest(service=""), timeout=session.timeout)
+        )
+        # Health says a server answers at the address, not which: ask it, as the registered
+        # participant and incarnation, for something it refuses to another's caller.
+        target = Target(info.name, info.address, info.name, info.incarnation)
+        identities.append(
+            session.admin(target).ListLocks.future(
+                target.addressed(participant_pb2.ListLocksRequest()), timeout=session.timeout
+            )
+        )
+    rows: list[dict[str, Any]] = []
+    for info, probe, identity in zip(registry, probes, identities, strict=True):
+        try:
+            health = health_pb2.HealthCheckResponse.ServingStatus.Name(probe.result().status)
+        except grpc.RpcError as error:
+            code = error.code().name if isinstance(error, grpc.Call) else "error"
+            health = f"UNREACHABLE ({code})"
+        other = _another_process(identity)
+        if other is not None and health == "SERVING":
+            health = "ANOTHER PROCESS"
+            print(f"dtm: warning: {info.name} at {info.address}: {other}", file=sys.stderr)
+        rows.append(
+            {
+                "name": info.name,
+                "address": info.address,
+                "health": health,
+                # The id the participant keeps with its log: another one under the same name
+                # is another process, or one whose log was lost ("": a participant from
+                # before incarnations).
+                "incarnation": info.incarnation,
+                "one_phase": info.capabilities.one_phase,
+                "batch": info.capabilities.batch,
+                "operation_types": list(info.capabilities.operation_types),
+                "registered_at_unix_ms": info.registered_at_unix_ms,
+            }
+        )
+    healthy = all(row["health"] == "SERVING" for row in rows)
+    if session.json:
+        fmt.emit_json(rows, session.out)
+    elif not rows:
+        print(
+            f"no participants registered with the coordinator at {session.coordinator_address}",
+            file=session.out,
+        )
+    else:
+        fmt.table(
+            [
+                "NAME",
+                "ADDRESS",
+                "HEALTH",
+                "INCARNATION",
+                "CAPABILITIES",
+                "OPERATION TYPES",
+                "REGISTERED",
+            ],
+            [
+                [
+                    row["name"],
+                    row["address"],
+                    row["health"],
+                    row["incarnation"] or "-",
+                    ",".join(c for c in ("one_phase", "batch") if row[c]) or "-",
+                    ", ".join(row["operation_types"]) or "any",
+                    fmt.duration(fmt.age_s(row["registered_at_unix_ms"])) + " ago",
+                ]
+                for row in rows
+            ],
+            session.out,
+        )
+    return EXIT_OK if healthy else EXIT_NO
+
+
+def _another_process(identity: Any) -> str | None:
+    """The refusal of a call addressed to a registered participant by whatever answers at its
+    address, when that is another participant or incarnation (a stale registry); else None
+    (answered, or failed otherwise: a participant without the admin service, say)."""
+    from dtm.coordinator.ports import MISDIRECTED_METADATA_KEY  # only here: a heavy import
+
+    try:
+        identity.result()
+    except grpc.RpcError as error:
+        if not isinstance(error, grpc.Call):
+            return None
+        metadata = error.trailing_metadata() or ()
+        if any(key == MISDIRECTED_METADATA_KEY for key, _ in metadata):
+            return error.details() or "another participant answers there"
+    return None
+
+
+def cmd_locks(session: Session) -> int:
+    answers = list(
+        _ask_all(
+            session,
+            lambda admin, target: admin.ListLocks.future(
+                target.addressed(participant_pb2.ListLocksRequest()), timeout=session.timeout
+            ),
+        )
+    )
+    if _nobody_answered(session, answers):
+        return EXIT_ERROR
+    found = [(name, lock) for name, response in answers for lock in response.locks]
+    if session.json:
+        fmt.emit_json([fmt.lock_dict(name, lock) for name, lock in found], session.out)
+    elif not found:
+        print("no locks held", file=session.out)
+    else:
+        fmt.table(
+            ["PARTICIPANT", "RESOURCE", "MODE", "HOLDERS", "HELD FOR", "WAITERS"],
+            [
+                [
+                    name,
+                    lock.resource,
+                    lock.mode,
+                    ", ".join(lock.holders),
+                    fmt.duration(fmt.age_s(lock.held_since_unix_ms)),
+                    ", ".join(lock.waiters) or "-",
+                ]
+                for name, lock in found
+            ],
+            session.out,
+        )
+    return EXIT_ERROR if session.failures else EXIT_OK
+
+
+def cmd_branches(session: Session) -> int:
+    options = session.options
+    states = [participant_pb2.BRANCH_STATE_PREPARED] if options.in_doubt else []
+    for name in options.state or ():
+        if name.lower() not in BRANCH_STATE_NAMES:
+            raise CliError(
+                f"--state {name!r}: expected one of {', '.join(BRANCH_STATE_NAMES)}", EXIT_USAGE
+            )
+        states.append(BRANCH_STATE_NAMES[name.lower()])
+    answers = list(
+        _ask_all(
+            session,
+            lambda admin, target: admin.ListBranches.future(
+                target.addressed(
+                    participant_pb2.ListBranchesRequest(
+                        states=states, awaiting_coordinator=options.awaiting
+                    )
+                ),
+                timeout=session.timeout,
+            ),
+        )
+    )
+    if _nobody_answered(session, answers):
+        return EXIT_ERROR
+    found = [
+        (name, info)
+        for name, response in answers
+        # The participant lists oldest first; keep the newest `limit` of each.
+        for info in list(response.branches)[-options.limit :]
+    ]
+    for name, response in answers:
+        _note_cut(name, len(response.branches), options.limit)
+    if session.json:
+        fmt.emit_json([fmt.branch_info_dict(name, info) for name, info in found], session.out)
+    elif not found:
+        print("no branches" + (" match" if states or options.awaiting else ""), file=session.out)
+    else:
+        fmt.table(
+            ["PARTICIPANT", "TRANSACTION", "BRANCH", "STATE", "AGE", "REASON", "HEURISTIC"],
+            [
+                [
+                    name,
+                    info.transaction_id,
+                    info.branch,
+                    fmt.branch_state_name(info.state),
+                    fmt.duration(fmt.age_s(info.updated_at_unix_ms)),
+                    fmt.clip(info.reason) or "-",
+                    fmt.branch_heuristic(info),
+                ]
+                for name, info in found
+            ],
+            session.out,
+        )
+    return EXIT_ERROR if session.failures else EXIT_OK
+
+
+def _note_cut(name: str, listed: int, limit: int) -> None:
+    """Say on stderr that --limit left some of a participant's branches out (the forced ones
+    awaiting reconciliation among them, with --awaiting), as `dtm heuristics` does."""
+    if listed <= limit:
+        return
+    # A participant answers at most LIST_TRANSACTIONS_LIMIT_MAX: there may be more.
+    more = " or more" if listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX else ""
+    print(
+        f"dtm: note: {name}: the newest {limit} of {listed}{more} branches listed: --limit for "
+        "more",
+        file=sys.stderr,
+    )
+
+
+def cmd_force(session: Session) -> int:
+    options = session.options
+    if not options.i_understand:
+        print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
+        return EXIT_USAGE
+    _refuse_contradiction(session)
+    request = participant_pb2.ForceOutcomeRequest(
+        transaction_id=options.id,
+        branch=options.branch,
+        commit=options.commit,
+        i_understand_this_is_heuristic=True,
+    )
+    return _act_on_branch(
+        session,
+        lambda admin, target: admin.ForceOutcome(
+            target.addressed(request), timeout=session.timeout
+        ),
+        lambda name, info: (
+            f"{name}: branch {info.transaction_id}/{info.branch} forced to "
+            f"{fmt.branch_state_name(info.state)} (heuristic: {info.heuristic or '-'})"
+        ),
+    )
+
+
+def cmd_branches_forget(session: Session) -> int:
+    options = session.options
+    request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
+    return _act_on_branch(
+        session,
+        lambda admin, target: admin.ForgetBranch(
+            target.addressed(request), timeout=session.timeout
+        ),
+        lambda name, info: (
+            f"{name}: forgot forced branch {info.transaction_id}/{info.branch} "
+            f"({fmt.branch_state_name(info.state)}, heuristic: {info.heuristic}); it is no "
+            "longer kept for its coordinator"
+        ),
+    )
+
+
+def _act_on_branch(
+    session: Session,
+    call: Callable[[participant_pb2_grpc.ParticipantAdminStub, Target], Any],
+    done: Callable[[str, participant_pb2.BranchInfo], str],
+) -> int:
+    """One admin call about one branch of the participant the options name; prints the
+    branch it answers with (JSON, or the line `done` makes of it)."""
+    target = _one_target(session)
+    try:
+        response = call(session.admin(target), target)
+    except grpc.RpcError as error:
+        raise rpc_error(error, target.what, target.address, session) from None
+    if session.json:
+        fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
+    else:
+        print(done(target.name, response.branch), file=session.out)
+    return EXIT_OK
+
+
+def _one_target(session: Session) -> Target:
+    """The one participant a command acts on: --participant (through the registry) or
+    --address."""
+    options = session.options
+    if not options.participant and not options.address:
+        raise CliError(
+            "say which participant: --participant NAME or --address HOST:PORT", EXIT_USAGE
+        )
+    return _targets(session)[0]
+
+
+def _refuse_contradiction(session: Session) -> None:
+    """Refuse to force against a decision the coordinator knows: that breaks atomicity for
+    certain, and the decision can simply be delivered instead (`dtm txn retry`). A coordinator
+    with no record of the transaction decided abort (presumed abort: it answers ABORTED to the
+    participants' QueryOutcome), so a forced commit is refused then, unless --coordinator-lost
+    says its log is gone. Only a coordinator that cannot be reached (UNAVAILABLE, or no answer
+    within --timeout) lets the force go on unchecked: that is the case forcing is for. Any
+    other failure to ask (PERMISSION_DENIED, a failed TLS handshake) refuses: the check must
+    not fail open."""
+    options = session.options
+    try:
+        txn = session.coordinator.GetTransaction(
+            coordinator_pb2.GetTransactionRequest(transaction_id=options.id),
+            timeout=session.timeout,
+        )
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
+        unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
+        if code in unreachable and _tls_hint(details, "the coordinator", session) is None:
+            return
+        if code is grpc.StatusCode.NOT_FOUND:
+            if options.commit and not options.coordinator_lost:
+                raise CliError(
+                    f"the coordinator at {session.coordinator_address} has no record of "
+                    f"{options.id}: under presumed abort that means it aborted (its "
+                    "participants are told ABORTED), so forcing commit would break atomicity. "
+                    "Force --rollback instead; only if that coordinator lost its log (or never "
+                    "ran this transaction) and the transaction may have committed, re-run with "
+                    "--coordinator-lost"
+                ) from None
+            return
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        raise CliError(
+            f"{problem}; refusing to force {options.id} without knowing the coordinator's "
+            "decision (a coordinator that cannot be reached at all does not stop a force)"
+        ) from None
+    if txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_PREPARING,
+        coordinator_pb2.TRANSACTION_STATE_DECIDING,
+    ):
+        # It is deciding now, within the transaction's timeout: whichever way a force went,
+        # the decision could contradict it a moment later.
+        state = coordinator_pb2.TransactionState.Name(txn.state).removeprefix("TRANSACTION_STATE_")
+        raise CliError(
+            f"the coordinator at {session.coordinator_address} is still deciding {options.id} "
+            f"({state.lower()}): forcing now could contradict its decision. Wait for it "
+            f"(`dtm txn show {options.id}`); it comes within the transaction's timeout"
+        )
+    # This attempt's own decision, which its branches are told: a transaction committed by an
+    # earlier attempt reads COMMITTED, but this attempt decided abort (a branch of it in doubt
+    # is one a participant that forgot the earlier commit prepared again); ABORTING has
+    # decided abort, only its client's answer waits.
+    committed = not txn.committed_earlier and txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+    )
+    aborted = bool(txn.committed_earlier) or txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_ABORTING,
+        coordinator_pb2.TRANSACTION_STATE_ABORTED,
+    )
+    if (committed and not options.commit) or (aborted and options.commit):
+        decision = "commit" if committed else "abort"
+        raise CliError(
+            f"the coordinator at {session.coordinator_address} decided {decision} for "
+            f"{options.id}: forcing {'commit' if options.commit else 'rollback'} would break "
+            f"atomicity. {_deliver_instead(txn)}"
+        )
+
+
+def _deliver_instead(txn: coordinator_pb2.Transaction) -> str:
+    """What to do instead of forcing against a known decision. `dtm txn retry` pushes only the
+    Commits of a committing transaction: suggested for any other state, it answered "nothing to
+    retry"."""
+    if txn.state == coordinator_pb2.TRANSACTION_STATE_COMMITTING and not txn.committed_earlier:
+        return f"Deliver the decision instead: `dtm txn retry {txn.transaction_id}`"
+    return (
+        "The participant learns it without you: a branch prepared longer than its "
+        "in_doubt_after_ms asks the coordinator (`dtm txn show "
+        f"{txn.transaction_id}` shows the decision)"
+    )
