@@ -22,6 +22,7 @@ from participants.server import ParticipantServer, now_ms
 from participants.services.inventory import InventoryService
 from tests.harness import STOCK, InProcessCluster, eventually, order_branches
 from tests.test_cli import dtm
+from tests.test_costs import StockCheck, read_only_branch
 from tests.test_inquiries import NEVER_MS, forced_after_commit, forced_lines, reserve
 
 Code = grpc.StatusCode
@@ -385,5 +386,49 @@ def test_bad_reports_get_precise_status_codes(tmp_path: Path) -> None:
             metadata: Any = error.trailing_metadata() or ()
             assert ["a" * 16] == [v for k, v in metadata if k == "dtm-replaced"]
             assert [] == await listed(cluster)
+
+    asyncio.run(scenario())
+
+
+def test_a_report_about_a_recovered_commit_finds_its_branch_by_number_not_place(
+    tmp_path: Path,
+) -> None:
+    """A commit resumed after a coordinator restart lists only its updating branches: here
+    inventory's branch 1, behind the read-only branch 0 of a stock check. Its Commits cannot
+    reach inventory, whose branch an operator rolled back; inventory's report of it names
+    branch 1, which is the resumed transaction's first (and only) entry."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            extra_services=[StockCheck("check-a")],
+            participant_overrides=ASKS_LATER,
+            coordinator_overrides={"backoff_ms_min": 20, "backoff_ms_max": 100},
+        ) as cluster:
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            reserve_apple = order_branches("o-1", [("sku-apple", 1)])[0]
+            branches = [read_only_branch("check-a"), reserve_apple]
+            assert (
+                coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
+            )
+            await cluster.admin("inventory").ForceOutcome(
+                participant_pb2.ForceOutcomeRequest(
+                    transaction_id="t1", branch=1, commit=False, i_understand_this_is_heuristic=True
+                )
+            )
+            await cluster.restart_coordinator()  # resumes t1: Commits to branch 1 only
+            engine = cluster.coordinator.engine
+            assert [1] == [b.index for b in engine.active["t1"].txn.branches]
+            server = cluster.participants["inventory"]
+            await ask(server, cluster)
+
+            [kept] = await listed(cluster)
+            assert ("t1", 1, HEURISTIC_ROLLBACK) == (kept.transaction_id, kept.branch, kept.outcome)
+            assert [] == server.engine.forced_awaiting()
+
+            async def over() -> bool:
+                return "t1" not in engine.active
+
+            await eventually(over)
 
     asyncio.run(scenario())

@@ -872,15 +872,17 @@ class Engine:
             view = self.finished.get(transaction_id)
             if view is not None and fingerprint and view.fingerprint != fingerprint:
                 view = None
+        # By branch number, not place: a commit resumed after a restart (and one remembered
+        # from its decision record) lists only its updating branches.
         known = (
-            [(b.participant, b.heuristic) for b in run.txn.branches]
+            {b.index: (b.participant, b.heuristic) for b in run.txn.branches}
             if run is not None
-            else [(b.participant, b.heuristic) for b in view.branches]
+            else {b.branch: (b.participant, b.heuristic) for b in view.branches}
             if view is not None
             else None  # no record of the transaction (presumed abort): nothing to check
         )
         if known is not None:
-            owner, heuristic = known[branch] if branch < len(known) else ("", "")
+            owner, heuristic = known.get(branch, ("", ""))
             if owner != participant:
                 raise Refused(
                     grpc.StatusCode.FAILED_PRECONDITION,
