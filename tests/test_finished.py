@@ -297,3 +297,19 @@ def test_a_rollback_acknowledged_after_the_abort_shows_in_the_transaction(
             assert ABORTED == txn.state
 
     asyncio.run(scenario())
+
+
+def test_a_heuristic_marked_after_the_end_goes_to_the_branch_of_that_number() -> None:
+    """A commit remembered from its decision record lists only its updating branches: here
+    branch 1 alone, behind a read-only branch 0. Marking branch 1 marks that row; marking
+    branch 0, which has no row, marks nothing."""
+    window = FinishedWindow(2)
+    head = ("t1", COMMITTED, 1, "", 10, 11, 5_000, b"fp", "", "", b"decision", "")
+    window.put(pack(head, [(1, "inventory", coordinator_pb2.VOTE_PREPARED, "", False, 0, "", "")]))
+    window.mark_heuristic("t1", 0, "heuristic rollback")
+    window.mark_heuristic("t1", 1, "heuristic commit")
+    view = window.get("t1")
+    assert view is not None
+    assert [(1, True, "heuristic commit")] == [
+        (b.branch, b.acknowledged, b.heuristic) for b in view.branches
+    ]

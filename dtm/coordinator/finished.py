@@ -79,6 +79,7 @@ _HEAD_FIELDS = len(TransactionView._fields) - 1
 _BRANCH_FIELDS = len(BranchView._fields)
 _STATE = TransactionView._fields.index("state")
 _DECISION = TransactionView._fields.index("decision")
+_BRANCH = BranchView._fields.index("branch")
 _ACKNOWLEDGED = BranchView._fields.index("acknowledged")
 _HEURISTIC = BranchView._fields.index("heuristic")
 
@@ -161,8 +162,19 @@ class FinishedWindow:
         inquiry found it) in the branch's status, as phase 2 would have (acknowledged: no
         decision is owed to it); nothing if the transaction was forgotten."""
         record = self._records.get(transaction_id)
-        at = _HEAD_FIELDS + branch * _BRANCH_FIELDS
-        if record is None or at >= len(record):
+        if record is None:
+            return
+        # By number: a commit remembered from its decision record has only its updating
+        # branches' rows.
+        at = next(
+            (
+                at
+                for at in range(_HEAD_FIELDS, len(record), _BRANCH_FIELDS)
+                if record[at + _BRANCH] == branch
+            ),
+            None,
+        )
+        if at is None:
             return
         row = list(record[at : at + _BRANCH_FIELDS])
         row[_ACKNOWLEDGED] = True
