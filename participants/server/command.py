@@ -1,0 +1,27 @@
+"""run(service, argv): the entry point of a participant process.
+
+Part of `participants.server`: see its docstring."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from dtm import grpc_edge, limits, logs
+from participants.server.process import ParticipantServer
+from participants.server.settings import (
+    parse_args,
+)
+from participants.service import Service
+
+
+def run(service: Service[Any], argv: list[str] | None = None) -> None:
+    """Entry point for a participant process. Exits with status 1 when it cannot start, or
+    when the coordinator refuses its registration for good."""
+    problem = limits.participant_name_problem(service.name)
+    if problem:
+        sys.exit(f"dtm service {service.name}: error: {problem}")
+    participant_config = parse_args(service.name, argv)
+    logs.configure(service.name, participant_config.log_level)
+    grpc_edge.use_fast_event_loop()
+    grpc_edge.run_server(lambda: ParticipantServer(service, participant_config))

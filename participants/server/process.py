@@ -1,0 +1,522 @@
+"""ParticipantServer: the participant process (serving, registration, recovery, leases,
+inquiries, heuristic reports, checkpoints).
+
+Part of `participants.server`: see its docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from typing import Any
+
+import grpc
+
+from dtm import crashpoints, grpc_edge, limits, logs, metrics, security
+from dtm.core.branch import BranchState
+from dtm.wal import WriteAheadLog, async_log
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
+from participants.branches import (
+    BranchEngine,
+    BranchInfo,
+)
+from participants.locks import LockManager
+from participants.server.admin import (
+    AdminServicer,
+)
+from participants.server.servicer import (
+    ParticipantServicer,
+)
+from participants.server.settings import (
+    ParticipantConfig,
+)
+from participants.server.wire import (
+    REGISTRATION_FATAL,
+    FaultState,
+    _replacement,
+    now_ms,
+)
+from participants.service import Service
+
+
+class ParticipantServer:
+    """One participant process: a service's business logic behind the SDK."""
+
+    def __init__(self, service: Service[Any], config: ParticipantConfig) -> None:
+        # The coordinator's own check: a name it would refuse could never register (and it
+        # names the data directory).
+        problem = limits.participant_name_problem(service.name)
+        if problem:
+            raise ValueError(f"service {type(service).__name__}: {problem}")
+        self.service = service
+        self.config = config
+        self.log_ = logs.get(service.name)
+        self.fault = FaultState()
+        wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
+        self.wal = async_log(wal, config.wal_sync)
+        self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
+        self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
+        self.engine.replay(records, wal.directory)
+        # A new log starts with a checkpoint of the initial state (stock, accounts): until the
+        # first periodic one, replay started from whatever initial state this process was
+        # given, so a restart with another --initial file (or another DEFAULT_CATALOG)
+        # rewrote committed stock and balances, or failed to replay a prepare at all.
+        # That checkpoint also makes the incarnation durable, created here with the log (or
+        # for a log written before incarnations: its checkpoint did not carry one).
+        self._fresh_log = not records or not self.engine.incarnation
+        if not self.engine.incarnation:
+            self.engine.incarnation = secrets.token_hex(8)
+        crashpoints.hit("participant.during_recovery")
+        self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
+        self.port = 0
+        self._background: list[asyncio.Task[None]] = []
+        self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
+        # The INFO summary of outcomes still unknown (_summarize_unknown): when it was last
+        # written, the inquiries made since, and the last reason one stayed unknown.
+        self._summary_at_ms = 0
+        self._asked_since_summary = 0
+        self._last_unknown_reason = ""
+        self.registered = asyncio.Event()
+        # Set when the coordinator refused the registration for good (REGISTRATION_FATAL), or
+        # an inquiry because another incarnation replaced this one (`_replaced`): `failure`
+        # says why; run() then stops the process with exit status 1.
+        self.failed = asyncio.Event()
+        self.failure = ""
+        self.metrics = metrics.for_participant(
+            service.name, self.engine, self.locks, self.wal, config.metrics_listen
+        )
+
+    async def start(self) -> int:
+        participant_pb2_grpc.add_ParticipantServicer_to_server(
+            ParticipantServicer(self), self.server
+        )
+        participant_pb2_grpc.add_ParticipantAdminServicer_to_server(
+            AdminServicer(self), self.server
+        )
+        names = [
+            participant_pb2.DESCRIPTOR.services_by_name["Participant"].full_name,
+            participant_pb2.DESCRIPTOR.services_by_name["ParticipantAdmin"].full_name,
+            *self.service.add_read_api(self.server),
+        ]
+        grpc_edge.add_health_and_reflection(self.server, names)
+        tls = self.config.tls
+        credentials = security.server_credentials(tls) if tls is not None else None
+        self.port = grpc_edge.bind(self.server, self.config.listen, credentials)
+        self.metrics_port = self.metrics.start() if self.metrics is not None else 0
+        if self._fresh_log:
+            await self.engine.checkpoint()
+            self._fresh_log = False
+        await self.server.start()
+        recovered = len(self.engine.in_doubt())
+        self.log_.info(
+            "participant serving",
+            port=self.port,
+            incarnation=self.engine.incarnation,
+            in_doubt_recovered=recovered,
+            data_dir=str(self.config.data_dir),
+            security=security.describe(tls),
+        )
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._housekeeping()))
+        if self.config.coordinator:
+            self._background.append(loop.create_task(self._register()))
+        return self.port
+
+    @property
+    def advertise(self) -> str:
+        if self.config.advertise:
+            return self.config.advertise
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.metrics is not None:
+            await self.metrics.stop()
+        await self.server.stop(grace_s)
+        await self.wal.close()
+
+    # ---- background work ----
+
+    def _coordinator_channel(self) -> grpc.aio.Channel:
+        # With TLS the server must prove it is the coordinator: registration and inquiries
+        # must not go to whatever process holds the coordinator's port.
+        tls = self.config.tls
+        return security.channel(self.config.coordinator, tls, security.coordinator_identity(tls))
+
+    async def _register(self) -> None:
+        """Register with the coordinator, retrying (capped backoff) until it answers; a refusal
+        no retry can change (REGISTRATION_FATAL) sets `failed` instead."""
+        request = coordinator_pb2.RegisterParticipantRequest(
+            name=self.service.name,
+            address=self.advertise,
+            incarnation=self.engine.incarnation,
+            replace=self.config.replace_registration,
+            capabilities=coordinator_pb2.Capabilities(
+                one_phase=True,
+                batch=True,
+                operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
+            ),
+        )
+        if request.replace:
+            self.log_.warning(
+                f"{limits.REPLACE_REGISTRATION_FLAG}: registering as a replacement; if the "
+                "coordinator owes another incarnation of this participant decisions, this one "
+                "takes them, and each owed Commit becomes a heuristic hazard",
+                incarnation=self.engine.incarnation,
+            )
+        delay = 0.05
+        async with self._coordinator_channel() as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            while True:
+                try:
+                    await stub.RegisterParticipant(request, timeout=2.0)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() in REGISTRATION_FATAL:
+                        self.failure = (
+                            f"the coordinator at {self.config.coordinator} refused to register "
+                            f"participant {self.service.name!r}: {error.code().name}: "
+                            f"{error.details()}"
+                        )
+                        self.log_.error(
+                            "registration refused; stopping",
+                            coordinator=self.config.coordinator,
+                            code=error.code().name,
+                            detail=error.details(),
+                        )
+                        self.failed.set()
+                        return
+                    # RESOURCE_EXHAUSTED (the registry is full) included: a slot may free up.
+                    self.log_.warning(
+                        "registration failed; retrying",
+                        coordinator=self.config.coordinator,
+                        code=error.code().name,
+                        detail=error.details(),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                self.log_.info(
+                    "registered", coordinator=self.config.coordinator, address=self.advertise
+                )
+                self.registered.set()
+                return
+
+    async def _housekeeping(self) -> None:
+        """Leases on unvoted branches, inquiries for in-doubt ones, and checkpoints."""
+        channel = self._coordinator_channel() if self.config.coordinator else None
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel) if channel is not None else None
+        try:
+            while True:  # until stop() cancels it
+                await asyncio.sleep(self.config.tick_ms / 1000)
+                try:
+                    await self._housekeeping_tick(stub)
+                except Exception as error:  # a bug: say so loudly, and keep the loop alive
+                    # A housekeeping loop that dies takes leases, inquiries and checkpoints
+                    # with it, and nothing else would notice (a checkpoint bug did just that).
+                    self.log_.error(
+                        "housekeeping failed; it goes on at the next tick",
+                        error=f"{type(error).__name__}: {error}",
+                        exc_info=error,
+                    )
+        finally:
+            if channel is not None:
+                await channel.close(None)
+
+    async def _housekeeping_tick(self, stub: coordinator_pb2_grpc.CoordinatorStub | None) -> None:
+        now = now_ms()
+        for info in self.engine.preparing():
+            if now - info.updated_at_ms >= self.config.lease_unvoted_ms:
+                self.log_.warning(
+                    "lease expired before the vote: branch aborted, locks reclaimed",
+                    txn=info.branch.transaction_id,
+                    branch=info.branch.index,
+                )
+                self.engine.expire_lease(info.branch.key)
+        if stub is not None:
+            await self._ask_about_in_doubt(stub, now)
+        if self.engine.records_since_checkpoint >= self.config.checkpoint_every_records:
+            await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        try:
+            await self.engine.checkpoint()
+        except Exception as error:  # leases and inquiries must go on regardless
+            # Nothing is lost: the log keeps every record since the last checkpoint, it only
+            # grows. A failed fsync never reaches here (the process stops); this is anything
+            # else, a bug included, so it is retried only after as many records again.
+            self.engine.records_since_checkpoint = 0
+            self.log_.error(
+                "checkpoint failed; the log grows until one succeeds",
+                error=f"{type(error).__name__}: {error}",
+                retry_after_records=self.config.checkpoint_every_records,
+            )
+            return
+        # Built on the event loop (a stall of every call: dtm_checkpoint_building_seconds),
+        # then written and fsynced on the log's thread with wal_sync = "loop".
+        self.log_.info(
+            "checkpoint written",
+            in_doubt=len(self.engine.in_doubt()),
+            ms=self.engine.checkpoints.last_ms,
+        )
+
+    async def _ask_about_in_doubt(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, now: int
+    ) -> None:
+        """Ask the coordinator about every in-doubt branch, and every forced branch still
+        awaiting its coordinator, due for it: `in_doubt_after_ms` after its prepare (after
+        its forcing), then with a backoff while the answer stays unknown. A forced branch is
+        asked too because a coordinator that has no record of its transaction (presumed
+        abort) never sends a decision: without asking, a forced commit that contradicts it
+        would never be reported (`_reconcile_forced`)."""
+        if self.failed.is_set():  # stopping: replaced, or refused for good; ask nothing more
+            return
+        engine = self.engine
+        # Forget the backoff of branches decided meanwhile (by a Commit or Rollback), and of
+        # forced ones no longer awaiting (decided by their coordinator, or forgotten).
+        for key in [
+            k
+            for k in self._next_inquiry_ms
+            if k not in engine.open and not engine.awaiting_coordinator(k)
+        ]:
+            del self._next_inquiry_ms[key]
+        after = self.config.in_doubt_after_ms
+        due = [
+            info.branch.key
+            for info in engine.in_doubt()
+            if now - info.prepared_at_ms >= after
+            and self._next_inquiry_ms.get(info.branch.key, (0, 0))[0] <= now
+        ][: limits.INQUIRIES_PER_TICK_MAX]
+        if len(due) < limits.INQUIRIES_PER_TICK_MAX:
+            due += [
+                key
+                for key, forced_at_ms in engine.forced_awaiting()
+                if now - forced_at_ms >= after and self._next_inquiry_ms.get(key, (0, 0))[0] <= now
+            ][: limits.INQUIRIES_PER_TICK_MAX - len(due)]
+        if not due:
+            return
+        # Concurrently: with the coordinator down, one-by-one timeouts would stall this loop
+        # (and the leases it also enforces) for minutes.
+        await asyncio.gather(*(self._ask(stub, key, now) for key in due))
+        self._asked_since_summary += len(due)
+        self._summarize_unknown(now)
+
+    def _summarize_unknown(self, now: int) -> None:
+        """One INFO line for the branches whose outcome is still unknown, at most once per
+        `inquiry_backoff_ms_max` (the longest a branch waits between two inquiries, so about
+        one line per round of them), instead of one per branch per attempt (a coordinator
+        down with 30 branches in doubt wrote 250 lines in 20 s). The per-branch lines are
+        DEBUG."""
+        unknown = self._next_inquiry_ms
+        if not unknown or now - self._summary_at_ms < self.config.inquiry_backoff_ms_max:
+            return
+        oldest = next(iter(unknown))  # the first still unknown: kept in its place since
+        in_doubt = sum(1 for key in unknown if key in self.engine.open)
+        self.log_.info(
+            "outcome of branches still unknown: will ask the coordinator again",
+            txn=oldest[0],  # the oldest's, so that grep txn= finds the line
+            branch=oldest[1],
+            attempts=unknown[oldest][1],
+            in_doubt=in_doubt,
+            forced=len(unknown) - in_doubt,
+            asked=self._asked_since_summary,
+            reason=self._last_unknown_reason,
+        )
+        self._summary_at_ms = now
+        self._asked_since_summary = 0
+
+    async def _ask(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
+    ) -> None:
+        info = self.engine.open.get(key)
+        if info is None and self.engine.awaiting_coordinator(key):
+            info = self.engine.branch(key)  # forced, awaiting its coordinator
+        try:
+            answer = await stub.QueryOutcome(
+                coordinator_pb2.QueryOutcomeRequest(
+                    transaction_id=key[0],
+                    participant=self.service.name,
+                    # So that a replaced process that still runs learns nothing.
+                    incarnation=self.engine.incarnation,
+                    # So that a branch of an attempt that reused the id is not answered with
+                    # the outcome of the transaction the id belongs to.
+                    transaction_fingerprint=info.fingerprint if info is not None else b"",
+                ),
+                timeout=1.0,
+            )
+        except grpc.aio.AioRpcError as error:
+            replacement = _replacement(error)
+            if replacement is not None:
+                self._replaced(replacement, error.details() or "")
+            # The branch stays in doubt either way: a refusal is no outcome to guess from.
+            self._back_off(key, now, f"{error.code().name}: {error.details()}")
+            return
+        if answer.outcome not in (
+            coordinator_pb2.OUTCOME_COMMITTED,
+            coordinator_pb2.OUTCOME_ABORTED,
+        ):
+            self._back_off(key, now, "coordinator: still undecided")
+            return
+        commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
+        if key not in self.engine.open and self.engine.awaiting_coordinator(key):
+            await self._reconcile_forced(stub, key, commit, now)
+            return
+        self._next_inquiry_ms.pop(key, None)
+        outcome = coordinator_pb2.Outcome.Name(answer.outcome)
+        resolved = self.engine.learn_outcome(key, commit=commit)
+        if resolved:
+            self.log_.info(
+                "in-doubt branch resolved by inquiry", txn=key[0], branch=key[1], outcome=outcome
+            )
+        else:  # its Commit or Rollback came while the inquiry was in flight
+            self.log_.debug(
+                "inquiry answered; the branch was decided meanwhile",
+                txn=key[0],
+                branch=key[1],
+                outcome=outcome,
+            )
+
+    def _replaced(self, registered_incarnation: str, detail: str) -> None:
+        """The coordinator refused an inquiry: another incarnation holds this name. Once this
+        process's own registration was accepted, that can only be a later registration that
+        replaced it (--replace-registration, or a second process while nothing was owed), so
+        it stops, as on a registration refused for good: it will never hear a decision again,
+        its locks would only block its data, and serving on would hide the misuse. Its prepared
+        branches stay in doubt in its log, never guessed. Before its registration is answered
+        (a restart on its own log while another incarnation is registered), that registration
+        decides: refused, the process stops there; accepted, the next inquiry is answered."""
+        if not self.registered.is_set() or self.failed.is_set():  # the latter: log it once
+            return
+        self.failure = (  # worded as the registration's refusal for good
+            f"the coordinator at {self.config.coordinator} refused the inquiries of participant "
+            f"{self.service.name!r} incarnation {self.engine.incarnation!r}: "
+            f"FAILED_PRECONDITION: {detail}"
+        )
+        self.log_.error(
+            "replaced by another incarnation: the coordinator refuses to tell this one any "
+            "outcome; stopping, with branches in doubt",
+            incarnation=self.engine.incarnation,
+            registered_incarnation=registered_incarnation[:80],
+            in_doubt=len(self.engine.in_doubt()),
+            coordinator=self.config.coordinator,
+            detail=detail,
+        )
+        self.failed.set()
+
+    async def _reconcile_forced(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        key: tuple[str, int],
+        commit: bool,
+        now: int,
+    ) -> None:
+        """The coordinator's outcome for a forced branch: it stops awaiting, as when its
+        decision arrives; a contradiction is a heuristic outcome, and said so (rule 17). The
+        coordinator has not heard of it (its Commit or Rollback would have reconciled the
+        branch), so it is first reported to it (`_report`), and the branch awaits until the
+        coordinator has recorded it: reported again after a failure, and after a restart. The
+        engine logs the reconciliation (BranchReconciled, lazily, but forced once reported:
+        see `BranchEngine.reconcile_forced`), so that this line, the count and the report
+        are not repeated after a restart."""
+        info = self.engine.branch(key)
+        if info is None or not self.engine.awaiting_coordinator(key):
+            return  # decided by its coordinator, or forgotten, meanwhile
+        forced_commit = info.branch.state is BranchState.COMMITTED
+        reported = False
+        if forced_commit != commit:
+            acknowledged = await self._report(stub, key, info, commit, now)
+            if acknowledged is None:  # asked and reported again after a backoff
+                return
+            reported = acknowledged
+        self._next_inquiry_ms.pop(key, None)
+        info = self.engine.reconcile_forced(key, commit, reported=reported)
+        if info is None:  # decided by its coordinator, or forgotten, while reporting
+            return
+        forced = info.branch.state.value  # committed or rolled_back
+        decided = "committed" if commit else "aborted"
+        if forced_commit == commit:
+            self.log_.info(
+                "forced branch reconciled: its coordinator's outcome is the same",
+                txn=key[0],
+                branch=key[1],
+                forced=forced,
+                decided=decided,
+            )
+            return
+        if reported:
+            await self.engine.wait_durable([key])  # reported once: not again after a restart
+        self.log_.warning(
+            "forced branch contradicts its coordinator's outcome: a heuristic outcome, "
+            "to be reconciled by hand"
+            + (
+                " (recorded by the coordinator: dtm heuristics)"
+                if reported
+                else " (the coordinator takes no reports: only this line and "
+                "dtm_forced_outcomes_total show it)"
+            ),
+            txn=key[0],
+            branch=key[1],
+            forced=forced,
+            decided=decided,
+            heuristic=info.branch.heuristic,
+        )
+
+    async def _report(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        key: tuple[str, int],
+        info: BranchInfo,
+        commit: bool,
+        now: int,
+    ) -> bool | None:
+        """Report to the coordinator that a forced branch contradicts its outcome (`commit`),
+        which it answered to an inquiry: it records it (ReportHeuristic), since neither a
+        Commit nor a Rollback of its own reached the branch. True once it has recorded it;
+        False when it cannot take reports (a coordinator from before the call); None when
+        it did not answer, or refused, for now: backed off, so asked and reported again."""
+        forced_commit = info.branch.state is BranchState.COMMITTED
+        decision = coordinator_pb2.OUTCOME_COMMITTED if commit else coordinator_pb2.OUTCOME_ABORTED
+        request = coordinator_pb2.ReportHeuristicRequest(
+            transaction_id=key[0],
+            branch=key[1],
+            participant=self.service.name,
+            incarnation=self.engine.incarnation,
+            transaction_fingerprint=info.fingerprint,
+            forced=coordinator_pb2.OUTCOME_COMMITTED
+            if forced_commit
+            else coordinator_pb2.OUTCOME_ABORTED,
+            decision=decision,
+            detail=(
+                f"{info.branch.heuristic}, forced by an operator here; the coordinator "
+                f"answered {coordinator_pb2.Outcome.Name(decision)} to an inquiry"
+            ),
+        )
+        try:
+            await stub.ReportHeuristic(request, timeout=1.0)
+        except grpc.aio.AioRpcError as error:
+            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            replacement = _replacement(error)
+            if replacement is not None:
+                self._replaced(replacement, error.details() or "")
+            self._back_off(key, now, f"report: {error.code().name}: {error.details()}")
+            return None
+        return True
+
+    def _back_off(self, key: tuple[str, int], now: int, reason: str) -> None:
+        _, attempts = self._next_inquiry_ms.get(key, (0, 0))
+        delay = min(self.config.inquiry_backoff_ms_max, 100 * 2 ** min(attempts, 10))
+        delay = int(delay * random.uniform(0.5, 1.0))  # jitter: no synchronized storms
+        self._next_inquiry_ms[key] = (now + delay, attempts + 1)
+        self._last_unknown_reason = reason
+        self.log_.debug(
+            "branch outcome unknown, will ask again",
+            txn=key[0],
+            branch=key[1],
+            attempt=attempts + 1,
+            forced=key not in self.engine.open,
+            reason=reason,
+        )

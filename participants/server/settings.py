@@ -1,0 +1,112 @@
+"""A participant process's settings: ParticipantConfig, from flags, the configuration file
+and the environment.
+
+Part of `participants.server`: see its docstring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from dtm import config, limits, security
+
+
+@dataclass
+class ParticipantConfig:
+    data_dir: Path
+    listen: str = "127.0.0.1:0"
+    # Address the coordinator should dial; defaults to the bound listen address.
+    advertise: str = ""
+    coordinator: str = ""
+    test_control: bool = False
+    # Lock wait: long enough to ride out a normal commit of the holder (a few ms on loopback),
+    # short enough that a deadlock costs less than a client's patience.
+    lock_wait_ms: int = 500
+    # Lock wait of a prepare that arrived in a PrepareBatch. One answer carries the whole
+    # batch, so a long wait for one item would hold every other item's vote back (and an item
+    # waiting for a lock held by an earlier item of the same batch would wait for a decision
+    # that cannot come before the batch is answered). Batched prepares wait this long at most,
+    # then are refused as "lock timeout"; unary prepares wait lock_wait_ms.
+    batch_lock_wait_ms: int = 50
+    # An unvoted branch holding locks longer than this is aborted and its locks reclaimed.
+    lease_unvoted_ms: int = 5_000
+    # A prepared branch waiting longer than this starts asking the coordinator.
+    in_doubt_after_ms: int = 2_000
+    inquiry_backoff_ms_max: int = 5_000
+    checkpoint_every_records: int = 20_000
+    tick_ms: int = 100
+    # None: plaintext and no authorization (local development only); see dtm.security.
+    tls: security.TlsConfig | None = None
+    # host:port of the Prometheus endpoint; "" = off (see dtm.metrics).
+    metrics_listen: str = ""
+    # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
+    log_level: str | None = None
+    # "loop" or "thread": see dtm.wal.LoopCommitLog.
+    wal_sync: str = "loop"
+    # An operator's override for this start only (--replace-registration; deliberately not a
+    # configuration key, which would outlive the start): register with
+    # RegisterParticipantRequest.replace, taking the name even while the coordinator owes the
+    # registered incarnation decisions. For a participant whose log was lost: each owed Commit
+    # then becomes a heuristic hazard.
+    replace_registration: bool = False
+
+
+def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
+    parser = argparse.ArgumentParser(
+        prog=f"dtm service {name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
+    )
+    # The flags apply to the service's own section ([inventory]...), else to [participant].
+    # --initial is the service main's: it takes it out of the command line (split_initial_arg)
+    # and builds the service before the SDK runs. Declared here only so --help shows it.
+    section = config.participant_section(name)
+    config.add_flags(parser, section, exclude=("initial",))
+    parser.add_argument(
+        "--initial",
+        metavar="PATH",
+        default=None,
+        help="initial stock (inventory) or accounts (payment) as JSON, see "
+        "participants/services/catalog.py; read only while the service's log is empty, and "
+        "accepted but ignored by orders and notification (default: initial of the "
+        'configuration, else "": the built-in catalog)',
+    )
+    # Not a configuration key: a setting in a file or the environment would outlive the start
+    # it is meant for, and turn off the guard against a second process under the name.
+    parser.add_argument(
+        limits.REPLACE_REGISTRATION_FLAG,
+        action="store_true",
+        help="for this start only: this process replaces the registered participant of this "
+        "name, whose log was lost; the coordinator lets it register even while it owes the "
+        "lost one decisions, and each owed commit becomes a heuristic hazard for an operator "
+        "to reconcile (dtm heuristics). Never for a participant whose log is intact, nor as "
+        "a default",
+    )
+    security.add_arguments(parser)
+    options = parser.parse_args(argv)
+    try:
+        settings = config.from_options(options, section)
+        tls = security.from_options(options, configured=config.tls_files(settings.service(name)))
+    except security.TlsMaterialError as error:  # not a usage error: one line, status 1
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as error:  # config.ConfigError included: it names the key and the value
+        parser.error(str(error))
+    service = settings.service(name)
+    return ParticipantConfig(
+        data_dir=service.data_dir,
+        listen=service.listen,
+        advertise=service.advertise,
+        coordinator=service.coordinator,
+        test_control=service.test_control,
+        lock_wait_ms=service.lock_wait_ms,
+        batch_lock_wait_ms=service.batch_lock_wait_ms,
+        lease_unvoted_ms=service.lease_unvoted_ms,
+        in_doubt_after_ms=service.in_doubt_after_ms,
+        tls=tls,
+        metrics_listen=service.metrics_listen,
+        log_level=settings.log.level,
+        wal_sync=service.wal_sync,
+        checkpoint_every_records=service.checkpoint_every_records,
+        replace_registration=options.replace_registration,
+    )
