@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from dtm.coordinator.engine import Engine, slots_held
+from dtm.coordinator.engine import Engine
+from dtm.coordinator.run import slots_held
 from dtm.core.transaction import PrepareFailed, Transaction, TxnState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
