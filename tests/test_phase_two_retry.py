@@ -6,13 +6,25 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import any_pb2
 
-from dtm.coordinator.engine import Engine
+from dtm.coordinator.engine import CoordinatorConfig, Engine
+from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
+from dtm.coordinator.registry import Registry
 from dtm.coordinator.run import slots_held
-from dtm.core.transaction import PrepareFailed, Transaction, TxnState
+from dtm.core.branch import HEURISTIC_ROLLBACK
+from dtm.core.transaction import (
+    HeuristicReported,
+    PrepareFailed,
+    Transaction,
+    TxnState,
+    Vote,
+)
+from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
 
@@ -139,5 +151,64 @@ def test_a_commit_retried_against_a_participant_that_is_down_warns_ever_less_oft
         ]
         assert [1, 2, 4, 8] == warned[:4], warned
         assert all(attempt & (attempt - 1) == 0 for attempt in warned), warned
+
+    asyncio.run(scenario())
+
+
+class _Ports(Registry):
+    """ "ok" acknowledges everything; "down-a" and "down-b" vote PREPARED and fail every
+    decision. Counts the decisions sent to each; no gRPC."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decided: dict[str, int] = {}
+        for name in ("ok", "down-a", "down-b"):
+            self.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
+
+    def port(self, name: str) -> Any:
+        ports = self
+
+        class Port:
+            def prepare(self, item: PrepareItem) -> None:
+                answer = PrepareResult(Vote.PREPARED, "")
+                asyncio.get_running_loop().call_soon(item.done, answer)
+
+            def decide(self, item: DecideItem) -> None:
+                ports.decided[name] = ports.decided.get(name, 0) + 1
+                answer = DecideResult(ok=name == "ok", error="" if name == "ok" else "down")
+                asyncio.get_running_loop().call_soon(item.done, answer)
+
+        return Port()
+
+
+def test_a_branch_acknowledged_meanwhile_is_not_sent_its_commit_again_by_a_waiting_retry() -> None:
+    """A Commit retry waiting out its backoff when the branch's heuristic is recorded (a
+    participant's report, Coordinator.ReportHeuristic) went out all the same while another
+    branch kept the transaction committing: a review. Its answer, NOT_FOUND once the branch
+    left the participant's window, would have replaced the recorded heuristic with a hazard."""
+
+    async def scenario() -> None:
+        registry = _Ports()
+        config = CoordinatorConfig(backoff_ms_min=1, backoff_ms_max=2)
+        engine = Engine(MemoryLog(), registry, config)
+        branches = [(name, any_pb2.Any()) for name in ("ok", "down-a", "down-b")]
+        view = await engine.submit("t-1", branches, 5_000, b"t-1")
+        assert coordinator_pb2.OUTCOME_COMMITTED == view.answer
+
+        async def retried() -> bool:
+            return registry.decided.get("down-a", 0) >= 3
+
+        await eventually(retried)
+        run = engine.active["t-1"]
+        engine._feed(run, HeuristicReported(1, HEURISTIC_ROLLBACK, "forced", forced=True))
+        assert run.txn.branch(1).acknowledged and TxnState.COMMITTING is run.txn.state
+        sent = registry.decided["down-a"]
+
+        async def down_b_retried_more() -> bool:  # the backoff of down-a's loop is as short
+            return registry.decided["down-b"] >= registry.decided["down-a"] + 10
+
+        await eventually(down_b_retried_more)
+        assert sent == registry.decided["down-a"]
+        await engine.close()
 
     asyncio.run(scenario())

@@ -942,6 +942,10 @@ class Engine:
         state = run.txn.state
         if state is TxnState.UNKNOWN:
             self._probe(run)
+        elif run.txn.branch(index).acknowledged:
+            # Settled while this retry waited (a heuristic a participant reported, say): its
+            # answer could only contradict what is recorded (NOT_FOUND, read as a hazard).
+            return
         elif state in (TxnState.COMMITTING, TxnState.ABORTED):
             self._phase_two(run, index, commit=state is TxnState.COMMITTING)
 
