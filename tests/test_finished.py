@@ -12,7 +12,7 @@ from typing import Any
 from google.protobuf import any_pb2
 
 from dtm.coordinator.engine import CoordinatorConfig, Engine
-from dtm.coordinator.finished import FinishedWindow, Record, pack
+from dtm.coordinator.finished import HELD_BEYOND_KEPT_MIN, FinishedWindow, Record, pack
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core.transaction import Vote
@@ -75,6 +75,26 @@ def test_a_commit_whose_end_record_is_not_durable_holds_the_window_until_it_is()
     assert 0 == window.put(record("t3"), end_lsn=6, durable_lsn=6)
     assert 0 == window.put(record("t4", ABORTED), durable_lsn=6)
     assert ["t4"] == [view.transaction_id for view in window.newest_first()]
+
+
+def test_a_held_window_stays_bounded_while_the_sync_it_waits_for_does_not_come() -> None:
+    """Held by a commit whose end record is not durable, the window kept everything newer,
+    so while that sync did not come (a disk that hangs) every abort and one-phase commit that
+    finished grew it without a bound (a limits hunt). Past `kept` + max(`kept`,
+    HELD_BEYOND_KEPT_MIN), it forgets the oldest that nothing holds; the held commit stays,
+    and so does the LSN it waits for."""
+    kept, more = 2, HELD_BEYOND_KEPT_MIN
+    window = FinishedWindow(kept)
+    window.put(record("t-held"), end_lsn=5, durable_lsn=4)
+    count = 3 * more
+    waits_for = [window.put(record(f"t{n}", ABORTED), durable_lsn=4) for n in range(count)]
+    assert {5} == set(waits_for[kept:])  # held from the third on
+    assert kept + more == len(window)
+    newest = [view.transaction_id for view in window.newest_first()]
+    assert "t-held" == newest[-1] and f"t{count - 1}" == newest[0]
+    assert f"t{count - (kept + more - 1)}" == newest[-2]  # the oldest unheld one kept
+    assert 0 == window.trim(durable_lsn=5)
+    assert [f"t{count - 1}", f"t{count - 2}"] == [v.transaction_id for v in window.newest_first()]
 
 
 # ---- the engine's window against a log whose fsyncs can be held back ----

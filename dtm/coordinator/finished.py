@@ -99,6 +99,11 @@ def unpack(record: Record) -> TransactionView:
     return TransactionView._make((*record[:_HEAD_FIELDS], branches))
 
 
+#: While a commit holds the window (its end record not durable yet), what finishes after it
+#: is kept too, up to `kept` more, and at least this many more (see _forget_unheld).
+HELD_BEYOND_KEPT_MIN = 1_024
+
+
 class FinishedWindow:
     """The last `kept` finished transactions, oldest first; more only while the oldest is a
     commit whose end record is not durable yet (see `trim`)."""
@@ -134,7 +139,8 @@ class FinishedWindow:
         beyond `durable_lsn` (the log's), nor anything newer. Returns that end record's LSN
         (0 when the window is down to `kept`): the caller has the log sync it, then trims
         again. So the window exceeds `kept` by at most the transactions that finish while
-        that one sync is asked for and made."""
+        that one sync is asked for and made, and never by more than max(`kept`,
+        HELD_BEYOND_KEPT_MIN) beyond the commits that hold it (`_forget_unheld`)."""
         ending = self._ending
         # Bounded: each step forgets one. End records are appended in the order commits
         # finish, so the ones now durable are at the front.
@@ -145,11 +151,34 @@ class FinishedWindow:
             oldest = next(iter(records))
             end_lsn = ending.get(oldest, 0)
             if end_lsn > durable_lsn:
+                self._forget_unheld(durable_lsn)
                 return end_lsn
             records.popitem(last=False)
             if end_lsn:
                 del ending[oldest]
         return 0
+
+    def _forget_unheld(self, durable_lsn: int) -> None:
+        """Held, the window is past `kept`: beyond `kept` + max(`kept`, HELD_BEYOND_KEPT_MIN),
+        forget its oldest that nothing holds (aborts, one-phase commits, commits whose end
+        record is durable), keeping the commits that wait for their sync. Otherwise a sync that
+        does not come (a disk that hangs) let every abort that finished meanwhile grow the
+        window without a bound."""
+        records, ending = self._records, self._ending
+        excess = len(records) - self._kept - max(self._kept, HELD_BEYOND_KEPT_MIN)
+        if excess <= 0:
+            return
+        # Bounded: the held commits first met (ended before the sync asked for, so few: no
+        # commit can end while its decision waits for a sync), then `excess` forgotten.
+        forgettable = []
+        for transaction_id in records:
+            if ending.get(transaction_id, 0) <= durable_lsn:
+                forgettable.append(transaction_id)
+                if len(forgettable) == excess:
+                    break
+        for transaction_id in forgettable:
+            del records[transaction_id]
+            ending.pop(transaction_id, None)
 
     def update(self, record: Record) -> None:
         """Replace what is kept of a transaction that changed after it finished (a rollback
