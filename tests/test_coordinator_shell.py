@@ -1,0 +1,268 @@
+"""The coordinator engine's I/O shell, against fake ports and a log whose fsyncs can be held
+back (tests.test_finished): what it answers, sends and resumes. Each test here was written for
+a planted bug (a mutation) that no other test caught; its docstring names it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+
+from google.protobuf import any_pb2
+
+from dtm.coordinator.engine import CoordinatorConfig, Engine
+from dtm.coordinator.ports import DecideItem, PrepareItem, PrepareResult
+from dtm.core.branch import HEURISTIC_HAZARD
+from dtm.core.transaction import Vote
+from dtm.records import RecordType
+from dtm.wal import MemoryLog
+from dtmpb.v1 import coordinator_pb2, log_pb2
+from tests.harness import eventually
+from tests.test_finished import Answering, AnsweringRegistry, HeldLog
+
+COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
+ABORTED = coordinator_pb2.OUTCOME_ABORTED
+
+
+class Recording(Answering):
+    """Answers as Answering does, and records each Commit and Rollback it is sent."""
+
+    def __init__(self, vote: Vote, sent: list[str], name: str, earlier: bool = False) -> None:
+        super().__init__(vote, sent)
+        self.name = name
+        self.earlier = earlier
+
+    def prepare(self, item: PrepareItem) -> None:
+        if not self.earlier:
+            super().prepare(item)
+            return
+        self.sent.append(f"prepare {item.transaction_id}")
+        result = PrepareResult(Vote.COMMITTED, "", earlier=True)
+        asyncio.get_running_loop().call_soon(item.done, result)
+
+    def decide(self, item: DecideItem) -> None:
+        verb = "commit" if item.commit else "rollback"
+        self.sent.append(f"{verb} {item.transaction_id} {self.name}")
+        super().decide(item)
+
+
+class RecordingRegistry(AnsweringRegistry):
+    """AnsweringRegistry's participants, recording decisions, plus "committed-before", which
+    answers every Prepare COMMITTED by an earlier attempt, and "read-only"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answering = {
+            "yes-a": Recording(Vote.PREPARED, self.sent, "yes-a"),
+            "yes-b": Recording(Vote.PREPARED, self.sent, "yes-b"),
+            "committed-before": Recording(Vote.PREPARED, self.sent, "committed-before", True),
+            "read-only": Recording(Vote.READ_ONLY, self.sent, "read-only"),
+        }
+        for name in self.answering:
+            self.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
+
+
+def engine_on(log: HeldLog) -> tuple[Engine, RecordingRegistry]:
+    registry = RecordingRegistry()
+    return Engine(log, registry, CoordinatorConfig()), registry
+
+
+async def over(engine: Engine, transaction_id: str) -> None:
+    async def finished() -> bool:
+        return transaction_id not in engine.active
+
+    await eventually(finished)
+
+
+async def answered_only_after_the_held_fsync(log: HeldLog, answer: Awaitable[object]) -> bool:
+    """Start `answer` while the log's fsyncs are held: whether it is still unanswered once it
+    asked for an fsync (False if it was answered without one). Then releases the log."""
+    task = asyncio.ensure_future(answer)
+    asked = len(log.waited)
+
+    async def fsync_asked_or_answered() -> bool:
+        return task.done() or len(log.waited) > asked
+
+    await eventually(fsync_asked_or_answered)
+    waited = not task.done()
+    log.release()
+    await task
+    return waited
+
+
+def test_an_attempt_that_found_its_transaction_committed_is_aborted_to_an_inquiry() -> None:
+    """Mutation: query_outcome answered COMMITTED for an attempt that found its transaction
+    committed by an earlier one (engine.py, `if finished.committed_earlier`). That attempt
+    decided abort and rolled back what it prepared again: a participant asking about its
+    branch of it (its Rollback lost) must hear ABORTED, or it commits the same effects twice."""
+
+    async def scenario() -> None:
+        engine, registry = engine_on(HeldLog())
+        branches = [(name, any_pb2.Any()) for name in ("committed-before", "yes-a")]
+        view = await engine.submit("t-again", branches, 5_000, b"fp")
+        await over(engine, "t-again")
+        # The client hears the earlier commit; this attempt's own decision is abort.
+        assert COMMITTED == view.answer
+        assert "rollback t-again yes-a" in registry.sent
+        assert ABORTED == engine.query_outcome("t-again", b"fp")
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_resumed_commit_is_sent_only_to_the_branches_not_yet_acknowledged() -> None:
+    """Mutation: resume() sent Commit again to branches a checkpoint recorded as acknowledged
+    (engine.py, the filter of the recovered actions). Such a branch may be forgotten by its
+    participant since, which answers NOT_FOUND: a false heuristic hazard, besides the wasted
+    calls of a restart with many commits recovered."""
+
+    async def scenario() -> None:
+        engine, registry = engine_on(HeldLog())
+        decided = log_pb2.CommitDecided(
+            transaction_id="t-recovered",
+            branches=[
+                log_pb2.DecisionBranch(branch=0, participant="yes-a", acknowledged=True),
+                log_pb2.DecisionBranch(branch=1, participant="yes-b"),
+            ],
+            decided_at_unix_ms=1,
+            fingerprint=b"fp",
+        )
+        assert 1 == engine.resume([decided])
+        await over(engine, "t-recovered")
+        assert ["commit t-recovered yes-b"] == registry.sent
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_commit_leaves_and_no_client_hears_before_the_decision_is_durable() -> None:
+    """Mutation: the decision fed to the core as durable without waiting for its fsync
+    (engine.py, _persist_decision's when_durable). Rules 3 and 15: the Commits and the
+    client's answer wait for the decision record; a crash before its fsync must leave a
+    transaction nobody was told committed. (Only test_finished's count of fsyncs noticed.)"""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, registry = engine_on(log)
+        log.hold()
+        branches = [(name, any_pb2.Any()) for name in ("yes-a", "yes-b")]
+        submit = asyncio.ensure_future(engine.submit("t-commit", branches, 5_000, b"fp"))
+
+        async def decision_waits_or_answered() -> bool:
+            return submit.done() or bool(log.waited)
+
+        await eventually(decision_waits_or_answered)
+        assert not submit.done()
+        assert not [sent for sent in registry.sent if sent.startswith("commit")]
+        log.release()
+        assert COMMITTED == (await submit).answer
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def info(name: str) -> coordinator_pb2.ParticipantInfo:
+    return coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1", incarnation="i-1")
+
+
+def test_a_registration_is_answered_only_once_its_record_is_durable() -> None:
+    """Mutation: register() returned without waiting for its record's fsync. A crash then
+    loses a registration the participant believes made: a commit decided with a branch there
+    could not be resumed after a restart (no address)."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, _ = engine_on(log)
+        log.hold()
+        assert await answered_only_after_the_held_fsync(log, engine.register(info("new")))
+        assert "new" in engine.registry.participants
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_registration_repeated_while_the_first_waits_is_answered_after_its_fsync() -> None:
+    """Mutation: registration_durable() returned at once. A retry of a registration that
+    changes nothing, made while the first waits for its fsync, was told "registered" before
+    the record was on disk."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, _ = engine_on(log)
+        log.hold()
+        first = asyncio.ensure_future(engine.register(info("new")))
+
+        async def first_waits() -> bool:
+            return bool(log.waited)
+
+        await eventually(first_waits)
+        assert await answered_only_after_the_held_fsync(log, engine.registration_durable("new"))
+        await first
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unregistration_is_answered_only_once_its_record_is_durable() -> None:
+    """Mutation: unregister() answered before its record's fsync: after a crash the
+    participant an operator was told is gone is registered again."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, _ = engine_on(log)
+        log.hold()
+        assert await answered_only_after_the_held_fsync(log, engine.unregister("yes-a"))
+        assert "yes-a" not in engine.registry.participants
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_forgetting_a_heuristic_outcome_is_answered_only_once_its_record_is_durable() -> None:
+    """Mutation: forget_heuristic() answered before its record's fsync: after a crash the
+    heuristic outcome an operator was told is forgotten is listed again."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, _ = engine_on(log)
+        engine.heuristics.keep(
+            log_pb2.HeuristicRecorded(
+                transaction_id="t-h", branch=0, participant="yes-a", outcome=HEURISTIC_HAZARD
+            )
+        )
+        log.hold()
+        assert await answered_only_after_the_held_fsync(log, engine.forget_heuristic("t-h", 0))
+        assert not list(engine.heuristics)
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_checkpoint_owes_a_commit_only_to_the_branches_that_prepared() -> None:
+    """Mutation: checkpoint_records() kept every branch of a commit as owed phase 2, a
+    read-only one included (engine.py, `if b.needs_phase_two`). A restart from that
+    checkpoint sends the read-only participant a Commit (rule 7), which it answers NOT_FOUND
+    (it kept no branch): a false heuristic hazard."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        engine, _ = engine_on(log)
+        log.hold()  # the commit stays DECIDING: its decision waits for the fsync
+        branches = [(name, any_pb2.Any()) for name in ("read-only", "yes-a")]
+        submit = asyncio.ensure_future(engine.submit("t-mixed", branches, 5_000, b"fp"))
+
+        async def deciding() -> bool:
+            return bool(log.waited)
+
+        await eventually(deciding)
+        checkpointed = MemoryLog()
+        await engine.checkpoints.write(
+            checkpointed, RecordType.COORDINATOR_CHECKPOINT, engine.checkpoint_records
+        )
+        restarted, _ = engine_on(HeldLog())
+        [pending] = restarted.replay(checkpointed.records)
+        assert [(1, "yes-a")] == [(b.branch, b.participant) for b in pending.branches]
+        log.release()
+        await submit
+        await engine.close()
+
+    asyncio.run(scenario())
