@@ -5,8 +5,10 @@ a planted bug (a mutation) that no other test caught; its docstring names it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
+import grpc
 from google.protobuf import any_pb2
 
 from dtm.coordinator.engine import CoordinatorConfig, Engine
@@ -263,6 +265,79 @@ def test_a_checkpoint_owes_a_commit_only_to_the_branches_that_prepared() -> None
         assert [(1, "yes-a")] == [(b.branch, b.participant) for b in pending.branches]
         log.release()
         await submit
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+class LostOnePhase(Answering):
+    """A participant capable of one-phase commit whose answer to the Prepare is lost; the
+    Rollback probe that follows is answered with `probe_code` (None: rolled back)."""
+
+    def __init__(self, probe_code: grpc.StatusCode | None) -> None:
+        super().__init__(Vote.PREPARED, [])
+        self.probe_code = probe_code
+        self.client = SimpleNamespace(incarnation="")
+
+    def prepare(self, item: PrepareItem) -> None:
+        lost = PrepareResult(None, "unavailable (connection reset)")
+        asyncio.get_running_loop().call_soon(item.done, lost)
+
+    def probe(
+        self,
+        transaction_id: str,
+        fingerprint: bytes,
+        timeout_s: float,
+        done: Callable[[grpc.StatusCode | None, str], None],
+    ) -> None:
+        asyncio.get_running_loop().call_soon(done, self.probe_code, "already committed")
+
+
+def test_a_lost_one_phase_answer_probed_as_already_committed_is_committed() -> None:
+    """Mutation: the probe's FAILED_PRECONDITION ("already committed") read as rolled back
+    (engine.py, _probe's done). The client, told UNKNOWN, then hears ABORTED on its retry for
+    a commit that happened (rule 9: never guessed)."""
+
+    async def scenario() -> None:
+        engine, registry = engine_on(HeldLog())
+        registry.answering["single"] = LostOnePhase(grpc.StatusCode.FAILED_PRECONDITION)
+        capable = coordinator_pb2.Capabilities(one_phase=True)
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name="single", address="127.0.0.1:1", capabilities=capable
+            )
+        )
+        await engine.submit("t-one", [("single", any_pb2.Any())], 5_000, b"fp")
+        await over(engine, "t-one")
+        resolved = engine.lookup("t-one")
+        assert resolved is not None and COMMITTED == resolved.answer
+        assert COMMITTED == engine.query_outcome("t-one", b"fp")
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+class Illegal(Answering):
+    """Answers a two-phase Prepare COMMITTED without saying an earlier attempt committed it."""
+
+    def prepare(self, item: PrepareItem) -> None:
+        illegal = PrepareResult(Vote.COMMITTED, "")
+        asyncio.get_running_loop().call_soon(item.done, illegal)
+
+
+def test_an_illegal_vote_fails_its_prepare_at_once() -> None:
+    """Mutation: a vote the protocol does not allow was dropped instead of counted as a failed
+    prepare (engine.py, _feed's ProtocolError path): the transaction then waited for its
+    deadline (a one-phase one, for a vote that never comes) and aborted as timed out."""
+
+    async def scenario() -> None:
+        engine, registry = engine_on(HeldLog())
+        registry.answering["illegal"] = Illegal(Vote.COMMITTED, registry.sent)
+        registry.put(coordinator_pb2.ParticipantInfo(name="illegal", address="127.0.0.1:1"))
+        branches = [(name, any_pb2.Any()) for name in ("illegal", "yes-a")]
+        view = await engine.submit("t-illegal", branches, 2_000, b"fp")
+        assert ABORTED == view.answer
+        assert "protocol error" in view.reason
         await engine.close()
 
     asyncio.run(scenario())
