@@ -1,0 +1,153 @@
+"""The participant SDK's servicer, called in process with its branch engine on a log whose
+fsyncs can be held back (tests.test_finished): persist before you speak (rule 10), for the
+batched calls' votes and decisions alike. Each test was written for a planted bug (a
+mutation) no other test caught; its docstring names it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from participants.server import ParticipantConfig, ParticipantServer, ParticipantServicer
+from participants.services.inventory import InventoryService
+from tests.harness import STOCK, pack
+from tests.test_coordinator_shell import answered_only_after_the_held_fsync
+from tests.test_finished import HeldLog
+
+PREPARED = coordinator_pb2.VOTE_PREPARED
+
+
+class Context:
+    """What the servicer uses of a gRPC context on the paths tested here: nothing fails."""
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        raise AssertionError(f"unexpected trailing metadata {metadata}")
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise AssertionError(f"unexpected abort {code}: {details}")
+
+
+@asynccontextmanager
+async def servicer_on(tmp_path: Path, log: HeldLog) -> AsyncIterator[ParticipantServicer]:
+    server = ParticipantServer(InventoryService(STOCK), ParticipantConfig(data_dir=tmp_path))
+    server.engine.log = log  # nothing was appended to the real one: a fresh log
+    try:
+        yield ParticipantServicer(server)
+    finally:
+        await server.wal.close()
+
+
+def prepare(transaction_id: str) -> participant_pb2.PrepareRequest:
+    line = shop_pb2.StockLine(sku="sku-apple", quantity=1)
+    operation = pack(shop_pb2.ReserveStock(lines=[line]))
+    return participant_pb2.PrepareRequest(
+        transaction_id=transaction_id, branch=0, operation=operation
+    )
+
+
+def decision(transaction_id: str, commit: bool) -> participant_pb2.Decision:
+    return participant_pb2.Decision(transaction_id=transaction_id, branch=0, commit=commit)
+
+
+async def exchange(
+    servicer: ParticipantServicer,
+    prepares: Sequence[participant_pb2.PrepareRequest] = (),
+    decisions: Sequence[participant_pb2.Decision] = (),
+) -> participant_pb2.ExchangeResponse:
+    request = participant_pb2.ExchangeRequest(prepares=prepares, decisions=decisions)
+    return await servicer.Exchange(request, Context())  # type: ignore[arg-type]
+
+
+def test_a_batched_prepared_vote_leaves_only_once_its_record_is_durable(tmp_path: Path) -> None:
+    """Mutation: Exchange answered without waiting for the records of its items
+    (participants/server.py, Exchange's wait_durable). A PREPARED vote whose record a crash
+    loses: the coordinator commits a branch the participant no longer has (rule 10)."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        async with servicer_on(tmp_path, log) as servicer:
+            log.hold()
+            answer = exchange(servicer, [prepare("t-1")])
+            assert await answered_only_after_the_held_fsync(log, answer)
+
+    asyncio.run(scenario())
+
+
+def test_a_batched_commit_is_acknowledged_only_once_its_record_is_durable(tmp_path: Path) -> None:
+    """Mutation: Exchange waited for its prepares' records only, not its decisions'
+    (participants/server.py). A Commit acknowledged and then lost in a crash: the coordinator
+    writes its end record and never sends it again, and the branch stays in doubt, holding
+    its reservation."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        async with servicer_on(tmp_path, log) as servicer:
+            [vote] = (await exchange(servicer, [prepare("t-1")])).votes
+            assert PREPARED == vote.vote
+            log.hold()
+            answer = exchange(servicer, decisions=[decision("t-1", commit=True)])
+            assert await answered_only_after_the_held_fsync(log, answer)
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_decision_is_answered_only_once_the_branchs_records_are_durable(
+    tmp_path: Path,
+) -> None:
+    """Mutation: a decision the branch refuses answered at once, while the record its refusal
+    speaks of still waited for its fsync (participants/server.py, _apply_decisions'
+    BranchError path). Here the coordinator's probe of a one-phase commit whose answer was
+    lost: a Rollback refused as "already committed" makes the client's answer COMMITTED, and a
+    crash before the commit record's fsync then loses that commit (seed 7877's bug, on the
+    batched path)."""
+
+    async def scenario() -> None:
+        log = HeldLog()
+        async with servicer_on(tmp_path, log) as servicer:
+            log.hold()
+            one_phase = prepare("t-1")
+            one_phase.one_phase = True
+            committing = asyncio.ensure_future(exchange(servicer, [one_phase]))
+            probe = exchange(servicer, decisions=[decision("t-1", commit=False)])
+            assert await answered_only_after_the_held_fsync(log, probe)
+            [vote] = (await committing).votes
+            assert coordinator_pb2.VOTE_COMMITTED == vote.vote
+
+    asyncio.run(scenario())
+
+
+class Coordinator:
+    """A coordinator stub answering every QueryOutcome with one outcome."""
+
+    def __init__(self, outcome: coordinator_pb2.Outcome) -> None:
+        self.outcome = outcome
+        self.asked: list[str] = []
+
+    async def QueryOutcome(  # the stub's method: its name, and options such as timeout=
+        self, request: coordinator_pb2.QueryOutcomeRequest, **options: object
+    ) -> coordinator_pb2.QueryOutcomeResponse:
+        self.asked.append(request.transaction_id)
+        return coordinator_pb2.QueryOutcomeResponse(outcome=self.outcome)
+
+
+def test_an_undecided_answer_to_an_inquiry_leaves_the_branch_in_doubt(tmp_path: Path) -> None:
+    """Mutation: the SDK took any answer but UNKNOWN for an outcome, so the coordinator's
+    "still undecided" (UNSPECIFIED) rolled the prepared branch back (participants/server.py,
+    _ask). Rule 11: a prepared branch never decides on its own; it asks again later."""
+
+    async def scenario() -> None:
+        async with servicer_on(tmp_path, HeldLog()) as servicer:
+            [vote] = (await exchange(servicer, [prepare("t-1")])).votes
+            assert PREPARED == vote.vote
+            server = servicer.server
+            coordinator = Coordinator(coordinator_pb2.OUTCOME_UNSPECIFIED)
+            await server._ask(coordinator, ("t-1", 0), now=0)  # type: ignore[arg-type]
+            assert ["t-1"] == coordinator.asked
+            assert ("t-1", 0) in server.engine.open  # still prepared, holding its reservation
+            assert ("t-1", 0) in server._next_inquiry_ms  # and asked again later
+
+    asyncio.run(scenario())
