@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from dtm import cli, logs
+from dtm.coordinator.registry import Registry
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, pack
 from tests.test_cli import dtm
@@ -342,3 +343,40 @@ def test_a_submit_that_waited_for_an_attempt_under_its_id_checks_its_participant
             assert "t-x" not in engine.active
 
     asyncio.run(scenario())
+
+
+def registration(incarnation: str, address: str = "127.0.0.1:1") -> coordinator_pb2.ParticipantInfo:
+    return coordinator_pb2.ParticipantInfo(
+        name="inventory", address=address, incarnation=incarnation
+    )
+
+
+def test_another_incarnation_at_the_same_address_gets_a_port_of_its_own() -> None:
+    """Mutation: Registry.put kept the port when only the incarnation changed (registry.py,
+    the retire condition). The port's calls name the incarnation they are for: every call
+    then went to the new process addressed to the old one, which it refuses as misdirected,
+    so each transaction with a branch there failed until the coordinator restarted."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        registry.put(registration("first"))
+        assert "first" == registry.port("inventory").client.incarnation
+        registry.put(registration("second"))  # a participant restarted on a new log
+        assert "second" == registry.port("inventory").client.incarnation
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_empty_registered_incarnation_never_marks_an_asker_replaced() -> None:
+    """Mutation: Registry.replacing took an empty registered incarnation (a participant from
+    before incarnations, or in another language) for another process (registry.py). Every
+    inquiry of the registered participant, which names its incarnation, was then refused and
+    the SDK stopped the process, its branches left in doubt. Empty is never checked."""
+    registry = Registry()
+    registry.put(registration(""))
+    assert registry.replacing("inventory", "some-incarnation") is None
+    registry.put(registration("first"))
+    assert registry.replacing("inventory", "first") is None
+    replaced_by = registry.replacing("inventory", "earlier")
+    assert replaced_by is not None and "first" == replaced_by.incarnation
