@@ -1315,3 +1315,17 @@ def test_a_stray_file_named_like_an_older_segment_is_refused_not_deleted(tmp_pat
         WriteAheadLog.open(tmp_path)
     assert (stray, 0) == (caught.value.path, caught.value.offset)
     assert stray.exists()
+
+
+def test_a_missing_segment_in_the_middle_is_corruption(tmp_path: Path) -> None:
+    """Mutation: recovery no longer checked that each segment starts where the one before it
+    ends (wal.py, step 3). A segment lost from the middle of the log (an operator's rm, a bad
+    copy) was then replayed around: every record it held silently missing, commits among
+    them."""
+    write_log(tmp_path, [f"{i:02d}".encode() * 20 for i in range(12)], segment_bytes_max=256)
+    files = segment_files(tmp_path)
+    assert len(files) >= 3
+    files[1].unlink()
+    with pytest.raises(LogCorruptedError, match="previous segment ends") as caught:
+        WriteAheadLog.open(tmp_path, segment_bytes_max=256)
+    assert files[2].name in str(caught.value)
