@@ -182,28 +182,6 @@ def test_a_registration_is_answered_only_once_its_record_is_durable() -> None:
     asyncio.run(scenario())
 
 
-def test_a_registration_repeated_while_the_first_waits_is_answered_after_its_fsync() -> None:
-    """Mutation: registration_durable() returned at once. A retry of a registration that
-    changes nothing, made while the first waits for its fsync, was told "registered" before
-    the record was on disk."""
-
-    async def scenario() -> None:
-        log = HeldLog()
-        engine, _ = engine_on(log)
-        log.hold()
-        first = asyncio.ensure_future(engine.register(info("new")))
-
-        async def first_waits() -> bool:
-            return bool(log.waited)
-
-        await eventually(first_waits)
-        assert await answered_only_after_the_held_fsync(log, engine.registration_durable("new"))
-        await first
-        await engine.close()
-
-    asyncio.run(scenario())
-
-
 def test_an_unregistration_is_answered_only_once_its_record_is_durable() -> None:
     """Mutation: unregister() answered before its record's fsync: after a crash the
     participant an operator was told is gone is registered again."""
