@@ -14,6 +14,7 @@ from google.protobuf import any_pb2
 
 from dtm.batcher import Batcher, BatchPolicy
 from dtm.coordinator.ports import (
+    HEURISTIC_METADATA_KEY,
     PREPARE_SEND_MARGIN_S,
     DecideItem,
     DecideResult,
@@ -22,6 +23,7 @@ from dtm.coordinator.ports import (
     PrepareResult,
 )
 from dtm.coordinator.registry import Registry
+from dtm.core.branch import HEURISTIC_COMMIT
 from dtm.core.transaction import Vote
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from tests.harness import InProcessCluster, pack
@@ -814,3 +816,68 @@ def test_an_abort_answer_waiting_for_a_prepare_ends_at_the_deadline_however_earl
             assert took < 1.2, (took, answer.reason)
 
     asyncio.run(scenario())
+
+
+class InvalidOperation(FakeExchange):
+    """Answers every batched prepare as the SDK does an operation it finds invalid."""
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        invalid = participant_pb2.PrepareResponse(
+            vote=coordinator_pb2.VOTE_REFUSED,
+            reason="invalid: quantity must be positive",
+            invalid_argument="quantity must be positive",
+        )
+        return participant_pb2.ExchangeResponse(votes=[invalid for _ in request.prepares])
+
+
+def test_a_batched_answer_that_the_operation_is_invalid_fails_the_prepare_as_invalid() -> None:
+    """Mutation: the port read a batched answer's invalid_argument as its REFUSED vote
+    (ports.py, _send_exchange). The client then got a plain ABORTED instead of
+    INVALID_ARGUMENT naming the problem, as the unary path answers."""
+
+    async def run() -> None:
+        port = ParticipantPort(InvalidOperation(), True, BatchPolicy())  # type: ignore[arg-type]
+        results: list[PrepareResult] = []
+        deadline = asyncio.get_running_loop().time() + 1.0
+        port.prepare(PrepareItem("t-1", 0, any_pb2.Any(), False, deadline, 1.0, results.append))
+        await settle()
+        [result] = results
+        assert result.vote is None
+        assert "quantity must be positive" == result.invalid_argument
+        await port.close()
+
+    asyncio.run(run())
+
+
+class UnavailableWithHeuristic(FakeDecisions):
+    """A unary participant whose Commit fails UNAVAILABLE with a heuristic in its metadata
+    (from whatever answered: a proxy, another process at the address)."""
+
+    async def commit(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
+        trailing = grpc.aio.Metadata((HEURISTIC_METADATA_KEY, HEURISTIC_COMMIT))
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, "not reached"
+        )
+
+
+def test_an_unavailable_decision_reports_no_heuristic_whatever_its_metadata() -> None:
+    """Mutation: the unary port read the heuristic metadata of an UNAVAILABLE Commit
+    (ports.py, _unary_decide). The participant was not reached: the Commit is retried, not
+    recorded as a heuristic outcome that stops phase 2 of a branch still prepared."""
+
+    async def run() -> None:
+        port = ParticipantPort(UnavailableWithHeuristic(), False, BatchPolicy())  # type: ignore[arg-type]
+        results: list[DecideResult] = []
+        port.decide(DecideItem("t-1", 0, True, results.append))
+        await settle()
+        [result] = results
+        assert not result.ok and "" == result.heuristic
+        await port.close()
+
+    asyncio.run(run())
