@@ -178,10 +178,13 @@ async def bad_registration(cluster: InProcessCluster) -> str:
 
 
 async def bad_registration_address(cluster: InProcessCluster) -> str:
-    request = coordinator_pb2.RegisterParticipantRequest(name="ok", address="nohostport")
-    return await expect_status(
-        cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "host:port"
-    )
+    # Ports out of 1..65535 too: a registration the channel could never dial.
+    for address in ("nohostport", "x:0", "x:65536"):
+        request = coordinator_pb2.RegisterParticipantRequest(name="ok", address=address)
+        await expect_status(
+            cluster.client.RegisterParticipant(request), Code.INVALID_ARGUMENT, "host:port"
+        )
+    return "host:port"
 
 
 async def unknown_transaction(cluster: InProcessCluster) -> str:
