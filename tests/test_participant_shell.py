@@ -116,6 +116,9 @@ def test_a_refused_decision_is_answered_only_once_the_branchs_records_are_durabl
             assert await answered_only_after_the_held_fsync(log, probe)
             [vote] = (await committing).votes
             assert coordinator_pb2.VOTE_COMMITTED == vote.vote
+            # Its own commit, not an earlier attempt's: the flag goes with two-phase votes
+            # only (participant.proto), another mutation no test caught.
+            assert not vote.committed_earlier
 
     asyncio.run(scenario())
 
