@@ -11,6 +11,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
+
+from dtm import limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.server import ParticipantConfig, ParticipantServer, ParticipantServicer
 from participants.services.inventory import InventoryService
@@ -21,14 +25,20 @@ from tests.test_finished import HeldLog
 PREPARED = coordinator_pb2.VOTE_PREPARED
 
 
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
 class Context:
-    """What the servicer uses of a gRPC context on the paths tested here: nothing fails."""
+    """What the servicer uses of a gRPC context on the paths tested here."""
 
     def set_trailing_metadata(self, metadata: Any) -> None:
         raise AssertionError(f"unexpected trailing metadata {metadata}")
 
-    async def abort(self, code: Any, details: str) -> None:
-        raise AssertionError(f"unexpected abort {code}: {details}")
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
 
 
 @asynccontextmanager
@@ -152,5 +162,23 @@ def test_an_undecided_answer_to_an_inquiry_leaves_the_branch_in_doubt(tmp_path: 
             assert ["t-1"] == coordinator.asked
             assert ("t-1", 0) in server.engine.open  # still prepared, holding its reservation
             assert ("t-1", 0) in server._next_inquiry_ms  # and asked again later
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_of_more_items_than_the_limit_is_refused_whole(tmp_path: Path) -> None:
+    """Mutation: the SDK's bound on a batched call's items off by one (participants/server.py,
+    _check_batch). The coordinator never sends more than BATCH_ITEMS_MAX; anything larger is
+    another client's bad input, refused whole with INVALID_ARGUMENT before any item runs."""
+
+    async def scenario() -> None:
+        async with servicer_on(tmp_path, HeldLog()) as servicer:
+            items = [prepare(f"t-{n}") for n in range(limits.BATCH_ITEMS_MAX + 1)]
+            with pytest.raises(Aborted) as refused:
+                await exchange(servicer, items)
+            assert grpc.StatusCode.INVALID_ARGUMENT == refused.value.code
+            assert not servicer.engine.open  # no item ran
+            [vote] = (await exchange(servicer, items[:1])).votes  # the servicer still serves
+            assert PREPARED == vote.vote
 
     asyncio.run(scenario())
