@@ -881,3 +881,32 @@ def test_an_unavailable_decision_reports_no_heuristic_whatever_its_metadata() ->
         await port.close()
 
     asyncio.run(run())
+
+
+def test_a_prepare_taken_out_unsent_opens_no_call_beyond_the_limit() -> None:
+    """Mutation: Batcher.take_out no longer counted the urgent items it removed (batcher.py).
+    A prepare that expired in the queue then still counted as waiting, so the extra call
+    slot kept for prepares opened for decisions alone: calls in flight beyond
+    in_flight_max, the bound that keeps a participant's batches large."""
+
+    async def run() -> None:
+        calls = FakeCalls()
+        queue = batcher(calls, in_flight_max=1)
+        queue.hurry()  # no lingering timers: every step below runs at once
+        queue.add("decision-0")
+        await settle()
+        queue.add("prepare-1")  # takes the extra slot: only decisions are in flight
+        await settle()
+        assert [["decision-0"], ["prepare-1"]] == calls.batches
+        queue.add("prepare-2")  # no slot left: queued
+        assert ["prepare-2"] == queue.take_out(lambda item: item == "prepare-2")
+        calls.pending[1].set_result(None)  # the prepare's call ends
+        await settle()
+        queue.add("decision-3")  # the decisions' call is still in flight: it waits
+        await settle()
+        assert [["decision-0"], ["prepare-1"]] == calls.batches
+        calls.finish_all()
+        await settle()
+        assert ["decision-3"] == calls.batches[-1]
+
+    asyncio.run(run())
