@@ -884,7 +884,7 @@ def test_an_unavailable_decision_reports_no_heuristic_whatever_its_metadata() ->
 
 
 def test_a_prepare_taken_out_unsent_opens_no_call_beyond_the_limit() -> None:
-    """Mutation: Batcher.take_out no longer counted the urgent items it removed (batcher.py).
+    """Mutation: Batcher.take_out (now drop) no longer counted the urgent items it removed.
     A prepare that expired in the queue then still counted as waiting, so the extra call
     slot kept for prepares opened for decisions alone: calls in flight beyond
     in_flight_max, the bound that keeps a participant's batches large."""
@@ -898,8 +898,10 @@ def test_a_prepare_taken_out_unsent_opens_no_call_beyond_the_limit() -> None:
         queue.add("prepare-1")  # takes the extra slot: only decisions are in flight
         await settle()
         assert [["decision-0"], ["prepare-1"]] == calls.batches
-        queue.add("prepare-2")  # no slot left: queued
-        assert ["prepare-2"] == queue.take_out(lambda item: item == "prepare-2")
+        late = "prepare-2"
+        queue.add(late)  # no slot left: queued
+        queue.drop([late])  # out of time before a slot freed: never sent
+        assert 0 == queue.queued
         calls.pending[1].set_result(None)  # the prepare's call ends
         await settle()
         queue.add("decision-3")  # the decisions' call is still in flight: it waits

@@ -16,7 +16,8 @@ import pytest
 
 from dtm import limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from participants.server import ParticipantConfig, ParticipantServer, ParticipantServicer
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.server.servicer import ParticipantServicer
 from participants.services.inventory import InventoryService
 from tests.harness import STOCK, pack
 from tests.test_coordinator_shell import answered_only_after_the_held_fsync
@@ -74,7 +75,7 @@ async def exchange(
 
 def test_a_batched_prepared_vote_leaves_only_once_its_record_is_durable(tmp_path: Path) -> None:
     """Mutation: Exchange answered without waiting for the records of its items
-    (participants/server.py, Exchange's wait_durable). A PREPARED vote whose record a crash
+    (participants/server/servicer.py, Exchange's wait_durable). A PREPARED vote whose record a crash
     loses: the coordinator commits a branch the participant no longer has (rule 10)."""
 
     async def scenario() -> None:
@@ -89,9 +90,9 @@ def test_a_batched_prepared_vote_leaves_only_once_its_record_is_durable(tmp_path
 
 def test_a_batched_commit_is_acknowledged_only_once_its_record_is_durable(tmp_path: Path) -> None:
     """Mutation: Exchange waited for its prepares' records only, not its decisions'
-    (participants/server.py). A Commit acknowledged and then lost in a crash: the coordinator
-    writes its end record and never sends it again, and the branch stays in doubt, holding
-    its reservation."""
+    (participants/server/servicer.py). A Commit acknowledged and then lost in a crash: the
+    coordinator writes its end record and never sends it again, and the branch stays in
+    doubt, holding its reservation."""
 
     async def scenario() -> None:
         log = HeldLog()
@@ -109,7 +110,7 @@ def test_a_refused_decision_is_answered_only_once_the_branchs_records_are_durabl
     tmp_path: Path,
 ) -> None:
     """Mutation: a decision the branch refuses answered at once, while the record its refusal
-    speaks of still waited for its fsync (participants/server.py, _apply_decisions'
+    speaks of still waited for its fsync (participants/server/servicer.py, _apply_decisions'
     BranchError path). Here the coordinator's probe of a one-phase commit whose answer was
     lost: a Rollback refused as "already committed" makes the client's answer COMMITTED, and a
     crash before the commit record's fsync then loses that commit (seed 7877's bug, on the
@@ -149,7 +150,7 @@ class Coordinator:
 
 def test_an_undecided_answer_to_an_inquiry_leaves_the_branch_in_doubt(tmp_path: Path) -> None:
     """Mutation: the SDK took any answer but UNKNOWN for an outcome, so the coordinator's
-    "still undecided" (UNSPECIFIED) rolled the prepared branch back (participants/server.py,
+    "still undecided" (UNSPECIFIED) rolled the prepared branch back (participants/server/process.py,
     _ask). Rule 11: a prepared branch never decides on its own; it asks again later."""
 
     async def scenario() -> None:
@@ -167,9 +168,10 @@ def test_an_undecided_answer_to_an_inquiry_leaves_the_branch_in_doubt(tmp_path: 
 
 
 def test_a_batch_of_more_items_than_the_limit_is_refused_whole(tmp_path: Path) -> None:
-    """Mutation: the SDK's bound on a batched call's items off by one (participants/server.py,
-    _check_batch). The coordinator never sends more than BATCH_ITEMS_MAX; anything larger is
-    another client's bad input, refused whole with INVALID_ARGUMENT before any item runs."""
+    """Mutation: the SDK's bound on a batched call's items off by one
+    (participants/server/servicer.py, _check_batch). The coordinator never sends more than
+    BATCH_ITEMS_MAX; anything larger is another client's bad input, refused whole with
+    INVALID_ARGUMENT before any item runs."""
 
     async def scenario() -> None:
         async with servicer_on(tmp_path, HeldLog()) as servicer:
