@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget_branch.set_defaults(handler=cmd_branches_forget)
 
     # In its own module, which reads the processes' log files as well as asking them.
-    from dtm import trace
+    from dtm.cli import trace
 
     trace.register(commands, as_json, target)
 
