@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,13 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The coordinator and the four services as real processes under DIR/.dtm-data, logging
     each step of a transaction (DEBUG) to DIR/.dtm-data/logs/NAME.log."""
     data = tmp_path_factory.mktemp("trace") / ".dtm-data"
-    with Cluster(data, Ports.free(), extra_env={"DTM_LOG_LEVEL": "DEBUG"}) as running:
-        yield running
+    # Module-scoped, so it starts before no_dtm_environment runs for a test: the developer's
+    # own DTM_* variables are cleared here too, or the servers would inherit them.
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("DTM_")]:
+            patch.delenv(name)
+        with Cluster(data, Ports.free(), extra_env={"DTM_LOG_LEVEL": "DEBUG"}) as running:
+            yield running
 
 
 def submitted(shop: Cluster, path: Path) -> int:
