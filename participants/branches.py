@@ -177,7 +177,14 @@ def _packed(message: Message) -> any_pb2.Any:
 
 #: Actions that leave a branch as it was: answers, and waiting for or asking about its outcome.
 _CHANGING_NOTHING = frozenset(
-    {core.ReplyVote, core.ReplyAck, core.ReplyError, core.AwaitPrepare, core.AskCoordinator}
+    {
+        core.ReplyVote,
+        core.ReplyAck,
+        core.ReplyError,
+        core.AwaitPrepare,
+        core.AskCoordinator,
+        core.ReleaseLatePrepare,  # the branch is decided already; only the service changes
+    }
 )
 
 
@@ -297,18 +304,17 @@ class BranchEngine:
             )
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
             info = self._track(branch, fingerprint)
-            self._operations[key] = decoded
             self._packed[key] = operation  # logged as received: no second serialization
             requests = sorted(self.service.locks(decoded), key=_by_resource)
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
                 outcome = self._service_prepare(key, owner, decoded)
-                reply = self._settle_prepare(info, outcome)
+                reply = self._settle_prepare(info, outcome, decoded)
                 return reply.vote, reply.reason
             # Some lock is taken: wait in a task (the locks already granted stay held, and
             # acquiring them again there is a no-op).
-            self._start_prepare(info, requests, lock_wait_s)
+            self._start_prepare(info, decoded, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
         duplicate = self._execute(info, branch.handle(core.PrepareRequested(one_phase)))
@@ -579,11 +585,24 @@ class BranchEngine:
         self._finish(info)
 
     def _apply_rollback(self, info: BranchInfo, action: core.ApplyRollback) -> None:
+        self._undo_prepare(info.branch.key)
+        self._finish(info)
+
+    def _release_late_prepare(self, info: BranchInfo, action: core.ReleaseLatePrepare) -> None:
+        """The branch was finished when its prepare was cancelled (its locks released, its
+        operation dropped), and the prepare ran on: `_settle_prepare` registered what it
+        reserved, and it may have been granted locks since. Both go; nothing else changes."""
         key = info.branch.key
+        self._undo_prepare(key)
+        self._applied.discard(key)
+        self._operations.pop(key, None)
+        self.locks.release_all(branch_key_text(key))
+
+    def _undo_prepare(self, key: BranchKey) -> None:
+        """Give back what the service's prepare reserved for the branch, if it reserved."""
         if key in self._applied:
             self.counters.rolled_back += 1  # work undone, not a refusal's no-op
             self.service.rollback(branch_key_text(key), self._operations[key])
-        self._finish(info)
 
     def _ask_coordinator(self, info: BranchInfo, action: core.AskCoordinator) -> None:
         pass  # the server's inquiry loop asks for every in-doubt branch
@@ -728,14 +747,18 @@ class BranchEngine:
         self._remember_decided(key, _decided_entry(info))
 
     def _start_prepare(
-        self, info: BranchInfo, requests: Sequence[LockRequest], lock_wait_s: float | None
+        self,
+        info: BranchInfo,
+        operation: Message,
+        requests: Sequence[LockRequest],
+        lock_wait_s: float | None,
     ) -> None:
         branch = info.branch
         key = branch.key
         loop = asyncio.get_running_loop()
         result: asyncio.Future[tuple[BranchVote, str]] = loop.create_future()
         self._pending[key] = result
-        task = loop.create_task(self._run_prepare(info, requests, lock_wait_s))
+        task = loop.create_task(self._run_prepare(info, operation, requests, lock_wait_s))
         self._tasks[key] = task
 
         def settle(done: asyncio.Task[None]) -> None:
@@ -751,8 +774,15 @@ class BranchEngine:
         task.add_done_callback(settle)
 
     async def _run_prepare(
-        self, info: BranchInfo, requests: Sequence[LockRequest], lock_wait_s: float | None
+        self,
+        info: BranchInfo,
+        operation: Message,
+        requests: Sequence[LockRequest],
+        lock_wait_s: float | None,
     ) -> None:
+        """The prepare of a branch that waits for locks. It has its own `operation`: a cancel
+        (Rollback, lease) finishes the branch and drops the engine's copy, and should the wait
+        not stop at the cancel, the late vote must still give back what it took."""
         key = info.branch.key
         owner = branch_key_text(key)
         outcome: Prepared | ReadOnly | Refused
@@ -763,9 +793,9 @@ class BranchEngine:
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
-            outcome = self._service_prepare(key, owner, self._operations[key])
+            outcome = self._service_prepare(key, owner, operation)
         self._tasks.pop(key, None)  # past the point where a rollback could cancel it
-        reply = self._settle_prepare(info, outcome)
+        reply = self._settle_prepare(info, outcome, operation)
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
@@ -789,13 +819,17 @@ class BranchEngine:
             return Refused(f"{self.service.name} failed to prepare: {type(error).__name__}")
 
     def _settle_prepare(
-        self, info: BranchInfo, outcome: Prepared | ReadOnly | Refused
+        self, info: BranchInfo, outcome: Prepared | ReadOnly | Refused, operation: Message
     ) -> core.ReplyVote:
         """Feed the service's answer to the core. Nothing awaits between the service's state
-        change and the log append, so the log order is the order of the state changes."""
+        change and the log append, so the log order is the order of the state changes. A
+        reservation is registered here, with the operation that undoes it, whatever state the
+        branch is in by now: the core's answer (ApplyCommit, ApplyRollback, ReleaseLatePrepare)
+        finds it."""
         branch = info.branch
         if isinstance(outcome, Prepared):
             self._applied.add(branch.key)
+            self._operations[branch.key] = operation
             event = core.PrepareVoted(BranchVote.PREPARED)
         elif isinstance(outcome, ReadOnly):
             event = core.PrepareVoted(BranchVote.READ_ONLY)
@@ -1103,5 +1137,6 @@ class BranchEngine:
         core.Persist: _persist,
         core.ApplyCommit: _apply_commit,
         core.ApplyRollback: _apply_rollback,
+        core.ReleaseLatePrepare: _release_late_prepare,
         core.AskCoordinator: _ask_coordinator,
     }

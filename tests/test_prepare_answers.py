@@ -16,11 +16,12 @@ from dtm.core.branch import BranchState, BranchVote, ErrorKind
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine, BranchError
-from participants.locks import LockManager
+from participants.locks import LockManager, LockMode
 from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.test_heuristics import ScriptedParticipant, _scripted_branch, scripted_cluster
+from tests.test_locks import until
 
 
 class WaitsRecorded(MemoryLog):
@@ -89,6 +90,56 @@ def test_a_prepare_of_an_invalid_operation_is_counted_as_refused() -> None:
     assert 3 == inventory.counters.refused
     assert (0, 0) == (inventory.counters.prepared, inventory.counters.rolled_back)
     assert not inventory.open and inventory.branch(("t-0", 0)) is None  # nothing kept
+
+
+class WaitsPastTheCancel(LockManager):
+    """Lock waits that do not stop at their task's cancel: a prepare that runs on after a
+    Rollback (or its lease) cancelled it, as the simulator's prepare_past_cancel fault makes
+    them. The stock LockManager stops; BranchEngine takes any lock manager, and must not
+    rest on that."""
+
+    async def acquire(
+        self, owner: str, resource: str, mode: LockMode, timeout_s: float | None = None
+    ) -> None:
+        try:
+            await super().acquire(owner, resource, mode, timeout_s)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            await super().acquire(owner, resource, mode, timeout_s)
+
+
+def test_a_vote_after_a_rollback_gives_back_its_reservation_and_locks() -> None:
+    """A prepare waits for a lock; a Rollback cancels it, but its wait runs on, is granted
+    the lock, and the service reserves. Before, the engine had dropped the operation at the
+    cancel: the prepare raised KeyError (its caller heard an internal error), and the rolled
+    back branch kept the lock and the reserved unit for good."""
+
+    async def scenario() -> None:
+        inventory = BranchEngine(
+            InventoryService({"sku-apple": 5}, lock_skus=True),
+            MemoryLog(),
+            WaitsPastTheCancel(wait_timeout_s=5),
+            clock_ms=lambda: 0,
+        )
+        reserve = packed(
+            shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+        )
+        assert (BranchVote.PREPARED, "") == inventory.begin_prepare("t-a", 0, reserve, False)
+        waiting = asyncio.ensure_future(inventory.prepare("t-late", 0, reserve, False))
+        await until(lambda: bool(inventory.locks.snapshot()[0].waiters))  # t-late queued
+        await inventory.rollback("t-late", 0)  # cancels it; its wait runs on
+        await inventory.commit("t-a", 0)  # the lock goes to t-late's wait, which prepares
+        assert (BranchVote.REFUSED, "rolled back while preparing") == await waiting
+        info = inventory.branch(("t-late", 0))
+        assert info is not None and BranchState.ROLLED_BACK is info.branch.state
+        assert [] == inventory.locks.snapshot()
+        (level,) = inventory.service.levels(["sku-apple"])
+        assert (4, 0, 1) == (level.available, level.reserved, level.sold)  # t-a's unit only
+        assert not inventory.open
+
+    asyncio.run(scenario())
 
 
 def test_a_refusal_waits_for_the_commit_it_rests_on() -> None:

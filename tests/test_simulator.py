@@ -251,7 +251,7 @@ def _late_vote_keeping_the_reservation(
     """A broken participant: the vote of a prepare that a Rollback overtook (cancelled after
     its business logic ran) does not give back what that prepare took."""
     actions = bcore._on_vote_after_rollback(branch, event)
-    return [a for a in actions if not isinstance(a, bcore.ApplyRollback)]
+    return [a for a in actions if not isinstance(a, bcore.ReleaseLatePrepare)]
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,13 @@ class ApplyRollback:
 
 
 @dataclass(frozen=True, slots=True)
+class ReleaseLatePrepare:
+    """A prepare ran on past its cancel and voted: give back what it took (its tentative
+    effects, and any lock it was granted after the cancel released the branch's). The branch
+    stays as it is: decided, recorded and kept when it was cancelled."""
+
+
+@dataclass(frozen=True, slots=True)
 class ReplyVote:
     vote: BranchVote
     reason: str
@@ -192,6 +199,7 @@ BranchAction: TypeAlias = (
     | Persist
     | ApplyCommit
     | ApplyRollback
+    | ReleaseLatePrepare
     | ReplyVote
     | ReplyAck
     | ReplyError
@@ -285,8 +293,10 @@ def _on_vote(branch: Branch, event: PrepareVoted) -> list[BranchAction]:
 
 
 def _on_vote_after_rollback(branch: Branch, event: PrepareVoted) -> list[BranchAction]:
-    # The Rollback overtook the prepare: whatever the prepare took is given back.
-    return [ApplyRollback(), ReplyVote(BranchVote.REFUSED, branch.reason)]
+    # A Rollback (or the lease) overtook the prepare, whose cancel did not stop it: whatever
+    # it took is given back, whichever its vote. Not ApplyRollback: that finishes the branch,
+    # which its cancel did already (its record, its entry among the decided ones).
+    return [ReleaseLatePrepare(), ReplyVote(BranchVote.REFUSED, branch.reason)]
 
 
 def _on_duplicate_prepare_while_running(

@@ -546,7 +546,8 @@ class ParticipantNode:
         self._replies_pending: dict[BranchKey, int] = {}  # replies waiting for durability
         # What each branch holds (participants/branches.py): its locks from the prepare's start
         # until CancelPrepare, ApplyCommit or ApplyRollback; its reservation (`_applied`: the
-        # service prepared it) from a PREPARED answer until ApplyCommit or ApplyRollback.
+        # service prepared it) from a PREPARED answer until ApplyCommit or ApplyRollback (or
+        # ReleaseLatePrepare, for a vote that came after its prepare was cancelled).
         self.locked: set[BranchKey] = set()
         self.reserved: set[BranchKey] = set()
 
@@ -698,9 +699,9 @@ class ParticipantNode:
                     )
                 self.reserved.discard(key)
                 self.locked.discard(key)
-            elif isinstance(action, bcore.ApplyRollback):
+            elif isinstance(action, bcore.ApplyRollback | bcore.ReleaseLatePrepare):
                 # The service gives back what the prepare took (nothing after a refusal or a
-                # read-only answer) and the locks go.
+                # read-only answer) and the locks go; a late vote's too (ReleaseLatePrepare).
                 self.reserved.discard(key)
                 self.locked.discard(key)
             elif isinstance(action, bcore.AskCoordinator):
