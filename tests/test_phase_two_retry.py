@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
-from dtm.coordinator.engine import CoordinatorConfig, Engine
+from dtm.coordinator.engine import SLOTS_RECOUNT_MS, CoordinatorConfig, Engine, SubmitRejected
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.coordinator.run import slots_held
@@ -120,6 +120,42 @@ def test_the_limit_of_transactions_in_flight_names_the_participant_of_lost_one_p
     assert TxnState.UNKNOWN is txn.state
     held = slots_held([SimpleNamespace(txn=txn)])  # type: ignore[list-item]
     assert "1 for participant 'payment' (last error: unavailable (down))" in held, held
+
+
+def test_what_holds_the_slots_is_counted_again_by_the_monotonic_clock_not_the_wall_clock() -> None:
+    """The refusal at the limit reuses its count of what holds the slots for SLOTS_RECOUNT_MS.
+    Timed by the wall clock, a step back of an hour (NTP, an operator) kept the count made
+    before it for that hour: "retry shortly" while a participant's lost answers held every
+    slot."""
+
+    async def scenario() -> None:
+        wall_ms, loop_s = [1_800_000_000_000], [100.0]
+        engine = Engine(
+            MemoryLog(),
+            Registry(),
+            CoordinatorConfig(in_flight_max=1),
+            clock_ms=lambda: wall_ms[0],
+            monotonic_s=lambda: loop_s[0],
+        )
+        txn, _ = Transaction.begin(
+            "t-1p", ["payment"], now_ms=0, timeout_ms=1_000, one_phase_capable=True
+        )
+        engine.active["t-1p"] = SimpleNamespace(txn=txn)  # type: ignore[assignment]
+
+        async def refusal() -> str:
+            with pytest.raises(SubmitRejected) as refused:
+                await engine.submit("t-2", [("payment", any_pb2.Any())], 1_000, b"t-2")
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED == refused.value.code
+            return str(refused.value)
+
+        assert "retry shortly" in await refusal()  # t-1p is preparing: the load will pass
+        txn.handle(PrepareFailed(0, "unavailable (down)", 5))  # its answer lost: probed
+        wall_ms[0] -= 3_600_000  # the wall clock steps back an hour
+        assert "retry shortly" in await refusal()  # counted less than SLOTS_RECOUNT_MS ago
+        loop_s[0] += SLOTS_RECOUNT_MS / 1000
+        assert "1 for participant 'payment'" in await refusal()
+
+    asyncio.run(scenario())
 
 
 def test_a_commit_retried_against_a_participant_that_is_down_warns_ever_less_often(

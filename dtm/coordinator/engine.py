@@ -60,6 +60,12 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def loop_s() -> float:
+    """The running event loop's clock, in seconds: monotonic, and the one the engine's timers
+    and call deadlines run on. For intervals; the wall clock (`wall_ms`) may step."""
+    return asyncio.get_running_loop().time()
+
+
 @dataclass
 class CoordinatorConfig:
     prepare_timeout_ms: int = limits.PREPARE_TIMEOUT_MS_DEFAULT
@@ -127,11 +133,13 @@ class Engine:
         registry: Registry,
         config: CoordinatorConfig,
         clock_ms: Callable[[], int] = wall_ms,
+        monotonic_s: Callable[[], float] = loop_s,
     ) -> None:
         self.log = log
         self.registry = registry
         self.config = config
         self.clock_ms = clock_ms
+        self.monotonic_s = monotonic_s
         self.active: dict[str, Run] = {}
         self.finished = FinishedWindow(config.finished_kept)
         self.counters = Counters()
@@ -156,8 +164,8 @@ class Engine:
         self._ends_syncing: asyncio.Task[None] | None = None
         self._drained: asyncio.Event | None = None  # set while drain() waits
         # What holds the slots at the limit of transactions in flight, and when it was counted
-        # (see _in_flight_refusal).
-        self._slots_held: tuple[int, str] = (0, "")
+        # (`monotonic_s`; see _in_flight_refusal).
+        self._slots_held: tuple[float, str] = (0.0, "")
 
     # ---- public operations ----
 
@@ -261,10 +269,13 @@ class Engine:
         participant that stops acknowledging fills them all, and "retry shortly" then sent
         operators and clients after a wait that could not help (found by a bug hunt). The
         count is a scan of the transactions in flight, made at most once per
-        SLOTS_RECOUNT_MS: under overload, refusals come by thousands a second."""
-        now = self.clock_ms()
+        SLOTS_RECOUNT_MS: under overload, refusals come by thousands a second. Timed by the
+        monotonic clock: by the wall clock, a step back (NTP, an operator) kept a stale count
+        (naming a participant that had recovered, or missing one that stopped) for as long as
+        the step."""
+        now = self.monotonic_s()
         counted_at, held = self._slots_held
-        if not held or now - counted_at >= SLOTS_RECOUNT_MS:
+        if not held or (now - counted_at) * 1000 >= SLOTS_RECOUNT_MS:
             held = slots_held(self.active.values())
             self._slots_held = (now, held)
         return SubmitRejected(
