@@ -16,8 +16,11 @@ import grpc
 import pytest
 
 from dtm import cli, logs
+from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused
+from dtm.coordinator.registry import Registry
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
-from dtmpb.v1 import coordinator_pb2, participant_pb2
+from dtm.wal import MemoryLog
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.server import ParticipantServer, now_ms
 from participants.services.inventory import InventoryService
 from tests.harness import STOCK, InProcessCluster, eventually, order_branches
@@ -172,6 +175,51 @@ def test_a_report_made_twice_is_recorded_once(tmp_path: Path) -> None:
             assert writes == cluster.coordinator.engine.counters.forced_writes
             assert [first.heuristic] == await listed(cluster)
             assert 1 == heuristics_counted(cluster, HEURISTIC_COMMIT)
+
+    asyncio.run(scenario())
+
+
+def test_a_report_that_says_otherwise_than_the_kept_outcome_is_refused_not_acknowledged() -> None:
+    """Inventory's heuristic rollback of committed t-r/0 is kept; the coordinator has since
+    forgotten t-r (presumed abort), and inventory reports a heuristic commit of a t-r/0 it
+    now answers ABORTED for (the id used again). Before, the kept outcome was answered as if
+    it were this report's: inventory took its report as recorded, and no heuristic commit was
+    ever kept. The same fact reported again (in other words) is still acknowledged."""
+
+    async def scenario() -> None:
+        log = MemoryLog()
+        engine = Engine(log, Registry(), CoordinatorConfig())
+        for key, outcome, committed in (
+            ("t-r", HEURISTIC_ROLLBACK, True),
+            ("t-c", HEURISTIC_COMMIT, False),
+        ):
+            engine.heuristics.keep(
+                log_pb2.HeuristicRecorded(
+                    transaction_id=key,
+                    branch=0,
+                    participant="inventory",
+                    outcome=outcome,
+                    detail="heard in phase 2",
+                    recorded_at_unix_ms=1_000,
+                    committed=committed,
+                )
+            )
+        with pytest.raises(Refused) as refused:
+            await engine.report_heuristic("t-r", 0, "inventory", forced_commit=True)
+        assert Code.FAILED_PRECONDITION == refused.value.code
+        message = str(refused.value)
+        assert "another heuristic outcome is kept for branch t-r/0" in message, message
+        assert "heuristic rollback against OUTCOME_COMMITTED" in message, message
+        assert "a heuristic commit against OUTCOME_ABORTED: nothing recorded" in message, message
+        assert "dtm heuristics forget t-r 0" in message, message
+        kept = engine.heuristics.get(("t-r", 0))
+        assert kept is not None and HEURISTIC_ROLLBACK == kept.outcome
+        # t-c's heuristic commit, kept from phase 2, reported by inquiry: the same fact.
+        same = await engine.report_heuristic(
+            "t-c", 0, "inventory", forced_commit=True, detail="forced commit"
+        )
+        assert (HEURISTIC_COMMIT, "heard in phase 2") == (same.outcome, same.detail)
+        assert 0 == log.appended_lsn  # nothing written for either
 
     asyncio.run(scenario())
 

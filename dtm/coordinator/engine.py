@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from dtm import crashpoints, limits, logs
 from dtm.coordinator.finished import FinishedWindow, Head, TransactionView, pack
-from dtm.coordinator.heuristics import HeuristicTable, key_of
+from dtm.coordinator.heuristics import HeuristicTable, heuristic_pb, key_of
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.coordinator.run import (
@@ -101,6 +101,21 @@ _ENDED_KEY = field_key(4)  # CoordinatorCheckpoint.ended
 #: How long the count of what holds the slots at the limit of transactions in flight is
 #: reused for the next refusals (Engine._in_flight_refusal).
 SLOTS_RECOUNT_MS = 1_000
+
+
+def _other_report(kept: log_pb2.HeuristicRecorded, outcome: str, text: str) -> str:
+    """Why a report is refused when the heuristic outcome kept for its branch says something
+    else. Acknowledged, the participant would take its report as recorded, and stop."""
+    kept_decision = coordinator_pb2.Outcome.Name(heuristic_pb(kept).decision)
+    decision = "OUTCOME_COMMITTED" if outcome == HEURISTIC_ROLLBACK else "OUTCOME_ABORTED"
+    return (
+        f"another heuristic outcome is kept for branch {text}: {kept.outcome} against "
+        f"{kept_decision}, recorded at {kept.recorded_at_unix_ms} (unix ms); this report is "
+        f"a {outcome} against {decision}: nothing recorded (the id was used by another "
+        "attempt, or the coordinator forgot the transaction and now presumes it aborted). "
+        "An operator reconciles the kept one and forgets it (dtm heuristics forget "
+        f"{text.replace('/', ' ')}); the report is recorded after that"
+    )
 
 
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
@@ -652,7 +667,8 @@ class Engine:
         its Commit or Rollback reached the branch. Durable before it returns what is kept.
         Idempotent: a branch whose heuristic outcome was recorded already (by phase 2, or an
         earlier report) writes nothing. Raises Refused when this coordinator's outcome is not
-        the other one (any more), or the branch is another participant's."""
+        the other one (any more), the branch is another participant's, or what is kept for it
+        is another outcome (or decision) than this report's."""
         decided = (
             coordinator_pb2.OUTCOME_ABORTED if forced_commit else coordinator_pb2.OUTCOME_COMMITTED
         )
@@ -679,6 +695,10 @@ class Engine:
                 f"the heuristic outcome kept for branch {text} is participant "
                 f"{kept.participant!r}'s, not {participant!r}'s: nothing recorded",
             )
+        # The same fact, or refused: a phase-2 record of it may say it in other words (detail).
+        kept_fact = (kept.outcome, kept.committed, kept.one_phase_unknown)
+        if kept_fact != (outcome, not forced_commit, False):
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, _other_report(kept, outcome, text))
         # Persist before you speak: the record, or the one phase 2 wrote (flushed, not awaited).
         await self.log.wait_durable(self.log.appended_lsn)
         return kept
