@@ -100,6 +100,11 @@ EXCHANGE_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024
 INQUIRIES_PER_TICK_MAX = 256
 # The bound on one resource's lock wait queue; a request beyond it is refused at once.
 WAITERS_PER_RESOURCE_MAX = 1_024
+# Transactions a batching OrderClient queues while its SubmitBatch calls are in flight: what
+# the next four calls carry. Each holds its request (batched only up to about 16 KB) and its
+# caller; beyond, a submit is answered RESOURCE_EXHAUSTED at once, unsent. Unbounded, the
+# queue grew with callers x their timeout behind a slow coordinator.
+CLIENT_SUBMITS_QUEUED_MAX = 4 * SUBMIT_BATCH_MAX
 
 
 def address_port(address: str) -> int | None:

@@ -204,6 +204,8 @@ class OrderClient:
     Nothing waits for a timer: what is submitted in the same event-loop iteration leaves
     together, and while `batch_in_flight` calls are in flight, new transactions queue for the
     next one. Each transaction still commits or aborts on its own and gets its own answer.
+    At most `limits.CLIENT_SUBMITS_QUEUED_MAX` queue: beyond, `submit` answers
+    RESOURCE_EXHAUSTED at once, with nothing sent (`submit_until_known` tries again).
     """
 
     def __init__(self, coordinator: str | grpc.aio.Channel, *, batch_in_flight: int = 0) -> None:
@@ -223,6 +225,7 @@ class OrderClient:
         self._batcher: Batcher[_Pending] | None = None
         self._batch_calls = 0
         self._batch_items = 0
+        self._queued_max = limits.CLIENT_SUBMITS_QUEUED_MAX
         if batch_in_flight:
             policy = BatchPolicy(
                 in_flight_max=batch_in_flight,
@@ -278,6 +281,16 @@ class OrderClient:
         self, request: coordinator_pb2.SubmitRequest, timeout_s: float, started: float
     ) -> SubmitResult:
         assert self._batcher is not None
+        queued = self._batcher.queued
+        if queued >= self._queued_max:
+            message = (
+                f"not sent: {queued} transactions already queue behind the SubmitBatch calls "
+                f"in flight (the limit, CLIENT_SUBMITS_QUEUED_MAX); nothing ran: submit it "
+                "again shortly, or keep fewer submits waiting at once"
+            )
+            return _failed(
+                request, grpc.StatusCode.RESOURCE_EXHAUSTED, message, started, sent=False
+            )
         answer: asyncio.Future[SubmitResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(request, timeout_s, started, answer)
         self._batcher.add(pending)
@@ -310,7 +323,8 @@ class OrderClient:
     ) -> SubmitResult:
         """Submit, and submit again with the same transaction id while the outcome is open: the
         call failed in a way that leaves it unknown (RETRYABLE_CODES), the coordinator was at
-        its limit of transactions in flight (nothing ran), or it answered UNKNOWN (a one-phase
+        its limit of transactions in flight or this client at its limit of queued ones
+        (nothing ran), or it answered UNKNOWN (a one-phase
         commit it is still resolving). At most `attempts` Submits,
         with capped exponential backoff and jitter between them. Any other answer is final:
         bad input is not retried. The last answer is returned, known or not.
@@ -425,7 +439,7 @@ class OrderClient:
 def _still_open(result: SubmitResult, request: coordinator_pb2.SubmitRequest) -> bool:
     """Whether the same Submit again may learn more than `result` says."""
     if result.response is None:
-        if result.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # at the limit of in flight
+        if result.code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # in flight, or queued here
             return request.ByteSize() <= REQUEST_BYTES_SURE_TO_FIT
         return result.code in RETRYABLE_CODES
     return result.response.outcome == coordinator_pb2.OUTCOME_UNKNOWN

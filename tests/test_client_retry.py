@@ -13,11 +13,13 @@ from dtm import limits
 from dtm.orderflow import (
     BATCHED_REQUEST_BYTES_MAX,
     OrderClient,
+    SubmitResult,
     order_request,
     transaction_id_for,
 )
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches
+from tests.test_locks import until
 
 
 def test_a_submit_while_the_coordinator_is_down_is_retried_until_it_lands_once(
@@ -179,6 +181,47 @@ def test_a_retry_that_never_left_does_not_say_nothing_ran_after_one_that_did() -
         await client.close()
         alone = await client.submit_until_known(request, attempts=2)
         assert "nothing was sent" in alone.message and "earlier" not in alone.message
+
+    asyncio.run(scenario())
+
+
+def test_a_batching_client_queues_at_most_its_limit_and_says_the_rest_was_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While its SubmitBatch calls are in flight, a batching client queues the next
+    transactions; nothing bounded that queue but the callers and their timeouts (behind a
+    coordinator that hangs, every caller's request held for its whole timeout). Beyond
+    CLIENT_SUBMITS_QUEUED_MAX a submit is answered at once: RESOURCE_EXHAUSTED, unsent."""
+    monkeypatch.setattr(limits, "CLIENT_SUBMITS_QUEUED_MAX", 2)
+
+    async def scenario() -> None:
+        client = OrderClient("127.0.0.1:1", batch_in_flight=1)
+        coordinator = _HangingCoordinator()
+        client.stub = coordinator  # type: ignore[assignment]
+
+        def submit(n: int) -> asyncio.Task[SubmitResult]:
+            request = coordinator_pb2.SubmitRequest(transaction_id=f"txn-q-{n}")
+            return asyncio.ensure_future(client.submit(request, timeout_s=5.0))
+
+        try:
+            in_flight = submit(0)
+            await until(lambda: coordinator.calls == 1)  # its call holds the one slot
+            queued = [submit(1), submit(2)]
+            batcher = client._batcher
+            assert batcher is not None
+            await until(lambda: batcher.queued == 2)
+            refused = await client.submit(
+                coordinator_pb2.SubmitRequest(transaction_id="txn-q-3"), timeout_s=5.0
+            )
+        finally:
+            coordinator.release.set()
+        assert (grpc.StatusCode.RESOURCE_EXHAUSTED, False) == (refused.code, refused.sent)
+        assert "not sent: 2 transactions already queue" in refused.message, refused.message
+        assert "nothing ran" in refused.message
+        for task in (in_flight, *queued):  # the others were sent and answered as before
+            assert (await task).sent
+        assert 2 == coordinator.calls
+        await client.close()
 
     asyncio.run(scenario())
 
