@@ -236,6 +236,8 @@ class BranchEngine:
         # Those of them the window has pushed out: their checkpoint entries.
         self._forced_beyond: dict[BranchKey, bytes] = {}
         self._forced_kept = forced_kept
+        # The operation of each branch the service prepared (`_settle_prepare`, replay), to
+        # commit or undo it with.
         self._operations: dict[BranchKey, Message] = {}
         self._applied: set[BranchKey] = set()  # service.prepare returned Prepared
         # The operation as it arrived (an Any), for the prepare record; absent after a replay.
