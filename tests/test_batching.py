@@ -752,21 +752,21 @@ def test_a_transaction_timer_that_fires_early_still_ends_it_on_time(
     tmp_path: Path, early_ms: int
 ) -> None:
     """uvloop rounds timers to milliseconds, so the transaction's timer may fire just before
-    the deadline by the clock the core reads (1 in 200-400 did). The core ignored it and
+    the deadline by the clock it counts down (1 in 200-400 did). The core ignored it and
     nothing armed it again: a transaction whose votes did not come never ended (a bug hunt).
     Here a prepare vanishes on its way, so the timer is the only bound."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, transaction_timeout_ms=10_000) as cluster:
             engine = cluster.coordinator.engine
-            fire, clock = engine._on_timer, engine.clock_ms
+            fire, clock = engine._on_timer, engine.monotonic_s
 
             def fired_early(run: Any) -> None:
-                engine.clock_ms = lambda: clock() - early_ms
+                engine.monotonic_s = lambda: clock() - early_ms / 1000
                 try:
                     fire(run)
                 finally:
-                    engine.clock_ms = clock
+                    engine.monotonic_s = clock
 
             engine._on_timer = fired_early  # type: ignore[method-assign]
             port = engine.registry.port("notification")
@@ -793,14 +793,14 @@ def test_an_abort_answer_waiting_for_a_prepare_ends_at_the_deadline_however_earl
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, transaction_timeout_ms=10_000) as cluster:
             engine = cluster.coordinator.engine
-            fire, clock = engine._on_timer, engine.clock_ms
+            fire, clock = engine._on_timer, engine.monotonic_s
 
             def fired_early(run: Any) -> None:
-                engine.clock_ms = lambda: clock() - 2
+                engine.monotonic_s = lambda: clock() - 0.002
                 try:
                     fire(run)
                 finally:
-                    engine.clock_ms = clock
+                    engine.monotonic_s = clock
 
             engine._on_timer = fired_early  # type: ignore[method-assign]
             # notification's prepare vanishes on its way (the timer is the only bound), and
@@ -814,6 +814,31 @@ def test_an_abort_answer_waiting_for_a_prepare_ends_at_the_deadline_however_earl
             took = time.perf_counter() - started
             assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome
             assert took < 1.2, (took, answer.reason)
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_step_back_does_not_postpone_a_transaction_timeout(tmp_path: Path) -> None:
+    """The timer runs on the monotonic clock, but it compared the wall clock with the
+    transaction's deadline and armed itself again for the difference: a step back of an hour
+    (NTP, an operator) held a 300 ms transaction whose vote did not come, and its
+    participants' locks, for an hour (found by a bug hunt)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, transaction_timeout_ms=10_000) as cluster:
+            engine = cluster.coordinator.engine
+            wall = engine.clock_ms
+            sent = asyncio.Event()
+            port = engine.registry.port("notification")
+            port.prepare = lambda item: sent.set()  # type: ignore[method-assign]  # vanishes
+            submitted = asyncio.ensure_future(
+                cluster.submit(_notify_and_order("o-step"), "t-step", timeout_ms=300)
+            )
+            await sent.wait()  # the transaction's timer is armed
+            engine.clock_ms = lambda: wall() - 3_600_000
+            answer = await asyncio.wait_for(submitted, 5)
+            assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome
+            assert "transaction timeout" in answer.reason
 
     asyncio.run(scenario())
 

@@ -246,6 +246,7 @@ class Engine:
         )
         loop = asyncio.get_running_loop()
         run = Run(txn, fingerprint, [op for _, op in branches], loop.create_future())
+        run.due_s = self.monotonic_s() + timeout_ms / 1000
         self.active[transaction_id] = run
         run.timer = loop.call_later(timeout_ms / 1000, self._on_timer, run)
         if self._debug:
@@ -797,20 +798,22 @@ class Engine:
 
     def _on_timer(self, run: Run) -> None:
         run.timer = None
-        now = self.clock_ms()
-        self._feed(run, core.TimedOut(now))
-        txn = run.txn
-        if (txn.state is TxnState.PREPARING or txn.answer_pending) and now < txn.deadline_ms:
-            # Fired before the deadline by the clock the core reads: the timer runs on the
-            # loop's clock, which uvloop rounds to milliseconds (1 in 200-400 fired early), and
-            # the core then ignored it; nothing else ended the transaction. Again, for the rest.
+        early_s = run.due_s - self.monotonic_s()
+        if early_s > 0:
+            # Fired before the deadline: uvloop rounds the timer to milliseconds (1 in 200-400
+            # fired early). Again, for the rest.
             loop = asyncio.get_running_loop()
-            run.timer = loop.call_later((txn.deadline_ms - now + 1) / 1000, self._on_timer, run)
+            run.timer = loop.call_later(max(early_s, 0.001), self._on_timer, run)
+            return
+        # Due by the monotonic clock, so due for the core too: by the wall clock it reads, a
+        # step back had re-armed the timer for the length of the step (an hour's step held a
+        # 100 ms transaction, and its participants' locks, an hour).
+        self._feed(run, core.TimedOut(max(self.clock_ms(), run.txn.deadline_ms)))
 
     def _prepare(self, run: Run, index: int, one_phase: bool) -> None:
         txn = run.txn
         branch = txn.branch(index)
-        remaining_ms = max(1, txn.deadline_ms - self.clock_ms())
+        remaining_ms = max(1.0, (run.due_s - self.monotonic_s()) * 1000)
         timeout_s = min(self.config.prepare_timeout_ms, remaining_ms) / 1000
         started = time.perf_counter()
         self.counters.requests += 1

@@ -55,6 +55,10 @@ class Run:
     operations: list[any_pb2.Any]
     reply: asyncio.Future[None]
     timer: asyncio.TimerHandle | None = None
+    # The deadline by the engine's monotonic clock (`Engine.monotonic_s`), what its timer and
+    # the prepares' timeouts count down to. The core's `deadline_ms` is the wall clock's, for
+    # the log and the next process; this one a wall-clock step cannot move.
+    due_s: float = 0.0
     # Set when a participant said the operation itself is invalid: the client gets
     # INVALID_ARGUMENT (after the abort), not a plain ABORTED.
     invalid_argument: str = ""
