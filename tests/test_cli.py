@@ -232,7 +232,7 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert "--i-understand" in err and "atomic" in err
             # The coordinator decided commit: rolling back would break atomicity.
             status, _, err = await dtm(*force, "--rollback", "--i-understand")
-            assert cli.EXIT_ERROR == status
+            assert cli.EXIT_UNSAFE == status
             assert "decided commit" in err and "dtm txn retry t-9" in err
             status, out, _ = await dtm(*force, "--commit", "--i-understand", "--json")
             assert cli.EXIT_OK == status, out
@@ -246,12 +246,25 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
                 (b["participant"], b["transaction_id"]) for b in json.loads(out)
             ]
 
-            # Once reconciled, an operator stops it being kept for its coordinator.
+            # Kept for its coordinator, which has yet to deliver its Commit: not forgotten.
             forget = [*at, "branches", "forget", "t-9", "1"]
             status, _, err = await dtm(*forget)
             assert cli.EXIT_USAGE == status and "--participant NAME or --address" in err
             status, _, err = await dtm(*forget[:-1], "0", "--participant", "inventory")
             assert cli.EXIT_ERROR == status and "not forced" in err
+            status, _, err = await dtm(*forget, "--participant", "orders")
+            assert cli.EXIT_UNSAFE == status, err
+            assert "still runs t-9 (committing)" in err and "dtm txn retry t-9" in err, err
+
+            # Delivered, the Commit reconciles the branch (the same outcome): it may go now.
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+            status, _, _ = await dtm(*at, "txn", "retry", "t-9")
+
+            async def committed() -> bool:
+                _, out, _ = await dtm(*at, "txn", "show", "t-9", "--json")
+                return "committed" == json.loads(out)["state"]
+
+            await eventually(committed)
             status, out, _ = await dtm(*forget, "--participant", "orders", "--json")
             assert cli.EXIT_OK == status, out
             forgotten = json.loads(out)
@@ -264,15 +277,6 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert "heuristic commit (forgotten)" in out
             status, out, _ = await dtm(*at, "branches", "--awaiting")
             assert (cli.EXIT_OK, "no branches match\n") == (status, out)
-
-            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
-            status, _, _ = await dtm(*at, "txn", "retry", "t-9")
-
-            async def committed() -> bool:
-                _, out, _ = await dtm(*at, "txn", "show", "t-9", "--json")
-                return "committed" == json.loads(out)["state"]
-
-            await eventually(committed)
 
     asyncio.run(scenario())
 
@@ -290,7 +294,7 @@ def test_force_against_an_abort_does_not_suggest_txn_retry(tmp_path: Path) -> No
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
             force = [*at, "force", "t-a", "1", "--participant", "orders", "--i-understand"]
             status, _, err = await dtm(*force, "--commit")
-            assert cli.EXIT_ERROR == status, err
+            assert cli.EXIT_UNSAFE == status, err
             assert "decided abort for t-a" in err
             assert "txn retry" not in err and "asks the coordinator" in err, err
             status, out, _ = await dtm(*at, "txn", "retry", "t-a")
@@ -318,7 +322,7 @@ def test_force_is_refused_while_the_coordinator_is_still_deciding(tmp_path: Path
             await eventually(orders_prepared)
             force = [*at, "force", "t-d", "1", "--participant", "orders", "--i-understand"]
             status, _, err = await dtm(*force, "--rollback")
-            assert cli.EXIT_ERROR == status, err
+            assert cli.EXIT_UNSAFE == status, err
             assert "still deciding t-d (preparing)" in err
             assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
 
@@ -356,7 +360,7 @@ def test_force_commit_is_refused_when_the_coordinator_has_no_record(tmp_path: Pa
 
             force = [*at, "force", "t-n", "1", "--participant", "orders", "--i-understand"]
             status, _, err = await dtm(*force, "--commit")
-            assert cli.EXIT_ERROR == status, err
+            assert cli.EXIT_UNSAFE == status, err
             assert "has no record of t-n" in err and "presumed abort" in err
             assert "--coordinator-lost" in err
             status, out, _ = await dtm(*at, "branches", "--participant", "orders", "--json")
@@ -1022,7 +1026,7 @@ def test_force_follows_a_late_retrys_own_abort_not_its_earlier_commit(
             force = await _late_retry_with_inventory_in_doubt(cluster)
             status, out, err = await dtm(*force, "--commit" if commit else "--rollback")
             if commit:
-                assert cli.EXIT_ERROR == status, out
+                assert cli.EXIT_UNSAFE == status, out
                 assert "decided abort" in err
             else:
                 assert cli.EXIT_OK == status, err
@@ -1091,7 +1095,7 @@ def test_an_aborting_transaction_refuses_a_forced_commit_and_explains_an_unregis
             await eventually(aborting)
             force = [*at, "force", "t-ab", "0", "--participant", "inventory", "--i-understand"]
             status, out, err = await dtm(*force, "--commit")
-            assert cli.EXIT_ERROR == status, out
+            assert cli.EXIT_UNSAFE == status, out
             status, _, err = await dtm(*at, "participants", "remove", "notification")
             assert cli.EXIT_OK != status and "--state aborting" in err, err
             assert coordinator_pb2.OUTCOME_ABORTED == (await running).outcome

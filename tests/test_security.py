@@ -24,7 +24,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dtm import security
+from dtm import cli, security
 from dtm.cluster import SERVICES, Cluster, Ports
 from dtm.coordinator.engine import CoordinatorConfig
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
@@ -630,7 +630,7 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
     flags = ["--tls-ca", str(ca_dir / "ca.pem"), "--tls-cert", str(ca_dir / "operator.pem")]
     flags += ["--tls-key", str(ca_dir / "operator-key.pem")]
 
-    async def scenario(policy: security.Policy, refusal: str) -> None:
+    async def scenario(policy: security.Policy, refusal: str, refused: int) -> None:
         async with secure_cluster(
             tmp_path / refusal[:8], ca_dir, policy, test_control=True, in_doubt_after_ms=600_000
         ) as cluster:
@@ -654,7 +654,7 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
             status, _, err = await dtm(
                 *at, "force", "t-1", "1", *target, "--rollback", "--i-understand"
             )
-            assert 1 == status, err
+            assert refused == status, err
             assert refusal in err
             async with security.channel(
                 cluster.address("notification"), cluster.tls("operator")
@@ -666,10 +666,11 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
             assert [participant_pb2.BRANCH_STATE_PREPARED] == states
 
     narrowed = security.Policy(clients=frozenset({"client"}))
-    asyncio.run(scenario(narrowed, "decided commit for t-1"))
+    # Refused as unsafe: the coordinator's decision says no.
+    asyncio.run(scenario(narrowed, "decided commit for t-1", cli.EXIT_UNSAFE))
     # The coordinator's operators are someone else: it refuses the operator's read.
     elsewhere = security.Policy(clients=frozenset({"client"}), operators=frozenset({"root"}))
-    asyncio.run(scenario(elsewhere, "refusing to force t-1 without knowing"))
+    asyncio.run(scenario(elsewhere, "refusing to force t-1 without knowing", cli.EXIT_ERROR))
 
 
 def test_tls_material_that_cannot_work_is_named_at_start(

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         "participants' locks and branches. `dtm COMMAND --help` for each command.",
         epilog="exit status: 0 ok; 1 error (unreachable, refused, bad input); 2 usage;\n"
         "  3 the answer is no (transaction aborted, participant unhealthy); 4 outcome unknown;\n"
+        "  5 refused as unsafe (`force`, `branches forget`: the coordinator decided otherwise,\n"
+        "  or may still need the branch);\n"
         "  141 the output's reader went away (`dtm config | head -1`)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -285,10 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop keeping a forced branch for its coordinator, once reconciled (durable)",
         description="A forced branch is kept until its coordinator sends a decision for it. "
         "A coordinator that never logged the transaction, or lost its log, never will: once "
-        "you have reconciled the branch, forget it here.",
+        "you have reconciled the branch, forget it here. The coordinator is asked first: "
+        "refused (exit 5) while it may still send the branch its decision, or has not yet "
+        "recorded the heuristic outcome the branch would report to it, or cannot be reached.",
     )
     forget_branch.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     forget_branch.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
+    forget_branch.add_argument(
+        "--coordinator-lost",
+        action="store_true",
+        help="the coordinator lost its log, or is gone for good: forget even though it cannot "
+        "be reached, or has no record of the transaction (which otherwise means it aborted, "
+        "by presumed abort, and a forced commit is still to be reported to it)",
+    )
     forget_branch.set_defaults(handler=cmd_branches_forget)
 
     # In its own module, which reads the processes' log files as well as asking them.

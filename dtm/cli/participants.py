@@ -18,6 +18,7 @@ from dtm.cli.session import (
     EXIT_ERROR,
     EXIT_NO,
     EXIT_OK,
+    EXIT_UNSAFE,
     EXIT_USAGE,
     FORCE_WARNING,
     CliError,
@@ -52,18 +53,21 @@ def _registry(
         )
     except grpc.RpcError as error:
         problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
-        code = error.code() if isinstance(error, grpc.Call) else None
-        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
-        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
-        if (
-            unreachable_hint
-            and unreachable
-            and _tls_hint(details, "the coordinator", session) is None
-        ):
+        if unreachable_hint and _cannot_reach(error, session):
             problem = CliError(f"{problem}; {unreachable_hint}", problem.status)
         raise problem from None
     return list(response.participants)
+
+
+def _cannot_reach(error: grpc.RpcError, session: Session) -> bool:
+    """Whether a call to the coordinator failed for want of an answer (UNAVAILABLE, or none
+    within --timeout), not because it refused. A failed TLS handshake is reported as
+    UNAVAILABLE too, but that is a coordinator that answers, with other TLS settings."""
+    if not isinstance(error, grpc.Call):
+        return False
+    unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    details = error.details() or ""
+    return error.code() in unreachable and _tls_hint(details, "the coordinator", session) is None
 
 
 def _targets(session: Session) -> list[Target]:
@@ -365,6 +369,7 @@ def cmd_force(session: Session) -> int:
     )
     return _act_on_branch(
         session,
+        _one_target(session),
         lambda admin, target: admin.ForceOutcome(
             target.addressed(request), timeout=session.timeout
         ),
@@ -377,9 +382,12 @@ def cmd_force(session: Session) -> int:
 
 def cmd_branches_forget(session: Session) -> int:
     options = session.options
+    target = _one_target(session)
+    _refuse_early_forget(session, target)
     request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
     return _act_on_branch(
         session,
+        target,
         lambda admin, target: admin.ForgetBranch(
             target.addressed(request), timeout=session.timeout
         ),
@@ -393,12 +401,13 @@ def cmd_branches_forget(session: Session) -> int:
 
 def _act_on_branch(
     session: Session,
+    target: Target,
     call: Callable[[participant_pb2_grpc.ParticipantAdminStub, Target], Any],
     done: Callable[[str, participant_pb2.BranchInfo], str],
 ) -> int:
-    """One admin call about one branch of the participant the options name; prints the
-    branch it answers with (JSON, or the line `done` makes of it)."""
-    target = _one_target(session)
+    """One admin call about one branch of `target`, the participant the options name
+    (`_one_target`); prints the branch it answers with (JSON, or the line `done` makes of
+    it)."""
     try:
         response = call(session.admin(target), target)
     except grpc.RpcError as error:
@@ -421,6 +430,125 @@ def _one_target(session: Session) -> Target:
     return _targets(session)[0]
 
 
+def _refuse_early_forget(session: Session, target: Target) -> None:
+    """Refuse (EXIT_UNSAFE) to forget a forced branch its coordinator may still need. While
+    its participant keeps it awaiting, the branch is how the coordinator hears of the forced
+    outcome: from the branch's answer to its Commit or Rollback, which finds nothing once the
+    window of decided branches has moved past a forgotten branch (a Rollback is acknowledged
+    as a tombstone, hiding a forced commit), or from the participant's inquiry, which reports
+    a contradiction (ReportHeuristic). So it goes only when neither can bring anything: the
+    coordinator is done with the transaction and decided as the branch was forced, or it
+    keeps the heuristic outcome already. A branch no longer awaiting (its coordinator has
+    spoken) goes without asking; one not forced, the participant refuses itself.
+    --coordinator-lost, as for `force`: that coordinator's log is gone, so its "no record" is
+    no decision, and nothing will be reported to it; it is also the only way past a
+    coordinator that cannot be reached, which may only be down for now (a forget frees no
+    lock: nothing presses). Any other failure to ask refuses: the check must not fail open."""
+    options = session.options
+    branch = _kept_branch(session, target)
+    if branch is None or not branch.awaiting_coordinator:
+        return
+    text = f"{options.id}/{options.branch}"
+    forced_commit = branch.state == participant_pb2.BRANCH_STATE_COMMITTED
+    where = f"the coordinator at {session.coordinator_address}"
+    try:
+        txn = session.coordinator.GetTransaction(
+            coordinator_pb2.GetTransactionRequest(transaction_id=options.id),
+            timeout=session.timeout,
+        )
+    except grpc.RpcError as error:
+        lost = options.coordinator_lost
+        if _cannot_reach(error, session) and not lost:
+            raise CliError(
+                f"cannot reach {where} to ask whether it still needs forced branch {text}: "
+                f"{target.name} keeps the branch, and asks the coordinator about it itself, "
+                "until the coordinator answers. If that coordinator is gone for good (or lost "
+                "its log), re-run with --coordinator-lost",
+                EXIT_UNSAFE,
+            ) from None
+        if _no_record(error) and forced_commit and not lost:
+            raise CliError(
+                f"{where} has no record of {options.id}: under presumed abort it aborted, so "
+                f"branch {text}, forced to commit, is a heuristic commit it has not recorded "
+                f"yet. {target.name} reports it at its next inquiry (`dtm heuristics` lists it "
+                "then, and `dtm branches --awaiting` no longer lists the branch): forget the "
+                "branch after that. Only if that coordinator lost its log (its 'aborted' then "
+                "decides nothing), re-run with --coordinator-lost",
+                EXIT_UNSAFE,
+            ) from None
+        if _cannot_reach(error, session) or _no_record(error):
+            return  # --coordinator-lost, or a forced rollback: what presumed abort decided
+        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        raise CliError(
+            f"{problem}; refusing to forget {text} without knowing whether its coordinator "
+            "still needs it"
+        ) from None
+    _refuse_while_needed(session, target, txn, forced_commit)
+
+
+def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo | None:
+    """The branch the options name, as `target` keeps it; None when it keeps no such branch
+    (ForgetBranch then says so)."""
+    options = session.options
+    request = participant_pb2.ListBranchesRequest(transaction_id=options.id)
+    try:
+        response = session.admin(target).ListBranches(
+            target.addressed(request), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        raise rpc_error(error, target.what, target.address, session) from None
+    # Filtered here too: a participant from before the field lists every transaction's.
+    return next(
+        (
+            info
+            for info in response.branches
+            if (info.transaction_id, info.branch) == (options.id, options.branch)
+        ),
+        None,
+    )
+
+
+def _refuse_while_needed(
+    session: Session, target: Target, txn: coordinator_pb2.Transaction, forced_commit: bool
+) -> None:
+    """Refuse to forget a branch forced to `forced_commit` while the coordinator, which has
+    `txn` on record, may still send it a decision, or has a contradiction still to hear."""
+    options = session.options
+    text = f"{options.id}/{options.branch}"
+    where = f"the coordinator at {session.coordinator_address}"
+    # Not for a coordinator that has the transaction on record, as for `force`.
+    not_lost = " (it has the transaction on record: not lost)" if options.coordinator_lost else ""
+    if txn.state not in (
+        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+        coordinator_pb2.TRANSACTION_STATE_ABORTED,
+    ):
+        # Deciding, delivering its decision, or probing a one-phase outcome (UNKNOWN).
+        state = fmt.state_name(txn.state)
+        deliver = ""
+        if txn.state == coordinator_pb2.TRANSACTION_STATE_COMMITTING:
+            deliver = f" (`dtm txn retry {options.id}` delivers its Commits now)"
+        raise CliError(
+            f"{where} still runs {options.id} ({state}){not_lost}: its decision may still "
+            f"reach branch {text}, which answers it with the forced outcome{deliver}. Forget "
+            f"the branch once the transaction is over (`dtm txn show {options.id}`)",
+            EXIT_UNSAFE,
+        )
+    decided_commit = _decided_commit(txn)
+    if decided_commit == forced_commit:
+        return  # nothing to report: the branch did what the coordinator decided
+    if any(b.branch == options.branch and b.heuristic for b in txn.branches):
+        return  # the coordinator keeps the heuristic outcome already
+    decision = "commit" if decided_commit else "abort"
+    forced = "commit" if forced_commit else "roll back"
+    raise CliError(
+        f"{where} decided {decision} for {options.id}, and branch {text} was forced to "
+        f"{forced}: a heuristic outcome the coordinator has not recorded yet{not_lost}. "
+        f"{target.name} reports it at its next inquiry (`dtm heuristics` lists it then, and "
+        "`dtm branches --awaiting` no longer lists the branch): forget the branch after that",
+        EXIT_UNSAFE,
+    )
+
+
 def _refuse_contradiction(session: Session) -> None:
     """Refuse to force against a decision the coordinator knows: that breaks atomicity for
     certain, and the decision can simply be delivered instead (`dtm txn retry`). A coordinator
@@ -437,13 +565,9 @@ def _refuse_contradiction(session: Session) -> None:
             timeout=session.timeout,
         )
     except grpc.RpcError as error:
-        code = error.code() if isinstance(error, grpc.Call) else None
-        details = (error.details() if isinstance(error, grpc.Call) else None) or ""
-        unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        # A failed TLS handshake is a coordinator that answers, with other TLS settings.
-        if code in unreachable and _tls_hint(details, "the coordinator", session) is None:
+        if _cannot_reach(error, session):
             return
-        if code is grpc.StatusCode.NOT_FOUND:
+        if _no_record(error):
             if options.commit and not options.coordinator_lost:
                 raise CliError(
                     f"the coordinator at {session.coordinator_address} has no record of "
@@ -451,7 +575,8 @@ def _refuse_contradiction(session: Session) -> None:
                     "participants are told ABORTED), so forcing commit would break atomicity. "
                     "Force --rollback instead; only if that coordinator lost its log (or never "
                     "ran this transaction) and the transaction may have committed, re-run with "
-                    "--coordinator-lost"
+                    "--coordinator-lost",
+                    EXIT_UNSAFE,
                 ) from None
             return
         problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
@@ -469,27 +594,43 @@ def _refuse_contradiction(session: Session) -> None:
         raise CliError(
             f"the coordinator at {session.coordinator_address} is still deciding {options.id} "
             f"({state.lower()}): forcing now could contradict its decision. Wait for it "
-            f"(`dtm txn show {options.id}`); it comes within the transaction's timeout"
+            f"(`dtm txn show {options.id}`); it comes within the transaction's timeout",
+            EXIT_UNSAFE,
         )
-    # This attempt's own decision, which its branches are told: a transaction committed by an
-    # earlier attempt reads COMMITTED, but this attempt decided abort (a branch of it in doubt
-    # is one a participant that forgot the earlier commit prepared again); ABORTING has
-    # decided abort, only its client's answer waits.
-    committed = not txn.committed_earlier and txn.state in (
-        coordinator_pb2.TRANSACTION_STATE_COMMITTING,
-        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
-    )
-    aborted = bool(txn.committed_earlier) or txn.state in (
-        coordinator_pb2.TRANSACTION_STATE_ABORTING,
-        coordinator_pb2.TRANSACTION_STATE_ABORTED,
-    )
-    if (committed and not options.commit) or (aborted and options.commit):
-        decision = "commit" if committed else "abort"
+    decided_commit = _decided_commit(txn)
+    if decided_commit is not None and decided_commit != options.commit:
+        decision = "commit" if decided_commit else "abort"
         raise CliError(
             f"the coordinator at {session.coordinator_address} decided {decision} for "
             f"{options.id}: forcing {'commit' if options.commit else 'rollback'} would break "
-            f"atomicity. {_deliver_instead(txn)}"
+            f"atomicity. {_deliver_instead(txn)}",
+            EXIT_UNSAFE,
         )
+
+
+def _no_record(error: grpc.RpcError) -> bool:
+    """Whether GetTransaction failed because the coordinator has no record of the transaction:
+    under presumed abort, it aborted (QueryOutcome answers ABORTED)."""
+    return isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND
+
+
+def _decided_commit(txn: coordinator_pb2.Transaction) -> bool | None:
+    """The decision of this attempt, which its branches are told: True commit, False abort,
+    None undecided (or unknown, a one-phase commit's lost reply). A transaction committed by an
+    earlier attempt reads COMMITTED, but this attempt decided abort (a branch of it in doubt
+    is one a participant that forgot the earlier commit prepared again); ABORTING has decided
+    abort, only its client's answer waits."""
+    if txn.committed_earlier or txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_ABORTING,
+        coordinator_pb2.TRANSACTION_STATE_ABORTED,
+    ):
+        return False
+    if txn.state in (
+        coordinator_pb2.TRANSACTION_STATE_COMMITTING,
+        coordinator_pb2.TRANSACTION_STATE_COMMITTED,
+    ):
+        return True
+    return None
 
 
 def _deliver_instead(txn: coordinator_pb2.Transaction) -> str:

@@ -35,6 +35,10 @@ EXIT_USAGE = 2
 EXIT_NO = 3
 #: The outcome of a submitted transaction is unknown (see Outcome.OUTCOME_UNKNOWN).
 EXIT_UNKNOWN = 4
+#: Refused as unsafe: `force` against the coordinator's decision, or `branches forget` of a
+#: forced branch the coordinator may still decide or has not yet recorded the heuristic of.
+#: Not an error to retry as is: the message says what to wait for, or which flag overrides.
+EXIT_UNSAFE = 5
 #: Standard output was closed by its reader (`dtm config | head -1`): 128 + SIGPIPE, as a
 #: command killed by the signal reports it.
 EXIT_BROKEN_PIPE = 141

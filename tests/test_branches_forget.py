@@ -1,0 +1,138 @@
+"""`dtm branches forget` asks the coordinator first, as `dtm force` does. Forgetting a forced
+branch stops its participant keeping it for the coordinator, and that branch is how the
+coordinator hears of the forced outcome: from the branch's answer to its Commit or Rollback,
+or from the participant's inquiry, which reports a contradiction (ReportHeuristic). Before,
+the command forgot the branch whatever the coordinator still needed of it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from dtm import cli
+from dtmpb.v1 import coordinator_pb2, participant_pb2
+from tests.harness import InProcessCluster, eventually, order_branches
+from tests.test_cli import dtm, free_port
+from tests.test_heuristic_reports import ASKS_LATER, ask, forced_unknown, listed
+
+
+async def awaiting(cluster: InProcessCluster, name: str) -> list[tuple[str, int]]:
+    """The forced branches `name` keeps for its coordinator."""
+    return [key for key, _ in cluster.participants[name].engine.forced_awaiting()]
+
+
+def test_a_forced_commit_the_coordinator_has_no_record_of_is_kept_until_reported(
+    tmp_path: Path,
+) -> None:
+    """No record: the coordinator aborted (presumed abort). A forced rollback agrees and goes
+    at once; a forced commit contradicts it, and is refused (exit 5) until the participant's
+    inquiry has reported it to the coordinator, unless --coordinator-lost says that
+    coordinator's "no record" decides nothing."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            at = ["--coordinator", cluster.coordinator_address, "branches", "forget"]
+            await forced_unknown(cluster, "t-fc", commit=True)
+            await forced_unknown(cluster, "t-fr", commit=False)
+            await forced_unknown(cluster, "t-lost", commit=True)
+            inventory = ["--participant", "inventory"]
+
+            status, out, err = await dtm(*at, "t-fc", "0", *inventory)
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "has no record of t-fc" in err and "presumed abort" in err, err
+            assert "reports it at its next inquiry" in err and "--coordinator-lost" in err, err
+            assert ("t-fc", 0) in await awaiting(cluster, "inventory")
+
+            status, out, err = await dtm(*at, "t-fr", "0", *inventory)
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-fr/0" in out
+
+            status, out, err = await dtm(*at, "t-lost", "0", *inventory, "--coordinator-lost")
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-lost/0" in out
+
+            # Reported (and so reconciled): the coordinator keeps it, the branch may go.
+            await ask(cluster.participants["inventory"], cluster)
+            assert [("t-fc", 0)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+            status, out, err = await dtm(*at, "t-fc", "0", *inventory, "--json")
+            assert cli.EXIT_OK == status, err
+            assert json.loads(out)["forgotten"]
+            assert [] == await awaiting(cluster, "inventory")
+
+    asyncio.run(scenario())
+
+
+def test_a_coordinator_that_cannot_be_reached_stops_a_forget_unless_lost(
+    tmp_path: Path,
+) -> None:
+    """Unlike a force (which frees locks, and is for a coordinator gone), a forget frees
+    nothing that presses, and a coordinator down for now may still decide the branch: it is
+    refused (exit 5) unless --coordinator-lost says that coordinator is gone for good."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_unknown(cluster, "t-fc", commit=False)
+            gone = f"127.0.0.1:{free_port()}"
+            forget = [
+                *("--coordinator", gone, "--timeout", "2", "branches", "forget", "t-fc", "0"),
+                *("--address", cluster.address("inventory")),
+            ]
+
+            status, out, err = await dtm(*forget)
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert f"cannot reach the coordinator at {gone}" in err, err
+            assert "--coordinator-lost" in err, err
+            assert [("t-fc", 0)] == await awaiting(cluster, "inventory")
+
+            status, out, err = await dtm(*forget, "--coordinator-lost")
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-fc/0" in out
+            assert [] == await awaiting(cluster, "inventory")
+
+    asyncio.run(scenario())
+
+
+def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_has_it(
+    tmp_path: Path,
+) -> None:
+    """An abort on record whose Rollback did not reach the branch, forced to commit meanwhile:
+    refused (exit 5), --coordinator-lost included (that coordinator has the transaction on
+    record: it lost nothing), until the coordinator has heard the heuristic commit."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            at = ["--coordinator", cluster.coordinator_address]
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
+            response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
+            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+            await cluster.admin("orders").ForceOutcome(
+                participant_pb2.ForceOutcomeRequest(
+                    transaction_id="t-a", branch=1, commit=True, i_understand_this_is_heuristic=True
+                )
+            )
+            forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
+
+            for lost in ([], ["--coordinator-lost"]):
+                status, out, err = await dtm(*forget, *lost)
+                assert (cli.EXIT_UNSAFE, "") == (status, out), err
+                assert "decided abort for t-a, and branch t-a/1 was forced to commit" in err, err
+                assert "has not recorded yet" in err, err
+                assert ("on record: not lost" in err) == bool(lost), err
+            assert [("t-a", 1)] == await awaiting(cluster, "orders")
+
+            # Heard, by the Rollback's retry or the participant's report: it may go now.
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+            await ask(cluster.participants["orders"], cluster)
+
+            async def reconciled() -> bool:
+                return [] == await awaiting(cluster, "orders")
+
+            await eventually(reconciled)
+            assert [("t-a", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+            status, out, err = await dtm(*forget)
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-a/1" in out
+
+    asyncio.run(scenario())
