@@ -554,18 +554,32 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
             status, out, _ = run(capsys, "status", *data)
             assert 3 == status, out
             assert "no (another at 127.0.0.1:1)" in out.splitlines()[4], out
-            status, out, err = run(capsys, "up", *data, "--timeout", "0.5")
+            # Payment registered when it started and never will again: said at once, not
+            # after waiting out --timeout for it (which then said only "not ready in time").
+            payment = running.pid("payment")
+            status, out, err = run(capsys, "up", *data, "--timeout", "60")
             assert (1, "") == (status, out), err
-            assert "payment not ready in time (registered at 127.0.0.1:1" in err, err
+            assert f"payment (pid {payment}) registered with the coordinator when it" in err
+            assert "the coordinator now lists it at 127.0.0.1:1" in err, err
+            assert f"`kill {payment}`) and run `up` again" in err, err
+            assert "not ready in time" not in err and "waiting up to" not in err, err
 
             coordinator.UnregisterParticipant(
                 coordinator_pb2.UnregisterParticipantRequest(name="payment"), timeout=5
             )
             status, out, _ = run(capsys, "status", *data)
             assert 3 == status and out.splitlines()[4].endswith(" no"), out
-            status, out, err = run(capsys, "up", *data, "--timeout", "0.5")
+            status, out, err = run(capsys, "up", *data, "--timeout", "60")
             assert (1, "") == (status, out), err
-            assert "payment not ready in time (not registered" in err, err
+            assert "the coordinator now does not list it" in err, err
+            assert "`dtm participants remove payment`" in err, err
+            assert "not ready in time" not in err and "waiting up to" not in err, err
+            # As it says: stopped, and started anew by `up`, payment registers again.
+            Cluster.attach(tmp_path).terminate("payment")
+            status, out, err = run(capsys, "up", *data)
+            assert 0 == status and "starting the others" in out, err
+            status, out, _ = run(capsys, "status", *data)
+            assert 0 == status and out.count(" yes\n") == 4, out
 
             # The coordinator down: no service can be told registered or not ("registered
             # no" for every one of them sent an operator after four registrations).
@@ -576,6 +590,25 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
             assert all(line.endswith(" unknown (coordinator down)") for line in services), out
     finally:
         cluster.main(["down", *data, "--grace", "2"])
+
+
+def test_a_registration_counts_only_since_the_services_last_start(tmp_path: Path) -> None:
+    """`up` fails at once for a service whose log says it registered, since its last start
+    only: a registration of an earlier run (the log is kept across them) says nothing of the
+    process now starting, which registers on its own."""
+    found = Cluster(tmp_path, Ports.free())
+    log = found.log_path("payment")
+    log.parent.mkdir(parents=True)
+    registered = "2026-01-01T00:00:00.000Z INFO    payment: registered coordinator=x address=y\n"
+    other = "2026-01-01T00:00:00.000Z INFO    orders: registered coordinator=x address=y\n"
+    start = "\n==== 2026-01-01T00:00:00 starting payment\n"
+    log.write_text(registered + start + other)
+    assert not found._registered_since_start("payment")
+    log.write_text(start + registered + start)
+    assert not found._registered_since_start("payment")
+    log.write_text(start + registered)
+    assert found._registered_since_start("payment")
+    assert not found._registered_since_start("orders")  # no log at all
 
 
 def test_up_after_down_starts_the_cluster_cluster_json_records(

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,11 +43,13 @@ from dtm.cluster.procfs import (
 from dtm.cluster.settings import (
     COORDINATOR,
     HEALTH_CALL_TIMEOUT_S,
+    LOG_SCAN_BYTES,
     LOG_TAIL_LINES,
     MODULES,
     POLL_INTERVAL_S,
     PROCESSES,
     SERVICES,
+    START_MARKER,
     START_TIMEOUT_S,
     STOP_GRACE_S,
 )
@@ -210,7 +213,8 @@ class Cluster:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         self.pids_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path(name).open("ab") as log:
-            log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
+            marker = f"{START_MARKER}{time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n"
+            log.write(marker.encode())
             log.flush()
             # A new session: own process group, detached from the terminal, so Ctrl-C in the
             # terminal does not reach it and a group kill reaches it alone.
@@ -466,10 +470,54 @@ class Cluster:
             return COORDINATOR, f"ListParticipants failed: {error}"
         for name in SERVICES:
             if registered.get(name) != self.address(name):
-                seen = registered.get(name)
-                where = f"registered at {seen}" if seen else "not registered"
-                return name, f"{where} with the coordinator, expected {self.address(name)}"
+                return self._unregistered(name, registered.get(name))
         return None
+
+    def _unregistered(self, name: str, seen: str | None) -> tuple[str, str]:
+        """What is wrong with service `name`, which the coordinator lists at `seen` (None: not
+        at all) instead of its own address: a service still starting registers on its own
+        (retrying while the coordinator does not answer), so that is only "not ready". But a
+        service registers once, when it starts: one whose log says it has registered since its
+        last start, and that the coordinator no longer lists at its address (an operator ran
+        `dtm participants remove`, or another process took the name), never will. Waiting
+        for it took `up` its whole --timeout: ClusterError now, saying what to do."""
+        where = f"registered at {seen}" if seen else "not registered"
+        problem = name, f"{where} with the coordinator, expected {self.address(name)}"
+        # Its log first, the coordinator again after: the other way round, a registration
+        # made between the two reads would pass for one the coordinator has lost.
+        if not self._registered_since_start(name):
+            return problem
+        try:
+            seen = self.registered().get(name)
+        except grpc.RpcError as error:
+            return COORDINATOR, f"ListParticipants failed: {error}"
+        if seen == self.address(name):
+            return problem  # it was registered by now: the next look finds it ready
+        where = f"lists it at {seen}" if seen else "does not list it"
+        pid = self.pid(name)
+        raise ClusterError(
+            f"{name} (pid {pid}) registered with the coordinator when it started (its log "
+            f"{self.log_path(name)} says so), but the coordinator now {where}: it was removed "
+            f"(`dtm participants remove {name}`), or another process took its name. A service "
+            "registers only when it starts, so it gets no orders until restarted: stop it "
+            f"(`kill {pid}`) and run `up` again, which starts it anew (or `down`, then `up`)"
+        )
+
+    def _registered_since_start(self, name: str) -> bool:
+        """Whether the log of `name` says it registered with the coordinator since it was
+        last started (the marker `_spawn` writes): read from its last LOG_SCAN_BYTES, so a
+        line further back is not found, and `up` waits as before."""
+        try:
+            with self.log_path(name).open("rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(0, size - LOG_SCAN_BYTES))
+                tail = log.read().decode(errors="replace")
+        except OSError:
+            return False
+        since_start = tail[tail.rfind(START_MARKER) + 1 :]  # the whole tail if none
+        # As participants.server logs it: "TIME INFO    NAME: registered coordinator=...".
+        registered = re.compile(rf"^\S+ INFO +{re.escape(name)}: registered( |$)", re.MULTILINE)
+        return registered.search(since_start) is not None
 
     def _served(self, name: str) -> bool:
         """Whether a process this object started listens on its own port yet. Its port

@@ -36,6 +36,11 @@ WAIT_S_MAX = 3_600.0
 POLL_INTERVAL_S = 0.05
 HEALTH_CALL_TIMEOUT_S = 0.5
 LOG_TAIL_LINES = 25
+#: How much of the end of a service's log is read for its "registered" line since its last
+#: start (`Cluster._registered_since_start`): a bound on one read, on a log kept across runs.
+LOG_SCAN_BYTES = 1 << 20
+#: The start of the line `_spawn` writes into a process's log before each start.
+START_MARKER = "\n==== "
 #: free_ports picks from [PORT_FLOOR, start of the ephemeral range): above the well-known
 #: ports and the usual fixed ones (the default /metrics ports 9100..9104 among them).
 PORT_FLOOR = 10000
