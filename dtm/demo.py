@@ -6,9 +6,11 @@ service, a crashed service, a burst on a scarce SKU), prints what happened and w
 the services' final state, checks the order flow's invariants (stock and money conserved,
 nothing oversold or overdrawn, one capture and one notification per confirmed order, nothing
 left reserved or held: `dtm/invariants.py`), and stops everything. Exits 0 only if every
-invariant and every scripted expectation held.
+invariant and every scripted expectation held. The temporary data directory (the servers'
+logs) is removed after a PASS and kept after a FAIL, an error or a signal, and said where;
+--keep-logs keeps it after a PASS too. A --data-dir is never removed.
 
-    python -m dtm.demo [--data-dir DIR]
+    python -m dtm.demo [--data-dir DIR] [--keep-logs]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import signal
 import sys
 import tempfile
@@ -573,7 +576,17 @@ async def run_demo(cluster: Cluster) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dtm.demo", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temp dir")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="default: a fresh temporary dir, removed after a PASS (kept after a FAIL)",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the temporary data dir (the servers' logs and logs of record) after a PASS too",
+    )
     options = parser.parse_args(argv)
     # SIGTERM (`timeout`, CI, `kill`) or SIGHUP (a closed terminal) killed the demo by their
     # default action, skipping the `finally` that stops its servers, and those run in their
@@ -683,7 +696,34 @@ def _run_until_signalled(work: Coroutine[Any, Any, T]) -> T:
 
 
 def _main(options: argparse.Namespace) -> int:
+    temporary = options.data_dir is None
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="dtm-demo-"))
+    status: int | None = None  # None: ended by an exception (a signal, Ctrl-C)
+    try:
+        status = _main_in(data_dir)
+        return status
+    finally:
+        _dispose(data_dir, status, remove=temporary and not options.keep_logs)
+
+
+def _dispose(data_dir: Path, status: int | None, remove: bool) -> None:
+    """After a run: its temporary data dir removed when it passed (`remove`), else said where
+    it is kept. Every run left one behind, filling /tmp; a failed or interrupted run keeps its
+    logs, which say why. A refusal before anything ran (status 2) leaves no logs to speak of."""
+    logs_dir = Cluster(data_dir).logs_dir
+    if remove and (status == 0 or not logs_dir.exists()):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        if status == 0:
+            print("  its temporary data dir is removed (--keep-logs keeps it)")
+        return
+    if status != 2 and logs_dir.exists():
+        # On stdout after the verdict, on stderr after an error or a signal.
+        verdict = status in (0, 1)
+        where = f"  logs kept in {logs_dir}" if verdict else f"demo: logs kept in {logs_dir}"
+        print(where, file=sys.stdout if verdict else sys.stderr)
+
+
+def _main_in(data_dir: Path) -> int:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -740,8 +780,7 @@ def _run(data_dir: Path) -> int:
     finally:
         with _signals_ignored():
             cluster.stop()
-    print(f"  {'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.1f} s; logs kept in")
-    print(f"  {cluster.logs_dir}")
+    print(f"  {'PASS' if ok else 'FAIL'} in {time.perf_counter() - started:.1f} s")
     return 0 if ok else 1
 
 

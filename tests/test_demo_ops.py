@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from dtm import demo
-from dtm.cluster import COORDINATOR
+from dtm.cluster import COORDINATOR, Cluster
 from tests.test_cluster_ops import held_lock, processes_of, sleeper
 
 
@@ -125,3 +127,65 @@ def test_a_demo_ended_by_a_signal_stops_its_servers(tmp_path: Path, signum: int)
     assert 128 + signum == demo_process.returncode, err
     assert "Traceback" not in err
     assert "its servers are stopped" in err.strip().splitlines()[-1]
+
+
+def fake_run(status: int) -> Callable[[Path], int]:
+    """In place of demo._run: the servers' logs written, then `status` (0 PASS, 1 FAIL), or
+    a SIGTERM arriving (-1)."""
+
+    def run(data_dir: Path) -> int:
+        logs = Cluster(data_dir).logs_dir
+        logs.mkdir(parents=True)
+        (logs / "coordinator.log").write_text("what the run said\n")
+        if status < 0:
+            raise demo._Signalled(signal.SIGTERM)
+        return status
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("status", "flags", "kept"),
+    [
+        (0, [], False),
+        (1, [], True),
+        (0, ["--keep-logs"], True),
+        (1, ["--keep-logs"], True),
+        (-1, [], True),
+    ],
+    ids=["pass", "fail", "pass --keep-logs", "fail --keep-logs", "signal"],
+)
+def test_the_temporary_data_dir_is_removed_after_a_pass_only(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    flags: list[str],
+    kept: bool,
+) -> None:
+    """Every demo left its temporary data dir behind ("logs kept in DIR"), filling /tmp. A
+    PASS removes it now; a FAIL or a signal keeps it, and says where; --keep-logs keeps it
+    after a PASS too."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(demo, "_run", fake_run(status))
+    code, out, err = run_demo(capsys, *flags)
+    assert (143 if status < 0 else status) == code, err
+    left = list(tmp_path.glob("dtm-demo-*"))
+    assert kept == bool(left), left
+    if not kept:
+        assert "its temporary data dir is removed (--keep-logs keeps it)" in out
+        return
+    [data_dir] = left
+    assert "what the run said\n" == (data_dir / "logs" / "coordinator.log").read_text()
+    said = f"logs kept in {data_dir / 'logs'}"
+    assert said in (err if status < 0 else out), (out, err)
+
+
+def test_a_data_dir_given_is_never_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "_run", fake_run(0))
+    code, out, _ = run_demo(capsys, "--data-dir", str(tmp_path / "mine"))
+    assert 0 == code
+    assert (tmp_path / "mine" / "logs" / "coordinator.log").exists()
+    assert f"logs kept in {tmp_path / 'mine' / 'logs'}" in out
