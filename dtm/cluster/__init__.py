@@ -50,6 +50,7 @@ from dtm.cluster.lock import (
     locked,
 )
 from dtm.cluster.ports import (
+    FreePorts,
     Ports,
     free_ports,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "ClusterError",
     "ClusterLockError",
     "ClusterStateError",
+    "FreePorts",
     "Ports",
     "_has_option",
     "_setting_text",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
@@ -33,9 +33,23 @@ class Ports:
         return port
 
     @classmethod
-    def free(cls, host: str = "127.0.0.1") -> Ports:
+    def free(cls, host: str = "127.0.0.1") -> FreePorts:
         """Five ports free right now, for tests that must not clash with a running cluster."""
-        return cls(*free_ports(len(PROCESSES), host))
+        return FreePorts(*free_ports(len(PROCESSES), host))
+
+
+@dataclass(frozen=True)
+class FreePorts(Ports):
+    """Ports `free_ports` chose, not ones a user asked for. Free when chosen is all they
+    are: another program may bind one before its server does (a busy machine's other test
+    runs did, failing test_node_example), so a launcher may move that process to another."""
+
+    def moved(self, name: str, host: str = "127.0.0.1") -> FreePorts:
+        """These ports, with `name` on another free one (none of these five)."""
+        mine = set(asdict(self).values())
+        # One more than these five: at least one of them is not among these.
+        port = next(port for port in free_ports(len(mine) + 1, host) if port not in mine)
+        return replace(self, **{name: port})
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

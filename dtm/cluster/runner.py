@@ -32,6 +32,7 @@ from dtm.cluster.errors import (
     ClusterStateError,
 )
 from dtm.cluster.ports import (
+    FreePorts,
     Ports,
 )
 from dtm.cluster.procfs import (
@@ -47,6 +48,7 @@ from dtm.cluster.settings import (
     LOG_TAIL_LINES,
     MODULES,
     POLL_INTERVAL_S,
+    PORT_MOVES_MAX,
     PROCESSES,
     SERVICES,
     START_MARKER,
@@ -107,6 +109,9 @@ class Cluster:
         if unknown:
             raise ValueError(f"extra_args for unknown processes: {', '.join(sorted(unknown))}")
         self._processes = {name: _Process(name) for name in PROCESSES}
+        # Where each process's log was when this object last started it: what it wrote
+        # since (the log is appended across restarts).
+        self._log_offsets: dict[str, int] = {}
 
     # ---- addresses and paths ----
 
@@ -216,6 +221,7 @@ class Cluster:
             marker = f"{START_MARKER}{time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n"
             log.write(marker.encode())
             log.flush()
+            self._log_offsets[name] = log.tell()
             # A new session: own process group, detached from the terminal, so Ctrl-C in the
             # terminal does not reach it and a group kill reaches it alone.
             popen = subprocess.Popen(
@@ -265,15 +271,57 @@ class Cluster:
                 started.append(COORDINATOR)
                 # Services register as soon as they start; with the coordinator already
                 # serving they do so on the first try instead of retrying with backoff.
-                self._wait(deadline, [COORDINATOR], registration=False)
+                self._wait_started(deadline, [COORDINATOR], started, registration=False)
             for name in wanted:
                 if not self.running(name):
                     self._spawn(name)
                     started.append(name)
-            self._wait(deadline, PROCESSES, registration=True)
+            self._wait_started(deadline, PROCESSES, started, registration=True)
         except BaseException:
             self._stop_processes(started, STOP_GRACE_S)
             raise
+
+    def _wait_started(
+        self, deadline: float, names: Sequence[str], started: Sequence[str], *, registration: bool
+    ) -> None:
+        """`_wait`, but a process of `started` that found its free port taken (FreePorts)
+        starts again on another, up to PORT_MOVES_MAX times. Only while starting: the
+        coordinator moves before any service has its address, and a service's new address
+        is what it registers."""
+        for _ in range(PORT_MOVES_MAX):
+            try:
+                self._wait(deadline, names, registration=registration)
+                return
+            except ClusterError:
+                lost = next((name for name in started if self._port_taken(name)), None)
+                if lost is None:
+                    raise
+                self._move(lost)
+        self._wait(deadline, names, registration=registration)
+
+    def _port_taken(self, name: str) -> bool:
+        """Whether `name` exited because its port, one free_ports chose, was in use."""
+        popen = self._processes[name].popen
+        if not isinstance(self.ports, FreePorts) or popen is None or popen.poll() is None:
+            return False
+        try:
+            with self.log_path(name).open("rb") as log:
+                log.seek(self._log_offsets.get(name, 0))
+                output = log.read().decode(errors="replace")
+        except OSError:
+            return False
+        # grpc_edge.bind's words for it (with TLS, it adds another possible cause).
+        return f"cannot listen on {self.address(name)}: is the port already in use?" in output
+
+    def _move(self, name: str) -> None:
+        """Start `name` again on another free port, and record it."""
+        assert isinstance(self.ports, FreePorts)  # as _port_taken found
+        taken = self.address(name)
+        self.ports = self.ports.moved(name, self.host)
+        self._write_state()
+        with self.log_path(name).open("a") as log:
+            log.write(f"{taken} was taken before {name} bound it; moving to {self.address(name)}\n")
+        self._spawn(name)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM every process, SIGKILL those still running after `grace_s`. The coordinator

@@ -41,6 +41,10 @@ LOG_TAIL_LINES = 25
 LOG_SCAN_BYTES = 1 << 20
 #: The start of the line `_spawn` writes into a process's log before each start.
 START_MARKER = "\n==== "
+#: How many times one start moves a process to another free port after another program took
+#: the one chosen before the process bound it (FreePorts): enough for a busy machine, bounded
+#: so that a process that cannot bind anywhere still fails.
+PORT_MOVES_MAX = 3
 #: free_ports picks from [PORT_FLOOR, start of the ephemeral range): above the well-known
 #: ports and the usual fixed ones (the default /metrics ports 9100..9104 among them).
 PORT_FLOOR = 10000
