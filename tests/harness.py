@@ -4,12 +4,13 @@ ephemeral loopback port, with real gRPC between them and real log files under tm
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
@@ -31,6 +32,8 @@ from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
+
+Code = grpc.StatusCode
 
 STOCK = {"sku-apple": 50, "sku-pear": 20, "sku-scarce": 3}
 ACCOUNTS = {
@@ -295,3 +298,56 @@ async def late_retry_of_the_last_stock(
     for name in ("orders", "payment", "notification"):
         await cluster.set_fault(name, participant_pb2.FAULT_MODE_SLOW, delay_ms=slow_ms)
     return order
+
+
+def read_only_branch(name: str) -> coordinator_pb2.BranchRequest:
+    return coordinator_pb2.BranchRequest(
+        participant=name, operation=pack(shop_pb2.GetStockRequest(skus=["sku-apple"]))
+    )
+
+
+# The branches must not be asked about by the housekeeping loop itself: the tests ask, at a
+# time of their choosing, through `_ask_about_in_doubt`.
+NEVER_MS = 600_000
+
+
+def reserve(quantity: int = 1) -> Any:
+    return pack(
+        shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=quantity)])
+    )
+
+
+async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
+    """The coordinator commits t1 while inventory rejects its Commit; an operator forces
+    inventory's branch (`commit`: agreeing, or a heuristic rollback)."""
+    await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+    branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
+    assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
+    await cluster.admin("inventory").ForceOutcome(
+        participant_pb2.ForceOutcomeRequest(
+            transaction_id="t1", branch=0, commit=commit, i_understand_this_is_heuristic=True
+        )
+    )
+
+
+def forced_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "inventory:" in line and "forced" in line]
+
+
+async def expect_status(call: Awaitable[object], code: Code, *fragments: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert code == raised.value.code(), raised.value.details()
+    details = raised.value.details() or ""
+    for fragment in fragments:
+        assert fragment in details
+    return details
+
+
+def field_bytes(number: int, value: bytes) -> bytes:
+    """A length-delimited field as the wire format has it: how a client in another language,
+    or a broken one, can put invalid UTF-8 in a string field (Python's protobuf will not)."""
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+BAD_UTF8_ID = field_bytes(1, b"tx\xffn")  # field 1 is transaction_id in each request below

@@ -13,19 +13,17 @@ from google.protobuf import any_pb2
 
 from dtm import limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from tests.harness import InProcessCluster, eventually, order_branches, pack
+from tests.harness import (
+    BAD_UTF8_ID,
+    InProcessCluster,
+    eventually,
+    expect_status,
+    field_bytes,
+    order_branches,
+    pack,
+)
 
 Code = grpc.StatusCode
-
-
-async def expect_status(call: Awaitable[object], code: Code, *fragments: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert code == raised.value.code(), raised.value.details()
-    details = raised.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details
-    return details
 
 
 async def state_fingerprint(cluster: InProcessCluster) -> tuple[object, ...]:
@@ -345,15 +343,6 @@ async def force_of_a_bad_branch_id(cluster: InProcessCluster) -> str:
     return await expect_status(
         cluster.admin("inventory").ForceOutcome(request), Code.INVALID_ARGUMENT, "transaction_id"
     )
-
-
-def field_bytes(number: int, value: bytes) -> bytes:
-    """A length-delimited field as the wire format has it: how a client in another language,
-    or a broken one, can put invalid UTF-8 in a string field (Python's protobuf will not)."""
-    return bytes([number << 3 | 2, len(value)]) + value
-
-
-BAD_UTF8_ID = field_bytes(1, b"tx\xffn")  # field 1 is transaction_id in each request below
 
 
 async def undecodable(channel: grpc.aio.Channel, method: str, request: bytes) -> str:

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,40 +23,13 @@ import grpc
 import pytest
 
 from dtm import cluster
-from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
+from dtm.cluster import COORDINATOR, PROCESSES, Cluster, Ports, free_ports
 from dtm.cluster import ports as cluster_ports
+from tests.processes import held_lock, processes_of, sleeper
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/cmdline").exists(), reason="needs /proc to tell whose a process is"
 )
-
-
-@contextlib.contextmanager
-def sleeper(name: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process that passes for `name` of the cluster in `data_dir`, with its pidfile;
-    killed at the end whatever the test did to it."""
-    data_dir = data_dir.resolve()
-    code = "import time; print('running', flush=True); time.sleep(60)"
-    command = [sys.executable, "-c", code, MODULES[name]]
-    command += ["--listen", "127.0.0.1:1", "--data-dir", str(data_dir)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True)
-    try:
-        # Popen returns before the kernel has laid out the new program's arguments: until
-        # then /proc/PID/cmdline reads empty and the sleeper passes for nothing (212 of 300
-        # spawns looked so right after Popen). A test that looked before then found no
-        # process of the cluster: under load, the likeliest cause of the one failure of
-        # test_down_of_a_copied_data_dir_leaves_the_original_cluster_alone.
-        assert process.stdout is not None
-        assert process.stdout.readline() == b"running\n", "the sleeper did not start"
-        (data_dir / "pids").mkdir(parents=True, exist_ok=True)
-        (data_dir / "pids" / f"{name}.pid").write_text(f"{process.pid}\n")
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def test_down_of_a_copied_data_dir_leaves_the_original_cluster_alone(
@@ -315,34 +287,6 @@ def test_a_malformed_initial_document_is_described_not_a_traceback() -> None:
     document made that description raise (TypeError, IndexError) instead (a review's find)."""
     for document in ({"stock": None}, {"stock": 5}, {"stock": [], "accounts": []}):
         assert cluster._setting_text(document).startswith("(a document: "), document
-
-
-@contextlib.contextmanager
-def held_lock(data_dir: Path) -> Iterator[None]:
-    """DIR/cluster.lock held as another `up`, `down` or demo holds it."""
-    import fcntl
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with (data_dir / "cluster.lock").open("w") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        yield
-
-
-def processes_of(data_dir: Path) -> list[int]:
-    """The pids of every process started with `--data-dir DATA_DIR` (by /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            # Any program's arguments: not necessarily UTF-8.
-            raw = Path(f"/proc/{entry}/cmdline").read_bytes()
-            args = raw.decode(errors="surrogateescape").split("\0")
-        except OSError:
-            continue
-        if cluster._has_option(args, "--data-dir", str(data_dir.resolve())):
-            found.append(int(entry))
-    return found
 
 
 def test_processes_of_reads_past_a_command_line_that_is_not_utf_8(tmp_path: Path) -> None:

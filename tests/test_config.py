@@ -3,7 +3,6 @@ file, and the coordinator's and participants' command lines built on it."""
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
@@ -17,12 +16,7 @@ from participants import server as participant_server
 EXAMPLE = Path(__file__).resolve().parent.parent / "dtm.example.toml"
 
 
-@pytest.fixture(autouse=True)
-def no_dtm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The developer's own DTM_* variables must not leak into these tests."""
-    for name in list(os.environ):
-        if name.startswith("DTM_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("no_dtm_environment")
 
 
 def write(path: Path, text: str) -> Path:

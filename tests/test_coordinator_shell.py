@@ -1,11 +1,11 @@
 """The coordinator engine's I/O shell, against fake ports and a log whose fsyncs can be held
-back (tests.test_finished): what it answers, sends and resumes. Each test here was written for
+back (tests.doubles): what it answers, sends and resumes. Each test here was written for
 a planted bug (a mutation) that no other test caught; its docstring names it."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import grpc
@@ -18,8 +18,8 @@ from dtm.core.transaction import Vote
 from dtm.records import RecordType
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, log_pb2
+from tests.doubles import Answering, AnsweringRegistry, HeldLog, answered_only_after_the_held_fsync
 from tests.harness import eventually
-from tests.test_finished import Answering, AnsweringRegistry, HeldLog
 
 COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
 ABORTED = coordinator_pb2.OUTCOME_ABORTED
@@ -73,22 +73,6 @@ async def over(engine: Engine, transaction_id: str) -> None:
         return transaction_id not in engine.active
 
     await eventually(finished)
-
-
-async def answered_only_after_the_held_fsync(log: HeldLog, answer: Awaitable[object]) -> bool:
-    """Start `answer` while the log's fsyncs are held: whether it is still unanswered once it
-    asked for an fsync (False if it was answered without one). Then releases the log."""
-    task = asyncio.ensure_future(answer)
-    asked = len(log.waited)
-
-    async def fsync_asked_or_answered() -> bool:
-        return task.done() or len(log.waited) > asked
-
-    await eventually(fsync_asked_or_answered)
-    waited = not task.done()
-    log.release()
-    await task
-    return waited
 
 
 def test_an_attempt_that_found_its_transaction_committed_is_aborted_to_an_inquiry() -> None:

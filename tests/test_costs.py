@@ -4,48 +4,11 @@ messages between coordinator and participants, and forced log writes, per case."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
-from dtmpb.v1 import coordinator_pb2, shop_pb2
-from participants.locks import LockMode
-from participants.service import LockRequest, PrepareResult, ReadOnly
-from tests.harness import InProcessCluster, eventually, order_branches, pack
-
-
-class StockCheck:
-    """A read-only participant: it validates but never changes anything (votes READ_ONLY)."""
-
-    operation_type = shop_pb2.GetStockRequest
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def validate(self, operation: shop_pb2.GetStockRequest) -> None:
-        pass
-
-    def locks(self, operation: shop_pb2.GetStockRequest) -> Sequence[LockRequest]:
-        return [LockRequest(f"sku:{sku}", LockMode.SHARED) for sku in operation.skus]
-
-    def prepare(self, key: str, operation: shop_pb2.GetStockRequest) -> PrepareResult:
-        return ReadOnly()
-
-    def commit(self, key: str, operation: shop_pb2.GetStockRequest) -> None:
-        raise AssertionError("a read-only branch gets no phase 2")
-
-    def rollback(self, key: str, operation: shop_pb2.GetStockRequest) -> None:
-        raise AssertionError("a read-only branch gets no phase 2")
-
-    def snapshot(self) -> bytes:
-        return b""
-
-    def restore(self, state: bytes) -> None:
-        pass
-
-    def add_read_api(self, server: grpc.aio.Server) -> list[str]:
-        return []
+from dtmpb.v1 import coordinator_pb2
+from tests.doubles import StockCheck
+from tests.harness import InProcessCluster, eventually, order_branches, read_only_branch
 
 
 def participant_forced_writes(cluster: InProcessCluster) -> dict[str, int]:
@@ -54,12 +17,6 @@ def participant_forced_writes(cluster: InProcessCluster) -> dict[str, int]:
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {name: after[name] - before[name] for name in after if after[name] != before[name]}
-
-
-def read_only_branch(name: str) -> coordinator_pb2.BranchRequest:
-    return coordinator_pb2.BranchRequest(
-        participant=name, operation=pack(shop_pb2.GetStockRequest(skus=["sku-apple"]))
-    )
 
 
 def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from dtm import demo
 from dtm.cluster import COORDINATOR, Cluster
-from tests.test_cluster_ops import held_lock, processes_of, sleeper
+from tests.processes import held_lock, processes_of, sleeper
 
 
 def run_demo(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

@@ -7,18 +7,15 @@ from __future__ import annotations
 import asyncio
 import gc
 from pathlib import Path
-from typing import Any
 
 from google.protobuf import any_pb2
 
 from dtm.coordinator.engine import CoordinatorConfig, Engine
 from dtm.coordinator.finished import HELD_BEYOND_KEPT_MIN, FinishedWindow, Record, pack
-from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
-from dtm.coordinator.registry import Registry
-from dtm.core.transaction import Vote
 from dtm.records import RecordType
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2
+from tests.doubles import AnsweringRegistry, HeldLog
 from tests.harness import InProcessCluster, eventually, order_branches
 
 COMMITTED = coordinator_pb2.TRANSACTION_STATE_COMMITTED
@@ -98,74 +95,6 @@ def test_a_held_window_stays_bounded_while_the_sync_it_waits_for_does_not_come()
 
 
 # ---- the engine's window against a log whose fsyncs can be held back ----
-
-
-class HeldLog(MemoryLog):
-    """A MemoryLog whose records are durable only once a wait_durable syncs them (every one
-    appended so far, as one fsync does), and whose syncs can be held back. Says which LSNs
-    callers waited for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.synced = 0
-        self.waited: list[int] = []
-        self._released: asyncio.Event | None = None  # set while syncs are held back
-
-    @property
-    def durable_lsn(self) -> int:
-        return self.synced
-
-    def hold(self) -> None:
-        self._released = asyncio.Event()
-
-    def release(self) -> None:
-        assert self._released is not None
-        self._released.set()
-        self._released = None
-
-    async def wait_durable(self, lsn: int) -> None:
-        await super().wait_durable(lsn)  # raises for an LSN never appended
-        self.waited.append(lsn)
-        if lsn <= self.synced:
-            return
-        covered = self.appended_lsn  # what the fsync covers: what is appended when it starts
-        if self._released is not None:
-            await self._released.wait()
-        self.synced = max(self.synced, covered)
-
-
-class Answering:
-    """A participant's port that answers at once: its vote, and every Commit and Rollback."""
-
-    def __init__(self, vote: Vote, sent: list[str]) -> None:
-        self.vote = vote
-        self.sent = sent
-
-    def prepare(self, item: PrepareItem) -> None:
-        self.sent.append(f"prepare {item.transaction_id}")
-        result = PrepareResult(self.vote, "no stock" if self.vote is Vote.REFUSED else "")
-        asyncio.get_running_loop().call_soon(item.done, result)
-
-    def decide(self, item: DecideItem) -> None:
-        asyncio.get_running_loop().call_soon(item.done, DecideResult(ok=True))
-
-
-class AnsweringRegistry(Registry):
-    """Participants "yes-a" and "yes-b" vote PREPARED, "no" refuses; no gRPC."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[str] = []
-        self.answering = {
-            "yes-a": Answering(Vote.PREPARED, self.sent),
-            "yes-b": Answering(Vote.PREPARED, self.sent),
-            "no": Answering(Vote.REFUSED, self.sent),
-        }
-        for name in self.answering:
-            self.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
-
-    def port(self, name: str) -> Any:
-        return self.answering[name]
 
 
 def held_engine(log: HeldLog, finished_kept: int) -> tuple[Engine, AnsweringRegistry]:

@@ -23,10 +23,19 @@ from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.server import ParticipantServer, now_ms
 from participants.services.inventory import InventoryService
-from tests.harness import STOCK, InProcessCluster, eventually, order_branches
-from tests.test_cli import dtm
-from tests.test_costs import StockCheck, read_only_branch
-from tests.test_inquiries import NEVER_MS, forced_after_commit, forced_lines, reserve
+from tests.cli_runner import dtm
+from tests.doubles import StockCheck
+from tests.harness import (
+    NEVER_MS,
+    STOCK,
+    InProcessCluster,
+    eventually,
+    forced_after_commit,
+    forced_lines,
+    order_branches,
+    read_only_branch,
+    reserve,
+)
 
 Code = grpc.StatusCode
 ASKS_LATER = {"in_doubt_after_ms": NEVER_MS}  # only the tests' own inquiries

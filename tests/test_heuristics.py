@@ -6,10 +6,7 @@ branch, instead of retrying forever what no retry can change."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,16 +14,17 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import cli, grpc_edge
+from dtm import cli
 from dtm.batcher import BatchPolicy
 from dtm.coordinator.heuristics import HeuristicTable
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, PrepareItem
 from dtm.coordinator.ports import reported_heuristic as heuristic
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_HAZARD, HEURISTIC_ROLLBACK
 from dtm.core.transaction import ROLLBACK_ATTEMPTS_MAX
-from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
+from tests.cli_runner import dtm
+from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
 from tests.harness import InProcessCluster, eventually, order_branches, pack
-from tests.test_cli import dtm
 
 Code = grpc.StatusCode
 
@@ -50,68 +48,6 @@ def test_which_phase_two_answers_are_heuristic_outcomes() -> None:
         assert "" == heuristic(False, code, "")
 
 
-class ScriptedParticipant(participant_pb2_grpc.ParticipantServicer):
-    """A plain unary participant, as one in another language would be: it votes PREPARED and
-    answers phase 2 with the status it was given (OK when None)."""
-
-    def __init__(self, commit: Code | None = None, rollback: Code | None = None) -> None:
-        self.answers = {"Commit": commit, "Rollback": rollback}
-        self.calls = {"Commit": 0, "Rollback": 0}
-
-    async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:
-        return participant_pb2.PrepareResponse(vote=coordinator_pb2.VOTE_PREPARED)
-
-    async def _decide(self, rpc: str, context: Any) -> None:
-        self.calls[rpc] += 1
-        code = self.answers[rpc]
-        if code is not None:
-            await context.abort(code, f"scripted: {rpc} answered {code.name}")
-
-    async def Commit(self, request: Any, context: Any) -> participant_pb2.CommitResponse:
-        await self._decide("Commit", context)
-        return participant_pb2.CommitResponse()
-
-    async def Rollback(self, request: Any, context: Any) -> participant_pb2.RollbackResponse:
-        await self._decide("Rollback", context)
-        return participant_pb2.RollbackResponse()
-
-
-@asynccontextmanager
-async def scripted_cluster(
-    tmp_path: Path,
-    scripted: ScriptedParticipant,
-    capabilities: coordinator_pb2.Capabilities | None = None,
-    prepare_timeout_ms: int = 1_000,
-) -> AsyncIterator[InProcessCluster]:
-    """The in-process cluster (metrics on, for the heuristics counter) with `scripted`
-    registered beside the four services as "scripted"."""
-    cluster = InProcessCluster(tmp_path, prepare_timeout_ms=prepare_timeout_ms)
-    cluster.coordinator_config = dataclasses.replace(
-        cluster.coordinator_config, metrics_listen="127.0.0.1:0"
-    )
-    async with cluster:
-        server = grpc.aio.server()
-        participant_pb2_grpc.add_ParticipantServicer_to_server(scripted, server)
-        port = grpc_edge.bind(server, "127.0.0.1:0")
-        await server.start()
-        try:
-            address = f"127.0.0.1:{port}"
-            await cluster.client.RegisterParticipant(
-                coordinator_pb2.RegisterParticipantRequest(
-                    name="scripted", address=address, capabilities=capabilities
-                )
-            )
-            yield cluster
-        finally:
-            await server.stop(0)
-
-
-def _scripted_branch() -> coordinator_pb2.BranchRequest:
-    return coordinator_pb2.BranchRequest(
-        participant="scripted", operation=pack(shop_pb2.StockLine(sku="x", quantity=1))
-    )
-
-
 def _heuristics_counted(cluster: InProcessCluster, outcome: str) -> float:
     registry = cluster.coordinator.engine.observer.registry  # type: ignore[attr-defined]
     value = registry.get_sample_value(
@@ -130,7 +66,7 @@ def test_a_commit_the_participant_contradicts_is_recorded_once_not_retried(
     async def scenario() -> None:
         scripted = ScriptedParticipant(commit=answer)
         async with scripted_cluster(tmp_path, scripted) as cluster:
-            branches = [*order_branches("o-c", [("sku-apple", 1)]), _scripted_branch()]
+            branches = [*order_branches("o-c", [("sku-apple", 1)]), scripted_branch()]
             response = await cluster.submit(branches, "txn-c")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
             get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-c")
@@ -164,7 +100,7 @@ def test_a_rollback_the_participant_contradicts_is_recorded_once_not_retried(
         async with scripted_cluster(tmp_path, scripted) as cluster:
             # The blocked account declines: the transaction aborts after the scripted vote.
             declined = order_branches("o-r", [("sku-apple", 1)], account="acct-blocked")
-            response = await cluster.submit([*declined, _scripted_branch()], "txn-r")
+            response = await cluster.submit([*declined, scripted_branch()], "txn-r")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
             get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-r")
 
@@ -199,7 +135,7 @@ def test_a_rollback_given_up_says_so(tmp_path: Path, capsys: pytest.CaptureFixtu
         scripted = ScriptedParticipant(rollback=Code.UNAVAILABLE)
         async with scripted_cluster(tmp_path, scripted) as cluster:
             declined = order_branches("o-r", [("sku-apple", 1)], account="acct-blocked")
-            response = await cluster.submit([*declined, _scripted_branch()], "txn-r")
+            response = await cluster.submit([*declined, scripted_branch()], "txn-r")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
 
             written: list[str] = []
@@ -237,7 +173,7 @@ def test_a_failed_one_phase_probe_is_logged_and_counted(
         scripted = SlowOnePhase(rollback=Code.UNAVAILABLE)
         one_phase = coordinator_pb2.Capabilities(one_phase=True)
         async with scripted_cluster(tmp_path, scripted, one_phase, 200) as cluster:
-            response = await cluster.submit([_scripted_branch()], "txn-1p")
+            response = await cluster.submit([scripted_branch()], "txn-1p")
             assert coordinator_pb2.OUTCOME_UNKNOWN == response.outcome
 
             async def probed_twice() -> bool:
@@ -398,7 +334,7 @@ def test_heuristic_outcomes_are_kept_across_restarts_and_checkpoints_until_forgo
     async def scenario() -> None:
         scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
         async with scripted_cluster(tmp_path, scripted) as cluster:
-            branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
+            branches = [*order_branches("o-k", [("sku-apple", 1)]), scripted_branch()]
             response = await cluster.submit(branches, "txn-k")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
 
@@ -467,7 +403,7 @@ def test_the_dtm_command_lists_and_forgets_heuristic_outcomes(tmp_path: Path) ->
             assert "known to the coordinator" in out and "dtm branches --awaiting" in out
 
             declined = order_branches("o-d", [("sku-apple", 1)], account="acct-blocked")
-            response = await cluster.submit([*declined, _scripted_branch()], "txn-d")
+            response = await cluster.submit([*declined, scripted_branch()], "txn-d")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
 
             async def listed() -> bool:
@@ -602,7 +538,7 @@ def test_a_checkpoint_keeps_the_heuristic_of_a_finished_commit(tmp_path: Path) -
     async def scenario() -> None:
         scripted = ScriptedParticipant(commit=Code.FAILED_PRECONDITION)
         async with scripted_cluster(tmp_path, scripted) as cluster:
-            branches = [*order_branches("o-k", [("sku-apple", 1)]), _scripted_branch()]
+            branches = [*order_branches("o-k", [("sku-apple", 1)]), scripted_branch()]
             response = await cluster.submit(branches, "txn-k")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
             get = coordinator_pb2.GetTransactionRequest(transaction_id="txn-k")

@@ -14,20 +14,19 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dtm import logs
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, participant_pb2
 from participants.server import now_ms
 from participants.services.inventory import InventoryService
-from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
-
-# The branches must not be asked about by the housekeeping loop itself: the tests ask, at a
-# time of their choosing, through `_ask_about_in_doubt`.
-NEVER_MS = 600_000
-
-
-def reserve(quantity: int = 1) -> Any:
-    return pack(
-        shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=quantity)])
-    )
+from tests.harness import (
+    NEVER_MS,
+    STOCK,
+    InProcessCluster,
+    eventually,
+    forced_after_commit,
+    forced_lines,
+    order_branches,
+    reserve,
+)
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -122,23 +121,6 @@ async def idle(cluster: InProcessCluster) -> None:
         return not cluster.coordinator.engine.active
 
     await eventually(quiet)
-
-
-async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
-    """The coordinator commits t1 while inventory rejects its Commit; an operator forces
-    inventory's branch (`commit`: agreeing, or a heuristic rollback)."""
-    await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
-    branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
-    assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
-    await cluster.admin("inventory").ForceOutcome(
-        participant_pb2.ForceOutcomeRequest(
-            transaction_id="t1", branch=0, commit=commit, i_understand_this_is_heuristic=True
-        )
-    )
-
-
-def forced_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if "inventory:" in line and "forced" in line]
 
 
 @pytest.mark.parametrize("commit", [True, False], ids=["agreeing", "contradicting"])

@@ -31,8 +31,8 @@ from participants.server import MISDIRECTED_METADATA_KEY, ParticipantConfig, Par
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
 from participants.services.orders import OrdersService
+from tests.cli_runner import dtm
 from tests.harness import STOCK, InProcessCluster, eventually, order_branches, pack
-from tests.test_cli import dtm
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {

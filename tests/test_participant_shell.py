@@ -1,5 +1,5 @@
 """The participant SDK's servicer, called in process with its branch engine on a log whose
-fsyncs can be held back (tests.test_finished): persist before you speak (rule 10), for the
+fsyncs can be held back (tests.doubles): persist before you speak (rule 10), for the
 batched calls' votes and decisions alike. Each test was written for a planted bug (a
 mutation) no other test caught; its docstring names it."""
 
@@ -19,9 +19,8 @@ from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.server.servicer import ParticipantServicer
 from participants.services.inventory import InventoryService
+from tests.doubles import HeldLog, answered_only_after_the_held_fsync
 from tests.harness import STOCK, pack
-from tests.test_coordinator_shell import answered_only_after_the_held_fsync
-from tests.test_finished import HeldLog
 
 PREPARED = coordinator_pb2.VOTE_PREPARED
 

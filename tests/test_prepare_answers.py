@@ -20,7 +20,7 @@ from participants.locks import LockManager, LockMode
 from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
-from tests.test_heuristics import ScriptedParticipant, _scripted_branch, scripted_cluster
+from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
 from tests.test_locks import until
 
 
@@ -182,7 +182,7 @@ def test_a_participant_s_long_reasons_are_cut_so_the_answer_fits(tmp_path: Path)
     async def scenario() -> None:
         chatty = Chatty()
         async with scripted_cluster(tmp_path, chatty) as cluster:
-            branches = [_scripted_branch() for _ in range(32)]
+            branches = [scripted_branch() for _ in range(32)]
             response = await cluster.submit(branches, "t-chatty")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
             reason = response.branches[0].reason

@@ -16,8 +16,8 @@ import pytest
 from dtm import cli, logs
 from dtm.coordinator.registry import Registry
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.cli_runner import dtm
 from tests.harness import InProcessCluster, eventually, order_branches, pack
-from tests.test_cli import dtm
 
 
 def names(response: coordinator_pb2.ListParticipantsResponse) -> list[str]:

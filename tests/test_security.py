@@ -15,9 +15,7 @@ import re
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -26,7 +24,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtm import cli, security
 from dtm.cluster import SERVICES, Cluster, Ports
-from dtm.coordinator.engine import CoordinatorConfig
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.orderflow import OrderClient, order_request
 from dtm.tools import certs
@@ -38,13 +35,10 @@ from dtmpb.v1 import (
     shop_pb2,
     shop_pb2_grpc,
 )
-from participants.server import ParticipantConfig, ParticipantServer
-from participants.services.inventory import InventoryService
-from participants.services.notification import NotificationService
 from tests.harness import eventually, pack
+from tests.tls_cluster import TIMEOUT_S, SecureCluster, secure_cluster
 
 Code = grpc.StatusCode
-TIMEOUT_S = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -56,65 +50,6 @@ def ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rogue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another CA, unknown to the servers, issuing certificates with the very same names."""
     return certs.generate(tmp_path_factory.mktemp("rogue"), ["client", "coordinator"])
-
-
-@dataclass
-class SecureCluster:
-    certs: Path
-    coordinator: CoordinatorServer
-    participants: dict[str, ParticipantServer]
-
-    @property
-    def coordinator_address(self) -> str:
-        return f"127.0.0.1:{self.coordinator.port}"
-
-    def address(self, name: str) -> str:
-        return f"127.0.0.1:{self.participants[name].port}"
-
-    def tls(self, identity: str) -> security.TlsConfig:
-        return security.TlsConfig.for_identity(self.certs, identity)
-
-
-@asynccontextmanager
-async def secure_cluster(
-    data_dir: Path,
-    certs_dir: Path,
-    coordinator_policy: security.Policy | None = None,
-    test_control: bool = False,
-    in_doubt_after_ms: int = 2_000,
-) -> AsyncIterator[SecureCluster]:
-    policy = coordinator_policy or security.Policy()
-    coordinator = CoordinatorServer(
-        ServerConfig(
-            data_dir=data_dir,
-            listen="127.0.0.1:0",
-            engine=CoordinatorConfig(prepare_timeout_ms=2_000, transaction_timeout_ms=5_000),
-            tls=security.TlsConfig.for_identity(certs_dir, "coordinator", policy=policy),
-        )
-    )
-    await coordinator.start()
-    participants: dict[str, ParticipantServer] = {}
-    try:
-        for service in (InventoryService({"sku-apple": 10}), NotificationService()):
-            server = ParticipantServer(
-                service,
-                ParticipantConfig(
-                    data_dir=data_dir,
-                    coordinator=f"127.0.0.1:{coordinator.port}",
-                    tls=security.TlsConfig.for_identity(certs_dir, service.name),
-                    test_control=test_control,
-                    in_doubt_after_ms=in_doubt_after_ms,
-                ),
-            )
-            participants[service.name] = server
-            await server.start()
-            # Registration itself goes over mutual TLS, as a participant identity.
-            await asyncio.wait_for(server.registered.wait(), TIMEOUT_S)
-        yield SecureCluster(certs_dir, coordinator, participants)
-    finally:
-        for server in participants.values():
-            await server.stop(0.1)
-        await coordinator.stop(0.1)
 
 
 def order(order_id: str) -> list[coordinator_pb2.BranchRequest]:
@@ -584,7 +519,7 @@ def test_the_dtm_command_takes_its_certificate_from_cli_in_the_configuration_fil
 ) -> None:
     """An operator's certificate in [cli] of the file: no DTM_TLS_* in the shell, where every
     server started from it would read them too."""
-    from tests.test_cli import dtm
+    from tests.cli_runner import dtm
 
     for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY", "DTM_CONFIG"):
         monkeypatch.delenv(name, raising=False)
@@ -623,7 +558,7 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
     refuses a rollback. Where the coordinator does refuse the operator's read, the force is
     refused too: the check fails closed (found by a bug hunt: PERMISSION_DENIED was swallowed
     and the force contradicted the decision)."""
-    from tests.test_cli import dtm
+    from tests.cli_runner import dtm
 
     for name in ("DTM_TLS_CA", "DTM_TLS_CERT", "DTM_TLS_KEY", "DTM_CONFIG"):
         monkeypatch.delenv(name, raising=False)
@@ -763,7 +698,7 @@ def test_the_dtm_command_names_the_coordinators_identity_and_explains_tls_failur
     coordinator_identity in [cli], names it (only an undocumented DTM_AUTHZ_COORDINATOR did).
     A failed handshake is explained as TLS, not as "is it running?" (both found by a bug
     hunt)."""
-    from tests.test_cli import dtm
+    from tests.cli_runner import dtm
 
     for name in list(os.environ):
         if name.startswith("DTM_"):
@@ -953,7 +888,7 @@ def test_the_dtm_command_says_when_the_coordinators_certificate_has_expired(
     """A coordinator whose certificate expired while it ran: the dtm command said "its
     certificate is not signed by the CA given", sending the operator after the wrong file
     (found by a bug hunt)."""
-    from tests.test_cli import dtm
+    from tests.cli_runner import dtm
 
     for name in list(os.environ):
         if name.startswith("DTM_"):

@@ -19,10 +19,10 @@ import pytest
 from dtm import cli, limits
 from dtm.cluster import Cluster, Ports
 from dtmpb.v1 import coordinator_pb2, participant_pb2
+from tests.cli_runner import dtm, order_file
 from tests.harness import InProcessCluster, eventually, order_branches, settled
-from tests.test_cli import dtm, no_dtm_environment, order_file
 
-__all__ = ["no_dtm_environment"]  # autouse: the developer's DTM_* variables stay out
+pytestmark = pytest.mark.usefixtures("no_dtm_environment")  # tests/conftest.py
 
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 #: Branch states a participant holds once its branch is decided.

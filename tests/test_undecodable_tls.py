@@ -9,8 +9,8 @@ import grpc
 
 from dtm import security
 from dtm.tools import certs
-from tests.test_bad_input import BAD_UTF8_ID, expect_status
-from tests.test_security import secure_cluster
+from tests.harness import BAD_UTF8_ID, expect_status
+from tests.tls_cluster import secure_cluster
 
 Code = grpc.StatusCode
 
