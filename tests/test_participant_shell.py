@@ -16,7 +16,8 @@ import pytest
 
 from dtm import limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from participants.server import ParticipantConfig, ParticipantServer
+from participants.branches import BranchVote
+from participants.server import ParticipantConfig, ParticipantServer, process
 from participants.server.servicer import ParticipantServicer
 from participants.services.inventory import InventoryService
 from tests.doubles import HeldLog, answered_only_after_the_held_fsync
@@ -181,5 +182,48 @@ def test_a_batch_of_more_items_than_the_limit_is_refused_whole(tmp_path: Path) -
             assert not servicer.engine.open  # no item ran
             [vote] = (await exchange(servicer, items[:1])).votes  # the servicer still serves
             assert PREPARED == vote.vote
+
+    asyncio.run(scenario())
+
+
+LEASE_MS = 1_000
+
+
+def test_an_unvoted_branch_is_refused_once_unvoted_for_exactly_its_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mutation: the lease compared with > instead of >=, so a branch unvoted for exactly
+    lease_unvoted_ms kept its locks until a later tick. The clock is the test's (the
+    housekeeping tick and the branch engine both read `now_ms`); one tick runs at the lease
+    less 1 ms, one at the lease."""
+    clock = [1_000]
+    monkeypatch.setattr(process, "now_ms", lambda: clock[0])
+
+    async def scenario() -> None:
+        config = ParticipantConfig(data_dir=tmp_path, lease_unvoted_ms=LEASE_MS)
+        # lock_skus: a second Prepare of the same SKU waits, unvoted, for the first's lock.
+        server = ParticipantServer(InventoryService(STOCK, lock_skus=True), config)
+        try:
+            engine = server.engine
+            holder = engine.begin_prepare("t-holder", 0, prepare("t-holder").operation, False)
+            assert isinstance(holder, tuple) and holder[0] is BranchVote.PREPARED
+            waiting = engine.begin_prepare(
+                "t-waiter", 0, prepare("t-waiter").operation, False, lock_wait_s=60
+            )
+            assert not isinstance(waiting, tuple)
+            waiter = asyncio.ensure_future(waiting)
+
+            clock[0] += LEASE_MS - 1
+            await server._housekeeping_tick(None)  # type: ignore[arg-type]
+            assert [("t-waiter", 0)] == [info.branch.key for info in engine.preparing()]
+            assert not waiter.done()
+
+            clock[0] += 1
+            await server._housekeeping_tick(None)  # type: ignore[arg-type]
+            assert [] == engine.preparing()
+            vote, reason = await waiter
+            assert BranchVote.REFUSED is vote, reason
+        finally:
+            await server.wal.close()
 
     asyncio.run(scenario())
