@@ -1068,26 +1068,30 @@ class PowerLoss(Exception):
     pass
 
 
+class PowerFailsAfterRemove(CrashingFileSystem):
+    """Once armed, the power fails at the first file opened after a removal: what survives
+    is only what was fsynced, with the names of fsynced directories."""
+
+    armed = False
+    removed = False
+
+    def remove(self, path: Path) -> None:
+        super().remove(path)
+        self.removed = True
+
+    def open_append(self, path: Path) -> AppendFile:
+        if self.armed and self.removed:
+            self.crash()
+            raise PowerLoss
+        return super().open_append(path)
+
+
 def test_recovery_makes_a_checkpoint_durable_before_deleting_what_it_replaces(
     tmp_path: Path,
 ) -> None:
     """A process killed after writing a checkpoint but before its fsync: the restart finds it
     complete in the page cache, and deletes the older segments. A power loss right then must
     not leave neither."""
-
-    class PowerFailsAfterRemove(CrashingFileSystem):
-        armed = False
-        removed = False
-
-        def remove(self, path: Path) -> None:
-            super().remove(path)
-            self.removed = True
-
-        def open_append(self, path: Path) -> AppendFile:
-            if self.armed and self.removed:
-                self.crash()  # only what was fsynced, with names in fsynced directories
-                raise PowerLoss
-            return super().open_append(path)
 
     disk = PowerFailsAfterRemove()
     log, _ = WriteAheadLog.open(tmp_path, file_system=disk)
@@ -1329,3 +1333,36 @@ def test_a_missing_segment_in_the_middle_is_corruption(tmp_path: Path) -> None:
     with pytest.raises(LogCorruptedError, match="previous segment ends") as caught:
         WriteAheadLog.open(tmp_path, segment_bytes_max=256)
     assert files[2].name in str(caught.value)
+
+
+def test_a_trailing_segment_recovery_drops_stays_dropped_after_a_power_loss(
+    tmp_path: Path,
+) -> None:
+    """Recovery drops a trailing segment that holds an interrupted checkpoint, and makes that
+    removal durable (a directory fsync) before it goes on to open the new tail; the power
+    failing right then must not bring the segment back. (Mutation W10, the directory fsync
+    after the drop removed: the name came back. Recovery would drop it again, and its own
+    later directory fsync covered it when nothing failed, so only a crash there shows it.)"""
+    disk = PowerFailsAfterRemove()
+    items = [f"t{i}".encode() for i in range(3)]
+    log, _ = WriteAheadLog.open(tmp_path, file_system=disk)
+    for item in items:
+        log.append(ENDED, item)
+    log.sync()
+    log.close()
+    # A checkpoint's segment with its begin marker and a record, and no complete marker (the
+    # process died while writing it), made durable as the page cache would be on its own.
+    interrupted = tmp_path / "00000000000000000004.wal"
+    partial = disk.open_append(interrupted)
+    partial.write(_encode_frame(4, 0, _encode_marker(1, 4, 2)))
+    partial.write(_encode_frame(5, CHECKPOINT, b"snapshot"))
+    partial.fsync()
+    partial.close()
+    disk.fsync_dir(tmp_path)
+
+    disk.armed = True
+    with pytest.raises(PowerLoss):
+        WriteAheadLog.open(tmp_path, file_system=disk)
+    disk.armed = False
+    assert interrupted.name not in disk.list_dir(tmp_path)
+    assert items == payloads(reopen(tmp_path, disk))
