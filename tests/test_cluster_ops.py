@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 
 import grpc
@@ -227,7 +226,7 @@ def test_a_free_port_taken_before_its_server_binds_it_is_chosen_again(
             assert ports.of(name) != running.ports.of(name)
             assert running.service_addresses == running.registered()
             assert "SERVING" == running.health(name)
-            assert asdict(running.ports) == asdict(Cluster.attach(tmp_path).ports)
+            assert running.ports == Cluster.attach(tmp_path).ports
             others = [other for other in PROCESSES if other != name]
             assert [ports.of(other) for other in others] == [
                 running.ports.of(other) for other in others

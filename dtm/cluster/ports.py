@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
 # From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
@@ -20,13 +20,21 @@ from dtm.cluster.settings import (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ports:
     coordinator: int = 50050
     inventory: int = 50051
     orders: int = 50052
     payment: int = 50053
     notification: int = 50054
+
+    # The same five ports are the same however chosen (FreePorts): `up` compares what a
+    # cluster runs on with what cluster.json records.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ports) and astuple(self) == astuple(other)
+
+    def __hash__(self) -> int:
+        return hash(astuple(self))
 
     def of(self, name: str) -> int:
         port: int = getattr(self, name)
@@ -38,7 +46,7 @@ class Ports:
         return FreePorts(*free_ports(len(PROCESSES), host))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FreePorts(Ports):
     """Ports `free_ports` chose, not ones a user asked for. Free when chosen is all they
     are: another program may bind one before its server does (a busy machine's other test
