@@ -264,6 +264,30 @@ def test_crash_mid_checkpoint_recovers_the_pre_checkpoint_state(tmp_path: Path) 
     assert [*items, b"t5"] == payloads(reopen(tmp_path))
 
 
+def test_a_checkpoint_whose_complete_marker_has_another_record_type_is_not_complete(
+    tmp_path: Path,
+) -> None:
+    """A complete marker's payload in a frame of another record type (its checksum holds: no
+    crash writes it) is no complete marker. Taken for one (mutation W6: the type unchecked),
+    the checkpoint replaced the older segment, which was deleted, and the frame was replayed
+    as a record. It is a malformed checkpoint: refused, naming the segment, nothing deleted."""
+    items = [f"t{i}".encode() for i in range(3)]
+    write_log(tmp_path, items)
+    [older] = segment_files(tmp_path)
+    before = older.read_bytes()
+    checkpoint = tmp_path / "00000000000000000004.wal"
+    checkpoint.write_bytes(
+        _encode_frame(4, 0, _encode_marker(1, 4, 1))
+        + _encode_frame(5, CHECKPOINT, b"snapshot")
+        + _encode_frame(6, ENDED, _encode_marker(2, 4, 1))  # record type 0 expected
+    )
+    with pytest.raises(LogCorruptedError, match="checkpoint is malformed") as refused:
+        WriteAheadLog.open(tmp_path)
+    assert checkpoint == refused.value.path
+    assert [older, checkpoint] == segment_files(tmp_path)
+    assert before == older.read_bytes()
+
+
 def test_crash_after_checkpoint_before_deletion_replays_only_the_checkpoint(
     tmp_path: Path,
 ) -> None:
