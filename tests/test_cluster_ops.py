@@ -49,8 +49,7 @@ def test_down_of_a_copied_data_dir_leaves_the_original_cluster_alone(
 
 
 def up(data_dir: Path, *extra: str) -> int:
-    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
-    return cluster.main(["up", "--data-dir", str(data_dir), "--ports", ports, *extra])
+    return cluster.main(["up", "--data-dir", str(data_dir), "--ports", "free", *extra])
 
 
 def test_attach_restores_the_extra_arguments_of_each_process(tmp_path: Path) -> None:
@@ -235,6 +234,39 @@ def test_a_free_port_taken_before_its_server_binds_it_is_chosen_again(
             running.stop()
 
 
+def test_up_on_free_ports_moves_a_process_whose_port_was_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up --ports free` chooses the ports itself, so it may move a process whose port was
+    taken between the choice and the bind (here the coordinator's, taken on purpose); a
+    second `up --ports free` asks for no ports in particular: already running."""
+    thieves: list[socket.socket] = []
+    choose = cluster_ports.free_ports
+
+    def then_take_the_first(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = choose(count, host)
+        if not thieves:
+            thieves.append(socket.socket())
+            thieves[0].bind((host, ports[0]))
+            thieves[0].listen()
+        return ports
+
+    monkeypatch.setattr(cluster_ports, "free_ports", then_take_the_first)
+    at = ["--data-dir", str(tmp_path), "--ports", "free"]
+    try:
+        status, out, err = run(capsys, "up", *at, "--metrics-ports", "off")
+        assert 0 == status, err
+        taken = thieves[0].getsockname()[1]
+        ports = Cluster.attach(tmp_path).ports
+        assert taken != ports.coordinator and f"127.0.0.1:{ports.coordinator}" in out
+        status, out, err = run(capsys, "up", *at)
+        assert (0, True) == (status, "already running" in out), err
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
+        for thief in thieves:
+            thief.close()
+
+
 def test_up_on_a_running_cluster_with_other_settings_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -326,9 +358,8 @@ def test_up_and_down_fail_at_once_while_another_command_holds_the_data_dir(
 
 def test_two_ups_at_once_leave_one_cluster_that_down_stops(tmp_path: Path) -> None:
     """The race itself, as the bug hunt ran it: two `python -m dtm.cluster up` at once."""
-    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
     command = [sys.executable, "-m", "dtm.cluster", "up", "--data-dir", str(tmp_path)]
-    command += ["--ports", ports, "--metrics-ports", "off"]
+    command += ["--ports", "free", "--metrics-ports", "off"]
     try:
         ups = [
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"
@@ -471,7 +502,6 @@ def test_up_fails_at_once_naming_a_service_that_exits_while_starting(
     initial = tmp_path / "initial.json"
     initial.write_text(json.dumps({"stock": {"sku-1": -5}}))
     data_dir = tmp_path / "data"
-    ports = ",".join(str(port) for port in free_ports(len(PROCESSES)))
     try:
         status, _, err = run(
             capsys,
@@ -479,7 +509,7 @@ def test_up_fails_at_once_naming_a_service_that_exits_while_starting(
             "--data-dir",
             str(data_dir),
             "--ports",
-            ports,
+            "free",
             "--metrics-ports",
             "off",
             "--initial",

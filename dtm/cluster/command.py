@@ -28,6 +28,7 @@ from dtm.cluster.lock import (
     locked,
 )
 from dtm.cluster.ports import (
+    FreePorts,
     Ports,
 )
 from dtm.cluster.runner import (
@@ -99,8 +100,13 @@ def _wait_seconds(text: str) -> float:
     return value
 
 
+#: `--ports free`: five ports free when `up` starts, each moved to another should another
+#: program take it before its server binds it (FreePorts).
+PORTS_FREE = "free"
+
+
 def _parse_ports(text: str) -> Ports:
-    return Ports(*_port_list(text))
+    return Ports.free() if text == PORTS_FREE else Ports(*_port_list(text))
 
 
 DEFAULT_METRICS_PORTS = "9100,9101,9102,9103,9104"
@@ -193,7 +199,8 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         differences = [
             f"{name} {_setting_text(_settings_of(existing)[name])} -> {_setting_text(value)}"
             for name, value in requested.items()
-            if value != _settings_of(existing)[name]
+            # `--ports free` asks for no ports in particular: those it runs on will do.
+            if value != _settings_of(existing)[name] and not isinstance(value, FreePorts)
         ]
         if differences:
             raise ClusterError(
@@ -500,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ports",
         type=_parse_ports,
         default=None,
-        help="coordinator,inventory,orders,payment,notification (default: as cluster.json "
-        "records, else 50050..50054)",
+        help="coordinator,inventory,orders,payment,notification, or 'free' for five free "
+        "ones (up chooses another for a process whose port was taken before it bound it); "
+        "default: as cluster.json records, else 50050..50054",
     )
     parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
     parser.add_argument(
