@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,20 @@ from tests.harness import (
 pytestmark = pytest.mark.usefixtures("no_dtm_environment")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+@pytest.fixture
+def unreachable() -> Iterator[Callable[[], str]]:
+    """Addresses where nothing listens, for as long as the test runs. Each port stays bound,
+    not listening: a connection is refused, and no server can bind it meanwhile (a port only
+    probed free and let go could be bound by any server asking for port 0 before the test
+    dialled it, on a machine running other tests)."""
+    with contextlib.ExitStack() as held:
+
+        def address() -> str:
+            port = held.enter_context(socket.socket())
+            port.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{port.getsockname()[1]}"
+
+        yield address
 
 
 def test_submit_and_inspect_transactions(tmp_path: Path) -> None:
@@ -509,8 +519,8 @@ def test_config_says_when_dtm_tls_variables_override_the_file(
     assert "DTM_TLS_CA, DTM_TLS_CERT, DTM_TLS_KEY set: overrides tls_*" in out
 
 
-def test_unreachable_coordinator_is_a_clear_error() -> None:
-    address = f"127.0.0.1:{free_port()}"
+def test_unreachable_coordinator_is_a_clear_error(unreachable: Callable[[], str]) -> None:
+    address = unreachable()
     for command in (["txn", "list"], ["participants"], ["locks"], ["txn", "retry", "t-1"]):
         status, out, err = asyncio.run(dtm("--coordinator", address, *command))
         assert cli.EXIT_ERROR == status, command
@@ -518,10 +528,12 @@ def test_unreachable_coordinator_is_a_clear_error() -> None:
         assert f"cannot reach the coordinator at {address}: is it running? try `make up`" in err
 
 
-def test_participant_lookups_without_the_coordinator_point_at_address() -> None:
+def test_participant_lookups_without_the_coordinator_point_at_address(
+    unreachable: Callable[[], str],
+) -> None:
     """With the coordinator gone (when `dtm branches --in-doubt` and `dtm force` matter most),
     a command that looks participants up in its registry says how to do without it."""
-    address = f"127.0.0.1:{free_port()}"
+    address = unreachable()
     at = ["--coordinator", address]
     hint = "without the coordinator, give the participant's --address HOST:PORT"
     for command in (
@@ -541,9 +553,9 @@ def test_participant_lookups_without_the_coordinator_point_at_address() -> None:
 
 
 def test_coordinator_address_comes_from_the_configuration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"
+    address = unreachable()
     monkeypatch.setenv("DTM_PARTICIPANT_COORDINATOR", address)
     status, _, err = asyncio.run(dtm("txn", "list"))
     assert cli.EXIT_ERROR == status
@@ -579,12 +591,14 @@ def test_usage_errors() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
 
 
-def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call() -> None:
+def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
+    unreachable: Callable[[], str],
+) -> None:
     """Branches are numbered 0..31. `dtm force T 40 --commit` asked the coordinator first and
     answered with presumed abort ("no record of T ... forcing commit would break atomicity"),
     exit 1; the forget commands asked a server to learn the number was wrong."""
-    nothing_listening = ["--coordinator", f"127.0.0.1:{free_port()}"]
-    target = ["--address", f"127.0.0.1:{free_port()}"]
+    nothing_listening = ["--coordinator", unreachable()]
+    target = ["--address", unreachable()]
     for command in (
         ["force", "t-1", "32", "--commit", "--i-understand", *target],
         ["force", "t-1", "40", "--rollback", "--i-understand", *target],
@@ -665,8 +679,10 @@ def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
         assert expected in err and 1 == len(err.strip().splitlines()), (args, err)
 
 
-def test_locks_and_branches_print_nothing_when_no_participant_answers() -> None:
-    address = f"127.0.0.1:{free_port()}"
+def test_locks_and_branches_print_nothing_when_no_participant_answers(
+    unreachable: Callable[[], str],
+) -> None:
+    address = unreachable()
     for command in (["locks"], ["branches"], ["branches", "--in-doubt"]):
         for output in ([], ["--json"]):
             status, out, err = asyncio.run(dtm(*command, "--address", address, *output))
@@ -901,10 +917,10 @@ def test_a_participant_reached_by_address_is_named_once() -> None:
         server.stop(0)
 
 
-def test_submit_to_nothing_listening_is_not_sent() -> None:
+def test_submit_to_nothing_listening_is_not_sent(unreachable: Callable[[], str]) -> None:
     """Nothing listens: the CLI's connection check fails, so the Submit is never sent and the
     failure is certain: exit 1, "is it running?"."""
-    address = f"127.0.0.1:{free_port()}"
+    address = unreachable()
     with tempfile.TemporaryDirectory() as directory:
         path = _order_without_id(Path(directory) / "t.json")
         status, out, err = asyncio.run(dtm("--coordinator", address, "submit", str(path)))
