@@ -1,4 +1,4 @@
-"""Fixtures several test modules use by name (`pytest.mark.usefixtures`)."""
+"""Fixtures of every test."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import os
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def no_dtm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own DTM_* variables (a coordinator address, TLS files, a config file)
-    must not leak into a test of the CLI or the configuration."""
+    must not leak into a test: every test that runs the `dtm` CLI read them (with
+    DTM_CONFIG=/nonexistent set, test_heuristics' CLI test failed). A module-scoped fixture
+    that starts processes runs before this one, and clears them itself (test_trace)."""
     for name in list(os.environ):
         if name.startswith("DTM_"):
             monkeypatch.delenv(name)

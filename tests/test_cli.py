@@ -36,9 +36,6 @@ from tests.harness import (
     settled,
 )
 
-# The developer's own DTM_* variables (a coordinator address, TLS files) must not leak in.
-pytestmark = pytest.mark.usefixtures("no_dtm_environment")
-
 
 @pytest.fixture
 def unreachable() -> Iterator[Callable[[], str]]:

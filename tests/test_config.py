@@ -16,9 +16,6 @@ from participants import server as participant_server
 EXAMPLE = Path(__file__).resolve().parent.parent / "dtm.example.toml"
 
 
-pytestmark = pytest.mark.usefixtures("no_dtm_environment")
-
-
 def write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path

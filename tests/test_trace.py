@@ -22,8 +22,6 @@ from dtmpb.v1 import coordinator_pb2, participant_pb2
 from tests.cli_runner import dtm, order_file
 from tests.harness import InProcessCluster, eventually, order_branches, settled
 
-pytestmark = pytest.mark.usefixtures("no_dtm_environment")  # tests/conftest.py
-
 STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 #: Branch states a participant holds once its branch is decided.
 DECIDED = {"committed", "rolled_back", "refused", "read_only"}
