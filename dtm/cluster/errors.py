@@ -4,10 +4,6 @@ Part of `dtm.cluster`: see its docstring."""
 
 from __future__ import annotations
 
-# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
-# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
-
 
 class ClusterError(RuntimeError):
     """A process did not start, exited, or did not become ready; the message says which and

@@ -10,9 +10,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
-# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
 from dtm.cluster.errors import (
     ClusterBusyError,
     ClusterLockError,

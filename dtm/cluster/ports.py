@@ -9,9 +9,6 @@ import socket
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
-# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
-# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
 from dtm.cluster.settings import (
     EPHEMERAL_RANGE_PATH,
     PORT_FLOOR,

@@ -23,10 +23,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from dtm import security
-
-# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
-# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
 from dtm.cluster.errors import (
     ClusterError,
     ClusterStateError,

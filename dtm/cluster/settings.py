@@ -9,10 +9,6 @@ from pathlib import Path
 
 from dtm import limits
 
-# From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
-# nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
-
 COORDINATOR = "coordinator"
 SERVICES = ("inventory", "orders", "payment", "notification")
 #: Every process, in start order: the coordinator first, so services register at once.
