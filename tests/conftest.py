@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -16,3 +19,19 @@ def no_dtm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("DTM_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def unreachable() -> Iterator[Callable[[], str]]:
+    """Addresses where nothing listens, for as long as the test runs. Each port stays bound,
+    not listening: a connection is refused, and no server can bind it meanwhile (a port only
+    probed free and let go could be bound by any server asking for port 0 before the test
+    dialled it, on a machine running other tests)."""
+    with contextlib.ExitStack() as held:
+
+        def address() -> str:
+            port = held.enter_context(socket.socket())
+            port.bind(("127.0.0.1", 0))
+            return f"127.0.0.1:{port.getsockname()[1]}"
+
+        yield address

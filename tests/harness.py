@@ -4,7 +4,7 @@ ephemeral loopback port, with real gRPC between them and real log files under tm
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,7 +25,7 @@ from dtmpb.v1 import (
     shop_pb2_grpc,
 )
 from participants.decided import DecidedWindow
-from participants.server import ParticipantConfig, ParticipantServer
+from participants.server import ParticipantConfig, ParticipantServer, now_ms
 from participants.service import Service
 from participants.services.catalog import AccountSpec
 from participants.services.inventory import InventoryService
@@ -351,3 +351,38 @@ def field_bytes(number: int, value: bytes) -> bytes:
 
 
 BAD_UTF8_ID = field_bytes(1, b"tx\xffn")  # field 1 is transaction_id in each request below
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (bounded, so a broken test fails, not hangs)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+ASKS_LATER = {"in_doubt_after_ms": NEVER_MS}  # only the tests' own inquiries
+
+
+async def forced_unknown(cluster: InProcessCluster, txn: str, commit: bool) -> None:
+    """Inventory prepares a branch of `txn`, which the coordinator has no record of (it
+    crashed before deciding: presumed abort), and an operator forces it."""
+    await cluster.participant_stub("inventory").Prepare(
+        participant_pb2.PrepareRequest(transaction_id=txn, branch=0, operation=reserve())
+    )
+    await cluster.admin("inventory").ForceOutcome(
+        participant_pb2.ForceOutcomeRequest(
+            transaction_id=txn, branch=0, commit=commit, i_understand_this_is_heuristic=True
+        )
+    )
+
+
+async def ask(server: ParticipantServer, cluster: InProcessCluster) -> None:
+    """One round of the participant's inquiries, every branch due."""
+    await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+
+
+async def listed(cluster: InProcessCluster) -> list[coordinator_pb2.HeuristicOutcome]:
+    response = await cluster.client.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
+    return list(response.heuristics)

@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from dtm import cli
 from dtmpb.v1 import coordinator_pb2, participant_pb2
-from tests.harness import InProcessCluster, eventually, order_branches
-from tests.test_cli import dtm, free_port
-from tests.test_heuristic_reports import ASKS_LATER, ask, forced_unknown, listed
+from tests.cli_runner import dtm
+from tests.harness import (
+    ASKS_LATER,
+    InProcessCluster,
+    ask,
+    eventually,
+    forced_unknown,
+    listed,
+    order_branches,
+)
 
 
 async def awaiting(cluster: InProcessCluster, name: str) -> list[tuple[str, int]]:
@@ -64,7 +72,7 @@ def test_a_forced_commit_the_coordinator_has_no_record_of_is_kept_until_reported
 
 
 def test_a_coordinator_that_cannot_be_reached_stops_a_forget_unless_lost(
-    tmp_path: Path,
+    tmp_path: Path, unreachable: Callable[[], str]
 ) -> None:
     """Unlike a force (which frees locks, and is for a coordinator gone), a forget frees
     nothing that presses, and a coordinator down for now may still decide the branch: it is
@@ -73,7 +81,7 @@ def test_a_coordinator_that_cannot_be_reached_stops_a_forget_unless_lost(
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             await forced_unknown(cluster, "t-fc", commit=False)
-            gone = f"127.0.0.1:{free_port()}"
+            gone = unreachable()
             forget = [
                 *("--coordinator", gone, "--timeout", "2", "branches", "forget", "t-fc", "0"),
                 *("--address", cluster.address("inventory")),

@@ -11,12 +11,11 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -35,22 +34,6 @@ from tests.harness import (
     order_branches,
     settled,
 )
-
-
-@pytest.fixture
-def unreachable() -> Iterator[Callable[[], str]]:
-    """Addresses where nothing listens, for as long as the test runs. Each port stays bound,
-    not listening: a connection is refused, and no server can bind it meanwhile (a port only
-    probed free and let go could be bound by any server asking for port 0 before the test
-    dialled it, on a machine running other tests)."""
-    with contextlib.ExitStack() as held:
-
-        def address() -> str:
-            port = held.enter_context(socket.socket())
-            port.bind(("127.0.0.1", 0))
-            return f"127.0.0.1:{port.getsockname()[1]}"
-
-        yield address
 
 
 def test_submit_and_inspect_transactions(tmp_path: Path) -> None:

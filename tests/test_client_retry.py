@@ -18,8 +18,7 @@ from dtm.orderflow import (
     transaction_id_for,
 )
 from dtmpb.v1 import coordinator_pb2, participant_pb2
-from tests.harness import InProcessCluster, eventually, order_branches
-from tests.test_locks import until
+from tests.harness import InProcessCluster, eventually, order_branches, until
 
 
 def test_a_submit_while_the_coordinator_is_down_is_retried_until_it_lands_once(

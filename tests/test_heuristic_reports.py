@@ -21,47 +21,26 @@ from dtm.coordinator.registry import Registry
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
-from participants.server import ParticipantServer, now_ms
+from participants.server import now_ms
 from participants.services.inventory import InventoryService
 from tests.cli_runner import dtm
 from tests.doubles import StockCheck
 from tests.harness import (
+    ASKS_LATER,
     NEVER_MS,
     STOCK,
     InProcessCluster,
+    ask,
     eventually,
     forced_after_commit,
     forced_lines,
+    forced_unknown,
+    listed,
     order_branches,
     read_only_branch,
-    reserve,
 )
 
 Code = grpc.StatusCode
-ASKS_LATER = {"in_doubt_after_ms": NEVER_MS}  # only the tests' own inquiries
-
-
-async def forced_unknown(cluster: InProcessCluster, txn: str, commit: bool) -> None:
-    """Inventory prepares a branch of `txn`, which the coordinator has no record of (it
-    crashed before deciding: presumed abort), and an operator forces it."""
-    await cluster.participant_stub("inventory").Prepare(
-        participant_pb2.PrepareRequest(transaction_id=txn, branch=0, operation=reserve())
-    )
-    await cluster.admin("inventory").ForceOutcome(
-        participant_pb2.ForceOutcomeRequest(
-            transaction_id=txn, branch=0, commit=commit, i_understand_this_is_heuristic=True
-        )
-    )
-
-
-async def ask(server: ParticipantServer, cluster: InProcessCluster) -> None:
-    """One round of the participant's inquiries, every branch due."""
-    await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
-
-
-async def listed(cluster: InProcessCluster) -> list[coordinator_pb2.HeuristicOutcome]:
-    response = await cluster.client.ListHeuristics(coordinator_pb2.ListHeuristicsRequest())
-    return list(response.heuristics)
 
 
 def heuristics_counted(cluster: InProcessCluster, outcome: str) -> float:

@@ -28,6 +28,7 @@ from participants.locks import (
     LockTimeout,
 )
 from participants.services.orders import OrdersService
+from tests.harness import until
 
 S = LockMode.SHARED
 X = LockMode.EXCLUSIVE
@@ -44,15 +45,6 @@ def run(main: Callable[[], Awaitable[T]], hard_timeout_s: float = 5.0) -> T:
             return await main()
 
     return asyncio.run(bounded())
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the loop until `condition` holds (bounded, so a broken test fails, not hangs)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 def waiting(manager: LockManager, resource: str) -> list[tuple[str, str]]:

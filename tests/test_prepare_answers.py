@@ -21,7 +21,7 @@ from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, 
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
-from tests.test_locks import until
+from tests.harness import until
 
 
 class WaitsRecorded(MemoryLog):
