@@ -12,6 +12,7 @@ test behaviour (deterministic, so a replay of the same request does the same):
     "refuse"      vote REFUSED
     "slow:MS"     wait MS milliseconds before voting (past the coordinator's deadline)
     "hold"        answer Commit and Rollback UNAVAILABLE while the file DATA_DIR/hold exists
+    "novote"      answer Prepare with no vote, as a developer who forgot to set it would
 
 Its whole state is one JSON file, replaced atomically and fsynced before every answer that
 depends on it. Run: python tests/plain_participant.py --listen HOST:PORT --coordinator
@@ -100,6 +101,8 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
             return self._prepare(key_of(request), line)
 
     def _prepare(self, key: str, line: shop_pb2.StockLine) -> participant_pb2.PrepareResponse:
+        if line.sku == "novote":
+            return participant_pb2.PrepareResponse()
         known = self.store.branches.get(key)
         if known is not None:  # a later attempt of the transaction (the coordinator forgot it)
             if known["state"] == COMMITTED:

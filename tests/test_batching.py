@@ -878,6 +878,37 @@ def test_a_batched_answer_that_the_operation_is_invalid_fails_the_prepare_as_inv
     asyncio.run(run())
 
 
+class NoVote(FakeExchange):
+    """Answers every batched prepare with no vote (proto3's VOTE_UNSPECIFIED)."""
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        return participant_pb2.ExchangeResponse(
+            votes=[participant_pb2.PrepareResponse() for _ in request.prepares]
+        )
+
+
+def test_a_batched_answer_with_no_vote_fails_the_prepare_naming_the_protocol_error() -> None:
+    """As the unary path (tests/test_plain_participant.py): before, the prepare failed with
+    the participant's reason, empty, and nothing said why."""
+
+    async def run() -> None:
+        port = ParticipantPort(NoVote(), True, BatchPolicy())  # type: ignore[arg-type]
+        results: list[PrepareResult] = []
+        deadline = asyncio.get_running_loop().time() + 1.0
+        port.prepare(PrepareItem("t-1", 0, any_pb2.Any(), False, deadline, 1.0, results.append))
+        await settle()
+        [result] = results
+        assert result.vote is None
+        assert result.reason.startswith("protocol error: fake answered Prepare with no vote")
+        await port.close()
+
+    asyncio.run(run())
+
+
 class UnavailableWithHeuristic(FakeDecisions):
     """A unary participant whose Commit fails UNAVAILABLE with a heuristic in its metadata
     (from whatever answered: a proxy, another process at the address)."""

@@ -231,6 +231,25 @@ def test_its_refusal_and_an_sdk_participant_s_both_abort_and_roll_it_back(
     asyncio.run(scenario())
 
 
+def test_a_prepare_answered_with_no_vote_aborts_as_the_participant_s_protocol_error(
+    cluster: Cluster, plain: PlainProcess
+) -> None:
+    """Before, the coordinator took the answer for a bug of its own: an ERROR "Prepare failed
+    inside the coordinator" with a traceback, and the client was told "internal error:
+    ValueError: ...". The participant broke the contract (the vote is required): say so."""
+
+    async def scenario() -> None:
+        plain.start(in_doubt_after_ms=1_000)
+        await registered(cluster, plain)
+        answer = await submit(cluster, "plain-novote", branches("novote"))
+        assert coordinator_pb2.OUTCOME_ABORTED == answer.outcome
+        assert "internal error" not in answer.reason
+        assert "protocol error: plain answered Prepare with no vote" in answer.reason
+        assert "failed inside the coordinator" not in cluster.log_tail(COORDINATOR, 200)
+
+    asyncio.run(scenario())
+
+
 def test_its_slow_prepare_aborts_and_the_late_vote_meets_its_tombstone(
     cluster: Cluster, plain: PlainProcess
 ) -> None:

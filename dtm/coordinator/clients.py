@@ -10,7 +10,7 @@ from __future__ import annotations
 from google.protobuf import any_pb2
 
 from dtm import security
-from dtm.core.transaction import Vote
+from dtm.core.transaction import ProtocolError, Vote
 from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
 
 PB_TO_VOTE = {
@@ -19,6 +19,15 @@ PB_TO_VOTE = {
     coordinator_pb2.VOTE_REFUSED: Vote.REFUSED,
     coordinator_pb2.VOTE_COMMITTED: Vote.COMMITTED,
 }
+
+
+def no_vote(participant: str, value: int) -> str:
+    """What a Prepare answered with no vote is: the participant's protocol error (the vote is
+    required; proto3 sends VOTE_UNSPECIFIED for a field left unset), not the coordinator's."""
+    return (
+        f"{participant} answered Prepare with no vote (vote {value}); a Prepare is answered "
+        "VOTE_PREPARED, VOTE_READ_ONLY, VOTE_REFUSED or, to a one-phase Prepare, VOTE_COMMITTED"
+    )
 
 
 class ParticipantClient:
@@ -47,7 +56,8 @@ class ParticipantClient:
         timeout_s: float,
         fingerprint: bytes = b"",
     ) -> tuple[Vote, str, str, bool]:
-        """The vote, its reason, `id_reused` and `committed_earlier` (see PrepareResponse)."""
+        """The vote, its reason, `id_reused` and `committed_earlier` (see PrepareResponse).
+        ProtocolError for an answer with no vote."""
         request = participant_pb2.PrepareRequest(
             transaction_id=transaction_id,
             branch=branch,
@@ -60,7 +70,7 @@ class ParticipantClient:
         response = await self.stub.Prepare(request, timeout=timeout_s)
         vote = PB_TO_VOTE.get(response.vote)
         if vote is None:
-            raise ValueError(f"{self.name} answered Prepare with no vote")
+            raise ProtocolError(no_vote(self.name, response.vote))
         return vote, response.reason, response.id_reused, response.committed_earlier
 
     async def commit(

@@ -24,14 +24,14 @@ from google.protobuf import any_pb2
 
 from dtm import grpc_edge, limits, logs
 from dtm.batcher import Batcher, BatchPolicy
-from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient
+from dtm.coordinator.clients import PB_TO_VOTE, ParticipantClient, no_vote
 from dtm.core.branch import (
     HEURISTIC_COMMIT,
     HEURISTIC_HAZARD,
     HEURISTIC_OUTCOMES,
     HEURISTIC_ROLLBACK,
 )
-from dtm.core.transaction import Vote
+from dtm.core.transaction import ProtocolError, Vote
 from dtmpb.v1 import participant_pb2
 
 HEURISTIC_METADATA_KEY = "dtm-heuristic"
@@ -274,6 +274,9 @@ class ParticipantPort:
             reason = rpc_failure(error, item.timeout_s)
             item.done(PrepareResult(None, reason, _said(invalid), not_reached=misdirected(error)))
             return
+        except ProtocolError as error:  # the participant's: the transaction aborts on it
+            item.done(PrepareResult(None, f"protocol error: {error}"))
+            return
         except Exception as error:  # a bug: fail the item (so the transaction aborts), say why
             _internal_error(self.client.name, "Prepare", error)
             item.done(PrepareResult(None, f"internal error: {type(error).__name__}: {error}"))
@@ -370,6 +373,8 @@ class ParticipantPort:
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
                 reason = _said(answer.reason)
+                if vote is None:  # a failed prepare, as in the unary path
+                    reason = f"protocol error: {no_vote(self.client.name, answer.vote)}"
                 reused = _said(answer.id_reused)
                 earlier = answer.committed_earlier
                 prepare.done(PrepareResult(vote, reason, id_reused=reused, earlier=earlier))
