@@ -32,6 +32,7 @@ from dtmpb.v1 import (
     shop_pb2,
 )
 from tests.harness import eventually, pack
+from tests.test_cli import dtm
 
 ROOT = Path(__file__).resolve().parent.parent
 INITIAL = {"stock": {"sku-a": 1_000}, "accounts": {"acct-1": {"balance_cents": 10**9}}}
@@ -326,5 +327,28 @@ def test_a_plain_participant_in_doubt_learns_presumed_abort_after_the_coordinato
                 await admin.SetFault(participant_pb2.SetFaultRequest())
         await asyncio.to_thread(cluster.restart, COORDINATOR)
         await plain_reaches(plain, "undecided", "rolled_back")
+
+    asyncio.run(scenario())
+
+
+def test_the_dtm_command_tells_a_participant_without_the_optional_services_from_one_down(
+    cluster: Cluster, plain: PlainProcess
+) -> None:
+    """The plain participant serves neither grpc.health.v1.Health nor ParticipantAdmin, both
+    optional. Before, `dtm participants` showed it UNREACHABLE (UNIMPLEMENTED) and exited 3,
+    as for a participant that is down, though it had answered; and `dtm branches` asked "is
+    that address a dtm participant?" of a registered participant."""
+
+    async def scenario() -> None:
+        plain.start(in_doubt_after_ms=1_000)
+        await registered(cluster, plain)
+        coordinator = ("--coordinator", cluster.coordinator_address)
+        status, out, err = await dtm(*coordinator, "participants")
+        [row] = [line for line in out.splitlines() if line.startswith("plain ")]
+        assert "NO HEALTH SERVICE" in row, out
+        assert 0 == status, (out, err)
+        status, out, err = await dtm(*coordinator, "branches")
+        assert 1 == status  # the listing is incomplete: said, not hidden
+        assert "ParticipantAdmin is optional" in err, err
 
     asyncio.run(scenario())

@@ -173,13 +173,9 @@ def cmd_participants(session: Session) -> int:
         )
     rows: list[dict[str, Any]] = []
     for info, probe, identity in zip(registry, probes, identities, strict=True):
-        try:
-            health = health_pb2.HealthCheckResponse.ServingStatus.Name(probe.result().status)
-        except grpc.RpcError as error:
-            code = error.code().name if isinstance(error, grpc.Call) else "error"
-            health = f"UNREACHABLE ({code})"
+        health = _health(probe)
         other = _another_process(identity)
-        if other is not None and health == "SERVING":
+        if other is not None and health == SERVING:
             health = "ANOTHER PROCESS"
             print(f"dtm: warning: {info.name} at {info.address}: {other}", file=sys.stderr)
         rows.append(
@@ -197,7 +193,7 @@ def cmd_participants(session: Session) -> int:
                 "registered_at_unix_ms": info.registered_at_unix_ms,
             }
         )
-    healthy = all(row["health"] == "SERVING" for row in rows)
+    healthy = all(row["health"] in (SERVING, NO_HEALTH_SERVICE) for row in rows)
     if session.json:
         fmt.emit_json(rows, session.out)
     elif not rows:
@@ -231,6 +227,24 @@ def cmd_participants(session: Session) -> int:
             session.out,
         )
     return EXIT_OK if healthy else EXIT_NO
+
+
+SERVING = "SERVING"
+#: A server that answered the health check UNIMPLEMENTED: reached, and without the service,
+#: which a participant outside the SDK need not serve (the contract is the Participant
+#: service), so not counted as unhealthy; whether it serves is not known.
+NO_HEALTH_SERVICE = "NO HEALTH SERVICE"
+
+
+def _health(probe: Any) -> str:
+    """A registered participant's health as `dtm participants` shows it, from its probe."""
+    try:
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(probe.result().status))
+    except grpc.RpcError as error:
+        code = error.code() if isinstance(error, grpc.Call) else None
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            return NO_HEALTH_SERVICE
+        return f"UNREACHABLE ({code.name if code is not None else 'error'})"
 
 
 def _another_process(identity: Any) -> str | None:

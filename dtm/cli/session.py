@@ -245,7 +245,11 @@ def rpc_error(
         if what == "the coordinator":
             hint = "is that address a dtm coordinator? (it does not serve the Coordinator service)"
         else:
-            hint = "is that address a dtm participant? (it does not serve this method)"
+            hint = (
+                "it does not serve this method: ParticipantAdmin is optional (a participant "
+                "outside the SDK need serve only the Participant service), or this is another "
+                "kind of server"
+            )
         return CliError(f"{what} at {address} answered UNIMPLEMENTED: {details}; {hint}")
     name = code.name if code is not None else "error"
     return CliError(f"{what} at {address} answered {name}: {details}")
