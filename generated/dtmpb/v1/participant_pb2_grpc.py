@@ -75,25 +75,48 @@ class ParticipantServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prepare(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Answer within the call's deadline (the coordinator's prepare_timeout_ms), or the
+        transaction aborts and a Rollback follows, perhaps while this Prepare still runs. An
+        operation the participant cannot use: INVALID_ARGUMENT, nothing kept (the client hears
+        it). A branch not known: run it, and vote PREPARED, READ_ONLY (nothing held, nothing to
+        do in phase 2) or REFUSED with a reason; one-phase: COMMITTED, READ_ONLY or REFUSED,
+        never PREPARED. The vote is required: an answer without one fails the Prepare. A branch
+        known (the coordinator sends each Prepare once per attempt of a transaction, so this is
+        a later attempt, or a network duplicate, whose answer is not counted): still preparing,
+        the first Prepare's answer; PREPARED, REFUSED (its attempt may have been answered
+        ABORTED already: a new vote could commit a branch about to be rolled back); committed
+        after a two-phase PREPARED vote, COMMITTED with committed_earlier; rolled back, refused
+        or a tombstone, REFUSED; otherwise its first vote.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Commit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """PREPARED: commit it, then OK. Committed already, or voted READ_ONLY: OK. Rolled back or
+        refused: FAILED_PRECONDITION, recorded as a heuristic rollback and not retried. Not
+        known: NOT_FOUND, recorded as a heuristic hazard (only a lost log forgets a prepared
+        branch before its decision).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """PREPARED: roll it back, OK. Not known: leave a tombstone, OK (never NOT_FOUND: it is
+        retried); a Prepare that comes later is refused. Still preparing: stop it, tombstone, OK.
+        Rolled back, refused, or voted READ_ONLY in two phases: OK. Committed, or voted
+        READ_ONLY in one phase: FAILED_PRECONDITION. The coordinator learns the outcome of a
+        one-phase Prepare whose answer was lost by a Rollback of it: OK reads as "rolled back,
+        never to commit", FAILED_PRECONDITION as "committed".
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Recover(self, request, context):
-        """The branches this participant holds prepared (in doubt).
+        """The branches this participant holds prepared (in doubt). Optional: the coordinator never
+        calls it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
