@@ -17,6 +17,7 @@ test behaviour (deterministic, so a replay of the same request does the same):
 Its whole state is one JSON file, replaced atomically and fsynced before every answer that
 depends on it. Run: python tests/plain_participant.py --listen HOST:PORT --coordinator
 HOST:PORT --data-dir DIR [--name plain] [--balance 1000] [--in-doubt-after-ms 1000]
+[--one-phase] (registers the one_phase capability and takes one-phase Prepares)
 """
 
 from __future__ import annotations
@@ -98,25 +99,36 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
         if line.sku.startswith("slow:"):
             await asyncio.sleep(int(line.sku.removeprefix("slow:")) / 1000)
         async with self.lock:
-            return self._prepare(key_of(request), line)
+            return self._prepare(key_of(request), line, request.one_phase)
 
-    def _prepare(self, key: str, line: shop_pb2.StockLine) -> participant_pb2.PrepareResponse:
+    def _prepare(
+        self, key: str, line: shop_pb2.StockLine, one_phase: bool
+    ) -> participant_pb2.PrepareResponse:
         if line.sku == "novote":
             return participant_pb2.PrepareResponse()
         known = self.store.branches.get(key)
         if known is not None:  # a later attempt of the transaction (the coordinator forgot it)
             if known["state"] == COMMITTED:
-                return vote(coordinator_pb2.VOTE_COMMITTED, "", committed_earlier=True)
+                earlier = not known.get("one_phase", False)
+                return vote(coordinator_pb2.VOTE_COMMITTED, "", committed_earlier=earlier)
             if known["state"] == PREPARED:
                 return vote(coordinator_pb2.VOTE_REFUSED, EARLIER_ATTEMPT)
             return vote(coordinator_pb2.VOTE_REFUSED, f"branch {key} is {known['state']}")
-        branch = {"points": line.quantity, "sku": line.sku, "prepared_at": time.time()}
+        branch = {
+            "points": line.quantity,
+            "sku": line.sku,
+            "prepared_at": time.time(),
+            "one_phase": one_phase,
+        }
         available = self.store.balance - self.store.reserved()
         if line.sku == "refuse" or line.quantity > available:
             self.store.branches[key] = {**branch, "state": REFUSED, "points": 0}
             self.store.save()
             return vote(coordinator_pb2.VOTE_REFUSED, f"{available} points available")
         self.store.branches[key] = {**branch, "state": PREPARED}
+        if one_phase:  # prepared and committed in one step: the commit is the vote
+            self.commit(self.store.branches[key])
+            return vote(coordinator_pb2.VOTE_COMMITTED, "")
         self.store.save()  # persist before you speak: the vote binds us
         return vote(coordinator_pb2.VOTE_PREPARED, "")
 
@@ -173,11 +185,14 @@ def vote(
     )
 
 
-async def register(stub: coordinator_pb2_grpc.CoordinatorStub, name: str, address: str) -> None:
+async def register(
+    stub: coordinator_pb2_grpc.CoordinatorStub, name: str, address: str, one_phase: bool
+) -> None:
+    capabilities = coordinator_pb2.Capabilities(
+        one_phase=one_phase, operation_types=["dtm.v1.StockLine"]
+    )
     request = coordinator_pb2.RegisterParticipantRequest(
-        name=name,
-        address=address,
-        capabilities=coordinator_pb2.Capabilities(operation_types=["dtm.v1.StockLine"]),
+        name=name, address=address, capabilities=capabilities
     )
     while True:
         try:
@@ -226,7 +241,7 @@ async def serve(options: argparse.Namespace) -> None:
     await server.start()
     async with grpc.aio.insecure_channel(options.coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        await register(stub, options.name, options.listen)
+        await register(stub, options.name, options.listen, options.one_phase)
         if options.in_doubt_after_ms > 0:
             after_s = options.in_doubt_after_ms / 1000
             inquiries = asyncio.create_task(ask_about_prepared(stub, servicer, after_s))
@@ -243,6 +258,7 @@ def main() -> None:
     parser.add_argument("--name", default="plain")
     parser.add_argument("--balance", type=int, default=1_000)
     parser.add_argument("--in-doubt-after-ms", type=int, default=1_000, help="0: never ask")
+    parser.add_argument("--one-phase", action="store_true", help="take one-phase Prepares")
     options = parser.parse_args()
     Path(options.data_dir).mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(options))

@@ -50,7 +50,7 @@ class PlainProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self.address = ""
 
-    def start(self, in_doubt_after_ms: int) -> None:
+    def start(self, in_doubt_after_ms: int, one_phase: bool = False) -> None:
         """On a new port each time, as a restarted process in a container would be."""
         self.address = f"127.0.0.1:{free_ports(1)[0]}"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'generated'}", "PYTHONUNBUFFERED": "1"}
@@ -62,6 +62,7 @@ class PlainProcess:
                     *("--listen", self.address, "--coordinator", self.coordinator),
                     *("--data-dir", str(self.directory)),
                     *("--in-doubt-after-ms", str(in_doubt_after_ms)),
+                    *(["--one-phase"] if one_phase else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -82,8 +83,8 @@ class PlainProcess:
         state: dict[str, dict[str, Any]] = json.loads(path.read_text())["branches"]
         return state
 
-    def state(self, transaction_id: str) -> str | None:
-        branch = self.branches().get(f"{transaction_id}/1")
+    def state(self, transaction_id: str, index: int = 1) -> str | None:
+        branch = self.branches().get(f"{transaction_id}/{index}")
         return None if branch is None else str(branch["state"])
 
     def hold(self, on: bool) -> None:
@@ -180,9 +181,11 @@ async def finished(cluster: Cluster, transaction_id: str, state: int) -> None:
     await eventually(reached, timeout_s=30)
 
 
-async def plain_reaches(plain: PlainProcess, transaction_id: str, state: str) -> None:
+async def plain_reaches(
+    plain: PlainProcess, transaction_id: str, state: str, index: int = 1
+) -> None:
     async def reached() -> bool:
-        return plain.state(transaction_id) == state
+        return plain.state(transaction_id, index) == state
 
     await eventually(reached, timeout_s=30)
 
@@ -263,6 +266,31 @@ def test_its_slow_prepare_aborts_and_the_late_vote_meets_its_tombstone(
         # The Rollback came before the vote: a tombstone, and the late Prepare refused there.
         await plain_reaches(plain, "plain-slow", "rolled_back")
         assert 0 == plain.branches()["plain-slow/1"]["points"]
+
+    asyncio.run(scenario())
+
+
+def test_one_phase_commits_and_a_lost_one_phase_answer_is_resolved_by_its_probe(
+    cluster: Cluster, plain: PlainProcess
+) -> None:
+    """A transaction of the plain participant alone, which registered one_phase: one Prepare
+    commits it. One whose Prepare outlasts its deadline is UNKNOWN to the coordinator, which
+    asks with a Rollback (the probe): it arrives first, leaves a tombstone and is
+    acknowledged, so the outcome is ABORTED, and the late Prepare is refused there."""
+
+    async def scenario() -> None:
+        plain.start(in_doubt_after_ms=1_000, one_phase=True)
+        await registered(cluster, plain)
+        alone = branches("ok")[1:]
+        answer = await submit(cluster, "one-phase", alone)
+        assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
+        assert "committed" == plain.state("one-phase", 0)
+        slow = branches(f"slow:{PREPARE_TIMEOUT_MS + 1_000}")[1:]
+        answer = await submit(cluster, "one-phase-slow", slow)
+        assert answer.outcome in (coordinator_pb2.OUTCOME_UNKNOWN, coordinator_pb2.OUTCOME_ABORTED)
+        await finished(cluster, "one-phase-slow", coordinator_pb2.TRANSACTION_STATE_ABORTED)
+        assert "rolled_back" == plain.state("one-phase-slow", 0)
+        assert 0 == plain.branches()["one-phase-slow/0"]["points"]
 
     asyncio.run(scenario())
 
