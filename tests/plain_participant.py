@@ -99,14 +99,18 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
         if line.sku.startswith("slow:"):
             await asyncio.sleep(int(line.sku.removeprefix("slow:")) / 1000)
         async with self.lock:
-            return self._prepare(key_of(request), line, request.one_phase)
+            return self._prepare(request, line)
 
-    def _prepare(
-        self, key: str, line: shop_pb2.StockLine, one_phase: bool
-    ) -> participant_pb2.PrepareResponse:
+    def _prepare(self, request: Any, line: shop_pb2.StockLine) -> participant_pb2.PrepareResponse:
         if line.sku == "novote":
             return participant_pb2.PrepareResponse()
+        key, one_phase = key_of(request), request.one_phase
         known = self.store.branches.get(key)
+        if known is not None and another_transaction(known, request):
+            reused = f"{key} belongs to another transaction (its fingerprint differs)"
+            return participant_pb2.PrepareResponse(
+                vote=coordinator_pb2.VOTE_REFUSED, reason=reused, id_reused=reused
+            )
         if known is not None:  # a later attempt of the transaction (the coordinator forgot it)
             if known["state"] == COMMITTED:
                 earlier = not known.get("one_phase", False)
@@ -119,6 +123,7 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
             "sku": line.sku,
             "prepared_at": time.time(),
             "one_phase": one_phase,
+            "fingerprint": request.transaction_fingerprint.hex(),
         }
         available = self.store.balance - self.store.reserved()
         if line.sku == "refuse" or line.quantity > available:
@@ -140,6 +145,8 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
                 await context.abort(Code.NOT_FOUND, f"branch {key} was never prepared here")
                 raise AssertionError("abort raises")
             await self._hold(known, context)
+            if another_transaction(known, request):
+                await context.abort(Code.FAILED_PRECONDITION, f"{key} is another transaction's")
             if known["state"] in (ROLLED_BACK, REFUSED):
                 await context.abort(Code.FAILED_PRECONDITION, f"branch {key} is rolled back")
             if known["state"] == PREPARED:
@@ -151,10 +158,19 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
         async with self.lock:
             known = self.store.branches.get(key)
             if known is None:  # a tombstone: the Prepare, should it come later, is refused
-                self.store.branches[key] = {"state": ROLLED_BACK, "points": 0, "sku": ""}
+                fingerprint = request.transaction_fingerprint.hex()
+                tombstone = {
+                    "state": ROLLED_BACK,
+                    "points": 0,
+                    "sku": "",
+                    "fingerprint": fingerprint,
+                }
+                self.store.branches[key] = tombstone
                 self.store.save()
                 return participant_pb2.RollbackResponse()
             await self._hold(known, context)
+            if another_transaction(known, request):  # nothing of this one is here: done
+                return participant_pb2.RollbackResponse()
             if known["state"] == COMMITTED:
                 await context.abort(Code.FAILED_PRECONDITION, f"branch {key} is committed")
             if known["state"] == PREPARED:
@@ -173,6 +189,13 @@ class PlainParticipant(participant_pb2_grpc.ParticipantServicer):
     def roll_back(self, branch: dict[str, Any]) -> None:
         branch["state"] = ROLLED_BACK
         self.store.save()
+
+
+def another_transaction(branch: dict[str, Any], request: Any) -> bool:
+    """Whether `branch` was kept for another transaction under the request's id: a client
+    reused the id (both fingerprints known, and different)."""
+    fingerprint = request.transaction_fingerprint.hex()
+    return bool(branch["fingerprint"] and fingerprint and branch["fingerprint"] != fingerprint)
 
 
 def vote(
@@ -216,11 +239,12 @@ async def ask_about_prepared(
         for key, branch in list(servicer.store.branches.items()):
             if branch["state"] != PREPARED or now - branch["prepared_at"] < after_s:
                 continue
-            transaction_id = key.rsplit("/", 1)[0]
+            ask = coordinator_pb2.QueryOutcomeRequest(
+                transaction_id=key.rsplit("/", 1)[0],
+                transaction_fingerprint=bytes.fromhex(branch["fingerprint"]),
+            )
             try:
-                answer = await stub.QueryOutcome(
-                    coordinator_pb2.QueryOutcomeRequest(transaction_id=transaction_id), timeout=5
-                )
+                answer = await stub.QueryOutcome(ask, timeout=5)
             except grpc.aio.AioRpcError:
                 continue
             async with servicer.lock:

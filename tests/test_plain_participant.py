@@ -380,3 +380,67 @@ def test_the_dtm_command_tells_a_participant_without_the_optional_services_from_
         assert "ParticipantAdmin is optional" in err, err
 
     asyncio.run(scenario())
+
+
+def plain_alone(points: int) -> list[coordinator_pb2.BranchRequest]:
+    """A transaction of the plain participant's branch alone (at index 0)."""
+    line = shop_pb2.StockLine(sku="ok", quantity=points)
+    return [coordinator_pb2.BranchRequest(participant="plain", operation=pack(line))]
+
+
+async def forgotten(cluster: Cluster, transaction_id: str) -> None:
+    """Until the coordinator no longer knows `transaction_id` (pushed out of its window)."""
+
+    async def gone() -> bool:
+        try:
+            await transaction(cluster, transaction_id)
+        except grpc.aio.AioRpcError as error:
+            return error.code() is Code.NOT_FOUND
+        return False
+
+    await eventually(gone, timeout_s=30)
+
+
+def test_a_reused_id_and_a_late_retry_are_answered_from_the_plain_participant_s_record(
+    tmp_path: Path,
+) -> None:
+    """A coordinator that remembers 2 finished transactions forgets a commit of the plain
+    participant's; then its id comes again. With other content (a client that reused the id)
+    the plain participant, which keeps the fingerprint, refuses it: ALREADY_EXISTS, nothing
+    run. Without the check, as participant.proto allowed ("a participant may ignore the
+    field"), it answered COMMITTED (committed earlier) from its record of the first, and the
+    client was told COMMITTED for points never taken. With the same content (a late retry)
+    it answers COMMITTED earlier: the client is told COMMITTED, and nothing is taken twice."""
+    cluster = Cluster(
+        tmp_path / "cluster",
+        Ports.free(),
+        initial=INITIAL,
+        extra_env={"DTM_COORDINATOR_FINISHED_KEPT": "2"},
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    plain = PlainProcess(tmp_path, cluster.coordinator_address)
+
+    async def scenario() -> None:
+        plain.start(in_doubt_after_ms=1_000)
+        await registered(cluster, plain)
+        first = await submit(cluster, "late", plain_alone(5))
+        assert coordinator_pb2.OUTCOME_COMMITTED == first.outcome, first.reason
+        await finished(cluster, "late", coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+        for number in range(3):
+            newer = await submit(cluster, f"newer-{number}", plain_alone(1))
+            assert coordinator_pb2.OUTCOME_COMMITTED == newer.outcome, newer.reason
+        await forgotten(cluster, "late")
+        with pytest.raises(grpc.aio.AioRpcError) as reused:
+            await submit(cluster, "late", plain_alone(7))
+        assert Code.ALREADY_EXISTS == reused.value.code(), reused.value.details()
+        again = await submit(cluster, "late", plain_alone(5))
+        assert coordinator_pb2.OUTCOME_COMMITTED == again.outcome, again.reason
+        balance = json.loads((tmp_path / "plain.json").read_text())["balance"]
+        assert 1_000 - 5 - 3 == balance
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        plain.kill()
+        cluster.stop()
