@@ -909,6 +909,42 @@ def test_a_batched_answer_with_no_vote_fails_the_prepare_naming_the_protocol_err
     asyncio.run(run())
 
 
+class NoExchange(FakeExchange):
+    """A participant that registered the batch capability and serves no Exchange (one that
+    followed Capabilities.batch's old comment, which named PrepareBatch and DecideBatch)."""
+
+    async def Exchange(
+        self,
+        request: participant_pb2.ExchangeRequest,
+        timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
+    ) -> participant_pb2.ExchangeResponse:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            "Method not found!",
+        )
+
+
+def test_an_exchange_answered_unimplemented_names_the_batch_capability() -> None:
+    """Before, each prepare failed "UNIMPLEMENTED: Method not found!", which the client was
+    told, with nothing saying that the participant declared a capability it lacks."""
+
+    async def run() -> None:
+        port = ParticipantPort(NoExchange(), True, BatchPolicy())  # type: ignore[arg-type]
+        results: list[PrepareResult] = []
+        deadline = asyncio.get_running_loop().time() + 1.0
+        port.prepare(PrepareItem("t-1", 0, any_pb2.Any(), False, deadline, 1.0, results.append))
+        await settle()
+        [result] = results
+        assert result.vote is None
+        assert "registered the batch capability" in result.reason, result.reason
+        assert "register with batch false, or implement Exchange" in result.reason
+        await port.close()
+
+    asyncio.run(run())
+
+
 class UnavailableWithHeuristic(FakeDecisions):
     """A unary participant whose Commit fails UNAVAILABLE with a heuristic in its metadata
     (from whatever answered: a proxy, another process at the address)."""

@@ -337,7 +337,7 @@ class ParticipantPort:
                 for prepare in unexpired:
                     prepare.done(PrepareResult(None, rpc_failure(error, prepare.timeout_s)))
                 unexpired = []
-            reason = rpc_failure(error, timeout_s)
+            reason = self._exchange_failure(error, timeout_s)
             self._fail(unexpired, decisions, reason, not_reached=misdirected(error))
             return
         except Exception as error:  # a bug: answer every item, or phase 2 would wait forever
@@ -378,6 +378,18 @@ class ParticipantPort:
                 reused = _said(answer.id_reused)
                 earlier = answer.committed_earlier
                 prepare.done(PrepareResult(vote, reason, id_reused=reused, earlier=earlier))
+
+    def _exchange_failure(self, error: grpc.aio.AioRpcError, timeout_s: float) -> str:
+        """Why a failed Exchange call failed its items. UNIMPLEMENTED is a participant that
+        declared the batch capability without serving Exchange: say what to change, since
+        every one of its transactions fails on it."""
+        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+            return _said(
+                f"{self.client.name} registered the batch capability but does not serve "
+                f"Exchange ({error.details()}): register with batch false, or implement "
+                "Exchange"
+            )
+        return rpc_failure(error, timeout_s)
 
     def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
         """The prepares with time left to be answered. The others ran out of it waiting for
