@@ -4,7 +4,7 @@ QueryOutcome), run as a real process beside the SDK's four services under the re
 coordinator (dtm.cluster): commits, aborts, its own refusal, its deadline passing, duplicate
 decisions, its restart while prepared, and the coordinator's restart while it is prepared.
 
-tests/test_heuristics.py's ScriptedParticipant is in-process and keeps nothing: it answers
+tests/doubles.py's ScriptedParticipant is in-process and keeps nothing: it answers
 phase 2 with a scripted status. This one keeps its branches on disk and follows the contract.
 """
 
@@ -31,8 +31,8 @@ from dtmpb.v1 import (
     participant_pb2_grpc,
     shop_pb2,
 )
+from tests.cli_runner import dtm
 from tests.harness import eventually, pack
-from tests.test_cli import dtm
 
 ROOT = Path(__file__).resolve().parent.parent
 INITIAL = {"stock": {"sku-a": 1_000}, "accounts": {"acct-1": {"balance_cents": 10**9}}}
