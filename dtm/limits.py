@@ -105,6 +105,12 @@ WAITERS_PER_RESOURCE_MAX = 1_024
 # caller; beyond, a submit is answered RESOURCE_EXHAUSTED at once, unsent. Unbounded, the
 # queue grew with callers x their timeout behind a slow coordinator.
 CLIENT_SUBMITS_QUEUED_MAX = 4 * SUBMIT_BATCH_MAX
+# One ListLocks answer (`dtm locks`): the longest-held locks, and of each the first holders and
+# the first waiters, with the totals. Worst case with the shipped services (128-character ids):
+# 1,000 locks of 134 + 8 x 134 + 8 x 146 bytes, 2.4 MB, within MESSAGE_BYTES_MAX. Unbounded,
+# 16,000 such locks took 4.5 MB and the call failed (RESOURCE_EXHAUSTED) with nothing shown.
+LOCKS_LISTED_MAX = 1_000
+LOCK_OWNERS_LISTED_MAX = 8
 
 
 def address_port(address: str) -> int | None:

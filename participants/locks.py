@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dtm.limits import WAITERS_PER_RESOURCE_MAX
@@ -107,6 +108,11 @@ _Node = str | _Holders
 class _Lock:
     holders: dict[str, _Hold] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)  # FIFO, upgrades ahead of new requests
+
+
+def _held_since(lock: _Lock) -> float:
+    # A lock with waiters always has a holder (_wake grants the head otherwise).
+    return min(hold.since for hold in lock.holders.values())
 
 
 class LockManager:
@@ -242,7 +248,17 @@ class LockManager:
                 held[resource] = hold.mode
         return held
 
-    def snapshot(self) -> list[LockSnapshot]:
+    @property
+    def lock_count(self) -> int:
+        """Resources held or waited for: the entries `snapshot` lists without a limit."""
+        return len(self._locks)
+
+    def snapshot(self, limit: int | None = None) -> list[LockSnapshot]:
+        """Every lock, or the `limit` held longest (a stuck one is what an operator looks
+        for), in resource order."""
+        entries: Iterable[tuple[str, _Lock]] = self._locks.items()
+        if limit is not None and len(self._locks) > limit:
+            entries = heapq.nsmallest(limit, entries, key=lambda entry: _held_since(entry[1]))
         return [
             LockSnapshot(
                 resource=resource,
@@ -252,15 +268,14 @@ class LockManager:
                     else LockMode.SHARED
                 ).value,
                 holders=tuple(lock.holders),
-                # A lock with waiters always has a holder (_wake grants the head otherwise).
-                held_since=min(hold.since for hold in lock.holders.values()),
+                held_since=_held_since(lock),
                 waiters=tuple(
                     (waiter.owner, waiter.mode.value, waiter.since)
                     for waiter in lock.waiters
                     if waiter.live
                 ),
             )
-            for resource, lock in sorted(self._locks.items())
+            for resource, lock in sorted(entries)
         ]
 
     # ---- the table's mutations ----

@@ -25,6 +25,7 @@ import pytest
 
 from dtm import cli, config, crashpoints, limits
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
+from participants.locks import LockMode
 from tests.cli_runner import dtm, order_file
 from tests.harness import (
     InProcessCluster,
@@ -214,6 +215,54 @@ def test_participants_locks_branches_and_force(tmp_path: Path) -> None:
             assert "heuristic commit (forgotten)" in out
             status, out, _ = await dtm(*at, "branches", "--awaiting")
             assert (cli.EXIT_OK, "no branches match\n") == (status, out)
+
+    asyncio.run(scenario())
+
+
+def test_locks_lists_the_longest_held_when_a_participant_holds_thousands(tmp_path: Path) -> None:
+    """With many locks of long ids, ListLocks answered more than the message limit: the call
+    failed (RESOURCE_EXHAUSTED: sent message larger than max) and `dtm locks` showed nothing,
+    when an operator needs it most. It lists the longest-held LOCKS_LISTED_MAX now, and of
+    each lock the first holders and waiters with their totals, and says what it left out."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            locks = cluster.participants["orders"].engine.locks
+            count = 16_000  # at the shipped services' longest ids: 4.5 MB unbounded
+            for n in range(count):  # lock n held for n ms: the highest n are the oldest
+                txn, order = f"{'t' * 120}{n:08d}", f"order:{'o' * 114}{n:08d}"
+                locks.acquire_now(f"{txn}/0", order, LockMode.EXCLUSIVE, held_for_s=n / 1000)
+            # The oldest of all: shared by 20 branches, and 10 exclusive requests queued.
+            for n in range(20):
+                locks.acquire_now(f"r-{n:02d}/0", "order:hot", LockMode.SHARED, held_for_s=60)
+            waits = [
+                asyncio.create_task(locks.acquire(f"w-{n}/0", "order:hot", LockMode.EXCLUSIVE))
+                for n in range(10)
+            ]
+            await asyncio.sleep(0)  # each task's first step queues its request, in order
+            assert 10 == len(
+                next(lock for lock in locks.snapshot() if lock.holders[0] == "r-00/0").waiters
+            )
+            at = ["--coordinator", cluster.coordinator_address]
+
+            status, out, err = await dtm(*at, "locks", "--participant", "orders", "--json")
+            assert cli.EXIT_OK == status, err
+            listed = json.loads(out)
+            oldest = [f"order:{'o' * 114}{n:08d}" for n in range(count - 999, count)]
+            assert sorted(["order:hot", *oldest]) == [lock["resource"] for lock in listed]
+            hot = next(lock for lock in listed if lock["resource"] == "order:hot")
+            assert [f"r-{n:02d}/0" for n in range(8)] == hot["holders"]
+            assert [f"w-{n}/0 (exclusive)" for n in range(8)] == hot["waiters"]
+            assert (20, 10) == (hot["holders_total"], hot["waiters_total"])
+            assert f"orders: the 1000 longest-held of {count + 1} locks listed" in err
+
+            status, out, err = await dtm(*at, "locks", "--participant", "orders")
+            assert cli.EXIT_OK == status, err
+            assert 1 + limits.LOCKS_LISTED_MAX == len(out.splitlines())  # the header, the rows
+            assert "r-07/0 (+12 more)" in out and "w-7/0 (exclusive) (+2 more)" in out
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -535,6 +535,16 @@ def test_snapshot_reports_holders_waiters_and_times() -> None:
     run(main)
 
 
+def test_a_limited_snapshot_lists_the_longest_held_locks_in_resource_order() -> None:
+    manager = LockManager(wait_timeout_s=LONG_S, clock=lambda: 1_000.0)
+    for resource, held_for_s in (("sku-1", 5), ("sku-2", 50), ("sku-4", 30)):
+        manager.acquire_now(f"b-{resource}", resource, X, held_for_s=held_for_s)
+    manager.acquire_now("r2", "sku-3", S)
+    manager.acquire_now("r", "sku-3", S, held_for_s=90)  # its oldest hold dates the lock
+    assert ["sku-2", "sku-3"] == [lock.resource for lock in manager.snapshot(limit=2)]
+    assert 4 == manager.lock_count == len(manager.snapshot()) == len(manager.snapshot(limit=4))
+
+
 def test_waiters_per_resource_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(locks, "WAITERS_PER_RESOURCE_MAX", 2)
 

@@ -276,6 +276,8 @@ def cmd_locks(session: Session) -> int:
     if _nobody_answered(session, answers):
         return EXIT_ERROR
     found = [(name, lock) for name, response in answers for lock in response.locks]
+    for name, response in answers:
+        _note_locks_cut(name, len(response.locks), response.locks_total)
     if session.json:
         fmt.emit_json([fmt.lock_dict(name, lock) for name, lock in found], session.out)
     elif not found:
@@ -288,15 +290,26 @@ def cmd_locks(session: Session) -> int:
                     name,
                     lock.resource,
                     lock.mode,
-                    ", ".join(lock.holders),
+                    fmt.owners(lock.holders, lock.holders_total),
                     fmt.duration(fmt.age_s(lock.held_since_unix_ms)),
-                    ", ".join(lock.waiters) or "-",
+                    fmt.owners(lock.waiters, lock.waiters_total) or "-",
                 ]
                 for name, lock in found
             ],
             session.out,
         )
     return EXIT_ERROR if session.failures else EXIT_OK
+
+
+def _note_locks_cut(name: str, listed: int, total: int) -> None:
+    """Say on stderr that a participant listed only its longest-held locks (LOCKS_LISTED_MAX),
+    so that the table is not read as all it holds."""
+    if total <= listed:  # 0 from a participant older than the count
+        return
+    print(
+        f"dtm: note: {name}: the {listed} longest-held of {total} locks listed",
+        file=sys.stderr,
+    )
 
 
 def cmd_branches(session: Session) -> int:

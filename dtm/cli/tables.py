@@ -173,10 +173,21 @@ def lock_dict(participant: str, lock: participant_pb2.LockInfo) -> dict[str, Any
         "held_since_unix_ms": lock.held_since_unix_ms,
         "held_for_s": round(age_s(lock.held_since_unix_ms), 3),
         "waiters": list(lock.waiters),
+        # The lists name the first LOCK_OWNERS_LISTED_MAX (0: a participant older than these).
+        "holders_total": max(lock.holders_total, len(lock.holders)),
+        "waiters_total": max(lock.waiters_total, len(lock.waiters)),
     }
 
 
 # ---- summaries for table cells ----
+
+
+def owners(listed: Sequence[str], total: int) -> str:
+    """'a, b (+3 more)': the owners a participant listed of a lock's `total` (ListLocks lists
+    the first LOCK_OWNERS_LISTED_MAX of its holders and of its waiters)."""
+    text = ", ".join(listed)
+    hidden = total - len(listed)
+    return f"{text} (+{hidden} more)" if hidden > 0 else text
 
 
 def branches_summary(txn: coordinator_pb2.Transaction) -> str:

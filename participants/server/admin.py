@@ -17,6 +17,7 @@ from participants.branches import (
     BranchError,
     BranchInfo,
 )
+from participants.locks import LockSnapshot
 from participants.server.wire import (
     ERROR_TO_CODE,
     refuse_misdirected,
@@ -37,6 +38,21 @@ def branch_info_pb(info: BranchInfo, engine: BranchEngine) -> participant_pb2.Br
         heuristic=branch.heuristic,
         awaiting_coordinator=engine.awaiting_coordinator(branch.key),
         forgotten=info.forgotten,
+    )
+
+
+def lock_info_pb(lock: LockSnapshot) -> participant_pb2.LockInfo:
+    """A lock as ListLocks answers it: its first holders and waiters, and how many in all (a
+    hot resource's queue holds up to WAITERS_PER_RESOURCE_MAX)."""
+    listed = limits.LOCK_OWNERS_LISTED_MAX
+    return participant_pb2.LockInfo(
+        resource=lock.resource,
+        mode=lock.mode,
+        holders=lock.holders[:listed],
+        held_since_unix_ms=int(lock.held_since * 1000),
+        waiters=[f"{owner} ({mode})" for owner, mode, _ in lock.waiters[:listed]],
+        holders_total=len(lock.holders),
+        waiters_total=len(lock.waiters),
     )
 
 
@@ -113,17 +129,10 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         self, request: participant_pb2.ListLocksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> participant_pb2.ListLocksResponse:
         await self._gate(context, request.participant, request.incarnation)
+        locks = self.server.engine.locks
         return participant_pb2.ListLocksResponse(
-            locks=[
-                participant_pb2.LockInfo(
-                    resource=lock.resource,
-                    mode=lock.mode,
-                    holders=list(lock.holders),
-                    held_since_unix_ms=int(lock.held_since * 1000),
-                    waiters=[f"{owner} ({mode})" for owner, mode, _ in lock.waiters],
-                )
-                for lock in self.server.engine.locks.snapshot()
-            ]
+            locks=[lock_info_pb(lock) for lock in locks.snapshot(limits.LOCKS_LISTED_MAX)],
+            locks_total=locks.lock_count,
         )
 
     async def ForceOutcome(

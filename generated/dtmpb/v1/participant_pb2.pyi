@@ -256,18 +256,22 @@ class ListBranchesResponse(_message.Message):
     def __init__(self, branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ...) -> None: ...
 
 class LockInfo(_message.Message):
-    __slots__ = ("resource", "mode", "holders", "held_since_unix_ms", "waiters")
+    __slots__ = ("resource", "mode", "holders", "held_since_unix_ms", "waiters", "holders_total", "waiters_total")
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
     HELD_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     WAITERS_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     resource: str
     mode: str
     holders: _containers.RepeatedScalarFieldContainer[str]
     held_since_unix_ms: int
     waiters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, resource: _Optional[str] = ..., mode: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., held_since_unix_ms: _Optional[int] = ..., waiters: _Optional[_Iterable[str]] = ...) -> None: ...
+    holders_total: int
+    waiters_total: int
+    def __init__(self, resource: _Optional[str] = ..., mode: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., held_since_unix_ms: _Optional[int] = ..., waiters: _Optional[_Iterable[str]] = ..., holders_total: _Optional[int] = ..., waiters_total: _Optional[int] = ...) -> None: ...
 
 class ListLocksRequest(_message.Message):
     __slots__ = ("participant", "incarnation")
@@ -278,10 +282,12 @@ class ListLocksRequest(_message.Message):
     def __init__(self, participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ListLocksResponse(_message.Message):
-    __slots__ = ("locks",)
+    __slots__ = ("locks", "locks_total")
     LOCKS_FIELD_NUMBER: _ClassVar[int]
+    LOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     locks: _containers.RepeatedCompositeFieldContainer[LockInfo]
-    def __init__(self, locks: _Optional[_Iterable[_Union[LockInfo, _Mapping]]] = ...) -> None: ...
+    locks_total: int
+    def __init__(self, locks: _Optional[_Iterable[_Union[LockInfo, _Mapping]]] = ..., locks_total: _Optional[int] = ...) -> None: ...
 
 class ForceOutcomeRequest(_message.Message):
     __slots__ = ("transaction_id", "branch", "commit", "i_understand_this_is_heuristic", "participant", "incarnation")
