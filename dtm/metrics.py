@@ -59,7 +59,8 @@ participant
                                                       contradicted by an inquiry's answer, the
                                                       coordinator may never list it
     dtm_lock_waits_total, dtm_lock_timeouts_total, dtm_lock_deadlocks_total,
-    dtm_lock_grants_total                     counters of the lock manager
+    dtm_lock_queue_full_total, dtm_lock_grants_total
+                                              counters of the lock manager
     dtm_log_writes_total{kind="forced"}       counter
 both
     dtm_wal_fsyncs_total                      counter file fsyncs of the write-ahead log
@@ -631,6 +632,11 @@ class ParticipantMetrics:
             ("dtm_lock_waits", locks.waits, "Lock requests that had to wait"),
             ("dtm_lock_timeouts", locks.timeouts, "Lock waits that timed out"),
             ("dtm_lock_deadlocks", locks.deadlocks, "Lock requests refused as deadlocks"),
+            (
+                "dtm_lock_queue_full",
+                locks.queue_full,
+                "Lock requests refused at once: the resource's wait queue was full",
+            ),
             ("dtm_lock_grants", locks.grants, "Locks granted"),
         ):
             yield CounterMetricFamily(name, text, value=value)

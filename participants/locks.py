@@ -130,6 +130,9 @@ class LockManager:
         self.waits = 0  # requests that had to queue
         self.timeouts = 0  # LockTimeout raised
         self.deadlocks = 0  # DeadlockDetected raised
+        # Requests refused at once, their resource's queue full: counted apart, or a hot key
+        # past WAITERS_PER_RESOURCE_MAX would abort transactions with no lock counter moving.
+        self.queue_full = 0
         self.grants = 0  # successful acquire and acquire_now calls, re-entrant ones included
         # The deadlock search's work: queue entries and holders it looked at, edges it followed.
         # Tests count it instead of timing the search.
@@ -151,6 +154,7 @@ class LockManager:
         if any(waiter.owner == owner and waiter.live for waiter in lock.waiters):
             raise LockRefused(f"{owner} is already waiting on {resource}")
         if len(lock.waiters) >= WAITERS_PER_RESOURCE_MAX:
+            self.queue_full += 1
             raise LockRefused(
                 f"too many waiters on {resource}: {len(lock.waiters)} requests already wait "
                 f"for it (the limit), so this one was refused without waiting; a hot key: "

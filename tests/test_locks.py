@@ -562,6 +562,8 @@ def test_waiters_per_resource_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
             "more keys"
         ) == refused.value.reason
         assert manager.held_by("d") == {}
+        # Counted: a hot key past the limit shows in the metrics (dtm_lock_queue_full_total).
+        assert (1, 2, 0) == (manager.queue_full, manager.waits, manager.timeouts)
         manager.release_all("a")
         await asyncio.gather(*queued)
         manager.release_all("b")

@@ -175,7 +175,7 @@ def test_metrics_move_with_transactions(tmp_path: Path) -> None:
             assert 0 == value(inventory, "dtm_branches_in_doubt")
             assert 1 <= value(inventory, "dtm_wal_fsyncs_total")
             assert 1 <= value(inventory, "dtm_log_writes_total", kind="forced")
-            for name in ("waits", "timeouts", "deadlocks", "grants"):
+            for name in ("waits", "timeouts", "deadlocks", "queue_full", "grants"):
                 assert 0 <= value(inventory, f"dtm_lock_{name}_total")
             orders = await running.scrape("orders")
             assert 1 <= value(orders, "dtm_lock_grants_total")  # the order id's lock
