@@ -1050,9 +1050,17 @@ class BranchEngine:
         written, so this is later by the prepare's own time. 0: none logged (one-phase)."""
         age_ms = max(0, self.clock_ms() - prepared_at_ms) if prepared_at_ms else 0
         for request in self.service.locks(operation):
-            self.locks.acquire_now(
-                branch_key_text(key), request.resource, request.mode, held_for_s=age_ms / 1000
-            )
+            try:
+                self.locks.acquire_now(
+                    branch_key_text(key), request.resource, request.mode, held_for_s=age_ms / 1000
+                )
+            except LockRefused as conflict:
+                # Serving on would let two branches share what the service means to isolate.
+                raise RecoveryError(
+                    f"re-taking the locks of prepared branch {branch_key_text(key)}: "
+                    f"{conflict.reason}; the service's locks() do not match the log (changed "
+                    "since it was written?)"
+                ) from None
 
     def checkpoint_records(self) -> list[CheckpointPayload]:
         """A snapshot of everything the log holds (service state, prepared and decided

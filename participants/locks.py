@@ -216,13 +216,20 @@ class LockManager:
     ) -> None:
         """Re-take a lock of a branch recovered as prepared after a restart, without waiting,
         as held since `held_for_s` ago (its prepare's age: the caller's clock need not be this
-        manager's, a monotonic one by default whose zero moves with each process)."""
+        manager's, a monotonic one by default whose zero moves with each process).
+
+        Raises LockRefused, changing nothing, when another holder's mode conflicts: recovered
+        prepared branches held their locks together before the crash, so the log does not
+        match the service's `locks` (changed by an upgrade, say). Not an assert: stripped by
+        `python -O`, it let two branches hold one resource exclusively."""
         assert owner and resource, (owner, resource)
         lock = self._locks.setdefault(resource, _Lock())
         conflicting = self._conflicting_holders(lock, owner, mode)
-        # After a restart only recovered prepared branches hold locks, and they were compatible
-        # before the crash: a conflict here is a bug in recovery.
-        assert not conflicting, f"{owner} re-takes {resource} held by {conflicting}"
+        if conflicting:
+            raise LockRefused(
+                f"{owner} cannot re-take {resource} ({mode.value}): held by "
+                f"{', '.join(conflicting)}"
+            )
         hold = lock.holders.get(owner)
         if hold is None or not _covers(hold.mode, mode):
             self._grant(resource, lock, owner, mode, self._clock() - held_for_s)

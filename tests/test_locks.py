@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dtm.core.branch import BranchVote
+from dtm.records import RecordType, ReplayError
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
 from participants import locks
@@ -27,6 +28,7 @@ from participants.locks import (
     LockSnapshot,
     LockTimeout,
 )
+from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.harness import until
 
@@ -462,8 +464,11 @@ def test_acquire_now_retakes_prepared_locks_after_restart() -> None:
         assert holders(manager, "sku-2") == ("b", "c")
         with pytest.raises(LockTimeout):
             await manager.acquire("new", "sku-1", S)
-        with pytest.raises(AssertionError):
+        with pytest.raises(
+            LockRefused, match=r"d cannot re-take sku-2 \(exclusive\): held by b, c"
+        ):
             manager.acquire_now("d", "sku-2", X)
+        assert holders(manager, "sku-2") == ("b", "c") and manager.held_by("d") == {}
         manager.release_all("a")
         await manager.acquire("new", "sku-1", S)
         for owner in ("b", "c", "new"):
@@ -504,6 +509,36 @@ def test_a_recovered_prepared_branch_holds_its_locks_since_its_prepare() -> None
         restored = engine(MemoryLog())
         restored.replay(first.log.records)
         assert [("order:X", 92.0)] == held_since(restored)
+
+    run(main)
+
+
+def test_prepared_branches_whose_locks_conflict_now_refuse_the_replay() -> None:
+    """Two branches prepared on one SKU under the escrow design (no locks), replayed by a
+    service that now locks each SKU exclusively (a changed locks()): they cannot both hold it.
+    The replay asserted that, so the process died with an AssertionError and a traceback, and
+    under `python -O` both branches held the SKU exclusively. It refuses with a ReplayError
+    naming the record, as for any log the service cannot replay."""
+    reserve = any_pb2.Any()
+    reserve.Pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-1", quantity=1)]))
+
+    def engine(service: InventoryService) -> BranchEngine:
+        return BranchEngine(
+            service, MemoryLog(), LockManager(wait_timeout_s=LONG_S), clock_ms=lambda: 0
+        )
+
+    async def main() -> None:
+        before = engine(InventoryService({"sku-1": 5}))
+        for txn in ("T1", "T2"):
+            assert (BranchVote.PREPARED, "") == await before.prepare(txn, 0, reserve, False)
+        assert isinstance(before.log, MemoryLog)
+        with pytest.raises(ReplayError) as refused:
+            engine(InventoryService({"sku-1": 5}, lock_skus=True)).replay(before.log.records)
+        assert (2, RecordType.BRANCH_PREPARED) == (refused.value.lsn, refused.value.record_type)
+        assert (
+            "re-taking the locks of prepared branch T2/0: T2/0 cannot re-take sku:sku-1 "
+            "(exclusive): held by T1/0; the service's locks() do not match the log"
+        ) in refused.value.reason
 
     run(main)
 
