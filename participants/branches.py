@@ -34,7 +34,7 @@ from dtm.records import (
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.decided import DecidedWindow
-from participants.locks import LockManager, LockRefused
+from participants.locks import LockManager, LockMode, LockRefused
 from participants.service import (
     InvalidOperation,
     LockRequest,
@@ -307,7 +307,10 @@ class BranchEngine:
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
             info = self._track(branch, fingerprint)
             self._packed[key] = operation  # logged as received: no second serialization
-            requests = sorted(self.service.locks(decoded), key=_by_resource)
+            requests = self._lock_requests(key, decoded)
+            if isinstance(requests, Refused):
+                reply = self._settle_prepare(info, requests)
+                return reply.vote, reply.reason
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
                 # The common case: no lock wait, so no task: the whole prepare is one step.
@@ -802,6 +805,21 @@ class BranchEngine:
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
 
+    def _lock_requests(self, key: BranchKey, operation: Message) -> list[LockRequest] | Refused:
+        """The service's lock requests, by resource name. An exception from its `locks`, or a
+        request that names no resource or has no LockMode (bugs in the service), refuses the
+        branch before any lock is taken, as one from its prepare does (`_service_prepare`):
+        before, it failed every other item of the batched call, and left the branch PREPARING
+        until its lease ran out, a duplicate Prepare refused with no reason."""
+        try:
+            requests = sorted(self.service.locks(operation), key=_by_resource)
+            for request in requests:
+                if not request.resource or not isinstance(request.mode, LockMode):
+                    raise ValueError(f"locks() returned {request!r}")
+        except Exception as error:
+            return self._service_failed(key, "locks", error)
+        return requests
+
     def _service_prepare(
         self, key: BranchKey, owner: str, operation: Message
     ) -> Prepared | ReadOnly | Refused:
@@ -811,14 +829,18 @@ class BranchEngine:
         try:
             return self.service.prepare(owner, operation)  # owner is branch_key_text(key)
         except Exception as error:
-            logs.get(self.service.name).error(
-                "the service's prepare raised: branch refused",
-                txn=key[0],
-                branch=key[1],
-                error=f"{type(error).__name__}: {error}",
-                exc_info=error,
-            )
-            return Refused(f"{self.service.name} failed to prepare: {type(error).__name__}")
+            return self._service_failed(key, "prepare", error)
+
+    def _service_failed(self, key: BranchKey, step: str, error: Exception) -> Refused:
+        """A bug in the service's `step`: logged with its traceback, and the branch's refusal."""
+        logs.get(self.service.name).error(
+            f"the service's {step} raised: branch refused",
+            txn=key[0],
+            branch=key[1],
+            error=f"{type(error).__name__}: {error}",
+            exc_info=error,
+        )
+        return Refused(f"{self.service.name} failed to prepare: {type(error).__name__}")
 
     def _settle_prepare(
         self, info: BranchInfo, outcome: Prepared | ReadOnly | Refused, operation: Message

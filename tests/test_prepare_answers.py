@@ -17,7 +17,14 @@ from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine, BranchError
 from participants.locks import LockManager, LockMode
-from participants.service import InvalidOperation, Prepared, ReadOnly, Refused, Service
+from participants.service import (
+    InvalidOperation,
+    LockRequest,
+    Prepared,
+    ReadOnly,
+    Refused,
+    Service,
+)
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
@@ -73,6 +80,42 @@ def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock(
     assert (
         "the service's prepare raised: branch refused txn=t-1 branch=0" in capsys.readouterr().err
     )
+
+
+class BrokenLocks(OrdersService):
+    """Its locks() raises for order "raises", and names no resource for order "unnamed"."""
+
+    def locks(self, operation: shop_pb2.CreateOrder) -> list[LockRequest]:
+        if operation.order_id == "raises":
+            raise KeyError(operation.order_id)
+        if operation.order_id == "unnamed":
+            return [LockRequest("")]
+        return list(super().locks(operation))
+
+
+def test_a_service_whose_locks_raise_refuses_its_branch_and_keeps_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As for a prepare that raises. Before, begin_prepare raised: every other item of the
+    batched call failed with it, and the branch stayed PREPARING until its lease ran out, a
+    duplicate Prepare meanwhile refused with no reason at all."""
+    logs.configure("orders", "INFO")
+    broken = engine(BrokenLocks())
+
+    def order(order_id: str) -> any_pb2.Any:
+        line = shop_pb2.StockLine(sku="sku-apple", quantity=1)
+        return packed(shop_pb2.CreateOrder(order_id=order_id, customer_id="c", lines=[line]))
+
+    for transaction_id, error in (("t-1", "KeyError"), ("t-2", "ValueError")):
+        operation = order("raises" if transaction_id == "t-1" else "unnamed")
+        refused = (BranchVote.REFUSED, f"orders failed to prepare: {error}")
+        assert refused == broken.begin_prepare(transaction_id, 0, operation, False)
+        assert refused == broken.begin_prepare(transaction_id, 0, operation, False)  # again
+        info = broken.branch((transaction_id, 0))
+        assert info is not None and BranchState.REFUSED is info.branch.state
+    assert "the service's locks raised: branch refused txn=t-1 branch=0" in capsys.readouterr().err
+    assert [] == broken.locks.snapshot() and not broken.open
+    assert (BranchVote.PREPARED, "") == broken.begin_prepare("t-3", 0, order("fine"), False)
 
 
 def test_a_prepare_of_an_invalid_operation_is_counted_as_refused() -> None:
