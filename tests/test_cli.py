@@ -235,8 +235,11 @@ def test_locks_lists_the_longest_held_when_a_participant_holds_thousands(tmp_pat
             # The oldest of all: shared by 20 branches, and 10 exclusive requests queued.
             for n in range(20):
                 locks.acquire_now(f"r-{n:02d}/0", "order:hot", LockMode.SHARED, held_for_s=60)
+            # Waits that outlast the test (cancelled at its end), however slow the commands.
             waits = [
-                asyncio.create_task(locks.acquire(f"w-{n}/0", "order:hot", LockMode.EXCLUSIVE))
+                asyncio.create_task(
+                    locks.acquire(f"w-{n}/0", "order:hot", LockMode.EXCLUSIVE, timeout_s=3600)
+                )
                 for n in range(10)
             ]
             await asyncio.sleep(0)  # each task's first step queues its request, in order
