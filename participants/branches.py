@@ -309,7 +309,7 @@ class BranchEngine:
             self._packed[key] = operation  # logged as received: no second serialization
             requests = self._lock_requests(key, decoded)
             if isinstance(requests, Refused):
-                reply = self._settle_prepare(info, requests)
+                reply = self._settle_prepare(info, requests, decoded)
                 return reply.vote, reply.reason
             owner = branch_key_text(key)
             if all(self.locks.try_acquire(owner, r.resource, r.mode) for r in requests):
