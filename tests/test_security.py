@@ -790,6 +790,27 @@ def test_certs_for_one_more_identity_keep_the_ca_of_their_directory(
     assert 2 == done.value.code and "cannot write to" in err and "Traceback" not in err
 
 
+def test_the_certs_tool_names_the_file_it_cannot_write_and_leaves_its_pair_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory where a certificate goes: the key was replaced first, then writing the
+    certificate failed, and the error named only the output directory ("cannot write to
+    DIR: Is a directory"; found by a bug hunt). The error names the file, and the key it
+    would have replaced is untouched, as is every other file there."""
+    out = certs.generate(tmp_path / "certs", ["orders"])
+    (out / "orders.pem").unlink()
+    (out / "orders.pem").mkdir()
+    before = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit) as done:
+        certs.main(["--out", str(out), "--identity", "orders"])
+    err = capsys.readouterr().err
+    assert 2 == done.value.code and "Traceback" not in err
+    assert f"cannot write to {out / 'orders.pem'}: Is a directory" in err, err
+    after = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
+    assert before == after  # orders-key.pem included, and no temporary file left behind
+    assert (out / "orders.pem").is_dir()
+
+
 def test_expired_certificates_are_refused_where_they_are_made_and_where_they_are_used(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

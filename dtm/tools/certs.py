@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import ipaddress
 import os
 import sys
@@ -73,13 +74,38 @@ def key_path(out: Path, identity: str) -> Path:
     return out / f"{identity}-key.pem"
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Create the file 0600 from the start: a chmod after writing leaves a window."""
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create the file with `mode` from the start: a chmod after writing leaves a window."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as file:
         file.write(data)
+
+
+def _write_pair(key_file: Path, key_pem: bytes, cert_file: Path, cert_pem: bytes) -> None:
+    """Replace a key (written 0600) and its certificate together, or leave both as they were.
+
+    Written one after the other in place, a failure between the two (a directory in the way,
+    a full disk) left a new key beside the old certificate: a pair that fails every handshake.
+    Both are written to temporary files first, then renamed over the old ones. OSError names
+    the file that could not be written."""
+    staged = [(key_file, key_pem, 0o600), (cert_file, cert_pem, 0o644)]
+    temporaries = [final.with_name(f".{final.name}.tmp") for final, _, _ in staged]
+    try:
+        for (final, data, mode), temporary in zip(staged, temporaries, strict=True):
+            if final.is_dir():  # a rename onto it would fail after the first one succeeded
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(final))
+            try:
+                _write_new(temporary, data, mode)
+            except OSError as error:
+                raise OSError(error.errno, error.strerror, str(final)) from None
+        for (final, _, _), temporary in zip(staged, temporaries, strict=True):
+            os.replace(temporary, final)
+    finally:
+        for temporary in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -201,14 +227,14 @@ def generate(
     existing = None if new_ca else _existing_ca(out, now)
     if existing is None:
         ca_key, ca_cert = _new_ca(now)
-        _write_private(key_path(out, "ca"), _key_pem(ca_key))
-        ca_path(out).write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        _write_pair(key_path(out, "ca"), _key_pem(ca_key), ca_path(out), ca_pem)
     else:
         ca_key, ca_cert = existing
     for identity in identities:
         key, cert = _issue(identity, ca_key, ca_cert, now)
-        _write_private(key_path(out, identity), _key_pem(key))
-        cert_path(out, identity).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        _write_pair(key_path(out, identity), _key_pem(key), cert_path(out, identity), cert_pem)
     return out
 
 
@@ -281,7 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     except OSError as error:
-        parser.error(f"cannot write to {options.out}: {error.strerror or error}")
+        # The file or directory that failed (a directory in the way of one certificate).
+        where = error.filename or options.out
+        parser.error(f"cannot write to {where}: {error.strerror or error}")
     signer = f"the test CA already in {out}" if reused else "a new test CA"
     expires = ca_expiry(out)
     until = min(_now() + datetime.timedelta(days=VALID_DAYS), expires)
