@@ -285,18 +285,19 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
         except OSError as error:
             raise TlsMaterialError(f"{flag}: cannot read {path}: {error.strerror}") from None
 
-    def certificates(flag: str, path: Path, what: str) -> list[x509.Certificate]:
+    def certificates(flag: str, path: Path, what: str, key_hint: str) -> list[x509.Certificate]:
         data = read(flag, path)
         try:
             return x509.load_pem_x509_certificates(data)
         except ValueError:
-            hint = " (it is a private key: --tls-cert and --tls-key swapped?)"
-            raise TlsMaterialError(
-                f"{flag}: {path} holds no PEM {what}{hint if b'PRIVATE KEY' in data else ''}"
-            ) from None
+            hint = f" (it is a private key: {key_hint})" if b"PRIVATE KEY" in data else ""
+            raise TlsMaterialError(f"{flag}: {path} holds no PEM {what}{hint}") from None
 
-    authorities = certificates("--tls-ca", ca, "CA certificate")
-    chain = certificates("--tls-cert", cert, "certificate")
+    # A key given for the CA is most likely the CA's own key (ca-key.pem beside ca.pem).
+    authorities = certificates(
+        "--tls-ca", ca, "CA certificate", "give the CA's certificate, not its key"
+    )
+    chain = certificates("--tls-cert", cert, "certificate", "--tls-cert and --tls-key swapped?")
     data = read("--tls-key", key)
     try:
         private = serialization.load_pem_private_key(data, password=None)

@@ -630,6 +630,8 @@ def test_tls_material_that_cannot_work_is_named_at_start(
         ((junk, cert, key), "--tls-ca: " + str(junk) + " holds no PEM CA certificate"),
         ((ca, key, cert), "--tls-cert:"),
         ((ca, key, cert), "swapped"),
+        # The CA's key for its certificate: nothing was swapped (the hint said so).
+        ((ca_dir / "ca-key.pem", cert, key), "it is a private key: give the CA's certificate"),
         ((ca, cert, junk), "--tls-key: " + str(junk) + " holds no PEM private key"),
         ((ca, rogue_dir / "client.pem", rogue_dir / "client-key.pem"), "is not signed by the CA"),
     ]
