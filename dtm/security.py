@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import enum
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -429,6 +430,50 @@ def coordinator_identity(cfg: TlsConfig | None) -> str | None:
     if cfg is None or len(cfg.policy.coordinator) != 1:
         return None
     return next(iter(cfg.policy.coordinator))
+
+
+# ---- failed handshakes, told apart ----
+
+
+class HandshakeFailure(enum.Enum):
+    """What went wrong when a call failed in the TLS handshake, as its details tell it.
+
+    gRPC reports a failed handshake as UNAVAILABLE ("failed to connect to all addresses"), as
+    it reports a server that is not running; the words OpenSSL put in the details say which."""
+
+    #: The peer's certificate does not carry the identity asked for (ssl_target_name_override).
+    IDENTITY = "identity"
+    #: This side spoke TLS, the peer answered in plaintext.
+    PLAINTEXT_PEER = "plaintext peer"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not yet valid"
+    #: The peer's certificate is not signed by our CA (or the peer refused ours).
+    UNTRUSTED = "untrusted"
+    #: Some other handshake failure.
+    OTHER = "other"
+    #: This side spoke plaintext and the peer closed the connection: it requires TLS.
+    TLS_PEER = "tls peer"
+
+
+def handshake_failure(details: str, tls: bool) -> HandshakeFailure | None:
+    """How a call whose status details are `details` failed its TLS handshake, or None when
+    they do not read as one. `tls`: whether this side spoke TLS."""
+    lowered = details.lower()
+    if "hostname verification" in lowered or "peer name" in lowered:
+        return HandshakeFailure.IDENTITY
+    if "wrong_version_number" in lowered:
+        return HandshakeFailure.PLAINTEXT_PEER
+    if "expired" in lowered:  # OpenSSL's "certificate has expired": ours, the peer's, a CA's
+        return HandshakeFailure.EXPIRED
+    if "not yet valid" in lowered:
+        return HandshakeFailure.NOT_YET_VALID
+    if "certificate_verify_failed" in lowered:
+        return HandshakeFailure.UNTRUSTED
+    if "handshake failed" in lowered or "ssl_error" in lowered:
+        return HandshakeFailure.OTHER
+    if not tls and "socket closed" in lowered:
+        return HandshakeFailure.TLS_PEER
+    return None
 
 
 # ---- identity and authorization ----

@@ -35,6 +35,8 @@ from dtmpb.v1 import (
     shop_pb2,
     shop_pb2_grpc,
 )
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.services.notification import NotificationService
 from tests.harness import eventually, pack
 from tests.tls_cluster import TIMEOUT_S, SecureCluster, secure_cluster
 
@@ -666,6 +668,66 @@ def test_a_failure_to_bind_with_tls_mentions_the_credentials() -> None:
         with pytest.raises(OSError, match="TLS credentials"):
             grpc_edge.bind(server, "127.0.0.1:0", bad)
         await server.stop(None)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("coordinator_tls", "hint"),
+    [
+        (False, "the coordinator does not speak TLS: give it --tls-ca"),
+        (True, "the coordinator closed the connection: does it require TLS? Give this service"),
+    ],
+)
+def test_a_service_with_tls_on_one_side_only_says_so_while_it_retries_registering(
+    tmp_path: Path,
+    ca_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    coordinator_tls: bool,
+    hint: str,
+) -> None:
+    """A TLS service and a plaintext coordinator (or the reverse): the service retried its
+    registration every second with gRPC's words alone ("WRONG_VERSION_NUMBER", "Socket
+    closed"), which read as a coordinator that is not running (found by a bug hunt). Each
+    retry's WARNING now says which side lacks TLS and what to give it."""
+
+    async def scenario() -> None:
+        coordinator = CoordinatorServer(
+            ServerConfig(
+                data_dir=tmp_path,
+                listen="127.0.0.1:0",
+                tls=security.TlsConfig.for_identity(ca_dir, "coordinator")
+                if coordinator_tls
+                else None,
+            )
+        )
+        await coordinator.start()
+        service = NotificationService()
+        participant = ParticipantServer(
+            service,
+            ParticipantConfig(
+                data_dir=tmp_path,
+                coordinator=f"127.0.0.1:{coordinator.port}",
+                tls=None
+                if coordinator_tls
+                else security.TlsConfig.for_identity(ca_dir, service.name),
+            ),
+        )
+        err: list[str] = []
+
+        async def warned() -> bool:
+            err.append(capsys.readouterr().err)
+            return "registration failed; retrying" in "".join(err)
+
+        try:
+            await participant.start()
+            await eventually(warned)
+        finally:
+            await participant.stop(0.1)
+            await coordinator.stop(0.1)
+        retries = [line for line in "".join(err).splitlines() if "registration failed" in line]
+        assert hint in retries[0].partition(" hint=")[2], retries[0]
+        assert not participant.registered.is_set()
 
     asyncio.run(scenario())
 

@@ -258,9 +258,9 @@ def rpc_error(
 def _tls_hint(details: str, what: str, session: Session) -> str | None:
     """What to check when a call failed in the TLS handshake (gRPC reports it as a failure
     to connect, which otherwise reads as a server that is not running); None otherwise."""
-    lowered = details.lower()
+    failure = security.handshake_failure(details, session.tls is not None)
     files = "--tls-ca, --tls-cert, --tls-key, or tls_* in [cli] of the configuration file"
-    if "hostname verification" in lowered or "peer name" in lowered:
+    if failure is security.HandshakeFailure.IDENTITY:
         if what == "the coordinator":
             expected = session.coordinator_identity
             return (
@@ -268,28 +268,27 @@ def _tls_hint(details: str, what: str, session: Session) -> str | None:
                 "carries with --coordinator-identity (or coordinator_identity in [cli])"
             )
         return f"its certificate does not carry the identity of {what}"
-    if "wrong_version_number" in lowered:
+    if failure is security.HandshakeFailure.PLAINTEXT_PEER:
         return f"TLS handshake failed: it does not seem to speak TLS (plaintext?); check {files}"
-    if "expired" in lowered:
-        # OpenSSL's "certificate has expired" (ours, or the CA's, or the server's): not a
-        # wrong CA, and nothing the other flags can fix.
+    if failure is security.HandshakeFailure.EXPIRED:
+        # Ours, or the CA's, or the server's: not a wrong CA, and nothing the other flags fix.
         return (
             f"TLS handshake failed: a certificate has expired (the one of {what}, or its CA; "
             f"ours are checked at start); renew it"
         )
-    if "not yet valid" in lowered:
+    if failure is security.HandshakeFailure.NOT_YET_VALID:
         return (
             f"TLS handshake failed: a certificate is not valid yet (the one of {what}, or "
             "its CA): is either machine's clock wrong?"
         )
-    if "certificate_verify_failed" in lowered:
+    if failure is security.HandshakeFailure.UNTRUSTED:
         return (
             "TLS handshake failed: its certificate is not signed by the CA given (or the "
             f"server refused ours); check {files}"
         )
-    if "handshake failed" in lowered or "ssl_error" in lowered:
+    if failure is security.HandshakeFailure.OTHER:
         return f"TLS handshake failed; check {files}"
-    if session.tls is None and "socket closed" in lowered:
+    if failure is security.HandshakeFailure.TLS_PEER:
         return f"it closed the connection: does it require TLS? Give {files}"
     return None
 

@@ -39,6 +39,43 @@ from participants.server.wire import (
 )
 from participants.service import Service
 
+#: Where a service's TLS files come from, for the hints below.
+_TLS_FILES = "--tls-ca, --tls-cert and --tls-key (or tls_* in the service's configuration section)"
+#: What to check when a call to the coordinator failed in the TLS handshake, by what failed.
+_TLS_HINTS = {
+    security.HandshakeFailure.PLAINTEXT_PEER: (
+        "the coordinator does not speak TLS: give it --tls-ca, --tls-cert and --tls-key too (or "
+        "tls_* in its configuration section), or run this service without TLS"
+    ),
+    security.HandshakeFailure.TLS_PEER: (
+        "the coordinator closed the connection: does it require TLS? Give this service "
+        + _TLS_FILES
+    ),
+    security.HandshakeFailure.IDENTITY: (
+        "the coordinator's certificate does not carry the coordinator identity expected "
+        "(--authz-coordinator, DTM_AUTHZ_COORDINATOR; default: coordinator)"
+    ),
+    security.HandshakeFailure.EXPIRED: (
+        "a certificate has expired (the coordinator's, or its CA; this service's own were "
+        "checked at start): renew it"
+    ),
+    security.HandshakeFailure.NOT_YET_VALID: (
+        "a certificate is not valid yet (the coordinator's, or its CA): is a clock wrong?"
+    ),
+    security.HandshakeFailure.UNTRUSTED: (
+        "the coordinator's certificate is not signed by this service's CA, or the coordinator "
+        f"does not trust this service's certificate: one CA must sign both; check {_TLS_FILES}"
+    ),
+    security.HandshakeFailure.OTHER: f"TLS handshake failed; check {_TLS_FILES}",
+}
+
+
+def tls_hint(details: str, tls: bool) -> str | None:
+    """What to fix when a call to the coordinator failed in the TLS handshake (`details`: its
+    status details; `tls`: whether this service speaks TLS), or None when it did not."""
+    failure = security.handshake_failure(details, tls)
+    return None if failure is None else _TLS_HINTS[failure]
+
 
 class ParticipantServer:
     """One participant process: a service's business logic behind the SDK."""
@@ -190,11 +227,14 @@ class ParticipantServer:
                         self.failed.set()
                         return
                     # RESOURCE_EXHAUSTED (the registry is full) included: a slot may free up.
+                    # A failed TLS handshake is retried too (the coordinator may be restarted
+                    # with the right files), but says what to fix: it reads as "unreachable".
                     self.log_.warning(
                         "registration failed; retrying",
                         coordinator=self.config.coordinator,
                         code=error.code().name,
                         detail=error.details(),
+                        hint=tls_hint(error.details() or "", self.config.tls is not None),
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
