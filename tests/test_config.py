@@ -3,6 +3,9 @@ file, and the coordinator's and participants' command lines built on it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -413,3 +416,29 @@ def test_the_cli_section_names_the_coordinators_identity() -> None:
     assert "" == load(environ={}).cli.coordinator_identity
     with pytest.raises(ConfigError, match=r"DTM_CLI_COORDINATOR_IDENTITY.*no spaces"):
         load(environ={"DTM_CLI_COORDINATOR_IDENTITY": "two words"})
+
+
+@pytest.mark.parametrize("module", ["dtm.coordinator.server", "participants.services.payment"])
+def test_a_data_dir_that_is_a_file_is_named_as_the_setting_to_fix(
+    tmp_path: Path, module: str
+) -> None:
+    """A data_dir that is a file (or lies under one) stopped the process with Python's
+    "[Errno 20] Not a directory: 'f/coordinator/wal'", naming neither the setting nor the file
+    in the way (found by a bug hunt). One line now names both, and nothing is created."""
+    blocker = write(tmp_path / "data", "not a directory\n")
+    flags = ["--listen", "127.0.0.1:0", "--coordinator", "127.0.0.1:1"]
+    if module.startswith("dtm."):
+        flags = flags[:2]
+    done = subprocess.run(
+        [sys.executable, "-m", module, *flags, "--data-dir", str(blocker / "sub")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("DTM_")},
+    )
+    assert 1 == done.returncode, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert 1 == len(lines) and "Errno" not in lines[0], done.stderr
+    assert f"cannot create the log directory {blocker / 'sub'}/" in lines[0], lines[0]
+    assert f"({blocker} is a file)" in lines[0] and "--data-dir (data_dir)" in lines[0]
+    assert [blocker] == list(tmp_path.iterdir())

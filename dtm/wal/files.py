@@ -108,12 +108,30 @@ class _OsAppendFile:
         os.close(self._fd)
 
 
+def _culprit(directory: Path) -> str:
+    """' (LEVEL is a file)' for the first level of `directory` that exists and is no
+    directory, else ''."""
+    for level in (*reversed(directory.parents), directory):
+        if level.exists() and not level.is_dir():
+            return f" ({level} is a file)"
+    return ""
+
+
 class OsFileSystem:
     """The real disk."""
 
     def make_dirs(self, directory: Path) -> list[Path]:
         missing = [level for level in (directory, *directory.parents) if not level.is_dir()]
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            # Python's "[Errno 20] Not a directory: 'd/coordinator/wal'" names neither the
+            # setting to fix nor which level of the path is in the way.
+            raise OSError(
+                f"cannot create the log directory {directory}: {error.strerror}"
+                f"{_culprit(directory)}; give this process a --data-dir (data_dir) that is a "
+                "directory it can write, or can create"
+            ) from None
         return missing[::-1]
 
     def list_dir(self, directory: Path) -> list[str]:
