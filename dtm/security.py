@@ -249,9 +249,19 @@ def from_options(
     check_material(paths["ca"], paths["cert"], paths["key"])
     roles: dict[str, frozenset[str]] = {}
     for role in _AUTHZ_ROLES:
-        text = getattr(options, f"authz_{role}", None) or env.get(f"DTM_AUTHZ_{role.upper()}")
+        flag = getattr(options, f"authz_{role}", None)
+        text = flag or env.get(f"DTM_AUTHZ_{role.upper()}")
         if text:
             roles[role] = _identities(text)
+            if not roles[role]:
+                # "," or " ": a policy that lets nobody in that role, which no server can use
+                # (a coordinator nobody may submit to, a participant nobody may drive).
+                setting = f"--authz-{role}" if flag else f"DTM_AUTHZ_{role.upper()}"
+                default = ",".join(sorted(getattr(Policy(), role)))
+                raise ValueError(
+                    f"{setting} {text!r} names no identity: give at least one (comma-separated), "
+                    f"or leave it out for the default ({default})"
+                )
     if env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1").lower() in ("0", "false", "no"):
         # It used to turn client certificates off: then the server never asks for one, no
         # peer has an identity, and every guarded method refuses every caller.

@@ -755,6 +755,23 @@ def test_authorization_settings_without_tls_are_refused(
     assert "--authz-participants given without TLS" in capsys.readouterr().err
 
 
+def test_an_authorization_list_naming_nobody_is_refused(ca_dir: Path) -> None:
+    """--authz-clients "," (or DTM_AUTHZ_COORDINATOR=" ") started a server whose role
+    admitted nobody: every Submit, or every call from the coordinator, refused with
+    PERMISSION_DENIED (found by a bug hunt). It is refused at start, naming the setting."""
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    tls = ["--tls-ca", str(ca_dir / "ca.pem"), "--tls-cert", str(ca_dir / "orders.pem")]
+    tls += ["--tls-key", str(ca_dir / "orders-key.pem")]
+    with pytest.raises(ValueError, match=r"--authz-clients ',' names no identity.*client,operator"):
+        security.from_options(parser.parse_args([*tls, "--authz-clients", ","]), environ={})
+    environ = {"DTM_AUTHZ_COORDINATOR": " "}
+    with pytest.raises(ValueError, match="DTM_AUTHZ_COORDINATOR ' ' names no identity"):
+        security.from_options(parser.parse_args(tls), environ=environ)
+    cfg = security.from_options(parser.parse_args([*tls, "--authz-clients", "shop, ,"]), {})
+    assert cfg is not None and frozenset({"shop"}) == cfg.policy.clients
+
+
 def test_the_dtm_command_names_the_coordinators_identity_and_explains_tls_failures(
     tmp_path: Path, rogue_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
