@@ -668,7 +668,10 @@ def with_configured_initial(service: str, argv: Sequence[str] | None) -> list[st
     try:
         initial = load(options.config).service(service).initial
     except ConfigError as error:
-        raise SystemExit(f"dtm service {service}: error: {error}") from None
+        # Exit status 2, as the same error found by the SDK's own parser (a service without
+        # an --initial, a flag) exits: a configuration refused is a usage error.
+        print(f"dtm service {service}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     return args if initial is None else ["--initial", str(initial), *args]
 
 

@@ -360,6 +360,20 @@ def test_configured_initial_is_put_before_the_command_line(tmp_path: Path) -> No
     )
 
 
+def test_a_configuration_refused_before_initial_is_read_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same bad file made `dtm service orders` exit 2 and `dtm service inventory` exit 1:
+    inventory and payment read it first, for --initial, and exited with the message as the
+    status (found by a bug hunt). Every service exits 2, as the coordinator does."""
+    path = write(tmp_path / "dtm.toml", "[inventory]\nlock_wait_ms = 0\n")
+    with pytest.raises(SystemExit) as done:
+        config.with_configured_initial("inventory", ["--config", str(path)])
+    assert 2 == done.value.code
+    err = capsys.readouterr().err
+    assert f"dtm service inventory: error: {path}: [inventory] lock_wait_ms = 0: out of" in err
+
+
 def test_checkpoint_interval_reaches_both_engines(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
