@@ -17,8 +17,9 @@ service's own section wins over ``[participant]``; across layers the higher laye
 ``DTM_PARTICIPANT_LOCK_WAIT_MS`` beats ``[inventory] lock_wait_ms`` from the file.
 
 Everything is validated when a process starts: an unknown section or key (in the file or in a
-``DTM_<SECTION>_*`` variable) is an error naming it and where it was found, and a value of the
-wrong type or out of range is an error naming the key, the value and what is allowed.
+``DTM_<SECTION>_*`` variable, or a section's key under a misspelled section name such as
+``DTM_PARTICIPANTS_LOCK_WAIT_MS``) is an error naming it and where it was found, and a value of
+the wrong type or out of range is an error naming the key, the value and what is allowed.
 Relative paths (``data_dir``, ``initial``, ``tls_*``) are relative to the working directory,
 as flags are.
 """
@@ -492,6 +493,13 @@ def _read_environment(environ: Mapping[str, str]) -> Layer:
         # Only DTM_<SECTION>_* is ours to check: DTM_CONFIG, DTM_CRASH_AT... mean other things.
         section = next((s for s in SECTIONS if rest.startswith(f"{s}_")), None)
         if section is None:
+            misspelled = _misspelled_section(rest)
+            if misspelled is not None:
+                raise ConfigError(
+                    f"environment variable {name}: there is no section "
+                    f"[{rest[: -len(misspelled[1]) - 1]}]; did you mean "
+                    f"{environment_variable(*misspelled)}? (sections: {', '.join(SECTIONS)})"
+                )
             continue
         key = rest[len(section) + 1 :]
         known = keys(section)
@@ -509,6 +517,23 @@ def _read_environment(environ: Mapping[str, str]) -> Layer:
         except ValueError as problem:
             raise ConfigError(f"environment variable {name}={raw!r}: {problem}") from None
     return layer
+
+
+#: How close a word must be to a section's name to be taken for a misspelling of it.
+_SECTION_LIKENESS_MIN = 0.8
+
+
+def _misspelled_section(rest: str) -> tuple[str, str] | None:
+    """(section, key) when `rest` (a DTM_* variable's name after DTM_, lowercased) reads as
+    a section's key under a misspelled section name (``participants_lock_wait_ms``), else
+    None. Other DTM_* variables mean other things and are left alone; but a typo in the
+    section would leave the setting at its default, silently."""
+    for cut in (index for index, char in enumerate(rest) if char == "_"):
+        word, key = rest[:cut], rest[cut + 1 :]
+        close = difflib.get_close_matches(word, SECTIONS, n=1, cutoff=_SECTION_LIKENESS_MIN)
+        if close and key in keys(close[0]):
+            return close[0], key
+    return None
 
 
 def _read_flags(flags: Mapping[str, Mapping[str, object]]) -> Layer:

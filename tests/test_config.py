@@ -174,6 +174,39 @@ def test_unknown_environment_key_is_an_error() -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("DTM_PARTICIPANTS_LOCK_WAIT_MS", "DTM_PARTICIPANT_LOCK_WAIT_MS"),
+        ("DTM_COORDINATR_METRICS_LISTEN", "DTM_COORDINATOR_METRICS_LISTEN"),
+        ("DTM_INVENTROY_LOCK_WAIT_MS", "DTM_INVENTORY_LOCK_WAIT_MS"),
+        ("DTM_LOGS_LEVEL", "DTM_LOG_LEVEL"),
+    ],
+)
+def test_a_misspelled_section_in_an_environment_variable_is_an_error(name: str, meant: str) -> None:
+    """A typo in the section part (DTM_PARTICIPANTS_...) was skipped as some other DTM_*
+    variable, leaving the setting at its default in silence (found by a bug hunt); a typo in
+    the key part was already an error. It is one now, naming the variable meant."""
+    value = "WARNING" if meant == "DTM_LOG_LEVEL" else "127.0.0.1:9100"
+    with pytest.raises(ConfigError, match=rf"{name}: there is no section .*did you mean {meant}\?"):
+        load(environ={name: value})
+
+
+def test_other_dtm_variables_are_not_taken_for_settings() -> None:
+    """DTM_CONFIG, DTM_CRASH_AT, DTM_TLS_*, DTM_AUTHZ_* and a user's own DTM_* variables
+    (DTM_LOGS_DIR: no section has a key "dir") are not settings."""
+    environ = {
+        "DTM_CRASH_AT": "wal.before_fsync",
+        "DTM_CRASH_LOSES_UNSYNCED": "1",
+        "DTM_TLS_CA": "ca.pem",
+        "DTM_TLS_REQUIRE_CLIENT_CERT": "1",
+        "DTM_AUTHZ_COORDINATOR": "coordinator",
+        "DTM_LOGS_DIR": "/var/log/dtm",
+        "DTM_HOME": "/opt/dtm",
+    }
+    assert Config() == load(environ=environ)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         (
