@@ -675,6 +675,16 @@ def tls_files(
     return {"ca": settings.tls_ca, "cert": settings.tls_cert, "key": settings.tls_key}
 
 
+def tls_origin(cfg: Config, section: str) -> str:
+    """Where the tls_* settings of `section` (with [participant] for a service) came from, for
+    messages about their files: the configuration file's section, or the variables."""
+    sections = [section, PARTICIPANT] if section in SERVICES else [section]
+    variables = " or ".join(environment_variable(s, "tls_*") for s in sections)
+    if cfg.source is None:
+        return variables
+    return f"{' or '.join(f'[{s}]' for s in sections)} of {cfg.source}, or {variables}"
+
+
 def participant_section(name: str) -> str:
     """The section a service's flags apply to: its own if it has one, else [participant]."""
     return name if name in SERVICES else PARTICIPANT
@@ -720,5 +730,6 @@ __all__ = [
     "load",
     "participant_section",
     "tls_files",
+    "tls_origin",
     "with_configured_initial",
 ]

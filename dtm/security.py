@@ -202,6 +202,7 @@ def from_options(
     configured: Mapping[str, Path | None] | None = None,
     *,
     enforcing: bool = True,
+    configured_in: str = "the configuration",
 ) -> TlsConfig | None:
     """TLS configuration from the flags of `add_arguments`, falling back to DTM_TLS_* and
     DTM_AUTHZ_* variables, then to `configured` (a server's tls_ca, tls_cert and tls_key from
@@ -210,16 +211,25 @@ def from_options(
     certificate and key are given, or a file is missing, or (for a server, `enforcing`) an
     authorization policy is given without TLS, where nothing would enforce it;
     TlsMaterialError (a ValueError) when the files cannot work together (see
-    `check_material`)."""
+    `check_material`). Each error names the setting a file came from: its flag, its
+    variable, or its key in `configured_in` (where `configured` came from: see
+    `dtm.config.tls_origin`)."""
     env = os.environ if environ is None else environ
     configured = configured or {}
     paths: dict[str, Path] = {}
+    # Where each file was given, for messages: an operator who set tls_ca in a file looks
+    # for that key, not for a --tls-ca flag never given.
+    names: dict[str, str] = {}
     for name in ("ca", "cert", "key"):
         flag: Path | None = getattr(options, f"tls_{name}", None)
-        value = str(flag) if flag is not None else env.get(f"DTM_TLS_{name.upper()}", "")
-        path = Path(value) if value else configured.get(name)
-        if path is not None:
-            paths[name] = path
+        variable = f"DTM_TLS_{name.upper()}"
+        from_configuration = configured.get(name)
+        if flag is not None:
+            paths[name], names[name] = flag, f"--tls-{name}"
+        elif env.get(variable):
+            paths[name], names[name] = Path(env[variable]), variable
+        elif from_configuration is not None:
+            paths[name], names[name] = from_configuration, f"tls_{name} ({configured_in})"
     if not paths:
         given = [
             f"--authz-{role}"
@@ -245,8 +255,8 @@ def from_options(
         )
     for name, path in paths.items():
         if not path.is_file():
-            raise ValueError(f"--tls-{name}: {path} is not a readable file")
-    check_material(paths["ca"], paths["cert"], paths["key"])
+            raise ValueError(f"{names[name]}: {path} is not a readable file")
+    check_material(paths["ca"], paths["cert"], paths["key"], names)
     roles: dict[str, frozenset[str]] = {}
     for role in _AUTHZ_ROLES:
         flag = getattr(options, f"authz_{role}", None)
@@ -280,11 +290,13 @@ class TlsMaterialError(ValueError):
     """A CA, certificate or key that cannot work: gRPC would only say it cannot listen."""
 
 
-def check_material(ca: Path, cert: Path, key: Path) -> None:
+def check_material(ca: Path, cert: Path, key: Path, names: Mapping[str, str] | None = None) -> None:
     """TlsMaterialError, naming the file and the problem, unless `ca` holds PEM certificates,
     `cert` a PEM certificate (its chain may follow) signed by one of them, and `key` the
     unencrypted PEM private key of that certificate. gRPC checks none of this where it can be
-    reported: a bad file makes binding fail, which reads as a port in use."""
+    reported: a bad file makes binding fail, which reads as a port in use. `names` ("ca",
+    "cert", "key" -> the setting that gave each file) default to the flags."""
+    names = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", **(names or {})}
     # Imported here, for TLS only: cryptography's bindings add about 8 MB to every process.
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -306,22 +318,25 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
 
     # A key given for the CA is most likely the CA's own key (ca-key.pem beside ca.pem).
     authorities = certificates(
-        "--tls-ca", ca, "CA certificate", "give the CA's certificate, not its key"
+        names["ca"], ca, "CA certificate", "give the CA's certificate, not its key"
     )
-    chain = certificates("--tls-cert", cert, "certificate", "--tls-cert and --tls-key swapped?")
-    data = read("--tls-key", key)
+    chain = certificates(names["cert"], cert, "certificate", "certificate and key swapped?")
+    data = read(names["key"], key)
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except TypeError:
-        raise TlsMaterialError(f"--tls-key: {key} is encrypted; give an unencrypted key") from None
-    except (ValueError, UnsupportedAlgorithm):
-        hint = " (it is a certificate: --tls-cert and --tls-key swapped?)"
         raise TlsMaterialError(
-            f"--tls-key: {key} holds no PEM private key{hint if b'CERTIFICATE' in data else ''}"
+            f"{names['key']}: {key} is encrypted; give an unencrypted key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        hint = " (it is a certificate: certificate and key swapped?)"
+        raise TlsMaterialError(
+            f"{names['key']}: {key} holds no PEM private key"
+            f"{hint if b'CERTIFICATE' in data else ''}"
         ) from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
-        raise TlsMaterialError(f"--tls-key: {key} is not the private key of {cert}")
+        raise TlsMaterialError(f"{names['key']}: {key} is not the private key of {cert}")
     # The leaf, or the last certificate of its chain, must be issued by one of the CAs.
     issuers = [
         authority
@@ -330,15 +345,17 @@ def check_material(ca: Path, cert: Path, key: Path) -> None:
     ]
     if not issuers:
         raise TlsMaterialError(
-            f"--tls-cert: {cert} is not signed by the CA in {ca} (a certificate of another CA?)"
+            f"{names['cert']}: {cert} is not signed by the CA in {ca} (a certificate of "
+            "another CA?)"
         )
     # Dates: gRPC checks them only in the handshake, where an expired certificate reads as
     # "Socket closed" on one side and "certificate verify failed" on the other.
     now = datetime.datetime.now(datetime.UTC)
     for position, issued in enumerate(chain):
-        _check_dates("--tls-cert", cert if position == 0 else f"{cert} (its chain)", issued, now)
+        where = cert if position == 0 else f"{cert} (its chain)"
+        _check_dates(names["cert"], where, issued, now)
     if not any(_valid_at(authority, now) for authority in issuers):
-        _check_dates("--tls-ca", ca, issuers[0], now)
+        _check_dates(names["ca"], ca, issuers[0], now)
 
 
 def _valid_at(certificate: x509.Certificate, now: datetime.datetime) -> bool:

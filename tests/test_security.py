@@ -658,6 +658,42 @@ def test_tls_material_that_cannot_work_is_named_at_start(
     assert "is not the private key of" in lines[0] and "in use" not in lines[0]
 
 
+def test_a_tls_file_that_cannot_work_is_named_by_the_setting_that_gave_it(
+    tmp_path: Path,
+    ca_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Files from the configuration file or DTM_TLS_* were named as flags never given
+    ("--tls-ca: certs/nope.pem is not a readable file" for tls_ca in [coordinator]; found by a
+    bug hunt). Each error names the key and the file, or the variable, that gave the file."""
+    from dtm.coordinator.server import parse_args
+
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+    settings = tmp_path / "dtm.toml"
+    settings.write_text(
+        f'[coordinator]\ntls_ca = "{ca_dir / "ca.pem"}"\n'
+        f'tls_cert = "{ca_dir / "coordinator.pem"}"\ntls_key = "{ca_dir / "orders-key.pem"}"\n',
+        encoding="utf-8",
+    )
+    base = ["--config", str(settings), "--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit) as done:
+        parse_args(base)
+    assert 1 == done.value.code
+    origin = f"tls_key ([coordinator] of {settings}, or DTM_COORDINATOR_TLS_*): "
+    assert f"{origin}{ca_dir / 'orders-key.pem'} is not the private key" in capsys.readouterr().err
+    monkeypatch.setenv("DTM_TLS_CA", str(tmp_path / "nope.pem"))
+    with pytest.raises(SystemExit) as done:
+        parse_args(base)
+    assert 2 == done.value.code
+    assert f"DTM_TLS_CA: {tmp_path / 'nope.pem'} is not a readable" in capsys.readouterr().err
+    monkeypatch.delenv("DTM_TLS_CA")
+    key = ["--tls-key", str(ca_dir / "coordinator-key.pem")]
+    assert parse_args([*base, *key]).tls is not None  # the flag wins over the file's key
+
+
 def test_a_failure_to_bind_with_tls_mentions_the_credentials() -> None:
     """Credentials gRPC rejects only when it binds (material not checked by from_options)."""
     from dtm import grpc_edge

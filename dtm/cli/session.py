@@ -198,13 +198,18 @@ def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
         for name in ("ca", "cert", "key")
     ]
     configured: dict[str, Path | None] = {}
+    configured_in = "[cli] of the configuration"
     if not all(given):
         try:
-            configured = config.tls_files(config.load(options.config).cli)
+            settings = config.load(options.config)
         except config.ConfigError as error:
             raise CliError(f"{error} (or pass --tls-ca, --tls-cert and --tls-key)") from None
+        configured = config.tls_files(settings.cli)
+        configured_in = config.tls_origin(settings, config.CLI)
     try:
-        return security.from_options(options, configured=configured, enforcing=False)
+        return security.from_options(
+            options, configured=configured, enforcing=False, configured_in=configured_in
+        )
     except security.TlsMaterialError as error:
         raise CliError(str(error)) from None
     except ValueError as error:

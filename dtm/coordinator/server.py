@@ -689,7 +689,11 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     options = parser.parse_args(argv)
     try:
         settings = config.from_options(options, config.COORDINATOR)
-        tls = security.from_options(options, configured=config.tls_files(settings.coordinator))
+        tls = security.from_options(
+            options,
+            configured=config.tls_files(settings.coordinator),
+            configured_in=config.tls_origin(settings, config.COORDINATOR),
+        )
     except security.TlsMaterialError as error:  # not a usage error: one line, status 1
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

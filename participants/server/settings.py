@@ -86,7 +86,11 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     options = parser.parse_args(argv)
     try:
         settings = config.from_options(options, section)
-        tls = security.from_options(options, configured=config.tls_files(settings.service(name)))
+        tls = security.from_options(
+            options,
+            configured=config.tls_files(settings.service(name)),
+            configured_in=config.tls_origin(settings, config.participant_section(name)),
+        )
     except security.TlsMaterialError as error:  # not a usage error: one line, status 1
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
