@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import signal
 import socket
@@ -242,6 +243,14 @@ def bind(
 ) -> int:
     """Bind to host:port (port 0 picks a free one); a port already in use is a clear error.
     With `credentials` the port speaks TLS only (dtm.security.server_credentials)."""
+    held = _partly_held(address)
+    if held:
+        raise OSError(
+            f"cannot listen on {address}: {', '.join(held)} is in use by another process, and "
+            f"gRPC would serve on the other addresses of {address.rpartition(':')[0]} alone "
+            "(clients of that name could reach either process); stop that process, or choose "
+            "another port (or an address, such as 127.0.0.1, that names one socket)"
+        )
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
@@ -255,6 +264,45 @@ def bind(
             f"cannot listen on {address}: {_why_not_bound(address, credentials is not None)}"
         )
     return port
+
+
+def _partly_held(address: str) -> list[str]:
+    """The sockets of `address` that another process listens on, when it holds some of the
+    addresses its host names but not all; else [] (none held, or all: then gRPC's own bind
+    fails, see _why_not_bound). gRPC binds every address a name resolves to ("localhost": both
+    loopbacks) and succeeds if any one binds, so a coordinator on localhost:P would serve on
+    [::1]:P while a participant holds 127.0.0.1:P, and say nothing."""
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    if not port_text.isdecimal() or int(port_text) == 0:
+        return []  # a free port is chosen for all of them at once
+    hosts = ["127.0.0.1", "::1"] if host == "localhost" else [host]  # as gRPC binds it
+    sockets = []
+    for name in hosts:
+        try:
+            sockets += socket.getaddrinfo(name or None, int(port_text), type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):  # not a name here (no IPv6, say): gRPC skips it too
+            continue
+    held = [where for family, _, _, _, where in sockets if _in_use(family, where)]
+    if len(held) == len(sockets):
+        return []
+    return [_host_port(str(where[0]), int(where[1])) for where in held]
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _in_use(family: int, where: Any) -> bool:
+    """Whether another socket listens on `where`: a bind with SO_REUSEADDR, as gRPC's, fails
+    only then (a port in TIME_WAIT after a restart is free)."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
 
 
 def _why_not_bound(address: str, tls: bool = False) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,40 @@ def test_a_participant_listen_address_gRPC_cannot_bind_is_one_line(tmp_path: Pat
     stderr = done.stderr.decode()
     assert "Traceback" not in stderr, stderr[-600:]
     assert done.returncode == 1
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="gRPC binds localhost to one address here")
+def test_a_listen_name_half_of_whose_addresses_another_process_holds_is_refused(
+    tmp_path: Path,
+) -> None:
+    """gRPC binds localhost:P to [::1]:P and 127.0.0.1:P and succeeds if either binds: with a
+    participant on 127.0.0.1:P, a coordinator told localhost:P said "coordinator serving
+    port=P" on [::1] alone, and a client of localhost:P could reach either (found by a bug
+    hunt). It is refused, naming the address held."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = run(
+            "-m",
+            "dtm.coordinator.server",
+            "--data-dir",
+            str(tmp_path),
+            "--listen",
+            f"localhost:{port}",
+        )
+    stderr = done.stderr.decode()
+    assert 1 == done.returncode, stderr[-600:]
+    assert f"cannot listen on localhost:{port}: 127.0.0.1:{port} is in use" in stderr, stderr
 
 
 # ---- 2. `dtm --coordinator HOST:PORT` with a port over 65535: gRPC wraps it ----
