@@ -456,7 +456,9 @@ def _read_file(path: Path) -> Layer:
     except OSError as error:
         raise ConfigError(f"cannot read configuration file {path}: {error.strerror}") from None
     try:
-        document = tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: a byte order mark (Windows editors write one) made line 1 column 1 an
+        # "Invalid statement", which no one can see in the file.
+        document = tomllib.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
     layer: Layer = {}

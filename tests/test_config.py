@@ -263,6 +263,15 @@ def test_bad_environment_and_flag_values() -> None:
         load(environ={}, flags={"inventory": {"lease_unvoted_ms": "0"}})
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark (as Windows editors save) was "not valid TOML: Invalid
+    statement (at line 1, column 1)", an error no one can see in the file (found by a bug
+    hunt)."""
+    path = tmp_path / "dtm.toml"
+    path.write_bytes(b'\xef\xbb\xbf[coordinator]\r\nlisten = "127.0.0.1:7"\r\n')
+    assert "127.0.0.1:7" == load(path, environ={}).coordinator.listen
+
+
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "nope.toml", environ={})
