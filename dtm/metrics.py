@@ -23,7 +23,10 @@ CPython runs without releasing the GIL, before they are looked at.
 Metric names (all ``dtm_``):
 
 coordinator
-    dtm_transactions_total{outcome}                       counter   committed | aborted
+    dtm_transactions_total{outcome}                       counter   committed | aborted |
+                                                                    unknown (for good: a
+                                                                    one-phase commit whose
+                                                                    log was lost)
     dtm_decision_latency_seconds{outcome}                 histogram begin -> decision (*)
     dtm_end_to_end_latency_seconds{outcome}               histogram begin -> finished (*)
     dtm_submit_handling_seconds                           histogram Submit handler, start
@@ -521,6 +524,9 @@ class CoordinatorMetrics(EngineObserver):
         )
         outcomes.add_metric(["committed"], counters.committed)
         outcomes.add_metric(["aborted"], counters.aborted)
+        # Finished, but neither: the histograms count these under "unknown" too, and a sum
+        # of this counter must equal every transaction finished.
+        outcomes.add_metric(["unknown"], counters.unknown)
         yield outcomes
         active = _snapshot(self.engine.active.values)
         yield GaugeMetricFamily(

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import cli, limits
+from dtm import cli, limits, metrics
 from dtm.batcher import BatchPolicy
 from dtm.coordinator import clients
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
@@ -385,6 +385,9 @@ def test_a_replacement_leaves_an_unknown_one_phase_commit_unknown_with_a_hazard(
         async with InProcessCluster(tmp_path / "a", coordinator_overrides=overrides) as cluster:
             engine = cluster.coordinator.engine
             engine.registry.policy = BatchPolicy(enabled=False)  # unary: easy to intercept
+            # Finished transactions by outcome: this one was counted nowhere, while the
+            # latency histograms had an outcome="unknown" series (found by a bug hunt).
+            registry = metrics.CoordinatorMetrics(engine, cluster.coordinator.wal).registry
             first = cluster.participants["inventory"]
             old_incarnation = first.engine.incarnation
             real_prepare = clients.ParticipantClient.prepare
@@ -444,6 +447,13 @@ def test_a_replacement_leaves_an_unknown_one_phase_commit_unknown_with_a_hazard(
                 assert "log was replaced" in view.reason, view.reason
                 assert f"incarnation {old_incarnation}" in view.reason
                 assert "outcome is unknown" in view.reason
+                finished = {
+                    outcome: registry.get_sample_value(
+                        "dtm_transactions_total", {"outcome": outcome}
+                    )
+                    for outcome in ("committed", "aborted", "unknown")
+                }
+                assert {"committed": 0, "aborted": 0, "unknown": 1} == finished
                 hazards = [
                     (h.transaction_id, h.participant, h.outcome, h.committed, h.one_phase_unknown)
                     for h in engine.heuristics

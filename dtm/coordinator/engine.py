@@ -139,6 +139,8 @@ class Counters:
         self.lazy_writes = 0
         self.committed = 0
         self.aborted = 0
+        # Finished with their outcome unknown for good (a one-phase commit whose log was lost).
+        self.unknown = 0
 
 
 class Engine:
@@ -1070,6 +1072,8 @@ class Engine:
             self.counters.committed += 1
         elif outcome is Outcome.ABORTED:
             self.counters.aborted += 1
+        elif outcome is Outcome.UNKNOWN:
+            self.counters.unknown += 1
         self.active.pop(txn.transaction_id, None)
         if self._drained is not None and not self.active:  # None but while stopping
             self._drained.set()

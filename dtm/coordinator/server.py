@@ -666,6 +666,7 @@ class CoordinatorServer:
             "coordinator stopping",
             committed=counters.committed,
             aborted=counters.aborted,
+            unknown=counters.unknown or None,
             left_to_recovery=left,
             **{
                 f"{name}_items_per_call": round(port.items / max(1, port.calls), 1)
