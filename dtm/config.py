@@ -111,12 +111,17 @@ def integer(minimum: int, maximum: int) -> Kind:
     return Kind(parse, "N")
 
 
+#: How text (an environment variable, a flag) says true or false, in any case.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
 def _boolean(raw: object, from_text: bool) -> bool:
     if from_text and isinstance(raw, str):
         lowered = raw.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
+        if lowered in TRUE_WORDS:
             return True
-        if lowered in ("0", "false", "no", "off"):
+        if lowered in FALSE_WORDS:
             return False
     if not isinstance(raw, bool):
         raise ValueError("expected true or false")

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from dtm import grpc_edge
+from dtm import config, grpc_edge
 
 COORDINATOR_IDENTITY = "coordinator"
 PARTICIPANT_IDENTITIES = frozenset({"inventory", "orders", "payment", "notification"})
@@ -272,12 +272,14 @@ def from_options(
                     f"{setting} {text!r} names no identity: give at least one (comma-separated), "
                     f"or leave it out for the default ({default})"
                 )
-    if env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1").lower() in ("0", "false", "no"):
+    require = env.get("DTM_TLS_REQUIRE_CLIENT_CERT", "1")
+    # Every word a boolean setting takes for false ("off" passed unnoticed here).
+    if require.strip().lower() in config.FALSE_WORDS:
         # It used to turn client certificates off: then the server never asks for one, no
         # peer has an identity, and every guarded method refuses every caller.
         raise ValueError(
-            "DTM_TLS_REQUIRE_CLIENT_CERT=0 is not supported: Python's gRPC cannot ask for a "
-            "client certificate without requiring it, so no caller would have an identity "
+            f"DTM_TLS_REQUIRE_CLIENT_CERT={require} is not supported: Python's gRPC cannot ask "
+            "for a client certificate without requiring it, so no caller would have an identity "
             "and every guarded method would refuse it; unset it (mutual TLS), or run without "
             "--tls-* (plaintext, local development only)"
         )

@@ -444,10 +444,13 @@ def test_certificates_and_configuration(ca_dir: Path, tmp_path: Path) -> None:
     again = security.from_options(parser.parse_args(security.arguments(cfg)), environ={})
     assert cfg == again
     # "Client certificates optional" would give no peer an identity: refused, not half-on.
-    with pytest.raises(ValueError, match="DTM_TLS_REQUIRE_CLIENT_CERT=0 is not supported"):
-        security.from_options(
-            parser.parse_args([]), {**environ, "DTM_TLS_REQUIRE_CLIENT_CERT": "0"}
-        )
+    # Every spelling of "off" a boolean setting takes ("off" passed unnoticed; found by a bug
+    # hunt: the operator believed client certificates optional).
+    for off in ("0", "false", "No", "off"):
+        with pytest.raises(ValueError, match=f"DTM_TLS_REQUIRE_CLIENT_CERT={off} is not supp"):
+            security.from_options(
+                parser.parse_args([]), {**environ, "DTM_TLS_REQUIRE_CLIENT_CERT": off}
+            )
 
 
 def test_tls_files_from_the_configuration_file(ca_dir: Path) -> None:
