@@ -21,7 +21,7 @@ Everything is validated when a process starts: an unknown section or key (in the
 ``DTM_PARTICIPANTS_LOCK_WAIT_MS``) is an error naming it and where it was found, and a value of
 the wrong type or out of range is an error naming the key, the value and what is allowed.
 Relative paths (``data_dir``, ``initial``, ``tls_*``) are relative to the working directory,
-as flags are.
+as flags are; a leading ``~`` is the home directory, as a shell would expand it.
 """
 
 from __future__ import annotations
@@ -143,7 +143,12 @@ def _optional_path(raw: object, from_text: bool) -> Path | None:
 def _checked_path(text: str) -> Path:
     if "\0" in text:  # no file system takes it; os calls would raise ValueError much later
         raise ValueError("expected a path, got one with a NUL character")
-    return Path(text)
+    # A shell expands ~ in a flag, nothing did in the file or an environment variable
+    # written in quotes: data_dir = "~/dtm" made a directory named "~" in the working one.
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # no home directory to expand it to ($HOME unset, no passwd entry)
+        raise ValueError(f"cannot expand {text.split('/')[0]!r}: no home directory") from None
 
 
 def choice(values: Sequence[str], metavar: str, normalize: Callable[[str], str]) -> Kind:

@@ -263,6 +263,21 @@ def test_bad_environment_and_flag_values() -> None:
         load(environ={}, flags={"inventory": {"lease_unvoted_ms": "0"}})
 
 
+def test_a_path_starting_with_a_tilde_is_in_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data_dir = "~/dtm" in the file (or in a quoted variable) made a directory named "~" in
+    the working directory, where a shell would have expanded it (found by a bug hunt)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write(tmp_path / "dtm.toml", '[coordinator]\ndata_dir = "~/dtm"\n')
+    assert tmp_path / "home" / "dtm" == load(path, environ={}).coordinator.data_dir
+    environ = {"DTM_INVENTORY_INITIAL": "~/shop.json", "DTM_CLI_TLS_CA": "~/ca.pem"}
+    settings = load(environ=environ)
+    assert tmp_path / "home" / "shop.json" == settings.inventory.initial
+    assert tmp_path / "home" / "ca.pem" == settings.cli.tls_ca
+    assert Path("a~/b") == load(environ={"DTM_COORDINATOR_DATA_DIR": "a~/b"}).coordinator.data_dir
+
+
 def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     """A UTF-8 byte order mark (as Windows editors save) was "not valid TOML: Invalid
     statement (at line 1, column 1)", an error no one can see in the file (found by a bug
