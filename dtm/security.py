@@ -227,7 +227,8 @@ def from_options(
         if flag is not None:
             paths[name], names[name] = flag, f"--tls-{name}"
         elif env.get(variable):
-            paths[name], names[name] = Path(env[variable]), variable
+            # ~ as the configuration's paths take it (a shell leaves it in a quoted value).
+            paths[name], names[name] = Path(env[variable]).expanduser(), variable
         elif from_configuration is not None:
             paths[name], names[name] = from_configuration, f"tls_{name} ({configured_in})"
     if not paths:

@@ -453,6 +453,23 @@ def test_certificates_and_configuration(ca_dir: Path, tmp_path: Path) -> None:
             )
 
 
+def test_tls_files_from_the_environment_may_start_with_a_tilde(
+    ca_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DTM_TLS_CA='~/ca.pem' (quoted: no shell expands it) was "not a readable file", while
+    the same path in the configuration file is in the home directory."""
+    monkeypatch.setenv("HOME", str(ca_dir))
+    parser = argparse.ArgumentParser()
+    security.add_arguments(parser)
+    environ = {
+        "DTM_TLS_CA": "~/ca.pem",
+        "DTM_TLS_CERT": "~/orders.pem",
+        "DTM_TLS_KEY": "~/orders-key.pem",
+    }
+    cfg = security.from_options(parser.parse_args([]), environ)
+    assert cfg is not None and ca_dir / "ca.pem" == cfg.ca_cert
+
+
 def test_tls_files_from_the_configuration_file(ca_dir: Path) -> None:
     parser = argparse.ArgumentParser()
     security.add_arguments(parser)
