@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,13 @@ from participants.service import (
 )
 
 BranchKey = tuple[str, int]
+
+
+def monotonic_ms() -> int:
+    """The engine's clock for intervals (leases, inquiries): it never steps, as the wall
+    clock (`clock_ms`, which dates the records) may."""
+    return time.monotonic_ns() // 1_000_000
+
 
 _VOTE_TO_PB = {
     BranchVote.PREPARED: coordinator_pb2.VOTE_PREPARED,
@@ -88,6 +96,12 @@ class BranchInfo:
     branch: Branch
     updated_at_ms: int
     prepared_at_ms: int = 0
+    # The same two moments by the engine's monotonic clock (`monotonic_ms`): what the lease
+    # and the inquiries count from. The wall clock's are for the log and the operator; by
+    # them, a wall-clock step back of an hour held an unvoted or in-doubt branch's locks an
+    # hour, and a step forward ended an unvoted branch's lease at once.
+    updated_monotonic_ms: int = 0
+    prepared_monotonic_ms: int = 0
     # The coordinator's digest of the whole transaction this branch belongs to; b"" unknown.
     fingerprint: bytes = b""
     # A forced branch an operator forgot (`BranchEngine.forget`).
@@ -204,6 +218,7 @@ class BranchEngine:
         locks: LockManager,
         *,
         clock_ms: Callable[[], int],
+        monotonic_ms: Callable[[], int] = monotonic_ms,
         decided_kept: int = limits.BRANCHES_DECIDED_KEPT,
         forced_kept: int = limits.HEURISTICS_KEPT_MAX,
         checkpoint_part_bytes: int = limits.CHECKPOINT_PART_BYTES,
@@ -213,6 +228,7 @@ class BranchEngine:
         self.log = log
         self.locks = locks
         self.clock_ms = clock_ms
+        self.monotonic_ms = monotonic_ms
         self.checkpoint_part_bytes = checkpoint_part_bytes
         # Where a branch's state lives. Not yet decided (PREPARING or PREPARED): in `open`, as
         # a live BranchInfo, which leases and inquiries scan. Decided: in `_decided`, as its
@@ -228,10 +244,10 @@ class BranchEngine:
         # would forget one after `decided_kept` later decisions, and a Rollback arriving after
         # that would be acknowledged as a tombstone, hiding a forced commit. So they outlive the
         # window, bounded by `forced_kept` (beyond, the oldest goes, with an ERROR line). Each
-        # with the time it was forced (its decision's), from which the server's inquiry loop
-        # waits `in_doubt_after_ms` before it asks the coordinator about it itself. Once the
-        # coordinator has spoken, a BranchReconciled record says so: replay and checkpoints
-        # keep it off this list (`_forced_reported`).
+        # with the time it was forced (its decision's, by `monotonic_ms`), from which the
+        # server's inquiry loop waits `in_doubt_after_ms` before it asks the coordinator about
+        # it itself. Once the coordinator has spoken, a BranchReconciled record says so: replay
+        # and checkpoints keep it off this list (`_forced_reported`).
         self._forced_unreported: dict[BranchKey, int] = {}
         # Those of them the window has pushed out: their checkpoint entries.
         self._forced_beyond: dict[BranchKey, bytes] = {}
@@ -468,8 +484,9 @@ class BranchEngine:
         return key in self._forced_unreported
 
     def forced_awaiting(self) -> list[tuple[BranchKey, int]]:
-        """Every forced branch kept for its coordinator, with the time it was forced, oldest
-        first (the inquiry loop asks the coordinator about them: `reconcile_forced`)."""
+        """Every forced branch kept for its coordinator, with the time it was forced (by
+        `monotonic_ms`), oldest first (the inquiry loop asks the coordinator about them:
+        `reconcile_forced`)."""
         return list(self._forced_unreported.items())
 
     @property
@@ -553,7 +570,12 @@ class BranchEngine:
 
     def _track(self, branch: Branch, fingerprint: bytes = b"") -> BranchInfo:
         """A new branch; open unless it starts decided (a tombstone, which `_finish` keeps)."""
-        info = BranchInfo(branch, self.clock_ms(), fingerprint=fingerprint)
+        info = BranchInfo(
+            branch,
+            self.clock_ms(),
+            fingerprint=fingerprint,
+            updated_monotonic_ms=self.monotonic_ms(),
+        )
         if branch.state not in core.DECIDED_STATES:
             self.open[branch.key] = info
         return info
@@ -569,6 +591,7 @@ class BranchEngine:
             # with a reply alone changed nothing (a repeated Prepare, a Commit on a branch not
             # prepared yet), and renewing the lease then would let a caller keep its locks.
             info.updated_at_ms = self.clock_ms()
+            info.updated_monotonic_ms = self.monotonic_ms()
         for action in actions:
             effect = self._effects.get(type(action))  # the table at the end of the class
             if effect is None:
@@ -628,6 +651,7 @@ class BranchEngine:
             self.counters.prepared += 1
             crashpoints.hit("participant.before_prepare_record")
             info.prepared_at_ms = self.clock_ms()
+            info.prepared_monotonic_ms = info.updated_monotonic_ms  # stamped in this step
             record_type = RecordType.BRANCH_PREPARED
             record = log_pb2.BranchPrepared(
                 transaction_id=key[0],
@@ -678,7 +702,7 @@ class BranchEngine:
         self.open.pop(key, None)
         self.locks.release_all(branch_key_text(key))
         if info.branch.heuristic:
-            self._keep_forced(key, info.updated_at_ms)
+            self._keep_forced(key, self._monotonic_of(info.updated_at_ms))
         self._remember_decided(key, _decided_entry(info))
 
     def _remember_decided(self, key: BranchKey, entry: bytes) -> None:
@@ -690,9 +714,14 @@ class BranchEngine:
                 continue
             self._durable_lsn.pop(old, None)
 
+    def _monotonic_of(self, at_unix_ms: int) -> int:
+        """A moment of the wall clock (from a record, maybe of an earlier process) on the
+        monotonic clock: as long ago as the wall clock says, never in the future."""
+        return self.monotonic_ms() - max(0, self.clock_ms() - at_unix_ms)
+
     def _keep_forced(self, key: BranchKey, forced_at_ms: int) -> None:
         """A forced branch: kept until its coordinator sends a decision for it, or answers
-        an inquiry about it (`reconcile_forced`)."""
+        an inquiry about it (`reconcile_forced`). `forced_at_ms` by `monotonic_ms`."""
         self._forced_unreported[key] = forced_at_ms
         # Bounded: one iteration per insertion.
         while len(self._forced_unreported) > self._forced_kept:
@@ -1063,23 +1092,29 @@ class BranchEngine:
         info.prepared_at_ms = prepared_at_ms
         self._operations[key] = decoded
         self._applied.add(key)
-        self._retake_locks(key, decoded, prepared_at_ms)
+        self._recover_prepared(info, decoded)
         return info
 
-    def _retake_locks(self, key: BranchKey, operation: Any, prepared_at_ms: int) -> None:
-        """Re-take the locks of a branch recovered as prepared, as held since its prepare (not
-        since the restart: ListLocks' held_since). They were taken just before its record was
-        written, so this is later by the prepare's own time. 0: none logged (one-phase)."""
-        age_ms = max(0, self.clock_ms() - prepared_at_ms) if prepared_at_ms else 0
+    def _recover_prepared(self, info: BranchInfo, operation: Any) -> None:
+        """Date a branch recovered as prepared on this process's monotonic clock, as old as
+        its logged `prepared_at_ms` says (0, none logged: as old as can be, so asked about at
+        once), and re-take its locks, as held since its prepare (not since the restart:
+        ListLocks' held_since). They were taken just before its record was written, so this
+        is later by the prepare's own time."""
+        info.prepared_monotonic_ms = self._monotonic_of(info.prepared_at_ms)
+        age_ms = max(0, self.clock_ms() - info.prepared_at_ms) if info.prepared_at_ms else 0
         for request in self.service.locks(operation):
             try:
                 self.locks.acquire_now(
-                    branch_key_text(key), request.resource, request.mode, held_for_s=age_ms / 1000
+                    branch_key_text(info.branch.key),
+                    request.resource,
+                    request.mode,
+                    held_for_s=age_ms / 1000,
                 )
             except LockRefused as conflict:
                 # Serving on would let two branches share what the service means to isolate.
                 raise RecoveryError(
-                    f"re-taking the locks of prepared branch {branch_key_text(key)}: "
+                    f"re-taking the locks of prepared branch {branch_key_text(info.branch.key)}: "
                     f"{conflict.reason}; the service's locks() do not match the log (changed "
                     "since it was written?)"
                 ) from None
@@ -1143,7 +1178,7 @@ class BranchEngine:
             info.prepared_at_ms = prepared.prepared_at_unix_ms
             self._operations[key] = decoded
             self._applied.add(key)
-            self._retake_locks(key, decoded, prepared.prepared_at_unix_ms)
+            self._recover_prepared(info, decoded)
         restored_at_ms = self.clock_ms()
         for decided in checkpoint.decided:
             key = (decided.transaction_id, decided.branch)
@@ -1153,7 +1188,7 @@ class BranchEngine:
                 # Its coordinator has not spoken yet (BranchReconciled): kept, and asked about
                 # by the inquiry loop. A checkpoint written before `reconciled` existed keeps
                 # every forced branch not forgotten, and they are asked about again.
-                self._keep_forced(key, decided.decided_at_unix_ms)
+                self._keep_forced(key, self._monotonic_of(decided.decided_at_unix_ms))
             self._remember_decided(key, encoded_field(_DECIDED_KEY, decided.SerializeToString()))
 
     async def checkpoint(self) -> None:

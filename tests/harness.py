@@ -25,7 +25,7 @@ from dtmpb.v1 import (
     shop_pb2_grpc,
 )
 from participants.decided import DecidedWindow
-from participants.server import ParticipantConfig, ParticipantServer, now_ms
+from participants.server import ParticipantConfig, ParticipantServer
 from participants.service import Service
 from participants.services.catalog import AccountSpec
 from participants.services.inventory import InventoryService
@@ -380,7 +380,7 @@ async def forced_unknown(cluster: InProcessCluster, txn: str, commit: bool) -> N
 
 async def ask(server: ParticipantServer, cluster: InProcessCluster) -> None:
     """One round of the participant's inquiries, every branch due."""
-    await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+    await server._ask_about_in_doubt(cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1)
 
 
 async def listed(cluster: InProcessCluster) -> list[coordinator_pb2.HeuristicOutcome]:

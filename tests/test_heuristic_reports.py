@@ -21,7 +21,6 @@ from dtm.coordinator.registry import Registry
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
-from participants.server import now_ms
 from participants.services.inventory import InventoryService
 from tests.cli_runner import dtm
 from tests.doubles import StockCheck
@@ -330,7 +329,8 @@ def test_a_report_not_acknowledged_is_made_again_and_an_old_coordinator_is_not_w
             server = cluster.participants["inventory"]
             down = ScriptedCoordinator(coordinator_pb2.OUTCOME_ABORTED, Code.UNAVAILABLE)
             for rounds in (1, 2):  # each past the backoff of the one before
-                await server._ask_about_in_doubt(down, now_ms() + rounds * NEVER_MS + 1)  # type: ignore[arg-type]
+                now = server.engine.monotonic_ms() + rounds * NEVER_MS + 1
+                await server._ask_about_in_doubt(down, now)  # type: ignore[arg-type]
             assert 2 == len(down.reports)
             assert [("t-fc", 0)] == [key for key, _ in server.engine.forced_awaiting()]
             assert 0 == server.engine.counters.forced_contradicted
@@ -343,7 +343,8 @@ def test_a_report_not_acknowledged_is_made_again_and_an_old_coordinator_is_not_w
 
             old = ScriptedCoordinator(coordinator_pb2.OUTCOME_ABORTED, Code.UNIMPLEMENTED)
             capsys.readouterr()
-            await server._ask_about_in_doubt(old, now_ms() + 3 * NEVER_MS)  # type: ignore[arg-type]
+            now = server.engine.monotonic_ms() + 3 * NEVER_MS
+            await server._ask_about_in_doubt(old, now)  # type: ignore[arg-type]
             assert [] == server.engine.forced_awaiting()
             assert 1 == server.engine.counters.forced_contradicted
             [warning] = forced_lines(capsys.readouterr().err)

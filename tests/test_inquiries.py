@@ -15,7 +15,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dtm import logs
 from dtmpb.v1 import coordinator_pb2, participant_pb2
-from participants.server import now_ms
 from participants.services.inventory import InventoryService
 from tests.harness import (
     NEVER_MS,
@@ -82,7 +81,9 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
             assert 2 == len((await admin.ListBranches(awaiting)).branches)
 
             capsys.readouterr()
-            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+            await server._ask_about_in_doubt(
+                cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1
+            )
 
             # Both stop awaiting, as when the coordinator's decision arrives.
             assert [] == list((await admin.ListBranches(awaiting)).branches)
@@ -102,7 +103,9 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
             assert any("forced branch reconciled" in line and "txn=t-fr" in line for line in lines)
 
             # Asked about no more; a late Rollback still hears the heuristic outcome.
-            await server._ask_about_in_doubt(cluster.client, now_ms() + 2 * NEVER_MS)
+            await server._ask_about_in_doubt(
+                cluster.client, server.engine.monotonic_ms() + 2 * NEVER_MS
+            )
             found = await samples()
             assert (1, 1) == (forced("agreed"), forced("contradicted"))
             with pytest.raises(grpc.aio.AioRpcError) as late:
@@ -157,7 +160,9 @@ def test_a_forced_branch_reconciled_by_its_commit_is_not_asked_about_after_a_res
             server = await cluster.restart_participant("inventory", InventoryService(dict(STOCK)))
             assert [] == server.engine.forced_awaiting()
             capsys.readouterr()
-            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+            await server._ask_about_in_doubt(
+                cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1
+            )
             assert [] == forced_lines(capsys.readouterr().err)
             counters = server.engine.counters
             assert (0, 0) == (counters.forced_agreed, counters.forced_contradicted)
@@ -184,7 +189,9 @@ def test_a_contradiction_found_by_inquiry_is_not_counted_again_after_restarts(
             await forced_after_commit(cluster, commit=False)
             server = cluster.participants["inventory"]
             capsys.readouterr()
-            await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+            await server._ask_about_in_doubt(
+                cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1
+            )
             [warning] = forced_lines(capsys.readouterr().err)
             assert "contradicts" in warning and "txn=t1" in warning
             assert 1 == server.engine.counters.forced_contradicted
@@ -202,7 +209,9 @@ def test_a_contradiction_found_by_inquiry_is_not_counted_again_after_restarts(
                 )
                 assert [] == server.engine.forced_awaiting(), restart
                 capsys.readouterr()
-                await server._ask_about_in_doubt(cluster.client, now_ms() + NEVER_MS + 1)
+                await server._ask_about_in_doubt(
+                    cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1
+                )
                 assert [] == forced_lines(capsys.readouterr().err), restart
                 counters = server.engine.counters
                 assert (0, 0) == (counters.forced_agreed, counters.forced_contradicted), restart
@@ -247,7 +256,7 @@ def test_an_unreachable_coordinator_costs_one_summary_line_per_round(
             server = cluster.participants["inventory"]
             coordinator = Unreachable()
             capsys.readouterr()
-            start = now_ms() + NEVER_MS
+            start = server.engine.monotonic_ms() + NEVER_MS
             for tick in range(200):  # 20 s of 100 ms ticks
                 await server._ask_about_in_doubt(coordinator, start + tick * 100)  # type: ignore[arg-type]
             lines = capsys.readouterr().err.splitlines()

@@ -187,42 +187,149 @@ def test_a_batch_of_more_items_than_the_limit_is_refused_whole(tmp_path: Path) -
 
 
 LEASE_MS = 1_000
+IN_DOUBT_AFTER_MS = 2_000
+BACKOFF_MS_MAX = 5_000
+HOUR_MS = 3_600_000
+
+
+class Clocks:
+    """The participant's two clocks, the test's: the wall clock (`now_ms`, which dates the
+    records) and the monotonic one (`monotonic_ms`, for intervals). Patched into the server's
+    module before a server is made: it hands both to its branch engine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.wall_ms = 1_800_000_000_000
+        self.monotonic_ms = 1_000
+        monkeypatch.setattr(process, "now_ms", lambda: self.wall_ms)
+        monkeypatch.setattr(process, "monotonic_ms", lambda: self.monotonic_ms)
+
+    def advance(self, ms: int, wall_step_ms: int = 0) -> None:
+        """`ms` pass; the wall clock is stepped by `wall_step_ms` meanwhile (NTP, an operator)."""
+        self.monotonic_ms += ms
+        self.wall_ms += ms + wall_step_ms
+
+
+@pytest.fixture
+def clocks(monkeypatch: pytest.MonkeyPatch) -> Clocks:
+    return Clocks(monkeypatch)
+
+
+@asynccontextmanager
+async def waiting_for_a_lock(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[ParticipantServer, asyncio.Future[tuple[BranchVote, str]]]]:
+    """A participant whose branch t-waiter is unvoted (PREPARING), waiting for t-holder's
+    lock: the server, and the waiter's vote to come."""
+    config = ParticipantConfig(data_dir=tmp_path, lease_unvoted_ms=LEASE_MS)
+    # lock_skus: a second Prepare of the same SKU waits, unvoted, for the first's lock.
+    server = ParticipantServer(InventoryService(STOCK, lock_skus=True), config)
+    try:
+        engine = server.engine
+        holder = engine.begin_prepare("t-holder", 0, prepare("t-holder").operation, False)
+        assert isinstance(holder, tuple) and holder[0] is BranchVote.PREPARED
+        waiting = engine.begin_prepare(
+            "t-waiter", 0, prepare("t-waiter").operation, False, lock_wait_s=60
+        )
+        assert not isinstance(waiting, tuple)
+        waiter = asyncio.ensure_future(waiting)
+        yield server, waiter
+        waiter.cancel()
+    finally:
+        await server.wal.close()
 
 
 def test_an_unvoted_branch_is_refused_once_unvoted_for_exactly_its_lease(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, clocks: Clocks
 ) -> None:
     """Mutation: the lease compared with > instead of >=, so a branch unvoted for exactly
-    lease_unvoted_ms kept its locks until a later tick. The clock is the test's (the
-    housekeeping tick and the branch engine both read `now_ms`); one tick runs at the lease
+    lease_unvoted_ms kept its locks until a later tick. The clocks are the test's (the
+    housekeeping tick and the branch engine both read them); one tick runs at the lease
     less 1 ms, one at the lease."""
-    clock = [1_000]
-    monkeypatch.setattr(process, "now_ms", lambda: clock[0])
 
     async def scenario() -> None:
-        config = ParticipantConfig(data_dir=tmp_path, lease_unvoted_ms=LEASE_MS)
-        # lock_skus: a second Prepare of the same SKU waits, unvoted, for the first's lock.
-        server = ParticipantServer(InventoryService(STOCK, lock_skus=True), config)
-        try:
+        async with waiting_for_a_lock(tmp_path) as (server, waiter):
             engine = server.engine
-            holder = engine.begin_prepare("t-holder", 0, prepare("t-holder").operation, False)
-            assert isinstance(holder, tuple) and holder[0] is BranchVote.PREPARED
-            waiting = engine.begin_prepare(
-                "t-waiter", 0, prepare("t-waiter").operation, False, lock_wait_s=60
-            )
-            assert not isinstance(waiting, tuple)
-            waiter = asyncio.ensure_future(waiting)
-
-            clock[0] += LEASE_MS - 1
+            clocks.advance(LEASE_MS - 1)
             await server._housekeeping_tick(None)  # type: ignore[arg-type]
             assert [("t-waiter", 0)] == [info.branch.key for info in engine.preparing()]
             assert not waiter.done()
 
-            clock[0] += 1
+            clocks.advance(1)
             await server._housekeeping_tick(None)  # type: ignore[arg-type]
             assert [] == engine.preparing()
             vote, reason = await waiter
             assert BranchVote.REFUSED is vote, reason
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_step_back_does_not_hold_an_unvoted_branch_past_its_lease(
+    tmp_path: Path, clocks: Clocks
+) -> None:
+    """The lease compared the wall clock with the branch's last change: with the wall clock
+    stepped back an hour, an unvoted branch kept its locks (and its lock wait) an hour past
+    its lease. It runs on the monotonic clock."""
+
+    async def scenario() -> None:
+        async with waiting_for_a_lock(tmp_path) as (server, waiter):
+            clocks.advance(LEASE_MS, wall_step_ms=-HOUR_MS)
+            await server._housekeeping_tick(None)  # type: ignore[arg-type]
+            assert [] == server.engine.preparing()
+            vote, reason = await waiter
+            assert BranchVote.REFUSED is vote, reason
+            assert not server.locks.held_by("t-waiter/0")
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_step_forward_does_not_end_an_unvoted_branchs_lease(
+    tmp_path: Path, clocks: Clocks
+) -> None:
+    """By the wall clock, a step forward of an hour ended every unvoted branch's lease at the
+    next tick: each aborted, refused, a millisecond into its prepare."""
+
+    async def scenario() -> None:
+        async with waiting_for_a_lock(tmp_path) as (server, waiter):
+            clocks.advance(1, wall_step_ms=HOUR_MS)
+            await server._housekeeping_tick(None)  # type: ignore[arg-type]
+            assert [("t-waiter", 0)] == [info.branch.key for info in server.engine.preparing()]
+            assert not waiter.done()
+
+    asyncio.run(scenario())
+
+
+def test_a_wall_clock_step_back_does_not_postpone_inquiries(tmp_path: Path, clocks: Clocks) -> None:
+    """The inquiry schedule compared the wall clock with the prepare (the forcing) and with
+    the time of the next attempt: with the wall clock stepped back an hour, an in-doubt
+    branch was not asked about for an hour, holding its locks and reservation (a coordinator
+    that crashed before deciding never sends a decision: presumed abort), nor a forced one
+    reconciled. Both are asked about once in_doubt_after_ms has passed on the monotonic
+    clock, and again once the backoff has."""
+
+    async def scenario() -> None:
+        config = ParticipantConfig(
+            data_dir=tmp_path,
+            in_doubt_after_ms=IN_DOUBT_AFTER_MS,
+            inquiry_backoff_ms_max=BACKOFF_MS_MAX,
+        )
+        server = ParticipantServer(InventoryService(STOCK), config)
+        try:
+            engine = server.engine
+            for txn in ("t-in-doubt", "t-forced"):
+                voted = engine.begin_prepare(txn, 0, prepare(txn).operation, False)
+                assert isinstance(voted, tuple) and voted[0] is BranchVote.PREPARED
+            await engine.force(("t-forced", 0), commit=False)
+            coordinator = Coordinator(coordinator_pb2.OUTCOME_UNSPECIFIED)
+
+            clocks.advance(IN_DOUBT_AFTER_MS, wall_step_ms=-HOUR_MS)
+            await server._housekeeping_tick(coordinator)  # type: ignore[arg-type]
+            assert ["t-in-doubt", "t-forced"] == coordinator.asked
+
+            coordinator.asked.clear()
+            clocks.advance(BACKOFF_MS_MAX, wall_step_ms=-HOUR_MS)  # past any jittered backoff
+            await server._housekeeping_tick(coordinator)  # type: ignore[arg-type]
+            assert ["t-in-doubt", "t-forced"] == coordinator.asked
+            assert ("t-in-doubt", 0) in engine.open  # still in doubt: never guessed
         finally:
             await server.wal.close()
 

@@ -20,6 +20,7 @@ from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, par
 from participants.branches import (
     BranchEngine,
     BranchInfo,
+    monotonic_ms,
 )
 from participants.locks import LockManager
 from participants.server.admin import (
@@ -93,7 +94,9 @@ class ParticipantServer:
         wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
         self.wal = async_log(wal, config.wal_sync)
         self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
-        self.engine = BranchEngine(service, self.wal, self.locks, clock_ms=now_ms)
+        self.engine = BranchEngine(
+            service, self.wal, self.locks, clock_ms=now_ms, monotonic_ms=monotonic_ms
+        )
         self.engine.replay(records, wal.directory)
         # A new log starts with a checkpoint of the initial state (stock, accounts): until the
         # first periodic one, replay started from whatever initial state this process was
@@ -108,10 +111,13 @@ class ParticipantServer:
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._background: list[asyncio.Task[None]] = []
+        # By branch: when to ask about it again, by the engine's monotonic clock (as every
+        # `now` of the housekeeping below), and how many times it was asked.
         self._next_inquiry_ms: dict[tuple[str, int], tuple[int, int]] = {}
         # The INFO summary of outcomes still unknown (_summarize_unknown): when it was last
-        # written, the inquiries made since, and the last reason one stayed unknown.
-        self._summary_at_ms = 0
+        # written (None: never), the inquiries made since, and the last reason one stayed
+        # unknown.
+        self._summary_at_ms: int | None = None
         self._asked_since_summary = 0
         self._last_unknown_reason = ""
         self.registered = asyncio.Event()
@@ -267,9 +273,11 @@ class ParticipantServer:
                 await channel.close(None)
 
     async def _housekeeping_tick(self, stub: coordinator_pb2_grpc.CoordinatorStub | None) -> None:
-        now = now_ms()
+        # Intervals, so the monotonic clock: by the wall clock, a step back of an hour held an
+        # unvoted branch (and an in-doubt one, not asked about) and its locks an hour.
+        now = self.engine.monotonic_ms()
         for info in self.engine.preparing():
-            if now - info.updated_at_ms >= self.config.lease_unvoted_ms:
+            if now - info.updated_monotonic_ms >= self.config.lease_unvoted_ms:
                 self.log_.warning(
                     "lease expired before the vote: branch aborted, locks reclaimed",
                     txn=info.branch.transaction_id,
@@ -311,7 +319,7 @@ class ParticipantServer:
         its forcing), then with a backoff while the answer stays unknown. A forced branch is
         asked too because a coordinator that has no record of its transaction (presumed
         abort) never sends a decision: without asking, a forced commit that contradicts it
-        would never be reported (`_reconcile_forced`)."""
+        would never be reported (`_reconcile_forced`). `now` is the engine's monotonic clock's."""
         if self.failed.is_set():  # stopping: replaced, or refused for good; ask nothing more
             return
         engine = self.engine
@@ -327,7 +335,7 @@ class ParticipantServer:
         due = [
             info.branch.key
             for info in engine.in_doubt()
-            if now - info.prepared_at_ms >= after
+            if now - info.prepared_monotonic_ms >= after
             and self._next_inquiry_ms.get(info.branch.key, (0, 0))[0] <= now
         ][: limits.INQUIRIES_PER_TICK_MAX]
         if len(due) < limits.INQUIRIES_PER_TICK_MAX:
@@ -351,7 +359,8 @@ class ParticipantServer:
         down with 30 branches in doubt wrote 250 lines in 20 s). The per-branch lines are
         DEBUG."""
         unknown = self._next_inquiry_ms
-        if not unknown or now - self._summary_at_ms < self.config.inquiry_backoff_ms_max:
+        last = self._summary_at_ms
+        if not unknown or (last is not None and now - last < self.config.inquiry_backoff_ms_max):
             return
         oldest = next(iter(unknown))  # the first still unknown: kept in its place since
         in_doubt = sum(1 for key in unknown if key in self.engine.open)
