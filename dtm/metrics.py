@@ -172,8 +172,9 @@ class EngineObserver:
     def participant_unregistered(self, participant: str) -> None:
         """An operator removed a participant from the registry."""
 
-    def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
-        """The transaction is finished (committed and acknowledged, or aborted)."""
+    def transaction_finished(self, txn: Transaction, elapsed_ms: float) -> None:
+        """The transaction is finished (committed and acknowledged, or aborted), `elapsed_ms`
+        after its start (by the monotonic clock, unless it was recovered)."""
 
 
 NO_OBSERVER = EngineObserver()
@@ -501,17 +502,19 @@ class CoordinatorMetrics(EngineObserver):
             self._call_latency.remove(*key)
             self._call_failures.remove(*key)
 
-    def transaction_finished(self, txn: Transaction, now_ms: int) -> None:
+    def transaction_finished(self, txn: Transaction, elapsed_ms: float) -> None:
         outcome = txn.answer
         if outcome is None or txn.recovered:
             # Recovered after a restart: it did not start in this process, so its latency
             # would count the downtime.
             return
-        # A one-phase commit decides when the participant answers: decided_at stays 0.
-        decided_ms = txn.decided_at_ms or now_ms
+        # A one-phase commit decides when the participant answers: decided_at stays 0. The
+        # decision's time is the wall clock's (the core's, and the log's): a step between
+        # start and decision is bounded by the whole, timed on the monotonic clock.
+        decided_ms = txn.decided_at_ms - txn.created_at_ms if txn.decided_at_ms else elapsed_ms
         label = outcome.value
-        self._decision.labels(label).observe(max(0, decided_ms - txn.created_at_ms) / 1000)
-        self._end_to_end.labels(label).observe(max(0, now_ms - txn.created_at_ms) / 1000)
+        self._decision.labels(label).observe(min(max(0, decided_ms), elapsed_ms) / 1000)
+        self._end_to_end.labels(label).observe(elapsed_ms / 1000)
 
     # ---- read at scrape time ----
 

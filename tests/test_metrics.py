@@ -13,16 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
+from google.protobuf import any_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from dtm import metrics
-from dtm.coordinator.engine import CoordinatorConfig
+from dtm import logs, metrics
+from dtm.coordinator.engine import CoordinatorConfig, Engine
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
+from tests.doubles import AnsweringRegistry
 from tests.harness import ACCOUNTS, STOCK, eventually, order_branches
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -376,3 +380,53 @@ def test_a_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
             await first.stop(0.1)
 
     asyncio.run(scenario())
+
+
+HOUR_MS = 3_600_000
+
+
+@pytest.mark.parametrize("wall_step_ms", [HOUR_MS, -HOUR_MS], ids=["forward", "back"])
+def test_transaction_latencies_are_timed_by_the_monotonic_clock(
+    wall_step_ms: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The decision and end-to-end latencies (and the "transaction finished" line's ms) were
+    the wall clock's now less the transaction's start: with the wall clock stepped an hour
+    forward while a transaction ran, it was an hour long in the histograms; stepped back, 0.
+    Here 250 ms pass on the monotonic clock while the wall clock steps, during a prepare."""
+    logs.configure("coordinator", "INFO")
+
+    async def scenario() -> None:
+        wall_ms, loop_s = [1_800_000_000_000], [100.0]
+        registry = AnsweringRegistry()
+        engine = Engine(
+            MemoryLog(),
+            registry,
+            CoordinatorConfig(),
+            clock_ms=lambda: wall_ms[0],
+            monotonic_s=lambda: loop_s[0],
+        )
+        observed = metrics.CoordinatorMetrics(engine, MemoryLog())
+        answering = registry.answering["yes-a"]
+        answer = answering.prepare
+
+        def prepare_while_the_clock_steps(item: Any) -> None:
+            wall_ms[0] += 250 + wall_step_ms
+            loop_s[0] += 0.25
+            answer(item)
+
+        answering.prepare = prepare_while_the_clock_steps  # type: ignore[method-assign]
+        branches = [(name, any_pb2.Any()) for name in ("yes-a", "yes-b")]
+        await engine.submit("t-step", branches, 5_000, b"t-step")
+
+        async def finished() -> bool:
+            return "t-step" not in engine.active
+
+        await eventually(finished)
+        sample = observed.registry.get_sample_value
+        labels = {"outcome": "committed"}
+        assert 0.25 == sample("dtm_end_to_end_latency_seconds_sum", labels)
+        assert 0 <= (sample("dtm_decision_latency_seconds_sum", labels) or 0) <= 0.25
+
+    asyncio.run(scenario())
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "finished" in line]
+    assert " ms=250 " in f"{line} ", line

@@ -248,7 +248,8 @@ class Engine:
         )
         loop = asyncio.get_running_loop()
         run = Run(txn, fingerprint, [op for _, op in branches], loop.create_future())
-        run.due_s = self.monotonic_s() + timeout_ms / 1000
+        run.started_s = self.monotonic_s()
+        run.due_s = run.started_s + timeout_ms / 1000
         self.active[transaction_id] = run
         run.timer = loop.call_later(timeout_ms / 1000, self._on_timer, run)
         if self._debug:
@@ -798,6 +799,15 @@ class Engine:
         self._tasks.discard(task)
         logs.report_failure(task, "coordinator", "background work")
 
+    def _elapsed_ms(self, run: Run) -> float:
+        """The time since the transaction started: by the monotonic clock, which a wall-clock
+        step cannot stretch (an hour's step forward made every transaction in flight an hour
+        long in the latency histograms) or shrink; for one recovered after a restart, by the
+        wall clock, the one clock both processes read."""
+        if run.txn.recovered:
+            return max(0, self.clock_ms() - run.txn.created_at_ms)
+        return (self.monotonic_s() - run.started_s) * 1000
+
     def _on_timer(self, run: Run) -> None:
         run.timer = None
         early_s = run.due_s - self.monotonic_s()
@@ -1055,7 +1065,8 @@ class Engine:
         if run.finished:
             return
         run.finished = True
-        self.observer.transaction_finished(txn, self.clock_ms())
+        elapsed_ms = self._elapsed_ms(run)
+        self.observer.transaction_finished(txn, elapsed_ms)
         outcome = txn.answer
         # The one INFO line per transaction: its whole story (DEBUG has every step).
         self._log.info(
@@ -1064,7 +1075,7 @@ class Engine:
             outcome=outcome.value if outcome else txn.state.value,
             reason=txn.reason or None,
             branches=len(txn.branches),
-            ms=self.clock_ms() - txn.created_at_ms,
+            ms=round(elapsed_ms),
             phase_two_retries=sum(b.phase_two_attempts for b in txn.branches) or None,
             heuristic=",".join(b.heuristic for b in txn.branches if b.heuristic) or None,
         )

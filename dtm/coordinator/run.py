@@ -59,6 +59,9 @@ class Run:
     # the prepares' timeouts count down to. The core's `deadline_ms` is the wall clock's, for
     # the log and the next process; this one a wall-clock step cannot move.
     due_s: float = 0.0
+    # Its start by the same clock, what its latencies are timed from (`Engine._elapsed_ms`);
+    # 0.0 for one recovered after a restart, which did not start in this process.
+    started_s: float = 0.0
     # Set when a participant said the operation itself is invalid: the client gets
     # INVALID_ARGUMENT (after the abort), not a plain ABORTED.
     invalid_argument: str = ""
