@@ -334,3 +334,46 @@ def test_a_wall_clock_step_back_does_not_postpone_inquiries(tmp_path: Path, cloc
             await server.wal.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("down_ms", "wall_step_ms", "asked_at_once"),
+    [(10, -HOUR_MS, False), (HOUR_MS, 0, True)],
+    ids=["wall-clock-stepped-back", "down-an-hour"],
+)
+def test_a_recovered_in_doubt_branch_is_as_old_as_its_logged_prepare(
+    tmp_path: Path, clocks: Clocks, down_ms: int, wall_step_ms: int, asked_at_once: bool
+) -> None:
+    """A branch recovered in doubt is as old as its logged prepared_at_unix_ms says (the one
+    clock that outlives a process), never younger than 0: prepared an hour before the
+    restart, it is asked about at once; restarted after the wall clock stepped back an hour,
+    it was asked about an hour late (the tick's wall-clock now was before the logged
+    prepare), and is asked in_doubt_after_ms after the restart."""
+    config = ParticipantConfig(data_dir=tmp_path, in_doubt_after_ms=IN_DOUBT_AFTER_MS)
+
+    async def prepared_before_the_restart() -> None:
+        server = ParticipantServer(InventoryService(STOCK), config)
+        try:
+            voted = server.engine.begin_prepare("t-1", 0, prepare("t-1").operation, False)
+            assert isinstance(voted, tuple) and voted[0] is BranchVote.PREPARED
+            await server.engine.wait_durable([("t-1", 0)])
+        finally:
+            await server.wal.close()
+
+    async def restarted() -> None:
+        server = ParticipantServer(InventoryService(STOCK), config)
+        try:
+            coordinator = Coordinator(coordinator_pb2.OUTCOME_UNSPECIFIED)
+            await server._housekeeping_tick(coordinator)  # type: ignore[arg-type]
+            assert (["t-1"] if asked_at_once else []) == coordinator.asked
+            if not asked_at_once:
+                clocks.advance(IN_DOUBT_AFTER_MS)
+                await server._housekeeping_tick(coordinator)  # type: ignore[arg-type]
+                assert ["t-1"] == coordinator.asked
+        finally:
+            await server.wal.close()
+
+    asyncio.run(prepared_before_the_restart())
+    clocks.advance(down_ms, wall_step_ms)
+    clocks.monotonic_ms = 5  # another process: its monotonic clock starts anew
+    asyncio.run(restarted())
