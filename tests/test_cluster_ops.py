@@ -552,12 +552,15 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
                 name="payment", address="127.0.0.1:1", incarnation="impostor"
             )
             coordinator.RegisterParticipant(request, timeout=5)
+            payment = running.pid("payment")
             status, out, _ = run(capsys, "status", *data)
             assert 3 == status, out
             assert "no (another at 127.0.0.1:1)" in out.splitlines()[4], out
+            # Below the table, what `up` says of it (the same words) and what to do.
+            assert "the coordinator now lists it at 127.0.0.1:1" in out, out
+            assert f"`kill {payment}`) and run `up` again" in out, out
             # Payment registered when it started and never will again: said at once, not
             # after waiting out --timeout for it (which then said only "not ready in time").
-            payment = running.pid("payment")
             status, out, err = run(capsys, "up", *data, "--timeout", "60")
             assert (1, "") == (status, out), err
             assert f"payment (pid {payment}) registered with the coordinator when it" in err
@@ -570,6 +573,8 @@ def test_status_and_up_check_that_each_service_is_registered_at_its_own_address(
             )
             status, out, _ = run(capsys, "status", *data)
             assert 3 == status and out.splitlines()[4].endswith(" no"), out
+            assert "the coordinator now does not list it" in out, out
+            assert f"`kill {payment}`) and run `up` again" in out, out
             status, out, err = run(capsys, "up", *data, "--timeout", "60")
             assert (1, "") == (status, out), err
             assert "the coordinator now does not list it" in err, err

@@ -458,6 +458,7 @@ def _print_status(cluster: Cluster) -> int:
         registered = None
     print(f"{'process':<13} {'address':<17} {'pid':>8}  {'health':<26} registered")
     ready = 0
+    lost: list[str] = []
     for name in PROCESSES:
         pid = cluster.pid(name)
         health = cluster.health(name) if pid is not None else "not running"
@@ -477,9 +478,24 @@ def _print_status(cluster: Cluster) -> int:
         ready += health == "SERVING" and registered_here
         pid_text = str(pid) if pid is not None else "-"
         print(f"{name:<13} {cluster.address(name):<17} {pid_text:>8}  {health:<26} {mark}")
+        if registered is not None and not registered_here and pid is not None:
+            lost += _registration_lost(cluster, name)
+    # Below the table: what `up` would say of them (it fails on them too), and what to do.
+    for text in lost:
+        print(text)
     # Exit status for scripts: 0 only when everything is up, each service registered at
     # its own address.
     return 0 if ready == len(PROCESSES) else 3
+
+
+def _registration_lost(cluster: Cluster, name: str) -> list[str]:
+    """Cluster.registration_lost of `name`, as a list (empty: not lost, or the coordinator
+    stopped answering since the table's look)."""
+    try:
+        lost = cluster.registration_lost(name)
+    except grpc.RpcError:
+        return []
+    return [] if lost is None else [lost]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -527,19 +527,29 @@ class Cluster:
         for it took `up` its whole --timeout: ClusterError now, saying what to do."""
         where = f"registered at {seen}" if seen else "not registered"
         problem = name, f"{where} with the coordinator, expected {self.address(name)}"
+        try:
+            lost = self.registration_lost(name)
+        except grpc.RpcError as error:
+            return COORDINATOR, f"ListParticipants failed: {error}"
+        if lost is None:
+            return problem
+        raise ClusterError(lost)
+
+    def registration_lost(self, name: str) -> str | None:
+        """Why the coordinator will not list service `name` at its address until it is
+        restarted, and what to do (`up` fails with it, `status` shows it); None when its log
+        does not say it registered since its last start (it may still be starting), or when
+        the coordinator lists it there. grpc.RpcError when the coordinator does not answer."""
         # Its log first, the coordinator again after: the other way round, a registration
         # made between the two reads would pass for one the coordinator has lost.
         if not self._registered_since_start(name):
-            return problem
-        try:
-            seen = self.registered().get(name)
-        except grpc.RpcError as error:
-            return COORDINATOR, f"ListParticipants failed: {error}"
+            return None
+        seen = self.registered().get(name)
         if seen == self.address(name):
-            return problem  # it was registered by now: the next look finds it ready
+            return None
         where = f"lists it at {seen}" if seen else "does not list it"
         pid = self.pid(name)
-        raise ClusterError(
+        return (
             f"{name} (pid {pid}) registered with the coordinator when it started (its log "
             f"{self.log_path(name)} says so), but the coordinator now {where}: it was removed "
             f"(`dtm participants remove {name}`), or another process took its name. A service "
