@@ -16,7 +16,7 @@ import pytest
 from dtm import chaos, crashpoints, invariants
 from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
 from dtm.chaos import session as chaos_session
-from dtm.cluster import PROCESSES, SERVICES
+from dtm.cluster import PROCESSES, SERVICES, PortTakenError
 from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
 from dtm.orderflow import SubmitResult
 from dtmpb.v1 import coordinator_pb2, participant_pb2
@@ -535,3 +535,48 @@ def test_a_recovery_cell_reports_a_target_that_died_on_its_own_before_the_kill(
     assert isinstance(cluster, DeadOnItsOwnCluster)
     assert any(v.startswith("payment exited on its own with status 1") for v in result.violations)
     assert result.kills == Counter(cluster.killed)
+
+
+# ---- the environment: a port another program took is not dtm's violation ----
+
+
+class PortTakenOnRestartCluster(DeadOnItsOwnCluster):
+    """A stand-in for Cluster where all five run, and where the target, restarted on its port,
+    exits with status 1 because another program took that port while it was down."""
+
+    data_dir = Path("/nonexistent-chaos-data-dir")
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.up[target], self.codes[target] = True, None  # none died on its own
+
+    def wait_exit(self, name: str, timeout_s: float) -> int | None:
+        self.up[name], self.codes[name] = False, 1
+        return 1
+
+    def port_taken(self, name: str) -> PortTakenError | None:
+        if self.codes[name] != 1:
+            return None
+        return PortTakenError(f"{name} could not start: port 1 is held by pid 2", name, 1)
+
+    def log_tail(self, name: str, lines: int = 0) -> str:
+        return "    (a log line)"
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        pass
+
+
+def test_a_restart_whose_port_was_taken_is_an_environment_problem_not_a_violation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A crash run restarts its target on its port; another program may have taken it in
+    between. That run said "payment exited with status 1, not 86 (a crash point)", a
+    violation of dtm's, when it was the machine's doing: it is reported as an environment
+    problem (what stopped the run, what to do), the cluster dropped, no violation counted."""
+    session = fake_session(monkeypatch, tmp_path, "payment")
+    session.cluster = PortTakenOnRestartCluster("payment")  # type: ignore[assignment]
+    result = asyncio.run(session.run(1, Cell("participant.during_recovery", "payment"), SEED))
+    assert [] == result.violations
+    assert ["payment could not start: port 1 is held by pid 2"] == result.environment
+    assert result.line(1).endswith("STOPPED by the environment (1, not a violation)")
+    assert session.cluster is None  # dropped: the next run starts a fresh one

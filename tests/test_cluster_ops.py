@@ -234,6 +234,51 @@ def test_a_free_port_taken_before_its_server_binds_it_is_chosen_again(
             running.stop()
 
 
+def test_a_restart_whose_port_another_program_took_says_which_and_what_to_do(
+    tmp_path: Path,
+) -> None:
+    """A restarted process keeps its port (its clients keep the address), so a port another
+    program took while it was down fails the restart: the error names the port, the program
+    holding it (here this test's process) and what to do, instead of "exited with code 1"."""
+    running = Cluster(tmp_path, Ports.free())
+    running.start()
+    try:
+        port = running.ports.payment
+        running.terminate("payment")
+        with socket.socket() as thief:
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+            with pytest.raises(cluster.PortTakenError) as raised:
+                running.restart("payment")
+        text = str(raised.value)
+        assert (raised.value.name, raised.value.port) == ("payment", port)
+        assert f"port {port} (127.0.0.1:{port}) is held by pid {os.getpid()} (" in text, text
+        assert f"`kill {os.getpid()}`" in text and "then start it again" in text, text
+        assert port == running.ports.payment  # not moved
+    finally:
+        running.stop()
+
+
+def test_a_coordinator_restarted_under_running_services_does_not_move(tmp_path: Path) -> None:
+    """The services dial the coordinator at the address they were started with: `start` of
+    a cluster whose services run (a chaos heal) must not move the coordinator to another free
+    port (its services would not find it); its taken port is a PortTakenError."""
+    running = Cluster(tmp_path, Ports.free())
+    running.start()
+    try:
+        port = running.ports.coordinator
+        running.kill(COORDINATOR)
+        with socket.socket() as thief:
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+            with pytest.raises(cluster.PortTakenError, match=f"port {port} "):
+                running.start()
+        assert port == running.ports.coordinator
+        assert all(running.running(name) for name in cluster.SERVICES)
+    finally:
+        running.stop()
+
+
 def test_up_on_free_ports_moves_a_process_whose_port_was_taken(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -106,7 +106,7 @@ async def run_all(
                     print(f"      {record.order_id}: {record.outcome}{retry} {record.reason[:90]}")
             for rerun in result.reruns:
                 print(f"      known limit, not a violation: {rerun}")
-            if result.violations:
+            if result.violations or result.environment:
                 print_violation(result)
     finally:
         await session.close()
@@ -206,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  runs with violations ({len(failed_runs)}), each replays alone:")
         for result in failed_runs:
             print(f"    run {result.index}: {result.replay}")
+    # Not dtm's failures, but not passes either: those runs did not check all they should.
+    stopped_runs = [result for result in results if result.environment]
+    if stopped_runs:
+        print(
+            f"  runs stopped by the environment, not by dtm ({len(stopped_runs)}; "
+            "what to do is above), each replays alone:"
+        )
+        for result in stopped_runs:
+            print(f"    run {result.index}: {result.replay}")
     if options.sim_seeds:
         sim_started = time.perf_counter()
         seeds, sim_violations, note = run_simulator(options.sim_seeds, options.seed)
@@ -218,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                 "its violations are added to the line below)"
             )
         violations += sim_violations
-    if not failed_runs and not options.keep and options.data_dir is None:
+    if not failed_runs and not stopped_runs and not options.keep and options.data_dir is None:
         shutil.rmtree(root, ignore_errors=True)
-    elif failed_runs:
+    elif failed_runs or stopped_runs:
         print(f"logs kept in {root}")
-    print(f"chaos: {len(results)} runs, {violations} violations")
-    return 0 if violations == 0 else 1
+    environment = sum(len(result.environment) for result in results)
+    stopped = f", {environment} environment problems (not violations)" if environment else ""
+    print(f"chaos: {len(results)} runs, {violations} violations{stopped}")
+    return 0 if violations == 0 and environment == 0 else 1

@@ -31,6 +31,8 @@ def print_violation(result: RunResult) -> None:
     print(f"  !! run {result.index}: {what}, seed {result.seed}")
     for violation in result.violations:
         print(f"     VIOLATION {violation}")
+    for problem in result.environment:
+        print(f"     ENVIRONMENT (not a violation; the run stopped there) {problem}")
     mentioned = " ".join(result.violations)
     for record in result.records:
         if any(f"order {record.order_id}{end}" in mentioned for end in " :"):

@@ -53,6 +53,9 @@ class RunResult:
     #: The known-limit reruns (LATE_RERUN), each with what the services showed of it.
     reruns: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    #: What stopped the run that was the machine's doing, not dtm's (another program took a
+    #: restarted process's port: PortTakenError): not violations, but the run checked less.
+    environment: list[str] = field(default_factory=list)
     #: Fault soaks: how long, and each Submit's latency at its client, ms (any outcome).
     soak_s: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
@@ -138,6 +141,10 @@ class RunResult:
         if self.kind == SOAK and self.latencies_ms:
             orders += f"; {latency_summary(self.latencies_ms)}"
         result = "ok" if not self.violations else f"VIOLATIONS: {len(self.violations)}"
+        if self.environment:
+            # Not "ok": the run did not check all it should have.
+            stopped = f"STOPPED by the environment ({len(self.environment)}, not a violation)"
+            result = f"{result}; {stopped}" if self.violations else stopped
         return f"{head} {what} {orders}  {self.elapsed_s:.1f} s  {result}"
 
 

@@ -98,7 +98,15 @@ from dtm.chaos.settings import (
     SUBMIT_TIMEOUT_S,
     TRANSACTION_TIMEOUT_MS,
 )
-from dtm.cluster import COORDINATOR, PROCESSES, SERVICES, Cluster, ClusterError, Ports
+from dtm.cluster import (
+    COORDINATOR,
+    PROCESSES,
+    SERVICES,
+    Cluster,
+    ClusterError,
+    Ports,
+    PortTakenError,
+)
 from dtm.orderflow import OrderClient, SubmitResult
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 
@@ -377,6 +385,11 @@ class Session:
                 code = await asyncio.to_thread(cluster.wait_exit, target, CRASH_GRACE_S)
                 if code is not None:
                     break
+        if code not in (None, CRASH_EXIT_STATUS):
+            # Restarted on its port, which another program may have taken while it was down.
+            taken = cluster.port_taken(target)
+            if taken is not None:
+                raise taken
         if code is None:
             result.target = "not reached"
             await asyncio.to_thread(cluster.kill, target)  # still armed: restart it plainly
@@ -740,13 +753,15 @@ class Session:
             result = await asyncio.wait_for(work, timeout_s)
         except TimeoutError:
             result.violations.append(f"the run did not finish within {timeout_s:g} s")
+        except PortTakenError as error:
+            result.environment.append(str(error))
         except ClusterError as error:
             result.violations.append(f"the cluster failed: {error}")
         except Exception as error:  # reported as a failed run, and the next run starts clean
             detail = "".join(traceback.format_exception(error)[-4:])
             result.violations.append(f"the run failed: {error!r}\n{detail}")
         result.elapsed_s = time.perf_counter() - started
-        if result.violations:
+        if result.violations or result.environment:
             cluster = self.cluster
             if cluster is not None:
                 # The target's log and the coordinator's; every log when something is stuck.

@@ -45,6 +45,7 @@ from dtm.cluster.errors import (
     ClusterError,
     ClusterLockError,
     ClusterStateError,
+    PortTakenError,
 )
 from dtm.cluster.lock import (
     locked,
@@ -80,6 +81,7 @@ __all__ = [
     "ClusterLockError",
     "ClusterStateError",
     "FreePorts",
+    "PortTakenError",
     "Ports",
     "_has_option",
     "_setting_text",

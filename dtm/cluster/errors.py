@@ -20,3 +20,14 @@ class ClusterBusyError(ClusterError):
 
 class ClusterLockError(ClusterError):
     """DIR/cluster.lock cannot be opened or locked (a directory, a dangling symlink...)."""
+
+
+class PortTakenError(ClusterError):
+    """A process exited at its start because another program holds its port, which it cannot
+    leave (its clients keep the address): the machine's doing, not the cluster's. The
+    message names the port, the program holding it and what to do."""
+
+    def __init__(self, message: str, name: str, port: int) -> None:
+        super().__init__(message)
+        self.name = name
+        self.port = port

@@ -31,6 +31,13 @@ _TCP_LISTEN = "0A"  # the state column of /proc/net/tcp for a listening socket
 def _listening_inodes(port: int) -> set[str] | None:
     """The inodes of the sockets listening on `port` (IPv4 and IPv6), or None when /proc
     cannot tell."""
+    return _port_inodes(port, listening_only=True)
+
+
+def _port_inodes(port: int, *, listening_only: bool) -> set[str] | None:
+    """The inodes of the TCP sockets on local port `port` (IPv4 and IPv6): those listening
+    only, or every one (a socket bound and not listening holds the port as well), or None
+    when /proc cannot tell."""
     inodes: set[str] = set()
     found = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
@@ -41,10 +48,36 @@ def _listening_inodes(port: int) -> set[str] | None:
         found = True
         for line in lines:  # bounded by the machine's sockets
             fields = line.split()
-            listens = len(fields) > 9 and fields[3] == _TCP_LISTEN
-            if listens and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            if len(fields) <= 9 or (listening_only and fields[3] != _TCP_LISTEN):
+                continue
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(fields[9])
     return inodes if found else None
+
+
+def _port_holders(port: int) -> list[int] | None:
+    """The pids of the processes holding a TCP socket on local port `port` (this user's:
+    another's open files cannot be read), listening ones first; None when /proc cannot
+    tell. Scans every process: for an error message, not for a hot path."""
+    listening = _port_inodes(port, listening_only=True)
+    every = _port_inodes(port, listening_only=False)
+    if listening is None or every is None:
+        return None
+    holders: dict[int, bool] = {}  # pid -> whether it listens there
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        held = _socket_inodes(int(entry)) & every
+        if held:
+            holders[int(entry)] = bool(held & listening)
+    return sorted(holders, key=lambda pid: (not holders[pid], pid))
+
+
+def _describe(pid: int) -> str:
+    """`pid` and its command line, as much of it as /proc shows."""
+    args = _cmdline(pid)
+    shown = " ".join(arg for arg in args or () if arg)
+    return f"pid {pid} ({shown[:200]})" if shown else f"pid {pid}"
 
 
 def _socket_inodes(pid: int) -> set[str]:

@@ -26,14 +26,18 @@ from dtm import security
 from dtm.cluster.errors import (
     ClusterError,
     ClusterStateError,
+    PortTakenError,
 )
 from dtm.cluster.ports import (
     FreePorts,
     Ports,
 )
 from dtm.cluster.procfs import (
+    _describe,
     _is_ours,
     _listening_inodes,
+    _port_holders,
+    _port_inodes,
     _Process,
     _socket_inodes,
 )
@@ -260,6 +264,9 @@ class Cluster:
             _write_atomically(self.initial_path, json.dumps(document, indent=2) + "\n")
         self._write_state()
         started: list[str] = []
+        # The coordinator moves only with every service: one already running dials it at the
+        # address it was started with (a chaos heal restarted the coordinator elsewhere).
+        fixed = [COORDINATOR] if any(self.running(name) for name in SERVICES) else []
         deadline = time.monotonic() + self.start_timeout_s
         try:
             if COORDINATOR in wanted and not self.running(COORDINATOR):
@@ -267,51 +274,83 @@ class Cluster:
                 started.append(COORDINATOR)
                 # Services register as soon as they start; with the coordinator already
                 # serving they do so on the first try instead of retrying with backoff.
-                self._wait_started(deadline, [COORDINATOR], started, registration=False)
+                self._wait_started(deadline, [COORDINATOR], started, fixed, registration=False)
             for name in wanted:
                 if not self.running(name):
                     self._spawn(name)
                     started.append(name)
-            self._wait_started(deadline, PROCESSES, started, registration=True)
+            self._wait_started(deadline, PROCESSES, started, fixed, registration=True)
         except BaseException:
             self._stop_processes(started, STOP_GRACE_S)
             raise
 
     def _wait_started(
-        self, deadline: float, names: Sequence[str], started: Sequence[str], *, registration: bool
+        self,
+        deadline: float,
+        names: Sequence[str],
+        started: Sequence[str],
+        fixed: Sequence[str],
+        *,
+        registration: bool,
     ) -> None:
-        """`_wait`, but a process of `started` that found its free port taken (FreePorts)
-        starts again on another, up to PORT_MOVES_MAX times. Only while starting: the
-        coordinator moves before any service has its address, and a service's new address
-        is what it registers."""
+        """`_wait`, but a process of `started` (not of `fixed`) that found its free port taken
+        (FreePorts) starts again on another, up to PORT_MOVES_MAX times. Only while starting:
+        the coordinator moves before any service has its address, and a service's new
+        address is what it registers. Any other process whose port was taken: PortTakenError."""
         for _ in range(PORT_MOVES_MAX):
             try:
                 self._wait(deadline, names, registration=registration)
                 return
-            except ClusterError:
-                lost = next((name for name in started if self._port_taken(name)), None)
-                if lost is None:
+            except PortTakenError as taken:
+                movable = taken.name in started and taken.name not in fixed
+                if not movable or not isinstance(self.ports, FreePorts):
                     raise
-                self._move(lost)
+                self._move(taken.name)
         self._wait(deadline, names, registration=registration)
 
-    def _port_taken(self, name: str) -> bool:
-        """Whether `name` exited because its port, one free_ports chose, was in use."""
-        popen = self._processes[name].popen
-        if not isinstance(self.ports, FreePorts) or popen is None or popen.poll() is None:
-            return False
+    def port_taken(self, name: str) -> PortTakenError | None:
+        """Why `name`, started by this object, exited at its start, when its log says (since
+        that start) that its port was in use: the port, who holds it, what to do. None when
+        it runs, was not started by this object, or exited for another reason."""
+        popen = self._processes[self._known(name)].popen
+        if popen is None or popen.poll() is None:
+            return None
         try:
             with self.log_path(name).open("rb") as log:
                 log.seek(self._log_offsets.get(name, 0))
                 output = log.read().decode(errors="replace")
         except OSError:
-            return False
+            return None
         # grpc_edge.bind's words for it (with TLS, it adds another possible cause).
-        return f"cannot listen on {self.address(name)}: is the port already in use?" in output
+        if f"cannot listen on {self.address(name)}: is the port already in use?" not in output:
+            return None
+        port = self.ports.of(name)
+        # With TLS the same words may mean credentials gRPC rejected: a port nothing holds
+        # (as far as /proc tells) leaves that to the log.
+        if self.tls_dir is not None and _port_inodes(port, listening_only=False) == set():
+            return None
+        return PortTakenError(self._port_taken_text(name, port), name, port)
+
+    def _port_taken_text(self, name: str, port: int) -> str:
+        holders = _port_holders(port)
+        if holders:
+            held = f"is held by {', '.join(_describe(pid) for pid in holders)}"
+            remedy = f"stop that program (`kill {holders[0]}`), or wait until it lets go"
+        else:
+            held = "was in use (no process of this user holds it now: another user's, or let go)"
+            remedy = f"find what holds it (`ss -tanp 'sport = :{port}'`) and stop it"
+        knows = "the services and clients know" if name == COORDINATOR else "the coordinator knows"
+        return (
+            f"{name} could not start: port {port} ({self.address(name)}) {held}, its log "
+            f"{self.log_path(name)} says. It must come back on that port ({knows} it by that "
+            f"address): {remedy}, then start it again (`python -m dtm.cluster up --data-dir "
+            f"{self.data_dir}` starts what is not running). Not the cluster's fault: another "
+            "program took the port while it was down"
+        )
 
     def _move(self, name: str) -> None:
         """Start `name` again on another free port, and record it."""
-        assert isinstance(self.ports, FreePorts)  # as _port_taken found
+        assert isinstance(self.ports, FreePorts)  # as _wait_started checked
         taken = self.address(name)
         self.ports = self.ports.moved(name, self.host)
         self._write_state()
@@ -384,6 +423,10 @@ class Cluster:
         a crash point); the next restart without them starts the process plainly again.
         `wait=False` returns as soon as the process is spawned, for a start that is expected
         to die (a crash point hit during recovery): see `wait_exit`.
+
+        The port stays (its clients keep the address): when another program took it while
+        the process was down, the wait raises PortTakenError naming that program and what to
+        do (with `wait=False`, `port_taken` says so once the process has exited).
         """
         if kill:
             self.kill(name)
@@ -489,6 +532,9 @@ class Cluster:
         for name in names:
             process = self._processes[name]
             if process.popen is not None and process.popen.poll() is not None:
+                taken = self.port_taken(name)
+                if taken is not None:
+                    raise taken
                 raise ClusterError(
                     f"{name} (pid {process.pid}) exited with code {process.popen.returncode} "
                     f"while starting; {self.log_path(name)} ends with:\n{self.log_tail(name)}"
