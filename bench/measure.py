@@ -26,7 +26,7 @@ from bench.procs import Processes
 from bench.stats import Outcome, Tally
 from bench.workload import UNITS_PER_ORDER, Participant, Workload, initial_state
 from dtm import invariants
-from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, Ports, free_ports
+from dtm.cluster import COORDINATOR, MODULES, PROCESSES, Cluster, FreePorts, free_ports
 from dtm.orderflow import ORDERS, OrderClient
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -120,20 +120,23 @@ async def measure_dtm(
         metric_addresses = {
             name: f"{HOST}:{port}" for name, port in zip(names, metric_ports, strict=True)
         }
+    # FreePorts: the cluster's start moves a process whose port (gRPC or /metrics) another
+    # program bound before it did, instead of failing the run.
     cluster = Cluster(
         directory,
-        Ports(*grpc_ports[: len(PROCESSES)]),
+        FreePorts(*grpc_ports[: len(PROCESSES)]),
         initial=initial_state(),
-        extra_args={
-            name: [hooks.METRICS_FLAG, metric_addresses[name]]
-            for name in PROCESSES
-            if name in metric_addresses
-        },
+        metrics_ports=FreePorts(*metric_ports[: len(PROCESSES)]) if with_metrics else None,
     )
     try:
         with Processes(cluster.logs_dir) as processes:
             try:
                 await cluster.start_async()
+                # Where each serves /metrics now: the start may have moved one.
+                for name in PROCESSES:
+                    address = cluster.metrics_address(name)
+                    if address is not None:
+                        metric_addresses[name] = address
                 await _start_extras(cluster, extras, extra_addresses, processes, metric_addresses)
                 result = await _load_and_check(
                     cluster,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import baselines, checks, footprint, hooks, plot, report, run
+from bench import baselines, checks, footprint, hooks, measure, plot, report, run
 from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
@@ -33,7 +34,7 @@ from bench.workload import (
     initial_state,
     participants_for,
 )
-from dtm.cluster import PROCESSES
+from dtm.cluster import COORDINATOR, PROCESSES
 from dtm.invariants import (
     CANCELLED,
     CONFIRMED,
@@ -1210,6 +1211,46 @@ def test_baselines_run_for_real() -> None:
     for result in (unary, naive):
         assert result.tally.counts[Outcome.COMMITTED] > 0
         assert 0 == result.errors
+
+
+@pytest.mark.slow
+def test_a_port_taken_after_the_bench_chose_it_is_chosen_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The bench chooses its cluster's gRPC and /metrics ports with free_ports; another
+    program may bind one before the server does (here the coordinator's /metrics port, taken
+    as soon as chosen). The run moves that process as Cluster does for FreePorts, and still
+    scrapes it, instead of failing with "exited with code 1"."""
+    choose = measure.free_ports
+    thieves: list[socket.socket] = []
+
+    def then_take_the_coordinators_metrics_port(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = choose(count, host)
+        thief = socket.socket()
+        thief.bind((host, ports[len(PROCESSES)]))  # after the five gRPC ports: its /metrics
+        thief.listen()
+        thieves.append(thief)
+        return ports
+
+    monkeypatch.setattr(measure, "free_ports", then_take_the_coordinators_metrics_port)
+    spec = LoadSpec(clients=2, warmup_s=0.0, duration_s=0.5)
+    try:
+        result = asyncio.run(
+            measure.measure_dtm(
+                participants_for(4),
+                spec,
+                Workload(participants_for(4), run_id="r1"),
+                data_dir=tmp_path,
+                progress=False,
+            )
+        )
+    finally:
+        for thief in thieves:
+            thief.close()
+    assert 1 == len(thieves)
+    assert result.tally.counts[Outcome.COMMITTED] > 0
+    assert result.costs.fsyncs_by_process is not None, result.costs.note
+    assert COORDINATOR in result.costs.fsyncs_by_process
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from dataclasses import astuple
 from pathlib import Path
 
 import grpc
@@ -70,15 +71,21 @@ def scrape(port: int) -> int:
 
 
 def test_a_service_restarted_by_a_second_up_keeps_its_metrics(tmp_path: Path) -> None:
-    metrics = ",".join(str(port) for port in free_ports(len(PROCESSES)))
-    orders_metrics = int(metrics.split(",")[PROCESSES.index("orders")])
+    """`--metrics-ports free`: five free /metrics ports `up` chooses (and moves one another
+    program takes first), not ports a test chose and let go before the servers bound them."""
     try:
-        assert 0 == up(tmp_path, "--metrics-ports", metrics)
+        assert 0 == up(tmp_path, "--metrics-ports", "free")
+        address = Cluster.attach(tmp_path).metrics_address("orders")
+        assert address is not None
+        orders_metrics = int(address.rpartition(":")[2])
         assert 200 == scrape(orders_metrics)
         killed = Cluster.attach(tmp_path).kill("orders")
         assert killed is not None and 0 == scrape(orders_metrics)
         assert 0 == cluster.main(["up", "--data-dir", str(tmp_path)])  # starts orders again
         assert 200 == scrape(orders_metrics), "orders came back without its /metrics endpoint"
+        # Asks for no ports in particular: those it runs on will do.
+        assert 0 == up(tmp_path, "--metrics-ports", "free")
+        assert address == Cluster.attach(tmp_path).metrics_address("orders")
     finally:
         cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
 
@@ -229,6 +236,34 @@ def test_a_free_port_taken_before_its_server_binds_it_is_chosen_again(
             others = [other for other in PROCESSES if other != name]
             assert [ports.of(other) for other in others] == [
                 running.ports.of(other) for other in others
+            ]
+        finally:
+            running.stop()
+
+
+@pytest.mark.parametrize("name", [COORDINATOR, "orders"])
+def test_a_free_metrics_port_taken_before_its_server_binds_it_is_chosen_again(
+    tmp_path: Path, name: str
+) -> None:
+    """The /metrics ports, when free_ports chose them (FreePorts), move as the gRPC ones do:
+    here one is taken between the choice and the start, and the process serves /metrics on
+    another free port, which cluster.json records."""
+    ports = Ports.free()
+    metrics = Ports.free(avoid=astuple(ports))
+    with socket.socket() as thief:
+        thief.bind(("127.0.0.1", metrics.of(name)))
+        thief.listen()
+        running = Cluster(tmp_path, ports, metrics_ports=metrics)
+        try:
+            running.start()
+            moved = running.metrics_address(name)
+            assert moved is not None and moved != f"127.0.0.1:{metrics.of(name)}"
+            assert 200 == scrape(int(moved.rpartition(":")[2]))
+            assert ports == running.ports
+            assert moved == Cluster.attach(tmp_path).metrics_address(name)
+            others = [other for other in PROCESSES if other != name]
+            assert [f"127.0.0.1:{metrics.of(other)}" for other in others] == [
+                running.metrics_address(other) for other in others
             ]
         finally:
             running.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, astuple
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,10 @@ def _port_in_both(options: argparse.Namespace) -> int | None:
     """A port both --ports and --metrics-ports give (a process's /metrics endpoint could not
     bind it), or None."""
     grpc_ports = asdict(options.ports).values() if options.ports is not None else ()
-    return next((port for port in options.metrics_ports or () if port in grpc_ports), None)
+    metrics = options.metrics_ports
+    if not isinstance(metrics, list):  # none, or free ones: chosen besides the gRPC ports
+        return None
+    return next((port for port in metrics if port in grpc_ports), None)
 
 
 def _prepare_timeout_ms(text: str) -> int:
@@ -121,9 +124,23 @@ def _parse_tls_dir(text: str) -> Path | str:
     return TLS_OFF if text == TLS_OFF else Path(text)
 
 
-def _parse_metrics_ports(text: str) -> list[int]:
-    """[] for 'off' (no /metrics endpoints), else the five ports."""
+def _parse_metrics_ports(text: str) -> list[int] | str:
+    """[] for 'off' (no /metrics endpoints), PORTS_FREE for 'free' (five chosen when a
+    cluster starts, besides its gRPC ports), else the five ports."""
+    if text == PORTS_FREE:
+        return PORTS_FREE
     return [] if text == "off" else _port_list(text)
+
+
+def _metrics_of(
+    metrics: list[int] | str, ports: Ports
+) -> tuple[dict[str, list[str]], Ports | None]:
+    """(extra_args, metrics_ports) of a cluster on `ports` whose /metrics ports are
+    `metrics`: free ones (FreePorts, which a start moves should another program take one
+    first) besides `ports`, or those given."""
+    if isinstance(metrics, str):  # PORTS_FREE
+        return {}, Ports.free(avoid=astuple(ports))
+    return _metrics_args(metrics), None
 
 
 def _print_addresses(cluster: Cluster) -> None:
@@ -199,8 +216,11 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         differences = [
             f"{name} {_setting_text(_settings_of(existing)[name])} -> {_setting_text(value)}"
             for name, value in requested.items()
-            # `--ports free` asks for no ports in particular: those it runs on will do.
-            if value != _settings_of(existing)[name] and not isinstance(value, FreePorts)
+            # `--ports free` (`--metrics-ports free`) asks for no ports in particular: those
+            # it runs on will do.
+            if value != _settings_of(existing)[name]
+            and not isinstance(value, FreePorts)
+            and value != PORTS_FREE
         ]
         if differences:
             raise ClusterError(
@@ -241,15 +261,18 @@ def _cluster_to_start(options: argparse.Namespace) -> Cluster | None:
         metrics = _parse_metrics_ports(DEFAULT_METRICS_PORTS)
     tls_dir = requested.get("tls_dir")
     _check_tls_dir(tls_dir, "--tls-dir")
+    ports = options.ports or Ports()
+    extra_args, metrics_ports = _metrics_of(metrics, ports)
     return Cluster(
         options.data_dir,
-        options.ports or Ports(),
+        ports,
         initial=requested.get("initial"),
         test_control=bool(options.test_control),
         prepare_timeout_ms=options.prepare_timeout_ms,
         start_timeout_s=options.timeout,
         tls_dir=tls_dir,
-        extra_args=_metrics_args(metrics),
+        extra_args=extra_args,
+        metrics_ports=metrics_ports,
     )
 
 
@@ -284,12 +307,16 @@ def _restart_recorded(stopped: Cluster, requested: dict[str, Any], timeout: floa
         )
     source = "--tls-dir" if "tls_dir" in requested else f"tls_dir of {stopped.state_path}"
     _check_tls_dir(settings["tls_dir"], source)
-    extra_args = stopped.extra_args
+    extra_args, metrics_ports = stopped.extra_args, None
     if "metrics" in requested:
         others = {
             name: args for name, args in extra_args.items() if args[:1] != ["--metrics-listen"]
         }
-        extra_args = {**others, **requested["metrics"]}
+        metrics = requested["metrics"]
+        if metrics == PORTS_FREE:
+            extra_args, metrics_ports = others, Ports.free(avoid=astuple(settings["ports"]))
+        else:
+            extra_args = {**others, **metrics}
     return Cluster(
         stopped.data_dir,
         settings["ports"],
@@ -301,6 +328,7 @@ def _restart_recorded(stopped: Cluster, requested: dict[str, Any], timeout: floa
         start_timeout_s=timeout,
         tls_dir=settings["tls_dir"],
         extra_args=extra_args,
+        metrics_ports=metrics_ports,
     )
 
 
@@ -349,8 +377,9 @@ def _requested_settings(options: argparse.Namespace) -> dict[str, Any]:
         requested["tls_dir"] = None
     elif options.tls_dir is not None:
         requested["tls_dir"] = Path(options.tls_dir).resolve()
-    if options.metrics_ports is not None:
-        requested["metrics"] = _metrics_args(options.metrics_ports)
+    metrics = options.metrics_ports
+    if metrics is not None:
+        requested["metrics"] = metrics if metrics == PORTS_FREE else _metrics_args(metrics)
     return requested
 
 
@@ -540,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="Prometheus /metrics ports of coordinator,inventory,orders,payment,notification "
         f"(up only; default: as cluster.json records, else {DEFAULT_METRICS_PORTS}; "
-        "'off' for none)",
+        "'off' for none; 'free' for five free ones, moved as --ports free moves them)",
     )
     parser.add_argument(
         "--prepare-timeout-ms",

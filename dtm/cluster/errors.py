@@ -27,7 +27,9 @@ class PortTakenError(ClusterError):
     leave (its clients keep the address): the machine's doing, not the cluster's. The
     message names the port, the program holding it and what to do."""
 
-    def __init__(self, message: str, name: str, port: int) -> None:
+    def __init__(self, message: str, name: str, port: int, *, metrics: bool = False) -> None:
         super().__init__(message)
         self.name = name
         self.port = port
+        #: The port of its /metrics endpoint, not its gRPC one.
+        self.metrics = metrics

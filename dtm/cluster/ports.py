@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Collection
 from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
@@ -38,9 +39,10 @@ class Ports:
         return port
 
     @classmethod
-    def free(cls, host: str = "127.0.0.1") -> FreePorts:
-        """Five ports free right now, for tests that must not clash with a running cluster."""
-        return FreePorts(*free_ports(len(PROCESSES), host))
+    def free(cls, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> FreePorts:
+        """Five ports free right now (none of `avoid`: the gRPC ports, for /metrics ones), for
+        tests that must not clash with a running cluster."""
+        return FreePorts(*_free_ports_besides(len(PROCESSES), avoid, host))
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,12 +51,18 @@ class FreePorts(Ports):
     are: another program may bind one before its server does (a busy machine's other test
     runs did, failing test_node_example), so a launcher may move that process to another."""
 
-    def moved(self, name: str, host: str = "127.0.0.1") -> FreePorts:
-        """These ports, with `name` on another free one (none of these five)."""
-        mine = set(asdict(self).values())
-        # One more than these five: at least one of them is not among these.
-        port = next(port for port in free_ports(len(mine) + 1, host) if port not in mine)
+    def moved(self, name: str, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> FreePorts:
+        """These ports, with `name` on another free one (none of these five, nor `avoid`)."""
+        (port,) = _free_ports_besides(1, {*asdict(self).values(), *avoid}, host)
         return replace(self, **{name: port})
+
+
+def _free_ports_besides(count: int, avoid: Collection[int], host: str) -> list[int]:
+    """`count` free ports, none of `avoid`."""
+    avoided = set(avoid)
+    # `len(avoided)` more: at most that many of them are among those avoided.
+    chosen = free_ports(count + len(avoided), host)
+    return [port for port in chosen if port not in avoided][:count]
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:

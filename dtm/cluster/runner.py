@@ -46,6 +46,7 @@ from dtm.cluster.settings import (
     HEALTH_CALL_TIMEOUT_S,
     LOG_SCAN_BYTES,
     LOG_TAIL_LINES,
+    METRICS_FLAG,
     MODULES,
     POLL_INTERVAL_S,
     PORT_MOVES_MAX,
@@ -87,7 +88,11 @@ class Cluster:
         host: str = "127.0.0.1",
         start_timeout_s: float = START_TIMEOUT_S,
         tls_dir: Path | str | None = None,
+        metrics_ports: Ports | None = None,
     ) -> None:
+        """`metrics_ports`: each process's Prometheus /metrics port (its --metrics-listen,
+        first of its `extra_args`, which cluster.json records); FreePorts, as for `ports`,
+        lets a start move one that another program took first."""
         self.data_dir = Path(data_dir).resolve()
         self.ports = ports or Ports()
         self.host = host
@@ -108,6 +113,13 @@ class Cluster:
         unknown = set(self.extra_args) - set(PROCESSES)
         if unknown:
             raise ValueError(f"extra_args for unknown processes: {', '.join(sorted(unknown))}")
+        self.metrics_ports = metrics_ports
+        if metrics_ports is not None:
+            if any(METRICS_FLAG in args for args in self.extra_args.values()):
+                raise ValueError(f"{METRICS_FLAG} in extra_args as well as metrics_ports")
+            for name in PROCESSES:
+                self.extra_args[name] = [METRICS_FLAG, "", *self.extra_args.get(name, [])]
+                self._set_metrics_address(name)
         self._processes = {name: _Process(name) for name in PROCESSES}
         # Where each process's log was when this object last started it: what it wrote
         # since (the log is appended across restarts).
@@ -153,6 +165,16 @@ class Cluster:
     @property
     def initial_path(self) -> Path:
         return self.data_dir / "initial.json"
+
+    def metrics_address(self, name: str) -> str | None:
+        """HOST:PORT of the /metrics endpoint of `name`, or None when it has none."""
+        args = self.extra_args.get(self._known(name), [])
+        return args[1] if args[:1] == [METRICS_FLAG] and len(args) > 1 else None
+
+    def _set_metrics_address(self, name: str) -> None:
+        """Point --metrics-listen of `name` (first of its extra_args) at metrics_ports."""
+        assert self.metrics_ports is not None
+        self.extra_args[name][1] = f"{self.host}:{self.metrics_ports.of(name)}"
 
     def _known(self, name: str) -> str:
         if name not in self._processes:
@@ -302,11 +324,19 @@ class Cluster:
                 self._wait(deadline, names, registration=registration)
                 return
             except PortTakenError as taken:
-                movable = taken.name in started and taken.name not in fixed
-                if not movable or not isinstance(self.ports, FreePorts):
+                if not self._movable(taken, started, fixed):
                     raise
-                self._move(taken.name)
+                self._move(taken.name, metrics=taken.metrics)
         self._wait(deadline, names, registration=registration)
+
+    def _movable(self, taken: PortTakenError, started: Sequence[str], fixed: Sequence[str]) -> bool:
+        """Whether the start may move `taken`'s port: one free_ports chose, of a process it
+        started. Nothing dials a /metrics endpoint at an address it was told before."""
+        if taken.name not in started:
+            return False
+        if taken.metrics:
+            return isinstance(self.metrics_ports, FreePorts)
+        return taken.name not in fixed and isinstance(self.ports, FreePorts)
 
     def port_taken(self, name: str) -> PortTakenError | None:
         """Why `name`, started by this object, exited at its start, when its log says (since
@@ -321,6 +351,15 @@ class Cluster:
                 output = log.read().decode(errors="replace")
         except OSError:
             return None
+        metrics = self.metrics_address(name)
+        # dtm.metrics's words for it.
+        if metrics and f"cannot serve metrics on {metrics}: " in output:
+            if "is the port already in use?" not in output:
+                return None
+            port = int(metrics.rpartition(":")[2])
+            where = f"its /metrics endpoint, {metrics}"
+            text = self._port_taken_text(name, port, where, "its scrapers know")
+            return PortTakenError(text, name, port, metrics=True)
         # grpc_edge.bind's words for it (with TLS, it adds another possible cause).
         if f"cannot listen on {self.address(name)}: is the port already in use?" not in output:
             return None
@@ -329,9 +368,11 @@ class Cluster:
         # (as far as /proc tells) leaves that to the log.
         if self.tls_dir is not None and _port_inodes(port, listening_only=False) == set():
             return None
-        return PortTakenError(self._port_taken_text(name, port), name, port)
+        knows = "the services and clients know" if name == COORDINATOR else "the coordinator knows"
+        text = self._port_taken_text(name, port, self.address(name), knows)
+        return PortTakenError(text, name, port)
 
-    def _port_taken_text(self, name: str, port: int) -> str:
+    def _port_taken_text(self, name: str, port: int, where: str, knows: str) -> str:
         holders = _port_holders(port)
         if holders:
             held = f"is held by {', '.join(_describe(pid) for pid in holders)}"
@@ -339,23 +380,33 @@ class Cluster:
         else:
             held = "was in use (no process of this user holds it now: another user's, or let go)"
             remedy = f"find what holds it (`ss -tanp 'sport = :{port}'`) and stop it"
-        knows = "the services and clients know" if name == COORDINATOR else "the coordinator knows"
         return (
-            f"{name} could not start: port {port} ({self.address(name)}) {held}, its log "
-            f"{self.log_path(name)} says. It must come back on that port ({knows} it by that "
+            f"{name} could not start: port {port} ({where}) {held}, its log "
+            f"{self.log_path(name)} says. It must use that port ({knows} it by that "
             f"address): {remedy}, then start it again (`python -m dtm.cluster up --data-dir "
             f"{self.data_dir}` starts what is not running). Not the cluster's fault: another "
-            "program took the port while it was down"
+            "program bound that port first"
         )
 
-    def _move(self, name: str) -> None:
-        """Start `name` again on another free port, and record it."""
-        assert isinstance(self.ports, FreePorts)  # as _wait_started checked
-        taken = self.address(name)
-        self.ports = self.ports.moved(name, self.host)
+    def _move(self, name: str, *, metrics: bool = False) -> None:
+        """Start `name` again on another free port (of its /metrics endpoint when
+        `metrics`), and record it."""
+        grpc_ports, metrics_ports = self.ports, self.metrics_ports
+        avoided = asdict(metrics_ports).values() if metrics_ports is not None else ()
+        if metrics:
+            assert isinstance(metrics_ports, FreePorts)  # as _movable checked
+            taken = self.metrics_address(name)
+            self.metrics_ports = metrics_ports.moved(name, self.host, asdict(grpc_ports).values())
+            self._set_metrics_address(name)
+            now = self.metrics_address(name)
+        else:
+            assert isinstance(grpc_ports, FreePorts)  # as _movable checked
+            taken = self.address(name)
+            self.ports = grpc_ports.moved(name, self.host, avoided)
+            now = self.address(name)
         self._write_state()
         with self.log_path(name).open("a") as log:
-            log.write(f"{taken} was taken before {name} bound it; moving to {self.address(name)}\n")
+            log.write(f"{taken} was taken before {name} bound it; moving to {now}\n")
         self._spawn(name)
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:

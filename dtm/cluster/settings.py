@@ -37,6 +37,8 @@ LOG_TAIL_LINES = 25
 LOG_SCAN_BYTES = 1 << 20
 #: The start of the line `_spawn` writes into a process's log before each start.
 START_MARKER = "\n==== "
+#: The servers' flag for their Prometheus /metrics endpoint (HOST:PORT).
+METRICS_FLAG = "--metrics-listen"
 #: How many times one start moves a process to another free port after another program took
 #: the one chosen before the process bound it (FreePorts): enough for a busy machine, bounded
 #: so that a process that cannot bind anywhere still fails.
