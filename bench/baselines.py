@@ -16,7 +16,9 @@ through untouched); only the naive coordinator decodes and encodes messages, dtm
 dtm's coordinator must. They run the same event loop as the project's servers (uvloop when
 installed), so the comparison is of designs, not of loops.
 
-Server processes:
+Server processes (port 0: the server binds a free one itself, and says which on its first
+line, `listening on HOST:PORT`: what the measurements below use, so no port they chose can
+be taken before the server binds it):
     python -m bench.baselines echo --listen HOST:PORT
     python -m bench.baselines naive --listen HOST:PORT --participant HOST:PORT [...]
 """
@@ -39,7 +41,6 @@ from bench.harness import LoadSpec, channel_of, close_channels, drive, open_chan
 from bench.procs import Processes
 from bench.stats import LatencySummary, Outcome, Tally, percentile
 from dtm import grpc_edge
-from dtm.cluster import free_ports
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 ECHO_SERVICE = "bench.Echo"
@@ -49,6 +50,8 @@ PREPARE = f"/{ECHO_SERVICE}/Prepare"
 COMMIT = f"/{ECHO_SERVICE}/Commit"
 SUBMIT = f"/{NAIVE_SERVICE}/Submit"
 HOST = "127.0.0.1"
+#: What a server prints once it has bound, followed by HOST:PORT.
+LISTENING = "listening on "
 START_TIMEOUT_S = 20.0
 # (request_serializer, response_deserializer) of a raw-bytes call: None makes gRPC pass the
 # bytes through untouched, cheaper than an identity function called on every message.
@@ -137,10 +140,13 @@ async def serve(role: str, listen: str, participants: Sequence[str]) -> None:
             for address in participants
         ]
         server.add_generic_rpc_handlers((naive_handler(channels),))
-    grpc_edge.bind(server, listen)
+    port = grpc_edge.bind(server, listen)
     stop = asyncio.Event()
     grpc_edge.install_stop_signals(stop)
     await server.start()
+    # The port it bound (the one asked for, or the kernel's choice for port 0), for the
+    # launcher that reads this process's output (Processes.announced).
+    print(f"{LISTENING}{listen.rpartition(':')[0]}:{port}", flush=True)
     await stop.wait()
     await server.stop(grace=1.0)
     await close_channels(channels)
@@ -266,12 +272,20 @@ async def measure_unary(
     spec: LoadSpec, payload: bytes, *, log_dir: Path | None = None, progress: bool = True
 ) -> BaselineResult:
     """Baseline (a): the same clients calling one echo server process."""
-    with tempfile.TemporaryDirectory(prefix="dtm-bench-echo-") as scratch:
-        (port,) = free_ports(1, HOST)
-        target = f"{HOST}:{port}"
-        with Processes(log_dir or Path(scratch)) as processes:
-            processes.spawn("echo", ["bench.baselines", "echo", "--listen", target])
-            return await _measure("unary echo", target, ECHO, 0, payload, spec, processes, progress)
+    with (
+        tempfile.TemporaryDirectory(prefix="dtm-bench-echo-") as scratch,
+        Processes(log_dir or Path(scratch)) as processes,
+    ):
+        _spawn(processes, "echo", ["echo"])
+        target = await processes.announced("echo", LISTENING, START_TIMEOUT_S)
+        return await _measure("unary echo", target, ECHO, 0, payload, spec, processes, progress)
+
+
+def _spawn(processes: Processes, name: str, args: Sequence[str]) -> None:
+    """Start server `name` (`python -m bench.baselines ARGS`) on a port it binds itself
+    (port 0), which it announces (LISTENING): a port chosen here and passed on could be
+    bound by another program before the server did (nothing moves a baseline server)."""
+    processes.spawn(name, ["bench.baselines", *args, "--listen", f"{HOST}:0"])
 
 
 async def measure_naive(
@@ -285,22 +299,23 @@ async def measure_naive(
     """Baseline (b): the same clients calling a naive coordinator over N echo participants."""
     if participants < 1:
         raise ValueError(f"participants must be >= 1, got {participants}")
-    with tempfile.TemporaryDirectory(prefix="dtm-bench-naive-") as scratch:
-        coordinator_port, *participant_ports = free_ports(participants + 1, HOST)
-        target = f"{HOST}:{coordinator_port}"
-        with Processes(log_dir or Path(scratch)) as processes:
-            args = ["bench.baselines", "naive", "--listen", target]
-            for index, port in enumerate(participant_ports):
-                address = f"{HOST}:{port}"
-                processes.spawn(f"naive-p{index}", ["bench.baselines", "echo", "--listen", address])
-                args += ["--participant", address]
-            processes.spawn("naive-coordinator", args)
-            # The participants first: the coordinator does not wait for them on each call.
-            for port in participant_ports:
-                await _wait_ready(f"{HOST}:{port}", ECHO, processes)
-            return await _measure(
-                "naive 2PC", target, SUBMIT, participants, payload, spec, processes, progress
-            )
+    with (
+        tempfile.TemporaryDirectory(prefix="dtm-bench-naive-") as scratch,
+        Processes(log_dir or Path(scratch)) as processes,
+    ):
+        names = [f"naive-p{index}" for index in range(participants)]
+        for name in names:
+            _spawn(processes, name, ["echo"])
+        args = ["naive"]
+        # The participants first, listening: the coordinator does not wait for them on
+        # each call.
+        for name in names:
+            args += ["--participant", await processes.announced(name, LISTENING, START_TIMEOUT_S)]
+        _spawn(processes, "naive-coordinator", args)
+        target = await processes.announced("naive-coordinator", LISTENING, START_TIMEOUT_S)
+        return await _measure(
+            "naive 2PC", target, SUBMIT, participants, payload, spec, processes, progress
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the way out, even when the run fails or is interrupted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -22,6 +23,8 @@ from types import TracebackType
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 5.0
 LOG_TAIL_LINES = 20
+#: How often `announced` reads a log while it waits for a line.
+LOG_POLL_S = 0.05
 
 
 class ProcessError(RuntimeError):
@@ -66,6 +69,25 @@ class Processes:
                     f"{name} (pid {popen.pid}) exited with code {code}; "
                     f"{self.log_path(name)} ends with:\n{self.log_tail(name)}"
                 )
+
+    async def announced(self, name: str, prefix: str, timeout_s: float) -> str:
+        """The rest of the first line of `name`'s log that starts with `prefix` (what a
+        server says once it has bound, say); ProcessError if it exits first, TimeoutError if
+        the line has not come within `timeout_s`. The log is read again every LOG_POLL_S: a
+        process announces nothing else the bench could wait on."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                for line in self.log_path(name).read_text(errors="replace").splitlines():
+                    if line.startswith(prefix):
+                        return line[len(prefix) :].strip()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"{name} did not say {prefix!r} within {timeout_s:g} s; "
+                    f"{self.log_path(name)} ends with:\n{self.log_tail(name)}"
+                )
+            await asyncio.sleep(LOG_POLL_S)
 
     def log_tail(self, name: str) -> str:
         try:

@@ -34,7 +34,7 @@ from bench.workload import (
     initial_state,
     participants_for,
 )
-from dtm.cluster import COORDINATOR, PROCESSES
+from dtm.cluster import COORDINATOR, PROCESSES, free_ports
 from dtm.invariants import (
     CANCELLED,
     CONFIRMED,
@@ -1196,7 +1196,21 @@ def test_the_naive_coordinator_sends_each_participant_its_branch_then_only_the_i
 
 
 @pytest.mark.slow
-def test_baselines_run_for_real() -> None:
+def test_baselines_run_for_real(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On ports their servers bind themselves: ports the bench chose with free_ports (as it
+    did) are taken here as soon as chosen, which failed the baselines ("exited with code
+    1"), whereas port 0 cannot be taken from a server."""
+    thieves: list[socket.socket] = []
+
+    def then_take_them(count: int, host: str = "127.0.0.1") -> list[int]:
+        ports = free_ports(count, host)
+        for port in ports:
+            thieves.append(socket.socket())
+            thieves[-1].bind((host, port))
+            thieves[-1].listen()
+        return ports
+
+    monkeypatch.setattr(baselines, "free_ports", then_take_them, raising=False)
     spec = LoadSpec(clients=2, warmup_s=0.0, duration_s=0.5)
 
     # The naive coordinator reads the transaction it is given, as dtm's does.
@@ -1207,7 +1221,11 @@ def test_baselines_run_for_real() -> None:
         naive = await measure_naive(2, spec, payload, progress=False)
         return unary, naive
 
-    unary, naive = asyncio.run(both())
+    try:
+        unary, naive = asyncio.run(both())
+    finally:
+        for thief in thieves:
+            thief.close()
     for result in (unary, naive):
         assert result.tally.counts[Outcome.COMMITTED] > 0
         assert 0 == result.errors
