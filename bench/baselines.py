@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -52,6 +53,8 @@ SUBMIT = f"/{NAIVE_SERVICE}/Submit"
 HOST = "127.0.0.1"
 #: What a server prints once it has bound, followed by HOST:PORT.
 LISTENING = "listening on "
+#: That line, HOST:PORT its group.
+ANNOUNCED = re.compile(rf"^{LISTENING}(\S+)$", re.MULTILINE)
 START_TIMEOUT_S = 20.0
 # (request_serializer, response_deserializer) of a raw-bytes call: None makes gRPC pass the
 # bytes through untouched, cheaper than an identity function called on every message.
@@ -277,13 +280,13 @@ async def measure_unary(
         Processes(log_dir or Path(scratch)) as processes,
     ):
         _spawn(processes, "echo", ["echo"])
-        target = await processes.announced("echo", LISTENING, START_TIMEOUT_S)
+        target = await processes.announced("echo", ANNOUNCED, START_TIMEOUT_S)
         return await _measure("unary echo", target, ECHO, 0, payload, spec, processes, progress)
 
 
 def _spawn(processes: Processes, name: str, args: Sequence[str]) -> None:
     """Start server `name` (`python -m bench.baselines ARGS`) on a port it binds itself
-    (port 0), which it announces (LISTENING): a port chosen here and passed on could be
+    (port 0), which it announces (ANNOUNCED): a port chosen here and passed on could be
     bound by another program before the server did (nothing moves a baseline server)."""
     processes.spawn(name, ["bench.baselines", *args, "--listen", f"{HOST}:0"])
 
@@ -310,9 +313,9 @@ async def measure_naive(
         # The participants first, listening: the coordinator does not wait for them on
         # each call.
         for name in names:
-            args += ["--participant", await processes.announced(name, LISTENING, START_TIMEOUT_S)]
+            args += ["--participant", await processes.announced(name, ANNOUNCED, START_TIMEOUT_S)]
         _spawn(processes, "naive-coordinator", args)
-        target = await processes.announced("naive-coordinator", LISTENING, START_TIMEOUT_S)
+        target = await processes.announced("naive-coordinator", ANNOUNCED, START_TIMEOUT_S)
         return await _measure(
             "naive 2PC", target, SUBMIT, participants, payload, spec, processes, progress
         )

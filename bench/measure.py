@@ -9,6 +9,7 @@ over the final state; stops everything.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import tempfile
 import time
@@ -106,28 +107,18 @@ async def measure_dtm(
     with_metrics = metrics and await hooks.flag_supported(
         [MODULES[COORDINATOR], MODULES["inventory"]]
     )
-    # Every port in one call, so that all are distinct: gRPC ports of the cluster and of the
-    # extra instances, then each process's /metrics endpoint (bench/hooks.py) when available.
-    names = [*PROCESSES, *(participant.name for participant in extras)]
-    ports = free_ports(len(names) * (2 if with_metrics else 1), HOST)
-    grpc_ports, metric_ports = ports[: len(names)], ports[len(names) :]
-    extra_addresses = {
-        participant.name: f"{HOST}:{port}"
-        for participant, port in zip(extras, grpc_ports[len(PROCESSES) :], strict=True)
-    }
-    metric_addresses: dict[str, str] = {}
-    if with_metrics:
-        metric_addresses = {
-            name: f"{HOST}:{port}" for name, port in zip(names, metric_ports, strict=True)
-        }
-    # FreePorts: the cluster's start moves a process whose port (gRPC or /metrics) another
-    # program bound before it did, instead of failing the run.
+    # The cluster's ports in one call, so that all are distinct: its gRPC ports, then each
+    # process's /metrics endpoint (bench/hooks.py) when available. FreePorts: its start moves
+    # a process whose port another program bound before it did, instead of failing the run.
+    # The extra instances bind port 0 themselves (_start_extras).
+    ports = free_ports(len(PROCESSES) * (2 if with_metrics else 1), HOST)
     cluster = Cluster(
         directory,
-        FreePorts(*grpc_ports[: len(PROCESSES)]),
+        FreePorts(*ports[: len(PROCESSES)]),
         initial=initial_state(),
-        metrics_ports=FreePorts(*metric_ports[: len(PROCESSES)]) if with_metrics else None,
+        metrics_ports=FreePorts(*ports[len(PROCESSES) :]) if with_metrics else None,
     )
+    metric_addresses: dict[str, str] = {}
     try:
         with Processes(cluster.logs_dir) as processes:
             try:
@@ -137,7 +128,9 @@ async def measure_dtm(
                     address = cluster.metrics_address(name)
                     if address is not None:
                         metric_addresses[name] = address
-                await _start_extras(cluster, extras, extra_addresses, processes, metric_addresses)
+                extra_addresses = await _start_extras(
+                    cluster, extras, processes, metric_addresses, with_metrics
+                )
                 result = await _load_and_check(
                     cluster,
                     participants,
@@ -163,28 +156,37 @@ async def measure_dtm(
 async def _start_extras(
     cluster: Cluster,
     extras: list[Participant],
-    addresses: dict[str, str],
     processes: Processes,
     metric_addresses: dict[str, str],
-) -> None:
-    """Start the extra instances; return once each serves and is registered."""
+    with_metrics: bool,
+) -> dict[str, str]:
+    """Start the extra instances, each on ports it binds itself (port 0: a port chosen here
+    could be bound by another program before the instance did), and add their /metrics
+    addresses to `metric_addresses`; return their gRPC addresses once each serves and is
+    registered at it."""
     for participant in extras:
         processes.spawn(
             participant.name,
             [
                 "bench.instance",
                 *("--kind", participant.kind, "--name", participant.name),
-                *("--listen", addresses[participant.name]),
+                *("--listen", f"{HOST}:0"),
                 *("--data-dir", str(cluster.data_dir)),
                 *("--coordinator", cluster.coordinator_address),
                 *("--initial", str(cluster.initial_path)),
-                *(
-                    (hooks.METRICS_FLAG, metric_addresses[participant.name])
-                    if participant.name in metric_addresses
-                    else ()
-                ),
+                *((hooks.METRICS_FLAG, f"{HOST}:0") if with_metrics else ()),
             ],
         )
+    addresses: dict[str, str] = {}
+    for participant in extras:
+        name = participant.name
+        # As the SDK logs them ("NAME: participant serving port=N ..."), /metrics first.
+        serving = re.compile(rf" {re.escape(name)}: participant serving port=(\d+)")
+        port = await processes.announced(name, serving, EXTRA_START_TIMEOUT_S)
+        addresses[name] = f"{HOST}:{port}"
+        if with_metrics:
+            metrics = re.compile(rf" {re.escape(name)}: metrics serving address=(\S+)")
+            metric_addresses[name] = await processes.announced(name, metrics, 0.0)
     deadline = time.monotonic() + EXTRA_START_TIMEOUT_S
     pending = dict(addresses)
     async with grpc.aio.insecure_channel(cluster.coordinator_address) as coordinator:
@@ -206,6 +208,7 @@ async def _start_extras(
                 )
             if pending:
                 await asyncio.sleep(POLL_S)
+    return addresses
 
 
 async def _serving(address: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,21 +71,23 @@ class Processes:
                     f"{self.log_path(name)} ends with:\n{self.log_tail(name)}"
                 )
 
-    async def announced(self, name: str, prefix: str, timeout_s: float) -> str:
-        """The rest of the first line of `name`'s log that starts with `prefix` (what a
-        server says once it has bound, say); ProcessError if it exits first, TimeoutError if
-        the line has not come within `timeout_s`. The log is read again every LOG_POLL_S: a
-        process announces nothing else the bench could wait on."""
+    async def announced(self, name: str, pattern: re.Pattern[str], timeout_s: float) -> str:
+        """The first group of the first match of `pattern` in `name`'s log (where a server
+        says it has bound, say); ProcessError if it exits first, TimeoutError if nothing
+        matches within `timeout_s`. The log is read again every LOG_POLL_S: a process
+        announces nothing else the bench could wait on."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.check_alive()
-            with contextlib.suppress(OSError):
-                for line in self.log_path(name).read_text(errors="replace").splitlines():
-                    if line.startswith(prefix):
-                        return line[len(prefix) :].strip()
+            try:
+                found = pattern.search(self.log_path(name).read_text(errors="replace"))
+            except OSError:
+                found = None  # not written yet
+            if found is not None:
+                return found[1]
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"{name} did not say {prefix!r} within {timeout_s:g} s; "
+                    f"{name} did not say {pattern.pattern!r} within {timeout_s:g} s; "
                     f"{self.log_path(name)} ends with:\n{self.log_tail(name)}"
                 )
             await asyncio.sleep(LOG_POLL_S)
