@@ -743,6 +743,15 @@ def test_up_after_down_starts_the_cluster_cluster_json_records(
     assert "WARNING: --tls-dir off: this cluster ran with mutual TLS" in err
     assert "PLAINTEXT" in err
 
+    # Free /metrics ports for every process, besides the recorded gRPC ports: movable.
+    status, out, err = run(capsys, *at, "--metrics-ports", "free")
+    restarted = started[-1]
+    chosen = [restarted.metrics_address(name) for name in PROCESSES]
+    assert (0, ports) == (status, restarted.ports), err
+    assert isinstance(restarted.metrics_ports, cluster.FreePorts)
+    assert chosen == [f"127.0.0.1:{restarted.metrics_ports.of(name)}" for name in PROCESSES]
+    assert not set(astuple(restarted.metrics_ports)) & set(astuple(ports))
+
     (certs / "ca.pem").unlink()  # the certificates moved
     count = len(started)
     status, out, err = run(capsys, *at)

@@ -283,7 +283,7 @@ def _replacing_flags(options: argparse.Namespace) -> list[tuple[str, bool]]:
         ("--ports", options.ports is not None),
         ("--tls-dir DIR|off", options.tls_dir is not None),
         ("--[no-]test-control", options.test_control is not None),
-        ("--metrics-ports PORTS|off", options.metrics_ports is not None),
+        ("--metrics-ports PORTS|off|free", options.metrics_ports is not None),
     ]
 
 

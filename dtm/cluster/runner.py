@@ -287,7 +287,8 @@ class Cluster:
         self._write_state()
         started: list[str] = []
         # The coordinator moves only with every service: one already running dials it at the
-        # address it was started with (a chaos heal restarted the coordinator elsewhere).
+        # address it was started with (a chaos heal after a coordinator kill would otherwise
+        # move the coordinator away from its services).
         fixed = [COORDINATOR] if any(self.running(name) for name in SERVICES) else []
         deadline = time.monotonic() + self.start_timeout_s
         try:
