@@ -18,6 +18,8 @@ Its whole state is one JSON file, replaced atomically and fsynced before every a
 depends on it. Run: python tests/plain_participant.py --listen HOST:PORT --coordinator
 HOST:PORT --data-dir DIR [--name plain] [--balance 1000] [--in-doubt-after-ms 1000]
 [--one-phase] (registers the one_phase capability and takes one-phase Prepares)
+[--batch-without-exchange] (registers the batch capability, though it serves no Exchange: the
+mistake Capabilities.batch's old comment led a developer to)
 """
 
 from __future__ import annotations
@@ -209,10 +211,14 @@ def vote(
 
 
 async def register(
-    stub: coordinator_pb2_grpc.CoordinatorStub, name: str, address: str, one_phase: bool
+    stub: coordinator_pb2_grpc.CoordinatorStub,
+    name: str,
+    address: str,
+    one_phase: bool,
+    batch: bool = False,
 ) -> None:
     capabilities = coordinator_pb2.Capabilities(
-        one_phase=one_phase, operation_types=["dtm.v1.StockLine"]
+        one_phase=one_phase, batch=batch, operation_types=["dtm.v1.StockLine"]
     )
     request = coordinator_pb2.RegisterParticipantRequest(
         name=name, address=address, capabilities=capabilities
@@ -265,7 +271,9 @@ async def serve(options: argparse.Namespace) -> None:
     await server.start()
     async with grpc.aio.insecure_channel(options.coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        await register(stub, options.name, options.listen, options.one_phase)
+        await register(
+            stub, options.name, options.listen, options.one_phase, options.batch_without_exchange
+        )
         if options.in_doubt_after_ms > 0:
             after_s = options.in_doubt_after_ms / 1000
             inquiries = asyncio.create_task(ask_about_prepared(stub, servicer, after_s))
@@ -283,6 +291,11 @@ def main() -> None:
     parser.add_argument("--balance", type=int, default=1_000)
     parser.add_argument("--in-doubt-after-ms", type=int, default=1_000, help="0: never ask")
     parser.add_argument("--one-phase", action="store_true", help="take one-phase Prepares")
+    parser.add_argument(
+        "--batch-without-exchange",
+        action="store_true",
+        help="register the batch capability, though no Exchange is served",
+    )
     options = parser.parse_args()
     Path(options.data_dir).mkdir(parents=True, exist_ok=True)
     asyncio.run(serve(options))

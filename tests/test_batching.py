@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import any_pb2
 
+from dtm import logs
 from dtm.batcher import Batcher, BatchPolicy
 from dtm.coordinator.ports import (
     HEURISTIC_METADATA_KEY,
@@ -909,15 +911,26 @@ def test_a_batched_answer_with_no_vote_fails_the_prepare_naming_the_protocol_err
     asyncio.run(run())
 
 
-class NoExchange(FakeExchange):
+class NoExchange(FakeDecisions):
     """A participant that registered the batch capability and serves no Exchange (one that
-    followed Capabilities.batch's old comment, which named PrepareBatch and DecideBatch)."""
+    followed Capabilities.batch's old comment, which named PrepareBatch and DecideBatch), but
+    the plain unary contract: its Exchange is answered UNIMPLEMENTED once the test releases
+    it, and it records each unary Prepare (id, deadline)."""
+
+    address = "127.0.0.1:1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.prepares: list[tuple[str, float]] = []
 
     async def Exchange(
         self,
         request: participant_pb2.ExchangeRequest,
         timeout: float,  # noqa: ASYNC109 (the gRPC stub's signature)
     ) -> participant_pb2.ExchangeResponse:
+        self.calls.append(([p.transaction_id for p in request.prepares], timeout))
+        await self.release
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.UNIMPLEMENTED,
             grpc.aio.Metadata(),
@@ -925,22 +938,122 @@ class NoExchange(FakeExchange):
             "Method not found!",
         )
 
+    async def prepare(
+        self,
+        transaction_id: str,
+        branch: int,
+        operation: any_pb2.Any,
+        one_phase: bool,
+        timeout_s: float,
+        fingerprint: bytes = b"",
+    ) -> tuple[Vote, str, str, bool]:
+        self.prepares.append((transaction_id, timeout_s))
+        return Vote.PREPARED, "", "", False
 
-def test_an_exchange_answered_unimplemented_names_the_batch_capability() -> None:
-    """Before, each prepare failed "UNIMPLEMENTED: Method not found!", which the client was
-    told, with nothing saying that the participant declared a capability it lacks."""
+
+class LogLines:
+    """Stands in for logs.get: records each line's level and event."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def __call__(self, component: str, **context: Any) -> LogLines:
+        return self
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.lines.append(("warning", event))
+
+    def error(self, event: str, **fields: Any) -> None:
+        self.lines.append(("error", event))
+
+
+def test_an_exchange_answered_unimplemented_falls_back_to_unary_calls_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, every prepare and decision of such a participant failed on the UNIMPLEMENTED
+    Exchange, for ever (each transaction aborted, each decision retried in vain). Now the
+    port turns unary: the failed call's items and those queued behind it go again once each
+    over Prepare, Commit and Rollback, with one WARNING. A prepare its call's own timer already
+    failed is not sent again (answered twice, it would count twice)."""
+    log = LogLines()
+    monkeypatch.setattr(logs, "get", log)
 
     async def run() -> None:
-        port = ParticipantPort(NoExchange(), True, BatchPolicy())  # type: ignore[arg-type]
-        results: list[PrepareResult] = []
-        deadline = asyncio.get_running_loop().time() + 1.0
-        port.prepare(PrepareItem("t-1", 0, any_pb2.Any(), False, deadline, 1.0, results.append))
+        client = NoExchange()
+        policy = BatchPolicy(decision_linger_ms=0)
+        port = ParticipantPort(client, True, policy)  # type: ignore[arg-type]
+        answers: dict[str, list[PrepareResult | DecideResult]] = {}
+        short_failed = asyncio.get_running_loop().create_future()
+
+        def answer(name: str) -> Callable[[Any], None]:
+            def done(result: PrepareResult | DecideResult) -> None:
+                answers.setdefault(name, []).append(result)
+                if name == "t-short" and not short_failed.done():
+                    short_failed.set_result(None)
+
+            return done
+
+        def prepare(name: str, timeout_s: float) -> None:
+            deadline = asyncio.get_running_loop().time() + timeout_s
+            item = PrepareItem(name, 0, any_pb2.Any(), False, deadline, timeout_s, answer(name))
+            port.prepare(item)
+
+        prepare("t-short", 0.05)
+        prepare("t-long", 30.0)
         await settle()
-        [result] = results
-        assert result.vote is None
-        assert "registered the batch capability" in result.reason, result.reason
-        assert "register with batch false, or implement Exchange" in result.reason
+        assert [["t-short", "t-long"]] == [ids for ids, _ in client.calls]
+        # Queued behind the call in flight (one call slot, taken by prepares).
+        prepare("t-queued", 30.0)
+        port.decide(DecideItem("t-commit", 0, True, answer("t-commit")))
+        port.decide(DecideItem("t-rollback", 0, False, answer("t-rollback")))
+        await short_failed  # failed at its own deadline, inside the call
+        client.release.set_result(None)
+        await settle()
+        assert ["t-long", "t-queued"] == [name for name, _ in client.prepares]
+        assert all(timeout_s <= 30.0 for _, timeout_s in client.prepares)
+        assert ["commit", "rollback"] == [call for call, _ in client.unary]
+        names = ["t-short", "t-long", "t-queued", "t-commit", "t-rollback"]
+        assert {name: 1 for name in names} == {name: len(answers[name]) for name in answers}
+        assert (
+            [None, Vote.PREPARED, Vote.PREPARED]
+            == [
+                answers[name][0].vote  # type: ignore[union-attr]
+                for name in names[:3]
+            ]
+        )
+        assert [True, True] == [answers[name][0].ok for name in names[3:]]  # type: ignore[union-attr]
+        # From now on unary at once: no other Exchange, no other WARNING.
+        prepare("t-after", 30.0)
+        await settle()
+        assert 1 == len(client.calls)
+        assert "t-after" == client.prepares[-1][0]
+        [(level, event)] = log.lines
+        assert "warning" == level
+        assert "registered the batch capability but does not serve Exchange" in event, event
+        assert "register it with batch false, or implement Exchange" in event
         await port.close()
+
+    asyncio.run(run())
+
+
+def test_a_registration_again_makes_a_port_that_fell_back_batch_again() -> None:
+    async def run() -> None:
+        registry = Registry(BatchPolicy())
+        capabilities = coordinator_pb2.Capabilities(batch=True)
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name="p", address="127.0.0.1:1", capabilities=capabilities
+            )
+        )
+        first = registry.port("p")
+        registry.renew("p")  # nothing to reset: the same port
+        assert first is registry.port("p")
+        first.batch, first.fell_back = False, True  # as _fall_back_to_unary leaves it
+        registry.renew("p")
+        again = registry.port("p")
+        assert again is not first
+        assert again.batch
+        await registry.close()
 
     asyncio.run(run())
 

@@ -50,7 +50,9 @@ class PlainProcess:
         self.popen: subprocess.Popen[bytes] | None = None
         self.address = ""
 
-    def start(self, in_doubt_after_ms: int, one_phase: bool = False) -> None:
+    def start(
+        self, in_doubt_after_ms: int, one_phase: bool = False, batch_without_exchange: bool = False
+    ) -> None:
         """On a new port each time, as a restarted process in a container would be."""
         self.address = f"127.0.0.1:{free_ports(1)[0]}"
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'generated'}", "PYTHONUNBUFFERED": "1"}
@@ -63,6 +65,7 @@ class PlainProcess:
                     *("--data-dir", str(self.directory)),
                     *("--in-doubt-after-ms", str(in_doubt_after_ms)),
                     *(["--one-phase"] if one_phase else []),
+                    *(["--batch-without-exchange"] if batch_without_exchange else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -291,6 +294,36 @@ def test_one_phase_commits_and_a_lost_one_phase_answer_is_resolved_by_its_probe(
         await finished(cluster, "one-phase-slow", coordinator_pb2.TRANSACTION_STATE_ABORTED)
         assert "rolled_back" == plain.state("one-phase-slow", 0)
         assert 0 == plain.branches()["one-phase-slow/0"]["points"]
+
+    asyncio.run(scenario())
+
+
+def test_one_that_declares_batch_without_serving_exchange_is_called_unary_instead(
+    cluster: Cluster, plain: PlainProcess
+) -> None:
+    """Before, each of its Prepares went in an Exchange, answered UNIMPLEMENTED: every
+    transaction with a branch there aborted, for ever. Now the coordinator falls back to the
+    unary calls (one WARNING): the prepare of the first transaction is sent again over Prepare,
+    and the commits, rollbacks and prepares after it go unary too."""
+
+    async def scenario() -> None:
+        plain.start(in_doubt_after_ms=1_000, batch_without_exchange=True)
+        await registered(cluster, plain)
+        answer = await submit(cluster, "no-exchange-commit", branches("ok", points=7))
+        assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
+        await finished(cluster, "no-exchange-commit", coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+        assert "committed" == plain.state("no-exchange-commit")
+        # Inventory refuses (no such SKU): the plain participant's prepared branch rolls back.
+        sdk_refuses = branches("ok")
+        unknown = shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-none", quantity=1)])
+        sdk_refuses[0].operation.CopyFrom(pack(unknown))
+        aborted = await submit(cluster, "no-exchange-abort", sdk_refuses)
+        assert coordinator_pb2.OUTCOME_ABORTED == aborted.outcome
+        await plain_reaches(plain, "no-exchange-abort", "rolled_back")
+        balance = json.loads((plain.directory / "plain.json").read_text())["balance"]
+        assert 1_000 - 7 == balance  # the commit counted once, the rollback took nothing
+        log = cluster.log_tail(COORDINATOR, 10_000)
+        assert 1 == log.count("plain registered the batch capability but does not serve"), log
 
     asyncio.run(scenario())
 

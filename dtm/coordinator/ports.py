@@ -111,6 +111,8 @@ class ParticipantPort:
     def __init__(self, client: ParticipantClient, batch: bool, policy: BatchPolicy) -> None:
         self.client = client
         self.batch = batch and policy.enabled
+        # Its Exchange was answered UNIMPLEMENTED: unary from then on (_fall_back_to_unary).
+        self.fell_back = False
         self._phase_two_timeout_s = policy.phase_two_timeout_ms / 1000
         self._tasks: set[asyncio.Task[None]] = set()
         # One queue for prepares and decisions alike: they leave together in one Exchange.
@@ -257,14 +259,15 @@ class ParticipantPort:
 
     # ---- unary: the plain contract ----
 
-    async def _unary_prepare(self, item: PrepareItem) -> None:
+    async def _unary_prepare(self, item: PrepareItem, timeout_s: float | None = None) -> None:
+        """`timeout_s`: the call's, when less than the item's own (a prepare sent again)."""
         try:
             vote, reason, id_reused, earlier = await self.client.prepare(
                 item.transaction_id,
                 item.branch,
                 item.operation,
                 item.one_phase,
-                item.timeout_s,
+                item.timeout_s if timeout_s is None else timeout_s,
                 item.fingerprint,
             )
         except grpc.aio.AioRpcError as error:
@@ -331,13 +334,16 @@ class ParticipantPort:
             response = await self.client.stub.Exchange(request, timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
             unexpired = _unexpired(prepares, expiry)
+            if error.code() is grpc.StatusCode.UNIMPLEMENTED:
+                self._fall_back_to_unary(unexpired, decisions, error)
+                return
             if error.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 # The call's deadline is its most patient prepare's: each prepare is told its
                 # own timeout, the one it ran into (not the time left when the call left).
                 for prepare in unexpired:
                     prepare.done(PrepareResult(None, rpc_failure(error, prepare.timeout_s)))
                 unexpired = []
-            reason = self._exchange_failure(error, timeout_s)
+            reason = rpc_failure(error, timeout_s)
             self._fail(unexpired, decisions, reason, not_reached=misdirected(error))
             return
         except Exception as error:  # a bug: answer every item, or phase 2 would wait forever
@@ -379,17 +385,44 @@ class ParticipantPort:
                 earlier = answer.committed_earlier
                 prepare.done(PrepareResult(vote, reason, id_reused=reused, earlier=earlier))
 
-    def _exchange_failure(self, error: grpc.aio.AioRpcError, timeout_s: float) -> str:
-        """Why a failed Exchange call failed its items. UNIMPLEMENTED is a participant that
-        declared the batch capability without serving Exchange: say what to change, since
-        every one of its transactions fails on it."""
-        if error.code() is grpc.StatusCode.UNIMPLEMENTED:
-            return _said(
+    def _fall_back_to_unary(
+        self,
+        prepares: list[PrepareItem],
+        decisions: list[DecideItem],
+        error: grpc.aio.AioRpcError,
+    ) -> None:
+        """An Exchange answered UNIMPLEMENTED: the participant declared the batch capability
+        without serving Exchange (one outside the SDK that followed Capabilities.batch's old
+        comment). Each of its transactions used to fail on it, for ever. UNIMPLEMENTED says
+        the method is not there (gRPC's answer to an unknown method, and the generated
+        servicer base's to one not overridden): nothing of the call ran. So its items not yet
+        answered (`prepares`: those its `_Expiry` failed are left out, or they would be
+        answered twice), and those queued behind it, go again, once each, over the unary
+        calls of the plain contract, and so does everything after, until the participant
+        registers again (`Registry.renew` then makes a batching port). Another call in flight
+        that fails so sends its own items; the WARNING is logged once."""
+        queued: list[PrepareItem | DecideItem] = []
+        if self.batch:
+            self.batch = False
+            self.fell_back = True
+            # The queued prepares' timer would fail items now sent unary: a second answer.
+            self._stop_queued_timer()
+            queued = self._batcher.close()
+            logs.get("coordinator").warning(
                 f"{self.client.name} registered the batch capability but does not serve "
-                f"Exchange ({error.details()}): register with batch false, or implement "
-                "Exchange"
+                f"Exchange ({error.details()}): its calls go unary (Prepare, Commit, Rollback) "
+                "until it registers again; register it with batch false, or implement Exchange",
+                participant=self.client.name,
+                address=self.client.address,
             )
-        return rpc_failure(error, timeout_s)
+        now = asyncio.get_running_loop().time()
+        for item in [*prepares, *decisions, *queued]:
+            if isinstance(item, DecideItem):
+                self._spawn(self._unary_decide(item))
+            elif item.deadline - now < PREPARE_SEND_MARGIN_S:  # as _drop_late
+                self._fail([item], [], "its prepare deadline passed before its batched call left")
+            else:  # only the time it has left: its deadline has not moved
+                self._spawn(self._unary_prepare(item, item.deadline - now))
 
     def _drop_late(self, prepares: list[PrepareItem], now: float) -> list[PrepareItem]:
         """The prepares with time left to be answered. The others ran out of it waiting for
@@ -416,13 +449,16 @@ class ParticipantPort:
     def hurry(self) -> None:
         self._batcher.hurry()
 
-    async def close(self) -> None:
-        self._batcher.close()
+    def _stop_queued_timer(self) -> None:
         if self._queued_timer is not None:
             self._queued_timer.cancel()
             self._queued_timer = None
             self._queued_timer_at = math.inf
         self._expiring = []
+
+    async def close(self) -> None:
+        self._batcher.close()
+        self._stop_queued_timer()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

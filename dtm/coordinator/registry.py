@@ -100,6 +100,16 @@ class Registry:
             if port is not None:
                 self._retire(port)
 
+    def renew(self, name: str) -> None:
+        """`name` registered again with no change: its port, if it fell back to unary calls
+        (its Exchange was answered UNIMPLEMENTED), is retired, so that the next call batches
+        as the participant declared (it may have been upgraded at the same address). A
+        registration with a change makes a new port anyway (`put`)."""
+        port = self._ports.get(name)
+        if port is not None and port.fell_back:
+            del self._ports[name]
+            self._retire(port)
+
     def remove(self, name: str) -> coordinator_pb2.ParticipantInfo | None:
         """Forget a participant (an operator unregistered it). Its port is retired, not
         closed: what it still carries (the rollbacks of transactions already ended) goes out."""
