@@ -238,6 +238,51 @@ def test_a_second_process_under_a_registered_name_is_refused_while_it_is_owed(
     asyncio.run(scenario())
 
 
+def test_a_registration_without_incarnation_may_not_take_an_owed_name_at_another_address(
+    tmp_path: Path,
+) -> None:
+    """Before, the guard compared two non-empty incarnations only: a registration with none
+    (a participant outside the SDK, or one of another version) took inventory's name at
+    another address while inventory was owed a Commit, which then went there (a process that
+    never saw the branch: NOT_FOUND, a false heuristic hazard, while inventory held it)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.coordinator.engine
+            first = cluster.participants["inventory"]
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            branches = order_branches("o-1", [("sku-scarce", 3)], amount_cents=1)
+            committed = await cluster.submit(branches, "t-1")
+            assert coordinator_pb2.OUTCOME_COMMITTED == committed.outcome
+            elsewhere = coordinator_pb2.RegisterParticipantRequest(
+                name="inventory",
+                address="127.0.0.1:1",
+                capabilities=coordinator_pb2.Capabilities(one_phase=True),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await cluster.client.RegisterParticipant(elsewhere, timeout=10)
+            assert grpc.StatusCode.FAILED_PRECONDITION == refused.value.code()
+            details = refused.value.details() or ""
+            assert "a registration with no incarnation, at 127.0.0.1:1, is not" in details
+            assert "t-1" in details and "--replace-registration" in details, details
+            assert "may not take the name while the first is owed" in details
+            assert "register with the incarnation in the participant's log" in details
+            registered = engine.registry.participants["inventory"]
+            assert cluster.address("inventory") == registered.address
+            assert first.engine.incarnation == registered.incarnation
+            # The Commit owed to inventory reaches inventory once it takes decisions.
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+
+            async def over() -> bool:
+                return not engine.active
+
+            await eventually(over, 15)
+            assert [] == list(engine.heuristics)
+            assert 3 == (await cluster.stock())["sku-scarce"].sold
+
+    asyncio.run(scenario())
+
+
 def test_another_incarnation_replaces_a_registration_once_nothing_is_owed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

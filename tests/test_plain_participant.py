@@ -338,12 +338,22 @@ def test_a_restarted_plain_participant_on_a_new_address_is_sent_its_commit_again
         answer = await submit(cluster, "plain-restart", branches("hold"))
         assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
         assert "prepared" == plain.state("plain-restart")
+        old_address = plain.address
         plain.kill()
         plain.hold(False)
         plain.start(in_doubt_after_ms=0)
         await registered(cluster, plain)
         await plain_reaches(plain, "plain-restart", "committed")
         await finished(cluster, "plain-restart", coordinator_pb2.TRANSACTION_STATE_COMMITTED)
+        # Accepted though owed (no incarnation: a restart cannot be told from a second
+        # process), and said so: an operator can check that the old process is gone.
+        moved = f"participant plain moved from {old_address} to {plain.address} while"
+        [warning] = [
+            line for line in cluster.log_tail(COORDINATOR, 10_000).splitlines() if moved in line
+        ]
+        assert (
+            "e.g. plain-restart" in warning and "RegisterParticipantRequest.incarnation" in warning
+        )
 
     asyncio.run(scenario())
 

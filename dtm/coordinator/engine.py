@@ -128,6 +128,60 @@ def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> 
         )
 
 
+def _another_process(
+    known: coordinator_pb2.ParticipantInfo, info: coordinator_pb2.ParticipantInfo
+) -> bool:
+    """Whether registration `info` is another process than the registered `known`, as far as
+    incarnations tell: another non-empty incarnation; or none at another address while `known`
+    has one. The process that registered `known` sends its incarnation again after a restart
+    on its log, whatever its address, so a registration with none cannot be it (a
+    registration with none took an owed name at will: the guard compared only two non-empty
+    incarnations). At `known`'s own address a registration with none moves no decision
+    (they go to that address either way): as before. Nothing is told when `known` has none."""
+    if not known.incarnation:
+        return False
+    if info.incarnation:
+        return info.incarnation != known.incarnation
+    return info.address != known.address
+
+
+def _whom(info: coordinator_pb2.ParticipantInfo) -> str:
+    """A registration in a log line: its incarnation, or that it has none, and its address."""
+    if not info.incarnation:
+        return f"no incarnation at {info.address}"
+    return f"incarnation {info.incarnation} at {info.address}"
+
+
+def _takeover_refusal(
+    known: coordinator_pb2.ParticipantInfo, info: coordinator_pb2.ParticipantInfo
+) -> tuple[str, str]:
+    """What goes before and after Engine._refuse_if_busy's reason when `info` may not take
+    `known`'s name (`_another_process`): who is registered, why `info` is not it, the way out."""
+    registered = (
+        f"participant {info.name!r} is registered as incarnation {known.incarnation!r} at "
+        f"{known.address}; "
+    )
+    if info.incarnation:
+        return (
+            f"{registered}incarnation {info.incarnation!r} at {info.address} is another "
+            "process (or one whose log was lost) and may not replace it while the first is "
+            "owed an answer: ",
+            "; if this participant's log was lost, start it with "
+            f"{limits.REPLACE_REGISTRATION_FLAG} (the owed commit decisions become heuristic "
+            "hazards)",
+        )
+    # The way out before the reason, whose length varies: a status carries at most
+    # grpc_edge.STATUS_DETAILS_CHARS_MAX characters, and the end is what is cut.
+    return (
+        f"{registered}a registration with no incarnation, at {info.address}, is not that "
+        "process (restarted, it sends its incarnation): register with the incarnation in the "
+        "participant's log, or, if that log is lost, with replace "
+        f"({limits.REPLACE_REGISTRATION_FLAG}: owed commits become heuristic hazards). It may "
+        "not take the name while the first is owed: ",
+        "",
+    )
+
+
 class Counters:
     """Protocol costs, to check against the presumed-abort table of protocol.md."""
 
@@ -510,32 +564,20 @@ class Engine:
     async def register(self, info: coordinator_pb2.ParticipantInfo, replace: bool = False) -> None:
         """A participant (re-)registers with a change (a new address, new capabilities, a new
         incarnation): into the registry, durably. Raises RegistrationError (the registry is
-        full), or Refused (another incarnation while transactions not yet finished have
-        branches under the name), changing nothing. `replace` (an operator's override for a
-        participant that lost its log) accepts another incarnation even then: the decisions
-        owed go to it, and each Commit among them becomes a heuristic hazard."""
+        full), or Refused (another process, `_another_process`, while transactions not yet
+        finished have branches under the name), changing nothing. `replace` (an operator's
+        override for a participant that lost its log) accepts another incarnation even then:
+        the decisions owed go to it, and each Commit among them becomes a heuristic hazard."""
         known = self.registry.participants.get(info.name)
-        replaced = (
-            known is not None
-            and bool(known.incarnation)
-            and bool(info.incarnation)
-            and known.incarnation != info.incarnation
-        )
+        replaced = known is not None and _another_process(known, info)
         owed: list[str] = []
         if replaced:
             assert known is not None
             owed = self._owed(info.name)
             if not replace:
-                self._refuse_if_busy(
-                    info.name,
-                    f"participant {info.name!r} is registered as incarnation "
-                    f"{known.incarnation!r} at {known.address}; incarnation "
-                    f"{info.incarnation!r} at {info.address} is another process (or one whose "
-                    "log was lost) and may not replace it while the first is owed an answer: ",
-                    "; if this participant's log was lost, start it with "
-                    f"{limits.REPLACE_REGISTRATION_FLAG} (the owed commit decisions become "
-                    "heuristic hazards)",
-                )
+                self._refuse_if_busy(info.name, *_takeover_refusal(known, info))
+        elif known is not None and not known.incarnation and known.address != info.address:
+            self._warn_if_moved_unverified(known, info)
         self.registry.put(info)
         if replaced and owed:
             assert known is not None
@@ -550,7 +592,7 @@ class Engine:
             self._log.warning(
                 f"participant {info.name} replaced while owed, by an operator's override "
                 f"({limits.REPLACE_REGISTRATION_FLAG}): incarnation {known.incarnation} at "
-                f"{known.address} → {info.incarnation} at {info.address}; {len(owed)} "
+                f"{known.address} → {_whom(info)}; {len(owed)} "
                 f"transaction(s) not yet finished have branches at it, e.g. "
                 f"{', '.join(owed[:3])}: their decisions now go to the replacement, which does "
                 "not know their branches: each Commit among them will be recorded as a "
@@ -563,7 +605,7 @@ class Engine:
             assert known is not None
             self._log.warning(
                 f"participant {info.name} replaced: incarnation {known.incarnation} at "
-                f"{known.address} → {info.incarnation} at {info.address}",
+                f"{known.address} → {_whom(info)}",
                 name=info.name,
             )
         self.observer.participant_registered(info.name)
@@ -572,6 +614,30 @@ class Engine:
         self.counters.forced_writes += 1
         self._registration_lsn[info.name] = lsn
         await self.log.wait_durable(lsn)
+
+    def _warn_if_moved_unverified(
+        self, known: coordinator_pb2.ParticipantInfo, info: coordinator_pb2.ParticipantInfo
+    ) -> None:
+        """`known`, registered with no incarnation, moves to another address while owed
+        decisions. Accepted: a participant outside the SDK restarted on a new port sends none
+        (or, upgraded, sends one for the first time), and it must get its decisions. But
+        nothing tells it from a second process under the name, which would answer the owed
+        Commits NOT_FOUND (heuristic hazards) while the first still holds the branches: say
+        so, once per such registration."""
+        owed = self._owed(info.name)
+        if owed:
+            self._log.warning(
+                f"participant {info.name} moved from {known.address} to {info.address} while "
+                f"{len(owed)} transaction(s) not yet finished have branches at it, e.g. "
+                f"{', '.join(owed[:3])}: their decisions now go to {info.address}. It was "
+                "registered with no incarnation, so the coordinator cannot tell its restart "
+                "from another process under its name; if the process at "
+                f"{known.address} still runs, stop the one at {info.address}. Send "
+                "RegisterParticipantRequest.incarnation (kept with the participant's log) "
+                "so that the coordinator can refuse a second process",
+                name=info.name,
+                owed=len(owed),
+            )
 
     async def registration_durable(self, name: str) -> None:
         """Until the record of `name`'s registration as it stands is on disk. A registration
