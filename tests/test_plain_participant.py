@@ -322,8 +322,22 @@ def test_one_that_declares_batch_without_serving_exchange_is_called_unary_instea
         await plain_reaches(plain, "no-exchange-abort", "rolled_back")
         balance = json.loads((plain.directory / "plain.json").read_text())["balance"]
         assert 1_000 - 7 == balance  # the commit counted once, the rollback took nothing
-        log = cluster.log_tail(COORDINATOR, 10_000)
-        assert 1 == log.count("plain registered the batch capability but does not serve"), log
+        warning = "plain registered the batch capability but does not serve"
+        assert 1 == cluster.log_tail(COORDINATOR, 10_000).count(warning)
+        # Registered again, unchanged (as after an upgrade in place): batched again, so the
+        # next transaction tries Exchange first, falls back again and still commits.
+        async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+            capabilities = coordinator_pb2.Capabilities(
+                batch=True, operation_types=["dtm.v1.StockLine"]
+            )
+            again = coordinator_pb2.RegisterParticipantRequest(
+                name="plain", address=plain.address, capabilities=capabilities
+            )
+            assert not (await stub.RegisterParticipant(again, timeout=10)).changed
+        answer = await submit(cluster, "no-exchange-again", branches("ok", points=2))
+        assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
+        assert 2 == cluster.log_tail(COORDINATOR, 10_000).count(warning)
 
     asyncio.run(scenario())
 
