@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import heapq
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from dtm.limits import WAITERS_PER_RESOURCE_MAX
 
@@ -77,6 +79,24 @@ class _Hold:
     since: float
 
 
+class _WaitFuture(asyncio.Future[None]):
+    """A lock wait's future, that calls `on_cancel` the moment it is cancelled.
+
+    A timeout (asyncio.timeout) or a task cancellation cancels the future its task awaits at
+    once (Task.cancel), but the task runs again only in a later step of the loop. A waiter left
+    queued until then still counted against WAITERS_PER_RESOURCE_MAX: right after a mass
+    timeout, a request that ran first was refused "too many waiters" with nobody waiting."""
+
+    on_cancel: Callable[[], None] | None = None
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        if self.on_cancel is not None:
+            self.on_cancel()
+        return True
+
+
 @dataclass(slots=True, eq=False)  # eq=False: waiters are compared by identity in the queue
 class _Waiter:
     owner: str
@@ -89,8 +109,8 @@ class _Waiter:
 
     @property
     def live(self) -> bool:
-        # A timeout or task cancellation cancels the future at once, but the waiter leaves the
-        # queue only when its task runs again; until then it must neither block nor be granted.
+        # A wait that ended leaves the queue as it ends (_WaitFuture, release_all, _wake), so
+        # a queued waiter is live; this guards a future cancelled by other means.
         return not self.future.done()
 
 
@@ -160,9 +180,9 @@ class LockManager:
                 f"for it (the limit), so this one was refused without waiting; a hot key: "
                 "retry later, or spread the load over more keys"
             )
-        waiter = _Waiter(
-            owner, mode, previous, self._clock(), asyncio.get_running_loop().create_future()
-        )
+        future = _WaitFuture(loop=asyncio.get_running_loop())
+        waiter = _Waiter(owner, mode, previous, self._clock(), future)
+        future.on_cancel = functools.partial(self._leave_queue, resource, waiter)
         # Upgrades are kept together at the front of the queue, in their own arrival order.
         position = (
             sum(1 for queued in lock.waiters if queued.previous is not None)
@@ -319,6 +339,14 @@ class LockManager:
         lock.waiters.remove(waiter)
         waiter.queued = False
         self._forget_if_unrelated(resource, lock, waiter.owner)
+
+    def _leave_queue(self, resource: str, waiter: _Waiter) -> None:
+        """A wait cancelled (timed out, or its task cancelled): out of the queue now, so that
+        it no longer counts against the bound; its task, when it runs, finishes the rest
+        (`_abandon`: the wake-up of the requests behind it)."""
+        lock = self._locks.get(resource)
+        if waiter.queued and lock is not None:
+            self._dequeue(resource, lock, waiter)
 
     def _abandon(self, resource: str, waiter: _Waiter) -> None:
         """Undo every trace of a wait that ended in a timeout or a cancellation."""

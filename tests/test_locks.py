@@ -608,6 +608,36 @@ def test_waiters_per_resource_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
     run(main)
 
 
+def test_waits_that_ended_do_not_count_against_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout or a cancellation ends a wait at once (its future is cancelled), but its task
+    runs again only later. A request that runs before it (here: scheduled first, as one that
+    arrives in the loop step of a mass timeout is) was refused "too many waiters" though
+    nobody waited: the ended waits still filled the queue until their tasks ran."""
+    monkeypatch.setattr(locks, "WAITERS_PER_RESOURCE_MAX", 2)
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        ended = [asyncio.create_task(manager.acquire(owner, "sku-1", S)) for owner in "bc"]
+        await until(lambda: len(waiting(manager, "sku-1")) == 2)
+        late = asyncio.create_task(manager.acquire("d", "sku-1", S))  # runs first ...
+        for task in ended:
+            task.cancel()  # ... before these tasks see their cancellation
+        await until(lambda: late.done() or waiting(manager, "sku-1") == [("d", "shared")])
+        assert not late.done(), late.exception()  # LockRefused: "too many waiters on sku-1"
+        assert 0 == manager.queue_full
+        manager.release_all("a")
+        await late
+        assert ("d",) == holders(manager, "sku-1")
+        for task in ended:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        manager.release_all("d")
+        assert_empty(manager)
+
+    run(main)
+
+
 def test_owner_cannot_wait_twice_on_one_resource() -> None:
     async def main() -> None:
         manager = LockManager(wait_timeout_s=LONG_S)
