@@ -9,9 +9,11 @@ branch's forced records are durable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import traceback
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -841,12 +843,18 @@ class BranchEngine:
         before, it failed every other item of the batched call, and left the branch PREPARING
         until its lease ran out, a duplicate Prepare refused with no reason."""
         try:
-            requests = sorted(self.service.locks(operation), key=_by_resource)
-            for request in requests:
-                if not request.resource or not isinstance(request.mode, LockMode):
-                    raise ValueError(f"locks() returned {request!r}")
+            return self._checked_locks(operation)
         except Exception as error:
             return self._service_failed(key, "locks", error)
+
+    def _checked_locks(self, operation: Message) -> list[LockRequest]:
+        """The service's lock requests, by resource name; ValueError for one that names no
+        resource or has no LockMode (a bug in the service), which the lock table asserts
+        against."""
+        requests = sorted(self.service.locks(operation), key=_by_resource)
+        for request in requests:
+            if not request.resource or not isinstance(request.mode, LockMode):
+                raise ValueError(f"locks() returned {request!r}")
         return requests
 
     def _service_prepare(
@@ -1013,7 +1021,8 @@ class BranchEngine:
                     prepared_info.branch.heuristic = committed.heuristic
                     # The decision's time, not the replay's (0 in a log older than the field).
                     prepared_info.updated_at_ms = committed.decided_at_unix_ms or self.clock_ms()
-                    self.service.commit(branch_key_text(key), self._operations[key])
+                    with self._replaying("commit", key):
+                        self.service.commit(branch_key_text(key), self._operations[key])
                     self._finish(prepared_info)
                 elif kind is RecordType.BRANCH_ROLLED_BACK:
                     rolled = log_pb2.BranchRolledBack.FromString(record.payload)
@@ -1040,7 +1049,8 @@ class BranchEngine:
                         known.branch.state = BranchState.ROLLED_BACK
                         known.branch.heuristic = rolled.heuristic
                         known.branch.reason = rolled.reason or known.branch.reason
-                        self.service.rollback(branch_key_text(key), self._operations[key])
+                        with self._replaying("rollback", key):
+                            self.service.rollback(branch_key_text(key), self._operations[key])
                     if rolled.decided_at_unix_ms:
                         known.updated_at_ms = rolled.decided_at_unix_ms
                     self._finish(known)
@@ -1060,6 +1070,7 @@ class BranchEngine:
                         self._mark_reconciled(key)
                 # Coordinator record types never appear in a participant's log.
             # ValueError: RecordType(n), or a snapshot the service's restore refuses.
+            # RecoveryError: whatever else the service raised, among others (`_replaying`).
             except (ValueError, DecodeError, RecoveryError) as error:
                 raise ReplayError(
                     log_directory, record.lsn, record.record_type, str(error)
@@ -1080,7 +1091,8 @@ class BranchEngine:
         key = (transaction_id, index)
         decoded = self.service.operation_type()
         operation.Unpack(decoded)
-        outcome = self.service.prepare(branch_key_text(key), decoded)
+        with self._replaying("prepare", key):
+            outcome = self.service.prepare(branch_key_text(key), decoded)
         if not isinstance(outcome, Prepared):
             raise RecoveryError(
                 f"replaying the prepare of {branch_key_text(key)} gave {outcome!r}: the service "
@@ -1103,7 +1115,9 @@ class BranchEngine:
         is later by the prepare's own time."""
         info.prepared_monotonic_ms = self._monotonic_of(info.prepared_at_ms)
         age_ms = max(0, self.clock_ms() - info.prepared_at_ms) if info.prepared_at_ms else 0
-        for request in self.service.locks(operation):
+        with self._replaying("locks", info.branch.key):
+            requests = self._checked_locks(operation)
+        for request in requests:
             try:
                 self.locks.acquire_now(
                     branch_key_text(info.branch.key),
@@ -1118,6 +1132,30 @@ class BranchEngine:
                     f"{conflict.reason}; the service's locks() do not match the log (changed "
                     "since it was written?)"
                 ) from None
+
+    @contextlib.contextmanager
+    def _replaying(
+        self, step: str, key: BranchKey | None, refusal: type[Exception] | None = None
+    ) -> Iterator[None]:
+        """A call into the service during replay. Whatever it raises (a bug in the service, or
+        a service changed since the log was written) refuses the start as a RecoveryError, which
+        `replay` reports as its one-line ReplayError naming the record: anything but a
+        ValueError was a bare traceback. Where it was raised stands in for the traceback.
+        `refusal`: the step's documented way to refuse (restore's ValueError), worded for an
+        operator already, passed on as it is."""
+        try:
+            yield
+        except Exception as error:
+            if refusal is not None and isinstance(error, refusal):
+                raise
+            raised = traceback.extract_tb(error.__traceback__)[-1:]  # the innermost frame
+            where = "".join(f" (in {f.name}, {f.filename}:{f.lineno})" for f in raised)
+            branch = "" if key is None else f", replaying branch {branch_key_text(key)}"
+            said = " ".join(str(error).splitlines())  # the start's error is one line
+            raise RecoveryError(
+                f"the service's {step} raised {type(error).__name__}: {said}{where}{branch} "
+                "(a bug in the service, or a service changed since the log was written)"
+            ) from error
 
     def checkpoint_records(self) -> list[CheckpointPayload]:
         """A snapshot of everything the log holds (service state, prepared and decided
@@ -1168,7 +1206,8 @@ class BranchEngine:
         self._packed.clear()
         self._applied.clear()
         self.incarnation = checkpoint.incarnation or self.incarnation
-        self.service.restore(b"".join(checkpoint.service_state))
+        with self._replaying("restore", None, refusal=ValueError):
+            self.service.restore(b"".join(checkpoint.service_state))
         for prepared in checkpoint.prepared:
             key = (prepared.transaction_id, prepared.branch)
             decoded = self.service.operation_type()

@@ -11,12 +11,14 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from dtm import limits, logs
+from dtm import grpc_edge, limits, logs
 from dtm.core.branch import BranchState, BranchVote, ErrorKind
-from dtm.wal import MemoryLog
+from dtm.records import RecordType, ReplayError
+from dtm.wal import MemoryLog, WriteAheadLog
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine, BranchError
 from participants.locks import LockManager, LockMode
+from participants.server import ParticipantConfig, ParticipantServer
 from participants.service import (
     InvalidOperation,
     LockRequest,
@@ -27,6 +29,7 @@ from participants.service import (
 )
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
+from participants.services.payment import PaymentService
 from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
 from tests.harness import until
 
@@ -314,3 +317,140 @@ def test_a_commit_on_a_branch_still_preparing_changes_nothing() -> None:
         assert BranchVote.PREPARED is (await waiting)[0]
 
     asyncio.run(scenario())
+
+
+class FailsAtReplay(OrdersService):
+    """Orders whose `failing` step raises: set once the log is written, it fails at replay
+    only (a bug the restart runs into, or a service changed since the log was written)."""
+
+    failing = ""
+
+    def _step(self, step: str) -> None:
+        if self.failing == step:
+            raise RuntimeError(f"{step} broke\nsee above")
+
+    def locks(self, operation: shop_pb2.CreateOrder) -> list[LockRequest]:
+        self._step("locks")
+        return list(super().locks(operation))
+
+    def prepare(self, key: str, operation: shop_pb2.CreateOrder) -> Prepared | ReadOnly | Refused:
+        self._step("prepare")
+        return super().prepare(key, operation)
+
+    def commit(self, key: str, operation: shop_pb2.CreateOrder) -> None:
+        self._step("commit")
+        super().commit(key, operation)
+
+    def rollback(self, key: str, operation: shop_pb2.CreateOrder) -> None:
+        self._step("rollback")
+        super().rollback(key, operation)
+
+    def restore(self, state: bytes) -> None:
+        self._step("restore")
+        super().restore(state)
+
+
+# A failing step -> the log that reaches it at replay: what follows the prepare of T/0.
+REPLAY_FAILURES = {
+    "prepare": ("", RecordType.BRANCH_PREPARED),
+    "locks": ("", RecordType.BRANCH_PREPARED),
+    "commit": ("commit", RecordType.BRANCH_COMMITTED),
+    "rollback": ("rollback", RecordType.BRANCH_ROLLED_BACK),
+    "restore": ("checkpoint", RecordType.PARTICIPANT_CHECKPOINT),
+    "locks of a checkpoint's prepared branch": ("checkpoint", RecordType.PARTICIPANT_CHECKPOINT),
+}
+
+
+def log_reaching(then: str) -> MemoryLog:
+    async def write() -> MemoryLog:
+        log = MemoryLog()
+        orders = engine(FailsAtReplay(), log)
+        line = shop_pb2.StockLine(sku="sku-apple", quantity=1)
+        order = shop_pb2.CreateOrder(order_id="o-1", customer_id="c", lines=[line])
+        assert (BranchVote.PREPARED, "") == await orders.prepare("T", 0, packed(order), False)
+        if then == "commit":
+            await orders.commit("T", 0)
+        elif then == "rollback":
+            await orders.rollback("T", 0)
+        elif then == "checkpoint":
+            await orders.checkpoint()
+        return log
+
+    return asyncio.run(write())
+
+
+@pytest.mark.parametrize("case", list(REPLAY_FAILURES))
+def test_a_service_that_raises_at_replay_refuses_the_start_naming_the_record(case: str) -> None:
+    """Whatever the service raises at replay is the ReplayError that names the record (run_server
+    prints it as one line, exit status 1). Before, anything but a ValueError escaped replay:
+    the process died with a bare traceback naming neither the log nor the record."""
+    then, record_type = REPLAY_FAILURES[case]
+    log = log_reaching(then)
+    step = case.split()[0]
+    service = FailsAtReplay()
+    service.failing = step
+    with pytest.raises(ReplayError) as refused:
+        engine(service, MemoryLog()).replay(log.records)
+    assert record_type == refused.value.record_type
+    # The record's LSN: a checkpoint's first one (its records replay as one).
+    assert next(r.lsn for r in log.records if r.record_type == record_type) == refused.value.lsn
+    reason = refused.value.reason
+    assert reason.startswith(
+        f"the service's {step} raised RuntimeError: {step} broke see above (in _step, "
+    )
+    assert __file__ in reason and "\n" not in reason
+    if step != "restore":
+        assert ", replaying branch T/0 (a bug in the service" in reason
+
+
+def test_a_lock_request_naming_no_resource_at_replay_refuses_the_start() -> None:
+    """Checked as at prepare (`_checked_locks`): before, the lock table's assert failed with
+    a traceback (under `python -O`, the branch took a lock on the resource "")."""
+
+    class Unnamed(OrdersService):
+        def locks(self, operation: shop_pb2.CreateOrder) -> list[LockRequest]:
+            return [LockRequest("")]
+
+    with pytest.raises(ReplayError) as refused:
+        engine(Unnamed(), MemoryLog()).replay(log_reaching("").records)
+    assert refused.value.reason.startswith(
+        "the service's locks raised ValueError: locks() returned LockRequest(resource=''"
+    )
+
+
+def test_a_snapshot_restore_refuses_is_reported_in_the_service_s_words() -> None:
+    """restore's ValueError is its documented refusal, worded for an operator: reported as it
+    is, not as a bug in the service."""
+    log = log_reaching("checkpoint")
+    with pytest.raises(ReplayError) as refused:
+        engine(PaymentService(), MemoryLog()).replay(log.records)
+    assert "the service's restore raised" not in refused.value.reason
+    assert RecordType.PARTICIPANT_CHECKPOINT == refused.value.record_type
+
+
+def test_a_service_that_raises_at_replay_stops_the_process_with_one_line(
+    tmp_path: Path,
+) -> None:
+    """The process: exit status 1 with the one line, nothing written to its log, and the log
+    released (an embedder can start again on it, with the service fixed)."""
+    directory = tmp_path / "orders" / "wal"
+    written, _ = WriteAheadLog.open(directory)
+    for record in log_reaching("").records:
+        written.append(record.record_type, record.payload)
+    written.close()
+    segments = {path.name: path.read_bytes() for path in directory.glob("*.wal")}
+    assert segments
+    service = FailsAtReplay()
+    service.failing = "prepare"
+    with pytest.raises(SystemExit) as stopped:
+        grpc_edge.run_server(lambda: ParticipantServer(service, ParticipantConfig(tmp_path)))
+    message = str(stopped.value.code)
+    assert 1 == len(message.splitlines()), message
+    assert message.startswith(
+        f"error: cannot replay the write-ahead log {directory}: record at LSN 1 "
+        "(BRANCH_PREPARED): the service's prepare raised RuntimeError: prepare broke see above"
+    ), message
+    assert segments == {path.name: path.read_bytes() for path in directory.glob("*.wal")}
+    reopened, records = WriteAheadLog.open(directory)  # released: not "in use"
+    reopened.close()
+    assert [RecordType.BRANCH_PREPARED] == [record.record_type for record in records]

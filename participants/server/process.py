@@ -97,7 +97,14 @@ class ParticipantServer:
         self.engine = BranchEngine(
             service, self.wal, self.locks, clock_ms=now_ms, monotonic_ms=monotonic_ms
         )
-        self.engine.replay(records, wal.directory)
+        try:
+            self.engine.replay(records, wal.directory)
+        except BaseException:
+            # The start is refused (ReplayError) before anything is appended: let go of the
+            # directory, so that a process embedding the server can start again on the log
+            # (with its service fixed) instead of finding it "in use" by itself.
+            wal.close()
+            raise
         # A new log starts with a checkpoint of the initial state (stock, accounts): until the
         # first periodic one, replay started from whatever initial state this process was
         # given, so a restart with another --initial file (or another DEFAULT_CATALOG)
