@@ -369,13 +369,16 @@ class BranchEngine:
             await self.wait_durable([key])
 
     def learn_outcome(self, key: BranchKey, commit: bool) -> bool:
-        """The coordinator answered an inquiry about a prepared branch. False: the branch
-        was decided meanwhile (a Commit or Rollback came first), nothing left to learn."""
+        """The coordinator answered an inquiry about a prepared branch. False: nothing left to
+        learn, the branch was decided meanwhile (a Commit or Rollback came first), or it is
+        preparing again (decided, dropped from the window, prepared anew: the core ignores
+        an answer about its earlier life)."""
         info = self.open.get(key)
         if info is None:
             return False
+        in_doubt = info.branch.state is BranchState.PREPARED
         self._execute(info, info.branch.handle(core.OutcomeLearned(commit)))
-        return True
+        return in_doubt
 
     async def force(self, key: BranchKey, commit: bool) -> BranchInfo:
         """Heuristic outcome an operator asked for; recorded (forced) and never silent."""

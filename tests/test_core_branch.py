@@ -177,6 +177,27 @@ def test_outcome_learned_applies_the_decision() -> None:
     assert BranchState.COMMITTED == branch.state
 
 
+@pytest.mark.parametrize("commit", [True, False])
+def test_an_outcome_learned_before_the_vote_is_ignored(commit: bool) -> None:
+    """An inquiry answer about an earlier life of the key (decided, dropped from the window
+    of decided branches, prepared again while the inquiry was in flight) raised
+    BranchProtocolError. Ignored: committing would apply a prepare that never voted, and
+    aborting would take another attempt's outcome for this one's."""
+    branch = preparing()
+    assert [] == branch.handle(core.OutcomeLearned(commit))
+    assert (BranchState.PREPARING, None, "") == (branch.state, branch.vote, branch.reason)
+    # Its own vote still counts.
+    assert core.ReplyVote(BranchVote.PREPARED, "") in branch.handle(
+        core.PrepareVoted(BranchVote.PREPARED)
+    )
+
+
+def test_an_outcome_learned_is_legal_in_every_state() -> None:
+    assert {state for state, event in TRANSITIONS if event is core.OutcomeLearned} == set(
+        BranchState
+    )
+
+
 def test_a_prepare_for_a_committed_branch_says_an_earlier_attempt_committed_it() -> None:
     """It comes from a later attempt, after the coordinator forgot the committed one: PREPARED
     let that attempt abort on a failure elsewhere and tell its client ABORTED. A branch an
@@ -208,9 +229,9 @@ def test_heuristic_is_forced_and_recorded() -> None:
 ILLEGAL = [
     (BranchState.PREPARED, core.PrepareVoted(BranchVote.PREPARED)),
     (BranchState.COMMITTED, core.HeuristicForced(True)),
-    (BranchState.REFUSED, core.OutcomeLearned(True)),
+    (BranchState.REFUSED, core.HeuristicForced(True)),
     (BranchState.READ_ONLY, core.HeuristicForced(False)),
-    (BranchState.PREPARING, core.OutcomeLearned(True)),
+    (BranchState.PREPARING, core.HeuristicForced(True)),
 ]
 
 

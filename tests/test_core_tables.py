@@ -155,6 +155,7 @@ BRANCH_EXPECTED: dict[tuple[BranchState, type], BranchState] = {
     (B.PREPARING, bcore.RollbackRequested): B.ROLLED_BACK,
     (B.PREPARING, bcore.CommitRequested): B.PREPARING,  # refused: not prepared
     (B.PREPARING, bcore.LeaseExpired): B.ROLLED_BACK,
+    (B.PREPARING, bcore.OutcomeLearned): B.PREPARING,  # an earlier life's answer: ignored
     (B.PREPARED, bcore.PrepareRequested): B.PREPARED,
     (B.PREPARED, bcore.CommitRequested): B.COMMITTED,
     (B.PREPARED, bcore.RollbackRequested): B.ROLLED_BACK,
@@ -176,10 +177,12 @@ BRANCH_EXPECTED: dict[tuple[BranchState, type], BranchState] = {
     (B.REFUSED, bcore.RollbackRequested): B.REFUSED,
     (B.REFUSED, bcore.CommitRequested): B.REFUSED,  # refused
     (B.REFUSED, bcore.LeaseExpired): B.REFUSED,
+    (B.REFUSED, bcore.OutcomeLearned): B.REFUSED,
     (B.READ_ONLY, bcore.PrepareRequested): B.READ_ONLY,
     (B.READ_ONLY, bcore.RollbackRequested): B.READ_ONLY,
     (B.READ_ONLY, bcore.CommitRequested): B.READ_ONLY,
     (B.READ_ONLY, bcore.LeaseExpired): B.READ_ONLY,
+    (B.READ_ONLY, bcore.OutcomeLearned): B.READ_ONLY,
 }
 
 

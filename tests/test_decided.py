@@ -471,6 +471,48 @@ def test_an_inquiry_answer_resolves_only_a_branch_still_in_doubt() -> None:
     assert not engine.learn_outcome(("t-never", 1), commit=False)
 
 
+def test_an_inquiry_answer_about_a_forgotten_branch_prepared_again_changes_nothing() -> None:
+    """The branch is decided, pushed out of the window of decided branches, and prepared
+    again (a stale or retried Prepare, here waiting for a lock) before the answer of an
+    inquiry made while it was in doubt arrives. learn_outcome raised BranchProtocolError
+    (PREPARING, OutcomeLearned). Now the answer is ignored: no record, no lease renewal, and
+    the prepare goes on to its own vote."""
+
+    async def scenario() -> None:
+        clock = [1_000]
+        engine = BranchEngine(
+            InventoryService(lock_skus=True),
+            MemoryLog(),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: clock[0],
+            monotonic_ms=lambda: clock[0],
+            decided_kept=1,
+        )
+        key = ("t-q", 1)
+        assert engine.begin_prepare(*key, reserve(), False) == (BranchVote.PREPARED, "")
+        engine.decide_now(*key, commit=False)  # its Rollback, while an inquiry is in flight
+        engine.decide_now("t-other", 1, commit=False)  # pushes it out of the window
+        assert engine.branch(key) is None
+        assert engine.begin_prepare("t-holder", 1, reserve(), False)[0] is BranchVote.PREPARED
+        again = engine.begin_prepare(*key, reserve(), False, lock_wait_s=5)
+        assert not isinstance(again, tuple)  # waits for t-holder's lock
+        appended = engine.log.appended_lsn
+        clock[0] = 2_000
+        for commit in (True, False):
+            assert not engine.learn_outcome(key, commit=commit)
+        info = engine.branch(key)
+        assert info is not None and BranchState.PREPARING is info.branch.state
+        assert (appended, 1_000, 1_000) == (
+            engine.log.appended_lsn,
+            info.updated_at_ms,
+            info.updated_monotonic_ms,  # what the lease counts from
+        )
+        engine.decide_now("t-holder", 1, commit=False)
+        assert (BranchVote.PREPARED, "") == await again
+
+    asyncio.run(scenario())
+
+
 def test_a_duplicate_prepare_does_not_renew_the_lease_of_a_branch_waiting_for_locks() -> None:
     async def scenario() -> None:
         clock = [1_000]

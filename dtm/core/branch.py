@@ -442,6 +442,16 @@ def _on_outcome(branch: Branch, event: OutcomeLearned) -> list[BranchAction]:
     return _rollback(branch, "", "aborted (learned from the coordinator)")
 
 
+def _outcome_before_the_vote(branch: Branch, event: OutcomeLearned) -> list[BranchAction]:
+    # Inquiries are only made about PREPARED branches, so the answer is about an earlier life
+    # of this key: decided, dropped from the window of decided branches, and prepared again
+    # (a late or retried Prepare) while the inquiry was in flight. Ignored, changing nothing
+    # (not even the lease). A commit would apply a prepare that never voted, and may yet
+    # refuse (rule 2); an abort would be safe (an unvoted branch may abort on its own) but
+    # is another attempt's outcome: this prepare's vote and its own decision settle it.
+    return []
+
+
 def _on_heuristic(branch: Branch, event: HeuristicForced) -> list[BranchAction]:
     if event.commit:
         return _commit(branch, HEURISTIC_COMMIT)
@@ -461,6 +471,7 @@ TRANSITIONS: dict[tuple[BranchState, type], BranchHandler] = {
     (B.PREPARING, RollbackRequested): _on_rollback_preparing,  # type: ignore[dict-item]
     (B.PREPARING, CommitRequested): _not_prepared_yet,
     (B.PREPARING, LeaseExpired): _on_lease_unvoted,  # type: ignore[dict-item]
+    (B.PREPARING, OutcomeLearned): _outcome_before_the_vote,  # type: ignore[dict-item]
     (B.PREPARED, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
     (B.PREPARED, CommitRequested): _on_commit,  # type: ignore[dict-item]
     (B.PREPARED, RollbackRequested): _on_rollback_prepared,  # type: ignore[dict-item]
@@ -482,8 +493,10 @@ TRANSITIONS: dict[tuple[BranchState, type], BranchHandler] = {
     (B.REFUSED, RollbackRequested): _ack,
     (B.REFUSED, CommitRequested): _already_rolled_back,
     (B.REFUSED, LeaseExpired): _nothing,
+    (B.REFUSED, OutcomeLearned): _nothing,  # an earlier life's answer, as for PREPARING
     (B.READ_ONLY, PrepareRequested): _on_duplicate_prepare,  # type: ignore[dict-item]
     (B.READ_ONLY, RollbackRequested): _on_rollback_read_only,  # type: ignore[dict-item]
     (B.READ_ONLY, CommitRequested): _ack,
     (B.READ_ONLY, LeaseExpired): _nothing,
+    (B.READ_ONLY, OutcomeLearned): _nothing,  # likewise
 }
