@@ -1092,8 +1092,7 @@ class BranchEngine:
         prepared_at_ms: int = 0,
     ) -> BranchInfo:
         key = (transaction_id, index)
-        decoded = self.service.operation_type()
-        operation.Unpack(decoded)
+        decoded = self._logged_operation(key, operation)
         with self._replaying("prepare", key):
             outcome = self.service.prepare(branch_key_text(key), decoded)
         if not isinstance(outcome, Prepared):
@@ -1109,6 +1108,19 @@ class BranchEngine:
         self._applied.add(key)
         self._recover_prepared(info, decoded)
         return info
+
+    def _logged_operation(self, key: BranchKey, operation: any_pb2.Any) -> Message:
+        """A prepared branch's operation as logged, decoded. Any.Unpack answers False, and
+        leaves the message empty, for another type: replayed, that was a branch PREPARED on
+        an empty operation (an empty order, prepared), silently."""
+        decoded: Message = self.service.operation_type()
+        if not operation.Unpack(decoded):
+            raise RecoveryError(
+                f"the operation of branch {branch_key_text(key)} is "
+                f"{operation.type_url.rsplit('/', 1)[-1][:80]!r}, not "
+                f"{decoded.DESCRIPTOR.full_name} (a log written by another service?)"
+            )
+        return decoded
 
     def _recover_prepared(self, info: BranchInfo, operation: Any) -> None:
         """Date a branch recovered as prepared on this process's monotonic clock, as old as
@@ -1213,8 +1225,7 @@ class BranchEngine:
             self.service.restore(b"".join(checkpoint.service_state))
         for prepared in checkpoint.prepared:
             key = (prepared.transaction_id, prepared.branch)
-            decoded = self.service.operation_type()
-            prepared.operation.Unpack(decoded)
+            decoded = self._logged_operation(key, prepared.operation)
             branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
             info = self._track(branch, prepared.transaction_fingerprint)
             info.prepared_at_ms = prepared.prepared_at_unix_ms

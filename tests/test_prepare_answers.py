@@ -15,7 +15,7 @@ from dtm import grpc_edge, limits, logs
 from dtm.core.branch import BranchState, BranchVote, ErrorKind
 from dtm.records import RecordType, ReplayError
 from dtm.wal import MemoryLog, WriteAheadLog
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from participants.branches import BranchEngine, BranchError
 from participants.locks import LockManager, LockMode
 from participants.server import ParticipantConfig, ParticipantServer
@@ -26,6 +26,7 @@ from participants.service import (
     ReadOnly,
     Refused,
     Service,
+    state_bytes,
 )
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
@@ -416,6 +417,29 @@ def test_a_lock_request_naming_no_resource_at_replay_refuses_the_start() -> None
     assert refused.value.reason.startswith(
         "the service's locks raised ValueError: locks() returned LockRequest(resource=''"
     )
+
+
+@pytest.mark.parametrize("logged_in", ["record", "checkpoint"])
+def test_a_prepared_operation_of_another_type_refuses_the_replay(logged_in: str) -> None:
+    """Any.Unpack answers False for another type and leaves the message empty: before, such a
+    branch was replayed PREPARED on an empty operation (here an empty order), silently."""
+    reserve = shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)])
+    prepared = log_pb2.BranchPrepared(transaction_id="T", branch=0, operation=packed(reserve))
+    log = MemoryLog()
+    if logged_in == "record":
+        log.append(RecordType.BRANCH_PREPARED, prepared.SerializeToString())
+    else:
+        checkpoint = log_pb2.ParticipantCheckpoint(
+            service_state=[state_bytes(OrdersService().snapshot())], prepared=[prepared]
+        )
+        log.append(RecordType.PARTICIPANT_CHECKPOINT, checkpoint.SerializeToString())
+    orders = engine(OrdersService(), MemoryLog())
+    with pytest.raises(ReplayError) as refused:
+        orders.replay(log.records)
+    assert (
+        "the operation of branch T/0 is 'dtm.v1.ReserveStock', not dtm.v1.CreateOrder (a log "
+        "written by another service?)"
+    ) == refused.value.reason
 
 
 def test_a_snapshot_restore_refuses_is_reported_in_the_service_s_words() -> None:
