@@ -35,7 +35,10 @@ coordinator
     dtm_transactions_in_doubt                             gauge     deciding/committing/unknown
     dtm_phase_two_retries_total{participant}              counter
     dtm_heuristic_outcomes_total{participant,outcome}     counter   heuristic commit | rollback
-                                                                    | hazard: alert on any
+                                                                    | hazard: alert on any;
+                                                                    participant="(unregistered)"
+                                                                    for a report naming no
+                                                                    registered participant
     dtm_participant_call_latency_seconds{participant,rpc} histogram Prepare | Commit | Rollback
     dtm_participant_call_failures_total{participant,rpc}  counter
     dtm_participant_batch_calls_total{participant}        counter   Exchange calls sent
@@ -129,6 +132,9 @@ LATENCY_BUCKETS = (
 #: UNKNOWN, may have happened) while some participant does not know it yet. Same as
 #: `dtm txn list --in-doubt`.
 IN_DOUBT_STATES = frozenset({TxnState.DECIDING, TxnState.COMMITTING, TxnState.UNKNOWN})
+#: The participant label of a heuristic outcome whose participant is not registered (a report
+#: naming it): one series for all of them. No participant name can be it (PARTICIPANT_NAME_PATTERN).
+UNREGISTERED = "(unregistered)"
 #: Copying a dict another thread mutates is retried this often before a scrape gives up.
 _COPY_ATTEMPTS = 3
 
@@ -454,6 +460,8 @@ class CoordinatorMetrics(EngineObserver):
         engine.observer = self
         for participant in engine.registry.participants:  # replayed from the log
             self.participant_registered(participant)
+        for outcome in HEURISTIC_OUTCOMES:  # at 0 from the start, as a registered name's
+            self._heuristics.labels(UNREGISTERED, outcome)
 
     # ---- EngineObserver ----
 
@@ -481,6 +489,13 @@ class CoordinatorMetrics(EngineObserver):
         self._submit_handling.observe(time.perf_counter() - started)
 
     def heuristic_recorded(self, participant: str, outcome: str) -> None:
+        if participant not in self.engine.registry.participants:
+            # A report (Coordinator.ReportHeuristic) may name any well-formed participant,
+            # and anyone may send one in plaintext mode: a series per name would grow without
+            # bound (three per new name, never removed). Counted, not refused: a participant
+            # unregistered while its forced branch awaited still has a real heuristic outcome
+            # to report, and an alert on any increase must see it.
+            participant = UNREGISTERED
         self._heuristics.labels(participant, outcome).inc()
 
     def participant_registered(self, participant: str) -> None:
@@ -721,6 +736,7 @@ def for_participant(
 __all__ = [
     "IN_DOUBT_STATES",
     "NO_OBSERVER",
+    "UNREGISTERED",
     "BranchCounters",
     "CheckpointStats",
     "CoordinatorMetrics",

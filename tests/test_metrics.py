@@ -325,6 +325,49 @@ def test_the_series_of_an_unregistered_participant_go_with_it(tmp_path: Path) ->
     asyncio.run(scenario())
 
 
+def test_heuristic_reports_naming_unregistered_participants_share_one_series(
+    tmp_path: Path,
+) -> None:
+    """Before, every participant name a ReportHeuristic gave (anyone may send one in plaintext
+    mode, about a transaction id the coordinator never saw) added three series that were never
+    removed: 20 reports under new names left 60. They are counted under one label now; the
+    outcome is still recorded, and a registered participant's is still counted under its name."""
+
+    def report(txn: str, participant: str) -> coordinator_pb2.ReportHeuristicRequest:
+        return coordinator_pb2.ReportHeuristicRequest(
+            transaction_id=txn,
+            branch=0,
+            participant=participant,
+            forced=coordinator_pb2.OUTCOME_COMMITTED,
+            decision=coordinator_pb2.OUTCOME_ABORTED,  # presumed abort: no record of txn
+        )
+
+    async def scenario() -> None:
+        async with servers(tmp_path) as running:
+            heuristics = "dtm_heuristic_outcomes_total"
+            before = await running.scrape("coordinator")
+            for outcome in ("heuristic commit", "heuristic rollback", "heuristic hazard"):
+                labels = {"participant": metrics.UNREGISTERED, "outcome": outcome}
+                assert 0 == value(before, heuristics, **labels)  # there to alert on at once
+            for n in range(20):
+                await running.client.ReportHeuristic(report(f"t-s{n}", f"stranger-{n}"))
+            await running.client.ReportHeuristic(report("t-i", "inventory"))
+            samples = await running.scrape("coordinator")
+            strangers = [
+                labels for name, labels in samples if any("stranger" in v for _, v in labels)
+            ]
+            assert [] == strangers
+            commit = "heuristic commit"
+            assert 20 == value(
+                samples, heuristics, participant=metrics.UNREGISTERED, outcome=commit
+            )
+            assert 1 == value(samples, heuristics, participant="inventory", outcome=commit)
+            kept = running.coordinator.engine.heuristics.get(("t-s7", 0))
+            assert kept is not None and "stranger-7" == kept.participant
+
+    asyncio.run(scenario())
+
+
 def test_metrics_are_off_by_default(tmp_path: Path) -> None:
     async def scenario() -> None:
         server = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
