@@ -89,7 +89,7 @@ def _address(raw: object, port_min: int, optional: bool) -> str:
         raise ValueError(f"expected at most {limits.ADDRESS_LENGTH_MAX} characters")
     port = limits.address_port(text)
     if port is None or not port_min <= port <= 65535:
-        raise ValueError(f"expected {allowed}")
+        raise ValueError(f"expected {allowed}{limits.unbracketed_host_hint(text)}")
     return text
 
 

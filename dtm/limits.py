@@ -7,6 +7,7 @@ bounded by these numbers and asserted against them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 # ---- identifiers ----
@@ -115,11 +116,41 @@ LOCK_OWNERS_LISTED_MAX = 8
 
 def address_port(address: str) -> int | None:
     """The port of a well-formed host:port address (no whitespace or control character
-    anywhere), else None."""
+    anywhere; an IPv6 host in brackets), else None."""
     if len(address) > ADDRESS_LENGTH_MAX or not address.isprintable() or " " in address:
         return None
     host, _, port = address.rpartition(":")
-    return int(port) if host and PORT_PATTERN.fullmatch(port) else None
+    if not host or not PORT_PATTERN.fullmatch(port) or _unbracketed(host):
+        return None
+    return int(port)
+
+
+def unbracketed_host_hint(address: str) -> str:
+    """What to add to the refusal of `address` when its host has a ':' outside brackets (an
+    IPv6 address without them, or a port given twice): the right form; else ""."""
+    host, _, port = address.rpartition(":")
+    if not _unbracketed(host):
+        return ""
+    bare = _TARGET_SCHEME.sub("", host, 1)
+    try:
+        ipaddress.IPv6Address(bare)
+    except ValueError:
+        return f"; {bare!r} has a ':' (a port given twice?); an IPv6 address goes in brackets"
+    return f"; an IPv6 address goes in brackets: [{bare}]:{port}"
+
+
+# The scheme of a gRPC target before its host:port: dns:///name:port, dns://resolver/name:port,
+# ipv4:a.b.c.d:port, ipv6:[address]:port.
+_TARGET_SCHEME = re.compile(r"^(?:dns:(?://[^/]*/)?|ipv4:|ipv6:)")
+_BRACKETED = re.compile(r"\[[^\[\]]+\]")
+
+
+def _unbracketed(host: str) -> bool:
+    """Whether a ':' in `host` (scheme aside) is outside brackets: `::1:5` is the address ::1
+    and port 5, or the address ::1:5 and no port; `host:1:2` has two ports. gRPC would take a
+    guess; the right form ([::1]:5) leaves none to take."""
+    host = _TARGET_SCHEME.sub("", host, 1)
+    return ":" in host and not _BRACKETED.fullmatch(host)
 
 
 def participant_name_problem(name: str) -> str | None:

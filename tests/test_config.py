@@ -4,6 +4,7 @@ file, and the coordinator's and participants' command lines built on it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -14,6 +15,8 @@ import pytest
 from dtm import config
 from dtm.config import Config, ConfigError, load
 from dtm.coordinator import server as coordinator_server
+from dtm.coordinator.registry import RegistrationError, validate_registration
+from dtmpb.v1 import coordinator_pb2
 from participants import server as participant_server
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "dtm.example.toml"
@@ -477,6 +480,29 @@ def test_grpc_target_forms_are_addresses() -> None:
     for target in ("dns:///coordinator:50050", "ipv4:10.0.0.1:50050", "[fe80::1%eth0]:50050"):
         loaded = load(environ={"DTM_PARTICIPANT_COORDINATOR": target})
         assert target == loaded.participant.coordinator
+
+
+def test_an_ipv6_address_without_brackets_is_refused_with_the_right_form() -> None:
+    """`::1:5` and `host:1:2` were taken as host:port (the host ::1 or host:1): gRPC then
+    guesses which colon ends the host. An IPv6 address goes in brackets, [::1]:5; the
+    refusal shows that form, and the same check refuses a registration's address."""
+    refusals = {
+        "::1:5": "an IPv6 address goes in brackets: [::1]:5",
+        "fe80::1%eth0:7": "[fe80::1%eth0]:7",
+        "host:1:2": "'host:1' has a ':' (a port given twice?)",
+        "dns:///::1:5": "[::1]:5",
+    }
+    for address, says in refusals.items():
+        with pytest.raises(ConfigError, match=r"expected host:port.*" + re.escape(says)):
+            load(environ={"DTM_PARTICIPANT_COORDINATOR": address})
+    for address in ("[::1]:5", "ipv6:[::1]:5", "dns://10.0.0.53:53/coordinator:50050"):
+        assert (
+            address
+            == load(environ={"DTM_PARTICIPANT_COORDINATOR": address}).participant.coordinator
+        )
+    request = coordinator_pb2.RegisterParticipantRequest(name="inventory", address="::1:5")
+    with pytest.raises(RegistrationError, match=re.escape("in brackets: [::1]:5")):
+        validate_registration(request)
 
 
 def test_the_cli_section_names_the_coordinators_identity() -> None:

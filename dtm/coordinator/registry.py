@@ -35,6 +35,7 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
     if port is None or not 0 < port < 65536:
         raise RegistrationError(
             f"address {address[:80]!r} is not host:port (a port of 1..65535, no spaces)"
+            + limits.unbracketed_host_hint(address)
         )
     types = request.capabilities.operation_types
     if len(types) > limits.OPERATION_TYPES_MAX:
