@@ -135,6 +135,14 @@ def debug_enabled() -> bool:
     return _level <= logging.DEBUG
 
 
+def retry_warns(attempt: int) -> bool:
+    """Whether the failure of `attempt` (1, 2, ...) of something retried for as long as it
+    fails is worth a WARNING: attempts 1, 2, 4, 8... are, the others are DEBUG. The lines grow
+    with the log of an outage's length, not with its length: one a second for a day is 86,400
+    lines, this is 17."""
+    return attempt & (attempt - 1) == 0  # a power of two
+
+
 def report_failure(task: asyncio.Task[Any], component: str, what: str) -> None:
     """For the done-callback of background work nobody awaits: its exception, if any, goes to
     the log with its traceback. Otherwise asyncio mentions it only when the task is collected,

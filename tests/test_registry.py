@@ -15,7 +15,9 @@ import pytest
 
 from dtm import cli, logs
 from dtm.coordinator.registry import Registry
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, shop_pb2
+from participants.server import ParticipantConfig, ParticipantServer, process
+from participants.services.notification import NotificationService
 from tests.cli_runner import dtm
 from tests.harness import InProcessCluster, eventually, order_branches, pack
 
@@ -380,3 +382,53 @@ def test_an_empty_registered_incarnation_never_marks_an_asker_replaced() -> None
     assert registry.replacing("inventory", "first") is None
     replaced_by = registry.replacing("inventory", "earlier")
     assert replaced_by is not None and "first" == replaced_by.incarnation
+
+
+class _RegistersAfter(coordinator_pb2_grpc.CoordinatorServicer):
+    """A coordinator that answers RegisterParticipant UNAVAILABLE `failures` times first."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    async def RegisterParticipant(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        if self.calls <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+        return coordinator_pb2.RegisterParticipantResponse()
+
+
+def test_a_registration_failing_for_long_warns_ever_less_often(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A participant retries its registration every second for as long as it fails, and
+    each failure was a WARNING: a day's outage wrote 86,400 of them. Attempts 1, 2, 4, 8...
+    warn now, the others are DEBUG, as the coordinator's retried Commits."""
+    monkeypatch.setattr(process, "registration_delay_s", lambda attempt: 0.0)  # no waits
+
+    async def scenario() -> None:
+        coordinator = _RegistersAfter(failures=20)
+        server = grpc.aio.server()
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        participant = ParticipantServer(
+            NotificationService(),
+            ParticipantConfig(data_dir=tmp_path, coordinator=f"127.0.0.1:{port}"),
+        )
+        try:
+            await participant.start()
+            await asyncio.wait_for(participant.registered.wait(), 30)
+        finally:
+            await participant.stop(0.1)
+            await server.stop(0)
+        assert 21 == coordinator.calls
+
+    capsys.readouterr()
+    asyncio.run(scenario())
+    warnings = [
+        line.partition(" attempt=")[2].split()[0]
+        for line in capsys.readouterr().err.splitlines()
+        if " WARNING " in line and "registration failed; retrying" in line
+    ]
+    assert ["1", "2", "4", "8", "16"] == warnings

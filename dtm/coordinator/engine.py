@@ -1118,7 +1118,7 @@ class Engine:
         the outage, not with its length (dtm_phase_two_retries_total counts every retry, and
         `dtm txn list --stuck` shows the attempts). A Rollback is tried a few times only:
         each is a WARNING."""
-        quiet = forever and attempt & (attempt - 1)  # not a power of two
+        quiet = forever and not logs.retry_warns(attempt)
         log: Callable[..., None] = self._log.debug if quiet else self._log.warning
         return log
 

@@ -78,6 +78,12 @@ def tls_hint(details: str, tls: bool) -> str | None:
     return None if failure is None else _TLS_HINTS[failure]
 
 
+def registration_delay_s(attempt: int) -> float:
+    """The wait after failed registration `attempt` (1, 2, ...): 50 ms, doubled each time, at
+    most a second (a coordinator back up is found within a second)."""
+    return min(0.05 * (1 << min(attempt - 1, 5)), 1.0)
+
+
 class ParticipantServer:
     """One participant process: a service's business logic behind the SDK."""
 
@@ -218,10 +224,11 @@ class ParticipantServer:
                 "takes them, and each owed Commit becomes a heuristic hazard",
                 incarnation=self.engine.incarnation,
             )
-        delay = 0.05
+        attempt = 0
         async with self._coordinator_channel() as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             while True:
+                attempt += 1
                 try:
                     await stub.RegisterParticipant(request, timeout=2.0)
                 except grpc.aio.AioRpcError as error:
@@ -242,15 +249,18 @@ class ParticipantServer:
                     # RESOURCE_EXHAUSTED (the registry is full) included: a slot may free up.
                     # A failed TLS handshake is retried too (the coordinator may be restarted
                     # with the right files), but says what to fix: it reads as "unreachable".
-                    self.log_.warning(
+                    # Retried every second for as long as it fails: a WARNING each time
+                    # flooded the log of a long outage, so attempts 1, 2, 4, 8... warn.
+                    log = self.log_.warning if logs.retry_warns(attempt) else self.log_.debug
+                    log(
                         "registration failed; retrying",
                         coordinator=self.config.coordinator,
+                        attempt=attempt,
                         code=error.code().name,
                         detail=error.details(),
                         hint=tls_hint(error.details() or "", self.config.tls is not None),
                     )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+                    await asyncio.sleep(registration_delay_s(attempt))
                     continue
                 self.log_.info(
                     "registered", coordinator=self.config.coordinator, address=self.advertise
