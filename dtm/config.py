@@ -690,8 +690,14 @@ def tls_files(
 def tls_origin(cfg: Config, section: str) -> str:
     """Where the tls_* settings of `section` (with [participant] for a service) came from, for
     messages about their files: the configuration file's section, or the variables."""
+    return setting_origin(cfg, section, "tls_*")
+
+
+def setting_origin(cfg: Config, section: str, key: str) -> str:
+    """Where setting `key` of `section` (with [participant] for a service) may have come from,
+    for messages about its value: the configuration file's section(s), or the variables."""
     sections = [section, PARTICIPANT] if section in SERVICES else [section]
-    variables = " or ".join(environment_variable(s, "tls_*") for s in sections)
+    variables = " or ".join(environment_variable(s, key) for s in sections)
     if cfg.source is None:
         return variables
     return f"{' or '.join(f'[{s}]' for s in sections)} of {cfg.source}, or {variables}"
@@ -708,18 +714,29 @@ def with_configured_initial(service: str, argv: Sequence[str] | None) -> list[st
     The services' mains read --initial themselves, before the SDK parses the rest; putting the
     configured path first keeps an explicit --initial (argparse keeps the last) in charge.
     """
+    return configured_initial(service, argv)[0]
+
+
+def configured_initial(service: str, argv: Sequence[str] | None) -> tuple[list[str], str | None]:
+    """`with_configured_initial`, and the setting that gave the --initial put in front (for
+    messages about its file: ``initial ([inventory] ... of FILE, or DTM_INVENTORY_INITIAL
+    ...)``), or None when none was."""
     args = list(sys.argv[1:] if argv is None else argv)
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     probe.add_argument("--config", type=Path, default=None)
     options, _ = probe.parse_known_args(args)
     try:
-        initial = load(options.config).service(service).initial
+        cfg = load(options.config)
     except ConfigError as error:
         # Exit status 2, as the same error found by the SDK's own parser (a service without
         # an --initial, a flag) exits: a configuration refused is a usage error.
         print(f"dtm service {service}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return args if initial is None else ["--initial", str(initial), *args]
+    initial = cfg.service(service).initial
+    if initial is None:
+        return args, None
+    origin = f"initial ({setting_origin(cfg, participant_section(service), 'initial')})"
+    return ["--initial", str(initial), *args], origin
 
 
 __all__ = [
@@ -735,12 +752,14 @@ __all__ = [
     "ParticipantSettings",
     "add_flags",
     "config_path",
+    "configured_initial",
     "default_of",
     "environment_variable",
     "from_options",
     "keys",
     "load",
     "participant_section",
+    "setting_origin",
     "tls_files",
     "tls_origin",
     "with_configured_initial",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import sys
 import types
@@ -204,6 +205,44 @@ def test_split_initial_arg_turns_a_bad_file_into_a_usage_error(tmp_path: Path) -
         split_initial_arg(["--initial", str(path)])
     with pytest.raises(SystemExit, match="--initial: "):
         split_initial_arg(["--initial", str(tmp_path / "missing.json")])
+
+
+def test_an_initial_file_that_cannot_be_read_is_named_by_the_setting_that_gave_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`initial = DIR` in [inventory] stopped the service with "--initial: [Errno 21] Is a
+    directory: 'DIR'", naming a flag nobody gave, in Python's words. The setting that gave
+    the path is named now (the key and file, or the variables), with what to give instead."""
+    from participants.services import inventory, payment
+
+    for name in [name for name in os.environ if name.startswith("DTM_")]:
+        monkeypatch.delenv(name)
+    directory = tmp_path / "shop"
+    directory.mkdir()
+    toml = tmp_path / "dtm.toml"
+    toml.write_text(f'[inventory]\ninitial = "{directory}"\n', encoding="utf-8")
+
+    def refusal(main: Callable[[list[str]], None], *args: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            main(list(args))
+        message = str(exited.value.code)
+        assert "Errno" not in message, message
+        return message
+
+    assert refusal(inventory.main, "--config", str(toml)).startswith(
+        f"initial ([inventory] or [participant] of {toml}, or DTM_INVENTORY_INITIAL or "
+        f"DTM_PARTICIPANT_INITIAL): cannot read {directory}: Is a directory; give the path of "
+        "a JSON file"
+    )
+    monkeypatch.setenv("DTM_PARTICIPANT_INITIAL", str(directory))
+    assert refusal(payment.main).startswith(
+        f"initial (DTM_PAYMENT_INITIAL or DTM_PARTICIPANT_INITIAL): cannot read {directory}"
+    )
+    # An --initial given overrides the configured one: it is the one named.
+    missing = tmp_path / "missing.json"
+    assert refusal(inventory.main, "--config", str(toml), "--initial", str(missing)).startswith(
+        f"--initial: cannot read {missing}: No such file or directory"
+    )
 
 
 @pytest.mark.parametrize(

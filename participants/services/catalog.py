@@ -147,23 +147,35 @@ def load_catalog(path: Path) -> Catalog:
     return parse_catalog(document, str(path))
 
 
-def split_initial_arg(argv: list[str] | None) -> tuple[Catalog, list[str]]:
+def split_initial_arg(
+    argv: list[str] | None, configured_in: str | None = None
+) -> tuple[Catalog, list[str]]:
     """Take `--initial PATH.json` out of a command line; the rest goes to the SDK.
 
     Every service accepts the flag, so that a launcher can start all four with the same
-    arguments; orders and notification start empty whatever it says.
+    arguments; orders and notification start empty whatever it says. `configured_in`: the
+    setting that gave the first --initial (dtm.config.configured_initial), which names it in
+    an error when no later --initial overrides it.
     """
     # No abbreviations: a prefix of an SDK flag must never be taken for --initial.
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--initial", type=Path, default=None)
+    parser.add_argument("--initial", type=Path, action="append", default=[])
     options, rest = parser.parse_known_args(argv)
-    if options.initial is None:
+    if not options.initial:
         return DEFAULT_CATALOG, rest
+    path: Path = options.initial[-1]  # the last one given, as argparse keeps for a flag
+    setting = configured_in if configured_in and len(options.initial) == 1 else "--initial"
     try:
-        return load_catalog(options.initial), rest
-    except (OSError, ValueError) as error:
-        # A usage error, not a traceback: the operator has a file to fix.
-        raise SystemExit(f"--initial: {error}") from None
+        return load_catalog(path), rest
+    except OSError as error:
+        # A usage error, not a traceback, and not "[Errno 21] Is a directory: 'x'": the
+        # operator has a setting to fix, named as given.
+        raise SystemExit(
+            f"{setting}: cannot read {path}: {error.strerror or error}; give the path of a JSON "
+            "file of initial stock and accounts, or none for the built-in catalog"
+        ) from None
+    except ValueError as error:
+        raise SystemExit(f"{setting}: {error}") from None
 
 
 __all__ = [

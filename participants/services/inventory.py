@@ -181,11 +181,11 @@ class InventoryReadApi(shop_pb2_grpc.InventoryServicer):
 def main(argv: list[str] | None = None) -> None:
     # Imported here, not at the top: the business logic above is usable (and unit-tested)
     # without the SDK server and its log.
-    from dtm.config import with_configured_initial
+    from dtm.config import configured_initial
     from participants.server import run
 
     # `initial` from the configuration file or DTM_*_INITIAL, unless --initial is given.
-    catalog, rest = split_initial_arg(with_configured_initial("inventory", argv))
+    catalog, rest = split_initial_arg(*configured_initial("inventory", argv))
     run(InventoryService(catalog.stock), rest)
 
 

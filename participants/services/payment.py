@@ -256,11 +256,11 @@ class PaymentReadApi(shop_pb2_grpc.PaymentServicer):
 
 def main(argv: list[str] | None = None) -> None:
     # Imported here: the business logic above is usable (and unit-tested) without the SDK.
-    from dtm.config import with_configured_initial
+    from dtm.config import configured_initial
     from participants.server import run
 
     # `initial` from the configuration file or DTM_*_INITIAL, unless --initial is given.
-    catalog, rest = split_initial_arg(with_configured_initial("payment", argv))
+    catalog, rest = split_initial_arg(*configured_initial("payment", argv))
     run(PaymentService(catalog.accounts), rest)
 
 
