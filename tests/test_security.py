@@ -714,6 +714,55 @@ def test_a_tls_file_that_cannot_work_is_named_by_the_setting_that_gave_it(
     assert parse_args([*base, *key]).tls is not None  # the flag wins over the file's key
 
 
+_PLAINTEXT_CALL_TO_A_TLS_SERVER = """
+import asyncio, sys
+from pathlib import Path
+import participants.server  # first, as the services' and the SDK's users' imports
+import grpc
+from dtm import grpc_edge, security
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+
+async def main() -> None:
+    server = grpc.aio.server()
+    tls = security.TlsConfig.for_identity(Path(sys.argv[1]), "coordinator")
+    port = grpc_edge.bind(server, "127.0.0.1:0", security.server_credentials(tls))
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            await stub.ListParticipants(coordinator_pb2.ListParticipantsRequest(), timeout=5)
+        except grpc.aio.AioRpcError as error:
+            print(error.code().name)
+    await server.stop(None)
+
+
+asyncio.run(main())
+"""
+
+
+def test_grpcs_own_lines_about_failed_handshakes_stay_out_of_the_logs(ca_dir: Path) -> None:
+    """Every plaintext connection to a TLS server, from anyone, wrote gRPC's own unstructured
+    "I... ssl_transport_security.cc] Handshake failed" line into the server's log. The
+    packages set GRPC_VERBOSITY=ERROR before grpc is imported; a user's setting stays in
+    charge (INFO shows the line again)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("DTM_", "GRPC_"))}
+
+    def stderr_of_a_plaintext_call(**more: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _PLAINTEXT_CALL_TO_A_TLS_SERVER, str(ca_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**environ, **more},
+        )
+        assert (0, "UNAVAILABLE\n") == (done.returncode, done.stdout), done.stderr
+        return done.stderr
+
+    assert "Handshake failed" not in stderr_of_a_plaintext_call()
+    assert "Handshake failed" in stderr_of_a_plaintext_call(GRPC_VERBOSITY="INFO")
+
+
 def test_a_failure_to_bind_with_tls_mentions_the_credentials() -> None:
     """Credentials gRPC rejects only when it binds (material not checked by from_options)."""
     from dtm import grpc_edge
