@@ -739,6 +739,15 @@ def test_an_empty_address_is_a_usage_error() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "--address: empty" in err), err
 
 
+def test_an_ipv6_address_without_brackets_is_a_usage_error() -> None:
+    """The CLI took `::1:50050` as given, while the servers' settings refuse it: gRPC guesses
+    where the host ends. It names the right form, as the settings do."""
+    for args in (["--coordinator", "::1:50050", "txn", "list"], ["locks", "--address", "::1:7"]):
+        status, out, err = asyncio.run(dtm(*args))
+        assert (cli.EXIT_USAGE, "") == (status, out), args
+        assert "an IPv6 address goes in brackets: [::1]:" in err, err
+
+
 def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "data" / "orders" / "wal").mkdir(parents=True)

@@ -246,6 +246,9 @@ def _address(text: str) -> str:
     if port.isascii() and port.isdigit() and not (0 < len(digits) <= 5 and int(digits) <= 65535):
         # gRPC would dial the port modulo 65536: another server, or another process.
         raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1..65535")
+    hint = limits.unbracketed_host_hint(text)
+    if hint:  # gRPC would guess where the host ends: another address than meant
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT{hint}")
     return text
 
 
