@@ -239,6 +239,20 @@ class InProcessCluster:
         await self.coordinator.stop(0.1)
 
 
+async def state_fingerprint(cluster: InProcessCluster) -> tuple[object, ...]:
+    stock = await cluster.stock()
+    accounts = await cluster.accounts()
+    orders = await cluster.orders()
+    sent = await cluster.sent()
+    return (
+        sorted((s.sku, s.available, s.reserved, s.sold) for s in stock.values()),
+        sorted((a.account_id, a.balance_cents, a.held_cents) for a in accounts.accounts),
+        sorted((o.order_id, o.state) for o in orders.values()),
+        len(sent.sent),
+        sent.staged,
+    )
+
+
 async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> None:
     """Await until `check()` (async, returns bool) holds; fail with a clear message if not."""
     deadline = asyncio.get_running_loop().time() + timeout_s

@@ -21,23 +21,10 @@ from tests.harness import (
     field_bytes,
     order_branches,
     pack,
+    state_fingerprint,
 )
 
 Code = grpc.StatusCode
-
-
-async def state_fingerprint(cluster: InProcessCluster) -> tuple[object, ...]:
-    stock = await cluster.stock()
-    accounts = await cluster.accounts()
-    orders = await cluster.orders()
-    sent = await cluster.sent()
-    return (
-        sorted((s.sku, s.available, s.reserved, s.sold) for s in stock.values()),
-        sorted((a.account_id, a.balance_cents, a.held_cents) for a in accounts.accounts),
-        sorted((o.order_id, o.state) for o in orders.values()),
-        len(sent.sent),
-        sent.staged,
-    )
 
 
 def submit(cluster: InProcessCluster, **fields: object) -> Awaitable[object]:
