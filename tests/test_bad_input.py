@@ -473,3 +473,20 @@ def test_an_invalid_one_phase_operation_aborts_at_once_without_a_lost_answer(
             assert "answer lost" not in view.reason and "quantity" in view.reason, view.reason
 
     asyncio.run(scenario())
+
+
+def test_a_refusal_a_participant_found_keeps_its_advice_however_long_its_reason() -> None:
+    """The advice that the id is spent comes last: a participant's reason (up to
+    REASON_CHARS_MAX) is cut so that the status, cut at STATUS_DETAILS_CHARS_MAX, keeps it."""
+    from dtm import grpc_edge
+    from dtm.coordinator.finished import TransactionView
+    from dtm.coordinator.server import _spent
+
+    reason = "branch 0 (x): " + "é" * limits.REASON_CHARS_MAX
+    view = TransactionView("t-1", 0, 0, "", 0, 0, 0, b"", reason, "", b"", "", ())
+    said = _spent(view)
+    assert said == grpc_edge.status_details(said)
+    assert said.startswith("branch 0 (x): éé")
+    assert said.endswith("under a new transaction id (this one is spent)")
+    short = _spent(view._replace(invalid_argument="branch 0 (x): quantity 0"))
+    assert short.startswith("branch 0 (x): quantity 0; transaction t-1 was aborted")

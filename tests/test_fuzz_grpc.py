@@ -1209,3 +1209,58 @@ def test_concurrent_branch_calls_for_one_order_id_leave_one_outcome(
         assert not (await locks).locks
 
     served.run(run())
+
+
+# ---- Submits under one id: refused, corrected, retried ----
+
+# What a Submit carries under the example's id: an order of `quantity` units of FUZZ_SKU
+# (0 and -1: refused by inventory, after the transaction started), or one for a participant
+# not registered (refused before anything runs).
+SubmitContent = tuple[str, int]
+submit_contents = st.tuples(st.sampled_from(["inventory", "warehouse"]), st.integers(-1, 2))
+SPENT = "new transaction id"  # what a refusal says when the id cannot be used again
+
+
+@fuzz_settings(40)
+@given(plan=st.lists(submit_contents, min_size=2, max_size=4))
+@example(plan=[("inventory", 0), ("inventory", 1)])  # refused by inventory, then corrected
+def test_a_refused_submit_says_whether_its_id_can_be_used_again(
+    served: Served, plan: list[SubmitContent]
+) -> None:
+    """A client corrects a refused Submit and sends it again under the same id. If that id
+    is spent (the transaction ran and aborted, and is remembered: ALREADY_EXISTS for other
+    content), the refusal said so; the same content again gets the same answer; and the
+    order is applied at most once."""
+    transaction_id = f"fz-retry-{next(_sequence_number)}"
+
+    def request(content: SubmitContent) -> pb.SubmitRequest:
+        participant, quantity = content
+        line = shop_pb2.StockLine(sku=FUZZ_SKU, quantity=quantity)
+        operation = pack(shop_pb2.ReserveStock(lines=[line]))
+        branch = pb.BranchRequest(participant=participant, operation=operation)
+        return pb.SubmitRequest(transaction_id=transaction_id, branches=[branch])
+
+    async def run() -> None:
+        sold_before = (await fuzz_stock(served)).sold
+        answers: dict[SubmitContent, tuple[Any, str]] = {}
+        spent_silently = ""  # a refusal that left the id spent without saying so
+        for content in plan:
+            answer = await answer_of(served.cluster.client.Submit(request(content)), "Submit")
+            refused = isinstance(answer, grpc.aio.AioRpcError)
+            said = (answer.code(), answer.details() or "") if refused else (answer.outcome, "")
+            if content in answers:
+                assert answers[content][0] == said[0], (content, answers[content], said)
+            answers.setdefault(content, said)
+            if refused and answer.code() == Code.ALREADY_EXISTS:
+                assert not spent_silently, f"the id was spent by a refusal: {spent_silently!r}"
+            elif refused and SPENT not in said[1] and not spent_silently:
+                spent_silently = said[1]
+            elif not refused:
+                spent_silently = ""  # an answer: the id holds this transaction, as told
+        await settled(served.cluster)
+        sold = (await fuzz_stock(served)).sold - sold_before
+        committed = [c for c, (s, _) in answers.items() if s == pb.OUTCOME_COMMITTED]
+        assert sold == sum(quantity for _, quantity in committed), (answers, sold)
+        assert len(committed) <= 1, answers
+
+    served.run(run())

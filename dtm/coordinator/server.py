@@ -151,6 +151,19 @@ def _refused(code: grpc.StatusCode, message: str) -> coordinator_pb2.SubmitResul
     )
 
 
+def _spent(view: TransactionView) -> str:
+    """The refusal of a transaction a participant found malformed: what to fix (what the
+    participant said, cut so that the rest fits a status: see grpc_edge.status_details),
+    then that its id is spent."""
+    spent = (
+        f"; transaction {view.transaction_id} was aborted and nothing was applied: submit the "
+        "corrected transaction under a new transaction id (this one is spent)"
+    )
+    room = grpc_edge.STATUS_DETAILS_CHARS_MAX - len(spent)
+    said = view.invalid_argument
+    return (said if len(said) <= room else f"{said[: room - 3]}...") + spent
+
+
 def _fingerprint(request: coordinator_pb2.SubmitRequest) -> bytes:
     """Identity of a Submit's content, so a reused id with other content is caught."""
     digest = hashlib.blake2b(digest_size=16)
@@ -304,11 +317,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 "new transaction id",
             )
         if view.invalid_argument and not committed:
-            return _refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{view.invalid_argument}; transaction {view.transaction_id} was aborted and "
-                "nothing was applied",
-            )
+            # Found by a participant, after the transaction started: it ran and aborted, and
+            # its id now holds it (other content under it is ALREADY_EXISTS), unlike a
+            # request _check_submit refused, which leaves its id free.
+            return _refused(grpc.StatusCode.INVALID_ARGUMENT, _spent(view))
         return coordinator_pb2.SubmitResult(
             response=coordinator_pb2.SubmitResponse(
                 transaction_id=view.transaction_id,
