@@ -819,7 +819,7 @@ PB_STATE = {
 
 @dataclass(frozen=True)
 class Step:
-    verb: str  # prepare, prepare_one_phase, commit, rollback, force_commit, force_rollback
+    verb: str  # prepare(_one_phase), commit, rollback, force_commit/_rollback, forget
     transaction: int  # 0 or 1: which of the example's two transactions
     branch: int
     via: str  # unary, batch (PrepareBatch / DecideBatch) or exchange
@@ -830,7 +830,15 @@ class Step:
 steps = st.builds(
     Step,
     verb=st.sampled_from(
-        ["prepare", "prepare_one_phase", "commit", "rollback", "force_commit", "force_rollback"]
+        [
+            "prepare",
+            "prepare_one_phase",
+            "commit",
+            "rollback",
+            "force_commit",
+            "force_rollback",
+            "forget",
+        ]
     ),
     transaction=st.integers(0, 1),
     branch=st.integers(0, 1),
@@ -871,6 +879,10 @@ async def take_step(served: Served, step: Step, transaction_id: str) -> Outcome:
     admin = served.stub("ParticipantAdmin", "inventory")
     fingerprint = SEQUENCE_FINGERPRINTS[step.fingerprint]
     what = f"{step.verb} via {step.via}"
+    if step.verb == "forget":
+        forget = ppb.ForgetBranchRequest(transaction_id=transaction_id, branch=step.branch)
+        answer = await answer_of(admin.ForgetBranch(forget, timeout=CALL_TIMEOUT_S), what)
+        return Outcome(isinstance(answer, grpc.aio.AioRpcError), detail=str(answer))
     if step.verb.startswith("force_"):
         request = ppb.ForceOutcomeRequest(
             transaction_id=transaction_id,
@@ -951,7 +963,8 @@ def check_step(step: Step, outcome: Outcome, before: str, after: str, reused: bo
         assert after == "committed", f"a committed branch changed: {said}"
     if before in ("rolled_back", "refused"):
         assert after == before, f"a decided branch changed: {said}"
-    if outcome.refused:
+    if outcome.refused or step.verb == "forget":  # forgetting changes no state
+        assert step.verb != "forget" or after == before, said
         return
     if step.verb in ("commit", "force_commit"):
         assert after == "committed", said
@@ -1165,6 +1178,9 @@ def test_concurrent_branch_calls_for_one_order_id_leave_one_outcome(
                 return await answer_of(participant.Prepare(prepare), what)
             batch = ppb.ExchangeRequest(prepares=[prepare])
             return await answer_of(participant.Exchange(batch), what)
+        if step.verb == "forget":
+            forget = ppb.ForgetBranchRequest(transaction_id=transaction_id)
+            return await answer_of(admin.ForgetBranch(forget), what)
         if step.verb.startswith("force_"):
             force = ppb.ForceOutcomeRequest(
                 transaction_id=transaction_id,
@@ -1213,17 +1229,23 @@ def test_concurrent_branch_calls_for_one_order_id_leave_one_outcome(
 
 # ---- Submits under one id: refused, corrected, retried ----
 
-# What a Submit carries under the example's id: an order of `quantity` units of FUZZ_SKU
-# (0 and -1: refused by inventory, after the transaction started), or one for a participant
-# not registered (refused before anything runs).
-SubmitContent = tuple[str, int]
-submit_contents = st.tuples(st.sampled_from(["inventory", "warehouse"]), st.integers(-1, 2))
-SPENT = "new transaction id"  # what a refusal says when the id cannot be used again
+# What a Submit carries under the example's id: (participant, quantity, form) for a
+# reservation of `quantity` units of FUZZ_SKU. Refused before anything runs: a participant
+# not registered, an operation of another participant's type ("typed"). Refused by
+# inventory, after the transaction started: a quantity of 0 or -1, bytes that are no
+# ReserveStock ("undecodable").
+SubmitContent = tuple[str, int, str]
+submit_contents = st.tuples(
+    st.sampled_from(["inventory", "warehouse"]),
+    st.integers(-1, 2),
+    st.sampled_from(["reserve", "typed", "undecodable"]),
+)
+SPENT = "new transaction id"  # what a refusal says when its id cannot be used again
 
 
 @fuzz_settings(40)
 @given(plan=st.lists(submit_contents, min_size=2, max_size=4))
-@example(plan=[("inventory", 0), ("inventory", 1)])  # refused by inventory, then corrected
+@example(plan=[("inventory", 0, "reserve"), ("inventory", 1, "reserve")])  # refused, corrected
 def test_a_refused_submit_says_whether_its_id_can_be_used_again(
     served: Served, plan: list[SubmitContent]
 ) -> None:
@@ -1234,33 +1256,36 @@ def test_a_refused_submit_says_whether_its_id_can_be_used_again(
     transaction_id = f"fz-retry-{next(_sequence_number)}"
 
     def request(content: SubmitContent) -> pb.SubmitRequest:
-        participant, quantity = content
+        participant, quantity, form = content
         line = shop_pb2.StockLine(sku=FUZZ_SKU, quantity=quantity)
         operation = pack(shop_pb2.ReserveStock(lines=[line]))
+        if form == "typed":
+            operation = pack(shop_pb2.ChargePayment(account_id="acct-alice", amount_cents=1))
+        elif form == "undecodable":
+            operation.value = b"\xff" + operation.value
         branch = pb.BranchRequest(participant=participant, operation=operation)
         return pb.SubmitRequest(transaction_id=transaction_id, branches=[branch])
 
     async def run() -> None:
         sold_before = (await fuzz_stock(served)).sold
-        answers: dict[SubmitContent, tuple[Any, str]] = {}
-        spent_silently = ""  # a refusal that left the id spent without saying so
+        # The answers that bound the id to their content: an outcome, or a refusal saying
+        # the id is spent. Before one, the id is free; after, other content is ALREADY_EXISTS
+        # and the same content gets the same answer.
+        answers: dict[SubmitContent, object] = {}
         for content in plan:
             answer = await answer_of(served.cluster.client.Submit(request(content)), "Submit")
             refused = isinstance(answer, grpc.aio.AioRpcError)
-            said = (answer.code(), answer.details() or "") if refused else (answer.outcome, "")
+            said = answer.code() if refused else answer.outcome
             if content in answers:
-                assert answers[content][0] == said[0], (content, answers[content], said)
-            answers.setdefault(content, said)
-            if refused and answer.code() == Code.ALREADY_EXISTS:
-                assert not spent_silently, f"the id was spent by a refusal: {spent_silently!r}"
-            elif refused and SPENT not in said[1] and not spent_silently:
-                spent_silently = said[1]
-            elif not refused:
-                spent_silently = ""  # an answer: the id holds this transaction, as told
+                assert answers[content] == said, (content, answers[content], said)
+            elif refused and answer.code() == Code.ALREADY_EXISTS:
+                assert answers, f"{content}: the id was spent, and no answer said so: {plan}"
+            elif not refused or SPENT in (answer.details() or ""):
+                answers[content] = said
         await settled(served.cluster)
         sold = (await fuzz_stock(served)).sold - sold_before
-        committed = [c for c, (s, _) in answers.items() if s == pb.OUTCOME_COMMITTED]
-        assert sold == sum(quantity for _, quantity in committed), (answers, sold)
+        committed = [c for c, said in answers.items() if said == pb.OUTCOME_COMMITTED]
+        assert sold == sum(quantity for _, quantity, _ in committed), (answers, sold)
         assert len(committed) <= 1, answers
 
     served.run(run())
