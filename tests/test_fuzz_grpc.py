@@ -1289,3 +1289,98 @@ def test_a_refused_submit_says_whether_its_id_can_be_used_again(
         assert len(committed) <= 1, answers
 
     served.run(run())
+
+
+# ---- a participant answering Prepare outside the contract ----
+
+
+class HostilePeer(participant_pb2_grpc.ParticipantServicer):
+    """A participant (another language, or broken) whose Prepare answer an example sets;
+    every decision it acknowledges, so that no phase 2 outlives the example."""
+
+    def __init__(self) -> None:
+        self.answer = ppb.PrepareResponse()
+
+    async def Prepare(self, request: Any, context: Any) -> ppb.PrepareResponse:
+        return self.answer
+
+    async def Commit(self, request: Any, context: Any) -> ppb.CommitResponse:
+        return ppb.CommitResponse()
+
+    async def Rollback(self, request: Any, context: Any) -> ppb.RollbackResponse:
+        return ppb.RollbackResponse()
+
+    async def Exchange(self, request: Any, context: Any) -> ppb.ExchangeResponse:
+        return ppb.ExchangeResponse(
+            votes=[self.answer] * len(request.prepares),
+            results=[ppb.DecisionResult(ok=True)] * len(request.decisions),
+        )
+
+
+async def hostile_peer(served: Served) -> HostilePeer:
+    """The peer of the module's cluster, started on its loop at first use."""
+    peer = served.stubs.get(("peer", ""))
+    if peer is None:
+        peer = HostilePeer()
+        server = grpc.aio.server()
+        participant_pb2_grpc.add_ParticipantServicer_to_server(peer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        served.stubs[("peer", "")] = peer
+        served.stubs[("peer", "address")] = f"127.0.0.1:{port}"
+        served.stubs[("peer", "server")] = server  # kept: a dropped server is stopped
+    return peer
+
+
+prepare_answers = st.builds(
+    ppb.PrepareResponse,
+    vote=st.one_of(st.integers(0, 4), st.integers(-(2**31), 2**31 - 1)),
+    reason=st.one_of(st.just(""), st.just("no stock")),
+    committed_earlier=st.booleans(),
+)
+
+
+@fuzz_settings(40)
+@given(
+    answer=prepare_answers,
+    batch=st.booleans(),
+    one_phase=st.booleans(),
+    with_inventory=st.booleans(),
+)
+@example(answer=ppb.PrepareResponse(vote=0), batch=False, one_phase=False, with_inventory=False)
+@example(answer=ppb.PrepareResponse(vote=0), batch=True, one_phase=False, with_inventory=False)
+def test_a_prepare_answer_outside_the_contract_aborts_and_says_so(
+    served: Served,
+    answer: ppb.PrepareResponse,
+    batch: bool,
+    one_phase: bool,
+    with_inventory: bool,
+) -> None:
+    """A vote the contract does not define (VOTE_UNSPECIFIED, an unknown number) fails that
+    prepare: the transaction aborts, its reason naming the participant and the vote, not an
+    internal error of the coordinator nor nothing at all."""
+    cluster = served.cluster
+
+    async def run() -> None:
+        peer = await hostile_peer(served)
+        peer.answer = answer
+        registration = pb.RegisterParticipantRequest(
+            name="fz-peer",
+            address=served.stubs[("peer", "address")],
+            capabilities=pb.Capabilities(one_phase=one_phase, batch=batch),
+        )
+        await cluster.client.RegisterParticipant(registration, timeout=CALL_TIMEOUT_S)
+        operation = pack(shop_pb2.ReserveStock())
+        branches = [pb.BranchRequest(participant="fz-peer", operation=operation)]
+        if with_inventory:
+            branches += order_branches("o-peer", [(FUZZ_SKU, 1)], amount_cents=1)[:1]
+        submit = cluster.client.Submit(pb.SubmitRequest(branches=branches))
+        said = await answer_of(submit, "Submit")
+        await settled(cluster)
+        assert not isinstance(said, grpc.aio.AioRpcError), said
+        assert "internal error" not in said.reason, said.reason
+        if answer.vote not in pb.Vote.values() or answer.vote == pb.VOTE_UNSPECIFIED:
+            assert pb.OUTCOME_ABORTED == said.outcome, said
+            assert "fz-peer" in said.reason and f"vote {answer.vote}" in said.reason, said.reason
+
+    served.run(run())
