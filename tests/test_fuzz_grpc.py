@@ -112,6 +112,9 @@ class Served:
     cluster: InProcessCluster
     # One channel per server for every example (a channel belongs to the loop it was made on).
     stubs: dict[tuple[str, str], Any] = field(default_factory=dict)
+    # A participant answering outside the contract, and its server: see hostile_peer.
+    peer: HostilePeer | None = None
+    peer_server: grpc.aio.Server | None = None
 
     def run(self, work: Awaitable[Any]) -> Any:
         return self.loop.run_until_complete(work)
@@ -143,6 +146,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield served
         served.run(still_serving(cluster))
     finally:
+        if served.peer_server is not None:
+            loop.run_until_complete(served.peer_server.stop(0))
         loop.run_until_complete(cluster.__aexit__(None, None, None))
         loop.close()
 
@@ -1300,6 +1305,7 @@ class HostilePeer(participant_pb2_grpc.ParticipantServicer):
 
     def __init__(self) -> None:
         self.answer = ppb.PrepareResponse()
+        self.port = 0
 
     async def Prepare(self, request: Any, context: Any) -> ppb.PrepareResponse:
         return self.answer
@@ -1317,19 +1323,15 @@ class HostilePeer(participant_pb2_grpc.ParticipantServicer):
         )
 
 
-async def hostile_peer(served: Served) -> HostilePeer:
-    """The peer of the module's cluster, started on its loop at first use."""
-    peer = served.stubs.get(("peer", ""))
-    if peer is None:
-        peer = HostilePeer()
-        server = grpc.aio.server()
-        participant_pb2_grpc.add_ParticipantServicer_to_server(peer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        served.stubs[("peer", "")] = peer
-        served.stubs[("peer", "address")] = f"127.0.0.1:{port}"
-        served.stubs[("peer", "server")] = server  # kept: a dropped server is stopped
-    return peer
+async def hostile_peer(served: Served) -> tuple[HostilePeer, str]:
+    """The peer of the module's cluster (started on its loop at first use), and its address."""
+    if served.peer is None or served.peer_server is None:
+        served.peer = HostilePeer()
+        served.peer_server = grpc.aio.server()
+        participant_pb2_grpc.add_ParticipantServicer_to_server(served.peer, served.peer_server)
+        served.peer.port = served.peer_server.add_insecure_port("127.0.0.1:0")
+        await served.peer_server.start()
+    return served.peer, f"127.0.0.1:{served.peer.port}"
 
 
 prepare_answers = st.builds(
@@ -1362,11 +1364,11 @@ def test_a_prepare_answer_outside_the_contract_aborts_and_says_so(
     cluster = served.cluster
 
     async def run() -> None:
-        peer = await hostile_peer(served)
+        peer, address = await hostile_peer(served)
         peer.answer = answer
         registration = pb.RegisterParticipantRequest(
             name="fz-peer",
-            address=served.stubs[("peer", "address")],
+            address=address,
             capabilities=pb.Capabilities(one_phase=one_phase, batch=batch),
         )
         await cluster.client.RegisterParticipant(registration, timeout=CALL_TIMEOUT_S)
