@@ -48,13 +48,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "record they reveal is durable, as participants/branches.py once did",
     )
     parser.add_argument(
+        "--wall-clock-timers",
+        action="store_true",
+        help="reproduce fixed engine and SDK bugs: the transaction timer, the prepares' "
+        "timeouts, leases and inquiry delays compare the wall clock, which steps",
+    )
+    parser.add_argument(
         "--forgetful",
         action="store_true",
         help="the coordinator forgets finished transactions beyond a small window (and, in "
         "some seeds, participants their decided branches): late retries run new attempts",
     )
     options = parser.parse_args(argv)
-    model = NodeModel(error_reply_waits_for_durability=not options.sdk_error_replies)
+    model = NodeModel(
+        error_reply_waits_for_durability=not options.sdk_error_replies,
+        intervals_on_monotonic_clock=not options.wall_clock_timers,
+    )
     if options.seed is not None:
         seeds = range(options.seed, options.seed + 1)
     else:
@@ -117,6 +126,7 @@ def _add(totals: dict[str, int], result: RunResult) -> None:
         "unanswered",
         "resubmits",
         "crashes",
+        "clock_steps",
         "drops",
         "duplicates",
         "messages",

@@ -27,7 +27,13 @@ Invariants (protocol.md rules in brackets):
   applied once: a branch's commit is applied once per life (an apply whose commit record a
     crash lost never was) [14];
   released: a decided branch holds neither its locks nor its reservation after its step, and
-    nothing is held after healing (the participant model's `locked` and `reserved`).
+    nothing is held after healing (the participant model's `locked` and `reserved`);
+  bounded, whatever the wall clocks do (`check_bounds`, before every step): no transaction
+    stays preparing past its timeout, no branch stays unvoted (with its locks) past its
+    lease, and no in-doubt branch waits longer than `in_doubt_after_ms` (or, after an
+    inquiry, the inquiry backoff's ceiling) to be asked about, all counted on the simulated
+    monotonic clock from when they began in the incarnation holding them (a crash ends
+    them, so downtime never counts; a restarted participant's wait starts at the restart).
 After healing: nothing left in doubt or preparing, every coordinator transaction terminal, and
 every updating branch agrees with what the client and the coordinator said [11, 12, 13].
 
@@ -745,6 +751,46 @@ class Checker:
                 "(resolved ABORTED)",
             )
 
+    # ---- bounds on time, before every step ----
+
+    def check_bounds(self) -> None:
+        """What a timer ends has ended by its time: a late timer (one that read a stepped wall
+        clock) shows here, at the first step after it was due, before it fires."""
+        world = self.world
+        now = world.now_ms
+        coordinator = world.coordinator
+        if coordinator.alive:
+            for transaction_id, run in coordinator.runs.items():
+                if run.txn.state is TxnState.PREPARING and now > run.due_ms:
+                    raise world.fail(
+                        f"bounded: the coordinator still has {transaction_id} preparing "
+                        f"{now - run.began_ms} ms after it began, past its timeout of "
+                        f"{run.due_ms - run.began_ms} ms"
+                    )
+        lease_ms = world.timing.lease_unvoted_ms
+        timing = world.timing
+        unasked_ms = max(timing.in_doubt_after_ms, timing.inquiry_backoff_ms_max)
+        for node in world.participants.values():
+            if not node.alive:
+                continue
+            for key, since in node.unasked_since_ms.items():
+                branch = node.branches.get(key)
+                in_doubt = branch is not None and branch.state is BranchState.PREPARED
+                if in_doubt and key not in node.inquiries and now - since > unasked_ms:
+                    raise world.fail(
+                        f"bounded: {node.name} has not asked about in-doubt {key[0]}/{key[1]} "
+                        f"for {now - since} ms, past {unasked_ms} ms"
+                    )
+            for key, work in node.work.items():
+                branch = node.branches.get(key)
+                preparing = branch is not None and branch.state is BranchState.PREPARING
+                if preparing and now - work.started_ms > lease_ms:
+                    raise world.fail(
+                        f"bounded: {node.name} still has {key[0]}/{key[1]} preparing, holding "
+                        f"its locks, {now - work.started_ms} ms after its prepare began, past "
+                        f"its lease of {lease_ms} ms"
+                    )
+
     # ---- after healing ----
 
     def check_settled(self) -> None:
@@ -813,6 +859,7 @@ class Checker:
             heal_steps=world.heal_steps,
             sim_ms=world.now_ms,
             resubmits=world.resubmits,
+            clock_steps=world.clock_steps,
             coverage=tuple(sorted(world.coverage.items())),
             limits=tuple(sorted(world.limits.items())),
         )

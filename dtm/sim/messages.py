@@ -143,6 +143,7 @@ class BranchRecord:
     transaction_id: str
     branch: int
     one_phase: bool = False  # a one-phase commit record also stands for its prepare
+    at_ms: int = 0  # when it was written, by its participant's wall clock (prepared_at_ms)
 
 
 Record: TypeAlias = DecisionRecord | EndRecord | BranchRecord

@@ -29,6 +29,30 @@ CallKind: TypeAlias = Literal["prepare", "commit", "rollback", "probe"]
 BranchKey: TypeAlias = tuple[str, int]
 
 
+def _after_interval(
+    node: CoordinatorNode | ParticipantNode, delay_ms: int, label: str, run: Callable[[], None]
+) -> None:
+    """Run `run` once `delay_ms` have passed: on the simulated monotonic clock, as the real
+    engines count intervals (the transaction timer, leases, inquiry delays). With
+    NodeModel.intervals_on_monotonic_clock False, the bug they had: the timer compares the
+    node's wall clock with the moment it is due by it and, finding itself early, is armed
+    again for the rest, so a step back postpones it by the length of the step."""
+    world = node.world
+    if world.model.intervals_on_monotonic_clock:
+        world.after(delay_ms, node, label, run)
+        return
+    due_wall_ms = node.wall_ms() + delay_ms
+
+    def fire() -> None:
+        early_ms = due_wall_ms - node.wall_ms()
+        if early_ms > 0:
+            world.after(early_ms, node, label, fire)
+        else:
+            run()
+
+    world.after(delay_ms, node, label, fire)
+
+
 def _reported_heuristic(commit: bool, reply: msg.Reply) -> str:
     """dtm.coordinator.ports.reported_heuristic, on the simulator's error kinds."""
     if not isinstance(reply, msg.ErrorReply):
@@ -59,6 +83,10 @@ _RECORD_KINDS: dict[bcore.RecordKind, msg.BranchRecordKind] = {
 @dataclass(slots=True)
 class CoordinatorRun:
     txn: Transaction
+    # engine.Run.due_s: when the transaction times out by the simulated monotonic clock, what
+    # its timer and its prepares' timeouts count down to (txn.deadline_ms is the wall clock's).
+    began_ms: int = 0
+    due_ms: int = 0
     timer_token: int = 0  # 0: no transaction timer armed
     finished: bool = False
     # Votes this incarnation actually received, first one per branch: what the checker holds
@@ -98,6 +126,9 @@ class CoordinatorNode:
         self.world = world
         self.alive = True
         self.incarnation = 0
+        # The machine's wall clock: the simulated monotonic time plus this offset, which the
+        # world's clock steps change (a restart of the process keeps it).
+        self.clock_offset_ms = 0
         self.disk = _disk(world, self)
         # Running attempts and the finished ones kept (all of them, unless memory is bounded).
         self.runs: dict[str, CoordinatorRun] = {}
@@ -203,30 +234,32 @@ class CoordinatorNode:
         txn, actions = Transaction.begin(
             transaction_id,
             participants,
-            now_ms=world.now_ms,
+            now_ms=self.wall_ms(),
             timeout_ms=timeout_ms,
             one_phase_capable=one_phase_capable,
         )
-        run = CoordinatorRun(txn)
+        run = CoordinatorRun(txn, began_ms=world.now_ms, due_ms=world.now_ms + timeout_ms)
         self.runs[transaction_id] = run
         self.forgotten.pop(transaction_id, None)
         world.checker.began(txn)
         run.attempt = world.checker.txns[transaction_id].attempts
         token = world.next_id()
         run.timer_token = token
-        world.after(
-            timeout_ms,
-            self,
-            f"coordinator: {transaction_id} timer",
-            lambda: self._timer(run, token),
-        )
+        label = f"coordinator: {transaction_id} timer"
+        _after_interval(self, timeout_ms, label, lambda: self._timer(run, token))
         self._execute(run, actions)
+
+    def wall_ms(self) -> int:
+        """engine.clock_ms: the wall clock, which dates what the core and the log record."""
+        return self.world.now_ms + self.clock_offset_ms
 
     def _timer(self, run: CoordinatorRun, token: int) -> None:
         if run.timer_token != token:
             return
         run.timer_token = 0
-        self._feed(run, tcore.TimedOut(self.world.now_ms))
+        # engine._on_timer: due by the clock it counts down, so due for the core too, whatever
+        # the wall clock says now.
+        self._feed(run, tcore.TimedOut(max(self.wall_ms(), run.txn.deadline_ms)))
 
     # ---- the one place where events reach the core ----
 
@@ -256,15 +289,18 @@ class CoordinatorNode:
         for action in actions:
             world.log(f"  {txn.transaction_id} action {action}")
             if isinstance(action, tcore.SendPrepare):
-                remaining = max(1, txn.deadline_ms - world.now_ms)
+                if world.model.intervals_on_monotonic_clock:
+                    remaining = max(1, run.due_ms - world.now_ms)
+                else:  # by the wall clock: a step forward leaves the prepares 1 ms
+                    remaining = max(1, txn.deadline_ms - self.wall_ms())
                 timeout = min(world.timing.prepare_timeout_ms, remaining)
                 self._call(run, "prepare", action.branch, timeout, one_phase=action.one_phase)
             elif isinstance(action, tcore.PersistDecision):
                 checker.decision_persisted(run, action.branches)
-                record = msg.DecisionRecord(txn.transaction_id, action.branches, world.now_ms)
+                record = msg.DecisionRecord(txn.transaction_id, action.branches, self.wall_ms())
                 lsn = self.disk.append(record)
                 self.disk.wait_durable(
-                    lsn, lambda: self._feed(run, tcore.DecisionDurable(world.now_ms))
+                    lsn, lambda: self._feed(run, tcore.DecisionDurable(self.wall_ms()))
                 )
             elif isinstance(action, tcore.SendCommit):
                 checker.coordinator_said(
@@ -339,7 +375,7 @@ class CoordinatorNode:
             return  # answered in time
         run = call.run
         if call.kind == "prepare":
-            self._feed(run, tcore.PrepareFailed(call.branch, reason, self.world.now_ms))
+            self._feed(run, tcore.PrepareFailed(call.branch, reason, self.wall_ms()))
         else:
             self._feed(run, tcore.PhaseTwoFailed(call.branch, reason))
             if call.kind != "probe":
@@ -365,11 +401,11 @@ class CoordinatorNode:
                 # two-phase Prepare only for a branch an earlier attempt committed)
                 earlier = vote is tcore.Vote.COMMITTED
                 received = tcore.VoteReceived(
-                    call.branch, vote, reply.reason, world.now_ms, earlier
+                    call.branch, vote, reply.reason, self.wall_ms(), earlier
                 )
                 self._feed(run, received)
             else:
-                self._feed(run, tcore.PrepareFailed(call.branch, str(reply), world.now_ms))
+                self._feed(run, tcore.PrepareFailed(call.branch, str(reply), self.wall_ms()))
         elif call.kind == "probe":
             # engine._probe: FAILED_PRECONDITION means "already committed"; an ack means the
             # Rollback rolled it back or left a tombstone, so it can never commit.
@@ -515,6 +551,7 @@ class PrepareWork:
     """The business logic running for one branch (after any lock waits)."""
 
     token: int
+    started_ms: int  # by the simulated monotonic clock: the lease counts from here
     waiters: list[tuple[str, int]] = field(default_factory=list)  # (caller, call id)
 
 
@@ -526,6 +563,7 @@ class ParticipantNode:
         self.one_phase = one_phase  # registered as one-phase capable
         self.alive = True
         self.incarnation = 0
+        self.clock_offset_ms = 0  # as the coordinator's: its wall clock's, across restarts
         self.disk = _disk(world, self)
         self.branches: dict[BranchKey, Branch] = {}
         self.work: dict[BranchKey, PrepareWork] = {}
@@ -535,6 +573,9 @@ class ParticipantNode:
         self.forced_lsn: dict[BranchKey, int] = {}
         self.inquiries: dict[BranchKey, int] = {}  # the call id of the inquiry in flight
         self.inquiry_attempts: dict[BranchKey, int] = {}
+        # In-doubt branches waiting to be asked about, since when (by the simulated monotonic
+        # clock): they became so, or their last inquiry ended. The checker bounds the wait.
+        self.unasked_since_ms: dict[BranchKey, int] = {}
         # participants/decided.py, when memory.decided_kept is set: the decided branches kept,
         # oldest first. One beyond the window is forgotten once its records are durable, as
         # a checkpoint then drops them from the log: `forgotten_upto` (durable, as that
@@ -685,7 +726,11 @@ class ParticipantNode:
                     self.past_cancel.add(cancelled.token)
             elif isinstance(action, bcore.Persist):
                 record = msg.BranchRecord(
-                    _RECORD_KINDS[action.kind], key[0], key[1], one_phase=branch.one_phase
+                    _RECORD_KINDS[action.kind],
+                    key[0],
+                    key[1],
+                    one_phase=branch.one_phase,
+                    at_ms=self.wall_ms(),
                 )
                 lsn = self.disk.append(record)
                 self.last_lsn[key] = lsn
@@ -762,6 +807,7 @@ class ParticipantNode:
         self.work.pop(key, None)
         self.inquiries.pop(key, None)
         self.inquiry_attempts.pop(key, None)
+        self.unasked_since_ms.pop(key, None)
         lsn = self.last_lsn.pop(key, 0)
         if lsn:
             self.forgotten_upto[key] = lsn
@@ -770,7 +816,7 @@ class ParticipantNode:
         world = self.world
         key = branch.key
         token = world.next_id()
-        self.work[key] = PrepareWork(token)
+        self.work[key] = PrepareWork(token, world.now_ms)
         limit = (
             world.timing.slow_prepare_work_ms_max if self.slow else world.timing.prepare_work_ms_max
         )
@@ -780,11 +826,9 @@ class ParticipantNode:
             f"{self.name}: business logic of {key[0]}/{key[1]} answers",
             lambda: self._prepared(branch, token),
         )
-        world.after(
-            world.timing.lease_unvoted_ms,
-            self,
-            f"{self.name}: lease of {key[0]}/{key[1]}",
-            lambda: self._lease(branch, token),
+        label = f"{self.name}: lease of {key[0]}/{key[1]}"
+        _after_interval(
+            self, world.timing.lease_unvoted_ms, label, lambda: self._lease(branch, token)
         )
 
     def _prepared(self, branch: Branch, token: int) -> None:
@@ -824,14 +868,21 @@ class ParticipantNode:
 
     # ---- the in-doubt inquiry (participants/server.py _ask_about_in_doubt) ----
 
+    def wall_ms(self) -> int:
+        """branches.py clock_ms: the wall clock, which dates the records."""
+        return self.world.now_ms + self.clock_offset_ms
+
     def _inquire_later(self, key: BranchKey, delay_ms: int) -> None:
-        self.world.after(
-            delay_ms, self, f"{self.name}: {key[0]}/{key[1]} in doubt?", lambda: self._in_doubt(key)
-        )
+        self.unasked_since_ms[key] = self.world.now_ms
+        label = f"{self.name}: {key[0]}/{key[1]} in doubt?"
+        _after_interval(self, delay_ms, label, lambda: self._in_doubt(key))
 
     def _in_doubt(self, key: BranchKey) -> None:
         branch = self.branches.get(key)
-        if branch is None or branch.state is not BranchState.PREPARED or key in self.inquiries:
+        if branch is None or branch.state is not BranchState.PREPARED:
+            self.unasked_since_ms.pop(key, None)  # decided meanwhile: nothing to ask
+            return
+        if key in self.inquiries:
             return
         # The lease of a prepared branch ran out: the core says ask, never decide (rule 11).
         self._execute(branch, self._handle(branch, bcore.LeaseExpired()))
@@ -840,6 +891,7 @@ class ParticipantNode:
         world = self.world
         if key in self.inquiries:
             return
+        self.unasked_since_ms.pop(key, None)
         call_id = world.next_id()
         self.inquiries[key] = call_id
         if world.send(self, "coordinator", msg.OutcomeQuery(call_id, key[0])):
@@ -899,6 +951,7 @@ class ParticipantNode:
         self.forced_lsn.clear()
         self.inquiries.clear()
         self.inquiry_attempts.clear()
+        self.unasked_since_ms.clear()
         self.decided.clear()
         self.last_lsn.clear()
         self._trim_waiting = False
@@ -910,6 +963,7 @@ class ParticipantNode:
         """branches.py replay: prepared, committed and rolled-back branches and tombstones
         (but those a window of decided branches forgot), and that window again."""
         self.alive = True
+        prepared_at_ms: dict[BranchKey, int] = {}
         for lsn, record in enumerate(self.disk.records, 1):
             assert isinstance(record, msg.BranchRecord)
             key = (record.transaction_id, record.branch)
@@ -921,6 +975,7 @@ class ParticipantNode:
                 self.branches[key] = Branch(
                     key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED
                 )
+                prepared_at_ms[key] = record.at_ms
             elif record.kind == "committed":
                 if record.one_phase:
                     branch = Branch(key[0], key[1], BranchState.PREPARED, BranchVote.PREPARED)
@@ -955,7 +1010,10 @@ class ParticipantNode:
         if in_doubt:
             self.world.cover("participant: in-doubt branch replayed")
         for key in in_doubt:
-            self._inquire_later(key, self.world.timing.in_doubt_after_ms)
+            # branches.py _recover_prepared: as old as its record's wall-clock moment says,
+            # never in the future (a step back since), so asked at most in_doubt_after_ms on.
+            age_ms = max(0, self.wall_ms() - prepared_at_ms.get(key, 0))
+            self._inquire_later(key, max(0, self.world.timing.in_doubt_after_ms - age_ms))
 
 
 def _outcome_of(run: CoordinatorRun) -> str:

@@ -41,6 +41,7 @@ TRANSACTIONS_MAX = 8
 BRANCHES_PER_TRANSACTION_MAX = 4
 CLIENT_RETRY_MS = 40  # a client whose Submit found the coordinator down tries again this late
 CLIENT_RESUBMITS_MAX = 3  # a client's submits again after an unanswered call, by default
+CLOCK_STEP_MS_MAX = 3_600_000  # a wall-clock step (NTP, an operator) moves it up to an hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,11 @@ class FaultConfig:
     # participants/branches.py cancels its prepare before the service runs it, so it never
     # sees such a vote; the core must not depend on that.
     prepare_past_cancel_probability: float = 0.5
+    # Per step, a node's wall clock steps (NTP, an operator) by up to CLOCK_STEP_MS_MAX either
+    # way. The cores get the wall clock's moments, as the real engines feed them; intervals
+    # (the transaction timer, prepare timeouts, leases, inquiry delays) count on the simulated
+    # monotonic clock, which never steps (NodeModel.intervals_on_monotonic_clock).
+    clock_step_probability: float = 0.0
 
     @classmethod
     def calm(cls) -> FaultConfig:
@@ -140,7 +146,16 @@ class FaultConfig:
         )
 
     @classmethod
-    def swarm(cls, rng: random.Random, *, stale_delivery: bool = False) -> FaultConfig:
+    def swarm(
+        cls,
+        rng: random.Random,
+        *,
+        stale_delivery: bool = False,
+        clock_rng: random.Random | None = None,
+    ) -> FaultConfig:
+        """`clock_rng` draws the clock steps' probability (none without it): a stream of its
+        own, so that adding clock steps left every other draw of a seed as it was."""
+        clock_step_probability = clock_rng.choice((0.0, 0.01, 0.05, 0.2)) if clock_rng else 0.0
         return cls(
             drop_probability=rng.choice((0.0, 0.01, 0.05, 0.15)),
             duplicate_probability=rng.choice((0.0, 0.02, 0.1)),
@@ -157,6 +172,7 @@ class FaultConfig:
             stale_delivery=stale_delivery,
             answer_loss_probability=rng.choice((0.0, 0.05, 0.3)),
             impatient_probability=rng.choice((0.0, 0.1, 0.4)),
+            clock_step_probability=clock_step_probability,
         )
 
 
@@ -171,10 +187,16 @@ class NodeModel:
       (found at seed 7877 with --sdk-error-replies, on the simulator of that time).
     - one_phase_replay_votes_committed=False: a replayed one-phase commit record answered a
       stale duplicate Prepare with PREPARED, which the coordinator core rejects.
+    - intervals_on_monotonic_clock=False: the coordinator's transaction timer, its prepares'
+      timeouts, the participants' leases and their inquiry delays compare the node's wall
+      clock with a moment of it, and a timer that finds itself early is armed again for the
+      rest, as the engine and the SDK did before (git log --grep monotonic): a wall-clock step
+      back held a transaction, a branch and its locks for the length of the step.
     """
 
     error_reply_waits_for_durability: bool = True
     one_phase_replay_votes_committed: bool = True
+    intervals_on_monotonic_clock: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +266,7 @@ class RunResult:
     heal_steps: int
     sim_ms: int
     resubmits: int = 0  # Submits again under the same id by clients that got no answer
+    clock_steps: int = 0  # wall-clock steps of any node (FaultConfig.clock_step_probability)
     # How often each interesting protocol path ran: evidence that the seeds reach them.
     coverage: tuple[tuple[str, int], ...] = ()
     # How often an outcome README documents as a limit (a late retry no participant
@@ -314,7 +337,12 @@ class World:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.faults = faults or FaultConfig.swarm(self.rng, stale_delivery=stale_delivery)
+        # The wall-clock steps draw from a stream of their own: without them (or in the
+        # unmutated model, where no interval reads the wall clock) a seed runs as before.
+        self.clock_rng = random.Random(f"wall clock {seed}")
+        self.faults = faults or FaultConfig.swarm(
+            self.rng, stale_delivery=stale_delivery, clock_rng=self.clock_rng
+        )
         self.model = model or NodeModel()
         self.timing = timing or Timing.random(self.rng)
         self.workload = workload or Workload.random(self.rng)
@@ -331,6 +359,7 @@ class World:
         self._sequence = 0
         self._ids = 0
         self.crashes = 0
+        self.clock_steps = 0
         self.resubmits = 0
         self.clients: dict[str, Client] = {}
         self.drops = 0
@@ -373,6 +402,8 @@ class World:
             flags += " --forgetful"
         if not self.model.error_reply_waits_for_durability:
             flags += " --sdk-error-replies"
+        if not self.model.intervals_on_monotonic_clock:
+            flags += " --wall-clock-timers"
         return f"python -m dtm.sim --seed {self.seed} --trace{flags}"
 
     # ---- scheduling ----
@@ -454,6 +485,22 @@ class World:
         target.receive(source, message)
 
     # ---- faults ----
+
+    def _maybe_step_clock(self) -> None:
+        """A node's wall clock steps, as NTP or an operator steps it: the node's process, its
+        memory and the simulated monotonic clock go on as they were."""
+        rng = self.clock_rng
+        if rng.random() >= self.faults.clock_step_probability:
+            return
+        # The coordinator is one node among up to five, but its timer is the one that bounds
+        # a whole transaction.
+        nodes = list(self.nodes.values())
+        node = self.coordinator if rng.random() < 0.4 else rng.choice(nodes)
+        step_ms = rng.randint(-CLOCK_STEP_MS_MAX, CLOCK_STEP_MS_MAX)
+        node.clock_offset_ms += step_ms
+        self.clock_steps += 1
+        self.log(f"CLOCK {node.name}: the wall clock steps {step_ms:+} ms")
+        self.cover(f"clock: a wall clock stepped {'back' if step_ms < 0 else 'forward'}")
 
     def _maybe_crash(self) -> None:
         faults = self.faults
@@ -580,6 +627,8 @@ class World:
     def _step(self) -> None:
         at, _, entry = heapq.heappop(self._queue)
         self.now_ms = at
+        # Before the entry runs: a timer that fires late would end what it held in this step.
+        self.checker.check_bounds()
         node = entry.node
         if node is not None and (not node.alive or node.incarnation != entry.incarnation):
             return  # the incarnation that scheduled it is gone, and so is this
@@ -590,6 +639,7 @@ class World:
     def run(self, steps_max: int) -> RunResult:
         self._plan_clients()
         while self._queue and self.step < steps_max:
+            self._maybe_step_clock()
             self._maybe_crash()
             self._step()
             self.step += 1
