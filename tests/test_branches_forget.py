@@ -10,9 +10,13 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from dtm import cli
+import pytest
+
+from dtm import cli, limits
 from dtmpb.v1 import coordinator_pb2, participant_pb2
+from participants.server.admin import AdminServicer
 from tests.cli_runner import dtm
 from tests.harness import (
     ASKS_LATER,
@@ -142,5 +146,37 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
             status, out, err = await dtm(*forget)
             assert cli.EXIT_OK == status, err
             assert "forgot forced branch t-a/1" in out
+
+    asyncio.run(scenario())
+
+
+def test_a_participant_that_lists_only_its_newest_branches_does_not_let_a_forget_skip_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A participant from before ListBranchesRequest.transaction_id lists its newest branches,
+    whatever the transaction. Before, a forced branch older than the newest listed was read as
+    not kept, the coordinator was not asked, and ForgetBranch dropped a forced commit the
+    coordinator (no record: presumed abort) had not heard of yet: the check failed open."""
+    original = AdminServicer.ListBranches
+
+    async def from_before_the_field(
+        self: AdminServicer, request: participant_pb2.ListBranchesRequest, context: Any
+    ) -> participant_pb2.ListBranchesResponse:
+        request.ClearField("transaction_id")
+        return await original(self, request, context)
+
+    monkeypatch.setattr(AdminServicer, "ListBranches", from_before_the_field)
+    monkeypatch.setattr(limits, "LIST_TRANSACTIONS_LIMIT_MAX", 1)  # its newest one only
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_unknown(cluster, "t-fc", commit=True)
+            await forced_unknown(cluster, "t-newer", commit=False)
+            forget = ["--coordinator", cluster.coordinator_address, "branches", "forget"]
+
+            status, out, err = await dtm(*forget, "t-fc", "0", "--participant", "inventory")
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "cannot tell whether inventory keeps" in err, err
+            assert ("t-fc", 0) in await awaiting(cluster, "inventory")
 
     asyncio.run(scenario())

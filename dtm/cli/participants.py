@@ -514,10 +514,15 @@ def _refuse_early_forget(session: Session, target: Target) -> None:
 
 
 def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo | None:
-    """The branch the options name, as `target` keeps it; None when it keeps no such branch
-    (ForgetBranch then says so)."""
+    """The branch the options name, as `target` keeps it awaiting its coordinator; None when
+    it keeps no such branch awaiting (nothing to ask the coordinator: ForgetBranch goes on,
+    or says why not)."""
     options = session.options
-    request = participant_pb2.ListBranchesRequest(transaction_id=options.id)
+    # Only the awaiting ones: all the check needs, and all that a participant from before
+    # `transaction_id` (which lists its newest branches, whatever the transaction) lists then.
+    request = participant_pb2.ListBranchesRequest(
+        transaction_id=options.id, awaiting_coordinator=True
+    )
     try:
         response = session.admin(target).ListBranches(
             target.addressed(request), timeout=session.timeout
@@ -525,7 +530,7 @@ def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo
     except grpc.RpcError as error:
         raise rpc_error(error, target.what, target.address, session) from None
     # Filtered here too: a participant from before the field lists every transaction's.
-    return next(
+    found = next(
         (
             info
             for info in response.branches
@@ -533,6 +538,17 @@ def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo
         ),
         None,
     )
+    if found is None and len(response.branches) >= limits.LIST_TRANSACTIONS_LIMIT_MAX:
+        # A list cut at its limit, of other transactions' branches: the branch may be among
+        # those left out. Read as "not kept", the check would fail open.
+        raise CliError(
+            f"cannot tell whether {target.name} keeps branch {options.id}/{options.branch} "
+            f"for its coordinator: it listed only its newest {len(response.branches)} forced "
+            "branches (a participant from before ListBranchesRequest.transaction_id), so the "
+            "coordinator cannot be asked about it; upgrade the participant, then forget it",
+            EXIT_UNSAFE,
+        )
+    return found
 
 
 def _refuse_while_needed(
