@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from google.protobuf import any_pb2
@@ -28,6 +28,7 @@ from participants.locks import (
     LockSnapshot,
     LockTimeout,
 )
+from participants.service import LockRequest
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.harness import until
@@ -539,6 +540,48 @@ def test_prepared_branches_whose_locks_conflict_now_refuse_the_replay() -> None:
             "re-taking the locks of prepared branch T2/0: T2/0 cannot re-take sku:sku-1 "
             "(exclusive): held by T1/0; the service's locks() do not match the log"
         ) in refused.value.reason
+
+    run(main)
+
+
+def test_a_prepared_branch_whose_locks_fail_now_refuses_the_replay() -> None:
+    """A branch prepared, replayed by a service whose locks() now raises for its operation, or
+    names no resource (a changed service): a ReplayError naming the record, as for a conflict
+    (above) and as a prepare refuses such a branch. Before, the service's own exception (or
+    an AssertionError) came out of the replay with a traceback instead."""
+    reserve = any_pb2.Any()
+    reserve.Pack(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-1", quantity=1)]))
+
+    class Raising(InventoryService):
+        def locks(self, operation: Any) -> list[LockRequest]:
+            raise KeyError("sku-1")
+
+    class Nameless(InventoryService):
+        def locks(self, operation: Any) -> list[LockRequest]:
+            return [LockRequest("", LockMode.EXCLUSIVE)]
+
+    def engine(service: InventoryService) -> BranchEngine:
+        return BranchEngine(
+            service, MemoryLog(), LockManager(wait_timeout_s=LONG_S), clock_ms=lambda: 0
+        )
+
+    async def main() -> None:
+        before = engine(InventoryService({"sku-1": 5}))
+        assert (BranchVote.PREPARED, "") == await before.prepare("T1", 0, reserve, False)
+        assert isinstance(before.log, MemoryLog)
+        for service, said in (
+            (Raising({"sku-1": 5}), "KeyError: 'sku-1'"),
+            (Nameless({"sku-1": 5}), "locks() returned LockRequest(resource=''"),
+        ):
+            with pytest.raises(ReplayError) as refused:
+                engine(service).replay(before.log.records)
+            assert (1, RecordType.BRANCH_PREPARED) == (
+                refused.value.lsn,
+                refused.value.record_type,
+            )
+            reason = refused.value.reason
+            assert "the service's locks raised" in reason and "replaying branch T1/0" in reason
+            assert said in reason, reason
 
     run(main)
 
