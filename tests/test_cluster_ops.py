@@ -23,7 +23,7 @@ import grpc
 import pytest
 
 from dtm import cluster
-from dtm.cluster import COORDINATOR, PROCESSES, Cluster, Ports, free_ports
+from dtm.cluster import COORDINATOR, PROCESSES, Cluster, Ports, free_ports, runner
 from dtm.cluster import ports as cluster_ports
 from tests.processes import held_lock, processes_of, sleeper
 
@@ -290,6 +290,31 @@ def test_a_restart_whose_port_another_program_took_says_which_and_what_to_do(
         assert f"port {port} (127.0.0.1:{port}) is held by pid {os.getpid()} (" in text, text
         assert f"`kill {os.getpid()}`" in text and "then start it again" in text, text
         assert port == running.ports.payment  # not moved
+    finally:
+        running.stop()
+
+
+def test_a_restart_whose_port_the_clusters_own_process_holds_is_not_blamed_on_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A port held by one of the cluster's own running processes (an old incarnation still
+    up, two processes given one port) is the cluster's failure: a PortTakenError said "another
+    program bound that port first", and chaos counted it as the environment's, not as a
+    failure (found by a review). Here /proc is made to name orders as the holder."""
+    running = Cluster(tmp_path, Ports.free())
+    running.start()
+    try:
+        port = running.ports.payment
+        orders = running.pid("orders")
+        monkeypatch.setattr(runner, "_port_holders", lambda held: [orders])
+        running.terminate("payment")
+        with socket.socket() as thief:
+            thief.bind(("127.0.0.1", port))
+            thief.listen()
+            with pytest.raises(cluster.ClusterError) as raised:
+                running.restart("payment")
+        assert not isinstance(raised.value, cluster.PortTakenError), raised.value
+        assert "another program" not in str(raised.value), raised.value
     finally:
         running.stop()
 

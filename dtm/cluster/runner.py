@@ -358,6 +358,8 @@ class Cluster:
             if "is the port already in use?" not in output:
                 return None
             port = int(metrics.rpartition(":")[2])
+            if self._held_by_own(port):
+                return None
             where = f"its /metrics endpoint, {metrics}"
             text = self._port_taken_text(name, port, where, "its scrapers know")
             return PortTakenError(text, name, port, metrics=True)
@@ -369,9 +371,19 @@ class Cluster:
         # (as far as /proc tells) leaves that to the log.
         if self.tls_dir is not None and _port_inodes(port, listening_only=False) == set():
             return None
+        if self._held_by_own(port):
+            return None
         knows = "the services and clients know" if name == COORDINATOR else "the coordinator knows"
         text = self._port_taken_text(name, port, self.address(name), knows)
         return PortTakenError(text, name, port)
+
+    def _held_by_own(self, port: int) -> bool:
+        """Whether one of this cluster's own running processes holds `port`: then the start
+        failed on the cluster's doing (an old incarnation still up, two processes given one
+        port), which a PortTakenError would blame on another program, and chaos would count
+        as the environment's, not a failure of its own."""
+        own = {pid for name in PROCESSES if (pid := self.pid(name)) is not None}
+        return bool(own & set(_port_holders(port) or ()))
 
     def _port_taken_text(self, name: str, port: int, where: str, knows: str) -> str:
         holders = _port_holders(port)
