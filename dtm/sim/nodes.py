@@ -272,8 +272,10 @@ class CoordinatorNode:
         after = run.txn.state
         if after is not before:
             self.world.log(f"  {run.txn.transaction_id}: {before.value} -> {after.value}")
-            if before is TxnState.PREPARING:
-                run.timer_token = 0  # as engine.py: phase 1 is over, the timer is cancelled
+            if before is TxnState.PREPARING and not run.txn.answer_pending:
+                # As engine.py: phase 1 is over, the timer is cancelled, unless an aborted
+                # transaction's answer waits for a Prepare still out (the deadline bounds it).
+                run.timer_token = 0
             # The coordinator's status shows the new state: it stands by this outcome now.
             outcome = run.txn.outcome
             if outcome is Outcome.COMMITTED or outcome is Outcome.ABORTED:
