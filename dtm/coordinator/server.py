@@ -596,7 +596,14 @@ class CoordinatorServer:
             phase_two_timeout_ms=self.config.phase_two_timeout_ms,
         )
         self.engine = Engine(self.wal, Registry(policy, tls=config.tls), self.config)
-        self._pending = self.engine.replay(records, wal.directory)
+        try:
+            self._pending = self.engine.replay(records, wal.directory)
+        except BaseException:
+            # The start is refused (ReplayError) before anything is appended: let go of the
+            # directory, so that a process embedding the coordinator can start again on the
+            # log instead of finding it "in use by another process (pid <itself>)".
+            wal.close()
+            raise
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None
@@ -611,13 +618,16 @@ class CoordinatorServer:
             self.server, [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
         )
         tls = self.server_config.tls
-        credentials = security.server_credentials(tls) if tls is not None else None
-        self.port = grpc_edge.bind(self.server, self.server_config.listen, credentials)
-        # Recovery before serving: every commit decision without an end record is resumed.
+        try:
+            self._bind(tls)
+        except BaseException:
+            await self._release_unserved()
+            raise
+        # Recovery before serving, once every port is bound: a start refused for a port must
+        # not have resumed phase 2 (nor said so in the log) for the few moments before it exits.
         crashpoints.hit("coordinator.during_recovery")
         resumed = self.engine.resume(self._pending)
         self._pending = []
-        self.metrics_port = self.metrics.start() if self.metrics is not None else 0
         await self.server.start()
         self.log.info(
             "coordinator serving",
@@ -628,6 +638,23 @@ class CoordinatorServer:
         )
         self._housekeeping = asyncio.get_running_loop().create_task(self._checkpoints())
         return self.port
+
+    def _bind(self, tls: security.TlsConfig | None) -> None:
+        """Bind /metrics, then the gRPC port. In that order: /metrics can be let go of when the
+        gRPC port is refused, while a gRPC server holds its port until it has been started."""
+        self.metrics_port = self.metrics.start() if self.metrics is not None else 0
+        credentials = security.server_credentials(tls) if tls is not None else None
+        self.port = grpc_edge.bind(self.server, self.server_config.listen, credentials)
+
+    async def _release_unserved(self) -> None:
+        """Let go of what a start refused for a port holds, so that a process embedding the
+        coordinator can start it again (on another port, say) on the same directory, instead
+        of finding its log "in use by another process (pid <itself>)". Nothing was resumed or
+        served: there is nothing to drain, and nothing to say but the error."""
+        self._stopped = True  # stop() after this has nothing left to do
+        if self.metrics is not None:
+            await self.metrics.stop()
+        await self.wal.close()
 
     async def _checkpoints(self) -> None:
         while True:  # until stop() cancels it
