@@ -21,12 +21,15 @@ from typing import Any
 import grpc
 import pytest
 
-from dtm import cli, limits, metrics
+from dtm import cli, grpc_edge, limits, metrics
 from dtm.batcher import BatchPolicy
 from dtm.coordinator import clients
+from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
+from dtm.coordinator.registry import Registry, validate_registration
 from dtm.core.branch import HEURISTIC_HAZARD, HEURISTIC_ROLLBACK, BranchState
-from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, shop_pb2
+from dtm.wal import MemoryLog
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2, participant_pb2, shop_pb2
 from participants.server import MISDIRECTED_METADATA_KEY, ParticipantConfig, ParticipantServer
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService
@@ -265,7 +268,7 @@ def test_a_registration_without_incarnation_may_not_take_an_owed_name_at_another
             details = refused.value.details() or ""
             assert "a registration with no incarnation, at 127.0.0.1:1, is not" in details
             assert "t-1" in details and "--replace-registration" in details, details
-            assert "may not take the name while the first is owed" in details
+            assert "may not be taken by a registration with no incarnation while it is" in details
             assert "register with the incarnation in the participant's log" in details
             registered = engine.registry.participants["inventory"]
             assert cluster.address("inventory") == registered.address
@@ -279,6 +282,108 @@ def test_a_registration_without_incarnation_may_not_take_an_owed_name_at_another
             await eventually(over, 15)
             assert [] == list(engine.heuristics)
             assert 3 == (await cluster.stock())["sku-scarce"].sold
+
+    asyncio.run(scenario())
+
+
+class _Unanswered:
+    """A participant's port whose Commits are never answered: they stay owed."""
+
+    def decide(self, item: DecideItem) -> None:
+        pass
+
+
+class _UnansweredRegistry(Registry):
+    def port(self, name: str) -> Any:
+        return _Unanswered()
+
+
+# The longest a well-formed registration allows (limits): name, incarnation, host:port.
+LONGEST_NAME = "p" * 64
+LONGEST_ADDRESS = "h" * (limits.ADDRESS_LENGTH_MAX - len(":65535")) + ":65535"
+OTHER_LONGEST_ADDRESS = "g" * (limits.ADDRESS_LENGTH_MAX - len(":65535")) + ":65535"
+
+
+def _longest(incarnation: str, address: str) -> coordinator_pb2.ParticipantInfo:
+    request = coordinator_pb2.RegisterParticipantRequest(
+        name=LONGEST_NAME, address=address, incarnation=incarnation
+    )
+    validate_registration(request)  # the coordinator would take it
+    return coordinator_pb2.ParticipantInfo(
+        name=request.name, address=request.address, incarnation=request.incarnation
+    )
+
+
+@pytest.mark.parametrize(
+    ("incarnation", "way_out"),
+    [
+        (
+            "B" * 64,
+            f"log was lost, start it with {limits.REPLACE_REGISTRATION_FLAG} (the owed",
+        ),
+        ("", f"with replace ({limits.REPLACE_REGISTRATION_FLAG}: owed commits become heuristic"),
+    ],
+)
+def test_a_takeover_refusal_keeps_its_way_out_within_a_status_at_the_longest_limits(
+    incarnation: str, way_out: str
+) -> None:
+    """With the longest name, incarnations, addresses and transaction ids the limits allow,
+    the refusal is cut to grpc_edge.STATUS_DETAILS_CHARS_MAX characters: the way out (and the
+    busy reason's hint) must come before the cut. Before, the way out came after the
+    registered incarnation's address, the other address and three 128-character ids (over
+    1,000 characters), and was cut off."""
+
+    async def scenario() -> None:
+        engine = Engine(MemoryLog(), _UnansweredRegistry(), CoordinatorConfig())
+        engine.registry.put(_longest("A" * 64, LONGEST_ADDRESS))
+        owed = [
+            log_pb2.CommitDecided(
+                transaction_id=f"{n}".rjust(128, "t"),  # TRANSACTION_ID_PATTERN's longest
+                branches=[log_pb2.DecisionBranch(branch=0, participant=LONGEST_NAME)],
+                decided_at_unix_ms=1,
+                fingerprint=b"fp",
+            )
+            for n in range(5)
+        ]
+        assert 5 == engine.resume(owed)
+        with pytest.raises(Refused) as refused:
+            await engine.register(_longest(incarnation, OTHER_LONGEST_ADDRESS))
+        assert grpc.StatusCode.FAILED_PRECONDITION == refused.value.code
+        assert len(str(refused.value)) > grpc_edge.STATUS_DETAILS_CHARS_MAX  # it is cut
+        details = grpc_edge.status_details(str(refused.value))
+        assert way_out in details, details
+        assert "(dtm txn list --stuck; dtm txn retry ID once it is reachable)" in details
+        assert "A" * 64 == engine.registry.participants[LONGEST_NAME].incarnation
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unregistration_refusal_keeps_its_hint_within_a_status_at_the_longest_ids() -> None:
+    """The same cut for an operator's `dtm participants remove` of a participant still owed:
+    before, three 128-character ids came before the hint (what to do), which was cut off."""
+
+    async def scenario() -> None:
+        engine = Engine(MemoryLog(), _UnansweredRegistry(), CoordinatorConfig())
+        engine.registry.put(_longest("A" * 64, LONGEST_ADDRESS))
+        owed = [
+            log_pb2.CommitDecided(
+                transaction_id=f"{n}".rjust(128, "t"),
+                branches=[log_pb2.DecisionBranch(branch=0, participant=LONGEST_NAME)],
+                decided_at_unix_ms=1,
+                fingerprint=b"fp",
+            )
+            for n in range(5)
+        ]
+        assert 5 == engine.resume(owed)
+        with pytest.raises(Refused) as refused:
+            await engine.unregister(LONGEST_NAME)
+        assert len(str(refused.value)) > grpc_edge.STATUS_DETAILS_CHARS_MAX  # it is cut
+        details = grpc_edge.status_details(str(refused.value))
+        assert "(dtm txn list --stuck; dtm txn retry ID once it is reachable)" in details
+        assert "has branches in 5 transaction(s) not yet finished" in details
+        assert LONGEST_NAME in engine.registry.participants
+        await engine.close()
 
     asyncio.run(scenario())
 

@@ -156,30 +156,31 @@ def _takeover_refusal(
     known: coordinator_pb2.ParticipantInfo, info: coordinator_pb2.ParticipantInfo
 ) -> tuple[str, str]:
     """What goes before and after Engine._refuse_if_busy's reason when `info` may not take
-    `known`'s name (`_another_process`): who is registered, why `info` is not it, the way out."""
-    registered = (
-        f"participant {info.name!r} is registered as incarnation {known.incarnation!r} at "
-        f"{known.address}; "
-    )
+    `known`'s name (`_another_process`): the way out first, then who is registered and why
+    `info` is not it. A status carries at most grpc_edge.STATUS_DETAILS_CHARS_MAX characters
+    and the end is what is cut, so what varies in length (addresses of up to
+    ADDRESS_LENGTH_MAX, the transaction ids) comes after the way out and the busy reason."""
     if info.incarnation:
-        return (
-            f"{registered}incarnation {info.incarnation!r} at {info.address} is another "
-            "process (or one whose log was lost) and may not replace it while the first is "
-            "owed an answer: ",
-            "; if this participant's log was lost, start it with "
+        way_out = (
+            f"participant {info.name!r} may not be taken by another incarnation while it is "
+            "owed an answer; if this participant's log was lost, start it with "
             f"{limits.REPLACE_REGISTRATION_FLAG} (the owed commit decisions become heuristic "
-            "hazards)",
+            "hazards)"
         )
-    # The way out before the reason, whose length varies: a status carries at most
-    # grpc_edge.STATUS_DETAILS_CHARS_MAX characters, and the end is what is cut.
-    return (
-        f"{registered}a registration with no incarnation, at {info.address}, is not that "
-        "process (restarted, it sends its incarnation): register with the incarnation in the "
-        "participant's log, or, if that log is lost, with replace "
-        f"({limits.REPLACE_REGISTRATION_FLAG}: owed commits become heuristic hazards). It may "
-        "not take the name while the first is owed: ",
-        "",
-    )
+        whom = (
+            f"incarnation {info.incarnation!r} at {info.address} is another process (or one "
+            "whose log was lost)"
+        )
+    else:
+        way_out = (
+            f"participant {info.name!r} may not be taken by a registration with no "
+            "incarnation while it is owed an answer: register with the incarnation in the "
+            "participant's log, or, if that log is lost, with replace "
+            f"({limits.REPLACE_REGISTRATION_FLAG}: owed commits become heuristic hazards)"
+        )
+        whom = f"a registration with no incarnation, at {info.address}, is not that process"
+    registered = f"registered: incarnation {known.incarnation!r} at {known.address}"
+    return f"{way_out}; ", f"; {registered}; {whom}"
 
 
 class Counters:
@@ -661,7 +662,8 @@ class Engine:
     def _refuse_if_busy(self, name: str, why: str = "", then: str = "") -> None:
         """Raise Refused (FAILED_PRECONDITION) while a transaction in flight, or still owed
         phase 2, has a branch at `name`: the coordinator must reach that participant to finish
-        it. `why` goes before the reason, `then` after it."""
+        it. `why` (which names the participant) goes before the reason, `then` after it, the
+        example ids last."""
         using = self._owed(name)
         if using:
             if all(self.active[txn_id].txn.answer_pending for txn_id in using):
@@ -671,11 +673,14 @@ class Engine:
                 )
             else:
                 hint = "dtm txn list --stuck; dtm txn retry ID once it is reachable"
+            subject = "it" if why else f"participant {name!r}"
+            # The ids last (up to 3 of TRANSACTION_ID_PATTERN's 128 characters): a status is
+            # cut at its end, and the hint is a way out.
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"{why}participant {name!r} has branches in {len(using)} transaction(s) not yet "
-                f"finished, e.g. {', '.join(using[:3])}: the coordinator must finish them first "
-                f"({hint}){then}",
+                f"{why}{subject} has branches in {len(using)} transaction(s) not yet finished: "
+                f"the coordinator must finish them first ({hint}){then}; e.g. "
+                f"{', '.join(using[:3])}",
             )
 
     async def unregister(self, name: str) -> coordinator_pb2.ParticipantInfo:
