@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import inspect
 import signal
 import socket
@@ -53,13 +54,24 @@ def status_details(message: str) -> str:
     return f"{message[:STATUS_DETAILS_CHARS_MAX]}... ({cut} more characters)"
 
 
+# Unknown values an enum_problem names: a repeated field may hold a million of them.
+ENUM_VALUES_SHOWN_MAX = 5
+
+
 def enum_problem(values: Iterable[int], enum: EnumTypeWrapper, what: str) -> str | None:
     """What is wrong with `values` of a repeated enum field (numbers its type does not
-    define: a newer client, or garbage), or None."""
+    define: a newer client, or garbage), or None. The known names (what to send instead)
+    come before the unknown values, of which the smallest few are named: the status is cut
+    at STATUS_DETAILS_CHARS_MAX, at its end."""
     unknown = set(values) - set(enum.values())
     if not unknown:
         return None
-    return f"unknown {what} {sorted(unknown)}; known: {', '.join(enum.keys())}"
+    shown = ", ".join(map(str, heapq.nsmallest(ENUM_VALUES_SHOWN_MAX, unknown)))
+    more = len(unknown) - ENUM_VALUES_SHOWN_MAX
+    return (
+        f"unknown {what} (known: {', '.join(enum.keys())}): {shown}"
+        f"{f' and {more} more' if more > 0 else ''}"
+    )
 
 
 async def abort(

@@ -451,6 +451,26 @@ def test_a_status_message_is_cut_to_what_grpc_metadata_carries() -> None:
     assert len(cut.encode()) * 3 < 8 * 1024  # gRPC's soft limit on metadata
 
 
+def test_unknown_enum_values_by_the_thousand_leave_the_known_names_in_the_status() -> None:
+    """Before, every unknown value was listed before the known names, in full: a listing
+    asked for 10,000 unknown states built a 60,000-character message, and the cut status
+    kept no known name (what to send instead)."""
+    from dtm import grpc_edge
+
+    problem = grpc_edge.enum_problem(
+        [*range(100, 10_100), coordinator_pb2.TRANSACTION_STATE_COMMITTED],
+        coordinator_pb2.TransactionState,
+        "transaction state(s)",
+    )
+    assert problem is not None
+    details = grpc_edge.status_details(problem)
+    assert f"known: {', '.join(coordinator_pb2.TransactionState.keys())})" in details, details
+    assert details.endswith(": 100, 101, 102, 103, 104 and 9995 more"), details
+    one = grpc_edge.enum_problem([99], participant_pb2.BranchState, "branch state(s)")
+    assert one is not None and one.startswith("unknown branch state(s) (known: ")
+    assert one.endswith("): 99")
+
+
 def test_an_invalid_one_phase_operation_aborts_at_once_without_a_lost_answer(
     tmp_path: Path,
 ) -> None:
