@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,12 +70,17 @@ def a_commit_owed_phase_two() -> list[tuple[int, bytes]]:
 @pytest.mark.parametrize("wal_sync", ["loop", "thread"])
 def test_a_coordinator_whose_replay_fails_lets_go_of_its_log(tmp_path: Path, wal_sync: str) -> None:
     """Before, the refused start kept the log's directory lock, and the next start in the same
-    process was refused "in use by another process (pid <itself>)" (LogInUseError)."""
+    process was refused "in use by another process (pid <itself>)" (LogInUseError). With
+    wal_sync="thread" it also left its sync thread waiting for ever, one per refused start."""
     write_log(tmp_path, [(RecordType.COMMIT_DECIDED, b"\xff\xff\xff")])  # does not parse
     config = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0", wal_sync=wal_sync)
-    with pytest.raises(ReplayError, match="record at LSN 1 \\(COMMIT_DECIDED\\)"):
-        CoordinatorServer(config)
+    syncing = {thread for thread in threading.enumerate() if thread.name == "dtm-wal-sync"}
+    for _ in range(2):
+        with pytest.raises(ReplayError, match="record at LSN 1 \\(COMMIT_DECIDED\\)"):
+            CoordinatorServer(config)
     assert [RecordType.COMMIT_DECIDED] == replayed(tmp_path)  # released, and left as it was
+    left = {thread for thread in threading.enumerate() if thread.name == "dtm-wal-sync"}
+    assert set() == left - syncing
 
 
 def test_a_coordinator_refused_its_port_can_start_again_on_its_directory(

@@ -602,7 +602,7 @@ class CoordinatorServer:
             # The start is refused (ReplayError) before anything is appended: let go of the
             # directory, so that a process embedding the coordinator can start again on the
             # log instead of finding it "in use by another process (pid <itself>)".
-            wal.close()
+            self.wal.abandon()
             raise
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0

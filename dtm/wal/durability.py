@@ -108,6 +108,11 @@ class _AsyncLog:
     def wal(self) -> WriteAheadLog:
         return self._wal
 
+    def abandon(self) -> None:
+        """Let go of a log nothing was appended to (a start refused at replay): close its
+        files, and stop whatever else it started, synchronously, with no loop needed."""
+        self._wal.close()
+
     @property
     def appended_lsn(self) -> int:
         return self._wal.appended_lsn
@@ -209,6 +214,15 @@ class GroupCommitLog(_AsyncLog):
             self._closing = True
             self._wake.notify()
         await asyncio.to_thread(self._thread.join)
+        self._wal.close()
+
+    def abandon(self) -> None:
+        """As `_AsyncLog.abandon`, and stop the sync thread: closing only the files left it
+        waiting for ever, one thread per start refused at replay (found by a review)."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()  # idle: nothing was appended, so nothing to sync
         self._wal.close()
 
     # ---- the sync thread ----

@@ -109,7 +109,7 @@ class ParticipantServer:
             # The start is refused (ReplayError) before anything is appended: let go of the
             # directory, so that a process embedding the server can start again on the log
             # (with its service fixed) instead of finding it "in use" by itself.
-            wal.close()
+            self.wal.abandon()
             raise
         # A new log starts with a checkpoint of the initial state (stock, accounts): until the
         # first periodic one, replay started from whatever initial state this process was
