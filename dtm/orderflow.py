@@ -57,12 +57,14 @@ def transaction_id_for(order_id: str) -> str:
     order whose outcome it did not learn reuses the id and can never apply it twice.
 
     `txn-` and the order id when that is a valid transaction id. An order id may hold what a
-    transaction id may not ("@", or 125 characters and more): then `txn-` and a digest of it,
-    still deterministic (and 128 bits, so two order ids never meet in one)."""
+    transaction id may not ("@", or 125 characters and more): then `txn:` and a digest of it,
+    still deterministic (and 128 bits, so two such order ids never meet in one). The digest
+    form starts `txn:`, never `txn-`, so that it is never also the readable form of the order
+    id spelled as its hex digits."""
     readable = f"txn-{order_id}"
     if limits.TRANSACTION_ID_PATTERN.fullmatch(readable):
         return readable
-    return "txn-" + hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
+    return "txn:" + hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
 
 
 def stock_lines(lines: Lines) -> list[shop_pb2.StockLine]:

@@ -269,6 +269,17 @@ def test_an_orders_default_transaction_id_is_always_valid_and_deterministic(
     assert transaction_id_for(order_id) != transaction_id_for(order_id + "x")
 
 
+def test_an_order_id_that_spells_anothers_digest_gets_its_own_transaction_id() -> None:
+    """The digest form of a default id ("alice@shop-1" cannot be read into one) was `txn-`
+    and 32 hex digits, which is also the readable form of the order id made of those digits
+    (a uuid4().hex, say): the second order was refused, ALREADY_EXISTS, "choose a new id", by
+    a client that chose none."""
+    hashed = "alice@shop-1"
+    spelled = transaction_id_for(hashed)[len("txn-") :]
+    assert limits.RESOURCE_ID_PATTERN.fullmatch(spelled)
+    assert transaction_id_for(spelled) != transaction_id_for(hashed)
+
+
 def test_submits_waiting_for_one_transaction_are_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
