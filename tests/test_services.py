@@ -397,6 +397,21 @@ def test_inventory_snapshot_round_trip_keeps_reservations() -> None:
     assert_stock_conserved(restored)
 
 
+def test_inventory_restore_refuses_a_reservation_of_an_unknown_sku() -> None:
+    """A reservation whose SKU the snapshot does not list was restored, and its branch's
+    decision then raised KeyError in commit or rollback, which must not fail. Refused at
+    restore instead (the start names the record), as payment refuses a hold of an unknown
+    account, and the state is left as it was."""
+    inventory = InventoryService({"sku-a": 10})
+    inventory.prepare("t1/0", reserve(("sku-a", 3)))
+    before = state_bytes(inventory.snapshot())
+    document = json.loads(before)
+    document["reservations"]["t2/0"] = {"sku-gone": 1}
+    with pytest.raises(ValueError, match="branch t2/0 reserves unknown sku 'sku-gone'"):
+        inventory.restore(json.dumps(document).encode())
+    assert state_bytes(inventory.snapshot()) == before
+
+
 @pytest.mark.parametrize(
     "service",
     [InventoryService(), OrdersService(), PaymentService(), NotificationService()],

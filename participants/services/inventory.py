@@ -141,6 +141,13 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
             str(key): {str(sku): int(units) for sku, units in reserved.items()}
             for key, reserved in document["reservations"].items()
         }
+        for key, reserved in reservations.items():
+            for sku in reserved:
+                if sku not in items:
+                    # Its commit or rollback would raise KeyError, and neither may fail.
+                    raise ValueError(
+                        f"inventory snapshot: branch {key} reserves unknown sku {sku!r}"
+                    )
         # Replace only once everything parsed: a bad snapshot leaves the state as it was.
         self.items = dict(sorted(items.items()))
         self.reservations = reservations
