@@ -186,6 +186,15 @@ def test_load_catalog_reads_a_file_and_reports_bad_json(tmp_path: Path) -> None:
         load_catalog(bad)
 
 
+def test_load_catalog_refuses_a_key_given_twice(tmp_path: Path) -> None:
+    """JSON keeps the last of two equal keys: a SKU listed twice (a merge of two files gone
+    wrong) silently started with the second figure, the first lost without a word."""
+    path = tmp_path / "twice.json"
+    path.write_text('{"stock": {"sku-q": 4, "sku-r": 1, "sku-q": 40}, "accounts": {}}')
+    with pytest.raises(ValueError, match=f"{path}: key 'sku-q' appears twice in one object"):
+        load_catalog(path)
+
+
 def test_split_initial_arg_keeps_sdk_flags(tmp_path: Path) -> None:
     catalog, rest = split_initial_arg(["--listen", "127.0.0.1:0", "--data-dir", "/x"])
     assert catalog is DEFAULT_CATALOG

@@ -133,15 +133,32 @@ def parse_catalog(document: object, source: str = "initial state") -> Catalog:
     return Catalog(stock=MappingProxyType(stock), accounts=MappingProxyType(accounts))
 
 
+class _KeyGivenTwice(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object's dict, refusing a key given twice: json keeps the last one silently, so
+    a SKU or account listed twice would start with its second figure, the first lost."""
+    document: dict[str, object] = {}
+    for key, value in pairs:
+        if key in document:
+            raise _KeyGivenTwice(f"key {key[:40]!r} appears twice in one object")
+        document[key] = value
+    return document
+
+
 def load_catalog(path: Path) -> Catalog:
     """Read and validate an initial-state file; ValueError (or OSError) says what is wrong."""
     size = path.stat().st_size
     if size > FILE_BYTES_MAX:
         raise ValueError(f"{path}: {size} bytes; an initial-state file is at most {FILE_BYTES_MAX}")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+    except _KeyGivenTwice as error:
+        raise ValueError(f"{path}: {error}") from None
     except RecursionError:
         raise ValueError(f"{path}: nested too deeply to be an initial state") from None
     return parse_catalog(document, str(path))
