@@ -1,0 +1,216 @@
+"""The shop's business rules end to end, on a real in-process cluster: stock runs out and
+payments are declined with a clear reason, exactly one of the orders racing for the last unit
+or the last cent wins, a notification goes out once per committed order and never for an
+aborted one (across restarts and repeated decisions), and the invariant checker, reading the
+real services, catches a unit lost, a double charge and a message for an aborted order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from dtm import invariants
+from dtmpb.v1 import coordinator_pb2, participant_pb2
+from participants.services.inventory import InventoryService
+from participants.services.notification import NotificationService, Sent
+from participants.services.payment import Capture, PaymentService
+from tests.harness import (
+    ACCOUNTS,
+    STOCK,
+    InProcessCluster,
+    eventually,
+    order_branches,
+    settled,
+)
+
+COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
+ABORTED = coordinator_pb2.OUTCOME_ABORTED
+RACERS = 6
+NOTIFICATION_BRANCH = 3  # order_branches: inventory, orders, payment, notification
+
+INITIAL = invariants.InitialState(
+    stock=dict(STOCK),
+    accounts={account_id: spec.balance_cents for account_id, spec in ACCOUNTS.items()},
+    declining=frozenset(account_id for account_id, spec in ACCOUNTS.items() if spec.declines),
+)
+
+
+def targets(cluster: InProcessCluster) -> dict[str, str]:
+    return {name: cluster.address(name) for name in invariants.SERVICES}
+
+
+async def race(
+    cluster: InProcessCluster,
+    name: str,
+    branches: Callable[[int], list[coordinator_pb2.BranchRequest]],
+) -> list[coordinator_pb2.SubmitResponse]:
+    """RACERS orders submitted at once, each under its own transaction id."""
+    return await asyncio.gather(
+        *(cluster.submit(branches(i), f"txn-{name}-{i}") for i in range(RACERS))
+    )
+
+
+def test_exactly_one_order_gets_the_last_unit_and_one_the_last_cent(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            # sku-scarce starts with 3: leave one.
+            first = order_branches("o-first", [("sku-scarce", 2)], amount_cents=10)
+            assert COMMITTED == (await cluster.submit(first, "txn-first")).outcome
+            for_the_unit = await race(
+                cluster,
+                "unit",
+                lambda i: order_branches(f"o-unit-{i}", [("sku-scarce", 1)], amount_cents=10),
+            )
+            # acct-poor holds 500 cents: an order of exactly the balance, six times at once.
+            for_the_cents = await race(
+                cluster,
+                "cents",
+                lambda i: order_branches(
+                    f"o-cents-{i}", [("sku-apple", 1)], account="acct-poor", amount_cents=500
+                ),
+            )
+            for responses, refusal in (
+                (
+                    for_the_unit,
+                    "inventory refused: out of stock: sku sku-scarce has 0 available, 1 requested",
+                ),
+                (
+                    for_the_cents,
+                    "payment refused: insufficient funds: account acct-poor has 0 cents "
+                    "available, 500 requested",
+                ),
+            ):
+                assert [r.outcome for r in responses].count(COMMITTED) == 1
+                losers = [r for r in responses if r.outcome != COMMITTED]
+                assert {(r.outcome, r.reason) for r in losers} == {(ABORTED, refusal)}
+
+            await settled(cluster)
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+            scarce = next(level for level in snapshot.stock if level.sku == "sku-scarce")
+            assert (scarce.available, scarce.sold) == (0, 3)
+            poor = next(a for a in snapshot.accounts if a.account_id == "acct-poor")
+            assert (poor.balance_cents, poor.captured_cents) == (0, 500)
+
+    asyncio.run(scenario())
+
+
+def test_one_notification_per_committed_order_across_restarts_and_repeated_decisions(
+    tmp_path: Path,
+) -> None:
+    async def restart_notification(cluster: InProcessCluster) -> None:
+        await cluster.restart_participant("notification", NotificationService())
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            committed = order_branches("o-1", [("sku-apple", 1)])
+            declined = order_branches("o-2", [("sku-apple", 1)], account="acct-blocked")
+            assert COMMITTED == (await cluster.submit(committed, "t-1")).outcome
+            assert ABORTED == (await cluster.submit(declined, "t-2")).outcome
+            # o-3 commits while notification refuses every decision: its message goes out
+            # only when the coordinator's retried Commit reaches the restarted service.
+            await cluster.set_fault("notification", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            late = order_branches("o-3", [("sku-pear", 1)])
+            assert COMMITTED == (await cluster.submit(late, "t-3")).outcome
+            await restart_notification(cluster)
+            await settled(cluster)
+
+            async def sent_once() -> bool:
+                return len((await cluster.sent()).sent) == 2
+
+            await eventually(sent_once)
+
+            # Every decision again, and the wrong one, as a duplicated or stray delivery would.
+            stub = cluster.participant_stub("notification")
+            for transaction_id in ("t-1", "t-3"):
+                await stub.Commit(
+                    participant_pb2.CommitRequest(
+                        transaction_id=transaction_id, branch=NOTIFICATION_BRANCH
+                    )
+                )
+            await stub.Rollback(
+                participant_pb2.RollbackRequest(transaction_id="t-2", branch=NOTIFICATION_BRANCH)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Commit(
+                    participant_pb2.CommitRequest(transaction_id="t-2", branch=NOTIFICATION_BRANCH)
+                )
+            assert grpc.StatusCode.FAILED_PRECONDITION == raised.value.code()
+            again = await stub.Prepare(
+                participant_pb2.PrepareRequest(
+                    transaction_id="t-2",
+                    branch=NOTIFICATION_BRANCH,
+                    operation=declined[NOTIFICATION_BRANCH].operation,
+                )
+            )
+            assert coordinator_pb2.VOTE_REFUSED == again.vote
+            await restart_notification(cluster)
+
+            listed = await cluster.sent()
+            assert [(s.order_id, s.transaction_id) for s in listed.sent] == [
+                ("o-1", "t-1"),
+                ("o-3", "t-3"),
+            ]
+            assert 0 == listed.staged
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+
+    asyncio.run(scenario())
+
+
+def test_the_checker_catches_a_lost_unit_a_double_charge_and_a_message_for_an_abort(
+    tmp_path: Path,
+) -> None:
+    """The services' state is corrupted in memory one way at a time, as a bug would leave it,
+    and `check_services` must report it through the read APIs; undone, all holds again."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            committed = order_branches("o-1", [("sku-apple", 2)], amount_cents=300)
+            declined = order_branches("o-2", [("sku-pear", 1)], account="acct-blocked")
+            assert COMMITTED == (await cluster.submit(committed, "t-1")).outcome
+            assert ABORTED == (await cluster.submit(declined, "t-2")).outcome
+            await settled(cluster)
+            await invariants.wait_until_settled(targets(cluster))
+            inventory, _, payment, notification = cluster.services
+            assert isinstance(inventory, InventoryService)
+            assert isinstance(payment, PaymentService)
+            assert isinstance(notification, NotificationService)
+
+            async def violations() -> list[str]:
+                report = await invariants.check_services(targets(cluster), initial=INITIAL)
+                return report.violations
+
+            assert [] == await violations()
+
+            inventory.items["sku-apple"].available -= 1
+            assert any(
+                "stock sku-apple" in v and "units lost by 1" in v for v in await violations()
+            )
+            inventory.items["sku-apple"].available += 1
+
+            alice = payment.accounts["acct-alice"]
+            alice.balance_cents -= 300
+            alice.captured_cents += 300
+            payment.captures.append(Capture("o-1", "acct-alice", 300, "t-1"))
+            assert any(
+                "order o-1" in v and "charged more than once" in v for v in await violations()
+            )
+            payment.captures.pop()
+            alice.captured_cents -= 300
+            alice.balance_cents += 300
+
+            notification.outbox.append(Sent("o-2", "cust-1@example.test", "thanks", "t-2"))
+            assert any(
+                "notification for order o-2" in v and "CANCELLED, not CONFIRMED" in v
+                for v in await violations()
+            )
+            notification.outbox.pop()
+
+            assert [] == await violations()
+
+    asyncio.run(scenario())
