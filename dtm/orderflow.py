@@ -106,8 +106,7 @@ def order_request(
     if transaction_id is None:
         transaction_id = transaction_id_for(order_id)
     if body is None:
-        items = ", ".join(f"{line.quantity} x {line.sku}" for line in line_messages)
-        body = f"Order {order_id} confirmed: {items}; {amount_cents} cents charged."
+        body = confirmation_body(order_id, line_messages, amount_cents)
     return coordinator_pb2.SubmitRequest(
         transaction_id=transaction_id,
         timeout_ms=timeout_ms,
@@ -134,6 +133,32 @@ def order_request(
             ),
         ],
     )
+
+
+def confirmation_body(order_id: str, lines: Sequence[shop_pb2.StockLine], amount_cents: int) -> str:
+    """The default message of an order: its lines and amount, in at most
+    TEXT_FIELD_LENGTH_MAX characters, which is all notification accepts. The lines of a large
+    order (100 of them may be over 14,000 characters) are listed while they fit, the rest
+    counted ("and 40 more lines")."""
+    head = f"Order {order_id} confirmed: "
+    tail = f"; {amount_cents} cents charged."
+    items = [f"{line.quantity} x {line.sku}" for line in lines]
+    full = head + ", ".join(items) + tail
+    if len(full) <= limits.TEXT_FIELD_LENGTH_MAX:
+        return full
+    # Room for the longest count there can be, so that the listed lines never push it out.
+    count_room = len(f", and {len(items)} more lines")
+    budget = limits.TEXT_FIELD_LENGTH_MAX - len(head) - len(tail) - count_room
+    shown: list[str] = []
+    used = 0
+    for item in items:  # bounded by the order's lines
+        used += len(item) + (2 if shown else 0)
+        if used > budget:
+            break
+        shown.append(item)
+    more = len(items) - len(shown)
+    counted = f"and {more} more line{'s' if more > 1 else ''}"
+    return head + ", ".join([*shown, counted]) + tail
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from dtm import invariants
-from dtmpb.v1 import coordinator_pb2, participant_pb2
+from dtm import invariants, limits
+from dtm.orderflow import order_request
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService, Sent
+from participants.services.orders import OrdersService
 from participants.services.payment import Capture, PaymentService
 from tests.harness import (
     ACCOUNTS,
@@ -214,3 +216,37 @@ def test_the_checker_catches_a_lost_unit_a_double_charge_and_a_message_for_an_ab
             assert [] == await violations()
 
     asyncio.run(scenario())
+
+
+def test_an_order_request_at_every_limit_passes_every_services_validation() -> None:
+    """order_request's default message listed every line: past about 70 short lines (of the
+    100 an order may have) it was over the 1,024 characters notification accepts, and an order
+    every other service took was refused, INVALID_ARGUMENT, for a body its client never wrote.
+    The lines that do not fit are counted instead."""
+    lines = [(f"{number:03d}" + "s" * 125, limits.QUANTITY_MAX) for number in range(100)]
+    assert len(lines) == limits.LINES_PER_OPERATION_MAX
+    request = order_request(
+        "o" * 128, "c" * 128, "a" * 128, lines, limits.AMOUNT_CENTS_MAX, "r" * 1024
+    )
+    services = {
+        "inventory": InventoryService({}),
+        "orders": OrdersService(),
+        "payment": PaymentService({}),
+        "notification": NotificationService(),
+    }
+    for branch in request.branches:
+        service = services[branch.participant]
+        operation = service.operation_type()
+        assert branch.operation.Unpack(operation)
+        service.validate(operation)
+    message = shop_pb2.SendNotification()
+    assert request.branches[3].operation.Unpack(message)
+    assert message.body.startswith(f"Order {'o' * 128} confirmed: 1000000 x 000s")
+    assert message.body.endswith(f" more lines; {limits.AMOUNT_CENTS_MAX} cents charged.")
+
+
+def test_an_order_requests_message_lists_every_line_when_they_fit() -> None:
+    request = order_request("o-1", "c-1", "acct-1", [("sku-a", 2), ("sku-b", 1)], 300, "r")
+    message = shop_pb2.SendNotification()
+    assert request.branches[3].operation.Unpack(message)
+    assert message.body == "Order o-1 confirmed: 2 x sku-a, 1 x sku-b; 300 cents charged."
