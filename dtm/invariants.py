@@ -530,8 +530,13 @@ def report(
 #: Service name (inventory, orders, payment, notification) -> "host:port" or an open channel.
 Targets = Mapping[str, str | grpc.aio.Channel]
 SERVICES = ("inventory", "orders", "payment", "notification")
-# Bound on the pages of one list read (10,000 items a page: ten million items).
-PAGES_MAX = 1_000
+# Bound on the items of one list read.
+ITEMS_MAX = 10_000_000
+#: The page a list read asks for first: the services' default and largest.
+PAGE_SIZE_FIRST = 10_000
+#: The repeated fields a list read's pages hold, appended page after page (ListAccounts
+#: repeats every account on each page: only the first page's are kept).
+_LISTED = ("orders", "captures", "sent")
 _Page = TypeVar(
     "_Page", shop_pb2.ListOrdersResponse, shop_pb2.ListAccountsResponse, shop_pb2.ListSentResponse
 )
@@ -558,50 +563,71 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
             return opened
         return target
 
-    async def all_pages(first: _Page, fetch: Callable[[str], Awaitable[_Page]], what: str) -> _Page:
-        """Follow next_page_token, appending each page's items to the first page."""
-        merged = first
-        token = first.next_page_token
-        for _ in range(PAGES_MAX):
+    async def all_pages(fetch: Callable[[str, int], Awaitable[_Page]], what: str) -> _Page:
+        """Every page of a list read, each page's items appended to the first page.
+
+        A page over the message limit (many large orders or messages: the service answers
+        RESOURCE_EXHAUSTED and asks for a smaller page_size) is asked for again at half the
+        size, down to one item; the pages after it keep the smaller size."""
+        merged: _Page | None = None
+        token = ""
+        page_size = PAGE_SIZE_FIRST
+        items = 0
+        while True:  # bounded: ITEMS_MAX items, at least one a page, or 14 halvings
+            try:
+                page = await fetch(token, page_size)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or page_size == 1:
+                    raise
+                page_size //= 2
+                continue
+            listed = [getattr(page, name) for name in _LISTED if hasattr(page, name)]
+            count = sum(map(len, listed))
+            if merged is None:
+                merged = page
+            else:
+                for name in _LISTED:
+                    if hasattr(page, name):
+                        getattr(merged, name).extend(getattr(page, name))
+            token = page.next_page_token
             if not token:
                 merged.next_page_token = ""
                 return merged
-            page = await fetch(token)
-            for name in ("orders", "captures", "sent"):
-                if hasattr(page, name):
-                    getattr(merged, name).extend(getattr(page, name))
-            token = page.next_page_token
-        raise RuntimeError(f"{what}: more than {PAGES_MAX} pages")
+            items += count
+            if not count:
+                raise RuntimeError(f"{what}: a page with a next_page_token but no items")
+            if items > ITEMS_MAX:
+                raise RuntimeError(f"{what}: more than {ITEMS_MAX} items")
 
     orders_stub = shop_pb2_grpc.OrdersStub(channel("orders"))
     payment_stub = shop_pb2_grpc.PaymentStub(channel("payment"))
     sent_stub = shop_pb2_grpc.NotificationStub(channel("notification"))
 
-    def list_orders(token: str) -> Awaitable[shop_pb2.ListOrdersResponse]:
+    def list_orders(token: str, size: int) -> Awaitable[shop_pb2.ListOrdersResponse]:
         return orders_stub.ListOrders(  # type: ignore[no-any-return]
-            shop_pb2.ListOrdersRequest(page_token=token), timeout=timeout_s
+            shop_pb2.ListOrdersRequest(page_token=token, page_size=size), timeout=timeout_s
         )
 
-    def list_accounts(token: str) -> Awaitable[shop_pb2.ListAccountsResponse]:
+    def list_accounts(token: str, size: int) -> Awaitable[shop_pb2.ListAccountsResponse]:
         # Every page repeats the accounts; only the first page's are kept (all_pages does not
         # extend `accounts`).
         return payment_stub.ListAccounts(  # type: ignore[no-any-return]
-            shop_pb2.ListAccountsRequest(page_token=token), timeout=timeout_s
+            shop_pb2.ListAccountsRequest(page_token=token, page_size=size), timeout=timeout_s
         )
 
-    def list_sent(token: str) -> Awaitable[shop_pb2.ListSentResponse]:
+    def list_sent(token: str, size: int) -> Awaitable[shop_pb2.ListSentResponse]:
         return sent_stub.ListSent(  # type: ignore[no-any-return]
-            shop_pb2.ListSentRequest(page_token=token), timeout=timeout_s
+            shop_pb2.ListSentRequest(page_token=token, page_size=size), timeout=timeout_s
         )
 
     async def orders_pages() -> shop_pb2.ListOrdersResponse:
-        return await all_pages(await list_orders(""), list_orders, "orders")
+        return await all_pages(list_orders, "orders")
 
     async def payment_pages() -> shop_pb2.ListAccountsResponse:
-        return await all_pages(await list_accounts(""), list_accounts, "payment")
+        return await all_pages(list_accounts, "payment")
 
     async def sent_pages() -> shop_pb2.ListSentResponse:
-        return await all_pages(await list_sent(""), list_sent, "notification")
+        return await all_pages(list_sent, "notification")
 
     try:
         stock, orders, accounts, sent = await asyncio.gather(

@@ -250,3 +250,31 @@ def test_an_order_requests_message_lists_every_line_when_they_fit() -> None:
     message = shop_pb2.SendNotification()
     assert request.branches[3].operation.Unpack(message)
     assert message.body == "Order o-1 confirmed: 2 x sku-a, 1 x sku-b; 300 cents charged."
+
+
+def test_the_checker_reads_lists_whose_default_page_is_over_the_message_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_snapshot asked for the server's default page (10,000 items): 4,000 messages of a
+    1,024-character body (or 300 orders of 100 lines) are over the 4 MiB a message may carry,
+    the services answered RESOURCE_EXHAUSTED "pass a smaller page_size", and the checker could
+    not read the shop at all. Here the limit is lowered instead of making thousands of orders;
+    the reader must ask for smaller pages until one fits."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            body = "b" * limits.TEXT_FIELD_LENGTH_MAX
+            for number in range(6):
+                request = order_request(
+                    f"o-{number}", "cust-1", "acct-alice", [("sku-apple", 1)], 100, "r", body=body
+                )
+                response = await cluster.submit(request.branches, request.transaction_id)
+                assert COMMITTED == response.outcome
+            await settled(cluster)
+            # Six bodies (6 KiB) are over it, one of them is not.
+            monkeypatch.setattr(limits, "MESSAGE_BYTES_MAX", 4 * 1024)
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [n.order_id for n in snapshot.sent] == [f"o-{n}" for n in range(6)]
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+
+    asyncio.run(scenario())
