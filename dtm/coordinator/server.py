@@ -46,6 +46,7 @@ def transaction_pb(view: TransactionView) -> coordinator_pb2.Transaction:
         timeout_ms=view.timeout_ms,
         branches=branch_statuses(view),
         committed_earlier=view.committed_earlier,
+        transaction_fingerprint=view.fingerprint,
     )
 
 

@@ -38,6 +38,7 @@ def branch_info_pb(info: BranchInfo, engine: BranchEngine) -> participant_pb2.Br
         heuristic=branch.heuristic,
         awaiting_coordinator=engine.awaiting_coordinator(branch.key),
         forgotten=info.forgotten,
+        transaction_fingerprint=info.fingerprint,
     )
 
 

@@ -190,7 +190,7 @@ class BranchStatus(_message.Message):
     def __init__(self, branch: _Optional[int] = ..., participant: _Optional[str] = ..., vote: _Optional[_Union[Vote, str]] = ..., reason: _Optional[str] = ..., acknowledged: _Optional[bool] = ..., phase_two_attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., heuristic: _Optional[str] = ...) -> None: ...
 
 class Transaction(_message.Message):
-    __slots__ = ("transaction_id", "state", "reason", "created_at_unix_ms", "decided_at_unix_ms", "branches", "timeout_ms", "committed_earlier")
+    __slots__ = ("transaction_id", "state", "reason", "created_at_unix_ms", "decided_at_unix_ms", "branches", "timeout_ms", "committed_earlier", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,7 @@ class Transaction(_message.Message):
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_EARLIER_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     state: TransactionState
     reason: str
@@ -207,7 +208,8 @@ class Transaction(_message.Message):
     branches: _containers.RepeatedCompositeFieldContainer[BranchStatus]
     timeout_ms: int
     committed_earlier: str
-    def __init__(self, transaction_id: _Optional[str] = ..., state: _Optional[_Union[TransactionState, str]] = ..., reason: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., decided_at_unix_ms: _Optional[int] = ..., branches: _Optional[_Iterable[_Union[BranchStatus, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., committed_earlier: _Optional[str] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., state: _Optional[_Union[TransactionState, str]] = ..., reason: _Optional[str] = ..., created_at_unix_ms: _Optional[int] = ..., decided_at_unix_ms: _Optional[int] = ..., branches: _Optional[_Iterable[_Union[BranchStatus, _Mapping]]] = ..., timeout_ms: _Optional[int] = ..., committed_earlier: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class GetTransactionRequest(_message.Message):
     __slots__ = ("transaction_id",)

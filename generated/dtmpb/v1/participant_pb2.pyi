@@ -216,7 +216,7 @@ class SetFaultResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BranchInfo(_message.Message):
-    __slots__ = ("transaction_id", "branch", "state", "reason", "updated_at_unix_ms", "heuristic", "awaiting_coordinator", "forgotten")
+    __slots__ = ("transaction_id", "branch", "state", "reason", "updated_at_unix_ms", "heuristic", "awaiting_coordinator", "forgotten", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +225,7 @@ class BranchInfo(_message.Message):
     HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     AWAITING_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     state: BranchState
@@ -233,7 +234,8 @@ class BranchInfo(_message.Message):
     heuristic: str
     awaiting_coordinator: bool
     forgotten: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ListBranchesRequest(_message.Message):
     __slots__ = ("states", "awaiting_coordinator", "participant", "incarnation", "transaction_id")
