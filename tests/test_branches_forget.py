@@ -26,6 +26,7 @@ from tests.harness import (
     forced_unknown,
     listed,
     order_branches,
+    reserve,
 )
 
 
@@ -125,6 +126,17 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
                 )
             )
             forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
+            # The branch is of the attempt on record: the check compares their fingerprints.
+            on_record = await cluster.client.GetTransaction(
+                coordinator_pb2.GetTransactionRequest(transaction_id="t-a")
+            )
+            kept = await cluster.admin("orders").ListBranches(
+                participant_pb2.ListBranchesRequest(transaction_id="t-a")
+            )
+            assert on_record.transaction_fingerprint
+            assert [on_record.transaction_fingerprint] == [
+                b.transaction_fingerprint for b in kept.branches
+            ]
 
             for lost in ([], ["--coordinator-lost"]):
                 status, out, err = await dtm(*forget, *lost)
@@ -178,5 +190,104 @@ def test_a_participant_that_lists_only_its_newest_branches_does_not_let_a_forget
             assert (cli.EXIT_UNSAFE, "") == (status, out), err
             assert "cannot tell whether inventory keeps" in err, err
             assert ("t-fc", 0) in await awaiting(cluster, "inventory")
+
+    asyncio.run(scenario())
+
+
+async def forced_attempt(
+    cluster: InProcessCluster, txn: str, commit: bool, fingerprint: bytes
+) -> None:
+    """Inventory prepares branch 0 of an attempt of `txn` with `fingerprint` (a coordinator
+    that has since lost its record: presumed abort), and an operator forces it."""
+    await cluster.participant_stub("inventory").Prepare(
+        participant_pb2.PrepareRequest(
+            transaction_id=txn, branch=0, operation=reserve(), transaction_fingerprint=fingerprint
+        )
+    )
+    await cluster.admin("inventory").ForceOutcome(
+        participant_pb2.ForceOutcomeRequest(
+            transaction_id=txn, branch=0, commit=commit, i_understand_this_is_heuristic=True
+        )
+    )
+
+
+def test_a_forced_branch_of_another_attempt_than_the_one_on_record_has_no_record(
+    tmp_path: Path,
+) -> None:
+    """The coordinator forgot an attempt of a transaction whose branch inventory forced, and a
+    later attempt under the same id, with other content (another fingerprint), committed
+    without inventory. Of the forced branch's own attempt the coordinator has no record
+    (presumed abort: its inquiry hears ABORTED): a forced commit is refused (exit 5) until
+    reported, as for no record at all (--coordinator-lost passes it), and a forced rollback
+    agrees. Before, the check asked by id only: the commit on record passed the forced commit
+    ("decided as forced", a heuristic commit the coordinator never heard of), and refused the
+    forced rollback."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            first = b"attempt-1-of-txn"  # 16 bytes, as the coordinator's digest
+            await forced_attempt(cluster, "t-c", commit=True, fingerprint=first)
+            await forced_attempt(cluster, "t-r", commit=False, fingerprint=first)
+            await forced_attempt(cluster, "t-lost", commit=True, fingerprint=first)
+            # Without inventory, which keeps the first attempt's branch (it refuses the id).
+            for txn in ("t-c", "t-r", "t-lost"):
+                response = await cluster.submit(
+                    order_branches(f"o-{txn}", [("sku-apple", 1)])[1:], txn
+                )
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response
+                on_record = await cluster.client.GetTransaction(
+                    coordinator_pb2.GetTransactionRequest(transaction_id=txn)
+                )
+                assert on_record.transaction_fingerprint not in (b"", first)
+            branches = await cluster.admin("inventory").ListBranches(
+                participant_pb2.ListBranchesRequest(transaction_id="t-c")
+            )
+            assert [first] == [b.transaction_fingerprint for b in branches.branches]
+            forget = ["--coordinator", cluster.coordinator_address, "branches", "forget"]
+            inventory = ["--participant", "inventory"]
+
+            status, out, err = await dtm(*forget, "t-c", "0", *inventory)
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "has no record of the attempt of t-c that branch t-c/0 belongs to" in err
+            assert "another fingerprint" in err and "reports it at its next inquiry" in err, err
+            assert ("t-c", 0) in await awaiting(cluster, "inventory")
+
+            status, out, err = await dtm(*forget, "t-r", "0", *inventory)
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-r/0" in out
+
+            # As for no record at all: only if that coordinator lost its log.
+            status, out, err = await dtm(*forget, "t-lost", "0", *inventory, "--coordinator-lost")
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-lost/0" in out
+
+            # Reported at the inquiry (with the branch's fingerprint): it may go now.
+            await ask(cluster.participants["inventory"], cluster)
+            assert [] == await awaiting(cluster, "inventory")
+            assert ("t-c", 0) in [(h.transaction_id, h.branch) for h in await listed(cluster)]
+            status, out, err = await dtm(*forget, "t-c", "0", *inventory)
+            assert cli.EXIT_OK == status, err
+
+    asyncio.run(scenario())
+
+
+def test_a_branch_without_a_fingerprint_is_taken_for_the_attempt_on_record(
+    tmp_path: Path,
+) -> None:
+    """A branch whose fingerprint is not known (a participant from before
+    BranchInfo.transaction_fingerprint, or a Prepare that carried none) cannot be told from
+    the attempt on record: the check takes it for that attempt, as it did before it compared
+    them. Here the commit on record agrees with the forced commit, so it goes."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_attempt(cluster, "t-c", commit=True, fingerprint=b"")
+            response = await cluster.submit(order_branches("o-c", [("sku-apple", 1)])[1:], "t-c")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response
+            forget = ["--coordinator", cluster.coordinator_address, "branches", "forget"]
+
+            status, out, err = await dtm(*forget, "t-c", "0", "--participant", "inventory")
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-c/0" in out
 
     asyncio.run(scenario())

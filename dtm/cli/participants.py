@@ -470,47 +470,94 @@ def _refuse_early_forget(session: Session, target: Target) -> None:
     --coordinator-lost, as for `force`: that coordinator's log is gone, so its "no record" is
     no decision, and nothing will be reported to it; it is also the only way past a
     coordinator that cannot be reached, which may only be down for now (a forget frees no
-    lock: nothing presses). Any other failure to ask refuses: the check must not fail open."""
+    lock: nothing presses). Any other failure to ask refuses: the check must not fail open.
+    The coordinator is asked about the branch's attempt, not only its transaction id: a
+    transaction on record under the id with another fingerprint is another attempt that
+    reused the id, so the branch's own attempt has no record (presumed abort), as the
+    participant's inquiry hears it (QueryOutcome answers ABORTED)."""
     options = session.options
     branch = _kept_branch(session, target)
     if branch is None or not branch.awaiting_coordinator:
         return
     text = f"{options.id}/{options.branch}"
     forced_commit = branch.state == participant_pb2.BRANCH_STATE_COMMITTED
-    where = f"the coordinator at {session.coordinator_address}"
     try:
         txn = session.coordinator.GetTransaction(
             coordinator_pb2.GetTransactionRequest(transaction_id=options.id),
             timeout=session.timeout,
         )
     except grpc.RpcError as error:
-        lost = options.coordinator_lost
-        if _cannot_reach(error, session) and not lost:
-            raise CliError(
-                f"cannot reach {where} to ask whether it still needs forced branch {text}: "
-                f"{target.name} keeps the branch, and asks the coordinator about it itself, "
-                "until the coordinator answers. If that coordinator is gone for good (or lost "
-                "its log), re-run with --coordinator-lost",
-                EXIT_UNSAFE,
-            ) from None
-        if _no_record(error) and forced_commit and not lost:
-            raise CliError(
-                f"{where} has no record of {options.id}: under presumed abort it aborted, so "
-                f"branch {text}, forced to commit, is a heuristic commit it has not recorded "
-                f"yet. {target.name} reports it at its next inquiry (`dtm heuristics` lists it "
-                "then, and `dtm branches --awaiting` no longer lists the branch): forget the "
-                "branch after that. Only if that coordinator lost its log (its 'aborted' then "
-                "decides nothing), re-run with --coordinator-lost",
-                EXIT_UNSAFE,
-            ) from None
-        if _cannot_reach(error, session) or _no_record(error):
-            return  # --coordinator-lost, or a forced rollback: what presumed abort decided
-        problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
-        raise CliError(
-            f"{problem}; refusing to forget {text} without knowing whether its coordinator "
-            "still needs it"
-        ) from None
+        _refuse_unanswered(session, target, error, forced_commit)
+        return  # --coordinator-lost, or a forced rollback: what presumed abort decided
+    if not _same_attempt(branch, txn):
+        attempt = (
+            f"the attempt of {options.id} that branch {text} belongs to (the transaction it "
+            "has on record under that id has another fingerprint: the id was used again, for "
+            "other content)"
+        )
+        _refuse_unreported_presumed_abort(session, target, forced_commit, attempt)
+        return  # a forced rollback: what presumed abort decided for the branch's attempt
     _refuse_while_needed(session, target, txn, forced_commit)
+
+
+def _refuse_unanswered(
+    session: Session, target: Target, error: grpc.RpcError, forced_commit: bool
+) -> None:
+    """Refuse to forget when GetTransaction failed: unless --coordinator-lost, when the
+    coordinator cannot be reached; when it has no record, as for another attempt on record
+    (`_refuse_unreported_presumed_abort`); and whenever it failed for another reason, not
+    knowing whether the coordinator still needs the branch."""
+    options = session.options
+    text = f"{options.id}/{options.branch}"
+    if _cannot_reach(error, session):
+        if options.coordinator_lost:
+            return
+        raise CliError(
+            f"cannot reach the coordinator at {session.coordinator_address} to ask whether it "
+            f"still needs forced branch {text}: {target.name} keeps the branch, and asks the "
+            "coordinator about it itself, until the coordinator answers. If that coordinator "
+            "is gone for good (or lost its log), re-run with --coordinator-lost",
+            EXIT_UNSAFE,
+        ) from None
+    if _no_record(error):
+        _refuse_unreported_presumed_abort(session, target, forced_commit, options.id)
+        return
+    problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
+    raise CliError(
+        f"{problem}; refusing to forget {text} without knowing whether its coordinator still "
+        "needs it"
+    ) from None
+
+
+def _same_attempt(branch: participant_pb2.BranchInfo, txn: coordinator_pb2.Transaction) -> bool:
+    """Whether `txn`, on record under the branch's transaction id, is the attempt the branch
+    was prepared for. An empty fingerprint on either side (a participant or coordinator from
+    before the field, or a Prepare that carried none) cannot tell: taken as the same, which is
+    what the check did before it compared them (and what QueryOutcome does)."""
+    mine, on_record = branch.transaction_fingerprint, txn.transaction_fingerprint
+    return not mine or not on_record or mine == on_record
+
+
+def _refuse_unreported_presumed_abort(
+    session: Session, target: Target, forced_commit: bool, unknown: str
+) -> None:
+    """Refuse to forget a branch forced to commit whose attempt the coordinator has no record
+    of (`unknown` names it: the transaction, or the branch's attempt when another is on
+    record): under presumed abort it aborted, a heuristic commit it has not recorded yet.
+    --coordinator-lost passes: that coordinator's "no record" decides nothing."""
+    options = session.options
+    if not forced_commit or options.coordinator_lost:
+        return
+    text = f"{options.id}/{options.branch}"
+    raise CliError(
+        f"the coordinator at {session.coordinator_address} has no record of {unknown}: "
+        f"under presumed abort it aborted, so branch {text}, forced to commit, is a "
+        f"heuristic commit it has not recorded yet. {target.name} reports it at its next "
+        "inquiry (`dtm heuristics` lists it then, and `dtm branches --awaiting` no longer "
+        "lists the branch): forget the branch after that. Only if that coordinator lost its "
+        "log (its 'aborted' then decides nothing), re-run with --coordinator-lost",
+        EXIT_UNSAFE,
+    )
 
 
 def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo | None:
