@@ -291,3 +291,40 @@ def test_a_branch_without_a_fingerprint_is_taken_for_the_attempt_on_record(
             assert "forgot forced branch t-c/0" in out
 
     asyncio.run(scenario())
+
+
+def test_a_force_judges_the_branchs_own_attempt_not_another_on_record(tmp_path: Path) -> None:
+    """`dtm force` asks the coordinator as `branches forget` does, and had the same gap: with a
+    later attempt under the id committed (another fingerprint), the force of a branch of the
+    earlier attempt, which aborted (presumed abort: its inquiry hears ABORTED), was judged by
+    the later one's record: a forced commit went through (exit 0, atomicity broken) and a
+    forced rollback was refused ("decided commit"). Found by a bug hunt."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            first = b"attempt-1-of-txn"
+            for txn in ("t-c", "t-r"):
+                await cluster.participant_stub("inventory").Prepare(
+                    participant_pb2.PrepareRequest(
+                        transaction_id=txn,
+                        branch=0,
+                        operation=reserve(),
+                        transaction_fingerprint=first,
+                    )
+                )
+                response = await cluster.submit(
+                    order_branches(f"o-{txn}", [("sku-apple", 1)])[1:], txn
+                )
+                assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response
+            force = ["--coordinator", cluster.coordinator_address, "force"]
+            inventory = ["--participant", "inventory", "--i-understand"]
+
+            status, out, err = await dtm(*force, "t-c", "0", *inventory, "--commit")
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "has no record of the attempt of t-c that branch 0 belongs to" in err, err
+
+            status, out, err = await dtm(*force, "t-r", "0", *inventory, "--rollback")
+            assert cli.EXIT_OK == status, err
+            assert "branch t-r/0 forced to rolled_back" in out, out
+
+    asyncio.run(scenario())

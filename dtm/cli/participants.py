@@ -387,7 +387,8 @@ def cmd_force(session: Session) -> int:
     if not options.i_understand:
         print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
         return EXIT_USAGE
-    _refuse_contradiction(session)
+    target = _one_target(session)
+    _refuse_contradiction(session, target)
     request = participant_pb2.ForceOutcomeRequest(
         transaction_id=options.id,
         branch=options.branch,
@@ -396,7 +397,7 @@ def cmd_force(session: Session) -> int:
     )
     return _act_on_branch(
         session,
-        _one_target(session),
+        target,
         lambda admin, target: admin.ForceOutcome(
             target.addressed(request), timeout=session.timeout
         ),
@@ -639,7 +640,7 @@ def _refuse_while_needed(
     )
 
 
-def _refuse_contradiction(session: Session) -> None:
+def _refuse_contradiction(session: Session, target: Target) -> None:
     """Refuse to force against a decision the coordinator knows: that breaks atomicity for
     certain, and the decision can simply be delivered instead (`dtm txn retry`). A coordinator
     with no record of the transaction decided abort (presumed abort: it answers ABORTED to the
@@ -658,22 +659,22 @@ def _refuse_contradiction(session: Session) -> None:
         if _cannot_reach(error, session):
             return
         if _no_record(error):
-            if options.commit and not options.coordinator_lost:
-                raise CliError(
-                    f"the coordinator at {session.coordinator_address} has no record of "
-                    f"{options.id}: under presumed abort that means it aborted (its "
-                    "participants are told ABORTED), so forcing commit would break atomicity. "
-                    "Force --rollback instead; only if that coordinator lost its log (or never "
-                    "ran this transaction) and the transaction may have committed, re-run with "
-                    "--coordinator-lost",
-                    EXIT_UNSAFE,
-                ) from None
+            _refuse_forced_commit_of_no_record(session, f"{options.id}")
             return
         problem = rpc_error(error, "the coordinator", session.coordinator_address, session)
         raise CliError(
             f"{problem}; refusing to force {options.id} without knowing the coordinator's "
             "decision (a coordinator that cannot be reached at all does not stop a force)"
         ) from None
+    if txn.transaction_fingerprint and not _same_attempt(_branch_of(session, target), txn):
+        # The record is of a later attempt under the id: the branch's own attempt has none,
+        # so it aborted (presumed abort; the participant's inquiry, which sends the
+        # fingerprint, hears ABORTED). Judged by the other attempt's record, a forced commit
+        # went through and a forced rollback was refused (found by a bug hunt).
+        _refuse_forced_commit_of_no_record(
+            session, f"the attempt of {options.id} that branch {options.branch} belongs to"
+        )
+        return
     if txn.state in (
         coordinator_pb2.TRANSACTION_STATE_PREPARING,
         coordinator_pb2.TRANSACTION_STATE_DECIDING,
@@ -696,6 +697,42 @@ def _refuse_contradiction(session: Session) -> None:
             f"atomicity. {_deliver_instead(txn)}",
             EXIT_UNSAFE,
         )
+
+
+def _refuse_forced_commit_of_no_record(session: Session, unknown: str) -> None:
+    """Refuse to force commit what the coordinator has no record of (`unknown` names it: the
+    transaction, or the branch's attempt when another is on record): under presumed abort it
+    aborted. --coordinator-lost passes: that coordinator's "no record" decides nothing."""
+    options = session.options
+    if not options.commit or options.coordinator_lost:
+        return
+    raise CliError(
+        f"the coordinator at {session.coordinator_address} has no record of {unknown}: under "
+        "presumed abort that means it aborted (its participants are told ABORTED), so forcing "
+        "commit would break atomicity. Force --rollback instead; only if that coordinator lost "
+        "its log (or never ran this transaction) and the transaction may have committed, "
+        "re-run with --coordinator-lost",
+        EXIT_UNSAFE,
+    )
+
+
+def _branch_of(session: Session, target: Target) -> participant_pb2.BranchInfo:
+    """The branch the options name, as `target` lists it; an empty one (no fingerprint: taken
+    for the attempt on record, as before the field) when it lists none such. ForceOutcome, to
+    the same participant next, says what is wrong with a branch it does not keep."""
+    options = session.options
+    request = participant_pb2.ListBranchesRequest(transaction_id=options.id)
+    try:
+        response = session.admin(target).ListBranches(
+            target.addressed(request), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        raise rpc_error(error, target.what, target.address, session) from None
+    branches: list[participant_pb2.BranchInfo] = list(response.branches)
+    for info in branches:
+        if (info.transaction_id, info.branch) == (options.id, options.branch):
+            return info
+    return participant_pb2.BranchInfo()
 
 
 def _no_record(error: grpc.RpcError) -> bool:
