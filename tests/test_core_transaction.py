@@ -344,6 +344,19 @@ def test_one_phase_refusal_aborts() -> None:
     assert [core.Reply(Outcome.ABORTED, "p0 refused: declined"), core.Finished()] == actions
 
 
+@pytest.mark.parametrize("reason", ["", "  "])
+def test_a_refusal_without_a_reason_says_none_was_given(reason: str) -> None:
+    # PrepareResponse.reason may be empty: the reason read "p0 refused: ", cut short it seemed.
+    one, _ = begin(1)
+    actions = one.handle(core.VoteReceived(0, Vote.REFUSED, reason))
+    assert [core.Reply(Outcome.ABORTED, "p0 refused (no reason given)"), core.Finished()] == actions
+    two, _ = begin(2)
+    two.handle(core.VoteReceived(1, Vote.REFUSED, reason))
+    answered = two.handle(core.VoteReceived(0, Vote.PREPARED))
+    assert core.Reply(Outcome.ABORTED, "p1 refused (no reason given)") in answered
+    assert "p1 refused (no reason given)" == two.reason
+
+
 def test_rollback_is_best_effort_and_bounded() -> None:
     txn, _ = begin(2)
     txn.handle(core.VoteReceived(0, Vote.PREPARED))

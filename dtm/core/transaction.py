@@ -451,7 +451,7 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
         txn._found_committed(branch)
         return txn._abort(txn.reason, event.now_ms)
     if event.vote is Vote.REFUSED:
-        return txn._abort(f"{branch.participant} refused: {event.reason}", event.now_ms)
+        return txn._abort(_refusal(branch.participant, event.reason), event.now_ms)
     if any(b.vote is None for b in txn.branches):
         return []
     updating = tuple((b.index, b.participant) for b in txn.branches if b.vote is Vote.PREPARED)
@@ -465,13 +465,21 @@ def _on_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
     return [PersistDecision(updating)]
 
 
+def _refusal(participant: str, reason: str) -> str:
+    """Why a transaction a participant refused aborted. PrepareResponse.reason may be left
+    empty: it read "p refused: ", which looked like a message cut short."""
+    if reason.strip():
+        return f"{participant} refused: {reason}"
+    return f"{participant} refused (no reason given)"
+
+
 def _on_one_phase_vote(txn: Transaction, event: VoteReceived) -> list[Action]:
     if event.vote in (Vote.COMMITTED, Vote.READ_ONLY):
         txn._move(TxnState.COMMITTED)
         return [*txn._reply(Outcome.COMMITTED, ""), Finished()]
     if event.vote is Vote.REFUSED:
         txn._move(TxnState.ABORTED)
-        reason = f"{txn.branches[0].participant} refused: {event.reason}"
+        reason = _refusal(txn.branches[0].participant, event.reason)
         txn.reason = reason
         return [*txn._reply(Outcome.ABORTED, reason), Finished()]
     raise AssertionError(f"one-phase vote {event.vote.value} passed _on_vote's check")
