@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import any_pb2
 
 from dtm import limits
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtm.coordinator.engine import CoordinatorConfig, Engine
+from dtm.coordinator.registry import Registry
+from dtm.wal import MemoryLog
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc, shop_pb2
 from tests.harness import (
     BAD_UTF8_ID,
     InProcessCluster,
@@ -491,6 +495,96 @@ def test_an_invalid_one_phase_operation_aborts_at_once_without_a_lost_answer(
             assert view is not None
             assert coordinator_pb2.TRANSACTION_STATE_ABORTED == view.state, view
             assert "answer lost" not in view.reason and "quantity" in view.reason, view.reason
+
+    asyncio.run(scenario())
+
+
+class OnePhaseOutsideTheContract(participant_pb2_grpc.ParticipantServicer):
+    """A one-phase participant (another language, or broken) that answers its Prepare with
+    `answer`, as many times in an Exchange as `votes` says (None: one per prepare). Its
+    Rollback, the coordinator's probe, finds the branch committed (FAILED_PRECONDITION) when
+    `committed`, or rolls it back."""
+
+    def __init__(
+        self, answer: participant_pb2.PrepareResponse, committed: bool, votes: int | None
+    ) -> None:
+        self.answer = answer
+        self.committed = committed
+        self.votes = votes
+        self.rollbacks = 0
+
+    async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:
+        return self.answer
+
+    async def Exchange(self, request: Any, context: Any) -> participant_pb2.ExchangeResponse:
+        votes = len(request.prepares) if self.votes is None else self.votes
+        return participant_pb2.ExchangeResponse(votes=[self.answer] * votes)
+
+    async def Rollback(self, request: Any, context: Any) -> participant_pb2.RollbackResponse:
+        self.rollbacks += 1
+        if self.committed:
+            await context.abort(Code.FAILED_PRECONDITION, "branch 0 is committed")
+        return participant_pb2.RollbackResponse()
+
+
+@pytest.mark.parametrize("committed", [False, True], ids=["rolled back", "committed"])
+@pytest.mark.parametrize(
+    ("vote", "batch", "votes"),
+    [
+        (coordinator_pb2.VOTE_UNSPECIFIED, False, None),
+        (99, True, None),  # a vote the contract does not define
+        (coordinator_pb2.VOTE_PREPARED, False, None),  # not an answer to a one-phase Prepare
+        (coordinator_pb2.VOTE_COMMITTED, True, 0),  # an Exchange with no vote for the prepare
+    ],
+    ids=["no vote", "unknown vote, batched", "prepared", "no vote in the exchange"],
+)
+def test_a_one_phase_answer_outside_the_contract_is_probed_and_called_a_protocol_error(
+    vote: int, batch: bool, votes: int | None, committed: bool
+) -> None:
+    """A one-phase Prepare answered with no vote the contract allows may have committed (the
+    participant ran something): the Rollback probe decides, as for a lost answer. But the
+    answer was not lost: the reason said "one-phase answer lost: protocol error: ...", which
+    sends an operator to the network instead of the participant's code."""
+
+    async def scenario() -> None:
+        peer = OnePhaseOutsideTheContract(
+            participant_pb2.PrepareResponse(vote=vote),
+            committed,
+            votes,  # type: ignore[arg-type]
+        )
+        server = grpc.aio.server()
+        participant_pb2_grpc.add_ParticipantServicer_to_server(peer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        registry = Registry()
+        engine = Engine(MemoryLog(), registry, CoordinatorConfig())
+        capabilities = coordinator_pb2.Capabilities(one_phase=True, batch=batch)
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name="peer", address=f"127.0.0.1:{port}", capabilities=capabilities
+            )
+        )
+        try:
+            await engine.submit("t-outside", [("peer", any_pb2.Any())], 5_000, b"fp")
+
+            async def over() -> bool:
+                return "t-outside" not in engine.active
+
+            await eventually(over)
+            view = engine.lookup("t-outside")
+            assert view is not None
+            assert 1 == peer.rollbacks  # the probe
+            if committed:
+                assert coordinator_pb2.OUTCOME_COMMITTED == view.answer, view.reason
+                return
+            assert coordinator_pb2.OUTCOME_ABORTED == view.answer, view.reason
+            assert "answer lost" not in view.reason, view.reason
+            assert view.reason.startswith("one-phase answer unusable: protocol error: peer ")
+            assert view.reason.endswith("; rolled back"), view.reason
+        finally:
+            await engine.close()
+            await registry.close()
+            await server.stop(None)
 
     asyncio.run(scenario())
 

@@ -421,7 +421,9 @@ class Engine:
             if isinstance(event, core.VoteReceived) and (
                 run.txn.state is TxnState.PREPARING or aborted_waiting
             ):
-                failed = core.PrepareFailed(event.branch, f"protocol error: {error}", event.now_ms)
+                failed = core.PrepareFailed(
+                    event.branch, f"protocol error: {error}", event.now_ms, protocol_error=True
+                )
                 self._feed(run, failed)
             return
         if run.txn.state is not before:
@@ -918,7 +920,11 @@ class Engine:
                         f"branch {index} ({branch.participant}): {result.invalid_argument}"
                     )
                 failed = core.PrepareFailed(
-                    index, result.reason, self.clock_ms(), not_reached=result.not_reached
+                    index,
+                    result.reason,
+                    self.clock_ms(),
+                    not_reached=result.not_reached,
+                    protocol_error=result.protocol_error,
                 )
                 self._feed(run, failed)
                 return

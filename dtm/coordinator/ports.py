@@ -53,6 +53,9 @@ class PrepareResult:
     # another participant (`misdirected`) or, in a batch, as an invalid operation: it did not
     # run (core.PrepareFailed.not_reached).
     not_reached: bool = False
+    # With vote None: the participant answered outside the contract (no vote it defines, a
+    # malformed Exchange), and `reason` says how (core.PrepareFailed.protocol_error).
+    protocol_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +281,7 @@ class ParticipantPort:
             item.done(PrepareResult(None, reason, _said(invalid), not_reached=misdirected(error)))
             return
         except ProtocolError as error:  # the participant's: the transaction aborts on it
-            item.done(PrepareResult(None, f"protocol error: {error}"))
+            item.done(PrepareResult(None, f"protocol error: {error}", protocol_error=True))
             return
         except Exception as error:  # a bug: fail the item (so the transaction aborts), say why
             _internal_error(self.client.name, "Prepare", error)
@@ -355,8 +358,12 @@ class ParticipantPort:
             if expiry is not None:
                 expiry.stop()
         if len(response.votes) != len(prepares) or len(response.results) != len(decisions):
-            reason = f"{self.client.name} answered a malformed Exchange"
-            self._fail(_unexpired(prepares, expiry), decisions, reason)
+            reason = (
+                f"protocol error: {self.client.name} answered a malformed Exchange "
+                f"({len(response.votes)} votes for {len(prepares)} prepares, "
+                f"{len(response.results)} results for {len(decisions)} decisions)"
+            )
+            self._fail(_unexpired(prepares, expiry), decisions, reason, protocol_error=True)
             return
         for decision, result in zip(decisions, response.results, strict=True):
             heuristic = forced = result.heuristic
@@ -378,9 +385,11 @@ class ParticipantPort:
                 prepare.done(PrepareResult(None, invalid, invalid, not_reached=True))
             else:
                 vote = PB_TO_VOTE.get(answer.vote)
-                reason = _said(answer.reason)
                 if vote is None:  # a failed prepare, as in the unary path
                     reason = f"protocol error: {no_vote(self.client.name, answer.vote)}"
+                    prepare.done(PrepareResult(None, reason, protocol_error=True))
+                    continue
+                reason = _said(answer.reason)
                 reused = _said(answer.id_reused)
                 earlier = answer.committed_earlier
                 prepare.done(PrepareResult(vote, reason, id_reused=reused, earlier=earlier))
@@ -440,11 +449,14 @@ class ParticipantPort:
         decisions: list[DecideItem],
         reason: str,
         not_reached: bool = False,
+        protocol_error: bool = False,
     ) -> None:
         for decision in decisions:
             decision.done(DecideResult(False, reason))
         for prepare in prepares:
-            prepare.done(PrepareResult(None, reason, not_reached=not_reached))
+            prepare.done(
+                PrepareResult(None, reason, not_reached=not_reached, protocol_error=protocol_error)
+            )
 
     def hurry(self) -> None:
         self._batcher.hurry()

@@ -97,6 +97,9 @@ class PrepareFailed:
     # batch, as an invalid operation. A one-phase transaction then aborts at once: its Prepare
     # is sent once, so nothing can have committed.
     not_reached: bool = False
+    # The participant answered, outside the contract (no vote it defines, a vote not allowed
+    # here): its error, not a lost answer. A one-phase Prepare is still probed: it may have run.
+    protocol_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -501,7 +504,9 @@ def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
     if txn.one_phase:
         # The participant may have committed: never guess (rule 9). Ask it.
         branch.last_error = event.reason
-        txn.reason = f"one-phase answer lost: {event.reason}"
+        # An answer outside the contract was not lost: say whose error it was.
+        answer = "unusable" if event.protocol_error else "lost"
+        txn.reason = f"one-phase answer {answer}: {event.reason}"
         txn._move(TxnState.UNKNOWN)
         return [ProbeOnePhase(branch.index)]
     return txn._abort(f"{branch.participant} failed to prepare: {event.reason}", event.now_ms)
