@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -24,9 +25,10 @@ import pytest
 from dtm import cli, grpc_edge, limits, metrics
 from dtm.batcher import BatchPolicy
 from dtm.coordinator import clients
-from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused
+from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected
 from dtm.coordinator.ports import DecideItem, DecideResult, ParticipantPort, call_code
 from dtm.coordinator.registry import Registry, validate_registration
+from dtm.coordinator.server import CoordinatorServicer
 from dtm.core.branch import HEURISTIC_HAZARD, HEURISTIC_ROLLBACK, BranchState
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, log_pb2, participant_pb2, shop_pb2
@@ -386,6 +388,98 @@ def test_an_unregistration_refusal_keeps_its_hint_within_a_status_at_the_longest
         await engine.close()
 
     asyncio.run(scenario())
+
+
+def _full_registry() -> Registry:
+    """PARTICIPANTS_MAX participants under the longest names the limits allow."""
+    registry = Registry()
+    for n in range(limits.PARTICIPANTS_MAX):
+        request = coordinator_pb2.RegisterParticipantRequest(
+            name=f"{n:03d}".rjust(64, "p"), address=LONGEST_ADDRESS, incarnation="A" * 64
+        )
+        validate_registration(request)  # the coordinator would take it
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name=request.name, address=request.address, incarnation=request.incarnation
+            )
+        )
+    return registry
+
+
+MORE = f"and {limits.PARTICIPANTS_MAX - 3} more: `dtm participants`"
+
+
+@pytest.mark.parametrize(
+    ("unknown", "quoted"),
+    [("q" * 64, repr("q" * 64)), ("\U000e0001" * 1_000, repr("\U000e0001" * 64)[:77])],
+    ids=["longest name", "unprintable name"],
+)
+def test_a_submit_to_an_unregistered_participant_keeps_its_way_out_within_a_status(
+    unknown: str, quoted: str
+) -> None:
+    """A Submit naming a participant that is not registered is refused NOT_FOUND with the way
+    out and a few of the registered names, whole within grpc_edge.STATUS_DETAILS_CHARS_MAX at
+    the longest limits (the last of BRANCHES_PER_TRANSACTION_MAX branches; 256 names of 64
+    characters). Before, every name came first: over 17,000 characters, cut at 600 after
+    seven names, with nothing to say what to do. A name a caller sent is quoted at most
+    NAME_QUOTED_CHARS_MAX characters long (64 unprintable characters escape to 640)."""
+
+    async def scenario() -> None:
+        engine = Engine(MemoryLog(), _full_registry(), CoordinatorConfig())
+        servicer = CoordinatorServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]
+        known = coordinator_pb2.BranchRequest(
+            participant=f"{0:03d}".rjust(64, "p"), operation=pack(shop_pb2.ReserveStock())
+        )
+        last = limits.BRANCHES_PER_TRANSACTION_MAX - 1
+        branches = [known] * last + [
+            coordinator_pb2.BranchRequest(
+                participant=unknown, operation=pack(shop_pb2.ReserveStock())
+            )
+        ]
+        refused = await servicer._submit(coordinator_pb2.SubmitRequest(branches=branches))
+        assert grpc.StatusCode.NOT_FOUND.value[0] == refused.code
+        message = refused.message
+        assert message == grpc_edge.status_details(message), len(message)  # nothing cut
+        assert message.startswith(f"branch {last}: participant {quoted}"), message
+        assert "not registered: name a registered participant, or start that one" in message
+        assert message.endswith(MORE), message
+        # The engine's own check (an id it knows skips the servicer's) says the same.
+        with pytest.raises(SubmitRejected) as rejected:
+            await engine.submit("t-1", [(unknown, pack(shop_pb2.ReserveStock()))], 1_000, b"")
+        assert grpc.StatusCode.NOT_FOUND == rejected.value.code
+        assert str(rejected.value).startswith(f"branch 0: participant {quoted}")
+        assert str(rejected.value).endswith(MORE)
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unregistration_of_an_unregistered_name_keeps_its_way_out_within_a_status() -> None:
+    """`dtm participants remove` of a name not registered: the way out and a few names, whole
+    within a status at the longest limits. Before, every registered name came first (over
+    17,000 characters, cut at 600)."""
+
+    async def scenario() -> None:
+        engine = Engine(MemoryLog(), _full_registry(), CoordinatorConfig())
+        with pytest.raises(Refused) as refused:
+            await engine.unregister("q" * 64)
+        assert grpc.StatusCode.NOT_FOUND == refused.value.code
+        message = str(refused.value)
+        assert message == grpc_edge.status_details(message), len(message)  # nothing cut
+        assert message.startswith(f"participant {'q' * 64!r} is not registered: nothing to")
+        assert message.endswith(MORE), message
+        assert limits.PARTICIPANTS_MAX == len(engine.registry.participants)
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_short_registry_is_named_whole_and_an_empty_one_says_so() -> None:
+    registry = Registry()
+    assert "none is registered yet" == registry.registered_names()
+    for name in ("orders", "inventory", "payment"):
+        registry.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
+    assert "registered: inventory, orders, payment" == registry.registered_names()
 
 
 def test_another_incarnation_replaces_a_registration_once_nothing_is_owed(

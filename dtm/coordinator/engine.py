@@ -289,8 +289,7 @@ class Engine:
             # KeyError: UNKNOWN to the client, and some prepares already sent.
             if name not in self.registry.participants:
                 raise SubmitRejected(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"branch {index}: participant {name[:64]!r} is not registered",
+                    grpc.StatusCode.NOT_FOUND, self.registry.unknown_branch(index, name)
                 )
         one_phase_capable = len(branches) == 1 and self.registry.one_phase(participants[0])
         now = self.clock_ms()
@@ -690,10 +689,11 @@ class Engine:
         answer waits for the record). Refused while a transaction in flight, or still owed
         phase 2, has a branch there: the coordinator could no longer finish it."""
         if name not in self.registry.participants:
-            known = ", ".join(sorted(self.registry.participants)) or "none"
+            # The way out before the names, which a status may cut (Registry.registered_names).
             raise Refused(
                 grpc.StatusCode.NOT_FOUND,
-                f"participant {name!r} is not registered (registered: {known})",
+                f"participant {name!r} is not registered: nothing to remove (check the name, "
+                f"or it was removed already); {self.registry.registered_names()}",
             )
         self._refuse_if_busy(name)
         # Removed before the record is written: from now on no Submit can name it. (The

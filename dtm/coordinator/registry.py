@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 
 from dtm import limits, security
 from dtm.batcher import BatchPolicy
@@ -51,6 +52,22 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
                 f"operation type {name[:80]!r} is not a message name: give the fully-qualified "
                 "name (e.g. dtm.v1.ReserveStock), not a type URL; no spaces"
             )
+
+
+# Registered names a refusal naming an unregistered participant lists. The registry holds up
+# to PARTICIPANTS_MAX names of up to 64 characters, and a status keeps only the first
+# grpc_edge.STATUS_DETAILS_CHARS_MAX characters of its message: all 256 cut off the way out.
+NAMES_SHOWN_MAX = 3
+# A name a caller sent, as a refusal quotes it: its first 64 characters escaped (repr), then
+# cut here, since 64 unprintable characters escape to 640.
+NAME_QUOTED_CHARS_MAX = 80
+
+
+def _quoted(name: str) -> str:
+    shown = repr(name[:64])
+    if len(shown) <= NAME_QUOTED_CHARS_MAX:
+        return shown
+    return f"{shown[: NAME_QUOTED_CHARS_MAX - 3]}..."
 
 
 class Registry:
@@ -154,6 +171,26 @@ class Registry:
 
     def ports(self) -> dict[str, ParticipantPort]:
         return dict(self._ports)
+
+    def registered_names(self) -> str:
+        """The registered names, for a refusal naming one that is not, after its way out: the
+        first NAMES_SHOWN_MAX in order, and how many more (`dtm participants` lists them)."""
+        if not self.participants:
+            return "none is registered yet"
+        shown = ", ".join(heapq.nsmallest(NAMES_SHOWN_MAX, self.participants))
+        more = len(self.participants) - NAMES_SHOWN_MAX
+        if more <= 0:
+            return f"registered: {shown}"
+        return f"registered: {shown} and {more} more: `dtm participants`"
+
+    def unknown_branch(self, index: int, name: str) -> str:
+        """Why a Submit whose branch `index` is at `name`, not registered, is refused
+        (NOT_FOUND, nothing run: the id stays free), and what to do: before the names."""
+        return (
+            f"branch {index}: participant {_quoted(name)} is not registered: name a registered "
+            "participant, or start that one (it registers itself), then submit again; "
+            f"{self.registered_names()}"
+        )
 
     def accepts(self, name: str, type_name: str) -> bool:
         allowed = self.participants[name].capabilities.operation_types

@@ -363,10 +363,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         retried = bool(request.transaction_id) and self.engine.knows(request.transaction_id)
         for index, branch in enumerate(request.branches):
             if not retried and branch.participant not in self.registry.participants:
-                known = ", ".join(sorted(self.registry.participants)) or "none yet"
-                return grpc.StatusCode.NOT_FOUND, (
-                    f"branch {index}: participant {branch.participant[:64]!r} is not registered "
-                    f"(registered: {known})"
+                return grpc.StatusCode.NOT_FOUND, self.registry.unknown_branch(
+                    index, branch.participant
                 )
             if not branch.HasField("operation") or not branch.operation.type_url:
                 return (
