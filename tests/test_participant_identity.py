@@ -474,6 +474,44 @@ def test_an_unregistration_of_an_unregistered_name_keeps_its_way_out_within_a_st
     asyncio.run(scenario())
 
 
+def test_an_operation_of_another_type_keeps_what_to_send_within_a_status() -> None:
+    """A Submit whose operation is of a type the participant does not take: the type sent and
+    a few the participant takes, whole within a status, at the longest limits (OPERATION_TYPES_MAX
+    names of TEXT_FIELD_LENGTH_MAX characters). Before, every type came first, in full, and
+    the status cut at 600 kept none of the type sent."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        types = [f"x.T{n:02d}".ljust(limits.TEXT_FIELD_LENGTH_MAX, "y") for n in range(16)]
+        assert limits.OPERATION_TYPES_MAX == len(types)
+        request = coordinator_pb2.RegisterParticipantRequest(
+            name=LONGEST_NAME,
+            address=LONGEST_ADDRESS,
+            capabilities=coordinator_pb2.Capabilities(operation_types=types),
+        )
+        validate_registration(request)  # the coordinator would take it
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name=request.name, address=request.address, capabilities=request.capabilities
+            )
+        )
+        engine = Engine(MemoryLog(), registry, CoordinatorConfig())
+        servicer = CoordinatorServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]
+        operation = pack(shop_pb2.ReserveStock())
+        operation.type_url = "type.googleapis.com/" + "z" * (limits.TYPE_URL_CHARS_MAX - 20)
+        branch = coordinator_pb2.BranchRequest(participant=LONGEST_NAME, operation=operation)
+        refused = await servicer._submit(coordinator_pb2.SubmitRequest(branches=[branch] * 32))
+        assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == refused.code
+        message = refused.message
+        assert message == grpc_edge.status_details(message), len(message)  # nothing cut
+        assert message.startswith(f"branch 0: participant {LONGEST_NAME} does not take 'zzz")
+        assert f"it takes {types[0][:77]}..., {types[1][:77]}..., " in message, message
+        assert message.endswith("and 13 more: `dtm participants`"), message
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_short_registry_is_named_whole_and_an_empty_one_says_so() -> None:
     registry = Registry()
     assert "none is registered yet" == registry.registered_names()

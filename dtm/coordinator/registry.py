@@ -59,15 +59,28 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
 # grpc_edge.STATUS_DETAILS_CHARS_MAX characters of its message: all 256 cut off the way out.
 NAMES_SHOWN_MAX = 3
 # A name a caller sent, as a refusal quotes it: its first 64 characters escaped (repr), then
-# cut here, since 64 unprintable characters escape to 640.
+# cut here, since 64 unprintable characters escape to 640. A registered operation type is
+# cut here too (TEXT_FIELD_LENGTH_MAX is 1,024).
 NAME_QUOTED_CHARS_MAX = 80
 
 
+def _cut(text: str) -> str:
+    if len(text) <= NAME_QUOTED_CHARS_MAX:
+        return text
+    return f"{text[: NAME_QUOTED_CHARS_MAX - 3]}..."
+
+
 def _quoted(name: str) -> str:
-    shown = repr(name[:64])
-    if len(shown) <= NAME_QUOTED_CHARS_MAX:
-        return shown
-    return f"{shown[: NAME_QUOTED_CHARS_MAX - 3]}..."
+    return _cut(repr(name[:64]))
+
+
+def _some(first: list[str], count: int) -> str:
+    """`first` (at most NAMES_SHOWN_MAX of `count` names), each cut, and how many more: a
+    refusal ends with it (a status keeps its first grpc_edge.STATUS_DETAILS_CHARS_MAX
+    characters)."""
+    shown = ", ".join(map(_cut, first))
+    more = count - len(first)
+    return f"{shown} and {more} more: `dtm participants`" if more > 0 else shown
 
 
 class Registry:
@@ -177,11 +190,8 @@ class Registry:
         first NAMES_SHOWN_MAX in order, and how many more (`dtm participants` lists them)."""
         if not self.participants:
             return "none is registered yet"
-        shown = ", ".join(heapq.nsmallest(NAMES_SHOWN_MAX, self.participants))
-        more = len(self.participants) - NAMES_SHOWN_MAX
-        if more <= 0:
-            return f"registered: {shown}"
-        return f"registered: {shown} and {more} more: `dtm participants`"
+        first = heapq.nsmallest(NAMES_SHOWN_MAX, self.participants)
+        return f"registered: {_some(first, len(self.participants))}"
 
     def unknown_branch(self, index: int, name: str) -> str:
         """Why a Submit whose branch `index` is at `name`, not registered, is refused
@@ -190,6 +200,15 @@ class Registry:
             f"branch {index}: participant {_quoted(name)} is not registered: name a registered "
             "participant, or start that one (it registers itself), then submit again; "
             f"{self.registered_names()}"
+        )
+
+    def wrong_type(self, index: int, name: str, type_name: str) -> str:
+        """Why a Submit whose branch `index` sends `name` an operation of `type_name`, which it
+        does not take, is refused (INVALID_ARGUMENT, nothing run), then what it takes."""
+        types = self.participants[name].capabilities.operation_types
+        return (
+            f"branch {index}: participant {name} does not take {_quoted(type_name)}; it takes "
+            f"{_some(list(types[:NAMES_SHOWN_MAX]), len(types))}"
         )
 
     def accepts(self, name: str, type_name: str) -> bool:

@@ -385,13 +385,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 )
             type_name = branch.operation.type_url.rsplit("/", 1)[-1]
             if not retried and not self.registry.accepts(branch.participant, type_name):
-                wanted = ", ".join(
-                    self.registry.participants[branch.participant].capabilities.operation_types
-                )
-                return invalid, (
-                    f"branch {index}: participant {branch.participant} takes {wanted}, "
-                    f"not {type_name[:80]!r}"
-                )
+                return invalid, self.registry.wrong_type(index, branch.participant, type_name)
         return None
 
     async def GetTransaction(
