@@ -454,6 +454,27 @@ def test_a_submit_to_an_unregistered_participant_keeps_its_way_out_within_a_stat
     asyncio.run(scenario())
 
 
+def test_a_retried_id_with_an_unprintable_name_keeps_the_problem_within_a_status() -> None:
+    """An id the engine knows skips the registration check, so a branch's participant may be
+    anything there: 64 unprintable characters quoted with [:64]!r escaped to 642 characters,
+    and the status cut dropped the problem ("the operation is missing"). Quoted as the
+    registry quotes a caller's name now (found by a hunt)."""
+
+    async def scenario() -> None:
+        engine = Engine(MemoryLog(), _full_registry(), CoordinatorConfig())
+        engine.knows = lambda transaction_id: True  # type: ignore[method-assign]
+        servicer = CoordinatorServicer(SimpleNamespace(engine=engine))  # type: ignore[arg-type]
+        branch = coordinator_pb2.BranchRequest(participant="\U000e0001" * 64)
+        request = coordinator_pb2.SubmitRequest(transaction_id="t-known", branches=[branch])
+        refused = await servicer._submit(request)
+        assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == refused.code
+        message = refused.message
+        assert "the operation is missing" in grpc_edge.status_details(message), message
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_unregistration_of_an_unregistered_name_keeps_its_way_out_within_a_status() -> None:
     """`dtm participants remove` of a name not registered: the way out and a few names, whole
     within a status at the longest limits. Before, every registered name came first (over

@@ -70,7 +70,9 @@ def _cut(text: str) -> str:
     return f"{text[: NAME_QUOTED_CHARS_MAX - 3]}..."
 
 
-def _quoted(name: str) -> str:
+def quoted(name: str) -> str:
+    """A name a caller sent, for a refusal: at most 64 characters, escaped, and cut (64
+    unprintable characters escape to 640)."""
     return _cut(repr(name[:64]))
 
 
@@ -197,7 +199,7 @@ class Registry:
         """Why a Submit whose branch `index` is at `name`, not registered, is refused
         (NOT_FOUND, nothing run: the id stays free), and what to do: before the names."""
         return (
-            f"branch {index}: participant {_quoted(name)} is not registered: name a registered "
+            f"branch {index}: participant {quoted(name)} is not registered: name a registered "
             "participant, or start that one (it registers itself), then submit again; "
             f"{self.registered_names()}"
         )
@@ -207,7 +209,7 @@ class Registry:
         does not take, is refused (INVALID_ARGUMENT, nothing run), then what it takes."""
         types = self.participants[name].capabilities.operation_types
         return (
-            f"branch {index}: participant {name} does not take {_quoted(type_name)}; it takes "
+            f"branch {index}: participant {name} does not take {quoted(type_name)}; it takes "
             f"{_some(list(types[:NAMES_SHOWN_MAX]), len(types))}"
         )
 

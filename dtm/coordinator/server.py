@@ -25,6 +25,7 @@ from dtm.coordinator.registry import (
     RegistrationError,
     Registry,
     name_problem,
+    quoted,
     validate_registration,
 )
 from dtm.wal import WriteAheadLog, async_log
@@ -369,18 +370,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if not branch.HasField("operation") or not branch.operation.type_url:
                 return (
                     invalid,
-                    f"branch {index} ({branch.participant[:64]!r}): the operation is missing",
+                    f"branch {index} ({quoted(branch.participant)}): the operation is missing",
                 )
             type_url = branch.operation.type_url
             if len(type_url) > limits.TYPE_URL_CHARS_MAX or not type_url.isascii():
                 return invalid, (
-                    f"branch {index} ({branch.participant[:64]!r}): the operation's type URL "
+                    f"branch {index} ({quoted(branch.participant)}): the operation's type URL "
                     f"must be ASCII, at most {limits.TYPE_URL_CHARS_MAX} characters "
                     f"(got {len(type_url)}: {type_url[:60]!r}...)"
                 )
             if len(branch.operation.value) > limits.OPERATION_BYTES_MAX:
                 return invalid, (
-                    f"branch {index} ({branch.participant[:64]!r}): operation is "
+                    f"branch {index} ({quoted(branch.participant)}): operation is "
                     f"{len(branch.operation.value)} bytes, at most {limits.OPERATION_BYTES_MAX}"
                 )
             type_name = branch.operation.type_url.rsplit("/", 1)[-1]
