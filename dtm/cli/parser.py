@@ -54,6 +54,21 @@ from dtm.cli.transactions import (
 
 # ---- the command line ----
 
+# What `dtm force` checks before forcing (`_refuse_contradiction`), for its --help: the
+# refusal's exit status is what a script tests.
+FORCE_CHECKS = """\
+The coordinator is asked first: refused (exit 5) while it still decides the transaction, or
+when it decided the other way, or, for --commit, when it has no record of the transaction
+(presumed abort) unless --coordinator-lost. A coordinator that cannot be reached at all does
+not stop a force."""
+
+
+def _force_description() -> str:
+    """FORCE_WARNING without its first line, with FORCE_CHECKS before its "Re-run with
+    --i-understand" (the warning is also what a force without that flag prints)."""
+    why, rerun = FORCE_WARNING.split("\n\n", 1)[1].rsplit("\n\n", 1)
+    return f"{why}\n\n{FORCE_CHECKS}\n\n{rerun}"
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -311,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "force",
         parents=[as_json, holder],
         help="heuristically commit or roll back an in-doubt branch (dangerous)",
-        description=FORCE_WARNING.split("\n\n", 1)[1],
+        description=_force_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     force.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
