@@ -270,7 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
         "looked up in the coordinator's registry)",
     )
     locks = commands.add_parser(
-        "locks", parents=[as_json, target], help="locks held and waited for, per participant"
+        "locks",
+        parents=[as_json, target],
+        help="locks held and waited for, per participant",
+        description=f"Each participant lists its {limits.LOCKS_LISTED_MAX:,} longest-held "
+        f"locks, in resource order, and of each the first {limits.LOCK_OWNERS_LISTED_MAX} "
+        "holders and waiters. A note on stderr says when it holds more locks than it listed, "
+        "and '(+N more)' ends a cut HOLDERS or WAITERS cell (--json: holders_total, "
+        "waiters_total).",
     )
     locks.set_defaults(handler=cmd_locks)
     branches = commands.add_parser(
