@@ -537,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=("up", "down", "status"),
         help="up: start what is not running and wait until every service is registered; "
         "down: stop every process (SIGTERM, then SIGKILL after --grace); status: each "
-        "process's pid, health and registration (exit 0 only when all are ready, else 3)",
+        "process's pid, health and registration, and what to do for a running service the "
+        "coordinator no longer lists (exit 0 only when all are ready, else 3; 1 when it "
+        "cannot probe them)",
     )
     parser.add_argument(
         "--data-dir",
