@@ -229,12 +229,17 @@ def test_locks_lists_the_longest_held_when_a_participant_holds_thousands(tmp_pat
         async with InProcessCluster(tmp_path / "data") as cluster:
             locks = cluster.participants["orders"].engine.locks
             count = 16_000  # at the shipped services' longest ids: 4.5 MB unbounded
-            for n in range(count):  # lock n held for n ms: the highest n are the oldest
+            # Lock n held for n seconds: the highest n are the oldest. Seconds, not ms: each
+            # lock's age is counted from the clock when it is taken, and a pause of the loop
+            # longer than the step (1 in 4 runs under load, with ms) reordered the cut.
+            for n in range(count):
                 txn, order = f"{'t' * 120}{n:08d}", f"order:{'o' * 114}{n:08d}"
-                locks.acquire_now(f"{txn}/0", order, LockMode.EXCLUSIVE, held_for_s=n / 1000)
+                locks.acquire_now(f"{txn}/0", order, LockMode.EXCLUSIVE, held_for_s=n)
             # The oldest of all: shared by 20 branches, and 10 exclusive requests queued.
             for n in range(20):
-                locks.acquire_now(f"r-{n:02d}/0", "order:hot", LockMode.SHARED, held_for_s=60)
+                locks.acquire_now(
+                    f"r-{n:02d}/0", "order:hot", LockMode.SHARED, held_for_s=count + 60
+                )
             # Waits that outlast the test (cancelled at its end), however slow the commands.
             waits = [
                 asyncio.create_task(

@@ -224,6 +224,9 @@ def test_a_free_port_taken_before_its_server_binds_it_is_chosen_again(
     on another free port, and the cluster is ready with it and records it."""
     ports = Ports.free()
     with socket.socket() as thief:
+        # As servers bind (SO_REUSEADDR): a port a killed process left in TIME_WAIT is
+        # taken all the same (without, the test itself failed to bind: EADDRINUSE).
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         thief.bind(("127.0.0.1", ports.of(name)))
         thief.listen()
         running = Cluster(tmp_path, ports)
@@ -251,6 +254,9 @@ def test_a_free_metrics_port_taken_before_its_server_binds_it_is_chosen_again(
     ports = Ports.free()
     metrics = Ports.free(avoid=astuple(ports))
     with socket.socket() as thief:
+        # As servers bind (SO_REUSEADDR): a port a killed process left in TIME_WAIT is
+        # taken all the same (without, the test itself failed to bind: EADDRINUSE).
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         thief.bind(("127.0.0.1", metrics.of(name)))
         thief.listen()
         running = Cluster(tmp_path, ports, metrics_ports=metrics)
@@ -281,6 +287,9 @@ def test_a_restart_whose_port_another_program_took_says_which_and_what_to_do(
         port = running.ports.payment
         running.terminate("payment")
         with socket.socket() as thief:
+            # As servers bind (SO_REUSEADDR): a port a killed process left in TIME_WAIT is
+            # taken all the same (without, the test itself failed to bind: EADDRINUSE).
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             thief.bind(("127.0.0.1", port))
             thief.listen()
             with pytest.raises(cluster.PortTakenError) as raised:
@@ -309,6 +318,9 @@ def test_a_restart_whose_port_the_clusters_own_process_holds_is_not_blamed_on_an
         monkeypatch.setattr(runner, "_port_holders", lambda held: [orders])
         running.terminate("payment")
         with socket.socket() as thief:
+            # As servers bind (SO_REUSEADDR): a port a killed process left in TIME_WAIT is
+            # taken all the same (without, the test itself failed to bind: EADDRINUSE).
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             thief.bind(("127.0.0.1", port))
             thief.listen()
             with pytest.raises(cluster.ClusterError) as raised:
@@ -329,6 +341,9 @@ def test_a_coordinator_restarted_under_running_services_does_not_move(tmp_path: 
         port = running.ports.coordinator
         running.kill(COORDINATOR)
         with socket.socket() as thief:
+            # As servers bind (SO_REUSEADDR): a port a killed process left in TIME_WAIT is
+            # taken all the same (without, the test itself failed to bind: EADDRINUSE).
+            thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             thief.bind(("127.0.0.1", port))
             thief.listen()
             with pytest.raises(cluster.PortTakenError, match=f"port {port} "):
