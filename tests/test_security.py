@@ -15,7 +15,6 @@ import re
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -37,7 +36,7 @@ from dtmpb.v1 import (
 )
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.services.notification import NotificationService
-from tests.harness import eventually, pack
+from tests.harness import eventually, expect_status, pack
 from tests.tls_cluster import TIMEOUT_S, SecureCluster, secure_cluster
 
 Code = grpc.StatusCode
@@ -70,16 +69,6 @@ def order(order_id: str) -> list[coordinator_pb2.BranchRequest]:
             ),
         ),
     ]
-
-
-async def expect_status(call: Awaitable[object], code: Code, *fragments: str) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert code == raised.value.code(), raised.value.details()
-    details = raised.value.details() or ""
-    for fragment in fragments:
-        assert fragment in details
-    return details
 
 
 async def sent_count(cluster: SecureCluster) -> int:
