@@ -561,15 +561,16 @@ def _refuse_unreported_presumed_abort(
     )
 
 
-def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo | None:
-    """The branch the options name, as `target` keeps it awaiting its coordinator; None when
-    it keeps no such branch awaiting (nothing to ask the coordinator: ForgetBranch goes on,
-    or says why not)."""
+def _listed_branches(
+    session: Session, target: Target, awaiting: bool = False
+) -> tuple[participant_pb2.BranchInfo | None, int]:
+    """The branch the options name as `target` lists it (None: not listed), and how many
+    branches it listed. Asked by transaction id (`awaiting`: only those awaiting their
+    coordinator); filtered here too, as a participant from before the field lists every
+    transaction's, its newest first."""
     options = session.options
-    # Only the awaiting ones: all the check needs, and all that a participant from before
-    # `transaction_id` (which lists its newest branches, whatever the transaction) lists then.
     request = participant_pb2.ListBranchesRequest(
-        transaction_id=options.id, awaiting_coordinator=True
+        transaction_id=options.id, awaiting_coordinator=awaiting
     )
     try:
         response = session.admin(target).ListBranches(
@@ -577,21 +578,26 @@ def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo
         )
     except grpc.RpcError as error:
         raise rpc_error(error, target.what, target.address, session) from None
-    # Filtered here too: a participant from before the field lists every transaction's.
-    found = next(
-        (
-            info
-            for info in response.branches
-            if (info.transaction_id, info.branch) == (options.id, options.branch)
-        ),
-        None,
-    )
-    if found is None and len(response.branches) >= limits.LIST_TRANSACTIONS_LIMIT_MAX:
+    branches: list[participant_pb2.BranchInfo] = list(response.branches)
+    key = (options.id, options.branch)
+    found = next((info for info in branches if (info.transaction_id, info.branch) == key), None)
+    return found, len(branches)
+
+
+def _kept_branch(session: Session, target: Target) -> participant_pb2.BranchInfo | None:
+    """The branch the options name, as `target` keeps it awaiting its coordinator; None when
+    it keeps no such branch awaiting (nothing to ask the coordinator: ForgetBranch goes on,
+    or says why not)."""
+    options = session.options
+    # Only the awaiting ones: all the check needs, and all that a participant from before
+    # `transaction_id` (which lists its newest branches, whatever the transaction) lists then.
+    found, listed = _listed_branches(session, target, awaiting=True)
+    if found is None and listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX:
         # A list cut at its limit, of other transactions' branches: the branch may be among
         # those left out. Read as "not kept", the check would fail open.
         raise CliError(
             f"cannot tell whether {target.name} keeps branch {options.id}/{options.branch} "
-            f"for its coordinator: it listed only its newest {len(response.branches)} forced "
+            f"for its coordinator: it listed only its newest {listed} forced "
             "branches (a participant from before ListBranchesRequest.transaction_id), so the "
             "coordinator cannot be asked about it; upgrade the participant, then forget it",
             EXIT_UNSAFE,
@@ -720,19 +726,8 @@ def _branch_of(session: Session, target: Target) -> participant_pb2.BranchInfo:
     """The branch the options name, as `target` lists it; an empty one (no fingerprint: taken
     for the attempt on record, as before the field) when it lists none such. ForceOutcome, to
     the same participant next, says what is wrong with a branch it does not keep."""
-    options = session.options
-    request = participant_pb2.ListBranchesRequest(transaction_id=options.id)
-    try:
-        response = session.admin(target).ListBranches(
-            target.addressed(request), timeout=session.timeout
-        )
-    except grpc.RpcError as error:
-        raise rpc_error(error, target.what, target.address, session) from None
-    branches: list[participant_pb2.BranchInfo] = list(response.branches)
-    for info in branches:
-        if (info.transaction_id, info.branch) == (options.id, options.branch):
-            return info
-    return participant_pb2.BranchInfo()
+    found, _ = _listed_branches(session, target)
+    return found if found is not None else participant_pb2.BranchInfo()
 
 
 def _no_record(error: grpc.RpcError) -> bool:
