@@ -10,7 +10,8 @@ mid-run with `settled=False`, where work still in flight (reservations, holds, p
 staged messages) is allowed, and so is a commit halfway through phase 2, which reaches the
 services in any order: a PENDING order already charged or notified, a CONFIRMED order whose
 hold, reservation or staged message is still there (as long as what is held, reserved or
-staged covers it: the snapshot does not tie them to orders).
+staged covers it: the snapshot does not tie them to orders). A free order (0 cents) has no
+payment branch, so it is confirmed without a capture.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 import grpc
 
 from dtm import grpc_edge
+from dtm.orderflow import charges_payment
 from dtmpb.v1 import shop_pb2, shop_pb2_grpc
 
 PENDING = "PENDING"
@@ -374,7 +376,9 @@ def _check_orders(snapshot: Snapshot, settled: bool, lines_match_inventory: bool
     for order in orders.values():
         found = captures_by_order.get(order.order_id, [])
         if order.state == CONFIRMED and not found:
-            uncaptured.append(order)
+            # A free order has no payment branch: nothing was to be captured.
+            if charges_payment(order.amount_cents):
+                uncaptured.append(order)
         elif not committing(order) or not found:
             continue
         elif len(found) > 1:

@@ -67,6 +67,12 @@ def transaction_id_for(order_id: str) -> str:
     return "txn:" + hashlib.blake2b(order_id.encode(), digest_size=16).hexdigest()
 
 
+def charges_payment(amount_cents: int) -> bool:
+    """Whether an order of this amount has a payment branch. A free order (0 cents) has
+    nothing to hold or capture, and payment refuses a charge of 0: it has none."""
+    return amount_cents != 0
+
+
 def stock_lines(lines: Lines) -> list[shop_pb2.StockLine]:
     result: list[shop_pb2.StockLine] = []
     for line in lines:

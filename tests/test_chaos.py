@@ -6,6 +6,7 @@ that the run checker does report a violation when the services contradict a clie
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections import Counter
 from pathlib import Path
@@ -167,6 +168,21 @@ def test_a_reversed_commit_or_a_confirmed_abort_is_a_violation() -> None:
     assert "CANCELLED" in violations[0]
     assert "told ABORTED" in violations[1]
     assert "999" in violations[2]
+
+
+def test_a_committed_free_order_is_expected_without_a_capture() -> None:
+    """A free order has no payment branch: told COMMITTED, it is confirmed with its message
+    and no capture; a capture for it is a violation."""
+    free = Order("o-3", "cust", (("sku-a", 1),), 0, CONFIRMED, "txn-o-3")
+    message = Notification("o-3", "cust@example.com", "confirmed", "txn-o-3")
+    state = settled_state()
+    state = dataclasses.replace(state, orders=[*state.orders, free], sent=[*state.sent, message])
+    record = ClientRecord("o-3", "txn-o-3", COMMITTED, 0)
+    assert [] == chaos.check_client_outcomes([record], state)
+    charged = dataclasses.replace(state, captures=[*state.captures, Capture("o-3", "acct-1", 5)])
+    violations = chaos.check_client_outcomes([record], charged)
+    assert 1 == len(violations), violations
+    assert "o-3" in violations[0] and "free order" in violations[0]
 
 
 def test_a_later_loss_of_a_known_outcome_is_a_violation() -> None:

@@ -181,6 +181,42 @@ def test_confirmed_order_without_capture_is_caught() -> None:
     assert all("o-2" in v for v in violations), violations
 
 
+def with_free_order(snapshot: Snapshot) -> Snapshot:
+    """`snapshot` plus o-4, a free order (0 cents, a 100 % voucher) confirmed: its unit of
+    sku-b sold and its message sent, and, since it has no payment branch, no capture."""
+    snapshot = with_stock(snapshot, "sku-b", available=4, sold=1)
+    return replace(
+        snapshot,
+        orders=[*snapshot.orders, Order("o-4", "carol", (("sku-b", 1),), 0, CONFIRMED, "t-4")],
+        sent=[*snapshot.sent, Notification("o-4", "carol@example.com", "confirmed", "t-4")],
+    )
+
+
+def test_a_confirmed_free_order_without_capture_passes() -> None:
+    snapshot = with_free_order(consistent())
+    assert [] == check(snapshot, settled=True)
+    assert [] == check(snapshot, settled=False)
+
+
+def test_a_capture_for_a_free_order_is_caught() -> None:
+    snapshot = with_free_order(consistent())
+    snapshot = replace(snapshot, captures=[*snapshot.captures, Capture("o-4", "acct-2", 50)])
+    snapshot = with_account(snapshot, "acct-2", balance_cents=350, captured_cents=150)
+    violations = check(snapshot)
+    assert_caught(violations, "order o-4", "CONFIRMED for 0 cents but 50 cents")
+    assert all("o-4" in v for v in violations), violations
+
+
+def test_a_paid_order_without_capture_is_still_caught_beside_a_free_one() -> None:
+    snapshot = with_free_order(consistent())
+    snapshot = replace(snapshot, captures=[c for c in snapshot.captures if c.order_id != "o-2"])
+    snapshot = with_account(snapshot, "acct-2", balance_cents=500, captured_cents=0)
+    for settled in (True, False):
+        violations = check(snapshot, settled=settled)
+        assert_caught(violations, "order o-2", "CONFIRMED but no payment was captured")
+        assert all("o-2" in v for v in violations), violations
+
+
 def test_order_charged_twice_is_caught() -> None:
     snapshot = consistent()
     snapshot = replace(snapshot, captures=[*snapshot.captures, Capture("o-1", "acct-1", 200)])

@@ -21,7 +21,7 @@ from dtm.chaos.settings import (
 )
 from dtm.cluster import Cluster
 from dtm.limits import LIST_TRANSACTIONS_LIMIT_MAX
-from dtm.orderflow import SubmitResult
+from dtm.orderflow import SubmitResult, charges_payment
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 
@@ -62,7 +62,10 @@ def check_committed(record: ClientRecord, effects: Effects) -> list[str]:
         return [f"{where}: the order is {order.state} (reversed or lost)"]
     violations: list[str] = []
     captured = effects.captures.get(record.order_id, [])
-    if captured != [record.amount_cents]:
+    if not charges_payment(record.amount_cents):
+        if captured:  # a free order has no payment branch
+            violations.append(f"{where}: captures {captured} cents of a free order, expected none")
+    elif captured != [record.amount_cents]:
         violations.append(
             f"{where}: captures {captured} cents, expected exactly one of {record.amount_cents}"
         )
