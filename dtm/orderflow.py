@@ -1,8 +1,10 @@
 """One e-commerce order as one distributed transaction, and a small client to submit it.
 
 An order is four branches, one per service: reserve the stock, create the order, charge the
-payment, send the confirmation. Each branch's operation is the service's typed message packed
-into a `google.protobuf.Any`; the coordinator commits all four or none.
+payment, send the confirmation. A free order (0 cents, e.g. a 100 % voucher) has nothing to
+charge, so it is three: no payment branch, no hold, no capture. Each branch's operation is the
+service's typed message packed into a `google.protobuf.Any`; the coordinator commits all of
+them or none.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ INVENTORY = "inventory"
 ORDERS = "orders"
 PAYMENT = "payment"
 NOTIFICATION = "notification"
-#: The participants of an order, in branch order.
+#: The participants of an order, in branch order (a free order leaves out PAYMENT: see
+#: `charges_payment`).
 ORDER_PARTICIPANTS = (INVENTORY, ORDERS, PAYMENT, NOTIFICATION)
 
 #: Failures of a Submit call that leave the outcome open (the coordinator was down or slow):
@@ -102,7 +105,8 @@ def order_request(
     timeout_ms: int = 0,
     body: str | None = None,
 ) -> coordinator_pb2.SubmitRequest:
-    """The SubmitRequest of one order: branches inventory, orders, payment, notification.
+    """The SubmitRequest of one order: branches inventory, orders, payment, notification, or
+    without payment for a free order (`charges_payment`; `account` is then unused).
 
     The inventory branch reserves exactly the order's lines, so that units sold always equal the
     lines of confirmed orders (the invariant checker relies on it). `timeout_ms` 0 means the
@@ -113,31 +117,31 @@ def order_request(
         transaction_id = transaction_id_for(order_id)
     if body is None:
         body = confirmation_body(order_id, line_messages, amount_cents)
+    branches = [
+        _branch(INVENTORY, shop_pb2.ReserveStock(lines=line_messages)),
+        _branch(
+            ORDERS,
+            shop_pb2.CreateOrder(
+                order_id=order_id,
+                customer_id=customer,
+                lines=line_messages,
+                amount_cents=amount_cents,
+            ),
+        ),
+    ]
+    if charges_payment(amount_cents):
+        charge = shop_pb2.ChargePayment(
+            account_id=account, amount_cents=amount_cents, order_id=order_id
+        )
+        branches.append(_branch(PAYMENT, charge))
+    branches.append(
+        _branch(
+            NOTIFICATION,
+            shop_pb2.SendNotification(order_id=order_id, recipient=recipient, body=body),
+        )
+    )
     return coordinator_pb2.SubmitRequest(
-        transaction_id=transaction_id,
-        timeout_ms=timeout_ms,
-        branches=[
-            _branch(INVENTORY, shop_pb2.ReserveStock(lines=line_messages)),
-            _branch(
-                ORDERS,
-                shop_pb2.CreateOrder(
-                    order_id=order_id,
-                    customer_id=customer,
-                    lines=line_messages,
-                    amount_cents=amount_cents,
-                ),
-            ),
-            _branch(
-                PAYMENT,
-                shop_pb2.ChargePayment(
-                    account_id=account, amount_cents=amount_cents, order_id=order_id
-                ),
-            ),
-            _branch(
-                NOTIFICATION,
-                shop_pb2.SendNotification(order_id=order_id, recipient=recipient, body=body),
-            ),
-        ],
+        transaction_id=transaction_id, timeout_ms=timeout_ms, branches=branches
     )
 
 
@@ -147,7 +151,11 @@ def confirmation_body(order_id: str, lines: Sequence[shop_pb2.StockLine], amount
     order (100 of them may be over 14,000 characters) are listed while they fit, the rest
     counted ("and 40 more lines")."""
     head = f"Order {order_id} confirmed: "
-    tail = f"; {amount_cents} cents charged."
+    tail = (
+        f"; {amount_cents} cents charged."
+        if charges_payment(amount_cents)
+        else "; free order, nothing charged."
+    )
     items = [f"{line.quantity} x {line.sku}" for line in lines]
     full = head + ", ".join(items) + tail
     if len(full) <= limits.TEXT_FIELD_LENGTH_MAX:

@@ -25,6 +25,7 @@ from tests.harness import (
     STOCK,
     InProcessCluster,
     eventually,
+    expect_status,
     order_branches,
     settled,
 )
@@ -214,6 +215,77 @@ def test_the_checker_catches_a_lost_unit_a_double_charge_and_a_message_for_an_ab
             notification.outbox.pop()
 
             assert [] == await violations()
+
+    asyncio.run(scenario())
+
+
+def test_a_free_order_commits_without_a_payment_branch(tmp_path: Path) -> None:
+    """A free order (0 cents, a 100 % voucher) is a valid order: it has nothing to charge, so
+    order_request leaves out the payment branch, and inventory, orders and notification commit
+    it. It failed INVALID_ARGUMENT: payment refuses a charge of 0."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            request = order_request("o-free", "cust-1", "acct-alice", [("sku-pear", 2)], 0, "r")
+            assert ["inventory", "orders", "notification"] == [
+                branch.participant for branch in request.branches
+            ]
+            response = await cluster.submit(request.branches, request.transaction_id)
+            assert COMMITTED == response.outcome, response.reason
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+            pear = next(level for level in snapshot.stock if level.sku == "sku-pear")
+            assert (STOCK["sku-pear"] - 2, 0, 2) == (pear.available, pear.reserved, pear.sold)
+            assert [("o-free", 0, invariants.CONFIRMED, request.transaction_id)] == [
+                (o.order_id, o.amount_cents, o.state, o.transaction_id) for o in snapshot.orders
+            ]
+            assert [
+                ("o-free", "Order o-free confirmed: 2 x sku-pear; free order, nothing charged.")
+            ] == [(n.order_id, n.body) for n in snapshot.sent]
+            assert [] == list(snapshot.captures)
+            assert INITIAL.accounts == {a.account_id: a.balance_cents for a in snapshot.accounts}
+
+    asyncio.run(scenario())
+
+
+def test_a_free_order_refused_by_inventory_aborts_with_nothing_left(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            # sku-scarce has 3 units: inventory refuses 4.
+            request = order_request("o-free", "cust-1", "acct-alice", [("sku-scarce", 4)], 0, "r")
+            response = await cluster.submit(request.branches, request.transaction_id)
+            assert ABORTED == response.outcome
+            assert "inventory" in response.reason and "sku-scarce" in response.reason
+            await settled(cluster)
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+            # Orders may have prepared the order before inventory's refusal decided the abort
+            # (the Prepares go out together): then it is CANCELLED, else absent.
+            assert all(o.state == invariants.CANCELLED for o in snapshot.orders), snapshot.orders
+            assert STOCK == {level.sku: level.available for level in snapshot.stock}
+            assert ([], [], 0) == (list(snapshot.sent), list(snapshot.captures), snapshot.staged)
+
+    asyncio.run(scenario())
+
+
+def test_payment_refuses_a_charge_of_zero_naming_the_free_order_rule(tmp_path: Path) -> None:
+    """A payment branch of 0 cents, built by hand (order_request leaves it out), is still bad
+    input: the Submit fails INVALID_ARGUMENT, nothing is applied, and the message says what to
+    do instead."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            branches = order_branches("o-free", [("sku-apple", 1)], amount_cents=0)
+            await expect_status(
+                cluster.submit(branches, "txn-o-free"),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "branch 2 (payment)",
+                "a free order has no payment branch",
+            )
+            await settled(cluster)
+            snapshot = await invariants.wait_until_settled(targets(cluster))
+            assert [] == invariants.check(snapshot, initial=INITIAL)
+            assert STOCK == {level.sku: level.available for level in snapshot.stock}
 
     asyncio.run(scenario())
 

@@ -7,6 +7,8 @@ and rollback move exactly what prepare moved, and so that a snapshot carries the
 restart. Every capture is recorded with its order and transaction, so that "a confirmed order
 has exactly one captured payment for its amount" can be checked from outside.
 
+A free order (0 cents) has no payment branch: a charge of 0 is refused, INVALID_ARGUMENT.
+
 Run: python -m participants.services.payment [SDK flags] [--initial PATH.json]
 """
 
@@ -111,6 +113,13 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
 
     def validate(self, operation: shop_pb2.ChargePayment) -> None:
         check_resource_id("account_id", operation.account_id)
+        if operation.amount_cents == 0:
+            # Refused rather than held as nothing: a capture of 0 would be a ledger line for
+            # no money, and the invariant checker counts captures as charges.
+            raise InvalidOperation(
+                "amount_cents is 0: a free order has no payment branch (nothing to hold or "
+                "capture); leave the payment branch out, as dtm.orderflow.order_request does"
+            )
         if not 0 < operation.amount_cents <= limits.AMOUNT_CENTS_MAX:
             raise InvalidOperation(
                 f"amount_cents must be between 1 and {limits.AMOUNT_CENTS_MAX}, "
