@@ -538,11 +538,14 @@ SERVICES = ("inventory", "orders", "payment", "notification")
 ITEMS_MAX = 10_000_000
 #: The page a list read asks for first: the services' default and largest.
 PAGE_SIZE_FIRST = 10_000
-#: The repeated fields a list read's pages hold, appended page after page (ListAccounts
-#: repeats every account on each page: only the first page's are kept).
-_LISTED = ("orders", "captures", "sent")
+#: The repeated fields a list read's pages hold, appended page after page.
+_LISTED = ("levels", "orders", "accounts", "captures", "sent")
 _Page = TypeVar(
-    "_Page", shop_pb2.ListOrdersResponse, shop_pb2.ListAccountsResponse, shop_pb2.ListSentResponse
+    "_Page",
+    shop_pb2.GetStockResponse,
+    shop_pb2.ListOrdersResponse,
+    shop_pb2.ListAccountsResponse,
+    shop_pb2.ListSentResponse,
 )
 
 
@@ -603,9 +606,15 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
             if items > ITEMS_MAX:
                 raise RuntimeError(f"{what}: more than {ITEMS_MAX} items")
 
+    stock_stub = shop_pb2_grpc.InventoryStub(channel("inventory"))
     orders_stub = shop_pb2_grpc.OrdersStub(channel("orders"))
     payment_stub = shop_pb2_grpc.PaymentStub(channel("payment"))
     sent_stub = shop_pb2_grpc.NotificationStub(channel("notification"))
+
+    def get_stock(token: str, size: int) -> Awaitable[shop_pb2.GetStockResponse]:
+        return stock_stub.GetStock(  # type: ignore[no-any-return]
+            shop_pb2.GetStockRequest(page_token=token, page_size=size), timeout=timeout_s
+        )
 
     def list_orders(token: str, size: int) -> Awaitable[shop_pb2.ListOrdersResponse]:
         return orders_stub.ListOrders(  # type: ignore[no-any-return]
@@ -613,8 +622,6 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
         )
 
     def list_accounts(token: str, size: int) -> Awaitable[shop_pb2.ListAccountsResponse]:
-        # Every page repeats the accounts; only the first page's are kept (all_pages does not
-        # extend `accounts`).
         return payment_stub.ListAccounts(  # type: ignore[no-any-return]
             shop_pb2.ListAccountsRequest(page_token=token, page_size=size), timeout=timeout_s
         )
@@ -623,6 +630,9 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
         return sent_stub.ListSent(  # type: ignore[no-any-return]
             shop_pb2.ListSentRequest(page_token=token, page_size=size), timeout=timeout_s
         )
+
+    async def stock_pages() -> shop_pb2.GetStockResponse:
+        return await all_pages(get_stock, "inventory")
 
     async def orders_pages() -> shop_pb2.ListOrdersResponse:
         return await all_pages(list_orders, "orders")
@@ -635,9 +645,7 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
 
     try:
         stock, orders, accounts, sent = await asyncio.gather(
-            shop_pb2_grpc.InventoryStub(channel("inventory")).GetStock(
-                shop_pb2.GetStockRequest(), timeout=timeout_s
-            ),
+            stock_pages(),
             orders_pages(),
             payment_pages(),
             sent_pages(),

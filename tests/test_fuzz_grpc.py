@@ -653,6 +653,8 @@ PARTICIPANT_CALLS: list[tuple[str, st.SearchStrategy[Message]]] = [
             skus=mostly(
                 st.lists(skus, max_size=3), st.just(["sku-apple"] * (GET_STOCK_SKUS_MAX + 1))
             ),
+            page_size=uint32s,
+            page_token=page_tokens,
         ),
     ),
     *(

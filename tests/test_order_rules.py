@@ -16,6 +16,7 @@ import pytest
 from dtm import invariants, limits
 from dtm.orderflow import order_request
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from participants.services.catalog import AccountSpec
 from participants.services.inventory import InventoryService
 from participants.services.notification import NotificationService, Sent
 from participants.services.orders import OrdersService
@@ -348,5 +349,27 @@ def test_the_checker_reads_lists_whose_default_page_is_over_the_message_limit(
             snapshot = await invariants.wait_until_settled(targets(cluster))
             assert [n.order_id for n in snapshot.sent] == [f"o-{n}" for n in range(6)]
             assert [] == invariants.check(snapshot, initial=INITIAL)
+
+    asyncio.run(scenario())
+
+
+def test_the_checker_reads_a_catalog_and_accounts_over_the_message_limit(tmp_path: Path) -> None:
+    """GetStock answered every SKU at once and ListAccounts every account on every page: 40,000
+    SKUs and 40,000 accounts of the longest allowed id (128 characters) take about 5.5 MB each,
+    over the 4 MiB a message may carry, and the checker could not read the shop at all
+    (RESOURCE_EXHAUSTED). Both now page; the checker must see each SKU and account once."""
+    count = 40_000
+    skus = [f"{n:05d}" + "s" * 123 for n in range(count)]
+    account_ids = [f"{n:05d}" + "a" * 123 for n in range(count)]
+    stock = dict.fromkeys(skus, 1)
+    accounts = dict.fromkeys(account_ids, AccountSpec(1))
+    initial = invariants.InitialState(stock=stock, accounts=dict.fromkeys(account_ids, 1))
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, stock=stock, accounts=accounts) as cluster:
+            snapshot = await invariants.read_snapshot(targets(cluster), timeout_s=30)
+        assert skus == [level.sku for level in snapshot.stock]
+        assert account_ids == [account.account_id for account in snapshot.accounts]
+        assert [] == invariants.check(snapshot, initial=initial)
 
     asyncio.run(scenario())

@@ -1091,6 +1091,12 @@ def test_page_walks_a_list_in_bounded_pages() -> None:
 
 # Each paginated read: its service, and a call of it with a given page_token.
 PAGED_READS: dict[str, tuple[Callable[[], Any], Callable[[grpc.aio.Channel, str], Any]]] = {
+    "GetStock": (
+        InventoryService,
+        lambda channel, token: shop_pb2_grpc.InventoryStub(channel).GetStock(
+            shop_pb2.GetStockRequest(page_token=token), timeout=10
+        ),
+    ),
     "ListOrders": (
         OrdersService,
         lambda channel, token: shop_pb2_grpc.OrdersStub(channel).ListOrders(
@@ -1126,7 +1132,7 @@ def test_a_page_token_that_is_not_an_ascii_offset_is_invalid_argument(
                 await read(channel, token)
             details = raised.value.details() or ""
             assert grpc.StatusCode.INVALID_ARGUMENT == raised.value.code(), details
-            assert "was not issued by this service" in details
+            assert f"page_token {token[:20]!r} was not issued by this service" in details
             assert "next_page_token" in details
             assert len(details) < 200
 
@@ -1156,6 +1162,147 @@ def test_a_page_over_the_message_limit_asks_for_a_smaller_page_size(tmp_path: Pa
         # What it says works: pages of 200 orders fit.
         first = await stub.ListOrders(shop_pb2.ListOrdersRequest(page_size=200), timeout=10)
         assert (200, "200") == (len(first.orders), first.next_page_token)
+
+    serve(tmp_path, service, scenario)
+
+
+def longest_id(kind: str) -> str:
+    """An id of the longest length a resource id may have (128 characters)."""
+    return kind + "x" * (128 - len(kind))
+
+
+def test_a_default_page_of_the_largest_stock_levels_accounts_or_captures_fits_a_message() -> None:
+    """The default page, PAGE_SIZE_DEFAULT items of the largest each can be: ids of the longest
+    allowed length, every int64 at its longest encoding (10 bytes, a negative one), and the
+    longest token a page can carry. A request without paging fields gets that page, so it must
+    fit the message limit whatever the catalog."""
+    from participants.services import PAGE_SIZE_DEFAULT, PAGE_TOKEN_PATTERN
+
+    token = "9" * 18  # the longest PAGE_TOKEN_PATTERN takes
+    assert PAGE_TOKEN_PATTERN.fullmatch(token) and not PAGE_TOKEN_PATTERN.fullmatch(token + "9")
+    assert 128 == len(longest_id("s")) and limits.RESOURCE_ID_PATTERN.fullmatch(longest_id("s"))
+    level = shop_pb2.StockLevel(
+        sku=longest_id("sku"), available=-1, reserved=-1, sold=-1, received=-1
+    )
+    account = shop_pb2.Account(
+        account_id=longest_id("acct"),
+        balance_cents=-1,
+        held_cents=-1,
+        captured_cents=-1,
+        initial_cents=-1,
+        declines=True,
+    )
+    capture = shop_pb2.Capture(
+        order_id=longest_id("o"),
+        account_id=longest_id("acct"),
+        amount_cents=-1,
+        transaction_id=longest_id("txn"),  # TRANSACTION_ID_PATTERN: 128 characters at most
+    )
+    pages = {
+        "stock": shop_pb2.GetStockResponse(
+            levels=[level] * PAGE_SIZE_DEFAULT, next_page_token=token
+        ),
+        "accounts": shop_pb2.ListAccountsResponse(
+            accounts=[account] * PAGE_SIZE_DEFAULT, next_page_token=token
+        ),
+        # A capture is larger than an account: a page of captures is the largest ListAccounts
+        # page, and one mixing the two is smaller.
+        "captures": shop_pb2.ListAccountsResponse(
+            captures=[capture] * PAGE_SIZE_DEFAULT, next_page_token=token
+        ),
+    }
+    sizes = {name: answer.ByteSize() for name, answer in pages.items()}
+    assert sizes["accounts"] < sizes["captures"]
+    # 1,780,020, 1,800,020 and 4,070,020 bytes of 4,194,304.
+    assert all(size <= limits.MESSAGE_BYTES_MAX for size in sizes.values()), sizes
+
+
+async def every_page(
+    read: Callable[[str], Awaitable[Any]], listed: Callable[[Any], list[Any]]
+) -> list[list[Any]]:
+    """The items of each page of a paged read, following next_page_token to the end."""
+    pages: list[list[Any]] = []
+    token = ""
+    while True:  # bounded: each test's list has a few pages
+        answer = await read(token)
+        pages.append(listed(answer))
+        token = answer.next_page_token
+        if not token:
+            return pages
+        assert len(pages) < 100
+
+
+def test_get_stock_pages_a_catalog_larger_than_a_page(tmp_path: Path) -> None:
+    """A catalog of PAGE_SIZE_DEFAULT + 5 SKUs: without paging fields the first page has the
+    default size and a token; every SKU comes once across the pages, sorted, at any size."""
+    from participants.services import PAGE_SIZE_DEFAULT
+
+    skus = [f"sku-{n:05d}" for n in range(PAGE_SIZE_DEFAULT + 5)]
+    random.Random(7).shuffle(skus)  # the catalog's order is not the listing's
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.InventoryStub(channel)
+
+        def stock(size: int) -> Callable[[str], Awaitable[Any]]:
+            return lambda token: stub.GetStock(
+                shop_pb2.GetStockRequest(page_size=size, page_token=token), timeout=10
+            )
+
+        def listed(answer: shop_pb2.GetStockResponse) -> list[str]:
+            return [level.sku for level in answer.levels]
+
+        default = await every_page(stock(0), listed)
+        assert [PAGE_SIZE_DEFAULT, 5] == [len(chunk) for chunk in default]
+        assert sorted(skus) == [sku for chunk in default for sku in chunk]
+        small = await every_page(stock(3_000), listed)
+        assert [3_000, 3_000, 3_000, 1_005] == [len(chunk) for chunk in small]
+        assert sorted(skus) == [sku for chunk in small for sku in chunk]
+        # Named SKUs page too, in the order named.
+        named = ["sku-00009", "sku-00002", "sku-00005"]
+        some = await every_page(
+            lambda token: stub.GetStock(
+                shop_pb2.GetStockRequest(skus=named, page_size=2, page_token=token), timeout=10
+            ),
+            listed,
+        )
+        assert [named[:2], named[2:]] == some
+        # A token past the end is an empty last page, not the whole catalog.
+        past = await stub.GetStock(shop_pb2.GetStockRequest(page_token="999999"), timeout=10)
+        assert ([], "") == (list(past.levels), past.next_page_token)
+
+    serve(tmp_path, InventoryService(dict.fromkeys(skus, 1)), scenario)
+
+
+def test_list_accounts_pages_the_accounts_then_the_captures(tmp_path: Path) -> None:
+    """Every account was on every page; now each account and each capture is on one page:
+    the accounts sorted, then the captures in the order they were made."""
+    account_ids = [f"acct-{n}" for n in range(5)]
+    service = PaymentService(dict.fromkeys(reversed(account_ids), AccountSpec(1_000)))
+    for n in range(4):
+        service.prepare(f"txn-{n}/0", charge(account_ids[n], 10, f"o-{n}"))
+        service.commit(f"txn-{n}/0", charge(account_ids[n], 10, f"o-{n}"))
+
+    async def scenario(channel: grpc.aio.Channel) -> None:
+        stub = shop_pb2_grpc.PaymentStub(channel)
+
+        def accounts(size: int) -> Callable[[str], Awaitable[Any]]:
+            return lambda token: stub.ListAccounts(
+                shop_pb2.ListAccountsRequest(page_size=size, page_token=token), timeout=10
+            )
+
+        def listed(answer: shop_pb2.ListAccountsResponse) -> list[str]:
+            return [a.account_id for a in answer.accounts] + [c.order_id for c in answer.captures]
+
+        pages = await every_page(accounts(2), listed)
+        assert [
+            ["acct-0", "acct-1"],
+            ["acct-2", "acct-3"],
+            ["acct-4", "o-0"],
+            ["o-1", "o-2"],
+            ["o-3"],
+        ] == pages
+        # Without paging fields, one page holds everything while it fits the default size.
+        assert [[*account_ids, "o-0", "o-1", "o-2", "o-3"]] == await every_page(accounts(0), listed)
 
     serve(tmp_path, service, scenario)
 

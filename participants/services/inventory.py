@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import grpc
 
 from dtmpb.v1 import shop_pb2, shop_pb2_grpc
-from participants.service import LockRequest, Prepared, PrepareResult, Refused, Service
+from participants.service import (
+    InvalidOperation,
+    LockRequest,
+    Prepared,
+    PrepareResult,
+    Refused,
+    Service,
+)
 from participants.services import (
     Context,
     abort_if_too_large,
@@ -24,6 +31,7 @@ from participants.services import (
     decode_state,
     encode_state,
     merged_lines,
+    page,
 )
 from participants.services.catalog import DEFAULT_CATALOG, split_initial_arg
 
@@ -62,6 +70,9 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
             sku: StockItem(available=units, reserved=0, sold=0, received=units)
             for sku, units in initial.items()
         }
+        # Every SKU, sorted: what GetStock pages through. Sorted once, not at every page: the
+        # set of SKUs never changes after the start (no operation adds or removes one).
+        self.skus = sorted(self.items)
         # Branch key -> {sku: units} reserved by that prepared branch.
         self.reservations: dict[str, dict[str, int]] = {}
 
@@ -150,6 +161,7 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
                     )
         # Replace only once everything parsed: a bad snapshot leaves the state as it was.
         self.items = dict(sorted(items.items()))
+        self.skus = list(self.items)
         self.reservations = reservations
 
     # ---- reads ----
@@ -157,7 +169,7 @@ class InventoryService(Service[shop_pb2.ReserveStock]):
     def levels(self, skus: Sequence[str] = ()) -> list[shop_pb2.StockLevel]:
         """Stock levels of `skus` (in that order), or of every SKU sorted; KeyError if unknown."""
         if not skus:
-            return [self.items[sku].level(sku) for sku in sorted(self.items)]
+            return [self.items[sku].level(sku) for sku in self.skus]
         return [self.items[sku].level(sku) for sku in skus]
 
     def add_read_api(self, server: grpc.aio.Server) -> list[str]:
@@ -180,7 +192,17 @@ class InventoryReadApi(shop_pb2_grpc.InventoryServicer):
         for sku in request.skus:
             if sku not in self.service.items:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown sku {sku[:128]}")
-        response = shop_pb2.GetStockResponse(levels=self.service.levels(list(request.skus)))
+        # Every SKU by default: pages of one list, so each SKU is on one page.
+        listed = request.skus or self.service.skus
+        try:
+            chunk, token = page(listed, request.page_size, request.page_token)
+        except InvalidOperation as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        items = self.service.items
+        # Not levels(chunk): an empty chunk (a token past the end) would list every SKU.
+        response = shop_pb2.GetStockResponse(
+            levels=[items[sku].level(sku) for sku in chunk], next_page_token=token
+        )
         await abort_if_too_large(response, context, "the stock levels")
         return response
 

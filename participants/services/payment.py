@@ -98,8 +98,11 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
                 initial_cents=spec.balance_cents,
                 declines=spec.declines,
             )
-            for account_id, spec in initial.items()
+            for account_id, spec in sorted(initial.items())
         }
+        # Every account id, sorted: the first part of what ListAccounts pages through. Sorted
+        # once: the set of accounts never changes after the start (no operation adds one).
+        self.account_ids = list(self.accounts)
         # Branch key -> the funds that prepared branch holds.
         self.holds: dict[str, Hold] = {}
         # Every capture, in commit order. This is the ledger, the durable output of the
@@ -225,6 +228,7 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
         ]
         # Replace only once everything parsed: a bad snapshot leaves the state as it was.
         self.accounts = accounts
+        self.account_ids = list(accounts)
         self.holds = holds
         self.captures = captures
         self._captures_text.catch_up(captures)  # at start, not at the first commit
@@ -233,7 +237,7 @@ class PaymentService(Service[shop_pb2.ChargePayment]):
 
     def listing(self) -> shop_pb2.ListAccountsResponse:
         return shop_pb2.ListAccountsResponse(
-            accounts=[self.accounts[a].to_pb(a) for a in sorted(self.accounts)],
+            accounts=[self.accounts[a].to_pb(a) for a in self.account_ids],
             captures=[capture.to_pb() for capture in self.captures],
         )
 
@@ -249,14 +253,23 @@ class PaymentReadApi(shop_pb2_grpc.PaymentServicer):
     async def ListAccounts(
         self, request: shop_pb2.ListAccountsRequest, context: Context
     ) -> shop_pb2.ListAccountsResponse:
-        accounts = self.service.accounts
+        service = self.service
+        # One listing, the accounts then the captures, paged by one offset (see the proto): the
+        # page's item numbers, first..last - 1, sliced out of the two lists.
+        count = len(service.account_ids)
         try:
-            chunk, token = page(self.service.captures, request.page_size, request.page_token)
+            window, token = page(
+                range(count + len(service.captures)), request.page_size, request.page_token
+            )
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        first, last = (window[0], window[-1] + 1) if window else (0, 0)
         response = shop_pb2.ListAccountsResponse(
-            accounts=[accounts[a].to_pb(a) for a in sorted(accounts)],
-            captures=[capture.to_pb() for capture in chunk],
+            accounts=[service.accounts[a].to_pb(a) for a in service.account_ids[first:last]],
+            captures=[
+                capture.to_pb()
+                for capture in service.captures[max(first - count, 0) : max(last - count, 0)]
+            ],
             next_page_token=token,
         )
         await abort_if_too_large(response, context, "the accounts and captures")

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tmpb/v1/shop.proto\x12\x06\x64tm.v1\"*\n\tStockLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"0\n\x0cReserveStock\x12 \n\x05lines\x18\x01 \x03(\x0b\x32\x11.dtm.v1.StockLine\"^\n\nStockLevel\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x0c\n\x04sold\x18\x04 \x01(\x03\x12\x10\n\x08received\x18\x05 \x01(\x03\"\x1f\n\x0fGetStockRequest\x12\x0c\n\x04skus\x18\x01 \x03(\t\"6\n\x10GetStockResponse\x12\"\n\x06levels\x18\x01 \x03(\x0b\x32\x12.dtm.v1.StockLevel\"l\n\x0b\x43reateOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12 \n\x05lines\x18\x03 \x03(\x0b\x32\x11.dtm.v1.StockLine\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\"\xa1\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12 \n\x05lines\x18\x03 \x03(\x0b\x32\x11.dtm.v1.StockLine\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\x12!\n\x05state\x18\x05 \x01(\x0e\x32\x12.dtm.v1.OrderState\x12\x16\n\x0etransaction_id\x18\x06 \x01(\t\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"L\n\x12ListOrdersResponse\x12\x1d\n\x06orders\x18\x01 \x03(\x0b\x32\r.dtm.v1.Order\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t\"K\n\rChargePayment\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x02 \x01(\x03\x12\x10\n\x08order_id\x18\x03 \x01(\t\"\x89\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\rbalance_cents\x18\x02 \x01(\x03\x12\x12\n\nheld_cents\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61ptured_cents\x18\x04 \x01(\x03\x12\x15\n\rinitial_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65\x63lines\x18\x06 \x01(\x08\"]\n\x07\x43\x61pture\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"u\n\x14ListAccountsResponse\x12!\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x0f.dtm.v1.Account\x12!\n\x08\x63\x61ptures\x18\x02 \x03(\x0b\x32\x0f.dtm.v1.Capture\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t\"E\n\x10SendNotification\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"]\n\x10SentNotification\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\"8\n\x0fListSentRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"c\n\x10ListSentResponse\x12&\n\x04sent\x18\x01 \x03(\x0b\x32\x18.dtm.v1.SentNotification\x12\x0e\n\x06staged\x18\x02 \x01(\r\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t*x\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\x19\n\x15ORDER_STATE_CONFIRMED\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03\x32J\n\tInventory\x12=\n\x08GetStock\x12\x17.dtm.v1.GetStockRequest\x1a\x18.dtm.v1.GetStockResponse2M\n\x06Orders\x12\x43\n\nListOrders\x12\x19.dtm.v1.ListOrdersRequest\x1a\x1a.dtm.v1.ListOrdersResponse2T\n\x07Payment\x12I\n\x0cListAccounts\x12\x1b.dtm.v1.ListAccountsRequest\x1a\x1c.dtm.v1.ListAccountsResponse2M\n\x0cNotification\x12=\n\x08ListSent\x12\x17.dtm.v1.ListSentRequest\x1a\x18.dtm.v1.ListSentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x64tmpb/v1/shop.proto\x12\x06\x64tm.v1\"*\n\tStockLine\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08quantity\x18\x02 \x01(\x03\"0\n\x0cReserveStock\x12 \n\x05lines\x18\x01 \x03(\x0b\x32\x11.dtm.v1.StockLine\"^\n\nStockLevel\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x11\n\tavailable\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x0c\n\x04sold\x18\x04 \x01(\x03\x12\x10\n\x08received\x18\x05 \x01(\x03\"F\n\x0fGetStockRequest\x12\x0c\n\x04skus\x18\x01 \x03(\t\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"O\n\x10GetStockResponse\x12\"\n\x06levels\x18\x01 \x03(\x0b\x32\x12.dtm.v1.StockLevel\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t\"l\n\x0b\x43reateOrder\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12 \n\x05lines\x18\x03 \x03(\x0b\x32\x11.dtm.v1.StockLine\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\"\xa1\x01\n\x05Order\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63ustomer_id\x18\x02 \x01(\t\x12 \n\x05lines\x18\x03 \x03(\x0b\x32\x11.dtm.v1.StockLine\x12\x14\n\x0c\x61mount_cents\x18\x04 \x01(\x03\x12!\n\x05state\x18\x05 \x01(\x0e\x32\x12.dtm.v1.OrderState\x12\x16\n\x0etransaction_id\x18\x06 \x01(\t\":\n\x11ListOrdersRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"L\n\x12ListOrdersResponse\x12\x1d\n\x06orders\x18\x01 \x03(\x0b\x32\r.dtm.v1.Order\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t\"K\n\rChargePayment\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x02 \x01(\x03\x12\x10\n\x08order_id\x18\x03 \x01(\t\"\x89\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\rbalance_cents\x18\x02 \x01(\x03\x12\x12\n\nheld_cents\x18\x03 \x01(\x03\x12\x16\n\x0e\x63\x61ptured_cents\x18\x04 \x01(\x03\x12\x15\n\rinitial_cents\x18\x05 \x01(\x03\x12\x10\n\x08\x64\x65\x63lines\x18\x06 \x01(\x08\"]\n\x07\x43\x61pture\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x14\n\x0c\x61mount_cents\x18\x03 \x01(\x03\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\"<\n\x13ListAccountsRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"u\n\x14ListAccountsResponse\x12!\n\x08\x61\x63\x63ounts\x18\x01 \x03(\x0b\x32\x0f.dtm.v1.Account\x12!\n\x08\x63\x61ptures\x18\x02 \x03(\x0b\x32\x0f.dtm.v1.Capture\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t\"E\n\x10SendNotification\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\"]\n\x10SentNotification\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\"8\n\x0fListSentRequest\x12\x11\n\tpage_size\x18\x0e \x01(\r\x12\x12\n\npage_token\x18\x0f \x01(\t\"c\n\x10ListSentResponse\x12&\n\x04sent\x18\x01 \x03(\x0b\x32\x18.dtm.v1.SentNotification\x12\x0e\n\x06staged\x18\x02 \x01(\r\x12\x17\n\x0fnext_page_token\x18\x0f \x01(\t*x\n\nOrderState\x12\x1b\n\x17ORDER_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATE_PENDING\x10\x01\x12\x19\n\x15ORDER_STATE_CONFIRMED\x10\x02\x12\x19\n\x15ORDER_STATE_CANCELLED\x10\x03\x32J\n\tInventory\x12=\n\x08GetStock\x12\x17.dtm.v1.GetStockRequest\x1a\x18.dtm.v1.GetStockResponse2M\n\x06Orders\x12\x43\n\nListOrders\x12\x19.dtm.v1.ListOrdersRequest\x1a\x1a.dtm.v1.ListOrdersResponse2T\n\x07Payment\x12I\n\x0cListAccounts\x12\x1b.dtm.v1.ListAccountsRequest\x1a\x1c.dtm.v1.ListAccountsResponse2M\n\x0cNotification\x12=\n\x08ListSent\x12\x17.dtm.v1.ListSentRequest\x1a\x18.dtm.v1.ListSentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dtmpb.v1.shop_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORDERSTATE']._serialized_start=1540
-  _globals['_ORDERSTATE']._serialized_end=1660
+  _globals['_ORDERSTATE']._serialized_start=1604
+  _globals['_ORDERSTATE']._serialized_end=1724
   _globals['_STOCKLINE']._serialized_start=31
   _globals['_STOCKLINE']._serialized_end=73
   _globals['_RESERVESTOCK']._serialized_start=75
@@ -40,41 +40,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOCKLEVEL']._serialized_start=125
   _globals['_STOCKLEVEL']._serialized_end=219
   _globals['_GETSTOCKREQUEST']._serialized_start=221
-  _globals['_GETSTOCKREQUEST']._serialized_end=252
-  _globals['_GETSTOCKRESPONSE']._serialized_start=254
-  _globals['_GETSTOCKRESPONSE']._serialized_end=308
-  _globals['_CREATEORDER']._serialized_start=310
-  _globals['_CREATEORDER']._serialized_end=418
-  _globals['_ORDER']._serialized_start=421
-  _globals['_ORDER']._serialized_end=582
-  _globals['_LISTORDERSREQUEST']._serialized_start=584
-  _globals['_LISTORDERSREQUEST']._serialized_end=642
-  _globals['_LISTORDERSRESPONSE']._serialized_start=644
-  _globals['_LISTORDERSRESPONSE']._serialized_end=720
-  _globals['_CHARGEPAYMENT']._serialized_start=722
-  _globals['_CHARGEPAYMENT']._serialized_end=797
-  _globals['_ACCOUNT']._serialized_start=800
-  _globals['_ACCOUNT']._serialized_end=937
-  _globals['_CAPTURE']._serialized_start=939
-  _globals['_CAPTURE']._serialized_end=1032
-  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1034
-  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1094
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1096
-  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1213
-  _globals['_SENDNOTIFICATION']._serialized_start=1215
-  _globals['_SENDNOTIFICATION']._serialized_end=1284
-  _globals['_SENTNOTIFICATION']._serialized_start=1286
-  _globals['_SENTNOTIFICATION']._serialized_end=1379
-  _globals['_LISTSENTREQUEST']._serialized_start=1381
-  _globals['_LISTSENTREQUEST']._serialized_end=1437
-  _globals['_LISTSENTRESPONSE']._serialized_start=1439
-  _globals['_LISTSENTRESPONSE']._serialized_end=1538
-  _globals['_INVENTORY']._serialized_start=1662
-  _globals['_INVENTORY']._serialized_end=1736
-  _globals['_ORDERS']._serialized_start=1738
-  _globals['_ORDERS']._serialized_end=1815
-  _globals['_PAYMENT']._serialized_start=1817
-  _globals['_PAYMENT']._serialized_end=1901
-  _globals['_NOTIFICATION']._serialized_start=1903
-  _globals['_NOTIFICATION']._serialized_end=1980
+  _globals['_GETSTOCKREQUEST']._serialized_end=291
+  _globals['_GETSTOCKRESPONSE']._serialized_start=293
+  _globals['_GETSTOCKRESPONSE']._serialized_end=372
+  _globals['_CREATEORDER']._serialized_start=374
+  _globals['_CREATEORDER']._serialized_end=482
+  _globals['_ORDER']._serialized_start=485
+  _globals['_ORDER']._serialized_end=646
+  _globals['_LISTORDERSREQUEST']._serialized_start=648
+  _globals['_LISTORDERSREQUEST']._serialized_end=706
+  _globals['_LISTORDERSRESPONSE']._serialized_start=708
+  _globals['_LISTORDERSRESPONSE']._serialized_end=784
+  _globals['_CHARGEPAYMENT']._serialized_start=786
+  _globals['_CHARGEPAYMENT']._serialized_end=861
+  _globals['_ACCOUNT']._serialized_start=864
+  _globals['_ACCOUNT']._serialized_end=1001
+  _globals['_CAPTURE']._serialized_start=1003
+  _globals['_CAPTURE']._serialized_end=1096
+  _globals['_LISTACCOUNTSREQUEST']._serialized_start=1098
+  _globals['_LISTACCOUNTSREQUEST']._serialized_end=1158
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_start=1160
+  _globals['_LISTACCOUNTSRESPONSE']._serialized_end=1277
+  _globals['_SENDNOTIFICATION']._serialized_start=1279
+  _globals['_SENDNOTIFICATION']._serialized_end=1348
+  _globals['_SENTNOTIFICATION']._serialized_start=1350
+  _globals['_SENTNOTIFICATION']._serialized_end=1443
+  _globals['_LISTSENTREQUEST']._serialized_start=1445
+  _globals['_LISTSENTREQUEST']._serialized_end=1501
+  _globals['_LISTSENTRESPONSE']._serialized_start=1503
+  _globals['_LISTSENTRESPONSE']._serialized_end=1602
+  _globals['_INVENTORY']._serialized_start=1726
+  _globals['_INVENTORY']._serialized_end=1800
+  _globals['_ORDERS']._serialized_start=1802
+  _globals['_ORDERS']._serialized_end=1879
+  _globals['_PAYMENT']._serialized_start=1881
+  _globals['_PAYMENT']._serialized_end=1965
+  _globals['_NOTIFICATION']._serialized_start=1967
+  _globals['_NOTIFICATION']._serialized_end=2044
 # @@protoc_insertion_point(module_scope)

@@ -47,16 +47,22 @@ class StockLevel(_message.Message):
     def __init__(self, sku: _Optional[str] = ..., available: _Optional[int] = ..., reserved: _Optional[int] = ..., sold: _Optional[int] = ..., received: _Optional[int] = ...) -> None: ...
 
 class GetStockRequest(_message.Message):
-    __slots__ = ("skus",)
+    __slots__ = ("skus", "page_size", "page_token")
     SKUS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     skus: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, skus: _Optional[_Iterable[str]] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, skus: _Optional[_Iterable[str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetStockResponse(_message.Message):
-    __slots__ = ("levels",)
+    __slots__ = ("levels", "next_page_token")
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     levels: _containers.RepeatedCompositeFieldContainer[StockLevel]
-    def __init__(self, levels: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, levels: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CreateOrder(_message.Message):
     __slots__ = ("order_id", "customer_id", "lines", "amount_cents")
