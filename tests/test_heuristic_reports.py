@@ -199,7 +199,7 @@ def test_a_report_that_says_otherwise_than_the_kept_outcome_is_refused_not_ackno
         assert "heuristic rollback against OUTCOME_COMMITTED" in message, message
         assert "a heuristic commit against OUTCOME_ABORTED: nothing recorded" in message, message
         assert "dtm heuristics forget t-r 0" in message, message
-        kept = engine.heuristics.get(("t-r", 0))
+        kept = engine.heuristics.get(("t-r", 0, b""))
         assert kept is not None and HEURISTIC_ROLLBACK == kept.outcome
         # t-c's heuristic commit, kept from phase 2, reported by inquiry: the same fact.
         same = await engine.report_heuristic(

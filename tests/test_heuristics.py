@@ -305,8 +305,8 @@ def test_the_table_keeps_the_newest_within_its_bound() -> None:
     assert [("t-1", HEURISTIC_HAZARD), ("t-3", HEURISTIC_COMMIT)] == [
         (r.transaction_id, r.outcome) for r in table
     ]
-    assert table.forget(("t-1", 1)) is not None
-    assert table.forget(("t-1", 1)) is None
+    assert table.forget(("t-1", 1, b"")) is not None
+    assert table.forget(("t-1", 1, b"")) is None
     assert 1 == len(table)
 
 

@@ -362,7 +362,7 @@ def test_heuristic_reports_naming_unregistered_participants_share_one_series(
                 samples, heuristics, participant=metrics.UNREGISTERED, outcome=commit
             )
             assert 1 == value(samples, heuristics, participant="inventory", outcome=commit)
-            kept = running.coordinator.engine.heuristics.get(("t-s7", 0))
+            kept = running.coordinator.engine.heuristics.get(("t-s7", 0, b""))
             assert kept is not None and "stranger-7" == kept.participant
 
     asyncio.run(scenario())

@@ -52,6 +52,7 @@ def cmd_heuristics(session: Session) -> int:
         [
             "TRANSACTION",
             "BRANCH",
+            "ATTEMPT",
             "PARTICIPANT",
             "OUTCOME",
             "DECISION",
@@ -63,6 +64,7 @@ def cmd_heuristics(session: Session) -> int:
             [
                 h.transaction_id,
                 h.branch,
+                fmt.attempt(h),
                 h.participant,
                 h.outcome,
                 fmt.outcome_name(h.decision),
@@ -82,7 +84,7 @@ def cmd_heuristics(session: Session) -> int:
 def cmd_heuristics_forget(session: Session) -> int:
     options = session.options
     request = coordinator_pb2.ForgetHeuristicRequest(
-        transaction_id=options.id, branch=options.branch
+        transaction_id=options.id, branch=options.branch, transaction_fingerprint=options.attempt
     )
     try:
         response = session.coordinator.ForgetHeuristic(request, timeout=session.timeout)
@@ -90,8 +92,9 @@ def cmd_heuristics_forget(session: Session) -> int:
         address = session.coordinator_address
         if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND:
             # Its own message names the API call (ListHeuristics); here, the command.
+            of_attempt = f" of attempt {options.attempt.hex()}" if options.attempt else ""
             raise CliError(
-                f"the coordinator at {address} keeps no heuristic outcome for "
+                f"the coordinator at {address} keeps no heuristic outcome{of_attempt} for "
                 f"{options.id}/{options.branch}: never recorded, or already forgotten "
                 "(`dtm heuristics` lists them)"
             ) from None
@@ -102,7 +105,7 @@ def cmd_heuristics_forget(session: Session) -> int:
     forgotten = response.forgotten
     print(
         f"forgot the {forgotten.outcome} of {forgotten.transaction_id}/{forgotten.branch} "
-        f"at {forgotten.participant}",
+        f"at {forgotten.participant} (attempt {fmt.attempt(forgotten)})",
         file=session.out,
     )
     return EXIT_OK

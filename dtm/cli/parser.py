@@ -374,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     forget.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
     forget.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
+    forget.add_argument(
+        "--attempt",
+        type=_attempt,
+        default=b"",
+        metavar="HEX",
+        help="which attempt of the transaction id, when several have one kept for the branch: "
+        "its fingerprint, or the start of it, as the ATTEMPT column shows it",
+    )
     forget.set_defaults(handler=cmd_heuristics_forget)
 
     log = commands.add_parser("log", help="write-ahead log tools")
@@ -419,6 +427,21 @@ def _bounded_int(minimum: int, maximum: int) -> Callable[[str], int]:
 #: A branch's index within its transaction: a usage error beyond the last one there can be,
 #: before anything is asked (the coordinator's answer to it would be about something else).
 _branch_index = _bounded_int(0, limits.BRANCHES_PER_TRANSACTION_MAX - 1)
+
+
+def _attempt(text: str) -> bytes:
+    """--attempt: a transaction fingerprint, or its first bytes, in hex."""
+    try:
+        fingerprint = bytes.fromhex(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not hex digits in pairs (as the ATTEMPT column of `dtm heuristics`)"
+        ) from None
+    if not fingerprint or len(fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: 1 to {limits.TRANSACTION_FINGERPRINT_BYTES_MAX} bytes of hex"
+        )
+    return fingerprint
 
 
 def main(argv: Sequence[str] | None = None) -> int:

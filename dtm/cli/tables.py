@@ -113,7 +113,18 @@ def heuristic_dict(heuristic: coordinator_pb2.HeuristicOutcome) -> dict[str, Any
         "detail": heuristic.detail,
         "recorded_at_unix_ms": heuristic.recorded_at_unix_ms,
         "found_by_inquiry": heuristic.found_by_inquiry,
+        "transaction_fingerprint": heuristic.transaction_fingerprint.hex(),
     }
+
+
+#: Hex digits of a fingerprint the ATTEMPT column shows: enough to tell an id's attempts
+#: apart (`dtm heuristics forget --attempt` takes them).
+ATTEMPT_HEX_DIGITS = 12
+
+
+def attempt(heuristic: coordinator_pb2.HeuristicOutcome) -> str:
+    """The attempt of the transaction id a heuristic outcome belongs to ("-": not known)."""
+    return heuristic.transaction_fingerprint.hex()[:ATTEMPT_HEX_DIGITS] or "-"
 
 
 def found_by(heuristic: coordinator_pb2.HeuristicOutcome) -> str:

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from dtm import crashpoints, limits, logs
 from dtm.coordinator.finished import FinishedWindow, Head, TransactionView, pack
-from dtm.coordinator.heuristics import HeuristicTable, heuristic_pb, key_of
+from dtm.coordinator.heuristics import HeuristicTable, heuristic_pb, key_of, same_attempt
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.coordinator.run import (
@@ -114,8 +114,14 @@ def _other_report(kept: log_pb2.HeuristicRecorded, outcome: str, text: str) -> s
         f"a {outcome} against {decision}: nothing recorded (the id was used by another "
         "attempt, or the coordinator forgot the transaction and now presumes it aborted). "
         "An operator reconciles the kept one and forgets it (dtm heuristics forget "
-        f"{text.replace('/', ' ')}); the report is recorded after that"
+        f"{text.replace('/', ' ')}{_attempt_option(kept)}); the report is recorded after that"
     )
+
+
+def _attempt_option(kept: log_pb2.HeuristicRecorded) -> str:
+    """The `dtm heuristics forget` option naming a kept outcome's attempt, if it has one."""
+    fingerprint = kept.transaction_fingerprint
+    return f" --attempt {fingerprint.hex()}" if fingerprint else ""
 
 
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
@@ -517,6 +523,7 @@ class Engine:
             committed=txn.state in (TxnState.COMMITTING, TxnState.COMMITTED),
             one_phase_unknown=txn.state is TxnState.UNKNOWN,
             found_by_inquiry=action.found_by_inquiry,
+            transaction_fingerprint=run.fingerprint,
         )
         if heuristic.committed and run.decision:
             # As replay marks it (_stop_phase_two): the decision a checkpoint keeps says so.
@@ -710,14 +717,38 @@ class Engine:
         return info
 
     async def forget_heuristic(
-        self, transaction_id: str, branch: int
+        self, transaction_id: str, branch: int, attempt: bytes = b""
     ) -> log_pb2.HeuristicRecorded | None:
         """An operator reconciled a heuristic outcome: stop listing it, durably (the answer
-        waits for the record). None when none is kept for that branch."""
-        forgotten = self.heuristics.forget((transaction_id, branch))
-        if forgotten is None:
+        waits for the record). `attempt`: its fingerprint, or the first bytes of it (empty:
+        any). None when none is kept for that branch (and attempt); Refused when several
+        attempts' are (the operator names one)."""
+        matching = [
+            kept
+            for kept in self.heuristics.of_branch(transaction_id, branch)
+            if kept.transaction_fingerprint.startswith(attempt)
+        ]
+        if not matching:
             return None
-        record = log_pb2.HeuristicForgotten(transaction_id=transaction_id, branch=branch)
+        if len(matching) > 1:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{len(matching)} heuristic outcomes are kept for branch "
+                f"{transaction_id}/{branch}, one per attempt of the transaction id: name the "
+                f"one reconciled (dtm heuristics forget {transaction_id} {branch} --attempt "
+                "HEX; ForgetHeuristicRequest.transaction_fingerprint), among "
+                + ", ".join(
+                    f"{kept.transaction_fingerprint.hex() or '(none)'} ({kept.outcome})"
+                    for kept in matching
+                ),
+            )
+        [forgotten] = matching
+        self.heuristics.forget(key_of(forgotten))
+        record = log_pb2.HeuristicForgotten(
+            transaction_id=transaction_id,
+            branch=branch,
+            transaction_fingerprint=forgotten.transaction_fingerprint,
+        )
         lsn = self._append(RecordType.HEURISTIC_FORGOTTEN, record.SerializeToString())
         self.counters.forced_writes += 1
         await self.log.wait_durable(lsn)
@@ -761,24 +792,46 @@ class Engine:
                 f"{'commit' if forced_commit else 'rollback'} of branch {text} does not "
                 "contradict it (now); ask again (QueryOutcome)",
             )
-        kept = self.heuristics.get((transaction_id, branch))
-        if kept is None:
-            kept = self._record_reported(
-                transaction_id, branch, participant, outcome, fingerprint, detail
-            )
-        if kept.participant != participant:  # kept for the branch of another attempt
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"the heuristic outcome kept for branch {text} is participant "
-                f"{kept.participant!r}'s, not {participant!r}'s: nothing recorded",
-            )
+        kept_here = self._kept_for_attempt(transaction_id, branch, fingerprint)
+        if not kept_here:
+            kept_here = [
+                self._record_reported(
+                    transaction_id, branch, participant, outcome, fingerprint, detail
+                )
+            ]
         # The same fact, or refused: a phase-2 record of it may say it in other words (detail).
-        kept_fact = (kept.outcome, kept.committed, kept.one_phase_unknown)
-        if kept_fact != (outcome, not forced_commit, False):
+        fact = (participant, outcome, not forced_commit, False)
+        agreeing = [
+            kept
+            for kept in kept_here
+            if (kept.participant, kept.outcome, kept.committed, kept.one_phase_unknown) == fact
+        ]
+        if not agreeing:
+            kept = kept_here[0]
+            if kept.participant != participant:  # kept for the branch of an unknown attempt
+                raise Refused(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the heuristic outcome kept for branch {text} is participant "
+                    f"{kept.participant!r}'s, not {participant!r}'s: nothing recorded",
+                )
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, _other_report(kept, outcome, text))
+        kept = agreeing[0]
         # Persist before you speak: the record, or the one phase 2 wrote (flushed, not awaited).
         await self.log.wait_durable(self.log.appended_lsn)
         return kept
+
+    def _kept_for_attempt(
+        self, transaction_id: str, branch: int, fingerprint: bytes
+    ) -> list[log_pb2.HeuristicRecorded]:
+        """The heuristic outcomes kept for the branch that may be the reporting attempt's:
+        its own fingerprint's first, then those that cannot tell (an empty fingerprint, on
+        either side). Another attempt's is no concern of this report."""
+        candidates = [
+            kept
+            for kept in self.heuristics.of_branch(transaction_id, branch)
+            if same_attempt(kept.transaction_fingerprint, fingerprint)
+        ]
+        return sorted(candidates, key=lambda kept: kept.transaction_fingerprint != fingerprint)
 
     def _record_reported(
         self,
@@ -805,6 +858,7 @@ class Engine:
             recorded_at_unix_ms=wall_ms(),
             committed=outcome == HEURISTIC_ROLLBACK,
             found_by_inquiry=True,
+            transaction_fingerprint=fingerprint,
         )
         run = self.active.get(transaction_id) or self._settling.get(transaction_id)
         view = None
@@ -813,6 +867,11 @@ class Engine:
             view = self.finished.get(transaction_id)
             if view is not None and fingerprint and view.fingerprint != fingerprint:
                 view = None
+        # Kept under the attempt's fingerprint, also for a report that carries none.
+        if run is not None:
+            reported.transaction_fingerprint = run.fingerprint
+        elif view is not None and not fingerprint:
+            reported.transaction_fingerprint = view.fingerprint
         # By branch number, not place: a commit resumed after a restart (and one remembered
         # from its decision record) lists only its updating branches.
         known = (
@@ -839,7 +898,7 @@ class Engine:
                 run,
                 core.HeuristicReported(branch, outcome, detail, forced=True, found_by_inquiry=True),
             )
-            return self.heuristics.get((transaction_id, branch)) or reported
+            return self.heuristics.get(key_of(reported)) or reported
         self._write_heuristic(reported)
         if view is not None:  # finished and still remembered: its status shows it too
             self.finished.mark_heuristic(transaction_id, branch, outcome)

@@ -6,6 +6,11 @@ does this table: it is rebuilt from the log (HeuristicRecorded, HeuristicForgott
 checkpoints, so it outlives the transaction's own status (the coordinator forgets finished
 transactions after FINISHED_TRANSACTIONS_KEPT newer ones) and restarts. No I/O here: the
 engine logs, this keeps.
+
+Kept per attempt: a transaction id can be run again (a late retry, other content under a
+spent id), each attempt with its own fingerprint, and each attempt's branch its own heuristic
+outcome. An empty fingerprint (a record from before the field, a report without one) cannot
+tell attempts apart (`same_attempt`).
 """
 
 from __future__ import annotations
@@ -16,11 +21,17 @@ from collections.abc import Iterator
 from dtm import limits
 from dtmpb.v1 import coordinator_pb2, log_pb2
 
-Key = tuple[str, int]  # (transaction id, branch)
+Key = tuple[str, int, bytes]  # (transaction id, branch, transaction fingerprint)
 
 
 def key_of(record: log_pb2.HeuristicRecorded | log_pb2.HeuristicForgotten) -> Key:
-    return (record.transaction_id, record.branch)
+    return (record.transaction_id, record.branch, record.transaction_fingerprint)
+
+
+def same_attempt(fingerprint: bytes, other: bytes) -> bool:
+    """Whether two fingerprints may name one attempt: equal, or either empty (unknown), as
+    QueryOutcome takes them."""
+    return not fingerprint or not other or fingerprint == other
 
 
 class HeuristicTable:
@@ -38,8 +49,8 @@ class HeuristicTable:
         return iter(self._kept.values())
 
     def keep(self, record: log_pb2.HeuristicRecorded) -> list[log_pb2.HeuristicRecorded]:
-        """Keep `record` (a newer one for the same branch replaces it); returns what the bound
-        pushed out, oldest first."""
+        """Keep `record` (a newer one for the same branch and attempt replaces it); returns
+        what the bound pushed out, oldest first."""
         key = key_of(record)
         self._kept.pop(key, None)
         self._kept[key] = record
@@ -50,6 +61,15 @@ class HeuristicTable:
 
     def get(self, key: Key) -> log_pb2.HeuristicRecorded | None:
         return self._kept.get(key)
+
+    def of_branch(self, transaction_id: str, branch: int) -> list[log_pb2.HeuristicRecorded]:
+        """Every attempt's outcome kept for the branch, oldest first. A scan, bounded by
+        `kept_max`: only reports and forgets ask, never a transaction's own path."""
+        return [
+            record
+            for (kept_id, kept_branch, _), record in self._kept.items()
+            if kept_id == transaction_id and kept_branch == branch
+        ]
 
     def forget(self, key: Key) -> log_pb2.HeuristicRecorded | None:
         return self._kept.pop(key, None)
@@ -75,4 +95,5 @@ def heuristic_pb(record: log_pb2.HeuristicRecorded) -> coordinator_pb2.Heuristic
         detail=record.detail,
         recorded_at_unix_ms=record.recorded_at_unix_ms,
         found_by_inquiry=record.found_by_inquiry,
+        transaction_fingerprint=record.transaction_fingerprint,
     )

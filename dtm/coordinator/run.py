@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from google.protobuf import any_pb2
 
 from dtm.coordinator.finished import Head, Record, TransactionView, pack, unpack
+from dtm.coordinator.heuristics import same_attempt
 from dtm.core import transaction as core
 from dtm.core.transaction import (
     Outcome,
@@ -197,6 +198,9 @@ def _stop_phase_two(
     is over, as if its end record had been read."""
     decided = pending.get(heuristic.transaction_id)
     if decided is None or not heuristic.committed:
+        return False
+    if not same_attempt(decided.fingerprint, heuristic.transaction_fingerprint):
+        # Another attempt's branch: this commit still owes its own a Commit.
         return False
     for branch in decided.branches:
         if branch.branch == heuristic.branch:

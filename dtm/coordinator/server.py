@@ -114,12 +114,16 @@ async def _check_asker(
     problem = limits.addressing_problem(request.participant, request.incarnation)
     if problem:
         await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-    if len(request.transaction_fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
+    await _check_fingerprint(context, request.transaction_fingerprint)
+
+
+async def _check_fingerprint(context: Context, fingerprint: bytes) -> None:
+    if len(fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
         await grpc_edge.abort(
             context,
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"transaction_fingerprint is {len(request.transaction_fingerprint)} bytes; at "
-            f"most {limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
+            f"transaction_fingerprint is {len(fingerprint)} bytes; at most "
+            f"{limits.TRANSACTION_FINGERPRINT_BYTES_MAX}",
         )
 
 
@@ -450,14 +454,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        forgotten = await self.engine.forget_heuristic(request.transaction_id, request.branch)
+        attempt = request.transaction_fingerprint
+        await _check_fingerprint(context, attempt)
+        try:
+            forgotten = await self.engine.forget_heuristic(
+                request.transaction_id, request.branch, attempt
+            )
+        except Refused as refused:
+            await grpc_edge.abort(context, refused.code, str(refused))
         if forgotten is None:
+            of_attempt = f" of attempt {attempt.hex()}..." if attempt else ""
             await grpc_edge.abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no heuristic outcome is kept for {request.transaction_id}/{request.branch}: "
-                "never recorded, or already forgotten (list them with ListHeuristics: "
-                "`dtm heuristics`)",
+                f"no heuristic outcome{of_attempt} is kept for "
+                f"{request.transaction_id}/{request.branch}: never recorded, or already "
+                "forgotten (list them with ListHeuristics: `dtm heuristics`)",
             )
         return coordinator_pb2.ForgetHeuristicResponse(forgotten=heuristic_pb(forgotten))
 

@@ -256,7 +256,7 @@ class RetryTransactionRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicOutcome(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "decision", "detail", "recorded_at_unix_ms", "found_by_inquiry")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "decision", "detail", "recorded_at_unix_ms", "found_by_inquiry", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class HeuristicOutcome(_message.Message):
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     RECORDED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     FOUND_BY_INQUIRY_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
@@ -273,7 +274,8 @@ class HeuristicOutcome(_message.Message):
     detail: str
     recorded_at_unix_ms: int
     found_by_inquiry: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., found_by_inquiry: _Optional[bool] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., decision: _Optional[_Union[Outcome, str]] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., found_by_inquiry: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ListHeuristicsRequest(_message.Message):
     __slots__ = ("limit",)
@@ -290,12 +292,14 @@ class ListHeuristicsResponse(_message.Message):
     def __init__(self, heuristics: _Optional[_Iterable[_Union[HeuristicOutcome, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
 
 class ForgetHeuristicRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ForgetHeuristicResponse(_message.Message):
     __slots__ = ("forgotten",)

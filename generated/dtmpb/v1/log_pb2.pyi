@@ -56,7 +56,7 @@ class TransactionEnded(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ...) -> None: ...
 
 class HeuristicRecorded(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed", "one_phase_unknown", "found_by_inquiry")
+    __slots__ = ("transaction_id", "branch", "participant", "outcome", "detail", "recorded_at_unix_ms", "committed", "one_phase_unknown", "found_by_inquiry", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class HeuristicRecorded(_message.Message):
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     ONE_PHASE_UNKNOWN_FIELD_NUMBER: _ClassVar[int]
     FOUND_BY_INQUIRY_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
@@ -75,15 +76,18 @@ class HeuristicRecorded(_message.Message):
     committed: bool
     one_phase_unknown: bool
     found_by_inquiry: bool
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ..., one_phase_unknown: _Optional[bool] = ..., found_by_inquiry: _Optional[bool] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., outcome: _Optional[str] = ..., detail: _Optional[str] = ..., recorded_at_unix_ms: _Optional[int] = ..., committed: _Optional[bool] = ..., one_phase_unknown: _Optional[bool] = ..., found_by_inquiry: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class HeuristicForgotten(_message.Message):
-    __slots__ = ("transaction_id", "branch")
+    __slots__ = ("transaction_id", "branch", "transaction_fingerprint")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    TRANSACTION_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ...) -> None: ...
+    transaction_fingerprint: bytes
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class BranchPrepared(_message.Message):
     __slots__ = ("transaction_id", "branch", "operation", "prepared_at_unix_ms", "transaction_fingerprint")
