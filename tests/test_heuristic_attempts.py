@@ -19,11 +19,14 @@ import pytest
 from dtm import cli
 from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused
 from dtm.coordinator.registry import Registry
-from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK, BranchVote
 from dtm.records import RecordType
 from dtm.wal import MemoryLog
 from dtm.wal.errors import LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
+from participants.branches import BranchEngine, IdReused
+from participants.locks import LockManager
+from participants.services.inventory import InventoryService
 from tests.cli_runner import dtm
 from tests.harness import (
     ASKS_LATER,
@@ -33,6 +36,7 @@ from tests.harness import (
     expect_status,
     forced_after_commit,
     listed,
+    reserve,
 )
 
 #: The fingerprint of an earlier attempt of t1 (PrepareRequest.transaction_fingerprint):
@@ -318,5 +322,43 @@ def test_a_malformed_attempt_is_refused_before_anything_is_forgotten(tmp_path: P
                 f"no heuristic outcome of attempt {LATER[:6].hex()}... is kept for t1/0",
             )
             assert [EARLIER] == [h.transaction_fingerprint for h in await listed(cluster)]
+
+    asyncio.run(scenario())
+
+
+def test_a_participant_forces_and_reports_two_attempts_of_one_id_one_after_the_other() -> None:
+    """The participant side, as it stands (no change needed): its branches are keyed by
+    (id, branch), one attempt at a time. While the earlier attempt's forced branch awaits its
+    coordinator, the later attempt's Prepare is refused as a reused id (it cannot be forced
+    meanwhile); once the earlier one was reported and left the window of decided branches,
+    the later one prepares, is forced and awaits in its turn, under its own fingerprint,
+    which its report carries."""
+
+    async def scenario() -> None:
+        engine = BranchEngine(
+            InventoryService(),
+            MemoryLog(),
+            LockManager(wait_timeout_s=0.5),
+            clock_ms=lambda: 0,
+            decided_kept=1,
+        )
+        key = ("t1", 0)
+        assert (BranchVote.PREPARED, "") == await engine.prepare(
+            *key, reserve(), False, fingerprint=EARLIER
+        )
+        await engine.force(key, commit=True)
+        engine.decide_now("t-other", 0, commit=False)  # past the window: kept, awaiting
+        with pytest.raises(IdReused):
+            engine.begin_prepare(*key, reserve(), False, fingerprint=LATER)
+        assert engine.reconcile_forced(key, commit=False, reported=True) is not None
+        engine.decide_now("t-another", 0, commit=False)  # the reported one leaves the window
+        assert engine.branch(key) is None
+
+        assert (BranchVote.PREPARED, "") == await engine.prepare(
+            *key, reserve(), False, fingerprint=LATER
+        )
+        forced = await engine.force(key, commit=False)
+        assert [key] == [awaiting for awaiting, _ in engine.forced_awaiting()]
+        assert LATER == forced.fingerprint  # what its inquiry and report carry
 
     asyncio.run(scenario())

@@ -111,8 +111,9 @@ def _other_report(kept: log_pb2.HeuristicRecorded, outcome: str, text: str) -> s
     return (
         f"another heuristic outcome is kept for branch {text}: {kept.outcome} against "
         f"{kept_decision}, recorded at {kept.recorded_at_unix_ms} (unix ms); this report is "
-        f"a {outcome} against {decision}: nothing recorded (the id was used by another "
-        "attempt, or the coordinator forgot the transaction and now presumes it aborted). "
+        f"a {outcome} against {decision}: nothing recorded (the coordinator forgot the "
+        "transaction and now presumes it aborted, or the id was used by another attempt "
+        "and one of the two has no fingerprint to tell them apart). "
         "An operator reconciles the kept one and forgets it (dtm heuristics forget "
         f"{text.replace('/', ' ')}{_attempt_option(kept)}); the report is recorded after that"
     )
