@@ -3,7 +3,9 @@
 Off by default (``metrics_listen = ""``): every process of a machine would otherwise need its
 own fixed port, and tests and chaos runs start many clusters side by side. Suggested ports:
 coordinator 127.0.0.1:9100, inventory 9101, orders 9102, payment 9103, notification 9104.
-Port 0 picks a free port (the server's ``metrics_port`` says which).
+Port 0 picks a free port (the server's ``metrics_port`` says which). A server with TLS
+serves them over HTTPS with its own certificate and requires a client certificate of its CA,
+as its gRPC port does (`MetricsEndpoint`); without TLS, plain HTTP.
 
 The hot path stays cheap:
 
@@ -90,7 +92,7 @@ import errno
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dtm import logs
 from dtm.core.branch import HEURISTIC_OUTCOMES
@@ -98,12 +100,14 @@ from dtm.core.transaction import Transaction, TxnState
 from dtm.wal import CheckpointPayload, payload_size
 
 if TYPE_CHECKING:
+    import ssl
     from wsgiref.simple_server import WSGIServer
 
     from prometheus_client import CollectorRegistry, Counter, Histogram
     from prometheus_client.metrics_core import Metric
 
     from dtm.coordinator.engine import Engine
+    from dtm.security import TlsConfig
     from dtm.wal import Log
     from participants.branches import BranchEngine
     from participants.locks import LockManager
@@ -675,25 +679,38 @@ class ParticipantMetrics:
 
 # ---- the HTTP endpoint ----
 
+#: How long a client of a TLS /metrics endpoint may take over its handshake: one that
+#: connects and says nothing holds one thread of the endpoint until then, never the others.
+HANDSHAKE_TIMEOUT_S = 10.0
+
 
 class MetricsEndpoint:
-    """`prometheus_client.start_http_server` on `listen`, for one registry."""
+    """`prometheus_client.start_http_server` on `listen`, for one registry: over HTTPS with
+    `tls` (this process's certificate, and a client certificate of its CA required, as its
+    gRPC port requires one), plain HTTP without."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str, component: str) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        listen: str,
+        component: str,
+        tls: TlsConfig | None = None,
+    ) -> None:
         self.registry = registry
         self.listen = listen
         self.component = component
+        self.tls = tls
         self.port = 0
         self._server: WSGIServer | None = None
 
     def start(self) -> int:
-        """Serve /metrics; returns the bound port. OSError (clear) when it cannot bind."""
-        from prometheus_client import start_http_server
-
+        """Serve /metrics; returns the bound port. OSError (clear) when it cannot bind, or
+        cannot load the TLS files."""
+        context = self._tls_context()
         host, _, port = self.listen.rpartition(":")
         host = host.strip("[]")  # an IPv6 literal comes bracketed in host:port
         try:
-            server, _ = start_http_server(int(port), host, registry=self.registry)
+            server = _serve(host, int(port), self.registry, context)
         except (OSError, UnicodeError) as error:  # UnicodeError: a host IDNA refuses
             in_use = getattr(error, "errno", None) == errno.EADDRINUSE
             hint = "is the port already in use? " if in_use else ""
@@ -705,8 +722,25 @@ class MetricsEndpoint:
         self._server = server
         self.port = int(server.server_address[1])
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address, as in a URL
-        logs.get(self.component).info("metrics serving", address=f"{shown}:{self.port}")
+        logs.get(self.component).info(
+            "metrics serving",
+            address=f"{shown}:{self.port}",
+            scheme="http" if context is None else "https",
+        )
         return self.port
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        from dtm import security
+
+        try:
+            return security.https_server_context(self.tls)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise OSError(
+                f"cannot serve metrics over TLS: {self.tls.cert} and {self.tls.key} (CA "
+                f"{self.tls.ca_cert}) do not load: {error}"
+            ) from None
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -717,20 +751,77 @@ class MetricsEndpoint:
         server.server_close()
 
 
-def for_coordinator(engine: Engine, wal: Log, listen: str) -> MetricsEndpoint | None:
+def _serve(
+    host: str, port: int, registry: CollectorRegistry, context: ssl.SSLContext | None
+) -> WSGIServer:
+    """`prometheus_client.start_http_server(port, host, registry)`, its TLS (with `context`)
+    done differently: it wraps the listening socket, so that every handshake runs in its one
+    accepting thread, and a client that connects and sends nothing holds every scrape after
+    it, and shutdown() too, for good. Here each connection shakes hands on its own thread,
+    within HANDSHAKE_TIMEOUT_S."""
+    import socket
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            """Scrapes are not logged (no more than prometheus_client's own handler does)."""
+
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            if context is None:
+                super().finish_request(request, client_address)
+                return
+            request.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                secured = context.wrap_socket(request, server_side=True)
+            except OSError:
+                # No TLS (a plain HTTP scrape), no certificate or one of another CA, or
+                # silence: refused, the connection closed (wrap_socket closes it).
+                return
+            try:
+                secured.settimeout(None)  # then as over plain HTTP
+                super().finish_request(secured, client_address)
+            finally:
+                secured.close()
+
+    server = make_server(
+        str(address[0]), port, make_wsgi_app(registry), Server, handler_class=QuietHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+def for_coordinator(
+    engine: Engine, wal: Log, listen: str, tls: TlsConfig | None = None
+) -> MetricsEndpoint | None:
     """The coordinator's endpoint (metrics installed on the engine), or None when off."""
     if not listen:
         return None
-    return MetricsEndpoint(CoordinatorMetrics(engine, wal).registry, listen, "coordinator")
+    return MetricsEndpoint(CoordinatorMetrics(engine, wal).registry, listen, "coordinator", tls)
 
 
 def for_participant(
-    name: str, engine: BranchEngine, locks: LockManager, wal: Log, listen: str
+    name: str,
+    engine: BranchEngine,
+    locks: LockManager,
+    wal: Log,
+    listen: str,
+    tls: TlsConfig | None = None,
 ) -> MetricsEndpoint | None:
     """A participant's endpoint, or None when off."""
     if not listen:
         return None
-    return MetricsEndpoint(ParticipantMetrics(engine, locks, wal).registry, listen, name)
+    return MetricsEndpoint(ParticipantMetrics(engine, locks, wal).registry, listen, name, tls)
 
 
 __all__ = [

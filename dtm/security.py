@@ -57,6 +57,7 @@ import argparse
 import datetime
 import enum
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -415,6 +416,17 @@ def server_credentials(cfg: TlsConfig) -> grpc.ServerCredentials:
         root_certificates=cfg.ca_pem,
         require_client_auth=True,
     )
+
+
+def https_server_context(cfg: TlsConfig) -> ssl.SSLContext:
+    """What `server_credentials` is to gRPC, for an HTTPS server (the /metrics endpoint): this
+    process's certificate, and a client certificate signed by the CA required, since every
+    gRPC server here requires one (mutual TLS). ssl.SSLError when the files do not load."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cfg.cert, cfg.key)
+    context.load_verify_locations(cafile=cfg.ca_cert)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def channel_credentials(cfg: TlsConfig) -> grpc.ChannelCredentials:

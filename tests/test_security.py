@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import os
 import re
+import socket
+import ssl
 import stat
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -139,6 +143,72 @@ def test_a_client_without_a_trusted_certificate_is_refused(
             # Nothing was applied anywhere, and the coordinator never heard of a transaction.
             assert 0 == await sent_count(cluster)
             assert not list(cluster.coordinator.engine.views())
+
+    asyncio.run(scenario())
+
+
+def scrape_metrics(port: int, ca: Path, client: security.TlsConfig | None) -> str:
+    """GET /metrics over HTTPS, trusting `ca`, showing `client`'s certificate (or none)."""
+    context = ssl.create_default_context(cafile=ca)
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    url = f"https://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, context=context, timeout=TIMEOUT_S) as answer:
+        return str(answer.read().decode())
+
+
+def scrape_plain_http(port: int) -> str:
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as answer:
+        return str(answer.read().decode())
+
+
+def test_metrics_under_mutual_tls_are_served_over_https_to_clients_of_the_ca_only(
+    tmp_path: Path, ca_dir: Path, rogue_dir: Path
+) -> None:
+    """/metrics was plain HTTP, readable by anyone who could reach the port, while the
+    server's gRPC port required mutual TLS. Now it is HTTPS with the server's certificate, and
+    asks for a client certificate of the same CA."""
+
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir, metrics=True) as cluster:
+            ca = ca_dir / "ca.pem"
+            servers = {"coordinator": cluster.coordinator, **cluster.participants}
+            for name, server in servers.items():
+                port = server.metrics_port
+                text = await asyncio.to_thread(scrape_metrics, port, ca, cluster.tls("operator"))
+                assert "dtm_wal_fsyncs_total" in text, name
+                rogue = security.TlsConfig.for_identity(rogue_dir, "client")
+                refused = {
+                    "plain HTTP": functools.partial(scrape_plain_http, port),
+                    "no certificate": functools.partial(scrape_metrics, port, ca, None),
+                    "another CA's certificate": functools.partial(scrape_metrics, port, ca, rogue),
+                }
+                for what, attempt in refused.items():
+                    # The handshake fails, or the server closes the connection once it has
+                    # seen the certificate (TLS 1.3): either way, no metrics.
+                    with pytest.raises(OSError):
+                        await asyncio.to_thread(attempt)
+                        pytest.fail(f"{name}: /metrics answered a scrape with {what}")
+
+    asyncio.run(scenario())
+
+
+def test_a_client_silent_in_its_tls_handshake_holds_no_other_scrape(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    """prometheus_client's own TLS runs every handshake in the endpoint's one accepting
+    thread: a connection that sent nothing held every scrape after it (and the server's stop)
+    for good. Each connection shakes hands on its own thread now."""
+
+    async def scenario() -> None:
+        async with secure_cluster(tmp_path, ca_dir, metrics=True) as cluster:
+            port = cluster.coordinator.metrics_port
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S):
+                text = await asyncio.to_thread(
+                    scrape_metrics, port, ca_dir / "ca.pem", cluster.tls("operator")
+                )
+            assert "dtm_transactions_total" in text
 
     asyncio.run(scenario())
 

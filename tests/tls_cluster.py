@@ -43,7 +43,10 @@ async def secure_cluster(
     coordinator_policy: security.Policy | None = None,
     test_control: bool = False,
     in_doubt_after_ms: int = 2_000,
+    metrics: bool = False,
 ) -> AsyncIterator[SecureCluster]:
+    """`metrics`: every server serves /metrics too, on a free port (its `metrics_port`)."""
+    metrics_listen = "127.0.0.1:0" if metrics else ""
     policy = coordinator_policy or security.Policy()
     coordinator = CoordinatorServer(
         ServerConfig(
@@ -51,6 +54,7 @@ async def secure_cluster(
             listen="127.0.0.1:0",
             engine=CoordinatorConfig(prepare_timeout_ms=2_000, transaction_timeout_ms=5_000),
             tls=security.TlsConfig.for_identity(certs_dir, "coordinator", policy=policy),
+            metrics_listen=metrics_listen,
         )
     )
     await coordinator.start()
@@ -65,6 +69,7 @@ async def secure_cluster(
                     tls=security.TlsConfig.for_identity(certs_dir, service.name),
                     test_control=test_control,
                     in_doubt_after_ms=in_doubt_after_ms,
+                    metrics_listen=metrics_listen,
                 ),
             )
             participants[service.name] = server

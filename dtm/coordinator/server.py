@@ -614,7 +614,9 @@ class CoordinatorServer:
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self._stopped = False
-        self.metrics = metrics.for_coordinator(self.engine, self.wal, config.metrics_listen)
+        self.metrics = metrics.for_coordinator(
+            self.engine, self.wal, config.metrics_listen, config.tls
+        )
 
     async def start(self) -> int:
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(

@@ -140,7 +140,7 @@ class ParticipantServer:
         self.failed = asyncio.Event()
         self.failure = ""
         self.metrics = metrics.for_participant(
-            service.name, self.engine, self.locks, self.wal, config.metrics_listen
+            service.name, self.engine, self.locks, self.wal, config.metrics_listen, config.tls
         )
 
     async def start(self) -> int:
