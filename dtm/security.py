@@ -340,7 +340,10 @@ def check_material(ca: Path, cert: Path, key: Path, names: Mapping[str, str] | N
         ) from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
-        raise TlsMaterialError(f"{names['key']}: {key} is not the private key of {cert}")
+        raise TlsMaterialError(
+            f"{names['key']}: {key} is not the private key of the certificate of "
+            f"{names['cert']}, {cert}: give the key made with that certificate"
+        )
     # The leaf, or the last certificate of its chain, must be issued by one of the CAs.
     issuers = [
         authority

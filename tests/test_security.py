@@ -39,6 +39,7 @@ from dtmpb.v1 import (
     shop_pb2_grpc,
 )
 from participants.server import ParticipantConfig, ParticipantServer
+from participants.server import settings as participant_settings
 from participants.services.notification import NotificationService
 from tests.harness import eventually, expect_status, pack
 from tests.tls_cluster import TIMEOUT_S, SecureCluster, secure_cluster
@@ -720,9 +721,11 @@ def test_tls_material_that_cannot_work_is_named_at_start(
         with pytest.raises(security.TlsMaterialError, match=re.escape(message)):
             load(*files)
 
-    # A real coordinator process: one line, exit status 1, no "port already in use".
-    flags = ["--tls-ca", str(ca), "--tls-cert", str(cert)]
-    flags += ["--tls-key", str(ca_dir / "orders-key.pem")]
+    # A real coordinator process: one line naming both files, no "port already in use", and
+    # exit status 2, as every configuration a server refuses (a missing file included); it
+    # was 1, the status of a start that failed on its environment (a port taken).
+    wrong_key = ca_dir / "orders-key.pem"
+    flags = ["--tls-ca", str(ca), "--tls-cert", str(cert), "--tls-key", str(wrong_key)]
     flags += ["--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "data")]
     done = subprocess.run(
         [sys.executable, "-m", "dtm.coordinator.server", *flags],
@@ -731,10 +734,11 @@ def test_tls_material_that_cannot_work_is_named_at_start(
         timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
-    assert 1 == done.returncode, done.stderr
+    assert 2 == done.returncode, done.stderr
     lines = done.stderr.strip().splitlines()
     assert 1 == len(lines), done.stderr
-    assert "is not the private key of" in lines[0] and "in use" not in lines[0]
+    assert f"--tls-key: {wrong_key} is not the private key of" in lines[0], lines[0]
+    assert f"--tls-cert, {cert}" in lines[0] and "in use" not in lines[0], lines[0]
 
 
 def test_a_tls_file_that_cannot_work_is_named_by_the_setting_that_gave_it(
@@ -760,7 +764,7 @@ def test_a_tls_file_that_cannot_work_is_named_by_the_setting_that_gave_it(
     base = ["--config", str(settings), "--data-dir", str(tmp_path / "data")]
     with pytest.raises(SystemExit) as done:
         parse_args(base)
-    assert 1 == done.value.code
+    assert 2 == done.value.code  # a configuration refused, as the missing file below
     origin = f"tls_key ([coordinator] of {settings}, or DTM_COORDINATOR_TLS_*): "
     assert f"{origin}{ca_dir / 'orders-key.pem'} is not the private key" in capsys.readouterr().err
     monkeypatch.setenv("DTM_TLS_CA", str(tmp_path / "nope.pem"))
@@ -771,6 +775,15 @@ def test_a_tls_file_that_cannot_work_is_named_by_the_setting_that_gave_it(
     monkeypatch.delenv("DTM_TLS_CA")
     key = ["--tls-key", str(ca_dir / "coordinator-key.pem")]
     assert parse_args([*base, *key]).tls is not None  # the flag wins over the file's key
+    # A service refuses the same way.
+    service = ["--tls-ca", str(ca_dir / "ca.pem"), "--tls-cert", str(ca_dir / "orders.pem")]
+    service += ["--tls-key", str(ca_dir / "payment-key.pem"), "--data-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as done:
+        participant_settings.parse_args("orders", service)
+    assert 2 == done.value.code
+    err = capsys.readouterr().err
+    assert f"--tls-key: {ca_dir / 'payment-key.pem'} is not the private key" in err, err
+    assert f"--tls-cert, {ca_dir / 'orders.pem'}" in err, err
 
 
 _PLAINTEXT_CALL_TO_A_TLS_SERVER = """

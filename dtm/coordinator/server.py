@@ -743,9 +743,11 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
             configured=config.tls_files(settings.coordinator),
             configured_in=config.tls_origin(settings, config.COORDINATOR),
         )
-    except security.TlsMaterialError as error:  # not a usage error: one line, status 1
+    except security.TlsMaterialError as error:
+        # A configuration refused, so status 2 as for any other; but one line without the
+        # usage text, since the flags themselves were fine: the files they name are not.
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     coordinator = settings.coordinator

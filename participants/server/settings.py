@@ -91,9 +91,11 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
             configured=config.tls_files(settings.service(name)),
             configured_in=config.tls_origin(settings, config.participant_section(name)),
         )
-    except security.TlsMaterialError as error:  # not a usage error: one line, status 1
+    except security.TlsMaterialError as error:
+        # A configuration refused, so status 2 as for any other; but one line without the
+        # usage text, since the flags themselves were fine: the files they name are not.
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     service = settings.service(name)
