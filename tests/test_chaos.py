@@ -16,7 +16,9 @@ import pytest
 
 from dtm import chaos, crashpoints, invariants
 from dtm.chaos import ABORTED, COMMITTED, Cell, ClientRecord, RunResult, Session
+from dtm.chaos import command as chaos_command
 from dtm.chaos import session as chaos_session
+from dtm.chaos.settings import EXIT_ENVIRONMENT
 from dtm.cluster import PROCESSES, SERVICES, PortTakenError
 from dtm.invariants import CANCELLED, CONFIRMED, Capture, Notification, Order, Snapshot
 from dtm.orderflow import SubmitResult
@@ -596,3 +598,37 @@ def test_a_restart_whose_port_was_taken_is_an_environment_problem_not_a_violatio
     assert ["payment could not start: port 1 is held by pid 2"] == result.environment
     assert result.line(1).endswith("STOPPED by the environment (1, not a violation)")
     assert session.cluster is None  # dropped: the next run starts a fresh one
+
+
+def test_runs_stopped_by_the_environment_alone_exit_3_and_a_violation_exits_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A session whose only problems were the machine's (a port another program took) exited
+    1, as one with a violation of dtm's: a script could not tell "dtm lost an order" from
+    "run it again". Now 3, said on the last line; any violation still makes it 1."""
+    stopped = RunResult(index=1, kind="kill", seed=SEED, environment=["port 1 is held by pid 2"])
+    violated = RunResult(index=2, kind="kill", seed=SEED + 1, violations=["order o-1 lost"])
+    passed = RunResult(index=3, kind="kill", seed=SEED + 2)
+
+    def session(*results: RunResult) -> tuple[int, str]:
+        async def run_all(*args: object, **kwargs: object) -> list[RunResult]:
+            return list(results)
+
+        monkeypatch.setattr(chaos_command, "run_all", run_all)
+        status = chaos.main(["--runs", "0", "--kill-runs", "0", "--data-dir", str(tmp_path)])
+        return status, capsys.readouterr().out.strip().splitlines()[-1]
+
+    status, last = session(passed, stopped)
+    assert EXIT_ENVIRONMENT == status == 3
+    assert last == (
+        "chaos: 2 runs, 0 violations, 1 environment problems "
+        "(not violations; exit status 3: replay those runs)"
+    )
+    status, last = session(stopped, violated)
+    assert 1 == status
+    assert last == "chaos: 2 runs, 1 violations, 1 environment problems (not violations)"
+    assert (0, "chaos: 1 runs, 0 violations") == session(passed)
+    with pytest.raises(SystemExit):
+        chaos.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "3 with no violation but runs stopped by the environment" in help_text

@@ -49,7 +49,10 @@ LATE_DRAIN_S to deliver its last Rollbacks):
   heuristic outcome (a retry's Rollback to a committed branch was once recorded as one).
 
 Each run prints one line; a summary table and the totals follow. The last line is always
-`chaos: <runs> runs, <violations> violations`; the exit status is 0 only with no violation.
+`chaos: <runs> runs, <violations> violations` (then `, <E> environment problems (not
+violations...)` when the machine stopped runs: another program took a port a restarted process
+needed). The exit status is 0 when every run passed, 1 with any violation, and 3 with no
+violation but environment problems (those runs checked less; each replays alone).
 A violation prints its seed, its point and the tails of the relevant process logs, and a
 command that replays that run alone (same point, count, orders and kill schedule, on a fresh
 cluster; timing on real processes is never exactly the same). Defaults: --kill-runs is

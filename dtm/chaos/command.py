@@ -23,6 +23,7 @@ from dtm.chaos.report import (
     print_summary,
     print_violation,
     run_simulator,
+    verdict,
 )
 from dtm.chaos.result import (
     RunResult,
@@ -32,6 +33,8 @@ from dtm.chaos.session import (
 )
 from dtm.chaos.settings import (
     CHECKPOINT_EVERY_RECORDS,
+    EXIT_ENVIRONMENT,
+    EXIT_VIOLATIONS,
     LATE,
     LATE_RUNS_PER_KILL_RUNS,
     SLOW_RUN_S,
@@ -118,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dtm.chaos",
         description=(
             "Crash matrix, random SIGKILLs and late retries over real processes, with every check."
+        ),
+        epilog=(
+            f"Exit status: 0 when every run passed; {EXIT_VIOLATIONS} with any violation (of "
+            "dtm's guarantees, a crash point never reached, a simulator seed failing); "
+            f"{EXIT_ENVIRONMENT} with no violation but runs stopped by the environment, not "
+            "by dtm (another program took a port a restarted process needed: those runs "
+            "checked less, and each replays alone); 2 for a usage error."
         ),
     )
     parser.add_argument("--runs", type=int, default=200, help="crash-matrix runs (default 200)")
@@ -232,6 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     elif failed_runs or stopped_runs:
         print(f"logs kept in {root}")
     environment = sum(len(result.environment) for result in results)
-    stopped = f", {environment} environment problems (not violations)" if environment else ""
-    print(f"chaos: {len(results)} runs, {violations} violations{stopped}")
-    return 0 if violations == 0 and environment == 0 else 1
+    line, status = verdict(len(results), violations, environment)
+    print(line)
+    return status

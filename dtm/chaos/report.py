@@ -19,6 +19,9 @@ from dtm.chaos.result import (
 )
 from dtm.chaos.settings import (
     _TITLES,
+    EXIT_ENVIRONMENT,
+    EXIT_PASSED,
+    EXIT_VIOLATIONS,
     LATE,
     LATE_FINISHED_KEPT,
 )
@@ -137,6 +140,23 @@ def never_reached(results: Sequence[RunResult]) -> list[str]:
         for cell, count in runs.items()
         if count >= NEVER_REACHED_RUNS and crashed[cell] == 0
     ]
+
+
+def verdict(runs: int, violations: int, environment: int) -> tuple[str, int]:
+    """The last line of a chaos session, and its exit status: EXIT_VIOLATIONS with any
+    violation, else EXIT_ENVIRONMENT with any environment problem, else EXIT_PASSED."""
+    line = f"chaos: {runs} runs, {violations} violations"
+    if violations:
+        status = EXIT_VIOLATIONS
+    elif environment:
+        status = EXIT_ENVIRONMENT
+    else:
+        status = EXIT_PASSED
+    if environment:
+        # The status is said where it is not 1: a script that sees 3 reads why here.
+        why = "" if violations else f"; exit status {EXIT_ENVIRONMENT}: replay those runs"
+        line += f", {environment} environment problems (not violations{why})"
+    return line, status
 
 
 def checkpoints_written(root: Path) -> Counter[str]:

@@ -133,3 +133,13 @@ ORDER_KIND_WEIGHTS = (60, 5, 10, 15, 10)
 COMMITTED = "COMMITTED"
 ABORTED = "ABORTED"
 CRASH_EXIT_STATUS = crashpoints.CRASH_EXIT_STATUS
+
+# ---- the command's exit statuses (2: argparse's, a usage error) ----
+
+EXIT_PASSED = 0
+#: A violation: of dtm's guarantees, a crash point never reached, a simulator seed failing.
+EXIT_VIOLATIONS = 1
+#: No violation, but runs the machine stopped (another program took a port a restarted
+#: process needed): they checked less than they should, so not a pass, and not dtm's failure
+#: either; each replays alone. A violation anywhere makes it EXIT_VIOLATIONS.
+EXIT_ENVIRONMENT = 3
