@@ -682,6 +682,21 @@ class ParticipantMetrics:
 #: How long a client of a TLS /metrics endpoint may take over its handshake: one that
 #: connects and says nothing holds one thread of the endpoint until then, never the others.
 HANDSHAKE_TIMEOUT_S = 10.0
+#: What is read of a plain HTTP request before it is refused (a scrape's is a few hundred bytes).
+_PLAIN_REQUEST_BYTES_MAX = 64 * 1024
+#: The first byte of every TLS connection (a handshake record); anything else is plaintext.
+_TLS_HANDSHAKE_RECORD = b"\x16"
+_PLAIN_HTTP_BODY = (
+    b"This /metrics endpoint speaks HTTPS only, and requires a client certificate signed by "
+    b"the server's CA (mutual TLS, as its gRPC port): scrape https:// with that CA, a "
+    b"certificate and its key.\n"
+)
+#: The answer to a plain HTTP request on a TLS endpoint: a scraper then says why, where a
+#: closed connection would read as a network fault.
+_PLAIN_HTTP_REFUSED = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
 
 
 class MetricsEndpoint:
@@ -783,10 +798,17 @@ def _serve(
                 return
             request.settimeout(HANDSHAKE_TIMEOUT_S)
             try:
+                first = request.recv(1, socket.MSG_PEEK)
+                if first and first != _TLS_HANDSHAKE_RECORD:
+                    # Plain HTTP: read its request (closing with it unread would reset the
+                    # connection before the answer is read), then say what is wanted.
+                    request.recv(_PLAIN_REQUEST_BYTES_MAX)
+                    request.sendall(_PLAIN_HTTP_REFUSED)
+                    return
                 secured = context.wrap_socket(request, server_side=True)
             except OSError:
-                # No TLS (a plain HTTP scrape), no certificate or one of another CA, or
-                # silence: refused, the connection closed (wrap_socket closes it).
+                # No certificate or one of another CA, silence, or a peer gone: refused,
+                # the connection closed (by wrap_socket, or by the server after this).
                 return
             try:
                 secured.settimeout(None)  # then as over plain HTTP

@@ -18,6 +18,7 @@ import ssl
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -179,9 +180,13 @@ def test_metrics_under_mutual_tls_are_served_over_https_to_clients_of_the_ca_onl
                 port = server.metrics_port
                 text = await asyncio.to_thread(scrape_metrics, port, ca, cluster.tls("operator"))
                 assert "dtm_wal_fsyncs_total" in text, name
+                # Plain HTTP is answered 400, saying what the endpoint wants.
+                with pytest.raises(urllib.error.HTTPError) as plain:
+                    await asyncio.to_thread(scrape_plain_http, port)
+                assert 400 == plain.value.code, name
+                assert "speaks HTTPS only" in plain.value.read().decode(), name
                 rogue = security.TlsConfig.for_identity(rogue_dir, "client")
                 refused = {
-                    "plain HTTP": functools.partial(scrape_plain_http, port),
                     "no certificate": functools.partial(scrape_metrics, port, ca, None),
                     "another CA's certificate": functools.partial(scrape_metrics, port, ca, rogue),
                 }
