@@ -399,7 +399,8 @@ class Demo:
             "  orders locks each order id from prepare to decision. The first order holds it\n"
             f"  while notification takes {LOCK_HOLD_MS} ms to prepare. The second arrives in a\n"
             f"  batched call, so it waits at most {BATCHED_LOCK_WAIT_MS} ms for the lock, gives up "
-            "with a lock\n  timeout, and its transaction aborts. No deadlock can hang."
+            "(a lock\n  timeout), is told the order id is being created, and its transaction "
+            "aborts.\n  No deadlock can hang."
         )
         order_id = self.new_order_id()
         self.scripted_orders.append(order_id)
@@ -431,8 +432,8 @@ class Demo:
         self.show(order_id, "bob", lines, amount, second)
         self.expect("the first claim of the order id to commit", first_result.committed)
         self.expect(
-            "the second claim to abort on a lock timeout",
-            second.aborted and "lock timeout" in second.reason,
+            "the second claim to abort, told that the order id is being created",
+            second.aborted and f"order id {order_id} is already being created" in second.reason,
             f"{second.outcome}: {second.reason}",
         )
 

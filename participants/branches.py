@@ -37,7 +37,7 @@ from dtm.records import (
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
 from participants.decided import DecidedWindow
-from participants.locks import LockManager, LockMode, LockRefused
+from participants.locks import LockManager, LockMode, LockRefused, LockTimeout
 from participants.service import (
     InvalidOperation,
     LockRequest,
@@ -828,7 +828,7 @@ class BranchEngine:
         try:
             # A fixed order (by resource name) means one branch's own locks never deadlock.
             for request in requests:
-                await self.locks.acquire(owner, request.resource, request.mode, lock_wait_s)
+                await self._acquire(owner, request, lock_wait_s)
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
@@ -838,6 +838,16 @@ class BranchEngine:
         pending = self._pending.get(key)
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
+
+    async def _acquire(self, owner: str, request: LockRequest, lock_wait_s: float | None) -> None:
+        """Take one of a prepare's locks; a wait that runs out is refused with the service's
+        `timeout_reason` for it, if it gave one."""
+        try:
+            await self.locks.acquire(owner, request.resource, request.mode, lock_wait_s)
+        except LockTimeout:
+            if not request.timeout_reason:
+                raise
+            raise LockRefused(request.timeout_reason) from None
 
     def _lock_requests(self, key: BranchKey, operation: Message) -> list[LockRequest] | Refused:
         """The service's lock requests, by resource name. An exception from its `locks`, or a

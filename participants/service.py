@@ -55,6 +55,11 @@ def state_bytes(state: StatePieces) -> bytes:
 class LockRequest:
     resource: str
     mode: LockMode = LockMode.EXCLUSIVE
+    #: The refusal of a prepare whose wait for this lock runs out, when the resource being
+    #: held means something the client must act on ("order id o-1 is already being
+    #: created..."). Empty: the lock table's "lock timeout on R after N ms", which reads as
+    #: "retry".
+    timeout_reason: str = ""
 
 
 class Service(Protocol, Generic[Operation]):

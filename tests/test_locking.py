@@ -59,10 +59,11 @@ def test_opposite_order_deadlock_ends_within_the_lock_wait(tmp_path: Path) -> No
                 prepare(p2, "T1", 1, "y"), prepare(p1, "T2", 1, "x")
             )
             elapsed_ms = (time.monotonic() - started) * 1000
-            # Both waiters fail with a lock-timeout reason; the holders are never disturbed.
-            for vote in (t1_second, t2_second):
+            # Both waiters fail when their lock wait runs out, told that the order id is taken
+            # (not "lock timeout"); the holders are never disturbed.
+            for vote, order_id in ((t1_second, "y"), (t2_second, "x")):
                 assert coordinator_pb2.VOTE_REFUSED == vote.vote
-                assert "lock timeout" in vote.reason
+                assert vote.reason.startswith(f"order id {order_id} is already being created")
             assert elapsed_ms < LOCK_WAIT_MS + 500
             assert 1 == len(await held_locks(cluster, "orders"))  # T1 still holds x
 

@@ -34,7 +34,12 @@ from tests.harness import (
 COMMITTED = coordinator_pb2.OUTCOME_COMMITTED
 ABORTED = coordinator_pb2.OUTCOME_ABORTED
 RACERS = 6
-NOTIFICATION_BRANCH = 3  # order_branches: inventory, orders, payment, notification
+ORDERS_BRANCH = 1  # order_branches: inventory, orders, payment, notification
+NOTIFICATION_BRANCH = 3
+ORDER_ID_BEING_CREATED = (
+    "orders refused: order id o-1 is already being created by a transaction not decided yet: "
+    "choose another order id, or look the order up (ListOrders) once that one is decided"
+)
 
 INITIAL = invariants.InitialState(
     stock=dict(STOCK),
@@ -99,6 +104,48 @@ def test_exactly_one_order_gets_the_last_unit_and_one_the_last_cent(tmp_path: Pa
             assert (scarce.available, scarce.sold) == (0, 3)
             poor = next(a for a in snapshot.accounts if a.account_id == "acct-poor")
             assert (poor.balance_cents, poor.captured_cents) == (0, 500)
+
+    asyncio.run(scenario())
+
+
+def test_a_second_claim_of_an_order_id_being_created_is_told_so_not_lock_timeout(
+    tmp_path: Path,
+) -> None:
+    """Two transactions create one order id: the second waits for the first's decision (the
+    order-id lock) and gives up when its lock wait runs out. It used to read "orders refused:
+    lock timeout on order:o-1 after 50 ms", which tells a client to retry, when the id is taken
+    and retrying gets the same answer or "duplicate order id"."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path,
+            # The holder is prepared by hand, with no coordinator record: it must not ask the
+            # coordinator (presumed abort) and roll back while the test runs.
+            participant_overrides={"lock_wait_ms": 50, "in_doubt_after_ms": 600_000},
+        ) as cluster:
+            orders = cluster.participant_stub("orders")
+            first = order_branches("o-1", [("sku-apple", 1)], account="acct-bob")
+            held = await orders.Prepare(
+                participant_pb2.PrepareRequest(
+                    transaction_id="t-first",
+                    branch=ORDERS_BRANCH,
+                    operation=first[ORDERS_BRANCH].operation,
+                )
+            )
+            assert coordinator_pb2.VOTE_PREPARED == held.vote
+            second = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "t-second")
+            assert (ABORTED, ORDER_ID_BEING_CREATED) == (second.outcome, second.reason)
+            # The lock is not weakened: the first claim still holds the id, and takes it.
+            await orders.Commit(
+                participant_pb2.CommitRequest(transaction_id="t-first", branch=ORDERS_BRANCH)
+            )
+            [confirmed] = (await cluster.orders()).values()
+            assert ("o-1", "t-first") == (confirmed.order_id, confirmed.transaction_id)
+            again = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "t-third")
+            assert (ABORTED, "orders refused: duplicate order id o-1") == (
+                again.outcome,
+                again.reason,
+            )
 
     asyncio.run(scenario())
 

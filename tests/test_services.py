@@ -498,8 +498,14 @@ def test_orders_cancelled_record_is_bounded() -> None:
 
 
 def test_orders_lock_the_order_id_exclusively() -> None:
+    # A second claim that gives up waiting is told the id is taken, not "lock timeout".
     assert OrdersService().locks(order(order_id="o-42")) == [
-        LockRequest("order:o-42", LockMode.EXCLUSIVE)
+        LockRequest(
+            "order:o-42",
+            LockMode.EXCLUSIVE,
+            "order id o-42 is already being created by a transaction not decided yet: choose "
+            "another order id, or look the order up (ListOrders) once that one is decided",
+        )
     ]
 
 

@@ -177,7 +177,17 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
         # duplicate if the first committed, free to proceed if it rolled back. Without it the
         # second would be refused while the first might still roll back, and a client retrying
         # an order whose first attempt is about to abort would be told "duplicate" spuriously.
-        return [LockRequest(lock_resource(operation.order_id))]
+        # A second claim that gives up waiting is told the id is taken, not "lock timeout":
+        # retrying it gets the same answer, or "duplicate order id" once the first commits.
+        order_id = operation.order_id
+        return [
+            LockRequest(
+                lock_resource(order_id),
+                timeout_reason=f"order id {order_id} is already being created by a transaction "
+                "not decided yet: choose another order id, or look the order up (ListOrders) "
+                "once that one is decided",
+            )
+        ]
 
     def prepare(self, key: str, operation: shop_pb2.CreateOrder) -> PrepareResult:
         if self.pending.get(key) == operation.order_id:
