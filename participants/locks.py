@@ -128,6 +128,10 @@ _Node = str | _Holders
 class _Lock:
     holders: dict[str, _Hold] = field(default_factory=dict)
     waiters: list[_Waiter] = field(default_factory=list)  # FIFO, upgrades ahead of new requests
+    # Owner -> its waiter in `waiters` (an owner queues at most once per resource), kept in
+    # step with it: the duplicate check and "does the owner still wait here" read this, not
+    # the queue, which holds up to WAITERS_PER_RESOURCE_MAX requests.
+    waiting: dict[str, _Waiter] = field(default_factory=dict)
 
 
 def _held_since(lock: _Lock) -> float:
@@ -171,8 +175,11 @@ class LockManager:
         lock = self._locks[resource]
         hold = lock.holders.get(owner)
         previous = None if hold is None else hold.mode
-        if any(waiter.owner == owner and waiter.live for waiter in lock.waiters):
-            raise LockRefused(f"{owner} is already waiting on {resource}")
+        queued = lock.waiting.get(owner)
+        if queued is not None:
+            if queued.live:
+                raise LockRefused(f"{owner} is already waiting on {resource}")
+            self._dequeue(resource, lock, queued)  # a wait ended by other means (_Waiter.live)
         if len(lock.waiters) >= WAITERS_PER_RESOURCE_MAX:
             self.queue_full += 1
             raise LockRefused(
@@ -190,6 +197,7 @@ class LockManager:
             else len(lock.waiters)
         )
         lock.waiters.insert(position, waiter)
+        lock.waiting[owner] = waiter
         self._resources_of.setdefault(owner, set()).add(resource)
         # Queued first, then searched: an upgrade placed ahead of others adds edges into the
         # requester too. Only this request added edges, so any new cycle passes through it.
@@ -260,7 +268,8 @@ class LockManager:
         released: list[str] = []
         for resource in sorted(self._resources_of.pop(owner, ())):
             lock = self._locks[resource]
-            for waiter in [waiter for waiter in lock.waiters if waiter.owner == owner]:
+            waiter = lock.waiting.pop(owner, None)
+            if waiter is not None:
                 lock.waiters.remove(waiter)
                 waiter.queued = False
                 if waiter.live:
@@ -337,6 +346,7 @@ class LockManager:
 
     def _dequeue(self, resource: str, lock: _Lock, waiter: _Waiter) -> None:
         lock.waiters.remove(waiter)
+        del lock.waiting[waiter.owner]
         waiter.queued = False
         self._forget_if_unrelated(resource, lock, waiter.owner)
 
@@ -371,7 +381,7 @@ class LockManager:
         self._discard_if_idle(resource, lock)
 
     def _forget_if_unrelated(self, resource: str, lock: _Lock, owner: str) -> None:
-        if owner in lock.holders or any(waiter.owner == owner for waiter in lock.waiters):
+        if owner in lock.holders or owner in lock.waiting:
             return
         resources = self._resources_of.get(owner)
         if resources is not None:

@@ -82,6 +82,10 @@ def check_invariants(manager: LockManager, owners: list[str]) -> None:
     for owner, resources in held.items():
         for resource in resources:
             assert owner in holders(manager, resource)
+    for resource, lock in manager._locks.items():
+        # The index behind the duplicate-waiter check follows the queue: one entry per waiter.
+        assert {waiter.owner: waiter for waiter in lock.waiters} == lock.waiting, resource
+        assert len(lock.waiters) == len(lock.waiting), resource
 
 
 def test_exclusive_excludes() -> None:
@@ -692,6 +696,37 @@ def test_owner_cannot_wait_twice_on_one_resource() -> None:
         manager.release_all("a")
         await first
         manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_an_owner_whose_wait_ended_may_wait_again_at_once_but_only_once() -> None:
+    """The duplicate check reads an index of the queue's owners (_Lock.waiting), not the queue:
+    a wait that is cancelled (or times out: the same cancel of its future) leaves the index the
+    moment it ends, so the owner's next request, run before the ended wait's task, queues; a
+    second request while that one waits is refused, and release_all leaves nothing behind."""
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        ended = asyncio.create_task(manager.acquire("b", "sku-1", S))
+        await until(lambda: waiting(manager, "sku-1") == [("b", "shared")])
+        again = asyncio.create_task(manager.acquire("b", "sku-1", X))  # runs first ...
+        ended.cancel()  # ... before this task sees its cancellation
+        await until(lambda: again.done() or waiting(manager, "sku-1") == [("b", "exclusive")])
+        assert not again.done(), again.exception()  # LockRefused: "b is already waiting"
+        with pytest.raises(asyncio.CancelledError):
+            await ended
+        with pytest.raises(LockRefused, match=r"^b is already waiting on sku-1$"):
+            await manager.acquire("b", "sku-1", S)
+        check_invariants(manager, ["a", "b"])
+        manager.release_all("b")  # fails its own wait, and takes it out of the index
+        with pytest.raises(LockRefused, match=r"^released while waiting$"):
+            await again
+        assert [] == waiting(manager, "sku-1")
+        check_invariants(manager, ["a", "b"])
+        manager.release_all("a")
         assert_empty(manager)
 
     run(main)
