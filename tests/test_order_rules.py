@@ -36,6 +36,10 @@ ABORTED = coordinator_pb2.OUTCOME_ABORTED
 RACERS = 6
 ORDERS_BRANCH = 1  # order_branches: inventory, orders, payment, notification
 NOTIFICATION_BRANCH = 3
+DUPLICATE_ORDER_ID = (
+    "duplicate order id o-1: an order with this id exists; choose another order id, or look "
+    "the order up (ListOrders)"
+)
 ORDER_ID_BEING_CREATED = (
     "orders refused: order id o-1 is already being created by a transaction not decided yet: "
     "choose another order id, or look the order up (ListOrders) once that one is decided"
@@ -142,7 +146,7 @@ def test_a_second_claim_of_an_order_id_being_created_is_told_so_not_lock_timeout
             [confirmed] = (await cluster.orders()).values()
             assert ("o-1", "t-first") == (confirmed.order_id, confirmed.transaction_id)
             again = await cluster.submit(order_branches("o-1", [("sku-apple", 1)]), "t-third")
-            assert (ABORTED, "orders refused: duplicate order id o-1") == (
+            assert (ABORTED, f"orders refused: {DUPLICATE_ORDER_ID}") == (
                 again.outcome,
                 again.reason,
             )

@@ -69,6 +69,14 @@ def order(
     )
 
 
+def duplicate(order_id: str) -> str:
+    """The orders service's refusal of an order id that is taken."""
+    return (
+        f"duplicate order id {order_id}: an order with this id exists; choose another order "
+        "id, or look the order up (ListOrders)"
+    )
+
+
 def charge(
     account_id: str = "acct-alice", amount: int = 1_000, order_id: str = "o-1"
 ) -> shop_pb2.ChargePayment:
@@ -459,11 +467,13 @@ def test_orders_prepare_creates_pending_commit_confirms() -> None:
 def test_orders_refuse_duplicates_while_pending_and_once_confirmed() -> None:
     orders = OrdersService()
     assert orders.prepare("txn-1/0", order()) == Prepared()
-    assert orders.prepare("txn-2/0", order(customer_id="other")) == Refused(
-        "duplicate order id o-1"
-    )
+    assert orders.prepare("txn-2/0", order(customer_id="other")) == Refused(duplicate("o-1"))
     orders.commit("txn-1/0", order())
-    assert orders.prepare("txn-3/0", order()) == Refused("duplicate order id o-1")
+    # The reason says what to do, not only what is wrong.
+    assert Refused(
+        "duplicate order id o-1: an order with this id exists; choose another order id, or "
+        "look the order up (ListOrders)"
+    ) == orders.prepare("txn-3/0", order())
     assert [o.transaction_id for o in orders.all_orders()] == ["txn-1"]
 
 
@@ -592,7 +602,7 @@ def test_orders_snapshot_round_trip_keeps_pending_orders_and_their_order() -> No
     restored.restore(snapshot)
     assert state_bytes(restored.snapshot()) == snapshot
     assert restored.all_orders() == orders.all_orders()
-    assert restored.prepare("txn-x/0", order(order_id="o-b")) == Refused("duplicate order id o-b")
+    assert restored.prepare("txn-x/0", order(order_id="o-b")) == Refused(duplicate("o-b"))
     restored.commit("txn-b/0", order(order_id="o-b"))
     # By creation, each order at its place (kept in the snapshot), cancelled or not.
     assert [(o.order_id, o.state) for o in restored.all_orders()] == [
@@ -1016,7 +1026,7 @@ def test_orders_served_by_the_sdk_isolates_the_same_order_id(tmp_path: Path) -> 
         await decide(channel, "txn-2", commit=True)
         third = await prepare(channel, "txn-3", order())
         assert third.vote == coordinator_pb2.VOTE_REFUSED
-        assert third.reason == "duplicate order id o-1"
+        assert third.reason == duplicate("o-1")
         assert (await prepare(channel, "txn-4", order(order_id="o-2"))).vote == (
             coordinator_pb2.VOTE_PREPARED
         )

@@ -194,7 +194,11 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
             # This branch already created it: prepare is idempotent per branch key.
             return Prepared()
         if operation.order_id in self.orders:
-            return Refused(f"duplicate order id {operation.order_id}")
+            # What to do, not only what is wrong: the same order id again gets the same answer.
+            return Refused(
+                f"duplicate order id {operation.order_id}: an order with this id exists; "
+                "choose another order id, or look the order up (ListOrders)"
+            )
         self.orders[operation.order_id] = OrderRecord(
             order_id=operation.order_id,
             customer_id=operation.customer_id,
