@@ -776,6 +776,13 @@ def test_notification_commit_is_exactly_once() -> None:
         (note(order_id=""), "order_id is missing"),
         (note(order_id="o 1"), "order_id 'o 1' is malformed"),
         (note(recipient=""), "recipient is missing"),
+        (note(recipient=" \t"), r"^recipient is blank: give the address to notify$"),
+        (
+            note(recipient="a@example.com\r\nBcc: b@example.com"),
+            r"^recipient 'a@example.com\\r\\nBcc: b@example.com' holds a line break or another "
+            r"unprintable character: give one address, on one line$",
+        ),
+        (note(recipient="a\x00b"), "holds a line break or another unprintable character"),
         (note(recipient="r" * (limits.TEXT_FIELD_LENGTH_MAX + 1)), "recipient is 1025 characters"),
         (note(body="b" * (limits.TEXT_FIELD_LENGTH_MAX + 1)), "body is 1025 characters"),
     ],
@@ -789,6 +796,10 @@ def test_notification_validate_refuses_malformed_operations(
 
 def test_notification_validate_accepts_the_bounds() -> None:
     NotificationService().validate(note(body=""))
+    # A name with its address, in any script, is printable; only the recipient is checked so.
+    NotificationService().validate(
+        note(recipient="Zoë Ø <zoe@example.com>", body="line 1\nline 2\ttab")
+    )
     NotificationService().validate(
         note(recipient="r" * limits.TEXT_FIELD_LENGTH_MAX, body="é" * limits.TEXT_FIELD_LENGTH_MAX)
     )

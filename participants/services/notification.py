@@ -57,6 +57,20 @@ class Sent:
         )
 
 
+def check_recipient(recipient: str) -> None:
+    """Raise InvalidOperation unless `recipient` can name one addressee: not blank, and one
+    line of printable characters. A line break in it would, in a mail header, add headers
+    ("Bcc: ...") and so recipients that the order never named."""
+    check_text("recipient", recipient, required=True)
+    if not recipient.strip():
+        raise InvalidOperation("recipient is blank: give the address to notify")
+    if not recipient.isprintable():
+        raise InvalidOperation(
+            f"recipient {recipient[:40]!r} holds a line break or another unprintable "
+            "character: give one address, on one line"
+        )
+
+
 class NotificationService(Service[shop_pb2.SendNotification]):
     name = "notification"
     operation_type = shop_pb2.SendNotification
@@ -74,7 +88,7 @@ class NotificationService(Service[shop_pb2.SendNotification]):
 
     def validate(self, operation: shop_pb2.SendNotification) -> None:
         check_resource_id("order_id", operation.order_id)
-        check_text("recipient", operation.recipient, required=True)
+        check_recipient(operation.recipient)
         check_text("body", operation.body, required=False)
 
     def locks(self, operation: shop_pb2.SendNotification) -> Sequence[LockRequest]:
