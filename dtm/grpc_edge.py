@@ -36,6 +36,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# Trailing metadata of an operator's force or forget a participant refused because its
+# coordinator's answer forbids it (breaking atomicity, or losing a heuristic outcome the
+# coordinator has not heard of): `dtm force` and `dtm branches forget` exit EXIT_UNSAFE on it.
+UNSAFE_METADATA_KEY = "dtm-unsafe"
+
 # A google.rpc.Code value, as a batched answer carries one per item -> its grpc.StatusCode.
 STATUS_OF_CODE = {status.value[0]: status for status in grpc.StatusCode}
 

@@ -337,9 +337,15 @@ async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
     await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
     branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
     assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
+    # coordinator_lost: the participant refuses to force against its coordinator's decision
+    # (it asks it first), and these tests make that heuristic outcome on purpose.
     await cluster.admin("inventory").ForceOutcome(
         participant_pb2.ForceOutcomeRequest(
-            transaction_id="t1", branch=0, commit=commit, i_understand_this_is_heuristic=True
+            transaction_id="t1",
+            branch=0,
+            commit=commit,
+            i_understand_this_is_heuristic=True,
+            coordinator_lost=True,
         )
     )
 
@@ -385,9 +391,14 @@ async def forced_unknown(cluster: InProcessCluster, txn: str, commit: bool) -> N
     await cluster.participant_stub("inventory").Prepare(
         participant_pb2.PrepareRequest(transaction_id=txn, branch=0, operation=reserve())
     )
+    # coordinator_lost: else a forced commit is refused (the coordinator answers ABORTED).
     await cluster.admin("inventory").ForceOutcome(
         participant_pb2.ForceOutcomeRequest(
-            transaction_id=txn, branch=0, commit=commit, i_understand_this_is_heuristic=True
+            transaction_id=txn,
+            branch=0,
+            commit=commit,
+            i_understand_this_is_heuristic=True,
+            coordinator_lost=True,
         )
     )
 

@@ -122,7 +122,11 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
             await cluster.admin("orders").ForceOutcome(
                 participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t-a", branch=1, commit=True, i_understand_this_is_heuristic=True
+                    transaction_id="t-a",
+                    branch=1,
+                    commit=True,
+                    i_understand_this_is_heuristic=True,
+                    coordinator_lost=True,
                 )
             )
             forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
@@ -206,7 +210,11 @@ async def forced_attempt(
     )
     await cluster.admin("inventory").ForceOutcome(
         participant_pb2.ForceOutcomeRequest(
-            transaction_id=txn, branch=0, commit=commit, i_understand_this_is_heuristic=True
+            transaction_id=txn,
+            branch=0,
+            commit=commit,
+            i_understand_this_is_heuristic=True,
+            coordinator_lost=True,
         )
     )
 

@@ -887,7 +887,11 @@ async def take_step(served: Served, step: Step, transaction_id: str) -> Outcome:
     fingerprint = SEQUENCE_FINGERPRINTS[step.fingerprint]
     what = f"{step.verb} via {step.via}"
     if step.verb == "forget":
-        forget = ppb.ForgetBranchRequest(transaction_id=transaction_id, branch=step.branch)
+        # coordinator_lost, here and below: the branch's calls in any order, as before the
+        # participant asked its coordinator first (which would refuse most forced commits).
+        forget = ppb.ForgetBranchRequest(
+            transaction_id=transaction_id, branch=step.branch, coordinator_lost=True
+        )
         answer = await answer_of(admin.ForgetBranch(forget, timeout=CALL_TIMEOUT_S), what)
         return Outcome(isinstance(answer, grpc.aio.AioRpcError), detail=str(answer))
     if step.verb.startswith("force_"):
@@ -896,6 +900,7 @@ async def take_step(served: Served, step: Step, transaction_id: str) -> Outcome:
             branch=step.branch,
             commit=step.verb == "force_commit",
             i_understand_this_is_heuristic=True,
+            coordinator_lost=True,
         )
         answer = await answer_of(admin.ForceOutcome(request, timeout=CALL_TIMEOUT_S), what)
         return Outcome(isinstance(answer, grpc.aio.AioRpcError), detail=str(answer))
@@ -1186,13 +1191,14 @@ def test_concurrent_branch_calls_for_one_order_id_leave_one_outcome(
             batch = ppb.ExchangeRequest(prepares=[prepare])
             return await answer_of(participant.Exchange(batch), what)
         if step.verb == "forget":
-            forget = ppb.ForgetBranchRequest(transaction_id=transaction_id)
+            forget = ppb.ForgetBranchRequest(transaction_id=transaction_id, coordinator_lost=True)
             return await answer_of(admin.ForgetBranch(forget), what)
         if step.verb.startswith("force_"):
             force = ppb.ForceOutcomeRequest(
                 transaction_id=transaction_id,
                 commit=step.verb == "force_commit",
                 i_understand_this_is_heuristic=True,
+                coordinator_lost=True,
             )
             return await answer_of(admin.ForceOutcome(force), what)
         commit = step.verb == "commit"

@@ -277,7 +277,11 @@ def test_a_forced_commit_of_an_abort_whose_rollbacks_were_given_up_shows_in_its_
             await eventually(given_up)
             await cluster.admin("inventory").ForceOutcome(
                 participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t-a", branch=0, commit=True, i_understand_this_is_heuristic=True
+                    transaction_id="t-a",
+                    branch=0,
+                    commit=True,
+                    i_understand_this_is_heuristic=True,
+                    coordinator_lost=True,
                 )
             )
             get = coordinator_pb2.GetTransactionRequest(transaction_id="t-a")
@@ -450,7 +454,11 @@ def test_a_report_about_a_recovered_commit_finds_its_branch_by_number_not_place(
             )
             await cluster.admin("inventory").ForceOutcome(
                 participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t1", branch=1, commit=False, i_understand_this_is_heuristic=True
+                    transaction_id="t1",
+                    branch=1,
+                    commit=False,
+                    i_understand_this_is_heuristic=True,
+                    coordinator_lost=True,
                 )
             )
             await cluster.restart_coordinator()  # resumes t1: Commits to branch 1 only

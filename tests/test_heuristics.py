@@ -479,7 +479,11 @@ def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
             response = await cluster.submit(branches, "t1")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
             force = participant_pb2.ForceOutcomeRequest(
-                transaction_id="t1", branch=0, commit=False, i_understand_this_is_heuristic=True
+                transaction_id="t1",
+                branch=0,
+                commit=False,
+                i_understand_this_is_heuristic=True,
+                coordinator_lost=True,
             )
             await cluster.admin("inventory").ForceOutcome(force)
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)

@@ -63,6 +63,7 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
                         branch=0,
                         commit=commit,
                         i_understand_this_is_heuristic=True,
+                        coordinator_lost=True,
                     )
                 )
             server = cluster.participants["inventory"]

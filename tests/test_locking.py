@@ -280,7 +280,10 @@ def test_coordinator_shows_a_heuristic_reported_during_phase_two(tmp_path: Path)
             # An operator forces the in-doubt branch the other way; then the participant is back.
             await cluster.admin("notification").ForceOutcome(
                 participant_pb2.ForceOutcomeRequest(
-                    transaction_id="txn-h", branch=3, i_understand_this_is_heuristic=True
+                    transaction_id="txn-h",
+                    branch=3,
+                    i_understand_this_is_heuristic=True,
+                    coordinator_lost=True,
                 )
             )
             await cluster.set_fault("notification", participant_pb2.FAULT_MODE_NONE)

@@ -883,7 +883,9 @@ def test_an_admin_call_for_another_participant_or_incarnation_reads_and_changes_
             )
             assert coordinator_pb2.VOTE_PREPARED == vote.vote
             admin = cluster.admin("inventory")
-            force = {**ids, "commit": True, "i_understand_this_is_heuristic": True}
+            # A rollback: what the coordinator, with no record of t-1, answers (presumed abort);
+            # the participant refuses a forced commit of it.
+            force = {**ids, "commit": False, "i_understand_this_is_heuristic": True}
             for wrong in (
                 {"participant": "orders", "incarnation": mine},
                 {"participant": "inventory", "incarnation": "0123456789abcdef"},
@@ -907,7 +909,7 @@ def test_an_admin_call_for_another_participant_or_incarnation_reads_and_changes_
                 listed = await admin.ListBranches(participant_pb2.ListBranchesRequest(**address))
                 assert ["t-1"] == [b.transaction_id for b in listed.branches]
             forced = await admin.ForceOutcome(participant_pb2.ForceOutcomeRequest(**force, **right))
-            assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
+            assert participant_pb2.BRANCH_STATE_ROLLED_BACK == forced.branch.state
 
     asyncio.run(scenario())
 

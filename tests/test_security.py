@@ -695,6 +695,50 @@ def test_dtm_force_checks_the_decision_with_an_operator_certificate(
     asyncio.run(scenario(elsewhere, "refusing to force t-1 without knowing", cli.EXIT_ERROR))
 
 
+def test_a_participant_checks_a_direct_force_with_its_own_certificate(
+    tmp_path: Path, ca_dir: Path
+) -> None:
+    """An operator's ForceOutcome straight to the participant (no `dtm force` checks): the
+    participant asks its coordinator itself, over its own mutual TLS as a participant (an
+    inquiry the policy allows), hears the commit, and refuses the rollback as unsafe; with
+    coordinator_lost it does not ask, and the force goes."""
+
+    async def scenario() -> None:
+        async with (
+            secure_cluster(
+                tmp_path, ca_dir, test_control=True, in_doubt_after_ms=600_000
+            ) as cluster,
+            security.channel(cluster.address("notification"), cluster.tls("operator")) as ch,
+        ):
+            admin = participant_pb2_grpc.ParticipantAdminStub(ch)
+            await admin.SetFault(
+                participant_pb2.SetFaultRequest(mode=participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            )
+            address = cluster.coordinator_address
+            async with security.channel(address, cluster.tls("client"), "coordinator") as c:
+                response = await coordinator_pb2_grpc.CoordinatorStub(c).Submit(
+                    coordinator_pb2.SubmitRequest(transaction_id="t-1", branches=order("o-1")),
+                    timeout=TIMEOUT_S,
+                )
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+            force = participant_pb2.ForceOutcomeRequest(
+                transaction_id="t-1",
+                branch=1,
+                commit=False,
+                i_understand_this_is_heuristic=True,
+            )
+            await expect_status(
+                admin.ForceOutcome(force, timeout=TIMEOUT_S),
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "decided commit for t-1",
+            )
+            force.coordinator_lost = True
+            forced = await admin.ForceOutcome(force, timeout=TIMEOUT_S)
+            assert participant_pb2.BRANCH_STATE_ROLLED_BACK == forced.branch.state
+
+    asyncio.run(scenario())
+
+
 def test_tls_material_that_cannot_work_is_named_at_start(
     tmp_path: Path, ca_dir: Path, rogue_dir: Path
 ) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dtm import limits
+from dtm import grpc_edge, limits
 from dtm.cli import tables as fmt
 from dtm.cli.session import (
     BRANCH_STATE_NAMES,
@@ -394,6 +394,9 @@ def cmd_force(session: Session) -> int:
         branch=options.branch,
         commit=options.commit,
         i_understand_this_is_heuristic=True,
+        # The participant checks too (against a decision that came since, or for a caller
+        # without these checks), unless told its coordinator is gone.
+        coordinator_lost=options.coordinator_lost,
     )
     return _act_on_branch(
         session,
@@ -412,7 +415,9 @@ def cmd_branches_forget(session: Session) -> int:
     options = session.options
     target = _one_target(session)
     _refuse_early_forget(session, target)
-    request = participant_pb2.ForgetBranchRequest(transaction_id=options.id, branch=options.branch)
+    request = participant_pb2.ForgetBranchRequest(
+        transaction_id=options.id, branch=options.branch, coordinator_lost=options.coordinator_lost
+    )
     return _act_on_branch(
         session,
         target,
@@ -439,12 +444,23 @@ def _act_on_branch(
     try:
         response = call(session.admin(target), target)
     except grpc.RpcError as error:
+        if _unsafe(error):  # the participant's own check: the same rules as the command's
+            raise CliError(f"{target.name}: {error.details()}", EXIT_UNSAFE) from None
         raise rpc_error(error, target.what, target.address, session) from None
     if session.json:
         fmt.emit_json(fmt.branch_info_dict(target.name, response.branch), session.out)
     else:
         print(done(target.name, response.branch), file=session.out)
     return EXIT_OK
+
+
+def _unsafe(error: grpc.RpcError) -> bool:
+    """Whether a participant refused a force or forget because its coordinator's answer
+    forbids it (the dtm-unsafe metadata), as `dtm force` and `dtm branches forget` refuse."""
+    if not isinstance(error, grpc.Call):
+        return False
+    metadata = error.trailing_metadata() or ()
+    return any(key == grpc_edge.UNSAFE_METADATA_KEY for key, _ in metadata)
 
 
 def _one_target(session: Session) -> Target:

@@ -10,7 +10,7 @@ import grpc
 
 from dtm import grpc_edge, limits
 from dtm.core.branch import BranchState
-from dtmpb.v1 import participant_pb2, participant_pb2_grpc
+from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
 from participants.branches import (
     STATE_TO_PB,
     BranchEngine,
@@ -24,7 +24,10 @@ from participants.server.wire import (
 )
 
 if TYPE_CHECKING:  # the process serves these; they only call back into it
-    from participants.server.process import ParticipantServer
+    from participants.server.process import CoordinatorAnswer, ParticipantServer
+
+#: How a refusal names the override, for a caller of the RPC and for the dtm command.
+_OVERRIDE = "set coordinator_lost (`--coordinator-lost`)"
 
 
 def branch_info_pb(info: BranchInfo, engine: BranchEngine) -> participant_pb2.BranchInfo:
@@ -39,6 +42,44 @@ def branch_info_pb(info: BranchInfo, engine: BranchEngine) -> participant_pb2.Br
         awaiting_coordinator=engine.awaiting_coordinator(branch.key),
         forgotten=info.forgotten,
         transaction_fingerprint=info.fingerprint,
+    )
+
+
+def force_refusal(answer: CoordinatorAnswer, commit: bool, txn: str, where: str) -> str | None:
+    """Why forcing a branch of `txn` to `commit` is refused, given its coordinator's (at
+    `where`) `answer` about the branch's attempt; None when it may go on. Only a coordinator
+    that cannot be reached lets it go on unchecked (the case forcing is for); any other
+    failure to ask refuses, so that the check never fails open."""
+    if answer.outcome is None:
+        if answer.unreachable:
+            return None
+        return (
+            f"could not ask the coordinator at {where} for its decision on {txn} "
+            f"({answer.problem}): refusing to force without knowing it (a coordinator that "
+            "cannot be reached at all does not stop a force)"
+        )
+    if answer.outcome == coordinator_pb2.OUTCOME_UNSPECIFIED:
+        return (
+            f"the coordinator at {where} is still deciding {txn}: forcing now could contradict "
+            f"its decision. Wait for it (`dtm txn show {txn}`); it comes within the "
+            "transaction's timeout"
+        )
+    decided_commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
+    if decided_commit == commit:
+        return None
+    if decided_commit:
+        return (
+            f"the coordinator at {where} decided commit for {txn}: forcing rollback would "
+            "break atomicity. The branch learns the decision without you: it asks its "
+            f"coordinator (`dtm txn show {txn}`; while it is committing, `dtm txn retry "
+            f"{txn}` delivers its Commits now)"
+        )
+    return (
+        f"the coordinator at {where} answers ABORTED for the attempt of {txn} this branch "
+        "belongs to (decided, or presumed abort: no record of it): forcing commit would break "
+        "atomicity. Force rollback instead; only if that "
+        "coordinator lost its log (or never ran this transaction) and the transaction may "
+        f"have committed, {_OVERRIDE}"
     )
 
 
@@ -68,6 +109,52 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         address now serves another one) is refused before anything is read or changed: its
         branches and locks would be listed, or a branch of it forced, under the wrong name."""
         await refuse_misdirected(self.server, context, [(participant, incarnation)])
+
+    async def _refuse_unsafe(self, context: grpc.aio.ServicerContext[Any, Any], why: str) -> None:
+        """Refuse a force or forget the coordinator's answer forbids, marked so (the dtm
+        command exits EXIT_UNSAFE on it), and say so in the log: someone tried."""
+        self.server.log_.warning("operator's call refused: unsafe", reason=why)
+        context.set_trailing_metadata(((grpc_edge.UNSAFE_METADATA_KEY, "1"),))
+        await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, why)
+
+    async def _check_force(
+        self, context: grpc.aio.ServicerContext[Any, Any], key: tuple[str, int], commit: bool
+    ) -> None:
+        """Refuse to force in-doubt branch `key` against its coordinator's answer. Checked
+        here, not only by `dtm force`, so that any caller of the RPC is held to it. A branch
+        not in doubt is not asked about: the engine says why it cannot be forced. A decision
+        that arrives after the answer finds the branch forced (a decision never changes, so it
+        is the one answered), or the force finds the branch decided, and is refused."""
+        info = self.server.engine.open.get(key)
+        if info is None or info.branch.state is not BranchState.PREPARED:
+            return
+        answer = await self.server.ask_outcome(key)
+        why = force_refusal(answer, commit, key[0], self.server.config.coordinator)
+        if why is not None:
+            await self._refuse_unsafe(context, f"branch {key[0]}/{key[1]}: {why}")
+
+    async def _check_forget(
+        self, context: grpc.aio.ServicerContext[Any, Any], key: tuple[str, int]
+    ) -> None:
+        """Refuse to forget forced branch `key` while it awaits its coordinator and asking
+        the coordinator now (as the next inquiry would: a contradiction is reported) does not
+        settle it: forgotten, the branch could no longer tell the coordinator of its forced
+        outcome (its answer to a late Commit or Rollback, or its inquiry's report)."""
+        if not self.server.engine.awaiting_coordinator(key):
+            return
+        why = await self.server.settle_forced(key)
+        if why is None:
+            return
+        text = f"{key[0]}/{key[1]}"
+        await self._refuse_unsafe(
+            context,
+            f"forced branch {text} still awaits its coordinator at "
+            f"{self.server.config.coordinator or '(none configured)'}: asked now, it did not "
+            f"settle the branch ({why}). The branch is how the coordinator hears of its forced "
+            "outcome, and the participant keeps asking: forget it once `dtm branches "
+            f"--awaiting` no longer lists it. Only if that coordinator is gone for good (or "
+            f"lost its log), {_OVERRIDE}",
+        )
 
     async def SetFault(
         self, request: participant_pb2.SetFaultRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -153,6 +240,8 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         key = (request.transaction_id, request.branch)
+        if not request.coordinator_lost:
+            await self._check_force(context, key, request.commit)
         try:
             forced = await self.server.engine.force(key, request.commit)
         except BranchError as error:
@@ -162,6 +251,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             txn=request.transaction_id,
             branch=request.branch,
             commit=request.commit,
+            coordinator_lost=request.coordinator_lost,
         )
         return participant_pb2.ForceOutcomeResponse(
             branch=branch_info_pb(forced, self.server.engine)
@@ -176,8 +266,11 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+        key = (request.transaction_id, request.branch)
+        if not request.coordinator_lost:
+            await self._check_forget(context, key)
         try:
-            forgotten = await self.server.engine.forget((request.transaction_id, request.branch))
+            forgotten = await self.server.engine.forget(key)
         except BranchError as error:
             await grpc_edge.abort(context, ERROR_TO_CODE[error.kind], str(error))
         self.server.log_.warning(
@@ -185,6 +278,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             txn=request.transaction_id,
             branch=request.branch,
             heuristic=forgotten.branch.heuristic,
+            coordinator_lost=request.coordinator_lost,
         )
         return participant_pb2.ForgetBranchResponse(
             branch=branch_info_pb(forgotten, self.server.engine)

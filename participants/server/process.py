@@ -9,6 +9,7 @@ import asyncio
 import random
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -78,6 +79,24 @@ def tls_hint(details: str, tls: bool) -> str | None:
     return None if failure is None else _TLS_HINTS[failure]
 
 
+#: How long an inquiry waits for the coordinator's answer (the housekeeping's, and the one
+#: before an operator's force or forget): a coordinator that takes longer counts as unreachable.
+INQUIRY_TIMEOUT_S = 1.0
+
+
+@dataclass(frozen=True)
+class CoordinatorAnswer:
+    """The coordinator's answer to an inquiry about one branch: `outcome` (OUTCOME_COMMITTED,
+    OUTCOME_ABORTED, or OUTCOME_UNSPECIFIED while undecided), or None when it gave none, with
+    `problem` saying why; `unreachable` when no answer came at all (none configured,
+    UNAVAILABLE, or none within INQUIRY_TIMEOUT_S), as opposed to a refusal or a failed TLS
+    handshake."""
+
+    outcome: int | None
+    problem: str = ""
+    unreachable: bool = False
+
+
 def registration_delay_s(attempt: int) -> float:
     """The wait after failed registration `attempt` (1, 2, ...): 50 ms, doubled each time, at
     most a second (a coordinator back up is found within a second)."""
@@ -134,6 +153,10 @@ class ParticipantServer:
         self._asked_since_summary = 0
         self._last_unknown_reason = ""
         self.registered = asyncio.Event()
+        # Opened at the first call that needs it (coordinator_stub), closed by stop().
+        self._coordinator: tuple[grpc.aio.Channel, coordinator_pb2_grpc.CoordinatorStub] | None = (
+            None
+        )
         # Set when the coordinator refused the registration for good (REGISTRATION_FATAL), or
         # an inquiry because another incarnation replaced this one (`_replaced`): `failure`
         # says why; run() then stops the process with exit status 1.
@@ -193,6 +216,11 @@ class ParticipantServer:
         if self.metrics is not None:
             await self.metrics.stop()
         await self.server.stop(grace_s)
+        # After the server: an operator's force or forget finishing within the grace asks
+        # the coordinator on this channel.
+        if self._coordinator is not None:
+            await self._coordinator[0].close(None)
+            self._coordinator = None
         await self.wal.close()
 
     # ---- background work ----
@@ -202,6 +230,16 @@ class ParticipantServer:
         # must not go to whatever process holds the coordinator's port.
         tls = self.config.tls
         return security.channel(self.config.coordinator, tls, security.coordinator_identity(tls))
+
+    def coordinator_stub(self) -> coordinator_pb2_grpc.CoordinatorStub | None:
+        """The coordinator's stub for inquiries and reports (None: no coordinator configured),
+        on one channel the housekeeping and the operator's force and forget checks share."""
+        if not self.config.coordinator:
+            return None
+        if self._coordinator is None:
+            channel = self._coordinator_channel()
+            self._coordinator = (channel, coordinator_pb2_grpc.CoordinatorStub(channel))
+        return self._coordinator[1]
 
     async def _register(self) -> None:
         """Register with the coordinator, retrying (capped backoff) until it answers; a refusal
@@ -270,24 +308,19 @@ class ParticipantServer:
 
     async def _housekeeping(self) -> None:
         """Leases on unvoted branches, inquiries for in-doubt ones, and checkpoints."""
-        channel = self._coordinator_channel() if self.config.coordinator else None
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel) if channel is not None else None
-        try:
-            while True:  # until stop() cancels it
-                await asyncio.sleep(self.config.tick_ms / 1000)
-                try:
-                    await self._housekeeping_tick(stub)
-                except Exception as error:  # a bug: say so loudly, and keep the loop alive
-                    # A housekeeping loop that dies takes leases, inquiries and checkpoints
-                    # with it, and nothing else would notice (a checkpoint bug did just that).
-                    self.log_.error(
-                        "housekeeping failed; it goes on at the next tick",
-                        error=f"{type(error).__name__}: {error}",
-                        exc_info=error,
-                    )
-        finally:
-            if channel is not None:
-                await channel.close(None)
+        stub = self.coordinator_stub()
+        while True:  # until stop() cancels it
+            await asyncio.sleep(self.config.tick_ms / 1000)
+            try:
+                await self._housekeeping_tick(stub)
+            except Exception as error:  # a bug: say so loudly, and keep the loop alive
+                # A housekeeping loop that dies takes leases, inquiries and checkpoints
+                # with it, and nothing else would notice (a checkpoint bug did just that).
+                self.log_.error(
+                    "housekeeping failed; it goes on at the next tick",
+                    error=f"{type(error).__name__}: {error}",
+                    exc_info=error,
+                )
 
     async def _housekeeping_tick(self, stub: coordinator_pb2_grpc.CoordinatorStub | None) -> None:
         # Intervals, so the monotonic clock: by the wall clock, a step back of an hour held an
@@ -394,25 +427,61 @@ class ParticipantServer:
         self._summary_at_ms = now
         self._asked_since_summary = 0
 
-    async def _ask(
-        self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
-    ) -> None:
+    def _inquiry(self, key: tuple[str, int]) -> coordinator_pb2.QueryOutcomeRequest:
+        """The question about branch `key`'s outcome, as this participant asks it."""
         info = self.engine.open.get(key)
         if info is None and self.engine.awaiting_coordinator(key):
             info = self.engine.branch(key)  # forced, awaiting its coordinator
+        return coordinator_pb2.QueryOutcomeRequest(
+            transaction_id=key[0],
+            participant=self.service.name,
+            # So that a replaced process that still runs learns nothing.
+            incarnation=self.engine.incarnation,
+            # So that a branch of an attempt that reused the id is not answered with the
+            # outcome of the transaction the id belongs to.
+            transaction_fingerprint=info.fingerprint if info is not None else b"",
+        )
+
+    async def ask_outcome(self, key: tuple[str, int]) -> CoordinatorAnswer:
+        """Ask the coordinator, once and now, for in-doubt branch `key`'s outcome, changing
+        nothing here: what an operator's force is checked against."""
+        stub = self.coordinator_stub()
+        if stub is None:
+            return CoordinatorAnswer(None, "no coordinator is configured", unreachable=True)
         try:
-            answer = await stub.QueryOutcome(
-                coordinator_pb2.QueryOutcomeRequest(
-                    transaction_id=key[0],
-                    participant=self.service.name,
-                    # So that a replaced process that still runs learns nothing.
-                    incarnation=self.engine.incarnation,
-                    # So that a branch of an attempt that reused the id is not answered with
-                    # the outcome of the transaction the id belongs to.
-                    transaction_fingerprint=info.fingerprint if info is not None else b"",
-                ),
-                timeout=1.0,
+            answer = await stub.QueryOutcome(self._inquiry(key), timeout=INQUIRY_TIMEOUT_S)
+        except grpc.aio.AioRpcError as error:
+            details = error.details() or ""
+            hint = tls_hint(details, self.config.tls is not None)
+            # A failed TLS handshake reads as UNAVAILABLE too, but that coordinator answers
+            # (with other TLS settings): not a reason to go on unchecked.
+            unreachable = hint is None and error.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
             )
+            problem = f"{error.code().name}: {details}" + (f" ({hint})" if hint else "")
+            return CoordinatorAnswer(None, problem, unreachable)
+        return CoordinatorAnswer(answer.outcome)
+
+    async def settle_forced(self, key: tuple[str, int]) -> str | None:
+        """Ask the coordinator now about forced branch `key`, as the next inquiry would (a
+        contradiction is reported to it: `_reconcile_forced`), before an operator forgets it.
+        None once the branch no longer awaits its coordinator; else why it still does."""
+        stub = self.coordinator_stub()
+        if stub is None:
+            return "no coordinator is configured, so none can be asked"
+        await self._ask(stub, key, self.engine.monotonic_ms())
+        if not self.engine.awaiting_coordinator(key):
+            return None
+        # Set by the _back_off that left the branch awaiting: nothing awaits between it and
+        # here, so no other inquiry's reason replaced it.
+        return self._last_unknown_reason
+
+    async def _ask(
+        self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
+    ) -> None:
+        try:
+            answer = await stub.QueryOutcome(self._inquiry(key), timeout=INQUIRY_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             replacement = _replacement(error)
             if replacement is not None:
@@ -561,7 +630,7 @@ class ParticipantServer:
             ),
         )
         try:
-            await stub.ReportHeuristic(request, timeout=1.0)
+            await stub.ReportHeuristic(request, timeout=INQUIRY_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             if error.code() is grpc.StatusCode.UNIMPLEMENTED:
                 return False

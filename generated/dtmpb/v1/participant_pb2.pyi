@@ -292,20 +292,22 @@ class ListLocksResponse(_message.Message):
     def __init__(self, locks: _Optional[_Iterable[_Union[LockInfo, _Mapping]]] = ..., locks_total: _Optional[int] = ...) -> None: ...
 
 class ForceOutcomeRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "commit", "i_understand_this_is_heuristic", "participant", "incarnation")
+    __slots__ = ("transaction_id", "branch", "commit", "i_understand_this_is_heuristic", "participant", "incarnation", "coordinator_lost")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     I_UNDERSTAND_THIS_IS_HEURISTIC_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_LOST_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     commit: bool
     i_understand_this_is_heuristic: bool
     participant: str
     incarnation: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., i_understand_this_is_heuristic: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    coordinator_lost: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., commit: _Optional[bool] = ..., i_understand_this_is_heuristic: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., coordinator_lost: _Optional[bool] = ...) -> None: ...
 
 class ForceOutcomeResponse(_message.Message):
     __slots__ = ("branch",)
@@ -314,16 +316,18 @@ class ForceOutcomeResponse(_message.Message):
     def __init__(self, branch: _Optional[_Union[BranchInfo, _Mapping]] = ...) -> None: ...
 
 class ForgetBranchRequest(_message.Message):
-    __slots__ = ("transaction_id", "branch", "participant", "incarnation")
+    __slots__ = ("transaction_id", "branch", "participant", "incarnation", "coordinator_lost")
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_LOST_FIELD_NUMBER: _ClassVar[int]
     transaction_id: str
     branch: int
     participant: str
     incarnation: str
-    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    coordinator_lost: bool
+    def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., coordinator_lost: _Optional[bool] = ...) -> None: ...
 
 class ForgetBranchResponse(_message.Message):
     __slots__ = ("branch",)

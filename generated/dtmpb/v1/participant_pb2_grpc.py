@@ -438,14 +438,28 @@ class ParticipantAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForceOutcome(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Before forcing a prepared branch the participant asks its coordinator for the branch's
+        attempt's outcome (Coordinator.QueryOutcome, with the branch's fingerprint), unless
+        coordinator_lost, and refuses with FAILED_PRECONDITION and trailing metadata "dtm-unsafe"
+        when forcing would contradict it: the coordinator has not decided yet, or decided the
+        other way (ABORTED also by presumed abort: it has no record of the attempt), or could not
+        be asked for another reason than being unreachable (a refusal, a failed TLS handshake).
+        A coordinator that cannot be reached at all (UNAVAILABLE, no answer within a second), or
+        none configured, does not stop a force: that is the case forcing is for.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ForgetBranch(self, request, context):
         """NOT_FOUND for a branch this participant does not know (any more), FAILED_PRECONDITION for
-        one that is not forced. Forgetting a forgotten branch answers it again.
+        one that is not forced. Forgetting a forgotten branch answers it again. A forced branch
+        still awaiting its coordinator (BranchInfo.awaiting_coordinator) is first asked about, as
+        the participant's next inquiry would (a contradiction is reported: ReportHeuristic),
+        unless coordinator_lost; while it still awaits after that (the coordinator cannot be
+        reached, has not decided, or has not taken the report), the call is refused with
+        FAILED_PRECONDITION and trailing metadata "dtm-unsafe": forgotten, the branch could no
+        longer tell the coordinator of its forced outcome.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

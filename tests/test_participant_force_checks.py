@@ -1,0 +1,229 @@
+"""The participant itself holds an operator's ForceOutcome and ForgetBranch to the rules `dtm
+force` and `dtm branches forget` check: it asks its coordinator first. Before, only the
+command asked, so a direct call (another tool, a script, grpcurl) forced commit of a branch
+whose attempt the coordinator had aborted, breaking atomicity, or forgot a forced branch whose
+contradiction the coordinator had not heard of."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import StatusCode as Code
+
+from dtm import cli, grpc_edge
+from dtm.core.branch import BranchState
+from dtmpb.v1 import coordinator_pb2, participant_pb2
+from tests.cli_runner import dtm
+from tests.harness import (
+    ASKS_LATER,
+    InProcessCluster,
+    eventually,
+    listed,
+    order_branches,
+    reserve,
+)
+
+
+def force(txn: str, branch: int, commit: bool, lost: bool = False) -> Any:
+    return participant_pb2.ForceOutcomeRequest(
+        transaction_id=txn,
+        branch=branch,
+        commit=commit,
+        i_understand_this_is_heuristic=True,
+        coordinator_lost=lost,
+    )
+
+
+async def refused_unsafe(call: Any, *fragments: str) -> str:
+    """The call's refusal: FAILED_PRECONDITION, marked unsafe (what `dtm` exits 5 on), its
+    message naming each of `fragments`."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        details = error.details() or ""
+        assert Code.FAILED_PRECONDITION == error.code(), details
+        metadata = error.trailing_metadata() or ()
+        assert any(key == grpc_edge.UNSAFE_METADATA_KEY for key, _ in metadata), details
+        for fragment in fragments:
+            assert fragment in details, details
+        return details
+    raise AssertionError("the call was not refused")
+
+
+def state(cluster: InProcessCluster, name: str, txn: str, branch: int) -> BranchState:
+    info = cluster.participants[name].engine.branch((txn, branch))
+    assert info is not None
+    return info.branch.state
+
+
+async def prepared_unknown(cluster: InProcessCluster, txn: str) -> None:
+    """Inventory prepares branch 0 of `txn`, which the coordinator has no record of."""
+    vote = await cluster.participant_stub("inventory").Prepare(
+        participant_pb2.PrepareRequest(transaction_id=txn, branch=0, operation=reserve())
+    )
+    assert coordinator_pb2.VOTE_PREPARED == vote.vote
+
+
+def test_a_direct_forced_commit_of_an_aborted_branch_is_refused_unless_the_coordinator_is_lost(
+    tmp_path: Path,
+) -> None:
+    """The coordinator aborted t-a (payment refused) and its Rollback did not reach orders'
+    branch, still prepared. A ForceOutcome commit straight to the participant is refused,
+    and the branch stays prepared; coordinator_lost is the operator's explicit way past."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
+            response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
+            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+            admin = cluster.admin("orders")
+
+            await refused_unsafe(
+                admin.ForceOutcome(force("t-a", 1, commit=True)),
+                "answers ABORTED for the attempt of t-a",
+                "would break atomicity",
+                "coordinator_lost",
+            )
+            assert BranchState.PREPARED is state(cluster, "orders", "t-a", 1)
+
+            forced = await admin.ForceOutcome(force("t-a", 1, commit=True, lost=True))
+            assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_force_agreeing_with_presumed_abort_goes_and_one_against_it_is_refused(
+    tmp_path: Path,
+) -> None:
+    """No record of the transaction: the coordinator answers ABORTED (presumed abort). A
+    forced rollback agrees and goes; a forced commit is refused."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-c")
+            await prepared_unknown(cluster, "t-r")
+            admin = cluster.admin("inventory")
+
+            await refused_unsafe(admin.ForceOutcome(force("t-c", 0, commit=True)), "presumed abort")
+            assert BranchState.PREPARED is state(cluster, "inventory", "t-c", 0)
+            forced = await admin.ForceOutcome(force("t-r", 0, commit=False))
+            assert participant_pb2.BRANCH_STATE_ROLLED_BACK == forced.branch.state
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_force_is_refused_while_the_coordinator_is_still_deciding(
+    tmp_path: Path,
+) -> None:
+    """Orders prepared t-d while payment is slow to vote: the coordinator answers that it has
+    not decided, and a force, either way, could contradict what it decides."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, prepare_timeout_ms=10_000) as cluster:
+            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=2_000)
+            order = order_branches("o-d", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-d", timeout_ms=10_000))
+            orders = cluster.participants["orders"].engine
+
+            async def orders_prepared() -> bool:
+                return ("t-d", 1) in orders.open
+
+            await eventually(orders_prepared)
+            await refused_unsafe(
+                cluster.admin("orders").ForceOutcome(force("t-d", 1, commit=False)),
+                "still deciding t-d",
+            )
+            assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
+
+    asyncio.run(scenario())
+
+
+def test_a_coordinator_that_cannot_be_reached_lets_a_force_go_but_stops_a_forget(
+    tmp_path: Path,
+) -> None:
+    """As the commands do: forcing is for a coordinator that cannot be reached, so its
+    silence does not stop a force; a forget frees nothing that presses, and a coordinator down
+    for now may still need the branch, so it is refused unless coordinator_lost."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-fc")
+            await cluster.coordinator.stop(0)
+            admin = cluster.admin("inventory")
+
+            forced = await admin.ForceOutcome(force("t-fc", 0, commit=True))
+            assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
+
+            forget = participant_pb2.ForgetBranchRequest(transaction_id="t-fc", branch=0)
+            await refused_unsafe(
+                admin.ForgetBranch(forget),
+                "still awaits its coordinator",
+                "UNAVAILABLE",
+                "coordinator_lost",
+            )
+            assert cluster.participants["inventory"].engine.awaiting_coordinator(("t-fc", 0))
+
+            forget.coordinator_lost = True
+            forgotten = await admin.ForgetBranch(forget)
+            assert forgotten.branch.forgotten
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_forget_of_an_unreported_contradiction_reports_it_first(
+    tmp_path: Path,
+) -> None:
+    """Inventory's branch of t-fc, which the coordinator has no record of (presumed abort),
+    was forced to commit: a heuristic commit the coordinator has not heard of, since it sends
+    no decision, and the participant's inquiry is not due yet. A ForgetBranch asks now, as
+    that inquiry would: the contradiction is reported (the coordinator lists it), and only
+    then is the branch forgotten. Before, it was forgotten unreported."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-fc")
+            admin = cluster.admin("inventory")
+            await admin.ForceOutcome(force("t-fc", 0, commit=True, lost=True))
+            assert [] == await listed(cluster)
+
+            forget = participant_pb2.ForgetBranchRequest(transaction_id="t-fc", branch=0)
+            forgotten = await admin.ForgetBranch(forget)
+            assert forgotten.branch.forgotten
+            heuristics = await listed(cluster)
+            assert [("t-fc", 0, True)] == [
+                (h.transaction_id, h.branch, h.found_by_inquiry) for h in heuristics
+            ]
+
+    asyncio.run(scenario())
+
+
+def test_the_command_exits_unsafe_on_the_participants_refusal(
+    tmp_path: Path, unreachable: Callable[[], str]
+) -> None:
+    """`dtm force` pointed at a coordinator it cannot reach goes on unchecked (forcing is for
+    that case); the participant, which reaches its own, refuses a forced commit its
+    coordinator aborted: the command says why and exits 5, as when its own check refuses."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-fc")
+            command = [
+                *("--coordinator", unreachable(), "--timeout", "2", "force", "t-fc", "0"),
+                *("--address", cluster.address("inventory"), "--commit", "--i-understand"),
+            ]
+
+            status, out, err = await dtm(*command)
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "answers ABORTED for the attempt of t-fc" in err, err
+            assert BranchState.PREPARED is state(cluster, "inventory", "t-fc", 0)
+
+            status, out, err = await dtm(*command, "--coordinator-lost")
+            assert cli.EXIT_OK == status, err
+            assert "branch t-fc/0 forced to committed" in out, out
+
+    asyncio.run(scenario())
