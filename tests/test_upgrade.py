@@ -1,0 +1,142 @@
+"""An upgrade while transactions are in doubt: today's code starts on the data directories a
+released dtm left behind and resolves every transaction as that release would have.
+
+The logs under tests/data/compat-<commit>/ were written by that commit's code (see
+tests/data/make_compat_logs.py, which says how, and makes them again); nothing in them is
+today's. Each process's log holds a checkpoint, then the records written after it."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtm import cli
+from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
+from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from tests.cli_runner import dtm
+from tests.harness import ASKS_LATER, InProcessCluster, ask, eventually, listed
+
+DATA = Path(__file__).parent / "data"
+RELEASES = sorted(path.name.removeprefix("compat-") for path in DATA.glob("compat-*"))
+PROCESSES = ("coordinator", "inventory", "orders", "payment", "notification")
+SERVICES = PROCESSES[1:]
+# What the release's transactions leave once resolved (make_compat_logs.py: each order is one
+# sku-apple at 1,000 cents, of 50 in stock and acct-alice's 100,000).
+CONFIRMED = {"o-done", "o-heur", "o-phase2"}  # t-heur committed; inventory's branch forced back
+DECIDED_TXNS = ("t-done", "t-heur", "t-phase2")
+APPLES_SOLD = 3  # o-done, t-forced (forced to commit at inventory), o-phase2
+PEARS_SOLD = 2  # t-one
+
+
+def test_a_fixture_was_made_by_each_release() -> None:
+    assert ["69c5909"] == RELEASES
+    for release in RELEASES:
+        assert f"{release}\n" == (DATA / f"compat-{release}" / "COMMIT").read_text()
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_dtm_log_dump_reads_every_log_of_a_release(release: str) -> None:
+    """Every record decodes (no UNKNOWN_ type, nothing undecodable, no torn tail), and the
+    records after each checkpoint are there."""
+
+    async def scenario() -> None:
+        for name in PROCESSES:
+            status, out, err = await dtm("log", "dump", str(DATA / f"compat-{release}" / name))
+            assert cli.EXIT_OK == status, err
+            lines = out.splitlines()
+            assert lines[0].split()[2].startswith("CHECKPOINT_BEGIN"), lines[0]
+            assert not [line for line in lines if "UNKNOWN_" in line or "undecodable" in line]
+            assert not [line for line in lines if line.startswith(("TORN", "CORRUPTED"))]
+            assert "CHECKPOINT_COMPLETE" not in lines[-1], f"{name}: nothing after the checkpoint"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_todays_code_resolves_every_transaction_a_release_left_in_doubt(
+    tmp_path: Path, release: str
+) -> None:
+    """t-phase2 (committed, payment's Commit owed) is committed at payment by the
+    coordinator's recovery; t-doubt (prepared at three services, no decision) is presumed
+    aborted when they ask; t-done, t-one (one-phase) and t-heur stay committed; both heuristic
+    outcomes (t-forced's, found by an inquiry and checkpointed; t-heur's, heard in phase 2
+    after the checkpoint) are still listed, and the stock, money, orders and notifications add
+    up."""
+    shutil.copytree(DATA / f"compat-{release}", tmp_path, dirs_exist_ok=True)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            assert ["t-phase2"] == list(cluster.coordinator.engine.active)  # resumed
+            for name in ("inventory", "orders", "payment"):  # no service asked yet
+                assert "t-doubt" in await prepared(cluster, name), name
+
+            async def phase_two_over() -> bool:  # by the coordinator's recovery alone
+                return not cluster.coordinator.engine.active
+
+            await eventually(phase_two_over)
+            assert "t-phase2" not in await prepared(cluster, "payment")
+
+            async def nothing_prepared() -> bool:
+                for name in SERVICES:
+                    await ask(cluster.participants[name], cluster)
+                return not any([await prepared(cluster, name) for name in SERVICES])
+
+            await eventually(nothing_prepared)
+
+            orders = await cluster.orders()
+            confirmed = {
+                o.order_id for o in orders.values() if o.state == shop_pb2.ORDER_STATE_CONFIRMED
+            }
+            assert CONFIRMED == confirmed
+            assert "o-doubt" not in confirmed
+            accounts = await cluster.accounts()
+            assert {"o-done", "o-heur", "o-phase2"} == {c.order_id for c in accounts.captures}
+            [alice] = [a for a in accounts.accounts if a.account_id == "acct-alice"]
+            assert (100_000 - 3_000, 0) == (alice.balance_cents, alice.held_cents)
+            stock = await cluster.stock()
+            apple, pear = stock["sku-apple"], stock["sku-pear"]
+            assert (50 - APPLES_SOLD, 0, APPLES_SOLD) == (
+                apple.available,
+                apple.reserved,
+                apple.sold,
+            )
+            assert (20 - PEARS_SOLD, 0, PEARS_SOLD) == (pear.available, pear.reserved, pear.sold)
+            sent = await cluster.sent()
+            assert CONFIRMED == {notice.order_id for notice in sent.sent}
+
+            kept = {(h.transaction_id, h.branch, h.participant): h for h in await listed(cluster)}
+            assert {("t-forced", 0, "inventory"), ("t-heur", 0, "inventory")} == set(kept)
+            forced, heard = kept["t-forced", 0, "inventory"], kept["t-heur", 0, "inventory"]
+            assert (HEURISTIC_COMMIT, coordinator_pb2.OUTCOME_ABORTED, True) == (
+                forced.outcome,
+                forced.decision,
+                forced.found_by_inquiry,
+            )
+            assert (HEURISTIC_ROLLBACK, coordinator_pb2.OUTCOME_COMMITTED, False) == (
+                heard.outcome,
+                heard.decision,
+                heard.found_by_inquiry,
+            )
+            outcomes = {  # as a participant asking about its branch would hear them
+                txn: (await cluster.client.QueryOutcome(request(txn))).outcome
+                # Not t-one: a one-phase commit leaves no record at the coordinator.
+                for txn in ("t-doubt", *DECIDED_TXNS)
+            }
+            committed, aborted = coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED
+            assert {"t-doubt": aborted} | dict.fromkeys(DECIDED_TXNS, committed) == outcomes
+
+    asyncio.run(scenario())
+
+
+def request(txn: str) -> coordinator_pb2.QueryOutcomeRequest:
+    return coordinator_pb2.QueryOutcomeRequest(transaction_id=txn)
+
+
+async def prepared(cluster: InProcessCluster, name: str) -> set[str]:
+    """The transaction ids of the branches `name` holds prepared (Participant.Recover)."""
+    response: Any = await cluster.participant_stub(name).Recover(participant_pb2.RecoverRequest())
+    return {branch.transaction_id for branch in response.branches}
