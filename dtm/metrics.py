@@ -97,6 +97,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dtm import logs
 from dtm.core.branch import HEURISTIC_OUTCOMES
 from dtm.core.transaction import Transaction, TxnState
+from dtm.records import log_format_record
 from dtm.wal import CheckpointPayload, payload_size
 
 if TYPE_CHECKING:
@@ -213,7 +214,11 @@ class CheckpointStats:
         started = time.perf_counter()
         records = build()
         built = time.perf_counter()
-        await log.checkpoint([(record_type, payload) for payload in records])
+        # First, the format its records are in: the segments that said so before are deleted
+        # once the checkpoint is durable (dtm.records.LOG_FORMAT).
+        framed: list[tuple[int, CheckpointPayload]] = [log_format_record()]
+        framed.extend((record_type, payload) for payload in records)
+        await log.checkpoint(framed)
         self.record(time.perf_counter() - started, sum(map(payload_size, records)), built - started)
 
     def record(self, seconds: float, size: int, building_s: float) -> None:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, cast
 
 from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from dtmpb.v1 import log_pb2
 
 if TYPE_CHECKING:  # dtm.wal imports this module
-    from dtm.wal import LogRecord
+    from dtm.wal import Log, LogRecord
 
 
 class RecordType(IntEnum):
@@ -41,6 +41,8 @@ class RecordType(IntEnum):
     PARTICIPANT_CHECKPOINT = 19
     BRANCH_FORGOTTEN = 20
     BRANCH_RECONCILED = 21
+    # either process
+    LOG_FORMAT = 32
 
 
 class ReplayError(Exception):
@@ -81,7 +83,70 @@ PAYLOADS: dict[RecordType, type[Message]] = {
     RecordType.PARTICIPANT_CHECKPOINT: log_pb2.ParticipantCheckpoint,
     RecordType.BRANCH_FORGOTTEN: log_pb2.BranchForgotten,
     RecordType.BRANCH_RECONCILED: log_pb2.BranchReconciled,
+    RecordType.LOG_FORMAT: log_pb2.LogFormat,
 }
+
+#: The format of the records this build writes, and the newest it reads (every older one too).
+#: Bumped when a build writes something an older build would misread; adding a field that an
+#: older build may ignore without harm needs no bump. 1: a log that states no format (69c5909
+#: and before). 2: heuristic outcomes are kept per attempt of a transaction id
+#: (HeuristicRecorded.transaction_fingerprint), which format 1 collapses into one per branch.
+LOG_FORMAT = 2
+_FORMAT_UNSTATED = 1
+
+
+def log_format_record() -> tuple[int, bytes]:
+    """The record stating this build's format: first in every checkpoint, and appended when a
+    process opens a log that states an older format or none."""
+    return RecordType.LOG_FORMAT, log_pb2.LogFormat(format=LOG_FORMAT).SerializeToString()
+
+
+def stamp_format(log: Log, replayed: Iterable[LogRecord]) -> None:
+    """After a replay of `replayed` succeeded, state this build's format in `log` if they
+    state another or none (a new log, or one an older release wrote): an older release
+    then refuses the log (a record type it does not know) instead of misreading what this
+    one writes. Not waited for: the next record made durable covers it, and a crash before
+    that leaves the log as it was, stamped at the next start."""
+    if stated_format(replayed) != LOG_FORMAT:
+        log.append(*log_format_record())
+
+
+def stated_format(records: Iterable[LogRecord]) -> int:
+    """The format the last LogFormat record of `records` states (1 when none does)."""
+    stated = _FORMAT_UNSTATED
+    for record in records:
+        if record.record_type == RecordType.LOG_FORMAT:
+            stated = log_pb2.LogFormat.FromString(record.payload).format
+    return stated
+
+
+def newer_format_problem(stated: int) -> str | None:
+    """Why a log stating format `stated` must not be replayed by this build; None if it can."""
+    if stated <= LOG_FORMAT:
+        return None
+    return (
+        f"the log is in format {stated}, written by a newer dtm; this build reads formats 1 to "
+        f"{LOG_FORMAT}: run a dtm that reads format {stated} (going back to an older release "
+        "after a newer one has written the log is not supported)"
+    )
+
+
+def without_format_records(
+    records: Iterable[LogRecord], log: Path | None = None
+) -> Iterator[LogRecord]:
+    """`records` but for their LogFormat ones, for replay; raises ReplayError at a LogFormat
+    record stating a format newer than this build's, before any record after it is read."""
+    for record in records:
+        if record.record_type != RecordType.LOG_FORMAT:
+            yield record
+            continue
+        try:
+            stated = log_pb2.LogFormat.FromString(record.payload).format
+        except DecodeError as error:
+            raise ReplayError(log, record.lsn, record.record_type, str(error)) from error
+        problem = newer_format_problem(stated)
+        if problem is not None:
+            raise ReplayError(log, record.lsn, record.record_type, problem)
 
 
 def field_key(number: int) -> bytes:

@@ -33,6 +33,7 @@ from dtm.records import (
     field_key,
     in_parts,
     varint,
+    without_format_records,
 )
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2
@@ -990,7 +991,9 @@ class BranchEngine:
         """Rebuild branches, service state and locks from the log, before serving. A record
         it cannot apply raises ReplayError, naming `log_directory`, its LSN and its type."""
         since_checkpoint = 0
-        for record in coalesced(records, RecordType.PARTICIPANT_CHECKPOINT):
+        # A log in a format newer than this build's is refused, not misread.
+        replayed = without_format_records(records, log_directory)
+        for record in coalesced(replayed, RecordType.PARTICIPANT_CHECKPOINT):
             try:
                 kind = RecordType(record.record_type)
                 if kind is RecordType.PARTICIPANT_CHECKPOINT:

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from dtm import cli
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
-from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
+from dtm.records import LOG_FORMAT, RecordType, ReplayError
+from dtm.wal import WriteAheadLog, dump
+from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.services.orders import OrdersService
 from tests.cli_runner import dtm
 from tests.harness import ASKS_LATER, InProcessCluster, ask, eventually, listed
 
@@ -130,6 +136,11 @@ def test_todays_code_resolves_every_transaction_a_release_left_in_doubt(
             assert {"t-doubt": aborted} | dict.fromkeys(DECIDED_TXNS, committed) == outcomes
 
     asyncio.run(scenario())
+    # Stamped once, after the records of the release: it would refuse the log now (a record
+    # type it does not know) rather than misread what today's code wrote after them.
+    assert {name: [LOG_FORMAT] for name in PROCESSES} == {
+        name: stated(tmp_path / name / "wal") for name in PROCESSES
+    }
 
 
 def request(txn: str) -> coordinator_pb2.QueryOutcomeRequest:
@@ -140,3 +151,107 @@ async def prepared(cluster: InProcessCluster, name: str) -> set[str]:
     """The transaction ids of the branches `name` holds prepared (Participant.Recover)."""
     response: Any = await cluster.participant_stub(name).Recover(participant_pb2.RecoverRequest())
     return {branch.transaction_id for branch in response.branches}
+
+
+# ---- the log states its format; a newer one is refused ----
+
+NEWER = LOG_FORMAT + 1
+
+
+def log_types(directory: Path) -> list[int]:
+    """The record types a fresh open of the log `directory` would replay."""
+    log, records = WriteAheadLog.open(directory)
+    log.close()
+    return [record.record_type for record in records]
+
+
+def stated(directory: Path) -> list[int]:
+    """The formats the log's LogFormat records state, in order."""
+    log, records = WriteAheadLog.open(directory)
+    log.close()
+    return [
+        log_pb2.LogFormat.FromString(record.payload).format
+        for record in records
+        if record.record_type == RecordType.LOG_FORMAT
+    ]
+
+
+def newer_log(directory: Path, record_type: int, payload: bytes) -> bytes:
+    """A log as a newer dtm would leave it: its format, then a record; returns its bytes."""
+    log, _ = WriteAheadLog.open(directory)
+    log.append(RecordType.LOG_FORMAT, log_pb2.LogFormat(format=NEWER).SerializeToString())
+    log.append(record_type, payload)
+    log.sync()
+    log.close()
+    return b"".join(path.read_bytes() for path in sorted(directory.glob("*.wal")))
+
+
+async def constructed(server: Callable[[], object]) -> None:
+    """Construct a server (which replays its log) on a running loop, as a start does."""
+    server()
+
+
+def test_a_coordinator_log_in_a_newer_format_is_refused_naming_both_formats(
+    tmp_path: Path,
+) -> None:
+    """Before, nothing in a log said which format it is in: a newer dtm's records were read
+    as this build understands them (a field it does not know dropped without a word), so a
+    log could be misread after a downgrade. Now the start is refused at the LogFormat record,
+    before any record after it is applied, and the log is left as it was."""
+    directory = tmp_path / "coordinator" / "wal"
+    owed = log_pb2.CommitDecided(
+        transaction_id="t-new", branches=[log_pb2.DecisionBranch(branch=0, participant="p")]
+    )
+    before = newer_log(directory, RecordType.COMMIT_DECIDED, owed.SerializeToString())
+    config = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0")
+    with pytest.raises(ReplayError) as refused:
+        asyncio.run(constructed(lambda: CoordinatorServer(config)))
+    assert (1, RecordType.LOG_FORMAT) == (refused.value.lsn, refused.value.record_type)
+    assert (
+        f"record at LSN 1 (LOG_FORMAT): the log is in format {NEWER}, written by a newer dtm; "
+        f"this build reads formats 1 to {LOG_FORMAT}: run a dtm that reads format {NEWER}"
+    ) in str(refused.value)
+    assert before == b"".join(path.read_bytes() for path in sorted(directory.glob("*.wal")))
+
+
+def test_a_participant_log_in_a_newer_format_is_refused_and_dump_says_so(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "orders" / "wal"
+    newer_log(directory, RecordType.BRANCH_FORGOTTEN, b"")
+    server_config = ParticipantConfig(data_dir=tmp_path, listen="127.0.0.1:0")
+    with pytest.raises(ReplayError, match=f"the log is in format {NEWER}, written by a newer"):
+        asyncio.run(constructed(lambda: ParticipantServer(OrdersService(), server_config)))
+    assert [RecordType.LOG_FORMAT, RecordType.BRANCH_FORGOTTEN] == log_types(directory)
+
+    [first, _] = list(dump(directory))
+    assert f"LOG_FORMAT format: {NEWER} (NEWER FORMAT: the log is in format {NEWER}" in first
+
+
+def test_a_log_states_the_format_it_is_in_from_its_first_start_and_in_each_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A new log states it in its first record, once: a restart does not state it again.
+    Every checkpoint states it first, as the segments that did are deleted behind it."""
+
+    def formats(name: str) -> list[str]:
+        return [line for line in dump(tmp_path / name / "wal") if "LOG_FORMAT" in line]
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            first = [line.split()[0] for line in formats("coordinator")]
+            assert ["lsn=1"] == first
+            await cluster.restart_coordinator()
+            assert 1 == len(formats("coordinator"))
+            engine = cluster.coordinator.engine
+            engine.records_since_checkpoint = engine.config.checkpoint_every_records
+            assert await engine.checkpoint_if_due()
+            for server in cluster.participants.values():
+                await server.engine.checkpoint()
+            for name in PROCESSES:
+                lines = list(dump(tmp_path / name / "wal"))
+                assert lines[0].split()[2] == "CHECKPOINT_BEGIN", lines[0]
+                assert f"LOG_FORMAT format: {LOG_FORMAT}" in lines[1], (name, lines[:2])
+                assert 1 == len(formats(name)), name
+
+    asyncio.run(scenario())

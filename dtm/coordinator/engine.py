@@ -51,6 +51,7 @@ from dtm.records import (
     encoded_field,
     field_key,
     in_parts,
+    without_format_records,
 )
 from dtm.wal import CheckpointPayload, Log, LogRecord
 from dtmpb.v1 import coordinator_pb2, log_pb2
@@ -1267,7 +1268,9 @@ class Engine:
         it cannot apply raises ReplayError, naming `log_directory`, its LSN and its type."""
         pending: dict[str, log_pb2.CommitDecided] = {}
         since_checkpoint = 0
-        for record in coalesced(records, RecordType.COORDINATOR_CHECKPOINT):
+        # A log in a format newer than this build's is refused, not misread.
+        replayed = without_format_records(records, log_directory)
+        for record in coalesced(replayed, RecordType.COORDINATOR_CHECKPOINT):
             try:
                 kind = RecordType(record.record_type)
                 if kind is RecordType.COORDINATOR_CHECKPOINT:

@@ -28,6 +28,7 @@ from dtm.coordinator.registry import (
     quoted,
     validate_registration,
 )
+from dtm.records import stamp_format
 from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -610,6 +611,7 @@ class CoordinatorServer:
             # log instead of finding it "in use by another process (pid <itself>)".
             self.wal.abandon()
             raise
+        stamp_format(self.wal, records)
         self.server = grpc_edge.new_server(security.server_interceptors(config.tls))
         self.port = 0
         self._housekeeping: asyncio.Task[None] | None = None

@@ -21,6 +21,7 @@ from dtm.wal.frames import (
     _not_a_segment_start,
     _scan,
 )
+from dtmpb.v1 import log_pb2
 
 
 def _describe(record_type: int, payload: bytes) -> str:
@@ -37,7 +38,13 @@ def _describe(record_type: int, payload: bytes) -> str:
         return f"TYPE_{record_type} undecodable ({error}) payload={payload.hex()}"
     if message is None:
         return f"{name} payload={payload.hex()}"
-    return f"{name} {record_types.record_text(message)}".rstrip()
+    described = f"{name} {record_types.record_text(message)}".rstrip()
+    if isinstance(message, log_pb2.LogFormat):
+        # Dumped anyway (read-only), but the records after it may read wrong here.
+        newer = record_types.newer_format_problem(message.format)
+        if newer is not None:
+            described += f" (NEWER FORMAT: {newer}; the records after it may show wrongly here)"
+    return described
 
 
 def dump(path: Path) -> Iterator[str]:

@@ -16,6 +16,7 @@ import grpc
 
 from dtm import crashpoints, grpc_edge, limits, logs, metrics, security
 from dtm.core.branch import BranchState
+from dtm.records import stamp_format
 from dtm.wal import WriteAheadLog, async_log
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
 from participants.branches import (
@@ -130,6 +131,7 @@ class ParticipantServer:
             # (with its service fixed) instead of finding it "in use" by itself.
             self.wal.abandon()
             raise
+        stamp_format(self.wal, records)
         # A new log starts with a checkpoint of the initial state (stock, accounts): until the
         # first periodic one, replay started from whatever initial state this process was
         # given, so a restart with another --initial file (or another DEFAULT_CATALOG)

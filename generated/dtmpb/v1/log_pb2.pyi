@@ -208,3 +208,9 @@ class CoordinatorCheckpoint(_message.Message):
     heuristics: _containers.RepeatedCompositeFieldContainer[HeuristicRecorded]
     ended: _containers.RepeatedCompositeFieldContainer[CommitDecided]
     def __init__(self, participants: _Optional[_Iterable[_Union[_coordinator_pb2.ParticipantInfo, _Mapping]]] = ..., committing: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ..., heuristics: _Optional[_Iterable[_Union[HeuristicRecorded, _Mapping]]] = ..., ended: _Optional[_Iterable[_Union[CommitDecided, _Mapping]]] = ...) -> None: ...
+
+class LogFormat(_message.Message):
+    __slots__ = ("format",)
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    format: int
+    def __init__(self, format: _Optional[int] = ...) -> None: ...
