@@ -74,6 +74,10 @@ BRANCHES_DECIDED_KEPT = 100_000
 HEURISTICS_KEPT_MAX = 10_000
 LIST_TRANSACTIONS_LIMIT_DEFAULT = 100
 LIST_TRANSACTIONS_LIMIT_MAX = 1_000
+# Connections the /metrics endpoint serves at once, each on its own thread; one more is closed
+# at once. A scraper or two need one each; without a bound, silent connections (held up to
+# dtm.metrics.HANDSHAKE_TIMEOUT_S each) took the process's threads and file descriptors.
+METRICS_CONNECTIONS_MAX = 16
 
 # ---- log ----
 LOG_RECORD_BYTES_MAX = 8 * 1024 * 1024

@@ -89,12 +89,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dtm import logs
+from dtm import limits, logs
 from dtm.core.branch import HEURISTIC_OUTCOMES
 from dtm.core.transaction import Transaction, TxnState
 from dtm.records import log_format_record
@@ -684,8 +685,9 @@ class ParticipantMetrics:
 
 # ---- the HTTP endpoint ----
 
-#: How long a client of a TLS /metrics endpoint may take over its handshake: one that
-#: connects and says nothing holds one thread of the endpoint until then, never the others.
+#: How long a client of a TLS /metrics endpoint may take over its handshake, and any client
+#: silent while its request is read: one that connects and says nothing holds one thread of
+#: the endpoint (of limits.METRICS_CONNECTIONS_MAX) until then, never the others.
 HANDSHAKE_TIMEOUT_S = 10.0
 #: What is read of a plain HTTP request before it is refused (a scrape's is a few hundred bytes).
 _PLAIN_REQUEST_BYTES_MAX = 64 * 1024
@@ -787,6 +789,10 @@ def _serve(
     from prometheus_client.exposition import ThreadingWSGIServer
 
     class QuietHandler(WSGIRequestHandler):
+        # A client silent this long loses its connection (and its slot): prometheus_client's
+        # handler waited for a request for good.
+        timeout = HANDSHAKE_TIMEOUT_S
+
         def log_message(self, format: str, *args: Any) -> None:
             """Scrapes are not logged (no more than prometheus_client's own handler does)."""
 
@@ -794,8 +800,34 @@ def _serve(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
 
+    # One thread and one descriptor per connection: at most this many, so that whoever
+    # reaches the port cannot take the process's (the log's and gRPC's) with silent ones.
+    slots = threading.BoundedSemaphore(limits.METRICS_CONNECTIONS_MAX)
+
     class Server(ThreadingWSGIServer):
         address_family = family
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)  # closed at once: the scraper retries
+                return
+            try:
+                super().process_request(request, client_address)  # its thread releases it
+            except BaseException:
+                slots.release()  # no thread started
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            """A client gone silent (QuietHandler.timeout) or away is no traceback on stderr;
+            anything else is, as before."""
+            if not isinstance(sys.exc_info()[1], OSError):
+                super().handle_error(request, client_address)
 
         def finish_request(self, request: Any, client_address: Any) -> None:
             if context is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -15,9 +16,10 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from dtm import logs, metrics
+from dtm import limits, logs, metrics
 from dtm.coordinator.engine import CoordinatorConfig, Engine
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.wal import MemoryLog
@@ -28,6 +30,9 @@ from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
 from tests.doubles import AnsweringRegistry
 from tests.harness import ACCOUNTS, STOCK, eventually, order_branches
+
+#: How long a test waits for the server to close a connection before it counts as never.
+TIMEOUT_GUARD_S = 5.0
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -473,3 +478,67 @@ def test_transaction_latencies_are_timed_by_the_monotonic_clock(
     asyncio.run(scenario())
     [line] = [line for line in capsys.readouterr().err.splitlines() if "finished" in line]
     assert " ms=250 " in f"{line} ", line
+
+
+def test_the_endpoint_serves_a_bounded_number_of_connections_and_drops_silent_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each connection to /metrics took a thread (and a file descriptor) of the process for as
+    long as its client kept it open, with no bound: under TLS 10 s per connection that never
+    finished its handshake, over plain HTTP for good. Anyone who could reach the port took
+    the process's threads and descriptors (the WAL's and gRPC's too) with silent
+    connections. Now at most METRICS_CONNECTIONS_MAX are served at once (one more is closed
+    at once), and a client silent for HANDSHAKE_TIMEOUT_S loses its connection."""
+    monkeypatch.setattr(limits, "METRICS_CONNECTIONS_MAX", 2)
+    monkeypatch.setattr(metrics, "HANDSHAKE_TIMEOUT_S", 60.0)
+
+    def closed_by_server(connection: socket.socket) -> bool:
+        connection.settimeout(TIMEOUT_GUARD_S)  # only if the server never closes it
+        try:
+            return b"" == connection.recv(1)
+        except TimeoutError:
+            return False
+
+    async def scenario() -> None:
+        registry = CollectorRegistry()
+        Counter("dtm_test", "A sample to scrape.", registry=registry).inc()
+        endpoint = metrics.MetricsEndpoint(registry, "127.0.0.1:0", "test")
+        port = endpoint.start()
+        address = ("127.0.0.1", port)
+        try:
+            # Accepted in the order they connect: the third finds both slots taken.
+            silent = [socket.create_connection(address) for _ in range(2)]
+            with socket.create_connection(address) as third:
+                assert await asyncio.to_thread(closed_by_server, third)
+            for connection in silent:
+                connection.close()
+
+            async def scraped() -> bool:  # once the silent ones' threads gave their slots back
+                try:
+                    samples = await asyncio.to_thread(scrape, port)
+                except OSError:
+                    return False
+                return 1.0 == value(samples, "dtm_test_total")
+
+            await eventually(scraped)
+        finally:
+            await endpoint.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_silent_client_of_the_plain_endpoint_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded connections need this: one that never sends its request held its slot for good."""
+    monkeypatch.setattr(metrics, "HANDSHAKE_TIMEOUT_S", 0.2)
+
+    async def scenario() -> None:
+        endpoint = metrics.MetricsEndpoint(CollectorRegistry(), "127.0.0.1:0", "test")
+        port = endpoint.start()
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as silent:
+                silent.settimeout(TIMEOUT_GUARD_S)  # only if the server never closes it
+                assert b"" == await asyncio.to_thread(silent.recv, 1)
+        finally:
+            await endpoint.stop()
+
+    asyncio.run(scenario())
