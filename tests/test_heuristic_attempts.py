@@ -362,3 +362,43 @@ def test_a_participant_forces_and_reports_two_attempts_of_one_id_one_after_the_o
         assert LATER == forced.fingerprint  # what its inquiry and report carry
 
     asyncio.run(scenario())
+
+
+def test_an_outcome_whose_attempt_is_not_known_is_forgotten_alone(tmp_path: Path) -> None:
+    """Kept for t1/0: an outcome with no fingerprint (a record from before the field, or a
+    report without one) beside another attempt's. No `--attempt HEX` names an empty
+    fingerprint, and without one both matched, so the first could be forgotten only after the
+    other attempt's, reconciled or not; the refusal listed it as "(none)", which no option
+    could say. `--attempt -` (the ATTEMPT column's "-"; ForgetHeuristicRequest
+    .transaction_fingerprint set and empty) names it."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await earlier_attempt_reported(cluster)
+            unknown = recorded(b"", HEURISTIC_ROLLBACK, committed=True)
+            unknown.transaction_id = "t1"
+            cluster.coordinator.engine.heuristics.keep(unknown)  # as a legacy record replays
+            at = ["--coordinator", cluster.coordinator_address]
+
+            status, _, err = await dtm(*at, "heuristics", "forget", "t1", "0")
+            assert cli.EXIT_OK != status
+            assert "--attempt -" in err, err
+            status, out, err = await dtm(*at, "heuristics", "forget", "t1", "0", "--attempt", "-")
+            assert cli.EXIT_OK == status, err
+            assert "(attempt -)" in out, out
+            assert [EARLIER] == [h.transaction_fingerprint for h in await listed(cluster)]
+
+            # Over the API: the field set, and empty. Forgotten already: NOT_FOUND, saying so.
+            forget = coordinator_pb2.ForgetHeuristicRequest(
+                transaction_id="t1", branch=0, transaction_fingerprint=b""
+            )
+            await expect_status(
+                cluster.client.ForgetHeuristic(forget),
+                grpc.StatusCode.NOT_FOUND,
+                "no heuristic outcome of an unknown attempt is kept for t1/0",
+            )
+            # Its HeuristicForgotten (no fingerprint) replays without touching EARLIER's.
+            await cluster.restart_coordinator()
+            assert [EARLIER] == [h.transaction_fingerprint for h in await listed(cluster)]
+
+    asyncio.run(scenario())

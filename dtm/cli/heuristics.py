@@ -15,6 +15,7 @@ from dtm.cli.session import (
     Session,
     rpc_error,
 )
+from dtm.coordinator.heuristics import UNKNOWN_ATTEMPT
 from dtmpb.v1 import (
     coordinator_pb2,
 )
@@ -84,15 +85,21 @@ def cmd_heuristics(session: Session) -> int:
 def cmd_heuristics_forget(session: Session) -> int:
     options = session.options
     request = coordinator_pb2.ForgetHeuristicRequest(
-        transaction_id=options.id, branch=options.branch, transaction_fingerprint=options.attempt
+        transaction_id=options.id, branch=options.branch
     )
+    if options.attempt is not None:  # set, even empty (`--attempt -`: an unknown attempt)
+        request.transaction_fingerprint = options.attempt
     try:
         response = session.coordinator.ForgetHeuristic(request, timeout=session.timeout)
     except grpc.RpcError as error:
         address = session.coordinator_address
         if isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.NOT_FOUND:
             # Its own message names the API call (ListHeuristics); here, the command.
-            of_attempt = f" of attempt {options.attempt.hex()}" if options.attempt else ""
+            of_attempt = (
+                ""
+                if options.attempt is None
+                else f" of attempt {options.attempt.hex() or UNKNOWN_ATTEMPT}"
+            )
             raise CliError(
                 f"the coordinator at {address} keeps no heuristic outcome{of_attempt} for "
                 f"{options.id}/{options.branch}: never recorded, or already forgotten "

@@ -51,6 +51,7 @@ from dtm.cli.transactions import (
     cmd_txn_retry,
     cmd_txn_show,
 )
+from dtm.coordinator.heuristics import UNKNOWN_ATTEMPT
 
 # ---- the command line ----
 
@@ -377,10 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument(
         "--attempt",
         type=_attempt,
-        default=b"",
+        default=None,
         metavar="HEX",
         help="which attempt of the transaction id, when several have one kept for the branch: "
-        "its fingerprint, or the start of it, as the ATTEMPT column shows it",
+        "its fingerprint, or the start of it, as the ATTEMPT column shows it ('-': the one "
+        "whose attempt is not known)",
     )
     forget.set_defaults(handler=cmd_heuristics_forget)
 
@@ -430,7 +432,10 @@ _branch_index = _bounded_int(0, limits.BRANCHES_PER_TRANSACTION_MAX - 1)
 
 
 def _attempt(text: str) -> bytes:
-    """--attempt: a transaction fingerprint, or its first bytes, in hex."""
+    """--attempt: a transaction fingerprint, or its first bytes, in hex; "-" (as the ATTEMPT
+    column shows it) for an outcome whose attempt is not known: empty."""
+    if text == UNKNOWN_ATTEMPT:
+        return b""
     try:
         fingerprint = bytes.fromhex(text)
     except ValueError:

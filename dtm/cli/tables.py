@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from dtm.coordinator.heuristics import UNKNOWN_ATTEMPT
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 #: Longest cell of a table column that holds free text (reasons, errors); --json has it whole.
@@ -124,7 +125,7 @@ ATTEMPT_HEX_DIGITS = 12
 
 def attempt(heuristic: coordinator_pb2.HeuristicOutcome) -> str:
     """The attempt of the transaction id a heuristic outcome belongs to ("-": not known)."""
-    return heuristic.transaction_fingerprint.hex()[:ATTEMPT_HEX_DIGITS] or "-"
+    return heuristic.transaction_fingerprint.hex()[:ATTEMPT_HEX_DIGITS] or UNKNOWN_ATTEMPT
 
 
 def found_by(heuristic: coordinator_pb2.HeuristicOutcome) -> str:

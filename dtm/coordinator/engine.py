@@ -24,7 +24,14 @@ from google.protobuf.message import DecodeError
 
 from dtm import crashpoints, limits, logs
 from dtm.coordinator.finished import FinishedWindow, Head, TransactionView, pack
-from dtm.coordinator.heuristics import HeuristicTable, heuristic_pb, key_of, same_attempt
+from dtm.coordinator.heuristics import (
+    UNKNOWN_ATTEMPT,
+    HeuristicTable,
+    heuristic_pb,
+    key_of,
+    named_by,
+    same_attempt,
+)
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.coordinator.run import (
@@ -121,9 +128,9 @@ def _other_report(kept: log_pb2.HeuristicRecorded, outcome: str, text: str) -> s
 
 
 def _attempt_option(kept: log_pb2.HeuristicRecorded) -> str:
-    """The `dtm heuristics forget` option naming a kept outcome's attempt, if it has one."""
-    fingerprint = kept.transaction_fingerprint
-    return f" --attempt {fingerprint.hex()}" if fingerprint else ""
+    """The `dtm heuristics forget` option naming a kept outcome's attempt: named even when it
+    is the only one kept now, since another attempt's may be by the time the operator acts."""
+    return f" --attempt {kept.transaction_fingerprint.hex() or UNKNOWN_ATTEMPT}"
 
 
 def _same_transaction(transaction_id: str, known: bytes, fingerprint: bytes) -> None:
@@ -719,16 +726,17 @@ class Engine:
         return info
 
     async def forget_heuristic(
-        self, transaction_id: str, branch: int, attempt: bytes = b""
+        self, transaction_id: str, branch: int, attempt: bytes | None = None
     ) -> log_pb2.HeuristicRecorded | None:
         """An operator reconciled a heuristic outcome: stop listing it, durably (the answer
-        waits for the record). `attempt`: its fingerprint, or the first bytes of it (empty:
-        any). None when none is kept for that branch (and attempt); Refused when several
-        attempts' are (the operator names one)."""
+        waits for the record). `attempt`: its fingerprint, or the first bytes of it; empty:
+        the one whose attempt is not known; None: any (`named_by`). None when none is kept
+        for that branch (and attempt); Refused when several attempts' are (the operator
+        names one)."""
         matching = [
             kept
             for kept in self.heuristics.of_branch(transaction_id, branch)
-            if kept.transaction_fingerprint.startswith(attempt)
+            if named_by(kept.transaction_fingerprint, attempt)
         ]
         if not matching:
             return None
@@ -738,9 +746,11 @@ class Engine:
                 f"{len(matching)} heuristic outcomes are kept for branch "
                 f"{transaction_id}/{branch}, one per attempt of the transaction id: name the "
                 f"one reconciled (dtm heuristics forget {transaction_id} {branch} --attempt "
-                "HEX; ForgetHeuristicRequest.transaction_fingerprint), among "
+                f"HEX, or --attempt {UNKNOWN_ATTEMPT} for the one whose attempt is not known; "
+                "ForgetHeuristicRequest.transaction_fingerprint, set and empty for that one), "
+                "among "
                 + ", ".join(
-                    f"{kept.transaction_fingerprint.hex() or '(none)'} ({kept.outcome})"
+                    f"{kept.transaction_fingerprint.hex() or UNKNOWN_ATTEMPT} ({kept.outcome})"
                     for kept in matching
                 ),
             )

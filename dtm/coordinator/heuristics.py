@@ -28,6 +28,22 @@ def key_of(record: log_pb2.HeuristicRecorded | log_pb2.HeuristicForgotten) -> Ke
     return (record.transaction_id, record.branch, record.transaction_fingerprint)
 
 
+#: How an outcome whose attempt is not known (kept with no fingerprint) is named: the ATTEMPT
+#: column of `dtm heuristics`, and `dtm heuristics forget --attempt`.
+UNKNOWN_ATTEMPT = "-"
+
+
+def named_by(fingerprint: bytes, attempt: bytes | None) -> bool:
+    """Whether a kept outcome's `fingerprint` is the attempt an operator named: any for None
+    (none named), only an unknown one (no fingerprint) for empty, else one that starts with
+    `attempt`. No prefix names an empty fingerprint, hence the empty attempt."""
+    if attempt is None:
+        return True
+    if not attempt:
+        return not fingerprint
+    return fingerprint.startswith(attempt)
+
+
 def same_attempt(fingerprint: bytes, other: bytes) -> bool:
     """Whether two fingerprints may name one attempt: equal, or either empty (unknown), as
     QueryOutcome takes them."""

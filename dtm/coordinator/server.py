@@ -118,6 +118,13 @@ async def _check_asker(
     await _check_fingerprint(context, request.transaction_fingerprint)
 
 
+def _of_attempt(attempt: bytes | None) -> str:
+    """The attempt an operator named to ForgetHeuristic, as a refusal names it."""
+    if attempt is None:
+        return ""
+    return f" of attempt {attempt.hex()}..." if attempt else " of an unknown attempt"
+
+
 async def _check_fingerprint(context: Context, fingerprint: bytes) -> None:
     if len(fingerprint) > limits.TRANSACTION_FINGERPRINT_BYTES_MAX:
         await grpc_edge.abort(
@@ -455,8 +462,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         problem = limits.branch_ids_problem(request.transaction_id, request.branch)
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-        attempt = request.transaction_fingerprint
-        await _check_fingerprint(context, attempt)
+        await _check_fingerprint(context, request.transaction_fingerprint)
+        # Set and empty: the outcome whose attempt is not known; unset: any.
+        attempt = (
+            request.transaction_fingerprint if request.HasField("transaction_fingerprint") else None
+        )
         try:
             forgotten = await self.engine.forget_heuristic(
                 request.transaction_id, request.branch, attempt
@@ -464,11 +474,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except Refused as refused:
             await grpc_edge.abort(context, refused.code, str(refused))
         if forgotten is None:
-            of_attempt = f" of attempt {attempt.hex()}..." if attempt else ""
             await grpc_edge.abort(
                 context,
                 grpc.StatusCode.NOT_FOUND,
-                f"no heuristic outcome{of_attempt} is kept for "
+                f"no heuristic outcome{_of_attempt(attempt)} is kept for "
                 f"{request.transaction_id}/{request.branch}: never recorded, or already "
                 "forgotten (list them with ListHeuristics: `dtm heuristics`)",
             )
