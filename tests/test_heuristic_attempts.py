@@ -402,3 +402,28 @@ def test_an_outcome_whose_attempt_is_not_known_is_forgotten_alone(tmp_path: Path
             assert [EARLIER] == [h.transaction_fingerprint for h in await listed(cluster)]
 
     asyncio.run(scenario())
+
+
+def test_a_report_against_its_own_attempts_outcome_is_refused_beside_an_unknown_one() -> None:
+    """Kept for t-r/0: EARLIER's heuristic rollback of a commit, and an outcome of an unknown
+    attempt that says what EARLIER's report says. EARLIER's report contradicts its own
+    attempt's outcome, and is refused as without the unknown one: that one only may be
+    EARLIER's, the other is. It was acknowledged from the unknown one, nothing recorded."""
+
+    async def scenario() -> None:
+        log = MemoryLog()
+        engine = Engine(log, Registry(), CoordinatorConfig())
+        engine.heuristics.keep(recorded(EARLIER, HEURISTIC_ROLLBACK, committed=True))
+        engine.heuristics.keep(recorded(b"", HEURISTIC_COMMIT, committed=False))
+        with pytest.raises(Refused) as refused:
+            await engine.report_heuristic(
+                "t-r", 0, "inventory", forced_commit=True, fingerprint=EARLIER
+            )
+        assert grpc.StatusCode.FAILED_PRECONDITION == refused.value.code
+        assert f"--attempt {EARLIER.hex()}" in str(refused.value), str(refused.value)
+        # Without a fingerprint the report cannot tell either: the unknown one answers it.
+        unknown = await engine.report_heuristic("t-r", 0, "inventory", forced_commit=True)
+        assert b"" == unknown.transaction_fingerprint
+        assert 0 == log.appended_lsn
+
+    asyncio.run(scenario())

@@ -836,14 +836,25 @@ class Engine:
         self, transaction_id: str, branch: int, fingerprint: bytes
     ) -> list[log_pb2.HeuristicRecorded]:
         """The heuristic outcomes kept for the branch that may be the reporting attempt's:
-        its own fingerprint's first, then those that cannot tell (an empty fingerprint, on
-        either side). Another attempt's is no concern of this report."""
+        those kept under its own fingerprint, if any; else those that cannot tell (an empty
+        fingerprint, on either side). Another attempt's is no concern of this report, and
+        one that only may be its attempt's does not answer for one that is: the report
+        would be acknowledged while it contradicts its own attempt's outcome."""
         candidates = [
             kept
             for kept in self.heuristics.of_branch(transaction_id, branch)
             if same_attempt(kept.transaction_fingerprint, fingerprint)
         ]
-        return sorted(candidates, key=lambda kept: kept.transaction_fingerprint != fingerprint)
+        own = [
+            kept
+            for kept in candidates
+            if fingerprint and kept.transaction_fingerprint == fingerprint
+        ]
+        # Else those that cannot tell: for a report without a fingerprint, one kept without
+        # one first (what a refusal names).
+        return own or sorted(
+            candidates, key=lambda kept: kept.transaction_fingerprint != fingerprint
+        )
 
     def _record_reported(
         self,
