@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc import StatusCode as Code
 
 from dtm import cli, grpc_edge
+from dtm.coordinator.server import CoordinatorServicer
 from dtm.core.branch import BranchState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
+from participants.server import process
 from tests.cli_runner import dtm
 from tests.harness import (
     ASKS_LATER,
@@ -139,6 +142,36 @@ def test_a_direct_force_is_refused_while_the_coordinator_is_still_deciding(
                 "still deciding t-d",
             )
             assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
+
+    asyncio.run(scenario())
+
+
+def test_a_coordinator_slower_than_an_inquiry_but_answering_still_stops_a_forced_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live coordinator that takes longer than the housekeeping's one-second inquiry (a
+    loaded event loop, a GC pause) is not a lost one: the force's question waits as long as
+    `dtm force` does, hears presumed abort and refuses the commit. With the inquiry's second
+    it counted as unreachable and the forced commit went through unchecked."""
+    slow_s = process.INQUIRY_TIMEOUT_S + 0.5
+    assert slow_s < process.FORCE_CHECK_TIMEOUT_S
+    answer_in_time = CoordinatorServicer._refuse_if_replaced
+
+    async def slow_inquiry(
+        self: CoordinatorServicer, request: Any, context: Any, *args: Any
+    ) -> None:
+        await asyncio.sleep(slow_s)
+        await answer_in_time(self, request, context, *args)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-slow")
+            monkeypatch.setattr(CoordinatorServicer, "_refuse_if_replaced", slow_inquiry)
+            admin = cluster.admin("inventory")
+            await refused_unsafe(
+                admin.ForceOutcome(force("t-slow", 0, commit=True)), "presumed abort"
+            )
+            assert BranchState.PREPARED is state(cluster, "inventory", "t-slow", 0)
 
     asyncio.run(scenario())
 

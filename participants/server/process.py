@@ -81,8 +81,13 @@ def tls_hint(details: str, tls: bool) -> str | None:
 
 
 #: How long an inquiry waits for the coordinator's answer (the housekeeping's, and the one
-#: before an operator's force or forget): a coordinator that takes longer counts as unreachable.
+#: before an operator's forget): a coordinator that takes longer is asked again later.
 INQUIRY_TIMEOUT_S = 1.0
+#: How long the question before an operator's force waits: a coordinator that takes longer
+#: counts as unreachable and lets the force go unchecked, so this is as patient as `dtm
+#: force`'s own check (the CLI's default --timeout), not the housekeeping's second, which a
+#: live but busy coordinator can miss.
+FORCE_CHECK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class CoordinatorAnswer:
     """The coordinator's answer to an inquiry about one branch: `outcome` (OUTCOME_COMMITTED,
     OUTCOME_ABORTED, or OUTCOME_UNSPECIFIED while undecided), or None when it gave none, with
     `problem` saying why; `unreachable` when no answer came at all (none configured,
-    UNAVAILABLE, or none within INQUIRY_TIMEOUT_S), as opposed to a refusal or a failed TLS
+    UNAVAILABLE, or none within FORCE_CHECK_TIMEOUT_S), as opposed to a refusal or a failed TLS
     handshake."""
 
     outcome: int | None
@@ -451,7 +456,7 @@ class ParticipantServer:
         if stub is None:
             return CoordinatorAnswer(None, "no coordinator is configured", unreachable=True)
         try:
-            answer = await stub.QueryOutcome(self._inquiry(key), timeout=INQUIRY_TIMEOUT_S)
+            answer = await stub.QueryOutcome(self._inquiry(key), timeout=FORCE_CHECK_TIMEOUT_S)
         except grpc.aio.AioRpcError as error:
             details = error.details() or ""
             hint = tls_hint(details, self.config.tls is not None)

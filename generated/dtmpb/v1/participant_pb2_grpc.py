@@ -444,7 +444,7 @@ class ParticipantAdminServicer:
         when forcing would contradict it: the coordinator has not decided yet, or decided the
         other way (ABORTED also by presumed abort: it has no record of the attempt), or could not
         be asked for another reason than being unreachable (a refusal, a failed TLS handshake).
-        A coordinator that cannot be reached at all (UNAVAILABLE, no answer within a second), or
+        A coordinator that cannot be reached at all (UNAVAILABLE, no answer within 5 seconds), or
         none configured, does not stop a force: that is the case forcing is for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
