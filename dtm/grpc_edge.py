@@ -26,6 +26,9 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
     ("grpc.max_send_message_length", limits.MESSAGE_BYTES_MAX),
     ("grpc.so_reuseport", 0),
+    # Calls waiting for the server's code: see limits.CALLS_PENDING_MAX.
+    ("grpc.server.max_pending_requests", limits.CALLS_PENDING_MAX),
+    ("grpc.server.max_pending_requests_hard_limit", limits.CALLS_PENDING_MAX),
 ]
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [

@@ -64,6 +64,13 @@ TRANSACTIONS_IN_FLIGHT_MAX = 10_000
 # attempt waiting for it to end): not counted as transactions in flight, and each holds its
 # call and its request (up to MESSAGE_BYTES_MAX) until then.
 SUBMITS_WAITING_PER_TRANSACTION_MAX = 64
+# Calls a server's gRPC core holds for it before the server's code takes them (its event loop
+# is busy): gRPC's own bound (grpc.server.max_pending_requests, 1,000 by default, and a hard
+# limit of 3,000) cancelled a burst beyond it inside gRPC, CANCELLED with no message and no
+# line logged, before any bound of ours was reached (a burst of 3,000 Submits lost 763 that
+# way). Above the transactions in flight and the unary decisions to one participant
+# (DECISIONS_WAITING_MAX), so that those bounds answer first, each with a precise status.
+CALLS_PENDING_MAX = 2 * TRANSACTIONS_IN_FLIGHT_MAX
 # Finished transactions the coordinator remembers (for GetTransaction and retried Submits); a
 # retry of an older one is still never applied twice: the participants remember their branches.
 FINISHED_TRANSACTIONS_KEPT = 20_000
