@@ -8,14 +8,24 @@ import json
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc._cython import cygrpc  # channelz, as the grpcio-channelz package reads it
 
-from dtm import grpc_edge
-from dtmpb.v1 import coordinator_pb2, participant_pb2, participant_pb2_grpc
+from dtm import grpc_edge, limits
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtmpb.v1 import (
+    coordinator_pb2,
+    coordinator_pb2_grpc,
+    participant_pb2,
+    participant_pb2_grpc,
+    shop_pb2,
+)
+from tests.cli_runner import dtm
+from tests.harness import pack
 
 # ---- 1. a burst of calls beyond gRPC's own queue: cancelled unseen, not answered ----
 
@@ -107,3 +117,86 @@ async def _burst(servicer: _Frozen, port: int) -> Counter[str]:
         answer.code().name if isinstance(answer, grpc.aio.AioRpcError) else "OK"
         for answer in answers
     )
+
+
+# ---- 2. `dtm txn list` of many wide transactions: over the message limit, nothing shown ----
+
+# Transactions of BRANCHES_PER_TRANSACTION_MAX branches, each refused with a reason the
+# coordinator keeps whole (REASON_CHARS_MAX): about 34 KB each, so 130 of them take 4.4 MB.
+WIDE_TRANSACTIONS = 130
+
+
+class _Refuser(participant_pb2_grpc.ParticipantServicer):
+    """A plain participant that refuses every prepare with the longest reason kept."""
+
+    async def Prepare(self, request: Any, context: Any) -> participant_pb2.PrepareResponse:
+        reason = f"{request.transaction_id}/{request.branch}: " + "r" * limits.REASON_CHARS_MAX
+        return participant_pb2.PrepareResponse(vote=coordinator_pb2.VOTE_REFUSED, reason=reason)
+
+    async def Rollback(self, request: Any, context: Any) -> participant_pb2.RollbackResponse:
+        return participant_pb2.RollbackResponse()
+
+
+async def _wide_refused_transactions(
+    client: coordinator_pb2_grpc.CoordinatorStub, address: str
+) -> None:
+    await client.RegisterParticipant(
+        coordinator_pb2.RegisterParticipantRequest(name="refuser", address=address)
+    )
+    branch = coordinator_pb2.BranchRequest(
+        participant="refuser", operation=pack(shop_pb2.StockLine(sku="x", quantity=1))
+    )
+    wide = [branch] * limits.BRANCHES_PER_TRANSACTION_MAX
+    for start in range(0, WIDE_TRANSACTIONS, 16):  # a few at a time: a small machine
+        await asyncio.gather(
+            *(
+                client.Submit(coordinator_pb2.SubmitRequest(transaction_id=f"t{n}", branches=wide))
+                for n in range(start, min(start + 16, WIDE_TRANSACTIONS))
+            )
+        )
+
+
+def test_listing_more_transactions_than_fit_one_answer_lists_those_that_fit(
+    tmp_path: Path,
+) -> None:
+    listed, few, (status, out, err) = asyncio.run(_list_wide_transactions(tmp_path))
+    assert listed.cut_at_message_limit
+    assert 100 < len(listed.transactions) < WIDE_TRANSACTIONS
+    assert all(len(t.branches) == limits.BRANCHES_PER_TRANSACTION_MAX for t in listed.transactions)
+    assert len({t.transaction_id for t in listed.transactions}) == len(listed.transactions)
+    assert len(few.transactions) == 10 and not few.cut_at_message_limit
+    assert status == 0, err
+    assert f"only the newest {len(listed.transactions)} matching transactions fit" in err
+    assert "ask for fewer (--limit)" in err
+    assert out.count("aborted") == len(listed.transactions)
+
+
+async def _list_wide_transactions(
+    tmp_path: Path,
+) -> tuple[
+    coordinator_pb2.ListTransactionsResponse,
+    coordinator_pb2.ListTransactionsResponse,
+    tuple[int, str, str],
+]:
+    """ListTransactions of WIDE_TRANSACTIONS wide ones, at the most and at 10; `dtm txn list
+    --limit 1000`."""
+    coordinator = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+    port = await coordinator.start()
+    refuser = grpc_edge.new_server()
+    participant_pb2_grpc.add_ParticipantServicer_to_server(_Refuser(), refuser)
+    refuser_port = grpc_edge.bind(refuser, "127.0.0.1:0")
+    await refuser.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        async with grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS) as channel:
+            client = coordinator_pb2_grpc.CoordinatorStub(channel)
+            await _wide_refused_transactions(client, f"127.0.0.1:{refuser_port}")
+            listed = await client.ListTransactions(
+                coordinator_pb2.ListTransactionsRequest(limit=limits.LIST_TRANSACTIONS_LIMIT_MAX)
+            )
+            few = await client.ListTransactions(coordinator_pb2.ListTransactionsRequest(limit=10))
+        shown = await dtm("--coordinator", address, "txn", "list", "--limit", "1000")
+    finally:
+        await refuser.stop(0)
+        await coordinator.stop(0)
+    return listed, few, shown

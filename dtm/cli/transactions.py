@@ -329,6 +329,7 @@ def cmd_txn_list(session: Session) -> int:
         "ListTransactions",
         coordinator_pb2.ListTransactionsRequest(states=states, limit=asked),
     )
+    _note_list_cut(response, options.stuck)
     now = fmt.now_ms()
     found = list(response.transactions)
     if options.stuck:
@@ -360,6 +361,24 @@ def cmd_txn_list(session: Session) -> int:
         session.out,
     )
     return EXIT_OK
+
+
+def _note_list_cut(response: coordinator_pb2.ListTransactionsResponse, stuck: bool) -> None:
+    """Say on stderr that the coordinator listed only as many transactions as fit one answer,
+    so that the table is not read as all that match."""
+    if not response.cut_at_message_limit:
+        return
+    listed = len(response.transactions)
+    size = f"{limits.MESSAGE_BYTES_MAX // (1024 * 1024)} MiB"
+    if stuck:
+        what = f"only the newest {listed} in-doubt transactions fit one answer ({size}) and "
+        print(f"dtm: note: {what}were looked at for stuck ones", file=sys.stderr)
+        return
+    print(
+        f"dtm: note: only the newest {listed} matching transactions fit one answer ({size}); "
+        "more match: ask for fewer (--limit), or name the states wanted (--state)",
+        file=sys.stderr,
+    )
 
 
 def cmd_txn_show(session: Session) -> int:
