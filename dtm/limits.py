@@ -47,8 +47,13 @@ TEXT_FIELD_LENGTH_MAX = 1024
 REASON_CHARS_MAX = 1024
 PARTICIPANTS_MAX = 256
 # Operation types one participant declares: the whole registry (PARTICIPANTS_MAX of them) is one
-# checkpoint record, so 256 x 16 names of TEXT_FIELD_LENGTH_MAX stay well within a record.
+# checkpoint record, and one ListParticipants answer (`dtm participants`).
 OPERATION_TYPES_MAX = 16
+# The name of one operation type a participant declares: Submit compares it with what follows
+# the last "/" of a type URL, itself at most TYPE_URL_CHARS_MAX, so a longer one could never
+# match. At TEXT_FIELD_LENGTH_MAX, a full registry of 256 x 16 of them listed in 4.3 MB, over
+# MESSAGE_BYTES_MAX, and ListParticipants failed; at this bound it takes 2.2 MB.
+OPERATION_TYPE_CHARS_MAX = TYPE_URL_CHARS_MAX
 
 # ---- time ----
 PREPARE_TIMEOUT_MS_DEFAULT = 2_000

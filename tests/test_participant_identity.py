@@ -498,12 +498,12 @@ def test_an_unregistration_of_an_unregistered_name_keeps_its_way_out_within_a_st
 def test_an_operation_of_another_type_keeps_what_to_send_within_a_status() -> None:
     """A Submit whose operation is of a type the participant does not take: the type sent and
     a few the participant takes, whole within a status, at the longest limits (OPERATION_TYPES_MAX
-    names of TEXT_FIELD_LENGTH_MAX characters). Before, every type came first, in full, and
+    names of OPERATION_TYPE_CHARS_MAX characters). Before, every type came first, in full, and
     the status cut at 600 kept none of the type sent."""
 
     async def scenario() -> None:
         registry = Registry()
-        types = [f"x.T{n:02d}".ljust(limits.TEXT_FIELD_LENGTH_MAX, "y") for n in range(16)]
+        types = [f"x.T{n:02d}".ljust(limits.OPERATION_TYPE_CHARS_MAX, "y") for n in range(16)]
         assert limits.OPERATION_TYPES_MAX == len(types)
         request = coordinator_pb2.RegisterParticipantRequest(
             name=LONGEST_NAME,

@@ -16,6 +16,7 @@ import pytest
 from grpc._cython import cygrpc  # channelz, as the grpcio-channelz package reads it
 
 from dtm import grpc_edge, limits
+from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import (
     coordinator_pb2,
@@ -200,3 +201,67 @@ async def _list_wide_transactions(
         await refuser.stop(0)
         await coordinator.stop(0)
     return listed, few, shown
+
+
+# ---- 3. `dtm participants` of a full registry: over the message limit, nothing shown ----
+
+
+def _longest_operation_type() -> str:
+    """The longest operation type name a registration may declare."""
+    for length in range(limits.TEXT_FIELD_LENGTH_MAX, 0, -1):
+        name = "dtm.v1." + "T" * (length - len("dtm.v1."))
+        try:
+            validate_registration(
+                coordinator_pb2.RegisterParticipantRequest(
+                    name="p",
+                    address="h:1",
+                    capabilities=coordinator_pb2.Capabilities(operation_types=[name]),
+                )
+            )
+        except RegistrationError:
+            continue
+        return name
+    raise AssertionError("no operation type name is accepted")
+
+
+def test_a_full_registry_of_the_largest_registrations_fits_one_list_answer() -> None:
+    """PARTICIPANTS_MAX participants, each at every bound a registration has (name, address,
+    incarnation, OPERATION_TYPES_MAX types of the longest name): 4.3 MB when a type's name
+    could be TEXT_FIELD_LENGTH_MAX characters, and ListParticipants failed."""
+    longest = _longest_operation_type()
+    types = [f"{longest[:-2]}{n:02d}" for n in range(limits.OPERATION_TYPES_MAX)]
+    registry = Registry()
+    for n in range(limits.PARTICIPANTS_MAX):
+        request = coordinator_pb2.RegisterParticipantRequest(
+            name=f"{n:03d}".rjust(64, "p"),
+            address="h" * (limits.ADDRESS_LENGTH_MAX - len(":65535")) + ":65535",
+            incarnation="A" * 64,
+            capabilities=coordinator_pb2.Capabilities(
+                one_phase=True, batch=True, operation_types=types
+            ),
+        )
+        validate_registration(request)
+        registry.put(
+            coordinator_pb2.ParticipantInfo(
+                name=request.name,
+                address=request.address,
+                capabilities=request.capabilities,
+                registered_at_unix_ms=2**62,
+                incarnation=request.incarnation,
+            )
+        )
+    answer = coordinator_pb2.ListParticipantsResponse(participants=registry.participants.values())
+    assert answer.ByteSize() <= limits.MESSAGE_BYTES_MAX - 64 * 1024, answer.ByteSize()
+
+
+def test_an_operation_type_no_submit_could_name_is_refused_with_the_bound() -> None:
+    too_long = "dtm.v1." + "T" * limits.TYPE_URL_CHARS_MAX
+    with pytest.raises(RegistrationError) as refused:
+        validate_registration(
+            coordinator_pb2.RegisterParticipantRequest(
+                name="p",
+                address="h:1",
+                capabilities=coordinator_pb2.Capabilities(operation_types=[too_long]),
+            )
+        )
+    assert f"1..{limits.TYPE_URL_CHARS_MAX} characters" in str(refused.value)

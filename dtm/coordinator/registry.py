@@ -44,8 +44,12 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
             f"{len(types)} operation types; at most {limits.OPERATION_TYPES_MAX} per participant"
         )
     for name in types:
-        if not 0 < len(name) <= limits.TEXT_FIELD_LENGTH_MAX:
-            raise RegistrationError("operation type names must be 1..1024 characters")
+        if not 0 < len(name) <= limits.OPERATION_TYPE_CHARS_MAX:
+            raise RegistrationError(
+                f"operation type names must be 1..{limits.OPERATION_TYPE_CHARS_MAX} characters "
+                f"(got {len(name)}): a Submit's type URL is at most {limits.TYPE_URL_CHARS_MAX}, "
+                "so a longer name could never match one"
+            )
         if "/" in name or " " in name or not name.isprintable():
             # Submit compares the name after a type URL's last "/": this could never match.
             raise RegistrationError(
@@ -60,7 +64,7 @@ def validate_registration(request: coordinator_pb2.RegisterParticipantRequest) -
 NAMES_SHOWN_MAX = 3
 # A name a caller sent, as a refusal quotes it: its first 64 characters escaped (repr), then
 # cut here, since 64 unprintable characters escape to 640. A registered operation type is
-# cut here too (TEXT_FIELD_LENGTH_MAX is 1,024).
+# cut here too (OPERATION_TYPE_CHARS_MAX is 512).
 NAME_QUOTED_CHARS_MAX = 80
 
 
