@@ -265,3 +265,16 @@ def test_an_operation_type_no_submit_could_name_is_refused_with_the_bound() -> N
             )
         )
     assert f"1..{limits.TYPE_URL_CHARS_MAX} characters" in str(refused.value)
+
+
+def test_a_registration_beyond_a_full_registry_is_told_what_to_do() -> None:
+    registry = Registry()
+    for n in range(limits.PARTICIPANTS_MAX):
+        registry.put(coordinator_pb2.ParticipantInfo(name=f"p{n}", address="h:1"))
+    with pytest.raises(RegistrationError) as refused:  # answered RESOURCE_EXHAUSTED
+        registry.put(coordinator_pb2.ParticipantInfo(name="one-more", address="h:1"))
+    message = str(refused.value)
+    assert f"the registry is full ({limits.PARTICIPANTS_MAX} participants" in message
+    assert "remove one no longer used (`dtm participants remove NAME`)" in message
+    assert len(message) <= grpc_edge.STATUS_DETAILS_CHARS_MAX
+    assert "one-more" not in registry.participants

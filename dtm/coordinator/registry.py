@@ -125,7 +125,11 @@ class Registry:
 
     def put(self, info: coordinator_pb2.ParticipantInfo) -> None:
         if len(self.participants) >= limits.PARTICIPANTS_MAX and info.name not in self.participants:
-            raise RegistrationError(f"at most {limits.PARTICIPANTS_MAX} participants")
+            raise RegistrationError(
+                f"the registry is full ({limits.PARTICIPANTS_MAX} participants, the most it "
+                "holds): remove one no longer used (`dtm participants remove NAME`), then this "
+                "one registers (a participant of the SDK tries again until then)"
+            )
         old = self.participants.get(info.name)
         self.participants[info.name] = info
         if old is not None and (
