@@ -217,3 +217,14 @@ def branch_ids_problem(transaction_id: str, branch: int) -> str | None:
             f"{BRANCHES_PER_TRANSACTION_MAX - 1}"
         )
     return None
+
+
+def reason_kept(text: str) -> str:
+    """What a participant said (a reason, an error), cut to REASON_CHARS_MAX, as the coordinator
+    and the participant SDK keep it: with each of up to 32 branches of a transaction in one
+    answer, and with each of up to BRANCHES_DECIDED_KEPT decided branches, 1,000 of which a
+    ListBranches answers (8 KB reasons took 600 branches' answer past MESSAGE_BYTES_MAX)."""
+    if len(text) <= REASON_CHARS_MAX:
+        return text
+    cut = len(text) - REASON_CHARS_MAX
+    return f"{text[:REASON_CHARS_MAX]}... ({cut} more characters)"

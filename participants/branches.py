@@ -910,7 +910,8 @@ class BranchEngine:
             event = core.PrepareVoted(BranchVote.READ_ONLY)
         else:
             self.counters.refused += 1
-            event = core.PrepareVoted(BranchVote.REFUSED, outcome.reason)
+            # Kept with the branch, in the window of decided ones too: the service's own text.
+            event = core.PrepareVoted(BranchVote.REFUSED, limits.reason_kept(outcome.reason))
         reply = self._execute(info, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
         if reply.vote is not BranchVote.PREPARED:

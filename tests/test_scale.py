@@ -25,8 +25,11 @@ from dtmpb.v1 import (
     participant_pb2_grpc,
     shop_pb2,
 )
+from participants.service import PrepareResult as ServicePrepareResult
+from participants.service import Refused
 from tests.cli_runner import dtm
-from tests.harness import pack
+from tests.doubles import StockCheck
+from tests.harness import InProcessCluster, pack
 
 # ---- 1. a burst of calls beyond gRPC's own queue: cancelled unseen, not answered ----
 
@@ -278,3 +281,38 @@ def test_a_registration_beyond_a_full_registry_is_told_what_to_do() -> None:
     assert "remove one no longer used (`dtm participants remove NAME`)" in message
     assert len(message) <= grpc_edge.STATUS_DETAILS_CHARS_MAX
     assert "one-more" not in registry.participants
+
+
+# ---- 4. a service's long refusals: kept whole by each of 100,000 decided branches ----
+
+
+class _Picky(StockCheck):
+    """A service that refuses every prepare with a long reason of its own."""
+
+    def prepare(self, key: str, operation: shop_pb2.GetStockRequest) -> ServicePrepareResult:
+        return Refused(f"{key}: " + "no " * 3_000)
+
+
+def test_a_service_refusal_is_kept_cut_so_its_branch_list_fits_one_answer(
+    tmp_path: Path,
+) -> None:
+    """The SDK kept a service's reason whole with its branch, in memory and in the window of
+    100,000 decided branches, and ListBranches answers up to 1,000: 600 refusals of 9 KB took
+    that answer to 4.8 MB, and `dtm branches` failed (RESOURCE_EXHAUSTED)."""
+
+    async def scenario() -> participant_pb2.ListBranchesResponse:
+        async with InProcessCluster(tmp_path, extra_services=[_Picky("picky")]) as cluster:
+            branch = coordinator_pb2.BranchRequest(
+                participant="picky", operation=pack(shop_pb2.GetStockRequest(skus=["a"]))
+            )
+            answer = await cluster.submit([branch], transaction_id="refused-1")
+            assert answer.outcome == coordinator_pb2.OUTCOME_ABORTED
+            listed: participant_pb2.ListBranchesResponse = await cluster.admin(
+                "picky"
+            ).ListBranches(participant_pb2.ListBranchesRequest())
+            return listed
+
+    (kept,) = asyncio.run(scenario()).branches
+    assert kept.reason.startswith("refused-1/0: no no ")
+    assert kept.reason == limits.reason_kept(f"refused-1/0: {'no ' * 3_000}")
+    assert len(kept.reason) < limits.REASON_CHARS_MAX + 32

@@ -639,14 +639,10 @@ def named_heuristic(reported: str) -> str:
     return HEURISTIC_HAZARD
 
 
-def _said(text: str) -> str:
-    """What a participant said (a reason, an error), cut to REASON_CHARS_MAX: it is kept with
-    the transaction and answered to its client, whose answer must fit one message (32 branches
-    of a 200 KB reason did not, and a committed transaction was reported RESOURCE_EXHAUSTED)."""
-    if len(text) <= limits.REASON_CHARS_MAX:
-        return text
-    cut = len(text) - limits.REASON_CHARS_MAX
-    return f"{text[: limits.REASON_CHARS_MAX]}... ({cut} more characters)"
+# What a participant said (a reason, an error), cut: it is kept with the transaction and
+# answered to its client, whose answer must fit one message (32 branches of a 200 KB reason did
+# not, and a committed transaction was reported RESOURCE_EXHAUSTED).
+_said = limits.reason_kept
 
 
 def rpc_failure(error: grpc.aio.AioRpcError, timeout_s: float) -> str:
