@@ -21,6 +21,7 @@ from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
+    log_pb2,
     participant_pb2,
     participant_pb2_grpc,
     shop_pb2,
@@ -316,3 +317,38 @@ def test_a_service_refusal_is_kept_cut_so_its_branch_list_fits_one_answer(
     assert kept.reason.startswith("refused-1/0: no no ")
     assert kept.reason == limits.reason_kept(f"refused-1/0: {'no ' * 3_000}")
     assert len(kept.reason) < limits.REASON_CHARS_MAX + 32
+
+
+# ---- 5. `dtm heuristics` of more than one answer holds: "--limit for more", which it cannot ----
+
+
+def test_more_heuristic_outcomes_than_one_list_holds_say_how_to_see_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The coordinator keeps up to HEURISTICS_KEPT_MAX (10,000) heuristic outcomes and lists
+    the oldest LIST_TRANSACTIONS_LIMIT_MAX (1,000) at most: past that, the hint "--limit for
+    more" could not be followed (--limit is at most 1,000)."""
+    kept = limits.LIST_TRANSACTIONS_LIMIT_MAX + 5
+
+    async def scenario() -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+        coordinator = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+        port = await coordinator.start()
+        try:
+            for n in range(kept):  # in memory only: what the list shows
+                coordinator.engine.heuristics.keep(
+                    log_pb2.HeuristicRecorded(
+                        transaction_id=f"t{n}", participant="p", outcome="heuristic commit"
+                    )
+                )
+            at = ("--coordinator", f"127.0.0.1:{port}", "heuristics")
+            return await dtm(*at, "--limit", "1000"), await dtm(*at, "--limit", "10")
+        finally:
+            await coordinator.stop(0)
+
+    (status, out, err), (_, few, _) = asyncio.run(scenario())
+    assert status == 0, err
+    assert out.rstrip().endswith(
+        f"(1000 of {kept}: 1,000, the oldest, are the most listed at once: forget those "
+        "reconciled (dtm heuristics forget ID BRANCH) to list the next)"
+    ), out[-300:]
+    assert few.rstrip().endswith(f"(10 of {kept}: --limit for more)"), few[-300:]

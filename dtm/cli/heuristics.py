@@ -8,6 +8,7 @@ import sys
 
 import grpc
 
+from dtm import limits
 from dtm.cli import tables as fmt
 from dtm.cli.session import (
     EXIT_OK,
@@ -34,7 +35,7 @@ def cmd_heuristics(session: Session) -> int:
             # The list is the JSON contract; that it is cut goes where the table says it.
             print(
                 f"dtm: note: {len(found)} of {response.total} heuristic outcomes listed: "
-                "--limit for more",
+                f"{_how_to_see_more(len(found))}",
                 file=sys.stderr,
             )
         return EXIT_OK
@@ -78,8 +79,23 @@ def cmd_heuristics(session: Session) -> int:
         session.out,
     )
     if response.total > len(found):
-        print(f"({len(found)} of {response.total}: --limit for more)", file=session.out)
+        print(
+            f"({len(found)} of {response.total}: {_how_to_see_more(len(found))})",
+            file=session.out,
+        )
     return EXIT_OK
+
+
+def _how_to_see_more(listed: int) -> str:
+    """What shows the heuristic outcomes beyond the `listed` oldest: a larger --limit, up to
+    the most one answer holds; past that (the coordinator keeps up to HEURISTICS_KEPT_MAX),
+    only forgetting the oldest, once reconciled, brings the next into the list."""
+    if listed < limits.LIST_TRANSACTIONS_LIMIT_MAX:
+        return "--limit for more"
+    return (
+        f"{limits.LIST_TRANSACTIONS_LIMIT_MAX:,}, the oldest, are the most listed at once: "
+        "forget those reconciled (dtm heuristics forget ID BRANCH) to list the next"
+    )
 
 
 def cmd_heuristics_forget(session: Session) -> int:
