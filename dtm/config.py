@@ -265,7 +265,11 @@ class CoordinatorSettings:
     tls_key: Path | None = field(default=None, metadata=_TLS_KEY)
     metrics_listen: str = field(
         default="",
-        metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
+        metadata=about(
+            OPTIONAL_LISTEN,
+            "host:port of the Prometheus /metrics endpoint (HTTPS requiring a client certificate "
+            'of the CA when TLS is on); "" = off',
+        ),
     )
 
 
@@ -316,7 +320,11 @@ class ParticipantSettings:
     tls_key: Path | None = field(default=None, metadata=_TLS_KEY)
     metrics_listen: str = field(
         default="",
-        metadata=about(OPTIONAL_LISTEN, 'host:port of the Prometheus /metrics endpoint; "" = off'),
+        metadata=about(
+            OPTIONAL_LISTEN,
+            "host:port of the Prometheus /metrics endpoint (HTTPS requiring a client certificate "
+            'of the CA when TLS is on); "" = off',
+        ),
     )
     initial: Path | None = field(
         default=None,
