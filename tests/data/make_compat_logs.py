@@ -48,7 +48,7 @@ WAIT_S = 30.0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commit", default=DEFAULT_COMMIT, help="the release that writes")
     parser.add_argument("--out", type=Path, help="default tests/data/compat-COMMIT")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
