@@ -26,6 +26,8 @@ from dtmpb.v1 import (
     participant_pb2_grpc,
     shop_pb2,
 )
+from participants.locks import LockMode
+from participants.server.admin import AdminServicer
 from participants.service import PrepareResult as ServicePrepareResult
 from participants.service import Refused
 from tests.cli_runner import dtm
@@ -352,3 +354,49 @@ def test_more_heuristic_outcomes_than_one_list_holds_say_how_to_see_the_rest(
         "reconciled (dtm heuristics forget ID BRANCH) to list the next)"
     ), out[-300:]
     assert few.rstrip().endswith(f"(10 of {kept}: --limit for more)"), few[-300:]
+
+
+# ---- 6. `dtm participants` checked who answers with a whole lock list per participant ----
+
+
+def test_dtm_participants_checks_who_answers_without_listing_the_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dtm participants` asks each participant for something it refuses to another's caller
+    (ListLocks, addressed), only to tell another process at a registered address: it asked
+    for the whole list, up to LOCKS_LISTED_MAX locks (about 2.4 MB) per participant, to
+    throw away."""
+    held = 200
+    answers: list[participant_pb2.ListLocksResponse] = []
+    list_locks = AdminServicer.ListLocks
+
+    async def recorded(
+        servicer: AdminServicer, request: participant_pb2.ListLocksRequest, context: Any
+    ) -> participant_pb2.ListLocksResponse:
+        answer = await list_locks(servicer, request, context)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(AdminServicer, "ListLocks", recorded)  # before the servers bind it
+
+    async def scenario() -> tuple[int, str, str]:
+        async with InProcessCluster(tmp_path) as cluster:
+            locks = cluster.participants["inventory"].engine.locks
+            for n in range(held):
+                locks.acquire_now(f"t-{n}/0", f"sku-{n}", LockMode.EXCLUSIVE)
+            answer = await dtm(
+                "--coordinator", cluster.coordinator_address, "--json", "participants"
+            )
+            # The limit is the caller's, within LOCKS_LISTED_MAX; 0 (an older caller) is that.
+            admin = cluster.admin("inventory")
+            for limit, listed in ((0, held), (5, 5), (limits.LOCKS_LISTED_MAX + 1, held)):
+                request = participant_pb2.ListLocksRequest(limit=limit)
+                assert listed == len((await admin.ListLocks(request)).locks), limit
+            return answer
+
+    status, out, err = asyncio.run(scenario())
+    assert 0 == status, err
+    assert {"SERVING"} == {row["health"] for row in json.loads(out)}
+    assert 4 == len(answers[:-3])  # one per participant, then the three above
+    assert held == max(answer.locks_total for answer in answers)
+    assert 1 >= max(len(a.locks) for a in answers[:-3]), [len(a.locks) for a in answers]

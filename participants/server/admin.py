@@ -218,8 +218,9 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
     ) -> participant_pb2.ListLocksResponse:
         await self._gate(context, request.participant, request.incarnation)
         locks = self.server.engine.locks
+        listed = min(request.limit or limits.LOCKS_LISTED_MAX, limits.LOCKS_LISTED_MAX)
         return participant_pb2.ListLocksResponse(
-            locks=[lock_info_pb(lock) for lock in locks.snapshot(limits.LOCKS_LISTED_MAX)],
+            locks=[lock_info_pb(lock) for lock in locks.snapshot(listed)],
             locks_total=locks.lock_count,
         )
 

@@ -276,12 +276,14 @@ class LockInfo(_message.Message):
     def __init__(self, resource: _Optional[str] = ..., mode: _Optional[str] = ..., holders: _Optional[_Iterable[str]] = ..., held_since_unix_ms: _Optional[int] = ..., waiters: _Optional[_Iterable[str]] = ..., holders_total: _Optional[int] = ..., waiters_total: _Optional[int] = ...) -> None: ...
 
 class ListLocksRequest(_message.Message):
-    __slots__ = ("participant", "incarnation")
+    __slots__ = ("participant", "incarnation", "limit")
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     participant: str
     incarnation: str
-    def __init__(self, participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    limit: int
+    def __init__(self, participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListLocksResponse(_message.Message):
     __slots__ = ("locks", "locks_total")
