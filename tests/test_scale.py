@@ -18,6 +18,7 @@ from grpc._cython import cygrpc  # channelz, as the grpcio-channelz package read
 from dtm import grpc_edge, limits
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtm.core.branch import Branch, BranchState, BranchVote
 from dtmpb.v1 import (
     coordinator_pb2,
     coordinator_pb2_grpc,
@@ -26,6 +27,7 @@ from dtmpb.v1 import (
     participant_pb2_grpc,
     shop_pb2,
 )
+from participants.branches import BranchInfo, _decided_entry
 from participants.locks import LockMode
 from participants.server.admin import AdminServicer
 from participants.service import PrepareResult as ServicePrepareResult
@@ -400,3 +402,44 @@ def test_dtm_participants_checks_who_answers_without_listing_the_locks(
     assert 4 == len(answers[:-3])  # one per participant, then the three above
     assert held == max(answer.locks_total for answer in answers)
     assert 1 >= max(len(a.locks) for a in answers[:-3]), [len(a.locks) for a in answers]
+
+
+# ---- 7. `dtm branches` of more branches than one list holds: cut without a word ----
+
+
+def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -> None:
+    """A participant lists its newest LIST_TRANSACTIONS_LIMIT_MAX (1,000) branches at most and
+    keeps up to 100,000 decided ones: `dtm branches --limit 1000` listed 1,000 of more with no
+    note, and below that "of 1000 or more" was a guess."""
+    kept = limits.LIST_TRANSACTIONS_LIMIT_MAX + 5
+
+    async def scenario() -> tuple[participant_pb2.ListBranchesResponse, list[tuple[int, str]]]:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.participants["inventory"].engine
+            for n in range(kept):  # in memory only: what the list shows
+                branch = Branch(f"t-{n}", 0, BranchState.COMMITTED, BranchVote.PREPARED)
+                engine._remember_decided(branch.key, _decided_entry(BranchInfo(branch, n)))
+            listed = await cluster.admin("inventory").ListBranches(
+                participant_pb2.ListBranchesRequest()
+            )
+            at = ("--coordinator", cluster.coordinator_address, "--json", "branches")
+            notes = []
+            for limit in ("1000", "10"):
+                status, out, err = await dtm(*at, "--participant", "inventory", "--limit", limit)
+                assert 0 == status, err
+                assert int(limit) == len(json.loads(out))
+                notes.append((status, err))
+            return listed, notes
+
+    listed, [(_, most), (_, few)] = asyncio.run(scenario())
+    assert listed.more_kept
+    assert limits.LIST_TRANSACTIONS_LIMIT_MAX == len(listed.branches)
+    assert f"t-{kept - 1}" == listed.branches[-1].transaction_id  # the newest, last
+    assert (
+        "dtm: note: inventory: the newest 1000 of more than 1000 branches listed: 1,000, the "
+        "newest, are the most listed at once: name the states wanted (--state, --in-doubt, "
+        "--awaiting), or one transaction's (dtm trace ID)"
+    ) in most, most
+    assert (
+        "dtm: note: inventory: the newest 10 of more than 1000 branches listed: --limit for more"
+    ) in few, few

@@ -345,7 +345,7 @@ def cmd_branches(session: Session) -> int:
         for info in list(response.branches)[-options.limit :]
     ]
     for name, response in answers:
-        _note_cut(name, len(response.branches), options.limit)
+        _note_cut(name, response, options.limit)
     if session.json:
         fmt.emit_json([fmt.branch_info_dict(name, info) for name, info in found], session.out)
     elif not found:
@@ -370,17 +370,33 @@ def cmd_branches(session: Session) -> int:
     return EXIT_ERROR if session.failures else EXIT_OK
 
 
-def _note_cut(name: str, listed: int, limit: int) -> None:
-    """Say on stderr that --limit left some of a participant's branches out (the forced ones
-    awaiting reconciliation among them, with --awaiting), as `dtm heuristics` does."""
-    if listed <= limit:
+def _note_cut(name: str, response: participant_pb2.ListBranchesResponse, limit: int) -> None:
+    """Say on stderr that some of a participant's branches were left out (the forced ones
+    awaiting reconciliation among them, with --awaiting): by --limit, or because it keeps more
+    than one list holds (LIST_TRANSACTIONS_LIMIT_MAX), as `dtm heuristics` does."""
+    listed = len(response.branches)
+    if listed <= limit and not response.more_kept:
         return
-    # A participant answers at most LIST_TRANSACTIONS_LIMIT_MAX: there may be more.
-    more = " or more" if listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX else ""
+    shown = min(listed, limit)
+    # A participant from before `more_kept` that lists the most it answers may keep more.
+    maybe_more = listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX and not response.more_kept
+    kept = f"more than {listed}" if response.more_kept else f"{listed}"
     print(
-        f"dtm: note: {name}: the newest {limit} of {listed}{more} branches listed: --limit for "
-        "more",
+        f"dtm: note: {name}: the newest {shown} of {kept}{' or more' if maybe_more else ''} "
+        f"branches listed: {_how_to_see_more_branches(shown)}",
         file=sys.stderr,
+    )
+
+
+def _how_to_see_more_branches(shown: int) -> str:
+    """What shows the branches older than the `shown` newest: a larger --limit, up to the most
+    one answer holds; past that, a narrower question."""
+    if shown < limits.LIST_TRANSACTIONS_LIMIT_MAX:
+        return "--limit for more"
+    return (
+        f"{limits.LIST_TRANSACTIONS_LIMIT_MAX:,}, the newest, are the most listed at once: name "
+        "the states wanted (--state, --in-doubt, --awaiting), or one transaction's "
+        "(dtm trace ID)"
     )
 
 

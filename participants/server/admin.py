@@ -205,12 +205,21 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             infos = engine.of_transaction(request.transaction_id, wanted)
             if request.awaiting_coordinator:
                 infos = [i for i in infos if engine.awaiting_coordinator(i.branch.key)]
-        elif request.awaiting_coordinator:
-            infos = engine.awaiting(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
         else:
-            infos = engine.listed(wanted, limits.LIST_TRANSACTIONS_LIMIT_MAX)
+            # One more than are listed is looked for: whether the list is cut (`more_kept`).
+            looked_for = limits.LIST_TRANSACTIONS_LIMIT_MAX + 1
+            if request.awaiting_coordinator:
+                infos = engine.awaiting(wanted, looked_for)
+            else:
+                infos = engine.listed(wanted, looked_for)
+        more_kept = len(infos) > limits.LIST_TRANSACTIONS_LIMIT_MAX
         return participant_pb2.ListBranchesResponse(
-            branches=[branch_info_pb(info, engine) for info in infos]
+            # Oldest first: the newest LIST_TRANSACTIONS_LIMIT_MAX are the last.
+            branches=[
+                branch_info_pb(info, engine)
+                for info in infos[-limits.LIST_TRANSACTIONS_LIMIT_MAX :]
+            ],
+            more_kept=more_kept,
         )
 
     async def ListLocks(

@@ -252,10 +252,12 @@ class ListBranchesRequest(_message.Message):
     def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., transaction_id: _Optional[str] = ...) -> None: ...
 
 class ListBranchesResponse(_message.Message):
-    __slots__ = ("branches",)
+    __slots__ = ("branches", "more_kept")
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    MORE_KEPT_FIELD_NUMBER: _ClassVar[int]
     branches: _containers.RepeatedCompositeFieldContainer[BranchInfo]
-    def __init__(self, branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ...) -> None: ...
+    more_kept: bool
+    def __init__(self, branches: _Optional[_Iterable[_Union[BranchInfo, _Mapping]]] = ..., more_kept: _Optional[bool] = ...) -> None: ...
 
 class LockInfo(_message.Message):
     __slots__ = ("resource", "mode", "holders", "held_since_unix_ms", "waiters", "holders_total", "waiters_total")
