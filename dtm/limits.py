@@ -46,6 +46,9 @@ TEXT_FIELD_LENGTH_MAX = 1024
 # of up to 32 branches, within MESSAGE_BYTES_MAX.
 REASON_CHARS_MAX = 1024
 PARTICIPANTS_MAX = 256
+# The participants a summary log line names (the coordinator's "coordinator stopping": the
+# busiest, by calls); a field for each registered one made a line of up to 256 fields.
+LOG_PARTICIPANTS_NAMED_MAX = 8
 # Operation types one participant declares: the whole registry (PARTICIPANTS_MAX of them) is one
 # checkpoint record, and one ListParticipants answer (`dtm participants`).
 OPERATION_TYPES_MAX = 16

@@ -443,3 +443,34 @@ def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -
     assert (
         "dtm: note: inventory: the newest 10 of more than 1000 branches listed: --limit for more"
     ) in few, few
+
+
+# ---- 8. the coordinator's stopping line: a field per participant, up to 256 ----
+
+
+def test_the_stopping_line_names_the_busiest_participants_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ "coordinator stopping" had a `<name>_items_per_call` field for every participant
+    called: up to PARTICIPANTS_MAX (256) fields in one line."""
+    registered = limits.PARTICIPANTS_MAX
+
+    async def scenario() -> None:
+        coordinator = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+        await coordinator.start()
+        registry = coordinator.engine.registry
+        for n in range(registered):
+            registry.put(coordinator_pb2.ParticipantInfo(name=f"p-{n}", address="127.0.0.1:1"))
+            batcher = registry.port(f"p-{n}")._batcher  # as if it had sent n calls of 2 items
+            batcher.calls, batcher.items = n, 2 * n
+        capsys.readouterr()
+        await coordinator.stop(0)
+
+    asyncio.run(scenario())
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "coordinator stopping" in x]
+    fields = dict(token.split("=", 1) for token in line.split() if "=" in token)
+    assert len(fields) <= 8, line
+    assert "2.0" == fields["items_per_call"]
+    assert str(registered - 1) == fields["participants_called"]  # p-0 sent none
+    busiest = [f"p-{n}:2.0" for n in range(registered - 1, registered - 9, -1)]
+    assert ",".join(busiest) == fields["busiest_items_per_call"], line

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -21,7 +22,7 @@ from dtm.batcher import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPoli
 from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected, wall_ms
 from dtm.coordinator.finished import TransactionView
 from dtm.coordinator.heuristics import heuristic_pb
-from dtm.coordinator.ports import PREPARE_SEND_MARGIN_S
+from dtm.coordinator.ports import PREPARE_SEND_MARGIN_S, ParticipantPort
 from dtm.coordinator.registry import (
     RegistrationError,
     Registry,
@@ -748,16 +749,33 @@ class CoordinatorServer:
             aborted=counters.aborted,
             unknown=counters.unknown or None,
             left_to_recovery=left,
-            **{
-                f"{name}_items_per_call": round(port.items / max(1, port.calls), 1)
-                for name, port in self.engine.registry.ports().items()
-            },
+            **_batching_fields(self.engine.registry.ports()),
         )
         if self.metrics is not None:
             await self.metrics.stop()
         await self.engine.close()
         await self.engine.registry.close()
         await self.wal.close()
+
+
+def _batching_fields(ports: Mapping[str, ParticipantPort]) -> dict[str, Any]:
+    """How well batching worked, for the stopping line: items per call over every participant
+    called, and of the busiest LOG_PARTICIPANTS_NAMED_MAX by calls. A field per participant
+    made a line of up to PARTICIPANTS_MAX (256) fields."""
+    called = [(name, port) for name, port in ports.items() if port.calls]
+    busiest = heapq.nlargest(
+        limits.LOG_PARTICIPANTS_NAMED_MAX, called, key=lambda entry: entry[1].calls
+    )
+    items, calls = sum(p.items for _, p in called), sum(p.calls for _, p in called)
+    return {
+        "items_per_call": round(items / max(1, calls), 1),
+        "participants_called": len(called),
+        # name:items-per-call, the busiest first: one token (names have no ',' or ':').
+        "busiest_items_per_call": ",".join(
+            f"{name}:{round(port.items / port.calls, 1)}" for name, port in busiest
+        )
+        or None,
+    }
 
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
