@@ -27,6 +27,11 @@ RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@\-]{1,128}")
 
 # ---- requests ----
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
+# What an answer cut to fit one message (a list, a SubmitBatch) may take: room is kept for
+# gRPC's own framing.
+ANSWER_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024
+# What an element of a repeated message field adds to its own size: a tag and a length.
+REPEATED_ELEMENT_FRAMING_BYTES = 6
 BRANCHES_PER_TRANSACTION_MAX = 32
 OPERATION_BYTES_MAX = 64 * 1024
 # An operation's type URL ("type.googleapis.com/dtmpb.shop.v1.ReserveStock"): ASCII, and far

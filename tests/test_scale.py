@@ -436,9 +436,9 @@ def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -
     assert limits.LIST_TRANSACTIONS_LIMIT_MAX == len(listed.branches)
     assert f"t-{kept - 1}" == listed.branches[-1].transaction_id  # the newest, last
     assert (
-        "dtm: note: inventory: the newest 1000 of more than 1000 branches listed: 1,000, the "
-        "newest, are the most listed at once: name the states wanted (--state, --in-doubt, "
-        "--awaiting), or one transaction's (dtm trace ID)"
+        "dtm: note: inventory: the newest 1000 of more than 1000 branches listed: the most one "
+        "answer holds: name the states wanted (--state, --in-doubt, --awaiting), or one "
+        "transaction's (dtm trace ID)"
     ) in most, most
     assert (
         "dtm: note: inventory: the newest 10 of more than 1000 branches listed: --limit for more"
@@ -474,3 +474,42 @@ def test_the_stopping_line_names_the_busiest_participants_only(
     assert str(registered - 1) == fields["participants_called"]  # p-0 sent none
     busiest = [f"p-{n}:2.0" for n in range(registered - 1, registered - 9, -1)]
     assert ",".join(busiest) == fields["busiest_items_per_call"], line
+
+
+# ---- 9. ListBranches of 1,000 branches with the longest reasons: over the message limit ----
+
+
+def test_branches_with_the_longest_reasons_are_listed_as_many_as_fit_one_answer(
+    tmp_path: Path,
+) -> None:
+    """A reason is kept up to REASON_CHARS_MAX characters, and a character takes up to 4
+    bytes: 1,000 refused branches of such reasons made a 4.3 MB ListBranches answer, and the
+    call (and `dtm branches`) failed, RESOURCE_EXHAUSTED, with nothing listed."""
+    branches = limits.LIST_TRANSACTIONS_LIMIT_MAX
+    reason = limits.reason_kept("\U0001f600" * (limits.REASON_CHARS_MAX + 1))
+
+    async def scenario() -> tuple[participant_pb2.ListBranchesResponse, tuple[int, str, str]]:
+        async with InProcessCluster(tmp_path) as cluster:
+            engine = cluster.participants["inventory"].engine
+            for n in range(branches):  # in memory only: what the list shows
+                branch = Branch(f"t-{n:0>124}", 0, BranchState.REFUSED, BranchVote.REFUSED)
+                branch.reason = reason
+                info = BranchInfo(branch, n, fingerprint=b"F" * 64)
+                engine._remember_decided(branch.key, _decided_entry(info))
+            listed = await cluster.admin("inventory").ListBranches(
+                participant_pb2.ListBranchesRequest()
+            )
+            at = ("--coordinator", cluster.coordinator_address, "--json", "branches")
+            return listed, await dtm(*at, "--participant", "inventory", "--limit", "1000")
+
+    listed, (status, out, err) = asyncio.run(scenario())
+    assert listed.more_kept
+    assert limits.MESSAGE_BYTES_MAX > listed.ByteSize()
+    assert 900 < len(listed.branches) < branches
+    assert f"t-{branches - 1:0>124}" == listed.branches[-1].transaction_id  # the newest, last
+    assert 0 == status, err
+    assert len(listed.branches) == len(json.loads(out))
+    assert (
+        f"the newest {len(listed.branches)} of more than {len(listed.branches)} branches "
+        "listed: the most one answer holds"
+    ) in err, err

@@ -372,8 +372,8 @@ def cmd_branches(session: Session) -> int:
 
 def _note_cut(name: str, response: participant_pb2.ListBranchesResponse, limit: int) -> None:
     """Say on stderr that some of a participant's branches were left out (the forced ones
-    awaiting reconciliation among them, with --awaiting): by --limit, or because it keeps more
-    than one list holds (LIST_TRANSACTIONS_LIMIT_MAX), as `dtm heuristics` does."""
+    awaiting reconciliation among them, with --awaiting): by --limit, or by the participant,
+    which lists at most LIST_TRANSACTIONS_LIMIT_MAX and as many as fit one answer."""
     listed = len(response.branches)
     if listed <= limit and not response.more_kept:
         return
@@ -381,22 +381,17 @@ def _note_cut(name: str, response: participant_pb2.ListBranchesResponse, limit: 
     # A participant from before `more_kept` that lists the most it answers may keep more.
     maybe_more = listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX and not response.more_kept
     kept = f"more than {listed}" if response.more_kept else f"{listed}"
+    # Cut here, a larger --limit lists more; cut by the participant, only a narrower question.
+    how = (
+        "--limit for more"
+        if listed > limit
+        else "the most one answer holds: name the states wanted (--state, --in-doubt, "
+        "--awaiting), or one transaction's (dtm trace ID)"
+    )
     print(
         f"dtm: note: {name}: the newest {shown} of {kept}{' or more' if maybe_more else ''} "
-        f"branches listed: {_how_to_see_more_branches(shown)}",
+        f"branches listed: {how}",
         file=sys.stderr,
-    )
-
-
-def _how_to_see_more_branches(shown: int) -> str:
-    """What shows the branches older than the `shown` newest: a larger --limit, up to the most
-    one answer holds; past that, a narrower question."""
-    if shown < limits.LIST_TRANSACTIONS_LIMIT_MAX:
-        return "--limit for more"
-    return (
-        f"{limits.LIST_TRANSACTIONS_LIMIT_MAX:,}, the newest, are the most listed at once: name "
-        "the states wanted (--state, --in-doubt, --awaiting), or one transaction's "
-        "(dtm trace ID)"
     )
 
 

@@ -77,12 +77,6 @@ def _list_limit(requested: int) -> int:
     )
 
 
-# Room kept in a SubmitBatch or ListTransactions answer for gRPC's own framing.
-_ANSWER_SLACK_BYTES = 64 * 1024
-# What an element of a repeated message field adds to its own size: a tag and a length.
-_ELEMENT_FRAMING_BYTES = 6
-
-
 def listed_transactions(
     views: Iterable[TransactionView], requested: int
 ) -> coordinator_pb2.ListTransactionsResponse:
@@ -97,8 +91,8 @@ def listed_transactions(
         if len(answer.transactions) >= limit:
             break
         listed = transaction_pb(view)
-        size += listed.ByteSize() + _ELEMENT_FRAMING_BYTES
-        if size > limits.MESSAGE_BYTES_MAX - _ANSWER_SLACK_BYTES:
+        size += listed.ByteSize() + limits.REPEATED_ELEMENT_FRAMING_BYTES
+        if size > limits.ANSWER_BYTES_MAX:
             answer.cut_at_message_limit = True
             break
         answer.transactions.append(listed)
@@ -114,7 +108,7 @@ def fitted(response: coordinator_pb2.SubmitBatchResponse) -> coordinator_pb2.Sub
     256 transactions of 32 branches each could outgrow one message: the call would then fail
     after every transaction had run, and a retry would fail the same way. So in that rare case
     every reason and error is cut short; every outcome and code is kept."""
-    if response.ByteSize() <= limits.MESSAGE_BYTES_MAX - _ANSWER_SLACK_BYTES:
+    if response.ByteSize() <= limits.ANSWER_BYTES_MAX:
         return response
     kept = _TEXT_KEPT_IN_A_CROWDED_ANSWER
     for result in response.results:
