@@ -10,11 +10,11 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -30,6 +30,8 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.server.max_pending_requests", limits.CALLS_PENDING_MAX),
     ("grpc.server.max_pending_requests_hard_limit", limits.CALLS_PENDING_MAX),
 ]
+
+MessageT = TypeVar("MessageT", bound=Message)
 
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
@@ -64,6 +66,21 @@ def status_details(message: str) -> str:
 
 # Unknown values an enum_problem names: a repeated field may hold a million of them.
 ENUM_VALUES_SHOWN_MAX = 5
+
+
+def that_fit(messages: Iterable[MessageT]) -> tuple[list[MessageT], bool]:
+    """The first of `messages` that fit one answer together (a repeated field of a list
+    answer, within ANSWER_BYTES_MAX), and whether any was left out. Lazy: no message past the
+    first that does not fit is drawn. Over the message limit, the call failed
+    (RESOURCE_EXHAUSTED) with nothing listed."""
+    fitted: list[MessageT] = []
+    size = 0
+    for message in messages:
+        size += message.ByteSize() + limits.REPEATED_ELEMENT_FRAMING_BYTES
+        if size > limits.ANSWER_BYTES_MAX:
+            return fitted, True
+        fitted.append(message)
+    return fitted, False
 
 
 def enum_problem(values: Iterable[int], enum: EnumTypeWrapper, what: str) -> str | None:

@@ -513,3 +513,45 @@ def test_branches_with_the_longest_reasons_are_listed_as_many_as_fit_one_answer(
         f"the newest {len(listed.branches)} of more than {len(listed.branches)} branches "
         "listed: the most one answer holds"
     ) in err, err
+
+
+# ---- 10. ListHeuristics of 1,000 outcomes with the longest details: over the message limit ----
+
+
+def test_heuristic_outcomes_with_the_longest_details_are_listed_as_many_as_fit_one_answer(
+    tmp_path: Path,
+) -> None:
+    """A heuristic outcome's detail keeps up to REASON_CHARS_MAX characters, of up to 4 bytes:
+    1,000 such outcomes made a 4.4 MB ListHeuristics answer, and `dtm heuristics --limit 1000`
+    failed (RESOURCE_EXHAUSTED) with nothing listed."""
+    kept = limits.LIST_TRANSACTIONS_LIMIT_MAX
+    detail = limits.reason_kept("\U0001f600" * (limits.REASON_CHARS_MAX + 1))
+
+    async def scenario() -> tuple[int, str, str]:
+        coordinator = CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+        port = await coordinator.start()
+        try:
+            for n in range(kept):  # in memory only: what the list shows
+                coordinator.engine.heuristics.keep(
+                    log_pb2.HeuristicRecorded(
+                        transaction_id=f"t-{n:0>126}",
+                        participant="p" * 64,
+                        outcome="heuristic rollback",
+                        detail=detail,
+                        transaction_fingerprint=b"F" * 64,
+                    )
+                )
+            at = ("--coordinator", f"127.0.0.1:{port}")
+            return await dtm(*at, "heuristics", "--limit", "1000")
+        finally:
+            await coordinator.stop(0)
+
+    status, out, err = asyncio.run(scenario())
+    assert 0 == status, err
+    last = out.rstrip().splitlines()[-1]
+    listed = int(last.removeprefix("(").split()[0])
+    assert 900 < listed < kept, last
+    assert (
+        f"({listed} of {kept}: {listed:,}, the oldest, are the most listed at once: forget those "
+        "reconciled (dtm heuristics forget ID BRANCH) to list the next)"
+    ) == last

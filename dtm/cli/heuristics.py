@@ -35,7 +35,7 @@ def cmd_heuristics(session: Session) -> int:
             # The list is the JSON contract; that it is cut goes where the table says it.
             print(
                 f"dtm: note: {len(found)} of {response.total} heuristic outcomes listed: "
-                f"{_how_to_see_more(len(found))}",
+                f"{_how_to_see_more(len(found), session.options.limit)}",
                 file=sys.stderr,
             )
         return EXIT_OK
@@ -80,20 +80,22 @@ def cmd_heuristics(session: Session) -> int:
     )
     if response.total > len(found):
         print(
-            f"({len(found)} of {response.total}: {_how_to_see_more(len(found))})",
+            f"({len(found)} of {response.total}: "
+            f"{_how_to_see_more(len(found), session.options.limit)})",
             file=session.out,
         )
     return EXIT_OK
 
 
-def _how_to_see_more(listed: int) -> str:
-    """What shows the heuristic outcomes beyond the `listed` oldest: a larger --limit, up to
-    the most one answer holds; past that (the coordinator keeps up to HEURISTICS_KEPT_MAX),
+def _how_to_see_more(listed: int, asked: int) -> str:
+    """What shows the heuristic outcomes beyond the `listed` oldest, `asked` for: a larger
+    --limit, up to the most one answer holds; past that (the coordinator keeps up to
+    HEURISTICS_KEPT_MAX, and lists fewer than asked when they would not fit one message),
     only forgetting the oldest, once reconciled, brings the next into the list."""
-    if listed < limits.LIST_TRANSACTIONS_LIMIT_MAX:
+    if listed >= asked and listed < limits.LIST_TRANSACTIONS_LIMIT_MAX:
         return "--limit for more"
     return (
-        f"{limits.LIST_TRANSACTIONS_LIMIT_MAX:,}, the oldest, are the most listed at once: "
+        f"{listed:,}, the oldest, are the most listed at once: "
         "forget those reconciled (dtm heuristics forget ID BRANCH) to list the next"
     )
 

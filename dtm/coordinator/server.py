@@ -21,7 +21,7 @@ from dtm import config, crashpoints, grpc_edge, limits, logs, metrics, security
 from dtm.batcher import DECISION_LINGER_MS_DEFAULT, LINGER_MS_DEFAULT, BatchPolicy
 from dtm.coordinator.engine import CoordinatorConfig, Engine, Refused, SubmitRejected, wall_ms
 from dtm.coordinator.finished import TransactionView
-from dtm.coordinator.heuristics import heuristic_pb
+from dtm.coordinator.heuristics import HeuristicTable, heuristic_pb
 from dtm.coordinator.ports import PREPARE_SEND_MARGIN_S, ParticipantPort
 from dtm.coordinator.registry import (
     RegistrationError,
@@ -84,19 +84,19 @@ def listed_transactions(
     transactions of 32 branches, each with a reason and an error of up to about 1 KiB, can take
     tens of MB, and an answer over the message limit failed (RESOURCE_EXHAUSTED) with nothing
     listed. The answer then says it was cut, so the caller can ask for fewer."""
-    limit = _list_limit(requested)
-    answer = coordinator_pb2.ListTransactionsResponse()
-    size = 0
-    for view in views:
-        if len(answer.transactions) >= limit:
-            break
-        listed = transaction_pb(view)
-        size += listed.ByteSize() + limits.REPEATED_ELEMENT_FRAMING_BYTES
-        if size > limits.ANSWER_BYTES_MAX:
-            answer.cut_at_message_limit = True
-            break
-        answer.transactions.append(listed)
-    return answer
+    listed, cut = grpc_edge.that_fit(map(transaction_pb, islice(views, _list_limit(requested))))
+    return coordinator_pb2.ListTransactionsResponse(transactions=listed, cut_at_message_limit=cut)
+
+
+def listed_heuristics(
+    kept: HeuristicTable, requested: int
+) -> coordinator_pb2.ListHeuristicsResponse:
+    """The oldest of the heuristic outcomes `kept` a list asked for, as many as fit one answer:
+    a detail keeps up to REASON_CHARS_MAX characters of up to 4 bytes, and 1,000 such outcomes
+    took 4.4 MB, over the message limit (RESOURCE_EXHAUSTED, nothing listed). `total` tells
+    the caller that the list is cut."""
+    listed, _ = grpc_edge.that_fit(map(heuristic_pb, islice(kept, _list_limit(requested))))
+    return coordinator_pb2.ListHeuristicsResponse(heuristics=listed, total=len(kept))
 
 
 # What fitted() leaves of each text in an answer that would not fit otherwise.
@@ -466,11 +466,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def ListHeuristics(
         self, request: coordinator_pb2.ListHeuristicsRequest, context: Context
     ) -> coordinator_pb2.ListHeuristicsResponse:
-        limit = _list_limit(request.limit)
-        kept = self.engine.heuristics
-        return coordinator_pb2.ListHeuristicsResponse(
-            heuristics=[heuristic_pb(record) for record in islice(kept, limit)], total=len(kept)
-        )
+        return listed_heuristics(self.engine.heuristics, request.limit)
 
     async def ForgetHeuristic(
         self, request: coordinator_pb2.ForgetHeuristicRequest, context: Context
