@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from dtm import cli, config, crashpoints, limits
+from dtm.cli import transactions as cli_transactions
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from participants.locks import LockMode
 from tests.cli_runner import dtm, order_file
@@ -645,6 +646,41 @@ def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
         status, out, err = asyncio.run(dtm(*nothing_listening, *command))
         assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
         assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
+
+
+def test_transactions_cut_by_the_limit_say_so(tmp_path: Path) -> None:
+    """`dtm txn list --limit N` kept the newest N without a word, and `--stuck` looked among
+    the 1,000 newest in doubt only, silently: the oldest in doubt, the likeliest stuck, went
+    unseen once more than 1,000 were."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            for number in range(3):
+                branches = order_branches(f"o-{number}", [("sku-apple", 1)])
+                await cluster.submit(branches, f"t-{number}")
+            at = ["--coordinator", cluster.coordinator_address, "--json", "txn", "list"]
+            status, out, err = await dtm(*at, "--limit", "2")
+            assert cli.EXIT_OK == status, err
+            assert ["t-2", "t-1"] == [txn["transaction_id"] for txn in json.loads(out)]
+            assert "the newest 2 matching transactions listed; more match: --limit" in err, err
+            status, out, err = await dtm(*at, "--limit", "3")
+            assert 3 == len(json.loads(out)) and "newest" not in err, err
+
+    asyncio.run(scenario())
+
+
+def test_stuck_transactions_looked_for_among_the_newest_in_doubt_say_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    listed = limits.LIST_TRANSACTIONS_LIMIT_MAX
+    response = coordinator_pb2.ListTransactionsResponse(
+        transactions=[coordinator_pb2.Transaction()] * listed, more_match=True
+    )
+    cli_transactions._note_list_cut(response, True, listed)
+    assert (
+        f"dtm: note: more than {listed} transactions are in doubt: only the newest {listed} "
+        "were looked at for stuck ones"
+    ) in capsys.readouterr().err
 
 
 def test_branches_cut_by_the_limit_says_so(tmp_path: Path) -> None:

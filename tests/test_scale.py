@@ -174,6 +174,7 @@ def test_listing_more_transactions_than_fit_one_answer_lists_those_that_fit(
     assert all(len(t.branches) == limits.BRANCHES_PER_TRANSACTION_MAX for t in listed.transactions)
     assert len({t.transaction_id for t in listed.transactions}) == len(listed.transactions)
     assert len(few.transactions) == 10 and not few.cut_at_message_limit
+    assert listed.more_match and few.more_match
     assert status == 0, err
     assert f"only the newest {len(listed.transactions)} matching transactions fit" in err
     assert "ask for fewer (--limit)" in err

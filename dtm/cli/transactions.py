@@ -329,7 +329,7 @@ def cmd_txn_list(session: Session) -> int:
         "ListTransactions",
         coordinator_pb2.ListTransactionsRequest(states=states, limit=asked),
     )
-    _note_list_cut(response, options.stuck)
+    _note_list_cut(response, options.stuck, asked)
     now = fmt.now_ms()
     found = list(response.transactions)
     if options.stuck:
@@ -363,20 +363,43 @@ def cmd_txn_list(session: Session) -> int:
     return EXIT_OK
 
 
-def _note_list_cut(response: coordinator_pb2.ListTransactionsResponse, stuck: bool) -> None:
-    """Say on stderr that the coordinator listed only as many transactions as fit one answer,
-    so that the table is not read as all that match."""
-    if not response.cut_at_message_limit:
-        return
+def _note_list_cut(
+    response: coordinator_pb2.ListTransactionsResponse, stuck: bool, limit: int
+) -> None:
+    """Say on stderr that the coordinator listed only some of the transactions that match (as
+    many as fit one answer, or --limit), so that the table is not read as all that match."""
     listed = len(response.transactions)
-    size = f"{limits.MESSAGE_BYTES_MAX // (1024 * 1024)} MiB"
-    if stuck:
-        what = f"only the newest {listed} in-doubt transactions fit one answer ({size}) and "
-        print(f"dtm: note: {what}were looked at for stuck ones", file=sys.stderr)
+    if response.cut_at_message_limit:
+        size = f"{limits.MESSAGE_BYTES_MAX // (1024 * 1024)} MiB"
+        if stuck:
+            what = f"only the newest {listed} in-doubt transactions fit one answer ({size}) and "
+            print(f"dtm: note: {what}were looked at for stuck ones", file=sys.stderr)
+            return
+        print(
+            f"dtm: note: only the newest {listed} matching transactions fit one answer ({size}); "
+            "more match: ask for fewer (--limit), or name the states wanted (--state)",
+            file=sys.stderr,
+        )
         return
+    if not response.more_match:
+        return
+    if stuck:
+        # The oldest in doubt are the likeliest stuck: say they were not looked at.
+        print(
+            f"dtm: note: more than {listed} transactions are in doubt: only the newest {listed} "
+            "were looked at for stuck ones; name one state at a time (--state deciding, "
+            "committing or unknown) to look at older ones",
+            file=sys.stderr,
+        )
+        return
+    how = (
+        "--limit for more"
+        if limit < limits.LIST_TRANSACTIONS_LIMIT_MAX
+        else f"{limits.LIST_TRANSACTIONS_LIMIT_MAX:,} are the most listed at once: name the "
+        "states wanted (--state), or look one up (dtm txn show ID)"
+    )
     print(
-        f"dtm: note: only the newest {listed} matching transactions fit one answer ({size}); "
-        "more match: ask for fewer (--limit), or name the states wanted (--state)",
+        f"dtm: note: the newest {listed} matching transactions listed; more match: {how}",
         file=sys.stderr,
     )
 

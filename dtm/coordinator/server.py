@@ -83,9 +83,15 @@ def listed_transactions(
     """The first of `views` (newest first) a list asked for, as many as fit one answer: 1,000
     transactions of 32 branches, each with a reason and an error of up to about 1 KiB, can take
     tens of MB, and an answer over the message limit failed (RESOURCE_EXHAUSTED) with nothing
-    listed. The answer then says it was cut, so the caller can ask for fewer."""
-    listed, cut = grpc_edge.that_fit(map(transaction_pb, islice(views, _list_limit(requested))))
-    return coordinator_pb2.ListTransactionsResponse(transactions=listed, cut_at_message_limit=cut)
+    listed. The answer then says it was cut, so the caller can ask for fewer; and whether more
+    match than it lists (`dtm txn list --stuck` looks among the 1,000 newest in doubt only)."""
+    matching = iter(views)
+    listed, cut = grpc_edge.that_fit(map(transaction_pb, islice(matching, _list_limit(requested))))
+    # One more looked for (not converted): whether the list shows all that match.
+    more_match = cut or next(matching, None) is not None
+    return coordinator_pb2.ListTransactionsResponse(
+        transactions=listed, cut_at_message_limit=cut, more_match=more_match
+    )
 
 
 def listed_heuristics(

@@ -226,12 +226,14 @@ class ListTransactionsRequest(_message.Message):
     def __init__(self, states: _Optional[_Iterable[_Union[TransactionState, str]]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListTransactionsResponse(_message.Message):
-    __slots__ = ("transactions", "cut_at_message_limit")
+    __slots__ = ("transactions", "cut_at_message_limit", "more_match")
     TRANSACTIONS_FIELD_NUMBER: _ClassVar[int]
     CUT_AT_MESSAGE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MORE_MATCH_FIELD_NUMBER: _ClassVar[int]
     transactions: _containers.RepeatedCompositeFieldContainer[Transaction]
     cut_at_message_limit: bool
-    def __init__(self, transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., cut_at_message_limit: _Optional[bool] = ...) -> None: ...
+    more_match: bool
+    def __init__(self, transactions: _Optional[_Iterable[_Union[Transaction, _Mapping]]] = ..., cut_at_message_limit: _Optional[bool] = ..., more_match: _Optional[bool] = ...) -> None: ...
 
 class QueryOutcomeRequest(_message.Message):
     __slots__ = ("transaction_id", "participant", "transaction_fingerprint", "incarnation")
