@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 import traceback
@@ -211,6 +212,14 @@ def _by_resource(request: LockRequest) -> str:
 
 def branch_key_text(key: BranchKey) -> str:
     return f"{key[0]}/{key[1]}"
+
+
+def _sibling_branch(transaction_id: str, owner: str) -> str | None:
+    """The name of lock owner `owner` (branch_key_text), "branch N", when it is a branch of
+    `transaction_id`; None for any other owner. A transaction id has no "/"
+    (limits.TRANSACTION_ID_PATTERN), so the part before the last one is the transaction's."""
+    transaction, _, index = owner.rpartition("/")
+    return f"branch {index}" if transaction == transaction_id else None
 
 
 class BranchEngine:
@@ -829,7 +838,7 @@ class BranchEngine:
         try:
             # A fixed order (by resource name) means one branch's own locks never deadlock.
             for request in requests:
-                await self._acquire(owner, request, lock_wait_s)
+                await self._acquire(key, request, lock_wait_s)
         except LockRefused as refusal:
             outcome = Refused(refusal.reason)
         else:
@@ -840,11 +849,20 @@ class BranchEngine:
         if pending is not None and not pending.done():
             pending.set_result((reply.vote, reply.reason))
 
-    async def _acquire(self, owner: str, request: LockRequest, lock_wait_s: float | None) -> None:
+    async def _acquire(
+        self, key: BranchKey, request: LockRequest, lock_wait_s: float | None
+    ) -> None:
         """Take one of a prepare's locks; a wait that runs out is refused with the service's
-        `timeout_reason` for it, if it gave one."""
+        `timeout_reason` for it, if it gave one. One held by another branch of the same
+        transaction is refused at once (locks.HeldByOwnTransaction)."""
         try:
-            await self.locks.acquire(owner, request.resource, request.mode, lock_wait_s)
+            await self.locks.acquire(
+                branch_key_text(key),
+                request.resource,
+                request.mode,
+                lock_wait_s,
+                sibling=functools.partial(_sibling_branch, key[0]),
+            )
         except LockTimeout:
             if not request.timeout_reason:
                 raise

@@ -8,6 +8,9 @@ Rules held here (protocol.md, "Locks and timeouts"):
 - A lock wait that exceeds its timeout fails the waiter (LockTimeout), never the holder.
 - A wait that would close a cycle in the wait-for graph fails the requester at once
   (DeadlockDetected) rather than after the timeout; holders are never disturbed.
+- So does a request that conflicts with a hold of another branch of its own transaction
+  (HeldByOwnTransaction): that hold lasts until the transaction is decided, which waits for
+  the requester's vote.
 - Locks are released only all together, by `release_all`, when the branch is decided or
   reclaimed.
 - Waiters are granted in FIFO order (upgrades first), so a stream of later shared requests
@@ -62,6 +65,21 @@ class DeadlockDetected(LockRefused):
         super().__init__(f"deadlock on {resource}: {' -> '.join(cycle)}")
         self.resource = resource
         self.cycle = tuple(cycle)
+
+
+class HeldByOwnTransaction(LockRefused):
+    """A deadlock of one transaction with itself (counted as a deadlock): another branch of it
+    holds the resource in a conflicting mode. That branch keeps it until the transaction is
+    decided, which waits for this branch's vote, so the wait could only run out."""
+
+    def __init__(self, resource: str, sibling: str, mode: LockMode) -> None:
+        super().__init__(
+            f"{sibling} of this transaction already holds {resource} ({mode.value}): one "
+            "transaction cannot take it twice unless both take it shared; put the work on "
+            "it in one branch"
+        )
+        self.resource = resource
+        self.sibling = sibling
 
 
 @dataclass(frozen=True)
@@ -163,9 +181,19 @@ class LockManager:
         self.search_steps = 0
 
     async def acquire(
-        self, owner: str, resource: str, mode: LockMode, timeout_s: float | None = None
+        self,
+        owner: str,
+        resource: str,
+        mode: LockMode,
+        timeout_s: float | None = None,
+        *,
+        sibling: Callable[[str], str | None] | None = None,
     ) -> None:
         """Take `resource` in `mode` for `owner`, waiting at most `timeout_s` (None: default).
+
+        `sibling` names another owner that is a branch of `owner`'s own transaction ("branch
+        1"), None for any other: a conflicting hold of one is refused at once
+        (HeldByOwnTransaction), as no wait for it can end before the transaction does.
 
         Raises LockTimeout, DeadlockDetected or LockRefused (queue full, owner already waiting
         on this resource, or released while waiting); on cancellation re-raises CancelledError.
@@ -173,6 +201,8 @@ class LockManager:
         if self.try_acquire(owner, resource, mode):
             return
         lock = self._locks[resource]
+        if sibling is not None:
+            self._refuse_if_own_transaction_holds(resource, lock, owner, mode, sibling)
         hold = lock.holders.get(owner)
         previous = None if hold is None else hold.mode
         queued = lock.waiting.get(owner)
@@ -220,6 +250,20 @@ class LockManager:
             self._abandon(resource, waiter)
             raise
         self.grants += 1
+
+    def _refuse_if_own_transaction_holds(
+        self,
+        resource: str,
+        lock: _Lock,
+        owner: str,
+        mode: LockMode,
+        sibling: Callable[[str], str | None],
+    ) -> None:
+        for holder in self._conflicting_holders(lock, owner, mode):
+            name = sibling(holder)
+            if name is not None:
+                self.deadlocks += 1
+                raise HeldByOwnTransaction(resource, name, lock.holders[holder].mode)
 
     def try_acquire(self, owner: str, resource: str, mode: LockMode) -> bool:
         """Take `resource` if that needs no wait (the common case: no task, no future);

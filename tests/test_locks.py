@@ -685,6 +685,70 @@ def test_waits_that_ended_do_not_count_against_the_bound(monkeypatch: pytest.Mon
     run(main)
 
 
+def create_order(order_id: str) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    line = shop_pb2.StockLine(sku="sku-1", quantity=1)
+    packed.Pack(shop_pb2.CreateOrder(order_id=order_id, customer_id="c", lines=[line]))
+    return packed
+
+
+def test_a_branch_wanting_what_a_branch_of_its_own_transaction_holds_is_refused_at_once() -> None:
+    """Branch 1 of t1 claims order id o-1, which branch 0 of t1 holds: branch 0 keeps it until
+    t1 is decided, and t1 cannot be decided before branch 1 votes, so no wait can end well. It
+    waited out its whole lock wait, then was refused as if another transaction were creating
+    the order. Refused at once now: with a wait timeout of an hour and nothing ever releasing
+    branch 0, the answer comes back only if no wait happened (run's bound catches a hang)."""
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=3600.0)
+        engine = BranchEngine(OrdersService(), MemoryLog(), manager, clock_ms=lambda: 0)
+        order = create_order("o-1")
+        assert (BranchVote.PREPARED, "") == engine.begin_prepare("t1", 0, order, False)
+        answer = engine.begin_prepare("t1", 1, order, False)
+        assert not isinstance(answer, tuple)  # the lock was taken: the prepare went to a task
+        assert (
+            BranchVote.REFUSED,
+            "branch 0 of this transaction already holds order:o-1 (exclusive): one transaction "
+            "cannot take it twice unless both take it shared; put the work on it in one branch",
+        ) == await answer
+        assert (0, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        assert ("t1/0",) == holders(manager, "order:o-1") and [] == waiting(manager, "order:o-1")
+
+    run(main)
+
+
+def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_transactions() -> None:
+    """Only a conflict with a branch of the requester's own transaction is refused at once:
+    shared holds of one transaction still share, and a hold of another transaction is waited
+    for as before. An upgrade past a sibling's shared hold is the same self-deadlock."""
+
+    def sibling_of(transaction_id: str) -> Callable[[str], str | None]:
+        def name(owner: str) -> str | None:
+            transaction, _, index = owner.partition("/")
+            return f"branch {index}" if transaction == transaction_id else None
+
+        return name
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("t1/0", "sku-1", S, sibling=sibling_of("t1"))
+        await manager.acquire("t1/1", "sku-1", S, sibling=sibling_of("t1"))
+        assert ("t1/0", "t1/1") == holders(manager, "sku-1")
+        with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch 0 of this transaction"):
+            await manager.acquire("t1/1", "sku-1", X, sibling=sibling_of("t1"))
+        assert {"sku-1": S} == manager.held_by("t1/1")  # the refused upgrade changed nothing
+        other = asyncio.create_task(manager.acquire("t2/0", "sku-1", X, sibling=sibling_of("t2")))
+        await until(lambda: waiting(manager, "sku-1") == [("t2/0", "exclusive")])
+        manager.release_all("t1/0")
+        manager.release_all("t1/1")
+        await other
+        assert (1, 1) == (manager.waits, manager.deadlocks)
+        manager.release_all("t2/0")
+        assert_empty(manager)
+
+    run(main)
+
+
 def test_owner_cannot_wait_twice_on_one_resource() -> None:
     async def main() -> None:
         manager = LockManager(wait_timeout_s=LONG_S)
