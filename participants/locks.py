@@ -209,7 +209,13 @@ class LockManager:
         if queued is not None:
             if queued.live:
                 raise LockRefused(f"{owner} is already waiting on {resource}")
-            self._dequeue(resource, lock, queued)  # a wait ended by other means (_Waiter.live)
+            # Not reached: every end of a wait takes it out of the queue first (a grant in
+            # _wake and release_all before resolving its future, a timeout or a cancel in
+            # _WaitFuture.cancel), and acquire does not yield between queueing a waiter and
+            # awaiting it; tests/test_lock_races.py checks it at every turn. Nor would a waiter
+            # cancelled without its callback leave the request queued below with nothing to
+            # wake it: its task's _abandon wakes the queue when it runs (test_locks, forged).
+            self._dequeue(resource, lock, queued)
         if len(lock.waiters) >= WAITERS_PER_RESOURCE_MAX:
             self.queue_full += 1
             raise LockRefused(

@@ -101,6 +101,11 @@ def check(engine: BranchEngine, decided: set[tuple[str, int]]) -> None:
     open_owners = {branch_key_text(key) for key in engine.open}
     for lock in engine.locks.snapshot():
         assert lock.holders and set(lock.holders) <= open_owners, (lock, open_owners)
+    for resource, entry in engine.locks._locks.items():
+        # A wait leaves the queue as it ends: LockManager.acquire relies on every queued
+        # waiter being live, and on the owner index matching the queue.
+        assert all(waiter.live and waiter.queued for waiter in entry.waiters), resource
+        assert {waiter.owner: waiter for waiter in entry.waiters} == entry.waiting, resource
     for info in prepared:
         owner = branch_key_text(info.branch.key)
         operation = engine._operations[info.branch.key]

@@ -796,6 +796,34 @@ def test_an_owner_whose_wait_ended_may_wait_again_at_once_but_only_once() -> Non
     run(main)
 
 
+def test_a_dead_waiter_found_by_its_owner_does_not_leave_the_new_request_waiting() -> None:
+    """acquire drops an owner's queued waiter that is no longer live before queueing the owner
+    again, without waking the queue. That state is not reached (a wait leaves the queue as it
+    ends; test_lock_races checks it at every turn), so it is forged here: a waiter's future
+    cancelled without its callback, and the holder's conflict gone without a wake-up, so the
+    dead waiter is all that keeps the new request from being granted at once. It is still
+    granted without waiting out its wait (run's bound would catch that): the dead waiter's own
+    task, woken by the cancel, runs _abandon, which wakes the queue."""
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S)
+        await manager.acquire("a", "sku-1", X)
+        ended = asyncio.create_task(manager.acquire("b", "sku-1", S))
+        await until(lambda: waiting(manager, "sku-1") == [("b", "shared")])
+        lock = manager._locks["sku-1"]
+        asyncio.Future.cancel(lock.waiting["b"].future)  # not _WaitFuture.cancel: stays queued
+        lock.holders["a"].mode = S  # no conflict left, and no wake-up
+        await manager.acquire("b", "sku-1", S)
+        assert ("a", "b") == holders(manager, "sku-1") and [] == waiting(manager, "sku-1")
+        with pytest.raises(asyncio.CancelledError):
+            await ended
+        manager.release_all("a")
+        manager.release_all("b")
+        assert_empty(manager)
+
+    run(main)
+
+
 # ---- the deadlock search's cost: counted (search_steps), never timed ----
 
 HOT_QUEUE = 500
