@@ -1,17 +1,21 @@
 """Property: a participant's locks, its business state and its log agree under any schedule of
 Prepares (some waiting for locks), Commits, Rollbacks, leases running out, inquiry answers,
 checkpoints and restarts, on one event loop with the real branch engine, lock table and
-service (protocol.md, "Locks and timeouts"; reliability.md, the stock invariants).
+service (protocol.md, "Locks and timeouts"; reliability.md, the stock invariants). A
+transaction may have two branches here, which may want the same lock.
 
 At every turn of the loop: every lock is held by an open branch (PREPARING or PREPARED) and a
 PREPARED one holds all of its own, exclusively; the service's tentative effects (a stock
 reservation, a PENDING order) are exactly those of the PREPARED branches; stock is conserved.
-At the end, a restart from the log rebuilds the same state and the same prepared locks."""
+At the end, a restart from the log rebuilds the same state and the same prepared locks.
+
+LOCK_RACE_EXAMPLES=N runs N examples of each property instead of 150 (a longer soak)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +34,9 @@ from participants.services.orders import PENDING, OrdersService
 
 STOCK = {"a": 3, "b": 2, "c": 5}
 TRANSACTIONS = 6
+BRANCHES = 2  # of one transaction on this participant
+# Read at import: the examples are fixed when the tests are defined.
+EXAMPLES = int(os.environ.get("LOCK_RACE_EXAMPLES", "150"))
 # A lock wait of 0 is the manager's default; the others let waits run out mid-schedule.
 LOCK_WAITS_S = [0.0, 0.005, 0.05]
 
@@ -61,11 +68,18 @@ orders_operation = st.sampled_from(["x", "y"]).map(create_order)
 
 def steps(operation: st.SearchStrategy[any_pb2.Any]) -> st.SearchStrategy[list[tuple[Any, ...]]]:
     txn = st.integers(0, TRANSACTIONS - 1)
+    branch = st.integers(0, BRANCHES - 1)
     step = st.one_of(
-        st.tuples(st.just("prepare"), txn, operation, st.sampled_from(LOCK_WAITS_S), st.booleans()),
-        st.tuples(st.sampled_from(["commit", "rollback", "lease"]), txn),
-        st.tuples(st.just("learn"), txn, st.booleans()),
-        st.tuples(st.just("force"), txn, st.booleans()),
+        st.tuples(
+            st.just("prepare"),
+            txn,
+            branch,
+            operation,
+            st.sampled_from(LOCK_WAITS_S),
+            st.booleans(),
+        ),
+        st.tuples(st.sampled_from(["commit", "rollback", "lease"]), txn, branch),
+        st.tuples(st.sampled_from(["learn", "force"]), txn, branch, st.booleans()),
         st.tuples(st.sampled_from(["checkpoint", "restart"])),
         st.tuples(st.just("turns"), st.integers(0, 4)),
         st.tuples(st.just("sleep"), st.sampled_from([0.001, 0.01, 0.03])),
@@ -91,7 +105,7 @@ def tentative(service: Service[Any]) -> set[str]:
 
 def check(engine: BranchEngine, decided: set[tuple[str, int]]) -> None:
     """`decided`: the branches a decision was delivered to while PREPARED."""
-    for info in engine.listed(set(), TRANSACTIONS):
+    for info in engine.listed(set(), TRANSACTIONS * BRANCHES):
         branch = info.branch
         if branch.vote is BranchVote.PREPARED and branch.state is not BranchState.PREPARED:
             # Voted yes: decided only by a decision, never by a lease or a lock timeout.
@@ -159,17 +173,17 @@ async def run_schedule(
     watcher = asyncio.create_task(monitor())
     for kind, *args in schedule:
         if kind == "prepare":
-            txn, operation, lock_wait_s, one_phase = args
+            txn, index, operation, lock_wait_s, one_phase = args
             answer = engine.begin_prepare(
-                f"t{txn}", 0, operation, one_phase, lock_wait_s=lock_wait_s or None
+                f"t{txn}", index, operation, one_phase, lock_wait_s=lock_wait_s or None
             )
             if not isinstance(answer, tuple):
                 answers.append(asyncio.ensure_future(answer))
         elif kind in ("commit", "rollback", "learn", "force"):
-            commit = len(args) > 1 and args[1]  # learn and force carry it
-            await deliver(engine, decided, kind, (f"t{args[0]}", 0), commit)
+            commit = len(args) > 2 and args[2]  # learn and force carry it
+            await deliver(engine, decided, kind, (f"t{args[0]}", args[1]), commit)
         elif kind == "lease":
-            engine.expire_lease((f"t{args[0]}", 0))
+            engine.expire_lease((f"t{args[0]}", args[1]))
         elif kind == "checkpoint":
             await engine.checkpoint()
         elif kind == "restart":
@@ -202,7 +216,7 @@ async def run_schedule(
     ] == [(lock.resource, lock.holders) for lock in restarted.locks.snapshot()]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(schedule=steps(inventory_operation))
 def test_sku_locks_reservations_and_log_agree_under_any_schedule(
     schedule: list[tuple[Any, ...]],
@@ -210,7 +224,7 @@ def test_sku_locks_reservations_and_log_agree_under_any_schedule(
     asyncio.run(run_schedule(lambda: InventoryService(STOCK, lock_skus=True), schedule))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(schedule=steps(orders_operation))
 def test_order_locks_pending_orders_and_log_agree_under_any_schedule(
     schedule: list[tuple[Any, ...]],
