@@ -4,6 +4,7 @@ keeps nothing, and a refusal waits for the records of the effects it was based o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -146,15 +147,21 @@ class WaitsPastTheCancel(LockManager):
     rest on that."""
 
     async def acquire(
-        self, owner: str, resource: str, mode: LockMode, timeout_s: float | None = None
+        self,
+        owner: str,
+        resource: str,
+        mode: LockMode,
+        timeout_s: float | None = None,
+        *,
+        sibling: Callable[[str], str | None] | None = None,
     ) -> None:
         try:
-            await super().acquire(owner, resource, mode, timeout_s)
+            await super().acquire(owner, resource, mode, timeout_s, sibling=sibling)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()
-            await super().acquire(owner, resource, mode, timeout_s)
+            await super().acquire(owner, resource, mode, timeout_s, sibling=sibling)
 
 
 def test_a_vote_after_a_rollback_gives_back_its_reservation_and_locks() -> None:
