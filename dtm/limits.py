@@ -81,8 +81,9 @@ SUBMITS_WAITING_PER_TRANSACTION_MAX = 64
 # is busy): gRPC's own bound (grpc.server.max_pending_requests, 1,000 by default, and a hard
 # limit of 3,000) cancelled a burst beyond it inside gRPC, CANCELLED with no message and no
 # line logged, before any bound of ours was reached (a burst of 3,000 Submits lost 763 that
-# way). Above the transactions in flight and the unary decisions to one participant
-# (DECISIONS_WAITING_MAX), so that those bounds answer first, each with a precise status.
+# way). Above the transactions in flight, so that that bound answers first, with a precise
+# status. The coordinator's calls to one participant stay far below gRPC's default too
+# (UNARY_CALLS_IN_FLIGHT_MAX), for a participant outside the project, which keeps it.
 CALLS_PENDING_MAX = 2 * TRANSACTIONS_IN_FLIGHT_MAX
 # Finished transactions the coordinator remembers (for GetTransaction and retried Submits); a
 # retry of an older one is still never applied twice: the participants remember their branches.
@@ -113,12 +114,24 @@ CHECKPOINT_PART_BYTES = 4 * 1024 * 1024
 LOG_SEGMENT_BYTES_MAX = 64 * 1024 * 1024
 BATCH_ITEMS_MAX = 1_024
 # Decisions waiting for one participant: the items queued for it (a batched participant;
-# prepares count too), or the calls in flight to it (a unary one). Commits are bounded by
+# prepares count too), or its unary calls in flight or waiting for one of the
+# UNARY_CALLS_IN_FLIGHT_MAX slots (a unary one; prepares count too). Commits are bounded by
 # the transactions in flight, which wait for them; Rollbacks are not (an aborted transaction
 # is over at once), so a participant that hangs while aborts go on would grow the queue
 # without end. Beyond it a decision fails at once and is retried later like a failed call
 # (a Rollback gives up after a few: presumed abort, the participant's inquiry resolves it).
 DECISIONS_WAITING_MAX = 16 * BATCH_ITEMS_MAX
+# Unary calls (Prepare, Commit, Rollback) in flight from the coordinator to one participant
+# that does not batch; the next waits for one to end, a Prepare no longer than its deadline.
+# Unbounded, each Prepare and decision was a call at once: 10,000 transactions in flight could
+# put 320,000 calls on one participant, and its server's gRPC queue (1,000 calls by default,
+# all a participant outside the project can be assumed to keep; see CALLS_PENDING_MAX)
+# cancelled the rest itself, CANCELLED: each such Prepare aborted its transaction. Well below
+# that default, so the participant's other callers (another coordinator, a port of it still
+# draining after it registered again) fit too; far above what throughput needs: a coordinator
+# starts at most about 2,500 unary calls a second (about 0.4 ms of CPU each), which 256 calls
+# in flight keep up with while a call takes up to 100 ms.
+UNARY_CALLS_IN_FLIGHT_MAX = 256
 # The coordinator's Exchange to one participant: the message limit, less room for the framing
 # its estimate of each item's size leaves out (a few bytes per item, 1,024 items at most).
 EXCHANGE_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024

@@ -1117,3 +1117,116 @@ def test_a_prepare_taken_out_unsent_opens_no_call_beyond_the_limit() -> None:
         assert ["decision-3"] == calls.batches[-1]
 
     asyncio.run(run())
+
+
+# ---- a participant that does not batch: the unary calls in flight to it are bounded ----
+
+
+class HeldUnary(FakeDecisions):
+    """A plain unary participant whose calls wait until the test releases them all; counts
+    the calls in flight, and records each Prepare's transaction and deadline."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released = asyncio.Event()
+        self.prepares: list[tuple[str, float]] = []
+        self.in_flight = 0
+        self.in_flight_most = 0
+
+    async def _held(self) -> None:
+        self.in_flight += 1
+        self.in_flight_most = max(self.in_flight_most, self.in_flight)
+        try:
+            await self.released.wait()
+        finally:
+            self.in_flight -= 1
+
+    async def prepare(
+        self,
+        transaction_id: str,
+        branch: int,
+        operation: any_pb2.Any,
+        one_phase: bool,
+        timeout_s: float,
+        fingerprint: bytes = b"",
+    ) -> tuple[Vote, str, str, bool]:
+        self.prepares.append((transaction_id, timeout_s))
+        await self._held()
+        return Vote.PREPARED, "", "", False
+
+    async def commit(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
+        await self._held()
+
+    async def rollback(
+        self, transaction_id: str, branch: int, timeout_s: float, fingerprint: bytes = b""
+    ) -> None:
+        await self._held()
+
+
+def test_unary_calls_beyond_the_bound_wait_for_a_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Prepare, Commit and Rollback to a participant that does not batch was its own call
+    at once, unbounded: a burst overran the participant's gRPC queue, which cancelled the rest
+    (tests/test_scale.py). Beyond UNARY_CALLS_IN_FLIGHT_MAX, they wait for a call to end."""
+    from dtm import limits
+
+    monkeypatch.setattr(limits, "UNARY_CALLS_IN_FLIGHT_MAX", 3)
+
+    async def run() -> None:
+        client = HeldUnary()
+        port = ParticipantPort(client, False, BatchPolicy())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        votes: list[PrepareResult] = []
+        decided: list[DecideResult] = []
+        for number in range(4):
+            item = PrepareItem(
+                f"t-{number}", 0, any_pb2.Any(), False, loop.time() + 60, 60, votes.append
+            )
+            port.prepare(item)
+        for number in range(4):
+            port.decide(DecideItem(f"t-d{number}", 0, number % 2 == 0, decided.append))
+        await settle()
+        assert 3 == client.in_flight
+        assert not votes and not decided
+        client.released.set()
+        await port.drain()
+        assert 3 == client.in_flight_most
+        assert [Vote.PREPARED] * 4 == [result.vote for result in votes]
+        assert [True] * 4 == [result.ok for result in decided]
+        waited, timeout_s = client.prepares[-1]
+        assert "t-3" == waited and timeout_s < 60  # sent with the time it had left
+        await port.close()
+
+    asyncio.run(run())
+
+
+def test_a_prepare_waiting_for_a_slot_fails_unsent_at_its_own_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A prepare's deadline holds while it waits for a slot, as its call's would: a one-phase
+    transaction has no timer of its own. It then fails as a timeout, unsent (not reached: a
+    one-phase transaction aborts without a probe)."""
+    from dtm import limits
+
+    monkeypatch.setattr(limits, "UNARY_CALLS_IN_FLIGHT_MAX", 1)
+
+    async def run() -> None:
+        client = HeldUnary()
+        port = ParticipantPort(client, False, BatchPolicy())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        port.prepare(PrepareItem("t-slow", 0, any_pb2.Any(), False, loop.time() + 60, 60, print))
+        answered: asyncio.Future[PrepareResult] = loop.create_future()
+        hurried = PrepareItem(
+            "t-hurried", 0, any_pb2.Any(), True, loop.time() + 0.05, 0.05, answered.set_result
+        )
+        port.prepare(hurried)
+        result = await asyncio.wait_for(answered, 10)  # at its deadline: the slot is taken
+        assert result.vote is None and result.not_reached
+        assert "no answer within the 50 ms deadline: never sent" in result.reason
+        assert ["t-slow"] == [name for name, _ in client.prepares]
+        client.released.set()
+        await port.drain()
+        await port.close()
+
+    asyncio.run(run())

@@ -7,7 +7,8 @@ import asyncio
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from grpc._cython import cygrpc  # channelz, as the grpcio-channelz package reads it
 
 from dtm import grpc_edge, limits
+from dtm.coordinator.engine import CoordinatorConfig
 from dtm.coordinator.registry import RegistrationError, Registry, validate_registration
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.core.branch import Branch, BranchState, BranchVote
@@ -34,7 +36,7 @@ from participants.service import PrepareResult as ServicePrepareResult
 from participants.service import Refused
 from tests.cli_runner import dtm
 from tests.doubles import StockCheck
-from tests.harness import InProcessCluster, pack
+from tests.harness import InProcessCluster, eventually, pack
 
 # ---- 1. a burst of calls beyond gRPC's own queue: cancelled unseen, not answered ----
 
@@ -60,16 +62,16 @@ class _Frozen(participant_pb2_grpc.ParticipantServicer):
         return participant_pb2.PrepareResponse(vote=coordinator_pb2.VOTE_READ_ONLY)
 
 
-@pytest.fixture
-def frozen_server() -> Iterator[tuple[_Frozen, int]]:
-    """A server with the project's options (grpc_edge.new_server) on its own thread and loop."""
+@contextmanager
+def _serving_frozen(new_server: Callable[[], grpc.aio.Server]) -> Iterator[tuple[_Frozen, int]]:
+    """A _Frozen participant served by `new_server()` on its own thread and loop."""
     servicer = _Frozen()
     bound: list[int] = []
     started = threading.Event()
     stopping: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def serve() -> None:
-        server = grpc_edge.new_server()
+        server = new_server()
         participant_pb2_grpc.add_ParticipantServicer_to_server(servicer, server)
         bound.append(grpc_edge.bind(server, "127.0.0.1:0"))
         await server.start()
@@ -89,6 +91,13 @@ def frozen_server() -> Iterator[tuple[_Frozen, int]]:
         loop, stop = stopping[0]
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+@pytest.fixture
+def frozen_server() -> Iterator[tuple[_Frozen, int]]:
+    """With the project's options (grpc_edge.new_server)."""
+    with _serving_frozen(grpc_edge.new_server) as served:
+        yield served
 
 
 def _calls_arrived() -> int:
@@ -126,6 +135,106 @@ async def _burst(servicer: _Frozen, port: int) -> Counter[str]:
         answer.code().name if isinstance(answer, grpc.aio.AioRpcError) else "OK"
         for answer in answers
     )
+
+
+# ---- 1b. a burst of transactions to a plain participant: its own gRPC queue cancelled them ----
+
+# Single-branch transactions at once to one participant that does not batch, whose server keeps
+# gRPC's defaults (a participant outside the project: 1,000 calls queued, 3,000 at most). Its
+# loop frozen, the 1,499 Prepares behind the first wait in gRPC core, which cancels some of
+# those past 1,000 (about 60): each such transaction aborted on CANCELLED.
+FOREIGN_BURST = 1_500
+
+
+def test_a_burst_of_transactions_does_not_overflow_a_plain_participants_grpc_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator spawned one unary call per Prepare with no bound: 10,000 transactions
+    in flight could put 320,000 calls on one participant. Now at most
+    UNARY_CALLS_IN_FLIGHT_MAX are in flight to it, and the rest wait for a slot."""
+    with _serving_frozen(grpc.aio.server) as (servicer, port):
+        answers, most = asyncio.run(_foreign_burst(tmp_path, monkeypatch, servicer, port))
+    assert most <= limits.UNARY_CALLS_IN_FLIGHT_MAX
+    outcomes = Counter(coordinator_pb2.Outcome.Name(answer.response.outcome) for answer in answers)
+    cancelled = [a.response.reason for a in answers if "CANCELLED" in a.response.reason]
+    assert {"OUTCOME_COMMITTED": FOREIGN_BURST} == outcomes, (outcomes, cancelled[:3])
+
+
+class _CountedPrepares:
+    """A port's Prepares: handed to it by the engine, its calls started and ended, and the
+    most in flight at once."""
+
+    def __init__(self, port: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.handed = self.started = self.ended = self.most = 0
+        hand, call = port.prepare, port.client.prepare
+
+        def handed(item: Any) -> None:
+            self.handed += 1
+            hand(item)
+
+        async def called(*args: Any, **kwargs: Any) -> Any:
+            self.started += 1
+            self.most = max(self.most, self.started - self.ended)
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                self.ended += 1
+
+        monkeypatch.setattr(port, "prepare", handed)
+        monkeypatch.setattr(port.client, "prepare", called)
+
+
+async def _foreign_burst(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, servicer: _Frozen, port: int
+) -> tuple[list[coordinator_pb2.SubmitResult], int]:
+    """The answers to FOREIGN_BURST transactions, and the most Prepares in flight at once."""
+    engine = CoordinatorConfig(prepare_timeout_ms=60_000, transaction_timeout_ms=60_000)
+    config = ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0", engine=engine)
+    coordinator = CoordinatorServer(config)
+    address = f"127.0.0.1:{await coordinator.start()}"
+    try:
+        async with grpc.aio.insecure_channel(address, options=grpc_edge.CHANNEL_OPTIONS) as channel:
+            client = coordinator_pb2_grpc.CoordinatorStub(channel)
+            await client.RegisterParticipant(
+                coordinator_pb2.RegisterParticipantRequest(
+                    name="foreign", address=f"127.0.0.1:{port}"
+                )
+            )
+            counted = _CountedPrepares(coordinator.engine.registry.port("foreign"), monkeypatch)
+            branch = coordinator_pb2.BranchRequest(
+                participant="foreign", operation=pack(shop_pb2.StockLine(sku="x", quantity=1))
+            )
+            batches = [
+                coordinator_pb2.SubmitBatchRequest(
+                    transactions=[
+                        coordinator_pb2.SubmitRequest(transaction_id=f"t{n}", branches=[branch])
+                        for n in range(start, min(start + 250, FOREIGN_BURST))
+                    ]
+                )
+                for start in range(0, FOREIGN_BURST, 250)
+            ]
+            before = _calls_arrived() + len(batches)  # the SubmitBatch calls arrive too
+            submitted = [
+                asyncio.ensure_future(client.SubmitBatch(batch, timeout=60)) for batch in batches
+            ]
+            assert await asyncio.to_thread(servicer.entered.wait, 10)
+
+            async def burst_arrived() -> bool:
+                """Every Prepare is handed to the port, and every call it started has reached
+                the participant's gRPC core (or one has ended already: cancelled there)."""
+                arrived = _calls_arrived() - before
+                return counted.ended > 0 or (
+                    counted.handed == FOREIGN_BURST and arrived >= counted.started
+                )
+
+            await eventually(burst_arrived, timeout_s=30)
+            servicer.release.set()
+            answers = [
+                result for done in await asyncio.gather(*submitted) for result in done.results
+            ]
+            return answers, counted.most
+    finally:
+        await coordinator.stop(0)
 
 
 # ---- 2. `dtm txn list` of many wide transactions: over the message limit, nothing shown ----

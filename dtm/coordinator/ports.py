@@ -118,6 +118,9 @@ class ParticipantPort:
         self.fell_back = False
         self._phase_two_timeout_s = policy.phase_two_timeout_ms / 1000
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every unary call to the participant (Prepare, Commit, Rollback, a probe) takes one
+        # (limits.UNARY_CALLS_IN_FLIGHT_MAX): unbounded, a burst overran its server's gRPC queue.
+        self._unary_slots = asyncio.Semaphore(limits.UNARY_CALLS_IN_FLIGHT_MAX)
         # One queue for prepares and decisions alike: they leave together in one Exchange.
         self._batcher: Batcher[PrepareItem | DecideItem] = Batcher(
             self._send_exchange, policy, self._tasks, _is_prepare, size=_item_bytes
@@ -230,7 +233,8 @@ class ParticipantPort:
         done: Callable[[grpc.StatusCode | None, str], None],
     ) -> None:
         try:
-            await self.client.rollback(transaction_id, 0, timeout_s, fingerprint)
+            async with self._unary_slots:
+                await self.client.rollback(transaction_id, 0, timeout_s, fingerprint)
         except grpc.aio.AioRpcError as error:
             done(call_code(error), rpc_failure(error, timeout_s))
             return
@@ -264,6 +268,35 @@ class ParticipantPort:
 
     async def _unary_prepare(self, item: PrepareItem, timeout_s: float | None = None) -> None:
         """`timeout_s`: the call's, when less than the item's own (a prepare sent again)."""
+        if self._unary_slots.locked():
+            timeout_s = await self._unary_slot_in_time(item)
+            if timeout_s is None:
+                return
+        else:
+            await self._unary_slots.acquire()  # one is free: taken at once, without a wait
+        try:
+            await self._unary_prepare_call(item, timeout_s)
+        finally:
+            self._unary_slots.release()
+
+    async def _unary_slot_in_time(self, item: PrepareItem) -> float | None:
+        """Wait for a unary call slot until the prepare can no longer be sent in time: its
+        deadline holds here as its call's would (a one-phase transaction has no timer of its
+        own). The time its call then has left; or None: the prepare failed unsent, a timeout."""
+        try:
+            async with asyncio.timeout_at(_due(item)):
+                await self._unary_slots.acquire()
+        except TimeoutError:
+            reason = (
+                f"no answer within the {round(item.timeout_s * 1000)} ms deadline: never sent, "
+                f"{limits.UNARY_CALLS_IN_FLIGHT_MAX} calls to {self.client.name} were in flight"
+            )
+            # Nothing reached the participant: a one-phase transaction aborts, unprobed.
+            item.done(PrepareResult(None, reason, not_reached=True))
+            return None
+        return item.deadline - asyncio.get_running_loop().time()
+
+    async def _unary_prepare_call(self, item: PrepareItem, timeout_s: float | None) -> None:
         try:
             vote, reason, id_reused, earlier = await self.client.prepare(
                 item.transaction_id,
@@ -290,6 +323,11 @@ class ParticipantPort:
         item.done(PrepareResult(vote, _said(reason), id_reused=_said(id_reused), earlier=earlier))
 
     async def _unary_decide(self, item: DecideItem) -> None:
+        # No deadline to wait within: phase 2 waits for the answer, however late.
+        async with self._unary_slots:
+            await self._unary_decide_call(item)
+
+    async def _unary_decide_call(self, item: DecideItem) -> None:
         timeout_s = self._phase_two_timeout_s
         try:
             if item.commit:
