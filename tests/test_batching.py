@@ -619,7 +619,43 @@ def test_decisions_waiting_for_a_hung_participant_are_bounded(
         waiting = port._batcher.queued if batch else len(port._tasks)
         assert waiting <= 5
         assert answered and not any(result.ok for result in answered)
-        assert "decisions already wait for fake; retried later" in answered[0].error
+        assert "(prepares and decisions) already wait for fake" in answered[0].error
+        await port.close()
+
+    asyncio.run(run())
+
+
+class HungUnaryPrepares(HungParticipant):
+    """Its unary Prepares hang too."""
+
+    async def prepare(self, *args: object, **kwargs: object) -> tuple[Vote, str, str, bool]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+def test_a_decision_refused_behind_prepares_says_calls_wait_not_decisions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound counts every call a port holds for its participant, prepares too (one queue,
+    or one task each when unary). A decision refused while only prepares were waiting was
+    told that decisions waited (found by a bug hunt)."""
+    from dtm import limits
+
+    monkeypatch.setattr(limits, "DECISIONS_WAITING_MAX", 3)
+
+    async def run() -> None:
+        port = ParticipantPort(HungUnaryPrepares(), False, BatchPolicy())  # type: ignore[arg-type]
+        deadline = asyncio.get_running_loop().time() + 60
+        for number in range(3):
+            item = PrepareItem(f"t-p{number}", 0, any_pb2.Any(), False, deadline, 60, print)
+            port.prepare(item)
+        await settle()
+        answered: list[DecideResult] = []
+        port.decide(DecideItem("t-d", 0, False, answered.append))
+        await settle()
+        [refused] = answered
+        assert not refused.ok
+        assert "3 calls (prepares and decisions) already wait for fake" in refused.error
         await port.close()
 
     asyncio.run(run())

@@ -201,10 +201,15 @@ class ParticipantPort:
         self._unscanned_due = math.inf
 
     def decide(self, item: DecideItem) -> None:
+        # Every call the port holds counts: prepares share the batched queue, and each unary
+        # call, prepare or decision, is a task.
         waiting = self._batcher.queued if self.batch else len(self._tasks)
         if waiting >= limits.DECISIONS_WAITING_MAX:
             failed = DecideResult(
-                False, f"{waiting} decisions already wait for {self.client.name}; retried later"
+                False,
+                f"{waiting} calls (prepares and decisions) already wait for "
+                f"{self.client.name}, the most one participant may have waiting; this "
+                "decision is retried later",
             )
             # Not from inside the engine's own step that asked for the call.
             asyncio.get_running_loop().call_soon(item.done, failed)
