@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import random
 import time
 import uuid
@@ -288,10 +289,12 @@ class OrderClient:
         self, request: coordinator_pb2.SubmitRequest, *, timeout_s: float | None = None
     ) -> SubmitResult:
         """Submit one transaction. `timeout_s` None waits as long as the transaction's own
-        timeout allows (plus a margin), so a slow decision is not mistaken for a lost one."""
+        timeout allows (plus a margin), so a slow decision is not mistaken for a lost one.
+        Any other `timeout_s` must be a positive, finite number of seconds (ValueError)."""
         if timeout_s is None:
             timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
             timeout_s = timeout_ms / 1000 + 5.0
+        _check_timeout(timeout_s)
         started = time.perf_counter()
         if self._closed:
             message = "the client is closed: nothing was sent"
@@ -378,6 +381,8 @@ class OrderClient:
         transaction."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
+        if timeout_s is not None:
+            _check_timeout(timeout_s)
         if not request.transaction_id:
             named = coordinator_pb2.SubmitRequest()
             named.CopyFrom(request)
@@ -475,6 +480,17 @@ class OrderClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _check_timeout(timeout_s: float) -> None:
+    """Refuse a deadline no call can keep. grpc answers 0, a negative, inf or NaN with
+    DEADLINE_EXCEEDED (having sent the call for 0, which may then commit; not for a negative),
+    and submit_until_known retried that answer `attempts` times as an open outcome."""
+    if not 0 < timeout_s < math.inf:  # False for NaN too
+        raise ValueError(
+            f"timeout_s must be a positive, finite number of seconds (or None for the "
+            f"transaction's own timeout and a margin), got {timeout_s!r}"
+        )
 
 
 def _still_open(result: SubmitResult, request: coordinator_pb2.SubmitRequest) -> bool:

@@ -4,6 +4,7 @@ second execution, and never a retry of a final answer."""
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import grpc
@@ -132,6 +133,28 @@ def test_a_closed_client_answers_cancelled_on_every_path() -> None:
                 result = await client.submit(request)
                 assert grpc.StatusCode.CANCELLED == result.code, (batch_in_flight, request)
                 assert "closed" in result.message
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, math.inf, math.nan])
+def test_a_deadline_no_call_can_keep_is_refused_before_anything_is_sent(timeout_s: float) -> None:
+    """Before, grpc answered each of these DEADLINE_EXCEEDED, `sent` said the transaction may
+    have run (for -1 it never left; for 0 it left, and could commit), and submit_until_known
+    retried it `attempts` times as an open outcome."""
+
+    async def scenario() -> None:
+        for batch_in_flight in (0, 1):
+            client = OrderClient("127.0.0.1:1", batch_in_flight=batch_in_flight)
+            request = coordinator_pb2.SubmitRequest(transaction_id="txn-o-1")
+            try:
+                with pytest.raises(ValueError, match="timeout_s must be a positive, finite"):
+                    await client.submit(request, timeout_s=timeout_s)
+                with pytest.raises(ValueError, match="timeout_s must be a positive, finite"):
+                    await client.submit_until_known(request, timeout_s=timeout_s)
+                assert (0, 0) == client.batches
+            finally:
+                await client.close()
 
     asyncio.run(scenario())
 
