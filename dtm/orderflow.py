@@ -268,6 +268,7 @@ class OrderClient:
         self._batch_calls = 0
         self._batch_items = 0
         self._queued_max = limits.CLIENT_SUBMITS_QUEUED_MAX
+        self._gave_up_unsent = 0  # submits that gave up unsent since the last _drop_given_up
         if batch_in_flight:
             policy = BatchPolicy(
                 in_flight_max=batch_in_flight,
@@ -326,6 +327,8 @@ class OrderClient:
     ) -> SubmitResult:
         assert self._batcher is not None
         queued = self._batcher.queued
+        if queued >= self._queued_max and self._gave_up_unsent:
+            queued = self._drop_given_up()
         if queued >= self._queued_max:
             message = (
                 f"not sent: {queued} transactions already queue behind the SubmitBatch calls "
@@ -356,6 +359,21 @@ class OrderClient:
                 started,
                 sent=pending.sent,
             )
+        finally:
+            if not pending.sent:  # gave up (deadline, or cancelled): may still be queued
+                self._gave_up_unsent += 1
+
+    def _drop_given_up(self) -> int:
+        """Take the submits that gave up unsent out of the queue, and say how many remain.
+        Queued, they counted against CLIENT_SUBMITS_QUEUED_MAX until their call left, and
+        behind a slow call, callers who gave up filled it: every new submit was refused
+        "N already queue" with none waiting. O(queue), so only at the limit and only after
+        a give-up since the last time (a give-up already taken is counted too, harmlessly)."""
+        assert self._batcher is not None
+        self._gave_up_unsent = 0
+        given_up = [p for p in self._batcher.queued_items() if p.answer.done()]
+        self._batcher.drop(given_up)
+        return self._batcher.queued
 
     async def submit_until_known(
         self,

@@ -165,11 +165,13 @@ class _HangingCoordinator:
     def __init__(self) -> None:
         self.release = asyncio.Event()
         self.calls = 0
+        self.carried: list[list[str]] = []  # the transaction ids of each call
 
     async def SubmitBatch(
         self, request: coordinator_pb2.SubmitBatchRequest, **call_options: object
     ) -> coordinator_pb2.SubmitBatchResponse:
         self.calls += 1
+        self.carried.append([txn.transaction_id for txn in request.transactions])
         await self.release.wait()
         raise grpc.aio.AioRpcError(
             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "late"
@@ -243,6 +245,48 @@ def test_a_batching_client_queues_at_most_its_limit_and_says_the_rest_was_not_se
         for task in (in_flight, *queued):  # the others were sent and answered as before
             assert (await task).sent
         assert 2 == coordinator.calls
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_submits_that_gave_up_while_queued_do_not_hold_the_queue_against_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submit that gave up while queued (its deadline, or its task cancelled) stayed in the
+    queue, counted against CLIENT_SUBMITS_QUEUED_MAX, until the call in flight returned:
+    behind a slow call, callers who gave up filled it, and the next submit was refused
+    RESOURCE_EXHAUSTED, "2 transactions already queue", with none waiting."""
+    monkeypatch.setattr(limits, "CLIENT_SUBMITS_QUEUED_MAX", 2)
+
+    async def scenario() -> None:
+        client = OrderClient("127.0.0.1:1", batch_in_flight=1)
+        coordinator = _HangingCoordinator()
+        client.stub = coordinator  # type: ignore[assignment]
+
+        def submit(name: str, timeout_s: float) -> asyncio.Task[SubmitResult]:
+            request = coordinator_pb2.SubmitRequest(transaction_id=f"txn-{name}")
+            return asyncio.ensure_future(client.submit(request, timeout_s=timeout_s))
+
+        try:
+            in_flight = submit("first", 5.0)
+            await until(lambda: coordinator.calls == 1)  # its call holds the one slot
+            hasty = await submit("hasty", 0.01)
+            cancelled = submit("cancelled", 5.0)
+            batcher = client._batcher
+            assert batcher is not None
+            await until(lambda: batcher.queued == 2)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            patient = submit("patient", 5.0)
+            await until(lambda: patient.done() or batcher.queued == 1)
+        finally:
+            coordinator.release.set()
+        assert (grpc.StatusCode.DEADLINE_EXCEEDED, False) == (hasty.code, hasty.sent)
+        assert (await patient).sent, (await patient).message
+        await in_flight
+        assert [["txn-first"], ["txn-patient"]] == coordinator.carried
         await client.close()
 
     asyncio.run(scenario())
