@@ -388,7 +388,9 @@ class OrderClient:
         its limit of transactions in flight or this client at its limit of queued ones
         (nothing ran), or it answered UNKNOWN (a one-phase
         commit it is still resolving). At most `attempts` Submits,
-        with capped exponential backoff and jitter between them. Any other answer is final:
+        with capped exponential backoff and jitter between them
+        (`backoff_s`: the first and the largest wait, seconds; ValueError unless
+        0 <= first <= largest, both finite). Any other answer is final:
         bad input is not retried. The last answer is returned, known or not.
 
         Safe because a Submit with an id the coordinator or its participants remember (the
@@ -401,12 +403,18 @@ class OrderClient:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         if timeout_s is not None:
             _check_timeout(timeout_s)
+        delay_s, delay_max_s = backoff_s
+        if not 0 <= delay_s <= delay_max_s < math.inf:  # False for NaN too
+            # inf slept forever between two Submits; a negative retried at once.
+            raise ValueError(
+                "backoff_s must be (first, largest) seconds with 0 <= first <= largest, both "
+                f"finite, got {backoff_s!r}"
+            )
         if not request.transaction_id:
             named = coordinator_pb2.SubmitRequest()
             named.CopyFrom(request)
             named.transaction_id = f"txn-{uuid.uuid4().hex}"
             request = named
-        delay_s, delay_max_s = backoff_s
         sent_before = False
         for attempt in range(1, attempts + 1):
             result = await self.submit(request, timeout_s=timeout_s)

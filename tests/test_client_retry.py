@@ -159,6 +159,23 @@ def test_a_deadline_no_call_can_keep_is_refused_before_anything_is_sent(timeout_
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize(
+    "backoff_s", [(math.inf, math.inf), (0.05, math.inf), (-1.0, 1.0), (math.nan, 1.0), (2.0, 1.0)]
+)
+def test_a_backoff_that_would_hang_or_hammer_is_refused(backoff_s: tuple[float, float]) -> None:
+    """Before, an infinite wait between two Submits slept forever (on the first retry),
+    a negative one retried at once, and a first wait over the largest ignored the cap once."""
+
+    async def scenario() -> None:
+        client = OrderClient("127.0.0.1:1")
+        await client.close()  # answers at once: only the check is under test
+        request = coordinator_pb2.SubmitRequest(transaction_id="txn-o-1")
+        with pytest.raises(ValueError, match="backoff_s must be"):
+            await client.submit_until_known(request, backoff_s=backoff_s)
+
+    asyncio.run(scenario())
+
+
 class _HangingCoordinator:
     """A stub whose SubmitBatch calls never answer until `release` is set."""
 
