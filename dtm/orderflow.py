@@ -187,9 +187,10 @@ class SubmitResult:
     elapsed_s: float
     #: Submits made for this answer (OrderClient.submit_until_known may make several).
     attempts: int = 1
-    #: False when this Submit never left the client (closed, or its time ran out while it
-    #: queued): it ran nothing. True when it may have reached the coordinator (for
-    #: submit_until_known's answer: when any of its Submits may have).
+    #: False when this Submit never left the client (closed, its time ran out while it
+    #: queued, or the queue was at CLIENT_SUBMITS_QUEUED_MAX): it ran nothing. True when it
+    #: may have reached the coordinator (for submit_until_known's answer: when any of its
+    #: Submits may have).
     sent: bool = True
 
     @property
