@@ -7,7 +7,9 @@ needs no thread locking: every method below runs to completion between two await
 Rules held here (protocol.md, "Locks and timeouts"):
 - A lock wait that exceeds its timeout fails the waiter (LockTimeout), never the holder.
 - A wait that would close a cycle in the wait-for graph fails the requester at once
-  (DeadlockDetected) rather than after the timeout; holders are never disturbed.
+  (DeadlockDetected) rather than after the timeout; holders are never disturbed. The graph's
+  nodes are transactions (`transaction_of`), not branches: a branch's locks go only when its
+  transaction is decided, which waits for the vote of every branch of it.
 - So does a request that conflicts with a hold of another branch of its own transaction
   (HeldByOwnTransaction): that hold lasts until the transaction is decided, which waits for
   the requester's vote.
@@ -139,7 +141,10 @@ class _Holders:
     resource: str
 
 
-_Node = str | _Holders
+_Node = str | _Holders  # a transaction (LockManager._transaction), or the holders of a lock
+# One edge of the wait-for graph as branches: (the waiting branch, the branch it waits for);
+# None on the side of a `_Holders` node.
+_Hop = tuple[str | None, str | None]
 
 
 @dataclass(slots=True)
@@ -159,16 +164,28 @@ def _held_since(lock: _Lock) -> float:
 
 class LockManager:
     def __init__(
-        self, *, wait_timeout_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        wait_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        transaction_of: Callable[[str], str] | None = None,
     ) -> None:
+        """`transaction_of` names the transaction of an owner (a branch); None: every owner is
+        a transaction of its own. Branches of one transaction are one node of the deadlock
+        search: one holds its locks until the transaction is decided, which waits for every
+        other branch of it to vote, so a wait for one is a wait for all its siblings' waits."""
         assert wait_timeout_s > 0, wait_timeout_s
         self._wait_timeout_s = wait_timeout_s
         self._clock = clock
+        self._transaction_of = transaction_of
         # The lock table. A resource with no holders and no waiters has no entry.
         self._locks: dict[str, _Lock] = {}
         # Index of the table: owner -> resources it holds or waits on, so that release_all and
         # the deadlock search visit only the owner's entries instead of scanning every lock.
         self._resources_of: dict[str, set[str]] = {}
+        # transaction -> its owners in _resources_of (kept only with a `transaction_of`), for
+        # the deadlock search to reach every branch of a transaction.
+        self._branches: dict[str, set[str]] = {}
         self.waits = 0  # requests that had to queue
         self.timeouts = 0  # LockTimeout raised
         self.deadlocks = 0  # DeadlockDetected raised
@@ -234,9 +251,10 @@ class LockManager:
         )
         lock.waiters.insert(position, waiter)
         lock.waiting[owner] = waiter
-        self._resources_of.setdefault(owner, set()).add(resource)
+        self._index(owner, resource)
         # Queued first, then searched: an upgrade placed ahead of others adds edges into the
-        # requester too. Only this request added edges, so any new cycle passes through it.
+        # requester too. Only this request added edges, so any new cycle passes through it, and
+        # so through its transaction (the search's nodes).
         cycle = self._find_cycle(owner)
         if cycle is not None:
             self._dequeue(resource, lock, waiter)
@@ -316,7 +334,10 @@ class LockManager:
     def release_all(self, owner: str) -> list[str]:
         """Release every lock of `owner` and fail its pending waits; returns released resources."""
         released: list[str] = []
-        for resource in sorted(self._resources_of.pop(owner, ())):
+        resources = self._resources_of.pop(owner, ())
+        if resources:
+            self._unindex(owner)
+        for resource in sorted(resources):
             lock = self._locks[resource]
             waiter = lock.waiting.pop(owner, None)
             if waiter is not None:
@@ -376,7 +397,7 @@ class LockManager:
         hold = lock.holders.get(owner)
         if hold is None:
             lock.holders[owner] = _Hold(mode, self._clock() if since is None else since)
-            self._resources_of.setdefault(owner, set()).add(resource)
+            self._index(owner, resource)
         else:
             hold.mode = mode  # an upgrade keeps the original "held since"
 
@@ -438,6 +459,27 @@ class LockManager:
             resources.discard(resource)
             if not resources:
                 del self._resources_of[owner]
+                self._unindex(owner)
+
+    def _index(self, owner: str, resource: str) -> None:
+        """Record that `owner` holds or waits on `resource` (the table's index)."""
+        resources = self._resources_of.get(owner)
+        if resources is None:
+            resources = self._resources_of[owner] = set()
+            if self._transaction_of is not None:
+                self._branches.setdefault(self._transaction_of(owner), set()).add(owner)
+        resources.add(resource)
+
+    def _unindex(self, owner: str) -> None:
+        """`owner` left `_resources_of`: it holds and waits for nothing any more."""
+        if self._transaction_of is None:
+            return
+        transaction = self._transaction_of(owner)
+        branches = self._branches.get(transaction)
+        if branches is not None:
+            branches.discard(owner)
+            if not branches:
+                del self._branches[transaction]
 
     def _discard_if_idle(self, resource: str, lock: _Lock) -> None:
         if not lock.holders and not lock.waiters and self._locks.get(resource) is lock:
@@ -536,52 +578,107 @@ class LockManager:
             edges[owner] = blockers
         return edges
 
+    def _transaction(self, owner: str) -> str:
+        return owner if self._transaction_of is None else self._transaction_of(owner)
+
+    def _branches_of(self, transaction: str) -> Iterable[str]:
+        """The owners of `transaction` that hold or wait for a lock."""
+        if self._transaction_of is None:
+            return (transaction,)
+        return sorted(self._branches.get(transaction, ()))
+
     def _find_cycle(self, owner: str) -> list[str] | None:
         """A path owner -> ... -> owner in the wait-for graph, or None.
 
-        Depth-first from `owner`, each node expanded once, each queue read once
-        (`_queue_edges`): linear in the queues and holders it reaches. An expanded node with an
-        edge back to `owner` ends it, so the cycle reported is a short one. Sorted expansion
-        keeps it deterministic.
+        The graph's nodes are transactions: an edge into any branch of one goes on from every
+        waiting branch of it, as its locks go only when all its branches have voted. So a
+        branch queued behind its sibling is a cycle, and so are two transactions each with a
+        branch waiting for the other's. The path is reported as branches, a sibling step
+        included ("t1/1 -> t2/0 -> t2/1 -> t1/0 -> t1/1": t2/0's hold waits for t2/1's vote).
+
+        Depth-first from the owner's transaction, each node expanded once, each queue read
+        once (`_queue_edges`): linear in the queues and holders it reaches. An expanded node
+        with an edge back to the start ends it, so the cycle reported is a short one. Sorted
+        expansion keeps it deterministic.
         """
-        if not self._waited_on(owner):
+        start = self._transaction(owner)
+        # A cycle needs a wait for some branch of the transaction (its own siblings' included).
+        if not any(self._waited_on(branch) for branch in self._branches_of(start)):
             return None
         queues: dict[str, dict[str, list[_Node]]] = {}
 
-        def edges(node: _Node) -> list[_Node]:
+        def edges(node: _Node) -> list[tuple[_Node, _Hop]]:
             if isinstance(node, _Holders):
-                blockers: list[_Node] = [*sorted(self._locks[node.resource].holders)]
-                self.search_steps += len(blockers)
-                return blockers
-            owners: set[str] = set()
-            groups: set[_Holders] = set()
-            for resource in self._resources_of.get(node, ()):
-                queue = queues.get(resource)
-                if queue is None:
-                    queue = queues[resource] = self._queue_edges(resource)
-                for blocker in queue.get(node, ()):
-                    if isinstance(blocker, _Holders):
-                        groups.add(blocker)
-                    else:
-                        owners.add(blocker)
-            return [*sorted(owners), *sorted(groups, key=lambda group: group.resource)]
+                holders = sorted(self._locks[node.resource].holders)
+                self.search_steps += len(holders)
+                return [(self._transaction(holder), (None, holder)) for holder in holders]
+            hops: dict[_Node, _Hop] = {}
+            for branch in self._branches_of(node):
+                for resource in self._resources_of.get(branch, ()):
+                    queue = queues.get(resource)
+                    if queue is None:
+                        queue = queues[resource] = self._queue_edges(resource)
+                    for blocker in queue.get(branch, ()):
+                        target, hop = (
+                            (blocker, (branch, None))
+                            if isinstance(blocker, _Holders)
+                            else (self._transaction(blocker), (branch, blocker))
+                        )
+                        known = hops.get(target)
+                        # The least hop to each target: reported the same on every run.
+                        if known is None or _hop_order(hop) < _hop_order(known):
+                            hops[target] = hop
+            return sorted(
+                hops.items(),
+                key=lambda item: (
+                    (1, item[0].resource) if isinstance(item[0], _Holders) else (0, item[0])
+                ),
+            )
 
-        parents: dict[_Node, _Node | None] = {}
-        stack: list[tuple[_Node, _Node | None]] = [(owner, None)]
+        parents: dict[_Node, tuple[_Node, _Hop] | None] = {}
+        stack: list[tuple[_Node, tuple[_Node, _Hop] | None]] = [(start, None)]
         while stack:
-            node, parent = stack.pop()
+            node, via = stack.pop()
             if node in parents:
                 continue
-            parents[node] = parent
+            parents[node] = via
             blockers = edges(node)
-            if owner in blockers:
-                cycle = [owner]
-                step: _Node | None = node
-                while step is not None:
-                    if not isinstance(step, _Holders):
-                        cycle.append(step)
-                    step = parents[step]
-                cycle.reverse()
-                return cycle
-            stack.extend((nxt, node) for nxt in reversed(blockers) if nxt not in parents)
+            for target, hop in blockers:
+                if target == start:
+                    return _cycle_of_branches(owner, _hops_to(parents, node, hop))
+            stack.extend(
+                (target, (node, hop)) for target, hop in reversed(blockers) if target not in parents
+            )
         return None
+
+
+def _hop_order(hop: _Hop) -> tuple[str, str]:
+    return (hop[0] or "", hop[1] or "")
+
+
+def _hops_to(
+    parents: dict[_Node, tuple[_Node, _Hop] | None], node: _Node, last: _Hop
+) -> list[_Hop]:
+    """The hops from the search's start to `node`, then `last`."""
+    hops = [last]
+    via = parents[node]
+    while via is not None:
+        node, hop = via
+        hops.append(hop)
+        via = parents[node]
+    hops.reverse()
+    return hops
+
+
+def _cycle_of_branches(owner: str, hops: list[_Hop]) -> list[str]:
+    """The branches along `hops`, from `owner` back to it; a step between two branches of one
+    transaction (leaving it by another branch than the one reached) is a sibling's vote."""
+    cycle = [owner]
+    for waiter, blocker in hops:
+        if waiter is not None and waiter != cycle[-1]:
+            cycle.append(waiter)
+        if blocker is not None:
+            cycle.append(blocker)
+    if cycle[-1] != owner:
+        cycle.append(owner)
+    return cycle

@@ -19,7 +19,7 @@ from dtm.records import RecordType, ReplayError
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
 from participants import locks
-from participants.branches import BranchEngine
+from participants.branches import BranchEngine, transaction_of_owner
 from participants.locks import (
     DeadlockDetected,
     LockManager,
@@ -68,6 +68,7 @@ def assert_empty(manager: LockManager) -> None:
     """Nothing left behind: no lock entries and no owner index entries."""
     assert manager.snapshot() == []
     assert manager._resources_of == {}
+    assert manager._branches == {}
 
 
 def check_invariants(manager: LockManager, owners: list[str]) -> None:
@@ -749,6 +750,112 @@ def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_trans
     run(main)
 
 
+# ---- deadlocks through sibling branches: a transaction is one node of the search ----
+# A branch's locks go only when its transaction is decided, which waits for every branch of it
+# to vote. Each deadlock below used to end only at the lock wait timeout. The wait timeout is
+# an hour and nothing releases the locks, so a refusal comes back only if there was no wait
+# (run's bound fails a hang).
+
+
+def branch_locks() -> LockManager:
+    return LockManager(wait_timeout_s=3600.0, transaction_of=transaction_of_owner)
+
+
+async def queued(manager: LockManager, owner: str, resource: str, mode: LockMode) -> Any:
+    """Start `owner`'s request and return its task once it waits in `resource`'s queue."""
+    task = asyncio.create_task(manager.acquire(owner, resource, mode))
+    await until(lambda: owner in [waiter for waiter, _ in waiting(manager, resource)])
+    return task
+
+
+def test_a_branch_queued_behind_a_waiting_sibling_is_a_deadlock() -> None:
+    """t1/0 waits for t2/0's r; t1/1 queuing behind t1/0 would get r only after t1/0 let it go,
+    which it does when t1 is decided, after t1/1's vote."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        await manager.acquire("t2/0", "r", X)
+        first = await queued(manager, "t1/0", "r", X)
+        with pytest.raises(DeadlockDetected, match=r"^deadlock on r: t1/1 -> t1/0 -> t1/1$"):
+            await manager.acquire("t1/1", "r", X)
+        assert (1, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        manager.release_all("t2/0")
+        await first
+        manager.release_all("t1/0")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_two_transactions_waiting_for_each_other_through_other_branches_deadlock() -> None:
+    """t1/0 holds A and t2/0 holds B; t1/1 waits for B, then t2/1 asks for A: each transaction
+    waits for the other's decision."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        await manager.acquire("t1/0", "A", X)
+        await manager.acquire("t2/0", "B", X)
+        t1_waits = await queued(manager, "t1/1", "B", X)
+        with pytest.raises(
+            DeadlockDetected, match=r"^deadlock on A: t2/1 -> t1/0 -> t1/1 -> t2/0 -> t2/1$"
+        ):
+            await manager.acquire("t2/1", "A", X)
+        assert (1, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        manager.release_all("t2/0")  # t2 refused: aborted, so t1 goes on
+        await t1_waits
+        manager.release_all("t1/0")
+        manager.release_all("t1/1")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_a_shared_request_queued_behind_another_transaction_deadlocks_on_a_sibling() -> None:
+    """t1/0 holds r shared; t2/0 queues for it exclusive; t1/1 asking r shared queues behind
+    t2/0 (FIFO), which waits for t1/0, which waits for t1/1's vote."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        await manager.acquire("t1/0", "r", S)
+        t2_waits = await queued(manager, "t2/0", "r", X)
+        with pytest.raises(
+            DeadlockDetected, match=r"^deadlock on r: t1/1 -> t2/0 -> t1/0 -> t1/1$"
+        ):
+            await manager.acquire("t1/1", "r", S)
+        assert (1, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        manager.release_all("t1/0")
+        await t2_waits
+        manager.release_all("t2/0")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_branches_of_one_transaction_waiting_on_a_transaction_that_waits_on_nobody_wait() -> None:
+    """No cycle: t2 waits for nothing, so t1's branches wait for it, on one resource shared or
+    on two resources exclusive, and get their locks when t2 is decided."""
+
+    async def main() -> None:
+        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of_owner)
+        await manager.acquire("t2/0", "r", X)
+        await manager.acquire("t2/1", "q", X)
+        waits = [
+            await queued(manager, "t1/0", "r", S),
+            await queued(manager, "t1/1", "r", S),
+            await queued(manager, "t1/2", "q", X),
+        ]
+        assert (3, 0) == (manager.waits, manager.deadlocks)
+        manager.release_all("t2/0")
+        manager.release_all("t2/1")
+        await asyncio.gather(*waits)
+        assert ("t1/0", "t1/1") == holders(manager, "r") and ("t1/2",) == holders(manager, "q")
+        for owner in ("t1/0", "t1/1", "t1/2"):
+            manager.release_all(owner)
+        assert_empty(manager)
+
+    run(main)
+
+
 def test_owner_cannot_wait_twice_on_one_resource() -> None:
     async def main() -> None:
         manager = LockManager(wait_timeout_s=LONG_S)
@@ -851,14 +958,19 @@ async def release_everything(manager: LockManager, tasks: list[asyncio.Task[None
     assert_empty(manager)
 
 
-def test_queuing_many_waiters_on_one_resource_costs_linear_search_work() -> None:
+@pytest.mark.parametrize("by_transaction", [False, True])
+def test_queuing_many_waiters_on_one_resource_costs_linear_search_work(
+    by_transaction: bool,
+) -> None:
     # Each queued request runs the deadlock search. It used to expand every waiter ahead and
     # each of those every waiter ahead of it: ~n^2 steps per request, n^3 for the queue, and 200
-    # waiters froze the event loop for 1.8 s. A fresh branch nobody waits for needs no search.
+    # waiters froze the event loop for 1.8 s. A fresh branch nobody waits for needs no search,
+    # nor does one of a transaction none of whose branches anybody waits for.
     async def main() -> None:
-        manager = LockManager(wait_timeout_s=HOT_WAIT_S)
-        await manager.acquire("holder", "order-1", X)
-        tasks = await queue_on(manager, "order-1", [f"w{k:03}" for k in range(HOT_QUEUE)])
+        options: dict[str, Any] = {"transaction_of": transaction_of_owner} if by_transaction else {}
+        manager = LockManager(wait_timeout_s=HOT_WAIT_S, **options)
+        await manager.acquire("holder/0", "order-1", X)
+        tasks = await queue_on(manager, "order-1", [f"w{k:03}/0" for k in range(HOT_QUEUE)])
         assert manager.search_steps < 10 * HOT_QUEUE, manager.search_steps
         assert manager.deadlocks == 0
         await release_everything(manager, tasks)
@@ -931,15 +1043,15 @@ def whole_graph_has_cycle_through(manager: LockManager, owner: str) -> bool:
     return False
 
 
+LockTable = dict[str, tuple[dict[str, LockMode], list[tuple[str, LockMode, bool]]]]
+
+
 @st.composite
-def lock_tables(
-    draw: st.DrawFn,
-) -> dict[str, tuple[dict[str, LockMode], list[tuple[str, LockMode, bool]]]]:
-    """Random lock tables of up to 6 owners and 4 resources, as `acquire` leaves them: holders
+def lock_tables(draw: st.DrawFn, owners: tuple[str, ...] = tuple("abcdef")) -> LockTable:
+    """Random lock tables of 6 owners and 4 resources, as `acquire` leaves them: holders
     compatible; upgrades (exclusive requests of shared holders) ahead of the other requests;
     at most one live request per owner and resource; dead (timed out, cancelled) requests
     still queued anywhere."""
-    owners = "abcdef"
     tables = {}
     for resource in ("r1", "r2", "r3", "r4"):
         kind = draw(st.sampled_from(["none", "shared", "exclusive"]))
@@ -970,28 +1082,32 @@ def lock_tables(
     return tables
 
 
+def table_manager(table: LockTable, loop: asyncio.AbstractEventLoop, **options: Any) -> LockManager:
+    """A manager whose lock table is `table` (its dead requests' futures cancelled)."""
+    manager = LockManager(wait_timeout_s=LONG_S, **options)
+    for resource, (holders, queue) in table.items():
+        lock = locks._Lock()
+        for owner, mode in holders.items():
+            lock.holders[owner] = locks._Hold(mode, 0.0)
+            manager._index(owner, resource)
+        for owner, mode, alive in queue:
+            hold = holders.get(owner)
+            waiter = locks._Waiter(owner, mode, hold, 0.0, loop.create_future())
+            if not alive:
+                waiter.future.cancel()
+            lock.waiters.append(waiter)
+            manager._index(owner, resource)
+        if lock.holders or lock.waiters:
+            manager._locks[resource] = lock
+    return manager
+
+
 @settings(max_examples=500, deadline=None)
 @given(table=lock_tables())
-def test_deadlock_search_agrees_with_a_search_of_the_whole_graph(
-    table: dict[str, tuple[dict[str, LockMode], list[tuple[str, LockMode, bool]]]],
-) -> None:
+def test_deadlock_search_agrees_with_a_search_of_the_whole_graph(table: LockTable) -> None:
     loop = asyncio.new_event_loop()
     try:
-        manager = LockManager(wait_timeout_s=LONG_S)
-        for resource, (holders, queue) in table.items():
-            lock = locks._Lock()
-            for owner, mode in holders.items():
-                lock.holders[owner] = locks._Hold(mode, 0.0)
-                manager._resources_of.setdefault(owner, set()).add(resource)
-            for owner, mode, alive in queue:
-                hold = holders.get(owner)
-                waiter = locks._Waiter(owner, mode, hold, 0.0, loop.create_future())
-                if not alive:
-                    waiter.future.cancel()
-                lock.waiters.append(waiter)
-                manager._resources_of.setdefault(owner, set()).add(resource)
-            if lock.holders or lock.waiters:
-                manager._locks[resource] = lock
+        manager = table_manager(table, loop)
         for owner in sorted(manager._resources_of):
             cycle = manager._find_cycle(owner)
             assert (cycle is not None) == whole_graph_has_cycle_through(manager, owner), owner
@@ -999,6 +1115,59 @@ def test_deadlock_search_agrees_with_a_search_of_the_whole_graph(
                 assert cycle[0] == cycle[-1] == owner, cycle
                 for here, there in itertools.pairwise(cycle):
                     assert there in whole_graph_waits_for(manager, here), (cycle, here, there)
+    finally:
+        loop.close()
+
+
+BRANCHES = ("t1/0", "t1/1", "t1/2", "t2/0", "t2/1", "t3/0")
+
+
+def whole_graph_has_transaction_cycle_through(manager: LockManager, owner: str) -> bool:
+    """A search of the whole graph of transactions: one waits for another when a branch of it
+    waits for a branch of the other (a sibling's included, a transaction waiting for itself)."""
+
+    def waits_for(transaction: str) -> set[str]:
+        return {
+            transaction_of_owner(blocker)
+            for branch in manager._resources_of
+            if transaction_of_owner(branch) == transaction
+            for blocker in whole_graph_waits_for(manager, branch)
+        }
+
+    start = transaction_of_owner(owner)
+    seen: set[str] = set()
+    todo = list(waits_for(start))
+    while todo:
+        node = todo.pop()
+        if node == start:
+            return True
+        if node not in seen:
+            seen.add(node)
+            todo.extend(waits_for(node))
+    return False
+
+
+@settings(max_examples=500, deadline=None)
+@given(table=lock_tables(BRANCHES))
+def test_deadlock_search_of_transactions_agrees_with_a_search_of_the_whole_graph(
+    table: LockTable,
+) -> None:
+    """The same with branches of three transactions: a cycle is one of transactions, and the
+    cycle reported steps along the whole graph's edges or from a branch to a sibling."""
+    loop = asyncio.new_event_loop()
+    try:
+        manager = table_manager(table, loop, transaction_of=transaction_of_owner)
+        for owner in sorted(manager._resources_of):
+            cycle = manager._find_cycle(owner)
+            assert (cycle is not None) == whole_graph_has_transaction_cycle_through(
+                manager, owner
+            ), owner
+            if cycle is not None:
+                assert cycle[0] == cycle[-1] == owner, cycle
+                for here, there in itertools.pairwise(cycle):
+                    assert there in whole_graph_waits_for(manager, here) or (
+                        transaction_of_owner(here) == transaction_of_owner(there) != ""
+                    ), (cycle, here, there)
     finally:
         loop.close()
 
