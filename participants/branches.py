@@ -222,6 +222,12 @@ def _sibling_branch(transaction_id: str, owner: str) -> str | None:
     return f"branch {index}" if transaction == transaction_id else None
 
 
+def transaction_of_owner(owner: str) -> str:
+    """The transaction id of lock owner `owner` (branch_key_text): the lock manager's
+    `transaction_of`, so that its deadlock search sees a transaction's branches as one."""
+    return owner.rpartition("/")[0]
+
+
 class BranchEngine:
     def __init__(
         self,

@@ -93,6 +93,46 @@ def test_opposite_order_deadlock_ends_within_the_lock_wait(tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
+def test_a_deadlock_through_other_branches_of_the_transactions_is_refused_at_once(
+    tmp_path: Path,
+) -> None:
+    """On one participant, T1's branch 0 holds order x and T2's branch 0 order y; T1's branch 1
+    waits for y, then T2's branch 1 asks for x. Neither branch 0 lets go before its transaction
+    is decided, which waits for its branch 1: this used to wait out the lock wait. The lock wait
+    is a minute here, so a refusal comes back only from the deadlock search."""
+
+    async def scenario() -> None:
+        # No inquiry either (the coordinator knows neither transaction, and would abort them).
+        overrides = {"lock_wait_ms": 60_000, "in_doubt_after_ms": 60_000}
+        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+            orders = cluster.participant_stub("orders")
+
+            def prepare(txn: str, branch: int, order: str) -> object:
+                request = participant_pb2.PrepareRequest(
+                    transaction_id=txn, branch=branch, operation=create_order(order)
+                )
+                return orders.Prepare(request)  # type: ignore[attr-defined]
+
+            assert coordinator_pb2.VOTE_PREPARED == (await prepare("T1", 0, "x")).vote
+            assert coordinator_pb2.VOTE_PREPARED == (await prepare("T2", 0, "y")).vote
+            t1_waits = asyncio.ensure_future(prepare("T1", 1, "y"))
+
+            async def t1_queued() -> bool:
+                locks = {lock.resource: lock for lock in await held_locks(cluster, "orders")}
+                return ["T1/1 (exclusive)"] == list(locks["order:y"].waiters)
+
+            await eventually(t1_queued)
+            async with asyncio.timeout(30):  # a bound on a hang, far below the lock wait
+                vote = await prepare("T2", 1, "x")
+            assert coordinator_pb2.VOTE_REFUSED == vote.vote
+            assert "deadlock on order:x: T2/1 -> T1/0 -> T1/1 -> T2/0 -> T2/1" == vote.reason
+            # T2 refused is aborted: its locks go, and T1 goes on.
+            await orders.Rollback(participant_pb2.RollbackRequest(transaction_id="T2", branch=0))
+            assert coordinator_pb2.VOTE_PREPARED == (await t1_waits).vote
+
+    asyncio.run(scenario())
+
+
 async def _no_locks(cluster: InProcessCluster, *names: str) -> bool:
     for name in names:
         if await held_locks(cluster, name):

@@ -23,6 +23,7 @@ from participants.branches import (
     BranchEngine,
     BranchInfo,
     monotonic_ms,
+    transaction_of_owner,
 )
 from participants.locks import LockManager
 from participants.server.admin import (
@@ -124,7 +125,11 @@ class ParticipantServer:
         self.fault = FaultState()
         wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
         self.wal = async_log(wal, config.wal_sync)
-        self.locks = LockManager(wait_timeout_s=config.lock_wait_ms / 1000, clock=time.time)
+        self.locks = LockManager(
+            wait_timeout_s=config.lock_wait_ms / 1000,
+            clock=time.time,
+            transaction_of=transaction_of_owner,
+        )
         self.engine = BranchEngine(
             service, self.wal, self.locks, clock_ms=now_ms, monotonic_ms=monotonic_ms
         )
