@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import time
 import traceback
@@ -214,17 +213,11 @@ def branch_key_text(key: BranchKey) -> str:
     return f"{key[0]}/{key[1]}"
 
 
-def _sibling_branch(transaction_id: str, owner: str) -> str | None:
-    """The name of lock owner `owner` (branch_key_text), "branch N", when it is a branch of
-    `transaction_id`; None for any other owner. A transaction id has no "/"
-    (limits.TRANSACTION_ID_PATTERN), so the part before the last one is the transaction's."""
-    transaction, _, index = owner.rpartition("/")
-    return f"branch {index}" if transaction == transaction_id else None
-
-
 def transaction_of_owner(owner: str) -> str:
     """The transaction id of lock owner `owner` (branch_key_text): the lock manager's
-    `transaction_of`, so that its deadlock search sees a transaction's branches as one."""
+    `transaction_of`, so that its deadlock search sees a transaction's branches as one, and a
+    branch wanting what a sibling holds is refused at once. A transaction id has no "/"
+    (limits.TRANSACTION_ID_PATTERN), so it is the part before the last one."""
     return owner.rpartition("/")[0]
 
 
@@ -867,7 +860,6 @@ class BranchEngine:
                 request.resource,
                 request.mode,
                 lock_wait_s,
-                sibling=functools.partial(_sibling_branch, key[0]),
             )
         except LockTimeout:
             if not request.timeout_reason:

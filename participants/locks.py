@@ -76,9 +76,9 @@ class HeldByOwnTransaction(LockRefused):
 
     def __init__(self, resource: str, sibling: str, mode: LockMode) -> None:
         super().__init__(
-            f"{sibling} of this transaction already holds {resource} ({mode.value}): one "
-            "transaction cannot take it twice unless both take it shared; put the work on "
-            "it in one branch"
+            f"branch {sibling} of this transaction already holds {resource} ({mode.value}): "
+            "one transaction cannot take it twice unless both take it shared; put the work "
+            "on it in one branch"
         )
         self.resource = resource
         self.sibling = sibling
@@ -203,14 +203,12 @@ class LockManager:
         resource: str,
         mode: LockMode,
         timeout_s: float | None = None,
-        *,
-        sibling: Callable[[str], str | None] | None = None,
     ) -> None:
         """Take `resource` in `mode` for `owner`, waiting at most `timeout_s` (None: default).
 
-        `sibling` names another owner that is a branch of `owner`'s own transaction ("branch
-        1"), None for any other: a conflicting hold of one is refused at once
-        (HeldByOwnTransaction), as no wait for it can end before the transaction does.
+        A conflicting hold of another branch of `owner`'s own transaction (`transaction_of`)
+        is refused at once (HeldByOwnTransaction), as no wait for it can end before the
+        transaction does.
 
         Raises LockTimeout, DeadlockDetected or LockRefused (queue full, owner already waiting
         on this resource, or released while waiting); on cancellation re-raises CancelledError.
@@ -218,8 +216,8 @@ class LockManager:
         if self.try_acquire(owner, resource, mode):
             return
         lock = self._locks[resource]
-        if sibling is not None:
-            self._refuse_if_own_transaction_holds(resource, lock, owner, mode, sibling)
+        if self._transaction_of is not None:
+            self._refuse_if_own_transaction_holds(resource, lock, owner, mode)
         hold = lock.holders.get(owner)
         previous = None if hold is None else hold.mode
         queued = lock.waiting.get(owner)
@@ -281,13 +279,12 @@ class LockManager:
         lock: _Lock,
         owner: str,
         mode: LockMode,
-        sibling: Callable[[str], str | None],
     ) -> None:
+        transaction = self._transaction(owner)
         for holder in self._conflicting_holders(lock, owner, mode):
-            name = sibling(holder)
-            if name is not None:
+            if self._transaction(holder) == transaction:
                 self.deadlocks += 1
-                raise HeldByOwnTransaction(resource, name, lock.holders[holder].mode)
+                raise HeldByOwnTransaction(resource, holder, lock.holders[holder].mode)
 
     def try_acquire(self, owner: str, resource: str, mode: LockMode) -> bool:
         """Take `resource` if that needs no wait (the common case: no task, no future);

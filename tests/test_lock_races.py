@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from dtm.core.branch import BranchState, BranchVote
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
-from participants.branches import BranchEngine, BranchError, branch_key_text
+from participants.branches import BranchEngine, BranchError, branch_key_text, transaction_of_owner
 from participants.locks import LockManager, LockMode
 from participants.service import Service, state_bytes
 from participants.services.inventory import InventoryService
@@ -156,7 +156,10 @@ async def run_schedule(
 
     def start() -> BranchEngine:
         engine = BranchEngine(
-            new_service(), log, LockManager(wait_timeout_s=0.02), clock_ms=lambda: 1_000
+            new_service(),
+            log,
+            LockManager(wait_timeout_s=0.02, transaction_of=transaction_of_owner),
+            clock_ms=lambda: 1_000,
         )
         engine.replay(log.records)
         return engine

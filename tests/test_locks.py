@@ -701,7 +701,7 @@ def test_a_branch_wanting_what_a_branch_of_its_own_transaction_holds_is_refused_
     branch 0, the answer comes back only if no wait happened (run's bound catches a hang)."""
 
     async def main() -> None:
-        manager = LockManager(wait_timeout_s=3600.0)
+        manager = branch_locks()
         engine = BranchEngine(OrdersService(), MemoryLog(), manager, clock_ms=lambda: 0)
         order = create_order("o-1")
         assert (BranchVote.PREPARED, "") == engine.begin_prepare("t1", 0, order, False)
@@ -709,8 +709,9 @@ def test_a_branch_wanting_what_a_branch_of_its_own_transaction_holds_is_refused_
         assert not isinstance(answer, tuple)  # the lock was taken: the prepare went to a task
         assert (
             BranchVote.REFUSED,
-            "branch 0 of this transaction already holds order:o-1 (exclusive): one transaction "
-            "cannot take it twice unless both take it shared; put the work on it in one branch",
+            "branch t1/0 of this transaction already holds order:o-1 (exclusive): one "
+            "transaction cannot take it twice unless both take it shared; put the work on it "
+            "in one branch",
         ) == await answer
         assert (0, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
         assert ("t1/0",) == holders(manager, "order:o-1") and [] == waiting(manager, "order:o-1")
@@ -723,22 +724,15 @@ def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_trans
     shared holds of one transaction still share, and a hold of another transaction is waited
     for as before. An upgrade past a sibling's shared hold is the same self-deadlock."""
 
-    def sibling_of(transaction_id: str) -> Callable[[str], str | None]:
-        def name(owner: str) -> str | None:
-            transaction, _, index = owner.partition("/")
-            return f"branch {index}" if transaction == transaction_id else None
-
-        return name
-
     async def main() -> None:
-        manager = LockManager(wait_timeout_s=LONG_S)
-        await manager.acquire("t1/0", "sku-1", S, sibling=sibling_of("t1"))
-        await manager.acquire("t1/1", "sku-1", S, sibling=sibling_of("t1"))
+        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of_owner)
+        await manager.acquire("t1/0", "sku-1", S)
+        await manager.acquire("t1/1", "sku-1", S)
         assert ("t1/0", "t1/1") == holders(manager, "sku-1")
-        with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch 0 of this transaction"):
-            await manager.acquire("t1/1", "sku-1", X, sibling=sibling_of("t1"))
+        with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch t1/0 of this transaction"):
+            await manager.acquire("t1/1", "sku-1", X)
         assert {"sku-1": S} == manager.held_by("t1/1")  # the refused upgrade changed nothing
-        other = asyncio.create_task(manager.acquire("t2/0", "sku-1", X, sibling=sibling_of("t2")))
+        other = asyncio.create_task(manager.acquire("t2/0", "sku-1", X))
         await until(lambda: waiting(manager, "sku-1") == [("t2/0", "exclusive")])
         manager.release_all("t1/0")
         manager.release_all("t1/1")

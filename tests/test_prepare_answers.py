@@ -4,7 +4,6 @@ keeps nothing, and a refusal waits for the records of the effects it was based o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,16 +151,14 @@ class WaitsPastTheCancel(LockManager):
         resource: str,
         mode: LockMode,
         timeout_s: float | None = None,
-        *,
-        sibling: Callable[[str], str | None] | None = None,
     ) -> None:
         try:
-            await super().acquire(owner, resource, mode, timeout_s, sibling=sibling)
+            await super().acquire(owner, resource, mode, timeout_s)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
             task.uncancel()
-            await super().acquire(owner, resource, mode, timeout_s, sibling=sibling)
+            await super().acquire(owner, resource, mode, timeout_s)
 
 
 def test_a_vote_after_a_rollback_gives_back_its_reservation_and_locks() -> None:
