@@ -331,23 +331,26 @@ def reserve(quantity: int = 1) -> Any:
     )
 
 
+def heuristic_force(txn: str, branch: int, commit: bool) -> Any:
+    """An operator's ForceOutcome that makes a heuristic outcome on purpose: confirmed, and
+    `coordinator_lost`, since the participant refuses to force against its coordinator's
+    answer (it asks it first) and these tests want exactly that contradiction."""
+    return participant_pb2.ForceOutcomeRequest(
+        transaction_id=txn,
+        branch=branch,
+        commit=commit,
+        i_understand_this_is_heuristic=True,
+        coordinator_lost=True,
+    )
+
+
 async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
     """The coordinator commits t1 while inventory rejects its Commit; an operator forces
     inventory's branch (`commit`: agreeing, or a heuristic rollback)."""
     await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
     branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
     assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
-    # coordinator_lost: the participant refuses to force against its coordinator's decision
-    # (it asks it first), and these tests make that heuristic outcome on purpose.
-    await cluster.admin("inventory").ForceOutcome(
-        participant_pb2.ForceOutcomeRequest(
-            transaction_id="t1",
-            branch=0,
-            commit=commit,
-            i_understand_this_is_heuristic=True,
-            coordinator_lost=True,
-        )
-    )
+    await cluster.admin("inventory").ForceOutcome(heuristic_force("t1", 0, commit=commit))
 
 
 def forced_lines(text: str) -> list[str]:
@@ -385,22 +388,18 @@ async def until(condition: Callable[[], bool]) -> None:
 ASKS_LATER = {"in_doubt_after_ms": NEVER_MS}  # only the tests' own inquiries
 
 
-async def forced_unknown(cluster: InProcessCluster, txn: str, commit: bool) -> None:
-    """Inventory prepares a branch of `txn`, which the coordinator has no record of (it
-    crashed before deciding: presumed abort), and an operator forces it."""
+async def forced_unknown(
+    cluster: InProcessCluster, txn: str, commit: bool, fingerprint: bytes = b""
+) -> None:
+    """Inventory prepares branch 0 of `txn` (of the attempt with `fingerprint`, if given),
+    which the coordinator has no record of (it crashed before deciding, or lost its record:
+    presumed abort), and an operator forces it."""
     await cluster.participant_stub("inventory").Prepare(
-        participant_pb2.PrepareRequest(transaction_id=txn, branch=0, operation=reserve())
-    )
-    # coordinator_lost: else a forced commit is refused (the coordinator answers ABORTED).
-    await cluster.admin("inventory").ForceOutcome(
-        participant_pb2.ForceOutcomeRequest(
-            transaction_id=txn,
-            branch=0,
-            commit=commit,
-            i_understand_this_is_heuristic=True,
-            coordinator_lost=True,
+        participant_pb2.PrepareRequest(
+            transaction_id=txn, branch=0, operation=reserve(), transaction_fingerprint=fingerprint
         )
     )
+    await cluster.admin("inventory").ForceOutcome(heuristic_force(txn, 0, commit=commit))
 
 
 async def ask(server: ParticipantServer, cluster: InProcessCluster) -> None:

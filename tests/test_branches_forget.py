@@ -24,6 +24,7 @@ from tests.harness import (
     ask,
     eventually,
     forced_unknown,
+    heuristic_force,
     listed,
     order_branches,
     reserve,
@@ -120,15 +121,7 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
             response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
-            await cluster.admin("orders").ForceOutcome(
-                participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t-a",
-                    branch=1,
-                    commit=True,
-                    i_understand_this_is_heuristic=True,
-                    coordinator_lost=True,
-                )
-            )
+            await cluster.admin("orders").ForceOutcome(heuristic_force("t-a", 1, commit=True))
             forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
             # The branch is of the attempt on record: the check compares their fingerprints.
             on_record = await cluster.client.GetTransaction(
@@ -198,27 +191,6 @@ def test_a_participant_that_lists_only_its_newest_branches_does_not_let_a_forget
     asyncio.run(scenario())
 
 
-async def forced_attempt(
-    cluster: InProcessCluster, txn: str, commit: bool, fingerprint: bytes
-) -> None:
-    """Inventory prepares branch 0 of an attempt of `txn` with `fingerprint` (a coordinator
-    that has since lost its record: presumed abort), and an operator forces it."""
-    await cluster.participant_stub("inventory").Prepare(
-        participant_pb2.PrepareRequest(
-            transaction_id=txn, branch=0, operation=reserve(), transaction_fingerprint=fingerprint
-        )
-    )
-    await cluster.admin("inventory").ForceOutcome(
-        participant_pb2.ForceOutcomeRequest(
-            transaction_id=txn,
-            branch=0,
-            commit=commit,
-            i_understand_this_is_heuristic=True,
-            coordinator_lost=True,
-        )
-    )
-
-
 def test_a_forced_branch_of_another_attempt_than_the_one_on_record_has_no_record(
     tmp_path: Path,
 ) -> None:
@@ -234,9 +206,9 @@ def test_a_forced_branch_of_another_attempt_than_the_one_on_record_has_no_record
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             first = b"attempt-1-of-txn"  # 16 bytes, as the coordinator's digest
-            await forced_attempt(cluster, "t-c", commit=True, fingerprint=first)
-            await forced_attempt(cluster, "t-r", commit=False, fingerprint=first)
-            await forced_attempt(cluster, "t-lost", commit=True, fingerprint=first)
+            await forced_unknown(cluster, "t-c", commit=True, fingerprint=first)
+            await forced_unknown(cluster, "t-r", commit=False, fingerprint=first)
+            await forced_unknown(cluster, "t-lost", commit=True, fingerprint=first)
             # Without inventory, which keeps the first attempt's branch (it refuses the id).
             for txn in ("t-c", "t-r", "t-lost"):
                 response = await cluster.submit(
@@ -289,7 +261,7 @@ def test_a_branch_without_a_fingerprint_is_taken_for_the_attempt_on_record(
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
-            await forced_attempt(cluster, "t-c", commit=True, fingerprint=b"")
+            await forced_unknown(cluster, "t-c", commit=True, fingerprint=b"")
             response = await cluster.submit(order_branches("o-c", [("sku-apple", 1)])[1:], "t-c")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response
             forget = ["--coordinator", cluster.coordinator_address, "branches", "forget"]

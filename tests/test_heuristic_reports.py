@@ -34,6 +34,7 @@ from tests.harness import (
     forced_after_commit,
     forced_lines,
     forced_unknown,
+    heuristic_force,
     listed,
     order_branches,
     read_only_branch,
@@ -275,15 +276,7 @@ def test_a_forced_commit_of_an_abort_whose_rollbacks_were_given_up_shows_in_its_
                 return "t-a" not in engine.active and "t-a" not in engine._settling
 
             await eventually(given_up)
-            await cluster.admin("inventory").ForceOutcome(
-                participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t-a",
-                    branch=0,
-                    commit=True,
-                    i_understand_this_is_heuristic=True,
-                    coordinator_lost=True,
-                )
-            )
+            await cluster.admin("inventory").ForceOutcome(heuristic_force("t-a", 0, commit=True))
             get = coordinator_pb2.GetTransactionRequest(transaction_id="t-a")
             assert "" == (await cluster.client.GetTransaction(get)).branches[0].heuristic
             await ask(cluster.participants["inventory"], cluster)
@@ -452,15 +445,7 @@ def test_a_report_about_a_recovered_commit_finds_its_branch_by_number_not_place(
             assert (
                 coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
             )
-            await cluster.admin("inventory").ForceOutcome(
-                participant_pb2.ForceOutcomeRequest(
-                    transaction_id="t1",
-                    branch=1,
-                    commit=False,
-                    i_understand_this_is_heuristic=True,
-                    coordinator_lost=True,
-                )
-            )
+            await cluster.admin("inventory").ForceOutcome(heuristic_force("t1", 1, commit=False))
             await cluster.restart_coordinator()  # resumes t1: Commits to branch 1 only
             engine = cluster.coordinator.engine
             assert [1] == [b.index for b in engine.active["t1"].txn.branches]

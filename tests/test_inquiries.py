@@ -23,6 +23,7 @@ from tests.harness import (
     eventually,
     forced_after_commit,
     forced_lines,
+    heuristic_force,
     order_branches,
     reserve,
 )
@@ -57,15 +58,7 @@ def test_a_forced_branch_the_coordinator_never_decides_is_reconciled_by_inquiry(
                         transaction_id=txn, branch=0, operation=reserve()
                     )
                 )
-                await admin.ForceOutcome(
-                    participant_pb2.ForceOutcomeRequest(
-                        transaction_id=txn,
-                        branch=0,
-                        commit=commit,
-                        i_understand_this_is_heuristic=True,
-                        coordinator_lost=True,
-                    )
-                )
+                await admin.ForceOutcome(heuristic_force(txn, 0, commit=commit))
             server = cluster.participants["inventory"]
             assert server.metrics is not None
 

@@ -25,6 +25,7 @@ from tests.harness import (
     ASKS_LATER,
     InProcessCluster,
     eventually,
+    heuristic_force,
     listed,
     order_branches,
     reserve,
@@ -32,13 +33,10 @@ from tests.harness import (
 
 
 def force(txn: str, branch: int, commit: bool, lost: bool = False) -> Any:
-    return participant_pb2.ForceOutcomeRequest(
-        transaction_id=txn,
-        branch=branch,
-        commit=commit,
-        i_understand_this_is_heuristic=True,
-        coordinator_lost=lost,
-    )
+    """A confirmed ForceOutcome, checked against the coordinator unless `lost`."""
+    request = heuristic_force(txn, branch, commit)
+    request.coordinator_lost = lost
+    return request
 
 
 async def refused_unsafe(call: Any, *fragments: str) -> str:
