@@ -49,7 +49,8 @@ class Recording(Answering):
 
 class RecordingRegistry(AnsweringRegistry):
     """AnsweringRegistry's participants, recording decisions, plus "committed-before", which
-    answers every Prepare COMMITTED by an earlier attempt, and "read-only"."""
+    answers every Prepare COMMITTED by an earlier attempt, "read-only", and "no", which
+    refuses."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,6 +59,7 @@ class RecordingRegistry(AnsweringRegistry):
             "yes-b": Recording(Vote.PREPARED, self.sent, "yes-b"),
             "committed-before": Recording(Vote.PREPARED, self.sent, "committed-before", True),
             "read-only": Recording(Vote.READ_ONLY, self.sent, "read-only"),
+            "no": Recording(Vote.REFUSED, self.sent, "no"),
         }
         for name in self.answering:
             self.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
@@ -90,6 +92,30 @@ def test_an_attempt_that_found_its_transaction_committed_is_aborted_to_an_inquir
         assert COMMITTED == view.answer
         assert "rollback t-again yes-a" in registry.sent
         assert ABORTED == engine.query_outcome("t-again", b"fp")
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_inquiry_hears_whether_its_abort_is_on_record_or_presumed() -> None:
+    """An abort the coordinator keeps (decided, or by an attempt that found its transaction
+    committed before) is on record; no record of the id, or one of another attempt under it,
+    is presumed abort. An operator's coordinator_lost forces a commit past the second only
+    (QueryOutcomeResponse.presumed_abort)."""
+
+    async def scenario() -> None:
+        engine, _ = engine_on(HeldLog())
+        await engine.submit(
+            "t-abort", [("yes-a", any_pb2.Any()), ("no", any_pb2.Any())], 5_000, b"fp"
+        )
+        await over(engine, "t-abort")
+        assert (ABORTED, False) == engine.answer_inquiry("t-abort", b"fp")
+        assert (ABORTED, True) == engine.answer_inquiry("t-abort", b"another attempt")
+        assert (ABORTED, True) == engine.answer_inquiry("t-never", b"fp")
+        branches = [(name, any_pb2.Any()) for name in ("committed-before", "yes-a")]
+        await engine.submit("t-again", branches, 5_000, b"fp")
+        await over(engine, "t-again")
+        assert (ABORTED, False) == engine.answer_inquiry("t-again", b"fp")
         await engine.close()
 
     asyncio.run(scenario())

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
@@ -99,6 +99,19 @@ class SubmitRejected(Refused):
 
 
 TERMINAL_ANSWERS = frozenset({coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED})
+
+
+class InquiryAnswer(NamedTuple):
+    """What a participant in doubt is told (QueryOutcomeResponse): `outcome`
+    (coordinator_pb2.Outcome), and whether it is an abort presumed for want of any record of
+    the asked attempt (`presumed_abort`) rather than one decided and kept."""
+
+    outcome: int
+    presumed_abort: bool = False
+
+
+PRESUMED_ABORT = InquiryAnswer(coordinator_pb2.OUTCOME_ABORTED, presumed_abort=True)
+
 #: Waits of a Submit for earlier attempts under its id (one running, then its Rollbacks)
 #: before its own attempt runs.
 SUBMIT_WAITS_MAX = 8
@@ -376,26 +389,35 @@ class Engine:
         return run.view() if run is not None else self.finished.get(transaction_id)
 
     def query_outcome(self, transaction_id: str, fingerprint: bytes = b"") -> int:
+        """For a participant in doubt: `answer_inquiry`'s outcome."""
+        return self.answer_inquiry(transaction_id, fingerprint).outcome
+
+    def answer_inquiry(self, transaction_id: str, fingerprint: bytes = b"") -> InquiryAnswer:
         """For a participant in doubt. No record means aborted (presumed abort), and so does a
         record of other content under the id: the asking branch was prepared for an attempt
         that reused the id, which the participants refused and which is over (a branch of a
         commit is never left in doubt by a record the coordinator still keeps or forgot), and
-        must not take the outcome of the transaction the id belongs to."""
+        must not take the outcome of the transaction the id belongs to. Both say so
+        (`presumed_abort`): an operator's override that the coordinator lost its log may force
+        a commit past such an answer, never past an abort it keeps on record."""
         run = self.active.get(transaction_id)
         finished = None if run is not None else self.finished.get(transaction_id)
         on_record = run.fingerprint if run is not None else finished and finished.fingerprint
         if fingerprint and on_record and on_record != fingerprint:
-            return coordinator_pb2.OUTCOME_ABORTED
+            return PRESUMED_ABORT
         if finished is None:  # running, or no record at all
             answer = core.inquiry_answer(run.txn if run is not None else None)
-            return coordinator_pb2.OUTCOME_UNSPECIFIED if answer is None else OUTCOME_TO_PB[answer]
+            outcome = (
+                coordinator_pb2.OUTCOME_UNSPECIFIED if answer is None else OUTCOME_TO_PB[answer]
+            )
+            return InquiryAnswer(outcome, presumed_abort=run is None)
         if finished.committed_earlier:
             # This attempt's own outcome: it decided abort, and a branch of it in doubt is one
             # a participant that had forgotten the earlier commit prepared again.
-            return coordinator_pb2.OUTCOME_ABORTED
+            return InquiryAnswer(coordinator_pb2.OUTCOME_ABORTED)
         if finished.answer in TERMINAL_ANSWERS:
-            return finished.answer
-        return coordinator_pb2.OUTCOME_UNSPECIFIED
+            return InquiryAnswer(finished.answer)
+        return InquiryAnswer(coordinator_pb2.OUTCOME_UNSPECIFIED)
 
     def views(self, states: Collection[int] = ()) -> Iterator[TransactionView]:
         """Active then finished, newest first; only those in `states` (TransactionState

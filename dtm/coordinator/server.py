@@ -550,15 +550,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         await _check_transaction_id(context, request.transaction_id)
         await _check_asker(context, request)
         await self._refuse_if_replaced(request, context)
-        outcome = self.engine.query_outcome(request.transaction_id, request.transaction_fingerprint)
+        answer = self.engine.answer_inquiry(request.transaction_id, request.transaction_fingerprint)
         self.coordinator.log.info(
             "outcome asked",
             txn=request.transaction_id,
             participant=request.participant,
             incarnation=request.incarnation or None,
-            outcome=coordinator_pb2.Outcome.Name(outcome),
+            outcome=coordinator_pb2.Outcome.Name(answer.outcome),
+            presumed_abort=answer.presumed_abort,
         )
-        return coordinator_pb2.QueryOutcomeResponse(outcome=outcome)  # type: ignore[arg-type]
+        return coordinator_pb2.QueryOutcomeResponse(
+            outcome=answer.outcome,  # type: ignore[arg-type]
+            presumed_abort=answer.presumed_abort,
+        )
 
     async def _refuse_if_replaced(
         self,

@@ -248,10 +248,12 @@ class QueryOutcomeRequest(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., participant: _Optional[str] = ..., transaction_fingerprint: _Optional[bytes] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class QueryOutcomeResponse(_message.Message):
-    __slots__ = ("outcome",)
+    __slots__ = ("outcome", "presumed_abort")
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    PRESUMED_ABORT_FIELD_NUMBER: _ClassVar[int]
     outcome: Outcome
-    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ...) -> None: ...
+    presumed_abort: bool
+    def __init__(self, outcome: _Optional[_Union[Outcome, str]] = ..., presumed_abort: _Optional[bool] = ...) -> None: ...
 
 class RetryTransactionRequest(_message.Message):
     __slots__ = ("transaction_id",)
