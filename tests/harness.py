@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from unittest import mock
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from dtmpb.v1 import (
 )
 from participants.decided import DecidedWindow
 from participants.server import ParticipantConfig, ParticipantServer
+from participants.server.process import CoordinatorAnswer
 from participants.service import Service
 from participants.services.catalog import AccountSpec
 from participants.services.inventory import InventoryService
@@ -332,9 +334,10 @@ def reserve(quantity: int = 1) -> Any:
 
 
 def heuristic_force(txn: str, branch: int, commit: bool) -> Any:
-    """An operator's ForceOutcome that makes a heuristic outcome on purpose: confirmed, and
-    `coordinator_lost`, since the participant refuses to force against its coordinator's
-    answer (it asks it first) and these tests want exactly that contradiction."""
+    """An operator's ForceOutcome that may make a heuristic outcome: confirmed, and
+    `coordinator_lost`, so that the participant forces a commit past its coordinator's
+    presumed abort (no record of the attempt). Against a decision the coordinator keeps on
+    record the participant still refuses: see `force_heuristic`."""
     return participant_pb2.ForceOutcomeRequest(
         transaction_id=txn,
         branch=branch,
@@ -344,13 +347,33 @@ def heuristic_force(txn: str, branch: int, commit: bool) -> Any:
     )
 
 
+async def force_heuristic(
+    cluster: InProcessCluster, name: str, txn: str, branch: int, commit: bool
+) -> participant_pb2.ForceOutcomeResponse:
+    """An operator's ForceOutcome at participant `name` that contradicts its coordinator on
+    purpose, as an operator can: while the participant's check before the force cannot reach
+    the coordinator (which decided otherwise, or will). Only that check is cut off
+    (`ask_outcome` answers "unreachable"): the coordinator's phase 2 and the participant's
+    inquiries reach each other as before, and hear the contradiction."""
+    server = cluster.participants[name]
+
+    async def unreachable(key: tuple[str, int]) -> CoordinatorAnswer:
+        return CoordinatorAnswer(None, "cut off by the test", unreachable=True)
+
+    with mock.patch.object(server, "ask_outcome", unreachable):
+        response: participant_pb2.ForceOutcomeResponse = await cluster.admin(name).ForceOutcome(
+            heuristic_force(txn, branch, commit)
+        )
+    return response
+
+
 async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:
     """The coordinator commits t1 while inventory rejects its Commit; an operator forces
     inventory's branch (`commit`: agreeing, or a heuristic rollback)."""
     await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
     branches = order_branches("o-1", [("sku-apple", 1)], amount_cents=100)
     assert coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
-    await cluster.admin("inventory").ForceOutcome(heuristic_force("t1", 0, commit=commit))
+    await force_heuristic(cluster, "inventory", "t1", 0, commit=commit)
 
 
 def forced_lines(text: str) -> list[str]:

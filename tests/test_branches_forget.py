@@ -23,8 +23,8 @@ from tests.harness import (
     InProcessCluster,
     ask,
     eventually,
+    force_heuristic,
     forced_unknown,
-    heuristic_force,
     listed,
     order_branches,
     reserve,
@@ -121,7 +121,7 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
             await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
             response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
             assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
-            await cluster.admin("orders").ForceOutcome(heuristic_force("t-a", 1, commit=True))
+            await force_heuristic(cluster, "orders", "t-a", 1, commit=True)
             forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
             # The branch is of the attempt on record: the check compares their fingerprints.
             on_record = await cluster.client.GetTransaction(

@@ -31,10 +31,10 @@ from tests.harness import (
     InProcessCluster,
     ask,
     eventually,
+    force_heuristic,
     forced_after_commit,
     forced_lines,
     forced_unknown,
-    heuristic_force,
     listed,
     order_branches,
     read_only_branch,
@@ -276,7 +276,7 @@ def test_a_forced_commit_of_an_abort_whose_rollbacks_were_given_up_shows_in_its_
                 return "t-a" not in engine.active and "t-a" not in engine._settling
 
             await eventually(given_up)
-            await cluster.admin("inventory").ForceOutcome(heuristic_force("t-a", 0, commit=True))
+            await force_heuristic(cluster, "inventory", "t-a", 0, commit=True)
             get = coordinator_pb2.GetTransactionRequest(transaction_id="t-a")
             assert "" == (await cluster.client.GetTransaction(get)).branches[0].heuristic
             await ask(cluster.participants["inventory"], cluster)
@@ -445,7 +445,7 @@ def test_a_report_about_a_recovered_commit_finds_its_branch_by_number_not_place(
             assert (
                 coordinator_pb2.OUTCOME_COMMITTED == (await cluster.submit(branches, "t1")).outcome
             )
-            await cluster.admin("inventory").ForceOutcome(heuristic_force("t1", 1, commit=False))
+            await force_heuristic(cluster, "inventory", "t1", 1, commit=False)
             await cluster.restart_coordinator()  # resumes t1: Commits to branch 1 only
             engine = cluster.coordinator.engine
             assert [1] == [b.index for b in engine.active["t1"].txn.branches]

@@ -24,7 +24,7 @@ from dtm.core.transaction import ROLLBACK_ATTEMPTS_MAX
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from tests.cli_runner import dtm
 from tests.doubles import ScriptedParticipant, scripted_branch, scripted_cluster
-from tests.harness import InProcessCluster, eventually, heuristic_force, order_branches, pack
+from tests.harness import InProcessCluster, eventually, force_heuristic, order_branches, pack
 
 Code = grpc.StatusCode
 
@@ -478,8 +478,7 @@ def test_a_forgotten_heuristic_of_a_commit_still_in_phase_two_stays_forgotten(
             branches = order_branches("o-1", [("sku-apple", 1)])[::2]  # inventory, payment
             response = await cluster.submit(branches, "t1")
             assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
-            force = heuristic_force("t1", 0, commit=False)
-            await cluster.admin("inventory").ForceOutcome(force)
+            await force_heuristic(cluster, "inventory", "t1", 0, commit=False)
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
 
             async def recorded() -> bool:

@@ -13,7 +13,7 @@ import pytest
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
-from tests.harness import InProcessCluster, eventually, heuristic_force, order_branches, pack
+from tests.harness import InProcessCluster, eventually, force_heuristic, order_branches, pack
 
 LOCK_WAIT_MS = 300
 
@@ -318,9 +318,7 @@ def test_coordinator_shows_a_heuristic_reported_during_phase_two(tmp_path: Path)
             assert coordinator_pb2.TRANSACTION_STATE_COMMITTING == status.state
             assert "rejects decisions" in status.branches[3].last_error
             # An operator forces the in-doubt branch the other way; then the participant is back.
-            await cluster.admin("notification").ForceOutcome(
-                heuristic_force("txn-h", 3, commit=False)
-            )
+            await force_heuristic(cluster, "notification", "txn-h", 3, commit=False)
             await cluster.set_fault("notification", participant_pb2.FAULT_MODE_NONE)
 
             async def reported() -> bool:

@@ -69,12 +69,15 @@ async def prepared_unknown(cluster: InProcessCluster, txn: str) -> None:
     assert coordinator_pb2.VOTE_PREPARED == vote.vote
 
 
-def test_a_direct_forced_commit_of_an_aborted_branch_is_refused_unless_the_coordinator_is_lost(
+def test_a_direct_forced_commit_of_an_aborted_branch_is_refused_while_its_coordinator_answers(
     tmp_path: Path,
 ) -> None:
     """The coordinator aborted t-a (payment refused) and its Rollback did not reach orders'
-    branch, still prepared. A ForceOutcome commit straight to the participant is refused,
-    and the branch stays prepared; coordinator_lost is the operator's explicit way past."""
+    branch, still prepared. A ForceOutcome commit straight to the participant is refused, and
+    the branch stays prepared; coordinator_lost included: that coordinator keeps its abort on
+    record, so it did not lose its log (before, the override skipped the question, and the
+    branch committed against the abort). Once the coordinator cannot be reached, the
+    override goes through, as forcing is for."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
@@ -90,10 +93,41 @@ def test_a_direct_forced_commit_of_an_aborted_branch_is_refused_unless_the_coord
                 "would break atomicity",
                 "coordinator_lost",
             )
+            await refused_unsafe(
+                admin.ForceOutcome(force("t-a", 1, commit=True, lost=True)),
+                "keeps a record of its abort of the attempt of t-a",
+                "coordinator_lost does not apply",
+                "would break atomicity",
+            )
             assert BranchState.PREPARED is state(cluster, "orders", "t-a", 1)
 
+            await cluster.coordinator.stop(0)
             forced = await admin.ForceOutcome(force("t-a", 1, commit=True, lost=True))
             assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_forced_rollback_of_a_commit_is_refused_coordinator_lost_included(
+    tmp_path: Path,
+) -> None:
+    """The coordinator committed t-c while orders rejects its Commit. A forced rollback with
+    coordinator_lost is refused: that coordinator has the commit on record, so it did not
+    lose its log (before, the override skipped the question, and the branch rolled back
+    against the commit)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+            response = await cluster.submit(order_branches("o-c", [("sku-apple", 1)]), "t-c")
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome
+
+            await refused_unsafe(
+                cluster.admin("orders").ForceOutcome(force("t-c", 1, commit=False, lost=True)),
+                "decided commit for t-c",
+                "coordinator_lost does not apply",
+            )
+            assert BranchState.PREPARED is state(cluster, "orders", "t-c", 1)
 
     asyncio.run(scenario())
 
@@ -102,7 +136,7 @@ def test_a_direct_force_agreeing_with_presumed_abort_goes_and_one_against_it_is_
     tmp_path: Path,
 ) -> None:
     """No record of the transaction: the coordinator answers ABORTED (presumed abort). A
-    forced rollback agrees and goes; a forced commit is refused."""
+    forced rollback agrees and goes; a forced commit is refused, unless coordinator_lost."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
@@ -114,6 +148,10 @@ def test_a_direct_force_agreeing_with_presumed_abort_goes_and_one_against_it_is_
             assert BranchState.PREPARED is state(cluster, "inventory", "t-c", 0)
             forced = await admin.ForceOutcome(force("t-r", 0, commit=False))
             assert participant_pb2.BRANCH_STATE_ROLLED_BACK == forced.branch.state
+            # Its "no record" is all a coordinator that lost its log can say: the override
+            # forces a commit past it.
+            forced = await admin.ForceOutcome(force("t-c", 0, commit=True, lost=True))
+            assert participant_pb2.BRANCH_STATE_COMMITTED == forced.branch.state
 
     asyncio.run(scenario())
 
@@ -122,7 +160,8 @@ def test_a_direct_force_is_refused_while_the_coordinator_is_still_deciding(
     tmp_path: Path,
 ) -> None:
     """Orders prepared t-d while payment is slow to vote: the coordinator answers that it has
-    not decided, and a force, either way, could contradict what it decides."""
+    not decided, and a force, either way (coordinator_lost included), could contradict what
+    it decides."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, prepare_timeout_ms=10_000) as cluster:
@@ -138,6 +177,12 @@ def test_a_direct_force_is_refused_while_the_coordinator_is_still_deciding(
             await refused_unsafe(
                 cluster.admin("orders").ForceOutcome(force("t-d", 1, commit=False)),
                 "still deciding t-d",
+            )
+            # Nor with coordinator_lost: a coordinator that runs the transaction has its log.
+            await refused_unsafe(
+                cluster.admin("orders").ForceOutcome(force("t-d", 1, commit=True, lost=True)),
+                "still deciding t-d",
+                "coordinator_lost does not apply",
             )
             assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
 

@@ -56,11 +56,16 @@ def newest_that_fit(
     return newest, cut
 
 
-def force_refusal(answer: CoordinatorAnswer, commit: bool, txn: str, where: str) -> str | None:
+def force_refusal(
+    answer: CoordinatorAnswer, commit: bool, txn: str, where: str, coordinator_lost: bool
+) -> str | None:
     """Why forcing a branch of `txn` to `commit` is refused, given its coordinator's (at
     `where`) `answer` about the branch's attempt; None when it may go on. Only a coordinator
     that cannot be reached lets it go on unchecked (the case forcing is for); any other
-    failure to ask refuses, so that the check never fails open."""
+    failure to ask refuses, so that the check never fails open. `coordinator_lost`, the
+    operator's word that the coordinator lost its log, lets a commit go past an abort presumed
+    for want of a record (that "no record" decides nothing then), and past nothing else: an
+    answer from a record shows that the coordinator did not lose it."""
     if answer.outcome is None:
         if answer.unreachable:
             return None
@@ -69,10 +74,18 @@ def force_refusal(answer: CoordinatorAnswer, commit: bool, txn: str, where: str)
             f"({answer.problem}): refusing to force without knowing it (a coordinator that "
             "cannot be reached at all does not stop a force)"
         )
+    if coordinator_lost and answer.presumed_abort:
+        return None
+    not_lost = (
+        " (it has the attempt on record: it did not lose its log, so coordinator_lost does "
+        "not apply)"
+        if coordinator_lost
+        else ""
+    )
     if answer.outcome == coordinator_pb2.OUTCOME_UNSPECIFIED:
         return (
-            f"the coordinator at {where} is still deciding {txn}: forcing now could contradict "
-            f"its decision. Wait for it (`dtm txn show {txn}`); it comes within the "
+            f"the coordinator at {where} is still deciding {txn}{not_lost}: forcing now could "
+            f"contradict its decision. Wait for it (`dtm txn show {txn}`); it comes within the "
             "transaction's timeout"
         )
     decided_commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
@@ -80,10 +93,18 @@ def force_refusal(answer: CoordinatorAnswer, commit: bool, txn: str, where: str)
         return None
     if decided_commit:
         return (
-            f"the coordinator at {where} decided commit for {txn}: forcing rollback would "
-            "break atomicity. The branch learns the decision without you: it asks its "
+            f"the coordinator at {where} decided commit for {txn}{not_lost}: forcing rollback "
+            "would break atomicity. The branch learns the decision without you: it asks its "
             f"coordinator (`dtm txn show {txn}`; while it is committing, `dtm txn retry "
             f"{txn}` delivers its Commits now)"
+        )
+    if coordinator_lost:
+        return (
+            f"the coordinator at {where} keeps a record of its abort of the attempt of {txn} "
+            "this branch belongs to: it did not lose its log, so coordinator_lost does not "
+            "apply, and forcing commit would break atomicity. Force rollback instead (a "
+            "coordinator from before QueryOutcomeResponse.presumed_abort answers so for a "
+            "presumed abort too, as it cannot tell them apart: upgrade it)"
         )
     return (
         f"the coordinator at {where} answers ABORTED for the attempt of {txn} this branch "
@@ -129,18 +150,25 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         await grpc_edge.abort(context, grpc.StatusCode.FAILED_PRECONDITION, why)
 
     async def _check_force(
-        self, context: grpc.aio.ServicerContext[Any, Any], key: tuple[str, int], commit: bool
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        key: tuple[str, int],
+        commit: bool,
+        coordinator_lost: bool,
     ) -> None:
         """Refuse to force in-doubt branch `key` against its coordinator's answer. Checked
         here, not only by `dtm force`, so that any caller of the RPC is held to it. A branch
         not in doubt is not asked about: the engine says why it cannot be forced. A decision
         that arrives after the answer finds the branch forced (a decision never changes, so it
-        is the one answered), or the force finds the branch decided, and is refused."""
+        is the one answered), or the force finds the branch decided, and is refused. Asked
+        with `coordinator_lost` too: the operator's word cannot be checked, but a coordinator
+        that answers from a record of the attempt did not lose its log (`force_refusal`)."""
         info = self.server.engine.open.get(key)
         if info is None or info.branch.state is not BranchState.PREPARED:
             return
         answer = await self.server.ask_outcome(key)
-        why = force_refusal(answer, commit, key[0], self.server.config.coordinator)
+        where = self.server.config.coordinator
+        why = force_refusal(answer, commit, key[0], where, coordinator_lost)
         if why is not None:
             await self._refuse_unsafe(context, f"branch {key[0]}/{key[1]}: {why}")
 
@@ -258,8 +286,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         key = (request.transaction_id, request.branch)
-        if not request.coordinator_lost:
-            await self._check_force(context, key, request.commit)
+        await self._check_force(context, key, request.commit, request.coordinator_lost)
         try:
             forced = await self.server.engine.force(key, request.commit)
         except BranchError as error:

@@ -97,11 +97,13 @@ class CoordinatorAnswer:
     OUTCOME_ABORTED, or OUTCOME_UNSPECIFIED while undecided), or None when it gave none, with
     `problem` saying why; `unreachable` when no answer came at all (none configured,
     UNAVAILABLE, or none within FORCE_CHECK_TIMEOUT_S), as opposed to a refusal or a failed TLS
-    handshake."""
+    handshake. `presumed_abort`: ABORTED for want of any record of the branch's attempt
+    (QueryOutcomeResponse.presumed_abort), not an abort the coordinator keeps on record."""
 
     outcome: int | None
     problem: str = ""
     unreachable: bool = False
+    presumed_abort: bool = False
 
 
 def registration_delay_s(attempt: int) -> float:
@@ -473,7 +475,7 @@ class ParticipantServer:
             )
             problem = f"{error.code().name}: {details}" + (f" ({hint})" if hint else "")
             return CoordinatorAnswer(None, problem, unreachable)
-        return CoordinatorAnswer(answer.outcome)
+        return CoordinatorAnswer(answer.outcome, presumed_abort=answer.presumed_abort)
 
     async def settle_forced(self, key: tuple[str, int]) -> str | None:
         """Ask the coordinator now about forced branch `key`, as the next inquiry would (a

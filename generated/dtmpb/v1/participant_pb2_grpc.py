@@ -439,11 +439,12 @@ class ParticipantAdminServicer:
 
     def ForceOutcome(self, request, context):
         """Before forcing a prepared branch the participant asks its coordinator for the branch's
-        attempt's outcome (Coordinator.QueryOutcome, with the branch's fingerprint), unless
-        coordinator_lost, and refuses with FAILED_PRECONDITION and trailing metadata "dtm-unsafe"
-        when forcing would contradict it: the coordinator has not decided yet, or decided the
-        other way (ABORTED also by presumed abort: it has no record of the attempt), or could not
-        be asked for another reason than being unreachable (a refusal, a failed TLS handshake).
+        attempt's outcome (Coordinator.QueryOutcome, with the branch's fingerprint), and refuses
+        with FAILED_PRECONDITION and trailing metadata "dtm-unsafe" when forcing would
+        contradict it: the coordinator has not decided yet, or decided the other way (ABORTED
+        also by presumed abort: it has no record of the attempt, unless coordinator_lost), or
+        could not be asked for another reason than being unreachable (a refusal, a failed TLS
+        handshake).
         A coordinator that cannot be reached at all (UNAVAILABLE, no answer within 5 seconds), or
         none configured, does not stop a force: that is the case forcing is for.
         """
