@@ -517,11 +517,22 @@ def test_dtm_participants_checks_who_answers_without_listing_the_locks(
 # ---- 7. `dtm branches` of more branches than one list holds: cut without a word ----
 
 
-def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -> None:
+def test_more_branches_than_one_list_holds_say_the_list_is_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A participant lists its newest LIST_TRANSACTIONS_LIMIT_MAX (1,000) branches at most and
     keeps up to 100,000 decided ones: `dtm branches --limit 1000` listed 1,000 of more with no
-    note, and below that "of 1000 or more" was a guess."""
+    note, and below that "of 1000 or more" was a guess. `--limit 10` asks each participant for
+    10 (ListBranchesRequest.limit): it fetched 1,000 and kept 10."""
     kept = limits.LIST_TRANSACTIONS_LIMIT_MAX + 5
+    asked: list[int] = []
+    list_branches = AdminServicer.ListBranches
+
+    async def spied(self: AdminServicer, request: Any, context: Any) -> Any:
+        asked.append(request.limit)
+        return await list_branches(self, request, context)
+
+    monkeypatch.setattr(AdminServicer, "ListBranches", spied)
 
     async def scenario() -> tuple[participant_pb2.ListBranchesResponse, list[tuple[int, str]]]:
         async with InProcessCluster(tmp_path) as cluster:
@@ -529,9 +540,17 @@ def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -
             for n in range(kept):  # in memory only: what the list shows
                 branch = Branch(f"t-{n}", 0, BranchState.COMMITTED, BranchVote.PREPARED)
                 engine._remember_decided(branch.key, _decided_entry(BranchInfo(branch, n)))
-            listed = await cluster.admin("inventory").ListBranches(
-                participant_pb2.ListBranchesRequest()
-            )
+            admin = cluster.admin("inventory")
+            listed = await admin.ListBranches(participant_pb2.ListBranchesRequest())
+            # The newest `limit`, oldest first; more than the most is the most, as 0 is.
+            ten = await admin.ListBranches(participant_pb2.ListBranchesRequest(limit=10))
+            assert [f"t-{n}" for n in range(kept - 10, kept)] == [
+                info.transaction_id for info in ten.branches
+            ]
+            assert ten.more_kept
+            over = await admin.ListBranches(participant_pb2.ListBranchesRequest(limit=5_000))
+            assert listed == over
+            asked.clear()
             at = ("--coordinator", cluster.coordinator_address, "--json", "branches")
             notes = []
             for limit in ("1000", "10"):
@@ -551,8 +570,9 @@ def test_more_branches_than_one_list_holds_say_the_list_is_cut(tmp_path: Path) -
         "transaction's (dtm trace ID)"
     ) in most, most
     assert (
-        "dtm: note: inventory: the newest 10 of more than 1000 branches listed: --limit for more"
+        "dtm: note: inventory: the newest 10 of more than 10 branches listed: --limit for more"
     ) in few, few
+    assert [1000, 10] == asked  # what the CLI asked the participant for
 
 
 # ---- 8. the coordinator's stopping line: a field per participant, up to 256 ----

@@ -329,7 +329,7 @@ def cmd_branches(session: Session) -> int:
             lambda admin, target: admin.ListBranches.future(
                 target.addressed(
                     participant_pb2.ListBranchesRequest(
-                        states=states, awaiting_coordinator=options.awaiting
+                        states=states, awaiting_coordinator=options.awaiting, limit=options.limit
                     )
                 ),
                 timeout=session.timeout,
@@ -341,7 +341,8 @@ def cmd_branches(session: Session) -> int:
     found = [
         (name, info)
         for name, response in answers
-        # The participant lists oldest first; keep the newest `limit` of each.
+        # The participant lists oldest first; keep the newest `limit` of each (one from
+        # before ListBranchesRequest.limit lists up to 1,000 whatever was asked).
         for info in list(response.branches)[-options.limit :]
     ]
     for name, response in answers:
@@ -372,8 +373,9 @@ def cmd_branches(session: Session) -> int:
 
 def _note_cut(name: str, response: participant_pb2.ListBranchesResponse, limit: int) -> None:
     """Say on stderr that some of a participant's branches were left out (the forced ones
-    awaiting reconciliation among them, with --awaiting): by --limit, or by the participant,
-    which lists at most LIST_TRANSACTIONS_LIMIT_MAX and as many as fit one answer."""
+    awaiting reconciliation among them, with --awaiting): by --limit (here, or by the
+    participant, which lists at most the limit asked), or by the participant's own bounds: at
+    most LIST_TRANSACTIONS_LIMIT_MAX, and as many as fit one answer."""
     listed = len(response.branches)
     if listed <= limit and not response.more_kept:
         return
@@ -381,10 +383,11 @@ def _note_cut(name: str, response: participant_pb2.ListBranchesResponse, limit: 
     # A participant from before `more_kept` that lists the most it answers may keep more.
     maybe_more = listed >= limits.LIST_TRANSACTIONS_LIMIT_MAX and not response.more_kept
     kept = f"more than {listed}" if response.more_kept else f"{listed}"
-    # Cut here, a larger --limit lists more; cut by the participant, only a narrower question.
+    # Cut at --limit, a larger one lists more; cut at the participant's own bounds (fewer
+    # than --limit listed, or --limit the most), only a narrower question.
     how = (
         "--limit for more"
-        if listed > limit
+        if shown == limit < limits.LIST_TRANSACTIONS_LIMIT_MAX
         else "the most one answer holds: name the states wanted (--state, --in-doubt, "
         "--awaiting), or one transaction's (dtm trace ID)"
     )

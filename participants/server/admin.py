@@ -235,6 +235,9 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if request.states and not wanted:  # BRANCH_STATE_UNSPECIFIED only: no branch has it
             return participant_pb2.ListBranchesResponse()
         engine = self.server.engine
+        limit = min(
+            request.limit or limits.LIST_TRANSACTIONS_LIMIT_MAX, limits.LIST_TRANSACTIONS_LIMIT_MAX
+        )
         if request.transaction_id:
             # One transaction's branches (`dtm trace`): looked up by key, so that one older
             # than the newest listed is found too.
@@ -246,16 +249,13 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
                 infos = [i for i in infos if engine.awaiting_coordinator(i.branch.key)]
         else:
             # One more than are listed is looked for: whether the list is cut (`more_kept`).
-            looked_for = limits.LIST_TRANSACTIONS_LIMIT_MAX + 1
             if request.awaiting_coordinator:
-                infos = engine.awaiting(wanted, looked_for)
+                infos = engine.awaiting(wanted, limit + 1)
             else:
-                infos = engine.listed(wanted, looked_for)
-        # Oldest first: the newest LIST_TRANSACTIONS_LIMIT_MAX are the last.
-        listed, cut = newest_that_fit(
-            [branch_info_pb(info, engine) for info in infos[-limits.LIST_TRANSACTIONS_LIMIT_MAX :]]
-        )
-        more_kept = cut or len(infos) > limits.LIST_TRANSACTIONS_LIMIT_MAX
+                infos = engine.listed(wanted, limit + 1)
+        # Oldest first: the newest `limit` are the last.
+        listed, cut = newest_that_fit([branch_info_pb(info, engine) for info in infos[-limit:]])
+        more_kept = cut or len(infos) > limit
         return participant_pb2.ListBranchesResponse(branches=listed, more_kept=more_kept)
 
     async def ListLocks(

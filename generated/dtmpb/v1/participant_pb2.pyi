@@ -238,18 +238,20 @@ class BranchInfo(_message.Message):
     def __init__(self, transaction_id: _Optional[str] = ..., branch: _Optional[int] = ..., state: _Optional[_Union[BranchState, str]] = ..., reason: _Optional[str] = ..., updated_at_unix_ms: _Optional[int] = ..., heuristic: _Optional[str] = ..., awaiting_coordinator: _Optional[bool] = ..., forgotten: _Optional[bool] = ..., transaction_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ListBranchesRequest(_message.Message):
-    __slots__ = ("states", "awaiting_coordinator", "participant", "incarnation", "transaction_id")
+    __slots__ = ("states", "awaiting_coordinator", "participant", "incarnation", "transaction_id", "limit")
     STATES_FIELD_NUMBER: _ClassVar[int]
     AWAITING_COORDINATOR_FIELD_NUMBER: _ClassVar[int]
     PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     TRANSACTION_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[BranchState]
     awaiting_coordinator: bool
     participant: str
     incarnation: str
     transaction_id: str
-    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., transaction_id: _Optional[str] = ...) -> None: ...
+    limit: int
+    def __init__(self, states: _Optional[_Iterable[_Union[BranchState, str]]] = ..., awaiting_coordinator: _Optional[bool] = ..., participant: _Optional[str] = ..., incarnation: _Optional[str] = ..., transaction_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListBranchesResponse(_message.Message):
     __slots__ = ("branches", "more_kept")
