@@ -1102,18 +1102,46 @@ def test_notification_served_by_the_sdk(tmp_path: Path) -> None:
     serve(tmp_path, NotificationService(), scenario)
 
 
+def numbered(number: int) -> shop_pb2.StockLine:
+    return shop_pb2.StockLine(sku=f"sku-{number}", quantity=number)
+
+
 def test_page_walks_a_list_in_bounded_pages() -> None:
     from participants.services import PAGE_SIZE_DEFAULT, page
 
+    def numbers(listed: list[shop_pb2.StockLine]) -> list[int]:
+        return [line.quantity for line in listed]
+
     items = list(range(5))
-    first, token = page(items, 2, "")
-    assert ([0, 1], "2") == (list(first), token)
-    second, token = page(items, 2, token)
-    third, token = page(items, 2, token)
-    assert ([2, 3], [4], "") == (list(second), list(third), token)
-    assert PAGE_SIZE_DEFAULT == len(page(list(range(PAGE_SIZE_DEFAULT + 5)), 10**9, "")[0])
+    first, token = page(items, numbered, 2, "")
+    assert ([0, 1], "2") == (numbers(first), token)
+    second, token = page(items, numbered, 2, token)
+    third, token = page(items, numbered, 2, token)
+    assert ([2, 3], [4], "") == (numbers(second), numbers(third), token)
+    many = list(range(PAGE_SIZE_DEFAULT + 5))
+    assert PAGE_SIZE_DEFAULT == len(page(many, numbered, 10**9, "")[0])
     with pytest.raises(InvalidOperation):
-        page(items, 2, "not-a-token")
+        page(items, numbered, 2, "not-a-token")
+
+
+def test_a_page_holds_what_fits_one_answer_and_its_token_continues_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page of items over the message limit was refused (RESOURCE_EXHAUSTED); now it holds
+    as many as fit, and its token is the offset of the first one left out."""
+    from participants.services import page
+
+    item_bytes = numbered(10).ByteSize() + limits.REPEATED_ELEMENT_FRAMING_BYTES
+    monkeypatch.setattr(limits, "ANSWER_BYTES_MAX", 3 * item_bytes)
+    items = list(range(10, 17))
+    pages = []
+    token = ""
+    while True:  # bounded: 7 items, 3 a page
+        listed, token = page(items, numbered, 0, token)
+        pages.append([line.quantity for line in listed])
+        if not token:
+            break
+    assert [[10, 11, 12], [13, 14, 15], [16]] == pages
 
 
 # Each paginated read: its service, and a call of it with a given page_token.
@@ -1166,31 +1194,104 @@ def test_a_page_token_that_is_not_an_ascii_offset_is_invalid_argument(
     serve(tmp_path, make_service(), scenario)
 
 
-def test_a_page_over_the_message_limit_asks_for_a_smaller_page_size(tmp_path: Path) -> None:
-    # 400 orders of 100 lines with 128-character SKUs: about 5.4 MB at the default page size.
-    # The refusal said "this read has no pagination yet" (found by a bug hunt).
+def test_a_default_page_of_the_largest_orders_comes_back_short_and_pages_every_order_once(
+    tmp_path: Path,
+) -> None:
+    """400 orders of 100 lines with 128-character SKUs take about 5.4 MB at the default page
+    size: ListOrders was refused (RESOURCE_EXHAUSTED "pass a smaller page_size"). Now the page
+    holds the orders that fit, with a token that continues after them: across the pages every
+    order comes once, in creation order, also while one is cancelled between two pages."""
     service = OrdersService()
     lines = tuple((f"{n:03d}" + "s" * 125, 1) for n in range(limits.LINES_PER_OPERATION_MAX))
-    for n in range(400):
-        operation = order(order_id=f"o-{n}", lines=lines)
+    created = [f"o-{n}" for n in range(400)]
+    for number, order_id in enumerate(created):
+        operation = order(order_id=order_id, lines=lines)
         service.validate(operation)
-        service.prepare(f"t-{n}/0", operation)
-        service.commit(f"t-{n}/0", operation)
+        service.prepare(f"t-{number}/0", operation)
+        if order_id != "o-399":
+            service.commit(f"t-{number}/0", operation)
 
-    async def scenario(channel: grpc.aio.Channel) -> None:
+    async def scenario(channel: grpc.aio.Channel) -> list[list[str]]:
         stub = shop_pb2_grpc.OrdersStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.ListOrders(shop_pb2.ListOrdersRequest(), timeout=10)
-        details = raised.value.details() or ""
-        assert grpc.StatusCode.RESOURCE_EXHAUSTED == raised.value.code(), details
-        assert "the orders take" in details
-        assert "smaller page_size" in details
-        assert "no pagination" not in details
-        # What it says works: pages of 200 orders fit.
-        first = await stub.ListOrders(shop_pb2.ListOrdersRequest(page_size=200), timeout=10)
-        assert (200, "200") == (len(first.orders), first.next_page_token)
 
-    serve(tmp_path, service, scenario)
+        async def read(token: str) -> shop_pb2.ListOrdersResponse:
+            answer: shop_pb2.ListOrdersResponse = await stub.ListOrders(
+                shop_pb2.ListOrdersRequest(page_token=token), timeout=10
+            )
+            assert answer.ByteSize() <= limits.MESSAGE_BYTES_MAX
+            if token:  # after the first page: the pending order is cancelled (keeps its place)
+                service.rollback("t-399/0", order(order_id="o-399", lines=lines))
+            return answer
+
+        return await every_page(read, lambda answer: [o.order_id for o in answer.orders])
+
+    pages = serve(tmp_path, service, scenario)
+    assert len(pages) > 1
+    assert all(0 < len(chunk) < len(created) for chunk in pages), [len(c) for c in pages]
+    assert created == [order_id for chunk in pages for order_id in chunk]
+
+
+def test_a_default_page_of_the_largest_messages_comes_back_short_and_pages_each_once(
+    tmp_path: Path,
+) -> None:
+    """1,100 sent notifications of a 1,024-character body of 4-byte characters take about
+    4.6 MB at the default page size: ListSent was refused (RESOURCE_EXHAUSTED)."""
+    service = NotificationService()
+    body = "\U0001f600" * limits.TEXT_FIELD_LENGTH_MAX
+    sent = [f"o-{n}" for n in range(1_100)]
+    for number, order_id in enumerate(sent):
+        operation = note(order_id=order_id, body=body)
+        service.validate(operation)
+        service.prepare(f"t-{number}/0", operation)
+        service.commit(f"t-{number}/0", operation)
+
+    async def scenario(channel: grpc.aio.Channel) -> list[list[str]]:
+        stub = shop_pb2_grpc.NotificationStub(channel)
+
+        async def read(token: str) -> shop_pb2.ListSentResponse:
+            answer: shop_pb2.ListSentResponse = await stub.ListSent(
+                shop_pb2.ListSentRequest(page_token=token), timeout=10
+            )
+            assert answer.ByteSize() <= limits.MESSAGE_BYTES_MAX
+            return answer
+
+        return await every_page(read, lambda answer: [n.order_id for n in answer.sent])
+
+    pages = serve(tmp_path, service, scenario)
+    assert len(pages) > 1
+    assert all(0 < len(chunk) < len(sent) for chunk in pages), [len(c) for c in pages]
+    assert sent == [order_id for chunk in pages for order_id in chunk]
+
+
+def test_one_order_or_message_of_the_largest_allowed_fits_an_answer_many_times() -> None:
+    """A short page holds at least one item (participants.services.fitting asserts it): the
+    largest order and sent notification the services accept are far below the message limit."""
+    from participants.services import fitting
+
+    lines = tuple((longest_id(f"{n:03d}"), limits.QUANTITY_MAX) for n in range(100))
+    assert limits.LINES_PER_OPERATION_MAX == len(lines)
+    largest = order(longest_id("o"), longest_id("c"), lines, limits.AMOUNT_CENTS_MAX)
+    OrdersService().validate(largest)
+    record = shop_pb2.Order(
+        order_id=largest.order_id,
+        customer_id=largest.customer_id,
+        lines=largest.lines,
+        amount_cents=largest.amount_cents,
+        state=shop_pb2.ORDER_STATE_CANCELLED,
+        transaction_id=longest_id("t"),
+    )
+    wide = "\U0001f600" * limits.TEXT_FIELD_LENGTH_MAX  # 4 bytes a character
+    message = note(longest_id("o"), wide, wide)
+    NotificationService().validate(message)
+    sent = shop_pb2.SentNotification(
+        order_id=message.order_id,
+        recipient=message.recipient,
+        body=message.body,
+        transaction_id=longest_id("t"),
+    )
+    # 14,202 and 8,460 bytes: 290 and 487 of them fit an answer.
+    assert record.ByteSize() < 16 * 1024 and sent.ByteSize() < 16 * 1024
+    assert 250 < len(fitting([record] * 1_000, lambda listed: listed))
 
 
 def longest_id(kind: str) -> str:
@@ -1300,7 +1401,9 @@ def test_get_stock_pages_a_catalog_larger_than_a_page(tmp_path: Path) -> None:
     serve(tmp_path, InventoryService(dict.fromkeys(skus, 1)), scenario)
 
 
-def test_list_accounts_pages_the_accounts_then_the_captures(tmp_path: Path) -> None:
+def test_list_accounts_pages_the_accounts_then_the_captures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every account was on every page; now each account and each capture is on one page:
     the accounts sorted, then the captures in the order they were made."""
     account_ids = [f"acct-{n}" for n in range(5)]
@@ -1329,7 +1432,15 @@ def test_list_accounts_pages_the_accounts_then_the_captures(tmp_path: Path) -> N
             ["o-3"],
         ] == pages
         # Without paging fields, one page holds everything while it fits the default size.
-        assert [[*account_ids, "o-0", "o-1", "o-2", "o-3"]] == await every_page(accounts(0), listed)
+        everything = [*account_ids, "o-0", "o-1", "o-2", "o-3"]
+        assert [everything] == await every_page(accounts(0), listed)
+        # And what fits one answer when that is less: each item once, accounts then captures.
+        capture = service.captures[0].to_pb()
+        room = 3 * (capture.ByteSize() + limits.REPEATED_ELEMENT_FRAMING_BYTES)
+        monkeypatch.setattr(limits, "ANSWER_BYTES_MAX", room)
+        assert [everything[:3], everything[3:6], everything[6:]] == await every_page(
+            accounts(0), listed
+        )
 
     serve(tmp_path, service, scenario)
 

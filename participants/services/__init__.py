@@ -121,40 +121,39 @@ def page_window(page_size: int, page_token: str) -> tuple[int, int]:
     return int(page_token or 0), min(page_size or PAGE_SIZE_DEFAULT, PAGE_SIZE_DEFAULT)
 
 
-def page(items: Sequence[T], page_size: int, page_token: str) -> tuple[Sequence[T], str]:
-    """One page of a list read and the token of the next ("" on the last page).
+MessageT = TypeVar("MessageT", bound=Message)
 
-    The token is the offset as text: simple, and consistent while the list only grows at its
-    end (captures, sent messages); a list whose rows move needs its own token (ListOrders).
-    Raises InvalidOperation for a token this server did not hand out.
+
+def fitting(items: Sequence[T], to_pb: Callable[[T], MessageT]) -> list[MessageT]:
+    """The first of `items`, as messages, that fit one answer together (grpc_edge.that_fit):
+    a page of the largest orders or messages is over the 4 MiB message limit at the default
+    page size, and the read failed (RESOURCE_EXHAUSTED) where it can answer a shorter page.
+
+    At least one fits: the per-field limits keep an item under about 15 KB (an order of
+    LINES_PER_OPERATION_MAX lines of 128-character SKUs), far below ANSWER_BYTES_MAX."""
+    # Imported here: grpc_edge imports the write-ahead log, which the business logic of the
+    # services (unit-tested without the SDK) does not need.
+    from dtm.grpc_edge import that_fit
+
+    listed, _ = that_fit(map(to_pb, items))
+    assert listed or not items, "a list item outgrew an answer: the per-field limits changed"
+    return listed
+
+
+def page(
+    items: Sequence[T], to_pb: Callable[[T], MessageT], page_size: int, page_token: str
+) -> tuple[list[MessageT], str]:
+    """One page of a list read, as messages, and the token of the next ("" on the last page).
+
+    At most page_size items, fewer when more would not fit one answer (see `fitting`); the
+    token is the offset, as text, of the first item not listed: simple, and consistent while
+    the list only grows at its end (captures, sent messages); a list whose rows move needs its
+    own token (ListOrders). Raises InvalidOperation for a token this server did not hand out.
     """
     start, size = page_window(page_size, page_token)
-    end = start + size
-    return items[start:end], (str(end) if end < len(items) else "")
-
-
-async def abort_if_too_large(response: Message, context: Context, what: str) -> None:
-    """Fail a read with a clear RESOURCE_EXHAUSTED when its answer exceeds the message limit.
-
-    Past MESSAGE_BYTES_MAX gRPC would fail the call anyway, but with a message that does not
-    say which read, why, or what to do instead.
-    """
-    size = response.ByteSize()
-    if size <= limits.MESSAGE_BYTES_MAX:
-        return
-    # A paginated read (its answer has a next_page_token) fits when asked for less at a time;
-    # the default page of 10,000 items does not fit when the items are large.
-    if "next_page_token" in response.DESCRIPTOR.fields_by_name:
-        remedy = (
-            f"pass a smaller page_size (0 means {PAGE_SIZE_DEFAULT}) and follow next_page_token"
-        )
-    else:
-        remedy = "this read has no pagination yet"
-    await context.abort(
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        f"{what} take {size} bytes, over the {limits.MESSAGE_BYTES_MAX}-byte message limit; "
-        f"{remedy}",
-    )
+    listed = fitting(items[start : start + size], to_pb)
+    end = start + len(listed)
+    return listed, (str(end) if end < len(items) else "")
 
 
 def json_text(value: Any) -> str:
@@ -335,12 +334,12 @@ __all__ = [
     "Context",
     "EncodedRows",
     "SettledRows",
-    "abort_if_too_large",
     "check_lines",
     "check_resource_id",
     "check_text",
     "decode_state",
     "encode_state",
+    "fitting",
     "merged_lines",
     "state_pieces",
     "transaction_of",

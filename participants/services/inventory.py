@@ -26,7 +26,6 @@ from participants.service import (
 )
 from participants.services import (
     Context,
-    abort_if_too_large,
     check_lines,
     decode_state,
     encode_state,
@@ -194,17 +193,15 @@ class InventoryReadApi(shop_pb2_grpc.InventoryServicer):
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown sku {sku[:128]}")
         # Every SKU by default: pages of one list, so each SKU is on one page.
         listed = request.skus or self.service.skus
+        items = self.service.items
         try:
-            chunk, token = page(listed, request.page_size, request.page_token)
+            # Not levels(chunk): an empty chunk (a token past the end) would list every SKU.
+            levels, token = page(
+                listed, lambda sku: items[sku].level(sku), request.page_size, request.page_token
+            )
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        items = self.service.items
-        # Not levels(chunk): an empty chunk (a token past the end) would list every SKU.
-        response = shop_pb2.GetStockResponse(
-            levels=[items[sku].level(sku) for sku in chunk], next_page_token=token
-        )
-        await abort_if_too_large(response, context, "the stock levels")
-        return response
+        return shop_pb2.GetStockResponse(levels=levels, next_page_token=token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,6 @@ from participants.service import InvalidOperation, LockRequest, Prepared, Prepar
 from participants.services import (
     Context,
     EncodedRows,
-    abort_if_too_large,
     check_resource_id,
     check_text,
     decode_state,
@@ -163,16 +162,14 @@ class NotificationReadApi(shop_pb2_grpc.NotificationServicer):
         self, request: shop_pb2.ListSentRequest, context: Context
     ) -> shop_pb2.ListSentResponse:
         try:
-            chunk, token = page(self.service.outbox, request.page_size, request.page_token)
+            sent, token = page(
+                self.service.outbox, Sent.to_pb, request.page_size, request.page_token
+            )
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        response = shop_pb2.ListSentResponse(
-            sent=[sent.to_pb() for sent in chunk],
-            staged=len(self.service.staged),
-            next_page_token=token,
+        return shop_pb2.ListSentResponse(
+            sent=sent, staged=len(self.service.staged), next_page_token=token
         )
-        await abort_if_too_large(response, context, "the sent notifications")
-        return response
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,10 +38,10 @@ from participants.service import (
 from participants.services import (
     Context,
     SettledRows,
-    abort_if_too_large,
     check_lines,
     check_resource_id,
     decode_state,
+    fitting,
     json_text,
     page_window,
     state_pieces,
@@ -316,14 +316,13 @@ class OrdersReadApi(shop_pb2_grpc.OrdersServicer):
             after, size = page_window(request.page_size, request.page_token)
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        # One more than the page is looked for: whether another page follows.
         chunk = list(itertools.islice(self.service.listed_after(after), size + 1))
-        token = str(chunk[size - 1].place) if len(chunk) > size else ""
-        chunk = chunk[:size]
-        response = shop_pb2.ListOrdersResponse(
-            orders=[record.to_pb() for record in chunk], next_page_token=token
-        )
-        await abort_if_too_large(response, context, "the orders")
-        return response
+        orders = fitting(chunk[:size], OrderRecord.to_pb)
+        # Fewer than `size` when more would not fit one answer: the next page starts after
+        # the last listed.
+        token = str(chunk[len(orders) - 1].place) if len(orders) < len(chunk) else ""
+        return shop_pb2.ListOrdersResponse(orders=orders, next_page_token=token)
 
 
 def main(argv: list[str] | None = None) -> None:

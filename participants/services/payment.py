@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import Message
 
 from dtm import limits
 from dtmpb.v1 import shop_pb2, shop_pb2_grpc
@@ -32,7 +33,6 @@ from participants.service import (
 from participants.services import (
     Context,
     EncodedRows,
-    abort_if_too_large,
     check_resource_id,
     decode_state,
     page,
@@ -257,23 +257,24 @@ class PaymentReadApi(shop_pb2_grpc.PaymentServicer):
         # One listing, the accounts then the captures, paged by one offset (see the proto): the
         # page's item numbers, first..last - 1, sliced out of the two lists.
         count = len(service.account_ids)
+
+        def item(number: int) -> Message:
+            if number < count:
+                account_id = service.account_ids[number]
+                return service.accounts[account_id].to_pb(account_id)
+            return service.captures[number - count].to_pb()
+
         try:
-            window, token = page(
-                range(count + len(service.captures)), request.page_size, request.page_token
+            listed, token = page(
+                range(count + len(service.captures)), item, request.page_size, request.page_token
             )
         except InvalidOperation as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        first, last = (window[0], window[-1] + 1) if window else (0, 0)
-        response = shop_pb2.ListAccountsResponse(
-            accounts=[service.accounts[a].to_pb(a) for a in service.account_ids[first:last]],
-            captures=[
-                capture.to_pb()
-                for capture in service.captures[max(first - count, 0) : max(last - count, 0)]
-            ],
+        return shop_pb2.ListAccountsResponse(
+            accounts=[m for m in listed if isinstance(m, shop_pb2.Account)],
+            captures=[m for m in listed if isinstance(m, shop_pb2.Capture)],
             next_page_token=token,
         )
-        await abort_if_too_large(response, context, "the accounts and captures")
-        return response
 
 
 def main(argv: list[str] | None = None) -> None:
