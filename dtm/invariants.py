@@ -536,8 +536,9 @@ Targets = Mapping[str, str | grpc.aio.Channel]
 SERVICES = ("inventory", "orders", "payment", "notification")
 # Bound on the items of one list read.
 ITEMS_MAX = 10_000_000
-#: The page a list read asks for first: the services' default and largest.
-PAGE_SIZE_FIRST = 10_000
+#: The page a list read asks for: the services' default and largest (a page of large orders
+#: or messages comes back shorter, as many as fit one message).
+PAGE_SIZE = 10_000
 #: The repeated fields a list read's pages hold, appended page after page.
 _LISTED = ("levels", "orders", "accounts", "captures", "sent")
 _Page = TypeVar(
@@ -570,24 +571,15 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
             return opened
         return target
 
-    async def all_pages(fetch: Callable[[str, int], Awaitable[_Page]], what: str) -> _Page:
-        """Every page of a list read, each page's items appended to the first page.
-
-        A page over the message limit (many large orders or messages: the service answers
-        RESOURCE_EXHAUSTED and asks for a smaller page_size) is asked for again at half the
-        size, down to one item; the pages after it keep the smaller size."""
+    async def all_pages(fetch: Callable[[str], Awaitable[_Page]], what: str) -> _Page:
+        """Every page of a list read, each page's items appended to the first page. A page of
+        large orders or messages comes back short, as many as fit one message, and its
+        next_page_token continues after them."""
         merged: _Page | None = None
         token = ""
-        page_size = PAGE_SIZE_FIRST
         items = 0
-        while True:  # bounded: ITEMS_MAX items, at least one a page, or 14 halvings
-            try:
-                page = await fetch(token, page_size)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or page_size == 1:
-                    raise
-                page_size //= 2
-                continue
+        while True:  # bounded: ITEMS_MAX items, at least one a page
+            page = await fetch(token)
             listed = [getattr(page, name) for name in _LISTED if hasattr(page, name)]
             count = sum(map(len, listed))
             if merged is None:
@@ -611,24 +603,24 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
     payment_stub = shop_pb2_grpc.PaymentStub(channel("payment"))
     sent_stub = shop_pb2_grpc.NotificationStub(channel("notification"))
 
-    def get_stock(token: str, size: int) -> Awaitable[shop_pb2.GetStockResponse]:
+    def get_stock(token: str) -> Awaitable[shop_pb2.GetStockResponse]:
         return stock_stub.GetStock(  # type: ignore[no-any-return]
-            shop_pb2.GetStockRequest(page_token=token, page_size=size), timeout=timeout_s
+            shop_pb2.GetStockRequest(page_token=token, page_size=PAGE_SIZE), timeout=timeout_s
         )
 
-    def list_orders(token: str, size: int) -> Awaitable[shop_pb2.ListOrdersResponse]:
+    def list_orders(token: str) -> Awaitable[shop_pb2.ListOrdersResponse]:
         return orders_stub.ListOrders(  # type: ignore[no-any-return]
-            shop_pb2.ListOrdersRequest(page_token=token, page_size=size), timeout=timeout_s
+            shop_pb2.ListOrdersRequest(page_token=token, page_size=PAGE_SIZE), timeout=timeout_s
         )
 
-    def list_accounts(token: str, size: int) -> Awaitable[shop_pb2.ListAccountsResponse]:
+    def list_accounts(token: str) -> Awaitable[shop_pb2.ListAccountsResponse]:
         return payment_stub.ListAccounts(  # type: ignore[no-any-return]
-            shop_pb2.ListAccountsRequest(page_token=token, page_size=size), timeout=timeout_s
+            shop_pb2.ListAccountsRequest(page_token=token, page_size=PAGE_SIZE), timeout=timeout_s
         )
 
-    def list_sent(token: str, size: int) -> Awaitable[shop_pb2.ListSentResponse]:
+    def list_sent(token: str) -> Awaitable[shop_pb2.ListSentResponse]:
         return sent_stub.ListSent(  # type: ignore[no-any-return]
-            shop_pb2.ListSentRequest(page_token=token, page_size=size), timeout=timeout_s
+            shop_pb2.ListSentRequest(page_token=token, page_size=PAGE_SIZE), timeout=timeout_s
         )
 
     async def stock_pages() -> shop_pb2.GetStockResponse:

@@ -383,7 +383,7 @@ def test_the_checker_reads_lists_whose_default_page_is_over_the_message_limit(
     1,024-character body (or 300 orders of 100 lines) are over the 4 MiB a message may carry,
     the services answered RESOURCE_EXHAUSTED "pass a smaller page_size", and the checker could
     not read the shop at all. Here the limit is lowered instead of making thousands of orders;
-    the reader must ask for smaller pages until one fits."""
+    the services answer the pages short (as many as fit) and the reader follows their tokens."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
@@ -396,7 +396,7 @@ def test_the_checker_reads_lists_whose_default_page_is_over_the_message_limit(
                 assert COMMITTED == response.outcome
             await settled(cluster)
             # Six bodies (6 KiB) are over it, one of them is not.
-            monkeypatch.setattr(limits, "MESSAGE_BYTES_MAX", 4 * 1024)
+            monkeypatch.setattr(limits, "ANSWER_BYTES_MAX", 4 * 1024)
             snapshot = await invariants.wait_until_settled(targets(cluster))
             assert [n.order_id for n in snapshot.sent] == [f"o-{n}" for n in range(6)]
             assert [] == invariants.check(snapshot, initial=INITIAL)
