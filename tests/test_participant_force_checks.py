@@ -15,11 +15,12 @@ import grpc
 import pytest
 from grpc import StatusCode as Code
 
-from dtm import cli, grpc_edge
+from dtm import cli, grpc_edge, limits
 from dtm.coordinator.server import CoordinatorServicer
 from dtm.core.branch import BranchState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from participants.server import process
+from participants.server.admin import AdminServicer
 from tests.cli_runner import dtm
 from tests.harness import (
     ASKS_LATER,
@@ -197,7 +198,7 @@ def test_a_coordinator_slower_than_an_inquiry_but_answering_still_stops_a_forced
     `dtm force` does, hears presumed abort and refuses the commit. With the inquiry's second
     it counted as unreachable and the forced commit went through unchecked."""
     slow_s = process.INQUIRY_TIMEOUT_S + 0.5
-    assert slow_s < process.FORCE_CHECK_TIMEOUT_S
+    assert slow_s < limits.FORCE_CHECK_TIMEOUT_S
     answer_in_time = CoordinatorServicer._refuse_if_replaced
 
     async def slow_inquiry(
@@ -303,3 +304,33 @@ def test_the_command_exits_unsafe_on_the_participants_refusal(
             assert "branch t-fc/0 forced to committed" in out, out
 
     asyncio.run(scenario())
+
+
+def test_the_command_gives_the_participants_check_its_whole_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The participant may wait FORCE_CHECK_TIMEOUT_S (5 s) for its coordinator before forcing;
+    `dtm --timeout 1 force` gave its ForceOutcome call 1 s, so a slow coordinator ended the
+    call while the participant still asked, and the operator could not tell whether the branch
+    was forced. The call now gets the check's wait and a margin, whatever --timeout says."""
+    deadlines: list[float | None] = []
+    force_outcome = AdminServicer.ForceOutcome
+
+    async def spied(self: AdminServicer, request: Any, context: Any) -> Any:
+        deadlines.append(context.time_remaining())
+        return await force_outcome(self, request, context)
+
+    monkeypatch.setattr(AdminServicer, "ForceOutcome", spied)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-w")
+            at = ["--coordinator", cluster.coordinator_address, "--timeout", "1"]
+            command = [*at, "force", "t-w", "0", "--participant", "inventory"]
+            status, out, err = await dtm(*command, "--rollback", "--i-understand")
+            assert cli.EXIT_OK == status, err
+            assert "branch t-w/0 forced to rolled_back" in out, out
+
+    asyncio.run(scenario())
+    [remaining] = deadlines
+    assert remaining is not None and remaining > limits.FORCE_CHECK_TIMEOUT_S

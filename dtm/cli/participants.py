@@ -417,8 +417,12 @@ def cmd_force(session: Session) -> int:
     return _act_on_branch(
         session,
         target,
+        # The participant asks the coordinator first, for up to FORCE_CHECK_TIMEOUT_S: a
+        # shorter deadline would end the call while it waits, leaving the operator unsure
+        # whether the branch was forced.
         lambda admin, target: admin.ForceOutcome(
-            target.addressed(request), timeout=session.timeout
+            target.addressed(request),
+            timeout=max(session.timeout, limits.FORCE_CHECK_TIMEOUT_S + limits.FORCE_CALL_MARGIN_S),
         ),
         lambda name, info: (
             f"{name}: branch {info.transaction_id}/{info.branch} forced to "

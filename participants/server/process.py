@@ -84,11 +84,6 @@ def tls_hint(details: str, tls: bool) -> str | None:
 #: How long an inquiry waits for the coordinator's answer (the housekeeping's, and the one
 #: before an operator's forget): a coordinator that takes longer is asked again later.
 INQUIRY_TIMEOUT_S = 1.0
-#: How long the question before an operator's force waits: a coordinator that takes longer
-#: counts as unreachable and lets the force go unchecked, so this is as patient as `dtm
-#: force`'s own check (the CLI's default --timeout), not the housekeeping's second, which a
-#: live but busy coordinator can miss.
-FORCE_CHECK_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -463,7 +458,9 @@ class ParticipantServer:
         if stub is None:
             return CoordinatorAnswer(None, "no coordinator is configured", unreachable=True)
         try:
-            answer = await stub.QueryOutcome(self._inquiry(key), timeout=FORCE_CHECK_TIMEOUT_S)
+            answer = await stub.QueryOutcome(
+                self._inquiry(key), timeout=limits.FORCE_CHECK_TIMEOUT_S
+            )
         except grpc.aio.AioRpcError as error:
             details = error.details() or ""
             hint = tls_hint(details, self.config.tls is not None)
