@@ -111,11 +111,19 @@ def order_request(
 
     The inventory branch reserves exactly the order's lines, so that units sold always equal the
     lines of confirmed orders (the invariant checker relies on it). `timeout_ms` 0 means the
-    coordinator's default.
+    coordinator's default. `transaction_id` None is the order's own (`transaction_id_for`);
+    an empty one is refused (ValueError): the coordinator would pick a new id for each Submit
+    of the request, so a plain retry would place the order twice.
     """
     line_messages = stock_lines(lines)
     if transaction_id is None:
         transaction_id = transaction_id_for(order_id)
+    elif not transaction_id:
+        raise ValueError(
+            "transaction_id is empty: leave it out (None) for the order's own id, "
+            f"{transaction_id_for(order_id)!r}, or pass one; with none, each Submit of the "
+            "request would be a new transaction, and a retry would place the order twice"
+        )
     if body is None:
         body = confirmation_body(order_id, line_messages, amount_cents)
     branches = [

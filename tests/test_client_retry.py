@@ -353,6 +353,19 @@ def test_an_orders_default_transaction_id_is_always_valid_and_deterministic(
     assert transaction_id_for(order_id) != transaction_id_for(order_id + "x")
 
 
+def test_an_order_with_an_empty_transaction_id_is_refused_before_anything_is_built() -> None:
+    """`transaction_id=""` went through: the coordinator named each Submit of the request
+    anew, so a plain `submit` retry of an order whose answer was lost placed it twice."""
+    with pytest.raises(ValueError, match=r"transaction_id is empty.*'txn-o-1'"):
+        order_request(
+            "o-1", "alice", "acct-alice", [("sku-apple", 1)], 100, "alice", transaction_id=""
+        )
+    chosen = order_request(
+        "o-1", "alice", "acct-alice", [("sku-apple", 1)], 100, "alice", transaction_id="txn-a"
+    )
+    assert "txn-a" == chosen.transaction_id
+
+
 def test_an_order_id_that_spells_anothers_digest_gets_its_own_transaction_id() -> None:
     """The digest form of a default id ("alice@shop-1" cannot be read into one) was `txn-`
     and 32 hex digits, which is also the readable form of the order id made of those digits
