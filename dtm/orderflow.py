@@ -247,7 +247,9 @@ class OrderClient:
     """A thin async client of Coordinator.Submit that reports errors as values.
 
     Pass an address (the client owns and closes its channel) or an existing channel (the
-    caller keeps ownership).
+    caller keeps ownership: a submit after the caller closed it raises grpc.aio.UsageError,
+    batched or not, as a mistake of the caller's; one in flight when it closes answers
+    CANCELLED, the transaction may have run).
 
     `batch_in_flight` > 0 sends the transactions of concurrent `submit` calls together in
     SubmitBatch calls, for a process with many orders in flight at once (a gateway): a call's
@@ -318,14 +320,16 @@ class OrderClient:
         except grpc.aio.AioRpcError as error:
             return _failed(request, error.code(), error.details() or "", started)
         except asyncio.CancelledError:
-            # close() cancels the channel's calls, and grpc.aio raises CancelledError in the
-            # caller's task, which nobody cancelled: answer, as the batched path does. A caller
-            # whose own task is being cancelled gets its cancellation.
+            # Closing the channel (close(), or its owner closing a channel lent to us) cancels
+            # its calls, and grpc.aio raises CancelledError in the caller's task, which nobody
+            # cancelled: answer, as the batched path does. A caller whose own task is being
+            # cancelled gets its cancellation.
             task = asyncio.current_task()
-            if not self._closed or (task is not None and task.cancelling()):
+            if task is not None and task.cancelling():
                 raise
+            closed = "the client" if self._closed else "the channel"
             message = (
-                "the client was closed while the call was in flight; the transaction may have "
+                f"{closed} was closed while the call was in flight; the transaction may have "
                 "run: submit it again with the same id to learn its outcome"
             )
             return _failed(request, grpc.StatusCode.CANCELLED, message, started)
@@ -448,7 +452,16 @@ class OrderClient:
             pending.sent = True
         try:
             results = await self._call_batch(batch)
-        except Exception as error:  # not a gRPC status (a closed channel...): still an answer
+        except grpc.aio.UsageError as error:
+            # The caller closed the channel it lent us: nothing left. Each submit raises it, as
+            # a Submit on that channel does on the unary path (a mistake of the caller's, not
+            # an outcome: UNKNOWN said the transaction may have run).
+            for pending in batch:
+                pending.sent = False
+                if not pending.answer.done():
+                    pending.answer.set_exception(error)
+            return
+        except Exception as error:  # not a gRPC status: still an answer
             message = f"SubmitBatch failed in the client: {type(error).__name__}: {error}"
             results = [
                 _failed(p.request, grpc.StatusCode.UNKNOWN, message, p.started) for p in batch

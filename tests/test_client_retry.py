@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from dtm.orderflow import (
     order_request,
     transaction_id_for,
 )
-from dtmpb.v1 import coordinator_pb2, participant_pb2
+from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from tests.harness import InProcessCluster, eventually, order_branches, until
 
 
@@ -133,6 +134,72 @@ def test_a_closed_client_answers_cancelled_on_every_path() -> None:
                 result = await client.submit(request)
                 assert grpc.StatusCode.CANCELLED == result.code, (batch_in_flight, request)
                 assert "closed" in result.message
+
+    asyncio.run(scenario())
+
+
+def test_a_channel_its_owner_closed_raises_usage_error_batched_or_not() -> None:
+    """A caller-owned channel the caller closed: the unary path raised grpc's UsageError, the
+    batched path answered UNKNOWN "SubmitBatch failed in the client" with `sent` True (the
+    transaction may have run), though nothing had left."""
+
+    async def scenario() -> None:
+        for batch_in_flight in (0, 1):
+            channel = grpc.aio.insecure_channel("127.0.0.1:1")
+            await channel.close()
+            async with OrderClient(channel, batch_in_flight=batch_in_flight) as client:
+                request = coordinator_pb2.SubmitRequest(transaction_id="txn-o-1")
+                with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+                    await client.submit(request, timeout_s=5)
+                assert (batch_in_flight, batch_in_flight) == client.batches
+
+    asyncio.run(scenario())
+
+
+class _SilentCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
+    """Answers no Submit: each call stays in flight, `arrived` set once one has."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+
+    async def _hold(self) -> Any:
+        self.arrived.set()
+        await asyncio.Event().wait()  # until the server stops
+
+    async def Submit(self, request: Any, context: Any) -> coordinator_pb2.SubmitResponse:
+        return await self._hold()
+
+    async def SubmitBatch(self, request: Any, context: Any) -> coordinator_pb2.SubmitBatchResponse:
+        return await self._hold()
+
+
+def test_a_channel_its_owner_closes_mid_call_answers_cancelled_batched_or_not() -> None:
+    """The owner closed its channel while a Submit was in flight: the batched path answered
+    CANCELLED (it may have run), the unary path raised CancelledError in a task nobody had
+    cancelled, as if the caller's own task had been."""
+
+    async def scenario() -> None:
+        coordinator = _SilentCoordinator()
+        server = grpc.aio.server()
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            for batch_in_flight in (0, 1):
+                coordinator.arrived.clear()
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+                async with OrderClient(channel, batch_in_flight=batch_in_flight) as client:
+                    request = coordinator_pb2.SubmitRequest(transaction_id="txn-o-1")
+                    submitted = asyncio.ensure_future(client.submit(request, timeout_s=30))
+                    await coordinator.arrived.wait()
+                    await channel.close()
+                    result = await submitted
+                assert (grpc.StatusCode.CANCELLED, True) == (result.code, result.sent)
+                assert "txn-o-1" == result.transaction_id
+                if not batch_in_flight:
+                    assert "the channel was closed while the call was in flight" in result.message
+        finally:
+            await server.stop(0)
 
     asyncio.run(scenario())
 
