@@ -538,7 +538,8 @@ def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
     assert str(path) in out and "lock_wait_ms = 9" in out
     path.write_text("[orders]\nlock_wait = 9\n", encoding="utf-8")
     status, _, err = asyncio.run(dtm("--config", str(path), "config"))
-    assert (cli.EXIT_ERROR, True) == (status, "unknown key 'lock_wait'" in err)
+    # A configuration refused, as the servers exit on it (it was 1).
+    assert (cli.EXIT_USAGE, True) == (status, "unknown key 'lock_wait'" in err)
 
 
 def test_config_says_when_dtm_tls_variables_override_the_file(
@@ -600,8 +601,39 @@ def test_coordinator_address_comes_from_the_configuration(
     assert f"cannot reach the coordinator at {address}" in err
     monkeypatch.setenv("DTM_PARTICIPANT_COORDINATOR", "nonsense")
     status, _, err = asyncio.run(dtm("txn", "list"))
-    assert cli.EXIT_ERROR == status
+    assert cli.EXIT_USAGE == status  # a configuration refused, as a server exits on it
     assert "DTM_PARTICIPANT_COORDINATOR='nonsense'" in err and "--coordinator" in err
+
+
+def test_every_configuration_the_cli_refuses_exits_2_as_the_servers_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
+) -> None:
+    """TLS files that cannot work (no PEM in them) exited 1, and so did a configuration file
+    refused, where a TLS file that cannot be read exited 2, and the servers exit 2 for all
+    of them: every configuration refused is status 2, before any call."""
+    for name in ("CA", "CERT", "KEY"):
+        monkeypatch.delenv(f"DTM_TLS_{name}", raising=False)
+    monkeypatch.delenv("DTM_CONFIG", raising=False)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n", encoding="utf-8")
+    tls = ["--tls-ca", str(junk), "--tls-cert", str(junk), "--tls-key", str(junk)]
+    refused = tmp_path / "refused.toml"
+    refused.write_text("[participant]\ncoordinator = 'nonsense'\n", encoding="utf-8")
+    at = ["--coordinator", unreachable()]
+    cases = [
+        ([*at, *tls, "txn", "list"], "holds no PEM"),  # it was 1
+        ([*at, *tls[:4], "--tls-key", str(tmp_path / "none.pem"), "txn", "list"], "none.pem"),
+        (["--config", str(refused), "txn", "list"], "coordinator"),  # it was 1
+        (["--config", str(refused), "config"], "coordinator"),  # it was 1
+        (
+            [*at, "--config", str(tmp_path / "none.toml"), "--tls-ca", str(junk), "txn", "list"],
+            "none.toml",
+        ),  # it was 1
+    ]
+    for args, expected in cases:
+        status, out, err = asyncio.run(dtm(*args))
+        assert (cli.EXIT_USAGE, "") == (status, out), (args, err)
+        assert expected in err and "cannot reach" not in err, (args, err)
 
 
 def test_usage_errors() -> None:

@@ -95,7 +95,7 @@ def cmd_config(session: Session) -> int:
     try:
         settings = config.load(session.options.config)
     except config.ConfigError as error:
-        raise CliError(str(error)) from None
+        raise CliError(str(error), EXIT_USAGE) from None
     document = settings.as_dict()
     if session.json:
         fmt.emit_json(document, session.out)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dtm",
         description="Operate dtm: run the servers, submit and inspect transactions, look at\n"
         "participants' locks and branches. `dtm COMMAND --help` for each command.",
-        epilog="exit status: 0 ok; 1 error (unreachable, refused, bad input); 2 usage;\n"
+        epilog="exit status: 0 ok; 1 error (unreachable, refused, bad input); 2 usage, or a\n"
+        "  configuration refused (--config, DTM_*, TLS files missing or not working);\n"
         "  3 the answer is no (transaction aborted, participant unhealthy); 4 outcome unknown;\n"
         "  5 refused as unsafe (`force`, `branches forget`: the coordinator decided otherwise,\n"
         "  or may still need the branch);\n"

@@ -29,7 +29,9 @@ from dtmpb.v1 import (
 EXIT_OK = 0
 #: Something failed: the coordinator or a participant unreachable, a call refused, bad input.
 EXIT_ERROR = 1
-#: The command line is wrong (argparse's own status), or a confirmation is missing.
+#: The command line is wrong (argparse's own status), a confirmation is missing, or a
+#: configuration is refused (the file, a DTM_* variable, TLS files missing or not working),
+#: as every server exits on one.
 EXIT_USAGE = 2
 #: The command worked and the answer is "no": a transaction aborted, a participant unhealthy.
 EXIT_NO = 3
@@ -156,7 +158,8 @@ class Session:
             try:
                 identity = config.load(self.options.config).cli.coordinator_identity
             except config.ConfigError as error:
-                raise CliError(f"{error} (or pass --coordinator-identity NAME)") from None
+                message = f"{error} (or pass --coordinator-identity NAME)"
+                raise CliError(message, EXIT_USAGE) from None
         return identity or security.coordinator_identity(self.tls)
 
     @property
@@ -187,7 +190,7 @@ def _configured_coordinator(path: Path | None) -> str:
     try:
         return config.load(path).participant.coordinator
     except config.ConfigError as error:
-        raise CliError(f"{error} (or pass --coordinator HOST:PORT)") from None
+        raise CliError(f"{error} (or pass --coordinator HOST:PORT)", EXIT_USAGE) from None
 
 
 def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
@@ -203,16 +206,15 @@ def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
         try:
             settings = config.load(options.config)
         except config.ConfigError as error:
-            raise CliError(f"{error} (or pass --tls-ca, --tls-cert and --tls-key)") from None
+            message = f"{error} (or pass --tls-ca, --tls-cert and --tls-key)"
+            raise CliError(message, EXIT_USAGE) from None
         configured = config.tls_files(settings.cli)
         configured_in = config.tls_origin(settings, config.CLI)
     try:
         return security.from_options(
             options, configured=configured, enforcing=False, configured_in=configured_in
         )
-    except security.TlsMaterialError as error:
-        raise CliError(str(error)) from None
-    except ValueError as error:
+    except ValueError as error:  # a file missing, or files that cannot work (TlsMaterialError)
         raise CliError(str(error), EXIT_USAGE) from None
 
 
