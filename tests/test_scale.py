@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from grpc._cython import cygrpc  # channelz, as the grpcio-channelz package reads it
 
 from dtm import grpc_edge, limits
 from dtm.coordinator.engine import CoordinatorConfig
@@ -102,8 +101,18 @@ def frozen_server() -> Iterator[tuple[_Frozen, int]]:
 
 def _calls_arrived() -> int:
     """Calls that reached the gRPC core of this process's servers (channelz): a listener's
-    channelz entry does not name the port it bound, so the test counts what its burst adds."""
-    servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+    channelz entry does not name the port it bound, so the test counts what its burst adds.
+
+    gRPC's private counters (grpc._cython.cygrpc, which the grpcio-channelz package reads):
+    nothing public says a call reached a server whose event loop is frozen, and no code of
+    ours runs there until it thaws. Imported here, so that a gRPC release that moves them
+    fails the one test that reads them, saying so, not every test of this module."""
+    try:
+        from grpc._cython import cygrpc
+
+        servers = json.loads(cygrpc.channelz_get_servers(0)).get("server", [])
+    except (ImportError, AttributeError) as error:
+        pytest.fail(f"gRPC's private channelz counters moved ({error}): update _calls_arrived")
     return sum(int(server.get("data", {}).get("callsStarted", 0)) for server in servers)
 
 
@@ -128,7 +137,10 @@ async def _burst(servicer: _Frozen, port: int) -> Counter[str]:
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError(f"only {_calls_arrived() - before} calls arrived")
+            raise AssertionError(
+                f"only {_calls_arrived() - before} calls arrived (or gRPC's channelz data no "
+                "longer says callsStarted: see _calls_arrived)"
+            )
         servicer.release.set()
         answers = await asyncio.gather(first, *burst, return_exceptions=True)
     return Counter(
@@ -213,21 +225,23 @@ async def _foreign_burst(
                 )
                 for start in range(0, FOREIGN_BURST, 250)
             ]
-            before = _calls_arrived() + len(batches)  # the SubmitBatch calls arrive too
             submitted = [
                 asyncio.ensure_future(client.SubmitBatch(batch, timeout=60)) for batch in batches
             ]
             assert await asyncio.to_thread(servicer.entered.wait, 10)
+            calls_max = min(FOREIGN_BURST, limits.UNARY_CALLS_IN_FLIGHT_MAX)
 
-            async def burst_arrived() -> bool:
-                """Every Prepare is handed to the port, and every call it started has reached
-                the participant's gRPC core (or one has ended already: cancelled there)."""
-                arrived = _calls_arrived() - before
+            async def burst_started() -> bool:
+                """Every Prepare is handed to the port, and it started all the calls it may (or
+                one has ended already, while the participant is frozen: cancelled by gRPC).
+                Unbounded, each Prepare's call starts as it is handed, before any answer:
+                `most` was then nearly the whole burst (1,483-1,487 of 1,500, the rest
+                cancelled by gRPC's queue as they came)."""
                 return counted.ended > 0 or (
-                    counted.handed == FOREIGN_BURST and arrived >= counted.started
+                    counted.handed == FOREIGN_BURST and counted.started >= calls_max
                 )
 
-            await eventually(burst_arrived, timeout_s=30)
+            await eventually(burst_started, timeout_s=30)
             servicer.release.set()
             answers = [
                 result for done in await asyncio.gather(*submitted) for result in done.results
