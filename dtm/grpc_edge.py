@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dtm import limits
 from dtm.records import ReplayError
-from dtm.wal import LogCorruptedError
+from dtm.wal import LogCorruptedError, LogNewerFormatError
 
 SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_MAX),
@@ -410,7 +410,7 @@ def run_server(build: Callable[[], Server]) -> None:
         try:
             server = build()  # opens (and recovers) its log
             await server.start()  # binds its port
-        except (OSError, LogCorruptedError, ReplayError) as error:
+        except (OSError, LogCorruptedError, LogNewerFormatError, ReplayError) as error:
             raise _CannotStart(f"error: {error}") from error
         stop = asyncio.Event()
         install_stop_signals(stop)

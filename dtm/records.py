@@ -19,6 +19,7 @@ from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from dtm.wal.frames import newer_problem
 from dtmpb.v1 import log_pb2
 
 if TYPE_CHECKING:  # dtm.wal imports this module
@@ -124,11 +125,7 @@ def newer_format_problem(stated: int) -> str | None:
     """Why a log stating format `stated` must not be replayed by this build; None if it can."""
     if stated <= LOG_FORMAT:
         return None
-    return (
-        f"the log is in format {stated}, written by a newer dtm; this build reads formats 1 to "
-        f"{LOG_FORMAT}: run a dtm that reads format {stated} (going back to an older release "
-        "after a newer one has written the log is not supported)"
-    )
+    return newer_problem("format", stated, LOG_FORMAT)
 
 
 def without_format_records(

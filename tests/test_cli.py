@@ -859,12 +859,14 @@ def test_log_dump_prints_the_records_before_a_segment_that_is_no_log(tmp_path: P
     garbage = tmp_path / "wal" / "00000000000000000002.wal"
     garbage.write_bytes(b"# not a log\n" * 20)
     status, out, err = asyncio.run(dtm("log", "dump", str(tmp_path / "wal")))
-    assert (cli.EXIT_ERROR, 1) == (status, len(out.splitlines())), (out, err)
-    assert out.startswith("lsn=1 00000000000000000001.wal@0 "), out
+    assert (cli.EXIT_ERROR, 2) == (status, len(out.splitlines())), (out, err)
+    assert out.startswith(
+        "file=00000000000000000001.wal frame_format=1 header=24\nlsn=1 00000000000000000001.wal@24 "
+    ), out
     assert f"{garbage}: segment 2 of 2 is not a log segment" in err, err
     status, out, err = asyncio.run(dtm("log", "dump", str(tmp_path / "wal"), "--json"))
     dumped = json.loads(out)
-    assert (cli.EXIT_ERROR, 1, True) == (status, len(dumped["lines"]), dumped["corrupted"])
+    assert (cli.EXIT_ERROR, 2, True) == (status, len(dumped["lines"]), dumped["corrupted"])
     assert "segment 2 of 2 is not a log segment" in dumped["not_a_log"] and garbage.name in err
 
     empty = tmp_path / "empty.wal"

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from dtm import cli
+from dtm import cli, grpc_edge
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.core.branch import HEURISTIC_COMMIT, HEURISTIC_ROLLBACK
 from dtm.records import LOG_FORMAT, RecordType, ReplayError
-from dtm.wal import WriteAheadLog, dump
+from dtm.wal import FRAME_FORMAT, LogNewerFormatError, WriteAheadLog, dump
+from dtm.wal.frames import _encode_file_header
 from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.services.orders import OrdersService
@@ -53,7 +54,10 @@ def test_dtm_log_dump_reads_every_log_of_a_release(release: str) -> None:
         for name in PROCESSES:
             status, out, err = await dtm("log", "dump", str(DATA / f"compat-{release}" / name))
             assert cli.EXIT_OK == status, err
-            lines = out.splitlines()
+            files = [line for line in out.splitlines() if line.startswith("file=")]
+            lines = [line for line in out.splitlines() if not line.startswith("file=")]
+            # Written before segments had a file header: frame format 1, the one in use.
+            assert files and all(line.endswith(" frame_format=1 header=none") for line in files)
             assert lines[0].split()[2].startswith("CHECKPOINT_BEGIN"), lines[0]
             assert not [line for line in lines if "UNKNOWN_" in line or "undecodable" in line]
             assert not [line for line in lines if line.startswith(("TORN", "CORRUPTED"))]
@@ -224,7 +228,7 @@ def test_a_participant_log_in_a_newer_format_is_refused_and_dump_says_so(
         asyncio.run(constructed(lambda: ParticipantServer(OrdersService(), server_config)))
     assert [RecordType.LOG_FORMAT, RecordType.BRANCH_FORGOTTEN] == log_types(directory)
 
-    [first, _] = list(dump(directory))
+    [_, first, _] = list(dump(directory))
     assert f"LOG_FORMAT format: {NEWER} (NEWER FORMAT: the log is in format {NEWER}" in first
 
 
@@ -249,9 +253,62 @@ def test_a_log_states_the_format_it_is_in_from_its_first_start_and_in_each_check
             for server in cluster.participants.values():
                 await server.engine.checkpoint()
             for name in PROCESSES:
-                lines = list(dump(tmp_path / name / "wal"))
+                lines = [line for line in dump(tmp_path / name / "wal") if "lsn=" in line]
                 assert lines[0].split()[2] == "CHECKPOINT_BEGIN", lines[0]
                 assert f"LOG_FORMAT format: {LOG_FORMAT}" in lines[1], (name, lines[:2])
                 assert 1 == len(formats(name)), name
 
     asyncio.run(scenario())
+
+
+def newer_frame_format_log(directory: Path) -> dict[str, bytes]:
+    """A log a newer dtm with another frame layout (say a wider length field) went on
+    writing: today's segment, then its own, whose file header states its frame format and
+    whose frames read as garbage (or as a torn tail) in today's layout. Returns its bytes."""
+    log, _ = WriteAheadLog.open(directory)
+    log.append(RecordType.LOG_FORMAT, log_pb2.LogFormat(format=LOG_FORMAT).SerializeToString())
+    log.close()
+    header = bytearray(_encode_file_header(2))
+    header[8:12] = (FRAME_FORMAT + 1).to_bytes(4, "little")
+    frame = (2).to_bytes(8, "little") + b"\x08\x07" + bytes(6)
+    (directory / "00000000000000000002.wal").write_bytes(bytes(header) + frame)
+    return {path.name: path.read_bytes() for path in sorted(directory.glob("*.wal"))}
+
+
+@pytest.mark.parametrize("process", ["coordinator", "orders"])
+def test_a_log_in_a_newer_frame_format_stops_the_start_and_is_left_byte_for_byte(
+    tmp_path: Path, process: str
+) -> None:
+    """The LogFormat record versions what records mean, not how they are framed: a newer
+    frame layout read as bad frames here, refused as corruption or, looking torn, cut. Now
+    each segment's file header states its frame format, and a newer one stops the start as
+    a newer LogFormat does: one line naming both formats, exit status 1, nothing changed."""
+    directory = tmp_path / process / "wal"
+    before = newer_frame_format_log(directory)
+
+    def build() -> grpc_edge.Server:
+        if process == "coordinator":
+            return CoordinatorServer(ServerConfig(data_dir=tmp_path, listen="127.0.0.1:0"))
+        config = ParticipantConfig(data_dir=tmp_path, listen="127.0.0.1:0")
+        return ParticipantServer(OrdersService(), config)
+
+    with pytest.raises(SystemExit) as exited:
+        grpc_edge.run_server(build)
+    message = str(exited.value.code)
+    assert 1 == len(message.splitlines()), message
+    segment = directory / "00000000000000000002.wal"
+    assert message.startswith(f"error: cannot read the write-ahead log segment {segment}: ")
+    assert (
+        f"the log is in frame format {FRAME_FORMAT + 1}, written by a newer dtm; this build "
+        f"reads frame formats 1 to {FRAME_FORMAT}: run a dtm that reads frame format "
+        f"{FRAME_FORMAT + 1} (going back to an older release"
+    ) in message
+    assert before == {path.name: path.read_bytes() for path in sorted(directory.glob("*.wal"))}
+    with pytest.raises(LogNewerFormatError):  # the directory was let go: it refuses again
+        WriteAheadLog.open(directory)
+
+    status, out, err = asyncio.run(dtm("log", "dump", str(directory)))
+    assert cli.EXIT_ERROR == status, (out, err)
+    assert "LOG_FORMAT format: 2" in out and out.splitlines()[-1].startswith(
+        f"NEWER FRAME FORMAT {segment}: the log is in frame format {FRAME_FORMAT + 1}"
+    ), out

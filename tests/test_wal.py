@@ -24,6 +24,7 @@ from dtm.wal import (
     LogCorruptedError,
     LogFatalError,
     LogInUseError,
+    LogNewerFormatError,
     LogRecord,
     LoopCommitLog,
     MemoryLog,
@@ -32,7 +33,13 @@ from dtm.wal import (
     dump,
     main,
 )
-from dtm.wal.frames import _encode_frame, _encode_marker
+from dtm.wal.frames import (
+    FILE_HEADER_BYTES,
+    FRAME_FORMAT,
+    _encode_file_header,
+    _encode_frame,
+    _encode_marker,
+)
 from dtmpb.v1 import log_pb2
 
 ENDED = int(RecordType.TRANSACTION_ENDED)
@@ -214,13 +221,14 @@ def test_bad_tail_of_a_non_last_segment_is_corruption(tmp_path: Path) -> None:
 
 def test_segments_rotate_by_size(tmp_path: Path) -> None:
     items = [f"{i:02d}".encode() * 20 for i in range(30)]  # 64-byte frames
-    write_log(tmp_path, items, segment_bytes_max=256)
+    segment_bytes_max = FILE_HEADER_BYTES + 256  # each segment: its header and 4 frames
+    write_log(tmp_path, items, segment_bytes_max=segment_bytes_max)
     files = segment_files(tmp_path)
     assert len(files) >= 7
-    assert all(path.stat().st_size <= 256 for path in files)
+    assert all(path.stat().st_size <= segment_bytes_max for path in files)
     first_lsns = [int(path.stem) for path in files]
     assert [1 + 4 * index for index in range(len(files))] == first_lsns
-    assert items == payloads(reopen(tmp_path, segment_bytes_max=256))
+    assert items == payloads(reopen(tmp_path, segment_bytes_max=segment_bytes_max))
 
 
 def test_checkpoint_drops_old_segments(tmp_path: Path) -> None:
@@ -464,6 +472,170 @@ def test_torn_segment_followed_by_an_empty_one_recovers(tmp_path: Path) -> None:
     assert [segment] == segment_files(tmp_path)
     empty.write_bytes(bytes(64))  # zeros instead of nothing: the same
     assert items == payloads(reopen(tmp_path))
+
+
+# ---- the file header: which frame format a segment is in ----
+
+
+def test_every_segment_starts_with_a_file_header_naming_its_frame_format(tmp_path: Path) -> None:
+    """A new log's segment, a rotation's and a checkpoint's: each states the frame format
+    and its first LSN, so that a later frame layout shows as "newer", never as corruption."""
+    log, _ = WriteAheadLog.open(tmp_path, segment_bytes_max=FILE_HEADER_BYTES + 64)
+    for index in range(3):
+        log.append(ENDED, f"record-{index}".encode() * 2)  # one 40-byte frame per segment
+    log.checkpoint([(CHECKPOINT, b"snapshot")])
+    log.close()
+    files = segment_files(tmp_path)
+    assert ["00000000000000000004.wal"] == [path.name for path in files]  # the checkpoint
+    for path in files:
+        assert _encode_file_header(int(path.stem)) == path.read_bytes()[:FILE_HEADER_BYTES]
+    header = _encode_file_header(7)
+    assert header.startswith(b"dtm-wal\n") and FRAME_FORMAT == int.from_bytes(
+        header[8:12], "little"
+    )
+
+
+def newer_segment(directory: Path, first_lsn: int) -> Path:
+    """A segment as a build with the next frame format would write it: its file header says
+    so, and its frames (here, a wider length field) mean nothing to this build."""
+    header = bytearray(_encode_file_header(first_lsn))
+    header[8:12] = (FRAME_FORMAT + 1).to_bytes(4, "little")
+    segment = directory / f"{first_lsn:020d}.wal"
+    segment.write_bytes(bytes(header) + (5).to_bytes(8, "little") + b"hello" + bytes(3))
+    return segment
+
+
+def log_bytes(directory: Path) -> dict[str, bytes]:
+    """Every segment's bytes (not LOCK's, which names the last process that opened it)."""
+    return {path.name: path.read_bytes() for path in segment_files(directory)}
+
+
+@pytest.mark.parametrize("where", ["last", "before a checkpoint", "alone"])
+def test_a_segment_of_a_newer_frame_format_is_refused_and_nothing_is_changed(
+    tmp_path: Path, where: str
+) -> None:
+    """Before file headers, a newer frame layout read as bad frames: refused as corruption,
+    or cut as a torn tail if it looked like one. Now the start is refused naming both
+    formats, wherever the segment is, and every byte of the log stays as it was."""
+    directory = tmp_path / "wal"
+    if where == "alone":
+        directory.mkdir()
+        newer_segment(directory, 1)
+    else:
+        log, _ = WriteAheadLog.open(directory)
+        log.append(ENDED, b"a")
+        log.close()
+        newer_segment(directory, 2)
+    if where == "before a checkpoint":  # recovery deletes what precedes a complete one
+        (directory / "00000000000000000005.wal").write_bytes(
+            _encode_file_header(5)
+            + _encode_frame(5, 0, _encode_marker(1, 5, 1))
+            + _encode_frame(6, CHECKPOINT, b"snapshot")
+            + _encode_frame(7, 0, _encode_marker(2, 5, 1))
+        )
+    before = log_bytes(directory)
+    with pytest.raises(LogNewerFormatError) as refused:
+        WriteAheadLog.open(directory)
+    message = str(refused.value)
+    assert (
+        f"the log is in frame format {FRAME_FORMAT + 1}, written by a newer dtm; this build "
+        f"reads frame formats 1 to {FRAME_FORMAT}: run a dtm that reads frame format "
+        f"{FRAME_FORMAT + 1}"
+    ) in message
+    assert "refuses to start, nothing was changed" in message and str(directory) in message
+    assert before == log_bytes(directory)
+    last = list(dump(directory))[-1]
+    assert last.startswith("NEWER FRAME FORMAT ") and f"frame format {FRAME_FORMAT + 1}" in last
+    assert main(["dump", str(directory)]) == 1
+    assert before == log_bytes(directory)
+
+
+def test_a_file_header_cut_short_by_a_crash_is_a_torn_tail(tmp_path: Path) -> None:
+    """A crash while a segment was created (rotation, checkpoint) leaves its header cut
+    short, then zeros where the file grew but its pages did not land: no record follows, so
+    the segment is dropped and every record before it is replayed; appends go on."""
+    items = [b"a", b"b"]
+    directory = tmp_path / "wal"
+    header = _encode_file_header(3)
+    for cut in range(1, FILE_HEADER_BYTES):
+        for tail in (b"", bytes(100)):
+            write_log(directory, items)
+            torn = directory / "00000000000000000003.wal"
+            torn.write_bytes(header[:cut] + tail)
+            log, recovered = WriteAheadLog.open(directory)
+            assert items == payloads(recovered), (cut, len(tail))
+            assert not torn.exists()
+            log.append(ENDED, b"c")
+            log.close()
+            assert [*items, b"c"] == payloads(reopen(directory))
+            shutil.rmtree(directory)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_crash_at_each_step_of_a_rotation_leaves_a_log_that_opens(
+    tmp_path: Path, seed: int
+) -> None:
+    """A power loss before each file operation of a rotation (the old segment's fsync, the
+    new file, its header's write and fsync, the directory's fsync, the first frame, its
+    fsync), keeping a random part of what was not synced: every synced record is replayed,
+    and the log takes appends (the new segment gets its header written whole)."""
+    items = [b"r0" * 16, b"r1" * 16, b"r2" * 16]  # 56-byte frames
+    segment_bytes_max = FILE_HEADER_BYTES + 2 * 56  # the third record rotates
+    for crash_at in range(1, 9):
+        directory = tmp_path / str(crash_at)
+        disk = CrashAtOperation(crash_at=0, rng=random.Random(seed))
+        log, _ = WriteAheadLog.open(
+            directory, file_system=disk, segment_bytes_max=segment_bytes_max
+        )
+        for item in items[:2]:
+            log.append(ENDED, item)
+        log.sync()
+        disk.crash_at = disk.operations + crash_at
+        synced = 2
+        try:
+            log.append(ENDED, items[2])
+            log.sync()
+            synced = 3
+            disk.crash(disk.rng)
+        except SimulatedCrash:
+            pass
+        disk.crash_at = 0
+        log, recovered = WriteAheadLog.open(
+            directory, file_system=disk, segment_bytes_max=segment_bytes_max
+        )
+        assert items[:synced] == payloads(recovered)[:synced], (crash_at, seed)
+        log.append(ENDED, b"after")
+        log.sync()
+        log.close()
+        assert [*payloads(recovered), b"after"] == payloads(
+            reopen(directory, file_system=disk, segment_bytes_max=segment_bytes_max)
+        ), (crash_at, seed)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ((12, 0x55), "file header checksum mismatch"),  # a flipped bit of the checksum
+        ((16, 9), "first LSN 9, not 1 as its name says"),  # a header copied from elsewhere
+        ((8, 0), "frame format 0"),
+        ((5, ord("X")), "where a file header's magic would be"),
+    ],
+)
+def test_a_damaged_file_header_is_corruption_and_nothing_is_cut(
+    tmp_path: Path, damage: tuple[int, int], reason: str
+) -> None:
+    """A whole header that does not hold (its record follows it): not a crash's doing."""
+    write_log(tmp_path, [b"a"])
+    [segment] = segment_files(tmp_path)
+    data = bytearray(segment.read_bytes())
+    offset, value = damage
+    data[offset] = value
+    segment.write_bytes(bytes(data))
+    with pytest.raises(LogCorruptedError, match=reason) as caught:
+        WriteAheadLog.open(tmp_path)
+    assert (segment, 0) == (caught.value.path, caught.value.offset)
+    assert bytes(data) == segment.read_bytes()
+    assert list(dump(tmp_path))[-1].startswith(f"CORRUPTED {segment} at byte offset 0: ")
 
 
 def test_fsync_failure_is_fatal_and_nothing_becomes_durable(tmp_path: Path) -> None:
@@ -770,6 +942,7 @@ def test_loop_commit_writes_a_checkpoint_off_the_loop_and_appends_go_on(tmp_path
 
     async def run() -> None:
         log, _ = LoopCommitLog.open(tmp_path, file_system=gate.file_system())
+        gate.fsync_threads.clear()  # the new log's, of its segment's file header
         before = log.append(ENDED, b"before")
         checkpoint = asyncio.create_task(log.checkpoint([(CHECKPOINT, [b"snap", b"shot"])]))
         # The writer thread is inside its write and the loop is free: this returns.
@@ -896,14 +1069,16 @@ def test_dump_prints_every_record_and_leaves_a_torn_file_alone(
         file.write(b"\x07" * 13)  # a torn write
     torn = segment.read_bytes()
 
-    lines = list(dump(tmp_path))
+    header, *lines = list(dump(tmp_path))
     assert torn == segment.read_bytes()
+    assert f"file={segment.name} frame_format=1 header={FILE_HEADER_BYTES}" == header
     assert len(lines) == 5
-    assert lines[0].startswith(f"lsn=3 {segment.name}@0 CHECKPOINT_BEGIN")
+    assert lines[0].startswith(f"lsn=3 {segment.name}@{FILE_HEADER_BYTES} CHECKPOINT_BEGIN")
     assert "lsn=4" in lines[1] and "COORDINATOR_CHECKPOINT" in lines[1]
     assert "CHECKPOINT_COMPLETE" in lines[2]
     assert "lsn=6" in lines[3] and "UNKNOWN_999 payload=0102" in lines[3]
     assert lines[4].startswith("TORN TAIL") and "13 bytes" in lines[4]
+    lines.insert(0, header)
     assert lines == list(dump(segment))  # one segment file works the same
 
     assert main(["dump", str(tmp_path)]) == 0
@@ -916,9 +1091,10 @@ def test_dump_decodes_payloads_and_reports_corruption(
 ) -> None:
     ended = log_pb2.TransactionEnded(transaction_id="order-17")
     ends = write_log(tmp_path, [ended.SerializeToString()] * 3)
-    lines = list(dump(tmp_path))
+    _, *lines = list(dump(tmp_path))
     assert len(lines) == 3
-    expected = 'lsn=1 00000000000000000001.wal@0 TRANSACTION_ENDED transaction_id: "order-17"'
+    where = f"00000000000000000001.wal@{FILE_HEADER_BYTES}"
+    expected = f'lsn=1 {where} TRANSACTION_ENDED transaction_id: "order-17"'
     assert lines[0] == expected
     [segment] = segment_files(tmp_path)
     data = bytearray(segment.read_bytes())
@@ -926,8 +1102,8 @@ def test_dump_decodes_payloads_and_reports_corruption(
     segment.write_bytes(bytes(data))
     assert main(["dump", str(segment)]) == 1
     output = capsys.readouterr().out.splitlines()
-    assert len(output) == 2
-    assert output[1].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
+    assert len(output) == 3
+    assert output[2].startswith(f"CORRUPTED {segment} at byte offset {ends[0]}")
 
 
 def test_dump_shows_the_fields_that_say_which_branch_and_which_outcome(tmp_path: Path) -> None:
@@ -958,7 +1134,8 @@ def test_dump_shows_the_fields_that_say_which_branch_and_which_outcome(tmp_path:
         log.append(int(record_type), message.SerializeToString())
     log.close()
 
-    reconciled, heuristic, decided = (line.split(" ", 2)[2] for line in dump(tmp_path))
+    _, *lines = dump(tmp_path)
+    reconciled, heuristic, decided = (line.split(" ", 2)[2] for line in lines)
     assert reconciled.startswith(
         'BRANCH_RECONCILED transaction_id: "t-1" branch: 0 committed: false'
     ), reconciled
@@ -997,7 +1174,8 @@ def test_dump_of_a_file_that_is_no_log_says_so(
     write_log(other, [b"a"])
     [segment] = segment_files(other)
     data = bytearray(segment.read_bytes())
-    data[8] = 9  # the LSN field: 9, in the segment of LSN 1 (and the checksum fails)
+    # The first record's LSN field: 9, in the segment of LSN 1 (and the checksum fails).
+    data[FILE_HEADER_BYTES + 8] = 9
     segment.write_bytes(bytes(data))
     [line] = list(dump(segment))
     assert line.startswith("NOT A LOG ") and "LSN 9 where 1" in line, line
@@ -1005,9 +1183,10 @@ def test_dump_of_a_file_that_is_no_log_says_so(
     torn = tmp_path / "torn"
     write_log(torn, [b"x" * 100])
     [segment] = segment_files(torn)
-    segment.write_bytes(segment.read_bytes()[:40])  # the header, and part of the record
-    [line] = list(dump(torn))
-    assert line.startswith("TORN TAIL") and "at byte offset 0" in line, line
+    # The file header, the record's header and part of the record.
+    segment.write_bytes(segment.read_bytes()[: FILE_HEADER_BYTES + 40])
+    [_, line] = list(dump(torn))
+    assert line.startswith("TORN TAIL") and f"at byte offset {FILE_HEADER_BYTES}" in line, line
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "00000000000000000001.wal").write_bytes(b"")
@@ -1022,11 +1201,15 @@ def test_dump_names_the_segment_that_is_no_log_after_the_records_before_it(
     write_log(tmp_path, [b"a", b"b"])
     (tmp_path / "00000000000000000003.wal").write_bytes(b"# not a log\n" * 20)
     lines = list(dump(tmp_path))
-    assert [line.split()[0] for line in lines[:2]] == ["lsn=1", "lsn=2"]
-    assert lines[2].startswith(
+    assert [line.split()[0] for line in lines[:3]] == [
+        "file=00000000000000000001.wal",
+        "lsn=1",
+        "lsn=2",
+    ]
+    assert lines[3].startswith(
         f"NOT A LOG {tmp_path / '00000000000000000003.wal'}: segment 2 of 2 is not a log segment"
     ), lines
-    assert 3 == len(lines) and main(["dump", str(tmp_path)]) == 1
+    assert 4 == len(lines) and main(["dump", str(tmp_path)]) == 1
     assert capsys.readouterr().out.splitlines() == lines
 
 
@@ -1070,6 +1253,61 @@ def test_a_failed_append_write_is_fatal_and_a_restart_cuts_the_torn_frame(tmp_pa
         log.append(ENDED, b"after")  # nothing more on the strength of a log that failed
     log.close()
     assert [b"kept"] == payloads(reopen(tmp_path))
+
+
+@pytest.mark.parametrize("creation", ["rotation", "checkpoint"])
+def test_a_failed_write_of_a_new_segments_header_is_fatal_and_a_restart_drops_it(
+    tmp_path: Path, creation: str
+) -> None:
+    """Half a header stays under the name the next segment takes (a segment is opened to
+    append, not replaced): going on would write a whole header after it, a segment the
+    next start refuses as corrupted. The log stops; a restart drops the torn segment."""
+
+    class HeaderHalfWritten:
+        def __init__(self, handle: AppendFile) -> None:
+            self._handle = handle
+
+        def write(self, data: bytes | bytearray) -> None:
+            if bytes(data) == _encode_file_header(2):
+                self._handle.write(bytes(data[:10]))  # torn, then the disk is full
+                raise OSError(28, "No space left on device")
+            self._handle.write(data)
+
+        def fsync(self) -> None:
+            self._handle.fsync()
+
+        def truncate(self, size: int) -> None:
+            self._handle.truncate(size)
+
+        def close(self) -> None:
+            self._handle.close()
+
+    class FullDisk(OsFileSystem):
+        def open_append(self, path: Path) -> AppendFile:
+            return HeaderHalfWritten(super().open_append(path))
+
+    fatal_messages: list[str] = []
+    log, _ = WriteAheadLog.open(
+        tmp_path,
+        file_system=FullDisk(),
+        segment_bytes_max=FILE_HEADER_BYTES + 40,  # one 40-byte frame per segment
+        on_fatal=fatal_messages.append,
+    )
+    log.append(ENDED, b"kept" * 4)
+    log.sync()
+    with pytest.raises(LogFatalError, match="No space left on device"):
+        if creation == "rotation":
+            log.append(ENDED, b"lost" * 4)
+        else:
+            log.checkpoint([(CHECKPOINT, b"snapshot")])
+    assert 1 == len(fatal_messages)
+    with pytest.raises(LogFatalError):
+        log.append(ENDED, b"after")
+    log.close()
+    torn = tmp_path / "00000000000000000002.wal"
+    assert _encode_file_header(2)[:10] == torn.read_bytes()
+    assert [b"kept" * 4] == payloads(reopen(tmp_path))
+    assert not torn.exists()
 
 
 def test_new_parent_directories_are_fsynced_each_in_its_parent(tmp_path: Path) -> None:
@@ -1261,7 +1499,9 @@ def test_a_torn_first_write_of_a_new_log_opens_it_empty(tmp_path: Path) -> None:
     not land, or zeros after it as the file grew first), the log opens empty and takes
     appends. Guards the refusal below against taking a torn write for garbage."""
     written = first_checkpoint_bytes(tmp_path / "whole")
-    first_frame_end = 40  # the begin marker's frame: a torn write leaves part of it
+    # The file header, then the begin marker's frame: a torn write leaves part of them (a
+    # crash while the file was created, or during its first write).
+    first_frame_end = FILE_HEADER_BYTES + 40
     assert b"" != written[:first_frame_end].strip(b"\0")
     directory = tmp_path / "torn"
     segment = directory / "00000000000000000001.wal"
@@ -1270,7 +1510,9 @@ def test_a_torn_first_write_of_a_new_log_opens_it_empty(tmp_path: Path) -> None:
             directory.mkdir()
             segment.write_bytes(written[:cut] + tail)
             log, recovered = WriteAheadLog.open(directory)
-            assert ([], 0) == (recovered, segment.stat().st_size), (cut, len(tail))
+            # Left with its file header alone, rewritten whole if the crash tore it.
+            assert written[:FILE_HEADER_BYTES] == segment.read_bytes(), (cut, len(tail))
+            assert [] == recovered, (cut, len(tail))
             assert 1 == log.append(ENDED, b"first")
             log.sync()
             log.close()

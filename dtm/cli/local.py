@@ -58,20 +58,25 @@ def cmd_log_dump(session: Session) -> int:
         if not lines:
             raise CliError(not_a_log)
     corrupted = not_a_log is not None or any(line.startswith("CORRUPTED") for line in lines)
+    # Its records cannot be read by this build: an error too, though not corruption.
+    newer = any(line.startswith("NEWER FRAME FORMAT") for line in lines)
     if session.json:
         document: dict[str, Any] = {"path": str(path), "lines": lines, "corrupted": corrupted}
         if not_a_log is not None:
             document["not_a_log"] = not_a_log
+        if newer:
+            document["newer_frame_format"] = True
         fmt.emit_json(document, session.out)
-    elif not lines:
-        # Printing nothing read as a failure to look (a zero-byte file, or a new log).
-        print(f"{path}: empty, no records", file=session.out)
     else:
         for line in lines:
             print(line, file=session.out)
+        if not any(line.startswith(("lsn=", "CORRUPTED", "TORN", "NEWER")) for line in lines):
+            # Printing nothing (or the file headers alone) read as a failure to look (a
+            # zero-byte file, or a new log).
+            print(f"{path}: empty, no records", file=session.out)
     if not_a_log is not None:
         raise CliError(not_a_log)
-    return EXIT_ERROR if corrupted else EXIT_OK
+    return EXIT_ERROR if corrupted or newer else EXIT_OK
 
 
 def _has_segments(directory: Path) -> bool:

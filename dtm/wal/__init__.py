@@ -1,8 +1,19 @@
 """Append-only, checksummed write-ahead log of the coordinator and the participant SDK.
 
 On-disk format (all integers little-endian). A log is a directory of segment files named
-``{first_lsn:020d}.wal``. A segment is a sequence of frames, each starting at an 8-byte aligned
-offset (etcd style: the length field is never split across a sector, so it is never torn)::
+``{first_lsn:020d}.wal``. A segment is a file header, then a sequence of frames, each starting
+at an 8-byte aligned offset (etcd style: the length field is never split across a sector, so
+it is never torn). The file header, written when the file is created::
+
+    offset  size  field
+         0     8  magic          b"dtm-wal\\n"
+         8     4  frame_format   FRAME_FORMAT: the layout of the frames below (1)
+        12     4  crc32c         CRC-32C of bytes [0, 12) + [16, 24)
+        16     8  first_lsn      the LSN of the segment's first record, as in its name
+
+Bytes 0 to 12 keep their place in every frame format, so a segment of a newer one is refused
+as such (`LogNewerFormatError`), never read as corruption or cut as a torn tail. A segment
+without a header (written before headers) is frame format 1. Each frame::
 
     offset  size  field
          0     4  payload_length   bytes of payload, at most LOG_RECORD_BYTES_MAX
@@ -23,7 +34,8 @@ does not stall the event loop; records appended meanwhile follow it in the same 
 
 Recovery rules (principles.md section 3): a bad frame at the very end of the last segment is a
 torn write and is truncated; a bad frame followed by any valid frame, or bad data in any other
-segment, is corruption and the process refuses to start (`LogCorruptedError`). So is a segment
+segment, is corruption and the process refuses to start (`LogCorruptedError`); a file header
+cut short is a torn tail, a whole one that does not hold is corruption. So is a segment
 with no valid record whose bytes cannot be a torn first write (`_not_a_segment_start`): it is
 no log segment, and cutting it would leave an empty log. A failed fsync is fatal and is never
 retried (PostgreSQL's rule after "fsyncgate"); so is a failed write, whose caller has already
@@ -44,15 +56,17 @@ from dtm.wal.errors import (
     LogCorruptedError,
     LogFatalError,
     LogInUseError,
+    LogNewerFormatError,
     LogRecord,
     exit_on_fatal,
 )
 from dtm.wal.files import AppendFile, CrashingFileSystem, FileSystem, OsFileSystem
-from dtm.wal.frames import CheckpointPayload, payload_size
+from dtm.wal.frames import FRAME_FORMAT, CheckpointPayload, payload_size
 from dtm.wal.log import LOSE_UNSYNCED_VARIABLE, WriteAheadLog
 
 __all__ = [
     "CHECKPOINT_RECORDS_MAX",
+    "FRAME_FORMAT",
     "LOSE_UNSYNCED_VARIABLE",
     "RECORD_TYPE_MAX",
     "AppendFile",
@@ -65,6 +79,7 @@ __all__ = [
     "LogCorruptedError",
     "LogFatalError",
     "LogInUseError",
+    "LogNewerFormatError",
     "LogRecord",
     "LoopCommitLog",
     "MemoryLog",

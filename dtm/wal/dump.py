@@ -18,8 +18,10 @@ from dtm.wal.frames import (
     _Checkpoint,
     _checkpoint_status,
     _decode_marker,
+    _FileStart,
     _not_a_segment_start,
-    _scan,
+    _scan_file,
+    _Start,
 )
 from dtmpb.v1 import log_pb2
 
@@ -47,8 +49,19 @@ def _describe(record_type: int, payload: bytes) -> str:
     return described
 
 
+def _header_line(name: str, file_start: _FileStart) -> str:
+    if file_start.kind is _Start.HEADER:
+        return f"file={name} frame_format={file_start.frame_format} header={file_start.frames_at}"
+    return f"file={name} frame_format={file_start.frame_format} header=none"
+
+
 def dump(path: Path) -> Iterator[str]:
-    """One line per record of a log directory or of one segment file; never modifies anything.
+    """One line per segment file (`file=NAME frame_format=N header=BYTES`, `header=none` for
+    a segment written before file headers, or empty) followed by one line per record of it,
+    for a log directory or one segment file; never modifies anything.
+
+    A segment whose header states a newer frame format ends the output with a line saying so
+    ("NEWER FRAME FORMAT"): its records cannot be read by this build.
 
     A torn tail or corruption ends the output with a line saying so; so does a file whose first
     bytes cannot be a record header, even a torn one ("NOT A LOG": /etc/services, or garbage
@@ -62,10 +75,20 @@ def dump(path: Path) -> Iterator[str]:
         files = [path]
     for index, file in enumerate(files):
         match = _SEGMENT_NAME.match(file.name)
+        first_lsn = int(match.group(1)) if match else None
         data = file.read_bytes()
-        segment_scan = _scan(data, int(match.group(1)) if match else None)
-        if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
-            reason = _not_a_segment_start(data, int(match.group(1)) if match else None)
+        file_start, segment_scan = _scan_file(data, first_lsn)
+        if file_start.kind is _Start.NEWER:
+            # What opening the log refuses (LogNewerFormatError); the records are unreadable.
+            yield f"NEWER FRAME FORMAT {file}: {file_start.reason}"
+            return
+        if segment_scan is None:
+            yield f"CORRUPTED {file} at byte offset 0: {file_start.reason}"
+            return
+        first_bad = segment_scan.bad_offset == segment_scan.start
+        torn_header = file_start.kind is _Start.TORN
+        if first_bad and not torn_header and segment_scan.later_valid_offset is None:
+            reason = _not_a_segment_start(data, first_lsn, segment_scan.start)
             if reason is not None:
                 # Opening the log refuses it too (WriteAheadLog._recover_segments). In a
                 # directory, the verdict is this segment's, not the whole log's: the records
@@ -77,6 +100,8 @@ def dump(path: Path) -> Iterator[str]:
                 )
                 yield f"NOT A LOG {file}: {what} (no record starts at byte 0: {reason})"
                 return
+        if data and not torn_header:
+            yield _header_line(file.name, file_start)
         for frame in segment_scan.frames:
             description = _describe(frame.record_type, frame.payload)
             yield f"lsn={frame.lsn} {file.name}@{frame.offset} {description}"
@@ -107,6 +132,11 @@ def dump(path: Path) -> Iterator[str]:
                     f"CORRUPTED {where}; opening the log refuses it (a checkpoint that is the "
                     "whole log was durable, so it cannot be torn)"
                 )
+        elif torn_header:
+            yield (
+                f"TORN TAIL {where}; a crash while the file was created: opening the log "
+                "drops this segment (the only one gets its header written again)"
+            )
         else:
             lost = segment_scan.size - segment_scan.bad_offset
             yield f"TORN TAIL {where}; opening the log truncates these {lost} bytes"
@@ -124,6 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for line in dump(arguments.path):
         print(line)
-        if line.startswith(("CORRUPTED", "NOT A LOG")):
+        if line.startswith(("CORRUPTED", "NOT A LOG", "NEWER FRAME FORMAT")):
             status = 1
     return status

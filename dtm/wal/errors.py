@@ -30,6 +30,20 @@ class LogCorruptedError(Exception):
         )
 
 
+class LogNewerFormatError(Exception):
+    """A segment's file header states a frame format newer than this build reads: a newer
+    release wrote the log. The process must not start, and nothing is cut or rewritten."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(
+            f"cannot read the write-ahead log segment {path}: {problem}; the process refuses "
+            f"to start, nothing was changed (inspect the log with `python -m dtm.wal dump "
+            f"{path.parent}`)"
+        )
+
+
 def _not_a_log_segment(why: str) -> str:
     return (
         f"not a log segment: no record starts at byte 0, not even a torn one ({why}): a "

@@ -31,6 +31,22 @@ _SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 _LSN_START, _LSN_END = 8, 16
 _LSN = struct.Struct("<Q")
 
+# The file header every segment this build creates starts with (segments written before it
+# have none: frame format 1, read as ever). Its first 12 bytes, the magic and the frame
+# format, stay where they are in every format to come, so that a build tells a segment of a
+# newer format ("run a newer dtm") from a corrupted one (which recovery might cut as torn).
+# As a frame's payload_length the magic's first 4 bytes read 761,099,364, above any length
+# allowed, so no segment without a header starts with them. 24 bytes: frames stay 8-aligned.
+_FILE_MAGIC = b"dtm-wal\n"
+_FILE_HEADER = struct.Struct("<8sIIQ")  # magic, frame format, crc32c, first LSN
+FILE_HEADER_BYTES = _FILE_HEADER.size
+_FRAME_FORMAT_FIELD = struct.Struct("<I")
+_FRAME_FORMAT_END = 12  # the magic and the frame format: the part every format keeps
+#: The frame format this build writes and the newest it reads (a segment with no header is 1).
+#: Bumped when the frame layout changes (another checksum, a wider length, compression); what
+#: the records mean is versioned apart, by the LogFormat record (`dtm.records.LOG_FORMAT`).
+FRAME_FORMAT = 1
+
 
 def _crc(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     return int(crc32c.crc32c(data, value))
@@ -69,6 +85,82 @@ def _encode_frame(lsn: int, record_type: int, payload: bytes) -> bytearray:
     ):
         raise AssertionError(f"frame of LSN {lsn} does not read back as written")
     return frame
+
+
+def _encode_file_header(first_lsn: int) -> bytes:
+    """The header of a new segment whose first record will have LSN `first_lsn`; its CRC-32C
+    covers every byte of it but its own field, as a frame's does."""
+    header = bytearray(_FILE_HEADER.pack(_FILE_MAGIC, FRAME_FORMAT, 0, first_lsn))
+    _CRC.pack_into(header, 12, _crc(header[16:], _crc(header[:12])))
+    return bytes(header)
+
+
+class _Start(enum.Enum):
+    """How a segment's bytes start."""
+
+    HEADERLESS = "headerless"  # written before file headers (or nothing at all): format 1
+    HEADER = "header"  # a whole header of a format this build reads
+    TORN = "torn"  # a header cut short by a crash while the file was created: no record
+    NEWER = "newer"  # a header stating a frame format newer than this build's
+    BAD = "bad"  # a header no crash can leave: corruption
+
+
+@dataclass(frozen=True, slots=True)
+class _FileStart:
+    kind: _Start
+    frame_format: int = FRAME_FORMAT  # the one stated, or the one a headerless file is in
+    frames_at: int = 0  # the byte offset of the first frame
+    reason: str = ""  # for TORN, NEWER and BAD: what the header's bytes say
+
+
+def _file_start(data: bytes, first_lsn: int | None) -> _FileStart:
+    """Read the file header of a segment's bytes; `first_lsn` is the LSN in the segment's
+    name (None: a file not named like a segment, whose header's own LSN is taken)."""
+    if data[:4] != _FILE_MAGIC[:4]:
+        # Fewer bytes of the magic read as the start of a frame's header: a torn first frame
+        # of a headerless segment, or of a header; either way no record, cut the same.
+        return _FileStart(_Start.HEADERLESS)
+    if len(data) >= _FRAME_FORMAT_END and data.startswith(_FILE_MAGIC):
+        (stated,) = _FRAME_FORMAT_FIELD.unpack_from(data, 8)
+        if stated > FRAME_FORMAT:
+            return _FileStart(_Start.NEWER, stated, reason=newer_frame_format_problem(stated))
+    header = data[:FILE_HEADER_BYTES].ljust(FILE_HEADER_BYTES, b"\0")
+    _, stated, stored_crc, stored_lsn = _FILE_HEADER.unpack(header)
+    expected = _encode_file_header(stored_lsn if first_lsn is None else first_lsn)
+    if data.startswith(expected):
+        return _FileStart(_Start.HEADER, FRAME_FORMAT, FILE_HEADER_BYTES)
+    landed = data.rstrip(b"\0")  # the zeros after it may be bytes that never landed
+    if expected.startswith(landed):
+        return _FileStart(
+            _Start.TORN, reason=f"a file header cut short ({len(landed)} of {len(header)} bytes)"
+        )
+    if header[:8] != _FILE_MAGIC:
+        reason = f"bytes {header[:8].hex()} where a file header's magic would be"
+    elif stated == 0:  # a format field no whole header holds
+        reason = f"a file header stating frame format {stated}"
+    elif first_lsn is not None and stored_lsn != first_lsn:
+        reason = f"a file header stating first LSN {stored_lsn}, not {first_lsn} as its name says"
+    else:
+        actual = _crc(header[16:], _crc(header[:12]))
+        reason = (
+            f"file header checksum mismatch: stored {stored_crc:#010x}, computed {actual:#010x}"
+        )
+    return _FileStart(_Start.BAD, stated, reason=reason)
+
+
+def newer_frame_format_problem(stated: int) -> str:
+    """Why a segment in frame format `stated`, newer than this build's, is not read: worded
+    as the refusal of a newer LogFormat (`dtm.records.newer_format_problem`)."""
+    return newer_problem("frame format", stated, FRAME_FORMAT)
+
+
+def newer_problem(kind: str, stated: int, newest: int) -> str:
+    """Why a log in `kind` `stated`, above the `newest` this build reads, must not be read."""
+    return (
+        f"the log is in {kind} {stated}, written by a newer dtm; this build reads {kind}s 1 "
+        f"to {newest}: run a dtm that reads {kind} {stated} (going back to an older release "
+        "after a newer one has written the log is not supported)"
+    )
 
 
 def _encode_marker(kind: int, begin_lsn: int, record_count: int) -> bytes:
@@ -122,10 +214,11 @@ class _Scan:
     bad_offset: int | None = None
     bad_reason: str = ""
     later_valid_offset: int | None = None  # a valid frame after the bad one: corruption
+    start: int = 0  # where the frames begin: after the file header, if there is one
 
     @property
     def valid_end(self) -> int:
-        return self.frames[-1].end if self.frames else 0
+        return self.frames[-1].end if self.frames else self.start
 
     @property
     def corruption(self) -> str:
@@ -138,10 +231,11 @@ class _Scan:
         )
 
 
-def _scan(data: bytes, first_lsn: int | None) -> _Scan:
-    """Parse frames in order; `first_lsn` None accepts whatever LSN the first frame carries."""
+def _scan(data: bytes, first_lsn: int | None, start: int = 0) -> _Scan:
+    """Parse frames in order from byte `start`; `first_lsn` None accepts whatever LSN the
+    first frame carries."""
     frames: list[_Frame] = []
-    offset = 0
+    offset = start
     expected_lsn = first_lsn
     while offset < len(data):
         decoded = _decode_frame(data, offset)
@@ -149,13 +243,25 @@ def _scan(data: bytes, first_lsn: int | None) -> _Scan:
             # A whole frame (its checksum holds) out of sequence: no crash writes one, so it
             # is corruption even at the very end, never a torn tail to cut.
             reason = f"a whole record with LSN {decoded.lsn} where {expected_lsn} was expected"
-            return _Scan(frames, len(data), offset, reason, offset)
+            return _Scan(frames, len(data), offset, reason, offset, start)
         if isinstance(decoded, str):
-            return _Scan(frames, len(data), offset, decoded, _find_valid_frame(data, offset + 8))
+            later = _find_valid_frame(data, offset + 8)
+            return _Scan(frames, len(data), offset, decoded, later, start)
         frames.append(decoded)
         expected_lsn = decoded.lsn + 1
         offset = decoded.end
-    return _Scan(frames, len(data))
+    return _Scan(frames, len(data), start=start)
+
+
+def _scan_file(data: bytes, first_lsn: int | None) -> tuple[_FileStart, _Scan | None]:
+    """Read a segment's file header, then scan its frames; no scan for a header that stops
+    the reading (NEWER, BAD). A torn header is a torn tail at byte 0 (no record follows)."""
+    file_start = _file_start(data, first_lsn)
+    if file_start.kind in (_Start.NEWER, _Start.BAD):
+        return file_start, None
+    if file_start.kind is _Start.TORN:
+        return file_start, _Scan([], len(data), 0, file_start.reason)
+    return file_start, _scan(data, first_lsn, file_start.frames_at)
 
 
 def _find_valid_frame(data: bytes, start: int) -> int | None:
@@ -252,7 +358,7 @@ def _not_a_header_start(header: bytes, first_lsn: int | None) -> str | None:
     return None
 
 
-def _not_a_segment_start(data: bytes, first_lsn: int | None) -> str | None:
+def _not_a_segment_start(data: bytes, first_lsn: int | None, start: int = 0) -> str | None:
     """Why the bytes of a segment whose first record is bad, with no valid record after it,
     cannot be a torn first write of that segment; None when they can.
 
@@ -260,15 +366,16 @@ def _not_a_segment_start(data: bytes, first_lsn: int | None) -> str | None:
     did not land. So the header's bytes up to its last non-zero one must begin the header of
     the segment's first record (the LSN in its name), and only zeros may follow them, or
     follow the end of the record that the whole header (zeros included) announces. Anything
-    else is no log segment, or one whose start was overwritten: cutting it would empty it."""
-    header = data[:_HEADER_BYTES]
+    else is no log segment, or one whose start was overwritten: cutting it would empty it.
+    `start`: where the first record begins (after the file header, if there is one)."""
+    header = data[start : start + _HEADER_BYTES]
     landed = header.rstrip(b"\0")  # the zeros after it may be bytes that never landed
     why = _not_a_header_start(landed, first_lsn)
     if why is not None:
         return why
-    record_end = len(landed)
+    record_end = start + len(landed)
     if landed and len(header) == _HEADER_BYTES and _not_a_header_start(header, first_lsn) is None:
-        record_end = _aligned(_HEADER_BYTES + _HEADER.unpack(header)[0])
+        record_end = start + _aligned(_HEADER_BYTES + _HEADER.unpack(header)[0])
     rest = data[record_end:].lstrip(b"\0")
     if rest:
         where = "its first record would end" if landed else "a zero-filled header"

@@ -22,6 +22,7 @@ from dtm.wal.errors import (
     BatchSizes,
     LogCorruptedError,
     LogFatalError,
+    LogNewerFormatError,
     LogRecord,
     _logger,
     _not_a_log_segment,
@@ -40,18 +41,21 @@ from dtm.wal.frames import (
     _MARKER_COMPLETE,
     _MARKER_TYPE,
     _SEGMENT_NAME,
+    FILE_HEADER_BYTES,
     CheckpointPayload,
     _aligned,
     _check_record,
     _Checkpoint,
     _checkpoint_status,
+    _encode_file_header,
     _encode_frame,
     _encode_marker,
     _joined,
     _not_a_segment_start,
     _Scan,
-    _scan,
+    _scan_file,
     _segment_name,
+    _Start,
     payload_size,
 )
 
@@ -60,16 +64,27 @@ from dtm.wal.frames import (
 class _Segment:
     first_lsn: int
     path: Path
-    size: int
+    size: int  # bytes, the file header included
+    frames_at: int = 0  # where its first frame goes: after its file header (none before them)
+
+    @property
+    def has_records(self) -> bool:
+        return self.size > self.frames_at
 
 
 def _scan_segment(fs: FileSystem, segment: _Segment) -> _Scan:
-    """Read and scan a segment; raises LogCorruptedError for one with no valid record that
+    """Read and scan a segment; raises LogNewerFormatError for a file header of a newer frame
+    format, and LogCorruptedError for a bad one or for a segment with no valid record that
     cannot be a torn first write: no log segment, which must never be cut or deleted."""
     data = fs.read_file(segment.path)
-    segment_scan = _scan(data, segment.first_lsn)
-    if segment_scan.bad_offset == 0 and segment_scan.later_valid_offset is None:
-        why = _not_a_segment_start(data, segment.first_lsn)
+    file_start, segment_scan = _scan_file(data, segment.first_lsn)
+    if file_start.kind is _Start.NEWER:
+        raise LogNewerFormatError(segment.path, file_start.reason)
+    if segment_scan is None:
+        raise LogCorruptedError(segment.path, 0, file_start.reason)
+    first_bad = segment_scan.bad_offset == segment_scan.start
+    if first_bad and file_start.kind is not _Start.TORN and segment_scan.later_valid_offset is None:
+        why = _not_a_segment_start(data, segment.first_lsn, segment_scan.start)
         if why is not None:
             raise LogCorruptedError(segment.path, 0, _not_a_log_segment(why))
     return segment_scan
@@ -188,7 +203,7 @@ class WriteAheadLog:
         segment_bytes_max: int = LOG_SEGMENT_BYTES_MAX,
         on_fatal: Callable[[str], None] = exit_on_fatal,
     ) -> None:
-        if segment_bytes_max < _aligned(_HEADER_BYTES + _MARKER.size):
+        if segment_bytes_max < FILE_HEADER_BYTES + _aligned(_HEADER_BYTES + _MARKER.size):
             raise ValueError(f"segment_bytes_max {segment_bytes_max} is too small")
         self._directory = directory
         self._fs: FileSystem = file_system if file_system is not None else OsFileSystem()
@@ -293,7 +308,11 @@ class WriteAheadLog:
             self._held += frame
         else:
             current = self._segments[-1]
-            if current.size > 0 and current.size + len(frame) > self._segment_bytes_max:
+            # (`has_records`, inline: this runs for every record.)
+            if (
+                current.size > current.frames_at
+                and current.size + len(frame) > self._segment_bytes_max
+            ):
                 self._rotate()
             self._write_frame(frame)
         self._next_lsn = lsn + 1
@@ -410,18 +429,23 @@ class WriteAheadLog:
         for record_type, payload in records:
             _check_record(record_type, payload_size(payload))
         current = self._segments[-1]
-        if current.size == 0:
+        if not current.has_records:
             # An empty current segment is already named after the next LSN: reuse it.
             assert current.first_lsn == self._next_lsn
             self._obsolete.extend(self._segments[:-1])
         else:
-            path = self._directory / _segment_name(self._next_lsn)
-            handle = self._fs.open_append(path)
+            # Its header is made durable by the checkpoint's own fsync; a crash before that
+            # leaves a torn header at most, in the last segment: recovery drops it.
+            try:
+                handle, current = self._create_segment(self._next_lsn)
+            except OSError as error:
+                # Half a header may stay under the name the next segment takes (appended
+                # to, not replaced): this object must not create it again.
+                self._fatal(f"creating checkpoint segment of LSN {self._next_lsn}: {error}")
             self._retired.append(self._handle)
             self._obsolete.extend(self._segments)
             self._handle = handle
             self._directory_sync_pending = True
-            current = _Segment(self._next_lsn, path, 0)
         self._segments = [current]
         begin_lsn = self._next_lsn
         frames: list[tuple[int, CheckpointPayload]] = [
@@ -459,8 +483,8 @@ class WriteAheadLog:
             # object unable to continue, so a failed write here is fatal.
             self._fatal(f"write of checkpoint to {job.path} failed: {job.error}")
         segment = self._segments[-1]
-        assert segment.path == job.path and segment.size == 0
-        segment.size = job.written
+        assert segment.path == job.path and not segment.has_records
+        segment.size += job.written
         self._fsync_count += job.synced
         if held:
             self._write_frame(held)
@@ -488,19 +512,35 @@ class WriteAheadLog:
         except OSError as error:
             self._fatal(f"fsync of write-ahead log {self._segments[-1].path} failed: {error}")
         self._fsync_count += 1
-        path = self._directory / _segment_name(self._next_lsn)
         try:
-            handle = self._fs.open_append(path)
+            handle, segment = self._create_segment(self._next_lsn)
+            handle.fsync()  # its header: durable before the directory names the file
         except OSError as error:  # as a failed write: the appending caller has acted already
-            self._fatal(f"creating write-ahead log segment {path} failed: {error}")
+            self._fatal(
+                f"creating write-ahead log segment for LSN {self._next_lsn} failed: {error}"
+            )
+        self._fsync_count += 1
         self._retired.append(self._handle)
         self._handle = handle
-        self._segments.append(_Segment(self._next_lsn, path, 0))
+        self._segments.append(segment)
         try:
             self._fs.fsync_dir(self._directory)
         except OSError as error:
             self._fatal(f"fsync of directory {self._directory} failed: {error}")
-        self._advance_durable_end((self._next_lsn, 0))  # the old segment is whole on disk
+        # The old segment is whole on disk, and the new one's header.
+        self._advance_durable_end((self._next_lsn, segment.size))
+
+    def _create_segment(self, first_lsn: int) -> tuple[AppendFile, _Segment]:
+        """Create the segment whose first record will have LSN `first_lsn`, with its file
+        header written (not synced)."""
+        path = self._directory / _segment_name(first_lsn)
+        handle = self._fs.open_append(path)
+        try:
+            handle.write(_encode_file_header(first_lsn))
+        except BaseException:
+            handle.close()
+            raise
+        return handle, _Segment(first_lsn, path, FILE_HEADER_BYTES, FILE_HEADER_BYTES)
 
     def _advance_durable_end(self, end: tuple[int, int]) -> None:
         with self._durable_end_lock:
@@ -540,11 +580,12 @@ class WriteAheadLog:
                 segments.append(_Segment(int(match.group(1)), directory / name, 0))
         segments.sort(key=lambda segment: segment.first_lsn)
         if not segments:
-            path = directory / _segment_name(1)
-            handle = fs.open_append(path)
+            handle, segment = self._create_segment(1)
+            handle.fsync()
             fs.fsync_dir(directory)
-            self._segments = [_Segment(1, path, 0)]
-            self._durable_end = (1, 0)
+            self._fsync_count += 1
+            self._segments = [segment]
+            self._durable_end = (1, segment.size)
             return handle, []
 
         scans: dict[int, _Scan] = {}
@@ -606,7 +647,9 @@ class WriteAheadLog:
             and only.later_valid_offset is None
             and _checkpoint_status(only)[0] is _Checkpoint.INCOMPLETE
         ):
-            scans[id(segments[0])] = _Scan([], only.size, 0, "an interrupted checkpoint")
+            scans[id(segments[0])] = _Scan(
+                [], only.size, only.start, "an interrupted checkpoint", start=only.start
+            )
 
         # 3. Validate every remaining segment strictly, except for a torn tail of the last one.
         recovered: list[LogRecord] = []
@@ -667,13 +710,19 @@ class WriteAheadLog:
                     last_scan.size - last_scan.bad_offset,
                 )
                 handle.truncate(last_scan.bad_offset)
+            last.size, last.frames_at = last_scan.valid_end, last_scan.start
+            if last.size == 0:
+                # No header and no record: a crash while the file was created (its header
+                # torn or not written), or an empty segment of a release before headers.
+                # Written now, as its creation would have.
+                handle.write(_encode_file_header(last.first_lsn))
+                last.size = last.frames_at = FILE_HEADER_BYTES
             handle.fsync()
             fs.fsync_dir(directory)
         except BaseException:
             handle.close()
             raise
         self._fsync_count += 1
-        last.size = last_scan.valid_end
         self._segments = segments
         self._next_lsn = expected_lsn
         self._durable_lsn = expected_lsn - 1
