@@ -427,7 +427,8 @@ async def forced_unknown(
 
 async def ask(server: ParticipantServer, cluster: InProcessCluster) -> None:
     """One round of the participant's inquiries, every branch due."""
-    await server._ask_about_in_doubt(cluster.client, server.engine.monotonic_ms() + NEVER_MS + 1)
+    due_ms = server.engine.monotonic_ms() + server.config.in_doubt_after_ms + 1
+    await server._ask_about_in_doubt(cluster.client, due_ms)
 
 
 async def listed(cluster: InProcessCluster) -> list[coordinator_pb2.HeuristicOutcome]:

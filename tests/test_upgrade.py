@@ -25,7 +25,7 @@ from dtmpb.v1 import coordinator_pb2, log_pb2, participant_pb2, shop_pb2
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.services.orders import OrdersService
 from tests.cli_runner import dtm
-from tests.harness import ASKS_LATER, InProcessCluster, ask, eventually, listed
+from tests.harness import InProcessCluster, ask, eventually, listed
 
 DATA = Path(__file__).parent / "data"
 RELEASES = sorted(path.name.removeprefix("compat-") for path in DATA.glob("compat-*"))
@@ -66,6 +66,13 @@ def test_dtm_log_dump_reads_every_log_of_a_release(release: str) -> None:
     asyncio.run(scenario())
 
 
+# The release's branches were prepared when its logs were made, days ago by the wall clock,
+# which recovery carries over: harness.ASKS_LATER's ten minutes have passed, so the first
+# inquiry tick asked about them at once and raced the check that they are still in doubt
+# (failed 2 of 7 runs on a loaded machine). Only the test's own inquiries here.
+ASKS_NEVER = {"in_doubt_after_ms": 100 * 365 * 86_400_000}
+
+
 @pytest.mark.parametrize("release", RELEASES)
 def test_todays_code_resolves_every_transaction_a_release_left_in_doubt(
     tmp_path: Path, release: str
@@ -79,7 +86,7 @@ def test_todays_code_resolves_every_transaction_a_release_left_in_doubt(
     shutil.copytree(DATA / f"compat-{release}", tmp_path, dirs_exist_ok=True)
 
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_NEVER) as cluster:
             assert ["t-phase2"] == list(cluster.coordinator.engine.active)  # resumed
             for name in ("inventory", "orders", "payment"):  # no service asked yet
                 assert "t-doubt" in await prepared(cluster, name), name
