@@ -302,7 +302,10 @@ class OrderClient:
     ) -> SubmitResult:
         """Submit one transaction. `timeout_s` None waits as long as the transaction's own
         timeout allows (plus a margin), so a slow decision is not mistaken for a lost one.
-        Any other `timeout_s` must be a positive, finite number of seconds (ValueError)."""
+        Any other `timeout_s` must be a positive, finite number of seconds (ValueError).
+        A request without an id gets one here (`named`), which the result carries: a lost
+        answer can then be looked up (`dtm txn show`) or submitted again with that id."""
+        request = named(request)
         if timeout_s is None:
             timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
             timeout_s = timeout_ms / 1000 + 5.0
@@ -410,8 +413,8 @@ class OrderClient:
         last `finished_kept`, 20,000 by default, finished transactions there; 100,000 decided
         branches here) never executes
         twice; retries come seconds apart, far inside that. A request without an id gets one
-        here (`txn-` and a random hex): retried without one, each Submit would be a new
-        transaction."""
+        here (`named`) before the first Submit: retried without one, each Submit would be a
+        new transaction."""
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         if timeout_s is not None:
@@ -423,11 +426,7 @@ class OrderClient:
                 "backoff_s must be (first, largest) seconds with 0 <= first <= largest, both "
                 f"finite, got {backoff_s!r}"
             )
-        if not request.transaction_id:
-            named = coordinator_pb2.SubmitRequest()
-            named.CopyFrom(request)
-            named.transaction_id = f"txn-{uuid.uuid4().hex}"
-            request = named
+        request = named(request)  # once: every retry is of the same transaction
         sent_before = False
         for attempt in range(1, attempts + 1):
             result = await self.submit(request, timeout_s=timeout_s)
@@ -528,6 +527,18 @@ class OrderClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def named(request: coordinator_pb2.SubmitRequest) -> coordinator_pb2.SubmitRequest:
+    """`request` if it has a transaction id, else a copy with a fresh one (`txn-` and a random
+    hex). Left to the coordinator, the id came back only in an answer: a call that failed
+    left the caller nothing to look the transaction up by, or to submit again with."""
+    if request.transaction_id:
+        return request
+    copy = coordinator_pb2.SubmitRequest()
+    copy.CopyFrom(request)
+    copy.transaction_id = f"txn-{uuid.uuid4().hex}"
+    return copy
 
 
 def _check_timeout(timeout_s: float) -> None:

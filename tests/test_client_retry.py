@@ -138,6 +138,25 @@ def test_a_closed_client_answers_cancelled_on_every_path() -> None:
     asyncio.run(scenario())
 
 
+def test_a_request_without_an_id_is_named_before_it_is_sent_so_a_lost_answer_can_be_found() -> None:
+    """A SubmitRequest without a transaction id let the coordinator pick one, which only its
+    answer carried: a call that failed gave back an empty id, nothing to look the
+    transaction up by or to submit again with (found by a helper: "" UNAVAILABLE)."""
+
+    async def scenario() -> None:
+        unnamed = coordinator_pb2.SubmitRequest(branches=order_branches("o-u", [("sku-a", 1)]))
+        for batch_in_flight in (0, 1):
+            async with OrderClient("127.0.0.1:1", batch_in_flight=batch_in_flight) as client:
+                first = await client.submit(unnamed, timeout_s=1)
+                second = await client.submit(unnamed, timeout_s=1)
+            assert first.code is not None and first.code != grpc.StatusCode.OK
+            assert first.transaction_id.startswith("txn-"), first
+            assert second.transaction_id.startswith("txn-") and second != first
+            assert "" == unnamed.transaction_id  # the caller's request is left as it was
+
+    asyncio.run(scenario())
+
+
 def test_a_channel_its_owner_closed_raises_usage_error_batched_or_not() -> None:
     """A caller-owned channel the caller closed: the unary path raised grpc's UsageError, the
     batched path answered UNKNOWN "SubmitBatch failed in the client" with `sent` True (the

@@ -8,7 +8,6 @@ import argparse
 import json
 import math
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,6 +31,7 @@ from dtm.cli.session import (
     Session,
     rpc_error,
 )
+from dtm.orderflow import named
 from dtmpb.v1 import (
     coordinator_pb2,
 )
@@ -42,10 +42,9 @@ from dtmpb.v1 import (
 def cmd_submit(session: Session) -> int:
     request = load_submission(session.options.file, session)
     # No id in the file: one is made up here (`txn-` and a random hex, as
-    # OrderClient.submit_until_known does), so that it can be named, looked up and retried.
+    # OrderClient.submit does), so that it can be named, looked up and retried.
     generated = not request.transaction_id
-    if generated:
-        request.transaction_id = f"txn-{uuid.uuid4().hex}"
+    request = named(request)
     timeout_ms = request.timeout_ms or limits.TRANSACTION_TIMEOUT_MS_DEFAULT
     # Submit answers once the outcome is known, which the transaction timeout bounds.
     deadline = timeout_ms / 1000 + session.timeout
