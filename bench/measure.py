@@ -38,6 +38,9 @@ POLL_S = 0.1
 # decision is counted as slow, not as lost.
 SUBMIT_TIMEOUT_S = 15.0
 SETTLE_TIMEOUT_S = 30.0
+# The services' flag (config key `batch`) that leaves the batch capability out of their
+# registration: the coordinator then sends them unary Prepare, Commit and Rollback.
+UNARY_FLAG = "--no-batch"
 # Refusal reasons kept for the report when orders end otherwise than the workload intended.
 REASONS_KEPT = 5
 
@@ -59,6 +62,9 @@ class DtmResult:
     footprint: list[footprint.Sample] = field(default_factory=list)
     #: With --submit-batch: (SubmitBatch calls, transactions they carried) over the run.
     submit_batches: tuple[int, int] | None = None
+    #: How the coordinator reaches the participants, from their registered capabilities:
+    #: "batched" (Exchange), "unary" (Prepare, Commit, Rollback) or "mixed"; None: not read.
+    participant_path: str | None = None
 
     @property
     def transactions_total(self) -> int:
@@ -95,9 +101,12 @@ async def measure_dtm(
     progress: bool = True,
     metrics: bool = True,
     submit_batch: int = 0,
+    unary_participants: bool = False,
 ) -> DtmResult:
     """`submit_batch` > 0: the clients' transactions travel in SubmitBatch calls, at most that
-    many in flight per channel (OrderClient's batch_in_flight); 0: one Submit each."""
+    many in flight per channel (OrderClient's batch_in_flight); 0: one Submit each.
+    `unary_participants`: the services register without the batch capability (--no-batch),
+    so the coordinator speaks the plain unary contract to them."""
     owned = data_dir is None
     directory = Path(tempfile.mkdtemp(prefix="dtm-bench-")) if data_dir is None else data_dir
     extras = [participant for participant in participants if participant.extra]
@@ -112,11 +121,15 @@ async def measure_dtm(
     # a process whose port another program bound before it did, instead of failing the run.
     # The extra instances bind port 0 themselves (_start_extras).
     ports = free_ports(len(PROCESSES) * (2 if with_metrics else 1), HOST)
+    service_args = [UNARY_FLAG] if unary_participants else []
     cluster = Cluster(
         directory,
         FreePorts(*ports[: len(PROCESSES)]),
         initial=initial_state(),
         metrics_ports=FreePorts(*ports[len(PROCESSES) :]) if with_metrics else None,
+        extra_args={name: service_args for name in PROCESSES if name != COORDINATOR}
+        if unary_participants
+        else None,
     )
     metric_addresses: dict[str, str] = {}
     try:
@@ -129,8 +142,9 @@ async def measure_dtm(
                     if address is not None:
                         metric_addresses[name] = address
                 extra_addresses = await _start_extras(
-                    cluster, extras, processes, metric_addresses, with_metrics
+                    cluster, extras, processes, metric_addresses, with_metrics, service_args
                 )
+                path = await _participant_path(cluster.coordinator_address)
                 result = await _load_and_check(
                     cluster,
                     participants,
@@ -142,6 +156,7 @@ async def measure_dtm(
                     metric_addresses,
                     submit_batch,
                 )
+                result.participant_path = path
             finally:
                 processes.stop()
                 await cluster.stop_async()
@@ -159,6 +174,7 @@ async def _start_extras(
     processes: Processes,
     metric_addresses: dict[str, str],
     with_metrics: bool,
+    service_args: list[str],
 ) -> dict[str, str]:
     """Start the extra instances, each on ports it binds itself (port 0: a port chosen here
     could be bound by another program before the instance did), and add their /metrics
@@ -175,6 +191,7 @@ async def _start_extras(
                 *("--coordinator", cluster.coordinator_address),
                 *("--initial", str(cluster.initial_path)),
                 *((hooks.METRICS_FLAG, f"{HOST}:0") if with_metrics else ()),
+                *service_args,
             ],
         )
     addresses: dict[str, str] = {}
@@ -209,6 +226,20 @@ async def _start_extras(
             if pending:
                 await asyncio.sleep(POLL_S)
     return addresses
+
+
+async def _participant_path(coordinator: str) -> str:
+    """How the coordinator reaches the registered participants: "batched" when every one
+    declared the batch capability, "unary" when none did, else "mixed". Read from the
+    coordinator, so the results say what the run used, not what it asked for."""
+    async with grpc.aio.insecure_channel(coordinator) as channel:
+        response = await coordinator_pb2_grpc.CoordinatorStub(channel).ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=5.0
+        )
+    batching = {info.capabilities.batch for info in response.participants}
+    if batching == {True}:
+        return "batched"
+    return "unary" if batching == {False} else "mixed"
 
 
 async def _serving(address: str) -> bool:

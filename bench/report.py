@@ -67,6 +67,9 @@ class RunConfig:
     mode: str
     # > 0: clients submit through SubmitBatch, this many calls in flight per channel.
     submit_batch: int = 0
+    # The services register without the batch capability: the coordinator sends them unary
+    # Prepare, Commit and Rollback (the plain contract's path), not Exchange calls.
+    unary_participants: bool = False
 
 
 def environment() -> dict[str, Any]:
@@ -288,6 +291,9 @@ def build_results(
         "abort_ratio": config.abort_ratio,
         "hot_sku": config.hot_sku,
         "submit_batch": config.submit_batch,
+        # How the coordinator reached the participants, as they registered (measure.py
+        # reads it from the coordinator): "batched", "unary", "mixed"; None when not read.
+        "participant_path": dtm.participant_path,
         "txn_per_s": txn_per_s,
         "aborted_per_s": _rate(tally.rate(Outcome.ABORTED)),
         "unknown_per_s": _rate(tally.rate(Outcome.UNKNOWN)),
@@ -529,6 +535,8 @@ def format_table(results: Mapping[str, Any]) -> str:
                 "call (the targets assume one call per transaction: not judged)",
             )
         )
+    if r.get("participant_path") is not None:
+        facts.append(("participant calls", _participant_path_line(r["participant_path"])))
     if r.get("batch_items_per_call") is not None:
         facts.append(("items per batched call", _number(r["batch_items_per_call"], digits=2)))
     cpu = r.get("cpu_ms_per_txn_by_process") or {}
@@ -621,6 +629,17 @@ def _open_at_close(r: Mapping[str, Any], prefix: str) -> str:
     text = _number(r.get(f"{prefix}_in_flight_at_close"))
     failed = r.get(f"{prefix}_failed_after_close")
     return f"{text} ({failed:,} failed)" if failed else text
+
+
+PARTICIPANT_PATHS = {
+    "batched": "batched (Exchange: prepares and decisions share calls)",
+    "unary": "unary (one Prepare, Commit or Rollback each: no participant declared batch)",
+    "mixed": "mixed (some participants declared batch, some did not)",
+}
+
+
+def _participant_path_line(path: str) -> str:
+    return PARTICIPANT_PATHS.get(path, path)
 
 
 def _latency_scope(r: Mapping[str, Any]) -> str:

@@ -1,7 +1,8 @@
 """`make bench`: dtm's throughput and latency against two baselines measured in the same run.
 
     python -m bench.run [--participants N] [--clients C] [--duration S] [--warmup S]
-                        [--abort-ratio R] [--hot-sku] [--quick | --full] [--no-baselines] ...
+                        [--abort-ratio R] [--hot-sku] [--unary-participants] [--quick | --full]
+                        [--no-baselines] ...
 
 In order: (a) a raw unary gRPC echo, (b) a naive 2PC shape (client -> coordinator -> N echo
 participants, nothing logged), then dtm itself (the coordinator and N participants as separate
@@ -211,6 +212,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "share its calls), at most K calls in flight per channel; default 0: one Submit per "
         "transaction, the shape the targets and the baselines describe",
     )
+    parser.add_argument(
+        "--unary-participants",
+        action="store_true",
+        help="the services register without the batch capability (their --no-batch), so the "
+        "coordinator sends them one unary Prepare, Commit or Rollback each, as to a "
+        "participant outside the SDK; default: batched Exchange calls",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="measure dtm only")
     parser.add_argument(
         "--results-dir", type=Path, default=report.RESULTS_DIR, help="where the JSON goes"
@@ -266,6 +274,7 @@ def run_config(options: argparse.Namespace) -> RunConfig:
         abort_ratio=options.abort_ratio,
         hot_sku=options.hot_sku,
         submit_batch=options.submit_batch,
+        unary_participants=options.unary_participants,
         # A preset's name no longer describes the run once its windows are overridden.
         mode=options.mode if options.duration is None and options.warmup is None else "custom",
     )
@@ -318,6 +327,7 @@ async def measure(
         progress=progress,
         metrics=metrics,
         submit_batch=config.submit_batch,
+        unary_participants=config.unary_participants,
     )
     return Measurements(dtm=dtm, unary=unary, naive=naive, fsync_p50_ms=fsync_ms)
 

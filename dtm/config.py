@@ -312,6 +312,15 @@ class ParticipantSettings:
     )
     wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
     checkpoint_every_records: int = field(default=20_000, metadata=_CHECKPOINT_EVERY_RECORDS)
+    batch: bool = field(
+        default=True,
+        metadata=about(
+            BOOLEAN,
+            "declare the batch capability when registering (false: the coordinator sends "
+            "this participant unary Prepare, Commit and Rollback, the plain contract's path, "
+            "as to a participant outside the SDK)",
+        ),
+    )
     test_control: bool = field(
         default=False, metadata=about(BOOLEAN, "allow the fault-injection RPC (tests only)")
     )

@@ -28,7 +28,7 @@ from dtm.coordinator.registry import Registry
 from dtm.core.branch import HEURISTIC_COMMIT
 from dtm.core.transaction import Vote
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from tests.harness import InProcessCluster, pack
+from tests.harness import InProcessCluster, order_branches, pack
 
 
 class FakeCalls:
@@ -1266,3 +1266,27 @@ def test_a_prepare_waiting_for_a_slot_fails_unsent_at_its_own_deadline(
         await port.close()
 
     asyncio.run(run())
+
+
+def test_a_participant_set_not_to_batch_registers_without_it_and_gets_unary_calls(
+    tmp_path: Path,
+) -> None:
+    """`batch = false` (the SDK's --no-batch; bench --unary-participants) leaves the batch
+    capability out of the registration: the coordinator then speaks the plain contract to the
+    shipped services, one unary Prepare, Commit or Rollback each, and no Exchange."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides={"batch": False}) as cluster:
+            listed = await cluster.client.ListParticipants(
+                coordinator_pb2.ListParticipantsRequest(), timeout=10
+            )
+            assert len(listed.participants) == 4
+            assert not any(info.capabilities.batch for info in listed.participants)
+            answer = await cluster.submit(order_branches("o-unary", [("sku-apple", 1)]))
+            assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
+            ports = cluster.coordinator.engine.registry.ports()
+            assert {False} == {port.batch for port in ports.values()}
+            assert {0} == {port.calls for port in ports.values()}  # no Exchange was sent
+            assert "o-unary" in await cluster.orders()
+
+    asyncio.run(scenario())

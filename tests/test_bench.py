@@ -497,6 +497,33 @@ def test_batched_submits_share_the_client_messages_and_are_not_judged_by_the_tar
     assert "not judged" in text and "NOT met" not in text
 
 
+def test_unary_participants_reach_the_run_and_the_results_say_which_path_was_used(
+    tmp_path: Path,
+) -> None:
+    """--unary-participants: the services register without the batch capability. The results
+    say how the coordinator reached them, as it lists their registrations (measure.py)."""
+    results_dir = ["--results-dir", str(tmp_path)]
+    assert run.run_config(run.parse_args([*results_dir, "--unary-participants"])).unary_participants
+    assert not run.run_config(run.parse_args(results_dir)).unary_participants
+    dtm = DtmResult(
+        participants=participants_for(4),
+        tally=fake_tally(100, 0),
+        invariants=checks.check_all([consistent_snapshot()], VIEW, ALL_KINDS),
+        participant_path="unary",
+    )
+    config = RunConfig(4, 64, 2.0, 1.0, 2.0, 1.0, 0.0, False, "quick", unary_participants=True)
+    results = report.build_results(
+        config, dtm, None, None, now=datetime(2030, 1, 2, tzinfo=UTC), context={}
+    )
+    assert "unary" == results["participant_path"]
+    (line,) = [x for x in report.format_table(results).splitlines() if "participant calls" in x]
+    assert "unary (one Prepare, Commit or Rollback each" in line
+    # A results document that never read the registrations says nothing about them.
+    unread = fake_results(baselines=False)
+    assert unread["participant_path"] is None
+    assert "participant calls" not in report.format_table(unread)
+
+
 def test_a_call_still_in_flight_when_the_window_closes_is_counted_until_then() -> None:
     clock = FakeClock()
 
@@ -1274,9 +1301,9 @@ def test_ports_taken_after_the_bench_chose_them_do_not_fail_the_run(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("submit_batch", [0, 2])
+@pytest.mark.parametrize(("submit_batch", "unary"), [(0, False), (2, False), (0, True)])
 def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(
-    tmp_path: Path, submit_batch: int
+    tmp_path: Path, submit_batch: int, unary: bool
 ) -> None:
     completed = subprocess.run(
         [
@@ -1285,6 +1312,7 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(
             "bench.run",
             *("--clients", "4", "--duration", "1", "--warmup", "0.2"),
             *("--submit-batch", str(submit_batch)),
+            *(["--unary-participants"] if unary else []),
             "--no-baselines",
             "--no-progress",
             *("--results-dir", str(tmp_path)),
@@ -1330,6 +1358,14 @@ def test_a_tiny_real_run_writes_its_results_and_finds_no_violation(
     if submit_batch:  # the clients' calls carried their transactions, each counted once
         assert 1 <= results["submit_batch_items_per_call"] <= 4
         assert "submit batching" in completed.stdout
+    # The path the coordinator took, as the participants registered: with unary participants
+    # not one Exchange was sent (the messages above were each a call of its own).
+    assert ("unary" if unary else "batched") == results["participant_path"]
+    if unary:
+        assert results["batch_items_per_call"] is None
+        assert "unary (one Prepare" in completed.stdout
+    else:
+        assert results["batch_items_per_call"] >= 1
 
 
 # ---- the coordinator's footprint (make bench-soak) ----

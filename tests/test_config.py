@@ -393,6 +393,17 @@ metrics_listen = "127.0.0.1:9103"
     assert not participant_server.parse_args("orders", []).test_control
 
 
+def test_a_participant_declares_batch_unless_told_not_to(tmp_path: Path) -> None:
+    """`batch` (file, environment, --batch/--no-batch): whether the registration declares the
+    batch capability; bench --unary-participants passes --no-batch to every service."""
+    assert participant_server.parse_args("orders", []).batch
+    assert not participant_server.parse_args("orders", ["--no-batch"]).batch
+    path = write(tmp_path / "dtm.toml", "[participant]\nbatch = false\n")
+    assert not participant_server.parse_args("payment", ["--config", str(path)]).batch
+    assert participant_server.parse_args("payment", ["--config", str(path), "--batch"]).batch
+    assert not load(environ={"DTM_INVENTORY_BATCH": "off"}).service("inventory").batch
+
+
 def test_replace_registration_is_a_flag_for_one_start_not_a_setting(tmp_path: Path) -> None:
     """--replace-registration (RegisterParticipantRequest.replace) is on only when given: a key
     in the file or the environment would outlive the start it is meant for."""

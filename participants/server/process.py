@@ -260,7 +260,7 @@ class ParticipantServer:
             replace=self.config.replace_registration,
             capabilities=coordinator_pb2.Capabilities(
                 one_phase=True,
-                batch=True,
+                batch=self.config.batch,
                 operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
             ),
         )

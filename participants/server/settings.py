@@ -36,6 +36,10 @@ class ParticipantConfig:
     in_doubt_after_ms: int = 2_000
     inquiry_backoff_ms_max: int = 5_000
     checkpoint_every_records: int = 20_000
+    # Declare the batch capability when registering (Capabilities.batch): false makes the
+    # coordinator speak the plain unary contract to this participant (bench
+    # --unary-participants measures that path with the shipped services).
+    batch: bool = True
     tick_ms: int = 100
     # None: plaintext and no authorization (local development only); see dtm.security.
     tls: security.TlsConfig | None = None
@@ -114,5 +118,6 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         log_level=settings.log.level,
         wal_sync=service.wal_sync,
         checkpoint_every_records=service.checkpoint_every_records,
+        batch=service.batch,
         replace_registration=options.replace_registration,
     )
