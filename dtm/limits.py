@@ -135,9 +135,10 @@ DECISIONS_WAITING_MAX = 16 * BATCH_ITEMS_MAX
 # all a participant outside the project can be assumed to keep; see CALLS_PENDING_MAX)
 # cancelled the rest itself, CANCELLED: each such Prepare aborted its transaction. Well below
 # that default, so the participant's other callers (another coordinator, a port of it still
-# draining after it registered again) fit too; far above what throughput needs: a coordinator
-# starts at most about 2,500 unary calls a second (about 0.4 ms of CPU each), which 256 calls
-# in flight keep up with while a call takes up to 100 ms.
+# draining after it registered again) fit too. Measured with bench --unary-participants
+# (docs/architecture.md, section 11): never reached at 64 clients (at most 102-129 calls in
+# flight to one participant); 64, 1,024, and serving decisions before prepares, made no
+# difference beyond the noise of the machine at 64 or 256 clients.
 UNARY_CALLS_IN_FLIGHT_MAX = 256
 # The coordinator's Exchange to one participant: the message limit, less room for the framing
 # its estimate of each item's size leaves out (a few bytes per item, 1,024 items at most).
