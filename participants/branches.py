@@ -215,9 +215,10 @@ def branch_key_text(key: BranchKey) -> str:
 
 def transaction_of_owner(owner: str) -> str:
     """The transaction id of lock owner `owner` (branch_key_text): the lock manager's
-    `transaction_of`, so that its deadlock search sees a transaction's branches as one, and a
-    branch wanting what a sibling holds is refused at once. A transaction id has no "/"
-    (limits.TRANSACTION_ID_PATTERN), so it is the part before the last one."""
+    `transaction_of`, so that its deadlock search sees a prepared branch as its whole
+    transaction, and a branch wanting what a prepared sibling holds is refused at once. A
+    transaction id has no "/" (limits.TRANSACTION_ID_PATTERN), so it is the part before the
+    last one."""
     return owner.rpartition("/")[0]
 
 
@@ -930,7 +931,12 @@ class BranchEngine:
             event = core.PrepareVoted(BranchVote.REFUSED, limits.reason_kept(outcome.reason))
         reply = self._execute(info, branch.handle(event))
         assert isinstance(reply, core.ReplyVote)
-        if reply.vote is not BranchVote.PREPARED:
+        if reply.vote is BranchVote.PREPARED:
+            # Its locks now last until its transaction is decided (a READ_ONLY or REFUSED
+            # vote let them go): the lock table's deadlock search reads a wait for them as a
+            # wait for its siblings. Nothing when they went already (one phase, finished).
+            self.locks.pin(branch_key_text(branch.key))
+        else:
             # No record of its own to wait for, but the answer may rest on effects whose
             # records are not durable yet ("duplicate order id" after another branch's
             # commit was appended): it waits for everything appended so far (persist before

@@ -7,10 +7,14 @@ needs no thread locking: every method below runs to completion between two await
 Rules held here (protocol.md, "Locks and timeouts"):
 - A lock wait that exceeds its timeout fails the waiter (LockTimeout), never the holder.
 - A wait that would close a cycle in the wait-for graph fails the requester at once
-  (DeadlockDetected) rather than after the timeout; holders are never disturbed. The graph's
-  nodes are transactions (`transaction_of`), not branches: a branch's locks go only when its
-  transaction is decided, which waits for the vote of every branch of it.
-- So does a request that conflicts with a hold of another branch of its own transaction
+  (DeadlockDetected) rather than after the timeout; holders are never disturbed. A branch
+  that voted PREPARED (`pin`) keeps its locks until its transaction (`transaction_of`) is
+  decided, which waits for the vote of every branch of it, so a wait for it is a wait for its
+  siblings' waits: such a branch stands for its whole transaction in the graph. A branch that
+  has not voted stands for itself: it lets its locks go at its own vote if that is READ_ONLY
+  or REFUSED. A cycle that a branch's vote closes is broken at the vote (`pin`): the wait of
+  another branch of its transaction in it is refused.
+- So does a request that conflicts with a hold of a pinned branch of its own transaction
   (HeldByOwnTransaction): that hold lasts until the transaction is decided, which waits for
   the requester's vote.
 - Locks are released only all together, by `release_all`, when the branch is decided or
@@ -71,8 +75,9 @@ class DeadlockDetected(LockRefused):
 
 class HeldByOwnTransaction(LockRefused):
     """A deadlock of one transaction with itself (counted as a deadlock): another branch of it
-    holds the resource in a conflicting mode. That branch keeps it until the transaction is
-    decided, which waits for this branch's vote, so the wait could only run out."""
+    that voted PREPARED (`LockManager.pin`) holds the resource in a conflicting mode. That
+    branch keeps it until the transaction is decided, which waits for this branch's vote, so
+    the wait could only run out."""
 
     def __init__(self, resource: str, sibling: str, mode: LockMode) -> None:
         super().__init__(
@@ -141,7 +146,20 @@ class _Holders:
     resource: str
 
 
-_Node = str | _Holders  # a transaction (LockManager._transaction), or the holders of a lock
+@dataclass(frozen=True, slots=True)
+class _Unvoted:
+    """A node of the wait-for graph standing for one branch that has not voted PREPARED (not
+    pinned): its locks may go at its own vote (READ_ONLY, REFUSED), so a wait for it waits only
+    for its own waits, not its siblings'."""
+
+    owner: str
+
+
+# A transaction (LockManager._transaction; entered through a pinned branch of it, or any owner
+# without a `transaction_of`), an unvoted branch, or the holders of a lock.
+_Node = str | _Holders | _Unvoted
+# Whom a waiter waits for on one resource (`_queue_edges`): an owner, or a lock's holders.
+_Blocker = str | _Holders
 # One edge of the wait-for graph as branches: (the waiting branch, the branch it waits for);
 # None on the side of a `_Holders` node.
 _Hop = tuple[str | None, str | None]
@@ -171,9 +189,11 @@ class LockManager:
         transaction_of: Callable[[str], str] | None = None,
     ) -> None:
         """`transaction_of` names the transaction of an owner (a branch); None: every owner is
-        a transaction of its own. Branches of one transaction are one node of the deadlock
-        search: one holds its locks until the transaction is decided, which waits for every
-        other branch of it to vote, so a wait for one is a wait for all its siblings' waits."""
+        a transaction of its own. A branch that voted PREPARED (`pin`) is its transaction in
+        the deadlock search: it holds its locks until the transaction is decided, which waits
+        for every other branch of it to vote, so a wait for it is a wait for all its siblings'
+        waits. One that has not voted may let its locks go at its vote (READ_ONLY, REFUSED):
+        a wait for it is a wait for its own waits only."""
         assert wait_timeout_s > 0, wait_timeout_s
         self._wait_timeout_s = wait_timeout_s
         self._clock = clock
@@ -186,6 +206,9 @@ class LockManager:
         # transaction -> its owners in _resources_of (kept only with a `transaction_of`), for
         # the deadlock search to reach every branch of a transaction.
         self._branches: dict[str, set[str]] = {}
+        # Owners in _resources_of that voted PREPARED (`pin`; only with a `transaction_of`):
+        # their locks last until their transaction is decided.
+        self._pinned: set[str] = set()
         self.waits = 0  # requests that had to queue
         self.timeouts = 0  # LockTimeout raised
         self.deadlocks = 0  # DeadlockDetected raised
@@ -207,8 +230,8 @@ class LockManager:
         """Take `resource` in `mode` for `owner`, waiting at most `timeout_s` (None: default).
 
         A conflicting hold of another branch of `owner`'s own transaction (`transaction_of`)
-        is refused at once (HeldByOwnTransaction), as no wait for it can end before the
-        transaction does.
+        that voted PREPARED (`pin`) is refused at once (HeldByOwnTransaction), as no wait for
+        it can end before the transaction does.
 
         Raises LockTimeout, DeadlockDetected or LockRefused (queue full, owner already waiting
         on this resource, or released while waiting); on cancellation re-raises CancelledError.
@@ -251,8 +274,8 @@ class LockManager:
         lock.waiting[owner] = waiter
         self._index(owner, resource)
         # Queued first, then searched: an upgrade placed ahead of others adds edges into the
-        # requester too. Only this request added edges, so any new cycle passes through it, and
-        # so through its transaction (the search's nodes).
+        # requester too. Only this request added edges, so any new cycle passes through it (a
+        # cycle that a vote closes is looked for at the vote: `pin`).
         cycle = self._find_cycle(owner)
         if cycle is not None:
             self._dequeue(resource, lock, waiter)
@@ -280,11 +303,58 @@ class LockManager:
         owner: str,
         mode: LockMode,
     ) -> None:
+        refusal = self._held_by_own_transaction(resource, lock, owner, mode)
+        if refusal is not None:
+            self.deadlocks += 1
+            raise refusal
+
+    def _held_by_own_transaction(
+        self, resource: str, lock: _Lock, owner: str, mode: LockMode
+    ) -> HeldByOwnTransaction | None:
+        """The refusal of `owner`'s request when a pinned sibling's hold conflicts with it."""
         transaction = self._transaction(owner)
         for holder in self._conflicting_holders(lock, owner, mode):
-            if self._transaction(holder) == transaction:
-                self.deadlocks += 1
-                raise HeldByOwnTransaction(resource, holder, lock.holders[holder].mode)
+            if holder in self._pinned and self._transaction(holder) == transaction:
+                return HeldByOwnTransaction(resource, holder, lock.holders[holder].mode)
+        return None
+
+    def pin(self, owner: str) -> None:
+        """`owner` voted PREPARED: its locks now last until its transaction is decided, which
+        waits for the vote of every other branch of it. A wait for them is from now on a wait
+        for those branches' own waits too, which may close a cycle that nothing else would
+        find before the waits run out (a sibling queued behind this branch's request, now
+        granted, is one): each such wait of a branch of this transaction is refused now
+        (HeldByOwnTransaction, or DeadlockDetected with the cycle). Nothing without a
+        `transaction_of` (every owner its own transaction), or for an owner holding nothing
+        (its locks went, a one-phase commit say)."""
+        if self._transaction_of is None or owner not in self._resources_of:
+            return
+        self._pinned.add(owner)
+        while (hops := self._search(owner)) is not None:
+            self._refuse_wait(owner, hops)
+
+    def _refuse_wait(self, pinned: str, hops: list[_Hop]) -> None:
+        """Refuse the wait that `hops`, a cycle from pinned branch `pinned`'s transaction back
+        to it, starts with: a branch of that transaction's."""
+        victim = hops[0][0]
+        assert victim is not None, hops
+        for resource in sorted(self._resources_of[victim]):
+            lock = self._locks[resource]
+            waiter = lock.waiting.get(victim)
+            if waiter is not None and waiter.live:
+                break
+        else:
+            raise AssertionError(f"{victim} starts a cycle without waiting")
+        cycle = _cycle_of_branches(pinned, hops)
+        start = cycle.index(victim)
+        refusal = self._held_by_own_transaction(
+            resource, lock, victim, waiter.mode
+        ) or DeadlockDetected(resource, [*cycle[start:-1], *cycle[: start + 1]])
+        self.deadlocks += 1
+        self._dequeue(resource, lock, waiter)
+        waiter.future.set_exception(refusal)
+        self._wake(resource, lock)
+        self._discard_if_idle(resource, lock)
 
     def try_acquire(self, owner: str, resource: str, mode: LockMode) -> bool:
         """Take `resource` if that needs no wait (the common case: no task, no future);
@@ -326,6 +396,10 @@ class LockManager:
         hold = lock.holders.get(owner)
         if hold is None or not _covers(hold.mode, mode):
             self._grant(resource, lock, owner, mode, self._clock() - held_for_s)
+        if self._transaction_of is not None:
+            # Prepared: held until the transaction is decided. Nobody waits at a replay, so
+            # there is no cycle to look for (`pin`).
+            self._pinned.add(owner)
         self.grants += 1
 
     def release_all(self, owner: str) -> list[str]:
@@ -471,6 +545,7 @@ class LockManager:
         """`owner` left `_resources_of`: it holds and waits for nothing any more."""
         if self._transaction_of is None:
             return
+        self._pinned.discard(owner)
         transaction = self._transaction_of(owner)
         branches = self._branches.get(transaction)
         if branches is not None:
@@ -527,7 +602,7 @@ class LockManager:
                 behind.append(waiter)
         return False
 
-    def _queue_edges(self, resource: str) -> dict[str, list[_Node]]:
+    def _queue_edges(self, resource: str) -> dict[str, list[_Blocker]]:
         """Each live waiter's edges on `resource`: whom its owner waits for there.
 
         Not every edge of the wait-for graph, but the same owners reached through them, so
@@ -548,7 +623,7 @@ class LockManager:
             holder for holder, hold in lock.holders.items() if hold.mode is LockMode.EXCLUSIVE
         ]
         self.search_steps += len(holders)
-        edges: dict[str, list[_Node]] = {}
+        edges: dict[str, list[_Blocker]] = {}
         nearest_exclusive: str | None = None  # owner of the nearest exclusive request so far
         shared_since: list[str] = []  # owners of the shared requests queued behind that one
         for waiter in lock.waiters:
@@ -556,7 +631,7 @@ class LockManager:
             if not waiter.live:
                 continue
             owner = waiter.owner
-            blockers: list[_Node]
+            blockers: list[_Blocker]
             if waiter.mode is LockMode.SHARED:
                 blockers = [holder for holder in exclusive_holders if holder != owner]
                 shared_since.append(owner)
@@ -578,6 +653,15 @@ class LockManager:
     def _transaction(self, owner: str) -> str:
         return owner if self._transaction_of is None else self._transaction_of(owner)
 
+    def _node_of(self, owner: str) -> _Node:
+        """The node standing for `owner` in the wait-for graph: its transaction once it is
+        pinned (or without a `transaction_of`), else itself (`_Unvoted`)."""
+        if self._transaction_of is None:
+            return owner
+        if owner in self._pinned:
+            return self._transaction_of(owner)
+        return _Unvoted(owner)
+
     def _branches_of(self, transaction: str) -> Iterable[str]:
         """The owners of `transaction` that hold or wait for a lock."""
         if self._transaction_of is None:
@@ -585,32 +669,41 @@ class LockManager:
         return sorted(self._branches.get(transaction, ()))
 
     def _find_cycle(self, owner: str) -> list[str] | None:
-        """A path owner -> ... -> owner in the wait-for graph, or None.
+        """A path owner -> ... -> owner in the wait-for graph, as branches, or None.
 
-        The graph's nodes are transactions: an edge into any branch of one goes on from every
-        waiting branch of it, as its locks go only when all its branches have voted. So a
-        branch queued behind its sibling is a cycle, and so are two transactions each with a
-        branch waiting for the other's. The path is reported as branches, a sibling step
-        included ("t1/1 -> t2/0 -> t2/1 -> t1/0 -> t1/1": t2/0's hold waits for t2/1's vote).
-
-        Depth-first from the owner's transaction, each node expanded once, each queue read
-        once (`_queue_edges`): linear in the queues and holders it reaches. An expanded node
-        with an edge back to the start ends it, so the cycle reported is a short one. Sorted
-        expansion keeps it deterministic.
+        A pinned branch stands for its transaction (`_node_of`): an edge into it goes on from
+        every waiting branch of the transaction, as its locks go only when all its branches
+        have voted. So a branch queued behind a pinned sibling is a cycle, and so are two
+        transactions each with a branch waiting for a pinned one of the other. The path is
+        reported as branches, a sibling step included ("t1/1 -> t2/0 -> t2/1 -> t1/0 -> t1/1":
+        t2/0's hold waits for t2/1's vote).
         """
-        start = self._transaction(owner)
+        hops = self._search(owner)
+        return None if hops is None else _cycle_of_branches(owner, hops)
+
+    def _search(self, owner: str) -> list[_Hop] | None:
+        """The hops of a path from `owner`'s node back to it, or to its transaction (entered
+        through a pinned sibling, which waits for `owner`'s vote), or None.
+
+        Depth-first, each node expanded once, each queue read once (`_queue_edges`): linear
+        in the queues and holders it reaches. An expanded node with an edge back to the start
+        ends it, so the cycle reported is a short one. Sorted expansion keeps it
+        deterministic."""
+        transaction = self._transaction(owner)
         # A cycle needs a wait for some branch of the transaction (its own siblings' included).
-        if not any(self._waited_on(branch) for branch in self._branches_of(start)):
+        if not any(self._waited_on(branch) for branch in self._branches_of(transaction)):
             return None
-        queues: dict[str, dict[str, list[_Node]]] = {}
+        start = self._node_of(owner)
+        queues: dict[str, dict[str, list[_Blocker]]] = {}
 
         def edges(node: _Node) -> list[tuple[_Node, _Hop]]:
             if isinstance(node, _Holders):
                 holders = sorted(self._locks[node.resource].holders)
                 self.search_steps += len(holders)
-                return [(self._transaction(holder), (None, holder)) for holder in holders]
+                return [(self._node_of(holder), (None, holder)) for holder in holders]
             hops: dict[_Node, _Hop] = {}
-            for branch in self._branches_of(node):
+            branches = (node.owner,) if isinstance(node, _Unvoted) else self._branches_of(node)
+            for branch in branches:
                 for resource in self._resources_of.get(branch, ()):
                     queue = queues.get(resource)
                     if queue is None:
@@ -619,18 +712,13 @@ class LockManager:
                         target, hop = (
                             (blocker, (branch, None))
                             if isinstance(blocker, _Holders)
-                            else (self._transaction(blocker), (branch, blocker))
+                            else (self._node_of(blocker), (branch, blocker))
                         )
                         known = hops.get(target)
                         # The least hop to each target: reported the same on every run.
                         if known is None or _hop_order(hop) < _hop_order(known):
                             hops[target] = hop
-            return sorted(
-                hops.items(),
-                key=lambda item: (
-                    (1, item[0].resource) if isinstance(item[0], _Holders) else (0, item[0])
-                ),
-            )
+            return sorted(hops.items(), key=lambda item: _node_order(item[0]))
 
         parents: dict[_Node, tuple[_Node, _Hop] | None] = {}
         stack: list[tuple[_Node, tuple[_Node, _Hop] | None]] = [(start, None)]
@@ -641,12 +729,20 @@ class LockManager:
             parents[node] = via
             blockers = edges(node)
             for target, hop in blockers:
-                if target == start:
-                    return _cycle_of_branches(owner, _hops_to(parents, node, hop))
+                if target in (start, transaction):
+                    return _hops_to(parents, node, hop)
             stack.extend(
                 (target, (node, hop)) for target, hop in reversed(blockers) if target not in parents
             )
         return None
+
+
+def _node_order(node: _Node) -> tuple[int, str]:
+    if isinstance(node, _Holders):
+        return (2, node.resource)
+    if isinstance(node, _Unvoted):
+        return (1, node.owner)
+    return (0, node)
 
 
 def _hop_order(hop: _Hop) -> tuple[str, str]:

@@ -28,7 +28,7 @@ from participants.locks import (
     LockSnapshot,
     LockTimeout,
 )
-from participants.service import LockRequest
+from participants.service import LockRequest, Prepared, PrepareResult, ReadOnly
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.harness import until
@@ -69,6 +69,7 @@ def assert_empty(manager: LockManager) -> None:
     assert manager.snapshot() == []
     assert manager._resources_of == {}
     assert manager._branches == {}
+    assert manager._pinned == set()
 
 
 def check_invariants(manager: LockManager, owners: list[str]) -> None:
@@ -720,14 +721,16 @@ def test_a_branch_wanting_what_a_branch_of_its_own_transaction_holds_is_refused_
 
 
 def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_transactions() -> None:
-    """Only a conflict with a branch of the requester's own transaction is refused at once:
-    shared holds of one transaction still share, and a hold of another transaction is waited
-    for as before. An upgrade past a sibling's shared hold is the same self-deadlock."""
+    """Only a conflict with a prepared branch of the requester's own transaction is refused at
+    once: shared holds of one transaction still share, and a hold of another transaction is
+    waited for as before. An upgrade past a prepared sibling's shared hold is the same
+    self-deadlock."""
 
     async def main() -> None:
         manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of_owner)
         await manager.acquire("t1/0", "sku-1", S)
         await manager.acquire("t1/1", "sku-1", S)
+        manager.pin("t1/0")
         assert ("t1/0", "t1/1") == holders(manager, "sku-1")
         with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch t1/0 of this transaction"):
             await manager.acquire("t1/1", "sku-1", X)
@@ -745,10 +748,10 @@ def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_trans
 
 
 # ---- deadlocks through sibling branches: a transaction is one node of the search ----
-# A branch's locks go only when its transaction is decided, which waits for every branch of it
-# to vote. Each deadlock below used to end only at the lock wait timeout. The wait timeout is
-# an hour and nothing releases the locks, so a refusal comes back only if there was no wait
-# (run's bound fails a hang).
+# A prepared branch's locks (`pin`) go only when its transaction is decided, which waits for
+# every branch of it to vote. Each deadlock below used to end only at the lock wait timeout.
+# The wait timeout is an hour and nothing releases the locks, so a refusal comes back only if
+# there was no wait (run's bound fails a hang).
 
 
 def branch_locks() -> LockManager:
@@ -762,19 +765,24 @@ async def queued(manager: LockManager, owner: str, resource: str, mode: LockMode
     return task
 
 
-def test_a_branch_queued_behind_a_waiting_sibling_is_a_deadlock() -> None:
-    """t1/0 waits for t2/0's r; t1/1 queuing behind t1/0 would get r only after t1/0 let it go,
-    which it does when t1 is decided, after t1/1's vote."""
+def test_a_branch_queued_behind_a_waiting_sibling_is_refused_when_the_sibling_prepares() -> None:
+    """t1/0 waits for t2/0's r; t1/1 queues behind t1/0. Until t1/0 votes, that is a wait: it
+    may vote READ_ONLY and let r go at once. Once it has r and votes PREPARED, it keeps r until
+    t1 is decided, after t1/1's vote: t1/1's wait is refused then."""
 
     async def main() -> None:
         manager = branch_locks()
         await manager.acquire("t2/0", "r", X)
+        manager.pin("t2/0")
         first = await queued(manager, "t1/0", "r", X)
-        with pytest.raises(DeadlockDetected, match=r"^deadlock on r: t1/1 -> t1/0 -> t1/1$"):
-            await manager.acquire("t1/1", "r", X)
-        assert (1, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        second = await queued(manager, "t1/1", "r", X)
         manager.release_all("t2/0")
         await first
+        assert (2, 0) == (manager.waits, manager.deadlocks) and not second.done()
+        manager.pin("t1/0")
+        with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch t1/0 of this transaction"):
+            await second
+        assert (2, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
         manager.release_all("t1/0")
         assert_empty(manager)
 
@@ -782,13 +790,15 @@ def test_a_branch_queued_behind_a_waiting_sibling_is_a_deadlock() -> None:
 
 
 def test_two_transactions_waiting_for_each_other_through_other_branches_deadlock() -> None:
-    """t1/0 holds A and t2/0 holds B; t1/1 waits for B, then t2/1 asks for A: each transaction
-    waits for the other's decision."""
+    """Prepared t1/0 holds A and prepared t2/0 holds B; t1/1 waits for B, then t2/1 asks for
+    A: each transaction waits for the other's decision."""
 
     async def main() -> None:
         manager = branch_locks()
         await manager.acquire("t1/0", "A", X)
         await manager.acquire("t2/0", "B", X)
+        manager.pin("t1/0")
+        manager.pin("t2/0")
         t1_waits = await queued(manager, "t1/1", "B", X)
         with pytest.raises(
             DeadlockDetected, match=r"^deadlock on A: t2/1 -> t1/0 -> t1/1 -> t2/0 -> t2/1$"
@@ -805,12 +815,13 @@ def test_two_transactions_waiting_for_each_other_through_other_branches_deadlock
 
 
 def test_a_shared_request_queued_behind_another_transaction_deadlocks_on_a_sibling() -> None:
-    """t1/0 holds r shared; t2/0 queues for it exclusive; t1/1 asking r shared queues behind
-    t2/0 (FIFO), which waits for t1/0, which waits for t1/1's vote."""
+    """Prepared t1/0 holds r shared; t2/0 queues for it exclusive; t1/1 asking r shared queues
+    behind t2/0 (FIFO), which waits for t1/0, which waits for t1/1's vote."""
 
     async def main() -> None:
         manager = branch_locks()
         await manager.acquire("t1/0", "r", S)
+        manager.pin("t1/0")
         t2_waits = await queued(manager, "t2/0", "r", X)
         with pytest.raises(
             DeadlockDetected, match=r"^deadlock on r: t1/1 -> t2/0 -> t1/0 -> t1/1$"
@@ -821,6 +832,157 @@ def test_a_shared_request_queued_behind_another_transaction_deadlocks_on_a_sibli
         await t2_waits
         manager.release_all("t2/0")
         assert_empty(manager)
+
+    run(main)
+
+
+def test_a_cycle_closed_by_a_vote_is_refused_at_the_vote() -> None:
+    """t2/1 waits for unvoted t1/0's A (a wait for t1/0 alone: it may vote READ_ONLY), t1/1 for
+    prepared t2/0's B: no cycle yet. t1/0 votes PREPARED: it keeps A until t1 is decided, after
+    t1/1's vote, which waits for t2, which waits for A. t1/1's wait is refused then."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        await manager.acquire("t1/0", "A", X)
+        await manager.acquire("t2/0", "B", X)
+        manager.pin("t2/0")
+        t2_waits = await queued(manager, "t2/1", "A", X)
+        t1_waits = await queued(manager, "t1/1", "B", X)
+        assert (2, 0) == (manager.waits, manager.deadlocks)
+        manager.pin("t1/0")
+        with pytest.raises(
+            DeadlockDetected, match=r"^deadlock on B: t1/1 -> t2/0 -> t2/1 -> t1/0 -> t1/1$"
+        ):
+            await t1_waits
+        assert (2, 1, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        assert [] == waiting(manager, "B") and not t2_waits.done()
+        manager.release_all("t1/0")  # t1 refused: aborted, so t2 goes on
+        await t2_waits
+        manager.release_all("t2/0")
+        manager.release_all("t2/1")
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_a_branch_recovered_as_prepared_is_pinned() -> None:
+    """A branch re-taking its locks after a restart voted PREPARED before it: a sibling
+    wanting what it holds is refused at once, as before the restart."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        manager.acquire_now("t1/0", "r", X)
+        with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch t1/0 of this transaction"):
+            await manager.acquire("t1/1", "r", X)
+        manager.release_all("t1/0")
+        assert_empty(manager)
+
+    run(main)
+
+
+class Shelf:
+    """A service of reads and writes of SKUs: a line of 0 units reads its SKU (shared lock),
+    another writes it (exclusive); a branch of reads only votes READ_ONLY, so its locks go at
+    its vote, not at its transaction's decision."""
+
+    name = "shelf"
+    operation_type = shop_pb2.ReserveStock
+
+    def validate(self, operation: shop_pb2.ReserveStock) -> None:
+        pass
+
+    def locks(self, operation: shop_pb2.ReserveStock) -> list[LockRequest]:
+        return [
+            LockRequest(f"sku:{line.sku}", X if line.quantity else S) for line in operation.lines
+        ]
+
+    def prepare(self, key: str, operation: shop_pb2.ReserveStock) -> PrepareResult:
+        return Prepared() if any(line.quantity for line in operation.lines) else ReadOnly()
+
+    def commit(self, key: str, operation: shop_pb2.ReserveStock) -> None:
+        pass
+
+    def rollback(self, key: str, operation: shop_pb2.ReserveStock) -> None:
+        pass
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, state: bytes) -> None:
+        pass
+
+    def add_read_api(self, server: Any) -> list[str]:
+        return []
+
+
+def shelf_operation(**lines: int) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    stock = [shop_pb2.StockLine(sku=sku, quantity=units) for sku, units in lines.items()]
+    packed.Pack(shop_pb2.ReserveStock(lines=stock))
+    return packed
+
+
+def started(answer: Any) -> asyncio.Future[Any]:
+    """A prepare that waits for a lock, as a future (not answered at once)."""
+    assert not isinstance(answer, tuple), answer
+    return asyncio.ensure_future(answer)
+
+
+async def queued_or_done(manager: LockManager, prepare: asyncio.Future[Any], resource: str) -> None:
+    await until(lambda: prepare.done() or bool(waiting(manager, resource)))
+
+
+def test_a_read_only_sibling_s_hold_is_waited_for_not_refused() -> None:
+    """t1/0 reads a and b and waits for b (t9/0 writes it); t1/1 writes a. t1/0 votes
+    READ_ONLY once it has b, letting a go, so t1/1's wait ends well: it was refused at once as
+    held by its own transaction, aborting t1 for nothing."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        engine = BranchEngine(Shelf(), MemoryLog(), manager, clock_ms=lambda: 0)
+        assert (BranchVote.PREPARED, "") == engine.begin_prepare(
+            "t9", 0, shelf_operation(b=1), False
+        )
+        read = started(engine.begin_prepare("t1", 0, shelf_operation(a=0, b=0), False))
+        await queued_or_done(manager, read, "sku:b")
+        write = started(engine.begin_prepare("t1", 1, shelf_operation(a=1), False))
+        await queued_or_done(manager, write, "sku:a")
+        assert not write.done(), write.result()
+        engine.decide_now("t9", 0, commit=True)
+        assert (BranchVote.READ_ONLY, "") == await read
+        assert (BranchVote.PREPARED, "") == await write
+        assert (2, 0) == (manager.waits, manager.deadlocks)
+
+    run(main)
+
+
+def test_a_wait_for_a_read_only_branch_is_not_a_wait_for_its_siblings() -> None:
+    """t1/0 reads a and b and waits for b (t9/0 writes it); t1/1 waits for c (t2/0 writes it);
+    t2/1 writes a, held by t1/0. t1/0 lets a go at its vote (READ_ONLY), whatever t1/1 waits
+    for, so there is no cycle: t2/1 was refused as a deadlock through t1/1, aborting t2 for
+    nothing."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        engine = BranchEngine(Shelf(), MemoryLog(), manager, clock_ms=lambda: 0)
+        for transaction, sku in (("t9", "b"), ("t2", "c")):
+            assert (BranchVote.PREPARED, "") == engine.begin_prepare(
+                transaction, 0, shelf_operation(**{sku: 1}), False
+            )
+        read = started(engine.begin_prepare("t1", 0, shelf_operation(a=0, b=0), False))
+        await queued_or_done(manager, read, "sku:b")
+        t1_write = started(engine.begin_prepare("t1", 1, shelf_operation(c=1), False))
+        await queued_or_done(manager, t1_write, "sku:c")
+        t2_write = started(engine.begin_prepare("t2", 1, shelf_operation(a=1), False))
+        await queued_or_done(manager, t2_write, "sku:a")
+        assert not t2_write.done(), t2_write.result()
+        engine.decide_now("t9", 0, commit=True)
+        assert (BranchVote.READ_ONLY, "") == await read
+        assert (BranchVote.PREPARED, "") == await t2_write
+        for branch in (0, 1):
+            engine.decide_now("t2", branch, commit=True)
+        assert (BranchVote.PREPARED, "") == await t1_write
+        assert (3, 0) == (manager.waits, manager.deadlocks)
 
     run(main)
 
@@ -1117,23 +1279,33 @@ BRANCHES = ("t1/0", "t1/1", "t1/2", "t2/0", "t2/1", "t3/0")
 
 
 def whole_graph_has_transaction_cycle_through(manager: LockManager, owner: str) -> bool:
-    """A search of the whole graph of transactions: one waits for another when a branch of it
-    waits for a branch of the other (a sibling's included, a transaction waiting for itself)."""
+    """A search of the whole graph of branches and transactions: a wait for a pinned
+    (prepared) branch is a wait for its transaction, that is for the waits of every branch of
+    it (a sibling's included, a transaction waiting for itself); a wait for another branch is
+    a wait for its own waits only (it may let its locks go at its vote). A cycle through
+    `owner` comes back to it or to its transaction."""
 
-    def waits_for(transaction: str) -> set[str]:
+    def node_of(branch: str) -> tuple[str, str]:
+        if branch in manager._pinned:
+            return ("transaction", transaction_of_owner(branch))
+        return ("branch", branch)
+
+    def waits_for(node: tuple[str, str]) -> set[tuple[str, str]]:
+        kind, name = node
         return {
-            transaction_of_owner(blocker)
+            node_of(blocker)
             for branch in manager._resources_of
-            if transaction_of_owner(branch) == transaction
+            if (transaction_of_owner(branch) == name if kind == "transaction" else branch == name)
             for blocker in whole_graph_waits_for(manager, branch)
         }
 
-    start = transaction_of_owner(owner)
-    seen: set[str] = set()
+    start = node_of(owner)
+    ends = {start, ("transaction", transaction_of_owner(owner))}
+    seen: set[tuple[str, str]] = set()
     todo = list(waits_for(start))
     while todo:
         node = todo.pop()
-        if node == start:
+        if node in ends:
             return True
         if node not in seen:
             seen.add(node)
@@ -1142,15 +1314,17 @@ def whole_graph_has_transaction_cycle_through(manager: LockManager, owner: str) 
 
 
 @settings(max_examples=500, deadline=None)
-@given(table=lock_tables(BRANCHES))
+@given(table=lock_tables(BRANCHES), pinned=st.sets(st.sampled_from(BRANCHES)))
 def test_deadlock_search_of_transactions_agrees_with_a_search_of_the_whole_graph(
-    table: LockTable,
+    table: LockTable, pinned: set[str]
 ) -> None:
-    """The same with branches of three transactions: a cycle is one of transactions, and the
-    cycle reported steps along the whole graph's edges or from a branch to a sibling."""
+    """The same with branches of three transactions, some of them pinned (prepared): a wait
+    for a pinned one is a wait for its transaction, and the cycle reported steps along the
+    whole graph's edges or from a branch to a sibling."""
     loop = asyncio.new_event_loop()
     try:
         manager = table_manager(table, loop, transaction_of=transaction_of_owner)
+        manager._pinned = pinned & manager._resources_of.keys()
         for owner in sorted(manager._resources_of):
             cycle = manager._find_cycle(owner)
             assert (cycle is not None) == whole_graph_has_transaction_cycle_through(
