@@ -120,6 +120,13 @@ def check(engine: BranchEngine, decided: set[tuple[str, int]]) -> None:
         # waiter being live, and on the owner index matching the queue.
         assert all(waiter.live and waiter.queued for waiter in entry.waiters), resource
         assert {waiter.owner: waiter for waiter in entry.waiters} == entry.waiting, resource
+    # Pinned (their locks held until the transaction is decided, in the deadlock search)
+    # exactly while prepared: pinned at the vote or the replay, unpinned at the release.
+    assert engine.locks._pinned == {
+        branch_key_text(info.branch.key)
+        for info in prepared
+        if branch_key_text(info.branch.key) in engine.locks._resources_of
+    }
     for info in prepared:
         owner = branch_key_text(info.branch.key)
         operation = engine._operations[info.branch.key]
