@@ -330,8 +330,17 @@ class LockManager:
         if self._transaction_of is None or owner not in self._resources_of:
             return
         self._pinned.add(owner)
+        # A new cycle starts with a wait of a branch of the transaction: none, no search (the
+        # usual case, one branch per transaction here, costs no pass over any queue).
+        transaction = self._transaction_of(owner)
+        if not any(self._waits(branch) for branch in self._branches_of(transaction)):
+            return
         while (hops := self._search(owner)) is not None:
             self._refuse_wait(owner, hops)
+
+    def _waits(self, owner: str) -> bool:
+        """Whether `owner` has a request queued."""
+        return any(owner in self._locks[resource].waiting for resource in self._resources_of[owner])
 
     def _refuse_wait(self, pinned: str, hops: list[_Hop]) -> None:
         """Refuse the wait that `hops`, a cycle from pinned branch `pinned`'s transaction back

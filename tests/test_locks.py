@@ -865,6 +865,27 @@ def test_a_cycle_closed_by_a_vote_is_refused_at_the_vote() -> None:
     run(main)
 
 
+def test_a_vote_with_no_sibling_waiting_reads_no_queue() -> None:
+    """The usual vote: a branch alone of its transaction here, holding a lock a long queue
+    waits for. A cycle its vote closes starts with a sibling's wait; with none, pinning it
+    searches nothing (it read the whole queue at each vote, per branch of the queue)."""
+
+    async def main() -> None:
+        manager = branch_locks()
+        await manager.acquire("t0/0", "r", X)
+        waits = [await queued(manager, f"t{n}/0", "r", X) for n in range(1, 101)]
+        steps = manager.search_steps
+        manager.pin("t0/0")
+        assert steps == manager.search_steps
+        for n, wait in enumerate(waits):
+            manager.release_all(f"t{n}/0")
+            await wait
+        manager.release_all("t100/0")
+        assert_empty(manager)
+
+    run(main)
+
+
 def test_a_branch_recovered_as_prepared_is_pinned() -> None:
     """A branch re-taking its locks after a restart voted PREPARED before it: a sibling
     wanting what it holds is refused at once, as before the restart."""
