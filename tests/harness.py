@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from dtm.coordinator.engine import CoordinatorConfig
+from dtm.coordinator.engine import CoordinatorConfig, Refused
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtmpb.v1 import (
     coordinator_pb2,
@@ -365,6 +365,27 @@ async def force_heuristic(
             heuristic_force(txn, branch, commit)
         )
     return response
+
+
+async def forced_against_a_recorded_abort(cluster: InProcessCluster) -> None:
+    """The coordinator aborts t-a (payment refuses) while orders rejects its Rollback, and an
+    operator forces orders' branch (t-a/1) to commit: a heuristic commit the coordinator, which
+    keeps the abort on record, has not heard of yet."""
+    await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
+    await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
+    response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
+    assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
+    await force_heuristic(cluster, "orders", "t-a", 1, commit=True)
+
+
+def refuse_reports(monkeypatch: pytest.MonkeyPatch, cluster: InProcessCluster) -> None:
+    """The coordinator refuses heuristic reports for now (UNAVAILABLE), as one busy or
+    restarting would: it answers inquiries, but takes no report."""
+
+    async def busy(*args: Any, **kwargs: Any) -> Any:
+        raise Refused(grpc.StatusCode.UNAVAILABLE, "busy (refused by the test)")
+
+    monkeypatch.setattr(cluster.coordinator.engine, "report_heuristic", busy)
 
 
 async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:

@@ -23,10 +23,11 @@ from tests.harness import (
     InProcessCluster,
     ask,
     eventually,
-    force_heuristic,
+    forced_against_a_recorded_abort,
     forced_unknown,
     listed,
     order_branches,
+    refuse_reports,
     reserve,
 )
 
@@ -117,11 +118,7 @@ def test_a_contradiction_of_a_decision_on_record_is_kept_until_the_coordinator_h
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             at = ["--coordinator", cluster.coordinator_address]
-            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_REJECT_DECISIONS)
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_REFUSE)
-            response = await cluster.submit(order_branches("o-a", [("sku-apple", 1)]), "t-a")
-            assert coordinator_pb2.OUTCOME_ABORTED == response.outcome
-            await force_heuristic(cluster, "orders", "t-a", 1, commit=True)
+            await forced_against_a_recorded_abort(cluster)
             forget = [*at, "branches", "forget", "t-a", "1", "--participant", "orders"]
             # The branch is of the attempt on record: the check compares their fingerprints.
             on_record = await cluster.client.GetTransaction(
@@ -306,5 +303,37 @@ def test_a_force_judges_the_branchs_own_attempt_not_another_on_record(tmp_path: 
             status, out, err = await dtm(*force, "t-r", "0", *inventory, "--rollback")
             assert cli.EXIT_OK == status, err
             assert "branch t-r/0 forced to rolled_back" in out, out
+
+    asyncio.run(scenario())
+
+
+def test_the_command_with_coordinator_lost_is_held_to_the_participants_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
+) -> None:
+    """`dtm branches forget --coordinator-lost` pointed at a coordinator it cannot reach goes
+    past its own check; the participant, which reaches its own coordinator, hears the abort
+    it keeps on record of t-a: it reports orders' forced commit first, and refuses (exit 5)
+    while the coordinator does not take the report. Before, the override's forget went
+    through unreported."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_against_a_recorded_abort(cluster)
+            forget = [
+                *("--coordinator", unreachable(), "--timeout", "2", "branches", "forget"),
+                *("t-a", "1", "--address", cluster.address("orders"), "--coordinator-lost"),
+            ]
+            with monkeypatch.context() as patched:
+                refuse_reports(patched, cluster)
+                status, out, err = await dtm(*forget)
+            assert (cli.EXIT_UNSAFE, "") == (status, out), err
+            assert "forced branch t-a/1 still awaits its coordinator" in err, err
+            assert "coordinator_lost does not apply" in err, err
+            assert [("t-a", 1)] == await awaiting(cluster, "orders")
+
+            status, out, err = await dtm(*forget)
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-a/1" in out
+            assert [("t-a", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
 
     asyncio.run(scenario())

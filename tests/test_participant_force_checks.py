@@ -21,14 +21,20 @@ from dtm.core.branch import BranchState
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 from participants.server import process
 from participants.server.admin import AdminServicer
+from participants.server.process import CoordinatorAnswer
+from participants.server.servicer import ParticipantServicer
 from tests.cli_runner import dtm
 from tests.harness import (
     ASKS_LATER,
     InProcessCluster,
+    ask,
     eventually,
+    force_heuristic,
+    forced_against_a_recorded_abort,
     heuristic_force,
     listed,
     order_branches,
+    refuse_reports,
     reserve,
 )
 
@@ -334,3 +340,148 @@ def test_the_command_gives_the_participants_check_its_whole_wait(
     asyncio.run(scenario())
     [remaining] = deadlines
     assert remaining is not None and remaining > limits.FORCE_CHECK_TIMEOUT_S
+
+
+def forget_lost(txn: str, branch: int) -> participant_pb2.ForgetBranchRequest:
+    return participant_pb2.ForgetBranchRequest(
+        transaction_id=txn, branch=branch, coordinator_lost=True
+    )
+
+
+def test_a_direct_forget_with_coordinator_lost_reports_a_contradiction_on_record_first(
+    tmp_path: Path,
+) -> None:
+    """The coordinator keeps its abort of t-a on record, and orders' branch, whose Rollback it
+    rejected, was forced to commit: a heuristic commit the coordinator has not heard of. A
+    ForgetBranch with coordinator_lost asks anyway: a coordinator that answers from its record
+    did not lose its log, so the forget behaves as without the override, and the
+    contradiction is reported (`dtm heuristics` lists it) before the branch is forgotten.
+    Before, the override skipped the question and the branch was forgotten unreported: the
+    heuristic commit then rested on the coordinator's Rollback reaching the forgotten branch,
+    and a coordinator restarted meanwhile (aborts are not logged) sends none, so the only
+    record of the broken atomicity the operator could see was gone."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_against_a_recorded_abort(cluster)
+            assert [] == await listed(cluster)
+
+            forgotten = await cluster.admin("orders").ForgetBranch(forget_lost("t-a", 1))
+            assert forgotten.branch.forgotten
+            await cluster.restart_coordinator()
+            await cluster.set_fault("orders", participant_pb2.FAULT_MODE_NONE)
+            await ask(cluster.participants["orders"], cluster)
+            assert [("t-a", 1, True)] == [
+                (h.transaction_id, h.branch, h.found_by_inquiry) for h in await listed(cluster)
+            ]
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_forget_with_coordinator_lost_is_refused_while_the_report_is_not_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with a coordinator that answers from its record but does not take the report
+    yet: the branch still awaits it, so the forget is refused (dtm-unsafe), coordinator_lost
+    included, and goes once the report is taken. Before, it went unreported."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_against_a_recorded_abort(cluster)
+            admin = cluster.admin("orders")
+            with monkeypatch.context() as patched:
+                refuse_reports(patched, cluster)
+                await refused_unsafe(
+                    admin.ForgetBranch(forget_lost("t-a", 1)),
+                    "still awaits its coordinator",
+                    "report: UNAVAILABLE",
+                    "coordinator_lost does not apply",
+                )
+            assert cluster.participants["orders"].engine.awaiting_coordinator(("t-a", 1))
+            assert [] == await listed(cluster)
+
+            forgotten = await admin.ForgetBranch(forget_lost("t-a", 1))
+            assert forgotten.branch.forgotten
+            assert [("t-a", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_forget_with_coordinator_lost_is_refused_while_the_coordinator_decides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Orders' branch of t-d, forced to roll back while payment has not voted yet: the
+    coordinator runs t-d, so its decision is still to reach the branch, which answers it with
+    the forced outcome. A ForgetBranch with coordinator_lost is refused (a coordinator that
+    runs the transaction did not lose its log); once t-d has committed, phase 2 hears the
+    heuristic rollback, and the branch may go. Before, it was forgotten while undecided."""
+    vote = asyncio.Event()  # payment's prepares wait for it: the decision waits for the test
+    prepare_items = ParticipantServicer._prepare_items
+
+    async def held(self: ParticipantServicer, prepares: Any) -> Any:
+        if prepares and self.server.service.name == "payment":
+            await vote.wait()
+        return await prepare_items(self, prepares)
+
+    monkeypatch.setattr(ParticipantServicer, "_prepare_items", held)
+
+    async def scenario() -> None:
+        async with InProcessCluster(
+            tmp_path, participant_overrides=ASKS_LATER, prepare_timeout_ms=60_000
+        ) as cluster:
+            order = order_branches("o-d", [("sku-apple", 1)])
+            running = asyncio.ensure_future(cluster.submit(order, "t-d", timeout_ms=60_000))
+            orders = cluster.participants["orders"].engine
+
+            async def orders_prepared() -> bool:
+                return ("t-d", 1) in orders.open
+
+            await eventually(orders_prepared)
+            await force_heuristic(cluster, "orders", "t-d", 1, commit=False)
+            admin = cluster.admin("orders")
+            await refused_unsafe(
+                admin.ForgetBranch(forget_lost("t-d", 1)),
+                "still awaits its coordinator",
+                "still undecided",
+                "coordinator_lost does not apply",
+            )
+            assert orders.awaiting_coordinator(("t-d", 1))
+
+            vote.set()
+            assert coordinator_pb2.OUTCOME_COMMITTED == (await running).outcome
+
+            async def heard() -> bool:
+                return not orders.awaiting_coordinator(("t-d", 1))
+
+            await eventually(heard)
+            assert [("t-d", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+            assert (await admin.ForgetBranch(forget_lost("t-d", 1))).branch.forgotten
+
+    asyncio.run(scenario())
+
+
+def test_a_direct_forget_with_coordinator_lost_is_refused_when_the_question_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The override passes a coordinator that cannot be reached or has no record of the
+    branch's attempt; a question refused for another reason (here PERMISSION_DENIED, as a
+    failed TLS handshake would be) tells neither, so the forget is refused, as a force is:
+    the check does not fail open. Before, the override skipped the question."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_against_a_recorded_abort(cluster)
+            server = cluster.participants["orders"]
+
+            async def refused(key: tuple[str, int]) -> CoordinatorAnswer:
+                return CoordinatorAnswer(None, "PERMISSION_DENIED: refused by the test")
+
+            monkeypatch.setattr(server, "ask_outcome", refused)
+            await refused_unsafe(
+                cluster.admin("orders").ForgetBranch(forget_lost("t-a", 1)),
+                "PERMISSION_DENIED: refused by the test",
+                "not a failure to ask it for another reason",
+            )
+            assert server.engine.awaiting_coordinator(("t-a", 1))
+
+    asyncio.run(scenario())

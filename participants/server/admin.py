@@ -173,26 +173,43 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             await self._refuse_unsafe(context, f"branch {key[0]}/{key[1]}: {why}")
 
     async def _check_forget(
-        self, context: grpc.aio.ServicerContext[Any, Any], key: tuple[str, int]
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        key: tuple[str, int],
+        coordinator_lost: bool,
     ) -> None:
         """Refuse to forget forced branch `key` while it awaits its coordinator and asking
         the coordinator now (as the next inquiry would: a contradiction is reported) does not
         settle it: forgotten, the branch could no longer tell the coordinator of its forced
-        outcome (its answer to a late Commit or Rollback, or its inquiry's report)."""
+        outcome (its answer to a late Commit or Rollback, or its inquiry's report). Asked
+        with `coordinator_lost` too: the override passes only what a lost coordinator cannot
+        answer (`settle_forced`); one that answers from a record did not lose its log, and
+        forgetting unreported would lose the one record of a contradiction it has not heard."""
         if not self.server.engine.awaiting_coordinator(key):
             return
-        why = await self.server.settle_forced(key)
-        if why is None:
+        unsettled = await self.server.settle_forced(key, coordinator_lost)
+        if unsettled is None:
             return
         text = f"{key[0]}/{key[1]}"
+        if unsettled.on_record:
+            override = (
+                "The coordinator answered from its record of the branch's attempt: it did not lose "
+                "its log, so coordinator_lost does not apply"
+            )
+        elif coordinator_lost:
+            override = (
+                "coordinator_lost passes a coordinator that cannot be reached or has no record "
+                "of the branch's attempt, not a failure to ask it for another reason"
+            )
+        else:
+            override = f"Only if that coordinator is gone for good (or lost its log), {_OVERRIDE}"
         await self._refuse_unsafe(
             context,
             f"forced branch {text} still awaits its coordinator at "
             f"{self.server.config.coordinator or '(none configured)'}: asked now, it did not "
-            f"settle the branch ({why}). The branch is how the coordinator hears of its forced "
-            "outcome, and the participant keeps asking: forget it once `dtm branches "
-            f"--awaiting` no longer lists it. Only if that coordinator is gone for good (or "
-            f"lost its log), {_OVERRIDE}",
+            f"settle the branch ({unsettled.reason}). The branch is how the coordinator hears "
+            "of its forced outcome, and the participant keeps asking: forget it once `dtm "
+            f"branches --awaiting` no longer lists it. {override}",
         )
 
     async def SetFault(
@@ -312,8 +329,7 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
         if problem:
             await grpc_edge.abort(context, grpc.StatusCode.INVALID_ARGUMENT, problem)
         key = (request.transaction_id, request.branch)
-        if not request.coordinator_lost:
-            await self._check_forget(context, key)
+        await self._check_forget(context, key, request.coordinator_lost)
         try:
             forgotten = await self.server.engine.forget(key)
         except BranchError as error:

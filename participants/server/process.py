@@ -101,6 +101,17 @@ class CoordinatorAnswer:
     presumed_abort: bool = False
 
 
+@dataclass(frozen=True)
+class Unsettled:
+    """Why a forced branch still awaits its coordinator after `settle_forced` asked about it:
+    `reason`; `on_record` when the coordinator answered from its record of the branch's
+    attempt (it has not decided, or has not taken the report of a contradiction), so it did
+    not lose its log, whatever an operator's coordinator_lost says."""
+
+    reason: str
+    on_record: bool = False
+
+
 def registration_delay_s(attempt: int) -> float:
     """The wait after failed registration `attempt` (1, 2, ...): 50 ms, doubled each time, at
     most a second (a coordinator back up is found within a second)."""
@@ -452,8 +463,9 @@ class ParticipantServer:
         )
 
     async def ask_outcome(self, key: tuple[str, int]) -> CoordinatorAnswer:
-        """Ask the coordinator, once and now, for in-doubt branch `key`'s outcome, changing
-        nothing here: what an operator's force is checked against."""
+        """Ask the coordinator, once and now, for branch `key`'s outcome (in doubt, or forced
+        and awaiting its coordinator), changing nothing here: what an operator's force, and
+        a forget with coordinator_lost, are checked against."""
         stub = self.coordinator_stub()
         if stub is None:
             return CoordinatorAnswer(None, "no coordinator is configured", unreachable=True)
@@ -474,19 +486,38 @@ class ParticipantServer:
             return CoordinatorAnswer(None, problem, unreachable)
         return CoordinatorAnswer(answer.outcome, presumed_abort=answer.presumed_abort)
 
-    async def settle_forced(self, key: tuple[str, int]) -> str | None:
+    async def settle_forced(
+        self, key: tuple[str, int], coordinator_lost: bool = False
+    ) -> Unsettled | None:
         """Ask the coordinator now about forced branch `key`, as the next inquiry would (a
         contradiction is reported to it: `_reconcile_forced`), before an operator forgets it.
-        None once the branch no longer awaits its coordinator; else why it still does."""
+        None once the branch may go: it no longer awaits its coordinator, or, with
+        `coordinator_lost` (the operator's word that the coordinator lost its log), the
+        coordinator gave no answer that a lost log could not give: it cannot be reached, or
+        it presumes abort for want of any record of the branch's attempt (that "no record"
+        decides nothing then, so nothing is reported against it). An answer from a record is
+        heard as without the override: that coordinator did not lose its log, and the
+        branch is how it hears of a contradiction. Else why the branch still awaits."""
         stub = self.coordinator_stub()
-        if stub is None:
-            return "no coordinator is configured, so none can be asked"
-        await self._ask(stub, key, self.engine.monotonic_ms())
+        if coordinator_lost:
+            # The force check's question (as patient, and telling the two aborts apart): a
+            # busy coordinator is not a lost one.
+            answer = await self.ask_outcome(key)
+            if answer.unreachable or answer.presumed_abort:
+                return None
+            if answer.outcome is None:
+                return Unsettled(answer.problem)
+            assert stub is not None  # it answered: one is configured
+            await self._heard(stub, key, answer.outcome, self.engine.monotonic_ms())
+        elif stub is None:
+            return Unsettled("no coordinator is configured, so none can be asked")
+        else:
+            await self._ask(stub, key, self.engine.monotonic_ms())
         if not self.engine.awaiting_coordinator(key):
             return None
         # Set by the _back_off that left the branch awaiting: nothing awaits between it and
         # here, so no other inquiry's reason replaced it.
-        return self._last_unknown_reason
+        return Unsettled(self._last_unknown_reason, on_record=coordinator_lost)
 
     async def _ask(
         self, stub: coordinator_pb2_grpc.CoordinatorStub, key: tuple[str, int], now: int
@@ -500,29 +531,37 @@ class ParticipantServer:
             # The branch stays in doubt either way: a refusal is no outcome to guess from.
             self._back_off(key, now, f"{error.code().name}: {error.details()}")
             return
-        if answer.outcome not in (
-            coordinator_pb2.OUTCOME_COMMITTED,
-            coordinator_pb2.OUTCOME_ABORTED,
-        ):
+        await self._heard(stub, key, answer.outcome, now)
+
+    async def _heard(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        key: tuple[str, int],
+        outcome: int,
+        now: int,
+    ) -> None:
+        """The coordinator answered `outcome` about branch `key`: an in-doubt branch learns
+        it, a forced one is reconciled with it; undecided, the branch is asked again later."""
+        if outcome not in (coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED):
             self._back_off(key, now, "coordinator: still undecided")
             return
-        commit = answer.outcome == coordinator_pb2.OUTCOME_COMMITTED
+        commit = outcome == coordinator_pb2.OUTCOME_COMMITTED
         if key not in self.engine.open and self.engine.awaiting_coordinator(key):
             await self._reconcile_forced(stub, key, commit, now)
             return
         self._next_inquiry_ms.pop(key, None)
-        outcome = coordinator_pb2.Outcome.Name(answer.outcome)
+        name = coordinator_pb2.Outcome.Name(outcome)
         resolved = self.engine.learn_outcome(key, commit=commit)
         if resolved:
             self.log_.info(
-                "in-doubt branch resolved by inquiry", txn=key[0], branch=key[1], outcome=outcome
+                "in-doubt branch resolved by inquiry", txn=key[0], branch=key[1], outcome=name
             )
         else:  # its Commit or Rollback came while the inquiry was in flight
             self.log_.debug(
                 "inquiry answered; the branch was decided meanwhile",
                 txn=key[0],
                 branch=key[1],
-                outcome=outcome,
+                outcome=name,
             )
 
     def _replaced(self, registered_incarnation: str, detail: str) -> None:

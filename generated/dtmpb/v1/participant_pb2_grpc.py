@@ -456,11 +456,15 @@ class ParticipantAdminServicer:
         """NOT_FOUND for a branch this participant does not know (any more), FAILED_PRECONDITION for
         one that is not forced. Forgetting a forgotten branch answers it again. A forced branch
         still awaiting its coordinator (BranchInfo.awaiting_coordinator) is first asked about, as
-        the participant's next inquiry would (a contradiction is reported: ReportHeuristic),
-        unless coordinator_lost; while it still awaits after that (the coordinator cannot be
-        reached, has not decided, or has not taken the report), the call is refused with
-        FAILED_PRECONDITION and trailing metadata "dtm-unsafe": forgotten, the branch could no
-        longer tell the coordinator of its forced outcome.
+        the participant's next inquiry would (a contradiction is reported: ReportHeuristic);
+        while it still awaits after that (the coordinator cannot be reached, has not decided, or
+        has not taken the report), the call is refused with FAILED_PRECONDITION and trailing
+        metadata "dtm-unsafe": forgotten, the branch could no longer tell the coordinator of its
+        forced outcome. With coordinator_lost the question is asked as for ForceOutcome (within
+        5 seconds, telling a presumed abort from one on record): a coordinator that cannot be
+        reached, or that presumes abort, lets the forget go without a report; one that answers
+        from a record is heard as without the override (it did not lose its log); any other
+        failure to ask refuses.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
