@@ -93,11 +93,12 @@ BRANCHES_DECIDED_KEPT = 100_000
 # is dropped with an ERROR line (its WARNING line and log record stay the trace): a bound on
 # memory and on the checkpoint, far above what an operator would let pile up.
 HEURISTICS_KEPT_MAX = 10_000
-#: How long a participant's question before an operator's force waits for its coordinator: a
-#: coordinator that takes longer counts as unreachable and lets the force go unchecked, so
-#: this is as patient as `dtm force`'s own check (the CLI's default --timeout), not the
-#: housekeeping inquiry's second, which a live but busy coordinator can miss. `dtm force`
-#: gives its ForceOutcome call at least this long and FORCE_CALL_MARGIN_S more.
+#: How long a participant's question before an operator's force (or forget with
+#: coordinator_lost) waits for its coordinator: a coordinator that takes longer counts as
+#: unreachable and lets the override go unchecked, so this is as patient as `dtm force`'s own
+#: check (the CLI's default --timeout), not the housekeeping inquiry's second, which a live but
+#: busy coordinator can miss. `dtm force` and `dtm branches forget` give their call at least
+#: this long and FORCE_CALL_MARGIN_S more (a forget may report a contradiction after it).
 FORCE_CHECK_TIMEOUT_S = 5.0
 FORCE_CALL_MARGIN_S = 2.0
 LIST_TRANSACTIONS_LIMIT_DEFAULT = 100

@@ -337,3 +337,33 @@ def test_the_command_with_coordinator_lost_is_held_to_the_participants_check(
             assert [("t-a", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
 
     asyncio.run(scenario())
+
+
+def test_the_command_gives_a_forget_the_participants_whole_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forget with coordinator_lost may wait FORCE_CHECK_TIMEOUT_S for the participant's
+    question to its coordinator, then report a contradiction: `dtm --timeout 1 branches
+    forget` gave its call 1 s, which could end while the participant still asked. It gets the
+    force's deadline now, whatever --timeout says."""
+    deadlines: list[float | None] = []
+    forget_branch = AdminServicer.ForgetBranch
+
+    async def spied(self: AdminServicer, request: Any, context: Any) -> Any:
+        deadlines.append(context.time_remaining())
+        return await forget_branch(self, request, context)
+
+    monkeypatch.setattr(AdminServicer, "ForgetBranch", spied)
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
+            await forced_unknown(cluster, "t-w", commit=False)
+            at = ["--coordinator", cluster.coordinator_address, "--timeout", "1"]
+            command = [*at, "branches", "forget", "t-w", "0", "--participant", "inventory"]
+            status, out, err = await dtm(*command, "--coordinator-lost")
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-w/0" in out
+
+    asyncio.run(scenario())
+    [remaining] = deadlines
+    assert remaining is not None and remaining > limits.FORCE_CHECK_TIMEOUT_S

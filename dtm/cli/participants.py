@@ -417,12 +417,8 @@ def cmd_force(session: Session) -> int:
     return _act_on_branch(
         session,
         target,
-        # The participant asks the coordinator first, for up to FORCE_CHECK_TIMEOUT_S: a
-        # shorter deadline would end the call while it waits, leaving the operator unsure
-        # whether the branch was forced.
         lambda admin, target: admin.ForceOutcome(
-            target.addressed(request),
-            timeout=max(session.timeout, limits.FORCE_CHECK_TIMEOUT_S + limits.FORCE_CALL_MARGIN_S),
+            target.addressed(request), timeout=_checked_call_timeout(session)
         ),
         lambda name, info: (
             f"{name}: branch {info.transaction_id}/{info.branch} forced to "
@@ -442,7 +438,7 @@ def cmd_branches_forget(session: Session) -> int:
         session,
         target,
         lambda admin, target: admin.ForgetBranch(
-            target.addressed(request), timeout=session.timeout
+            target.addressed(request), timeout=_checked_call_timeout(session)
         ),
         lambda name, info: (
             f"{name}: forgot forced branch {info.transaction_id}/{info.branch} "
@@ -450,6 +446,14 @@ def cmd_branches_forget(session: Session) -> int:
             "longer kept for its coordinator"
         ),
     )
+
+
+def _checked_call_timeout(session: Session) -> float:
+    """The deadline of a ForceOutcome or ForgetBranch call, whatever --timeout: the participant
+    asks its coordinator first, for up to FORCE_CHECK_TIMEOUT_S (and a forget may then report
+    a contradiction to it), so a shorter deadline would end the call while it waits, leaving
+    the operator unsure whether the branch was forced or forgotten."""
+    return max(session.timeout, limits.FORCE_CHECK_TIMEOUT_S + limits.FORCE_CALL_MARGIN_S)
 
 
 def _act_on_branch(
