@@ -191,6 +191,13 @@ _WAL_SYNC_HELP = (
     "how the log is fsynced: loop (on the event loop, once per loop iteration: least CPU) or "
     "thread (a sync thread: the loop never stalls on a slow disk)"
 )
+#: A participant's may also follow how its calls come: participants.server.settings.wal_sync_mode.
+PARTICIPANT_WAL_SYNC_MODES = ("auto", *WAL_SYNC_MODES)
+PARTICIPANT_WAL_SYNC = choice(PARTICIPANT_WAL_SYNC_MODES, "MODE", str.lower)
+_PARTICIPANT_WAL_SYNC_HELP = (
+    "how the log is fsynced: auto (loop with batch = true, thread with batch = false: unary "
+    "calls form groups only while a sync thread fsyncs), loop or thread (see [coordinator])"
+)
 
 
 def about(kind: Kind, help: str) -> dict[str, object]:
@@ -310,7 +317,9 @@ class ParticipantSettings:
         default=2_000,
         metadata=about(integer(0, MS_MAX), "a prepared branch waiting longer asks the coordinator"),
     )
-    wal_sync: str = field(default="loop", metadata=about(WAL_SYNC, _WAL_SYNC_HELP))
+    wal_sync: str = field(
+        default="auto", metadata=about(PARTICIPANT_WAL_SYNC, _PARTICIPANT_WAL_SYNC_HELP)
+    )
     checkpoint_every_records: int = field(default=20_000, metadata=_CHECKPOINT_EVERY_RECORDS)
     batch: bool = field(
         default=True,

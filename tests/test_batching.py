@@ -4,6 +4,7 @@ with a fake send whose calls the test completes by hand, on a real event loop.""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -1288,5 +1289,68 @@ def test_a_participant_set_not_to_batch_registers_without_it_and_gets_unary_call
             assert {False} == {port.batch for port in ports.values()}
             assert {0} == {port.calls for port in ports.values()}  # no Exchange was sent
             assert "o-unary" in await cluster.orders()
+
+    asyncio.run(scenario())
+
+
+UNARY_BURST = 32
+
+
+def test_concurrent_unary_prepares_share_fsyncs_at_a_participant_not_batching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With batch = false the coordinator sends one unary Prepare per branch, and gRPC's asyncio
+    server hands the event loop one call at a time: fsyncing on the loop (as batched
+    participants do), each fsync covered the one or two prepares that had reached it, and an
+    fsync stops the loop taking the next (32 concurrent prepares: 28 fsyncs). Such a
+    participant's log fsyncs on a sync thread by default (wal_sync = "auto"), while the loop
+    takes the next calls: here the first fsync is held until every prepare has appended its
+    record, so the burst needs that fsync and one more. Nothing is answered before its fsync."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path, participant_overrides={"batch": False}) as cluster:
+            wal = cluster.participants["notification"].wal.wal
+            every_record_appended = threading.Event()
+            first_record = wal.records_appended + 1
+            append, sync = wal.append, wal._perform_sync
+
+            def counted_append(record_type: int, payload: bytes) -> int:
+                lsn = append(record_type, payload)
+                if wal.records_appended >= first_record + UNARY_BURST - 1:
+                    every_record_appended.set()
+                return lsn
+
+            held: list[bool] = []
+
+            def held_sync(ticket: Any) -> None:
+                # Only the burst's first fsync waits (and at most 10 s: fsyncing on the loop,
+                # nothing can be appended while it waits, so it would wait for ever).
+                if not held:
+                    held.append(True)
+                    every_record_appended.wait(10)
+                sync(ticket)
+
+            monkeypatch.setattr(wal, "append", counted_append)
+            monkeypatch.setattr(wal, "_perform_sync", held_sync)
+            fsyncs = wal.fsync_count
+            stub = cluster.participant_stub("notification")
+            operation = pack(
+                shop_pb2.SendNotification(order_id="o", recipient="c@example.test", body="hi")
+            )
+            votes = await asyncio.gather(
+                *(
+                    stub.Prepare(
+                        participant_pb2.PrepareRequest(
+                            transaction_id=f"t-{n}", branch=0, operation=operation
+                        ),
+                        timeout=30,
+                    )
+                    for n in range(UNARY_BURST)
+                )
+            )
+            assert {coordinator_pb2.VOTE_PREPARED} == {vote.vote for vote in votes}
+            assert 2 == wal.fsync_count - fsyncs, f"{UNARY_BURST} prepares"
+            assert wal.records_appended == first_record + UNARY_BURST - 1  # one each
+            assert wal.durable_lsn == wal.appended_lsn
 
     asyncio.run(scenario())

@@ -18,6 +18,7 @@ from dtm.coordinator import server as coordinator_server
 from dtm.coordinator.registry import RegistrationError, validate_registration
 from dtmpb.v1 import coordinator_pb2
 from participants import server as participant_server
+from participants.server.settings import wal_sync_mode
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "dtm.example.toml"
 
@@ -238,6 +239,11 @@ def test_other_dtm_variables_are_not_taken_for_settings() -> None:
             '[coordinator]\nwal_sync = "never"\n',
             r"wal_sync = 'never': expected one of loop, thread",
         ),
+        (  # the coordinator's calls come as they come: no "auto" to resolve
+            '[coordinator]\nwal_sync = "auto"\n',
+            r"wal_sync = 'auto': expected one of loop, thread",
+        ),
+        ('[payment]\nwal_sync = "never"\n', r"wal_sync = 'never': expected one of auto, loop"),
         (
             '[coordinator]\nlisten = "127.0.0.1:\u00b2"\n',  # "²".isdigit() is True
             r"expected host:port with port 0\.\.65535",
@@ -550,3 +556,23 @@ def test_a_data_dir_that_is_a_file_is_named_as_the_setting_to_fix(
     assert f"cannot create the log directory {blocker / 'sub'}/" in lines[0], lines[0]
     assert f"({blocker} is a file)" in lines[0] and "--data-dir (data_dir)" in lines[0]
     assert [blocker] == list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("wal_sync", "batch", "mode"),
+    [
+        ("auto", True, "loop"),
+        ("auto", False, "thread"),
+        ("loop", False, "loop"),
+        ("thread", True, "thread"),
+    ],
+)
+def test_a_participant_s_log_sync_follows_its_calls_unless_set(
+    tmp_path: Path, wal_sync: str, batch: bool, mode: str
+) -> None:
+    """With "auto" (the default) batched calls group their records with the fsync on the loop;
+    unary calls only with the sync thread (test_batching's burst of unary prepares)."""
+    participant = participant_server.ParticipantConfig(
+        data_dir=tmp_path, wal_sync=wal_sync, batch=batch
+    )
+    assert mode == wal_sync_mode(participant)

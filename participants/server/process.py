@@ -34,6 +34,7 @@ from participants.server.servicer import (
 )
 from participants.server.settings import (
     ParticipantConfig,
+    wal_sync_mode,
 )
 from participants.server.wire import (
     REGISTRATION_FATAL,
@@ -132,7 +133,7 @@ class ParticipantServer:
         self.log_ = logs.get(service.name)
         self.fault = FaultState()
         wal, records = WriteAheadLog.open(config.data_dir / service.name / "wal")
-        self.wal = async_log(wal, config.wal_sync)
+        self.wal = async_log(wal, wal_sync_mode(config))
         self.locks = LockManager(
             wait_timeout_s=config.lock_wait_ms / 1000,
             clock=time.time,

@@ -47,14 +47,28 @@ class ParticipantConfig:
     metrics_listen: str = ""
     # None: DTM_LOG_LEVEL, else INFO (see dtm.logs).
     log_level: str | None = None
-    # "loop" or "thread": see dtm.wal.LoopCommitLog.
-    wal_sync: str = "loop"
+    # "auto", "loop" or "thread": see wal_sync_mode.
+    wal_sync: str = "auto"
     # An operator's override for this start only (--replace-registration; deliberately not a
     # configuration key, which would outlive the start): register with
     # RegisterParticipantRequest.replace, taking the name even while the coordinator owes the
     # registered incarnation decisions. For a participant whose log was lost: each owed Commit
     # then becomes a heuristic hazard.
     replace_registration: bool = False
+
+
+def wal_sync_mode(participant: ParticipantConfig) -> str:
+    """The log's sync mode ("loop" or "thread") for `participant.wal_sync`, resolving "auto".
+
+    Group commit needs records appended while an fsync runs. A batched call brings many at
+    once, so fsyncing on the loop ("loop", least CPU) groups them. Unary calls do not: gRPC's
+    asyncio server hands the loop one call per completion-queue event, and an fsync on the loop
+    stops it taking the next, so each fsync covered 1.1-1.9 records even with tens of calls
+    queued (docs/architecture.md, section 7). A sync thread fsyncs while the loop goes on
+    taking calls, so a participant served unary calls (batch = false) gets "thread"."""
+    if participant.wal_sync != "auto":
+        return participant.wal_sync
+    return "loop" if participant.batch else "thread"
 
 
 def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
