@@ -289,7 +289,10 @@ class LoopCommitLog(_AsyncLog):
     registers a future, and one flush callback (scheduled with call_soon, so it runs after
     everything already ready) makes every record appended so far durable with one fsync and
     wakes every waiter. While that fsync runs, new requests queue in the sockets; their records
-    form the next group.
+    form the next group. That groups batched calls (many records each), not unary ones: gRPC's
+    asyncio server hands the loop one call per completion-queue event, so each fsync covers
+    the one or two that reached it (a participant served unary calls uses `GroupCommitLog`:
+    participants.server.settings.wal_sync_mode).
 
     Why not a sync thread (`GroupCommitLog`): each hand-off to and from a thread costs two
     context switches and a GIL transfer, and on the 2-core box of docs/performance that cost
