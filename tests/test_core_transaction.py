@@ -114,6 +114,20 @@ def test_global_timeout_aborts_only_while_undecided() -> None:
     assert TxnState.DECIDING == decided.state
 
 
+def test_a_graceful_stop_aborts_a_transaction_still_collecting_votes_before_its_deadline() -> None:
+    """The stop's grace ends the wait as the deadline would: the branch that voted is rolled
+    back and the client answered, and the reason says the coordinator stopped."""
+    txn, _ = begin(2)
+    txn.handle(core.VoteReceived(0, Vote.PREPARED, now_ms=1_010))
+    actions = txn.handle(core.TimedOut(1_020, stopping=True))
+    assert core.SendRollback(0) in actions and core.Reply(Outcome.ABORTED, txn.reason) in actions
+    assert "no vote from p1 within the coordinator's grace" in txn.reason, txn.reason
+    assert 1_020 == txn.decided_at_ms
+
+    one_phase, _ = begin(1)  # its outcome is the participant's: never guessed
+    assert [] == one_phase.handle(core.TimedOut(1_020, stopping=True))
+
+
 def test_decision_never_changes_late_votes_are_ignored() -> None:
     txn, _ = begin(2)
     txn.handle(core.VoteReceived(0, Vote.REFUSED, "no"))

@@ -326,6 +326,57 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
         cluster.stop()
 
 
+def test_a_sigterm_aborts_what_still_waits_for_votes_and_rolls_its_branches_back(
+    tmp_path: Path,
+) -> None:
+    """A graceful stop while a vote is still out (notification slow): the clients were cut
+    off with UNAVAILABLE "Cancelling all calls" and the services that voted held their
+    branches prepared, reservations and locks included, until the coordinator was back (an
+    operator's hunt). Nothing of such a transaction is in the log: it is aborted as its
+    deadline would, answered ABORTED, and rolled back before the coordinator exits."""
+    count = 8
+    cluster = Cluster(
+        tmp_path,
+        Ports.free(),
+        initial=INITIAL,
+        test_control=True,
+        # Only the stop ends the wait for the slow votes, not a deadline.
+        prepare_timeout_ms=300_000,
+        transaction_timeout_ms=600_000,
+        start_timeout_s=START_TIMEOUT_S,
+    )
+    slow = "notification"
+    holding = tuple(name for name in SERVICES if name != slow)
+
+    async def scenario() -> None:
+        await set_fault(cluster, slow, participant_pb2.FAULT_MODE_SLOW, delay_ms=600_000)
+
+        async def stop_once_all_prepared() -> None:
+            deadline = time.perf_counter() + PREPARED_TIMEOUT_S
+            while not all(len(ids) == count for ids in (await in_doubt(cluster, holding)).values()):
+                assert time.perf_counter() < deadline, "the orders never prepared"
+                await asyncio.sleep(POLL_S)
+            pid = cluster.pid(COORDINATOR)
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+
+        requests = [request for request, _ in orders("g")[:count]]
+        results, _ = await asyncio.gather(
+            submit_all(cluster, requests, timeout_s=600.0), stop_once_all_prepared()
+        )
+        assert 0 == await asyncio.to_thread(cluster.wait_exit, COORDINATOR, 10.0)
+        assert [chaos.ABORTED] * count == [result.outcome for result in results], results[0]
+        assert f"no vote from {slow} within the coordinator's grace" in results[0].reason
+        assert {} == {name: ids for name, ids in (await in_doubt(cluster, holding)).items() if ids}
+        assert "left_to_recovery=0" in cluster.log_tail(COORDINATOR)
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
 def test_stopping_a_cluster_stops_the_coordinator_first(tmp_path: Path) -> None:
     """`make down` (Cluster.stop): the services stay up until the coordinator has finished
     phase 2, so its last, lingering commits reach them and nothing is left to recovery."""

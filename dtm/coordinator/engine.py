@@ -1497,17 +1497,20 @@ class Engine:
         return len(self.active)
 
     def stop_waiting(self) -> None:
-        """Stopping: an aborted transaction whose answer waits for a Prepare still out (a vote
-        that may say an earlier attempt committed it) is answered ABORTED now, as at its
-        deadline, and so is every one that comes to wait from now on. Nothing of it is in the
-        log to recover, and the server's grace would end its call unanswered."""
+        """Stopping: a two-phase transaction still waiting for votes is aborted now, and an
+        aborted one whose answer waits for a Prepare still out (a vote that may say an earlier
+        attempt committed it) is answered ABORTED now, both as at their deadline, and so is
+        every one that comes to wait from now on. Nothing of them is in the log to recover:
+        the server's grace would end their calls unanswered (UNAVAILABLE, "Cancelling all
+        calls"), and the branches that prepared would stay in doubt, holding their
+        reservations and locks, until the coordinator is back to answer their inquiries."""
         self._stop_waiting = True
         for run in list(self.active.values()):
             self._answer_now(run)
 
     def _answer_now(self, run: Run) -> None:
-        if run.txn.answer_pending:
-            self._feed(run, core.TimedOut(max(self.clock_ms(), run.txn.deadline_ms)))
+        if run.txn.answer_pending or run.txn.state is TxnState.PREPARING:
+            self._feed(run, core.TimedOut(self.clock_ms(), stopping=True))
 
     async def close(self) -> None:
         # From now on nothing new starts: a call that ends while the tasks below are being

@@ -104,9 +104,14 @@ class PrepareFailed:
 
 @dataclass(frozen=True, slots=True)
 class TimedOut:
-    """The global transaction timeout expired (the I/O layer's timer fired)."""
+    """The global transaction timeout expired (the I/O layer's timer fired), or, with
+    `stopping`, the coordinator's graceful stop ends the wait as the deadline would: a
+    two-phase transaction still waiting for votes is aborted (presumed abort: nothing of it is
+    in the log for a restart to finish), so that its client is answered and the branches that
+    prepared are rolled back rather than left in doubt while the coordinator is down."""
 
     now_ms: int
+    stopping: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,17 +518,17 @@ def _on_prepare_failed(txn: Transaction, event: PrepareFailed) -> list[Action]:
 
 
 def _on_timeout(txn: Transaction, event: TimedOut) -> list[Action]:
-    if event.now_ms < txn.deadline_ms:
+    if event.now_ms < txn.deadline_ms and not event.stopping:
         return []
     if txn.one_phase:
         return []  # the single Prepare's own deadline reports the failure
-    waiting = [b.participant for b in txn.branches if b.vote is None]
-    return txn._abort(
-        f"transaction timeout: no vote from {', '.join(waiting) or 'nobody'} "
-        f"within {txn.deadline_ms - txn.created_at_ms} ms",
-        event.now_ms,
-        timed_out=True,
-    )
+    waiting = ", ".join(b.participant for b in txn.branches if b.vote is None) or "nobody"
+    if event.stopping:
+        within = "the coordinator's grace period as it stopped"
+    else:
+        within = f"{txn.deadline_ms - txn.created_at_ms} ms"
+    reason = f"transaction timeout: no vote from {waiting} within {within}"
+    return txn._abort(reason, event.now_ms, timed_out=True)
 
 
 def _ignore(txn: Transaction, event: Event) -> list[Action]:
@@ -594,7 +599,7 @@ def _on_prepare_failed_after_abort(txn: Transaction, event: PrepareFailed) -> li
 
 
 def _on_timeout_after_abort(txn: Transaction, event: TimedOut) -> list[Action]:
-    if not txn.answer_pending or event.now_ms < txn.deadline_ms:
+    if not txn.answer_pending or (event.now_ms < txn.deadline_ms and not event.stopping):
         return []
     return txn._answer_abort()  # a Prepare still out: the deadline bounds the wait for it
 
