@@ -203,16 +203,8 @@ def test_1000_decided_commits_in_doubt_are_resumed_after_a_coordinator_crash(
 def test_1000_undecided_transactions_in_doubt_are_presumed_aborted_after_a_coordinator_crash(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cluster = Cluster(
-        tmp_path,
-        Ports.free(),
-        initial=INITIAL,
-        test_control=True,
-        # The coordinator waits for the slow votes instead of aborting at its usual deadlines.
-        prepare_timeout_ms=300_000,
-        transaction_timeout_ms=600_000,
-        start_timeout_s=START_TIMEOUT_S,
-    )
+    # The coordinator waits for the slow votes instead of aborting at its usual deadlines.
+    cluster = voting_stalled_cluster(tmp_path)
     slow = "notification"
     holding = tuple(name for name in SERVICES if name != slow)
     made = orders("b")
@@ -326,6 +318,61 @@ def test_a_sigterm_leaves_no_participant_in_doubt(tmp_path: Path) -> None:
         cluster.stop()
 
 
+async def until_prepared(cluster: Cluster, names: Sequence[str], count: int) -> None:
+    """Until each of `names` holds `count` branches prepared."""
+    deadline = time.perf_counter() + PREPARED_TIMEOUT_S
+    while not all(len(ids) == count for ids in (await in_doubt(cluster, names)).values()):
+        assert time.perf_counter() < deadline, f"{count} orders never prepared at {names}"
+        await asyncio.sleep(POLL_S)
+
+
+def voting_stalled_cluster(directory: Path) -> Cluster:
+    """A cluster whose coordinator waits for slow votes (as long as `set_fault` makes them),
+    not its usual deadlines."""
+    return Cluster(
+        directory,
+        Ports.free(),
+        initial=INITIAL,
+        test_control=True,
+        prepare_timeout_ms=300_000,
+        transaction_timeout_ms=600_000,
+        start_timeout_s=START_TIMEOUT_S,
+    )
+
+
+def test_a_service_stopped_by_sigterm_says_so_last_with_what_it_leaves_in_doubt(
+    tmp_path: Path,
+) -> None:
+    """Its log ended on whatever came before (a registration, an inquiry), so a graceful stop
+    looked like a kill, and the branches it kept prepared went unmentioned (an operator's
+    hunt): the coordinator's log ends on `coordinator stopping`."""
+    count = 4
+    cluster = voting_stalled_cluster(tmp_path)
+
+    async def scenario() -> None:
+        await set_fault(cluster, "notification", participant_pb2.FAULT_MODE_SLOW, 600_000)
+        async with OrderClient(cluster.coordinator_address) as client:
+            requests = [request for request, _ in orders("s")[:count]]
+            submits = [asyncio.ensure_future(client.submit(r, timeout_s=600.0)) for r in requests]
+            await until_prepared(cluster, ["inventory"], count)
+            pid = cluster.pid("inventory")
+            assert pid is not None
+            os.kill(pid, signal.SIGTERM)
+            assert 0 == await asyncio.to_thread(cluster.wait_exit, "inventory", 10.0)
+            for submit in submits:
+                submit.cancel()
+            await asyncio.gather(*submits, return_exceptions=True)
+        last = cluster.log_path("inventory").read_text().splitlines()[-1]
+        assert "WARNING" in last and "participant stopping" in last, last
+        assert f"in_doubt={count}" in last, last
+
+    cluster.start()
+    try:
+        asyncio.run(scenario())
+    finally:
+        cluster.stop()
+
+
 def test_a_sigterm_aborts_what_still_waits_for_votes_and_rolls_its_branches_back(
     tmp_path: Path,
 ) -> None:
@@ -335,16 +382,7 @@ def test_a_sigterm_aborts_what_still_waits_for_votes_and_rolls_its_branches_back
     operator's hunt). Nothing of such a transaction is in the log: it is aborted as its
     deadline would, answered ABORTED, and rolled back before the coordinator exits."""
     count = 8
-    cluster = Cluster(
-        tmp_path,
-        Ports.free(),
-        initial=INITIAL,
-        test_control=True,
-        # Only the stop ends the wait for the slow votes, not a deadline.
-        prepare_timeout_ms=300_000,
-        transaction_timeout_ms=600_000,
-        start_timeout_s=START_TIMEOUT_S,
-    )
+    cluster = voting_stalled_cluster(tmp_path)  # only the stop ends the wait for the votes
     slow = "notification"
     holding = tuple(name for name in SERVICES if name != slow)
 
@@ -352,10 +390,7 @@ def test_a_sigterm_aborts_what_still_waits_for_votes_and_rolls_its_branches_back
         await set_fault(cluster, slow, participant_pb2.FAULT_MODE_SLOW, delay_ms=600_000)
 
         async def stop_once_all_prepared() -> None:
-            deadline = time.perf_counter() + PREPARED_TIMEOUT_S
-            while not all(len(ids) == count for ids in (await in_doubt(cluster, holding)).values()):
-                assert time.perf_counter() < deadline, "the orders never prepared"
-                await asyncio.sleep(POLL_S)
+            await until_prepared(cluster, holding, count)
             pid = cluster.pid(COORDINATOR)
             assert pid is not None
             os.kill(pid, signal.SIGTERM)

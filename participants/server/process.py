@@ -242,7 +242,21 @@ class ParticipantServer:
         if self._coordinator is not None:
             await self._coordinator[0].close(None)
             self._coordinator = None
+        self._log_stopping()
         await self.wal.close()
+
+    def _log_stopping(self) -> None:
+        """The last line, as the coordinator's: without it a graceful stop looked like a kill
+        (the log ended on whatever came before). A branch still prepared stays locked and
+        reserved in the log until a restart asks its coordinator about it: a WARNING then."""
+        in_doubt = len(self.engine.in_doubt())
+        forced = self.engine.forced_awaiting_count
+        (self.log_.warning if in_doubt or forced else self.log_.info)(
+            "participant stopping",
+            incarnation=self.engine.incarnation,
+            in_doubt=in_doubt,
+            forced_awaiting=forced or None,
+        )
 
     # ---- background work ----
 
