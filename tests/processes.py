@@ -16,11 +16,14 @@ from dtm.cluster import MODULES
 
 
 @contextlib.contextmanager
-def sleeper(name: str, data_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def sleeper(name: str, data_dir: Path, *, hung: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     """A process that passes for `name` of the cluster in `data_dir`, with its pidfile;
-    killed at the end whatever the test did to it."""
+    killed at the end whatever the test did to it. `hung`: SIGTERM does not stop it, as a
+    server whose event loop is stuck (only SIGKILL does)."""
     data_dir = data_dir.resolve()
     code = "import time; print('running', flush=True); time.sleep(60)"
+    if hung:
+        code = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + code
     command = [sys.executable, "-c", code, MODULES[name]]
     command += ["--listen", "127.0.0.1:1", "--data-dir", str(data_dir)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, start_new_session=True)

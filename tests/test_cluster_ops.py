@@ -524,6 +524,26 @@ def test_stopping_leaves_a_pidfile_that_names_another_live_process(tmp_path: Pat
     assert not (tmp_path / "pids" / "payment.pid").exists()
 
 
+def test_down_says_which_process_it_had_to_kill_and_so_does_its_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A process that does not stop on SIGTERM (a hung server) is killed after the grace:
+    `down` said "stopped payment" as after a graceful stop, and the log ended on the
+    process's own last line, as if it still ran (an operator's hunt: a SIGSTOPped service)."""
+    log = tmp_path / "logs" / "payment.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("2026-11-30T00:00:00.000Z INFO    payment: registered\n")
+    with sleeper("payment", tmp_path, hung=True) as process:
+        status, out, err = run(capsys, "down", "--data-dir", str(tmp_path), "--grace", "0.5")
+        assert -signal.SIGKILL == process.wait(timeout=10)
+    assert 0 == status, err
+    assert "stopped payment" in out
+    assert "payment was still running 0.5 s after SIGTERM: killed (SIGKILL)" in err, err
+    assert "in doubt, at its next start" in err and str(log) in err, err
+    last = log.read_text().splitlines()[-1]
+    assert "payment still running 0.5 s after SIGTERM: killed (SIGKILL)" in last, last
+
+
 def test_timeout_and_grace_are_positive_finite_seconds(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

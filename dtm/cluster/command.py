@@ -439,9 +439,27 @@ def _stop_all(options: argparse.Namespace) -> int:
         print(f"down: {error}; stopping the processes its pidfiles name", file=sys.stderr)
         cluster = _from_pidfiles(options.data_dir)
     running = _running(cluster)
-    cluster.stop(grace_s=options.grace)
+    killed = cluster.stop(grace_s=options.grace)
     print(f"stopped {', '.join(running)}" if running else "nothing was running")
+    for name in killed:
+        # Not a graceful stop: what it had in flight was cut short.
+        left = _LEFT_BY_A_KILL[COORDINATOR if name == COORDINATOR else "service"]
+        print(
+            f"down: {name} was still running {options.grace:g} s after SIGTERM: killed "
+            f"(SIGKILL); {left} (its log: {cluster.log_path(name)})",
+            file=sys.stderr,
+        )
     return 0
+
+
+#: What a SIGKILL instead of a graceful stop leaves, by kind of process.
+_LEFT_BY_A_KILL = {
+    COORDINATOR: (
+        "its transactions in flight were not finished: its next start recovers them from its "
+        "log, and the services keep their branches in doubt until then"
+    ),
+    "service": "its prepared branches come back from its log, in doubt, at its next start",
+}
 
 
 def _status(options: argparse.Namespace) -> int:

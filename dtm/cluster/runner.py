@@ -422,24 +422,38 @@ class Cluster:
             log.write(f"{taken} was taken before {name} bound it; moving to {now}\n")
         self._spawn(name)
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> list[str]:
         """SIGTERM every process, SIGKILL those still running after `grace_s`. The coordinator
         goes first, and alone: its graceful stop finishes phase 2, which needs the services
-        still up."""
-        self._stop_processes([COORDINATOR], grace_s)
-        self._stop_processes(list(SERVICES), grace_s)
+        still up. Returns the names of those that had to be killed."""
+        killed = self._stop_processes([COORDINATOR], grace_s)
+        return killed + self._stop_processes(list(SERVICES), grace_s)
 
-    def _stop_processes(self, names: Sequence[str], grace_s: float) -> None:
+    def _stop_processes(self, names: Sequence[str], grace_s: float) -> list[str]:
+        """SIGTERM, then SIGKILL after `grace_s`; the names of those killed."""
         targets = [self._processes[name] for name in names]
         for process in targets:
             self._signal(process, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
+        killed = []
         for process in targets:
             if not self._wait_exit(process, deadline):
                 self._signal(process, signal.SIGKILL)
                 self._wait_exit(process, time.monotonic() + grace_s)
+                self._note_killed(process.name, grace_s)
+                killed.append(process.name)
         for process in targets:
             self._forget(process)
+        return killed
+
+    def _note_killed(self, name: str, grace_s: float) -> None:
+        """Say so at the end of its log: a kill writes no last line of its own, and the log
+        would end on whatever the process last wrote, as if it were still running."""
+        with contextlib.suppress(OSError), self.log_path(name).open("a") as log:
+            log.write(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {name} still running {grace_s:g} s "
+                "after SIGTERM: killed (SIGKILL) by dtm.cluster\n"
+            )
 
     def kill(self, name: str) -> int | None:
         """SIGKILL `name` (a real crash: no shutdown code runs) and wait until it is gone.
