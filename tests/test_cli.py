@@ -680,6 +680,38 @@ def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
         assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
 
 
+def test_a_malformed_id_or_participant_name_is_a_usage_error_before_any_call(
+    unreachable: Callable[[], str],
+) -> None:
+    """`dtm trace ""` was a usage error, exit 2; `dtm txn show ""`, `txn retry`, `force`,
+    `branches forget`, `heuristics forget` and `participants remove` sent it to a server and
+    exited 1 on its INVALID_ARGUMENT (`force` saying "refusing to force  without knowing the
+    coordinator's decision"), and an empty --participant listed every participant, as if
+    none had been given (an operator's hunt)."""
+    nothing_listening = ["--coordinator", unreachable()]
+    target = ["--address", unreachable()]
+    for command in (
+        ["txn", "show", ""],
+        ["txn", "retry", "t\u00fc"],
+        ["force", "", "0", "--rollback", "--i-understand", *target],
+        ["branches", "forget", "a b", "0", *target],
+        ["heuristics", "forget", "x" * 129, "0"],
+        ["trace", ""],
+    ):
+        status, out, err = asyncio.run(dtm(*nothing_listening, *command))
+        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
+        assert "is malformed: 1..128 characters" in err and "cannot reach" not in err, err
+    for command in (
+        ["participants", "remove", ""],
+        ["locks", "--participant", ""],
+        ["branches", "--participant", "Payment"],
+        ["force", "t-1", "0", "--rollback", "--i-understand", "--participant", "pay ment"],
+    ):
+        status, out, err = asyncio.run(dtm(*nothing_listening, *command))
+        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
+        assert "participant name" in err and "cannot reach" not in err, (command, err)
+
+
 def test_transactions_cut_by_the_limit_say_so(tmp_path: Path) -> None:
     """`dtm txn list --limit N` kept the newest N without a word, and `--stuck` looked among
     the 1,000 newest in doubt only, silently: the oldest in doubt, the likeliest stuck, went

@@ -44,8 +44,9 @@ from dtm.cli.session import (
 from dtm.cli.transactions import (
     _address,
     _call_seconds,
+    _participant_name,
     _seconds,
-    _utf8,
+    _transaction_id,
     cmd_submit,
     cmd_txn_list,
     cmd_txn_retry,
@@ -208,14 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     txn_list.set_defaults(handler=cmd_txn_list)
     txn_show = txn_commands.add_parser("show", parents=[as_json], help="one transaction")
-    txn_show.add_argument("id", type=_utf8, metavar="ID")
+    txn_show.add_argument("id", type=_transaction_id, metavar="ID")
     txn_show.set_defaults(handler=cmd_txn_show)
     txn_retry = txn_commands.add_parser(
         "retry",
         parents=[as_json],
         help="retry phase 2 of a committing transaction now (skip the backoff)",
     )
-    txn_retry.add_argument("id", type=_utf8, metavar="ID")
+    txn_retry.add_argument("id", type=_transaction_id, metavar="ID")
     txn_retry.set_defaults(handler=cmd_txn_retry)
 
     participants = commands.add_parser(
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         "participant registers again when it starts, so stop the service first: removing one "
         "that still answers its health check SERVING is done, with a warning.",
     )
-    remove.add_argument("name", type=_utf8, metavar="NAME", help="the participant")
+    remove.add_argument("name", type=_participant_name, metavar="NAME", help="the participant")
     remove.set_defaults(handler=cmd_participants_remove)
 
     # SUPPRESS, as for --json: a subcommand's copy (`branches forget`) must not reset what
@@ -244,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(participant=None, address=None)
     target = _Parser(add_help=False)
     target.add_argument(
-        "--participant", metavar="NAME", default=argparse.SUPPRESS, help="only this participant"
+        "--participant",
+        type=_participant_name,
+        metavar="NAME",
+        default=argparse.SUPPRESS,
+        help="only this participant",
     )
     target.add_argument(
         "--address",
@@ -258,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     holder = _Parser(add_help=False)
     holder.add_argument(
         "--participant",
+        type=_participant_name,
         metavar="NAME",
         default=argparse.SUPPRESS,
         help="the participant holding the branch, found through the coordinator "
@@ -315,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refused (exit 5) while it may still send the branch its decision, or has not yet "
         "recorded the heuristic outcome the branch would report to it, or cannot be reached.",
     )
-    forget_branch.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
+    forget_branch.add_argument("id", type=_transaction_id, metavar="ID", help="the transaction")
     forget_branch.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     forget_branch.add_argument(
         "--coordinator-lost",
@@ -338,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_force_description(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    force.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
+    force.add_argument("id", type=_transaction_id, metavar="ID", help="the transaction")
     force.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     decision = force.add_mutually_exclusive_group(required=True)
     decision.add_argument(
@@ -374,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[as_json],
         help="stop reporting a heuristic outcome once it is reconciled (durable)",
     )
-    forget.add_argument("id", type=_utf8, metavar="ID", help="the transaction")
+    forget.add_argument("id", type=_transaction_id, metavar="ID", help="the transaction")
     forget.add_argument("branch", type=_branch_index, metavar="BRANCH", help="its index")
     forget.add_argument(
         "--attempt",

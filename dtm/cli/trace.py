@@ -23,8 +23,9 @@ from typing import Any
 
 import grpc
 
-from dtm import cli, cluster, limits
+from dtm import cli, cluster
 from dtm.cli import tables as fmt
+from dtm.cli.transactions import _transaction_id
 from dtmpb.v1 import coordinator_pb2, participant_pb2
 
 #: Log lines shown by default, and at most: a transaction whose phase 2 is retried for long
@@ -78,15 +79,6 @@ def register(
         help=f"at most N log lines, the first in time order (default {LINES_DEFAULT})",
     )
     trace.set_defaults(handler=run)
-
-
-def _transaction_id(text: str) -> str:
-    """A well-formed transaction id (argparse type): anything else is a usage error, before
-    any call (every server would refuse it, and no log line could name it)."""
-    problem = limits.transaction_id_problem(text)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return text
 
 
 def _existing_path(text: str) -> Path:

@@ -261,6 +261,24 @@ def _utf8(text: str) -> str:
     return text
 
 
+def _transaction_id(text: str) -> str:
+    """A well-formed transaction id (argparse type): anything else is a usage error, before
+    any call (every server would refuse it, and no log line could name it)."""
+    problem = limits.transaction_id_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _participant_name(text: str) -> str:
+    """A well-formed participant name (argparse type), as for `_transaction_id`: an empty
+    --participant listed every participant, as if none had been given."""
+    problem = limits.participant_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _call_seconds(text: str) -> float:
     """--timeout: _seconds, at most a day (far larger ones overflow gRPC's deadline clock and
     every call fails at once with DEADLINE_EXCEEDED)."""
