@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -1083,6 +1084,47 @@ def test_submit_to_nothing_listening_is_not_sent(unreachable: Callable[[], str])
     assert (cli.EXIT_ERROR, "") == (status, out), err
     assert f"cannot reach the coordinator at {address}: is it running?" in err, err
     assert "transaction txn-" in err and "was not sent" in err, err
+
+
+def test_submit_interrupted_by_ctrl_c_names_the_transaction_it_may_have_run(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while the Submit waits for a vote: `dtm submit` exited 130 without a word, and
+    the id it had made up for the transaction, which may still commit, was lost with it (an
+    operator's hunt). A real process, as a terminal's Ctrl-C reaches it (SIGINT)."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "data") as cluster:
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=5000)
+            path = _order_without_id(tmp_path / "t.json")
+            command = [sys.executable, "-m", "dtm.cli", "--coordinator"]
+            submitting = await asyncio.create_subprocess_exec(
+                *command,
+                cluster.coordinator_address,
+                "submit",
+                str(path),
+                cwd=Path(__file__).parent.parent,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                # A shell's background job ignores SIGINT; a terminal's foreground one does not.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+            engine = cluster.coordinator.engine
+
+            async def submitted() -> bool:
+                return bool(engine.active)
+
+            await eventually(submitted, timeout_s=60.0)
+            submitting.send_signal(signal.SIGINT)
+            out, err = (stream.decode() for stream in await submitting.communicate())
+            assert (130, "") == (submitting.returncode, out), err
+            named = _named_transaction(err)
+            assert [named] == list(engine.active), err
+            assert f"outcome unknown: transaction {named} may have reached" in err, err
+            assert "(interrupted)" in err and "Traceback" not in err, err
+            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("command", [["config"], ["crashpoints"], ["--json", "config"]])

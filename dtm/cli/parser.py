@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "went away, or no answer within the transaction's timeout and --timeout) and the "
         "transaction, named with its id, may still commit; `dtm txn show ID` or submit again "
         "with the same transaction_id. 1 when the coordinator cannot be reached: nothing was "
-        "sent.",
+        "sent. 130 interrupted (Ctrl-C) while it was out: unknown as for 4, and named so.",
     )
     submit.add_argument("file", type=Path, metavar="FILE", help="the JSON file, or - for stdin")
     submit.set_defaults(handler=cmd_submit)

@@ -59,6 +59,11 @@ def cmd_submit(session: Session) -> int:
             problem = _unknown_submit(error, request, generated, deadline)
             raise CliError(problem, EXIT_UNKNOWN) from None
         raise rpc_error(error, "the coordinator", address, session, deadline) from None
+    except KeyboardInterrupt:
+        # Ctrl-C while the Submit was out: it may have reached the coordinator and still
+        # commit, and an id made up here was known nowhere else (exit 130, without a word).
+        print(f"dtm: {_unknown_outcome(request, generated, 'interrupted')}", file=sys.stderr)
+        raise
     outcome = fmt.outcome_name(response.outcome)
     if session.json:
         fmt.emit_json(
@@ -128,6 +133,11 @@ def _unknown_submit(
         failure = f"no answer within {deadline:g} s"
     else:
         failure = f"{code.name if code is not None else 'error'}: {details}"
+    return _unknown_outcome(request, generated, failure)
+
+
+def _unknown_outcome(request: coordinator_pb2.SubmitRequest, generated: bool, failure: str) -> str:
+    """The transaction whose outcome is unknown (`failure`: why), and how to learn it."""
     txn_id = request.transaction_id
     retry = "submit the same file again (same transaction_id)"
     if generated:
