@@ -21,7 +21,7 @@ from participants.server import ParticipantConfig, ParticipantServer, process
 from participants.server.servicer import ParticipantServicer
 from participants.services.inventory import InventoryService
 from tests.doubles import HeldLog, answered_only_after_the_held_fsync
-from tests.harness import STOCK, pack
+from tests.harness import STOCK, eventually, pack
 
 PREPARED = coordinator_pb2.VOTE_PREPARED
 
@@ -377,3 +377,37 @@ def test_a_recovered_in_doubt_branch_is_as_old_as_its_logged_prepare(
     clocks.advance(down_ms, wall_step_ms)
     clocks.monotonic_ms = 5  # another process: its monotonic clock starts anew
     asyncio.run(restarted())
+
+
+def test_a_service_whose_coordinator_address_is_another_server_says_so_while_it_retries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--coordinator at a service's port (a slip of one digit): the registration is answered
+    UNIMPLEMENTED, retried for ever with gRPC's "Method not found!" alone, which says
+    nothing of what to fix (an operator's hunt). Each WARNING now says what is there."""
+
+    async def scenario() -> None:
+        other = ParticipantServer(InventoryService(), ParticipantConfig(data_dir=tmp_path))
+        await other.start()
+        address = f"127.0.0.1:{other.port}"
+        service = ParticipantServer(
+            InventoryService(), ParticipantConfig(data_dir=tmp_path / "b", coordinator=address)
+        )
+        err: list[str] = []
+
+        async def warned() -> bool:
+            err.append(capsys.readouterr().err)
+            return "registration failed; retrying" in "".join(err)
+
+        try:
+            await service.start()
+            await eventually(warned)
+        finally:
+            await service.stop(0.1)
+            await other.stop(0.1)
+        retries = [line for line in "".join(err).splitlines() if "registration failed" in line]
+        hint = retries[0].partition(" hint=")[2]
+        assert f"the server at {address} is not a dtm coordinator" in hint, retries[0]
+        assert "check --coordinator" in hint, retries[0]
+
+    asyncio.run(scenario())

@@ -82,6 +82,19 @@ def tls_hint(details: str, tls: bool) -> str | None:
     return None if failure is None else _TLS_HINTS[failure]
 
 
+def not_a_coordinator_hint(code: grpc.StatusCode, coordinator: str) -> str | None:
+    """What to fix when the registration was answered UNIMPLEMENTED: what listens at the
+    coordinator's address is another kind of server (a service's port, say), and the retries
+    said only gRPC's "Method not found!"."""
+    if code is not grpc.StatusCode.UNIMPLEMENTED:
+        return None
+    return (
+        f"the server at {coordinator} is not a dtm coordinator (it does not serve "
+        "RegisterParticipant): check --coordinator (coordinator in [participant] or in the "
+        "service's section)"
+    )
+
+
 #: How long an inquiry waits for the coordinator's answer (the housekeeping's, and the one
 #: before an operator's forget): a coordinator that takes longer is asked again later.
 INQUIRY_TIMEOUT_S = 1.0
@@ -331,7 +344,8 @@ class ParticipantServer:
                         attempt=attempt,
                         code=error.code().name,
                         detail=error.details(),
-                        hint=tls_hint(error.details() or "", self.config.tls is not None),
+                        hint=tls_hint(error.details() or "", self.config.tls is not None)
+                        or not_a_coordinator_hint(error.code(), self.config.coordinator),
                     )
                     await asyncio.sleep(registration_delay_s(attempt))
                     continue
