@@ -70,13 +70,17 @@ def scrape(port: int) -> int:
         return 0
 
 
-def test_a_service_restarted_by_a_second_up_keeps_its_metrics(tmp_path: Path) -> None:
+def test_a_service_restarted_by_a_second_up_keeps_its_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--metrics-ports free`: five free /metrics ports `up` chooses (and moves one another
-    program takes first), not ports a test chose and let go before the servers bound them."""
+    program takes first), not ports a test chose and let go before the servers bound them.
+    `up` says which: it printed none, so an operator had to read cluster.json."""
     try:
         assert 0 == up(tmp_path, "--metrics-ports", "free")
         address = Cluster.attach(tmp_path).metrics_address("orders")
         assert address is not None
+        assert re.search(rf"orders .* pid \d+ +metrics {address}\n", capsys.readouterr().out)
         orders_metrics = int(address.rpartition(":")[2])
         assert 200 == scrape(orders_metrics)
         killed = Cluster.attach(tmp_path).kill("orders")

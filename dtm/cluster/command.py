@@ -146,7 +146,10 @@ def _metrics_of(
 def _print_addresses(cluster: Cluster) -> None:
     for name in PROCESSES:
         pid = cluster.pid(name)
-        print(f"  {name:<13} {cluster.address(name):<17} pid {pid}")
+        # Where to scrape: with `--metrics-ports free` nothing else said which ports it chose.
+        metrics = cluster.metrics_address(name)
+        scrape = f"   metrics {metrics}" if metrics else ""
+        print(f"  {name:<13} {cluster.address(name):<17} pid {pid}{scrape}")
     print(f"  logs: {cluster.logs_dir}")
 
 
