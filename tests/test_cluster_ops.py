@@ -7,6 +7,7 @@ Most tests stand in for the servers with sleeping processes whose command line l
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import sys
 import urllib.request
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -976,6 +978,36 @@ def test_attach_takes_a_cluster_json_of_an_older_version(tmp_path: Path) -> None
         attached.extra_args,
         attached.test_control,
     )
+
+
+@pytest.mark.parametrize(
+    ("failure", "why"),
+    [(errno.EROFS, "is on a read-only file system"), (errno.EACCES, "is not writable")],
+)
+def test_a_data_dir_that_cannot_be_written_is_named_not_the_lock_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    failure: int,
+    why: str,
+) -> None:
+    """`up` on a read-only data dir said "cannot use the lock file DIR/cluster.lock: Read-only
+    file system; ... remove it (or fix it)", a file that was not there (an operator's hunt,
+    on a read-only bind mount). The file system is faked here: the tests run as root too,
+    which writes in any directory."""
+    real_open = os.open
+
+    def refused(path: Any, flags: int, *args: Any) -> int:
+        if Path(path).name == "cluster.lock":
+            raise OSError(failure, os.strerror(failure), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    for command in ("up", "down"):
+        status, out, err = run(capsys, command, "--data-dir", str(tmp_path))
+        assert (1, "") == (status, out), err
+        assert f"the data dir {tmp_path} {why}; `up`, `down` and the demo write there" in err
+        assert "remove it" not in err and 1 == len(err.splitlines()), err
 
 
 def test_a_lock_file_that_cannot_be_one_is_named_with_what_to_do(

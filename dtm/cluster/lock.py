@@ -5,6 +5,7 @@ Part of `dtm.cluster`: see its docstring."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -51,6 +52,15 @@ def locked(data_dir: Path | str) -> Iterator[None]:
 def _lock_error(path: Path, error: OSError) -> ClusterLockError:
     """One line naming the lock file, what is wrong with it and what to do: the raw OSError
     ("[Errno 21] Is a directory") said neither (found by a bug hunt)."""
+    if error.errno == errno.EROFS or (error.errno == errno.EACCES and not path.exists()):
+        # The data dir, not the lock file: "remove it" sent an operator after a file that
+        # was not there, or could not be removed (an operator's hunt).
+        why = "is on a read-only file system" if error.errno == errno.EROFS else "is not writable"
+        return ClusterLockError(
+            f"cannot create the lock file {path.absolute()}: the data dir {path.parent.absolute()} "
+            f"{why}; `up`, `down` and the demo write there (the lock, pidfiles, logs): make it "
+            "writable, or start the cluster on another --data-dir"
+        )
     if path.is_symlink() and not path.exists():
         what = f"a dangling symlink to {os.readlink(path)} ({error.strerror or error})"
     elif path.is_dir():
