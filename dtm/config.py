@@ -135,6 +135,16 @@ def _path(raw: object, from_text: bool) -> Path:
     return _checked_path(text)
 
 
+def path_argument(text: str) -> Path:
+    """argparse type of a command's own path options (`--data-dir`), checked as a setting's:
+    an empty one read as the working directory, where `python -m dtm.cluster up --data-dir
+    ""` started a whole cluster (an operator's hunt; the servers refuse it)."""
+    try:
+        return _path(text, from_text=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 def _optional_path(raw: object, from_text: bool) -> Path | None:
     text = _text(raw, 'a path (a string), or "" for none')
     return _checked_path(text) if text else None

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from dtm import invariants
+from dtm import config, invariants
 from dtm.cli import EXIT_BROKEN_PIPE, _stdout_to_devnull
 from dtm.cluster import (
     PROCESSES,
@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dtm.demo", description=__doc__)
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=config.path_argument,
         default=None,
         help="default: a fresh temporary dir, removed after a PASS (kept after a FAIL)",
     )

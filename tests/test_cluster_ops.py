@@ -1010,6 +1010,24 @@ def test_a_data_dir_that_cannot_be_written_is_named_not_the_lock_file(
         assert "remove it" not in err and 1 == len(err.splitlines()), err
 
 
+def test_an_empty_data_dir_is_a_usage_error_not_the_working_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up --data-dir ""` started a whole cluster in the working directory (cluster.json,
+    pidfiles, logs and five logs of record beside the operator's files: an operator's hunt),
+    where the servers refuse an empty data_dir."""
+    monkeypatch.chdir(tmp_path)
+    try:
+        for command in ("up", "status", "down"):
+            extra = ["--ports", "free", "--metrics-ports", "off"] if command == "up" else []
+            status, out, err = run(capsys, command, "--data-dir", "", *extra)
+            assert (2, "") == (status, out), err
+            assert "argument --data-dir: '': expected a path, got an empty string" in err
+        assert [] == list(tmp_path.iterdir())
+    finally:
+        cluster.main(["down", "--data-dir", str(tmp_path), "--grace", "2"])
+
+
 def test_a_lock_file_that_cannot_be_one_is_named_with_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

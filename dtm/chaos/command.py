@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from dtm import config
 from dtm.chaos.matrix import (
     Cell,
     matrix,
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replay", default=None, help="POINT:COMPONENT:SEED, kill:SEED or late:SEED"
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: a temp dir")
+    parser.add_argument(
+        "--data-dir", type=config.path_argument, default=None, help="default: a temp dir"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs")
     parser.add_argument("--verbose", action="store_true", help="print every order")
     options = parser.parse_args(argv)

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from dtm import cli, cluster
+from dtm import cli, cluster, config
 from dtm.cli import tables as fmt
 from dtm.cli.transactions import _transaction_id
 from dtmpb.v1 import coordinator_pb2, participant_pb2
@@ -66,7 +66,7 @@ def register(
     )
     where.add_argument(
         "--data-dir",
-        type=Path,
+        type=config.path_argument,
         metavar="DIR",
         help=f"a cluster's data directory: its logs are DIR/logs/NAME.log (default "
         f"{cluster.DATA_DIR_DEFAULT}, when it holds them)",

@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--data-dir",
-        type=Path,
+        type=config.path_argument,
         default=DATA_DIR_DEFAULT,
         help="where cluster.json, pidfiles, logs and each server's log of record live "
         f"(default: {DATA_DIR_DEFAULT})",
