@@ -44,6 +44,7 @@ from dtm.cluster import (
     locked,
 )
 from dtm.orderflow import OrderClient, SubmitResult, line_summary, order_request
+from dtm.wal.files import file_in_the_way
 from dtmpb.v1 import participant_pb2, participant_pb2_grpc
 from participants.server import ParticipantConfig
 
@@ -728,7 +729,8 @@ def _main_in(data_dir: Path) -> int:
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        print(f"demo: cannot use {data_dir} as the data dir: {error}", file=sys.stderr)
+        problem = f"{error.strerror}{file_in_the_way(data_dir)}"
+        print(f"demo: cannot use {data_dir} as the data dir: {problem}", file=sys.stderr)
         return 2
     try:
         # The lock `python -m dtm.cluster up` and `down` take: neither can act on this data

@@ -54,13 +54,15 @@ def test_a_data_dir_that_cannot_be_one_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "file").write_text("not a directory\n")
-    for data_dir, errno in (
-        (tmp_path / "file", "[Errno 17]"),
-        (tmp_path / "file" / "x", "[Errno 20]"),
+    for data_dir, why in (
+        (tmp_path / "file", "File exists"),
+        (tmp_path / "file" / "x", "Not a directory"),
     ):
         status, out, err = run_demo(capsys, "--data-dir", str(data_dir))
         assert (2, "") == (status, out)
-        assert f"demo: cannot use {data_dir} as the data dir: {errno}" in err
+        # The level of the path that is a file, not Python's "[Errno 17] File exists: ...".
+        named = f"{why} ({tmp_path / 'file'} is a file)"
+        assert f"demo: cannot use {data_dir} as the data dir: {named}" in err, err
         assert 1 == len(err.strip().splitlines())
 
 

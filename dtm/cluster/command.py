@@ -47,6 +47,7 @@ from dtm.cluster.state import (
     _initial_document,
     _read_initial,
 )
+from dtm.wal.files import file_in_the_way
 
 
 def _port_list(text: str) -> list[int]:
@@ -171,7 +172,10 @@ def _up(options: argparse.Namespace) -> int:
         # is named as such rather than failing later on one of the files inside it.
         options.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        print(f"up failed: cannot use {options.data_dir} as the data dir: {error}", file=sys.stderr)
+        problem = f"{error.strerror}{file_in_the_way(options.data_dir)}"
+        print(
+            f"up failed: cannot use {options.data_dir} as the data dir: {problem}", file=sys.stderr
+        )
         return 1
     try:
         with locked(options.data_dir):

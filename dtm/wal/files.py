@@ -108,7 +108,7 @@ class _OsAppendFile:
         os.close(self._fd)
 
 
-def _culprit(directory: Path) -> str:
+def file_in_the_way(directory: Path) -> str:
     """' (LEVEL is a file)' for the first level of `directory` that exists and is no
     directory, else ''."""
     for level in (*reversed(directory.parents), directory):
@@ -129,8 +129,8 @@ class OsFileSystem:
             # setting to fix nor which level of the path is in the way.
             raise OSError(
                 f"cannot create the log directory {directory}: {error.strerror}"
-                f"{_culprit(directory)}; give this process a --data-dir (data_dir) that is a "
-                "directory it can write, or can create"
+                f"{file_in_the_way(directory)}; give this process a --data-dir (data_dir) that "
+                "is a directory it can write, or can create"
             ) from None
         return missing[::-1]
 
