@@ -80,6 +80,17 @@ def test_submit_and_inspect_transactions(tmp_path: Path) -> None:
             assert ["t-2"] == [txn["transaction_id"] for txn in json.loads(out)]
             status, out, _ = await dtm(*at, "txn", "list", "--in-doubt")
             assert "no transactions match" in out
+            # --state repeated or comma-separated, in `dtm branches` as in `txn list` (which
+            # alone took commas).
+            for states in (
+                ["--state", "refused,committed"],
+                ["--state", "refused", "--state", "committed"],
+            ):
+                status, out, err = await dtm(
+                    *at, "--json", "branches", "--participant", "inventory", *states
+                )
+                assert cli.EXIT_OK == status, err
+                assert {"t-1", "t-2"} == {branch["transaction_id"] for branch in json.loads(out)}
             status, out, _ = await dtm(*at, "txn", "list", "--limit", "1", "--json")
             assert 1 == len(json.loads(out))
 

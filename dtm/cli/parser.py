@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--state",
         action="append",
         metavar="STATE",
-        help=f"only these states (repeatable): {', '.join(BRANCH_STATE_NAMES)}",
+        help=f"only these states (repeat or comma-separate): {', '.join(BRANCH_STATE_NAMES)}",
     )
     _add_limit(branches, "the newest N per participant")
     branches.set_defaults(handler=cmd_branches)

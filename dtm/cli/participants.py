@@ -25,6 +25,7 @@ from dtm.cli.session import (
     Session,
     Target,
     _tls_hint,
+    parse_states,
     rpc_error,
 )
 from dtmpb.v1 import (
@@ -317,12 +318,7 @@ def _note_locks_cut(name: str, listed: int, total: int) -> None:
 def cmd_branches(session: Session) -> int:
     options = session.options
     states = [participant_pb2.BRANCH_STATE_PREPARED] if options.in_doubt else []
-    for name in options.state or ():
-        if name.lower() not in BRANCH_STATE_NAMES:
-            raise CliError(
-                f"--state {name!r}: expected one of {', '.join(BRANCH_STATE_NAMES)}", EXIT_USAGE
-            )
-        states.append(BRANCH_STATE_NAMES[name.lower()])
+    states += parse_states(options.state, BRANCH_STATE_NAMES)
     answers = list(
         _ask_all(
             session,

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -76,6 +77,20 @@ BRANCH_STATE_NAMES = {
         participant_pb2.BRANCH_STATE_READ_ONLY,
     )
 }
+
+
+def parse_states(texts: Sequence[str] | None, names: Mapping[str, Any]) -> list[Any]:
+    """The values of --state (repeated, or comma-separated: `dtm branches` took only the
+    first, while `dtm txn list` took both), by their names; a usage CliError for another."""
+    states = []
+    for text in texts or ():
+        for name in text.split(","):
+            if name.strip().lower() not in names:
+                raise CliError(f"--state {name!r}: expected one of {', '.join(names)}", EXIT_USAGE)
+            states.append(names[name.strip().lower()])
+    return states
+
+
 SUBMIT_KEYS = ("transaction_id", "timeout_ms", "branches")
 BRANCH_KEYS = ("participant", "type", "operation")
 #: Make sure the operation types are in the default descriptor pool for `submit`.

@@ -23,12 +23,12 @@ from dtm.cli.session import (
     EXIT_NO,
     EXIT_OK,
     EXIT_UNKNOWN,
-    EXIT_USAGE,
     IN_DOUBT_STATES,
     STATE_NAMES,
     SUBMIT_KEYS,
     CliError,
     Session,
+    parse_states,
     rpc_error,
 )
 from dtm.orderflow import named
@@ -341,13 +341,7 @@ def cmd_txn_list(session: Session) -> int:
     states: list[coordinator_pb2.TransactionState] = []
     if options.in_doubt or options.stuck:
         states = list(IN_DOUBT_STATES)
-    for text in options.state or ():
-        for name in text.split(","):
-            if name.strip().lower() not in STATE_NAMES:
-                raise CliError(
-                    f"--state {name!r}: expected one of {', '.join(STATE_NAMES)}", EXIT_USAGE
-                )
-            states.append(STATE_NAMES[name.strip().lower()])
+    states += parse_states(options.state, STATE_NAMES)
     # Stuck is decided here, after the listing: asked for only --limit in-doubt transactions,
     # the newest (still on their first try) hid an older stuck one. So ask for all the
     # coordinator lists, and cut to --limit after the filter.
