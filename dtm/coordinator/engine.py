@@ -1489,11 +1489,21 @@ class Engine:
         """Wait up to `timeout_s` for every transaction in flight to finish, phase 2 included,
         so that a graceful stop leaves participants nothing in doubt. Returns how many are
         left: recovery finishes those at the next start, as after a crash."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if self.active and timeout_s > 0:
             self._drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), timeout_s)
             self._drained = None
+        # Aborts answered before their Rollbacks were acknowledged (presumed abort answers
+        # first; stop_waiting aborts every transaction still collecting votes): closing the
+        # ports at once cancelled those Rollbacks, and the participants kept the branches in
+        # doubt, reservations and locks included, until the coordinator was back (seen under
+        # load: the Exchange carrying them was cancelled before it was sent).
+        settling = [run.settled for run in self._settling.values() if run.settled is not None]
+        if settling and deadline > loop.time():
+            await asyncio.wait(settling, timeout=deadline - loop.time())
         return len(self.active)
 
     def stop_waiting(self) -> None:
