@@ -581,8 +581,8 @@ def format_table(results: Mapping[str, Any]) -> str:
                     for name, c in checkpoints.items()
                 )
                 + " (building the snapshot holds the process's event loop; the log writes and"
-                " fsyncs it on a thread, and only records waiting to be durable wait for that,"
-                " with wal_sync = loop)",
+                " fsyncs it on a thread, with wal_sync = loop or thread, and only records"
+                " waiting to be durable wait for that)",
             )
         )
     gc_pauses = r.get("gc_pauses_by_process") or {}

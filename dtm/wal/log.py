@@ -352,7 +352,7 @@ class WriteAheadLog:
         """Capture what the next fsync covers (under the caller's lock)."""
         self._check_usable()
         # The LSNs reserved by a checkpoint being written, and the records held after it, are
-        # not on file yet: `LoopCommitLog` never syncs until `_finish_checkpoint`. Not an
+        # not on file yet: neither async log syncs until `_finish_checkpoint`. Not an
         # assert: `python -O` must not turn this into records called durable that are not.
         if self._held is not None:
             raise RuntimeError(f"sync of {self._directory} while a checkpoint is being written")
@@ -400,7 +400,8 @@ class WriteAheadLog:
 
     def _begin_checkpoint(self, records: Sequence[tuple[int, CheckpointPayload]]) -> int:
         """Write a checkpoint segment here and now (not synced); returns the LSN of its
-        complete marker."""
+        complete marker. For the synchronous `checkpoint` (and tests): the async logs write it
+        off the event loop."""
         job = self._start_checkpoint(records)
         self._write_checkpoint(job, fsync=False)  # the next sync covers it, appends included
         if job.error is not None and not isinstance(job.error, OSError):
