@@ -86,6 +86,7 @@ class _AsyncLog:
 
     def __init__(self, wal: WriteAheadLog) -> None:
         self._wal = wal
+        self._closed: asyncio.Future[None] | None = None  # `_close`, once begun
 
     @classmethod
     def open(
@@ -143,6 +144,21 @@ class _AsyncLog:
         lsn = self.append(record_type, payload)
         await self.wait_durable(lsn)
         return lsn
+
+    async def close(self) -> None:
+        """Make everything appended durable and close the files. A caller cancelled meanwhile
+        leaves the closing to run to its end; every call waits for that end."""
+        self._refuse_records()
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closed)
+
+    def _refuse_records(self) -> None:
+        """From now on `append` and `checkpoint` raise ValueError."""
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        raise NotImplementedError
 
 
 class GroupCommitLog(_AsyncLog):
@@ -214,13 +230,14 @@ class GroupCommitLog(_AsyncLog):
             complete_lsn = self._checkpoint.complete_lsn
         await self.wait_durable(complete_lsn)
 
-    async def close(self) -> None:
-        """Make everything appended durable, stop the thread and close the files."""
+    def _refuse_records(self) -> None:
         with self._lock:
-            if self._closing:
-                return
             self._closing = True
-            self._wake.notify()
+            self._wake.notify()  # the thread syncs what is left, then ends
+
+    async def _close(self) -> None:
+        # Shielded by `close`: a cancelled close used to leave the files open and the directory
+        # locked, and the next close returned at once, closing nothing.
         await asyncio.to_thread(self._thread.join)
         self._wal.close()
 
@@ -339,7 +356,6 @@ class LoopCommitLog(_AsyncLog):
         # Its own thread, not the loop's default executor: work queued there (to_thread) must
         # not delay a checkpoint that every durability wait is waiting for.
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
-        self._closed: asyncio.Future[None] | None = None
 
     # ---- the Log interface ----
 
@@ -378,13 +394,8 @@ class LoopCommitLog(_AsyncLog):
         await asyncio.shield(writing)
         await self.wait_durable(job.complete_lsn)
 
-    async def close(self) -> None:
-        """Make everything appended durable and close the files. A caller cancelled meanwhile
-        leaves the closing to run to its end; every call waits for that end."""
+    def _refuse_records(self) -> None:
         self._closing = True
-        if self._closed is None:
-            self._closed = asyncio.ensure_future(self._close())
-        await asyncio.shield(self._closed)
 
     async def _close(self) -> None:
         if self._writing is not None:
