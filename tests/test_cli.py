@@ -919,6 +919,26 @@ def test_log_dump_prints_the_records_before_a_segment_that_is_no_log(tmp_path: P
     assert (cli.EXIT_OK, f"{empty}: empty, no records\n", "") == (status, out, err)
 
 
+def test_log_dump_of_a_new_log_before_a_segment_that_is_no_log_says_no_empty(
+    tmp_path: Path,
+) -> None:
+    """A new log's segment holds its file header alone, which dump prints as a line: a
+    segment after it that is no log printed "empty, no records" too, above the error that
+    says it is not (found in review)."""
+    from dtm.wal import WriteAheadLog
+
+    log, _ = WriteAheadLog.open(tmp_path / "wal")
+    log.close()
+    garbage = tmp_path / "wal" / "00000000000000000002.wal"
+    garbage.write_bytes(b"# not a log\n" * 20)
+    status, out, err = asyncio.run(dtm("log", "dump", str(tmp_path / "wal")))
+    assert (cli.EXIT_ERROR, "file=00000000000000000001.wal frame_format=1 header=24\n") == (
+        status,
+        out,
+    ), err
+    assert f"{garbage}: segment 2 of 2 is not a log segment" in err, err
+
+
 def test_a_coordinator_address_that_is_another_server_is_named_as_such() -> None:
     """--coordinator at a participant's port answered "UNIMPLEMENTED: Method not found!",
     with no hint at the address (found by a bug hunt)."""

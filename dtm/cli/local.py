@@ -70,9 +70,10 @@ def cmd_log_dump(session: Session) -> int:
     else:
         for line in lines:
             print(line, file=session.out)
-        if not any(line.startswith(("lsn=", "CORRUPTED", "TORN", "NEWER")) for line in lines):
+        verdicts = ("lsn=", "CORRUPTED", "TORN", "NEWER")
+        if not_a_log is None and not any(line.startswith(verdicts) for line in lines):
             # Printing nothing (or the file headers alone) read as a failure to look (a
-            # zero-byte file, or a new log).
+            # zero-byte file, or a new log). Not before the error that a file is no log.
             print(f"{path}: empty, no records", file=session.out)
     if not_a_log is not None:
         raise CliError(not_a_log)
