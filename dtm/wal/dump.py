@@ -57,8 +57,9 @@ def _header_line(name: str, file_start: _FileStart) -> str:
 
 def dump(path: Path) -> Iterator[str]:
     """One line per segment file (`file=NAME frame_format=N header=BYTES`, `header=none` for
-    a segment written before file headers, or empty) followed by one line per record of it,
-    for a log directory or one segment file; never modifies anything.
+    a segment written before file headers; no line for an empty file, nor for one whose
+    header is cut short, which its TORN TAIL line names) followed by one line per record of
+    it, for a log directory or one segment file; never modifies anything.
 
     A segment whose header states a newer frame format ends the output with a line saying so
     ("NEWER FRAME FORMAT"): its records cannot be read by this build.
