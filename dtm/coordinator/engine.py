@@ -23,6 +23,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
 from dtm import crashpoints, limits, logs
+from dtm.coordinator.failures import PhaseTwoFailures
 from dtm.coordinator.finished import FinishedWindow, Head, TransactionView, pack
 from dtm.coordinator.heuristics import (
     UNKNOWN_ATTEMPT,
@@ -250,6 +251,7 @@ class Engine:
         self.heuristics = HeuristicTable()
         self._log = logs.get("coordinator")
         self._debug = logs.debug_enabled()
+        self._phase_two_failures = PhaseTwoFailures(self._log)
         self._tasks: set[asyncio.Task[None]] = set()
         # The LSN of each registration made by this process (bounded by the registry's
         # bound): see registration_durable. Replayed ones are durable already.
@@ -1121,16 +1123,19 @@ class Engine:
                     event = "rollback failed; given up: the participant learns the abort by asking"
                 else:
                     event = "rollback failed"
-                self._retry_log(commit, attempt)(
+                self._phase_two_failures.failed(
                     event,
+                    branch.participant,
+                    self._retry_warns(commit, attempt),
+                    given_up=not commit and attempt >= ROLLBACK_ATTEMPTS_MAX,
                     txn=txn.transaction_id,
-                    participant=branch.participant,
                     branch=index,
                     reason=result.error,
                     attempt=attempt,
                 )
                 self._feed(run, core.PhaseTwoFailed(index, result.error))
                 return
+            self._phase_two_failures.answered(branch.participant)
             if commit:
                 self.counters.replies += 1
                 crashpoints.hit("coordinator.mid_phase_two")
@@ -1208,34 +1213,37 @@ class Engine:
         def done(code: grpc.StatusCode | None, failure: str) -> None:
             answered = code is None or code is grpc.StatusCode.FAILED_PRECONDITION
             self.observer.call_finished(participant, "Rollback", started, answered)
+            if answered:
+                self._phase_two_failures.answered(participant)
             if code is None:
                 self._feed(run, core.OnePhaseResolved(False, f"{txn.reason}; rolled back"))
             elif code is grpc.StatusCode.FAILED_PRECONDITION:
                 self._feed(run, core.OnePhaseResolved(committed=True))
             else:
-                self._retry_log(True, txn.branches[0].phase_two_attempts + 1)(
+                attempt = txn.branches[0].phase_two_attempts + 1
+                self._phase_two_failures.failed(
                     "one-phase outcome still unknown: probe failed",
+                    participant,
+                    self._retry_warns(True, attempt),
                     txn=txn.transaction_id,
-                    participant=participant,
                     reason=failure,
-                    attempt=txn.branches[0].phase_two_attempts + 1,
+                    attempt=attempt,
                 )
                 self._feed(run, core.PhaseTwoFailed(0, failure))
 
         port.probe(txn.transaction_id, run.fingerprint, timeout_s, done)
 
-    def _retry_log(self, forever: bool, attempt: int) -> Callable[..., None]:
-        """Where the failure of a phase-2 call's `attempt` is logged. A Commit (and a one-phase
-        probe) is retried for as long as its participant does not answer, and a WARNING per
-        attempt made about 0.4 lines a second per branch owed, forever: 4,000 a second with
-        10,000 commits owed to a participant that is down (found by a bug hunt). So attempts
-        1, 2, 4, 8... are WARNINGs, the others DEBUG: lines per branch grow with the log of
-        the outage, not with its length (dtm_phase_two_retries_total counts every retry, and
-        `dtm txn list --stuck` shows the attempts). A Rollback is tried a few times only:
-        each is a WARNING."""
-        quiet = forever and not logs.retry_warns(attempt)
-        log: Callable[..., None] = self._log.debug if quiet else self._log.warning
-        return log
+    @staticmethod
+    def _retry_warns(forever: bool, attempt: int) -> bool:
+        """Whether the failure of a phase-2 call's `attempt` is worth a WARNING (within its
+        participant's budget: see PhaseTwoFailures). A Commit (and a one-phase probe) is
+        retried for as long as its participant does not answer, and a WARNING per attempt
+        made about 0.4 lines a second per branch owed, forever: 4,000 a second with 10,000
+        commits owed to a participant that is down (found by a bug hunt). So attempts 1, 2,
+        4, 8... are, the others DEBUG: lines per branch grow with the log of the outage, not
+        with its length (dtm_phase_two_retries_total counts every retry, and `dtm txn list
+        --stuck` shows the attempts). A Rollback is tried a few times only: each is."""
+        return not forever or logs.retry_warns(attempt)
 
     def _append(self, record_type: RecordType, payload: bytes) -> int:
         self.records_since_checkpoint += 1
@@ -1533,6 +1541,7 @@ class Engine:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._phase_two_failures.close()  # the counts of what the last windows held back
 
     # How each action the core returns is carried out: one entry per action type (a table, not
     # a chain of isinstance tests; it runs for every action of every transaction).
