@@ -364,9 +364,15 @@ def _why_not_bound(address: str, tls: bool = False) -> str:
     return "is the port already in use?"
 
 
+# SIGHUP (a closed terminal, `kill -HUP` meant as a reload) stops a server as SIGTERM does:
+# it has no configuration to reload, and SIGHUP's default action killed it at once, skipping
+# the graceful stop (phase 2 finished, branches in doubt counted) that its log line reports.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
 
 
@@ -400,20 +406,23 @@ class Failing(Protocol):
 
 
 def run_server(build: Callable[[], Server]) -> None:
-    """Build, start and serve a server process until SIGTERM or Ctrl-C, then stop it. A
+    """Build, start and serve a server process until SIGTERM, SIGHUP or Ctrl-C, then stop it. A
     failure to start that names its cause (a port in use, a data directory held by another
     process, a corrupted log or one whose records this build cannot replay), or a server that
     reports it failed (`Failing`), ends the process with that one line on stderr and exit
     status 1; a failure after it started keeps its traceback."""
 
     async def serve() -> None:
+        stop = asyncio.Event()
         try:
             server = build()  # opens (and recovers) its log
+            # Before the start, which logs "serving": a signal sent as soon as that line is
+            # read (by a test, or `up` then `down` at once) came before the handlers and
+            # killed the process by its default action. One during the start stops it after.
+            install_stop_signals(stop)
             await server.start()  # binds its port
         except (OSError, LogCorruptedError, LogNewerFormatError, ReplayError) as error:
             raise _CannotStart(f"error: {error}") from error
-        stop = asyncio.Event()
-        install_stop_signals(stop)
         waits = [asyncio.ensure_future(stop.wait())]
         if isinstance(server, Failing):
             waits.append(asyncio.ensure_future(server.failed.wait()))

@@ -5,7 +5,11 @@ on the same directory; and it resumes nothing before every port is bound."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +170,29 @@ def test_a_coordinator_refused_its_metrics_port_resumes_no_commit_and_lets_go_of
         await again.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_a_sighup_stops_a_server_gracefully_as_a_sigterm_does(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, or `kill -HUP` meant as a reload) killed a server at once,
+    by its default action: no graceful stop, no stopping line (found by a bug hunt). It has
+    no configuration to reload: SIGHUP stops it as SIGTERM does. A real process."""
+    command = [sys.executable, "-m", "dtm.coordinator.server", "--listen", "127.0.0.1:0"]
+    command += ["--data-dir", str(tmp_path / "data")]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        assert server.stderr is not None
+        lines = []
+        for line in server.stderr:  # until it serves (or exits: the loop ends)
+            lines.append(line)
+            if "coordinator serving" in line:
+                break
+        assert "coordinator serving" in lines[-1], lines
+        server.send_signal(signal.SIGHUP)
+        rest = server.stderr.read()
+        assert 0 == server.wait(timeout=60), rest
+        assert "coordinator stopping" in rest, rest
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
