@@ -298,7 +298,9 @@ class ParticipantSettings:
     advertise: str = field(
         default="",
         metadata=about(
-            OPTIONAL_ADDRESS, 'address the coordinator dials; "" = the bound listen address'
+            OPTIONAL_ADDRESS,
+            'address the coordinator dials; "" = the bound listen address (required when '
+            "listen is 0.0.0.0 or [::])",
         ),
     )
     coordinator: str = field(

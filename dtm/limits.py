@@ -171,6 +171,16 @@ def address_port(address: str) -> int | None:
     return int(port)
 
 
+def is_wildcard(address: str) -> bool:
+    """Whether a host:port listen address names every interface (0.0.0.0, [::]): a socket
+    can be bound to it, but it is no address for another process to dial."""
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name, not an address
+        return False
+
+
 def unbracketed_host_hint(address: str) -> str:
     """What to add to the refusal of `address` when its host has a ':' outside brackets (an
     IPv6 address without them, or a port given twice): the right form; else ""."""

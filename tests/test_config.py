@@ -576,3 +576,27 @@ def test_a_participant_s_log_sync_follows_its_calls_unless_set(
         data_dir=tmp_path, wal_sync=wal_sync, batch=batch
     )
     assert mode == wal_sync_mode(participant)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:7003", "[::0]:7003"])
+def test_a_service_listening_on_every_interface_without_advertise_is_refused(
+    listen: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `--listen 0.0.0.0:0` and no `--advertise`, a service registered 0.0.0.0:PORT with
+    its coordinator, without a word: an address that works on one machine by chance (Linux
+    dials its own host) and on no other (found by a bug hunt). Refused at start, as
+    dtm.example.toml's "set it when the service listens on 0.0.0.0" asks."""
+    for name in list(os.environ):
+        if name.startswith("DTM_"):
+            monkeypatch.delenv(name)
+    with pytest.raises(SystemExit) as done:
+        participant_server.parse_args("payment", ["--listen", listen])
+    assert 2 == done.value.code
+    err = capsys.readouterr().err
+    assert f"listen {listen} is every interface of this machine" in err, err
+    assert "--advertise HOST:PORT" in err, err
+    advertised = ["--listen", listen, "--advertise", "payments.internal:7003"]
+    assert (
+        "payments.internal:7003" == participant_server.parse_args("payment", advertised).advertise
+    )
+    assert "" == participant_server.parse_args("payment", ["--listen", "127.0.0.1:0"]).advertise

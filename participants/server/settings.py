@@ -117,6 +117,14 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     except ValueError as error:  # config.ConfigError included: it names the key and the value
         parser.error(str(error))
     service = settings.service(name)
+    if limits.is_wildcard(service.listen) and not service.advertise:
+        # The registration would carry the wildcard, which the coordinator dials as its own
+        # host (Linux) or not at all: right only by chance, and wrong without a word.
+        parser.error(
+            f"listen {service.listen} is every interface of this machine, no address the "
+            "coordinator can dial: set advertise (--advertise HOST:PORT, the address the "
+            "coordinator reaches this service at), or listen on one address"
+        )
     return ParticipantConfig(
         data_dir=service.data_dir,
         listen=service.listen,
