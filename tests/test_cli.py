@@ -1346,3 +1346,14 @@ def test_a_graceful_stop_does_not_answer_aborted_a_late_retry_whose_commit_vote_
             assert coordinator_pb2.OUTCOME_COMMITTED == answer.outcome, answer.reason
 
     asyncio.run(scenario())
+
+
+def test_log_dump_of_an_empty_path_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dtm log dump ""` read the working directory (Path("") is "."), where the other
+    commands now refuse an empty --data-dir (found by a bug hunt): a usage error."""
+    monkeypatch.chdir(tmp_path)
+    status, out, err = asyncio.run(dtm("log", "dump", ""))
+    assert (cli.EXIT_USAGE, "") == (status, out), err
+    assert "argument PATH: '': expected a path, got an empty string" in err, err

@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dump.add_argument(
         "path",
-        type=Path,
+        type=config.path_argument,  # "" is no path, not the working directory
         metavar="PATH",
         help="a log directory (DATA_DIR/<process>/wal) or segment",
     )
