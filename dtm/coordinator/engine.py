@@ -227,6 +227,16 @@ class Counters:
         self.unknown = 0
 
 
+class Left(NamedTuple):
+    """What a stop leaves in flight (Engine.drain)."""
+
+    to_recovery: int  # commits decided in the log: the next start finishes their phase 2
+    one_phase_unknown: int  # one-phase commits unanswered: their participants alone know
+    # Two-phase ones undecided (a stop without grace skips stop_waiting): nothing of them is
+    # in the log, so a participant that prepared one is told ABORTED when it asks.
+    presumed_aborted: int
+
+
 class Engine:
     def __init__(
         self,
@@ -1493,10 +1503,9 @@ class Engine:
         )
         return True
 
-    async def drain(self, timeout_s: float) -> int:
+    async def drain(self, timeout_s: float) -> Left:
         """Wait up to `timeout_s` for every transaction in flight to finish, phase 2 included,
-        so that a graceful stop leaves participants nothing in doubt. Returns how many are
-        left: recovery finishes those at the next start, as after a crash."""
+        so that a graceful stop leaves participants nothing in doubt. Returns what is left."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         if self.active and timeout_s > 0:
@@ -1512,7 +1521,17 @@ class Engine:
         settling = [run.settled for run in self._settling.values() if run.settled is not None]
         if settling and deadline > loop.time():
             await asyncio.wait(settling, timeout=deadline - loop.time())
-        return len(self.active)
+        # Only a commit decision is in the log for the next start to resume (resume()); a
+        # one-phase commit still out (or its outcome still unknown) is not: its participant
+        # alone knows it. Counted together as left_to_recovery, they overstated what the
+        # restart would finish.
+        decided = one_phase = 0
+        for run in self.active.values():
+            if run.decision:
+                decided += 1
+            elif run.txn.one_phase:
+                one_phase += 1
+        return Left(decided, one_phase, len(self.active) - decided - one_phase)
 
     def stop_waiting(self) -> None:
         """Stopping: a two-phase transaction still waiting for votes is aborted now, and an

@@ -742,13 +742,16 @@ class CoordinatorServer:
         if answer_waiting is not None:
             answer_waiting.cancel()
         counters = self.engine.counters
-        # WARNING when something is left: participants stay in doubt until the next start.
-        (self.log.warning if left else self.log.info)(
+        # WARNING when something is left: participants stay in doubt until the next start,
+        # and the outcome of a one-phase commit left is for its participant to tell.
+        (self.log.warning if any(left) else self.log.info)(
             "coordinator stopping",
             committed=counters.committed,
             aborted=counters.aborted,
             unknown=counters.unknown or None,
-            left_to_recovery=left,
+            left_to_recovery=left.to_recovery,
+            one_phase_unknown=left.one_phase_unknown or None,
+            presumed_aborted=left.presumed_aborted or None,
             **_batching_fields(self.engine.registry.ports()),
         )
         if self.metrics is not None:
