@@ -1083,10 +1083,10 @@ def test_a_registration_again_makes_a_port_that_fell_back_batch_again() -> None:
             )
         )
         first = registry.port("p")
-        registry.renew("p")  # nothing to reset: the same port
+        registry.renew("p", 1)  # nothing to reset: the same port
         assert first is registry.port("p")
         first.batch, first.fell_back = False, True  # as _fall_back_to_unary leaves it
-        registry.renew("p")
+        registry.renew("p", 2)
         again = registry.port("p")
         assert again is not first
         assert again.batch

@@ -433,3 +433,33 @@ def test_a_registration_failing_for_long_warns_ever_less_often(
         if " WARNING " in line and "registration failed; retrying" in line
     ]
     assert ["1", "2", "4", "8", "16"] == warnings
+
+
+def test_a_registration_again_unchanged_is_shown_as_the_last_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dtm participants` REGISTERED showed when a registration was first made: a participant
+    restarted on its log, at its address, registers again unchanged, and read as if it had run
+    since then (found by a bug hunt). It shows the last registration."""
+    from dtm.coordinator import server
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            request = coordinator_pb2.RegisterParticipantRequest(
+                name="inventory-2",
+                address=cluster.address("inventory"),
+                capabilities=coordinator_pb2.Capabilities(batch=True),
+                incarnation="i-1",
+            )
+            registered = []
+            for now_ms in (1_800_000_000_000, 1_800_000_360_000):  # the restart, 6 min on
+                monkeypatch.setattr(server, "wall_ms", lambda now_ms=now_ms: now_ms)
+                answer = await cluster.client.RegisterParticipant(request)
+                listed = await cluster.client.ListParticipants(
+                    coordinator_pb2.ListParticipantsRequest()
+                )
+                [info] = [p for p in listed.participants if p.name == "inventory-2"]
+                registered.append((answer.changed, info.registered_at_unix_ms))
+            assert [(True, 1_800_000_000_000), (False, 1_800_000_360_000)] == registered
+
+    asyncio.run(scenario())
