@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import shutil
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -1230,37 +1232,52 @@ def test_dump_names_the_segment_that_is_no_log_after_the_records_before_it(
     assert capsys.readouterr().out.splitlines() == lines
 
 
+class FullDiskAt(OsFileSystem):
+    """Files whose write `torn(data)` picks (a number of bytes, not None) write that many bytes
+    of it, then fail as a full disk does (ENOSPC): a torn write the caller hears of."""
+
+    def __init__(self, torn: Callable[[bytes], int | None]) -> None:
+        self._torn = torn
+
+    def open_append(self, path: Path) -> AppendFile:
+        return _TornThenFull(super().open_append(path), self._torn)
+
+
+class _TornThenFull:
+    def __init__(self, handle: AppendFile, torn: Callable[[bytes], int | None]) -> None:
+        self._handle = handle
+        self._torn = torn
+
+    def write(self, data: bytes | bytearray) -> None:
+        kept = self._torn(bytes(data))
+        if kept is not None:
+            self._handle.write(bytes(data[:kept]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._handle.write(data)
+
+    def fsync(self) -> None:
+        self._handle.fsync()
+
+    def truncate(self, size: int) -> None:
+        self._handle.truncate(size)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
 def test_a_failed_append_write_is_fatal_and_a_restart_cuts_the_torn_frame(tmp_path: Path) -> None:
     """The caller changed its state in memory for the record (a branch COMMITTED, a commit
     DECIDING) before appending it, and cannot take that back: the process must stop, and a
     restart replays the log, the truth. Raising and going on served a COMMITTED branch whose
     commit was never on file."""
 
-    class HalfWrite:
-        def __init__(self, handle: AppendFile) -> None:
-            self._handle = handle
-
-        def write(self, data: bytes | bytearray) -> None:
-            if b"doomed" in data:
-                self._handle.write(bytes(data[: len(data) // 2]))  # torn, then the disk is full
-                raise OSError(28, "No space left on device")
-            self._handle.write(data)
-
-        def fsync(self) -> None:
-            self._handle.fsync()
-
-        def truncate(self, size: int) -> None:
-            self._handle.truncate(size)
-
-        def close(self) -> None:
-            self._handle.close()
-
-    class FullDisk(OsFileSystem):
-        def open_append(self, path: Path) -> AppendFile:
-            return HalfWrite(super().open_append(path))
+    def half_of_doomed(data: bytes) -> int | None:
+        return len(data) // 2 if b"doomed" in data else None
 
     fatal_messages: list[str] = []
-    log, _ = WriteAheadLog.open(tmp_path, file_system=FullDisk(), on_fatal=fatal_messages.append)
+    log, _ = WriteAheadLog.open(
+        tmp_path, file_system=FullDiskAt(half_of_doomed), on_fatal=fatal_messages.append
+    )
     log.append(ENDED, b"kept")
     log.sync()
     with pytest.raises(LogFatalError, match="No space left on device"):
@@ -1280,33 +1297,13 @@ def test_a_failed_write_of_a_new_segments_header_is_fatal_and_a_restart_drops_it
     append, not replaced): going on would write a whole header after it, a segment the
     next start refuses as corrupted. The log stops; a restart drops the torn segment."""
 
-    class HeaderHalfWritten:
-        def __init__(self, handle: AppendFile) -> None:
-            self._handle = handle
-
-        def write(self, data: bytes | bytearray) -> None:
-            if bytes(data) == _encode_file_header(2):
-                self._handle.write(bytes(data[:10]))  # torn, then the disk is full
-                raise OSError(28, "No space left on device")
-            self._handle.write(data)
-
-        def fsync(self) -> None:
-            self._handle.fsync()
-
-        def truncate(self, size: int) -> None:
-            self._handle.truncate(size)
-
-        def close(self) -> None:
-            self._handle.close()
-
-    class FullDisk(OsFileSystem):
-        def open_append(self, path: Path) -> AppendFile:
-            return HeaderHalfWritten(super().open_append(path))
+    def ten_bytes_of_the_header(data: bytes) -> int | None:
+        return 10 if data == _encode_file_header(2) else None
 
     fatal_messages: list[str] = []
     log, _ = WriteAheadLog.open(
         tmp_path,
-        file_system=FullDisk(),
+        file_system=FullDiskAt(ten_bytes_of_the_header),
         segment_bytes_max=FILE_HEADER_BYTES + 40,  # one 40-byte frame per segment
         on_fatal=fatal_messages.append,
     )
