@@ -16,7 +16,6 @@ Run: python -m participants.services.orders [SDK flags] [--initial PATH.json (ig
 
 from __future__ import annotations
 
-import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -80,7 +79,8 @@ class OrderRecord:
     # last one cost it nothing either.
     final_text: str = field(default="", compare=False)
     # Its place in ListOrders: given when the attempt is created, never changed (a cancelled
-    # order keeps it), and kept in snapshots, so a page token (the last place read) means the
+    # order keeps it, a retry of a cancelled attempt still remembered takes it over), and kept
+    # in snapshots, so a page token (the last place read) means the
     # same while orders change between pages and across a restart. 0: not given yet (a
     # snapshot from before places; restore gives them).
     place: int = field(default=0, compare=False)
@@ -199,6 +199,10 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
                 f"duplicate order id {operation.order_id}: an order with this id exists; "
                 "choose another order id, or look the order up (ListOrders)"
             )
+        # The new attempt supersedes a cancelled one in ListOrders (one entry per order id),
+        # at its place: at a new one, a paging reader that read the cancelled attempt would
+        # read the order id again on a later page.
+        superseded = self.cancelled.pop(operation.order_id, None)
         self.orders[operation.order_id] = OrderRecord(
             order_id=operation.order_id,
             customer_id=operation.customer_id,
@@ -206,11 +210,9 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
             amount_cents=operation.amount_cents,
             state=PENDING,
             transaction_id=transaction_of(key),
-            place=next(self._places),
+            place=superseded.place if superseded else next(self._places),
         )
         self.pending[key] = operation.order_id
-        # The new attempt supersedes a cancelled one in ListOrders (one entry per order id).
-        self.cancelled.pop(operation.order_id, None)
         return Prepared()
 
     def commit(self, key: str, operation: shop_pb2.CreateOrder) -> None:
@@ -281,18 +283,24 @@ class OrdersService(Service[shop_pb2.CreateOrder]):
 
     def listed_after(self, place: int) -> Iterator[OrderRecord]:
         """Every order (its latest attempt: pending, confirmed or cancelled) placed after
-        `place` (0: all), in the order of their places: creation, a retried order at its
-        retry's."""
+        `place` (0: all), in the order of their places: the creation of the order id's first
+        attempt still remembered (a retry takes its cancelled attempt's place)."""
 
         def placed(order: OrderRecord) -> int:
             return order.place
 
-        cancelled = sorted(
-            (order for order in self.cancelled.values() if order.place > place), key=placed
+        # `orders` holds increasing places but for the retries, each back at its first place:
+        # nearly sorted, which sorted() (a merge sort of the sorted runs) takes in about one pass.
+        return iter(
+            sorted(
+                (
+                    order
+                    for order in itertools.chain(self.orders.values(), self.cancelled.values())
+                    if order.place > place
+                ),
+                key=placed,
+            )
         )
-        # `orders` holds increasing places (creation order): skip the read ones, merge lazily.
-        live = itertools.dropwhile(lambda order: order.place <= place, self.orders.values())
-        return heapq.merge(cancelled, live, key=placed)
 
     def all_orders(self) -> list[shop_pb2.Order]:
         """Every order, in the order ListOrders shows them (see `listed_after`)."""
