@@ -692,6 +692,24 @@ def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
         assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
 
 
+def test_force_or_forget_by_address_needs_the_coordinator_named(
+    unreachable: Callable[[], str],
+) -> None:
+    """`dtm force`/`branches forget --address X` without --coordinator asked the CLI's default
+    coordinator (127.0.0.1:50050) for its safety check, not the one the participant at X uses,
+    and a refusal named that address: the coordinator must be named (found by an operator
+    hunt). Refused before any call."""
+    target = ["--address", unreachable()]
+    for command in (
+        ["force", "t-1", "0", "--commit", "--i-understand", *target],
+        ["branches", "forget", "t-1", "0", *target],
+    ):
+        status, out, err = asyncio.run(dtm("--timeout", "1", *command))
+        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
+        assert "--coordinator HOST:PORT" in err and "cannot reach" not in err, (command, err)
+        assert "127.0.0.1:50050" not in err, (command, err)
+
+
 def test_a_malformed_id_or_participant_name_is_a_usage_error_before_any_call(
     unreachable: Callable[[], str],
 ) -> None:

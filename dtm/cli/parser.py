@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="the participant holding the branch, reached at this address directly (not "
-        "looked up in the coordinator's registry)",
+        "looked up in the coordinator's registry; --coordinator must then name the one it uses)",
     )
     locks = commands.add_parser(
         "locks",

@@ -400,6 +400,7 @@ def cmd_force(session: Session) -> int:
         print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
         return EXIT_USAGE
     target = _one_target(session)
+    _refuse_unknown_coordinator(session, "force")
     _refuse_contradiction(session, target)
     request = participant_pb2.ForceOutcomeRequest(
         transaction_id=options.id,
@@ -426,6 +427,7 @@ def cmd_force(session: Session) -> int:
 def cmd_branches_forget(session: Session) -> int:
     options = session.options
     target = _one_target(session)
+    _refuse_unknown_coordinator(session, "forget")
     _refuse_early_forget(session, target)
     request = participant_pb2.ForgetBranchRequest(
         transaction_id=options.id, branch=options.branch, coordinator_lost=options.coordinator_lost
@@ -492,6 +494,24 @@ def _one_target(session: Session) -> Target:
             "say which participant: --participant NAME or --address HOST:PORT", EXIT_USAGE
         )
     return _targets(session)[0]
+
+
+def _refuse_unknown_coordinator(session: Session, action: str) -> None:
+    """Refuse (usage) `--address` without `--coordinator`: the check before a force or forget
+    must ask the coordinator of the participant at that address, and neither the address nor
+    its admin API tells which one that is. The CLI's own default (the configuration's, else
+    127.0.0.1:50050) asked another coordinator, whose "no record" or "unreachable" says nothing
+    of the branch, and the refusal then named that address. Through --participant the
+    coordinator is the one whose registry found the participant: the right one."""
+    options = session.options
+    if options.address and not options.coordinator:
+        raise CliError(
+            f"--address {options.address}: name the coordinator that participant uses with "
+            f"--coordinator HOST:PORT; `dtm` asks it whether it is safe to {action} the branch, "
+            "and cannot learn it from the participant (or use --participant NAME, found "
+            "through the coordinator's registry)",
+            EXIT_USAGE,
+        )
 
 
 def _refuse_early_forget(session: Session, target: Target) -> None:
