@@ -57,7 +57,14 @@ MS_MAX = limits.TRANSACTION_TIMEOUT_MS_MAX
 
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message says which key, where, and why."""
+    """A configuration that cannot be used; the message says which key, where, and why.
+    `setting` is (section, key) when one value is refused, so that a caller can tell which
+    of its own flags would stand in for it (`dtm --coordinator` for [participant]
+    coordinator), and not offer one for any other problem of the file."""
+
+    def __init__(self, message: str, setting: tuple[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 # ---- value kinds: how a raw value (TOML, environment text or flag text) becomes a setting ----
@@ -529,7 +536,9 @@ def _read_file(path: Path) -> Layer:
             try:
                 values[key] = _parse(section, key, raw, from_text=False)
             except ValueError as problem:
-                raise ConfigError(f"{path}: [{section}] {key} = {raw!r}: {problem}") from None
+                raise ConfigError(
+                    f"{path}: [{section}] {key} = {raw!r}: {problem}", (section, key)
+                ) from None
         layer[section] = values
     return layer
 
@@ -565,7 +574,9 @@ def _read_environment(environ: Mapping[str, str]) -> Layer:
         try:
             layer.setdefault(section, {})[key] = _parse(section, key, raw, from_text=True)
         except ValueError as problem:
-            raise ConfigError(f"environment variable {name}={raw!r}: {problem}") from None
+            raise ConfigError(
+                f"environment variable {name}={raw!r}: {problem}", (section, key)
+            ) from None
     return layer
 
 

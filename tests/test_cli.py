@@ -648,6 +648,27 @@ def test_every_configuration_the_cli_refuses_exits_2_as_the_servers_do(
         assert expected in err and "cannot reach" not in err, (args, err)
 
 
+def test_a_configuration_refused_suggests_a_flag_only_for_the_value_it_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
+) -> None:
+    """Any problem of --config's file (here a bad [coordinator] listen) was reported with
+    "(or pass --coordinator HOST:PORT)", and passing it met the file again with "(or pass
+    --tls-ca, --tls-cert and --tls-key)" (found by an operator hunt). The hint is for the
+    value the flag stands in for, [participant] coordinator, alone."""
+    for name in ("CA", "CERT", "KEY"):
+        monkeypatch.delenv(f"DTM_TLS_{name}", raising=False)
+    monkeypatch.delenv("DTM_CONFIG", raising=False)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[coordinator]\nlisten = 'nonsense'\n", encoding="utf-8")
+    for at in ([], ["--coordinator", unreachable()]):
+        status, out, err = asyncio.run(dtm("--config", str(bad), *at, "txn", "list"))
+        assert (cli.EXIT_USAGE, "") == (status, out), (at, err)
+        assert "listen" in err and "(or pass" not in err, (at, err)
+    bad.write_text("[participant]\ncoordinator = 'nonsense'\n", encoding="utf-8")
+    status, _, err = asyncio.run(dtm("--config", str(bad), "txn", "list"))
+    assert (cli.EXIT_USAGE, True) == (status, "(or pass --coordinator HOST:PORT)" in err), err
+
+
 def test_usage_errors() -> None:
     assert cli.EXIT_USAGE == asyncio.run(dtm())[0]  # no command
     status, _, err = asyncio.run(dtm("txn", "list", "--limit", "0"))

@@ -173,8 +173,8 @@ class Session:
             try:
                 identity = config.load(self.options.config).cli.coordinator_identity
             except config.ConfigError as error:
-                message = f"{error} (or pass --coordinator-identity NAME)"
-                raise CliError(message, EXIT_USAGE) from None
+                hint = "--coordinator-identity NAME"
+                raise _refused(error, {(config.CLI, "coordinator_identity")}, hint) from None
         return identity or security.coordinator_identity(self.tls)
 
     @property
@@ -205,7 +205,18 @@ def _configured_coordinator(path: Path | None) -> str:
     try:
         return config.load(path).participant.coordinator
     except config.ConfigError as error:
-        raise CliError(f"{error} (or pass --coordinator HOST:PORT)", EXIT_USAGE) from None
+        hint = "--coordinator HOST:PORT"
+        raise _refused(error, {(config.PARTICIPANT, "coordinator")}, hint) from None
+
+
+def _refused(error: config.ConfigError, settings: set[tuple[str, str]], flag: str) -> CliError:
+    """A configuration refused (EXIT_USAGE), with "(or pass FLAG)" only when the value refused
+    is one of `settings`, which FLAG stands in for. Added to any problem of the file (a bad
+    value elsewhere, invalid TOML), the hint misled: passing the flag met the same problem at
+    the next reading of the file, with the next flag suggested."""
+    if error.setting in settings:
+        return CliError(f"{error} (or pass {flag})", EXIT_USAGE)
+    return CliError(str(error), EXIT_USAGE)
 
 
 def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
@@ -221,8 +232,9 @@ def _tls_of(options: argparse.Namespace) -> security.TlsConfig | None:
         try:
             settings = config.load(options.config)
         except config.ConfigError as error:
-            message = f"{error} (or pass --tls-ca, --tls-cert and --tls-key)"
-            raise CliError(message, EXIT_USAGE) from None
+            tls_settings = {(config.CLI, f"tls_{name}") for name in ("ca", "cert", "key")}
+            hint = "--tls-ca, --tls-cert and --tls-key"
+            raise _refused(error, tls_settings, hint) from None
         configured = config.tls_files(settings.cli)
         configured_in = config.tls_origin(settings, config.CLI)
     try:
