@@ -851,8 +851,8 @@ def test_server_help_gives_the_authorization_defaults() -> None:
 def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
     """The services end with SystemExit("message") for a bad --config or --initial; dtm
     caught it and returned 1 without printing anything. A configuration refused is a usage
-    error, status 2, for every server (inventory and payment said 1, the others 2); an
-    --initial file that cannot be used is status 1."""
+    error, status 2, for every server (inventory and payment said 1, the others 2), an
+    --initial file that cannot be used too (it said 1: a setting to fix, as any other)."""
     negative = tmp_path / "neg.toml"
     negative.write_text("[inventory]\nlock_wait_ms = -1\n", encoding="utf-8")
     broken = tmp_path / "initial.json"
@@ -866,7 +866,7 @@ def test_a_service_refusing_its_configuration_says_why(tmp_path: Path) -> None:
             "none.toml",
             cli.EXIT_USAGE,
         ),
-        (["service", "inventory", "--initial", str(broken)], "--initial", cli.EXIT_ERROR),
+        (["service", "inventory", "--initial", str(broken)], "--initial", cli.EXIT_USAGE),
     ]
     for args, expected, code in cases:
         status, out, err = asyncio.run(dtm(*args, *common))

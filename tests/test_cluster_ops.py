@@ -668,7 +668,7 @@ def test_up_fails_at_once_naming_a_service_that_exits_while_starting(
         # Whichever of the four is seen gone first.
         logs = re.escape(str(data_dir.resolve() / "logs"))
         pattern = (
-            rf"up failed: (\w+) \(pid \d+\) exited with code 1 while starting; {logs}/(\w+)\.log"
+            rf"up failed: (\w+) \(pid \d+\) exited with code 2 while starting; {logs}/(\w+)\.log"
         )
         found = re.match(pattern, err)
         assert found is not None and found[1] == found[2] and found[1] in cluster.SERVICES, err

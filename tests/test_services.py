@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import sys
 import types
 from collections.abc import Awaitable, Callable, Mapping
@@ -215,17 +216,24 @@ def test_split_initial_arg_keeps_sdk_flags(tmp_path: Path) -> None:
     assert rest == ["--test-control"]
 
 
-def test_split_initial_arg_turns_a_bad_file_into_a_usage_error(tmp_path: Path) -> None:
+def test_split_initial_arg_turns_a_bad_file_into_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit status 2, as for any configuration refused: SystemExit(message) exited 1."""
     path = tmp_path / "shop.json"
     path.write_text(json.dumps({"stock": {"sku-q": -4}, "accounts": {}}))
-    with pytest.raises(SystemExit, match=r"--initial: .*stock\['sku-q'\]"):
-        split_initial_arg(["--initial", str(path)])
-    with pytest.raises(SystemExit, match="--initial: "):
-        split_initial_arg(["--initial", str(tmp_path / "missing.json")])
+    for argv, expected in (
+        (["--initial", str(path)], r"--initial: .*stock\['sku-q'\]"),
+        (["--initial", str(tmp_path / "missing.json")], "--initial: cannot read"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            split_initial_arg(argv)
+        assert 2 == exited.value.code
+        assert re.search(expected, capsys.readouterr().err), argv
 
 
 def test_an_initial_file_that_cannot_be_read_is_named_by_the_setting_that_gave_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`initial = DIR` in [inventory] stopped the service with "--initial: [Errno 21] Is a
     directory: 'DIR'", naming a flag nobody gave, in Python's words. The setting that gave
@@ -242,7 +250,8 @@ def test_an_initial_file_that_cannot_be_read_is_named_by_the_setting_that_gave_i
     def refusal(main: Callable[[list[str]], None], *args: str) -> str:
         with pytest.raises(SystemExit) as exited:
             main(list(args))
-        message = str(exited.value.code)
+        assert 2 == exited.value.code
+        message = capsys.readouterr().err.removeprefix("error: ")
         assert "Errno" not in message, message
         return message
 

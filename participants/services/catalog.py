@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NoReturn
 
 from dtm import limits
 
@@ -187,12 +189,20 @@ def split_initial_arg(
     except OSError as error:
         # A usage error, not a traceback, and not "[Errno 21] Is a directory: 'x'": the
         # operator has a setting to fix, named as given.
-        raise SystemExit(
+        _refuse(
             f"{setting}: cannot read {path}: {error.strerror or error}; give the path of a JSON "
             "file of initial stock and accounts, or none for the built-in catalog"
-        ) from None
+        )
     except ValueError as error:
-        raise SystemExit(f"{setting}: {error}") from None
+        _refuse(f"{setting}: {error}")
+
+
+def _refuse(message: str) -> NoReturn:
+    """Stop the service on an initial state it cannot use: a configuration refused (the path
+    is a setting, `initial`, or a flag), so exit status 2, as for every other one. A
+    SystemExit(message) exited 1, Python's status for an exit with a message."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 __all__ = [
