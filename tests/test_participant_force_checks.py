@@ -454,7 +454,13 @@ def test_a_direct_forget_with_coordinator_lost_is_refused_while_the_coordinator_
                 return not orders.awaiting_coordinator(("t-d", 1))
 
             await eventually(heard)
-            assert [("t-d", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+
+            # The participant stops awaiting once it has answered the Commit; the coordinator
+            # records the heuristic when that answer arrives, a moment later.
+            async def reported() -> bool:
+                return [("t-d", 1)] == [(h.transaction_id, h.branch) for h in await listed(cluster)]
+
+            await eventually(reported)
             assert (await admin.ForgetBranch(forget_lost("t-d", 1))).branch.forgotten
 
     asyncio.run(scenario())
