@@ -783,10 +783,10 @@ def _serve(
     within HANDSHAKE_TIMEOUT_S."""
     import socket
     import threading
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     from prometheus_client import make_wsgi_app
-    from prometheus_client.exposition import ThreadingWSGIServer
 
     class QuietHandler(WSGIRequestHandler):
         # A client silent this long loses its connection (and its slot): prometheus_client's
@@ -804,8 +804,11 @@ def _serve(
     # reaches the port cannot take the process's (the log's and gRPC's) with silent ones.
     slots = threading.BoundedSemaphore(limits.METRICS_CONNECTIONS_MAX)
 
-    class Server(ThreadingWSGIServer):
+    class Server(ThreadingMixIn, WSGIServer):
         address_family = family
+        # Threads not kept for server_close() to join (one a connection, for the process's
+        # life otherwise); a scrape under way does not hold the process's exit either.
+        daemon_threads = True
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not slots.acquire(blocking=False):
