@@ -463,3 +463,32 @@ def test_a_registration_again_unchanged_is_shown_as_the_last_one(
             assert [(True, 1_800_000_000_000), (False, 1_800_000_360_000)] == registered
 
     asyncio.run(scenario())
+
+
+def test_a_registration_again_unchanged_is_shown_after_a_coordinator_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time of a registration again unchanged was kept in memory only: a coordinator
+    restarted before its next checkpoint listed the first registration's time again, as if
+    the participant had not restarted since. It is logged, as any registration."""
+    from dtm.coordinator import server
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster:
+            request = coordinator_pb2.RegisterParticipantRequest(
+                name="inventory-2",
+                address=cluster.address("inventory"),
+                capabilities=coordinator_pb2.Capabilities(batch=True),
+                incarnation="i-1",
+            )
+            for now_ms in (1_800_000_000_000, 1_800_000_360_000):  # the restart, 6 min on
+                monkeypatch.setattr(server, "wall_ms", lambda now_ms=now_ms: now_ms)
+                await cluster.client.RegisterParticipant(request)
+            await cluster.restart_coordinator()  # no checkpoint since
+            listed = await cluster.client.ListParticipants(
+                coordinator_pb2.ListParticipantsRequest()
+            )
+            [info] = [p for p in listed.participants if p.name == "inventory-2"]
+            assert 1_800_000_360_000 == info.registered_at_unix_ms
+
+    asyncio.run(scenario())

@@ -263,9 +263,6 @@ class Engine:
         self._debug = logs.debug_enabled()
         self._phase_two_failures = PhaseTwoFailures(self._log)
         self._tasks: set[asyncio.Task[None]] = set()
-        # The LSN of each registration made by this process (bounded by the registry's
-        # bound): see registration_durable. Replayed ones are durable already.
-        self._registration_lsn: dict[str, int] = {}
         self._closed = False  # close() ran: nothing new is spawned
         # Finished attempts whose Rollbacks are still in flight or waiting to be retried, by
         # id (see Run.decisions_open). Bounded by the abort rate times a Rollback's few tries.
@@ -661,10 +658,25 @@ class Engine:
                 name=info.name,
             )
         self.observer.participant_registered(info.name)
+        await self._log_registration(info)
+
+    async def renew(self, name: str, registered_at_ms: int) -> None:
+        """`name` registered again with no change (a participant restarted on its log, at its
+        address; or a retry): its registration time is now `registered_at_ms`, logged as any
+        registration, so that a restart before the next checkpoint still lists it (it listed
+        the earlier time, as if the participant had run since). Answered once durable, as the
+        first one is: a retry made while that first one waited for its fsync, told at once,
+        lost a registration its participant believed made if the coordinator crashed then
+        (this record comes after that one, so it is durable once this one is)."""
+        self.registry.renew(name, registered_at_ms)
+        await self._log_registration(self.registry.participants[name])
+
+    async def _log_registration(self, info: coordinator_pb2.ParticipantInfo) -> None:
+        """Until the record of registration `info` is on disk. Registrations are rare (a
+        participant's start): a forced write each."""
         record = log_pb2.ParticipantRegistered(participant=info)
         lsn = self._append(RecordType.PARTICIPANT_REGISTERED, record.SerializeToString())
         self.counters.forced_writes += 1
-        self._registration_lsn[info.name] = lsn
         await self.log.wait_durable(lsn)
 
     def _warn_if_moved_unverified(
@@ -690,15 +702,6 @@ class Engine:
                 name=info.name,
                 owed=len(owed),
             )
-
-    async def registration_durable(self, name: str) -> None:
-        """Until the record of `name`'s registration as it stands is on disk. A registration
-        that changes nothing is answered only then, as the first one is: a retry of it, made
-        while that first one waited for its fsync, used to be told at once, and a crash
-        before the fsync then lost a registration its participant believed made."""
-        lsn = self._registration_lsn.get(name, 0)
-        if lsn:
-            await self.log.wait_durable(lsn)
 
     def _owed(self, name: str) -> list[str]:
         """The transactions in flight, or still owed phase 2, with a branch at `name`."""
@@ -750,7 +753,6 @@ class Engine:
         # check above and this removal run in one step of the loop, so no Submit between.)
         info = self.registry.remove(name)
         assert info is not None
-        self._registration_lsn.pop(name, None)
         self.observer.participant_unregistered(name)
         record = log_pb2.ParticipantUnregistered(name=name)
         lsn = self._append(RecordType.PARTICIPANT_UNREGISTERED, record.SerializeToString())

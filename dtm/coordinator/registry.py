@@ -144,11 +144,10 @@ class Registry:
     def renew(self, name: str, registered_at_ms: int) -> None:
         """`name` registered again with no change (a participant restarted on its log, at its
         address): `dtm participants` shows this registration's time, not the first one's,
-        which read as if the process had run since (kept in memory: the next checkpoint, which
-        holds the registry, makes it durable). Its port, if it fell back to unary calls (its
-        Exchange was answered UNIMPLEMENTED), is retired, so that the next call batches as
-        the participant declared (it may have been upgraded at the same address). A
-        registration with a change makes a new port anyway (`put`)."""
+        which read as if the process had run since (Engine.renew logs it). Its port, if it
+        fell back to unary calls (its Exchange was answered UNIMPLEMENTED), is retired, so
+        that the next call batches as the participant declared (it may have been upgraded at
+        the same address). A registration with a change makes a new port anyway (`put`)."""
         self.participants[name].registered_at_unix_ms = registered_at_ms
         port = self._ports.get(name)
         if port is not None and port.fell_back:

@@ -245,8 +245,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             incarnation=request.incarnation,
         )
         if not self.registry.is_change(info):
-            self.registry.renew(info.name, info.registered_at_unix_ms)
-            await self.coordinator.engine.registration_durable(info.name)
+            await self.coordinator.engine.renew(info.name, info.registered_at_unix_ms)
             return coordinator_pb2.RegisterParticipantResponse(changed=False)
         try:
             await self.coordinator.engine.register(info, replace=request.replace)
