@@ -275,10 +275,9 @@ def newer_frame_format_log(directory: Path) -> dict[str, bytes]:
     log, _ = WriteAheadLog.open(directory)
     log.append(RecordType.LOG_FORMAT, log_pb2.LogFormat(format=LOG_FORMAT).SerializeToString())
     log.close()
-    header = bytearray(_encode_file_header(2))
-    header[8:12] = (FRAME_FORMAT + 1).to_bytes(4, "little")
+    header = _encode_file_header(2, FRAME_FORMAT + 1)  # its checksum covers its format
     frame = (2).to_bytes(8, "little") + b"\x08\x07" + bytes(6)
-    (directory / "00000000000000000002.wal").write_bytes(bytes(header) + frame)
+    (directory / "00000000000000000002.wal").write_bytes(header + frame)
     return {path.name: path.read_bytes() for path in sorted(directory.glob("*.wal"))}
 
 

@@ -500,10 +500,9 @@ def test_every_segment_starts_with_a_file_header_naming_its_frame_format(tmp_pat
 def newer_segment(directory: Path, first_lsn: int) -> Path:
     """A segment as a build with the next frame format would write it: its file header says
     so, and its frames (here, a wider length field) mean nothing to this build."""
-    header = bytearray(_encode_file_header(first_lsn))
-    header[8:12] = (FRAME_FORMAT + 1).to_bytes(4, "little")
+    header = _encode_file_header(first_lsn, FRAME_FORMAT + 1)  # its checksum covers its format
     segment = directory / f"{first_lsn:020d}.wal"
-    segment.write_bytes(bytes(header) + (5).to_bytes(8, "little") + b"hello" + bytes(3))
+    segment.write_bytes(header + (5).to_bytes(8, "little") + b"hello" + bytes(3))
     return segment
 
 
@@ -621,6 +620,10 @@ def test_a_crash_at_each_step_of_a_rotation_leaves_a_log_that_opens(
         ((16, 9), "first LSN 9, not 1 as its name says"),  # a header copied from elsewhere
         ((8, 0), "frame format 0"),
         ((5, ord("X")), "where a file header's magic would be"),
+        # A flipped bit of the format field read as a newer dtm's segment: its checksum is
+        # that of the format it held.
+        ((8, 0x11), "frame format 17, with the checksum of frame format 1: a damaged format"),
+        ((11, 0x80), "frame format 2147483649, with the checksum of frame format 1"),
     ],
 )
 def test_a_damaged_file_header_is_corruption_and_nothing_is_cut(

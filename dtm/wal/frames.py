@@ -42,9 +42,14 @@ _FILE_HEADER = struct.Struct("<8sIIQ")  # magic, frame format, crc32c, first LSN
 FILE_HEADER_BYTES = _FILE_HEADER.size
 _FRAME_FORMAT_FIELD = struct.Struct("<I")
 _FRAME_FORMAT_END = 12  # the magic and the frame format: the part every format keeps
+_CHECKSUM_START = _FRAME_FORMAT_END  # then, in format 1, the checksum and the first LSN
 #: The frame format this build writes and the newest it reads (a segment with no header is 1).
 #: Bumped when the frame layout changes (another checksum, a wider length, compression); what
 #: the records mean is versioned apart, by the LogFormat record (`dtm.records.LOG_FORMAT`).
+#: A newer format's header must not hold, in bytes 12 to 24, the checksum and LSN a header of
+#: a known format would hold there: such a header reads as one whose format field is damaged
+#: (`_damaged_format`). Any checksum over the header's own bytes (its format included) keeps
+#: clear of it, but for one chance in 2**32.
 FRAME_FORMAT = 1
 
 
@@ -87,10 +92,11 @@ def _encode_frame(lsn: int, record_type: int, payload: bytes) -> bytearray:
     return frame
 
 
-def _encode_file_header(first_lsn: int) -> bytes:
+def _encode_file_header(first_lsn: int, frame_format: int = FRAME_FORMAT) -> bytes:
     """The header of a new segment whose first record will have LSN `first_lsn`; its CRC-32C
-    covers every byte of it but its own field, as a frame's does."""
-    header = bytearray(_FILE_HEADER.pack(_FILE_MAGIC, FRAME_FORMAT, 0, first_lsn))
+    covers every byte of it but its own field, as a frame's does. (`frame_format`: the header
+    a segment of that format has, or would have, in this layout.)"""
+    header = bytearray(_FILE_HEADER.pack(_FILE_MAGIC, frame_format, 0, first_lsn))
     _CRC.pack_into(header, 12, _crc(header[16:], _crc(header[:12])))
     return bytes(header)
 
@@ -123,6 +129,9 @@ def _file_start(data: bytes, first_lsn: int | None) -> _FileStart:
     if len(data) >= _FRAME_FORMAT_END and data.startswith(_FILE_MAGIC):
         (stated,) = _FRAME_FORMAT_FIELD.unpack_from(data, 8)
         if stated > FRAME_FORMAT:
+            damaged = _damaged_format(data, stated)
+            if damaged:
+                return _FileStart(_Start.BAD, stated, reason=damaged)
             return _FileStart(_Start.NEWER, stated, reason=newer_frame_format_problem(stated))
     header = data[:FILE_HEADER_BYTES].ljust(FILE_HEADER_BYTES, b"\0")
     _, stated, stored_crc, stored_lsn = _FILE_HEADER.unpack(header)
@@ -146,6 +155,24 @@ def _file_start(data: bytes, first_lsn: int | None) -> _FileStart:
             f"file header checksum mismatch: stored {stored_crc:#010x}, computed {actual:#010x}"
         )
     return _FileStart(_Start.BAD, stated, reason=reason)
+
+
+def _damaged_format(data: bytes, stated: int) -> str:
+    """Why a whole header stating frame format `stated`, newer than this build's, is a known
+    format's header whose format field is damaged (a flipped bit), or "" (a newer dtm's, as
+    far as can be told): its checksum is the one of a header of that known format with its
+    LSN, which a header written as `stated` holds once in 2**32 (FRAME_FORMAT's comment)."""
+    if len(data) < FILE_HEADER_BYTES:
+        return ""  # cut short: too little to tell
+    checksum_and_lsn = data[_CHECKSUM_START:FILE_HEADER_BYTES]
+    (stored_lsn,) = _LSN.unpack_from(data, FILE_HEADER_BYTES - _LSN.size)
+    for known in range(1, FRAME_FORMAT + 1):
+        if _encode_file_header(stored_lsn, known)[_CHECKSUM_START:] == checksum_and_lsn:
+            return (
+                f"a file header stating frame format {stated}, with the checksum of frame "
+                f"format {known}: a damaged format field, not a segment of a newer dtm"
+            )
+    return ""
 
 
 def newer_frame_format_problem(stated: int) -> str:
