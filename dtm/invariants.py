@@ -783,21 +783,35 @@ def snapshot_from_pb(
 async def wait_until_settled(
     targets: Targets, *, timeout_s: float = 15.0, poll_s: float = 0.1
 ) -> Snapshot:
-    """Poll until nothing is reserved, held, pending or staged, and return that snapshot.
+    """Poll until nothing is reserved, held, pending or staged, and two reads in a row show
+    the same state; return that snapshot.
+
+    One read that shows nothing in flight is not enough: the reads of the four services are
+    not one consistent cut, and a transaction that ran between them (prepared after one read,
+    committed before another) is nowhere in flight in what they show, while its order is
+    CONFIRMED with nothing captured or sold. A read made after that one ended sees it everywhere,
+    and differs; so does a cluster that is still changing.
 
     Settling is driven by the servers (phase-2 retries, participants' inquiries about in-doubt
     branches), which expose no event to wait on, hence the bounded poll. Raises TimeoutError
     naming what is still in flight.
     """
     deadline = time.monotonic() + timeout_s
+    # The last read that showed nothing in flight, for the next to confirm.
+    quiet: Snapshot | None = None
     while True:
         snapshot = await read_snapshot(targets)
         in_flight = snapshot.in_flight()
-        if not in_flight:
+        if not in_flight and snapshot == quiet:
             return snapshot
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"not settled after {timeout_s:g} s: still {', '.join(in_flight)}")
-        await asyncio.sleep(poll_s)
+            still = ", ".join(in_flight) or "changing between two reads"
+            raise TimeoutError(f"not settled after {timeout_s:g} s: still {still}")
+        # The read that confirms a quiet one follows it at once: a quiet cluster costs one
+        # read more, not a poll interval.
+        if in_flight or quiet is not None:
+            await asyncio.sleep(poll_s)
+        quiet = None if in_flight else snapshot
 
 
 async def check_services(

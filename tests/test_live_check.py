@@ -145,6 +145,22 @@ def test_a_live_check_across_a_commit_still_reports_a_lasting_violation(tmp_path
     asyncio.run(scenario())
 
 
+def test_waiting_until_settled_does_not_take_a_read_across_a_commit(tmp_path: Path) -> None:
+    """The read across the commit shows nothing reserved, held, pending or staged (the three
+    early reads came before the prepare, orders after the commit): it looks settled, and is
+    not what the services hold."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path) as cluster, torn_reads(cluster) as (channels, gates):
+            snapshot = await across_a_commit(
+                cluster, gates, invariants.wait_until_settled(channels)
+            )
+            assert [] == invariants.check(snapshot)
+            assert 2 == sum(level.sold for level in snapshot.stock)
+
+    asyncio.run(scenario())
+
+
 # ---- confirm_live over scripted reads ----
 
 
