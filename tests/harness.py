@@ -27,6 +27,7 @@ from dtmpb.v1 import (
 )
 from participants.decided import DecidedWindow
 from participants.server import ParticipantConfig, ParticipantServer
+from participants.server.admin import AdminServicer
 from participants.server.process import CoordinatorAnswer
 from participants.service import Service
 from participants.services.catalog import AccountSpec
@@ -386,6 +387,21 @@ def refuse_reports(monkeypatch: pytest.MonkeyPatch, cluster: InProcessCluster) -
         raise Refused(grpc.StatusCode.UNAVAILABLE, "busy (refused by the test)")
 
     monkeypatch.setattr(cluster.coordinator.engine, "report_heuristic", busy)
+
+
+def describe_coordinator_as(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    """Participants answer Describe naming the coordinator at `address` while they go on
+    asking their own: a coordinator configured under a name the operator's machine cannot
+    reach (one only the participants' network resolves), as `dtm` meets it by --address.
+    Patch before the servers start: they take the servicer's methods then."""
+    describe = AdminServicer.Describe
+
+    async def described(self: AdminServicer, request: Any, context: Any) -> Any:
+        response = await describe(self, request, context)
+        response.coordinator = address
+        return response
+
+    monkeypatch.setattr(AdminServicer, "Describe", described)
 
 
 async def forced_after_commit(cluster: InProcessCluster, commit: bool) -> None:

@@ -22,6 +22,7 @@ from tests.harness import (
     ASKS_LATER,
     InProcessCluster,
     ask,
+    describe_coordinator_as,
     eventually,
     forced_against_a_recorded_abort,
     forced_unknown,
@@ -79,18 +80,19 @@ def test_a_forced_commit_the_coordinator_has_no_record_of_is_kept_until_reported
 
 
 def test_a_coordinator_that_cannot_be_reached_stops_a_forget_unless_lost(
-    tmp_path: Path, unreachable: Callable[[], str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
 ) -> None:
     """Unlike a force (which frees locks, and is for a coordinator gone), a forget frees
     nothing that presses, and a coordinator down for now may still decide the branch: it is
     refused (exit 5) unless --coordinator-lost says that coordinator is gone for good."""
 
     async def scenario() -> None:
+        gone = unreachable()
+        describe_coordinator_as(monkeypatch, gone)  # before the servers take the method
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             await forced_unknown(cluster, "t-fc", commit=False)
-            gone = unreachable()
             forget = [
-                *("--coordinator", gone, "--timeout", "2", "branches", "forget", "t-fc", "0"),
+                *("--timeout", "2", "branches", "forget", "t-fc", "0"),
                 *("--address", cluster.address("inventory")),
             ]
 
@@ -310,17 +312,18 @@ def test_a_force_judges_the_branchs_own_attempt_not_another_on_record(tmp_path: 
 def test_the_command_with_coordinator_lost_is_held_to_the_participants_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
 ) -> None:
-    """`dtm branches forget --coordinator-lost` pointed at a coordinator it cannot reach goes
-    past its own check; the participant, which reaches its own coordinator, hears the abort
-    it keeps on record of t-a: it reports orders' forced commit first, and refuses (exit 5)
-    while the coordinator does not take the report. Before, the override's forget went
-    through unreported."""
+    """`dtm branches forget --coordinator-lost` that cannot reach the coordinator the
+    participant names goes past its own check; the participant, which reaches its own
+    coordinator, hears the abort it keeps on record of t-a: it reports orders' forced commit
+    first, and refuses (exit 5) while the coordinator does not take the report. Before, the
+    override's forget went through unreported."""
 
     async def scenario() -> None:
+        describe_coordinator_as(monkeypatch, unreachable())
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             await forced_against_a_recorded_abort(cluster)
             forget = [
-                *("--coordinator", unreachable(), "--timeout", "2", "branches", "forget"),
+                *("--timeout", "2", "branches", "forget"),
                 *("t-a", "1", "--address", cluster.address("orders"), "--coordinator-lost"),
             ]
             with monkeypatch.context() as patched:

@@ -713,21 +713,21 @@ def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
         assert "out of range 0..31" in err and "cannot reach" not in err, (command, err)
 
 
-def test_force_or_forget_by_address_needs_the_coordinator_named(
+def test_force_or_forget_by_address_asks_the_participant_not_the_default_coordinator(
     unreachable: Callable[[], str],
 ) -> None:
     """`dtm force`/`branches forget --address X` without --coordinator asked the CLI's default
     coordinator (127.0.0.1:50050) for its safety check, not the one the participant at X uses,
-    and a refusal named that address: the coordinator must be named (found by an operator
-    hunt). Refused before any call."""
-    target = ["--address", unreachable()]
+    and a refusal named that address (found by an operator hunt). It asks the participant
+    which coordinator it uses: one that cannot be reached is named, the default never."""
+    address = unreachable()
     for command in (
-        ["force", "t-1", "0", "--commit", "--i-understand", *target],
-        ["branches", "forget", "t-1", "0", *target],
+        ["force", "t-1", "0", "--commit", "--i-understand", "--address", address],
+        ["branches", "forget", "t-1", "0", "--address", address],
     ):
         status, out, err = asyncio.run(dtm("--timeout", "1", *command))
-        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
-        assert "--coordinator HOST:PORT" in err and "cannot reach" not in err, (command, err)
+        assert (cli.EXIT_ERROR, "") == (status, out), (command, err)
+        assert f"cannot reach the participant at {address}" in err, (command, err)
         assert "127.0.0.1:50050" not in err, (command, err)
 
 

@@ -28,6 +28,7 @@ from tests.harness import (
     ASKS_LATER,
     InProcessCluster,
     ask,
+    describe_coordinator_as,
     eventually,
     force_heuristic,
     forced_against_a_recorded_abort,
@@ -286,17 +287,19 @@ def test_a_direct_forget_of_an_unreported_contradiction_reports_it_first(
 
 
 def test_the_command_exits_unsafe_on_the_participants_refusal(
-    tmp_path: Path, unreachable: Callable[[], str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreachable: Callable[[], str]
 ) -> None:
-    """`dtm force` pointed at a coordinator it cannot reach goes on unchecked (forcing is for
-    that case); the participant, which reaches its own, refuses a forced commit its
-    coordinator aborted: the command says why and exits 5, as when its own check refuses."""
+    """`dtm force` that cannot reach the coordinator the participant names goes on unchecked
+    (forcing is for that case); the participant, which reaches its own, refuses a forced
+    commit its coordinator aborted: the command says why and exits 5, as when its own check
+    refuses."""
 
     async def scenario() -> None:
+        describe_coordinator_as(monkeypatch, unreachable())
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             await prepared_unknown(cluster, "t-fc")
             command = [
-                *("--coordinator", unreachable(), "--timeout", "2", "force", "t-fc", "0"),
+                *("--timeout", "2", "force", "t-fc", "0"),
                 *("--address", cluster.address("inventory"), "--commit", "--i-understand"),
             ]
 

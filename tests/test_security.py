@@ -1053,8 +1053,10 @@ def test_the_dtm_command_names_the_coordinators_identity_and_explains_tls_failur
             assert 1 == status and "TLS handshake failed" in err, err
             status, _, err = await dtm(*at, "txn", "list")
             assert 1 == status and "does it require TLS?" in err, err
-            # dtm force does not take a failed handshake for an unreachable coordinator.
-            force = ["force", "t-1", "0", "--address", "127.0.0.1:1", "--rollback"]
+            # dtm force does not take a failed handshake for an unreachable coordinator. The
+            # coordinator's own port stands for a participant from before Describe: it
+            # answers UNIMPLEMENTED, so the check asks the coordinator --coordinator names.
+            force = ["force", "t-1", "0", "--address", f"127.0.0.1:{server.port}", "--rollback"]
             status, _, err = await dtm(*at, *flags, *force, "--i-understand")
             assert 1 == status and "refusing to force t-1" in err, err
         finally:

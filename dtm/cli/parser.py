@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default=argparse.SUPPRESS,
         help="the participant holding the branch, reached at this address directly (not "
-        "looked up in the coordinator's registry; --coordinator must then name the one it uses)",
+        "looked up in the coordinator's registry); the check asks the coordinator it says it "
+        "uses (--coordinator, if given, must be that one)",
     )
     locks = commands.add_parser(
         "locks",

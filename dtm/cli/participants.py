@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -399,8 +400,7 @@ def cmd_force(session: Session) -> int:
     if not options.i_understand:
         print(f"dtm: {FORCE_WARNING}", file=sys.stderr)
         return EXIT_USAGE
-    target = _one_target(session)
-    _refuse_unknown_coordinator(session, "force")
+    target = _with_its_coordinator(session, _one_target(session), "force")
     _refuse_contradiction(session, target)
     request = participant_pb2.ForceOutcomeRequest(
         transaction_id=options.id,
@@ -426,8 +426,7 @@ def cmd_force(session: Session) -> int:
 
 def cmd_branches_forget(session: Session) -> int:
     options = session.options
-    target = _one_target(session)
-    _refuse_unknown_coordinator(session, "forget")
+    target = _with_its_coordinator(session, _one_target(session), "forget")
     _refuse_early_forget(session, target)
     request = participant_pb2.ForgetBranchRequest(
         transaction_id=options.id, branch=options.branch, coordinator_lost=options.coordinator_lost
@@ -496,22 +495,61 @@ def _one_target(session: Session) -> Target:
     return _targets(session)[0]
 
 
-def _refuse_unknown_coordinator(session: Session, action: str) -> None:
-    """Refuse (usage) `--address` without `--coordinator`: the check before a force or forget
-    must ask the coordinator of the participant at that address, and neither the address nor
-    its admin API tells which one that is. The CLI's own default (the configuration's, else
-    127.0.0.1:50050) asked another coordinator, whose "no record" or "unreachable" says nothing
-    of the branch, and the refusal then named that address. Through --participant the
-    coordinator is the one whose registry found the participant: the right one."""
+def _with_its_coordinator(session: Session, target: Target, action: str) -> Target:
+    """`target` as a force or forget must address it, after making the coordinator it uses
+    the one the check before the call asks. Through --participant that is the coordinator
+    whose registry found it. A participant reached by --address is asked (Describe), and its
+    answer pins the call to the incarnation that gave it; --coordinator, when given, must be
+    the same one: another's "no record" or "unreachable" says nothing of the branch, yet let
+    a force go (found by an operator hunt, when the CLI's default coordinator was asked)."""
     options = session.options
-    if options.address and not options.coordinator:
+    if not options.address:
+        return target
+    try:
+        described = session.admin(target).Describe(
+            target.addressed(participant_pb2.DescribeRequest()), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        if not _unimplemented(error):
+            raise rpc_error(error, target.what, target.address, session) from None
+        if options.coordinator:
+            return target  # the operator's word, all there is to go on
+        raise _coordinator_unknown(
+            target,
+            action,
+            "it answers Describe UNIMPLEMENTED (a participant from before that call, or one "
+            "outside the SDK)",
+        ) from None
+    own = described.coordinator
+    if not own:
+        if options.coordinator:
+            return replace(target, incarnation=described.incarnation)
+        raise _coordinator_unknown(target, action, "it has none configured")
+    if options.coordinator and options.coordinator != own:
         raise CliError(
-            f"--address {options.address}: name the coordinator that participant uses with "
-            f"--coordinator HOST:PORT; `dtm` asks it whether it is safe to {action} the branch, "
-            "and cannot learn it from the participant (or use --participant NAME, found "
-            "through the coordinator's registry)",
+            f"--coordinator {options.coordinator}: {target.what} at {target.address} uses "
+            f"the coordinator at {own}, and `dtm` would ask another whether it is safe to "
+            f"{action} the branch. Leave --coordinator out to ask {own}",
             EXIT_USAGE,
         )
+    session.use_coordinator(own)
+    return replace(target, incarnation=described.incarnation)
+
+
+def _unimplemented(error: grpc.RpcError) -> bool:
+    """Whether a call failed because the server does not serve that method."""
+    return isinstance(error, grpc.Call) and error.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def _coordinator_unknown(target: Target, action: str, why: str) -> CliError:
+    """A usage error: the coordinator to check a force or forget with must be named."""
+    return CliError(
+        f"--address {target.address}: name the coordinator that participant uses with "
+        f"--coordinator HOST:PORT; `dtm` asks it whether it is safe to {action} the branch, "
+        f"and the participant cannot tell: {why} (or use --participant NAME, found through "
+        "the coordinator's registry)",
+        EXIT_USAGE,
+    )
 
 
 def _refuse_early_forget(session: Session, target: Target) -> None:

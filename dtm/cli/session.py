@@ -150,6 +150,12 @@ class Session:
             )
         return self._coordinator_address
 
+    def use_coordinator(self, address: str) -> None:
+        """Make `address` the coordinator this session asks (the one a participant reached
+        by --address uses), before anything has asked another."""
+        assert self._coordinator_channel is None, "the session asked a coordinator already"
+        self._coordinator_address = address
+
     @property
     def tls(self) -> security.TlsConfig | None:
         """From the flags, else DTM_TLS_*, else [cli] of the configuration file. Worked out

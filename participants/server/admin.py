@@ -319,6 +319,20 @@ class AdminServicer(participant_pb2_grpc.ParticipantAdminServicer):
             branch=branch_info_pb(forced, self.server.engine)
         )
 
+    async def Describe(
+        self, request: participant_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> participant_pb2.DescribeResponse:
+        await self._gate(context, request.participant, request.incarnation)
+        server = self.server
+        return participant_pb2.DescribeResponse(
+            name=server.service.name,
+            incarnation=server.engine.incarnation,
+            address=server.advertise,
+            capabilities=server.capabilities(),
+            coordinator=server.config.coordinator,
+            registered=server.registered.is_set(),
+        )
+
     async def ForgetBranch(
         self,
         request: participant_pb2.ForgetBranchRequest,

@@ -289,6 +289,14 @@ class ParticipantServer:
             self._coordinator = (channel, coordinator_pb2_grpc.CoordinatorStub(channel))
         return self._coordinator[1]
 
+    def capabilities(self) -> coordinator_pb2.Capabilities:
+        """What this participant registers as able to do (and `dtm` is told it can)."""
+        return coordinator_pb2.Capabilities(
+            one_phase=True,
+            batch=self.config.batch,
+            operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
+        )
+
     async def _register(self) -> None:
         """Register with the coordinator, retrying (capped backoff) until it answers; a refusal
         no retry can change (REGISTRATION_FATAL) sets `failed` instead."""
@@ -297,11 +305,7 @@ class ParticipantServer:
             address=self.advertise,
             incarnation=self.engine.incarnation,
             replace=self.config.replace_registration,
-            capabilities=coordinator_pb2.Capabilities(
-                one_phase=True,
-                batch=self.config.batch,
-                operation_types=[self.service.operation_type.DESCRIPTOR.full_name],
-            ),
+            capabilities=self.capabilities(),
         )
         if request.replace:
             self.log_.warning(

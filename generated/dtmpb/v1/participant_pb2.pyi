@@ -340,3 +340,27 @@ class ForgetBranchResponse(_message.Message):
     BRANCH_FIELD_NUMBER: _ClassVar[int]
     branch: BranchInfo
     def __init__(self, branch: _Optional[_Union[BranchInfo, _Mapping]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ("participant", "incarnation")
+    PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    participant: str
+    incarnation: str
+    def __init__(self, participant: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("name", "incarnation", "address", "capabilities", "coordinator", "registered")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    incarnation: str
+    address: str
+    capabilities: _coordinator_pb2.Capabilities
+    coordinator: str
+    registered: bool
+    def __init__(self, name: _Optional[str] = ..., incarnation: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[_coordinator_pb2.Capabilities, _Mapping]] = ..., coordinator: _Optional[str] = ..., registered: _Optional[bool] = ...) -> None: ...

@@ -413,6 +413,11 @@ class ParticipantAdminStub:
                 request_serializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.SerializeToString,
                 response_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/dtm.v1.ParticipantAdmin/Describe',
+                request_serializer=dtmpb_dot_v1_dot_participant__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=dtmpb_dot_v1_dot_participant__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class ParticipantAdminServicer:
@@ -470,6 +475,16 @@ class ParticipantAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """Who this participant is and which coordinator it uses. Read-only. `dtm force` and `dtm
+        branches forget` with --address (a participant reached directly, not through a
+        coordinator's registry) ask it for the coordinator to check with; from a participant
+        without it (UNIMPLEMENTED) they need that coordinator named (--coordinator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -497,6 +512,11 @@ def add_ParticipantAdminServicer_to_server(servicer, server):
                     servicer.ForgetBranch,
                     request_deserializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.FromString,
                     response_serializer=dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=dtmpb_dot_v1_dot_participant__pb2.DescribeRequest.FromString,
+                    response_serializer=dtmpb_dot_v1_dot_participant__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -634,6 +654,33 @@ class ParticipantAdmin:
             '/dtm.v1.ParticipantAdmin/ForgetBranch',
             dtmpb_dot_v1_dot_participant__pb2.ForgetBranchRequest.SerializeToString,
             dtmpb_dot_v1_dot_participant__pb2.ForgetBranchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dtm.v1.ParticipantAdmin/Describe',
+            dtmpb_dot_v1_dot_participant__pb2.DescribeRequest.SerializeToString,
+            dtmpb_dot_v1_dot_participant__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,
