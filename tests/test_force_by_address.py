@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from dtm import cli
+from dtm.coordinator.server import CoordinatorServer, ServerConfig
 from dtm.core.branch import BranchState
 from dtmpb.v1 import participant_pb2
 from participants.server.admin import AdminServicer
@@ -145,27 +146,44 @@ def test_a_coordinator_named_other_than_the_participants_own_is_refused(
 ) -> None:
     """--coordinator naming another coordinator than the participant's: the check asked that
     one, which cannot be reached here, and the force went on unchecked. A usage error now
-    (exit 2, nothing forced or forgotten) naming both; naming its own is fine."""
+    (exit 2, nothing forced or forgotten) naming both, for one that cannot be reached as for
+    one that does not have the participant registered; its own, also under another name
+    (one that has this participant and incarnation registered), is fine."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, participant_overrides=ASKS_LATER) as cluster:
             await prepared_unknown(cluster, "t-r")
             await forced_unknown(cluster, "t-f", commit=False)
             own = cluster.coordinator_address
-            other = unreachable()
-            target = ["--address", cluster.address("inventory")]
-            force = ["force", "t-r", "0", "--rollback", "--i-understand", *target]
-            forget = ["branches", "forget", "t-f", "0", *target]
-            for command in (force, forget):
-                status, out, err = await dtm("--coordinator", other, *command)
-                assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
-                assert f"--coordinator {other}" in err and f"coordinator at {own}" in err, err
+            another = CoordinatorServer(
+                ServerConfig(data_dir=tmp_path / "another", listen="127.0.0.1:0")
+            )
+            await another.start()
+            try:
+                target = ["--address", cluster.address("inventory")]
+                force = ["force", "t-r", "0", "--rollback", "--i-understand", *target]
+                forget = ["branches", "forget", "t-f", "0", *target]
+                for other, why in (
+                    (unreachable(), "is not known (cannot reach the coordinator"),
+                    (f"127.0.0.1:{another.port}", "does not have it registered (inventory"),
+                ):
+                    for command in (force, forget):
+                        status, out, err = await dtm("--coordinator", other, *command)
+                        assert (cli.EXIT_USAGE, "") == (status, out), (command, err)
+                        assert f"--coordinator {other}" in err, err
+                        assert f"coordinator at {own}" in err and why in err, err
+            finally:
+                await another.stop(0)
             assert BranchState.PREPARED is inventory_state(cluster, "t-r")
             assert [("t-f", 0)] == awaiting(cluster)
 
-            status, out, err = await dtm("--coordinator", own, *force)
+            port = own.rsplit(":", 1)[1]
+            status, out, err = await dtm("--coordinator", f"localhost:{port}", *force)
             assert cli.EXIT_OK == status, err
             assert "branch t-r/0 forced to rolled_back" in out, out
+            status, out, err = await dtm("--coordinator", own, *forget)
+            assert cli.EXIT_OK == status, err
+            assert "forgot forced branch t-f/0" in out, out
 
     asyncio.run(scenario())
 

@@ -500,40 +500,84 @@ def _with_its_coordinator(session: Session, target: Target, action: str) -> Targ
     the one the check before the call asks. Through --participant that is the coordinator
     whose registry found it. A participant reached by --address is asked (Describe), and its
     answer pins the call to the incarnation that gave it; --coordinator, when given, must be
-    the same one: another's "no record" or "unreachable" says nothing of the branch, yet let
-    a force go (found by an operator hunt, when the CLI's default coordinator was asked)."""
+    the same one (by address, or by its registry: `_not_registered_with`): another's "no
+    record" or "unreachable" says nothing of the branch, yet let a force go (found by an
+    operator hunt, when the CLI's default coordinator was asked)."""
     options = session.options
     if not options.address:
         return target
+    described = _described(session, target, action)
+    if described is None:
+        return target  # a participant from before Describe: --coordinator, the operator's word
+    own = described.coordinator
+    if not options.coordinator:
+        if not own:
+            raise _coordinator_unknown(target, action, "it has none configured")
+        session.use_coordinator(own)
+    elif own and options.coordinator != own:
+        _refuse_another_coordinator(session, target, described, action)
+    return replace(target, incarnation=described.incarnation)
+
+
+def _described(
+    session: Session, target: Target, action: str
+) -> participant_pb2.DescribeResponse | None:
+    """The participant at --address's Describe; None when it does not serve it and
+    --coordinator names the coordinator to ask instead (else that is a usage error)."""
     try:
-        described = session.admin(target).Describe(
+        described: participant_pb2.DescribeResponse = session.admin(target).Describe(
             target.addressed(participant_pb2.DescribeRequest()), timeout=session.timeout
         )
     except grpc.RpcError as error:
         if not _unimplemented(error):
             raise rpc_error(error, target.what, target.address, session) from None
-        if options.coordinator:
-            return target  # the operator's word, all there is to go on
+        if session.options.coordinator:
+            return None
         raise _coordinator_unknown(
             target,
             action,
             "it answers Describe UNIMPLEMENTED (a participant from before that call, or one "
             "outside the SDK)",
         ) from None
+    return described
+
+
+def _refuse_another_coordinator(
+    session: Session, target: Target, described: participant_pb2.DescribeResponse, action: str
+) -> None:
+    """Refuse (usage) --coordinator naming another address than the one the participant
+    `described` uses, unless it is that coordinator under another name (a port forward,
+    another network's): then it has this very participant registered, as no other has."""
+    unconfirmed = _not_registered_with(session, described)
+    if unconfirmed is None:
+        return
     own = described.coordinator
-    if not own:
-        if options.coordinator:
-            return replace(target, incarnation=described.incarnation)
-        raise _coordinator_unknown(target, action, "it has none configured")
-    if options.coordinator and options.coordinator != own:
-        raise CliError(
-            f"--coordinator {options.coordinator}: {target.what} at {target.address} uses "
-            f"the coordinator at {own}, and `dtm` would ask another whether it is safe to "
-            f"{action} the branch. Leave --coordinator out to ask {own}",
-            EXIT_USAGE,
-        )
-    session.use_coordinator(own)
-    return replace(target, incarnation=described.incarnation)
+    raise CliError(
+        f"--coordinator {session.options.coordinator}: {target.what} at {target.address} uses "
+        f"the coordinator at {own}, and {unconfirmed}: `dtm` would ask another whether it is "
+        f"safe to {action} the branch. Leave --coordinator out to ask {own}, or name that one "
+        "as this machine reaches it",
+        EXIT_USAGE,
+    )
+
+
+def _not_registered_with(
+    session: Session, described: participant_pb2.DescribeResponse
+) -> str | None:
+    """Why the coordinator --coordinator names is not known to be the one the participant
+    `described` uses, or None: it is, holding that participant and incarnation in its
+    registry (a participant registers with its own coordinator only)."""
+    try:
+        registry = _registry(session)
+    except CliError as problem:
+        return f"whether that is the one at {session.coordinator_address} is not known ({problem})"
+    key = (described.name, described.incarnation)
+    if any((p.name, p.incarnation) == key for p in registry):
+        return None
+    return (
+        f"the one at {session.coordinator_address} does not have it registered ("
+        f"{described.name} incarnation {described.incarnation})"
+    )
 
 
 def _unimplemented(error: grpc.RpcError) -> bool:
