@@ -623,6 +623,7 @@ PARTICIPANT_CALLS: list[tuple[str, st.SearchStrategy[Message]]] = [
         ),
     ),
     ("ParticipantAdmin.ListLocks", addressed(ppb.ListLocksRequest)),
+    ("ParticipantAdmin.Describe", addressed(ppb.DescribeRequest)),
     (
         "ParticipantAdmin.ForceOutcome",
         addressed(

@@ -866,9 +866,9 @@ def test_a_call_for_another_participant_or_incarnation_changes_nothing(tmp_path:
 def test_an_admin_call_for_another_participant_or_incarnation_reads_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    """The operator's calls (ListBranches, ListLocks, ForceOutcome, ForgetBranch) had no
-    address: whatever listened at a registered address answered them, or was forced, under
-    the name the operator asked for."""
+    """The operator's calls (ListBranches, ListLocks, ForceOutcome, ForgetBranch; Describe
+    since) had no address: whatever listened at a registered address answered them, or was
+    forced, under the name the operator asked for."""
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
@@ -895,6 +895,7 @@ def test_an_admin_call_for_another_participant_or_incarnation_reads_and_changes_
                     admin.ListLocks(participant_pb2.ListLocksRequest(**wrong)),
                     admin.ForceOutcome(participant_pb2.ForceOutcomeRequest(**force, **wrong)),
                     admin.ForgetBranch(participant_pb2.ForgetBranchRequest(**ids, **wrong)),
+                    admin.Describe(participant_pb2.DescribeRequest(**wrong)),
                 ]
                 for call in calls:
                     with pytest.raises(grpc.aio.AioRpcError) as refused:
