@@ -16,13 +16,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from dtm import cli
 from dtm.cluster import COORDINATOR, Cluster, Ports, free_ports
 from dtmpb.v1 import (
     coordinator_pb2,
@@ -502,3 +503,31 @@ def test_a_reused_id_and_a_late_retry_are_answered_from_the_plain_participant_s_
     finally:
         plain.kill()
         cluster.stop()
+
+
+def test_dtm_force_by_address_asks_the_participant_which_coordinator_to_check_with(
+    cluster: Cluster,
+    plain: PlainProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    unreachable: Callable[[], str],
+) -> None:
+    """Real processes. `dtm force --address` without --coordinator was a usage error: the
+    participant could not say which coordinator it uses. The SDK's inventory now says
+    (ParticipantAdmin.Describe, its configured coordinator), and the check asks that one, not
+    the CLI's own (here one that cannot be reached); the plain participant, which serves no
+    ParticipantAdmin, still needs --coordinator, and the usage error says why."""
+    monkeypatch.setenv("DTM_PARTICIPANT_COORDINATOR", unreachable())
+
+    async def scenario() -> None:
+        force = ["--timeout", "5", "force", "t-never-ran", "0", "--commit", "--i-understand"]
+        status, out, err = await dtm(*force, "--address", cluster.address("inventory"))
+        assert (cli.EXIT_UNSAFE, "") == (status, out), err
+        assert f"the coordinator at {cluster.coordinator_address} has no record" in err, err
+
+        plain.start(in_doubt_after_ms=1_000)
+        await registered(cluster, plain)
+        status, out, err = await dtm(*force, "--address", plain.address)
+        assert (cli.EXIT_USAGE, "") == (status, out), err
+        assert "--coordinator HOST:PORT" in err and "Describe UNIMPLEMENTED" in err, err
+
+    asyncio.run(scenario())
