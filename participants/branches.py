@@ -214,11 +214,10 @@ def branch_key_text(key: BranchKey) -> str:
 
 
 def transaction_of_owner(owner: str) -> str:
-    """The transaction id of lock owner `owner` (branch_key_text): the lock manager's
-    `transaction_of`, so that its deadlock search sees a prepared branch as its whole
-    transaction, and a branch wanting what a prepared sibling holds is refused at once. A
-    transaction id has no "/" (limits.TRANSACTION_ID_PATTERN), so it is the part before the
-    last one."""
+    """The transaction id of lock owner `owner` (branch_key_text). A transaction id has no "/"
+    (limits.TRANSACTION_ID_PATTERN), so it is the part before the last one. Two attempts of
+    one id are one transaction by it: the lock manager of a participant process names
+    transactions by `BranchEngine.transaction_of`."""
     return owner.rpartition("/")[0]
 
 
@@ -447,6 +446,22 @@ class BranchEngine:
         return any(isinstance(a, core.AskCoordinator) for a in actions)
 
     # ---- queries ----
+
+    def transaction_of(self, owner: str) -> str:
+        """The transaction of lock owner `owner` (branch_key_text of an open branch), for the
+        lock manager's `transaction_of`, so that its deadlock search sees a prepared branch as
+        its whole transaction, and a branch wanting what a prepared sibling holds is refused
+        at once. Its id and, when its Prepare carried one, its attempt's fingerprint: an
+        attempt of a reused id (the coordinator forgot the first attempt, still in doubt
+        here) is another transaction, whose branch waits for the first one's decision like
+        any other; by the id alone it was refused at once as the first one's sibling. The
+        lock manager asks once per owner, as the branch takes its first lock, while it is
+        open, and keeps the answer until `release_all`. "#" is not in a transaction id."""
+        transaction_id, _, index = owner.rpartition("/")
+        info = self.open.get((transaction_id, int(index)))
+        if info is None or not info.fingerprint:
+            return transaction_id
+        return f"{transaction_id}#{info.fingerprint.hex()}"
 
     def branch(self, key: BranchKey) -> BranchInfo | None:
         """The branch as this participant knows it: live while open, read back once decided

@@ -193,7 +193,11 @@ class LockManager:
         the deadlock search: it holds its locks until the transaction is decided, which waits
         for every other branch of it to vote, so a wait for it is a wait for all its siblings'
         waits. One that has not voted may let its locks go at its vote (READ_ONLY, REFUSED):
-        a wait for it is a wait for its own waits only."""
+        a wait for it is a wait for its own waits only.
+
+        It is asked once per owner, as the owner enters the table, and its answer is kept
+        until the owner leaves it (`release_all`): it may read state that changes meanwhile
+        (the branch engine's, whose branch is decided before its locks go)."""
         assert wait_timeout_s > 0, wait_timeout_s
         self._wait_timeout_s = wait_timeout_s
         self._clock = clock
@@ -206,6 +210,9 @@ class LockManager:
         # transaction -> its owners in _resources_of (kept only with a `transaction_of`), for
         # the deadlock search to reach every branch of a transaction.
         self._branches: dict[str, set[str]] = {}
+        # owner in _resources_of -> its transaction, as `transaction_of` named it when the
+        # owner entered the table: the same key leaves `_branches` as entered it.
+        self._transaction_by_owner: dict[str, str] = {}
         # Owners in _resources_of that voted PREPARED (`pin`; only with a `transaction_of`):
         # their locks last until their transaction is decided.
         self._pinned: set[str] = set()
@@ -332,7 +339,7 @@ class LockManager:
         self._pinned.add(owner)
         # A new cycle starts with a wait of a branch of the transaction: none, no search (the
         # usual case, one branch per transaction here, costs no pass over any queue).
-        transaction = self._transaction_of(owner)
+        transaction = self._transaction_by_owner[owner]
         if not any(self._waits(branch) for branch in self._branches_of(transaction)):
             return
         while (hops := self._search(owner)) is not None:
@@ -547,7 +554,8 @@ class LockManager:
         if resources is None:
             resources = self._resources_of[owner] = set()
             if self._transaction_of is not None:
-                self._branches.setdefault(self._transaction_of(owner), set()).add(owner)
+                transaction = self._transaction_by_owner[owner] = self._transaction_of(owner)
+                self._branches.setdefault(transaction, set()).add(owner)
         resources.add(resource)
 
     def _unindex(self, owner: str) -> None:
@@ -555,7 +563,7 @@ class LockManager:
         if self._transaction_of is None:
             return
         self._pinned.discard(owner)
-        transaction = self._transaction_of(owner)
+        transaction = self._transaction_by_owner.pop(owner)
         branches = self._branches.get(transaction)
         if branches is not None:
             branches.discard(owner)
@@ -660,7 +668,12 @@ class LockManager:
         return edges
 
     def _transaction(self, owner: str) -> str:
-        return owner if self._transaction_of is None else self._transaction_of(owner)
+        """`owner`'s transaction: as named when it entered the table, or (a requester not in
+        it yet) as `transaction_of` names it now."""
+        if self._transaction_of is None:
+            return owner
+        transaction = self._transaction_by_owner.get(owner)
+        return self._transaction_of(owner) if transaction is None else transaction
 
     def _node_of(self, owner: str) -> _Node:
         """The node standing for `owner` in the wait-for graph: its transaction once it is
@@ -668,7 +681,7 @@ class LockManager:
         if self._transaction_of is None:
             return owner
         if owner in self._pinned:
-            return self._transaction_of(owner)
+            return self._transaction_by_owner[owner]
         return _Unvoted(owner)
 
     def _branches_of(self, transaction: str) -> Iterable[str]:

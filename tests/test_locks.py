@@ -69,6 +69,7 @@ def assert_empty(manager: LockManager) -> None:
     assert manager.snapshot() == []
     assert manager._resources_of == {}
     assert manager._branches == {}
+    assert manager._transaction_by_owner == {}
     assert manager._pinned == set()
 
 
@@ -896,6 +897,112 @@ def test_a_branch_recovered_as_prepared_is_pinned() -> None:
         with pytest.raises(locks.HeldByOwnTransaction, match=r"^branch t1/0 of this transaction"):
             await manager.acquire("t1/1", "r", X)
         manager.release_all("t1/0")
+        assert_empty(manager)
+
+    run(main)
+
+
+# ---- two attempts of one transaction id: two transactions ----
+# The coordinator forgot the first attempt (its window of finished transactions moved past it,
+# or a restart: presumed abort), which is still PREPARED here, in doubt, and the client reused
+# the id for other content: the second attempt's branch at this participant has another
+# index. The two attempts are told apart by their fingerprints; sharing an id does not make
+# them one transaction, so the new branch waits for the old one's decision as for any other
+# transaction's hold. The wait timeout is an hour: an answer comes back only if it waits for
+# nothing, or once the test releases what it waits for (run's bound fails a hang).
+
+OLD_ATTEMPT = b"\x01" * 16
+NEW_ATTEMPT = b"\x02" * 16
+
+
+def attempts_engine(service: Any) -> BranchEngine:
+    """An engine and its lock table wired as a participant process wires them."""
+    engine: BranchEngine
+    manager = LockManager(
+        wait_timeout_s=3600.0, transaction_of=lambda owner: engine.transaction_of(owner)
+    )
+    engine = BranchEngine(service, MemoryLog(), manager, clock_ms=lambda: 0)
+    return engine
+
+
+@pytest.mark.parametrize("recovered", [False, True], ids=["live", "recovered"])
+def test_a_new_attempt_of_an_id_waits_for_an_in_doubt_old_attempt_s_locks(recovered: bool) -> None:
+    """Old attempt t1/0 prepared order o-1 (live, or recovered from the log after a restart);
+    new attempt t1/1 creates o-1 too. It was refused at once as "branch t1/0 of this
+    transaction already holds order:o-1", though t1/0 belongs to another transaction whose
+    decision (presumed abort, once its inquiry is answered) lets the lock go."""
+
+    async def main() -> None:
+        engine = attempts_engine(OrdersService())
+        order = create_order("o-1")
+        assert (BranchVote.PREPARED, "") == await engine.prepare(
+            "t1", 0, order, False, fingerprint=OLD_ATTEMPT
+        )
+        if recovered:
+            assert isinstance(engine.log, MemoryLog)
+            engine, crashed = attempts_engine(OrdersService()), engine
+            engine.replay(crashed.log.records)
+        manager = engine.locks
+        new = started(engine.begin_prepare("t1", 1, order, False, fingerprint=NEW_ATTEMPT))
+        await queued_or_done(manager, new, "order:o-1")
+        assert not new.done(), new.result()
+        assert [("t1/1", "exclusive")] == waiting(manager, "order:o-1")
+        assert engine.learn_outcome(("t1", 0), commit=False)  # the inquiry's presumed abort
+        assert (BranchVote.PREPARED, "") == await new
+        assert (1, 0, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        assert ("t1/1",) == holders(manager, "order:o-1")
+        engine.decide_now("t1", 1, commit=False, fingerprint=NEW_ATTEMPT)
+        assert_empty(manager)
+
+    run(main)
+
+
+def test_branches_of_one_attempt_are_still_one_transaction() -> None:
+    """Told apart by fingerprint, the branches of one attempt are still siblings: a branch
+    wanting what its prepared sibling holds is refused at once, not left to wait an hour."""
+
+    async def main() -> None:
+        engine = attempts_engine(OrdersService())
+        order = create_order("o-1")
+        for index, vote in ((0, BranchVote.PREPARED), (1, BranchVote.REFUSED)):
+            answer = engine.begin_prepare("t1", index, order, False, fingerprint=OLD_ATTEMPT)
+            said = answer if isinstance(answer, tuple) else await answer
+            assert vote == said[0], said
+        assert said[1].startswith("branch t1/0 of this transaction already holds order:o-1")
+        assert (0, 1) == (engine.locks.waits, engine.locks.deadlocks)
+        engine.decide_now("t1", 0, commit=False, fingerprint=OLD_ATTEMPT)
+        assert_empty(engine.locks)
+
+    run(main)
+
+
+def test_a_new_attempt_of_an_id_behind_another_transaction_is_no_deadlock() -> None:
+    """Old attempt t1/0 prepared: it reads r (shared) and writes w. t2/0 queues to write r;
+    new attempt t1/1 reads r, queued behind t2/0 (FIFO). t1/1 waits for t2/0, which waits for
+    the old attempt, which waits for nobody here: no cycle. It was refused as the deadlock
+    "t1/1 -> t2/0 -> t1/0 -> t1/1", as if t1/0's locks waited for t1/1's vote."""
+
+    async def main() -> None:
+        engine = attempts_engine(Shelf())
+        manager = engine.locks
+        old = engine.begin_prepare(
+            "t1", 0, shelf_operation(r=0, w=1), False, fingerprint=OLD_ATTEMPT
+        )
+        assert (BranchVote.PREPARED, "") == old
+        writer = started(engine.begin_prepare("t2", 0, shelf_operation(r=1), False))
+        await queued_or_done(manager, writer, "sku:r")
+        new = started(
+            engine.begin_prepare("t1", 1, shelf_operation(r=0, v=1), False, fingerprint=NEW_ATTEMPT)
+        )
+        await until(lambda: new.done() or len(waiting(manager, "sku:r")) == 2)
+        assert not new.done(), new.result()
+        assert (2, 0) == (manager.waits, manager.deadlocks)
+        engine.decide_now("t1", 0, commit=False, fingerprint=OLD_ATTEMPT)
+        assert (BranchVote.PREPARED, "") == await writer
+        engine.decide_now("t2", 0, commit=True)
+        assert (BranchVote.PREPARED, "") == await new
+        assert (2, 0, 0) == (manager.waits, manager.deadlocks, manager.timeouts)
+        engine.decide_now("t1", 1, commit=True, fingerprint=NEW_ATTEMPT)
         assert_empty(manager)
 
     run(main)

@@ -19,6 +19,7 @@ from participants.services.orders import OrdersService
 from participants.services.payment import PaymentService
 from tests.harness import (
     ACCOUNTS,
+    ASKS_LATER,
     InProcessCluster,
     commit_then_forget,
     eventually,
@@ -577,6 +578,62 @@ def test_a_participant_checks_the_fingerprint_of_a_repeated_prepare(tmp_path: Pa
             assert "transaction_fingerprint is 65 bytes; at most 64" in (
                 raised.value.details() or ""
             )
+
+    asyncio.run(scenario())
+
+
+def test_another_attempt_of_an_id_waits_for_the_first_attempt_s_locks(tmp_path: Path) -> None:
+    """Orders prepared branch 0 of t-fp's first attempt, order o-1, and it is in doubt (its
+    coordinator forgot the attempt). Another attempt under the id creates o-1 in its branch
+    1: a different transaction (fingerprint), so it waits for the first one's decision, and
+    prepares once that is a rollback. The participant process names the lock table's
+    transactions by attempt: by the id alone, it was refused at once as held by "branch
+    t-fp/0 of this transaction"."""
+
+    async def scenario() -> None:
+        overrides = {**ASKS_LATER, "lock_wait_ms": 60_000}
+        async with InProcessCluster(tmp_path, participant_overrides=overrides) as cluster:
+            orders = cluster.participant_stub("orders")
+            create = pack(
+                shop_pb2.CreateOrder(
+                    order_id="o-1",
+                    customer_id="cust-1",
+                    lines=[shop_pb2.StockLine(sku="sku-apple", quantity=1)],
+                    amount_cents=100,
+                )
+            )
+
+            def prepare(branch: int, fingerprint: bytes) -> participant_pb2.PrepareRequest:
+                return participant_pb2.PrepareRequest(
+                    transaction_id="t-fp",
+                    branch=branch,
+                    operation=create,
+                    transaction_fingerprint=fingerprint,
+                )
+
+            first = await orders.Prepare(prepare(0, b"A" * 16))
+            assert (coordinator_pb2.VOTE_PREPARED, "") == (first.vote, first.reason)
+            other = asyncio.ensure_future(orders.Prepare(prepare(1, b"B" * 16)))
+            locks = cluster.participants["orders"].locks
+
+            async def waits() -> bool:
+                return other.done() or any(lock.waiters for lock in locks.snapshot())
+
+            await eventually(waits)
+            assert not other.done(), other.result()
+            await orders.Rollback(
+                participant_pb2.RollbackRequest(
+                    transaction_id="t-fp", branch=0, transaction_fingerprint=b"A" * 16
+                )
+            )
+            answer = await other
+            assert (coordinator_pb2.VOTE_PREPARED, "") == (answer.vote, answer.reason)
+            await orders.Rollback(
+                participant_pb2.RollbackRequest(
+                    transaction_id="t-fp", branch=1, transaction_fingerprint=b"B" * 16
+                )
+            )
+            assert [] == locks.snapshot()
 
     asyncio.run(scenario())
 

@@ -23,7 +23,6 @@ from participants.branches import (
     BranchEngine,
     BranchInfo,
     monotonic_ms,
-    transaction_of_owner,
 )
 from participants.locks import LockManager
 from participants.server.admin import (
@@ -150,7 +149,8 @@ class ParticipantServer:
         self.locks = LockManager(
             wait_timeout_s=config.lock_wait_ms / 1000,
             clock=time.time,
-            transaction_of=transaction_of_owner,
+            # Read when a branch takes its first lock, after the engine exists.
+            transaction_of=lambda owner: self.engine.transaction_of(owner),
         )
         self.engine = BranchEngine(
             service, self.wal, self.locks, clock_ms=now_ms, monotonic_ms=monotonic_ms
