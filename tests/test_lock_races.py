@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from dtm.core.branch import BranchState, BranchVote
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
-from participants.branches import BranchEngine, BranchError, branch_key_text, transaction_of_owner
+from participants.branches import BranchEngine, BranchError, IdReused, branch_key_text
 from participants.locks import LockManager, LockMode
 from participants.service import Service, state_bytes
 from participants.services.inventory import InventoryService
@@ -39,6 +39,9 @@ BRANCHES = 2  # of one transaction on this participant
 EXAMPLES = int(os.environ.get("LOCK_RACE_EXAMPLES", "150"))
 # A lock wait of 0 is the manager's default; the others let waits run out mid-schedule.
 LOCK_WAITS_S = [0.0, 0.005, 0.05]
+# A Prepare's transaction fingerprint: none, or one of two attempts of the transaction id (a
+# client that reused it), which the lock table names as two transactions.
+ATTEMPTS = [b"", b"A" * 16, b"B" * 16]
 
 
 def reserve(lines: list[tuple[str, int]]) -> any_pb2.Any:
@@ -77,6 +80,7 @@ def steps(operation: st.SearchStrategy[any_pb2.Any]) -> st.SearchStrategy[list[t
             operation,
             st.sampled_from(LOCK_WAITS_S),
             st.booleans(),
+            st.sampled_from(ATTEMPTS),
         ),
         st.tuples(st.sampled_from(["commit", "rollback", "lease"]), txn, branch),
         st.tuples(st.sampled_from(["learn", "force"]), txn, branch, st.booleans()),
@@ -122,6 +126,15 @@ def check(engine: BranchEngine, decided: set[tuple[str, int]]) -> None:
         assert {waiter.owner: waiter for waiter in entry.waiters} == entry.waiting, resource
     # Pinned (their locks held until the transaction is decided, in the deadlock search)
     # exactly while prepared: pinned at the vote or the replay, unpinned at the release.
+    # Each owner's transaction as named when it entered the table, is the engine's while the
+    # branch is open (it is, while in the table), and leaves the index with it.
+    named = engine.locks._transaction_by_owner
+    assert set(named) == set(engine.locks._resources_of)
+    assert all(engine.transaction_of(owner) == named[owner] for owner in named), named
+    by_transaction: dict[str, set[str]] = {}
+    for owner, transaction in named.items():
+        by_transaction.setdefault(transaction, set()).add(owner)
+    assert by_transaction == engine.locks._branches
     assert engine.locks._pinned == {
         branch_key_text(info.branch.key)
         for info in prepared
@@ -165,7 +178,10 @@ async def run_schedule(
         engine = BranchEngine(
             new_service(),
             log,
-            LockManager(wait_timeout_s=0.02, transaction_of=transaction_of_owner),
+            # As a participant process wires them.
+            LockManager(
+                wait_timeout_s=0.02, transaction_of=lambda owner: engine.transaction_of(owner)
+            ),
             clock_ms=lambda: 1_000,
         )
         engine.replay(log.records)
@@ -183,12 +199,18 @@ async def run_schedule(
     watcher = asyncio.create_task(monitor())
     for kind, *args in schedule:
         if kind == "prepare":
-            txn, index, operation, lock_wait_s, one_phase = args
-            answer = engine.begin_prepare(
-                f"t{txn}", index, operation, one_phase, lock_wait_s=lock_wait_s or None
-            )
-            if not isinstance(answer, tuple):
-                answers.append(asyncio.ensure_future(answer))
+            txn, index, operation, lock_wait_s, one_phase, attempt = args
+            with contextlib.suppress(IdReused):  # known here under the other attempt
+                answer = engine.begin_prepare(
+                    f"t{txn}",
+                    index,
+                    operation,
+                    one_phase,
+                    lock_wait_s=lock_wait_s or None,
+                    fingerprint=attempt,
+                )
+                if not isinstance(answer, tuple):
+                    answers.append(asyncio.ensure_future(answer))
         elif kind in ("commit", "rollback", "learn", "force"):
             commit = len(args) > 2 and args[2]  # learn and force carry it
             await deliver(engine, decided, kind, (f"t{args[0]}", args[1]), commit)
