@@ -694,6 +694,17 @@ def test_usage_errors() -> None:
     assert (cli.EXIT_USAGE, True) == (status, "which service?" in err)
 
 
+def test_service_help_without_a_name_lists_the_services() -> None:
+    """`dtm --help` and a bad NAME's usage error send the user to `dtm service --help`,
+    which printed only "which service?" and exited 2."""
+    for flag in ("--help", "-h"):
+        status, out, err = asyncio.run(dtm("service", flag))
+        assert (cli.EXIT_OK, "") == (status, err), flag
+        assert "usage: dtm service NAME" in out
+        assert "inventory, orders, payment, notification" in out
+        assert "dtm service NAME --help" in out
+
+
 def test_a_branch_beyond_a_transactions_last_is_a_usage_error_before_any_call(
     unreachable: Callable[[], str],
 ) -> None:

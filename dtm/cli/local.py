@@ -133,6 +133,9 @@ def run_server(options: argparse.Namespace, extra: list[str]) -> int:
         from dtm.coordinator.server import main as server_main
     else:
         if options.name is None:
+            if {"-h", "--help"} & set(extra):
+                print(options.service_help(), end="")
+                return EXIT_OK
             raise CliError(f"which service? one of {', '.join(config.SERVICES)}", EXIT_USAGE)
         import importlib
 

@@ -154,8 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         "service",
         add_help=False,
         help="run one service in the foreground (`dtm service NAME --help` for its flags)",
+        usage="dtm service NAME [FLAGS...]",
+        description=f"Run one service in the foreground. NAME: {', '.join(config.SERVICES)}.\n"
+        "Each has its own flags: `dtm service NAME --help` lists them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    service.add_argument("name", nargs="?", choices=config.SERVICES, metavar="NAME")
+    service.add_argument(
+        "name", nargs="?", choices=config.SERVICES, metavar="NAME", help="the service to run"
+    )
+    # add_help=False hands --help to the service's own parser; with no NAME, there is none
+    # to hand it to, so run_server prints this parser's help instead.
+    service.set_defaults(service_help=service.format_help)
 
     submit = commands.add_parser(
         "submit",
