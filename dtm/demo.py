@@ -2,13 +2,14 @@
 
 Starts the coordinator and the four services as real processes in a fresh temporary data
 directory, places a scripted mix of orders (plain commits, no stock, a declined card, a slow
-service, a crashed service, a burst on a scarce SKU), prints what happened and why, shows
-the services' final state, checks the order flow's invariants (stock and money conserved,
-nothing oversold or overdrawn, one capture and one notification per confirmed order, nothing
-left reserved or held: `dtm/invariants.py`), and stops everything. Exits 0 only if every
-invariant and every scripted expectation held. The temporary data directory (the servers'
-logs) is removed after a PASS and kept after a FAIL, an error or a signal, and said where;
---keep-logs keeps it after a PASS too. A --data-dir is never removed.
+service, a crashed service, a burst on a scarce SKU, two orders claiming one order id), prints
+what happened and why, shows the services' final state, checks the order flow's invariants
+(stock and money conserved, nothing oversold or overdrawn, one capture and one notification
+per confirmed order, nothing left reserved or held: `dtm/invariants.py`), and stops
+everything. Exits 0 only if every invariant and every scripted expectation held. The temporary
+data directory (the servers' logs) is removed after a PASS and kept after a FAIL, an error or
+a signal, and said where; --keep-logs keeps it after a PASS too. A --data-dir is never
+removed.
 
     python -m dtm.demo [--data-dir DIR] [--keep-logs]
 """
@@ -577,7 +578,12 @@ async def run_demo(cluster: Cluster) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dtm.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m dtm.demo",
+        description=__doc__,
+        # The docstring's own line breaks: refilled, its usage line ran into the text.
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--data-dir",
         type=config.path_argument,

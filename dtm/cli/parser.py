@@ -409,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         "dump",
         parents=[as_json],
         help="print every record of a log (read-only)",
-        description="Exit status 1 when the log is corrupted.",
+        description="Exit status 1 when the log is corrupted (CORRUPTED), is not a dtm log, or "
+        "has a segment of a newer frame format (NEWER FRAME FORMAT); a TORN TAIL (a crash's "
+        "interrupted write, which opening the log cuts) is not an error.",
     )
     dump.add_argument(
         "path",

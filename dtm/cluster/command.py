@@ -583,7 +583,14 @@ def main(argv: list[str] | None = None) -> int:
         "ones (up chooses another for a process whose port was taken before it bound it); "
         "default: as cluster.json records, else 50050..50054",
     )
-    parser.add_argument("--initial", type=Path, default=None, help="initial stock/accounts JSON")
+    parser.add_argument(
+        "--initial",
+        type=Path,
+        default=None,
+        help="initial stock and accounts as JSON (see participants/services/catalog.py), "
+        "written to DATA_DIR/initial.json for inventory and payment, which read it only while "
+        "their logs are empty (default: as cluster.json records, else the built-in catalog)",
+    )
     parser.add_argument(
         "--test-control",
         action=argparse.BooleanOptionalAction,
