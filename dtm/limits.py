@@ -183,7 +183,10 @@ def is_wildcard(address: str) -> bool:
 
 def unbracketed_host_hint(address: str) -> str:
     """What to add to the refusal of `address` when its host has a ':' outside brackets (an
-    IPv6 address without them, or a port given twice): the right form; else ""."""
+    IPv6 address without them, or a port given twice), or when it is a bracketed IPv6 address
+    with no port at all (its last ':' is inside the brackets): the right form; else ""."""
+    if _BRACKETED.fullmatch(_TARGET_SCHEME.sub("", address, 1)):
+        return "; no port after the brackets: [ADDRESS]:PORT, as [::1]:50050"
     host, _, port = address.rpartition(":")
     if not _unbracketed(host):
         return ""

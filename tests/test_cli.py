@@ -915,6 +915,24 @@ def test_an_ipv6_address_without_brackets_is_a_usage_error() -> None:
         assert "an IPv6 address goes in brackets: [::1]:" in err, err
 
 
+def test_an_address_without_a_port_is_a_usage_error() -> None:
+    """`dtm --coordinator localhost` dialed localhost:443 (gRPC's default port) and reported
+    "cannot reach the coordinator at localhost", while the servers' settings refuse an
+    address without a port. Refused before any call, naming the form expected."""
+    for args in (
+        ["--coordinator", "localhost", "txn", "list"],
+        ["--coordinator", "[::1]", "participants"],
+        ["--coordinator", "dns:///coordinator.example", "txn", "list"],
+        ["--coordinator", ":50050", "txn", "list"],
+        ["locks", "--address", "127.0.0.1"],
+        ["branches", "--address", "127.0.0.1:"],
+    ):
+        status, out, err = asyncio.run(dtm(*args))
+        assert (cli.EXIT_USAGE, "") == (status, out), args
+        assert "expected HOST:PORT" in err, err
+        assert "no port after the brackets" in err if "[" in args[1] else "127.0.0.1:50050" in err
+
+
 def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "data" / "orders" / "wal").mkdir(parents=True)

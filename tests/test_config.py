@@ -508,6 +508,7 @@ def test_an_ipv6_address_without_brackets_is_refused_with_the_right_form() -> No
         "fe80::1%eth0:7": "[fe80::1%eth0]:7",
         "host:1:2": "'host:1' has a ':' (a port given twice?)",
         "dns:///::1:5": "[::1]:5",
+        "[::1]": "no port after the brackets",  # was "'[:' has a ':' (a port given twice?)"
     }
     for address, says in refusals.items():
         with pytest.raises(ConfigError, match=r"expected host:port.*" + re.escape(says)):

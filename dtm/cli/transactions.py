@@ -258,6 +258,12 @@ def _address(text: str) -> str:
     hint = limits.unbracketed_host_hint(text)
     if hint:  # gRPC would guess where the host ends: another address than meant
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT{hint}")
+    host, _, port = text.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()):
+        # gRPC would dial its default port, 443: "cannot reach" a server that runs elsewhere.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected HOST:PORT with a port, e.g. 127.0.0.1:50050"
+        )
     return text
 
 
