@@ -1054,3 +1054,39 @@ def test_a_lock_file_that_cannot_be_one_is_named_with_what_to_do(
         else:
             lock.rmdir()
     assert not (tmp_path / "pids").exists()
+
+
+class _ProbedCluster:
+    """What `status` asks of a Cluster, answered without processes: every one running at a
+    fixed address, payment's health probe timed out."""
+
+    def registered(self) -> dict[str, str]:
+        return {name: self.address(name) for name in PROCESSES if name != COORDINATOR}
+
+    def running(self, name: str) -> bool:
+        return True
+
+    def pid(self, name: str) -> int:
+        return 1000 + PROCESSES.index(name)
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{50050 + PROCESSES.index(name)}"
+
+    def health(self, name: str) -> str:
+        return "UNREACHABLE (DEADLINE_EXCEEDED)" if name == "payment" else "SERVING"
+
+    def registration_lost(self, name: str) -> None:
+        return None
+
+
+def test_status_columns_fit_a_long_health(capsys: pytest.CaptureFixture[str]) -> None:
+    """A health probe that timed out, "UNREACHABLE (DEADLINE_EXCEEDED)", overran the health
+    column's fixed width: that row's registration sat one column off the others'."""
+    from dtm.cluster.command import _print_status
+
+    assert 3 == _print_status(_ProbedCluster())  # type: ignore[arg-type]
+    lines = capsys.readouterr().out.splitlines()
+    assert 1 + len(PROCESSES) == len(lines), lines
+    column = lines[0].index("registered")
+    for line in lines[1:]:
+        assert line[column - 2 : column] == "  " and line[column] != " ", lines

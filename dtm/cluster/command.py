@@ -17,9 +17,10 @@ from dtm import config, limits, security
 
 # From `dtm`'s CLI, reused: its --timeout validator (a positive, finite number of seconds:
 # nan or inf made a deadline never reached, 0 or -1 one always past) and its handling of a
-# standard output closed by its reader (`status | head -1`).
+# standard output closed by its reader (`status | head -1`), and its table layout.
 from dtm.cli import EXIT_BROKEN_PIPE, _stdout_to_devnull
 from dtm.cli import _seconds as _positive_seconds
+from dtm.cli import tables as fmt
 from dtm.cluster.errors import (
     ClusterError,
     ClusterStateError,
@@ -510,7 +511,7 @@ def _print_status(cluster: Cluster) -> int:
         registered = cluster.registered() if cluster.running(COORDINATOR) else None
     except grpc.RpcError:
         registered = None
-    print(f"{'process':<13} {'address':<17} {'pid':>8}  {'health':<26} registered")
+    rows: list[list[str]] = []
     ready = 0
     lost: list[str] = []
     for name in PROCESSES:
@@ -530,10 +531,14 @@ def _print_status(cluster: Cluster) -> int:
         else:
             mark, registered_here = f"no (another at {seen})", False
         ready += health == "SERVING" and registered_here
-        pid_text = str(pid) if pid is not None else "-"
-        print(f"{name:<13} {cluster.address(name):<17} {pid_text:>8}  {health:<26} {mark}")
+        rows.append(
+            [name, cluster.address(name), str(pid) if pid is not None else "-", health, mark]
+        )
         if registered is not None and not registered_here and pid is not None:
             lost += _registration_lost(cluster, name)
+    # Widths from the cells, as every `dtm` table: fixed ones were overrun by a probe that
+    # timed out ("UNREACHABLE (DEADLINE_EXCEEDED)") or a long address.
+    fmt.table(["process", "address", "pid", "health", "registered"], rows, sys.stdout)
     # Below the table: what `up` would say of them (it fails on them too), and what to do.
     for text in lost:
         print(text)
