@@ -1029,6 +1029,27 @@ def test_a_coordinator_address_that_is_another_server_is_named_as_such() -> None
     asyncio.run(scenario())
 
 
+def test_an_http_server_at_the_address_is_named_as_such() -> None:
+    """--coordinator at a /metrics port (`make up`'s 9100 for 50050) said "cannot reach the
+    coordinator ...: is it running? try `make up`", though something runs there: gRPC's own
+    "Failed parsing HTTP/2" was the only clue."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    at = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        for command in (["--coordinator", at, "txn", "list"], ["locks", "--address", at]):
+            status, out, err = asyncio.run(dtm(*command))
+            assert (cli.EXIT_ERROR, "") == (status, out), command
+            assert "answers there, but not in gRPC" in err and "/metrics" in err, err
+            assert "is it running?" not in err, err
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _order_without_id(path: Path) -> Path:
     document = json.loads(order_file(path, "", "o-1").read_text(encoding="utf-8"))
     del document["transaction_id"]

@@ -261,6 +261,13 @@ def rpc_error(
     tls_hint = _tls_hint(details or "", what, session)
     if tls_hint is not None:
         return CliError(f"cannot reach {what} at {address}: {tls_hint} ({details})")
+    if code is grpc.StatusCode.UNAVAILABLE and "failed parsing http/2" in (details or "").lower():
+        # An HTTP/1 server answered (a /metrics port, say): "is it running?" would mislead.
+        return CliError(
+            f"cannot reach {what} at {address}: something answers there, but not in gRPC "
+            "(HTTP/2): a /metrics port (`make up`'s 9100-9104) or another HTTP server? Give "
+            f"the gRPC port (`make up`'s 50050-50054) ({details})"
+        )
     if code is grpc.StatusCode.UNAVAILABLE:
         if what == "the coordinator":
             hint = (
