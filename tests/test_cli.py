@@ -933,6 +933,28 @@ def test_an_address_without_a_port_is_a_usage_error() -> None:
         assert "no port after the brackets" in err if "[" in args[1] else "127.0.0.1:50050" in err
 
 
+def test_python_m_dtm_wal_dump_is_dtm_log_dump(tmp_path: Path) -> None:
+    """`python -m dtm.wal dump PATH`, which a server names when it refuses a log and
+    architecture.md section 7 shows, is `dtm log dump PATH`: a missing path ended in a
+    FileNotFoundError traceback, and an empty file printed nothing."""
+    (tmp_path / "empty.wal").write_bytes(b"")
+    cases = [
+        (tmp_path / "none", cli.EXIT_ERROR, "", "does not exist; a log is a directory"),
+        (tmp_path / "empty.wal", cli.EXIT_OK, "empty, no records", ""),
+    ]
+    for path, expected, out, err in cases:
+        completed = subprocess.run(
+            [sys.executable, "-m", "dtm.wal", "dump", str(path)],
+            cwd=Path(__file__).parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert expected == completed.returncode, completed
+        assert out in completed.stdout and err in completed.stderr, completed
+        assert "Traceback" not in completed.stderr, completed.stderr
+
+
 def test_log_dump_of_a_directory_without_a_log_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "data" / "orders" / "wal").mkdir(parents=True)

@@ -1,4 +1,5 @@
-"""`python -m dtm.wal dump PATH`: inspect a log without changing it."""
+"""`python -m dtm.wal dump PATH`: inspect a log without changing it, as `dtm log dump PATH`
+does (a server that refuses a log names this form: it needs no `dtm` on the PATH)."""
 
 import sys
 
