@@ -410,6 +410,8 @@ def _settings_of(cluster: Cluster) -> dict[str, Any]:
 def _setting_text(value: Any) -> str:
     if value is None:
         return "none"
+    if isinstance(value, bool):  # test_control: as its flags say it, not Python's True/False
+        return "on" if value else "off"
     if isinstance(value, Ports):
         return ",".join(str(port) for port in asdict(value).values())
     if isinstance(value, dict) and ("stock" in value or "accounts" in value):
