@@ -54,7 +54,7 @@ def drift(expected: Path, actual: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dtm.tools.genproto", description=__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--out", type=Path, help="write generated code here")
     group.add_argument("--check", type=Path, help="fail if this directory differs from protoc")
