@@ -282,6 +282,27 @@ def _save(plt: Any, figure: Any, path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
+def read_sweep(path: Path) -> dict[str, Any]:
+    """The sweep.json at `path`, for --from-json; ValueError saying what it is not (a file
+    that is not JSON, or another document, ended in a traceback once the options were taken)."""
+    try:
+        document: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read it as JSON: {error}") from None
+    points = document.get("points") if isinstance(document, dict) else None
+    if (
+        not isinstance(points, list)
+        or not all(isinstance(point, dict) for point in points)
+        or "scaling_most_vs_fewest_participants" not in document
+    ):
+        raise ValueError(
+            'not a sweep of bench.plot (a JSON object with its "points"; the latest.json of '
+            "bench.run is one run, not a sweep)"
+        )
+    checked: dict[str, Any] = document
+    return checked
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.plot", description="Sweep clients and participants; draw PNGs."
@@ -341,7 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     if options.from_json is not None and not options.from_json.is_file():
         parser.error(f"--from-json: no such file: {options.from_json}")
     if options.from_json is not None:
-        document = json.loads(options.from_json.read_text())
+        try:
+            document = read_sweep(options.from_json)
+        except ValueError as problem:
+            parser.error(f"--from-json: {options.from_json}: {problem}")
     else:
         grpc_edge.use_fast_event_loop()
         try:

@@ -1137,6 +1137,10 @@ def test_each_sweep_point_records_what_its_verdicts_need(
         (["--warmup", "nan"], "argument --warmup: must be within"),
         (["--results-dir", "{file}"], "--results-dir: {file} is not a directory"),
         (["--from-json", "{file}.missing"], "--from-json: no such file"),
+        # Not JSON, or JSON of another shape (bench.run's latest.json is one run): a traceback
+        # (JSONDecodeError, KeyError 'points') after the options were taken.
+        (["--from-json", "{file}"], "--from-json: {file}: cannot read it as JSON"),
+        (["--from-json", "{file}.run"], "--from-json: {file}.run: not a sweep of bench.plot"),
     ],
 )
 def test_a_bad_option_of_the_sweep_exits_2_before_any_point_is_measured(
@@ -1148,6 +1152,7 @@ def test_a_bad_option_of_the_sweep_exits_2_before_any_point_is_measured(
 ) -> None:
     file = tmp_path / "a-file"
     file.write_text("")
+    (tmp_path / "a-file.run").write_text('{"dtm": {"per_s": 900.0}}')
 
     async def measure(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("measured despite a bad option")
