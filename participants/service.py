@@ -71,10 +71,15 @@ class Service(Protocol, Generic[Operation]):
     operation_type: type[Operation]
 
     def validate(self, operation: Operation) -> None:
-        """Raise InvalidOperation for a malformed operation. Must not change state."""
+        """Raise InvalidOperation for a malformed operation. Must not change state.
+        By default every decodable `operation_type` is accepted."""
+        return None
 
     def locks(self, operation: Operation) -> Sequence[LockRequest]:
-        """Resources to lock before prepare; held until the branch is decided."""
+        """Resources to lock before prepare; held until the branch is decided. By default
+        none: a quantity (stock, money, points) is isolated by escrow in `prepare`, and a
+        lock held across both phases would refuse every concurrent branch on it."""
+        return ()
 
     def prepare(self, key: str, operation: Operation) -> PrepareResult:
         """Validate against the state and tentatively apply (reserve, hold, stage)."""
@@ -96,4 +101,38 @@ class Service(Protocol, Generic[Operation]):
         naming the log record, instead of serving some other state."""
 
     def add_read_api(self, server: grpc.aio.Server) -> list[str]:
-        """Register the service's own read API; return the full service names added."""
+        """Register the service's own read API; return the full service names added. By
+        default none."""
+        return []
+
+
+#: What every service must write itself; `Service` has a default for the rest.
+REQUIRED_METHODS = ("prepare", "commit", "rollback", "snapshot", "restore")
+#: What a class that does not subclass `Service` must write too.
+DEFAULTED_METHODS = ("validate", "locks", "add_read_api")
+
+
+def service_problem(service: object) -> str | None:
+    """What keeps `service` from being run as a participant, or None. Checked at start: a
+    method left out surfaced only at the first call that needed it (a TypeError at start for
+    add_read_api, every branch refused for locks or prepare), far from its cause."""
+    kind = type(service)
+    missing = [
+        method
+        for method in REQUIRED_METHODS
+        if getattr(kind, method, None) in (None, getattr(Service, method))
+    ]
+    missing += [method for method in DEFAULTED_METHODS if not hasattr(kind, method)]
+    if missing:
+        return (
+            f"service {kind.__name__} does not implement {', '.join(missing)}: a participant "
+            f"writes {', '.join(REQUIRED_METHODS)}, and inherits {', '.join(DEFAULTED_METHODS)} "
+            "when its class subclasses participants.service.Service[ItsOperation]"
+        )
+    operation_type = getattr(service, "operation_type", None)
+    if not (isinstance(operation_type, type) and issubclass(operation_type, Message)):
+        return (
+            f"service {kind.__name__}: operation_type must be the generated protobuf message "
+            f"class of the operation it takes (its_pb2.ItsOperation), not {operation_type!r}"
+        )
+    return None

@@ -12,13 +12,13 @@ from participants.server.process import ParticipantServer
 from participants.server.settings import (
     parse_args,
 )
-from participants.service import Service
+from participants.service import Service, service_problem
 
 
 def run(service: Service[Any], argv: list[str] | None = None) -> None:
     """Entry point for a participant process. Exits with status 1 when it cannot start, or
     when the coordinator refuses its registration for good."""
-    problem = limits.participant_name_problem(service.name)
+    problem = limits.participant_name_problem(service.name) or service_problem(service)
     if problem:
         sys.exit(f"dtm service {service.name}: error: {problem}")
     participant_config = parse_args(service.name, argv)

@@ -41,7 +41,7 @@ from participants.server.wire import (
     _replacement,
     now_ms,
 )
-from participants.service import Service
+from participants.service import Service, service_problem
 
 #: Where a service's TLS files come from, for the hints below.
 _TLS_FILES = "--tls-ca, --tls-cert and --tls-key (or tls_* in the service's configuration section)"
@@ -140,6 +140,10 @@ class ParticipantServer:
         problem = limits.participant_name_problem(service.name)
         if problem:
             raise ValueError(f"service {type(service).__name__}: {problem}")
+        # Before the log is opened: a service that cannot run leaves no data directory.
+        problem = service_problem(service)
+        if problem:
+            raise ValueError(problem)
         self.service = service
         self.config = config
         self.log_ = logs.get(service.name)

@@ -1,0 +1,139 @@
+"""What a service author must write, and what the SDK gives by default (participants/service.py):
+a `Service` subclass writes prepare, commit, rollback, snapshot and restore and inherits
+validate, locks and add_read_api; anything short of that is refused when the participant is
+built, naming what is missing, instead of failing at the first call that needs it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from google.protobuf import wrappers_pb2
+
+from dtmpb.v1 import coordinator_pb2
+from participants.server import ParticipantConfig, ParticipantServer
+from participants.service import Prepared, PrepareResult, Service, service_problem
+from tests.harness import InProcessCluster, eventually, order_branches, pack
+
+Tally = wrappers_pb2.Int64Value
+
+
+class Minimal(Service[Tally]):
+    """The least a service writes: no validate, no locks, no read API."""
+
+    name = "tally"
+    operation_type = Tally
+
+    def __init__(self) -> None:
+        self.committed = 0
+
+    def prepare(self, key: str, operation: Tally) -> PrepareResult:
+        return Prepared()
+
+    def commit(self, key: str, operation: Tally) -> None:
+        self.committed += operation.value
+
+    def rollback(self, key: str, operation: Tally) -> None:
+        pass
+
+    def snapshot(self) -> bytes:
+        return str(self.committed).encode()
+
+    def restore(self, state: bytes) -> None:
+        self.committed = int(state)
+
+
+def test_a_service_that_writes_only_what_it_must_runs_with_the_defaults(tmp_path: Path) -> None:
+    # Before the defaults, the server failed to start: add_read_api answered None
+    # ("TypeError: Value after * must be an iterable, not NoneType").
+    async def scenario() -> None:
+        tally = Minimal()
+        async with InProcessCluster(tmp_path, extra_services=[tally]) as cluster:
+            branch = coordinator_pb2.BranchRequest(
+                participant="tally", operation=pack(Tally(value=3))
+            )
+            response = await cluster.submit([*order_branches("o-1", [("sku-apple", 1)]), branch])
+            assert coordinator_pb2.OUTCOME_COMMITTED == response.outcome, response.reason
+
+            async def applied() -> bool:  # phase 2 goes on after the client's answer
+                return 3 == tally.committed
+
+            await eventually(applied)
+
+    asyncio.run(scenario())
+
+
+class WithoutPrepare(Service[Tally]):
+    name = "tally"
+    operation_type = Tally
+
+    def commit(self, key: str, operation: Tally) -> None:
+        pass
+
+    def rollback(self, key: str, operation: Tally) -> None:
+        pass
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, state: bytes) -> None:
+        pass
+
+
+class NotASubclass:
+    """Duck-typed: it inherits no default, so it must write them all."""
+
+    name = "tally"
+    operation_type = Tally
+
+    def prepare(self, key: str, operation: Tally) -> PrepareResult:
+        return Prepared()
+
+    def validate(self, operation: Tally) -> None:
+        pass
+
+    def commit(self, key: str, operation: Tally) -> None:
+        pass
+
+    def rollback(self, key: str, operation: Tally) -> None:
+        pass
+
+    def snapshot(self) -> bytes:
+        return b""
+
+    def restore(self, state: bytes) -> None:
+        pass
+
+
+class WrongOperationType(Minimal):
+    operation_type = "google.protobuf.Int64Value"  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("service", "named"),
+    [
+        (WithoutPrepare(), "WithoutPrepare does not implement prepare:"),
+        (NotASubclass(), "NotASubclass does not implement locks, add_read_api:"),
+        (WrongOperationType(), "operation_type must be the generated protobuf message class"),
+    ],
+)
+def test_a_service_short_of_the_contract_is_refused_at_construction(
+    tmp_path: Path, service: object, named: str
+) -> None:
+    # Before, each was built and started: what was missing failed later, at the first call
+    # that needed it (a branch's prepare, locks or decode), far from its cause.
+    assert named in (service_problem(service) or "")
+    with pytest.raises(ValueError, match=named):
+        ParticipantServer(service, ParticipantConfig(data_dir=tmp_path))  # type: ignore[arg-type]
+    assert not (tmp_path / "tally").exists()
+
+
+def test_the_shop_services_meet_the_contract() -> None:
+    from participants.services.inventory import InventoryService
+    from participants.services.notification import NotificationService
+    from participants.services.orders import OrdersService
+    from participants.services.payment import PaymentService
+
+    for service in (InventoryService(), OrdersService(), PaymentService(), NotificationService()):
+        assert service_problem(service) is None
