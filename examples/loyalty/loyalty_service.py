@@ -1,0 +1,68 @@
+"""Loyalty: awards points for a confirmed order, refused while the member is frozen."""
+
+import json
+
+import loyalty_pb2  # python -m grpc_tools.protoc -I. --python_out=. loyalty.proto
+from google.protobuf import any_pb2
+
+from dtm.orderflow import order_request
+from dtmpb.v1 import coordinator_pb2
+from participants.server import run
+from participants.service import InvalidOperation, Prepared, Refused, Service
+
+MEMBERS = {"m-alice": False, "m-bob": False, "m-frozen": True}  # member -> frozen
+
+
+class Loyalty(Service[loyalty_pb2.AwardPoints]):
+    name = "loyalty"  # registered under it: a branch names it as its participant
+    operation_type = loyalty_pb2.AwardPoints
+
+    def __init__(self) -> None:
+        self.points = dict.fromkeys(MEMBERS, 0)
+        self.awards: dict[str, tuple[str, int]] = {}  # branch key -> prepared award
+
+    def validate(self, op: loyalty_pb2.AwardPoints) -> None:  # before prepare: bad input
+        if not op.member_id or op.points <= 0:
+            raise InvalidOperation("member_id is required and points must be > 0")
+
+    # No locks(): points are a quantity, held per branch (escrow). A lock on the member, held
+    # until the decision, would refuse every other order of that member meanwhile.
+    def prepare(self, key: str, op: loyalty_pb2.AwardPoints) -> Prepared | Refused:
+        if op.member_id not in self.points:
+            return Refused(f"unknown member {op.member_id}")
+        if MEMBERS[op.member_id]:
+            return Refused(f"member {op.member_id} is frozen")
+        self.awards[key] = (op.member_id, op.points)
+        return Prepared()
+
+    def commit(self, key: str, op: loyalty_pb2.AwardPoints) -> None:
+        member, points = self.awards.pop(key)
+        self.points[member] += points
+
+    def rollback(self, key: str, op: loyalty_pb2.AwardPoints) -> None:
+        self.awards.pop(key)
+
+    def snapshot(self) -> bytes:  # everything, prepared awards included
+        return json.dumps({"points": self.points, "awards": self.awards}).encode()
+
+    def restore(self, state: bytes) -> None:
+        document = json.loads(state)
+        self.points = document["points"]
+        self.awards = {
+            key: (member, points) for key, (member, points) in document["awards"].items()
+        }
+
+
+def order_with_points(order_id: str, member_id: str, points: int) -> coordinator_pb2.SubmitRequest:
+    """A shop order (dtm.orderflow) with a fifth branch, for OrderClient(...).submit."""
+    request = order_request(
+        order_id, "cust-alice", "acct-alice", [("sku-apple", 1)], 350, "a@x.org"
+    )
+    award = any_pb2.Any()
+    award.Pack(loyalty_pb2.AwardPoints(member_id=member_id, order_id=order_id, points=points))
+    request.branches.append(coordinator_pb2.BranchRequest(participant="loyalty", operation=award))
+    return request
+
+
+if __name__ == "__main__":
+    run(Loyalty())  # --listen, --coordinator, --data-dir...: see --help

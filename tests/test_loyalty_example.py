@@ -1,0 +1,160 @@
+"""The loyalty example (examples/loyalty/): a fifth service written from README.md's "Writing a
+new participant", whose code block is the example file itself, so the docs cannot drift from
+what these tests run. Its operation type is compiled from examples/loyalty/loyalty.proto here,
+as the README tells a developer to."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+from grpc_tools import protoc
+
+from dtmpb.v1 import coordinator_pb2
+from tests.harness import STOCK, InProcessCluster, eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "loyalty"
+COMMITTED, ABORTED = coordinator_pb2.OUTCOME_COMMITTED, coordinator_pb2.OUTCOME_ABORTED
+
+
+def compile_proto(out: Path) -> None:
+    """What the README's line does: `python -m grpc_tools.protoc -I. --python_out=. ...`."""
+    assert 0 == protoc.main(["protoc", f"-I{EXAMPLE}", f"--python_out={out}", "loyalty.proto"])
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("loyalty-generated")
+    compile_proto(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def example(generated: Path) -> Iterator[ModuleType]:
+    sys.path.insert(0, str(generated))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "loyalty_service", EXAMPLE / "loyalty_service.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(generated))
+
+
+def readme_example() -> str:
+    """The first python block of README.md's "Writing a new participant"."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Writing a new participant", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_shows_the_example_as_it_is() -> None:
+    assert (EXAMPLE / "loyalty_service.py").read_text(encoding="utf-8") == readme_example()
+
+
+async def submit(
+    cluster: InProcessCluster, request: coordinator_pb2.SubmitRequest
+) -> coordinator_pb2.SubmitResponse:
+    response: coordinator_pb2.SubmitResponse = await cluster.client.Submit(request, timeout=30)
+    return response
+
+
+def test_orders_with_points_commit_abort_and_survive_a_restart(
+    tmp_path: Path, example: ModuleType
+) -> None:
+    async def scenario() -> None:
+        loyalty = example.Loyalty()
+        async with InProcessCluster(tmp_path, extra_services=[loyalty]) as cluster:
+            committed = await submit(cluster, example.order_with_points("o-1", "m-alice", 35))
+            assert COMMITTED == committed.outcome, committed.reason
+
+            frozen = await submit(cluster, example.order_with_points("o-2", "m-frozen", 35))
+            assert ABORTED == frozen.outcome
+            assert "loyalty refused: member m-frozen is frozen" in frozen.reason
+
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await submit(cluster, example.order_with_points("o-3", "m-alice", 0))
+            assert grpc.StatusCode.INVALID_ARGUMENT is invalid.value.code()
+            assert "points must be > 0" in (invalid.value.details() or "")
+
+            # Escrow, no lock: a member's concurrent orders all commit.
+            answers = await asyncio.gather(
+                *(
+                    submit(cluster, example.order_with_points(f"o-c{n}", "m-bob", 1))
+                    for n in range(8)
+                )
+            )
+            assert [COMMITTED] * 8 == [answer.outcome for answer in answers]
+
+            async def applied() -> bool:  # phase 2 goes on after the client's answer
+                return {"m-alice": 35, "m-bob": 8, "m-frozen": 0} == loyalty.points
+
+            await eventually(applied)
+            # Only the committed orders took stock: the frozen member's order left none held.
+            stock = await cluster.stock()
+            assert STOCK["sku-apple"] - 9 == stock["sku-apple"].available
+            assert 0 == stock["sku-apple"].reserved
+
+            restarted = example.Loyalty()
+            await cluster.restart_participant("loyalty", restarted)
+            assert {"m-alice": 35, "m-bob": 8, "m-frozen": 0} == restarted.points
+            assert {} == restarted.awards
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.slow
+def test_the_example_runs_as_its_own_process(
+    tmp_path: Path, generated: Path, example: ModuleType
+) -> None:
+    """The README's command line: the example started as a script, against a coordinator."""
+
+    async def scenario() -> None:
+        async with InProcessCluster(tmp_path / "cluster") as cluster:
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("DTM_")},
+                "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "generated", generated))),
+            }
+            with (tmp_path / "loyalty.log").open("wb") as log:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    str(EXAMPLE / "loyalty_service.py"),
+                    *("--coordinator", cluster.coordinator_address),
+                    *("--data-dir", str(tmp_path / "loyalty")),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            try:
+
+                async def registered() -> bool:
+                    listed = await cluster.client.ListParticipants(
+                        coordinator_pb2.ListParticipantsRequest()
+                    )
+                    assert process.returncode is None, (tmp_path / "loyalty.log").read_text()
+                    return any(p.name == "loyalty" for p in listed.participants)
+
+                await eventually(registered, timeout_s=30)
+                answer = await submit(cluster, example.order_with_points("o-1", "m-alice", 35))
+                assert COMMITTED == answer.outcome, answer.reason
+            finally:
+                os.killpg(process.pid, signal.SIGTERM)
+                assert 0 == await asyncio.wait_for(process.wait(), 30), (
+                    tmp_path / "loyalty.log"
+                ).read_text()
+
+    asyncio.run(scenario())
