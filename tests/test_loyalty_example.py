@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -151,6 +152,7 @@ def test_the_example_runs_as_its_own_process(
                 await eventually(registered, timeout_s=30)
                 answer = await submit(cluster, example.order_with_points("o-1", "m-alice", 35))
                 assert COMMITTED == answer.outcome, answer.reason
+                await submitted_by_the_cli(cluster.coordinator_address, tmp_path)
             finally:
                 os.killpg(process.pid, signal.SIGTERM)
                 assert 0 == await asyncio.wait_for(process.wait(), 30), (
@@ -158,3 +160,44 @@ def test_the_example_runs_as_its_own_process(
                 ).read_text()
 
     asyncio.run(scenario())
+
+
+async def submitted_by_the_cli(coordinator: str, tmp_path: Path) -> None:
+    """`dtm submit` of a loyalty branch, by a `dtm` without the generated module: it learns
+    loyalty.v1.AwardPoints from the loyalty process's server reflection. Before, the file was
+    refused as "unknown message type 'loyalty.v1.AwardPoints' (... loyalty takes
+    loyalty.v1.AwardPoints ...)"."""
+    award = {"member_id": "m-bob", "order_id": "o-cli", "points": 5}
+    branch = {"participant": "loyalty", "type": "loyalty.v1.AwardPoints", "operation": award}
+    order = tmp_path / "order.json"
+    order.write_text(json.dumps({"transaction_id": "t-cli", "branches": [branch]}))
+    status, out = await cli("--coordinator", coordinator, "submit", str(order))
+    assert (0, True) == (status, "transaction t-cli: COMMITTED" in out), out
+
+    # The type is known, but not to the participant the branch names: said so.
+    misplaced = {**branch, "participant": "payment"}
+    order.write_text(json.dumps({"transaction_id": "t-cli-2", "branches": [misplaced]}))
+    status, out = await cli("--coordinator", coordinator, "submit", str(order))
+    assert 1 == status, out
+    assert "payment does not take message type 'loyalty.v1.AwardPoints' (" in out, out
+
+
+async def cli(*args: str) -> tuple[int, str]:
+    """`python -m dtm.cli ARGS` in its own process, whose descriptor pool has only dtm's
+    types (this one has loyalty_pb2's); its exit status and output."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("DTM_")},
+        "PYTHONPATH": os.pathsep.join(map(str, (ROOT, ROOT / "generated"))),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dtm.cli",
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()

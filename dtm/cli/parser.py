@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         '[{"participant": "inventory", "type": "dtm.v1.ReserveStock", "operation": '
         '{"lines": [{"sku": "sku-apple", "quantity": 1}]}}]}. transaction_id and timeout_ms '
         "are optional (an id is generated, so that the transaction can be looked up). "
-        "Exit status 0 committed, 3 aborted, 4 unknown: the answer was lost (the coordinator "
+        "A type not compiled into dtm (a service of your own) is asked of the participant the "
+        "branch names, by server reflection. Exit status 0 committed, 3 aborted, 4 unknown: "
+        "the answer was lost (the coordinator "
         "went away, or no answer within the transaction's timeout and --timeout) and the "
         "transaction, named with its id, may still commit; `dtm txn show ID` or submit again "
         "with the same transaction_id. 1 when the coordinator cannot be reached: nothing was "

@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf import (
+    any_pb2,
+    descriptor_database,
+    descriptor_pb2,
+    descriptor_pool,
+    json_format,
+    message_factory,
+)
+from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from dtm import limits
 from dtm.cli import tables as fmt
@@ -215,9 +224,7 @@ def _branch_request(where: str, branch: object, session: Session) -> coordinator
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
     except KeyError:
-        raise CliError(
-            f"{where}: unknown message type {type_name!r}{_operation_types_hint(session)}"
-        ) from None
+        descriptor = _described_by(where, participant, type_name, session)
     operation = message_factory.GetMessageClass(descriptor)()
     fields = branch.get("operation", {})
     if not isinstance(fields, dict):
@@ -231,6 +238,49 @@ def _branch_request(where: str, branch: object, session: Session) -> coordinator
     packed = any_pb2.Any()
     packed.Pack(operation)
     return coordinator_pb2.BranchRequest(participant=participant, operation=packed)
+
+
+def _described_by(where: str, participant: str, type_name: str, session: Session) -> Descriptor:
+    """The message type `type_name`, not compiled into dtm (a service of one's own, such as
+    examples/loyalty), as the registered `participant` that takes it describes it by server
+    reflection, which the SDK serves. CliError when no registered participant of that name
+    takes it, or when it cannot describe it."""
+    try:
+        registry = session.coordinator.ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
+        )
+    except grpc.RpcError:
+        registry = coordinator_pb2.ListParticipantsResponse()
+    taker = next(
+        (
+            p
+            for p in registry.participants
+            if p.name == participant and type_name in p.capabilities.operation_types
+        ),
+        None,
+    )
+    if taker is None:
+        taken = any(type_name in p.capabilities.operation_types for p in registry.participants)
+        what = f"{participant} does not take" if taken else "unknown"
+        raise CliError(f"{where}: {what} message type {type_name!r}{_types_taken(registry)}")
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=type_name)
+    stub = reflection_pb2_grpc.ServerReflectionStub(session.channel(taker.address, participant))
+    files = descriptor_database.DescriptorDatabase()
+    try:
+        # The file and every file it imports (grpcio-reflection sends them all).
+        for answer in stub.ServerReflectionInfo(iter([request]), timeout=session.timeout):
+            if answer.HasField("error_response"):
+                raise KeyError(answer.error_response.error_message)
+            for file in answer.file_descriptor_response.file_descriptor_proto:
+                files.Add(descriptor_pb2.FileDescriptorProto.FromString(file))
+        return descriptor_pool.DescriptorPool(files).FindMessageTypeByName(type_name)
+    except (grpc.RpcError, KeyError, TypeError) as error:
+        problem = error.details() if isinstance(error, grpc.Call) else str(error)
+        raise CliError(
+            f"{where}: {type_name} is not compiled into dtm, and {participant} at "
+            f"{taker.address} did not describe it by server reflection ({problem}): submit "
+            "it from a program that imports its generated module"
+        ) from None
 
 
 def _seconds(text: str) -> float:
@@ -304,17 +354,11 @@ def _call_seconds(text: str) -> float:
     return value
 
 
-def _operation_types_hint(session: Session) -> str:
-    """'; inventory takes dtm.v1.ReserveStock, ...' from the registry, if it answers."""
-    try:
-        response = session.coordinator.ListParticipants(
-            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
-        )
-    except grpc.RpcError:
-        return ""
+def _types_taken(registry: coordinator_pb2.ListParticipantsResponse) -> str:
+    """' (inventory takes dtm.v1.ReserveStock; ...)' from the registry, if it answered."""
     takes = [
         f"{p.name} takes {', '.join(p.capabilities.operation_types) or 'any type'}"
-        for p in response.participants
+        for p in registry.participants
     ]
     return f" ({'; '.join(takes)})" if takes else ""
 
