@@ -323,6 +323,7 @@ class BranchEngine:
         if info is None:
             try:
                 decoded = self.decode_operation(operation)
+                bug = self._validate(key, decoded)
             except InvalidOperation:
                 # Answered as a refusal (VOTE_REFUSED with invalid_argument in a batch,
                 # INVALID_ARGUMENT alone): counted as one, though no branch is kept.
@@ -334,7 +335,7 @@ class BranchEngine:
             assert branch is not None and [core.RunPrepare(one_phase)] == actions
             info = self._track(branch, fingerprint)
             self._packed[key] = operation  # logged as received: no second serialization
-            requests = self._lock_requests(key, decoded)
+            requests = bug or self._lock_requests(key, decoded)
             if isinstance(requests, Refused):
                 reply = self._settle_prepare(info, requests, decoded)
                 return reply.vote, reply.reason
@@ -593,8 +594,20 @@ class BranchEngine:
             decoded.ParseFromString(operation.value)
         except DecodeError as error:
             raise InvalidOperation(f"cannot decode {expected}: {error}") from None
-        self.service.validate(decoded)
         return decoded
+
+    def _validate(self, key: BranchKey, operation: Message) -> Refused | None:
+        """The service's validate. InvalidOperation (bad input) goes to the caller, before any
+        branch is kept; any other exception is a bug in the service, and refuses the branch,
+        as one from its locks or prepare does: before, it failed every other item of the
+        batched call with it."""
+        try:
+            self.service.validate(operation)
+        except InvalidOperation:
+            raise
+        except Exception as error:
+            return self._service_failed(key, "validate", error)
+        return None
 
     # ---- running the core's actions ----
 

@@ -86,6 +86,46 @@ def test_a_service_that_raises_refuses_its_branch_and_keeps_no_lock(
     )
 
 
+class BrokenValidate(InventoryService):
+    """Its validate() has a bug: a KeyError for the SKU "sku-bug"."""
+
+    def validate(self, operation: shop_pb2.ReserveStock) -> None:
+        if operation.lines[0].sku == "sku-bug":
+            raise KeyError(operation.lines[0].sku)
+        super().validate(operation)
+
+
+def test_a_service_whose_validate_raises_refuses_its_branch_and_keeps_nothing(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As for a prepare or locks that raise: a bug in the service, not bad input. Before,
+    begin_prepare raised the KeyError: every other item of the batched call failed with it."""
+    logs.configure("inventory", "INFO")
+    broken = engine(BrokenValidate())
+
+    def reserve(sku: str) -> any_pb2.Any:
+        return packed(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku=sku, quantity=1)]))
+
+    refused = (BranchVote.REFUSED, "inventory failed to prepare: KeyError")
+    assert refused == broken.begin_prepare("t-1", 0, reserve("sku-bug"), False)
+    assert refused == broken.begin_prepare("t-1", 0, reserve("sku-bug"), False)  # again
+    info = broken.branch(("t-1", 0))
+    assert info is not None and BranchState.REFUSED is info.branch.state
+    assert [] == broken.locks.snapshot() and not broken.open
+    assert "the service's validate raised: branch refused txn=t-1 branch=0" in (
+        capsys.readouterr().err
+    )
+    # Bad input is still INVALID_ARGUMENT, with no branch kept.
+    with pytest.raises(InvalidOperation, match="quantity of sku-apple must be between 1"):
+        broken.begin_prepare(
+            "t-2",
+            0,
+            packed(shop_pb2.ReserveStock(lines=[shop_pb2.StockLine(sku="sku-apple", quantity=0)])),
+            False,
+        )
+    assert broken.branch(("t-2", 0)) is None
+
+
 class BrokenLocks(OrdersService):
     """Its locks() raises for order "raises", and names no resource for order "unnamed"."""
 
