@@ -92,6 +92,10 @@ else:  # the runtime classes are not generic
     ServerInterceptor = grpc.aio.ServerInterceptor
 
 
+#: Who a method requires: (the role in words, its identities, the settings that name them).
+Role = tuple[str, frozenset[str], str]
+
+
 @dataclass(frozen=True)
 class Policy:
     """Who may call what; see the module docstring for the table."""
@@ -101,18 +105,26 @@ class Policy:
     clients: frozenset[str] = CLIENT_IDENTITIES
     operators: frozenset[str] = OPERATOR_IDENTITIES
 
-    def rules(self) -> tuple[dict[str, tuple[str, frozenset[str]]], tuple[str, frozenset[str]]]:
-        """(prefix -> (role, identities), default): a prefix is a full method name
-        ("/pkg.Service/Method") or a whole service ("/pkg.Service/")."""
-        coordinator = ("the coordinator", self.coordinator)
-        participants = ("a participant", self.participants)
-        clients = ("a permitted client", self.clients)
-        operators = ("an operator", self.operators)
+    def rules(self) -> tuple[dict[str, Role], Role]:
+        """(prefix -> role, default): a prefix is a full method name ("/pkg.Service/Method")
+        or a whole service ("/pkg.Service/")."""
+        coordinator = ("the coordinator", self.coordinator, "--authz-coordinator")
+        participants = ("a participant", self.participants, "--authz-participants")
+        clients = ("a permitted client", self.clients, "--authz-clients")
+        operators = ("an operator", self.operators, "--authz-operators")
         # Operators read everything a client reads (and ask outcomes as participants do):
         # `dtm force` checks the coordinator's decision with an operator certificate, and a
         # narrowed --authz-clients must not make that check fail.
-        reads = ("a permitted client or an operator", self.clients | self.operators)
-        inquiries = ("a participant or an operator", self.participants | self.operators)
+        reads = (
+            "a permitted client or an operator",
+            self.clients | self.operators,
+            "--authz-clients or --authz-operators",
+        )
+        inquiries = (
+            "a participant or an operator",
+            self.participants | self.operators,
+            "--authz-participants or --authz-operators",
+        )
         table = {
             "/dtm.v1.Participant/": coordinator,
             "/dtm.v1.ParticipantAdmin/": operators,
@@ -538,7 +550,7 @@ def peer_name(context: ServicerContext) -> str:
     return common[0].decode(errors="replace") if common else "(no certificate)"
 
 
-Rule = tuple[str, frozenset[str]] | None  # (role, identities), or None for open methods
+Rule = Role | None  # None for open methods
 
 
 class AuthorizationInterceptor(ServerInterceptor):
@@ -591,26 +603,30 @@ class AuthorizationInterceptor(ServerInterceptor):
         return guarded
 
 
-async def _check(context: ServicerContext, method: str, role: str, allowed: frozenset[str]) -> None:
+async def _check(
+    context: ServicerContext, method: str, role: str, allowed: frozenset[str], settings: str
+) -> None:
     if peer_identities(context) & allowed:
         return
+    # The settings that name the identities: a new participant (examples/loyalty) is refused
+    # here until the coordinator's --authz-participants names it.
     await grpc_edge.abort(
         context,
         grpc.StatusCode.PERMISSION_DENIED,
         f"identity {peer_name(context)!r} may not call {method}: it requires {role} "
-        f"(identities: {', '.join(sorted(allowed)) or 'none'})",
+        f"(identities: {', '.join(sorted(allowed)) or 'none'}; the refusing server's {settings})",
     )
 
 
-def _guard(handler: Handler, method: str, rule: tuple[str, frozenset[str]]) -> Handler:
+def _guard(handler: Handler, method: str, rule: Role) -> Handler:
     """`handler` with the identity check in front of its behaviour, whatever its kind."""
-    role, allowed = rule
+    role, allowed, settings = rule
     deserialize, serialize = handler.request_deserializer, handler.response_serializer
     if handler.unary_unary is not None:
         unary_unary: Any = handler.unary_unary
 
         async def guarded_unary_unary(request: Any, context: ServicerContext) -> Any:
-            await _check(context, method, role, allowed)
+            await _check(context, method, role, allowed, settings)
             return await unary_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(guarded_unary_unary, deserialize, serialize)
@@ -620,7 +636,7 @@ def _guard(handler: Handler, method: str, rule: tuple[str, frozenset[str]]) -> H
         async def guarded_unary_stream(
             request: Any, context: ServicerContext
         ) -> AsyncIterator[Any]:
-            await _check(context, method, role, allowed)
+            await _check(context, method, role, allowed, settings)
             async for response in unary_stream(request, context):
                 yield response
 
@@ -629,14 +645,14 @@ def _guard(handler: Handler, method: str, rule: tuple[str, frozenset[str]]) -> H
         stream_unary: Any = handler.stream_unary
 
         async def guarded_stream_unary(requests: Any, context: ServicerContext) -> Any:
-            await _check(context, method, role, allowed)
+            await _check(context, method, role, allowed, settings)
             return await stream_unary(requests, context)
 
         return grpc.stream_unary_rpc_method_handler(guarded_stream_unary, deserialize, serialize)
     stream_stream: Any = handler.stream_stream
 
     async def guarded_stream_stream(requests: Any, context: ServicerContext) -> AsyncIterator[Any]:
-        await _check(context, method, role, allowed)
+        await _check(context, method, role, allowed, settings)
         async for response in stream_stream(requests, context):
             yield response
 

@@ -292,6 +292,8 @@ def test_only_participants_may_register_and_only_as_themselves(
                         f"identity {identity!r}",
                         "RegisterParticipant",
                         "participant",
+                        # What to change for a new participant (examples/loyalty) to register.
+                        "payment; the refusing server's --authz-participants)",
                     )
                     inquiry = stub.QueryOutcome(
                         coordinator_pb2.QueryOutcomeRequest(transaction_id="t-1"),
