@@ -399,6 +399,34 @@ metrics_listen = "127.0.0.1:9103"
     assert not participant_server.parse_args("orders", []).test_control
 
 
+def test_a_service_of_ones_own_is_told_what_it_would_ignore(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fifth service (examples/loyalty) reads [participant]. Before, DTM_LOYALTY_LOCK_WAIT_MS
+    (as DTM_PAYMENT_LOCK_WAIT_MS is payment's) and --initial were accepted and ignored."""
+    monkeypatch.setenv("DTM_LOYALTY_LOCK_WAIT_MS", "100")
+    with pytest.raises(SystemExit) as exit_:
+        participant_server.parse_args("loyalty", [])
+    assert 2 == exit_.value.code
+    assert (
+        "environment variable DTM_LOYALTY_LOCK_WAIT_MS: loyalty has no section of its own; it "
+        "reads [participant], so use DTM_PARTICIPANT_LOCK_WAIT_MS (or the flag)"
+    ) in capsys.readouterr().err
+    monkeypatch.delenv("DTM_LOYALTY_LOCK_WAIT_MS")
+    with pytest.raises(SystemExit):
+        participant_server.parse_args("loyalty", ["--initial", "members.json"])
+    assert "--initial: loyalty reads no initial file" in capsys.readouterr().err
+
+    # What is not a participant setting is left alone (DTM_CRASH_AT arms a crash point), and
+    # so are the shipped services, whose sections these are.
+    monkeypatch.setenv("DTM_CRASH_AT", "")
+    monkeypatch.setenv("DTM_PAYMENT_LOCK_WAIT_MS", "100")
+    assert 500 == participant_server.parse_args("crash", []).lock_wait_ms
+    assert 100 == participant_server.parse_args("payment", []).lock_wait_ms
+    monkeypatch.setenv("DTM_PARTICIPANT_LOCK_WAIT_MS", "200")
+    assert 200 == participant_server.parse_args("loyalty", []).lock_wait_ms
+
+
 def test_a_participant_declares_batch_unless_told_not_to(tmp_path: Path) -> None:
     """`batch` (file, environment, --batch/--no-batch): whether the registration declares the
     batch capability; bench --unary-participants passes --no-batch to every service."""

@@ -6,7 +6,9 @@ Part of `participants.server`: see its docstring."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,35 @@ def wal_sync_mode(participant: ParticipantConfig) -> str:
     return "loop" if participant.batch else "thread"
 
 
+def _not_for_a_service_of_ones_own(
+    name: str, initial: str | None, environ: Mapping[str, str]
+) -> str | None:
+    """What a service of one's own (not one of config.SERVICES, e.g. examples/loyalty) was
+    given that it would otherwise ignore without a word: --initial, which only the shipped
+    services' mains read, or a DTM_<NAME>_* variable, as a shipped service's name would have
+    it read, where its settings are [participant]'s."""
+    if name in config.SECTIONS:
+        return None
+    if initial is not None:
+        return (
+            f"--initial: {name} reads no initial file (inventory and payment do); a service of "
+            "one's own builds its initial state itself, before it calls run()"
+        )
+    prefix = config.environment_variable(name.replace("-", "_"), "")
+    known = config.keys(config.PARTICIPANT)
+    for variable in sorted(environ):
+        key = variable[len(prefix) :].lower()
+        # Only a participant setting's name: DTM_CRASH_AT, DTM_TLS_CA... mean other things,
+        # whatever a service of one's own is called.
+        if variable.startswith(prefix) and key in known:
+            return (
+                f"environment variable {variable}: {name} has no section of its own; it reads "
+                f"[participant], so use {config.environment_variable(config.PARTICIPANT, key)} "
+                "(or the flag)"
+            )
+    return None
+
+
 def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     parser = argparse.ArgumentParser(
         prog=f"dtm service {name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
@@ -86,7 +117,8 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         default=None,
         help="initial stock (inventory) or accounts (payment) as JSON, see "
         "participants/services/catalog.py; read only while the service's log is empty, and "
-        "accepted but ignored by orders and notification (default: initial of the "
+        "accepted but ignored by orders and notification, refused by a service of one's own "
+        "(default: initial of the "
         'configuration, else "": the built-in catalog)',
     )
     # Not a configuration key: a setting in a file or the environment would outlive the start
@@ -102,6 +134,9 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
     )
     security.add_arguments(parser)
     options = parser.parse_args(argv)
+    problem = _not_for_a_service_of_ones_own(name, options.initial, os.environ)
+    if problem:
+        parser.error(problem)
     try:
         settings = config.from_options(options, section)
         tls = security.from_options(
