@@ -170,7 +170,8 @@ async def submitted_by_the_cli(coordinator: str, tmp_path: Path) -> None:
     award = {"member_id": "m-bob", "order_id": "o-cli", "points": 5}
     branch = {"participant": "loyalty", "type": "loyalty.v1.AwardPoints", "operation": award}
     order = tmp_path / "order.json"
-    order.write_text(json.dumps({"transaction_id": "t-cli", "branches": [branch]}))
+    # Two branches of the type: it is asked for once (the second is the first's description).
+    order.write_text(json.dumps({"transaction_id": "t-cli", "branches": [branch, branch]}))
     status, out = await cli("--coordinator", coordinator, "submit", str(order))
     assert (0, True) == (status, "transaction t-cli: COMMITTED" in out), out
 

@@ -193,8 +193,12 @@ def load_submission(path: Path, session: Session) -> coordinator_pb2.SubmitReque
     if not isinstance(branches, list) or not branches:
         raise CliError(f"{where}: branches must be a non-empty list")
     request = coordinator_pb2.SubmitRequest(transaction_id=transaction_id, timeout_ms=timeout_ms)
+    # (participant, type) -> the type as that participant described it: asked once a file.
+    described: dict[tuple[str, str], Descriptor] = {}
     for index, branch in enumerate(branches):
-        request.branches.append(_branch_request(f"{where}: branch {index}", branch, session))
+        request.branches.append(
+            _branch_request(f"{where}: branch {index}", branch, session, described)
+        )
     return request
 
 
@@ -212,7 +216,12 @@ def _check_keys(where: str, document: dict[str, Any], known: Sequence[str]) -> N
             raise CliError(f"{where}: unknown key {key!r} (expected {', '.join(known)})")
 
 
-def _branch_request(where: str, branch: object, session: Session) -> coordinator_pb2.BranchRequest:
+def _branch_request(
+    where: str,
+    branch: object,
+    session: Session,
+    described: dict[tuple[str, str], Descriptor],
+) -> coordinator_pb2.BranchRequest:
     if not isinstance(branch, dict):
         raise CliError(f"{where}: expected an object with {', '.join(BRANCH_KEYS)}")
     _check_keys(where, branch, BRANCH_KEYS)
@@ -224,7 +233,10 @@ def _branch_request(where: str, branch: object, session: Session) -> coordinator
     try:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(type_name)
     except KeyError:
-        descriptor = _described_by(where, participant, type_name, session)
+        descriptor = described.get((participant, type_name)) or _described_by(
+            where, participant, type_name, session
+        )
+        described[participant, type_name] = descriptor
     operation = message_factory.GetMessageClass(descriptor)()
     fields = branch.get("operation", {})
     if not isinstance(fields, dict):
