@@ -76,10 +76,10 @@ def wal_sync_mode(participant: ParticipantConfig) -> str:
 def _not_for_a_service_of_ones_own(
     name: str, initial: str | None, environ: Mapping[str, str]
 ) -> str | None:
-    """What a service of one's own (not one of config.SERVICES, e.g. examples/loyalty) was
-    given that it would otherwise ignore without a word: --initial, which only the shipped
-    services' mains read, or a DTM_<NAME>_* variable, as a shipped service's name would have
-    it read, where its settings are [participant]'s."""
+    """What a service of one's own (whose name is none of config.SECTIONS, e.g.
+    examples/loyalty) was given that it would otherwise ignore without a word: --initial,
+    which only the shipped services' mains read, or a DTM_<NAME>_* variable, as a shipped
+    service's name would have it read, where its settings are [participant]'s."""
     if name in config.SECTIONS:
         return None
     if initial is not None:
