@@ -40,8 +40,8 @@ check-proto: $(STAMP)
 	$(PY) -m dtm.tools.genproto --check generated
 
 lint: $(STAMP) check-proto
-	$(VENV)/bin/ruff check dtm participants tests bench
-	$(VENV)/bin/ruff format --check dtm participants tests bench
+	$(VENV)/bin/ruff check dtm participants tests bench examples
+	$(VENV)/bin/ruff format --check dtm participants tests bench examples
 	$(VENV)/bin/mypy
 
 test: $(STAMP)
