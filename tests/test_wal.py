@@ -1020,6 +1020,111 @@ def test_async_logs_checkpoint_write_failure_is_fatal_for_every_waiter(
     assert payloads(reopen(tmp_path)) == [b"before"]  # the half-written checkpoint is dropped
 
 
+class _PausingCondition:
+    """A sync thread's condition that stops the thread before its `at`-th hold, until `go`:
+    a step of the loop thread's then runs between two holds of the thread's sync round."""
+
+    def __init__(self, condition: threading.Condition, at: int) -> None:
+        self._condition = condition
+        self._at = at
+        self._holds = 0
+        self.paused = threading.Event()
+        self.go = threading.Event()
+
+    def __enter__(self) -> bool:
+        if threading.current_thread().name == "dtm-wal-sync":
+            self._holds += 1
+            if self._holds == self._at:
+                self.paused.set()
+                self.go.wait(10)
+        return self._condition.__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._condition.__exit__(*exc_info)
+
+    def wait(self) -> bool:
+        return self._condition.wait()
+
+    def notify(self) -> None:
+        self._condition.notify()
+
+
+def _paused_at_the_second_hold() -> type[GroupCommitLog]:
+    """A GroupCommitLog whose sync thread stops before the second hold of its lock (`pause`):
+    its first hold waits for work, the second is the sync round's after it."""
+
+    class PausingLog(GroupCommitLog):
+        pause = _PausingCondition(threading.Condition(), at=2)  # replaced at construction
+
+        @property
+        def _wake(self) -> _PausingCondition:
+            return self.pause
+
+        @_wake.setter
+        def _wake(self, condition: threading.Condition) -> None:
+            type(self).pause = _PausingCondition(condition, at=2)
+
+    return PausingLog
+
+
+def test_group_commit_checkpoint_started_between_two_holds_of_a_sync_is_written_first(
+    tmp_path: Path,
+) -> None:
+    # The sync thread read "no checkpoint" in its first hold, then, in its second, began the
+    # sync of the records waited for: a checkpoint started between the two had its records
+    # held, and `_begin_sync` refused ("sync ... while a checkpoint is being written"), which
+    # failed the log (and left the waiters of that round waiting for ever).
+    log_class = _paused_at_the_second_hold()
+
+    async def run() -> None:
+        log, _ = log_class.open(tmp_path)
+        before = log.append(ENDED, b"before")
+        waiting = asyncio.create_task(log.wait_durable(before))
+        await asyncio.to_thread(log_class.pause.paused.wait, 10)
+        assert log_class.pause.paused.is_set()
+        checkpoint = asyncio.create_task(log.checkpoint([(CHECKPOINT, b"snapshot")]))
+        await asyncio.sleep(0)  # one step: the checkpoint is started (LSNs reserved)
+        assert log.appended_lsn == before + 3
+        log_class.pause.go.set()
+        await waiting
+        await checkpoint
+        after = await log.append_durable(ENDED, b"after")
+        assert log.durable_lsn == after
+        await log.close()
+
+    asyncio.run(run())
+    assert payloads(reopen(tmp_path)) == [b"snapshot", b"after"]
+
+
+def test_group_commit_sync_refused_by_a_failed_log_fails_its_waiters(tmp_path: Path) -> None:
+    # The sync thread took the waiters out of `_requested` before `_begin_sync`; when that
+    # raised (the log failed by an append's write meanwhile), `_fail` did not find them and
+    # they waited for ever.
+    log_class = _paused_at_the_second_hold()
+    fatal_messages: list[str] = []
+
+    def half_of_doomed(data: bytes) -> int | None:
+        return len(data) // 2 if b"doomed" in data else None
+
+    async def run() -> None:
+        log, _ = log_class.open(
+            tmp_path, file_system=FullDiskAt(half_of_doomed), on_fatal=fatal_messages.append
+        )
+        before = log.append(ENDED, b"before")
+        waiting = asyncio.create_task(log.wait_durable(before))
+        await asyncio.to_thread(log_class.pause.paused.wait, 10)
+        assert log_class.pause.paused.is_set()
+        with pytest.raises(LogFatalError, match="No space left on device"):
+            log.append(ENDED, b"doomed")
+        log_class.pause.go.set()
+        with pytest.raises(LogFatalError):
+            await asyncio.wait_for(waiting, 10)
+        await log.close()
+
+    asyncio.run(run())
+    assert len(fatal_messages) == 1
+
+
 @pytest.mark.parametrize("log_class", ASYNC_LOGS)
 def test_async_logs_close_cancelled_during_a_checkpoint_still_closes(
     tmp_path: Path, log_class: LogType

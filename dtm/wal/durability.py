@@ -286,9 +286,15 @@ class GroupCommitLog(_AsyncLog):
                 # records again, and a sync then is refused.
                 self._checkpoint = None
                 self._wal._finish_checkpoint(job)  # LogFatalError if the write failed
+            elif self._checkpoint is not None:
+                # Started since the first hold: its records are held and no sync may begin
+                # (`_begin_sync` refused, and failed the log). The next round writes it first;
+                # its sync covers these waiters, still in `_requested`.
+                return True
+            ticket = self._wal._begin_sync()
+            # Taken only now: had `_begin_sync` raised, `_fail` must still find them.
             generation = self._requested or _Generation()
             self._requested = None
-            ticket = self._wal._begin_sync()
             if not ticket.has_work and not generation.waiters:
                 return not self._closing
             self._in_flight = (ticket.target_lsn, generation)
