@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 
-from dtm.coordinator.engine import CoordinatorConfig, Engine, Left
+from dtm.coordinator.engine import CoordinatorConfig, Engine, Left, SubmitRejected
 from dtm.coordinator.ports import DecideItem, DecideResult, PrepareItem, PrepareResult
 from dtm.coordinator.registry import Registry
 from dtm.core.branch import HEURISTIC_HAZARD
@@ -389,6 +389,75 @@ def test_a_stop_counts_apart_what_the_log_resumes_and_the_one_phase_commits_it_c
         await eventually(prepared)
         assert Left(to_recovery=1, one_phase_unknown=1, presumed_aborted=0) == await engine.drain(0)
         one_phase.cancel()
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
+class _Manual(Registry):
+    """Participants "a" and "b" (two-phase only), whose calls the test answers: each Prepare
+    and Rollback is kept, by participant, with the callback that answers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("a", "b"):
+            self.put(coordinator_pb2.ParticipantInfo(name=name, address="127.0.0.1:1"))
+        self.prepares: list[tuple[str, PrepareItem]] = []
+        self.decides: list[tuple[str, DecideItem]] = []
+
+    def port(self, name: str) -> Any:
+        ports = self
+
+        class Port:
+            client = SimpleNamespace(incarnation="")  # not known: not checked
+
+            def prepare(self, item: PrepareItem) -> None:
+                ports.prepares.append((name, item))
+
+            def decide(self, item: DecideItem) -> None:
+                ports.decides.append((name, item))
+
+        return Port()
+
+
+def test_a_submit_that_waited_for_an_earlier_attempt_does_not_start_once_the_stop_ends_waits() -> (
+    None
+):
+    """A Submit waiting for the Rollbacks of an earlier attempt under its id (forgotten by a
+    window of 0) started its own attempt once they ended, after stop_waiting had aborted what
+    collected votes: its Prepares went out, nothing aborted it without a vote, and the server's
+    grace then cut its call off (UNAVAILABLE, "Cancelling all calls"), leaving what prepared in
+    doubt until the next start. It is refused as the coordinator stops, before any Prepare."""
+
+    async def scenario() -> None:
+        registry = _Manual()
+        engine = Engine(MemoryLog(), registry, CoordinatorConfig(finished_kept=0))
+        branches = [(name, any_pb2.Any()) for name in ("a", "b")]
+        first = asyncio.ensure_future(engine.submit("t-x", branches, 60_000, b"t-x"))
+
+        async def both_prepares_out() -> bool:
+            return len(registry.prepares) == 2
+
+        await eventually(both_prepares_out)
+        (_, a_prepare), (_, b_prepare) = registry.prepares
+        a_prepare.done(PrepareResult(Vote.REFUSED, "out of stock"))
+        b_prepare.done(PrepareResult(Vote.PREPARED, ""))
+        assert coordinator_pb2.OUTCOME_ABORTED == (await first).answer
+        [(_, b_rollback)] = registry.decides  # still out: the attempt settles when it ends
+        retry = asyncio.ensure_future(engine.submit("t-x", branches, 60_000, b"t-x"))
+        await asyncio.sleep(0)  # the retry waits for the first attempt's Rollback
+        assert not retry.done() and len(registry.prepares) == 2
+        engine.stop_waiting()  # the stop's grace runs out
+        b_rollback.done(DecideResult(ok=True))
+        try:
+            await asyncio.wait_for(retry, 10)
+        except SubmitRejected as refused:
+            assert refused.code is grpc.StatusCode.UNAVAILABLE, refused.code
+            assert "stopping" in str(refused), refused
+        else:
+            raise AssertionError("the retry ran an attempt while the coordinator stopped")
+        assert len(registry.prepares) == 2  # no Prepare of a new attempt went out
+        assert Left(0, 0, 0) == await engine.drain(0)
         await engine.close()
 
     asyncio.run(scenario())

@@ -316,6 +316,15 @@ class Engine:
                 grpc.StatusCode.UNAVAILABLE,
                 f"transaction id {transaction_id!r} is busy with other attempts; retry shortly",
             )
+        if self._stop_waiting:
+            # Reached after the waits above: stop_waiting has aborted what collected votes,
+            # and an attempt started now would get no vote before the server's grace cut its
+            # call off, leaving what prepared in doubt until the next start.
+            raise SubmitRejected(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the coordinator is stopping: nothing was run for transaction "
+                f"{transaction_id!r}; submit it again once the coordinator is back",
+            )
         if len(self.active) >= self.config.in_flight_max:
             raise self._in_flight_refusal()
         participants = [name for name, _ in branches]
