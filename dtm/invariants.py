@@ -29,7 +29,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -611,6 +611,10 @@ PAGE_SIZE = 10_000
 #: How many times a live check (`check_services(settled=False)`) reads the services again to
 #: confirm what its first read found broken: 2 more reads, each one whole read of the shop.
 LIVE_RECHECKS = 2
+#: How long `wait_until_settled` waits, by default.
+SETTLE_TIMEOUT_S = 15.0
+#: The deadline of each call of a read of the services, by default.
+READ_TIMEOUT_S = 5.0
 #: The repeated fields a list read's pages hold, appended page after page.
 _LISTED = ("levels", "orders", "accounts", "captures", "sent")
 _Page = TypeVar(
@@ -622,14 +626,30 @@ _Page = TypeVar(
 )
 
 
+class ServiceUnreadable(grpc.aio.AioRpcError):
+    """A read of one service failed: its gRPC error, naming the service, which the error alone
+    does not (the four are read at once). Still an AioRpcError, for callers that catch one."""
+
+    def __init__(self, service: str, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(
+            error.code(),
+            error.initial_metadata(),
+            # Typed as a tuple by grpc's stubs: it is the Metadata the error was made with.
+            cast(grpc.aio.Metadata, error.trailing_metadata()),
+            error.details(),
+            error.debug_error_string(),
+        )
+        self.service = service
+
+
 def _order_state(state: int) -> str:
     name: str = shop_pb2.OrderState.Name(state)
     return name.removeprefix("ORDER_STATE_")
 
 
-async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot:
-    """Read the four services' state concurrently. Raises grpc.aio.AioRpcError if one of them
-    does not answer: an unreadable service is not a consistent one."""
+async def read_snapshot(targets: Targets, *, timeout_s: float = READ_TIMEOUT_S) -> Snapshot:
+    """Read the four services' state concurrently. Raises ServiceUnreadable (an AioRpcError)
+    if one of them does not answer: an unreadable service is not a consistent one."""
     missing = [name for name in SERVICES if name not in targets]
     if missing:
         raise ValueError(f"no address for {', '.join(missing)}")
@@ -651,7 +671,10 @@ async def read_snapshot(targets: Targets, *, timeout_s: float = 5.0) -> Snapshot
         token = ""
         items = 0
         while True:  # bounded: ITEMS_MAX items, at least one a page
-            page = await fetch(token)
+            try:
+                page = await fetch(token)
+            except grpc.aio.AioRpcError as error:
+                raise ServiceUnreadable(what, error) from error
             listed = [getattr(page, name) for name in _LISTED if hasattr(page, name)]
             count = sum(map(len, listed))
             if merged is None:
@@ -781,7 +804,11 @@ def snapshot_from_pb(
 
 
 async def wait_until_settled(
-    targets: Targets, *, timeout_s: float = 15.0, poll_s: float = 0.1
+    targets: Targets,
+    *,
+    timeout_s: float = SETTLE_TIMEOUT_S,
+    poll_s: float = 0.1,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> Snapshot:
     """Poll until nothing is reserved, held, pending or staged, and two reads in a row show
     the same state; return that snapshot.
@@ -794,13 +821,13 @@ async def wait_until_settled(
 
     Settling is driven by the servers (phase-2 retries, participants' inquiries about in-doubt
     branches), which expose no event to wait on, hence the bounded poll. Raises TimeoutError
-    naming what is still in flight.
+    naming what is still in flight. `read_timeout_s`: the deadline of each call of a read.
     """
     deadline = time.monotonic() + timeout_s
     # The last read that showed nothing in flight, for the next to confirm.
     quiet: Snapshot | None = None
     while True:
-        snapshot = await read_snapshot(targets)
+        snapshot = await read_snapshot(targets, timeout_s=read_timeout_s)
         in_flight = snapshot.in_flight()
         if not in_flight and snapshot == quiet:
             return snapshot
@@ -820,16 +847,18 @@ async def check_services(
     settled: bool = True,
     lines_match_inventory: bool = True,
     initial: InitialState | None = None,
+    read_timeout_s: float = READ_TIMEOUT_S,
 ) -> Report:
     """Read the services and check every invariant over what they show.
 
     Not settled (a live cluster), what the first read shows broken is read again, up to
     LIVE_RECHECKS times: only what every read shows is a violation, the rest are suspects
-    (`confirm_live`). Settled, one read: it is final."""
+    (`confirm_live`). Settled, one read: it is final. `read_timeout_s`: the deadline of each
+    call of a read."""
 
     async def read() -> Report:
         return report(
-            await read_snapshot(targets),
+            await read_snapshot(targets, timeout_s=read_timeout_s),
             settled=settled,
             lines_match_inventory=lines_match_inventory,
             initial=initial,

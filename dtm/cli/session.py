@@ -34,9 +34,11 @@ EXIT_ERROR = 1
 #: configuration is refused (the file, a DTM_* variable, TLS files missing or not working),
 #: as every server exits on one.
 EXIT_USAGE = 2
-#: The command worked and the answer is "no": a transaction aborted, a participant unhealthy.
+#: The command worked and the answer is "no": a transaction aborted, a participant unhealthy,
+#: an invariant of the shop violated (`dtm check`).
 EXIT_NO = 3
-#: The outcome of a submitted transaction is unknown (see Outcome.OUTCOME_UNKNOWN).
+#: The outcome of a submitted transaction is unknown (see Outcome.OUTCOME_UNKNOWN), or whether
+#: the shop's invariants hold: `dtm check --settle` found it still busy at its deadline.
 EXIT_UNKNOWN = 4
 #: Refused as unsafe: `force` against the coordinator's decision, or `branches forget` of a
 #: forced branch the coordinator may still decide or has not yet recorded the heuristic of.
@@ -256,8 +258,12 @@ def rpc_error(
 ) -> CliError:
     """A CliError saying what failed and what to do about it (`timeout`: the call's deadline,
     when not --timeout)."""
-    code = error.code() if isinstance(error, grpc.Call) else None
-    details = error.details() if isinstance(error, grpc.Call) else str(error)
+    code: grpc.StatusCode | None = None
+    details: str | None = str(error)
+    # An asyncio call's error (`dtm check` reads the services with dtm.invariants) is no
+    # grpc.Call, but has the same code() and details().
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
+        code, details = error.code(), error.details()
     tls_hint = _tls_hint(details or "", what, session)
     if tls_hint is not None:
         return CliError(f"cannot reach {what} at {address}: {tls_hint} ({details})")
