@@ -12,6 +12,7 @@
     dtm branches                       every participant's branches
     dtm branches forget ID BRANCH ...  stop keeping a forced branch for its coordinator
     dtm trace ID                       one transaction across every process and its logs
+    dtm check                          the shop's invariants over the services' state now
     dtm force ID BRANCH ...            heuristic commit/rollback of an in-doubt branch
     dtm heuristics                     heuristic outcomes the coordinator keeps
     dtm heuristics forget ID BRANCH    stop reporting one, once it is reconciled

@@ -349,6 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     trace.register(commands, as_json, target)
 
+    # In its own module, which reads the four services with dtm.invariants.
+    from dtm.cli import check
+
+    check.register(commands, as_json)
+
     force = commands.add_parser(
         "force",
         parents=[as_json, holder],
