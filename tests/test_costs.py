@@ -26,7 +26,9 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
             counters = cluster.coordinator.engine.counters
 
             async def measure(
-                branches: list[coordinator_pb2.BranchRequest], settle_requests: int
+                branches: list[coordinator_pb2.BranchRequest],
+                settle_requests: int,
+                settle_messages: int,
             ) -> tuple[int, int, int, dict[str, int], int]:
                 requests, replies = counters.requests, counters.replies
                 forced = counters.forced_writes
@@ -34,8 +36,13 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
                 response = await cluster.submit(branches)
 
                 async def all_sent() -> bool:
-                    return counters.requests - requests >= settle_requests
+                    sent = counters.requests - requests
+                    return sent >= settle_requests and (
+                        sent + counters.replies - replies >= settle_messages
+                    )
 
+                # The table's messages, replies included (a loaded machine counted a commit's
+                # last acks after a fixed wait); then a moment for any beyond the table.
                 await eventually(all_sent)
                 await asyncio.sleep(0.05)  # nothing further may arrive
                 return (
@@ -48,7 +55,7 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
 
             # commit, N = U = 4: 2N + 2U messages, 1 forced coordinator write, 2 per participant
             messages, forced, outcome, per_participant, _ = await measure(
-                order_branches("o-c", [("sku-apple", 1)]), settle_requests=8
+                order_branches("o-c", [("sku-apple", 1)]), settle_requests=8, settle_messages=16
             )
             assert coordinator_pb2.OUTCOME_COMMITTED == outcome
             assert 2 * 4 + 2 * 4 == messages
@@ -60,6 +67,7 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
             messages, forced, outcome, per_participant, requests = await measure(
                 order_branches("o-a", [("sku-apple", 1)], account="acct-blocked"),
                 settle_requests=7,
+                settle_messages=11,
             )
             assert coordinator_pb2.OUTCOME_ABORTED == outcome
             assert 2 * 4 + 3 == messages
@@ -69,7 +77,9 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
 
             # all read-only: 2N messages, nothing forced anywhere
             messages, forced, outcome, per_participant, _ = await measure(
-                [read_only_branch("check-a"), read_only_branch("check-b")], settle_requests=2
+                [read_only_branch("check-a"), read_only_branch("check-b")],
+                settle_requests=2,
+                settle_messages=4,
             )
             assert coordinator_pb2.OUTCOME_COMMITTED == outcome
             assert 2 * 2 == messages
@@ -78,7 +88,9 @@ def test_presumed_abort_costs_match_the_table(tmp_path: Path) -> None:
 
             # one participant: one-phase commit, 2 messages, no coordinator write, 1 forced
             messages, forced, outcome, per_participant, _ = await measure(
-                order_branches("o-1", [("sku-apple", 1)])[:1], settle_requests=1
+                order_branches("o-1", [("sku-apple", 1)])[:1],
+                settle_requests=1,
+                settle_messages=2,
             )
             assert coordinator_pb2.OUTCOME_COMMITTED == outcome
             assert 2 == messages
