@@ -1,5 +1,6 @@
 """The short chaos run of `make test`: the crash matrix at its key points and a few random
-SIGKILLs under load, over real processes (dtm.chaos), with zero violations allowed; and proof
+SIGKILLs under load, over real processes (dtm.chaos), some of them with services served unary
+calls, with zero violations allowed; and proof
 that the run checker does report a violation when the services contradict a client.
 """
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import random
 from collections import Counter
 from pathlib import Path
@@ -60,10 +62,9 @@ def key_cells() -> list[Cell]:
 def test_key_crash_points_and_random_kills_lose_nothing(tmp_path: Path) -> None:
     cells = key_cells()
     assert len(cells) >= 20
-    planned: list[tuple[Cell | None, int]] = [
-        (cell, SEED + number) for number, cell in enumerate(cells)
-    ]
-    planned += [(None, SEED + len(cells) + number) for number in range(KILL_RUNS)]
+    # Run i of the cells has seed SEED + i, then the random-kill runs; each kind grouped by
+    # how its services start (a few unary, a few mixed: `unary_services`).
+    planned = chaos.plan(len(cells), KILL_RUNS, SEED, cells)
 
     async def scenario() -> tuple[list[RunResult], RunResult]:
         session = Session(tmp_path)
@@ -102,6 +103,11 @@ def test_key_crash_points_and_random_kills_lose_nothing(tmp_path: Path) -> None:
     assert {r.cell.point for r in crashed if r.cell} >= set(KEY_COORDINATOR_POINTS)
     kill_runs = [r for r in results if r.cell is None]
     assert sum(sum(r.kills.values()) for r in kill_runs) >= 1
+    # The coordinator's unary port and the services' unary handlers, under crashes too (each
+    # run's check saw every service registered as it was started: check_participant_modes).
+    unary = [r for r in results if r.unary == frozenset(SERVICES)]
+    assert any(r.target == "crashed" and r.committed for r in unary), [r.line(1) for r in unary]
+    assert any(r.unary and r not in unary for r in results)
     assert sum(r.committed for r in results) > 0
     assert sum(r.aborted for r in results) > 0
 
@@ -363,15 +369,10 @@ def test_after_the_late_retries_each_order_shows_the_outcome_it_has_now() -> Non
 def test_late_retry_runs_come_last_and_replay_alone() -> None:
     cells = chaos.matrix()
     planned = chaos.plan(3, 2, 10, cells, late_runs=2)
-    assert [
-        (cells[0], 10),
-        (cells[1], 11),
-        (cells[2], 12),
-        (None, 13),
-        (None, 14),
-        (chaos.LATE, 15),
-        (chaos.LATE, 16),
-    ] == planned
+    # The matrix runs, then the random-kill runs, each kind grouped by how its services start.
+    assert {(cells[0], 10), (cells[1], 11), (cells[2], 12)} == set(planned[:3])
+    assert {(None, 13), (None, 14)} == set(planned[3:5])
+    assert [(chaos.LATE, 15), (chaos.LATE, 16)] == planned[5:]
     assert (chaos.LATE, 15) == chaos.parse_replay("late:15", cells)
     assert "python -m dtm.chaos --replay late:15" == RunResult(0, chaos.LATE, 15).replay
 
@@ -450,6 +451,56 @@ def test_every_cell_gets_every_crash_mode_whatever_the_number_of_cells() -> None
         assert {(False, False), (True, False), (True, True)} == modes, cell
 
 
+# ---- participants served unary calls ----
+
+
+def test_a_seeded_share_of_runs_starts_its_services_unary_and_replays_so() -> None:
+    cells = chaos.matrix()
+    planned = chaos.plan(200, 100, 1, cells, late_runs=3, soaks=1)
+    modes = [chaos.participants_text(chaos.unary_services(*run)) for run in planned]
+    matrix_modes = modes[:200]
+    kill_modes = modes[200:300]
+    for share in (matrix_modes, kill_modes):
+        unary = share.count("unary")
+        mixed = sum(mode.startswith("mixed") for mode in share)
+        # PARTICIPANTS_UNARY_SHARE 1 in 5, PARTICIPANTS_MIXED_SHARE 1 in 10 (seeded draws)
+        assert 0.1 <= unary / len(share) <= 0.3, share
+        assert 0.03 <= mixed / len(share) <= 0.2, share
+    assert {"batched"} == set(modes[300:]), "late-retry and soak runs batch"
+    # Drawn per run, not by parity: both parities of seed get each mode.
+    for mode in ("unary", "batched"):
+        parities = {seed % 2 for (_, seed), m in zip(planned, modes, strict=True) if m == mode}
+        assert {0, 1} == parities, mode
+    # Runs of one mode run one after another: a switch restarts services.
+    switches = sum(a != b for a, b in itertools.pairwise(matrix_modes))
+    assert switches == len(set(matrix_modes)) - 1
+    assert kill_modes[0] == matrix_modes[-1] == "unary"  # no switch between the two kinds
+    # A run's replay line draws the same mode, and its line and report say which.
+    for run in planned[:300]:
+        cell, seed = run
+        kind = "kill" if cell is None else "matrix"
+        result = RunResult(1, kind, seed, cell=cell, unary=chaos.unary_services(*run))
+        replayed = chaos.parse_replay(result.replay.split("--replay ")[1], cells)
+        assert result.unary == chaos.unary_services(*replayed)
+        if result.unary == frozenset(SERVICES):
+            assert "participants unary;" in result.line(1)
+        elif not result.unary:
+            assert "participants" not in result.line(1)
+
+
+def test_a_service_registered_otherwise_than_the_run_started_it_is_a_violation() -> None:
+    batching = {name: name != "payment" for name in SERVICES}
+    assert [] == chaos.check_participant_modes({"payment"}, batching)
+    assert [] == chaos.check_participant_modes(set(SERVICES), dict.fromkeys(SERVICES, False))
+    found = chaos.check_participant_modes(set(), batching)
+    assert 1 == len(found)
+    assert "payment was started without --no-batch but registered batch = false" in found[0]
+    missing = {name: True for name in SERVICES if name != "orders"}
+    assert ["participants: orders is not registered at the coordinator"] == (
+        chaos.check_participant_modes(set(), missing)
+    )
+
+
 # ---- the nemesis: a process that died on its own is reported, not counted as a kill ----
 
 
@@ -518,8 +569,12 @@ def fake_session(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dead: str) -> 
     async def no_check(self: Session, cluster: object, result: RunResult) -> None:
         pass
 
+    async def no_switch(self: Session, cluster: object, unary: frozenset[str]) -> None:
+        pass  # the stand-in has no services to restart unary
+
     monkeypatch.setattr(chaos_session, "OrderClient", CommittingClient)
     monkeypatch.setattr(Session, "check", no_check)
+    monkeypatch.setattr(Session, "switch_participants", no_switch)
     session = Session(tmp_path)
     session.cluster = DeadOnItsOwnCluster(dead)  # type: ignore[assignment]
     return session

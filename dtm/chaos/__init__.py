@@ -24,6 +24,15 @@ loopback ports (`dtm.cluster.Cluster`, reused from run to run while it stays hea
   (FAULT_MODE_DOWN) during the first part of that wave. The coordinator no longer knows any of
   them: the participants' records answer (`check_late_retry`).
 
+Participants served unary calls: a seeded share of the crash-matrix and random-kill runs
+(drawn per run, `unary_services`: 1 in 5 with all four services, 1 in 10 with one of them)
+start the services with `[participant] batch = false` (--no-batch), so that they register
+without the batch capability: the coordinator calls them one Prepare, Commit or Rollback per
+branch (its unary port), and their logs fsync on a sync thread (wal_sync "auto"). Runs of one
+mode run one after another (a switch restarts services); the run's line says "participants
+unary" or "participants mixed (payment unary)", its check fails if a service registered
+otherwise, and its replay starts the services the same way.
+
 After every run, once everything has healed and settled:
 
 * every invariant of design/reliability.md holds over the services' state (`dtm.invariants`);
@@ -79,12 +88,14 @@ from dtm.chaos.checks import (
     check_client_outcomes,
     check_late_retry,
     check_ledger,
+    check_participant_modes,
     check_retry,
     learned_outcome,
     orders_by_id,
     read_branch_states,
 )
 from dtm.chaos.command import (
+    by_participants,
     main,
     parse_replay,
     plan,
@@ -92,7 +103,9 @@ from dtm.chaos.command import (
 from dtm.chaos.matrix import (
     Cell,
     matrix,
+    participants_text,
     run_modes,
+    unary_services,
 )
 from dtm.chaos.orders import (
     ClientRecord,
@@ -135,12 +148,14 @@ __all__ = [
     "Session",
     "abort_records",
     "branches_of",
+    "by_participants",
     "check_after_late_retries",
     "check_branch_outcomes",
     "check_branches_kept",
     "check_client_outcomes",
     "check_late_retry",
     "check_ledger",
+    "check_participant_modes",
     "check_retry",
     "latency_summary",
     "learned_outcome",
@@ -149,8 +164,10 @@ __all__ = [
     "never_reached",
     "orders_by_id",
     "parse_replay",
+    "participants_text",
     "plan",
     "print_violation",
     "read_branch_states",
     "run_modes",
+    "unary_services",
 ]

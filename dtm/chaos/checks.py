@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 
 from dtm import invariants
+from dtm.chaos.matrix import (
+    participants_text,
+)
 from dtm.chaos.orders import (
     ClientRecord,
 )
 from dtm.chaos.settings import (
     ABORTED,
     COMMITTED,
+    UNARY_FLAG,
 )
-from dtm.cluster import Cluster
+from dtm.cluster import SERVICES, Cluster
 from dtm.limits import LIST_TRANSACTIONS_LIMIT_MAX
 from dtm.orderflow import SubmitResult, charges_payment
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2, participant_pb2_grpc
@@ -205,6 +209,33 @@ async def read_heuristics(cluster: Cluster) -> list[str]:
         f"heuristic outcome at {h.participant} for {h.transaction_id}: {h.outcome}"
         for h in listed.heuristics
     ]
+
+
+async def read_batching(cluster: Cluster) -> dict[str, bool]:
+    """Each registered participant: whether it declared the batch capability (the coordinator
+    then calls it with Exchange, else with one unary call per branch), as the coordinator
+    lists it."""
+    async with grpc.aio.insecure_channel(cluster.coordinator_address) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        listed = await stub.ListParticipants(coordinator_pb2.ListParticipantsRequest(), timeout=10)
+    return {info.name: info.capabilities.batch for info in listed.participants}
+
+
+def check_participant_modes(unary: Collection[str], batching: Mapping[str, bool]) -> list[str]:
+    """Every service is registered as the run started it (`unary`: without the batch
+    capability): otherwise the run did not test the path its line names."""
+    violations: list[str] = []
+    for name in SERVICES:
+        if name not in batching:
+            violations.append(f"participants: {name} is not registered at the coordinator")
+        elif batching[name] == (name in unary):
+            started = f"with {UNARY_FLAG}" if name in unary else f"without {UNARY_FLAG}"
+            violations.append(
+                f"participants: {name} was started {started} but registered batch = "
+                f"{str(batching[name]).lower()}: the run ({participants_text(unary)}) did not "
+                "take the path it says"
+            )
+    return violations
 
 
 def check_ledger(ledger: Mapping[str, bool], snapshot: invariants.Snapshot) -> list[str]:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from dtm import crashpoints
+from dtm.chaos.settings import PARTICIPANTS_MIXED_SHARE, PARTICIPANTS_UNARY_SHARE
 from dtm.cluster import COORDINATOR, PROCESSES, SERVICES
 
 
@@ -63,6 +64,33 @@ def run_modes(cell: Cell, seed: int) -> tuple[bool, bool]:
     modes = random.Random(f"chaos-modes:{cell}:{seed}")
     loses = modes.random() < 0.5
     return loses, loses and modes.random() < 0.5
+
+
+def unary_services(cell: Cell | str | None, seed: int) -> frozenset[str]:
+    """The services a run starts with `[participant] batch = false` (settings.UNARY_FLAG): all
+    four in PARTICIPANTS_UNARY_SHARE of the crash-matrix (`cell` a Cell) and random-kill
+    (`cell` None) runs, one of them in PARTICIPANTS_MIXED_SHARE, none otherwise, and none in a
+    late-retry or soak run. Drawn per (cell, seed), like `run_modes`, so a replay of the run
+    starts its services as the run did."""
+    if cell is not None and not isinstance(cell, Cell):
+        return frozenset()
+    draws = random.Random(f"chaos-participants:{cell if cell is not None else 'kill'}:{seed}")
+    roll = draws.random()
+    if roll < PARTICIPANTS_UNARY_SHARE:
+        return frozenset(SERVICES)
+    if roll < PARTICIPANTS_UNARY_SHARE + PARTICIPANTS_MIXED_SHARE:
+        return frozenset({draws.choice(SERVICES)})
+    return frozenset()
+
+
+def participants_text(unary: Collection[str]) -> str:
+    """How a run's services were reached: "batched", "unary" (all four), or "mixed (payment
+    unary)"."""
+    if not unary:
+        return "batched"
+    if set(unary) >= set(SERVICES):
+        return "unary"
+    return f"mixed ({', '.join(sorted(unary))} unary)"
 
 
 def crash_count(point: str, ok_orders: int, aborting_orders: int, rng: random.Random) -> int:

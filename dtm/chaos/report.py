@@ -14,6 +14,9 @@ from dtm.chaos.checks import (
     LATE_COMMITTED,
     LATE_RERUN,
 )
+from dtm.chaos.matrix import (
+    participants_text,
+)
 from dtm.chaos.result import (
     RunResult,
 )
@@ -31,6 +34,8 @@ def print_violation(result: RunResult) -> None:
     what = f"point {result.crash_at} in {result.cell.component}" if result.cell else "kill run"
     if result.kind == LATE:
         what = "late-retry run"
+    if result.unary:
+        what += f", participants {participants_text(result.unary)}"
     print(f"  !! run {result.index}: {what}, seed {result.seed}")
     for violation in result.violations:
         print(f"     VIOLATION {violation}")
@@ -86,6 +91,7 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
         print(f"  {key:<{width}} " + " ".join(f"{value:>10}" for value in row[:6]))
     cut = sum(r.loses_unsynced and r.target == "crashed" for r in results)
     print(f"  crashes that also lost their unsynced log writes (as a power loss): {cut}")
+    print_participant_modes(results)
     late_runs = [r for r in results if r.kind == LATE]
     if late_runs:
         late: Counter[str] = Counter()
@@ -119,6 +125,22 @@ def print_summary(results: Sequence[RunResult], elapsed_s: float) -> None:
     print(
         f"  orders: {committed} committed, {aborted} aborted, {unknown} unknown (each retried); "
         f"{len(results)} runs in {elapsed_s:.0f} s ({elapsed_s / max(1, len(results)):.1f} s/run)"
+    )
+
+
+def print_participant_modes(results: Sequence[RunResult]) -> None:
+    """How many runs called some services unary (`unary_services`), and what came of them."""
+    unary = [r for r in results if participants_text(r.unary) == "unary"]
+    mixed = [r for r in results if participants_text(r.unary).startswith("mixed")]
+    both = unary + mixed
+    crashed = sum(r.target == "crashed" for r in both)
+    kills = sum(sum(r.kills.values()) for r in both if r.cell is None)
+    print(
+        f"  participants unary (batch = false: one Prepare, Commit or Rollback call per "
+        f"branch, fsync on a sync thread): {len(unary)} runs, and {len(mixed)} mixed runs "
+        f"(one service unary); in them {crashed} crashes at a point, {kills} random SIGKILLs, "
+        f"{sum(r.committed for r in both)} orders committed, "
+        f"{sum(len(r.violations) for r in both)} violations"
     )
 
 

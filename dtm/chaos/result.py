@@ -16,6 +16,7 @@ from dtm.chaos.checks import (
 )
 from dtm.chaos.matrix import (
     Cell,
+    participants_text,
 )
 from dtm.chaos.orders import (
     ClientRecord,
@@ -40,6 +41,9 @@ class RunResult:
     loses_unsynced: bool = False
     #: The target's group commit while armed (dtm.wal.async_log): "loop", or "thread".
     wal_sync: str = "loop"
+    #: The services started with `[participant] batch = false` (`unary_services`): the
+    #: coordinator called them unary; empty: every one batched.
+    unary: frozenset[str] = frozenset()
     #: "crashed" (status 86), "not reached", or what else happened to the target.
     target: str = ""
     kills: Counter[str] = field(default_factory=Counter)
@@ -121,6 +125,8 @@ class RunResult:
             title = _TITLES.get(self.kind, "random SIGKILL under load")
             what = f"{title:<40} {'-':<12} seed {self.seed:<6}"
             what += f" kills: {kills or 'none'};"
+        if self.unary:
+            what += f" participants {participants_text(self.unary)};"
         retried = self.retried
         retry = ""
         if retried:

@@ -27,9 +27,11 @@ from dtm.chaos.checks import (
     check_client_outcomes,
     check_late_retry,
     check_ledger,
+    check_participant_modes,
     check_retry,
     learned_outcome,
     orders_by_id,
+    read_batching,
     read_branch_states,
     read_heuristics,
     remembered_transactions,
@@ -39,6 +41,7 @@ from dtm.chaos.matrix import (
     Cell,
     crash_count,
     run_modes,
+    unary_services,
 )
 from dtm.chaos.orders import (
     ClientRecord,
@@ -97,6 +100,7 @@ from dtm.chaos.settings import (
     SOAK_FAULT_EVERY_S,
     SUBMIT_TIMEOUT_S,
     TRANSACTION_TIMEOUT_MS,
+    UNARY_FLAG,
 )
 from dtm.cluster import (
     COORDINATOR,
@@ -109,6 +113,19 @@ from dtm.cluster import (
 )
 from dtm.orderflow import OrderClient, SubmitResult
 from dtmpb.v1 import coordinator_pb2, participant_pb2
+
+
+def participant_args(unary: bool) -> list[str]:
+    """A service's arguments in a chaos cluster, at every start of it; with UNARY_FLAG when it
+    serves unary calls."""
+    args = ["--in-doubt-after-ms", str(IN_DOUBT_AFTER_MS)]
+    args += ["--checkpoint-every-records", str(CHECKPOINT_EVERY_RECORDS)]
+    return [*args, UNARY_FLAG] if unary else args
+
+
+def served_unary(cluster: Cluster) -> frozenset[str]:
+    """The services of `cluster` that every start of them makes serve unary calls."""
+    return frozenset(name for name in SERVICES if UNARY_FLAG in cluster.extra_args.get(name, ()))
 
 
 class Session:
@@ -129,10 +146,9 @@ class Session:
 
     # ---- the cluster ----
 
-    def _new_cluster(self, late: bool = False) -> Cluster:
+    def _new_cluster(self, late: bool = False, unary: frozenset[str] = frozenset()) -> Cluster:
         self.clusters_started += 1
         checkpoints = ["--checkpoint-every-records", str(CHECKPOINT_EVERY_RECORDS)]
-        participant_args = ["--in-doubt-after-ms", str(IN_DOUBT_AFTER_MS), *checkpoints]
         coordinator_args = list(checkpoints)
         if late:
             # Every start of it, restarts included: its checkpoints keep the same window.
@@ -146,18 +162,24 @@ class Session:
             transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
             extra_args={
                 COORDINATOR: coordinator_args,
-                **{name: participant_args for name in SERVICES},
+                **{name: participant_args(name in unary) for name in SERVICES},
             },
         )
 
-    async def ensure_cluster(self, late: bool = False) -> Cluster:
-        """The cluster for a run: the late-retry runs have their own (see _new_cluster)."""
+    async def ensure_cluster(
+        self, late: bool = False, unary: frozenset[str] | None = None
+    ) -> Cluster:
+        """The cluster for a run: the late-retry runs have their own (see _new_cluster). Its
+        services in `unary` serve unary calls (`unary_services`), the others batch; None:
+        as they are (a new cluster's batch)."""
         if self.cluster is not None and self.orders_on_cluster >= CLUSTER_ORDERS_MAX:
             await self.drop_cluster()
         if self.cluster is not None and self.cluster_late != late:
             await self.drop_cluster()
+        if self.cluster is not None and unary is not None:
+            await self.switch_participants(self.cluster, unary)
         if self.cluster is None:
-            cluster = self._new_cluster(late)
+            cluster = self._new_cluster(late, unary or frozenset())
             await asyncio.to_thread(cluster.start)
             self.cluster = cluster
             self.cluster_late = late
@@ -165,6 +187,24 @@ class Session:
             self.heuristics_reported = set()
             self.orders_on_cluster = 0
         return self.cluster
+
+    async def switch_participants(self, cluster: Cluster, unary: frozenset[str]) -> None:
+        """Restart the services that do not serve as `unary` says with the flag that makes
+        them (the next run's mode; between runs, so nothing is in flight), and wait until
+        they registered again: with their capabilities, which the coordinator's port for
+        each follows."""
+        changing = [name for name in SERVICES if (name in unary) != (name in served_unary(cluster))]
+        if not changing:
+            return
+        for name in changing:
+            cluster.extra_args[name] = participant_args(name in unary)
+
+        def restart() -> None:
+            for name in changing:
+                cluster.terminate(name)
+            cluster.start()
+
+        await asyncio.to_thread(restart)
 
     async def drop_cluster(self) -> None:
         """Stop the cluster; the next run starts a fresh one (after a violation, or when it
@@ -311,6 +351,7 @@ class Session:
         result.violations += check_ledger(self.ledger, snapshot)
         try:
             states = await read_branch_states(cluster)
+            result.violations += check_participant_modes(result.unary, await read_batching(cluster))
             # The coordinator keeps a heuristic until an operator forgets it: report it once,
             # in the run that made it, not in every later run on this cluster.
             heuristics = await read_heuristics(cluster)
@@ -340,8 +381,9 @@ class Session:
 
     async def matrix_run(self, index: int, cell: Cell, seed: int) -> RunResult:
         result = RunResult(index=index, kind="matrix", seed=seed, cell=cell)
+        result.unary = unary_services(cell, seed)
         rng = random.Random(f"chaos:{cell}:{seed}")
-        cluster = await self.ensure_cluster()
+        cluster = await self.ensure_cluster(unary=result.unary)
         result.mark("cluster")
         target = cell.component
         # Estimate the burst's mix to choose a count it is likely to reach.
@@ -359,6 +401,8 @@ class Session:
             section = "coordinator" if target == COORDINATOR else "participant"
             armed[config.environment_variable(section, "wal_sync")] = "thread"
             result.wal_sync = "thread"
+        elif target in result.unary:
+            result.wal_sync = "thread"  # "auto" of a participant that serves unary calls
         if cell.during_recovery:
             # Something to recover: SIGKILL the target mid-burst, then restart it armed.
             kill_after = rng.uniform(0.0, BURST_SPREAD_S + 0.1)
@@ -408,15 +452,15 @@ class Session:
         return result
 
     async def kill_run(self, index: int, seed: int) -> RunResult:
-        result = RunResult(index=index, kind="kill", seed=seed)
-        cluster = await self.ensure_cluster()
+        result = RunResult(index=index, kind="kill", seed=seed, unary=unary_services(None, seed))
+        cluster = await self.ensure_cluster(unary=result.unary)
         await self.load_under_kills(cluster, result, f"chaos:kill:{seed}")
         await self.check(cluster, result)
         return result
 
     async def soak_run(self, index: int, seed: int, seconds: float) -> RunResult:
         result = RunResult(index=index, kind=SOAK, seed=seed, soak_s=seconds)
-        cluster = await self.ensure_cluster()
+        cluster = await self.ensure_cluster(unary=result.unary)  # batched
         await self.load_under_kills(
             cluster,
             result,
@@ -739,6 +783,7 @@ class Session:
         else:
             kind = cell if cell in (LATE, SOAK) else "kill"
             result = RunResult(index=index, kind=str(kind), seed=seed)
+        result.unary = unary_services(cell, seed)  # what a failure before the run's own says
         timeout_s = RUN_TIMEOUT_S
         try:
             if isinstance(cell, Cell):

@@ -41,6 +41,18 @@ RUN_TIMEOUT_S = 120.0
 #: full state after each run stays cheap.
 CLUSTER_ORDERS_MAX = 10_000
 
+# Participants served unary calls: a run's services may start with `[participant] batch =
+# false` (UNARY_FLAG), so that they register without the batch capability and the coordinator
+# sends them one Prepare, Commit or Rollback per branch (its unary port, the plain contract's
+# path), and their logs fsync on a sync thread (wal_sync "auto"). Drawn per crash-matrix and
+# random-kill run (`unary_services`): this share of them with all four services unary, and
+# this share with one of them unary (mixed: Exchange to three, unary calls to one, in the same
+# transactions). Runs of one mode run one after another (`plan`): a switch restarts services.
+PARTICIPANTS_UNARY_SHARE = 0.2
+PARTICIPANTS_MIXED_SHARE = 0.1
+#: The services' flag (the configuration key `batch`) that leaves the capability out.
+UNARY_FLAG = "--no-batch"
+
 # Random SIGKILL runs
 LOAD_S = 2.0
 LOAD_CLIENTS = 4
