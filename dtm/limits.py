@@ -34,7 +34,7 @@ ANSWER_BYTES_MAX = MESSAGE_BYTES_MAX - 64 * 1024
 REPEATED_ELEMENT_FRAMING_BYTES = 6
 BRANCHES_PER_TRANSACTION_MAX = 32
 OPERATION_BYTES_MAX = 64 * 1024
-# An operation's type URL ("type.googleapis.com/dtmpb.shop.v1.ReserveStock"): ASCII, and far
+# An operation's type URL ("type.googleapis.com/dtm.v1.ReserveStock"): ASCII, and far
 # longer than any real one. Unbounded, it made an operation as large as the whole request.
 TYPE_URL_CHARS_MAX = 512
 # Transactions in one SubmitBatch call. Its answer must fit MESSAGE_BYTES_MAX too: 256 answers
