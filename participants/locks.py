@@ -339,15 +339,20 @@ class LockManager:
         self._pinned.add(owner)
         # A new cycle starts with a wait of a branch of the transaction: none, no search (the
         # usual case, one branch per transaction here, costs no pass over any queue).
-        transaction = self._transaction_by_owner[owner]
-        if not any(self._waits(branch) for branch in self._branches_of(transaction)):
+        if not self._waits(self._transaction_by_owner[owner]):
             return
         while (hops := self._search(owner)) is not None:
             self._refuse_wait(owner, hops)
 
-    def _waits(self, owner: str) -> bool:
-        """Whether `owner` has a request queued."""
-        return any(owner in self._locks[resource].waiting for resource in self._resources_of[owner])
+    def _waits(self, transaction: str) -> bool:
+        """Whether a branch of `transaction` has a request queued. Plain loops over the
+        unsorted index: this runs at every PREPARED vote (`pin`), where sorting the branches
+        and two nested generators were half of the pin's cost."""
+        for branch in self._branches[transaction]:
+            for resource in self._resources_of[branch]:
+                if branch in self._locks[resource].waiting:
+                    return True
+        return False
 
     def _refuse_wait(self, pinned: str, hops: list[_Hop]) -> None:
         """Refuse the wait that `hops`, a cycle from pinned branch `pinned`'s transaction back
