@@ -330,9 +330,9 @@ class BranchEngine:
                 self.counters.refused += 1
                 raise
             branch, actions = Branch.on_first_message(
-                transaction_id, index, core.PrepareRequested(one_phase)
+                transaction_id, index, core.PREPARE_REQUESTED[one_phase]
             )
-            assert branch is not None and [core.RunPrepare(one_phase)] == actions
+            assert branch is not None and [core.RUN_PREPARE[one_phase]] == actions
             info = self._track(branch, fingerprint)
             self._packed[key] = operation  # logged as received: no second serialization
             requests = bug or self._lock_requests(key, decoded)
@@ -350,7 +350,7 @@ class BranchEngine:
             self._start_prepare(info, decoded, requests, lock_wait_s)
             return asyncio.shield(self._pending[key])
         branch = info.branch
-        duplicate = self._execute(info, branch.handle(core.PrepareRequested(one_phase)))
+        duplicate = self._execute(info, branch.handle(core.PREPARE_REQUESTED[one_phase]))
         if isinstance(duplicate, core.ReplyVote):
             return duplicate.vote, duplicate.reason
         pending = self._pending.get(key)
@@ -950,7 +950,7 @@ class BranchEngine:
         if isinstance(outcome, Prepared):
             self._applied.add(branch.key)
             self._operations[branch.key] = operation
-            event = core.PrepareVoted(BranchVote.PREPARED)
+            event = core.PREPARE_VOTED
         elif isinstance(outcome, ReadOnly):
             event = core.PrepareVoted(BranchVote.READ_ONLY)
         else:
