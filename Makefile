@@ -7,7 +7,7 @@ PROTOS := $(wildcard protos/dtmpb/v1/*.proto)
 DATA_DIR ?= .dtm-data
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help demo test test-fast lint proto check-proto up down status chaos chaos-soak chaos-fault-soak bench bench-soak bench-plot certs clean
+.PHONY: help demo test test-fast lint proto check-proto up down status chaos chaos-soak chaos-fault-soak bench bench-soak bench-plot bench-participant certs clean
 
 help:
 	@echo "make demo        run the whole order flow end to end (starts and stops its own servers)"
@@ -23,6 +23,7 @@ help:
 	@echo "make bench       benchmark against same-run baselines (quick mode, ~30 s)"
 	@echo "make bench-soak  3-minute run: coordinator memory and log size over 100,000+ transactions"
 	@echo "make bench-plot  a small sweep over clients and participants, drawn to bench/results/"
+	@echo "make bench-participant  a participant's CPU per branch on Exchange, in process (~15 s)"
 	@echo "make certs       generate a local test CA and mTLS certificates into certs/"
 
 $(STAMP): pyproject.toml
@@ -82,6 +83,12 @@ bench: $(STAMP)
 bench-soak: $(STAMP)
 	$(PY) -m bench.run --no-baselines --warmup 5 --duration $${SOAK_S:-180} \
 		--results-dir bench/results/soak $(BENCH_ARGS)
+
+# One participant's CPU per branch on the Exchange path, in process (no gRPC, no other
+# process): BENCH_ARGS="--service orders --against DIR" compares with another checkout in
+# interleaved pairs.
+bench-participant: $(STAMP)
+	$(PY) -m bench.participant_micro $(BENCH_ARGS)
 
 bench-plot: $(STAMP)
 	@$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'

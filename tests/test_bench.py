@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bench import baselines, checks, footprint, hooks, measure, plot, report, run
+from bench import baselines, checks, footprint, hooks, measure, participant_micro, plot, report, run
 from bench.baselines import BaselineResult, fsync_p50_ms, measure_naive, measure_unary
 from bench.checks import ClientView
 from bench.harness import CLIENTS_PER_CHANNEL, LoadSpec, channel_of, drive
@@ -1431,3 +1431,17 @@ def test_footprint_summary_measures_growth_over_the_second_half() -> None:
     text = report.format_table(fake_results(baselines=False, samples=samples))
     assert "RSS 50.0 MB at the first sample, 94.0 at half" in text
     assert "coordinator footprint" not in report.format_table(fake_results(baselines=False))
+
+
+def test_participant_micro_runs_every_service_with_every_prepare_voted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """make bench-participant: each service's calls (two, the second carrying the first's
+    commits) are answered PREPARED (the harness asserts it) and a figure is printed."""
+    small = ["--rounds", "1", "--warmup", "0", "--calls", "2", "--batch", "3"]
+    participant_micro.main([*small, "--data-dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert ["inventory", "orders", "payment", "notification"] == [
+        line.split(":")[0] for line in lines
+    ]
+    assert all("us of CPU per branch" in line for line in lines), lines
