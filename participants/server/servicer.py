@@ -88,15 +88,16 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             )
         except IdReused as error:
             return _id_reused(error)
-        self.log.debug(
-            "prepare answered",
-            txn=request.transaction_id,
-            branch=request.branch,
-            vote=vote.value,
-            reason=reason,
-            one_phase=request.one_phase,
-            ms=round((time.perf_counter() - started) * 1000, 3),
-        )
+        if logs.debug_enabled():  # the unary path's every call: no arguments built for nothing
+            self.log.debug(
+                "prepare answered",
+                txn=request.transaction_id,
+                branch=request.branch,
+                vote=vote.value,
+                reason=reason,
+                one_phase=request.one_phase,
+                ms=round((time.perf_counter() - started) * 1000, 3),
+            )
         return _vote_pb(vote, reason, request.one_phase)
 
     async def Prepare(
@@ -121,9 +122,12 @@ class ParticipantServicer(participant_pb2_grpc.ParticipantServicer):
             await self.engine.commit(transaction_id, branch, fingerprint)
         else:
             await self.engine.rollback(transaction_id, branch, fingerprint)
-        self.log.debug(
-            "commit applied" if commit else "rollback applied", txn=transaction_id, branch=branch
-        )
+        if logs.debug_enabled():
+            self.log.debug(
+                "commit applied" if commit else "rollback applied",
+                txn=transaction_id,
+                branch=branch,
+            )
 
     async def _decide(
         self,
