@@ -12,7 +12,10 @@ Sections: ``[coordinator]``, ``[participant]`` (what the four services share), o
 service (``[inventory]``, ``[orders]``, ``[payment]``, ``[notification]``: same keys as
 ``[participant]``, overriding it for that service), ``[log]``, and ``[cli]`` (the `dtm`
 command's own certificate, so that an operator's shell needs no DTM_TLS_* variable, which
-would also be read by every server started from it). Within each layer a
+would also be read by every server started from it). A service of one's own (README "Writing a
+new participant") may have a section too, declared in ``[services] custom = ["loyalty"]``:
+every process accepts it, and only that service reads and checks its keys (`own_settings`),
+with its ``DTM_<NAME>_<KEY>`` variables and flags. Within each layer a
 service's own section wins over ``[participant]``; across layers the higher layer wins, so
 ``DTM_PARTICIPANT_LOCK_WAIT_MS`` beats ``[inventory] lock_wait_ms`` from the file.
 
@@ -50,6 +53,12 @@ CLI = "cli"
 #: The four order-flow services, each with its own section.
 SERVICES = ("inventory", "orders", "payment", "notification")
 SECTIONS = (COORDINATOR, PARTICIPANT, *SERVICES, LOG, CLI)
+#: The file's declaration of the services of one's own (README "Writing a new participant"),
+#: each with a section of its own: ``[services] custom = ["loyalty"]``. Declared, a section is
+#: accepted by every process and read by the service it names only; undeclared, it is refused
+#: as any unknown section, so a typo (``[coordinatr]``) is still caught by every process.
+SERVICES_SECTION = "services"
+CUSTOM_KEY = "custom"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: The largest value of every *_ms setting: the longest transaction timeout there is.
@@ -438,6 +447,9 @@ class Config:
     )
     log: LogSettings = field(default_factory=LogSettings)
     cli: CliSettings = field(default_factory=CliSettings)
+    #: Each declared service of one's own -> its section of the file as written ({} when it
+    #: has none): only that service knows its keys, and checks them (`own_settings`).
+    custom: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     #: The file read, if any (not part of equality: two sources can say the same thing).
     source: Path | None = field(default=None, compare=False)
 
@@ -472,7 +484,11 @@ def keys(section: str) -> list[str]:
 
 
 def _field(section: str, key: str) -> dataclasses.Field[Any]:
-    return next(f for f in dataclasses.fields(SECTION_TYPES[section]) if f.name == key)
+    return _fields(SECTION_TYPES[section])[key]
+
+
+def _fields(settings_type: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(settings_type)}
 
 
 def default_of(section: str, key: str) -> object:
@@ -482,7 +498,8 @@ def default_of(section: str, key: str) -> object:
 
 
 def environment_variable(section: str, key: str) -> str:
-    return f"{ENVIRONMENT_PREFIX}{section.upper()}_{key.upper()}"
+    # A service of one's own may be named my-service: DTM_MY_SERVICE_*, as a shell allows.
+    return f"{ENVIRONMENT_PREFIX}{section.upper().replace('-', '_')}_{key.upper()}"
 
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
@@ -496,11 +513,15 @@ Layer = dict[str, dict[str, object]]
 
 
 def _parse(section: str, key: str, raw: object, from_text: bool) -> object:
-    kind: Kind = _field(section, key).metadata["kind"]
+    return _parse_field(_field(section, key), raw, from_text)
+
+
+def _parse_field(setting: dataclasses.Field[Any], raw: object, from_text: bool) -> object:
+    kind: Kind = setting.metadata["kind"]
     return kind.parse(raw, from_text)
 
 
-def _read_file(path: Path) -> Layer:
+def _read_file(path: Path) -> tuple[Layer, dict[str, dict[str, object]]]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -516,31 +537,84 @@ def _read_file(path: Path) -> Layer:
         document = tomllib.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    custom = _declared_services(path, document)
     layer: Layer = {}
     for section, table in document.items():
-        if section not in SECTIONS:
-            raise ConfigError(
-                f"{path}: unknown section [{section}]{_suggest(section, SECTIONS)} "
-                f"(sections: {', '.join(f'[{s}]' for s in SECTIONS)})"
-            )
+        if section == SERVICES_SECTION:
+            continue
+        if section not in SECTIONS and section not in custom:
+            raise ConfigError(_unknown_section(path, section, list(custom)))
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {section!r} must be a section [{section}], not a value")
-        known = keys(section)
-        values: dict[str, object] = {}
-        for key, raw in table.items():
-            if key not in known:
-                raise ConfigError(
-                    f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)} "
-                    f"(known keys: {', '.join(known)})"
-                )
-            try:
-                values[key] = _parse(section, key, raw, from_text=False)
-            except ValueError as problem:
-                raise ConfigError(
-                    f"{path}: [{section}] {key} = {raw!r}: {problem}", (section, key)
-                ) from None
-        layer[section] = values
-    return layer
+        if section in custom:
+            custom[section] = table
+        else:
+            layer[section] = _read_table(path, section, table, _fields(SECTION_TYPES[section]))
+    return layer, custom
+
+
+def _unknown_section(path: Path, section: str, custom: Sequence[str]) -> str:
+    known = [*SECTIONS, SERVICES_SECTION, *custom]
+    return (
+        f"{path}: unknown section [{section}]{_suggest(section, known)} (sections: "
+        f"{', '.join(f'[{s}]' for s in known)}; a section of a service of one's own is "
+        f'declared: [{SERVICES_SECTION}] {CUSTOM_KEY} = ["{section}"])'
+    )
+
+
+def _read_table(
+    path: Path | None,
+    section: str,
+    table: Mapping[str, object],
+    settings: Mapping[str, dataclasses.Field[Any]],
+    unknown_hint: str = "",
+) -> dict[str, object]:
+    """A section of the file, each key checked and parsed."""
+    values: dict[str, object] = {}
+    for key, raw in table.items():
+        if key not in settings:
+            known = list(settings)
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)} "
+                f"(known keys: {', '.join(known)}){unknown_hint}"
+            )
+        try:
+            values[key] = _parse_field(settings[key], raw, from_text=False)
+        except ValueError as problem:
+            raise ConfigError(
+                f"{path}: [{section}] {key} = {raw!r}: {problem}", (section, key)
+            ) from None
+    return values
+
+
+def _declared_services(path: Path, document: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """[services] custom of the file: each declared name -> {} (its section, once read)."""
+    table = document.get(SERVICES_SECTION, {})
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{path}: {SERVICES_SECTION!r} must be a section [{SERVICES_SECTION}], not a value"
+        )
+    for key in table:
+        if key != CUSTOM_KEY:
+            raise ConfigError(
+                f"{path}: unknown key {key!r} in [{SERVICES_SECTION}]"
+                f"{_suggest(key, [CUSTOM_KEY])} (known keys: {CUSTOM_KEY})"
+            )
+    names = table.get(CUSTOM_KEY, [])
+    where = f"{path}: [{SERVICES_SECTION}] {CUSTOM_KEY}"
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ConfigError(f"{where} = {names!r}: expected a list of service names (strings)")
+    declared: dict[str, dict[str, object]] = {}
+    for name in names:
+        problem = limits.participant_name_problem(name)
+        if problem is None and name in (*SECTIONS, SERVICES_SECTION):
+            problem = f"[{name}] is dtm's own section, not a service of one's own"
+        if problem is None and name in declared:
+            problem = f"{name!r} is declared twice"
+        if problem is not None:
+            raise ConfigError(f"{where}: {problem}")
+        declared[name] = {}
+    return declared
 
 
 def _read_environment(environ: Mapping[str, str]) -> Layer:
@@ -561,23 +635,29 @@ def _read_environment(environ: Mapping[str, str]) -> Layer:
                 )
             continue
         key = rest[len(section) + 1 :]
-        known = keys(section)
-        if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            did_you_mean = (
-                f"; did you mean {environment_variable(section, hint[0])}?" if hint else ""
-            )
-            raise ConfigError(
-                f"environment variable {name}: [{section}] has no key {key!r}{did_you_mean} "
-                f"(known keys: {', '.join(known)})"
-            )
-        try:
-            layer.setdefault(section, {})[key] = _parse(section, key, raw, from_text=True)
-        except ValueError as problem:
-            raise ConfigError(
-                f"environment variable {name}={raw!r}: {problem}", (section, key)
-            ) from None
+        values = layer.setdefault(section, {})
+        values[key] = _read_variable(name, raw, section, key, _fields(SECTION_TYPES[section]))
     return layer
+
+
+def _read_variable(
+    name: str, raw: str, section: str, key: str, settings: Mapping[str, dataclasses.Field[Any]]
+) -> object:
+    """Environment variable `name`, setting `key` of `section`, checked and parsed."""
+    if key not in settings:
+        known = list(settings)
+        hint = difflib.get_close_matches(key, known, n=1)
+        did_you_mean = f"; did you mean {environment_variable(section, hint[0])}?" if hint else ""
+        raise ConfigError(
+            f"environment variable {name}: [{section}] has no key {key!r}{did_you_mean} "
+            f"(known keys: {', '.join(known)})"
+        )
+    try:
+        return _parse_field(settings[key], raw, from_text=True)
+    except ValueError as problem:
+        raise ConfigError(
+            f"environment variable {name}={raw!r}: {problem}", (section, key)
+        ) from None
 
 
 #: How close a word must be to a section's name to be taken for a misspelling of it.
@@ -649,8 +729,9 @@ def load(
     """
     environ = os.environ if environ is None else environ
     source = config_path(path, environ)
+    file_layer, custom = _read_file(source) if source is not None else ({}, {})
     layers = [
-        _read_file(source) if source is not None else {},
+        file_layer,
         _read_environment(environ),
         _read_flags(flags or {}),
     ]
@@ -663,6 +744,7 @@ def load(
         participant=_merge(ParticipantSettings, {}, layers, [PARTICIPANT]),
         log=_merge(LogSettings, {}, layers, [LOG]),
         cli=_merge(CliSettings, {}, layers, [CLI]),
+        custom=custom,
         source=source,
         **services,
     )
@@ -677,11 +759,26 @@ PRECEDENCE_HELP = (
 )
 
 
-def _default_text(section: str, key: str) -> str:
-    value = _spell(default_of(section, key))
+def _default_text(default: object) -> str:
+    value = _spell(default)
     if value == "":
         return '""'
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _add_flag(
+    parser: argparse.ArgumentParser, setting: dataclasses.Field[Any], default: object
+) -> None:
+    """The flag of one setting: --lock-wait-ms N, or --batch/--no-batch for a boolean."""
+    meta = setting.metadata
+    flag = "--" + setting.name.replace("_", "-")
+    help_text = f"{meta['help']} (default: {_default_text(default)})"
+    if meta["kind"] is BOOLEAN:
+        parser.add_argument(
+            flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+        )
+    else:
+        parser.add_argument(flag, default=None, metavar=meta["kind"].metavar, help=help_text)
 
 
 def add_flags(parser: argparse.ArgumentParser, section: str, exclude: Sequence[str] = ()) -> None:
@@ -697,15 +794,7 @@ def add_flags(parser: argparse.ArgumentParser, section: str, exclude: Sequence[s
     for key in keys(section):
         if key in exclude or key in TLS_KEYS:  # dtm.security's flags
             continue
-        meta = _field(section, key).metadata
-        flag = "--" + key.replace("_", "-")
-        help_text = f"{meta['help']} (default: {_default_text(section, key)})"
-        if meta["kind"] is BOOLEAN:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        else:
-            parser.add_argument(flag, default=None, metavar=meta["kind"].metavar, help=help_text)
+        _add_flag(parser, _field(section, key), default_of(section, key))
     parser.add_argument(
         "--log-level", default=None, metavar="LEVEL", help=_field(LOG, "level").metadata["help"]
     )
@@ -727,6 +816,65 @@ def from_options(
     if options.log_level is not None:
         flags[LOG] = {"level": options.log_level}
     return load(options.config, environ=environ, flags=flags)
+
+
+# ---- the settings of a service of one's own ----
+
+
+def settings_type_problem(settings_type: object) -> str | None:
+    """What keeps `settings_type` from being a service's own settings, or None: a dataclass
+    whose every field has a default and `about(kind, help)`, named unlike a participant
+    setting (those are [participant]'s, and their flags are taken)."""
+    if not (isinstance(settings_type, type) and dataclasses.is_dataclass(settings_type)):
+        return f"settings_type must be a dataclass of the service's settings, not {settings_type!r}"
+    for setting in dataclasses.fields(settings_type):
+        if not isinstance(setting.metadata.get("kind"), Kind) or "help" not in setting.metadata:
+            return f"setting {setting.name}: its field needs metadata=config.about(kind, help)"
+        if setting.default is dataclasses.MISSING:  # a value, as each of dtm's settings has
+            return f"setting {setting.name}: its field needs a default (default=...)"
+        if setting.name in (*keys(PARTICIPANT), "config", "log_level", "initial"):
+            return f"setting {setting.name}: a participant setting's name (or flag's) already"
+    return None
+
+
+def add_own_flags(parser: argparse.ArgumentParser, settings_type: type[Any]) -> None:
+    """One flag per setting of a service of one's own, beside `add_flags`'."""
+    for setting in dataclasses.fields(settings_type):
+        _add_flag(parser, setting, setting.default)
+
+
+def own_settings(
+    name: str,
+    settings_type: type[Settings],
+    cfg: Config,
+    environ: Mapping[str, str],
+    flags: Mapping[str, object],
+) -> Settings:
+    """The settings of service `name` of one's own, an instance of its `settings_type`, from
+    its defaults, its section [name] of the file (declared in [services] custom), its
+    DTM_<NAME>_<KEY> variables and `flags` (those given), checked as dtm's own are: an unknown
+    key is an error with a did-you-mean. Raises ConfigError."""
+    settings = _fields(settings_type)
+    table = cfg.custom.get(name, {})
+    for key in table:
+        if key in keys(PARTICIPANT):
+            raise ConfigError(
+                f"{cfg.source}: unknown key {key!r} in [{name}]: participant settings are "
+                f"[participant]'s, so set {key} there (or its flag); [{name}] holds {name}'s "
+                "own settings"
+            )
+    values = _read_table(cfg.source, name, table, settings)
+    prefix = environment_variable(name, "")
+    for variable, raw in sorted(environ.items()):
+        if variable.startswith(prefix):
+            key = variable[len(prefix) :].lower()
+            values[key] = _read_variable(variable, raw, name, key, settings)
+    for key, given in flags.items():
+        try:
+            values[key] = _parse_field(settings[key], given, from_text=True)
+        except ValueError as problem:
+            raise ConfigError(f"--{key.replace('_', '-')} {given!r}: {problem}") from None
+    return settings_type(**values)
 
 
 def tls_files(
@@ -800,6 +948,7 @@ __all__ = [
     "LogSettings",
     "ParticipantSettings",
     "add_flags",
+    "add_own_flags",
     "config_path",
     "configured_initial",
     "default_of",
@@ -807,8 +956,10 @@ __all__ = [
     "from_options",
     "keys",
     "load",
+    "own_settings",
     "participant_section",
     "setting_origin",
+    "settings_type_problem",
     "tls_files",
     "tls_origin",
     "with_configured_initial",

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
+from dtm import config
 from participants.locks import LockMode
 
 Operation = TypeVar("Operation", bound=Message)
@@ -105,6 +106,20 @@ class Service(Protocol, Generic[Operation]):
         default none."""
         return []
 
+    #: The service's own settings, or None (the default: it has none). A dataclass whose every
+    #: field has a default and metadata=dtm.config.about(kind, help), e.g.
+    #: ``about(integer(1, 1000), "...")``. `run` reads them as dtm reads its own: from the
+    #: service's section of the configuration file (declared there in [services] custom),
+    #: DTM_<NAME>_<KEY> variables and a flag per setting, and hands them to `configure`.
+    settings_type: type[Any] | None = None
+
+    def configure(self, settings: Any) -> None:
+        """Take the settings `run` read (a `settings_type`), before recovery and the first
+        call. A setting must not change what `prepare`, `commit` or `rollback` do (a replay
+        after a restart with another value would differ from the run); `validate`, which
+        runs at a branch's first Prepare only, may read it. By default nothing."""
+        return None
+
 
 #: What every service must write itself; `Service` has a default for the rest.
 REQUIRED_METHODS = ("prepare", "commit", "rollback", "snapshot", "restore")
@@ -134,5 +149,28 @@ def service_problem(service: object) -> str | None:
         return (
             f"service {kind.__name__}: operation_type must be the generated protobuf message "
             f"class of the operation it takes (its_pb2.ItsOperation), not {operation_type!r}"
+        )
+    return _settings_problem(service)
+
+
+def _settings_problem(service: object) -> str | None:
+    """What is wrong with the service's own settings (settings_type, configure), or None."""
+    settings_type = getattr(service, "settings_type", None)
+    if settings_type is None:
+        return None
+    kind = type(service)
+    name = getattr(service, "name", "")
+    if name in config.SECTIONS:  # its section holds participant settings: no room for others
+        return (
+            f"service {kind.__name__}: [{name}] holds participant settings; a settings_type is "
+            "for a service of one's own"
+        )
+    problem = config.settings_type_problem(settings_type)
+    if problem:
+        return f"service {kind.__name__}: {problem}"
+    if getattr(kind, "configure", None) in (None, Service.configure):
+        return (
+            f"service {kind.__name__} declares settings_type but no configure(settings), "
+            "which takes them"
         )
     return None

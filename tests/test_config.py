@@ -3,6 +3,7 @@ file, and the coordinator's and participants' command lines built on it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -409,8 +410,9 @@ def test_a_service_of_ones_own_is_told_what_it_would_ignore(
         participant_server.parse_args("loyalty", [])
     assert 2 == exit_.value.code
     assert (
-        "environment variable DTM_LOYALTY_LOCK_WAIT_MS: loyalty has no section of its own; it "
-        "reads [participant], so use DTM_PARTICIPANT_LOCK_WAIT_MS (or the flag)"
+        "environment variable DTM_LOYALTY_LOCK_WAIT_MS: loyalty's section holds only the "
+        "settings it declares; it reads participant settings from [participant], so use "
+        "DTM_PARTICIPANT_LOCK_WAIT_MS (or the flag)"
     ) in capsys.readouterr().err
     monkeypatch.delenv("DTM_LOYALTY_LOCK_WAIT_MS")
     with pytest.raises(SystemExit):
@@ -629,3 +631,183 @@ def test_a_service_listening_on_every_interface_without_advertise_is_refused(
         "payments.internal:7003" == participant_server.parse_args("payment", advertised).advertise
     )
     assert "" == participant_server.parse_args("payment", ["--listen", "127.0.0.1:0"]).advertise
+
+
+# ---- a service of one's own: its section, declared in [services], and its own settings ----
+
+
+@dataclasses.dataclass(frozen=True)
+class PointsSettings:
+    """A service's own settings, as examples/loyalty declares them."""
+
+    max_points: int = dataclasses.field(
+        default=100, metadata=config.about(config.integer(1, 10_000), "most points per order")
+    )
+    welcome: bool = dataclasses.field(
+        default=False, metadata=config.about(config.BOOLEAN, "award welcome points")
+    )
+
+
+SHARED = """
+[services]
+custom = ["loyalty"]
+
+[coordinator]
+listen = "127.0.0.1:50060"
+
+[loyalty]
+max_points = 5
+"""
+
+
+def test_a_declared_section_of_a_service_of_ones_own_is_read_by_every_process(
+    tmp_path: Path,
+) -> None:
+    """The shared file with a section for a fifth service was refused by every process
+    ("unknown section [loyalty]"). Declared in [services] custom, each process accepts it,
+    and only the service it names reads its keys."""
+    path = write(tmp_path / "dtm.toml", SHARED)
+    assert {"loyalty": {"max_points": 5}} == load(path, environ={}).custom
+    assert "127.0.0.1:50060" == coordinator_server.parse_args(["--config", str(path)]).listen
+    assert 500 == participant_server.parse_args("inventory", ["--config", str(path)]).lock_wait_ms
+    # A declared service without a section gets its defaults.
+    declared = write(tmp_path / "declared.toml", '[services]\ncustom = ["loyalty"]\n')
+    assert {"loyalty": {}} == load(declared, environ={}).custom
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[loyalty]\nmax_points = 5\n",
+            r"unknown section \[loyalty\] .*is declared: \[services\] custom = \[\"loyalty\"\]",
+        ),
+        (
+            '[services]\ncustom = ["loyalty"]\n[coordinatr]\nlisten = "127.0.0.1:1"\n',
+            r"unknown section \[coordinatr\]; did you mean 'coordinator'\?",
+        ),
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalyt]\n',
+            r"unknown section \[loyalyt\]; did you mean 'loyalty'\?",
+        ),
+        (
+            '[services]\ncustm = ["loyalty"]\n',
+            r"unknown key 'custm' in \[services\]; did you mean 'custom'\?",
+        ),
+        (
+            '[services]\ncustom = "loyalty"\n',
+            r"\[services\] custom = 'loyalty': expected a list of service names",
+        ),
+        (
+            '[services]\ncustom = ["Loyalty"]\n',
+            r"\[services\] custom: participant name 'Loyalty' is malformed",
+        ),
+        (
+            '[services]\ncustom = ["payment"]\n',
+            r"\[services\] custom: \[payment\] is dtm's own section",
+        ),
+        (
+            '[services]\ncustom = ["loyalty", "loyalty"]\n',
+            r"\[services\] custom: 'loyalty' is declared twice",
+        ),
+        (
+            'loyalty = 5\n[services]\ncustom = ["loyalty"]\n',
+            r"'loyalty' must be a section \[loyalty\], not a value",
+        ),
+    ],
+)
+def test_undeclared_or_misspelled_sections_are_still_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path / "dtm.toml", text)
+    with pytest.raises(ConfigError, match=message):
+        load(path, environ={})
+
+
+def test_a_service_reads_its_own_settings_as_dtm_reads_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defaults < [loyalty] of the file < DTM_LOYALTY_* < flags, as for a shipped section."""
+    path = write(tmp_path / "dtm.toml", SHARED)
+
+    def own(argv: list[str]) -> object:
+        parsed = participant_server.parse_args("loyalty", argv, settings_type=PointsSettings)
+        return parsed.own_settings
+
+    assert PointsSettings() == own([])
+    assert PointsSettings(max_points=5) == own(["--config", str(path)])
+    monkeypatch.setenv("DTM_LOYALTY_MAX_POINTS", "7")
+    monkeypatch.setenv("DTM_LOYALTY_WELCOME", "yes")
+    assert PointsSettings(max_points=7, welcome=True) == own(["--config", str(path)])
+    assert PointsSettings(9, welcome=False) == own(
+        ["--config", str(path), "--max-points", "9", "--no-welcome"]
+    )
+    # The participant settings of a service of one's own stay [participant]'s.
+    assert (
+        500
+        == participant_server.parse_args("loyalty", [], settings_type=PointsSettings).lock_wait_ms
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "variables", "message"),
+    [
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\nmax_point = 5\n',
+            {},
+            r"unknown key 'max_point' in \[loyalty\]; did you mean 'max_points'\? "
+            r"\(known keys: max_points, welcome\)",
+        ),
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\nmax_points = 0\n',
+            {},
+            r"\[loyalty\] max_points = 0: out of range: allowed 1..10000",
+        ),
+        (
+            "",
+            {"DTM_LOYALTY_MAX_POINT": "5"},
+            r"environment variable DTM_LOYALTY_MAX_POINT: \[loyalty\] has no key 'max_point'; "
+            r"did you mean DTM_LOYALTY_MAX_POINTS\?",
+        ),
+        (
+            "",
+            {"DTM_LOYALTY_MAX_POINTS": "many"},
+            r"DTM_LOYALTY_MAX_POINTS='many': expected an integer",
+        ),
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\nlock_wait_ms = 5\n',
+            {},
+            r"unknown key 'lock_wait_ms' in \[loyalty\]: participant settings are "
+            r"\[participant\]'s",
+        ),
+    ],
+)
+def test_a_services_own_settings_are_refused_as_dtms_are(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    variables: dict[str, str],
+    message: str,
+) -> None:
+    path = write(tmp_path / "dtm.toml", text)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        participant_server.parse_args(
+            "loyalty", ["--config", str(path)], settings_type=PointsSettings
+        )
+    assert 2 == exit_.value.code
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_section_for_a_service_that_declares_no_settings_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path / "dtm.toml", SHARED)
+    with pytest.raises(SystemExit):
+        participant_server.parse_args("loyalty", ["--config", str(path)])
+    assert (
+        "unknown key 'max_points' in [loyalty]: loyalty declares no settings of its own"
+        in capsys.readouterr().err
+    )

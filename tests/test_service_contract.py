@@ -6,11 +6,15 @@ built, naming what is missing, instead of failing at the first call that needs i
 from __future__ import annotations
 
 import asyncio
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import wrappers_pb2
 
+from dtm import config
 from dtmpb.v1 import coordinator_pb2
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.service import Prepared, PrepareResult, Service, service_problem
@@ -110,12 +114,54 @@ class WrongOperationType(Minimal):
     operation_type = "google.protobuf.Int64Value"  # type: ignore[assignment]
 
 
+@dataclass(frozen=True)
+class TallySettings:
+    most: int = field(default=10, metadata=config.about(config.integer(1, 100), "most per call"))
+
+
+@dataclass(frozen=True)
+class LockWaitSettings:  # a participant setting's name: [participant]'s, and its flag taken
+    lock_wait_ms: int = field(default=10, metadata=config.about(config.integer(1, 100), "ms"))
+
+
+@dataclass(frozen=True)
+class UndescribedSettings:
+    most: int = 10
+
+
+class SettingsWithoutConfigure(Minimal):
+    settings_type = TallySettings
+
+
+class Configured(Minimal):
+    settings_type: type[Any] | None = TallySettings
+
+    def configure(self, settings: TallySettings) -> None:
+        self.settings = settings
+
+
+class SettingsNamedAsAParticipants(Configured):
+    settings_type = LockWaitSettings
+
+
+class SettingsWithoutAbout(Configured):
+    settings_type = UndescribedSettings
+
+
+class SettingsOfAShippedService(Configured):
+    name = "payment"
+
+
 @pytest.mark.parametrize(
     ("service", "named"),
     [
         (WithoutPrepare(), "WithoutPrepare does not implement prepare:"),
         (NotASubclass(), "NotASubclass does not implement locks, add_read_api:"),
         (WrongOperationType(), "operation_type must be the generated protobuf message class"),
+        (SettingsWithoutConfigure(), "declares settings_type but no configure(settings)"),
+        (SettingsNamedAsAParticipants(), "setting lock_wait_ms: a participant setting's name"),
+        (SettingsWithoutAbout(), "setting most: its field needs metadata=config.about("),
+        (SettingsOfAShippedService(), "[payment] holds participant settings"),
     ],
 )
 def test_a_service_short_of_the_contract_is_refused_at_construction(
@@ -124,7 +170,7 @@ def test_a_service_short_of_the_contract_is_refused_at_construction(
     # Before, each was built and started: what was missing failed later, at the first call
     # that needed it (a branch's prepare, locks or decode), far from its cause.
     assert named in (service_problem(service) or "")
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(ValueError, match=re.escape(named)):
         ParticipantServer(service, ParticipantConfig(data_dir=tmp_path))  # type: ignore[arg-type]
     assert not (tmp_path / "tally").exists()
 
@@ -137,3 +183,4 @@ def test_the_shop_services_meet_the_contract() -> None:
 
     for service in (InventoryService(), OrdersService(), PaymentService(), NotificationService()):
         assert service_problem(service) is None
+    assert service_problem(Configured()) is None

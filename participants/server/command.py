@@ -21,7 +21,9 @@ def run(service: Service[Any], argv: list[str] | None = None) -> None:
     problem = limits.participant_name_problem(service.name) or service_problem(service)
     if problem:
         sys.exit(f"dtm service {service.name}: error: {problem}")
-    participant_config = parse_args(service.name, argv)
+    participant_config = parse_args(service.name, argv, getattr(service, "settings_type", None))
+    if participant_config.own_settings is not None:
+        service.configure(participant_config.own_settings)  # before recovery replays the log
     logs.configure(service.name, participant_config.log_level)
     grpc_edge.use_fast_event_loop()
     grpc_edge.run_server(lambda: ParticipantServer(service, participant_config))

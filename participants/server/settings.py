@@ -6,11 +6,13 @@ Part of `participants.server`: see its docstring."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dtm import config, limits, security
 
@@ -57,6 +59,9 @@ class ParticipantConfig:
     # registered incarnation decisions. For a participant whose log was lost: each owed Commit
     # then becomes a heuristic hazard.
     replace_registration: bool = False
+    # A service of one's own's settings (its Service.settings_type), for run() to hand to its
+    # configure(); None when it declares none.
+    own_settings: Any = None
 
 
 def wal_sync_mode(participant: ParticipantConfig) -> str:
@@ -87,7 +92,7 @@ def _not_for_a_service_of_ones_own(
             f"--initial: {name} reads no initial file (inventory and payment do); a service of "
             "one's own builds its initial state itself, before it calls run()"
         )
-    prefix = config.environment_variable(name.replace("-", "_"), "")
+    prefix = config.environment_variable(name, "")
     known = config.keys(config.PARTICIPANT)
     for variable in sorted(environ):
         key = variable[len(prefix) :].lower()
@@ -95,14 +100,18 @@ def _not_for_a_service_of_ones_own(
         # whatever a service of one's own is called.
         if variable.startswith(prefix) and key in known:
             return (
-                f"environment variable {variable}: {name} has no section of its own; it reads "
-                f"[participant], so use {config.environment_variable(config.PARTICIPANT, key)} "
-                "(or the flag)"
+                f"environment variable {variable}: {name}'s section holds only the settings it "
+                "declares; it reads participant settings from [participant], so use "
+                f"{config.environment_variable(config.PARTICIPANT, key)} (or the flag)"
             )
     return None
 
 
-def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
+def parse_args(
+    name: str, argv: list[str] | None, settings_type: type[Any] | None = None
+) -> ParticipantConfig:
+    """The participant's configuration; with `settings_type` (a service of one's own's
+    Service.settings_type, checked by config.settings_type_problem), its own settings too."""
     parser = argparse.ArgumentParser(
         prog=f"dtm service {name}", description=f"The {name} participant. {config.PRECEDENCE_HELP}"
     )
@@ -133,6 +142,8 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         "a default",
     )
     security.add_arguments(parser)
+    if settings_type is not None:
+        config.add_own_flags(parser, settings_type)
     options = parser.parse_args(argv)
     problem = _not_for_a_service_of_ones_own(name, options.initial, os.environ)
     if problem:
@@ -150,6 +161,10 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except ValueError as error:  # config.ConfigError included: it names the key and the value
+        parser.error(str(error))
+    try:
+        own = _own_settings(name, settings_type, settings, options)
+    except config.ConfigError as error:
         parser.error(str(error))
     service = settings.service(name)
     if limits.is_wildcard(service.listen) and not service.advertise:
@@ -177,4 +192,26 @@ def parse_args(name: str, argv: list[str] | None) -> ParticipantConfig:
         checkpoint_every_records=service.checkpoint_every_records,
         batch=service.batch,
         replace_registration=options.replace_registration,
+        own_settings=own,
     )
+
+
+def _own_settings(
+    name: str, settings_type: type[Any] | None, settings: config.Config, options: argparse.Namespace
+) -> Any:
+    """The service's own settings, or None; a section of the file for a service that declares
+    none is refused, as any unknown key is."""
+    if settings_type is None:
+        table = settings.custom.get(name, {})
+        if table:
+            raise config.ConfigError(
+                f"{settings.source}: unknown key {next(iter(table))!r} in [{name}]: {name} "
+                "declares no settings of its own (Service.settings_type)"
+            )
+        return None
+    flags = {
+        setting.name: getattr(options, setting.name)
+        for setting in dataclasses.fields(settings_type)
+        if getattr(options, setting.name) is not None
+    }
+    return config.own_settings(name, settings_type, settings, os.environ, flags)
