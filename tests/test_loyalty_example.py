@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_tools import protoc
 
+from dtm.coordinator import server as coordinator_server
 from dtmpb.v1 import coordinator_pb2
 from tests.harness import STOCK, InProcessCluster, eventually
 
@@ -117,11 +118,29 @@ def test_orders_with_points_commit_abort_and_survive_a_restart(
     asyncio.run(scenario())
 
 
+#: A file for the coordinator and every service, loyalty's section declared.
+SHARED_CONFIGURATION = """
+[services]
+custom = ["loyalty"]
+
+[coordinator]
+listen = "127.0.0.1:50090"
+
+[loyalty]
+max_points = 40
+"""
+
+
 @pytest.mark.slow
 def test_the_example_runs_as_its_own_process(
     tmp_path: Path, generated: Path, example: ModuleType
 ) -> None:
-    """The README's command line: the example started as a script, against a coordinator."""
+    """The README's command line: the example started as a script, against a coordinator,
+    with a configuration file every process may share: a section [loyalty] of its own setting
+    (before, every process refused "unknown section [loyalty]")."""
+    shared = tmp_path / "dtm.toml"
+    shared.write_text(SHARED_CONFIGURATION, encoding="utf-8")
+    assert "127.0.0.1:50090" == coordinator_server.parse_args(["--config", str(shared)]).listen
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path / "cluster") as cluster:
@@ -133,6 +152,7 @@ def test_the_example_runs_as_its_own_process(
                 process = await asyncio.create_subprocess_exec(
                     sys.executable,
                     str(EXAMPLE / "loyalty_service.py"),
+                    *("--config", str(shared)),
                     *("--coordinator", cluster.coordinator_address),
                     *("--data-dir", str(tmp_path / "loyalty")),
                     stdout=log,
@@ -152,6 +172,10 @@ def test_the_example_runs_as_its_own_process(
                 await eventually(registered, timeout_s=30)
                 answer = await submit(cluster, example.order_with_points("o-1", "m-alice", 35))
                 assert COMMITTED == answer.outcome, answer.reason
+                with pytest.raises(grpc.aio.AioRpcError) as too_many:  # [loyalty] max_points
+                    await submit(cluster, example.order_with_points("o-2", "m-alice", 41))
+                assert grpc.StatusCode.INVALID_ARGUMENT is too_many.value.code()
+                assert "at most 40 points per order" in (too_many.value.details() or "")
                 await submitted_by_the_cli(cluster.coordinator_address, tmp_path)
             finally:
                 os.killpg(process.pid, signal.SIGTERM)
