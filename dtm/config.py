@@ -567,7 +567,6 @@ def _read_table(
     section: str,
     table: Mapping[str, object],
     settings: Mapping[str, dataclasses.Field[Any]],
-    unknown_hint: str = "",
 ) -> dict[str, object]:
     """A section of the file, each key checked and parsed."""
     values: dict[str, object] = {}
@@ -576,7 +575,7 @@ def _read_table(
             known = list(settings)
             raise ConfigError(
                 f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)} "
-                f"(known keys: {', '.join(known)}){unknown_hint}"
+                f"(known keys: {', '.join(known)})"
             )
         try:
             values[key] = _parse_field(settings[key], raw, from_text=False)

@@ -811,3 +811,21 @@ def test_a_section_for_a_service_that_declares_no_settings_is_refused(
         "unknown key 'max_points' in [loyalty]: loyalty declares no settings of its own"
         in capsys.readouterr().err
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthzSettings:
+    authz_clients: str = dataclasses.field(
+        default="", metadata=config.about(config.IDENTITY, "named as a flag of dtm.security's")
+    )
+
+
+def test_a_setting_named_as_another_flag_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, argparse's ArgumentError ("conflicting option string") was a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        participant_server.parse_args("loyalty", [], settings_type=AuthzSettings)
+    assert 2 == exit_.value.code
+    assert (
+        "loyalty's settings_type: argument --authz-clients: conflicting option string"
+        in capsys.readouterr().err
+    )

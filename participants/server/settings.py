@@ -143,7 +143,10 @@ def parse_args(
     )
     security.add_arguments(parser)
     if settings_type is not None:
-        config.add_own_flags(parser, settings_type)
+        try:
+            config.add_own_flags(parser, settings_type)
+        except argparse.ArgumentError as error:  # a setting named as a flag of dtm's (--tls-ca)
+            parser.error(f"{name}'s settings_type: {error}")
     options = parser.parse_args(argv)
     problem = _not_for_a_service_of_ones_own(name, options.initial, os.environ)
     if problem:
