@@ -227,3 +227,45 @@ def test_a_subject_broken_in_every_read_is_reported_with_its_last_text() -> None
     assert ["order o-9: CONFIRMED but no notification (nor 2 staged)"] == live.violations
     assert ["stock sku-b: oversold"] == live.suspects
     assert 3 == live.reads
+
+
+# ---- wait_until_settled over scripted reads ----
+
+
+def test_a_cluster_that_settles_as_the_wait_runs_out_is_taken_not_refused(
+    monkeypatch: Any,
+) -> None:
+    """The first read that shows nothing in flight needs a second to confirm it. Made after
+    the deadline (here at once: timeout 0), that first quiet read was refused as "still
+    changing between two reads" without the second read being taken: a cluster that settled
+    in the wait's last poll failed the wait, which one read used to pass."""
+    answered: list[Snapshot] = []
+
+    async def quiet_read(targets: Any) -> Snapshot:
+        answered.append(consistent())
+        return answered[-1]
+
+    monkeypatch.setattr(invariants, "read_snapshot", quiet_read)
+    snapshot = asyncio.run(invariants.wait_until_settled({}, timeout_s=0.0))
+    assert consistent() == snapshot
+    assert 2 == len(answered)
+
+
+def test_a_cluster_still_changing_at_the_deadline_is_refused(monkeypatch: Any) -> None:
+    """Each read quiet but different from the one before (a transaction between every two):
+    refused at the deadline once a quiet read failed to confirm the one before it."""
+    count = 0
+
+    async def changing_read(targets: Any) -> Snapshot:
+        nonlocal count
+        count += 1
+        return replace(consistent(), staged=0, captures=consistent().captures[:count])
+
+    monkeypatch.setattr(invariants, "read_snapshot", changing_read)
+    try:
+        asyncio.run(invariants.wait_until_settled({}, timeout_s=0.0))
+    except TimeoutError as error:
+        assert "changing between two reads" in str(error), error
+    else:
+        raise AssertionError("a cluster changing between every two reads was taken as settled")
+    assert 2 == count
