@@ -429,6 +429,21 @@ def test_a_service_of_ones_own_is_told_what_it_would_ignore(
     assert 200 == participant_server.parse_args("loyalty", []).lock_wait_ms
 
 
+def test_a_service_of_ones_own_is_not_sent_to_an_initial_setting_it_ignores(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DTM_LOYALTY_INITIAL was refused with "use DTM_PARTICIPANT_INITIAL (or the flag)": a
+    setting a service of one's own ignores as well, and a flag it refuses. It is told what
+    --initial is told: it reads no initial file."""
+    monkeypatch.setenv("DTM_LOYALTY_INITIAL", "members.json")
+    with pytest.raises(SystemExit) as exit_:
+        participant_server.parse_args("loyalty", [])
+    assert 2 == exit_.value.code
+    err = capsys.readouterr().err
+    assert "environment variable DTM_LOYALTY_INITIAL: loyalty reads no initial file" in err, err
+    assert "DTM_PARTICIPANT_INITIAL" not in err and "or the flag" not in err, err
+
+
 def test_a_participant_declares_batch_unless_told_not_to(tmp_path: Path) -> None:
     """`batch` (file, environment, --batch/--no-batch): whether the registration declares the
     batch capability; bench --unary-participants passes --no-batch to every service."""

@@ -88,23 +88,30 @@ def _not_for_a_service_of_ones_own(
     if name in config.SECTIONS:
         return None
     if initial is not None:
-        return (
-            f"--initial: {name} reads no initial file (inventory and payment do); a service of "
-            "one's own builds its initial state itself, before it calls run()"
-        )
+        return f"--initial: {_reads_no_initial_file(name)}"
     prefix = config.environment_variable(name, "")
     known = config.keys(config.PARTICIPANT)
     for variable in sorted(environ):
         key = variable[len(prefix) :].lower()
         # Only a participant setting's name: DTM_CRASH_AT, DTM_TLS_CA... mean other things,
         # whatever a service of one's own is called.
-        if variable.startswith(prefix) and key in known:
-            return (
-                f"environment variable {variable}: {name}'s section holds only the settings it "
-                "declares; it reads participant settings from [participant], so use "
-                f"{config.environment_variable(config.PARTICIPANT, key)} (or the flag)"
-            )
+        if not (variable.startswith(prefix) and key in known):
+            continue
+        if key == "initial":  # [participant]'s is for the shipped services: ignored here too
+            return f"environment variable {variable}: {_reads_no_initial_file(name)}"
+        return (
+            f"environment variable {variable}: {name}'s section holds only the settings it "
+            "declares; it reads participant settings from [participant], so use "
+            f"{config.environment_variable(config.PARTICIPANT, key)} (or the flag)"
+        )
     return None
+
+
+def _reads_no_initial_file(name: str) -> str:
+    return (
+        f"{name} reads no initial file (inventory and payment do); a service of one's own "
+        "builds its initial state itself, before it calls run()"
+    )
 
 
 def parse_args(
