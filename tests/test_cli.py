@@ -12,6 +12,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1468,3 +1469,23 @@ def test_log_dump_of_an_empty_path_is_a_usage_error(
     status, out, err = asyncio.run(dtm("log", "dump", ""))
     assert (cli.EXIT_USAGE, "") == (status, out), err
     assert "argument PATH: '': expected a path, got an empty string" in err, err
+
+
+def test_submit_of_a_type_not_compiled_in_says_the_coordinator_was_not_reached(
+    tmp_path: Path,
+) -> None:
+    """A type not compiled into dtm is looked up in the coordinator's registry (then asked of
+    its participant by reflection). With the coordinator unreachable, the file was refused as
+    an "unknown message type": the type was blamed, not the coordinator."""
+    submission = tmp_path / "award.json"
+    branch = {"participant": "loyalty", "type": "loyalty.v1.AwardPoints", "operation": {}}
+    submission.write_text(json.dumps({"branches": [branch]}), encoding="utf-8")
+    with socket.socket() as bound:  # bound, not listening: every connection refused
+        bound.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{bound.getsockname()[1]}"
+        status, out, err = asyncio.run(
+            dtm("--coordinator", address, "--timeout", "5", "submit", str(submission))
+        )
+    assert (cli.EXIT_ERROR, "") == (status, out), err
+    assert "unknown message type" not in err, err
+    assert "loyalty.v1.AwardPoints" in err and f"cannot reach the coordinator at {address}" in err

@@ -261,8 +261,15 @@ def _described_by(where: str, participant: str, type_name: str, session: Session
         registry = session.coordinator.ListParticipants(
             coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
         )
-    except grpc.RpcError:
-        registry = coordinator_pb2.ListParticipantsResponse()
+    except grpc.RpcError as error:
+        # Not "unknown message type": the type may well be known, to a participant that only
+        # the coordinator's registry can name.
+        unreached = rpc_error(error, "the coordinator", session.coordinator_address, session)
+        raise CliError(
+            f"{where}: {type_name} is not compiled into dtm, and the coordinator, whose registry "
+            f"names the participant to ask for it, was not reached: {unreached}",
+            unreached.status,
+        ) from None
     taker = next(
         (
             p
