@@ -221,3 +221,44 @@ def test_a_participant_that_cannot_tell_its_coordinator_needs_it_named(
     with monkeypatch.context() as patched:
         describe_coordinator_as(patched, "")
         asyncio.run(scenario(tmp_path / "none", "it has none configured"))
+
+
+def test_a_coordinator_at_the_participants_address_for_it_that_lacks_it_is_not_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The participant names its coordinator as its own machine reaches it (127.0.0.1:50050,
+    say). From the operator's machine that address may reach another coordinator: a
+    --coordinator other than the participant's is held to having it registered, the
+    participant's own address was not, and the check asked that other one ("no record": a
+    forced commit refused, a forced rollback let go, each on another coordinator's word).
+    Refused now (usage, nothing forced) when what answers there does not have this
+    participant and incarnation registered; named with --coordinator, it is the operator's
+    word, as before."""
+
+    async def scenario(another_address: str) -> None:
+        async with InProcessCluster(tmp_path / "data", participant_overrides=ASKS_LATER) as cluster:
+            await prepared_unknown(cluster, "t-w")
+            force = ["force", "t-w", "0", "--i-understand", "--address"]
+            force += [cluster.address("inventory")]
+            for direction in ("--commit", "--rollback"):
+                status, out, err = await dtm("--timeout", "5", *force, direction)
+                assert (cli.EXIT_USAGE, "") == (status, out), err
+                assert f"coordinator at {another_address}" in err, err
+                assert "does not have it registered (inventory incarnation" in err, err
+                assert "--coordinator HOST:PORT" in err, err
+            assert BranchState.PREPARED is inventory_state(cluster, "t-w")
+
+    async def with_another() -> None:
+        another = CoordinatorServer(
+            ServerConfig(data_dir=tmp_path / "another", listen="127.0.0.1:0")
+        )
+        await another.start()
+        try:
+            address = f"127.0.0.1:{another.port}"
+            with monkeypatch.context() as patched:
+                describe_coordinator_as(patched, address)
+                await scenario(address)
+        finally:
+            await another.stop(0)
+
+    asyncio.run(with_another())

@@ -514,6 +514,8 @@ def _with_its_coordinator(session: Session, target: Target, action: str) -> Targ
         if not own:
             raise _coordinator_unknown(target, action, "it has none configured")
         session.use_coordinator(own)
+        if described.registered:
+            _refuse_another_at_that_address(session, target, described, action)
     elif own and options.coordinator != own:
         _refuse_another_coordinator(session, target, described, action)
     return replace(target, incarnation=described.incarnation)
@@ -557,6 +559,36 @@ def _refuse_another_coordinator(
         f"the coordinator at {own}, and {unconfirmed}: `dtm` would ask another whether it is "
         f"safe to {action} the branch. Leave --coordinator out to ask {own}, or name that one "
         "as this machine reaches it",
+        EXIT_USAGE,
+    )
+
+
+def _refuse_another_at_that_address(
+    session: Session, target: Target, described: participant_pb2.DescribeResponse, action: str
+) -> None:
+    """Refuse (usage) when the coordinator this machine reaches at the address the participant
+    `described` gives for its own (as its machine reaches it: 127.0.0.1:50050, say) answers
+    without it registered: another coordinator, whose "no record" says nothing of the branch.
+    One that cannot be reached is left to the check's own rule (a force for a coordinator
+    gone is what forcing is for; the participant asks its own before it acts)."""
+    try:
+        registry = session.coordinator.ListParticipants(
+            coordinator_pb2.ListParticipantsRequest(), timeout=session.timeout
+        )
+    except grpc.RpcError as error:
+        if _cannot_reach(error, session):
+            return
+        raise rpc_error(error, "the coordinator", session.coordinator_address, session) from None
+    key = (described.name, described.incarnation)
+    if any((p.name, p.incarnation) == key for p in registry.participants):
+        return
+    raise CliError(
+        f"{target.what} at {target.address} uses the coordinator at {described.coordinator}, "
+        f"but the one this machine reaches at that address does not have it registered "
+        f"({described.name} incarnation {described.incarnation}): another coordinator, which "
+        f"`dtm` would ask whether it is safe to {action} the branch. Name the participant's "
+        "coordinator as this machine reaches it with --coordinator HOST:PORT (that address "
+        "itself, if it was unregistered since)",
         EXIT_USAGE,
     )
 
