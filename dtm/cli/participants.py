@@ -5,7 +5,7 @@ Part of `dtm.cli`: see its docstring."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -579,8 +579,7 @@ def _refuse_another_at_that_address(
         if _cannot_reach(error, session):
             return
         raise rpc_error(error, "the coordinator", session.coordinator_address, session) from None
-    key = (described.name, described.incarnation)
-    if any((p.name, p.incarnation) == key for p in registry.participants):
+    if _lists(registry.participants, described):
         return
     raise CliError(
         f"{target.what} at {target.address} uses the coordinator at {described.coordinator}, "
@@ -603,13 +602,20 @@ def _not_registered_with(
         registry = _registry(session)
     except CliError as problem:
         return f"whether that is the one at {session.coordinator_address} is not known ({problem})"
-    key = (described.name, described.incarnation)
-    if any((p.name, p.incarnation) == key for p in registry):
+    if _lists(registry, described):
         return None
     return (
         f"the one at {session.coordinator_address} does not have it registered ("
         f"{described.name} incarnation {described.incarnation})"
     )
+
+
+def _lists(
+    registry: Iterable[coordinator_pb2.ParticipantInfo], described: participant_pb2.DescribeResponse
+) -> bool:
+    """Whether `registry` holds the participant `described`, that incarnation of it."""
+    key = (described.name, described.incarnation)
+    return any((p.name, p.incarnation) == key for p in registry)
 
 
 def _unimplemented(error: grpc.RpcError) -> bool:
