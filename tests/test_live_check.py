@@ -241,7 +241,7 @@ def test_a_cluster_that_settles_as_the_wait_runs_out_is_taken_not_refused(
     in the wait's last poll failed the wait, which one read used to pass."""
     answered: list[Snapshot] = []
 
-    async def quiet_read(targets: Any) -> Snapshot:
+    async def quiet_read(targets: Any, **_: Any) -> Snapshot:
         answered.append(consistent())
         return answered[-1]
 
@@ -256,7 +256,7 @@ def test_a_cluster_still_changing_at_the_deadline_is_refused(monkeypatch: Any) -
     refused at the deadline once a quiet read failed to confirm the one before it."""
     count = 0
 
-    async def changing_read(targets: Any) -> Snapshot:
+    async def changing_read(targets: Any, **_: Any) -> Snapshot:
         nonlocal count
         count += 1
         return replace(consistent(), staged=0, captures=consistent().captures[:count])
