@@ -1097,7 +1097,15 @@ def test_submit_cut_off_by_a_coordinator_crash_is_unknown_and_names_the_id(
             await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=2000)
             path = _order_without_id(tmp_path / "t.json")
             submitting = asyncio.create_task(dtm(*at, "submit", str(path)))
-            await asyncio.sleep(0.5)  # the Submit waits for inventory's vote
+
+            async def orders_prepared() -> bool:  # so the Submit waits for inventory's vote
+                # Not through `dtm`: its output redirection would catch the Submit's too.
+                listing = await cluster.admin("orders").ListBranches(
+                    participant_pb2.ListBranchesRequest()
+                )
+                return bool(listing.branches)
+
+            await eventually(orders_prepared)
             await cluster.restart_coordinator()
             status, out, err = await submitting
             assert (cli.EXIT_UNKNOWN, "") == (status, out), err
