@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dtm import limits, logs, metrics
 from dtm.coordinator.engine import CoordinatorConfig, Engine
 from dtm.coordinator.server import CoordinatorServer, ServerConfig
+from dtm.core.branch import BranchState
 from dtm.wal import MemoryLog
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
 from participants.server import ParticipantConfig, ParticipantServer
@@ -238,7 +239,12 @@ def test_retries_in_doubt_and_lock_waits_are_counted(tmp_path: Path) -> None:
                     )
                 )
             )
-            await asyncio.sleep(0.3)  # t-2's orders branch is prepared and holds o-2
+
+            async def orders_holds_o2() -> bool:  # t-2's orders branch (1) is prepared
+                info = running.participants["orders"].engine.branch(("t-2", 1))
+                return info is not None and info.branch.state is BranchState.PREPARED
+
+            await eventually(orders_holds_o2)
             second = await running.submit(
                 coordinator_pb2.SubmitRequest(transaction_id="t-3", branches=three_branches("o-2"))
             )
