@@ -29,6 +29,7 @@ from participants.decided import DecidedWindow
 from participants.server import ParticipantConfig, ParticipantServer
 from participants.server.admin import AdminServicer
 from participants.server.process import CoordinatorAnswer
+from participants.server.servicer import ParticipantServicer
 from participants.service import Service
 from participants.services.catalog import AccountSpec
 from participants.services.inventory import InventoryService
@@ -254,6 +255,45 @@ async def state_fingerprint(cluster: InProcessCluster) -> tuple[object, ...]:
         len(sent.sent),
         sent.staged,
     )
+
+
+class HeldPrepares:
+    """One participant's prepares wait until the test calls run(): a prepare in flight for
+    as long as the test needs, with no fixed delay to outlast. `late`: each still runs after
+    its call ended at its deadline (shielded from the call's cancellation, as a delayed
+    message is). `ended` is set once a held prepare returns or is cancelled with its call."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, participant: str, *, late: bool = False
+    ) -> None:
+        self.release, self.answered, self.ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        self.votes: list[int] = []
+        prepare_items = ParticipantServicer._prepare_items
+
+        async def held(servicer: ParticipantServicer, prepares: Any) -> Any:
+            try:
+                await self.release.wait()
+                answers, keys = await prepare_items(servicer, prepares)
+            finally:
+                self.ended.set()
+            self.votes.extend(answer.vote for answer in answers)
+            self.answered.set()
+            return answers, keys
+
+        async def items(servicer: ParticipantServicer, prepares: Any) -> Any:
+            if not prepares or servicer.server.service.name != participant:
+                return await prepare_items(servicer, prepares)
+            if late:
+                return await asyncio.shield(held(servicer, prepares))
+            return await held(servicer, prepares)
+
+        monkeypatch.setattr(ParticipantServicer, "_prepare_items", items)
+
+    async def run(self) -> list[int]:
+        """Let the held prepares run; their votes, once answered."""
+        self.release.set()
+        await asyncio.wait_for(self.answered.wait(), 10)
+        return self.votes
 
 
 async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.02) -> None:

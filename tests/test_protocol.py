@@ -20,6 +20,7 @@ from participants.services.payment import PaymentService
 from tests.harness import (
     ACCOUNTS,
     ASKS_LATER,
+    HeldPrepares,
     InProcessCluster,
     commit_then_forget,
     eventually,
@@ -146,22 +147,25 @@ def test_unavailable_participant_aborts(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_prepare_deadline_aborts_and_the_slow_participant_is_rolled_back(tmp_path: Path) -> None:
+def test_prepare_deadline_aborts_and_the_slow_participant_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     deadline_ms = 300
+    late = HeldPrepares(monkeypatch, "payment", late=True)
 
     async def scenario() -> None:
         async with InProcessCluster(tmp_path, prepare_timeout_ms=deadline_ms) as cluster:
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=1_000)
             started = time.monotonic()
             response = await cluster.submit(order_branches("o-slow", [("sku-apple", 1)]))
             elapsed_ms = (time.monotonic() - started) * 1000
             assert ABORTED == response.outcome
             assert "deadline" in response.reason and "payment" in response.reason
-            # It aborts at about the deadline, not when the slow participant finally answers.
-            assert deadline_ms * 0.9 <= elapsed_ms < deadline_ms + 600
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+            # It aborts at the deadline, not when the slow participant answers: payment's
+            # prepare is still held.
+            assert deadline_ms * 0.9 <= elapsed_ms
+            assert not late.answered.is_set()
 
-            # When the slow prepare finally runs, the rollback that overtook it refuses it:
+            # When the late prepare finally runs, the rollback that overtook it refuses it:
             # nothing stays held.
             async def payment_branch_rolled_back() -> bool:
                 listing = await cluster.admin("payment").ListBranches(
@@ -171,7 +175,7 @@ def test_prepare_deadline_aborts_and_the_slow_participant_is_rolled_back(tmp_pat
                 return states == {participant_pb2.BRANCH_STATE_ROLLED_BACK}
 
             await eventually(payment_branch_rolled_back)
-            await asyncio.sleep(1.0)  # let the delayed Prepare arrive and be refused
+            assert [coordinator_pb2.VOTE_REFUSED] == await late.run()
             await assert_nothing_held(cluster)
             accounts = {a.account_id: a for a in (await cluster.accounts()).accounts}
             assert 100_000 == accounts["acct-alice"].balance_cents
@@ -729,7 +733,7 @@ def test_the_rollback_of_a_reuse_is_not_recorded_as_a_heuristic_commit(tmp_path:
 
 
 def test_a_lost_one_phase_answer_of_a_reuse_is_not_resolved_from_the_ids_branch(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A one-phase reuse of a forgotten id whose answer does not come in time: the probe's
     Rollback asks the participant, which holds the id's committed branch. Before, that
@@ -741,12 +745,12 @@ def test_a_lost_one_phase_answer_of_a_reuse_is_not_resolved_from_the_ids_branch(
         ) as cluster:
             owner = order_branches("o-a", [("sku-pear", 3)], amount_cents=300)[:1]
             await commit_then_forget(cluster, owner, "txn-x")
-            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_SLOW, delay_ms=1_500)
+            late = HeldPrepares(monkeypatch, "inventory", late=True)
             other = order_branches("o-b", [("sku-pear", 5)], amount_cents=500)
             reuse = await cluster.submit(other[:1], "txn-x")
             assert coordinator_pb2.OUTCOME_ABORTED == reuse.outcome, reuse.reason
-            await cluster.set_fault("inventory", participant_pb2.FAULT_MODE_NONE)
-            await asyncio.sleep(1.6)  # the slow prepare is answered: refused as a reuse
+            # The late prepare is answered: refused as a reuse.
+            assert [coordinator_pb2.VOTE_REFUSED] == await late.run()
             assert 3 == (await cluster.stock())["sku-pear"].sold
 
     asyncio.run(scenario())
