@@ -95,7 +95,18 @@ def test_a_participant_restarted_on_another_ones_old_address_is_not_taken_for_it
             await orders_on_inventorys_port(cluster, tmp_path)
             # Commit retries of t-1's inventory branch now reach orders: refused as misdirected,
             # retried, never a heuristic outcome (it was a hazard: Commit answered NOT_FOUND).
-            await asyncio.sleep(1.0)
+            inventorys = engine.active["t-1"].txn.branch(0)
+
+            async def refused_by_orders() -> bool:
+                return "the wrong participant answered" in inventorys.last_error
+
+            await eventually(refused_by_orders)
+            refused_at = inventorys.phase_two_attempts
+
+            async def retried() -> bool:
+                return inventorys.phase_two_attempts > refused_at
+
+            await eventually(retried)
             assert [] == list(engine.heuristics)
             assert "t-1" in engine.active
             # A new order's inventory Prepare reaches orders too: the transaction aborts as
