@@ -20,7 +20,7 @@ from dtm.orderflow import (
     transaction_id_for,
 )
 from dtmpb.v1 import coordinator_pb2, coordinator_pb2_grpc, participant_pb2
-from tests.harness import InProcessCluster, eventually, order_branches, until
+from tests.harness import HeldPrepares, InProcessCluster, eventually, order_branches, until
 
 
 def test_a_submit_while_the_coordinator_is_down_is_retried_until_it_lands_once(
@@ -397,26 +397,34 @@ def test_submits_that_gave_up_while_queued_do_not_hold_the_queue_against_the_nex
 
 @pytest.mark.parametrize("method", ["submit", "submit_until_known"])
 def test_closing_the_client_under_a_unary_submit_answers_cancelled_not_an_exception(
-    tmp_path: Path, method: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     """Closing the channel cancels its calls, and grpc.aio then raises CancelledError in the
     caller's task, which nobody cancelled: the caller lost the answer as an exception (in a
     gather, its own cancellation) while the transaction committed (a bug hunt)."""
 
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path) as cluster:
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=500)
+        # Payment's vote waits for the test: the Submit is in flight until it is released.
+        payment = HeldPrepares(monkeypatch, "payment")
+        async with InProcessCluster(
+            tmp_path, prepare_timeout_ms=60_000, transaction_timeout_ms=60_000
+        ) as cluster:
             client = OrderClient(cluster.coordinator_address)  # unary
             request = coordinator_pb2.SubmitRequest(
                 transaction_id="txn-o-1",
                 branches=order_branches("o-1", [("sku-apple", 1)], amount_cents=1),
             )
             caller = asyncio.ensure_future(getattr(client, method)(request))
-            await asyncio.sleep(0.2)  # in flight
+
+            async def in_flight() -> bool:
+                return "txn-o-1" in cluster.coordinator.engine.active
+
+            await eventually(in_flight)
             await client.close()
             result = await caller
             assert grpc.StatusCode.CANCELLED == result.code
             assert "may have run" in result.message
+            await payment.run()
             async with OrderClient(cluster.coordinator_address) as again:  # and it did
                 assert (await again.submit_until_known(request)).committed
 
