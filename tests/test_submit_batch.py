@@ -14,7 +14,7 @@ from dtm import limits
 from dtm.coordinator.server import fitted
 from dtm.orderflow import OrderClient, SubmitResult
 from dtmpb.v1 import coordinator_pb2, participant_pb2, shop_pb2
-from tests.harness import InProcessCluster, eventually, order_branches, pack
+from tests.harness import HeldPrepares, InProcessCluster, eventually, order_branches, pack, until
 
 Code = grpc.StatusCode
 
@@ -178,20 +178,25 @@ def test_a_large_transaction_leaves_alone_so_a_batch_always_fits_one_message(
     asyncio.run(scenario())
 
 
-def test_submits_queue_behind_the_calls_in_flight_and_leave_together(tmp_path: Path) -> None:
+def test_submits_queue_behind_the_calls_in_flight_and_leave_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Payment's votes wait for the test: the first call stays in flight while it looks.
+    payment = HeldPrepares(monkeypatch, "payment")
+
     async def scenario() -> None:
         async with InProcessCluster(tmp_path) as cluster:
-            # A slow payment holds the first call in flight long enough to look.
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=300)
             async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
                 first = asyncio.ensure_future(client.submit(order("o-first")))
                 await eventually(in_flight(client))
                 later = [asyncio.ensure_future(client.submit(order(f"o-{i}"))) for i in range(5)]
-                await asyncio.sleep(0.1)
+                batcher = client._batcher
+                assert batcher is not None
+                await until(lambda: 5 == batcher.queued)  # each task has queued its Submit
                 # One call in flight at most: the five wait, unsent, for the first to return.
                 assert (1, 1) == client.batches
                 assert not any(submit.done() for submit in (first, *later))
-                await cluster.set_fault("payment", participant_pb2.FAULT_MODE_NONE)
+                await payment.run()
                 results: list[SubmitResult] = await asyncio.gather(first, *later)
                 assert (2, 6) == client.batches
             assert all(result.committed for result in results)
@@ -266,19 +271,28 @@ def test_a_closed_batching_client_answers_at_once_and_sends_nothing() -> None:
     asyncio.run(scenario())
 
 
-def test_each_batched_submit_keeps_its_own_deadline(tmp_path: Path) -> None:
+def test_each_batched_submit_keeps_its_own_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Payment's votes wait for the test: the call cannot end before the hasty one's deadline.
+    payment = HeldPrepares(monkeypatch, "payment")
+
     async def scenario() -> None:
-        async with InProcessCluster(tmp_path) as cluster:
-            await cluster.set_fault("payment", participant_pb2.FAULT_MODE_SLOW, delay_ms=800)
-            async with OrderClient(cluster.coordinator_address, batch_in_flight=1) as client:
-                patient, hasty = await asyncio.gather(
-                    client.submit(order("o-patient"), timeout_s=10),
-                    client.submit(order("o-hasty"), timeout_s=0.3),
-                )
-            # Both travelled in one call, which lasted as long as the patient one allowed.
-            assert patient.committed, patient.reason
+        async with (
+            InProcessCluster(
+                tmp_path, prepare_timeout_ms=30_000, transaction_timeout_ms=30_000
+            ) as cluster,
+            OrderClient(cluster.coordinator_address, batch_in_flight=1) as client,
+        ):
+            patient = asyncio.ensure_future(client.submit(order("o-patient"), timeout_s=30))
+            hasty = await client.submit(order("o-hasty"), timeout_s=0.3)
+            # Both travelled in one call, which lasts as long as the patient one allows:
+            # the hasty one was answered at its own deadline, while the call was held.
+            assert (1, 2) == client.batches
             assert grpc.StatusCode.DEADLINE_EXCEEDED == hasty.code
-            assert hasty.elapsed_s < 0.8
+            assert not payment.ended.is_set()
+            await payment.run()
+            assert (await patient).committed
 
     asyncio.run(scenario())
 
