@@ -930,8 +930,23 @@ def test_an_address_without_a_port_is_a_usage_error() -> None:
     ):
         status, out, err = asyncio.run(dtm(*args))
         assert (cli.EXIT_USAGE, "") == (status, out), args
-        assert "expected HOST:PORT" in err, err
-        assert "no port after the brackets" in err if "[" in args[1] else "127.0.0.1:50050" in err
+        assert "expected host:port with port 1..65535" in err, err
+        assert "no port after the brackets" in err or "[" not in args[1], err
+
+
+def test_the_address_flags_refuse_what_the_coordinator_setting_refuses() -> None:
+    """--coordinator and --address accepted `localhost :50050` (a space), a port of six
+    digits or an address of 300 characters, which [participant] coordinator (the setting
+    --coordinator stands in for) refuses: gRPC then failed on it, or dialed another port.
+    Checked by the settings' own check now, with its message."""
+    for address in ("localhost :50050", "127.0.0.1:000050", "h\t:5", "a" * 300 + ":5"):
+        with pytest.raises(config.ConfigError) as refused:
+            config.load(environ={"DTM_PARTICIPANT_COORDINATOR": address})
+        says = str(refused.value).rpartition(": ")[2]  # after "...COORDINATOR='...': "
+        for args in (["--coordinator", address, "txn", "list"], ["locks", "--address", address]):
+            status, out, err = asyncio.run(dtm(*args))
+            assert (cli.EXIT_USAGE, "") == (status, out), args
+            assert says in err.strip().splitlines()[-1], (args, err)
 
 
 def test_python_m_dtm_wal_dump_is_dtm_log_dump(tmp_path: Path) -> None:

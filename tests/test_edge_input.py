@@ -267,11 +267,19 @@ def test_registration_refuses_an_operation_type_that_can_never_match(tmp_path: P
 
 @pytest.mark.parametrize(
     ("address", "refused"),
-    [("h:65535", False), ("h:0000000080", False), ("h:000065536", True), ("h:0", True)],
+    [
+        ("h:65535", False),
+        ("h:00080", False),
+        ("h:000065536", True),
+        ("h:0", True),
+        ("h:0000000080", True),
+    ],
 )
 def test_cli_port_bounds_ignore_leading_zeros(address: str, refused: bool) -> None:
     """A review found 000065536 accepted (gRPC dials it modulo 65536) and 0000000080
-    refused: the first eight characters were read as the port."""
+    refused: the first eight characters were read as the port. The flags now check as the
+    settings do (config.ADDRESS): a port of more than five digits is refused whatever its
+    value, with the settings' message, rather than misread."""
     import argparse
 
     from dtm.cli import _address

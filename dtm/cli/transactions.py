@@ -25,7 +25,7 @@ from google.protobuf.descriptor import Descriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from dtm import limits
+from dtm import config, limits
 from dtm.cli import tables as fmt
 from dtm.cli.session import (
     BRANCH_KEYS,
@@ -314,25 +314,16 @@ def _seconds(text: str) -> float:
 
 
 def _address(text: str) -> str:
-    """A HOST:PORT given on the command line (argparse type). An empty one is an error: read
-    as "not given", it would quietly send the commands to the default address instead."""
+    """A HOST:PORT given on the command line (argparse type), checked as the settings check
+    [participant] coordinator (config.ADDRESS), with their messages: the flag and the setting
+    it stands in for accept the same addresses. An empty one is an error: read as "not
+    given", it would quietly send the commands to the default address instead."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty; expected HOST:PORT")
-    _utf8(text)
-    port = text.rpartition(":")[2]
-    digits = port.lstrip("0")
-    if port.isascii() and port.isdigit() and not (0 < len(digits) <= 5 and int(digits) <= 65535):
-        # gRPC would dial the port modulo 65536: another server, or another process.
-        raise argparse.ArgumentTypeError(f"{text!r}: the port must be 1..65535")
-    hint = limits.unbracketed_host_hint(text)
-    if hint:  # gRPC would guess where the host ends: another address than meant
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT{hint}")
-    host, _, port = text.rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()):
-        # gRPC would dial its default port, 443: "cannot reach" a server that runs elsewhere.
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected HOST:PORT with a port, e.g. 127.0.0.1:50050"
-        )
+    try:
+        config.ADDRESS.parse(text, True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: {error}") from None
     return text
 
 
