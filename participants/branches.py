@@ -213,14 +213,6 @@ def branch_key_text(key: BranchKey) -> str:
     return f"{key[0]}/{key[1]}"
 
 
-def transaction_of_owner(owner: str) -> str:
-    """The transaction id of lock owner `owner` (branch_key_text). A transaction id has no "/"
-    (limits.TRANSACTION_ID_PATTERN), so it is the part before the last one. Two attempts of
-    one id are one transaction by it: the lock manager of a participant process names
-    transactions by `BranchEngine.transaction_of`."""
-    return owner.rpartition("/")[0]
-
-
 class BranchEngine:
     def __init__(
         self,
@@ -458,6 +450,8 @@ class BranchEngine:
         any other; by the id alone it was refused at once as the first one's sibling. The
         lock manager asks once per owner, as the branch takes its first lock, while it is
         open, and keeps the answer until `release_all`. "#" is not in a transaction id."""
+        # branch_key_text split back, inline (once per branch): the id part is what
+        # participants.service.transaction_of gives, and the index finds the open branch.
         transaction_id, _, index = owner.rpartition("/")
         info = self.open.get((transaction_id, int(index)))
         if info is None or not info.fingerprint:

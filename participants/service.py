@@ -121,6 +121,15 @@ class Service(Protocol, Generic[Operation]):
         return None
 
 
+def transaction_of(key: str) -> str:
+    """The transaction id part of a branch key "<transaction id>/<branch>" (the `key` a
+    Service's prepare, commit and rollback get): a transaction id has no "/"
+    (limits.TRANSACTION_ID_PATTERN), so it is the part before the last one."""
+    transaction_id, separator, _ = key.rpartition("/")
+    # A key without "/" is not something the SDK produces; keep it whole rather than lose it.
+    return transaction_id if separator else key
+
+
 #: What every service must write itself; `Service` has a default for the rest.
 REQUIRED_METHODS = ("prepare", "commit", "rollback", "snapshot", "restore")
 #: What a class that does not subclass `Service` must write too.

@@ -19,7 +19,7 @@ from dtm.records import RecordType, ReplayError
 from dtm.wal import MemoryLog
 from dtmpb.v1 import shop_pb2
 from participants import locks
-from participants.branches import BranchEngine, transaction_of_owner
+from participants.branches import BranchEngine
 from participants.locks import (
     DeadlockDetected,
     LockManager,
@@ -28,7 +28,7 @@ from participants.locks import (
     LockSnapshot,
     LockTimeout,
 )
-from participants.service import LockRequest, Prepared, PrepareResult, ReadOnly
+from participants.service import LockRequest, Prepared, PrepareResult, ReadOnly, transaction_of
 from participants.services.inventory import InventoryService
 from participants.services.orders import OrdersService
 from tests.harness import until
@@ -728,7 +728,7 @@ def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_trans
     self-deadlock."""
 
     async def main() -> None:
-        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of_owner)
+        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of)
         await manager.acquire("t1/0", "sku-1", S)
         await manager.acquire("t1/1", "sku-1", S)
         manager.pin("t1/0")
@@ -756,7 +756,7 @@ def test_branches_of_one_transaction_share_shared_locks_and_wait_for_other_trans
 
 
 def branch_locks() -> LockManager:
-    return LockManager(wait_timeout_s=3600.0, transaction_of=transaction_of_owner)
+    return LockManager(wait_timeout_s=3600.0, transaction_of=transaction_of)
 
 
 async def queued(manager: LockManager, owner: str, resource: str, mode: LockMode) -> Any:
@@ -1120,7 +1120,7 @@ def test_branches_of_one_transaction_waiting_on_a_transaction_that_waits_on_nobo
     on two resources exclusive, and get their locks when t2 is decided."""
 
     async def main() -> None:
-        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of_owner)
+        manager = LockManager(wait_timeout_s=LONG_S, transaction_of=transaction_of)
         await manager.acquire("t2/0", "r", X)
         await manager.acquire("t2/1", "q", X)
         waits = [
@@ -1251,7 +1251,7 @@ def test_queuing_many_waiters_on_one_resource_costs_linear_search_work(
     # waiters froze the event loop for 1.8 s. A fresh branch nobody waits for needs no search,
     # nor does one of a transaction none of whose branches anybody waits for.
     async def main() -> None:
-        options: dict[str, Any] = {"transaction_of": transaction_of_owner} if by_transaction else {}
+        options: dict[str, Any] = {"transaction_of": transaction_of} if by_transaction else {}
         manager = LockManager(wait_timeout_s=HOT_WAIT_S, **options)
         await manager.acquire("holder/0", "order-1", X)
         tasks = await queue_on(manager, "order-1", [f"w{k:03}/0" for k in range(HOT_QUEUE)])
@@ -1415,7 +1415,7 @@ def whole_graph_has_transaction_cycle_through(manager: LockManager, owner: str) 
 
     def node_of(branch: str) -> tuple[str, str]:
         if branch in manager._pinned:
-            return ("transaction", transaction_of_owner(branch))
+            return ("transaction", transaction_of(branch))
         return ("branch", branch)
 
     def waits_for(node: tuple[str, str]) -> set[tuple[str, str]]:
@@ -1423,12 +1423,12 @@ def whole_graph_has_transaction_cycle_through(manager: LockManager, owner: str) 
         return {
             node_of(blocker)
             for branch in manager._resources_of
-            if (transaction_of_owner(branch) == name if kind == "transaction" else branch == name)
+            if (transaction_of(branch) == name if kind == "transaction" else branch == name)
             for blocker in whole_graph_waits_for(manager, branch)
         }
 
     start = node_of(owner)
-    ends = {start, ("transaction", transaction_of_owner(owner))}
+    ends = {start, ("transaction", transaction_of(owner))}
     seen: set[tuple[str, str]] = set()
     todo = list(waits_for(start))
     while todo:
@@ -1451,7 +1451,7 @@ def test_deadlock_search_of_transactions_agrees_with_a_search_of_the_whole_graph
     whole graph's edges or from a branch to a sibling."""
     loop = asyncio.new_event_loop()
     try:
-        manager = table_manager(table, loop, transaction_of=transaction_of_owner)
+        manager = table_manager(table, loop, transaction_of=transaction_of)
         manager._pinned = pinned & manager._resources_of.keys()
         for owner in sorted(manager._resources_of):
             cycle = manager._find_cycle(owner)
@@ -1462,7 +1462,7 @@ def test_deadlock_search_of_transactions_agrees_with_a_search_of_the_whole_graph
                 assert cycle[0] == cycle[-1] == owner, cycle
                 for here, there in itertools.pairwise(cycle):
                     assert there in whole_graph_waits_for(manager, here) or (
-                        transaction_of_owner(here) == transaction_of_owner(there) != ""
+                        transaction_of(here) == transaction_of(there) != ""
                     ), (cycle, here, there)
     finally:
         loop.close()

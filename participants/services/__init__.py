@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from dtm import limits
 from dtmpb.v1 import shop_pb2
-from participants.service import InvalidOperation
+from participants.service import InvalidOperation, transaction_of
 
 #: The servicer context every read API method receives.
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -28,13 +28,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 #: Bumped when a service's snapshot layout changes; restore refuses any other version rather
 #: than guess at a layout it does not know.
 SNAPSHOT_FORMAT = 1
-
-
-def transaction_of(key: str) -> str:
-    """The transaction id part of a branch key "<transaction id>/<branch index>"."""
-    transaction_id, separator, _ = key.rpartition("/")
-    # A key without "/" is not something the SDK produces; keep it whole rather than lose it.
-    return transaction_id if separator else key
 
 
 def check_resource_id(field: str, value: str) -> None:
