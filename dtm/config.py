@@ -605,15 +605,21 @@ def _declared_services(path: Path, document: Mapping[str, object]) -> dict[str, 
         raise ConfigError(f"{where} = {names!r}: expected a list of service names (strings)")
     declared: dict[str, dict[str, object]] = {}
     for name in names:
-        problem = limits.participant_name_problem(name)
-        if problem is None and name in (*SECTIONS, SERVICES_SECTION):
-            problem = f"[{name}] is dtm's own section, not a service of one's own"
+        problem = limits.participant_name_problem(name) or dtms_own_section_problem(name)
         if problem is None and name in declared:
             problem = f"{name!r} is declared twice"
         if problem is not None:
             raise ConfigError(f"{where}: {problem}")
         declared[name] = {}
     return declared
+
+
+def dtms_own_section_problem(name: str) -> str | None:
+    """What is wrong with `name` as that of a service of one's own: a section of dtm's
+    ([log], [participant], [inventory]...) has dtm's settings, not the service's; else None."""
+    if name in (*SECTIONS, SERVICES_SECTION):
+        return f"[{name}] is dtm's own section, not a service of one's own"
+    return None
 
 
 def _read_environment(environ: Mapping[str, str]) -> Layer:
@@ -951,6 +957,7 @@ __all__ = [
     "config_path",
     "configured_initial",
     "default_of",
+    "dtms_own_section_problem",
     "environment_variable",
     "from_options",
     "keys",

@@ -429,6 +429,22 @@ def test_a_service_of_ones_own_is_told_what_it_would_ignore(
     assert 200 == participant_server.parse_args("loyalty", []).lock_wait_ms
 
 
+def test_a_service_of_ones_own_named_like_a_section_of_dtms_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A service of one's own named `log`, `cli`, `coordinator`, `participant` or `services`
+    was taken for a section of dtm's: it skipped the checks of a service of one's own and
+    accepted --initial without a word. Refused at start (status 2), naming another way out;
+    the shipped services keep their names."""
+    for name in ("log", "cli", "coordinator", "participant", "services"):
+        with pytest.raises(SystemExit) as exit_:
+            participant_server.parse_args(name, ["--initial", "members.json"])
+        assert 2 == exit_.value.code, name
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"a service of one's own cannot be named {name!r}: [{name}] is dtm's own" in err
+    assert 500 == participant_server.parse_args("inventory", []).lock_wait_ms
+
+
 def test_a_service_of_ones_own_is_not_sent_to_an_initial_setting_it_ignores(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -81,11 +81,11 @@ def wal_sync_mode(participant: ParticipantConfig) -> str:
 def _not_for_a_service_of_ones_own(
     name: str, initial: str | None, environ: Mapping[str, str]
 ) -> str | None:
-    """What a service of one's own (whose name is none of config.SECTIONS, e.g.
+    """What a service of one's own (whose name is none of config.SERVICES, e.g.
     examples/loyalty) was given that it would otherwise ignore without a word: --initial,
     which only the shipped services' mains read, or a DTM_<NAME>_* variable, as a shipped
     service's name would have it read, where its settings are [participant]'s."""
-    if name in config.SECTIONS:
+    if name in config.SERVICES:
         return None
     if initial is not None:
         return f"--initial: {_reads_no_initial_file(name)}"
@@ -107,6 +107,19 @@ def _not_for_a_service_of_ones_own(
     return None
 
 
+def _name_of_a_section_of_dtms(name: str) -> str | None:
+    """What is wrong with a service of one's own named like a section of dtm's other than a
+    shipped service's ([log], [participant]...), else None. Taken for that section, it
+    skipped the checks of a service of one's own, and its DTM_<NAME>_* variables (DTM_LOG_*)
+    mean something else."""
+    if name in config.SERVICES:
+        return None
+    problem = config.dtms_own_section_problem(name)
+    if problem is None:
+        return None
+    return f"a service of one's own cannot be named {name!r}: {problem}; choose another name"
+
+
 def _reads_no_initial_file(name: str) -> str:
     return (
         f"{name} reads no initial file (inventory and payment do); a service of one's own "
@@ -125,6 +138,9 @@ def parse_args(
     # The flags apply to the service's own section ([inventory]...), else to [participant].
     # --initial is the service main's: it takes it out of the command line (split_initial_arg)
     # and builds the service before the SDK runs. Declared here only so --help shows it.
+    problem = _name_of_a_section_of_dtms(name)
+    if problem:
+        parser.error(problem)
     section = config.participant_section(name)
     config.add_flags(parser, section, exclude=("initial",))
     parser.add_argument(
