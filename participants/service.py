@@ -141,12 +141,8 @@ def service_problem(service: object) -> str | None:
     method left out surfaced only at the first call that needed it (a TypeError at start for
     add_read_api, every branch refused for locks or prepare), far from its cause."""
     kind = type(service)
-    missing = [
-        method
-        for method in REQUIRED_METHODS
-        if getattr(kind, method, None) in (None, getattr(Service, method))
-    ]
-    missing += [method for method in DEFAULTED_METHODS if not hasattr(kind, method)]
+    missing = [method for method in REQUIRED_METHODS if not _implements(service, method)]
+    missing += [method for method in DEFAULTED_METHODS if not hasattr(service, method)]
     if missing:
         return (
             f"service {kind.__name__} does not implement {', '.join(missing)}: a participant "
@@ -160,6 +156,13 @@ def service_problem(service: object) -> str | None:
             f"class of the operation it takes (its_pb2.ItsOperation), not {operation_type!r}"
         )
     return _settings_problem(service)
+
+
+def _implements(service: object, method: str) -> bool:
+    """Whether `service` has `method` of its own, not Service's default. Looked up on the
+    instance, as the engine calls it: a method set in __init__ counts too."""
+    found = getattr(service, method, None)
+    return callable(found) and getattr(found, "__func__", found) is not getattr(Service, method)
 
 
 def _settings_problem(service: object) -> str | None:
@@ -177,7 +180,7 @@ def _settings_problem(service: object) -> str | None:
     problem = config.settings_type_problem(settings_type)
     if problem:
         return f"service {kind.__name__}: {problem}"
-    if getattr(kind, "configure", None) in (None, Service.configure):
+    if not _implements(service, "configure"):
         return (
             f"service {kind.__name__} declares settings_type but no configure(settings), "
             "which takes them"

@@ -175,6 +175,34 @@ def test_a_service_short_of_the_contract_is_refused_at_construction(
     assert not (tmp_path / "tally").exists()
 
 
+class PreparesAsBuilt(WithoutPrepare):
+    """A Service subclass that picks its prepare as it is built: the engine calls the
+    instance's attribute, so it meets the contract."""
+
+    def __init__(self) -> None:
+        self.prepare = lambda key, operation: Prepared()  # type: ignore[method-assign]
+
+
+class BuiltFromFunctions:
+    """Duck-typed, every method an attribute of the instance."""
+
+    name = "tally"
+    operation_type = Tally
+
+    def __init__(self) -> None:
+        self.prepare = self.commit = self.rollback = lambda *args: Prepared()
+        self.validate = self.restore = lambda *args: None
+        self.locks = self.add_read_api = lambda *args: []
+        self.snapshot = lambda: b""
+
+
+def test_methods_set_on_the_instance_meet_the_contract() -> None:
+    """service_problem looked for the methods on the class only: these were refused as not
+    implementing prepare (and the rest), though every call would have found them."""
+    for service in (PreparesAsBuilt(), BuiltFromFunctions()):
+        assert service_problem(service) is None, service
+
+
 def test_the_shop_services_meet_the_contract() -> None:
     from participants.services.inventory import InventoryService
     from participants.services.notification import NotificationService
