@@ -448,8 +448,9 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     cli: CliSettings = field(default_factory=CliSettings)
     #: Each declared service of one's own -> its section of the file as written ({} when it
-    #: has none): only that service knows its keys, and checks them (`own_settings`).
-    custom: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    #: has none): only that service knows its keys, and checks them (`own_settings`). Not
+    #: hashed (a dict is not hashable); equality still compares it.
+    custom: Mapping[str, Mapping[str, object]] = field(default_factory=dict, hash=False)
     #: The file read, if any (not part of equality: two sources can say the same thing).
     source: Path | None = field(default=None, compare=False)
 

@@ -706,6 +706,12 @@ def test_a_declared_section_of_a_service_of_ones_own_is_read_by_every_process(
     assert {"loyalty": {}} == load(declared, environ={}).custom
 
 
+def test_a_configuration_with_a_section_of_ones_own_can_be_hashed(tmp_path: Path) -> None:
+    """Config is a frozen dataclass, so hashable; its `custom` dict made hash() a TypeError."""
+    path = write(tmp_path / "dtm.toml", SHARED)
+    assert hash(load(path, environ={})) == hash(load(path, environ={}))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
