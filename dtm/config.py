@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import difflib
 import os
 import sys
@@ -462,14 +463,20 @@ class Config:
         return self.participant
 
     def as_dict(self) -> dict[str, dict[str, object]]:
-        """Section -> key -> value, with the values as a TOML file would spell them."""
-        return {
+        """Section -> key -> value, with the values as a TOML file would spell them; then
+        [services] and each declared section of a service of one's own, as the file has it
+        (only that service knows its settings' kinds and defaults)."""
+        document: dict[str, dict[str, object]] = {
             section: {
                 f.name: _spell(getattr(getattr(self, section), f.name))
                 for f in dataclasses.fields(getattr(self, section))
             }
             for section in SECTIONS
         }
+        document[SERVICES_SECTION] = {CUSTOM_KEY: list(self.custom)}
+        for name, table in self.custom.items():
+            document[name] = {key: _spell_as_written(value) for key, value in table.items()}
+        return document
 
 
 def _spell(value: object) -> object:
@@ -477,6 +484,18 @@ def _spell(value: object) -> object:
         return ""
     if isinstance(value, Path):
         return str(value)
+    return value
+
+
+def _spell_as_written(value: object) -> object:
+    """A value of a section only its service reads, for JSON: a TOML date or time (which no
+    JSON has) as its ISO text; a table or an array item by item."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {key: _spell_as_written(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_spell_as_written(item) for item in value]
     return value
 
 

@@ -555,6 +555,28 @@ def test_log_dump_crashpoints_and_config(tmp_path: Path) -> None:
     assert (cli.EXIT_USAGE, True) == (status, "unknown key 'lock_wait'" in err)
 
 
+def test_config_shows_the_services_of_ones_own_and_their_sections(tmp_path: Path) -> None:
+    """`dtm config` left out [services] and each declared section ([loyalty]): the file's
+    shared configuration showed no trace of them. They are shown as written, and said to be
+    checked by the service they name (the CLI does not know its settings)."""
+    path = tmp_path / "dtm.toml"
+    path.write_text(
+        '[services]\ncustom = ["loyalty"]\n[loyalty]\nmax_points = 5\nsince = 2024-01-31\n',
+        encoding="utf-8",
+    )
+    status, out, _ = asyncio.run(dtm("--config", str(path), "config"))
+    assert cli.EXIT_OK == status
+    assert '[services]\ncustom = ["loyalty"]' in out, out
+    loyalty = out.split("[loyalty]\n", 1)[1].splitlines()
+    assert "# as written in the file; checked by the loyalty service" == loyalty[0], out
+    assert "max_points = 5" == loyalty[1], out
+    status, out, _ = asyncio.run(dtm("--config", str(path), "--json", "config"))
+    document = json.loads(out)
+    assert {"custom": ["loyalty"]} == document["services"]
+    # A TOML date (no JSON has one) made both a TypeError traceback: its ISO text.
+    assert {"max_points": 5, "since": "2024-01-31"} == document["loyalty"]
+
+
 def test_config_says_when_dtm_tls_variables_override_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,6 +119,9 @@ def cmd_config(session: Session) -> int:
         )
     for section, values in document.items():
         print(f"\n[{section}]", file=session.out)
+        if section in settings.custom:
+            # Read by that service alone, which knows its settings: shown as the file has them.
+            print(f"# as written in the file; checked by the {section} service", file=session.out)
         for key, value in values.items():
             print(f"{key} = {json.dumps(value)}", file=session.out)
     return EXIT_OK
