@@ -14,8 +14,10 @@ service (``[inventory]``, ``[orders]``, ``[payment]``, ``[notification]``: same 
 command's own certificate, so that an operator's shell needs no DTM_TLS_* variable, which
 would also be read by every server started from it). A service of one's own (README "Writing a
 new participant") may have a section too, declared in ``[services] custom = ["loyalty"]``:
-every process accepts it, and only that service reads and checks its keys (`own_settings`),
-with its ``DTM_<NAME>_<KEY>`` variables and flags. Within each layer a
+every process accepts it. Its ``[participant]`` keys (and ``DTM_<NAME>_<KEY>`` of them)
+override ``[participant]`` for that service, as a shipped service's section does, and are
+checked by every process; its other keys are the service's own settings, which only that
+service reads and checks (`own_settings`), with their variables and flags. Within each layer a
 service's own section wins over ``[participant]``; across layers the higher layer wins, so
 ``DTM_PARTICIPANT_LOCK_WAIT_MS`` beats ``[inventory] lock_wait_ms`` from the file.
 
@@ -449,9 +451,14 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     cli: CliSettings = field(default_factory=CliSettings)
     #: Each declared service of one's own -> its section of the file as written ({} when it
-    #: has none): only that service knows its keys, and checks them (`own_settings`). Not
-    #: hashed (a dict is not hashable); equality still compares it.
+    #: has none), participant keys included (`custom_participants` has them merged): only
+    #: that service knows its other keys, and checks them (`own_settings`). Not hashed (a
+    #: dict is not hashable); equality still compares it.
     custom: Mapping[str, Mapping[str, object]] = field(default_factory=dict, hash=False)
+    #: Each service of one's own whose settings were merged -> [participant] overridden by the
+    #: participant keys of its section and its DTM_<NAME>_<KEY> variables, as a shipped
+    #: service's are by its own section (two of them in one file need their own listen).
+    custom_participants: Mapping[str, ParticipantSettings] = field(default_factory=dict, hash=False)
     #: The file read, if any (not part of equality: two sources can say the same thing).
     source: Path | None = field(default=None, compare=False)
 
@@ -460,7 +467,7 @@ class Config:
         if name in SERVICES:
             settings: ParticipantSettings = getattr(self, name)
             return settings
-        return self.participant
+        return self.custom_participants.get(name, self.participant)
 
     def as_dict(self) -> dict[str, dict[str, object]]:
         """Section -> key -> value, with the values as a TOML file would spell them; then
@@ -568,9 +575,26 @@ def _read_file(path: Path) -> tuple[Layer, dict[str, dict[str, object]]]:
             raise ConfigError(f"{path}: {section!r} must be a section [{section}], not a value")
         if section in custom:
             custom[section] = table
+            layer[section] = _participant_keys_of_custom(path, section, table)
         else:
             layer[section] = _read_table(path, section, table, _fields(SECTION_TYPES[section]))
     return layer, custom
+
+
+def _participant_keys_of_custom(
+    path: Path, section: str, table: Mapping[str, object]
+) -> dict[str, object]:
+    """The participant settings in a declared section of a service of one's own, checked as
+    those of a shipped service's section are; its other keys are that service's to check."""
+    settings = _fields(ParticipantSettings)
+    if "initial" in table:
+        raise ConfigError(
+            f"{path}: [{section}] initial: {section} reads no initial file (inventory and "
+            "payment do); a service of one's own builds its initial state itself",
+            (section, "initial"),
+        )
+    ours = {key: raw for key, raw in table.items() if key in settings}
+    return _read_table(path, section, ours, settings)
 
 
 def _unknown_section(path: Path, section: str, custom: Sequence[str]) -> str:
@@ -587,12 +611,14 @@ def _read_table(
     section: str,
     table: Mapping[str, object],
     settings: Mapping[str, dataclasses.Field[Any]],
+    also_known: Sequence[str] = (),
 ) -> dict[str, object]:
-    """A section of the file, each key checked and parsed."""
+    """A section of the file, each key checked and parsed; `also_known` are keys the section
+    also takes, read elsewhere (named when a key is unknown)."""
     values: dict[str, object] = {}
     for key, raw in table.items():
         if key not in settings:
-            known = list(settings)
+            known = [*settings, *also_known]
             raise ConfigError(
                 f"{path}: unknown key {key!r} in [{section}]{_suggest(key, known)} "
                 f"(known keys: {', '.join(known)})"
@@ -642,8 +668,14 @@ def dtms_own_section_problem(name: str) -> str | None:
     return None
 
 
-def _read_environment(environ: Mapping[str, str]) -> Layer:
+def _read_environment(environ: Mapping[str, str], custom: Sequence[str] = ()) -> Layer:
+    """The DTM_<SECTION>_<KEY> variables; for a service of one's own in `custom`, only those
+    naming a participant setting (its own settings' are its own to check: `own_settings`)."""
     layer: Layer = {}
+    for name in custom:
+        values = _participant_variables_of_custom(environ, name)
+        if values:
+            layer[name] = values
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENVIRONMENT_PREFIX):
             continue
@@ -663,6 +695,17 @@ def _read_environment(environ: Mapping[str, str]) -> Layer:
         values = layer.setdefault(section, {})
         values[key] = _read_variable(name, raw, section, key, _fields(SECTION_TYPES[section]))
     return layer
+
+
+def _participant_variables_of_custom(environ: Mapping[str, str], name: str) -> dict[str, object]:
+    prefix = environment_variable(name, "")
+    settings = _fields(ParticipantSettings)
+    values: dict[str, object] = {}
+    for variable, raw in sorted(environ.items()):
+        key = variable[len(prefix) :].lower()
+        if variable.startswith(prefix) and key in settings:
+            values[key] = _read_variable(variable, raw, name, key, settings)
+    return values
 
 
 def _read_variable(
@@ -745,24 +788,33 @@ def load(
     *,
     environ: Mapping[str, str] | None = None,
     flags: Mapping[str, Mapping[str, object]] | None = None,
+    service: str | None = None,
 ) -> Config:
     """The configuration from defaults, the file, the environment and `flags`, validated.
 
     `path` is --config (None: $DTM_CONFIG, else no file). `environ` defaults to os.environ.
     `flags` maps a section to the flags given on the command line (raw text or bool), only
-    those actually given. Raises ConfigError.
+    those actually given. `service` is this process's service of one's own, if it is one:
+    its DTM_<NAME>_<KEY> participant variables apply even when the file declares no section
+    for it. Raises ConfigError.
     """
     environ = os.environ if environ is None else environ
     source = config_path(path, environ)
     file_layer, custom = _read_file(source) if source is not None else ({}, {})
+    own = [*custom, *([service] if service is not None and service not in custom else [])]
+    own = [name for name in own if name not in SECTIONS]
     layers = [
         file_layer,
-        _read_environment(environ),
+        _read_environment(environ, own),
         _read_flags(flags or {}),
     ]
     services = {
         name: _merge(ParticipantSettings, SERVICE_DEFAULTS[name], layers, [PARTICIPANT, name])
         for name in SERVICES
+    }
+    # Within a layer a service's section wins over [participant], as for the shipped ones.
+    custom_participants = {
+        name: _merge(ParticipantSettings, {}, layers, [PARTICIPANT, name]) for name in own
     }
     return Config(
         coordinator=_merge(CoordinatorSettings, {}, layers, [COORDINATOR]),
@@ -770,6 +822,7 @@ def load(
         log=_merge(LogSettings, {}, layers, [LOG]),
         cli=_merge(CliSettings, {}, layers, [CLI]),
         custom=custom,
+        custom_participants=custom_participants,
         source=source,
         **services,
     )
@@ -826,10 +879,14 @@ def add_flags(parser: argparse.ArgumentParser, section: str, exclude: Sequence[s
 
 
 def from_options(
-    options: argparse.Namespace, section: str, environ: Mapping[str, str] | None = None
+    options: argparse.Namespace,
+    section: str,
+    environ: Mapping[str, str] | None = None,
+    service: str | None = None,
 ) -> Config:
     """The configuration, given a command line parsed by a parser that `add_flags(parser,
-    section)` set up: the flags given there apply to `section`. Raises ConfigError."""
+    section)` set up: the flags given there apply to `section`; `service` as `load` takes
+    it. Raises ConfigError."""
     flags: dict[str, dict[str, object]] = {
         section: {
             key: getattr(options, key)
@@ -840,7 +897,7 @@ def from_options(
     }
     if options.log_level is not None:
         flags[LOG] = {"level": options.log_level}
-    return load(options.config, environ=environ, flags=flags)
+    return load(options.config, environ=environ, flags=flags, service=service)
 
 
 # ---- the settings of a service of one's own ----
@@ -849,7 +906,7 @@ def from_options(
 def settings_type_problem(settings_type: object) -> str | None:
     """What keeps `settings_type` from being a service's own settings, or None: a dataclass
     whose every field has a default and `about(kind, help)`, named unlike a participant
-    setting (those are [participant]'s, and their flags are taken)."""
+    setting (the service's section takes those too, and their flags are taken)."""
     if not (isinstance(settings_type, type) and dataclasses.is_dataclass(settings_type)):
         return f"settings_type must be a dataclass of the service's settings, not {settings_type!r}"
     for setting in dataclasses.fields(settings_type):
@@ -857,8 +914,15 @@ def settings_type_problem(settings_type: object) -> str | None:
             return f"setting {setting.name}: its field needs metadata=config.about(kind, help)"
         if setting.default is dataclasses.MISSING:  # a value, as each of dtm's settings has
             return f"setting {setting.name}: its field needs a default (default=...)"
-        if setting.name in (*keys(PARTICIPANT), "config", "log_level", "initial"):
-            return f"setting {setting.name}: a participant setting's name (or flag's) already"
+        if setting.name in keys(PARTICIPANT):
+            # [name] and DTM_<NAME>_* take participant settings too: which one would it be?
+            return (
+                f"setting {setting.name}: named as the participant setting {setting.name}, "
+                "which the service's section also takes (as [participant]'s, for this "
+                "service); rename it"
+            )
+        if setting.name in ("config", "log_level"):
+            return f"setting {setting.name}: named as the flag --{setting.name.replace('_', '-')}"
     return None
 
 
@@ -878,21 +942,15 @@ def own_settings(
     """The settings of service `name` of one's own, an instance of its `settings_type`, from
     its defaults, its section [name] of the file (declared in [services] custom), its
     DTM_<NAME>_<KEY> variables and `flags` (those given), checked as dtm's own are: an unknown
-    key is an error with a did-you-mean. Raises ConfigError."""
+    key is an error with a did-you-mean. Participant settings in [name] and DTM_<NAME>_* are
+    `load`'s (cfg.service(name)), not these. Raises ConfigError."""
     settings = _fields(settings_type)
-    table = cfg.custom.get(name, {})
-    for key in table:
-        if key in keys(PARTICIPANT):
-            raise ConfigError(
-                f"{cfg.source}: unknown key {key!r} in [{name}]: participant settings are "
-                f"[participant]'s, so set {key} there (or its flag); [{name}] holds {name}'s "
-                "own settings"
-            )
-    values = _read_table(cfg.source, name, table, settings)
+    participant = keys(PARTICIPANT)  # read by `load`, as [participant]'s for this service
+    values = _read_table(cfg.source, name, own_keys(cfg, name), settings, participant)
     prefix = environment_variable(name, "")
     for variable, raw in sorted(environ.items()):
-        if variable.startswith(prefix):
-            key = variable[len(prefix) :].lower()
+        key = variable[len(prefix) :].lower()
+        if variable.startswith(prefix) and key not in participant:
             values[key] = _read_variable(variable, raw, name, key, settings)
     for key, given in flags.items():
         try:
@@ -900,6 +958,13 @@ def own_settings(
         except ValueError as problem:
             raise ConfigError(f"--{key.replace('_', '-')} {given!r}: {problem}") from None
     return settings_type(**values)
+
+
+def own_keys(cfg: Config, name: str) -> dict[str, object]:
+    """The keys of section [name] of the file that are not participant settings (those are
+    `load`'s): what a service of one's own reads, as the file has them."""
+    participant = keys(PARTICIPANT)
+    return {key: raw for key, raw in cfg.custom.get(name, {}).items() if key not in participant}
 
 
 def tls_files(
@@ -918,7 +983,8 @@ def tls_origin(cfg: Config, section: str) -> str:
 def setting_origin(cfg: Config, section: str, key: str) -> str:
     """Where setting `key` of `section` (with [participant] for a service) may have come from,
     for messages about its value: the configuration file's section(s), or the variables."""
-    sections = [section, PARTICIPANT] if section in SERVICES else [section]
+    overriding = section in SERVICES or section in cfg.custom_participants
+    sections = [section, PARTICIPANT] if overriding else [section]
     variables = " or ".join(environment_variable(s, key) for s in sections)
     if cfg.source is None:
         return variables
@@ -982,6 +1048,7 @@ __all__ = [
     "from_options",
     "keys",
     "load",
+    "own_keys",
     "own_settings",
     "participant_section",
     "setting_origin",

@@ -403,18 +403,9 @@ metrics_listen = "127.0.0.1:9103"
 def test_a_service_of_ones_own_is_told_what_it_would_ignore(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A fifth service (examples/loyalty) reads [participant]. Before, DTM_LOYALTY_LOCK_WAIT_MS
-    (as DTM_PAYMENT_LOCK_WAIT_MS is payment's) and --initial were accepted and ignored."""
-    monkeypatch.setenv("DTM_LOYALTY_LOCK_WAIT_MS", "100")
-    with pytest.raises(SystemExit) as exit_:
-        participant_server.parse_args("loyalty", [])
-    assert 2 == exit_.value.code
-    assert (
-        "environment variable DTM_LOYALTY_LOCK_WAIT_MS: loyalty's section holds only the "
-        "settings it declares; it reads participant settings from [participant], so use "
-        "DTM_PARTICIPANT_LOCK_WAIT_MS (or the flag)"
-    ) in capsys.readouterr().err
-    monkeypatch.delenv("DTM_LOYALTY_LOCK_WAIT_MS")
+    """A fifth service (examples/loyalty) reads no initial file: --initial was accepted and
+    ignored. (DTM_LOYALTY_LOCK_WAIT_MS is loyalty's, as DTM_PAYMENT_LOCK_WAIT_MS is payment's:
+    test_a_service_of_ones_own_section_overrides_participant_as_a_shipped_ones_does.)"""
     with pytest.raises(SystemExit):
         participant_server.parse_args("loyalty", ["--initial", "members.json"])
     assert "--initial: loyalty reads no initial file" in capsys.readouterr().err
@@ -427,6 +418,87 @@ def test_a_service_of_ones_own_is_told_what_it_would_ignore(
     assert 100 == participant_server.parse_args("payment", []).lock_wait_ms
     monkeypatch.setenv("DTM_PARTICIPANT_LOCK_WAIT_MS", "200")
     assert 200 == participant_server.parse_args("loyalty", []).lock_wait_ms
+    assert 200 == participant_server.parse_args("crash", []).lock_wait_ms
+
+
+TWO_OF_ONES_OWN = """
+[services]
+custom = ["loyalty", "reviews"]
+
+[participant]
+lock_wait_ms = 300
+
+[loyalty]
+listen = "127.0.0.1:50061"
+data_dir = "loyalty-data"
+max_points = 5
+
+[reviews]
+listen = "127.0.0.1:50062"
+lock_wait_ms = 400
+"""
+
+
+def test_a_service_of_ones_own_section_overrides_participant_as_a_shipped_ones_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[loyalty] listen = ... was refused ("participant settings are [participant]'s"), so two
+    services of one's own sharing a file could not get different listen or data_dir. Their
+    sections now take [participant]'s keys beside their own, as [inventory] does; and
+    DTM_LOYALTY_<KEY> as DTM_INVENTORY_<KEY>, with the same precedence."""
+    path = write(tmp_path / "dtm.toml", TWO_OF_ONES_OWN)
+    argv = ["--config", str(path)]
+    loyalty = participant_server.parse_args("loyalty", argv, settings_type=PointsSettings)
+    reviews = participant_server.parse_args("reviews", argv)
+    assert ("127.0.0.1:50061", Path("loyalty-data"), 300) == (
+        loyalty.listen,
+        loyalty.data_dir,
+        loyalty.lock_wait_ms,
+    )
+    assert PointsSettings(max_points=5) == loyalty.own_settings
+    assert ("127.0.0.1:50062", Path(".dtm-data"), 400) == (
+        reviews.listen,
+        reviews.data_dir,
+        reviews.lock_wait_ms,
+    )
+    # Every other process accepts the file, and a shipped service still gets [participant].
+    assert 300 == participant_server.parse_args("inventory", argv).lock_wait_ms
+    assert "127.0.0.1:50051" == participant_server.parse_args("inventory", argv).listen
+
+    def listen_of_loyalty(argv: list[str]) -> str:
+        return participant_server.parse_args("loyalty", argv, settings_type=PointsSettings).listen
+
+    # Across layers the higher wins, within one the service's own: as for [inventory].
+    monkeypatch.setenv("DTM_PARTICIPANT_LISTEN", "127.0.0.1:50070")
+    assert "127.0.0.1:50070" == listen_of_loyalty(argv)
+    monkeypatch.setenv("DTM_LOYALTY_LISTEN", "127.0.0.1:50071")
+    assert "127.0.0.1:50071" == listen_of_loyalty(argv)
+    assert "127.0.0.1:50070" == participant_server.parse_args("reviews", argv).listen
+    assert "127.0.0.1:50072" == listen_of_loyalty([*argv, "--listen", "127.0.0.1:50072"])
+    # Without a file (nothing declared), the service's variables are still its own.
+    assert "127.0.0.1:50071" == listen_of_loyalty([])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\nlisten = "nowhere"\n',
+            r"\[loyalty\] listen = 'nowhere': expected host:port",
+        ),
+        (
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\ninitial = "members.json"\n',
+            r"\[loyalty\] initial: loyalty reads no initial file",
+        ),
+    ],
+)
+def test_participant_keys_of_a_section_of_ones_own_are_checked_by_every_process(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """As [inventory] lock_wait_ms = 0 is refused by every process, not just inventory."""
+    path = write(tmp_path / "dtm.toml", text)
+    with pytest.raises(ConfigError, match=message):
+        load(path, environ={})
 
 
 def test_a_service_of_ones_own_named_like_a_section_of_dtms_is_refused(
@@ -793,7 +865,7 @@ def test_a_service_reads_its_own_settings_as_dtm_reads_its_own(
             '[services]\ncustom = ["loyalty"]\n[loyalty]\nmax_point = 5\n',
             {},
             r"unknown key 'max_point' in \[loyalty\]; did you mean 'max_points'\? "
-            r"\(known keys: max_points, welcome\)",
+            r"\(known keys: max_points, welcome, listen, advertise,",
         ),
         (
             '[services]\ncustom = ["loyalty"]\n[loyalty]\nmax_points = 0\n',
@@ -812,10 +884,14 @@ def test_a_service_reads_its_own_settings_as_dtm_reads_its_own(
             r"DTM_LOYALTY_MAX_POINTS='many': expected an integer",
         ),
         (
-            '[services]\ncustom = ["loyalty"]\n[loyalty]\nlock_wait_ms = 5\n',
+            '[services]\ncustom = ["loyalty"]\n[loyalty]\nlock_wait_m = 5\n',
             {},
-            r"unknown key 'lock_wait_ms' in \[loyalty\]: participant settings are "
-            r"\[participant\]'s",
+            r"unknown key 'lock_wait_m' in \[loyalty\]; did you mean 'lock_wait_ms'\?",
+        ),
+        (
+            "",
+            {"DTM_LOYALTY_LOCK_WAIT_MS": "0"},
+            r"DTM_LOYALTY_LOCK_WAIT_MS='0': out of range",
         ),
     ],
 )

@@ -120,7 +120,7 @@ class TallySettings:
 
 
 @dataclass(frozen=True)
-class LockWaitSettings:  # a participant setting's name: [participant]'s, and its flag taken
+class LockWaitSettings:  # a participant setting's name: [name] takes those too, and its flag
     lock_wait_ms: int = field(default=10, metadata=config.about(config.integer(1, 100), "ms"))
 
 
@@ -159,7 +159,11 @@ class SettingsOfAShippedService(Configured):
         (NotASubclass(), "NotASubclass does not implement locks, add_read_api:"),
         (WrongOperationType(), "operation_type must be the generated protobuf message class"),
         (SettingsWithoutConfigure(), "declares settings_type but no configure(settings)"),
-        (SettingsNamedAsAParticipants(), "setting lock_wait_ms: a participant setting's name"),
+        (
+            SettingsNamedAsAParticipants(),
+            "setting lock_wait_ms: named as the participant setting lock_wait_ms, which the "
+            "service's section also takes",
+        ),
         (SettingsWithoutAbout(), "setting most: its field needs metadata=config.about("),
         (SettingsOfAShippedService(), "[payment] holds participant settings"),
     ],

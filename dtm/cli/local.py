@@ -121,7 +121,11 @@ def cmd_config(session: Session) -> int:
         print(f"\n[{section}]", file=session.out)
         if section in settings.custom:
             # Read by that service alone, which knows its settings: shown as the file has them.
-            print(f"# as written in the file; checked by the {section} service", file=session.out)
+            print(
+                f"# as written in the file: participant keys override [participant] for "
+                f"{section}, the others are its own settings, checked by the {section} service",
+                file=session.out,
+            )
         for key, value in values.items():
             print(f"{key} = {json.dumps(value)}", file=session.out)
     return EXIT_OK

@@ -82,28 +82,17 @@ def _not_for_a_service_of_ones_own(
     name: str, initial: str | None, environ: Mapping[str, str]
 ) -> str | None:
     """What a service of one's own (whose name is none of config.SERVICES, e.g.
-    examples/loyalty) was given that it would otherwise ignore without a word: --initial,
-    which only the shipped services' mains read, or a DTM_<NAME>_* variable, as a shipped
-    service's name would have it read, where its settings are [participant]'s."""
+    examples/loyalty) was given that it would otherwise ignore without a word: --initial or
+    DTM_<NAME>_INITIAL, an initial file only the shipped services' mains read. (Its other
+    DTM_<NAME>_<KEY> participant variables override [participant] for it, as a shipped
+    service's do: config.load.)"""
     if name in config.SERVICES:
         return None
     if initial is not None:
         return f"--initial: {_reads_no_initial_file(name)}"
-    prefix = config.environment_variable(name, "")
-    known = config.keys(config.PARTICIPANT)
-    for variable in sorted(environ):
-        key = variable[len(prefix) :].lower()
-        # Only a participant setting's name: DTM_CRASH_AT, DTM_TLS_CA... mean other things,
-        # whatever a service of one's own is called.
-        if not (variable.startswith(prefix) and key in known):
-            continue
-        if key == "initial":  # [participant]'s is for the shipped services: ignored here too
-            return f"environment variable {variable}: {_reads_no_initial_file(name)}"
-        return (
-            f"environment variable {variable}: {name}'s section holds only the settings it "
-            "declares; it reads participant settings from [participant], so use "
-            f"{config.environment_variable(config.PARTICIPANT, key)} (or the flag)"
-        )
+    variable = config.environment_variable(name, "initial")
+    if variable in environ:
+        return f"environment variable {variable}: {_reads_no_initial_file(name)}"
     return None
 
 
@@ -175,11 +164,13 @@ def parse_args(
     if problem:
         parser.error(problem)
     try:
-        settings = config.from_options(options, section)
+        # A service of one's own: its DTM_<NAME>_* participant variables are read too.
+        own_name = None if name in config.SECTIONS else name
+        settings = config.from_options(options, section, service=own_name)
         tls = security.from_options(
             options,
             configured=config.tls_files(settings.service(name)),
-            configured_in=config.tls_origin(settings, config.participant_section(name)),
+            configured_in=config.tls_origin(settings, own_name or section),
         )
     except security.TlsMaterialError as error:
         # A configuration refused, so status 2 as for any other; but one line without the
@@ -228,7 +219,7 @@ def _own_settings(
     """The service's own settings, or None; a section of the file for a service that declares
     none is refused, as any unknown key is."""
     if settings_type is None:
-        table = settings.custom.get(name, {})
+        table = config.own_keys(settings, name)
         if table:
             raise config.ConfigError(
                 f"{settings.source}: unknown key {next(iter(table))!r} in [{name}]: {name} "
