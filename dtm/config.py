@@ -676,6 +676,7 @@ def _read_environment(environ: Mapping[str, str], custom: Sequence[str] = ()) ->
         values = _participant_variables_of_custom(environ, name)
         if values:
             layer[name] = values
+    custom_prefixes = tuple(environment_variable(name, "") for name in custom)
     for name, raw in sorted(environ.items()):
         if not name.startswith(ENVIRONMENT_PREFIX):
             continue
@@ -692,6 +693,10 @@ def _read_environment(environ: Mapping[str, str], custom: Sequence[str] = ()) ->
                 )
             continue
         key = rest[len(section) + 1 :]
+        if key not in keys(section) and name.startswith(custom_prefixes):
+            # A service of one's own named after a section (log-shipper): DTM_LOG_SHIPPER_*
+            # is its own, not [log]'s unknown key shipper_*.
+            continue
         values = layer.setdefault(section, {})
         values[key] = _read_variable(name, raw, section, key, _fields(SECTION_TYPES[section]))
     return layer

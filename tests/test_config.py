@@ -479,6 +479,25 @@ def test_a_service_of_ones_own_section_overrides_participant_as_a_shipped_ones_d
     assert "127.0.0.1:50071" == listen_of_loyalty([])
 
 
+def test_a_service_of_ones_own_named_after_a_section_keeps_its_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DTM_LOG_SHIPPER_LISTEN (service log-shipper) was read as [log] key shipper_listen and
+    refused ("[log] has no key 'shipper_listen'"), by that service and, its own settings'
+    DTM_LOG_SHIPPER_MAX too, by every process given the file declaring it."""
+    monkeypatch.setenv("DTM_LOG_SHIPPER_LISTEN", "127.0.0.1:50080")
+    monkeypatch.setenv("DTM_LOG_SHIPPER_MAX_POINTS", "7")
+    path = write(tmp_path / "dtm.toml", '[services]\ncustom = ["log-shipper"]\n')
+    shipper = participant_server.parse_args(
+        "log-shipper", ["--config", str(path)], settings_type=PointsSettings
+    )
+    assert ("127.0.0.1:50080", PointsSettings(max_points=7)) == (
+        shipper.listen,
+        shipper.own_settings,
+    )
+    assert "127.0.0.1:50050" == coordinator_server.parse_args(["--config", str(path)]).listen
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
