@@ -1524,7 +1524,9 @@ def test_submit_of_a_type_not_compiled_in_says_the_coordinator_was_not_reached(
     its participant by reflection). With the coordinator unreachable, the file was refused as
     an "unknown message type": the type was blamed, not the coordinator."""
     submission = tmp_path / "award.json"
-    branch = {"participant": "loyalty", "type": "loyalty.v1.AwardPoints", "operation": {}}
+    # A type no test compiles (test_loyalty_example loads loyalty.v1.AwardPoints into this
+    # process's descriptor pool, and a later run of this test would then find it).
+    branch = {"participant": "loyalty", "type": "nowhere.v1.AwardPoints", "operation": {}}
     submission.write_text(json.dumps({"branches": [branch]}), encoding="utf-8")
     with socket.socket() as bound:  # bound, not listening: every connection refused
         bound.bind(("127.0.0.1", 0))
@@ -1534,4 +1536,4 @@ def test_submit_of_a_type_not_compiled_in_says_the_coordinator_was_not_reached(
         )
     assert (cli.EXIT_ERROR, "") == (status, out), err
     assert "unknown message type" not in err, err
-    assert "loyalty.v1.AwardPoints" in err and f"cannot reach the coordinator at {address}" in err
+    assert "nowhere.v1.AwardPoints" in err and f"cannot reach the coordinator at {address}" in err
